@@ -1,0 +1,580 @@
+//! The agent's configuration file, modelled with serde.
+//!
+//! One [`Config`] is read and validated once ([`Config::load`]) and then
+//! passed down. Unknown fields are rejected, defaults live in the `Default`
+//! impls below, and [`Config::validate`] reports every problem at once, each
+//! with the file, line and field it is about. `config/REFERENCE.md` is the
+//! reference; a test checks that it names every field.
+
+mod duration;
+
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+    net::{IpAddr, Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+pub use duration::HumanDuration;
+
+/// Largest config file accepted; a catalog bigger than this belongs in a
+/// discovery source, not a file.
+const MAX_CONFIG_BYTES: u64 = 16 * 1024 * 1024;
+
+/// The whole configuration file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This machine.
+    pub node: NodeConfig,
+    /// How the agent itself runs.
+    #[serde(default)]
+    pub agent: AgentConfig,
+    /// Processes the agent meshes, each in its own cgroup.
+    #[serde(default)]
+    pub workloads: Vec<WorkloadSpec>,
+    /// Services reached through their virtual address.
+    #[serde(default)]
+    pub services: Vec<ServiceSpec>,
+    /// Where this config was read from; used in messages.
+    #[serde(skip)]
+    pub source: PathBuf,
+}
+
+/// This node and where its workloads live.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Node name; endpoints name the node they run on.
+    pub name: Spanned<String>,
+    /// The cgroup the redirect hooks attach to, relative to the cgroup v2
+    /// mount. Every workload cgroup lives below it.
+    #[serde(default = "default_cgroup_root")]
+    pub cgroup_root: Spanned<String>,
+}
+
+fn default_cgroup_root() -> Spanned<String> {
+    unspanned("sluice".to_owned())
+}
+
+/// How the agent runs.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// Outbound listener that redirected connections land on (IPv4).
+    pub outbound: SocketAddrV4,
+    /// SO_MARK on the agent's own sockets; the hooks never redirect them.
+    pub mark: u32,
+    /// bpffs directory where maps and links are pinned.
+    pub pin_dir: PathBuf,
+    /// Upper bound on one upstream connect.
+    pub connect_timeout: HumanDuration,
+    /// After SIGTERM, how long open connections may finish before the agent
+    /// exits anyway.
+    pub drain_timeout: HumanDuration,
+    /// Data-plane worker threads.
+    pub worker_threads: usize,
+    /// Start with the eBPF programs' log events on (switchable at run time).
+    pub ebpf_log: bool,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            outbound: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15001),
+            mark: 0x51ce,
+            pin_dir: PathBuf::from("/sys/fs/bpf/sluice"),
+            connect_timeout: HumanDuration(Duration::from_secs(1)),
+            drain_timeout: HumanDuration(Duration::from_secs(10)),
+            worker_threads: 2,
+            ebpf_log: false,
+        }
+    }
+}
+
+/// A process group the agent meshes: the connect hook knows it by cgroup.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadSpec {
+    pub name: Spanned<String>,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    #[serde(default = "default_service_account")]
+    pub service_account: String,
+    /// cgroup path below `node.cgroup_root`; defaults to the name.
+    #[serde(default)]
+    pub cgroup: Option<Spanned<String>>,
+}
+
+impl WorkloadSpec {
+    /// The workload's cgroup, relative to `node.cgroup_root`.
+    pub fn cgroup(&self) -> &str {
+        self.cgroup.as_ref().map_or(&self.name.value, |c| &c.value)
+    }
+}
+
+fn default_namespace() -> String {
+    "default".to_owned()
+}
+
+fn default_service_account() -> String {
+    "default".to_owned()
+}
+
+/// A meshed service.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSpec {
+    pub name: Spanned<String>,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// Virtual address workloads dial.
+    pub address: Spanned<IpAddr>,
+    pub port: Spanned<u16>,
+    pub endpoints: Vec<EndpointSpec>,
+}
+
+/// One instance behind a service.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointSpec {
+    pub address: Spanned<IpAddr>,
+    pub port: Spanned<u16>,
+    #[serde(default = "default_weight")]
+    pub weight: Spanned<u32>,
+    /// Node the endpoint runs on; defaults to this node.
+    #[serde(default)]
+    pub node: Option<String>,
+    /// Workload serving this endpoint, when it is one of this node's.
+    #[serde(default)]
+    pub workload: Option<Spanned<String>>,
+}
+
+fn default_weight() -> Spanned<u32> {
+    unspanned(1)
+}
+
+fn unspanned<T>(value: T) -> Spanned<T> {
+    Spanned::new(
+        value,
+        serde_saphyr::Location::UNKNOWN,
+        serde_saphyr::Location::UNKNOWN,
+    )
+}
+
+/// Why a config could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read the config file: {error}")]
+    Read {
+        path: String,
+        error: std::io::Error,
+    },
+    #[error("{path}: the config file is larger than {MAX_CONFIG_BYTES} bytes")]
+    TooLarge { path: String },
+    #[error("{path}:{line}: {message}")]
+    Syntax {
+        path: String,
+        line: u64,
+        message: String,
+    },
+    #[error("{}", .0)]
+    Invalid(Problems),
+}
+
+/// Every problem found in one config, in file order.
+#[derive(Debug)]
+pub struct Problems {
+    pub path: String,
+    pub items: Vec<Problem>,
+}
+
+/// One problem: where it is and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// 1-based line in the file; 0 when the value was defaulted.
+    pub line: u64,
+    /// Dotted path of the field, e.g. `services[1].endpoints[0].port`.
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.items.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{}:{}: {}: {}", self.path, p.line, p.field, p.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let display = path.display().to_string();
+        let meta = std::fs::metadata(path).map_err(|error| ConfigError::Read {
+            path: display.clone(),
+            error,
+        })?;
+        if meta.len() > MAX_CONFIG_BYTES {
+            return Err(ConfigError::TooLarge { path: display });
+        }
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+            path: display.clone(),
+            error,
+        })?;
+        let mut config = Config::parse(&text, &display)?;
+        config.source = path.to_owned();
+        config.validate().map_err(|items| {
+            ConfigError::Invalid(Problems {
+                path: display,
+                items,
+            })
+        })?;
+        Ok(config)
+    }
+
+    /// Parses YAML text without validating it; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        serde_saphyr::from_str::<Config>(text).map_err(|e| {
+            let line = e.location().map_or(0, |l| l.line());
+            ConfigError::Syntax {
+                path: origin.to_owned(),
+                line,
+                message: first_line(&e.to_string()),
+            }
+        })
+    }
+
+    /// Checks what serde cannot: references, uniqueness, ranges. Returns
+    /// every problem, not just the first.
+    pub fn validate(&self) -> Result<(), Vec<Problem>> {
+        let mut problems = Vec::new();
+        let mut problem = |line: u64, field: String, message: String| {
+            problems.push(Problem {
+                line,
+                field,
+                message,
+            })
+        };
+
+        if self.node.name.value.is_empty() {
+            problem(
+                self.node.name.referenced.line(),
+                "node.name".into(),
+                "must not be empty".into(),
+            );
+        }
+        if let Err(why) = check_cgroup_path(&self.node.cgroup_root.value) {
+            problem(
+                self.node.cgroup_root.referenced.line(),
+                "node.cgroup_root".into(),
+                why,
+            );
+        }
+        if self.agent.outbound.port() == 0 {
+            problem(0, "agent.outbound".into(), "port must not be 0".into());
+        }
+        if self.agent.mark == 0 {
+            problem(
+                0,
+                "agent.mark".into(),
+                "must not be 0: unmarked sockets would count as the agent's".into(),
+            );
+        }
+        if self.agent.worker_threads == 0 {
+            problem(0, "agent.worker_threads".into(), "must be at least 1".into());
+        }
+
+        let mut workload_names: HashMap<&str, usize> = HashMap::new();
+        let mut cgroups: HashMap<&str, usize> = HashMap::new();
+        for (i, w) in self.workloads.iter().enumerate() {
+            let line = w.name.referenced.line();
+            if w.name.value.is_empty() {
+                problem(
+                    line,
+                    format!("workloads[{i}].name"),
+                    "must not be empty".into(),
+                );
+            }
+            if let Some(first) = workload_names.insert(&w.name.value, i) {
+                problem(
+                    line,
+                    format!("workloads[{i}].name"),
+                    format!(
+                        "workload `{}` is already defined by workloads[{first}]",
+                        w.name.value
+                    ),
+                );
+            }
+            let cg_line = w.cgroup.as_ref().map_or(line, |c| c.referenced.line());
+            if let Err(why) = check_cgroup_path(w.cgroup()) {
+                problem(cg_line, format!("workloads[{i}].cgroup"), why);
+            }
+            if let Some(first) = cgroups.insert(w.cgroup(), i) {
+                problem(
+                    cg_line,
+                    format!("workloads[{i}].cgroup"),
+                    format!(
+                        "cgroup `{}` is already used by workloads[{first}]; the agent \
+                         could not tell the two workloads apart",
+                        w.cgroup()
+                    ),
+                );
+            }
+        }
+
+        let mut vips: HashMap<(IpAddr, u16), usize> = HashMap::new();
+        let mut names: HashSet<(&str, &str)> = HashSet::new();
+        for (i, s) in self.services.iter().enumerate() {
+            let at = format!("services[{i}]");
+            if s.name.value.is_empty() {
+                problem(
+                    s.name.referenced.line(),
+                    format!("{at}.name"),
+                    "must not be empty".into(),
+                );
+            }
+            if !names.insert((&s.namespace, &s.name.value)) {
+                problem(
+                    s.name.referenced.line(),
+                    format!("{at}.name"),
+                    format!(
+                        "service `{}/{}` is defined twice",
+                        s.namespace, s.name.value
+                    ),
+                );
+            }
+            let addr_line = s.address.referenced.line();
+            match s.address.value {
+                IpAddr::V6(_) => problem(
+                    addr_line,
+                    format!("{at}.address"),
+                    "IPv6 virtual addresses are not redirected yet; use an IPv4 address".into(),
+                ),
+                IpAddr::V4(v4) if v4.is_unspecified() || v4.is_broadcast() => problem(
+                    addr_line,
+                    format!("{at}.address"),
+                    format!("{v4} cannot be a virtual address"),
+                ),
+                IpAddr::V4(_) => {}
+            }
+            if s.port.value == 0 {
+                problem(
+                    s.port.referenced.line(),
+                    format!("{at}.port"),
+                    "must not be 0".into(),
+                );
+            }
+            let vip = (s.address.value, s.port.value);
+            if vip == (IpAddr::V4(*self.agent.outbound.ip()), self.agent.outbound.port()) {
+                problem(
+                    addr_line,
+                    format!("{at}.address"),
+                    format!(
+                        "{}:{} is the agent's own outbound listener",
+                        vip.0, vip.1
+                    ),
+                );
+            }
+            if let Some(first) = vips.insert(vip, i) {
+                problem(
+                    addr_line,
+                    format!("{at}.address"),
+                    format!(
+                        "{}:{} is already the address of services[{first}] (`{}`)",
+                        vip.0, vip.1, self.services[first].name.value
+                    ),
+                );
+            }
+            if s.endpoints.is_empty() {
+                problem(
+                    s.name.referenced.line(),
+                    format!("{at}.endpoints"),
+                    "a service needs at least one endpoint".into(),
+                );
+            }
+            let mut seen = HashSet::new();
+            for (j, e) in s.endpoints.iter().enumerate() {
+                let at = format!("{at}.endpoints[{j}]");
+                if e.port.value == 0 {
+                    problem(
+                        e.port.referenced.line(),
+                        format!("{at}.port"),
+                        "must not be 0".into(),
+                    );
+                }
+                if e.address.value.is_unspecified() {
+                    problem(
+                        e.address.referenced.line(),
+                        format!("{at}.address"),
+                        format!("{} cannot be dialled", e.address.value),
+                    );
+                }
+                if e.weight.value == 0 {
+                    problem(
+                        e.weight.referenced.line(),
+                        format!("{at}.weight"),
+                        "must be at least 1 (remove the endpoint to send it nothing)".into(),
+                    );
+                }
+                if !seen.insert((e.address.value, e.port.value)) {
+                    problem(
+                        e.address.referenced.line(),
+                        format!("{at}.address"),
+                        format!(
+                            "{}:{} is listed twice in this service",
+                            e.address.value, e.port.value
+                        ),
+                    );
+                }
+                if let Some(w) = &e.workload
+                    && !workload_names.contains_key(w.value.as_str())
+                {
+                    problem(
+                        w.referenced.line(),
+                        format!("{at}.workload"),
+                        format!("unknown workload `{}`; define it under workloads", w.value),
+                    );
+                }
+            }
+        }
+
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            problems.sort_by_key(|p| p.line);
+            Err(problems)
+        }
+    }
+
+    /// The workload named `name`, if the config defines it.
+    pub fn workload(&self, name: &str) -> Option<&WorkloadSpec> {
+        self.workloads.iter().find(|w| w.name.value == name)
+    }
+}
+
+/// A cgroup path must stay below its parent: relative, no `..`, no empties.
+fn check_cgroup_path(path: &str) -> Result<(), String> {
+    if path.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if path.starts_with('/') {
+        return Err(format!(
+            "`{path}` must be relative (to the cgroup v2 mount or node.cgroup_root)"
+        ));
+    }
+    if path
+        .split('/')
+        .any(|part| part.is_empty() || part == "." || part == "..")
+    {
+        return Err(format!(
+            "`{path}` must not contain empty, `.` or `..` components"
+        ));
+    }
+    Ok(())
+}
+
+fn first_line(message: &str) -> String {
+    message.lines().next().unwrap_or(message).trim().to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "\
+node:
+  name: local
+workloads:
+  - name: checkout
+    namespace: payments
+    service_account: checkout
+services:
+  - name: payments
+    address: 10.96.0.10
+    port: 8080
+    endpoints:
+      - address: 127.0.0.1
+        port: 9001
+      - address: 127.0.0.1
+        port: 9002
+        weight: 3
+        workload: checkout
+";
+
+    fn problems(text: &str) -> Vec<Problem> {
+        Config::parse(text, "t.yaml")
+            .expect("parses")
+            .validate()
+            .expect_err("must be invalid")
+    }
+
+    #[test]
+    fn good_config_parses_with_defaults() {
+        let c = Config::parse(GOOD, "t.yaml").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.agent.outbound, "127.0.0.1:15001".parse().unwrap());
+        assert_eq!(c.node.cgroup_root.value, "sluice");
+        assert_eq!(c.workloads[0].cgroup(), "checkout");
+        assert_eq!(c.services[0].endpoints[0].weight.value, 1);
+        assert_eq!(c.services[0].endpoints[1].weight.value, 3);
+        assert_eq!(c.services[0].port.referenced.line(), 10);
+    }
+
+    #[test]
+    fn unknown_field_names_field_and_line() {
+        let text = GOOD.replace("    port: 8080\n", "    port: 8080\n    prot: 1\n");
+        let err = Config::parse(&text, "t.yaml").unwrap_err().to_string();
+        assert!(err.starts_with("t.yaml:11:"), "{err}");
+        assert!(err.contains("prot"), "{err}");
+    }
+
+    #[test]
+    fn endpoint_without_port_is_a_syntax_error_with_line() {
+        let text = GOOD.replace("        port: 9001\n", "");
+        let err = Config::parse(&text, "t.yaml").unwrap_err().to_string();
+        assert!(err.contains("port"), "{err}");
+        assert!(err.starts_with("t.yaml:12:"), "{err}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = format!(
+            "{GOOD}  - name: ledger\n    address: 10.96.0.10\n    port: 8080\n    endpoints:\n      \
+             - address: 127.0.0.1\n        port: 0\n        workload: nobody\n"
+        );
+        let found = problems(&text);
+        let fields: Vec<_> = found.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "services[1].address",
+                "services[1].endpoints[0].port",
+                "services[1].endpoints[0].workload"
+            ],
+            "{found:?}"
+        );
+        assert_eq!(found[0].line, 19);
+        assert!(found[0].message.contains("services[0] (`payments`)"));
+        assert!(found[2].message.contains("unknown workload `nobody`"));
+    }
+
+    #[test]
+    fn cgroup_paths_cannot_escape() {
+        let text = GOOD.replace(
+            "    service_account: checkout\n",
+            "    service_account: checkout\n    cgroup: ../escape\n",
+        );
+        let found = problems(&text);
+        assert_eq!(found[0].field, "workloads[0].cgroup");
+        assert_eq!(found[0].line, 7);
+    }
+}

@@ -1,0 +1,15 @@
+//! Sluice: a sidecar-less, per-node service-mesh agent.
+//!
+//! eBPF hooks ([`redirect`]) catch workload connections at `connect()` and
+//! hand them to the userspace data plane ([`proxy`]), which picks an
+//! endpoint ([`lb`]) from the [`catalog`] and carries the bytes. See
+//! DESIGN.md for the whole picture.
+
+pub mod catalog;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod drain;
+pub mod lb;
+pub mod proxy;
+pub mod redirect;

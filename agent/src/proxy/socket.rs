@@ -1,0 +1,73 @@
+//! Every upstream socket is made here, so that each carries the agent's
+//! mark and the same options.
+
+use std::{
+    io,
+    net::SocketAddr,
+    os::fd::{AsRawFd, RawFd},
+    time::Duration,
+};
+
+use tokio::net::{TcpSocket, TcpStream};
+
+/// `SO_NETNS_COOKIE` from asm-generic/socket.h (libc does not define it).
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+fn setsockopt_u32(fd: RawFd, level: libc::c_int, name: libc::c_int, value: u32) -> io::Result<()> {
+    // SAFETY: passes a pointer to a live u32 and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&value as *const u32).cast(),
+            size_of::<u32>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The cookie of the network namespace a socket lives in; equals what the
+/// hooks read with `bpf_get_netns_cookie`.
+pub fn netns_cookie(fd: &impl AsRawFd) -> io::Result<u64> {
+    let mut cookie = 0u64;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: cookie and len are valid out-pointers of the right size.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(cookie)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Connects to `addr` from a socket marked `mark` (so the connect hook lets
+/// it through), giving up after `timeout`.
+pub async fn connect_marked(addr: SocketAddr, mark: u32, timeout: Duration) -> io::Result<TcpStream> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    setsockopt_u32(socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_MARK, mark)?;
+    socket.set_nodelay(true)?;
+    match tokio::time::timeout(timeout, socket.connect(addr)).await {
+        Ok(result) => result,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no answer within {}ms", timeout.as_millis()),
+        )),
+    }
+}
