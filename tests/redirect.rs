@@ -1,0 +1,244 @@
+//! End to end, as root: real eBPF programs on a real cgroup, a real agent
+//! process, clients run inside the workload cgroup, real TCP backends.
+
+mod support;
+
+use std::{
+    fs,
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use sluice_maps::Stat;
+use support::*;
+
+/// A virtual address inside 127/8: if a test ever ran without its hook the
+/// call would fail on this machine instead of leaving it.
+const VIP: &str = "127.77.0.10:8080";
+
+#[test]
+fn calls_to_the_virtual_address_are_round_robined_over_three_backends() {
+    let backends = [
+        Backend::start("b1"),
+        Backend::start("b2"),
+        Backend::start("b3"),
+    ];
+    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    let config = AgentConfig::new(&[ServiceDef::new("payments", VIP, &addrs)]);
+    let agent = Agent::start(&config);
+
+    let replies = lines(&agent.run_as_client(&calls_script(VIP.parse().unwrap(), 300)));
+
+    assert_eq!(replies.len(), 300);
+    let answered_by: Vec<&str> = replies
+        .iter()
+        .map(|r| r.split_whitespace().next().unwrap())
+        .collect();
+    let first_three = &answered_by[..3];
+    let mut distinct = first_three.to_vec();
+    distinct.sort();
+    assert_eq!(distinct, ["b1", "b2", "b3"], "{first_three:?}");
+    for (i, who) in answered_by.iter().enumerate() {
+        assert_eq!(
+            *who,
+            first_three[i % 3],
+            "call {} broke the rotation",
+            i + 1
+        );
+    }
+    for (i, reply) in replies.iter().enumerate() {
+        assert!(reply.ends_with(&format!("call {}", i + 1)), "{reply}");
+    }
+    for b in &backends {
+        assert_eq!(b.accepted(), 100, "{} accepted", b.name);
+    }
+    assert_eq!(agent.stat(Stat::Redirected), 300);
+}
+
+#[test]
+fn connections_to_other_destinations_go_straight_through() {
+    let meshed = Backend::start("meshed");
+    let direct = Backend::start("direct");
+    let config = AgentConfig::new(&[ServiceDef::new("payments", VIP, &[meshed.addr])]);
+    let agent = Agent::start(&config);
+
+    let replies = lines(&agent.run_as_client(&calls_script(direct.addr, 3)));
+
+    assert_eq!(replies, ["direct call 1", "direct call 2", "direct call 3"]);
+    assert_eq!(direct.accepted(), 3);
+    assert_eq!(meshed.accepted(), 0);
+    assert_eq!(agent.stat(Stat::Redirected), 0);
+    assert!(agent.stat(Stat::NotMeshed) >= 3);
+}
+
+/// The agent runs inside the hooked cgroup and the service's virtual
+/// address is its own endpoint's address: without the mark check the
+/// agent's upstream connect would be redirected back to itself forever.
+#[test]
+fn the_agents_own_upstream_connections_are_not_redirected() {
+    let backend = Backend::start("b1");
+    let vip = backend.addr.to_string();
+    let config = AgentConfig::new(&[ServiceDef::new("loop", &vip, &[backend.addr])]);
+    let agent_cgroup = config.cgroup_root_path().join("agent");
+    fs::create_dir_all(&agent_cgroup).unwrap();
+    let agent = Agent::start_in_cgroup(&config, &agent_cgroup);
+
+    let replies = lines(&agent.run_as_client(&calls_script(backend.addr, 2)));
+
+    assert_eq!(replies, ["b1 call 1", "b1 call 2"]);
+    assert_eq!(backend.accepted(), 2);
+    assert_eq!(
+        agent.stat(Stat::Redirected),
+        2,
+        "only the client's connects"
+    );
+    assert_eq!(agent.stat(Stat::AgentSocket), 2, "the agent's own connects");
+}
+
+#[test]
+fn record_maps_are_empty_after_10000_connections() {
+    let backends = [Backend::start("b1"), Backend::start("b2")];
+    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    let config = AgentConfig::new(&[ServiceDef::new("payments", VIP, &addrs)]);
+    let agent = Agent::start(&config);
+
+    let replies = lines(&agent.run_as_client(&calls_script(VIP.parse().unwrap(), 10_000)));
+
+    assert_eq!(replies.len(), 10_000);
+    assert!(!replies.iter().any(|r| r == "FAILED"));
+    assert_eq!(agent.stat(Stat::Redirected), 10_000);
+    assert_eq!(agent.stat(Stat::Established), 10_000);
+    assert_eq!(agent.record_counts(), (0, 0));
+}
+
+/// SIGTERM with a connection mid-exchange: the agent stops accepting, lets
+/// the exchange finish, then detaches, so the same address reaches its
+/// real destination again.
+#[test]
+fn sigterm_drains_open_connections_then_detaches() {
+    let backend = Backend::start("meshed");
+    let real = Backend::start("real");
+    let config = AgentConfig::new(&[ServiceDef::new(
+        "payments",
+        &real.addr.to_string(),
+        &[backend.addr],
+    )]);
+    let mut agent = Agent::start(&config);
+    let go = config.dir.join("go");
+    let after_exit = config.dir.join("after-exit");
+    let script = format!(
+        "exec 3<>/dev/tcp/{ip}/{port} || exit 1; printf 'pay' >&3; \
+         while [ ! -e {go} ]; do sleep 0.02; done; \
+         printf 'ment\\n' >&3; read -r reply <&3; echo \"$reply\"; exec 3>&-; \
+         while [ ! -e {after} ]; do sleep 0.02; done; \
+         exec 3<>/dev/tcp/{ip}/{port} || exit 1; echo again >&3; read -r reply <&3; echo \"$reply\"",
+        ip = real.addr.ip(),
+        port = real.addr.port(),
+        go = go.display(),
+        after = after_exit.display(),
+    );
+    let client = agent
+        .client_command(&script)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(10), || backend.accepted() == 1));
+
+    agent.sigterm();
+    assert!(agent.wait_for_log("stopping"));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        agent.is_running(),
+        "the agent must wait for the open exchange"
+    );
+
+    fs::write(&go, "").unwrap();
+    let status = agent.wait(Duration::from_secs(10));
+    assert!(status.success(), "agent exited with {status}");
+    assert!(!config.pin_dir.exists(), "pins must be gone after the stop");
+
+    fs::write(&after_exit, "").unwrap();
+    let out = client.wait_with_output().unwrap();
+    assert_eq!(lines(&out), ["meshed payment", "real again"]);
+    assert_eq!(real.accepted(), 1);
+}
+
+/// An endpoint that refuses: the client is closed at once, one warning
+/// names the service and endpoint, other connections carry on.
+#[test]
+fn a_refusing_endpoint_resets_the_client_and_is_logged() {
+    let healthy = Backend::start("healthy");
+    let refusing: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let config = AgentConfig::new(&[
+        ServiceDef::new("broken", VIP, &[refusing]),
+        ServiceDef::new("payments", "127.77.0.11:8080", &[healthy.addr]),
+    ]);
+    let agent = Agent::start(&config);
+
+    // A long-lived connection to the healthy service spans the failure.
+    let script = format!(
+        "exec 4<>/dev/tcp/127.77.0.11/8080 || exit 1; echo before >&4; read -r r <&4; echo \"$r\"; \
+         {broken}; \
+         echo after >&4; read -r r <&4; echo \"$r\"",
+        broken = calls_script(VIP.parse().unwrap(), 1)
+    );
+    let started = Instant::now();
+    let replies = lines(&agent.run_as_client(&script));
+    assert_eq!(
+        replies,
+        ["healthy before", "FAILED", "healthy after"],
+        "log:\n{}",
+        agent.log()
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(agent.wait_for_log(&format!("endpoint {refusing}")));
+    let warnings: Vec<String> = agent
+        .log()
+        .lines()
+        .filter(|l| l.contains("WARN"))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("service payments/broken"),
+        "{warnings:?}"
+    );
+    assert!(
+        warnings[0].contains(&format!("endpoint {refusing}")),
+        "{warnings:?}"
+    );
+}
+
+/// An endpoint whose accept queue is full drops SYNs: the agent gives up
+/// after connect_timeout (300ms here) and closes the client.
+#[test]
+fn an_endpoint_that_never_answers_times_out() {
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    // Listening again resets the backlog: zero leaves room for one.
+    // SAFETY: listen(2) on a socket we own.
+    assert_eq!(unsafe { libc::listen(silent.as_raw_fd(), 0) }, 0);
+    let silent_addr = silent.local_addr().unwrap();
+    // Fill the one-slot accept queue so further SYNs are dropped.
+    let fillers: Vec<TcpStream> = (0..4)
+        .filter_map(|_| TcpStream::connect_timeout(&silent_addr, Duration::from_millis(100)).ok())
+        .collect();
+    let config = AgentConfig::new(&[ServiceDef::new("slow", VIP, &[silent_addr])]);
+    let agent = Agent::start(&config);
+
+    let started = Instant::now();
+    let replies = lines(&agent.run_as_client(&calls_script(VIP.parse().unwrap(), 1)));
+    let took = started.elapsed();
+
+    assert_eq!(replies, ["FAILED"]);
+    assert!(took >= Duration::from_millis(250), "gave up after {took:?}");
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+    assert!(
+        agent.wait_for_log(&format!("service payments/slow: endpoint {silent_addr}")),
+        "{}",
+        agent.log()
+    );
+    assert!(agent.log().contains("no answer within 300ms"));
+    drop(fillers);
+}

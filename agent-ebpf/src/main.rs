@@ -24,8 +24,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::info;
 use sluice_maps::{
-    MAX_PENDING_RECORDS, MAX_SERVICES, OriginalDst, PeerKey, SETTINGS_LOG, STAT_COUNT,
-    ServiceKey, ServiceValue, Settings, Stat, v4_mapped,
+    MAX_PENDING_RECORDS, MAX_SERVICES, OriginalDst, PeerKey, SETTINGS_LOG, STAT_COUNT, ServiceKey,
+    ServiceValue, Settings, Stat, v4_mapped,
 };
 
 /// Allow the syscall to proceed (cgroup/connect4 return value).
@@ -89,7 +89,7 @@ fn try_connect4(ctx: &SockAddrContext) -> i32 {
         port,
         _pad: 0,
     };
-    if unsafe { SERVICES.get(&key) }.is_none() {
+    if unsafe { SERVICES.get(key) }.is_none() {
         count(Stat::NotMeshed);
         return ALLOW;
     }
@@ -103,7 +103,7 @@ fn try_connect4(ctx: &SockAddrContext) -> i32 {
     };
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if ORIG_BY_COOKIE
-        .insert(&cookie, &record, BPF_ANY as u64)
+        .insert(cookie, record, BPF_ANY as u64)
         .is_err()
     {
         // Without the record the agent could not serve the connection:
@@ -138,7 +138,7 @@ pub fn sluice_sockops(ctx: SockOpsContext) -> u32 {
 
 fn rekey_established(ctx: &SockOpsContext) {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(record) = (unsafe { ORIG_BY_COOKIE.get(&cookie) }).copied() else {
+    let Some(record) = (unsafe { ORIG_BY_COOKIE.get(cookie) }).copied() else {
         return;
     };
     let key = PeerKey {
@@ -148,12 +148,12 @@ fn rekey_established(ctx: &SockOpsContext) {
         port: ctx.local_port() as u16,
         _pad: [0; 6],
     };
-    if ORIG_BY_PEER.insert(&key, &record, BPF_ANY as u64).is_ok() {
+    if ORIG_BY_PEER.insert(key, record, BPF_ANY as u64).is_ok() {
         count(Stat::Established);
     } else {
         count(Stat::RecordFailed);
     }
-    let _ = ORIG_BY_COOKIE.remove(&cookie);
+    let _ = ORIG_BY_COOKIE.remove(cookie);
     if let Some(settings) = settings()
         && settings.flags & SETTINGS_LOG != 0
     {

@@ -166,10 +166,7 @@ async fn wait_for_stop_signal() {
 }
 
 /// Forwards the programs' aya-log events to the agent's log.
-async fn pump_ebpf_log(
-    logger: aya_log::EbpfLogger<&'static dyn log::Log>,
-    mut drain: DrainWatch,
-) {
+async fn pump_ebpf_log(logger: aya_log::EbpfLogger<&'static dyn log::Log>, mut drain: DrainWatch) {
     // SAFETY: the logger owns its ring buffer's fd and keeps it open and
     // unchanged until the AsyncFd (which owns the logger) is dropped.
     let mut fd = match unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) } {

@@ -1,1 +1,161 @@
-fn main() {}
+//! Developer tasks: `cargo xtask setup | build | test | demo`.
+//!
+//! Every task starts with `setup`, which installs what is missing on a
+//! fresh Debian 12 machine (as root) and says what it does.
+
+mod demo;
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Sluice developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the eBPF build and the tests need; mount bpffs.
+    Setup,
+    /// Setup, then build the release binary (target/release/sluice).
+    Build,
+    /// Setup, then fmt check, clippy -D warnings, and every test (as root).
+    Test,
+    /// Setup, build, and run the agent on config/sluice.yaml with three
+    /// payment backends and a meshed client.
+    Demo,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup::run(),
+        Task::Build => {
+            setup::run()?;
+            build_release()
+        }
+        Task::Test => {
+            setup::run()?;
+            test()
+        }
+        Task::Demo => {
+            setup::run()?;
+            build_release()?;
+            demo::run()
+        }
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives inside the workspace")
+        .to_owned()
+}
+
+/// Runs a command in the workspace root, echoing it; fails on non-zero exit.
+pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    cmd.current_dir(workspace_root());
+    println!("==> {}", display(cmd));
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {}", display(cmd)))?;
+    if !status.success() {
+        bail!("{} failed ({status})", display(cmd));
+    }
+    Ok(())
+}
+
+fn display(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn build_release() -> anyhow::Result<()> {
+    run(cargo().args(["build", "--release", "--package", "sluice"]))
+}
+
+fn test() -> anyhow::Result<()> {
+    run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    // The eBPF crate builds only for the bpf target, with nightly.
+    run(Command::new("rustup").args([
+        "run",
+        "nightly",
+        "cargo",
+        "clippy",
+        "--package",
+        "sluice-ebpf",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--target-dir",
+        "target/ebpf-clippy",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    // Privileged tests need root: they load eBPF programs, make cgroups.
+    if !setup::is_root() {
+        bail!("the tests attach eBPF programs and create cgroups: run `cargo xtask test` as root");
+    }
+    run_tests(cargo().args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "sluice-ebpf",
+        "--all-targets",
+    ]))
+}
+
+/// Runs `cargo test`, passing its output through, and ends with one total
+/// line over all test binaries (`tests: N passed, N failed, N skipped`).
+fn run_tests(cmd: &mut Command) -> anyhow::Result<()> {
+    use std::io::{BufRead as _, BufReader};
+    cmd.current_dir(workspace_root())
+        .stdout(std::process::Stdio::piped());
+    println!("==> {}", display(cmd));
+    let mut child = cmd.spawn().context("cannot start cargo test")?;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(['.', ';']) {
+                let mut words = part.split_whitespace();
+                if let (Some(n), Some(what)) = (words.next(), words.next())
+                    && let Ok(n) = n.parse::<u64>()
+                {
+                    match what {
+                        "passed" => passed += n,
+                        "failed" => failed += n,
+                        "ignored" => ignored += n,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("tests: {passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() {
+        bail!("cargo test failed ({status})");
+    }
+    if passed == 0 {
+        bail!("cargo test ran no test");
+    }
+    Ok(())
+}

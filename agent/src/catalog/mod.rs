@@ -115,10 +115,7 @@ impl Catalog {
                 })
             })
             .collect();
-        let workloads_by_cgroup = workloads
-            .iter()
-            .map(|w| (w.cgroup_id, w.clone()))
-            .collect();
+        let workloads_by_cgroup = workloads.iter().map(|w| (w.cgroup_id, w.clone())).collect();
         Catalog {
             services,
             workloads_by_cgroup,

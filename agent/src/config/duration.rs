@@ -25,7 +25,11 @@ impl FromStr for HumanDuration {
             "s" => Duration::from_secs(n),
             "m" => Duration::from_secs(n.saturating_mul(60)),
             "h" => Duration::from_secs(n.saturating_mul(3600)),
-            _ => return Err(format!("`{s}` has unknown unit `{unit}`; use ms, s, m or h")),
+            _ => {
+                return Err(format!(
+                    "`{s}` has unknown unit `{unit}`; use ms, s, m or h"
+                ));
+            }
         };
         Ok(HumanDuration(d))
     }
@@ -34,7 +38,7 @@ impl FromStr for HumanDuration {
 impl fmt::Display for HumanDuration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ms = self.0.as_millis();
-        if ms % 1000 == 0 {
+        if ms.is_multiple_of(1000) {
             write!(f, "{}s", ms / 1000)
         } else {
             write!(f, "{ms}ms")
@@ -55,10 +59,21 @@ mod tests {
 
     #[test]
     fn parses_units_and_rejects_garbage() {
-        assert_eq!("250ms".parse(), Ok(HumanDuration(Duration::from_millis(250))));
+        assert_eq!(
+            "250ms".parse(),
+            Ok(HumanDuration(Duration::from_millis(250)))
+        );
         assert_eq!("2m".parse(), Ok(HumanDuration(Duration::from_secs(120))));
-        assert!("5".parse::<HumanDuration>().unwrap_err().contains("no unit"));
-        assert!("5d".parse::<HumanDuration>().unwrap_err().contains("unknown unit"));
+        assert!(
+            "5".parse::<HumanDuration>()
+                .unwrap_err()
+                .contains("no unit")
+        );
+        assert!(
+            "5d".parse::<HumanDuration>()
+                .unwrap_err()
+                .contains("unknown unit")
+        );
         assert!("ms".parse::<HumanDuration>().is_err());
     }
 }

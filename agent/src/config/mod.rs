@@ -170,16 +170,14 @@ fn unspanned<T>(value: T) -> Spanned<T> {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{path}: cannot read the config file: {error}")]
-    Read {
-        path: String,
-        error: std::io::Error,
-    },
+    Read { path: String, error: std::io::Error },
     #[error("{path}: the config file is larger than {MAX_CONFIG_BYTES} bytes")]
     TooLarge { path: String },
-    #[error("{path}:{line}: {message}")]
+    #[error("{path}:{line}:{column}: {message}")]
     Syntax {
         path: String,
         line: u64,
+        column: u64,
         message: String,
     },
     #[error("{}", .0)]
@@ -244,11 +242,19 @@ impl Config {
     /// Parses YAML text without validating it; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
         serde_saphyr::from_str::<Config>(text).map_err(|e| {
-            let line = e.location().map_or(0, |l| l.line());
+            let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
+            let mut message = bare_message(&e.to_string());
+            // Type errors point at a value; name the key it belongs to.
+            if let Some(key) = key_on_line(text, line)
+                && !message.contains(&format!("`{key}`"))
+            {
+                message = format!("{key}: {message}");
+            }
             ConfigError::Syntax {
                 path: origin.to_owned(),
                 line,
-                message: first_line(&e.to_string()),
+                column,
+                message,
             }
         })
     }
@@ -290,7 +296,11 @@ impl Config {
             );
         }
         if self.agent.worker_threads == 0 {
-            problem(0, "agent.worker_threads".into(), "must be at least 1".into());
+            problem(
+                0,
+                "agent.worker_threads".into(),
+                "must be at least 1".into(),
+            );
         }
 
         let mut workload_names: HashMap<&str, usize> = HashMap::new();
@@ -374,14 +384,16 @@ impl Config {
                 );
             }
             let vip = (s.address.value, s.port.value);
-            if vip == (IpAddr::V4(*self.agent.outbound.ip()), self.agent.outbound.port()) {
+            if vip
+                == (
+                    IpAddr::V4(*self.agent.outbound.ip()),
+                    self.agent.outbound.port(),
+                )
+            {
                 problem(
                     addr_line,
                     format!("{at}.address"),
-                    format!(
-                        "{}:{} is the agent's own outbound listener",
-                        vip.0, vip.1
-                    ),
+                    format!("{}:{} is the agent's own outbound listener", vip.0, vip.1),
                 );
             }
             if let Some(first) = vips.insert(vip, i) {
@@ -482,8 +494,29 @@ fn check_cgroup_path(path: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn first_line(message: &str) -> String {
-    message.lines().next().unwrap_or(message).trim().to_owned()
+/// The mapping key written on 1-based `line` of `text`, if any
+/// (`  - port: x` -> `port`).
+fn key_on_line(text: &str, line: u64) -> Option<&str> {
+    let l = text
+        .lines()
+        .nth(usize::try_from(line).ok()?.checked_sub(1)?)?;
+    let l = l.trim_start().trim_start_matches("- ").trim_start();
+    let (key, _) = l.split_once(':')?;
+    (!key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')).then_some(key)
+}
+
+/// The parser's message without its own `error: line L column C:` prefix
+/// and snippet, since [`ConfigError::Syntax`] says where.
+fn bare_message(message: &str) -> String {
+    let first = message.lines().next().unwrap_or(message).trim();
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    if let Some(rest) = first.strip_prefix("line ")
+        && let Some((_, after)) = rest.split_once(": ")
+        && rest.contains(" column ")
+    {
+        return after.to_owned();
+    }
+    first.to_owned()
 }
 
 #[cfg(test)]
@@ -538,6 +571,13 @@ services:
     }
 
     #[test]
+    fn type_errors_name_the_key() {
+        let text = GOOD.replace("port: 8080", "port: eighty");
+        let err = Config::parse(&text, "t.yaml").unwrap_err().to_string();
+        assert_eq!(err, "t.yaml:10:11: port: invalid u16");
+    }
+
+    #[test]
     fn endpoint_without_port_is_a_syntax_error_with_line() {
         let text = GOOD.replace("        port: 9001\n", "");
         let err = Config::parse(&text, "t.yaml").unwrap_err().to_string();
@@ -565,6 +605,55 @@ services:
         assert_eq!(found[0].line, 19);
         assert!(found[0].message.contains("services[0] (`payments`)"));
         assert!(found[2].message.contains("unknown workload `nobody`"));
+    }
+
+    /// The reference must name every field serde accepts. The field lists
+    /// come from serde itself: an unknown key in each section makes it
+    /// answer "expected one of ...".
+    #[test]
+    fn reference() {
+        let reference = include_str!("../../../config/REFERENCE.md");
+        let sections = [
+            ("top level", format!("{GOOD}zz_unknown: 1\n")),
+            (
+                "node",
+                GOOD.replace("  name: local\n", "  name: local\n  zz_unknown: 1\n"),
+            ),
+            ("agent", format!("{GOOD}agent:\n  zz_unknown: 1\n")),
+            (
+                "workloads",
+                GOOD.replace(
+                    "    namespace: payments\n    service_account",
+                    "    zz_unknown: 1\n    namespace: payments\n    service_account",
+                ),
+            ),
+            (
+                "services",
+                GOOD.replace("    port: 8080\n", "    port: 8080\n    zz_unknown: 1\n"),
+            ),
+            (
+                "endpoints",
+                GOOD.replace(
+                    "        port: 9001\n",
+                    "        port: 9001\n        zz_unknown: 1\n",
+                ),
+            ),
+        ];
+        for (section, text) in sections {
+            let err = Config::parse(&text, "t.yaml").unwrap_err().to_string();
+            let (_, fields) = err
+                .split_once("expected one of ")
+                .unwrap_or_else(|| panic!("{section}: {err}"));
+            let fields: Vec<&str> = fields.split(", ").map(|f| f.trim_matches('`')).collect();
+            assert!(fields.len() >= 2, "{section}: {err}");
+            for field in fields {
+                assert!(
+                    reference.contains(&format!("| `{field}` |"))
+                        || reference.contains(&format!("## `{field}`")),
+                    "config/REFERENCE.md does not describe {section} field `{field}`"
+                );
+            }
+        }
     }
 
     #[test]

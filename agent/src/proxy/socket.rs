@@ -55,7 +55,11 @@ pub fn netns_cookie(fd: &impl AsRawFd) -> io::Result<u64> {
 
 /// Connects to `addr` from a socket marked `mark` (so the connect hook lets
 /// it through), giving up after `timeout`.
-pub async fn connect_marked(addr: SocketAddr, mark: u32, timeout: Duration) -> io::Result<TcpStream> {
+pub async fn connect_marked(
+    addr: SocketAddr,
+    mark: u32,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {

@@ -46,10 +46,7 @@ const PROGRAMS: [&str; 2] = ["connect4", "sluice_sockops"];
 #[derive(Debug, thiserror::Error)]
 pub enum RedirectError {
     #[error("cannot prepare the pin directory {path}: {error}")]
-    PinDir {
-        path: PathBuf,
-        error: io::Error,
-    },
+    PinDir { path: PathBuf, error: io::Error },
     #[error(
         "the kernel refused Sluice's eBPF object; Sluice needs Linux 5.15 or newer with \
          CONFIG_CGROUP_BPF and BTF, and maps pinned by an incompatible version must be removed \
@@ -72,10 +69,7 @@ pub enum RedirectError {
         error: ErrorChain,
     },
     #[error("cannot open cgroup {path}: {error}")]
-    Cgroup {
-        path: PathBuf,
-        error: io::Error,
-    },
+    Cgroup { path: PathBuf, error: io::Error },
     #[error("cannot pin {what} at {path}: {error}")]
     Pin {
         what: &'static str,
@@ -221,7 +215,7 @@ impl Redirect {
     /// Takes the map of records keyed by peer, for the accept path.
     pub fn take_peer_records(&mut self) -> Result<PeerRecords, RedirectError> {
         let map = take_map(&mut self.ebpf, sluice_maps::ORIG_BY_PEER)?;
-        PeerRecords::new(map).map_err(|_| {
+        PeerRecords::new(map).ok_or_else(|| {
             map_err(sluice_maps::ORIG_BY_PEER)(aya::maps::MapError::InvalidMapType { map_type: 0 })
         })
     }
@@ -300,9 +294,10 @@ impl Redirect {
                         .attach(&cgroup_file, CgroupAttachMode::Single)
                         .map_err(attach_err)?;
                     let link = p.take_link(id).map_err(attach_err)?;
-                    link.try_into().map_err(|e: aya::programs::links::LinkError| {
-                        pin_err("link", self.pin_dir.clone(), e)
-                    })?
+                    link.try_into()
+                        .map_err(|e: aya::programs::links::LinkError| {
+                            pin_err("link", self.pin_dir.clone(), e)
+                        })?
                 }
                 aya::programs::Program::SockOps(p) => {
                     let p: &mut SockOps = p;
@@ -310,9 +305,10 @@ impl Redirect {
                         .attach(&cgroup_file, CgroupAttachMode::Single)
                         .map_err(attach_err)?;
                     let link = p.take_link(id).map_err(attach_err)?;
-                    link.try_into().map_err(|e: aya::programs::links::LinkError| {
-                        pin_err("link", self.pin_dir.clone(), e)
-                    })?
+                    link.try_into()
+                        .map_err(|e: aya::programs::links::LinkError| {
+                            pin_err("link", self.pin_dir.clone(), e)
+                        })?
                 }
                 _ => return Err(RedirectError::MissingMap(name)),
             };
@@ -341,9 +337,7 @@ impl Redirect {
     /// Detaches the programs and removes every pin: the node is left as if
     /// Sluice had never run.
     pub fn detach(self) {
-        let Redirect {
-            pin_dir, links, ..
-        } = self;
+        let Redirect { pin_dir, links, .. } = self;
         for link in links {
             match link.unpin() {
                 // Dropping the last reference to the link detaches it.
@@ -361,12 +355,18 @@ fn replace_old_link(path: &Path) {
         Ok(old) => match old.unpin() {
             Ok(fd_link) => {
                 drop(fd_link);
-                info!("replaced the link a previous agent pinned at {}", path.display());
+                info!(
+                    "replaced the link a previous agent pinned at {}",
+                    path.display()
+                );
             }
             Err(e) => warn!("cannot unpin old link {}: {e}", path.display()),
         },
         Err(e) => {
-            warn!("cannot open old link {}: {e}; removing the pin", path.display());
+            warn!(
+                "cannot open old link {}: {e}; removing the pin",
+                path.display()
+            );
             let _ = std::fs::remove_file(path);
         }
     }
@@ -426,7 +426,8 @@ impl ProgramStats {
         let data = MapData::from_pin(pin_dir.join(sluice_maps::STATS))
             .map_err(map_err(sluice_maps::STATS))?;
         Ok(ProgramStats {
-            map: PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(map_err(sluice_maps::STATS))?,
+            map: PerCpuArray::try_from(Map::PerCpuArray(data))
+                .map_err(map_err(sluice_maps::STATS))?,
         })
     }
 
@@ -473,7 +474,9 @@ pub fn set_pinned_log(pin_dir: &Path, on: bool) -> Result<(), RedirectError> {
         .map_err(map_err(sluice_maps::SETTINGS))?;
     let mut settings: Array<MapData, Settings> =
         Array::try_from(Map::Array(data)).map_err(map_err(sluice_maps::SETTINGS))?;
-    let mut current = settings.get(&0, 0).map_err(map_err(sluice_maps::SETTINGS))?;
+    let mut current = settings
+        .get(&0, 0)
+        .map_err(map_err(sluice_maps::SETTINGS))?;
     if on {
         current.flags |= SETTINGS_LOG;
     } else {

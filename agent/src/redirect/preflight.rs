@@ -83,7 +83,7 @@ fn effective_capabilities() -> Option<u64> {
 /// The pin directory, or its nearest existing ancestor, must be on bpffs.
 fn check_bpffs(pin_dir: &Path) -> Result<(), PreflightError> {
     let existing = pin_dir.ancestors().find(|p| p.exists()).unwrap_or(pin_dir);
-    if fs_magic(existing) == Some(libc::BPF_FS_MAGIC as i64) {
+    if fs_magic(existing) == Some(libc::BPF_FS_MAGIC) {
         Ok(())
     } else {
         Err(PreflightError::NoBpffs {
@@ -93,7 +93,7 @@ fn check_bpffs(pin_dir: &Path) -> Result<(), PreflightError> {
 }
 
 /// The filesystem type (`f_type` of statfs) of `path`.
-pub(crate) fn fs_magic(path: &Path) -> Option<i64> {
+pub(crate) fn fs_magic(path: &Path) -> Option<libc::c_long> {
     let c_path = CString::new(path.as_os_str().as_bytes()).ok()?;
     let mut buf = MaybeUninit::<libc::statfs>::uninit();
     // SAFETY: c_path is NUL-terminated; buf is written by the kernel on success.
@@ -102,7 +102,7 @@ pub(crate) fn fs_magic(path: &Path) -> Option<i64> {
         return None;
     }
     // SAFETY: statfs returned 0, so buf is initialised.
-    Some(unsafe { buf.assume_init() }.f_type as i64)
+    Some(unsafe { buf.assume_init() }.f_type)
 }
 
 #[cfg(test)]

@@ -67,7 +67,9 @@ pub fn key_addr(ip: IpAddr) -> [u32; 4] {
         IpAddr::V6(v6) => v6,
     };
     let o = v6.octets();
-    std::array::from_fn(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]))
+    std::array::from_fn(|i| {
+        u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+    })
 }
 
 /// Converts the map's address form back to an address (v4-mapped -> v4).
@@ -77,9 +79,7 @@ pub fn addr_from_key(addr: [u32; 4], port: u16) -> SocketAddr {
         octets[4 * i..4 * i + 4].copy_from_slice(&word.to_ne_bytes());
     }
     let v6 = Ipv6Addr::from(octets);
-    let ip = v6
-        .to_ipv4_mapped()
-        .map_or(IpAddr::V6(v6), IpAddr::V4);
+    let ip = v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4);
     SocketAddr::new(ip, port)
 }
 
@@ -119,19 +119,21 @@ pub struct PeerRecords {
 }
 
 impl PeerRecords {
-    /// Wraps the `ORIG_BY_PEER` map; hands it back if it is not a hash map.
-    pub fn new(map: Map) -> Result<Self, Map> {
+    /// Wraps the `ORIG_BY_PEER` map; `None` if it is not a hash map.
+    pub fn new(map: Map) -> Option<Self> {
         match map {
-            Map::LruHashMap(_) | Map::HashMap(_) => Ok(PeerRecords { map }),
-            other => Err(other),
+            Map::LruHashMap(_) | Map::HashMap(_) => Some(PeerRecords { map }),
+            _ => None,
         }
     }
 
     /// Takes (reads and deletes) the record of the connection from `peer`.
     pub fn take(&self, netns_cookie: u64, peer: SocketAddr) -> io::Result<Option<Redirected>> {
         let key = peer_key(netns_cookie, peer);
-        Ok(lookup_and_delete::<PeerKey, OriginalDst>(map_data(&self.map).fd().as_fd(), &key)?
-            .map(Into::into))
+        Ok(
+            lookup_and_delete::<PeerKey, OriginalDst>(map_data(&self.map).fd().as_fd(), &key)?
+                .map(Into::into),
+        )
     }
 
     /// The underlying map, for counting and sweeping.

@@ -1,0 +1,408 @@
+//! Helpers that let each integration test read as its scenario: real
+//! backends on loopback, a real agent process with its own cgroup root and
+//! pin directory, workloads run through `sluice exec`. Everything a test
+//! creates is removed when its helpers drop, even if the test fails.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::{
+    ffi::CString,
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use sluice::redirect::{self, cgroup};
+
+/// The agent binary under test.
+pub fn sluice_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_sluice")
+}
+
+/// A name unique to this test run, for cgroups, pins and files.
+pub fn unique(tag: &str) -> String {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    format!(
+        "sluice-test-{}-{}-{tag}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind an ephemeral port")
+        .port()
+}
+
+/// Polls `f` every 10 ms until it is true or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let until = Instant::now() + timeout;
+    while Instant::now() < until {
+        if f() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    f()
+}
+
+/// A line-echo TCP server: for each line it receives it answers
+/// `<name> <line>`. Counts the connections it accepted.
+pub struct Backend {
+    pub name: String,
+    pub addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Backend {
+    pub fn start(name: &str) -> Backend {
+        Self::start_on(name, "127.0.0.1:0".parse().unwrap())
+    }
+
+    pub fn start_on(name: &str, addr: SocketAddr) -> Backend {
+        let listener = TcpListener::bind(addr).expect("bind backend");
+        let addr = listener.local_addr().unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (a, s, n) = (accepted.clone(), stop.clone(), name.to_owned());
+        thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        a.fetch_add(1, Ordering::SeqCst);
+                        let n = n.clone();
+                        thread::spawn(move || echo_lines(&n, stream));
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(2)),
+                }
+            }
+        });
+        Backend {
+            name: name.to_owned(),
+            addr,
+            accepted,
+            stop,
+        }
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+fn echo_lines(name: &str, stream: TcpStream) {
+    stream.set_nonblocking(false).unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    for line in BufReader::new(stream).lines() {
+        let Ok(line) = line else { return };
+        if writeln!(writer, "{name} {line}").is_err() {
+            return;
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A meshed service for [`AgentConfig`].
+pub struct ServiceDef {
+    pub name: String,
+    pub vip: SocketAddr,
+    pub endpoints: Vec<SocketAddr>,
+}
+
+impl ServiceDef {
+    pub fn new(name: &str, vip: &str, endpoints: &[SocketAddr]) -> ServiceDef {
+        ServiceDef {
+            name: name.to_owned(),
+            vip: vip.parse().expect("vip"),
+            endpoints: endpoints.to_vec(),
+        }
+    }
+}
+
+/// Writes a config for one test: its own cgroup root, pin dir and
+/// outbound port, one workload called `client`.
+pub struct AgentConfig {
+    pub dir: PathBuf,
+    pub path: PathBuf,
+    pub cgroup_root: String,
+    pub pin_dir: PathBuf,
+    pub outbound_port: u16,
+}
+
+impl AgentConfig {
+    pub fn new(services: &[ServiceDef]) -> AgentConfig {
+        Self::with_agent_extra(services, "")
+    }
+
+    /// `agent_extra`: more lines for the `agent:` block (indented 2).
+    pub fn with_agent_extra(services: &[ServiceDef], agent_extra: &str) -> AgentConfig {
+        let name = unique("cfg");
+        let dir = std::env::temp_dir().join(&name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let pin_dir = PathBuf::from("/sys/fs/bpf").join(&name);
+        let outbound_port = free_port();
+        let mut yaml = format!(
+            "node:\n  name: test\n  cgroup_root: {name}\nagent:\n  outbound: 127.0.0.1:{outbound_port}\n  \
+             pin_dir: {}\n  connect_timeout: 300ms\n  drain_timeout: 10s\n{agent_extra}\
+             workloads:\n  - name: client\n    namespace: payments\n    service_account: client\nservices:{}\n",
+            pin_dir.display(),
+            if services.is_empty() { " []" } else { "" }
+        );
+        for s in services {
+            yaml.push_str(&format!(
+                "  - name: {}\n    namespace: payments\n    address: {}\n    port: {}\n    endpoints:\n",
+                s.name,
+                s.vip.ip(),
+                s.vip.port()
+            ));
+            for e in &s.endpoints {
+                yaml.push_str(&format!(
+                    "      - address: {}\n        port: {}\n",
+                    e.ip(),
+                    e.port()
+                ));
+            }
+        }
+        let path = dir.join("sluice.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        AgentConfig {
+            dir,
+            path,
+            cgroup_root: name,
+            pin_dir,
+            outbound_port,
+        }
+    }
+
+    /// Absolute path of the node's cgroup root.
+    pub fn cgroup_root_path(&self) -> PathBuf {
+        cgroup::cgroup2_mount()
+            .expect("cgroup v2 is mounted")
+            .join(&self.cgroup_root)
+    }
+}
+
+impl Drop for AgentConfig {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+        // Leftovers only exist if a test failed midway; never leave them.
+        for link in ["link_connect4", "link_sluice_sockops"] {
+            let _ = std::fs::remove_file(self.pin_dir.join(link));
+        }
+        redirect::remove_pins(&self.pin_dir);
+        let root = self.cgroup_root_path();
+        if let Ok(entries) = std::fs::read_dir(&root) {
+            for e in entries.flatten() {
+                if e.path().is_dir() {
+                    let _ = std::fs::remove_dir(e.path());
+                }
+            }
+        }
+        let _ = std::fs::remove_dir(&root);
+    }
+}
+
+/// A running `sluice agent`. Its stderr is collected for assertions.
+pub struct Agent {
+    child: Child,
+    log: Arc<Mutex<String>>,
+    pub config_path: PathBuf,
+    pub pin_dir: PathBuf,
+}
+
+impl Agent {
+    /// Starts the agent and waits until it reports ready.
+    pub fn start(config: &AgentConfig) -> Agent {
+        Self::spawn(config, None)
+    }
+
+    /// Starts the agent as a process inside `cgroup` (which must exist).
+    pub fn start_in_cgroup(config: &AgentConfig, cgroup: &Path) -> Agent {
+        Self::spawn(config, Some(cgroup))
+    }
+
+    fn spawn(config: &AgentConfig, cgroup: Option<&Path>) -> Agent {
+        let mut cmd = Command::new(sluice_bin());
+        cmd.args(["agent", "--config"])
+            .arg(&config.path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(cg) = cgroup {
+            let procs = CString::new(cg.join("cgroup.procs").to_str().unwrap()).unwrap();
+            // SAFETY: only async-signal-safe calls (open, write, close) on
+            // memory prepared before fork.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                    if fd < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
+                    libc::close(fd);
+                    if ok {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        let mut child = cmd.spawn().expect("spawn sluice agent");
+        let log = Arc::new(Mutex::new(String::new()));
+        let ready = Arc::new(AtomicBool::new(false));
+        let stderr = child.stderr.take().unwrap();
+        let (l, r) = (log.clone(), ready.clone());
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[agent] {line}");
+                if line.contains("sluice agent ready") {
+                    r.store(true, Ordering::SeqCst);
+                }
+                let mut log = l.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let mut agent = Agent {
+            child,
+            log,
+            config_path: config.path.clone(),
+            pin_dir: config.pin_dir.clone(),
+        };
+        let started = wait_until(Duration::from_secs(20), || {
+            ready.load(Ordering::SeqCst) || agent.child.try_wait().ok().flatten().is_some()
+        });
+        assert!(
+            started && ready.load(Ordering::SeqCst),
+            "agent did not become ready; log:\n{}",
+            agent.log()
+        );
+        agent
+    }
+
+    /// Everything the agent wrote to stderr so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits (up to 5 s) until the log contains `needle`; the log arrives
+    /// through a pipe, a little after the event it reports.
+    pub fn wait_for_log(&self, needle: &str) -> bool {
+        wait_until(Duration::from_secs(5), || self.log().contains(needle))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn sigterm(&self) {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().ok().flatten().is_none()
+    }
+
+    /// Waits for the agent to exit, at most `timeout`.
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let child = &mut self.child;
+        let mut status = None;
+        wait_until(timeout, || {
+            status = child.try_wait().ok().flatten();
+            status.is_some()
+        });
+        status.unwrap_or_else(|| panic!("agent did not exit within {timeout:?}"))
+    }
+
+    /// Runs `script` with bash as the workload `client`, through
+    /// `sluice exec`, and returns its output.
+    pub fn run_as_client(&self, script: &str) -> Output {
+        self.client_command(script)
+            .output()
+            .expect("run sluice exec")
+    }
+
+    /// The `sluice exec` command for `script`, to spawn in the background.
+    pub fn client_command(&self, script: &str) -> Command {
+        let mut cmd = Command::new(sluice_bin());
+        cmd.args(["exec", "--config"])
+            .arg(&self.config_path)
+            .args(["--workload", "client", "--"])
+            // Bounds every client run, so a broken redirect fails the test
+            // instead of hanging it.
+            .args(["timeout", "--signal=KILL", "60", "bash", "-c", script]);
+        cmd
+    }
+
+    /// (records by cookie, records by peer) in the pinned maps.
+    pub fn record_counts(&self) -> (usize, usize) {
+        redirect::pinned_record_counts(&self.pin_dir).expect("read pinned record maps")
+    }
+
+    /// The programs' counters.
+    pub fn stat(&self, stat: sluice_maps::Stat) -> u64 {
+        redirect::ProgramStats::from_pin(&self.pin_dir)
+            .expect("open pinned stats")
+            .total(stat)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.is_running() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A bash snippet that makes `n` calls to `addr`, one connection each,
+/// printing each reply line (or `FAILED` when a call gets no reply).
+pub fn calls_script(addr: SocketAddr, n: usize) -> String {
+    format!(
+        "for i in $(seq 1 {n}); do \
+           if exec 3<>/dev/tcp/{ip}/{port}; then \
+             echo \"call $i\" >&3; \
+             if read -r reply <&3; then echo \"$reply\"; else echo FAILED; fi; \
+             exec 3>&-; \
+           else echo FAILED; fi; \
+         done",
+        ip = addr.ip(),
+        port = addr.port()
+    )
+}
+
+/// Stdout of a finished command as lines; panics with stderr on failure.
+pub fn lines(output: &Output) -> Vec<String> {
+    assert!(
+        output.status.success(),
+        "command failed ({}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
