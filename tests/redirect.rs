@@ -242,3 +242,66 @@ fn an_endpoint_that_never_answers_times_out() {
     assert!(agent.log().contains("no answer within 300ms"));
     drop(fillers);
 }
+
+/// A crash (SIGKILL) leaves the programs pinned: other destinations still
+/// work and meshed ones fail fast. The next agent takes over the pins, with
+/// exactly one set of programs attached afterwards.
+#[test]
+fn a_new_agent_takes_over_from_a_crashed_one() {
+    let meshed = Backend::start("meshed");
+    let direct = Backend::start("direct");
+    let config = AgentConfig::new(&[ServiceDef::new("payments", VIP, &[meshed.addr])]);
+    let mut first = Agent::start(&config);
+    first.kill();
+    assert!(config.pin_dir.join("link_connect4").exists());
+
+    let while_down = format!(
+        "{}; {}",
+        calls_script(direct.addr, 1),
+        calls_script(VIP.parse().unwrap(), 1)
+    );
+    assert_eq!(
+        lines(&first.run_as_client(&while_down)),
+        ["direct call 1", "FAILED"]
+    );
+
+    let second = Agent::start(&config);
+    assert!(
+        second
+            .log()
+            .contains("replaced the link a previous agent pinned")
+    );
+    let not_meshed_before = second.stat(Stat::NotMeshed);
+    let redirected_before = second.stat(Stat::Redirected);
+    assert_eq!(
+        lines(&second.run_as_client(&calls_script(VIP.parse().unwrap(), 2))),
+        ["meshed call 1", "meshed call 2"]
+    );
+    // A second, stale connect4 would see the rewritten address and count it
+    // as not meshed; one program counts each call once as redirected.
+    assert_eq!(second.stat(Stat::Redirected), redirected_before + 2);
+    assert_eq!(second.stat(Stat::NotMeshed), not_meshed_before);
+}
+
+#[test]
+fn ebpf_log_events_switch_on_and_off_at_run_time() {
+    const EVENT: &str = "connect4: redirect";
+    let backend = Backend::start("b1");
+    let config = AgentConfig::new(&[ServiceDef::new("payments", VIP, &[backend.addr])]);
+    let agent = Agent::start(&config);
+    let vip: SocketAddr = VIP.parse().unwrap();
+
+    lines(&agent.run_as_client(&calls_script(vip, 1)));
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!agent.log().contains(EVENT), "off by default");
+
+    assert!(agent.sluice(&["ebpf-log", "on"]).status.success());
+    lines(&agent.run_as_client(&calls_script(vip, 1)));
+    assert!(agent.wait_for_log(EVENT), "{}", agent.log());
+
+    assert!(agent.sluice(&["ebpf-log", "off"]).status.success());
+    let events = agent.log().matches(EVENT).count();
+    lines(&agent.run_as_client(&calls_script(vip, 1)));
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(agent.log().matches(EVENT).count(), events);
+}

@@ -314,6 +314,21 @@ impl Agent {
         self.child.id()
     }
 
+    /// Kills the agent with SIGKILL, as a crash would, and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Runs another `sluice` subcommand against this agent's config.
+    pub fn sluice(&self, args: &[&str]) -> Output {
+        Command::new(sluice_bin())
+            .args(args)
+            .env("SLUICE_CONFIG", &self.config_path)
+            .output()
+            .expect("run sluice")
+    }
+
     pub fn sigterm(&self) {
         // SAFETY: plain kill(2) on our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
