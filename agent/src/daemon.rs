@@ -4,13 +4,16 @@
 //! outbound listener, and only then attach (a redirect must always find a
 //! listener). Stop: stop accepting, drain open connections up to
 //! `agent.drain_timeout`, detach, remove pins and the cgroups it created.
+//! In between, the config file is watched (and SIGHUP forces a look): a
+//! valid change is applied without dropping a connection, an invalid one
+//! is logged and the running config kept.
 
 use std::{
     io,
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::Arc,
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use arc_swap::ArcSwap;
@@ -30,7 +33,11 @@ use crate::{
         preflight::{self, PreflightError},
         records,
     },
+    resilience::health::HealthCheckers,
 };
+
+/// How often the config file's modification time is looked at.
+const CONFIG_POLL: Duration = Duration::from_secs(1);
 
 /// How often stale redirect records are swept, and how old they must be.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
@@ -79,19 +86,32 @@ async fn start_and_wait(
     created: &mut Vec<PathBuf>,
 ) -> Result<(), AgentError> {
     created.extend(cgroup::create_all(root).map_err(AgentError::Cgroup)?);
-    let mut workload_cgroups = Vec::with_capacity(config.workloads.len());
-    for w in &config.workloads {
-        let path = root.join(w.cgroup());
-        created.extend(cgroup::create_all(&path).map_err(AgentError::Cgroup)?);
-        let id = cgroup::cgroup_id(&path).map_err(AgentError::Cgroup)?;
-        workload_cgroups.push((path, id));
-    }
-    let catalog = Catalog::from_config(config, &workload_cgroups);
+    let workload_cgroups = workload_cgroups(config, root, created).map_err(AgentError::Cgroup)?;
+    let catalog = Catalog::from_config(config, &workload_cgroups, None);
 
     let mut redirect = Redirect::load(&config.agent.pin_dir)?;
-    let result = run_attached(config, root, catalog, &mut redirect).await;
+    let result = run_attached(config, root, catalog, &mut redirect, created).await;
     redirect.detach();
     result
+}
+
+/// Makes sure every workload's cgroup exists; returns (path, id) of each,
+/// in config order, and adds the directories it made to `created`.
+fn workload_cgroups(
+    config: &Config,
+    root: &Path,
+    created: &mut Vec<PathBuf>,
+) -> io::Result<Vec<(PathBuf, u64)>> {
+    config
+        .workloads
+        .iter()
+        .map(|w| {
+            let path = root.join(w.cgroup());
+            created.extend(cgroup::create_all(&path)?);
+            let id = cgroup::cgroup_id(&path)?;
+            Ok((path, id))
+        })
+        .collect()
 }
 
 async fn run_attached(
@@ -99,6 +119,7 @@ async fn run_attached(
     root: &Path,
     catalog: Catalog,
     redirect: &mut Redirect,
+    created: &mut Vec<PathBuf>,
 ) -> Result<(), AgentError> {
     let (trigger, watch) = drain::channel();
     if let Some(logger) = redirect.take_logger() {
@@ -117,22 +138,32 @@ async fn run_attached(
     let listener = OutboundListener::bind(outbound).map_err(AgentError::Listener)?;
     let services = catalog.services().count();
     let workloads = catalog.workloads().len();
+    let checkers = HealthCheckers::start(&catalog, config.agent.mark, &watch);
+    let catalog = Arc::new(ArcSwap::from_pointee(catalog));
     let ctx = Arc::new(OutboundContext {
-        catalog: Arc::new(ArcSwap::from_pointee(catalog)),
+        catalog: catalog.clone(),
         records: records.clone(),
-        connect_timeout: config.agent.connect_timeout.0,
         mark: config.agent.mark,
     });
 
     redirect.attach(root)?;
     let server = tokio::spawn(listener.serve(ctx, watch.clone()));
-    tokio::spawn(sweep_records(records, cookie_records, watch));
+    tokio::spawn(sweep_records(records, cookie_records, watch.clone()));
     info!(
         "sluice agent ready: node {}, {services} services, {workloads} workloads, outbound {outbound}",
         config.node.name.value
     );
 
-    wait_for_stop_signal().await;
+    let mut live = Live {
+        config,
+        root,
+        catalog,
+        checkers,
+        redirect,
+        created,
+        drain: watch,
+    };
+    live.serve_until_stopped().await;
     info!(
         "stopping: no new connections; draining {} open (up to {})",
         trigger.active(),
@@ -151,17 +182,91 @@ async fn run_attached(
     Ok(())
 }
 
-async fn wait_for_stop_signal() {
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            error!("cannot watch SIGTERM ({e}); stopping");
+/// What changes while the agent runs: the catalog and what hangs off it.
+struct Live<'a> {
+    /// The config the agent started with; `agent` and `node` changes need
+    /// a restart and are compared against it.
+    config: &'a Config,
+    root: &'a Path,
+    catalog: Arc<ArcSwap<Catalog>>,
+    checkers: HealthCheckers,
+    redirect: &'a mut Redirect,
+    created: &'a mut Vec<PathBuf>,
+    drain: DrainWatch,
+}
+
+fn modified(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+impl Live<'_> {
+    /// Applies config changes until SIGTERM or SIGINT.
+    async fn serve_until_stopped(&mut self) {
+        let (Ok(mut term), Ok(mut hup)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) else {
+            error!("cannot watch SIGTERM/SIGHUP; stopping");
             return;
+        };
+        let path = self.config.source.clone();
+        let mut seen = modified(&path);
+        let mut poll = tokio::time::interval(CONFIG_POLL);
+        loop {
+            tokio::select! {
+                _ = term.recv() => return info!("SIGTERM received"),
+                _ = tokio::signal::ctrl_c() => return info!("SIGINT received"),
+                _ = hup.recv() => {
+                    seen = modified(&path);
+                    self.reload(&path);
+                }
+                _ = poll.tick() => {
+                    let now = modified(&path);
+                    if now != seen {
+                        seen = now;
+                        self.reload(&path);
+                    }
+                }
+            }
         }
-    };
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
+    }
+
+    /// Loads the file again and applies it, or keeps the running config.
+    fn reload(&mut self, path: &Path) {
+        let new = match Config::load(path) {
+            Ok(new) => new,
+            Err(e) => {
+                return error!("config reload refused; the running config stays in force:\n{e}");
+            }
+        };
+        if new.agent != self.config.agent
+            || new.node.name.value != self.config.node.name.value
+            || new.node.cgroup_root.value != self.config.node.cgroup_root.value
+        {
+            warn!(
+                "config reload: changes under `agent` and `node` (name, cgroup_root) apply at the \
+                 next restart; the rest applies now"
+            );
+        }
+        let cgroups = match workload_cgroups(&new, self.root, self.created) {
+            Ok(c) => c,
+            Err(e) => {
+                return error!("config reload refused ({e}); the running config stays in force");
+            }
+        };
+        let catalog = Catalog::from_config(&new, &cgroups, Some(&self.catalog.load()));
+        if let Err(e) = self.redirect.sync_services(&catalog.service_map()) {
+            return error!("config reload refused ({e}); the running config stays in force");
+        }
+        let services = catalog.services().count();
+        // New checkers first, so that no endpoint goes unwatched.
+        let checkers = HealthCheckers::start(&catalog, self.config.agent.mark, &self.drain);
+        self.catalog.store(Arc::new(catalog));
+        self.checkers = checkers;
+        info!(
+            "config reloaded: {services} services, {} workloads",
+            new.workloads.len()
+        );
     }
 }
 

@@ -13,3 +13,4 @@ pub mod drain;
 pub mod lb;
 pub mod proxy;
 pub mod redirect;
+pub mod resilience;

@@ -2,18 +2,29 @@
 //! on this node, from whichever source (today: the config file).
 //!
 //! A [`Catalog`] is immutable; a change builds a new one and swaps it in
-//! whole, so the accept path reads it without a lock.
+//! whole, so the accept path reads it without a lock. Live state (breaker
+//! phases, in-flight counts, thresholds in use) is carried over from the
+//! previous catalog for every service and endpoint that is still there, so
+//! a reload neither forgets an ejection nor drops a connection.
 
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::Arc,
+    time::Duration,
 };
 
 use sluice_maps::{ServiceKey, ServiceValue};
 
-use crate::{config::Config, lb::RoundRobin, redirect::records::key_addr};
+use crate::{
+    config::{Config, HealthCheck, Panic, ServiceSpec, policy::DEFAULT_IDLE_TIMEOUT},
+    lb::Balancer,
+    redirect::records::key_addr,
+    resilience::{
+        BudgetSettings, EndpointState, OutlierSettings, ServiceState, TIER_ANYWHERE, Thresholds,
+    },
+};
 
 /// One snapshot of services and workloads.
 #[derive(Debug, Default)]
@@ -32,7 +43,9 @@ pub struct Service {
     pub namespace: String,
     pub vip: SocketAddr,
     pub endpoints: Vec<Endpoint>,
-    pub balancer: RoundRobin,
+    pub balancer: Balancer,
+    pub policy: ServicePolicy,
+    pub state: Arc<ServiceState>,
 }
 
 /// One instance of a service.
@@ -41,7 +54,26 @@ pub struct Endpoint {
     pub addr: SocketAddr,
     pub weight: u32,
     pub node: String,
+    pub zone: Option<String>,
     pub workload: Option<String>,
+    /// Locality tier from this node: 0 same node, 1 same zone, 2 other.
+    pub tier: u8,
+    pub state: Arc<EndpointState>,
+}
+
+/// A service's resolved traffic policy.
+#[derive(Debug, Clone)]
+pub struct ServicePolicy {
+    pub outlier: OutlierSettings,
+    pub thresholds: Thresholds,
+    pub budget: BudgetSettings,
+    pub max_connect_attempts: u32,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connection_duration: Option<Duration>,
+    pub panic: Panic,
+    pub locality: bool,
+    pub health_check: Option<HealthCheck>,
 }
 
 /// A local workload: a cgroup whose processes the agent meshes.
@@ -61,42 +93,129 @@ impl Service {
     pub fn qualified_name(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
+}
 
-    /// The endpoint for the next connection.
-    pub fn pick(&self) -> Option<&Endpoint> {
-        self.balancer
-            .pick(self.endpoints.len())
-            .map(|i| &self.endpoints[i])
+impl ServicePolicy {
+    fn from_spec(s: &ServiceSpec, default_connect_timeout: Duration) -> ServicePolicy {
+        let od = &s.outlier_detection;
+        let cb = &s.circuit_breakers;
+        let ms = |d: Duration| d.as_millis() as u64;
+        ServicePolicy {
+            outlier: OutlierSettings {
+                consecutive_failures: od.consecutive_failures,
+                base_ejection: ms(od.base_ejection_time.value.0),
+                max_ejection: ms(od.max_ejection_time.value.0),
+                max_ejection_percent: od.max_ejection_percent.value,
+                half_open_max: od.half_open_max_connections.value,
+            },
+            thresholds: Thresholds {
+                max_connections: cb.max_connections.value,
+                max_pending_connects: cb.max_pending_connects.value,
+                max_retries: cb.max_retries.value,
+            },
+            budget: BudgetSettings {
+                percent: s.retries.budget_percent.value,
+                min_per_second: s.retries.min_retries_per_second,
+            },
+            max_connect_attempts: s.retries.max_connect_attempts.value,
+            connect_timeout: s
+                .timeouts
+                .connect
+                .as_ref()
+                .map_or(default_connect_timeout, |d| d.value.0),
+            idle_timeout: s
+                .timeouts
+                .idle
+                .as_ref()
+                .map_or(DEFAULT_IDLE_TIMEOUT, |d| d.value.0),
+            max_connection_duration: s
+                .timeouts
+                .max_connection_duration
+                .as_ref()
+                .map(|d| d.value.0),
+            panic: s.panic,
+            locality: s.load_balancer.locality,
+            health_check: s.health_check.clone(),
+        }
     }
 }
 
 impl Catalog {
     /// Builds the catalog from a validated config. `workload_cgroups` gives
-    /// each workload's cgroup path and id, in config order.
-    pub fn from_config(config: &Config, workload_cgroups: &[(PathBuf, u64)]) -> Catalog {
+    /// each workload's cgroup path and id, in config order. State is carried
+    /// over from `previous` for services and endpoints still present.
+    pub fn from_config(
+        config: &Config,
+        workload_cgroups: &[(PathBuf, u64)],
+        previous: Option<&Catalog>,
+    ) -> Catalog {
         let node = &config.node.name.value;
+        let node_zone = config.node.zone.as_deref();
+        let old_services: HashMap<(&str, &str), &Arc<Service>> = previous
+            .map(|p| {
+                p.services
+                    .values()
+                    .map(|s| ((s.namespace.as_str(), s.name.as_str()), s))
+                    .collect()
+            })
+            .unwrap_or_default();
         let services = config
             .services
             .iter()
             .enumerate()
             .map(|(i, s)| {
                 let vip = SocketAddr::new(s.address.value, s.port.value);
+                let old = old_services.get(&(s.namespace.as_str(), s.name.value.as_str()));
+                let endpoints: Vec<Endpoint> = s
+                    .endpoints
+                    .iter()
+                    .map(|e| {
+                        let addr = SocketAddr::new(e.address.value, e.port.value);
+                        let on_node = e.node.as_deref().unwrap_or(node);
+                        let zone = e.zone.clone().or_else(|| {
+                            (on_node == node)
+                                .then(|| node_zone.map(str::to_owned))
+                                .flatten()
+                        });
+                        let tier = if on_node == node {
+                            0
+                        } else if zone.is_some() && zone.as_deref() == node_zone {
+                            1
+                        } else {
+                            TIER_ANYWHERE
+                        };
+                        let state = old
+                            .and_then(|o| o.endpoints.iter().find(|oe| oe.addr == addr))
+                            .map_or_else(Default::default, |oe| oe.state.clone());
+                        Endpoint {
+                            addr,
+                            weight: e.weight.value,
+                            node: on_node.to_owned(),
+                            zone,
+                            workload: e.workload.as_ref().map(|w| w.value.clone()),
+                            tier,
+                            state,
+                        }
+                    })
+                    .collect();
+                let weights: Vec<u32> = endpoints.iter().map(|e| e.weight).collect();
+                let names: Vec<String> = endpoints.iter().map(|e| e.addr.to_string()).collect();
+                let lb = &s.load_balancer;
                 let service = Service {
                     id: i as u32 + 1,
                     name: s.name.value.clone(),
                     namespace: s.namespace.clone(),
                     vip,
-                    endpoints: s
-                        .endpoints
-                        .iter()
-                        .map(|e| Endpoint {
-                            addr: SocketAddr::new(e.address.value, e.port.value),
-                            weight: e.weight.value,
-                            node: e.node.clone().unwrap_or_else(|| node.clone()),
-                            workload: e.workload.as_ref().map(|w| w.value.clone()),
-                        })
-                        .collect(),
-                    balancer: RoundRobin::default(),
+                    balancer: Balancer::new(
+                        lb.policy.value,
+                        lb.ewma,
+                        lb.hash_key,
+                        &weights,
+                        &names,
+                    ),
+                    endpoints,
+                    policy: ServicePolicy::from_spec(s, config.agent.connect_timeout.0),
+                    state: old.map_or_else(Default::default, |o| o.state.clone()),
                 };
                 (vip, Arc::new(service))
             })

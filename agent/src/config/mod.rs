@@ -7,6 +7,7 @@
 //! reference; a test checks that it names every field.
 
 mod duration;
+pub mod policy;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -20,10 +21,18 @@ use serde::Deserialize;
 use serde_saphyr::Spanned;
 
 pub use duration::HumanDuration;
+pub use policy::{
+    CircuitBreakers, HashKey, HealthCheck, HttpCheck, LoadBalancer, OutlierDetection, Panic,
+    Policy, Retries, Timeouts,
+};
 
 /// Largest config file accepted; a catalog bigger than this belongs in a
 /// discovery source, not a file.
 const MAX_CONFIG_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Largest sum of endpoint weights weighted_round_robin accepts: its cycle
+/// is precomputed, one slot per unit of weight.
+pub const MAX_WEIGHT_SUM: u64 = 1 << 20;
 
 /// The whole configuration file.
 #[derive(Debug, Deserialize)]
@@ -55,6 +64,9 @@ pub struct NodeConfig {
     /// mount. Every workload cgroup lives below it.
     #[serde(default = "default_cgroup_root")]
     pub cgroup_root: Spanned<String>,
+    /// Zone of this node, for locality-aware load balancing.
+    #[serde(default)]
+    pub zone: Option<String>,
 }
 
 fn default_cgroup_root() -> Spanned<String> {
@@ -62,7 +74,7 @@ fn default_cgroup_root() -> Spanned<String> {
 }
 
 /// How the agent runs.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentConfig {
     /// Outbound listener that redirected connections land on (IPv4).
@@ -136,6 +148,21 @@ pub struct ServiceSpec {
     pub address: Spanned<IpAddr>,
     pub port: Spanned<u16>,
     pub endpoints: Vec<EndpointSpec>,
+    #[serde(default)]
+    pub load_balancer: LoadBalancer,
+    #[serde(default)]
+    pub health_check: Option<HealthCheck>,
+    #[serde(default)]
+    pub outlier_detection: OutlierDetection,
+    #[serde(default)]
+    pub circuit_breakers: CircuitBreakers,
+    #[serde(default)]
+    pub retries: Retries,
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    /// When no endpoint is eligible.
+    #[serde(default)]
+    pub panic: Panic,
 }
 
 /// One instance behind a service.
@@ -149,6 +176,10 @@ pub struct EndpointSpec {
     /// Node the endpoint runs on; defaults to this node.
     #[serde(default)]
     pub node: Option<String>,
+    /// Zone the endpoint runs in; defaults to this node's zone when the
+    /// endpoint is on this node.
+    #[serde(default)]
+    pub zone: Option<String>,
     /// Workload serving this endpoint, when it is one of this node's.
     #[serde(default)]
     pub workload: Option<Spanned<String>>,
@@ -263,40 +294,42 @@ impl Config {
     /// every problem, not just the first.
     pub fn validate(&self) -> Result<(), Vec<Problem>> {
         let mut problems = Vec::new();
-        let mut problem = |line: u64, field: String, message: String| {
-            problems.push(Problem {
-                line,
-                field,
-                message,
-            })
-        };
 
         if self.node.name.value.is_empty() {
-            problem(
+            push(
+                &mut problems,
                 self.node.name.referenced.line(),
                 "node.name".into(),
                 "must not be empty".into(),
             );
         }
         if let Err(why) = check_cgroup_path(&self.node.cgroup_root.value) {
-            problem(
+            push(
+                &mut problems,
                 self.node.cgroup_root.referenced.line(),
                 "node.cgroup_root".into(),
                 why,
             );
         }
         if self.agent.outbound.port() == 0 {
-            problem(0, "agent.outbound".into(), "port must not be 0".into());
+            push(
+                &mut problems,
+                0,
+                "agent.outbound".into(),
+                "port must not be 0".into(),
+            );
         }
         if self.agent.mark == 0 {
-            problem(
+            push(
+                &mut problems,
                 0,
                 "agent.mark".into(),
                 "must not be 0: unmarked sockets would count as the agent's".into(),
             );
         }
         if self.agent.worker_threads == 0 {
-            problem(
+            push(
+                &mut problems,
                 0,
                 "agent.worker_threads".into(),
                 "must be at least 1".into(),
@@ -308,14 +341,16 @@ impl Config {
         for (i, w) in self.workloads.iter().enumerate() {
             let line = w.name.referenced.line();
             if w.name.value.is_empty() {
-                problem(
+                push(
+                    &mut problems,
                     line,
                     format!("workloads[{i}].name"),
                     "must not be empty".into(),
                 );
             }
             if let Some(first) = workload_names.insert(&w.name.value, i) {
-                problem(
+                push(
+                    &mut problems,
                     line,
                     format!("workloads[{i}].name"),
                     format!(
@@ -326,10 +361,16 @@ impl Config {
             }
             let cg_line = w.cgroup.as_ref().map_or(line, |c| c.referenced.line());
             if let Err(why) = check_cgroup_path(w.cgroup()) {
-                problem(cg_line, format!("workloads[{i}].cgroup"), why);
+                push(
+                    &mut problems,
+                    cg_line,
+                    format!("workloads[{i}].cgroup"),
+                    why,
+                );
             }
             if let Some(first) = cgroups.insert(w.cgroup(), i) {
-                problem(
+                push(
+                    &mut problems,
                     cg_line,
                     format!("workloads[{i}].cgroup"),
                     format!(
@@ -346,14 +387,16 @@ impl Config {
         for (i, s) in self.services.iter().enumerate() {
             let at = format!("services[{i}]");
             if s.name.value.is_empty() {
-                problem(
+                push(
+                    &mut problems,
                     s.name.referenced.line(),
                     format!("{at}.name"),
                     "must not be empty".into(),
                 );
             }
             if !names.insert((&s.namespace, &s.name.value)) {
-                problem(
+                push(
+                    &mut problems,
                     s.name.referenced.line(),
                     format!("{at}.name"),
                     format!(
@@ -364,12 +407,14 @@ impl Config {
             }
             let addr_line = s.address.referenced.line();
             match s.address.value {
-                IpAddr::V6(_) => problem(
+                IpAddr::V6(_) => push(
+                    &mut problems,
                     addr_line,
                     format!("{at}.address"),
                     "IPv6 virtual addresses are not redirected yet; use an IPv4 address".into(),
                 ),
-                IpAddr::V4(v4) if v4.is_unspecified() || v4.is_broadcast() => problem(
+                IpAddr::V4(v4) if v4.is_unspecified() || v4.is_broadcast() => push(
+                    &mut problems,
                     addr_line,
                     format!("{at}.address"),
                     format!("{v4} cannot be a virtual address"),
@@ -377,7 +422,8 @@ impl Config {
                 IpAddr::V4(_) => {}
             }
             if s.port.value == 0 {
-                problem(
+                push(
+                    &mut problems,
                     s.port.referenced.line(),
                     format!("{at}.port"),
                     "must not be 0".into(),
@@ -390,14 +436,16 @@ impl Config {
                     self.agent.outbound.port(),
                 )
             {
-                problem(
+                push(
+                    &mut problems,
                     addr_line,
                     format!("{at}.address"),
                     format!("{}:{} is the agent's own outbound listener", vip.0, vip.1),
                 );
             }
             if let Some(first) = vips.insert(vip, i) {
-                problem(
+                push(
+                    &mut problems,
                     addr_line,
                     format!("{at}.address"),
                     format!(
@@ -407,38 +455,44 @@ impl Config {
                 );
             }
             if s.endpoints.is_empty() {
-                problem(
+                push(
+                    &mut problems,
                     s.name.referenced.line(),
                     format!("{at}.endpoints"),
                     "a service needs at least one endpoint".into(),
                 );
             }
+            policy::validate(&mut problems, &at, s);
             let mut seen = HashSet::new();
             for (j, e) in s.endpoints.iter().enumerate() {
                 let at = format!("{at}.endpoints[{j}]");
                 if e.port.value == 0 {
-                    problem(
+                    push(
+                        &mut problems,
                         e.port.referenced.line(),
                         format!("{at}.port"),
                         "must not be 0".into(),
                     );
                 }
                 if e.address.value.is_unspecified() {
-                    problem(
+                    push(
+                        &mut problems,
                         e.address.referenced.line(),
                         format!("{at}.address"),
                         format!("{} cannot be dialled", e.address.value),
                     );
                 }
                 if e.weight.value == 0 {
-                    problem(
+                    push(
+                        &mut problems,
                         e.weight.referenced.line(),
                         format!("{at}.weight"),
                         "must be at least 1 (remove the endpoint to send it nothing)".into(),
                     );
                 }
                 if !seen.insert((e.address.value, e.port.value)) {
-                    problem(
+                    push(
+                        &mut problems,
                         e.address.referenced.line(),
                         format!("{at}.address"),
                         format!(
@@ -450,7 +504,8 @@ impl Config {
                 if let Some(w) = &e.workload
                     && !workload_names.contains_key(w.value.as_str())
                 {
-                    problem(
+                    push(
+                        &mut problems,
                         w.referenced.line(),
                         format!("{at}.workload"),
                         format!("unknown workload `{}`; define it under workloads", w.value),
@@ -471,6 +526,14 @@ impl Config {
     pub fn workload(&self, name: &str) -> Option<&WorkloadSpec> {
         self.workloads.iter().find(|w| w.name.value == name)
     }
+}
+
+fn push(problems: &mut Vec<Problem>, line: u64, field: String, message: String) {
+    problems.push(Problem {
+        line,
+        field,
+        message,
+    });
 }
 
 /// A cgroup path must stay below its parent: relative, no `..`, no empties.

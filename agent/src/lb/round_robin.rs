@@ -12,11 +12,18 @@ pub struct RoundRobin {
 impl RoundRobin {
     /// The next index in `0..n`, or `None` when there is nothing to pick.
     pub fn pick(&self, n: usize) -> Option<usize> {
+        self.pick_where(n, |_| true)
+    }
+
+    /// The next index in turn for which `ok` holds; skipped indices keep
+    /// their place in the rotation.
+    pub fn pick_where(&self, n: usize, ok: impl Fn(usize) -> bool) -> Option<usize> {
         if n == 0 {
             return None;
         }
         // Relaxed: the counter orders nothing but itself.
-        Some(self.next.fetch_add(1, Ordering::Relaxed) % n)
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        (0..n).map(|k| (start + k) % n).find(|&i| ok(i))
     }
 }
 
@@ -30,6 +37,15 @@ mod tests {
         let picks: Vec<_> = (0..7).map(|_| rr.pick(3).unwrap()).collect();
         assert_eq!(picks, [0, 1, 2, 0, 1, 2, 0]);
         assert_eq!(rr.pick(0), None);
+    }
+
+    #[test]
+    fn skips_what_is_not_ok() {
+        let rr = RoundRobin::default();
+        let picks: Vec<_> = (0..4)
+            .map(|_| rr.pick_where(3, |i| i != 1).unwrap())
+            .collect();
+        assert_eq!(picks, [0, 2, 2, 0]);
     }
 
     #[test]

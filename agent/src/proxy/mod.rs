@@ -1,7 +1,8 @@
 //! The data plane: listeners that take redirected connections and carry
 //! their bytes to an endpoint.
 
+pub mod copy;
 pub mod outbound;
-mod socket;
+pub mod socket;
 
 pub use outbound::{OutboundContext, OutboundListener};

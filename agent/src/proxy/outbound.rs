@@ -5,19 +5,22 @@
 use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
-use log::{debug, warn};
+use log::{debug, info, warn};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
-use super::socket::{connect_marked, netns_cookie};
-use crate::{
-    catalog::Catalog,
-    drain::{ConnectionGuard, DrainWatch},
-    redirect::PeerRecords,
+use super::{
+    copy::{CopyEnd, proxy},
+    socket::{connect_marked, netns_cookie},
 };
-
-/// Per-direction copy buffer. Large enough for a payment request or reply
-/// in one read; the benchmark issue tunes it.
-const COPY_BUFFER: usize = 16 * 1024;
+use crate::{
+    catalog::{Catalog, Service},
+    drain::{ConnectionGuard, DrainWatch},
+    lb::PickContext,
+    redirect::PeerRecords,
+    resilience::{
+        self, Admission, Chosen, NoEndpoint, Outcome, Overflow, RetryDenied, Tried, clock::now_ms,
+    },
+};
 /// Pending connections the kernel queues for one listener.
 const BACKLOG: u32 = 4096;
 
@@ -26,7 +29,6 @@ pub struct OutboundContext {
     /// Swapped whole on change; read without a lock.
     pub catalog: Arc<ArcSwap<Catalog>>,
     pub records: Arc<PeerRecords>,
-    pub connect_timeout: Duration,
     pub mark: u32,
 }
 
@@ -95,6 +97,17 @@ fn reset(stream: TcpStream) {
     let _ = stream.set_zero_linger();
 }
 
+/// Counts a fast failure; the first of an episode is logged.
+fn fail_fast(service: &Service, why: Overflow) {
+    if service.state.fail_fast(why) {
+        warn!(
+            "service {}: {} reached; failing new connections fast",
+            service.qualified_name(),
+            why.name()
+        );
+    }
+}
+
 async fn handle(
     ctx: Arc<OutboundContext>,
     client: TcpStream,
@@ -113,54 +126,132 @@ async fn handle(
             return reset(client);
         }
     };
-    let catalog = ctx.catalog.load();
-    let Some(service) = catalog.service(record.original_dst) else {
-        warn!(
-            "{peer}: dialled {}, which is no longer a meshed service; closing",
-            record.original_dst
-        );
-        return reset(client);
-    };
-    let Some(endpoint) = service.pick() else {
-        warn!(
-            "service {}: no endpoint to send {peer} to; closing",
-            service.qualified_name()
-        );
-        return reset(client);
-    };
-    let upstream = match connect_marked(endpoint.addr, ctx.mark, ctx.connect_timeout).await {
-        Ok(upstream) => upstream,
-        Err(e) => {
+    let (service, source) = {
+        let catalog = ctx.catalog.load();
+        let Some(service) = catalog.service(record.original_dst).cloned() else {
             warn!(
-                "service {}: endpoint {}: connect failed: {e}; resetting the client connection",
-                service.qualified_name(),
-                endpoint.addr
+                "{peer}: dialled {}, which is no longer a meshed service; closing",
+                record.original_dst
             );
             return reset(client);
-        }
+        };
+        // Release the snapshot now: a long connection must not pin an old
+        // catalog.
+        (
+            service,
+            catalog.workload_by_cgroup(record.cgroup_id).cloned(),
+        )
     };
-    // Release the snapshot: a long connection must not pin an old catalog.
-    drop(catalog);
-    copy(client, upstream).await;
-}
-
-/// Copies both ways until both sides have closed; a FIN from one side is
-/// passed on as a FIN (half-close), a reset as a reset.
-async fn copy(mut client: TcpStream, mut upstream: TcpStream) {
+    let policy = &service.policy;
+    let Some(_connection_slot) = service.state.open_connection(&policy.thresholds) else {
+        fail_fast(&service, Overflow::MaxConnections);
+        return reset(client);
+    };
+    let pick = PickContext {
+        source_workload: source.as_deref().map(|w| w.name.as_str()),
+        source_addr: peer.ip(),
+    };
+    let Some((mut upstream, chosen)) = connect_upstream(&ctx, &service, &pick).await else {
+        return reset(client);
+    };
+    if service.state.note_served() {
+        info!(
+            "service {}: below its thresholds again; serving new connections",
+            service.qualified_name()
+        );
+    }
+    let endpoint = &service.endpoints[chosen.index];
+    let _in_flight = endpoint.state.open_connection();
+    let mut client = client;
     let _ = client.set_nodelay(true);
-    match tokio::io::copy_bidirectional_with_sizes(
+    let (end, _bytes) = proxy(
         &mut client,
         &mut upstream,
-        COPY_BUFFER,
-        COPY_BUFFER,
+        policy.idle_timeout,
+        policy.max_connection_duration,
     )
-    .await
-    {
-        Ok(_) => {}
-        Err(e) => {
-            debug!("copy ended with {e}");
-            reset(client);
-            reset(upstream);
+    .await;
+    match end {
+        CopyEnd::UpstreamReset => {
+            let normal = Chosen {
+                admission: Admission::Normal,
+                ..chosen
+            };
+            resilience::report(&service, normal, Outcome::Reset, now_ms());
+        }
+        CopyEnd::Idle => debug!(
+            "service {}: endpoint {}: idle for {:?}; closed",
+            service.qualified_name(),
+            endpoint.addr,
+            policy.idle_timeout
+        ),
+        CopyEnd::Closed | CopyEnd::ClientError | CopyEnd::MaxDuration => {}
+    }
+}
+
+/// Connects to an endpoint of `service`, retrying on another endpoint
+/// within the policy's attempts, thresholds and retry budget. Every failed
+/// attempt is reported to outlier detection and logged once.
+async fn connect_upstream(
+    ctx: &OutboundContext,
+    service: &Service,
+    pick: &PickContext<'_>,
+) -> Option<(TcpStream, Chosen)> {
+    let policy = &service.policy;
+    let mut tried = Tried::default();
+    let max_attempts = (policy.max_connect_attempts as usize).min(resilience::MAX_ATTEMPTS);
+    loop {
+        let now = now_ms();
+        let _retry_slot = if tried.is_empty() {
+            None
+        } else {
+            if tried.len() >= max_attempts {
+                return None;
+            }
+            match service
+                .state
+                .start_retry(&policy.thresholds, &policy.budget, now)
+            {
+                Ok(slot) => Some(slot),
+                Err(RetryDenied::MaxRetries) => {
+                    fail_fast(service, Overflow::MaxRetries);
+                    return None;
+                }
+                // Counted in the service state; the outage is already logged.
+                Err(RetryDenied::BudgetExhausted) => return None,
+            }
+        };
+        let chosen = match resilience::choose(service, pick, &tried, now) {
+            Ok(chosen) => chosen,
+            Err(NoEndpoint::FailClosed) => {
+                fail_fast(service, Overflow::NoEligibleEndpoint);
+                return None;
+            }
+            Err(NoEndpoint::Exhausted) => return None,
+        };
+        tried.add(chosen.index);
+        let endpoint = &service.endpoints[chosen.index];
+        let Some(_pending) = service.state.start_connect(&policy.thresholds, now) else {
+            endpoint.state.cancel(chosen.admission);
+            fail_fast(service, Overflow::MaxPendingConnects);
+            return None;
+        };
+        let started = tokio::time::Instant::now();
+        match connect_marked(endpoint.addr, ctx.mark, policy.connect_timeout).await {
+            Ok(upstream) => {
+                let micros = started.elapsed().as_micros() as u64;
+                resilience::report(service, chosen, Outcome::Connected { micros }, now_ms());
+                return Some((upstream, chosen));
+            }
+            Err(e) => {
+                warn!(
+                    "service {}: endpoint {}: connect failed: {e} (attempt {} of {max_attempts})",
+                    service.qualified_name(),
+                    endpoint.addr,
+                    tried.len()
+                );
+                resilience::report(service, chosen, Outcome::ConnectFailed, now_ms());
+            }
         }
     }
 }

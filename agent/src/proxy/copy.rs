@@ -1,0 +1,145 @@
+//! Moving bytes between the client and the upstream until both sides have
+//! closed, with idle and lifetime limits, telling a reset from a close.
+
+use std::{
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{
+        TcpStream,
+        tcp::{ReadHalf, WriteHalf},
+    },
+};
+
+use crate::resilience::clock::now_ms;
+
+/// Per-direction buffer. Large enough for a payment request or reply in
+/// one read; the benchmark work tunes it.
+const BUFFER: usize = 16 * 1024;
+
+/// How a proxied connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyEnd {
+    /// Both sides closed (FIN each way).
+    Closed,
+    /// The upstream reset the connection (counts against the endpoint).
+    UpstreamReset,
+    /// The client reset or an I/O error on the client side.
+    ClientError,
+    /// No byte either way for the idle timeout.
+    Idle,
+    /// The connection outlived max_connection_duration.
+    MaxDuration,
+}
+
+/// Bytes moved each way.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Transferred {
+    pub client_to_upstream: u64,
+    pub upstream_to_client: u64,
+}
+
+/// Copies both ways; a FIN from one side is passed on as a FIN
+/// (half-close). Connections ended by a reset, an idle or lifetime limit
+/// are reset on both sides.
+pub async fn proxy(
+    client: &mut TcpStream,
+    upstream: &mut TcpStream,
+    idle: Duration,
+    max_duration: Option<Duration>,
+) -> (CopyEnd, Transferred) {
+    let last_activity = AtomicU64::new(now_ms());
+    let up_sent = AtomicU64::new(0);
+    let down_sent = AtomicU64::new(0);
+    let (end, reset) = {
+        let (cr, cw) = client.split();
+        let (ur, uw) = upstream.split();
+        let both = async {
+            // The first error ends both directions.
+            let result = tokio::try_join!(
+                async {
+                    one_way(cr, uw, &last_activity, &up_sent)
+                        .await
+                        .map_err(|e| (true, e))
+                },
+                async {
+                    one_way(ur, cw, &last_activity, &down_sent)
+                        .await
+                        .map_err(|e| (false, e))
+                },
+            );
+            match result {
+                Ok(_) => CopyEnd::Closed,
+                // Writing to or reading from the upstream failed: it reset.
+                Err((true, Side::Write)) | Err((false, Side::Read)) => CopyEnd::UpstreamReset,
+                Err(_) => CopyEnd::ClientError,
+            }
+        };
+        let lifetime = async {
+            match max_duration {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        let end = tokio::select! {
+            end = both => end,
+            _ = idle_watch(&last_activity, idle) => CopyEnd::Idle,
+            _ = lifetime => CopyEnd::MaxDuration,
+        };
+        (end, end != CopyEnd::Closed)
+    };
+    if reset {
+        let _ = client.set_zero_linger();
+        let _ = upstream.set_zero_linger();
+    }
+    (
+        end,
+        Transferred {
+            client_to_upstream: up_sent.load(Ordering::Relaxed),
+            upstream_to_client: down_sent.load(Ordering::Relaxed),
+        },
+    )
+}
+
+/// Which end of a one-way copy failed.
+enum Side {
+    Read,
+    Write,
+}
+
+async fn one_way(
+    mut from: ReadHalf<'_>,
+    mut to: WriteHalf<'_>,
+    activity: &AtomicU64,
+    sent: &AtomicU64,
+) -> Result<(), Side> {
+    let mut buf = vec![0u8; BUFFER];
+    loop {
+        let n = from.read(&mut buf).await.map_err(|_| Side::Read)?;
+        if n == 0 {
+            // Pass the half-close on; the other direction goes on.
+            let _ = to.shutdown().await;
+            return Ok(());
+        }
+        activity.store(now_ms(), Ordering::Relaxed);
+        to.write_all(&buf[..n]).await.map_err(|_| Side::Write)?;
+        sent.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+/// Resolves once nothing moved for `idle`.
+async fn idle_watch(activity: &AtomicU64, idle: Duration) {
+    let idle_ms = idle.as_millis() as u64;
+    loop {
+        let last = activity.load(Ordering::Relaxed);
+        let due = last + idle_ms;
+        let now = now_ms();
+        if now >= due {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(due - now)).await;
+    }
+}

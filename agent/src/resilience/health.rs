@@ -1,0 +1,155 @@
+//! Active health checks: a TCP connect, or an HTTP GET with an expected
+//! status, per endpoint, every `interval` plus jitter. Thresholds of
+//! successes and failures in a row flip the endpoint's verdict; each flip
+//! is logged once.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use log::{info, warn};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    task::JoinHandle,
+};
+
+use super::EndpointState;
+use crate::{catalog::Catalog, config::HealthCheck, drain::DrainWatch, lb::fast_random};
+
+/// The running checks of one catalog; dropping it stops them.
+#[derive(Debug, Default)]
+pub struct HealthCheckers {
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for HealthCheckers {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl HealthCheckers {
+    /// Starts a checker for every endpoint of every service that has a
+    /// `health_check`. Endpoints of services without one stay healthy.
+    pub fn start(catalog: &Catalog, mark: u32, drain: &DrainWatch) -> HealthCheckers {
+        let mut tasks = Vec::new();
+        for service in catalog.services() {
+            let Some(hc) = &service.policy.health_check else {
+                for e in &service.endpoints {
+                    e.state.set_healthy(true);
+                }
+                continue;
+            };
+            for e in &service.endpoints {
+                let check = Check {
+                    service: service.qualified_name(),
+                    addr: e.addr,
+                    state: e.state.clone(),
+                    settings: hc.clone(),
+                    mark,
+                };
+                tasks.push(tokio::spawn(check.run(drain.clone())));
+            }
+        }
+        HealthCheckers { tasks }
+    }
+
+    /// Checkers running.
+    pub fn len(&self) -> usize {
+        self.tasks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tasks.is_empty()
+    }
+}
+
+struct Check {
+    service: String,
+    addr: SocketAddr,
+    state: Arc<EndpointState>,
+    settings: HealthCheck,
+    mark: u32,
+}
+
+fn jittered(base: Duration, jitter: Duration) -> Duration {
+    let j = jitter.as_millis() as u64;
+    base + Duration::from_millis(if j == 0 { 0 } else { fast_random() % (j + 1) })
+}
+
+impl Check {
+    async fn run(self, mut drain: DrainWatch) {
+        let interval = self.settings.interval.value.0;
+        let jitter = self.settings.jitter.0;
+        let healthy_after = self.settings.healthy_threshold.value;
+        let unhealthy_after = self.settings.unhealthy_threshold.value;
+        let (mut successes, mut failures) = (0u32, 0u32);
+        // Start at a random point of the first interval, so checkers
+        // started together do not fire together.
+        let mut wait = jittered(Duration::ZERO, interval);
+        loop {
+            tokio::select! {
+                _ = drain.draining() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            wait = jittered(interval, jitter);
+            if self.probe().await {
+                successes = successes.saturating_add(1);
+                failures = 0;
+                if successes >= healthy_after
+                    && !self.state.is_healthy()
+                    && self.state.set_healthy(true)
+                {
+                    info!(
+                        "service {}: endpoint {} passed {successes} health checks; healthy",
+                        self.service, self.addr
+                    );
+                }
+            } else {
+                failures = failures.saturating_add(1);
+                successes = 0;
+                if failures >= unhealthy_after
+                    && self.state.is_healthy()
+                    && self.state.set_healthy(false)
+                {
+                    warn!(
+                        "service {}: endpoint {} failed {failures} health checks; unhealthy",
+                        self.service, self.addr
+                    );
+                }
+            }
+        }
+    }
+
+    async fn probe(&self) -> bool {
+        let timeout = self.settings.timeout.value.0;
+        let attempt = async {
+            let mut stream =
+                crate::proxy::socket::connect_marked(self.addr, self.mark, timeout).await?;
+            let Some(http) = &self.settings.http else {
+                return Ok::<bool, std::io::Error>(true);
+            };
+            let request = format!(
+                "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: sluice-health-check\r\nConnection: close\r\n\r\n",
+                http.path.value, self.addr
+            );
+            stream.write_all(request.as_bytes()).await?;
+            // The status line is all we need: "HTTP/1.1 200 OK".
+            let mut buf = [0u8; 64];
+            let mut len = 0;
+            while len < 12 {
+                let n = stream.read(&mut buf[len..]).await?;
+                if n == 0 {
+                    break;
+                }
+                len += n;
+            }
+            let status = std::str::from_utf8(&buf[..len])
+                .ok()
+                .and_then(|s| s.split_whitespace().nth(1))
+                .and_then(|code| code.parse::<u16>().ok());
+            Ok(status == Some(http.expected_status.value))
+        };
+        matches!(tokio::time::timeout(timeout, attempt).await, Ok(Ok(true)))
+    }
+}

@@ -1,0 +1,192 @@
+//! Whether and where a new connection may go: endpoint eligibility
+//! (outlier detection, health checks), service thresholds, retry budget,
+//! locality and panic mode. One entry point, [`choose`], for the proxy;
+//! per-service and per-endpoint state that metrics, the CLI and the kernel
+//! fast path read.
+
+pub mod clock;
+pub mod endpoint;
+pub mod health;
+pub mod service;
+
+use log::{info, warn};
+
+pub use endpoint::{Admission, EndpointState, Outcome, OutlierSettings, Phase, Transition};
+pub use service::{BudgetSettings, Overflow, RetryDenied, ServiceState, Slot, Thresholds};
+
+use crate::{catalog::Service, config::Panic, lb::PickContext};
+use clock::Millis;
+
+/// Most endpoints one connection may try (its first attempt and retries).
+pub const MAX_ATTEMPTS: usize = crate::config::policy::MAX_CONNECT_ATTEMPTS as usize;
+
+/// Endpoints a connection has already tried; retries go elsewhere.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Tried {
+    indices: [usize; MAX_ATTEMPTS],
+    len: usize,
+}
+
+impl Tried {
+    pub fn add(&mut self, i: usize) {
+        if self.len < MAX_ATTEMPTS {
+            self.indices[self.len] = i;
+            self.len += 1;
+        }
+    }
+
+    pub fn contains(&self, i: usize) -> bool {
+        self.indices[..self.len].contains(&i)
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// An endpoint chosen for one connect attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Chosen {
+    pub index: usize,
+    pub admission: Admission,
+}
+
+/// Why no endpoint was chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoEndpoint {
+    /// Every endpoint not yet tried is ineligible and the panic policy is
+    /// fail_closed.
+    FailClosed,
+    /// Nothing left to try (no endpoints, or all tried).
+    Exhausted,
+}
+
+/// Locality tiers: 0 this node, 1 this zone, 2 anywhere.
+pub const TIER_ANYWHERE: u8 = 2;
+
+/// Chooses an endpoint of `service` for one connect attempt, skipping those
+/// in `tried`. Prefers eligible endpoints (closed, or half-open with a probe
+/// slot, and healthy), nearest locality tier first when locality is on.
+/// When none is eligible the service's panic policy decides.
+pub fn choose(
+    service: &Service,
+    ctx: &PickContext<'_>,
+    tried: &Tried,
+    now: Millis,
+) -> Result<Chosen, NoEndpoint> {
+    let endpoints = &service.endpoints;
+    let policy = &service.policy;
+    let n = endpoints.len();
+    let first_tier = if policy.locality { 0 } else { TIER_ANYWHERE };
+    let load = |i: usize, ewma: bool| endpoints[i].state.load(ewma);
+    let weight = |i: usize| endpoints[i].weight;
+    for tier in first_tier..=TIER_ANYWHERE {
+        // A half-open slot can be taken between the check and the admit;
+        // then try another endpoint of the same tier.
+        let mut raced = Tried::default();
+        for _ in 0..3 {
+            let ok = |i: usize| {
+                !tried.contains(i)
+                    && !raced.contains(i)
+                    && endpoints[i].tier <= tier
+                    && endpoints[i].state.is_eligible(now, &policy.outlier)
+            };
+            let Some(index) = service.balancer.pick(n, ctx, ok, load, weight) else {
+                break;
+            };
+            if let Some(admission) = endpoints[index].state.admit(now, &policy.outlier) {
+                if service.state.set_panicking(false) {
+                    info!(
+                        "service {}: endpoints eligible again; panic mode over",
+                        service.qualified_name()
+                    );
+                }
+                return Ok(Chosen { index, admission });
+            }
+            raced.add(index);
+        }
+    }
+
+    // Nothing eligible among the endpoints not yet tried.
+    let untried = (0..n).any(|i| !tried.contains(i));
+    if !untried {
+        return Err(NoEndpoint::Exhausted);
+    }
+    if service.state.set_panicking(true) {
+        warn!(
+            "service {}: no endpoint is eligible (all ejected or unhealthy); {}",
+            service.qualified_name(),
+            match policy.panic {
+                Panic::RouteToAll => "routing to all endpoints (panic mode)",
+                Panic::FailClosed => "refusing new connections (panic: fail_closed)",
+            }
+        );
+    }
+    match policy.panic {
+        Panic::FailClosed => Err(NoEndpoint::FailClosed),
+        Panic::RouteToAll => service
+            .balancer
+            .pick(n, ctx, |i| !tried.contains(i), load, weight)
+            .map(|index| Chosen {
+                index,
+                admission: Admission::Normal,
+            })
+            .ok_or(NoEndpoint::Exhausted),
+    }
+}
+
+/// Feeds a connection's outcome to its endpoint and logs what it changed.
+pub fn report(service: &Service, chosen: Chosen, outcome: Outcome, now: Millis) {
+    let endpoint = &service.endpoints[chosen.index];
+    let policy = &service.policy;
+    let may_eject = || {
+        let total = service.endpoints.len() as u64;
+        let ejected = service
+            .endpoints
+            .iter()
+            .filter(|e| e.state.phase() != Phase::Closed)
+            .count() as u64;
+        (ejected + 1) * 100 <= u64::from(policy.outlier.max_ejection_percent) * total
+    };
+    match endpoint
+        .state
+        .report(chosen.admission, outcome, now, &policy.outlier, may_eject)
+    {
+        Transition::None => {}
+        Transition::Ejected { for_ms } => warn!(
+            "service {}: endpoint {} ejected for {}ms after {}",
+            service.qualified_name(),
+            endpoint.addr,
+            for_ms,
+            match (chosen.admission, outcome) {
+                (Admission::Probe, _) => "a failed half-open probe".to_owned(),
+                _ => format!(
+                    "{} consecutive failures",
+                    policy.outlier.consecutive_failures
+                ),
+            }
+        ),
+        Transition::Restored => info!(
+            "service {}: endpoint {} passed its half-open probe; trusted again",
+            service.qualified_name(),
+            endpoint.addr
+        ),
+        Transition::EjectionRefused => {}
+    }
+}
+
+/// Endpoints the service would send new connections to now: the set the
+/// kernel fast path loads, and what `sluice endpoints` marks eligible.
+pub fn eligible_endpoints(service: &Service, now: Millis) -> Vec<usize> {
+    (0..service.endpoints.len())
+        .filter(|&i| {
+            service.endpoints[i]
+                .state
+                .is_eligible(now, &service.policy.outlier)
+        })
+        .collect()
+}
