@@ -125,6 +125,9 @@ pub struct ServiceDef {
     pub name: String,
     pub vip: SocketAddr,
     pub endpoints: Vec<SocketAddr>,
+    /// More YAML for the service, e.g. policy blocks, indented as a
+    /// service's fields (4 spaces).
+    pub extra: String,
 }
 
 impl ServiceDef {
@@ -133,7 +136,17 @@ impl ServiceDef {
             name: name.to_owned(),
             vip: vip.parse().expect("vip"),
             endpoints: endpoints.to_vec(),
+            extra: String::new(),
         }
+    }
+
+    /// Adds YAML lines to the service (write them indented by 4 spaces).
+    pub fn with(mut self, yaml: &str) -> ServiceDef {
+        self.extra.push_str(yaml);
+        if !self.extra.ends_with('\n') {
+            self.extra.push('\n');
+        }
+        self
     }
 }
 
@@ -145,6 +158,7 @@ pub struct AgentConfig {
     pub cgroup_root: String,
     pub pin_dir: PathBuf,
     pub outbound_port: u16,
+    agent_extra: String,
 }
 
 impl AgentConfig {
@@ -157,14 +171,42 @@ impl AgentConfig {
         let name = unique("cfg");
         let dir = std::env::temp_dir().join(&name);
         std::fs::create_dir_all(&dir).unwrap();
-        let pin_dir = PathBuf::from("/sys/fs/bpf").join(&name);
-        let outbound_port = free_port();
+        let config = AgentConfig {
+            path: dir.join("sluice.yaml"),
+            dir,
+            pin_dir: PathBuf::from("/sys/fs/bpf").join(&name),
+            cgroup_root: name,
+            outbound_port: free_port(),
+            agent_extra: agent_extra.to_owned(),
+        };
+        config.rewrite(services);
+        config
+    }
+
+    /// Replaces the file with these services (same agent and node), in one
+    /// rename so a watching agent never reads half a file.
+    pub fn rewrite(&self, services: &[ServiceDef]) {
+        self.write_raw(&self.render(services));
+    }
+
+    /// Replaces the file with `text`, atomically.
+    pub fn write_raw(&self, text: &str) {
+        let tmp = self.dir.join("sluice.yaml.new");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &self.path).unwrap();
+    }
+
+    /// The YAML for these services.
+    pub fn render(&self, services: &[ServiceDef]) -> String {
         let mut yaml = format!(
-            "node:\n  name: test\n  cgroup_root: {name}\nagent:\n  outbound: 127.0.0.1:{outbound_port}\n  \
-             pin_dir: {}\n  connect_timeout: 300ms\n  drain_timeout: 10s\n{agent_extra}\
-             workloads:\n  - name: client\n    namespace: payments\n    service_account: client\nservices:{}\n",
-            pin_dir.display(),
-            if services.is_empty() { " []" } else { "" }
+            "node:\n  name: test\n  cgroup_root: {name}\nagent:\n  outbound: 127.0.0.1:{port}\n  \
+             pin_dir: {pins}\n  connect_timeout: 300ms\n  drain_timeout: 10s\n{extra}\
+             workloads:\n  - name: client\n    namespace: payments\n    service_account: client\nservices:{empty}\n",
+            name = self.cgroup_root,
+            port = self.outbound_port,
+            pins = self.pin_dir.display(),
+            extra = self.agent_extra,
+            empty = if services.is_empty() { " []" } else { "" }
         );
         for s in services {
             yaml.push_str(&format!(
@@ -180,16 +222,9 @@ impl AgentConfig {
                     e.port()
                 ));
             }
+            yaml.push_str(&s.extra);
         }
-        let path = dir.join("sluice.yaml");
-        std::fs::write(&path, yaml).unwrap();
-        AgentConfig {
-            dir,
-            path,
-            cgroup_root: name,
-            pin_dir,
-            outbound_port,
-        }
+        yaml
     }
 
     /// Absolute path of the node's cgroup root.
@@ -419,5 +454,45 @@ pub fn lines(output: &Output) -> Vec<String> {
     String::from_utf8_lossy(&output.stdout)
         .lines()
         .map(str::to_owned)
+        .collect()
+}
+
+/// A server that accepts connections and then never reads or answers.
+pub struct SilentBackend {
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+}
+
+impl SilentBackend {
+    pub fn start() -> SilentBackend {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind silent backend");
+        let addr = listener.local_addr().unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        thread::spawn(move || {
+            let mut held = Vec::new();
+            while !s.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => held.push(stream),
+                    Err(_) => thread::sleep(Duration::from_millis(2)),
+                }
+            }
+        });
+        SilentBackend { addr, stop }
+    }
+}
+
+impl Drop for SilentBackend {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Which backend answered each reply line (`<name> <rest>`).
+pub fn answered_by(replies: &[String]) -> Vec<&str> {
+    replies
+        .iter()
+        .map(|r| r.split_whitespace().next().unwrap_or(""))
         .collect()
 }

@@ -720,6 +720,41 @@ services:
     }
 
     #[test]
+    fn nonsense_thresholds_are_refused_with_their_lines() {
+        let text = GOOD.replace(
+            "    port: 8080\n",
+            "    port: 8080\n    load_balancer:\n      policy: consistent_hash\n    health_check:\n      \
+             interval: 0s\n    outlier_detection:\n      max_ejection_percent: 150\n    retries:\n      \
+             budget_percent: 101\n",
+        );
+        let found = problems(&text);
+        let got: Vec<(u64, &str)> = found.iter().map(|p| (p.line, p.field.as_str())).collect();
+        assert_eq!(
+            got,
+            [
+                (12, "services[0].load_balancer.hash_key"),
+                (14, "services[0].health_check.interval"),
+                (16, "services[0].outlier_detection.max_ejection_percent"),
+                (18, "services[0].retries.budget_percent"),
+            ],
+            "{found:?}"
+        );
+    }
+
+    #[test]
+    fn all_zero_weights_are_refused() {
+        let text = GOOD
+            .replace(
+                "        port: 9001\n",
+                "        port: 9001\n        weight: 0\n",
+            )
+            .replace("        weight: 3\n", "        weight: 0\n");
+        let found = problems(&text);
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(found.iter().all(|p| p.field.ends_with(".weight")));
+    }
+
+    #[test]
     fn cgroup_paths_cannot_escape() {
         let text = GOOD.replace(
             "    service_account: checkout\n",

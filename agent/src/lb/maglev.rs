@@ -37,7 +37,11 @@ impl Maglev {
         let m = TABLE_SIZES
             .into_iter()
             .find(|&m| m >= 100 * n)
-            .unwrap_or_else(|| (100 * n..).find(|&c| is_prime(c)).expect("primes are unbounded"));
+            .unwrap_or_else(|| {
+                (100 * n..)
+                    .find(|&c| is_prime(c))
+                    .expect("primes are unbounded")
+            });
         let perms: Vec<(usize, usize)> = names
             .iter()
             .map(|name| {

@@ -153,3 +153,109 @@ impl Check {
         matches!(tokio::time::timeout(timeout, attempt).await, Ok(Ok(true)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU16, Ordering};
+
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::config::Config;
+
+    /// An HTTP server on loopback answering every request with `status`.
+    async fn http_server(status: Arc<AtomicU16>) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                let code = status.load(Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 512];
+                    let _ = s.read(&mut buf).await;
+                    let _ = s
+                        .write_all(
+                            format!("HTTP/1.1 {code} X\r\ncontent-length: 0\r\n\r\n").as_bytes(),
+                        )
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    /// Real checks over real sockets (root: they carry the agent's mark).
+    #[tokio::test]
+    async fn http_checks_flip_the_verdict_after_the_thresholds() {
+        let status = Arc::new(AtomicU16::new(200));
+        let addr = http_server(status.clone()).await;
+        let text = format!(
+            "node:\n  name: n\nservices:\n  - name: s\n    address: 127.0.0.9\n    port: 80\n    \
+             endpoints:\n      - address: {}\n        port: {}\n    health_check:\n      interval: 20ms\n      \
+             timeout: 200ms\n      jitter: 5ms\n      healthy_threshold: 2\n      unhealthy_threshold: 3\n      \
+             http:\n        path: /healthz\n",
+            addr.ip(),
+            addr.port()
+        );
+        let config = Config::parse(&text, "t.yaml").unwrap();
+        config.validate().unwrap();
+        let catalog = Catalog::from_config(&config, &[], None);
+        let state = catalog.services().next().unwrap().endpoints[0]
+            .state
+            .clone();
+        let (_trigger, watch) = crate::drain::channel();
+        let checkers = HealthCheckers::start(&catalog, 0x51ce, &watch);
+        assert_eq!(checkers.len(), 1);
+
+        let wait_for = |healthy: bool| {
+            let state = state.clone();
+            async move {
+                for _ in 0..200 {
+                    if state.is_healthy() == healthy {
+                        return true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                false
+            }
+        };
+        assert!(state.is_healthy());
+        status.store(503, Ordering::SeqCst);
+        assert!(wait_for(false).await, "503s make it unhealthy");
+        status.store(200, Ordering::SeqCst);
+        assert!(wait_for(true).await, "200s make it healthy again");
+        drop(checkers);
+    }
+
+    #[tokio::test]
+    async fn a_closed_port_fails_tcp_checks() {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let text = format!(
+            "node:\n  name: n\nservices:\n  - name: s\n    address: 127.0.0.9\n    port: 80\n    \
+             endpoints:\n      - address: 127.0.0.1\n        port: {port}\n    health_check:\n      \
+             interval: 10ms\n      jitter: 0ms\n      unhealthy_threshold: 2\n"
+        );
+        let config = Config::parse(&text, "t.yaml").unwrap();
+        let catalog = Catalog::from_config(&config, &[], None);
+        let state = catalog.services().next().unwrap().endpoints[0]
+            .state
+            .clone();
+        let (_trigger, watch) = crate::drain::channel();
+        let _checkers = HealthCheckers::start(&catalog, 0x51ce, &watch);
+        let mut unhealthy = false;
+        for _ in 0..200 {
+            if !state.is_healthy() {
+                unhealthy = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(unhealthy);
+    }
+}

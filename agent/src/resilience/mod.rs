@@ -190,3 +190,145 @@ pub fn eligible_endpoints(service: &Service, now: Millis) -> Vec<usize> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::{catalog::Catalog, config::Config};
+
+    fn service(extra: &str) -> std::sync::Arc<Service> {
+        let text = format!(
+            "node:\n  name: n1\nservices:\n  - name: pay\n    address: 127.0.0.9\n    port: 80\n    \
+             endpoints:\n      - address: 127.0.0.1\n        port: 1\n      - address: 127.0.0.1\n        \
+             port: 2\n      - address: 127.0.0.1\n        port: 3\n{extra}"
+        );
+        let config = Config::parse(&text, "t.yaml").unwrap();
+        config.validate().unwrap();
+        let catalog = Catalog::from_config(&config, &[], None);
+        catalog.services().next().unwrap().clone()
+    }
+
+    fn ctx() -> PickContext<'static> {
+        PickContext {
+            source_workload: None,
+            source_addr: "127.0.0.1".parse().unwrap(),
+        }
+    }
+
+    /// Chooses until endpoint `index` comes up, reports `outcome` for it.
+    fn hit(s: &Service, index: usize, outcome: Outcome) -> Chosen {
+        for _ in 0..100 {
+            let c = choose(s, &ctx(), &Tried::default(), clock::now_ms()).unwrap();
+            if c.index == index {
+                report(s, c, outcome, clock::now_ms());
+                return c;
+            }
+            s.endpoints[c.index].state.cancel(c.admission);
+        }
+        panic!("endpoint {index} never chosen");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ejection_goes_closed_open_half_open_closed_on_the_clock() {
+        let s = service(
+            "    outlier_detection:\n      consecutive_failures: 2\n      base_ejection_time: 10s\n      \
+             max_ejection_time: 40s\n      max_ejection_percent: 34\n",
+        );
+        let e = &s.endpoints[1].state;
+        hit(&s, 1, Outcome::ConnectFailed);
+        assert_eq!(e.phase(), Phase::Closed);
+        hit(&s, 1, Outcome::ConnectFailed);
+        assert_eq!(e.phase(), Phase::Open);
+        assert_eq!(eligible_endpoints(&s, clock::now_ms()), [0, 2]);
+        for _ in 0..50 {
+            let c = choose(&s, &ctx(), &Tried::default(), clock::now_ms()).unwrap();
+            assert_ne!(c.index, 1, "an open endpoint gets nothing");
+        }
+
+        // max_ejection_percent 34 of 3: a second ejection is refused.
+        hit(&s, 0, Outcome::ConnectFailed);
+        hit(&s, 0, Outcome::ConnectFailed);
+        assert_eq!(s.endpoints[0].state.phase(), Phase::Closed);
+
+        tokio::time::advance(Duration::from_millis(9_999)).await;
+        assert_eq!(e.phase(), Phase::Open);
+        assert!(!e.is_eligible(clock::now_ms(), &s.policy.outlier));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        let probe = hit(&s, 1, Outcome::ConnectFailed);
+        assert_eq!(probe.admission, Admission::Probe);
+        assert_eq!(e.phase(), Phase::Open, "a failed probe reopens");
+        assert_eq!(
+            e.ejected_until(),
+            clock::now_ms() + 20_000,
+            "for twice as long"
+        );
+
+        tokio::time::advance(Duration::from_secs(20)).await;
+        let probe = hit(&s, 1, Outcome::Connected { micros: 80 });
+        assert_eq!(probe.admission, Admission::Probe);
+        assert_eq!(e.phase(), Phase::Closed);
+        assert_eq!(eligible_endpoints(&s, clock::now_ms()), [0, 1, 2]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn panic_mode_routes_to_all_or_fails_closed() {
+        for (panic, expect_ok) in [("route_to_all", true), ("fail_closed", false)] {
+            let s = service(&format!(
+                "    panic: {panic}\n    outlier_detection:\n      consecutive_failures: 1\n      \
+                 max_ejection_percent: 100\n"
+            ));
+            for i in 0..3 {
+                hit(&s, i, Outcome::ConnectFailed);
+            }
+            assert!(eligible_endpoints(&s, clock::now_ms()).is_empty());
+            let r = choose(&s, &ctx(), &Tried::default(), clock::now_ms());
+            assert_eq!(r.is_ok(), expect_ok, "{panic}");
+            assert!(s.state.is_panicking());
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn locality_prefers_this_node_and_spills_over() {
+        let text = "node:\n  name: n1\n  zone: z1\nservices:\n  - name: pay\n    address: 127.0.0.9\n    \
+             port: 80\n    load_balancer:\n      locality: true\n    outlier_detection:\n      \
+             consecutive_failures: 1\n      max_ejection_percent: 100\n    endpoints:\n      \
+             - address: 127.0.0.1\n        port: 1\n        node: n2\n        zone: z2\n      \
+             - address: 127.0.0.1\n        port: 2\n        node: n3\n        zone: z1\n      \
+             - address: 127.0.0.1\n        port: 3\n";
+        let config = Config::parse(text, "t.yaml").unwrap();
+        config.validate().unwrap();
+        let catalog = Catalog::from_config(&config, &[], None);
+        let s = catalog.services().next().unwrap();
+        assert_eq!(
+            s.endpoints.iter().map(|e| e.tier).collect::<Vec<_>>(),
+            [2, 1, 0]
+        );
+        let pick = || {
+            choose(s, &ctx(), &Tried::default(), clock::now_ms())
+                .unwrap()
+                .index
+        };
+        assert!((0..20).all(|_| pick() == 2), "this node first");
+        hit(s, 2, Outcome::ConnectFailed);
+        assert!((0..20).all(|_| pick() == 1), "then this zone");
+        hit(s, 1, Outcome::ConnectFailed);
+        assert!((0..20).all(|_| pick() == 0), "then anywhere");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_skip_endpoints_already_tried() {
+        let s = service("");
+        let mut tried = Tried::default();
+        for _ in 0..3 {
+            let c = choose(&s, &ctx(), &tried, clock::now_ms()).unwrap();
+            assert!(!tried.contains(c.index));
+            tried.add(c.index);
+        }
+        assert_eq!(
+            choose(&s, &ctx(), &tried, clock::now_ms()),
+            Err(NoEndpoint::Exhausted)
+        );
+    }
+}

@@ -1,0 +1,204 @@
+//! Resilience end to end, as root: real backends that die and come back,
+//! held connections that reach a threshold, a backend that never answers,
+//! config reloads under traffic. The agent and redirect are the real ones.
+
+mod support;
+
+use std::{
+    net::SocketAddr,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use support::*;
+
+const VIP: &str = "127.77.1.10:8080";
+
+fn vip() -> SocketAddr {
+    VIP.parse().unwrap()
+}
+
+/// One of three backends dies under a steady stream of calls: it is ejected
+/// after the configured two failures, no call fails (the failed connects
+/// are retried on another endpoint), and once it is back it is probed and
+/// trusted again within its ejection time.
+#[test]
+fn a_dead_backend_is_ejected_then_taken_back() {
+    let b1 = Backend::start("b1");
+    let mut b2 = Some(Backend::start("b2"));
+    let b2_addr = b2.as_ref().unwrap().addr;
+    let b3 = Backend::start("b3");
+    let config = AgentConfig::new(&[ServiceDef::new("payments", VIP, &[b1.addr, b2_addr, b3.addr])
+        .with(
+            "    outlier_detection:\n      consecutive_failures: 2\n      base_ejection_time: 2s\n      \
+             max_ejection_time: 10s\n",
+        )]);
+    let agent = Agent::start(&config);
+
+    let before = lines(&agent.run_as_client(&calls_script(vip(), 30)));
+    assert_eq!(
+        answered_by(&before).iter().filter(|b| **b == "b2").count(),
+        10
+    );
+
+    drop(b2.take());
+    std::thread::sleep(Duration::from_millis(50));
+    let during = lines(&agent.run_as_client(&calls_script(vip(), 60)));
+    assert!(!during.iter().any(|r| r == "FAILED"), "{during:?}");
+    assert!(!answered_by(&during).contains(&"b2"));
+    let ejected = format!("endpoint {b2_addr} ejected for 2000ms after 2 consecutive failures");
+    assert!(agent.wait_for_log(&ejected), "{}", agent.log());
+    let ejected_at = Instant::now();
+    let failed_connects = agent
+        .log()
+        .matches(&format!("endpoint {b2_addr}: connect failed"))
+        .count();
+    assert_eq!(failed_connects, 2, "ejected after exactly two failures");
+
+    let _b2 = Backend::start_on("b2", b2_addr);
+    // Calls every 100 ms until b2 answers again.
+    let script = format!(
+        "for i in $(seq 1 80); do {}; sleep 0.1; done",
+        calls_script(vip(), 1)
+    );
+    let mut client = agent
+        .client_command(&script)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let restored = agent.wait_for_log(&format!("endpoint {b2_addr} passed its half-open probe"));
+    let back_after = ejected_at.elapsed();
+    let _ = client.kill();
+    let out = client.wait_with_output().unwrap();
+    let replies: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert!(restored, "{}", agent.log());
+    assert!(
+        back_after < Duration::from_millis(3500),
+        "taken back after {back_after:?} (ejection time 2s)"
+    );
+    assert!(answered_by(&replies).contains(&"b2"), "{replies:?}");
+    assert!(!replies.iter().any(|r| r == "FAILED"), "{replies:?}");
+}
+
+/// With max_connections reached, a new call is reset at once (the connect
+/// timeout is 5 s) and counted; the held connections and other services
+/// carry on.
+#[test]
+fn over_max_connections_new_calls_fail_fast() {
+    let backend = Backend::start("b1");
+    let other = Backend::start("other");
+    let config = AgentConfig::new(&[
+        ServiceDef::new("payments", VIP, &[backend.addr]).with(
+            "    circuit_breakers:\n      max_connections: 2\n    timeouts:\n      connect: 5s\n",
+        ),
+        ServiceDef::new("ledger", "127.77.1.11:8080", &[other.addr]),
+    ]);
+    let agent = Agent::start(&config);
+
+    // Held connections use fds 7 and 8: calls_script uses fd 3.
+    let script = format!(
+        "exec 7<>/dev/tcp/{ip}/{port}; echo held-1 >&7; read -r a <&7; echo \"$a\"; \
+         exec 8<>/dev/tcp/{ip}/{port}; echo held-2 >&8; read -r b <&8; echo \"$b\"; \
+         start=$(date +%s%N); \
+         if exec 5<>/dev/tcp/{ip}/{port}; then echo third >&5; \
+           if read -r c <&5; then echo \"$c\"; else echo FAILED; fi; else echo FAILED; fi; \
+         echo \"elapsed_ms $(( ($(date +%s%N) - start) / 1000000 ))\"; \
+         {other}; \
+         echo again-1 >&7; read -r a <&7; echo \"$a\"; \
+         echo again-2 >&8; read -r b <&8; echo \"$b\"",
+        ip = vip().ip(),
+        port = vip().port(),
+        other = calls_script("127.77.1.11:8080".parse().unwrap(), 1),
+    );
+    let replies = lines(&agent.run_as_client(&script));
+    assert_eq!(replies[0], "b1 held-1");
+    assert_eq!(replies[1], "b1 held-2");
+    assert_eq!(replies[2], "FAILED", "{replies:?}");
+    let elapsed: u64 = replies[3]
+        .strip_prefix("elapsed_ms ")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(elapsed < 500, "failed after {elapsed} ms; not fast");
+    assert_eq!(replies[4], "other call 1");
+    assert_eq!(replies[5], "b1 again-1", "{replies:?}");
+    assert_eq!(replies[6], "b1 again-2");
+    assert_eq!(
+        backend.accepted(),
+        2,
+        "the third call never reached the backend"
+    );
+    assert!(agent.wait_for_log(
+        "service payments/payments: max_connections reached; failing new connections fast"
+    ));
+}
+
+/// A backend that accepts and never answers: the idle timeout (500 ms here)
+/// resets the connection.
+#[test]
+fn a_backend_that_never_answers_is_cut_by_the_idle_timeout() {
+    let silent = SilentBackend::start();
+    let config =
+        AgentConfig::new(&[ServiceDef::new("payments", VIP, &[silent.addr])
+            .with("    timeouts:\n      idle: 500ms\n")]);
+    let agent = Agent::start(&config);
+
+    let script = format!(
+        "exec 3<>/dev/tcp/{}/{} || exit 1; echo hello >&3; start=$(date +%s%N); \
+         if read -r -t 10 r <&3; then echo \"got $r\"; else echo CLOSED; fi; \
+         echo \"elapsed_ms $(( ($(date +%s%N) - start) / 1000000 ))\"",
+        vip().ip(),
+        vip().port()
+    );
+    let replies = lines(&agent.run_as_client(&script));
+    assert_eq!(replies[0], "CLOSED");
+    let elapsed: u64 = replies[1]
+        .strip_prefix("elapsed_ms ")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((400..3000).contains(&elapsed), "closed after {elapsed} ms");
+}
+
+/// A reload adds an endpoint and removes one while a connection to the
+/// removed one is open: that connection carries on (drains), new calls use
+/// the new set. A broken file is refused and the running config kept.
+#[test]
+fn reload_applies_without_dropping_connections() {
+    let old = Backend::start("old");
+    let new = Backend::start("new");
+    let config = AgentConfig::new(&[ServiceDef::new("payments", VIP, &[old.addr])]);
+    let agent = Agent::start(&config);
+    let go = config.dir.join("go");
+    let script = format!(
+        "exec 3<>/dev/tcp/{ip}/{port} || exit 1; echo first >&3; read -r r <&3; echo \"$r\"; \
+         while [ ! -e {go} ]; do sleep 0.02; done; \
+         echo second >&3; read -r r <&3; echo \"$r\"; {more}",
+        ip = vip().ip(),
+        port = vip().port(),
+        go = go.display(),
+        more = calls_script(vip(), 2),
+    );
+    let client = agent
+        .client_command(&script)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(10), || old.accepted() == 1));
+
+    config.write_raw("node: [this is not a config\n");
+    assert!(agent.wait_for_log("config reload refused"));
+    config.rewrite(&[ServiceDef::new("payments", VIP, &[new.addr])]);
+    assert!(agent.wait_for_log("config reloaded: 1 services"));
+    std::fs::write(&go, "").unwrap();
+
+    let replies = lines(&client.wait_with_output().unwrap());
+    assert_eq!(
+        replies,
+        ["old first", "old second", "new call 1", "new call 2"]
+    );
+    assert_eq!(old.accepted(), 1);
+}
