@@ -27,13 +27,17 @@ use crate::{
     catalog::Catalog,
     config::Config,
     drain::{self, DrainWatch},
-    proxy::{OutboundContext, OutboundListener},
+    proxy::{
+        OutboundContext, OutboundListener,
+        inbound::{InboundContext, InboundListener, InboundStats},
+    },
     redirect::{
         ProgramSettings, Redirect, RedirectError, cgroup,
         preflight::{self, PreflightError},
         records,
     },
     resilience::health::HealthCheckers,
+    tls::{self, Identity, TlsContext, TlsSetupError},
 };
 
 /// How often the config file's modification time is looked at.
@@ -54,6 +58,10 @@ pub enum AgentError {
     Cgroup(io::Error),
     #[error("outbound listener: {0}")]
     Listener(io::Error),
+    #[error("inbound mTLS listener: {0}")]
+    Inbound(io::Error),
+    #[error("mutual TLS: {0}")]
+    Tls(#[from] TlsSetupError),
     #[error("cannot start the runtime: {0}")]
     Runtime(io::Error),
 }
@@ -139,19 +147,39 @@ async fn run_attached(
     let services = catalog.services().count();
     let workloads = catalog.workloads().len();
     let checkers = HealthCheckers::start(&catalog, config.agent.mark, &watch);
+    let identities = Arc::new(ArcSwap::from_pointee(identities_of(&catalog)));
+    let tls = TlsContext::new(&config.mesh, &config.agent.state_dir, &identities.load())?;
+    tokio::spawn(tls::keep_fresh(
+        tls.clone(),
+        identities.clone(),
+        watch.clone(),
+    ));
+    let inbound_addr = SocketAddr::new(config.node.address, config.agent.inbound_port);
+    let inbound = InboundListener::bind(inbound_addr).map_err(AgentError::Inbound)?;
     let catalog = Arc::new(ArcSwap::from_pointee(catalog));
+    let inbound_ctx = Arc::new(InboundContext {
+        catalog: catalog.clone(),
+        tls: tls.clone(),
+        mark: config.agent.mark,
+        handshake_timeout: config.mesh.inbound_handshake_timeout.0,
+        connect_timeout: config.agent.connect_timeout.0,
+        stats: Arc::new(InboundStats::default()),
+    });
     let ctx = Arc::new(OutboundContext {
         catalog: catalog.clone(),
         records: records.clone(),
         mark: config.agent.mark,
+        tls: Some(tls.clone()),
     });
 
     redirect.attach(root)?;
     let server = tokio::spawn(listener.serve(ctx, watch.clone()));
+    let inbound_server = tokio::spawn(inbound.serve(inbound_ctx, watch.clone()));
     tokio::spawn(sweep_records(records, cookie_records, watch.clone()));
     info!(
-        "sluice agent ready: node {}, {services} services, {workloads} workloads, outbound {outbound}",
-        config.node.name.value
+        "sluice agent ready: node {}, {services} services, {workloads} workloads, outbound {outbound}, \
+         inbound mTLS {inbound_addr} (trust domain {})",
+        config.node.name.value, config.mesh.trust_domain.value
     );
 
     let mut live = Live {
@@ -162,6 +190,8 @@ async fn run_attached(
         redirect,
         created,
         drain: watch,
+        tls,
+        identities,
     };
     live.serve_until_stopped().await;
     info!(
@@ -170,8 +200,10 @@ async fn run_attached(
         config.agent.drain_timeout
     );
     trigger.start();
-    if let Err(e) = server.await {
-        error!("outbound listener task failed: {e}");
+    for (name, task) in [("outbound", server), ("inbound", inbound_server)] {
+        if let Err(e) = task.await {
+            error!("{name} listener task failed: {e}");
+        }
     }
     let left = trigger.wait_idle(config.agent.drain_timeout.0).await;
     if left > 0 {
@@ -193,6 +225,20 @@ struct Live<'a> {
     redirect: &'a mut Redirect,
     created: &'a mut Vec<PathBuf>,
     drain: DrainWatch,
+    tls: Arc<TlsContext>,
+    identities: Arc<ArcSwap<Vec<Identity>>>,
+}
+
+/// The identities of this node's workloads.
+fn identities_of(catalog: &Catalog) -> Vec<Identity> {
+    let mut ids: Vec<Identity> = catalog
+        .workloads()
+        .iter()
+        .map(|w| w.identity.clone())
+        .collect();
+    ids.sort_by_key(|id| id.to_string());
+    ids.dedup();
+    ids
 }
 
 fn modified(path: &Path) -> Option<SystemTime> {
@@ -242,10 +288,13 @@ impl Live<'_> {
         if new.agent != self.config.agent
             || new.node.name.value != self.config.node.name.value
             || new.node.cgroup_root.value != self.config.node.cgroup_root.value
+            || new.node.address != self.config.node.address
+            || new.mesh.trust_domain.value != self.config.mesh.trust_domain.value
+            || new.mesh.certificates != self.config.mesh.certificates
         {
             warn!(
-                "config reload: changes under `agent` and `node` (name, cgroup_root) apply at the \
-                 next restart; the rest applies now"
+                "config reload: changes under `agent`, `node` (name, cgroup_root, address) and \
+                 `mesh` (trust_domain, certificates) apply at the next restart; the rest applies now"
             );
         }
         let cgroups = match workload_cgroups(&new, self.root, self.created) {
@@ -259,6 +308,12 @@ impl Live<'_> {
             return error!("config reload refused ({e}); the running config stays in force");
         }
         let services = catalog.services().count();
+        let identities = identities_of(&catalog);
+        self.tls.set_identities(&identities);
+        if let Err(e) = self.tls.refresh(&identities, false) {
+            error!("certificates for the new workloads: {e}");
+        }
+        self.identities.store(Arc::new(identities));
         // New checkers first, so that no endpoint goes unwatched.
         let checkers = HealthCheckers::start(&catalog, self.config.agent.mark, &self.drain);
         self.catalog.store(Arc::new(catalog));

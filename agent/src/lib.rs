@@ -5,6 +5,7 @@
 //! endpoint ([`lb`]) from the [`catalog`] and carries the bytes. See
 //! DESIGN.md for the whole picture.
 
+pub mod authz;
 pub mod catalog;
 pub mod cli;
 pub mod config;
@@ -14,3 +15,4 @@ pub mod lb;
 pub mod proxy;
 pub mod redirect;
 pub mod resilience;
+pub mod tls;

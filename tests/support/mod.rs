@@ -158,6 +158,7 @@ pub struct AgentConfig {
     pub cgroup_root: String,
     pub pin_dir: PathBuf,
     pub outbound_port: u16,
+    pub inbound_port: u16,
     agent_extra: String,
 }
 
@@ -177,6 +178,7 @@ impl AgentConfig {
             pin_dir: PathBuf::from("/sys/fs/bpf").join(&name),
             cgroup_root: name,
             outbound_port: free_port(),
+            inbound_port: free_port(),
             agent_extra: agent_extra.to_owned(),
         };
         config.rewrite(services);
@@ -200,11 +202,14 @@ impl AgentConfig {
     pub fn render(&self, services: &[ServiceDef]) -> String {
         let mut yaml = format!(
             "node:\n  name: test\n  cgroup_root: {name}\nagent:\n  outbound: 127.0.0.1:{port}\n  \
-             pin_dir: {pins}\n  connect_timeout: 300ms\n  drain_timeout: 10s\n{extra}\
+             pin_dir: {pins}\n  connect_timeout: 300ms\n  drain_timeout: 10s\n  inbound_port: {inbound}\n  \
+             state_dir: {state}\n{extra}\
              workloads:\n  - name: client\n    namespace: payments\n    service_account: client\nservices:{empty}\n",
             name = self.cgroup_root,
             port = self.outbound_port,
             pins = self.pin_dir.display(),
+            inbound = self.inbound_port,
+            state = self.dir.join("state").display(),
             extra = self.agent_extra,
             empty = if services.is_empty() { " []" } else { "" }
         );

@@ -18,20 +18,37 @@ use std::{
 use sluice_maps::{ServiceKey, ServiceValue};
 
 use crate::{
-    config::{Config, HealthCheck, Panic, ServiceSpec, policy::DEFAULT_IDLE_TIMEOUT},
+    authz::Policy,
+    config::{Config, HealthCheck, Mode, Panic, ServiceSpec, policy::DEFAULT_IDLE_TIMEOUT},
     lb::Balancer,
     redirect::records::key_addr,
     resilience::{
         BudgetSettings, EndpointState, OutlierSettings, ServiceState, TIER_ANYWHERE, Thresholds,
     },
+    tls::Identity,
 };
 
 /// One snapshot of services and workloads.
 #[derive(Debug, Default)]
 pub struct Catalog {
+    /// This node's name.
+    pub node: String,
     services: HashMap<SocketAddr, Arc<Service>>,
     workloads_by_cgroup: HashMap<u64, Arc<Workload>>,
     workloads: Vec<Arc<Workload>>,
+    /// What peer agents may ask the inbound listener for: endpoints on this
+    /// node that a local workload serves.
+    local_targets: HashMap<SocketAddr, Arc<LocalTarget>>,
+}
+
+/// An endpoint on this node, as the inbound listener sees it.
+#[derive(Debug)]
+pub struct LocalTarget {
+    pub addr: SocketAddr,
+    pub workload: Arc<Workload>,
+    /// Every policy that applies: the workload's and those of the services
+    /// the endpoint belongs to. All must allow.
+    pub policies: Vec<Arc<Policy>>,
 }
 
 /// A meshed service, reached at its virtual address.
@@ -46,6 +63,7 @@ pub struct Service {
     pub balancer: Balancer,
     pub policy: ServicePolicy,
     pub state: Arc<ServiceState>,
+    pub mode: Mode,
 }
 
 /// One instance of a service.
@@ -59,6 +77,13 @@ pub struct Endpoint {
     /// Locality tier from this node: 0 same node, 1 same zone, 2 other.
     pub tier: u8,
     pub state: Arc<EndpointState>,
+    /// On this node: reached directly.
+    pub local: bool,
+    /// The identity the endpoint serves as, when known.
+    pub identity: Option<Identity>,
+    /// The inbound listener of the endpoint's node agent, for endpoints on
+    /// other nodes whose node is known.
+    pub peer: Option<SocketAddr>,
 }
 
 /// A service's resolved traffic policy.
@@ -86,6 +111,9 @@ pub struct Workload {
     pub cgroup: PathBuf,
     /// Kernel id of that cgroup, as the connect hook records it.
     pub cgroup_id: u64,
+    pub identity: Identity,
+    /// The workload's own authorization policy.
+    pub policy: Option<Arc<Policy>>,
 }
 
 impl Service {
@@ -140,6 +168,49 @@ impl ServicePolicy {
     }
 }
 
+/// Endpoints on this node served by a local workload, with the policies
+/// that guard them.
+fn local_targets(
+    config: &Config,
+    workloads: &[Arc<Workload>],
+) -> HashMap<SocketAddr, Arc<LocalTarget>> {
+    let node = &config.node.name.value;
+    let mut targets: HashMap<SocketAddr, LocalTarget> = HashMap::new();
+    for s in &config.services {
+        let service_policy = s.authorization.as_ref().map(|a| {
+            Arc::new(Policy::new(
+                format!("service {}/{}", s.namespace, s.name.value),
+                a,
+            ))
+        });
+        for e in &s.endpoints {
+            if e.node.as_deref().is_some_and(|n| n != node) {
+                continue;
+            }
+            let Some(w) = e
+                .workload
+                .as_ref()
+                .and_then(|w| workloads.iter().find(|x| x.name == w.value))
+            else {
+                continue;
+            };
+            let addr = SocketAddr::new(e.address.value, e.port.value);
+            let target = targets.entry(addr).or_insert_with(|| LocalTarget {
+                addr,
+                workload: w.clone(),
+                policies: w.policy.iter().cloned().collect(),
+            });
+            if let Some(p) = &service_policy {
+                target.policies.push(p.clone());
+            }
+        }
+    }
+    targets
+        .into_iter()
+        .map(|(addr, t)| (addr, Arc::new(t)))
+        .collect()
+}
+
 impl Catalog {
     /// Builds the catalog from a validated config. `workload_cgroups` gives
     /// each workload's cgroup path and id, in config order. State is carried
@@ -151,6 +222,39 @@ impl Catalog {
     ) -> Catalog {
         let node = &config.node.name.value;
         let node_zone = config.node.zone.as_deref();
+        let td = &config.mesh.trust_domain.value;
+        let workloads: Vec<Arc<Workload>> = config
+            .workloads
+            .iter()
+            .zip(workload_cgroups)
+            .map(|(w, (path, id))| {
+                Arc::new(Workload {
+                    name: w.name.value.clone(),
+                    namespace: w.namespace.clone(),
+                    service_account: w.service_account.clone(),
+                    cgroup: path.clone(),
+                    cgroup_id: *id,
+                    identity: Identity::new(td, &w.namespace, &w.service_account),
+                    policy: w.authorization.as_ref().map(|a| {
+                        Arc::new(Policy::new(
+                            format!("workload {}/{}", w.namespace, w.name.value),
+                            a,
+                        ))
+                    }),
+                })
+            })
+            .collect();
+        let workload_named = |name: &str| workloads.iter().find(|w| w.name == name);
+        let peers: HashMap<&str, SocketAddr> = config
+            .nodes
+            .iter()
+            .map(|n| {
+                (
+                    n.name.value.as_str(),
+                    SocketAddr::new(n.address, config.agent.inbound_port),
+                )
+            })
+            .collect();
         let old_services: HashMap<(&str, &str), &Arc<Service>> = previous
             .map(|p| {
                 p.services
@@ -187,14 +291,24 @@ impl Catalog {
                         let state = old
                             .and_then(|o| o.endpoints.iter().find(|oe| oe.addr == addr))
                             .map_or_else(Default::default, |oe| oe.state.clone());
+                        let local = on_node == node;
+                        let workload = e.workload.as_ref().map(|w| w.value.clone());
+                        let identity = match (&workload, &e.service_account) {
+                            (Some(w), _) if local => workload_named(w).map(|w| w.identity.clone()),
+                            (_, Some(sa)) => Some(Identity::new(td, &s.namespace, sa)),
+                            _ => None,
+                        };
                         Endpoint {
                             addr,
                             weight: e.weight.value,
                             node: on_node.to_owned(),
                             zone,
-                            workload: e.workload.as_ref().map(|w| w.value.clone()),
+                            workload,
                             tier,
                             state,
+                            local,
+                            identity,
+                            peer: (!local).then(|| peers.get(on_node).copied()).flatten(),
                         }
                     })
                     .collect();
@@ -216,30 +330,25 @@ impl Catalog {
                     endpoints,
                     policy: ServicePolicy::from_spec(s, config.agent.connect_timeout.0),
                     state: old.map_or_else(Default::default, |o| o.state.clone()),
+                    mode: s.mode,
                 };
                 (vip, Arc::new(service))
             })
             .collect();
-        let workloads: Vec<Arc<Workload>> = config
-            .workloads
-            .iter()
-            .zip(workload_cgroups)
-            .map(|(w, (path, id))| {
-                Arc::new(Workload {
-                    name: w.name.value.clone(),
-                    namespace: w.namespace.clone(),
-                    service_account: w.service_account.clone(),
-                    cgroup: path.clone(),
-                    cgroup_id: *id,
-                })
-            })
-            .collect();
         let workloads_by_cgroup = workloads.iter().map(|w| (w.cgroup_id, w.clone())).collect();
+        let local_targets = local_targets(config, &workloads);
         Catalog {
+            node: node.clone(),
             services,
             workloads_by_cgroup,
             workloads,
+            local_targets,
         }
+    }
+
+    /// The local endpoint a peer agent may ask for at `addr`.
+    pub fn local_target(&self, addr: SocketAddr) -> Option<&Arc<LocalTarget>> {
+        self.local_targets.get(&addr)
     }
 
     /// The service whose virtual address is `vip`.

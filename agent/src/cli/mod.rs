@@ -51,6 +51,11 @@ pub enum Command {
         #[arg(long, short, env = "SLUICE_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// The local certificate authority of the single-machine default.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
     /// Switch the eBPF programs' log events on or off, at run time.
     EbpfLog {
         #[arg(long, short, env = "SLUICE_CONFIG", default_value = DEFAULT_CONFIG)]
@@ -65,6 +70,16 @@ pub enum ConfigCommand {
     Check {
         /// The file to check.
         file: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Write a new CA into `agent.state_dir/ca` (refuses to replace one).
+    /// Copy that directory to every node that must trust the others.
+    Init {
+        #[arg(long, short, env = "SLUICE_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
     },
 }
 
@@ -115,6 +130,21 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 return Ok(Outcome::Invalid);
             };
             exec::exec(&config, &workload, &command)
+        }
+        Command::Ca {
+            command: CaCommand::Init { config },
+        } => {
+            let Some(config) = load_or_report(&config) else {
+                return Ok(Outcome::Invalid);
+            };
+            let dir = crate::tls::local_ca::ca_dir(&config.agent.state_dir);
+            let cert = crate::tls::local_ca::init(&dir, &config.mesh.trust_domain.value)?;
+            println!(
+                "wrote a new CA for trust domain {}: {} (key beside it, mode 0600)",
+                config.mesh.trust_domain.value,
+                cert.display()
+            );
+            Ok(Outcome::Success)
         }
         Command::Maps { config } => {
             let config = load_or_report(&config).ok_or_else(|| anyhow!("invalid config"))?;

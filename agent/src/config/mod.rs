@@ -7,6 +7,7 @@
 //! reference; a test checks that it names every field.
 
 mod duration;
+pub mod mesh;
 pub mod policy;
 
 use std::{
@@ -21,6 +22,7 @@ use serde::Deserialize;
 use serde_saphyr::Spanned;
 
 pub use duration::HumanDuration;
+pub use mesh::{Authorization, CertificateSource, Decision, MeshConfig, Mode, PeerNode};
 pub use policy::{
     CircuitBreakers, HashKey, HealthCheck, HttpCheck, LoadBalancer, OutlierDetection, Panic,
     Policy, Retries, Timeouts,
@@ -49,6 +51,12 @@ pub struct Config {
     /// Services reached through their virtual address.
     #[serde(default)]
     pub services: Vec<ServiceSpec>,
+    /// Mutual TLS between agents.
+    #[serde(default)]
+    pub mesh: MeshConfig,
+    /// Other nodes whose agents serve endpoints of these services.
+    #[serde(default)]
+    pub nodes: Vec<PeerNode>,
     /// Where this config was read from; used in messages.
     #[serde(skip)]
     pub source: PathBuf,
@@ -67,6 +75,14 @@ pub struct NodeConfig {
     /// Zone of this node, for locality-aware load balancing.
     #[serde(default)]
     pub zone: Option<String>,
+    /// This node's address: the inbound mTLS listener binds it, and other
+    /// nodes dial it.
+    #[serde(default = "default_node_address")]
+    pub address: IpAddr,
+}
+
+fn default_node_address() -> IpAddr {
+    IpAddr::V4(Ipv4Addr::LOCALHOST)
 }
 
 fn default_cgroup_root() -> Spanned<String> {
@@ -92,6 +108,10 @@ pub struct AgentConfig {
     pub worker_threads: usize,
     /// Start with the eBPF programs' log events on (switchable at run time).
     pub ebpf_log: bool,
+    /// Port of the inbound mTLS listener on `node.address`.
+    pub inbound_port: u16,
+    /// Where the agent keeps state: the local CA lives in `ca/` below it.
+    pub state_dir: PathBuf,
 }
 
 impl Default for AgentConfig {
@@ -104,6 +124,8 @@ impl Default for AgentConfig {
             drain_timeout: HumanDuration(Duration::from_secs(10)),
             worker_threads: 2,
             ebpf_log: false,
+            inbound_port: 15008,
+            state_dir: PathBuf::from("/var/lib/sluice"),
         }
     }
 }
@@ -120,6 +142,9 @@ pub struct WorkloadSpec {
     /// cgroup path below `node.cgroup_root`; defaults to the name.
     #[serde(default)]
     pub cgroup: Option<Spanned<String>>,
+    /// Who may reach this workload through the inbound listener.
+    #[serde(default)]
+    pub authorization: Option<Authorization>,
 }
 
 impl WorkloadSpec {
@@ -163,6 +188,12 @@ pub struct ServiceSpec {
     /// When no endpoint is eligible.
     #[serde(default)]
     pub panic: Panic,
+    /// How cross-node connections are protected.
+    #[serde(default)]
+    pub mode: Mode,
+    /// Who may reach this service's endpoints on this node.
+    #[serde(default)]
+    pub authorization: Option<Authorization>,
 }
 
 /// One instance behind a service.
@@ -183,6 +214,10 @@ pub struct EndpointSpec {
     /// Workload serving this endpoint, when it is one of this node's.
     #[serde(default)]
     pub workload: Option<Spanned<String>>,
+    /// Service account the endpoint runs as (namespace: the service's),
+    /// for endpoints on other nodes: the identity their agent must present.
+    #[serde(default)]
+    pub service_account: Option<String>,
 }
 
 fn default_weight() -> Spanned<u32> {
@@ -513,6 +548,8 @@ impl Config {
                 }
             }
         }
+
+        mesh::validate(&mut problems, self);
 
         if problems.is_empty() {
             Ok(())

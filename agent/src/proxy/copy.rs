@@ -7,11 +7,8 @@ use std::{
 };
 
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{
-        TcpStream,
-        tcp::{ReadHalf, WriteHalf},
-    },
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::TcpStream,
 };
 
 use crate::resilience::clock::now_ms;
@@ -42,12 +39,71 @@ pub struct Transferred {
     pub upstream_to_client: u64,
 }
 
+/// A byte stream the proxy can split into halves and reset.
+pub trait Duplex {
+    /// Read and write halves borrowed from the stream.
+    fn halves(
+        &mut self,
+    ) -> (
+        impl AsyncRead + Unpin + Send + '_,
+        impl AsyncWrite + Unpin + Send + '_,
+    );
+    /// Makes the next close a reset (RST) rather than a FIN.
+    fn reset_on_close(&self);
+}
+
+impl Duplex for TcpStream {
+    fn halves(
+        &mut self,
+    ) -> (
+        impl AsyncRead + Unpin + Send + '_,
+        impl AsyncWrite + Unpin + Send + '_,
+    ) {
+        // Borrowed halves: no lock between the two directions.
+        self.split()
+    }
+
+    fn reset_on_close(&self) {
+        let _ = self.set_zero_linger();
+    }
+}
+
+impl Duplex for tokio_rustls::client::TlsStream<TcpStream> {
+    fn halves(
+        &mut self,
+    ) -> (
+        impl AsyncRead + Unpin + Send + '_,
+        impl AsyncWrite + Unpin + Send + '_,
+    ) {
+        tokio::io::split(self)
+    }
+
+    fn reset_on_close(&self) {
+        let _ = self.get_ref().0.set_zero_linger();
+    }
+}
+
+impl Duplex for tokio_rustls::server::TlsStream<TcpStream> {
+    fn halves(
+        &mut self,
+    ) -> (
+        impl AsyncRead + Unpin + Send + '_,
+        impl AsyncWrite + Unpin + Send + '_,
+    ) {
+        tokio::io::split(self)
+    }
+
+    fn reset_on_close(&self) {
+        let _ = self.get_ref().0.set_zero_linger();
+    }
+}
+
 /// Copies both ways; a FIN from one side is passed on as a FIN
 /// (half-close). Connections ended by a reset, an idle or lifetime limit
 /// are reset on both sides.
-pub async fn proxy(
-    client: &mut TcpStream,
-    upstream: &mut TcpStream,
+pub async fn proxy<C: Duplex, U: Duplex>(
+    client: &mut C,
+    upstream: &mut U,
     idle: Duration,
     max_duration: Option<Duration>,
 ) -> (CopyEnd, Transferred) {
@@ -55,8 +111,8 @@ pub async fn proxy(
     let up_sent = AtomicU64::new(0);
     let down_sent = AtomicU64::new(0);
     let (end, reset) = {
-        let (cr, cw) = client.split();
-        let (ur, uw) = upstream.split();
+        let (cr, cw) = client.halves();
+        let (ur, uw) = upstream.halves();
         let both = async {
             // The first error ends both directions.
             let result = tokio::try_join!(
@@ -92,8 +148,8 @@ pub async fn proxy(
         (end, end != CopyEnd::Closed)
     };
     if reset {
-        let _ = client.set_zero_linger();
-        let _ = upstream.set_zero_linger();
+        client.reset_on_close();
+        upstream.reset_on_close();
     }
     (
         end,
@@ -111,8 +167,8 @@ enum Side {
 }
 
 async fn one_way(
-    mut from: ReadHalf<'_>,
-    mut to: WriteHalf<'_>,
+    mut from: impl AsyncRead + Unpin,
+    mut to: impl AsyncWrite + Unpin,
     activity: &AtomicU64,
     sent: &AtomicU64,
 ) -> Result<(), Side> {

@@ -2,7 +2,9 @@
 //! their bytes to an endpoint.
 
 pub mod copy;
+pub mod inbound;
 pub mod outbound;
+pub mod preamble;
 pub mod socket;
 
 pub use outbound::{OutboundContext, OutboundListener};

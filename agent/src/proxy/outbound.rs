@@ -9,17 +9,20 @@ use log::{debug, info, warn};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use super::{
-    copy::{CopyEnd, proxy},
+    copy::{CopyEnd, Transferred, proxy},
+    preamble,
     socket::{connect_marked, netns_cookie},
 };
 use crate::{
-    catalog::{Catalog, Service},
+    catalog::{Catalog, Endpoint, Service, Workload},
+    config::Mode,
     drain::{ConnectionGuard, DrainWatch},
     lb::PickContext,
     redirect::PeerRecords,
     resilience::{
         self, Admission, Chosen, NoEndpoint, Outcome, Overflow, RetryDenied, Tried, clock::now_ms,
     },
+    tls::TlsContext,
 };
 /// Pending connections the kernel queues for one listener.
 const BACKLOG: u32 = 4096;
@@ -30,6 +33,22 @@ pub struct OutboundContext {
     pub catalog: Arc<ArcSwap<Catalog>>,
     pub records: Arc<PeerRecords>,
     pub mark: u32,
+    /// Present when mutual TLS to other nodes is set up.
+    pub tls: Option<Arc<TlsContext>>,
+}
+
+/// An upstream connection: direct, or over mTLS to the peer node's agent.
+enum Upstream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// Why a dial failed.
+enum DialError {
+    /// The endpoint failed: counts against it, and may be retried.
+    Endpoint(io::Error),
+    /// Nothing the endpoint did: this caller cannot take that path.
+    Caller(String),
 }
 
 /// A bound outbound listener in one network namespace.
@@ -151,7 +170,8 @@ async fn handle(
         source_workload: source.as_deref().map(|w| w.name.as_str()),
         source_addr: peer.ip(),
     };
-    let Some((mut upstream, chosen)) = connect_upstream(&ctx, &service, &pick).await else {
+    let Some((upstream, chosen)) = connect_upstream(&ctx, &service, &pick, source.as_deref()).await
+    else {
         return reset(client);
     };
     if service.state.note_served() {
@@ -164,13 +184,11 @@ async fn handle(
     let _in_flight = endpoint.state.open_connection();
     let mut client = client;
     let _ = client.set_nodelay(true);
-    let (end, _bytes) = proxy(
-        &mut client,
-        &mut upstream,
-        policy.idle_timeout,
-        policy.max_connection_duration,
-    )
-    .await;
+    let (idle, lifetime) = (policy.idle_timeout, policy.max_connection_duration);
+    let (end, _bytes): (CopyEnd, Transferred) = match upstream {
+        Upstream::Plain(mut up) => proxy(&mut client, &mut up, idle, lifetime).await,
+        Upstream::Tls(mut up) => proxy(&mut client, &mut *up, idle, lifetime).await,
+    };
     match end {
         CopyEnd::UpstreamReset => {
             let normal = Chosen {
@@ -196,7 +214,8 @@ async fn connect_upstream(
     ctx: &OutboundContext,
     service: &Service,
     pick: &PickContext<'_>,
-) -> Option<(TcpStream, Chosen)> {
+    source: Option<&Workload>,
+) -> Option<(Upstream, Chosen)> {
     let policy = &service.policy;
     let mut tried = Tried::default();
     let max_attempts = (policy.max_connect_attempts as usize).min(resilience::MAX_ATTEMPTS);
@@ -237,13 +256,22 @@ async fn connect_upstream(
             return None;
         };
         let started = tokio::time::Instant::now();
-        match connect_marked(endpoint.addr, ctx.mark, policy.connect_timeout).await {
+        match dial(ctx, service, endpoint, source).await {
             Ok(upstream) => {
                 let micros = started.elapsed().as_micros() as u64;
                 resilience::report(service, chosen, Outcome::Connected { micros }, now_ms());
                 return Some((upstream, chosen));
             }
-            Err(e) => {
+            Err(DialError::Caller(why)) => {
+                endpoint.state.cancel(chosen.admission);
+                warn!(
+                    "service {}: endpoint {}: {why}",
+                    service.qualified_name(),
+                    endpoint.addr
+                );
+                return None;
+            }
+            Err(DialError::Endpoint(e)) => {
                 warn!(
                     "service {}: endpoint {}: connect failed: {e} (attempt {} of {max_attempts})",
                     service.qualified_name(),
@@ -253,5 +281,69 @@ async fn connect_upstream(
                 resilience::report(service, chosen, Outcome::ConnectFailed, now_ms());
             }
         }
+    }
+}
+
+/// Connects to `endpoint`: directly when it is on this node (or the
+/// service is plaintext), otherwise over mutual TLS to its node's agent,
+/// presenting the caller's identity and expecting the endpoint's.
+async fn dial(
+    ctx: &OutboundContext,
+    service: &Service,
+    endpoint: &Endpoint,
+    source: Option<&Workload>,
+) -> Result<Upstream, DialError> {
+    let timeout = service.policy.connect_timeout;
+    let mesh_path = match (&endpoint.peer, &endpoint.identity) {
+        (Some(peer), Some(dest)) if !endpoint.local && service.mode != Mode::Plaintext => {
+            Some((*peer, dest))
+        }
+        _ => None,
+    };
+    let Some((peer, dest)) = mesh_path else {
+        if !endpoint.local && service.mode == Mode::Mtls {
+            // Config validation makes this unreachable; never downgrade.
+            return Err(DialError::Caller(format!(
+                "no mTLS path to node {} (agent or identity unknown); refusing to send plaintext",
+                endpoint.node
+            )));
+        }
+        return connect_marked(endpoint.addr, ctx.mark, timeout)
+            .await
+            .map(Upstream::Plain)
+            .map_err(DialError::Endpoint);
+    };
+    let caller_err = |why: &str| Err(DialError::Caller(why.to_owned()));
+    let Some(tls) = &ctx.tls else {
+        return caller_err("mutual TLS is not set up on this agent");
+    };
+    let Some(source) = source else {
+        return caller_err(
+            "the caller is in no known workload cgroup, so it has no identity to present",
+        );
+    };
+    let Some(config) = tls.client_config(&source.identity) else {
+        return caller_err("no certificate for the caller's identity yet");
+    };
+    let Ok(name) = rustls_pki_types::ServerName::try_from(dest.server_name()) else {
+        return caller_err("the endpoint's identity makes no valid server name");
+    };
+    let attempt = async {
+        let tcp = connect_marked(peer, ctx.mark, timeout).await?;
+        let mut stream = tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await?;
+        preamble::write(&mut stream, endpoint.addr).await?;
+        Ok::<_, io::Error>(Upstream::Tls(Box::new(stream)))
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(result) => result.map_err(DialError::Endpoint),
+        Err(_) => Err(DialError::Endpoint(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "no mTLS connection to {peer} within {}ms",
+                timeout.as_millis()
+            ),
+        ))),
     }
 }

@@ -292,7 +292,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn locality_prefers_this_node_and_spills_over() {
         let text = "node:\n  name: n1\n  zone: z1\nservices:\n  - name: pay\n    address: 127.0.0.9\n    \
-             port: 80\n    load_balancer:\n      locality: true\n    outlier_detection:\n      \
+             port: 80\n    mode: plaintext\n    load_balancer:\n      locality: true\n    outlier_detection:\n      \
              consecutive_failures: 1\n      max_ejection_percent: 100\n    endpoints:\n      \
              - address: 127.0.0.1\n        port: 1\n        node: n2\n        zone: z2\n      \
              - address: 127.0.0.1\n        port: 2\n        node: n3\n        zone: z1\n      \

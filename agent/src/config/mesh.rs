@@ -1,0 +1,302 @@
+//! Mutual TLS between agents: trust domain, certificate source, peer nodes,
+//! per-service modes and authorization policies.
+
+use std::{net::IpAddr, path::PathBuf, time::Duration};
+
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+use super::{Config, HumanDuration, Problem, unspanned};
+
+/// `mesh` block.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MeshConfig {
+    /// The SPIFFE trust domain: identities are
+    /// `spiffe://<trust_domain>/ns/<namespace>/sa/<service_account>`.
+    pub trust_domain: Spanned<String>,
+    /// Where workload certificates come from.
+    pub certificates: CertificateSource,
+    /// Accept TLS 1.2 as well as 1.3 (off: TLS 1.3 only).
+    pub allow_tls12: bool,
+    /// Deadline for a peer's handshake plus preamble on the inbound port.
+    pub inbound_handshake_timeout: HumanDuration,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        MeshConfig {
+            trust_domain: unspanned("cluster.local".to_owned()),
+            certificates: CertificateSource::default(),
+            allow_tls12: false,
+            inbound_handshake_timeout: HumanDuration(Duration::from_secs(5)),
+        }
+    }
+}
+
+/// Where certificates come from.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum CertificateSource {
+    /// The agent issues them from a CA in `agent.state_dir/ca`
+    /// (`sluice ca init` writes one; the agent makes one if none exists).
+    LocalCa {
+        /// Certificate lifetime; renewed at half of it.
+        #[serde(default = "default_lifetime")]
+        lifetime: HumanDuration,
+    },
+    /// PEM files written by cert-manager, Vault or SPIRE: for each identity
+    /// `<dir>/<namespace>/<service_account>/tls.crt` and `tls.key`, and a
+    /// trust bundle (several roots allowed). Watched and reloaded.
+    Files { dir: PathBuf, trust_bundle: PathBuf },
+}
+
+fn default_lifetime() -> HumanDuration {
+    HumanDuration(Duration::from_secs(24 * 3600))
+}
+
+impl Default for CertificateSource {
+    fn default() -> Self {
+        CertificateSource::LocalCa {
+            lifetime: default_lifetime(),
+        }
+    }
+}
+
+/// Another node's agent, reached on `agent.inbound_port` at `address`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerNode {
+    pub name: Spanned<String>,
+    pub address: IpAddr,
+}
+
+/// How a service's traffic between nodes is protected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Cross-node connections always go over mutual TLS.
+    #[default]
+    Mtls,
+    /// Mutual TLS where the peer's agent and identity are known, plain
+    /// otherwise (for migration).
+    Permissive,
+    /// Never encrypted by the agent.
+    Plaintext,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Mtls => "mtls",
+            Mode::Permissive => "permissive",
+            Mode::Plaintext => "plaintext",
+        }
+    }
+}
+
+/// Who may reach a workload (or a service's local endpoints). Deny rules
+/// win, then allow rules, then the default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Authorization {
+    #[serde(default)]
+    pub default: Decision,
+    /// Patterns: `spiffe://TD/ns/NS/sa/SA` (one identity),
+    /// `spiffe://TD/ns/NS/*` (a namespace), `spiffe://TD/*` (the domain).
+    #[serde(default)]
+    pub allow: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub deny: Vec<Spanned<String>>,
+}
+
+/// An authorization outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    Allow,
+    #[default]
+    Deny,
+}
+
+/// A DNS-label-like name: what Kubernetes allows for namespaces and
+/// service accounts, and what an identity may carry.
+pub fn is_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// A trust domain: dot-separated labels.
+pub fn is_trust_domain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 255 && s.split('.').all(is_label)
+}
+
+/// Checks an authorization pattern against the trust domain.
+fn check_pattern(pattern: &str, trust_domain: &str) -> Result<(), String> {
+    let rest = pattern
+        .strip_prefix("spiffe://")
+        .ok_or_else(|| format!("`{pattern}` must start with spiffe://"))?;
+    let (td, path) = rest.split_once('/').unwrap_or((rest, ""));
+    if td != trust_domain {
+        return Err(format!(
+            "`{pattern}` is in trust domain `{td}`, not `{trust_domain}`: it could never match"
+        ));
+    }
+    let parts: Vec<&str> = path.split('/').collect();
+    let ok = match parts.as_slice() {
+        ["*"] => true,
+        ["ns", ns, "*"] => is_label(ns),
+        ["ns", ns, "sa", sa] => is_label(ns) && is_label(sa),
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{pattern}` is not spiffe://TD/ns/NS/sa/SA, spiffe://TD/ns/NS/* or spiffe://TD/*"
+        ))
+    }
+}
+
+fn check_authorization(
+    problems: &mut Vec<Problem>,
+    at: &str,
+    authz: &Authorization,
+    trust_domain: &str,
+) {
+    for (list, rules) in [("allow", &authz.allow), ("deny", &authz.deny)] {
+        for (k, rule) in rules.iter().enumerate() {
+            if let Err(message) = check_pattern(&rule.value, trust_domain) {
+                problems.push(Problem {
+                    line: rule.referenced.line(),
+                    field: format!("{at}.authorization.{list}[{k}]"),
+                    message,
+                });
+            }
+        }
+    }
+}
+
+/// Checks the mesh settings, peer nodes, modes and policies.
+pub(super) fn validate(problems: &mut Vec<Problem>, config: &Config) {
+    let td = &config.mesh.trust_domain;
+    if !is_trust_domain(&td.value) {
+        problems.push(Problem {
+            line: td.referenced.line(),
+            field: "mesh.trust_domain".into(),
+            message: format!(
+                "`{}` is not a trust domain (lower-case DNS labels separated by dots)",
+                td.value
+            ),
+        });
+    }
+    if let CertificateSource::LocalCa { lifetime } = &config.mesh.certificates
+        && lifetime.0 < Duration::from_secs(2)
+    {
+        problems.push(Problem {
+            line: 0,
+            field: "mesh.certificates.local_ca.lifetime".into(),
+            message: "must be at least 2s (certificates are renewed at half-life)".into(),
+        });
+    }
+    if config.mesh.inbound_handshake_timeout.0.is_zero() {
+        problems.push(Problem {
+            line: 0,
+            field: "mesh.inbound_handshake_timeout".into(),
+            message: "must be longer than 0".into(),
+        });
+    }
+
+    let mut names = std::collections::HashSet::new();
+    for (i, n) in config.nodes.iter().enumerate() {
+        if n.name.value == config.node.name.value || !names.insert(n.name.value.as_str()) {
+            problems.push(Problem {
+                line: n.name.referenced.line(),
+                field: format!("nodes[{i}].name"),
+                message: format!("node `{}` is defined twice (or is this node)", n.name.value),
+            });
+        }
+    }
+
+    for (i, w) in config.workloads.iter().enumerate() {
+        for (field, value) in [
+            ("namespace", &w.namespace),
+            ("service_account", &w.service_account),
+        ] {
+            if !is_label(value) {
+                problems.push(Problem {
+                    line: w.name.referenced.line(),
+                    field: format!("workloads[{i}].{field}"),
+                    message: format!(
+                        "`{value}` cannot be part of an identity (lower-case letters, digits, -)"
+                    ),
+                });
+            }
+        }
+        if let Some(a) = &w.authorization {
+            check_authorization(problems, &format!("workloads[{i}]"), a, &td.value);
+        }
+    }
+
+    for (i, s) in config.services.iter().enumerate() {
+        let at = format!("services[{i}]");
+        if let Some(a) = &s.authorization {
+            check_authorization(problems, &at, a, &td.value);
+        }
+        if s.mode != Mode::Mtls {
+            continue;
+        }
+        for (j, e) in s.endpoints.iter().enumerate() {
+            let Some(node) = e.node.as_deref().filter(|n| *n != config.node.name.value) else {
+                continue;
+            };
+            let line = e.address.referenced.line();
+            if !config.nodes.iter().any(|n| n.name.value == node) {
+                problems.push(Problem {
+                    line,
+                    field: format!("{at}.endpoints[{j}].node"),
+                    message: format!(
+                        "node `{node}` is not under `nodes`, so its agent cannot be reached: \
+                         service mode mtls would be downgraded (define the node, or set mode: \
+                         permissive)"
+                    ),
+                });
+            }
+            if e.service_account.is_none() {
+                problems.push(Problem {
+                    line,
+                    field: format!("{at}.endpoints[{j}].service_account"),
+                    message: format!(
+                        "an endpoint on node `{node}` of an mtls service needs the service \
+                         account it runs as, to verify the peer's identity"
+                    ),
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns() {
+        assert!(check_pattern("spiffe://td/*", "td").is_ok());
+        assert!(check_pattern("spiffe://td/ns/pay/*", "td").is_ok());
+        assert!(check_pattern("spiffe://td/ns/pay/sa/checkout", "td").is_ok());
+        assert!(
+            check_pattern("spiffe://other/*", "td")
+                .unwrap_err()
+                .contains("could never match")
+        );
+        assert!(check_pattern("spiffe://td/ns/pay", "td").is_err());
+        assert!(check_pattern("td/ns/pay/sa/x", "td").is_err());
+        assert!(is_trust_domain("cluster.local"));
+        assert!(!is_trust_domain("Cluster.local"));
+    }
+}

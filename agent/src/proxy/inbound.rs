@@ -1,0 +1,347 @@
+//! The inbound mTLS listener (`node.address:agent.inbound_port`): peer
+//! agents connect here on behalf of their workloads. Each connection must
+//! complete a TLS 1.3 handshake with a client certificate from the trust
+//! bundle carrying a SPIFFE ID of this trust domain, then name a local
+//! workload in a bounded preamble, then pass authorization. Every refusal
+//! is logged once with its reason and counted; none affects another
+//! connection or the listener.
+
+use std::{
+    io,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use arc_swap::ArcSwap;
+use log::{debug, warn};
+use rustls::{CertificateError, Error as TlsError};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio_rustls::TlsAcceptor;
+
+use super::{
+    copy::{Duplex, proxy},
+    preamble::{self, PreambleError},
+    socket::connect_marked,
+};
+use crate::{
+    authz,
+    catalog::Catalog,
+    config::policy::DEFAULT_IDLE_TIMEOUT,
+    drain::{ConnectionGuard, DrainWatch},
+    tls::{Identity, TlsContext, identity_of},
+};
+
+/// Why an inbound connection was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Not TLS at all: a plain TCP client or garbage.
+    NotTls,
+    /// Closed before the handshake finished.
+    ClosedDuringHandshake,
+    /// The handshake did not finish in time.
+    HandshakeTimeout,
+    /// No client certificate.
+    NoClientCertificate,
+    /// The certificate does not chain to the trust bundle.
+    UnknownCa,
+    CertificateExpired,
+    CertificateNotYetValid,
+    /// Any other certificate problem (bad signature, wrong usage, ...).
+    BadCertificate,
+    /// TLS versions or algorithms in common: none (e.g. a TLS 1.2 client).
+    Incompatible,
+    /// The client asked for an identity this node does not host.
+    UnknownServerIdentity,
+    /// The certificate carries no SPIFFE ID.
+    NoIdentity,
+    /// The SPIFFE ID is of another trust domain.
+    WrongTrustDomain,
+    PreambleTimeout,
+    PreambleOversized,
+    PreambleMalformed,
+    /// The preamble names no workload of this node.
+    UnknownTarget,
+    /// The target is served by another identity than the one asked for.
+    IdentityMismatch,
+    /// Authorization denied the caller.
+    Denied,
+    /// The local workload did not accept the connection.
+    TargetUnreachable,
+    /// Any other TLS failure.
+    TlsError,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 20] = [
+        Refusal::NotTls,
+        Refusal::ClosedDuringHandshake,
+        Refusal::HandshakeTimeout,
+        Refusal::NoClientCertificate,
+        Refusal::UnknownCa,
+        Refusal::CertificateExpired,
+        Refusal::CertificateNotYetValid,
+        Refusal::BadCertificate,
+        Refusal::Incompatible,
+        Refusal::UnknownServerIdentity,
+        Refusal::NoIdentity,
+        Refusal::WrongTrustDomain,
+        Refusal::PreambleTimeout,
+        Refusal::PreambleOversized,
+        Refusal::PreambleMalformed,
+        Refusal::UnknownTarget,
+        Refusal::IdentityMismatch,
+        Refusal::Denied,
+        Refusal::TargetUnreachable,
+        Refusal::TlsError,
+    ];
+
+    /// Stable name for logs and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Refusal::NotTls => "not_tls",
+            Refusal::ClosedDuringHandshake => "closed_during_handshake",
+            Refusal::HandshakeTimeout => "handshake_timeout",
+            Refusal::NoClientCertificate => "no_client_certificate",
+            Refusal::UnknownCa => "unknown_ca",
+            Refusal::CertificateExpired => "certificate_expired",
+            Refusal::CertificateNotYetValid => "certificate_not_yet_valid",
+            Refusal::BadCertificate => "bad_certificate",
+            Refusal::Incompatible => "incompatible",
+            Refusal::UnknownServerIdentity => "unknown_server_identity",
+            Refusal::NoIdentity => "no_identity",
+            Refusal::WrongTrustDomain => "wrong_trust_domain",
+            Refusal::PreambleTimeout => "preamble_timeout",
+            Refusal::PreambleOversized => "preamble_oversized",
+            Refusal::PreambleMalformed => "preamble_malformed",
+            Refusal::UnknownTarget => "unknown_target",
+            Refusal::IdentityMismatch => "identity_mismatch",
+            Refusal::Denied => "denied",
+            Refusal::TargetUnreachable => "target_unreachable",
+            Refusal::TlsError => "tls_error",
+        }
+    }
+
+    fn from_handshake(e: &io::Error) -> Refusal {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            return Refusal::ClosedDuringHandshake;
+        }
+        let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<TlsError>()) else {
+            return Refusal::TlsError;
+        };
+        match tls {
+            TlsError::InvalidMessage(_)
+            | TlsError::InappropriateMessage { .. }
+            | TlsError::InappropriateHandshakeMessage { .. } => Refusal::NotTls,
+            TlsError::NoCertificatesPresented => Refusal::NoClientCertificate,
+            TlsError::InvalidCertificate(CertificateError::UnknownIssuer) => Refusal::UnknownCa,
+            TlsError::InvalidCertificate(
+                CertificateError::Expired | CertificateError::ExpiredContext { .. },
+            ) => Refusal::CertificateExpired,
+            TlsError::InvalidCertificate(
+                CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. },
+            ) => Refusal::CertificateNotYetValid,
+            TlsError::InvalidCertificate(_) => Refusal::BadCertificate,
+            TlsError::PeerIncompatible(_) => Refusal::Incompatible,
+            TlsError::General(m) if m.contains("no server certificate") => {
+                Refusal::UnknownServerIdentity
+            }
+            _ => Refusal::TlsError,
+        }
+    }
+}
+
+/// Counters of the inbound listener.
+#[derive(Debug, Default)]
+pub struct InboundStats {
+    accepted: AtomicU64,
+    refused: [AtomicU64; Refusal::ALL.len()],
+}
+
+impl InboundStats {
+    /// Connections that reached their workload.
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+
+    /// Refusals for `why`.
+    pub fn refused(&self, why: Refusal) -> u64 {
+        self.refused[why as usize].load(Ordering::Relaxed)
+    }
+}
+
+/// What every inbound connection needs.
+pub struct InboundContext {
+    pub catalog: Arc<ArcSwap<Catalog>>,
+    pub tls: Arc<TlsContext>,
+    pub mark: u32,
+    /// Deadline for the handshake, and again for the preamble.
+    pub handshake_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub stats: Arc<InboundStats>,
+}
+
+/// The bound inbound listener.
+pub struct InboundListener {
+    listener: TcpListener,
+}
+
+impl InboundListener {
+    pub fn bind(addr: SocketAddr) -> io::Result<InboundListener> {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket
+            .bind(addr)
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot bind {addr}: {e}")))?;
+        Ok(InboundListener {
+            listener: socket.listen(1024)?,
+        })
+    }
+
+    /// Accepts until the drain starts.
+    pub async fn serve(self, ctx: Arc<InboundContext>, mut drain: DrainWatch) {
+        let acceptor = TlsAcceptor::from(ctx.tls.server_config());
+        loop {
+            let accepted = tokio::select! {
+                biased;
+                _ = drain.draining() => break,
+                accepted = self.listener.accept() => accepted,
+            };
+            match accepted {
+                Ok((tcp, peer)) => {
+                    let guard = drain.track();
+                    let ctx = ctx.clone();
+                    let acceptor = acceptor.clone();
+                    tokio::spawn(async move { handle(ctx, acceptor, tcp, peer, guard).await });
+                }
+                Err(e) => {
+                    warn!("inbound listener: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+fn refuse(
+    ctx: &InboundContext,
+    peer: SocketAddr,
+    caller: Option<&Identity>,
+    why: Refusal,
+    detail: &dyn std::fmt::Display,
+) {
+    ctx.stats.refused[why as usize].fetch_add(1, Ordering::Relaxed);
+    match caller {
+        Some(id) => warn!("inbound {peer} ({id}): refused: {}: {detail}", why.name()),
+        None => warn!("inbound {peer}: refused: {}: {detail}", why.name()),
+    }
+}
+
+async fn handle(
+    ctx: Arc<InboundContext>,
+    acceptor: TlsAcceptor,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    _guard: ConnectionGuard,
+) {
+    let _ = tcp.set_nodelay(true);
+    let mut tls = match tokio::time::timeout(ctx.handshake_timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => return refuse(&ctx, peer, None, Refusal::from_handshake(&e), &e),
+        Err(_) => {
+            let limit = format!("no handshake within {:?}", ctx.handshake_timeout);
+            return refuse(&ctx, peer, None, Refusal::HandshakeTimeout, &limit);
+        }
+    };
+    let (_, conn) = tls.get_ref();
+    let trust_domain = ctx.tls.store.trust_domain();
+    let asked_for = conn
+        .server_name()
+        .and_then(|n| Identity::from_server_name(n, trust_domain));
+    let Some(caller) = conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(identity_of)
+    else {
+        tls.reset_on_close();
+        return refuse(
+            &ctx,
+            peer,
+            None,
+            Refusal::NoIdentity,
+            &"no SPIFFE ID in the certificate",
+        );
+    };
+    if caller.trust_domain != trust_domain {
+        tls.reset_on_close();
+        let detail = format!("trust domain is not {trust_domain}");
+        return refuse(
+            &ctx,
+            peer,
+            Some(&caller),
+            Refusal::WrongTrustDomain,
+            &detail,
+        );
+    }
+    let target = match tokio::time::timeout(ctx.handshake_timeout, preamble::read(&mut tls)).await {
+        Ok(Ok(target)) => target,
+        Ok(Err(e)) => {
+            tls.reset_on_close();
+            let why = match e {
+                PreambleError::Oversized(_) => Refusal::PreambleOversized,
+                _ => Refusal::PreambleMalformed,
+            };
+            return refuse(&ctx, peer, Some(&caller), why, &e);
+        }
+        Err(_) => {
+            tls.reset_on_close();
+            let limit = format!("no preamble within {:?}", ctx.handshake_timeout);
+            return refuse(&ctx, peer, Some(&caller), Refusal::PreambleTimeout, &limit);
+        }
+    };
+    let Some(local) = ctx.catalog.load().local_target(target).cloned() else {
+        tls.reset_on_close();
+        let detail = format!("{target} is not a workload endpoint on this node");
+        return refuse(&ctx, peer, Some(&caller), Refusal::UnknownTarget, &detail);
+    };
+    if asked_for.as_ref() != Some(&local.workload.identity) {
+        tls.reset_on_close();
+        let detail = format!(
+            "{target} is served by {}, not by the identity asked for",
+            local.workload.identity
+        );
+        return refuse(
+            &ctx,
+            peer,
+            Some(&caller),
+            Refusal::IdentityMismatch,
+            &detail,
+        );
+    }
+    let verdict = authz::evaluate(&local.policies, &caller);
+    if !verdict.allowed {
+        tls.reset_on_close();
+        let detail = format!(
+            "{target} (workload {}/{}) {verdict}",
+            local.workload.namespace, local.workload.name
+        );
+        return refuse(&ctx, peer, Some(&caller), Refusal::Denied, &detail);
+    }
+    let mut upstream = match connect_marked(target, ctx.mark, ctx.connect_timeout).await {
+        Ok(upstream) => upstream,
+        Err(e) => {
+            tls.reset_on_close();
+            return refuse(&ctx, peer, Some(&caller), Refusal::TargetUnreachable, &e);
+        }
+    };
+    ctx.stats.accepted.fetch_add(1, Ordering::Relaxed);
+    let (end, _) = proxy(&mut tls, &mut upstream, DEFAULT_IDLE_TIMEOUT, None).await;
+    debug!("inbound {peer} ({caller}) -> {target}: {end:?}");
+}

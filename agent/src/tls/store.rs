@@ -1,0 +1,292 @@
+//! The certificates the agent holds: one per local workload identity, the
+//! trust bundle, and the rustls hooks that read them at each handshake, so
+//! a rotation or a new bundle takes effect without rebuilding anything and
+//! without touching open connections.
+
+use std::{collections::HashMap, fmt, sync::Arc, time::SystemTime};
+
+use arc_swap::ArcSwap;
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, Error as TlsError, SignatureScheme,
+    client::{
+        ResolvesClientCert,
+        danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    },
+    crypto::{CryptoProvider, WebPkiSupportedAlgorithms},
+    server::{
+        ClientHello, ResolvesServerCert,
+        danger::{ClientCertVerified, ClientCertVerifier},
+    },
+    sign::CertifiedKey,
+};
+use rustls_pki_types::{CertificateDer, ServerName, TrustAnchor, UnixTime};
+
+use super::identity::Identity;
+
+/// One identity's current certificate.
+#[derive(Debug, Clone)]
+pub struct IssuedCert {
+    pub key: Arc<CertifiedKey>,
+    pub not_after: SystemTime,
+    /// When this certificate was installed (for renewal at half-life).
+    pub installed: SystemTime,
+}
+
+/// Certificates by identity and the trust anchors; each swapped whole.
+pub struct CertStore {
+    trust_domain: String,
+    certs: ArcSwap<HashMap<Identity, IssuedCert>>,
+    anchors: ArcSwap<Vec<TrustAnchor<'static>>>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl fmt::Debug for CertStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertStore")
+            .field("trust_domain", &self.trust_domain)
+            .field("identities", &self.certs.load().len())
+            .field("anchors", &self.anchors.load().len())
+            .finish()
+    }
+}
+
+impl CertStore {
+    pub fn new(trust_domain: &str, provider: &CryptoProvider) -> CertStore {
+        CertStore {
+            trust_domain: trust_domain.to_owned(),
+            certs: ArcSwap::from_pointee(HashMap::new()),
+            anchors: ArcSwap::from_pointee(Vec::new()),
+            algorithms: provider.signature_verification_algorithms,
+        }
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// Installs (or replaces) the certificate of `id`.
+    pub fn install(&self, id: Identity, cert: IssuedCert) {
+        self.certs.rcu(|current| {
+            let mut next = HashMap::clone(current);
+            next.insert(id.clone(), cert.clone());
+            next
+        });
+    }
+
+    /// Drops identities not in `keep` (workloads that left).
+    pub fn retain(&self, keep: &[Identity]) {
+        self.certs.rcu(|current| {
+            let mut next = HashMap::clone(current);
+            next.retain(|id, _| keep.contains(id));
+            next
+        });
+    }
+
+    /// The current certificate of `id`.
+    pub fn get(&self, id: &Identity) -> Option<IssuedCert> {
+        self.certs.load().get(id).cloned()
+    }
+
+    /// Every identity and its certificate's expiry.
+    pub fn expiries(&self) -> Vec<(Identity, SystemTime)> {
+        self.certs
+            .load()
+            .iter()
+            .map(|(id, c)| (id.clone(), c.not_after))
+            .collect()
+    }
+
+    /// Replaces the trust bundle. Fails, keeping the old one, when a
+    /// certificate is not a usable trust anchor.
+    pub fn set_roots(&self, roots: &[CertificateDer<'_>]) -> Result<usize, webpki::Error> {
+        let anchors = roots
+            .iter()
+            .map(|r| webpki::anchor_from_trusted_cert(r).map(|a| a.to_owned()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let n = anchors.len();
+        self.anchors.store(Arc::new(anchors));
+        Ok(n)
+    }
+
+    /// Verifies `end_entity` against the trust bundle for `usage`.
+    fn verify_chain(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: webpki::KeyUsage,
+    ) -> Result<(), TlsError> {
+        let cert = webpki::EndEntityCert::try_from(end_entity).map_err(pki_error)?;
+        let anchors = self.anchors.load();
+        cert.verify_for_usage(
+            self.algorithms.all,
+            &anchors,
+            intermediates,
+            now,
+            usage,
+            None,
+            None,
+        )
+        .map(|_| ())
+        .map_err(pki_error)
+    }
+}
+
+fn pki_error(e: webpki::Error) -> TlsError {
+    use webpki::Error as E;
+    TlsError::InvalidCertificate(match e {
+        E::BadDer | E::BadDerTime | E::TrailingData(_) => CertificateError::BadEncoding,
+        E::CertExpired { .. } => CertificateError::Expired,
+        E::CertNotValidYet { .. } => CertificateError::NotValidYet,
+        E::UnknownIssuer => CertificateError::UnknownIssuer,
+        E::InvalidSignatureForPublicKey => CertificateError::BadSignature,
+        other => CertificateError::Other(rustls::OtherError(Arc::new(other))),
+    })
+}
+
+/// The SPIFFE ID in a certificate's URI SAN.
+pub fn identity_of(cert: &CertificateDer<'_>) -> Option<Identity> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let san = parsed.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|name| match name {
+        x509_parser::extensions::GeneralName::URI(uri) => Identity::parse(uri).ok(),
+        _ => None,
+    })
+}
+
+/// Server side: presents the certificate of the identity the client asked
+/// for by server name, if it is one of this node's.
+#[derive(Debug)]
+pub struct ServerCerts(pub Arc<CertStore>);
+
+impl ResolvesServerCert for ServerCerts {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let id = Identity::from_server_name(hello.server_name()?, &self.0.trust_domain)?;
+        self.0.get(&id).map(|c| c.key)
+    }
+}
+
+/// Client side: presents the certificate of one source identity.
+#[derive(Debug)]
+pub struct ClientCert {
+    pub store: Arc<CertStore>,
+    pub identity: Identity,
+}
+
+impl ResolvesClientCert for ClientCert {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        self.store.get(&self.identity).map(|c| c.key)
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// Client side: the peer agent must present a certificate chaining to the
+/// bundle whose SPIFFE ID is the one the server name asked for.
+#[derive(Debug)]
+pub struct PeerVerifier(pub Arc<CertStore>);
+
+impl ServerCertVerifier for PeerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, TlsError> {
+        self.0.verify_chain(
+            end_entity,
+            intermediates,
+            now,
+            webpki::KeyUsage::server_auth(),
+        )?;
+        let expected = match server_name {
+            ServerName::DnsName(name) => {
+                Identity::from_server_name(name.as_ref(), &self.0.trust_domain)
+            }
+            _ => None,
+        };
+        match (expected, identity_of(end_entity)) {
+            (Some(want), Some(got)) if want == got => Ok(ServerCertVerified::assertion()),
+            (want, got) => Err(TlsError::General(format!(
+                "peer presented identity {} where {} was expected",
+                got.map_or("none".to_owned(), |g| g.to_string()),
+                want.map_or("none".to_owned(), |w| w.to_string())
+            ))),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.algorithms.supported_schemes()
+    }
+}
+
+/// Server side: a client certificate is required and must chain to the
+/// bundle. Its SPIFFE ID is checked after the handshake, where the reason
+/// for a refusal can be logged with the peer's address.
+#[derive(Debug)]
+pub struct CallerVerifier(pub Arc<CertStore>);
+
+impl ClientCertVerifier for CallerVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, TlsError> {
+        self.0.verify_chain(
+            end_entity,
+            intermediates,
+            now,
+            webpki::KeyUsage::client_auth(),
+        )?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.algorithms.supported_schemes()
+    }
+}
