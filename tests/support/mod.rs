@@ -266,26 +266,36 @@ pub struct Agent {
     log: Arc<Mutex<String>>,
     pub config_path: PathBuf,
     pub pin_dir: PathBuf,
+    /// The node's network namespace, when the agent runs in one.
+    netns: Option<PathBuf>,
 }
 
 impl Agent {
     /// Starts the agent and waits until it reports ready.
     pub fn start(config: &AgentConfig) -> Agent {
-        Self::spawn(config, None)
+        Self::spawn(config, None, None)
     }
 
     /// Starts the agent as a process inside `cgroup` (which must exist).
     pub fn start_in_cgroup(config: &AgentConfig, cgroup: &Path) -> Agent {
-        Self::spawn(config, Some(cgroup))
+        Self::spawn(config, Some(cgroup), None)
     }
 
-    fn spawn(config: &AgentConfig, cgroup: Option<&Path>) -> Agent {
+    /// Starts the agent inside network namespace `netns` (a node).
+    pub fn start_in_netns(config: &AgentConfig, netns: &Netns) -> Agent {
+        Self::spawn(config, None, Some(netns))
+    }
+
+    fn spawn(config: &AgentConfig, cgroup: Option<&Path>, netns: Option<&Netns>) -> Agent {
         let mut cmd = Command::new(sluice_bin());
         cmd.args(["agent", "--config"])
             .arg(&config.path)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
+        if let Some(ns) = netns {
+            ns.enter_on_exec(&mut cmd);
+        }
         if let Some(cg) = cgroup {
             let procs = CString::new(cg.join("cgroup.procs").to_str().unwrap()).unwrap();
             // SAFETY: only async-signal-safe calls (open, write, close) on
@@ -327,6 +337,7 @@ impl Agent {
             log,
             config_path: config.path.clone(),
             pin_dir: config.pin_dir.clone(),
+            netns: netns.map(|n| n.path()),
         };
         let started = wait_until(Duration::from_secs(20), || {
             ready.load(Ordering::SeqCst) || agent.child.try_wait().ok().flatten().is_some()
@@ -400,10 +411,19 @@ impl Agent {
 
     /// The `sluice exec` command for `script`, to spawn in the background.
     pub fn client_command(&self, script: &str) -> Command {
+        self.workload_command("client", script)
+    }
+
+    /// `sluice exec` of `script` as workload `workload`, in the agent's
+    /// network namespace if it has one.
+    pub fn workload_command(&self, workload: &str, script: &str) -> Command {
         let mut cmd = Command::new(sluice_bin());
+        if let Some(path) = &self.netns {
+            enter_netns_on_exec(&mut cmd, path);
+        }
         cmd.args(["exec", "--config"])
             .arg(&self.config_path)
-            .args(["--workload", "client", "--"])
+            .args(["--workload", workload, "--"])
             // Bounds every client run, so a broken redirect fails the test
             // instead of hanging it.
             .args(["timeout", "--signal=KILL", "60", "bash", "-c", script]);
@@ -500,4 +520,225 @@ pub fn answered_by(replies: &[String]) -> Vec<&str> {
         .iter()
         .map(|r| r.split_whitespace().next().unwrap_or(""))
         .collect()
+}
+
+/// Makes `cmd`'s child enter the network namespace at `path` before exec.
+/// Only the network namespace changes: /sys (and with it cgroupfs and
+/// bpffs) stays as it is, unlike with `ip netns exec`.
+fn enter_netns_on_exec(cmd: &mut Command, path: &Path) {
+    let file = std::fs::File::open(path).expect("open netns");
+    // SAFETY: setns(2) is async-signal-safe; the fd stays open because the
+    // closure owns the file.
+    unsafe {
+        cmd.pre_exec(move || {
+            use std::os::fd::AsRawFd;
+            if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+}
+
+/// Runs a shell command, panicking with its output if it fails.
+pub fn sh(cmd: &str) {
+    let out = Command::new("sh").args(["-c", cmd]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "`{cmd}` failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A network namespace standing for a node, removed on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/var/run/netns").join(&self.name)
+    }
+
+    /// Makes `cmd`'s child run inside this namespace.
+    pub fn enter_on_exec(&self, cmd: &mut Command) {
+        enter_netns_on_exec(cmd, &self.path());
+    }
+
+    /// Runs `f` on a new thread that has entered this namespace; sockets it
+    /// creates live there.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        self.spawn(f).join().expect("thread in netns panicked")
+    }
+
+    /// Like [`Self::run`], in the background.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> thread::JoinHandle<T> {
+        let path = self.path();
+        thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            let file = std::fs::File::open(&path).expect("open netns");
+            // SAFETY: setns(2) on this thread only.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// Two nodes in their own network namespaces, joined by a veth pair:
+/// `a` at 198.18.N.1 on interface `a_if`, `b` at 198.18.N.2 (198.18.0.0/15
+/// is the range set aside for benchmarks, and only these namespaces use it).
+pub struct NodePair {
+    pub a: Netns,
+    pub b: Netns,
+    pub a_addr: std::net::IpAddr,
+    pub b_addr: std::net::IpAddr,
+    pub a_if: String,
+}
+
+impl NodePair {
+    pub fn new() -> NodePair {
+        static NEXT: AtomicUsize = AtomicUsize::new(1);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let tag = format!("{}{n}", std::process::id() % 100_000);
+        let (a, b) = (format!("sla{tag}"), format!("slb{tag}"));
+        let (a_if, b_if) = (format!("va{tag}"), format!("vb{tag}"));
+        let subnet = (std::process::id() as usize * 7 + n) % 250 + 1;
+        let a_addr = format!("198.18.{subnet}.1");
+        let b_addr = format!("198.18.{subnet}.2");
+        sh(&format!("ip netns add {a} && ip netns add {b}"));
+        let pair = NodePair {
+            a: Netns { name: a.clone() },
+            b: Netns { name: b.clone() },
+            a_addr: a_addr.parse().unwrap(),
+            b_addr: b_addr.parse().unwrap(),
+            a_if: a_if.clone(),
+        };
+        sh(&format!(
+            "ip link add {a_if} type veth peer name {b_if} && \
+             ip link set {a_if} netns {a} && ip link set {b_if} netns {b} && \
+             ip -n {a} addr add {a_addr}/24 dev {a_if} && ip -n {b} addr add {b_addr}/24 dev {b_if} && \
+             ip -n {a} link set {a_if} up && ip -n {b} link set {b_if} up && \
+             ip -n {a} link set lo up && ip -n {b} link set lo up"
+        ));
+        pair
+    }
+}
+
+impl AgentConfig {
+    /// A config whose text `build` writes, given this config's unique
+    /// names and ports (cgroup root, pin dir, outbound and inbound ports).
+    pub fn custom(build: impl FnOnce(&AgentConfig) -> String) -> AgentConfig {
+        let config = AgentConfig::new(&[]);
+        let text = build(&config);
+        config.write_raw(&text);
+        config
+    }
+
+    /// The `agent` block with this config's unique values.
+    pub fn agent_block(&self, state_dir: &Path, inbound_port: u16) -> String {
+        format!(
+            "agent:\n  outbound: 127.0.0.1:{}\n  pin_dir: {}\n  connect_timeout: 1s\n  \
+             drain_timeout: 5s\n  inbound_port: {inbound_port}\n  state_dir: {}\n",
+            self.outbound_port,
+            self.pin_dir.display(),
+            state_dir.display()
+        )
+    }
+}
+
+/// A raw capture of the frames crossing one interface of a namespace.
+pub struct Capture {
+    stop: Arc<AtomicBool>,
+    handle: Option<thread::JoinHandle<Vec<u8>>>,
+}
+
+impl Capture {
+    /// Starts capturing every frame on `interface` inside `netns`.
+    pub fn start(netns: &Netns, interface: &str) -> Capture {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let ifname = CString::new(interface).unwrap();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let handle = netns.spawn(move || {
+            // SAFETY: plain socket calls on buffers we own.
+            unsafe {
+                let proto = (libc::ETH_P_ALL as u16).to_be() as i32;
+                let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto);
+                assert!(
+                    fd >= 0,
+                    "AF_PACKET socket: {}",
+                    std::io::Error::last_os_error()
+                );
+                let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+                sll.sll_family = libc::AF_PACKET as u16;
+                sll.sll_protocol = proto as u16;
+                sll.sll_ifindex = libc::if_nametoindex(ifname.as_ptr()) as i32;
+                let rc = libc::bind(
+                    fd,
+                    (&sll as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                );
+                assert_eq!(rc, 0, "bind capture: {}", std::io::Error::last_os_error());
+                let tv = libc::timeval {
+                    tv_sec: 0,
+                    tv_usec: 50_000,
+                };
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&tv as *const libc::timeval).cast(),
+                    std::mem::size_of::<libc::timeval>() as u32,
+                );
+                ready_tx.send(()).unwrap();
+                let mut seen = Vec::new();
+                let mut buf = vec![0u8; 65_536];
+                while !s.load(Ordering::Relaxed) {
+                    let n = libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0);
+                    if n > 0 {
+                        seen.extend_from_slice(&buf[..n as usize]);
+                    }
+                }
+                libc::close(fd);
+                seen
+            }
+        });
+        ready_rx.recv().unwrap();
+        Capture {
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    /// Stops and returns every byte of every frame seen.
+    pub fn finish(mut self) -> Vec<u8> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.take().unwrap().join().unwrap()
+    }
+}
+
+/// Whether `needle` occurs in `haystack`.
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+impl Backend {
+    /// Starts a backend listening on `addr` inside `netns`.
+    pub fn start_in(name: &str, addr: SocketAddr, netns: &Netns) -> Backend {
+        let name = name.to_owned();
+        netns.run(move || Backend::start_on(&name, addr))
+    }
 }

@@ -183,7 +183,12 @@ impl TlsContext {
                     });
                     if due {
                         match ca.issue(id, *lifetime) {
-                            Ok(cert) => self.store.install(id.clone(), cert),
+                            Ok(cert) => {
+                                if !initial {
+                                    info!("renewed the certificate of {id} (valid {lifetime:?})");
+                                }
+                                self.store.install(id.clone(), cert);
+                            }
                             Err(e) if initial => return Err(e.into()),
                             Err(e) => error!("{e}; the current certificate stays in use"),
                         }

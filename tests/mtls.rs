@@ -1,0 +1,483 @@
+//! Mutual TLS between two nodes, as root: two network namespaces joined by
+//! a veth pair, an agent in each with its own workload cgroups, a backend
+//! workload on node B and callers on node A. The certificates, the inbound
+//! listener and the redirect are the real ones.
+
+mod support;
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, Issuer, KeyPair, SanType};
+use rustls::{
+    ClientConfig, DigitallySignedStruct, SignatureScheme,
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    sign::CertifiedKey,
+};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const MARKER: &str = "PAYMENT-MARKER-7f3a";
+const VIP: &str = "127.77.3.10:8080";
+const PLAIN_VIP: &str = "127.77.3.11:8080";
+
+struct Mesh {
+    pair: NodePair,
+    a: Agent,
+    b: Agent,
+    ledger: Backend,
+    plain: Backend,
+    state: PathBuf,
+    inbound_port: u16,
+    _configs: (AgentConfig, AgentConfig),
+}
+
+fn workload(name: &str, sa: &str) -> String {
+    format!("  - name: {name}\n    namespace: payments\n    service_account: {sa}\n")
+}
+
+/// Node A runs callers `client` (payments/checkout) and `batch`
+/// (payments/batch); node B runs `ledger`, which only checkout may call.
+fn mesh(lifetime: &str) -> Mesh {
+    let pair = NodePair::new();
+    let ledger = Backend::start_in("ledger", "127.0.0.1:0".parse().unwrap(), &pair.b);
+    let plain = Backend::start_in("plain", SocketAddr::new(pair.b_addr, 0), &pair.b);
+    let state = std::env::temp_dir().join(unique("mesh-state"));
+    let inbound_port = free_port();
+    let mesh_block = format!(
+        "mesh:\n  inbound_handshake_timeout: 1s\n  certificates:\n    local_ca:\n      lifetime: {lifetime}\n"
+    );
+    let services = |local: bool| {
+        let ledger_endpoint = if local {
+            format!(
+                "      - address: 127.0.0.1\n        port: {}\n        workload: ledger\n",
+                ledger.addr.port()
+            )
+        } else {
+            format!(
+                "      - address: 127.0.0.1\n        port: {}\n        node: node-b\n        service_account: ledger\n",
+                ledger.addr.port()
+            )
+        };
+        format!(
+            "services:\n  - name: ledger\n    namespace: payments\n    address: 127.77.3.10\n    port: 8080\n    \
+             endpoints:\n{ledger_endpoint}  - name: ledger-plain\n    namespace: payments\n    mode: plaintext\n    \
+             address: 127.77.3.11\n    port: 8080\n    endpoints:\n      - address: {}\n        port: {}\n        \
+             node: node-b\n",
+            plain.addr.ip(),
+            plain.addr.port()
+        )
+    };
+    let a_cfg = AgentConfig::custom(|c| {
+        format!(
+            "node:\n  name: node-a\n  address: {}\n  cgroup_root: {}\n{}{mesh_block}nodes:\n  - name: node-b\n    \
+             address: {}\nworkloads:\n{}{}{}",
+            pair.a_addr,
+            c.cgroup_root,
+            c.agent_block(&state, inbound_port),
+            pair.b_addr,
+            workload("client", "checkout"),
+            workload("batch", "batch"),
+            services(false)
+        )
+    });
+    let b_cfg = AgentConfig::custom(|c| {
+        format!(
+            "node:\n  name: node-b\n  address: {}\n  cgroup_root: {}\n{}{mesh_block}nodes:\n  - name: node-a\n    \
+             address: {}\nworkloads:\n{}    authorization:\n      default: deny\n      allow:\n        \
+             - spiffe://cluster.local/ns/payments/sa/checkout\n{}",
+            pair.b_addr,
+            c.cgroup_root,
+            c.agent_block(&state, inbound_port),
+            pair.a_addr,
+            workload("ledger", "ledger"),
+            services(true)
+        )
+    });
+    // One CA for both nodes, as an operator would distribute it.
+    let out = std::process::Command::new(sluice_bin())
+        .args(["ca", "init", "--config"])
+        .arg(&a_cfg.path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let a = Agent::start_in_netns(&a_cfg, &pair.a);
+    let b = Agent::start_in_netns(&b_cfg, &pair.b);
+    Mesh {
+        pair,
+        a,
+        b,
+        ledger,
+        plain,
+        state,
+        inbound_port,
+        _configs: (a_cfg, b_cfg),
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.state);
+    }
+}
+
+fn call_script(vip: &str, n: usize, text: &str) -> String {
+    let addr: SocketAddr = vip.parse().unwrap();
+    format!(
+        "for i in $(seq 1 {n}); do \
+           if exec 3<>/dev/tcp/{ip}/{port}; then echo \"{text} $i\" >&3; \
+             if read -r reply <&3; then echo \"$reply\"; else echo FAILED; fi; exec 3>&-; \
+           else echo FAILED; fi; done",
+        ip = addr.ip(),
+        port = addr.port()
+    )
+}
+
+#[test]
+fn a_cross_node_call_goes_over_mtls_with_no_plaintext_on_the_wire() {
+    let m = mesh("1h");
+    let capture = Capture::start(&m.pair.a, &m.pair.a_if);
+    let secure = lines(&m.a.run_as_client(&call_script(VIP, 3, MARKER)));
+    let wire = capture.finish();
+    assert_eq!(
+        secure,
+        (1..=3)
+            .map(|i| format!("ledger {MARKER} {i}"))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(m.ledger.accepted(), 3);
+    assert!(
+        contains(&wire, &m.inbound_port.to_be_bytes()),
+        "the capture saw the agents' connections"
+    );
+    assert!(!contains(&wire, MARKER.as_bytes()), "plaintext on the wire");
+
+    // Control: the same capture does see a plaintext service's payload.
+    let capture = Capture::start(&m.pair.a, &m.pair.a_if);
+    let plain = lines(&m.a.run_as_client(&call_script(PLAIN_VIP, 1, MARKER)));
+    let wire = capture.finish();
+    assert_eq!(plain, [format!("plain {MARKER} 1")]);
+    assert_eq!(m.plain.accepted(), 1);
+    assert!(contains(&wire, MARKER.as_bytes()), "the capture works");
+}
+
+#[test]
+fn authorization_lets_checkout_in_and_keeps_batch_out() {
+    let m = mesh("1h");
+    let allowed = lines(&m.a.run_as_client(&call_script(VIP, 1, "charge")));
+    assert_eq!(allowed, ["ledger charge 1"]);
+    let denied = lines(
+        &m.a.workload_command("batch", &call_script(VIP, 1, "charge"))
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(denied, ["FAILED"]);
+    assert_eq!(
+        m.ledger.accepted(),
+        1,
+        "no byte of the denied call reached ledger"
+    );
+    let refusal = format!(
+        "(spiffe://cluster.local/ns/payments/sa/batch): refused: denied: 127.0.0.1:{} \
+         (workload payments/ledger) denied by workload payments/ledger default deny",
+        m.ledger.addr.port()
+    );
+    assert!(m.b.wait_for_log(&refusal), "{}", m.b.log());
+    assert_eq!(m.b.log().matches("refused: denied").count(), 1);
+}
+
+/// Certificates that live 4 s are renewed every 2 s; a minute of calls,
+/// each on a new connection, never fails.
+#[test]
+fn calls_carry_on_while_certificates_rotate() {
+    let m = mesh("4s");
+    let script = format!(
+        "end=$((SECONDS + 60)); while [ $SECONDS -lt $end ]; do {}; sleep 0.2; done",
+        call_script(VIP, 1, "tick")
+    );
+    let replies = lines(&m.a.run_as_client(&script));
+    assert!(replies.len() > 100, "{} calls", replies.len());
+    assert!(replies.iter().all(|r| r == "ledger tick 1"), "{replies:?}");
+    for (node, agent) in [("a", &m.a), ("b", &m.b)] {
+        let renewals = agent.log().matches("renewed the certificate").count();
+        assert!(renewals >= 10, "node {node} renewed {renewals} times");
+    }
+}
+
+// ---- Bad inputs against the real inbound listener ----
+
+/// Accepts any server certificate: these tests probe the server.
+#[derive(Debug)]
+struct AnyServer;
+
+impl ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        rustls::crypto::aws_lc_rs::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+#[derive(Debug)]
+struct Fixed(Arc<CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for Fixed {
+    fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// A client certificate for `uri`, valid from `from` to `to`, signed by the
+/// CA in `ca_dir` (or by a fresh, untrusted CA when `ca_dir` is None).
+fn client_cert(
+    ca_dir: Option<&Path>,
+    uri: &str,
+    from: SystemTime,
+    to: SystemTime,
+) -> Arc<CertifiedKey> {
+    let issuer = match ca_dir {
+        Some(dir) => {
+            let key = KeyPair::from_pem(&std::fs::read_to_string(dir.join("ca-key.pem")).unwrap())
+                .unwrap();
+            Issuer::from_ca_cert_pem(&std::fs::read_to_string(dir.join("ca.pem")).unwrap(), key)
+                .unwrap()
+        }
+        None => {
+            let mut p = CertificateParams::default();
+            p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            Issuer::new(p, KeyPair::generate().unwrap())
+        }
+    };
+    let key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::default();
+    p.subject_alt_names = vec![SanType::URI(uri.try_into().unwrap())];
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ClientAuth,
+        ExtendedKeyUsagePurpose::ServerAuth,
+    ];
+    let at = |t: SystemTime| {
+        let secs = t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() as i64;
+        time::OffsetDateTime::from_unix_timestamp(secs).unwrap()
+    };
+    p.not_before = at(from);
+    p.not_after = at(to);
+    let cert = p.signed_by(&key, &issuer).unwrap();
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    let signing = provider
+        .key_provider
+        .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+            key.serialize_der(),
+        )))
+        .unwrap();
+    Arc::new(CertifiedKey::new(vec![cert.der().clone()], signing))
+}
+
+fn tls_config(cert: Arc<CertifiedKey>) -> Arc<ClientConfig> {
+    Arc::new(
+        ClientConfig::builder_with_provider(
+            Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
+        )
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServer))
+        .with_client_cert_resolver(Arc::new(Fixed(cert))),
+    )
+}
+
+/// One bad peer.
+enum Probe {
+    /// Plain TCP, sending these bytes.
+    Plain(Vec<u8>),
+    /// TLS with this client certificate, then this.
+    Tls(Arc<CertifiedKey>, After),
+}
+
+/// What a probe sends after the TLS handshake.
+enum After {
+    Preamble(Vec<u8>),
+    Nothing,
+}
+
+/// Connects to `listener` over TLS with `cert` and sends `after`; returns
+/// once the server has closed the connection (or after 5 s).
+async fn probe_tls(listener: SocketAddr, cert: Arc<CertifiedKey>, after: After) {
+    let tcp = tokio::net::TcpStream::connect(listener).await.unwrap();
+    let name = ServerName::try_from("ledger.payments.sluice").unwrap();
+    let Ok(mut tls) = tokio_rustls::TlsConnector::from(tls_config(cert))
+        .connect(name, tcp)
+        .await
+    else {
+        return;
+    };
+    if let After::Preamble(bytes) = after {
+        let _ = tls.write_all(&bytes).await;
+    }
+    let mut buf = [0u8; 64];
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf)).await;
+}
+
+async fn probe_plain(listener: SocketAddr, bytes: &[u8]) {
+    let mut tcp = tokio::net::TcpStream::connect(listener).await.unwrap();
+    let _ = tcp.write_all(bytes).await;
+    let mut buf = [0u8; 64];
+    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf)).await;
+}
+
+fn preamble(target: &str) -> Vec<u8> {
+    let mut p = vec![b'S', 1];
+    p.extend_from_slice(&(target.len() as u16).to_be_bytes());
+    p.extend_from_slice(target.as_bytes());
+    p
+}
+
+#[test]
+fn bad_peers_are_refused_for_the_right_reason_while_a_good_connection_carries_on() {
+    let m = mesh("1h");
+    let ca = m.state.join("ca");
+    let listener = SocketAddr::new(m.pair.b_addr, m.inbound_port);
+
+    // A good, long-lived connection from node A through the mesh.
+    let go = m.state.join("go");
+    let script = format!(
+        "exec 7<>/dev/tcp/127.77.3.10/8080 || exit 1; echo before >&7; read -r r <&7; echo \"$r\"; \
+         while [ ! -e {} ]; do sleep 0.02; done; echo after >&7; read -r r <&7; echo \"$r\"",
+        go.display()
+    );
+    let good =
+        m.a.client_command(&script)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+    assert!(wait_until(Duration::from_secs(10), || m.ledger.accepted() == 1));
+
+    let now = SystemTime::now();
+    let hour = Duration::from_secs(3600);
+    let checkout = "spiffe://cluster.local/ns/payments/sa/checkout";
+    let fresh = |uri: &str| client_cert(Some(&ca), uri, now - hour, now + hour);
+    let mut oversized = vec![b'S', 1];
+    oversized.extend_from_slice(&4000u16.to_be_bytes());
+    oversized.extend(std::iter::repeat_n(b'x', 4000));
+    let cases: Vec<(&str, Probe)> = vec![
+        ("not_tls", Probe::Plain(b"GET / HTTP/1.1\r\n\r\n".to_vec())),
+        (
+            "not_tls",
+            Probe::Plain(vec![0xde, 0xad, 0xbe, 0xef, 0, 1, 2, 3, 4, 5, 6, 7]),
+        ),
+        (
+            "unknown_ca",
+            Probe::Tls(
+                client_cert(None, checkout, now - hour, now + hour),
+                After::Nothing,
+            ),
+        ),
+        (
+            "certificate_expired",
+            Probe::Tls(
+                client_cert(Some(&ca), checkout, now - 2 * hour, now - hour),
+                After::Nothing,
+            ),
+        ),
+        (
+            "certificate_not_yet_valid",
+            Probe::Tls(
+                client_cert(Some(&ca), checkout, now + hour, now + 2 * hour),
+                After::Nothing,
+            ),
+        ),
+        (
+            "wrong_trust_domain",
+            Probe::Tls(
+                fresh("spiffe://elsewhere.example/ns/payments/sa/checkout"),
+                After::Preamble(preamble("127.0.0.1:1")),
+            ),
+        ),
+        (
+            "preamble_oversized",
+            Probe::Tls(fresh(checkout), After::Preamble(oversized)),
+        ),
+        (
+            "preamble_timeout",
+            Probe::Tls(fresh(checkout), After::Preamble(vec![b'S', 1])),
+        ),
+        (
+            "unknown_target",
+            Probe::Tls(fresh(checkout), After::Preamble(preamble("127.0.0.1:1"))),
+        ),
+    ];
+    let expected: Vec<&str> = cases.iter().map(|(r, _)| *r).collect();
+    m.pair.a.run(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        for (_, probe) in cases {
+            match probe {
+                Probe::Plain(bytes) => rt.block_on(probe_plain(listener, &bytes)),
+                Probe::Tls(cert, after) => rt.block_on(probe_tls(listener, cert, after)),
+            }
+        }
+    });
+    for reason in &expected {
+        let needed = expected.iter().filter(|r| *r == reason).count();
+        assert!(
+            wait_until(Duration::from_secs(5), || m
+                .b
+                .log()
+                .matches(&format!("refused: {reason}:"))
+                .count()
+                == needed),
+            "expected {needed} x {reason}; log:\n{}",
+            m.b.log()
+        );
+    }
+
+    // The good connection was never disturbed, and a valid peer still gets
+    // through with the same certificate authority.
+    std::fs::write(&go, "").unwrap();
+    assert_eq!(
+        lines(&good.wait_with_output().unwrap()),
+        ["ledger before", "ledger after"]
+    );
+    let ok = lines(&m.a.run_as_client(&call_script(VIP, 1, "fine")));
+    assert_eq!(ok, ["ledger fine 1"]);
+}
