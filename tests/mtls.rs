@@ -194,6 +194,11 @@ fn authorization_lets_checkout_in_and_keeps_batch_out() {
     );
     assert!(m.b.wait_for_log(&refusal), "{}", m.b.log());
     assert_eq!(m.b.log().matches("refused: denied").count(), 1);
+    // The denial counter, as `sluice status` on node B reports it.
+    let out = m.b.sluice(&["status", "-o", "json"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["inbound_refused"]["denied"], 1, "{status}");
+    assert_eq!(status["inbound_accepted"], 1);
 }
 
 /// Certificates that live 4 s are renewed every 2 s; a minute of calls,

@@ -12,7 +12,10 @@ use std::{
     io,
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, SystemTime},
 };
 
@@ -24,6 +27,7 @@ use tokio::{
 };
 
 use crate::{
+    admin::{self, AdminState, StaticInfo},
     catalog::Catalog,
     config::Config,
     drain::{self, DrainWatch},
@@ -37,6 +41,7 @@ use crate::{
         records,
     },
     resilience::health::HealthCheckers,
+    telemetry::{Connections, Metrics, StateCollector, TraceLog, metrics::KernelView},
     tls::{self, Identity, TlsContext, TlsSetupError},
 };
 
@@ -60,6 +65,8 @@ pub enum AgentError {
     Listener(io::Error),
     #[error("inbound mTLS listener: {0}")]
     Inbound(io::Error),
+    #[error("admin API: {0}")]
+    Admin(io::Error),
     #[error("mutual TLS: {0}")]
     Tls(#[from] TlsSetupError),
     #[error("cannot start the runtime: {0}")]
@@ -130,7 +137,8 @@ async fn run_attached(
     created: &mut Vec<PathBuf>,
 ) -> Result<(), AgentError> {
     let (trigger, watch) = drain::channel();
-    if let Some(logger) = redirect.take_logger() {
+    let trace = TraceLog::default();
+    if let Some(logger) = redirect.take_logger(trace.clone()) {
         tokio::spawn(pump_ebpf_log(logger, watch.clone()));
     }
     let records = Arc::new(redirect.take_peer_records()?);
@@ -157,22 +165,76 @@ async fn run_attached(
     let inbound_addr = SocketAddr::new(config.node.address, config.agent.inbound_port);
     let inbound = InboundListener::bind(inbound_addr).map_err(AgentError::Inbound)?;
     let catalog = Arc::new(ArcSwap::from_pointee(catalog));
+    let inbound_stats = Arc::new(InboundStats::default());
     let inbound_ctx = Arc::new(InboundContext {
         catalog: catalog.clone(),
         tls: tls.clone(),
         mark: config.agent.mark,
         handshake_timeout: config.mesh.inbound_handshake_timeout.0,
         connect_timeout: config.agent.connect_timeout.0,
-        stats: Arc::new(InboundStats::default()),
+        stats: inbound_stats.clone(),
     });
+    let kernel = Arc::new(Mutex::new(KernelView {
+        stats: redirect.take_stats()?,
+        pin_dir: config.agent.pin_dir.clone(),
+    }));
+    let metrics = Metrics::new(Some(StateCollector {
+        catalog: catalog.clone(),
+        tls: tls.clone(),
+        inbound: inbound_stats.clone(),
+        kernel: kernel.clone(),
+    }));
+    let connections = Arc::new(Connections::default());
     let ctx = Arc::new(OutboundContext {
         catalog: catalog.clone(),
         records: records.clone(),
         mark: config.agent.mark,
         tls: Some(tls.clone()),
+        metrics: metrics.clone(),
+        connections: connections.clone(),
     });
 
+    // The admin API outlives the data plane's drain, so that it can answer
+    // "stopping" until the end.
+    let (admin_trigger, admin_watch) = drain::channel();
+    let admin = Arc::new(AdminState {
+        info: StaticInfo {
+            node: config.node.name.value.clone(),
+            config: config.source.display().to_string(),
+            cgroup: root.display().to_string(),
+            pin_dir: config.agent.pin_dir.display().to_string(),
+            outbound: outbound.to_string(),
+            inbound: inbound_addr.to_string(),
+            admin: config.agent.admin.to_string(),
+            trust_domain: config.mesh.trust_domain.value.clone(),
+        },
+        started: std::time::Instant::now(),
+        catalog: catalog.clone(),
+        metrics: metrics.clone(),
+        connections,
+        tls: tls.clone(),
+        inbound: inbound_stats,
+        kernel,
+        attached: AtomicBool::new(false),
+        stopping: AtomicBool::new(false),
+        trace,
+    });
+    let mut admin_addrs = vec![config.agent.admin];
+    if config.agent.admin_on_node_address {
+        admin_addrs.push(SocketAddr::new(
+            config.node.address,
+            config.agent.admin.port(),
+        ));
+    }
+    for addr in admin_addrs {
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            AgentError::Admin(io::Error::new(e.kind(), format!("cannot bind {addr}: {e}")))
+        })?;
+        tokio::spawn(admin::serve(listener, admin.clone(), admin_watch.clone()));
+    }
+
     redirect.attach(root)?;
+    admin.attached.store(true, Ordering::Release);
     let server = tokio::spawn(listener.serve(ctx, watch.clone()));
     let inbound_server = tokio::spawn(inbound.serve(inbound_ctx, watch.clone()));
     tokio::spawn(sweep_records(records, cookie_records, watch.clone()));
@@ -192,8 +254,10 @@ async fn run_attached(
         drain: watch,
         tls,
         identities,
+        metrics,
     };
     live.serve_until_stopped().await;
+    admin.stopping.store(true, Ordering::Release);
     info!(
         "stopping: no new connections; draining {} open (up to {})",
         trigger.active(),
@@ -206,6 +270,7 @@ async fn run_attached(
         }
     }
     let left = trigger.wait_idle(config.agent.drain_timeout.0).await;
+    admin_trigger.start();
     if left > 0 {
         warn!("drain deadline passed with {left} connections open; closing them");
     } else {
@@ -227,6 +292,7 @@ struct Live<'a> {
     drain: DrainWatch,
     tls: Arc<TlsContext>,
     identities: Arc<ArcSwap<Vec<Identity>>>,
+    metrics: Arc<Metrics>,
 }
 
 /// The identities of this node's workloads.
@@ -282,6 +348,7 @@ impl Live<'_> {
         let new = match Config::load(path) {
             Ok(new) => new,
             Err(e) => {
+                self.metrics.reload(false);
                 return error!("config reload refused; the running config stays in force:\n{e}");
             }
         };
@@ -300,11 +367,13 @@ impl Live<'_> {
         let cgroups = match workload_cgroups(&new, self.root, self.created) {
             Ok(c) => c,
             Err(e) => {
+                self.metrics.reload(false);
                 return error!("config reload refused ({e}); the running config stays in force");
             }
         };
         let catalog = Catalog::from_config(&new, &cgroups, Some(&self.catalog.load()));
         if let Err(e) = self.redirect.sync_services(&catalog.service_map()) {
+            self.metrics.reload(false);
             return error!("config reload refused ({e}); the running config stays in force");
         }
         let services = catalog.services().count();
@@ -318,6 +387,7 @@ impl Live<'_> {
         let checkers = HealthCheckers::start(&catalog, self.config.agent.mark, &self.drain);
         self.catalog.store(Arc::new(catalog));
         self.checkers = checkers;
+        self.metrics.reload(true);
         info!(
             "config reloaded: {services} services, {} workloads",
             new.workloads.len()
@@ -326,7 +396,7 @@ impl Live<'_> {
 }
 
 /// Forwards the programs' aya-log events to the agent's log.
-async fn pump_ebpf_log(logger: aya_log::EbpfLogger<&'static dyn log::Log>, mut drain: DrainWatch) {
+async fn pump_ebpf_log(logger: aya_log::EbpfLogger<TraceLog>, mut drain: DrainWatch) {
     // SAFETY: the logger owns its ring buffer's fd and keeps it open and
     // unchanged until the AsyncFd (which owns the logger) is dropped.
     let mut fd = match unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) } {

@@ -5,6 +5,7 @@
 //! endpoint ([`lb`]) from the [`catalog`] and carries the bytes. See
 //! DESIGN.md for the whole picture.
 
+pub mod admin;
 pub mod authz;
 pub mod catalog;
 pub mod cli;
@@ -15,4 +16,5 @@ pub mod lb;
 pub mod proxy;
 pub mod redirect;
 pub mod resilience;
+pub mod telemetry;
 pub mod tls;

@@ -11,6 +11,8 @@ fn main() -> ExitCode {
     match cli::run(cli) {
         Ok(Outcome::Success) => ExitCode::SUCCESS,
         Ok(Outcome::Invalid) => ExitCode::from(2),
+        Ok(Outcome::Unreachable) => ExitCode::from(3),
+        Ok(Outcome::NotReady) => ExitCode::from(4),
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

@@ -159,6 +159,7 @@ pub struct AgentConfig {
     pub pin_dir: PathBuf,
     pub outbound_port: u16,
     pub inbound_port: u16,
+    pub admin_port: u16,
     agent_extra: String,
 }
 
@@ -179,6 +180,7 @@ impl AgentConfig {
             cgroup_root: name,
             outbound_port: free_port(),
             inbound_port: free_port(),
+            admin_port: free_port(),
             agent_extra: agent_extra.to_owned(),
         };
         config.rewrite(services);
@@ -203,12 +205,13 @@ impl AgentConfig {
         let mut yaml = format!(
             "node:\n  name: test\n  cgroup_root: {name}\nagent:\n  outbound: 127.0.0.1:{port}\n  \
              pin_dir: {pins}\n  connect_timeout: 300ms\n  drain_timeout: 10s\n  inbound_port: {inbound}\n  \
-             state_dir: {state}\n{extra}\
+             state_dir: {state}\n  admin: 127.0.0.1:{admin}\n{extra}\
              workloads:\n  - name: client\n    namespace: payments\n    service_account: client\nservices:{empty}\n",
             name = self.cgroup_root,
             port = self.outbound_port,
             pins = self.pin_dir.display(),
             inbound = self.inbound_port,
+            admin = self.admin_port,
             state = self.dir.join("state").display(),
             extra = self.agent_extra,
             empty = if services.is_empty() { " []" } else { "" }
@@ -371,10 +374,14 @@ impl Agent {
         let _ = self.child.wait();
     }
 
-    /// Runs another `sluice` subcommand against this agent's config.
+    /// Runs another `sluice` subcommand against this agent's config, in
+    /// the agent's network namespace if it has one.
     pub fn sluice(&self, args: &[&str]) -> Output {
-        Command::new(sluice_bin())
-            .args(args)
+        let mut cmd = Command::new(sluice_bin());
+        if let Some(path) = &self.netns {
+            enter_netns_on_exec(&mut cmd, path);
+        }
+        cmd.args(args)
             .env("SLUICE_CONFIG", &self.config_path)
             .output()
             .expect("run sluice")
@@ -651,10 +658,11 @@ impl AgentConfig {
     pub fn agent_block(&self, state_dir: &Path, inbound_port: u16) -> String {
         format!(
             "agent:\n  outbound: 127.0.0.1:{}\n  pin_dir: {}\n  connect_timeout: 1s\n  \
-             drain_timeout: 5s\n  inbound_port: {inbound_port}\n  state_dir: {}\n",
+             drain_timeout: 5s\n  inbound_port: {inbound_port}\n  state_dir: {}\n  admin: 127.0.0.1:{}\n",
             self.outbound_port,
             self.pin_dir.display(),
-            state_dir.display()
+            state_dir.display(),
+            self.admin_port
         )
     }
 }

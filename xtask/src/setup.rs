@@ -8,14 +8,16 @@ use anyhow::{Context as _, bail};
 use crate::run as run_cmd;
 
 /// Debian packages bpf-linker is built against (LLVM 22), and tools the
-/// tests use.
-const APT_PACKAGES: [&str; 6] = [
+/// tests use: iproute2 (network namespaces as nodes), prometheus (a real
+/// server scrapes the agent; promtool checks the exposition).
+const APT_PACKAGES: [&str; 7] = [
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
     "zlib1g-dev",
     "libxml2-dev",
     "iproute2",
+    "prometheus",
 ];
 const BPF_LINKER_VERSION: &str = "0.13";
 

@@ -25,6 +25,7 @@ use crate::{
     resilience::{
         BudgetSettings, EndpointState, OutlierSettings, ServiceState, TIER_ANYWHERE, Thresholds,
     },
+    telemetry::MetricsCache,
     tls::Identity,
 };
 
@@ -64,6 +65,8 @@ pub struct Service {
     pub policy: ServicePolicy,
     pub state: Arc<ServiceState>,
     pub mode: Mode,
+    /// Metric handles of this service's connections, resolved on first use.
+    pub metrics: MetricsCache,
 }
 
 /// One instance of a service.
@@ -331,6 +334,7 @@ impl Catalog {
                     policy: ServicePolicy::from_spec(s, config.agent.connect_timeout.0),
                     state: old.map_or_else(Default::default, |o| o.state.clone()),
                     mode: s.mode,
+                    metrics: MetricsCache::default(),
                 };
                 (vip, Arc::new(service))
             })

@@ -1,6 +1,7 @@
 //! The `sluice` command line: the daemon and the node-local tools.
 
 mod exec;
+mod inspect;
 
 use std::path::{Path, PathBuf};
 
@@ -8,6 +9,8 @@ use anyhow::{Context as _, anyhow};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::{config::Config, daemon, redirect};
+pub use inspect::Output;
+use inspect::View;
 
 /// Where the config is looked for when `--config` is not given.
 pub const DEFAULT_CONFIG: &str = "/etc/sluice/sluice.yaml";
@@ -50,6 +53,39 @@ pub enum Command {
     Maps {
         #[arg(long, short, env = "SLUICE_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+        #[arg(long, short, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// The agent: programs and where they are attached, listeners, version,
+    /// uptime, totals. Exit 0 when ready, 4 when starting or stopping.
+    Status(Ask),
+    /// Meshed services: address, mode, endpoints eligible, connections.
+    Services(Ask),
+    /// Endpoints: health, breaker state, ejected until, in flight, weight,
+    /// node.
+    Endpoints {
+        #[command(flatten)]
+        ask: Ask,
+        /// Only this service (`name` or `namespace/name`).
+        service: Option<String>,
+    },
+    /// Live connections: source workload, destination, security, bytes, age.
+    Conns(Ask),
+    /// Circuit breakers: connections against thresholds, fast failures,
+    /// retries, ejections.
+    Breakers(Ask),
+    /// Certificates: identities and when they expire.
+    Certs(Ask),
+    /// Workloads this agent meshes, with their identities.
+    Workloads(Ask),
+    /// Follow the redirect decisions of the eBPF programs live (switches
+    /// their log events on for the duration).
+    Trace {
+        #[arg(long, short, env = "SLUICE_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Stop after this many seconds (Ctrl-C stops earlier).
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
     },
     /// The local certificate authority of the single-machine default.
     Ca {
@@ -62,6 +98,30 @@ pub enum Command {
         config: PathBuf,
         state: Switch,
     },
+}
+
+/// How to reach the running agent, and what to print.
+#[derive(Debug, clap::Args)]
+pub struct Ask {
+    /// Config file, to find the admin address.
+    #[arg(long, short, env = "SLUICE_CONFIG", default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
+    /// The admin address (overrides the config's `agent.admin`).
+    #[arg(long)]
+    pub admin: Option<std::net::SocketAddr>,
+    #[arg(long, short, value_enum, default_value = "table")]
+    pub output: Output,
+}
+
+impl Ask {
+    /// The admin address: --admin, else the config's, else the default.
+    fn admin(&self) -> std::net::SocketAddr {
+        self.admin.unwrap_or_else(|| {
+            Config::load(&self.config)
+                .map(|c| c.agent.admin)
+                .unwrap_or_else(|_| crate::config::AgentConfig::default().admin)
+        })
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -95,6 +155,24 @@ pub enum Outcome {
     Success,
     /// Bad input: config errors, unknown names (exit code 2).
     Invalid,
+    /// The agent cannot be reached (exit code 3).
+    Unreachable,
+    /// The agent answers but is not ready (exit code 4).
+    NotReady,
+}
+
+fn ask(result: Result<Outcome, inspect::InspectError>) -> anyhow::Result<Outcome> {
+    match result {
+        Ok(o) => Ok(o),
+        Err(e) => {
+            eprintln!("{e}");
+            Ok(if e.exit_code() == 3 {
+                Outcome::Unreachable
+            } else {
+                Outcome::Invalid
+            })
+        }
+    }
 }
 
 /// Runs one command. Errors are for the caller to print.
@@ -146,10 +224,28 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
             );
             Ok(Outcome::Success)
         }
-        Command::Maps { config } => {
+        Command::Maps { config, output } => {
             let config = load_or_report(&config).ok_or_else(|| anyhow!("invalid config"))?;
-            print_maps(&config.agent.pin_dir)?;
+            print_maps(&config.agent.pin_dir, output)?;
             Ok(Outcome::Success)
+        }
+        Command::Status(a) => ask(inspect::status(a.admin(), a.output)),
+        Command::Services(a) => ask(inspect::list(a.admin(), View::Services, None, a.output)),
+        Command::Endpoints { ask: a, service } => ask(inspect::list(
+            a.admin(),
+            View::Endpoints,
+            service.as_deref(),
+            a.output,
+        )),
+        Command::Conns(a) => ask(inspect::list(a.admin(), View::Conns, None, a.output)),
+        Command::Breakers(a) => ask(inspect::list(a.admin(), View::Breakers, None, a.output)),
+        Command::Certs(a) => ask(inspect::list(a.admin(), View::Certs, None, a.output)),
+        Command::Workloads(a) => ask(inspect::list(a.admin(), View::Workloads, None, a.output)),
+        Command::Trace { config, seconds } => {
+            let Some(config) = load_or_report(&config) else {
+                return Ok(Outcome::Invalid);
+            };
+            trace(&config, seconds)
         }
         Command::EbpfLog { config, state } => {
             let config = load_or_report(&config).ok_or_else(|| anyhow!("invalid config"))?;
@@ -166,6 +262,49 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
     }
 }
 
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_: libc::c_int) {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// `sluice trace`: switches the programs' events on, prints them as the
+/// agent streams them, and switches them off again (unless the config
+/// keeps them on), also on Ctrl-C.
+fn trace(config: &Config, seconds: u64) -> anyhow::Result<Outcome> {
+    let pin_dir = &config.agent.pin_dir;
+    redirect::set_pinned_log(pin_dir, true).with_context(|| {
+        format!(
+            "is the agent running? nothing usable is pinned in {}",
+            pin_dir.display()
+        )
+    })?;
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(
+            libc::SIGINT,
+            on_interrupt as extern "C" fn(libc::c_int) as libc::sighandler_t,
+        );
+    }
+    eprintln!("tracing redirect decisions for {seconds}s (Ctrl-C to stop)");
+    let result = crate::admin::client::stream_lines(
+        config.agent.admin,
+        &format!("/debug/trace?seconds={seconds}"),
+        || INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed),
+        |line| println!("{line}"),
+    );
+    if !config.agent.ebpf_log {
+        let _ = redirect::set_pinned_log(pin_dir, false);
+    }
+    match result {
+        Ok(()) => Ok(Outcome::Success),
+        Err(e) => {
+            eprintln!("{e}");
+            Ok(Outcome::Unreachable)
+        }
+    }
+}
+
 /// Loads a config, printing every problem to stderr if it is invalid.
 fn load_or_report(path: &Path) -> Option<Config> {
     match Config::load(path) {
@@ -177,10 +316,26 @@ fn load_or_report(path: &Path) -> Option<Config> {
     }
 }
 
-fn print_maps(pin_dir: &Path) -> anyhow::Result<()> {
+fn print_maps(pin_dir: &Path, output: Output) -> anyhow::Result<()> {
     let (by_cookie, by_peer) = redirect::pinned_record_counts(pin_dir)
         .with_context(|| format!("no Sluice maps are pinned in {}", pin_dir.display()))?;
     let stats = redirect::ProgramStats::from_pin(pin_dir)?;
+    if output == Output::Json {
+        let counters: serde_json::Map<String, serde_json::Value> = stats
+            .totals()
+            .iter()
+            .map(|(s, n)| (s.name().to_owned(), serde_json::json!(n)))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({
+                "pin_dir": pin_dir.display().to_string(),
+                "records": {"orig_by_cookie": by_cookie, "orig_by_peer": by_peer},
+                "counters": counters,
+            })
+        );
+        return Ok(());
+    }
     println!("pin_dir          {}", pin_dir.display());
     println!("records pending  {by_cookie} (connecting), {by_peer} (waiting for accept)");
     for (stat, n) in stats.totals() {

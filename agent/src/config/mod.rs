@@ -13,7 +13,7 @@ pub mod policy;
 use std::{
     collections::{HashMap, HashSet},
     fmt,
-    net::{IpAddr, Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -112,6 +112,11 @@ pub struct AgentConfig {
     pub inbound_port: u16,
     /// Where the agent keeps state: the local CA lives in `ca/` below it.
     pub state_dir: PathBuf,
+    /// The admin API (health, readiness, metrics, debug views).
+    pub admin: SocketAddr,
+    /// Also serve the admin API on `node.address` (same port), e.g. for
+    /// Prometheus on another machine. Off: localhost only.
+    pub admin_on_node_address: bool,
 }
 
 impl Default for AgentConfig {
@@ -126,6 +131,8 @@ impl Default for AgentConfig {
             ebpf_log: false,
             inbound_port: 15008,
             state_dir: PathBuf::from("/var/lib/sluice"),
+            admin: SocketAddr::from((Ipv4Addr::LOCALHOST, 15020)),
+            admin_on_node_address: false,
         }
     }
 }

@@ -32,11 +32,13 @@ pub enum CopyEnd {
     MaxDuration,
 }
 
-/// Bytes moved each way.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Transferred {
-    pub client_to_upstream: u64,
-    pub upstream_to_client: u64,
+/// Bytes moved each way, readable while the connection lives.
+#[derive(Debug, Default)]
+pub struct ByteCounters {
+    /// Client to upstream.
+    pub sent: AtomicU64,
+    /// Upstream to client.
+    pub received: AtomicU64,
 }
 
 /// A byte stream the proxy can split into halves and reset.
@@ -106,10 +108,11 @@ pub async fn proxy<C: Duplex, U: Duplex>(
     upstream: &mut U,
     idle: Duration,
     max_duration: Option<Duration>,
-) -> (CopyEnd, Transferred) {
+    bytes: &ByteCounters,
+) -> CopyEnd {
     let last_activity = AtomicU64::new(now_ms());
-    let up_sent = AtomicU64::new(0);
-    let down_sent = AtomicU64::new(0);
+    let up_sent = &bytes.sent;
+    let down_sent = &bytes.received;
     let (end, reset) = {
         let (cr, cw) = client.halves();
         let (ur, uw) = upstream.halves();
@@ -117,12 +120,12 @@ pub async fn proxy<C: Duplex, U: Duplex>(
             // The first error ends both directions.
             let result = tokio::try_join!(
                 async {
-                    one_way(cr, uw, &last_activity, &up_sent)
+                    one_way(cr, uw, &last_activity, up_sent)
                         .await
                         .map_err(|e| (true, e))
                 },
                 async {
-                    one_way(ur, cw, &last_activity, &down_sent)
+                    one_way(ur, cw, &last_activity, down_sent)
                         .await
                         .map_err(|e| (false, e))
                 },
@@ -151,13 +154,7 @@ pub async fn proxy<C: Duplex, U: Duplex>(
         client.reset_on_close();
         upstream.reset_on_close();
     }
-    (
-        end,
-        Transferred {
-            client_to_upstream: up_sent.load(Ordering::Relaxed),
-            upstream_to_client: down_sent.load(Ordering::Relaxed),
-        },
-    )
+    end
 }
 
 /// Which end of a one-way copy failed.

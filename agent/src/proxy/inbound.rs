@@ -342,6 +342,7 @@ async fn handle(
         }
     };
     ctx.stats.accepted.fetch_add(1, Ordering::Relaxed);
-    let (end, _) = proxy(&mut tls, &mut upstream, DEFAULT_IDLE_TIMEOUT, None).await;
+    let bytes = super::copy::ByteCounters::default();
+    let end = proxy(&mut tls, &mut upstream, DEFAULT_IDLE_TIMEOUT, None, &bytes).await;
     debug!("inbound {peer} ({caller}) -> {target}: {end:?}");
 }

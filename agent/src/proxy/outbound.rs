@@ -9,7 +9,7 @@ use log::{debug, info, warn};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use super::{
-    copy::{CopyEnd, Transferred, proxy},
+    copy::{CopyEnd, proxy},
     preamble,
     socket::{connect_marked, netns_cookie},
 };
@@ -22,6 +22,7 @@ use crate::{
     resilience::{
         self, Admission, Chosen, NoEndpoint, Outcome, Overflow, RetryDenied, Tried, clock::now_ms,
     },
+    telemetry::{CloseReason, Connections, LiveConnection, Metrics},
     tls::TlsContext,
 };
 /// Pending connections the kernel queues for one listener.
@@ -35,6 +36,8 @@ pub struct OutboundContext {
     pub mark: u32,
     /// Present when mutual TLS to other nodes is set up.
     pub tls: Option<Arc<TlsContext>>,
+    pub metrics: Arc<Metrics>,
+    pub connections: Arc<Connections>,
 }
 
 /// An upstream connection: direct, or over mTLS to the peer node's agent.
@@ -162,17 +165,28 @@ async fn handle(
         )
     };
     let policy = &service.policy;
+    let started = tokio::time::Instant::now();
+    let refused = |reason: CloseReason| {
+        let m = ctx.metrics.connection(&service, source.as_deref(), None);
+        m.opened.inc();
+        m.closed(reason).inc();
+    };
     let Some(_connection_slot) = service.state.open_connection(&policy.thresholds) else {
         fail_fast(&service, Overflow::MaxConnections);
+        refused(CloseReason::Overflow);
         return reset(client);
     };
     let pick = PickContext {
         source_workload: source.as_deref().map(|w| w.name.as_str()),
         source_addr: peer.ip(),
     };
-    let Some((upstream, chosen)) = connect_upstream(&ctx, &service, &pick, source.as_deref()).await
-    else {
-        return reset(client);
+    let (upstream, chosen) = match connect_upstream(&ctx, &service, &pick, source.as_deref()).await
+    {
+        Ok(connected) => connected,
+        Err(reason) => {
+            refused(reason);
+            return reset(client);
+        }
     };
     if service.state.note_served() {
         info!(
@@ -181,14 +195,55 @@ async fn handle(
         );
     }
     let endpoint = &service.endpoints[chosen.index];
+    let metrics = ctx
+        .metrics
+        .connection(&service, source.as_deref(), Some(chosen.index));
+    metrics.opened.inc();
+    metrics.connect.observe(started.elapsed().as_secs_f64());
+    metrics.active.inc();
     let _in_flight = endpoint.state.open_connection();
+    let listed = ctx.connections.add(|id| LiveConnection {
+        id,
+        source_workload: source
+            .as_deref()
+            .map_or_else(|| "unknown".into(), |w| w.name.clone()),
+        source_namespace: source
+            .as_deref()
+            .map_or_else(|| "unknown".into(), |w| w.namespace.clone()),
+        destination_service: service.qualified_name(),
+        endpoint: endpoint.addr,
+        security: if matches!(upstream, Upstream::Tls(_)) {
+            "mutual_tls"
+        } else {
+            "plaintext"
+        },
+        started: std::time::SystemTime::now(),
+        bytes: Default::default(),
+    });
     let mut client = client;
     let _ = client.set_nodelay(true);
     let (idle, lifetime) = (policy.idle_timeout, policy.max_connection_duration);
-    let (end, _bytes): (CopyEnd, Transferred) = match upstream {
-        Upstream::Plain(mut up) => proxy(&mut client, &mut up, idle, lifetime).await,
-        Upstream::Tls(mut up) => proxy(&mut client, &mut *up, idle, lifetime).await,
+    let bytes = &listed.connection.bytes;
+    let end = match upstream {
+        Upstream::Plain(mut up) => proxy(&mut client, &mut up, idle, lifetime, bytes).await,
+        Upstream::Tls(mut up) => proxy(&mut client, &mut *up, idle, lifetime, bytes).await,
     };
+    metrics
+        .sent
+        .inc_by(bytes.sent.load(std::sync::atomic::Ordering::Relaxed));
+    metrics
+        .received
+        .inc_by(bytes.received.load(std::sync::atomic::Ordering::Relaxed));
+    metrics.duration.observe(started.elapsed().as_secs_f64());
+    metrics.active.dec();
+    let reason = match end {
+        CopyEnd::Closed => CloseReason::Closed,
+        CopyEnd::UpstreamReset => CloseReason::UpstreamReset,
+        CopyEnd::ClientError => CloseReason::ClientError,
+        CopyEnd::Idle => CloseReason::IdleTimeout,
+        CopyEnd::MaxDuration => CloseReason::MaxDuration,
+    };
+    metrics.closed(reason).inc();
     match end {
         CopyEnd::UpstreamReset => {
             let normal = Chosen {
@@ -215,7 +270,7 @@ async fn connect_upstream(
     service: &Service,
     pick: &PickContext<'_>,
     source: Option<&Workload>,
-) -> Option<(Upstream, Chosen)> {
+) -> Result<(Upstream, Chosen), CloseReason> {
     let policy = &service.policy;
     let mut tried = Tried::default();
     let max_attempts = (policy.max_connect_attempts as usize).min(resilience::MAX_ATTEMPTS);
@@ -225,7 +280,7 @@ async fn connect_upstream(
             None
         } else {
             if tried.len() >= max_attempts {
-                return None;
+                return Err(CloseReason::ConnectFailed);
             }
             match service
                 .state
@@ -234,33 +289,34 @@ async fn connect_upstream(
                 Ok(slot) => Some(slot),
                 Err(RetryDenied::MaxRetries) => {
                     fail_fast(service, Overflow::MaxRetries);
-                    return None;
+                    return Err(CloseReason::Overflow);
                 }
                 // Counted in the service state; the outage is already logged.
-                Err(RetryDenied::BudgetExhausted) => return None,
+                Err(RetryDenied::BudgetExhausted) => return Err(CloseReason::ConnectFailed),
             }
         };
         let chosen = match resilience::choose(service, pick, &tried, now) {
             Ok(chosen) => chosen,
             Err(NoEndpoint::FailClosed) => {
                 fail_fast(service, Overflow::NoEligibleEndpoint);
-                return None;
+                return Err(CloseReason::Overflow);
             }
-            Err(NoEndpoint::Exhausted) => return None,
+            Err(NoEndpoint::Exhausted) if tried.is_empty() => return Err(CloseReason::NoEndpoint),
+            Err(NoEndpoint::Exhausted) => return Err(CloseReason::ConnectFailed),
         };
         tried.add(chosen.index);
         let endpoint = &service.endpoints[chosen.index];
         let Some(_pending) = service.state.start_connect(&policy.thresholds, now) else {
             endpoint.state.cancel(chosen.admission);
             fail_fast(service, Overflow::MaxPendingConnects);
-            return None;
+            return Err(CloseReason::Overflow);
         };
         let started = tokio::time::Instant::now();
         match dial(ctx, service, endpoint, source).await {
             Ok(upstream) => {
                 let micros = started.elapsed().as_micros() as u64;
                 resilience::report(service, chosen, Outcome::Connected { micros }, now_ms());
-                return Some((upstream, chosen));
+                return Ok((upstream, chosen));
             }
             Err(DialError::Caller(why)) => {
                 endpoint.state.cancel(chosen.admission);
@@ -269,7 +325,7 @@ async fn connect_upstream(
                     service.qualified_name(),
                     endpoint.addr
                 );
-                return None;
+                return Err(CloseReason::ConnectFailed);
             }
             Err(DialError::Endpoint(e)) => {
                 warn!(

@@ -202,8 +202,8 @@ impl Redirect {
 
     /// Hands the aya-log ring buffer to a reader; `None` if the object has
     /// no log map.
-    pub fn take_logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
-        match aya_log::EbpfLogger::init(&mut self.ebpf) {
+    pub fn take_logger<L: log::Log>(&mut self, logger: L) -> Option<aya_log::EbpfLogger<L>> {
+        match aya_log::EbpfLogger::init_with_logger(&mut self.ebpf, logger) {
             Ok(logger) => Some(logger),
             Err(e) => {
                 warn!("eBPF log events are unavailable: {e}");

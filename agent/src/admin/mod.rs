@@ -1,0 +1,418 @@
+//! The admin API: health, readiness, metrics, and JSON views of the agent's
+//! state for `sluice status` and friends. It listens on `agent.admin`
+//! (127.0.0.1:15020: never reachable from outside the node unless
+//! configured) and runs apart from the data plane's accept loops.
+//!
+//! A deliberately small HTTP/1.1 server: GET only, one request per
+//! connection, bounded in size and time. It answers while the agent starts
+//! and stops, honestly (`/readyz` says why it is not ready).
+
+pub mod client;
+
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use arc_swap::ArcSwap;
+use log::warn;
+use serde_json::{Value, json};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+use crate::{
+    catalog::Catalog,
+    drain::DrainWatch,
+    proxy::inbound::{InboundStats, Refusal},
+    resilience::{Overflow, clock::now_ms, eligible_endpoints},
+    telemetry::{Connections, Metrics, TraceLog, metrics::KernelView},
+    tls::TlsContext,
+};
+
+/// Largest request the admin server reads.
+const MAX_REQUEST: usize = 8 * 1024;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Facts about the running agent that do not change after start.
+#[derive(Debug, Clone)]
+pub struct StaticInfo {
+    pub node: String,
+    pub config: String,
+    pub cgroup: String,
+    pub pin_dir: String,
+    pub outbound: String,
+    pub inbound: String,
+    pub admin: String,
+    pub trust_domain: String,
+}
+
+/// Everything the admin views read.
+pub struct AdminState {
+    pub info: StaticInfo,
+    pub started: Instant,
+    pub catalog: Arc<ArcSwap<Catalog>>,
+    pub metrics: Arc<Metrics>,
+    pub connections: Arc<Connections>,
+    pub tls: Arc<TlsContext>,
+    pub inbound: Arc<InboundStats>,
+    pub kernel: Arc<Mutex<KernelView>>,
+    /// Set once the programs are attached.
+    pub attached: AtomicBool,
+    /// Set when the drain starts.
+    pub stopping: AtomicBool,
+    /// The eBPF programs' events, for `/debug/trace`.
+    pub trace: TraceLog,
+}
+
+impl AdminState {
+    /// Why the agent is not ready, if it is not.
+    fn not_ready(&self) -> Vec<String> {
+        let mut why = Vec::new();
+        if self.stopping.load(Ordering::Acquire) {
+            why.push("stopping: draining connections".to_owned());
+        }
+        if !self.attached.load(Ordering::Acquire) {
+            why.push("eBPF programs not attached yet".to_owned());
+        }
+        let catalog = self.catalog.load();
+        for w in catalog.workloads() {
+            if self.tls.store.get(&w.identity).is_none() {
+                why.push(format!("no certificate for {}", w.identity));
+            }
+        }
+        why
+    }
+}
+
+/// Serves the admin API on `listener` until the drain ends.
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, mut drain: DrainWatch) {
+    loop {
+        let accepted = tokio::select! {
+            _ = drain.draining() => break,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                let state = state.clone();
+                tokio::spawn(async move {
+                    let _ = answer(stream, &state).await;
+                });
+            }
+            Err(e) => {
+                warn!("admin listener: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn answer(mut stream: TcpStream, state: &AdminState) -> std::io::Result<()> {
+    let mut buf = vec![0u8; MAX_REQUEST];
+    let mut len = 0;
+    // The request must arrive within the deadline; a trace then streams
+    // for as long as it asked.
+    let read = async {
+        while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+            if len == buf.len() {
+                return Ok(false);
+            }
+            let n = stream.read(&mut buf[len..]).await?;
+            if n == 0 {
+                return Ok(false);
+            }
+            len += n;
+        }
+        Ok::<bool, std::io::Error>(true)
+    };
+    match tokio::time::timeout(REQUEST_TIMEOUT, read).await {
+        Ok(Ok(true)) => {}
+        Ok(Ok(false)) if len == buf.len() => {
+            return respond(&mut stream, 431, "text/plain", "request too large\n").await;
+        }
+        _ => return Ok(()),
+    }
+    let head = String::from_utf8_lossy(&buf[..len]);
+    let mut parts = head.lines().next().unwrap_or("").split_whitespace();
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    if method != "GET" {
+        return respond(&mut stream, 405, "text/plain", "only GET\n").await;
+    }
+    let path = target.split('?').next().unwrap_or("");
+    match path {
+        "/healthz" => respond(&mut stream, 200, "text/plain", "ok\n").await,
+        "/readyz" => {
+            let why = state.not_ready();
+            let body = json!({ "ready": why.is_empty(), "reasons": why }).to_string();
+            let code = if why.is_empty() { 200 } else { 503 };
+            respond(&mut stream, code, "application/json", &body).await
+        }
+        "/metrics" => {
+            // Content negotiation: OpenMetrics for who asks for it (the
+            // Prometheus server does), the classic text format otherwise.
+            let openmetrics = head.lines().any(|l| {
+                l.to_ascii_lowercase().starts_with("accept:")
+                    && l.contains("application/openmetrics-text")
+            });
+            if openmetrics {
+                let body = state.metrics.encode();
+                let kind = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+                respond(&mut stream, 200, kind, &body).await
+            } else {
+                let body = state.metrics.encode_prometheus_text();
+                let kind = "text/plain; version=0.0.4; charset=utf-8";
+                respond(&mut stream, 200, kind, &body).await
+            }
+        }
+        "/debug/trace" => trace(&mut stream, state, target).await,
+        _ => match view(state, path) {
+            Some(v) => respond(&mut stream, 200, "application/json", &v.to_string()).await,
+            None => respond(&mut stream, 404, "text/plain", "no such page\n").await,
+        },
+    }
+}
+
+/// Streams the eBPF programs' events, one per line, for `?seconds=N`
+/// (default 10, at most 3600) or until the client goes away.
+async fn trace(stream: &mut TcpStream, state: &AdminState, target: &str) -> std::io::Result<()> {
+    let seconds = target
+        .split_once("seconds=")
+        .and_then(|(_, v)| v.split('&').next()?.parse::<u64>().ok())
+        .unwrap_or(10)
+        .min(3600);
+    let mut events = state.trace.subscribe();
+    stream
+        .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\nconnection: close\r\n\r\n")
+        .await?;
+    let until = tokio::time::Instant::now() + Duration::from_secs(seconds);
+    loop {
+        let event = tokio::select! {
+            _ = tokio::time::sleep_until(until) => break,
+            e = events.recv() => e,
+        };
+        match event {
+            Ok(line) => {
+                stream.write_all(line.as_bytes()).await?;
+                stream.write_all(b"\n").await?;
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                stream
+                    .write_all(format!("({n} events dropped: tracing too slowly)\n").as_bytes())
+                    .await?;
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+        }
+    }
+    stream.shutdown().await
+}
+
+async fn respond(stream: &mut TcpStream, code: u16, kind: &str, body: &str) -> std::io::Result<()> {
+    let reason = match code {
+        200 => "OK",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        431 => "Request Header Fields Too Large",
+        _ => "Service Unavailable",
+    };
+    let head = format!(
+        "HTTP/1.1 {code} {reason}\r\ncontent-type: {kind}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The JSON debug views.
+fn view(state: &AdminState, path: &str) -> Option<Value> {
+    let catalog = state.catalog.load();
+    let mut services: Vec<_> = catalog.services().cloned().collect();
+    services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    let now = now_ms();
+    Some(match path {
+        "/debug/status" => {
+            let kernel = state.kernel.lock().ok();
+            let stats: serde_json::Map<String, Value> = kernel
+                .as_ref()
+                .map(|k| {
+                    k.stats
+                        .totals()
+                        .iter()
+                        .map(|(s, n)| (s.name().to_owned(), json!(n)))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let why = state.not_ready();
+            json!({
+                "version": env!("CARGO_PKG_VERSION"),
+                "node": state.info.node,
+                "config": state.info.config,
+                "uptime_seconds": state.started.elapsed().as_secs(),
+                "ready": why.is_empty(),
+                "not_ready_reasons": why,
+                "programs": [
+                    {"name": "connect4", "type": "cgroup/connect4", "cgroup": state.info.cgroup,
+                     "attached": state.attached.load(Ordering::Acquire)},
+                    {"name": "sluice_sockops", "type": "sock_ops", "cgroup": state.info.cgroup,
+                     "attached": state.attached.load(Ordering::Acquire)},
+                ],
+                "pin_dir": state.info.pin_dir,
+                "listeners": {
+                    "outbound": state.info.outbound,
+                    "inbound_mtls": state.info.inbound,
+                    "admin": state.info.admin,
+                },
+                "trust_domain": state.info.trust_domain,
+                "services": services.len(),
+                "workloads": catalog.workloads().len(),
+                "connections_active": state.connections.snapshot().len(),
+                "inbound_accepted": state.inbound.accepted(),
+                "inbound_refused": Refusal::ALL
+                    .iter()
+                    .map(|r| (r.name().to_owned(), json!(state.inbound.refused(*r))))
+                    .collect::<serde_json::Map<String, Value>>(),
+                "redirects": stats,
+            })
+        }
+        "/debug/services" => Value::Array(
+            services
+                .iter()
+                .map(|s| {
+                    json!({
+                        "name": s.name,
+                        "namespace": s.namespace,
+                        "address": s.vip.to_string(),
+                        "mode": s.mode.name(),
+                        "endpoints": s.endpoints.len(),
+                        "eligible": eligible_endpoints(s, now).len(),
+                        "panicking": s.state.is_panicking(),
+                        "connections": s.state.connections(),
+                    })
+                })
+                .collect(),
+        ),
+        "/debug/endpoints" => Value::Array(
+            services
+                .iter()
+                .flat_map(|s| {
+                    s.endpoints.iter().map(move |e| {
+                        let phase = e.state.phase();
+                        let until = e.state.ejected_until();
+                        json!({
+                            "service": s.qualified_name(),
+                            "address": e.addr.to_string(),
+                            "node": e.node,
+                            "workload": e.workload,
+                            "weight": e.weight,
+                            "healthy": e.state.is_healthy(),
+                            "breaker": phase.name(),
+                            "ejected_for_seconds": if phase == crate::resilience::Phase::Open && until > now {
+                                Some((until - now) as f64 / 1000.0)
+                            } else {
+                                None
+                            },
+                            "ejections": e.state.ejections(),
+                            "in_flight": e.state.in_flight(),
+                            "ewma_connect_us": e.state.ewma_connect_us(),
+                            "eligible": e.state.is_eligible(now, &s.policy.outlier),
+                        })
+                    })
+                })
+                .collect(),
+        ),
+        "/debug/conns" => Value::Array(
+            state
+                .connections
+                .snapshot()
+                .iter()
+                .map(|c| {
+                    json!({
+                        "id": c.id,
+                        "source_workload": c.source_workload,
+                        "source_namespace": c.source_namespace,
+                        "destination_service": c.destination_service,
+                        "endpoint": c.endpoint.to_string(),
+                        "security": c.security,
+                        "age_seconds": SystemTime::now().duration_since(c.started).map_or(0.0, |d| d.as_secs_f64()),
+                        "bytes_sent": c.bytes.sent.load(Ordering::Relaxed),
+                        "bytes_received": c.bytes.received.load(Ordering::Relaxed),
+                    })
+                })
+                .collect(),
+        ),
+        "/debug/breakers" => Value::Array(
+            services
+                .iter()
+                .map(|s| {
+                    let t = &s.policy.thresholds;
+                    let fast: serde_json::Map<String, Value> = Overflow::ALL
+                        .iter()
+                        .map(|o| (o.name().to_owned(), json!(s.state.fast_failures(*o))))
+                        .collect();
+                    json!({
+                        "service": s.qualified_name(),
+                        "connections": s.state.connections(),
+                        "max_connections": t.max_connections,
+                        "pending_connects": s.state.pending_connects(),
+                        "max_pending_connects": t.max_pending_connects,
+                        "max_retries": t.max_retries,
+                        "retries": s.state.retries_total(),
+                        "retry_budget_exhausted": s.state.budget_exhausted(),
+                        "fast_failures_total": Overflow::ALL.iter().map(|o| s.state.fast_failures(*o)).sum::<u64>(),
+                        "fast_failures": fast,
+                        "ejected_endpoints": s.endpoints.iter().filter(|e| e.state.phase() != crate::resilience::Phase::Closed).count(),
+                        "panicking": s.state.is_panicking(),
+                    })
+                })
+                .collect(),
+        ),
+        "/debug/certs" => {
+            let mut certs = state.tls.store.expiries();
+            certs.sort_by_key(|(id, _)| id.to_string());
+            let now = SystemTime::now();
+            Value::Array(
+                certs
+                    .iter()
+                    .map(|(id, t)| {
+                        json!({
+                            "identity": id.to_string(),
+                            "not_after": unix(*t),
+                            "expires_in_seconds": t.duration_since(now).map_or(0, |d| d.as_secs()),
+                        })
+                    })
+                    .collect(),
+            )
+        }
+        "/debug/inbound" => {
+            let refused: serde_json::Map<String, Value> = Refusal::ALL
+                .iter()
+                .map(|r| (r.name().to_owned(), json!(state.inbound.refused(*r))))
+                .collect();
+            json!({ "accepted": state.inbound.accepted(), "refused": refused })
+        }
+        "/debug/workloads" => Value::Array(
+            catalog
+                .workloads()
+                .iter()
+                .map(|w| {
+                    json!({
+                        "name": w.name,
+                        "namespace": w.namespace,
+                        "identity": w.identity.to_string(),
+                        "cgroup": w.cgroup.display().to_string(),
+                    })
+                })
+                .collect(),
+        ),
+        _ => return None,
+    })
+}

@@ -1,0 +1,355 @@
+//! Metrics, the admin API and the CLI against a running agent, as root.
+//! A real Prometheus (Debian's package) scrapes it; promtool checks the
+//! exposition; the Grafana dashboard only queries metrics that exist.
+
+mod support;
+
+use std::{
+    net::SocketAddr,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use serde_json::Value;
+use sluice::admin::client;
+use support::*;
+
+const VIP: &str = "127.77.4.10:8080";
+
+fn vip() -> SocketAddr {
+    VIP.parse().unwrap()
+}
+
+fn admin(config: &AgentConfig) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], config.admin_port))
+}
+
+/// `sluice ARGS --config CONFIG -o json`, parsed; with the exit code.
+fn cli_json(agent: &Agent, args: &[&str]) -> (i32, Value) {
+    let out = agent.sluice(&[args, &["-o", "json"]].concat());
+    let code = out.status.code().unwrap_or(-1);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let value = serde_json::from_str(&text).unwrap_or_else(|e| {
+        panic!(
+            "`sluice {args:?}` printed no JSON ({e}): {text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (code, value)
+}
+
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'-' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+struct Prometheus {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Prometheus {
+    fn start(dir: &std::path::Path, target: SocketAddr) -> Prometheus {
+        let port = free_port();
+        let config = dir.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: sluice\n    \
+                 static_configs:\n      - targets: ['{target}']\n"
+            ),
+        )
+        .unwrap();
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("prometheus is installed by `cargo xtask setup`");
+        Prometheus {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        }
+    }
+
+    /// The single value of an instant query, once it has one.
+    fn value(&self, query: &str) -> Option<f64> {
+        let path = format!("/api/v1/query?query={}", percent_encode(query));
+        let (status, body) = client::get(self.addr, &path).ok()?;
+        if status != 200 {
+            return None;
+        }
+        let v: Value = serde_json::from_str(&body).ok()?;
+        let result = v["data"]["result"].as_array()?;
+        if result.len() != 1 {
+            return None;
+        }
+        result[0]["value"][1].as_str()?.parse().ok()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn prometheus_scrapes_the_calls_and_promtool_accepts_the_exposition() {
+    let b1 = Backend::start("b1");
+    let b2 = Backend::start("b2");
+    let config = AgentConfig::new(&[ServiceDef::new("payments", VIP, &[b1.addr, b2.addr])]);
+    let agent = Agent::start(&config);
+    let replies = lines(&agent.run_as_client(&calls_script(vip(), 7)));
+    assert_eq!(replies.len(), 7);
+
+    let prometheus = Prometheus::start(&config.dir, admin(&config));
+    let opened = r#"sum(sluice_tcp_connections_opened_total{source_workload="client",source_workload_namespace="payments",destination_service="payments",connection_security_policy="plaintext",mode="proxy"})"#;
+    let closed = r#"sum(sluice_tcp_connections_closed_total{destination_service="payments",reason="closed"})"#;
+    let redirected = r#"sluice_redirect_decisions_total{outcome="redirected"}"#;
+    assert!(
+        wait_until(Duration::from_secs(40), || prometheus.value(opened)
+            == Some(7.0)),
+        "Prometheus never saw 7 opened connections (last: {:?})",
+        prometheus.value(opened)
+    );
+    assert_eq!(prometheus.value(closed), Some(7.0));
+    assert_eq!(prometheus.value(redirected), Some(7.0));
+    assert_eq!(
+        prometheus.value(
+            r#"sum(sluice_upstream_connect_duration_seconds_count{destination_service="payments"})"#
+        ),
+        Some(7.0)
+    );
+    assert_eq!(
+        prometheus.value(r#"sluice_endpoints{destination_service="payments",state="healthy"}"#),
+        Some(2.0)
+    );
+
+    let (status, exposition) = client::get(admin(&config), "/metrics").unwrap();
+    assert_eq!(status, 200);
+    let path = config.dir.join("metrics.txt");
+    std::fs::write(&path, &exposition).unwrap();
+    let check = Command::new("sh")
+        .arg("-c")
+        .arg(format!("promtool check metrics < {}", path.display()))
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success() && check.stdout.is_empty() && check.stderr.is_empty(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(
+        !exposition.contains("127.0.0.1"),
+        "no label carries an address"
+    );
+}
+
+#[test]
+fn cli_commands_report_live_connections_ejections_and_refusals() {
+    let b1 = Backend::start("b1");
+    let mut b2 = Some(Backend::start("b2"));
+    let b2_addr = b2.as_ref().unwrap().addr;
+    let config = AgentConfig::new(&[ServiceDef::new("payments", VIP, &[b1.addr, b2_addr]).with(
+        "    outlier_detection:\n      consecutive_failures: 1\n      base_ejection_time: 60s\n",
+    )]);
+    let mut agent = Agent::start(&config);
+
+    // A live connection.
+    let go = config.dir.join("go");
+    let script = format!(
+        "exec 7<>/dev/tcp/{}/{} || exit 1; echo live >&7; read -r r <&7; echo \"$r\"; \
+         while [ ! -e {} ]; do sleep 0.02; done",
+        vip().ip(),
+        vip().port(),
+        go.display()
+    );
+    let holder = agent
+        .client_command(&script)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(10), || b1.accepted()
+        + b2.as_ref().unwrap().accepted()
+        == 1));
+    assert!(wait_until(Duration::from_secs(5), || {
+        let (_, conns) = cli_json(&agent, &["conns"]);
+        conns
+            .as_array()
+            .is_some_and(|c| c.len() == 1 && c[0]["bytes_received"].as_u64() > Some(0))
+    }));
+    let (code, conns) = cli_json(&agent, &["conns"]);
+    assert_eq!(code, 0);
+    assert_eq!(conns[0]["source_workload"], "client");
+    assert_eq!(conns[0]["destination_service"], "payments/payments");
+    assert_eq!(conns[0]["security"], "plaintext");
+    assert_eq!(conns[0]["bytes_sent"], 5);
+
+    // An ejected endpoint.
+    drop(b2.take());
+    std::thread::sleep(Duration::from_millis(50));
+    lines(&agent.run_as_client(&calls_script(vip(), 4)));
+    let (_, endpoints) = cli_json(&agent, &["endpoints", "payments"]);
+    let b2_row = endpoints
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["address"] == b2_addr.to_string())
+        .expect("b2 listed");
+    assert_eq!(b2_row["breaker"], "open", "{endpoints}");
+    assert!(b2_row["ejected_for_seconds"].as_f64().unwrap() > 50.0);
+    assert_eq!(b2_row["eligible"], false);
+    let (_, breakers) = cli_json(&agent, &["breakers"]);
+    assert_eq!(breakers[0]["ejected_endpoints"], 1);
+    let (_, services) = cli_json(&agent, &["services"]);
+    assert_eq!(services[0]["eligible"], 1);
+    assert_eq!(services[0]["endpoints"], 2);
+
+    // A refused peer on the inbound port.
+    let mut plain = std::net::TcpStream::connect(("127.0.0.1", config.inbound_port)).unwrap();
+    std::io::Write::write_all(&mut plain, b"hello\n").unwrap();
+    assert!(agent.wait_for_log("refused: not_tls"));
+    let (code, status) = cli_json(&agent, &["status"]);
+    assert_eq!(code, 0);
+    assert_eq!(status["ready"], true);
+    assert_eq!(status["inbound_refused"]["not_tls"], 1);
+    assert_eq!(status["redirects"]["redirected"], 5);
+
+    let (_, certs) = cli_json(&agent, &["certs"]);
+    assert_eq!(
+        certs[0]["identity"],
+        "spiffe://cluster.local/ns/payments/sa/client"
+    );
+    assert!(certs[0]["expires_in_seconds"].as_u64().unwrap() > 3600);
+    let (_, workloads) = cli_json(&agent, &["workloads"]);
+    assert_eq!(workloads[0]["name"], "client");
+
+    // A table for people.
+    let table = agent.sluice(&["endpoints"]);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(text.starts_with("SERVICE"), "{text}");
+    assert!(text.contains("open"));
+
+    // Stopping: not ready, honestly, while it drains.
+    agent.sigterm();
+    assert!(agent.wait_for_log("stopping"));
+    let (code, body) = client::get(admin(&config), "/readyz").unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("stopping"));
+    let out = agent.sluice(&["status"]);
+    assert_eq!(out.status.code(), Some(4), "status exits 4 while not ready");
+    std::fs::write(&go, "").unwrap();
+    holder.wait_with_output().unwrap();
+    assert!(agent.wait(Duration::from_secs(10)).success());
+
+    // Gone: the CLI says so, with exit code 3.
+    let out = agent.sluice(&["conns"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("the agent is not running"));
+}
+
+#[test]
+fn maps_are_readable_with_the_agent_stopped() {
+    let b1 = Backend::start("b1");
+    let config = AgentConfig::new(&[ServiceDef::new("payments", VIP, &[b1.addr])]);
+    let mut agent = Agent::start(&config);
+    lines(&agent.run_as_client(&calls_script(vip(), 3)));
+    agent.kill();
+    let (code, maps) = cli_json(&agent, &["maps"]);
+    assert_eq!(code, 0);
+    assert_eq!(maps["counters"]["redirected"], 3);
+    assert_eq!(maps["records"]["orig_by_peer"], 0);
+}
+
+/// Every metric a dashboard query names must be one the agent exports.
+#[test]
+fn the_dashboard_only_queries_exported_metrics() {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../config/grafana/sluice-dashboard.json"
+    ))
+    .unwrap();
+    let dashboard: Value = serde_json::from_str(&text).expect("the dashboard is valid JSON");
+    let mut queries: Vec<String> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap().iter())
+        .map(|t| t["expr"].as_str().unwrap().to_owned())
+        .collect();
+    for var in dashboard["templating"]["list"].as_array().unwrap() {
+        if var["type"] == "query"
+            && let Some(q) = var["query"].as_str()
+        {
+            queries.push(q.to_owned());
+        }
+    }
+    assert!(queries.len() >= 8);
+
+    let b1 = Backend::start("b1");
+    let config = AgentConfig::new(&[ServiceDef::new("payments", VIP, &[b1.addr])]);
+    let agent = Agent::start(&config);
+    lines(&agent.run_as_client(&calls_script(vip(), 1)));
+    let (_, exposition) = client::get(admin(&config), "/metrics").unwrap();
+    let exported: std::collections::HashSet<&str> = exposition
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| l.split(['{', ' ']).next().unwrap())
+        .collect();
+    for q in &queries {
+        let names = q
+            .match_indices("sluice_")
+            .map(|(i, _)| {
+                let rest = &q[i..];
+                let end = rest
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(rest.len());
+                &rest[..end]
+            })
+            .collect::<Vec<_>>();
+        assert!(!names.is_empty(), "query names no sluice metric: {q}");
+        for name in names {
+            assert!(exported.contains(name), "{name} (in `{q}`) is not exported");
+        }
+    }
+}
+
+/// `sluice trace` prints the programs' decisions live, and switches their
+/// events off again when it ends.
+#[test]
+fn trace_follows_redirect_decisions_live() {
+    let b1 = Backend::start("b1");
+    let config = AgentConfig::new(&[ServiceDef::new("payments", VIP, &[b1.addr])]);
+    let agent = Agent::start(&config);
+    let tracer = Command::new(sluice_bin())
+        .args(["trace", "--seconds", "3", "--config"])
+        .arg(&config.path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    lines(&agent.run_as_client(&calls_script(vip(), 2)));
+    let out = tracer.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.matches("connect4: redirect").count(), 2, "{text}");
+    assert_eq!(text.matches("sock_ops: established").count(), 2, "{text}");
+    // Off again: a call now leaves no event in the agent's log.
+    let before = agent.log().matches("connect4: redirect").count();
+    lines(&agent.run_as_client(&calls_script(vip(), 1)));
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(agent.log().matches("connect4: redirect").count(), before);
+}
