@@ -3,6 +3,7 @@
 //! Every task starts with `setup`, which installs what is missing on a
 //! fresh Debian 12 machine (as root) and says what it does.
 
+mod bench;
 mod demo;
 mod setup;
 
@@ -29,6 +30,11 @@ enum Task {
     /// Setup, build, and run the agent on config/sluice.yaml with three
     /// payment backends and a meshed client.
     Demo,
+    /// Setup, build, and measure Sluice beside HAProxy and nginx.
+    Bench(bench::BenchArgs),
+    /// (Used by bench.) Run one load-generator workload.
+    #[command(hide = true)]
+    Loadgen(bench::LoadArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -47,6 +53,12 @@ fn main() -> anyhow::Result<()> {
             build_release()?;
             demo::run()
         }
+        Task::Bench(args) => {
+            setup::run()?;
+            build_release()?;
+            bench::run(args)
+        }
+        Task::Loadgen(args) => bench::loadgen_main(args),
     }
 }
 
@@ -112,18 +124,25 @@ fn test() -> anyhow::Result<()> {
     if !setup::is_root() {
         bail!("the tests attach eBPF programs and create cgroups: run `cargo xtask test` as root");
     }
-    run_tests(cargo().args([
+    let totals = run_tests(cargo().args([
         "test",
         "--workspace",
         "--exclude",
         "sluice-ebpf",
         "--all-targets",
-    ]))
+    ]))?;
+    // The benchmark harness as a smoke test: every path must carry traffic.
+    build_release()?;
+    bench::run(bench::BenchArgs { quick: true })?;
+    // Last line: the totals, for whoever reads the end of the log.
+    println!("{totals}");
+    Ok(())
 }
 
 /// Runs `cargo test`, passing its output through, and ends with one total
-/// line over all test binaries (`tests: N passed, N failed, N skipped`).
-fn run_tests(cmd: &mut Command) -> anyhow::Result<()> {
+/// line over all test binaries (`tests: N passed, N failed, N skipped`),
+/// which it also returns.
+fn run_tests(cmd: &mut Command) -> anyhow::Result<String> {
     use std::io::{BufRead as _, BufReader};
     cmd.current_dir(workspace_root())
         .stdout(std::process::Stdio::piped());
@@ -150,12 +169,13 @@ fn run_tests(cmd: &mut Command) -> anyhow::Result<()> {
         }
     }
     let status = child.wait()?;
-    println!("tests: {passed} passed, {failed} failed, {ignored} skipped");
+    let totals = format!("tests: {passed} passed, {failed} failed, {ignored} skipped");
+    println!("{totals}");
     if !status.success() {
         bail!("cargo test failed ({status})");
     }
     if passed == 0 {
         bail!("cargo test ran no test");
     }
-    Ok(())
+    Ok(totals)
 }

@@ -13,9 +13,10 @@ use tokio::{
 
 use crate::resilience::clock::now_ms;
 
-/// Per-direction buffer. Large enough for a payment request or reply in
-/// one read; the benchmark work tunes it.
-const BUFFER: usize = 16 * 1024;
+/// A direction's buffer starts small, so an idle connection stays cheap,
+/// and doubles each time a read fills it, up to [`MAX_BUFFER`].
+const INITIAL_BUFFER: usize = 512;
+const MAX_BUFFER: usize = 16 * 1024;
 
 /// How a proxied connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,16 +138,10 @@ pub async fn proxy<C: Duplex, U: Duplex>(
                 Err(_) => CopyEnd::ClientError,
             }
         };
-        let lifetime = async {
-            match max_duration {
-                Some(d) => tokio::time::sleep(d).await,
-                None => std::future::pending().await,
-            }
-        };
+        let deadline = max_duration.map(|d| now_ms() + d.as_millis() as u64);
         let end = tokio::select! {
             end = both => end,
-            _ = idle_watch(&last_activity, idle) => CopyEnd::Idle,
-            _ = lifetime => CopyEnd::MaxDuration,
+            end = watchdog(&last_activity, idle, deadline) => end,
         };
         (end, end != CopyEnd::Closed)
     };
@@ -169,9 +164,14 @@ async fn one_way(
     activity: &AtomicU64,
     sent: &AtomicU64,
 ) -> Result<(), Side> {
-    let mut buf = vec![0u8; BUFFER];
+    let mut buf = vec![0u8; INITIAL_BUFFER];
     loop {
         let n = from.read(&mut buf).await.map_err(|_| Side::Read)?;
+        if n == buf.len() && buf.len() < MAX_BUFFER {
+            // A full read: more is probably waiting; read bigger next time.
+            let grown = buf.len() * 2;
+            buf.resize(grown, 0);
+        }
         if n == 0 {
             // Pass the half-close on; the other direction goes on.
             let _ = to.shutdown().await;
@@ -183,16 +183,20 @@ async fn one_way(
     }
 }
 
-/// Resolves once nothing moved for `idle`.
-async fn idle_watch(activity: &AtomicU64, idle: Duration) {
+/// Resolves once nothing moved for `idle`, or at `deadline` (in
+/// [`now_ms`] terms). One timer serves both, to keep idle connections small.
+async fn watchdog(activity: &AtomicU64, idle: Duration, deadline: Option<u64>) -> CopyEnd {
     let idle_ms = idle.as_millis() as u64;
     loop {
-        let last = activity.load(Ordering::Relaxed);
-        let due = last + idle_ms;
         let now = now_ms();
-        if now >= due {
-            return;
+        if deadline.is_some_and(|d| now >= d) {
+            return CopyEnd::MaxDuration;
         }
-        tokio::time::sleep(Duration::from_millis(due - now)).await;
+        let idle_due = activity.load(Ordering::Relaxed) + idle_ms;
+        if now >= idle_due {
+            return CopyEnd::Idle;
+        }
+        let next = deadline.map_or(idle_due, |d| d.min(idle_due));
+        tokio::time::sleep(Duration::from_millis(next - now)).await;
     }
 }

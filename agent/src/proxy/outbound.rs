@@ -180,8 +180,10 @@ async fn handle(
         source_workload: source.as_deref().map(|w| w.name.as_str()),
         source_addr: peer.ip(),
     };
-    let (upstream, chosen) = match connect_upstream(&ctx, &service, &pick, source.as_deref()).await
-    {
+    // Boxed: the connect phase (TLS included) is the largest state of this
+    // future, and an idle connection should not carry its space.
+    let connecting = Box::pin(connect_upstream(&ctx, &service, &pick, source.as_deref()));
+    let (upstream, chosen) = match connecting.await {
         Ok(connected) => connected,
         Err(reason) => {
             refused(reason);

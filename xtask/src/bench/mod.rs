@@ -1,0 +1,816 @@
+//! `cargo xtask bench`: Sluice side by side with HAProxy and nginx, in one
+//! run, with the same load generator and backend, interleaved so that
+//! machine drift hits every path alike. See ../shared/BENCH-NOTES.md for
+//! why it pins CPUs and sets the halt-poll parameter.
+//!
+//! Paths: direct (the floor), Sluice proxy mode, Sluice with mTLS across
+//! two network-namespace nodes, HAProxy (TCP mode), nginx (stream), and a
+//! slot for the kernel fast path. Every proxy gets one worker on CPU 0;
+//! the load generator and the backend share CPU 1.
+
+mod loadgen;
+mod report;
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::SocketAddr,
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use serde_json::{Value, json};
+
+pub use loadgen::LoadArgs;
+
+/// Entry point of `xtask loadgen`.
+pub fn loadgen_main(args: LoadArgs) -> anyhow::Result<()> {
+    loadgen::run(args)
+}
+
+use crate::{run as run_cmd, workspace_root};
+
+/// `cargo xtask bench` options.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// A smoke run of a few seconds per workload (CI checks that every
+    /// path carried traffic, not how fast).
+    #[arg(long)]
+    pub quick: bool,
+}
+
+/// One path under test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Direct,
+    Sluice,
+    SluiceMtls,
+    Haproxy,
+    Nginx,
+}
+
+impl Route {
+    const ALL: [Route; 5] = [
+        Route::Direct,
+        Route::Sluice,
+        Route::SluiceMtls,
+        Route::Haproxy,
+        Route::Nginx,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Route::Direct => "direct",
+            Route::Sluice => "sluice",
+            Route::SluiceMtls => "sluice-mtls",
+            Route::Haproxy => "haproxy",
+            Route::Nginx => "nginx",
+        }
+    }
+}
+
+struct Settings {
+    rounds: usize,
+    latency_seconds: f64,
+    latency_rate: u64,
+    latency_conns: usize,
+    throughput_seconds: f64,
+    throughput_conns: usize,
+    churn_seconds: f64,
+    churn_conns: usize,
+    idle_conns: usize,
+}
+
+impl Settings {
+    fn new(quick: bool) -> Settings {
+        if quick {
+            Settings {
+                rounds: 1,
+                latency_seconds: 1.0,
+                latency_rate: 500,
+                latency_conns: 4,
+                throughput_seconds: 1.0,
+                throughput_conns: 64,
+                churn_seconds: 1.0,
+                churn_conns: 16,
+                idle_conns: 200,
+            }
+        } else {
+            Settings {
+                rounds: 3,
+                latency_seconds: 10.0,
+                latency_rate: 1000,
+                latency_conns: 8,
+                throughput_seconds: 5.0,
+                throughput_conns: 64,
+                churn_seconds: 5.0,
+                churn_conns: 16,
+                // The hard limit on open files is 20,000 and a proxy holds
+                // two per connection.
+                idle_conns: 9_800,
+            }
+        }
+    }
+}
+
+const HALTPOLL: &str = "/sys/module/haltpoll/parameters/guest_halt_poll_ns";
+
+/// Sets the guest halt-poll time for the run and restores it, also when
+/// the run is interrupted.
+struct HaltPoll {
+    old: Option<String>,
+}
+
+static HALTPOLL_OLD: std::sync::OnceLock<std::ffi::CString> = std::sync::OnceLock::new();
+
+extern "C" fn restore_haltpoll_and_exit(_: libc::c_int) {
+    if let Some(old) = HALTPOLL_OLD.get() {
+        // SAFETY: open/write/close/_exit are async-signal-safe; the strings
+        // were prepared before the handler was installed.
+        unsafe {
+            let fd = libc::open(
+                c"/sys/module/haltpoll/parameters/guest_halt_poll_ns".as_ptr(),
+                libc::O_WRONLY,
+            );
+            if fd >= 0 {
+                libc::write(fd, old.as_ptr().cast(), old.as_bytes().len());
+                libc::close(fd);
+            }
+        }
+    }
+    // SAFETY: ends the process at once, as an interrupted run should.
+    unsafe { libc::_exit(130) };
+}
+
+impl HaltPoll {
+    fn set() -> HaltPoll {
+        let Ok(old) = std::fs::read_to_string(HALTPOLL) else {
+            return HaltPoll { old: None };
+        };
+        let old = old.trim().to_owned();
+        if std::fs::write(HALTPOLL, "1000000").is_err() {
+            return HaltPoll { old: None };
+        }
+        let _ = HALTPOLL_OLD.set(std::ffi::CString::new(old.clone()).unwrap_or_default());
+        // SAFETY: installs a handler that only makes async-signal-safe calls.
+        unsafe {
+            libc::signal(
+                libc::SIGTERM,
+                restore_haltpoll_and_exit as *const () as libc::sighandler_t,
+            );
+            libc::signal(
+                libc::SIGINT,
+                restore_haltpoll_and_exit as *const () as libc::sighandler_t,
+            );
+        }
+        HaltPoll { old: Some(old) }
+    }
+
+    fn note(&self) -> String {
+        match &self.old {
+            Some(old) => format!("guest_halt_poll_ns set to 1000000 for the run (was {old})"),
+            None => "guest_halt_poll_ns not set (no haltpoll module here)".to_owned(),
+        }
+    }
+}
+
+impl Drop for HaltPoll {
+    fn drop(&mut self) {
+        if let Some(old) = &self.old {
+            let _ = std::fs::write(HALTPOLL, old);
+        }
+    }
+}
+
+/// A child process killed on drop.
+struct Proc {
+    child: Child,
+    name: String,
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // SIGTERM first: the agent detaches its programs and removes pins.
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        for _ in 0..100 {
+            if self.child.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!("   {} did not stop; killing it", self.name);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn pin_self_to_cpu(cpu: usize) {
+    // SAFETY: sched_setaffinity on this process with a local cpu_set_t.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// CPU time (user + system) of a process, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let after = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = after.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    ticks as f64 / hz
+}
+
+fn installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+}
+
+fn install_peers() -> anyhow::Result<()> {
+    let wanted = ["haproxy", "nginx-core", "libnginx-mod-stream"];
+    let missing: Vec<&str> = wanted.into_iter().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    println!("   installing {} from Debian's packages", missing.join(" "));
+    run_cmd(Command::new("apt-get").args(["update", "-qq"]))?;
+    run_cmd(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+fn sh(cmd: &str) -> anyhow::Result<()> {
+    let out = Command::new("sh").args(["-c", cmd]).output()?;
+    if !out.status.success() {
+        bail!("`{cmd}` failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// Enters the network namespace `name` in the child before exec.
+fn in_netns(cmd: &mut Command, name: &str) -> anyhow::Result<()> {
+    let file = std::fs::File::open(format!("/var/run/netns/{name}"))?;
+    // SAFETY: setns(2) is async-signal-safe; the closure owns the fd.
+    unsafe {
+        cmd.pre_exec(move || {
+            use std::os::fd::AsRawFd;
+            if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Runs `f` on a thread that entered netns `name`.
+fn in_netns_thread<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> anyhow::Result<T> {
+    let path = format!("/var/run/netns/{name}");
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::File::open(&path).expect("open netns");
+        // SAFETY: setns(2) on this thread only.
+        assert_eq!(
+            unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
+            0
+        );
+        f()
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("thread in netns panicked"))
+}
+
+/// The echo backend: reads 1 KiB, writes it back, on each connection.
+fn start_backend(listener: std::net::TcpListener) -> anyhow::Result<SocketAddr> {
+    let addr = listener.local_addr()?;
+    listener.set_nonblocking(true)?;
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("backend runtime");
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("backend listener");
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    continue;
+                };
+                let _ = s.set_nodelay(true);
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut buf = [0u8; loadgen::MESSAGE];
+                    while s.read_exact(&mut buf).await.is_ok() {
+                        if s.write_all(&buf).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+    });
+    Ok(addr)
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Everything the run started; dropped in reverse order.
+struct Rig {
+    dir: PathBuf,
+    sluice: PathBuf,
+    targets: Vec<(Route, SocketAddr)>,
+    /// Processes whose memory and CPU count for each path.
+    pids: Vec<(Route, Vec<u32>)>,
+    sluice_config: PathBuf,
+    mtls_config: PathBuf,
+    netns: [String; 2],
+    _procs: Vec<Proc>,
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        for ns in &self.netns {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+fn start_agent(
+    sluice: &Path,
+    config: &Path,
+    netns: Option<&str>,
+    name: &str,
+) -> anyhow::Result<Proc> {
+    let mut cmd = Command::new("taskset");
+    cmd.args(["-c", "0"])
+        .arg(sluice)
+        .args(["agent", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if let Some(ns) = netns {
+        in_netns(&mut cmd, ns)?;
+    }
+    let mut child = cmd.spawn().with_context(|| format!("start {name}"))?;
+    let stderr = child.stderr.take().expect("piped");
+    let proc = Proc {
+        child,
+        name: name.to_owned(),
+    };
+    // Forward the agent's warnings; wait until it answers on its admin API
+    // (RUST_LOG=warn hides the ready line).
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("   {line}");
+        }
+    });
+    Ok(proc)
+}
+
+fn wait_ready(sluice: &Path, config: &Path, netns: Option<&str>) -> anyhow::Result<()> {
+    for _ in 0..200 {
+        let mut cmd = Command::new(sluice);
+        cmd.args(["status", "--config"])
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some(ns) = netns {
+            in_netns(&mut cmd, ns)?;
+        }
+        if cmd.status()?.success() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("the agent on {} did not become ready", config.display())
+}
+
+fn setup(root: &Path, s: &Settings) -> anyhow::Result<Rig> {
+    let _ = s;
+    let dir = root.join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let sluice = root.join("target/release/sluice");
+    let mut procs = Vec::new();
+
+    // Backend for the single-node paths, in this process (CPU 1).
+    let backend = start_backend(std::net::TcpListener::bind("127.0.0.1:0")?)?;
+
+    // Sluice, one node.
+    let state = dir.join("state");
+    let sluice_config = dir.join("sluice.yaml");
+    let outbound = free_port()?;
+    let admin = free_port()?;
+    let inbound = free_port()?;
+    let common = |name: &str, outbound: u16, admin: u16, inbound: u16| {
+        format!(
+            "agent:\n  outbound: 127.0.0.1:{outbound}\n  admin: 127.0.0.1:{admin}\n  inbound_port: {inbound}\n  \
+             pin_dir: /sys/fs/bpf/sluice-bench-{name}\n  state_dir: {}\n  worker_threads: 1\n  drain_timeout: 2s\n",
+            state.display()
+        )
+    };
+    let breakers = "    circuit_breakers:\n      max_connections: 100000\n      max_pending_connects: 100000\n";
+    std::fs::write(
+        &sluice_config,
+        format!(
+            "node:\n  name: bench\n  cgroup_root: sluice-bench\n{}workloads:\n  - name: bench\n    namespace: bench\n    \
+             service_account: client\nservices:\n  - name: echo\n    namespace: bench\n    address: 127.77.9.10\n    \
+             port: 8080\n{breakers}    endpoints:\n      - address: 127.0.0.1\n        port: {}\n",
+            common("one", outbound, admin, inbound),
+            backend.port()
+        ),
+    )?;
+    if !state.join("ca/ca.pem").exists() {
+        run_cmd(
+            Command::new(&sluice)
+                .args(["ca", "init", "--config"])
+                .arg(&sluice_config),
+        )?;
+    }
+    procs.push(start_agent(&sluice, &sluice_config, None, "sluice")?);
+    wait_ready(&sluice, &sluice_config, None)?;
+    let sluice_pid = procs.last().map(Proc::pid).unwrap_or(0);
+
+    // Sluice with mTLS: two nodes in network namespaces joined by veth.
+    let tag = std::process::id() % 100_000;
+    let netns = [format!("sba{tag}"), format!("sbb{tag}")];
+    let (a_addr, b_addr) = ("198.19.77.1", "198.19.77.2");
+    sh(&format!(
+        "ip netns add {a} && ip netns add {b} && ip link add vba{tag} type veth peer name vbb{tag} && \
+         ip link set vba{tag} netns {a} && ip link set vbb{tag} netns {b} && \
+         ip -n {a} addr add {a_addr}/24 dev vba{tag} && ip -n {b} addr add {b_addr}/24 dev vbb{tag} && \
+         ip -n {a} link set vba{tag} up && ip -n {b} link set vbb{tag} up && \
+         ip -n {a} link set lo up && ip -n {b} link set lo up",
+        a = netns[0],
+        b = netns[1]
+    ))?;
+    let backend_b = in_netns_thread(&netns[1], || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| start_backend(l).map_err(std::io::Error::other))
+    })??;
+    let mtls_config = dir.join("sluice-mtls-a.yaml");
+    let mtls_config_b = dir.join("sluice-mtls-b.yaml");
+    let mesh_inbound = free_port()?;
+    let service = |local: bool| {
+        let endpoint = if local {
+            format!(
+                "      - address: 127.0.0.1\n        port: {}\n        workload: echo\n",
+                backend_b.port()
+            )
+        } else {
+            format!(
+                "      - address: 127.0.0.1\n        port: {}\n        node: b\n        service_account: echo\n",
+                backend_b.port()
+            )
+        };
+        format!(
+            "services:\n  - name: echo\n    namespace: bench\n    address: 127.77.9.11\n    port: 8080\n{breakers}    \
+             endpoints:\n{endpoint}"
+        )
+    };
+    std::fs::write(
+        &mtls_config,
+        format!(
+            "node:\n  name: a\n  address: {a_addr}\n  cgroup_root: sluice-bench-a\n{}nodes:\n  - name: b\n    address: {b_addr}\n\
+             workloads:\n  - name: bench\n    namespace: bench\n    service_account: client\n{}",
+            common("a", free_port()?, free_port()?, mesh_inbound),
+            service(false)
+        ),
+    )?;
+    std::fs::write(
+        &mtls_config_b,
+        format!(
+            "node:\n  name: b\n  address: {b_addr}\n  cgroup_root: sluice-bench-b\n{}nodes:\n  - name: a\n    address: {a_addr}\n\
+             workloads:\n  - name: echo\n    namespace: bench\n    service_account: echo\n{}",
+            common("b", free_port()?, free_port()?, mesh_inbound),
+            service(true)
+        ),
+    )?;
+    procs.push(start_agent(
+        &sluice,
+        &mtls_config,
+        Some(&netns[0]),
+        "sluice node a",
+    )?);
+    let a_pid = procs.last().map(Proc::pid).unwrap_or(0);
+    procs.push(start_agent(
+        &sluice,
+        &mtls_config_b,
+        Some(&netns[1]),
+        "sluice node b",
+    )?);
+    let b_pid = procs.last().map(Proc::pid).unwrap_or(0);
+    wait_ready(&sluice, &mtls_config, Some(&netns[0]))?;
+    wait_ready(&sluice, &mtls_config_b, Some(&netns[1]))?;
+
+    // HAProxy, TCP mode, one thread.
+    let haproxy_port = free_port()?;
+    let haproxy_cfg = dir.join("haproxy.cfg");
+    std::fs::write(
+        &haproxy_cfg,
+        format!(
+            "global\n  nbthread 1\n  maxconn 9950\n  ulimit-n 20000\n\ndefaults\n  mode tcp\n  timeout connect 1s\n  \
+             timeout client 1h\n  timeout server 1h\n\nlisten bench\n  bind 127.0.0.1:{haproxy_port}\n  \
+             option tcp-smart-accept\n  option tcp-smart-connect\n  server echo 127.0.0.1:{}\n",
+            backend.port()
+        ),
+    )?;
+    let haproxy = Command::new("taskset")
+        .args(["-c", "0", "haproxy", "-db", "-f"])
+        .arg(&haproxy_cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("start haproxy")?;
+    procs.push(Proc {
+        child: haproxy,
+        name: "haproxy".into(),
+    });
+    let haproxy_pid = procs.last().map(Proc::pid).unwrap_or(0);
+
+    // nginx stream, one worker, no master.
+    let nginx_port = free_port()?;
+    let nginx_cfg = dir.join("nginx.conf");
+    std::fs::write(
+        &nginx_cfg,
+        format!(
+            "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\nworker_processes 1;\nworker_rlimit_nofile 20000;\n\
+             pid {}/nginx.pid;\nerror_log stderr error;\nevents {{ worker_connections 20000; }}\n\
+             stream {{ server {{ listen 127.0.0.1:{nginx_port}; proxy_pass 127.0.0.1:{}; tcp_nodelay on; \
+             proxy_timeout 1h; }} }}\n",
+            dir.display(),
+            backend.port()
+        ),
+    )?;
+    let nginx = Command::new("taskset")
+        .args(["-c", "0", "nginx", "-c"])
+        .arg(&nginx_cfg)
+        .args(["-g", "daemon off; master_process off;"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("start nginx")?;
+    procs.push(Proc {
+        child: nginx,
+        name: "nginx".into(),
+    });
+    let nginx_pid = procs.last().map(Proc::pid).unwrap_or(0);
+    std::thread::sleep(Duration::from_millis(300));
+
+    Ok(Rig {
+        dir,
+        sluice,
+        targets: vec![
+            (Route::Direct, backend),
+            (Route::Sluice, "127.77.9.10:8080".parse()?),
+            (Route::SluiceMtls, "127.77.9.11:8080".parse()?),
+            (
+                Route::Haproxy,
+                SocketAddr::from(([127, 0, 0, 1], haproxy_port)),
+            ),
+            (Route::Nginx, SocketAddr::from(([127, 0, 0, 1], nginx_port))),
+        ],
+        pids: vec![
+            (Route::Direct, vec![]),
+            (Route::Sluice, vec![sluice_pid]),
+            (Route::SluiceMtls, vec![a_pid, b_pid]),
+            (Route::Haproxy, vec![haproxy_pid]),
+            (Route::Nginx, vec![nginx_pid]),
+        ],
+        sluice_config,
+        mtls_config,
+        netns,
+        _procs: procs,
+    })
+}
+
+impl Rig {
+    fn target(&self, p: Route) -> SocketAddr {
+        self.targets
+            .iter()
+            .find(|(q, _)| *q == p)
+            .map(|(_, a)| *a)
+            .expect("every path has a target")
+    }
+
+    fn pids(&self, p: Route) -> &[u32] {
+        self.pids
+            .iter()
+            .find(|(q, _)| *q == p)
+            .map(|(_, v)| v.as_slice())
+            .unwrap_or(&[])
+    }
+
+    /// The loadgen command for `path`: through `sluice exec` (and the node
+    /// namespace) where the path is meshed; on CPU 1 always.
+    fn loadgen(&self, path: Route, args: &[String]) -> anyhow::Result<Command> {
+        let me = std::env::current_exe()?;
+        let mut cmd = Command::new("taskset");
+        cmd.args(["-c", "1"]);
+        match path {
+            Route::Sluice | Route::SluiceMtls => {
+                let config = if path == Route::Sluice {
+                    &self.sluice_config
+                } else {
+                    &self.mtls_config
+                };
+                cmd.arg(&self.sluice)
+                    .args(["exec", "--workload", "bench", "--config"])
+                    .arg(config)
+                    .arg("--");
+                if path == Route::SluiceMtls {
+                    in_netns(&mut cmd, &self.netns[0])?;
+                }
+            }
+            _ => {}
+        }
+        cmd.arg(me).arg("loadgen").args(args);
+        Ok(cmd)
+    }
+
+    fn measure(&self, path: Route, args: Vec<String>) -> anyhow::Result<Value> {
+        let out = self
+            .loadgen(path, &args)?
+            .stderr(Stdio::inherit())
+            .output()?;
+        if !out.status.success() {
+            bail!("loadgen on {} failed ({})", path.name(), out.status);
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(text.lines().last().unwrap_or(""))
+            .with_context(|| format!("loadgen said {text}"))
+    }
+
+    /// Resident memory per idle connection, in bytes, for a proxy path.
+    fn memory(&self, path: Route, conns: usize) -> anyhow::Result<Value> {
+        let pids = self.pids(path).to_vec();
+        let before: u64 = pids.iter().map(|p| rss_kib(*p)).sum();
+        let args = vec![
+            "--target".into(),
+            self.target(path).to_string(),
+            "--workload".into(),
+            "idle".into(),
+            "--conns".into(),
+            conns.to_string(),
+        ];
+        let mut child = self
+            .loadgen(path, &args)?
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+        let first = lines.next().transpose()?.unwrap_or_default();
+        if !first.contains("held") {
+            let _ = child.kill();
+            bail!("idle loadgen on {}: {first}", path.name());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let after: u64 = pids.iter().map(|p| rss_kib(*p)).sum();
+        if let Some(mut stdin) = child.stdin.take() {
+            let _ = stdin.write_all(b"\n");
+        }
+        let _ = child.wait();
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(json!({
+            "connections": conns,
+            "rss_before_kib": before,
+            "rss_after_kib": after,
+            "bytes_per_connection": (after.saturating_sub(before) * 1024) as f64 / conns as f64,
+        }))
+    }
+}
+
+/// Runs the whole comparison and writes the report.
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if !crate::setup::is_root() {
+        bail!(
+            "the bench attaches eBPF programs, makes network namespaces and pins CPUs: run it as root"
+        );
+    }
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        bail!("the bench needs two CPUs: one for the proxy, one for load and backend");
+    }
+    install_peers()?;
+    let s = Settings::new(args.quick);
+    let root = workspace_root();
+    let haltpoll = HaltPoll::set();
+    println!(
+        "== bench ({}): {}",
+        if args.quick { "quick" } else { "full" },
+        haltpoll.note()
+    );
+    pin_self_to_cpu(1);
+    let rig = setup(&root, &s)?;
+
+    let mut results: Vec<(Route, &'static str, Value)> = Vec::new();
+    let workloads: [(&'static str, Vec<String>); 3] = [
+        (
+            "latency",
+            vec![
+                "--workload".into(),
+                "latency".into(),
+                "--conns".into(),
+                s.latency_conns.to_string(),
+                "--rate".into(),
+                s.latency_rate.to_string(),
+                "--seconds".into(),
+                s.latency_seconds.to_string(),
+            ],
+        ),
+        (
+            "throughput",
+            vec![
+                "--workload".into(),
+                "throughput".into(),
+                "--conns".into(),
+                s.throughput_conns.to_string(),
+                "--seconds".into(),
+                s.throughput_seconds.to_string(),
+            ],
+        ),
+        (
+            "churn",
+            vec![
+                "--workload".into(),
+                "churn".into(),
+                "--conns".into(),
+                s.churn_conns.to_string(),
+                "--seconds".into(),
+                s.churn_seconds.to_string(),
+            ],
+        ),
+    ];
+    for (name, wargs) in &workloads {
+        for round in 0..s.rounds {
+            // Interleaved: every path once per round, in turn.
+            for path in Route::ALL {
+                let mut a = vec!["--target".to_owned(), rig.target(path).to_string()];
+                a.extend(wargs.iter().cloned());
+                let cpu_before: f64 = rig.pids(path).iter().map(|p| cpu_seconds(*p)).sum();
+                let mut v = rig.measure(path, a)?;
+                let cpu = rig.pids(path).iter().map(|p| cpu_seconds(*p)).sum::<f64>() - cpu_before;
+                v["proxy_cpu_seconds"] = json!(cpu);
+                println!(
+                    "   {name:<10} round {} {:<12} {}",
+                    round + 1,
+                    path.name(),
+                    report::brief(name, &v)
+                );
+                results.push((path, name, v));
+            }
+        }
+    }
+    for path in Route::ALL.into_iter().filter(|p| *p != Route::Direct) {
+        let v = rig.memory(path, s.idle_conns)?;
+        println!(
+            "   {:<10} {:<20} {}",
+            "memory",
+            path.name(),
+            report::brief("memory", &v)
+        );
+        results.push((path, "memory", v));
+    }
+    let summary = report::write(&rig.dir, &results, args.quick, &haltpoll.note())?;
+    println!("\n{summary}");
+    report::check_every_path_carried_traffic(&results)?;
+    Ok(())
+}
