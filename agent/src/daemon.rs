@@ -76,13 +76,38 @@ pub enum AgentError {
 /// Runs the agent until SIGTERM or SIGINT, then drains and cleans up.
 pub fn run(config: Config) -> Result<(), AgentError> {
     let cgroup_mount = preflight::check(&config.agent.pin_dir)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.agent.worker_threads)
+    raise_open_file_limit();
+    // One worker: tokio's current-thread scheduler, without the cross-thread
+    // machinery a multi-thread runtime pays for on every wake-up.
+    let mut builder = if config.agent.worker_threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(config.agent.worker_threads);
+        b
+    };
+    let runtime = builder
         .thread_name("sluice-worker")
         .enable_all()
         .build()
         .map_err(AgentError::Runtime)?;
     runtime.block_on(serve(config, cgroup_mount))
+}
+
+/// A proxy holds two descriptors per connection: take the hard limit.
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
 }
 
 async fn serve(config: Config, cgroup_mount: PathBuf) -> Result<(), AgentError> {

@@ -337,9 +337,9 @@ fn view(state: &AdminState, path: &str) -> Option<Value> {
                 .map(|c| {
                     json!({
                         "id": c.id,
-                        "source_workload": c.source_workload,
-                        "source_namespace": c.source_namespace,
-                        "destination_service": c.destination_service,
+                        "source_workload": c.source.as_ref().map_or("unknown", |w| w.name.as_str()),
+                        "source_namespace": c.source.as_ref().map_or("unknown", |w| w.namespace.as_str()),
+                        "destination_service": c.service.qualified_name(),
                         "endpoint": c.endpoint.to_string(),
                         "security": c.security,
                         "age_seconds": SystemTime::now().duration_since(c.started).map_or(0.0, |d| d.as_secs_f64()),

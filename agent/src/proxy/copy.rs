@@ -13,9 +13,10 @@ use tokio::{
 
 use crate::resilience::clock::now_ms;
 
-/// A direction's buffer starts small, so an idle connection stays cheap,
-/// and doubles each time a read fills it, up to [`MAX_BUFFER`].
-const INITIAL_BUFFER: usize = 512;
+/// A direction's buffer starts at this size and doubles each time a read
+/// fills it, up to [`MAX_BUFFER`]. On plain TCP it is only held while
+/// bytes flow: an idle connection holds none.
+const INITIAL_BUFFER: usize = 1024;
 const MAX_BUFFER: usize = 16 * 1024;
 
 /// How a proxied connection ended.
@@ -42,26 +43,61 @@ pub struct ByteCounters {
     pub received: AtomicU64,
 }
 
+/// The reading end of one direction: fills a buffer it may allocate
+/// lazily and release while the connection is quiet.
+pub trait ReadSide: Send {
+    /// Reads what is available into `buf` (resized to `size` if empty).
+    /// An implementation may leave `buf` empty while it waits, so an idle
+    /// connection holds no buffer.
+    fn read_some<'a>(
+        &'a mut self,
+        buf: &'a mut Vec<u8>,
+        size: usize,
+    ) -> impl Future<Output = std::io::Result<usize>> + Send + 'a;
+}
+
+impl ReadSide for tokio::net::tcp::ReadHalf<'_> {
+    async fn read_some(&mut self, buf: &mut Vec<u8>, size: usize) -> std::io::Result<usize> {
+        loop {
+            if buf.is_empty() {
+                // Wait for data without holding a buffer.
+                self.readable().await?;
+                buf.resize(size, 0);
+            }
+            match self.try_read(buf) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    *buf = Vec::new();
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Any other reader (TLS) keeps its buffer: rustls holds buffers of its
+/// own anyway.
+pub struct Buffered<R>(R);
+
+impl<R: AsyncRead + Unpin + Send> ReadSide for Buffered<R> {
+    async fn read_some(&mut self, buf: &mut Vec<u8>, size: usize) -> std::io::Result<usize> {
+        if buf.is_empty() {
+            buf.resize(size, 0);
+        }
+        self.0.read(buf).await
+    }
+}
+
 /// A byte stream the proxy can split into halves and reset.
 pub trait Duplex {
     /// Read and write halves borrowed from the stream.
-    fn halves(
-        &mut self,
-    ) -> (
-        impl AsyncRead + Unpin + Send + '_,
-        impl AsyncWrite + Unpin + Send + '_,
-    );
+    fn halves(&mut self) -> (impl ReadSide + '_, impl AsyncWrite + Unpin + Send + '_);
     /// Makes the next close a reset (RST) rather than a FIN.
     fn reset_on_close(&self);
 }
 
 impl Duplex for TcpStream {
-    fn halves(
-        &mut self,
-    ) -> (
-        impl AsyncRead + Unpin + Send + '_,
-        impl AsyncWrite + Unpin + Send + '_,
-    ) {
+    fn halves(&mut self) -> (impl ReadSide + '_, impl AsyncWrite + Unpin + Send + '_) {
         // Borrowed halves: no lock between the two directions.
         self.split()
     }
@@ -72,13 +108,9 @@ impl Duplex for TcpStream {
 }
 
 impl Duplex for tokio_rustls::client::TlsStream<TcpStream> {
-    fn halves(
-        &mut self,
-    ) -> (
-        impl AsyncRead + Unpin + Send + '_,
-        impl AsyncWrite + Unpin + Send + '_,
-    ) {
-        tokio::io::split(self)
+    fn halves(&mut self) -> (impl ReadSide + '_, impl AsyncWrite + Unpin + Send + '_) {
+        let (r, w) = tokio::io::split(self);
+        (Buffered(r), w)
     }
 
     fn reset_on_close(&self) {
@@ -87,13 +119,9 @@ impl Duplex for tokio_rustls::client::TlsStream<TcpStream> {
 }
 
 impl Duplex for tokio_rustls::server::TlsStream<TcpStream> {
-    fn halves(
-        &mut self,
-    ) -> (
-        impl AsyncRead + Unpin + Send + '_,
-        impl AsyncWrite + Unpin + Send + '_,
-    ) {
-        tokio::io::split(self)
+    fn halves(&mut self) -> (impl ReadSide + '_, impl AsyncWrite + Unpin + Send + '_) {
+        let (r, w) = tokio::io::split(self);
+        (Buffered(r), w)
     }
 
     fn reset_on_close(&self) {
@@ -111,7 +139,6 @@ pub async fn proxy<C: Duplex, U: Duplex>(
     max_duration: Option<Duration>,
     bytes: &ByteCounters,
 ) -> CopyEnd {
-    let last_activity = AtomicU64::new(now_ms());
     let up_sent = &bytes.sent;
     let down_sent = &bytes.received;
     let (end, reset) = {
@@ -120,16 +147,8 @@ pub async fn proxy<C: Duplex, U: Duplex>(
         let both = async {
             // The first error ends both directions.
             let result = tokio::try_join!(
-                async {
-                    one_way(cr, uw, &last_activity, up_sent)
-                        .await
-                        .map_err(|e| (true, e))
-                },
-                async {
-                    one_way(ur, cw, &last_activity, down_sent)
-                        .await
-                        .map_err(|e| (false, e))
-                },
+                async { one_way(cr, uw, up_sent).await.map_err(|e| (true, e)) },
+                async { one_way(ur, cw, down_sent).await.map_err(|e| (false, e)) },
             );
             match result {
                 Ok(_) => CopyEnd::Closed,
@@ -141,7 +160,7 @@ pub async fn proxy<C: Duplex, U: Duplex>(
         let deadline = max_duration.map(|d| now_ms() + d.as_millis() as u64);
         let end = tokio::select! {
             end = both => end,
-            end = watchdog(&last_activity, idle, deadline) => end,
+            end = watchdog(bytes, idle, deadline) => end,
         };
         (end, end != CopyEnd::Closed)
     };
@@ -159,44 +178,59 @@ enum Side {
 }
 
 async fn one_way(
-    mut from: impl AsyncRead + Unpin,
+    mut from: impl ReadSide,
     mut to: impl AsyncWrite + Unpin,
-    activity: &AtomicU64,
     sent: &AtomicU64,
 ) -> Result<(), Side> {
-    let mut buf = vec![0u8; INITIAL_BUFFER];
+    let mut buf = Vec::new();
+    let mut size = INITIAL_BUFFER;
     loop {
-        let n = from.read(&mut buf).await.map_err(|_| Side::Read)?;
-        if n == buf.len() && buf.len() < MAX_BUFFER {
+        let n = from
+            .read_some(&mut buf, size)
+            .await
+            .map_err(|_| Side::Read)?;
+        if n == buf.len() && size < MAX_BUFFER {
             // A full read: more is probably waiting; read bigger next time.
-            let grown = buf.len() * 2;
-            buf.resize(grown, 0);
+            size *= 2;
         }
         if n == 0 {
             // Pass the half-close on; the other direction goes on.
             let _ = to.shutdown().await;
             return Ok(());
         }
-        activity.store(now_ms(), Ordering::Relaxed);
         to.write_all(&buf[..n]).await.map_err(|_| Side::Write)?;
         sent.fetch_add(n as u64, Ordering::Relaxed);
+        if buf.len() < size {
+            buf.resize(size, 0);
+        }
     }
 }
 
-/// Resolves once nothing moved for `idle`, or at `deadline` (in
-/// [`now_ms`] terms). One timer serves both, to keep idle connections small.
-async fn watchdog(activity: &AtomicU64, idle: Duration, deadline: Option<u64>) -> CopyEnd {
-    let idle_ms = idle.as_millis() as u64;
+/// How many looks per idle period the watchdog takes: a connection idle
+/// for `idle` is cut within `idle * (1 + 1/IDLE_CHECKS)`.
+const IDLE_CHECKS: u64 = 4;
+
+/// Resolves once no byte moved for the idle time, or at `deadline` (in
+/// [`now_ms`] terms). It compares the byte counters the copy keeps anyway,
+/// so the data path reads no clock; one timer serves both limits, to keep
+/// idle connections small.
+async fn watchdog(bytes: &ByteCounters, idle: Duration, deadline: Option<u64>) -> CopyEnd {
+    let idle_ms = (idle.as_millis() as u64).max(1);
+    let step = (idle_ms / IDLE_CHECKS).max(1);
+    let moved = || bytes.sent.load(Ordering::Relaxed) + bytes.received.load(Ordering::Relaxed);
+    let (mut last, mut quiet_since) = (moved(), now_ms());
     loop {
         let now = now_ms();
         if deadline.is_some_and(|d| now >= d) {
             return CopyEnd::MaxDuration;
         }
-        let idle_due = activity.load(Ordering::Relaxed) + idle_ms;
-        if now >= idle_due {
+        let current = moved();
+        if current != last {
+            (last, quiet_since) = (current, now);
+        } else if now.saturating_sub(quiet_since) >= idle_ms {
             return CopyEnd::Idle;
         }
-        let next = deadline.map_or(idle_due, |d| d.min(idle_due));
-        tokio::time::sleep(Duration::from_millis(next - now)).await;
+        let next = deadline.map_or(now + step, |d| d.min(now + step));
+        tokio::time::sleep(Duration::from_millis(next.saturating_sub(now).max(1))).await;
     }
 }

@@ -206,13 +206,8 @@ async fn handle(
     let _in_flight = endpoint.state.open_connection();
     let listed = ctx.connections.add(|id| LiveConnection {
         id,
-        source_workload: source
-            .as_deref()
-            .map_or_else(|| "unknown".into(), |w| w.name.clone()),
-        source_namespace: source
-            .as_deref()
-            .map_or_else(|| "unknown".into(), |w| w.namespace.clone()),
-        destination_service: service.qualified_name(),
+        source: source.clone(),
+        service: service.clone(),
         endpoint: endpoint.addr,
         security: if matches!(upstream, Upstream::Tls(_)) {
             "mutual_tls"

@@ -11,17 +11,20 @@ use std::{
     time::SystemTime,
 };
 
-use crate::proxy::copy::ByteCounters;
+use crate::{
+    catalog::{Service, Workload},
+    proxy::copy::ByteCounters,
+};
 
 const SHARDS: usize = 16;
 
-/// One proxied connection while it lives.
+/// One proxied connection while it lives. Holds references, not copies:
+/// listing a connection allocates nothing but its entry.
 #[derive(Debug)]
 pub struct LiveConnection {
     pub id: u64,
-    pub source_workload: String,
-    pub source_namespace: String,
-    pub destination_service: String,
+    pub source: Option<Arc<Workload>>,
+    pub service: Arc<Service>,
     pub endpoint: SocketAddr,
     /// `mutual_tls` or `plaintext`.
     pub security: &'static str,
@@ -86,15 +89,23 @@ impl Connections {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{catalog::Catalog, config::Config};
 
     #[test]
     fn listed_until_dropped() {
+        let config = Config::parse(
+            "node:\n  name: n\nservices:\n  - name: s\n    address: 127.0.0.9\n    port: 80\n    \
+             endpoints:\n      - address: 127.0.0.1\n        port: 1\n",
+            "t.yaml",
+        )
+        .unwrap();
+        let catalog = Catalog::from_config(&config, &[], None);
+        let service = catalog.services().next().unwrap().clone();
         let registry = Connections::default();
         let make = |id| LiveConnection {
             id,
-            source_workload: "checkout".into(),
-            source_namespace: "payments".into(),
-            destination_service: "payments/ledger".into(),
+            source: None,
+            service: service.clone(),
             endpoint: "127.0.0.1:1".parse().unwrap(),
             security: "plaintext",
             started: SystemTime::now(),
