@@ -19,7 +19,7 @@ use std::{
 use arc_swap::ArcSwap;
 use log::{debug, warn};
 use rustls::{CertificateError, Error as TlsError};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
 use super::{
@@ -191,18 +191,8 @@ pub struct InboundListener {
 
 impl InboundListener {
     pub fn bind(addr: SocketAddr) -> io::Result<InboundListener> {
-        let socket = if addr.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
-        };
-        socket.set_reuseaddr(true)?;
-        socket
-            .bind(addr)
-            .map_err(|e| io::Error::new(e.kind(), format!("cannot bind {addr}: {e}")))?;
-        Ok(InboundListener {
-            listener: socket.listen(1024)?,
-        })
+        let (listener, _) = super::socket::listen(addr, 1024)?;
+        Ok(InboundListener { listener })
     }
 
     /// Accepts until the drain starts.

@@ -6,12 +6,12 @@ use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
 use log::{debug, info, warn};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 
 use super::{
     copy::{CopyEnd, proxy},
     preamble,
-    socket::{connect_marked, netns_cookie},
+    socket::{connect_marked, listen},
 };
 use crate::{
     catalog::{Catalog, Endpoint, Service, Workload},
@@ -63,17 +63,7 @@ pub struct OutboundListener {
 impl OutboundListener {
     /// Binds `addr` in the current network namespace.
     pub fn bind(addr: SocketAddr) -> io::Result<OutboundListener> {
-        let socket = if addr.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
-        };
-        socket.set_reuseaddr(true)?;
-        socket
-            .bind(addr)
-            .map_err(|e| io::Error::new(e.kind(), format!("cannot bind {addr}: {e}")))?;
-        let netns_cookie = netns_cookie(&socket)?;
-        let listener = socket.listen(BACKLOG)?;
+        let (listener, netns_cookie) = listen(addr, BACKLOG)?;
         Ok(OutboundListener {
             listener,
             netns_cookie,

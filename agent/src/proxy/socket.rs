@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 /// `SO_NETNS_COOKIE` from asm-generic/socket.h (libc does not define it).
 const SO_NETNS_COOKIE: libc::c_int = 71;
@@ -51,6 +51,22 @@ pub fn netns_cookie(fd: &impl AsRawFd) -> io::Result<u64> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// A listening socket on `addr` (address reuse on, so a restarted agent
+/// binds at once), in the current network namespace.
+pub fn listen(addr: SocketAddr, backlog: u32) -> io::Result<(TcpListener, u64)> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket
+        .bind(addr)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot bind {addr}: {e}")))?;
+    let cookie = netns_cookie(&socket)?;
+    Ok((socket.listen(backlog)?, cookie))
 }
 
 /// Connects to `addr` from a socket marked `mark` (so the connect hook lets
