@@ -181,3 +181,27 @@ fn exec_with_an_unknown_workload_names_the_known_ones() {
         "{err}"
     );
 }
+
+/// Every config the project ships is valid.
+#[test]
+fn every_shipped_config_passes_the_check() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
+    let mut files = vec![root.join("sluice.yaml")];
+    for entry in std::fs::read_dir(root.join("examples")).unwrap() {
+        files.push(entry.unwrap().path());
+    }
+    assert!(files.len() >= 4);
+    for file in files {
+        let out = Command::new(sluice_bin())
+            .args(["config", "check"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            file.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
