@@ -35,6 +35,12 @@ enum Task {
     /// (Used by bench.) Run one load-generator workload.
     #[command(hide = true)]
     Loadgen(bench::LoadArgs),
+    /// (For profiling by hand.) Run the bench's echo backend until killed.
+    #[command(hide = true)]
+    Backend {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -59,6 +65,7 @@ fn main() -> anyhow::Result<()> {
             bench::run(args)
         }
         Task::Loadgen(args) => bench::loadgen_main(args),
+        Task::Backend { listen } => bench::backend_main(listen),
     }
 }
 

@@ -46,6 +46,10 @@ pub struct ByteCounters {
 /// The reading end of one direction: fills a buffer it may allocate
 /// lazily and release while the connection is quiet.
 pub trait ReadSide: Send {
+    /// Whether [`one_way`] may drop the buffer after a short read (the
+    /// reader waits for data without one).
+    const RELEASE_WHEN_DRAINED: bool;
+
     /// Reads what is available into `buf` (resized to `size` if empty).
     /// An implementation may leave `buf` empty while it waits, so an idle
     /// connection holds no buffer.
@@ -57,21 +61,17 @@ pub trait ReadSide: Send {
 }
 
 impl ReadSide for tokio::net::tcp::ReadHalf<'_> {
+    const RELEASE_WHEN_DRAINED: bool = true;
+
     async fn read_some(&mut self, buf: &mut Vec<u8>, size: usize) -> std::io::Result<usize> {
-        loop {
-            if buf.is_empty() {
-                // Wait for data without holding a buffer.
-                self.readable().await?;
-                buf.resize(size, 0);
-            }
-            match self.try_read(buf) {
-                Ok(n) => return Ok(n),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    *buf = Vec::new();
-                }
-                Err(e) => return Err(e),
-            }
+        if buf.is_empty() {
+            // Wait for data without holding a buffer.
+            self.readable().await?;
+            buf.resize(size, 0);
         }
+        // tokio's read treats a short read as "drained" and waits for the
+        // next event without another syscall.
+        self.read(buf).await
     }
 }
 
@@ -80,6 +80,8 @@ impl ReadSide for tokio::net::tcp::ReadHalf<'_> {
 pub struct Buffered<R>(R);
 
 impl<R: AsyncRead + Unpin + Send> ReadSide for Buffered<R> {
+    const RELEASE_WHEN_DRAINED: bool = false;
+
     async fn read_some(&mut self, buf: &mut Vec<u8>, size: usize) -> std::io::Result<usize> {
         if buf.is_empty() {
             buf.resize(size, 0);
@@ -177,8 +179,8 @@ enum Side {
     Write,
 }
 
-async fn one_way(
-    mut from: impl ReadSide,
+async fn one_way<R: ReadSide>(
+    mut from: R,
     mut to: impl AsyncWrite + Unpin,
     sent: &AtomicU64,
 ) -> Result<(), Side> {
@@ -200,7 +202,10 @@ async fn one_way(
         }
         to.write_all(&buf[..n]).await.map_err(|_| Side::Write)?;
         sent.fetch_add(n as u64, Ordering::Relaxed);
-        if buf.len() < size {
+        if R::RELEASE_WHEN_DRAINED && n < buf.len() {
+            // Drained: let the buffer go while the connection is quiet.
+            buf = Vec::new();
+        } else if buf.len() < size {
             buf.resize(size, 0);
         }
     }

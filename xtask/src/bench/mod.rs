@@ -25,6 +25,15 @@ use serde_json::{Value, json};
 
 pub use loadgen::LoadArgs;
 
+/// Entry point of `xtask backend`: the echo backend alone, for profiling.
+pub fn backend_main(listen: SocketAddr) -> anyhow::Result<()> {
+    let addr = start_backend(std::net::TcpListener::bind(listen)?)?;
+    println!("echo backend on {addr}");
+    loop {
+        std::thread::park();
+    }
+}
+
 /// Entry point of `xtask loadgen`.
 pub fn loadgen_main(args: LoadArgs) -> anyhow::Result<()> {
     loadgen::run(args)
