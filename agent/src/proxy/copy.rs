@@ -64,13 +64,20 @@ impl ReadSide for tokio::net::tcp::ReadHalf<'_> {
     const RELEASE_WHEN_DRAINED: bool = true;
 
     async fn read_some(&mut self, buf: &mut Vec<u8>, size: usize) -> std::io::Result<usize> {
-        if buf.is_empty() {
-            // Wait for data without holding a buffer.
-            self.readable().await?;
-            buf.resize(size, 0);
+        if !buf.is_empty() {
+            // Kept after a full read: more may be waiting. Look once; if
+            // not, give the buffer back before waiting.
+            match self.try_read(buf) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => *buf = Vec::new(),
+                Err(e) => return Err(e),
+            }
         }
-        // tokio's read treats a short read as "drained" and waits for the
-        // next event without another syscall.
+        // Wait for data without holding a buffer.
+        self.readable().await?;
+        buf.resize(size, 0);
+        // tokio's read treats a short read as drained and then waits for
+        // the next event without another syscall.
         self.read(buf).await
     }
 }
