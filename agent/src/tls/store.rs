@@ -132,6 +132,24 @@ impl CertStore {
     }
 }
 
+impl CertStore {
+    /// Checks a handshake signature with the provider's algorithms; both
+    /// verifiers share it.
+    fn signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+        tls13: bool,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        if tls13 {
+            rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+        } else {
+            rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+        }
+    }
+}
+
 fn pki_error(e: webpki::Error) -> TlsError {
     use webpki::Error as E;
     TlsError::InvalidCertificate(match e {
@@ -225,7 +243,7 @@ impl ServerCertVerifier for PeerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, TlsError> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.algorithms)
+        self.0.signature(message, cert, dss, false)
     }
 
     fn verify_tls13_signature(
@@ -234,7 +252,7 @@ impl ServerCertVerifier for PeerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, TlsError> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.algorithms)
+        self.0.signature(message, cert, dss, true)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -274,7 +292,7 @@ impl ClientCertVerifier for CallerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, TlsError> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.algorithms)
+        self.0.signature(message, cert, dss, false)
     }
 
     fn verify_tls13_signature(
@@ -283,7 +301,7 @@ impl ClientCertVerifier for CallerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, TlsError> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.algorithms)
+        self.0.signature(message, cert, dss, true)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
