@@ -10,7 +10,11 @@ use std::{
     time::Duration,
 };
 
-use tokio::sync::{Notify, watch};
+use log::warn;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{Notify, watch},
+};
 
 #[derive(Debug, Default)]
 struct Active {
@@ -99,6 +103,32 @@ impl DrainWatch {
         self.active.count.fetch_add(1, Ordering::AcqRel);
         ConnectionGuard {
             active: self.active.clone(),
+        }
+    }
+}
+
+/// Accepts on `listener` until the drain starts, handing each connection
+/// to `on_accept` with a guard that counts it until dropped. Accept errors
+/// (EMFILE and friends) are logged and followed by a short pause instead of
+/// a spin. Every listener of the agent runs this loop.
+pub async fn accept_until_drained(
+    listener: &TcpListener,
+    drain: &mut DrainWatch,
+    name: &str,
+    mut on_accept: impl FnMut(TcpStream, std::net::SocketAddr, ConnectionGuard),
+) {
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = drain.draining() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => on_accept(stream, peer, drain.track()),
+            Err(e) => {
+                warn!("{name} listener: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
     }
 }

@@ -85,16 +85,23 @@ fn nightly_with_rust_src() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn installed(package: &str) -> bool {
+pub fn installed(package: &str) -> bool {
     output(Command::new("dpkg-query").args(["-W", "-f=${Status}", package]))
         .is_some_and(|s| s.contains("install ok installed"))
 }
 
 fn apt_packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES.into_iter().filter(|p| !installed(p)).collect();
-    if missing.is_empty() {
+    if ensure_packages(&APT_PACKAGES)? {
         ok(&format!("Debian packages ({})", APT_PACKAGES.join(", ")));
-        return Ok(());
+    }
+    Ok(())
+}
+
+/// Installs whichever of `packages` are missing; true when none were.
+pub fn ensure_packages(packages: &[&str]) -> anyhow::Result<bool> {
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(true);
     }
     if !is_root() {
         bail!(
@@ -109,7 +116,8 @@ fn apt_packages() -> anyhow::Result<()> {
             .args(["install", "-y", "-qq", "--no-install-recommends"])
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
+    )?;
+    Ok(false)
 }
 
 fn bpf_linker() -> anyhow::Result<()> {

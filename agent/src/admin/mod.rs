@@ -18,7 +18,6 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use log::warn;
 use serde_json::{Value, json};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -27,7 +26,7 @@ use tokio::{
 
 use crate::{
     catalog::Catalog,
-    drain::DrainWatch,
+    drain::{DrainWatch, accept_until_drained},
     proxy::inbound::{InboundStats, Refusal},
     resilience::{Overflow, clock::now_ms, eligible_endpoints},
     telemetry::{Connections, Metrics, TraceLog, metrics::KernelView},
@@ -91,24 +90,14 @@ impl AdminState {
 
 /// Serves the admin API on `listener` until the drain ends.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, mut drain: DrainWatch) {
-    loop {
-        let accepted = tokio::select! {
-            _ = drain.draining() => break,
-            a = listener.accept() => a,
-        };
-        match accepted {
-            Ok((stream, _)) => {
-                let state = state.clone();
-                tokio::spawn(async move {
-                    let _ = answer(stream, &state).await;
-                });
-            }
-            Err(e) => {
-                warn!("admin listener: accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+    accept_until_drained(&listener, &mut drain, "admin", |stream, _, guard| {
+        let state = state.clone();
+        tokio::spawn(async move {
+            let _ = answer(stream, &state).await;
+            drop(guard);
+        });
+    })
+    .await;
 }
 
 async fn answer(mut stream: TcpStream, state: &AdminState) -> std::io::Result<()> {

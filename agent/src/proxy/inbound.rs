@@ -31,7 +31,7 @@ use crate::{
     authz,
     catalog::Catalog,
     config::policy::DEFAULT_IDLE_TIMEOUT,
-    drain::{ConnectionGuard, DrainWatch},
+    drain::{ConnectionGuard, DrainWatch, accept_until_drained},
     tls::{Identity, TlsContext, identity_of},
 };
 
@@ -198,25 +198,12 @@ impl InboundListener {
     /// Accepts until the drain starts.
     pub async fn serve(self, ctx: Arc<InboundContext>, mut drain: DrainWatch) {
         let acceptor = TlsAcceptor::from(ctx.tls.server_config());
-        loop {
-            let accepted = tokio::select! {
-                biased;
-                _ = drain.draining() => break,
-                accepted = self.listener.accept() => accepted,
-            };
-            match accepted {
-                Ok((tcp, peer)) => {
-                    let guard = drain.track();
-                    let ctx = ctx.clone();
-                    let acceptor = acceptor.clone();
-                    tokio::spawn(async move { handle(ctx, acceptor, tcp, peer, guard).await });
-                }
-                Err(e) => {
-                    warn!("inbound listener: accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
+        accept_until_drained(&self.listener, &mut drain, "inbound", |tcp, peer, guard| {
+            let ctx = ctx.clone();
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move { handle(ctx, acceptor, tcp, peer, guard).await });
+        })
+        .await;
     }
 }
 

@@ -2,7 +2,7 @@
 //! One listener per workload network namespace; in the local default that
 //! is the host's namespace only.
 
-use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+use std::{io, net::SocketAddr, sync::Arc};
 
 use arc_swap::ArcSwap;
 use log::{debug, info, warn};
@@ -16,7 +16,7 @@ use super::{
 use crate::{
     catalog::{Catalog, Endpoint, Service, Workload},
     config::Mode,
-    drain::{ConnectionGuard, DrainWatch},
+    drain::{ConnectionGuard, DrainWatch, accept_until_drained},
     lb::PickContext,
     redirect::PeerRecords,
     resilience::{
@@ -79,26 +79,17 @@ impl OutboundListener {
     /// redirected connects are refused at once) and returns. Connections
     /// already accepted go on in their own tasks, tracked by `drain`.
     pub async fn serve(self, ctx: Arc<OutboundContext>, mut drain: DrainWatch) {
-        loop {
-            let accepted = tokio::select! {
-                biased;
-                _ = drain.draining() => break,
-                accepted = self.listener.accept() => accepted,
-            };
-            match accepted {
-                Ok((client, peer)) => {
-                    let guard = drain.track();
-                    let ctx = ctx.clone();
-                    let netns = self.netns_cookie;
-                    tokio::spawn(async move { handle(ctx, client, peer, netns, guard).await });
-                }
-                Err(e) => {
-                    // EMFILE and friends: back off a little instead of spinning.
-                    warn!("outbound listener: accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
+        let netns = self.netns_cookie;
+        accept_until_drained(
+            &self.listener,
+            &mut drain,
+            "outbound",
+            |client, peer, guard| {
+                let ctx = ctx.clone();
+                tokio::spawn(async move { handle(ctx, client, peer, netns, guard).await });
+            },
+        )
+        .await;
     }
 }
 

@@ -257,27 +257,8 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks as f64 / hz
 }
 
-fn installed(package: &str) -> bool {
-    Command::new("dpkg-query")
-        .args(["-W", "-f=${Status}", package])
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
-}
-
 fn install_peers() -> anyhow::Result<()> {
-    let wanted = ["haproxy", "nginx-core", "libnginx-mod-stream"];
-    let missing: Vec<&str> = wanted.into_iter().filter(|p| !installed(p)).collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    println!("   installing {} from Debian's packages", missing.join(" "));
-    run_cmd(Command::new("apt-get").args(["update", "-qq"]))?;
-    run_cmd(
-        Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
+    crate::setup::ensure_packages(&["haproxy", "nginx-core", "libnginx-mod-stream"]).map(|_| ())
 }
 
 fn sh(cmd: &str) -> anyhow::Result<()> {
