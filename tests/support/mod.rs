@@ -36,12 +36,26 @@ pub fn unique(tag: &str) -> String {
     )
 }
 
-/// A port on 127.0.0.1 that was free a moment ago.
+/// A port on 127.0.0.1 that is free now and that the kernel will not hand
+/// out on its own. Ports from `bind(:0)` come from the ephemeral range, and
+/// the many client connections that tests open in parallel take their
+/// source ports from the same range, so such a port can be gone by the time
+/// the agent binds it. Ports below the ephemeral range are only ever taken
+/// by someone binding them explicitly.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind an ephemeral port")
-        .port()
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000; // stays under 32768, the ephemeral range's floor
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    // Spread test processes apart so two runs at once rarely probe the same ports.
+    let start = (std::process::id() * 397) % SPAN;
+    for _ in 0..SPAN {
+        let step = NEXT.fetch_add(1, Ordering::Relaxed) as u32;
+        let port = (FIRST + (start + step) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {FIRST}..{}", FIRST + SPAN);
 }
 
 /// Polls `f` every 10 ms until it is true or `timeout` passes.
