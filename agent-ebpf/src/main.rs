@@ -9,23 +9,36 @@
 //!    can compute from `accept()`: network namespace cookie + client address
 //!    and port.
 //! 3. The agent takes the record (lookup-and-delete) when it accepts.
+//!
+//! Kernel mode (a service with the SERVICE_KERNEL flag) skips the agent:
+//! `connect4` takes the next slot of the service's backend table and
+//! rewrites the destination to that backend; `getpeername4` shows the
+//! application the virtual address again; `sock_ops` reports the connect's
+//! outcome to the agent through a ring buffer, for outlier detection.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
+    bindings::{
+        BPF_ANY, BPF_F_NO_PREALLOC, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTO_CB,
+        BPF_SOCK_OPS_RTO_CB_FLAG, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_tuple,
+    },
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns,
+        bpf_sk_lookup_tcp, bpf_sk_release,
     },
     macros::{cgroup_sock_addr, map, sock_ops},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::info;
 use sluice_maps::{
-    MAX_PENDING_RECORDS, MAX_SERVICES, OriginalDst, PeerKey, SETTINGS_LOG, STAT_COUNT, ServiceKey,
-    ServiceValue, Settings, Stat, v4_mapped,
+    Backend, BackendKey, EVENT_CONNECT_FAILED, EVENT_ESTABLISHED, EVENT_RTO, KERNEL_EVENTS_BYTES,
+    KernelConn, KernelEvent, MAX_BACKEND_SLOTS, MAX_KERNEL_CONNS, MAX_PENDING_RECORDS,
+    MAX_SERVICES, OriginalDst, PeerKey, SERVICE_FAIL_OPEN, SERVICE_KERNEL, SETTINGS_LOG,
+    STAT_COUNT, ServiceKey, ServiceValue, Settings, Stat, v4_mapped,
 };
 
 /// Allow the syscall to proceed (cgroup/connect4 return value).
@@ -34,6 +47,11 @@ const ALLOW: i32 = 1;
 const REFUSE: i32 = 0;
 const IPPROTO_TCP: u32 = 6;
 const AF_INET: u32 = 2;
+/// `BPF_F_CURRENT_NETNS`: look sockets up in the caller's namespace.
+const CURRENT_NETNS: u64 = u64::MAX;
+/// TCP states as sock_ops reports them (include/net/tcp_states.h).
+const TCP_SYN_SENT: u32 = 2;
+const TCP_CLOSE: u32 = 7;
 
 #[map]
 static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(MAX_SERVICES, 0);
@@ -49,6 +67,25 @@ static SETTINGS: Array<Settings> = Array::pinned(1, 0);
 
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::pinned(STAT_COUNT, 0);
+
+// Not preallocated: most nodes fill a small part of it.
+#[map]
+static BACKENDS: HashMap<BackendKey, Backend> =
+    HashMap::pinned(MAX_BACKEND_SLOTS, BPF_F_NO_PREALLOC);
+
+#[map]
+static CURSORS: PerCpuArray<u32> = PerCpuArray::pinned(MAX_SERVICES, 0);
+
+#[map]
+static KERNEL_CONNS: LruHashMap<u64, KernelConn> = LruHashMap::pinned(MAX_KERNEL_CONNS, 0);
+
+#[map]
+static KERNEL_EVENTS: RingBuf = RingBuf::pinned(KERNEL_EVENTS_BYTES, 0);
+
+/// Written by the agent; the programs never read it, but it lives in the
+/// object so that it is created and pinned with the rest.
+#[map]
+static LAYOUT: Array<u32> = Array::pinned(1, 0);
 
 #[inline(always)]
 fn count(stat: Stat) {
@@ -89,9 +126,20 @@ fn try_connect4(ctx: &SockAddrContext) -> i32 {
         port,
         _pad: 0,
     };
-    if unsafe { SERVICES.get(key) }.is_none() {
+    let Some(service) = (unsafe { SERVICES.get(key) }).copied() else {
         count(Stat::NotMeshed);
         return ALLOW;
+    };
+    if service.flags & SERVICE_KERNEL != 0 {
+        return balance_in_kernel(ctx, sa, &key, &service, settings);
+    }
+    if service.flags & SERVICE_FAIL_OPEN != 0 && !agent_listening(ctx, settings) {
+        count(Stat::FailOpen);
+        if service.slots == 0 {
+            // No table: the original destination, as the application asked.
+            return ALLOW;
+        }
+        return balance_in_kernel(ctx, sa, &key, &service, settings);
     }
 
     let record = OriginalDst {
@@ -124,16 +172,144 @@ fn try_connect4(ctx: &SockAddrContext) -> i32 {
     ALLOW
 }
 
+/// Whether the agent's outbound listener exists in the caller's network
+/// namespace. The kernel drops the socket when the agent dies, so this
+/// needs no heartbeat.
+fn agent_listening(ctx: &SockAddrContext, settings: &Settings) -> bool {
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    tuple.__bindgen_anon_1.ipv4.daddr = settings.listener_ip4;
+    tuple.__bindgen_anon_1.ipv4.dport = settings.listener_port.to_be();
+    let size = core::mem::size_of_val(unsafe { &tuple.__bindgen_anon_1.ipv4 }) as u32;
+    let sk = unsafe { bpf_sk_lookup_tcp(ctx.as_ptr(), &mut tuple, size, CURRENT_NETNS, 0) };
+    if sk.is_null() {
+        return false;
+    }
+    unsafe { bpf_sk_release(sk as *mut _) };
+    true
+}
+
+/// Sends the connect to the next backend of the service's live table.
+fn balance_in_kernel(
+    ctx: &SockAddrContext,
+    sa: &mut aya_ebpf::bindings::bpf_sock_addr,
+    key: &ServiceKey,
+    service: &ServiceValue,
+    settings: &Settings,
+) -> i32 {
+    if service.slots == 0 {
+        // The agent emptied the table: every endpoint is ineligible and the
+        // service's panic policy is fail_closed.
+        count(Stat::KernelNoBackend);
+        return REFUSE;
+    }
+    // Per-CPU cursor: no atomics, no contention; each CPU walks the table
+    // in order, so proportions hold exactly over every full turn.
+    let index = match CURSORS.get_ptr_mut(service.id % MAX_SERVICES) {
+        Some(cursor) => unsafe {
+            let i = *cursor;
+            *cursor = i.wrapping_add(1);
+            i % service.slots
+        },
+        None => 0,
+    };
+    let slot = BackendKey::new(*key, service.generation & 1, index);
+    let Some(backend) = (unsafe { BACKENDS.get(slot) }).copied() else {
+        count(Stat::KernelNoBackend);
+        return REFUSE;
+    };
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let conn = KernelConn {
+        service: *key,
+        backend,
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+    };
+    // Without this entry getpeername would show the backend and the outcome
+    // would go unseen; the connect itself still works, so go on.
+    let _ = KERNEL_CONNS.insert(cookie, conn, BPF_ANY as u64);
+    sa.user_ip4 = backend.addr[3];
+    sa.user_port = u32::from(backend.port.to_be());
+    count(Stat::KernelBalanced);
+    if settings.flags & SETTINGS_LOG != 0 {
+        info!(
+            ctx,
+            "connect4: kernel-balanced cookie={} port={} -> port={}",
+            cookie,
+            key.port,
+            backend.port
+        );
+    }
+    ALLOW
+}
+
+/// Shows the application the virtual address it dialled, not the backend
+/// the kernel chose.
+#[cgroup_sock_addr(getpeername4)]
+pub fn getpeername4(ctx: SockAddrContext) -> i32 {
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if let Some(conn) = unsafe { KERNEL_CONNS.get(cookie) } {
+        sa.user_ip4 = conn.service.addr[3];
+        sa.user_port = u32::from(conn.service.port.to_be());
+    }
+    ALLOW
+}
+
 // Named apart from its section: a `#[sock_ops]` fn called `sockops` clashes
 // with the section name in bpf-linker.
 #[sock_ops]
 pub fn sluice_sockops(ctx: SockOpsContext) -> u32 {
     // Only IPv4 is redirected (no connect6 program yet), so only IPv4
     // connections can have a record.
-    if ctx.op() == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && ctx.family() == AF_INET {
-        rekey_established(&ctx);
+    if ctx.family() != AF_INET {
+        return 0;
+    }
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => watch_kernel_conn(&ctx),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            rekey_established(&ctx);
+            report_kernel_conn(&ctx, EVENT_ESTABLISHED);
+        }
+        BPF_SOCK_OPS_STATE_CB => {
+            if ctx.arg(1) == TCP_CLOSE {
+                if ctx.arg(0) == TCP_SYN_SENT {
+                    count(Stat::KernelConnectFailed);
+                    report_kernel_conn(&ctx, EVENT_CONNECT_FAILED);
+                }
+                let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+                let _ = KERNEL_CONNS.remove(cookie);
+            }
+        }
+        BPF_SOCK_OPS_RTO_CB => report_kernel_conn(&ctx, EVENT_RTO),
+        _ => {}
     }
     0
+}
+
+/// Asks for state and RTO callbacks on kernel-balanced sockets only, so
+/// other sockets pay nothing.
+fn watch_kernel_conn(ctx: &SockOpsContext) {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if unsafe { KERNEL_CONNS.get(cookie) }.is_some() {
+        let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTO_CB_FLAG;
+        let _ = ctx.set_cb_flags(flags as i32);
+    }
+}
+
+fn report_kernel_conn(ctx: &SockOpsContext, kind: u32) {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(conn) = (unsafe { KERNEL_CONNS.get(cookie) }).copied() else {
+        return;
+    };
+    let value = match kind {
+        // srtt_us is kept left-shifted by 3 (eighths of a microsecond).
+        EVENT_ESTABLISHED => (unsafe { (*ctx.ops).srtt_us }) >> 3,
+        EVENT_RTO => unsafe { (*ctx.ops).total_retrans },
+        _ => 0,
+    };
+    let event = KernelEvent { conn, kind, value };
+    if KERNEL_EVENTS.output::<KernelEvent>(&event, 0).is_err() {
+        count(Stat::EventLost);
+    }
 }
 
 fn rekey_established(ctx: &SockOpsContext) {

@@ -31,6 +31,7 @@ use crate::{
     catalog::Catalog,
     config::Config,
     drain::{self, DrainWatch},
+    fastpath,
     proxy::{
         OutboundContext, OutboundListener,
         inbound::{InboundContext, InboundListener, InboundStats},
@@ -40,13 +41,17 @@ use crate::{
         preflight::{self, PreflightError},
         records,
     },
-    resilience::health::HealthCheckers,
+    resilience::{clock::now_ms, health::HealthCheckers},
     telemetry::{Connections, Metrics, StateCollector, TraceLog, metrics::KernelView},
     tls::{self, Identity, TlsContext, TlsSetupError},
 };
 
 /// How often the config file's modification time is looked at.
 const CONFIG_POLL: Duration = Duration::from_secs(1);
+/// How often the kernel's backend tables are recomputed even when no
+/// failure was reported: ejections expire and health checks flip on their
+/// own clocks.
+const TABLE_REFRESH: Duration = Duration::from_millis(100);
 
 /// How often stale redirect records are swept, and how old they must be.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
@@ -173,7 +178,8 @@ async fn run_attached(
         agent_mark: config.agent.mark,
         log: config.agent.ebpf_log,
     })?;
-    redirect.sync_services(&catalog.service_map())?;
+    redirect.sync_services(&catalog.kernel_entries(now_ms()))?;
+    let kernel_events = redirect.take_kernel_events()?;
 
     let outbound = SocketAddr::V4(config.agent.outbound);
     let listener = OutboundListener::bind(outbound).map_err(AgentError::Listener)?;
@@ -263,6 +269,14 @@ async fn run_attached(
     let server = tokio::spawn(listener.serve(ctx, watch.clone()));
     let inbound_server = tokio::spawn(inbound.serve(inbound_ctx, watch.clone()));
     tokio::spawn(sweep_records(records, cookie_records, watch.clone()));
+    let tables_changed = Arc::new(tokio::sync::Notify::new());
+    tokio::spawn(fastpath::pump_kernel_events(
+        kernel_events,
+        catalog.clone(),
+        metrics.clone(),
+        tables_changed.clone(),
+        watch.clone(),
+    ));
     info!(
         "sluice agent ready: node {}, {services} services, {workloads} workloads, outbound {outbound}, \
          inbound mTLS {inbound_addr} (trust domain {})",
@@ -280,6 +294,8 @@ async fn run_attached(
         tls,
         identities,
         metrics,
+        tables_changed,
+        tables_failing: false,
     };
     live.serve_until_stopped().await;
     admin.stopping.store(true, Ordering::Release);
@@ -318,6 +334,9 @@ struct Live<'a> {
     tls: Arc<TlsContext>,
     identities: Arc<ArcSwap<Vec<Identity>>>,
     metrics: Arc<Metrics>,
+    /// Notified when a kernel-balanced connect failed.
+    tables_changed: Arc<tokio::sync::Notify>,
+    tables_failing: bool,
 }
 
 /// The identities of this node's workloads.
@@ -349,8 +368,13 @@ impl Live<'_> {
         let path = self.config.source.clone();
         let mut seen = modified(&path);
         let mut poll = tokio::time::interval(CONFIG_POLL);
+        let mut refresh = tokio::time::interval(TABLE_REFRESH);
+        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let changed = self.tables_changed.clone();
         loop {
             tokio::select! {
+                _ = refresh.tick() => self.refresh_tables(),
+                _ = changed.notified() => self.refresh_tables(),
                 _ = term.recv() => return info!("SIGTERM received"),
                 _ = tokio::signal::ctrl_c() => return info!("SIGINT received"),
                 _ = hup.recv() => {
@@ -365,6 +389,27 @@ impl Live<'_> {
                     }
                 }
             }
+        }
+    }
+
+    /// Brings the kernel's backend tables in line with ejections, health
+    /// and ejection expiry.
+    fn refresh_tables(&mut self) {
+        let catalog = self.catalog.load();
+        let entries = catalog.kernel_tables(now_ms());
+        if entries.is_empty() {
+            return;
+        }
+        match self.redirect.refresh_tables(&entries) {
+            Ok(_) if self.tables_failing => {
+                self.tables_failing = false;
+                info!("the kernel's backend tables are up to date again");
+            }
+            Err(e) if !self.tables_failing => {
+                self.tables_failing = true;
+                warn!("cannot update the kernel's backend tables (they keep their last set): {e}");
+            }
+            _ => {}
         }
     }
 
@@ -397,7 +442,10 @@ impl Live<'_> {
             }
         };
         let catalog = Catalog::from_config(&new, &cgroups, Some(&self.catalog.load()));
-        if let Err(e) = self.redirect.sync_services(&catalog.service_map()) {
+        if let Err(e) = self
+            .redirect
+            .sync_services(&catalog.kernel_entries(now_ms()))
+        {
             self.metrics.reload(false);
             return error!("config reload refused ({e}); the running config stays in force");
         }

@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod drain;
+pub mod fastpath;
 pub mod lb;
 pub mod proxy;
 pub mod redirect;

@@ -142,6 +142,8 @@ pub struct ServiceDef {
     /// More YAML for the service, e.g. policy blocks, indented as a
     /// service's fields (4 spaces).
     pub extra: String,
+    /// Endpoint weights, in endpoint order (empty: the default, 1).
+    pub weights: Vec<u32>,
 }
 
 impl ServiceDef {
@@ -151,7 +153,14 @@ impl ServiceDef {
             vip: vip.parse().expect("vip"),
             endpoints: endpoints.to_vec(),
             extra: String::new(),
+            weights: Vec::new(),
         }
+    }
+
+    /// Gives the endpoints these weights, in order.
+    pub fn weights(mut self, weights: &[u32]) -> ServiceDef {
+        self.weights = weights.to_vec();
+        self
     }
 
     /// Adds YAML lines to the service (write them indented by 4 spaces).
@@ -237,12 +246,15 @@ impl AgentConfig {
                 s.vip.ip(),
                 s.vip.port()
             ));
-            for e in &s.endpoints {
+            for (i, e) in s.endpoints.iter().enumerate() {
                 yaml.push_str(&format!(
                     "      - address: {}\n        port: {}\n",
                     e.ip(),
                     e.port()
                 ));
+                if let Some(w) = s.weights.get(i) {
+                    yaml.push_str(&format!("        weight: {w}\n"));
+                }
             }
             yaml.push_str(&s.extra);
         }
@@ -261,8 +273,12 @@ impl Drop for AgentConfig {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
         // Leftovers only exist if a test failed midway; never leave them.
-        for link in ["link_connect4", "link_sluice_sockops"] {
-            let _ = std::fs::remove_file(self.pin_dir.join(link));
+        if let Ok(entries) = std::fs::read_dir(&self.pin_dir) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with("link_") {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
         }
         redirect::remove_pins(&self.pin_dir);
         let root = self.cgroup_root_path();

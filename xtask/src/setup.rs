@@ -9,8 +9,9 @@ use crate::run as run_cmd;
 
 /// Debian packages bpf-linker is built against (LLVM 22), and tools the
 /// tests use: iproute2 (network namespaces as nodes), prometheus (a real
-/// server scrapes the agent; promtool checks the exposition).
-const APT_PACKAGES: [&str; 7] = [
+/// server scrapes the agent; promtool checks the exposition), python3 (a
+/// client that calls getpeername).
+const APT_PACKAGES: [&str; 8] = [
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
@@ -18,6 +19,7 @@ const APT_PACKAGES: [&str; 7] = [
     "libxml2-dev",
     "iproute2",
     "prometheus",
+    "python3",
 ];
 const BPF_LINKER_VERSION: &str = "0.13";
 

@@ -29,9 +29,58 @@ pub const SETTINGS: &str = "SETTINGS";
 /// Name of the per-CPU array of `u64` counters indexed by [`Stat`], written
 /// by the programs, summed by the agent.
 pub const STATS: &str = "STATS";
+/// Name of the map of kernel-balanced backends: [`BackendKey`] ->
+/// [`Backend`]. Written by the agent (one table per service and
+/// generation), read by `connect4` for kernel-mode services and for
+/// fail-open services while the agent is down.
+pub const BACKENDS: &str = "BACKENDS";
+/// Name of the per-CPU array of rotation cursors, indexed by service id
+/// modulo [`MAX_SERVICES`]. Only the programs touch it.
+pub const CURSORS: &str = "CURSORS";
+/// Name of the map of sockets whose connect the kernel balanced: socket
+/// cookie (`u64`) -> [`KernelConn`]. Written by `connect4`, read by
+/// `getpeername4` and `sock_ops`, removed by `sock_ops` when the socket
+/// closes.
+pub const KERNEL_CONNS: &str = "KERNEL_CONNS";
+/// Name of the ring buffer of [`KernelEvent`]s: outcomes of kernel-balanced
+/// connects, for outlier detection and metrics.
+pub const KERNEL_EVENTS: &str = "KERNEL_EVENTS";
+/// Name of the one-slot array holding the layout version of the pinned
+/// objects ([`LAYOUT_VERSION`]), written by the agent that created them.
+pub const LAYOUT: &str = "LAYOUT";
+
+/// Every pinned map, for cleanup and for the layout check.
+pub const PINNED_MAPS: [&str; 10] = [
+    SERVICES,
+    ORIG_BY_COOKIE,
+    ORIG_BY_PEER,
+    SETTINGS,
+    STATS,
+    BACKENDS,
+    CURSORS,
+    KERNEL_CONNS,
+    KERNEL_EVENTS,
+    LAYOUT,
+];
+
+/// Version of the maps' layout. Bump it whenever a map's type, size or the
+/// meaning of a field changes: an agent finding pins of another version
+/// replaces them instead of reusing them.
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Capacity of [`SERVICES`].
 pub const MAX_SERVICES: u32 = 65_536;
+/// Slots of one service's backend table (one generation). Weights are
+/// scaled down to fit when their reduced sum is larger.
+pub const MAX_SLOTS: u32 = 1024;
+/// Capacity of [`BACKENDS`], over all services and both generations.
+pub const MAX_BACKEND_SLOTS: u32 = 262_144;
+/// Capacity of [`KERNEL_CONNS`]: open kernel-balanced connections tracked
+/// for getpeername and outcomes (LRU: the oldest are forgotten first).
+pub const MAX_KERNEL_CONNS: u32 = 262_144;
+/// Size in bytes of [`KERNEL_EVENTS`].
+pub const KERNEL_EVENTS_BYTES: u32 = 256 * 1024;
+
 /// Capacity of each record map. A record lives from `connect()` until the
 /// agent's `accept()`, so this bounds connections in that window per node.
 pub const MAX_PENDING_RECORDS: u32 = 65_536;
@@ -53,15 +102,90 @@ pub struct ServiceKey {
     pub _pad: u16,
 }
 
-/// Value of [`SERVICES`].
+/// Value of [`SERVICES`]. The agent replaces a value in one map update, so
+/// a program reads either the old or the new one, never a mix: that is
+/// what makes a backend table switch atomic.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ServiceValue {
     /// The agent's number for the service, stable while the agent runs.
     pub id: u32,
-    /// Reserved for per-service modes (kernel fast path, on_agent_down).
+    /// Bit set of [`SERVICE_KERNEL`] and [`SERVICE_FAIL_OPEN`].
     pub flags: u32,
+    /// Filled slots of the backend table in generation [`Self::generation`];
+    /// 0: no table (kernel mode then refuses the connect).
+    pub slots: u32,
+    /// Which of the two tables in [`BACKENDS`] is live (0 or 1). The agent
+    /// writes the other one, then flips this.
+    pub generation: u32,
 }
+
+/// [`ServiceValue::flags`] bit: the kernel balances this service itself
+/// (`mode: kernel`); the agent is not in the path.
+pub const SERVICE_KERNEL: u32 = 1;
+/// [`ServiceValue::flags`] bit: when the agent's outbound listener is gone,
+/// connect straight to a backend of the table (or, with no table, to the
+/// original destination) instead of failing.
+pub const SERVICE_FAIL_OPEN: u32 = 2;
+
+/// Key of [`BACKENDS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BackendKey {
+    pub service: ServiceKey,
+    /// `generation << 31 | index`, index below [`MAX_SLOTS`].
+    pub slot: u32,
+}
+
+impl BackendKey {
+    #[inline(always)]
+    pub const fn new(service: ServiceKey, generation: u32, index: u32) -> BackendKey {
+        BackendKey {
+            service,
+            slot: (generation << 31) | index,
+        }
+    }
+}
+
+/// Value of [`BACKENDS`]: where one slot sends the connect.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Backend {
+    pub addr: [u32; 4],
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Value of [`KERNEL_CONNS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelConn {
+    /// The virtual address the application dialled (getpeername shows it).
+    pub service: ServiceKey,
+    /// The backend the kernel chose.
+    pub backend: Backend,
+    /// cgroup v2 id of the calling task: the source workload.
+    pub cgroup_id: u64,
+}
+
+/// One entry of [`KERNEL_EVENTS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelEvent {
+    pub conn: KernelConn,
+    /// One of the `EVENT_*` constants.
+    pub kind: u32,
+    /// Smoothed RTT in microseconds when the event is
+    /// [`EVENT_ESTABLISHED`]; retransmission count for [`EVENT_RTO`].
+    pub value: u32,
+}
+
+/// The connect completed.
+pub const EVENT_ESTABLISHED: u32 = 1;
+/// The connect failed (refused, reset or timed out in SYN_SENT).
+pub const EVENT_CONNECT_FAILED: u32 = 2;
+/// A retransmission timeout fired on an established connection.
+pub const EVENT_RTO: u32 = 3;
 
 /// What `connect4` records about a redirected connection.
 #[repr(C)]
@@ -123,10 +247,20 @@ pub enum Stat {
     RecordFailed = 3,
     /// sock_ops moved a record from cookie to peer key.
     Established = 4,
+    /// connect4 balanced a connect in the kernel (kernel-mode service).
+    KernelBalanced = 5,
+    /// connect4 refused a kernel-mode connect: no backend in the table.
+    KernelNoBackend = 6,
+    /// The agent was down and a fail-open service's connect went around it.
+    FailOpen = 7,
+    /// A kernel-balanced connect failed (seen by sock_ops).
+    KernelConnectFailed = 8,
+    /// An event could not be queued for the agent (ring buffer full).
+    EventLost = 9,
 }
 
 /// Number of [`Stat`] slots.
-pub const STAT_COUNT: u32 = 5;
+pub const STAT_COUNT: u32 = 10;
 
 impl Stat {
     /// Every counter, in index order.
@@ -136,6 +270,11 @@ impl Stat {
         Stat::AgentSocket,
         Stat::RecordFailed,
         Stat::Established,
+        Stat::KernelBalanced,
+        Stat::KernelNoBackend,
+        Stat::FailOpen,
+        Stat::KernelConnectFailed,
+        Stat::EventLost,
     ];
 
     /// Stable name for display and metrics.
@@ -146,6 +285,11 @@ impl Stat {
             Stat::AgentSocket => "agent_socket",
             Stat::RecordFailed => "record_failed",
             Stat::Established => "established",
+            Stat::KernelBalanced => "kernel_balanced",
+            Stat::KernelNoBackend => "kernel_no_backend",
+            Stat::FailOpen => "fail_open",
+            Stat::KernelConnectFailed => "kernel_connect_failed",
+            Stat::EventLost => "event_lost",
         }
     }
 }
@@ -159,4 +303,8 @@ mod pod {
     unsafe impl aya::Pod for OriginalDst {}
     unsafe impl aya::Pod for PeerKey {}
     unsafe impl aya::Pod for Settings {}
+    unsafe impl aya::Pod for BackendKey {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for KernelConn {}
+    unsafe impl aya::Pod for KernelEvent {}
 }

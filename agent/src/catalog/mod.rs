@@ -15,15 +15,18 @@ use std::{
     time::Duration,
 };
 
-use sluice_maps::{ServiceKey, ServiceValue};
+use sluice_maps::{Backend, SERVICE_FAIL_OPEN, SERVICE_KERNEL, ServiceKey};
 
 use crate::{
     authz::Policy,
-    config::{Config, HealthCheck, Mode, Panic, ServiceSpec, policy::DEFAULT_IDLE_TIMEOUT},
+    config::{
+        Config, HealthCheck, Mode, OnAgentDown, Panic, ServiceSpec, policy::DEFAULT_IDLE_TIMEOUT,
+    },
     lb::Balancer,
     redirect::records::key_addr,
     resilience::{
         BudgetSettings, EndpointState, OutlierSettings, ServiceState, TIER_ANYWHERE, Thresholds,
+        clock::Millis, kernel_set,
     },
     telemetry::MetricsCache,
     tls::Identity,
@@ -65,6 +68,8 @@ pub struct Service {
     pub policy: ServicePolicy,
     pub state: Arc<ServiceState>,
     pub mode: Mode,
+    /// What connects do while the agent is down (proxy modes only).
+    pub on_agent_down: OnAgentDown,
     /// Metric handles of this service's connections, resolved on first use.
     pub metrics: MetricsCache,
 }
@@ -334,6 +339,10 @@ impl Catalog {
                     policy: ServicePolicy::from_spec(s, config.agent.connect_timeout.0),
                     state: old.map_or_else(Default::default, |o| o.state.clone()),
                     mode: s.mode,
+                    on_agent_down: s
+                        .on_agent_down
+                        .as_ref()
+                        .map_or(OnAgentDown::default_for(s.mode), |o| o.value),
                     metrics: MetricsCache::default(),
                 };
                 (vip, Arc::new(service))
@@ -375,21 +384,76 @@ impl Catalog {
         self.services.values()
     }
 
-    /// The SERVICES map content this catalog calls for.
-    pub fn service_map(&self) -> HashMap<ServiceKey, ServiceValue> {
+    /// What the SERVICES and BACKENDS maps should hold now: every IPv4
+    /// service with its flags and, for those the kernel may balance
+    /// (kernel mode, or fail-open while the agent is down), the endpoints
+    /// the resilience layer deems eligible at `now`, with their weights.
+    pub fn kernel_entries(&self, now: Millis) -> Vec<KernelEntry> {
+        self.entries(now, false)
+    }
+
+    /// [`Self::kernel_entries`] of the services that have a backend table.
+    pub fn kernel_tables(&self, now: Millis) -> Vec<KernelEntry> {
+        self.entries(now, true)
+    }
+
+    fn entries(&self, now: Millis, tables_only: bool) -> Vec<KernelEntry> {
+        let flags_of = |s: &Service| {
+            if s.mode == Mode::Kernel {
+                SERVICE_KERNEL
+            } else if s.on_agent_down == OnAgentDown::FailOpen {
+                SERVICE_FAIL_OPEN
+            } else {
+                0
+            }
+        };
         self.services
             .values()
             .filter(|s| matches!(s.vip.ip(), IpAddr::V4(_)))
+            .filter(|s| !tables_only || flags_of(s) != 0)
             .map(|s| {
-                (
-                    ServiceKey {
+                let flags = flags_of(s);
+                let weighted = s.balancer.honours_weights();
+                let members = if flags == 0 {
+                    Vec::new()
+                } else {
+                    kernel_set(s, now)
+                        .into_iter()
+                        .filter_map(|i| {
+                            let e = &s.endpoints[i];
+                            let IpAddr::V4(_) = e.addr.ip() else {
+                                return None;
+                            };
+                            let backend = Backend {
+                                addr: key_addr(e.addr.ip()),
+                                port: e.addr.port(),
+                                _pad: 0,
+                            };
+                            Some((backend, if weighted { e.weight } else { 1 }))
+                        })
+                        .collect()
+                };
+                KernelEntry {
+                    key: ServiceKey {
                         addr: key_addr(s.vip.ip()),
                         port: s.vip.port(),
                         _pad: 0,
                     },
-                    ServiceValue { id: s.id, flags: 0 },
-                )
+                    id: s.id,
+                    flags,
+                    members,
+                }
             })
             .collect()
     }
+}
+
+/// One service as the kernel sees it; see [`Catalog::kernel_entries`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelEntry {
+    pub key: ServiceKey,
+    pub id: u32,
+    pub flags: u32,
+    /// Backends with their weights; empty: no table.
+    pub members: Vec<(Backend, u32)>,
 }

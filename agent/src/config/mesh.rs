@@ -83,6 +83,8 @@ pub enum Mode {
     Permissive,
     /// Never encrypted by the agent.
     Plaintext,
+    /// Plaintext, balanced by the kernel at connect time: no proxy hop.
+    Kernel,
 }
 
 impl Mode {
@@ -91,6 +93,7 @@ impl Mode {
             Mode::Mtls => "mtls",
             Mode::Permissive => "permissive",
             Mode::Plaintext => "plaintext",
+            Mode::Kernel => "kernel",
         }
     }
 }

@@ -24,9 +24,46 @@ use serde_saphyr::Spanned;
 pub use duration::HumanDuration;
 pub use mesh::{Authorization, CertificateSource, Decision, MeshConfig, Mode, PeerNode};
 pub use policy::{
-    CircuitBreakers, HashKey, HealthCheck, HttpCheck, LoadBalancer, OutlierDetection, Panic,
-    Policy, Retries, Timeouts,
+    CircuitBreakers, HashKey, HealthCheck, HttpCheck, LoadBalancer, OnAgentDown, OutlierDetection,
+    Panic, Policy, Retries, Timeouts,
 };
+
+/// What the kernel cannot do for a `mode: kernel` service: it balances by
+/// weight or at random at connect time, knows nothing of in-flight counts
+/// or the caller's identity, and rewrites IPv4 destinations only.
+fn check_kernel_mode(problems: &mut Vec<Problem>, at: &str, s: &ServiceSpec) {
+    let policy = &s.load_balancer.policy;
+    if matches!(policy.value, Policy::LeastRequest | Policy::ConsistentHash) {
+        push(
+            problems,
+            policy.referenced.line(),
+            format!("{at}.load_balancer.policy"),
+            "mode: kernel balances with round_robin, weighted_round_robin or random; \
+             least_request and consistent_hash need the proxy (use another mode)"
+                .into(),
+        );
+    }
+    if let Some(o) = &s.on_agent_down {
+        push(
+            problems,
+            o.referenced.line(),
+            format!("{at}.on_agent_down"),
+            "mode: kernel keeps working while the agent is down; on_agent_down does not apply"
+                .into(),
+        );
+    }
+    for (j, e) in s.endpoints.iter().enumerate() {
+        if e.address.value.is_ipv6() {
+            push(
+                problems,
+                e.address.referenced.line(),
+                format!("{at}.endpoints[{j}].address"),
+                "mode: kernel rewrites IPv4 connects only; an IPv6 endpoint cannot be reached"
+                    .into(),
+            );
+        }
+    }
+}
 
 /// Largest config file accepted; a catalog bigger than this belongs in a
 /// discovery source, not a file.
@@ -198,6 +235,10 @@ pub struct ServiceSpec {
     /// How cross-node connections are protected.
     #[serde(default)]
     pub mode: Mode,
+    /// What connects do while the agent is down; by default fail_closed for
+    /// mtls and permissive, fail_open for plaintext.
+    #[serde(default)]
+    pub on_agent_down: Option<Spanned<OnAgentDown>>,
     /// Who may reach this service's endpoints on this node.
     #[serde(default)]
     pub authorization: Option<Authorization>,
@@ -470,6 +511,9 @@ impl Config {
                     format!("{at}.port"),
                     "must not be 0".into(),
                 );
+            }
+            if s.mode == Mode::Kernel {
+                check_kernel_mode(&mut problems, &at, s);
             }
             let vip = (s.address.value, s.port.value);
             if vip

@@ -212,6 +212,34 @@ pub enum Panic {
     FailClosed,
 }
 
+/// What a proxy-mode service's connects do while the agent is down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnAgentDown {
+    /// Refuse: nothing bypasses the agent's encryption and policy.
+    FailClosed,
+    /// Connect around the agent, unencrypted: to an endpoint of the last
+    /// eligible set, balanced by the kernel.
+    FailOpen,
+}
+
+impl OnAgentDown {
+    /// The default: encrypted modes fail closed, plaintext fails open.
+    pub fn default_for(mode: super::Mode) -> OnAgentDown {
+        match mode {
+            super::Mode::Mtls | super::Mode::Permissive => OnAgentDown::FailClosed,
+            super::Mode::Plaintext | super::Mode::Kernel => OnAgentDown::FailOpen,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            OnAgentDown::FailClosed => "fail_closed",
+            OnAgentDown::FailOpen => "fail_open",
+        }
+    }
+}
+
 /// Most connect attempts one connection may make.
 pub const MAX_CONNECT_ATTEMPTS: u32 = 10;
 

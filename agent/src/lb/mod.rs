@@ -14,7 +14,7 @@ use std::net::IpAddr;
 pub use maglev::Maglev;
 pub use random::fast_random;
 pub use round_robin::RoundRobin;
-pub use weighted::WeightedRoundRobin;
+pub use weighted::{WeightedRoundRobin, bounded_cycle};
 
 use crate::config::{HashKey, Policy};
 
@@ -39,6 +39,11 @@ pub enum Balancer {
 const RANDOM_TRIES: usize = 4;
 
 impl Balancer {
+    /// Whether this policy sends traffic in proportion to endpoint weights.
+    pub fn honours_weights(&self) -> bool {
+        matches!(self, Balancer::WeightedRoundRobin(_))
+    }
+
     /// Builds the balancer for endpoints with these weights and names (the
     /// names place endpoints in a consistent-hash table).
     pub fn new(

@@ -17,33 +17,69 @@ fn gcd(a: u32, b: u32) -> u32 {
     if b == 0 { a } else { gcd(b, a % b) }
 }
 
+/// The smooth weighted round-robin order of indices into `weights`: each
+/// index appears `weight / gcd` times, interleaved rather than in runs.
+pub fn smooth_cycle(weights: &[u32]) -> Vec<u32> {
+    let g = weights
+        .iter()
+        .copied()
+        .filter(|&w| w > 0)
+        .fold(0, gcd)
+        .max(1);
+    let reduced: Vec<i64> = weights.iter().map(|&w| i64::from(w / g)).collect();
+    let total: i64 = reduced.iter().sum();
+    let mut current = vec![0i64; weights.len()];
+    let mut cycle = Vec::with_capacity(total as usize);
+    for _ in 0..total {
+        let mut best = 0;
+        for (i, w) in reduced.iter().enumerate() {
+            current[i] += w;
+            if current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= total;
+        cycle.push(best as u32);
+    }
+    cycle
+}
+
+/// [`smooth_cycle`] in at most `max_len` slots: when the reduced weights
+/// add up to more, they are scaled down (every positive weight keeps at
+/// least one slot), which bends proportions by at most one slot each.
+pub fn bounded_cycle(weights: &[u32], max_len: usize) -> Vec<u32> {
+    let g = weights
+        .iter()
+        .copied()
+        .filter(|&w| w > 0)
+        .fold(0, gcd)
+        .max(1);
+    let total: u64 = weights.iter().map(|&w| u64::from(w / g)).sum();
+    if total as usize <= max_len {
+        return smooth_cycle(weights);
+    }
+    let positive = weights.iter().filter(|&&w| w > 0).count() as u64;
+    // Leave room for the slot every weight keeps.
+    let room = (max_len as u64).saturating_sub(positive);
+    let scaled: Vec<u32> = weights
+        .iter()
+        .map(|&w| {
+            if w == 0 {
+                0
+            } else {
+                1 + (u64::from(w / g) * room / total) as u32
+            }
+        })
+        .collect();
+    smooth_cycle(&scaled)
+}
+
 impl WeightedRoundRobin {
     /// Builds the cycle. Weights of 0 never appear; validation bounds the
     /// sum (config::MAX_WEIGHT_SUM).
     pub fn new(weights: &[u32]) -> WeightedRoundRobin {
-        let g = weights
-            .iter()
-            .copied()
-            .filter(|&w| w > 0)
-            .fold(0, gcd)
-            .max(1);
-        let reduced: Vec<i64> = weights.iter().map(|&w| i64::from(w / g)).collect();
-        let total: i64 = reduced.iter().sum();
-        let mut current = vec![0i64; weights.len()];
-        let mut cycle = Vec::with_capacity(total as usize);
-        for _ in 0..total {
-            let mut best = 0;
-            for (i, w) in reduced.iter().enumerate() {
-                current[i] += w;
-                if current[i] > current[best] {
-                    best = i;
-                }
-            }
-            current[best] -= total;
-            cycle.push(best as u32);
-        }
         WeightedRoundRobin {
-            cycle,
+            cycle: smooth_cycle(weights),
             next: AtomicUsize::new(0),
         }
     }

@@ -4,19 +4,23 @@
 //! Pins live under `agent.pin_dir`:
 //! - one file per map (SERVICES, ORIG_BY_COOKIE, ...), reused by the next
 //!   agent, so records written while the agent restarts are not lost;
-//! - `link_connect4`, `link_sock_ops`: the attachments. They outlive a
+//! - `link_connect4`, `link_sluice_sockops`, `link_getpeername4`: the attachments. They outlive a
 //!   crashed agent (meshed traffic then fails closed: nothing listens on the
 //!   outbound port; other traffic is untouched). A new agent attaches its own
 //!   programs first and only then detaches the ones it finds pinned, so
 //!   there is no moment without a hook. A graceful stop ([`Redirect::detach`])
 //!   removes every pin.
+//! - `LAYOUT` holds the version of the maps' layout; an agent that finds
+//!   another version unpins the old maps and links (holding the links, so
+//!   the old programs stay attached), loads fresh maps, and drops the old
+//!   links once its own programs are attached.
 
 pub mod cgroup;
 pub mod preflight;
 pub mod records;
+pub mod tables;
 
 use std::{
-    collections::HashMap as StdHashMap,
     fs::File,
     io,
     net::SocketAddrV4,
@@ -32,15 +36,21 @@ use aya::{
     },
 };
 use log::{info, warn};
-use sluice_maps::{SETTINGS_LOG, STAT_COUNT, ServiceKey, ServiceValue, Settings, Stat};
+use sluice_maps::{
+    LAYOUT_VERSION, PINNED_MAPS, SERVICE_KERNEL, SETTINGS_LOG, STAT_COUNT, Settings, Stat,
+};
 
+use crate::catalog::KernelEntry;
 pub use records::{PeerRecords, Redirected};
 
 /// The compiled eBPF object, built by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sluice-ebpf"));
 
 /// The programs and where they attach, in attach order.
-const PROGRAMS: [&str; 2] = ["connect4", "sluice_sockops"];
+const PROGRAMS: [&str; 3] = ["connect4", "sluice_sockops", "getpeername4"];
+/// The program only the kernel fast path needs: without it, kernel-mode
+/// services fall back to the proxy.
+const KERNEL_MODE_PROGRAM: &str = "getpeername4";
 
 /// Why the redirect could not be installed or changed.
 #[derive(Debug, thiserror::Error)]
@@ -147,16 +157,23 @@ pub struct Redirect {
     pin_dir: PathBuf,
     ebpf: Ebpf,
     links: Vec<PinnedLink>,
-    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    tables: tables::Tables,
     settings: Array<MapData, Settings>,
+    /// Whether `mode: kernel` can be served by the kernel on this node.
+    kernel_mode: bool,
+    /// Links of an incompatible older layout, taken out of the pin
+    /// directory at load; dropped (detached) once this agent's programs are
+    /// attached, so that there is no moment without a hook.
+    retired: Vec<FdLink>,
 }
 
 impl Redirect {
     /// Loads the programs and maps, reusing maps pinned in `pin_dir`.
     /// Nothing is attached yet.
     pub fn load(pin_dir: &Path) -> Result<Redirect, RedirectError> {
+        let retired = retire_incompatible_pins(pin_dir);
         let fresh = !pin_dir.exists();
-        let loaded = Self::load_inner(pin_dir);
+        let loaded = Self::load_inner(pin_dir, retired);
         if loaded.is_err() && fresh {
             // Nothing of ours may stay behind when we could not start.
             remove_pins(pin_dir);
@@ -164,7 +181,7 @@ impl Redirect {
         loaded
     }
 
-    fn load_inner(pin_dir: &Path) -> Result<Redirect, RedirectError> {
+    fn load_inner(pin_dir: &Path, retired: Vec<FdLink>) -> Result<Redirect, RedirectError> {
         std::fs::create_dir_all(pin_dir).map_err(|error| RedirectError::PinDir {
             path: pin_dir.to_owned(),
             error,
@@ -173,6 +190,7 @@ impl Redirect {
             .default_map_pin_directory(pin_dir)
             .load(EBPF_OBJECT)
             .map_err(|e| RedirectError::Load(ErrorChain::of(&e)))?;
+        let mut kernel_mode = true;
         for name in PROGRAMS {
             let program = ebpf
                 .program_mut(name)
@@ -182,22 +200,56 @@ impl Redirect {
                 aya::programs::Program::SockOps(p) => p.load(),
                 _ => return Err(RedirectError::MissingMap(name)),
             };
-            loaded.map_err(|e| RedirectError::Program {
-                program: name,
-                error: ErrorChain::of(&e),
-            })?;
+            match loaded {
+                Ok(()) => {}
+                Err(e) if name == KERNEL_MODE_PROGRAM => {
+                    warn!(
+                        "the kernel fast path is unavailable: the kernel refused {name} ({}); \
+                         services with mode: kernel are served by the proxy",
+                        ErrorChain::of(&e)
+                    );
+                    kernel_mode = false;
+                }
+                Err(e) => {
+                    return Err(RedirectError::Program {
+                        program: name,
+                        error: ErrorChain::of(&e),
+                    });
+                }
+            }
         }
+        let mut layout: Array<MapData, u32> =
+            Array::try_from(take_map(&mut ebpf, sluice_maps::LAYOUT)?)
+                .map_err(map_err(sluice_maps::LAYOUT))?;
+        layout
+            .set(0, LAYOUT_VERSION, 0)
+            .map_err(map_err(sluice_maps::LAYOUT))?;
         let services = take_map(&mut ebpf, sluice_maps::SERVICES)?;
         let services = HashMap::try_from(services).map_err(map_err(sluice_maps::SERVICES))?;
+        let backends = take_map(&mut ebpf, sluice_maps::BACKENDS)?;
+        let backends = HashMap::try_from(backends).map_err(map_err(sluice_maps::BACKENDS))?;
         let settings = take_map(&mut ebpf, sluice_maps::SETTINGS)?;
         let settings = Array::try_from(settings).map_err(map_err(sluice_maps::SETTINGS))?;
         Ok(Redirect {
             pin_dir: pin_dir.to_owned(),
             ebpf,
             links: Vec::new(),
-            services,
+            tables: tables::Tables::new(services, backends),
             settings,
+            kernel_mode,
+            retired,
         })
+    }
+
+    /// Whether kernel-mode services are balanced by the kernel here.
+    pub fn kernel_mode(&self) -> bool {
+        self.kernel_mode
+    }
+
+    /// Takes the ring buffer of kernel-balanced connect outcomes.
+    pub fn take_kernel_events(&mut self) -> Result<aya::maps::RingBuf<MapData>, RedirectError> {
+        let map = take_map(&mut self.ebpf, sluice_maps::KERNEL_EVENTS)?;
+        aya::maps::RingBuf::try_from(map).map_err(map_err(sluice_maps::KERNEL_EVENTS))
     }
 
     /// Hands the aya-log ring buffer to a reader; `None` if the object has
@@ -241,30 +293,39 @@ impl Redirect {
             .map_err(map_err(sluice_maps::SETTINGS))
     }
 
-    /// Makes the SERVICES map equal to `wanted`: inserts new or changed
-    /// entries first, then removes the ones no longer wanted.
-    pub fn sync_services(
+    /// Makes SERVICES and BACKENDS equal to `wanted`; returns how many
+    /// backend tables were switched. Without the kernel fast path,
+    /// kernel-mode services are left to the proxy.
+    pub fn sync_services(&mut self, wanted: &[KernelEntry]) -> Result<usize, RedirectError> {
+        self.sync_entries(wanted, true)
+    }
+
+    /// Like [`Self::sync_services`] for some services only: the periodic
+    /// update of the backend tables as endpoints are ejected and restored.
+    pub fn refresh_tables(&mut self, some: &[KernelEntry]) -> Result<usize, RedirectError> {
+        self.sync_entries(some, false)
+    }
+
+    fn sync_entries(
         &mut self,
-        wanted: &StdHashMap<ServiceKey, ServiceValue>,
-    ) -> Result<(), RedirectError> {
-        for (key, value) in wanted {
-            if self.services.get(key, 0).ok().as_ref() != Some(value) {
-                self.services
-                    .insert(key, value, 0)
-                    .map_err(map_err(sluice_maps::SERVICES))?;
-            }
+        wanted: &[KernelEntry],
+        complete: bool,
+    ) -> Result<usize, RedirectError> {
+        if self.kernel_mode {
+            return self.tables.sync(wanted, complete);
         }
-        let stale: Vec<ServiceKey> = self
-            .services
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !wanted.contains_key(k))
+        let proxied: Vec<KernelEntry> = wanted
+            .iter()
+            .map(|e| {
+                let mut e = e.clone();
+                if e.flags & SERVICE_KERNEL != 0 {
+                    e.flags &= !SERVICE_KERNEL;
+                    e.members.clear();
+                }
+                e
+            })
             .collect();
-        for key in stale {
-            // Already gone is fine: someone else cleaned up.
-            let _ = self.services.remove(&key);
-        }
-        Ok(())
+        self.tables.sync(&proxied, complete)
     }
 
     /// Attaches the programs to the cgroup at `cgroup` and pins the links,
@@ -278,6 +339,9 @@ impl Redirect {
         // another tool) share the cgroup; the kernel refuses the multi flag
         // on cgroup links.
         for name in PROGRAMS {
+            if name == KERNEL_MODE_PROGRAM && !self.kernel_mode {
+                continue;
+            }
             let attach_err = |e| RedirectError::Attach {
                 program: name,
                 cgroup: cgroup.to_owned(),
@@ -321,9 +385,21 @@ impl Redirect {
                 .map_err(|e| pin_err("link", pin_path.clone(), e))?;
             self.links.push(pinned);
         }
+        if !self.retired.is_empty() {
+            info!(
+                "detached {} links of the incompatible older agent",
+                self.retired.len()
+            );
+            self.retired.clear();
+        }
         info!(
             "attached {} to cgroup {} (links pinned in {})",
-            PROGRAMS.join(", "),
+            PROGRAMS
+                .iter()
+                .filter(|&&p| p != KERNEL_MODE_PROGRAM || self.kernel_mode)
+                .copied()
+                .collect::<Vec<_>>()
+                .join(", "),
             cgroup.display(),
             self.pin_dir.display()
         );
@@ -347,6 +423,45 @@ impl Redirect {
         }
         remove_pins(&pin_dir);
     }
+}
+
+/// When `pin_dir` holds pins of another layout version (or of a version
+/// before layouts were recorded), takes the old links out of the directory
+/// (they stay attached while the returned handles live) and removes the
+/// old map pins, so that fresh maps are created in their place.
+fn retire_incompatible_pins(pin_dir: &Path) -> Vec<FdLink> {
+    let has_maps = PINNED_MAPS.iter().any(|m| pin_dir.join(m).exists());
+    if !has_maps {
+        return Vec::new();
+    }
+    let found = MapData::from_pin(pin_dir.join(sluice_maps::LAYOUT))
+        .ok()
+        .and_then(|data| Array::<MapData, u32>::try_from(Map::Array(data)).ok())
+        .and_then(|a| a.get(&0, 0).ok());
+    if found == Some(LAYOUT_VERSION) {
+        return Vec::new();
+    }
+    warn!(
+        "pinned objects in {} are from an incompatible agent version (layout {}, this agent \
+         {LAYOUT_VERSION}); replacing them",
+        pin_dir.display(),
+        found.map_or_else(|| "unrecorded".to_owned(), |v| v.to_string())
+    );
+    let mut held = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(pin_dir) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if entry.file_name().to_string_lossy().starts_with("link_") {
+                match PinnedLink::from_pin(&path).map(PinnedLink::unpin) {
+                    Ok(Ok(link)) => held.push(link),
+                    _ => warn!("cannot take over old link {}", path.display()),
+                }
+            }
+            // Maps stay alive while the old programs use them.
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+    held
 }
 
 /// Detaches a link a previous agent left pinned at `path`.
@@ -375,13 +490,7 @@ fn replace_old_link(path: &Path) {
 /// Removes the map pins and the directory. Maps stay alive while a program
 /// or another process still holds them.
 pub fn remove_pins(pin_dir: &Path) {
-    for name in [
-        sluice_maps::SERVICES,
-        sluice_maps::ORIG_BY_COOKIE,
-        sluice_maps::ORIG_BY_PEER,
-        sluice_maps::SETTINGS,
-        sluice_maps::STATS,
-    ] {
+    for name in PINNED_MAPS {
         let path = pin_dir.join(name);
         if let Err(e) = std::fs::remove_file(&path)
             && e.kind() != io::ErrorKind::NotFound

@@ -191,6 +191,34 @@ pub fn eligible_endpoints(service: &Service, now: Millis) -> Vec<usize> {
         .collect()
 }
 
+/// The endpoints the kernel may send new connections to now: the eligible
+/// ones, only the nearest locality tier that has any when locality is on,
+/// and when none is eligible what the panic policy says (all endpoints, or
+/// none so that the kernel refuses).
+pub fn kernel_set(service: &Service, now: Millis) -> Vec<usize> {
+    let mut set = eligible_endpoints(service, now);
+    if service.policy.locality
+        && let Some(nearest) = set.iter().map(|&i| service.endpoints[i].tier).min()
+    {
+        set.retain(|&i| service.endpoints[i].tier == nearest);
+    }
+    if set.is_empty() && service.policy.panic == Panic::RouteToAll {
+        set = (0..service.endpoints.len()).collect();
+    }
+    set
+}
+
+/// Feeds the outcome of a connect the kernel balanced. The kernel admits
+/// without asking, so an endpoint whose ejection time has passed takes its
+/// half-open step here: this outcome is its probe.
+pub fn report_kernel(service: &Service, index: usize, outcome: Outcome, now: Millis) {
+    let state = &service.endpoints[index].state;
+    let admission = state
+        .admit(now, &service.policy.outlier)
+        .unwrap_or(Admission::Normal);
+    report(service, Chosen { index, admission }, outcome, now);
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;

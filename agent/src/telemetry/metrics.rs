@@ -47,7 +47,7 @@ pub struct ConnectionLabels {
     pub destination_workload: String,
     /// `mutual_tls` or `plaintext`.
     pub connection_security_policy: &'static str,
-    /// `proxy` (the kernel fast path will add `kernel`).
+    /// `proxy`, or `kernel` for services the kernel balances.
     pub mode: &'static str,
 }
 
@@ -180,7 +180,7 @@ impl Metrics {
         let reloads = Family::default();
         registry.register(
             "sluice_tcp_connections_opened",
-            "Connections proxied, counted when the client's connection is taken",
+            "Connections opened: proxied ones when the client's connection is taken, kernel-balanced ones when their connect completes",
             opened.clone(),
         );
         registry.register(
@@ -296,8 +296,9 @@ impl Metrics {
         endpoint: Option<usize>,
     ) -> ConnectionMetrics {
         let ep = endpoint.and_then(|i| service.endpoints.get(i));
-        let mtls =
-            ep.is_some_and(|e| !e.local && e.peer.is_some() && service.mode != Mode::Plaintext);
+        let mtls = ep.is_some_and(|e| {
+            !e.local && e.peer.is_some() && matches!(service.mode, Mode::Mtls | Mode::Permissive)
+        });
         let security = if mtls { "mutual_tls" } else { "plaintext" };
         let labels = ConnectionLabels {
             source_workload: source.map_or_else(|| "unknown".into(), |w| w.name.clone()),
@@ -313,7 +314,11 @@ impl Metrics {
                 })
                 .unwrap_or_else(|| "unknown".into()),
             connection_security_policy: security,
-            mode: "proxy",
+            mode: if service.mode == Mode::Kernel {
+                "kernel"
+            } else {
+                "proxy"
+            },
         };
         let service_labels = ServiceLabels {
             destination_service: service.name.clone(),

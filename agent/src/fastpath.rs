@@ -1,0 +1,105 @@
+//! The kernel fast path seen from the agent: the outcomes of connects the
+//! kernel balanced (kernel-mode services, and fail-open ones while the
+//! agent was down) arrive on a ring buffer and feed outlier detection and
+//! the metrics, as the proxy's own connects do.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use aya::maps::{MapData, RingBuf};
+use log::warn;
+use sluice_maps::{EVENT_CONNECT_FAILED, EVENT_ESTABLISHED, KernelEvent};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    sync::Notify,
+};
+
+use crate::{
+    catalog::Catalog,
+    drain::DrainWatch,
+    redirect::records::addr_from_key,
+    resilience::{Outcome, clock::now_ms, report_kernel},
+    telemetry::{CloseReason, Metrics},
+};
+
+/// Reads kernel events until the drain starts. `changed` is notified after
+/// a failed connect, so the backend tables are recomputed at once rather
+/// than at the next periodic refresh.
+pub async fn pump_kernel_events(
+    events: RingBuf<MapData>,
+    catalog: Arc<ArcSwap<Catalog>>,
+    metrics: Arc<Metrics>,
+    changed: Arc<Notify>,
+    mut drain: DrainWatch,
+) {
+    // SAFETY: the ring buffer owns its fd and keeps it open and unchanged
+    // until the AsyncFd (which owns the ring buffer) is dropped.
+    let mut fd = match unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) } {
+        Ok(fd) => fd,
+        Err(e) => {
+            warn!("kernel fast-path outcomes are unavailable: {e}");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = drain.draining() => return,
+            ready = fd.readable_mut() => match ready {
+                Ok(mut guard) => {
+                    let catalog = catalog.load();
+                    let mut failed = false;
+                    while let Some(item) = guard.get_inner_mut().next() {
+                        if item.len() < size_of::<KernelEvent>() {
+                            continue;
+                        }
+                        // SAFETY: the programs write whole KernelEvents, a
+                        // plain repr(C) struct; read_unaligned copes with
+                        // the ring buffer's 8-byte alignment.
+                        let event: KernelEvent =
+                            unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                        failed |= apply(&catalog, &metrics, &event);
+                    }
+                    guard.clear_ready();
+                    if failed {
+                        changed.notify_one();
+                    }
+                }
+                Err(e) => {
+                    warn!("kernel fast-path outcome reader stopped: {e}");
+                    return;
+                }
+            },
+        }
+    }
+}
+
+/// Feeds one event; returns whether it was a failure.
+fn apply(catalog: &Catalog, metrics: &Metrics, event: &KernelEvent) -> bool {
+    let conn = &event.conn;
+    let vip = addr_from_key(conn.service.addr, conn.service.port);
+    let Some(service) = catalog.service(vip) else {
+        return false;
+    };
+    let backend = addr_from_key(conn.backend.addr, conn.backend.port);
+    let Some(index) = service.endpoints.iter().position(|e| e.addr == backend) else {
+        return false;
+    };
+    let source = catalog.workload_by_cgroup(conn.cgroup_id).map(|w| &**w);
+    let handles = metrics.connection(service, source, Some(index));
+    let now = now_ms();
+    match event.kind {
+        EVENT_ESTABLISHED => {
+            let micros = u64::from(event.value);
+            handles.opened.inc();
+            handles.connect.observe(micros as f64 / 1e6);
+            report_kernel(service, index, Outcome::Connected { micros }, now);
+            false
+        }
+        EVENT_CONNECT_FAILED => {
+            handles.closed(CloseReason::ConnectFailed).inc();
+            report_kernel(service, index, Outcome::ConnectFailed, now);
+            true
+        }
+        _ => false,
+    }
+}

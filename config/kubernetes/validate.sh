@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# Checks the install manifests beside this script without a cluster:
+# - each Kubernetes object against the API's own schemas (kubernetes-validate
+#   from PyPI, strict: an unknown or misspelt field is an error), for the
+#   oldest and the newest Kubernetes this install is meant for;
+# - the agent config inside configmap.yaml with `sluice config check`, when a
+#   built `sluice` is at hand (this script never builds);
+# - kustomization.yaml: it names every manifest here, and `kubectl kustomize`
+#   renders it when kubectl is installed.
+# Schema checks cannot see the API server's other rules (for example that
+# Bidirectional mount propagation needs a privileged container); the
+# comments in daemonset.yaml say where those were weighed.
+#
+# Usage: config/kubernetes/validate.sh   (SLUICE_BIN=path picks the binary)
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(cd "$here/../.." && pwd)"
+venv="$root/target/k8s-validate-venv"
+
+# Pinned so that a run today and a run next month judge the same way.
+validator_version="1.37.0"
+# The oldest Kubernetes the manifests are meant for (appArmorProfile in the
+# security context arrived in 1.30) and the newest the validator knows.
+k8s_versions=(1.30 1.37)
+# Custom resources: their schemas come with their operators, which
+# kubernetes-validate does not ship.
+declare -A crd_files=([podmonitor.yaml]="PodMonitor is a Prometheus Operator custom resource")
+
+# Debian's interpreter when there is one: that is the one python3-venv serves.
+python=python3
+[[ -x /usr/bin/python3 ]] && python=/usr/bin/python3
+
+ensure_venv_support() {
+    if command -v "$python" >/dev/null && "$python" -c 'import ensurepip, venv' 2>/dev/null; then
+        return
+    fi
+    if [[ $(id -u) -ne 0 ]] || ! command -v apt-get >/dev/null; then
+        echo "validate.sh: Python cannot make virtual environments here; install python3-venv" >&2
+        exit 1
+    fi
+    echo "installing python3-venv (Python cannot make virtual environments without it)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends python3 python3-venv >/dev/null
+}
+
+ensure_validator() {
+    if [[ -x "$venv/bin/kubernetes-validate" ]] &&
+        [[ "$("$venv/bin/kubernetes-validate" --version)" == "$validator_version" ]]; then
+        return
+    fi
+    ensure_venv_support
+    echo "setting up $venv with kubernetes-validate $validator_version"
+    [[ -x "$venv/bin/python" ]] || "$python" -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check \
+        "kubernetes-validate==$validator_version"
+}
+
+passed=0
+failed=0
+skipped=0
+pass() { printf 'ok    %s\n' "$1"; passed=$((passed + 1)); }
+fail() { printf 'FAIL  %s\n' "$1"; failed=$((failed + 1)); }
+skip() { printf 'skip  %s\n' "$1"; skipped=$((skipped + 1)); }
+
+# One object kind per file here, so the first kind/name says what was checked.
+check_manifest() {
+    local file="$1" name="${1##*/}" args=() out rc=0
+    for v in "${k8s_versions[@]}"; do args+=(-k "$v"); done
+    out="$("$venv/bin/kubernetes-validate" --strict "${args[@]}" "$file" 2>&1)" || rc=$?
+    # A manifest here with no schema means a wrong apiVersion or kind: the
+    # validator only warns about that, so count it as a failure.
+    if [[ $rc -eq 0 ]] && ! grep -qE '^(WARN|ERROR|FATAL)' <<<"$out"; then
+        local objects
+        objects="$(sed -nE 's/^INFO .* for resource ([^ ]+) against version.*/\1/p' <<<"$out" | sort -u | paste -sd, -)"
+        pass "$name: $objects valid for Kubernetes ${k8s_versions[*]} (strict)"
+    else
+        fail "$name"
+        grep -vE '^INFO' <<<"$out" | sed 's/^/      /'
+    fi
+}
+
+check_agent_config() {
+    local bin="${SLUICE_BIN:-}"
+    if [[ -z "$bin" ]]; then
+        for candidate in "$root/target/release/sluice" "$root/target/debug/sluice"; do
+            if [[ -x "$candidate" ]]; then bin="$candidate"; break; fi
+        done
+    fi
+    if [[ -z "$bin" ]]; then
+        skip "configmap.yaml sluice.yaml: no built sluice (cargo xtask build, or set SLUICE_BIN)"
+        return
+    fi
+    local tmp out
+    tmp="$(mktemp -d)"
+    "$venv/bin/python" - "$here/configmap.yaml" "$tmp/sluice.yaml" <<'EOF'
+import sys, yaml
+config_map = yaml.safe_load(open(sys.argv[1]))
+open(sys.argv[2], "w").write(config_map["data"]["sluice.yaml"])
+EOF
+    if out="$("$bin" config check "$tmp/sluice.yaml" 2>&1)"; then
+        pass "configmap.yaml sluice.yaml: accepted by ${bin#"$root/"} config check (${out##*: })"
+    else
+        fail "configmap.yaml sluice.yaml: refused by ${bin#"$root/"} config check"
+        sed "s|$tmp/||; s/^/      /" <<<"$out"
+    fi
+    rm -rf "$tmp"
+}
+
+check_kustomization() {
+    local listing rendered
+    # Every manifest here except the custom resources must be listed, and
+    # every listed file must exist.
+    if ! listing="$("$venv/bin/python" - "$here" "${!crd_files[@]}" <<'EOF'
+import pathlib, sys, yaml
+here = pathlib.Path(sys.argv[1])
+crds = set(sys.argv[2:])
+listed = yaml.safe_load((here / "kustomization.yaml").read_text())["resources"]
+present = {p.name for p in here.glob("*.yaml")} - {"kustomization.yaml"} - crds
+problems = [f"lists {name}, which does not exist" for name in listed if not (here / name).exists()]
+problems += [f"does not list {name}" for name in sorted(present - set(listed))]
+print("; ".join(problems) if problems else f"lists all {len(listed)} manifests")
+sys.exit(1 if problems else 0)
+EOF
+    )"; then
+        fail "kustomization.yaml: $listing"
+        return
+    fi
+    if ! command -v kubectl >/dev/null; then
+        pass "kustomization.yaml: $listing (render skipped: no kubectl)"
+        return
+    fi
+    if rendered="$(kubectl kustomize "$here" 2>&1)"; then
+        pass "kustomization.yaml: $listing; kubectl kustomize renders $(grep -c '^kind:' <<<"$rendered") objects"
+    else
+        fail "kustomization.yaml: kubectl kustomize refused it"
+        sed 's/^/      /' <<<"$rendered"
+    fi
+}
+
+ensure_validator
+for file in "$here"/*.yaml; do
+    name="${file##*/}"
+    if [[ $name == kustomization.yaml ]]; then
+        continue
+    elif [[ -n "${crd_files[$name]:-}" ]]; then
+        skip "$name: ${crd_files[$name]}; kubernetes-validate has no schema for it"
+    else
+        check_manifest "$file"
+    fi
+done
+check_kustomization
+check_agent_config
+echo "summary: $passed passed, $failed failed, $skipped skipped"
+[[ $failed -eq 0 ]]

@@ -1,0 +1,250 @@
+//! The kernel fast path and what survives the agent, as root: kernel-mode
+//! services balanced by `connect4` with no proxy process in the path,
+//! outcomes fed back to outlier detection, and proxy-mode services failing
+//! open or closed while the agent is killed.
+
+mod support;
+
+use std::{collections::HashMap, net::SocketAddr, time::Duration};
+
+use serde_json::Value;
+use sluice::admin::client;
+use sluice_maps::Stat;
+use support::*;
+
+fn admin(config: &AgentConfig) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], config.admin_port))
+}
+
+fn counts<'a>(who: &[&'a str]) -> HashMap<&'a str, usize> {
+    let mut counts = HashMap::new();
+    for w in who {
+        *counts.entry(*w).or_default() += 1;
+    }
+    counts
+}
+
+/// `/debug/endpoints` entry of the endpoint at `addr`.
+fn endpoint_view(config: &AgentConfig, addr: SocketAddr) -> Value {
+    let (_, body) = client::get(admin(config), "/debug/endpoints").expect("admin API");
+    let all: Value = serde_json::from_str(&body).expect("JSON");
+    all.as_array()
+        .expect("array")
+        .iter()
+        .find(|e| e["address"] == addr.to_string())
+        .cloned()
+        .unwrap_or_else(|| panic!("{addr} not in {body}"))
+}
+
+#[test]
+fn kernel_mode_keeps_weights_with_no_agent_running() {
+    let vip: SocketAddr = "127.77.6.10:8080".parse().unwrap();
+    let backends = [
+        Backend::start("w1"),
+        Backend::start("w2"),
+        Backend::start("w3"),
+    ];
+    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    let service = ServiceDef::new("ledger", &vip.to_string(), &addrs)
+        .weights(&[1, 2, 3])
+        .with("    mode: kernel\n    load_balancer:\n      policy: weighted_round_robin\n");
+    let config = AgentConfig::new(&[service]);
+    let mut agent = Agent::start(&config);
+    // The agent wrote the table; now it goes away as a crash would, and
+    // the kernel balances on its own.
+    agent.kill();
+
+    const CALLS: usize = 10_000;
+    let replies = lines(&agent.run_as_client(&calls_script(vip, CALLS)));
+    assert_eq!(replies.len(), CALLS);
+    let by = counts(&answered_by(&replies));
+    assert_eq!(by.get("FAILED"), None, "{by:?}");
+    for (name, weight) in [("w1", 1.0), ("w2", 2.0), ("w3", 3.0)] {
+        let share = *by.get(name).unwrap_or(&0) as f64 / CALLS as f64;
+        let want = weight / 6.0;
+        assert!(
+            (share - want).abs() <= 0.02 * want,
+            "{name}: share {share:.4}, configured {want:.4} ({by:?})"
+        );
+    }
+    assert_eq!(agent.stat(Stat::KernelBalanced), CALLS as u64);
+    assert_eq!(agent.stat(Stat::Redirected), 0, "the proxy was never asked");
+    // Clean up what the killed agent left attached: a new agent takes the
+    // pins over and removes them when it stops.
+    let successor = Agent::start(&config);
+    successor.sigterm();
+}
+
+#[test]
+fn the_application_sees_the_virtual_address_as_its_peer() {
+    let vip: SocketAddr = "127.77.6.20:8080".parse().unwrap();
+    let backend = Backend::start("p1");
+    let service =
+        ServiceDef::new("ledger", &vip.to_string(), &[backend.addr]).with("    mode: kernel\n");
+    let config = AgentConfig::new(&[service]);
+    let agent = Agent::start(&config);
+
+    let script = format!(
+        "python3 -c 'import socket; s = socket.create_connection((\"{ip}\", {port})); \
+         print(\"%s:%d\" % s.getpeername()); s.sendall(b\"hello\\n\"); \
+         print(s.makefile().readline().strip())'",
+        ip = vip.ip(),
+        port = vip.port()
+    );
+    let out = lines(&agent.run_as_client(&script));
+    assert_eq!(out, [vip.to_string(), "p1 hello".to_owned()]);
+    assert_eq!(backend.accepted(), 1);
+    assert_eq!(agent.stat(Stat::KernelBalanced), 1);
+}
+
+#[test]
+fn an_endpoint_ejected_in_userspace_leaves_the_kernels_table() {
+    let vip: SocketAddr = "127.77.6.30:8080".parse().unwrap();
+    let good = [Backend::start("g1"), Backend::start("g2")];
+    let refusing: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let addrs = [good[0].addr, refusing, good[1].addr];
+    let service = ServiceDef::new("ledger", &vip.to_string(), &addrs).with(
+        "    mode: kernel\n    outlier_detection:\n      consecutive_failures: 2\n      \
+         base_ejection_time: 60s\n      max_ejection_percent: 50\n",
+    );
+    let config = AgentConfig::new(&[service]);
+    let agent = Agent::start(&config);
+
+    // Round robin over three: the refusing endpoint gets every third
+    // connect until its failures, reported by sock_ops, eject it.
+    let first = lines(&agent.run_as_client(&calls_script(vip, 12)));
+    assert!(first.iter().any(|r| r == "FAILED"), "{first:?}");
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            endpoint_view(&config, refusing)["breaker"] == "open"
+        }),
+        "never ejected: {}",
+        endpoint_view(&config, refusing)
+    );
+    assert!(agent.stat(Stat::KernelConnectFailed) >= 2);
+
+    // The next table no longer holds it: no failure at all.
+    let before = agent.stat(Stat::KernelBalanced);
+    std::thread::sleep(Duration::from_millis(300));
+    let after = lines(&agent.run_as_client(&calls_script(vip, 200)));
+    let by = counts(&answered_by(&after));
+    assert_eq!(by.get("FAILED"), None, "{by:?}");
+    assert_eq!(by.get("g1"), Some(&100), "{by:?}");
+    assert_eq!(by.get("g2"), Some(&100), "{by:?}");
+    assert_eq!(agent.stat(Stat::KernelBalanced) - before, 200);
+
+    // Outcomes reach the metrics, labelled as kernel mode.
+    let (_, exposition) = client::get(admin(&config), "/metrics").unwrap();
+    let opened = exposition
+        .lines()
+        .find(|l| {
+            l.starts_with("sluice_tcp_connections_opened_total{")
+                && l.contains("mode=\"kernel\"")
+                && l.contains("source_workload=\"client\"")
+        })
+        .unwrap_or_else(|| panic!("no kernel-mode connections in\n{exposition}"));
+    let n: f64 = opened.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(n >= 200.0, "{opened}");
+}
+
+#[test]
+fn killed_agent_fail_open_goes_around_it_fail_closed_refuses_both_recover() {
+    let open_vip: SocketAddr = "127.77.6.40:8080".parse().unwrap();
+    let closed_vip: SocketAddr = "127.77.6.41:8080".parse().unwrap();
+    let kernel_vip: SocketAddr = "127.77.6.42:8080".parse().unwrap();
+    let open_backend = Backend::start("open");
+    let closed_backend = Backend::start("closed");
+    let kernel_backend = Backend::start("kernel");
+    let services = [
+        ServiceDef::new("catalog", &open_vip.to_string(), &[open_backend.addr])
+            .with("    mode: plaintext\n    on_agent_down: fail_open\n"),
+        // mtls: fails closed by default.
+        ServiceDef::new("payments", &closed_vip.to_string(), &[closed_backend.addr]),
+        ServiceDef::new("ledger", &kernel_vip.to_string(), &[kernel_backend.addr])
+            .with("    mode: kernel\n"),
+    ];
+    let config = AgentConfig::new(&services);
+    let mut agent = Agent::start(&config);
+
+    // A steady stream to the kernel-mode service across the crash and the
+    // restart: not one call may fail.
+    let stream = agent
+        .client_command(&calls_script(kernel_vip, 3000).replace("done", "sleep 0.001; done"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the stream");
+    std::thread::sleep(Duration::from_millis(500));
+    agent.kill();
+
+    let open = lines(&agent.run_as_client(&calls_script(open_vip, 20)));
+    assert!(open.iter().all(|r| r.starts_with("open ")), "{open:?}");
+    let closed = lines(&agent.run_as_client(&calls_script(closed_vip, 5)));
+    assert!(closed.iter().all(|r| r == "FAILED"), "{closed:?}");
+    assert_eq!(closed_backend.accepted(), 0);
+    assert!(agent.stat(Stat::FailOpen) >= 20);
+
+    let agent = Agent::start(&config);
+    let open = lines(&agent.run_as_client(&calls_script(open_vip, 5)));
+    assert!(open.iter().all(|r| r.starts_with("open ")), "{open:?}");
+    let closed = lines(&agent.run_as_client(&calls_script(closed_vip, 5)));
+    assert!(
+        closed.iter().all(|r| r.starts_with("closed ")),
+        "{closed:?}"
+    );
+
+    let out = stream.wait_with_output().expect("stream ends");
+    let replies = lines(&out);
+    assert_eq!(replies.len(), 3000);
+    let by = counts(&answered_by(&replies));
+    assert_eq!(by.get("kernel"), Some(&3000), "{by:?}");
+    agent.sigterm();
+}
+
+#[test]
+fn pins_of_an_incompatible_layout_are_replaced_cleanly() {
+    let vip: SocketAddr = "127.77.6.50:8080".parse().unwrap();
+    let backend = Backend::start("l1");
+    let config = AgentConfig::new(&[ServiceDef::new("ledger", &vip.to_string(), &[backend.addr])]);
+    let mut old = Agent::start(&config);
+    old.kill();
+    // Make the pins look like an older agent's.
+    let layout = aya::maps::MapData::from_pin(config.pin_dir.join(sluice_maps::LAYOUT)).unwrap();
+    let mut layout: aya::maps::Array<_, u32> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(layout)).unwrap();
+    layout.set(0, sluice_maps::LAYOUT_VERSION - 1, 0).unwrap();
+    drop(layout);
+
+    let mut agent = Agent::start(&config);
+    let log = agent.log();
+    assert_eq!(
+        log.matches("from an incompatible agent version").count(),
+        1,
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("layout {}", sluice_maps::LAYOUT_VERSION - 1)),
+        "{log}"
+    );
+    let replies = lines(&agent.run_as_client(&calls_script(vip, 3)));
+    assert!(replies.iter().all(|r| r.starts_with("l1 ")), "{replies:?}");
+    // Only the new agent's programs are attached: each call was redirected
+    // once, by the new connect4.
+    assert_eq!(agent.stat(Stat::Redirected), 3);
+
+    agent.sigterm();
+    agent.wait(Duration::from_secs(15));
+    let parent = config.pin_dir.parent().unwrap();
+    let name = config
+        .pin_dir
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let left: Vec<String> = std::fs::read_dir(parent)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&name))
+        .collect();
+    assert!(left.is_empty(), "pins left behind: {left:?}");
+}
