@@ -248,3 +248,72 @@ fn pins_of_an_incompatible_layout_are_replaced_cleanly() {
         .collect();
     assert!(left.is_empty(), "pins left behind: {left:?}");
 }
+
+#[test]
+fn an_upgrade_under_load_refuses_nothing_and_the_old_agent_drains_and_exits() {
+    let vip: SocketAddr = "127.77.6.60:8080".parse().unwrap();
+    let backends = [Backend::start("u1"), Backend::start("u2")];
+    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    let config = AgentConfig::new(&[ServiceDef::new("payments", &vip.to_string(), &addrs)]);
+    let mut old = Agent::start(&config);
+
+    // One connection opened through the old agent that is still talking
+    // when the new one takes over.
+    let held = old
+        .client_command(&format!(
+            "exec 3<>/dev/tcp/{ip}/{port}; echo one >&3; read -r a <&3; sleep 3; \
+             echo two >&3; read -r b <&3; echo \"$a|$b\"",
+            ip = vip.ip(),
+            port = vip.port()
+        ))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the held connection");
+    // New connections all through the handover.
+    let stream = old
+        .client_command(&calls_script(vip, 1500).replace("done", "sleep 0.002; done"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the stream");
+    std::thread::sleep(Duration::from_millis(500));
+
+    let new = Agent::start(&config);
+    assert!(new.log().contains("took over"), "{}", new.log());
+    let status = old.wait(Duration::from_secs(20));
+    assert!(status.success(), "old agent: {status}\n{}", old.log());
+    assert!(
+        old.log()
+            .contains("drained; exiting, the new agent has taken over")
+    );
+
+    let replies = lines(&stream.wait_with_output().expect("stream ends"));
+    assert_eq!(replies.len(), 1500);
+    let by = counts(&answered_by(&replies));
+    assert_eq!(by.get("FAILED"), None, "{by:?}");
+    let held = lines(&held.wait_with_output().expect("held connection ends"));
+    assert!(
+        held.len() == 1 && held[0].contains("one|") && held[0].contains("two"),
+        "{held:?}"
+    );
+
+    // The new agent serves on its own, and cleans up when it stops.
+    let after = lines(&new.run_as_client(&calls_script(vip, 4)));
+    assert!(after.iter().all(|r| r.starts_with('u')), "{after:?}");
+    let mut new = new;
+    new.sigterm();
+    assert!(new.wait(Duration::from_secs(15)).success());
+    assert!(
+        !config.pin_dir.exists(),
+        "pins left after the last agent stopped"
+    );
+
+    // `--upgrade` with nothing to upgrade is an error, not a cold start.
+    let out = std::process::Command::new(sluice_bin())
+        .args(["agent", "--upgrade", "--config"])
+        .arg(&config.path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no running agent answers"), "{stderr}");
+}

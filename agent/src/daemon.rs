@@ -7,6 +7,10 @@
 //! In between, the config file is watched (and SIGHUP forces a look): a
 //! valid change is applied without dropping a connection, an invalid one
 //! is logged and the running config kept.
+//!
+//! Upgrade: a new agent started while one runs takes its listening sockets
+//! over (see [`crate::handover`]); the old one then drains and exits
+//! leaving programs, pins and cgroups to its successor.
 
 use std::{
     io,
@@ -32,6 +36,7 @@ use crate::{
     config::Config,
     drain::{self, DrainWatch},
     fastpath,
+    handover::{self, Inherited},
     proxy::{
         OutboundContext, OutboundListener,
         inbound::{InboundContext, InboundListener, InboundStats},
@@ -76,10 +81,23 @@ pub enum AgentError {
     Tls(#[from] TlsSetupError),
     #[error("cannot start the runtime: {0}")]
     Runtime(io::Error),
+    #[error("upgrade: {0}")]
+    Handover(String),
 }
 
-/// Runs the agent until SIGTERM or SIGINT, then drains and cleans up.
-pub fn run(config: Config) -> Result<(), AgentError> {
+/// How the agent ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Exit {
+    /// Stopped by a signal: detached, pins and cgroups removed.
+    Stopped,
+    /// A successor took over: everything stays attached for it.
+    HandedOver,
+}
+
+/// Runs the agent until SIGTERM or SIGINT, then drains and cleans up; or
+/// until a successor takes over, then drains and leaves. With `upgrade`,
+/// a running agent to take over from is required.
+pub fn run(config: Config, upgrade: bool) -> Result<(), AgentError> {
     let cgroup_mount = preflight::check(&config.agent.pin_dir)?;
     raise_open_file_limit();
     // One worker: tokio's current-thread scheduler, without the cross-thread
@@ -96,7 +114,7 @@ pub fn run(config: Config) -> Result<(), AgentError> {
         .enable_all()
         .build()
         .map_err(AgentError::Runtime)?;
-    runtime.block_on(serve(config, cgroup_mount))
+    runtime.block_on(serve(config, cgroup_mount, upgrade))
 }
 
 /// A proxy holds two descriptors per connection: take the hard limit.
@@ -115,28 +133,58 @@ fn raise_open_file_limit() {
     }
 }
 
-async fn serve(config: Config, cgroup_mount: PathBuf) -> Result<(), AgentError> {
+async fn serve(config: Config, cgroup_mount: PathBuf, upgrade: bool) -> Result<(), AgentError> {
     let root = cgroup_mount.join(&config.node.cgroup_root.value);
+    let handover_path = handover::socket_path(&config.agent.state_dir);
+    let inherited = match handover::take_over(&handover_path) {
+        Ok(Some(inherited)) => inherited,
+        Ok(None) if upgrade => {
+            return Err(AgentError::Handover(format!(
+                "no running agent answers at {}; start without --upgrade",
+                handover_path.display()
+            )));
+        }
+        Ok(None) => Inherited::none(),
+        Err(e) => {
+            return Err(AgentError::Handover(format!(
+                "the running agent at {} did not hand over: {e}",
+                handover_path.display()
+            )));
+        }
+    };
     let mut created = Vec::new();
-    let result = start_and_wait(&config, &root, &mut created).await;
-    for (dir, e) in cgroup::remove_created(&created) {
-        warn!("cgroup {} left in place: {e}", dir.display());
+    let result = start_and_wait(&config, &root, &mut created, &inherited).await;
+    if !matches!(result, Ok(Exit::HandedOver)) {
+        for (dir, e) in cgroup::remove_created(&created) {
+            warn!("cgroup {} left in place: {e}", dir.display());
+        }
     }
-    result
+    if matches!(result, Ok(Exit::Stopped)) {
+        let _ = std::fs::remove_file(&handover_path);
+    }
+    result.map(|_| ())
 }
 
 async fn start_and_wait(
     config: &Config,
     root: &Path,
     created: &mut Vec<PathBuf>,
-) -> Result<(), AgentError> {
+    inherited: &Inherited,
+) -> Result<Exit, AgentError> {
     created.extend(cgroup::create_all(root).map_err(AgentError::Cgroup)?);
     let workload_cgroups = workload_cgroups(config, root, created).map_err(AgentError::Cgroup)?;
     let catalog = Catalog::from_config(config, &workload_cgroups, None);
 
     let mut redirect = Redirect::load(&config.agent.pin_dir)?;
-    let result = run_attached(config, root, catalog, &mut redirect, created).await;
-    redirect.detach();
+    let result = run_attached(config, root, catalog, &mut redirect, created, inherited).await;
+    match result {
+        Ok(Exit::Stopped) => redirect.detach(),
+        // The successor owns programs and pins now.
+        Ok(Exit::HandedOver) => {}
+        // The agent being upgraded still relies on the pinned programs.
+        Err(_) if inherited.is_upgrade() => {}
+        Err(_) => redirect.detach(),
+    }
     result
 }
 
@@ -165,7 +213,8 @@ async fn run_attached(
     catalog: Catalog,
     redirect: &mut Redirect,
     created: &mut Vec<PathBuf>,
-) -> Result<(), AgentError> {
+    inherited: &Inherited,
+) -> Result<Exit, AgentError> {
     let (trigger, watch) = drain::channel();
     let trace = TraceLog::default();
     if let Some(logger) = redirect.take_logger(trace.clone()) {
@@ -182,7 +231,8 @@ async fn run_attached(
     let kernel_events = redirect.take_kernel_events()?;
 
     let outbound = SocketAddr::V4(config.agent.outbound);
-    let listener = OutboundListener::bind(outbound).map_err(AgentError::Listener)?;
+    let listener = OutboundListener::bind(outbound, inherited).map_err(AgentError::Listener)?;
+    let mut sockets = vec![dup(listener.socket()).map_err(AgentError::Listener)?];
     let services = catalog.services().count();
     let workloads = catalog.workloads().len();
     let checkers = HealthCheckers::start(&catalog, config.agent.mark, &watch);
@@ -194,7 +244,8 @@ async fn run_attached(
         watch.clone(),
     ));
     let inbound_addr = SocketAddr::new(config.node.address, config.agent.inbound_port);
-    let inbound = InboundListener::bind(inbound_addr).map_err(AgentError::Inbound)?;
+    let inbound = InboundListener::bind(inbound_addr, inherited).map_err(AgentError::Inbound)?;
+    sockets.push(dup(inbound.socket()).map_err(AgentError::Inbound)?);
     let catalog = Arc::new(ArcSwap::from_pointee(catalog));
     let inbound_stats = Arc::new(InboundStats::default());
     let inbound_ctx = Arc::new(InboundContext {
@@ -258,9 +309,9 @@ async fn run_attached(
         ));
     }
     for addr in admin_addrs {
-        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-            AgentError::Admin(io::Error::new(e.kind(), format!("cannot bind {addr}: {e}")))
-        })?;
+        let (listener, _) =
+            crate::proxy::socket::listen(addr, 128, inherited).map_err(AgentError::Admin)?;
+        sockets.push(dup(std::os::fd::AsFd::as_fd(&listener)).map_err(AgentError::Admin)?);
         tokio::spawn(admin::serve(listener, admin.clone(), admin_watch.clone()));
     }
 
@@ -277,6 +328,24 @@ async fn run_attached(
         tables_changed.clone(),
         watch.clone(),
     ));
+    // From here on this agent serves; the one it replaces may stop.
+    inherited.ready();
+    let (handed_over_tx, handed_over) = tokio::sync::oneshot::channel();
+    let handover_path = handover::socket_path(&config.agent.state_dir);
+    match handover::listen(&handover_path) {
+        Ok(unix) => {
+            tokio::spawn(handover::offer(
+                unix,
+                sockets,
+                handed_over_tx,
+                watch.clone(),
+            ));
+        }
+        Err(e) => warn!(
+            "cannot listen for a successor at {} ({e}); upgrades will restart cold",
+            handover_path.display()
+        ),
+    }
     info!(
         "sluice agent ready: node {}, {services} services, {workloads} workloads, outbound {outbound}, \
          inbound mTLS {inbound_addr} (trust domain {})",
@@ -297,8 +366,12 @@ async fn run_attached(
         tables_changed,
         tables_failing: false,
     };
-    live.serve_until_stopped().await;
+    let exit = live.serve_until_stopped(handed_over).await;
     admin.stopping.store(true, Ordering::Release);
+    if exit == Exit::HandedOver {
+        // The successor answers on the same admin sockets.
+        admin_trigger.start();
+    }
     info!(
         "stopping: no new connections; draining {} open (up to {})",
         trigger.active(),
@@ -314,10 +387,17 @@ async fn run_attached(
     admin_trigger.start();
     if left > 0 {
         warn!("drain deadline passed with {left} connections open; closing them");
+    } else if exit == Exit::HandedOver {
+        info!("drained; exiting, the new agent has taken over");
     } else {
         info!("drained; detaching");
     }
-    Ok(())
+    Ok(exit)
+}
+
+/// A descriptor of the same socket, owned separately (for handing over).
+fn dup(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<std::os::fd::OwnedFd> {
+    fd.try_clone_to_owned()
 }
 
 /// What changes while the agent runs: the catalog and what hangs off it.
@@ -356,14 +436,18 @@ fn modified(path: &Path) -> Option<SystemTime> {
 }
 
 impl Live<'_> {
-    /// Applies config changes until SIGTERM or SIGINT.
-    async fn serve_until_stopped(&mut self) {
+    /// Applies config changes until SIGTERM or SIGINT, or until a
+    /// successor has taken over.
+    async fn serve_until_stopped(
+        &mut self,
+        mut handed_over: tokio::sync::oneshot::Receiver<()>,
+    ) -> Exit {
         let (Ok(mut term), Ok(mut hup)) = (
             signal(SignalKind::terminate()),
             signal(SignalKind::hangup()),
         ) else {
             error!("cannot watch SIGTERM/SIGHUP; stopping");
-            return;
+            return Exit::Stopped;
         };
         let path = self.config.source.clone();
         let mut seen = modified(&path);
@@ -375,8 +459,18 @@ impl Live<'_> {
             tokio::select! {
                 _ = refresh.tick() => self.refresh_tables(),
                 _ = changed.notified() => self.refresh_tables(),
-                _ = term.recv() => return info!("SIGTERM received"),
-                _ = tokio::signal::ctrl_c() => return info!("SIGINT received"),
+                _ = term.recv() => {
+                    info!("SIGTERM received");
+                    return Exit::Stopped;
+                }
+                _ = tokio::signal::ctrl_c() => {
+                    info!("SIGINT received");
+                    return Exit::Stopped;
+                }
+                Ok(()) = &mut handed_over => {
+                    info!("upgrade: the new agent is serving; draining");
+                    return Exit::HandedOver;
+                }
                 _ = hup.recv() => {
                     seen = modified(&path);
                     self.reload(&path);

@@ -13,6 +13,7 @@ pub mod config;
 pub mod daemon;
 pub mod drain;
 pub mod fastpath;
+pub mod handover;
 pub mod lb;
 pub mod proxy;
 pub mod redirect;

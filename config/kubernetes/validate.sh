@@ -29,7 +29,7 @@ declare -A crd_files=([podmonitor.yaml]="PodMonitor is a Prometheus Operator cus
 
 # Debian's interpreter when there is one: that is the one python3-venv serves.
 python=python3
-[[ -x /usr/bin/python3 ]] && python=/usr/bin/python3
+if [[ -x /usr/bin/python3 ]]; then python=/usr/bin/python3; fi
 
 ensure_venv_support() {
     if command -v "$python" >/dev/null && "$python" -c 'import ensurepip, venv' 2>/dev/null; then
@@ -66,7 +66,7 @@ skip() { printf 'skip  %s\n' "$1"; skipped=$((skipped + 1)); }
 
 # One object kind per file here, so the first kind/name says what was checked.
 check_manifest() {
-    local file="$1" name="${1##*/}" args=() out rc=0
+    local file="$1" name="${1##*/}" args=() out rc=0 v
     for v in "${k8s_versions[@]}"; do args+=(-k "$v"); done
     out="$("$venv/bin/kubernetes-validate" --strict "${args[@]}" "$file" 2>&1)" || rc=$?
     # A manifest here with no schema means a wrong apiVersion or kind: the
@@ -74,7 +74,11 @@ check_manifest() {
     if [[ $rc -eq 0 ]] && ! grep -qE '^(WARN|ERROR|FATAL)' <<<"$out"; then
         local objects
         objects="$(sed -nE 's/^INFO .* for resource ([^ ]+) against version.*/\1/p' <<<"$out" | sort -u | paste -sd, -)"
-        pass "$name: $objects valid for Kubernetes ${k8s_versions[*]} (strict)"
+        if [[ -z "$objects" ]]; then
+            fail "$name: no Kubernetes object in it"
+            return
+        fi
+        pass "$name: $objects valid for Kubernetes $(printf '%s and ' "${k8s_versions[@]}" | sed 's/ and $//') (strict)"
     else
         fail "$name"
         grep -vE '^INFO' <<<"$out" | sed 's/^/      /'
@@ -84,8 +88,11 @@ check_manifest() {
 check_agent_config() {
     local bin="${SLUICE_BIN:-}"
     if [[ -z "$bin" ]]; then
+        # The more recently built of the two, so the check follows the code.
         for candidate in "$root/target/release/sluice" "$root/target/debug/sluice"; do
-            if [[ -x "$candidate" ]]; then bin="$candidate"; break; fi
+            if [[ -x "$candidate" && ( -z "$bin" || "$candidate" -nt "$bin" ) ]]; then
+                bin="$candidate"
+            fi
         done
     fi
     if [[ -z "$bin" ]]; then
@@ -100,7 +107,8 @@ config_map = yaml.safe_load(open(sys.argv[1]))
 open(sys.argv[2], "w").write(config_map["data"]["sluice.yaml"])
 EOF
     if out="$("$bin" config check "$tmp/sluice.yaml" 2>&1)"; then
-        pass "configmap.yaml sluice.yaml: accepted by ${bin#"$root/"} config check (${out##*: })"
+        out="${out##*(}"
+        pass "configmap.yaml sluice.yaml: accepted by ${bin#"$root/"} config check (${out%)})"
     else
         fail "configmap.yaml sluice.yaml: refused by ${bin#"$root/"} config check"
         sed "s|$tmp/||; s/^/      /" <<<"$out"

@@ -25,11 +25,16 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the agent: attach the redirect and serve until SIGTERM.
+    /// Run the agent: attach the redirect and serve until SIGTERM. If an
+    /// agent already runs with the same state directory, take over from it
+    /// without refusing a connection (it drains and exits).
     Agent {
         /// Config file.
         #[arg(long, short, env = "SLUICE_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+        /// Require a running agent to take over from (fail otherwise).
+        #[arg(long)]
+        upgrade: bool,
     },
     /// Work with config files.
     Config {
@@ -178,11 +183,11 @@ fn ask(result: Result<Outcome, inspect::InspectError>) -> anyhow::Result<Outcome
 /// Runs one command. Errors are for the caller to print.
 pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
     match cli.command {
-        Command::Agent { config } => {
+        Command::Agent { config, upgrade } => {
             let Some(config) = load_or_report(&config) else {
                 return Ok(Outcome::Invalid);
             };
-            daemon::run(config)?;
+            daemon::run(config, upgrade)?;
             Ok(Outcome::Success)
         }
         Command::Config {

@@ -32,6 +32,7 @@ use crate::{
     catalog::Catalog,
     config::policy::DEFAULT_IDLE_TIMEOUT,
     drain::{ConnectionGuard, DrainWatch, accept_until_drained},
+    handover::Inherited,
     tls::{Identity, TlsContext, identity_of},
 };
 
@@ -190,9 +191,14 @@ pub struct InboundListener {
 }
 
 impl InboundListener {
-    pub fn bind(addr: SocketAddr) -> io::Result<InboundListener> {
-        let (listener, _) = super::socket::listen(addr, 1024)?;
+    pub fn bind(addr: SocketAddr, inherited: &Inherited) -> io::Result<InboundListener> {
+        let (listener, _) = super::socket::listen(addr, 1024, inherited)?;
         Ok(InboundListener { listener })
+    }
+
+    /// The listening socket, for handing over to a successor.
+    pub fn socket(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.listener)
     }
 
     /// Accepts until the drain starts.

@@ -17,6 +17,7 @@ use crate::{
     catalog::{Catalog, Endpoint, Service, Workload},
     config::Mode,
     drain::{ConnectionGuard, DrainWatch, accept_until_drained},
+    handover::Inherited,
     lb::PickContext,
     redirect::PeerRecords,
     resilience::{
@@ -61,13 +62,19 @@ pub struct OutboundListener {
 }
 
 impl OutboundListener {
-    /// Binds `addr` in the current network namespace.
-    pub fn bind(addr: SocketAddr) -> io::Result<OutboundListener> {
-        let (listener, netns_cookie) = listen(addr, BACKLOG)?;
+    /// Binds `addr` in the current network namespace (or takes the
+    /// previous agent's socket for it).
+    pub fn bind(addr: SocketAddr, inherited: &Inherited) -> io::Result<OutboundListener> {
+        let (listener, netns_cookie) = listen(addr, BACKLOG, inherited)?;
         Ok(OutboundListener {
             listener,
             netns_cookie,
         })
+    }
+
+    /// The listening socket, for handing over to a successor.
+    pub fn socket(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.listener)
     }
 
     /// The address it listens on.

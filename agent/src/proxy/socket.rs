@@ -10,6 +10,8 @@ use std::{
 
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
+use crate::handover::Inherited;
+
 /// `SO_NETNS_COOKIE` from asm-generic/socket.h (libc does not define it).
 const SO_NETNS_COOKIE: libc::c_int = 71;
 
@@ -54,8 +56,19 @@ pub fn netns_cookie(fd: &impl AsRawFd) -> io::Result<u64> {
 }
 
 /// A listening socket on `addr` (address reuse on, so a restarted agent
-/// binds at once), in the current network namespace.
-pub fn listen(addr: SocketAddr, backlog: u32) -> io::Result<(TcpListener, u64)> {
+/// binds at once), in the current network namespace; during an upgrade,
+/// the previous agent's socket for `addr` instead.
+pub fn listen(
+    addr: SocketAddr,
+    backlog: u32,
+    inherited: &Inherited,
+) -> io::Result<(TcpListener, u64)> {
+    if let Some(fd) = inherited.take(addr) {
+        let listener = std::net::TcpListener::from(fd);
+        listener.set_nonblocking(true)?;
+        let cookie = netns_cookie(&listener)?;
+        return Ok((TcpListener::from_std(listener)?, cookie));
+    }
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {

@@ -1,0 +1,262 @@
+//! Zero-downtime restart: a new agent takes the running agent's listening
+//! sockets over a Unix socket (`<state_dir>/handover.sock`), so that not
+//! one connect is refused while the versions change.
+//!
+//! 1. The new agent connects and asks (`HELLO`).
+//! 2. The old agent sends every listening socket it has (SCM_RIGHTS) and
+//!    keeps accepting on them.
+//! 3. The new agent reuses the pinned maps, attaches its programs (which
+//!    replaces the old links), starts accepting on the same sockets, and
+//!    says `READY`.
+//! 4. The old agent stops accepting, drains its open connections, and
+//!    exits without detaching anything or removing any pin: they are the
+//!    new agent's now.
+//!
+//! Both processes accept from the same sockets for a moment, and each
+//! connection is accepted by exactly one of them, so the kernel's accept
+//! queue is never dropped. If the new agent dies before `READY`, the old one
+//! notices the closed stream and goes on serving.
+
+use std::{
+    io::{self, Write},
+    mem::size_of,
+    net::SocketAddr,
+    os::{
+        fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd},
+        unix::net::UnixStream,
+    },
+    path::{Path, PathBuf},
+    sync::Mutex,
+    time::Duration,
+};
+
+use log::{info, warn};
+use tokio::{io::AsyncReadExt, net::UnixListener, sync::oneshot};
+
+use crate::drain::DrainWatch;
+
+const HELLO: &[u8] = b"sluice-handover/1 HELLO\n";
+const READY: &[u8] = b"READY\n";
+/// More listening sockets than an agent ever has (outbound, inbound, two
+/// admin addresses).
+const MAX_FDS: usize = 16;
+/// How long the old agent waits for `READY` before it gives up on this
+/// successor and goes on serving.
+const READY_WITHIN: Duration = Duration::from_secs(60);
+
+/// Where the running agent listens for a successor.
+pub fn socket_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("handover.sock")
+}
+
+/// Listening sockets received from the previous agent, taken one by one
+/// by the listeners that bind the same address.
+#[derive(Default)]
+pub struct Inherited {
+    sockets: Mutex<Vec<(SocketAddr, OwnedFd)>>,
+    /// The stream to the old agent; `READY` goes there.
+    stream: Mutex<Option<UnixStream>>,
+}
+
+impl Inherited {
+    /// Nothing inherited: every listener binds its own socket.
+    pub fn none() -> Inherited {
+        Inherited::default()
+    }
+
+    /// Whether a previous agent handed its sockets over.
+    pub fn is_upgrade(&self) -> bool {
+        self.stream.lock().expect("handover lock").is_some()
+    }
+
+    /// The inherited listening socket bound to `addr`, if any.
+    pub fn take(&self, addr: SocketAddr) -> Option<OwnedFd> {
+        let mut sockets = self.sockets.lock().expect("handover lock");
+        let i = sockets.iter().position(|(a, _)| *a == addr)?;
+        Some(sockets.swap_remove(i).1)
+    }
+
+    /// Tells the previous agent to stop accepting and drain. The sockets it
+    /// sent that no listener took are closed here.
+    pub fn ready(&self) {
+        let unused: Vec<SocketAddr> = self
+            .sockets
+            .lock()
+            .expect("handover lock")
+            .drain(..)
+            .map(|(a, _)| a)
+            .collect();
+        if !unused.is_empty() {
+            warn!("inherited listening sockets no longer configured, closed: {unused:?}");
+        }
+        if let Some(mut stream) = self.stream.lock().expect("handover lock").take() {
+            match stream.write_all(READY) {
+                Ok(()) => info!("upgrade: serving; the previous agent drains and exits"),
+                Err(e) => warn!("upgrade: cannot tell the previous agent to drain: {e}"),
+            }
+        }
+    }
+}
+
+/// Asks a running agent for its listening sockets. `Ok(None)` when no
+/// agent answers at `path` (none running; a stale socket file is removed).
+pub fn take_over(path: &Path) -> io::Result<Option<Inherited>> {
+    let mut stream = match UnixStream::connect(path) {
+        Ok(s) => s,
+        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound) => return Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            // Left by an agent that did not stop cleanly.
+            let _ = std::fs::remove_file(path);
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(HELLO)?;
+    let mut buf = [0u8; 64];
+    let (n, fds) = recv_fds(&stream, &mut buf)?;
+    if n == 0 || fds.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "the agent at {} answered without sockets: {:?}",
+                path.display(),
+                String::from_utf8_lossy(&buf[..n])
+            ),
+        ));
+    }
+    let mut sockets = Vec::with_capacity(fds.len());
+    for fd in fds {
+        let std_listener = std::net::TcpListener::from(fd);
+        let addr = std_listener.local_addr()?;
+        sockets.push((addr, OwnedFd::from(std_listener)));
+    }
+    info!(
+        "upgrade: took over {} listening sockets from the running agent",
+        sockets.len()
+    );
+    stream.set_read_timeout(None)?;
+    Ok(Some(Inherited {
+        sockets: Mutex::new(sockets),
+        stream: Mutex::new(Some(stream)),
+    }))
+}
+
+/// The running agent's side: offers `sockets` to a successor. Resolves
+/// `handed_over` once a successor said `READY`.
+pub async fn offer(
+    listener: UnixListener,
+    sockets: Vec<OwnedFd>,
+    handed_over: oneshot::Sender<()>,
+    mut drain: DrainWatch,
+) {
+    loop {
+        let mut stream = tokio::select! {
+            _ = drain.draining() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    warn!("handover socket: {e}");
+                    continue;
+                }
+            },
+        };
+        let mut hello = [0u8; HELLO.len()];
+        let asked = tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut hello))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if !asked || hello != HELLO {
+            warn!("handover socket: a peer connected without asking for a handover");
+            continue;
+        }
+        let raw: Vec<RawFd> = sockets.iter().map(|s| s.as_raw_fd()).collect();
+        if let Err(e) = send_fds(stream.as_fd().as_raw_fd(), b"SOCKETS\n", &raw) {
+            warn!("upgrade: cannot hand the listening sockets over: {e}");
+            continue;
+        }
+        info!("upgrade: a new agent took the listening sockets; waiting for it to be ready");
+        let mut ready = [0u8; READY.len()];
+        match tokio::time::timeout(READY_WITHIN, stream.read_exact(&mut ready)).await {
+            Ok(Ok(_)) if ready == READY => {
+                let _ = handed_over.send(());
+                return;
+            }
+            _ => warn!("upgrade: the new agent went away before it was ready; still serving"),
+        }
+    }
+}
+
+/// Binds the handover socket (replacing a stale file).
+pub fn listen(path: &Path) -> io::Result<UnixListener> {
+    let _ = std::fs::remove_file(path);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    UnixListener::bind(path)
+}
+
+fn send_fds(sock: RawFd, data: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    let fd_bytes = std::mem::size_of_val(fds);
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    let space = unsafe { libc::CMSG_SPACE(fd_bytes as u32) } as usize;
+    let mut control = vec![0u8; space];
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut _,
+        iov_len: data.len(),
+    };
+    // SAFETY: msghdr is plain data; every pointer set below outlives the
+    // sendmsg call, and the control buffer is CMSG_SPACE bytes as the
+    // CMSG_* macros expect.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(fd_bytes as u32) as _;
+        std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(cmsg).cast(), fds.len());
+        if libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+fn recv_fds(stream: &UnixStream, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    // SAFETY: as in send_fds; the kernel writes at most msg_controllen
+    // bytes of control data, and every fd it passes is new and ours.
+    unsafe {
+        let space = libc::CMSG_SPACE((size_of::<RawFd>() * MAX_FDS) as u32) as usize;
+        let mut control = vec![0u8; space];
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        let n = libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC);
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut fds = Vec::new();
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(cmsg);
+                let len = (*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                for i in 0..len / size_of::<RawFd>() {
+                    let fd = std::ptr::read_unaligned(data.cast::<RawFd>().add(i));
+                    fds.push(OwnedFd::from_raw_fd(fd));
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+        Ok((n as usize, fds))
+    }
+}
