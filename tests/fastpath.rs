@@ -129,8 +129,14 @@ fn an_endpoint_ejected_in_userspace_leaves_the_kernels_table() {
     let after = lines(&agent.run_as_client(&calls_script(vip, 200)));
     let by = counts(&answered_by(&after));
     assert_eq!(by.get("FAILED"), None, "{by:?}");
-    assert_eq!(by.get("g1"), Some(&100), "{by:?}");
-    assert_eq!(by.get("g2"), Some(&100), "{by:?}");
+    // Each CPU keeps its own place in the table, so a client moving
+    // between CPUs may see a slot twice: about half each, not exactly.
+    for name in ["g1", "g2"] {
+        assert!(
+            by.get(name).is_some_and(|&n| (90..=110).contains(&n)),
+            "{by:?}"
+        );
+    }
     assert_eq!(agent.stat(Stat::KernelBalanced) - before, 200);
 
     // Outcomes reach the metrics, labelled as kernel mode.
@@ -299,9 +305,15 @@ fn an_upgrade_under_load_refuses_nothing_and_the_old_agent_drains_and_exits() {
     // The new agent serves on its own, and cleans up when it stops.
     let after = lines(&new.run_as_client(&calls_script(vip, 4)));
     assert!(after.iter().all(|r| r.starts_with('u')), "{after:?}");
+    // A second upgrade: the name the successor listens on is free again.
     let mut new = new;
-    new.sigterm();
-    assert!(new.wait(Duration::from_secs(15)).success());
+    let mut newest = Agent::start(&config);
+    assert!(newest.log().contains("took over"), "{}", newest.log());
+    assert!(new.wait(Duration::from_secs(20)).success());
+    let after = lines(&newest.run_as_client(&calls_script(vip, 2)));
+    assert!(after.iter().all(|r| r.starts_with('u')), "{after:?}");
+    newest.sigterm();
+    assert!(newest.wait(Duration::from_secs(15)).success());
     assert!(
         !config.pin_dir.exists(),
         "pins left after the last agent stopped"

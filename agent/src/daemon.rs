@@ -135,20 +135,18 @@ fn raise_open_file_limit() {
 
 async fn serve(config: Config, cgroup_mount: PathBuf, upgrade: bool) -> Result<(), AgentError> {
     let root = cgroup_mount.join(&config.node.cgroup_root.value);
-    let handover_path = handover::socket_path(&config.agent.state_dir);
-    let inherited = match handover::take_over(&handover_path) {
+    let handover_name = handover::socket_name(&config.agent.pin_dir);
+    let inherited = match handover::take_over(&handover_name) {
         Ok(Some(inherited)) => inherited,
         Ok(None) if upgrade => {
             return Err(AgentError::Handover(format!(
-                "no running agent answers at {}; start without --upgrade",
-                handover_path.display()
+                "no running agent answers at @{handover_name}; start without --upgrade"
             )));
         }
         Ok(None) => Inherited::none(),
         Err(e) => {
             return Err(AgentError::Handover(format!(
-                "the running agent at {} did not hand over: {e}",
-                handover_path.display()
+                "the running agent at @{handover_name} did not hand over: {e}"
             )));
         }
     };
@@ -158,9 +156,6 @@ async fn serve(config: Config, cgroup_mount: PathBuf, upgrade: bool) -> Result<(
         for (dir, e) in cgroup::remove_created(&created) {
             warn!("cgroup {} left in place: {e}", dir.display());
         }
-    }
-    if matches!(result, Ok(Exit::Stopped)) {
-        let _ = std::fs::remove_file(&handover_path);
     }
     result.map(|_| ())
 }
@@ -331,21 +326,12 @@ async fn run_attached(
     // From here on this agent serves; the one it replaces may stop.
     inherited.ready();
     let (handed_over_tx, handed_over) = tokio::sync::oneshot::channel();
-    let handover_path = handover::socket_path(&config.agent.state_dir);
-    match handover::listen(&handover_path) {
-        Ok(unix) => {
-            tokio::spawn(handover::offer(
-                unix,
-                sockets,
-                handed_over_tx,
-                watch.clone(),
-            ));
-        }
-        Err(e) => warn!(
-            "cannot listen for a successor at {} ({e}); upgrades will restart cold",
-            handover_path.display()
-        ),
-    }
+    tokio::spawn(handover::offer(
+        handover::socket_name(&config.agent.pin_dir),
+        sockets,
+        handed_over_tx,
+        watch.clone(),
+    ));
     info!(
         "sluice agent ready: node {}, {services} services, {workloads} workloads, outbound {outbound}, \
          inbound mTLS {inbound_addr} (trust domain {})",

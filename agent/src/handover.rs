@@ -1,6 +1,11 @@
 //! Zero-downtime restart: a new agent takes the running agent's listening
-//! sockets over a Unix socket (`<state_dir>/handover.sock`), so that not
-//! one connect is refused while the versions change.
+//! sockets over a Unix socket, so that not one connect is refused while the
+//! versions change.
+//!
+//! The socket is abstract (no file), named after the agent's pin
+//! directory: abstract sockets belong to a network namespace, so only an
+//! agent in the same namespace with the same pins (the same node agent, in
+//! another version) can reach it, and nothing is left behind by a crash.
 //!
 //! 1. The new agent connects and asks (`HELLO`).
 //! 2. The old agent sends every listening socket it has (SCM_RIGHTS) and
@@ -25,7 +30,7 @@ use std::{
         fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd},
         unix::net::UnixStream,
     },
-    path::{Path, PathBuf},
+    path::Path,
     sync::Mutex,
     time::Duration,
 };
@@ -43,10 +48,26 @@ const MAX_FDS: usize = 16;
 /// How long the old agent waits for `READY` before it gives up on this
 /// successor and goes on serving.
 const READY_WITHIN: Duration = Duration::from_secs(60);
+const BIND_RETRY: Duration = Duration::from_millis(20);
+const BIND_WITHIN: Duration = Duration::from_secs(30);
 
-/// Where the running agent listens for a successor.
-pub fn socket_path(state_dir: &Path) -> PathBuf {
-    state_dir.join("handover.sock")
+/// The abstract name the running agent listens on for a successor.
+pub fn socket_name(pin_dir: &Path) -> String {
+    let name = format!("sluice-handover:{}", pin_dir.display());
+    // Abstract names are at most 107 bytes; a long pin directory stands
+    // in by its hash (FNV-1a) rather than making the agent fail.
+    if name.len() <= 100 {
+        return name;
+    }
+    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    format!("sluice-handover:{hash:016x}")
+}
+
+fn address(name: &str) -> io::Result<std::os::unix::net::SocketAddr> {
+    use std::os::linux::net::SocketAddrExt;
+    std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
 }
 
 /// Listening sockets received from the previous agent, taken one by one
@@ -99,16 +120,11 @@ impl Inherited {
 }
 
 /// Asks a running agent for its listening sockets. `Ok(None)` when no
-/// agent answers at `path` (none running; a stale socket file is removed).
-pub fn take_over(path: &Path) -> io::Result<Option<Inherited>> {
-    let mut stream = match UnixStream::connect(path) {
+/// agent answers at `name`.
+pub fn take_over(name: &str) -> io::Result<Option<Inherited>> {
+    let mut stream = match UnixStream::connect_addr(&address(name)?) {
         Ok(s) => s,
-        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound) => return Ok(None),
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-            // Left by an agent that did not stop cleanly.
-            let _ = std::fs::remove_file(path);
-            return Ok(None);
-        }
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => return Ok(None),
         Err(e) => return Err(e),
     };
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -119,8 +135,7 @@ pub fn take_over(path: &Path) -> io::Result<Option<Inherited>> {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!(
-                "the agent at {} answered without sockets: {:?}",
-                path.display(),
+                "the agent at @{name} answered without sockets: {:?}",
                 String::from_utf8_lossy(&buf[..n])
             ),
         ));
@@ -142,14 +157,33 @@ pub fn take_over(path: &Path) -> io::Result<Option<Inherited>> {
     }))
 }
 
-/// The running agent's side: offers `sockets` to a successor. Resolves
-/// `handed_over` once a successor said `READY`.
+/// The running agent's side: offers `sockets` to a successor on the
+/// abstract socket `name`. Resolves `handed_over` once a successor said
+/// `READY`. Right after an upgrade the previous agent still holds the name
+/// for a moment; binding is retried until it lets go.
 pub async fn offer(
-    listener: UnixListener,
+    name: String,
     sockets: Vec<OwnedFd>,
     handed_over: oneshot::Sender<()>,
     mut drain: DrainWatch,
 ) {
+    let mut waited = Duration::ZERO;
+    let listener = loop {
+        match listen(&name) {
+            Ok(l) => break l,
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse && waited < BIND_WITHIN => {
+                tokio::select! {
+                    _ = drain.draining() => return,
+                    _ = tokio::time::sleep(BIND_RETRY) => waited += BIND_RETRY,
+                }
+            }
+            Err(e) => {
+                return warn!(
+                    "cannot listen for a successor at @{name} ({e}); an upgrade will start cold"
+                );
+            }
+        }
+    };
     loop {
         let mut stream = tokio::select! {
             _ = drain.draining() => return,
@@ -186,13 +220,12 @@ pub async fn offer(
     }
 }
 
-/// Binds the handover socket (replacing a stale file).
-pub fn listen(path: &Path) -> io::Result<UnixListener> {
-    let _ = std::fs::remove_file(path);
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    UnixListener::bind(path)
+/// Binds the handover socket. Fails with AddrInUse while another agent
+/// (the one this one replaces, until it has read `READY`) holds the name.
+fn listen(name: &str) -> io::Result<UnixListener> {
+    let std_listener = std::os::unix::net::UnixListener::bind_addr(&address(name)?)?;
+    std_listener.set_nonblocking(true)?;
+    UnixListener::from_std(std_listener)
 }
 
 fn send_fds(sock: RawFd, data: &[u8], fds: &[RawFd]) -> io::Result<()> {

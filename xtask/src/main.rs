@@ -138,6 +138,9 @@ fn test() -> anyhow::Result<()> {
         "sluice-ebpf",
         "--all-targets",
     ]))?;
+    // The Kubernetes install: schema-valid manifests, an agent config the
+    // agent accepts.
+    run(Command::new("bash").arg("config/kubernetes/validate.sh"))?;
     // The benchmark harness as a smoke test: every path must carry traffic.
     build_release()?;
     bench::run(bench::BenchArgs { quick: true })?;
