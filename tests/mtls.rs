@@ -201,13 +201,14 @@ fn authorization_lets_checkout_in_and_keeps_batch_out() {
     assert_eq!(status["inbound_accepted"], 1);
 }
 
-/// Certificates that live 4 s are renewed every 2 s; a minute of calls,
-/// each on a new connection, never fails.
+/// Certificates that live 4 s are renewed every 2 s; 45 s of calls, each on
+/// a new connection, never fails. (Under the 60 s bound every client run
+/// has.)
 #[test]
 fn calls_carry_on_while_certificates_rotate() {
     let m = mesh("4s");
     let script = format!(
-        "end=$((SECONDS + 60)); while [ $SECONDS -lt $end ]; do {}; sleep 0.2; done",
+        "end=$((SECONDS + 45)); while [ $SECONDS -lt $end ]; do {}; sleep 0.2; done",
         call_script(VIP, 1, "tick")
     );
     let replies = lines(&m.a.run_as_client(&script));

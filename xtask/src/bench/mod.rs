@@ -3,10 +3,10 @@
 //! machine drift hits every path alike. See ../shared/BENCH-NOTES.md for
 //! why it pins CPUs and sets the halt-poll parameter.
 //!
-//! Paths: direct (the floor), Sluice proxy mode, Sluice with mTLS across
-//! two network-namespace nodes, HAProxy (TCP mode), nginx (stream), and a
-//! slot for the kernel fast path. Every proxy gets one worker on CPU 0;
-//! the load generator and the backend share CPU 1.
+//! Paths: direct (the floor), Sluice proxy mode, Sluice kernel mode
+//! (balanced by connect4, no proxy), Sluice with mTLS across two
+//! network-namespace nodes, HAProxy (TCP mode), nginx (stream). Every proxy
+//! gets one worker on CPU 0; the load generator and the backend share CPU 1.
 
 mod loadgen;
 mod report;
@@ -55,15 +55,18 @@ pub struct BenchArgs {
 pub enum Route {
     Direct,
     Sluice,
+    /// A `mode: kernel` service: balanced by connect4, no proxy hop.
+    SluiceKernel,
     SluiceMtls,
     Haproxy,
     Nginx,
 }
 
 impl Route {
-    const ALL: [Route; 5] = [
+    const ALL: [Route; 6] = [
         Route::Direct,
         Route::Sluice,
+        Route::SluiceKernel,
         Route::SluiceMtls,
         Route::Haproxy,
         Route::Nginx,
@@ -73,6 +76,7 @@ impl Route {
         match self {
             Route::Direct => "direct",
             Route::Sluice => "sluice",
+            Route::SluiceKernel => "sluice-kernel",
             Route::SluiceMtls => "sluice-mtls",
             Route::Haproxy => "haproxy",
             Route::Nginx => "nginx",
@@ -444,9 +448,11 @@ fn setup(root: &Path, s: &Settings) -> anyhow::Result<Rig> {
         format!(
             "node:\n  name: bench\n  cgroup_root: sluice-bench\n{}workloads:\n  - name: bench\n    namespace: bench\n    \
              service_account: client\nservices:\n  - name: echo\n    namespace: bench\n    address: 127.77.9.10\n    \
-             port: 8080\n{breakers}    endpoints:\n      - address: 127.0.0.1\n        port: {}\n",
+             port: 8080\n{breakers}    endpoints:\n      - address: 127.0.0.1\n        port: {port}\n  \
+             - name: echo-kernel\n    namespace: bench\n    address: 127.77.9.12\n    port: 8080\n    \
+             mode: kernel\n    endpoints:\n      - address: 127.0.0.1\n        port: {port}\n",
             common("one", outbound, admin, inbound),
-            backend.port()
+            port = backend.port()
         ),
     )?;
     if !state.join("ca/ca.pem").exists() {
@@ -592,6 +598,7 @@ fn setup(root: &Path, s: &Settings) -> anyhow::Result<Rig> {
         targets: vec![
             (Route::Direct, backend),
             (Route::Sluice, "127.77.9.10:8080".parse()?),
+            (Route::SluiceKernel, "127.77.9.12:8080".parse()?),
             (Route::SluiceMtls, "127.77.9.11:8080".parse()?),
             (
                 Route::Haproxy,
@@ -602,6 +609,9 @@ fn setup(root: &Path, s: &Settings) -> anyhow::Result<Rig> {
         pids: vec![
             (Route::Direct, vec![]),
             (Route::Sluice, vec![sluice_pid]),
+            // The agent is not in the kernel path; its CPU would only show
+            // the outcome events it reads.
+            (Route::SluiceKernel, vec![]),
             (Route::SluiceMtls, vec![a_pid, b_pid]),
             (Route::Haproxy, vec![haproxy_pid]),
             (Route::Nginx, vec![nginx_pid]),
@@ -637,8 +647,8 @@ impl Rig {
         let mut cmd = Command::new("taskset");
         cmd.args(["-c", "1"]);
         match path {
-            Route::Sluice | Route::SluiceMtls => {
-                let config = if path == Route::Sluice {
+            Route::Sluice | Route::SluiceKernel | Route::SluiceMtls => {
+                let config = if path != Route::SluiceMtls {
                     &self.sluice_config
                 } else {
                     &self.mtls_config
@@ -789,7 +799,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             }
         }
     }
-    for path in Route::ALL.into_iter().filter(|p| *p != Route::Direct) {
+    // Memory per idle connection of the proxy processes; the kernel path
+    // has no proxy process.
+    for path in Route::ALL
+        .into_iter()
+        .filter(|p| !matches!(p, Route::Direct | Route::SluiceKernel))
+    {
         let v = rig.memory(path, s.idle_conns)?;
         println!(
             "   {:<10} {:<20} {}",

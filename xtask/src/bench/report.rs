@@ -139,7 +139,7 @@ pub fn write(
             fmt(f("rps"), 0),
             ratio(f("rps"), med(results, d, "throughput", "rps")),
             ratio(f("rps"), med(results, h, "throughput", "rps")),
-            if p == d {
+            if p == d || p == Route::SluiceKernel {
                 "-".into()
             } else {
                 fmt(f("proxy_cpu_us_per_request"), 1)
@@ -152,7 +152,28 @@ pub fn write(
     }
     writeln!(
         md,
-        "| kernel fast path | not built yet (socket-level load balancing arrives with the kernel fast-path issue) | | | | | | | | | | | | |"
+        "| sockmap bypass | not built yet | | | | | | | | | | | | |"
+    )?;
+    let k = Route::SluiceKernel;
+    writeln!(
+        md,
+        "\nKernel mode against direct (target: within 3%): p50 {}, p99 {}; throughput {}; churn {}.",
+        ratio(
+            med(results, k, "latency", "p50_us"),
+            med(results, d, "latency", "p50_us")
+        ),
+        ratio(
+            med(results, k, "latency", "p99_us"),
+            med(results, d, "latency", "p99_us")
+        ),
+        ratio(
+            med(results, k, "throughput", "rps"),
+            med(results, d, "throughput", "rps")
+        ),
+        ratio(
+            med(results, k, "churn", "cps"),
+            med(results, d, "churn", "cps")
+        ),
     )?;
     writeln!(
         md,
@@ -180,7 +201,9 @@ pub fn write(
 /// Latency by quantile, one line per path, log scales; the first round.
 fn svg(results: &[(Route, &str, Value)]) -> String {
     let (w, h, left, right, top, bottom) = (900.0, 520.0, 80.0, 170.0, 40.0, 60.0);
-    let colors = ["#444444", "#1f77b4", "#2ca02c", "#d62728", "#ff7f0e"];
+    let colors = [
+        "#444444", "#1f77b4", "#9467bd", "#2ca02c", "#d62728", "#ff7f0e",
+    ];
     // x: "nines" of the quantile, 0 (p0) .. 4 (p99.99); y: log10 of µs.
     let nines = |q: f64| (-(1.0 - q).max(1e-4).log10()).min(4.0);
     let curves: Vec<(Route, Vec<(f64, f64)>)> = Route::ALL
