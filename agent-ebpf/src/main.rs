@@ -29,16 +29,17 @@ use aya_ebpf::{
         bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns,
         bpf_sk_lookup_tcp, bpf_sk_release,
     },
-    macros::{cgroup_sock_addr, map, sock_ops},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
-    programs::{SockAddrContext, SockOpsContext},
+    macros::{cgroup_sock_addr, map, sk_msg, sock_ops},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
+    programs::{SkMsgContext, SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::info;
 use sluice_maps::{
     Backend, BackendKey, EVENT_CONNECT_FAILED, EVENT_ESTABLISHED, EVENT_RTO, KERNEL_EVENTS_BYTES,
-    KernelConn, KernelEvent, MAX_BACKEND_SLOTS, MAX_KERNEL_CONNS, MAX_PENDING_RECORDS,
-    MAX_SERVICES, OriginalDst, PeerKey, SERVICE_FAIL_OPEN, SERVICE_KERNEL, SETTINGS_LOG,
-    STAT_COUNT, ServiceKey, ServiceValue, Settings, Stat, v4_mapped,
+    KernelConn, KernelEvent, MAX_BACKEND_SLOTS, MAX_BYPASS_SOCKETS, MAX_KERNEL_CONNS,
+    MAX_PENDING_RECORDS, MAX_SERVICES, OriginalDst, PeerKey, SERVICE_FAIL_OPEN, SERVICE_KERNEL,
+    SETTINGS_LOG, SETTINGS_SOCKMAP, STAT_COUNT, ServiceKey, ServiceValue, Settings, SockKey, Stat,
+    v4_mapped,
 };
 
 /// Allow the syscall to proceed (cgroup/connect4 return value).
@@ -81,6 +82,12 @@ static KERNEL_CONNS: LruHashMap<u64, KernelConn> = LruHashMap::pinned(MAX_KERNEL
 
 #[map]
 static KERNEL_EVENTS: RingBuf = RingBuf::pinned(KERNEL_EVENTS_BYTES, 0);
+
+#[map]
+static SOCKETS: SockHash<SockKey> = SockHash::pinned(MAX_BYPASS_SOCKETS, 0);
+
+#[map]
+static BYPASS: LruHashMap<SockKey, u32> = LruHashMap::pinned(MAX_BYPASS_SOCKETS, 0);
 
 /// Written by the agent; the programs never read it, but it lives in the
 /// object so that it is created and pinned with the rest.
@@ -266,7 +273,9 @@ pub fn sluice_sockops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_TCP_CONNECT_CB => watch_kernel_conn(&ctx),
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
-            rekey_established(&ctx);
+            if rekey_established(&ctx) {
+                offer_bypass(&ctx);
+            }
             report_kernel_conn(&ctx, EVENT_ESTABLISHED);
         }
         BPF_SOCK_OPS_STATE_CB => {
@@ -283,6 +292,82 @@ pub fn sluice_sockops(ctx: SockOpsContext) -> u32 {
         _ => {}
     }
     0
+}
+
+/// `sock_ops` reports ports in mixed forms (remote in network order, in the
+/// upper half on some paths); this gives the port in host order.
+#[inline(always)]
+fn remote_port(raw: u32) -> u16 {
+    let be = if raw > 0xffff { raw >> 16 } else { raw };
+    u16::from_be(be as u16)
+}
+
+/// Puts a workload's redirected socket into SOCKETS (when the bypass is
+/// switched on), so that the agent's writes to it skip the TCP stack.
+fn offer_bypass(ctx: &SockOpsContext) {
+    let Some(settings) = settings() else {
+        return;
+    };
+    if settings.flags & SETTINGS_SOCKMAP == 0 {
+        return;
+    }
+    let mut key = SockKey {
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        local_ip4: ctx.local_ip4(),
+        remote_ip4: ctx.remote_ip4(),
+        local_port: ctx.local_port() as u16,
+        remote_port: remote_port(ctx.remote_port()),
+        _pad: 0,
+    };
+    if SOCKETS
+        .update(&mut key, unsafe { &mut *ctx.ops }, BPF_ANY as u64)
+        .is_ok()
+    {
+        count(Stat::BypassSocket);
+    }
+}
+
+/// Moves each message between a workload and the agent straight into the
+/// receiving socket's queue. The agent's side always may: its peer was in
+/// SOCKETS before the agent accepted. The workload's side decides once, at
+/// its first message: if the agent's socket is not in SOCKETS yet, earlier
+/// bytes may already wait in the agent's TCP queue, and later ones must
+/// not overtake them, so the connection keeps TCP in that direction.
+#[sk_msg]
+pub fn sluice_sk_msg(ctx: SkMsgContext) -> u32 {
+    const SK_PASS: u32 = 1;
+    const BPF_F_INGRESS: u64 = 1;
+    let md = unsafe { &*ctx.msg };
+    let own = SockKey {
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.msg as *mut _) },
+        local_ip4: md.local_ip4,
+        remote_ip4: md.remote_ip4,
+        local_port: md.local_port as u16,
+        remote_port: remote_port(md.remote_port),
+        _pad: 0,
+    };
+    let mut peer = own.peer();
+    let from_agent = settings()
+        .is_some_and(|s| own.local_ip4 == s.listener_ip4 && own.local_port == s.listener_port);
+    if !from_agent {
+        match unsafe { BYPASS.get(own) } {
+            Some(&0) => return SK_PASS,
+            Some(_) => {}
+            None => {
+                let first = SOCKETS.redirect_msg(&ctx, &mut peer, BPF_F_INGRESS) as u32 == SK_PASS;
+                let _ = BYPASS.insert(own, u32::from(first), BPF_ANY as u64);
+                if first {
+                    count(Stat::BypassMessage);
+                }
+                return SK_PASS;
+            }
+        }
+    }
+    if SOCKETS.redirect_msg(&ctx, &mut peer, BPF_F_INGRESS) as u32 == SK_PASS {
+        count(Stat::BypassMessage);
+    }
+    // Redirected, or (peer gone) through the TCP stack as usual.
+    SK_PASS
 }
 
 /// Asks for state and RTO callbacks on kernel-balanced sockets only, so
@@ -312,10 +397,12 @@ fn report_kernel_conn(ctx: &SockOpsContext, kind: u32) {
     }
 }
 
-fn rekey_established(ctx: &SockOpsContext) {
+/// Moves the record of a redirected connection to its peer key; true if
+/// the socket was one the agent will accept.
+fn rekey_established(ctx: &SockOpsContext) -> bool {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let Some(record) = (unsafe { ORIG_BY_COOKIE.get(cookie) }).copied() else {
-        return;
+        return false;
     };
     let key = PeerKey {
         netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
@@ -338,6 +425,7 @@ fn rekey_established(ctx: &SockOpsContext) {
             "sock_ops: established cookie={} client_port={}", cookie, key.port
         );
     }
+    true
 }
 
 #[cfg(not(test))]

@@ -217,10 +217,16 @@ async fn run_attached(
     }
     let records = Arc::new(redirect.take_peer_records()?);
     let cookie_records = redirect.take_cookie_records()?;
+    let bypass = if config.agent.sockmap {
+        redirect.bypass()
+    } else {
+        None
+    };
     redirect.configure(ProgramSettings {
         outbound: config.agent.outbound,
         agent_mark: config.agent.mark,
         log: config.agent.ebpf_log,
+        sockmap: bypass.is_some(),
     })?;
     redirect.sync_services(&catalog.kernel_entries(now_ms()))?;
     let kernel_events = redirect.take_kernel_events()?;
@@ -269,6 +275,7 @@ async fn run_attached(
         tls: Some(tls.clone()),
         metrics: metrics.clone(),
         connections: connections.clone(),
+        bypass,
     });
 
     // The admin API outlives the data plane's drain, so that it can answer

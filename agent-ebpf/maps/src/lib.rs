@@ -45,12 +45,21 @@ pub const KERNEL_CONNS: &str = "KERNEL_CONNS";
 /// Name of the ring buffer of [`KernelEvent`]s: outcomes of kernel-balanced
 /// connects, for outlier detection and metrics.
 pub const KERNEL_EVENTS: &str = "KERNEL_EVENTS";
+/// Name of the SOCKHASH of loopback sockets whose bytes may skip the TCP
+/// stack: [`SockKey`] -> socket. `sock_ops` adds a workload's redirected
+/// socket, the agent adds the socket it accepted for it; the kernel drops
+/// entries when sockets close.
+pub const SOCKETS: &str = "SOCKETS";
+/// Name of the map of sockets that decided, at their first message, whether
+/// their bytes to the agent skip the TCP stack: [`SockKey`] -> 1 (bypass)
+/// or 0 (TCP for the connection's whole life, so bytes stay in order).
+pub const BYPASS: &str = "BYPASS";
 /// Name of the one-slot array holding the layout version of the pinned
 /// objects ([`LAYOUT_VERSION`]), written by the agent that created them.
 pub const LAYOUT: &str = "LAYOUT";
 
 /// Every pinned map, for cleanup and for the layout check.
-pub const PINNED_MAPS: [&str; 10] = [
+pub const PINNED_MAPS: [&str; 12] = [
     SERVICES,
     ORIG_BY_COOKIE,
     ORIG_BY_PEER,
@@ -60,13 +69,15 @@ pub const PINNED_MAPS: [&str; 10] = [
     CURSORS,
     KERNEL_CONNS,
     KERNEL_EVENTS,
+    SOCKETS,
+    BYPASS,
     LAYOUT,
 ];
 
 /// Version of the maps' layout. Bump it whenever a map's type, size or the
 /// meaning of a field changes: an agent finding pins of another version
 /// replaces them instead of reusing them.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Capacity of [`SERVICES`].
 pub const MAX_SERVICES: u32 = 65_536;
@@ -78,6 +89,8 @@ pub const MAX_BACKEND_SLOTS: u32 = 262_144;
 /// Capacity of [`KERNEL_CONNS`]: open kernel-balanced connections tracked
 /// for getpeername and outcomes (LRU: the oldest are forgotten first).
 pub const MAX_KERNEL_CONNS: u32 = 262_144;
+/// Capacity of [`SOCKETS`] (two per bypassed connection) and [`BYPASS`].
+pub const MAX_BYPASS_SOCKETS: u32 = 131_072;
 /// Size in bytes of [`KERNEL_EVENTS`].
 pub const KERNEL_EVENTS_BYTES: u32 = 256 * 1024;
 
@@ -232,6 +245,39 @@ pub struct Settings {
 
 /// [`Settings::flags`] bit: emit aya-log events from the programs.
 pub const SETTINGS_LOG: u32 = 1;
+/// [`Settings::flags`] bit: put redirected sockets into [`SOCKETS`] so that
+/// bytes between a workload and the agent skip the loopback TCP stack.
+pub const SETTINGS_SOCKMAP: u32 = 2;
+
+/// Key of [`SOCKETS`] and [`BYPASS`]: one end of a loopback connection as
+/// seen from its own socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    pub netns_cookie: u64,
+    /// IPv4 addresses in network byte order.
+    pub local_ip4: u32,
+    pub remote_ip4: u32,
+    /// Ports in host byte order.
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub _pad: u32,
+}
+
+impl SockKey {
+    /// The key of the socket at the other end of the same connection.
+    #[inline(always)]
+    pub const fn peer(&self) -> SockKey {
+        SockKey {
+            netns_cookie: self.netns_cookie,
+            local_ip4: self.remote_ip4,
+            remote_ip4: self.local_ip4,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+            _pad: 0,
+        }
+    }
+}
 
 /// Index into [`STATS`].
 #[repr(u32)]
@@ -257,10 +303,14 @@ pub enum Stat {
     KernelConnectFailed = 8,
     /// An event could not be queued for the agent (ring buffer full).
     EventLost = 9,
+    /// sock_ops put a workload's redirected socket into SOCKETS.
+    BypassSocket = 10,
+    /// sk_msg moved a message straight into the peer socket.
+    BypassMessage = 11,
 }
 
 /// Number of [`Stat`] slots.
-pub const STAT_COUNT: u32 = 10;
+pub const STAT_COUNT: u32 = 12;
 
 impl Stat {
     /// Every counter, in index order.
@@ -275,6 +325,8 @@ impl Stat {
         Stat::FailOpen,
         Stat::KernelConnectFailed,
         Stat::EventLost,
+        Stat::BypassSocket,
+        Stat::BypassMessage,
     ];
 
     /// Stable name for display and metrics.
@@ -290,6 +342,8 @@ impl Stat {
             Stat::FailOpen => "fail_open",
             Stat::KernelConnectFailed => "kernel_connect_failed",
             Stat::EventLost => "event_lost",
+            Stat::BypassSocket => "bypass_socket",
+            Stat::BypassMessage => "bypass_message",
         }
     }
 }
@@ -307,4 +361,5 @@ mod pod {
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for KernelConn {}
     unsafe impl aya::Pod for KernelEvent {}
+    unsafe impl aya::Pod for SockKey {}
 }

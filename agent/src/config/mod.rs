@@ -154,6 +154,9 @@ pub struct AgentConfig {
     /// Also serve the admin API on `node.address` (same port), e.g. for
     /// Prometheus on another machine. Off: localhost only.
     pub admin_on_node_address: bool,
+    /// Let bytes between a workload and the agent skip the loopback TCP
+    /// stack (sockmap + sk_msg).
+    pub sockmap: bool,
 }
 
 impl Default for AgentConfig {
@@ -170,6 +173,7 @@ impl Default for AgentConfig {
             state_dir: PathBuf::from("/var/lib/sluice"),
             admin: SocketAddr::from((Ipv4Addr::LOCALHOST, 15020)),
             admin_on_node_address: false,
+            sockmap: false,
         }
     }
 }

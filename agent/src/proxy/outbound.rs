@@ -19,7 +19,7 @@ use crate::{
     drain::{ConnectionGuard, DrainWatch, accept_until_drained},
     handover::Inherited,
     lb::PickContext,
-    redirect::PeerRecords,
+    redirect::{PeerRecords, bypass::Bypass},
     resilience::{
         self, Admission, Chosen, NoEndpoint, Outcome, Overflow, RetryDenied, Tried, clock::now_ms,
     },
@@ -39,6 +39,8 @@ pub struct OutboundContext {
     pub tls: Option<Arc<TlsContext>>,
     pub metrics: Arc<Metrics>,
     pub connections: Arc<Connections>,
+    /// The sockmap bypass, when switched on.
+    pub bypass: Option<Bypass>,
 }
 
 /// An upstream connection: direct, or over mTLS to the peer node's agent.
@@ -87,11 +89,22 @@ impl OutboundListener {
     /// already accepted go on in their own tasks, tracked by `drain`.
     pub async fn serve(self, ctx: Arc<OutboundContext>, mut drain: DrainWatch) {
         let netns = self.netns_cookie;
+        let local = match self.listener.local_addr() {
+            Ok(SocketAddr::V4(a)) => Some(a),
+            _ => None,
+        };
         accept_until_drained(
             &self.listener,
             &mut drain,
             "outbound",
             |client, peer, guard| {
+                // Before anything is written to it, so that every byte the
+                // agent sends the workload takes the same way.
+                if let (Some(bypass), Some(local)) = (&ctx.bypass, local)
+                    && let Err(e) = bypass.offer(&client, local, peer, netns)
+                {
+                    debug!("{peer}: no sockmap bypass for this connection: {e}");
+                }
                 let ctx = ctx.clone();
                 tokio::spawn(async move { handle(ctx, client, peer, netns, guard).await });
             },

@@ -15,6 +15,7 @@
 //!   the old programs stay attached), loads fresh maps, and drops the old
 //!   links once its own programs are attached.
 
+pub mod bypass;
 pub mod cgroup;
 pub mod preflight;
 pub mod records;
@@ -37,7 +38,8 @@ use aya::{
 };
 use log::{info, warn};
 use sluice_maps::{
-    LAYOUT_VERSION, PINNED_MAPS, SERVICE_KERNEL, SETTINGS_LOG, STAT_COUNT, Settings, Stat,
+    LAYOUT_VERSION, PINNED_MAPS, SERVICE_KERNEL, SETTINGS_LOG, SETTINGS_SOCKMAP, STAT_COUNT,
+    Settings, Stat,
 };
 
 use crate::catalog::KernelEntry;
@@ -51,6 +53,9 @@ const PROGRAMS: [&str; 3] = ["connect4", "sluice_sockops", "getpeername4"];
 /// The program only the kernel fast path needs: without it, kernel-mode
 /// services fall back to the proxy.
 const KERNEL_MODE_PROGRAM: &str = "getpeername4";
+/// The sockmap bypass's program; attached to the SOCKETS map, not to a
+/// cgroup.
+const BYPASS_PROGRAM: &str = "sluice_sk_msg";
 
 /// Why the redirect could not be installed or changed.
 #[derive(Debug, thiserror::Error)]
@@ -137,6 +142,8 @@ pub struct ProgramSettings {
     pub outbound: SocketAddrV4,
     pub agent_mark: u32,
     pub log: bool,
+    /// Put redirected sockets into SOCKETS (the sockmap bypass).
+    pub sockmap: bool,
 }
 
 impl From<ProgramSettings> for Settings {
@@ -146,7 +153,8 @@ impl From<ProgramSettings> for Settings {
             listener_port: s.outbound.port(),
             _pad: 0,
             agent_mark: s.agent_mark,
-            flags: if s.log { SETTINGS_LOG } else { 0 },
+            flags: if s.log { SETTINGS_LOG } else { 0 }
+                | if s.sockmap { SETTINGS_SOCKMAP } else { 0 },
         }
     }
 }
@@ -161,6 +169,8 @@ pub struct Redirect {
     settings: Array<MapData, Settings>,
     /// Whether `mode: kernel` can be served by the kernel on this node.
     kernel_mode: bool,
+    /// The sockmap bypass, when the kernel took its program.
+    bypass: Option<bypass::Bypass>,
     /// Links of an incompatible older layout, taken out of the pin
     /// directory at load; dropped (detached) once this agent's programs are
     /// attached, so that there is no moment without a hook.
@@ -230,6 +240,13 @@ impl Redirect {
         let backends = HashMap::try_from(backends).map_err(map_err(sluice_maps::BACKENDS))?;
         let settings = take_map(&mut ebpf, sluice_maps::SETTINGS)?;
         let settings = Array::try_from(settings).map_err(map_err(sluice_maps::SETTINGS))?;
+        let bypass = match bypass::Bypass::load(&mut ebpf, BYPASS_PROGRAM) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                warn!("the sockmap bypass is unavailable: {e}");
+                None
+            }
+        };
         Ok(Redirect {
             pin_dir: pin_dir.to_owned(),
             ebpf,
@@ -237,8 +254,15 @@ impl Redirect {
             tables: tables::Tables::new(services, backends),
             settings,
             kernel_mode,
+            bypass,
             retired,
         })
+    }
+
+    /// The sockmap bypass, for the accept path; `None` when the kernel
+    /// refused it.
+    pub fn bypass(&self) -> Option<bypass::Bypass> {
+        self.bypass.clone()
     }
 
     /// Whether kernel-mode services are balanced by the kernel here.

@@ -119,10 +119,35 @@ fn sleep_until_precise(
     }
 }
 
+/// `read_exact` on a blocking socket that also copes with a spurious
+/// EAGAIN: a socket in a sockmap (the sockmap bypass) can report one when
+/// a wake-up finds no data yet; then wait for readability and go on.
+fn read_exact_blocking(s: &mut std::net::TcpStream, mut buf: &mut [u8]) -> std::io::Result<()> {
+    use std::{io::Read, os::fd::AsRawFd};
+    while !buf.is_empty() {
+        match s.read(buf) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => buf = &mut buf[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let mut pfd = libc::pollfd {
+                    fd: s.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd.
+                unsafe { libc::poll(&mut pfd, 1, -1) };
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// The latency workload on plain threads, one per connection, each
 /// sleeping precisely until its next request is due.
 fn latency(args: &LoadArgs) -> anyhow::Result<serde_json::Value> {
-    use std::io::{Read, Write};
+    use std::io::Write;
     // SAFETY: prctl on this process; 1 ns timer slack for precise wakeups.
     unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1, 0, 0, 0) };
     let interval = Duration::from_secs_f64(args.conns as f64 / args.rate as f64);
@@ -149,12 +174,14 @@ fn latency(args: &LoadArgs) -> anyhow::Result<serde_json::Value> {
                 let mut s = connect()?;
                 let mut buf = [7u8; MESSAGE];
                 s.write_all(&buf)?;
-                s.read_exact(&mut buf)?;
+                read_exact_blocking(&mut s, &mut buf)?;
                 let mut due = start + offset;
                 let mut errors = 0u64;
                 while due < end {
                     sleep_until_precise(due, base, base_ts);
-                    let ok = s.write_all(&buf).and_then(|()| s.read_exact(&mut buf));
+                    let ok = s
+                        .write_all(&buf)
+                        .and_then(|()| read_exact_blocking(&mut s, &mut buf));
                     match ok {
                         Ok(()) => {
                             let us = std::time::Instant::now()

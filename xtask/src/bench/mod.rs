@@ -57,16 +57,19 @@ pub enum Route {
     Sluice,
     /// A `mode: kernel` service: balanced by connect4, no proxy hop.
     SluiceKernel,
+    /// Proxy mode with the sockmap bypass on the workload-agent leg.
+    SluiceSockmap,
     SluiceMtls,
     Haproxy,
     Nginx,
 }
 
 impl Route {
-    const ALL: [Route; 6] = [
+    const ALL: [Route; 7] = [
         Route::Direct,
         Route::Sluice,
         Route::SluiceKernel,
+        Route::SluiceSockmap,
         Route::SluiceMtls,
         Route::Haproxy,
         Route::Nginx,
@@ -77,6 +80,7 @@ impl Route {
             Route::Direct => "direct",
             Route::Sluice => "sluice",
             Route::SluiceKernel => "sluice-kernel",
+            Route::SluiceSockmap => "sluice-sockmap",
             Route::SluiceMtls => "sluice-mtls",
             Route::Haproxy => "haproxy",
             Route::Nginx => "nginx",
@@ -355,6 +359,7 @@ struct Rig {
     /// Processes whose memory and CPU count for each path.
     pids: Vec<(Route, Vec<u32>)>,
     sluice_config: PathBuf,
+    sockmap_config: PathBuf,
     mtls_config: PathBuf,
     netns: [String; 2],
     _procs: Vec<Proc>,
@@ -465,6 +470,29 @@ fn setup(root: &Path, s: &Settings) -> anyhow::Result<Rig> {
     procs.push(start_agent(&sluice, &sluice_config, None, "sluice")?);
     wait_ready(&sluice, &sluice_config, None)?;
     let sluice_pid = procs.last().map(Proc::pid).unwrap_or(0);
+
+    // Sluice proxy mode again, with the sockmap bypass: its own agent,
+    // cgroup root and pins, the same backend.
+    let sockmap_config = dir.join("sluice-sockmap.yaml");
+    std::fs::write(
+        &sockmap_config,
+        format!(
+            "node:\n  name: bench\n  cgroup_root: sluice-bench-sockmap\n{}  sockmap: true\nworkloads:\n  \
+             - name: bench\n    namespace: bench\n    service_account: client\nservices:\n  - name: echo\n    \
+             namespace: bench\n    address: 127.77.9.13\n    port: 8080\n{breakers}    endpoints:\n      \
+             - address: 127.0.0.1\n        port: {}\n",
+            common("sockmap", free_port()?, free_port()?, free_port()?),
+            backend.port()
+        ),
+    )?;
+    procs.push(start_agent(
+        &sluice,
+        &sockmap_config,
+        None,
+        "sluice-sockmap",
+    )?);
+    wait_ready(&sluice, &sockmap_config, None)?;
+    let sockmap_pid = procs.last().map(Proc::pid).unwrap_or(0);
 
     // Sluice with mTLS: two nodes in network namespaces joined by veth.
     let tag = std::process::id() % 100_000;
@@ -599,6 +627,7 @@ fn setup(root: &Path, s: &Settings) -> anyhow::Result<Rig> {
             (Route::Direct, backend),
             (Route::Sluice, "127.77.9.10:8080".parse()?),
             (Route::SluiceKernel, "127.77.9.12:8080".parse()?),
+            (Route::SluiceSockmap, "127.77.9.13:8080".parse()?),
             (Route::SluiceMtls, "127.77.9.11:8080".parse()?),
             (
                 Route::Haproxy,
@@ -612,11 +641,13 @@ fn setup(root: &Path, s: &Settings) -> anyhow::Result<Rig> {
             // The agent is not in the kernel path; its CPU would only show
             // the outcome events it reads.
             (Route::SluiceKernel, vec![]),
+            (Route::SluiceSockmap, vec![sockmap_pid]),
             (Route::SluiceMtls, vec![a_pid, b_pid]),
             (Route::Haproxy, vec![haproxy_pid]),
             (Route::Nginx, vec![nginx_pid]),
         ],
         sluice_config,
+        sockmap_config,
         mtls_config,
         netns,
         _procs: procs,
@@ -647,11 +678,11 @@ impl Rig {
         let mut cmd = Command::new("taskset");
         cmd.args(["-c", "1"]);
         match path {
-            Route::Sluice | Route::SluiceKernel | Route::SluiceMtls => {
-                let config = if path != Route::SluiceMtls {
-                    &self.sluice_config
-                } else {
-                    &self.mtls_config
+            Route::Sluice | Route::SluiceKernel | Route::SluiceSockmap | Route::SluiceMtls => {
+                let config = match path {
+                    Route::SluiceMtls => &self.mtls_config,
+                    Route::SluiceSockmap => &self.sockmap_config,
+                    _ => &self.sluice_config,
                 };
                 cmd.arg(&self.sluice)
                     .args(["exec", "--workload", "bench", "--config"])

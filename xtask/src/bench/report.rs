@@ -150,10 +150,6 @@ pub fn write(
         )?;
         json_rows.push(row);
     }
-    writeln!(
-        md,
-        "| sockmap bypass | not built yet | | | | | | | | | | | | |"
-    )?;
     let k = Route::SluiceKernel;
     writeln!(
         md,
@@ -174,6 +170,24 @@ pub fn write(
             med(results, k, "churn", "cps"),
             med(results, d, "churn", "cps")
         ),
+    )?;
+    let (b, sm) = (Route::Sluice, Route::SluiceSockmap);
+    writeln!(
+        md,
+        "Sockmap bypass against the plain proxy path: p50 {}, p99 {}; throughput {}; proxy CPU per request {}.",
+        ratio(
+            med(results, sm, "latency", "p50_us"),
+            med(results, b, "latency", "p50_us")
+        ),
+        ratio(
+            med(results, sm, "latency", "p99_us"),
+            med(results, b, "latency", "p99_us")
+        ),
+        ratio(
+            med(results, sm, "throughput", "rps"),
+            med(results, b, "throughput", "rps")
+        ),
+        ratio(cpu_per_request(results, sm), cpu_per_request(results, b)),
     )?;
     writeln!(
         md,
@@ -202,7 +216,7 @@ pub fn write(
 fn svg(results: &[(Route, &str, Value)]) -> String {
     let (w, h, left, right, top, bottom) = (900.0, 520.0, 80.0, 170.0, 40.0, 60.0);
     let colors = [
-        "#444444", "#1f77b4", "#9467bd", "#2ca02c", "#d62728", "#ff7f0e",
+        "#444444", "#1f77b4", "#9467bd", "#17becf", "#2ca02c", "#d62728", "#ff7f0e",
     ];
     // x: "nines" of the quantile, 0 (p0) .. 4 (p99.99); y: log10 of µs.
     let nines = |q: f64| (-(1.0 - q).max(1e-4).log10()).min(4.0);
