@@ -261,7 +261,9 @@ fn an_upgrade_under_load_refuses_nothing_and_the_old_agent_drains_and_exits() {
     let backends = [Backend::start("u1"), Backend::start("u2")];
     let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
     let config = AgentConfig::new(&[ServiceDef::new("payments", &vip.to_string(), &addrs)]);
-    let mut old = Agent::start(&config);
+    // As the DaemonSet runs it: after the handover the old agent waits for
+    // the SIGTERM that deletes its pod, rather than exit and be restarted.
+    let mut old = Agent::start_with_args(&config, &["--stay-after-handover"]);
 
     // One connection opened through the old agent that is still talking
     // when the new one takes over.
@@ -285,12 +287,16 @@ fn an_upgrade_under_load_refuses_nothing_and_the_old_agent_drains_and_exits() {
 
     let new = Agent::start(&config);
     assert!(new.log().contains("took over"), "{}", new.log());
-    let status = old.wait(Duration::from_secs(20));
-    assert!(status.success(), "old agent: {status}\n{}", old.log());
     assert!(
+        old.wait_for_log("staying, holding nothing, until SIGTERM"),
+        "{}",
         old.log()
-            .contains("drained; exiting, the new agent has taken over")
     );
+    assert!(old.is_running());
+    assert!(old.log().contains("drained; the new agent has taken over"));
+    old.sigterm();
+    let status = old.wait(Duration::from_secs(5));
+    assert!(status.success(), "old agent: {status}\n{}", old.log());
 
     let replies = lines(&stream.wait_with_output().expect("stream ends"));
     assert_eq!(replies.len(), 1500);

@@ -94,10 +94,18 @@ enum Exit {
     HandedOver,
 }
 
+/// How `sluice agent` was asked to start and end.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// A running agent to take over from is required.
+    pub upgrade: bool,
+    /// After a handover and the drain, wait for SIGTERM before exiting.
+    pub stay_after_handover: bool,
+}
+
 /// Runs the agent until SIGTERM or SIGINT, then drains and cleans up; or
-/// until a successor takes over, then drains and leaves. With `upgrade`,
-/// a running agent to take over from is required.
-pub fn run(config: Config, upgrade: bool) -> Result<(), AgentError> {
+/// until a successor takes over, then drains and leaves.
+pub fn run(config: Config, options: Options) -> Result<(), AgentError> {
     let cgroup_mount = preflight::check(&config.agent.pin_dir)?;
     raise_open_file_limit();
     // One worker: tokio's current-thread scheduler, without the cross-thread
@@ -114,7 +122,7 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), AgentError> {
         .enable_all()
         .build()
         .map_err(AgentError::Runtime)?;
-    runtime.block_on(serve(config, cgroup_mount, upgrade))
+    runtime.block_on(serve(config, cgroup_mount, options))
 }
 
 /// A proxy holds two descriptors per connection: take the hard limit.
@@ -133,12 +141,12 @@ fn raise_open_file_limit() {
     }
 }
 
-async fn serve(config: Config, cgroup_mount: PathBuf, upgrade: bool) -> Result<(), AgentError> {
+async fn serve(config: Config, cgroup_mount: PathBuf, options: Options) -> Result<(), AgentError> {
     let root = cgroup_mount.join(&config.node.cgroup_root.value);
     let handover_name = handover::socket_name(&config.agent.pin_dir);
     let inherited = match handover::take_over(&handover_name) {
         Ok(Some(inherited)) => inherited,
-        Ok(None) if upgrade => {
+        Ok(None) if options.upgrade => {
             return Err(AgentError::Handover(format!(
                 "no running agent answers at @{handover_name}; start without --upgrade"
             )));
@@ -156,6 +164,9 @@ async fn serve(config: Config, cgroup_mount: PathBuf, upgrade: bool) -> Result<(
         for (dir, e) in cgroup::remove_created(&created) {
             warn!("cgroup {} left in place: {e}", dir.display());
         }
+    } else if options.stay_after_handover {
+        info!("handed over and drained; staying, holding nothing, until SIGTERM");
+        wait_for_stop_signal().await;
     }
     result.map(|_| ())
 }
@@ -381,11 +392,24 @@ async fn run_attached(
     if left > 0 {
         warn!("drain deadline passed with {left} connections open; closing them");
     } else if exit == Exit::HandedOver {
-        info!("drained; exiting, the new agent has taken over");
+        info!("drained; the new agent has taken over");
     } else {
         info!("drained; detaching");
     }
     Ok(exit)
+}
+
+/// Waits for SIGTERM or SIGINT.
+async fn wait_for_stop_signal() {
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(e) => warn!("cannot watch SIGTERM ({e}); exiting now"),
+    }
 }
 
 /// A descriptor of the same socket, owned separately (for handing over).

@@ -319,10 +319,25 @@ impl Agent {
         Self::spawn(config, None, Some(netns))
     }
 
+    /// Starts the agent with more command-line arguments.
+    pub fn start_with_args(config: &AgentConfig, extra: &[&str]) -> Agent {
+        Self::spawn_with(config, None, None, extra)
+    }
+
     fn spawn(config: &AgentConfig, cgroup: Option<&Path>, netns: Option<&Netns>) -> Agent {
+        Self::spawn_with(config, cgroup, netns, &[])
+    }
+
+    fn spawn_with(
+        config: &AgentConfig,
+        cgroup: Option<&Path>,
+        netns: Option<&Netns>,
+        extra: &[&str],
+    ) -> Agent {
         let mut cmd = Command::new(sluice_bin());
         cmd.args(["agent", "--config"])
             .arg(&config.path)
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

@@ -35,6 +35,12 @@ pub enum Command {
         /// Require a running agent to take over from (fail otherwise).
         #[arg(long)]
         upgrade: bool,
+        /// After handing over to a successor and draining, stay (holding
+        /// nothing) until SIGTERM instead of exiting: under a supervisor
+        /// that restarts exited processes (a Kubernetes pod), an exit would
+        /// start this version again, which would take the sockets back.
+        #[arg(long)]
+        stay_after_handover: bool,
     },
     /// Work with config files.
     Config {
@@ -183,11 +189,21 @@ fn ask(result: Result<Outcome, inspect::InspectError>) -> anyhow::Result<Outcome
 /// Runs one command. Errors are for the caller to print.
 pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
     match cli.command {
-        Command::Agent { config, upgrade } => {
+        Command::Agent {
+            config,
+            upgrade,
+            stay_after_handover,
+        } => {
             let Some(config) = load_or_report(&config) else {
                 return Ok(Outcome::Invalid);
             };
-            daemon::run(config, upgrade)?;
+            daemon::run(
+                config,
+                daemon::Options {
+                    upgrade,
+                    stay_after_handover,
+                },
+            )?;
             Ok(Outcome::Success)
         }
         Command::Config {
