@@ -30,7 +30,12 @@ fn catalog(load_balancer: &str) -> Catalog {
     }
     let config = Config::parse(&text, "bench.yaml").expect("bench config parses");
     config.validate().expect("bench config is valid");
-    Catalog::from_config(&config, &[("/sys/fs/cgroup/x".into(), 1)], None)
+    let place = sluice::catalog::Placement {
+        cgroup: "/sys/fs/cgroup/x".into(),
+        cgroup_id: 1,
+        netns: None,
+    };
+    Catalog::from_config(&config, &[place], None)
 }
 
 fn picks(c: &mut Criterion) {

@@ -13,6 +13,7 @@
 //! leaving programs, pins and cgroups to its successor.
 
 use std::{
+    collections::HashMap,
     io,
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -33,10 +34,12 @@ use tokio::{
 use crate::{
     admin::{self, AdminState, StaticInfo},
     catalog::Catalog,
+    catalog::Placement,
     config::Config,
     drain::{self, DrainWatch},
     fastpath,
     handover::{self, Inherited},
+    netns::Netns,
     proxy::{
         OutboundContext, OutboundListener,
         inbound::{InboundContext, InboundListener, InboundStats},
@@ -107,6 +110,7 @@ pub struct Options {
 /// until a successor takes over, then drains and leaves.
 pub fn run(config: Config, options: Options) -> Result<(), AgentError> {
     let cgroup_mount = preflight::check(&config.agent.pin_dir)?;
+    crate::netns::remember_home().map_err(AgentError::Cgroup)?;
     raise_open_file_limit();
     // One worker: tokio's current-thread scheduler, without the cross-thread
     // machinery a multi-thread runtime pays for on every wake-up.
@@ -178,8 +182,8 @@ async fn start_and_wait(
     inherited: &Inherited,
 ) -> Result<Exit, AgentError> {
     created.extend(cgroup::create_all(root).map_err(AgentError::Cgroup)?);
-    let workload_cgroups = workload_cgroups(config, root, created).map_err(AgentError::Cgroup)?;
-    let catalog = Catalog::from_config(config, &workload_cgroups, None);
+    let placements = workload_placements(config, root, created).map_err(AgentError::Cgroup)?;
+    let catalog = Catalog::from_config(config, &placements, None);
 
     let mut redirect = Redirect::load(&config.agent.pin_dir)?;
     let result = run_attached(config, root, catalog, &mut redirect, created, inherited).await;
@@ -194,13 +198,14 @@ async fn start_and_wait(
     result
 }
 
-/// Makes sure every workload's cgroup exists; returns (path, id) of each,
-/// in config order, and adds the directories it made to `created`.
-fn workload_cgroups(
+/// Makes sure every workload's cgroup exists and opens its network
+/// namespace when it has one; returns where each workload lives, in config
+/// order, and adds the cgroup directories it made to `created`.
+fn workload_placements(
     config: &Config,
     root: &Path,
     created: &mut Vec<PathBuf>,
-) -> io::Result<Vec<(PathBuf, u64)>> {
+) -> io::Result<Vec<Placement>> {
     config
         .workloads
         .iter()
@@ -208,9 +213,112 @@ fn workload_cgroups(
             let path = root.join(w.cgroup());
             created.extend(cgroup::create_all(&path)?);
             let id = cgroup::cgroup_id(&path)?;
-            Ok((path, id))
+            let netns = match &w.netns {
+                Some(ns) => Some(Arc::new(Netns::open(&ns.value).map_err(|e| {
+                    io::Error::new(e.kind(), format!("workload `{}`: {e}", w.name.value))
+                })?)),
+                None => None,
+            };
+            Ok(Placement {
+                cgroup: path,
+                cgroup_id: id,
+                netns,
+            })
         })
         .collect()
+}
+
+/// Outbound listeners inside workloads' own network namespaces (pods), one
+/// per namespace, opened and closed as the catalog's workloads change.
+struct PodListeners {
+    addr: SocketAddr,
+    open: HashMap<PathBuf, PodListener>,
+    /// The namespaces with an open listener, for the admin API.
+    listening: Arc<Mutex<Vec<PathBuf>>>,
+}
+
+struct PodListener {
+    trigger: drain::DrainTrigger,
+    cookie: u64,
+}
+
+impl PodListeners {
+    /// Opens a listener for every namespace in `catalog` without one, and
+    /// closes (drains) those whose namespace is gone from it.
+    fn sync(
+        &mut self,
+        catalog: &Catalog,
+        ctx: &Arc<OutboundContext>,
+        inherited: &Inherited,
+        handover: &handover::Offered,
+        drain_timeout: Duration,
+    ) {
+        let wanted: HashMap<&Path, &Arc<Netns>> = catalog
+            .workloads()
+            .iter()
+            .filter_map(|w| w.netns.as_ref().map(|ns| (ns.path(), ns)))
+            .collect();
+        let gone: Vec<PathBuf> = self
+            .open
+            .keys()
+            .filter(|p| !wanted.contains_key(p.as_path()))
+            .cloned()
+            .collect();
+        for path in gone {
+            let Some(pod) = self.open.remove(&path) else {
+                continue;
+            };
+            handover.remove(pod.cookie);
+            pod.trigger.start();
+            info!(
+                "closed the outbound listener in {}; draining {} open connections",
+                path.display(),
+                pod.trigger.active()
+            );
+            tokio::spawn(async move {
+                let left = pod.trigger.wait_idle(drain_timeout).await;
+                if left > 0 {
+                    warn!(
+                        "{}: {left} connections still open at the drain deadline",
+                        path.display()
+                    );
+                }
+            });
+        }
+        for (path, netns) in wanted {
+            if self.open.contains_key(path) {
+                continue;
+            }
+            match OutboundListener::bind_in(self.addr, inherited, Some(netns)) {
+                Ok(listener) => {
+                    let cookie = listener.netns_cookie();
+                    if let Ok(fd) = dup(listener.socket()) {
+                        handover.add(cookie, fd);
+                    }
+                    let (trigger, watch) = drain::channel();
+                    tokio::spawn(listener.serve(ctx.clone(), watch));
+                    info!("outbound listener {} open in {}", self.addr, path.display());
+                    self.open
+                        .insert(path.to_owned(), PodListener { trigger, cookie });
+                }
+                // One pod that cannot be entered must not stop the others.
+                Err(e) => warn!("no outbound listener in {}: {e}; skipping", path.display()),
+            }
+        }
+        *self.listening.lock().expect("pod listener view") = self.open.keys().cloned().collect();
+    }
+
+    /// Stops every listener and waits for their connections.
+    async fn drain(self, deadline: Duration) -> usize {
+        for pod in self.open.values() {
+            pod.trigger.start();
+        }
+        let mut left = 0;
+        for pod in self.open.values() {
+            left += pod.trigger.wait_idle(deadline).await;
+        }
+        left
+    }
 }
 
 async fn run_attached(
@@ -244,7 +352,8 @@ async fn run_attached(
 
     let outbound = SocketAddr::V4(config.agent.outbound);
     let listener = OutboundListener::bind(outbound, inherited).map_err(AgentError::Listener)?;
-    let mut sockets = vec![dup(listener.socket()).map_err(AgentError::Listener)?];
+    let offered = handover::Offered::default();
+    offered.add_fixed(dup(listener.socket()).map_err(AgentError::Listener)?);
     let services = catalog.services().count();
     let workloads = catalog.workloads().len();
     let checkers = HealthCheckers::start(&catalog, config.agent.mark, &watch);
@@ -257,7 +366,7 @@ async fn run_attached(
     ));
     let inbound_addr = SocketAddr::new(config.node.address, config.agent.inbound_port);
     let inbound = InboundListener::bind(inbound_addr, inherited).map_err(AgentError::Inbound)?;
-    sockets.push(dup(inbound.socket()).map_err(AgentError::Inbound)?);
+    offered.add_fixed(dup(inbound.socket()).map_err(AgentError::Inbound)?);
     let catalog = Arc::new(ArcSwap::from_pointee(catalog));
     let inbound_stats = Arc::new(InboundStats::default());
     let inbound_ctx = Arc::new(InboundContext {
@@ -288,6 +397,18 @@ async fn run_attached(
         connections: connections.clone(),
         bypass,
     });
+    let mut pods = PodListeners {
+        addr: outbound,
+        open: HashMap::new(),
+        listening: Default::default(),
+    };
+    pods.sync(
+        &catalog.load(),
+        &ctx,
+        inherited,
+        &offered,
+        config.agent.drain_timeout.0,
+    );
 
     // The admin API outlives the data plane's drain, so that it can answer
     // "stopping" until the end.
@@ -313,6 +434,7 @@ async fn run_attached(
         attached: AtomicBool::new(false),
         stopping: AtomicBool::new(false),
         trace,
+        pod_listeners: pods.listening.clone(),
     });
     let mut admin_addrs = vec![config.agent.admin];
     if config.agent.admin_on_node_address {
@@ -324,13 +446,13 @@ async fn run_attached(
     for addr in admin_addrs {
         let (listener, _) =
             crate::proxy::socket::listen(addr, 128, inherited).map_err(AgentError::Admin)?;
-        sockets.push(dup(std::os::fd::AsFd::as_fd(&listener)).map_err(AgentError::Admin)?);
+        offered.add_fixed(dup(std::os::fd::AsFd::as_fd(&listener)).map_err(AgentError::Admin)?);
         tokio::spawn(admin::serve(listener, admin.clone(), admin_watch.clone()));
     }
 
     redirect.attach(root)?;
     admin.attached.store(true, Ordering::Release);
-    let server = tokio::spawn(listener.serve(ctx, watch.clone()));
+    let server = tokio::spawn(listener.serve(ctx.clone(), watch.clone()));
     let inbound_server = tokio::spawn(inbound.serve(inbound_ctx, watch.clone()));
     tokio::spawn(sweep_records(records, cookie_records, watch.clone()));
     let tables_changed = Arc::new(tokio::sync::Notify::new());
@@ -346,7 +468,7 @@ async fn run_attached(
     let (handed_over_tx, handed_over) = tokio::sync::oneshot::channel();
     tokio::spawn(handover::offer(
         handover::socket_name(&config.agent.pin_dir),
-        sockets,
+        offered.clone(),
         handed_over_tx,
         watch.clone(),
     ));
@@ -369,8 +491,19 @@ async fn run_attached(
         metrics,
         tables_changed,
         tables_failing: false,
+        pods,
+        outbound_ctx: ctx,
+        offered,
     };
     let exit = live.serve_until_stopped(handed_over).await;
+    let pods = std::mem::replace(
+        &mut live.pods,
+        PodListeners {
+            addr: outbound,
+            open: HashMap::new(),
+            listening: Default::default(),
+        },
+    );
     admin.stopping.store(true, Ordering::Release);
     if exit == Exit::HandedOver {
         // The successor answers on the same admin sockets.
@@ -387,7 +520,8 @@ async fn run_attached(
             error!("{name} listener task failed: {e}");
         }
     }
-    let left = trigger.wait_idle(config.agent.drain_timeout.0).await;
+    let left = trigger.wait_idle(config.agent.drain_timeout.0).await
+        + pods.drain(config.agent.drain_timeout.0).await;
     admin_trigger.start();
     if left > 0 {
         warn!("drain deadline passed with {left} connections open; closing them");
@@ -434,6 +568,9 @@ struct Live<'a> {
     /// Notified when a kernel-balanced connect failed.
     tables_changed: Arc<tokio::sync::Notify>,
     tables_failing: bool,
+    pods: PodListeners,
+    outbound_ctx: Arc<OutboundContext>,
+    offered: handover::Offered,
 }
 
 /// The identities of this node's workloads.
@@ -545,7 +682,7 @@ impl Live<'_> {
                  `mesh` (trust_domain, certificates) apply at the next restart; the rest applies now"
             );
         }
-        let cgroups = match workload_cgroups(&new, self.root, self.created) {
+        let cgroups = match workload_placements(&new, self.root, self.created) {
             Ok(c) => c,
             Err(e) => {
                 self.metrics.reload(false);
@@ -570,6 +707,13 @@ impl Live<'_> {
         // New checkers first, so that no endpoint goes unwatched.
         let checkers = HealthCheckers::start(&catalog, self.config.agent.mark, &self.drain);
         self.catalog.store(Arc::new(catalog));
+        self.pods.sync(
+            &self.catalog.load(),
+            &self.outbound_ctx,
+            &Inherited::none(),
+            &self.offered,
+            self.config.agent.drain_timeout.0,
+        );
         self.checkers = checkers;
         self.metrics.reload(true);
         info!(

@@ -42,9 +42,9 @@ use crate::drain::DrainWatch;
 
 const HELLO: &[u8] = b"sluice-handover/1 HELLO\n";
 const READY: &[u8] = b"READY\n";
-/// More listening sockets than an agent ever has (outbound, inbound, two
-/// admin addresses).
-const MAX_FDS: usize = 16;
+/// Most listening sockets one handover carries: outbound, inbound, two
+/// admin addresses, and one outbound listener per pod on the node.
+const MAX_FDS: usize = 253;
 /// How long the old agent waits for `READY` before it gives up on this
 /// successor and goes on serving.
 const READY_WITHIN: Duration = Duration::from_secs(60);
@@ -74,7 +74,8 @@ fn address(name: &str) -> io::Result<std::os::unix::net::SocketAddr> {
 /// by the listeners that bind the same address.
 #[derive(Default)]
 pub struct Inherited {
-    sockets: Mutex<Vec<(SocketAddr, OwnedFd)>>,
+    /// (local address, network namespace cookie, socket).
+    sockets: Mutex<Vec<(SocketAddr, u64, OwnedFd)>>,
     /// The stream to the old agent; `READY` goes there.
     stream: Mutex<Option<UnixStream>>,
 }
@@ -90,11 +91,14 @@ impl Inherited {
         self.stream.lock().expect("handover lock").is_some()
     }
 
-    /// The inherited listening socket bound to `addr`, if any.
-    pub fn take(&self, addr: SocketAddr) -> Option<OwnedFd> {
+    /// The inherited listening socket bound to `addr` in the network
+    /// namespace with cookie `netns`, if any.
+    pub fn take(&self, addr: SocketAddr, netns: u64) -> Option<OwnedFd> {
         let mut sockets = self.sockets.lock().expect("handover lock");
-        let i = sockets.iter().position(|(a, _)| *a == addr)?;
-        Some(sockets.swap_remove(i).1)
+        let i = sockets
+            .iter()
+            .position(|(a, n, _)| *a == addr && *n == netns)?;
+        Some(sockets.swap_remove(i).2)
     }
 
     /// Tells the previous agent to stop accepting and drain. The sockets it
@@ -105,7 +109,7 @@ impl Inherited {
             .lock()
             .expect("handover lock")
             .drain(..)
-            .map(|(a, _)| a)
+            .map(|(a, _, _)| a)
             .collect();
         if !unused.is_empty() {
             warn!("inherited listening sockets no longer configured, closed: {unused:?}");
@@ -144,7 +148,8 @@ pub fn take_over(name: &str) -> io::Result<Option<Inherited>> {
     for fd in fds {
         let std_listener = std::net::TcpListener::from(fd);
         let addr = std_listener.local_addr()?;
-        sockets.push((addr, OwnedFd::from(std_listener)));
+        let netns = crate::proxy::socket::netns_cookie(&std_listener)?;
+        sockets.push((addr, netns, OwnedFd::from(std_listener)));
     }
     info!(
         "upgrade: took over {} listening sockets from the running agent",
@@ -157,13 +162,50 @@ pub fn take_over(name: &str) -> io::Result<Option<Inherited>> {
     }))
 }
 
+/// The listening sockets this agent would hand over now: the fixed ones
+/// (outbound, inbound, admin) and one per pod namespace, which come and go
+/// with the pods (keyed by namespace cookie).
+#[derive(Default, Clone)]
+pub struct Offered {
+    sockets: std::sync::Arc<Mutex<Vec<OfferedSocket>>>,
+}
+
+/// A listening socket on offer: `Some(cookie)` for a pod's listener, which
+/// leaves the offer with its pod.
+type OfferedSocket = (Option<u64>, OwnedFd);
+
+impl Offered {
+    pub fn add_fixed(&self, fd: OwnedFd) {
+        self.sockets.lock().expect("handover lock").push((None, fd));
+    }
+
+    pub fn add(&self, netns_cookie: u64, fd: OwnedFd) {
+        self.sockets
+            .lock()
+            .expect("handover lock")
+            .push((Some(netns_cookie), fd));
+    }
+
+    pub fn remove(&self, netns_cookie: u64) {
+        self.sockets
+            .lock()
+            .expect("handover lock")
+            .retain(|(c, _)| *c != Some(netns_cookie));
+    }
+
+    fn raw(&self) -> Vec<RawFd> {
+        let sockets = self.sockets.lock().expect("handover lock");
+        sockets.iter().map(|(_, fd)| fd.as_raw_fd()).collect()
+    }
+}
+
 /// The running agent's side: offers `sockets` to a successor on the
 /// abstract socket `name`. Resolves `handed_over` once a successor said
 /// `READY`. Right after an upgrade the previous agent still holds the name
 /// for a moment; binding is retried until it lets go.
 pub async fn offer(
     name: String,
-    sockets: Vec<OwnedFd>,
+    sockets: Offered,
     handed_over: oneshot::Sender<()>,
     mut drain: DrainWatch,
 ) {
@@ -203,7 +245,14 @@ pub async fn offer(
             warn!("handover socket: a peer connected without asking for a handover");
             continue;
         }
-        let raw: Vec<RawFd> = sockets.iter().map(|s| s.as_raw_fd()).collect();
+        let raw = sockets.raw();
+        if raw.len() > MAX_FDS {
+            warn!(
+                "upgrade: {} listening sockets are more than a handover carries ({MAX_FDS})",
+                raw.len()
+            );
+            continue;
+        }
         if let Err(e) = send_fds(stream.as_fd().as_raw_fd(), b"SOCKETS\n", &raw) {
             warn!("upgrade: cannot hand the listening sockets over: {e}");
             continue;

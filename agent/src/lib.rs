@@ -15,6 +15,7 @@ pub mod drain;
 pub mod fastpath;
 pub mod handover;
 pub mod lb;
+pub mod netns;
 pub mod proxy;
 pub mod redirect;
 pub mod resilience;

@@ -66,6 +66,8 @@ pub struct AdminState {
     pub stopping: AtomicBool,
     /// The eBPF programs' events, for `/debug/trace`.
     pub trace: TraceLog,
+    /// Network namespaces (pods) where the outbound listener is open.
+    pub pod_listeners: Arc<std::sync::Mutex<Vec<std::path::PathBuf>>>,
 }
 
 impl AdminState {
@@ -398,6 +400,15 @@ fn view(state: &AdminState, path: &str) -> Option<Value> {
                         "namespace": w.namespace,
                         "identity": w.identity.to_string(),
                         "cgroup": w.cgroup.display().to_string(),
+                        "netns": w.netns.as_ref().map(|n| n.path().display().to_string()),
+                        "listener": match &w.netns {
+                            None => "agent",
+                            Some(n) if state
+                                .pod_listeners
+                                .lock()
+                                .is_ok_and(|open| open.iter().any(|p| p == n.path())) => "open",
+                            Some(_) => "none",
+                        },
                     })
                 })
                 .collect(),

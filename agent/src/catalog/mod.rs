@@ -23,6 +23,7 @@ use crate::{
         Config, HealthCheck, Mode, OnAgentDown, Panic, ServiceSpec, policy::DEFAULT_IDLE_TIMEOUT,
     },
     lb::Balancer,
+    netns::Netns,
     redirect::records::key_addr,
     resilience::{
         BudgetSettings, EndpointState, OutlierSettings, ServiceState, TIER_ANYWHERE, Thresholds,
@@ -122,6 +123,18 @@ pub struct Workload {
     pub identity: Identity,
     /// The workload's own authorization policy.
     pub policy: Option<Arc<Policy>>,
+    /// Its own network namespace (a pod); none: the agent's.
+    pub netns: Option<Arc<Netns>>,
+}
+
+/// Where a configured workload lives on this node, found by the daemon.
+#[derive(Debug, Clone)]
+pub struct Placement {
+    /// Absolute path of its cgroup.
+    pub cgroup: PathBuf,
+    /// Kernel id of that cgroup.
+    pub cgroup_id: u64,
+    pub netns: Option<Arc<Netns>>,
 }
 
 impl Service {
@@ -220,12 +233,12 @@ fn local_targets(
 }
 
 impl Catalog {
-    /// Builds the catalog from a validated config. `workload_cgroups` gives
-    /// each workload's cgroup path and id, in config order. State is carried
+    /// Builds the catalog from a validated config. `placements` gives each
+    /// workload's cgroup and namespace, in config order. State is carried
     /// over from `previous` for services and endpoints still present.
     pub fn from_config(
         config: &Config,
-        workload_cgroups: &[(PathBuf, u64)],
+        placements: &[Placement],
         previous: Option<&Catalog>,
     ) -> Catalog {
         let node = &config.node.name.value;
@@ -234,14 +247,15 @@ impl Catalog {
         let workloads: Vec<Arc<Workload>> = config
             .workloads
             .iter()
-            .zip(workload_cgroups)
-            .map(|(w, (path, id))| {
+            .zip(placements)
+            .map(|(w, place)| {
                 Arc::new(Workload {
                     name: w.name.value.clone(),
                     namespace: w.namespace.clone(),
                     service_account: w.service_account.clone(),
-                    cgroup: path.clone(),
-                    cgroup_id: *id,
+                    cgroup: place.cgroup.clone(),
+                    cgroup_id: place.cgroup_id,
+                    netns: place.netns.clone(),
                     identity: Identity::new(td, &w.namespace, &w.service_account),
                     policy: w.authorization.as_ref().map(|a| {
                         Arc::new(Policy::new(

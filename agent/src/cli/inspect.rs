@@ -186,6 +186,8 @@ impl View {
                 ("NAME", "name"),
                 ("IDENTITY", "identity"),
                 ("CGROUP", "cgroup"),
+                ("NETNS", "netns"),
+                ("LISTENER", "listener"),
             ],
         }
     }

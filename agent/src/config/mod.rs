@@ -193,6 +193,10 @@ pub struct WorkloadSpec {
     /// Who may reach this workload through the inbound listener.
     #[serde(default)]
     pub authorization: Option<Authorization>,
+    /// The workload's own network namespace (a pod), as a path such as
+    /// /var/run/netns/NAME; none: the agent's namespace.
+    #[serde(default)]
+    pub netns: Option<Spanned<PathBuf>>,
 }
 
 impl WorkloadSpec {
@@ -443,6 +447,19 @@ impl Config {
                     format!(
                         "workload `{}` is already defined by workloads[{first}]",
                         w.name.value
+                    ),
+                );
+            }
+            if let Some(ns) = &w.netns
+                && !ns.value.is_absolute()
+            {
+                push(
+                    &mut problems,
+                    ns.referenced.line(),
+                    format!("workloads[{i}].netns"),
+                    format!(
+                        "`{}` is not an absolute path (e.g. /var/run/netns/NAME)",
+                        ns.value.display()
                     ),
                 );
             }

@@ -317,7 +317,7 @@ async fn handle(
         );
         return refuse(&ctx, peer, Some(&caller), Refusal::Denied, &detail);
     }
-    let mut upstream = match connect_marked(target, ctx.mark, ctx.connect_timeout).await {
+    let mut upstream = match connect_marked(target, ctx.mark, ctx.connect_timeout, None).await {
         Ok(upstream) => upstream,
         Err(e) => {
             tls.reset_on_close();

@@ -11,7 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::{
     copy::{CopyEnd, proxy},
     preamble,
-    socket::{connect_marked, listen},
+    socket::{connect_marked, listen_in},
 };
 use crate::{
     catalog::{Catalog, Endpoint, Service, Workload},
@@ -19,6 +19,7 @@ use crate::{
     drain::{ConnectionGuard, DrainWatch, accept_until_drained},
     handover::Inherited,
     lb::PickContext,
+    netns::Netns,
     redirect::{PeerRecords, bypass::Bypass},
     resilience::{
         self, Admission, Chosen, NoEndpoint, Outcome, Overflow, RetryDenied, Tried, clock::now_ms,
@@ -64,14 +65,28 @@ pub struct OutboundListener {
 }
 
 impl OutboundListener {
-    /// Binds `addr` in the current network namespace (or takes the
+    /// Binds `addr` in the agent's network namespace (or takes the
     /// previous agent's socket for it).
     pub fn bind(addr: SocketAddr, inherited: &Inherited) -> io::Result<OutboundListener> {
-        let (listener, netns_cookie) = listen(addr, BACKLOG, inherited)?;
+        Self::bind_in(addr, inherited, None)
+    }
+
+    /// Binds `addr` inside `netns` (a pod's namespace) when given.
+    pub fn bind_in(
+        addr: SocketAddr,
+        inherited: &Inherited,
+        netns: Option<&Netns>,
+    ) -> io::Result<OutboundListener> {
+        let (listener, netns_cookie) = listen_in(addr, BACKLOG, inherited, netns)?;
         Ok(OutboundListener {
             listener,
             netns_cookie,
         })
+    }
+
+    /// Cookie of the network namespace it listens in.
+    pub fn netns_cookie(&self) -> u64 {
+        self.netns_cookie
     }
 
     /// The listening socket, for handing over to a successor.
@@ -362,7 +377,8 @@ async fn dial(
                 endpoint.node
             )));
         }
-        return connect_marked(endpoint.addr, ctx.mark, timeout)
+        let netns = source.and_then(|w| w.netns.as_deref());
+        return connect_marked(endpoint.addr, ctx.mark, timeout, netns)
             .await
             .map(Upstream::Plain)
             .map_err(DialError::Endpoint);
@@ -383,7 +399,7 @@ async fn dial(
         return caller_err("the endpoint's identity makes no valid server name");
     };
     let attempt = async {
-        let tcp = connect_marked(peer, ctx.mark, timeout).await?;
+        let tcp = connect_marked(peer, ctx.mark, timeout, source.netns.as_deref()).await?;
         let mut stream = tokio_rustls::TlsConnector::from(config)
             .connect(name, tcp)
             .await?;

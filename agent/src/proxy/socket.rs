@@ -10,7 +10,7 @@ use std::{
 
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
-use crate::handover::Inherited;
+use crate::{handover::Inherited, netns::Netns};
 
 /// `SO_NETNS_COOKIE` from asm-generic/socket.h (libc does not define it).
 const SO_NETNS_COOKIE: libc::c_int = 71;
@@ -56,23 +56,44 @@ pub fn netns_cookie(fd: &impl AsRawFd) -> io::Result<u64> {
 }
 
 /// A listening socket on `addr` (address reuse on, so a restarted agent
-/// binds at once), in the current network namespace; during an upgrade,
+/// binds at once), in the agent's network namespace; during an upgrade,
 /// the previous agent's socket for `addr` instead.
 pub fn listen(
     addr: SocketAddr,
     backlog: u32,
     inherited: &Inherited,
 ) -> io::Result<(TcpListener, u64)> {
-    if let Some(fd) = inherited.take(addr) {
+    listen_in(addr, backlog, inherited, None)
+}
+
+/// [`listen`] inside `netns` (a pod's namespace) when given. Inherited
+/// sockets are matched by address and namespace.
+pub fn listen_in(
+    addr: SocketAddr,
+    backlog: u32,
+    inherited: &Inherited,
+    netns: Option<&Netns>,
+) -> io::Result<(TcpListener, u64)> {
+    // The namespace's cookie, to find an inherited socket of the same one.
+    let probe = {
+        let _inside = netns.map(Netns::enter).transpose()?;
+        TcpSocket::new_v4()?
+    };
+    let cookie = netns_cookie(&probe)?;
+    drop(probe);
+    if let Some(fd) = inherited.take(addr, cookie) {
         let listener = std::net::TcpListener::from(fd);
         listener.set_nonblocking(true)?;
         let cookie = netns_cookie(&listener)?;
         return Ok((TcpListener::from_std(listener)?, cookie));
     }
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
+    let socket = {
+        let _inside = netns.map(Netns::enter).transpose()?;
+        if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        }
     };
     socket.set_reuseaddr(true)?;
     socket
@@ -83,16 +104,21 @@ pub fn listen(
 }
 
 /// Connects to `addr` from a socket marked `mark` (so the connect hook lets
-/// it through), giving up after `timeout`.
+/// it through), giving up after `timeout`; the socket is made in `netns`
+/// (the calling pod's namespace) when given.
 pub async fn connect_marked(
     addr: SocketAddr,
     mark: u32,
     timeout: Duration,
+    netns: Option<&Netns>,
 ) -> io::Result<TcpStream> {
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
+    let socket = {
+        let _inside = netns.map(Netns::enter).transpose()?;
+        if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        }
     };
     setsockopt_u32(socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_MARK, mark)?;
     socket.set_nodelay(true)?;

@@ -125,7 +125,7 @@ impl Check {
         let timeout = self.settings.timeout.value.0;
         let attempt = async {
             let mut stream =
-                crate::proxy::socket::connect_marked(self.addr, self.mark, timeout).await?;
+                crate::proxy::socket::connect_marked(self.addr, self.mark, timeout, None).await?;
             let Some(http) = &self.settings.http else {
                 return Ok::<bool, std::io::Error>(true);
             };

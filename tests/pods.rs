@@ -1,0 +1,294 @@
+//! Pods as workloads, as root: a "node" network namespace running the
+//! agent, and "pods" that are each a network namespace (joined to the node
+//! by a veth pair) plus a cgroup under the node's pod cgroup root. The
+//! agent opens its outbound listener inside each pod's namespace, opens the
+//! pod's upstream sockets there, and keys records by namespace cookie.
+
+mod support;
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{IpAddr, SocketAddr, TcpListener},
+    process::{Command, Output, Stdio},
+    thread,
+    time::Duration,
+};
+
+use serde_json::Value;
+use support::*;
+
+/// A node namespace with pods attached, removed on drop (Netns drops).
+struct Node {
+    node: Netns,
+    pods: Vec<(Netns, IpAddr)>,
+    /// Where pods reach services on the node: an address on the node's
+    /// loopback, routed from every pod through its veth.
+    service_addr: IpAddr,
+}
+
+impl Node {
+    fn new(pods: usize) -> Node {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tag = format!("{}{n}", std::process::id() % 100_000);
+        let node = Netns {
+            name: format!("spn{tag}"),
+        };
+        sh(&format!(
+            "ip netns add {0} && ip -n {0} link set lo up",
+            node.name
+        ));
+        let base = 10 + (std::process::id() as usize * 7 + n * 4) % 200;
+        let service_addr: IpAddr = format!("198.18.{base}.1").parse().unwrap();
+        sh(&format!(
+            "ip -n {} addr add {service_addr}/32 dev lo",
+            node.name
+        ));
+        let mut list = Vec::new();
+        for i in 0..pods {
+            let pod = Netns {
+                name: format!("spp{tag}{i}"),
+            };
+            let subnet = base + 1 + i;
+            let (n_if, p_if) = (format!("vn{tag}{i}"), format!("vp{tag}{i}"));
+            let (n_addr, p_addr) = (format!("198.18.{subnet}.1"), format!("198.18.{subnet}.2"));
+            sh(&format!(
+                "ip netns add {p} && ip -n {p} link set lo up && \
+                 ip link add {n_if} type veth peer name {p_if} && \
+                 ip link set {n_if} netns {n} && ip link set {p_if} netns {p} && \
+                 ip -n {n} addr add {n_addr}/24 dev {n_if} && ip -n {p} addr add {p_addr}/24 dev {p_if} && \
+                 ip -n {n} link set {n_if} up && ip -n {p} link set {p_if} up && \
+                 ip -n {p} route add default via {n_addr}",
+                n = node.name,
+                p = pod.name
+            ));
+            list.push((pod, p_addr.parse().unwrap()));
+        }
+        Node {
+            node,
+            pods: list,
+            service_addr,
+        }
+    }
+}
+
+/// A server in the node namespace that answers each line with
+/// `<name> from <peer address> <line>`: the peer shows which namespace
+/// the agent opened the upstream socket in.
+fn source_echo(node: &Netns, name: &'static str, addr: SocketAddr) {
+    let listener = node.run(move || TcpListener::bind(addr).expect("bind source echo"));
+    thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            thread::spawn(move || {
+                let peer = stream.peer_addr().map(|a| a.ip().to_string());
+                let mut out = stream.try_clone().unwrap();
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    let peer = peer.as_deref().unwrap_or("?");
+                    if writeln!(out, "{name} from {peer} {line}").is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// Runs python `script` as a process of workload cgroup `cgroup` inside
+/// the pod namespace `pod` (how a pod's own processes live).
+fn in_pod(config: &AgentConfig, pod: &Netns, cgroup: &str, script: &str) -> Command {
+    let procs = config.cgroup_root_path().join(cgroup).join("cgroup.procs");
+    let mut cmd = Command::new("timeout");
+    cmd.args(["--signal=KILL", "30", "bash", "-c"]).arg(format!(
+        "echo $$ > {} && exec python3 -c '{script}'",
+        procs.display()
+    ));
+    pod.enter_on_exec(&mut cmd);
+    cmd
+}
+
+/// A call from source port `port` (0: any) that prints the reply.
+fn call(vip: SocketAddr, port: u16, text: &str) -> String {
+    format!(
+        "import socket\n\
+         s = socket.socket()\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind((\"127.0.0.1\", {port}))\n\
+         s.connect((\"{ip}\", {vport}))\n\
+         s.sendall(b\"{text}\\n\")\n\
+         print(s.makefile().readline().strip())\n",
+        ip = vip.ip(),
+        vport = vip.port()
+    )
+}
+
+fn stdout(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn render(config: &AgentConfig, node: &Node, pods: &[usize], backends: &[SocketAddr]) -> String {
+    let mut yaml = format!(
+        "node:\n  name: n1\n  cgroup_root: {}\n{}workloads:{}\n",
+        config.cgroup_root,
+        config.agent_block(&config.dir.join("state"), config.inbound_port),
+        if pods.is_empty() { " []" } else { "" }
+    );
+    for &i in pods {
+        yaml.push_str(&format!(
+            "  - name: pod-{i}\n    namespace: shop\n    service_account: sa-{i}\n    \
+             netns: {}\n",
+            node.pods[i].0.path().display()
+        ));
+    }
+    for (i, b) in backends.iter().enumerate() {
+        yaml.push_str(&format!(
+            "{}  - name: svc-{i}\n    namespace: shop\n    address: 127.77.8.{}\n    port: 8080\n    \
+             endpoints:\n      - address: {}\n        port: {}\n",
+            if i == 0 { "services:\n" } else { "" },
+            10 + i,
+            b.ip(),
+            b.port()
+        ));
+    }
+    yaml
+}
+
+fn vip(i: usize) -> SocketAddr {
+    format!("127.77.8.{}:8080", 10 + i).parse().unwrap()
+}
+
+fn workloads_view(agent: &Agent) -> Value {
+    let out = agent.sluice(&["workloads", "-o", "json"]);
+    serde_json::from_slice(&out.stdout).expect("workloads JSON")
+}
+
+#[test]
+fn pods_get_their_own_listener_and_source_address_and_never_share_records() {
+    let node = Node::new(2);
+    let backends: Vec<SocketAddr> = (0..2)
+        .map(|_| SocketAddr::new(node.service_addr, free_port()))
+        .collect();
+    source_echo(&node.node, "a", backends[0]);
+    source_echo(&node.node, "b", backends[1]);
+    let config = AgentConfig::custom(|c| render(c, &node, &[0], &backends));
+    let agent = Agent::start_in_netns(&config, &node.node);
+
+    // Pod 0 alone: its call leaves from its own address.
+    let reply = stdout(
+        &in_pod(&config, &node.pods[0].0, "pod-0", &call(vip(0), 0, "hi"))
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(reply, format!("a from {} hi", node.pods[0].1));
+
+    // Pod 1 arrives: its listener opens with the reload.
+    config.write_raw(&render(&config, &node, &[0, 1], &backends));
+    assert!(
+        agent.wait_for_log(&format!("open in {}", node.pods[1].0.path().display())),
+        "{}",
+        agent.log()
+    );
+    let view = workloads_view(&agent);
+    for (i, (pod, _)) in node.pods.iter().enumerate() {
+        let w = view
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["name"] == format!("pod-{i}"))
+            .unwrap_or_else(|| panic!("pod-{i} not in {view}"));
+        assert_eq!(w["netns"], pod.path().display().to_string());
+        assert_eq!(w["listener"], "open", "{w}");
+        assert_eq!(
+            w["identity"],
+            format!("spiffe://cluster.local/ns/shop/sa/sa-{i}")
+        );
+    }
+
+    // Both pods dial from the same loopback address and port at once, each
+    // to its own service: the records are keyed by namespace, so each call
+    // reaches its service and leaves from its pod's address.
+    for round in 0..10 {
+        let children: Vec<_> = (0..2)
+            .map(|i| {
+                in_pod(
+                    &config,
+                    &node.pods[i].0,
+                    &format!("pod-{i}"),
+                    &call(vip(i), 41000, "same-port"),
+                )
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+            })
+            .collect();
+        for (i, child) in children.into_iter().enumerate() {
+            let reply = stdout(&child.wait_with_output().unwrap());
+            let name = ["a", "b"][i];
+            assert_eq!(
+                reply,
+                format!("{name} from {} same-port", node.pods[i].1),
+                "round {round}, pod {i}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_pod_that_leaves_drains_its_open_connection_and_takes_no_new_ones() {
+    let node = Node::new(1);
+    let backend = SocketAddr::new(node.service_addr, free_port());
+    source_echo(&node.node, "a", backend);
+    let config = AgentConfig::custom(|c| render(c, &node, &[0], &[backend]));
+    let agent = Agent::start_in_netns(&config, &node.node);
+    let pod = &node.pods[0].0;
+
+    // A connection that is open when the pod leaves the catalog.
+    let held = in_pod(
+        &config,
+        pod,
+        "pod-0",
+        &format!(
+            "import socket, time\n\
+             s = socket.create_connection((\"{ip}\", {port}))\n\
+             f = s.makefile()\n\
+             s.sendall(b\"one\\n\")\n\
+             a = f.readline().strip()\n\
+             time.sleep(2)\n\
+             s.sendall(b\"two\\n\")\n\
+             print(a + \"|\" + f.readline().strip())\n",
+            ip = vip(0).ip(),
+            port = vip(0).port()
+        ),
+    )
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
+    thread::sleep(Duration::from_millis(500));
+
+    config.write_raw(&render(&config, &node, &[], &[backend]));
+    assert!(
+        agent.wait_for_log("closed the outbound listener in"),
+        "{}",
+        agent.log()
+    );
+    let reply = stdout(&held.wait_with_output().unwrap());
+    let from = node.pods[0].1;
+    assert_eq!(reply, format!("a from {from} one|a from {from} two"));
+
+    // New connects from the pod find no listener: refused at once.
+    let out = in_pod(&config, pod, "pod-0", &call(vip(0), 0, "late"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("ConnectionRefusedError"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
