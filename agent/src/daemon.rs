@@ -25,7 +25,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use log::{error, info, warn};
+use log::{debug, error, info, warn};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
@@ -33,9 +33,9 @@ use tokio::{
 
 use crate::{
     admin::{self, AdminState, StaticInfo},
-    catalog::Catalog,
-    catalog::Placement,
+    catalog::{Catalog, Placement},
     config::Config,
+    discovery,
     drain::{self, DrainWatch},
     fastpath,
     handover::{self, Inherited},
@@ -86,6 +86,8 @@ pub enum AgentError {
     Runtime(io::Error),
     #[error("upgrade: {0}")]
     Handover(String),
+    #[error("kubernetes: {0}")]
+    Kubernetes(String),
 }
 
 /// How the agent ended.
@@ -397,6 +399,23 @@ async fn run_attached(
         connections: connections.clone(),
         bypass,
     });
+    let discovery = match &config.kubernetes {
+        Some(k) => Some(
+            discovery::start(
+                k,
+                discovery::NodeView {
+                    name: config.node.name.value.clone(),
+                    cgroup_root: root.to_owned(),
+                    pod_cgroups: k.pod_cgroups.clone(),
+                    peer_nodes: config.nodes.iter().map(|n| n.name.value.clone()).collect(),
+                },
+                watch.clone(),
+            )
+            .await
+            .map_err(AgentError::Kubernetes)?,
+        ),
+        None => None,
+    };
     let mut pods = PodListeners {
         addr: outbound,
         open: HashMap::new(),
@@ -435,6 +454,7 @@ async fn run_attached(
         stopping: AtomicBool::new(false),
         trace,
         pod_listeners: pods.listening.clone(),
+        discovery_synced: discovery.as_ref().map(|d| d.synced.clone()),
     });
     let mut admin_addrs = vec![config.agent.admin];
     if config.agent.admin_on_node_address {
@@ -494,6 +514,8 @@ async fn run_attached(
         pods,
         outbound_ctx: ctx,
         offered,
+        discovery: discovery.map(|d| d.updates),
+        discovered: None,
     };
     let exit = live.serve_until_stopped(handed_over).await;
     let pods = std::mem::replace(
@@ -571,6 +593,33 @@ struct Live<'a> {
     pods: PodListeners,
     outbound_ctx: Arc<OutboundContext>,
     offered: handover::Offered,
+    /// Kubernetes discovery's updates, and the latest one.
+    discovery: Option<DiscoveryUpdates>,
+    discovered: Option<Arc<discovery::Translated>>,
+}
+
+type DiscoveryUpdates = tokio::sync::watch::Receiver<Option<Arc<discovery::Translated>>>;
+
+/// What asked for the catalog to be rebuilt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trigger {
+    /// The config file changed (or SIGHUP).
+    File,
+    /// Kubernetes discovery saw a change.
+    Kubernetes,
+}
+
+/// The next discovery update; pending forever without discovery.
+async fn discovery_changed(
+    updates: &mut Option<DiscoveryUpdates>,
+) -> Option<Arc<discovery::Translated>> {
+    let Some(rx) = updates else {
+        return std::future::pending().await;
+    };
+    if rx.changed().await.is_err() {
+        return std::future::pending().await;
+    }
+    rx.borrow_and_update().clone()
 }
 
 /// The identities of this node's workloads.
@@ -609,6 +658,7 @@ impl Live<'_> {
         let mut refresh = tokio::time::interval(TABLE_REFRESH);
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let changed = self.tables_changed.clone();
+        let mut discovered = self.discovery.take();
         loop {
             tokio::select! {
                 _ = refresh.tick() => self.refresh_tables(),
@@ -627,14 +677,18 @@ impl Live<'_> {
                 }
                 _ = hup.recv() => {
                     seen = modified(&path);
-                    self.reload(&path);
+                    self.reload(&path, Trigger::File);
                 }
                 _ = poll.tick() => {
                     let now = modified(&path);
                     if now != seen {
                         seen = now;
-                        self.reload(&path);
+                        self.reload(&path, Trigger::File);
                     }
+                }
+                Some(found) = discovery_changed(&mut discovered) => {
+                    self.discovered = Some(found);
+                    self.reload(&path, Trigger::Kubernetes);
                 }
             }
         }
@@ -662,40 +716,50 @@ impl Live<'_> {
     }
 
     /// Loads the file again and applies it, or keeps the running config.
-    fn reload(&mut self, path: &Path) {
-        let new = match Config::load(path) {
-            Ok(new) => new,
-            Err(e) => {
-                self.metrics.reload(false);
-                return error!("config reload refused; the running config stays in force:\n{e}");
+    fn reload(&mut self, path: &Path, trigger: Trigger) {
+        let refuse = |this: &Self, why: &str| match trigger {
+            Trigger::File => {
+                this.metrics.reload(false);
+                error!("config reload refused; the running config stays in force:\n{why}");
             }
+            Trigger::Kubernetes => error!(
+                "kubernetes: the discovered catalog was refused; the running catalog stays in force: {why}"
+            ),
         };
-        if new.agent != self.config.agent
-            || new.node.name.value != self.config.node.name.value
-            || new.node.cgroup_root.value != self.config.node.cgroup_root.value
-            || new.node.address != self.config.node.address
-            || new.mesh.trust_domain.value != self.config.mesh.trust_domain.value
-            || new.mesh.certificates != self.config.mesh.certificates
+        let mut new = match Config::load(path) {
+            Ok(new) => new,
+            Err(e) => return refuse(self, &e.to_string()),
+        };
+        if let Some(found) = &self.discovered
+            && let Err(e) = discovery::merge(&mut new, found)
+        {
+            return refuse(self, &e);
+        }
+        if trigger == Trigger::File
+            && (new.agent != self.config.agent
+                || new.node.name.value != self.config.node.name.value
+                || new.node.cgroup_root.value != self.config.node.cgroup_root.value
+                || new.node.address != self.config.node.address
+                || new.mesh.trust_domain.value != self.config.mesh.trust_domain.value
+                || new.mesh.certificates != self.config.mesh.certificates
+                || new.kubernetes != self.config.kubernetes)
         {
             warn!(
-                "config reload: changes under `agent`, `node` (name, cgroup_root, address) and \
-                 `mesh` (trust_domain, certificates) apply at the next restart; the rest applies now"
+                "config reload: changes under `agent`, `node` (name, cgroup_root, address), \
+                 `mesh` (trust_domain, certificates) and `kubernetes` apply at the next restart; \
+                 the rest applies now"
             );
         }
         let cgroups = match workload_placements(&new, self.root, self.created) {
             Ok(c) => c,
-            Err(e) => {
-                self.metrics.reload(false);
-                return error!("config reload refused ({e}); the running config stays in force");
-            }
+            Err(e) => return refuse(self, &e.to_string()),
         };
         let catalog = Catalog::from_config(&new, &cgroups, Some(&self.catalog.load()));
         if let Err(e) = self
             .redirect
             .sync_services(&catalog.kernel_entries(now_ms()))
         {
-            self.metrics.reload(false);
-            return error!("config reload refused ({e}); the running config stays in force");
+            return refuse(self, &e.to_string());
         }
         let services = catalog.services().count();
         let identities = identities_of(&catalog);
@@ -715,11 +779,19 @@ impl Live<'_> {
             self.config.agent.drain_timeout.0,
         );
         self.checkers = checkers;
-        self.metrics.reload(true);
-        info!(
-            "config reloaded: {services} services, {} workloads",
-            new.workloads.len()
-        );
+        match trigger {
+            Trigger::File => {
+                self.metrics.reload(true);
+                info!(
+                    "config reloaded: {services} services, {} workloads",
+                    new.workloads.len()
+                );
+            }
+            Trigger::Kubernetes => debug!(
+                "kubernetes: catalog updated: {services} services, {} workloads",
+                new.workloads.len()
+            ),
+        }
     }
 }
 

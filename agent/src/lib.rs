@@ -11,6 +11,7 @@ pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod discovery;
 pub mod drain;
 pub mod fastpath;
 pub mod handover;

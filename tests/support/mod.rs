@@ -21,6 +21,9 @@ use std::{
 
 use sluice::redirect::{self, cgroup};
 
+pub mod kubeapi;
+pub mod pods;
+
 /// The agent binary under test.
 pub fn sluice_bin() -> &'static str {
     env!("CARGO_BIN_EXE_sluice")

@@ -68,6 +68,8 @@ pub struct AdminState {
     pub trace: TraceLog,
     /// Network namespaces (pods) where the outbound listener is open.
     pub pod_listeners: Arc<std::sync::Mutex<Vec<std::path::PathBuf>>>,
+    /// With Kubernetes discovery: every watched resource was listed once.
+    pub discovery_synced: Option<Arc<AtomicBool>>,
 }
 
 impl AdminState {
@@ -79,6 +81,11 @@ impl AdminState {
         }
         if !self.attached.load(Ordering::Acquire) {
             why.push("eBPF programs not attached yet".to_owned());
+        }
+        if let Some(synced) = &self.discovery_synced
+            && !synced.load(Ordering::Acquire)
+        {
+            why.push("kubernetes: services, endpoints and pods not listed yet".to_owned());
         }
         let catalog = self.catalog.load();
         for w in catalog.workloads() {

@@ -94,9 +94,69 @@ pub struct Config {
     /// Other nodes whose agents serve endpoints of these services.
     #[serde(default)]
     pub nodes: Vec<PeerNode>,
+    /// Discover services, endpoints and this node's pods from the
+    /// Kubernetes API server, in addition to the ones listed here.
+    #[serde(default)]
+    pub kubernetes: Option<KubernetesConfig>,
     /// Where this config was read from; used in messages.
     #[serde(skip)]
     pub source: PathBuf,
+}
+
+/// Service discovery from the Kubernetes API server.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesConfig {
+    /// A kubeconfig file; none: the in-cluster service account (or
+    /// $KUBECONFIG, as kubectl finds it).
+    #[serde(default)]
+    pub kubeconfig: Option<PathBuf>,
+    /// The mode of services whose namespace and Service carry no
+    /// `sluice.io/mode` annotation; `off` leaves them unmeshed.
+    #[serde(default)]
+    pub default_mode: KubeMode,
+    /// Where pods' cgroups are searched (by pod uid), relative to
+    /// `node.cgroup_root`; empty: the root itself.
+    #[serde(default)]
+    pub pod_cgroups: String,
+}
+
+/// A service's mode as annotations and the cluster default give it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum KubeMode {
+    /// Not meshed: the agent leaves the service's traffic alone.
+    #[default]
+    Off,
+    Mtls,
+    Permissive,
+    Plaintext,
+    Kernel,
+}
+
+impl KubeMode {
+    /// The annotation value as the agent reads it.
+    pub fn parse(value: &str) -> Option<KubeMode> {
+        Some(match value {
+            "off" => KubeMode::Off,
+            "mtls" => KubeMode::Mtls,
+            "permissive" => KubeMode::Permissive,
+            "plaintext" => KubeMode::Plaintext,
+            "kernel" => KubeMode::Kernel,
+            _ => return None,
+        })
+    }
+
+    /// The service mode, or none when not meshed.
+    pub fn mode(self) -> Option<Mode> {
+        match self {
+            KubeMode::Off => None,
+            KubeMode::Mtls => Some(Mode::Mtls),
+            KubeMode::Permissive => Some(Mode::Permissive),
+            KubeMode::Plaintext => Some(Mode::Plaintext),
+            KubeMode::Kernel => Some(Mode::Kernel),
+        }
+    }
 }
 
 /// This node and where its workloads live.

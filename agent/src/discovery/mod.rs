@@ -1,0 +1,365 @@
+//! Service discovery from the Kubernetes API server (kube-rs): Services,
+//! EndpointSlices, Namespaces, and the Pods scheduled on this node, each
+//! kept in a reflector (list, then watch; re-list after an error or a 410
+//! Gone, keeping the last state meanwhile). Every change is translated
+//! ([`translate`]) into the services and workloads a config file would
+//! list, and handed to the daemon, which applies it as it applies a config
+//! reload: without dropping a connection, and refusing (keeping the running
+//! catalog) what does not validate.
+
+pub mod locate;
+pub mod translate;
+
+use std::{
+    collections::HashSet,
+    fmt::Debug,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use futures::StreamExt;
+use k8s_openapi::api::{
+    core::v1::{Namespace, Pod, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client, Resource,
+    runtime::{WatchStreamExt, reflector, watcher},
+};
+use log::{error, info, warn};
+use tokio::sync::{Notify, watch};
+
+use crate::{config::KubernetesConfig, drain::DrainWatch};
+pub use translate::{Objects, Translated};
+
+/// What the agent watches, as (API group, resource). These are exactly the
+/// rights the agent's ClusterRole grants (get, list, watch); a test checks
+/// config/kubernetes/clusterrole.yaml against this list.
+pub const WATCHED: [(&str, &str); 4] = [
+    ("", "services"),
+    ("", "pods"),
+    ("", "namespaces"),
+    ("discovery.k8s.io", "endpointslices"),
+];
+
+/// Coalesces a burst of watch events into one catalog update.
+const SETTLE: Duration = Duration::from_millis(20);
+
+/// The daemon's end of discovery.
+pub struct Discovery {
+    /// The latest translation, once every resource has been listed.
+    pub updates: watch::Receiver<Option<Arc<Translated>>>,
+    /// Every resource has been listed at least once.
+    pub synced: Arc<AtomicBool>,
+}
+
+/// What the translation needs to know about this node.
+#[derive(Debug, Clone)]
+pub struct NodeView {
+    pub name: String,
+    /// Absolute path of the node's cgroup root.
+    pub cgroup_root: PathBuf,
+    /// Where pods' cgroups are searched, relative to the root.
+    pub pod_cgroups: String,
+    /// Nodes whose agents are known (the config's `nodes`).
+    pub peer_nodes: Vec<String>,
+}
+
+/// Adds the discovered services and workloads to `config` (the file's)
+/// and validates the whole. An error names every problem.
+pub fn merge(config: &mut crate::config::Config, found: &Translated) -> Result<(), String> {
+    #[derive(serde::Deserialize)]
+    struct Found {
+        services: Vec<crate::config::ServiceSpec>,
+        workloads: Vec<crate::config::WorkloadSpec>,
+    }
+    // JSON is YAML: the same parser and the same field rules as the file.
+    let text = serde_json::json!({
+        "services": found.services,
+        "workloads": found.workloads,
+    })
+    .to_string();
+    let found: Found = serde_saphyr::from_str(&text)
+        .map_err(|e| format!("cannot read the discovered catalog: {e}"))?;
+    config.services.extend(found.services);
+    config.workloads.extend(found.workloads);
+    config.validate().map_err(|problems| {
+        problems
+            .iter()
+            .map(|p| format!("{}: {}", p.field, p.message))
+            .collect::<Vec<_>>()
+            .join("; ")
+    })
+}
+
+/// Connects to the API server and starts the reflectors. An unreachable
+/// API server is not an error: the reflectors retry with backoff, and the
+/// agent stays not ready until the first complete listing.
+pub async fn start(
+    config: &KubernetesConfig,
+    node: NodeView,
+    drain: DrainWatch,
+) -> Result<Discovery, String> {
+    let client = client(config).await?;
+    let (tx, updates) = watch::channel(None);
+    let synced = Arc::new(AtomicBool::new(false));
+    let changed = Arc::new(Notify::new());
+
+    let services = reflect::<Service>(Api::all(client.clone()), None, &changed, &drain);
+    let slices = reflect::<EndpointSlice>(Api::all(client.clone()), None, &changed, &drain);
+    let namespaces = reflect::<Namespace>(Api::all(client.clone()), None, &changed, &drain);
+    let pods = reflect::<Pod>(
+        Api::all(client),
+        Some(format!("spec.nodeName={}", node.name)),
+        &changed,
+        &drain,
+    );
+
+    let default_mode = config.default_mode;
+    let flag = synced.clone();
+    let mut drain_rebuild = drain.clone();
+    tokio::spawn(async move {
+        let mut locator = locate::Locator::new(node.cgroup_root.clone(), &node.pod_cgroups);
+        let mut reported: HashSet<(String, String)> = HashSet::new();
+        loop {
+            tokio::select! {
+                _ = drain_rebuild.draining() => return,
+                _ = changed.notified() => {}
+            }
+            tokio::time::sleep(SETTLE).await;
+            let ready = services.is_ready()
+                && slices.is_ready()
+                && namespaces.is_ready()
+                && pods.is_ready();
+            if !ready {
+                continue;
+            }
+            let objects = Objects {
+                services: services.snapshot(),
+                slices: slices.snapshot(),
+                pods: pods.snapshot(),
+                namespaces: namespaces.snapshot(),
+            };
+            let peers: Vec<&str> = node.peer_nodes.iter().map(String::as_str).collect();
+            let settings = translate::Settings {
+                node: &node.name,
+                default_mode,
+                peer_nodes: &peers,
+            };
+            locator.forget_missing(&objects.pods);
+            let translated =
+                translate::translate(&objects, &settings, &mut |uid| locator.find(uid));
+            // One warning per object and reason, not one per rebuild.
+            for item in &translated.skipped {
+                if reported.insert(item.clone()) {
+                    warn!("kubernetes: {}: {}; skipped", item.0, item.1);
+                }
+            }
+            if !flag.swap(true, Ordering::AcqRel) {
+                info!(
+                    "kubernetes: synced ({} services, {} endpoint slices, {} pods on this node, {} namespaces)",
+                    objects.services.len(),
+                    objects.slices.len(),
+                    objects.pods.len(),
+                    objects.namespaces.len()
+                );
+            }
+            if tx.send(Some(Arc::new(translated))).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(Discovery { updates, synced })
+}
+
+async fn client(config: &KubernetesConfig) -> Result<Client, String> {
+    let kube_config = match &config.kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| format!("cannot read kubeconfig {}: {e}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| format!("no in-cluster config and no kubeconfig: {e}"))?,
+    };
+    Client::try_from(kube_config).map_err(|e| format!("cannot make a Kubernetes client: {e}"))
+}
+
+/// One resource's reflector: its store, and a task that keeps it fed.
+struct Reflected<K: Resource + Clone + 'static>
+where
+    K::DynamicType: std::hash::Hash + Eq + Clone,
+{
+    store: reflector::Store<K>,
+}
+
+impl<K> Reflected<K>
+where
+    K: Resource + Clone + 'static,
+    K::DynamicType: std::hash::Hash + Eq + Clone,
+{
+    /// Listed completely at least once.
+    fn is_ready(&self) -> bool {
+        futures::FutureExt::now_or_never(self.store.wait_until_ready()).is_some_and(|r| r.is_ok())
+    }
+
+    fn snapshot(&self) -> Vec<K> {
+        self.store.state().iter().map(|k| (**k).clone()).collect()
+    }
+}
+
+fn reflect<K>(
+    api: Api<K>,
+    fields: Option<String>,
+    changed: &Arc<Notify>,
+    drain: &DrainWatch,
+) -> Reflected<K>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + Debug
+        + Send
+        + Sync
+        + serde::de::DeserializeOwned
+        + 'static,
+{
+    let plural = K::plural(&()).into_owned();
+    let (store, writer) = reflector::store::<K>();
+    let mut config = watcher::Config::default();
+    if let Some(f) = fields {
+        config = config.fields(&f);
+    }
+    let stream = reflector(writer, watcher(api, config)).default_backoff();
+    let changed = changed.clone();
+    let mut drain = drain.clone();
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        // Logged once per change of state, not once per retry.
+        let mut failing = false;
+        loop {
+            let next = tokio::select! {
+                _ = drain.draining() => return,
+                next = stream.next() => next,
+            };
+            match next {
+                // The start of a (re-)list says nothing yet about success.
+                Some(Ok(watcher::Event::Init | watcher::Event::InitApply(_))) => {}
+                Some(Ok(_)) => {
+                    if failing {
+                        failing = false;
+                        info!("kubernetes: watching {plural} again");
+                    }
+                    changed.notify_one();
+                }
+                Some(Err(e)) => {
+                    if !failing {
+                        failing = true;
+                        report(&plural, &e);
+                    }
+                }
+                None => return,
+            }
+        }
+    });
+    Reflected { store }
+}
+
+/// One line that says what is wrong: a missing RBAC right names the
+/// resource and verb to grant.
+fn report(plural: &str, e: &watcher::Error) {
+    let text = e.to_string();
+    let forbidden = match e {
+        watcher::Error::InitialListFailed(k)
+        | watcher::Error::WatchStartFailed(k)
+        | watcher::Error::WatchFailed(k) => {
+            matches!(k, kube::Error::Api(s) if s.code == 403)
+        }
+        watcher::Error::WatchError(s) => s.code == 403,
+        _ => false,
+    };
+    if forbidden {
+        let verb = if matches!(e, watcher::Error::InitialListFailed(_)) {
+            "list"
+        } else {
+            "watch"
+        };
+        error!(
+            "kubernetes: the API server refused to {verb} {plural} (403 Forbidden): the agent's \
+             ClusterRole must grant get, list, watch on {plural}; keeping the last catalog and retrying"
+        );
+    } else {
+        warn!(
+            "kubernetes: cannot watch {plural} ({text}); keeping the last catalog and retrying with backoff"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// The ClusterRole shipped in config/kubernetes grants exactly what the
+    /// code watches: get, list and watch on [`WATCHED`], nothing more.
+    #[test]
+    fn the_cluster_role_grants_exactly_what_discovery_watches() {
+        #[derive(serde::Deserialize)]
+        struct Role {
+            kind: String,
+            rules: Vec<Rule>,
+        }
+        #[derive(serde::Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Rule {
+            api_groups: Vec<String>,
+            resources: Vec<String>,
+            verbs: Vec<String>,
+        }
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../config/kubernetes/clusterrole.yaml"
+        );
+        let text = std::fs::read_to_string(path).unwrap();
+        let role: Role = serde_saphyr::from_str(&text).unwrap();
+        assert_eq!(role.kind, "ClusterRole");
+        let mut granted = BTreeSet::new();
+        for rule in &role.rules {
+            let verbs: BTreeSet<&str> = rule.verbs.iter().map(String::as_str).collect();
+            assert_eq!(
+                verbs,
+                BTreeSet::from(["get", "list", "watch"]),
+                "rule for {:?} grants more or less than reading",
+                rule.resources
+            );
+            for group in &rule.api_groups {
+                for resource in &rule.resources {
+                    granted.insert((group.clone(), resource.clone()));
+                }
+            }
+        }
+        let watched: BTreeSet<(String, String)> = WATCHED
+            .iter()
+            .map(|(g, r)| (g.to_string(), r.to_string()))
+            .collect();
+        assert_eq!(granted, watched);
+        // And WATCHED is what `start` really reflects.
+        fn id<K: Resource<DynamicType = ()>>() -> (String, String) {
+            (K::group(&()).into_owned(), K::plural(&()).into_owned())
+        }
+        let reflected = BTreeSet::from([
+            id::<Service>(),
+            id::<Pod>(),
+            id::<Namespace>(),
+            id::<EndpointSlice>(),
+        ]);
+        assert_eq!(reflected, watched);
+    }
+}

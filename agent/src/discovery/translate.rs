@@ -1,0 +1,500 @@
+//! Kubernetes objects to the agent's own model: the services and workloads
+//! a config file would list. The result goes through the same parsing and
+//! validation as the file, so the two sources can never mean different
+//! things. Objects that cannot be meshed are skipped with a reason; nothing
+//! else is affected by them.
+
+use std::collections::{BTreeMap, HashMap};
+
+use k8s_openapi::api::{
+    core::v1::{Namespace, Pod, Service},
+    discovery::v1::EndpointSlice,
+};
+use serde_json::{Value, json};
+
+use crate::config::{KubeMode, Mode};
+
+/// The annotation (or label) that sets a namespace's or Service's mode.
+pub const MODE_ANNOTATION: &str = "sluice.io/mode";
+/// On a Service: the service account its pods on other nodes run as, i.e.
+/// the identity their agents present for them.
+pub const SERVICE_ACCOUNT_ANNOTATION: &str = "sluice.io/service-account";
+/// The label that ties an EndpointSlice to its Service.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// Everything the reflectors hold, at one moment.
+#[derive(Debug, Default, Clone)]
+pub struct Objects {
+    pub services: Vec<Service>,
+    pub slices: Vec<EndpointSlice>,
+    /// Pods on this node only.
+    pub pods: Vec<Pod>,
+    pub namespaces: Vec<Namespace>,
+}
+
+/// Where a pod lives on this node: its cgroup (relative to the node's
+/// cgroup root) and its network namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodPlace {
+    pub cgroup: String,
+    pub netns: std::path::PathBuf,
+}
+
+/// The translation: config-shaped services and workloads, and what was
+/// skipped, keyed by object so that each is reported once.
+#[derive(Debug, Default)]
+pub struct Translated {
+    pub services: Vec<Value>,
+    pub workloads: Vec<Value>,
+    /// (object, reason).
+    pub skipped: Vec<(String, String)>,
+}
+
+pub struct Settings<'a> {
+    pub node: &'a str,
+    pub default_mode: KubeMode,
+    /// Nodes whose agents this node knows (the config's `nodes`).
+    pub peer_nodes: &'a [&'a str],
+}
+
+/// Translates `objects`. `locate` finds a pod's cgroup and namespace by
+/// uid (none: not started yet, or not on this machine).
+pub fn translate(
+    objects: &Objects,
+    settings: &Settings<'_>,
+    locate: &mut dyn FnMut(&str) -> Option<PodPlace>,
+) -> Translated {
+    let mut out = Translated::default();
+    let namespace_modes: HashMap<&str, Option<&str>> = objects
+        .namespaces
+        .iter()
+        .filter_map(|n| {
+            let name = n.metadata.name.as_deref()?;
+            Some((name, annotation(&n.metadata, MODE_ANNOTATION)))
+        })
+        .collect();
+
+    // Workloads: every pod on this node that has its own network namespace.
+    let mut workloads: HashMap<(String, String), String> = HashMap::new();
+    for pod in &objects.pods {
+        let (Some(ns), Some(name)) = (&pod.metadata.namespace, &pod.metadata.name) else {
+            continue;
+        };
+        let key = format!("pod {ns}/{name}");
+        let spec = pod.spec.as_ref();
+        if spec.and_then(|s| s.node_name.as_deref()) != Some(settings.node) {
+            continue;
+        }
+        if spec.and_then(|s| s.host_network) == Some(true) {
+            out.skipped.push((
+                key,
+                "runs in the host's network namespace (hostNetwork); not meshed".into(),
+            ));
+            continue;
+        }
+        if let Some(value) = annotation(&pod.metadata, MODE_ANNOTATION)
+            && value != "off"
+        {
+            out.skipped.push((
+                key,
+                format!(
+                    "annotation {MODE_ANNOTATION}: `{value}` is not valid on a pod (only `off`)"
+                ),
+            ));
+            continue;
+        }
+        let Some(uid) = pod.metadata.uid.as_deref() else {
+            continue;
+        };
+        let Some(place) = locate(uid) else {
+            // Not started yet: the next status change brings it back.
+            continue;
+        };
+        let service_account = spec
+            .and_then(|s| s.service_account_name.clone())
+            .unwrap_or_else(|| "default".to_owned());
+        let workload = format!("{ns}/{name}");
+        out.workloads.push(json!({
+            "name": workload,
+            "namespace": ns,
+            "service_account": service_account,
+            "cgroup": place.cgroup,
+            "netns": place.netns,
+        }));
+        workloads.insert((ns.clone(), name.clone()), workload);
+    }
+
+    // Endpoint slices by (namespace, service name).
+    let mut slices: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
+    for slice in &objects.slices {
+        let Some(ns) = slice.metadata.namespace.as_deref() else {
+            continue;
+        };
+        let Some(service) = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        else {
+            continue;
+        };
+        slices
+            .entry((ns, service.as_str()))
+            .or_default()
+            .push(slice);
+    }
+
+    for service in &objects.services {
+        let (Some(ns), Some(name)) = (&service.metadata.namespace, &service.metadata.name) else {
+            continue;
+        };
+        let key = format!("service {ns}/{name}");
+        let value = annotation(&service.metadata, MODE_ANNOTATION)
+            .or_else(|| namespace_modes.get(ns.as_str()).copied().flatten());
+        let kube_mode = match value {
+            None => settings.default_mode,
+            Some(v) => match KubeMode::parse(v) {
+                Some(m) => m,
+                None => {
+                    out.skipped.push((
+                        key,
+                        format!(
+                            "annotation {MODE_ANNOTATION}: `{v}` is not one of off, mtls, \
+                             permissive, plaintext, kernel"
+                        ),
+                    ));
+                    continue;
+                }
+            },
+        };
+        let Some(mode) = kube_mode.mode() else {
+            continue;
+        };
+        let Some(spec) = &service.spec else {
+            continue;
+        };
+        let cluster_ip = spec.cluster_ip.as_deref().unwrap_or("");
+        if cluster_ip.is_empty() || cluster_ip == "None" {
+            out.skipped.push((
+                key,
+                "headless (no cluster IP): callers reach pods directly; not meshed".into(),
+            ));
+            continue;
+        }
+        if cluster_ip.parse::<std::net::Ipv4Addr>().is_err() {
+            out.skipped.push((
+                key,
+                format!("cluster IP {cluster_ip} is not IPv4; only IPv4 is redirected"),
+            ));
+            continue;
+        }
+        let remote_sa = annotation(&service.metadata, SERVICE_ACCOUNT_ANNOTATION);
+        let ports = spec.ports.as_deref().unwrap_or_default();
+        for port in ports {
+            if port.protocol.as_deref().is_some_and(|p| p != "TCP") {
+                continue;
+            }
+            let port_name = port.name.as_deref().unwrap_or("");
+            let endpoints = endpoints_for(
+                slices.get(&(ns.as_str(), name.as_str())).map(Vec::as_slice),
+                port_name,
+                settings,
+                mode,
+                remote_sa,
+                &workloads,
+                &key,
+                &mut out.skipped,
+            );
+            if endpoints.is_empty() {
+                // Nothing ready: the virtual address stays unmeshed until
+                // an endpoint is.
+                continue;
+            }
+            let entry_name = if ports.len() == 1 {
+                name.clone()
+            } else {
+                format!(
+                    "{name}-{}",
+                    if port_name.is_empty() {
+                        port.port.to_string()
+                    } else {
+                        port_name.to_owned()
+                    }
+                )
+            };
+            out.services.push(json!({
+                "name": entry_name,
+                "namespace": ns,
+                "address": cluster_ip,
+                "port": port.port,
+                "mode": mode.name(),
+                "endpoints": endpoints,
+            }));
+        }
+    }
+
+    // Slices whose Service does not exist.
+    for ((ns, service), list) in &slices {
+        let known = objects.services.iter().any(|s| {
+            s.metadata.namespace.as_deref() == Some(*ns)
+                && s.metadata.name.as_deref() == Some(*service)
+        });
+        if !known {
+            for slice in list {
+                out.skipped.push((
+                    format!(
+                        "endpointslice {ns}/{}",
+                        slice.metadata.name.as_deref().unwrap_or("?")
+                    ),
+                    format!("belongs to service {ns}/{service}, which does not exist; ignored"),
+                ));
+            }
+        }
+    }
+    out
+}
+
+#[allow(clippy::too_many_arguments)]
+fn endpoints_for(
+    slices: Option<&[&EndpointSlice]>,
+    port_name: &str,
+    settings: &Settings<'_>,
+    mode: Mode,
+    remote_sa: Option<&str>,
+    workloads: &HashMap<(String, String), String>,
+    key: &str,
+    skipped: &mut Vec<(String, String)>,
+) -> Vec<Value> {
+    let mut endpoints = Vec::new();
+    for slice in slices.unwrap_or_default() {
+        if slice.address_type != "IPv4" {
+            continue;
+        }
+        let Some(port) = slice
+            .ports
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .find(|p| p.name.as_deref().unwrap_or("") == port_name)
+            .and_then(|p| p.port)
+        else {
+            continue;
+        };
+        for ep in &slice.endpoints {
+            // The API's rule: an unknown readiness counts as ready.
+            if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+                continue;
+            }
+            let Some(address) = ep.addresses.first() else {
+                continue;
+            };
+            let node = ep.node_name.as_deref();
+            let local = node.is_none_or(|n| n == settings.node);
+            let mut entry = json!({ "address": address, "port": port });
+            if let Some(n) = node {
+                entry["node"] = json!(n);
+            }
+            if let Some(z) = &ep.zone {
+                entry["zone"] = json!(z);
+            }
+            if local {
+                let pod = ep
+                    .target_ref
+                    .as_ref()
+                    .and_then(|t| Some((t.namespace.clone()?, t.name.clone()?)));
+                if let Some(w) = pod.and_then(|p| workloads.get(&p)) {
+                    entry["workload"] = json!(w);
+                }
+            } else {
+                if mode == Mode::Mtls {
+                    let node = node.unwrap_or("?");
+                    if !settings.peer_nodes.contains(&node) {
+                        skipped.push((
+                            format!("{key} endpoint {address}"),
+                            format!(
+                                "on node {node}, whose agent is not under `nodes`: mode mtls cannot reach it"
+                            ),
+                        ));
+                        continue;
+                    }
+                    if remote_sa.is_none() {
+                        skipped.push((
+                            format!("{key} endpoint {address}"),
+                            format!(
+                                "on another node, and the service has no {SERVICE_ACCOUNT_ANNOTATION} \
+                                 annotation: its identity is unknown, so mode mtls cannot verify it"
+                            ),
+                        ));
+                        continue;
+                    }
+                }
+                if let Some(sa) = remote_sa {
+                    entry["service_account"] = json!(sa);
+                }
+            }
+            endpoints.push(entry);
+        }
+    }
+    endpoints
+}
+
+fn annotation<'a>(
+    meta: &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    key: &str,
+) -> Option<&'a str> {
+    meta.annotations
+        .as_ref()
+        .and_then(|a| a.get(key))
+        .or_else(|| meta.labels.as_ref().and_then(|l| l.get(key)))
+        .map(String::as_str)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture<T: serde::de::DeserializeOwned>(name: &str) -> T {
+        let path = format!(
+            "{}/../tests/fixtures/kube/{name}.json",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap())
+            .unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    fn objects() -> Objects {
+        Objects {
+            services: ["service-checkout", "service-headless", "service-ledger"]
+                .map(fixture)
+                .into(),
+            slices: ["endpointslice-checkout", "endpointslice-orphan"]
+                .map(fixture)
+                .into(),
+            pods: [
+                "pod-checkout-a1",
+                "pod-checkout-a2",
+                "pod-checkout-b1",
+                "pod-bad-annotation",
+                "pod-hostnetwork",
+            ]
+            .map(fixture)
+            .into(),
+            namespaces: ["namespace-shop", "namespace-default"].map(fixture).into(),
+        }
+    }
+
+    fn run(objects: &Objects, peers: &[&str]) -> Translated {
+        let settings = Settings {
+            node: "node-a",
+            default_mode: KubeMode::Off,
+            peer_nodes: peers,
+        };
+        translate(objects, &settings, &mut |uid| {
+            Some(PodPlace {
+                cgroup: format!("kubepods/pod{uid}"),
+                netns: "/proc/1/ns/net".into(),
+            })
+        })
+    }
+
+    fn skipped_objects(t: &Translated) -> Vec<&str> {
+        let mut v: Vec<&str> = t.skipped.iter().map(|(o, _)| o.as_str()).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn pods_here_become_workloads_and_services_take_their_mode_from_annotations() {
+        let t = run(&objects(), &[]);
+        let names: Vec<&str> = t
+            .workloads
+            .iter()
+            .map(|w| w["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "shop/checkout-6b8d9c7f4-2xkqp",
+                "shop/checkout-6b8d9c7f4-9mzrt"
+            ]
+        );
+        assert_eq!(t.workloads[0]["service_account"], "checkout");
+        assert_eq!(t.workloads[0]["netns"], "/proc/1/ns/net");
+
+        // Only checkout has endpoints; its namespace says mtls, so the two
+        // endpoints on node-b (whose agent is unknown here) are left out.
+        assert_eq!(t.services.len(), 1, "{:?}", t.services);
+        let s = &t.services[0];
+        assert_eq!(s["name"], "checkout");
+        assert_eq!(s["mode"], "mtls");
+        assert_eq!(s["address"], "10.96.0.50");
+        assert_eq!(s["port"], 8080);
+        let eps = s["endpoints"].as_array().unwrap();
+        assert_eq!(eps.len(), 2);
+        assert_eq!(eps[0]["workload"], "shop/checkout-6b8d9c7f4-2xkqp");
+        assert_eq!(eps[0]["node"], "node-a");
+
+        assert_eq!(
+            skipped_objects(&t),
+            [
+                "endpointslice shop/inventory-5kq9z",
+                "pod default/node-probe-6xw4m",
+                "pod shop/cart-5c7d8b9f6-t2mzq",
+                "service shop/checkout endpoint 198.18.211.2",
+                "service shop/checkout endpoint 198.18.212.2",
+                "service shop/checkout-headless",
+            ]
+        );
+        let reason = |o: &str| &t.skipped.iter().find(|(k, _)| k == o).unwrap().1;
+        assert!(reason("pod shop/cart-5c7d8b9f6-t2mzq").contains("`bogus`"));
+        assert!(reason("pod default/node-probe-6xw4m").contains("hostNetwork"));
+        assert!(reason("service shop/checkout-headless").contains("headless"));
+        assert!(reason("endpointslice shop/inventory-5kq9z").contains("does not exist"));
+    }
+
+    #[test]
+    fn remote_endpoints_join_when_their_agent_and_identity_are_known() {
+        let mut objects = objects();
+        objects.services[0]
+            .metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(SERVICE_ACCOUNT_ANNOTATION.into(), "checkout".into());
+        let t = run(&objects, &["node-b"]);
+        let eps = t.services[0]["endpoints"].as_array().unwrap();
+        assert_eq!(eps.len(), 4);
+        assert_eq!(eps[2]["node"], "node-b");
+        assert_eq!(eps[2]["service_account"], "checkout");
+        assert!(eps[2].get("workload").is_none());
+    }
+
+    #[test]
+    fn an_endpoint_that_is_not_ready_takes_no_new_calls() {
+        let mut objects = objects();
+        objects.slices[0].endpoints[1]
+            .conditions
+            .get_or_insert_default()
+            .ready = Some(false);
+        let t = run(&objects, &[]);
+        let eps = t.services[0]["endpoints"].as_array().unwrap();
+        let addrs: Vec<&str> = eps.iter().map(|e| e["address"].as_str().unwrap()).collect();
+        assert_eq!(addrs, ["198.18.201.2"]);
+    }
+
+    #[test]
+    fn the_translation_is_a_valid_config() {
+        let base = "node:\n  name: node-a\nnodes:\n  - name: node-b\n    address: 198.18.99.2\n";
+        let mut config = crate::config::Config::parse(base, "t.yaml").unwrap();
+        let mut objects = objects();
+        objects.services[0]
+            .metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(SERVICE_ACCOUNT_ANNOTATION.into(), "checkout".into());
+        let t = run(&objects, &["node-b"]);
+        super::super::merge(&mut config, &t).unwrap();
+        assert_eq!(config.services.len(), 1);
+        assert_eq!(config.workloads.len(), 2);
+        assert_eq!(config.services[0].endpoints.len(), 4);
+    }
+}

@@ -1,0 +1,399 @@
+//! Discovery from a Kubernetes API server, as root. The API server is the
+//! fake one in tests/support/kubeapi.rs (real HTTP, real list and watch
+//! responses); the agent talks to it through kube-rs with a kubeconfig, as
+//! it would to a real one. Pods are simulated for real: each a network
+//! namespace on a veth pair plus a cgroup named after its uid, as the
+//! kubelet names them, with a process inside.
+
+mod support;
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Stdio},
+    time::Duration,
+};
+
+use serde_json::{Value, json};
+use sluice::admin::client;
+use support::{
+    kubeapi::{FakeApiServer, Resource},
+    pods::*,
+    *,
+};
+
+const NODE: &str = "n1";
+const CLUSTER_IP: &str = "127.77.12.10";
+
+fn service_vip() -> SocketAddr {
+    format!("{CLUSTER_IP}:8080").parse().unwrap()
+}
+
+fn namespace(name: &str, mode: &str) -> Value {
+    json!({
+        "kind": "Namespace", "apiVersion": "v1",
+        "metadata": { "name": name, "uid": format!("ns-{name}"), "annotations": { "sluice.io/mode": mode } },
+        "spec": { "finalizers": ["kubernetes"] },
+        "status": { "phase": "Active" }
+    })
+}
+
+fn service() -> Value {
+    json!({
+        "kind": "Service", "apiVersion": "v1",
+        "metadata": { "name": "checkout", "namespace": "shop", "uid": "svc-checkout" },
+        "spec": {
+            "type": "ClusterIP", "clusterIP": CLUSTER_IP, "clusterIPs": [CLUSTER_IP],
+            "ports": [{ "name": "http", "port": 8080, "protocol": "TCP", "targetPort": 8080 }],
+            "selector": { "app": "checkout" }
+        },
+        "status": { "loadBalancer": {} }
+    })
+}
+
+/// The slice of `checkout` with these (pod index, ready) endpoints.
+fn slice(pods: &[Pod], endpoints: &[(usize, bool)]) -> Value {
+    let eps: Vec<Value> = endpoints
+        .iter()
+        .map(|&(i, ready)| {
+            json!({
+                "addresses": [pods[i].ip.to_string()],
+                "conditions": { "ready": ready, "serving": ready, "terminating": false },
+                "nodeName": NODE,
+                "zone": "z1",
+                "targetRef": { "kind": "Pod", "namespace": "shop", "name": pods[i].name, "uid": pods[i].uid }
+            })
+        })
+        .collect();
+    json!({
+        "kind": "EndpointSlice", "apiVersion": "discovery.k8s.io/v1",
+        "metadata": {
+            "name": "checkout-abcde", "namespace": "shop", "uid": "slice-checkout",
+            "labels": { "kubernetes.io/service-name": "checkout" }
+        },
+        "addressType": "IPv4",
+        "ports": [{ "name": "http", "port": 8080, "protocol": "TCP" }],
+        "endpoints": eps
+    })
+}
+
+/// A simulated pod: its namespace on the node, a cgroup named after its
+/// uid with a process in it, and a backend on its address.
+struct Pod {
+    name: String,
+    uid: String,
+    ip: std::net::IpAddr,
+    cgroup: PathBuf,
+    holder: Child,
+    _backend: Backend,
+}
+
+impl Pod {
+    fn object(&self) -> Value {
+        json!({
+            "kind": "Pod", "apiVersion": "v1",
+            "metadata": { "name": self.name, "namespace": "shop", "uid": self.uid, "labels": { "app": "checkout" } },
+            "spec": {
+                "nodeName": NODE, "serviceAccountName": "checkout",
+                "containers": [{ "name": "app", "image": "checkout:1" }]
+            },
+            "status": { "phase": "Running", "podIP": self.ip.to_string(), "podIPs": [{ "ip": self.ip.to_string() }] }
+        })
+    }
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        let _ = self.holder.kill();
+        let _ = self.holder.wait();
+        let _ = std::fs::remove_dir(&self.cgroup);
+    }
+}
+
+struct Cluster {
+    // Field order is drop order: pods before the node they live on.
+    pods: Vec<Pod>,
+    api: FakeApiServer,
+    config: AgentConfig,
+    node: Node,
+}
+
+impl Cluster {
+    fn new(pods: usize) -> Cluster {
+        let node = Node::new(pods);
+        let api = node.node.run(FakeApiServer::start);
+        let config = AgentConfig::custom(|c| {
+            format!(
+                "node:\n  name: {NODE}\n  cgroup_root: {}\n{}workloads: []\nservices: []\n\
+                 kubernetes:\n  kubeconfig: {}\n  pod_cgroups: kubepods\n",
+                c.cgroup_root,
+                c.agent_block(&c.dir.join("state"), c.inbound_port),
+                c.dir.join("kubeconfig").display()
+            )
+        });
+        api.write_kubeconfig(&config.dir.join("kubeconfig"));
+        let kubepods = config.cgroup_root_path().join("kubepods");
+        std::fs::create_dir_all(&kubepods).unwrap();
+        let list = (0..pods)
+            .map(|i| {
+                let uid = format!("5a1ce000-0000-4000-8000-00000000000{i}");
+                let cgroup = kubepods.join(format!("pod{uid}"));
+                std::fs::create_dir_all(&cgroup).unwrap();
+                let (netns, ip) = &node.pods[i];
+                let holder = in_pod(
+                    &config,
+                    netns,
+                    &format!("kubepods/pod{uid}"),
+                    "import time; time.sleep(120)",
+                )
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap();
+                let name = format!("checkout-{i}");
+                let backend = Backend::start_in(&name, SocketAddr::new(*ip, 8080), netns);
+                Pod {
+                    name,
+                    uid,
+                    ip: *ip,
+                    cgroup,
+                    holder,
+                    _backend: backend,
+                }
+            })
+            .collect();
+        Cluster {
+            pods: list,
+            api,
+            config,
+            node,
+        }
+    }
+
+    /// `n` calls from pod `from` to the service, one connection each.
+    fn calls(&self, from: usize, n: usize) -> Vec<String> {
+        let (netns, _) = &self.node.pods[from];
+        let uid = &self.pods[from].uid;
+        let script = format!(
+            "import socket\n\
+             for i in range({n}):\n\
+             \x20   try:\n\
+             \x20       s = socket.create_connection((\"{ip}\", {port}), timeout=5)\n\
+             \x20       s.sendall(b\"call\\n\")\n\
+             \x20       print(s.makefile().readline().split()[0])\n\
+             \x20       s.close()\n\
+             \x20   except OSError as e:\n\
+             \x20       print(\"FAILED\", e)\n",
+            ip = service_vip().ip(),
+            port = service_vip().port()
+        );
+        let out = in_pod(&self.config, netns, &format!("kubepods/pod{uid}"), &script)
+            .output()
+            .unwrap();
+        lines(&out)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.pods.clear();
+        let _ = std::fs::remove_dir(self.config.cgroup_root_path().join("kubepods"));
+    }
+}
+
+fn workloads(agent: &Agent) -> Vec<Value> {
+    let out = agent.sluice(&["workloads", "-o", "json"]);
+    serde_json::from_slice::<Value>(&out.stdout)
+        .ok()
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+}
+
+fn count(requests: &[String], needle: &str) -> usize {
+    requests.iter().filter(|r| r.contains(needle)).count()
+}
+
+#[test]
+fn pods_and_services_from_the_api_server_carry_calls_and_follow_changes() {
+    let c = Cluster::new(2);
+    c.api
+        .set_object(Resource::Namespaces, namespace("shop", "plaintext"));
+    c.api.set_object(Resource::Services, service());
+    c.api.set_object(
+        Resource::EndpointSlices,
+        slice(&c.pods, &[(0, true), (1, true)]),
+    );
+    for p in &c.pods {
+        c.api.set_object(Resource::Pods, p.object());
+    }
+    let agent = Agent::start_in_netns(&c.config, &c.node.node);
+    assert!(agent.wait_for_log("kubernetes: synced"), "{}", agent.log());
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            let w = workloads(&agent);
+            w.len() == 2 && w.iter().all(|w| w["listener"] == "open")
+        }),
+        "{:?}",
+        workloads(&agent)
+    );
+    let w = workloads(&agent);
+    assert_eq!(
+        w[0]["identity"],
+        "spiffe://cluster.local/ns/shop/sa/checkout"
+    );
+    // The pods' watch asked only for this node's pods.
+    assert!(
+        count(&c.api.requests(), "fieldSelector=spec.nodeName%3Dn1") >= 1,
+        "{:?}",
+        c.api.requests()
+    );
+
+    // A pod calls the Service's cluster IP: balanced over both pods.
+    let replies = c.calls(0, 4);
+    let mut who = replies.clone();
+    who.sort();
+    assert_eq!(
+        who,
+        ["checkout-0", "checkout-0", "checkout-1", "checkout-1"],
+        "{replies:?}"
+    );
+
+    // An endpoint marked not ready takes no new calls.
+    c.api.set_object(
+        Resource::EndpointSlices,
+        slice(&c.pods, &[(0, true), (1, false)]),
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || c
+            .calls(0, 4)
+            .iter()
+            .all(|r| r == "checkout-0")),
+        "{}",
+        agent.log()
+    );
+
+    // A cut watch stream, then a 410 Gone: the catalog stays, the agent
+    // watches again and lists again.
+    let before = c.api.requests();
+    for r in Resource::ALL {
+        c.api.cut_watches(r);
+    }
+    assert_eq!(c.calls(1, 3), ["checkout-0"; 3]);
+    c.api.expire(Resource::EndpointSlices);
+    assert_eq!(c.calls(1, 3), ["checkout-0"; 3]);
+    let slices = "GET /apis/discovery.k8s.io/v1/endpointslices?";
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let now = c.api.requests();
+            now.iter()
+                .filter(|r| r.starts_with(slices) && !r.contains("watch="))
+                .count()
+                > before
+                    .iter()
+                    .filter(|r| r.starts_with(slices) && !r.contains("watch="))
+                    .count()
+        }),
+        "no re-list after 410: {:?}",
+        c.api.requests()
+    );
+    // ...and still follows changes after it.
+    c.api.set_object(
+        Resource::EndpointSlices,
+        slice(&c.pods, &[(0, true), (1, true)]),
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || c
+            .calls(0, 4)
+            .iter()
+            .any(|r| r == "checkout-1")),
+        "{}",
+        agent.log()
+    );
+
+    // A pod deleted: its workload and listener go.
+    c.api.delete_object(Resource::Pods, "shop", &c.pods[1].name);
+    c.api
+        .set_object(Resource::EndpointSlices, slice(&c.pods, &[(0, true)]));
+    assert!(
+        wait_until(Duration::from_secs(5), || workloads(&agent).len() == 1),
+        "{:?}",
+        workloads(&agent)
+    );
+    assert!(
+        agent
+            .log()
+            .contains("closed the outbound listener in /proc/")
+    );
+}
+
+#[test]
+fn an_unreachable_api_server_leaves_the_agent_up_and_not_ready() {
+    let port = free_port();
+    let config = AgentConfig::custom(|c| {
+        format!(
+            "node:\n  name: {NODE}\n  cgroup_root: {}\n{}workloads: []\nservices: []\n\
+             kubernetes:\n  kubeconfig: {}\n",
+            c.cgroup_root,
+            c.agent_block(&c.dir.join("state"), c.inbound_port),
+            c.dir.join("kubeconfig").display()
+        )
+    });
+    std::fs::write(
+        config.dir.join("kubeconfig"),
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: gone\n  cluster:\n    server: http://127.0.0.1:{port}\n\
+             users:\n- name: u\n  user:\n    token: t\ncontexts:\n- name: c\n  context:\n    cluster: gone\n    user: u\n\
+             current-context: c\n"
+        ),
+    )
+    .unwrap();
+    let agent = Agent::start(&config);
+    let admin = SocketAddr::from(([127, 0, 0, 1], config.admin_port));
+    let (code, body) = client::get(admin, "/readyz").unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("kubernetes: services, endpoints and pods not listed yet"),
+        "{body}"
+    );
+    // Retries go on with backoff; each resource says so once.
+    std::thread::sleep(Duration::from_secs(3));
+    let log = agent.log();
+    assert_eq!(log.matches("cannot watch services").count(), 1, "{log}");
+    assert_eq!(
+        log.matches("cannot watch endpointslices").count(),
+        1,
+        "{log}"
+    );
+    assert!(
+        agent.sluice(&["status"]).status.code() == Some(4),
+        "status must say not ready"
+    );
+}
+
+#[test]
+fn a_missing_rbac_right_is_named() {
+    let api = FakeApiServer::start();
+    api.deny(Resource::Services, "list");
+    let config = AgentConfig::custom(|c| {
+        format!(
+            "node:\n  name: {NODE}\n  cgroup_root: {}\n{}workloads: []\nservices: []\n\
+             kubernetes:\n  kubeconfig: {}\n",
+            c.cgroup_root,
+            c.agent_block(&c.dir.join("state"), c.inbound_port),
+            c.dir.join("kubeconfig").display()
+        )
+    });
+    api.write_kubeconfig(&config.dir.join("kubeconfig"));
+    let agent = Agent::start(&config);
+    assert!(
+        agent.wait_for_log("the API server refused to list services (403 Forbidden)"),
+        "{}",
+        agent.log()
+    );
+    assert!(
+        agent
+            .log()
+            .contains("must grant get, list, watch on services")
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(agent.log().matches("refused to list services").count(), 1);
+}
