@@ -99,18 +99,26 @@ enum Exit {
     HandedOver,
 }
 
+/// The node name given on the command line, which every reload keeps.
+static NODE_NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 /// How `sluice agent` was asked to start and end.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Options {
     /// A running agent to take over from is required.
     pub upgrade: bool,
     /// After a handover and the drain, wait for SIGTERM before exiting.
     pub stay_after_handover: bool,
+    /// Overrides `node.name` of the file, at start and at every reload.
+    pub node_name: Option<String>,
 }
 
 /// Runs the agent until SIGTERM or SIGINT, then drains and cleans up; or
 /// until a successor takes over, then drains and leaves.
 pub fn run(config: Config, options: Options) -> Result<(), AgentError> {
+    if let Some(name) = &options.node_name {
+        let _ = NODE_NAME.set(name.clone());
+    }
     let cgroup_mount = preflight::check(&config.agent.pin_dir)?;
     crate::netns::remember_home().map_err(AgentError::Cgroup)?;
     raise_open_file_limit();
@@ -730,6 +738,9 @@ impl Live<'_> {
             Ok(new) => new,
             Err(e) => return refuse(self, &e.to_string()),
         };
+        if let Some(name) = NODE_NAME.get() {
+            new.node.name.value.clone_from(name);
+        }
         if let Some(found) = &self.discovered
             && let Err(e) = discovery::merge(&mut new, found)
         {

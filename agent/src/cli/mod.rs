@@ -41,6 +41,10 @@ pub enum Command {
         /// start this version again, which would take the sockets back.
         #[arg(long)]
         stay_after_handover: bool,
+        /// This node's name, over `node.name` in the file: one config for
+        /// every node of a DaemonSet, the name from the pod's spec.nodeName.
+        #[arg(long, env = "SLUICE_NODE_NAME")]
+        node_name: Option<String>,
     },
     /// Work with config files.
     Config {
@@ -193,15 +197,20 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
             config,
             upgrade,
             stay_after_handover,
+            node_name,
         } => {
-            let Some(config) = load_or_report(&config) else {
+            let Some(mut config) = load_or_report(&config) else {
                 return Ok(Outcome::Invalid);
             };
+            if let Some(name) = &node_name {
+                config.node.name.value.clone_from(name);
+            }
             daemon::run(
                 config,
                 daemon::Options {
                     upgrade,
                     stay_after_handover,
+                    node_name,
                 },
             )?;
             Ok(Outcome::Success)
