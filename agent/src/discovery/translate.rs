@@ -1,7 +1,7 @@
 //! Kubernetes objects to the agent's own model: the services and workloads
-//! a config file would list. The result goes through the same parsing and
-//! validation as the file, so the two sources can never mean different
-//! things. Objects that cannot be meshed are skipped with a reason; nothing
+//! a config file would list. The result is read into the same types and
+//! goes through the same validation as the file, so the two sources can
+//! never mean different things. Objects that cannot be meshed are skipped with a reason; nothing
 //! else is affected by them.
 
 use std::collections::{BTreeMap, HashMap};

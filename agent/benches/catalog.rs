@@ -1,0 +1,184 @@
+//! A catalog update from Kubernetes discovery at scale: 10,000 Services
+//! with 100,000 endpoints, from the reflectors' objects to the catalog the
+//! data plane reads (translate, parse and validate, build), and the memory
+//! the built catalog holds. The 20 ms settle time that coalesces a burst of
+//! watch events and the BPF map writes come on top.
+//! Run: `cargo bench -p sluice --bench catalog`.
+
+use std::{
+    alloc::{GlobalAlloc, Layout, System},
+    collections::BTreeMap,
+    hint::black_box,
+    sync::atomic::{AtomicIsize, Ordering},
+};
+
+use criterion::{Criterion, criterion_group};
+use k8s_openapi::{
+    api::{
+        core::v1::{Namespace, Service, ServicePort, ServiceSpec},
+        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use sluice::{
+    catalog::Catalog,
+    config::{Config, KubeMode},
+    discovery::{
+        self, Objects,
+        translate::{Settings, translate},
+    },
+};
+
+/// Counts live heap bytes, to weigh the catalog.
+struct Counting;
+
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+// SAFETY: forwards to the system allocator and only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+const SERVICES: usize = 10_000;
+const ENDPOINTS_PER_SERVICE: usize = 10;
+const NAMESPACES: usize = 100;
+
+fn meta(namespace: Option<String>, name: String) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace,
+        ..Default::default()
+    }
+}
+
+fn objects() -> Objects {
+    let namespaces = (0..NAMESPACES)
+        .map(|n| Namespace {
+            metadata: ObjectMeta {
+                annotations: Some(BTreeMap::from([(
+                    "sluice.io/mode".to_owned(),
+                    "plaintext".to_owned(),
+                )])),
+                ..meta(None, format!("ns-{n}"))
+            },
+            ..Default::default()
+        })
+        .collect();
+    let mut services = Vec::with_capacity(SERVICES);
+    let mut slices = Vec::with_capacity(SERVICES);
+    for s in 0..SERVICES {
+        let ns = format!("ns-{}", s % NAMESPACES);
+        let name = format!("svc-{s}");
+        services.push(Service {
+            metadata: meta(Some(ns.clone()), name.clone()),
+            spec: Some(ServiceSpec {
+                // Virtual addresses in 127/8: data only, never dialled.
+                cluster_ip: Some(format!("127.90.{}.{}", s / 256, s % 256)),
+                ports: Some(vec![ServicePort {
+                    name: Some("http".into()),
+                    port: 80,
+                    protocol: Some("TCP".into()),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let endpoints = (0..ENDPOINTS_PER_SERVICE)
+            .map(|e| {
+                let i = s * ENDPOINTS_PER_SERVICE + e;
+                Endpoint {
+                    addresses: vec![format!("198.18.{}.{}", i / 256 % 256, i % 256)],
+                    conditions: Some(EndpointConditions {
+                        ready: Some(true),
+                        ..Default::default()
+                    }),
+                    node_name: Some(format!("node-{}", i % 50)),
+                    zone: Some(format!("z{}", i % 3)),
+                    ..Default::default()
+                }
+            })
+            .collect();
+        slices.push(EndpointSlice {
+            metadata: ObjectMeta {
+                labels: Some(BTreeMap::from([(
+                    "kubernetes.io/service-name".to_owned(),
+                    name.clone(),
+                )])),
+                ..meta(Some(ns), format!("{name}-abcde"))
+            },
+            address_type: "IPv4".into(),
+            ports: Some(vec![EndpointPort {
+                name: Some("http".into()),
+                port: Some(8080),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            }]),
+            endpoints,
+        });
+    }
+    Objects {
+        services,
+        slices,
+        pods: Vec::new(),
+        namespaces,
+    }
+}
+
+/// One update: objects to the catalog the data plane reads.
+fn update(objects: &Objects) -> Catalog {
+    let settings = Settings {
+        node: "node-0",
+        default_mode: KubeMode::Off,
+        peer_nodes: &[],
+    };
+    let translated = translate(objects, &settings, &mut |_| None);
+    let mut config = Config::parse("node:\n  name: node-0\n", "bench.yaml").unwrap();
+    discovery::merge(&mut config, &translated).expect("the discovered catalog validates");
+    Catalog::from_config(&config, &[], None)
+}
+
+fn catalog_update(c: &mut Criterion) {
+    let objects = objects();
+    let mut group = c.benchmark_group("catalog");
+    group.sample_size(10);
+    group.bench_function("update_10k_services_100k_endpoints", |b| {
+        b.iter(|| black_box(update(black_box(&objects))))
+    });
+    group.finish();
+}
+
+fn report_memory() {
+    let before = LIVE.load(Ordering::Relaxed);
+    let objects = objects();
+    let with_objects = LIVE.load(Ordering::Relaxed);
+    let catalog = update(&objects);
+    let after = LIVE.load(Ordering::Relaxed);
+    assert_eq!(catalog.services().count(), SERVICES);
+    println!(
+        "memory: catalog of {SERVICES} services and {} endpoints: {:.1} MiB; the reflectors' \
+         objects behind it: {:.1} MiB",
+        SERVICES * ENDPOINTS_PER_SERVICE,
+        (after - with_objects) as f64 / (1 << 20) as f64,
+        (with_objects - before) as f64 / (1 << 20) as f64
+    );
+    drop(catalog);
+}
+
+criterion_group!(benches, catalog_update);
+
+fn main() {
+    report_memory();
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}
