@@ -59,7 +59,7 @@ fn slice(pods: &[Pod], endpoints: &[(usize, bool)]) -> Value {
             json!({
                 "addresses": [pods[i].ip.to_string()],
                 "conditions": { "ready": ready, "serving": ready, "terminating": false },
-                "nodeName": NODE,
+                "nodeName": pods[i].node,
                 "zone": "z1",
                 "targetRef": { "kind": "Pod", "namespace": "shop", "name": pods[i].name, "uid": pods[i].uid }
             })
@@ -81,6 +81,7 @@ fn slice(pods: &[Pod], endpoints: &[(usize, bool)]) -> Value {
 /// uid with a process in it, and a backend on its address.
 struct Pod {
     name: String,
+    node: String,
     uid: String,
     ip: std::net::IpAddr,
     cgroup: PathBuf,
@@ -94,7 +95,7 @@ impl Pod {
             "kind": "Pod", "apiVersion": "v1",
             "metadata": { "name": self.name, "namespace": "shop", "uid": self.uid, "labels": { "app": "checkout" } },
             "spec": {
-                "nodeName": NODE, "serviceAccountName": "checkout",
+                "nodeName": self.node, "serviceAccountName": "checkout",
                 "containers": [{ "name": "app", "image": "checkout:1" }]
             },
             "status": { "phase": "Running", "podIP": self.ip.to_string(), "podIPs": [{ "ip": self.ip.to_string() }] }
@@ -107,6 +108,40 @@ impl Drop for Pod {
         let _ = self.holder.kill();
         let _ = self.holder.wait();
         let _ = std::fs::remove_dir(&self.cgroup);
+    }
+}
+
+/// Starts pod `i` of `node`: its cgroup below the agent's `kubepods`, a
+/// process in it inside the pod's namespace, a backend on the pod's IP.
+fn start_pod(config: &AgentConfig, node: &Node, i: usize, node_name: &str, name: &str) -> Pod {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let uid = format!(
+        "5a1ce000-0000-4000-8000-{:012x}",
+        (std::process::id() as usize) << 16 | n
+    );
+    let kubepods = config.cgroup_root_path().join("kubepods");
+    let cgroup = kubepods.join(format!("pod{uid}"));
+    std::fs::create_dir_all(&cgroup).unwrap();
+    let (netns, ip) = &node.pods[i];
+    let holder = in_pod(
+        config,
+        netns,
+        &format!("kubepods/pod{uid}"),
+        "import time; time.sleep(120)",
+    )
+    .stdout(Stdio::null())
+    .spawn()
+    .unwrap();
+    let backend = Backend::start_in(name, SocketAddr::new(*ip, 8080), netns);
+    Pod {
+        name: name.to_owned(),
+        node: node_name.to_owned(),
+        uid,
+        ip: *ip,
+        cgroup,
+        holder,
+        _backend: backend,
     }
 }
 
@@ -135,31 +170,7 @@ impl Cluster {
         let kubepods = config.cgroup_root_path().join("kubepods");
         std::fs::create_dir_all(&kubepods).unwrap();
         let list = (0..pods)
-            .map(|i| {
-                let uid = format!("5a1ce000-0000-4000-8000-00000000000{i}");
-                let cgroup = kubepods.join(format!("pod{uid}"));
-                std::fs::create_dir_all(&cgroup).unwrap();
-                let (netns, ip) = &node.pods[i];
-                let holder = in_pod(
-                    &config,
-                    netns,
-                    &format!("kubepods/pod{uid}"),
-                    "import time; time.sleep(120)",
-                )
-                .stdout(Stdio::null())
-                .spawn()
-                .unwrap();
-                let name = format!("checkout-{i}");
-                let backend = Backend::start_in(&name, SocketAddr::new(*ip, 8080), netns);
-                Pod {
-                    name,
-                    uid,
-                    ip: *ip,
-                    cgroup,
-                    holder,
-                    _backend: backend,
-                }
-            })
+            .map(|i| start_pod(&config, &node, i, NODE, &format!("checkout-{i}")))
             .collect();
         Cluster {
             pods: list,
@@ -171,8 +182,27 @@ impl Cluster {
 
     /// `n` calls from pod `from` to the service, one connection each.
     fn calls(&self, from: usize, n: usize) -> Vec<String> {
-        let (netns, _) = &self.node.pods[from];
-        let uid = &self.pods[from].uid;
+        calls_from(
+            &self.config,
+            &self.node.pods[from].0,
+            &self.pods[from],
+            service_vip(),
+            n,
+        )
+    }
+}
+
+/// `n` calls from `pod` (in `netns`) to `vip`, one connection each; each
+/// line names the backend that answered, or FAILED.
+fn calls_from(
+    config: &AgentConfig,
+    netns: &Netns,
+    pod: &Pod,
+    vip: SocketAddr,
+    n: usize,
+) -> Vec<String> {
+    {
+        let uid = &pod.uid;
         let script = format!(
             "import socket\n\
              for i in range({n}):\n\
@@ -183,10 +213,10 @@ impl Cluster {
              \x20       s.close()\n\
              \x20   except OSError as e:\n\
              \x20       print(\"FAILED\", e)\n",
-            ip = service_vip().ip(),
-            port = service_vip().port()
+            ip = vip.ip(),
+            port = vip.port()
         );
-        let out = in_pod(&self.config, netns, &format!("kubepods/pod{uid}"), &script)
+        let out = in_pod(config, netns, &format!("kubepods/pod{uid}"), &script)
             .output()
             .unwrap();
         lines(&out)
@@ -396,4 +426,156 @@ fn a_missing_rbac_right_is_named() {
     );
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(agent.log().matches("refused to list services").count(), 1);
+}
+
+/// Two nodes, two pods each, one API server: a pod on node A calls the
+/// Service by its cluster IP; calls spread over all four pods, and those
+/// to node B go over mutual TLS between the agents, with the pods'
+/// identities as the API server states them.
+#[test]
+fn two_nodes_four_pods_cross_node_calls_go_over_mtls() {
+    let (a_node, b_node) = (Node::new(2), Node::new(2));
+    // The nodes' own link, and routes back to A's pods for B's replies.
+    let tag = std::process::id() % 100_000;
+    let (a_if, b_if) = (format!("lna{tag}"), format!("lnb{tag}"));
+    let (a_addr, b_addr) = ("198.18.250.1", "198.18.250.2");
+    sh(&format!(
+        "ip link add {a_if} type veth peer name {b_if} && \
+         ip link set {a_if} netns {a} && ip link set {b_if} netns {b} && \
+         ip -n {a} addr add {a_addr}/24 dev {a_if} && ip -n {b} addr add {b_addr}/24 dev {b_if} && \
+         ip -n {a} link set {a_if} up && ip -n {b} link set {b_if} up",
+        a = a_node.node.name,
+        b = b_node.node.name
+    ));
+    for (_, ip) in &a_node.pods {
+        let octets = match ip {
+            std::net::IpAddr::V4(v4) => v4.octets(),
+            _ => unreachable!(),
+        };
+        sh(&format!(
+            "ip -n {} route add 198.18.{}.0/24 via {a_addr}",
+            b_node.node.name, octets[2]
+        ));
+    }
+
+    let api = a_node
+        .node
+        .run(|| FakeApiServer::start_on("0.0.0.0:0".parse().unwrap()));
+    let state = std::env::temp_dir().join(unique("k8s-mesh-state"));
+    let inbound_port = free_port();
+    let config = |name: &str, address: &str, peer: &str, peer_address: &str| {
+        let name = name.to_owned();
+        let (address, peer, peer_address) =
+            (address.to_owned(), peer.to_owned(), peer_address.to_owned());
+        let state = state.clone();
+        AgentConfig::custom(move |c| {
+            format!(
+                "node:\n  name: {name}\n  address: {address}\n  cgroup_root: {}\n{}\
+                 nodes:\n  - name: {peer}\n    address: {peer_address}\n\
+                 workloads: []\nservices: []\n\
+                 kubernetes:\n  kubeconfig: {}\n  pod_cgroups: kubepods\n",
+                c.cgroup_root,
+                c.agent_block(&state, inbound_port),
+                c.dir.join("kubeconfig").display()
+            )
+        })
+    };
+    let a_cfg = config("node-a", a_addr, "node-b", b_addr);
+    let b_cfg = config("node-b", b_addr, "node-a", a_addr);
+    api.write_kubeconfig_via(
+        &a_cfg.dir.join("kubeconfig"),
+        &format!("http://127.0.0.1:{}", api.port()),
+    );
+    api.write_kubeconfig_via(
+        &b_cfg.dir.join("kubeconfig"),
+        &format!("http://{a_addr}:{}", api.port()),
+    );
+    // One CA for both nodes, as an operator would distribute it.
+    let out = std::process::Command::new(sluice_bin())
+        .args(["ca", "init", "--config"])
+        .arg(&a_cfg.path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let mut pods = Vec::new();
+    for (cfg, node, node_name, tag) in [
+        (&a_cfg, &a_node, "node-a", "a"),
+        (&b_cfg, &b_node, "node-b", "b"),
+    ] {
+        std::fs::create_dir_all(cfg.cgroup_root_path().join("kubepods")).unwrap();
+        for i in 0..2 {
+            pods.push(start_pod(
+                cfg,
+                node,
+                i,
+                node_name,
+                &format!("checkout-{tag}{i}"),
+            ));
+        }
+    }
+    let vip: SocketAddr = "127.77.12.20:8080".parse().unwrap();
+    let mut svc = service();
+    svc["spec"]["clusterIP"] = json!(vip.ip().to_string());
+    svc["spec"]["clusterIPs"] = json!([vip.ip().to_string()]);
+    svc["metadata"]["annotations"] = json!({ "sluice.io/service-account": "checkout" });
+    api.set_object(Resource::Namespaces, namespace("shop", "mtls"));
+    api.set_object(Resource::Services, svc);
+    api.set_object(
+        Resource::EndpointSlices,
+        slice(&pods, &[(0, true), (1, true), (2, true), (3, true)]),
+    );
+    for p in &pods {
+        api.set_object(Resource::Pods, p.object());
+    }
+
+    let a = Agent::start_in_netns(&a_cfg, &a_node.node);
+    let b = Agent::start_in_netns(&b_cfg, &b_node.node);
+    for agent in [&a, &b] {
+        assert!(agent.wait_for_log("kubernetes: synced"), "{}", agent.log());
+        assert!(
+            wait_until(Duration::from_secs(5), || {
+                let w = workloads(agent);
+                w.len() == 2 && w.iter().all(|w| w["listener"] == "open")
+            }),
+            "{:?}\n{}",
+            workloads(agent),
+            agent.log()
+        );
+    }
+
+    let replies = calls_from(&a_cfg, &a_node.pods[0].0, &pods[0], vip, 8);
+    let mut who = replies.clone();
+    who.sort();
+    who.dedup();
+    assert_eq!(
+        who,
+        ["checkout-a0", "checkout-a1", "checkout-b0", "checkout-b1"],
+        "{replies:?}\nA:\n{}\nB:\n{}",
+        a.log(),
+        b.log()
+    );
+    // Node A counted its calls to B's pods as mutual TLS; node B's inbound
+    // listener accepted them from A's pod identity.
+    let admin = SocketAddr::from(([127, 0, 0, 1], a_cfg.admin_port));
+    let (_, exposition) = a_node
+        .node
+        .run(move || client::get(admin, "/metrics").unwrap());
+    let mtls_opened: f64 = exposition
+        .lines()
+        .filter(|l| {
+            l.starts_with("sluice_tcp_connections_opened_total{")
+                && l.contains("connection_security_policy=\"mutual_tls\"")
+        })
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert!(mtls_opened >= 2.0, "{exposition}");
+    let status = b.sluice(&["status", "-o", "json"]);
+    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert!(status["inbound_accepted"].as_u64() >= Some(2), "{status}");
+    let _ = std::fs::remove_dir_all(&state);
 }

@@ -204,7 +204,13 @@ pub struct FakeApiServer {
 impl FakeApiServer {
     /// Starts serving on an ephemeral port of 127.0.0.1.
     pub fn start() -> FakeApiServer {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind fake API server");
+        Self::start_on("127.0.0.1:0".parse().expect("loopback address"))
+    }
+
+    /// Like [`Self::start`], listening on `addr` (e.g. 0.0.0.0:0 in a node's
+    /// namespace, so that another node reaches it too).
+    pub fn start_on(addr: std::net::SocketAddr) -> FakeApiServer {
+        let listener = TcpListener::bind(addr).expect("bind fake API server");
         let addr = listener
             .local_addr()
             .expect("a bound listener has an address");
@@ -234,15 +240,26 @@ impl FakeApiServer {
         format!("http://{}", self.shared.addr)
     }
 
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.shared.addr.port()
+    }
+
     /// Writes a kubeconfig whose only context points at this server with a
     /// static bearer token.
     pub fn write_kubeconfig(&self, path: &Path) {
+        self.write_kubeconfig_via(path, &self.url());
+    }
+
+    /// Like [`Self::write_kubeconfig`], reaching the server at `url` (its
+    /// address as seen from another network namespace).
+    pub fn write_kubeconfig_via(&self, path: &Path, url: &str) {
         let text = format!(
             "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\n\
              users:\n- name: sluice\n  user:\n    token: fake-sluice-token\n\
              contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: sluice\n\
              current-context: fake\npreferences: {{}}\n",
-            self.url()
+            url
         );
         std::fs::write(path, text)
             .unwrap_or_else(|e| panic!("write kubeconfig {}: {e}", path.display()));
