@@ -248,15 +248,26 @@ fn pods_and_services_from_the_api_server_carry_calls_and_follow_changes() {
     c.api
         .set_object(Resource::Namespaces, namespace("shop", "plaintext"));
     c.api.set_object(Resource::Services, service());
+    // One pod at first.
+    c.api
+        .set_object(Resource::EndpointSlices, slice(&c.pods, &[(0, true)]));
+    c.api.set_object(Resource::Pods, c.pods[0].object());
+    let agent = Agent::start_in_netns(&c.config, &c.node.node);
+    assert!(agent.wait_for_log("kubernetes: synced"), "{}", agent.log());
+    assert!(
+        wait_until(Duration::from_secs(5), || workloads(&agent).len() == 1),
+        "{:?}",
+        workloads(&agent)
+    );
+    assert_eq!(c.calls(0, 2), ["checkout-0"; 2]);
+
+    // A pod added: it becomes a workload with its own listener, and an
+    // endpoint of the Service.
+    c.api.set_object(Resource::Pods, c.pods[1].object());
     c.api.set_object(
         Resource::EndpointSlices,
         slice(&c.pods, &[(0, true), (1, true)]),
     );
-    for p in &c.pods {
-        c.api.set_object(Resource::Pods, p.object());
-    }
-    let agent = Agent::start_in_netns(&c.config, &c.node.node);
-    assert!(agent.wait_for_log("kubernetes: synced"), "{}", agent.log());
     assert!(
         wait_until(Duration::from_secs(5), || {
             let w = workloads(&agent);
@@ -339,7 +350,29 @@ fn pods_and_services_from_the_api_server_carry_calls_and_follow_changes() {
         agent.log()
     );
 
-    // A pod deleted: its workload and listener go.
+    // A pod deleted while one of its connections is open: the connection
+    // drains, the workload and its listener go.
+    let held = in_pod(
+        &c.config,
+        &c.node.pods[1].0,
+        &format!("kubepods/pod{}", c.pods[1].uid),
+        &format!(
+            "import socket, time\n\
+             s = socket.create_connection((\"{ip}\", {port}))\n\
+             f = s.makefile()\n\
+             s.sendall(b\"one\\n\")\n\
+             a = f.readline().split()[0]\n\
+             time.sleep(2)\n\
+             s.sendall(b\"two\\n\")\n\
+             print(a + \"|\" + f.readline().split()[0])\n",
+            ip = service_vip().ip(),
+            port = service_vip().port()
+        ),
+    )
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
     c.api.delete_object(Resource::Pods, "shop", &c.pods[1].name);
     c.api
         .set_object(Resource::EndpointSlices, slice(&c.pods, &[(0, true)]));
@@ -352,6 +385,12 @@ fn pods_and_services_from_the_api_server_carry_calls_and_follow_changes() {
         agent
             .log()
             .contains("closed the outbound listener in /proc/")
+    );
+    let held = lines(&held.wait_with_output().unwrap());
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert!(
+        held[0].contains('|') && !held[0].contains("FAILED"),
+        "{held:?}"
     );
 }
 
@@ -559,6 +598,39 @@ fn two_nodes_four_pods_cross_node_calls_go_over_mtls() {
         a.log(),
         b.log()
     );
+    // A's two pods dial from the same loopback address and port at once:
+    // records are keyed by namespace, so neither takes the other's.
+    for _ in 0..5 {
+        let children: Vec<_> = (0..2)
+            .map(|i| {
+                in_pod(
+                    &a_cfg,
+                    &a_node.pods[i].0,
+                    &format!("kubepods/pod{}", pods[i].uid),
+                    &format!(
+                        "import socket\n\
+                         s = socket.socket()\n\
+                         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+                         s.bind((\"127.0.0.1\", 41000))\n\
+                         s.connect((\"{}\", {}))\n\
+                         s.sendall(b\"same-port\\n\")\n\
+                         print(s.makefile().readline().strip())\n",
+                        vip.ip(),
+                        vip.port()
+                    ),
+                )
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+            })
+            .collect();
+        for child in children {
+            let out = lines(&child.wait_with_output().unwrap());
+            assert!(out.len() == 1 && out[0].ends_with("same-port"), "{out:?}");
+        }
+    }
+
     // Node A counted its calls to B's pods as mutual TLS; node B's inbound
     // listener accepted them from A's pod identity.
     let admin = SocketAddr::from(([127, 0, 0, 1], a_cfg.admin_port));
