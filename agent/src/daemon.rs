@@ -26,10 +26,7 @@ use std::{
 
 use arc_swap::ArcSwap;
 use log::{debug, error, info, warn};
-use tokio::{
-    io::{Interest, unix::AsyncFd},
-    signal::unix::{SignalKind, signal},
-};
+use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     admin::{self, AdminState, StaticInfo},
@@ -807,31 +804,8 @@ impl Live<'_> {
 }
 
 /// Forwards the programs' aya-log events to the agent's log.
-async fn pump_ebpf_log(logger: aya_log::EbpfLogger<TraceLog>, mut drain: DrainWatch) {
-    // SAFETY: the logger owns its ring buffer's fd and keeps it open and
-    // unchanged until the AsyncFd (which owns the logger) is dropped.
-    let mut fd = match unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) } {
-        Ok(fd) => fd,
-        Err(e) => {
-            warn!("eBPF log events are unavailable: {e}");
-            return;
-        }
-    };
-    loop {
-        tokio::select! {
-            _ = drain.draining() => return,
-            ready = fd.readable_mut() => match ready {
-                Ok(mut guard) => {
-                    guard.get_inner_mut().flush();
-                    guard.clear_ready();
-                }
-                Err(e) => {
-                    warn!("eBPF log reader stopped: {e}");
-                    return;
-                }
-            },
-        }
-    }
+async fn pump_ebpf_log(logger: aya_log::EbpfLogger<TraceLog>, drain: DrainWatch) {
+    fastpath::drain_ring(logger, "eBPF log events", drain, |logger| logger.flush()).await
 }
 
 /// Removes records of connects that never reached `accept()` (refused,

@@ -30,14 +30,42 @@ pub async fn pump_kernel_events(
     catalog: Arc<ArcSwap<Catalog>>,
     metrics: Arc<Metrics>,
     changed: Arc<Notify>,
+    drain: DrainWatch,
+) {
+    drain_ring(events, "kernel fast-path outcomes", drain, |events| {
+        let catalog = catalog.load();
+        let mut failed = false;
+        while let Some(item) = events.next() {
+            if item.len() < size_of::<KernelEvent>() {
+                continue;
+            }
+            // SAFETY: the programs write whole KernelEvents, a plain
+            // repr(C) struct; read_unaligned copes with the ring buffer's
+            // 8-byte alignment.
+            let event: KernelEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            failed |= apply(&catalog, &metrics, &event);
+        }
+        if failed {
+            changed.notify_one();
+        }
+    })
+    .await
+}
+
+/// Calls `read` each time the ring buffer `ring` has data, until the drain
+/// starts. One reader for every ring buffer the programs fill.
+pub async fn drain_ring<T: std::os::fd::AsRawFd>(
+    ring: T,
+    what: &str,
     mut drain: DrainWatch,
+    mut read: impl FnMut(&mut T),
 ) {
     // SAFETY: the ring buffer owns its fd and keeps it open and unchanged
     // until the AsyncFd (which owns the ring buffer) is dropped.
-    let mut fd = match unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) } {
+    let mut fd = match unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) } {
         Ok(fd) => fd,
         Err(e) => {
-            warn!("kernel fast-path outcomes are unavailable: {e}");
+            warn!("{what} are unavailable: {e}");
             return;
         }
     };
@@ -46,26 +74,11 @@ pub async fn pump_kernel_events(
             _ = drain.draining() => return,
             ready = fd.readable_mut() => match ready {
                 Ok(mut guard) => {
-                    let catalog = catalog.load();
-                    let mut failed = false;
-                    while let Some(item) = guard.get_inner_mut().next() {
-                        if item.len() < size_of::<KernelEvent>() {
-                            continue;
-                        }
-                        // SAFETY: the programs write whole KernelEvents, a
-                        // plain repr(C) struct; read_unaligned copes with
-                        // the ring buffer's 8-byte alignment.
-                        let event: KernelEvent =
-                            unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-                        failed |= apply(&catalog, &metrics, &event);
-                    }
+                    read(guard.get_inner_mut());
                     guard.clear_ready();
-                    if failed {
-                        changed.notify_one();
-                    }
                 }
                 Err(e) => {
-                    warn!("kernel fast-path outcome reader stopped: {e}");
+                    warn!("the reader of {what} stopped: {e}");
                     return;
                 }
             },

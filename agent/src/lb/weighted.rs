@@ -17,16 +17,21 @@ fn gcd(a: u32, b: u32) -> u32 {
     if b == 0 { a } else { gcd(b, a % b) }
 }
 
-/// The smooth weighted round-robin order of indices into `weights`: each
-/// index appears `weight / gcd` times, interleaved rather than in runs.
-pub fn smooth_cycle(weights: &[u32]) -> Vec<u32> {
+/// The weights divided by their greatest common divisor.
+fn reduced(weights: &[u32]) -> impl Iterator<Item = u32> + '_ {
     let g = weights
         .iter()
         .copied()
         .filter(|&w| w > 0)
         .fold(0, gcd)
         .max(1);
-    let reduced: Vec<i64> = weights.iter().map(|&w| i64::from(w / g)).collect();
+    weights.iter().map(move |&w| w / g)
+}
+
+/// The smooth weighted round-robin order of indices into `weights`: each
+/// index appears `weight / gcd` times, interleaved rather than in runs.
+pub fn smooth_cycle(weights: &[u32]) -> Vec<u32> {
+    let reduced: Vec<i64> = reduced(weights).map(i64::from).collect();
     let total: i64 = reduced.iter().sum();
     let mut current = vec![0i64; weights.len()];
     let mut cycle = Vec::with_capacity(total as usize);
@@ -48,26 +53,19 @@ pub fn smooth_cycle(weights: &[u32]) -> Vec<u32> {
 /// add up to more, they are scaled down (every positive weight keeps at
 /// least one slot), which bends proportions by at most one slot each.
 pub fn bounded_cycle(weights: &[u32], max_len: usize) -> Vec<u32> {
-    let g = weights
-        .iter()
-        .copied()
-        .filter(|&w| w > 0)
-        .fold(0, gcd)
-        .max(1);
-    let total: u64 = weights.iter().map(|&w| u64::from(w / g)).sum();
+    let total: u64 = reduced(weights).map(u64::from).sum();
     if total as usize <= max_len {
         return smooth_cycle(weights);
     }
     let positive = weights.iter().filter(|&&w| w > 0).count() as u64;
     // Leave room for the slot every weight keeps.
     let room = (max_len as u64).saturating_sub(positive);
-    let scaled: Vec<u32> = weights
-        .iter()
-        .map(|&w| {
+    let scaled: Vec<u32> = reduced(weights)
+        .map(|w| {
             if w == 0 {
                 0
             } else {
-                1 + (u64::from(w / g) * room / total) as u32
+                1 + (u64::from(w) * room / total) as u32
             }
         })
         .collect();

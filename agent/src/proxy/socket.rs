@@ -75,10 +75,7 @@ pub fn listen_in(
     netns: Option<&Netns>,
 ) -> io::Result<(TcpListener, u64)> {
     // The namespace's cookie, to find an inherited socket of the same one.
-    let probe = {
-        let _inside = netns.map(Netns::enter).transpose()?;
-        TcpSocket::new_v4()?
-    };
+    let probe = socket_in(addr, netns)?;
     let cookie = netns_cookie(&probe)?;
     drop(probe);
     if let Some(fd) = inherited.take(addr, cookie) {
@@ -87,20 +84,24 @@ pub fn listen_in(
         let cookie = netns_cookie(&listener)?;
         return Ok((TcpListener::from_std(listener)?, cookie));
     }
-    let socket = {
-        let _inside = netns.map(Netns::enter).transpose()?;
-        if addr.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
-        }
-    };
+    let socket = socket_in(addr, netns)?;
     socket.set_reuseaddr(true)?;
     socket
         .bind(addr)
         .map_err(|e| io::Error::new(e.kind(), format!("cannot bind {addr}: {e}")))?;
     let cookie = netns_cookie(&socket)?;
     Ok((socket.listen(backlog)?, cookie))
+}
+
+/// A TCP socket of `addr`'s family, made inside `netns` when given (it
+/// stays in that namespace).
+fn socket_in(addr: SocketAddr, netns: Option<&Netns>) -> io::Result<TcpSocket> {
+    let _inside = netns.map(Netns::enter).transpose()?;
+    if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
 }
 
 /// Connects to `addr` from a socket marked `mark` (so the connect hook lets
@@ -112,14 +113,7 @@ pub async fn connect_marked(
     timeout: Duration,
     netns: Option<&Netns>,
 ) -> io::Result<TcpStream> {
-    let socket = {
-        let _inside = netns.map(Netns::enter).transpose()?;
-        if addr.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
-        }
-    };
+    let socket = socket_in(addr, netns)?;
     setsockopt_u32(socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_MARK, mark)?;
     socket.set_nodelay(true)?;
     match tokio::time::timeout(timeout, socket.connect(addr)).await {

@@ -5,7 +5,6 @@
 
 use std::{
     io,
-    mem::size_of,
     net::{SocketAddr, SocketAddrV4},
     os::fd::{AsFd, AsRawFd, OwnedFd},
     sync::Arc,
@@ -20,18 +19,8 @@ use sluice_maps::SockKey;
 
 use super::ErrorChain;
 
-/// BPF_MAP_UPDATE_ELEM from linux/bpf.h: one syscall, no lock, no
-/// allocation on the accept path (aya's `insert` wants `&mut`).
+/// BPF_MAP_UPDATE_ELEM from linux/bpf.h (aya's `insert` wants `&mut`).
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
-
-#[repr(C)]
-struct MapElemAttr {
-    map_fd: u32,
-    _pad: u32,
-    key: u64,
-    value: u64,
-    flags: u64,
-}
 
 /// A handle on SOCKETS for the accept path; cheap to clone.
 #[derive(Clone)]
@@ -99,28 +88,16 @@ impl Bypass {
             remote_port: peer.port(),
             _pad: 0,
         };
-        let fd = accepted.as_raw_fd() as u32;
-        let attr = MapElemAttr {
-            map_fd: self.map.as_raw_fd() as u32,
-            _pad: 0,
-            key: &key as *const SockKey as u64,
-            value: &fd as *const u32 as u64,
-            flags: 0,
-        };
-        // SAFETY: attr points at a live key of the map's key type and at a
-        // u32 socket fd, the SOCKHASH's value.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
+        let mut fd = accepted.as_raw_fd() as u32;
+        // SAFETY: a live key of the map's key type and a u32 socket fd, the
+        // SOCKHASH's value.
+        unsafe {
+            super::records::map_elem(
                 BPF_MAP_UPDATE_ELEM,
-                &attr as *const MapElemAttr,
-                size_of::<MapElemAttr>(),
+                self.map.as_raw_fd(),
+                (&key as *const SockKey).cast(),
+                (&mut fd as *mut u32).cast(),
             )
-        };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
         }
     }
 }

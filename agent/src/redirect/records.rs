@@ -26,37 +26,62 @@ struct MapElemAttr {
     flags: u64,
 }
 
-/// Looks `key` up and deletes it in one syscall, so two agents (an old and
-/// a new one during a restart) can never both take the same record.
-fn lookup_and_delete<K, V: Copy>(map: BorrowedFd<'_>, key: &K) -> io::Result<Option<V>> {
-    let mut value = MaybeUninit::<V>::uninit();
+/// One `BPF_MAP_*_ELEM` command on `map`, as a raw syscall: one call, no
+/// lock and no allocation, for the commands the accept path needs in a form
+/// aya does not offer.
+///
+/// # Safety
+/// `key` and `value` must point at live buffers of the map's key and value
+/// sizes.
+pub(super) unsafe fn map_elem(
+    cmd: libc::c_long,
+    map: i32,
+    key: *const u8,
+    value: *mut u8,
+) -> io::Result<()> {
     let attr = MapElemAttr {
-        map_fd: map.as_raw_fd() as u32,
+        map_fd: map as u32,
         _pad: 0,
-        key: key as *const K as u64,
-        value: value.as_mut_ptr() as u64,
+        key: key as u64,
+        value: value as u64,
         flags: 0,
     };
-    // SAFETY: attr points at a live key and at a value buffer of the map's
-    // value size (the caller's types come from the shared map contract).
+    // SAFETY: attr is a valid bpf_attr prefix; the caller vouches for the
+    // buffers it points at.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
-            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+            cmd,
             &attr as *const MapElemAttr,
             size_of::<MapElemAttr>(),
         )
     };
     if rc == 0 {
-        // SAFETY: the kernel filled the value on success.
-        Ok(Some(unsafe { value.assume_init() }))
+        Ok(())
     } else {
-        let err = io::Error::last_os_error();
-        if err.raw_os_error() == Some(libc::ENOENT) {
-            Ok(None)
-        } else {
-            Err(err)
-        }
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Looks `key` up and deletes it in one syscall, so two agents (an old and
+/// a new one during a restart) can never both take the same record.
+fn lookup_and_delete<K, V: Copy>(map: BorrowedFd<'_>, key: &K) -> io::Result<Option<V>> {
+    let mut value = MaybeUninit::<V>::uninit();
+    // SAFETY: a live key and a value buffer of the map's value size (the
+    // caller's types come from the shared map contract).
+    let rc = unsafe {
+        map_elem(
+            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+            map.as_raw_fd(),
+            (key as *const K).cast(),
+            value.as_mut_ptr().cast(),
+        )
+    };
+    match rc {
+        // SAFETY: the kernel filled the value on success.
+        Ok(()) => Ok(Some(unsafe { value.assume_init() })),
+        Err(err) if err.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(err) => Err(err),
     }
 }
 
