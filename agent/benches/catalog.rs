@@ -172,7 +172,35 @@ fn report_memory() {
         (after - with_objects) as f64 / (1 << 20) as f64,
         (with_objects - before) as f64 / (1 << 20) as f64
     );
+    report_map_sync(&catalog);
     drop(catalog);
+}
+
+/// The last step of an update: writing the catalog's services into the
+/// pinned SERVICES map (needs root: real maps in a scratch pin directory).
+fn report_map_sync(catalog: &Catalog) {
+    let pins = std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/sluice-bench-catalog-{}",
+        std::process::id()
+    ));
+    let mut redirect = match sluice::redirect::Redirect::load(&pins) {
+        Ok(r) => r,
+        Err(e) => return println!("map sync: not measured ({e})"),
+    };
+    let entries = catalog.kernel_entries(sluice::resilience::clock::now_ms());
+    let started = std::time::Instant::now();
+    redirect.sync_services(&entries).expect("map sync");
+    let first = started.elapsed();
+    let started = std::time::Instant::now();
+    redirect.sync_services(&entries).expect("map sync");
+    let again = started.elapsed();
+    println!(
+        "map sync: {} services written in {:.1} ms; an unchanged catalog in {:.1} ms",
+        entries.len(),
+        first.as_secs_f64() * 1e3,
+        again.as_secs_f64() * 1e3
+    );
+    redirect.detach();
 }
 
 criterion_group!(benches, catalog_update);
