@@ -288,7 +288,16 @@ fn pods_and_services_from_the_api_server_carry_calls_and_follow_changes() {
         c.api.requests()
     );
 
-    // A pod calls the Service's cluster IP: balanced over both pods.
+    // A pod calls the Service's cluster IP: balanced over both pods. (The
+    // pod and its endpoint may arrive in two updates: wait for both.)
+    assert!(
+        wait_until(Duration::from_secs(5), || c
+            .calls(0, 2)
+            .iter()
+            .any(|r| r == "checkout-1")),
+        "{}",
+        agent.log()
+    );
     let replies = c.calls(0, 4);
     let mut who = replies.clone();
     who.sort();
