@@ -21,9 +21,10 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_ANY, BPF_F_NO_PREALLOC, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTO_CB,
-        BPF_SOCK_OPS_RTO_CB_FLAG, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_tuple,
+        BPF_ANY, BPF_F_NO_PREALLOC, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTO_CB, BPF_SOCK_OPS_RTO_CB_FLAG,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        bpf_sock_tuple,
     },
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns,
@@ -392,7 +393,18 @@ fn report_kernel_conn(ctx: &SockOpsContext, kind: u32) {
         _ => 0,
     };
     let event = KernelEvent { conn, kind, value };
-    if KERNEL_EVENTS.output::<KernelEvent>(&event, 0).is_err() {
+    // A failure wakes the agent at once (it may eject the endpoint); other
+    // outcomes wait for its next periodic read, so that a busy node does
+    // not pay a wake-up per connection.
+    let wakeup = if kind == EVENT_CONNECT_FAILED {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    if KERNEL_EVENTS
+        .output::<KernelEvent>(&event, u64::from(wakeup))
+        .is_err()
+    {
         count(Stat::EventLost);
     }
 }

@@ -805,7 +805,10 @@ impl Live<'_> {
 
 /// Forwards the programs' aya-log events to the agent's log.
 async fn pump_ebpf_log(logger: aya_log::EbpfLogger<TraceLog>, drain: DrainWatch) {
-    fastpath::drain_ring(logger, "eBPF log events", drain, |logger| logger.flush()).await
+    fastpath::drain_ring(logger, "eBPF log events", drain, None, |logger| {
+        logger.flush()
+    })
+    .await
 }
 
 /// Removes records of connects that never reached `accept()` (refused,

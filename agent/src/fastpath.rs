@@ -32,34 +32,49 @@ pub async fn pump_kernel_events(
     changed: Arc<Notify>,
     drain: DrainWatch,
 ) {
-    drain_ring(events, "kernel fast-path outcomes", drain, |events| {
-        let catalog = catalog.load();
-        let mut failed = false;
-        while let Some(item) = events.next() {
-            if item.len() < size_of::<KernelEvent>() {
-                continue;
+    drain_ring(
+        events,
+        "kernel fast-path outcomes",
+        drain,
+        Some(READ_EVERY),
+        |events| {
+            let catalog = catalog.load();
+            let mut failed = false;
+            while let Some(item) = events.next() {
+                if item.len() < size_of::<KernelEvent>() {
+                    continue;
+                }
+                // SAFETY: the programs write whole KernelEvents, a plain
+                // repr(C) struct; read_unaligned copes with the ring buffer's
+                // 8-byte alignment.
+                let event: KernelEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                failed |= apply(&catalog, &metrics, &event);
             }
-            // SAFETY: the programs write whole KernelEvents, a plain
-            // repr(C) struct; read_unaligned copes with the ring buffer's
-            // 8-byte alignment.
-            let event: KernelEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-            failed |= apply(&catalog, &metrics, &event);
-        }
-        if failed {
-            changed.notify_one();
-        }
-    })
+            if failed {
+                changed.notify_one();
+            }
+        },
+    )
     .await
 }
 
-/// Calls `read` each time the ring buffer `ring` has data, until the drain
+/// How often the outcome ring is read even without a wake-up: successful
+/// connects are queued without one (failures wake the agent at once).
+const READ_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Calls `read` each time the ring buffer `ring` has data (and every
+/// `poll_every`, for records queued without a wake-up), until the drain
 /// starts. One reader for every ring buffer the programs fill.
 pub async fn drain_ring<T: std::os::fd::AsRawFd>(
     ring: T,
     what: &str,
     mut drain: DrainWatch,
+    poll_every: Option<std::time::Duration>,
     mut read: impl FnMut(&mut T),
 ) {
+    let mut tick =
+        tokio::time::interval(poll_every.unwrap_or(std::time::Duration::from_secs(3600)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // SAFETY: the ring buffer owns its fd and keeps it open and unchanged
     // until the AsyncFd (which owns the ring buffer) is dropped.
     let mut fd = match unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) } {
@@ -72,6 +87,7 @@ pub async fn drain_ring<T: std::os::fd::AsRawFd>(
     loop {
         tokio::select! {
             _ = drain.draining() => return,
+            _ = tick.tick(), if poll_every.is_some() => read(fd.get_mut()),
             ready = fd.readable_mut() => match ready {
                 Ok(mut guard) => {
                     read(guard.get_inner_mut());
