@@ -539,16 +539,7 @@ fn two_nodes_four_pods_cross_node_calls_go_over_mtls() {
         &format!("http://{a_addr}:{}", api.port()),
     );
     // One CA for both nodes, as an operator would distribute it.
-    let out = std::process::Command::new(sluice_bin())
-        .args(["ca", "init", "--config"])
-        .arg(&a_cfg.path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    a_cfg.ca_init();
 
     let mut pods = Vec::new();
     for (cfg, node, node_name, tag) in [

@@ -101,16 +101,7 @@ fn mesh(lifetime: &str) -> Mesh {
         )
     });
     // One CA for both nodes, as an operator would distribute it.
-    let out = std::process::Command::new(sluice_bin())
-        .args(["ca", "init", "--config"])
-        .arg(&a_cfg.path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    a_cfg.ca_init();
     let a = Agent::start_in_netns(&a_cfg, &pair.a);
     let b = Agent::start_in_netns(&b_cfg, &pair.b);
     Mesh {

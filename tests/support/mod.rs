@@ -702,6 +702,21 @@ impl AgentConfig {
         config
     }
 
+    /// `sluice ca init` for this config: a CA in its state directory, which
+    /// other nodes sharing that directory then trust too.
+    pub fn ca_init(&self) {
+        let out = Command::new(sluice_bin())
+            .args(["ca", "init", "--config"])
+            .arg(&self.path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// The `agent` block with this config's unique values.
     pub fn agent_block(&self, state_dir: &Path, inbound_port: u16) -> String {
         format!(

@@ -234,12 +234,18 @@ pub fn translate(
     }
 
     // Slices whose Service does not exist.
+    let services: std::collections::HashSet<(&str, &str)> = objects
+        .services
+        .iter()
+        .filter_map(|s| {
+            Some((
+                s.metadata.namespace.as_deref()?,
+                s.metadata.name.as_deref()?,
+            ))
+        })
+        .collect();
     for ((ns, service), list) in &slices {
-        let known = objects.services.iter().any(|s| {
-            s.metadata.namespace.as_deref() == Some(*ns)
-                && s.metadata.name.as_deref() == Some(*service)
-        });
-        if !known {
+        if !services.contains(&(*ns, *service)) {
             for slice in list {
                 out.skipped.push((
                     format!(
