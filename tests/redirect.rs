@@ -305,3 +305,86 @@ fn ebpf_log_events_switch_on_and_off_at_run_time() {
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(agent.log().matches(EVENT).count(), events);
 }
+
+/// A root process in a workload cgroup that sets the agent's mark on its
+/// socket is still redirected: the mark counts only from the agent's own
+/// cgroup. The virtual address has no listener, so a bypass would fail.
+#[test]
+fn a_workload_that_sets_the_agents_mark_is_still_redirected() {
+    let backend = Backend::start("meshed");
+    let config = AgentConfig::new(&[ServiceDef::new("payments", VIP, &[backend.addr])]);
+    let agent = Agent::start(&config);
+    let vip: std::net::SocketAddr = VIP.parse().unwrap();
+    let script = format!(
+        "python3 -c 'import socket\n\
+s = socket.socket()\n\
+s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, 0x51ce)\n\
+s.connect((\"{ip}\", {port}))\n\
+s.sendall(b\"spoofed\\n\")\n\
+print(s.makefile().readline().strip())'",
+        ip = vip.ip(),
+        port = vip.port()
+    );
+
+    let replies = lines(&agent.run_as_client(&script));
+
+    assert_eq!(replies, ["meshed spoofed"]);
+    assert_eq!(agent.stat(Stat::MarkSpoofed), 1);
+    assert_eq!(agent.stat(Stat::Redirected), 1);
+    assert_eq!(agent.stat(Stat::AgentSocket), 0);
+}
+
+/// SIGTERM with a connection open: a new redirected connect is refused at
+/// once (the listening socket stops listening for every holder, the
+/// handover offer too), while the open connection keeps flowing.
+#[test]
+fn during_the_drain_a_new_connect_is_refused_at_once() {
+    let backend = Backend::start("meshed");
+    let config = AgentConfig::new(&[ServiceDef::new("payments", VIP, &[backend.addr])]);
+    let mut agent = Agent::start(&config);
+    let vip: std::net::SocketAddr = VIP.parse().unwrap();
+    let go = config.dir.join("go");
+    let open_script = format!(
+        "exec 3<>/dev/tcp/{ip}/{port} || exit 1; echo first >&3; read -r reply <&3; echo \"$reply\"; \
+         while [ ! -e {go} ]; do sleep 0.02; done; \
+         echo second >&3; read -r reply <&3; echo \"$reply\"",
+        ip = vip.ip(),
+        port = vip.port(),
+        go = go.display(),
+    );
+    let open = agent
+        .client_command(&open_script)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(10), || backend.accepted() == 1));
+
+    agent.sigterm();
+    // Stopping: the admin API says so until the end.
+    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], config.admin_port));
+    assert!(wait_until(Duration::from_secs(10), || {
+        sluice::admin::client::get(admin, "/readyz").is_ok_and(|(status, _)| status == 503)
+    }));
+    let probe = format!(
+        "python3 -c 'import socket, time\n\
+t = time.monotonic()\n\
+s = socket.socket()\n\
+s.settimeout(5)\n\
+try:\n    s.connect((\"{ip}\", {port})); s.sendall(b\"x\\n\"); r = \"answered \" + repr(s.recv(100))\n\
+except OSError as e:\n    r = type(e).__name__\n\
+print(r, int((time.monotonic() - t) * 1000))'",
+        ip = vip.ip(),
+        port = vip.port()
+    );
+    let out = lines(&agent.run_as_client(&probe));
+    let (outcome, millis) = out[0].split_once(' ').unwrap();
+    assert_eq!(outcome, "ConnectionRefusedError", "{out:?}");
+    let millis: u64 = millis.parse().unwrap();
+    assert!(millis < 100, "refused after {millis} ms");
+    assert!(agent.is_running(), "the open connection is still draining");
+
+    std::fs::write(&go, "").unwrap();
+    let out = open.wait_with_output().unwrap();
+    assert_eq!(lines(&out), ["meshed first", "meshed second"]);
+    assert!(agent.wait(Duration::from_secs(10)).success());
+}

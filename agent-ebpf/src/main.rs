@@ -15,6 +15,13 @@
 //! rewrites the destination to that backend; `getpeername4` shows the
 //! application the virtual address again; `sock_ops` reports the connect's
 //! outcome to the agent through a ring buffer, for outlier detection.
+//!
+//! Inbound capture: `sluice_capture` (sk_lookup), attached to the network
+//! namespace of every captured workload, steers a connect that arrives from
+//! outside that namespace to the agent's capture listener there, which
+//! refuses plaintext for strict workloads. Connects over the namespace's
+//! loopback (the workload itself, and the agent delivering from inside the
+//! namespace) go their usual way.
 #![no_std]
 #![no_main]
 
@@ -30,14 +37,15 @@ use aya_ebpf::{
         bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns,
         bpf_sk_lookup_tcp, bpf_sk_release,
     },
-    macros::{cgroup_sock_addr, map, sk_msg, sock_ops},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
-    programs::{SkMsgContext, SockAddrContext, SockOpsContext},
+    macros::{cgroup_sock_addr, map, sk_lookup, sk_msg, sock_ops},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash, SockMap},
+    programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::info;
 use sluice_maps::{
-    Backend, BackendKey, EVENT_CONNECT_FAILED, EVENT_ESTABLISHED, EVENT_RTO, KERNEL_EVENTS_BYTES,
-    KernelConn, KernelEvent, MAX_BACKEND_SLOTS, MAX_BYPASS_SOCKETS, MAX_KERNEL_CONNS,
+    Backend, BackendKey, CAPTURE_STRICT, CaptureKey, CaptureValue, EVENT_CONNECT_FAILED,
+    EVENT_ESTABLISHED, EVENT_RTO, KERNEL_EVENTS_BYTES, KernelConn, KernelEvent, MAX_AGENT_CGROUPS,
+    MAX_BACKEND_SLOTS, MAX_BYPASS_SOCKETS, MAX_CAPTURE_LISTENERS, MAX_CAPTURES, MAX_KERNEL_CONNS,
     MAX_PENDING_RECORDS, MAX_SERVICES, OriginalDst, PeerKey, SERVICE_FAIL_OPEN, SERVICE_KERNEL,
     SETTINGS_LOG, SETTINGS_SOCKMAP, STAT_COUNT, ServiceKey, ServiceValue, Settings, SockKey, Stat,
     v4_mapped,
@@ -95,6 +103,17 @@ static BYPASS: LruHashMap<SockKey, u32> = LruHashMap::pinned(MAX_BYPASS_SOCKETS,
 #[map]
 static LAYOUT: Array<u32> = Array::pinned(1, 0);
 
+#[map]
+// LRU: an agent that handed over leaves its entry behind; live agents
+// write theirs again every few seconds, so only stale ones age out.
+static AGENT_CGROUPS: LruHashMap<u64, u32> = LruHashMap::pinned(MAX_AGENT_CGROUPS, 0);
+
+#[map]
+static CAPTURE: HashMap<CaptureKey, CaptureValue> = HashMap::pinned(MAX_CAPTURES, 0);
+
+#[map]
+static CAPTURE_LISTENERS: SockMap = SockMap::pinned(MAX_CAPTURE_LISTENERS, 0);
+
 #[inline(always)]
 fn count(stat: Stat) {
     if let Some(slot) = STATS.get_ptr_mut(stat as u32) {
@@ -123,8 +142,15 @@ fn try_connect4(ctx: &SockAddrContext) -> i32 {
     }
     let sk = unsafe { sa.__bindgen_anon_1.sk };
     if !sk.is_null() && unsafe { (*sk).mark } == settings.agent_mark {
-        count(Stat::AgentSocket);
-        return ALLOW;
+        // CAP_NET_RAW is enough to set a mark, and runtimes grant it to
+        // containers: the mark counts only on a socket of the agent's own
+        // cgroup, which a workload cannot choose.
+        let cgroup = unsafe { bpf_get_current_cgroup_id() };
+        if unsafe { AGENT_CGROUPS.get(cgroup) }.is_some() {
+            count(Stat::AgentSocket);
+            return ALLOW;
+        }
+        count(Stat::MarkSpoofed);
     }
 
     let addr = v4_mapped(sa.user_ip4);
@@ -438,6 +464,66 @@ fn rekey_established(ctx: &SockOpsContext) -> bool {
         );
     }
     true
+}
+
+/// Steers an inbound TCP connect to a captured workload, arriving from
+/// outside its network namespace, to the agent's capture listener there.
+#[sk_lookup]
+pub fn sluice_capture(ctx: SkLookupContext) -> u32 {
+    const SK_DROP: u32 = 0;
+    const SK_PASS: u32 = 1;
+    const LOOPBACK_IFINDEX: u32 = 1;
+    let lookup = unsafe { &*ctx.lookup };
+    if lookup.protocol != IPPROTO_TCP || lookup.family != AF_INET {
+        return SK_PASS;
+    }
+    // From inside this namespace: the workload calling itself, or the
+    // agent delivering a connection it has already checked. Such a connect
+    // has a loopback source, or its source is the destination itself (the
+    // kernel's choice for a local route). Neither can come from outside:
+    // the kernel drops a packet arriving on a wire with a local or
+    // loopback source address as martian.
+    if lookup.ingress_ifindex == LOOPBACK_IFINDEX
+        || lookup.remote_ip4 == lookup.local_ip4
+        || u32::from_be(lookup.remote_ip4) >> 24 == 127
+    {
+        return SK_PASS;
+    }
+    let addr = v4_mapped(lookup.local_ip4);
+    // sk_lookup gives the local port in host byte order.
+    let port = lookup.local_port as u16;
+    let exact = CaptureKey {
+        addr,
+        port,
+        _pad: 0,
+    };
+    let pod = CaptureKey { port: 0, ..exact };
+    let node = CaptureKey {
+        addr: v4_mapped(0),
+        ..exact
+    };
+    let found = unsafe { CAPTURE.get(exact) }
+        .or_else(|| unsafe { CAPTURE.get(pod) })
+        .or_else(|| unsafe { CAPTURE.get(node) })
+        .copied();
+    let Some(capture) = found else {
+        return SK_PASS;
+    };
+    if CAPTURE_LISTENERS
+        .redirect_sk_lookup(&ctx, capture.listener, 0)
+        .is_ok()
+    {
+        count(Stat::Captured);
+        return SK_PASS;
+    }
+    // No capture listener: the agent is down or stopping.
+    if capture.flags & CAPTURE_STRICT != 0 {
+        // No socket for the connect: the kernel answers with a reset.
+        count(Stat::CaptureRefused);
+        return SK_DROP;
+    }
+    count(Stat::CapturePassed);
+    SK_PASS
 }
 
 #[cfg(not(test))]

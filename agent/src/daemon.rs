@@ -30,6 +30,8 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     admin::{self, AdminState, StaticInfo},
+    audit::Audit,
+    capture::{CaptureError, CaptureSet},
     catalog::{Catalog, Placement},
     config::Config,
     discovery,
@@ -39,6 +41,7 @@ use crate::{
     netns::Netns,
     proxy::{
         OutboundContext, OutboundListener,
+        capture::CaptureContext,
         inbound::{InboundContext, InboundListener, InboundStats},
     },
     redirect::{
@@ -47,7 +50,7 @@ use crate::{
         records,
     },
     resilience::{clock::now_ms, health::HealthCheckers},
-    telemetry::{Connections, Metrics, StateCollector, TraceLog, metrics::KernelView},
+    telemetry::{Connections, LogLimiter, Metrics, StateCollector, TraceLog, metrics::KernelView},
     tls::{self, Identity, TlsContext, TlsSetupError},
 };
 
@@ -57,6 +60,10 @@ const CONFIG_POLL: Duration = Duration::from_secs(1);
 /// failure was reported: ejections expire and health checks flip on their
 /// own clocks.
 const TABLE_REFRESH: Duration = Duration::from_millis(100);
+
+/// How often the agent writes its cgroup into the hook's LRU set again, so
+/// that only the entries of agents gone age out of it.
+const AGENT_REREGISTER: Duration = Duration::from_secs(5);
 
 /// How often stale redirect records are swept, and how old they must be.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
@@ -85,6 +92,10 @@ pub enum AgentError {
     Handover(String),
     #[error("kubernetes: {0}")]
     Kubernetes(String),
+    #[error("audit trail: {0}")]
+    Audit(io::Error),
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
 }
 
 /// How the agent ended.
@@ -247,6 +258,9 @@ struct PodListeners {
 struct PodListener {
     trigger: drain::DrainTrigger,
     cookie: u64,
+    /// Another descriptor of the listening socket, to stop it listening on
+    /// SIGTERM (see [`stop_listening`]).
+    socket: std::os::fd::OwnedFd,
 }
 
 impl PodListeners {
@@ -299,14 +313,26 @@ impl PodListeners {
             match OutboundListener::bind_in(self.addr, inherited, Some(netns)) {
                 Ok(listener) => {
                     let cookie = listener.netns_cookie();
-                    if let Ok(fd) = dup(listener.socket()) {
-                        handover.add(cookie, fd);
-                    }
+                    let (Ok(offer), Ok(socket)) = (dup(listener.socket()), dup(listener.socket()))
+                    else {
+                        warn!(
+                            "no outbound listener in {}: out of descriptors",
+                            path.display()
+                        );
+                        continue;
+                    };
+                    handover.add(cookie, offer);
                     let (trigger, watch) = drain::channel();
                     tokio::spawn(listener.serve(ctx.clone(), watch));
                     info!("outbound listener {} open in {}", self.addr, path.display());
-                    self.open
-                        .insert(path.to_owned(), PodListener { trigger, cookie });
+                    self.open.insert(
+                        path.to_owned(),
+                        PodListener {
+                            trigger,
+                            cookie,
+                            socket,
+                        },
+                    );
                 }
                 // One pod that cannot be entered must not stop the others.
                 Err(e) => warn!("no outbound listener in {}: {e}; skipping", path.display()),
@@ -315,11 +341,20 @@ impl PodListeners {
         *self.listening.lock().expect("pod listener view") = self.open.keys().cloned().collect();
     }
 
-    /// Stops every listener and waits for their connections.
-    async fn drain(self, deadline: Duration) -> usize {
+    /// Stops every listener. With `refuse`, the listening sockets stop
+    /// listening for every holder of a descriptor (the handover offer too),
+    /// so that new connects are refused at once.
+    fn stop(&self, refuse: bool) {
         for pod in self.open.values() {
             pod.trigger.start();
+            if refuse {
+                stop_listening(std::os::fd::AsFd::as_fd(&pod.socket));
+            }
         }
+    }
+
+    /// Waits for the connections of every (stopped) listener.
+    async fn drain(self, deadline: Duration) -> usize {
         let mut left = 0;
         for pod in self.open.values() {
             left += pod.trigger.wait_idle(deadline).await;
@@ -356,11 +391,19 @@ async fn run_attached(
     })?;
     redirect.sync_services(&catalog.kernel_entries(now_ms()))?;
     let kernel_events = redirect.take_kernel_events()?;
+    // The connect hook lets marked sockets through only from this cgroup.
+    let agent_cgroup = own_cgroup_id().map_err(AgentError::Cgroup)?;
+    redirect.register_agent(agent_cgroup)?;
+    let audit = Audit::start(&config.audit).map_err(AgentError::Audit)?;
+    let refusal_log = Arc::new(LogLimiter::default());
 
     let outbound = SocketAddr::V4(config.agent.outbound);
     let listener = OutboundListener::bind(outbound, inherited).map_err(AgentError::Listener)?;
     let offered = handover::Offered::default();
     offered.add_fixed(dup(listener.socket()).map_err(AgentError::Listener)?);
+    // The data plane's listening sockets, to stop on SIGTERM (not in an
+    // upgrade: the successor accepts on the same sockets).
+    let mut data_plane = vec![dup(listener.socket()).map_err(AgentError::Listener)?];
     let services = catalog.services().count();
     let workloads = catalog.workloads().len();
     let checkers = HealthCheckers::start(&catalog, config.agent.mark, &watch);
@@ -374,6 +417,7 @@ async fn run_attached(
     let inbound_addr = SocketAddr::new(config.node.address, config.agent.inbound_port);
     let inbound = InboundListener::bind(inbound_addr, inherited).map_err(AgentError::Inbound)?;
     offered.add_fixed(dup(inbound.socket()).map_err(AgentError::Inbound)?);
+    data_plane.push(dup(inbound.socket()).map_err(AgentError::Inbound)?);
     let catalog = Arc::new(ArcSwap::from_pointee(catalog));
     let inbound_stats = Arc::new(InboundStats::default());
     let inbound_ctx = Arc::new(InboundContext {
@@ -383,6 +427,16 @@ async fn run_attached(
         handshake_timeout: config.mesh.inbound_handshake_timeout.0,
         connect_timeout: config.agent.connect_timeout.0,
         stats: inbound_stats.clone(),
+        audit: audit.clone(),
+        log: refusal_log.clone(),
+    });
+    let capture_ctx = Arc::new(CaptureContext {
+        catalog: catalog.clone(),
+        mark: config.agent.mark,
+        connect_timeout: config.agent.connect_timeout.0,
+        stats: inbound_stats.clone(),
+        audit: audit.clone(),
+        log: refusal_log.clone(),
     });
     let kernel = Arc::new(Mutex::new(KernelView {
         stats: redirect.take_stats()?,
@@ -393,6 +447,7 @@ async fn run_attached(
         tls: tls.clone(),
         inbound: inbound_stats.clone(),
         kernel: kernel.clone(),
+        audit: audit.clone(),
     }));
     let connections = Arc::new(Connections::default());
     let ctx = Arc::new(OutboundContext {
@@ -403,6 +458,7 @@ async fn run_attached(
         metrics: metrics.clone(),
         connections: connections.clone(),
         bypass,
+        audit: audit.clone(),
     });
     let discovery = match &config.kubernetes {
         Some(k) => Some(
@@ -433,6 +489,8 @@ async fn run_attached(
         &offered,
         config.agent.drain_timeout.0,
     );
+    let mut captures = CaptureSet::new(SocketAddr::V4(config.agent.capture));
+    captures.sync(&catalog.load(), redirect, &capture_ctx, inherited, &offered)?;
 
     // The admin API outlives the data plane's drain, so that it can answer
     // "stopping" until the end.
@@ -517,6 +575,9 @@ async fn run_attached(
         tables_changed,
         tables_failing: false,
         pods,
+        captures,
+        capture_ctx,
+        agent_cgroup,
         outbound_ctx: ctx,
         offered,
         discovery: discovery.map(|d| d.updates),
@@ -531,6 +592,10 @@ async fn run_attached(
             listening: Default::default(),
         },
     );
+    let captures = std::mem::replace(
+        &mut live.captures,
+        CaptureSet::new(SocketAddr::V4(config.agent.capture)),
+    );
     admin.stopping.store(true, Ordering::Release);
     if exit == Exit::HandedOver {
         // The successor answers on the same admin sockets.
@@ -542,13 +607,22 @@ async fn run_attached(
         config.agent.drain_timeout
     );
     trigger.start();
+    let refuse = exit == Exit::Stopped;
+    if refuse {
+        for socket in &data_plane {
+            stop_listening(std::os::fd::AsFd::as_fd(socket));
+        }
+    }
+    pods.stop(refuse);
+    captures.stop(refuse, stop_listening);
     for (name, task) in [("outbound", server), ("inbound", inbound_server)] {
         if let Err(e) = task.await {
             error!("{name} listener task failed: {e}");
         }
     }
     let left = trigger.wait_idle(config.agent.drain_timeout.0).await
-        + pods.drain(config.agent.drain_timeout.0).await;
+        + pods.drain(config.agent.drain_timeout.0).await
+        + captures.drain(config.agent.drain_timeout.0).await;
     admin_trigger.start();
     if left > 0 {
         warn!("drain deadline passed with {left} connections open; closing them");
@@ -558,6 +632,14 @@ async fn run_attached(
         info!("drained; detaching");
     }
     Ok(exit)
+}
+
+/// The id of the cgroup this agent runs in.
+fn own_cgroup_id() -> io::Result<u64> {
+    let mount = cgroup::cgroup2_mount()
+        .ok_or_else(|| io::Error::other("cgroup v2 is not mounted (see /proc/mounts)"))?;
+    let own = cgroup::own_cgroup(&mount)?;
+    cgroup::cgroup_id(&own)
 }
 
 /// Waits for SIGTERM or SIGINT.
@@ -570,6 +652,23 @@ async fn wait_for_stop_signal() {
             }
         }
         Err(e) => warn!("cannot watch SIGTERM ({e}); exiting now"),
+    }
+}
+
+/// Stops a listening socket for every descriptor of it at once: queued
+/// and new connects are reset, so a redirected connect fails at once (or,
+/// the listener being gone, takes its service's `on_agent_down` path)
+/// instead of waiting in a queue nobody reads. Closing our descriptor would
+/// not do: the handover offer holds another one until the end.
+fn stop_listening(socket: std::os::fd::BorrowedFd<'_>) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: shutdown on a valid descriptor; on a listening TCP socket
+    // SHUT_RD makes the kernel stop listening (inet_shutdown).
+    if unsafe { libc::shutdown(socket.as_raw_fd(), libc::SHUT_RD) } != 0 {
+        warn!(
+            "cannot stop a listening socket: {}",
+            io::Error::last_os_error()
+        );
     }
 }
 
@@ -596,6 +695,11 @@ struct Live<'a> {
     tables_changed: Arc<tokio::sync::Notify>,
     tables_failing: bool,
     pods: PodListeners,
+    captures: CaptureSet,
+    capture_ctx: Arc<CaptureContext>,
+    /// This agent's cgroup, written again now and then into the connect
+    /// hook's LRU set of agent cgroups.
+    agent_cgroup: u64,
     outbound_ctx: Arc<OutboundContext>,
     offered: handover::Offered,
     /// Kubernetes discovery's updates, and the latest one.
@@ -663,10 +767,16 @@ impl Live<'_> {
         let mut refresh = tokio::time::interval(TABLE_REFRESH);
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let changed = self.tables_changed.clone();
+        let mut reregister = tokio::time::interval(AGENT_REREGISTER);
         let mut discovered = self.discovery.take();
         loop {
             tokio::select! {
                 _ = refresh.tick() => self.refresh_tables(),
+                _ = reregister.tick() => {
+                    if let Err(e) = self.redirect.register_agent(self.agent_cgroup) {
+                        warn!("cannot renew this agent's cgroup in the connect hook: {e}");
+                    }
+                }
                 _ = changed.notified() => self.refresh_tables(),
                 _ = term.recv() => {
                     info!("SIGTERM received");
@@ -786,6 +896,15 @@ impl Live<'_> {
             &self.offered,
             self.config.agent.drain_timeout.0,
         );
+        if let Err(e) = self.captures.sync(
+            &self.catalog.load(),
+            self.redirect,
+            &self.capture_ctx,
+            &Inherited::none(),
+            &self.offered,
+        ) {
+            error!("{e}");
+        }
         self.checkers = checkers;
         match trigger {
             Trigger::File => {

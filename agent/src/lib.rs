@@ -6,7 +6,9 @@
 //! DESIGN.md for the whole picture.
 
 pub mod admin;
+pub mod audit;
 pub mod authz;
+pub mod capture;
 pub mod catalog;
 pub mod cli;
 pub mod config;

@@ -30,6 +30,11 @@ pub fn remember_home() -> io::Result<()> {
     Ok(())
 }
 
+/// The agent's own network namespace, once remembered.
+pub fn home() -> Option<std::os::fd::BorrowedFd<'static>> {
+    HOME.get().map(std::os::fd::AsFd::as_fd)
+}
+
 /// A workload's network namespace, held open by a descriptor so that its
 /// path may go away (the pod ending) without the agent noticing late.
 #[derive(Debug)]
@@ -60,6 +65,11 @@ impl Netns {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The namespace's descriptor (to attach programs to it).
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.fd)
     }
 
     /// Moves the current thread into this namespace until the guard drops.

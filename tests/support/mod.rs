@@ -186,6 +186,7 @@ pub struct AgentConfig {
     pub outbound_port: u16,
     pub inbound_port: u16,
     pub admin_port: u16,
+    pub capture_port: u16,
     agent_extra: String,
 }
 
@@ -207,6 +208,7 @@ impl AgentConfig {
             outbound_port: free_port(),
             inbound_port: free_port(),
             admin_port: free_port(),
+            capture_port: free_port(),
             agent_extra: agent_extra.to_owned(),
         };
         config.rewrite(services);
@@ -231,13 +233,14 @@ impl AgentConfig {
         let mut yaml = format!(
             "node:\n  name: test\n  cgroup_root: {name}\nagent:\n  outbound: 127.0.0.1:{port}\n  \
              pin_dir: {pins}\n  connect_timeout: 300ms\n  drain_timeout: 10s\n  inbound_port: {inbound}\n  \
-             state_dir: {state}\n  admin: 127.0.0.1:{admin}\n{extra}\
+             state_dir: {state}\n  admin: 127.0.0.1:{admin}\n  capture: 127.0.0.1:{capture}\n{extra}\
              workloads:\n  - name: client\n    namespace: payments\n    service_account: client\nservices:{empty}\n",
             name = self.cgroup_root,
             port = self.outbound_port,
             pins = self.pin_dir.display(),
             inbound = self.inbound_port,
             admin = self.admin_port,
+            capture = self.capture_port,
             state = self.dir.join("state").display(),
             extra = self.agent_extra,
             empty = if services.is_empty() { " []" } else { "" }
@@ -597,6 +600,16 @@ fn enter_netns_on_exec(cmd: &mut Command, path: &Path) {
 }
 
 /// Runs a shell command, panicking with its output if it fails.
+/// Sum of the samples in a Prometheus exposition whose line starts with
+/// `prefix` (a metric name, optionally with the start of its labels).
+pub fn metric(exposition: &str, prefix: &str) -> f64 {
+    exposition
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 pub fn sh(cmd: &str) {
     let out = Command::new("sh").args(["-c", cmd]).output().unwrap();
     assert!(

@@ -58,8 +58,24 @@ pub const BYPASS: &str = "BYPASS";
 /// objects ([`LAYOUT_VERSION`]), written by the agent that created them.
 pub const LAYOUT: &str = "LAYOUT";
 
+/// Name of the set of cgroups the agent's own processes run in: cgroup id
+/// (`u64`) -> 1. Written by each agent for itself at start and again every
+/// few seconds (an upgrade has two for a moment), read by `connect4`: a socket carrying the agent's mark
+/// is let through only when it is opened from one of these cgroups, so a
+/// workload that sets the mark itself is redirected like any other.
+pub const AGENT_CGROUPS: &str = "AGENT_CGROUPS";
+/// Name of the map of captured inbound destinations: [`CaptureKey`] ->
+/// [`CaptureValue`]. Written by the agent from its catalog (one entry per
+/// meshed workload address), read by `sluice_capture` (sk_lookup).
+pub const CAPTURE: &str = "CAPTURE";
+/// Name of the SOCKMAP of the agent's capture listeners, one per network
+/// namespace that holds a captured workload, indexed by
+/// [`CaptureValue::listener`]. Written by the agent; the kernel drops an
+/// entry when its socket closes, which is how the program knows the agent
+/// is gone.
+pub const CAPTURE_LISTENERS: &str = "CAPTURE_LISTENERS";
 /// Every pinned map, for cleanup and for the layout check.
-pub const PINNED_MAPS: [&str; 12] = [
+pub const PINNED_MAPS: [&str; 15] = [
     SERVICES,
     ORIG_BY_COOKIE,
     ORIG_BY_PEER,
@@ -72,12 +88,15 @@ pub const PINNED_MAPS: [&str; 12] = [
     SOCKETS,
     BYPASS,
     LAYOUT,
+    AGENT_CGROUPS,
+    CAPTURE,
+    CAPTURE_LISTENERS,
 ];
 
 /// Version of the maps' layout. Bump it whenever a map's type, size or the
 /// meaning of a field changes: an agent finding pins of another version
 /// replaces them instead of reusing them.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Capacity of [`SERVICES`].
 pub const MAX_SERVICES: u32 = 65_536;
@@ -94,6 +113,14 @@ pub const MAX_BYPASS_SOCKETS: u32 = 131_072;
 /// Size in bytes of [`KERNEL_EVENTS`].
 pub const KERNEL_EVENTS_BYTES: u32 = 256 * 1024;
 
+/// Capacity of [`AGENT_CGROUPS`] (an LRU map): agents on one node at once
+/// (an upgrade has two), plus entries of agents gone, which age out.
+pub const MAX_AGENT_CGROUPS: u32 = 64;
+/// Capacity of [`CAPTURE`]: captured workload addresses on one node.
+pub const MAX_CAPTURES: u32 = 16_384;
+/// Capacity of [`CAPTURE_LISTENERS`]: network namespaces with a captured
+/// workload on one node (pods, and the node's own).
+pub const MAX_CAPTURE_LISTENERS: u32 = 4096;
 /// Capacity of each record map. A record lives from `connect()` until the
 /// agent's `accept()`, so this bounds connections in that window per node.
 pub const MAX_PENDING_RECORDS: u32 = 65_536;
@@ -227,6 +254,34 @@ pub struct PeerKey {
     pub _pad: [u8; 6],
 }
 
+/// Key of [`CAPTURE`]: a local destination of inbound connections. A pod is
+/// captured whole as `(pod address, port 0)`; a workload in the node's own
+/// network namespace by `(0.0.0.0, port)`, so that every address of the
+/// node is covered. The program tries the exact key, then port 0, then
+/// address 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CaptureKey {
+    pub addr: [u32; 4],
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Value of [`CAPTURE`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CaptureValue {
+    /// Index of the capture listener in [`CAPTURE_LISTENERS`].
+    pub listener: u32,
+    /// Bit set of [`CAPTURE_STRICT`].
+    pub flags: u32,
+}
+
+/// [`CaptureValue::flags`] bit: the workload takes mutual TLS only. With no
+/// capture listener (agent down) its inbound connects are refused rather
+/// than passed to the workload in plaintext.
+pub const CAPTURE_STRICT: u32 = 1;
+
 /// Runtime settings of the programs, slot 0 of [`SETTINGS`].
 /// A zero `listener_port` means "not configured": the programs pass
 /// everything through untouched.
@@ -307,10 +362,21 @@ pub enum Stat {
     BypassSocket = 10,
     /// sk_msg moved a message straight into the peer socket.
     BypassMessage = 11,
+    /// connect4 saw the agent's mark on a socket of a process outside the
+    /// agent's cgroups, and redirected it like any other.
+    MarkSpoofed = 12,
+    /// sk_lookup steered an inbound connect to the agent's capture listener.
+    Captured = 13,
+    /// sk_lookup refused an inbound connect to a strict workload: no
+    /// capture listener (the agent is down or stopping).
+    CaptureRefused = 14,
+    /// sk_lookup let an inbound connect reach a permissive workload
+    /// directly: no capture listener.
+    CapturePassed = 15,
 }
 
 /// Number of [`Stat`] slots.
-pub const STAT_COUNT: u32 = 12;
+pub const STAT_COUNT: u32 = 16;
 
 impl Stat {
     /// Every counter, in index order.
@@ -327,6 +393,10 @@ impl Stat {
         Stat::EventLost,
         Stat::BypassSocket,
         Stat::BypassMessage,
+        Stat::MarkSpoofed,
+        Stat::Captured,
+        Stat::CaptureRefused,
+        Stat::CapturePassed,
     ];
 
     /// Stable name for display and metrics.
@@ -344,6 +414,10 @@ impl Stat {
             Stat::EventLost => "event_lost",
             Stat::BypassSocket => "bypass_socket",
             Stat::BypassMessage => "bypass_message",
+            Stat::MarkSpoofed => "mark_spoofed",
+            Stat::Captured => "captured",
+            Stat::CaptureRefused => "capture_refused",
+            Stat::CapturePassed => "capture_passed",
         }
     }
 }
@@ -362,4 +436,6 @@ mod pod {
     unsafe impl aya::Pod for KernelConn {}
     unsafe impl aya::Pod for KernelEvent {}
     unsafe impl aya::Pod for SockKey {}
+    unsafe impl aya::Pod for CaptureKey {}
+    unsafe impl aya::Pod for CaptureValue {}
 }

@@ -7,6 +7,8 @@
 //! previous catalog for every service and endpoint that is still there, so
 //! a reload neither forgets an ejection nor drops a connection.
 
+pub mod capture;
+
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
@@ -44,6 +46,8 @@ pub struct Catalog {
     /// What peer agents may ask the inbound listener for: endpoints on this
     /// node that a local workload serves.
     local_targets: HashMap<SocketAddr, Arc<LocalTarget>>,
+    /// Workloads whose inbound connections are captured, by CAPTURE key.
+    captures: HashMap<SocketAddr, Arc<capture::CaptureTarget>>,
 }
 
 /// An endpoint on this node, as the inbound listener sees it.
@@ -364,13 +368,36 @@ impl Catalog {
             .collect();
         let workloads_by_cgroup = workloads.iter().map(|w| (w.cgroup_id, w.clone())).collect();
         let local_targets = local_targets(config, &workloads);
+        let captures = capture::targets(config, &workloads);
         Catalog {
             node: node.clone(),
             services,
             workloads_by_cgroup,
             workloads,
             local_targets,
+            captures,
         }
+    }
+
+    /// The captured workload a connection accepted on a capture listener
+    /// with local address `local` was meant for.
+    pub fn capture_for(&self, local: SocketAddr) -> Option<&Arc<capture::CaptureTarget>> {
+        capture::lookup(&self.captures, local)
+    }
+
+    /// Every captured workload's CAPTURE keys.
+    pub fn capture_keys(
+        &self,
+    ) -> impl Iterator<Item = (&SocketAddr, &Arc<capture::CaptureTarget>)> {
+        self.captures.iter()
+    }
+
+    /// The inbound mode of a local workload.
+    pub fn inbound_mode(&self, workload: &Workload) -> capture::InboundMode {
+        self.captures
+            .values()
+            .find(|t| std::ptr::eq(Arc::as_ptr(&t.workload), workload))
+            .map_or(capture::InboundMode::Open, |t| t.mode)
     }
 
     /// The local endpoint a peer agent may ask for at `addr`.

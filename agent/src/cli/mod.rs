@@ -225,6 +225,17 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
                     config.workloads.len(),
                     config.services.len()
                 );
+                for s in config
+                    .services
+                    .iter()
+                    .filter(|s| s.mode == crate::config::Mode::Kernel)
+                {
+                    println!(
+                        "note: service {}/{} is mode: kernel: its connections carry no identity, \
+                         so they are neither encrypted nor authorized",
+                        s.namespace, s.name.value
+                    );
+                }
                 Outcome::Success
             }
             None => Outcome::Invalid,

@@ -52,6 +52,17 @@ fn check_kernel_mode(problems: &mut Vec<Problem>, at: &str, s: &ServiceSpec) {
                 .into(),
         );
     }
+    if s.authorization.is_some() {
+        push(
+            problems,
+            s.name.referenced.line(),
+            format!("{at}.authorization"),
+            "mode: kernel connects the caller straight to an endpoint, with no identity, so \
+             nothing can be authorized; use mode: mtls (or permissive) for a service with a \
+             policy"
+                .into(),
+        );
+    }
     for (j, e) in s.endpoints.iter().enumerate() {
         if e.address.value.is_ipv6() {
             push(
@@ -98,9 +109,56 @@ pub struct Config {
     /// Kubernetes API server, in addition to the ones listed here.
     #[serde(default)]
     pub kubernetes: Option<KubernetesConfig>,
+    /// The audit trail: denials, and optionally every closed connection.
+    #[serde(default)]
+    pub audit: AuditConfig,
     /// Where this config was read from; used in messages.
     #[serde(skip)]
     pub source: PathBuf,
+}
+
+/// The audit trail (one JSON line per event).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// `stdout`, or the path of a file to append to.
+    pub output: AuditOutput,
+    /// Also one line per closed connection (identities, bytes, duration,
+    /// close reason), not only per denial.
+    pub connections: bool,
+    /// Lines waiting for the writer; beyond it lines are dropped and
+    /// counted rather than slowing the data path.
+    pub queue: usize,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            output: AuditOutput::Stdout,
+            connections: false,
+            queue: 8192,
+        }
+    }
+}
+
+/// Where audit lines go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditOutput {
+    Stdout,
+    File(PathBuf),
+}
+
+impl<'de> Deserialize<'de> for AuditOutput {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        match text.as_str() {
+            "stdout" => Ok(AuditOutput::Stdout),
+            "" => Err(serde::de::Error::custom(
+                "expected `stdout` or the path of a file",
+            )),
+            path => Ok(AuditOutput::File(PathBuf::from(path))),
+        }
+    }
 }
 
 /// Service discovery from the Kubernetes API server.
@@ -192,6 +250,10 @@ fn default_cgroup_root() -> Spanned<String> {
 pub struct AgentConfig {
     /// Outbound listener that redirected connections land on (IPv4).
     pub outbound: SocketAddrV4,
+    /// Capture listener, opened in each network namespace that holds a
+    /// captured workload: inbound connects from outside the namespace are
+    /// steered here by the sk_lookup hook (IPv4, a loopback address).
+    pub capture: SocketAddrV4,
     /// SO_MARK on the agent's own sockets; the hooks never redirect them.
     pub mark: u32,
     /// bpffs directory where maps and links are pinned.
@@ -223,6 +285,7 @@ impl Default for AgentConfig {
     fn default() -> Self {
         Self {
             outbound: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15001),
+            capture: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15006),
             mark: 0x51ce,
             pin_dir: PathBuf::from("/sys/fs/bpf/sluice"),
             connect_timeout: HumanDuration(Duration::from_secs(1)),
@@ -468,6 +531,24 @@ impl Config {
                 0,
                 "agent.outbound".into(),
                 "port must not be 0".into(),
+            );
+        }
+        if !self.agent.capture.ip().is_loopback() || self.agent.capture.port() == 0 {
+            push(
+                &mut problems,
+                0,
+                "agent.capture".into(),
+                "must be a loopback address with a port: it is opened inside each captured \
+                 namespace, where only the capture hook may reach it"
+                    .into(),
+            );
+        }
+        if self.audit.queue == 0 {
+            push(
+                &mut problems,
+                0,
+                "audit.queue".into(),
+                "must be at least 1".into(),
             );
         }
         if self.agent.mark == 0 {

@@ -34,6 +34,19 @@ pub enum CopyEnd {
     MaxDuration,
 }
 
+impl CopyEnd {
+    /// Stable name for the audit trail.
+    pub fn name(self) -> &'static str {
+        match self {
+            CopyEnd::Closed => "closed",
+            CopyEnd::UpstreamReset => "upstream_reset",
+            CopyEnd::ClientError => "client_error",
+            CopyEnd::Idle => "idle_timeout",
+            CopyEnd::MaxDuration => "max_duration",
+        }
+    }
+}
+
 /// Bytes moved each way, readable while the connection lives.
 #[derive(Debug, Default)]
 pub struct ByteCounters {

@@ -17,7 +17,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use log::{debug, warn};
+use log::debug;
 use rustls::{CertificateError, Error as TlsError};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
@@ -28,11 +28,13 @@ use super::{
     socket::connect_marked,
 };
 use crate::{
+    audit::{Audit, Denial, Party},
     authz,
     catalog::Catalog,
     config::policy::DEFAULT_IDLE_TIMEOUT,
     drain::{ConnectionGuard, DrainWatch, accept_until_drained},
     handover::Inherited,
+    telemetry::LogLimiter,
     tls::{Identity, TlsContext, identity_of},
 };
 
@@ -74,10 +76,13 @@ pub enum Refusal {
     TargetUnreachable,
     /// Any other TLS failure.
     TlsError,
+    /// Plaintext from outside the mesh to a strict workload, caught by the
+    /// capture hook.
+    Plaintext,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 20] = [
+    pub const ALL: [Refusal; 21] = [
         Refusal::NotTls,
         Refusal::ClosedDuringHandshake,
         Refusal::HandshakeTimeout,
@@ -98,6 +103,7 @@ impl Refusal {
         Refusal::Denied,
         Refusal::TargetUnreachable,
         Refusal::TlsError,
+        Refusal::Plaintext,
     ];
 
     /// Stable name for logs and metrics.
@@ -123,6 +129,7 @@ impl Refusal {
             Refusal::Denied => "denied",
             Refusal::TargetUnreachable => "target_unreachable",
             Refusal::TlsError => "tls_error",
+            Refusal::Plaintext => "plaintext",
         }
     }
 
@@ -160,6 +167,7 @@ impl Refusal {
 pub struct InboundStats {
     accepted: AtomicU64,
     refused: [AtomicU64; Refusal::ALL.len()],
+    plaintext_passed: AtomicU64,
 }
 
 impl InboundStats {
@@ -172,6 +180,21 @@ impl InboundStats {
     pub fn refused(&self, why: Refusal) -> u64 {
         self.refused[why as usize].load(Ordering::Relaxed)
     }
+
+    /// Counts a refusal.
+    pub fn count_refusal(&self, why: Refusal) {
+        self.refused[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Plaintext connections from outside the mesh passed to a permissive
+    /// workload.
+    pub fn plaintext_passed(&self) -> u64 {
+        self.plaintext_passed.load(Ordering::Relaxed)
+    }
+
+    pub fn count_plaintext_passed(&self) {
+        self.plaintext_passed.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// What every inbound connection needs.
@@ -183,6 +206,9 @@ pub struct InboundContext {
     pub handshake_timeout: Duration,
     pub connect_timeout: Duration,
     pub stats: Arc<InboundStats>,
+    pub audit: Arc<Audit>,
+    /// Refusals are logged at most once per reason per interval.
+    pub log: Arc<LogLimiter>,
 }
 
 /// The bound inbound listener.
@@ -220,11 +246,48 @@ fn refuse(
     why: Refusal,
     detail: &dyn std::fmt::Display,
 ) {
-    ctx.stats.refused[why as usize].fetch_add(1, Ordering::Relaxed);
-    match caller {
-        Some(id) => warn!("inbound {peer} ({id}): refused: {}: {detail}", why.name()),
-        None => warn!("inbound {peer}: refused: {}: {detail}", why.name()),
-    }
+    refuse_at(ctx, peer, caller, None, why, detail);
+}
+
+/// Counts, audits and (within the log's rate limit) logs a refusal;
+/// `target` is the local workload endpoint asked for, once known.
+fn refuse_at(
+    ctx: &InboundContext,
+    peer: SocketAddr,
+    caller: Option<&Identity>,
+    target: Option<(&Identity, SocketAddr, &str, Option<&str>)>,
+    why: Refusal,
+    detail: &dyn std::fmt::Display,
+) {
+    ctx.stats.count_refusal(why);
+    let detail = detail.to_string();
+    let (destination, rule) = match target {
+        Some((identity, addr, workload, rule)) => (
+            Party {
+                identity: Some(identity),
+                address: Some(addr),
+                workload: Some(workload),
+            },
+            rule,
+        ),
+        None => (Party::default(), None),
+    };
+    ctx.audit.deny(&Denial {
+        reason: why.name(),
+        source: Party {
+            identity: caller,
+            address: Some(peer),
+            workload: None,
+        },
+        destination,
+        service: None,
+        rule,
+        detail: Some(&detail),
+    });
+    ctx.log.warn(why.name(), || match caller {
+        Some(id) => format!("inbound {peer} ({id}): refused: {}: {detail}", why.name()),
+        None => format!("inbound {peer}: refused: {}: {detail}", why.name()),
+    });
 }
 
 async fn handle(
@@ -311,13 +374,27 @@ async fn handle(
     let verdict = authz::evaluate(&local.policies, &caller);
     if !verdict.allowed {
         tls.reset_on_close();
-        let detail = format!(
-            "{target} (workload {}/{}) {verdict}",
-            local.workload.namespace, local.workload.name
+        let workload = format!("{}/{}", local.workload.namespace, local.workload.name);
+        let detail = format!("{target} (workload {workload}) {verdict}");
+        return refuse_at(
+            &ctx,
+            peer,
+            Some(&caller),
+            Some((
+                &local.workload.identity,
+                target,
+                &workload,
+                Some(&verdict.rule),
+            )),
+            Refusal::Denied,
+            &detail,
         );
-        return refuse(&ctx, peer, Some(&caller), Refusal::Denied, &detail);
     }
-    let mut upstream = match connect_marked(target, ctx.mark, ctx.connect_timeout, None).await {
+    // From inside the workload's own namespace, over its loopback: the
+    // capture hook lets that through, and nothing else of the agent's
+    // reaches a captured workload.
+    let netns = local.workload.netns.as_deref();
+    let mut upstream = match connect_marked(target, ctx.mark, ctx.connect_timeout, netns).await {
         Ok(upstream) => upstream,
         Err(e) => {
             tls.reset_on_close();
@@ -325,7 +402,29 @@ async fn handle(
         }
     };
     ctx.stats.accepted.fetch_add(1, Ordering::Relaxed);
+    let started = std::time::Instant::now();
     let bytes = super::copy::ByteCounters::default();
     let end = proxy(&mut tls, &mut upstream, DEFAULT_IDLE_TIMEOUT, None, &bytes).await;
     debug!("inbound {peer} ({caller}) -> {target}: {end:?}");
+    if ctx.audit.wants_connections() {
+        let workload = format!("{}/{}", local.workload.namespace, local.workload.name);
+        ctx.audit.closed(&crate::audit::Closed {
+            source: Party {
+                identity: Some(&caller),
+                address: Some(peer),
+                workload: None,
+            },
+            destination: Party {
+                identity: Some(&local.workload.identity),
+                address: Some(target),
+                workload: Some(&workload),
+            },
+            service: None,
+            security: "mutual_tls",
+            bytes_sent: bytes.sent.load(Ordering::Relaxed),
+            bytes_received: bytes.received.load(Ordering::Relaxed),
+            duration_ms: started.elapsed().as_millis() as u64,
+            close_reason: end.name(),
+        });
+    }
 }

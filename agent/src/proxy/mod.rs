@@ -1,6 +1,7 @@
 //! The data plane: listeners that take redirected connections and carry
 //! their bytes to an endpoint.
 
+pub mod capture;
 pub mod copy;
 pub mod inbound;
 pub mod outbound;

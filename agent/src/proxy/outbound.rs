@@ -14,7 +14,9 @@ use super::{
     socket::{connect_marked, listen_in},
 };
 use crate::{
-    catalog::{Catalog, Endpoint, Service, Workload},
+    audit::{Audit, Closed, Denial, Party},
+    authz,
+    catalog::{Catalog, Endpoint, Service, Workload, capture::InboundMode},
     config::Mode,
     drain::{ConnectionGuard, DrainWatch, accept_until_drained},
     handover::Inherited,
@@ -42,6 +44,7 @@ pub struct OutboundContext {
     pub connections: Arc<Connections>,
     /// The sockmap bypass, when switched on.
     pub bypass: Option<Bypass>,
+    pub audit: Arc<Audit>,
 }
 
 /// An upstream connection: direct, or over mTLS to the peer node's agent.
@@ -56,6 +59,8 @@ enum DialError {
     Endpoint(io::Error),
     /// Nothing the endpoint did: this caller cannot take that path.
     Caller(String),
+    /// The endpoint's workload (on this node) does not admit the caller.
+    Denied,
 }
 
 /// A bound outbound listener in one network namespace.
@@ -257,6 +262,30 @@ async fn handle(
         CopyEnd::MaxDuration => CloseReason::MaxDuration,
     };
     metrics.closed(reason).inc();
+    if ctx.audit.wants_connections() {
+        let name = service.qualified_name();
+        let workload = source
+            .as_deref()
+            .map(|w| format!("{}/{}", w.namespace, w.name));
+        ctx.audit.closed(&Closed {
+            source: Party {
+                identity: source.as_deref().map(|w| &w.identity),
+                address: Some(peer),
+                workload: workload.as_deref(),
+            },
+            destination: Party {
+                identity: endpoint.identity.as_ref(),
+                address: Some(endpoint.addr),
+                workload: endpoint.workload.as_deref(),
+            },
+            service: Some(&name),
+            security: listed.connection.security,
+            bytes_sent: bytes.sent.load(std::sync::atomic::Ordering::Relaxed),
+            bytes_received: bytes.received.load(std::sync::atomic::Ordering::Relaxed),
+            duration_ms: started.elapsed().as_millis() as u64,
+            close_reason: reason.name(),
+        });
+    }
     match end {
         CopyEnd::UpstreamReset => {
             let normal = Chosen {
@@ -331,6 +360,10 @@ async fn connect_upstream(
                 resilience::report(service, chosen, Outcome::Connected { micros }, now_ms());
                 return Ok((upstream, chosen));
             }
+            Err(DialError::Denied) => {
+                endpoint.state.cancel(chosen.admission);
+                return Err(CloseReason::Denied);
+            }
             Err(DialError::Caller(why)) => {
                 endpoint.state.cancel(chosen.admission);
                 warn!(
@@ -351,6 +384,54 @@ async fn connect_upstream(
             }
         }
     }
+}
+
+/// One policy whatever the path: a call to a workload on this node is
+/// checked against the same authorization as one arriving over mTLS from
+/// another node, with the caller's identity as this agent knows it. A
+/// caller without an identity reaches a strict workload, or one with a
+/// policy, no more than it could from another node.
+fn admit_same_node(
+    ctx: &OutboundContext,
+    service: &Service,
+    endpoint: &Endpoint,
+    source: Option<&Workload>,
+    target: &crate::catalog::LocalTarget,
+    mode: InboundMode,
+) -> Result<(), DialError> {
+    let (allowed, rule) = match source {
+        Some(source) => {
+            let verdict = authz::evaluate(&target.policies, &source.identity);
+            (verdict.allowed, verdict.rule)
+        }
+        None if mode == InboundMode::Strict || !target.policies.is_empty() => (
+            false,
+            "the caller is in no known workload, so it has no identity".to_owned(),
+        ),
+        None => return Ok(()),
+    };
+    if allowed {
+        return Ok(());
+    }
+    let workload = format!("{}/{}", target.workload.namespace, target.workload.name);
+    let name = service.qualified_name();
+    ctx.audit.deny(&Denial {
+        reason: "denied",
+        source: Party {
+            identity: source.map(|w| &w.identity),
+            address: None,
+            workload: None,
+        },
+        destination: Party {
+            identity: Some(&target.workload.identity),
+            address: Some(endpoint.addr),
+            workload: Some(&workload),
+        },
+        service: Some(&name),
+        rule: Some(&rule),
+        detail: Some("same node"),
+    });
+    Err(DialError::Denied)
 }
 
 /// Connects to `endpoint`: directly when it is on this node (or the
@@ -377,7 +458,20 @@ async fn dial(
                 endpoint.node
             )));
         }
-        let netns = source.and_then(|w| w.netns.as_deref());
+        let mut netns = source.and_then(|w| w.netns.as_deref());
+        let catalog = endpoint.local.then(|| ctx.catalog.load());
+        let target = catalog.as_ref().and_then(|c| {
+            let t = c.local_target(endpoint.addr)?;
+            Some((t.clone(), c.inbound_mode(&t.workload)))
+        });
+        if let Some((target, mode)) = &target {
+            admit_same_node(ctx, service, endpoint, source, target, *mode)?;
+            if *mode != InboundMode::Open {
+                // A captured workload is reached from inside its own
+                // namespace: the capture hook lets its loopback through.
+                netns = target.workload.netns.as_deref();
+            }
+        }
         return connect_marked(endpoint.addr, ctx.mark, timeout, netns)
             .await
             .map(Upstream::Plain)

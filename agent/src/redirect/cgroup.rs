@@ -90,6 +90,50 @@ pub fn enter(path: &Path, pid: u32) -> io::Result<()> {
     })
 }
 
+/// The cgroup this process runs in, as a path below `mount`.
+///
+/// /proc/self/cgroup names it relative to the process's cgroup namespace;
+/// in a container with a private one (the default on cgroup v2) that reads
+/// `/` while the host's tree is mounted at `mount`. Then the tree is
+/// searched once for the directory whose `cgroup.procs` lists this process.
+pub fn own_cgroup(mount: &Path) -> io::Result<PathBuf> {
+    let pid = std::process::id().to_string();
+    let lists_us = |dir: &Path| {
+        std::fs::read_to_string(dir.join("cgroup.procs"))
+            .is_ok_and(|procs| procs.lines().any(|l| l.trim() == pid))
+    };
+    let text = std::fs::read_to_string("/proc/self/cgroup")?;
+    let relative = text
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or_else(|| io::Error::other("/proc/self/cgroup has no cgroup v2 entry"))?;
+    let direct = mount.join(relative.trim_start_matches('/'));
+    if lists_us(&direct) {
+        return Ok(direct);
+    }
+    let mut pending = vec![mount.to_owned()];
+    while let Some(dir) = pending.pop() {
+        if lists_us(&dir) {
+            return Ok(dir);
+        }
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            pending.extend(
+                entries
+                    .flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        format!(
+            "no cgroup below {} lists this process ({pid})",
+            mount.display()
+        ),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,5 +153,19 @@ mod tests {
         assert!(remove_created(&created).is_empty());
         assert!(!base.join("a").exists());
         std::fs::remove_dir(&base).unwrap();
+    }
+
+    #[test]
+    fn finds_its_own_cgroup() {
+        let Some(mount) = cgroup2_mount() else {
+            panic!("cgroup v2 must be mounted for this test");
+        };
+        let own = own_cgroup(&mount).unwrap();
+        let procs = std::fs::read_to_string(own.join("cgroup.procs")).unwrap();
+        assert!(
+            procs
+                .lines()
+                .any(|l| l.trim() == std::process::id().to_string())
+        );
     }
 }

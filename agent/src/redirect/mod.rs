@@ -16,6 +16,7 @@
 //!   links once its own programs are attached.
 
 pub mod bypass;
+pub mod capture;
 pub mod cgroup;
 pub mod preflight;
 pub mod records;
@@ -175,6 +176,9 @@ pub struct Redirect {
     /// directory at load; dropped (detached) once this agent's programs are
     /// attached, so that there is no moment without a hook.
     retired: Vec<FdLink>,
+    /// The cgroups whose marked sockets the connect hook lets through.
+    agent_cgroups: HashMap<MapData, u64, u32>,
+    capture: capture::CaptureMaps,
 }
 
 impl Redirect {
@@ -240,6 +244,23 @@ impl Redirect {
         let backends = HashMap::try_from(backends).map_err(map_err(sluice_maps::BACKENDS))?;
         let settings = take_map(&mut ebpf, sluice_maps::SETTINGS)?;
         let settings = Array::try_from(settings).map_err(map_err(sluice_maps::SETTINGS))?;
+        let capture_available = match ebpf.program_mut(capture::PROGRAM) {
+            Some(aya::programs::Program::SkLookup(p)) => match p.load() {
+                Ok(()) => true,
+                Err(e) => {
+                    warn!(
+                        "inbound capture is unavailable: the kernel refused {} ({})",
+                        capture::PROGRAM,
+                        ErrorChain::of(&e)
+                    );
+                    false
+                }
+            },
+            _ => false,
+        };
+        let capture = capture::CaptureMaps::take(&mut ebpf, pin_dir, capture_available)?;
+        let agent_cgroups = HashMap::try_from(take_map(&mut ebpf, sluice_maps::AGENT_CGROUPS)?)
+            .map_err(map_err(sluice_maps::AGENT_CGROUPS))?;
         let bypass = match bypass::Bypass::load(&mut ebpf, BYPASS_PROGRAM) {
             Ok(b) => Some(b),
             Err(e) => {
@@ -256,7 +277,36 @@ impl Redirect {
             kernel_mode,
             bypass,
             retired,
+            agent_cgroups,
+            capture,
         })
+    }
+
+    /// Lets the marked sockets of processes in cgroup `id` (this agent's)
+    /// through the connect hook.
+    pub fn register_agent(&mut self, id: u64) -> Result<(), RedirectError> {
+        self.agent_cgroups
+            .insert(id, 1, 0)
+            .map_err(map_err(sluice_maps::AGENT_CGROUPS))
+    }
+
+    /// Forgets cgroup `id` as an agent's (its agent has gone).
+    pub fn unregister_agent(&mut self, id: u64) {
+        let _ = self.agent_cgroups.remove(&id);
+    }
+
+    /// The capture maps.
+    pub fn capture(&mut self) -> &mut capture::CaptureMaps {
+        &mut self.capture
+    }
+
+    /// Attaches inbound capture to the network namespace `netns`.
+    pub fn attach_capture(
+        &mut self,
+        cookie: u64,
+        netns: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<(), RedirectError> {
+        self.capture.attach(&mut self.ebpf, cookie, netns)
     }
 
     /// The sockmap bypass, for the accept path; `None` when the kernel
@@ -437,7 +487,13 @@ impl Redirect {
     /// Detaches the programs and removes every pin: the node is left as if
     /// Sluice had never run.
     pub fn detach(self) {
-        let Redirect { pin_dir, links, .. } = self;
+        let Redirect {
+            pin_dir,
+            links,
+            capture,
+            ..
+        } = self;
+        capture.detach_all();
         for link in links {
             match link.unpin() {
                 // Dropping the last reference to the link detaches it.

@@ -87,10 +87,12 @@ pub enum CloseReason {
     Overflow,
     /// No endpoint could be chosen.
     NoEndpoint,
+    /// Authorization refused the caller (an endpoint on this node).
+    Denied,
 }
 
 impl CloseReason {
-    const ALL: [CloseReason; 8] = [
+    const ALL: [CloseReason; 9] = [
         CloseReason::Closed,
         CloseReason::UpstreamReset,
         CloseReason::ClientError,
@@ -99,6 +101,7 @@ impl CloseReason {
         CloseReason::ConnectFailed,
         CloseReason::Overflow,
         CloseReason::NoEndpoint,
+        CloseReason::Denied,
     ];
 
     pub fn name(self) -> &'static str {
@@ -111,6 +114,7 @@ impl CloseReason {
             CloseReason::ConnectFailed => "connect_failed",
             CloseReason::Overflow => "overflow",
             CloseReason::NoEndpoint => "no_endpoint",
+            CloseReason::Denied => "denied",
         }
     }
 }
@@ -435,6 +439,7 @@ pub struct StateCollector {
     pub inbound: Arc<InboundStats>,
     /// The programs' counters and the record maps' sizes.
     pub kernel: Arc<Mutex<KernelView>>,
+    pub audit: Arc<crate::audit::Audit>,
 }
 
 /// What the collector reads from the kernel side.
@@ -567,7 +572,8 @@ impl Collector for StateCollector {
         counter(
             &mut encoder,
             "sluice_inbound_refusals",
-            "Inbound mTLS connections refused, by reason (denied: authorization)",
+            "Inbound connections refused, by reason (denied: authorization; plaintext: from \
+             outside the mesh to a strict workload, caught by the capture hook)",
             Refusal::ALL
                 .into_iter()
                 .map(|r| (ReasonLabel { reason: r.name() }, self.inbound.refused(r))),
@@ -577,6 +583,26 @@ impl Collector for StateCollector {
             "sluice_inbound_accepted",
             "Inbound mTLS connections that reached their workload",
             [(ReasonLabel { reason: "accepted" }, self.inbound.accepted())],
+        )?;
+        counter(
+            &mut encoder,
+            "sluice_inbound_plaintext_passed",
+            "Plaintext connections from outside the mesh passed to a permissive workload",
+            [(
+                ReasonLabel {
+                    reason: "permissive",
+                },
+                self.inbound.plaintext_passed(),
+            )],
+        )?;
+        counter(
+            &mut encoder,
+            "sluice_audit_events",
+            "Audit trail lines: queued for the writer, or dropped because its queue was full",
+            [
+                (ProgramLabel { outcome: "queued" }, self.audit.queued()),
+                (ProgramLabel { outcome: "dropped" }, self.audit.dropped()),
+            ],
         )?;
         let unix = |t: SystemTime| {
             t.duration_since(SystemTime::UNIX_EPOCH)

@@ -1,0 +1,174 @@
+//! The capture listener: connections that arrived at a captured workload
+//! from outside its network namespace (another pod, another node, a host
+//! process), steered here by the `sluice_capture` sk_lookup hook. One per
+//! network namespace that holds a captured workload.
+//!
+//! The accepted socket's local address is the one the caller dialled (the
+//! hook steers without rewriting). A strict workload's connection is
+//! refused, counted and audited; a permissive one's is passed on from
+//! inside the workload's namespace, over its loopback, which the hook lets
+//! through.
+
+use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+
+use arc_swap::ArcSwap;
+use tokio::net::{TcpListener, TcpStream};
+
+use super::{
+    copy::{ByteCounters, proxy},
+    inbound::{InboundStats, Refusal},
+    socket::{connect_marked, listen_in},
+};
+use crate::{
+    audit::{Audit, Closed, Denial, Party},
+    catalog::{Catalog, capture::InboundMode},
+    config::policy::DEFAULT_IDLE_TIMEOUT,
+    drain::{ConnectionGuard, DrainWatch, accept_until_drained},
+    handover::Inherited,
+    netns::Netns,
+    telemetry::LogLimiter,
+};
+
+const BACKLOG: u32 = 1024;
+
+/// What every captured connection needs.
+pub struct CaptureContext {
+    pub catalog: Arc<ArcSwap<Catalog>>,
+    pub mark: u32,
+    pub connect_timeout: Duration,
+    pub stats: Arc<InboundStats>,
+    pub audit: Arc<Audit>,
+    pub log: Arc<LogLimiter>,
+}
+
+/// A bound capture listener in one network namespace.
+pub struct CaptureListener {
+    listener: TcpListener,
+    netns_cookie: u64,
+}
+
+impl CaptureListener {
+    /// Binds `addr` inside `netns` (the node's own namespace when `None`),
+    /// or takes the previous agent's socket for it.
+    pub fn bind_in(
+        addr: SocketAddr,
+        inherited: &Inherited,
+        netns: Option<&Netns>,
+    ) -> io::Result<CaptureListener> {
+        let (listener, netns_cookie) = listen_in(addr, BACKLOG, inherited, netns)?;
+        Ok(CaptureListener {
+            listener,
+            netns_cookie,
+        })
+    }
+
+    pub fn netns_cookie(&self) -> u64 {
+        self.netns_cookie
+    }
+
+    /// The listening socket, for the SOCKMAP and the handover.
+    pub fn socket(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.listener)
+    }
+
+    /// Accepts until the drain starts.
+    pub async fn serve(self, ctx: Arc<CaptureContext>, mut drain: DrainWatch) {
+        accept_until_drained(
+            &self.listener,
+            &mut drain,
+            "capture",
+            |stream, peer, guard| {
+                let ctx = ctx.clone();
+                tokio::spawn(async move { handle(ctx, stream, peer, guard).await });
+            },
+        )
+        .await;
+    }
+}
+
+async fn handle(
+    ctx: Arc<CaptureContext>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    _guard: ConnectionGuard,
+) {
+    let Ok(local) = stream.local_addr() else {
+        return;
+    };
+    let Some(target) = ctx.catalog.load().capture_for(local).cloned() else {
+        // The workload left between the connect and the accept.
+        let _ = stream.set_zero_linger();
+        return;
+    };
+    let workload = &target.workload;
+    let name = format!("{}/{}", workload.namespace, workload.name);
+    let destination = Party {
+        identity: Some(&workload.identity),
+        address: Some(local),
+        workload: Some(&name),
+    };
+    let source = Party {
+        identity: None,
+        address: Some(peer),
+        workload: None,
+    };
+    if target.mode == InboundMode::Strict {
+        ctx.stats.count_refusal(Refusal::Plaintext);
+        ctx.audit.deny(&Denial {
+            reason: Refusal::Plaintext.name(),
+            source,
+            destination,
+            service: None,
+            rule: Some("strict: only the mesh (mutual TLS) may reach this workload"),
+            detail: None,
+        });
+        ctx.log.warn(Refusal::Plaintext.name(), || {
+            format!("captured {peer} -> {local} ({name}): refused: plaintext to a strict workload")
+        });
+        let _ = stream.set_zero_linger();
+        return;
+    }
+    let mut upstream = match connect_marked(
+        local,
+        ctx.mark,
+        ctx.connect_timeout,
+        workload.netns.as_deref(),
+    )
+    .await
+    {
+        Ok(upstream) => upstream,
+        Err(e) => {
+            ctx.stats.count_refusal(Refusal::TargetUnreachable);
+            ctx.log.warn(Refusal::TargetUnreachable.name(), || {
+                format!("captured {peer} -> {local} ({name}): workload unreachable: {e}")
+            });
+            let _ = stream.set_zero_linger();
+            return;
+        }
+    };
+    ctx.stats.count_plaintext_passed();
+    let started = std::time::Instant::now();
+    let bytes = ByteCounters::default();
+    let mut client = stream;
+    let end = proxy(
+        &mut client,
+        &mut upstream,
+        DEFAULT_IDLE_TIMEOUT,
+        None,
+        &bytes,
+    )
+    .await;
+    if ctx.audit.wants_connections() {
+        use std::sync::atomic::Ordering::Relaxed;
+        ctx.audit.closed(&Closed {
+            source,
+            destination,
+            service: None,
+            security: "plaintext",
+            bytes_sent: bytes.sent.load(Relaxed),
+            bytes_received: bytes.received.load(Relaxed),
+            duration_ms: started.elapsed().as_millis() as u64,
+            close_reason: end.name(),
+        });
+    }
+}

@@ -1,0 +1,379 @@
+//! Zero trust that holds, as root: two nodes (network namespaces on a veth
+//! pair), pods on node B (each a network namespace and a workload cgroup),
+//! real agents, real mTLS. Nothing reaches a strict workload except
+//! through the mesh, whoever dials it; one policy decides whatever the
+//! path; a workload cannot borrow the agent's mark.
+
+mod support;
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{IpAddr, SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use sluice::admin::client;
+use support::{pods::Node, *};
+
+const LEDGER_VIP: &str = "127.77.5.10:8080";
+const VAULT_VIP: &str = "127.77.5.12:8080";
+const POD_PORT: u16 = 8080;
+
+/// Node B with three pods (ledger: strict, legacy: permissive, and one
+/// that is not meshed) and a strict workload in its own namespace (vault);
+/// node A with callers `checkout` and `batch`. B's ledger denies batch.
+struct Cluster {
+    b_node: Node,
+    a: Netns,
+    a_addr: IpAddr,
+    b_addr: IpAddr,
+    vault_port: u16,
+    agent_a: Agent,
+    agent_b: Agent,
+    audit: PathBuf,
+    state: PathBuf,
+    _backends: Vec<Backend>,
+    configs: (AgentConfig, AgentConfig),
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.state);
+    }
+}
+
+fn workload(name: &str, sa: &str, extra: &str) -> String {
+    format!("  - name: {name}\n    namespace: payments\n    service_account: {sa}\n{extra}")
+}
+
+fn service(name: &str, vip: &str, mode: &str, endpoint: &str) -> String {
+    let vip: SocketAddr = vip.parse().unwrap();
+    format!(
+        "  - name: {name}\n    namespace: payments\n    mode: {mode}\n    address: {}\n    port: {}\n    \
+         endpoints:\n      - {endpoint}\n",
+        vip.ip(),
+        vip.port()
+    )
+}
+
+fn cluster() -> Cluster {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let b_node = Node::new(3);
+    let id = format!("{}{n}", std::process::id() % 100_000);
+    let subnet = (std::process::id() as usize * 7 + n * 13) % 250 + 1;
+    let a = Netns {
+        name: format!("sea{id}"),
+    };
+    let (a_addr, b_addr): (IpAddr, IpAddr) = (
+        format!("198.19.{subnet}.1").parse().unwrap(),
+        format!("198.19.{subnet}.2").parse().unwrap(),
+    );
+    let (a_if, b_if) = (format!("vea{id}"), format!("veb{id}"));
+    let nb = &b_node.node.name;
+    sh(&format!(
+        "ip netns add {an} && ip -n {an} link set lo up && \
+         ip link add {a_if} type veth peer name {b_if} && \
+         ip link set {a_if} netns {an} && ip link set {b_if} netns {nb} && \
+         ip -n {an} addr add {a_addr}/24 dev {a_if} && ip -n {nb} addr add {b_addr}/24 dev {b_if} && \
+         ip -n {an} link set {a_if} up && ip -n {nb} link set {b_if} up && \
+         ip -n {an} route add 198.18.0.0/16 via {b_addr}",
+        an = a.name
+    ));
+    let (p0, p0_ip) = &b_node.pods[0];
+    let (p1, p1_ip) = &b_node.pods[1];
+    let backends = vec![
+        Backend::start_in("ledger", SocketAddr::new(*p0_ip, POD_PORT), p0),
+        Backend::start_in("legacy", SocketAddr::new(*p1_ip, POD_PORT), p1),
+        Backend::start_in(
+            "vault",
+            SocketAddr::new("0.0.0.0".parse().unwrap(), 0),
+            &b_node.node,
+        ),
+    ];
+    let vault_port = backends[2].addr.port();
+    let state = std::env::temp_dir().join(unique("enforce-state"));
+    let inbound_port = free_port();
+    let mesh = "mesh:\n  inbound_handshake_timeout: 1s\n";
+    let b_cfg = AgentConfig::custom(|c| {
+        format!(
+            "node:\n  name: node-b\n  address: {b_addr}\n  cgroup_root: {root}\n{agent}{mesh}\
+             audit:\n  output: {audit}\nnodes:\n  - name: node-a\n    address: {a_addr}\n\
+             workloads:\n{ledger}{legacy}{vault}{checkout}{batch}services:\n{s1}{s2}{s3}",
+            root = c.cgroup_root,
+            agent = c.agent_block(&state, inbound_port),
+            audit = c.dir.join("audit.jsonl").display(),
+            ledger = workload(
+                "ledger",
+                "ledger",
+                &format!(
+                    "    netns: {}\n    authorization:\n      default: allow\n      deny:\n        \
+                     - spiffe://cluster.local/ns/payments/sa/batch\n",
+                    p0.path().display()
+                )
+            ),
+            legacy = workload(
+                "legacy",
+                "legacy",
+                &format!("    netns: {}\n", p1.path().display())
+            ),
+            vault = workload("vault", "vault", ""),
+            checkout = workload("checkout-b", "checkout", ""),
+            batch = workload("batch-b", "batch", ""),
+            s1 = service(
+                "ledger",
+                LEDGER_VIP,
+                "mtls",
+                &format!("address: {p0_ip}\n        port: {POD_PORT}\n        workload: ledger")
+            ),
+            s2 = service(
+                "legacy",
+                "127.77.5.11:8080",
+                "permissive",
+                &format!("address: {p1_ip}\n        port: {POD_PORT}\n        workload: legacy")
+            ),
+            s3 = service(
+                "vault",
+                VAULT_VIP,
+                "mtls",
+                &format!("address: {b_addr}\n        port: {vault_port}\n        workload: vault")
+            ),
+        )
+    });
+    let a_cfg = AgentConfig::custom(|c| {
+        format!(
+            "node:\n  name: node-a\n  address: {a_addr}\n  cgroup_root: {root}\n{agent}{mesh}\
+             nodes:\n  - name: node-b\n    address: {b_addr}\nworkloads:\n{checkout}{batch}services:\n{s1}{s3}",
+            root = c.cgroup_root,
+            agent = c.agent_block(&state, inbound_port),
+            checkout = workload("checkout", "checkout", ""),
+            batch = workload("batch", "batch", ""),
+            s1 = service(
+                "ledger",
+                LEDGER_VIP,
+                "mtls",
+                &format!(
+                    "address: {p0_ip}\n        port: {POD_PORT}\n        node: node-b\n        \
+                     service_account: ledger"
+                )
+            ),
+            s3 = service(
+                "vault",
+                VAULT_VIP,
+                "mtls",
+                &format!(
+                    "address: {b_addr}\n        port: {vault_port}\n        node: node-b\n        \
+                     service_account: vault"
+                )
+            ),
+        )
+    });
+    // One CA for both nodes.
+    a_cfg.ca_init();
+    let agent_b = Agent::start_in_netns(&b_cfg, &b_node.node);
+    let agent_a = Agent::start_in_netns(&a_cfg, &a);
+    let audit = b_cfg.dir.join("audit.jsonl");
+    Cluster {
+        b_node,
+        a,
+        a_addr,
+        b_addr,
+        vault_port,
+        agent_a,
+        agent_b,
+        audit,
+        state,
+        _backends: backends,
+        configs: (a_cfg, b_cfg),
+    }
+}
+
+/// What a plaintext caller in `netns` (outside every workload cgroup)
+/// gets from `addr`: the reply line, or how it failed.
+fn plain_call(netns: &Netns, addr: SocketAddr) -> String {
+    netns.run(move || {
+        let mut stream = match TcpStream::connect_timeout(&addr, Duration::from_secs(3)) {
+            Ok(s) => s,
+            Err(e) => return format!("refused: {e}"),
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        if writeln!(stream, "plain").is_err() {
+            return "reset".into();
+        }
+        let mut line = String::new();
+        match BufReader::new(stream).read_line(&mut line) {
+            Ok(0) => "closed".into(),
+            Ok(_) => line.trim().to_owned(),
+            Err(e) => format!("reset: {e}"),
+        }
+    })
+}
+
+/// One call through the mesh as `workload` of `agent`.
+fn mesh_call(agent: &Agent, workload: &str, vip: &str) -> Vec<String> {
+    lines(
+        &agent
+            .workload_command(workload, &calls_script(vip.parse().unwrap(), 1))
+            .output()
+            .unwrap(),
+    )
+}
+
+fn scrape(netns: &Netns, config: &AgentConfig) -> String {
+    let admin = SocketAddr::from(([127, 0, 0, 1], config.admin_port));
+    netns.run(move || client::get(admin, "/metrics").unwrap().1)
+}
+
+/// The audit file's lines with `reason`, once there are `n` of them.
+fn audit_lines(path: &Path, reason: &str, n: usize) -> Vec<serde_json::Value> {
+    let mut found = Vec::new();
+    wait_until(Duration::from_secs(10), || {
+        found = std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["reason"] == reason)
+            .collect();
+        found.len() >= n
+    });
+    found
+}
+
+#[test]
+fn plaintext_to_a_strict_workload_is_refused_from_everywhere_and_the_mesh_still_works() {
+    let c = cluster();
+    let ledger = SocketAddr::new(c.b_node.pods[0].1, POD_PORT);
+    let legacy = SocketAddr::new(c.b_node.pods[1].1, POD_PORT);
+    let vault = SocketAddr::new(c.b_addr, c.vault_port);
+    let (_, b_cfg) = &c.configs;
+
+    // Through the mesh: mTLS from node A, to a pod and to a workload in
+    // node B's own namespace.
+    assert_eq!(
+        mesh_call(&c.agent_a, "checkout", LEDGER_VIP),
+        ["ledger call 1"]
+    );
+    assert_eq!(
+        mesh_call(&c.agent_a, "checkout", VAULT_VIP),
+        ["vault call 1"]
+    );
+
+    // Plaintext straight to the strict pod: from node A, from node B's own
+    // namespace, from another pod of node B. And to the strict workload in
+    // B's own namespace, from node A.
+    let attempts = [
+        ("node A", plain_call(&c.a, ledger), c.a_addr),
+        (
+            "node B's host",
+            plain_call(&c.b_node.node, ledger),
+            c.b_node.pods[0].1,
+        ),
+        (
+            "another pod",
+            plain_call(&c.b_node.pods[2].0, ledger),
+            c.b_node.pods[2].1,
+        ),
+        ("node A to vault", plain_call(&c.a, vault), c.a_addr),
+    ];
+    for (from, outcome, _) in &attempts {
+        assert!(
+            !outcome.starts_with("ledger") && !outcome.starts_with("vault"),
+            "plaintext from {from} reached the strict workload: {outcome}"
+        );
+    }
+    let refused = audit_lines(&c.audit, "plaintext", attempts.len());
+    assert_eq!(refused.len(), attempts.len(), "{refused:?}");
+    assert!(
+        refused
+            .iter()
+            .all(|l| l["decision"] == "deny" && l["event"] == "denial"),
+        "{refused:?}"
+    );
+    let to_vault = refused
+        .iter()
+        .filter(|l| l["destination"]["workload"] == "payments/vault")
+        .count();
+    assert_eq!(to_vault, 1, "{refused:?}");
+    assert!(refused.iter().any(|l| {
+        l["source"]["address"]
+            .as_str()
+            .is_some_and(|a| a.starts_with(&format!("{}:", c.a_addr)))
+            && l["destination"]["identity"] == "spiffe://cluster.local/ns/payments/sa/ledger"
+    }));
+
+    // The permissive pod takes plaintext, counted.
+    assert_eq!(plain_call(&c.a, legacy), "legacy plain");
+
+    let exposition = scrape(&c.b_node.node, b_cfg);
+    assert_eq!(
+        metric(
+            &exposition,
+            "sluice_inbound_refusals_total{reason=\"plaintext\"}"
+        ),
+        attempts.len() as f64,
+        "{exposition}"
+    );
+    assert_eq!(
+        metric(&exposition, "sluice_inbound_plaintext_passed_total"),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &exposition,
+            "sluice_audit_events_total{outcome=\"dropped\"}"
+        ),
+        0.0
+    );
+
+    // The mesh keeps working throughout.
+    assert_eq!(
+        mesh_call(&c.agent_a, "checkout", LEDGER_VIP),
+        ["ledger call 1"]
+    );
+}
+
+#[test]
+fn one_policy_denies_a_caller_from_another_node_and_from_the_same_node() {
+    let c = cluster();
+    // From node A, over mTLS: B's inbound listener denies batch.
+    assert_eq!(mesh_call(&c.agent_a, "batch", LEDGER_VIP), ["FAILED"]);
+    // On node B itself: the source agent applies the same policy.
+    assert_eq!(mesh_call(&c.agent_b, "batch-b", LEDGER_VIP), ["FAILED"]);
+    // checkout is allowed both ways; on the same node it is delivered from
+    // inside the pod, which the capture hook lets through.
+    assert_eq!(
+        mesh_call(&c.agent_b, "checkout-b", LEDGER_VIP),
+        ["ledger call 1"]
+    );
+    assert_eq!(
+        mesh_call(&c.agent_a, "checkout", LEDGER_VIP),
+        ["ledger call 1"]
+    );
+
+    let denied = audit_lines(&c.audit, "denied", 2);
+    assert_eq!(denied.len(), 2, "{denied:?}");
+    for line in &denied {
+        assert_eq!(
+            line["source"]["identity"],
+            "spiffe://cluster.local/ns/payments/sa/batch"
+        );
+        assert_eq!(
+            line["destination"]["identity"],
+            "spiffe://cluster.local/ns/payments/sa/ledger"
+        );
+        assert!(
+            line["rule"]
+                .as_str()
+                .is_some_and(|r| r.contains("deny[0] spiffe://cluster.local/ns/payments/sa/batch")),
+            "{line}"
+        );
+    }
+    assert_eq!(
+        denied.iter().filter(|l| l["detail"] == "same node").count(),
+        1,
+        "{denied:?}"
+    );
+}
