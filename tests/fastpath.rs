@@ -318,7 +318,7 @@ fn an_upgrade_under_load_refuses_nothing_and_the_old_agent_drains_and_exits() {
     // The new agent serves on its own, and cleans up when it stops.
     let after = lines(&new.run_as_client(&calls_script(vip, 4)));
     assert!(after.iter().all(|r| r.starts_with('u')), "{after:?}");
-    // A second upgrade: the name the successor listens on is free again.
+    // A second upgrade: the path leads to the new agent's socket now.
     let mut new = new;
     let mut newest = Agent::start(&config);
     assert!(newest.log().contains("took over"), "{}", newest.log());
@@ -341,6 +341,139 @@ fn an_upgrade_under_load_refuses_nothing_and_the_old_agent_drains_and_exits() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("no running agent answers"), "{stderr}");
+}
+
+/// The handover socket of `config`'s agent.
+fn handover_socket(config: &AgentConfig) -> std::path::PathBuf {
+    config.dir.join("state/run/handover.sock")
+}
+
+/// `sluice_handover_refusals_total` for `reason`, as the agent's admin API
+/// shows it.
+fn handover_refusals(config: &AgentConfig, reason: &str) -> f64 {
+    let (_, exposition) = client::get(admin(config), "/metrics").expect("admin API");
+    let series = format!("sluice_handover_refusals_total{{reason=\"{reason}\"}} ");
+    exposition
+        .lines()
+        .find_map(|l| l.strip_prefix(series.as_str()))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in {exposition}"))
+}
+
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+/// A root process that is not the agent asks for the listening sockets as
+/// a successor would, and prints how many bytes and descriptors it got.
+const ASK_FOR_SOCKETS: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(10)
+s.connect(sys.argv[1])
+try:
+    s.sendall(b"sluice-handover/1 HELLO\n")
+    msg, fds, _, _ = socket.recv_fds(s, 64, 16)
+except (BrokenPipeError, ConnectionResetError):
+    msg, fds = b"", []
+print(len(msg), len(fds))
+"#;
+
+#[test]
+fn a_process_that_is_not_the_agent_gets_no_socket_and_a_real_upgrade_still_works() {
+    let vip: SocketAddr = "127.77.6.61:8080".parse().unwrap();
+    let backends = [Backend::start("r1")];
+    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    let config = AgentConfig::new(&[ServiceDef::new("payments", &vip.to_string(), &addrs)]);
+    let mut old = Agent::start(&config);
+    let path = handover_socket(&config);
+    assert_eq!(mode(path.parent().unwrap()), 0o700);
+    assert_eq!(handover_refusals(&config, "other_program"), 0.0);
+
+    let out = std::process::Command::new("python3")
+        .args(["-c", ASK_FOR_SOCKETS])
+        .arg(&path)
+        .output()
+        .expect("run python3");
+    assert_eq!(lines(&out), ["0 0"], "the impostor got an answer");
+    assert!(
+        wait_until(Duration::from_secs(5), || handover_refusals(
+            &config,
+            "other_program"
+        ) == 1.0),
+        "the refusal was not counted"
+    );
+    // The agent neither handed over nor began to drain: it serves on.
+    let replies = lines(&old.run_as_client(&calls_script(vip, 3)));
+    assert!(replies.iter().all(|r| r.starts_with("r1 ")), "{replies:?}");
+    assert!(old.is_running());
+
+    // A real successor still takes over; the old agent drains and exits.
+    let mut new = Agent::start(&config);
+    assert!(old.wait(Duration::from_secs(20)).success(), "{}", old.log());
+    let replies = lines(&new.run_as_client(&calls_script(vip, 3)));
+    assert!(replies.iter().all(|r| r.starts_with("r1 ")), "{replies:?}");
+    // The admin port answers from the new process: its count starts at 0.
+    assert_eq!(handover_refusals(&config, "other_program"), 0.0);
+    new.sigterm();
+    assert!(new.wait(Duration::from_secs(15)).success());
+    assert!(!path.exists(), "the last agent left its handover socket");
+}
+
+#[test]
+fn a_stale_or_squatted_handover_socket_never_blocks_a_start() {
+    use std::os::unix::{fs::PermissionsExt, net::UnixListener};
+    let vip: SocketAddr = "127.77.6.62:8080".parse().unwrap();
+    let backends = [Backend::start("q1")];
+    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    let config = AgentConfig::new(&[ServiceDef::new("payments", &vip.to_string(), &addrs)]);
+    let path = handover_socket(&config);
+    let run = path.parent().unwrap();
+    // A directory others may enter, with a killed agent's socket file in
+    // it: bound, and nothing listening any more.
+    std::fs::create_dir_all(run).unwrap();
+    std::fs::set_permissions(run, std::fs::Permissions::from_mode(0o755)).unwrap();
+    drop(UnixListener::bind(&path).unwrap());
+    assert!(path.exists());
+
+    let mut agent = Agent::start(&config);
+    assert_eq!(mode(run), 0o700, "the run directory was not tightened");
+    let replies = lines(&agent.run_as_client(&calls_script(vip, 3)));
+    assert!(replies.iter().all(|r| r.starts_with("q1 ")), "{replies:?}");
+    agent.sigterm();
+    assert!(agent.wait(Duration::from_secs(15)).success());
+    assert!(!path.exists(), "a stopped agent left its handover socket");
+
+    // A live listener that is not an agent. `--upgrade`, which needs a
+    // running agent, refuses to start and names the path.
+    let squatter = UnixListener::bind(&path).unwrap();
+    let out = std::process::Command::new(sluice_bin())
+        .args(["agent", "--upgrade", "--config"])
+        .arg(&config.path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&path.display().to_string()), "{stderr}");
+    assert!(stderr.contains("not this node's agent"), "{stderr}");
+
+    // Without it the agent starts and serves, and the path leads to it:
+    // a successor takes over from it.
+    let mut agent = Agent::start(&config);
+    let replies = lines(&agent.run_as_client(&calls_script(vip, 3)));
+    assert!(replies.iter().all(|r| r.starts_with("q1 ")), "{replies:?}");
+    let mut successor = Agent::start(&config);
+    assert!(
+        agent.wait(Duration::from_secs(20)).success(),
+        "{}",
+        agent.log()
+    );
+    let replies = lines(&successor.run_as_client(&calls_script(vip, 3)));
+    assert!(replies.iter().all(|r| r.starts_with("q1 ")), "{replies:?}");
+    successor.sigterm();
+    assert!(successor.wait(Duration::from_secs(15)).success());
+    drop(squatter);
 }
 
 /// An echo server for one connection at a time: reads to EOF, sends it all

@@ -37,7 +37,7 @@ use crate::{
     discovery,
     drain::{self, DrainWatch},
     fastpath,
-    handover::{self, Inherited},
+    handover::{self, Handover, HandoverError, Inherited},
     netns::Netns,
     proxy::{
         OutboundContext, OutboundListener,
@@ -88,8 +88,8 @@ pub enum AgentError {
     Tls(#[from] TlsSetupError),
     #[error("cannot start the runtime: {0}")]
     Runtime(io::Error),
-    #[error("upgrade: {0}")]
-    Handover(String),
+    #[error("handover: {0}")]
+    Handover(#[from] HandoverError),
     #[error("kubernetes: {0}")]
     Kubernetes(String),
     #[error("audit trail: {0}")]
@@ -165,23 +165,10 @@ fn raise_open_file_limit() {
 
 async fn serve(config: Config, cgroup_mount: PathBuf, options: Options) -> Result<(), AgentError> {
     let root = cgroup_mount.join(&config.node.cgroup_root.value);
-    let handover_name = handover::socket_name(&config.agent.pin_dir);
-    let inherited = match handover::take_over(&handover_name) {
-        Ok(Some(inherited)) => inherited,
-        Ok(None) if options.upgrade => {
-            return Err(AgentError::Handover(format!(
-                "no running agent answers at @{handover_name}; start without --upgrade"
-            )));
-        }
-        Ok(None) => Inherited::none(),
-        Err(e) => {
-            return Err(AgentError::Handover(format!(
-                "the running agent at @{handover_name} did not hand over: {e}"
-            )));
-        }
-    };
+    let handover = Handover::prepare(&config.agent.state_dir)?;
+    let inherited = handover.take_over(options.upgrade).await?;
     let mut created = Vec::new();
-    let result = start_and_wait(&config, &root, &mut created, &inherited).await;
+    let result = start_and_wait(&config, &root, &mut created, &inherited, &handover).await;
     if !matches!(result, Ok(Exit::HandedOver)) {
         for (dir, e) in cgroup::remove_created(&created) {
             warn!("cgroup {} left in place: {e}", dir.display());
@@ -198,13 +185,23 @@ async fn start_and_wait(
     root: &Path,
     created: &mut Vec<PathBuf>,
     inherited: &Inherited,
+    handover: &Handover,
 ) -> Result<Exit, AgentError> {
     created.extend(cgroup::create_all(root).map_err(AgentError::Cgroup)?);
     let placements = workload_placements(config, root, created).map_err(AgentError::Cgroup)?;
     let catalog = Catalog::from_config(config, &placements, None);
 
     let mut redirect = Redirect::load(&config.agent.pin_dir)?;
-    let result = run_attached(config, root, catalog, &mut redirect, created, inherited).await;
+    let result = run_attached(
+        config,
+        root,
+        catalog,
+        &mut redirect,
+        created,
+        inherited,
+        handover,
+    )
+    .await;
     match result {
         Ok(Exit::Stopped) => redirect.detach(),
         // The successor owns programs and pins now.
@@ -370,6 +367,7 @@ async fn run_attached(
     redirect: &mut Redirect,
     created: &mut Vec<PathBuf>,
     inherited: &Inherited,
+    handover: &Handover,
 ) -> Result<Exit, AgentError> {
     let (trigger, watch) = drain::channel();
     let trace = TraceLog::default();
@@ -549,12 +547,25 @@ async fn run_attached(
     // From here on this agent serves; the one it replaces may stop.
     inherited.ready();
     let (handed_over_tx, handed_over) = tokio::sync::oneshot::channel();
-    tokio::spawn(handover::offer(
-        handover::socket_name(&config.agent.pin_dir),
-        offered.clone(),
-        handed_over_tx,
-        watch.clone(),
-    ));
+    // Bound before "ready" is said: a successor started right after finds
+    // this agent, not the previous one's closed socket.
+    let socket_file = match handover.listen() {
+        Ok(listening) => {
+            let file = listening.file();
+            tokio::spawn(handover::offer(
+                listening,
+                offered.clone(),
+                metrics.clone(),
+                handed_over_tx,
+                watch.clone(),
+            ));
+            Some(file)
+        }
+        Err(e) => {
+            warn!("cannot listen for a successor ({e}); an upgrade will start cold");
+            None
+        }
+    };
     info!(
         "sluice agent ready: node {}, {services} services, {workloads} workloads, outbound {outbound}, \
          inbound mTLS {inbound_addr} (trust domain {})",
@@ -584,6 +595,12 @@ async fn run_attached(
         discovered: None,
     };
     let exit = live.serve_until_stopped(handed_over).await;
+    // After a handover the path is the successor's; it is left alone.
+    if exit == Exit::Stopped
+        && let Some(file) = &socket_file
+    {
+        file.remove_if_ours();
+    }
     let pods = std::mem::replace(
         &mut live.pods,
         PodListeners {

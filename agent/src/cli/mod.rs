@@ -26,8 +26,9 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the agent: attach the redirect and serve until SIGTERM. If an
-    /// agent already runs with the same state directory, take over from it
-    /// without refusing a connection (it drains and exits).
+    /// agent already runs with the same state directory (and network
+    /// namespace), take over from it without refusing a connection (it
+    /// drains and exits).
     Agent {
         /// Config file.
         #[arg(long, short, env = "SLUICE_CONFIG", default_value = DEFAULT_CONFIG)]

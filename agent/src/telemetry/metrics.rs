@@ -31,6 +31,7 @@ use prometheus_client::{
 use crate::{
     catalog::{Catalog, Service, Workload},
     config::Mode,
+    handover,
     proxy::inbound::{InboundStats, Refusal},
     redirect::ProgramStats,
     resilience::{Overflow, Phase, clock::now_ms},
@@ -138,6 +139,7 @@ pub struct Metrics {
     connect: HistogramFamily<ServiceLabels>,
     active: Family<ServiceLabels, Gauge>,
     reloads: Family<ResultLabels, Counter>,
+    handover_refusals: Family<ReasonLabel, Counter>,
 }
 
 /// The handles one kind of connection (source workload, endpoint) needs.
@@ -182,6 +184,14 @@ impl Metrics {
             Family::new_with_constructor(time_buckets as fn() -> Histogram);
         let active = Family::default();
         let reloads = Family::default();
+        let handover_refusals = Family::<ReasonLabel, Counter>::default();
+        // Every reason from the start, at 0: an alert can watch the rate
+        // before the first refusal.
+        for reason in handover::Refusal::ALL {
+            drop(handover_refusals.get_or_create(&ReasonLabel {
+                reason: reason.name(),
+            }));
+        }
         registry.register(
             "sluice_tcp_connections_opened",
             "Connections opened: proxied ones when the client's connection is taken, kernel-balanced ones when their connect completes",
@@ -222,6 +232,11 @@ impl Metrics {
             "Config reloads, by result",
             reloads.clone(),
         );
+        registry.register(
+            "sluice_handover_refusals",
+            "Peers on the handover socket that got no socket, by reason",
+            handover_refusals.clone(),
+        );
         let build = Family::<BuildLabels, Gauge>::default();
         build
             .get_or_create(&BuildLabels {
@@ -242,6 +257,7 @@ impl Metrics {
             connect,
             active,
             reloads,
+            handover_refusals,
         })
     }
 
@@ -266,6 +282,13 @@ impl Metrics {
             .get_or_create(&ResultLabels {
                 result: if ok { "success" } else { "failure" },
             })
+            .inc();
+    }
+
+    /// Counts a peer refused on the handover socket.
+    pub fn handover_refused(&self, why: handover::Refusal) {
+        self.handover_refusals
+            .get_or_create(&ReasonLabel { reason: why.name() })
             .inc();
     }
 
