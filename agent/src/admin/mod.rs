@@ -1,7 +1,13 @@
 //! The admin API: health, readiness, metrics, and JSON views of the agent's
-//! state for `sluice status` and friends. It listens on `agent.admin`
-//! (127.0.0.1:15020: never reachable from outside the node unless
-//! configured) and runs apart from the data plane's accept loops.
+//! state for `sluice status` and friends. It runs apart from the data
+//! plane's accept loops, on two kinds of listener ([`Surface`]):
+//!
+//! - `agent.admin`, loopback only (config validation refuses anything
+//!   else): everything, including the `/debug/` views, which name
+//!   workloads, endpoints and live connections, and `/debug/trace`.
+//! - `agent.metrics`, optional and allowed on the node's address, for
+//!   Prometheus and kubelet's probes: `/metrics`, `/healthz` and `/readyz`
+//!   only.
 //!
 //! A deliberately small HTTP/1.1 server: GET only, one request per
 //! connection, bounded in size and time. It answers while the agent starts
@@ -37,6 +43,26 @@ use crate::{
 const MAX_REQUEST: usize = 8 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// What a listener of the admin server serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Surface {
+    /// Everything: probes, metrics and the `/debug/` views (`agent.admin`).
+    Admin,
+    /// `/metrics`, `/healthz` and `/readyz`; 404 for the rest
+    /// (`agent.metrics`).
+    Metrics,
+}
+
+impl Surface {
+    /// Whether this surface serves `path`.
+    fn serves(self, path: &str) -> bool {
+        match self {
+            Surface::Admin => true,
+            Surface::Metrics => matches!(path, "/metrics" | "/healthz" | "/readyz"),
+        }
+    }
+}
+
 /// Facts about the running agent that do not change after start.
 #[derive(Debug, Clone)]
 pub struct StaticInfo {
@@ -47,6 +73,8 @@ pub struct StaticInfo {
     pub outbound: String,
     pub inbound: String,
     pub admin: String,
+    /// The metrics-only listener, if configured.
+    pub metrics: Option<String>,
     pub trust_domain: String,
 }
 
@@ -97,19 +125,32 @@ impl AdminState {
     }
 }
 
-/// Serves the admin API on `listener` until the drain ends.
-pub async fn serve(listener: TcpListener, state: Arc<AdminState>, mut drain: DrainWatch) {
-    accept_until_drained(&listener, &mut drain, "admin", |stream, _, guard| {
+/// Serves `surface` of the admin API on `listener` until the drain ends.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AdminState>,
+    surface: Surface,
+    mut drain: DrainWatch,
+) {
+    let name = match surface {
+        Surface::Admin => "admin",
+        Surface::Metrics => "metrics",
+    };
+    accept_until_drained(&listener, &mut drain, name, |stream, _, guard| {
         let state = state.clone();
         tokio::spawn(async move {
-            let _ = answer(stream, &state).await;
+            let _ = answer(stream, &state, surface).await;
             drop(guard);
         });
     })
     .await;
 }
 
-async fn answer(mut stream: TcpStream, state: &AdminState) -> std::io::Result<()> {
+async fn answer(
+    mut stream: TcpStream,
+    state: &AdminState,
+    surface: Surface,
+) -> std::io::Result<()> {
     let mut buf = vec![0u8; MAX_REQUEST];
     let mut len = 0;
     // The request must arrive within the deadline; a trace then streams
@@ -141,6 +182,15 @@ async fn answer(mut stream: TcpStream, state: &AdminState) -> std::io::Result<()
         return respond(&mut stream, 405, "text/plain", "only GET\n").await;
     }
     let path = target.split('?').next().unwrap_or("");
+    if !surface.serves(path) {
+        return respond(
+            &mut stream,
+            404,
+            "text/plain",
+            "not served here: this listener serves /metrics, /healthz and /readyz only\n",
+        )
+        .await;
+    }
     match path {
         "/healthz" => respond(&mut stream, 200, "text/plain", "ok\n").await,
         "/readyz" => {
@@ -268,6 +318,7 @@ fn view(state: &AdminState, path: &str) -> Option<Value> {
                     "outbound": state.info.outbound,
                     "inbound_mtls": state.info.inbound,
                     "admin": state.info.admin,
+                    "metrics": state.info.metrics,
                 },
                 "trust_domain": state.info.trust_domain,
                 "services": services.len(),
@@ -422,4 +473,27 @@ fn view(state: &AdminState, path: &str) -> Option<Value> {
         ),
         _ => return None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_metrics_surface_serves_probes_and_metrics_only() {
+        for path in ["/metrics", "/healthz", "/readyz"] {
+            assert!(Surface::Metrics.serves(path), "{path}");
+            assert!(Surface::Admin.serves(path), "{path}");
+        }
+        for path in [
+            "/debug/conns",
+            "/debug/trace",
+            "/debug/status",
+            "/",
+            "/metricsx",
+        ] {
+            assert!(!Surface::Metrics.serves(path), "{path}");
+            assert!(Surface::Admin.serves(path), "{path}");
+        }
+    }
 }
