@@ -101,8 +101,8 @@ pub struct AdminState {
 }
 
 impl AdminState {
-    /// Why the agent is not ready, if it is not.
-    fn not_ready(&self) -> Vec<String> {
+    /// Why the agent is not ready, if it is not, as `surface` may tell it.
+    fn not_ready(&self, surface: Surface) -> Vec<String> {
         let mut why = Vec::new();
         if self.stopping.load(Ordering::Acquire) {
             why.push("stopping: draining connections".to_owned());
@@ -116,12 +116,30 @@ impl AdminState {
             why.push("kubernetes: services, endpoints and pods not listed yet".to_owned());
         }
         let catalog = self.catalog.load();
-        for w in catalog.workloads() {
-            if self.tls.store.get(&w.identity).is_none() {
-                why.push(format!("no certificate for {}", w.identity));
-            }
-        }
+        let uncertified = catalog
+            .workloads()
+            .iter()
+            .filter(|w| self.tls.store.get(&w.identity).is_none())
+            .map(|w| w.identity.to_string());
+        why.extend(certificate_reasons(uncertified, surface));
         why
+    }
+}
+
+/// The readiness reasons for workloads without a certificate: one per
+/// identity on the admin API; on the metrics listener, which the network
+/// reaches, only how many, so that it names no workload.
+fn certificate_reasons(uncertified: impl Iterator<Item = String>, surface: Surface) -> Vec<String> {
+    let named: Vec<String> = uncertified
+        .map(|id| format!("no certificate for {id}"))
+        .collect();
+    match surface {
+        Surface::Admin => named,
+        Surface::Metrics if named.is_empty() => named,
+        Surface::Metrics => vec![format!(
+            "no certificate for {} workload identities (`sluice status` names them)",
+            named.len()
+        )],
     }
 }
 
@@ -194,7 +212,7 @@ async fn answer(
     match path {
         "/healthz" => respond(&mut stream, 200, "text/plain", "ok\n").await,
         "/readyz" => {
-            let why = state.not_ready();
+            let why = state.not_ready(surface);
             let body = json!({ "ready": why.is_empty(), "reasons": why }).to_string();
             let code = if why.is_empty() { 200 } else { 503 };
             respond(&mut stream, code, "application/json", &body).await
@@ -299,7 +317,7 @@ fn view(state: &AdminState, path: &str) -> Option<Value> {
                         .collect()
                 })
                 .unwrap_or_default();
-            let why = state.not_ready();
+            let why = state.not_ready(Surface::Admin);
             json!({
                 "version": env!("CARGO_PKG_VERSION"),
                 "node": state.info.node,
@@ -495,5 +513,26 @@ mod tests {
             assert!(!Surface::Metrics.serves(path), "{path}");
             assert!(Surface::Admin.serves(path), "{path}");
         }
+    }
+
+    #[test]
+    fn the_metrics_surface_counts_uncertified_workloads_without_naming_them() {
+        let ids = || {
+            ["spiffe://td/ns/a/sa/x", "spiffe://td/ns/b/sa/y"]
+                .into_iter()
+                .map(str::to_owned)
+        };
+        assert_eq!(
+            certificate_reasons(ids(), Surface::Admin),
+            [
+                "no certificate for spiffe://td/ns/a/sa/x",
+                "no certificate for spiffe://td/ns/b/sa/y"
+            ]
+        );
+        let counted = certificate_reasons(ids(), Surface::Metrics);
+        assert_eq!(counted.len(), 1);
+        assert!(counted[0].starts_with("no certificate for 2 workload identities"));
+        assert!(!counted[0].contains("spiffe://"));
+        assert!(certificate_reasons(std::iter::empty(), Surface::Metrics).is_empty());
     }
 }
