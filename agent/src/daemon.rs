@@ -461,6 +461,7 @@ async fn run_attached(
         attached: AtomicBool::new(false),
         stopping: AtomicBool::new(false),
         trace,
+        trace_streams: Default::default(),
         pod_listeners: pods.listening.clone(),
         discovery_synced: discovery.as_ref().map(|d| d.synced.clone()),
     });

@@ -10,8 +10,9 @@
 //!   only.
 //!
 //! A deliberately small HTTP/1.1 server: GET only, one request per
-//! connection, bounded in size and time. It answers while the agent starts
-//! and stops, honestly (`/readyz` says why it is not ready).
+//! connection, bounded in size and time, and at most [`MAX_TRACE_STREAMS`]
+//! traces at once. It answers while the agent starts and stops, honestly
+//! (`/readyz` says why it is not ready).
 
 pub mod client;
 
@@ -43,6 +44,12 @@ use crate::{
 const MAX_REQUEST: usize = 8 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Most `/debug/trace` streams open at once. Each holds a connection and a
+/// copy of every eBPF event for up to an hour; a few are plenty for the
+/// people debugging one node, and the bound keeps a runaway script from
+/// piling them up.
+pub const MAX_TRACE_STREAMS: usize = 4;
+
 /// What a listener of the admin server serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Surface {
@@ -60,6 +67,33 @@ impl Surface {
             Surface::Admin => true,
             Surface::Metrics => matches!(path, "/metrics" | "/healthz" | "/readyz"),
         }
+    }
+}
+
+/// The slots of the live `/debug/trace` streams.
+#[derive(Debug)]
+pub struct TraceStreams {
+    slots: tokio::sync::Semaphore,
+}
+
+impl Default for TraceStreams {
+    fn default() -> Self {
+        TraceStreams {
+            slots: tokio::sync::Semaphore::new(MAX_TRACE_STREAMS),
+        }
+    }
+}
+
+impl TraceStreams {
+    /// A slot for one more stream, held until dropped; none when
+    /// [`MAX_TRACE_STREAMS`] are open.
+    fn open(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        self.slots.try_acquire().ok()
+    }
+
+    /// Streams open now.
+    pub fn open_count(&self) -> usize {
+        MAX_TRACE_STREAMS.saturating_sub(self.slots.available_permits())
     }
 }
 
@@ -94,6 +128,8 @@ pub struct AdminState {
     pub stopping: AtomicBool,
     /// The eBPF programs' events, for `/debug/trace`.
     pub trace: TraceLog,
+    /// The `/debug/trace` streams open now, bounded.
+    pub trace_streams: TraceStreams,
     /// Network namespaces (pods) where the outbound listener is open.
     pub pod_listeners: Arc<std::sync::Mutex<Vec<std::path::PathBuf>>>,
     /// With Kubernetes discovery: every watched resource was listed once.
@@ -234,7 +270,20 @@ async fn answer(
                 respond(&mut stream, 200, kind, &body).await
             }
         }
-        "/debug/trace" => trace(&mut stream, state, target).await,
+        "/debug/trace" => match state.trace_streams.open() {
+            Some(slot) => {
+                let streamed = trace(&mut stream, state, target).await;
+                drop(slot);
+                streamed
+            }
+            None => {
+                let body = format!(
+                    "{MAX_TRACE_STREAMS} trace streams are open already, the most at once; \
+                     try again when one of them ends\n"
+                );
+                respond(&mut stream, 429, "text/plain", &body).await
+            }
+        },
         _ => match view(state, path) {
             Some(v) => respond(&mut stream, 200, "application/json", &v.to_string()).await,
             None => respond(&mut stream, 404, "text/plain", "no such page\n").await,
@@ -251,29 +300,38 @@ async fn trace(stream: &mut TcpStream, state: &AdminState, target: &str) -> std:
         .unwrap_or(10)
         .min(3600);
     let mut events = state.trace.subscribe();
-    stream
+    let (mut reader, mut writer) = stream.split();
+    writer
         .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\nconnection: close\r\n\r\n")
         .await?;
     let until = tokio::time::Instant::now() + Duration::from_secs(seconds);
+    // The client sends nothing after its request: a read that ends means
+    // it went away. Without this, a client gone while no event comes would
+    // hold its stream slot until `seconds` pass.
+    let mut ignored = [0u8; 64];
     loop {
         let event = tokio::select! {
             _ = tokio::time::sleep_until(until) => break,
+            read = reader.read(&mut ignored) => match read {
+                Ok(0) | Err(_) => break,
+                Ok(_) => continue,
+            },
             e = events.recv() => e,
         };
         match event {
             Ok(line) => {
-                stream.write_all(line.as_bytes()).await?;
-                stream.write_all(b"\n").await?;
+                writer.write_all(line.as_bytes()).await?;
+                writer.write_all(b"\n").await?;
             }
             Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                stream
+                writer
                     .write_all(format!("({n} events dropped: tracing too slowly)\n").as_bytes())
                     .await?;
             }
             Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
         }
     }
-    stream.shutdown().await
+    writer.shutdown().await
 }
 
 async fn respond(stream: &mut TcpStream, code: u16, kind: &str, body: &str) -> std::io::Result<()> {
@@ -281,6 +339,7 @@ async fn respond(stream: &mut TcpStream, code: u16, kind: &str, body: &str) -> s
         200 => "OK",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         _ => "Service Unavailable",
     };
@@ -337,6 +396,10 @@ fn view(state: &AdminState, path: &str) -> Option<Value> {
                     "inbound_mtls": state.info.inbound,
                     "admin": state.info.admin,
                     "metrics": state.info.metrics,
+                },
+                "trace_streams": {
+                    "open": state.trace_streams.open_count(),
+                    "max": MAX_TRACE_STREAMS,
                 },
                 "trust_domain": state.info.trust_domain,
                 "services": services.len(),
@@ -534,5 +597,20 @@ mod tests {
         assert!(counted[0].starts_with("no certificate for 2 workload identities"));
         assert!(!counted[0].contains("spiffe://"));
         assert!(certificate_reasons(std::iter::empty(), Surface::Metrics).is_empty());
+    }
+
+    #[test]
+    fn trace_streams_are_bounded_and_a_closed_one_frees_its_slot() {
+        let streams = TraceStreams::default();
+        let mut open: Vec<_> = (0..MAX_TRACE_STREAMS)
+            .map(|_| streams.open().expect("a free slot"))
+            .collect();
+        assert_eq!(streams.open_count(), MAX_TRACE_STREAMS);
+        assert!(streams.open().is_none());
+        open.pop();
+        assert_eq!(streams.open_count(), MAX_TRACE_STREAMS - 1);
+        let again = streams.open();
+        assert!(again.is_some());
+        assert_eq!(streams.open_count(), MAX_TRACE_STREAMS);
     }
 }
