@@ -182,6 +182,129 @@ fn exec_with_an_unknown_workload_names_the_known_ones() {
     );
 }
 
+#[test]
+fn a_non_loopback_admin_address_is_refused() {
+    let cfg = BadConfig::new(&format!("{BASE}agent:\n  admin: 0.0.0.0:15020\n"));
+    let err = cfg.refused();
+    let expected = format!(
+        "{}:13: agent.admin: 0.0.0.0:15020 is not a loopback address",
+        cfg.path.display()
+    );
+    assert!(err.starts_with(&expected), "{err}");
+    assert!(err.contains("agent.metrics"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+#[test]
+fn admin_on_node_address_is_refused_and_points_to_agent_metrics() {
+    let cfg = BadConfig::new(&format!("{BASE}agent:\n  admin_on_node_address: true\n"));
+    let err = cfg.refused();
+    let expected = format!(
+        "{}:13: agent.admin_on_node_address: was removed",
+        cfg.path.display()
+    );
+    assert!(err.starts_with(&expected), "{err}");
+    assert!(err.contains("set agent.metrics"), "{err}");
+}
+
+/// The Kubernetes install, read as `kubectl apply -k` would take it (the
+/// files the kustomization lists) plus the PodMonitor applied beside it:
+/// off the node's loopback the agent exposes the inbound mTLS port and the
+/// metrics listener and nothing else, and kubelet and Prometheus use the
+/// metrics listener.
+#[test]
+fn the_shipped_manifests_expose_only_metrics_off_loopback() {
+    use serde_json::Value;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/kubernetes");
+    let read = |name: &str| -> Vec<Value> {
+        let text =
+            std::fs::read_to_string(dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        serde_saphyr::from_multiple(&text).unwrap_or_else(|e| panic!("{name}: {e}"))
+    };
+    let kustomization = read("kustomization.yaml").remove(0);
+    let mut objects: Vec<Value> = kustomization["resources"]
+        .as_array()
+        .expect("kustomization.yaml lists resources")
+        .iter()
+        .flat_map(|r| read(r.as_str().expect("a resource is a file name")))
+        .collect();
+    objects.extend(read("podmonitor.yaml"));
+    let only = |kind: &str| -> &Value {
+        let found: Vec<&Value> = objects.iter().filter(|o| o["kind"] == kind).collect();
+        assert_eq!(found.len(), 1, "one {kind} in the install");
+        found[0]
+    };
+
+    // The embedded config, judged by the agent's own loader.
+    let config_text = only("ConfigMap")["data"]["sluice.yaml"]
+        .as_str()
+        .expect("configmap.yaml carries sluice.yaml");
+    let cfg = BadConfig::new(config_text);
+    let config = sluice::config::Config::load(&cfg.path)
+        .unwrap_or_else(|e| panic!("configmap.yaml sluice.yaml: {e}"));
+    let admin = config.agent.admin.value;
+    assert!(admin.ip().is_loopback(), "agent.admin is {admin}");
+    let metrics = config
+        .agent
+        .metrics
+        .as_ref()
+        .expect("configmap.yaml sets agent.metrics")
+        .value;
+    let exposed: Vec<&str> = config
+        .listeners()
+        .iter()
+        .filter(|l| !l.addr.ip().is_loopback())
+        .map(|l| l.field)
+        .collect();
+    assert_eq!(exposed, ["agent.inbound_port", "agent.metrics"]);
+    // kubelet probes the pod's address, the node's with hostNetwork.
+    let pod = &only("DaemonSet")["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], true);
+    assert!(
+        metrics.ip().is_unspecified() || metrics.ip() == config.node.address,
+        "agent.metrics {metrics} is not on the node's address"
+    );
+
+    let mut probes = 0;
+    for container in pod["containers"].as_array().expect("containers") {
+        for kind in ["livenessProbe", "readinessProbe", "startupProbe"] {
+            let probe = &container[kind];
+            if probe.is_null() {
+                continue;
+            }
+            probes += 1;
+            let get = &probe["httpGet"];
+            assert_eq!(get["port"], metrics.port(), "{kind}: {probe}");
+            let path = get["path"].as_str().unwrap_or_default();
+            assert!(
+                ["/healthz", "/readyz"].contains(&path),
+                "{kind} asks for {path}, which the metrics listener does not serve"
+            );
+        }
+    }
+    assert!(probes >= 2, "liveness and readiness probes");
+
+    let endpoints = only("PodMonitor")["spec"]["podMetricsEndpoints"]
+        .as_array()
+        .expect("podMetricsEndpoints");
+    assert!(!endpoints.is_empty());
+    for endpoint in endpoints {
+        assert_eq!(endpoint["path"], "/metrics");
+        let targets: Vec<&Value> = endpoint["relabelings"]
+            .as_array()
+            .expect("relabelings")
+            .iter()
+            .filter(|r| r["targetLabel"] == "__address__")
+            .collect();
+        assert_eq!(targets.len(), 1, "{endpoint}");
+        assert_eq!(
+            targets[0]["replacement"],
+            format!("${{1}}:{}", metrics.port()),
+            "the PodMonitor scrapes the metrics port"
+        );
+    }
+}
+
 /// Every config the project ships is valid.
 #[test]
 fn every_shipped_config_passes_the_check() {

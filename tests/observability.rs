@@ -5,9 +5,14 @@
 mod support;
 
 use std::{
-    net::SocketAddr,
+    io::{BufRead, BufReader, ErrorKind, Read, Write},
+    net::{SocketAddr, TcpStream},
     process::{Child, Command, Stdio},
-    time::Duration,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
 use serde_json::Value;
@@ -22,6 +27,69 @@ fn vip() -> SocketAddr {
 
 fn admin(config: &AgentConfig) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], config.admin_port))
+}
+
+/// A config with a metrics listener (`agent.metrics`) on a port of its
+/// own; returns its address too.
+fn with_metrics(services: &[ServiceDef]) -> (AgentConfig, SocketAddr) {
+    let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let config = AgentConfig::with_agent_extra(services, &format!("  metrics: {metrics}\n"));
+    (config, metrics)
+}
+
+/// A `/debug/trace` stream opened by hand: its status, and the rest of
+/// the response to read events from.
+fn open_trace(admin: SocketAddr, seconds: u64) -> (u16, BufReader<TcpStream>) {
+    let mut stream = TcpStream::connect(admin).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    write!(
+        stream,
+        "GET /debug/trace?seconds={seconds} HTTP/1.1\r\nhost: sluice\r\n\r\n"
+    )
+    .unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut head = String::new();
+    let until = Instant::now() + Duration::from_secs(5);
+    while !head.ends_with("\r\n\r\n") && Instant::now() < until {
+        match reader.read_line(&mut head) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) => panic!("trace stream: {e}"),
+        }
+    }
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {head:?}"));
+    (status, reader)
+}
+
+/// Reads a trace stream until a line contains `needle` (true) or the
+/// stream ends or 10 s pass (false).
+fn trace_shows(stream: &mut BufReader<TcpStream>, needle: &str) -> bool {
+    let until = Instant::now() + Duration::from_secs(10);
+    let mut line = String::new();
+    while Instant::now() < until {
+        match stream.read_line(&mut line) {
+            Ok(0) => return false,
+            Ok(_) if line.contains(needle) => return true,
+            // A timed-out read may leave half a line behind: keep it.
+            Ok(_) => line.clear(),
+            Err(_) => {}
+        }
+    }
+    false
+}
+
+/// The live trace streams the agent counts, from `/debug/status`.
+fn open_traces(admin: SocketAddr) -> Option<u64> {
+    let (_, body) = client::get(admin, "/debug/status").ok()?;
+    let status: Value = serde_json::from_str(&body).ok()?;
+    status["trace_streams"]["open"].as_u64()
 }
 
 /// `sluice ARGS --config CONFIG -o json`, parsed; with the exit code.
@@ -108,12 +176,13 @@ impl Drop for Prometheus {
 fn prometheus_scrapes_the_calls_and_promtool_accepts_the_exposition() {
     let b1 = Backend::start("b1");
     let b2 = Backend::start("b2");
-    let config = AgentConfig::new(&[ServiceDef::new("payments", VIP, &[b1.addr, b2.addr])]);
+    let (config, metrics) = with_metrics(&[ServiceDef::new("payments", VIP, &[b1.addr, b2.addr])]);
     let agent = Agent::start(&config);
     let replies = lines(&agent.run_as_client(&calls_script(vip(), 7)));
     assert_eq!(replies.len(), 7);
 
-    let prometheus = Prometheus::start(&config.dir, admin(&config));
+    // As shipped: Prometheus scrapes the metrics listener, not the admin API.
+    let prometheus = Prometheus::start(&config.dir, metrics);
     let opened = r#"sum(sluice_tcp_connections_opened_total{source_workload="client",source_workload_namespace="payments",destination_service="payments",connection_security_policy="plaintext",mode="proxy"})"#;
     let closed = r#"sum(sluice_tcp_connections_closed_total{destination_service="payments",reason="closed"})"#;
     let redirected = r#"sluice_redirect_decisions_total{outcome="redirected"}"#;
@@ -136,7 +205,7 @@ fn prometheus_scrapes_the_calls_and_promtool_accepts_the_exposition() {
         Some(2.0)
     );
 
-    let (status, exposition) = client::get(admin(&config), "/metrics").unwrap();
+    let (status, exposition) = client::get(metrics, "/metrics").unwrap();
     assert_eq!(status, 200);
     let path = config.dir.join("metrics.txt");
     std::fs::write(&path, &exposition).unwrap();
@@ -352,4 +421,164 @@ fn trace_follows_redirect_decisions_live() {
     lines(&agent.run_as_client(&calls_script(vip(), 1)));
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(agent.log().matches("connect4: redirect").count(), before);
+}
+
+/// The metrics listener serves metrics and the probes, and none of the
+/// views that name workloads, endpoints and connections; the admin API
+/// still serves them all on loopback.
+#[test]
+fn the_metrics_listener_serves_metrics_and_probes_and_no_debug_view() {
+    let b1 = Backend::start("b1");
+    let (config, metrics) = with_metrics(&[ServiceDef::new("payments", VIP, &[b1.addr])]);
+    let mut agent = Agent::start(&config);
+    lines(&agent.run_as_client(&calls_script(vip(), 2)));
+
+    let (status, body) = client::get(metrics, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("sluice_tcp_connections_opened_total"),
+        "{body}"
+    );
+    for path in ["/healthz", "/readyz"] {
+        assert_eq!(client::get(metrics, path).unwrap().0, 200, "{path}");
+    }
+    for path in [
+        "/debug/conns",
+        "/debug/workloads",
+        "/debug/endpoints",
+        "/debug/status",
+        "/debug/trace?seconds=1",
+        "/",
+    ] {
+        let (status, body) = client::get(metrics, path).unwrap();
+        assert_eq!(status, 404, "{path}: {body}");
+        assert!(!body.contains("payments"), "{path}: {body}");
+    }
+
+    for path in [
+        "/debug/conns",
+        "/debug/workloads",
+        "/debug/endpoints",
+        "/metrics",
+    ] {
+        assert_eq!(client::get(admin(&config), path).unwrap().0, 200, "{path}");
+    }
+    let (_, status) = client::get(admin(&config), "/debug/status").unwrap();
+    let status: Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["listeners"]["metrics"], metrics.to_string());
+
+    // It stops with the agent, like the admin API.
+    agent.sigterm();
+    assert!(agent.wait(Duration::from_secs(15)).success());
+    assert!(client::get(metrics, "/healthz").is_err());
+}
+
+/// At most 4 traces stream at once; one more is refused with 429 while
+/// the first ones go on streaming, and a slot is free again when a stream
+/// ends, whether its client leaves or its time is up.
+#[test]
+fn trace_streams_are_bounded_and_freed_when_they_end() {
+    let b1 = Backend::start("b1");
+    let config = AgentConfig::new(&[ServiceDef::new("payments", VIP, &[b1.addr])]);
+    let agent = Agent::start(&config);
+    let admin = admin(&config);
+    // As `sluice trace` does: the programs' events on.
+    let on = agent.sluice(&["ebpf-log", "on"]);
+    assert!(
+        on.status.success(),
+        "{}",
+        String::from_utf8_lossy(&on.stderr)
+    );
+
+    let mut streams: Vec<BufReader<TcpStream>> = (0..4)
+        .map(|i| {
+            let (status, stream) = open_trace(admin, 60);
+            assert_eq!(status, 200, "stream {i}");
+            stream
+        })
+        .collect();
+    assert_eq!(open_traces(admin), Some(4));
+    let (status, body) = client::get(admin, "/debug/trace?seconds=60").unwrap();
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("4 trace streams are open already"), "{body}");
+    assert_eq!(open_traces(admin), Some(4));
+
+    // The first four still stream: a call's decision reaches every one.
+    lines(&agent.run_as_client(&calls_script(vip(), 1)));
+    for (i, stream) in streams.iter_mut().enumerate() {
+        assert!(
+            trace_shows(stream, "connect4: redirect"),
+            "stream {i} saw no event"
+        );
+    }
+
+    // A client that leaves frees its slot at once, events or not.
+    drop(streams.pop());
+    assert!(
+        wait_until(Duration::from_secs(5), || open_traces(admin) == Some(3)),
+        "open: {:?}",
+        open_traces(admin)
+    );
+    // So does a stream whose time is up.
+    let (status, mut short) = open_trace(admin, 1);
+    assert_eq!(status, 200);
+    assert_eq!(open_traces(admin), Some(4));
+    assert_eq!(client::get(admin, "/debug/trace").unwrap().0, 429);
+    short
+        .get_mut()
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut rest = Vec::new();
+    short
+        .read_to_end(&mut rest)
+        .expect("the stream ends by itself");
+    assert!(wait_until(Duration::from_secs(5), || open_traces(admin) == Some(3)));
+    let (status, _again) = open_trace(admin, 60);
+    assert_eq!(status, 200);
+}
+
+/// An upgrade hands the metrics listener over with the others: kubelet's
+/// probe never finds the port closed while the versions change.
+#[test]
+fn the_metrics_listener_is_handed_over_in_an_upgrade() {
+    let (config, metrics) = with_metrics(&[]);
+    let mut old = Agent::start_with_args(&config, &["--stay-after-handover"]);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let probing = stop.clone();
+    let prober = std::thread::spawn(move || {
+        let (mut answered, mut failed) = (0, Vec::new());
+        while !probing.load(Ordering::Relaxed) {
+            match client::get(metrics, "/healthz") {
+                Ok((200, _)) => answered += 1,
+                other => failed.push(format!("{other:?}")),
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        (answered, failed)
+    });
+    assert!(wait_until(Duration::from_secs(5), || client::get(
+        metrics, "/healthz"
+    )
+    .is_ok()));
+
+    // The new agent binds nothing the old one holds: it starts only if it
+    // inherited every listening socket, the metrics one included.
+    let mut new = Agent::start(&config);
+    // Whatever becomes of the old agent now, the socket is the new one's
+    // too: with the old one gone, the new one answers on it.
+    old.kill();
+    let (status, body) = client::get(metrics, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    assert!(body.contains("sluice_build_info"), "{body}");
+
+    stop.store(true, Ordering::Relaxed);
+    let (answered, failed) = prober.join().unwrap();
+    assert!(answered > 0);
+    assert!(
+        failed.is_empty(),
+        "probes failed during the upgrade: {failed:?}"
+    );
+    new.sigterm();
+    assert!(new.wait(Duration::from_secs(15)).success());
 }

@@ -29,7 +29,7 @@ use log::{debug, error, info, warn};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    admin::{self, AdminState, StaticInfo},
+    admin::{self, AdminState, StaticInfo, Surface},
     audit::Audit,
     capture::{CaptureError, CaptureSet},
     catalog::{Catalog, Placement},
@@ -84,6 +84,8 @@ pub enum AgentError {
     Inbound(io::Error),
     #[error("admin API: {0}")]
     Admin(io::Error),
+    #[error("metrics listener (agent.metrics): {0}")]
+    Metrics(io::Error),
     #[error("mutual TLS: {0}")]
     Tls(#[from] TlsSetupError),
     #[error("cannot start the runtime: {0}")]
@@ -412,7 +414,7 @@ async fn run_attached(
         identities.clone(),
         watch.clone(),
     ));
-    let inbound_addr = SocketAddr::new(config.node.address, config.agent.inbound_port);
+    let inbound_addr = config.inbound_address();
     let inbound = InboundListener::bind(inbound_addr, inherited).map_err(AgentError::Inbound)?;
     offered.add_fixed(dup(inbound.socket()).map_err(AgentError::Inbound)?);
     data_plane.push(dup(inbound.socket()).map_err(AgentError::Inbound)?);
@@ -501,7 +503,8 @@ async fn run_attached(
             pin_dir: config.agent.pin_dir.display().to_string(),
             outbound: outbound.to_string(),
             inbound: inbound_addr.to_string(),
-            admin: config.agent.admin.to_string(),
+            admin: config.agent.admin.value.to_string(),
+            metrics: config.agent.metrics.as_ref().map(|m| m.value.to_string()),
             trust_domain: config.mesh.trust_domain.value.clone(),
         },
         started: std::time::Instant::now(),
@@ -514,21 +517,30 @@ async fn run_attached(
         attached: AtomicBool::new(false),
         stopping: AtomicBool::new(false),
         trace,
+        trace_streams: Default::default(),
         pod_listeners: pods.listening.clone(),
         discovery_synced: discovery.as_ref().map(|d| d.synced.clone()),
     });
-    let mut admin_addrs = vec![config.agent.admin];
-    if config.agent.admin_on_node_address {
-        admin_addrs.push(SocketAddr::new(
-            config.node.address,
-            config.agent.admin.port(),
-        ));
+    // The full API on loopback; probes and metrics alone where the network
+    // may reach them. Both are handed over in an upgrade and share the
+    // admin drain.
+    let mut surfaces = vec![(config.agent.admin.value, Surface::Admin)];
+    if let Some(metrics) = &config.agent.metrics {
+        surfaces.push((metrics.value, Surface::Metrics));
     }
-    for addr in admin_addrs {
-        let (listener, _) =
-            crate::proxy::socket::listen(addr, 128, inherited).map_err(AgentError::Admin)?;
-        offered.add_fixed(dup(std::os::fd::AsFd::as_fd(&listener)).map_err(AgentError::Admin)?);
-        tokio::spawn(admin::serve(listener, admin.clone(), admin_watch.clone()));
+    for (addr, surface) in surfaces {
+        let error = |e| match surface {
+            Surface::Admin => AgentError::Admin(e),
+            Surface::Metrics => AgentError::Metrics(e),
+        };
+        let (listener, _) = crate::proxy::socket::listen(addr, 128, inherited).map_err(error)?;
+        offered.add_fixed(dup(std::os::fd::AsFd::as_fd(&listener)).map_err(error)?);
+        tokio::spawn(admin::serve(
+            listener,
+            admin.clone(),
+            surface,
+            admin_watch.clone(),
+        ));
     }
 
     redirect.attach(root)?;
@@ -615,7 +627,7 @@ async fn run_attached(
     );
     admin.stopping.store(true, Ordering::Release);
     if exit == Exit::HandedOver {
-        // The successor answers on the same admin sockets.
+        // The successor answers on the same admin and metrics sockets.
         admin_trigger.start();
     }
     info!(

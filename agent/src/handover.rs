@@ -65,8 +65,8 @@ use crate::{drain::DrainWatch, telemetry::Metrics};
 
 const HELLO: &[u8] = b"sluice-handover/1 HELLO\n";
 const READY: &[u8] = b"READY\n";
-/// Most listening sockets one handover carries: outbound, inbound, two
-/// admin addresses, and one outbound listener per pod on the node.
+/// Most listening sockets one handover carries: outbound, inbound, admin,
+/// metrics, and one outbound listener per pod on the node.
 const MAX_FDS: usize = 253;
 /// How long the old agent waits for `READY` before it gives up on this
 /// successor and goes on serving.
@@ -580,7 +580,7 @@ impl Inherited {
 }
 
 /// The listening sockets this agent would hand over now: the fixed ones
-/// (outbound, inbound, admin) and one per pod namespace, which come and go
+/// (outbound, inbound, admin, metrics) and one per pod namespace, which come and go
 /// with the pods (keyed by namespace cookie).
 #[derive(Default, Clone)]
 pub struct Offered {

@@ -256,10 +256,14 @@ pub fn status(admin: SocketAddr, output: Output) -> Result<Outcome, InspectError
             println!("pinned in    {}", text(&s["pin_dir"]));
             let l = &s["listeners"];
             println!(
-                "listeners    outbound {}, inbound mTLS {}, admin {}",
+                "listeners    outbound {}, inbound mTLS {}, admin {}{}",
                 text(&l["outbound"]),
                 text(&l["inbound_mtls"]),
-                text(&l["admin"])
+                text(&l["admin"]),
+                l["metrics"]
+                    .as_str()
+                    .map(|m| format!(", metrics {m}"))
+                    .unwrap_or_default()
             );
             println!(
                 "totals       {} services, {} workloads, {} connections open, {} inbound accepted",

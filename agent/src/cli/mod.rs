@@ -134,8 +134,8 @@ impl Ask {
     fn admin(&self) -> std::net::SocketAddr {
         self.admin.unwrap_or_else(|| {
             Config::load(&self.config)
-                .map(|c| c.agent.admin)
-                .unwrap_or_else(|_| crate::config::AgentConfig::default().admin)
+                .map(|c| c.agent.admin.value)
+                .unwrap_or_else(|_| crate::config::AgentConfig::default().admin.value)
         })
     }
 }
@@ -330,7 +330,7 @@ fn trace(config: &Config, seconds: u64) -> anyhow::Result<Outcome> {
     }
     eprintln!("tracing redirect decisions for {seconds}s (Ctrl-C to stop)");
     let result = crate::admin::client::stream_lines(
-        config.agent.admin,
+        config.agent.admin.value,
         &format!("/debug/trace?seconds={seconds}"),
         || INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed),
         |line| println!("{line}"),

@@ -245,7 +245,7 @@ fn default_cgroup_root() -> Spanned<String> {
 }
 
 /// How the agent runs.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentConfig {
     /// Outbound listener that redirected connections land on (IPv4).
@@ -271,11 +271,17 @@ pub struct AgentConfig {
     pub inbound_port: u16,
     /// Where the agent keeps state: the local CA lives in `ca/` below it.
     pub state_dir: PathBuf,
-    /// The admin API (health, readiness, metrics, debug views).
-    pub admin: SocketAddr,
-    /// Also serve the admin API on `node.address` (same port), e.g. for
-    /// Prometheus on another machine. Off: localhost only.
-    pub admin_on_node_address: bool,
+    /// The admin API (health, readiness, metrics, debug views). Loopback
+    /// only: its views name workloads and connections, and its traces are
+    /// long-lived streams.
+    pub admin: Spanned<SocketAddr>,
+    /// A listener that serves `/metrics`, `/healthz` and `/readyz` and
+    /// nothing else, for Prometheus and kubelet's probes; may be on the
+    /// node's address. None: no such listener.
+    pub metrics: Option<Spanned<SocketAddr>>,
+    /// Removed: kept only so that a config still setting it gets an error
+    /// that says what replaced it, rather than "unknown field".
+    pub admin_on_node_address: Option<Spanned<bool>>,
     /// Let bytes between a workload and the agent skip the loopback TCP
     /// stack (sockmap + sk_msg).
     pub sockmap: bool,
@@ -294,10 +300,74 @@ impl Default for AgentConfig {
             ebpf_log: false,
             inbound_port: 15008,
             state_dir: PathBuf::from("/var/lib/sluice"),
-            admin: SocketAddr::from((Ipv4Addr::LOCALHOST, 15020)),
-            admin_on_node_address: false,
+            admin: unspanned(SocketAddr::from((Ipv4Addr::LOCALHOST, 15020))),
+            metrics: None,
+            admin_on_node_address: None,
             sockmap: false,
         }
+    }
+}
+
+/// Equal when the values are: where in the file a value was written does
+/// not matter, so a reload that only moves lines changes nothing.
+impl PartialEq for AgentConfig {
+    fn eq(&self, other: &Self) -> bool {
+        // Destructured without `..`, so that a new field cannot be
+        // forgotten here.
+        let AgentConfig {
+            outbound,
+            capture,
+            mark,
+            pin_dir,
+            connect_timeout,
+            drain_timeout,
+            worker_threads,
+            ebpf_log,
+            inbound_port,
+            state_dir,
+            admin,
+            metrics,
+            admin_on_node_address,
+            sockmap,
+        } = self;
+        *outbound == other.outbound
+            && *capture == other.capture
+            && *mark == other.mark
+            && *pin_dir == other.pin_dir
+            && *connect_timeout == other.connect_timeout
+            && *drain_timeout == other.drain_timeout
+            && *worker_threads == other.worker_threads
+            && *ebpf_log == other.ebpf_log
+            && *inbound_port == other.inbound_port
+            && *state_dir == other.state_dir
+            && admin.value == other.admin.value
+            && metrics.as_ref().map(|m| m.value) == other.metrics.as_ref().map(|m| m.value)
+            && admin_on_node_address.as_ref().map(|a| a.value)
+                == other.admin_on_node_address.as_ref().map(|a| a.value)
+            && *sockmap == other.sockmap
+    }
+}
+
+/// One TCP listener the agent opens in the node's network namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listener {
+    /// The config field that sets it, e.g. `agent.metrics`.
+    pub field: &'static str,
+    pub addr: SocketAddr,
+    /// Line of the field in the file; 0 when defaulted or not spanned.
+    pub line: u64,
+}
+
+impl Listener {
+    /// Whether the two cannot both be bound: the same port on the same
+    /// address, or on any address when one is the wildcard.
+    /// Port 0 is refused on its own, never counted as an overlap.
+    fn overlaps(&self, other: &Listener) -> bool {
+        self.addr.port() != 0
+            && self.addr.port() == other.addr.port()
+            && (self.addr.ip() == other.addr.ip()
+                || self.addr.ip().is_unspecified()
+                || other.addr.ip().is_unspecified())
     }
 }
 
@@ -567,6 +637,7 @@ impl Config {
                 "must be at least 1".into(),
             );
         }
+        self.check_listeners(&mut problems);
 
         let mut workload_names: HashMap<&str, usize> = HashMap::new();
         let mut cgroups: HashMap<&str, usize> = HashMap::new();
@@ -769,6 +840,101 @@ impl Config {
         } else {
             problems.sort_by_key(|p| p.line);
             Err(problems)
+        }
+    }
+
+    /// The address of the inbound mTLS listener.
+    pub fn inbound_address(&self) -> SocketAddr {
+        SocketAddr::new(self.node.address, self.agent.inbound_port)
+    }
+
+    /// Every TCP listener the agent opens in the node's network namespace
+    /// (the outbound listeners inside pods' namespaces are not the node's).
+    pub fn listeners(&self) -> Vec<Listener> {
+        let mut listeners = vec![
+            Listener {
+                field: "agent.outbound",
+                addr: SocketAddr::V4(self.agent.outbound),
+                line: 0,
+            },
+            Listener {
+                field: "agent.capture",
+                addr: SocketAddr::V4(self.agent.capture),
+                line: 0,
+            },
+            Listener {
+                field: "agent.inbound_port",
+                addr: self.inbound_address(),
+                line: 0,
+            },
+            Listener {
+                field: "agent.admin",
+                addr: self.agent.admin.value,
+                line: self.agent.admin.referenced.line(),
+            },
+        ];
+        if let Some(metrics) = &self.agent.metrics {
+            listeners.push(Listener {
+                field: "agent.metrics",
+                addr: metrics.value,
+                line: metrics.referenced.line(),
+            });
+        }
+        listeners
+    }
+
+    /// The admin API on loopback only, the metrics listener on a port of
+    /// its own, and no two listeners on one port.
+    fn check_listeners(&self, problems: &mut Vec<Problem>) {
+        let admin = &self.agent.admin;
+        if !admin.value.ip().to_canonical().is_loopback() {
+            push(
+                problems,
+                admin.referenced.line(),
+                "agent.admin".into(),
+                format!(
+                    "{} is not a loopback address: the admin API shows connections, \
+                     workloads and endpoints and streams traces, so it listens on \
+                     127.0.0.1 or ::1 only; serve /metrics, /healthz and /readyz to \
+                     the network with agent.metrics (e.g. 0.0.0.0:15090)",
+                    admin.value
+                ),
+            );
+        }
+        if let Some(old) = &self.agent.admin_on_node_address {
+            push(
+                problems,
+                old.referenced.line(),
+                "agent.admin_on_node_address".into(),
+                "was removed: the admin API listens on loopback only; delete this line \
+                 and set agent.metrics (e.g. 0.0.0.0:15090) to serve /metrics, /healthz \
+                 and /readyz on the node's address"
+                    .into(),
+            );
+        }
+        if let Some(metrics) = &self.agent.metrics
+            && metrics.value.port() == 0
+        {
+            push(
+                problems,
+                metrics.referenced.line(),
+                "agent.metrics".into(),
+                "port must not be 0: Prometheus and the probes need to know it".into(),
+            );
+        }
+        let listeners = self.listeners();
+        for (i, later) in listeners.iter().enumerate() {
+            if let Some(first) = listeners[..i].iter().find(|l| l.overlaps(later)) {
+                push(
+                    problems,
+                    later.line,
+                    later.field.into(),
+                    format!(
+                        "{} overlaps {} ({}): two listeners cannot share a port on one address",
+                        later.addr, first.field, first.addr
+                    ),
+                );
+            }
         }
     }
 
@@ -1002,6 +1168,98 @@ services:
         let found = problems(&text);
         assert_eq!(found.len(), 2, "{found:?}");
         assert!(found.iter().all(|p| p.field.ends_with(".weight")));
+    }
+
+    #[test]
+    fn a_non_loopback_admin_address_is_refused_with_its_line() {
+        let text = format!("{GOOD}agent:\n  admin: 0.0.0.0:15020\n");
+        let found = problems(&text);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(
+            (found[0].line, found[0].field.as_str()),
+            (19, "agent.admin")
+        );
+        assert!(found[0].message.contains("agent.metrics"), "{found:?}");
+        for ok in ["127.0.0.1:15020", "127.0.0.9:1", "[::1]:15020"] {
+            let c = Config::parse(&format!("{GOOD}agent:\n  admin: \"{ok}\"\n"), "t.yaml").unwrap();
+            c.validate().unwrap_or_else(|p| panic!("{ok}: {p:?}"));
+        }
+        // An IPv4-mapped address is what it maps.
+        let text = format!("{GOOD}agent:\n  admin: \"[::ffff:10.0.0.1]:15020\"\n");
+        assert_eq!(problems(&text)[0].field, "agent.admin");
+    }
+
+    #[test]
+    fn admin_on_node_address_is_refused_and_names_its_replacement() {
+        let text = format!("{GOOD}agent:\n  admin_on_node_address: true\n");
+        let found = problems(&text);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].field, "agent.admin_on_node_address");
+        assert_eq!(found[0].line, 19);
+        assert!(found[0].message.contains("agent.metrics"), "{found:?}");
+    }
+
+    #[test]
+    fn metrics_may_listen_on_the_node_but_not_on_another_listeners_port() {
+        let c = Config::parse(
+            &format!("{GOOD}agent:\n  metrics: 0.0.0.0:15090\n"),
+            "t.yaml",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(
+            c.agent.metrics.as_ref().map(|m| m.value),
+            Some("0.0.0.0:15090".parse().unwrap())
+        );
+        assert_eq!(AgentConfig::default().metrics, None);
+        let fields: Vec<&str> = c.listeners().iter().map(|l| l.field).collect();
+        assert_eq!(
+            fields,
+            [
+                "agent.outbound",
+                "agent.inbound_port",
+                "agent.admin",
+                "agent.metrics"
+            ]
+        );
+
+        let text = format!("{GOOD}agent:\n  metrics: 0.0.0.0:15020\n");
+        let found = problems(&text);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(
+            (found[0].line, found[0].field.as_str()),
+            (19, "agent.metrics")
+        );
+        assert!(
+            found[0].message.contains("overlaps agent.admin"),
+            "{found:?}"
+        );
+        let text = format!("{GOOD}agent:\n  metrics: 127.0.0.1:15008\n");
+        assert!(problems(&text)[0].message.contains("agent.inbound_port"));
+        let text = format!("{GOOD}agent:\n  metrics: 127.0.0.1:0\n");
+        assert_eq!(
+            problems(&text)[0].message,
+            "port must not be 0: Prometheus and the probes need to know it"
+        );
+    }
+
+    /// A reload compares `agent` sections to warn about restart-only
+    /// changes; lines that merely moved are no change.
+    #[test]
+    fn agent_sections_compare_by_value_not_by_line() {
+        let a = Config::parse(&format!("{GOOD}agent:\n  admin: 127.0.0.1:1\n"), "t.yaml").unwrap();
+        let b = Config::parse(
+            &format!("# moved\n{GOOD}agent:\n  admin: 127.0.0.1:1\n"),
+            "t.yaml",
+        )
+        .unwrap();
+        assert_ne!(
+            a.agent.admin.referenced.line(),
+            b.agent.admin.referenced.line()
+        );
+        assert_eq!(a.agent, b.agent);
+        let c = Config::parse(&format!("{GOOD}agent:\n  admin: 127.0.0.1:2\n"), "t.yaml").unwrap();
+        assert_ne!(a.agent, c.agent);
     }
 
     #[test]
