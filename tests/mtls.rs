@@ -360,6 +360,14 @@ async fn probe_plain(listener: SocketAddr, bytes: &[u8]) {
     let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf)).await;
 }
 
+/// Inbound refusals for `reason` as `sluice status` on `agent`'s node
+/// reports them.
+fn refusals(agent: &Agent, reason: &str) -> u64 {
+    let out = agent.sluice(&["status", "-o", "json"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    status["inbound_refused"][reason].as_u64().unwrap_or(0)
+}
+
 fn preamble(target: &str) -> Vec<u8> {
     let mut p = vec![b'S', 1];
     p.extend_from_slice(&(target.len() as u16).to_be_bytes());
@@ -455,18 +463,17 @@ fn bad_peers_are_refused_for_the_right_reason_while_a_good_connection_carries_on
         }
     });
     for reason in &expected {
-        let needed = expected.iter().filter(|r| *r == reason).count();
+        let needed = expected.iter().filter(|r| *r == reason).count() as u64;
         assert!(
-            wait_until(Duration::from_secs(5), || m
-                .b
-                .log()
-                .matches(&format!("refused: {reason}:"))
-                .count()
-                == needed),
-            "expected {needed} x {reason}; log:\n{}",
+            wait_until(Duration::from_secs(5), || refusals(&m.b, reason) == needed),
+            "expected {needed} x {reason}, counted {}; log:\n{}",
+            refusals(&m.b, reason),
             m.b.log()
         );
     }
+    // Each reason is logged once however often it happens (the counters
+    // above stay exact): an attacker does not set the log volume.
+    assert_eq!(m.b.log().matches("refused: not_tls:").count(), 1);
 
     // The good connection was never disturbed, and a valid peer still gets
     // through with the same certificate authority.
@@ -477,4 +484,202 @@ fn bad_peers_are_refused_for_the_right_reason_while_a_good_connection_carries_on
     );
     let ok = lines(&m.a.run_as_client(&call_script(VIP, 1, "fine")));
     assert_eq!(ok, ["ledger fine 1"]);
+}
+
+/// TLS 1.3 resumption restores the client's certificate from the ticket
+/// without checking it again: a session whose certificate has expired
+/// since must be refused like a fresh handshake with that certificate.
+#[test]
+fn a_resumed_session_is_refused_once_its_certificate_has_expired() {
+    let m = mesh("1h");
+    let ca = m.state.join("ca");
+    let listener = SocketAddr::new(m.pair.b_addr, m.inbound_port);
+    let now = SystemTime::now();
+    let expires = now + Duration::from_secs(3);
+    let cert = client_cert(
+        Some(&ca),
+        "spiffe://cluster.local/ns/payments/sa/checkout",
+        now - Duration::from_secs(3600),
+        expires,
+    );
+    let config = tls_config(cert);
+    let kinds = m.pair.a.run(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let first = handshake_kind(listener, config.clone()).await;
+            // Until the certificate is past its not-after (whole seconds).
+            while SystemTime::now() < expires + Duration::from_secs(1) {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let second = handshake_kind(listener, config).await;
+            (first, second)
+        })
+    });
+    assert_eq!(
+        kinds,
+        (
+            Some(rustls::HandshakeKind::Full),
+            Some(rustls::HandshakeKind::Resumed)
+        ),
+        "the second connection must resume the first one's session"
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || refusals(
+            &m.b,
+            "certificate_expired"
+        ) == 1),
+        "{}",
+        m.b.log()
+    );
+}
+
+/// Connects with `config`, reads until the server closes (collecting the
+/// session tickets it sends), and says how the handshake went.
+async fn handshake_kind(
+    listener: SocketAddr,
+    config: Arc<ClientConfig>,
+) -> Option<rustls::HandshakeKind> {
+    let tcp = tokio::net::TcpStream::connect(listener).await.unwrap();
+    let name = ServerName::try_from("ledger.payments.sluice").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .ok()?;
+    let kind = tls.get_ref().1.handshake_kind();
+    let mut buf = [0u8; 64];
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf)).await;
+    kind
+}
+
+/// Resident memory of process `pid` in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+/// Round trips of one persistent connection through node B's outbound
+/// listener (ledger calling the plaintext service on its own node): their
+/// p50 and p99 in microseconds.
+fn outbound_latency(m: &Mesh, rounds: usize) -> (u64, u64) {
+    let script = format!(
+        "python3 -c 'import socket, time\n\
+s = socket.create_connection((\"127.77.3.11\", 8080))\n\
+f = s.makefile(\"rb\")\n\
+t = []\n\
+for i in range({rounds}):\n    a = time.perf_counter(); s.sendall(b\"x\\n\"); f.readline(); t.append(time.perf_counter() - a)\n\
+t.sort()\n\
+print(int(t[len(t) // 2] * 1e6), int(t[len(t) * 99 // 100] * 1e6))'"
+    );
+    let out = lines(&m.b.workload_command("ledger", &script).output().unwrap());
+    let (p50, p99) = out[0].split_once(' ').unwrap();
+    (p50.parse().unwrap(), p99.parse().unwrap())
+}
+
+/// 500 TLS handshakes that never finish, from one peer: the inbound port
+/// admits a bounded number (the rest are reset at once), every one is
+/// refused or times out, a meshed stream from node A loses nothing, the
+/// log stays at a line per reason, and the memory comes back.
+#[test]
+fn a_flood_of_unauthenticated_handshakes_is_bounded_and_costs_nothing_after() {
+    let m = mesh("1h");
+    let listener = SocketAddr::new(m.pair.b_addr, m.inbound_port);
+    // Warm up both paths, then take the baseline.
+    assert_eq!(
+        lines(&m.a.run_as_client(&call_script(VIP, 20, "warm"))).len(),
+        20
+    );
+    let quiet = outbound_latency(&m, 500);
+    let before = rss_kib(m.b.pid());
+
+    // A client hello, as a real TLS client sends it.
+    let hello = {
+        let cert = client_cert(
+            None,
+            "spiffe://cluster.local/ns/payments/sa/x",
+            SystemTime::now() - Duration::from_secs(60),
+            SystemTime::now() + Duration::from_secs(3600),
+        );
+        let mut conn = rustls::ClientConnection::new(
+            tls_config(cert),
+            ServerName::try_from("ledger.payments.sluice").unwrap(),
+        )
+        .unwrap();
+        let mut bytes = Vec::new();
+        conn.write_tls(&mut bytes).unwrap();
+        bytes
+    };
+    let go = m.state.join("stream-go");
+    let stream_script = format!(
+        "exec 7<>/dev/tcp/127.77.3.10/8080 || exit 1; \
+         while [ ! -e {} ]; do sleep 0.01; done; \
+         for i in $(seq 1 300); do echo \"s $i\" >&7; read -r r <&7; echo \"$r\"; done",
+        go.display()
+    );
+    let stream =
+        m.a.client_command(&stream_script)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+    // The stream's connection is up before the flood starts (it comes from
+    // node A's address too, like the flood).
+    let accepted = m.ledger.accepted();
+    assert!(wait_until(Duration::from_secs(10), || m.ledger.accepted()
+        == accepted + 1));
+    let (in_flight, flooding) = std::sync::mpsc::channel();
+    let flood = m.pair.a.spawn(move || {
+        let conns: Vec<std::net::TcpStream> = (0..500)
+            .filter_map(|_| {
+                let mut c = std::net::TcpStream::connect(listener).ok()?;
+                let _ = std::io::Write::write_all(&mut c, &hello);
+                Some(c)
+            })
+            .collect();
+        let _ = in_flight.send(());
+        // Held until the agent's handshake deadline (1 s) has passed.
+        std::thread::sleep(Duration::from_secs(2));
+        conns.len()
+    });
+    flooding.recv().unwrap();
+    std::fs::write(&go, "").unwrap();
+    let loaded = outbound_latency(&m, 500);
+    assert_eq!(flood.join().unwrap(), 500);
+    let replies = lines(&stream.wait_with_output().unwrap());
+    let expected: Vec<String> = (1..=300).map(|i| format!("ledger s {i}")).collect();
+    assert_eq!(replies, expected, "the meshed stream lost or changed bytes");
+
+    let refused = ["overloaded", "handshake_timeout", "closed_during_handshake"];
+    assert!(
+        wait_until(Duration::from_secs(10), || refused
+            .iter()
+            .map(|r| refusals(&m.b, r))
+            .sum::<u64>()
+            == 500),
+        "every handshake refused or timed out: {:?}",
+        refused.map(|r| (r, refusals(&m.b, r)))
+    );
+    assert!(refusals(&m.b, "overloaded") >= 500 - 64, "per-source bound");
+    let logged = m.b.log().matches("refused:").count();
+    assert!(logged <= refused.len(), "{logged} refusal lines logged");
+    // The memory a flood took is given back once it is over.
+    let mut after = 0;
+    let settled = wait_until(Duration::from_secs(15), || {
+        after = rss_kib(m.b.pid());
+        after <= before + 2048
+    });
+    eprintln!(
+        "inbound flood of 500 handshakes: node B's outbound p50/p99 {}/{} us quiet, {}/{} us \
+         during the flood; RSS {before} KiB before, {after} KiB after",
+        quiet.0, quiet.1, loaded.0, loaded.1
+    );
+    assert!(
+        settled,
+        "RSS {after} KiB after the flood, {before} KiB before"
+    );
 }

@@ -43,6 +43,7 @@ use crate::{
         OutboundContext, OutboundListener,
         capture::CaptureContext,
         inbound::{InboundContext, InboundListener, InboundStats},
+        limits::InboundLimits,
     },
     redirect::{
         ProgramSettings, Redirect, RedirectError, cgroup,
@@ -416,6 +417,9 @@ async fn run_attached(
     ));
     let inbound_addr = config.inbound_address();
     let inbound = InboundListener::bind(inbound_addr, inherited).map_err(AgentError::Inbound)?;
+    let inbound_limits = InboundLimits::new(config.mesh.inbound_limits);
+    let (inbound_runtime, _stop_inbound_runtime) =
+        start_inbound_runtime().map_err(AgentError::Runtime)?;
     offered.add_fixed(dup(inbound.socket()).map_err(AgentError::Inbound)?);
     data_plane.push(dup(inbound.socket()).map_err(AgentError::Inbound)?);
     let catalog = Arc::new(ArcSwap::from_pointee(catalog));
@@ -429,6 +433,7 @@ async fn run_attached(
         stats: inbound_stats.clone(),
         audit: audit.clone(),
         log: refusal_log.clone(),
+        limits: inbound_limits.clone(),
     });
     let capture_ctx = Arc::new(CaptureContext {
         catalog: catalog.clone(),
@@ -512,7 +517,7 @@ async fn run_attached(
         metrics: metrics.clone(),
         connections,
         tls: tls.clone(),
-        inbound: inbound_stats,
+        inbound: inbound_stats.clone(),
         kernel,
         attached: AtomicBool::new(false),
         stopping: AtomicBool::new(false),
@@ -546,7 +551,14 @@ async fn run_attached(
     redirect.attach(root)?;
     admin.attached.store(true, Ordering::Release);
     let server = tokio::spawn(listener.serve(ctx.clone(), watch.clone()));
-    let inbound_server = tokio::spawn(inbound.serve(inbound_ctx, watch.clone()));
+    let inbound_server = inbound
+        .serve_on(&inbound_runtime, inbound_ctx, watch.clone())
+        .map_err(AgentError::Inbound)?;
+    tokio::spawn(give_back_memory(
+        inbound_limits,
+        inbound_stats.clone(),
+        watch.clone(),
+    ));
     tokio::spawn(sweep_records(records, cookie_records, watch.clone()));
     let tables_changed = Arc::new(tokio::sync::Notify::new());
     tokio::spawn(fastpath::pump_kernel_events(
@@ -661,6 +673,69 @@ async fn run_attached(
         info!("drained; detaching");
     }
     Ok(exit)
+}
+
+/// A one-thread runtime of its own for the inbound port, running until the
+/// returned sender is dropped (after the drain).
+fn start_inbound_runtime() -> io::Result<(tokio::runtime::Handle, tokio::sync::oneshot::Sender<()>)>
+{
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let handle = runtime.handle().clone();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name("sluice-inbound".into())
+        .spawn(move || {
+            runtime.block_on(async {
+                let _ = stopped.await;
+            });
+        })?;
+    Ok((handle, stop))
+}
+
+/// How often the allocator is asked to give freed memory back.
+const TRIM_EVERY: Duration = Duration::from_secs(2);
+/// Connections (open at the peak, or refused) since the last look that
+/// make a trim worth it.
+const TRIM_AFTER: usize = 64;
+
+/// Gives memory back to the kernel after a burst of inbound connections
+/// (a flood, or a peer's reconnect storm) has ended. glibc keeps freed
+/// memory in its arenas for reuse, so without this the agent's RSS would
+/// stay at the peak of the last flood; `malloc_trim` returns the free pages
+/// of every arena. It runs only after a burst, never per connection.
+async fn give_back_memory(
+    limits: Arc<InboundLimits>,
+    stats: Arc<InboundStats>,
+    mut drain: DrainWatch,
+) {
+    let refused = |s: &InboundStats| -> u64 {
+        crate::proxy::inbound::Refusal::ALL
+            .iter()
+            .map(|r| s.refused(*r))
+            .sum()
+    };
+    let mut last_refused = refused(&stats);
+    let mut tick = tokio::time::interval(TRIM_EVERY);
+    loop {
+        tokio::select! {
+            _ = drain.draining() => return,
+            _ = tick.tick() => {}
+        }
+        let peak = limits.take_peak();
+        let now_refused = refused(&stats);
+        let burst =
+            peak.saturating_sub(limits.connections()) + (now_refused - last_refused) as usize;
+        last_refused = now_refused;
+        if burst >= TRIM_AFTER {
+            #[cfg(target_env = "gnu")]
+            // SAFETY: malloc_trim only walks the allocator's own state.
+            unsafe {
+                libc::malloc_trim(0);
+            }
+        }
+    }
 }
 
 /// The id of the cgroup this agent runs in.

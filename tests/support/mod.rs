@@ -125,7 +125,12 @@ fn echo_lines(name: &str, stream: TcpStream) {
     let mut writer = stream.try_clone().unwrap();
     for line in BufReader::new(stream).lines() {
         let Ok(line) = line else { return };
-        if writeln!(writer, "{name} {line}").is_err() {
+        // One write per reply: `writeln!` may split it, and Nagle would
+        // then hold the rest for the peer's delayed ACK (40 ms).
+        if writer
+            .write_all(format!("{name} {line}\n").as_bytes())
+            .is_err()
+        {
             return;
         }
     }

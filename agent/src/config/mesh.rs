@@ -21,6 +21,35 @@ pub struct MeshConfig {
     pub allow_tls12: bool,
     /// Deadline for a peer's handshake plus preamble on the inbound port.
     pub inbound_handshake_timeout: HumanDuration,
+    /// Bounds on handshakes and connections on the inbound port.
+    pub inbound_limits: InboundLimitsConfig,
+}
+
+/// What peers may hold on the inbound port; over a bound a connection is
+/// reset at once and counted as `overloaded`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InboundLimitsConfig {
+    /// TLS handshakes in flight on the node.
+    pub max_handshakes: usize,
+    /// TLS handshakes in flight from one source address.
+    pub max_handshakes_per_source: usize,
+    /// Inbound connections open on the node.
+    pub max_connections: usize,
+    /// Inbound connections open from one source address (a peer node's
+    /// agent carries all of its workloads' connections from one address).
+    pub max_connections_per_source: usize,
+}
+
+impl Default for InboundLimitsConfig {
+    fn default() -> Self {
+        InboundLimitsConfig {
+            max_handshakes: 256,
+            max_handshakes_per_source: 64,
+            max_connections: 16_384,
+            max_connections_per_source: 8_192,
+        }
+    }
 }
 
 impl Default for MeshConfig {
@@ -30,6 +59,7 @@ impl Default for MeshConfig {
             certificates: CertificateSource::default(),
             allow_tls12: false,
             inbound_handshake_timeout: HumanDuration(Duration::from_secs(5)),
+            inbound_limits: InboundLimitsConfig::default(),
         }
     }
 }

@@ -1217,6 +1217,7 @@ services:
             fields,
             [
                 "agent.outbound",
+                "agent.capture",
                 "agent.inbound_port",
                 "agent.admin",
                 "agent.metrics"

@@ -34,6 +34,7 @@ use crate::{
     config::policy::DEFAULT_IDLE_TIMEOUT,
     drain::{ConnectionGuard, DrainWatch, accept_until_drained},
     handover::Inherited,
+    proxy::limits::{Admitted, InboundLimits},
     telemetry::LogLimiter,
     tls::{Identity, TlsContext, identity_of},
 };
@@ -79,10 +80,12 @@ pub enum Refusal {
     /// Plaintext from outside the mesh to a strict workload, caught by the
     /// capture hook.
     Plaintext,
+    /// Over a bound of `mesh.inbound_limits`: reset before any handshake.
+    Overloaded,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 21] = [
+    pub const ALL: [Refusal; 22] = [
         Refusal::NotTls,
         Refusal::ClosedDuringHandshake,
         Refusal::HandshakeTimeout,
@@ -104,6 +107,7 @@ impl Refusal {
         Refusal::TargetUnreachable,
         Refusal::TlsError,
         Refusal::Plaintext,
+        Refusal::Overloaded,
     ];
 
     /// Stable name for logs and metrics.
@@ -130,6 +134,7 @@ impl Refusal {
             Refusal::TargetUnreachable => "target_unreachable",
             Refusal::TlsError => "tls_error",
             Refusal::Plaintext => "plaintext",
+            Refusal::Overloaded => "overloaded",
         }
     }
 
@@ -137,9 +142,13 @@ impl Refusal {
         if e.kind() == io::ErrorKind::UnexpectedEof {
             return Refusal::ClosedDuringHandshake;
         }
-        let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<TlsError>()) else {
-            return Refusal::TlsError;
-        };
+        match e.get_ref().and_then(|i| i.downcast_ref::<TlsError>()) {
+            Some(tls) => Refusal::from_tls(tls),
+            None => Refusal::TlsError,
+        }
+    }
+
+    fn from_tls(tls: &TlsError) -> Refusal {
         match tls {
             TlsError::InvalidMessage(_)
             | TlsError::InappropriateMessage { .. }
@@ -209,6 +218,7 @@ pub struct InboundContext {
     pub audit: Arc<Audit>,
     /// Refusals are logged at most once per reason per interval.
     pub log: Arc<LogLimiter>,
+    pub limits: Arc<InboundLimits>,
 }
 
 /// The bound inbound listener.
@@ -227,13 +237,49 @@ impl InboundListener {
         std::os::fd::AsFd::as_fd(&self.listener)
     }
 
+    /// Accepts until the drain starts, on `runtime`: inbound connections,
+    /// their handshakes above all, run apart from the data-plane workers
+    /// that carry outbound traffic, so a flood of handshakes cannot delay
+    /// an outbound connection's bytes.
+    pub fn serve_on(
+        self,
+        runtime: &tokio::runtime::Handle,
+        ctx: Arc<InboundContext>,
+        drain: DrainWatch,
+    ) -> io::Result<tokio::task::JoinHandle<()>> {
+        // Registered again with the inbound runtime's reactor.
+        let listener = self.listener.into_std()?;
+        Ok(runtime.spawn(async move {
+            match TcpListener::from_std(listener) {
+                Ok(listener) => InboundListener { listener }.serve(ctx, drain).await,
+                Err(e) => log::error!("inbound listener: {e}"),
+            }
+        }))
+    }
+
     /// Accepts until the drain starts.
     pub async fn serve(self, ctx: Arc<InboundContext>, mut drain: DrainWatch) {
         let acceptor = TlsAcceptor::from(ctx.tls.server_config());
         accept_until_drained(&self.listener, &mut drain, "inbound", |tcp, peer, guard| {
+            let admitted = match ctx.limits.admit(peer.ip()) {
+                Ok(admitted) => admitted,
+                Err(over) => {
+                    // Not audited: a flood must not fill the audit trail;
+                    // counted exactly and logged within the rate limit.
+                    ctx.stats.count_refusal(Refusal::Overloaded);
+                    ctx.log.warn(Refusal::Overloaded.name(), || {
+                        format!(
+                            "inbound {peer}: refused: overloaded: {} reached",
+                            over.name()
+                        )
+                    });
+                    let _ = tcp.set_zero_linger();
+                    return;
+                }
+            };
             let ctx = ctx.clone();
             let acceptor = acceptor.clone();
-            tokio::spawn(async move { handle(ctx, acceptor, tcp, peer, guard).await });
+            tokio::spawn(async move { handle(ctx, acceptor, tcp, peer, guard, admitted).await });
         })
         .await;
     }
@@ -296,9 +342,12 @@ async fn handle(
     tcp: TcpStream,
     peer: SocketAddr,
     _guard: ConnectionGuard,
+    mut admitted: Admitted,
 ) {
     let _ = tcp.set_nodelay(true);
-    let mut tls = match tokio::time::timeout(ctx.handshake_timeout, acceptor.accept(tcp)).await {
+    let handshake = tokio::time::timeout(ctx.handshake_timeout, acceptor.accept(tcp)).await;
+    admitted.handshake_done();
+    let mut tls = match handshake {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => return refuse(&ctx, peer, None, Refusal::from_handshake(&e), &e),
         Err(_) => {
@@ -311,19 +360,27 @@ async fn handle(
     let asked_for = conn
         .server_name()
         .and_then(|n| Identity::from_server_name(n, trust_domain));
-    let Some(caller) = conn
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .and_then(identity_of)
-    else {
+    if conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
+        && let Err(e) = ctx.tls.store.verify_caller(
+            conn.peer_certificates().unwrap_or_default(),
+            rustls_pki_types::UnixTime::now(),
+        )
+    {
         tls.reset_on_close();
-        return refuse(
-            &ctx,
-            peer,
-            None,
-            Refusal::NoIdentity,
-            &"no SPIFFE ID in the certificate",
-        );
+        let why = Refusal::from_tls(&e);
+        let detail = format!("resumed session: {e}");
+        return refuse(&ctx, peer, None, why, &detail);
+    }
+    let caller = match conn.peer_certificates().and_then(|c| c.first()) {
+        Some(leaf) => identity_of(leaf),
+        None => Err(crate::tls::IdentityError::NoUri),
+    };
+    let caller = match caller {
+        Ok(caller) => caller,
+        Err(e) => {
+            tls.reset_on_close();
+            return refuse(&ctx, peer, None, Refusal::NoIdentity, &e);
+        }
     };
     if caller.trust_domain != trust_domain {
         tls.reset_on_close();

@@ -4,6 +4,7 @@
 pub mod capture;
 pub mod copy;
 pub mod inbound;
+pub mod limits;
 pub mod outbound;
 pub mod preamble;
 pub mod socket;

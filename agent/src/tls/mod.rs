@@ -23,7 +23,7 @@ use rustls::{ClientConfig, ServerConfig, crypto::CryptoProvider, sign::Certified
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 
 pub use identity::Identity;
-pub use store::{CertStore, IssuedCert, identity_of};
+pub use store::{CertStore, IdentityError, IssuedCert, identity_of};
 
 use crate::{
     config::{CertificateSource, MeshConfig},
@@ -174,6 +174,36 @@ impl TlsContext {
     /// (`initial`) a failure is an error; later it is logged and the last
     /// good certificates stay in use.
     pub fn refresh(&self, identities: &[Identity], initial: bool) -> Result<(), TlsSetupError> {
+        let installed = |id: &Identity| self.store.get(id).map(|c| c.installed);
+        let before: Vec<_> = identities.iter().map(installed).collect();
+        let result = self.refresh_certificates(identities, initial);
+        // A new certificate gets a new client configuration, and so a new
+        // session cache: a session resumed from a ticket carries the
+        // certificate of its first handshake, which peers refuse once it
+        // has expired.
+        let renewed: Vec<&Identity> = identities
+            .iter()
+            .zip(before)
+            .filter(|(id, was)| installed(id) != *was)
+            .map(|(id, _)| id)
+            .collect();
+        if !renewed.is_empty() {
+            let mut next = HashMap::clone(&self.clients.load());
+            for id in renewed {
+                if let Some(config) = self.make_client(id) {
+                    next.insert(id.clone(), config);
+                }
+            }
+            self.clients.store(Arc::new(next));
+        }
+        result
+    }
+
+    fn refresh_certificates(
+        &self,
+        identities: &[Identity],
+        initial: bool,
+    ) -> Result<(), TlsSetupError> {
         match &self.source {
             Source::LocalCa { ca, lifetime } => {
                 let now = SystemTime::now();
@@ -304,15 +334,15 @@ fn load_pair(
         .first()
         .ok_or_else(|| file_err(cert_path, "no certificate in the file"))?;
     match identity_of(leaf) {
-        Some(found) if &found == id => {}
-        found => {
+        Ok(found) if &found == id => {}
+        Ok(found) => {
             return Err(file_err(
                 cert_path,
-                format!(
-                    "holds identity {} where {id} was expected",
-                    found.map_or("none".to_owned(), |f| f.to_string())
-                ),
+                format!("holds identity {found} where {id} was expected"),
             ));
+        }
+        Err(e) => {
+            return Err(file_err(cert_path, format!("{e}, where {id} was expected")));
         }
     }
     let not_after = x509_parser::parse_x509_certificate(leaf.as_ref())

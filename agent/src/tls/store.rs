@@ -108,6 +108,21 @@ impl CertStore {
         Ok(n)
     }
 
+    /// Verifies a caller's chain against the current trust bundle at `now`:
+    /// what the handshake checked, checked again for a resumed session,
+    /// whose certificate rustls restores from the ticket without a look at
+    /// its validity or at the bundle.
+    pub fn verify_caller(
+        &self,
+        chain: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<(), TlsError> {
+        let (leaf, intermediates) = chain
+            .split_first()
+            .ok_or(TlsError::NoCertificatesPresented)?;
+        self.verify_chain(leaf, intermediates, now, webpki::KeyUsage::client_auth())
+    }
+
     /// Verifies `end_entity` against the trust bundle for `usage`.
     fn verify_chain(
         &self,
@@ -162,14 +177,43 @@ fn pki_error(e: webpki::Error) -> TlsError {
     })
 }
 
-/// The SPIFFE ID in a certificate's URI SAN.
-pub fn identity_of(cert: &CertificateDer<'_>) -> Option<Identity> {
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
-    let san = parsed.subject_alternative_name().ok()??;
-    san.value.general_names.iter().find_map(|name| match name {
-        x509_parser::extensions::GeneralName::URI(uri) => Identity::parse(uri).ok(),
-        _ => None,
-    })
+/// Why a certificate names no workload identity.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    #[error("the certificate cannot be parsed")]
+    Unparsable,
+    #[error("the certificate carries no URI SAN (no SPIFFE ID)")]
+    NoUri,
+    #[error("the certificate carries {0} URI SANs; an X.509-SVID has exactly one SPIFFE ID")]
+    SeveralUris(usize),
+    #[error(transparent)]
+    NotSpiffe(#[from] super::identity::NotAnIdentity),
+}
+
+/// The SPIFFE ID of a certificate: its one URI SAN. A certificate with
+/// several URI SANs is refused rather than read for the first that parses,
+/// so no second name can ride along (the SPIFFE X.509-SVID rule).
+pub fn identity_of(cert: &CertificateDer<'_>) -> Result<Identity, IdentityError> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|_| IdentityError::Unparsable)?;
+    let san = parsed
+        .subject_alternative_name()
+        .map_err(|_| IdentityError::Unparsable)?
+        .ok_or(IdentityError::NoUri)?;
+    let mut uris = san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            x509_parser::extensions::GeneralName::URI(uri) => Some(*uri),
+            _ => None,
+        });
+    let first = uris.next().ok_or(IdentityError::NoUri)?;
+    let more = uris.count();
+    if more > 0 {
+        return Err(IdentityError::SeveralUris(more + 1));
+    }
+    Ok(Identity::parse(first)?)
 }
 
 /// Server side: presents the certificate of the identity the client asked
@@ -227,7 +271,7 @@ impl ServerCertVerifier for PeerVerifier {
             }
             _ => None,
         };
-        match (expected, identity_of(end_entity)) {
+        match (expected, identity_of(end_entity).ok()) {
             (Some(want), Some(got)) if want == got => Ok(ServerCertVerified::assertion()),
             (want, got) => Err(TlsError::General(format!(
                 "peer presented identity {} where {} was expected",
