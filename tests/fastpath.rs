@@ -345,7 +345,8 @@ fn an_upgrade_under_load_refuses_nothing_and_the_old_agent_drains_and_exits() {
 
 /// The handover socket of `config`'s agent.
 fn handover_socket(config: &AgentConfig) -> std::path::PathBuf {
-    config.dir.join("state/run/handover.sock")
+    let pins = config.pin_dir.file_name().unwrap().to_str().unwrap();
+    config.dir.join(format!("state/run/handover-{pins}.sock"))
 }
 
 /// `sluice_handover_refusals_total` for `reason`, as the agent's admin API

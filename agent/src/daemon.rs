@@ -168,7 +168,7 @@ fn raise_open_file_limit() {
 
 async fn serve(config: Config, cgroup_mount: PathBuf, options: Options) -> Result<(), AgentError> {
     let root = cgroup_mount.join(&config.node.cgroup_root.value);
-    let handover = Handover::prepare(&config.agent.state_dir)?;
+    let handover = Handover::prepare(&config.agent.state_dir, &config.agent.pin_dir)?;
     let inherited = handover.take_over(options.upgrade).await?;
     let mut created = Vec::new();
     let result = start_and_wait(&config, &root, &mut created, &inherited, &handover).await;

@@ -2,7 +2,7 @@
 //! sockets over a Unix socket, so that not one connect is refused while the
 //! versions change.
 //!
-//! The socket is a file, `<agent.state_dir>/run/handover.sock`, in a
+//! The socket is a file, `<agent.state_dir>/run/handover-<pin dir name>.sock`, in a
 //! directory that only the agent's user (root) may enter: whoever receives
 //! the sockets can serve every redirected connection of the node and make
 //! the running agent drain away, so nothing else may ask. (An abstract
@@ -76,7 +76,34 @@ const READY_WITHIN: Duration = Duration::from_secs(60);
 const CONNECT_WITHIN: Duration = Duration::from_secs(5);
 /// Below `agent.state_dir`: the directory of the handover socket.
 const RUN_DIR: &str = "run";
-const SOCKET_FILE: &str = "handover.sock";
+const SOCKET_PREFIX: &str = "handover-";
+
+/// The socket's file name: one per pin directory, because an agent is its
+/// pinned programs and maps. Two agents with different pin directories in
+/// one network namespace and state directory (a bench, a test) are not
+/// versions of each other and must never meet. `handover-sluice.sock` for
+/// the default `/sys/fs/bpf/sluice`; a hash for a name that is long or
+/// unusual.
+fn socket_file(pin_dir: &Path) -> String {
+    let name = pin_dir.file_name().and_then(|n| n.to_str()).filter(|n| {
+        n.len() <= 32
+            && n.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+    });
+    match name {
+        Some(name) => format!("{SOCKET_PREFIX}{name}.sock"),
+        None => {
+            let hash = pin_dir
+                .as_os_str()
+                .as_encoded_bytes()
+                .iter()
+                .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                    (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+                });
+            format!("{SOCKET_PREFIX}{hash:016x}.sock")
+        }
+    }
+}
 /// `sun_path` holds 108 bytes, the terminating NUL included.
 const MAX_SOCKET_PATH: usize = 107;
 /// The agent runs as root, and so does any successor it may trust.
@@ -282,9 +309,9 @@ impl Handover {
     /// Makes `<state_dir>/run` (mode 0700), tightening a looser one and
     /// refusing one the agent's user does not own, and learns who this
     /// agent is.
-    pub fn prepare(state_dir: &Path) -> Result<Handover, HandoverError> {
+    pub fn prepare(state_dir: &Path, pin_dir: &Path) -> Result<Handover, HandoverError> {
         let dir = state_dir.join(RUN_DIR);
-        let path = dir.join(SOCKET_FILE);
+        let path = dir.join(socket_file(pin_dir));
         if temp_path(&path).as_os_str().len() > MAX_SOCKET_PATH {
             return Err(HandoverError::PathTooLong { path });
         }
@@ -882,13 +909,21 @@ mod tests {
     #[test]
     fn the_run_directory_is_made_private_and_a_looser_one_tightened() {
         let state = temp_dir("private");
-        let handover = Handover::prepare(&state).unwrap();
+        let handover = Handover::prepare(&state, Path::new("/sys/fs/bpf/sluice")).unwrap();
         let run = state.join("run");
-        assert_eq!(handover.path(), run.join("handover.sock"));
+        assert_eq!(handover.path(), run.join("handover-sluice.sock"));
+        assert_eq!(
+            socket_file(Path::new("/sys/fs/bpf/a dir with spaces")),
+            socket_file(Path::new("/sys/fs/bpf/a dir with spaces"))
+        );
+        assert_ne!(
+            socket_file(Path::new("/x/a dir with spaces")),
+            socket_file(Path::new("/y/a dir with spaces"))
+        );
         let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
         assert_eq!(mode(&run), 0o700);
         fs::set_permissions(&run, fs::Permissions::from_mode(0o755)).unwrap();
-        Handover::prepare(&state).unwrap();
+        Handover::prepare(&state, Path::new("/sys/fs/bpf/sluice")).unwrap();
         assert_eq!(mode(&run), 0o700);
         fs::remove_dir_all(&state).unwrap();
     }
@@ -900,7 +935,7 @@ mod tests {
         let elsewhere = state.join("elsewhere");
         fs::create_dir(&elsewhere).unwrap();
         std::os::unix::fs::symlink(&elsewhere, &run).unwrap();
-        let e = Handover::prepare(&state).unwrap_err();
+        let e = Handover::prepare(&state, Path::new("/sys/fs/bpf/sluice")).unwrap_err();
         assert!(matches!(e, HandoverError::NotADirectory { .. }), "{e}");
         assert!(e.to_string().contains(&run.display().to_string()), "{e}");
         fs::remove_file(&run).unwrap();
@@ -909,7 +944,7 @@ mod tests {
         if unsafe { libc::geteuid() } == 0 {
             fs::create_dir(&run).unwrap();
             std::os::unix::fs::chown(&run, Some(1000), None).unwrap();
-            let e = Handover::prepare(&state).unwrap_err();
+            let e = Handover::prepare(&state, Path::new("/sys/fs/bpf/sluice")).unwrap_err();
             assert!(
                 matches!(e, HandoverError::NotOwned { owner: 1000, .. }),
                 "{e}"
@@ -922,12 +957,12 @@ mod tests {
     #[test]
     fn a_state_dir_too_long_for_a_socket_address_is_refused() {
         let long = PathBuf::from("/").join("s".repeat(100));
-        let e = Handover::prepare(&long).unwrap_err();
+        let e = Handover::prepare(&long, Path::new("/sys/fs/bpf/sluice")).unwrap_err();
         assert!(matches!(e, HandoverError::PathTooLong { .. }), "{e}");
     }
 
     fn handover_as(state: &Path, program: &str) -> Handover {
-        let mut handover = Handover::prepare(state).unwrap();
+        let mut handover = Handover::prepare(state, Path::new("/sys/fs/bpf/sluice")).unwrap();
         handover.me = me(program);
         handover
     }
@@ -1041,7 +1076,7 @@ mod tests {
     async fn an_agent_takes_the_sockets_over_and_its_socket_replaces_the_old_one() {
         let state = temp_dir("upgrade");
         // Both sides are this test binary: it is the agent here.
-        let old = Handover::prepare(&state).unwrap();
+        let old = Handover::prepare(&state, Path::new("/sys/fs/bpf/sluice")).unwrap();
         let offered = Offered::default();
         let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = tcp.local_addr().unwrap();
@@ -1059,7 +1094,7 @@ mod tests {
             watch,
         ));
 
-        let new = Handover::prepare(&state).unwrap();
+        let new = Handover::prepare(&state, Path::new("/sys/fs/bpf/sluice")).unwrap();
         let inherited = new.take_over(true).await.unwrap();
         assert!(inherited.is_upgrade());
         assert!(inherited.take(addr, netns).is_some());
