@@ -312,7 +312,14 @@ fn ebpf_log_events_switch_on_and_off_at_run_time() {
 #[test]
 fn a_workload_that_sets_the_agents_mark_is_still_redirected() {
     let backend = Backend::start("meshed");
-    let config = AgentConfig::new(&[ServiceDef::new("payments", VIP, &[backend.addr])]);
+    let services = [ServiceDef::new("payments", VIP, &[backend.addr])];
+    let config = AgentConfig::new(&services);
+    let audit = config.dir.join("audit.jsonl");
+    config.write_raw(&format!(
+        "{}audit:\n  output: {}\n",
+        config.render(&services),
+        audit.display()
+    ));
     let agent = Agent::start(&config);
     let vip: std::net::SocketAddr = VIP.parse().unwrap();
     let script = format!(
@@ -330,6 +337,24 @@ print(s.makefile().readline().strip())'",
 
     assert_eq!(replies, ["meshed spoofed"]);
     assert_eq!(agent.stat(Stat::MarkSpoofed), 1);
+    // The attempt is in the audit trail, with who made it.
+    let mut attempt = serde_json::Value::Null;
+    assert!(wait_until(Duration::from_secs(5), || {
+        attempt = fs::read_to_string(&audit)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|l| l["reason"] == "mark_spoofed")
+            .unwrap_or_default();
+        !attempt.is_null()
+    }));
+    assert_eq!(attempt["event"], "bypass_attempt");
+    assert_eq!(attempt["decision"], "redirect");
+    assert_eq!(
+        attempt["source"]["identity"],
+        "spiffe://cluster.local/ns/payments/sa/client"
+    );
+    assert_eq!(attempt["destination"]["address"], VIP);
     assert_eq!(agent.stat(Stat::Redirected), 1);
     assert_eq!(agent.stat(Stat::AgentSocket), 0);
 }

@@ -44,11 +44,11 @@ use aya_ebpf::{
 use aya_log_ebpf::info;
 use sluice_maps::{
     Backend, BackendKey, CAPTURE_STRICT, CaptureKey, CaptureValue, EVENT_CONNECT_FAILED,
-    EVENT_ESTABLISHED, EVENT_RTO, KERNEL_EVENTS_BYTES, KernelConn, KernelEvent, MAX_AGENT_CGROUPS,
-    MAX_BACKEND_SLOTS, MAX_BYPASS_SOCKETS, MAX_CAPTURE_LISTENERS, MAX_CAPTURES, MAX_KERNEL_CONNS,
-    MAX_PENDING_RECORDS, MAX_SERVICES, OriginalDst, PeerKey, SERVICE_FAIL_OPEN, SERVICE_KERNEL,
-    SETTINGS_LOG, SETTINGS_SOCKMAP, STAT_COUNT, ServiceKey, ServiceValue, Settings, SockKey, Stat,
-    v4_mapped,
+    EVENT_ESTABLISHED, EVENT_MARK_SPOOFED, EVENT_RTO, KERNEL_EVENTS_BYTES, KernelConn, KernelEvent,
+    MAX_AGENT_CGROUPS, MAX_BACKEND_SLOTS, MAX_BYPASS_SOCKETS, MAX_CAPTURE_LISTENERS, MAX_CAPTURES,
+    MAX_KERNEL_CONNS, MAX_PENDING_RECORDS, MAX_SERVICES, OriginalDst, PeerKey, SERVICE_FAIL_OPEN,
+    SERVICE_KERNEL, SETTINGS_LOG, SETTINGS_SOCKMAP, STAT_COUNT, ServiceKey, ServiceValue, Settings,
+    SockKey, Stat, v4_mapped,
 };
 
 /// Allow the syscall to proceed (cgroup/connect4 return value).
@@ -141,6 +141,7 @@ fn try_connect4(ctx: &SockAddrContext) -> i32 {
         return ALLOW;
     }
     let sk = unsafe { sa.__bindgen_anon_1.sk };
+    let mut spoofed = false;
     if !sk.is_null() && unsafe { (*sk).mark } == settings.agent_mark {
         // CAP_NET_RAW is enough to set a mark, and runtimes grant it to
         // containers: the mark counts only on a socket of the agent's own
@@ -151,6 +152,7 @@ fn try_connect4(ctx: &SockAddrContext) -> i32 {
             return ALLOW;
         }
         count(Stat::MarkSpoofed);
+        spoofed = true;
     }
 
     let addr = v4_mapped(sa.user_ip4);
@@ -160,6 +162,9 @@ fn try_connect4(ctx: &SockAddrContext) -> i32 {
         port,
         _pad: 0,
     };
+    if spoofed {
+        report_spoofed_mark(&key);
+    }
     let Some(service) = (unsafe { SERVICES.get(key) }).copied() else {
         count(Stat::NotMeshed);
         return ALLOW;
@@ -204,6 +209,29 @@ fn try_connect4(ctx: &SockAddrContext) -> i32 {
         );
     }
     ALLOW
+}
+
+/// Tells the agent, at once, that a workload tried to pass for it.
+fn report_spoofed_mark(dialled: &ServiceKey) {
+    let event = KernelEvent {
+        conn: KernelConn {
+            service: *dialled,
+            backend: Backend {
+                addr: [0; 4],
+                port: 0,
+                _pad: 0,
+            },
+            cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        },
+        kind: EVENT_MARK_SPOOFED,
+        value: 0,
+    };
+    if KERNEL_EVENTS
+        .output::<KernelEvent>(&event, u64::from(BPF_RB_FORCE_WAKEUP))
+        .is_err()
+    {
+        count(Stat::EventLost);
+    }
 }
 
 /// Whether the agent's outbound listener exists in the caller's network

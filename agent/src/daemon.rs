@@ -565,6 +565,7 @@ async fn run_attached(
         kernel_events,
         catalog.clone(),
         metrics.clone(),
+        audit.clone(),
         tables_changed.clone(),
         watch.clone(),
     ));

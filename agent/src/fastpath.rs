@@ -8,13 +8,14 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use aya::maps::{MapData, RingBuf};
 use log::warn;
-use sluice_maps::{EVENT_CONNECT_FAILED, EVENT_ESTABLISHED, KernelEvent};
+use sluice_maps::{EVENT_CONNECT_FAILED, EVENT_ESTABLISHED, EVENT_MARK_SPOOFED, KernelEvent};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     sync::Notify,
 };
 
 use crate::{
+    audit::{Audit, Denial, Party},
     catalog::Catalog,
     drain::DrainWatch,
     redirect::records::addr_from_key,
@@ -29,6 +30,7 @@ pub async fn pump_kernel_events(
     events: RingBuf<MapData>,
     catalog: Arc<ArcSwap<Catalog>>,
     metrics: Arc<Metrics>,
+    audit: Arc<Audit>,
     changed: Arc<Notify>,
     drain: DrainWatch,
 ) {
@@ -48,6 +50,10 @@ pub async fn pump_kernel_events(
                 // repr(C) struct; read_unaligned copes with the ring buffer's
                 // 8-byte alignment.
                 let event: KernelEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                if event.kind == EVENT_MARK_SPOOFED {
+                    audit_spoofed_mark(&catalog, &audit, &event);
+                    continue;
+                }
                 failed |= apply(&catalog, &metrics, &event);
             }
             if failed {
@@ -100,6 +106,38 @@ pub async fn drain_ring<T: std::os::fd::AsRawFd>(
             },
         }
     }
+}
+
+/// A workload set the agent's mark on its socket: the connect hook
+/// redirected it like any other; the attempt goes to the audit trail with
+/// who made it and what it dialled.
+fn audit_spoofed_mark(catalog: &Catalog, audit: &Audit, event: &KernelEvent) {
+    let source = catalog.workload_by_cgroup(event.conn.cgroup_id);
+    let name = source.map(|w| format!("{}/{}", w.namespace, w.name));
+    let detail = format!(
+        "cgroup {}: a socket with the agent's mark, outside the agent's cgroups; redirected \
+         like any other connect",
+        event.conn.cgroup_id
+    );
+    audit.attempt(&Denial {
+        reason: "mark_spoofed",
+        source: Party {
+            identity: source.map(|w| &w.identity),
+            address: None,
+            workload: name.as_deref(),
+        },
+        destination: Party {
+            identity: None,
+            address: Some(addr_from_key(
+                event.conn.service.addr,
+                event.conn.service.port,
+            )),
+            workload: None,
+        },
+        service: None,
+        rule: Some("the agent's mark counts only from the agent's cgroups"),
+        detail: Some(&detail),
+    });
 }
 
 /// Feeds one event; returns whether it was a failure.

@@ -226,6 +226,10 @@ pub const EVENT_ESTABLISHED: u32 = 1;
 pub const EVENT_CONNECT_FAILED: u32 = 2;
 /// A retransmission timeout fired on an established connection.
 pub const EVENT_RTO: u32 = 3;
+/// A process outside the agent's cgroups connected with the agent's mark
+/// (a bypass attempt, redirected like any other connect); the event's
+/// `conn.service` is the address it dialled, `conn.cgroup_id` its cgroup.
+pub const EVENT_MARK_SPOOFED: u32 = 4;
 
 /// What `connect4` records about a redirected connection.
 #[repr(C)]

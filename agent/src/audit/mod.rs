@@ -142,6 +142,12 @@ impl Audit {
         self.send("denial", "deny", denial);
     }
 
+    /// Records an attempt to get around the mesh that the agent turned
+    /// into an ordinary meshed connection (decision `redirect`).
+    pub fn attempt(&self, attempt: &Denial<'_>) {
+        self.send("bypass_attempt", "redirect", attempt);
+    }
+
     /// Whether closed connections are recorded (`audit.connections`).
     pub fn wants_connections(&self) -> bool {
         self.connections && self.tx.is_some()

@@ -352,3 +352,51 @@ impl ClientCertVerifier for CallerVerifier {
         self.0.algorithms.supported_schemes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use rcgen::{CertificateParams, KeyPair, SanType};
+
+    use super::*;
+
+    fn cert_with(sans: &[&str]) -> CertificateDer<'static> {
+        let mut p = CertificateParams::default();
+        p.subject_alt_names = sans
+            .iter()
+            .map(|s| match s.strip_prefix("dns:") {
+                Some(dns) => SanType::DnsName((*dns).try_into().unwrap()),
+                None => SanType::URI((*s).try_into().unwrap()),
+            })
+            .collect();
+        let key = KeyPair::generate().unwrap();
+        p.self_signed(&key).unwrap().der().clone()
+    }
+
+    #[test]
+    fn a_certificate_names_exactly_one_spiffe_id() {
+        let id = "spiffe://cluster.local/ns/payments/sa/checkout";
+        assert_eq!(
+            identity_of(&cert_with(&[id, "dns:ledger.example"])),
+            Ok(Identity::new("cluster.local", "payments", "checkout"))
+        );
+        assert_eq!(
+            identity_of(&cert_with(&[
+                "spiffe://cluster.local/ns/payments/sa/intruder",
+                id
+            ])),
+            Err(IdentityError::SeveralUris(2))
+        );
+        assert_eq!(
+            identity_of(&cert_with(&["dns:ledger.example"])),
+            Err(IdentityError::NoUri)
+        );
+        assert!(matches!(
+            identity_of(&cert_with(&["https://example.com/x"])),
+            Err(IdentityError::NotSpiffe(_))
+        ));
+        assert_eq!(
+            identity_of(&CertificateDer::from(vec![0x30, 0x03, 1, 2, 3])),
+            Err(IdentityError::Unparsable)
+        );
+    }
+}
