@@ -36,7 +36,7 @@ use crate::{
     handover::Inherited,
     proxy::limits::{Admitted, InboundLimits},
     telemetry::LogLimiter,
-    tls::{Identity, TlsContext, identity_of},
+    tls::{Identity, RootOutOfDomain, TlsContext, identity_of},
 };
 
 /// Why an inbound connection was refused.
@@ -161,6 +161,11 @@ impl Refusal {
             TlsError::InvalidCertificate(
                 CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. },
             ) => Refusal::CertificateNotYetValid,
+            TlsError::InvalidCertificate(CertificateError::Other(other))
+                if other.0.downcast_ref::<RootOutOfDomain>().is_some() =>
+            {
+                Refusal::WrongTrustDomain
+            }
             TlsError::InvalidCertificate(_) => Refusal::BadCertificate,
             TlsError::PeerIncompatible(_) => Refusal::Incompatible,
             TlsError::General(m) if m.contains("no server certificate") => {

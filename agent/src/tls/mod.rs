@@ -23,7 +23,7 @@ use rustls::{ClientConfig, ServerConfig, crypto::CryptoProvider, sign::Certified
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 
 pub use identity::Identity;
-pub use store::{CertStore, IdentityError, IssuedCert, identity_of};
+pub use store::{CertStore, IdentityError, IssuedCert, RootOutOfDomain, identity_of};
 
 use crate::{
     config::{CertificateSource, MeshConfig},

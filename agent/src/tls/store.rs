@@ -36,7 +36,7 @@ pub struct IssuedCert {
 pub struct CertStore {
     trust_domain: String,
     certs: ArcSwap<HashMap<Identity, IssuedCert>>,
-    anchors: ArcSwap<Vec<TrustAnchor<'static>>>,
+    bundle: ArcSwap<Bundle>,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
@@ -45,7 +45,7 @@ impl fmt::Debug for CertStore {
         f.debug_struct("CertStore")
             .field("trust_domain", &self.trust_domain)
             .field("identities", &self.certs.load().len())
-            .field("anchors", &self.anchors.load().len())
+            .field("anchors", &self.bundle.load().anchors.len())
             .finish()
     }
 }
@@ -55,7 +55,7 @@ impl CertStore {
         CertStore {
             trust_domain: trust_domain.to_owned(),
             certs: ArcSwap::from_pointee(HashMap::new()),
-            anchors: ArcSwap::from_pointee(Vec::new()),
+            bundle: ArcSwap::from_pointee(Bundle::default()),
             algorithms: provider.signature_verification_algorithms,
         }
     }
@@ -97,14 +97,22 @@ impl CertStore {
     }
 
     /// Replaces the trust bundle. Fails, keeping the old one, when a
-    /// certificate is not a usable trust anchor.
+    /// certificate is not a usable trust anchor. A root that names a trust
+    /// domain (a URI SAN `spiffe://<domain>`, as SPIFFE has signing
+    /// certificates carry) is bound to it: it vouches for identities of
+    /// that domain only. A root that names none vouches for this agent's
+    /// trust domain only.
     pub fn set_roots(&self, roots: &[CertificateDer<'_>]) -> Result<usize, webpki::Error> {
         let anchors = roots
             .iter()
             .map(|r| webpki::anchor_from_trusted_cert(r).map(|a| a.to_owned()))
             .collect::<Result<Vec<_>, _>>()?;
+        let domains = roots
+            .iter()
+            .map(|r| root_domain(r).unwrap_or_else(|| self.trust_domain.clone()))
+            .collect();
         let n = anchors.len();
-        self.anchors.store(Arc::new(anchors));
+        self.bundle.store(Arc::new(Bundle { anchors, domains }));
         Ok(n)
     }
 
@@ -123,7 +131,8 @@ impl CertStore {
         self.verify_chain(leaf, intermediates, now, webpki::KeyUsage::client_auth())
     }
 
-    /// Verifies `end_entity` against the trust bundle for `usage`.
+    /// Verifies `end_entity` against the trust bundle for `usage`, and that
+    /// the root it chains to vouches for the trust domain it names.
     fn verify_chain(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -132,19 +141,67 @@ impl CertStore {
         usage: webpki::KeyUsage,
     ) -> Result<(), TlsError> {
         let cert = webpki::EndEntityCert::try_from(end_entity).map_err(pki_error)?;
-        let anchors = self.anchors.load();
-        cert.verify_for_usage(
-            self.algorithms.all,
-            &anchors,
-            intermediates,
-            now,
-            usage,
-            None,
-            None,
-        )
-        .map(|_| ())
-        .map_err(pki_error)
+        let bundle = self.bundle.load();
+        let path = cert
+            .verify_for_usage(
+                self.algorithms.all,
+                &bundle.anchors,
+                intermediates,
+                now,
+                usage,
+                None,
+                None,
+            )
+            .map_err(pki_error)?;
+        let Some(root) = bundle
+            .anchors
+            .iter()
+            .position(|a| std::ptr::eq(a, path.anchor()))
+        else {
+            return Err(TlsError::InvalidCertificate(
+                CertificateError::UnknownIssuer,
+            ));
+        };
+        match identity_of(end_entity) {
+            // The name itself is judged later, with the peer's address.
+            Err(_) => Ok(()),
+            Ok(id) if id.trust_domain == bundle.domains[root] => Ok(()),
+            Ok(id) => Err(TlsError::InvalidCertificate(CertificateError::Other(
+                rustls::OtherError(Arc::new(RootOutOfDomain {
+                    identity: id.to_string(),
+                    domain: bundle.domains[root].clone(),
+                })),
+            ))),
+        }
     }
+}
+
+/// The trust anchors and the trust domain each one vouches for.
+#[derive(Debug, Default)]
+struct Bundle {
+    anchors: Vec<TrustAnchor<'static>>,
+    domains: Vec<String>,
+}
+
+/// A certificate of one trust domain signed under a root of another.
+#[derive(Debug, thiserror::Error)]
+#[error("{identity} chains to a root bound to trust domain {domain}")]
+pub struct RootOutOfDomain {
+    identity: String,
+    domain: String,
+}
+
+/// The trust domain a root names in a URI SAN `spiffe://<domain>`.
+fn root_domain(root: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(root.as_ref()).ok()?;
+    let san = parsed.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|name| match name {
+        x509_parser::extensions::GeneralName::URI(uri) => {
+            let domain = uri.strip_prefix("spiffe://")?.trim_end_matches('/');
+            (!domain.is_empty() && !domain.contains('/')).then(|| domain.to_owned())
+        }
+        _ => None,
+    })
 }
 
 impl CertStore {
@@ -370,6 +427,58 @@ mod tests {
             .collect();
         let key = KeyPair::generate().unwrap();
         p.self_signed(&key).unwrap().der().clone()
+    }
+
+    /// A CA (optionally naming a trust domain) and a leaf it signs.
+    fn ca(domain: Option<&str>) -> (CertificateDer<'static>, rcgen::Issuer<'static, KeyPair>) {
+        let mut p = CertificateParams::default();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        if let Some(d) = domain {
+            p.subject_alt_names = vec![SanType::URI(format!("spiffe://{d}").try_into().unwrap())];
+        }
+        let key = KeyPair::generate().unwrap();
+        let der = p.self_signed(&key).unwrap().der().clone();
+        (der, rcgen::Issuer::new(p, key))
+    }
+
+    fn leaf(issuer: &rcgen::Issuer<'static, KeyPair>, uri: &str) -> CertificateDer<'static> {
+        let mut p = CertificateParams::default();
+        p.subject_alt_names = vec![SanType::URI(uri.try_into().unwrap())];
+        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        p.signed_by(&KeyPair::generate().unwrap(), issuer)
+            .unwrap()
+            .der()
+            .clone()
+    }
+
+    #[test]
+    fn a_root_vouches_only_for_its_own_trust_domain() {
+        let provider = rustls::crypto::aws_lc_rs::default_provider();
+        let store = CertStore::new("cluster.local", &provider);
+        let (ours, our_issuer) = ca(None);
+        let (partner, partner_issuer) = ca(Some("partner.example"));
+        store.set_roots(&[ours, partner]).unwrap();
+        let now = UnixTime::now();
+        let checkout = "spiffe://cluster.local/ns/payments/sa/checkout";
+        assert!(
+            store
+                .verify_caller(&[leaf(&our_issuer, checkout)], now)
+                .is_ok()
+        );
+        let forged = store.verify_caller(&[leaf(&partner_issuer, checkout)], now);
+        let forged = format!("{:?}", forged.unwrap_err());
+        assert!(
+            forged.contains("RootOutOfDomain") && forged.contains("partner.example"),
+            "{forged}"
+        );
+        assert!(
+            store
+                .verify_caller(
+                    &[leaf(&partner_issuer, "spiffe://partner.example/ns/a/sa/b")],
+                    now
+                )
+                .is_ok()
+        );
     }
 
     #[test]
