@@ -328,3 +328,37 @@ fn every_shipped_config_passes_the_check() {
         );
     }
 }
+
+/// A kernel-mode service connects the caller straight to an endpoint with
+/// no identity: `config check` says so, and refuses one that carries an
+/// authorization policy, naming the line and field.
+#[test]
+fn kernel_mode_carries_no_identity_and_cannot_be_authorized() {
+    let kernel = BASE.replace("    port: 8080\n", "    port: 8080\n    mode: kernel\n");
+    let ok = BadConfig::new(&kernel);
+    let out = Command::new(sluice_bin())
+        .args(["config", "check"])
+        .arg(&ok.path)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(
+            "service default/payments is mode: kernel: its connections carry no identity"
+        ),
+        "{stdout}"
+    );
+
+    let with_policy = kernel.replace(
+        "    mode: kernel\n",
+        "    mode: kernel\n    authorization:\n      default: deny\n",
+    );
+    let bad = BadConfig::new(&with_policy);
+    let message = bad.refused();
+    assert!(
+        message.contains(":6: services[0].authorization:"),
+        "{message}"
+    );
+    assert!(message.contains("no identity"), "{message}");
+}
