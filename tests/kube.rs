@@ -77,19 +77,33 @@ fn slice(pods: &[Pod], endpoints: &[(usize, bool)]) -> Value {
     })
 }
 
-/// A simulated pod: its namespace on the node, a cgroup named after its
-/// uid with a process in it, and a backend on its address.
+/// A simulated pod as the kubelet lays it out: its namespace on the node,
+/// a pod cgroup named after its uid with a pause process in one container
+/// cgroup below it, an app container cgroup for its calls, and a backend
+/// on its address.
 struct Pod {
     name: String,
     node: String,
     uid: String,
     ip: std::net::IpAddr,
+    /// The pod's cgroup, absolute.
     cgroup: PathBuf,
+    /// The app container's cgroup, relative to the node's cgroup root.
+    app: String,
+    /// The pod's cgroup relative to the node's cgroup root, and its layout.
+    pod_cgroup: String,
+    layout: Layout,
     holder: Child,
     _backend: Backend,
 }
 
 impl Pod {
+    /// A new container cgroup of this pod (another container, or one
+    /// restarted: the kubelet gives it a new cgroup, so a new id).
+    fn new_container(&self, n: usize) -> String {
+        self.layout.container(&self.pod_cgroup, n)
+    }
+
     fn object(&self) -> Value {
         json!({
             "kind": "Pod", "apiVersion": "v1",
@@ -107,27 +121,39 @@ impl Drop for Pod {
     fn drop(&mut self) {
         let _ = self.holder.kill();
         let _ = self.holder.wait();
-        let _ = std::fs::remove_dir(&self.cgroup);
+        remove_cgroup_tree(&self.cgroup);
     }
 }
 
-/// Starts pod `i` of `node`: its cgroup below the agent's `kubepods`, a
-/// process in it inside the pod's namespace, a backend on the pod's IP.
-fn start_pod(config: &AgentConfig, node: &Node, i: usize, node_name: &str, name: &str) -> Pod {
+/// Starts pod `i` of `node` in `layout`: its cgroup below `kubepods`, the
+/// pause process in a container cgroup of it inside the pod's namespace,
+/// a backend on the pod's IP.
+fn start_pod(
+    config: &AgentConfig,
+    node: &Node,
+    i: usize,
+    node_name: &str,
+    name: &str,
+    layout: Layout,
+) -> Pod {
     static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let uid = format!(
         "5a1ce000-0000-4000-8000-{:012x}",
         (std::process::id() as usize) << 16 | n
     );
-    let kubepods = config.cgroup_root_path().join("kubepods");
-    let cgroup = kubepods.join(format!("pod{uid}"));
-    std::fs::create_dir_all(&cgroup).unwrap();
+    // Burstable and guaranteed pods in turn: they sit at different depths.
+    let qos = if n % 2 == 0 {
+        Qos::Burstable
+    } else {
+        Qos::Guaranteed
+    };
+    let pod = layout.pod(qos, &uid);
     let (netns, ip) = &node.pods[i];
     let holder = in_pod(
         config,
         netns,
-        &format!("kubepods/pod{uid}"),
+        &layout.container(&pod, 0),
         "import time; time.sleep(120)",
     )
     .stdout(Stdio::null())
@@ -139,7 +165,10 @@ fn start_pod(config: &AgentConfig, node: &Node, i: usize, node_name: &str, name:
         node: node_name.to_owned(),
         uid,
         ip: *ip,
-        cgroup,
+        cgroup: config.cgroup_root_path().join(&pod),
+        app: layout.container(&pod, 1),
+        pod_cgroup: pod,
+        layout,
         holder,
         _backend: backend,
     }
@@ -154,23 +183,24 @@ struct Cluster {
 }
 
 impl Cluster {
-    fn new(pods: usize) -> Cluster {
+    fn new(pods: usize, layout: Layout) -> Cluster {
         let node = Node::new(pods);
         let api = node.node.run(FakeApiServer::start);
         let config = AgentConfig::custom(|c| {
             format!(
                 "node:\n  name: {NODE}\n  cgroup_root: {}\n{}workloads: []\nservices: []\n\
-                 kubernetes:\n  kubeconfig: {}\n  pod_cgroups: kubepods\n",
+                 kubernetes:\n  kubeconfig: {}\n  pod_cgroups: {}\n",
                 c.cgroup_root,
                 c.agent_block(&c.dir.join("state"), c.inbound_port),
-                c.dir.join("kubeconfig").display()
+                c.dir.join("kubeconfig").display(),
+                layout.kubepods()
             )
         });
         api.write_kubeconfig(&config.dir.join("kubeconfig"));
-        let kubepods = config.cgroup_root_path().join("kubepods");
+        let kubepods = config.cgroup_root_path().join(layout.kubepods());
         std::fs::create_dir_all(&kubepods).unwrap();
         let list = (0..pods)
-            .map(|i| start_pod(&config, &node, i, NODE, &format!("checkout-{i}")))
+            .map(|i| start_pod(&config, &node, i, NODE, &format!("checkout-{i}"), layout))
             .collect();
         Cluster {
             pods: list,
@@ -201,8 +231,18 @@ fn calls_from(
     vip: SocketAddr,
     n: usize,
 ) -> Vec<String> {
+    calls_in(config, netns, &pod.app, vip, n)
+}
+
+/// Like [`calls_from`], from the container cgroup `container`.
+fn calls_in(
+    config: &AgentConfig,
+    netns: &Netns,
+    container: &str,
+    vip: SocketAddr,
+    n: usize,
+) -> Vec<String> {
     {
-        let uid = &pod.uid;
         let script = format!(
             "import socket\n\
              for i in range({n}):\n\
@@ -216,9 +256,7 @@ fn calls_from(
             ip = vip.ip(),
             port = vip.port()
         );
-        let out = in_pod(config, netns, &format!("kubepods/pod{uid}"), &script)
-            .output()
-            .unwrap();
+        let out = in_pod(config, netns, container, &script).output().unwrap();
         lines(&out)
     }
 }
@@ -226,7 +264,8 @@ fn calls_from(
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.pods.clear();
-        let _ = std::fs::remove_dir(self.config.cgroup_root_path().join("kubepods"));
+        remove_cgroup_tree(&self.config.cgroup_root_path().join("kubepods"));
+        remove_cgroup_tree(&self.config.cgroup_root_path().join("kubepods.slice"));
     }
 }
 
@@ -244,7 +283,7 @@ fn count(requests: &[String], needle: &str) -> usize {
 
 #[test]
 fn pods_and_services_from_the_api_server_carry_calls_and_follow_changes() {
-    let c = Cluster::new(2);
+    let c = Cluster::new(2, Layout::SystemdContainerd);
     c.api
         .set_object(Resource::Namespaces, namespace("shop", "plaintext"));
     c.api.set_object(Resource::Services, service());
@@ -364,7 +403,7 @@ fn pods_and_services_from_the_api_server_carry_calls_and_follow_changes() {
     let held = in_pod(
         &c.config,
         &c.node.pods[1].0,
-        &format!("kubepods/pod{}", c.pods[1].uid),
+        &c.pods[1].new_container(2),
         &format!(
             "import socket, time\n\
              s = socket.create_connection((\"{ip}\", {port}))\n\
@@ -511,7 +550,8 @@ fn two_nodes_four_pods_cross_node_calls_go_over_mtls() {
         .run(|| FakeApiServer::start_on("0.0.0.0:0".parse().unwrap()));
     let state = std::env::temp_dir().join(unique("k8s-mesh-state"));
     let inbound_port = free_port();
-    let config = |name: &str, address: &str, peer: &str, peer_address: &str| {
+    // Node A's kubelet runs the cgroupfs driver, node B's systemd with CRI-O.
+    let config = |name: &str, address: &str, peer: &str, peer_address: &str, layout: Layout| {
         let name = name.to_owned();
         let (address, peer, peer_address) =
             (address.to_owned(), peer.to_owned(), peer_address.to_owned());
@@ -521,15 +561,16 @@ fn two_nodes_four_pods_cross_node_calls_go_over_mtls() {
                 "node:\n  name: {name}\n  address: {address}\n  cgroup_root: {}\n{}\
                  nodes:\n  - name: {peer}\n    address: {peer_address}\n\
                  workloads: []\nservices: []\n\
-                 kubernetes:\n  kubeconfig: {}\n  pod_cgroups: kubepods\n",
+                 kubernetes:\n  kubeconfig: {}\n  pod_cgroups: {}\n",
                 c.cgroup_root,
                 c.agent_block(&state, inbound_port),
-                c.dir.join("kubeconfig").display()
+                c.dir.join("kubeconfig").display(),
+                layout.kubepods()
             )
         })
     };
-    let a_cfg = config("node-a", a_addr, "node-b", b_addr);
-    let b_cfg = config("node-b", b_addr, "node-a", a_addr);
+    let a_cfg = config("node-a", a_addr, "node-b", b_addr, Layout::Cgroupfs);
+    let b_cfg = config("node-b", b_addr, "node-a", a_addr, Layout::SystemdCrio);
     api.write_kubeconfig_via(
         &a_cfg.dir.join("kubeconfig"),
         &format!("http://127.0.0.1:{}", api.port()),
@@ -542,11 +583,11 @@ fn two_nodes_four_pods_cross_node_calls_go_over_mtls() {
     a_cfg.ca_init();
 
     let mut pods = Vec::new();
-    for (cfg, node, node_name, tag) in [
-        (&a_cfg, &a_node, "node-a", "a"),
-        (&b_cfg, &b_node, "node-b", "b"),
+    for (cfg, node, node_name, tag, layout) in [
+        (&a_cfg, &a_node, "node-a", "a", Layout::Cgroupfs),
+        (&b_cfg, &b_node, "node-b", "b", Layout::SystemdCrio),
     ] {
-        std::fs::create_dir_all(cfg.cgroup_root_path().join("kubepods")).unwrap();
+        std::fs::create_dir_all(cfg.cgroup_root_path().join(layout.kubepods())).unwrap();
         for i in 0..2 {
             pods.push(start_pod(
                 cfg,
@@ -554,6 +595,7 @@ fn two_nodes_four_pods_cross_node_calls_go_over_mtls() {
                 i,
                 node_name,
                 &format!("checkout-{tag}{i}"),
+                layout,
             ));
         }
     }
@@ -606,7 +648,7 @@ fn two_nodes_four_pods_cross_node_calls_go_over_mtls() {
                 in_pod(
                     &a_cfg,
                     &a_node.pods[i].0,
-                    &format!("kubepods/pod{}", pods[i].uid),
+                    &pods[i].new_container(3),
                     &format!(
                         "import socket\n\
                          s = socket.socket()\n\
@@ -630,6 +672,16 @@ fn two_nodes_four_pods_cross_node_calls_go_over_mtls() {
             assert!(out.len() == 1 && out[0].ends_with("same-port"), "{out:?}");
         }
     }
+
+    // A restarted container (the kubelet gives it a new cgroup below the
+    // same pod) keeps the pod's identity: its calls reach B's pods too,
+    // which only mTLS with that identity can.
+    let restarted = calls_in(&a_cfg, &a_node.pods[0].0, &pods[0].new_container(4), vip, 8);
+    assert!(
+        restarted.iter().all(|r| r.starts_with("checkout-"))
+            && restarted.iter().any(|r| r.starts_with("checkout-b")),
+        "{restarted:?}"
+    );
 
     // Node A counted its calls to B's pods as mutual TLS; node B's inbound
     // listener accepted them from A's pod identity.

@@ -51,8 +51,9 @@ fn render(config: &AgentConfig, node: &Node, pods: &[usize], backends: &[SocketA
     for &i in pods {
         yaml.push_str(&format!(
             "  - name: pod-{i}\n    namespace: shop\n    service_account: sa-{i}\n    \
-             netns: {}\n",
-            node.pods[i].0.path().display()
+             netns: {}\n    cgroup: {}\n",
+            node.pods[i].0.path().display(),
+            pod_cgroup(i)
         ));
     }
     for (i, b) in backends.iter().enumerate() {
@@ -66,6 +67,17 @@ fn render(config: &AgentConfig, node: &Node, pods: &[usize], backends: &[SocketA
         ));
     }
     yaml
+}
+
+/// Pod `i`'s cgroup, as the kubelet's cgroupfs driver names it.
+fn pod_cgroup(i: usize) -> String {
+    Layout::Cgroupfs.pod(Qos::Burstable, &format!("5a1ce000-0000-4000-8000-{i:012}"))
+}
+
+/// A new container cgroup of pod `i`: its processes never live in the pod
+/// cgroup itself.
+fn container(i: usize) -> String {
+    Layout::Cgroupfs.container(&pod_cgroup(i), i)
 }
 
 fn vip(i: usize) -> SocketAddr {
@@ -90,9 +102,14 @@ fn pods_get_their_own_listener_and_source_address_and_never_share_records() {
 
     // Pod 0 alone: its call leaves from its own address.
     let reply = stdout(
-        &in_pod(&config, &node.pods[0].0, "pod-0", &call(vip(0), 0, "hi"))
-            .output()
-            .unwrap(),
+        &in_pod(
+            &config,
+            &node.pods[0].0,
+            &container(0),
+            &call(vip(0), 0, "hi"),
+        )
+        .output()
+        .unwrap(),
     );
     assert_eq!(reply, format!("a from {} hi", node.pods[0].1));
 
@@ -128,7 +145,7 @@ fn pods_get_their_own_listener_and_source_address_and_never_share_records() {
                 in_pod(
                     &config,
                     &node.pods[i].0,
-                    &format!("pod-{i}"),
+                    &container(i),
                     &call(vip(i), 41000, "same-port"),
                 )
                 .stdout(Stdio::piped())
@@ -162,7 +179,7 @@ fn a_pod_that_leaves_drains_its_open_connection_and_takes_no_new_ones() {
     let held = in_pod(
         &config,
         pod,
-        "pod-0",
+        &container(0),
         &format!(
             "import socket, time\n\
              s = socket.create_connection((\"{ip}\", {port}))\n\
@@ -192,7 +209,7 @@ fn a_pod_that_leaves_drains_its_open_connection_and_takes_no_new_ones() {
     assert_eq!(reply, format!("a from {from} one|a from {from} two"));
 
     // New connects from the pod find no listener: refused at once.
-    let out = in_pod(&config, pod, "pod-0", &call(vip(0), 0, "late"))
+    let out = in_pod(&config, pod, &container(0), &call(vip(0), 0, "late"))
         .output()
         .unwrap();
     assert!(!out.status.success());

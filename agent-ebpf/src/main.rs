@@ -34,8 +34,8 @@ use aya_ebpf::{
         bpf_sock_tuple,
     },
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns,
-        bpf_sk_lookup_tcp, bpf_sk_release,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
+        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_sk_lookup_tcp, bpf_sk_release,
     },
     macros::{cgroup_sock_addr, map, sk_lookup, sk_msg, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash, SockMap},
@@ -43,12 +43,12 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::info;
 use sluice_maps::{
-    Backend, BackendKey, CAPTURE_STRICT, CaptureKey, CaptureValue, EVENT_CONNECT_FAILED,
-    EVENT_ESTABLISHED, EVENT_MARK_SPOOFED, EVENT_RTO, KERNEL_EVENTS_BYTES, KernelConn, KernelEvent,
-    MAX_AGENT_CGROUPS, MAX_BACKEND_SLOTS, MAX_BYPASS_SOCKETS, MAX_CAPTURE_LISTENERS, MAX_CAPTURES,
-    MAX_KERNEL_CONNS, MAX_PENDING_RECORDS, MAX_SERVICES, OriginalDst, PeerKey, SERVICE_FAIL_OPEN,
-    SERVICE_KERNEL, SETTINGS_LOG, SETTINGS_SOCKMAP, STAT_COUNT, ServiceKey, ServiceValue, Settings,
-    SockKey, Stat, v4_mapped,
+    Backend, BackendKey, CALLER_LEVELS, CAPTURE_STRICT, CaptureKey, CaptureValue,
+    EVENT_CONNECT_FAILED, EVENT_ESTABLISHED, EVENT_MARK_SPOOFED, EVENT_RTO, KERNEL_EVENTS_BYTES,
+    KernelConn, KernelEvent, MAX_AGENT_CGROUPS, MAX_BACKEND_SLOTS, MAX_BYPASS_SOCKETS,
+    MAX_CAPTURE_LISTENERS, MAX_CAPTURES, MAX_KERNEL_CONNS, MAX_PENDING_RECORDS, MAX_SERVICES,
+    OriginalDst, PeerKey, SERVICE_FAIL_OPEN, SERVICE_KERNEL, SETTINGS_LOG, SETTINGS_SOCKMAP,
+    STAT_COUNT, ServiceKey, ServiceValue, Settings, SockKey, Stat, v4_mapped,
 };
 
 /// Allow the syscall to proceed (cgroup/connect4 return value).
@@ -163,7 +163,7 @@ fn try_connect4(ctx: &SockAddrContext) -> i32 {
         _pad: 0,
     };
     if spoofed {
-        report_spoofed_mark(&key);
+        report_spoofed_mark(&key, settings);
     }
     let Some(service) = (unsafe { SERVICES.get(key) }).copied() else {
         count(Stat::NotMeshed);
@@ -186,6 +186,7 @@ fn try_connect4(ctx: &SockAddrContext) -> i32 {
         port,
         _pad: [0; 6],
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        ancestors: caller_ancestors(settings),
         created_ns: unsafe { bpf_ktime_get_ns() },
     };
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
@@ -211,8 +212,17 @@ fn try_connect4(ctx: &SockAddrContext) -> i32 {
     ALLOW
 }
 
+/// The caller's ancestor cgroups just below the hooked one: where a pod's
+/// cgroup is when the caller runs in one of its containers.
+#[inline(always)]
+fn caller_ancestors(settings: &Settings) -> [u64; CALLER_LEVELS] {
+    let first = settings.cgroup_root_level as i32 + 1;
+    let at = |i: i32| unsafe { bpf_get_current_ancestor_cgroup_id(first + i) };
+    [at(0), at(1), at(2), at(3)]
+}
+
 /// Tells the agent, at once, that a workload tried to pass for it.
-fn report_spoofed_mark(dialled: &ServiceKey) {
+fn report_spoofed_mark(dialled: &ServiceKey, settings: &Settings) {
     let event = KernelEvent {
         conn: KernelConn {
             service: *dialled,
@@ -222,6 +232,7 @@ fn report_spoofed_mark(dialled: &ServiceKey) {
                 _pad: 0,
             },
             cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+            ancestors: caller_ancestors(settings),
         },
         kind: EVENT_MARK_SPOOFED,
         value: 0,
@@ -284,6 +295,7 @@ fn balance_in_kernel(
         service: *key,
         backend,
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        ancestors: caller_ancestors(settings),
     };
     // Without this entry getpeername would show the backend and the outcome
     // would go unseen; the connect itself still works, so go on.

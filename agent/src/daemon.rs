@@ -389,6 +389,10 @@ async fn run_attached(
         agent_mark: config.agent.mark,
         log: config.agent.ebpf_log,
         sockmap: bypass.is_some(),
+        cgroup_root_level: Path::new(&config.node.cgroup_root.value)
+            .components()
+            .filter(|c| matches!(c, std::path::Component::Normal(_)))
+            .count() as u32,
     })?;
     redirect.sync_services(&catalog.kernel_entries(now_ms()))?;
     let kernel_events = redirect.take_kernel_events()?;

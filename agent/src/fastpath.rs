@@ -112,7 +112,7 @@ pub async fn drain_ring<T: std::os::fd::AsRawFd>(
 /// redirected it like any other; the attempt goes to the audit trail with
 /// who made it and what it dialled.
 fn audit_spoofed_mark(catalog: &Catalog, audit: &Audit, event: &KernelEvent) {
-    let source = catalog.workload_by_cgroup(event.conn.cgroup_id);
+    let source = catalog.workload_of_caller(event.conn.cgroup_id, &event.conn.ancestors);
     let name = source.map(|w| format!("{}/{}", w.namespace, w.name));
     let detail = format!(
         "cgroup {}: a socket with the agent's mark, outside the agent's cgroups; redirected \
@@ -151,7 +151,9 @@ fn apply(catalog: &Catalog, metrics: &Metrics, event: &KernelEvent) -> bool {
     let Some(index) = service.endpoints.iter().position(|e| e.addr == backend) else {
         return false;
     };
-    let source = catalog.workload_by_cgroup(conn.cgroup_id).map(|w| &**w);
+    let source = catalog
+        .workload_of_caller(conn.cgroup_id, &conn.ancestors)
+        .map(|w| &**w);
     let handles = metrics.connection(service, source, Some(index));
     let now = now_ms();
     match event.kind {

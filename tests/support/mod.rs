@@ -292,15 +292,8 @@ impl Drop for AgentConfig {
             }
         }
         redirect::remove_pins(&self.pin_dir);
-        let root = self.cgroup_root_path();
-        if let Ok(entries) = std::fs::read_dir(&root) {
-            for e in entries.flatten() {
-                if e.path().is_dir() {
-                    let _ = std::fs::remove_dir(e.path());
-                }
-            }
-        }
-        let _ = std::fs::remove_dir(&root);
+        // Deepest first: pods' container cgroups sit several levels down.
+        pods::remove_cgroup_tree(&self.cgroup_root_path());
     }
 }
 

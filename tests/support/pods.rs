@@ -89,10 +89,12 @@ pub fn source_echo(node: &Netns, name: &'static str, addr: SocketAddr) {
     });
 }
 
-/// Runs python `script` as a process of workload cgroup `cgroup` inside
-/// the pod namespace `pod` (how a pod's own processes live).
+/// Runs python `script` as a process of cgroup `cgroup` (made if missing:
+/// a container's, as the kubelet would) inside the pod namespace `pod`.
 pub fn in_pod(config: &AgentConfig, pod: &Netns, cgroup: &str, script: &str) -> Command {
-    let procs = config.cgroup_root_path().join(cgroup).join("cgroup.procs");
+    let dir = config.cgroup_root_path().join(cgroup);
+    std::fs::create_dir_all(&dir).unwrap();
+    let procs = dir.join("cgroup.procs");
     let mut cmd = Command::new("timeout");
     cmd.args(["--signal=KILL", "30", "bash", "-c"]).arg(format!(
         "echo $$ > {} && exec python3 -c '{script}'",
@@ -100,4 +102,85 @@ pub fn in_pod(config: &AgentConfig, pod: &Netns, cgroup: &str, script: &str) -> 
     ));
     pod.enter_on_exec(&mut cmd);
     cmd
+}
+
+/// How the kubelet and the container runtime name a pod's cgroups. Every
+/// process of a pod lives in a container cgroup below the pod's (a pause
+/// container beside the app's), never in the pod cgroup itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// `kubepods/<qos>/pod<uid>/<container id>`.
+    Cgroupfs,
+    /// `kubepods.slice/kubepods-<qos>.slice/kubepods-<qos>-pod<uid_>.slice/cri-containerd-<id>.scope`.
+    SystemdContainerd,
+    /// The same slices, `crio-<id>.scope`.
+    SystemdCrio,
+}
+
+/// A pod's quality-of-service class: guaranteed pods sit one level higher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Qos {
+    Guaranteed,
+    Burstable,
+    BestEffort,
+}
+
+impl Qos {
+    fn name(self) -> Option<&'static str> {
+        match self {
+            Qos::Guaranteed => None,
+            Qos::Burstable => Some("burstable"),
+            Qos::BestEffort => Some("besteffort"),
+        }
+    }
+}
+
+impl Layout {
+    /// Where the kubelet puts every pod, relative to the node's cgroup root
+    /// in these tests (`kubernetes.pod_cgroups`).
+    pub fn kubepods(self) -> &'static str {
+        match self {
+            Layout::Cgroupfs => "kubepods",
+            Layout::SystemdContainerd | Layout::SystemdCrio => "kubepods.slice",
+        }
+    }
+
+    /// The pod's cgroup, relative to the node's cgroup root.
+    pub fn pod(self, qos: Qos, uid: &str) -> String {
+        match (self, qos.name()) {
+            (Layout::Cgroupfs, None) => format!("kubepods/pod{uid}"),
+            (Layout::Cgroupfs, Some(q)) => format!("kubepods/{q}/pod{uid}"),
+            (_, None) => format!("kubepods.slice/kubepods-pod{}.slice", uid.replace('-', "_")),
+            (_, Some(q)) => format!(
+                "kubepods.slice/kubepods-{q}.slice/kubepods-{q}-pod{}.slice",
+                uid.replace('-', "_")
+            ),
+        }
+    }
+
+    /// A container's cgroup below `pod`; `n` makes its id (a new one for
+    /// each container, and for each restart of one).
+    pub fn container(self, pod: &str, n: usize) -> String {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let unique = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = format!("{:032x}{:016x}{n:016x}", std::process::id(), unique);
+        match self {
+            Layout::Cgroupfs => format!("{pod}/{id}"),
+            Layout::SystemdContainerd => format!("{pod}/cri-containerd-{id}.scope"),
+            Layout::SystemdCrio => format!("{pod}/crio-{id}.scope"),
+        }
+    }
+}
+
+/// Removes a cgroup directory and every cgroup below it, deepest first
+/// (cgroupfs refuses to remove a cgroup with children or processes).
+pub fn remove_cgroup_tree(dir: &std::path::Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
 }

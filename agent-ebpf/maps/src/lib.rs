@@ -206,6 +206,8 @@ pub struct KernelConn {
     pub backend: Backend,
     /// cgroup v2 id of the calling task: the source workload.
     pub cgroup_id: u64,
+    /// Its ancestors below the hooked cgroup; see [`OriginalDst::ancestors`].
+    pub ancestors: [u64; CALLER_LEVELS],
 }
 
 /// One entry of [`KERNEL_EVENTS`].
@@ -241,6 +243,11 @@ pub struct OriginalDst {
     pub _pad: [u8; 6],
     /// cgroup v2 id of the calling task: how the agent knows the workload.
     pub cgroup_id: u64,
+    /// The calling task's ancestor cgroups at the levels just below the
+    /// hooked cgroup ([`Settings::cgroup_root_level`] + 1, + 2, ...; 0 past
+    /// the task's own level). A pod's processes live in container cgroups
+    /// below the pod's (the kubelet's layout), so the pod is one of these.
+    pub ancestors: [u64; CALLER_LEVELS],
     /// `bpf_ktime_get_ns()` at connect: lets the agent sweep stale records.
     pub created_ns: u64,
 }
@@ -286,6 +293,11 @@ pub struct CaptureValue {
 /// than passed to the workload in plaintext.
 pub const CAPTURE_STRICT: u32 = 1;
 
+/// Ancestor levels recorded for a caller below the hooked cgroup: enough
+/// for the kubelet's deepest pod (`kubepods/<qos>/pod<uid>`, a container
+/// below it) with room for a parent cgroup above `kubepods`.
+pub const CALLER_LEVELS: usize = 4;
+
 /// Runtime settings of the programs, slot 0 of [`SETTINGS`].
 /// A zero `listener_port` means "not configured": the programs pass
 /// everything through untouched.
@@ -300,6 +312,9 @@ pub struct Settings {
     pub agent_mark: u32,
     /// Bit set of [`SETTINGS_LOG`] and future switches.
     pub flags: u32,
+    /// Level of the hooked cgroup (`node.cgroup_root`) in the cgroup v2
+    /// hierarchy: the root is 0, `kubepods.slice` 1.
+    pub cgroup_root_level: u32,
 }
 
 /// [`Settings::flags`] bit: emit aya-log events from the programs.

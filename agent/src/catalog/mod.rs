@@ -415,6 +415,20 @@ impl Catalog {
         self.workloads_by_cgroup.get(&cgroup_id)
     }
 
+    /// The workload a caller belongs to: its own cgroup's, else the
+    /// nearest of its ancestors' (a pod's, for a process in one of the
+    /// pod's container cgroups, as the kubelet lays them out). A restarted
+    /// container gets a new cgroup but keeps its pod, and so its identity.
+    pub fn workload_of_caller(&self, cgroup_id: u64, ancestors: &[u64]) -> Option<&Arc<Workload>> {
+        self.workload_by_cgroup(cgroup_id).or_else(|| {
+            ancestors
+                .iter()
+                .rev()
+                .filter(|&&id| id != 0)
+                .find_map(|id| self.workloads_by_cgroup.get(id))
+        })
+    }
+
     /// Every local workload, in config order.
     pub fn workloads(&self) -> &[Arc<Workload>] {
         &self.workloads

@@ -182,7 +182,9 @@ async fn handle(
         // catalog.
         (
             service,
-            catalog.workload_by_cgroup(record.cgroup_id).cloned(),
+            catalog
+                .workload_of_caller(record.cgroup_id, &record.ancestors)
+                .cloned(),
         )
     };
     let policy = &service.policy;

@@ -145,6 +145,8 @@ pub struct ProgramSettings {
     pub log: bool,
     /// Put redirected sockets into SOCKETS (the sockmap bypass).
     pub sockmap: bool,
+    /// Level of the hooked cgroup in the hierarchy (the root is 0).
+    pub cgroup_root_level: u32,
 }
 
 impl From<ProgramSettings> for Settings {
@@ -156,6 +158,7 @@ impl From<ProgramSettings> for Settings {
             agent_mark: s.agent_mark,
             flags: if s.log { SETTINGS_LOG } else { 0 }
                 | if s.sockmap { SETTINGS_SOCKMAP } else { 0 },
+            cgroup_root_level: s.cgroup_root_level,
         }
     }
 }

@@ -126,6 +126,9 @@ pub struct Redirected {
     pub original_dst: SocketAddr,
     /// cgroup v2 id of the calling process.
     pub cgroup_id: u64,
+    /// Its ancestors just below the hooked cgroup (a pod's, for a process
+    /// in one of the pod's containers).
+    pub ancestors: [u64; sluice_maps::CALLER_LEVELS],
 }
 
 impl From<OriginalDst> for Redirected {
@@ -133,6 +136,7 @@ impl From<OriginalDst> for Redirected {
         Redirected {
             original_dst: addr_from_key(r.addr, r.port),
             cgroup_id: r.cgroup_id,
+            ancestors: r.ancestors,
         }
     }
 }
