@@ -1,10 +1,11 @@
-//! Developer tasks: `cargo xtask setup | build | test | demo`.
+//! Developer tasks: `cargo xtask setup | build | test | demo | bench | fuzz`.
 //!
 //! Every task starts with `setup`, which installs what is missing on a
 //! fresh Debian 12 machine (as root) and says what it does.
 
 mod bench;
 mod demo;
+mod fuzz;
 mod setup;
 
 use std::process::Command;
@@ -25,13 +26,17 @@ enum Task {
     Setup,
     /// Setup, then build the release binary (target/release/sluice).
     Build,
-    /// Setup, then fmt check, clippy -D warnings, and every test (as root).
+    /// Setup, then fmt check, clippy -D warnings, every test (as root), and
+    /// each fuzz target for SLUICE_FUZZ_SECONDS (60) seconds.
     Test,
     /// Setup, build, and run the agent on config/sluice.yaml with three
     /// payment backends and a meshed client.
     Demo,
     /// Setup, build, and measure Sluice beside HAProxy and nginx.
     Bench(bench::BenchArgs),
+    /// Setup, then run the fuzz targets (fuzz/) for a bounded time each
+    /// from their committed seeds; a crash fails.
+    Fuzz(fuzz::FuzzArgs),
     /// (Used by bench.) Run one load-generator workload.
     #[command(hide = true)]
     Loadgen(bench::LoadArgs),
@@ -63,6 +68,10 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             build_release()?;
             bench::run(args)
+        }
+        Task::Fuzz(args) => {
+            setup::run()?;
+            fuzz::run(args)
         }
         Task::Loadgen(args) => bench::loadgen_main(args),
         Task::Backend { listen } => bench::backend_main(listen),
@@ -108,6 +117,15 @@ fn build_release() -> anyhow::Result<()> {
 
 fn test() -> anyhow::Result<()> {
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    // The fuzz crate is a workspace of its own.
+    run(cargo().args([
+        "fmt",
+        "--all",
+        "--manifest-path",
+        "fuzz/Cargo.toml",
+        "--",
+        "--check",
+    ]))?;
     run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
     // The eBPF crate builds only for the bpf target, with nightly.
     run(Command::new("rustup").args([
@@ -141,6 +159,9 @@ fn test() -> anyhow::Result<()> {
     // The Kubernetes install: schema-valid manifests, an agent config the
     // agent accepts.
     run(Command::new("bash").arg("config/kubernetes/validate.sh"))?;
+    // What the agent parses from outside (config, preamble, certificates)
+    // under libFuzzer, a bounded time per target.
+    fuzz::run(fuzz::FuzzArgs::from_env()?)?;
     // The benchmark harness as a smoke test: every path must carry traffic.
     build_release()?;
     bench::run(bench::BenchArgs { quick: true })?;

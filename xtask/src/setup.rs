@@ -22,6 +22,8 @@ const APT_PACKAGES: [&str; 8] = [
     "python3",
 ];
 const BPF_LINKER_VERSION: &str = "0.13";
+/// The fuzz targets (fuzz/) are built and run by cargo-fuzz.
+const CARGO_FUZZ_VERSION: &str = "0.13";
 
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -33,6 +35,7 @@ pub fn run() -> anyhow::Result<()> {
     nightly_with_rust_src()?;
     apt_packages()?;
     bpf_linker()?;
+    cargo_fuzz()?;
     bpffs()?;
     println!("== setup: done");
     Ok(())
@@ -145,6 +148,22 @@ fn bpf_linker() -> anyhow::Result<()> {
             ])
             .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
     )
+}
+
+fn cargo_fuzz() -> anyhow::Result<()> {
+    let version = output(Command::new("cargo-fuzz").arg("--version")).unwrap_or_default();
+    if version.contains(&format!(" {CARGO_FUZZ_VERSION}.")) {
+        ok(&format!("cargo-fuzz ({})", version.trim()));
+        return Ok(());
+    }
+    println!("   installing cargo-fuzz {CARGO_FUZZ_VERSION} (a minute, once per machine)");
+    run_cmd(Command::new("cargo").args([
+        "install",
+        "cargo-fuzz",
+        "--locked",
+        "--version",
+        &format!("~{CARGO_FUZZ_VERSION}"),
+    ]))
 }
 
 fn bpffs() -> anyhow::Result<()> {

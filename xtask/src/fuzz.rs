@@ -1,0 +1,175 @@
+//! `cargo xtask fuzz`: runs the cargo-fuzz targets in fuzz/ for a bounded
+//! time each, from the committed seeds; `cargo xtask test` runs it too.
+//! A crash, a hang or an out-of-memory is a failure naming the target and
+//! the input libFuzzer saved.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Instant,
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{display, run as run_cmd, workspace_root};
+
+/// The targets, in the order they run: fuzz/fuzz_targets/<name>.rs, seeds
+/// in fuzz/corpus/<name>/.
+pub const TARGETS: [&str; 3] = ["config", "preamble", "identity"];
+
+/// Seconds per target unless told otherwise.
+pub const DEFAULT_SECONDS: u64 = 60;
+
+/// One input taking longer than this is reported as a hang: every target
+/// parses a few KiB at most, in microseconds.
+const INPUT_TIMEOUT_SECONDS: u64 = 10;
+
+#[derive(clap::Parser)]
+pub struct FuzzArgs {
+    /// Seconds per target. Not 0: libFuzzer reads that as no limit.
+    #[arg(
+        long,
+        env = "SLUICE_FUZZ_SECONDS",
+        default_value_t = DEFAULT_SECONDS,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub seconds: u64,
+    /// One target (default: all).
+    #[arg(value_parser = TARGETS)]
+    pub target: Option<String>,
+}
+
+impl FuzzArgs {
+    /// Every target, for `SLUICE_FUZZ_SECONDS` (or the default) seconds:
+    /// what `cargo xtask test` runs.
+    pub fn from_env() -> anyhow::Result<FuzzArgs> {
+        use clap::Parser as _;
+        FuzzArgs::try_parse_from(["fuzz"]).context("SLUICE_FUZZ_SECONDS")
+    }
+}
+
+/// cargo-fuzz needs nightly (sanitizers, sancov passes); `--fuzz-dir`
+/// makes it independent of the directory it is started from.
+fn cargo_fuzz(subcommand: &str) -> Command {
+    let mut cmd = Command::new("rustup");
+    cmd.args(["run", "nightly", "cargo", "fuzz", subcommand])
+        .args(["--fuzz-dir", "fuzz"]);
+    cmd
+}
+
+pub fn run(args: FuzzArgs) -> anyhow::Result<()> {
+    let targets: Vec<&str> = match &args.target {
+        Some(t) => vec![t.as_str()],
+        None => TARGETS.to_vec(),
+    };
+    // One build for every target, so the time bound below is all fuzzing.
+    run_cmd(&mut cargo_fuzz("build"))?;
+    let mut summaries = Vec::new();
+    for target in targets {
+        summaries.push(run_target(target, args.seconds)?);
+    }
+    for line in summaries {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+/// Runs one target for `seconds` from a scratch copy of its seeds (what
+/// libFuzzer adds to a corpus while it runs stays out of the repository).
+/// Returns a one-line summary.
+fn run_target(target: &str, seconds: u64) -> anyhow::Result<String> {
+    let root = workspace_root();
+    let seeds = root.join("fuzz/corpus").join(target);
+    let scratch = std::env::temp_dir().join(format!("sluice-fuzz-{}-{target}", std::process::id()));
+    copy_seeds(&seeds, &scratch)?;
+    let result = fuzz_for(target, seconds, &scratch);
+    let _ = std::fs::remove_dir_all(&scratch);
+    result
+}
+
+fn copy_seeds(seeds: &Path, scratch: &Path) -> anyhow::Result<()> {
+    let _ = std::fs::remove_dir_all(scratch);
+    std::fs::create_dir_all(scratch).with_context(|| format!("create {}", scratch.display()))?;
+    let entries = std::fs::read_dir(seeds)
+        .with_context(|| format!("read the seeds in {}", seeds.display()))?;
+    let mut copied = 0;
+    for entry in entries {
+        let path = entry?.path();
+        if path.is_file() {
+            let to = scratch.join(path.file_name().expect("a file has a name"));
+            std::fs::copy(&path, &to).with_context(|| format!("copy {}", path.display()))?;
+            copied += 1;
+        }
+    }
+    if copied == 0 {
+        bail!("{} holds no seed", seeds.display());
+    }
+    Ok(())
+}
+
+fn fuzz_for(target: &str, seconds: u64, corpus: &Path) -> anyhow::Result<String> {
+    let mut cmd = cargo_fuzz("run");
+    cmd.arg(target)
+        .arg(corpus)
+        .arg("--")
+        .arg(format!("-max_total_time={seconds}"))
+        .arg(format!("-timeout={INPUT_TIMEOUT_SECONDS}"))
+        .arg("-print_final_stats=1")
+        .current_dir(workspace_root())
+        .stderr(Stdio::piped());
+    println!("==> {}", display(&cmd));
+    let started = Instant::now();
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {}", display(&cmd)))?;
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let mut artifact: Option<PathBuf> = None;
+    let (mut runs, mut per_second) = (None, None);
+    let mut in_dictionary = false;
+    for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+        // libFuzzer's progress (`#1234 NEW cov: ...`, `NEW_FUNC ...`) and
+        // the dictionary it recommends at the end run to thousands of
+        // lines; the final stats say what matters.
+        if line.starts_with("###### Recommended dictionary") {
+            in_dictionary = true;
+        }
+        let progress = line.starts_with('#') || line.trim_start().starts_with("NEW_FUNC");
+        if !progress && !in_dictionary {
+            eprintln!("{line}");
+        }
+        if line.starts_with("###### End of recommended dictionary") {
+            in_dictionary = false;
+        }
+        if let Some(path) = line.split("Test unit written to ").nth(1) {
+            artifact = Some(workspace_root().join(path.trim()));
+        }
+        if let Some(n) = line.strip_prefix("stat::number_of_executed_units: ") {
+            runs = n.trim().parse::<u64>().ok();
+        }
+        if let Some(n) = line.strip_prefix("stat::average_exec_per_sec: ") {
+            per_second = n.trim().parse::<u64>().ok();
+        }
+    }
+    let status = child.wait()?;
+    let took = started.elapsed().as_secs();
+    if !status.success() {
+        match artifact {
+            Some(path) => bail!(
+                "fuzz target `{target}` failed ({status}): the input is {}; \
+                 reproduce with `cargo +nightly fuzz run --fuzz-dir fuzz {target} {}`",
+                path.display(),
+                path.display()
+            ),
+            None => bail!(
+                "fuzz target `{target}` failed ({status}) without saving an input: \
+                 see its output above"
+            ),
+        }
+    }
+    Ok(format!(
+        "fuzz {target}: no crash in {took} s, {} runs ({} exec/s)",
+        runs.map_or("?".into(), |n| n.to_string()),
+        per_second.map_or("?".into(), |n| n.to_string()),
+    ))
+}
