@@ -143,7 +143,7 @@ fn start_pod(
         (std::process::id() as usize) << 16 | n
     );
     // Burstable and guaranteed pods in turn: they sit at different depths.
-    let qos = if n % 2 == 0 {
+    let qos = if n.is_multiple_of(2) {
         Qos::Burstable
     } else {
         Qos::Guaranteed
