@@ -69,14 +69,31 @@ pub fn run(args: FuzzArgs) -> anyhow::Result<()> {
     };
     // One build for every target, so the time bound below is all fuzzing.
     run_cmd(&mut cargo_fuzz("build"))?;
-    let mut summaries = Vec::new();
-    for target in targets {
-        summaries.push(run_target(target, args.seconds)?);
+    // The targets run side by side: each still gets its full time, and
+    // CI's two cores finish all three in the time of one.
+    let results: Vec<anyhow::Result<String>> = std::thread::scope(|scope| {
+        let runs: Vec<_> = targets
+            .iter()
+            .map(|target| scope.spawn(move || run_target(target, args.seconds)))
+            .collect();
+        runs.into_iter()
+            .map(|run| {
+                run.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a fuzz run panicked")))
+            })
+            .collect()
+    });
+    let mut failed = None;
+    for result in results {
+        match result {
+            Ok(line) => println!("{line}"),
+            Err(e) => {
+                eprintln!("{e:#}");
+                failed.get_or_insert(e);
+            }
+        }
     }
-    for line in summaries {
-        println!("{line}");
-    }
-    Ok(())
+    failed.map_or(Ok(()), Err)
 }
 
 /// Runs one target for `seconds` from a scratch copy of its seeds (what
