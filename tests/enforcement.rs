@@ -49,8 +49,11 @@ fn workload(name: &str, sa: &str, extra: &str) -> String {
 
 fn service(name: &str, vip: &str, mode: &str, endpoint: &str) -> String {
     let vip: SocketAddr = vip.parse().unwrap();
+    // Health checks every 100 ms: they must reach a strict pod of this node
+    // (from inside it) and leave another node's endpoints to their agent.
     format!(
         "  - name: {name}\n    namespace: payments\n    mode: {mode}\n    address: {}\n    port: {}\n    \
+         health_check:\n      interval: 100ms\n      timeout: 300ms\n      unhealthy_threshold: 2\n    \
          endpoints:\n      - {endpoint}\n",
         vip.ip(),
         vip.port()
@@ -332,6 +335,46 @@ fn plaintext_to_a_strict_workload_is_refused_from_everywhere_and_the_mesh_still_
     assert_eq!(
         mesh_call(&c.agent_a, "checkout", LEDGER_VIP),
         ["ledger call 1"]
+    );
+}
+
+/// The health of `service`'s endpoints as `agent`'s admin API shows it.
+fn healthy(agent: &Agent, service: &str) -> Vec<bool> {
+    let out = agent.sluice(&["endpoints", "-o", "json"]);
+    let view: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    view.as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|e| e["service"] == service)
+                .map(|e| e["healthy"] == true)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Node B probes its strict pod from inside the pod (the capture hook would
+/// refuse a probe from the node's namespace); node A leaves B's endpoint to
+/// B's agent rather than probe it around the mesh.
+#[test]
+fn health_checks_reach_a_strict_pod_from_inside_and_never_go_around_the_mesh() {
+    let c = cluster();
+    let ledger = &c._backends[0];
+    let before = ledger.accepted();
+    // Probes every 100 ms reach the pod's backend.
+    assert!(wait_until(Duration::from_secs(10), || ledger.accepted() >= before + 5));
+    assert_eq!(healthy(&c.agent_b, "payments/ledger"), [true]);
+    assert_eq!(healthy(&c.agent_a, "payments/ledger"), [true]);
+    assert_eq!(healthy(&c.agent_a, "payments/vault"), [true]);
+    // Nothing was refused by the capture hook: no probe went around it.
+    let (_, b_cfg) = &c.configs;
+    let exposition = scrape(&c.b_node.node, b_cfg);
+    assert_eq!(
+        metric(
+            &exposition,
+            "sluice_inbound_refusals_total{reason=\"plaintext\"}"
+        ),
+        0.0,
+        "{exposition}"
     );
 }
 

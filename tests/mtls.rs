@@ -583,8 +583,8 @@ print(int(t[len(t) // 2] * 1e6), int(t[len(t) * 99 // 100] * 1e6))'"
 }
 
 /// 500 TLS handshakes that never finish, from one peer: the inbound port
-/// admits a bounded number (the rest are reset at once), every one is
-/// refused or times out, a meshed stream from node A loses nothing, the
+/// runs a bounded number at once (the rest wait for a place within the
+/// handshake deadline), every one is refused or times out, a meshed stream from node A loses nothing, the
 /// log stays at a line per reason, and the memory comes back.
 #[test]
 fn a_flood_of_unauthenticated_handshakes_is_bounded_and_costs_nothing_after() {
@@ -664,7 +664,6 @@ fn a_flood_of_unauthenticated_handshakes_is_bounded_and_costs_nothing_after() {
         "every handshake refused or timed out: {:?}",
         refused.map(|r| (r, refusals(&m.b, r)))
     );
-    assert!(refusals(&m.b, "overloaded") >= 500 - 64, "per-source bound");
     let logged = m.b.log().matches("refused:").count();
     assert!(logged <= refused.len(), "{logged} refusal lines logged");
     // The memory a flood took is given back once it is over.

@@ -25,8 +25,9 @@ pub struct MeshConfig {
     pub inbound_limits: InboundLimitsConfig,
 }
 
-/// What peers may hold on the inbound port; over a bound a connection is
-/// reset at once and counted as `overloaded`.
+/// What peers may hold on the inbound port. Over a connection bound a
+/// connection is reset; one that finds no handshake place waits for one
+/// within the handshake deadline, else is reset; both count as `overloaded`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct InboundLimitsConfig {
@@ -46,8 +47,8 @@ impl Default for InboundLimitsConfig {
         InboundLimitsConfig {
             max_handshakes: 256,
             max_handshakes_per_source: 64,
-            max_connections: 16_384,
-            max_connections_per_source: 8_192,
+            max_connections: 32_768,
+            max_connections_per_source: 16_384,
         }
     }
 }

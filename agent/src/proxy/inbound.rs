@@ -80,7 +80,8 @@ pub enum Refusal {
     /// Plaintext from outside the mesh to a strict workload, caught by the
     /// capture hook.
     Plaintext,
-    /// Over a bound of `mesh.inbound_limits`: reset before any handshake.
+    /// Over a bound of `mesh.inbound_limits`: reset before any handshake
+    /// (a connection bound at once, a handshake bound after a wait).
     Overloaded,
 }
 
@@ -350,7 +351,21 @@ async fn handle(
     mut admitted: Admitted,
 ) {
     let _ = tcp.set_nodelay(true);
-    let handshake = tokio::time::timeout(ctx.handshake_timeout, acceptor.accept(tcp)).await;
+    let started = tokio::time::Instant::now();
+    if let Err(over) = admitted.start_handshake(ctx.handshake_timeout).await {
+        let _ = tcp.set_zero_linger();
+        ctx.stats.count_refusal(Refusal::Overloaded);
+        ctx.log.warn(Refusal::Overloaded.name(), || {
+            format!(
+                "inbound {peer}: refused: overloaded: {} stayed full for {:?}",
+                over.name(),
+                ctx.handshake_timeout
+            )
+        });
+        return;
+    }
+    let left = ctx.handshake_timeout.saturating_sub(started.elapsed());
+    let handshake = tokio::time::timeout(left, acceptor.accept(tcp)).await;
     admitted.handshake_done();
     let mut tls = match handshake {
         Ok(Ok(tls)) => tls,

@@ -1,8 +1,10 @@
 //! Bounds on what peers can hold on the inbound port before they have
 //! proven anything: handshakes in flight and open connections, per node and
-//! per source address. A connection over a bound is reset at once and
-//! counted (`overloaded`), so a flood costs the agent a bounded amount of
-//! memory and CPU and never starves the connections already admitted.
+//! per source address. A connection over a connection bound is reset at
+//! once; one that finds the handshake places full waits for one (a burst
+//! queues) within the handshake deadline. Either way a flood costs the
+//! agent a bounded amount of memory and CPU and never starves the
+//! connections already admitted.
 
 use std::{
     collections::HashMap,
@@ -53,6 +55,8 @@ pub struct InboundLimits {
     connections: AtomicUsize,
     /// Most connections open at once since the last [`Self::take_peak`].
     peak: AtomicUsize,
+    /// Woken when a handshake place frees.
+    handshake_freed: tokio::sync::Notify,
     hasher: RandomState,
     sources: [Mutex<HashMap<IpAddr, PerSource>>; SHARDS],
 }
@@ -72,6 +76,7 @@ impl InboundLimits {
             handshakes: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
             peak: AtomicUsize::new(0),
+            handshake_freed: tokio::sync::Notify::new(),
             hasher: RandomState::new(),
             sources: std::array::from_fn(|_| Mutex::new(HashMap::new())),
         })
@@ -81,15 +86,12 @@ impl InboundLimits {
         &self.sources[self.hasher.hash_one(source) as usize % SHARDS]
     }
 
-    /// Takes a connection and a handshake place for `source`, or says
-    /// which bound is full.
+    /// Takes a connection place for `source`, or says which bound is full.
+    /// The handshake place is taken apart ([`Admitted::start_handshake`]).
     pub fn admit(self: &Arc<Self>, source: IpAddr) -> Result<Admitted, Over> {
         let b = &self.bounds;
         if self.connections.load(Ordering::Relaxed) >= b.max_connections {
             return Err(Over::Connections);
-        }
-        if self.handshakes.load(Ordering::Relaxed) >= b.max_handshakes {
-            return Err(Over::Handshakes);
         }
         {
             let mut shard = self.shard(source).lock().unwrap_or_else(|p| p.into_inner());
@@ -97,20 +99,32 @@ impl InboundLimits {
             if entry.connections >= b.max_connections_per_source {
                 return Err(Over::ConnectionsPerSource);
             }
-            if entry.handshakes >= b.max_handshakes_per_source {
-                return Err(Over::HandshakesPerSource);
-            }
             entry.connections += 1;
-            entry.handshakes += 1;
         }
         let open = self.connections.fetch_add(1, Ordering::Relaxed) + 1;
         self.peak.fetch_max(open, Ordering::Relaxed);
-        self.handshakes.fetch_add(1, Ordering::Relaxed);
         Ok(Admitted {
             limits: self.clone(),
             source,
-            handshaking: true,
+            handshaking: false,
         })
+    }
+
+    /// Takes a handshake place for `source` if both bounds allow.
+    fn try_handshake(&self, source: IpAddr) -> Result<(), Over> {
+        let b = &self.bounds;
+        if self.handshakes.load(Ordering::Relaxed) >= b.max_handshakes {
+            return Err(Over::Handshakes);
+        }
+        let mut shard = self.shard(source).lock().unwrap_or_else(|p| p.into_inner());
+        let entry = shard.entry(source).or_default();
+        if entry.handshakes >= b.max_handshakes_per_source {
+            return Err(Over::HandshakesPerSource);
+        }
+        entry.handshakes += 1;
+        drop(shard);
+        self.handshakes.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Connections open now.
@@ -144,6 +158,7 @@ impl InboundLimits {
         drop(shard);
         if handshake {
             self.handshakes.fetch_sub(1, Ordering::Relaxed);
+            self.handshake_freed.notify_waiters();
         }
         if connection {
             self.connections.fetch_sub(1, Ordering::Relaxed);
@@ -152,6 +167,31 @@ impl InboundLimits {
 }
 
 impl Admitted {
+    /// Waits, up to `within`, for a handshake place: a burst (a peer's
+    /// reconnect storm) queues here rather than being reset, while the
+    /// handshakes in flight stay bounded. Says which bound stayed full
+    /// when the time ran out.
+    pub async fn start_handshake(&mut self, within: std::time::Duration) -> Result<(), Over> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let freed = self.limits.handshake_freed.notified();
+            tokio::pin!(freed);
+            // Registered before trying, so a place freed in between wakes us.
+            freed.as_mut().enable();
+            match self.limits.try_handshake(self.source) {
+                Ok(()) => {
+                    self.handshaking = true;
+                    return Ok(());
+                }
+                Err(over) => {
+                    if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                        return Err(over);
+                    }
+                }
+            }
+        }
+    }
+
     /// The handshake is over (either way): its place is free for another.
     pub fn handshake_done(&mut self) {
         if std::mem::take(&mut self.handshaking) {
@@ -179,20 +219,36 @@ mod tests {
         })
     }
 
-    #[test]
-    fn per_source_and_node_bounds_hold_and_places_come_back() {
+    #[tokio::test(start_paused = true)]
+    async fn per_source_and_node_bounds_hold_and_places_come_back() {
         let l = limits();
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let wait = std::time::Duration::from_secs(1);
         let mut a1 = l.admit(a).unwrap();
-        let a2 = l.admit(a).unwrap();
-        assert_eq!(l.admit(a).unwrap_err(), Over::HandshakesPerSource);
-        let b1 = l.admit(b).unwrap();
-        assert_eq!(l.admit(b).unwrap_err(), Over::Handshakes);
-        a1.handshake_done();
+        let mut a2 = l.admit(a).unwrap();
         let mut a3 = l.admit(a).unwrap();
+        assert_eq!(l.admit(a).unwrap_err(), Over::ConnectionsPerSource);
+        a1.start_handshake(wait).await.unwrap();
+        a2.start_handshake(wait).await.unwrap();
+        // The source's handshake places are full: a3 waits, then gives up.
+        assert_eq!(
+            a3.start_handshake(wait).await.unwrap_err(),
+            Over::HandshakesPerSource
+        );
+        let mut b1 = l.admit(b).unwrap();
+        b1.start_handshake(wait).await.unwrap();
+        assert_eq!(l.admit(b).unwrap_err(), Over::Connections);
+        // A place freed while a3 waits is taken at once.
+        let waiting = tokio::spawn(async move {
+            let r = a3.start_handshake(wait).await;
+            (r, a3)
+        });
+        tokio::task::yield_now().await;
+        a1.handshake_done();
+        let (taken, mut a3) = waiting.await.unwrap();
+        assert_eq!(taken, Ok(()));
         a3.handshake_done();
-        assert_eq!(l.admit(a).unwrap_err(), Over::Connections);
         drop((a1, a2, a3, b1));
         assert_eq!((l.connections(), l.handshakes()), (0, 0));
         assert!(l.sources.iter().all(|s| s.lock().unwrap().is_empty()));

@@ -12,7 +12,13 @@ use tokio::{
 };
 
 use super::EndpointState;
-use crate::{catalog::Catalog, config::HealthCheck, drain::DrainWatch, lb::fast_random};
+use crate::{
+    catalog::Catalog,
+    config::{HealthCheck, Mode},
+    drain::DrainWatch,
+    lb::fast_random,
+    netns::Netns,
+};
 
 /// The running checks of one catalog; dropping it stops them.
 #[derive(Debug, Default)]
@@ -41,12 +47,28 @@ impl HealthCheckers {
                 continue;
             };
             for e in &service.endpoints {
+                // An endpoint on another node, reached through the mesh, is
+                // that node's agent's to check: probing it here would go
+                // around the mesh in plaintext (and a strict workload
+                // refuses that). Outlier detection still sees every real
+                // connect to it.
+                if !e.local && e.peer.is_some() && service.mode != Mode::Plaintext {
+                    e.state.set_healthy(true);
+                    continue;
+                }
+                // A workload of this node is probed from inside its own
+                // network namespace, as the agent delivers to it: the
+                // capture hook refuses a probe from outside.
+                let netns = catalog
+                    .local_target(e.addr)
+                    .and_then(|t| t.workload.netns.clone());
                 let check = Check {
                     service: service.qualified_name(),
                     addr: e.addr,
                     state: e.state.clone(),
                     settings: hc.clone(),
                     mark,
+                    netns,
                 };
                 tasks.push(tokio::spawn(check.run(drain.clone())));
             }
@@ -70,6 +92,8 @@ struct Check {
     state: Arc<EndpointState>,
     settings: HealthCheck,
     mark: u32,
+    /// The endpoint's workload's namespace, when it is a pod of this node.
+    netns: Option<Arc<Netns>>,
 }
 
 fn jittered(base: Duration, jitter: Duration) -> Duration {
@@ -124,8 +148,13 @@ impl Check {
     async fn probe(&self) -> bool {
         let timeout = self.settings.timeout.value.0;
         let attempt = async {
-            let mut stream =
-                crate::proxy::socket::connect_marked(self.addr, self.mark, timeout, None).await?;
+            let mut stream = crate::proxy::socket::connect_marked(
+                self.addr,
+                self.mark,
+                timeout,
+                self.netns.as_deref(),
+            )
+            .await?;
             let Some(http) = &self.settings.http else {
                 return Ok::<bool, std::io::Error>(true);
             };
