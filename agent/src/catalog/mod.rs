@@ -48,6 +48,9 @@ pub struct Catalog {
     local_targets: HashMap<SocketAddr, Arc<LocalTarget>>,
     /// Workloads whose inbound connections are captured, by CAPTURE key.
     captures: HashMap<SocketAddr, Arc<capture::CaptureTarget>>,
+    /// Each captured workload's mode, by its cgroup id (read per same-node
+    /// connection, so a lookup rather than a scan).
+    inbound_modes: HashMap<u64, capture::InboundMode>,
 }
 
 /// An endpoint on this node, as the inbound listener sees it.
@@ -369,6 +372,10 @@ impl Catalog {
         let workloads_by_cgroup = workloads.iter().map(|w| (w.cgroup_id, w.clone())).collect();
         let local_targets = local_targets(config, &workloads);
         let captures = capture::targets(config, &workloads);
+        let inbound_modes = captures
+            .values()
+            .map(|t| (t.workload.cgroup_id, t.mode))
+            .collect();
         Catalog {
             node: node.clone(),
             services,
@@ -376,6 +383,7 @@ impl Catalog {
             workloads,
             local_targets,
             captures,
+            inbound_modes,
         }
     }
 
@@ -394,10 +402,10 @@ impl Catalog {
 
     /// The inbound mode of a local workload.
     pub fn inbound_mode(&self, workload: &Workload) -> capture::InboundMode {
-        self.captures
-            .values()
-            .find(|t| std::ptr::eq(Arc::as_ptr(&t.workload), workload))
-            .map_or(capture::InboundMode::Open, |t| t.mode)
+        self.inbound_modes
+            .get(&workload.cgroup_id)
+            .copied()
+            .unwrap_or(capture::InboundMode::Open)
     }
 
     /// The local endpoint a peer agent may ask for at `addr`.
