@@ -14,7 +14,6 @@
 use std::{
     collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
-    os::fd::{AsFd, OwnedFd},
     path::PathBuf,
     sync::Arc,
     time::Duration,
@@ -52,8 +51,6 @@ struct Open {
     trigger: DrainTrigger,
     cookie: u64,
     slot: u32,
-    /// Another descriptor of the listening socket, to stop it on SIGTERM.
-    socket: OwnedFd,
     /// Whether the namespace is a pod's (its offer leaves with the pod).
     pod: bool,
 }
@@ -222,7 +219,6 @@ impl CaptureSet {
             self.free.push(slot);
             return Err(e);
         }
-        let socket = listener.socket().try_clone_to_owned().map_err(io_err)?;
         let offer = listener.socket().try_clone_to_owned().map_err(io_err)?;
         if netns.is_some() {
             offered.add(cookie, offer);
@@ -235,7 +231,6 @@ impl CaptureSet {
             trigger,
             cookie,
             slot,
-            socket,
             pod: netns.is_some(),
         })
     }
@@ -243,11 +238,12 @@ impl CaptureSet {
     /// Stops accepting. With `refuse` (SIGTERM, not an upgrade) the
     /// listening sockets stop listening for every holder, so the hook finds
     /// no listener and refuses (strict) or passes (permissive) at once.
-    pub fn stop(&self, refuse: bool, stop_listening: impl Fn(std::os::fd::BorrowedFd<'_>)) {
+    pub fn stop(&self, refuse: bool) {
         for open in self.open.values() {
-            open.trigger.start();
             if refuse {
-                stop_listening(open.socket.as_fd());
+                open.trigger.refuse();
+            } else {
+                open.trigger.start();
             }
         }
     }

@@ -258,9 +258,6 @@ struct PodListeners {
 struct PodListener {
     trigger: drain::DrainTrigger,
     cookie: u64,
-    /// Another descriptor of the listening socket, to stop it listening on
-    /// SIGTERM (see [`stop_listening`]).
-    socket: std::os::fd::OwnedFd,
 }
 
 impl PodListeners {
@@ -313,26 +310,14 @@ impl PodListeners {
             match OutboundListener::bind_in(self.addr, inherited, Some(netns)) {
                 Ok(listener) => {
                     let cookie = listener.netns_cookie();
-                    let (Ok(offer), Ok(socket)) = (dup(listener.socket()), dup(listener.socket()))
-                    else {
-                        warn!(
-                            "no outbound listener in {}: out of descriptors",
-                            path.display()
-                        );
-                        continue;
-                    };
-                    handover.add(cookie, offer);
+                    if let Ok(fd) = dup(listener.socket()) {
+                        handover.add(cookie, fd);
+                    }
                     let (trigger, watch) = drain::channel();
                     tokio::spawn(listener.serve(ctx.clone(), watch));
                     info!("outbound listener {} open in {}", self.addr, path.display());
-                    self.open.insert(
-                        path.to_owned(),
-                        PodListener {
-                            trigger,
-                            cookie,
-                            socket,
-                        },
-                    );
+                    self.open
+                        .insert(path.to_owned(), PodListener { trigger, cookie });
                 }
                 // One pod that cannot be entered must not stop the others.
                 Err(e) => warn!("no outbound listener in {}: {e}; skipping", path.display()),
@@ -346,9 +331,10 @@ impl PodListeners {
     /// so that new connects are refused at once.
     fn stop(&self, refuse: bool) {
         for pod in self.open.values() {
-            pod.trigger.start();
             if refuse {
-                stop_listening(std::os::fd::AsFd::as_fd(&pod.socket));
+                pod.trigger.refuse();
+            } else {
+                pod.trigger.start();
             }
         }
     }
@@ -406,9 +392,6 @@ async fn run_attached(
     let listener = OutboundListener::bind(outbound, inherited).map_err(AgentError::Listener)?;
     let offered = handover::Offered::default();
     offered.add_fixed(dup(listener.socket()).map_err(AgentError::Listener)?);
-    // The data plane's listening sockets, to stop on SIGTERM (not in an
-    // upgrade: the successor accepts on the same sockets).
-    let mut data_plane = vec![dup(listener.socket()).map_err(AgentError::Listener)?];
     let services = catalog.services().count();
     let workloads = catalog.workloads().len();
     let checkers = HealthCheckers::start(&catalog, config.agent.mark, &watch);
@@ -425,7 +408,6 @@ async fn run_attached(
     let (inbound_runtime, _stop_inbound_runtime) =
         start_inbound_runtime().map_err(AgentError::Runtime)?;
     offered.add_fixed(dup(inbound.socket()).map_err(AgentError::Inbound)?);
-    data_plane.push(dup(inbound.socket()).map_err(AgentError::Inbound)?);
     let catalog = Arc::new(ArcSwap::from_pointee(catalog));
     let inbound_stats = Arc::new(InboundStats::default());
     let inbound_ctx = Arc::new(InboundContext {
@@ -652,15 +634,16 @@ async fn run_attached(
         trigger.active(),
         config.agent.drain_timeout
     );
-    trigger.start();
+    // A stop refuses new connects at once; an upgrade leaves the sockets
+    // listening for the successor.
     let refuse = exit == Exit::Stopped;
     if refuse {
-        for socket in &data_plane {
-            stop_listening(std::os::fd::AsFd::as_fd(socket));
-        }
+        trigger.refuse();
+    } else {
+        trigger.start();
     }
     pods.stop(refuse);
-    captures.stop(refuse, stop_listening);
+    captures.stop(refuse);
     for (name, task) in [("outbound", server), ("inbound", inbound_server)] {
         if let Err(e) = task.await {
             error!("{name} listener task failed: {e}");
@@ -761,23 +744,6 @@ async fn wait_for_stop_signal() {
             }
         }
         Err(e) => warn!("cannot watch SIGTERM ({e}); exiting now"),
-    }
-}
-
-/// Stops a listening socket for every descriptor of it at once: queued
-/// and new connects are reset, so a redirected connect fails at once (or,
-/// the listener being gone, takes its service's `on_agent_down` path)
-/// instead of waiting in a queue nobody reads. Closing our descriptor would
-/// not do: the handover offer holds another one until the end.
-fn stop_listening(socket: std::os::fd::BorrowedFd<'_>) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: shutdown on a valid descriptor; on a listening TCP socket
-    // SHUT_RD makes the kernel stop listening (inet_shutdown).
-    if unsafe { libc::shutdown(socket.as_raw_fd(), libc::SHUT_RD) } != 0 {
-        warn!(
-            "cannot stop a listening socket: {}",
-            io::Error::last_os_error()
-        );
     }
 }
 

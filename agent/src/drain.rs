@@ -22,17 +22,29 @@ struct Active {
     idle: Notify,
 }
 
+/// Where a drain stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Serving,
+    /// Stop accepting; the listening sockets stay open (a successor in an
+    /// upgrade accepts on them).
+    Draining,
+    /// Stop accepting and stop the listening sockets for every holder of a
+    /// descriptor, so that new connects are refused at once.
+    Refusing,
+}
+
 /// Starts the drain and waits for it; held by whoever handles signals.
 #[derive(Debug)]
 pub struct DrainTrigger {
-    tx: watch::Sender<bool>,
+    tx: watch::Sender<Phase>,
     active: Arc<Active>,
 }
 
 /// Seen by listeners and tasks: tells them when to stop taking new work.
 #[derive(Debug, Clone)]
 pub struct DrainWatch {
-    rx: watch::Receiver<bool>,
+    rx: watch::Receiver<Phase>,
     active: Arc<Active>,
 }
 
@@ -44,7 +56,7 @@ pub struct ConnectionGuard {
 
 /// A new drain: nothing draining, no connections.
 pub fn channel() -> (DrainTrigger, DrainWatch) {
-    let (tx, rx) = watch::channel(false);
+    let (tx, rx) = watch::channel(Phase::Serving);
     let active = Arc::new(Active::default());
     (
         DrainTrigger {
@@ -58,7 +70,22 @@ pub fn channel() -> (DrainTrigger, DrainWatch) {
 impl DrainTrigger {
     /// Tells every watch to stop accepting.
     pub fn start(&self) {
-        self.tx.send_replace(true);
+        self.tx.send_if_modified(|p| {
+            let serving = *p == Phase::Serving;
+            if serving {
+                *p = Phase::Draining;
+            }
+            serving
+        });
+    }
+
+    /// Like [`Self::start`], and every listener stops listening as it stops
+    /// accepting: a queued or new connect is refused at once (or, with the
+    /// agent's listener gone, takes its service's `on_agent_down` path)
+    /// rather than wait in a queue nobody reads. For a stop, never for an
+    /// upgrade, whose successor accepts on the same sockets.
+    pub fn refuse(&self) {
+        self.tx.send_replace(Phase::Refusing);
     }
 
     /// Connections still open.
@@ -90,12 +117,12 @@ impl DrainWatch {
     /// Resolves once the drain has started.
     pub async fn draining(&mut self) {
         // An error means the trigger is gone: treat it as a drain.
-        let _ = self.rx.wait_for(|draining| *draining).await;
+        let _ = self.rx.wait_for(|p| *p != Phase::Serving).await;
     }
 
     /// Whether the drain has started.
     pub fn is_draining(&self) -> bool {
-        *self.rx.borrow()
+        *self.rx.borrow() != Phase::Serving
     }
 
     /// Counts one connection until the guard is dropped.
@@ -120,7 +147,12 @@ pub async fn accept_until_drained(
     loop {
         let accepted = tokio::select! {
             biased;
-            _ = drain.draining() => return,
+            _ = drain.draining() => {
+                if *drain.rx.borrow() == Phase::Refusing {
+                    stop_listening(listener, name);
+                }
+                return;
+            }
             accepted = listener.accept() => accepted,
         };
         match accepted {
@@ -130,6 +162,20 @@ pub async fn accept_until_drained(
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+    }
+}
+
+/// Stops a listening socket for every descriptor of it at once (the
+/// handover offer holds another): closing ours would leave it listening.
+fn stop_listening(listener: &TcpListener, name: &str) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: shutdown on a valid descriptor; on a listening TCP socket
+    // SHUT_RD makes the kernel stop listening (inet_shutdown).
+    if unsafe { libc::shutdown(listener.as_raw_fd(), libc::SHUT_RD) } != 0 {
+        warn!(
+            "{name} listener: cannot stop listening: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
