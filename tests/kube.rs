@@ -515,10 +515,72 @@ fn a_missing_rbac_right_is_named() {
     assert_eq!(agent.log().matches("refused to list services").count(), 1);
 }
 
-/// Two nodes, two pods each, one API server: a pod on node A calls the
-/// Service by its cluster IP; calls spread over all four pods, and those
-/// to node B go over mutual TLS between the agents, with the pods'
-/// identities as the API server states them.
+/// The agent config that config/kubernetes/configmap.yaml ships, for one
+/// simulated node. The simulated nodes of a test share one machine, so what
+/// a real node has to itself (its host paths for state, pins and
+/// certificates, and its cgroup tree) moves into directories of the node's
+/// own; everything else is the shipped text, the same for every node. Each
+/// move must apply, so a change to the shipped file shows up here.
+fn shipped_config(node: &AgentConfig, certs: &std::path::Path) -> String {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../config/kubernetes/configmap.yaml");
+    let map: Value = serde_saphyr::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut text = map["data"]["sluice.yaml"]
+        .as_str()
+        .expect("configmap.yaml carries sluice.yaml")
+        .to_owned();
+    for (from, to) in [
+        (
+            "cgroup_root: kubepods.slice".to_owned(),
+            format!("cgroup_root: {}/kubepods.slice", node.cgroup_root),
+        ),
+        (
+            "/var/run/sluice".to_owned(),
+            node.dir.join("state").display().to_string(),
+        ),
+        (
+            "/sys/fs/bpf/sluice".to_owned(),
+            node.pin_dir.display().to_string(),
+        ),
+        (
+            "/var/lib/sluice/certs".to_owned(),
+            certs.display().to_string(),
+        ),
+    ] {
+        assert!(text.contains(&from), "configmap.yaml no longer has {from}");
+        text = text.replace(&from, &to);
+    }
+    text
+}
+
+/// The agent's own pod on `node`, as the DaemonSet makes it: labelled as
+/// the selector in config/kubernetes expects, on the host's network.
+fn agent_pod(node: &str, host_ip: &str) -> Value {
+    json!({
+        "kind": "Pod", "apiVersion": "v1",
+        "metadata": {
+            "name": format!("sluice-{node}"), "namespace": "sluice-system",
+            "uid": format!("agent-{node}"),
+            "labels": { "app.kubernetes.io/name": "sluice", "controller-revision-hash": "7d9f" }
+        },
+        "spec": {
+            "nodeName": node, "hostNetwork": true, "serviceAccountName": "sluice",
+            "containers": [{ "name": "agent", "image": "sluice:test" }]
+        },
+        "status": {
+            "phase": "Running", "hostIP": host_ip, "hostIPs": [{ "ip": host_ip }],
+            "podIP": host_ip, "podIPs": [{ "ip": host_ip }]
+        }
+    })
+}
+
+/// Two nodes, two pods each, one API server, and one config for both: the
+/// shipped ConfigMap. Node A's kubelet runs the cgroupfs driver, node B's
+/// systemd with CRI-O. A pod on node A calls the Service by its cluster IP;
+/// calls spread over all four pods, and those to node B go over mutual TLS
+/// between the agents, which learnt of each other from their own pods.
+/// The identities both ways are the pods' service accounts as the API
+/// server states them; the Service carries no identity annotation.
 #[test]
 fn two_nodes_four_pods_cross_node_calls_go_over_mtls() {
     let (a_node, b_node) = (Node::new(2), Node::new(2));
@@ -548,39 +610,19 @@ fn two_nodes_four_pods_cross_node_calls_go_over_mtls() {
     let api = a_node
         .node
         .run(|| FakeApiServer::start_on("0.0.0.0:0".parse().unwrap()));
-    let state = std::env::temp_dir().join(unique("k8s-mesh-state"));
-    let inbound_port = free_port();
-    // Node A's kubelet runs the cgroupfs driver, node B's systemd with CRI-O.
-    let config = |name: &str, address: &str, peer: &str, peer_address: &str, layout: Layout| {
-        let name = name.to_owned();
-        let (address, peer, peer_address) =
-            (address.to_owned(), peer.to_owned(), peer_address.to_owned());
-        let state = state.clone();
-        AgentConfig::custom(move |c| {
-            format!(
-                "node:\n  name: {name}\n  address: {address}\n  cgroup_root: {}\n{}\
-                 nodes:\n  - name: {peer}\n    address: {peer_address}\n\
-                 workloads: []\nservices: []\n\
-                 kubernetes:\n  kubeconfig: {}\n  pod_cgroups: {}\n",
-                c.cgroup_root,
-                c.agent_block(&state, inbound_port),
-                c.dir.join("kubeconfig").display(),
-                layout.kubepods()
-            )
-        })
-    };
-    let a_cfg = config("node-a", a_addr, "node-b", b_addr, Layout::Cgroupfs);
-    let b_cfg = config("node-b", b_addr, "node-a", a_addr, Layout::SystemdCrio);
-    api.write_kubeconfig_via(
-        &a_cfg.dir.join("kubeconfig"),
-        &format!("http://127.0.0.1:{}", api.port()),
-    );
-    api.write_kubeconfig_via(
-        &b_cfg.dir.join("kubeconfig"),
-        &format!("http://{a_addr}:{}", api.port()),
-    );
-    // One CA for both nodes, as an operator would distribute it.
-    a_cfg.ca_init();
+    // Each node holds the keys of its own pods' service accounts only: A's
+    // pods run as `checkout`, B's as `checkout-b`.
+    let ca = test_ca();
+    let a_cfg = AgentConfig::custom(|_| String::new());
+    let b_cfg = AgentConfig::custom(|_| String::new());
+    for (cfg, account) in [(&a_cfg, "checkout"), (&b_cfg, "checkout-b")] {
+        let certs = cfg.dir.join("certs");
+        write_workload_certs(&certs, &ca, "cluster.local", &[("shop", account)]);
+        cfg.write_raw(&shipped_config(cfg, &certs));
+    }
+    let (a_kube, b_kube) = (a_cfg.dir.join("kubeconfig"), b_cfg.dir.join("kubeconfig"));
+    api.write_kubeconfig_via(&a_kube, &format!("http://127.0.0.1:{}", api.port()));
+    api.write_kubeconfig_via(&b_kube, &format!("http://{a_addr}:{}", api.port()));
 
     let mut pods = Vec::new();
     for (cfg, node, node_name, tag, layout) in [
@@ -603,7 +645,6 @@ fn two_nodes_four_pods_cross_node_calls_go_over_mtls() {
     let mut svc = service();
     svc["spec"]["clusterIP"] = json!(vip.ip().to_string());
     svc["spec"]["clusterIPs"] = json!([vip.ip().to_string()]);
-    svc["metadata"]["annotations"] = json!({ "sluice.io/service-account": "checkout" });
     api.set_object(Resource::Namespaces, namespace("shop", "mtls"));
     api.set_object(Resource::Services, svc);
     api.set_object(
@@ -611,11 +652,27 @@ fn two_nodes_four_pods_cross_node_calls_go_over_mtls() {
         slice(&pods, &[(0, true), (1, true), (2, true), (3, true)]),
     );
     for p in &pods {
-        api.set_object(Resource::Pods, p.object());
+        let mut object = p.object();
+        if p.node == "node-b" {
+            object["spec"]["serviceAccountName"] = json!("checkout-b");
+        }
+        api.set_object(Resource::Pods, object);
     }
+    api.set_object(Resource::Pods, agent_pod("node-a", a_addr));
+    api.set_object(Resource::Pods, agent_pod("node-b", b_addr));
 
-    let a = Agent::start_in_netns(&a_cfg, &a_node.node);
-    let b = Agent::start_in_netns(&b_cfg, &b_node.node);
+    let start = |cfg: &AgentConfig, node: &Node, name: &str, kubeconfig: &std::path::Path| {
+        Agent::start_in_netns_with_env(
+            cfg,
+            &node.node,
+            &[
+                ("SLUICE_NODE_NAME", name),
+                ("KUBECONFIG", kubeconfig.to_str().unwrap()),
+            ],
+        )
+    };
+    let a = start(&a_cfg, &a_node, "node-a", &a_kube);
+    let b = start(&b_cfg, &b_node, "node-b", &b_kube);
     for agent in [&a, &b] {
         assert!(agent.wait_for_log("kubernetes: synced"), "{}", agent.log());
         assert!(
@@ -628,6 +685,9 @@ fn two_nodes_four_pods_cross_node_calls_go_over_mtls() {
             agent.log()
         );
     }
+    // Node A's agent found the cgroupfs root although the shipped config
+    // names systemd's.
+    assert!(a.log().contains("does not exist here"), "{}", a.log());
 
     let replies = calls_from(&a_cfg, &a_node.pods[0].0, &pods[0], vip, 8);
     let mut who = replies.clone();
@@ -640,6 +700,17 @@ fn two_nodes_four_pods_cross_node_calls_go_over_mtls() {
         a.log(),
         b.log()
     );
+    // B's pods' identities came from the API server, one read per pod,
+    // from its watch cache.
+    for pod in ["checkout-b0", "checkout-b1"] {
+        let get = format!("GET /api/v1/namespaces/shop/pods/{pod}?&resourceVersion=0");
+        let reads = api
+            .requests()
+            .iter()
+            .filter(|r| r.starts_with(&format!("GET /api/v1/namespaces/shop/pods/{pod}?")))
+            .count();
+        assert_eq!(reads, 1, "{get}: {:?}", api.requests());
+    }
     // A's two pods dial from the same loopback address and port at once:
     // records are keyed by namespace, so neither takes the other's.
     for _ in 0..5 {
@@ -685,7 +756,7 @@ fn two_nodes_four_pods_cross_node_calls_go_over_mtls() {
 
     // Node A counted its calls to B's pods as mutual TLS; node B's inbound
     // listener accepted them from A's pod identity.
-    let admin = SocketAddr::from(([127, 0, 0, 1], a_cfg.admin_port));
+    let admin: SocketAddr = "127.0.0.1:15020".parse().unwrap();
     let (_, exposition) = a_node
         .node
         .run(move || client::get(admin, "/metrics").unwrap());
@@ -701,5 +772,4 @@ fn two_nodes_four_pods_cross_node_calls_go_over_mtls() {
     let status = b.sluice(&["status", "-o", "json"]);
     let status: Value = serde_json::from_slice(&status.stdout).unwrap();
     assert!(status["inbound_accepted"].as_u64() >= Some(2), "{status}");
-    let _ = std::fs::remove_dir_all(&state);
 }

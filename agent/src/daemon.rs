@@ -113,6 +113,26 @@ enum Exit {
 /// The node name given on the command line, which every reload keeps.
 static NODE_NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
+/// `node.cgroup_root` as found on this machine (see [`kubelet_root`]),
+/// which every reload keeps.
+static CGROUP_ROOT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// The kubelet puts pods below `kubepods.slice` with the systemd cgroup
+/// driver and below `kubepods` with cgroupfs. In Kubernetes mode either
+/// name in `node.cgroup_root` means the kubelet's root, whichever of the
+/// two this node has, so one config serves nodes of both kinds.
+fn kubelet_root(mount: &Path, configured: &str) -> Option<String> {
+    let path = Path::new(configured);
+    let other = match path.file_name()?.to_str()? {
+        "kubepods.slice" => "kubepods",
+        "kubepods" => "kubepods.slice",
+        _ => return None,
+    };
+    let alternative = path.with_file_name(other);
+    (!mount.join(path).exists() && mount.join(&alternative).is_dir())
+        .then(|| alternative.to_string_lossy().into_owned())
+}
+
 /// How `sluice agent` was asked to start and end.
 #[derive(Debug, Clone, Default)]
 pub struct Options {
@@ -131,6 +151,18 @@ pub fn run(config: Config, options: Options) -> Result<(), AgentError> {
         let _ = NODE_NAME.set(name.clone());
     }
     let cgroup_mount = preflight::check(&config.agent.pin_dir)?;
+    let mut config = config;
+    if config.kubernetes.is_some()
+        && let Some(root) = kubelet_root(&cgroup_mount, &config.node.cgroup_root.value)
+    {
+        info!(
+            "node.cgroup_root: {} does not exist here, {root} does: the kubelet's cgroup root \
+             under the other cgroup driver; using it",
+            config.node.cgroup_root.value
+        );
+        config.node.cgroup_root.value.clone_from(&root);
+        let _ = CGROUP_ROOT.set(root);
+    }
     crate::netns::remember_home().map_err(AgentError::Cgroup)?;
     raise_open_file_limit();
     // One worker: tokio's current-thread scheduler, without the cross-thread
@@ -441,16 +473,6 @@ async fn run_attached(
         audit: audit.clone(),
     }));
     let connections = Arc::new(Connections::default());
-    let ctx = Arc::new(OutboundContext {
-        catalog: catalog.clone(),
-        records: records.clone(),
-        mark: config.agent.mark,
-        tls: Some(tls.clone()),
-        metrics: metrics.clone(),
-        connections: connections.clone(),
-        bypass,
-        audit: audit.clone(),
-    });
     let discovery = match &config.kubernetes {
         Some(k) => Some(
             discovery::start(
@@ -460,6 +482,7 @@ async fn run_attached(
                     cgroup_root: root.to_owned(),
                     pod_cgroups: k.pod_cgroups.clone(),
                     peer_nodes: config.nodes.iter().map(|n| n.name.value.clone()).collect(),
+                    trust_domain: config.mesh.trust_domain.value.clone(),
                 },
                 watch.clone(),
             )
@@ -468,6 +491,17 @@ async fn run_attached(
         ),
         None => None,
     };
+    let ctx = Arc::new(OutboundContext {
+        catalog: catalog.clone(),
+        records: records.clone(),
+        mark: config.agent.mark,
+        tls: Some(tls.clone()),
+        metrics: metrics.clone(),
+        connections: connections.clone(),
+        bypass,
+        audit: audit.clone(),
+        pods: discovery.as_ref().map(|d| d.pods.clone()),
+    });
     let mut pods = PodListeners {
         addr: outbound,
         open: HashMap::new(),
@@ -923,6 +957,9 @@ impl Live<'_> {
         if let Some(name) = NODE_NAME.get() {
             new.node.name.value.clone_from(name);
         }
+        if let Some(root) = CGROUP_ROOT.get() {
+            new.node.cgroup_root.value.clone_from(root);
+        }
         if let Some(found) = &self.discovered
             && let Err(e) = discovery::merge(&mut new, found)
         {
@@ -1026,5 +1063,32 @@ async fn sweep_records(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Either driver's name finds the kubelet's root under the other;
+    /// anything else, or a root that exists, is taken as written.
+    #[test]
+    fn the_kubelet_root_is_found_under_either_driver() {
+        let mount =
+            std::env::temp_dir().join(format!("sluice-kubelet-root-{}", std::process::id()));
+        std::fs::create_dir_all(mount.join("k/kubepods")).unwrap();
+        std::fs::create_dir_all(mount.join("s/kubepods.slice")).unwrap();
+        assert_eq!(
+            kubelet_root(&mount, "k/kubepods.slice").as_deref(),
+            Some("k/kubepods")
+        );
+        assert_eq!(
+            kubelet_root(&mount, "s/kubepods").as_deref(),
+            Some("s/kubepods.slice")
+        );
+        assert_eq!(kubelet_root(&mount, "k/kubepods"), None);
+        assert_eq!(kubelet_root(&mount, "x/kubepods.slice"), None);
+        assert_eq!(kubelet_root(&mount, "k/other"), None);
+        std::fs::remove_dir_all(&mount).unwrap();
     }
 }

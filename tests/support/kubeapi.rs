@@ -33,14 +33,17 @@ pub enum Resource {
     EndpointSlices,
     Pods,
     Namespaces,
+    /// Sluice's own custom resource (config/kubernetes/policy-crd.yaml).
+    Policies,
 }
 
 impl Resource {
-    pub const ALL: [Resource; 4] = [
+    pub const ALL: [Resource; 5] = [
         Resource::Services,
         Resource::EndpointSlices,
         Resource::Pods,
         Resource::Namespaces,
+        Resource::Policies,
     ];
 
     /// The resource whose objects have this `kind`.
@@ -54,6 +57,7 @@ impl Resource {
             Resource::EndpointSlices => "endpointslices",
             Resource::Pods => "pods",
             Resource::Namespaces => "namespaces",
+            Resource::Policies => "sluicepolicies",
         }
     }
 
@@ -63,6 +67,7 @@ impl Resource {
             Resource::EndpointSlices => "EndpointSlice",
             Resource::Pods => "Pod",
             Resource::Namespaces => "Namespace",
+            Resource::Policies => "SluicePolicy",
         }
     }
 
@@ -70,6 +75,7 @@ impl Resource {
     fn group(self) -> &'static str {
         match self {
             Resource::EndpointSlices => "discovery.k8s.io",
+            Resource::Policies => "sluice.io",
             _ => "",
         }
     }
@@ -77,18 +83,23 @@ impl Resource {
     fn api_version(self) -> &'static str {
         match self {
             Resource::EndpointSlices => "discovery.k8s.io/v1",
+            Resource::Policies => "sluice.io/v1alpha1",
             _ => "v1",
         }
     }
 
-    /// The cluster-wide collection, as `Api::all` asks for it.
-    pub fn path(self) -> &'static str {
-        match self {
-            Resource::Services => "/api/v1/services",
-            Resource::EndpointSlices => "/apis/discovery.k8s.io/v1/endpointslices",
-            Resource::Pods => "/api/v1/pods",
-            Resource::Namespaces => "/api/v1/namespaces",
+    /// `/api/v1` or `/apis/GROUP/VERSION`: what every path of the resource
+    /// starts with.
+    fn base(self) -> String {
+        match self.group() {
+            "" => "/api/v1".to_owned(),
+            _ => format!("/apis/{}", self.api_version()),
         }
+    }
+
+    /// The cluster-wide collection, as `Api::all` asks for it.
+    pub fn path(self) -> String {
+        format!("{}/{}", self.base(), self.plural())
     }
 
     fn namespaced(self) -> bool {
@@ -167,7 +178,7 @@ struct State {
     /// The cluster-wide resourceVersion, like etcd's revision: every write to
     /// any resource moves it forward.
     revision: u64,
-    stores: [Store; 4],
+    stores: [Store; 5],
     requests: Vec<String>,
 }
 
@@ -280,6 +291,19 @@ impl FakeApiServer {
         self.shared.state().stores[resource.index()].open_watches
     }
 
+    /// The object as stored now (`namespace` is ignored for namespaces).
+    pub fn object(&self, resource: Resource, namespace: &str, name: &str) -> Option<Value> {
+        let key = if resource.namespaced() {
+            format!("{namespace}/{name}")
+        } else {
+            name.to_owned()
+        };
+        self.shared.state().stores[resource.index()]
+            .objects
+            .get(&key)
+            .cloned()
+    }
+
     /// Creates or replaces `obj` (ADDED or MODIFIED), gives it the next
     /// resourceVersion and tells open watches. Returns the object as stored.
     pub fn set_object(&self, resource: Resource, mut obj: Value) -> Value {
@@ -374,11 +398,11 @@ impl FakeApiServer {
         self.push(resource, |_| Entry::Cut);
     }
 
-    /// Answers `verb` ("list", "watch" or "*" for both) on `resource` with
+    /// Answers `verb` ("get", "list", "watch", "patch" or "*" for all) on `resource` with
     /// 403 Forbidden from now on. Open watches carry on, as with real RBAC.
     pub fn deny(&self, resource: Resource, verb: &str) {
         assert!(
-            matches!(verb, "list" | "watch" | "*"),
+            matches!(verb, "get" | "list" | "watch" | "patch" | "*"),
             "deny: unknown verb {verb:?}"
         );
         self.shared.state().stores[resource.index()]
@@ -456,6 +480,7 @@ struct Request {
     path: String,
     query: HashMap<String, String>,
     close: bool,
+    body: Vec<u8>,
 }
 
 /// What a handler left the connection fit for.
@@ -491,8 +516,8 @@ fn serve_connection(shared: &Shared, stream: TcpStream) {
     let _ = out.shutdown(Shutdown::Both);
 }
 
-/// Reads one request head and discards its body. `None` at a clean end of
-/// the connection.
+/// Reads one request: its head and (with a Content-Length) its body.
+/// `None` at a clean end of the connection.
 fn read_request(reader: &mut BufReader<TcpStream>) -> io::Result<Option<Request>> {
     let mut line = String::new();
     if reader.read_line(&mut line)? == 0 {
@@ -531,10 +556,11 @@ fn read_request(reader: &mut BufReader<TcpStream>) -> io::Result<Option<Request>
             _ => {}
         }
     }
-    // Only GET is served and it has no body; a chunked one (never sent by
-    // hyper for GET) is not worth parsing, so the connection ends after it.
+    // kube-rs sends bodies (PATCH) with a Content-Length; a chunked one is
+    // not worth parsing, so the connection ends after it.
     close |= chunked;
-    io::copy(&mut reader.by_ref().take(length), &mut io::sink())?;
+    let mut body = Vec::new();
+    reader.by_ref().take(length).read_to_end(&mut body)?;
     let (path, raw_query) = target.split_once('?').unwrap_or((target.as_str(), ""));
     let path = path.trim_end_matches('/').to_owned();
     let query = raw_query
@@ -551,6 +577,7 @@ fn read_request(reader: &mut BufReader<TcpStream>) -> io::Result<Option<Request>
         method,
         target,
         close,
+        body,
     }))
 }
 
@@ -584,15 +611,6 @@ fn percent_decode(s: &str) -> String {
 }
 
 fn handle(shared: &Shared, req: &Request, out: &mut TcpStream) -> io::Result<Outcome> {
-    if req.method != "GET" {
-        let body = status(
-            405,
-            "MethodNotAllowed",
-            "the server does not allow this method on the requested resource",
-            json!({}),
-        );
-        return respond(out, 405, &body, req.close);
-    }
     match req.path.as_str() {
         "/version" => return respond(out, 200, &version(), req.close),
         "/api" => {
@@ -608,7 +626,7 @@ fn handle(shared: &Shared, req: &Request, out: &mut TcpStream) -> io::Result<Out
         "/apis" => return respond(out, 200, &api_groups(), req.close),
         _ => {}
     }
-    let Some(resource) = Resource::ALL.into_iter().find(|r| r.path() == req.path) else {
+    let Some(route) = Route::parse(&req.path) else {
         let body = status(
             404,
             "NotFound",
@@ -617,16 +635,148 @@ fn handle(shared: &Shared, req: &Request, out: &mut TcpStream) -> io::Result<Out
         );
         return respond(out, 404, &body, req.close);
     };
-    if req.query.get("watch").is_some_and(|w| parse_bool(w)) {
-        watch(shared, req, resource, out)
-    } else {
-        let (code, body) = list(shared, req, resource);
-        respond(out, code, &body, req.close)
+    let (code, body) = match (req.method.as_str(), &route.name, route.status) {
+        ("GET", None, _) if req.query.get("watch").is_some_and(|w| parse_bool(w)) => {
+            return watch(shared, req, &route, out);
+        }
+        ("GET", None, _) => list(shared, req, &route),
+        ("GET", Some(name), false) => get(shared, &route, name),
+        ("PATCH", Some(name), true) => patch_status(shared, req, &route, name),
+        _ => (
+            405,
+            status(
+                405,
+                "MethodNotAllowed",
+                "the server does not allow this method on the requested resource",
+                json!({}),
+            ),
+        ),
+    };
+    respond(out, code, &body, req.close)
+}
+
+/// What a request path names: a resource's collection (cluster-wide or in
+/// a namespace), one object, or one object's status.
+struct Route {
+    resource: Resource,
+    namespace: Option<String>,
+    name: Option<String>,
+    status: bool,
+}
+
+impl Route {
+    fn parse(path: &str) -> Option<Route> {
+        Resource::ALL.into_iter().find_map(|resource| {
+            let rest = path.strip_prefix(&resource.base())?.strip_prefix('/')?;
+            let parts: Vec<&str> = rest.split('/').collect();
+            let route = |namespace: Option<&str>, name: Option<&str>, status| Route {
+                resource,
+                namespace: namespace.map(str::to_owned),
+                name: name.map(str::to_owned),
+                status,
+            };
+            match parts.as_slice() {
+                [plural] if *plural == resource.plural() => Some(route(None, None, false)),
+                ["namespaces", ns, plural, tail @ ..]
+                    if resource.namespaced() && *plural == resource.plural() =>
+                {
+                    match tail {
+                        [] => Some(route(Some(ns), None, false)),
+                        [name] => Some(route(Some(ns), Some(name), false)),
+                        [name, "status"] => Some(route(Some(ns), Some(name), true)),
+                        _ => None,
+                    }
+                }
+                _ => None,
+            }
+        })
+    }
+
+    fn key(&self, name: &str) -> String {
+        match &self.namespace {
+            Some(ns) => format!("{ns}/{name}"),
+            None => name.to_owned(),
+        }
     }
 }
 
-fn list(shared: &Shared, req: &Request, resource: Resource) -> (u16, Value) {
-    let selector = match FieldSelector::parse(resource, req.query.get("fieldSelector")) {
+/// One object, as `GET .../NAME` returns it (with kind and apiVersion).
+fn get(shared: &Shared, route: &Route, name: &str) -> (u16, Value) {
+    let state = shared.state();
+    let store = &state.stores[route.resource.index()];
+    if let Some(refusal) = forbidden(store, route.resource, "get") {
+        return (403, refusal);
+    }
+    match store.objects.get(&route.key(name)) {
+        Some(obj) => (200, obj.clone()),
+        None => (404, not_found(route.resource, name)),
+    }
+}
+
+/// A JSON merge patch (RFC 7386) of an object's status, as a controller
+/// writes conditions: only `status` changes, and the change is an event.
+fn patch_status(shared: &Shared, req: &Request, route: &Route, name: &str) -> (u16, Value) {
+    let Ok(patch) = serde_json::from_slice::<Value>(&req.body) else {
+        return (
+            400,
+            status(400, "BadRequest", "the patch is not JSON", json!({})),
+        );
+    };
+    let resource = route.resource;
+    let key = route.key(name);
+    let mut state = shared.state();
+    if let Some(refusal) = forbidden(&state.stores[resource.index()], resource, "patch") {
+        return (403, refusal);
+    }
+    let Some(previous) = state.stores[resource.index()].objects.get(&key).cloned() else {
+        return (404, not_found(resource, name));
+    };
+    let mut obj = previous.clone();
+    merge_patch(&mut obj["status"], &patch["status"]);
+    state.revision += 1;
+    let rv = state.revision;
+    obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+    let store = &mut state.stores[resource.index()];
+    store.objects.insert(key, obj.clone());
+    store.log.push(Entry::Change {
+        rv,
+        kind: ChangeKind::Modified,
+        object: obj.clone(),
+        previous: Some(previous),
+    });
+    drop(state);
+    shared.changed.notify_all();
+    (200, obj)
+}
+
+fn merge_patch(target: &mut Value, patch: &Value) {
+    let Some(fields) = patch.as_object() else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    let map = target.as_object_mut().expect("made an object above");
+    for (k, v) in fields {
+        if v.is_null() {
+            map.remove(k);
+        } else {
+            merge_patch(map.entry(k.clone()).or_insert(Value::Null), v);
+        }
+    }
+}
+
+fn not_found(resource: Resource, name: &str) -> Value {
+    let message = format!("{} \"{name}\" not found", resource.qualified());
+    let mut details = details(resource);
+    details["name"] = json!(name);
+    status(404, "NotFound", &message, details)
+}
+
+fn list(shared: &Shared, req: &Request, route: &Route) -> (u16, Value) {
+    let resource = route.resource;
+    let selector = match Selector::parse(route, &req.query) {
         Ok(selector) => selector,
         Err(refusal) => return (400, refusal),
     };
@@ -671,7 +821,7 @@ enum End {
 /// One open watch stream: what it asked for and how far it has read.
 struct Watch {
     resource: Resource,
-    selector: FieldSelector,
+    selector: Selector,
     bookmarks: bool,
     deadline: Option<Instant>,
     /// The next entry of the resource's log to look at.
@@ -683,10 +833,11 @@ struct Watch {
 fn watch(
     shared: &Shared,
     req: &Request,
-    resource: Resource,
+    route: &Route,
     out: &mut TcpStream,
 ) -> io::Result<Outcome> {
-    let (mut watch, first, expired) = match start_watch(shared, req, resource) {
+    let resource = route.resource;
+    let (mut watch, first, expired) = match start_watch(shared, req, route) {
         Ok(started) => started,
         Err((code, body)) => return respond(out, code, &body, req.close),
     };
@@ -726,10 +877,11 @@ fn watch(
 fn start_watch(
     shared: &Shared,
     req: &Request,
-    resource: Resource,
+    route: &Route,
 ) -> Result<(Watch, Vec<Value>, bool), (u16, Value)> {
+    let resource = route.resource;
     let q = &req.query;
-    let selector = FieldSelector::parse(resource, q.get("fieldSelector")).map_err(|e| (400, e))?;
+    let selector = Selector::parse(route, q).map_err(|e| (400, e))?;
     let bookmarks = q.get("allowWatchBookmarks").is_some_and(|b| parse_bool(b));
     let send_initial = q.get("sendInitialEvents").map(|b| parse_bool(b));
     if send_initial.is_some()
@@ -897,10 +1049,10 @@ fn write_chunks(out: &mut TcpStream, events: &[Value]) -> io::Result<()> {
     out.flush()
 }
 
-/// The event a watcher with this field selector sees for a change, if any.
+/// The event a watcher with this selector sees for a change, if any.
 /// An object that starts matching arrives as ADDED and one that stops
 /// matching leaves as DELETED, as the API server reports them.
-fn change_event(entry: &Entry, selector: &FieldSelector) -> Option<Value> {
+fn change_event(entry: &Entry, selector: &Selector) -> Option<Value> {
     let Entry::Change {
         kind,
         object,
@@ -1026,10 +1178,14 @@ fn version() -> Value {
 
 fn api_groups() -> Value {
     let v1 = json!({"groupVersion": "discovery.k8s.io/v1", "version": "v1"});
+    let sluice = json!({"groupVersion": "sluice.io/v1alpha1", "version": "v1alpha1"});
     json!({
         "kind": "APIGroupList",
         "apiVersion": "v1",
-        "groups": [{"name": "discovery.k8s.io", "versions": [v1], "preferredVersion": v1}],
+        "groups": [
+            {"name": "discovery.k8s.io", "versions": [v1], "preferredVersion": v1},
+            {"name": "sluice.io", "versions": [sluice], "preferredVersion": sluice},
+        ],
     })
 }
 
@@ -1062,20 +1218,42 @@ fn parse_bool(s: &str) -> bool {
     matches!(s, "1" | "t" | "T" | "true" | "TRUE" | "True")
 }
 
-/// `field=value`, `field==value` and `field!=value` terms joined by commas,
-/// over the fields the API server supports for each resource.
-struct FieldSelector {
-    terms: Vec<(String, bool, String)>,
+/// What a list or watch selects: the namespace of its path, and field and
+/// label selectors, each terms joined by commas that must all hold.
+struct Selector {
+    /// `field=value`, `field==value` and `field!=value`, over the fields the
+    /// API server supports for each resource.
+    fields: Vec<(String, bool, String)>,
+    /// `key=value`, `key==value`, `key!=value`, `key` and `!key`.
+    labels: Vec<LabelTerm>,
 }
 
-impl FieldSelector {
-    fn parse(resource: Resource, selector: Option<&String>) -> Result<FieldSelector, Value> {
-        let mut terms = Vec::new();
-        for term in selector.map_or("", String::as_str).split(',') {
-            let term = term.trim();
-            if term.is_empty() {
-                continue;
-            }
+enum LabelTerm {
+    Equals(String, String),
+    NotEquals(String, String),
+    Exists(String),
+    Absent(String),
+}
+
+impl Selector {
+    fn parse(route: &Route, query: &HashMap<String, String>) -> Result<Selector, Value> {
+        let resource = route.resource;
+        let bad = |msg: String| status(400, "BadRequest", &msg, json!({}));
+        let mut fields = Vec::new();
+        if let Some(ns) = &route.namespace {
+            fields.push(("metadata.namespace".to_owned(), true, ns.clone()));
+        }
+        let terms = |key: &str| {
+            query
+                .get(key)
+                .map_or("", String::as_str)
+                .split(',')
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        for term in terms("fieldSelector") {
             let (field, equal, value) = if let Some((f, v)) = term.split_once("!=") {
                 (f, false, v)
             } else if let Some((f, v)) = term.split_once("==") {
@@ -1083,8 +1261,9 @@ impl FieldSelector {
             } else if let Some((f, v)) = term.split_once('=') {
                 (f, true, v)
             } else {
-                let msg = format!("invalid selector: '{term}'; can't understand '{term}'");
-                return Err(status(400, "BadRequest", &msg, json!({})));
+                return Err(bad(format!(
+                    "invalid selector: '{term}'; can't understand '{term}'"
+                )));
             };
             let supported = matches!(field, "metadata.name" | "metadata.namespace")
                 || (resource == Resource::Pods
@@ -1096,16 +1275,31 @@ impl FieldSelector {
                             | "status.podIP"
                     ));
             if !supported {
-                let msg = format!("field label not supported: {field}");
-                return Err(status(400, "BadRequest", &msg, json!({})));
+                return Err(bad(format!("field label not supported: {field}")));
             }
-            terms.push((field.to_owned(), equal, value.to_owned()));
+            fields.push((field.to_owned(), equal, value.to_owned()));
         }
-        Ok(FieldSelector { terms })
+        let mut labels = Vec::new();
+        for term in terms("labelSelector") {
+            labels.push(if let Some((k, v)) = term.split_once("!=") {
+                LabelTerm::NotEquals(k.to_owned(), v.to_owned())
+            } else if let Some((k, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
+                LabelTerm::Equals(k.to_owned(), v.to_owned())
+            } else if let Some(k) = term.strip_prefix('!') {
+                LabelTerm::Absent(k.to_owned())
+            } else if term.contains([' ', '(']) {
+                return Err(bad(format!(
+                    "unable to parse requirement: set-based selectors are not served here: {term}"
+                )));
+            } else {
+                LabelTerm::Exists(term)
+            });
+        }
+        Ok(Selector { fields, labels })
     }
 
     fn matches(&self, obj: &Value) -> bool {
-        self.terms.iter().all(|(field, equal, value)| {
+        let fields = self.fields.iter().all(|(field, equal, value)| {
             // A field that is not set compares as "", like an unscheduled
             // pod's spec.nodeName.
             let actual = field
@@ -1114,7 +1308,15 @@ impl FieldSelector {
                 .as_str()
                 .unwrap_or("");
             (actual == value) == *equal
-        })
+        });
+        let label = |k: &str| obj["metadata"]["labels"][k].as_str();
+        fields
+            && self.labels.iter().all(|term| match term {
+                LabelTerm::Equals(k, v) => label(k) == Some(v.as_str()),
+                LabelTerm::NotEquals(k, v) => label(k) != Some(v.as_str()),
+                LabelTerm::Exists(k) => label(k).is_some(),
+                LabelTerm::Absent(k) => label(k).is_none(),
+            })
     }
 }
 

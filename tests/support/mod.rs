@@ -325,11 +325,21 @@ impl Agent {
 
     /// Starts the agent with more command-line arguments.
     pub fn start_with_args(config: &AgentConfig, extra: &[&str]) -> Agent {
-        Self::spawn_with(config, None, None, extra)
+        Self::spawn_with(config, None, None, extra, &[])
+    }
+
+    /// Starts the agent inside `netns` with these environment variables
+    /// (as a DaemonSet's pod spec sets them).
+    pub fn start_in_netns_with_env(
+        config: &AgentConfig,
+        netns: &Netns,
+        env: &[(&str, &str)],
+    ) -> Agent {
+        Self::spawn_with(config, None, Some(netns), &[], env)
     }
 
     fn spawn(config: &AgentConfig, cgroup: Option<&Path>, netns: Option<&Netns>) -> Agent {
-        Self::spawn_with(config, cgroup, netns, &[])
+        Self::spawn_with(config, cgroup, netns, &[], &[])
     }
 
     fn spawn_with(
@@ -337,11 +347,13 @@ impl Agent {
         cgroup: Option<&Path>,
         netns: Option<&Netns>,
         extra: &[&str],
+        env: &[(&str, &str)],
     ) -> Agent {
         let mut cmd = Command::new(sluice_bin());
         cmd.args(["agent", "--config"])
             .arg(&config.path)
             .args(extra)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -823,4 +835,52 @@ impl Backend {
         let name = name.to_owned();
         netns.run(move || Backend::start_on(&name, addr))
     }
+}
+
+/// Writes what a node-level certificate issuer (SPIRE's agent, cert-manager)
+/// would leave for the agent's `mesh.certificates.files` source: a CA's
+/// certificate as `dir/bundle.pem`, and for each (namespace, service
+/// account) `dir/<namespace>/<sa>/tls.crt` and `tls.key` for its SPIFFE ID
+/// in `trust_domain`. Nodes given the same `ca` trust each other.
+pub fn write_workload_certs(
+    dir: &Path,
+    ca: &(rcgen::Certificate, rcgen::KeyPair),
+    trust_domain: &str,
+    accounts: &[(&str, &str)],
+) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("bundle.pem"), ca.0.pem()).unwrap();
+    let key = rcgen::KeyPair::from_pem(&ca.1.serialize_pem()).unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca.0.pem(), key).unwrap();
+    for (ns, sa) in accounts {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        let uri = format!("spiffe://{trust_domain}/ns/{ns}/sa/{sa}");
+        params.subject_alt_names = vec![rcgen::SanType::URI(uri.try_into().unwrap())];
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        let base = dir.join(ns).join(sa);
+        std::fs::create_dir_all(&base).unwrap();
+        std::fs::write(base.join("tls.crt"), cert.pem()).unwrap();
+        std::fs::write(base.join("tls.key"), key.serialize_pem()).unwrap();
+    }
+}
+
+/// A CA for [`write_workload_certs`].
+pub fn test_ca() -> (rcgen::Certificate, rcgen::KeyPair) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "sluice test CA");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    let cert = params.self_signed(&key).unwrap();
+    (cert, key)
 }

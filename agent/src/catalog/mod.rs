@@ -22,7 +22,8 @@ use sluice_maps::{Backend, SERVICE_FAIL_OPEN, SERVICE_KERNEL, ServiceKey};
 use crate::{
     authz::Policy,
     config::{
-        Config, HealthCheck, Mode, OnAgentDown, Panic, ServiceSpec, policy::DEFAULT_IDLE_TIMEOUT,
+        Config, HealthCheck, Mode, OnAgentDown, Panic, PodRef, ServiceSpec,
+        policy::DEFAULT_IDLE_TIMEOUT,
     },
     lb::Balancer,
     netns::Netns,
@@ -63,6 +64,41 @@ pub struct LocalTarget {
     pub policies: Vec<Arc<Policy>>,
 }
 
+/// The identity of a pod on another node, read from the API server the
+/// first time a connection goes to it and kept for the pod's life (a pod's
+/// service account cannot change). Shared by every catalog that still has
+/// the endpoint, so a rebuild does not ask again.
+#[derive(Debug)]
+pub struct PodIdentity {
+    pub pod: PodRef,
+    identity: tokio::sync::OnceCell<Identity>,
+}
+
+impl PodIdentity {
+    pub fn new(pod: PodRef) -> PodIdentity {
+        PodIdentity {
+            pod,
+            identity: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    /// The identity, once learnt.
+    pub fn known(&self) -> Option<&Identity> {
+        self.identity.get()
+    }
+
+    /// The identity, learnt through `lookup` if not yet known. Concurrent
+    /// first connections wait for one lookup; a failed one is tried again
+    /// by the next connection.
+    pub async fn resolve<F, Fut>(&self, lookup: F) -> Result<&Identity, String>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<Identity, String>>,
+    {
+        self.identity.get_or_try_init(lookup).await
+    }
+}
+
 /// A meshed service, reached at its virtual address.
 #[derive(Debug)]
 pub struct Service {
@@ -97,6 +133,8 @@ pub struct Endpoint {
     pub local: bool,
     /// The identity the endpoint serves as, when known.
     pub identity: Option<Identity>,
+    /// Otherwise, the pod whose service account it is (learnt at first use).
+    pub pod: Option<Arc<PodIdentity>>,
     /// The inbound listener of the endpoint's node agent, for endpoints on
     /// other nodes whose node is known.
     pub peer: Option<SocketAddr>,
@@ -317,14 +355,25 @@ impl Catalog {
                         } else {
                             TIER_ANYWHERE
                         };
-                        let state = old
-                            .and_then(|o| o.endpoints.iter().find(|oe| oe.addr == addr))
-                            .map_or_else(Default::default, |oe| oe.state.clone());
+                        let old_endpoint =
+                            old.and_then(|o| o.endpoints.iter().find(|oe| oe.addr == addr));
+                        let state =
+                            old_endpoint.map_or_else(Default::default, |oe| oe.state.clone());
                         let local = on_node == node;
                         let workload = e.workload.as_ref().map(|w| w.value.clone());
                         let identity = match (&workload, &e.service_account) {
                             (Some(w), _) if local => workload_named(w).map(|w| w.identity.clone()),
                             (_, Some(sa)) => Some(Identity::new(td, &s.namespace, sa)),
+                            _ => None,
+                        };
+                        let pod = match (&identity, &e.pod) {
+                            (None, Some(pod)) if !local => Some(
+                                old_endpoint
+                                    .and_then(|oe| oe.pod.as_ref())
+                                    .filter(|known| known.pod == *pod)
+                                    .cloned()
+                                    .unwrap_or_else(|| Arc::new(PodIdentity::new(pod.clone()))),
+                            ),
                             _ => None,
                         };
                         Endpoint {
@@ -337,6 +386,7 @@ impl Catalog {
                             state,
                             local,
                             identity,
+                            pod,
                             peer: (!local).then(|| peers.get(on_node).copied()).flatten(),
                         }
                     })

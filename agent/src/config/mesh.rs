@@ -278,6 +278,20 @@ pub(super) fn validate(problems: &mut Vec<Problem>, config: &Config) {
 
     for (i, s) in config.services.iter().enumerate() {
         let at = format!("services[{i}]");
+        if config.kubernetes.is_none() {
+            for (j, e) in s.endpoints.iter().enumerate() {
+                if e.pod.is_some() {
+                    problems.push(Problem {
+                        line: e.address.referenced.line(),
+                        field: format!("{at}.endpoints[{j}].pod"),
+                        message: "a pod's service account is read from the API server: \
+                                  `pod` needs the `kubernetes` section (or give \
+                                  `service_account`)"
+                            .into(),
+                    });
+                }
+            }
+        }
         if let Some(a) = &s.authorization {
             check_authorization(problems, &at, a, &td.value);
         }
@@ -300,7 +314,7 @@ pub(super) fn validate(problems: &mut Vec<Problem>, config: &Config) {
                     ),
                 });
             }
-            if e.service_account.is_none() {
+            if e.service_account.is_none() && e.pod.is_none() {
                 problems.push(Problem {
                     line,
                     field: format!("{at}.endpoints[{j}].service_account"),

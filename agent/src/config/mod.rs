@@ -177,6 +177,21 @@ pub struct KubernetesConfig {
     /// `node.cgroup_root`; empty: the root itself.
     #[serde(default)]
     pub pod_cgroups: String,
+    /// The namespace of the agents' own pods (the DaemonSet's): every
+    /// other node's agent is learnt from there, at its pod's host IP.
+    #[serde(default = "default_agent_namespace")]
+    pub agent_namespace: String,
+    /// The label selector that picks the agents' pods in that namespace.
+    #[serde(default = "default_agent_selector")]
+    pub agent_selector: String,
+}
+
+fn default_agent_namespace() -> String {
+    "sluice-system".to_owned()
+}
+
+fn default_agent_selector() -> String {
+    "app.kubernetes.io/name=sluice".to_owned()
 }
 
 /// A service's mode as annotations and the cluster default give it.
@@ -467,6 +482,22 @@ pub struct EndpointSpec {
     /// for endpoints on other nodes: the identity their agent must present.
     #[serde(default)]
     pub service_account: Option<String>,
+    /// The pod behind an endpoint on another node (Kubernetes only): the
+    /// identity its agent must present is its service account, read from
+    /// the API server the first time a connection goes to it.
+    #[serde(default)]
+    pub pod: Option<PodRef>,
+}
+
+/// A pod, as an EndpointSlice's `targetRef` names it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+    /// Tells a pod from a later one of the same name (a StatefulSet's).
+    #[serde(default)]
+    pub uid: Option<String>,
 }
 
 fn default_weight() -> Spanned<u32> {

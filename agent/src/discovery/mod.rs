@@ -1,14 +1,19 @@
 //! Service discovery from the Kubernetes API server (kube-rs): Services,
-//! EndpointSlices, Namespaces, and the Pods scheduled on this node, each
-//! kept in a reflector (list, then watch; re-list after an error or a 410
-//! Gone, keeping the last state meanwhile). Every change is translated
-//! ([`translate`]) into the services and workloads a config file would
-//! list, and handed to the daemon, which applies it as it applies a config
-//! reload: without dropping a connection, and refusing (keeping the running
-//! catalog) what does not validate. A rebuild is whole (every object, every
-//! time): at 10,000 services and 100,000 endpoints it takes about a quarter
-//! of a second (`cargo bench --bench catalog`); incremental updates are the next
-//! step if clusters need faster.
+//! EndpointSlices, Namespaces, the Pods scheduled on this node, and the
+//! agents' own pods (which say where every other node's agent listens),
+//! each kept in a reflector (list, then watch; re-list after an error or a
+//! 410 Gone, keeping the last state meanwhile). Every change is translated
+//! ([`translate`]) into the services, workloads and nodes a config file
+//! would list, and handed to the daemon, which applies it as it applies a
+//! config reload: without dropping a connection, and refusing (keeping the
+//! running catalog) what does not validate. A rebuild is whole (every
+//! object, every time): at 10,000 services and 100,000 endpoints it takes
+//! about a quarter of a second (`cargo bench --bench catalog`).
+//!
+//! The identity a pod on another node must present is its service account.
+//! Rather than watch every pod of the cluster from every node, the agent
+//! reads a pod (one GET, answered from the API server's watch cache) the
+//! first time one of its workloads connects to it ([`PodLookup`]).
 
 pub mod locate;
 pub mod translate;
@@ -36,12 +41,17 @@ use kube::{
 use log::{error, info, warn};
 use tokio::sync::{Notify, watch};
 
-use crate::{config::KubernetesConfig, drain::DrainWatch};
+use crate::{
+    config::{KubernetesConfig, PodRef},
+    drain::DrainWatch,
+    tls::Identity,
+};
 pub use translate::{Objects, Translated};
 
-/// What the agent watches, as (API group, resource). These are exactly the
+/// What the agent reads, as (API group, resource). These are exactly the
 /// rights the agent's ClusterRole grants (get, list, watch); a test checks
-/// config/kubernetes/clusterrole.yaml against this list.
+/// config/kubernetes/clusterrole.yaml against this list. (Pods are also
+/// read one by one: [`PodLookup`].)
 pub const WATCHED: [(&str, &str); 4] = [
     ("", "services"),
     ("", "pods"),
@@ -58,6 +68,44 @@ pub struct Discovery {
     pub updates: watch::Receiver<Option<Arc<Translated>>>,
     /// Every resource has been listed at least once.
     pub synced: Arc<AtomicBool>,
+    /// Reads the identities of pods on other nodes.
+    pub pods: Arc<PodLookup>,
+}
+
+/// Reads a pod's service account from the API server: the identity that
+/// the agent of its node must present for it.
+pub struct PodLookup {
+    client: Client,
+    trust_domain: String,
+}
+
+impl PodLookup {
+    /// One GET with resourceVersion=0, which the API server answers from
+    /// its watch cache rather than etcd. The pod must still be the one the
+    /// EndpointSlice named (same uid), not a later one of the same name.
+    pub async fn identity(&self, pod: &PodRef) -> Result<Identity, String> {
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), &pod.namespace);
+        let found = api
+            .get_with(&pod.name, &kube::api::GetParams::any())
+            .await
+            .map_err(|e| match e {
+                kube::Error::Api(s) if s.code == 404 => "the pod no longer exists".to_owned(),
+                kube::Error::Api(s) if s.code == 403 => "the API server refused to get pods \
+                     (403 Forbidden): the agent's ClusterRole must grant get on pods"
+                    .to_owned(),
+                e => format!("the API server did not answer: {e}"),
+            })?;
+        if let Some(uid) = &pod.uid
+            && found.metadata.uid.as_ref() != Some(uid)
+        {
+            return Err("the pod was replaced by another of the same name".into());
+        }
+        let account = found
+            .spec
+            .and_then(|s| s.service_account_name)
+            .unwrap_or_else(|| "default".to_owned());
+        Ok(Identity::new(&self.trust_domain, &pod.namespace, &account))
+    }
 }
 
 /// What the translation needs to know about this node.
@@ -70,6 +118,8 @@ pub struct NodeView {
     pub pod_cgroups: String,
     /// Nodes whose agents are known (the config's `nodes`).
     pub peer_nodes: Vec<String>,
+    /// The mesh's trust domain, for identities of pods on other nodes.
+    pub trust_domain: String,
 }
 
 /// Adds the discovered services and workloads to `config` (the file's)
@@ -81,6 +131,7 @@ pub fn merge(config: &mut crate::config::Config, found: &Translated) -> Result<(
     }
     // The same types and field rules as the file, read straight from the
     // JSON values (locations are unknown: the objects have no lines).
+    let discovered_nodes = &found.nodes;
     let found = Found {
         services: found
             .services
@@ -95,6 +146,17 @@ pub fn merge(config: &mut crate::config::Config, found: &Translated) -> Result<(
             .collect::<Result<_, _>>()
             .map_err(|e| format!("cannot read a discovered workload: {e}"))?,
     };
+    // A node the file lists keeps the file's address.
+    let nodes: Vec<crate::config::PeerNode> = discovered_nodes
+        .iter()
+        .map(serde::Deserialize::deserialize)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("cannot read a discovered node: {e}"))?;
+    for n in nodes {
+        if !config.nodes.iter().any(|c| c.name.value == n.name.value) {
+            config.nodes.push(n);
+        }
+    }
     config.services.extend(found.services);
     config.workloads.extend(found.workloads);
     config.validate().map_err(|problems| {
@@ -119,15 +181,27 @@ pub async fn start(
     let synced = Arc::new(AtomicBool::new(false));
     let changed = Arc::new(Notify::new());
 
-    let services = reflect::<Service>(Api::all(client.clone()), None, &changed, &drain);
-    let slices = reflect::<EndpointSlice>(Api::all(client.clone()), None, &changed, &drain);
-    let namespaces = reflect::<Namespace>(Api::all(client.clone()), None, &changed, &drain);
+    let every = watcher::Config::default;
+    let services = reflect::<Service>(Api::all(client.clone()), every(), &changed, &drain);
+    let slices = reflect::<EndpointSlice>(Api::all(client.clone()), every(), &changed, &drain);
+    let namespaces = reflect::<Namespace>(Api::all(client.clone()), every(), &changed, &drain);
     let pods = reflect::<Pod>(
-        Api::all(client),
-        Some(format!("spec.nodeName={}", node.name)),
+        Api::all(client.clone()),
+        every().fields(&format!("spec.nodeName={}", node.name)),
         &changed,
         &drain,
     );
+    // Every node's agent, so that the one shipped config serves all nodes.
+    let agents = reflect::<Pod>(
+        Api::namespaced(client.clone(), &config.agent_namespace),
+        every().labels(&config.agent_selector),
+        &changed,
+        &drain,
+    );
+    let lookup = Arc::new(PodLookup {
+        client,
+        trust_domain: node.trust_domain.clone(),
+    });
 
     let default_mode = config.default_mode;
     let flag = synced.clone();
@@ -144,25 +218,36 @@ pub async fn start(
             let ready = services.is_ready()
                 && slices.is_ready()
                 && namespaces.is_ready()
-                && pods.is_ready();
+                && pods.is_ready()
+                && agents.is_ready();
             if !ready {
                 continue;
             }
+            let peers = peer_agents(&agents.snapshot(), &node);
             let objects = Objects {
                 services: services.snapshot(),
                 slices: slices.snapshot(),
                 pods: pods.snapshot(),
                 namespaces: namespaces.snapshot(),
             };
-            let peers: Vec<&str> = node.peer_nodes.iter().map(String::as_str).collect();
+            let peer_names: Vec<&str> = node
+                .peer_nodes
+                .iter()
+                .map(String::as_str)
+                .chain(peers.iter().map(|(name, _)| name.as_str()))
+                .collect();
             let settings = translate::Settings {
                 node: &node.name,
                 default_mode,
-                peer_nodes: &peers,
+                peer_nodes: &peer_names,
             };
             locator.forget_missing(&objects.pods);
-            let translated =
+            let mut translated =
                 translate::translate(&objects, &settings, &mut |uid| locator.find(uid));
+            translated.nodes = peers
+                .iter()
+                .map(|(name, address)| serde_json::json!({ "name": name, "address": address }))
+                .collect();
             // One warning per object and reason, not one per rebuild.
             for item in &translated.skipped {
                 if reported.insert(item.clone()) {
@@ -183,7 +268,30 @@ pub async fn start(
             }
         }
     });
-    Ok(Discovery { updates, synced })
+    Ok(Discovery {
+        updates,
+        synced,
+        pods: lookup,
+    })
+}
+
+/// Other nodes' agents from their pods: the node each runs on and its
+/// host IP, where its inbound listener answers (`hostNetwork`). Nodes the
+/// config lists keep the config's address; this node is not its own peer.
+fn peer_agents(agents: &[Pod], node: &NodeView) -> Vec<(String, std::net::IpAddr)> {
+    let mut peers: Vec<(String, std::net::IpAddr)> = agents
+        .iter()
+        .filter_map(|pod| {
+            let name = pod.spec.as_ref()?.node_name.clone()?;
+            let address = pod.status.as_ref()?.host_ip.as_deref()?.parse().ok()?;
+            Some((name, address))
+        })
+        .filter(|(name, _)| *name != node.name && !node.peer_nodes.contains(name))
+        .collect();
+    // Two agent pods on one node during a rolling upgrade: one entry.
+    peers.sort();
+    peers.dedup_by(|a, b| a.0 == b.0);
+    peers
 }
 
 async fn client(config: &KubernetesConfig) -> Result<Client, String> {
@@ -227,7 +335,7 @@ where
 
 fn reflect<K>(
     api: Api<K>,
-    fields: Option<String>,
+    config: watcher::Config,
     changed: &Arc<Notify>,
     drain: &DrainWatch,
 ) -> Reflected<K>
@@ -242,10 +350,6 @@ where
 {
     let plural = K::plural(&()).into_owned();
     let (store, writer) = reflector::store::<K>();
-    let mut config = watcher::Config::default();
-    if let Some(f) = fields {
-        config = config.fields(&f);
-    }
     let stream = reflector(writer, watcher(api, config)).default_backoff();
     let changed = changed.clone();
     let mut drain = drain.clone();

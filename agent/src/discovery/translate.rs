@@ -17,7 +17,8 @@ use crate::config::{KubeMode, Mode};
 /// The annotation (or label) that sets a namespace's or Service's mode.
 pub const MODE_ANNOTATION: &str = "sluice.io/mode";
 /// On a Service: the service account its pods on other nodes run as, i.e.
-/// the identity their agents present for them.
+/// the identity their agents present for them. Optional: without it, each
+/// endpoint's identity is its pod's service account.
 pub const SERVICE_ACCOUNT_ANNOTATION: &str = "sluice.io/service-account";
 /// The label that ties an EndpointSlice to its Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -46,6 +47,8 @@ pub struct PodPlace {
 pub struct Translated {
     pub services: Vec<Value>,
     pub workloads: Vec<Value>,
+    /// Other nodes' agents, learnt from their pods (`nodes` entries).
+    pub nodes: Vec<Value>,
     /// (object, reason).
     pub skipped: Vec<(String, String)>,
 }
@@ -53,7 +56,8 @@ pub struct Translated {
 pub struct Settings<'a> {
     pub node: &'a str,
     pub default_mode: KubeMode,
-    /// Nodes whose agents this node knows (the config's `nodes`).
+    /// Nodes whose agents this node knows (the config's `nodes`, and
+    /// those whose agent pods discovery sees).
     pub peer_nodes: &'a [&'a str],
 }
 
@@ -303,12 +307,13 @@ fn endpoints_for(
             if let Some(z) = &ep.zone {
                 entry["zone"] = json!(z);
             }
+            let pod = ep
+                .target_ref
+                .as_ref()
+                .filter(|t| t.kind.as_deref().is_none_or(|k| k == "Pod"))
+                .and_then(|t| Some((t.namespace.clone()?, t.name.clone()?, t.uid.clone())));
             if local {
-                let pod = ep
-                    .target_ref
-                    .as_ref()
-                    .and_then(|t| Some((t.namespace.clone()?, t.name.clone()?)));
-                if let Some(w) = pod.and_then(|p| workloads.get(&p)) {
+                if let Some(w) = pod.and_then(|(ns, name, _)| workloads.get(&(ns, name))) {
                     entry["workload"] = json!(w);
                 }
             } else {
@@ -318,24 +323,30 @@ fn endpoints_for(
                         skipped.push((
                             format!("{key} endpoint {address}"),
                             format!(
-                                "on node {node}, whose agent is not under `nodes`: mode mtls cannot reach it"
+                                "on node {node}, where no agent runs (none of its pods, nor \
+                                 `nodes`): mode mtls cannot reach it"
                             ),
                         ));
                         continue;
                     }
-                    if remote_sa.is_none() {
+                    if remote_sa.is_none() && pod.is_none() {
                         skipped.push((
                             format!("{key} endpoint {address}"),
                             format!(
-                                "on another node, and the service has no {SERVICE_ACCOUNT_ANNOTATION} \
-                                 annotation: its identity is unknown, so mode mtls cannot verify it"
+                                "on another node, backed by no pod (targetRef) and the service \
+                                 has no {SERVICE_ACCOUNT_ANNOTATION} annotation: its identity \
+                                 is unknown, so mode mtls cannot verify it"
                             ),
                         ));
                         continue;
                     }
                 }
+                // The annotation overrides; otherwise the pod's own service
+                // account, read when a connection first goes to it.
                 if let Some(sa) = remote_sa {
                     entry["service_account"] = json!(sa);
+                } else if let Some((ns, name, uid)) = pod {
+                    entry["pod"] = json!({ "namespace": ns, "name": name, "uid": uid });
                 }
             }
             endpoints.push(entry);
@@ -472,6 +483,28 @@ mod tests {
         assert_eq!(eps[2]["node"], "node-b");
         assert_eq!(eps[2]["service_account"], "checkout");
         assert!(eps[2].get("workload").is_none());
+    }
+
+    /// Without the annotation, an endpoint on another node names its pod,
+    /// whose service account is then read at the first connection.
+    #[test]
+    fn remote_endpoints_name_their_pod_without_the_annotation() {
+        let t = run(&objects(), &["node-b"]);
+        let eps = t.services[0]["endpoints"].as_array().unwrap();
+        assert_eq!(eps.len(), 4);
+        assert!(eps[2].get("service_account").is_none());
+        let pod = &eps[2]["pod"];
+        assert_eq!(pod["namespace"], "shop");
+        assert!(pod["name"].as_str().unwrap().starts_with("checkout-"));
+        assert!(pod["uid"].is_string());
+        // Local endpoints are tied to their workload instead.
+        assert!(eps[0].get("pod").is_none());
+        // And it reads as the config's endpoint.
+        let base = "node:\n  name: node-a\nkubernetes: {}\nnodes:\n  - name: node-b\n    address: 198.18.99.2\n";
+        let mut config = crate::config::Config::parse(base, "t.yaml").unwrap();
+        super::super::merge(&mut config, &t).unwrap();
+        let remote = &config.services[0].endpoints[2];
+        assert_eq!(remote.pod.as_ref().unwrap().namespace, "shop");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! One listener per workload network namespace; in the local default that
 //! is the host's namespace only.
 
-use std::{io, net::SocketAddr, sync::Arc};
+use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
 use log::{debug, info, warn};
@@ -16,8 +16,9 @@ use super::{
 use crate::{
     audit::{Audit, Closed, Denial, Party},
     authz,
-    catalog::{Catalog, Endpoint, Service, Workload, capture::InboundMode},
+    catalog::{Catalog, Endpoint, PodIdentity, Service, Workload, capture::InboundMode},
     config::Mode,
+    discovery::PodLookup,
     drain::{ConnectionGuard, DrainWatch, accept_until_drained},
     handover::Inherited,
     lb::PickContext,
@@ -27,7 +28,7 @@ use crate::{
         self, Admission, Chosen, NoEndpoint, Outcome, Overflow, RetryDenied, Tried, clock::now_ms,
     },
     telemetry::{CloseReason, Connections, LiveConnection, Metrics},
-    tls::TlsContext,
+    tls::{Identity, TlsContext},
 };
 /// Pending connections the kernel queues for one listener.
 const BACKLOG: u32 = 4096;
@@ -45,6 +46,34 @@ pub struct OutboundContext {
     /// The sockmap bypass, when switched on.
     pub bypass: Option<Bypass>,
     pub audit: Arc<Audit>,
+    /// Reads the service account of a pod on another node (Kubernetes).
+    pub pods: Option<Arc<PodLookup>>,
+}
+
+/// The identity of the pod behind an endpoint on another node, read from
+/// the API server at the first connection to it (within the connect
+/// timeout). Failing that, the endpoint cannot be verified, so it is not
+/// dialled: the attempt counts against it and another may be tried.
+async fn learn_identity<'a>(
+    pod: &'a PodIdentity,
+    lookup: &PodLookup,
+    timeout: Duration,
+) -> Result<&'a Identity, DialError> {
+    let learn = pod.resolve(|| lookup.identity(&pod.pod));
+    let failed = |why: String| {
+        DialError::Endpoint(io::Error::other(format!(
+            "cannot learn the identity of pod {}/{}: {why}",
+            pod.pod.namespace, pod.pod.name
+        )))
+    };
+    match tokio::time::timeout(timeout, learn).await {
+        Ok(Ok(identity)) => Ok(identity),
+        Ok(Err(why)) => Err(failed(why)),
+        Err(_) => Err(failed(format!(
+            "no answer from the API server within {}ms",
+            timeout.as_millis()
+        ))),
+    }
 }
 
 /// An upstream connection: direct, or over mTLS to the peer node's agent.
@@ -446,10 +475,16 @@ async fn dial(
     source: Option<&Workload>,
 ) -> Result<Upstream, DialError> {
     let timeout = service.policy.connect_timeout;
-    let mesh_path = match (&endpoint.peer, &endpoint.identity) {
-        (Some(peer), Some(dest)) if !endpoint.local && service.mode != Mode::Plaintext => {
-            Some((*peer, dest))
+    let meshable = !endpoint.local && service.mode != Mode::Plaintext;
+    let identity = match (&endpoint.identity, &endpoint.pod, &ctx.pods) {
+        (Some(known), _, _) => Some(known),
+        (None, Some(pod), Some(lookup)) if meshable && endpoint.peer.is_some() => {
+            Some(learn_identity(pod, lookup, timeout).await?)
         }
+        _ => None,
+    };
+    let mesh_path = match (&endpoint.peer, identity) {
+        (Some(peer), Some(dest)) if meshable => Some((*peer, dest)),
         _ => None,
     };
     let Some((peer, dest)) = mesh_path else {
