@@ -11,6 +11,7 @@
 //! step if clusters need faster.
 
 pub mod locate;
+pub mod policy;
 pub mod translate;
 
 use std::{
