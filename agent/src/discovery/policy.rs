@@ -43,8 +43,10 @@ const MAX_MESSAGE_BYTES: usize = 32_768;
 pub struct SluicePolicy {
     #[serde(default)]
     pub metadata: ObjectMeta,
+    /// As stored; `Null` when the object has none.
     #[serde(default)]
     pub spec: Value,
+    /// As stored; the agents write only its `Accepted` condition.
     #[serde(default)]
     pub status: Option<Value>,
 }
@@ -294,9 +296,11 @@ pub struct PolicySpec {
     /// A pod of the policy's namespace is selected when its labels contain
     /// all of these; empty selects every pod of the namespace.
     pub match_labels: BTreeMap<String, String>,
+    /// For a caller no pattern matches; deny when the spec leaves it out.
     pub default: Decision,
     /// Checked patterns, sorted, without duplicates.
     pub allow: BTreeSet<String>,
+    /// Checked patterns, sorted, without duplicates; they win over `allow`.
     pub deny: BTreeSet<String>,
 }
 
@@ -317,6 +321,7 @@ pub struct PolicyProblem {
     pub policy: String,
     /// e.g. `spec.allow[2]`.
     pub field: String,
+    /// What is wrong with the field, and what would be right.
     pub message: String,
     /// `metadata.generation` of the refused object, for `observedGeneration`.
     pub generation: Option<i64>,
@@ -730,6 +735,19 @@ mod tests {
             SluicePolicy::url_path(&(), Some("shop")),
             "/apis/sluice.io/v1alpha1/namespaces/shop/sluicepolicies"
         );
+        // What `discovery::reflect` asks of a watched kind.
+        fn watchable<K>()
+        where
+            K: Resource<DynamicType = ()>
+                + Clone
+                + std::fmt::Debug
+                + Send
+                + Sync
+                + serde::de::DeserializeOwned
+                + 'static,
+        {
+        }
+        watchable::<SluicePolicy>();
         let text = serde_json::to_value(policy("shop", "p", json!({}))).unwrap();
         assert_eq!(text["apiVersion"], "sluice.io/v1alpha1");
         assert_eq!(text["kind"], "SluicePolicy");
