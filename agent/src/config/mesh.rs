@@ -169,8 +169,11 @@ pub fn is_trust_domain(s: &str) -> bool {
     !s.is_empty() && s.len() <= 255 && s.split('.').all(is_label)
 }
 
-/// Checks an authorization pattern against the trust domain.
-fn check_pattern(pattern: &str, trust_domain: &str) -> Result<(), String> {
+/// Checks an authorization pattern against the trust domain: one of the
+/// three forms, in that domain. The error says which rule it breaks. Shared
+/// by the config file and by SluicePolicy objects (`discovery::policy`), so
+/// both accept exactly the same patterns.
+pub fn check_pattern(pattern: &str, trust_domain: &str) -> Result<(), String> {
     let rest = pattern
         .strip_prefix("spiffe://")
         .ok_or_else(|| format!("`{pattern}` must start with spiffe://"))?;

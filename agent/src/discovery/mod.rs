@@ -16,6 +16,7 @@
 //! first time one of its workloads connects to it ([`PodLookup`]).
 
 pub mod locate;
+pub mod policy;
 pub mod translate;
 
 use std::{
