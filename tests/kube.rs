@@ -189,11 +189,12 @@ impl Cluster {
         let config = AgentConfig::custom(|c| {
             format!(
                 "node:\n  name: {NODE}\n  cgroup_root: {}\n{}workloads: []\nservices: []\n\
-                 kubernetes:\n  kubeconfig: {}\n  pod_cgroups: {}\n",
+                 kubernetes:\n  kubeconfig: {}\n  pod_cgroups: {}\naudit:\n  output: {}\n",
                 c.cgroup_root,
                 c.agent_block(&c.dir.join("state"), c.inbound_port),
                 c.dir.join("kubeconfig").display(),
-                layout.kubepods()
+                layout.kubepods(),
+                c.dir.join("audit.jsonl").display()
             )
         });
         api.write_kubeconfig(&config.dir.join("kubeconfig"));
@@ -515,6 +516,210 @@ fn a_missing_rbac_right_is_named() {
     assert_eq!(agent.log().matches("refused to list services").count(), 1);
 }
 
+/// A SluicePolicy in `shop` that selects pods labelled `tier: ledger`.
+fn ledger_policy(generation: i64, default: &str, deny: &[&str]) -> Value {
+    json!({
+        "kind": "SluicePolicy", "apiVersion": "sluice.io/v1alpha1",
+        "metadata": {
+            "name": "ledger-callers", "namespace": "shop", "uid": "policy-ledger",
+            "generation": generation
+        },
+        "spec": {
+            "selector": { "matchLabels": { "tier": "ledger" } },
+            "default": default,
+            "deny": deny
+        }
+    })
+}
+
+/// One call from `container` of the pod in `netns`: the backend's name,
+/// or REFUSED when the connection ends without an answer.
+fn call_once(config: &AgentConfig, netns: &Netns, container: &str, vip: SocketAddr) -> String {
+    let script = format!(
+        "import socket\n\
+         try:\n\
+         \x20   s = socket.create_connection((\"{ip}\", {port}), timeout=5)\n\
+         \x20   s.sendall(b\"call\\n\")\n\
+         \x20   reply = s.makefile().readline().split()\n\
+         \x20   print(reply[0] if reply else \"REFUSED\")\n\
+         except OSError:\n\
+         \x20   print(\"REFUSED\")\n",
+        ip = vip.ip(),
+        port = vip.port()
+    );
+    let out = in_pod(config, netns, container, &script).output().unwrap();
+    lines(&out).join(" ")
+}
+
+/// A connection held open from a pod: each line written to it is sent,
+/// and the reply read back.
+struct OpenConnection {
+    child: Child,
+    replies: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+}
+
+impl OpenConnection {
+    fn open(config: &AgentConfig, netns: &Netns, container: &str, vip: SocketAddr) -> Self {
+        let script = format!(
+            "import socket, sys\n\
+             s = socket.create_connection((\"{ip}\", {port}), timeout=10)\n\
+             f = s.makefile()\n\
+             for line in sys.stdin:\n\
+             \x20   s.sendall(line.encode())\n\
+             \x20   print(f.readline().strip(), flush=True)\n",
+            ip = vip.ip(),
+            port = vip.port()
+        );
+        let mut child = in_pod(config, netns, container, &script)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        OpenConnection {
+            child,
+            replies: std::io::BufRead::lines(std::io::BufReader::new(out)),
+        }
+    }
+
+    /// Sends `line`; the reply (empty if the connection is gone).
+    fn ask(&mut self, line: &str) -> String {
+        use std::io::Write;
+        let stdin = self.child.stdin.as_mut().unwrap();
+        if writeln!(stdin, "{line}")
+            .and_then(|()| stdin.flush())
+            .is_err()
+        {
+            return String::new();
+        }
+        self.replies.next().and_then(Result::ok).unwrap_or_default()
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A SluicePolicy denies a caller: new calls are refused and audited with
+/// both identities, while a connection opened before keeps flowing. The
+/// policy edited to allow lets the next call through, the same connection
+/// still open. Edited into an invalid one, it is refused with a status
+/// condition naming the field, and its last accepted version stays in force.
+#[test]
+fn a_policy_object_denies_and_allows_without_touching_open_connections() {
+    let c = Cluster::new(2, Layout::SystemdContainerd);
+    c.api
+        .set_object(Resource::Namespaces, namespace("shop", "mtls"));
+    c.api.set_object(Resource::Services, service());
+    // Pod 0 calls; the Service's one endpoint is pod 1, the ledger.
+    c.api
+        .set_object(Resource::EndpointSlices, slice(&c.pods, &[(1, true)]));
+    c.api.set_object(Resource::Pods, c.pods[0].object());
+    let mut ledger = c.pods[1].object();
+    ledger["metadata"]["labels"]["tier"] = json!("ledger");
+    c.api.set_object(Resource::Pods, ledger);
+    let agent = Agent::start_in_netns(&c.config, &c.node.node);
+    assert!(agent.wait_for_log("kubernetes: synced"), "{}", agent.log());
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            let w = workloads(&agent);
+            w.len() == 2 && w.iter().all(|w| w["listener"] == "open")
+        }),
+        "{:?}",
+        workloads(&agent)
+    );
+    let (netns, app) = (&c.node.pods[0].0, &c.pods[0].app);
+    let mut open = OpenConnection::open(&c.config, netns, app, service_vip());
+    assert!(open.ask("before").starts_with("checkout-1"));
+
+    let caller = "spiffe://cluster.local/ns/shop/sa/checkout";
+    c.api
+        .set_object(Resource::Policies, ledger_policy(1, "allow", &[caller]));
+    assert!(
+        wait_until(Duration::from_secs(10), || call_once(
+            &c.config,
+            netns,
+            app,
+            service_vip()
+        ) == "REFUSED"),
+        "{}",
+        agent.log()
+    );
+    let audit = c.config.dir.join("audit.jsonl");
+    let denied: Vec<Value> = std::fs::read_to_string(&audit)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["reason"] == "denied")
+        .collect();
+    assert!(!denied.is_empty(), "no denial in {}", audit.display());
+    for line in &denied {
+        assert_eq!(line["source"]["identity"], caller, "{line}");
+        assert_eq!(line["destination"]["identity"], caller, "{line}");
+        assert_eq!(line["destination"]["workload"], "shop/checkout-1", "{line}");
+        assert!(
+            line["rule"]
+                .as_str()
+                .is_some_and(|r| r.contains(&format!("deny[0] {caller}"))),
+            "{line}"
+        );
+    }
+    assert!(open.ask("during").starts_with("checkout-1"));
+    // The one agent wrote its verdict on the policy.
+    let accepted = |c: &Cluster| {
+        c.api
+            .object(Resource::Policies, "shop", "ledger-callers")
+            .map(|p| p["status"]["conditions"][0].clone())
+            .unwrap_or_default()
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || accepted(&c)["status"] == "True"),
+        "{}",
+        accepted(&c)
+    );
+
+    // Edited to allow: the next call passes; the open connection is the
+    // same one.
+    c.api
+        .set_object(Resource::Policies, ledger_policy(2, "allow", &[]));
+    assert!(
+        wait_until(Duration::from_secs(10), || call_once(
+            &c.config,
+            netns,
+            app,
+            service_vip()
+        )
+        .starts_with("checkout-1")),
+        "{}",
+        agent.log()
+    );
+    assert!(open.ask("after").starts_with("checkout-1"));
+
+    // Edited into an invalid one: refused, with the field named; the last
+    // accepted version (allow) stays in force.
+    c.api
+        .set_object(Resource::Policies, ledger_policy(3, "allow", &["ledger"]));
+    assert!(
+        wait_until(Duration::from_secs(5), || accepted(&c)["status"] == "False"),
+        "{}",
+        accepted(&c)
+    );
+    let condition = accepted(&c);
+    assert_eq!(condition["reason"], "Invalid");
+    assert_eq!(condition["observedGeneration"], 3);
+    let message = condition["message"].as_str().unwrap();
+    assert!(message.contains("spec.deny[0]"), "{message}");
+    assert!(
+        message.contains("last accepted version stays in force"),
+        "{message}"
+    );
+    assert!(call_once(&c.config, netns, app, service_vip()).starts_with("checkout-1"));
+    assert!(open.ask("still").starts_with("checkout-1"));
+}
+
 /// The agent config that config/kubernetes/configmap.yaml ships, for one
 /// simulated node. The simulated nodes of a test share one machine, so what
 /// a real node has to itself (its host paths for state, pins and
@@ -553,24 +758,36 @@ fn shipped_config(node: &AgentConfig, certs: &std::path::Path) -> String {
     text
 }
 
-/// The agent's own pod on `node`, as the DaemonSet makes it: labelled as
-/// the selector in config/kubernetes expects, on the host's network.
-fn agent_pod(node: &str, host_ip: &str) -> Value {
+/// The EndpointSlice the endpointslice controller keeps for the agents'
+/// headless Service (config/kubernetes/agents-service.yaml): each agent pod
+/// at its node's address (hostNetwork), with its node's name.
+fn agents_slice(agents: &[(&str, &str)]) -> Value {
+    let endpoints: Vec<Value> = agents
+        .iter()
+        .map(|(node, ip)| {
+            json!({
+                "addresses": [ip],
+                "conditions": { "ready": true, "serving": true, "terminating": false },
+                "nodeName": node,
+                "targetRef": {
+                    "kind": "Pod", "namespace": "sluice-system",
+                    "name": format!("sluice-{node}"), "uid": format!("agent-{node}")
+                }
+            })
+        })
+        .collect();
     json!({
-        "kind": "Pod", "apiVersion": "v1",
+        "kind": "EndpointSlice", "apiVersion": "discovery.k8s.io/v1",
         "metadata": {
-            "name": format!("sluice-{node}"), "namespace": "sluice-system",
-            "uid": format!("agent-{node}"),
-            "labels": { "app.kubernetes.io/name": "sluice", "controller-revision-hash": "7d9f" }
+            "name": "sluice-agents-x7k2p", "namespace": "sluice-system", "uid": "slice-agents",
+            "labels": {
+                "kubernetes.io/service-name": "sluice-agents",
+                "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"
+            }
         },
-        "spec": {
-            "nodeName": node, "hostNetwork": true, "serviceAccountName": "sluice",
-            "containers": [{ "name": "agent", "image": "sluice:test" }]
-        },
-        "status": {
-            "phase": "Running", "hostIP": host_ip, "hostIPs": [{ "ip": host_ip }],
-            "podIP": host_ip, "podIPs": [{ "ip": host_ip }]
-        }
+        "addressType": "IPv4",
+        "ports": [{ "name": "mtls", "port": 15008, "protocol": "TCP" }],
+        "endpoints": endpoints
     })
 }
 
@@ -578,7 +795,7 @@ fn agent_pod(node: &str, host_ip: &str) -> Value {
 /// shipped ConfigMap. Node A's kubelet runs the cgroupfs driver, node B's
 /// systemd with CRI-O. A pod on node A calls the Service by its cluster IP;
 /// calls spread over all four pods, and those to node B go over mutual TLS
-/// between the agents, which learnt of each other from their own pods.
+/// between the agents, which learnt of each other from their own Service.
 /// The identities both ways are the pods' service accounts as the API
 /// server states them; the Service carries no identity annotation.
 #[test]
@@ -658,8 +875,10 @@ fn two_nodes_four_pods_cross_node_calls_go_over_mtls() {
         }
         api.set_object(Resource::Pods, object);
     }
-    api.set_object(Resource::Pods, agent_pod("node-a", a_addr));
-    api.set_object(Resource::Pods, agent_pod("node-b", b_addr));
+    api.set_object(
+        Resource::EndpointSlices,
+        agents_slice(&[("node-a", a_addr), ("node-b", b_addr)]),
+    );
 
     let start = |cfg: &AgentConfig, node: &Node, name: &str, kubeconfig: &std::path::Path| {
         Agent::start_in_netns_with_env(

@@ -137,10 +137,12 @@ fn objects() -> Objects {
 
 /// One update: objects to the catalog the data plane reads.
 fn update(objects: &Objects) -> Catalog {
+    let authorizations = std::collections::HashMap::new();
     let settings = Settings {
         node: "node-0",
         default_mode: KubeMode::Off,
         peer_nodes: &[],
+        authorizations: &authorizations,
     };
     let translated = translate(objects, &settings, &mut |_| None);
     let mut config = Config::parse("node:\n  name: node-0\n", "bench.yaml").unwrap();

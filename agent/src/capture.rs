@@ -96,7 +96,7 @@ impl CaptureSet {
             let strict: Vec<String> = catalog
                 .capture_keys()
                 .filter(|(_, t)| t.mode == InboundMode::Strict)
-                .map(|(_, t)| format!("{}/{}", t.workload.namespace, t.workload.name))
+                .map(|(_, t)| t.workload.qualified_name())
                 .collect::<std::collections::BTreeSet<_>>()
                 .into_iter()
                 .collect();

@@ -113,7 +113,7 @@ pub async fn drain_ring<T: std::os::fd::AsRawFd>(
 /// who made it and what it dialled.
 fn audit_spoofed_mark(catalog: &Catalog, audit: &Audit, event: &KernelEvent) {
     let source = catalog.workload_of_caller(event.conn.cgroup_id, &event.conn.ancestors);
-    let name = source.map(|w| format!("{}/{}", w.namespace, w.name));
+    let name = source.map(|w| w.qualified_name());
     let detail = format!(
         "cgroup {}: a socket with the agent's mark, outside the agent's cgroups; redirected \
          like any other connect",

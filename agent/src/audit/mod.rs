@@ -194,7 +194,7 @@ impl Audit {
 }
 
 /// Now as RFC 3339 in UTC with milliseconds.
-fn now_rfc3339() -> String {
+pub(crate) fn now_rfc3339() -> String {
     let t = time::OffsetDateTime::now_utc();
     format!(
         "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",

@@ -182,6 +182,22 @@ pub struct Placement {
     pub netns: Option<Arc<Netns>>,
 }
 
+/// `namespace/name` of a workload, for messages and the audit trail. Pods
+/// from Kubernetes are named that way already (`shop/checkout-1`).
+pub fn workload_name(namespace: &str, name: &str) -> String {
+    match name.strip_prefix(namespace) {
+        Some(rest) if rest.starts_with('/') => name.to_owned(),
+        _ => format!("{namespace}/{name}"),
+    }
+}
+
+impl Workload {
+    /// `namespace/name`, for messages and the audit trail.
+    pub fn qualified_name(&self) -> String {
+        workload_name(&self.namespace, &self.name)
+    }
+}
+
 impl Service {
     /// `namespace/name`, for messages.
     pub fn qualified_name(&self) -> String {
@@ -304,7 +320,7 @@ impl Catalog {
                     identity: Identity::new(td, &w.namespace, &w.service_account),
                     policy: w.authorization.as_ref().map(|a| {
                         Arc::new(Policy::new(
-                            format!("workload {}/{}", w.namespace, w.name.value),
+                            format!("workload {}", workload_name(&w.namespace, &w.name.value)),
                             a,
                         ))
                     }),

@@ -177,21 +177,15 @@ pub struct KubernetesConfig {
     /// `node.cgroup_root`; empty: the root itself.
     #[serde(default)]
     pub pod_cgroups: String,
-    /// The namespace of the agents' own pods (the DaemonSet's): every
-    /// other node's agent is learnt from there, at its pod's host IP.
-    #[serde(default = "default_agent_namespace")]
-    pub agent_namespace: String,
-    /// The label selector that picks the agents' pods in that namespace.
-    #[serde(default = "default_agent_selector")]
-    pub agent_selector: String,
+    /// `namespace/name` of the headless Service over the agents' pods:
+    /// its EndpointSlices say on which node each agent runs and at what
+    /// address, so one config serves every node.
+    #[serde(default = "default_agent_service")]
+    pub agent_service: String,
 }
 
-fn default_agent_namespace() -> String {
-    "sluice-system".to_owned()
-}
-
-fn default_agent_selector() -> String {
-    "app.kubernetes.io/name=sluice".to_owned()
+fn default_agent_service() -> String {
+    "sluice-system/sluice-agents".to_owned()
 }
 
 /// A service's mode as annotations and the cluster default give it.

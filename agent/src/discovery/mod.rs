@@ -1,7 +1,7 @@
 //! Service discovery from the Kubernetes API server (kube-rs): Services,
-//! EndpointSlices, Namespaces, the Pods scheduled on this node, and the
-//! agents' own pods (which say where every other node's agent listens),
-//! each kept in a reflector (list, then watch; re-list after an error or a
+//! EndpointSlices (among them the agents' own, which say where every other
+//! node's agent listens), Namespaces, the Pods scheduled on this node and
+//! SluicePolicies, each kept in a reflector (list, then watch; re-list after an error or a
 //! 410 Gone, keeping the last state meanwhile). Every change is translated
 //! ([`translate`]) into the services, workloads and nodes a config file
 //! would list, and handed to the daemon, which applies it as it applies a
@@ -47,18 +47,24 @@ use crate::{
     drain::DrainWatch,
     tls::Identity,
 };
+use policy::SluicePolicy;
 pub use translate::{Objects, Translated};
 
 /// What the agent reads, as (API group, resource). These are exactly the
 /// rights the agent's ClusterRole grants (get, list, watch); a test checks
 /// config/kubernetes/clusterrole.yaml against this list. (Pods are also
 /// read one by one: [`PodLookup`].)
-pub const WATCHED: [(&str, &str); 4] = [
+pub const WATCHED: [(&str, &str); 5] = [
     ("", "services"),
     ("", "pods"),
     ("", "namespaces"),
     ("discovery.k8s.io", "endpointslices"),
+    (policy::GROUP, policy::PLURAL),
 ];
+
+/// The one thing the agent writes: its verdict on each policy, as the
+/// `Accepted` condition of the policy's status (patch on this subresource).
+pub const WRITTEN: (&str, &str) = (policy::GROUP, "sluicepolicies/status");
 
 /// Coalesces a burst of watch events into one catalog update.
 const SETTLE: Duration = Duration::from_millis(20);
@@ -192,24 +198,30 @@ pub async fn start(
         &changed,
         &drain,
     );
-    // Every node's agent, so that the one shipped config serves all nodes.
-    let agents = reflect::<Pod>(
-        Api::namespaced(client.clone(), &config.agent_namespace),
-        every().labels(&config.agent_selector),
-        &changed,
-        &drain,
-    );
+    let policies = reflect::<SluicePolicy>(Api::all(client.clone()), every(), &changed, &drain);
+    let statuses = PolicyStatus::new(client.clone());
     let lookup = Arc::new(PodLookup {
         client,
         trust_domain: node.trust_domain.clone(),
     });
 
+    let agent_service = config
+        .agent_service
+        .split_once('/')
+        .map(|(ns, name)| (ns.to_owned(), name.to_owned()))
+        .ok_or_else(|| {
+            format!(
+                "kubernetes.agent_service: `{}` is not namespace/name",
+                config.agent_service
+            )
+        })?;
     let default_mode = config.default_mode;
     let flag = synced.clone();
     let mut drain_rebuild = drain.clone();
     tokio::spawn(async move {
         let mut locator = locate::Locator::new(node.cgroup_root.clone(), &node.pod_cgroups);
         let mut reported: HashSet<(String, String)> = HashSet::new();
+        let mut accepted = policy::Accepted::default();
         loop {
             tokio::select! {
                 _ = drain_rebuild.draining() => return,
@@ -220,27 +232,49 @@ pub async fn start(
                 && slices.is_ready()
                 && namespaces.is_ready()
                 && pods.is_ready()
-                && agents.is_ready();
+                && policies.is_ready();
             if !ready {
                 continue;
             }
-            let peers = peer_agents(&agents.snapshot(), &node);
             let objects = Objects {
                 services: services.snapshot(),
                 slices: slices.snapshot(),
                 pods: pods.snapshot(),
                 namespaces: namespaces.snapshot(),
             };
+            let agents = agent_nodes(&objects.slices, &agent_service);
+            let peers: Vec<&(String, std::net::IpAddr)> = agents
+                .iter()
+                .filter(|(name, _)| *name != node.name && !node.peer_nodes.contains(name))
+                .collect();
             let peer_names: Vec<&str> = node
                 .peer_nodes
                 .iter()
                 .map(String::as_str)
                 .chain(peers.iter().map(|(name, _)| name.as_str()))
                 .collect();
+            let all_policies = policies.snapshot();
+            let td = &node.trust_domain;
+            let refused = policy::compile(&all_policies, &objects.pods, td).problems;
+            let in_force = accepted.in_force(&all_policies, td);
+            let authorizations = policy::compile(&in_force, &objects.pods, td).by_pod;
+            for p in &refused {
+                let item = (
+                    format!("sluicepolicy {}", p.policy),
+                    format!("{}: {}", p.field, p.message),
+                );
+                if reported.insert(item.clone()) {
+                    warn!("kubernetes: {}: {}; refused", item.0, item.1);
+                }
+            }
+            if writes_policy_status(&agents, &node.name) {
+                statuses.write(&all_policies, &refused, &accepted);
+            }
             let settings = translate::Settings {
                 node: &node.name,
                 default_mode,
                 peer_nodes: &peer_names,
+                authorizations: &authorizations,
             };
             locator.forget_missing(&objects.pods);
             let mut translated =
@@ -276,23 +310,97 @@ pub async fn start(
     })
 }
 
-/// Other nodes' agents from their pods: the node each runs on and its
-/// host IP, where its inbound listener answers (`hostNetwork`). Nodes the
-/// config lists keep the config's address; this node is not its own peer.
-fn peer_agents(agents: &[Pod], node: &NodeView) -> Vec<(String, std::net::IpAddr)> {
-    let mut peers: Vec<(String, std::net::IpAddr)> = agents
+/// One agent writes policies' status rather than every node's racing on
+/// it: the one on the first node by name among the agents.
+fn writes_policy_status(agents: &[(String, std::net::IpAddr)], node: &str) -> bool {
+    agents
         .iter()
-        .filter_map(|pod| {
-            let name = pod.spec.as_ref()?.node_name.clone()?;
-            let address = pod.status.as_ref()?.host_ip.as_deref()?.parse().ok()?;
-            Some((name, address))
+        .map(|(name, _)| name.as_str())
+        .chain(std::iter::once(node))
+        .min()
+        == Some(node)
+}
+
+/// Writes policies' `Accepted` condition through the status subresource,
+/// each change once (a write in flight is not sent again), off the
+/// rebuild loop.
+struct PolicyStatus {
+    client: Client,
+    /// The condition last sent per policy (without its time).
+    sent: Arc<std::sync::Mutex<std::collections::HashMap<(String, String), serde_json::Value>>>,
+}
+
+impl PolicyStatus {
+    fn new(client: Client) -> PolicyStatus {
+        PolicyStatus {
+            client,
+            sent: Arc::default(),
+        }
+    }
+
+    fn write(
+        &self,
+        policies: &[SluicePolicy],
+        refused: &[policy::PolicyProblem],
+        accepted: &policy::Accepted,
+    ) {
+        let now = crate::audit::now_rfc3339();
+        for (ns, name, body) in policy::status_changes(policies, refused, |p| accepted.has(p), &now)
+        {
+            let mut condition = body["status"]["conditions"][0].clone();
+            if let Some(c) = condition.as_object_mut() {
+                c.remove("lastTransitionTime");
+            }
+            let key = (ns.clone(), name.clone());
+            {
+                let mut sent = self.sent.lock().unwrap_or_else(|e| e.into_inner());
+                if sent.get(&key) == Some(&condition) {
+                    continue;
+                }
+                sent.insert(key.clone(), condition);
+            }
+            let api: Api<SluicePolicy> = Api::namespaced(self.client.clone(), &ns);
+            let sent = self.sent.clone();
+            tokio::spawn(async move {
+                let patch = kube::api::Patch::Merge(&body);
+                if let Err(e) = api
+                    .patch_status(&name, &kube::api::PatchParams::default(), &patch)
+                    .await
+                {
+                    warn!("kubernetes: cannot write the status of sluicepolicy {ns}/{name}: {e}");
+                    // Sent again at the next change.
+                    sent.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+                }
+            });
+        }
+    }
+}
+
+/// Every agent, from the EndpointSlices of the agents' headless Service:
+/// the node each runs on and its address (the node's: the agents use
+/// hostNetwork), where its inbound listener answers. Sorted by node, one
+/// entry per node (two agents on one node during a rolling upgrade share
+/// its address).
+fn agent_nodes(
+    slices: &[EndpointSlice],
+    (namespace, service): &(String, String),
+) -> Vec<(String, std::net::IpAddr)> {
+    let mut agents: Vec<(String, std::net::IpAddr)> = slices
+        .iter()
+        .filter(|s| {
+            s.metadata.namespace.as_deref() == Some(namespace.as_str())
+                && s.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(translate::SERVICE_NAME_LABEL))
+                    == Some(service)
         })
-        .filter(|(name, _)| *name != node.name && !node.peer_nodes.contains(name))
+        .flat_map(|s| &s.endpoints)
+        .filter_map(|e| Some((e.node_name.clone()?, e.addresses.first()?.parse().ok()?)))
         .collect();
-    // Two agent pods on one node during a rolling upgrade: one entry.
-    peers.sort();
-    peers.dedup_by(|a, b| a.0 == b.0);
-    peers
+    agents.sort();
+    agents.dedup_by(|a, b| a.0 == b.0);
+    agents
 }
 
 async fn client(config: &KubernetesConfig) -> Result<Client, String> {
@@ -423,7 +531,8 @@ mod tests {
     use super::*;
 
     /// The ClusterRole shipped in config/kubernetes grants exactly what the
-    /// code watches: get, list and watch on [`WATCHED`], nothing more.
+    /// code watches: get, list and watch on [`WATCHED`], and patch on
+    /// [`WRITTEN`], nothing more.
     #[test]
     fn the_cluster_role_grants_exactly_what_discovery_watches() {
         #[derive(serde::Deserialize)]
@@ -446,8 +555,17 @@ mod tests {
         let role: Role = serde_saphyr::from_str(&text).unwrap();
         assert_eq!(role.kind, "ClusterRole");
         let mut granted = BTreeSet::new();
+        let mut written = BTreeSet::new();
         for rule in &role.rules {
             let verbs: BTreeSet<&str> = rule.verbs.iter().map(String::as_str).collect();
+            if verbs == BTreeSet::from(["patch"]) {
+                for group in &rule.api_groups {
+                    for resource in &rule.resources {
+                        written.insert((group.clone(), resource.clone()));
+                    }
+                }
+                continue;
+            }
             assert_eq!(
                 verbs,
                 BTreeSet::from(["get", "list", "watch"]),
@@ -465,6 +583,10 @@ mod tests {
             .map(|(g, r)| (g.to_string(), r.to_string()))
             .collect();
         assert_eq!(granted, watched);
+        assert_eq!(
+            written,
+            BTreeSet::from([(WRITTEN.0.to_owned(), WRITTEN.1.to_owned())])
+        );
         // And WATCHED is what `start` really reflects.
         fn id<K: Resource<DynamicType = ()>>() -> (String, String) {
             (K::group(&()).into_owned(), K::plural(&()).into_owned())
@@ -474,6 +596,7 @@ mod tests {
             id::<Pod>(),
             id::<Namespace>(),
             id::<EndpointSlice>(),
+            id::<SluicePolicy>(),
         ]);
         assert_eq!(reflected, watched);
     }

@@ -398,6 +398,102 @@ pub fn compile(policies: &[SluicePolicy], pods: &[Pod], trust_domain: &str) -> C
     Compiled { by_pod, problems }
 }
 
+/// Each policy's last version that passed every check, by uid: a policy
+/// edited into an invalid one keeps its last accepted version in force (as
+/// a broken config file keeps the running config), rather than leaving
+/// the pods it protected open or shut.
+#[derive(Debug, Default)]
+pub struct Accepted {
+    by_uid: HashMap<String, SluicePolicy>,
+}
+
+impl Accepted {
+    /// The policies to apply: each valid one as it is, each invalid one as
+    /// last accepted (if it ever was). Forgets policies that are gone.
+    pub fn in_force(&mut self, policies: &[SluicePolicy], trust_domain: &str) -> Vec<SluicePolicy> {
+        let mut live = std::collections::HashSet::new();
+        let mut out = Vec::with_capacity(policies.len());
+        for policy in policies {
+            let Some(uid) = policy.metadata.uid.clone() else {
+                continue;
+            };
+            if policy.parse(trust_domain).is_ok() {
+                self.by_uid.insert(uid.clone(), policy.clone());
+                out.push(policy.clone());
+            } else if let Some(last) = self.by_uid.get(&uid) {
+                out.push(last.clone());
+            }
+            live.insert(uid);
+        }
+        self.by_uid.retain(|uid, _| live.contains(uid));
+        out
+    }
+
+    /// Whether an earlier version of this policy is in force.
+    pub fn has(&self, policy: &SluicePolicy) -> bool {
+        policy
+            .metadata
+            .uid
+            .as_ref()
+            .is_some_and(|uid| self.by_uid.contains_key(uid))
+    }
+}
+
+/// The `Accepted` condition each policy should carry and does not yet, as
+/// (namespace, name, merge-patch body). `problems` are those of
+/// [`compile`]; `kept` tells whether a refused policy's earlier version is
+/// still in force (the message says which).
+pub fn status_changes(
+    policies: &[SluicePolicy],
+    problems: &[PolicyProblem],
+    kept: impl Fn(&SluicePolicy) -> bool,
+    now: &str,
+) -> Vec<(String, String, Value)> {
+    let mut changes = Vec::new();
+    for policy in policies {
+        let (Some(ns), Some(name)) = (&policy.metadata.namespace, &policy.metadata.name) else {
+            continue;
+        };
+        let key = policy.key();
+        let problem = problems.iter().find(|p| p.policy == key);
+        let generation = policy.metadata.generation;
+        let wanted = accepted_condition(problem, generation, now);
+        let wanted = &wanted["status"]["conditions"][0];
+        let mut wanted = wanted.clone();
+        if problem.is_some() && kept(policy) {
+            let message = wanted["message"].as_str().unwrap_or_default().replace(
+                "the policy applies to no pod until this is fixed",
+                "its last accepted version stays in force until this is fixed",
+            );
+            wanted["message"] = message.into();
+        }
+        let current = policy
+            .status
+            .as_ref()
+            .and_then(|s| s["conditions"].as_array())
+            .and_then(|c| c.iter().find(|c| c["type"] == "Accepted"));
+        let same = |field: &str| current.is_some_and(|c| c[field] == wanted[field]);
+        if ["status", "reason", "message", "observedGeneration"]
+            .iter()
+            .all(|f| same(f))
+        {
+            continue;
+        }
+        // A condition whose status stays keeps its transition time.
+        if same("status")
+            && let Some(at) = current.and_then(|c| c.get("lastTransitionTime"))
+        {
+            wanted["lastTransitionTime"] = at.clone();
+        }
+        changes.push((
+            ns.clone(),
+            name.clone(),
+            json!({ "status": { "conditions": [wanted] } }),
+        ));
+    }
+    changes
+}
+
 /// The body of a JSON merge patch on a policy's `status` subresource that
 /// sets its `Accepted` condition: `True`/`Valid` without a problem,
 /// `False`/`Invalid` with one, its message naming the field.

@@ -21,7 +21,7 @@ pub const MODE_ANNOTATION: &str = "sluice.io/mode";
 /// endpoint's identity is its pod's service account.
 pub const SERVICE_ACCOUNT_ANNOTATION: &str = "sluice.io/service-account";
 /// The label that ties an EndpointSlice to its Service.
-const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// Everything the reflectors hold, at one moment.
 #[derive(Debug, Default, Clone)]
@@ -59,6 +59,9 @@ pub struct Settings<'a> {
     /// Nodes whose agents this node knows (the config's `nodes`, and
     /// those whose agent pods discovery sees).
     pub peer_nodes: &'a [&'a str],
+    /// Each pod's `authorization` block from the policies that select it,
+    /// by (namespace, pod name).
+    pub authorizations: &'a HashMap<(String, String), Value>,
 }
 
 /// Translates `objects`. `locate` finds a pod's cgroup and namespace by
@@ -118,13 +121,17 @@ pub fn translate(
             .and_then(|s| s.service_account_name.clone())
             .unwrap_or_else(|| "default".to_owned());
         let workload = format!("{ns}/{name}");
-        out.workloads.push(json!({
+        let mut entry = json!({
             "name": workload,
             "namespace": ns,
             "service_account": service_account,
             "cgroup": place.cgroup,
             "netns": place.netns,
-        }));
+        });
+        if let Some(authorization) = settings.authorizations.get(&(ns.clone(), name.clone())) {
+            entry["authorization"] = authorization.clone();
+        }
+        out.workloads.push(entry);
         workloads.insert((ns.clone(), name.clone()), workload);
     }
 
@@ -401,10 +408,12 @@ mod tests {
     }
 
     fn run(objects: &Objects, peers: &[&str]) -> Translated {
+        let none = HashMap::new();
         let settings = Settings {
             node: "node-a",
             default_mode: KubeMode::Off,
             peer_nodes: peers,
+            authorizations: &none,
         };
         translate(objects, &settings, &mut |uid| {
             Some(PodPlace {

@@ -101,7 +101,7 @@ async fn handle(
         return;
     };
     let workload = &target.workload;
-    let name = format!("{}/{}", workload.namespace, workload.name);
+    let name = workload.qualified_name();
     let destination = Party {
         identity: Some(&workload.identity),
         address: Some(local),

@@ -451,7 +451,7 @@ async fn handle(
     let verdict = authz::evaluate(&local.policies, &caller);
     if !verdict.allowed {
         tls.reset_on_close();
-        let workload = format!("{}/{}", local.workload.namespace, local.workload.name);
+        let workload = local.workload.qualified_name();
         let detail = format!("{target} (workload {workload}) {verdict}");
         return refuse_at(
             &ctx,
@@ -484,7 +484,7 @@ async fn handle(
     let end = proxy(&mut tls, &mut upstream, DEFAULT_IDLE_TIMEOUT, None, &bytes).await;
     debug!("inbound {peer} ({caller}) -> {target}: {end:?}");
     if ctx.audit.wants_connections() {
-        let workload = format!("{}/{}", local.workload.namespace, local.workload.name);
+        let workload = local.workload.qualified_name();
         ctx.audit.closed(&crate::audit::Closed {
             source: Party {
                 identity: Some(&caller),

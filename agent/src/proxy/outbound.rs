@@ -295,9 +295,7 @@ async fn handle(
     metrics.closed(reason).inc();
     if ctx.audit.wants_connections() {
         let name = service.qualified_name();
-        let workload = source
-            .as_deref()
-            .map(|w| format!("{}/{}", w.namespace, w.name));
+        let workload = source.as_deref().map(|w| w.qualified_name());
         ctx.audit.closed(&Closed {
             source: Party {
                 identity: source.as_deref().map(|w| &w.identity),
@@ -444,7 +442,7 @@ fn admit_same_node(
     if allowed {
         return Ok(());
     }
-    let workload = format!("{}/{}", target.workload.namespace, target.workload.name);
+    let workload = target.workload.qualified_name();
     let name = service.qualified_name();
     ctx.audit.deny(&Denial {
         reason: "denied",
