@@ -94,10 +94,27 @@ struct Pod {
     pod_cgroup: String,
     layout: Layout,
     holder: Child,
-    _backend: Backend,
+    /// None while stopped.
+    backend: Option<Backend>,
+    /// The pod's network namespace (the node owns and removes it).
+    netns: String,
 }
 
 impl Pod {
+    /// Stops the pod's backend: its address refuses connections.
+    fn stop_backend(&mut self) {
+        self.backend = None;
+    }
+
+    /// A new backend on the pod's address (the caller keeps it running).
+    fn new_backend(&self) -> Backend {
+        let addr = SocketAddr::new(self.ip, 8080);
+        let netns = std::mem::ManuallyDrop::new(Netns {
+            name: self.netns.clone(),
+        });
+        Backend::start_in(&self.name, addr, &netns)
+    }
+
     /// A new container cgroup of this pod (another container, or one
     /// restarted: the kubelet gives it a new cgroup, so a new id).
     fn new_container(&self, n: usize) -> String {
@@ -159,7 +176,7 @@ fn start_pod(
     .stdout(Stdio::null())
     .spawn()
     .unwrap();
-    let backend = Backend::start_in(name, SocketAddr::new(*ip, 8080), netns);
+    let backend = Some(Backend::start_in(name, SocketAddr::new(*ip, 8080), netns));
     Pod {
         name: name.to_owned(),
         node: node_name.to_owned(),
@@ -170,7 +187,8 @@ fn start_pod(
         pod_cgroup: pod,
         layout,
         holder,
-        _backend: backend,
+        backend,
+        netns: netns.name.clone(),
     }
 }
 
@@ -184,12 +202,17 @@ struct Cluster {
 
 impl Cluster {
     fn new(pods: usize, layout: Layout) -> Cluster {
+        Self::with_kubernetes(pods, layout, "")
+    }
+
+    /// `extra`: more lines for the `kubernetes:` block (indented 2).
+    fn with_kubernetes(pods: usize, layout: Layout, extra: &str) -> Cluster {
         let node = Node::new(pods);
         let api = node.node.run(FakeApiServer::start);
         let config = AgentConfig::custom(|c| {
             format!(
                 "node:\n  name: {NODE}\n  cgroup_root: {}\n{}workloads: []\nservices: []\n\
-                 kubernetes:\n  kubeconfig: {}\n  pod_cgroups: {}\naudit:\n  output: {}\n",
+                 kubernetes:\n  kubeconfig: {}\n  pod_cgroups: {}\n{extra}audit:\n  output: {}\n",
                 c.cgroup_root,
                 c.agent_block(&c.dir.join("state"), c.inbound_port),
                 c.dir.join("kubeconfig").display(),
@@ -991,4 +1014,212 @@ fn two_nodes_four_pods_cross_node_calls_go_over_mtls() {
     let status = b.sluice(&["status", "-o", "json"]);
     let status: Value = serde_json::from_slice(&status.stdout).unwrap();
     assert!(status["inbound_accepted"].as_u64() >= Some(2), "{status}");
+}
+
+/// The health verdicts of the Service's endpoints as the agent holds them,
+/// by backend name.
+fn verdicts(c: &Cluster) -> std::collections::HashMap<String, bool> {
+    let admin = SocketAddr::from(([127, 0, 0, 1], c.config.admin_port));
+    let (_, body) = c
+        .node
+        .node
+        .run(move || client::get(admin, "/debug/endpoints").unwrap());
+    let endpoints: Vec<Value> = serde_json::from_str(&body).unwrap_or_default();
+    c.pods
+        .iter()
+        .filter_map(|p| {
+            let addr = SocketAddr::new(p.ip, 8080).to_string();
+            let e = endpoints.iter().find(|e| e["address"] == addr.as_str())?;
+            Some((p.name.clone(), e["healthy"].as_bool()?))
+        })
+        .collect()
+}
+
+/// 1,000 EndpointSlice updates a second for 10 s (one endpoint toggled
+/// between ready and not) while a pod calls the Service: no call fails, a
+/// connection opened before stays open, the untouched endpoint stays
+/// healthy throughout, and an untouched endpoint whose backend comes back
+/// during the churn is found healthy in the health check's own time: its
+/// check kept running and counting through every catalog change.
+#[test]
+fn a_thousand_endpoint_slice_updates_a_second_lose_no_call_and_no_verdict() {
+    let health = "  health_check:\n    interval: 200ms\n    timeout: 150ms\n    \
+                  healthy_threshold: 2\n    unhealthy_threshold: 2\n    jitter: 20ms\n";
+    let mut c = Cluster::with_kubernetes(4, Layout::SystemdContainerd, health);
+    c.api
+        .set_object(Resource::Namespaces, namespace("shop", "mtls"));
+    c.api.set_object(Resource::Services, service());
+    c.api.set_object(
+        Resource::EndpointSlices,
+        slice(&c.pods, &[(1, true), (2, true), (3, true)]),
+    );
+    for p in &c.pods {
+        c.api.set_object(Resource::Pods, p.object());
+    }
+    // Pod 2's backend is down from the start.
+    c.pods[2].stop_backend();
+    let agent = Agent::start_in_netns(&c.config, &c.node.node);
+    assert!(agent.wait_for_log("kubernetes: synced"), "{}", agent.log());
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let v = verdicts(&c);
+            v.get("checkout-1") == Some(&true) && v.get("checkout-2") == Some(&false)
+        }),
+        "{:?}\n{}",
+        verdicts(&c),
+        agent.log()
+    );
+
+    let (netns, app) = (&c.node.pods[0].0, c.pods[0].app.clone());
+    let mut open = OpenConnection::open(&c.config, netns, &app, service_vip());
+    assert!(open.ask("first").starts_with("checkout-"));
+    let load = in_pod(
+        &c.config,
+        netns,
+        &app,
+        &format!(
+            "import socket, time\n\
+             end = time.time() + 12\n\
+             ok = failed = 0\n\
+             while time.time() < end:\n\
+             \x20   try:\n\
+             \x20       s = socket.create_connection((\"{ip}\", {port}), timeout=5)\n\
+             \x20       s.sendall(b\"call\\n\")\n\
+             \x20       if s.makefile().readline().startswith(\"checkout-\"):\n\
+             \x20           ok += 1\n\
+             \x20       else:\n\
+             \x20           failed += 1\n\
+             \x20       s.close()\n\
+             \x20   except OSError:\n\
+             \x20       failed += 1\n\
+             \x20   time.sleep(0.05)\n\
+             print(ok, failed)\n",
+            ip = service_vip().ip(),
+            port = service_vip().port()
+        ),
+    )
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
+
+    // The churn: 10,000 updates, one a millisecond, on their own thread.
+    let started = std::time::Instant::now();
+    let churn = {
+        let api = &c.api;
+        let toggled_on = slice(&c.pods, &[(1, true), (2, true), (3, true)]);
+        let toggled_off = slice(&c.pods, &[(1, true), (2, true), (3, false)]);
+        std::thread::scope(|scope| {
+            let writer = scope.spawn(|| {
+                for i in 0..10_000u32 {
+                    let due = started + Duration::from_micros(1_000 * u64::from(i));
+                    if let Some(wait) = due.checked_duration_since(std::time::Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    let next = if i % 2 == 0 {
+                        &toggled_off
+                    } else {
+                        &toggled_on
+                    };
+                    api.set_object(Resource::EndpointSlices, next.clone());
+                }
+                started.elapsed()
+            });
+            // Meanwhile: pod 1 healthy at every look, and pod 2 (whose
+            // backend comes back at 3 s) healthy within its checks' time.
+            let mut looks = 0;
+            let mut restarted = None;
+            let mut back_at = None;
+            let mut healthy_at = None;
+            while !writer.is_finished() {
+                let v = verdicts(&c);
+                assert_eq!(v.get("checkout-1"), Some(&true), "{v:?}");
+                looks += 1;
+                if back_at.is_none() && started.elapsed() >= Duration::from_secs(3) {
+                    restarted = Some(c.pods[2].new_backend());
+                    back_at = Some(started.elapsed());
+                }
+                if healthy_at.is_none() && back_at.is_some() && v.get("checkout-2") == Some(&true) {
+                    healthy_at = Some(started.elapsed());
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            (
+                writer.join().unwrap(),
+                looks,
+                back_at,
+                healthy_at,
+                restarted,
+            )
+        })
+    };
+    let (took, looks, back_at, healthy_at, _restarted) = churn;
+    assert!(looks >= 20, "{looks} looks at the verdicts");
+    let (back_at, healthy_at) = (back_at.unwrap(), healthy_at);
+    // Two passes of a 200 ms check (plus jitter) after the backend is
+    // back; a check restarted by every update would never get there.
+    assert!(
+        healthy_at.is_some_and(|t| t - back_at < Duration::from_secs(3)),
+        "checkout-2 back at {back_at:?}, healthy at {healthy_at:?} (updates took {took:?})"
+    );
+    assert!(open.ask("after the churn").starts_with("checkout-"));
+    let out = load.wait_with_output().unwrap();
+    let counts = lines(&out);
+    let (ok, failed): (u32, u32) = match counts.first().map(|l| l.split_once(' ')) {
+        Some(Some((a, b))) => (a.parse().unwrap(), b.parse().unwrap()),
+        _ => panic!("load output: {counts:?}"),
+    };
+    assert_eq!(failed, 0, "{ok} calls passed, {failed} failed");
+    assert!(ok >= 100, "{ok} calls");
+    eprintln!("{ok} calls, none failed; 10,000 slice updates in {took:?}");
+}
+
+/// The config file broken on disk: its reload is refused (counted), and
+/// discovery goes on regardless, over the file as last read: a pod added
+/// afterwards takes calls.
+#[test]
+fn a_broken_config_file_does_not_stop_discovery() {
+    let c = Cluster::new(3, Layout::Cgroupfs);
+    c.api
+        .set_object(Resource::Namespaces, namespace("shop", "plaintext"));
+    c.api.set_object(Resource::Services, service());
+    c.api
+        .set_object(Resource::EndpointSlices, slice(&c.pods, &[(1, true)]));
+    for p in &c.pods {
+        c.api.set_object(Resource::Pods, p.object());
+    }
+    let agent = Agent::start_in_netns(&c.config, &c.node.node);
+    assert!(agent.wait_for_log("kubernetes: synced"), "{}", agent.log());
+    assert!(wait_until(Duration::from_secs(5), || c.calls(0, 1) == ["checkout-1"]));
+
+    let admin = SocketAddr::from(([127, 0, 0, 1], c.config.admin_port));
+    let refused = || {
+        let (_, text) = c
+            .node
+            .node
+            .run(move || client::get(admin, "/metrics").unwrap());
+        metric(&text, "sluice_config_reloads_total{result=\"failure\"}")
+    };
+    let good = std::fs::read_to_string(&c.config.path).unwrap();
+    c.config.write_raw("node: [this is not a node\n");
+    assert!(
+        wait_until(Duration::from_secs(10), || refused() >= 1.0),
+        "{}",
+        agent.log()
+    );
+    // A new endpoint while the file is broken.
+    c.api.set_object(
+        Resource::EndpointSlices,
+        slice(&c.pods, &[(1, true), (2, true)]),
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            let mut who = c.calls(0, 6);
+            who.sort();
+            who.dedup();
+            who == ["checkout-1", "checkout-2"]
+        }),
+        "{}",
+        agent.log()
+    );
+    c.config.write_raw(&good);
 }

@@ -13,7 +13,7 @@
 //! leaving programs, pins and cgroups to its successor.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     io,
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -259,23 +259,43 @@ fn workload_placements(
     config
         .workloads
         .iter()
-        .map(|w| {
-            let path = root.join(w.cgroup());
-            created.extend(cgroup::create_all(&path)?);
-            let id = cgroup::cgroup_id(&path)?;
-            let netns = match &w.netns {
-                Some(ns) => Some(Arc::new(Netns::open(&ns.value).map_err(|e| {
+        .map(|w| place_workload(w, root, created, None))
+        .collect()
+}
+
+/// Where one workload lives. A namespace `previous` already holds open for
+/// the same workload, path and cgroup is taken over rather than opened
+/// again, so that what is keyed by it (health checks, listeners) stays.
+fn place_workload(
+    w: &crate::config::WorkloadSpec,
+    root: &Path,
+    created: &mut Vec<PathBuf>,
+    previous: Option<&Catalog>,
+) -> io::Result<Placement> {
+    let path = root.join(w.cgroup());
+    created.extend(cgroup::create_all(&path)?);
+    let id = cgroup::cgroup_id(&path)?;
+    let netns = match &w.netns {
+        Some(ns) => {
+            let known = previous
+                .and_then(|c| c.workloads().iter().find(|o| o.name == w.name.value))
+                .filter(|o| o.cgroup_id == id)
+                .and_then(|o| o.netns.clone())
+                .filter(|n| n.path() == ns.value);
+            match known {
+                Some(n) => Some(n),
+                None => Some(Arc::new(Netns::open(&ns.value).map_err(|e| {
                     io::Error::new(e.kind(), format!("workload `{}`: {e}", w.name.value))
                 })?)),
-                None => None,
-            };
-            Ok(Placement {
-                cgroup: path,
-                cgroup_id: id,
-                netns,
-            })
-        })
-        .collect()
+            }
+        }
+        None => None,
+    };
+    Ok(Placement {
+        cgroup: path,
+        cgroup_id: id,
+        netns,
+    })
 }
 
 /// Outbound listeners inside workloads' own network namespaces (pods), one
@@ -638,6 +658,8 @@ async fn run_attached(
         offered,
         discovery: discovery.map(|d| d.updates),
         discovered: None,
+        unplaced: HashSet::new(),
+        file_text: std::fs::read_to_string(&config.source).unwrap_or_default(),
     };
     let exit = live.serve_until_stopped(handed_over).await;
     // After a handover the path is the successor's; it is left alone.
@@ -814,6 +836,10 @@ struct Live<'a> {
     /// Kubernetes discovery's updates, and the latest one.
     discovery: Option<DiscoveryUpdates>,
     discovered: Option<Arc<discovery::Translated>>,
+    /// Pods that could not be placed, each reported once.
+    unplaced: HashSet<String>,
+    /// The config file as last read (and found valid on its own).
+    file_text: String,
 }
 
 type DiscoveryUpdates = tokio::sync::watch::Receiver<Option<Arc<discovery::Translated>>>;
@@ -838,6 +864,21 @@ async fn discovery_changed(
         return std::future::pending().await;
     }
     rx.borrow_and_update().clone()
+}
+
+/// The same discovery settings, but for `health_check`, which a reload
+/// applies at once.
+fn same_discovery(
+    a: Option<&crate::config::KubernetesConfig>,
+    b: Option<&crate::config::KubernetesConfig>,
+) -> bool {
+    let strip = |k: Option<&crate::config::KubernetesConfig>| {
+        k.cloned().map(|mut k| {
+            k.health_check = None;
+            k
+        })
+    };
+    strip(a) == strip(b)
 }
 
 /// The identities of this node's workloads.
@@ -939,6 +980,51 @@ impl Live<'_> {
         }
     }
 
+    /// Places every workload of `config`. A discovered pod that cannot be
+    /// placed (its namespace gone between the API server's word and ours)
+    /// is left out with its endpoints, and named once; a workload of the
+    /// file that cannot be placed refuses the whole config.
+    fn place_workloads(&mut self, config: &mut Config) -> io::Result<Vec<Placement>> {
+        let previous = self.catalog.load();
+        let discovered: HashSet<String> = self
+            .discovered
+            .as_ref()
+            .map(|d| {
+                d.workloads
+                    .iter()
+                    .filter_map(|w| w["name"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut placements = Vec::with_capacity(config.workloads.len());
+        let mut left_out = HashSet::new();
+        for w in &config.workloads {
+            match place_workload(w, self.root, self.created, Some(&previous)) {
+                Ok(p) => placements.push(p),
+                Err(e) if discovered.contains(&w.name.value) => {
+                    if self.unplaced.insert(e.to_string()) {
+                        warn!("kubernetes: {e}; the pod is left out until it can be placed");
+                    }
+                    left_out.insert(w.name.value.clone());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if !left_out.is_empty() {
+            config
+                .workloads
+                .retain(|w| !left_out.contains(&w.name.value));
+            for s in &mut config.services {
+                s.endpoints.retain(|e| {
+                    e.workload
+                        .as_ref()
+                        .is_none_or(|w| !left_out.contains(&w.value))
+                });
+            }
+        }
+        Ok(placements)
+    }
+
     /// Loads the file again and applies it, or keeps the running config.
     fn reload(&mut self, path: &Path, trigger: Trigger) {
         let refuse = |this: &Self, why: &str| match trigger {
@@ -950,9 +1036,21 @@ impl Live<'_> {
                 "kubernetes: the discovered catalog was refused; the running catalog stays in force: {why}"
             ),
         };
-        let mut new = match Config::load(path) {
+        let loaded = match trigger {
+            Trigger::File => std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))
+                .and_then(|text| {
+                    let config = Config::from_text(&text, path).map_err(|e| e.to_string())?;
+                    self.file_text = text;
+                    Ok(config)
+                }),
+            Trigger::Kubernetes => {
+                Config::from_text(&self.file_text, path).map_err(|e| e.to_string())
+            }
+        };
+        let mut new = match loaded {
             Ok(new) => new,
-            Err(e) => return refuse(self, &e.to_string()),
+            Err(e) => return refuse(self, &e),
         };
         if let Some(name) = NODE_NAME.get() {
             new.node.name.value.clone_from(name);
@@ -972,15 +1070,15 @@ impl Live<'_> {
                 || new.node.address != self.config.node.address
                 || new.mesh.trust_domain.value != self.config.mesh.trust_domain.value
                 || new.mesh.certificates != self.config.mesh.certificates
-                || new.kubernetes != self.config.kubernetes)
+                || !same_discovery(new.kubernetes.as_ref(), self.config.kubernetes.as_ref()))
         {
             warn!(
                 "config reload: changes under `agent`, `node` (name, cgroup_root, address), \
-                 `mesh` (trust_domain, certificates) and `kubernetes` apply at the next restart; \
-                 the rest applies now"
+                 `mesh` (trust_domain, certificates) and `kubernetes` (but its health_check) \
+                 apply at the next restart; the rest applies now"
             );
         }
-        let cgroups = match workload_placements(&new, self.root, self.created) {
+        let cgroups = match self.place_workloads(&mut new) {
             Ok(c) => c,
             Err(e) => return refuse(self, &e.to_string()),
         };
@@ -999,7 +1097,10 @@ impl Live<'_> {
         }
         self.identities.store(Arc::new(identities));
         // New checkers first, so that no endpoint goes unwatched.
-        let checkers = HealthCheckers::start(&catalog, self.config.agent.mark, &self.drain);
+        // Checks of new endpoints start before the catalog that has them is
+        // in force; those of unchanged endpoints keep running.
+        self.checkers
+            .sync(&catalog, self.config.agent.mark, &self.drain);
         self.catalog.store(Arc::new(catalog));
         self.pods.sync(
             &self.catalog.load(),
@@ -1017,7 +1118,6 @@ impl Live<'_> {
         ) {
             error!("{e}");
         }
-        self.checkers = checkers;
         match trigger {
             Trigger::File => {
                 self.metrics.reload(true);

@@ -182,6 +182,12 @@ pub struct KubernetesConfig {
     /// address, so one config serves every node.
     #[serde(default = "default_agent_service")]
     pub agent_service: String,
+    /// Active health checks for every discovered service (the pods on this
+    /// node are probed from inside their namespace; endpoints on other
+    /// nodes are their agents' to check). None: no active checks, outlier
+    /// detection only.
+    #[serde(default)]
+    pub health_check: Option<HealthCheck>,
 }
 
 fn default_agent_service() -> String {
@@ -568,7 +574,15 @@ impl Config {
             path: display.clone(),
             error,
         })?;
-        let mut config = Config::parse(&text, &display)?;
+        Config::from_text(&text, path)
+    }
+
+    /// Like [`Config::load`], from the text of the file at `path` as read
+    /// earlier: Kubernetes discovery applies its changes over the file as
+    /// last read, without reading it again for every event.
+    pub fn from_text(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let display = path.display().to_string();
+        let mut config = Config::parse(text, &display)?;
         config.source = path.to_owned();
         config.validate().map_err(|items| {
             ConfigError::Invalid(Problems {

@@ -63,7 +63,7 @@ impl Default for LoadBalancer {
 }
 
 /// `health_check` block: active checks, off unless present.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthCheck {
     #[serde(default = "default_hc_interval")]
@@ -86,7 +86,7 @@ pub struct HealthCheck {
 }
 
 /// HTTP GET health check.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpCheck {
     pub path: Spanned<String>,

@@ -164,7 +164,16 @@ pub fn merge(config: &mut crate::config::Config, found: &Translated) -> Result<(
             config.nodes.push(n);
         }
     }
-    config.services.extend(found.services);
+    let health_check = config
+        .kubernetes
+        .as_ref()
+        .and_then(|k| k.health_check.clone());
+    config
+        .services
+        .extend(found.services.into_iter().map(|mut s| {
+            s.health_check = health_check.clone();
+            s
+        }));
     config.workloads.extend(found.workloads);
     config.validate().map_err(|problems| {
         problems

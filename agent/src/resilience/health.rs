@@ -3,7 +3,7 @@
 //! successes and failures in a row flip the endpoint's verdict; each flip
 //! is logged once.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use log::{info, warn};
 use tokio::{
@@ -20,25 +20,62 @@ use crate::{
     netns::Netns,
 };
 
-/// The running checks of one catalog; dropping it stops them.
+/// The running checks; dropping it stops them. A check runs as long as its
+/// endpoint, settings and namespace stay: a catalog change that leaves them
+/// alone keeps the check and its count of passes and failures, so frequent
+/// changes elsewhere never hold a verdict back.
 #[derive(Debug, Default)]
 pub struct HealthCheckers {
-    tasks: Vec<JoinHandle<()>>,
+    running: HashMap<(String, SocketAddr), Running>,
+}
+
+#[derive(Debug)]
+struct Running {
+    task: JoinHandle<()>,
+    state: Arc<EndpointState>,
+    settings: HealthCheck,
+    netns: Option<Arc<Netns>>,
 }
 
 impl Drop for HealthCheckers {
     fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
+        for r in self.running.values() {
+            r.task.abort();
         }
     }
+}
+
+/// The same check, whatever line of a file it came from.
+fn same_settings(a: &HealthCheck, b: &HealthCheck) -> bool {
+    a.interval.value == b.interval.value
+        && a.timeout.value == b.timeout.value
+        && a.healthy_threshold.value == b.healthy_threshold.value
+        && a.unhealthy_threshold.value == b.unhealthy_threshold.value
+        && a.jitter == b.jitter
+        && match (&a.http, &b.http) {
+            (None, None) => true,
+            (Some(x), Some(y)) => {
+                x.path.value == y.path.value && x.expected_status.value == y.expected_status.value
+            }
+            _ => false,
+        }
 }
 
 impl HealthCheckers {
     /// Starts a checker for every endpoint of every service that has a
     /// `health_check`. Endpoints of services without one stay healthy.
     pub fn start(catalog: &Catalog, mark: u32, drain: &DrainWatch) -> HealthCheckers {
-        let mut tasks = Vec::new();
+        let mut checkers = HealthCheckers::default();
+        checkers.sync(catalog, mark, drain);
+        checkers
+    }
+
+    /// Brings the running checks in line with `catalog`: starts those of
+    /// new endpoints (or of changed settings or namespace), stops those of
+    /// endpoints gone, and leaves the rest running. Returns how many it
+    /// started.
+    pub fn sync(&mut self, catalog: &Catalog, mark: u32, drain: &DrainWatch) -> usize {
+        let mut wanted: HashMap<(String, SocketAddr), Check> = HashMap::new();
         for service in catalog.services() {
             let Some(hc) = &service.policy.health_check else {
                 for e in &service.endpoints {
@@ -70,19 +107,46 @@ impl HealthCheckers {
                     mark,
                     netns,
                 };
-                tasks.push(tokio::spawn(check.run(drain.clone())));
+                wanted.insert((check.service.clone(), e.addr), check);
             }
         }
-        HealthCheckers { tasks }
+        self.running.retain(|key, r| {
+            let keep = wanted.get(key).is_some_and(|c| {
+                Arc::ptr_eq(&c.state, &r.state)
+                    && same_settings(&c.settings, &r.settings)
+                    && match (&c.netns, &r.netns) {
+                        (None, None) => true,
+                        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                        _ => false,
+                    }
+            });
+            if keep {
+                wanted.remove(key);
+            } else {
+                r.task.abort();
+            }
+            keep
+        });
+        let started = wanted.len();
+        for (key, check) in wanted {
+            let running = Running {
+                state: check.state.clone(),
+                settings: check.settings.clone(),
+                netns: check.netns.clone(),
+                task: tokio::spawn(check.run(drain.clone())),
+            };
+            self.running.insert(key, running);
+        }
+        started
     }
 
     /// Checkers running.
     pub fn len(&self) -> usize {
-        self.tasks.len()
+        self.running.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.tasks.is_empty()
+        self.running.is_empty()
     }
 }
 
