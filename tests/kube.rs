@@ -1223,3 +1223,69 @@ fn a_broken_config_file_does_not_stop_discovery() {
     );
     c.config.write_raw(&good);
 }
+
+/// A pod whose network namespace cannot be opened (the first process of
+/// its cgroup has no namespaces left to open) is left out
+/// alone: the other pods are workloads and take calls, and the Service
+/// keeps the endpoints that can be reached.
+#[test]
+fn a_pod_whose_namespace_cannot_be_opened_is_left_out_alone() {
+    let c = Cluster::new(3, Layout::Cgroupfs);
+    c.api
+        .set_object(Resource::Namespaces, namespace("shop", "plaintext"));
+    c.api.set_object(Resource::Services, service());
+    c.api.set_object(
+        Resource::EndpointSlices,
+        slice(&c.pods, &[(1, true), (2, true)]),
+    );
+    for p in &c.pods {
+        c.api.set_object(Resource::Pods, p.object());
+    }
+    // A process in pod 2's own cgroup whose main thread has exited while
+    // another runs on: the kernel lists it, and its /proc/PID/ns/net is
+    // gone. The locator finds it first.
+    let procs = c.pods[2].cgroup.join("cgroup.procs");
+    let mut broken = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(format!(
+            "import ctypes, os, threading, time\n\
+             open(\"{}\", \"w\").write(str(os.getpid()))\n\
+             threading.Thread(target=time.sleep, args=(60,)).start()\n\
+             ctypes.CDLL(None).pthread_exit(None)\n",
+            procs.display()
+        ))
+        .spawn()
+        .unwrap();
+    let pid = broken.id().to_string();
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            std::fs::read_to_string(&procs).is_ok_and(|p| p.lines().any(|l| l == pid))
+                && std::fs::File::open(format!("/proc/{pid}/ns/net")).is_err()
+        }),
+        "{pid} is not a process without namespaces in {}",
+        procs.display()
+    );
+
+    let agent = Agent::start_in_netns(&c.config, &c.node.node);
+    assert!(agent.wait_for_log("kubernetes: synced"), "{}", agent.log());
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            let names: Vec<String> = workloads(&agent)
+                .iter()
+                .filter_map(|w| w["name"].as_str().map(str::to_owned))
+                .collect();
+            names == ["shop/checkout-0", "shop/checkout-1"]
+        }),
+        "{:?}\n{}",
+        workloads(&agent),
+        agent.log()
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || c.calls(0, 4)
+            == ["checkout-1"; 4]),
+        "{}",
+        agent.log()
+    );
+    let _ = broken.kill();
+    let _ = broken.wait();
+}

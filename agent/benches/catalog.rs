@@ -234,10 +234,7 @@ fn report_watch_to_map() {
     let mut took = Vec::new();
     for i in 0..40 {
         let slice = &mut objects.slices[i * 97 % SERVICES];
-        let ready = &mut slice.endpoints[0]
-            .conditions
-            .get_or_insert_default()
-            .ready;
+        let ready = &mut slice.endpoints[0].conditions.get_or_insert_default().ready;
         *ready = Some(!ready.unwrap_or(true));
         let started = std::time::Instant::now();
         let snapshot = objects.clone();
