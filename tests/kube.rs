@@ -1162,6 +1162,21 @@ fn a_thousand_endpoint_slice_updates_a_second_lose_no_call_and_no_verdict() {
         "checkout-2 back at {back_at:?}, healthy at {healthy_at:?} (updates took {took:?})"
     );
     assert!(open.ask("after the churn").starts_with("checkout-"));
+    // The changes were applied service by service, not as whole catalogs.
+    let admin = SocketAddr::from(([127, 0, 0, 1], c.config.admin_port));
+    let (_, exposition) = c
+        .node
+        .node
+        .run(move || client::get(admin, "/metrics").unwrap());
+    let by_service = metric(
+        &exposition,
+        "sluice_catalog_updates_total{kind=\"services\"}",
+    );
+    let whole = metric(&exposition, "sluice_catalog_updates_total{kind=\"whole\"}");
+    assert!(
+        by_service >= 50.0 && whole <= 5.0,
+        "{by_service} by service, {whole} whole"
+    );
     let out = load.wait_with_output().unwrap();
     let counts = lines(&out);
     let (ok, failed): (u32, u32) = match counts.first().map(|l| l.split_once(' ')) {
@@ -1270,10 +1285,11 @@ fn a_pod_whose_namespace_cannot_be_opened_is_left_out_alone() {
     assert!(agent.wait_for_log("kubernetes: synced"), "{}", agent.log());
     assert!(
         wait_until(Duration::from_secs(5), || {
-            let names: Vec<String> = workloads(&agent)
+            let mut names: Vec<String> = workloads(&agent)
                 .iter()
                 .filter_map(|w| w["name"].as_str().map(str::to_owned))
                 .collect();
+            names.sort();
             names == ["shop/checkout-0", "shop/checkout-1"]
         }),
         "{:?}\n{}",

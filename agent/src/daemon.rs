@@ -660,6 +660,8 @@ async fn run_attached(
         discovered: None,
         unplaced: HashSet::new(),
         file_text: std::fs::read_to_string(&config.source).unwrap_or_default(),
+        applied_discovery: None,
+        applied_file_text: String::new(),
     };
     let exit = live.serve_until_stopped(handed_over).await;
     // After a handover the path is the successor's; it is left alone.
@@ -840,6 +842,10 @@ struct Live<'a> {
     unplaced: HashSet<String>,
     /// The config file as last read (and found valid on its own).
     file_text: String,
+    /// The discovery update and file text the running catalog was built
+    /// from, which the next update is compared with.
+    applied_discovery: Option<Arc<discovery::Translated>>,
+    applied_file_text: String,
 }
 
 type DiscoveryUpdates = tokio::sync::watch::Receiver<Option<Arc<discovery::Translated>>>;
@@ -953,7 +959,9 @@ impl Live<'_> {
                 }
                 Some(found) = discovery_changed(&mut discovered) => {
                     self.discovered = Some(found);
-                    self.reload(&path, Trigger::Kubernetes);
+                    if !self.apply_service_changes(&path) {
+                        self.reload(&path, Trigger::Kubernetes);
+                    }
                 }
             }
         }
@@ -978,6 +986,108 @@ impl Live<'_> {
             }
             _ => {}
         }
+    }
+
+    /// Applies a discovery update that changed services only (no workload,
+    /// node or file change since the running catalog was built) by
+    /// building just those services into the running catalog
+    /// ([`Catalog::with_services`]). False when it takes a whole rebuild.
+    fn apply_service_changes(&mut self, path: &Path) -> bool {
+        let (Some(applied), Some(found)) = (&self.applied_discovery, &self.discovered) else {
+            return false;
+        };
+        if self.applied_file_text != self.file_text {
+            return false;
+        }
+        let Some(changes) = discovery::service_changes(applied, found) else {
+            return false;
+        };
+        let found = found.clone();
+        match self.build_service_changes(path, &found, &changes) {
+            Ok(()) => {
+                self.metrics.catalog_update(false);
+                debug!(
+                    "kubernetes: {} services built anew, {} removed",
+                    changes.changed.len(),
+                    changes.removed.len()
+                );
+                self.applied_discovery = Some(found);
+            }
+            // Kept as the base: the refused change is tried again, with
+            // whatever comes next, until it validates.
+            Err(why) => error!(
+                "kubernetes: the discovered change was refused; the running catalog stays in force: {why}"
+            ),
+        }
+        true
+    }
+
+    fn build_service_changes(
+        &mut self,
+        path: &Path,
+        found: &discovery::Translated,
+        changes: &discovery::ServiceChanges,
+    ) -> Result<(), String> {
+        // The file's services, the workloads and the nodes, with only the
+        // changed services: enough to validate those against everything
+        // they name.
+        let mut config = Config::from_text(&self.file_text, path).map_err(|e| e.to_string())?;
+        if let Some(name) = NODE_NAME.get() {
+            config.node.name.value.clone_from(name);
+        }
+        if let Some(root) = CGROUP_ROOT.get() {
+            config.node.cgroup_root.value.clone_from(root);
+        }
+        let from_file = config.services.len();
+        discovery::merge_parts(
+            &mut config,
+            &changes.changed,
+            &found.workloads,
+            &found.nodes,
+        )?;
+        let specs: Vec<&crate::config::ServiceSpec> = config.services[from_file..].iter().collect();
+        // An address held by a running service that stays is not free.
+        let running = self.catalog.load();
+        let leaving: HashSet<(&str, &str)> = changes
+            .removed
+            .iter()
+            .map(|(ns, name)| (ns.as_str(), name.as_str()))
+            .chain(
+                specs
+                    .iter()
+                    .map(|s| (s.namespace.as_str(), s.name.value.as_str())),
+            )
+            .collect();
+        for s in &specs {
+            let vip = SocketAddr::new(s.address.value, s.port.value);
+            if let Some(other) = running.service(vip)
+                && !leaving.contains(&(other.namespace.as_str(), other.name.as_str()))
+            {
+                return Err(format!(
+                    "service {}/{}: {vip} is the address of service {}",
+                    s.namespace,
+                    s.name.value,
+                    other.qualified_name()
+                ));
+            }
+        }
+        let catalog = running.with_services(&config, &specs, &changes.removed);
+        self.redirect
+            .sync_services(&catalog.kernel_entries(now_ms()))
+            .map_err(|e| e.to_string())?;
+        self.checkers
+            .sync(&catalog, self.config.agent.mark, &self.drain);
+        self.catalog.store(Arc::new(catalog));
+        if let Err(e) = self.captures.sync(
+            &self.catalog.load(),
+            self.redirect,
+            &self.capture_ctx,
+            &Inherited::none(),
+            &self.offered,
+        ) {
+            error!("{e}");
+        }
+        Ok(())
     }
 
     /// Places every workload of `config`. A discovered pod that cannot be
@@ -1118,6 +1228,8 @@ impl Live<'_> {
         ) {
             error!("{e}");
         }
+        self.applied_discovery = self.discovered.clone();
+        self.applied_file_text.clone_from(&self.file_text);
         match trigger {
             Trigger::File => {
                 self.metrics.reload(true);
@@ -1126,10 +1238,13 @@ impl Live<'_> {
                     new.workloads.len()
                 );
             }
-            Trigger::Kubernetes => debug!(
-                "kubernetes: catalog updated: {services} services, {} workloads",
-                new.workloads.len()
-            ),
+            Trigger::Kubernetes => {
+                self.metrics.catalog_update(true);
+                debug!(
+                    "kubernetes: catalog updated: {services} services, {} workloads",
+                    new.workloads.len()
+                );
+            }
         }
     }
 }

@@ -8,7 +8,7 @@ use std::{
 };
 
 use super::Workload;
-use crate::config::{Config, Mode};
+use crate::config::Mode;
 
 /// What a workload accepts from outside its own network namespace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -72,23 +72,18 @@ fn combine(modes: &[Mode]) -> InboundMode {
 
 /// Every captured workload of this node, by CAPTURE key.
 pub fn targets(
-    config: &Config,
+    services: &[&Arc<super::Service>],
     workloads: &[Arc<Workload>],
 ) -> HashMap<SocketAddr, Arc<CaptureTarget>> {
-    let node = &config.node.name.value;
-    // workload name -> (modes served, endpoint addresses)
     let mut served: HashMap<&str, (Vec<Mode>, Vec<SocketAddr>)> = HashMap::new();
-    for s in &config.services {
-        for e in &s.endpoints {
-            if e.node.as_deref().is_some_and(|n| n != node) {
-                continue;
-            }
+    for s in services {
+        for e in s.endpoints.iter().filter(|e| e.local) {
             let Some(w) = &e.workload else {
                 continue;
             };
-            let entry = served.entry(w.value.as_str()).or_default();
+            let entry = served.entry(w.as_str()).or_default();
             entry.0.push(s.mode);
-            entry.1.push(SocketAddr::new(e.address.value, e.port.value));
+            entry.1.push(e.addr);
         }
     }
     let mut out = HashMap::new();

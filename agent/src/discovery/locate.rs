@@ -33,7 +33,7 @@ impl Locator {
     }
 
     /// Drops what it remembers of pods that are gone.
-    pub fn forget_missing(&mut self, pods: &[Pod]) {
+    pub fn forget_missing(&mut self, pods: &[std::sync::Arc<Pod>]) {
         self.found.retain(|uid, _| {
             pods.iter()
                 .any(|p| p.metadata.uid.as_deref() == Some(uid.as_str()))

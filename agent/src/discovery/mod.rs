@@ -15,6 +15,7 @@
 //! reads a pod (one GET, answered from the API server's watch cache) the
 //! first time one of its workloads connects to it ([`PodLookup`]).
 
+pub mod incremental;
 pub mod locate;
 pub mod policy;
 pub mod translate;
@@ -132,29 +133,32 @@ pub struct NodeView {
 /// Adds the discovered services and workloads to `config` (the file's)
 /// and validates the whole. An error names every problem.
 pub fn merge(config: &mut crate::config::Config, found: &Translated) -> Result<(), String> {
-    struct Found {
-        services: Vec<crate::config::ServiceSpec>,
-        workloads: Vec<crate::config::WorkloadSpec>,
-    }
+    merge_parts(config, &found.services, &found.workloads, &found.nodes)
+}
+
+/// Like [`merge`], with only some of the discovered services (those a
+/// watch event changed): the file's, the workloads and the nodes are all
+/// there, so the services given are checked against everything they name.
+pub fn merge_parts(
+    config: &mut crate::config::Config,
+    services: &[Arc<serde_json::Value>],
+    workloads: &[serde_json::Value],
+    nodes: &[serde_json::Value],
+) -> Result<(), String> {
     // The same types and field rules as the file, read straight from the
     // JSON values (locations are unknown: the objects have no lines).
-    let discovered_nodes = &found.nodes;
-    let found = Found {
-        services: found
-            .services
-            .iter()
-            .map(serde::Deserialize::deserialize)
-            .collect::<Result<_, _>>()
-            .map_err(|e| format!("cannot read a discovered service: {e}"))?,
-        workloads: found
-            .workloads
-            .iter()
-            .map(serde::Deserialize::deserialize)
-            .collect::<Result<_, _>>()
-            .map_err(|e| format!("cannot read a discovered workload: {e}"))?,
-    };
+    let services: Vec<crate::config::ServiceSpec> = services
+        .iter()
+        .map(|s| serde::Deserialize::deserialize(&**s))
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("cannot read a discovered service: {e}"))?;
+    let workloads: Vec<crate::config::WorkloadSpec> = workloads
+        .iter()
+        .map(serde::Deserialize::deserialize)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("cannot read a discovered workload: {e}"))?;
     // A node the file lists keeps the file's address.
-    let nodes: Vec<crate::config::PeerNode> = discovered_nodes
+    let nodes: Vec<crate::config::PeerNode> = nodes
         .iter()
         .map(serde::Deserialize::deserialize)
         .collect::<Result<_, _>>()
@@ -168,13 +172,11 @@ pub fn merge(config: &mut crate::config::Config, found: &Translated) -> Result<(
         .kubernetes
         .as_ref()
         .and_then(|k| k.health_check.clone());
-    config
-        .services
-        .extend(found.services.into_iter().map(|mut s| {
-            s.health_check = health_check.clone();
-            s
-        }));
-    config.workloads.extend(found.workloads);
+    config.services.extend(services.into_iter().map(|mut s| {
+        s.health_check = health_check.clone();
+        s
+    }));
+    config.workloads.extend(workloads);
     config.validate().map_err(|problems| {
         problems
             .iter()
@@ -182,6 +184,41 @@ pub fn merge(config: &mut crate::config::Config, found: &Translated) -> Result<(
             .collect::<Vec<_>>()
             .join("; ")
     })
+}
+
+/// The services (config entries, by namespace and name) that differ
+/// between two translations: `changed` to build anew, `removed` to drop.
+#[derive(Debug, Default)]
+pub struct ServiceChanges {
+    pub changed: Vec<Arc<serde_json::Value>>,
+    pub removed: Vec<(String, String)>,
+}
+
+/// What `after` changes of `before`, when only services changed (told by
+/// pointer: [`incremental::Translator`] shares what it did not translate
+/// again). None when the workloads or the nodes changed too, which takes
+/// a whole rebuild.
+pub fn service_changes(before: &Translated, after: &Translated) -> Option<ServiceChanges> {
+    if before.workloads != after.workloads || before.nodes != after.nodes {
+        return None;
+    }
+    let key = |v: &serde_json::Value| {
+        (
+            v["namespace"].as_str().unwrap_or_default().to_owned(),
+            v["name"].as_str().unwrap_or_default().to_owned(),
+        )
+    };
+    let mut old: std::collections::HashMap<(String, String), &Arc<serde_json::Value>> =
+        before.services.iter().map(|v| (key(v), v)).collect();
+    let mut changes = ServiceChanges::default();
+    for v in &after.services {
+        match old.remove(&key(v)) {
+            Some(o) if Arc::ptr_eq(o, v) => {}
+            _ => changes.changed.push(v.clone()),
+        }
+    }
+    changes.removed = old.into_keys().collect();
+    Some(changes)
 }
 
 /// Connects to the API server and starts the reflectors. An unreachable
@@ -231,6 +268,7 @@ pub async fn start(
         let mut locator = locate::Locator::new(node.cgroup_root.clone(), &node.pod_cgroups);
         let mut reported: HashSet<(String, String)> = HashSet::new();
         let mut accepted = policy::Accepted::default();
+        let mut translator = incremental::Translator::default();
         loop {
             tokio::select! {
                 _ = drain_rebuild.draining() => return,
@@ -262,7 +300,8 @@ pub async fn start(
                 .map(String::as_str)
                 .chain(peers.iter().map(|(name, _)| name.as_str()))
                 .collect();
-            let all_policies = policies.snapshot();
+            let all_policies: Vec<SluicePolicy> =
+                policies.snapshot().iter().map(|p| (**p).clone()).collect();
             let td = &node.trust_domain;
             let refused = policy::compile(&all_policies, &objects.pods, td).problems;
             let in_force = accepted.in_force(&all_policies, td);
@@ -287,7 +326,7 @@ pub async fn start(
             };
             locator.forget_missing(&objects.pods);
             let mut translated =
-                translate::translate(&objects, &settings, &mut |uid| locator.find(uid));
+                translator.translate(&objects, &settings, &mut |uid| locator.find(uid));
             translated.nodes = peers
                 .iter()
                 .map(|(name, address)| serde_json::json!({ "name": name, "address": address }))
@@ -391,7 +430,7 @@ impl PolicyStatus {
 /// entry per node (two agents on one node during a rolling upgrade share
 /// its address).
 fn agent_nodes(
-    slices: &[EndpointSlice],
+    slices: &[Arc<EndpointSlice>],
     (namespace, service): &(String, String),
 ) -> Vec<(String, std::net::IpAddr)> {
     let mut agents: Vec<(String, std::net::IpAddr)> = slices
@@ -446,8 +485,9 @@ where
         futures::FutureExt::now_or_never(self.store.wait_until_ready()).is_some_and(|r| r.is_ok())
     }
 
-    fn snapshot(&self) -> Vec<K> {
-        self.store.state().iter().map(|k| (**k).clone()).collect()
+    /// The objects as the store holds them (shared, not copied).
+    fn snapshot(&self) -> Vec<Arc<K>> {
+        self.store.state()
     }
 }
 

@@ -347,7 +347,11 @@ pub struct Compiled {
 /// default is deny if any of them says deny (fail closed). Patterns must be
 /// of `trust_domain` (the config's `mesh.trust_domain`), as in the file:
 /// one of another domain could never match.
-pub fn compile(policies: &[SluicePolicy], pods: &[Pod], trust_domain: &str) -> Compiled {
+pub fn compile<P: std::borrow::Borrow<Pod>>(
+    policies: &[SluicePolicy],
+    pods: &[P],
+    trust_domain: &str,
+) -> Compiled {
     let mut ordered: Vec<&SluicePolicy> = policies.iter().collect();
     ordered.sort_by_cached_key(|p| p.key());
     let mut valid: Vec<(&str, PolicySpec)> = Vec::new();
@@ -364,6 +368,7 @@ pub fn compile(policies: &[SluicePolicy], pods: &[Pod], trust_domain: &str) -> C
 
     let mut by_pod = HashMap::new();
     for pod in pods {
+        let pod: &Pod = pod.borrow();
         let (Some(namespace), Some(name)) = (&pod.metadata.namespace, &pod.metadata.name) else {
             continue;
         };
@@ -743,7 +748,7 @@ mod tests {
             policy("shop", "typo", json!({ "selector": { "matchLabel": {} } })),
             policy("shop", "nospec", Value::Null),
         ];
-        let compiled = compile(&policies, &[], TD);
+        let compiled = compile::<Pod>(&policies, &[], TD);
         let fields: Vec<&str> = compiled.problems.iter().map(|p| p.field.as_str()).collect();
         assert_eq!(fields, ["spec", "spec.selector.matchLabel"]);
     }
@@ -904,7 +909,7 @@ mod tests {
         assert!(!valid.is_empty());
         for path in &valid {
             let policy: SluicePolicy = serde_saphyr::from_str(&read(path)).unwrap();
-            let compiled = compile(std::slice::from_ref(&policy), &[], TD);
+            let compiled = compile::<Pod>(std::slice::from_ref(&policy), &[], TD);
             assert!(
                 compiled.problems.is_empty(),
                 "{}: {:?}",
@@ -937,7 +942,7 @@ mod tests {
         for path in &invalid {
             let text = read(path);
             let policy: SluicePolicy = serde_saphyr::from_str(&text).unwrap();
-            let compiled = compile(&[policy], &[], TD);
+            let compiled = compile::<Pod>(&[policy], &[], TD);
             let first_line = text.lines().next().unwrap();
             assert!(first_line.starts_with("# Invalid: "), "{}", path.display());
             let problem = compiled

@@ -4,7 +4,10 @@
 //! never mean different things. Objects that cannot be meshed are skipped with a reason; nothing
 //! else is affected by them.
 
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+};
 
 use k8s_openapi::api::{
     core::v1::{Namespace, Pod, Service},
@@ -23,14 +26,15 @@ pub const SERVICE_ACCOUNT_ANNOTATION: &str = "sluice.io/service-account";
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
-/// Everything the reflectors hold, at one moment.
+/// Everything the reflectors hold, at one moment (shared with them, not
+/// copied).
 #[derive(Debug, Default, Clone)]
 pub struct Objects {
-    pub services: Vec<Service>,
-    pub slices: Vec<EndpointSlice>,
+    pub services: Vec<Arc<Service>>,
+    pub slices: Vec<Arc<EndpointSlice>>,
     /// Pods on this node only.
-    pub pods: Vec<Pod>,
-    pub namespaces: Vec<Namespace>,
+    pub pods: Vec<Arc<Pod>>,
+    pub namespaces: Vec<Arc<Namespace>>,
 }
 
 /// Where a pod lives on this node: its cgroup (relative to the node's
@@ -45,7 +49,12 @@ pub struct PodPlace {
 /// skipped, keyed by object so that each is reported once.
 #[derive(Debug, Default)]
 pub struct Translated {
-    pub services: Vec<Value>,
+    /// Each shared with the translation before when its Service did not
+    /// change ([`super::incremental::Translator`]), so that whoever applies
+    /// it can tell what changed by pointer.
+    pub services: Vec<Arc<Value>>,
+    /// The Kubernetes Service (namespace, name) of each entry of `services`.
+    pub sources: Vec<(String, String)>,
     pub workloads: Vec<Value>,
     /// Other nodes' agents, learnt from their pods (`nodes` entries).
     pub nodes: Vec<Value>,
@@ -152,7 +161,7 @@ pub fn translate(
         slices
             .entry((ns, service.as_str()))
             .or_default()
-            .push(slice);
+            .push(&**slice);
     }
 
     for service in &objects.services {
@@ -233,18 +242,24 @@ pub fn translate(
                     }
                 )
             };
-            out.services.push(json!({
+            out.services.push(Arc::new(json!({
                 "name": entry_name,
                 "namespace": ns,
                 "address": cluster_ip,
                 "port": port.port,
                 "mode": mode.name(),
                 "endpoints": endpoints,
-            }));
+            })));
+            out.sources.push((ns.clone(), name.clone()));
         }
     }
 
-    // Slices whose Service does not exist.
+    out.skipped.extend(orphan_slices(objects));
+    out
+}
+
+/// Slices whose Service does not exist, each with why it is ignored.
+pub fn orphan_slices(objects: &Objects) -> Vec<(String, String)> {
     let services: std::collections::HashSet<(&str, &str)> = objects
         .services
         .iter()
@@ -255,17 +270,26 @@ pub fn translate(
             ))
         })
         .collect();
-    for ((ns, service), list) in &slices {
-        if !services.contains(&(*ns, *service)) {
-            for slice in list {
-                out.skipped.push((
-                    format!(
-                        "endpointslice {ns}/{}",
-                        slice.metadata.name.as_deref().unwrap_or("?")
-                    ),
-                    format!("belongs to service {ns}/{service}, which does not exist; ignored"),
-                ));
-            }
+    let mut out = Vec::new();
+    for slice in &objects.slices {
+        let (Some(ns), Some(service)) = (
+            slice.metadata.namespace.as_deref(),
+            slice
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(SERVICE_NAME_LABEL)),
+        ) else {
+            continue;
+        };
+        if !services.contains(&(ns, service.as_str())) {
+            out.push((
+                format!(
+                    "endpointslice {ns}/{}",
+                    slice.metadata.name.as_deref().unwrap_or("?")
+                ),
+                format!("belongs to service {ns}/{service}, which does not exist; ignored"),
+            ));
         }
     }
     out
@@ -389,10 +413,10 @@ mod tests {
     fn objects() -> Objects {
         Objects {
             services: ["service-checkout", "service-headless", "service-ledger"]
-                .map(fixture)
+                .map(|f| Arc::new(fixture(f)))
                 .into(),
             slices: ["endpointslice-checkout", "endpointslice-orphan"]
-                .map(fixture)
+                .map(|f| Arc::new(fixture(f)))
                 .into(),
             pods: [
                 "pod-checkout-a1",
@@ -401,9 +425,11 @@ mod tests {
                 "pod-bad-annotation",
                 "pod-hostnetwork",
             ]
-            .map(fixture)
+            .map(|f| Arc::new(fixture(f)))
             .into(),
-            namespaces: ["namespace-shop", "namespace-default"].map(fixture).into(),
+            namespaces: ["namespace-shop", "namespace-default"]
+                .map(|f| Arc::new(fixture(f)))
+                .into(),
         }
     }
 
@@ -481,7 +507,7 @@ mod tests {
     #[test]
     fn remote_endpoints_join_when_their_agent_and_identity_are_known() {
         let mut objects = objects();
-        objects.services[0]
+        Arc::make_mut(&mut objects.services[0])
             .metadata
             .annotations
             .get_or_insert_default()
@@ -519,7 +545,7 @@ mod tests {
     #[test]
     fn an_endpoint_that_is_not_ready_takes_no_new_calls() {
         let mut objects = objects();
-        objects.slices[0].endpoints[1]
+        Arc::make_mut(&mut objects.slices[0]).endpoints[1]
             .conditions
             .get_or_insert_default()
             .ready = Some(false);
@@ -534,7 +560,7 @@ mod tests {
         let base = "node:\n  name: node-a\nnodes:\n  - name: node-b\n    address: 198.18.99.2\n";
         let mut config = crate::config::Config::parse(base, "t.yaml").unwrap();
         let mut objects = objects();
-        objects.services[0]
+        Arc::make_mut(&mut objects.services[0])
             .metadata
             .annotations
             .get_or_insert_default()

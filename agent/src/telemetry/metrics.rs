@@ -73,6 +73,13 @@ struct ResultLabels {
     result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpdateLabels {
+    /// `services`: only the services an event changed were built;
+    /// `whole`: the whole catalog was.
+    kind: &'static str,
+}
+
 /// How a proxied connection ended, as the `reason` label says it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseReason {
@@ -139,6 +146,7 @@ pub struct Metrics {
     connect: HistogramFamily<ServiceLabels>,
     active: Family<ServiceLabels, Gauge>,
     reloads: Family<ResultLabels, Counter>,
+    catalog_updates: Family<UpdateLabels, Counter>,
     handover_refusals: Family<ReasonLabel, Counter>,
 }
 
@@ -184,6 +192,7 @@ impl Metrics {
             Family::new_with_constructor(time_buckets as fn() -> Histogram);
         let active = Family::default();
         let reloads = Family::default();
+        let catalog_updates = Family::default();
         let handover_refusals = Family::<ReasonLabel, Counter>::default();
         // Every reason from the start, at 0: an alert can watch the rate
         // before the first refusal.
@@ -233,6 +242,11 @@ impl Metrics {
             reloads.clone(),
         );
         registry.register(
+            "sluice_catalog_updates",
+            "Catalogs put in force after a Kubernetes change, by how they were built",
+            catalog_updates.clone(),
+        );
+        registry.register(
             "sluice_handover_refusals",
             "Peers on the handover socket that got no socket, by reason",
             handover_refusals.clone(),
@@ -257,6 +271,7 @@ impl Metrics {
             connect,
             active,
             reloads,
+            catalog_updates,
             handover_refusals,
         })
     }
@@ -281,6 +296,16 @@ impl Metrics {
         self.reloads
             .get_or_create(&ResultLabels {
                 result: if ok { "success" } else { "failure" },
+            })
+            .inc();
+    }
+
+    /// Counts a catalog built after a Kubernetes change: `whole`, or only
+    /// the changed services.
+    pub fn catalog_update(&self, whole: bool) {
+        self.catalog_updates
+            .get_or_create(&UpdateLabels {
+                kind: if whole { "whole" } else { "services" },
             })
             .inc();
     }

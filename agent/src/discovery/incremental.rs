@@ -1,0 +1,292 @@
+//! Translation that redoes only what changed. Each Service's entries are
+//! kept with a fingerprint of everything they were made from (the
+//! Service's and its EndpointSlices' resourceVersions, its namespace's
+//! mode, and what every Service shares: this node's workloads, the known
+//! peers, the default mode). An event that changes one EndpointSlice then
+//! translates one Service, and the rest of the result is the same shared
+//! values as before, which lets the daemon apply only the difference.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    hash::{DefaultHasher, Hash, Hasher},
+    sync::Arc,
+};
+
+use serde_json::Value;
+
+use super::translate::{
+    MODE_ANNOTATION, Objects, PodPlace, SERVICE_NAME_LABEL, Settings, Translated, orphan_slices,
+    translate,
+};
+
+/// One Service's part of the translation.
+#[derive(Debug)]
+struct Cached {
+    fingerprint: u64,
+    entries: Vec<Arc<Value>>,
+    skipped: Vec<(String, String)>,
+}
+
+/// Keeps each Service's translation between events.
+#[derive(Debug, Default)]
+pub struct Translator {
+    services: HashMap<(String, String), Cached>,
+    /// Bumped for objects without a resourceVersion, which can never be
+    /// told unchanged.
+    nonce: u64,
+}
+
+impl Translator {
+    /// Like [`translate`], translating again only the Services whose
+    /// inputs changed since the last call.
+    pub fn translate(
+        &mut self,
+        objects: &Objects,
+        settings: &Settings<'_>,
+        locate: &mut dyn FnMut(&str) -> Option<PodPlace>,
+    ) -> Translated {
+        // The workloads (this node's pods): few, always translated.
+        let pods_only = Objects {
+            pods: objects.pods.clone(),
+            namespaces: objects.namespaces.clone(),
+            ..Objects::default()
+        };
+        let mut out = translate(&pods_only, settings, locate);
+        let shared = {
+            let mut h = DefaultHasher::new();
+            format!("{:?}", settings.default_mode).hash(&mut h);
+            settings.peer_nodes.hash(&mut h);
+            for w in &out.workloads {
+                w.to_string().hash(&mut h);
+            }
+            h.finish()
+        };
+        let modes: HashMap<&str, Option<&str>> = objects
+            .namespaces
+            .iter()
+            .filter_map(|n| {
+                let name = n.metadata.name.as_deref()?;
+                let mode = n
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(MODE_ANNOTATION))
+                    .or_else(|| n.metadata.labels.as_ref()?.get(MODE_ANNOTATION));
+                Some((name, mode.map(String::as_str)))
+            })
+            .collect();
+        let mut slices: BTreeMap<
+            (&str, &str),
+            Vec<&Arc<k8s_openapi::api::discovery::v1::EndpointSlice>>,
+        > = BTreeMap::new();
+        for slice in &objects.slices {
+            let (Some(ns), Some(service)) = (
+                slice.metadata.namespace.as_deref(),
+                slice
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(SERVICE_NAME_LABEL)),
+            ) else {
+                continue;
+            };
+            slices
+                .entry((ns, service.as_str()))
+                .or_default()
+                .push(slice);
+        }
+
+        // Fingerprint every Service; gather those that changed.
+        let mut fingerprints = Vec::with_capacity(objects.services.len());
+        let mut dirty = Objects {
+            pods: objects.pods.clone(),
+            namespaces: objects.namespaces.clone(),
+            ..Objects::default()
+        };
+        for service in &objects.services {
+            let (Some(ns), Some(name)) = (&service.metadata.namespace, &service.metadata.name)
+            else {
+                continue;
+            };
+            let own = slices.get(&(ns.as_str(), name.as_str()));
+            let mut h = DefaultHasher::new();
+            shared.hash(&mut h);
+            service.metadata.uid.hash(&mut h);
+            self.version(&service.metadata.resource_version)
+                .hash(&mut h);
+            modes.get(ns.as_str()).hash(&mut h);
+            for slice in own.into_iter().flatten() {
+                slice.metadata.uid.hash(&mut h);
+                slice.metadata.name.hash(&mut h);
+                self.version(&slice.metadata.resource_version).hash(&mut h);
+            }
+            let fingerprint = h.finish();
+            let key = (ns.clone(), name.clone());
+            if self
+                .services
+                .get(&key)
+                .is_none_or(|c| c.fingerprint != fingerprint)
+            {
+                dirty.services.push(service.clone());
+                dirty
+                    .slices
+                    .extend(own.into_iter().flatten().map(|s| (*s).clone()));
+            }
+            fingerprints.push((key, fingerprint));
+        }
+
+        // Translate the changed ones together, and file the result.
+        if !dirty.services.is_empty() {
+            let fresh = translate(&dirty, settings, locate);
+            let mut made: HashMap<(String, String), Cached> = HashMap::new();
+            for (entry, source) in fresh.services.into_iter().zip(fresh.sources) {
+                made.entry(source)
+                    .or_insert_with(|| Cached {
+                        fingerprint: 0,
+                        entries: Vec::new(),
+                        skipped: Vec::new(),
+                    })
+                    .entries
+                    .push(entry);
+            }
+            // Reasons name the Service ("service ns/name ...").
+            for item in fresh.skipped {
+                let Some(key) = dirty.services.iter().find_map(|s| {
+                    let (ns, name) = (s.metadata.namespace.as_ref()?, s.metadata.name.as_ref()?);
+                    let prefix = format!("service {ns}/{name}");
+                    (item.0 == prefix || item.0.starts_with(&format!("{prefix} ")))
+                        .then(|| (ns.clone(), name.clone()))
+                }) else {
+                    continue;
+                };
+                made.entry(key)
+                    .or_insert_with(|| Cached {
+                        fingerprint: 0,
+                        entries: Vec::new(),
+                        skipped: Vec::new(),
+                    })
+                    .skipped
+                    .push(item);
+            }
+            for service in &dirty.services {
+                let key = (
+                    service.metadata.namespace.clone().unwrap_or_default(),
+                    service.metadata.name.clone().unwrap_or_default(),
+                );
+                let mut cached = made.remove(&key).unwrap_or(Cached {
+                    fingerprint: 0,
+                    entries: Vec::new(),
+                    skipped: Vec::new(),
+                });
+                cached.fingerprint = fingerprints
+                    .iter()
+                    .find(|(k, _)| *k == key)
+                    .map_or(0, |(_, f)| *f);
+                self.services.insert(key, cached);
+            }
+        }
+
+        // The whole result, in the Services' order; forget Services gone.
+        let mut live = std::collections::HashSet::with_capacity(fingerprints.len());
+        for (key, _) in &fingerprints {
+            if let Some(cached) = self.services.get(key) {
+                for entry in &cached.entries {
+                    out.services.push(entry.clone());
+                    out.sources.push(key.clone());
+                }
+                out.skipped.extend(cached.skipped.iter().cloned());
+            }
+            live.insert(key.clone());
+        }
+        self.services.retain(|k, _| live.contains(k));
+        out.skipped.extend(orphan_slices(objects));
+        out
+    }
+
+    /// A resourceVersion as it identifies a version; none: a fresh value
+    /// each time (always changed).
+    fn version(&mut self, rv: &Option<String>) -> String {
+        match rv {
+            Some(rv) => rv.clone(),
+            None => {
+                self.nonce += 1;
+                format!("none-{}", self.nonce)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+    use super::*;
+    use crate::config::KubeMode;
+
+    fn service(n: usize) -> Arc<Service> {
+        Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "metadata": { "name": format!("s{n}"), "namespace": "shop", "uid": format!("u{n}"),
+                              "resourceVersion": "1", "annotations": { "sluice.io/mode": "plaintext" } },
+                "spec": { "clusterIP": format!("10.96.0.{n}"), "ports": [{ "port": 80, "protocol": "TCP" }] }
+            }))
+            .unwrap(),
+        )
+    }
+
+    fn slice(n: usize, rv: &str, address: &str) -> Arc<EndpointSlice> {
+        Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "metadata": { "name": format!("s{n}-x"), "namespace": "shop", "uid": format!("e{n}"),
+                              "resourceVersion": rv, "labels": { "kubernetes.io/service-name": format!("s{n}") } },
+                "addressType": "IPv4",
+                "ports": [{ "port": 8080, "protocol": "TCP" }],
+                "endpoints": [{ "addresses": [address], "nodeName": "node-a" }]
+            }))
+            .unwrap(),
+        )
+    }
+
+    /// The same result as a whole translation, and what did not change is
+    /// the very same value as before.
+    #[test]
+    fn only_the_changed_service_is_translated_again() {
+        let mut objects = Objects {
+            services: (0..3).map(service).collect(),
+            slices: (0..3)
+                .map(|n| slice(n, "1", &format!("198.18.0.{n}")))
+                .collect(),
+            ..Objects::default()
+        };
+        let none = HashMap::new();
+        let settings = Settings {
+            node: "node-a",
+            default_mode: KubeMode::Off,
+            peer_nodes: &[],
+            authorizations: &none,
+        };
+        let mut translator = Translator::default();
+        let first = translator.translate(&objects, &settings, &mut |_| None);
+        let whole = translate(&objects, &settings, &mut |_| None);
+        let values = |t: &Translated| t.services.iter().map(|v| (**v).clone()).collect::<Vec<_>>();
+        assert_eq!(values(&first), values(&whole));
+        assert_eq!(first.services.len(), 3);
+
+        objects.slices[1] = slice(1, "2", "198.18.0.99");
+        let second = translator.translate(&objects, &settings, &mut |_| None);
+        assert_eq!(
+            values(&second),
+            values(&translate(&objects, &settings, &mut |_| None))
+        );
+        assert!(Arc::ptr_eq(&first.services[0], &second.services[0]));
+        assert!(!Arc::ptr_eq(&first.services[1], &second.services[1]));
+        assert!(Arc::ptr_eq(&first.services[2], &second.services[2]));
+        assert_eq!(second.services[1]["endpoints"][0]["address"], "198.18.0.99");
+
+        // A Service gone is gone from the result.
+        objects.services.remove(2);
+        let third = translator.translate(&objects, &settings, &mut |_| None);
+        assert_eq!(third.services.len(), 2);
+        assert_eq!(third.sources[1], ("shop".to_owned(), "s1".to_owned()));
+    }
+}
