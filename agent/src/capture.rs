@@ -13,14 +13,14 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     path::PathBuf,
     sync::Arc,
     time::Duration,
 };
 
 use log::{info, warn};
-use sluice_maps::{CAPTURE_STRICT, CaptureKey, CaptureValue, MAX_CAPTURE_LISTENERS, v4_mapped};
+use sluice_maps::{CAPTURE_STRICT, CaptureKey, CaptureValue, MAX_CAPTURE_LISTENERS};
 
 use crate::{
     catalog::{Catalog, capture::InboundMode},
@@ -28,7 +28,7 @@ use crate::{
     handover::{Inherited, Offered},
     netns::{self, Netns},
     proxy::capture::{CaptureContext, CaptureListener},
-    redirect::{Redirect, RedirectError},
+    redirect::{Redirect, RedirectError, records::key_addr},
 };
 
 /// Why capture could not be set up as the catalog asks.
@@ -156,12 +156,12 @@ impl CaptureSet {
         let mut entries = Vec::new();
         for (addr, target) in catalog.capture_keys() {
             let key = target.workload.netns.as_ref().map(|n| n.path().to_owned());
-            let (Some(open), IpAddr::V4(ip)) = (self.open.get(&key), addr.ip()) else {
+            let Some(open) = self.open.get(&key) else {
                 continue;
             };
             entries.push((
                 CaptureKey {
-                    addr: v4_mapped(u32::from_ne_bytes(ip.octets())),
+                    addr: key_addr(addr.ip()),
                     port: addr.port(),
                     _pad: 0,
                 },
