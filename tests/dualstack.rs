@@ -7,10 +7,22 @@
 
 mod support;
 
-use std::{collections::HashMap, net::SocketAddr};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    time::Duration,
+};
 
+use serde_json::{Value, json};
+use sluice::admin::client;
 use sluice_maps::Stat;
-use support::*;
+use support::{
+    kubeapi::{FakeApiServer, Resource},
+    pods::*,
+    *,
+};
 
 /// IPv6 virtual address in the documentation prefix: never routed here, so
 /// a call that the hook missed fails instead of leaving the machine.
@@ -98,8 +110,7 @@ fn an_ipv6_virtual_address_is_proxied_over_two_ipv6_backends() {
     assert_eq!(agent.stat(Stat::KernelBalanced), 0);
     // Every record was found from accept()'s (v4) peer address and taken.
     assert!(
-        wait_until(std::time::Duration::from_secs(5), || agent.record_counts()
-            == (0, 0)),
+        wait_until(Duration::from_secs(5), || agent.record_counts() == (0, 0)),
         "records left: {:?}",
         agent.record_counts()
     );
@@ -176,4 +187,398 @@ fn an_ipv6_socket_dialling_a_v4_mapped_virtual_address_is_redirected() {
     let replies = lines(&agent.run_as_client(&script));
     assert_balanced_and_shown(&replies, "127.77.8.10:8080", &[], 2);
     assert_eq!(agent.stat(Stat::Redirected), 6);
+}
+
+/// A simulated pod with an address of each family: its namespace (one of
+/// a [`Node`]'s), a pod cgroup with a pause process in one container and
+/// an app container for its calls, and a backend on `[::]:8080`, which
+/// takes IPv4 and IPv6 alike.
+struct DualPod {
+    name: String,
+    node: &'static str,
+    uid: String,
+    ip4: IpAddr,
+    ip6: IpAddr,
+    /// The app container's cgroup, relative to the node's cgroup root.
+    app: String,
+    /// The pod's cgroup, absolute.
+    cgroup: PathBuf,
+    holder: Child,
+    _backend: Backend,
+}
+
+impl DualPod {
+    fn object(&self, service_account: &str) -> Value {
+        json!({
+            "kind": "Pod", "apiVersion": "v1",
+            "metadata": { "name": self.name, "namespace": "shop", "uid": self.uid, "labels": { "app": "checkout" } },
+            "spec": {
+                "nodeName": self.node, "serviceAccountName": service_account,
+                "containers": [{ "name": "app", "image": "checkout:1" }]
+            },
+            "status": {
+                "phase": "Running", "podIP": self.ip4.to_string(),
+                "podIPs": [{ "ip": self.ip4.to_string() }, { "ip": self.ip6.to_string() }]
+            }
+        })
+    }
+}
+
+impl Drop for DualPod {
+    fn drop(&mut self) {
+        let _ = self.holder.kill();
+        let _ = self.holder.wait();
+        remove_cgroup_tree(&self.cgroup);
+    }
+}
+
+/// Runs `cmd`, panicking with its output if it fails; returns stdout.
+fn output(cmd: &str) -> String {
+    let out = std::process::Command::new("sh")
+        .args(["-c", cmd])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Gives pod `i` of `node` the IPv6 address `fd00:5c:<prefix>::2/64` on
+/// its veth (the node's end `::1`), routed both ways; returns it.
+fn add_ipv6(node: &Node, i: usize, prefix: u16) -> IpAddr {
+    let (pod, ip4) = &node.pods[i];
+    let pod_if = output(&format!("ip -n {} -o link show type veth", pod.name));
+    let pod_if = pod_if
+        .split(": ")
+        .nth(1)
+        .unwrap()
+        .split('@')
+        .next()
+        .unwrap();
+    let gw4 = ip4.to_string().rsplit_once('.').unwrap().0.to_owned() + ".1";
+    let node_if = output(&format!("ip -n {} -o addr show to {gw4}", node.node.name));
+    let node_if = node_if.split_whitespace().nth(1).unwrap();
+    let (n, p) = (&node.node.name, &pod.name);
+    // nodad: usable at once, no duplicate address detection to wait out.
+    sh(&format!(
+        "ip -n {n} -6 addr add fd00:5c:{prefix:x}::1/64 dev {node_if} nodad && \
+         ip -n {p} -6 addr add fd00:5c:{prefix:x}::2/64 dev {pod_if} nodad && \
+         ip -n {p} -6 route add default via fd00:5c:{prefix:x}::1"
+    ));
+    format!("fd00:5c:{prefix:x}::2").parse().unwrap()
+}
+
+/// The shipped ConfigMap's sluice.yaml with this node's host paths moved
+/// into the test's directories (as tests/kube.rs does); every move must
+/// apply, so a change to the shipped file shows up here.
+fn shipped_config(node: &AgentConfig, certs: &Path) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/kubernetes/configmap.yaml");
+    let map: Value = serde_saphyr::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut text = map["data"]["sluice.yaml"].as_str().unwrap().to_owned();
+    for (from, to) in [
+        (
+            "cgroup_root: kubepods.slice".to_owned(),
+            format!("cgroup_root: {}/kubepods.slice", node.cgroup_root),
+        ),
+        (
+            "/var/run/sluice".to_owned(),
+            node.dir.join("state").display().to_string(),
+        ),
+        (
+            "/sys/fs/bpf/sluice".to_owned(),
+            node.pin_dir.display().to_string(),
+        ),
+        (
+            "/var/lib/sluice/certs".to_owned(),
+            certs.display().to_string(),
+        ),
+    ] {
+        assert!(text.contains(&from), "configmap.yaml no longer has {from}");
+        text = text.replace(&from, &to);
+    }
+    text
+}
+
+/// The agent's own pod on `node` (hostNetwork, labelled as the shipped
+/// agent selector expects): how agents find each other.
+fn agent_pod(node: &str, host_ip: &str) -> Value {
+    json!({
+        "kind": "Pod", "apiVersion": "v1",
+        "metadata": {
+            "name": format!("sluice-{node}"), "namespace": "sluice-system",
+            "uid": format!("agent-{node}"),
+            "labels": { "app.kubernetes.io/name": "sluice", "controller-revision-hash": "7d9f" }
+        },
+        "spec": {
+            "nodeName": node, "hostNetwork": true, "serviceAccountName": "sluice",
+            "containers": [{ "name": "agent", "image": "sluice:test" }]
+        },
+        "status": {
+            "phase": "Running", "hostIP": host_ip, "hostIPs": [{ "ip": host_ip }],
+            "podIP": host_ip, "podIPs": [{ "ip": host_ip }]
+        }
+    })
+}
+
+/// The EndpointSlice of `checkout` for one family: every pod, ready.
+fn dual_slice(pods: &[DualPod], family: &str) -> Value {
+    let eps: Vec<Value> = pods
+        .iter()
+        .map(|p| {
+            let ip = if family == "IPv4" { p.ip4 } else { p.ip6 };
+            json!({
+                "addresses": [ip.to_string()],
+                "conditions": { "ready": true, "serving": true, "terminating": false },
+                "nodeName": p.node,
+                "targetRef": { "kind": "Pod", "namespace": "shop", "name": p.name, "uid": p.uid }
+            })
+        })
+        .collect();
+    json!({
+        "kind": "EndpointSlice", "apiVersion": "discovery.k8s.io/v1",
+        "metadata": {
+            "name": format!("checkout-{}", family.to_ascii_lowercase()), "namespace": "shop",
+            "uid": format!("slice-checkout-{family}"),
+            "labels": { "kubernetes.io/service-name": "checkout" }
+        },
+        "addressType": family,
+        "ports": [{ "name": "http", "port": 8080, "protocol": "TCP" }],
+        "endpoints": eps
+    })
+}
+
+/// Two dual-stack nodes, two pods each, one API server and the shipped
+/// ConfigMap on both. The `checkout` Service has a cluster IP of each
+/// family; a pod on node A calls the IPv6 one from an IPv6 socket: the
+/// calls spread over all four pods' IPv6 addresses, those to node B over
+/// mutual TLS between the agents, and the client sees the cluster IP as
+/// its peer. Plaintext IPv6 from outside straight to a (strict) pod of
+/// node B is refused by the capture hook.
+#[test]
+fn dual_stack_nodes_balance_an_ipv6_cluster_ip_and_cross_nodes_over_mtls() {
+    let (a_node, b_node) = (Node::new(2), Node::new(2));
+    let tag = std::process::id() % 100_000;
+    let (a_if, b_if) = (format!("dsa{tag}"), format!("dsb{tag}"));
+    let (a_addr, b_addr) = ("198.18.251.1", "198.18.251.2");
+    let (a, b) = (&a_node.node.name, &b_node.node.name);
+    sh(&format!(
+        "ip link add {a_if} type veth peer name {b_if} && \
+         ip link set {a_if} netns {a} && ip link set {b_if} netns {b} && \
+         ip -n {a} addr add {a_addr}/24 dev {a_if} && ip -n {b} addr add {b_addr}/24 dev {b_if} && \
+         ip -n {a} -6 addr add fd00:5c:ff::1/64 dev {a_if} nodad && \
+         ip -n {b} -6 addr add fd00:5c:ff::2/64 dev {b_if} nodad && \
+         ip -n {a} link set {a_if} up && ip -n {b} link set {b_if} up && \
+         ip netns exec {a} sysctl -qw net.ipv6.conf.all.forwarding=1 && \
+         ip netns exec {b} sysctl -qw net.ipv6.conf.all.forwarding=1"
+    ));
+    // A's agent dials B's from A's pods' addresses: B routes back to them.
+    for (_, ip) in &a_node.pods {
+        let subnet = ip.to_string().rsplit_once('.').unwrap().0.to_owned() + ".0/24";
+        sh(&format!("ip -n {b} route add {subnet} via {a_addr}"));
+    }
+    let mut ip6 = Vec::new();
+    for (node, first, other, via) in [
+        (&a_node, 0xa0, b, "fd00:5c:ff::1"),
+        (&b_node, 0xb0, a, "fd00:5c:ff::2"),
+    ] {
+        for i in 0..2 {
+            let prefix = first + i as u16;
+            ip6.push(add_ipv6(node, i, prefix));
+            sh(&format!(
+                "ip -n {other} -6 route add fd00:5c:{prefix:x}::/64 via {via}"
+            ));
+        }
+    }
+
+    let api = a_node
+        .node
+        .run(|| FakeApiServer::start_on("0.0.0.0:0".parse().unwrap()));
+    let ca = test_ca();
+    let a_cfg = AgentConfig::custom(|_| String::new());
+    let b_cfg = AgentConfig::custom(|_| String::new());
+    for (cfg, account) in [(&a_cfg, "checkout"), (&b_cfg, "checkout-b")] {
+        let certs = cfg.dir.join("certs");
+        write_workload_certs(&certs, &ca, "cluster.local", &[("shop", account)]);
+        cfg.write_raw(&shipped_config(cfg, &certs));
+    }
+    let (a_kube, b_kube) = (a_cfg.dir.join("kubeconfig"), b_cfg.dir.join("kubeconfig"));
+    api.write_kubeconfig_via(&a_kube, &format!("http://127.0.0.1:{}", api.port()));
+    api.write_kubeconfig_via(&b_kube, &format!("http://{a_addr}:{}", api.port()));
+
+    let layout = Layout::Cgroupfs;
+    let mut pods = Vec::new();
+    for (n, (cfg, node, node_name)) in [(&a_cfg, &a_node, "node-a"), (&b_cfg, &b_node, "node-b")]
+        .into_iter()
+        .enumerate()
+    {
+        std::fs::create_dir_all(cfg.cgroup_root_path().join(layout.kubepods())).unwrap();
+        for i in 0..2 {
+            let uid = format!("d5a1ce00-0000-4000-8000-{:08x}{n}{i:03}", tag);
+            let pod_cgroup = layout.pod(Qos::Burstable, &uid);
+            let (netns, ip4) = &node.pods[i];
+            let holder = in_pod(
+                cfg,
+                netns,
+                &layout.container(&pod_cgroup, 0),
+                "import time; time.sleep(120)",
+            )
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+            let name = format!("checkout-{}{i}", &node_name[5..]);
+            let backend = Backend::start_in(&name, "[::]:8080".parse().unwrap(), netns);
+            pods.push(DualPod {
+                name,
+                node: node_name,
+                uid,
+                ip4: *ip4,
+                ip6: ip6[n * 2 + i],
+                app: layout.container(&pod_cgroup, 1),
+                cgroup: cfg.cgroup_root_path().join(&pod_cgroup),
+                holder,
+                _backend: backend,
+            });
+        }
+    }
+    let (vip4, vip6) = ("127.77.13.10", "fd00:96::13:10");
+    api.set_object(
+        Resource::Namespaces,
+        json!({
+            "kind": "Namespace", "apiVersion": "v1",
+            "metadata": { "name": "shop", "uid": "ns-shop", "annotations": { "sluice.io/mode": "mtls" } },
+            "spec": { "finalizers": ["kubernetes"] }, "status": { "phase": "Active" }
+        }),
+    );
+    api.set_object(
+        Resource::Services,
+        json!({
+            "kind": "Service", "apiVersion": "v1",
+            "metadata": { "name": "checkout", "namespace": "shop", "uid": "svc-checkout" },
+            "spec": {
+                "type": "ClusterIP", "clusterIP": vip4, "clusterIPs": [vip4, vip6],
+                "ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "RequireDualStack",
+                "ports": [{ "name": "http", "port": 8080, "protocol": "TCP", "targetPort": 8080 }],
+                "selector": { "app": "checkout" }
+            },
+            "status": { "loadBalancer": {} }
+        }),
+    );
+    api.set_object(Resource::EndpointSlices, dual_slice(&pods, "IPv4"));
+    api.set_object(Resource::EndpointSlices, dual_slice(&pods, "IPv6"));
+    for p in &pods {
+        let account = if p.node == "node-b" {
+            "checkout-b"
+        } else {
+            "checkout"
+        };
+        api.set_object(Resource::Pods, p.object(account));
+    }
+    api.set_object(Resource::Pods, agent_pod("node-a", a_addr));
+    api.set_object(Resource::Pods, agent_pod("node-b", b_addr));
+
+    let start = |cfg: &AgentConfig, node: &Node, name: &str, kubeconfig: &Path| {
+        Agent::start_in_netns_with_env(
+            cfg,
+            &node.node,
+            &[
+                ("SLUICE_NODE_NAME", name),
+                ("KUBECONFIG", kubeconfig.to_str().unwrap()),
+            ],
+        )
+    };
+    let agent_a = start(&a_cfg, &a_node, "node-a", &a_kube);
+    let agent_b = start(&b_cfg, &b_node, "node-b", &b_kube);
+    let services = |agent: &Agent| -> Vec<String> {
+        let out = agent.sluice(&["services", "-o", "json"]);
+        serde_json::from_slice::<Value>(&out.stdout)
+            .ok()
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .map(|s| format!("{} {}", s["name"].as_str().unwrap_or("?"), s["address"]))
+            .collect()
+    };
+    for agent in [&agent_a, &agent_b] {
+        assert!(agent.wait_for_log("kubernetes: synced"), "{}", agent.log());
+        assert!(
+            wait_until(Duration::from_secs(10), || services(agent).len() == 2),
+            "{:?}\n{}",
+            services(agent),
+            agent.log()
+        );
+    }
+
+    // Eight calls from pod a0 to the IPv6 cluster IP, from IPv6 sockets.
+    let script = format!(
+        "import socket\n\
+         for i in range(8):\n\
+         \x20   s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)\n\
+         \x20   s.settimeout(5)\n\
+         \x20   s.connect((\"{vip6}\", 8080))\n\
+         \x20   peer = s.getpeername()\n\
+         \x20   s.sendall(b\"call\\n\")\n\
+         \x20   print(\"[%s]:%d\" % peer[:2], s.makefile().readline().split()[0])\n\
+         \x20   s.close()\n"
+    );
+    let out = in_pod(&a_cfg, &a_node.pods[0].0, &pods[0].app, &script)
+        .output()
+        .unwrap();
+    let replies = lines(&out);
+    let mut who: Vec<&str> = replies
+        .iter()
+        .map(|r| {
+            let (peer, backend) = r.split_once(' ').unwrap();
+            assert_eq!(peer, format!("[{vip6}]:8080"), "{replies:?}");
+            backend
+        })
+        .collect();
+    who.sort();
+    who.dedup();
+    assert_eq!(
+        who,
+        ["checkout-a0", "checkout-a1", "checkout-b0", "checkout-b1"],
+        "{replies:?}\nA:\n{}\nB:\n{}",
+        agent_a.log(),
+        agent_b.log()
+    );
+    // The calls to node B went over mutual TLS and arrived at its agent.
+    let admin: SocketAddr = "127.0.0.1:15020".parse().unwrap();
+    let (_, exposition) = a_node
+        .node
+        .run(move || client::get(admin, "/metrics").unwrap());
+    let mtls: f64 = exposition
+        .lines()
+        .filter(|l| {
+            l.starts_with("sluice_tcp_connections_opened_total{")
+                && l.contains("connection_security_policy=\"mutual_tls\"")
+                && l.contains("destination_service=\"checkout-ipv6\"")
+        })
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert!(mtls >= 2.0, "{exposition}");
+    let status = agent_b.sluice(&["status", "-o", "json"]);
+    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert!(status["inbound_accepted"].as_u64() >= Some(2), "{status}");
+
+    // Plaintext IPv6 from node A's namespace, outside every workload,
+    // straight to pod b0's address: refused by the capture hook in b0.
+    let before = agent_b.stat(Stat::CaptureRefused);
+    let target = SocketAddr::new(pods[2].ip6, 8080);
+    let refused = a_node.node.run(move || {
+        std::net::TcpStream::connect_timeout(&target, Duration::from_secs(3)).map(|_| ())
+    });
+    assert_eq!(
+        refused.as_ref().map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionRefused),
+        "{refused:?}"
+    );
+    // (A first SYN may be looked up more than once; each is refused.)
+    assert!(agent_b.stat(Stat::CaptureRefused) > before);
+    drop(pods);
+    for cfg in [&a_cfg, &b_cfg] {
+        remove_cgroup_tree(&cfg.cgroup_root_path().join(layout.kubepods()));
+    }
 }
