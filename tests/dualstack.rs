@@ -35,14 +35,26 @@ fn backend6(name: &str) -> Backend {
 
 /// Python (bash's /dev/tcp cannot choose the socket family) making `n`
 /// calls to `ip`:`port` from sockets of `family` (`AF_INET` or `AF_INET6`),
-/// one connection each; prints `<peer as getpeername shows it> <reply>`.
+/// one connection each; prints `<peer as getpeername shows it> <reply>`,
+/// or `FAILED <errno name>`.
 fn calls_from(family: &str, ip: &str, port: u16, n: usize) -> String {
+    calls_with(family, "", ip, port, n)
+}
+
+/// [`calls_from`] with `setup` (Python, on socket `s`) run before connect.
+fn calls_with(family: &str, setup: &str, ip: &str, port: u16, n: usize) -> String {
     format!(
         "python3 -c '
-import socket
+import errno, socket
 for i in range({n}):
     s = socket.socket(socket.{family}, socket.SOCK_STREAM)
-    s.connect((\"{ip}\", {port}))
+    {setup}
+    s.settimeout(5)
+    try:
+        s.connect((\"{ip}\", {port}))
+    except OSError as e:
+        print(\"FAILED\", errno.errorcode.get(e.errno, e))
+        continue
     peer = s.getpeername()
     s.sendall(b\"call %d\\n\" % (i + 1))
     reply = s.makefile().readline().strip()
@@ -187,6 +199,59 @@ fn an_ipv6_socket_dialling_a_v4_mapped_virtual_address_is_redirected() {
     let replies = lines(&agent.run_as_client(&script));
     assert_balanced_and_shown(&replies, "127.77.8.10:8080", &[], 2);
     assert_eq!(agent.stat(Stat::Redirected), 6);
+}
+
+/// With the agent killed, an IPv6 service follows its `on_agent_down` as
+/// an IPv4 one does: `fail_open` goes around the agent to its IPv6
+/// endpoints from the kernel's table, `fail_closed` (mtls) refuses.
+#[test]
+fn with_the_agent_killed_ipv6_fails_open_or_closed_as_configured() {
+    let (open_vip, closed_vip) = ("[2001:db8:77::40]:8080", "[2001:db8:77::41]:8080");
+    let (open, closed) = (backend6("open6"), backend6("closed6"));
+    let config = AgentConfig::new(&[
+        ServiceDef::new("catalog6", open_vip, &[open.addr])
+            .with("    mode: plaintext\n    on_agent_down: fail_open\n"),
+        ServiceDef::new("payments6", closed_vip, &[closed.addr]),
+    ]);
+    let mut agent = Agent::start(&config);
+    agent.kill();
+
+    let replies = lines(&agent.run_as_client(&calls_from("AF_INET6", "2001:db8:77::40", 8080, 6)));
+    assert_balanced_and_shown(&replies, "2001:db8:77::40:8080", &[&open], 6);
+    assert!(agent.stat(Stat::FailOpen) >= 6);
+    let replies = lines(&agent.run_as_client(&calls_from("AF_INET6", "2001:db8:77::41", 8080, 3)));
+    assert!(
+        replies.iter().all(|r| r.starts_with("FAILED")),
+        "{replies:?}"
+    );
+    assert_eq!(closed.accepted(), 0);
+    // The pins and links the killed agent left go with the config.
+}
+
+/// What the v4-mapped route to the agent costs: an IPV6_V6ONLY socket
+/// cannot reach `::ffff:127.0.0.1`, so its connect to an IPv6 virtual
+/// address in proxy mode fails at once (ENETUNREACH), never hangs and
+/// never leaves the mesh; the kernel mode, which sends it to an IPv6
+/// backend, serves it.
+#[test]
+fn a_v6only_socket_is_refused_in_proxy_mode_and_served_in_kernel_mode() {
+    let (proxied, kernel) = ("[2001:db8:77::50]:8080", "[2001:db8:77::51]:8080");
+    let (p, k) = (backend6("p6"), backend6("k6"));
+    let config = AgentConfig::new(&[
+        ServiceDef::new("proxied6", proxied, &[p.addr]),
+        ServiceDef::new("kernel6", kernel, &[k.addr]).with("    mode: kernel\n"),
+    ]);
+    let agent = Agent::start(&config);
+    let v6only = "s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)";
+
+    let script = calls_with("AF_INET6", v6only, "2001:db8:77::50", 8080, 2);
+    let replies = lines(&agent.run_as_client(&script));
+    assert_eq!(replies, ["FAILED ENETUNREACH", "FAILED ENETUNREACH"]);
+    assert_eq!(p.accepted(), 0);
+
+    let script = calls_with("AF_INET6", v6only, "2001:db8:77::51", 8080, 2);
+    let replies = lines(&agent.run_as_client(&script));
+    assert_balanced_and_shown(&replies, "2001:db8:77::51:8080", &[&k], 2);
 }
 
 /// A simulated pod with an address of each family: its namespace (one of
