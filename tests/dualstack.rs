@@ -9,7 +9,8 @@ mod support;
 
 use std::{
     collections::HashMap,
-    net::{IpAddr, SocketAddr},
+    io::{BufRead, BufReader, Write},
+    net::{IpAddr, SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Stdio},
     time::Duration,
@@ -629,18 +630,48 @@ fn dual_stack_nodes_balance_an_ipv6_cluster_ip_and_cross_nodes_over_mtls() {
     assert!(status["inbound_accepted"].as_u64() >= Some(2), "{status}");
 
     // Plaintext IPv6 from node A's namespace, outside every workload,
-    // straight to pod b0's address: refused by the capture hook in b0.
-    let before = agent_b.stat(Stat::CaptureRefused);
+    // straight to pod b0's address: steered to node B's IPv6 capture
+    // listener in b0 and refused there (counted, as IPv4 is).
     let target = SocketAddr::new(pods[2].ip6, 8080);
-    let refused = a_node.node.run(move || {
-        std::net::TcpStream::connect_timeout(&target, Duration::from_secs(3)).map(|_| ())
-    });
+    let plain = move || {
+        let mut stream = match TcpStream::connect_timeout(&target, Duration::from_secs(3)) {
+            Ok(s) => s,
+            Err(e) => return format!("refused: {}", e.kind()),
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        if writeln!(stream, "plain").is_err() {
+            return "reset".into();
+        }
+        let mut line = String::new();
+        match BufReader::new(stream).read_line(&mut line) {
+            Ok(0) => "closed".into(),
+            Ok(_) => line.trim().to_owned(),
+            Err(e) => format!("reset: {}", e.kind()),
+        }
+    };
+    let captured = agent_b.stat(Stat::Captured);
+    let got = a_node.node.run(plain);
+    assert!(got == "closed" || got.starts_with("reset"), "{got}");
+    assert_eq!(agent_b.stat(Stat::Captured), captured + 1);
+    let (_, exposition) = b_node
+        .node
+        .run(move || client::get(admin, "/metrics").unwrap());
     assert_eq!(
-        refused.as_ref().map_err(|e| e.kind()),
-        Err(std::io::ErrorKind::ConnectionRefused),
-        "{refused:?}"
+        metric(
+            &exposition,
+            "sluice_inbound_refusals_total{reason=\"plaintext\"}"
+        ),
+        1.0,
+        "{exposition}"
     );
-    // (A first SYN may be looked up more than once; each is refused.)
+
+    // With node B's agent gone, the hook refuses it by itself.
+    let mut agent_b = agent_b;
+    agent_b.kill();
+    let before = agent_b.stat(Stat::CaptureRefused);
+    assert_eq!(a_node.node.run(plain), "refused: connection refused");
     assert!(agent_b.stat(Stat::CaptureRefused) > before);
     drop(pods);
     for cfg in [&a_cfg, &b_cfg] {

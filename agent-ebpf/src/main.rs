@@ -48,13 +48,12 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::info;
 use sluice_maps::{
-    Backend, BackendKey, CALLER_LEVELS, CAPTURE_STRICT, CaptureKey, CaptureValue,
+    Backend, BackendKey, CALLER_LEVELS, CAPTURE_SLOTS, CAPTURE_STRICT, CaptureKey, CaptureValue,
     EVENT_CONNECT_FAILED, EVENT_ESTABLISHED, EVENT_MARK_SPOOFED, EVENT_RTO, KERNEL_EVENTS_BYTES,
     KernelConn, KernelEvent, MAX_AGENT_CGROUPS, MAX_BACKEND_SLOTS, MAX_BYPASS_SOCKETS,
-    MAX_CAPTURE_LISTENERS, MAX_CAPTURES, MAX_DIALLED, MAX_KERNEL_CONNS, MAX_PENDING_RECORDS,
-    MAX_SERVICES, OriginalDst, PeerKey, SERVICE_FAIL_OPEN, SERVICE_KERNEL, SETTINGS_LOG,
-    SETTINGS_SOCKMAP, STAT_COUNT, ServiceKey, ServiceValue, Settings, SockKey, Stat, is_v4_mapped,
-    v4_mapped,
+    MAX_CAPTURES, MAX_DIALLED, MAX_KERNEL_CONNS, MAX_PENDING_RECORDS, MAX_SERVICES, OriginalDst,
+    PeerKey, SERVICE_FAIL_OPEN, SERVICE_KERNEL, SETTINGS_LOG, SETTINGS_SOCKMAP, STAT_COUNT,
+    ServiceKey, ServiceValue, Settings, SockKey, Stat, capture_slot_v6, is_v4_mapped, v4_mapped,
 };
 
 /// Allow the syscall to proceed (cgroup/connect4 return value).
@@ -122,7 +121,7 @@ static AGENT_CGROUPS: LruHashMap<u64, u32> = LruHashMap::pinned(MAX_AGENT_CGROUP
 static CAPTURE: HashMap<CaptureKey, CaptureValue> = HashMap::pinned(MAX_CAPTURES, 0);
 
 #[map]
-static CAPTURE_LISTENERS: SockMap = SockMap::pinned(MAX_CAPTURE_LISTENERS, 0);
+static CAPTURE_LISTENERS: SockMap = SockMap::pinned(CAPTURE_SLOTS, 0);
 
 #[inline(always)]
 fn count(stat: Stat) {
@@ -663,12 +662,9 @@ fn rekey_established(ctx: &SockOpsContext) -> bool {
 }
 
 /// Steers an inbound TCP connect to a captured workload, arriving from
-/// outside its network namespace, to the agent's capture listener there.
-///
-/// IPv6: the capture listener is an IPv4 socket, which the kernel does not
-/// let an IPv6 lookup select, so an IPv6 connect from outside to a strict
-/// workload is refused here (counted as `capture_refused`; no audit line)
-/// and one to a permissive workload passes (counted as `capture_passed`).
+/// outside its network namespace, to the agent's capture listener there of
+/// the connect's family (the kernel steers an IPv6 connect to an IPv6
+/// socket only).
 #[sk_lookup]
 pub fn sluice_capture(ctx: SkLookupContext) -> u32 {
     const SK_DROP: u32 = 0;
@@ -720,15 +716,17 @@ pub fn sluice_capture(ctx: SkLookupContext) -> u32 {
     let Some(capture) = found else {
         return SK_PASS;
     };
-    if lookup.family == AF_INET
-        && CAPTURE_LISTENERS
-            .redirect_sk_lookup(&ctx, capture.listener, 0)
-            .is_ok()
-    {
+    let slot = if lookup.family == AF_INET6 {
+        capture_slot_v6(capture.listener)
+    } else {
+        capture.listener
+    };
+    if CAPTURE_LISTENERS.redirect_sk_lookup(&ctx, slot, 0).is_ok() {
         count(Stat::Captured);
         return SK_PASS;
     }
-    // No capture listener (the agent is down or stopping), or IPv6.
+    // No capture listener: the agent is down or stopping (or, for IPv6,
+    // could not listen on the namespace's [::1]).
     if capture.flags & CAPTURE_STRICT != 0 {
         // No socket for the connect: the kernel answers with a reset.
         count(Stat::CaptureRefused);

@@ -79,9 +79,11 @@ pub const AGENT_CGROUPS: &str = "AGENT_CGROUPS";
 /// [`CaptureValue`]. Written by the agent from its catalog (one entry per
 /// meshed workload address), read by `sluice_capture` (sk_lookup).
 pub const CAPTURE: &str = "CAPTURE";
-/// Name of the SOCKMAP of the agent's capture listeners, one per network
-/// namespace that holds a captured workload, indexed by
-/// [`CaptureValue::listener`]. Written by the agent; the kernel drops an
+/// Name of the SOCKMAP of the agent's capture listeners, two per network
+/// namespace that holds a captured workload: the IPv4 one at
+/// [`CaptureValue::listener`], the IPv6 one (`[::1]`, same port) at
+/// [`capture_slot_v6`] of it (the kernel lets an IPv6 connect be steered to
+/// an IPv6 socket only). Written by the agent; the kernel drops an
 /// entry when its socket closes, which is how the program knows the agent
 /// is gone.
 pub const CAPTURE_LISTENERS: &str = "CAPTURE_LISTENERS";
@@ -133,9 +135,17 @@ pub const KERNEL_EVENTS_BYTES: u32 = 256 * 1024;
 pub const MAX_AGENT_CGROUPS: u32 = 64;
 /// Capacity of [`CAPTURE`]: captured workload addresses on one node.
 pub const MAX_CAPTURES: u32 = 16_384;
-/// Capacity of [`CAPTURE_LISTENERS`]: network namespaces with a captured
-/// workload on one node (pods, and the node's own).
+/// Network namespaces with a captured workload on one node (pods, and the
+/// node's own): [`CAPTURE_LISTENERS`] holds two slots for each.
 pub const MAX_CAPTURE_LISTENERS: u32 = 4096;
+/// Capacity of [`CAPTURE_LISTENERS`].
+pub const CAPTURE_SLOTS: u32 = 2 * MAX_CAPTURE_LISTENERS;
+
+/// The slot of a namespace's IPv6 capture listener, given its IPv4 one's.
+#[inline(always)]
+pub const fn capture_slot_v6(listener: u32) -> u32 {
+    listener + MAX_CAPTURE_LISTENERS
+}
 /// Capacity of each record map. A record lives from `connect()` until the
 /// agent's `accept()`, so this bounds connections in that window per node.
 pub const MAX_PENDING_RECORDS: u32 = 65_536;
@@ -303,7 +313,8 @@ pub struct CaptureKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CaptureValue {
-    /// Index of the capture listener in [`CAPTURE_LISTENERS`].
+    /// Index of the IPv4 capture listener in [`CAPTURE_LISTENERS`], below
+    /// [`MAX_CAPTURE_LISTENERS`]; the IPv6 one is at [`capture_slot_v6`].
     pub listener: u32,
     /// Bit set of [`CAPTURE_STRICT`].
     pub flags: u32,
