@@ -470,8 +470,9 @@ pub fn sluice_sockops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_TCP_CONNECT_CB => watch_rewritten(&ctx),
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
-            // The bypass's keys are IPv4: an IPv6 socket keeps TCP.
-            if rekey_established(&ctx) && family == AF_INET {
+            // The bypass's keys are IPv4: an IPv6 socket sent to the
+            // agent's v4-mapped address runs IPv4 and takes it too.
+            if rekey_established(&ctx) && (family == AF_INET || remote_v4_mapped(&ctx)) {
                 offer_bypass(&ctx);
             }
             report_kernel_conn(&ctx, EVENT_ESTABLISHED);
@@ -494,16 +495,20 @@ pub fn sluice_sockops(ctx: SockOpsContext) -> u32 {
     0
 }
 
+/// Whether an IPv6 sock_ops socket is connected to a v4-mapped address,
+/// so runs IPv4 on the wire (its IPv4 fields hold its addresses).
+#[inline(always)]
+fn remote_v4_mapped(ctx: &SockOpsContext) -> bool {
+    is_v4_mapped(&read_ip6(unsafe { &(*ctx.ops).remote_ip6 }))
+}
+
 /// The local address of a sock_ops socket in key form. An IPv6 socket
 /// connected to a v4-mapped address runs IPv4 on the wire: its local
 /// address is the IPv4 one that the agent's `accept()` sees.
 #[inline(always)]
 fn local_key_addr(ctx: &SockOpsContext) -> [u32; 4] {
-    if ctx.family() == AF_INET6 {
-        let remote = read_ip6(unsafe { &(*ctx.ops).remote_ip6 });
-        if !is_v4_mapped(&remote) {
-            return read_ip6(unsafe { &(*ctx.ops).local_ip6 });
-        }
+    if ctx.family() == AF_INET6 && !remote_v4_mapped(ctx) {
+        return read_ip6(unsafe { &(*ctx.ops).local_ip6 });
     }
     v4_mapped(ctx.local_ip4())
 }

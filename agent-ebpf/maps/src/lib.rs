@@ -358,8 +358,8 @@ pub const SETTINGS_LOG: u32 = 1;
 pub const SETTINGS_SOCKMAP: u32 = 2;
 
 /// Key of [`SOCKETS`] and [`BYPASS`]: one end of a loopback connection as
-/// seen from its own socket. IPv4 only: sockets of the AF_INET6 family
-/// (those `connect6` redirected) are not offered to the bypass.
+/// seen from its own socket. IPv4 addresses: an IPv6 socket that `connect6`
+/// sent to the agent's v4-mapped address runs IPv4, and is keyed by those.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SockKey {
