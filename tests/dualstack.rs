@@ -65,6 +65,11 @@ for i in range({n}):
     )
 }
 
+/// `script` pinned to CPU 0.
+fn on_one_cpu(script: &str) -> String {
+    format!("taskset -c 0 {script}")
+}
+
 /// (peer shown, backend name) of each reply line.
 fn peers_and_backends(replies: &[String]) -> Vec<(String, String)> {
     replies
@@ -138,7 +143,14 @@ fn an_ipv6_virtual_address_is_balanced_by_the_kernel_over_two_ipv6_backends() {
     let config = AgentConfig::new(&[service]);
     let agent = Agent::start(&config);
 
-    let script = calls_from("AF_INET6", &vip.ip().to_string(), vip.port(), 10);
+    // One CPU: the kernel walks the table with a cursor per CPU, so the
+    // order is exact only on one.
+    let script = on_one_cpu(&calls_from(
+        "AF_INET6",
+        &vip.ip().to_string(),
+        vip.port(),
+        10,
+    ));
     let replies = lines(&agent.run_as_client(&script));
 
     assert_balanced_and_shown(
@@ -184,7 +196,7 @@ fn an_ipv6_socket_dialling_a_v4_mapped_virtual_address_is_redirected() {
     );
     assert_eq!(agent.stat(Stat::Redirected), 4);
 
-    let script = calls_from("AF_INET6", "::ffff:127.77.8.11", 8080, 4);
+    let script = on_one_cpu(&calls_from("AF_INET6", "::ffff:127.77.8.11", 8080, 4));
     let replies = lines(&agent.run_as_client(&script));
     assert_balanced_and_shown(
         &replies,
@@ -229,30 +241,96 @@ fn with_the_agent_killed_ipv6_fails_open_or_closed_as_configured() {
     // The pins and links the killed agent left go with the config.
 }
 
-/// What the v4-mapped route to the agent costs: an IPV6_V6ONLY socket
-/// cannot reach `::ffff:127.0.0.1`, so its connect to an IPv6 virtual
-/// address in proxy mode fails at once (ENETUNREACH), never hangs and
-/// never leaves the mesh; the kernel mode, which sends it to an IPv6
-/// backend, serves it.
+/// An IPv6 socket with and without IPV6_V6ONLY dialling `vip`: one line
+/// each, `<v6only> <local address> <peer shown> <reply>` or
+/// `<v6only> FAILED <errno name>`.
+fn v6only_and_not(vip: SocketAddr) -> String {
+    format!(
+        "python3 -c '
+import errno, socket
+for only in (0, 1):
+    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, only)
+    s.settimeout(5)
+    try:
+        s.connect((\"{ip}\", {port}))
+    except OSError as e:
+        print(only, \"FAILED\", errno.errorcode.get(e.errno, e))
+        continue
+    s.sendall(b\"hi\\n\")
+    peer = s.getpeername()
+    print(only, s.getsockname()[0], \"%s:%d\" % peer[:2], s.makefile().readline().strip())
+'",
+        ip = vip.ip(),
+        port = vip.port()
+    )
+}
+
+/// How an IPv6 socket reaches the agent: at `[::1]`, the outbound port's
+/// IPv6 twin, where the namespace has IPv6 loopback, so an IPV6_V6ONLY
+/// socket is served too; else at the v4-mapped `::ffff:127.0.0.1`, which a
+/// V6ONLY socket cannot reach (ENETUNREACH at once: it never hangs and
+/// never leaves the mesh). The kernel mode sends it to an IPv6 endpoint
+/// either way.
 #[test]
-fn a_v6only_socket_is_refused_in_proxy_mode_and_served_in_kernel_mode() {
-    let (proxied, kernel) = ("[2001:db8:77::50]:8080", "[2001:db8:77::51]:8080");
+fn an_ipv6_socket_reaches_the_agent_at_ipv6_loopback_or_else_v4_mapped() {
+    let vip: SocketAddr = "[2001:db8:77::50]:8080".parse().unwrap();
+    let kvip: SocketAddr = "[2001:db8:77::51]:8080".parse().unwrap();
     let (p, k) = (backend6("p6"), backend6("k6"));
     let config = AgentConfig::new(&[
-        ServiceDef::new("proxied6", proxied, &[p.addr]),
-        ServiceDef::new("kernel6", kernel, &[k.addr]).with("    mode: kernel\n"),
+        ServiceDef::new("proxied6", &vip.to_string(), &[p.addr]),
+        ServiceDef::new("kernel6", &kvip.to_string(), &[k.addr]).with("    mode: kernel\n"),
     ]);
     let agent = Agent::start(&config);
-    let v6only = "s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)";
+    let replies = lines(&agent.run_as_client(&v6only_and_not(vip)));
+    assert_eq!(
+        replies,
+        [
+            "0 ::1 2001:db8:77::50:8080 p6 hi",
+            "1 ::1 2001:db8:77::50:8080 p6 hi"
+        ]
+    );
+    let replies = lines(&agent.run_as_client(&v6only_and_not(kvip)));
+    assert_eq!(
+        replies,
+        [
+            "0 ::1 2001:db8:77::51:8080 k6 hi",
+            "1 ::1 2001:db8:77::51:8080 k6 hi"
+        ]
+    );
+    assert_eq!(agent.stat(Stat::Redirected), 2);
+    assert_eq!(agent.stat(Stat::KernelBalanced), 2);
+    drop(agent);
 
-    let script = calls_with("AF_INET6", v6only, "2001:db8:77::50", 8080, 2);
-    let replies = lines(&agent.run_as_client(&script));
-    assert_eq!(replies, ["FAILED ENETUNREACH", "FAILED ENETUNREACH"]);
-    assert_eq!(p.accepted(), 0);
-
-    let script = calls_with("AF_INET6", v6only, "2001:db8:77::51", 8080, 2);
-    let replies = lines(&agent.run_as_client(&script));
-    assert_balanced_and_shown(&replies, "2001:db8:77::51:8080", &[&k], 2);
+    // A node whose loopback has no IPv6: the agent cannot listen on [::1]
+    // and IPv6 sockets go to the v4-mapped listener. The endpoint is on
+    // the other end of the veth, over IPv6.
+    let pair = NodePair::new();
+    sh(&format!(
+        "ip netns exec {a} sysctl -qw net.ipv6.conf.lo.disable_ipv6=1 && \
+         ip -n {a} -6 addr add fd00:5e::1/64 dev {a_if} nodad && \
+         ip -n {b} -6 addr add fd00:5e::2/64 dev $(ip -n {b} -o link show type veth | \
+         cut -d: -f2 | cut -d@ -f1 | tr -d \" \") nodad",
+        a = pair.a.name,
+        b = pair.b.name,
+        a_if = pair.a_if
+    ));
+    let remote = Backend::start_in("r6", "[fd00:5e::2]:0".parse().unwrap(), &pair.b);
+    let config = AgentConfig::new(&[ServiceDef::new(
+        "proxied6",
+        &vip.to_string(),
+        &[remote.addr],
+    )]);
+    let agent = Agent::start_in_netns(&config, &pair.a);
+    let replies = lines(&agent.run_as_client(&v6only_and_not(vip)));
+    assert_eq!(
+        replies,
+        [
+            "0 ::ffff:127.0.0.1 2001:db8:77::50:8080 r6 hi",
+            "1 FAILED ENETUNREACH"
+        ]
+    );
+    assert_eq!(remote.accepted(), 1);
 }
 
 /// Received bytes of the loopback device in `netns`.
@@ -262,43 +340,17 @@ fn loopback_bytes(netns: &Netns) -> u64 {
     v[0]["stats64"]["rx"]["bytes"].as_u64().expect("rx bytes")
 }
 
-/// With the sockmap bypass on, an IPv6 client's connection to the agent
-/// (IPv4 on the wire: the v4-mapped listener) skips the loopback stack as
-/// an IPv4 client's does, and 4 MiB each way with a half-close arrive
-/// intact. The endpoint is on node B, over IPv6, so node A's loopback
-/// carries only the client-to-agent leg.
-#[test]
-fn the_sockmap_bypass_carries_an_ipv6_clients_bytes() {
-    let pair = NodePair::new();
-    sh(&format!(
-        "ip -n {} -6 addr add fd00:5d::1/64 dev {} nodad && \
-         ip -n {} -6 addr add fd00:5d::2/64 dev $(ip -n {} -o link show type veth | \
-         cut -d: -f2 | cut -d@ -f1 | tr -d ' ') nodad",
-        pair.a.name, pair.a_if, pair.b.name, pair.b.name
-    ));
-    let echo = SocketAddr::new("fd00:5d::2".parse().unwrap(), free_port());
-    let listener = pair
-        .b
-        .run(move || std::net::TcpListener::bind(echo).unwrap());
-    let server = std::thread::spawn(move || {
-        use std::io::Read;
-        let (mut s, _) = listener.accept().unwrap();
-        let mut all = Vec::new();
-        s.read_to_end(&mut all).unwrap();
-        s.write_all(&all).unwrap();
-    });
-    let vip = "[2001:db8:77::70]:8080";
-    let service = ServiceDef::new("blob6", vip, &[echo]).with("    mode: plaintext\n");
-    let config = AgentConfig::with_agent_extra(&[service], "  sockmap: true\n");
-    let mut agent = Agent::start_in_netns(&config, &pair.a);
-
-    let before = loopback_bytes(&pair.a);
-    // Waits for readability with poll, as event-driven clients do (README,
-    // "Sockmap bypass"); sends after the agent has its socket.
-    let script = "python3 -c '
+/// A client that sends 4 MiB to `ip`:8080 from an IPv6 socket (after the
+/// agent has its socket), half-closes, reads the echo to EOF and says
+/// whether it came back intact. It waits for readability with poll, as
+/// event-driven clients do (README, "Sockmap bypass").
+fn send_and_compare6(ip: &str) -> String {
+    format!(
+        "python3 -c '
 import os, select, socket, time
 data = os.urandom(4 << 20)
-s = socket.create_connection((\"2001:db8:77::70\", 8080))
+s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+s.connect((\"{ip}\", 8080))
 time.sleep(0.3)
 s.sendall(data)
 s.shutdown(socket.SHUT_WR)
@@ -313,19 +365,65 @@ while True:
         break
     got += b
 print(\"intact\" if bytes(got) == data else \"corrupt %d\" % len(got))
-'";
-    let out = lines(&agent.run_as_client(script));
-    let over_lo = loopback_bytes(&pair.a) - before;
-    assert_eq!(out, ["intact"]);
-    assert!(agent.stat(Stat::BypassSocket) >= 1);
-    assert!(agent.stat(Stat::BypassMessage) >= 2);
-    assert!(
-        over_lo < 1 << 20,
-        "8 MiB crossed the agent leg, yet {over_lo} bytes went over loopback"
-    );
+'"
+    )
+}
+
+/// An echo server for one connection in `netns`: reads to EOF, sends it
+/// all back, closes.
+fn eof_echo_once(netns: &Netns, addr: SocketAddr) -> std::thread::JoinHandle<()> {
+    let listener = netns.run(move || std::net::TcpListener::bind(addr).unwrap());
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let (mut s, _) = listener.accept().unwrap();
+        let mut all = Vec::new();
+        s.read_to_end(&mut all).unwrap();
+        s.write_all(&all).unwrap();
+    })
+}
+
+/// With the sockmap bypass on, an IPv6 client's connection to the agent
+/// skips the loopback stack as an IPv4 client's does, both ways it can
+/// reach the agent: at `[::1]` (dialling an IPv6 service) and at the
+/// v4-mapped listener (dialling an IPv4 service as `::ffff:a.b.c.d`).
+/// 4 MiB each way with a half-close arrive intact. The endpoints are on
+/// node B, so node A's loopback carries only the client-to-agent leg.
+#[test]
+fn the_sockmap_bypass_carries_an_ipv6_clients_bytes() {
+    let pair = NodePair::new();
+    sh(&format!(
+        "ip -n {} -6 addr add fd00:5d::1/64 dev {} nodad && \
+         ip -n {} -6 addr add fd00:5d::2/64 dev $(ip -n {} -o link show type veth | \
+         cut -d: -f2 | cut -d@ -f1 | tr -d ' ') nodad",
+        pair.a.name, pair.a_if, pair.b.name, pair.b.name
+    ));
+    let echo6 = SocketAddr::new("fd00:5d::2".parse().unwrap(), free_port());
+    let echo4 = SocketAddr::new(pair.b_addr, free_port());
+    let servers = [eof_echo_once(&pair.b, echo6), eof_echo_once(&pair.b, echo4)];
+    let services = [
+        ServiceDef::new("blob6", "[2001:db8:77::70]:8080", &[echo6]).with("    mode: plaintext\n"),
+        ServiceDef::new("blob4", "127.77.6.71:8080", &[echo4]).with("    mode: plaintext\n"),
+    ];
+    let config = AgentConfig::with_agent_extra(&services, "  sockmap: true\n");
+    let mut agent = Agent::start_in_netns(&config, &pair.a);
+
+    for (i, ip) in ["2001:db8:77::70", "::ffff:127.77.6.71"].iter().enumerate() {
+        let before = loopback_bytes(&pair.a);
+        let out = lines(&agent.run_as_client(&send_and_compare6(ip)));
+        let over_lo = loopback_bytes(&pair.a) - before;
+        assert_eq!(out, ["intact"], "{ip}");
+        assert_eq!(agent.stat(Stat::BypassSocket), i as u64 + 1, "{ip}");
+        assert!(
+            over_lo < 1 << 20,
+            "{ip}: 8 MiB crossed the agent leg, yet {over_lo} bytes went over loopback"
+        );
+    }
+    assert!(agent.stat(Stat::BypassMessage) >= 4);
     agent.sigterm();
     assert!(agent.wait(Duration::from_secs(15)).success());
-    server.join().unwrap();
+    for s in servers {
+        s.join().unwrap();
+    }
 }
 
 /// A simulated pod with an address of each family: its namespace (one of

@@ -5,8 +5,8 @@
 //! 1. `connect4` / `connect6`: a workload dials a meshed service's virtual
 //!    address (IPv4, IPv6, or IPv4 written `::ffff:a.b.c.d` on an IPv6
 //!    socket: all one key form). The destination is recorded under the
-//!    socket's cookie and rewritten to the agent's outbound listener (its
-//!    v4-mapped form for an IPv6 socket).
+//!    socket's cookie and rewritten to the agent's outbound listener (for an
+//!    IPv6 socket its `[::1]` twin, or its v4-mapped form).
 //! 2. `sock_ops` (active established): the record moves to a key the agent
 //!    can compute from `accept()`: network namespace cookie + client address
 //!    and port.
@@ -63,6 +63,8 @@ const REFUSE: i32 = 0;
 const IPPROTO_TCP: u32 = 6;
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
+/// `::1` in key form (network byte order).
+const LOOPBACK6: [u32; 4] = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
 /// `BPF_F_CURRENT_NETNS`: look sockets up in the caller's namespace.
 const CURRENT_NETNS: u64 = u64::MAX;
 /// TCP states as sock_ops reports them (include/net/tcp_states.h).
@@ -165,13 +167,13 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
 /// `::ffff:a.b.c.d` (an IPv6 socket dialling an IPv4 address, which
 /// `connect4` never sees) is the IPv4 service's key.
 ///
-/// To the agent, an IPv6 socket goes to the outbound listener's v4-mapped
-/// form (`::ffff:127.0.0.1:15001`): the kernel runs such a connection as
-/// IPv4 on the wire (`tcp_v6_connect` hands it to `tcp_v4_connect`), so the
-/// one IPv4 listener of each network namespace serves both families, and
-/// nothing changes for the agent's listeners, handover or fail-open probe.
-/// The price: a socket with IPV6_V6ONLY cannot reach a v4-mapped address
-/// (ENETUNREACH), and this hook cannot read that flag.
+/// To the agent: a socket dialling an IPv6 address goes to the agent's
+/// IPv6 twin listener, `[::1]` on the outbound port, where the agent
+/// listens in the caller's namespace (an IPV6_V6ONLY socket can reach
+/// nothing else, and this hook cannot read that flag); otherwise, and for
+/// a v4-mapped destination, to the outbound listener's v4-mapped form
+/// (`::ffff:127.0.0.1:15001`), which the kernel runs as IPv4 on the wire
+/// (`tcp_v6_connect` hands it to `tcp_v4_connect`).
 #[cgroup_sock_addr(connect6)]
 pub fn connect6(ctx: SockAddrContext) -> i32 {
     let sa = unsafe { &mut *ctx.sock_addr };
@@ -310,7 +312,12 @@ fn decide(
             );
         }
     }
-    Verdict::Rewrite(v4_mapped(settings.listener_ip4), settings.listener_port)
+    let agent = if v6 && !is_v4_mapped(&dialled.addr) && agent_listening6(ctx, settings) {
+        LOOPBACK6
+    } else {
+        v4_mapped(settings.listener_ip4)
+    };
+    Verdict::Rewrite(agent, settings.listener_port)
 }
 
 /// The caller's ancestor cgroups just below the hooked one: where a pod's
@@ -354,6 +361,21 @@ fn agent_listening(ctx: &SockAddrContext, settings: &Settings) -> bool {
     tuple.__bindgen_anon_1.ipv4.daddr = settings.listener_ip4;
     tuple.__bindgen_anon_1.ipv4.dport = settings.listener_port.to_be();
     let size = core::mem::size_of_val(unsafe { &tuple.__bindgen_anon_1.ipv4 }) as u32;
+    let sk = unsafe { bpf_sk_lookup_tcp(ctx.as_ptr(), &mut tuple, size, CURRENT_NETNS, 0) };
+    if sk.is_null() {
+        return false;
+    }
+    unsafe { bpf_sk_release(sk as *mut _) };
+    true
+}
+
+/// Whether the agent's IPv6 twin of the outbound listener (`[::1]`, same
+/// port) exists in the caller's network namespace.
+fn agent_listening6(ctx: &SockAddrContext, settings: &Settings) -> bool {
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    tuple.__bindgen_anon_1.ipv6.daddr = LOOPBACK6;
+    tuple.__bindgen_anon_1.ipv6.dport = settings.listener_port.to_be();
+    let size = core::mem::size_of_val(unsafe { &tuple.__bindgen_anon_1.ipv6 }) as u32;
     let sk = unsafe { bpf_sk_lookup_tcp(ctx.as_ptr(), &mut tuple, size, CURRENT_NETNS, 0) };
     if sk.is_null() {
         return false;
@@ -470,9 +492,7 @@ pub fn sluice_sockops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_TCP_CONNECT_CB => watch_rewritten(&ctx),
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
-            // The bypass's keys are IPv4: an IPv6 socket sent to the
-            // agent's v4-mapped address runs IPv4 and takes it too.
-            if rekey_established(&ctx) && (family == AF_INET || remote_v4_mapped(&ctx)) {
+            if rekey_established(&ctx) {
                 offer_bypass(&ctx);
             }
             report_kernel_conn(&ctx, EVENT_ESTABLISHED);
@@ -513,6 +533,16 @@ fn local_key_addr(ctx: &SockOpsContext) -> [u32; 4] {
     v4_mapped(ctx.local_ip4())
 }
 
+/// The remote address of a sock_ops socket in key form (see
+/// [`local_key_addr`]).
+#[inline(always)]
+fn remote_key_addr(ctx: &SockOpsContext) -> [u32; 4] {
+    if ctx.family() == AF_INET6 {
+        return read_ip6(unsafe { &(*ctx.ops).remote_ip6 });
+    }
+    v4_mapped(ctx.remote_ip4())
+}
+
 /// `sock_ops` reports ports in mixed forms (remote in network order, in the
 /// upper half on some paths); this gives the port in host order.
 #[inline(always)]
@@ -532,8 +562,8 @@ fn offer_bypass(ctx: &SockOpsContext) {
     }
     let mut key = SockKey {
         netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
-        local_ip4: ctx.local_ip4(),
-        remote_ip4: ctx.remote_ip4(),
+        local: local_key_addr(ctx),
+        remote: remote_key_addr(ctx),
         local_port: ctx.local_port() as u16,
         remote_port: remote_port(ctx.remote_port()),
         _pad: 0,
@@ -557,17 +587,28 @@ pub fn sluice_sk_msg(ctx: SkMsgContext) -> u32 {
     const SK_PASS: u32 = 1;
     const BPF_F_INGRESS: u64 = 1;
     let md = unsafe { &*ctx.msg };
+    // Key form, as sock_ops and the agent write it: an IPv6 socket
+    // connected to a v4-mapped address is keyed by its IPv4 addresses.
+    let remote6 = read_ip6(&md.remote_ip6);
+    let (local, remote) = if md.family == AF_INET6 && !is_v4_mapped(&remote6) {
+        (read_ip6(&md.local_ip6), remote6)
+    } else {
+        (v4_mapped(md.local_ip4), v4_mapped(md.remote_ip4))
+    };
     let own = SockKey {
         netns_cookie: unsafe { bpf_get_netns_cookie(ctx.msg as *mut _) },
-        local_ip4: md.local_ip4,
-        remote_ip4: md.remote_ip4,
+        local,
+        remote,
         local_port: md.local_port as u16,
         remote_port: remote_port(md.remote_port),
         _pad: 0,
     };
     let mut peer = own.peer();
-    let from_agent = settings()
-        .is_some_and(|s| own.local_ip4 == s.listener_ip4 && own.local_port == s.listener_port);
+    // The agent's end: its outbound listener, or the listener's IPv6 twin.
+    let from_agent = settings().is_some_and(|s| {
+        own.local_port == s.listener_port
+            && (own.local == v4_mapped(s.listener_ip4) || own.local == LOOPBACK6)
+    });
     if !from_agent {
         match unsafe { BYPASS.get(own) } {
             Some(&0) => return SK_PASS,
@@ -693,7 +734,6 @@ pub fn sluice_capture(ctx: SkLookupContext) -> u32 {
         AF_INET6 => (read_ip6(&lookup.local_ip6), read_ip6(&lookup.remote_ip6)),
         _ => return SK_PASS,
     };
-    const LOOPBACK6: [u32; 4] = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
     let loopback = if is_v4_mapped(&remote) {
         u32::from_be(remote[3]) >> 24 == 127
     } else {

@@ -331,8 +331,10 @@ pub const CAPTURE_STRICT: u32 = 1;
 pub const CALLER_LEVELS: usize = 4;
 
 /// Runtime settings of the programs, slot 0 of [`SETTINGS`]. The outbound
-/// listener is IPv4: `connect6` sends an IPv6 socket to its v4-mapped form
-/// (`::ffff:127.0.0.1`), so one listener per namespace serves both families.
+/// listener is IPv4; `connect6` sends a socket dialling an IPv6 address to
+/// the agent's IPv6 twin of it (`[::1]`, same port) where the agent listens
+/// there, and otherwise (and for v4-mapped destinations) to its v4-mapped
+/// form (`::ffff:127.0.0.1`).
 /// A zero `listener_port` means "not configured": the programs pass
 /// everything through untouched.
 #[repr(C)]
@@ -358,15 +360,15 @@ pub const SETTINGS_LOG: u32 = 1;
 pub const SETTINGS_SOCKMAP: u32 = 2;
 
 /// Key of [`SOCKETS`] and [`BYPASS`]: one end of a loopback connection as
-/// seen from its own socket. IPv4 addresses: an IPv6 socket that `connect6`
-/// sent to the agent's v4-mapped address runs IPv4, and is keyed by those.
+/// seen from its own socket, addresses in key form (a socket that runs
+/// IPv4, an IPv6 one sent to a v4-mapped address included, by its IPv4
+/// addresses, v4-mapped).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SockKey {
     pub netns_cookie: u64,
-    /// IPv4 addresses in network byte order.
-    pub local_ip4: u32,
-    pub remote_ip4: u32,
+    pub local: [u32; 4],
+    pub remote: [u32; 4],
     /// Ports in host byte order.
     pub local_port: u16,
     pub remote_port: u16,
@@ -379,8 +381,8 @@ impl SockKey {
     pub const fn peer(&self) -> SockKey {
         SockKey {
             netns_cookie: self.netns_cookie,
-            local_ip4: self.remote_ip4,
-            remote_ip4: self.local_ip4,
+            local: self.remote,
+            remote: self.local,
             local_port: self.remote_port,
             remote_port: self.local_port,
             _pad: 0,

@@ -779,11 +779,10 @@ impl Config {
                 check_kernel_mode(&mut problems, &at, s);
             }
             let vip = (s.address.value, s.port.value);
-            if vip
-                == (
-                    IpAddr::V4(*self.agent.outbound.ip()),
-                    self.agent.outbound.port(),
-                )
+            // The outbound listener, or its IPv6 twin on [::1].
+            if vip.1 == self.agent.outbound.port()
+                && (vip.0 == IpAddr::V4(*self.agent.outbound.ip())
+                    || vip.0 == IpAddr::V6(std::net::Ipv6Addr::LOCALHOST))
             {
                 push(
                     &mut problems,
@@ -1109,6 +1108,16 @@ services:
         assert_eq!(found[0].field, "services[0].address");
         assert!(
             found[0].message.contains("write it as 10.96.0.10"),
+            "{found:?}"
+        );
+        let own = GOOD
+            .replace("10.96.0.10", "\"::1\"")
+            .replace("port: 8080", "port: 15001");
+        let found = problems(&own);
+        assert!(
+            found
+                .iter()
+                .any(|p| p.message.contains("agent's own outbound listener")),
             "{found:?}"
         );
         for bad in ["\"::\"", "\"ff02::1\""] {
