@@ -331,6 +331,38 @@ fn an_ipv6_socket_reaches_the_agent_at_ipv6_loopback_or_else_v4_mapped() {
         ]
     );
     assert_eq!(remote.accepted(), 1);
+    assert!(
+        agent.log().contains("no IPv6 outbound listener"),
+        "{}",
+        agent.log()
+    );
+}
+
+/// An upgrade hands the `[::1]` listener over with the rest: the new
+/// agent serves IPV6_V6ONLY sockets there once the old one has gone.
+#[test]
+fn an_upgrade_hands_over_the_ipv6_outbound_listener() {
+    let vip: SocketAddr = "[2001:db8:77::60]:8080".parse().unwrap();
+    let b = backend6("u6");
+    let config = AgentConfig::new(&[ServiceDef::new("up6", &vip.to_string(), &[b.addr])]);
+    let mut old = Agent::start(&config);
+    let mut new = Agent::start(&config);
+    assert!(old.wait(Duration::from_secs(20)).success(), "{}", old.log());
+    assert!(
+        !new.log().contains("no IPv6 outbound listener"),
+        "{}",
+        new.log()
+    );
+    let replies = lines(&new.run_as_client(&v6only_and_not(vip)));
+    assert_eq!(
+        replies,
+        [
+            "0 ::1 2001:db8:77::60:8080 u6 hi",
+            "1 ::1 2001:db8:77::60:8080 u6 hi"
+        ]
+    );
+    new.sigterm();
+    assert!(new.wait(Duration::from_secs(15)).success());
 }
 
 /// Received bytes of the loopback device in `netns`.
