@@ -492,9 +492,10 @@ impl Catalog {
     }
 
     /// What the SERVICES and BACKENDS maps should hold now: every service
-    /// (IPv4 and IPv6 alike, in the maps' one key form) with its flags and, for those the kernel may balance
-    /// (kernel mode, or fail-open while the agent is down), the endpoints
-    /// the resilience layer deems eligible at `now`, with their weights.
+    /// (IPv4 and IPv6 alike, in the maps' one key form) with its flags
+    /// and, for those the kernel may balance (kernel mode, or fail-open
+    /// while the agent is down), the endpoints the resilience layer deems
+    /// eligible at `now`, with their weights.
     pub fn kernel_entries(&self, now: Millis) -> Vec<KernelEntry> {
         self.entries(now, false)
     }
