@@ -148,6 +148,20 @@ pub fn translate(
             .push(slice);
     }
 
+    // A name made for one port or family (`checkout-ipv6`) must not take
+    // a Service's own name, nor one already given: validation would refuse
+    // the whole catalog over it, so the later entry is skipped.
+    let service_names: std::collections::HashSet<(&str, &str)> = objects
+        .services
+        .iter()
+        .filter_map(|s| {
+            Some((
+                s.metadata.namespace.as_deref()?,
+                s.metadata.name.as_deref()?,
+            ))
+        })
+        .collect();
+    let mut given: std::collections::HashSet<(String, String)> = std::collections::HashSet::new();
     for service in &objects.services {
         let (Some(ns), Some(name)) = (&service.metadata.namespace, &service.metadata.name) else {
             continue;
@@ -240,8 +254,23 @@ pub fn translate(
                 } else {
                     format!("-{port_name}")
                 };
+                let entry_name = format!("{name}{port_suffix}{family_suffix}");
+                let made = entry_name != *name;
+                if (made && service_names.contains(&(ns.as_str(), entry_name.as_str())))
+                    || !given.insert((ns.clone(), entry_name.clone()))
+                {
+                    out.skipped.push((
+                        key.clone(),
+                        format!(
+                            "{ip} port {}: its entry would be named `{entry_name}`, a name \
+                             another service in {ns} already has; not meshed",
+                            port.port
+                        ),
+                    ));
+                    continue;
+                }
                 out.services.push(json!({
-                    "name": format!("{name}{port_suffix}{family_suffix}"),
+                    "name": entry_name,
                     "namespace": ns,
                     "address": ip,
                     "port": port.port,
@@ -637,6 +666,43 @@ mod tests {
             .unwrap();
         assert!(v6.address.value.is_ipv6());
         assert!(v6.endpoints.iter().all(|e| e.address.value.is_ipv6()));
+    }
+
+    #[test]
+    fn a_made_name_that_another_service_has_is_skipped_not_fatal() {
+        let mut objects = dual_stack(["IPv4", "IPv6"]);
+        let mut other = objects.services[0].clone();
+        other.metadata.name = Some("checkout-ipv6".into());
+        let spec = other.spec.as_mut().unwrap();
+        spec.cluster_ip = Some("10.96.0.51".into());
+        spec.cluster_ips = Some(vec!["10.96.0.51".into()]);
+        spec.ip_families = Some(vec!["IPv4".into()]);
+        objects.services.push(other);
+        let mut slice: EndpointSlice = fixture("endpointslice-checkout");
+        slice.metadata.name = Some("checkout-ipv6-abc".into());
+        slice
+            .metadata
+            .labels
+            .get_or_insert_default()
+            .insert(SERVICE_NAME_LABEL.into(), "checkout-ipv6".into());
+        objects.slices.push(slice);
+
+        let t = run(&objects, &[]);
+        assert_eq!(service(&t, "checkout")["address"], "10.96.0.50");
+        assert_eq!(service(&t, "checkout-ipv6")["address"], "10.96.0.51");
+        assert_eq!(t.services.len(), 2, "{:?}", t.services);
+        let (_, why) = t
+            .skipped
+            .iter()
+            .find(|(o, _)| o == "service shop/checkout")
+            .expect("the made name is reported");
+        assert!(
+            why.contains("fd00:96::50") && why.contains("`checkout-ipv6`"),
+            "{why}"
+        );
+        let base = "node:\n  name: node-a\n";
+        let mut config = crate::config::Config::parse(base, "t.yaml").unwrap();
+        super::super::merge(&mut config, &t).unwrap();
     }
 
     #[test]
