@@ -365,6 +365,43 @@ fn an_upgrade_hands_over_the_ipv6_outbound_listener() {
     assert!(new.wait(Duration::from_secs(15)).success());
 }
 
+/// An IPv6 socket carrying the agent's mark, opened outside the agent's
+/// cgroups, is redirected like any other (connect6 checks the cgroup as
+/// connect4 does) and the attempt is audited with what it dialled.
+#[test]
+fn an_ipv6_socket_with_the_agents_mark_is_still_redirected() {
+    let b = backend6("meshed6");
+    let services = [ServiceDef::new("payments6", VIP6, &[b.addr])];
+    let config = AgentConfig::new(&services);
+    let audit = config.dir.join("audit.jsonl");
+    config.write_raw(&format!(
+        "{}audit:\n  output: {}\n",
+        config.render(&services),
+        audit.display()
+    ));
+    let agent = Agent::start(&config);
+    let mark = "s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, 0x51ce)";
+    let script = calls_with("AF_INET6", mark, "2001:db8:77::10", 8080, 1);
+
+    let replies = lines(&agent.run_as_client(&script));
+
+    assert_eq!(replies, ["2001:db8:77::10:8080 meshed6 call 1"]);
+    assert_eq!(agent.stat(Stat::MarkSpoofed), 1);
+    assert_eq!(agent.stat(Stat::Redirected), 1);
+    assert_eq!(agent.stat(Stat::AgentSocket), 0);
+    let mut attempt = Value::Null;
+    assert!(wait_until(Duration::from_secs(5), || {
+        attempt = std::fs::read_to_string(&audit)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|l| l["reason"] == "mark_spoofed")
+            .unwrap_or_default();
+        !attempt.is_null()
+    }));
+    assert_eq!(attempt["destination"]["address"], VIP6);
+}
+
 /// Received bytes of the loopback device in `netns`.
 fn loopback_bytes(netns: &Netns) -> u64 {
     let out = output(&format!("ip -n {} -s -j link show lo", netns.name));
