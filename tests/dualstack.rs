@@ -893,7 +893,12 @@ fn dual_stack_nodes_balance_an_ipv6_cluster_ip_and_cross_nodes_over_mtls() {
     };
     let captured = agent_b.stat(Stat::Captured);
     let got = a_node.node.run(plain);
-    assert!(got == "closed" || got.starts_with("reset"), "{got}");
+    // The agent accepts and resets: the reset may even beat connect()'s
+    // return.
+    assert!(
+        got == "closed" || got.starts_with("reset") || got == "refused: connection reset",
+        "{got}"
+    );
     assert_eq!(agent_b.stat(Stat::Captured), captured + 1);
     let (_, exposition) = b_node
         .node
