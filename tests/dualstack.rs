@@ -534,6 +534,13 @@ impl Drop for DualPod {
     fn drop(&mut self) {
         let _ = self.holder.kill();
         let _ = self.holder.wait();
+        // The holder's own children (the pause process) live on: kill
+        // everything in the pod's cgroups, or they cannot be removed.
+        let _ = std::fs::write(self.cgroup.join("cgroup.kill"), "1");
+        wait_until(Duration::from_secs(5), || {
+            std::fs::read_to_string(self.cgroup.join("cgroup.events"))
+                .is_ok_and(|e| e.contains("populated 0"))
+        });
         remove_cgroup_tree(&self.cgroup);
     }
 }
