@@ -2,19 +2,24 @@
 //! everything that can be decided in userspace is decided there.
 //!
 //! Flow of one outbound connection:
-//! 1. `connect4`: a workload dials a meshed service's virtual address. The
-//!    destination is recorded under the socket's cookie and rewritten to the
-//!    agent's outbound listener.
+//! 1. `connect4` / `connect6`: a workload dials a meshed service's virtual
+//!    address (IPv4, IPv6, or IPv4 written `::ffff:a.b.c.d` on an IPv6
+//!    socket: all one key form). The destination is recorded under the
+//!    socket's cookie and rewritten to the agent's outbound listener (for an
+//!    IPv6 socket its `[::1]` twin, or its v4-mapped form).
 //! 2. `sock_ops` (active established): the record moves to a key the agent
 //!    can compute from `accept()`: network namespace cookie + client address
 //!    and port.
 //! 3. The agent takes the record (lookup-and-delete) when it accepts.
 //!
+//! `getpeername4` / `getpeername6` show the application the virtual address
+//! it dialled, whether the agent or the kernel carries the connection.
+//!
 //! Kernel mode (a service with the SERVICE_KERNEL flag) skips the agent:
-//! `connect4` takes the next slot of the service's backend table and
-//! rewrites the destination to that backend; `getpeername4` shows the
-//! application the virtual address again; `sock_ops` reports the connect's
-//! outcome to the agent through a ring buffer, for outlier detection.
+//! the connect hook takes the next slot of the service's backend table and
+//! rewrites the destination to that backend; `sock_ops` reports the
+//! connect's outcome to the agent through a ring buffer, for outlier
+//! detection.
 //!
 //! Inbound capture: `sluice_capture` (sk_lookup), attached to the network
 //! namespace of every captured workload, steers a connect that arrives from
@@ -43,12 +48,12 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::info;
 use sluice_maps::{
-    Backend, BackendKey, CALLER_LEVELS, CAPTURE_STRICT, CaptureKey, CaptureValue,
+    Backend, BackendKey, CALLER_LEVELS, CAPTURE_SLOTS, CAPTURE_STRICT, CaptureKey, CaptureValue,
     EVENT_CONNECT_FAILED, EVENT_ESTABLISHED, EVENT_MARK_SPOOFED, EVENT_RTO, KERNEL_EVENTS_BYTES,
     KernelConn, KernelEvent, MAX_AGENT_CGROUPS, MAX_BACKEND_SLOTS, MAX_BYPASS_SOCKETS,
-    MAX_CAPTURE_LISTENERS, MAX_CAPTURES, MAX_KERNEL_CONNS, MAX_PENDING_RECORDS, MAX_SERVICES,
-    OriginalDst, PeerKey, SERVICE_FAIL_OPEN, SERVICE_KERNEL, SETTINGS_LOG, SETTINGS_SOCKMAP,
-    STAT_COUNT, ServiceKey, ServiceValue, Settings, SockKey, Stat, v4_mapped,
+    MAX_CAPTURES, MAX_DIALLED, MAX_KERNEL_CONNS, MAX_PENDING_RECORDS, MAX_SERVICES, OriginalDst,
+    PeerKey, SERVICE_FAIL_OPEN, SERVICE_KERNEL, SETTINGS_LOG, SETTINGS_SOCKMAP, STAT_COUNT,
+    ServiceKey, ServiceValue, Settings, SockKey, Stat, capture_slot_v6, is_v4_mapped, v4_mapped,
 };
 
 /// Allow the syscall to proceed (cgroup/connect4 return value).
@@ -57,6 +62,9 @@ const ALLOW: i32 = 1;
 const REFUSE: i32 = 0;
 const IPPROTO_TCP: u32 = 6;
 const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+/// `::1` in key form (network byte order).
+const LOOPBACK6: [u32; 4] = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
 /// `BPF_F_CURRENT_NETNS`: look sockets up in the caller's namespace.
 const CURRENT_NETNS: u64 = u64::MAX;
 /// TCP states as sock_ops reports them (include/net/tcp_states.h).
@@ -90,6 +98,9 @@ static CURSORS: PerCpuArray<u32> = PerCpuArray::pinned(MAX_SERVICES, 0);
 static KERNEL_CONNS: LruHashMap<u64, KernelConn> = LruHashMap::pinned(MAX_KERNEL_CONNS, 0);
 
 #[map]
+static DIALLED: LruHashMap<u64, ServiceKey> = LruHashMap::pinned(MAX_DIALLED, 0);
+
+#[map]
 static KERNEL_EVENTS: RingBuf = RingBuf::pinned(KERNEL_EVENTS_BYTES, 0);
 
 #[map]
@@ -112,7 +123,7 @@ static AGENT_CGROUPS: LruHashMap<u64, u32> = LruHashMap::pinned(MAX_AGENT_CGROUP
 static CAPTURE: HashMap<CaptureKey, CaptureValue> = HashMap::pinned(MAX_CAPTURES, 0);
 
 #[map]
-static CAPTURE_LISTENERS: SockMap = SockMap::pinned(MAX_CAPTURE_LISTENERS, 0);
+static CAPTURE_LISTENERS: SockMap = SockMap::pinned(CAPTURE_SLOTS, 0);
 
 #[inline(always)]
 fn count(stat: Stat) {
@@ -129,16 +140,109 @@ fn settings() -> Option<&'static Settings> {
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
-    try_connect4(&ctx)
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let dialled = ServiceKey {
+        addr: v4_mapped(sa.user_ip4),
+        port: u16::from_be(sa.user_port as u16),
+        _pad: 0,
+    };
+    match decide(&ctx, sa, &dialled, false) {
+        Verdict::Allow => ALLOW,
+        Verdict::Refuse => REFUSE,
+        Verdict::Rewrite(addr, port) => {
+            // An IPv4 socket can only be sent to an IPv4 address; config
+            // validation keeps IPv6 backends out of IPv4 services' tables.
+            if !is_v4_mapped(&addr) {
+                return REFUSE;
+            }
+            sa.user_ip4 = addr[3];
+            sa.user_port = u32::from(port.to_be());
+            ALLOW
+        }
+    }
 }
 
-fn try_connect4(ctx: &SockAddrContext) -> i32 {
-    let Some(settings) = settings() else {
-        return ALLOW;
-    };
+/// The IPv6 twin of `connect4`, with the same decisions: the key is the
+/// 16-byte address as dialled, so an IPv6 virtual address is its own key and
+/// `::ffff:a.b.c.d` (an IPv6 socket dialling an IPv4 address, which
+/// `connect4` never sees) is the IPv4 service's key.
+///
+/// To the agent: a socket dialling an IPv6 address goes to the agent's
+/// IPv6 twin listener, `[::1]` on the outbound port, where the agent
+/// listens in the caller's namespace (an IPV6_V6ONLY socket can reach
+/// nothing else, and this hook cannot read that flag); otherwise, and for
+/// a v4-mapped destination, to the outbound listener's v4-mapped form
+/// (`::ffff:127.0.0.1:15001`), which the kernel runs as IPv4 on the wire
+/// (`tcp_v6_connect` hands it to `tcp_v4_connect`).
+#[cgroup_sock_addr(connect6)]
+pub fn connect6(ctx: SockAddrContext) -> i32 {
     let sa = unsafe { &mut *ctx.sock_addr };
+    let dialled = ServiceKey {
+        addr: read_ip6(&sa.user_ip6),
+        port: u16::from_be(sa.user_port as u16),
+        _pad: 0,
+    };
+    match decide(&ctx, sa, &dialled, true) {
+        Verdict::Allow => ALLOW,
+        Verdict::Refuse => REFUSE,
+        Verdict::Rewrite(addr, port) => {
+            write_ip6(&mut sa.user_ip6, &addr);
+            sa.user_port = u32::from(port.to_be());
+            ALLOW
+        }
+    }
+}
+
+/// Reads a context's IPv6 address one 4-byte word at a time: the verifier
+/// takes only narrow accesses to these fields, and LLVM would merge plain
+/// reads.
+#[inline(always)]
+fn read_ip6(words: &[u32; 4]) -> [u32; 4] {
+    let p = words.as_ptr();
+    unsafe {
+        [
+            core::ptr::read_volatile(p),
+            core::ptr::read_volatile(p.add(1)),
+            core::ptr::read_volatile(p.add(2)),
+            core::ptr::read_volatile(p.add(3)),
+        ]
+    }
+}
+
+/// Writes a context's IPv6 address one 4-byte word at a time (see
+/// [`read_ip6`]).
+#[inline(always)]
+fn write_ip6(words: &mut [u32; 4], addr: &[u32; 4]) {
+    let p = words.as_mut_ptr();
+    unsafe {
+        core::ptr::write_volatile(p, addr[0]);
+        core::ptr::write_volatile(p.add(1), addr[1]);
+        core::ptr::write_volatile(p.add(2), addr[2]);
+        core::ptr::write_volatile(p.add(3), addr[3]);
+    }
+}
+
+/// What a connect hook does with one connect.
+enum Verdict {
+    Allow,
+    Refuse,
+    /// Send it to this key-form address and port instead.
+    Rewrite([u32; 4], u16),
+}
+
+/// The decision both connect hooks share, on the destination in key form;
+/// `v6` only names the hook in log events.
+fn decide(
+    ctx: &SockAddrContext,
+    sa: &aya_ebpf::bindings::bpf_sock_addr,
+    dialled: &ServiceKey,
+    v6: bool,
+) -> Verdict {
+    let Some(settings) = settings() else {
+        return Verdict::Allow;
+    };
     if sa.protocol != IPPROTO_TCP {
-        return ALLOW;
+        return Verdict::Allow;
     }
     let sk = unsafe { sa.__bindgen_anon_1.sk };
     let mut spoofed = false;
@@ -149,41 +253,33 @@ fn try_connect4(ctx: &SockAddrContext) -> i32 {
         let cgroup = unsafe { bpf_get_current_cgroup_id() };
         if unsafe { AGENT_CGROUPS.get(cgroup) }.is_some() {
             count(Stat::AgentSocket);
-            return ALLOW;
+            return Verdict::Allow;
         }
         count(Stat::MarkSpoofed);
         spoofed = true;
     }
-
-    let addr = v4_mapped(sa.user_ip4);
-    let port = u16::from_be(sa.user_port as u16);
-    let key = ServiceKey {
-        addr,
-        port,
-        _pad: 0,
-    };
     if spoofed {
-        report_spoofed_mark(&key, settings);
+        report_spoofed_mark(dialled, settings);
     }
-    let Some(service) = (unsafe { SERVICES.get(key) }).copied() else {
+    let Some(service) = (unsafe { SERVICES.get(dialled) }).copied() else {
         count(Stat::NotMeshed);
-        return ALLOW;
+        return Verdict::Allow;
     };
     if service.flags & SERVICE_KERNEL != 0 {
-        return balance_in_kernel(ctx, sa, &key, &service, settings);
+        return balance_in_kernel(ctx, dialled, &service, settings, v6);
     }
     if service.flags & SERVICE_FAIL_OPEN != 0 && !agent_listening(ctx, settings) {
         count(Stat::FailOpen);
         if service.slots == 0 {
             // No table: the original destination, as the application asked.
-            return ALLOW;
+            return Verdict::Allow;
         }
-        return balance_in_kernel(ctx, sa, &key, &service, settings);
+        return balance_in_kernel(ctx, dialled, &service, settings, v6);
     }
 
     let record = OriginalDst {
-        addr,
-        port,
+        addr: dialled.addr,
+        port: dialled.port,
         _pad: [0; 6],
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         ancestors: caller_ancestors(settings),
@@ -197,19 +293,31 @@ fn try_connect4(ctx: &SockAddrContext) -> i32 {
         // Without the record the agent could not serve the connection:
         // refuse rather than send it anywhere unaccounted.
         count(Stat::RecordFailed);
-        return REFUSE;
+        return Verdict::Refuse;
     }
-
-    sa.user_ip4 = settings.listener_ip4;
-    sa.user_port = u32::from(settings.listener_port.to_be());
+    // Only for getpeername: the connection works without it.
+    let _ = DIALLED.insert(cookie, *dialled, BPF_ANY as u64);
     count(Stat::Redirected);
     if settings.flags & SETTINGS_LOG != 0 {
-        info!(
-            ctx,
-            "connect4: redirect cookie={} cgroup={} port={}", cookie, record.cgroup_id, port
-        );
+        let (cgroup, port) = (record.cgroup_id, dialled.port);
+        if v6 {
+            info!(
+                ctx,
+                "connect6: redirect cookie={} cgroup={} port={}", cookie, cgroup, port
+            );
+        } else {
+            info!(
+                ctx,
+                "connect4: redirect cookie={} cgroup={} port={}", cookie, cgroup, port
+            );
+        }
     }
-    ALLOW
+    let agent = if v6 && !is_v4_mapped(&dialled.addr) && agent_listening6(ctx, settings) {
+        LOOPBACK6
+    } else {
+        v4_mapped(settings.listener_ip4)
+    };
+    Verdict::Rewrite(agent, settings.listener_port)
 }
 
 /// The caller's ancestor cgroups just below the hooked one: where a pod's
@@ -261,19 +369,37 @@ fn agent_listening(ctx: &SockAddrContext, settings: &Settings) -> bool {
     true
 }
 
+/// Whether the agent's IPv6 twin of the outbound listener (`[::1]`, same
+/// port) exists in the caller's network namespace.
+fn agent_listening6(ctx: &SockAddrContext, settings: &Settings) -> bool {
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    tuple.__bindgen_anon_1.ipv6.daddr = LOOPBACK6;
+    tuple.__bindgen_anon_1.ipv6.dport = settings.listener_port.to_be();
+    let size = core::mem::size_of_val(unsafe { &tuple.__bindgen_anon_1.ipv6 }) as u32;
+    let sk = unsafe { bpf_sk_lookup_tcp(ctx.as_ptr(), &mut tuple, size, CURRENT_NETNS, 0) };
+    if sk.is_null() {
+        return false;
+    }
+    unsafe { bpf_sk_release(sk as *mut _) };
+    true
+}
+
 /// Sends the connect to the next backend of the service's live table.
+/// Inlined: BPF calls take at most five arguments, the returned verdict's
+/// pointer included.
+#[inline(always)]
 fn balance_in_kernel(
     ctx: &SockAddrContext,
-    sa: &mut aya_ebpf::bindings::bpf_sock_addr,
     key: &ServiceKey,
     service: &ServiceValue,
     settings: &Settings,
-) -> i32 {
+    v6: bool,
+) -> Verdict {
     if service.slots == 0 {
         // The agent emptied the table: every endpoint is ineligible and the
         // service's panic policy is fail_closed.
         count(Stat::KernelNoBackend);
-        return REFUSE;
+        return Verdict::Refuse;
     }
     // Per-CPU cursor: no atomics, no contention; each CPU walks the table
     // in order, so proportions hold exactly over every full turn.
@@ -288,7 +414,7 @@ fn balance_in_kernel(
     let slot = BackendKey::new(*key, service.generation & 1, index);
     let Some(backend) = (unsafe { BACKENDS.get(slot) }).copied() else {
         count(Stat::KernelNoBackend);
-        return REFUSE;
+        return Verdict::Refuse;
     };
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let conn = KernelConn {
@@ -300,30 +426,57 @@ fn balance_in_kernel(
     // Without this entry getpeername would show the backend and the outcome
     // would go unseen; the connect itself still works, so go on.
     let _ = KERNEL_CONNS.insert(cookie, conn, BPF_ANY as u64);
-    sa.user_ip4 = backend.addr[3];
-    sa.user_port = u32::from(backend.port.to_be());
     count(Stat::KernelBalanced);
     if settings.flags & SETTINGS_LOG != 0 {
-        info!(
-            ctx,
-            "connect4: kernel-balanced cookie={} port={} -> port={}",
-            cookie,
-            key.port,
-            backend.port
-        );
+        let (from, to) = (key.port, backend.port);
+        if v6 {
+            info!(
+                ctx,
+                "connect6: kernel-balanced cookie={} port={} -> port={}", cookie, from, to
+            );
+        } else {
+            info!(
+                ctx,
+                "connect4: kernel-balanced cookie={} port={} -> port={}", cookie, from, to
+            );
+        }
+    }
+    Verdict::Rewrite(backend.addr, backend.port)
+}
+
+/// The virtual address a socket's connect dialled, if a connect hook
+/// rewrote it (kernel-balanced or sent to the agent).
+#[inline(always)]
+fn dialled(ctx: &SockAddrContext) -> Option<ServiceKey> {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if let Some(conn) = unsafe { KERNEL_CONNS.get(cookie) } {
+        return Some(conn.service);
+    }
+    unsafe { DIALLED.get(cookie) }.copied()
+}
+
+/// Shows the application the virtual address it dialled, not the backend
+/// the kernel chose nor the agent's listener.
+#[cgroup_sock_addr(getpeername4)]
+pub fn getpeername4(ctx: SockAddrContext) -> i32 {
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if let Some(service) = dialled(&ctx)
+        && is_v4_mapped(&service.addr)
+    {
+        sa.user_ip4 = service.addr[3];
+        sa.user_port = u32::from(service.port.to_be());
     }
     ALLOW
 }
 
-/// Shows the application the virtual address it dialled, not the backend
-/// the kernel chose.
-#[cgroup_sock_addr(getpeername4)]
-pub fn getpeername4(ctx: SockAddrContext) -> i32 {
+/// `getpeername4` for IPv6 sockets: the address as dialled, an IPv4 one in
+/// its v4-mapped form (as the application wrote it).
+#[cgroup_sock_addr(getpeername6)]
+pub fn getpeername6(ctx: SockAddrContext) -> i32 {
     let sa = unsafe { &mut *ctx.sock_addr };
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if let Some(conn) = unsafe { KERNEL_CONNS.get(cookie) } {
-        sa.user_ip4 = conn.service.addr[3];
-        sa.user_port = u32::from(conn.service.port.to_be());
+    if let Some(service) = dialled(&ctx) {
+        write_ip6(&mut sa.user_ip6, &service.addr);
+        sa.user_port = u32::from(service.port.to_be());
     }
     ALLOW
 }
@@ -332,13 +485,12 @@ pub fn getpeername4(ctx: SockAddrContext) -> i32 {
 // with the section name in bpf-linker.
 #[sock_ops]
 pub fn sluice_sockops(ctx: SockOpsContext) -> u32 {
-    // Only IPv4 is redirected (no connect6 program yet), so only IPv4
-    // connections can have a record.
-    if ctx.family() != AF_INET {
+    let family = ctx.family();
+    if family != AF_INET && family != AF_INET6 {
         return 0;
     }
     match ctx.op() {
-        BPF_SOCK_OPS_TCP_CONNECT_CB => watch_kernel_conn(&ctx),
+        BPF_SOCK_OPS_TCP_CONNECT_CB => watch_rewritten(&ctx),
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
             if rekey_established(&ctx) {
                 offer_bypass(&ctx);
@@ -347,18 +499,48 @@ pub fn sluice_sockops(ctx: SockOpsContext) -> u32 {
         }
         BPF_SOCK_OPS_STATE_CB => {
             if ctx.arg(1) == TCP_CLOSE {
-                if ctx.arg(0) == TCP_SYN_SENT {
+                if ctx.arg(0) == TCP_SYN_SENT && report_kernel_conn(&ctx, EVENT_CONNECT_FAILED) {
                     count(Stat::KernelConnectFailed);
-                    report_kernel_conn(&ctx, EVENT_CONNECT_FAILED);
                 }
                 let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
                 let _ = KERNEL_CONNS.remove(cookie);
+                let _ = DIALLED.remove(cookie);
             }
         }
-        BPF_SOCK_OPS_RTO_CB => report_kernel_conn(&ctx, EVENT_RTO),
+        BPF_SOCK_OPS_RTO_CB => {
+            report_kernel_conn(&ctx, EVENT_RTO);
+        }
         _ => {}
     }
     0
+}
+
+/// Whether an IPv6 sock_ops socket is connected to a v4-mapped address,
+/// so runs IPv4 on the wire (its IPv4 fields hold its addresses).
+#[inline(always)]
+fn remote_v4_mapped(ctx: &SockOpsContext) -> bool {
+    is_v4_mapped(&read_ip6(unsafe { &(*ctx.ops).remote_ip6 }))
+}
+
+/// The local address of a sock_ops socket in key form. An IPv6 socket
+/// connected to a v4-mapped address runs IPv4 on the wire: its local
+/// address is the IPv4 one that the agent's `accept()` sees.
+#[inline(always)]
+fn local_key_addr(ctx: &SockOpsContext) -> [u32; 4] {
+    if ctx.family() == AF_INET6 && !remote_v4_mapped(ctx) {
+        return read_ip6(unsafe { &(*ctx.ops).local_ip6 });
+    }
+    v4_mapped(ctx.local_ip4())
+}
+
+/// The remote address of a sock_ops socket in key form (see
+/// [`local_key_addr`]).
+#[inline(always)]
+fn remote_key_addr(ctx: &SockOpsContext) -> [u32; 4] {
+    if ctx.family() == AF_INET6 {
+        return read_ip6(unsafe { &(*ctx.ops).remote_ip6 });
+    }
+    v4_mapped(ctx.remote_ip4())
 }
 
 /// `sock_ops` reports ports in mixed forms (remote in network order, in the
@@ -380,8 +562,8 @@ fn offer_bypass(ctx: &SockOpsContext) {
     }
     let mut key = SockKey {
         netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
-        local_ip4: ctx.local_ip4(),
-        remote_ip4: ctx.remote_ip4(),
+        local: local_key_addr(ctx),
+        remote: remote_key_addr(ctx),
         local_port: ctx.local_port() as u16,
         remote_port: remote_port(ctx.remote_port()),
         _pad: 0,
@@ -405,17 +587,28 @@ pub fn sluice_sk_msg(ctx: SkMsgContext) -> u32 {
     const SK_PASS: u32 = 1;
     const BPF_F_INGRESS: u64 = 1;
     let md = unsafe { &*ctx.msg };
+    // Key form, as sock_ops and the agent write it: an IPv6 socket
+    // connected to a v4-mapped address is keyed by its IPv4 addresses.
+    let remote6 = read_ip6(&md.remote_ip6);
+    let (local, remote) = if md.family == AF_INET6 && !is_v4_mapped(&remote6) {
+        (read_ip6(&md.local_ip6), remote6)
+    } else {
+        (v4_mapped(md.local_ip4), v4_mapped(md.remote_ip4))
+    };
     let own = SockKey {
         netns_cookie: unsafe { bpf_get_netns_cookie(ctx.msg as *mut _) },
-        local_ip4: md.local_ip4,
-        remote_ip4: md.remote_ip4,
+        local,
+        remote,
         local_port: md.local_port as u16,
         remote_port: remote_port(md.remote_port),
         _pad: 0,
     };
     let mut peer = own.peer();
-    let from_agent = settings()
-        .is_some_and(|s| own.local_ip4 == s.listener_ip4 && own.local_port == s.listener_port);
+    // The agent's end: its outbound listener, or the listener's IPv6 twin.
+    let from_agent = settings().is_some_and(|s| {
+        own.local_port == s.listener_port
+            && (own.local == v4_mapped(s.listener_ip4) || own.local == LOOPBACK6)
+    });
     if !from_agent {
         match unsafe { BYPASS.get(own) } {
             Some(&0) => return SK_PASS,
@@ -437,20 +630,27 @@ pub fn sluice_sk_msg(ctx: SkMsgContext) -> u32 {
     SK_PASS
 }
 
-/// Asks for state and RTO callbacks on kernel-balanced sockets only, so
-/// other sockets pay nothing.
-fn watch_kernel_conn(ctx: &SockOpsContext) {
+/// Asks for state callbacks on the sockets a connect hook rewrote (RTO
+/// callbacks too for kernel-balanced ones), so other sockets pay nothing:
+/// their entries go when they close.
+fn watch_rewritten(ctx: &SockOpsContext) {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if unsafe { KERNEL_CONNS.get(cookie) }.is_some() {
-        let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTO_CB_FLAG;
-        let _ = ctx.set_cb_flags(flags as i32);
-    }
+    let extra = if unsafe { KERNEL_CONNS.get(cookie) }.is_some() {
+        BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTO_CB_FLAG
+    } else if unsafe { DIALLED.get(cookie) }.is_some() {
+        BPF_SOCK_OPS_STATE_CB_FLAG
+    } else {
+        return;
+    };
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | extra) as i32);
 }
 
-fn report_kernel_conn(ctx: &SockOpsContext, kind: u32) {
+/// Queues an outcome of a kernel-balanced connect; false if the socket is
+/// not one.
+fn report_kernel_conn(ctx: &SockOpsContext, kind: u32) -> bool {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let Some(conn) = (unsafe { KERNEL_CONNS.get(cookie) }).copied() else {
-        return;
+        return false;
     };
     let value = match kind {
         // srtt_us is kept left-shifted by 3 (eighths of a microsecond).
@@ -473,6 +673,7 @@ fn report_kernel_conn(ctx: &SockOpsContext, kind: u32) {
     {
         count(Stat::EventLost);
     }
+    true
 }
 
 /// Moves the record of a redirected connection to its peer key; true if
@@ -484,7 +685,7 @@ fn rekey_established(ctx: &SockOpsContext) -> bool {
     };
     let key = PeerKey {
         netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
-        addr: v4_mapped(ctx.local_ip4()),
+        addr: local_key_addr(ctx),
         // sock_ops reports the local port in host byte order.
         port: ctx.local_port() as u16,
         _pad: [0; 6],
@@ -507,14 +708,16 @@ fn rekey_established(ctx: &SockOpsContext) -> bool {
 }
 
 /// Steers an inbound TCP connect to a captured workload, arriving from
-/// outside its network namespace, to the agent's capture listener there.
+/// outside its network namespace, to the agent's capture listener there of
+/// the connect's family (the kernel steers an IPv6 connect to an IPv6
+/// socket only).
 #[sk_lookup]
 pub fn sluice_capture(ctx: SkLookupContext) -> u32 {
     const SK_DROP: u32 = 0;
     const SK_PASS: u32 = 1;
     const LOOPBACK_IFINDEX: u32 = 1;
     let lookup = unsafe { &*ctx.lookup };
-    if lookup.protocol != IPPROTO_TCP || lookup.family != AF_INET {
+    if lookup.protocol != IPPROTO_TCP {
         return SK_PASS;
     }
     // From inside this namespace: the workload calling itself, or the
@@ -523,17 +726,26 @@ pub fn sluice_capture(ctx: SkLookupContext) -> u32 {
     // kernel's choice for a local route). Neither can come from outside:
     // the kernel drops a packet arriving on a wire with a local or
     // loopback source address as martian.
-    if lookup.ingress_ifindex == LOOPBACK_IFINDEX
-        || lookup.remote_ip4 == lookup.local_ip4
-        || u32::from_be(lookup.remote_ip4) >> 24 == 127
-    {
+    if lookup.ingress_ifindex == LOOPBACK_IFINDEX {
         return SK_PASS;
     }
-    let addr = v4_mapped(lookup.local_ip4);
+    let (local, remote) = match lookup.family {
+        AF_INET => (v4_mapped(lookup.local_ip4), v4_mapped(lookup.remote_ip4)),
+        AF_INET6 => (read_ip6(&lookup.local_ip6), read_ip6(&lookup.remote_ip6)),
+        _ => return SK_PASS,
+    };
+    let loopback = if is_v4_mapped(&remote) {
+        u32::from_be(remote[3]) >> 24 == 127
+    } else {
+        remote == LOOPBACK6
+    };
+    if loopback || remote == local {
+        return SK_PASS;
+    }
     // sk_lookup gives the local port in host byte order.
     let port = lookup.local_port as u16;
     let exact = CaptureKey {
-        addr,
+        addr: local,
         port,
         _pad: 0,
     };
@@ -549,14 +761,17 @@ pub fn sluice_capture(ctx: SkLookupContext) -> u32 {
     let Some(capture) = found else {
         return SK_PASS;
     };
-    if CAPTURE_LISTENERS
-        .redirect_sk_lookup(&ctx, capture.listener, 0)
-        .is_ok()
-    {
+    let slot = if lookup.family == AF_INET6 {
+        capture_slot_v6(capture.listener)
+    } else {
+        capture.listener
+    };
+    if CAPTURE_LISTENERS.redirect_sk_lookup(&ctx, slot, 0).is_ok() {
         count(Stat::Captured);
         return SK_PASS;
     }
-    // No capture listener: the agent is down or stopping.
+    // No capture listener: the agent is down or stopping (or, for IPv6,
+    // could not listen on the namespace's [::1]).
     if capture.flags & CAPTURE_STRICT != 0 {
         // No socket for the connect: the kernel answers with a reset.
         count(Stat::CaptureRefused);

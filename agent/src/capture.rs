@@ -13,14 +13,16 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    net::{IpAddr, SocketAddr},
+    net::{Ipv6Addr, SocketAddr},
     path::PathBuf,
     sync::Arc,
     time::Duration,
 };
 
 use log::{info, warn};
-use sluice_maps::{CAPTURE_STRICT, CaptureKey, CaptureValue, MAX_CAPTURE_LISTENERS, v4_mapped};
+use sluice_maps::{
+    CAPTURE_STRICT, CaptureKey, CaptureValue, MAX_CAPTURE_LISTENERS, capture_slot_v6,
+};
 
 use crate::{
     catalog::{Catalog, capture::InboundMode},
@@ -28,7 +30,7 @@ use crate::{
     handover::{Inherited, Offered},
     netns::{self, Netns},
     proxy::capture::{CaptureContext, CaptureListener},
-    redirect::{Redirect, RedirectError},
+    redirect::{Redirect, RedirectError, records::key_addr},
 };
 
 /// Why capture could not be set up as the catalog asks.
@@ -50,6 +52,8 @@ pub enum CaptureError {
 struct Open {
     trigger: DrainTrigger,
     cookie: u64,
+    /// The IPv4 listener's slot; the IPv6 one, when it could listen, is at
+    /// [`capture_slot_v6`] of it.
     slot: u32,
     /// Whether the namespace is a pod's (its offer leaves with the pod).
     pod: bool,
@@ -124,6 +128,9 @@ impl CaptureSet {
             if let Some(open) = self.open.remove(&key) {
                 open.trigger.start();
                 redirect.capture().clear_listener(open.slot);
+                redirect
+                    .capture()
+                    .clear_listener(capture_slot_v6(open.slot));
                 if open.pod {
                     // Its outbound listener's offer goes with it, as the
                     // pod's namespace does.
@@ -156,12 +163,12 @@ impl CaptureSet {
         let mut entries = Vec::new();
         for (addr, target) in catalog.capture_keys() {
             let key = target.workload.netns.as_ref().map(|n| n.path().to_owned());
-            let (Some(open), IpAddr::V4(ip)) = (self.open.get(&key), addr.ip()) else {
+            let Some(open) = self.open.get(&key) else {
                 continue;
             };
             entries.push((
                 CaptureKey {
-                    addr: v4_mapped(u32::from_ne_bytes(ip.octets())),
+                    addr: key_addr(addr.ip()),
                     port: addr.port(),
                     _pad: 0,
                 },
@@ -219,14 +226,40 @@ impl CaptureSet {
             self.free.push(slot);
             return Err(e);
         }
-        let offer = listener.socket().try_clone_to_owned().map_err(io_err)?;
-        if netns.is_some() {
-            offered.add(cookie, offer);
-        } else {
-            offered.add_fixed(offer);
-        }
+        // The kernel steers an IPv6 connect to an IPv6 socket only: a
+        // second listener on the namespace's [::1], same port. Without it
+        // (IPv6 off in the namespace) the hook refuses IPv6 from outside
+        // to a strict workload itself, unaudited.
+        let v6 = SocketAddr::new(Ipv6Addr::LOCALHOST.into(), self.addr.port());
+        let listener6 = match CaptureListener::bind_in(v6, inherited, netns) {
+            Ok(l) => match redirect
+                .capture()
+                .set_listener(capture_slot_v6(slot), l.socket())
+            {
+                Ok(()) => Some(l),
+                Err(e) => {
+                    warn!("no IPv6 capture listener {v6} in network namespace {cookie}: {e}");
+                    None
+                }
+            },
+            Err(e) => {
+                warn!(
+                    "no IPv6 capture listener {v6} in network namespace {cookie}: {e}; IPv6 \
+                     connects from outside to its strict workloads are refused unaudited"
+                );
+                None
+            }
+        };
         let (trigger, watch) = drain::channel();
-        tokio::spawn(listener.serve(ctx.clone(), watch));
+        for l in std::iter::once(listener).chain(listener6) {
+            let offer = l.socket().try_clone_to_owned().map_err(io_err)?;
+            if netns.is_some() {
+                offered.add(cookie, offer);
+            } else {
+                offered.add_fixed(offer);
+            }
+            tokio::spawn(l.serve(ctx.clone(), watch.clone()));
+        }
         Ok(Open {
             trigger,
             cookie,

@@ -362,11 +362,14 @@ impl PodListeners {
             match OutboundListener::bind_in(self.addr, inherited, Some(netns)) {
                 Ok(listener) => {
                     let cookie = listener.netns_cookie();
-                    if let Ok(fd) = dup(listener.socket()) {
-                        handover.add(cookie, fd);
-                    }
+                    let twin = OutboundListener::bind_v6_twin(self.addr, inherited, Some(netns));
                     let (trigger, watch) = drain::channel();
-                    tokio::spawn(listener.serve(ctx.clone(), watch));
+                    for listener in std::iter::once(listener).chain(twin) {
+                        if let Ok(fd) = dup(listener.socket()) {
+                            handover.add(cookie, fd);
+                        }
+                        tokio::spawn(listener.serve(ctx.clone(), watch.clone()));
+                    }
                     info!("outbound listener {} open in {}", self.addr, path.display());
                     self.open
                         .insert(path.to_owned(), PodListener { trigger, cookie });
@@ -442,8 +445,12 @@ async fn run_attached(
 
     let outbound = SocketAddr::V4(config.agent.outbound);
     let listener = OutboundListener::bind(outbound, inherited).map_err(AgentError::Listener)?;
+    let listener6 = OutboundListener::bind_v6_twin(outbound, inherited, None);
     let offered = handover::Offered::default();
     offered.add_fixed(dup(listener.socket()).map_err(AgentError::Listener)?);
+    if let Some(l) = &listener6 {
+        offered.add_fixed(dup(l.socket()).map_err(AgentError::Listener)?);
+    }
     let services = catalog.services().count();
     let workloads = catalog.workloads().len();
     let checkers = HealthCheckers::start(&catalog, config.agent.mark, &watch);
@@ -591,6 +598,7 @@ async fn run_attached(
     redirect.attach(root)?;
     admin.attached.store(true, Ordering::Release);
     let server = tokio::spawn(listener.serve(ctx.clone(), watch.clone()));
+    let server6 = listener6.map(|l| tokio::spawn(l.serve(ctx.clone(), watch.clone())));
     let inbound_server = inbound
         .serve_on(&inbound_runtime, inbound_ctx, watch.clone())
         .map_err(AgentError::Inbound)?;
@@ -702,7 +710,11 @@ async fn run_attached(
     }
     pods.stop(refuse);
     captures.stop(refuse);
-    for (name, task) in [("outbound", server), ("inbound", inbound_server)] {
+    let outbound6 = server6.into_iter().map(|task| ("outbound IPv6", task));
+    for (name, task) in [("outbound", server), ("inbound", inbound_server)]
+        .into_iter()
+        .chain(outbound6)
+    {
         if let Err(e) = task.await {
             error!("{name} listener task failed: {e}");
         }

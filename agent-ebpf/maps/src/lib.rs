@@ -13,10 +13,13 @@
 #![no_std]
 
 /// Name of the map of meshed services: [`ServiceKey`] -> [`ServiceValue`].
-/// Written by the agent from its catalog, read by `connect4`.
+/// Written by the agent from its catalog, read by `connect4` and `connect6`
+/// (an IPv4 service under its v4-mapped address, so one key serves an IPv4
+/// socket and an IPv6 socket dialling `::ffff:a.b.c.d`).
 pub const SERVICES: &str = "SERVICES";
 /// Name of the map of redirected sockets not yet established:
-/// socket cookie (`u64`) -> [`OriginalDst`]. Written by `connect4`, moved to
+/// socket cookie (`u64`) -> [`OriginalDst`]. Written by `connect4` and
+/// `connect6`, moved to
 /// [`ORIG_BY_PEER`] by `sock_ops`; left-overs (refused connects) age out of
 /// this LRU map or are swept by the agent.
 pub const ORIG_BY_COOKIE: &str = "ORIG_BY_COOKIE";
@@ -31,17 +34,24 @@ pub const SETTINGS: &str = "SETTINGS";
 pub const STATS: &str = "STATS";
 /// Name of the map of kernel-balanced backends: [`BackendKey`] ->
 /// [`Backend`]. Written by the agent (one table per service and
-/// generation), read by `connect4` for kernel-mode services and for
-/// fail-open services while the agent is down.
+/// generation), read by `connect4`/`connect6` for kernel-mode services and
+/// for fail-open services while the agent is down. A backend has the
+/// family of its service's virtual address (config validation).
 pub const BACKENDS: &str = "BACKENDS";
 /// Name of the per-CPU array of rotation cursors, indexed by service id
 /// modulo [`MAX_SERVICES`]. Only the programs touch it.
 pub const CURSORS: &str = "CURSORS";
 /// Name of the map of sockets whose connect the kernel balanced: socket
-/// cookie (`u64`) -> [`KernelConn`]. Written by `connect4`, read by
-/// `getpeername4` and `sock_ops`, removed by `sock_ops` when the socket
-/// closes.
+/// cookie (`u64`) -> [`KernelConn`]. Written by `connect4`/`connect6`, read
+/// by `getpeername4`/`getpeername6` and `sock_ops`, removed by `sock_ops`
+/// when the socket closes.
 pub const KERNEL_CONNS: &str = "KERNEL_CONNS";
+/// Name of the map of the virtual addresses that sockets redirected to the
+/// agent dialled: socket cookie (`u64`) -> [`ServiceKey`]. Written by
+/// `connect4`/`connect6`, read by `getpeername4`/`getpeername6` (so a
+/// workload sees the address it dialled, not the agent's listener),
+/// removed by `sock_ops` when the socket closes (LRU besides).
+pub const DIALLED: &str = "DIALLED";
 /// Name of the ring buffer of [`KernelEvent`]s: outcomes of kernel-balanced
 /// connects, for outlier detection and metrics.
 pub const KERNEL_EVENTS: &str = "KERNEL_EVENTS";
@@ -60,22 +70,25 @@ pub const LAYOUT: &str = "LAYOUT";
 
 /// Name of the set of cgroups the agent's own processes run in: cgroup id
 /// (`u64`) -> 1. Written by each agent for itself at start and again every
-/// few seconds (an upgrade has two for a moment), read by `connect4`: a socket carrying the agent's mark
-/// is let through only when it is opened from one of these cgroups, so a
-/// workload that sets the mark itself is redirected like any other.
+/// few seconds (an upgrade has two for a moment), read by the connect
+/// hooks: a socket carrying the agent's mark is let through only when it is
+/// opened from one of these cgroups, so a workload that sets the mark
+/// itself is redirected like any other.
 pub const AGENT_CGROUPS: &str = "AGENT_CGROUPS";
 /// Name of the map of captured inbound destinations: [`CaptureKey`] ->
 /// [`CaptureValue`]. Written by the agent from its catalog (one entry per
 /// meshed workload address), read by `sluice_capture` (sk_lookup).
 pub const CAPTURE: &str = "CAPTURE";
-/// Name of the SOCKMAP of the agent's capture listeners, one per network
-/// namespace that holds a captured workload, indexed by
-/// [`CaptureValue::listener`]. Written by the agent; the kernel drops an
+/// Name of the SOCKMAP of the agent's capture listeners, two per network
+/// namespace that holds a captured workload: the IPv4 one at
+/// [`CaptureValue::listener`], the IPv6 one (`[::1]`, same port) at
+/// [`capture_slot_v6`] of it (the kernel lets an IPv6 connect be steered to
+/// an IPv6 socket only). Written by the agent; the kernel drops an
 /// entry when its socket closes, which is how the program knows the agent
 /// is gone.
 pub const CAPTURE_LISTENERS: &str = "CAPTURE_LISTENERS";
 /// Every pinned map, for cleanup and for the layout check.
-pub const PINNED_MAPS: [&str; 15] = [
+pub const PINNED_MAPS: [&str; 16] = [
     SERVICES,
     ORIG_BY_COOKIE,
     ORIG_BY_PEER,
@@ -91,12 +104,13 @@ pub const PINNED_MAPS: [&str; 15] = [
     AGENT_CGROUPS,
     CAPTURE,
     CAPTURE_LISTENERS,
+    DIALLED,
 ];
 
 /// Version of the maps' layout. Bump it whenever a map's type, size or the
 /// meaning of a field changes: an agent finding pins of another version
 /// replaces them instead of reusing them.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Capacity of [`SERVICES`].
 pub const MAX_SERVICES: u32 = 65_536;
@@ -108,6 +122,9 @@ pub const MAX_BACKEND_SLOTS: u32 = 262_144;
 /// Capacity of [`KERNEL_CONNS`]: open kernel-balanced connections tracked
 /// for getpeername and outcomes (LRU: the oldest are forgotten first).
 pub const MAX_KERNEL_CONNS: u32 = 262_144;
+/// Capacity of [`DIALLED`]: open redirected connections whose workload
+/// may ask for its peer's name (LRU: the oldest are forgotten first).
+pub const MAX_DIALLED: u32 = 262_144;
 /// Capacity of [`SOCKETS`] (two per bypassed connection) and [`BYPASS`].
 pub const MAX_BYPASS_SOCKETS: u32 = 131_072;
 /// Size in bytes of [`KERNEL_EVENTS`].
@@ -118,9 +135,17 @@ pub const KERNEL_EVENTS_BYTES: u32 = 256 * 1024;
 pub const MAX_AGENT_CGROUPS: u32 = 64;
 /// Capacity of [`CAPTURE`]: captured workload addresses on one node.
 pub const MAX_CAPTURES: u32 = 16_384;
-/// Capacity of [`CAPTURE_LISTENERS`]: network namespaces with a captured
-/// workload on one node (pods, and the node's own).
+/// Network namespaces with a captured workload on one node (pods, and the
+/// node's own): [`CAPTURE_LISTENERS`] holds two slots for each.
 pub const MAX_CAPTURE_LISTENERS: u32 = 4096;
+/// Capacity of [`CAPTURE_LISTENERS`].
+pub const CAPTURE_SLOTS: u32 = 2 * MAX_CAPTURE_LISTENERS;
+
+/// The slot of a namespace's IPv6 capture listener, given its IPv4 one's.
+#[inline(always)]
+pub const fn capture_slot_v6(listener: u32) -> u32 {
+    listener + MAX_CAPTURE_LISTENERS
+}
 /// Capacity of each record map. A record lives from `connect()` until the
 /// agent's `accept()`, so this bounds connections in that window per node.
 pub const MAX_PENDING_RECORDS: u32 = 65_536;
@@ -131,6 +156,12 @@ pub const MAX_PENDING_RECORDS: u32 = 65_536;
 pub const fn v4_mapped(ip4_be: u32) -> [u32; 4] {
     // `0000:ffff` in the third word, in network byte order on either endianness.
     [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), ip4_be]
+}
+
+/// Whether a key-form address is an IPv4 one (v4-mapped).
+#[inline(always)]
+pub const fn is_v4_mapped(addr: &[u32; 4]) -> bool {
+    addr[0] == 0 && addr[1] == 0 && addr[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff])
 }
 
 /// Key of [`SERVICES`]: the virtual address a workload dials.
@@ -233,7 +264,7 @@ pub const EVENT_RTO: u32 = 3;
 /// `conn.service` is the address it dialled, `conn.cgroup_id` its cgroup.
 pub const EVENT_MARK_SPOOFED: u32 = 4;
 
-/// What `connect4` records about a redirected connection.
+/// What `connect4`/`connect6` record about a redirected connection.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OriginalDst {
@@ -282,7 +313,8 @@ pub struct CaptureKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CaptureValue {
-    /// Index of the capture listener in [`CAPTURE_LISTENERS`].
+    /// Index of the IPv4 capture listener in [`CAPTURE_LISTENERS`], below
+    /// [`MAX_CAPTURE_LISTENERS`]; the IPv6 one is at [`capture_slot_v6`].
     pub listener: u32,
     /// Bit set of [`CAPTURE_STRICT`].
     pub flags: u32,
@@ -298,7 +330,11 @@ pub const CAPTURE_STRICT: u32 = 1;
 /// below it) with room for a parent cgroup above `kubepods`.
 pub const CALLER_LEVELS: usize = 4;
 
-/// Runtime settings of the programs, slot 0 of [`SETTINGS`].
+/// Runtime settings of the programs, slot 0 of [`SETTINGS`]. The outbound
+/// listener is IPv4; `connect6` sends a socket dialling an IPv6 address to
+/// the agent's IPv6 twin of it (`[::1]`, same port) where the agent listens
+/// there, and otherwise (and for v4-mapped destinations) to its v4-mapped
+/// form (`::ffff:127.0.0.1`).
 /// A zero `listener_port` means "not configured": the programs pass
 /// everything through untouched.
 #[repr(C)]
@@ -324,14 +360,15 @@ pub const SETTINGS_LOG: u32 = 1;
 pub const SETTINGS_SOCKMAP: u32 = 2;
 
 /// Key of [`SOCKETS`] and [`BYPASS`]: one end of a loopback connection as
-/// seen from its own socket.
+/// seen from its own socket, addresses in key form (a socket that runs
+/// IPv4, an IPv6 one sent to a v4-mapped address included, by its IPv4
+/// addresses, v4-mapped).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SockKey {
     pub netns_cookie: u64,
-    /// IPv4 addresses in network byte order.
-    pub local_ip4: u32,
-    pub remote_ip4: u32,
+    pub local: [u32; 4],
+    pub remote: [u32; 4],
     /// Ports in host byte order.
     pub local_port: u16,
     pub remote_port: u16,
@@ -344,8 +381,8 @@ impl SockKey {
     pub const fn peer(&self) -> SockKey {
         SockKey {
             netns_cookie: self.netns_cookie,
-            local_ip4: self.remote_ip4,
-            remote_ip4: self.local_ip4,
+            local: self.remote,
+            remote: self.local,
             local_port: self.remote_port,
             remote_port: self.local_port,
             _pad: 0,
@@ -357,19 +394,21 @@ impl SockKey {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stat {
-    /// connect4 rewrote a connect to the agent.
+    /// A connect hook rewrote a connect to the agent.
     Redirected = 0,
-    /// connect4 saw a destination that is not a meshed service.
+    /// A connect hook saw a destination that is not a meshed service.
     NotMeshed = 1,
-    /// connect4 skipped a socket carrying the agent's mark.
+    /// A connect hook skipped a socket carrying the agent's mark.
     AgentSocket = 2,
-    /// connect4 could not store the record and refused the connect.
+    /// A connect hook could not store the record and refused the
+    /// connect.
     RecordFailed = 3,
     /// sock_ops moved a record from cookie to peer key.
     Established = 4,
-    /// connect4 balanced a connect in the kernel (kernel-mode service).
+    /// A connect hook balanced a connect in the kernel (kernel mode).
     KernelBalanced = 5,
-    /// connect4 refused a kernel-mode connect: no backend in the table.
+    /// A connect hook refused a kernel-mode connect: no backend in the
+    /// table.
     KernelNoBackend = 6,
     /// The agent was down and a fail-open service's connect went around it.
     FailOpen = 7,
@@ -381,8 +420,8 @@ pub enum Stat {
     BypassSocket = 10,
     /// sk_msg moved a message straight into the peer socket.
     BypassMessage = 11,
-    /// connect4 saw the agent's mark on a socket of a process outside the
-    /// agent's cgroups, and redirected it like any other.
+    /// A connect hook saw the agent's mark on a socket of a process outside
+    /// the agent's cgroups, and redirected it like any other.
     MarkSpoofed = 12,
     /// sk_lookup steered an inbound connect to the agent's capture listener.
     Captured = 13,

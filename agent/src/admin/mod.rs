@@ -387,6 +387,8 @@ fn view(state: &AdminState, path: &str) -> Option<Value> {
                 "programs": [
                     {"name": "connect4", "type": "cgroup/connect4", "cgroup": state.info.cgroup,
                      "attached": state.attached.load(Ordering::Acquire)},
+                    {"name": "connect6", "type": "cgroup/connect6", "cgroup": state.info.cgroup,
+                     "attached": state.attached.load(Ordering::Acquire)},
                     {"name": "sluice_sockops", "type": "sock_ops", "cgroup": state.info.cgroup,
                      "attached": state.attached.load(Ordering::Acquire)},
                 ],

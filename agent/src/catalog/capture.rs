@@ -39,8 +39,9 @@ pub struct CaptureTarget {
     pub workload: Arc<Workload>,
     pub mode: InboundMode,
     /// CAPTURE keys: `(pod address, 0)` for a workload with its own
-    /// network namespace (every port of the pod), `(0.0.0.0, port)` for one
-    /// in the node's namespace (its endpoints' ports on every address).
+    /// network namespace (every port of the pod, an IPv6 address as well as
+    /// an IPv4 one), `(0.0.0.0, port)` for one in the node's namespace (its
+    /// endpoints' ports on every address of either family).
     pub keys: Vec<SocketAddr>,
 }
 
@@ -97,7 +98,6 @@ pub fn targets(
         }
         let mut keys: Vec<SocketAddr> = addrs
             .iter()
-            .filter(|a| a.is_ipv4())
             .map(|a| match w.netns {
                 Some(_) => SocketAddr::new(a.ip(), 0),
                 None => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), a.port()),
@@ -120,7 +120,8 @@ pub fn targets(
 }
 
 /// The target a captured connection to `local` belongs to, looked up in
-/// the order the kernel program uses.
+/// the order the kernel program uses (an IPv6 `local` falls back to the
+/// IPv4 node key too, as there).
 pub fn lookup(
     targets: &HashMap<SocketAddr, Arc<CaptureTarget>>,
     local: SocketAddr,

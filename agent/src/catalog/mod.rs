@@ -9,13 +9,7 @@
 
 pub mod capture;
 
-use std::{
-    collections::HashMap,
-    net::{IpAddr, SocketAddr},
-    path::PathBuf,
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::HashMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use sluice_maps::{Backend, SERVICE_FAIL_OPEN, SERVICE_KERNEL, ServiceKey};
 
@@ -587,10 +581,11 @@ impl Catalog {
         self.services.values()
     }
 
-    /// What the SERVICES and BACKENDS maps should hold now: every IPv4
-    /// service with its flags and, for those the kernel may balance
-    /// (kernel mode, or fail-open while the agent is down), the endpoints
-    /// the resilience layer deems eligible at `now`, with their weights.
+    /// What the SERVICES and BACKENDS maps should hold now: every service
+    /// (IPv4 and IPv6 alike, in the maps' one key form) with its flags
+    /// and, for those the kernel may balance (kernel mode, or fail-open
+    /// while the agent is down), the endpoints the resilience layer deems
+    /// eligible at `now`, with their weights.
     pub fn kernel_entries(&self, now: Millis) -> Vec<KernelEntry> {
         self.entries(now, false)
     }
@@ -612,7 +607,6 @@ impl Catalog {
         };
         self.services
             .values()
-            .filter(|s| matches!(s.vip.ip(), IpAddr::V4(_)))
             .filter(|s| !tables_only || flags_of(s) != 0)
             .map(|s| {
                 let flags = flags_of(s);
@@ -624,9 +618,12 @@ impl Catalog {
                         .into_iter()
                         .filter_map(|i| {
                             let e = &s.endpoints[i];
-                            let IpAddr::V4(_) = e.addr.ip() else {
+                            // Validation keeps each service to its
+                            // address's family; a connect hook could not
+                            // cross over.
+                            if e.addr.is_ipv4() != s.vip.is_ipv4() {
                                 return None;
-                            };
+                            }
                             let backend = Backend {
                                 addr: key_addr(e.addr.ip()),
                                 port: e.addr.port(),

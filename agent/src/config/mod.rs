@@ -30,7 +30,7 @@ pub use policy::{
 
 /// What the kernel cannot do for a `mode: kernel` service: it balances by
 /// weight or at random at connect time, knows nothing of in-flight counts
-/// or the caller's identity, and rewrites IPv4 destinations only.
+/// or the caller's identity.
 fn check_kernel_mode(problems: &mut Vec<Problem>, at: &str, s: &ServiceSpec) {
     let policy = &s.load_balancer.policy;
     if matches!(policy.value, Policy::LeastRequest | Policy::ConsistentHash) {
@@ -62,17 +62,6 @@ fn check_kernel_mode(problems: &mut Vec<Problem>, at: &str, s: &ServiceSpec) {
              policy"
                 .into(),
         );
-    }
-    for (j, e) in s.endpoints.iter().enumerate() {
-        if e.address.value.is_ipv6() {
-            push(
-                problems,
-                e.address.referenced.line(),
-                format!("{at}.endpoints[{j}].address"),
-                "mode: kernel rewrites IPv4 connects only; an IPv6 endpoint cannot be reached"
-                    .into(),
-            );
-        }
     }
 }
 
@@ -762,11 +751,21 @@ impl Config {
             }
             let addr_line = s.address.referenced.line();
             match s.address.value {
-                IpAddr::V6(_) => push(
+                IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => push(
                     &mut problems,
                     addr_line,
                     format!("{at}.address"),
-                    "IPv6 virtual addresses are not redirected yet; use an IPv4 address".into(),
+                    format!(
+                        "{v6} is an IPv4 address in IPv6 form; write it as {} (IPv6 sockets \
+                         dialling {v6} reach the service all the same)",
+                        v6.to_ipv4_mapped().expect("matched above")
+                    ),
+                ),
+                IpAddr::V6(v6) if v6.is_unspecified() || v6.is_multicast() => push(
+                    &mut problems,
+                    addr_line,
+                    format!("{at}.address"),
+                    format!("{v6} cannot be a virtual address"),
                 ),
                 IpAddr::V4(v4) if v4.is_unspecified() || v4.is_broadcast() => push(
                     &mut problems,
@@ -774,7 +773,7 @@ impl Config {
                     format!("{at}.address"),
                     format!("{v4} cannot be a virtual address"),
                 ),
-                IpAddr::V4(_) => {}
+                IpAddr::V4(_) | IpAddr::V6(_) => {}
             }
             if s.port.value == 0 {
                 push(
@@ -788,11 +787,10 @@ impl Config {
                 check_kernel_mode(&mut problems, &at, s);
             }
             let vip = (s.address.value, s.port.value);
-            if vip
-                == (
-                    IpAddr::V4(*self.agent.outbound.ip()),
-                    self.agent.outbound.port(),
-                )
+            // The outbound listener, or its IPv6 twin on [::1].
+            if vip.1 == self.agent.outbound.port()
+                && (vip.0 == IpAddr::V4(*self.agent.outbound.ip())
+                    || vip.0 == IpAddr::V6(std::net::Ipv6Addr::LOCALHOST))
             {
                 push(
                     &mut problems,
@@ -838,6 +836,30 @@ impl Config {
                         e.address.referenced.line(),
                         format!("{at}.address"),
                         format!("{} cannot be dialled", e.address.value),
+                    );
+                }
+                if let IpAddr::V6(v6) = e.address.value
+                    && let Some(v4) = v6.to_ipv4_mapped()
+                {
+                    push(
+                        &mut problems,
+                        e.address.referenced.line(),
+                        format!("{at}.address"),
+                        format!("{v6} is an IPv4 address in IPv6 form; write it as {v4}"),
+                    );
+                } else if e.address.value.is_ipv4() != s.address.value.to_canonical().is_ipv4() {
+                    // The kernel's tables (kernel mode, fail_open) cannot
+                    // send an IPv4 socket to an IPv6 address; one rule for
+                    // every mode. A dual-stack service is two services.
+                    push(
+                        &mut problems,
+                        e.address.referenced.line(),
+                        format!("{at}.address"),
+                        format!(
+                            "{} is not of the family of the service's address {}; a dual-stack \
+                             service is two services, one per family",
+                            e.address.value, s.address.value
+                        ),
                     );
                 }
                 if e.weight.value == 0 {
@@ -1066,6 +1088,53 @@ services:
             .expect("parses")
             .validate()
             .expect_err("must be invalid")
+    }
+
+    #[test]
+    fn ipv6_services_are_accepted_with_endpoints_of_their_family_only() {
+        let ok = GOOD
+            .replace("10.96.0.10", "\"fd00:96::10\"")
+            .replace("127.0.0.1", "\"::1\"");
+        Config::parse(&ok, "t.yaml").unwrap().validate().unwrap();
+        let ok = format!("{ok}    mode: kernel\n");
+        Config::parse(&ok, "t.yaml").unwrap().validate().unwrap();
+
+        // One service, one family: an IPv4 endpoint of an IPv6 service.
+        let mixed = GOOD.replace("10.96.0.10", "\"fd00:96::10\"");
+        let found = problems(&mixed);
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert_eq!(found[0].field, "services[0].endpoints[0].address");
+        assert_eq!(found[0].line, 12);
+        assert!(found[0].message.contains("two services"), "{found:?}");
+
+        // An IPv4 address in IPv6 form is refused, naming its IPv4 form:
+        // the maps have one key per address, and IPv6 sockets dialling
+        // the v4-mapped form reach the IPv4 service anyway.
+        let mapped = GOOD.replace("10.96.0.10", "\"::ffff:10.96.0.10\"");
+        let found = problems(&mapped);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].field, "services[0].address");
+        assert!(
+            found[0].message.contains("write it as 10.96.0.10"),
+            "{found:?}"
+        );
+        let own = GOOD
+            .replace("10.96.0.10", "\"::1\"")
+            .replace("port: 8080", "port: 15001");
+        let found = problems(&own);
+        assert!(
+            found
+                .iter()
+                .any(|p| p.message.contains("agent's own outbound listener")),
+            "{found:?}"
+        );
+        for bad in ["\"::\"", "\"ff02::1\""] {
+            let found = problems(&GOOD.replace("10.96.0.10", bad));
+            assert!(
+                found.iter().any(|p| p.field == "services[0].address"),
+                "{bad}: {found:?}"
+            );
+        }
     }
 
     #[test]

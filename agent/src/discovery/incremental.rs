@@ -188,9 +188,27 @@ impl Translator {
 
         // The whole result, in the Services' order; forget Services gone.
         let mut live = std::collections::HashSet::with_capacity(fingerprints.len());
+        // Each entry's name once: a made-up one (`NAME-ipv6`, `NAME-port`)
+        // may meet another Service's, translated at another time.
+        let mut given = std::collections::HashSet::new();
         for (key, _) in &fingerprints {
             if let Some(cached) = self.services.get(key) {
                 for entry in &cached.entries {
+                    let name = (
+                        entry["namespace"].as_str().unwrap_or_default(),
+                        entry["name"].as_str().unwrap_or_default(),
+                    );
+                    if !given.insert(name) {
+                        out.skipped.push((
+                            format!("service {}/{}", key.0, key.1),
+                            format!(
+                                "its entry `{}` has a name another service in {} already has; \
+                                 not meshed",
+                                name.1, name.0
+                            ),
+                        ));
+                        continue;
+                    }
                     out.services.push(entry.clone());
                     out.sources.push(key.clone());
                 }

@@ -105,6 +105,26 @@ impl OutboundListener {
         Self::bind_in(addr, inherited, None)
     }
 
+    /// The IPv6 twin of the listener on `addr`: `[::1]`, same port, inside
+    /// `netns` when given. `connect6` sends sockets dialling an IPv6
+    /// address here when it exists (an IPV6_V6ONLY socket cannot reach the
+    /// v4-mapped IPv4 listener); `None` where the namespace has no IPv6
+    /// loopback, and then they go to the IPv4 listener.
+    pub fn bind_v6_twin(
+        addr: SocketAddr,
+        inherited: &Inherited,
+        netns: Option<&Netns>,
+    ) -> Option<OutboundListener> {
+        let twin = SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), addr.port());
+        match Self::bind_in(twin, inherited, netns) {
+            Ok(listener) => Some(listener),
+            Err(e) => {
+                info!("no IPv6 outbound listener {twin}: {e}; IPv6 sockets use {addr}");
+                None
+            }
+        }
+    }
+
     /// Binds `addr` inside `netns` (a pod's namespace) when given.
     pub fn bind_in(
         addr: SocketAddr,
@@ -138,10 +158,7 @@ impl OutboundListener {
     /// already accepted go on in their own tasks, tracked by `drain`.
     pub async fn serve(self, ctx: Arc<OutboundContext>, mut drain: DrainWatch) {
         let netns = self.netns_cookie;
-        let local = match self.listener.local_addr() {
-            Ok(SocketAddr::V4(a)) => Some(a),
-            _ => None,
-        };
+        let local = self.listener.local_addr().ok();
         accept_until_drained(
             &self.listener,
             &mut drain,

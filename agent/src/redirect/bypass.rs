@@ -5,7 +5,7 @@
 
 use std::{
     io,
-    net::{SocketAddr, SocketAddrV4},
+    net::SocketAddr,
     os::fd::{AsFd, AsRawFd, OwnedFd},
     sync::Arc,
 };
@@ -17,7 +17,7 @@ use aya::{
 };
 use sluice_maps::SockKey;
 
-use super::ErrorChain;
+use super::{ErrorChain, records::key_addr};
 
 /// BPF_MAP_UPDATE_ELEM from linux/bpf.h (aya's `insert` wants `&mut`).
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
@@ -73,17 +73,14 @@ impl Bypass {
     pub fn offer(
         &self,
         accepted: &impl AsRawFd,
-        listener: SocketAddrV4,
+        listener: SocketAddr,
         peer: SocketAddr,
         netns: u64,
     ) -> io::Result<()> {
-        let SocketAddr::V4(peer) = peer else {
-            return Ok(());
-        };
         let key = SockKey {
             netns_cookie: netns,
-            local_ip4: u32::from_ne_bytes(listener.ip().octets()),
-            remote_ip4: u32::from_ne_bytes(peer.ip().octets()),
+            local: key_addr(listener.ip()),
+            remote: key_addr(peer.ip()),
             local_port: listener.port(),
             remote_port: peer.port(),
             _pad: 0,

@@ -4,7 +4,8 @@
 //! Pins live under `agent.pin_dir`:
 //! - one file per map (SERVICES, ORIG_BY_COOKIE, ...), reused by the next
 //!   agent, so records written while the agent restarts are not lost;
-//! - `link_connect4`, `link_sluice_sockops`, `link_getpeername4`: the attachments. They outlive a
+//! - `link_connect4`, `link_connect6`, `link_sluice_sockops`,
+//!   `link_getpeername4`, `link_getpeername6`: the attachments. They outlive a
 //!   crashed agent (meshed traffic then fails closed: nothing listens on the
 //!   outbound port; other traffic is untouched). A new agent attaches its own
 //!   programs first and only then detaches the ones it finds pinned, so
@@ -49,11 +50,19 @@ pub use records::{PeerRecords, Redirected};
 /// The compiled eBPF object, built by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sluice-ebpf"));
 
-/// The programs and where they attach, in attach order.
-const PROGRAMS: [&str; 3] = ["connect4", "sluice_sockops", "getpeername4"];
-/// The program only the kernel fast path needs: without it, kernel-mode
-/// services fall back to the proxy.
-const KERNEL_MODE_PROGRAM: &str = "getpeername4";
+/// The programs and where they attach, in attach order. Each IPv4 hook has
+/// its IPv6 twin with the same decisions, attached to the same cgroup.
+const PROGRAMS: [&str; 5] = [
+    "connect4",
+    "connect6",
+    "sluice_sockops",
+    "getpeername4",
+    "getpeername6",
+];
+/// The programs only the kernel fast path needs: without them, kernel-mode
+/// services fall back to the proxy (and a workload sees the agent's
+/// listener as its peer).
+const KERNEL_MODE_PROGRAMS: [&str; 2] = ["getpeername4", "getpeername6"];
 /// The sockmap bypass's program; attached to the SOCKETS map, not to a
 /// cgroup.
 const BYPASS_PROGRAM: &str = "sluice_sk_msg";
@@ -219,7 +228,7 @@ impl Redirect {
             };
             match loaded {
                 Ok(()) => {}
-                Err(e) if name == KERNEL_MODE_PROGRAM => {
+                Err(e) if KERNEL_MODE_PROGRAMS.contains(&name) => {
                     warn!(
                         "the kernel fast path is unavailable: the kernel refused {name} ({}); \
                          services with mode: kernel are served by the proxy",
@@ -416,7 +425,7 @@ impl Redirect {
         // another tool) share the cgroup; the kernel refuses the multi flag
         // on cgroup links.
         for name in PROGRAMS {
-            if name == KERNEL_MODE_PROGRAM && !self.kernel_mode {
+            if KERNEL_MODE_PROGRAMS.contains(&name) && !self.kernel_mode {
                 continue;
             }
             let attach_err = |e| RedirectError::Attach {
@@ -473,7 +482,7 @@ impl Redirect {
             "attached {} to cgroup {} (links pinned in {})",
             PROGRAMS
                 .iter()
-                .filter(|&&p| p != KERNEL_MODE_PROGRAM || self.kernel_mode)
+                .filter(|p| !KERNEL_MODE_PROGRAMS.contains(p) || self.kernel_mode)
                 .copied()
                 .collect::<Vec<_>>()
                 .join(", "),
