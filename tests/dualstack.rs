@@ -20,6 +20,7 @@ use serde_json::{Value, json};
 use sluice::admin::client;
 use sluice_maps::Stat;
 use support::{
+    install::{agents_slice, shipped_config},
     kubeapi::{FakeApiServer, Resource},
     pods::*,
     *,
@@ -536,12 +537,7 @@ impl Drop for DualPod {
         let _ = self.holder.wait();
         // The holder's own children (the pause process) live on: kill
         // everything in the pod's cgroups, or they cannot be removed.
-        let _ = std::fs::write(self.cgroup.join("cgroup.kill"), "1");
-        wait_until(Duration::from_secs(5), || {
-            std::fs::read_to_string(self.cgroup.join("cgroup.events"))
-                .is_ok_and(|e| e.contains("populated 0"))
-        });
-        remove_cgroup_tree(&self.cgroup);
+        kill_cgroup_tree(&self.cgroup);
     }
 }
 
@@ -582,58 +578,6 @@ fn add_ipv6(node: &Node, i: usize, prefix: u16) -> IpAddr {
          ip -n {p} -6 route add default via fd00:5c:{prefix:x}::1"
     ));
     format!("fd00:5c:{prefix:x}::2").parse().unwrap()
-}
-
-/// The shipped ConfigMap's sluice.yaml with this node's host paths moved
-/// into the test's directories (as tests/kube.rs does); every move must
-/// apply, so a change to the shipped file shows up here.
-fn shipped_config(node: &AgentConfig, certs: &Path) -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/kubernetes/configmap.yaml");
-    let map: Value = serde_saphyr::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    let mut text = map["data"]["sluice.yaml"].as_str().unwrap().to_owned();
-    for (from, to) in [
-        (
-            "cgroup_root: kubepods.slice".to_owned(),
-            format!("cgroup_root: {}/kubepods.slice", node.cgroup_root),
-        ),
-        (
-            "/var/run/sluice".to_owned(),
-            node.dir.join("state").display().to_string(),
-        ),
-        (
-            "/sys/fs/bpf/sluice".to_owned(),
-            node.pin_dir.display().to_string(),
-        ),
-        (
-            "/var/lib/sluice/certs".to_owned(),
-            certs.display().to_string(),
-        ),
-    ] {
-        assert!(text.contains(&from), "configmap.yaml no longer has {from}");
-        text = text.replace(&from, &to);
-    }
-    text
-}
-
-/// The agent's own pod on `node` (hostNetwork, labelled as the shipped
-/// agent selector expects): how agents find each other.
-fn agent_pod(node: &str, host_ip: &str) -> Value {
-    json!({
-        "kind": "Pod", "apiVersion": "v1",
-        "metadata": {
-            "name": format!("sluice-{node}"), "namespace": "sluice-system",
-            "uid": format!("agent-{node}"),
-            "labels": { "app.kubernetes.io/name": "sluice", "controller-revision-hash": "7d9f" }
-        },
-        "spec": {
-            "nodeName": node, "hostNetwork": true, "serviceAccountName": "sluice",
-            "containers": [{ "name": "agent", "image": "sluice:test" }]
-        },
-        "status": {
-            "phase": "Running", "hostIP": host_ip, "hostIPs": [{ "ip": host_ip }],
-            "podIP": host_ip, "podIPs": [{ "ip": host_ip }]
-        }
-    })
 }
 
 /// The EndpointSlice of `checkout` for one family: every pod, ready.
@@ -789,8 +733,10 @@ fn dual_stack_nodes_balance_an_ipv6_cluster_ip_and_cross_nodes_over_mtls() {
         };
         api.set_object(Resource::Pods, p.object(account));
     }
-    api.set_object(Resource::Pods, agent_pod("node-a", a_addr));
-    api.set_object(Resource::Pods, agent_pod("node-b", b_addr));
+    api.set_object(
+        Resource::EndpointSlices,
+        agents_slice(&[("node-a", a_addr), ("node-b", b_addr)]),
+    );
 
     let start = |cfg: &AgentConfig, node: &Node, name: &str, kubeconfig: &Path| {
         Agent::start_in_netns_with_env(

@@ -255,14 +255,24 @@ fn report_watch_to_map() {
         .sync_services(&running.kernel_entries(sluice::resilience::clock::now_ms()))
         .expect("map sync");
     let mut took = Vec::new();
+    // Per stage: translate, difference, merge, catalog, map.
+    let mut stages: [Vec<std::time::Duration>; 5] = Default::default();
     for i in 0..100 {
         let slice = Arc::make_mut(&mut objects.slices[i * 97 % SERVICES]);
         let ready = &mut slice.endpoints[0].conditions.get_or_insert_default().ready;
         *ready = Some(!ready.unwrap_or(true));
         slice.metadata.resource_version = Some(format!("change-{i}"));
         let started = std::time::Instant::now();
+        let mut lap = started;
+        let mut stage = |n: usize| {
+            let now = std::time::Instant::now();
+            stages[n].push(now - lap);
+            lap = now;
+        };
         let found = translator.translate(&objects, &settings, &mut |_| None);
+        stage(0);
         let changes = discovery::service_changes(&applied, &found).expect("only services changed");
+        stage(1);
         let mut config = Config::parse(base, "bench.yaml").unwrap();
         let from_file = config.services.len();
         discovery::merge_parts(
@@ -272,11 +282,14 @@ fn report_watch_to_map() {
             &found.nodes,
         )
         .expect("the changed services validate");
+        stage(2);
         let specs: Vec<_> = config.services[from_file..].iter().collect();
         let catalog = running.with_services(&config, &specs, &changes.removed);
+        stage(3);
         redirect
             .sync_services(&catalog.kernel_entries(sluice::resilience::clock::now_ms()))
             .expect("map sync");
+        stage(4);
         took.push(started.elapsed());
         running = catalog;
         applied = found;
@@ -289,6 +302,20 @@ fn report_watch_to_map() {
         SERVICES * ENDPOINTS_PER_SERVICE,
         ms(took[took.len() / 2]),
         ms(took[took.len() * 99 / 100])
+    );
+    let median = |v: &mut Vec<std::time::Duration>| {
+        v.sort();
+        ms(v[v.len() / 2])
+    };
+    let [t, d, m, c, k] = &mut stages;
+    println!(
+        "  median per stage: translate {:.1} ms, difference {:.1} ms, merge {:.1} ms, \
+         catalog {:.1} ms, map {:.1} ms",
+        median(t),
+        median(d),
+        median(m),
+        median(c),
+        median(k)
     );
     redirect.detach();
 }

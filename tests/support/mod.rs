@@ -21,6 +21,7 @@ use std::{
 
 use sluice::redirect::{self, cgroup};
 
+pub mod install;
 pub mod kubeapi;
 pub mod pods;
 

@@ -184,3 +184,15 @@ pub fn remove_cgroup_tree(dir: &std::path::Path) {
     }
     let _ = std::fs::remove_dir(dir);
 }
+
+/// Kills every process in a cgroup and the cgroups below it (a pod's
+/// holder leaves its own children behind when killed), waits until none is
+/// left, and removes the tree.
+pub fn kill_cgroup_tree(dir: &std::path::Path) {
+    let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+    super::wait_until(std::time::Duration::from_secs(5), || {
+        std::fs::read_to_string(dir.join("cgroup.events"))
+            .map_or(true, |e| e.contains("populated 0"))
+    });
+    remove_cgroup_tree(dir);
+}
