@@ -1084,8 +1084,10 @@ impl Live<'_> {
             }
         }
         let catalog = running.with_services(&config, &specs, &changes.removed);
+        let named: Vec<(&str, &str)> = leaving.iter().copied().collect();
+        let (write, drop) = running.kernel_delta(&catalog, &named, now_ms());
         self.redirect
-            .sync_services(&catalog.kernel_entries(now_ms()))
+            .update_services(&write, &drop)
             .map_err(|e| e.to_string())?;
         self.checkers
             .sync(&catalog, self.config.agent.mark, &self.drain);

@@ -7,11 +7,13 @@
 //! values as before, which lets the daemon apply only the difference.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    borrow::Cow,
+    collections::HashMap,
     hash::{DefaultHasher, Hash, Hasher},
     sync::Arc,
 };
 
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::Value;
 
 use super::translate::{
@@ -23,6 +25,10 @@ use super::translate::{
 #[derive(Debug)]
 struct Cached {
     fingerprint: u64,
+    /// The last translation that saw the Service.
+    seen: u64,
+    /// Its namespace and name.
+    name: (String, String),
     entries: Vec<Arc<Value>>,
     skipped: Vec<(String, String)>,
 }
@@ -30,7 +36,10 @@ struct Cached {
 /// Keeps each Service's translation between events.
 #[derive(Debug, Default)]
 pub struct Translator {
-    services: HashMap<(String, String), Cached>,
+    /// By the Service's uid (or `namespace/name` without one).
+    services: HashMap<String, Cached>,
+    /// Counts translations, to forget Services no longer seen.
+    epoch: u64,
     /// Bumped for objects without a resourceVersion, which can never be
     /// told unchanged.
     nonce: u64,
@@ -75,10 +84,8 @@ impl Translator {
                 Some((name, mode.map(String::as_str)))
             })
             .collect();
-        let mut slices: BTreeMap<
-            (&str, &str),
-            Vec<&Arc<k8s_openapi::api::discovery::v1::EndpointSlice>>,
-        > = BTreeMap::new();
+        let mut slices: HashMap<(&str, &str), Vec<&Arc<EndpointSlice>>> =
+            HashMap::with_capacity(objects.slices.len());
         for slice in &objects.slices {
             let (Some(ns), Some(service)) = (
                 slice.metadata.namespace.as_deref(),
@@ -97,12 +104,15 @@ impl Translator {
         }
 
         // Fingerprint every Service; gather those that changed.
-        let mut fingerprints = Vec::with_capacity(objects.services.len());
+        self.epoch += 1;
+        let epoch = self.epoch;
+        let mut order: Vec<Cow<'_, str>> = Vec::with_capacity(objects.services.len());
         let mut dirty = Objects {
             pods: objects.pods.clone(),
             namespaces: objects.namespaces.clone(),
             ..Objects::default()
         };
+        let mut dirty_keys: HashMap<(String, String), (Cow<'_, str>, u64)> = HashMap::new();
         for service in &objects.services {
             let (Some(ns), Some(name)) = (&service.metadata.namespace, &service.metadata.name)
             else {
@@ -112,123 +122,110 @@ impl Translator {
             let mut h = DefaultHasher::new();
             shared.hash(&mut h);
             service.metadata.uid.hash(&mut h);
-            self.version(&service.metadata.resource_version)
-                .hash(&mut h);
+            self.version(&service.metadata.resource_version, &mut h);
             modes.get(ns.as_str()).hash(&mut h);
             for slice in own.into_iter().flatten() {
                 slice.metadata.uid.hash(&mut h);
                 slice.metadata.name.hash(&mut h);
-                self.version(&slice.metadata.resource_version).hash(&mut h);
+                self.version(&slice.metadata.resource_version, &mut h);
             }
             let fingerprint = h.finish();
-            let key = (ns.clone(), name.clone());
-            if self
-                .services
-                .get(&key)
-                .is_none_or(|c| c.fingerprint != fingerprint)
-            {
-                dirty.services.push(service.clone());
-                dirty
-                    .slices
-                    .extend(own.into_iter().flatten().map(|s| (*s).clone()));
+            // The uid when there is one: looked up without building a key.
+            let key: Cow<'_, str> = match &service.metadata.uid {
+                Some(uid) => Cow::Borrowed(uid.as_str()),
+                None => Cow::Owned(format!("{ns}/{name}")),
+            };
+            match self.services.get_mut(key.as_ref()) {
+                Some(c) if c.fingerprint == fingerprint => c.seen = epoch,
+                _ => {
+                    dirty.services.push(service.clone());
+                    dirty
+                        .slices
+                        .extend(own.into_iter().flatten().map(|s| (*s).clone()));
+                    dirty_keys.insert((ns.clone(), name.clone()), (key.clone(), fingerprint));
+                }
             }
-            fingerprints.push((key, fingerprint));
+            order.push(key);
         }
 
         // Translate the changed ones together, and file the result.
         if !dirty.services.is_empty() {
             let fresh = translate(&dirty, settings, locate);
-            let mut made: HashMap<(String, String), Cached> = HashMap::new();
-            for (entry, source) in fresh.services.into_iter().zip(fresh.sources) {
-                made.entry(source)
-                    .or_insert_with(|| Cached {
-                        fingerprint: 0,
+            let mut made: HashMap<(String, String), Cached> = dirty_keys
+                .iter()
+                .map(|(name, (_, fingerprint))| {
+                    let cached = Cached {
+                        fingerprint: *fingerprint,
+                        seen: epoch,
+                        name: name.clone(),
                         entries: Vec::new(),
                         skipped: Vec::new(),
-                    })
-                    .entries
-                    .push(entry);
+                    };
+                    (name.clone(), cached)
+                })
+                .collect();
+            for (entry, source) in fresh.services.into_iter().zip(fresh.sources) {
+                if let Some(c) = made.get_mut(&source) {
+                    c.entries.push(entry);
+                }
             }
             // Reasons name the Service ("service ns/name ...").
             for item in fresh.skipped {
-                let Some(key) = dirty.services.iter().find_map(|s| {
-                    let (ns, name) = (s.metadata.namespace.as_ref()?, s.metadata.name.as_ref()?);
-                    let prefix = format!("service {ns}/{name}");
-                    (item.0 == prefix || item.0.starts_with(&format!("{prefix} ")))
-                        .then(|| (ns.clone(), name.clone()))
-                }) else {
-                    continue;
-                };
-                made.entry(key)
-                    .or_insert_with(|| Cached {
-                        fingerprint: 0,
-                        entries: Vec::new(),
-                        skipped: Vec::new(),
-                    })
-                    .skipped
-                    .push(item);
+                if let Some(c) = made.values_mut().find(|c| {
+                    let prefix = format!("service {}/{}", c.name.0, c.name.1);
+                    item.0 == prefix || item.0.starts_with(&format!("{prefix} "))
+                }) {
+                    c.skipped.push(item);
+                }
             }
-            for service in &dirty.services {
-                let key = (
-                    service.metadata.namespace.clone().unwrap_or_default(),
-                    service.metadata.name.clone().unwrap_or_default(),
-                );
-                let mut cached = made.remove(&key).unwrap_or(Cached {
-                    fingerprint: 0,
-                    entries: Vec::new(),
-                    skipped: Vec::new(),
-                });
-                cached.fingerprint = fingerprints
-                    .iter()
-                    .find(|(k, _)| *k == key)
-                    .map_or(0, |(_, f)| *f);
-                self.services.insert(key, cached);
+            for (name, cached) in made {
+                if let Some((key, _)) = dirty_keys.get(&name) {
+                    self.services.insert(key.to_string(), cached);
+                }
             }
         }
 
         // The whole result, in the Services' order; forget Services gone.
-        let mut live = std::collections::HashSet::with_capacity(fingerprints.len());
         // Each entry's name once: a made-up one (`NAME-ipv6`, `NAME-port`)
         // may meet another Service's, translated at another time.
-        let mut given = std::collections::HashSet::new();
-        for (key, _) in &fingerprints {
-            if let Some(cached) = self.services.get(key) {
-                for entry in &cached.entries {
-                    let name = (
-                        entry["namespace"].as_str().unwrap_or_default(),
-                        entry["name"].as_str().unwrap_or_default(),
-                    );
-                    if !given.insert(name) {
-                        out.skipped.push((
-                            format!("service {}/{}", key.0, key.1),
-                            format!(
-                                "its entry `{}` has a name another service in {} already has; \
-                                 not meshed",
-                                name.1, name.0
-                            ),
-                        ));
-                        continue;
-                    }
-                    out.services.push(entry.clone());
-                    out.sources.push(key.clone());
+        let mut given = std::collections::HashSet::with_capacity(order.len());
+        for key in &order {
+            let Some(cached) = self.services.get(key.as_ref()) else {
+                continue;
+            };
+            for entry in &cached.entries {
+                let name = (
+                    entry["namespace"].as_str().unwrap_or_default(),
+                    entry["name"].as_str().unwrap_or_default(),
+                );
+                if !given.insert(name) {
+                    out.skipped.push((
+                        format!("service {}/{}", cached.name.0, cached.name.1),
+                        format!(
+                            "its entry `{}` has a name another service in {} already has; \
+                             not meshed",
+                            name.1, name.0
+                        ),
+                    ));
+                    continue;
                 }
-                out.skipped.extend(cached.skipped.iter().cloned());
+                out.services.push(entry.clone());
             }
-            live.insert(key.clone());
+            out.skipped.extend(cached.skipped.iter().cloned());
         }
-        self.services.retain(|k, _| live.contains(k));
+        self.services.retain(|_, c| c.seen == epoch);
         out.skipped.extend(orphan_slices(objects));
         out
     }
 
-    /// A resourceVersion as it identifies a version; none: a fresh value
-    /// each time (always changed).
-    fn version(&mut self, rv: &Option<String>) -> String {
+    /// Hashes a resourceVersion as it identifies a version; none: a fresh
+    /// value each time (always changed).
+    fn version(&mut self, rv: &Option<String>, h: &mut DefaultHasher) {
         match rv {
-            Some(rv) => rv.clone(),
+            Some(rv) => rv.hash(h),
             None => {
                 self.nonce += 1;
-                format!("none-{}", self.nonce)
+                self.nonce.hash(h);
             }
         }
     }
@@ -305,6 +302,6 @@ mod tests {
         objects.services.remove(2);
         let third = translator.translate(&objects, &settings, &mut |_| None);
         assert_eq!(third.services.len(), 2);
-        assert_eq!(third.sources[1], ("shop".to_owned(), "s1".to_owned()));
+        assert_eq!(third.services[1]["name"], "s1");
     }
 }

@@ -1,14 +1,17 @@
 //! Service discovery from the Kubernetes API server (kube-rs): Services,
 //! EndpointSlices (among them the agents' own, which say where every other
 //! node's agent listens), Namespaces, the Pods scheduled on this node and
-//! SluicePolicies, each kept in a reflector (list, then watch; re-list after an error or a
-//! 410 Gone, keeping the last state meanwhile). Every change is translated
-//! ([`translate`]) into the services, workloads and nodes a config file
-//! would list, and handed to the daemon, which applies it as it applies a
-//! config reload: without dropping a connection, and refusing (keeping the
-//! running catalog) what does not validate. A rebuild is whole (every
-//! object, every time): at 10,000 services and 100,000 endpoints it takes
-//! about a quarter of a second (`cargo bench --bench catalog`).
+//! SluicePolicies, each kept in a reflector (list, then watch; re-list
+//! after an error or a 410 Gone, keeping the last state meanwhile). Every
+//! change is translated ([`translate`]) into the services, workloads and
+//! nodes a config file would list, and handed to the daemon, which applies
+//! it as it applies a config reload: without dropping a connection, and
+//! refusing (keeping the running catalog) what does not validate. Only the
+//! Services whose inputs changed are translated again
+//! ([`incremental::Translator`]), and when nothing but services changed the
+//! daemon builds just those ([`service_changes`]): at 10,000 services and
+//! 100,000 endpoints one changed EndpointSlice reaches the kernel's map in
+//! about 16 ms (`cargo bench --bench catalog`).
 //!
 //! The identity a pod on another node must present is its service account.
 //! Rather than watch every pod of the cluster from every node, the agent
@@ -67,8 +70,11 @@ pub const WATCHED: [(&str, &str); 5] = [
 /// `Accepted` condition of the policy's status (patch on this subresource).
 pub const WRITTEN: (&str, &str) = (policy::GROUP, "sluicepolicies/status");
 
-/// Coalesces a burst of watch events into one catalog update.
-const SETTLE: Duration = Duration::from_millis(20);
+/// Coalesces a burst of watch events into one catalog update. Short: a
+/// change that touches a few services is applied in a few milliseconds
+/// (`cargo bench --bench catalog`), and events that come while one is
+/// applied are taken together by the next.
+const SETTLE: Duration = Duration::from_millis(5);
 
 /// The daemon's end of discovery.
 pub struct Discovery {
@@ -202,22 +208,33 @@ pub fn service_changes(before: &Translated, after: &Translated) -> Option<Servic
     if before.workloads != after.workloads || before.nodes != after.nodes {
         return None;
     }
+    // By pointer: no key is built for the thousands that stayed.
+    let ptrs = |t: &Translated| -> std::collections::HashSet<*const serde_json::Value> {
+        t.services.iter().map(Arc::as_ptr).collect()
+    };
+    let (old, new) = (ptrs(before), ptrs(after));
     let key = |v: &serde_json::Value| {
         (
             v["namespace"].as_str().unwrap_or_default().to_owned(),
             v["name"].as_str().unwrap_or_default().to_owned(),
         )
     };
-    let mut old: std::collections::HashMap<(String, String), &Arc<serde_json::Value>> =
-        before.services.iter().map(|v| (key(v), v)).collect();
     let mut changes = ServiceChanges::default();
     for v in &after.services {
-        match old.remove(&key(v)) {
-            Some(o) if Arc::ptr_eq(o, v) => {}
-            _ => changes.changed.push(v.clone()),
+        if !old.contains(&Arc::as_ptr(v)) {
+            changes.changed.push(v.clone());
         }
     }
-    changes.removed = old.into_keys().collect();
+    let rebuilt: std::collections::HashSet<(String, String)> =
+        changes.changed.iter().map(|v| key(v)).collect();
+    for v in &before.services {
+        if !new.contains(&Arc::as_ptr(v)) {
+            let k = key(v);
+            if !rebuilt.contains(&k) {
+                changes.removed.push(k);
+            }
+        }
+    }
     Some(changes)
 }
 

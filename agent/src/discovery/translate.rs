@@ -53,7 +53,9 @@ pub struct Translated {
     /// change ([`super::incremental::Translator`]), so that whoever applies
     /// it can tell what changed by pointer.
     pub services: Vec<Arc<Value>>,
-    /// The Kubernetes Service (namespace, name) of each entry of `services`.
+    /// The Kubernetes Service (namespace, name) of each entry of
+    /// `services`, as [`translate`] makes them (the incremental
+    /// translator keeps this per Service instead, and leaves it empty).
     pub sources: Vec<(String, String)>,
     pub workloads: Vec<Value>,
     /// Other nodes' agents, learnt from their pods (`nodes` entries).

@@ -41,7 +41,7 @@ use aya::{
 use log::{info, warn};
 use sluice_maps::{
     LAYOUT_VERSION, PINNED_MAPS, SERVICE_KERNEL, SETTINGS_LOG, SETTINGS_SOCKMAP, STAT_COUNT,
-    Settings, Stat,
+    ServiceKey, Settings, Stat,
 };
 
 use crate::catalog::KernelEntry;
@@ -384,6 +384,20 @@ impl Redirect {
     /// kernel-mode services are left to the proxy.
     pub fn sync_services(&mut self, wanted: &[KernelEntry]) -> Result<usize, RedirectError> {
         self.sync_entries(wanted, true)
+    }
+
+    /// Writes `changed` and drops the services at `removed`, leaving every
+    /// other entry alone: what a watch event changed, without walking the
+    /// whole map.
+    pub fn update_services(
+        &mut self,
+        changed: &[KernelEntry],
+        removed: &[ServiceKey],
+    ) -> Result<usize, RedirectError> {
+        for key in removed {
+            self.tables.remove(*key);
+        }
+        self.sync_entries(changed, false)
     }
 
     /// Like [`Self::sync_services`] for some services only: the periodic

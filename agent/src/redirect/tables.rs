@@ -81,19 +81,24 @@ impl Tables {
             .filter(|k| !keep.contains(k))
             .collect();
         for key in stale {
-            // The service goes first, so no program can still pick from
-            // its tables when they go.
-            let _ = self.services.remove(&key);
-            let filled = self
-                .written
-                .remove(&key)
-                .map(|w| w.filled)
-                .or_else(|| self.inherited.remove(&key))
-                .unwrap_or_default();
-            self.clear_slots(key, 0, 0..filled[0]);
-            self.clear_slots(key, 1, 0..filled[1]);
+            self.remove(key);
         }
         first_error.map_or(Ok(switched), Err)
+    }
+
+    /// Drops a service and its tables.
+    pub fn remove(&mut self, key: ServiceKey) {
+        // The service goes first, so no program can still pick from its
+        // tables when they go.
+        let _ = self.services.remove(&key);
+        let filled = self
+            .written
+            .remove(&key)
+            .map(|w| w.filled)
+            .or_else(|| self.inherited.remove(&key))
+            .unwrap_or_default();
+        self.clear_slots(key, 0, 0..filled[0]);
+        self.clear_slots(key, 1, 0..filled[1]);
     }
 
     fn sync_one(&mut self, entry: &KernelEntry) -> Result<bool, RedirectError> {
