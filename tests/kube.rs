@@ -235,6 +235,15 @@ impl Cluster {
         }
     }
 
+    /// The body of the agent's admin API at `path`, read in the node.
+    fn admin(&self, path: &'static str) -> String {
+        let admin = SocketAddr::from(([127, 0, 0, 1], self.config.admin_port));
+        self.node
+            .node
+            .run(move || client::get(admin, path).unwrap())
+            .1
+    }
+
     /// `n` calls from pod `from` to the service, one connection each.
     fn calls(&self, from: usize, n: usize) -> Vec<String> {
         calls_from(
@@ -949,12 +958,8 @@ fn two_nodes_four_pods_cross_node_calls_go_over_mtls() {
 /// The health verdicts of the Service's endpoints as the agent holds them,
 /// by backend name.
 fn verdicts(c: &Cluster) -> std::collections::HashMap<String, bool> {
-    let admin = SocketAddr::from(([127, 0, 0, 1], c.config.admin_port));
-    let (_, body) = c
-        .node
-        .node
-        .run(move || client::get(admin, "/debug/endpoints").unwrap());
-    let endpoints: Vec<Value> = serde_json::from_str(&body).unwrap_or_default();
+    let endpoints: Vec<Value> =
+        serde_json::from_str(&c.admin("/debug/endpoints")).unwrap_or_default();
     c.pods
         .iter()
         .filter_map(|p| {
@@ -1093,11 +1098,7 @@ fn a_thousand_endpoint_slice_updates_a_second_lose_no_call_and_no_verdict() {
     );
     assert!(open.ask("after the churn").starts_with("checkout-"));
     // The changes were applied service by service, not as whole catalogs.
-    let admin = SocketAddr::from(([127, 0, 0, 1], c.config.admin_port));
-    let (_, exposition) = c
-        .node
-        .node
-        .run(move || client::get(admin, "/metrics").unwrap());
+    let exposition = c.admin("/metrics");
     let by_service = metric(
         &exposition,
         "sluice_catalog_updates_total{kind=\"services\"}",
@@ -1136,13 +1137,11 @@ fn a_broken_config_file_does_not_stop_discovery() {
     assert!(agent.wait_for_log("kubernetes: synced"), "{}", agent.log());
     assert!(wait_until(Duration::from_secs(5), || c.calls(0, 1) == ["checkout-1"]));
 
-    let admin = SocketAddr::from(([127, 0, 0, 1], c.config.admin_port));
     let refused = || {
-        let (_, text) = c
-            .node
-            .node
-            .run(move || client::get(admin, "/metrics").unwrap());
-        metric(&text, "sluice_config_reloads_total{result=\"failure\"}")
+        metric(
+            &c.admin("/metrics"),
+            "sluice_config_reloads_total{result=\"failure\"}",
+        )
     };
     let good = std::fs::read_to_string(&c.config.path).unwrap();
     c.config.write_raw("node: [this is not a node\n");

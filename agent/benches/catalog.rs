@@ -141,11 +141,6 @@ fn objects() -> Objects {
 
 /// One update: objects to the catalog the data plane reads.
 fn update(objects: &Objects) -> Catalog {
-    update_from(objects, None)
-}
-
-/// Like [`update`], carrying state over from `previous` as a reload does.
-fn update_from(objects: &Objects, previous: Option<&Catalog>) -> Catalog {
     let authorizations = std::collections::HashMap::new();
     let settings = Settings {
         node: "node-0",
@@ -156,7 +151,7 @@ fn update_from(objects: &Objects, previous: Option<&Catalog>) -> Catalog {
     let translated = translate(objects, &settings, &mut |_| None);
     let mut config = Config::parse("node:\n  name: node-0\n", "bench.yaml").unwrap();
     discovery::merge(&mut config, &translated).expect("the discovered catalog validates");
-    Catalog::from_config(&config, &[], previous)
+    Catalog::from_config(&config, &[], None)
 }
 
 fn catalog_update(c: &mut Criterion) {

@@ -133,6 +133,17 @@ fn kubelet_root(mount: &Path, configured: &str) -> Option<String> {
         .then(|| alternative.to_string_lossy().into_owned())
 }
 
+/// What the start fixed for this run over the file's `node` (the name
+/// given on the command line, the kubelet root found), at every reload.
+fn keep_start_overrides(config: &mut Config) {
+    if let Some(name) = NODE_NAME.get() {
+        config.node.name.value.clone_from(name);
+    }
+    if let Some(root) = CGROUP_ROOT.get() {
+        config.node.cgroup_root.value.clone_from(root);
+    }
+}
+
 /// How `sluice agent` was asked to start and end.
 #[derive(Debug, Clone, Default)]
 pub struct Options {
@@ -1044,12 +1055,7 @@ impl Live<'_> {
         // changed services: enough to validate those against everything
         // they name.
         let mut config = Config::from_text(&self.file_text, path).map_err(|e| e.to_string())?;
-        if let Some(name) = NODE_NAME.get() {
-            config.node.name.value.clone_from(name);
-        }
-        if let Some(root) = CGROUP_ROOT.get() {
-            config.node.cgroup_root.value.clone_from(root);
-        }
+        keep_start_overrides(&mut config);
         let from_file = config.services.len();
         discovery::merge_parts(
             &mut config,
@@ -1092,6 +1098,13 @@ impl Live<'_> {
         self.checkers
             .sync(&catalog, self.config.agent.mark, &self.drain);
         self.catalog.store(Arc::new(catalog));
+        self.sync_captures();
+        Ok(())
+    }
+
+    /// Opens and closes capture listeners and hooks as the running
+    /// catalog's captured workloads say.
+    fn sync_captures(&mut self) {
         if let Err(e) = self.captures.sync(
             &self.catalog.load(),
             self.redirect,
@@ -1101,7 +1114,6 @@ impl Live<'_> {
         ) {
             error!("{e}");
         }
-        Ok(())
     }
 
     /// Places every workload of `config`. A discovered pod that cannot be
@@ -1176,12 +1188,7 @@ impl Live<'_> {
             Ok(new) => new,
             Err(e) => return refuse(self, &e),
         };
-        if let Some(name) = NODE_NAME.get() {
-            new.node.name.value.clone_from(name);
-        }
-        if let Some(root) = CGROUP_ROOT.get() {
-            new.node.cgroup_root.value.clone_from(root);
-        }
+        keep_start_overrides(&mut new);
         if let Some(found) = &self.discovered
             && let Err(e) = discovery::merge(&mut new, found)
         {
@@ -1233,15 +1240,7 @@ impl Live<'_> {
             &self.offered,
             self.config.agent.drain_timeout.0,
         );
-        if let Err(e) = self.captures.sync(
-            &self.catalog.load(),
-            self.redirect,
-            &self.capture_ctx,
-            &Inherited::none(),
-            &self.offered,
-        ) {
-            error!("{e}");
-        }
+        self.sync_captures();
         self.applied_discovery = self.discovered.clone();
         self.applied_file_text.clone_from(&self.file_text);
         match trigger {

@@ -13,12 +13,11 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::Value;
 
 use super::translate::{
-    MODE_ANNOTATION, Objects, PodPlace, SERVICE_NAME_LABEL, Settings, Translated, orphan_slices,
-    translate,
+    MODE_ANNOTATION, Objects, PodPlace, Settings, Translated, annotation, orphan_slices,
+    slices_by_service, translate,
 };
 
 /// One Service's part of the translation.
@@ -75,33 +74,10 @@ impl Translator {
             .iter()
             .filter_map(|n| {
                 let name = n.metadata.name.as_deref()?;
-                let mode = n
-                    .metadata
-                    .annotations
-                    .as_ref()
-                    .and_then(|a| a.get(MODE_ANNOTATION))
-                    .or_else(|| n.metadata.labels.as_ref()?.get(MODE_ANNOTATION));
-                Some((name, mode.map(String::as_str)))
+                Some((name, annotation(&n.metadata, MODE_ANNOTATION)))
             })
             .collect();
-        let mut slices: HashMap<(&str, &str), Vec<&Arc<EndpointSlice>>> =
-            HashMap::with_capacity(objects.slices.len());
-        for slice in &objects.slices {
-            let (Some(ns), Some(service)) = (
-                slice.metadata.namespace.as_deref(),
-                slice
-                    .metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(SERVICE_NAME_LABEL)),
-            ) else {
-                continue;
-            };
-            slices
-                .entry((ns, service.as_str()))
-                .or_default()
-                .push(slice);
-        }
+        let slices = slices_by_service(&objects.slices);
 
         // Fingerprint every Service; gather those that changed.
         self.epoch += 1;

@@ -153,22 +153,20 @@ pub fn merge_parts(
 ) -> Result<(), String> {
     // The same types and field rules as the file, read straight from the
     // JSON values (locations are unknown: the objects have no lines).
-    let services: Vec<crate::config::ServiceSpec> = services
-        .iter()
-        .map(|s| serde::Deserialize::deserialize(&**s))
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("cannot read a discovered service: {e}"))?;
-    let workloads: Vec<crate::config::WorkloadSpec> = workloads
-        .iter()
-        .map(serde::Deserialize::deserialize)
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("cannot read a discovered workload: {e}"))?;
+    fn read<'v, T: serde::de::DeserializeOwned>(
+        values: impl IntoIterator<Item = &'v serde_json::Value>,
+        what: &str,
+    ) -> Result<Vec<T>, String> {
+        values
+            .into_iter()
+            .map(T::deserialize)
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("cannot read a discovered {what}: {e}"))
+    }
+    let services: Vec<crate::config::ServiceSpec> = read(services.iter().map(|s| &**s), "service")?;
+    let workloads: Vec<crate::config::WorkloadSpec> = read(workloads, "workload")?;
     // A node the file lists keeps the file's address.
-    let nodes: Vec<crate::config::PeerNode> = nodes
-        .iter()
-        .map(serde::Deserialize::deserialize)
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("cannot read a discovered node: {e}"))?;
+    let nodes: Vec<crate::config::PeerNode> = read(nodes, "node")?;
     for n in nodes {
         if !config.nodes.iter().any(|c| c.name.value == n.name.value) {
             config.nodes.push(n);
@@ -452,14 +450,7 @@ fn agent_nodes(
 ) -> Vec<(String, std::net::IpAddr)> {
     let mut agents: Vec<(String, std::net::IpAddr)> = slices
         .iter()
-        .filter(|s| {
-            s.metadata.namespace.as_deref() == Some(namespace.as_str())
-                && s.metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(translate::SERVICE_NAME_LABEL))
-                    == Some(service)
-        })
+        .filter(|s| translate::slice_service(s) == Some((namespace.as_str(), service.as_str())))
         .flat_map(|s| &s.endpoints)
         .filter_map(|e| Some((e.node_name.clone()?, e.addresses.first()?.parse().ok()?)))
         .collect();

@@ -462,16 +462,8 @@ pub fn status_changes(
         let key = policy.key();
         let problem = problems.iter().find(|p| p.policy == key);
         let generation = policy.metadata.generation;
-        let wanted = accepted_condition(problem, generation, now);
-        let wanted = &wanted["status"]["conditions"][0];
-        let mut wanted = wanted.clone();
-        if problem.is_some() && kept(policy) {
-            let message = wanted["message"].as_str().unwrap_or_default().replace(
-                "the policy applies to no pod until this is fixed",
-                "its last accepted version stays in force until this is fixed",
-            );
-            wanted["message"] = message.into();
-        }
+        let mut wanted = accepted_condition(problem, kept(policy), generation, now);
+        let mut wanted = wanted["status"]["conditions"][0].take();
         let current = policy
             .status
             .as_ref()
@@ -502,13 +494,16 @@ pub fn status_changes(
 /// The body of a JSON merge patch on a policy's `status` subresource that
 /// sets its `Accepted` condition: `True`/`Valid` without a problem,
 /// `False`/`Invalid` with one, its message naming the field.
-/// `generation` is the policy's `metadata.generation` the verdict is about;
+/// `kept`: an earlier version of a refused policy stays in force (the
+/// message says so). `generation` is the policy's `metadata.generation`
+/// the verdict is about;
 /// `now` is an RFC 3339 time for `lastTransitionTime` (pass the condition's
 /// previous time when its status did not change, as metav1.Condition
 /// means). A merge patch replaces the whole list; Accepted is the only
 /// condition.
 pub fn accepted_condition(
     problem: Option<&PolicyProblem>,
+    kept: bool,
     generation: Option<i64>,
     now: &str,
 ) -> Value {
@@ -522,8 +517,14 @@ pub fn accepted_condition(
             "False",
             "Invalid",
             format!(
-                "{}: {}; the policy applies to no pod until this is fixed",
-                p.field, p.message
+                "{}: {}; {} until this is fixed",
+                p.field,
+                p.message,
+                if kept {
+                    "its last accepted version stays in force"
+                } else {
+                    "the policy applies to no pod"
+                }
             ),
         ),
     };
@@ -790,7 +791,7 @@ mod tests {
 
     #[test]
     fn the_condition_says_accepted_or_names_the_field() {
-        let ok = accepted_condition(None, Some(4), "2026-01-02T03:04:05Z");
+        let ok = accepted_condition(None, false, Some(4), "2026-01-02T03:04:05Z");
         assert_eq!(
             ok,
             json!({ "status": { "conditions": [{
@@ -808,7 +809,7 @@ mod tests {
             message: "`x` must start with spiffe://".into(),
             generation: Some(5),
         };
-        let refused = accepted_condition(Some(&problem), Some(5), "2026-01-02T03:04:05Z");
+        let refused = accepted_condition(Some(&problem), false, Some(5), "2026-01-02T03:04:05Z");
         let condition = &refused["status"]["conditions"][0];
         assert_eq!(condition["status"], "False");
         assert_eq!(condition["reason"], "Invalid");
@@ -819,7 +820,7 @@ mod tests {
                 .starts_with("spec.allow[2]: `x` must start with spiffe://")
         );
         assert_eq!(condition["observedGeneration"], 5);
-        let unknown = accepted_condition(None, None, "2026-01-02T03:04:05Z");
+        let unknown = accepted_condition(None, false, None, "2026-01-02T03:04:05Z");
         assert!(
             unknown["status"]["conditions"][0]
                 .get("observedGeneration")

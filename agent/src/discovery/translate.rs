@@ -4,10 +4,7 @@
 //! never mean different things. Objects that cannot be meshed are skipped with a reason; nothing
 //! else is affected by them.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    sync::Arc,
-};
+use std::{collections::HashMap, sync::Arc};
 
 use k8s_openapi::api::{
     core::v1::{Namespace, Pod, Service},
@@ -146,39 +143,12 @@ pub fn translate(
         workloads.insert((ns.clone(), name.clone()), workload);
     }
 
-    // Endpoint slices by (namespace, service name).
-    let mut slices: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
-    for slice in &objects.slices {
-        let Some(ns) = slice.metadata.namespace.as_deref() else {
-            continue;
-        };
-        let Some(service) = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_NAME_LABEL))
-        else {
-            continue;
-        };
-        slices
-            .entry((ns, service.as_str()))
-            .or_default()
-            .push(&**slice);
-    }
+    let slices = slices_by_service(&objects.slices);
 
     // A name made for one port or family (`checkout-ipv6`) must not take
     // a Service's own name, nor one already given: validation would refuse
     // the whole catalog over it, so the later entry is skipped.
-    let service_names: std::collections::HashSet<(&str, &str)> = objects
-        .services
-        .iter()
-        .filter_map(|s| {
-            Some((
-                s.metadata.namespace.as_deref()?,
-                s.metadata.name.as_deref()?,
-            ))
-        })
-        .collect();
+    let service_names = service_names(&objects.services);
     let mut given: std::collections::HashSet<(String, String)> = std::collections::HashSet::new();
     for service in &objects.services {
         let (Some(ns), Some(name)) = (&service.metadata.namespace, &service.metadata.name) else {
@@ -306,8 +276,49 @@ pub fn translate(
 
 /// Slices whose Service does not exist, each with why it is ignored.
 pub fn orphan_slices(objects: &Objects) -> Vec<(String, String)> {
-    let services: std::collections::HashSet<(&str, &str)> = objects
-        .services
+    let services = service_names(&objects.services);
+    objects
+        .slices
+        .iter()
+        .filter_map(|slice| {
+            let (ns, service) = slice_service(slice)?;
+            (!services.contains(&(ns, service))).then(|| {
+                (
+                    format!(
+                        "endpointslice {ns}/{}",
+                        slice.metadata.name.as_deref().unwrap_or("?")
+                    ),
+                    format!("belongs to service {ns}/{service}, which does not exist; ignored"),
+                )
+            })
+        })
+        .collect()
+}
+
+/// The (namespace, name) of the Service a slice belongs to (its
+/// `kubernetes.io/service-name` label).
+pub fn slice_service(slice: &EndpointSlice) -> Option<(&str, &str)> {
+    let service = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+    Some((slice.metadata.namespace.as_deref()?, service.as_str()))
+}
+
+/// Endpoint slices by the (namespace, name) of their Service.
+pub fn slices_by_service(
+    slices: &[Arc<EndpointSlice>],
+) -> HashMap<(&str, &str), Vec<&Arc<EndpointSlice>>> {
+    let mut by_service: HashMap<(&str, &str), Vec<&Arc<EndpointSlice>>> =
+        HashMap::with_capacity(slices.len());
+    for slice in slices {
+        if let Some(key) = slice_service(slice) {
+            by_service.entry(key).or_default().push(slice);
+        }
+    }
+    by_service
+}
+
+/// Every Service's (namespace, name).
+fn service_names(services: &[Arc<Service>]) -> std::collections::HashSet<(&str, &str)> {
+    services
         .iter()
         .filter_map(|s| {
             Some((
@@ -315,38 +326,12 @@ pub fn orphan_slices(objects: &Objects) -> Vec<(String, String)> {
                 s.metadata.name.as_deref()?,
             ))
         })
-        .collect();
-    let mut out = Vec::new();
-    for slice in &objects.slices {
-        let (Some(ns), Some(service)) = (
-            slice.metadata.namespace.as_deref(),
-            slice
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(SERVICE_NAME_LABEL)),
-        ) else {
-            continue;
-        };
-        if !services.contains(&(ns, service.as_str())) {
-            out.push((
-                format!(
-                    "endpointslice {ns}/{}",
-                    slice.metadata.name.as_deref().unwrap_or("?")
-                ),
-                format!("belongs to service {ns}/{service}, which does not exist; ignored"),
-            ));
-        }
-    }
-    out
+        .collect()
 }
 
-/// The ready endpoints of one Service port, from the slices of
-/// `address_type` (`IPv4` or `IPv6`: a service's endpoints are of its
-/// address's family).
 #[allow(clippy::too_many_arguments)]
 fn endpoints_for(
-    slices: Option<&[&EndpointSlice]>,
+    slices: Option<&[&Arc<EndpointSlice>]>,
     address_type: &str,
     port_name: &str,
     settings: &Settings<'_>,
@@ -436,7 +421,8 @@ fn endpoints_for(
     endpoints
 }
 
-fn annotation<'a>(
+/// An annotation, or else a label, of that name.
+pub fn annotation<'a>(
     meta: &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
     key: &str,
 ) -> Option<&'a str> {
