@@ -139,6 +139,7 @@ mod tests {
         picks: usize,
         weight: impl Fn(usize) -> u32 + Copy,
     ) -> Vec<f64> {
+        random::reseed(0x5eed);
         let mut counts = vec![0usize; n];
         for _ in 0..picks {
             let i = b.pick(n, &ctx(), |_| true, |_, _| 1, weight).unwrap();
