@@ -193,7 +193,7 @@ fn report_map_sync(catalog: &Catalog) {
         Ok(r) => r,
         Err(e) => return println!("map sync: not measured ({e})"),
     };
-    let entries = catalog.kernel_entries(sluice::resilience::clock::now_ms());
+    let entries = sluice::redirect::entries::kernel_entries(catalog, sluice::clock::now_ms());
     let started = std::time::Instant::now();
     redirect.sync_services(&entries).expect("map sync");
     let first = started.elapsed();
@@ -252,7 +252,10 @@ fn report_watch_to_map() {
     discovery::merge(&mut config, &applied).expect("the discovered catalog validates");
     let mut running = Catalog::from_config(&config, &[], None);
     redirect
-        .sync_services(&running.kernel_entries(sluice::resilience::clock::now_ms()))
+        .sync_services(&sluice::redirect::entries::kernel_entries(
+            &running,
+            sluice::clock::now_ms(),
+        ))
         .expect("map sync");
     let mut took = Vec::new();
     // Per stage: translate, difference, merge, catalog, map.
@@ -296,8 +299,12 @@ fn report_watch_to_map() {
                     .map(|(ns, n)| (ns.as_str(), n.as_str())),
             )
             .collect();
-        let (write, drop) =
-            running.kernel_delta(&catalog, &named, sluice::resilience::clock::now_ms());
+        let (write, drop) = sluice::redirect::entries::kernel_delta(
+            &running,
+            &catalog,
+            &named,
+            sluice::clock::now_ms(),
+        );
         redirect.update_services(&write, &drop).expect("map update");
         stage(4);
         took.push(started.elapsed());

@@ -7,9 +7,10 @@ use std::hint::black_box;
 use criterion::{Criterion, criterion_group, criterion_main};
 use sluice::{
     catalog::Catalog,
+    clock::now_ms,
     config::Config,
     lb::PickContext,
-    resilience::{Tried, choose, clock::now_ms},
+    route::{Tried, choose},
 };
 
 const ENDPOINTS: usize = 1_000;

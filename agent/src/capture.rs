@@ -21,7 +21,7 @@ use std::{
 
 use log::{info, warn};
 use sluice_maps::{
-    CAPTURE_STRICT, CaptureKey, CaptureValue, MAX_CAPTURE_LISTENERS, capture_slot_v6,
+    CAPTURE_STRICT, CaptureKey, CaptureValue, MAX_CAPTURE_LISTENERS, capture_slot_v6, key_addr,
 };
 
 use crate::{
@@ -30,7 +30,7 @@ use crate::{
     handover::{Inherited, Offered},
     netns::{self, Netns},
     proxy::capture::{CaptureContext, CaptureListener},
-    redirect::{Redirect, RedirectError, records::key_addr},
+    redirect::{Redirect, RedirectError},
 };
 
 /// Why capture could not be set up as the catalog asks.

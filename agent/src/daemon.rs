@@ -29,10 +29,13 @@ use log::{debug, error, info, warn};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
+    accept::limits::InboundLimits,
     admin::{self, AdminState, StaticInfo, Surface},
+    admin::{KernelView, StateCollector},
     audit::Audit,
     capture::{CaptureError, CaptureSet},
     catalog::{Catalog, Placement},
+    clock::now_ms,
     config::Config,
     discovery,
     drain::{self, DrainWatch},
@@ -40,18 +43,18 @@ use crate::{
     handover::{self, Handover, HandoverError, Inherited},
     netns::Netns,
     proxy::{
-        OutboundContext, OutboundListener,
+        Connections, OutboundContext, OutboundListener,
         capture::CaptureContext,
-        inbound::{InboundContext, InboundListener, InboundStats},
-        limits::InboundLimits,
+        inbound::{InboundContext, InboundListener},
     },
     redirect::{
-        ProgramSettings, Redirect, RedirectError, cgroup,
+        ProgramSettings, RecordMaps, Redirect, RedirectError, cgroup,
+        entries::{kernel_delta, kernel_entries, kernel_tables},
         preflight::{self, PreflightError},
         records,
     },
-    resilience::{clock::now_ms, health::HealthCheckers},
-    telemetry::{Connections, LogLimiter, Metrics, StateCollector, TraceLog, metrics::KernelView},
+    route::health::HealthCheckers,
+    telemetry::{InboundStats, LogLimiter, Metrics, Refusal, TraceLog},
     tls::{self, Identity, TlsContext, TlsSetupError},
 };
 
@@ -446,7 +449,7 @@ async fn run_attached(
             .filter(|c| matches!(c, std::path::Component::Normal(_)))
             .count() as u32,
     })?;
-    redirect.sync_services(&catalog.kernel_entries(now_ms()))?;
+    redirect.sync_services(&kernel_entries(&catalog, now_ms()))?;
     let kernel_events = redirect.take_kernel_events()?;
     // The connect hook lets marked sockets through only from this cgroup.
     let agent_cgroup = own_cgroup_id().map_err(AgentError::Cgroup)?;
@@ -499,17 +502,18 @@ async fn run_attached(
         audit: audit.clone(),
         log: refusal_log.clone(),
     });
-    let kernel = Arc::new(Mutex::new(KernelView {
+    let kernel = Arc::new(KernelView {
         stats: redirect.take_stats()?,
-        pin_dir: config.agent.pin_dir.clone(),
-    }));
-    let metrics = Metrics::new(Some(StateCollector {
+        records: RecordMaps::from_pin(&config.agent.pin_dir)?,
+    });
+    let metrics = Metrics::new(Some(Box::new(StateCollector {
         catalog: catalog.clone(),
         tls: tls.clone(),
         inbound: inbound_stats.clone(),
         kernel: kernel.clone(),
         audit: audit.clone(),
-    }));
+    })));
+    metrics.declare_handover_refusals(handover::Refusal::ALL.map(handover::Refusal::name));
     let connections = Arc::new(Connections::default());
     let discovery = match &config.kubernetes {
         Some(k) => Some(
@@ -596,7 +600,7 @@ async fn run_attached(
             Surface::Admin => AgentError::Admin(e),
             Surface::Metrics => AgentError::Metrics(e),
         };
-        let (listener, _) = crate::proxy::socket::listen(addr, 128, inherited).map_err(error)?;
+        let (listener, _) = crate::connect::listen(addr, 128, inherited).map_err(error)?;
         offered.add_fixed(dup(std::os::fd::AsFd::as_fd(&listener)).map_err(error)?);
         tokio::spawn(admin::serve(
             listener,
@@ -779,12 +783,7 @@ async fn give_back_memory(
     stats: Arc<InboundStats>,
     mut drain: DrainWatch,
 ) {
-    let refused = |s: &InboundStats| -> u64 {
-        crate::proxy::inbound::Refusal::ALL
-            .iter()
-            .map(|r| s.refused(*r))
-            .sum()
-    };
+    let refused = |s: &InboundStats| -> u64 { Refusal::ALL.iter().map(|r| s.refused(*r)).sum() };
     let mut last_refused = refused(&stats);
     let mut tick = tokio::time::interval(TRIM_EVERY);
     loop {
@@ -994,7 +993,7 @@ impl Live<'_> {
     /// and ejection expiry.
     fn refresh_tables(&mut self) {
         let catalog = self.catalog.load();
-        let entries = catalog.kernel_tables(now_ms());
+        let entries = kernel_tables(&catalog, now_ms());
         if entries.is_empty() {
             return;
         }
@@ -1091,7 +1090,7 @@ impl Live<'_> {
         }
         let catalog = running.with_services(&config, &specs, &changes.removed);
         let named: Vec<(&str, &str)> = leaving.iter().copied().collect();
-        let (write, drop) = running.kernel_delta(&catalog, &named, now_ms());
+        let (write, drop) = kernel_delta(&running, &catalog, &named, now_ms());
         self.redirect
             .update_services(&write, &drop)
             .map_err(|e| e.to_string())?;
@@ -1216,7 +1215,7 @@ impl Live<'_> {
         let catalog = Catalog::from_config(&new, &cgroups, Some(&self.catalog.load()));
         if let Err(e) = self
             .redirect
-            .sync_services(&catalog.kernel_entries(now_ms()))
+            .sync_services(&kernel_entries(&catalog, now_ms()))
         {
             return refuse(self, &e.to_string());
         }

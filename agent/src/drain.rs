@@ -10,11 +10,7 @@ use std::{
     time::Duration,
 };
 
-use log::warn;
-use tokio::{
-    net::{TcpListener, TcpStream},
-    sync::{Notify, watch},
-};
+use tokio::sync::{Notify, watch};
 
 #[derive(Debug, Default)]
 struct Active {
@@ -125,57 +121,18 @@ impl DrainWatch {
         *self.rx.borrow() != Phase::Serving
     }
 
+    /// Whether listeners are to stop listening, not only accepting (a
+    /// stop, not an upgrade).
+    pub fn is_refusing(&self) -> bool {
+        *self.rx.borrow() == Phase::Refusing
+    }
+
     /// Counts one connection until the guard is dropped.
     pub fn track(&self) -> ConnectionGuard {
         self.active.count.fetch_add(1, Ordering::AcqRel);
         ConnectionGuard {
             active: self.active.clone(),
         }
-    }
-}
-
-/// Accepts on `listener` until the drain starts, handing each connection
-/// to `on_accept` with a guard that counts it until dropped. Accept errors
-/// (EMFILE and friends) are logged and followed by a short pause instead of
-/// a spin. Every listener of the agent runs this loop.
-pub async fn accept_until_drained(
-    listener: &TcpListener,
-    drain: &mut DrainWatch,
-    name: &str,
-    mut on_accept: impl FnMut(TcpStream, std::net::SocketAddr, ConnectionGuard),
-) {
-    loop {
-        let accepted = tokio::select! {
-            biased;
-            _ = drain.draining() => {
-                if *drain.rx.borrow() == Phase::Refusing {
-                    stop_listening(listener, name);
-                }
-                return;
-            }
-            accepted = listener.accept() => accepted,
-        };
-        match accepted {
-            Ok((stream, peer)) => on_accept(stream, peer, drain.track()),
-            Err(e) => {
-                warn!("{name} listener: accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-}
-
-/// Stops a listening socket for every descriptor of it at once (the
-/// handover offer holds another): closing ours would leave it listening.
-fn stop_listening(listener: &TcpListener, name: &str) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: shutdown on a valid descriptor; on a listening TCP socket
-    // SHUT_RD makes the kernel stop listening (inet_shutdown).
-    if unsafe { libc::shutdown(listener.as_raw_fd(), libc::SHUT_RD) } != 0 {
-        warn!(
-            "{name} listener: cannot stop listening: {}",
-            std::io::Error::last_os_error()
-        );
     }
 }
 

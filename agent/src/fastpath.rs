@@ -8,7 +8,9 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use aya::maps::{MapData, RingBuf};
 use log::warn;
-use sluice_maps::{EVENT_CONNECT_FAILED, EVENT_ESTABLISHED, EVENT_MARK_SPOOFED, KernelEvent};
+use sluice_maps::{
+    EVENT_CONNECT_FAILED, EVENT_ESTABLISHED, EVENT_MARK_SPOOFED, KernelEvent, addr_from_key,
+};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     sync::Notify,
@@ -17,9 +19,10 @@ use tokio::{
 use crate::{
     audit::{Audit, Denial, Party},
     catalog::Catalog,
+    clock::now_ms,
     drain::DrainWatch,
-    redirect::records::addr_from_key,
-    resilience::{Outcome, clock::now_ms, report_kernel},
+    resilience::Outcome,
+    route::report_kernel,
     telemetry::{CloseReason, Metrics},
 };
 
@@ -154,7 +157,7 @@ fn apply(catalog: &Catalog, metrics: &Metrics, event: &KernelEvent) -> bool {
     let source = catalog
         .workload_of_caller(conn.cgroup_id, &conn.ancestors)
         .map(|w| &**w);
-    let handles = metrics.connection(service, source, Some(index));
+    let handles = service.connection_metrics(metrics, source, Some(index));
     let now = now_ms();
     match event.kind {
         EVENT_ESTABLISHED => {

@@ -539,7 +539,7 @@ fn receive(mut stream: UnixStream) -> io::Result<Inherited> {
     for fd in fds {
         let std_listener = std::net::TcpListener::from(fd);
         let addr = std_listener.local_addr()?;
-        let netns = crate::proxy::socket::netns_cookie(&std_listener)?;
+        let netns = crate::netns::netns_cookie(&std_listener)?;
         sockets.push((addr, netns, OwnedFd::from(std_listener)));
     }
     info!(
@@ -695,7 +695,7 @@ pub async fn offer(
     let Listening { listener, file, me } = listening;
     let path = file.path.display();
     let refuse = |peer: &dyn fmt::Display, why: Refusal| {
-        metrics.handover_refused(why);
+        metrics.handover_refused(why.name());
         warn!("handover socket {path}: refused {peer} ({why}); it gets no socket");
     };
     loop {
@@ -1080,7 +1080,7 @@ mod tests {
         let offered = Offered::default();
         let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = tcp.local_addr().unwrap();
-        let netns = crate::proxy::socket::netns_cookie(&tcp).unwrap();
+        let netns = crate::netns::netns_cookie(&tcp).unwrap();
         offered.add_fixed(OwnedFd::from(tcp));
         let (handed_over_tx, handed_over) = oneshot::channel();
         let (_trigger, watch) = crate::drain::channel();

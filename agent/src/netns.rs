@@ -109,6 +109,31 @@ impl Drop for Entered {
     }
 }
 
+/// `SO_NETNS_COOKIE` from asm-generic/socket.h (libc does not define it).
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+/// The cookie of the network namespace a socket lives in; equals what the
+/// hooks read with `bpf_get_netns_cookie`.
+pub fn netns_cookie(fd: &impl AsRawFd) -> io::Result<u64> {
+    let mut cookie = 0u64;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: cookie and len are valid out-pointers of the right size.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(cookie)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 fn setns(fd: i32) -> io::Result<()> {
     // SAFETY: setns(2) on a namespace fd this process holds open.
     if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } == 0 {

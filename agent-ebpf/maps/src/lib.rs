@@ -480,6 +480,38 @@ impl Stat {
     }
 }
 
+/// Address keys as the agent writes and reads them.
+#[cfg(feature = "user")]
+mod addr {
+    use core::net::{IpAddr, Ipv6Addr, SocketAddr};
+
+    /// Converts an address to the maps' one address form (IPv4 as v4-mapped
+    /// IPv6, in the byte order the programs compare).
+    pub fn key_addr(ip: IpAddr) -> [u32; 4] {
+        let v6 = match ip {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+            IpAddr::V6(v6) => v6,
+        };
+        let o = v6.octets();
+        core::array::from_fn(|i| {
+            u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+        })
+    }
+
+    /// Converts the map's address form back to an address (v4-mapped -> v4).
+    pub fn addr_from_key(addr: [u32; 4], port: u16) -> SocketAddr {
+        let mut octets = [0u8; 16];
+        for (i, word) in addr.iter().enumerate() {
+            octets[4 * i..4 * i + 4].copy_from_slice(&word.to_ne_bytes());
+        }
+        let v6 = Ipv6Addr::from(octets);
+        let ip = v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4);
+        SocketAddr::new(ip, port)
+    }
+}
+#[cfg(feature = "user")]
+pub use addr::{addr_from_key, key_addr};
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;

@@ -18,7 +18,7 @@ pub mod client;
 
 use std::{
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant, SystemTime},
@@ -31,12 +31,19 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
+mod collector;
+
+pub use collector::{KernelView, StateCollector};
+
 use crate::{
+    accept::accept_until_drained,
     catalog::Catalog,
-    drain::{DrainWatch, accept_until_drained},
-    proxy::inbound::{InboundStats, Refusal},
-    resilience::{Overflow, clock::now_ms, eligible_endpoints},
-    telemetry::{Connections, Metrics, TraceLog, metrics::KernelView},
+    clock::now_ms,
+    drain::DrainWatch,
+    proxy::Connections,
+    resilience::Overflow,
+    route::eligible_endpoints,
+    telemetry::{InboundStats, Metrics, Refusal, TraceLog},
     tls::TlsContext,
 };
 
@@ -121,7 +128,7 @@ pub struct AdminState {
     pub connections: Arc<Connections>,
     pub tls: Arc<TlsContext>,
     pub inbound: Arc<InboundStats>,
-    pub kernel: Arc<Mutex<KernelView>>,
+    pub kernel: Arc<KernelView>,
     /// Set once the programs are attached.
     pub attached: AtomicBool,
     /// Set when the drain starts.
@@ -365,17 +372,13 @@ fn view(state: &AdminState, path: &str) -> Option<Value> {
     let now = now_ms();
     Some(match path {
         "/debug/status" => {
-            let kernel = state.kernel.lock().ok();
-            let stats: serde_json::Map<String, Value> = kernel
-                .as_ref()
-                .map(|k| {
-                    k.stats
-                        .totals()
-                        .iter()
-                        .map(|(s, n)| (s.name().to_owned(), json!(n)))
-                        .collect()
-                })
-                .unwrap_or_default();
+            let stats: serde_json::Map<String, Value> = state
+                .kernel
+                .stats
+                .totals()
+                .iter()
+                .map(|(s, n)| (s.name().to_owned(), json!(n)))
+                .collect();
             let why = state.not_ready(Surface::Admin);
             json!({
                 "version": env!("CARGO_PKG_VERSION"),

@@ -8,10 +8,9 @@
 //! a reload neither forgets an ejection nor drops a connection.
 
 pub mod capture;
+mod labels;
 
 use std::{collections::HashMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
-
-use sluice_maps::{Backend, SERVICE_FAIL_OPEN, SERVICE_KERNEL, ServiceKey};
 
 use crate::{
     authz::Policy,
@@ -21,14 +20,14 @@ use crate::{
     },
     lb::Balancer,
     netns::Netns,
-    redirect::records::key_addr,
-    resilience::{
-        BudgetSettings, EndpointState, OutlierSettings, ServiceState, TIER_ANYWHERE, Thresholds,
-        clock::Millis, kernel_set,
-    },
+    resilience::{BudgetSettings, EndpointState, OutlierSettings, ServiceState, Thresholds},
     telemetry::MetricsCache,
     tls::Identity,
 };
+
+/// Locality tiers of an endpoint seen from this node: 0 this node, 1 this
+/// zone, 2 anywhere.
+pub const TIER_ANYWHERE: u8 = 2;
 
 /// One snapshot of services and workloads.
 #[derive(Debug, Default)]
@@ -580,122 +579,4 @@ impl Catalog {
     pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
         self.services.values()
     }
-
-    /// What the SERVICES and BACKENDS maps should hold now: every service
-    /// (IPv4 and IPv6 alike, in the maps' one key form) with its flags
-    /// and, for those the kernel may balance (kernel mode, or fail-open
-    /// while the agent is down), the endpoints the resilience layer deems
-    /// eligible at `now`, with their weights.
-    pub fn kernel_entries(&self, now: Millis) -> Vec<KernelEntry> {
-        self.entries(now, false)
-    }
-
-    /// [`Self::kernel_entries`] of the services that have a backend table.
-    pub fn kernel_tables(&self, now: Millis) -> Vec<KernelEntry> {
-        self.entries(now, true)
-    }
-
-    /// What the kernel's SERVICES map needs to go from this catalog to
-    /// `next` for the services `named` (namespace, name), those a watch
-    /// event changed: the entries to write, and the keys of addresses no
-    /// service of `next` holds any more.
-    pub fn kernel_delta(
-        &self,
-        next: &Catalog,
-        named: &[(&str, &str)],
-        now: Millis,
-    ) -> (Vec<KernelEntry>, Vec<ServiceKey>) {
-        // A few names: a scan each costs less than an index of thousands.
-        let find = |c: &'_ Catalog, (ns, name): &(&str, &str)| -> Option<Arc<Service>> {
-            c.services
-                .values()
-                .find(|s| s.name == *name && s.namespace == *ns)
-                .cloned()
-        };
-        let mut write = Vec::new();
-        let mut drop = Vec::new();
-        for name in named {
-            if let Some(s) = find(next, name) {
-                write.push(kernel_entry(&s, now));
-            }
-            if let Some(old) = find(self, name)
-                && next.service(old.vip).is_none()
-            {
-                drop.push(ServiceKey {
-                    addr: key_addr(old.vip.ip()),
-                    port: old.vip.port(),
-                    _pad: 0,
-                });
-            }
-        }
-        (write, drop)
-    }
-
-    fn entries(&self, now: Millis, tables_only: bool) -> Vec<KernelEntry> {
-        self.services
-            .values()
-            .filter(|s| !tables_only || kernel_flags(s) != 0)
-            .map(|s| kernel_entry(s, now))
-            .collect()
-    }
-}
-
-/// What the connect hook does with a service: balance it in the kernel,
-/// or pass it on while the agent is down, or neither.
-fn kernel_flags(s: &Service) -> u32 {
-    if s.mode == Mode::Kernel {
-        SERVICE_KERNEL
-    } else if s.on_agent_down == OnAgentDown::FailOpen {
-        SERVICE_FAIL_OPEN
-    } else {
-        0
-    }
-}
-
-/// One service as the kernel sees it.
-fn kernel_entry(s: &Service, now: Millis) -> KernelEntry {
-    let flags = kernel_flags(s);
-    let weighted = s.balancer.honours_weights();
-    let members = if flags == 0 {
-        Vec::new()
-    } else {
-        kernel_set(s, now)
-            .into_iter()
-            .filter_map(|i| {
-                let e = &s.endpoints[i];
-                // Validation keeps each service to its
-                // address's family; a connect hook could not
-                // cross over.
-                if e.addr.is_ipv4() != s.vip.is_ipv4() {
-                    return None;
-                }
-                let backend = Backend {
-                    addr: key_addr(e.addr.ip()),
-                    port: e.addr.port(),
-                    _pad: 0,
-                };
-                Some((backend, if weighted { e.weight } else { 1 }))
-            })
-            .collect()
-    };
-    KernelEntry {
-        key: ServiceKey {
-            addr: key_addr(s.vip.ip()),
-            port: s.vip.port(),
-            _pad: 0,
-        },
-        id: s.id,
-        flags,
-        members,
-    }
-}
-
-/// One service as the kernel sees it; see [`Catalog::kernel_entries`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KernelEntry {
-    pub key: ServiceKey,
-    pub id: u32,
-    pub flags: u32,
-    /// Backends with their weights; empty: no table.
-    pub members: Vec<(Backend, u32)>,
 }

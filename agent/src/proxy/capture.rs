@@ -14,19 +14,17 @@ use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{
-    copy::{ByteCounters, proxy},
-    inbound::{InboundStats, Refusal},
-    socket::{connect_marked, listen_in},
-};
 use crate::{
+    accept::accept_until_drained,
     audit::{Audit, Closed, Denial, Party},
+    carry::copy::proxy,
     catalog::{Catalog, capture::InboundMode},
     config::policy::DEFAULT_IDLE_TIMEOUT,
-    drain::{ConnectionGuard, DrainWatch, accept_until_drained},
+    connect::{connect_marked, listen_in},
+    drain::{ConnectionGuard, DrainWatch},
     handover::Inherited,
     netns::Netns,
-    telemetry::LogLimiter,
+    telemetry::{ByteCounters, InboundStats, LogLimiter, Refusal},
 };
 
 const BACKLOG: u32 = 1024;

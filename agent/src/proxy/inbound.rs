@@ -9,10 +9,7 @@
 use std::{
     io,
     net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
@@ -22,193 +19,61 @@ use rustls::{CertificateError, Error as TlsError};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
-use super::{
-    copy::{Duplex, proxy},
-    preamble::{self, PreambleError},
-    socket::connect_marked,
-};
 use crate::{
+    accept::{
+        accept_until_drained,
+        limits::{Admitted, InboundLimits},
+    },
     audit::{Audit, Denial, Party},
     authz,
+    carry::{
+        copy::{Duplex, proxy},
+        preamble::{self, PreambleError},
+    },
     catalog::Catalog,
     config::policy::DEFAULT_IDLE_TIMEOUT,
-    drain::{ConnectionGuard, DrainWatch, accept_until_drained},
+    connect::{self, connect_marked},
+    drain::{ConnectionGuard, DrainWatch},
     handover::Inherited,
-    proxy::limits::{Admitted, InboundLimits},
-    telemetry::LogLimiter,
+    telemetry::{ByteCounters, InboundStats, LogLimiter, Refusal},
     tls::{Identity, RootOutOfDomain, TlsContext, identity_of},
 };
 
-/// Why an inbound connection was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
-    /// Not TLS at all: a plain TCP client or garbage.
-    NotTls,
-    /// Closed before the handshake finished.
-    ClosedDuringHandshake,
-    /// The handshake did not finish in time.
-    HandshakeTimeout,
-    /// No client certificate.
-    NoClientCertificate,
-    /// The certificate does not chain to the trust bundle.
-    UnknownCa,
-    CertificateExpired,
-    CertificateNotYetValid,
-    /// Any other certificate problem (bad signature, wrong usage, ...).
-    BadCertificate,
-    /// TLS versions or algorithms in common: none (e.g. a TLS 1.2 client).
-    Incompatible,
-    /// The client asked for an identity this node does not host.
-    UnknownServerIdentity,
-    /// The certificate carries no SPIFFE ID.
-    NoIdentity,
-    /// The SPIFFE ID is of another trust domain.
-    WrongTrustDomain,
-    PreambleTimeout,
-    PreambleOversized,
-    PreambleMalformed,
-    /// The preamble names no workload of this node.
-    UnknownTarget,
-    /// The target is served by another identity than the one asked for.
-    IdentityMismatch,
-    /// Authorization denied the caller.
-    Denied,
-    /// The local workload did not accept the connection.
-    TargetUnreachable,
-    /// Any other TLS failure.
-    TlsError,
-    /// Plaintext from outside the mesh to a strict workload, caught by the
-    /// capture hook.
-    Plaintext,
-    /// Over a bound of `mesh.inbound_limits`: reset before any handshake
-    /// (a connection bound at once, a handshake bound after a wait).
-    Overloaded,
-}
-
-impl Refusal {
-    pub const ALL: [Refusal; 22] = [
-        Refusal::NotTls,
-        Refusal::ClosedDuringHandshake,
-        Refusal::HandshakeTimeout,
-        Refusal::NoClientCertificate,
-        Refusal::UnknownCa,
-        Refusal::CertificateExpired,
-        Refusal::CertificateNotYetValid,
-        Refusal::BadCertificate,
-        Refusal::Incompatible,
-        Refusal::UnknownServerIdentity,
-        Refusal::NoIdentity,
-        Refusal::WrongTrustDomain,
-        Refusal::PreambleTimeout,
-        Refusal::PreambleOversized,
-        Refusal::PreambleMalformed,
-        Refusal::UnknownTarget,
-        Refusal::IdentityMismatch,
-        Refusal::Denied,
-        Refusal::TargetUnreachable,
-        Refusal::TlsError,
-        Refusal::Plaintext,
-        Refusal::Overloaded,
-    ];
-
-    /// Stable name for logs and metrics.
-    pub fn name(self) -> &'static str {
-        match self {
-            Refusal::NotTls => "not_tls",
-            Refusal::ClosedDuringHandshake => "closed_during_handshake",
-            Refusal::HandshakeTimeout => "handshake_timeout",
-            Refusal::NoClientCertificate => "no_client_certificate",
-            Refusal::UnknownCa => "unknown_ca",
-            Refusal::CertificateExpired => "certificate_expired",
-            Refusal::CertificateNotYetValid => "certificate_not_yet_valid",
-            Refusal::BadCertificate => "bad_certificate",
-            Refusal::Incompatible => "incompatible",
-            Refusal::UnknownServerIdentity => "unknown_server_identity",
-            Refusal::NoIdentity => "no_identity",
-            Refusal::WrongTrustDomain => "wrong_trust_domain",
-            Refusal::PreambleTimeout => "preamble_timeout",
-            Refusal::PreambleOversized => "preamble_oversized",
-            Refusal::PreambleMalformed => "preamble_malformed",
-            Refusal::UnknownTarget => "unknown_target",
-            Refusal::IdentityMismatch => "identity_mismatch",
-            Refusal::Denied => "denied",
-            Refusal::TargetUnreachable => "target_unreachable",
-            Refusal::TlsError => "tls_error",
-            Refusal::Plaintext => "plaintext",
-            Refusal::Overloaded => "overloaded",
-        }
+/// Why a failed TLS handshake failed, as counted and logged.
+fn refusal_of_handshake(e: &io::Error) -> Refusal {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        return Refusal::ClosedDuringHandshake;
     }
-
-    fn from_handshake(e: &io::Error) -> Refusal {
-        if e.kind() == io::ErrorKind::UnexpectedEof {
-            return Refusal::ClosedDuringHandshake;
-        }
-        match e.get_ref().and_then(|i| i.downcast_ref::<TlsError>()) {
-            Some(tls) => Refusal::from_tls(tls),
-            None => Refusal::TlsError,
-        }
-    }
-
-    fn from_tls(tls: &TlsError) -> Refusal {
-        match tls {
-            TlsError::InvalidMessage(_)
-            | TlsError::InappropriateMessage { .. }
-            | TlsError::InappropriateHandshakeMessage { .. } => Refusal::NotTls,
-            TlsError::NoCertificatesPresented => Refusal::NoClientCertificate,
-            TlsError::InvalidCertificate(CertificateError::UnknownIssuer) => Refusal::UnknownCa,
-            TlsError::InvalidCertificate(
-                CertificateError::Expired | CertificateError::ExpiredContext { .. },
-            ) => Refusal::CertificateExpired,
-            TlsError::InvalidCertificate(
-                CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. },
-            ) => Refusal::CertificateNotYetValid,
-            TlsError::InvalidCertificate(CertificateError::Other(other))
-                if other.0.downcast_ref::<RootOutOfDomain>().is_some() =>
-            {
-                Refusal::WrongTrustDomain
-            }
-            TlsError::InvalidCertificate(_) => Refusal::BadCertificate,
-            TlsError::PeerIncompatible(_) => Refusal::Incompatible,
-            TlsError::General(m) if m.contains("no server certificate") => {
-                Refusal::UnknownServerIdentity
-            }
-            _ => Refusal::TlsError,
-        }
+    match e.get_ref().and_then(|i| i.downcast_ref::<TlsError>()) {
+        Some(tls) => refusal_of_tls(tls),
+        None => Refusal::TlsError,
     }
 }
 
-/// Counters of the inbound listener.
-#[derive(Debug, Default)]
-pub struct InboundStats {
-    accepted: AtomicU64,
-    refused: [AtomicU64; Refusal::ALL.len()],
-    plaintext_passed: AtomicU64,
-}
-
-impl InboundStats {
-    /// Connections that reached their workload.
-    pub fn accepted(&self) -> u64 {
-        self.accepted.load(Ordering::Relaxed)
-    }
-
-    /// Refusals for `why`.
-    pub fn refused(&self, why: Refusal) -> u64 {
-        self.refused[why as usize].load(Ordering::Relaxed)
-    }
-
-    /// Counts a refusal.
-    pub fn count_refusal(&self, why: Refusal) {
-        self.refused[why as usize].fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Plaintext connections from outside the mesh passed to a permissive
-    /// workload.
-    pub fn plaintext_passed(&self) -> u64 {
-        self.plaintext_passed.load(Ordering::Relaxed)
-    }
-
-    pub fn count_plaintext_passed(&self) {
-        self.plaintext_passed.fetch_add(1, Ordering::Relaxed);
+fn refusal_of_tls(tls: &TlsError) -> Refusal {
+    match tls {
+        TlsError::InvalidMessage(_)
+        | TlsError::InappropriateMessage { .. }
+        | TlsError::InappropriateHandshakeMessage { .. } => Refusal::NotTls,
+        TlsError::NoCertificatesPresented => Refusal::NoClientCertificate,
+        TlsError::InvalidCertificate(CertificateError::UnknownIssuer) => Refusal::UnknownCa,
+        TlsError::InvalidCertificate(
+            CertificateError::Expired | CertificateError::ExpiredContext { .. },
+        ) => Refusal::CertificateExpired,
+        TlsError::InvalidCertificate(
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. },
+        ) => Refusal::CertificateNotYetValid,
+        TlsError::InvalidCertificate(CertificateError::Other(other))
+            if other.0.downcast_ref::<RootOutOfDomain>().is_some() =>
+        {
+            Refusal::WrongTrustDomain
+        }
+        TlsError::InvalidCertificate(_) => Refusal::BadCertificate,
+        TlsError::PeerIncompatible(_) => Refusal::Incompatible,
+        TlsError::General(m) if m.contains("no server certificate") => {
+            Refusal::UnknownServerIdentity
+        }
+        _ => Refusal::TlsError,
     }
 }
 
@@ -234,7 +99,7 @@ pub struct InboundListener {
 
 impl InboundListener {
     pub fn bind(addr: SocketAddr, inherited: &Inherited) -> io::Result<InboundListener> {
-        let (listener, _) = super::socket::listen(addr, 1024, inherited)?;
+        let (listener, _) = connect::listen(addr, 1024, inherited)?;
         Ok(InboundListener { listener })
     }
 
@@ -369,7 +234,7 @@ async fn handle(
     admitted.handshake_done();
     let mut tls = match handshake {
         Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => return refuse(&ctx, peer, None, Refusal::from_handshake(&e), &e),
+        Ok(Err(e)) => return refuse(&ctx, peer, None, refusal_of_handshake(&e), &e),
         Err(_) => {
             let limit = format!("no handshake within {:?}", ctx.handshake_timeout);
             return refuse(&ctx, peer, None, Refusal::HandshakeTimeout, &limit);
@@ -387,7 +252,7 @@ async fn handle(
         )
     {
         tls.reset_on_close();
-        let why = Refusal::from_tls(&e);
+        let why = refusal_of_tls(&e);
         let detail = format!("resumed session: {e}");
         return refuse(&ctx, peer, None, why, &detail);
     }
@@ -478,9 +343,9 @@ async fn handle(
             return refuse(&ctx, peer, Some(&caller), Refusal::TargetUnreachable, &e);
         }
     };
-    ctx.stats.accepted.fetch_add(1, Ordering::Relaxed);
+    ctx.stats.count_accepted();
     let started = std::time::Instant::now();
-    let bytes = super::copy::ByteCounters::default();
+    let bytes = ByteCounters::default();
     let end = proxy(&mut tls, &mut upstream, DEFAULT_IDLE_TIMEOUT, None, &bytes).await;
     debug!("inbound {peer} ({caller}) -> {target}: {end:?}");
     if ctx.audit.wants_connections() {

@@ -8,26 +8,28 @@ use arc_swap::ArcSwap;
 use log::{debug, info, warn};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{
-    copy::{CopyEnd, proxy},
-    preamble,
-    socket::{connect_marked, listen_in},
-};
 use crate::{
+    accept::accept_until_drained,
     audit::{Audit, Closed, Denial, Party},
     authz,
+    carry::{
+        copy::{CopyEnd, proxy},
+        preamble,
+    },
     catalog::{Catalog, Endpoint, PodIdentity, Service, Workload, capture::InboundMode},
+    clock::now_ms,
     config::Mode,
+    connect::{connect_marked, listen_in},
     discovery::PodLookup,
-    drain::{ConnectionGuard, DrainWatch, accept_until_drained},
+    drain::{ConnectionGuard, DrainWatch},
     handover::Inherited,
     lb::PickContext,
     netns::Netns,
+    proxy::{Connections, LiveConnection},
     redirect::{PeerRecords, bypass::Bypass},
-    resilience::{
-        self, Admission, Chosen, NoEndpoint, Outcome, Overflow, RetryDenied, Tried, clock::now_ms,
-    },
-    telemetry::{CloseReason, Connections, LiveConnection, Metrics},
+    resilience::{Admission, Outcome, Overflow, RetryDenied},
+    route::{self, Chosen, NoEndpoint, Tried},
+    telemetry::{CloseReason, Metrics},
     tls::{Identity, TlsContext},
 };
 /// Pending connections the kernel queues for one listener.
@@ -236,7 +238,7 @@ async fn handle(
     let policy = &service.policy;
     let started = tokio::time::Instant::now();
     let refused = |reason: CloseReason| {
-        let m = ctx.metrics.connection(&service, source.as_deref(), None);
+        let m = service.connection_metrics(&ctx.metrics, source.as_deref(), None);
         m.opened.inc();
         m.closed(reason).inc();
     };
@@ -266,9 +268,7 @@ async fn handle(
         );
     }
     let endpoint = &service.endpoints[chosen.index];
-    let metrics = ctx
-        .metrics
-        .connection(&service, source.as_deref(), Some(chosen.index));
+    let metrics = service.connection_metrics(&ctx.metrics, source.as_deref(), Some(chosen.index));
     metrics.opened.inc();
     metrics.connect.observe(started.elapsed().as_secs_f64());
     metrics.active.inc();
@@ -338,7 +338,7 @@ async fn handle(
                 admission: Admission::Normal,
                 ..chosen
             };
-            resilience::report(&service, normal, Outcome::Reset, now_ms());
+            route::report(&service, normal, Outcome::Reset, now_ms());
         }
         CopyEnd::Idle => debug!(
             "service {}: endpoint {}: idle for {:?}; closed",
@@ -361,7 +361,7 @@ async fn connect_upstream(
 ) -> Result<(Upstream, Chosen), CloseReason> {
     let policy = &service.policy;
     let mut tried = Tried::default();
-    let max_attempts = (policy.max_connect_attempts as usize).min(resilience::MAX_ATTEMPTS);
+    let max_attempts = (policy.max_connect_attempts as usize).min(route::MAX_ATTEMPTS);
     loop {
         let now = now_ms();
         let _retry_slot = if tried.is_empty() {
@@ -383,7 +383,7 @@ async fn connect_upstream(
                 Err(RetryDenied::BudgetExhausted) => return Err(CloseReason::ConnectFailed),
             }
         };
-        let chosen = match resilience::choose(service, pick, &tried, now) {
+        let chosen = match route::choose(service, pick, &tried, now) {
             Ok(chosen) => chosen,
             Err(NoEndpoint::FailClosed) => {
                 fail_fast(service, Overflow::NoEligibleEndpoint);
@@ -403,7 +403,7 @@ async fn connect_upstream(
         match dial(ctx, service, endpoint, source).await {
             Ok(upstream) => {
                 let micros = started.elapsed().as_micros() as u64;
-                resilience::report(service, chosen, Outcome::Connected { micros }, now_ms());
+                route::report(service, chosen, Outcome::Connected { micros }, now_ms());
                 return Ok((upstream, chosen));
             }
             Err(DialError::Denied) => {
@@ -426,7 +426,7 @@ async fn connect_upstream(
                     endpoint.addr,
                     tried.len()
                 );
-                resilience::report(service, chosen, Outcome::ConnectFailed, now_ms());
+                route::report(service, chosen, Outcome::ConnectFailed, now_ms());
             }
         }
     }

@@ -17,7 +17,9 @@ use aya::{
 };
 use sluice_maps::SockKey;
 
-use super::{ErrorChain, records::key_addr};
+use sluice_maps::key_addr;
+
+use super::ErrorChain;
 
 /// BPF_MAP_UPDATE_ELEM from linux/bpf.h (aya's `insert` wants `&mut`).
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;

@@ -19,6 +19,7 @@
 pub mod bypass;
 pub mod capture;
 pub mod cgroup;
+pub mod entries;
 pub mod preflight;
 pub mod records;
 pub mod tables;
@@ -44,7 +45,7 @@ use sluice_maps::{
     ServiceKey, Settings, Stat,
 };
 
-use crate::catalog::KernelEntry;
+pub use entries::KernelEntry;
 pub use records::{PeerRecords, Redirected};
 
 /// The compiled eBPF object, built by build.rs.
@@ -667,19 +668,37 @@ impl ProgramStats {
     }
 }
 
-/// Counts of records left in the pinned record maps (works without the
-/// agent): (by cookie, by peer).
+/// The two record maps, opened from their pins once (works without the
+/// agent), for counting what is left in them.
+pub struct RecordMaps {
+    by_cookie: Map,
+    by_peer: Map,
+}
+
+impl RecordMaps {
+    pub fn from_pin(pin_dir: &Path) -> Result<RecordMaps, RedirectError> {
+        let open = |name: &'static str| -> Result<Map, RedirectError> {
+            let data = MapData::from_pin(pin_dir.join(name)).map_err(map_err(name))?;
+            Ok(Map::LruHashMap(data))
+        };
+        Ok(RecordMaps {
+            by_cookie: open(sluice_maps::ORIG_BY_COOKIE)?,
+            by_peer: open(sluice_maps::ORIG_BY_PEER)?,
+        })
+    }
+
+    /// Records in each map now: (by cookie, by peer).
+    pub fn counts(&self) -> (usize, usize) {
+        (
+            records::count::<u64>(&self.by_cookie),
+            records::count::<sluice_maps::PeerKey>(&self.by_peer),
+        )
+    }
+}
+
+/// Counts of records left in the pinned record maps: (by cookie, by peer).
 pub fn pinned_record_counts(pin_dir: &Path) -> Result<(usize, usize), RedirectError> {
-    let open = |name: &'static str| -> Result<Map, RedirectError> {
-        let data = MapData::from_pin(pin_dir.join(name)).map_err(map_err(name))?;
-        Ok(Map::LruHashMap(data))
-    };
-    let by_cookie = open(sluice_maps::ORIG_BY_COOKIE)?;
-    let by_peer = open(sluice_maps::ORIG_BY_PEER)?;
-    Ok((
-        records::count::<u64>(&by_cookie),
-        records::count::<sluice_maps::PeerKey>(&by_peer),
-    ))
+    RecordMaps::from_pin(pin_dir).map(|maps| maps.counts())
 }
 
 /// Switches the programs' log events on or off through the pinned SETTINGS

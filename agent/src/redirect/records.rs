@@ -4,13 +4,13 @@
 use std::{
     io,
     mem::{MaybeUninit, size_of},
-    net::{IpAddr, Ipv6Addr, SocketAddr},
+    net::SocketAddr,
     os::fd::{AsFd, AsRawFd, BorrowedFd},
     time::Duration,
 };
 
 use aya::maps::{HashMap, Map, MapData};
-use sluice_maps::{OriginalDst, PeerKey};
+use sluice_maps::{OriginalDst, PeerKey, addr_from_key, key_addr};
 
 /// BPF_MAP_LOOKUP_AND_DELETE_ELEM from linux/bpf.h; aya does not expose it
 /// for hash maps.
@@ -83,29 +83,6 @@ fn lookup_and_delete<K, V: Copy>(map: BorrowedFd<'_>, key: &K) -> io::Result<Opt
         Err(err) if err.raw_os_error() == Some(libc::ENOENT) => Ok(None),
         Err(err) => Err(err),
     }
-}
-
-/// Converts a socket address to the map's address form.
-pub fn key_addr(ip: IpAddr) -> [u32; 4] {
-    let v6 = match ip {
-        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
-        IpAddr::V6(v6) => v6,
-    };
-    let o = v6.octets();
-    std::array::from_fn(|i| {
-        u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
-    })
-}
-
-/// Converts the map's address form back to an address (v4-mapped -> v4).
-pub fn addr_from_key(addr: [u32; 4], port: u16) -> SocketAddr {
-    let mut octets = [0u8; 16];
-    for (i, word) in addr.iter().enumerate() {
-        octets[4 * i..4 * i + 4].copy_from_slice(&word.to_ne_bytes());
-    }
-    let v6 = Ipv6Addr::from(octets);
-    let ip = v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4);
-    SocketAddr::new(ip, port)
 }
 
 /// The key under which `sock_ops` filed the record of a connection whose

@@ -13,8 +13,9 @@ use std::collections::HashMap as StdHashMap;
 use aya::maps::{HashMap, MapData};
 use sluice_maps::{Backend, BackendKey, MAX_SLOTS, ServiceKey, ServiceValue};
 
+use super::KernelEntry;
 use super::{RedirectError, map_err};
-use crate::{catalog::KernelEntry, lb::bounded_cycle};
+use crate::lb::bounded_cycle;
 
 /// What was last written for one service.
 #[derive(Debug)]

@@ -8,7 +8,7 @@ use std::sync::{
     atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering},
 };
 
-use super::clock::Millis;
+use crate::clock::Millis;
 
 /// Where an endpoint stands in outlier detection (Hystrix/resilience4j
 /// vocabulary).

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
-use super::clock::Millis;
+use crate::clock::Millis;
 
 /// Why a connection was failed fast.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -2,40 +2,25 @@
 //!
 //! Per-connection metrics are label families; the handles a connection
 //! needs are resolved once per (source workload, endpoint) and cached in
-//! the service, so the accept path neither allocates labels nor takes the
-//! families' lock. Everything the agent already counts elsewhere (breaker
-//! and ejection state, inbound refusals, certificates, eBPF counters, map
-//! fill) is read at scrape time by [`StateCollector`]. No label carries an
-//! address, a port or anything else unbounded.
+//! the service ([`MetricsCache`]), so the accept path neither allocates
+//! labels nor takes the families' lock. Everything the agent already
+//! counts elsewhere is read at scrape time by a collector registered here
+//! (the admin's `StateCollector`). No label carries an address, a port or
+//! anything else unbounded.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-    time::SystemTime,
-};
+use std::{collections::HashMap, sync::Arc};
 
 use arc_swap::ArcSwap;
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    encoding::EncodeLabelSet,
     metrics::{
-        MetricType,
-        counter::{ConstCounter, Counter},
+        counter::Counter,
         family::Family,
-        gauge::{ConstGauge, Gauge},
+        gauge::Gauge,
         histogram::{Histogram, exponential_buckets},
     },
     registry::Registry,
-};
-
-use crate::{
-    catalog::{Catalog, Service, Workload},
-    config::Mode,
-    handover,
-    proxy::inbound::{InboundStats, Refusal},
-    redirect::ProgramStats,
-    resilience::{Overflow, Phase, clock::now_ms},
-    tls::TlsContext,
 };
 
 /// Labels of a proxied connection.
@@ -180,7 +165,7 @@ pub struct MetricsCache {
 
 impl Metrics {
     /// Registers every family and `collector`.
-    pub fn new(collector: Option<StateCollector>) -> Arc<Metrics> {
+    pub fn new(collector: Option<Box<dyn Collector>>) -> Arc<Metrics> {
         let mut registry = Registry::default();
         let opened = Family::default();
         let closed = Family::default();
@@ -196,11 +181,6 @@ impl Metrics {
         let handover_refusals = Family::<ReasonLabel, Counter>::default();
         // Every reason from the start, at 0: an alert can watch the rate
         // before the first refusal.
-        for reason in handover::Refusal::ALL {
-            drop(handover_refusals.get_or_create(&ReasonLabel {
-                reason: reason.name(),
-            }));
-        }
         registry.register(
             "sluice_tcp_connections_opened",
             "Connections opened: proxied ones when the client's connection is taken, kernel-balanced ones when their connect completes",
@@ -259,7 +239,7 @@ impl Metrics {
             .set(1);
         registry.register("sluice_build_info", "Build of the running agent", build);
         if let Some(c) = collector {
-            registry.register_collector(Box::new(c));
+            registry.register_collector(c);
         }
         Arc::new(Metrics {
             registry,
@@ -310,73 +290,27 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts a peer refused on the handover socket.
-    pub fn handover_refused(&self, why: handover::Refusal) {
+    /// Puts each handover refusal reason in the exposition at 0, so an
+    /// alert can watch the rate before the first refusal.
+    pub fn declare_handover_refusals(&self, reasons: impl IntoIterator<Item = &'static str>) {
+        for reason in reasons {
+            drop(
+                self.handover_refusals
+                    .get_or_create(&ReasonLabel { reason }),
+            );
+        }
+    }
+
+    /// Counts a peer refused on the handover socket, by reason.
+    pub fn handover_refused(&self, reason: &'static str) {
         self.handover_refusals
-            .get_or_create(&ReasonLabel { reason: why.name() })
+            .get_or_create(&ReasonLabel { reason })
             .inc();
     }
 
-    /// The handles for connections from `source` to endpoint `endpoint` of
-    /// `service` (None: before an endpoint is chosen).
-    pub fn connection(
-        &self,
-        service: &Service,
-        source: Option<&Workload>,
-        endpoint: Option<usize>,
-    ) -> Arc<ConnectionMetrics> {
-        let key = (
-            source.map_or(0, |w| w.cgroup_id),
-            endpoint.unwrap_or(usize::MAX),
-        );
-        if let Some(m) = service.metrics.map.load().get(&key) {
-            return m.clone();
-        }
-        let m = Arc::new(self.resolve(service, source, endpoint));
-        service.metrics.map.rcu(|current| {
-            let mut next = HashMap::clone(current);
-            next.entry(key).or_insert_with(|| m.clone());
-            next
-        });
-        m
-    }
-
-    fn resolve(
-        &self,
-        service: &Service,
-        source: Option<&Workload>,
-        endpoint: Option<usize>,
-    ) -> ConnectionMetrics {
-        let ep = endpoint.and_then(|i| service.endpoints.get(i));
-        let mtls = ep.is_some_and(|e| {
-            !e.local && e.peer.is_some() && matches!(service.mode, Mode::Mtls | Mode::Permissive)
-        });
-        let security = if mtls { "mutual_tls" } else { "plaintext" };
-        let labels = ConnectionLabels {
-            source_workload: source.map_or_else(|| "unknown".into(), |w| w.name.clone()),
-            source_workload_namespace: source
-                .map_or_else(|| "unknown".into(), |w| w.namespace.clone()),
-            destination_service: service.name.clone(),
-            destination_service_namespace: service.namespace.clone(),
-            destination_workload: ep
-                .and_then(|e| {
-                    e.workload
-                        .clone()
-                        .or_else(|| e.identity.as_ref().map(|i| i.service_account.clone()))
-                })
-                .unwrap_or_else(|| "unknown".into()),
-            connection_security_policy: security,
-            mode: if service.mode == Mode::Kernel {
-                "kernel"
-            } else {
-                "proxy"
-            },
-        };
-        let service_labels = ServiceLabels {
-            destination_service: service.name.clone(),
-            destination_service_namespace: service.namespace.clone(),
-            connection_security_policy: security,
-        };
+    /// Fresh handles for connections with `labels`, in `service`'s
+    /// families; [`MetricsCache`] keeps them per kind of connection.
+    pub fn handles(&self, labels: ConnectionLabels, service: ServiceLabels) -> ConnectionMetrics {
         ConnectionMetrics {
             opened: self.opened.get_or_create(&labels).clone(),
             closed: CloseReason::ALL.map(|reason| {
@@ -389,10 +323,31 @@ impl Metrics {
             }),
             sent: self.sent.get_or_create(&labels).clone(),
             received: self.received.get_or_create(&labels).clone(),
-            duration: self.duration.get_or_create(&service_labels).clone(),
-            connect: self.connect.get_or_create(&service_labels).clone(),
-            active: self.active.get_or_create(&service_labels).clone(),
+            duration: self.duration.get_or_create(&service).clone(),
+            connect: self.connect.get_or_create(&service).clone(),
+            active: self.active.get_or_create(&service).clone(),
         }
+    }
+}
+
+impl MetricsCache {
+    /// The handles cached under `key`, or those `make` builds (kept for
+    /// the next connection of the same kind).
+    pub fn get_or_insert(
+        &self,
+        key: MetricsKey,
+        make: impl FnOnce() -> ConnectionMetrics,
+    ) -> Arc<ConnectionMetrics> {
+        if let Some(m) = self.map.load().get(&key) {
+            return m.clone();
+        }
+        let m = Arc::new(make());
+        self.map.rcu(|current| {
+            let mut next = HashMap::clone(current);
+            next.entry(key).or_insert_with(|| m.clone());
+            next
+        });
+        m
     }
 }
 
@@ -441,292 +396,6 @@ mod tests {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ServiceOnly {
-    destination_service: String,
-    destination_service_namespace: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ServiceReason {
-    destination_service: String,
-    destination_service_namespace: String,
-    reason: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct StateLabel {
-    destination_service: String,
-    destination_service_namespace: String,
-    state: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct IdentityLabel {
-    identity: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ReasonLabel {
-    reason: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ProgramLabel {
-    outcome: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct MapLabel {
-    map: &'static str,
-}
-
-/// Reads, at scrape time, what the agent counts elsewhere.
-pub struct StateCollector {
-    pub catalog: Arc<ArcSwap<Catalog>>,
-    pub tls: Arc<TlsContext>,
-    pub inbound: Arc<InboundStats>,
-    /// The programs' counters and the record maps' sizes.
-    pub kernel: Arc<Mutex<KernelView>>,
-    pub audit: Arc<crate::audit::Audit>,
-}
-
-/// What the collector reads from the kernel side.
-pub struct KernelView {
-    pub stats: ProgramStats,
-    pub pin_dir: std::path::PathBuf,
-}
-
-impl std::fmt::Debug for StateCollector {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("StateCollector")
-    }
-}
-
-fn counter(
-    encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    series: impl IntoIterator<Item = (impl EncodeLabelSet, u64)>,
-) -> Result<(), std::fmt::Error> {
-    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-    for (labels, value) in series {
-        ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
-    }
-    Ok(())
-}
-
-fn gauge(
-    encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    series: impl IntoIterator<Item = (impl EncodeLabelSet, i64)>,
-) -> Result<(), std::fmt::Error> {
-    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
-    for (labels, value) in series {
-        ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
-    }
-    Ok(())
-}
-
-impl Collector for StateCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let catalog = self.catalog.load();
-        let mut services: Vec<&Arc<Service>> = catalog.services().collect();
-        services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-        let now = now_ms();
-        let only = |s: &Service| ServiceOnly {
-            destination_service: s.name.clone(),
-            destination_service_namespace: s.namespace.clone(),
-        };
-
-        let mut states = Vec::new();
-        for s in &services {
-            let mut count = [0i64; 4];
-            for e in &s.endpoints {
-                let i = if !e.state.is_healthy() {
-                    3
-                } else {
-                    match e.state.phase() {
-                        Phase::Closed => 0,
-                        Phase::Open if now >= e.state.ejected_until() => 2,
-                        Phase::Open => 1,
-                        Phase::HalfOpen => 2,
-                    }
-                };
-                count[i] += 1;
-            }
-            for (state, n) in ["healthy", "ejected", "half_open", "unhealthy"]
-                .into_iter()
-                .zip(count)
-            {
-                states.push((
-                    StateLabel {
-                        destination_service: s.name.clone(),
-                        destination_service_namespace: s.namespace.clone(),
-                        state,
-                    },
-                    n,
-                ));
-            }
-        }
-        gauge(
-            &mut encoder,
-            "sluice_endpoints",
-            "Endpoints by state: healthy, ejected (outlier detection), half_open (probing), unhealthy (health checks)",
-            states,
-        )?;
-        counter(
-            &mut encoder,
-            "sluice_endpoint_ejections",
-            "Endpoints ejected by outlier detection",
-            services.iter().map(|s| {
-                (
-                    only(s),
-                    s.endpoints.iter().map(|e| e.state.ejections()).sum(),
-                )
-            }),
-        )?;
-        counter(
-            &mut encoder,
-            "sluice_circuit_breaker_fast_failures",
-            "New connections failed fast over a circuit-breaker threshold, by threshold",
-            services.iter().flat_map(|s| {
-                Overflow::ALL.into_iter().map(move |why| {
-                    (
-                        ServiceReason {
-                            destination_service: s.name.clone(),
-                            destination_service_namespace: s.namespace.clone(),
-                            reason: why.name(),
-                        },
-                        s.state.fast_failures(why),
-                    )
-                })
-            }),
-        )?;
-        counter(
-            &mut encoder,
-            "sluice_connect_retries",
-            "Connect retries made",
-            services.iter().map(|s| (only(s), s.state.retries_total())),
-        )?;
-        counter(
-            &mut encoder,
-            "sluice_retry_budget_exhausted",
-            "Retries not made because the retry budget was spent",
-            services
-                .iter()
-                .map(|s| (only(s), s.state.budget_exhausted())),
-        )?;
-        counter(
-            &mut encoder,
-            "sluice_inbound_refusals",
-            "Inbound connections refused, by reason (denied: authorization; plaintext: from \
-             outside the mesh to a strict workload, caught by the capture hook)",
-            Refusal::ALL
-                .into_iter()
-                .map(|r| (ReasonLabel { reason: r.name() }, self.inbound.refused(r))),
-        )?;
-        counter(
-            &mut encoder,
-            "sluice_inbound_accepted",
-            "Inbound mTLS connections that reached their workload",
-            [(ReasonLabel { reason: "accepted" }, self.inbound.accepted())],
-        )?;
-        counter(
-            &mut encoder,
-            "sluice_inbound_plaintext_passed",
-            "Plaintext connections from outside the mesh passed to a permissive workload",
-            [(
-                ReasonLabel {
-                    reason: "permissive",
-                },
-                self.inbound.plaintext_passed(),
-            )],
-        )?;
-        counter(
-            &mut encoder,
-            "sluice_audit_events",
-            "Audit trail lines: queued for the writer, or dropped because its queue was full",
-            [
-                (ProgramLabel { outcome: "queued" }, self.audit.queued()),
-                (ProgramLabel { outcome: "dropped" }, self.audit.dropped()),
-            ],
-        )?;
-        let unix = |t: SystemTime| {
-            t.duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs() as i64)
-        };
-        let mut certs = self.tls.store.expiries();
-        certs.sort_by_key(|(id, _)| id.to_string());
-        gauge(
-            &mut encoder,
-            "sluice_certificate_expiry_timestamp_seconds",
-            "When each identity's current certificate expires (Unix time)",
-            certs.into_iter().map(|(id, t)| {
-                (
-                    IdentityLabel {
-                        identity: id.to_string(),
-                    },
-                    unix(t),
-                )
-            }),
-        )?;
-        if let Ok(kernel) = self.kernel.lock() {
-            counter(
-                &mut encoder,
-                "sluice_redirect_decisions",
-                "Decisions of the connect and sock_ops programs (per-CPU counters summed)",
-                kernel.stats.totals().map(|(stat, n)| {
-                    (
-                        ProgramLabel {
-                            outcome: stat.name(),
-                        },
-                        n,
-                    )
-                }),
-            )?;
-            if let Ok((by_cookie, by_peer)) = crate::redirect::pinned_record_counts(&kernel.pin_dir)
-            {
-                gauge(
-                    &mut encoder,
-                    "sluice_map_entries",
-                    "Entries in the pinned maps",
-                    [
-                        (
-                            MapLabel {
-                                map: "orig_by_cookie",
-                            },
-                            by_cookie as i64,
-                        ),
-                        (
-                            MapLabel {
-                                map: "orig_by_peer",
-                            },
-                            by_peer as i64,
-                        ),
-                    ],
-                )?;
-                gauge(
-                    &mut encoder,
-                    "sluice_map_capacity",
-                    "Capacity of the pinned maps",
-                    [
-                        (
-                            MapLabel {
-                                map: "orig_by_cookie",
-                            },
-                            i64::from(sluice_maps::MAX_PENDING_RECORDS),
-                        ),
-                        (
-                            MapLabel {
-                                map: "orig_by_peer",
-                            },
-                            i64::from(sluice_maps::MAX_PENDING_RECORDS),
-                        ),
-                    ],
-                )?;
-            }
-        }
-        Ok(())
-    }
+pub struct ReasonLabel {
+    pub reason: &'static str,
 }

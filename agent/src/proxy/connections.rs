@@ -13,7 +13,7 @@ use std::{
 
 use crate::{
     catalog::{Service, Workload},
-    proxy::copy::ByteCounters,
+    telemetry::ByteCounters,
 };
 
 const SHARDS: usize = 16;

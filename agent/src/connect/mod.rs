@@ -10,10 +10,10 @@ use std::{
 
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
-use crate::{handover::Inherited, netns::Netns};
-
-/// `SO_NETNS_COOKIE` from asm-generic/socket.h (libc does not define it).
-const SO_NETNS_COOKIE: libc::c_int = 71;
+use crate::{
+    handover::Inherited,
+    netns::{Netns, netns_cookie},
+};
 
 fn setsockopt_u32(fd: RawFd, level: libc::c_int, name: libc::c_int, value: u32) -> io::Result<()> {
     // SAFETY: passes a pointer to a live u32 and its size.
@@ -28,28 +28,6 @@ fn setsockopt_u32(fd: RawFd, level: libc::c_int, name: libc::c_int, value: u32) 
     };
     if rc == 0 {
         Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-/// The cookie of the network namespace a socket lives in; equals what the
-/// hooks read with `bpf_get_netns_cookie`.
-pub fn netns_cookie(fd: &impl AsRawFd) -> io::Result<u64> {
-    let mut cookie = 0u64;
-    let mut len = size_of::<u64>() as libc::socklen_t;
-    // SAFETY: cookie and len are valid out-pointers of the right size.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    if rc == 0 {
-        Ok(cookie)
     } else {
         Err(io::Error::last_os_error())
     }

@@ -11,13 +11,13 @@ use tokio::{
     task::JoinHandle,
 };
 
-use super::EndpointState;
 use crate::{
     catalog::Catalog,
     config::{HealthCheck, Mode},
     drain::DrainWatch,
     lb::fast_random,
     netns::Netns,
+    resilience::EndpointState,
 };
 
 /// The running checks; dropping it stops them. A check runs as long as its
@@ -212,7 +212,7 @@ impl Check {
     async fn probe(&self) -> bool {
         let timeout = self.settings.timeout.value.0;
         let attempt = async {
-            let mut stream = crate::proxy::socket::connect_marked(
+            let mut stream = crate::connect::connect_marked(
                 self.addr,
                 self.mark,
                 timeout,

@@ -11,7 +11,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::resilience::clock::now_ms;
+use crate::{clock::now_ms, telemetry::ByteCounters};
 
 /// A direction's buffer starts at this size and doubles each time a read
 /// fills it, up to [`MAX_BUFFER`]. On plain TCP it is only held while
@@ -45,15 +45,6 @@ impl CopyEnd {
             CopyEnd::MaxDuration => "max_duration",
         }
     }
-}
-
-/// Bytes moved each way, readable while the connection lives.
-#[derive(Debug, Default)]
-pub struct ByteCounters {
-    /// Client to upstream.
-    pub sent: AtomicU64,
-    /// Upstream to client.
-    pub received: AtomicU64,
 }
 
 /// The reading end of one direction: fills a buffer it may allocate
