@@ -1,15 +1,34 @@
 //! Sluice: a sidecar-less, per-node service-mesh agent.
 //!
-//! eBPF hooks ([`redirect`]) catch workload connections at `connect()` and
-//! hand them to the userspace data plane ([`proxy`]), which picks an
-//! endpoint ([`lb`]) from the [`catalog`] and carries the bytes. See
-//! DESIGN.md for the whole picture.
+//! The folders follow one connection, then the parts that keep them fed:
+//!
+//! ```text
+//!  caught      redirect/   eBPF programs at connect(): the kernel maps, records
+//!     |        fastpath    outcomes of the connects the kernel balanced itself
+//!  accepted    accept/     the accept loop every listener runs; inbound bounds
+//!     |        proxy/      the handlers: outbound, inbound (mTLS), capture
+//!  routed      route/      choose an endpoint: eligible set, locality, panic,
+//!     |                    balancing (lb/), health checks; authz/ for callers
+//!  connected   connect/    the one socket maker (marks, pod namespaces, handover)
+//!  carried     carry/      copy both ways, the mTLS preamble; tls/ for streams
+//!  observed    telemetry/  metrics families, counters; audit/; admin/ views
+//!
+//!  state       catalog/    services, endpoints, workloads: one immutable snapshot
+//!              resilience/ per-endpoint and per-service breaker state; clock
+//!  sources     config/     the file; discovery/ Kubernetes
+//!  running     daemon/     composes the above and runs until SIGTERM; drain,
+//!                          handover (upgrades); cli/ the `sluice` command
+//! ```
+//!
+//! Imports point down this picture (the data plane reads the catalog, the
+//! catalog reads config and state), never back up: `layout.rs` fails the
+//! build's tests on an import loop between top-level modules, and on a file
+//! over 500 lines that does not say why. See DESIGN.md for the whole flow.
 
 pub mod accept;
 pub mod admin;
 pub mod audit;
 pub mod authz;
-pub mod capture;
 pub mod carry;
 pub mod catalog;
 pub mod cli;
@@ -29,3 +48,6 @@ pub mod resilience;
 pub mod route;
 pub mod telemetry;
 pub mod tls;
+
+#[cfg(test)]
+mod layout;

@@ -24,7 +24,6 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use arc_swap::ArcSwap;
 use serde_json::{Value, json};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -37,14 +36,12 @@ pub use collector::{KernelView, StateCollector};
 
 use crate::{
     accept::accept_until_drained,
-    catalog::Catalog,
     clock::now_ms,
     drain::DrainWatch,
-    proxy::Connections,
+    proxy::ProxyInputs,
     resilience::Overflow,
     route::eligible_endpoints,
-    telemetry::{InboundStats, Metrics, Refusal, TraceLog},
-    tls::TlsContext,
+    telemetry::{Refusal, TraceLog},
 };
 
 /// Largest request the admin server reads.
@@ -123,11 +120,8 @@ pub struct StaticInfo {
 pub struct AdminState {
     pub info: StaticInfo,
     pub started: Instant,
-    pub catalog: Arc<ArcSwap<Catalog>>,
-    pub metrics: Arc<Metrics>,
-    pub connections: Arc<Connections>,
-    pub tls: Arc<TlsContext>,
-    pub inbound: Arc<InboundStats>,
+    /// What the data plane shares: the catalog, TLS, metrics, counters.
+    pub inputs: Arc<ProxyInputs>,
     pub kernel: Arc<KernelView>,
     /// Set once the programs are attached.
     pub attached: AtomicBool,
@@ -158,11 +152,11 @@ impl AdminState {
         {
             why.push("kubernetes: services, endpoints and pods not listed yet".to_owned());
         }
-        let catalog = self.catalog.load();
+        let catalog = self.inputs.catalog.load();
         let uncertified = catalog
             .workloads()
             .iter()
-            .filter(|w| self.tls.store.get(&w.identity).is_none())
+            .filter(|w| self.inputs.tls.store.get(&w.identity).is_none())
             .map(|w| w.identity.to_string());
         why.extend(certificate_reasons(uncertified, surface));
         why
@@ -268,11 +262,11 @@ async fn answer(
                     && l.contains("application/openmetrics-text")
             });
             if openmetrics {
-                let body = state.metrics.encode();
+                let body = state.inputs.metrics.encode();
                 let kind = "application/openmetrics-text; version=1.0.0; charset=utf-8";
                 respond(&mut stream, 200, kind, &body).await
             } else {
-                let body = state.metrics.encode_prometheus_text();
+                let body = state.inputs.metrics.encode_prometheus_text();
                 let kind = "text/plain; version=0.0.4; charset=utf-8";
                 respond(&mut stream, 200, kind, &body).await
             }
@@ -366,7 +360,7 @@ fn unix(t: SystemTime) -> u64 {
 
 /// The JSON debug views.
 fn view(state: &AdminState, path: &str) -> Option<Value> {
-    let catalog = state.catalog.load();
+    let catalog = state.inputs.catalog.load();
     let mut services: Vec<_> = catalog.services().cloned().collect();
     services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     let now = now_ms();
@@ -409,11 +403,11 @@ fn view(state: &AdminState, path: &str) -> Option<Value> {
                 "trust_domain": state.info.trust_domain,
                 "services": services.len(),
                 "workloads": catalog.workloads().len(),
-                "connections_active": state.connections.snapshot().len(),
-                "inbound_accepted": state.inbound.accepted(),
+                "connections_active": state.inputs.connections.snapshot().len(),
+                "inbound_accepted": state.inputs.inbound_stats.accepted(),
                 "inbound_refused": Refusal::ALL
                     .iter()
-                    .map(|r| (r.name().to_owned(), json!(state.inbound.refused(*r))))
+                    .map(|r| (r.name().to_owned(), json!(state.inputs.inbound_stats.refused(*r))))
                     .collect::<serde_json::Map<String, Value>>(),
                 "redirects": stats,
             })
@@ -466,6 +460,7 @@ fn view(state: &AdminState, path: &str) -> Option<Value> {
         ),
         "/debug/conns" => Value::Array(
             state
+                .inputs
                 .connections
                 .snapshot()
                 .iter()
@@ -511,7 +506,7 @@ fn view(state: &AdminState, path: &str) -> Option<Value> {
                 .collect(),
         ),
         "/debug/certs" => {
-            let mut certs = state.tls.store.expiries();
+            let mut certs = state.inputs.tls.store.expiries();
             certs.sort_by_key(|(id, _)| id.to_string());
             let now = SystemTime::now();
             Value::Array(
@@ -530,9 +525,9 @@ fn view(state: &AdminState, path: &str) -> Option<Value> {
         "/debug/inbound" => {
             let refused: serde_json::Map<String, Value> = Refusal::ALL
                 .iter()
-                .map(|r| (r.name().to_owned(), json!(state.inbound.refused(*r))))
+                .map(|r| (r.name().to_owned(), json!(state.inputs.inbound_stats.refused(*r))))
                 .collect();
-            json!({ "accepted": state.inbound.accepted(), "refused": refused })
+            json!({ "accepted": state.inputs.inbound_stats.accepted(), "refused": refused })
         }
         "/debug/workloads" => Value::Array(
             catalog

@@ -9,35 +9,25 @@
 //! inside the workload's namespace, over its loopback, which the hook lets
 //! through.
 
-use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+use std::{io, net::SocketAddr, sync::Arc};
 
-use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, TcpStream};
 
+use super::ProxyInputs;
 use crate::{
     accept::accept_until_drained,
-    audit::{Audit, Closed, Denial, Party},
+    audit::{Closed, Denial, Party},
     carry::copy::proxy,
-    catalog::{Catalog, capture::InboundMode},
+    catalog::capture::InboundMode,
     config::policy::DEFAULT_IDLE_TIMEOUT,
     connect::{connect_marked, listen_in},
     drain::{ConnectionGuard, DrainWatch},
     handover::Inherited,
     netns::Netns,
-    telemetry::{ByteCounters, InboundStats, LogLimiter, Refusal},
+    telemetry::{ByteCounters, Refusal},
 };
 
 const BACKLOG: u32 = 1024;
-
-/// What every captured connection needs.
-pub struct CaptureContext {
-    pub catalog: Arc<ArcSwap<Catalog>>,
-    pub mark: u32,
-    pub connect_timeout: Duration,
-    pub stats: Arc<InboundStats>,
-    pub audit: Arc<Audit>,
-    pub log: Arc<LogLimiter>,
-}
 
 /// A bound capture listener in one network namespace.
 pub struct CaptureListener {
@@ -70,7 +60,7 @@ impl CaptureListener {
     }
 
     /// Accepts until the drain starts.
-    pub async fn serve(self, ctx: Arc<CaptureContext>, mut drain: DrainWatch) {
+    pub async fn serve(self, ctx: Arc<ProxyInputs>, mut drain: DrainWatch) {
         accept_until_drained(
             &self.listener,
             &mut drain,
@@ -85,7 +75,7 @@ impl CaptureListener {
 }
 
 async fn handle(
-    ctx: Arc<CaptureContext>,
+    ctx: Arc<ProxyInputs>,
     stream: TcpStream,
     peer: SocketAddr,
     _guard: ConnectionGuard,
@@ -111,7 +101,7 @@ async fn handle(
         workload: None,
     };
     if target.mode == InboundMode::Strict {
-        ctx.stats.count_refusal(Refusal::Plaintext);
+        ctx.inbound_stats.count_refusal(Refusal::Plaintext);
         ctx.audit.deny(&Denial {
             reason: Refusal::Plaintext.name(),
             source,
@@ -120,7 +110,7 @@ async fn handle(
             rule: Some("strict: only the mesh (mutual TLS) may reach this workload"),
             detail: None,
         });
-        ctx.log.warn(Refusal::Plaintext.name(), || {
+        ctx.refusals.warn(Refusal::Plaintext.name(), || {
             format!("captured {peer} -> {local} ({name}): refused: plaintext to a strict workload")
         });
         let _ = stream.set_zero_linger();
@@ -136,15 +126,15 @@ async fn handle(
     {
         Ok(upstream) => upstream,
         Err(e) => {
-            ctx.stats.count_refusal(Refusal::TargetUnreachable);
-            ctx.log.warn(Refusal::TargetUnreachable.name(), || {
+            ctx.inbound_stats.count_refusal(Refusal::TargetUnreachable);
+            ctx.refusals.warn(Refusal::TargetUnreachable.name(), || {
                 format!("captured {peer} -> {local} ({name}): workload unreachable: {e}")
             });
             let _ = stream.set_zero_linger();
             return;
         }
     };
-    ctx.stats.count_plaintext_passed();
+    ctx.inbound_stats.count_plaintext_passed();
     let started = std::time::Instant::now();
     let bytes = ByteCounters::default();
     let mut client = stream;

@@ -13,30 +13,29 @@ use std::{
     time::Duration,
 };
 
-use arc_swap::ArcSwap;
 use log::debug;
 use rustls::{CertificateError, Error as TlsError};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
+use super::ProxyInputs;
 use crate::{
     accept::{
         accept_until_drained,
         limits::{Admitted, InboundLimits},
     },
-    audit::{Audit, Denial, Party},
+    audit::{Denial, Party},
     authz,
     carry::{
         copy::{Duplex, proxy},
         preamble::{self, PreambleError},
     },
-    catalog::Catalog,
     config::policy::DEFAULT_IDLE_TIMEOUT,
     connect::{self, connect_marked},
     drain::{ConnectionGuard, DrainWatch},
     handover::Inherited,
-    telemetry::{ByteCounters, InboundStats, LogLimiter, Refusal},
-    tls::{Identity, RootOutOfDomain, TlsContext, identity_of},
+    telemetry::{ByteCounters, Refusal},
+    tls::{Identity, RootOutOfDomain, identity_of},
 };
 
 /// Why a failed TLS handshake failed, as counted and logged.
@@ -79,16 +78,9 @@ fn refusal_of_tls(tls: &TlsError) -> Refusal {
 
 /// What every inbound connection needs.
 pub struct InboundContext {
-    pub catalog: Arc<ArcSwap<Catalog>>,
-    pub tls: Arc<TlsContext>,
-    pub mark: u32,
+    pub inputs: Arc<ProxyInputs>,
     /// Deadline for the handshake, and again for the preamble.
     pub handshake_timeout: Duration,
-    pub connect_timeout: Duration,
-    pub stats: Arc<InboundStats>,
-    pub audit: Arc<Audit>,
-    /// Refusals are logged at most once per reason per interval.
-    pub log: Arc<LogLimiter>,
     pub limits: Arc<InboundLimits>,
 }
 
@@ -130,15 +122,15 @@ impl InboundListener {
 
     /// Accepts until the drain starts.
     pub async fn serve(self, ctx: Arc<InboundContext>, mut drain: DrainWatch) {
-        let acceptor = TlsAcceptor::from(ctx.tls.server_config());
+        let acceptor = TlsAcceptor::from(ctx.inputs.tls.server_config());
         accept_until_drained(&self.listener, &mut drain, "inbound", |tcp, peer, guard| {
             let admitted = match ctx.limits.admit(peer.ip()) {
                 Ok(admitted) => admitted,
                 Err(over) => {
                     // Not audited: a flood must not fill the audit trail;
                     // counted exactly and logged within the rate limit.
-                    ctx.stats.count_refusal(Refusal::Overloaded);
-                    ctx.log.warn(Refusal::Overloaded.name(), || {
+                    ctx.inputs.inbound_stats.count_refusal(Refusal::Overloaded);
+                    ctx.inputs.refusals.warn(Refusal::Overloaded.name(), || {
                         format!(
                             "inbound {peer}: refused: overloaded: {} reached",
                             over.name()
@@ -176,7 +168,7 @@ fn refuse_at(
     why: Refusal,
     detail: &dyn std::fmt::Display,
 ) {
-    ctx.stats.count_refusal(why);
+    ctx.inputs.inbound_stats.count_refusal(why);
     let detail = detail.to_string();
     let (destination, rule) = match target {
         Some((identity, addr, workload, rule)) => (
@@ -189,7 +181,7 @@ fn refuse_at(
         ),
         None => (Party::default(), None),
     };
-    ctx.audit.deny(&Denial {
+    ctx.inputs.audit.deny(&Denial {
         reason: why.name(),
         source: Party {
             identity: caller,
@@ -201,7 +193,7 @@ fn refuse_at(
         rule,
         detail: Some(&detail),
     });
-    ctx.log.warn(why.name(), || match caller {
+    ctx.inputs.refusals.warn(why.name(), || match caller {
         Some(id) => format!("inbound {peer} ({id}): refused: {}: {detail}", why.name()),
         None => format!("inbound {peer}: refused: {}: {detail}", why.name()),
     });
@@ -219,8 +211,8 @@ async fn handle(
     let started = tokio::time::Instant::now();
     if let Err(over) = admitted.start_handshake(ctx.handshake_timeout).await {
         let _ = tcp.set_zero_linger();
-        ctx.stats.count_refusal(Refusal::Overloaded);
-        ctx.log.warn(Refusal::Overloaded.name(), || {
+        ctx.inputs.inbound_stats.count_refusal(Refusal::Overloaded);
+        ctx.inputs.refusals.warn(Refusal::Overloaded.name(), || {
             format!(
                 "inbound {peer}: refused: overloaded: {} stayed full for {:?}",
                 over.name(),
@@ -241,12 +233,12 @@ async fn handle(
         }
     };
     let (_, conn) = tls.get_ref();
-    let trust_domain = ctx.tls.store.trust_domain();
+    let trust_domain = ctx.inputs.tls.store.trust_domain();
     let asked_for = conn
         .server_name()
         .and_then(|n| Identity::from_server_name(n, trust_domain));
     if conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
-        && let Err(e) = ctx.tls.store.verify_caller(
+        && let Err(e) = ctx.inputs.tls.store.verify_caller(
             conn.peer_certificates().unwrap_or_default(),
             rustls_pki_types::UnixTime::now(),
         )
@@ -294,7 +286,7 @@ async fn handle(
             return refuse(&ctx, peer, Some(&caller), Refusal::PreambleTimeout, &limit);
         }
     };
-    let Some(local) = ctx.catalog.load().local_target(target).cloned() else {
+    let Some(local) = ctx.inputs.catalog.load().local_target(target).cloned() else {
         tls.reset_on_close();
         let detail = format!("{target} is not a workload endpoint on this node");
         return refuse(&ctx, peer, Some(&caller), Refusal::UnknownTarget, &detail);
@@ -336,21 +328,22 @@ async fn handle(
     // capture hook lets that through, and nothing else of the agent's
     // reaches a captured workload.
     let netns = local.workload.netns.as_deref();
-    let mut upstream = match connect_marked(target, ctx.mark, ctx.connect_timeout, netns).await {
-        Ok(upstream) => upstream,
-        Err(e) => {
-            tls.reset_on_close();
-            return refuse(&ctx, peer, Some(&caller), Refusal::TargetUnreachable, &e);
-        }
-    };
-    ctx.stats.count_accepted();
+    let mut upstream =
+        match connect_marked(target, ctx.inputs.mark, ctx.inputs.connect_timeout, netns).await {
+            Ok(upstream) => upstream,
+            Err(e) => {
+                tls.reset_on_close();
+                return refuse(&ctx, peer, Some(&caller), Refusal::TargetUnreachable, &e);
+            }
+        };
+    ctx.inputs.inbound_stats.count_accepted();
     let started = std::time::Instant::now();
     let bytes = ByteCounters::default();
     let end = proxy(&mut tls, &mut upstream, DEFAULT_IDLE_TIMEOUT, None, &bytes).await;
     debug!("inbound {peer} ({caller}) -> {target}: {end:?}");
-    if ctx.audit.wants_connections() {
+    if ctx.inputs.audit.wants_connections() {
         let workload = local.workload.qualified_name();
-        ctx.audit.closed(&crate::audit::Closed {
+        ctx.inputs.audit.closed(&crate::audit::Closed {
             source: Party {
                 identity: Some(&caller),
                 address: Some(peer),

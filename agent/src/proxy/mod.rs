@@ -8,6 +8,17 @@
 //! - [`capture`]: connections that arrived at a captured workload's own
 //!   address from outside the mesh.
 
+use std::{sync::Arc, time::Duration};
+
+use arc_swap::ArcSwap;
+
+use crate::{
+    audit::Audit,
+    catalog::Catalog,
+    telemetry::{InboundStats, LogLimiter, Metrics},
+    tls::TlsContext,
+};
+
 pub mod capture;
 pub mod connections;
 pub mod inbound;
@@ -15,3 +26,20 @@ pub mod outbound;
 
 pub use connections::{Connections, LiveConnection};
 pub use outbound::{OutboundContext, OutboundListener};
+
+/// What every handler reads, built once at start and shared by the
+/// listeners, the admin API and the metrics collector. Only the catalog
+/// changes, swapped whole per generation, so a reader never takes a lock.
+pub struct ProxyInputs {
+    pub catalog: Arc<ArcSwap<Catalog>>,
+    pub tls: Arc<TlsContext>,
+    pub metrics: Arc<Metrics>,
+    pub connections: Arc<Connections>,
+    pub inbound_stats: Arc<InboundStats>,
+    pub audit: Arc<Audit>,
+    /// Refusals are logged at most once per reason per interval.
+    pub refusals: Arc<LogLimiter>,
+    /// The mark on every socket the agent makes, which the hooks let pass.
+    pub mark: u32,
+    pub connect_timeout: Duration,
+}

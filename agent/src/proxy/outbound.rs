@@ -4,19 +4,19 @@
 
 use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
-use arc_swap::ArcSwap;
 use log::{debug, info, warn};
 use tokio::net::{TcpListener, TcpStream};
 
+use super::ProxyInputs;
 use crate::{
     accept::accept_until_drained,
-    audit::{Audit, Closed, Denial, Party},
+    audit::{Closed, Denial, Party},
     authz,
     carry::{
         copy::{CopyEnd, proxy},
         preamble,
     },
-    catalog::{Catalog, Endpoint, PodIdentity, Service, Workload, capture::InboundMode},
+    catalog::{Endpoint, PodIdentity, Service, Workload, capture::InboundMode},
     clock::now_ms,
     config::Mode,
     connect::{connect_marked, listen_in},
@@ -25,29 +25,22 @@ use crate::{
     handover::Inherited,
     lb::PickContext,
     netns::Netns,
-    proxy::{Connections, LiveConnection},
+    proxy::LiveConnection,
     redirect::{PeerRecords, bypass::Bypass},
     resilience::{Admission, Outcome, Overflow, RetryDenied},
     route::{self, Chosen, NoEndpoint, Tried},
-    telemetry::{CloseReason, Metrics},
-    tls::{Identity, TlsContext},
+    telemetry::CloseReason,
+    tls::Identity,
 };
 /// Pending connections the kernel queues for one listener.
 const BACKLOG: u32 = 4096;
 
 /// What every outbound connection needs, shared by all listeners.
 pub struct OutboundContext {
-    /// Swapped whole on change; read without a lock.
-    pub catalog: Arc<ArcSwap<Catalog>>,
+    pub inputs: Arc<ProxyInputs>,
     pub records: Arc<PeerRecords>,
-    pub mark: u32,
-    /// Present when mutual TLS to other nodes is set up.
-    pub tls: Option<Arc<TlsContext>>,
-    pub metrics: Arc<Metrics>,
-    pub connections: Arc<Connections>,
     /// The sockmap bypass, when switched on.
     pub bypass: Option<Bypass>,
-    pub audit: Arc<Audit>,
     /// Reads the service account of a pod on another node (Kubernetes).
     pub pods: Option<Arc<PodLookup>>,
 }
@@ -218,7 +211,7 @@ async fn handle(
         }
     };
     let (service, source) = {
-        let catalog = ctx.catalog.load();
+        let catalog = ctx.inputs.catalog.load();
         let Some(service) = catalog.service(record.original_dst).cloned() else {
             warn!(
                 "{peer}: dialled {}, which is no longer a meshed service; closing",
@@ -238,7 +231,7 @@ async fn handle(
     let policy = &service.policy;
     let started = tokio::time::Instant::now();
     let refused = |reason: CloseReason| {
-        let m = service.connection_metrics(&ctx.metrics, source.as_deref(), None);
+        let m = service.connection_metrics(&ctx.inputs.metrics, source.as_deref(), None);
         m.opened.inc();
         m.closed(reason).inc();
     };
@@ -268,12 +261,13 @@ async fn handle(
         );
     }
     let endpoint = &service.endpoints[chosen.index];
-    let metrics = service.connection_metrics(&ctx.metrics, source.as_deref(), Some(chosen.index));
+    let metrics =
+        service.connection_metrics(&ctx.inputs.metrics, source.as_deref(), Some(chosen.index));
     metrics.opened.inc();
     metrics.connect.observe(started.elapsed().as_secs_f64());
     metrics.active.inc();
     let _in_flight = endpoint.state.open_connection();
-    let listed = ctx.connections.add(|id| LiveConnection {
+    let listed = ctx.inputs.connections.add(|id| LiveConnection {
         id,
         source: source.clone(),
         service: service.clone(),
@@ -310,10 +304,10 @@ async fn handle(
         CopyEnd::MaxDuration => CloseReason::MaxDuration,
     };
     metrics.closed(reason).inc();
-    if ctx.audit.wants_connections() {
+    if ctx.inputs.audit.wants_connections() {
         let name = service.qualified_name();
         let workload = source.as_deref().map(|w| w.qualified_name());
-        ctx.audit.closed(&Closed {
+        ctx.inputs.audit.closed(&Closed {
             source: Party {
                 identity: source.as_deref().map(|w| &w.identity),
                 address: Some(peer),
@@ -461,7 +455,7 @@ fn admit_same_node(
     }
     let workload = target.workload.qualified_name();
     let name = service.qualified_name();
-    ctx.audit.deny(&Denial {
+    ctx.inputs.audit.deny(&Denial {
         reason: "denied",
         source: Party {
             identity: source.map(|w| &w.identity),
@@ -511,7 +505,7 @@ async fn dial(
             )));
         }
         let mut netns = source.and_then(|w| w.netns.as_deref());
-        let catalog = endpoint.local.then(|| ctx.catalog.load());
+        let catalog = endpoint.local.then(|| ctx.inputs.catalog.load());
         let target = catalog.as_ref().and_then(|c| {
             let t = c.local_target(endpoint.addr)?;
             Some((t.clone(), c.inbound_mode(&t.workload)))
@@ -524,15 +518,13 @@ async fn dial(
                 netns = target.workload.netns.as_deref();
             }
         }
-        return connect_marked(endpoint.addr, ctx.mark, timeout, netns)
+        return connect_marked(endpoint.addr, ctx.inputs.mark, timeout, netns)
             .await
             .map(Upstream::Plain)
             .map_err(DialError::Endpoint);
     };
     let caller_err = |why: &str| Err(DialError::Caller(why.to_owned()));
-    let Some(tls) = &ctx.tls else {
-        return caller_err("mutual TLS is not set up on this agent");
-    };
+    let tls = &ctx.inputs.tls;
     let Some(source) = source else {
         return caller_err(
             "the caller is in no known workload cgroup, so it has no identity to present",
@@ -545,7 +537,7 @@ async fn dial(
         return caller_err("the endpoint's identity makes no valid server name");
     };
     let attempt = async {
-        let tcp = connect_marked(peer, ctx.mark, timeout, source.netns.as_deref()).await?;
+        let tcp = connect_marked(peer, ctx.inputs.mark, timeout, source.netns.as_deref()).await?;
         let mut stream = tokio_rustls::TlsConnector::from(config)
             .connect(name, tcp)
             .await?;

@@ -29,7 +29,7 @@ use crate::{
     drain::{self, DrainTrigger},
     handover::{Inherited, Offered},
     netns::{self, Netns},
-    proxy::capture::{CaptureContext, CaptureListener},
+    proxy::{ProxyInputs, capture::CaptureListener},
     redirect::{Redirect, RedirectError},
 };
 
@@ -60,7 +60,7 @@ struct Open {
 }
 
 /// The capture listeners and kernel state of this agent.
-pub struct CaptureSet {
+pub(super) struct CaptureSet {
     addr: SocketAddr,
     /// By namespace path; `None` is the node's own namespace.
     open: HashMap<Option<PathBuf>, Open>,
@@ -87,7 +87,7 @@ impl CaptureSet {
         &mut self,
         catalog: &Catalog,
         redirect: &mut Redirect,
-        ctx: &Arc<CaptureContext>,
+        ctx: &Arc<ProxyInputs>,
         inherited: &Inherited,
         offered: &Offered,
     ) -> Result<(), CaptureError> {
@@ -192,7 +192,7 @@ impl CaptureSet {
         &mut self,
         netns: Option<&Netns>,
         redirect: &mut Redirect,
-        ctx: &Arc<CaptureContext>,
+        ctx: &Arc<ProxyInputs>,
         inherited: &Inherited,
         offered: &Offered,
     ) -> Result<Open, CaptureError> {

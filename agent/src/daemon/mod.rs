@@ -1,0 +1,420 @@
+//! `sluice agent`: puts the pieces together and runs until SIGTERM.
+//!
+//! Start: preflight, workload cgroups, load programs, fill maps, bind the
+//! outbound listener, and only then attach (a redirect must always find a
+//! listener). Stop: stop accepting, drain open connections up to
+//! `agent.drain_timeout`, detach, remove pins and the cgroups it created.
+//! In between, the config file is watched (and SIGHUP forces a look): a
+//! valid change is applied without dropping a connection, an invalid one
+//! is logged and the running config kept.
+//!
+//! Upgrade: a new agent started while one runs takes its listening sockets
+//! over (see [`crate::handover`]); the old one then drains and exits
+//! leaving programs, pins and cgroups to its successor.
+
+mod captures;
+mod placement;
+mod pods;
+mod reload;
+mod start;
+mod upkeep;
+
+use std::{
+    collections::HashSet,
+    io,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use arc_swap::ArcSwap;
+use log::{error, info, warn};
+use tokio::signal::unix::{SignalKind, signal};
+
+pub use captures::CaptureError;
+use captures::CaptureSet;
+use placement::{StartOverrides, kubelet_root, workload_placements};
+use pods::PodListeners;
+use reload::{Live, identities_of};
+use start::{
+    DataPlane, bind_listeners, build_inputs, offer_to_successor, prepare_kernel, serve_data_plane,
+    start_admin, start_discovery, static_info,
+};
+
+use crate::{
+    admin::AdminState,
+    catalog::Catalog,
+    config::Config,
+    drain::{self, DrainTrigger},
+    fastpath,
+    handover::{Handover, HandoverError, Inherited, Offered},
+    proxy::OutboundContext,
+    redirect::{
+        Redirect, RedirectError, cgroup,
+        preflight::{self, PreflightError},
+    },
+    route::health::HealthCheckers,
+    telemetry::TraceLog,
+    tls::{self, TlsContext, TlsSetupError},
+};
+
+/// Why the agent stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Preflight(#[from] PreflightError),
+    #[error(transparent)]
+    Redirect(#[from] RedirectError),
+    #[error("{0}")]
+    Cgroup(io::Error),
+    #[error("outbound listener: {0}")]
+    Listener(io::Error),
+    #[error("inbound mTLS listener: {0}")]
+    Inbound(io::Error),
+    #[error("admin API: {0}")]
+    Admin(io::Error),
+    #[error("metrics listener (agent.metrics): {0}")]
+    Metrics(io::Error),
+    #[error("mutual TLS: {0}")]
+    Tls(#[from] TlsSetupError),
+    #[error("cannot start the runtime: {0}")]
+    Runtime(io::Error),
+    #[error("handover: {0}")]
+    Handover(#[from] HandoverError),
+    #[error("kubernetes: {0}")]
+    Kubernetes(String),
+    #[error("audit trail: {0}")]
+    Audit(io::Error),
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+}
+
+/// How the agent ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Exit {
+    /// Stopped by a signal: detached, pins and cgroups removed.
+    Stopped,
+    /// A successor took over: everything stays attached for it.
+    HandedOver,
+}
+
+/// How `sluice agent` was asked to start and end.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// A running agent to take over from is required.
+    pub upgrade: bool,
+    /// After a handover and the drain, wait for SIGTERM before exiting.
+    pub stay_after_handover: bool,
+    /// Overrides `node.name` of the file, at start and at every reload.
+    pub node_name: Option<String>,
+}
+
+/// Runs the agent until SIGTERM or SIGINT, then drains and cleans up; or
+/// until a successor takes over, then drains and leaves.
+pub fn run(config: Config, options: Options) -> Result<(), AgentError> {
+    let mut overrides = StartOverrides {
+        node_name: options.node_name.clone(),
+        cgroup_root: None,
+    };
+    let cgroup_mount = preflight::check(&config.agent.pin_dir)?;
+    let mut config = config;
+    if config.kubernetes.is_some()
+        && let Some(root) = kubelet_root(&cgroup_mount, &config.node.cgroup_root.value)
+    {
+        info!(
+            "node.cgroup_root: {} does not exist here, {root} does: the kubelet's cgroup root \
+             under the other cgroup driver; using it",
+            config.node.cgroup_root.value
+        );
+        config.node.cgroup_root.value.clone_from(&root);
+        overrides.cgroup_root = Some(root);
+    }
+    crate::netns::remember_home().map_err(AgentError::Cgroup)?;
+    upkeep::raise_open_file_limit();
+    // One worker: tokio's current-thread scheduler, without the cross-thread
+    // machinery a multi-thread runtime pays for on every wake-up.
+    let mut builder = if config.agent.worker_threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(config.agent.worker_threads);
+        b
+    };
+    let runtime = builder
+        .thread_name("sluice-worker")
+        .enable_all()
+        .build()
+        .map_err(AgentError::Runtime)?;
+    runtime.block_on(serve(config, overrides, cgroup_mount, options))
+}
+
+async fn serve(
+    config: Config,
+    overrides: StartOverrides,
+    cgroup_mount: PathBuf,
+    options: Options,
+) -> Result<(), AgentError> {
+    let root = cgroup_mount.join(&config.node.cgroup_root.value);
+    let handover = Handover::prepare(&config.agent.state_dir, &config.agent.pin_dir)?;
+    let inherited = handover.take_over(options.upgrade).await?;
+    let mut created = Vec::new();
+    let start = Start {
+        config: &config,
+        overrides,
+        root: &root,
+        inherited: &inherited,
+        handover: &handover,
+    };
+    let result = start_and_wait(start, &mut created).await;
+    if !matches!(result, Ok(Exit::HandedOver)) {
+        for (dir, e) in cgroup::remove_created(&created) {
+            warn!("cgroup {} left in place: {e}", dir.display());
+        }
+    } else if options.stay_after_handover {
+        info!("handed over and drained; staying, holding nothing, until SIGTERM");
+        wait_for_stop_signal().await;
+    }
+    result.map(|_| ())
+}
+
+/// What the start fixed, for every step after it.
+struct Start<'a> {
+    config: &'a Config,
+    overrides: StartOverrides,
+    root: &'a Path,
+    inherited: &'a Inherited,
+    handover: &'a Handover,
+}
+
+async fn start_and_wait(start: Start<'_>, created: &mut Vec<PathBuf>) -> Result<Exit, AgentError> {
+    let (config, root) = (start.config, start.root);
+    created.extend(cgroup::create_all(root).map_err(AgentError::Cgroup)?);
+    let placements = workload_placements(config, root, created).map_err(AgentError::Cgroup)?;
+    let catalog = Catalog::from_config(config, &placements, None);
+
+    let mut redirect = Redirect::load(&config.agent.pin_dir)?;
+    let upgrade = start.inherited.is_upgrade();
+    let result = run_attached(start, catalog, &mut redirect, created).await;
+    match result {
+        Ok(Exit::Stopped) => redirect.detach(),
+        // The successor owns programs and pins now.
+        Ok(Exit::HandedOver) => {}
+        // The agent being upgraded still relies on the pinned programs.
+        Err(_) if upgrade => {}
+        Err(_) => redirect.detach(),
+    }
+    result
+}
+
+async fn run_attached(
+    start: Start<'_>,
+    catalog: Catalog,
+    redirect: &mut Redirect,
+    created: &mut Vec<PathBuf>,
+) -> Result<Exit, AgentError> {
+    let config = start.config;
+    let (trigger, watch) = drain::channel();
+    let trace = TraceLog::default();
+    let kernel = prepare_kernel(config, &catalog, redirect, &trace, &watch)?;
+    let offered = Offered::default();
+    let listeners = bind_listeners(config, start.inherited, &offered)?;
+    let (services, workloads) = (catalog.services().count(), catalog.workloads().len());
+    let checkers = HealthCheckers::start(&catalog, config.agent.mark, &watch);
+    let identities = Arc::new(ArcSwap::from_pointee(identities_of(&catalog)));
+    let tls = TlsContext::new(&config.mesh, &config.agent.state_dir, &identities.load())?;
+    tokio::spawn(tls::keep_fresh(
+        tls.clone(),
+        identities.clone(),
+        watch.clone(),
+    ));
+    let inputs = build_inputs(config, catalog, tls, &kernel)?;
+    let discovery = start_discovery(config, start.root, &watch).await?;
+    let outbound_ctx = Arc::new(OutboundContext {
+        inputs: inputs.clone(),
+        records: kernel.records.clone(),
+        bypass: kernel.bypass.clone(),
+        pods: discovery.as_ref().map(|d| d.pods.clone()),
+    });
+    let mut pods = PodListeners::new(SocketAddr::V4(config.agent.outbound));
+    pods.sync(
+        &inputs.catalog.load(),
+        &outbound_ctx,
+        start.inherited,
+        &offered,
+        config.agent.drain_timeout.0,
+    );
+    let mut captures = CaptureSet::new(SocketAddr::V4(config.agent.capture));
+    captures.sync(
+        &inputs.catalog.load(),
+        redirect,
+        &inputs,
+        start.inherited,
+        &offered,
+    )?;
+    let (admin_trigger, admin_watch) = drain::channel();
+    let admin = start_admin(
+        &start,
+        AdminState {
+            info: static_info(&start),
+            started: std::time::Instant::now(),
+            inputs: inputs.clone(),
+            kernel: kernel.view.clone(),
+            attached: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            trace,
+            trace_streams: Default::default(),
+            pod_listeners: pods.listening.clone(),
+            discovery_synced: discovery.as_ref().map(|d| d.synced.clone()),
+        },
+        &offered,
+        &admin_watch,
+    )?;
+
+    redirect.attach(start.root)?;
+    admin.attached.store(true, Ordering::Release);
+    let data_plane = serve_data_plane(config, listeners, &inputs, &outbound_ctx, &watch)?;
+    let tables_changed = Arc::new(tokio::sync::Notify::new());
+    tokio::spawn(fastpath::pump_kernel_events(
+        kernel.events,
+        inputs.catalog.clone(),
+        inputs.metrics.clone(),
+        inputs.audit.clone(),
+        tables_changed.clone(),
+        watch.clone(),
+    ));
+    tokio::spawn(upkeep::sweep_records(
+        kernel.records,
+        kernel.cookie_records,
+        watch.clone(),
+    ));
+    // From here on this agent serves; the one it replaces may stop.
+    start.inherited.ready();
+    let (socket_file, handed_over) =
+        offer_to_successor(start.handover, &offered, &inputs.metrics, &watch);
+    info!(
+        "sluice agent ready: node {}, {services} services, {workloads} workloads, outbound {}, \
+         inbound mTLS {} (trust domain {})",
+        config.node.name.value,
+        config.agent.outbound,
+        config.inbound_address(),
+        config.mesh.trust_domain.value
+    );
+
+    let mut live = Live {
+        config,
+        overrides: start.overrides.clone(),
+        root: start.root,
+        checkers,
+        redirect,
+        created,
+        drain: watch,
+        identities,
+        tables_changed,
+        tables_failing: false,
+        pods,
+        captures,
+        inputs,
+        agent_cgroup: kernel.agent_cgroup,
+        outbound: outbound_ctx,
+        offered,
+        discovery: discovery.map(|d| d.updates),
+        discovered: None,
+        unplaced: HashSet::new(),
+        file_text: std::fs::read_to_string(&config.source).unwrap_or_default(),
+        applied_discovery: None,
+        applied_file_text: String::new(),
+    };
+    let exit = live.serve_until_stopped(handed_over).await;
+    // After a handover the path is the successor's; it is left alone.
+    if exit == Exit::Stopped
+        && let Some(file) = &socket_file
+    {
+        file.remove_if_ours();
+    }
+    admin.stopping.store(true, Ordering::Release);
+    let stopping = Stopping {
+        exit,
+        trigger,
+        admin_trigger,
+        pods: live.pods,
+        captures: live.captures,
+        data_plane,
+        deadline: config.agent.drain_timeout,
+    };
+    stopping.drain().await;
+    Ok(exit)
+}
+
+/// The end of a run: stop accepting, drain what is open, then let the
+/// admin API go.
+struct Stopping {
+    exit: Exit,
+    trigger: DrainTrigger,
+    admin_trigger: DrainTrigger,
+    pods: PodListeners,
+    captures: CaptureSet,
+    data_plane: DataPlane,
+    deadline: crate::config::HumanDuration,
+}
+
+impl Stopping {
+    async fn drain(self) {
+        if self.exit == Exit::HandedOver {
+            // The successor answers on the same admin and metrics sockets.
+            self.admin_trigger.start();
+        }
+        info!(
+            "stopping: no new connections; draining {} open (up to {})",
+            self.trigger.active(),
+            self.deadline
+        );
+        // A stop refuses new connects at once; an upgrade leaves the
+        // sockets listening for the successor.
+        let refuse = self.exit == Exit::Stopped;
+        if refuse {
+            self.trigger.refuse();
+        } else {
+            self.trigger.start();
+        }
+        self.pods.stop(refuse);
+        self.captures.stop(refuse);
+        for (name, task) in self.data_plane.servers {
+            if let Err(e) = task.await {
+                error!("{name} listener task failed: {e}");
+            }
+        }
+        let deadline = self.deadline.0;
+        let left = self.trigger.wait_idle(deadline).await
+            + self.pods.drain(deadline).await
+            + self.captures.drain(deadline).await;
+        self.admin_trigger.start();
+        if left > 0 {
+            warn!("drain deadline passed with {left} connections open; closing them");
+        } else if self.exit == Exit::HandedOver {
+            info!("drained; the new agent has taken over");
+        } else {
+            info!("drained; detaching");
+        }
+    }
+}
+
+/// Waits for SIGTERM or SIGINT.
+async fn wait_for_stop_signal() {
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(e) => warn!("cannot watch SIGTERM ({e}); exiting now"),
+    }
+}
+
+/// A descriptor of the same socket, owned separately (for handing over).
+fn dup(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<std::os::fd::OwnedFd> {
+    fd.try_clone_to_owned()
+}
