@@ -21,27 +21,22 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
 };
 
 mod collector;
+pub mod views;
 
 pub use collector::{KernelView, StateCollector};
 
 use crate::{
-    accept::accept_until_drained,
-    clock::now_ms,
-    drain::DrainWatch,
-    proxy::ProxyInputs,
-    resilience::Overflow,
-    route::eligible_endpoints,
-    telemetry::{Refusal, TraceLog},
+    accept::accept_until_drained, drain::DrainWatch, proxy::ProxyInputs, telemetry::TraceLog,
 };
 
 /// Largest request the admin server reads.
@@ -285,8 +280,8 @@ async fn answer(
                 respond(&mut stream, 429, "text/plain", &body).await
             }
         },
-        _ => match view(state, path) {
-            Some(v) => respond(&mut stream, 200, "application/json", &v.to_string()).await,
+        _ => match views::render(state, path) {
+            Some(v) => respond(&mut stream, 200, "application/json", &v).await,
             None => respond(&mut stream, 404, "text/plain", "no such page\n").await,
         },
     }
@@ -351,209 +346,6 @@ async fn respond(stream: &mut TcpStream, code: u16, kind: &str, body: &str) -> s
     stream.write_all(head.as_bytes()).await?;
     stream.write_all(body.as_bytes()).await?;
     stream.shutdown().await
-}
-
-fn unix(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-/// The JSON debug views.
-fn view(state: &AdminState, path: &str) -> Option<Value> {
-    let catalog = state.inputs.catalog.load();
-    let mut services: Vec<_> = catalog.services().cloned().collect();
-    services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-    let now = now_ms();
-    Some(match path {
-        "/debug/status" => {
-            let stats: serde_json::Map<String, Value> = state
-                .kernel
-                .stats
-                .totals()
-                .iter()
-                .map(|(s, n)| (s.name().to_owned(), json!(n)))
-                .collect();
-            let why = state.not_ready(Surface::Admin);
-            json!({
-                "version": env!("CARGO_PKG_VERSION"),
-                "node": state.info.node,
-                "config": state.info.config,
-                "uptime_seconds": state.started.elapsed().as_secs(),
-                "ready": why.is_empty(),
-                "not_ready_reasons": why,
-                "programs": [
-                    {"name": "connect4", "type": "cgroup/connect4", "cgroup": state.info.cgroup,
-                     "attached": state.attached.load(Ordering::Acquire)},
-                    {"name": "connect6", "type": "cgroup/connect6", "cgroup": state.info.cgroup,
-                     "attached": state.attached.load(Ordering::Acquire)},
-                    {"name": "sluice_sockops", "type": "sock_ops", "cgroup": state.info.cgroup,
-                     "attached": state.attached.load(Ordering::Acquire)},
-                ],
-                "pin_dir": state.info.pin_dir,
-                "listeners": {
-                    "outbound": state.info.outbound,
-                    "inbound_mtls": state.info.inbound,
-                    "admin": state.info.admin,
-                    "metrics": state.info.metrics,
-                },
-                "trace_streams": {
-                    "open": state.trace_streams.open_count(),
-                    "max": MAX_TRACE_STREAMS,
-                },
-                "trust_domain": state.info.trust_domain,
-                "services": services.len(),
-                "workloads": catalog.workloads().len(),
-                "connections_active": state.inputs.connections.snapshot().len(),
-                "inbound_accepted": state.inputs.inbound_stats.accepted(),
-                "inbound_refused": Refusal::ALL
-                    .iter()
-                    .map(|r| (r.name().to_owned(), json!(state.inputs.inbound_stats.refused(*r))))
-                    .collect::<serde_json::Map<String, Value>>(),
-                "redirects": stats,
-            })
-        }
-        "/debug/services" => Value::Array(
-            services
-                .iter()
-                .map(|s| {
-                    json!({
-                        "name": s.name,
-                        "namespace": s.namespace,
-                        "address": s.vip.to_string(),
-                        "mode": s.mode.name(),
-                        "endpoints": s.endpoints.len(),
-                        "eligible": eligible_endpoints(s, now).len(),
-                        "panicking": s.state.is_panicking(),
-                        "connections": s.state.connections(),
-                    })
-                })
-                .collect(),
-        ),
-        "/debug/endpoints" => Value::Array(
-            services
-                .iter()
-                .flat_map(|s| {
-                    s.endpoints.iter().map(move |e| {
-                        let phase = e.state.phase();
-                        let until = e.state.ejected_until();
-                        json!({
-                            "service": s.qualified_name(),
-                            "address": e.addr.to_string(),
-                            "node": e.node,
-                            "workload": e.workload,
-                            "weight": e.weight,
-                            "healthy": e.state.is_healthy(),
-                            "breaker": phase.name(),
-                            "ejected_for_seconds": if phase == crate::resilience::Phase::Open && until > now {
-                                Some((until - now) as f64 / 1000.0)
-                            } else {
-                                None
-                            },
-                            "ejections": e.state.ejections(),
-                            "in_flight": e.state.in_flight(),
-                            "ewma_connect_us": e.state.ewma_connect_us(),
-                            "eligible": e.state.is_eligible(now, &s.policy.outlier),
-                        })
-                    })
-                })
-                .collect(),
-        ),
-        "/debug/conns" => Value::Array(
-            state
-                .inputs
-                .connections
-                .snapshot()
-                .iter()
-                .map(|c| {
-                    json!({
-                        "id": c.id,
-                        "source_workload": c.source.as_ref().map_or("unknown", |w| w.name.as_str()),
-                        "source_namespace": c.source.as_ref().map_or("unknown", |w| w.namespace.as_str()),
-                        "destination_service": c.service.qualified_name(),
-                        "endpoint": c.endpoint.to_string(),
-                        "security": c.security,
-                        "age_seconds": SystemTime::now().duration_since(c.started).map_or(0.0, |d| d.as_secs_f64()),
-                        "bytes_sent": c.bytes.sent.load(Ordering::Relaxed),
-                        "bytes_received": c.bytes.received.load(Ordering::Relaxed),
-                    })
-                })
-                .collect(),
-        ),
-        "/debug/breakers" => Value::Array(
-            services
-                .iter()
-                .map(|s| {
-                    let t = &s.policy.thresholds;
-                    let fast: serde_json::Map<String, Value> = Overflow::ALL
-                        .iter()
-                        .map(|o| (o.name().to_owned(), json!(s.state.fast_failures(*o))))
-                        .collect();
-                    json!({
-                        "service": s.qualified_name(),
-                        "connections": s.state.connections(),
-                        "max_connections": t.max_connections,
-                        "pending_connects": s.state.pending_connects(),
-                        "max_pending_connects": t.max_pending_connects,
-                        "max_retries": t.max_retries,
-                        "retries": s.state.retries_total(),
-                        "retry_budget_exhausted": s.state.budget_exhausted(),
-                        "fast_failures_total": Overflow::ALL.iter().map(|o| s.state.fast_failures(*o)).sum::<u64>(),
-                        "fast_failures": fast,
-                        "ejected_endpoints": s.endpoints.iter().filter(|e| e.state.phase() != crate::resilience::Phase::Closed).count(),
-                        "panicking": s.state.is_panicking(),
-                    })
-                })
-                .collect(),
-        ),
-        "/debug/certs" => {
-            let mut certs = state.inputs.tls.store.expiries();
-            certs.sort_by_key(|(id, _)| id.to_string());
-            let now = SystemTime::now();
-            Value::Array(
-                certs
-                    .iter()
-                    .map(|(id, t)| {
-                        json!({
-                            "identity": id.to_string(),
-                            "not_after": unix(*t),
-                            "expires_in_seconds": t.duration_since(now).map_or(0, |d| d.as_secs()),
-                        })
-                    })
-                    .collect(),
-            )
-        }
-        "/debug/inbound" => {
-            let refused: serde_json::Map<String, Value> = Refusal::ALL
-                .iter()
-                .map(|r| (r.name().to_owned(), json!(state.inputs.inbound_stats.refused(*r))))
-                .collect();
-            json!({ "accepted": state.inputs.inbound_stats.accepted(), "refused": refused })
-        }
-        "/debug/workloads" => Value::Array(
-            catalog
-                .workloads()
-                .iter()
-                .map(|w| {
-                    json!({
-                        "name": w.name,
-                        "namespace": w.namespace,
-                        "identity": w.identity.to_string(),
-                        "cgroup": w.cgroup.display().to_string(),
-                        "netns": w.netns.as_ref().map(|n| n.path().display().to_string()),
-                        "listener": match &w.netns {
-                            None => "agent",
-                            Some(n) if state
-                                .pod_listeners
-                                .lock()
-                                .is_ok_and(|open| open.iter().any(|p| p == n.path())) => "open",
-                            Some(_) => "none",
-                        },
-                    })
-                })
-                .collect(),
-        ),
-        _ => return None,
-    })
 }
 
 #[cfg(test)]

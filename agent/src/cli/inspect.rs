@@ -3,10 +3,11 @@
 
 use std::{io::IsTerminal, net::SocketAddr};
 
-use serde_json::Value;
-
 use super::Outcome;
-use crate::admin::client::{self, AdminError};
+use crate::admin::{
+    client::{self, AdminError},
+    views,
+};
 
 /// What to print.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -43,7 +44,7 @@ impl InspectError {
     }
 }
 
-fn fetch(admin: SocketAddr, path: &str) -> Result<Value, InspectError> {
+fn fetch<T: serde::de::DeserializeOwned>(admin: SocketAddr, path: &str) -> Result<T, InspectError> {
     let (status, body) = client::get(admin, path)?;
     if status != 200 {
         return Err(InspectError::Status {
@@ -58,29 +59,177 @@ fn fetch(admin: SocketAddr, path: &str) -> Result<Value, InspectError> {
     })
 }
 
-fn text(v: &Value) -> String {
-    match v {
-        Value::Null => "-".to_owned(),
-        Value::String(s) => s.clone(),
-        Value::Bool(b) => if *b { "yes" } else { "no" }.to_owned(),
-        Value::Number(n) => match n.as_f64() {
-            Some(f) if n.is_f64() => format!("{f:.1}"),
-            _ => n.to_string(),
-        },
-        other => other.to_string(),
+/// One row of a list view as the tables show it.
+trait Row: serde::de::DeserializeOwned + serde::Serialize {
+    const PATH: &'static str;
+    const HEADERS: &'static [&'static str];
+    fn cells(&self) -> Vec<String>;
+    /// The service the row is about, for `--service`; None: not filtered.
+    fn service(&self) -> Option<&str> {
+        None
     }
 }
 
-/// Prints rows of `items` as a table with these (header, field) columns.
-fn table(items: &[Value], columns: &[(&str, &str)]) {
-    let rows: Vec<Vec<String>> = items
-        .iter()
-        .map(|item| columns.iter().map(|(_, f)| text(&item[*f])).collect())
-        .collect();
-    let widths: Vec<usize> = columns
+fn yes_no(b: bool) -> String {
+    if b { "yes" } else { "no" }.to_owned()
+}
+
+fn or_dash(v: Option<impl ToString>) -> String {
+    v.map_or_else(|| "-".to_owned(), |v| v.to_string())
+}
+
+impl Row for views::ServiceRow {
+    const PATH: &'static str = "/debug/services";
+    const HEADERS: &'static [&'static str] = &[
+        "NAMESPACE",
+        "NAME",
+        "ADDRESS",
+        "MODE",
+        "ENDPOINTS",
+        "ELIGIBLE",
+        "CONNECTIONS",
+        "PANIC",
+    ];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.namespace.clone(),
+            self.name.clone(),
+            self.address.clone(),
+            self.mode.clone(),
+            self.endpoints.to_string(),
+            self.eligible.to_string(),
+            self.connections.to_string(),
+            yes_no(self.panicking),
+        ]
+    }
+}
+
+impl Row for views::EndpointRow {
+    const PATH: &'static str = "/debug/endpoints";
+    const HEADERS: &'static [&'static str] = &[
+        "SERVICE",
+        "ADDRESS",
+        "NODE",
+        "WEIGHT",
+        "HEALTHY",
+        "BREAKER",
+        "EJECTED FOR (S)",
+        "IN FLIGHT",
+        "EJECTIONS",
+    ];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.service.clone(),
+            self.address.clone(),
+            self.node.clone(),
+            self.weight.to_string(),
+            yes_no(self.healthy),
+            self.breaker.clone(),
+            or_dash(self.ejected_for_seconds.map(|s| format!("{s:.1}"))),
+            self.in_flight.to_string(),
+            self.ejections.to_string(),
+        ]
+    }
+    fn service(&self) -> Option<&str> {
+        Some(&self.service)
+    }
+}
+
+impl Row for views::ConnRow {
+    const PATH: &'static str = "/debug/conns";
+    const HEADERS: &'static [&'static str] = &[
+        "ID",
+        "SOURCE",
+        "DESTINATION",
+        "ENDPOINT",
+        "SECURITY",
+        "AGE (S)",
+        "SENT",
+        "RECEIVED",
+    ];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.id.to_string(),
+            self.source_workload.clone(),
+            self.destination_service.clone(),
+            self.endpoint.clone(),
+            self.security.clone(),
+            format!("{:.1}", self.age_seconds),
+            self.bytes_sent.to_string(),
+            self.bytes_received.to_string(),
+        ]
+    }
+}
+
+impl Row for views::BreakerRow {
+    const PATH: &'static str = "/debug/breakers";
+    const HEADERS: &'static [&'static str] = &[
+        "SERVICE",
+        "CONNECTIONS",
+        "MAX",
+        "PENDING",
+        "EJECTED",
+        "RETRIES",
+        "BUDGET EXHAUSTED",
+        "FAST FAILURES",
+    ];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.service.clone(),
+            self.connections.to_string(),
+            self.max_connections.to_string(),
+            self.pending_connects.to_string(),
+            self.ejected_endpoints.to_string(),
+            self.retries.to_string(),
+            self.retry_budget_exhausted.to_string(),
+            self.fast_failures_total.to_string(),
+        ]
+    }
+    fn service(&self) -> Option<&str> {
+        Some(&self.service)
+    }
+}
+
+impl Row for views::CertRow {
+    const PATH: &'static str = "/debug/certs";
+    const HEADERS: &'static [&'static str] = &["IDENTITY", "NOT AFTER (UNIX)", "EXPIRES IN (S)"];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.identity.clone(),
+            self.not_after.to_string(),
+            self.expires_in_seconds.to_string(),
+        ]
+    }
+}
+
+impl Row for views::WorkloadRow {
+    const PATH: &'static str = "/debug/workloads";
+    const HEADERS: &'static [&'static str] = &[
+        "NAMESPACE",
+        "NAME",
+        "IDENTITY",
+        "CGROUP",
+        "NETNS",
+        "LISTENER",
+    ];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.namespace.clone(),
+            self.name.clone(),
+            self.identity.clone(),
+            self.cgroup.clone(),
+            or_dash(self.netns.as_ref()),
+            self.listener.clone(),
+        ]
+    }
+}
+
+/// Prints `rows` as a table under `headers`.
+fn table(headers: &[&str], rows: &[Vec<String>]) {
+    let widths: Vec<usize> = headers
         .iter()
         .enumerate()
-        .map(|(i, (h, _))| {
+        .map(|(i, h)| {
             rows.iter()
                 .map(|r| r[i].len())
                 .max()
@@ -88,25 +237,21 @@ fn table(items: &[Value], columns: &[(&str, &str)]) {
                 .max(h.len())
         })
         .collect();
-    let bold = std::io::stdout().is_terminal();
-    let header: Vec<String> = columns
-        .iter()
-        .zip(&widths)
-        .map(|((h, _), w)| format!("{h:<w$}"))
-        .collect();
-    let header = header.join("  ");
-    if bold {
-        println!("\x1b[1m{}\x1b[0m", header.trim_end());
-    } else {
-        println!("{}", header.trim_end());
-    }
-    for row in rows {
-        let line: Vec<String> = row
-            .iter()
+    let line = |cells: &mut dyn Iterator<Item = &str>| -> String {
+        let padded: Vec<String> = cells
             .zip(&widths)
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
-        println!("{}", line.join("  ").trim_end());
+        padded.join("  ").trim_end().to_owned()
+    };
+    let header = line(&mut headers.iter().copied());
+    if std::io::stdout().is_terminal() {
+        println!("\x1b[1m{header}\x1b[0m");
+    } else {
+        println!("{header}");
+    }
+    for row in rows {
+        println!("{}", line(&mut row.iter().map(String::as_str)));
     }
 }
 
@@ -121,78 +266,6 @@ pub enum View {
     Workloads,
 }
 
-impl View {
-    fn path(self) -> &'static str {
-        match self {
-            View::Services => "/debug/services",
-            View::Endpoints => "/debug/endpoints",
-            View::Conns => "/debug/conns",
-            View::Breakers => "/debug/breakers",
-            View::Certs => "/debug/certs",
-            View::Workloads => "/debug/workloads",
-        }
-    }
-
-    fn columns(self) -> &'static [(&'static str, &'static str)] {
-        match self {
-            View::Services => &[
-                ("NAMESPACE", "namespace"),
-                ("NAME", "name"),
-                ("ADDRESS", "address"),
-                ("MODE", "mode"),
-                ("ENDPOINTS", "endpoints"),
-                ("ELIGIBLE", "eligible"),
-                ("CONNECTIONS", "connections"),
-                ("PANIC", "panicking"),
-            ],
-            View::Endpoints => &[
-                ("SERVICE", "service"),
-                ("ADDRESS", "address"),
-                ("NODE", "node"),
-                ("WEIGHT", "weight"),
-                ("HEALTHY", "healthy"),
-                ("BREAKER", "breaker"),
-                ("EJECTED FOR (S)", "ejected_for_seconds"),
-                ("IN FLIGHT", "in_flight"),
-                ("EJECTIONS", "ejections"),
-            ],
-            View::Conns => &[
-                ("ID", "id"),
-                ("SOURCE", "source_workload"),
-                ("DESTINATION", "destination_service"),
-                ("ENDPOINT", "endpoint"),
-                ("SECURITY", "security"),
-                ("AGE (S)", "age_seconds"),
-                ("SENT", "bytes_sent"),
-                ("RECEIVED", "bytes_received"),
-            ],
-            View::Breakers => &[
-                ("SERVICE", "service"),
-                ("CONNECTIONS", "connections"),
-                ("MAX", "max_connections"),
-                ("PENDING", "pending_connects"),
-                ("EJECTED", "ejected_endpoints"),
-                ("RETRIES", "retries"),
-                ("BUDGET EXHAUSTED", "retry_budget_exhausted"),
-                ("FAST FAILURES", "fast_failures_total"),
-            ],
-            View::Certs => &[
-                ("IDENTITY", "identity"),
-                ("NOT AFTER (UNIX)", "not_after"),
-                ("EXPIRES IN (S)", "expires_in_seconds"),
-            ],
-            View::Workloads => &[
-                ("NAMESPACE", "namespace"),
-                ("NAME", "name"),
-                ("IDENTITY", "identity"),
-                ("CGROUP", "cgroup"),
-                ("NETNS", "netns"),
-                ("LISTENER", "listener"),
-            ],
-        }
-    }
-}
-
 /// Prints a list view, optionally only the rows whose `service` is
 /// `filter` (`name` or `namespace/name`).
 pub fn list(
@@ -201,17 +274,34 @@ pub fn list(
     filter: Option<&str>,
     output: Output,
 ) -> Result<Outcome, InspectError> {
-    let value = fetch(admin, view.path())?;
-    let mut items = value.as_array().cloned().unwrap_or_default();
+    match view {
+        View::Services => list_rows::<views::ServiceRow>(admin, filter, output),
+        View::Endpoints => list_rows::<views::EndpointRow>(admin, filter, output),
+        View::Conns => list_rows::<views::ConnRow>(admin, filter, output),
+        View::Breakers => list_rows::<views::BreakerRow>(admin, filter, output),
+        View::Certs => list_rows::<views::CertRow>(admin, filter, output),
+        View::Workloads => list_rows::<views::WorkloadRow>(admin, filter, output),
+    }
+}
+
+fn list_rows<R: Row>(
+    admin: SocketAddr,
+    filter: Option<&str>,
+    output: Output,
+) -> Result<Outcome, InspectError> {
+    let mut rows: Vec<R> = fetch(admin, R::PATH)?;
     if let Some(f) = filter {
-        items.retain(|i| {
-            let s = i["service"].as_str().unwrap_or("");
-            s == f || s.rsplit('/').next() == Some(f)
+        rows.retain(|r| {
+            r.service()
+                .is_some_and(|s| s == f || s.rsplit('/').next() == Some(f))
         });
     }
     match output {
-        Output::Json => println!("{}", Value::Array(items)),
-        Output::Table => table(&items, view.columns()),
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string(&rows).expect("a view serializes")
+        ),
+        Output::Table => table(R::HEADERS, &rows.iter().map(Row::cells).collect::<Vec<_>>()),
     }
     Ok(Outcome::Success)
 }
@@ -219,69 +309,61 @@ pub fn list(
 /// `sluice status`: exit 0 when the agent is ready, 4 when it answers but
 /// is not (starting or stopping).
 pub fn status(admin: SocketAddr, output: Output) -> Result<Outcome, InspectError> {
-    let s = fetch(admin, "/debug/status")?;
-    let ready = s["ready"].as_bool().unwrap_or(false);
+    let s: views::Status = fetch(admin, "/debug/status")?;
     match output {
-        Output::Json => println!("{s}"),
-        Output::Table => {
-            println!(
-                "agent        sluice {} on node {}",
-                text(&s["version"]),
-                text(&s["node"])
-            );
-            println!(
-                "ready        {}{}",
-                text(&s["ready"]),
-                s["not_ready_reasons"]
-                    .as_array()
-                    .filter(|r| !r.is_empty())
-                    .map(|r| format!(" ({})", r.iter().map(text).collect::<Vec<_>>().join("; ")))
-                    .unwrap_or_default()
-            );
-            println!("uptime       {}s", text(&s["uptime_seconds"]));
-            println!("config       {}", text(&s["config"]));
-            for p in s["programs"].as_array().into_iter().flatten() {
-                println!(
-                    "program      {} ({}) on {}: {}",
-                    text(&p["name"]),
-                    text(&p["type"]),
-                    text(&p["cgroup"]),
-                    if p["attached"].as_bool() == Some(true) {
-                        "attached"
-                    } else {
-                        "not attached"
-                    }
-                );
-            }
-            println!("pinned in    {}", text(&s["pin_dir"]));
-            let l = &s["listeners"];
-            println!(
-                "listeners    outbound {}, inbound mTLS {}, admin {}{}",
-                text(&l["outbound"]),
-                text(&l["inbound_mtls"]),
-                text(&l["admin"]),
-                l["metrics"]
-                    .as_str()
-                    .map(|m| format!(", metrics {m}"))
-                    .unwrap_or_default()
-            );
-            println!(
-                "totals       {} services, {} workloads, {} connections open, {} inbound accepted",
-                text(&s["services"]),
-                text(&s["workloads"]),
-                text(&s["connections_active"]),
-                text(&s["inbound_accepted"])
-            );
-            if let Some(r) = s["redirects"].as_object() {
-                let parts: Vec<String> =
-                    r.iter().map(|(k, v)| format!("{k} {}", text(v))).collect();
-                println!("redirects    {}", parts.join(", "));
-            }
-        }
+        Output::Json => println!("{}", serde_json::to_string(&s).expect("a view serializes")),
+        Output::Table => print_status(&s),
     }
-    Ok(if ready {
+    Ok(if s.ready {
         Outcome::Success
     } else {
         Outcome::NotReady
     })
+}
+
+fn print_status(s: &views::Status) {
+    println!("agent        sluice {} on node {}", s.version, s.node);
+    let reasons = if s.not_ready_reasons.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", s.not_ready_reasons.join("; "))
+    };
+    println!("ready        {}{reasons}", yes_no(s.ready));
+    println!("uptime       {}s", s.uptime_seconds);
+    println!("config       {}", s.config);
+    for p in &s.programs {
+        println!(
+            "program      {} ({}) on {}: {}",
+            p.name,
+            p.kind,
+            p.cgroup,
+            if p.attached {
+                "attached"
+            } else {
+                "not attached"
+            }
+        );
+    }
+    println!("pinned in    {}", s.pin_dir);
+    let l = &s.listeners;
+    println!(
+        "listeners    outbound {}, inbound mTLS {}, admin {}{}",
+        l.outbound,
+        l.inbound_mtls,
+        l.admin,
+        l.metrics
+            .as_ref()
+            .map(|m| format!(", metrics {m}"))
+            .unwrap_or_default()
+    );
+    println!(
+        "totals       {} services, {} workloads, {} connections open, {} inbound accepted",
+        s.services, s.workloads, s.connections_active, s.inbound_accepted
+    );
+    let redirects: Vec<String> = s
+        .redirects
+        .iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect();
+    println!("redirects    {}", redirects.join(", "));
 }
