@@ -699,3 +699,6 @@ pub struct KernelEntry {
     /// Backends with their weights; empty: no table.
     pub members: Vec<(Backend, u32)>,
 }
+
+#[cfg(test)]
+mod tests;
