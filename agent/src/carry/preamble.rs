@@ -95,4 +95,127 @@ mod tests {
             Err(PreambleError::Io(_))
         ));
     }
+
+    /// The first four bytes for a payload of `len` bytes.
+    fn head(len: u16) -> Vec<u8> {
+        let mut head = vec![MAGIC, VERSION];
+        head.extend_from_slice(&len.to_be_bytes());
+        head
+    }
+
+    /// A preamble with `payload` as its target.
+    fn with_payload(payload: &[u8]) -> Vec<u8> {
+        let mut wire = head(payload.len() as u16);
+        wire.extend_from_slice(payload);
+        wire
+    }
+
+    async fn read_from(wire: &[u8]) -> Result<SocketAddr, PreambleError> {
+        read(&mut &wire[..]).await
+    }
+
+    #[tokio::test]
+    async fn ipv6_targets_round_trip() {
+        for target in [
+            "[2001:db8::1]:443",
+            "[::1]:9001",
+            "[::ffff:10.0.0.1]:80",
+            "[fe80::1%7]:8080",
+            "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff%4294967295]:65535",
+        ] {
+            let target: SocketAddr = target.parse().unwrap();
+            let mut wire = Vec::new();
+            write(&mut wire, target).await.unwrap();
+            assert!(wire.len() <= 4 + MAX_PAYLOAD);
+            assert_eq!(read_from(&wire).await.unwrap(), target, "{target}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_preamble_is_read_to_its_end_and_not_a_byte_further() {
+        let target: SocketAddr = "[2001:db8::7]:5432".parse().unwrap();
+        let mut wire = Vec::new();
+        write(&mut wire, target).await.unwrap();
+        wire.extend_from_slice(b"the application's first bytes");
+        let mut rest = &wire[..];
+        assert_eq!(read(&mut rest).await.unwrap(), target);
+        assert_eq!(rest, b"the application's first bytes");
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_ends_early_is_refused_as_cut_short() {
+        let whole = with_payload(b"10.1.2.3:80");
+        // Every cut: inside the head, at its end, inside the payload.
+        for cut in 0..whole.len() {
+            match read_from(&whole[..cut]).await {
+                Err(PreambleError::Io(e)) => {
+                    assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof, "cut at {cut}")
+                }
+                other => panic!("cut at {cut}: {other:?}"),
+            }
+        }
+        assert!(read_from(&whole).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn another_protocol_or_version_is_refused_by_its_first_bytes() {
+        // A TLS record, as from a client that spoke TLS twice.
+        assert!(matches!(
+            read_from(b"\x16\x03\x01\x02\x00").await,
+            Err(PreambleError::BadMagic(0x16))
+        ));
+        for version in [0u8, 2, 0xff] {
+            let mut wire = with_payload(b"10.1.2.3:80");
+            wire[1] = version;
+            match read_from(&wire).await {
+                Err(PreambleError::Version(v)) => assert_eq!(v, version),
+                other => panic!("version {version}: {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_target_that_is_not_an_ip_address_and_port_is_refused() {
+        for payload in [
+            &b""[..],
+            b"localhost:80",
+            b"/run/app.sock",
+            b"unix:/run/app.sock",
+            b"10.1.2.3",
+            b"10.1.2.3:",
+            b"10.1.2.3:65536",
+            b"::1:80",
+            b"[::1]",
+            b"10.1.2.3:80\n",
+            b" 10.1.2.3:80",
+            b"\xff\xfe10.1.2.3:80",
+        ] {
+            assert!(
+                matches!(
+                    read_from(&with_payload(payload)).await,
+                    Err(PreambleError::Malformed)
+                ),
+                "{:?}",
+                String::from_utf8_lossy(payload)
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_length_over_the_limit_is_refused_before_the_payload_is_read() {
+        // The limit itself is a length, even of a payload that is no target.
+        let mut at_limit = head(MAX_PAYLOAD as u16);
+        at_limit.extend(std::iter::repeat_n(b'1', MAX_PAYLOAD));
+        assert!(matches!(
+            read_from(&at_limit).await,
+            Err(PreambleError::Malformed)
+        ));
+        // One more is refused from the head alone: no payload follows.
+        for len in [MAX_PAYLOAD + 1, usize::from(u16::MAX)] {
+            match read_from(&head(len as u16)).await {
+                Err(PreambleError::Oversized(n)) => assert_eq!(n, len),
+                other => panic!("length {len}: {other:?}"),
+            }
+        }
+    }
 }

@@ -580,3 +580,6 @@ impl Catalog {
         self.services.values()
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -9,6 +9,7 @@
 pub mod identity;
 pub mod local_ca;
 pub mod store;
+pub mod verify;
 
 use std::{
     collections::HashMap,
@@ -23,7 +24,8 @@ use rustls::{ClientConfig, ServerConfig, crypto::CryptoProvider, sign::Certified
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 
 pub use identity::Identity;
-pub use store::{CertStore, IdentityError, IssuedCert, RootOutOfDomain, identity_of};
+pub use store::{CertStore, IdentityError, IssuedCert, identity_of};
+pub use verify::RootOutOfDomain;
 
 use crate::{
     config::{CertificateSource, MeshConfig},
@@ -112,7 +114,7 @@ impl TlsContext {
         let mut server = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(versions(mesh.allow_tls12))
             .map_err(|e| TlsSetupError::Config(e.to_string()))?
-            .with_client_cert_verifier(Arc::new(store::CallerVerifier(store.clone())))
+            .with_client_cert_verifier(Arc::new(verify::CallerVerifier(store.clone())))
             .with_cert_resolver(Arc::new(store::ServerCerts(store.clone())));
         // Stateless resumption: a reconnecting peer skips the full handshake.
         server.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()
@@ -162,7 +164,7 @@ impl TlsContext {
             .map_err(|e| error!("TLS client configuration for {id}: {e}"))
             .ok()?
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(store::PeerVerifier(self.store.clone())))
+            .with_custom_certificate_verifier(Arc::new(verify::PeerVerifier(self.store.clone())))
             .with_client_cert_resolver(Arc::new(store::ClientCert {
                 store: self.store.clone(),
                 identity: id.clone(),

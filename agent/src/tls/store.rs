@@ -1,25 +1,20 @@
 //! The certificates the agent holds: one per local workload identity, the
-//! trust bundle, and the rustls hooks that read them at each handshake, so
-//! a rotation or a new bundle takes effect without rebuilding anything and
+//! trust bundle, and the rustls hooks that pick this node's certificate at
+//! each handshake (the hooks that check the peer's are in verify.rs), so a
+//! rotation or a new bundle takes effect without rebuilding anything and
 //! without touching open connections.
 
 use std::{collections::HashMap, fmt, sync::Arc, time::SystemTime};
 
 use arc_swap::ArcSwap;
 use rustls::{
-    CertificateError, DigitallySignedStruct, DistinguishedName, Error as TlsError, SignatureScheme,
-    client::{
-        ResolvesClientCert,
-        danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
-    },
+    SignatureScheme,
+    client::ResolvesClientCert,
     crypto::{CryptoProvider, WebPkiSupportedAlgorithms},
-    server::{
-        ClientHello, ResolvesServerCert,
-        danger::{ClientCertVerified, ClientCertVerifier},
-    },
+    server::{ClientHello, ResolvesServerCert},
     sign::CertifiedKey,
 };
-use rustls_pki_types::{CertificateDer, ServerName, TrustAnchor, UnixTime};
+use rustls_pki_types::{CertificateDer, TrustAnchor};
 
 use super::identity::Identity;
 
@@ -36,8 +31,9 @@ pub struct IssuedCert {
 pub struct CertStore {
     trust_domain: String,
     certs: ArcSwap<HashMap<Identity, IssuedCert>>,
-    bundle: ArcSwap<Bundle>,
-    algorithms: WebPkiSupportedAlgorithms,
+    /// Read by the verifiers (verify.rs) at each handshake.
+    pub(super) bundle: ArcSwap<Bundle>,
+    pub(super) algorithms: WebPkiSupportedAlgorithms,
 }
 
 impl fmt::Debug for CertStore {
@@ -115,80 +111,14 @@ impl CertStore {
         self.bundle.store(Arc::new(Bundle { anchors, domains }));
         Ok(n)
     }
-
-    /// Verifies a caller's chain against the current trust bundle at `now`:
-    /// what the handshake checked, checked again for a resumed session,
-    /// whose certificate rustls restores from the ticket without a look at
-    /// its validity or at the bundle.
-    pub fn verify_caller(
-        &self,
-        chain: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<(), TlsError> {
-        let (leaf, intermediates) = chain
-            .split_first()
-            .ok_or(TlsError::NoCertificatesPresented)?;
-        self.verify_chain(leaf, intermediates, now, webpki::KeyUsage::client_auth())
-    }
-
-    /// Verifies `end_entity` against the trust bundle for `usage`, and that
-    /// the root it chains to vouches for the trust domain it names.
-    fn verify_chain(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-        usage: webpki::KeyUsage,
-    ) -> Result<(), TlsError> {
-        let cert = webpki::EndEntityCert::try_from(end_entity).map_err(pki_error)?;
-        let bundle = self.bundle.load();
-        let path = cert
-            .verify_for_usage(
-                self.algorithms.all,
-                &bundle.anchors,
-                intermediates,
-                now,
-                usage,
-                None,
-                None,
-            )
-            .map_err(pki_error)?;
-        let Some(root) = bundle
-            .anchors
-            .iter()
-            .position(|a| std::ptr::eq(a, path.anchor()))
-        else {
-            return Err(TlsError::InvalidCertificate(
-                CertificateError::UnknownIssuer,
-            ));
-        };
-        match identity_of(end_entity) {
-            // The name itself is judged later, with the peer's address.
-            Err(_) => Ok(()),
-            Ok(id) if id.trust_domain == bundle.domains[root] => Ok(()),
-            Ok(id) => Err(TlsError::InvalidCertificate(CertificateError::Other(
-                rustls::OtherError(Arc::new(RootOutOfDomain {
-                    identity: id.to_string(),
-                    domain: bundle.domains[root].clone(),
-                })),
-            ))),
-        }
-    }
 }
 
 /// The trust anchors and the trust domain each one vouches for.
 #[derive(Debug, Default)]
-struct Bundle {
-    anchors: Vec<TrustAnchor<'static>>,
-    domains: Vec<String>,
-}
-
-/// A certificate of one trust domain signed under a root of another.
-#[derive(Debug, thiserror::Error)]
-#[error("{identity} chains to a root bound to trust domain {domain}")]
-pub struct RootOutOfDomain {
-    identity: String,
-    domain: String,
+pub(super) struct Bundle {
+    pub(super) anchors: Vec<TrustAnchor<'static>>,
+    /// The trust domain of `anchors[i]`.
+    pub(super) domains: Vec<String>,
 }
 
 /// The trust domain a root names in a URI SAN `spiffe://<domain>`.
@@ -201,36 +131,6 @@ fn root_domain(root: &CertificateDer<'_>) -> Option<String> {
             (!domain.is_empty() && !domain.contains('/')).then(|| domain.to_owned())
         }
         _ => None,
-    })
-}
-
-impl CertStore {
-    /// Checks a handshake signature with the provider's algorithms; both
-    /// verifiers share it.
-    fn signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-        tls13: bool,
-    ) -> Result<HandshakeSignatureValid, TlsError> {
-        if tls13 {
-            rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-        } else {
-            rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-        }
-    }
-}
-
-fn pki_error(e: webpki::Error) -> TlsError {
-    use webpki::Error as E;
-    TlsError::InvalidCertificate(match e {
-        E::BadDer | E::BadDerTime | E::TrailingData(_) => CertificateError::BadEncoding,
-        E::CertExpired { .. } => CertificateError::Expired,
-        E::CertNotValidYet { .. } => CertificateError::NotValidYet,
-        E::UnknownIssuer => CertificateError::UnknownIssuer,
-        E::InvalidSignatureForPublicKey => CertificateError::BadSignature,
-        other => CertificateError::Other(rustls::OtherError(Arc::new(other))),
     })
 }
 
@@ -302,114 +202,6 @@ impl ResolvesClientCert for ClientCert {
     }
 }
 
-/// Client side: the peer agent must present a certificate chaining to the
-/// bundle whose SPIFFE ID is the one the server name asked for.
-#[derive(Debug)]
-pub struct PeerVerifier(pub Arc<CertStore>);
-
-impl ServerCertVerifier for PeerVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, TlsError> {
-        self.0.verify_chain(
-            end_entity,
-            intermediates,
-            now,
-            webpki::KeyUsage::server_auth(),
-        )?;
-        let expected = match server_name {
-            ServerName::DnsName(name) => {
-                Identity::from_server_name(name.as_ref(), &self.0.trust_domain)
-            }
-            _ => None,
-        };
-        match (expected, identity_of(end_entity).ok()) {
-            (Some(want), Some(got)) if want == got => Ok(ServerCertVerified::assertion()),
-            (want, got) => Err(TlsError::General(format!(
-                "peer presented identity {} where {} was expected",
-                got.map_or("none".to_owned(), |g| g.to_string()),
-                want.map_or("none".to_owned(), |w| w.to_string())
-            ))),
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, TlsError> {
-        self.0.signature(message, cert, dss, false)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, TlsError> {
-        self.0.signature(message, cert, dss, true)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.algorithms.supported_schemes()
-    }
-}
-
-/// Server side: a client certificate is required and must chain to the
-/// bundle. Its SPIFFE ID is checked after the handshake, where the reason
-/// for a refusal can be logged with the peer's address.
-#[derive(Debug)]
-pub struct CallerVerifier(pub Arc<CertStore>);
-
-impl ClientCertVerifier for CallerVerifier {
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        &[]
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<ClientCertVerified, TlsError> {
-        self.0.verify_chain(
-            end_entity,
-            intermediates,
-            now,
-            webpki::KeyUsage::client_auth(),
-        )?;
-        Ok(ClientCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, TlsError> {
-        self.0.signature(message, cert, dss, false)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, TlsError> {
-        self.0.signature(message, cert, dss, true)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.algorithms.supported_schemes()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use rcgen::{CertificateParams, KeyPair, SanType};
@@ -427,58 +219,6 @@ mod tests {
             .collect();
         let key = KeyPair::generate().unwrap();
         p.self_signed(&key).unwrap().der().clone()
-    }
-
-    /// A CA (optionally naming a trust domain) and a leaf it signs.
-    fn ca(domain: Option<&str>) -> (CertificateDer<'static>, rcgen::Issuer<'static, KeyPair>) {
-        let mut p = CertificateParams::default();
-        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        if let Some(d) = domain {
-            p.subject_alt_names = vec![SanType::URI(format!("spiffe://{d}").try_into().unwrap())];
-        }
-        let key = KeyPair::generate().unwrap();
-        let der = p.self_signed(&key).unwrap().der().clone();
-        (der, rcgen::Issuer::new(p, key))
-    }
-
-    fn leaf(issuer: &rcgen::Issuer<'static, KeyPair>, uri: &str) -> CertificateDer<'static> {
-        let mut p = CertificateParams::default();
-        p.subject_alt_names = vec![SanType::URI(uri.try_into().unwrap())];
-        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-        p.signed_by(&KeyPair::generate().unwrap(), issuer)
-            .unwrap()
-            .der()
-            .clone()
-    }
-
-    #[test]
-    fn a_root_vouches_only_for_its_own_trust_domain() {
-        let provider = rustls::crypto::aws_lc_rs::default_provider();
-        let store = CertStore::new("cluster.local", &provider);
-        let (ours, our_issuer) = ca(None);
-        let (partner, partner_issuer) = ca(Some("partner.example"));
-        store.set_roots(&[ours, partner]).unwrap();
-        let now = UnixTime::now();
-        let checkout = "spiffe://cluster.local/ns/payments/sa/checkout";
-        assert!(
-            store
-                .verify_caller(&[leaf(&our_issuer, checkout)], now)
-                .is_ok()
-        );
-        let forged = store.verify_caller(&[leaf(&partner_issuer, checkout)], now);
-        let forged = format!("{:?}", forged.unwrap_err());
-        assert!(
-            forged.contains("RootOutOfDomain") && forged.contains("partner.example"),
-            "{forged}"
-        );
-        assert!(
-            store
-                .verify_caller(
-                    &[leaf(&partner_issuer, "spiffe://partner.example/ns/a/sa/b")],
-                    now
-                )
-                .is_ok()
-        );
     }
 
     #[test]
