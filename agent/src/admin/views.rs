@@ -287,26 +287,22 @@ fn conns(state: &AdminState) -> Vec<ConnRow> {
         .connections
         .snapshot()
         .iter()
-        .map(|c| ConnRow {
+        .map(|c| {
+            let (name, namespace) = c.caller.names();
+            (c, name.to_owned(), namespace.to_owned())
+        })
+        .map(|(c, source_workload, source_namespace)| ConnRow {
             id: c.id,
-            source_workload: c
-                .source
-                .as_ref()
-                .map_or("unknown", |w| w.name.as_str())
-                .to_owned(),
-            source_namespace: c
-                .source
-                .as_ref()
-                .map_or("unknown", |w| w.namespace.as_str())
-                .to_owned(),
-            destination_service: c.service.qualified_name(),
+            source_workload,
+            source_namespace,
+            destination_service: c.callee.name(),
             endpoint: c.endpoint.to_string(),
             security: c.security.to_owned(),
             age_seconds: now
                 .duration_since(c.started)
                 .map_or(0.0, |d| d.as_secs_f64()),
-            bytes_sent: c.bytes.sent.load(Ordering::Relaxed),
-            bytes_received: c.bytes.received.load(Ordering::Relaxed),
+            bytes_sent: c.bytes.totals().0,
+            bytes_received: c.bytes.totals().1,
         })
         .collect()
 }

@@ -11,7 +11,10 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::{clock::now_ms, telemetry::ByteCounters};
+use crate::{
+    clock::now_ms,
+    telemetry::{ByteCounters, CloseReason},
+};
 
 /// A direction's buffer starts at this size and doubles each time a read
 /// fills it, up to [`MAX_BUFFER`]. On plain TCP it is only held while
@@ -43,6 +46,18 @@ impl CopyEnd {
             CopyEnd::ClientError => "client_error",
             CopyEnd::Idle => "idle_timeout",
             CopyEnd::MaxDuration => "max_duration",
+        }
+    }
+}
+
+impl From<CopyEnd> for CloseReason {
+    fn from(end: CopyEnd) -> CloseReason {
+        match end {
+            CopyEnd::Closed => CloseReason::Closed,
+            CopyEnd::UpstreamReset => CloseReason::UpstreamReset,
+            CopyEnd::ClientError => CloseReason::ClientError,
+            CopyEnd::Idle => CloseReason::IdleTimeout,
+            CopyEnd::MaxDuration => CloseReason::MaxDuration,
         }
     }
 }

@@ -13,10 +13,14 @@ use std::{io, net::SocketAddr, sync::Arc};
 
 use tokio::net::{TcpListener, TcpStream};
 
-use super::ProxyInputs;
+use super::{
+    ProxyInputs,
+    connections::{Callee, Caller},
+    lifecycle::{ConnectionLife, Opening},
+};
 use crate::{
     accept::accept_until_drained,
-    audit::{Closed, Denial, Party},
+    audit::{Denial, Party},
     carry::copy::proxy,
     catalog::capture::InboundMode,
     config::policy::DEFAULT_IDLE_TIMEOUT,
@@ -24,7 +28,7 @@ use crate::{
     drain::{ConnectionGuard, DrainWatch},
     handover::Inherited,
     netns::Netns,
-    telemetry::{ByteCounters, Refusal},
+    telemetry::Refusal,
 };
 
 const BACKLOG: u32 = 1024;
@@ -135,28 +139,27 @@ async fn handle(
         }
     };
     ctx.inbound_stats.count_plaintext_passed();
-    let started = std::time::Instant::now();
-    let bytes = ByteCounters::default();
+    let life = ConnectionLife::open(
+        &ctx.connections,
+        &ctx.audit,
+        Opening {
+            caller: Caller::Outside,
+            callee: Callee::Workload(workload.clone()),
+            client: peer,
+            upstream: local,
+            security: "plaintext",
+            accepted: tokio::time::Instant::now(),
+        },
+        None,
+    );
     let mut client = stream;
     let end = proxy(
         &mut client,
         &mut upstream,
         DEFAULT_IDLE_TIMEOUT,
         None,
-        &bytes,
+        life.bytes(),
     )
     .await;
-    if ctx.audit.wants_connections() {
-        use std::sync::atomic::Ordering::Relaxed;
-        ctx.audit.closed(&Closed {
-            source,
-            destination,
-            service: None,
-            security: "plaintext",
-            bytes_sent: bytes.sent.load(Relaxed),
-            bytes_received: bytes.received.load(Relaxed),
-            duration_ms: started.elapsed().as_millis() as u64,
-            close_reason: end.name(),
-        });
-    }
+    life.close(end.into());
 }

@@ -14,6 +14,7 @@ use std::{
 use crate::{
     catalog::{Service, Workload},
     telemetry::ByteCounters,
+    tls::Identity,
 };
 
 const SHARDS: usize = 16;
@@ -23,13 +24,111 @@ const SHARDS: usize = 16;
 #[derive(Debug)]
 pub struct LiveConnection {
     pub id: u64,
-    pub source: Option<Arc<Workload>>,
-    pub service: Arc<Service>,
+    pub caller: Caller,
+    pub callee: Callee,
+    /// The client's end of the accepted connection.
+    pub client: SocketAddr,
+    /// The address the agent connected to.
     pub endpoint: SocketAddr,
     /// `mutual_tls` or `plaintext`.
     pub security: &'static str,
     pub started: SystemTime,
     pub bytes: ByteCounters,
+}
+
+/// Who opened a connection.
+#[derive(Debug)]
+pub enum Caller {
+    /// A workload on this node (outbound); None when its cgroup is not a
+    /// known workload's.
+    Workload(Option<Arc<Workload>>),
+    /// A workload on another node, by the identity its agent proved
+    /// (inbound mTLS).
+    Peer(Identity),
+    /// A client outside the mesh, in plaintext to a permissive workload
+    /// (inbound capture).
+    Outside,
+}
+
+/// Where a connection goes.
+#[derive(Debug)]
+pub enum Callee {
+    /// An endpoint (by index) of a service (outbound).
+    Service {
+        service: Arc<Service>,
+        endpoint: usize,
+    },
+    /// A workload on this node (inbound).
+    Workload(Arc<Workload>),
+}
+
+/// The far end of a connection as the audit trail names it.
+pub struct AuditedCallee<'a> {
+    pub identity: Option<&'a Identity>,
+    /// A local workload, `namespace/name`.
+    pub workload: Option<String>,
+}
+
+impl Caller {
+    pub fn identity(&self) -> Option<&Identity> {
+        match self {
+            Caller::Workload(w) => w.as_deref().map(|w| &w.identity),
+            Caller::Peer(id) => Some(id),
+            Caller::Outside => None,
+        }
+    }
+
+    /// The local workload, `namespace/name`.
+    pub fn workload_name(&self) -> Option<String> {
+        match self {
+            Caller::Workload(w) => w.as_deref().map(Workload::qualified_name),
+            Caller::Peer(_) | Caller::Outside => None,
+        }
+    }
+
+    /// (name, namespace) for the connections view: the workload's, or the
+    /// peer identity's service account and namespace.
+    pub fn names(&self) -> (&str, &str) {
+        match self {
+            Caller::Workload(Some(w)) => (&w.name, &w.namespace),
+            Caller::Workload(None) | Caller::Outside => ("unknown", "unknown"),
+            Caller::Peer(id) => (&id.service_account, &id.namespace),
+        }
+    }
+}
+
+impl Callee {
+    /// The destination for the connections view: `namespace/name` of the
+    /// service, or of the local workload.
+    pub fn name(&self) -> String {
+        match self {
+            Callee::Service { service, .. } => service.qualified_name(),
+            Callee::Workload(w) => w.qualified_name(),
+        }
+    }
+
+    /// The destination party and the service, for the audit trail.
+    pub fn audited(&self) -> (AuditedCallee<'_>, Option<String>) {
+        match self {
+            Callee::Service { service, endpoint } => {
+                let e = &service.endpoints[*endpoint];
+                (
+                    AuditedCallee {
+                        identity: e.identity.as_ref(),
+                        workload: e.workload.clone(),
+                    },
+                    Some(service.qualified_name()),
+                )
+            }
+            Callee::Workload(w) => (
+                AuditedCallee {
+                    identity: Some(&w.identity),
+                    workload: Some(w.qualified_name()),
+                },
+                None,
+            ),
+        }
+    }
 }
 
 /// Every live connection.
@@ -104,8 +203,12 @@ mod tests {
         let registry = Connections::default();
         let make = |id| LiveConnection {
             id,
-            source: None,
-            service: service.clone(),
+            caller: Caller::Workload(None),
+            callee: Callee::Service {
+                service: service.clone(),
+                endpoint: 0,
+            },
+            client: "127.0.0.1:40000".parse().unwrap(),
             endpoint: "127.0.0.1:1".parse().unwrap(),
             security: "plaintext",
             started: SystemTime::now(),

@@ -6,19 +6,18 @@
 //! is logged once with its reason and counted; none affects another
 //! connection or the listener.
 
-use std::{
-    io,
-    net::SocketAddr,
-    sync::{Arc, atomic::Ordering},
-    time::Duration,
-};
+use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
 use log::debug;
 use rustls::{CertificateError, Error as TlsError};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::{TlsAcceptor, server::TlsStream};
 
-use super::ProxyInputs;
+use super::{
+    ProxyInputs,
+    connections::{Callee, Caller},
+    lifecycle::{ConnectionLife, Opening},
+};
 use crate::{
     accept::{
         accept_until_drained,
@@ -30,11 +29,12 @@ use crate::{
         copy::{Duplex, proxy},
         preamble::{self, PreambleError},
     },
+    catalog::LocalTarget,
     config::policy::DEFAULT_IDLE_TIMEOUT,
     connect::{self, connect_marked},
     drain::{ConnectionGuard, DrainWatch},
     handover::Inherited,
-    telemetry::{ByteCounters, Refusal},
+    telemetry::Refusal,
     tls::{Identity, RootOutOfDomain, identity_of},
 };
 
@@ -232,6 +232,100 @@ async fn handle(
             return refuse(&ctx, peer, None, Refusal::HandshakeTimeout, &limit);
         }
     };
+    let Admission {
+        caller,
+        local,
+        target,
+        mut upstream,
+    } = match admit(&ctx, &mut tls).await {
+        Ok(admission) => admission,
+        Err(refused) => {
+            // Every refusal after the handshake resets: the caller's agent
+            // fails its attempt at once instead of waiting on a FIN.
+            tls.reset_on_close();
+            return refuse_at(
+                &ctx,
+                peer,
+                refused.caller.as_ref(),
+                refused.target.as_ref().map(|t| t.as_party()),
+                refused.why,
+                &refused.detail,
+            );
+        }
+    };
+    ctx.inputs.inbound_stats.count_accepted();
+    let life = ConnectionLife::open(
+        &ctx.inputs.connections,
+        &ctx.inputs.audit,
+        Opening {
+            caller: Caller::Peer(caller),
+            callee: Callee::Workload(local.workload.clone()),
+            client: peer,
+            upstream: target,
+            security: "mutual_tls",
+            accepted: tokio::time::Instant::now(),
+        },
+        None,
+    );
+    let end = proxy(
+        &mut tls,
+        &mut upstream,
+        DEFAULT_IDLE_TIMEOUT,
+        None,
+        life.bytes(),
+    )
+    .await;
+    debug!("inbound {peer} -> {target}: {end:?}");
+    life.close(end.into());
+}
+
+/// What passed every check after the handshake: who calls, which local
+/// workload endpoint it asked for, and the connection to it.
+struct Admission {
+    caller: Identity,
+    local: Arc<LocalTarget>,
+    target: SocketAddr,
+    upstream: TcpStream,
+}
+
+/// A refusal after the handshake: who asked (once known), for what (once
+/// known), why.
+struct Refused {
+    caller: Option<Identity>,
+    target: Option<DeniedTarget>,
+    why: Refusal,
+    detail: String,
+}
+
+/// The local workload endpoint a refused caller asked for, and the
+/// authorization rule that refused it.
+struct DeniedTarget {
+    identity: Identity,
+    addr: SocketAddr,
+    workload: String,
+    rule: String,
+}
+
+impl DeniedTarget {
+    fn as_party(&self) -> (&Identity, SocketAddr, &str, Option<&str>) {
+        (&self.identity, self.addr, &self.workload, Some(&self.rule))
+    }
+}
+
+fn refused(caller: Option<&Identity>, why: Refusal, detail: impl std::fmt::Display) -> Refused {
+    Refused {
+        caller: caller.cloned(),
+        target: None,
+        why,
+        detail: detail.to_string(),
+    }
+}
+
+/// The checks after the handshake, in order: a resumed session's
+/// certificate still valid, a SPIFFE identity of this trust domain, a
+/// preamble in time naming a workload endpoint of this node served by the
+/// identity asked for, authorization, and the workload reachable.
+async fn admit(ctx: &InboundContext, tls: &mut TlsStream<TcpStream>) -> Result<Admission, Refused> {
     let (_, conn) = tls.get_ref();
     let trust_domain = ctx.inputs.tls.store.trust_domain();
     let asked_for = conn
@@ -243,10 +337,11 @@ async fn handle(
             rustls_pki_types::UnixTime::now(),
         )
     {
-        tls.reset_on_close();
-        let why = refusal_of_tls(&e);
-        let detail = format!("resumed session: {e}");
-        return refuse(&ctx, peer, None, why, &detail);
+        return Err(refused(
+            None,
+            refusal_of_tls(&e),
+            format!("resumed session: {e}"),
+        ));
     }
     let caller = match conn.peer_certificates().and_then(|c| c.first()) {
         Some(leaf) => identity_of(leaf),
@@ -254,112 +349,69 @@ async fn handle(
     };
     let caller = match caller {
         Ok(caller) => caller,
-        Err(e) => {
-            tls.reset_on_close();
-            return refuse(&ctx, peer, None, Refusal::NoIdentity, &e);
-        }
+        Err(e) => return Err(refused(None, Refusal::NoIdentity, e)),
     };
     if caller.trust_domain != trust_domain {
-        tls.reset_on_close();
-        let detail = format!("trust domain is not {trust_domain}");
-        return refuse(
-            &ctx,
-            peer,
+        return Err(refused(
             Some(&caller),
             Refusal::WrongTrustDomain,
-            &detail,
-        );
+            format!("trust domain is not {trust_domain}"),
+        ));
     }
-    let target = match tokio::time::timeout(ctx.handshake_timeout, preamble::read(&mut tls)).await {
+    let target = match tokio::time::timeout(ctx.handshake_timeout, preamble::read(tls)).await {
         Ok(Ok(target)) => target,
         Ok(Err(e)) => {
-            tls.reset_on_close();
             let why = match e {
                 PreambleError::Oversized(_) => Refusal::PreambleOversized,
                 _ => Refusal::PreambleMalformed,
             };
-            return refuse(&ctx, peer, Some(&caller), why, &e);
+            return Err(refused(Some(&caller), why, e));
         }
         Err(_) => {
-            tls.reset_on_close();
             let limit = format!("no preamble within {:?}", ctx.handshake_timeout);
-            return refuse(&ctx, peer, Some(&caller), Refusal::PreambleTimeout, &limit);
+            return Err(refused(Some(&caller), Refusal::PreambleTimeout, limit));
         }
     };
     let Some(local) = ctx.inputs.catalog.load().local_target(target).cloned() else {
-        tls.reset_on_close();
         let detail = format!("{target} is not a workload endpoint on this node");
-        return refuse(&ctx, peer, Some(&caller), Refusal::UnknownTarget, &detail);
+        return Err(refused(Some(&caller), Refusal::UnknownTarget, detail));
     };
     if asked_for.as_ref() != Some(&local.workload.identity) {
-        tls.reset_on_close();
         let detail = format!(
             "{target} is served by {}, not by the identity asked for",
             local.workload.identity
         );
-        return refuse(
-            &ctx,
-            peer,
-            Some(&caller),
-            Refusal::IdentityMismatch,
-            &detail,
-        );
+        return Err(refused(Some(&caller), Refusal::IdentityMismatch, detail));
     }
     let verdict = authz::evaluate(&local.policies, &caller);
     if !verdict.allowed {
-        tls.reset_on_close();
         let workload = local.workload.qualified_name();
         let detail = format!("{target} (workload {workload}) {verdict}");
-        return refuse_at(
-            &ctx,
-            peer,
-            Some(&caller),
-            Some((
-                &local.workload.identity,
-                target,
-                &workload,
-                Some(&verdict.rule),
-            )),
-            Refusal::Denied,
-            &detail,
-        );
+        return Err(Refused {
+            caller: Some(caller),
+            target: Some(DeniedTarget {
+                identity: local.workload.identity.clone(),
+                addr: target,
+                workload,
+                rule: verdict.rule.to_string(),
+            }),
+            why: Refusal::Denied,
+            detail,
+        });
     }
     // From inside the workload's own namespace, over its loopback: the
     // capture hook lets that through, and nothing else of the agent's
     // reaches a captured workload.
     let netns = local.workload.netns.as_deref();
-    let mut upstream =
+    let upstream =
         match connect_marked(target, ctx.inputs.mark, ctx.inputs.connect_timeout, netns).await {
             Ok(upstream) => upstream,
-            Err(e) => {
-                tls.reset_on_close();
-                return refuse(&ctx, peer, Some(&caller), Refusal::TargetUnreachable, &e);
-            }
+            Err(e) => return Err(refused(Some(&caller), Refusal::TargetUnreachable, e)),
         };
-    ctx.inputs.inbound_stats.count_accepted();
-    let started = std::time::Instant::now();
-    let bytes = ByteCounters::default();
-    let end = proxy(&mut tls, &mut upstream, DEFAULT_IDLE_TIMEOUT, None, &bytes).await;
-    debug!("inbound {peer} ({caller}) -> {target}: {end:?}");
-    if ctx.inputs.audit.wants_connections() {
-        let workload = local.workload.qualified_name();
-        ctx.inputs.audit.closed(&crate::audit::Closed {
-            source: Party {
-                identity: Some(&caller),
-                address: Some(peer),
-                workload: None,
-            },
-            destination: Party {
-                identity: Some(&local.workload.identity),
-                address: Some(target),
-                workload: Some(&workload),
-            },
-            service: None,
-            security: "mutual_tls",
-            bytes_sent: bytes.sent.load(Ordering::Relaxed),
-            bytes_received: bytes.received.load(Ordering::Relaxed),
-            duration_ms: started.elapsed().as_millis() as u64,
-            close_reason: end.name(),
-        });
-    }
+    Ok(Admission {
+        caller,
+        local,
+        target,
+        upstream,
+    })
 }

@@ -7,6 +7,10 @@
 //! - [`inbound`]: mTLS connections from peer agents to local workloads.
 //! - [`capture`]: connections that arrived at a captured workload's own
 //!   address from outside the mesh.
+//!
+//! Each connected one lives as a [`lifecycle::ConnectionLife`]: listed in
+//! [`Connections`] for `sluice conns`, counted in metrics, audited at its
+//! close.
 
 use std::{sync::Arc, time::Duration};
 
@@ -22,7 +26,9 @@ use crate::{
 pub mod capture;
 pub mod connections;
 pub mod inbound;
+pub mod lifecycle;
 pub mod outbound;
+mod upstream;
 
 pub use connections::{Connections, LiveConnection};
 pub use outbound::{OutboundContext, OutboundListener};

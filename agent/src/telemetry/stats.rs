@@ -13,6 +13,16 @@ pub struct ByteCounters {
     pub received: AtomicU64,
 }
 
+impl ByteCounters {
+    /// (sent, received) so far.
+    pub fn totals(&self) -> (u64, u64) {
+        (
+            self.sent.load(Ordering::Relaxed),
+            self.received.load(Ordering::Relaxed),
+        )
+    }
+}
+
 /// Why an inbound connection was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {

@@ -1,0 +1,292 @@
+//! An outbound connection's way to its upstream: choose an endpoint, admit
+//! a same-node call through the same authorization as a remote one, dial
+//! (directly, or over mTLS to the endpoint's node with the caller's
+//! identity), and on failure report the endpoint and try another within
+//! the service's attempts, thresholds and retry budget.
+
+use std::{io, time::Duration};
+
+use log::warn;
+use tokio::net::TcpStream;
+
+use super::outbound::OutboundContext;
+use crate::{
+    audit::{Denial, Party},
+    authz,
+    carry::preamble,
+    catalog::{Endpoint, PodIdentity, Service, Workload, capture::InboundMode},
+    clock::now_ms,
+    config::Mode,
+    connect::connect_marked,
+    discovery::PodLookup,
+    lb::PickContext,
+    resilience::{Outcome, Overflow, RetryDenied},
+    route::{self, Chosen, NoEndpoint, Tried},
+    telemetry::CloseReason,
+    tls::Identity,
+};
+
+/// The identity of the pod behind an endpoint on another node, read from
+/// the API server at the first connection to it (within the connect
+/// timeout). Failing that, the endpoint cannot be verified, so it is not
+/// dialled: the attempt counts against it and another may be tried.
+async fn learn_identity<'a>(
+    pod: &'a PodIdentity,
+    lookup: &PodLookup,
+    timeout: Duration,
+) -> Result<&'a Identity, DialError> {
+    let learn = pod.resolve(|| lookup.identity(&pod.pod));
+    let failed = |why: String| {
+        DialError::Endpoint(io::Error::other(format!(
+            "cannot learn the identity of pod {}/{}: {why}",
+            pod.pod.namespace, pod.pod.name
+        )))
+    };
+    match tokio::time::timeout(timeout, learn).await {
+        Ok(Ok(identity)) => Ok(identity),
+        Ok(Err(why)) => Err(failed(why)),
+        Err(_) => Err(failed(format!(
+            "no answer from the API server within {}ms",
+            timeout.as_millis()
+        ))),
+    }
+}
+
+/// An upstream connection: direct, or over mTLS to the peer node's agent.
+pub(super) enum Upstream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// Why a dial failed.
+enum DialError {
+    /// The endpoint failed: counts against it, and may be retried.
+    Endpoint(io::Error),
+    /// Nothing the endpoint did: this caller cannot take that path.
+    Caller(String),
+    /// The endpoint's workload (on this node) does not admit the caller.
+    Denied,
+}
+
+/// Counts a fast failure; the first of an episode is logged.
+pub(super) fn fail_fast(service: &Service, why: Overflow) {
+    if service.state.fail_fast(why) {
+        warn!(
+            "service {}: {} reached; failing new connections fast",
+            service.qualified_name(),
+            why.name()
+        );
+    }
+}
+
+/// Connects to an endpoint of `service`, retrying on another endpoint
+/// within the policy's attempts, thresholds and retry budget. Every failed
+/// attempt is reported to outlier detection and logged once.
+pub(super) async fn connect_upstream(
+    ctx: &OutboundContext,
+    service: &Service,
+    pick: &PickContext<'_>,
+    source: Option<&Workload>,
+) -> Result<(Upstream, Chosen), CloseReason> {
+    let policy = &service.policy;
+    let mut tried = Tried::default();
+    let max_attempts = (policy.max_connect_attempts as usize).min(route::MAX_ATTEMPTS);
+    loop {
+        let now = now_ms();
+        let _retry_slot = if tried.is_empty() {
+            None
+        } else {
+            if tried.len() >= max_attempts {
+                return Err(CloseReason::ConnectFailed);
+            }
+            match service
+                .state
+                .start_retry(&policy.thresholds, &policy.budget, now)
+            {
+                Ok(slot) => Some(slot),
+                Err(RetryDenied::MaxRetries) => {
+                    fail_fast(service, Overflow::MaxRetries);
+                    return Err(CloseReason::Overflow);
+                }
+                // Counted in the service state; the outage is already logged.
+                Err(RetryDenied::BudgetExhausted) => return Err(CloseReason::ConnectFailed),
+            }
+        };
+        let chosen = match route::choose(service, pick, &tried, now) {
+            Ok(chosen) => chosen,
+            Err(NoEndpoint::FailClosed) => {
+                fail_fast(service, Overflow::NoEligibleEndpoint);
+                return Err(CloseReason::Overflow);
+            }
+            Err(NoEndpoint::Exhausted) if tried.is_empty() => return Err(CloseReason::NoEndpoint),
+            Err(NoEndpoint::Exhausted) => return Err(CloseReason::ConnectFailed),
+        };
+        tried.add(chosen.index);
+        let endpoint = &service.endpoints[chosen.index];
+        let Some(_pending) = service.state.start_connect(&policy.thresholds, now) else {
+            endpoint.state.cancel(chosen.admission);
+            fail_fast(service, Overflow::MaxPendingConnects);
+            return Err(CloseReason::Overflow);
+        };
+        let started = tokio::time::Instant::now();
+        match dial(ctx, service, endpoint, source).await {
+            Ok(upstream) => {
+                let micros = started.elapsed().as_micros() as u64;
+                route::report(service, chosen, Outcome::Connected { micros }, now_ms());
+                return Ok((upstream, chosen));
+            }
+            Err(DialError::Denied) => {
+                endpoint.state.cancel(chosen.admission);
+                return Err(CloseReason::Denied);
+            }
+            Err(DialError::Caller(why)) => {
+                endpoint.state.cancel(chosen.admission);
+                warn!(
+                    "service {}: endpoint {}: {why}",
+                    service.qualified_name(),
+                    endpoint.addr
+                );
+                return Err(CloseReason::ConnectFailed);
+            }
+            Err(DialError::Endpoint(e)) => {
+                warn!(
+                    "service {}: endpoint {}: connect failed: {e} (attempt {} of {max_attempts})",
+                    service.qualified_name(),
+                    endpoint.addr,
+                    tried.len()
+                );
+                route::report(service, chosen, Outcome::ConnectFailed, now_ms());
+            }
+        }
+    }
+}
+
+/// One policy whatever the path: a call to a workload on this node is
+/// checked against the same authorization as one arriving over mTLS from
+/// another node, with the caller's identity as this agent knows it. A
+/// caller without an identity reaches a strict workload, or one with a
+/// policy, no more than it could from another node.
+fn admit_same_node(
+    ctx: &OutboundContext,
+    service: &Service,
+    endpoint: &Endpoint,
+    source: Option<&Workload>,
+    target: &crate::catalog::LocalTarget,
+    mode: InboundMode,
+) -> Result<(), DialError> {
+    let (allowed, rule) = match source {
+        Some(source) => {
+            let verdict = authz::evaluate(&target.policies, &source.identity);
+            (verdict.allowed, verdict.rule)
+        }
+        None if mode == InboundMode::Strict || !target.policies.is_empty() => (
+            false,
+            "the caller is in no known workload, so it has no identity".to_owned(),
+        ),
+        None => return Ok(()),
+    };
+    if allowed {
+        return Ok(());
+    }
+    let workload = target.workload.qualified_name();
+    let name = service.qualified_name();
+    ctx.inputs.audit.deny(&Denial {
+        reason: "denied",
+        source: Party {
+            identity: source.map(|w| &w.identity),
+            address: None,
+            workload: None,
+        },
+        destination: Party {
+            identity: Some(&target.workload.identity),
+            address: Some(endpoint.addr),
+            workload: Some(&workload),
+        },
+        service: Some(&name),
+        rule: Some(&rule),
+        detail: Some("same node"),
+    });
+    Err(DialError::Denied)
+}
+
+/// Connects to `endpoint`: directly when it is on this node (or the
+/// service is plaintext), otherwise over mutual TLS to its node's agent,
+/// presenting the caller's identity and expecting the endpoint's.
+async fn dial(
+    ctx: &OutboundContext,
+    service: &Service,
+    endpoint: &Endpoint,
+    source: Option<&Workload>,
+) -> Result<Upstream, DialError> {
+    let timeout = service.policy.connect_timeout;
+    let meshable = !endpoint.local && service.mode != Mode::Plaintext;
+    let identity = match (&endpoint.identity, &endpoint.pod, &ctx.pods) {
+        (Some(known), _, _) => Some(known),
+        (None, Some(pod), Some(lookup)) if meshable && endpoint.peer.is_some() => {
+            Some(learn_identity(pod, lookup, timeout).await?)
+        }
+        _ => None,
+    };
+    let mesh_path = match (&endpoint.peer, identity) {
+        (Some(peer), Some(dest)) if meshable => Some((*peer, dest)),
+        _ => None,
+    };
+    let Some((peer, dest)) = mesh_path else {
+        if !endpoint.local && service.mode == Mode::Mtls {
+            // Config validation makes this unreachable; never downgrade.
+            return Err(DialError::Caller(format!(
+                "no mTLS path to node {} (agent or identity unknown); refusing to send plaintext",
+                endpoint.node
+            )));
+        }
+        let mut netns = source.and_then(|w| w.netns.as_deref());
+        let catalog = endpoint.local.then(|| ctx.inputs.catalog.load());
+        let target = catalog.as_ref().and_then(|c| {
+            let t = c.local_target(endpoint.addr)?;
+            Some((t.clone(), c.inbound_mode(&t.workload)))
+        });
+        if let Some((target, mode)) = &target {
+            admit_same_node(ctx, service, endpoint, source, target, *mode)?;
+            if *mode != InboundMode::Open {
+                // A captured workload is reached from inside its own
+                // namespace: the capture hook lets its loopback through.
+                netns = target.workload.netns.as_deref();
+            }
+        }
+        return connect_marked(endpoint.addr, ctx.inputs.mark, timeout, netns)
+            .await
+            .map(Upstream::Plain)
+            .map_err(DialError::Endpoint);
+    };
+    let caller_err = |why: &str| Err(DialError::Caller(why.to_owned()));
+    let tls = &ctx.inputs.tls;
+    let Some(source) = source else {
+        return caller_err(
+            "the caller is in no known workload cgroup, so it has no identity to present",
+        );
+    };
+    let Some(config) = tls.client_config(&source.identity) else {
+        return caller_err("no certificate for the caller's identity yet");
+    };
+    let Ok(name) = rustls_pki_types::ServerName::try_from(dest.server_name()) else {
+        return caller_err("the endpoint's identity makes no valid server name");
+    };
+    let attempt = async {
+        let tcp = connect_marked(peer, ctx.inputs.mark, timeout, source.netns.as_deref()).await?;
+        let mut stream = tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await?;
+        preamble::write(&mut stream, endpoint.addr).await?;
+        Ok::<_, io::Error>(Upstream::Tls(Box::new(stream)))
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(result) => result.map_err(DialError::Endpoint),
+        Err(_) => Err(DialError::Endpoint(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "no mTLS connection to {peer} within {}ms",
+                timeout.as_millis()
+            ),
+        ))),
+    }
+}
