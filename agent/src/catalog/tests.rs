@@ -11,6 +11,7 @@ use sluice_maps::{SERVICE_FAIL_OPEN, SERVICE_KERNEL, ServiceKey, key_addr};
 
 use crate::{
     clock::Millis,
+    config::{Config, ServiceSpec},
     redirect::entries::{KernelEntry, kernel_delta, kernel_entries, kernel_tables},
     resilience::{Outcome, Phase},
     route::report_kernel,

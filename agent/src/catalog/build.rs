@@ -1,0 +1,337 @@
+//! Building a catalog: from a whole validated config (carrying live state
+//! over from the previous catalog for what is still there), or by
+//! rebuilding only the services a watch event changed.
+
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
+
+use crate::{
+    authz::Policy,
+    config::{Config, OnAgentDown, ServiceSpec, policy::DEFAULT_IDLE_TIMEOUT},
+    lb::Balancer,
+    resilience::{BudgetSettings, OutlierSettings, Thresholds},
+    telemetry::MetricsCache,
+    tls::Identity,
+};
+
+use super::*;
+
+impl ServicePolicy {
+    fn from_spec(s: &ServiceSpec, default_connect_timeout: Duration) -> ServicePolicy {
+        let od = &s.outlier_detection;
+        let cb = &s.circuit_breakers;
+        let ms = |d: Duration| d.as_millis() as u64;
+        ServicePolicy {
+            outlier: OutlierSettings {
+                consecutive_failures: od.consecutive_failures,
+                base_ejection: ms(od.base_ejection_time.value.0),
+                max_ejection: ms(od.max_ejection_time.value.0),
+                max_ejection_percent: od.max_ejection_percent.value,
+                half_open_max: od.half_open_max_connections.value,
+            },
+            thresholds: Thresholds {
+                max_connections: cb.max_connections.value,
+                max_pending_connects: cb.max_pending_connects.value,
+                max_retries: cb.max_retries.value,
+            },
+            budget: BudgetSettings {
+                percent: s.retries.budget_percent.value,
+                min_per_second: s.retries.min_retries_per_second,
+            },
+            max_connect_attempts: s.retries.max_connect_attempts.value,
+            connect_timeout: s
+                .timeouts
+                .connect
+                .as_ref()
+                .map_or(default_connect_timeout, |d| d.value.0),
+            idle_timeout: s
+                .timeouts
+                .idle
+                .as_ref()
+                .map_or(DEFAULT_IDLE_TIMEOUT, |d| d.value.0),
+            max_connection_duration: s
+                .timeouts
+                .max_connection_duration
+                .as_ref()
+                .map(|d| d.value.0),
+            panic: s.panic,
+            locality: s.load_balancer.locality,
+            health_check: s.health_check.clone(),
+        }
+    }
+}
+
+/// Endpoints on this node served by a local workload, with the policies
+/// that guard them.
+fn local_targets(
+    services: &[&Arc<Service>],
+    workloads: &[Arc<Workload>],
+) -> HashMap<SocketAddr, Arc<LocalTarget>> {
+    let mut targets: HashMap<SocketAddr, LocalTarget> = HashMap::new();
+    for s in services {
+        for e in s.endpoints.iter().filter(|e| e.local) {
+            let Some(w) = e
+                .workload
+                .as_ref()
+                .and_then(|name| workloads.iter().find(|x| x.name == *name))
+            else {
+                continue;
+            };
+            let target = targets.entry(e.addr).or_insert_with(|| LocalTarget {
+                addr: e.addr,
+                workload: w.clone(),
+                policies: w.policy.iter().cloned().collect(),
+            });
+            if let Some(p) = &s.authz {
+                target.policies.push(p.clone());
+            }
+        }
+    }
+    targets
+        .into_iter()
+        .map(|(addr, t)| (addr, Arc::new(t)))
+        .collect()
+}
+
+/// What building one service needs to know of the node and the mesh.
+struct BuildContext<'a> {
+    node: &'a str,
+    node_zone: Option<&'a str>,
+    trust_domain: &'a str,
+    peers: HashMap<&'a str, SocketAddr>,
+    connect_timeout: Duration,
+    workloads: &'a [Arc<Workload>],
+}
+
+impl<'a> BuildContext<'a> {
+    fn new(config: &'a Config, workloads: &'a [Arc<Workload>]) -> BuildContext<'a> {
+        BuildContext {
+            node: &config.node.name.value,
+            node_zone: config.node.zone.as_deref(),
+            trust_domain: &config.mesh.trust_domain.value,
+            peers: config
+                .nodes
+                .iter()
+                .map(|n| {
+                    (
+                        n.name.value.as_str(),
+                        SocketAddr::new(n.address, config.agent.inbound_port),
+                    )
+                })
+                .collect(),
+            connect_timeout: config.agent.connect_timeout.0,
+            workloads,
+        }
+    }
+
+    /// One service, with the state of `old` (the same service in the
+    /// running catalog) carried over for it and its endpoints still there.
+    fn service(&self, s: &ServiceSpec, id: u32, old: Option<&Arc<Service>>) -> Service {
+        let (node, node_zone, td) = (self.node, self.node_zone, self.trust_domain);
+        let workload_named = |name: &str| self.workloads.iter().find(|w| w.name == name);
+        let vip = SocketAddr::new(s.address.value, s.port.value);
+        let endpoints: Vec<Endpoint> = s
+            .endpoints
+            .iter()
+            .map(|e| {
+                let addr = SocketAddr::new(e.address.value, e.port.value);
+                let on_node = e.node.as_deref().unwrap_or(node);
+                let zone = e.zone.clone().or_else(|| {
+                    (on_node == node)
+                        .then(|| node_zone.map(str::to_owned))
+                        .flatten()
+                });
+                let tier = if on_node == node {
+                    0
+                } else if zone.is_some() && zone.as_deref() == node_zone {
+                    1
+                } else {
+                    TIER_ANYWHERE
+                };
+                let old_endpoint = old.and_then(|o| o.endpoints.iter().find(|oe| oe.addr == addr));
+                let state = old_endpoint.map_or_else(Default::default, |oe| oe.state.clone());
+                let local = on_node == node;
+                let workload = e.workload.as_ref().map(|w| w.value.clone());
+                let identity = match (&workload, &e.service_account) {
+                    (Some(w), _) if local => workload_named(w).map(|w| w.identity.clone()),
+                    (_, Some(sa)) => Some(Identity::new(td, &s.namespace, sa)),
+                    _ => None,
+                };
+                let pod = match (&identity, &e.pod) {
+                    (None, Some(pod)) if !local => Some(
+                        old_endpoint
+                            .and_then(|oe| oe.pod.as_ref())
+                            .filter(|known| known.pod == *pod)
+                            .cloned()
+                            .unwrap_or_else(|| Arc::new(PodIdentity::new(pod.clone()))),
+                    ),
+                    _ => None,
+                };
+                Endpoint {
+                    addr,
+                    weight: e.weight.value,
+                    node: on_node.to_owned(),
+                    zone,
+                    workload,
+                    tier,
+                    state,
+                    local,
+                    identity,
+                    pod,
+                    peer: (!local).then(|| self.peers.get(on_node).copied()).flatten(),
+                }
+            })
+            .collect();
+        let weights: Vec<u32> = endpoints.iter().map(|e| e.weight).collect();
+        let names: Vec<String> = endpoints.iter().map(|e| e.addr.to_string()).collect();
+        let lb = &s.load_balancer;
+        Service {
+            id,
+            name: s.name.value.clone(),
+            namespace: s.namespace.clone(),
+            vip,
+            balancer: Balancer::new(lb.policy.value, lb.ewma, lb.hash_key, &weights, &names),
+            endpoints,
+            policy: ServicePolicy::from_spec(s, self.connect_timeout),
+            state: old.map_or_else(Default::default, |o| o.state.clone()),
+            mode: s.mode,
+            on_agent_down: s
+                .on_agent_down
+                .as_ref()
+                .map_or(OnAgentDown::default_for(s.mode), |o| o.value),
+            authz: s.authorization.as_ref().map(|a| {
+                Arc::new(Policy::new(
+                    format!("service {}/{}", s.namespace, s.name.value),
+                    a,
+                ))
+            }),
+            metrics: MetricsCache::default(),
+        }
+    }
+}
+
+impl Catalog {
+    /// Builds the catalog from a validated config. `placements` gives each
+    /// workload's cgroup and namespace, in config order. State is carried
+    /// over from `previous` for services and endpoints still present.
+    pub fn from_config(
+        config: &Config,
+        placements: &[Placement],
+        previous: Option<&Catalog>,
+    ) -> Catalog {
+        let td = &config.mesh.trust_domain.value;
+        let workloads: Vec<Arc<Workload>> = config
+            .workloads
+            .iter()
+            .zip(placements)
+            .map(|(w, place)| {
+                Arc::new(Workload {
+                    name: w.name.value.clone(),
+                    namespace: w.namespace.clone(),
+                    service_account: w.service_account.clone(),
+                    cgroup: place.cgroup.clone(),
+                    cgroup_id: place.cgroup_id,
+                    netns: place.netns.clone(),
+                    identity: Identity::new(td, &w.namespace, &w.service_account),
+                    policy: w.authorization.as_ref().map(|a| {
+                        Arc::new(Policy::new(
+                            format!("workload {}", workload_name(&w.namespace, &w.name.value)),
+                            a,
+                        ))
+                    }),
+                })
+            })
+            .collect();
+        let ctx = BuildContext::new(config, &workloads);
+        let old_services = previous.map(Catalog::services_by_name).unwrap_or_default();
+        let services = config
+            .services
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let old = old_services.get(&(s.namespace.as_str(), s.name.value.as_str()));
+                let service = ctx.service(s, i as u32 + 1, old.copied());
+                (service.vip, Arc::new(service))
+            })
+            .collect();
+        Catalog::assemble(config.node.name.value.clone(), services, workloads)
+    }
+
+    /// The running catalog with `specs` built anew (new services, or ones
+    /// replacing the service of the same namespace and name) and `removed`
+    /// dropped; every other service is the very same as here, state and
+    /// all, and so are the workloads. `config` gives the node and mesh
+    /// settings and must have validated `specs` (with this catalog's
+    /// workloads). What a watch event changes is applied this way, without
+    /// building the thousands of services it did not touch.
+    pub fn with_services(
+        &self,
+        config: &Config,
+        specs: &[&ServiceSpec],
+        removed: &[(String, String)],
+    ) -> Catalog {
+        let ctx = BuildContext::new(config, &self.workloads);
+        let by_name = self.services_by_name();
+        let mut services = self.services.clone();
+        let mut next_id = self.services.values().map(|s| s.id).max().unwrap_or(0) + 1;
+        let forget = |ns: &str, name: &str, services: &mut HashMap<SocketAddr, Arc<Service>>| {
+            if let Some(old) = by_name.get(&(ns, name)) {
+                services.remove(&old.vip);
+            }
+        };
+        for (ns, name) in removed {
+            forget(ns, name, &mut services);
+        }
+        for s in specs {
+            forget(&s.namespace, &s.name.value, &mut services);
+        }
+        for s in specs {
+            let old = by_name
+                .get(&(s.namespace.as_str(), s.name.value.as_str()))
+                .copied();
+            let id = old.map_or_else(
+                || {
+                    next_id += 1;
+                    next_id - 1
+                },
+                |o| o.id,
+            );
+            let service = ctx.service(s, id, old);
+            services.insert(service.vip, Arc::new(service));
+        }
+        Catalog::assemble(self.node.clone(), services, self.workloads.clone())
+    }
+
+    /// The services by (namespace, name).
+    fn services_by_name(&self) -> HashMap<(&str, &str), &Arc<Service>> {
+        self.services
+            .values()
+            .map(|s| ((s.namespace.as_str(), s.name.as_str()), s))
+            .collect()
+    }
+
+    /// The indexes over services and workloads.
+    fn assemble(
+        node: String,
+        services: HashMap<SocketAddr, Arc<Service>>,
+        workloads: Vec<Arc<Workload>>,
+    ) -> Catalog {
+        let mut ordered: Vec<&Arc<Service>> = services.values().collect();
+        ordered.sort_by_key(|s| s.id);
+        let workloads_by_cgroup = workloads.iter().map(|w| (w.cgroup_id, w.clone())).collect();
+        let local_targets = local_targets(&ordered, &workloads);
+        let captures = capture::targets(&ordered, &workloads);
+        let inbound_modes = captures
+            .values()
+            .map(|t| (t.workload.cgroup_id, t.mode))
+            .collect();
+        Catalog {
+            node,
+            services,
+            workloads_by_cgroup,
+            workloads,
+            local_targets,
+            captures,
+            inbound_modes,
+        }
+    }
+}
