@@ -10,7 +10,7 @@
 //! problem, for the policy's `Accepted` condition ([`accepted_condition`]).
 //!
 //! `spec.rs` checks one policy's spec, `compile.rs` applies the valid ones
-//! to pods, `status.rs` says each policy's verdict.
+//! to pods, `status.rs` says and writes each policy's verdict.
 
 mod compile;
 mod spec;
@@ -24,6 +24,7 @@ use serde_json::Value;
 
 pub use compile::{Accepted, Compiled, compile};
 pub use spec::{PolicyProblem, PolicySpec};
+pub(super) use status::PolicyStatus;
 pub use status::{accepted_condition, status_changes};
 
 /// The API group of [`SluicePolicy`].

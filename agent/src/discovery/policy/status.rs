@@ -1,8 +1,17 @@
-//! Each policy's verdict, as the `Accepted` condition of its status.
+//! Each policy's verdict, as the `Accepted` condition of its status: what
+//! it should say, and the writes that make it say so (through the status
+//! subresource, each change once).
 
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use kube::{Api, Client};
+use log::warn;
 use serde_json::{Map, Value, json};
 
-use super::{PolicyProblem, SluicePolicy};
+use super::{Accepted, PolicyProblem, SluicePolicy};
 
 /// The longest condition message metav1.Condition allows.
 const MAX_MESSAGE_BYTES: usize = 32_768;
@@ -116,6 +125,64 @@ fn truncate(mut text: String, max: usize) -> String {
         text.truncate(end);
     }
     text
+}
+
+/// Writes policies' `Accepted` condition through the status subresource,
+/// each change once (a write in flight is not sent again), off the
+/// rebuild loop.
+pub(in crate::discovery) struct PolicyStatus {
+    client: Client,
+    /// The condition last sent per policy (without its time).
+    sent: Arc<Mutex<HashMap<(String, String), Value>>>,
+}
+
+impl PolicyStatus {
+    /// Writes through `client`; nothing sent yet.
+    pub(in crate::discovery) fn new(client: Client) -> PolicyStatus {
+        PolicyStatus {
+            client,
+            sent: Arc::default(),
+        }
+    }
+
+    /// Sends each policy's condition that differs from what was last sent
+    /// (`refused`: the problems of [`compile`](super::compile); `accepted`:
+    /// which refused policies keep an earlier version in force).
+    pub(in crate::discovery) fn write(
+        &self,
+        policies: &[SluicePolicy],
+        refused: &[PolicyProblem],
+        accepted: &Accepted,
+    ) {
+        let now = crate::audit::now_rfc3339();
+        for (ns, name, body) in status_changes(policies, refused, |p| accepted.has(p), &now) {
+            let mut condition = body["status"]["conditions"][0].clone();
+            if let Some(c) = condition.as_object_mut() {
+                c.remove("lastTransitionTime");
+            }
+            let key = (ns.clone(), name.clone());
+            {
+                let mut sent = self.sent.lock().unwrap_or_else(|e| e.into_inner());
+                if sent.get(&key) == Some(&condition) {
+                    continue;
+                }
+                sent.insert(key.clone(), condition);
+            }
+            let api: Api<SluicePolicy> = Api::namespaced(self.client.clone(), &ns);
+            let sent = self.sent.clone();
+            tokio::spawn(async move {
+                let patch = kube::api::Patch::Merge(&body);
+                if let Err(e) = api
+                    .patch_status(&name, &kube::api::PatchParams::default(), &patch)
+                    .await
+                {
+                    warn!("kubernetes: cannot write the status of sluicepolicy {ns}/{name}: {e}");
+                    // Sent again at the next change.
+                    sent.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+                }
+            });
+        }
+    }
 }
 
 #[cfg(test)]
