@@ -7,12 +7,12 @@ use std::{collections::HashSet, sync::Arc};
 
 use serde_json::Value;
 
-use super::Translated;
+use super::{DiscoveryError, Entry, MergeProblem, Translated};
 use crate::config::{Config, PeerNode, ServiceSpec, WorkloadSpec};
 
 /// Adds the discovered services and workloads to `config` (the file's)
 /// and validates the whole. An error names every problem.
-pub fn merge(config: &mut Config, found: &Translated) -> Result<(), String> {
+pub fn merge(config: &mut Config, found: &Translated) -> Result<(), DiscoveryError> {
     merge_parts(config, &found.services, &found.workloads, &found.nodes)
 }
 
@@ -24,7 +24,7 @@ pub fn merge_parts(
     services: &[Arc<Value>],
     workloads: &[Value],
     nodes: &[Value],
-) -> Result<(), String> {
+) -> Result<(), DiscoveryError> {
     let services: Vec<ServiceSpec> = read(services.iter().map(|s| &**s), "service")?;
     let workloads: Vec<WorkloadSpec> = read(workloads, "workload")?;
     // A node the file lists keeps the file's address.
@@ -43,26 +43,65 @@ pub fn merge_parts(
         s
     }));
     config.workloads.extend(workloads);
-    config.validate().map_err(|problems| {
-        problems
-            .iter()
-            .map(|p| format!("{}: {}", p.field, p.message))
-            .collect::<Vec<_>>()
-            .join("; ")
-    })
+    config
+        .validate()
+        .map_err(|problems| DiscoveryError::Invalid {
+            problems: problems
+                .into_iter()
+                .map(|p| MergeProblem {
+                    entry: entry_of(config, &p.field),
+                    field: p.field,
+                    message: p.message,
+                })
+                .collect(),
+        })
 }
 
 /// The same types and field rules as the file, read straight from the
 /// JSON values (locations are unknown: the objects have no lines).
 fn read<'v, T: serde::de::DeserializeOwned>(
     values: impl IntoIterator<Item = &'v Value>,
-    what: &str,
-) -> Result<Vec<T>, String> {
+    kind: &'static str,
+) -> Result<Vec<T>, DiscoveryError> {
     values
         .into_iter()
-        .map(T::deserialize)
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("cannot read a discovered {what}: {e}"))
+        .map(|v| {
+            T::deserialize(v).map_err(|error| DiscoveryError::Unreadable {
+                entry: Entry {
+                    kind,
+                    name: name_of(kind, v),
+                },
+                error,
+            })
+        })
+        .collect()
+}
+
+/// A discovered entry's name as its JSON says it: `namespace/name` for a
+/// service (a workload's name has its namespace already), else its name.
+fn name_of(kind: &str, value: &Value) -> String {
+    let name = value["name"].as_str().unwrap_or("?");
+    match value["namespace"].as_str() {
+        Some(ns) if kind == "service" => format!("{ns}/{name}"),
+        _ => name.to_owned(),
+    }
+}
+
+/// The entry a validation field (`services[3].address`) is in, if it is
+/// in one of the lists discovery adds to.
+fn entry_of(config: &Config, field: &str) -> Option<Entry> {
+    let (list, rest) = field.split_once('[')?;
+    let index: usize = rest.split_once(']')?.0.parse().ok()?;
+    let (kind, name) = match list {
+        "services" => {
+            let s = config.services.get(index)?;
+            ("service", format!("{}/{}", s.namespace, s.name.value))
+        }
+        "workloads" => ("workload", config.workloads.get(index)?.name.value.clone()),
+        "nodes" => ("node", config.nodes.get(index)?.name.value.clone()),
+        _ => return None,
+    };
+    Some(Entry { kind, name })
 }
 
 /// The services (config entries, by namespace and name) that differ
@@ -107,4 +146,74 @@ pub fn service_changes(before: &Translated, after: &Translated) -> Option<Servic
         }
     }
     Some(changes)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    const FILE: &str = "\
+node:
+  name: node-a
+kubernetes: {}
+services:
+  - name: payments
+    address: 10.96.0.10
+    port: 8080
+    endpoints:
+      - address: 127.0.0.1
+        port: 9001
+";
+
+    fn service(name: &str, address: &str) -> Arc<Value> {
+        Arc::new(json!({
+            "name": name,
+            "namespace": "shop",
+            "address": address,
+            "port": 8080,
+            "endpoints": [{ "address": "198.18.0.1", "port": 80 }],
+        }))
+    }
+
+    #[test]
+    fn a_refusal_names_the_discovered_service_and_the_one_it_collides_with() {
+        let mut config = Config::parse(FILE, "t.yaml").unwrap();
+        let services = [
+            service("checkout", "10.96.0.10"),
+            service("cart", "10.96.0.11"),
+        ];
+        let err = merge_parts(&mut config, &services, &[], &[]).unwrap_err();
+        let DiscoveryError::Invalid { problems } = &err else {
+            panic!("{err:?}");
+        };
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(
+            problems[0].entry,
+            Some(Entry {
+                kind: "service",
+                name: "shop/checkout".into()
+            })
+        );
+        assert_eq!(
+            err.to_string(),
+            "service shop/checkout: services[1].address: 10.96.0.10:8080 is already the \
+             address of services[0] (`payments`)"
+        );
+    }
+
+    #[test]
+    fn an_entry_that_does_not_read_is_named() {
+        let mut config = Config::parse(FILE, "t.yaml").unwrap();
+        let mut bad = (*service("checkout", "10.96.0.20")).clone();
+        bad["port"] = json!("eighty");
+        let err = merge_parts(&mut config, &[Arc::new(bad)], &[], &[]).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("cannot read a discovered service shop/checkout: "),
+            "{err}"
+        );
+        assert!(matches!(err, DiscoveryError::Unreadable { .. }), "{err:?}");
+    }
 }

@@ -22,8 +22,10 @@
 //! in `reflect.rs`, the rebuild loop in `rebuild.rs`, the translation in
 //! [`translate`] (and [`incremental`]), the join with the config file in
 //! `merge.rs`, SluicePolicies in [`policy`], finding pods on this machine
-//! in [`locate`], and reading other nodes' pods in `lookup.rs`.
+//! in [`locate`], reading other nodes' pods in `lookup.rs`, and what
+//! callers handle going wrong ([`DiscoveryError`]) in `error.rs`.
 
+mod error;
 pub mod incremental;
 pub mod locate;
 mod lookup;
@@ -41,7 +43,8 @@ use std::{
 use kube::Client;
 use tokio::sync::{Notify, watch};
 
-pub use lookup::PodLookup;
+pub use error::{DiscoveryError, Entry, MergeProblem};
+pub use lookup::{PodLookup, PodLookupError};
 pub use merge::{ServiceChanges, merge, merge_parts, service_changes};
 use rebuild::{Rebuild, Watched};
 pub use translate::{Objects, Translated};
@@ -95,18 +98,13 @@ pub async fn start(
     config: &KubernetesConfig,
     node: NodeView,
     drain: DrainWatch,
-) -> Result<Discovery, String> {
+) -> Result<Discovery, DiscoveryError> {
     let client = client(config).await?;
     let agent_service = config
         .agent_service
         .split_once('/')
         .map(|(ns, name)| (ns.to_owned(), name.to_owned()))
-        .ok_or_else(|| {
-            format!(
-                "kubernetes.agent_service: `{}` is not namespace/name",
-                config.agent_service
-            )
-        })?;
+        .ok_or_else(|| DiscoveryError::AgentService(config.agent_service.clone()))?;
     let (tx, updates) = watch::channel(None);
     let synced = Arc::new(AtomicBool::new(false));
     let changed = Arc::new(Notify::new());
@@ -124,20 +122,27 @@ pub async fn start(
 
 /// A client to the API server as `kubernetes.kubeconfig`, or else the
 /// environment, says.
-async fn client(config: &KubernetesConfig) -> Result<Client, String> {
+async fn client(config: &KubernetesConfig) -> Result<Client, DiscoveryError> {
     let kube_config = match &config.kubeconfig {
         Some(path) => {
-            let file = kube::config::Kubeconfig::read_from(path)
-                .map_err(|e| format!("cannot read kubeconfig {}: {e}", path.display()))?;
+            let file = kube::config::Kubeconfig::read_from(path).map_err(|error| {
+                DiscoveryError::KubeconfigUnreadable {
+                    path: path.clone(),
+                    error,
+                }
+            })?;
             kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
                 .await
-                .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?
+                .map_err(|error| DiscoveryError::KubeconfigInvalid {
+                    path: path.clone(),
+                    error,
+                })?
         }
         None => kube::Config::infer()
             .await
-            .map_err(|e| format!("no in-cluster config and no kubeconfig: {e}"))?,
+            .map_err(DiscoveryError::NoClusterConfig)?,
     };
-    Client::try_from(kube_config).map_err(|e| format!("cannot make a Kubernetes client: {e}"))
+    Client::try_from(kube_config).map_err(DiscoveryError::Client)
 }
 
 #[cfg(test)]
