@@ -3,7 +3,7 @@
 //! that selects pods by label.
 //!
 //! The watched object keeps its spec as raw JSON: one malformed policy must
-//! not break the watch stream of all of them. [`compile`] checks each spec
+//! not break the watch stream of all of them. [`compile()`] checks each spec
 //! itself, with the same pattern rules as the config file
 //! ([`crate::config::mesh::check_pattern`]), turns the valid ones into one
 //! `authorization` block per selected pod, and names the field of every
@@ -41,7 +41,7 @@ pub const MAX_PATTERNS: usize = 256;
 
 /// One SluicePolicy object as the API server returns it. `spec` and
 /// `status` are not typed on purpose: any JSON reads, so the reflector keeps
-/// watching whatever is stored, and [`compile`] says what is wrong.
+/// watching whatever is stored, and [`compile()`] says what is wrong.
 #[derive(Debug, Clone, Deserialize)]
 pub struct SluicePolicy {
     #[serde(default)]

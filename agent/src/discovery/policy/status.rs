@@ -18,7 +18,7 @@ const MAX_MESSAGE_BYTES: usize = 32_768;
 
 /// The `Accepted` condition each policy should carry and does not yet, as
 /// (namespace, name, merge-patch body). `problems` are those of
-/// [`compile`](super::compile); `kept` tells whether a refused policy's
+/// [`compile`](fn@super::compile); `kept` tells whether a refused policy's
 /// earlier version is still in force (the message says which).
 pub fn status_changes(
     policies: &[SluicePolicy],
@@ -146,7 +146,7 @@ impl PolicyStatus {
     }
 
     /// Sends each policy's condition that differs from what was last sent
-    /// (`refused`: the problems of [`compile`](super::compile); `accepted`:
+    /// (`refused`: the problems of [`compile`](fn@super::compile); `accepted`:
     /// which refused policies keep an earlier version in force).
     pub(in crate::discovery) fn write(
         &self,
