@@ -428,3 +428,30 @@ pub(super) fn validate(problems: &mut Vec<Problem>, at: &str, service: &ServiceS
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::tests::{GOOD, problems};
+
+    #[test]
+    fn nonsense_thresholds_are_refused_with_their_lines() {
+        let text = GOOD.replace(
+            "    port: 8080\n",
+            "    port: 8080\n    load_balancer:\n      policy: consistent_hash\n    health_check:\n      \
+             interval: 0s\n    outlier_detection:\n      max_ejection_percent: 150\n    retries:\n      \
+             budget_percent: 101\n",
+        );
+        let found = problems(&text);
+        let got: Vec<(u64, &str)> = found.iter().map(|p| (p.line, p.field.as_str())).collect();
+        assert_eq!(
+            got,
+            [
+                (12, "services[0].load_balancer.hash_key"),
+                (14, "services[0].health_check.interval"),
+                (16, "services[0].outlier_detection.max_ejection_percent"),
+                (18, "services[0].retries.budget_percent"),
+            ],
+            "{found:?}"
+        );
+    }
+}

@@ -48,6 +48,7 @@ use crate::{
     admin::AdminState,
     catalog::Catalog,
     config::Config,
+    discovery::DiscoveryError,
     drain::{self, DrainTrigger},
     fastpath,
     handover::{Handover, HandoverError, Inherited, Offered},
@@ -84,8 +85,10 @@ pub enum AgentError {
     Runtime(io::Error),
     #[error("handover: {0}")]
     Handover(#[from] HandoverError),
+    /// Not `#[from]`: a source would make main's `{:#}` print the message
+    /// twice; start.rs maps it.
     #[error("kubernetes: {0}")]
-    Kubernetes(String),
+    Kubernetes(DiscoveryError),
     #[error("audit trail: {0}")]
     Audit(io::Error),
     #[error(transparent)]

@@ -277,7 +277,8 @@ impl Live<'_> {
             &changes.changed,
             &found.workloads,
             &found.nodes,
-        )?;
+        )
+        .map_err(|e| e.to_string())?;
         let specs: Vec<&ServiceSpec> = config.services[from_file..].iter().collect();
         // An address held by a running service that stays is not free.
         let running = self.inputs.catalog.load();
@@ -407,7 +408,7 @@ impl Live<'_> {
         if let Some(found) = &self.discovered
             && let Err(e) = discovery::merge(&mut new, found)
         {
-            return refuse(self, &e);
+            return refuse(self, &e.to_string());
         }
         if trigger == Trigger::File
             && (new.agent != self.config.agent

@@ -35,7 +35,8 @@ async fn learn_identity<'a>(
     lookup: &PodLookup,
     timeout: Duration,
 ) -> Result<&'a Identity, DialError> {
-    let learn = pod.resolve(|| lookup.identity(&pod.pod));
+    let learn =
+        pod.resolve(|| async { lookup.identity(&pod.pod).await.map_err(|e| e.to_string()) });
     let failed = |why: String| {
         DialError::Endpoint(io::Error::other(format!(
             "cannot learn the identity of pod {}/{}: {why}",

@@ -1,0 +1,167 @@
+//! A Service port's endpoints, from the EndpointSlices of one address
+//! family: ready ones only; those on this node tied to their workload,
+//! those on other nodes to the identity their agent must present.
+
+use std::{collections::HashMap, sync::Arc};
+
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use serde_json::{Value, json};
+
+use super::{SERVICE_ACCOUNT_ANNOTATION, Settings};
+use crate::config::Mode;
+
+/// The endpoints of `port_name` in `slices` of `address_type` (`IPv4`,
+/// `IPv6`). An endpoint that mode mtls could not reach or verify is
+/// skipped, with its reason, under `key` (the Service).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn endpoints_for(
+    slices: Option<&[&Arc<EndpointSlice>]>,
+    address_type: &str,
+    port_name: &str,
+    settings: &Settings<'_>,
+    mode: Mode,
+    remote_sa: Option<&str>,
+    workloads: &HashMap<(String, String), String>,
+    key: &str,
+    skipped: &mut Vec<(String, String)>,
+) -> Vec<Value> {
+    let mut endpoints = Vec::new();
+    for slice in slices.unwrap_or_default() {
+        if slice.address_type != address_type {
+            continue;
+        }
+        let Some(port) = slice
+            .ports
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .find(|p| p.name.as_deref().unwrap_or("") == port_name)
+            .and_then(|p| p.port)
+        else {
+            continue;
+        };
+        for ep in &slice.endpoints {
+            // The API's rule: an unknown readiness counts as ready.
+            if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+                continue;
+            }
+            let Some(address) = ep.addresses.first() else {
+                continue;
+            };
+            let node = ep.node_name.as_deref();
+            let local = node.is_none_or(|n| n == settings.node);
+            let mut entry = json!({ "address": address, "port": port });
+            if let Some(n) = node {
+                entry["node"] = json!(n);
+            }
+            if let Some(z) = &ep.zone {
+                entry["zone"] = json!(z);
+            }
+            let pod = ep
+                .target_ref
+                .as_ref()
+                .filter(|t| t.kind.as_deref().is_none_or(|k| k == "Pod"))
+                .and_then(|t| Some((t.namespace.clone()?, t.name.clone()?, t.uid.clone())));
+            if local {
+                if let Some(w) = pod.and_then(|(ns, name, _)| workloads.get(&(ns, name))) {
+                    entry["workload"] = json!(w);
+                }
+            } else {
+                if mode == Mode::Mtls {
+                    let node = node.unwrap_or("?");
+                    if !settings.peer_nodes.contains(&node) {
+                        skipped.push((
+                            format!("{key} endpoint {address}"),
+                            format!(
+                                "on node {node}, where no agent runs (none of its pods, nor \
+                                 `nodes`): mode mtls cannot reach it"
+                            ),
+                        ));
+                        continue;
+                    }
+                    if remote_sa.is_none() && pod.is_none() {
+                        skipped.push((
+                            format!("{key} endpoint {address}"),
+                            format!(
+                                "on another node, backed by no pod (targetRef) and the service \
+                                 has no {SERVICE_ACCOUNT_ANNOTATION} annotation: its identity \
+                                 is unknown, so mode mtls cannot verify it"
+                            ),
+                        ));
+                        continue;
+                    }
+                }
+                // The annotation overrides; otherwise the pod's own service
+                // account, read when a connection first goes to it.
+                if let Some(sa) = remote_sa {
+                    entry["service_account"] = json!(sa);
+                } else if let Some((ns, name, uid)) = pod {
+                    entry["pod"] = json!({ "namespace": ns, "name": name, "uid": uid });
+                }
+            }
+            endpoints.push(entry);
+        }
+    }
+    endpoints
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use crate::discovery::translate::{
+        SERVICE_ACCOUNT_ANNOTATION,
+        tests::{objects, run},
+    };
+
+    #[test]
+    fn remote_endpoints_join_when_their_agent_and_identity_are_known() {
+        let mut objects = objects();
+        Arc::make_mut(&mut objects.services[0])
+            .metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(SERVICE_ACCOUNT_ANNOTATION.into(), "checkout".into());
+        let t = run(&objects, &["node-b"]);
+        let eps = t.services[0]["endpoints"].as_array().unwrap();
+        assert_eq!(eps.len(), 4);
+        assert_eq!(eps[2]["node"], "node-b");
+        assert_eq!(eps[2]["service_account"], "checkout");
+        assert!(eps[2].get("workload").is_none());
+    }
+
+    /// Without the annotation, an endpoint on another node names its pod,
+    /// whose service account is then read at the first connection.
+    #[test]
+    fn remote_endpoints_name_their_pod_without_the_annotation() {
+        let t = run(&objects(), &["node-b"]);
+        let eps = t.services[0]["endpoints"].as_array().unwrap();
+        assert_eq!(eps.len(), 4);
+        assert!(eps[2].get("service_account").is_none());
+        let pod = &eps[2]["pod"];
+        assert_eq!(pod["namespace"], "shop");
+        assert!(pod["name"].as_str().unwrap().starts_with("checkout-"));
+        assert!(pod["uid"].is_string());
+        // Local endpoints are tied to their workload instead.
+        assert!(eps[0].get("pod").is_none());
+        // And it reads as the config's endpoint.
+        let base = "node:\n  name: node-a\nkubernetes: {}\nnodes:\n  - name: node-b\n    address: 198.18.99.2\n";
+        let mut config = crate::config::Config::parse(base, "t.yaml").unwrap();
+        crate::discovery::merge(&mut config, &t).unwrap();
+        let remote = &config.services[0].endpoints[2];
+        assert_eq!(remote.pod.as_ref().unwrap().namespace, "shop");
+    }
+
+    #[test]
+    fn an_endpoint_that_is_not_ready_takes_no_new_calls() {
+        let mut objects = objects();
+        Arc::make_mut(&mut objects.slices[0]).endpoints[1]
+            .conditions
+            .get_or_insert_default()
+            .ready = Some(false);
+        let t = run(&objects, &[]);
+        let eps = t.services[0]["endpoints"].as_array().unwrap();
+        let addrs: Vec<&str> = eps.iter().map(|e| e["address"].as_str().unwrap()).collect();
+        assert_eq!(addrs, ["198.18.201.2"]);
+    }
+}
