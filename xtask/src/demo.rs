@@ -183,6 +183,7 @@ fn lose_a_backend(
         let state = cli.endpoint(killed.addr)?;
         if !ejected && state["breaker"] == "open" {
             ejected = true;
+            agent.print_log_until("ejected");
             println!(
                 "   demo    | {} ejected by outlier detection at call {}, {} calls after the \
                  kill; every one answered",
@@ -198,6 +199,7 @@ fn lose_a_backend(
                     killed.name
                 );
             }
+            agent.print_log_until("unhealthy");
             println!(
                 "   demo    | {} marked unhealthy by the health checks at call {}, {} calls \
                  after the kill; every one answered",
@@ -421,6 +423,22 @@ impl Agent {
     fn print_log(&self) {
         for line in self.log.try_iter() {
             println!("   agent   | {line}");
+        }
+    }
+
+    /// Prints the log until a line containing `text` (the agent's own
+    /// word for a change the demo has just seen in its state), or for at
+    /// most a second: only so that the story reads in order, never a check.
+    fn print_log_until(&self, text: &str) {
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            let Ok(line) = self.log.recv_timeout(left) else {
+                return;
+            };
+            println!("   agent   | {line}");
+            if line.contains(text) {
+                return;
+            }
         }
     }
 
