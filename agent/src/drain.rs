@@ -84,6 +84,16 @@ impl DrainTrigger {
         self.tx.send_replace(Phase::Refusing);
     }
 
+    /// Stops accepting: [`Self::refuse`] for a stop, [`Self::start`] for an
+    /// upgrade (its successor accepts on the same sockets).
+    pub fn stop(&self, refuse: bool) {
+        if refuse {
+            self.refuse();
+        } else {
+            self.start();
+        }
+    }
+
     /// Connections still open.
     pub fn active(&self) -> usize {
         self.active.count.load(Ordering::Acquire)
@@ -107,6 +117,21 @@ impl DrainTrigger {
             }
         }
     }
+}
+
+/// Waits for the connections of every trigger, all within one `deadline`;
+/// returns how many were still open at its end.
+pub async fn wait_idle_all<'a>(
+    triggers: impl IntoIterator<Item = &'a DrainTrigger>,
+    deadline: Duration,
+) -> usize {
+    let until = tokio::time::Instant::now() + deadline;
+    let mut left = 0;
+    for trigger in triggers {
+        let remaining = until.saturating_duration_since(tokio::time::Instant::now());
+        left += trigger.wait_idle(remaining).await;
+    }
+    left
 }
 
 impl DrainWatch {

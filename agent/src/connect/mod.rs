@@ -1,5 +1,8 @@
-//! Every upstream socket is made here, so that each carries the agent's
-//! mark and the same options.
+//! Every socket the agent makes is made here, in the host's network
+//! namespace or a pod's the same way: upstream sockets carry the agent's
+//! mark and the same options; listening sockets are taken over from the
+//! agent being upgraded when it offers one for the same address and
+//! namespace, and bound afresh otherwise.
 
 use std::{
     io,
@@ -69,6 +72,45 @@ pub fn listen_in(
         .map_err(|e| io::Error::new(e.kind(), format!("cannot bind {addr}: {e}")))?;
     let cookie = netns_cookie(&socket)?;
     Ok((socket.listen(backlog)?, cookie))
+}
+
+/// A listening socket in one network namespace, as every listener of the
+/// data plane holds it: the socket, and the cookie of its namespace (which
+/// keys it in the handover and the sockmap bypass).
+pub struct BoundListener {
+    listener: TcpListener,
+    netns_cookie: u64,
+}
+
+impl BoundListener {
+    /// [`listen_in`], kept with its namespace's cookie.
+    pub fn bind_in(
+        addr: SocketAddr,
+        backlog: u32,
+        inherited: &Inherited,
+        netns: Option<&Netns>,
+    ) -> io::Result<BoundListener> {
+        let (listener, netns_cookie) = listen_in(addr, backlog, inherited, netns)?;
+        Ok(BoundListener {
+            listener,
+            netns_cookie,
+        })
+    }
+
+    /// Cookie of the network namespace it listens in.
+    pub fn netns_cookie(&self) -> u64 {
+        self.netns_cookie
+    }
+
+    /// The listening socket, for handing over to a successor (and the
+    /// capture hook's SOCKMAP).
+    pub fn socket(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.listener)
+    }
+
+    pub fn listener(&self) -> &TcpListener {
+        &self.listener
+    }
 }
 
 /// A TCP socket of `addr`'s family, made inside `netns` when given (it

@@ -16,7 +16,6 @@ use std::{
     net::{Ipv6Addr, SocketAddr},
     path::PathBuf,
     sync::Arc,
-    time::Duration,
 };
 
 use log::{info, warn};
@@ -268,25 +267,8 @@ impl CaptureSet {
         })
     }
 
-    /// Stops accepting. With `refuse` (SIGTERM, not an upgrade) the
-    /// listening sockets stop listening for every holder, so the hook finds
-    /// no listener and refuses (strict) or passes (permissive) at once.
-    pub fn stop(&self, refuse: bool) {
-        for open in self.open.values() {
-            if refuse {
-                open.trigger.refuse();
-            } else {
-                open.trigger.start();
-            }
-        }
-    }
-
-    /// Waits for the captured connections still open.
-    pub async fn drain(self, deadline: Duration) -> usize {
-        let mut left = 0;
-        for open in self.open.values() {
-            left += open.trigger.wait_idle(deadline).await;
-        }
-        left
+    /// The drains of the capture listeners, one per namespace.
+    pub fn triggers(&self) -> impl Iterator<Item = &DrainTrigger> {
+        self.open.values().map(|o| &o.trigger)
     }
 }

@@ -377,22 +377,21 @@ impl Stopping {
         // A stop refuses new connects at once; an upgrade leaves the
         // sockets listening for the successor.
         let refuse = self.exit == Exit::Stopped;
-        if refuse {
-            self.trigger.refuse();
-        } else {
-            self.trigger.start();
+        let listeners = || {
+            std::iter::once(&self.trigger)
+                .chain(self.pods.triggers())
+                .chain(self.captures.triggers())
+        };
+        for trigger in listeners() {
+            trigger.stop(refuse);
         }
-        self.pods.stop(refuse);
-        self.captures.stop(refuse);
         for (name, task) in self.data_plane.servers {
             if let Err(e) = task.await {
                 error!("{name} listener task failed: {e}");
             }
         }
         let deadline = self.deadline.0;
-        let left = self.trigger.wait_idle(deadline).await
-            + self.pods.drain(deadline).await
-            + self.captures.drain(deadline).await;
+        let left = drain::wait_idle_all(listeners(), deadline).await;
         self.admin_trigger.start();
         if left > 0 {
             warn!("drain deadline passed with {left} connections open; closing them");

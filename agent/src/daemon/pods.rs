@@ -112,25 +112,8 @@ impl PodListeners {
         *self.listening.lock().expect("pod listener view") = self.open.keys().cloned().collect();
     }
 
-    /// Stops every listener. With `refuse`, the listening sockets stop
-    /// listening for every holder of a descriptor (the handover offer too),
-    /// so that new connects are refused at once.
-    pub fn stop(&self, refuse: bool) {
-        for pod in self.open.values() {
-            if refuse {
-                pod.trigger.refuse();
-            } else {
-                pod.trigger.start();
-            }
-        }
-    }
-
-    /// Waits for the connections of every (stopped) listener.
-    pub async fn drain(self, deadline: Duration) -> usize {
-        let mut left = 0;
-        for pod in self.open.values() {
-            left += pod.trigger.wait_idle(deadline).await;
-        }
-        left
+    /// The drains of the pods' listeners, one per namespace.
+    pub fn triggers(&self) -> impl Iterator<Item = &drain::DrainTrigger> {
+        self.open.values().map(|o| &o.trigger)
     }
 }

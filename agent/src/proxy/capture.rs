@@ -11,7 +11,7 @@
 
 use std::{io, net::SocketAddr, sync::Arc};
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 use super::{
     ProxyInputs,
@@ -24,7 +24,7 @@ use crate::{
     carry::copy::proxy,
     catalog::capture::InboundMode,
     config::policy::DEFAULT_IDLE_TIMEOUT,
-    connect::{connect_marked, listen_in},
+    connect::{BoundListener, connect_marked},
     drain::{ConnectionGuard, DrainWatch},
     handover::Inherited,
     netns::Netns,
@@ -34,9 +34,13 @@ use crate::{
 const BACKLOG: u32 = 1024;
 
 /// A bound capture listener in one network namespace.
-pub struct CaptureListener {
-    listener: TcpListener,
-    netns_cookie: u64,
+pub struct CaptureListener(BoundListener);
+
+impl std::ops::Deref for CaptureListener {
+    type Target = BoundListener;
+    fn deref(&self) -> &BoundListener {
+        &self.0
+    }
 }
 
 impl CaptureListener {
@@ -47,26 +51,13 @@ impl CaptureListener {
         inherited: &Inherited,
         netns: Option<&Netns>,
     ) -> io::Result<CaptureListener> {
-        let (listener, netns_cookie) = listen_in(addr, BACKLOG, inherited, netns)?;
-        Ok(CaptureListener {
-            listener,
-            netns_cookie,
-        })
-    }
-
-    pub fn netns_cookie(&self) -> u64 {
-        self.netns_cookie
-    }
-
-    /// The listening socket, for the SOCKMAP and the handover.
-    pub fn socket(&self) -> std::os::fd::BorrowedFd<'_> {
-        std::os::fd::AsFd::as_fd(&self.listener)
+        BoundListener::bind_in(addr, BACKLOG, inherited, netns).map(CaptureListener)
     }
 
     /// Accepts until the drain starts.
     pub async fn serve(self, ctx: Arc<ProxyInputs>, mut drain: DrainWatch) {
         accept_until_drained(
-            &self.listener,
+            self.listener(),
             &mut drain,
             "capture",
             |stream, peer, guard| {

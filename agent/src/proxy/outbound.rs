@@ -5,7 +5,7 @@
 use std::{io, net::SocketAddr, sync::Arc};
 
 use log::{debug, info, warn};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 use super::{
     ProxyInputs,
@@ -17,7 +17,7 @@ use crate::{
     accept::accept_until_drained,
     carry::copy::{CopyEnd, proxy},
     clock::now_ms,
-    connect::listen_in,
+    connect::BoundListener,
     discovery::PodLookup,
     drain::{ConnectionGuard, DrainWatch},
     handover::Inherited,
@@ -42,9 +42,13 @@ pub struct OutboundContext {
 }
 
 /// A bound outbound listener in one network namespace.
-pub struct OutboundListener {
-    listener: TcpListener,
-    netns_cookie: u64,
+pub struct OutboundListener(BoundListener);
+
+impl std::ops::Deref for OutboundListener {
+    type Target = BoundListener;
+    fn deref(&self) -> &BoundListener {
+        &self.0
+    }
 }
 
 impl OutboundListener {
@@ -80,36 +84,17 @@ impl OutboundListener {
         inherited: &Inherited,
         netns: Option<&Netns>,
     ) -> io::Result<OutboundListener> {
-        let (listener, netns_cookie) = listen_in(addr, BACKLOG, inherited, netns)?;
-        Ok(OutboundListener {
-            listener,
-            netns_cookie,
-        })
-    }
-
-    /// Cookie of the network namespace it listens in.
-    pub fn netns_cookie(&self) -> u64 {
-        self.netns_cookie
-    }
-
-    /// The listening socket, for handing over to a successor.
-    pub fn socket(&self) -> std::os::fd::BorrowedFd<'_> {
-        std::os::fd::AsFd::as_fd(&self.listener)
-    }
-
-    /// The address it listens on.
-    pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.listener.local_addr()
+        BoundListener::bind_in(addr, BACKLOG, inherited, netns).map(OutboundListener)
     }
 
     /// Accepts until the drain starts, then closes the listener (new
     /// redirected connects are refused at once) and returns. Connections
     /// already accepted go on in their own tasks, tracked by `drain`.
     pub async fn serve(self, ctx: Arc<OutboundContext>, mut drain: DrainWatch) {
-        let netns = self.netns_cookie;
-        let local = self.listener.local_addr().ok();
+        let netns = self.netns_cookie();
+        let local = self.listener().local_addr().ok();
         accept_until_drained(
-            &self.listener,
+            self.listener(),
             &mut drain,
             "outbound",
             |client, peer, guard| {
