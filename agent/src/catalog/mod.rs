@@ -81,10 +81,10 @@ impl PodIdentity {
     /// The identity, learnt through `lookup` if not yet known. Concurrent
     /// first connections wait for one lookup; a failed one is tried again
     /// by the next connection.
-    pub async fn resolve<F, Fut>(&self, lookup: F) -> Result<&Identity, String>
+    pub async fn resolve<F, Fut, E>(&self, lookup: F) -> Result<&Identity, E>
     where
         F: FnOnce() -> Fut,
-        Fut: std::future::Future<Output = Result<Identity, String>>,
+        Fut: std::future::Future<Output = Result<Identity, E>>,
     {
         self.identity.get_or_try_init(lookup).await
     }

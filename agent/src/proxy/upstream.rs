@@ -35,8 +35,7 @@ async fn learn_identity<'a>(
     lookup: &PodLookup,
     timeout: Duration,
 ) -> Result<&'a Identity, DialError> {
-    let learn =
-        pod.resolve(|| async { lookup.identity(&pod.pod).await.map_err(|e| e.to_string()) });
+    let learn = pod.resolve(|| lookup.identity(&pod.pod));
     let failed = |why: String| {
         DialError::Endpoint(io::Error::other(format!(
             "cannot learn the identity of pod {}/{}: {why}",
@@ -45,7 +44,7 @@ async fn learn_identity<'a>(
     };
     match tokio::time::timeout(timeout, learn).await {
         Ok(Ok(identity)) => Ok(identity),
-        Ok(Err(why)) => Err(failed(why)),
+        Ok(Err(why)) => Err(failed(why.to_string())),
         Err(_) => Err(failed(format!(
             "no answer from the API server within {}ms",
             timeout.as_millis()
@@ -64,9 +63,23 @@ enum DialError {
     /// The endpoint failed: counts against it, and may be retried.
     Endpoint(io::Error),
     /// Nothing the endpoint did: this caller cannot take that path.
-    Caller(String),
+    Caller(NoMeshPath),
     /// The endpoint's workload (on this node) does not admit the caller.
     Denied,
+}
+
+/// Why a caller cannot reach a remote endpoint over mTLS; nothing the
+/// endpoint did, so it does not count against it.
+#[derive(Debug, thiserror::Error)]
+enum NoMeshPath {
+    #[error("no mTLS path to node {node} (agent or identity unknown); refusing to send plaintext")]
+    NoPeer { node: String },
+    #[error("the caller is in no known workload cgroup, so it has no identity to present")]
+    NoCallerIdentity,
+    #[error("no certificate for the caller's identity {0} yet")]
+    NoCertificate(Identity),
+    #[error("the endpoint's identity {0} makes no valid server name")]
+    BadServerName(Identity),
 }
 
 /// Counts a fast failure; the first of an episode is logged.
@@ -235,10 +248,9 @@ async fn dial(
     let Some((peer, dest)) = mesh_path else {
         if !endpoint.local && service.mode == Mode::Mtls {
             // Config validation makes this unreachable; never downgrade.
-            return Err(DialError::Caller(format!(
-                "no mTLS path to node {} (agent or identity unknown); refusing to send plaintext",
-                endpoint.node
-            )));
+            return Err(DialError::Caller(NoMeshPath::NoPeer {
+                node: endpoint.node.clone(),
+            }));
         }
         let mut netns = source.and_then(|w| w.netns.as_deref());
         let catalog = endpoint.local.then(|| ctx.inputs.catalog.load());
@@ -259,18 +271,17 @@ async fn dial(
             .map(Upstream::Plain)
             .map_err(DialError::Endpoint);
     };
-    let caller_err = |why: &str| Err(DialError::Caller(why.to_owned()));
     let tls = &ctx.inputs.tls;
     let Some(source) = source else {
-        return caller_err(
-            "the caller is in no known workload cgroup, so it has no identity to present",
-        );
+        return Err(DialError::Caller(NoMeshPath::NoCallerIdentity));
     };
     let Some(config) = tls.client_config(&source.identity) else {
-        return caller_err("no certificate for the caller's identity yet");
+        return Err(DialError::Caller(NoMeshPath::NoCertificate(
+            source.identity.clone(),
+        )));
     };
     let Ok(name) = rustls_pki_types::ServerName::try_from(dest.server_name()) else {
-        return caller_err("the endpoint's identity makes no valid server name");
+        return Err(DialError::Caller(NoMeshPath::BadServerName(dest.clone())));
     };
     let attempt = async {
         let tcp = connect_marked(peer, ctx.inputs.mark, timeout, source.netns.as_deref()).await?;
