@@ -144,3 +144,63 @@ pub async fn connect_marked(
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::{AsFd, OwnedFd};
+
+    use super::*;
+
+    fn inode(fd: impl AsFd) -> u64 {
+        // SAFETY: fstat on a valid descriptor into a zeroed local struct.
+        unsafe {
+            let mut st: libc::stat = std::mem::zeroed();
+            assert_eq!(libc::fstat(fd.as_fd().as_raw_fd(), &mut st), 0);
+            st.st_ino
+        }
+    }
+
+    #[tokio::test]
+    async fn an_offered_listening_socket_is_taken_over_not_bound_again() {
+        let old = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = old.local_addr().unwrap();
+        let cookie = netns_cookie(&old).unwrap();
+        let old_inode = inode(&old);
+        let inherited = Inherited::with_sockets(vec![(addr, cookie, OwnedFd::from(old))]);
+        let bound = BoundListener::bind_in(addr, 16, &inherited, None).unwrap();
+        assert_eq!(inode(bound.socket()), old_inode, "the same socket");
+        assert_eq!(bound.netns_cookie(), cookie);
+        // Taken once: a second listener on the address binds its own, which
+        // the first (still listening) refuses.
+        let again = BoundListener::bind_in(addr, 16, &inherited, None);
+        assert!(again.is_err());
+        assert!(
+            again.err().unwrap().to_string().contains(&addr.to_string()),
+            "the error names the address"
+        );
+    }
+
+    #[tokio::test]
+    async fn every_upstream_socket_carries_the_agents_mark() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stream = connect_marked(addr, 0x5a5a, Duration::from_secs(5), None)
+            .await
+            .unwrap();
+        let mut mark = 0u32;
+        let mut len = size_of::<u32>() as libc::socklen_t;
+        // SAFETY: out-pointers to live locals of the right size.
+        let rc = unsafe {
+            libc::getsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_MARK,
+                (&mut mark as *mut u32).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0);
+        assert_eq!(mark, 0x5a5a);
+        assert!(stream.nodelay().unwrap());
+    }
+}

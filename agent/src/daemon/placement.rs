@@ -126,4 +126,26 @@ mod tests {
         assert_eq!(kubelet_root(&mount, "k/other"), None);
         std::fs::remove_dir_all(&mount).unwrap();
     }
+
+    /// A reload reads the file afresh; what the start fixed must win over
+    /// it every time, and nothing else may change.
+    #[test]
+    fn the_starts_overrides_survive_every_reload() {
+        let text = "node:\n  name: from-file\n  cgroup_root: kubepods.slice\n";
+        let mut config = Config::parse(text, "t.yaml").unwrap();
+        StartOverrides::default().apply(&mut config);
+        assert_eq!(config.node.name.value, "from-file");
+        assert_eq!(config.node.cgroup_root.value, "kubepods.slice");
+        let overrides = StartOverrides {
+            node_name: Some("node-7".into()),
+            cgroup_root: Some("kubepods".into()),
+        };
+        overrides.apply(&mut config);
+        assert_eq!(config.node.name.value, "node-7");
+        assert_eq!(config.node.cgroup_root.value, "kubepods");
+        assert_eq!(
+            config.node.address,
+            Config::parse(text, "t.yaml").unwrap().node.address
+        );
+    }
 }

@@ -171,6 +171,16 @@ impl Inherited {
         Inherited::default()
     }
 
+    /// Sockets as a successor would have received them (unit tests of
+    /// the listeners that take them over).
+    #[cfg(test)]
+    pub(crate) fn with_sockets(sockets: Vec<(SocketAddr, u64, OwnedFd)>) -> Inherited {
+        Inherited {
+            sockets: Mutex::new(sockets),
+            stream: Mutex::new(None),
+        }
+    }
+
     /// Whether a previous agent handed its sockets over.
     pub fn is_upgrade(&self) -> bool {
         self.stream.lock().expect("handover lock").is_some()
