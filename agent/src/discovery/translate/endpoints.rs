@@ -24,11 +24,16 @@ pub(super) fn endpoints_for(
     key: &str,
     skipped: &mut Vec<(String, String)>,
 ) -> Vec<EndpointSpec> {
-    let mut endpoints = Vec::new();
-    for slice in slices.unwrap_or_default() {
-        if slice.address_type != address_type {
-            continue;
-        }
+    let slices: Vec<&EndpointSlice> = slices
+        .unwrap_or_default()
+        .iter()
+        .map(|s| &***s)
+        .filter(|s| s.address_type == address_type)
+        .collect();
+    // Kept for as long as the Service does not change, at 10,000s of
+    // services: room for no more than there are.
+    let mut endpoints = Vec::with_capacity(slices.iter().map(|s| s.endpoints.len()).sum());
+    for slice in slices {
         let Some(port) = slice
             .ports
             .as_deref()
@@ -118,6 +123,7 @@ pub(super) fn endpoints_for(
             endpoints.push(entry);
         }
     }
+    endpoints.shrink_to_fit();
     endpoints
 }
 
