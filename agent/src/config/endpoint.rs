@@ -12,7 +12,7 @@ use serde_saphyr::Spanned;
 use super::{Problem, ServiceSpec, unspanned, validate::push};
 
 /// One instance behind a service.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EndpointSpec {
     pub address: Spanned<IpAddr>,
@@ -49,6 +49,29 @@ pub struct PodRef {
     /// Tells a pod from a later one of the same name (a StatefulSet's).
     #[serde(default)]
     pub uid: Option<String>,
+}
+
+impl EndpointSpec {
+    /// An endpoint no file lists (one discovery found): no locations,
+    /// weight 1, and nothing else known yet.
+    pub fn new(address: IpAddr, port: u16) -> EndpointSpec {
+        EndpointSpec {
+            address: unspanned(address),
+            port: unspanned(port),
+            weight: default_weight(),
+            node: None,
+            zone: None,
+            workload: None,
+            service_account: None,
+            pod: None,
+        }
+    }
+
+    /// The same endpoint, served by `workload` (one of this node's).
+    pub fn served_by(mut self, workload: String) -> EndpointSpec {
+        self.workload = Some(unspanned(workload));
+        self
+    }
 }
 
 fn default_weight() -> Spanned<u32> {

@@ -102,6 +102,16 @@ pub struct PeerNode {
     pub address: IpAddr,
 }
 
+impl PeerNode {
+    /// A node no file lists (one whose agent discovery found): no location.
+    pub fn new(name: String, address: IpAddr) -> PeerNode {
+        PeerNode {
+            name: unspanned(name),
+            address,
+        }
+    }
+}
+
 /// How a service's traffic between nodes is protected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -142,6 +152,21 @@ pub struct Authorization {
     pub allow: Vec<Spanned<String>>,
     #[serde(default)]
     pub deny: Vec<Spanned<String>>,
+}
+
+impl Authorization {
+    /// Rules no file wrote (a SluicePolicy's): no locations.
+    pub fn new(
+        default: Decision,
+        allow: impl IntoIterator<Item = String>,
+        deny: impl IntoIterator<Item = String>,
+    ) -> Authorization {
+        Authorization {
+            default,
+            allow: allow.into_iter().map(unspanned).collect(),
+            deny: deny.into_iter().map(unspanned).collect(),
+        }
+    }
 }
 
 /// An authorization outcome.

@@ -12,11 +12,11 @@ use serde_saphyr::Spanned;
 use super::{
     Authorization, CircuitBreakers, Config, EndpointSpec, HealthCheck, LoadBalancer, Mode,
     OnAgentDown, OutlierDetection, Panic, Policy, Problem, Retries, Timeouts, endpoint, policy,
-    validate::push, workload::default_namespace,
+    unspanned, validate::push, workload::default_namespace,
 };
 
 /// A meshed service.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceSpec {
     pub name: Spanned<String>,
@@ -51,6 +51,37 @@ pub struct ServiceSpec {
     /// Who may reach this service's endpoints on this node.
     #[serde(default)]
     pub authorization: Option<Authorization>,
+}
+
+impl ServiceSpec {
+    /// A service no file lists (one discovery found): no locations, and
+    /// every policy block as a file that leaves it out gets it.
+    pub fn new(
+        name: String,
+        namespace: String,
+        address: IpAddr,
+        port: u16,
+        mode: Mode,
+        endpoints: Vec<EndpointSpec>,
+    ) -> ServiceSpec {
+        ServiceSpec {
+            name: unspanned(name),
+            namespace,
+            address: unspanned(address),
+            port: unspanned(port),
+            endpoints,
+            load_balancer: LoadBalancer::default(),
+            health_check: None,
+            outlier_detection: OutlierDetection::default(),
+            circuit_breakers: CircuitBreakers::default(),
+            retries: Retries::default(),
+            timeouts: Timeouts::default(),
+            panic: Panic::default(),
+            mode,
+            on_agent_down: None,
+            authorization: None,
+        }
+    }
 }
 
 /// Each service: a name unique in its namespace, a virtual address and

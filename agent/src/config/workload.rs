@@ -7,12 +7,12 @@ use serde::Deserialize;
 use serde_saphyr::Spanned;
 
 use super::{
-    Authorization, Problem,
+    Authorization, Problem, unspanned,
     validate::{check_cgroup_path, push},
 };
 
 /// A process group the agent meshes: the connect hook knows it by cgroup.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WorkloadSpec {
     pub name: Spanned<String>,
@@ -33,6 +33,26 @@ pub struct WorkloadSpec {
 }
 
 impl WorkloadSpec {
+    /// A workload no file lists (a pod discovery found): in its own
+    /// `cgroup` and network namespace `netns`, with no locations and no
+    /// authorization yet.
+    pub fn new(
+        name: String,
+        namespace: String,
+        service_account: String,
+        cgroup: String,
+        netns: PathBuf,
+    ) -> WorkloadSpec {
+        WorkloadSpec {
+            name: unspanned(name),
+            namespace,
+            service_account,
+            cgroup: Some(unspanned(cgroup)),
+            authorization: None,
+            netns: Some(unspanned(netns)),
+        }
+    }
+
     /// The workload's cgroup, relative to `node.cgroup_root`.
     pub fn cgroup(&self) -> &str {
         self.cgroup.as_ref().map_or(&self.name.value, |c| &c.value)

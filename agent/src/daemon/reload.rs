@@ -341,12 +341,7 @@ impl Live<'_> {
         let discovered: HashSet<String> = self
             .discovered
             .as_ref()
-            .map(|d| {
-                d.workloads
-                    .iter()
-                    .filter_map(|w| w["name"].as_str().map(str::to_owned))
-                    .collect()
-            })
+            .map(|d| d.workloads.iter().map(|w| w.name.value.clone()).collect())
             .unwrap_or_default();
         let mut placements = Vec::with_capacity(config.workloads.len());
         let mut left_out = HashSet::new();

@@ -1,7 +1,6 @@
 //! What can go wrong in discovery that a caller handles: discovery cannot
 //! start (no client to the API server, a malformed setting), or what it
-//! found cannot join the config (an entry that does not read, a catalog
-//! that does not validate). Objects that cannot be meshed are not errors:
+//! found cannot join the config (a catalog that does not validate). Objects that cannot be meshed are not errors:
 //! the translation skips them, each with its reason.
 
 use std::{fmt, path::PathBuf};
@@ -33,12 +32,6 @@ pub enum DiscoveryError {
     /// `kubernetes.agent_service` is not `namespace/name`.
     #[error("kubernetes.agent_service: `{0}` is not namespace/name")]
     AgentService(String),
-    /// A discovered entry does not read as the config's own type.
-    #[error("cannot read a discovered {entry}: {error}")]
-    Unreadable {
-        entry: Entry,
-        error: serde_json::Error,
-    },
     /// The config file with the discovered entries does not validate:
     /// every problem, in file order.
     #[error("{}", join(problems))]

@@ -1,8 +1,8 @@
 //! Translation that redoes only what changed. Each Service's entries are
 //! kept with a fingerprint of everything they were made from (the
 //! Service's and its EndpointSlices' resourceVersions, its namespace's
-//! mode, and what every Service shares: this node's workloads, the known
-//! peers, the default mode). An event that changes one EndpointSlice then
+//! mode, and what every Service shares: the names of this node's
+//! workloads, the known peers, the default mode). An event that changes one EndpointSlice then
 //! translates one Service, and the rest of the result is the same shared
 //! values as before, which lets the daemon apply only the difference.
 
@@ -13,12 +13,11 @@ use std::{
     sync::Arc,
 };
 
-use serde_json::Value;
-
 use super::translate::{
     MODE_ANNOTATION, Objects, PodPlace, Settings, Translated, annotation, orphan_slices,
     slices_by_service, translate,
 };
+use crate::config::ServiceSpec;
 
 /// One Service's part of the translation.
 #[derive(Debug)]
@@ -28,7 +27,7 @@ struct Cached {
     seen: u64,
     /// Its namespace and name.
     name: (String, String),
-    entries: Vec<Arc<Value>>,
+    entries: Vec<Arc<ServiceSpec>>,
     skipped: Vec<(String, String)>,
 }
 
@@ -60,12 +59,14 @@ impl Translator {
             ..Objects::default()
         };
         let mut out = translate(&pods_only, settings, locate);
+        // A Service's entries name this node's workloads (its local
+        // endpoints), nothing else of them.
         let shared = {
             let mut h = DefaultHasher::new();
             format!("{:?}", settings.default_mode).hash(&mut h);
             settings.peer_nodes.hash(&mut h);
             for w in &out.workloads {
-                w.to_string().hash(&mut h);
+                w.name.value.hash(&mut h);
             }
             h.finish()
         };
@@ -170,10 +171,7 @@ impl Translator {
                 continue;
             };
             for entry in &cached.entries {
-                let name = (
-                    entry["namespace"].as_str().unwrap_or_default(),
-                    entry["name"].as_str().unwrap_or_default(),
-                );
+                let name = (entry.namespace.as_str(), entry.name.value.as_str());
                 if !given.insert(name) {
                     out.skipped.push((
                         format!("service {}/{}", cached.name.0, cached.name.1),
@@ -259,7 +257,7 @@ mod tests {
         let mut translator = Translator::default();
         let first = translator.translate(&objects, &settings, &mut |_| None);
         let whole = translate(&objects, &settings, &mut |_| None);
-        let values = |t: &Translated| t.services.iter().map(|v| (**v).clone()).collect::<Vec<_>>();
+        let values = |t: &Translated| format!("{:?}", t.services);
         assert_eq!(values(&first), values(&whole));
         assert_eq!(first.services.len(), 3);
 
@@ -272,12 +270,15 @@ mod tests {
         assert!(Arc::ptr_eq(&first.services[0], &second.services[0]));
         assert!(!Arc::ptr_eq(&first.services[1], &second.services[1]));
         assert!(Arc::ptr_eq(&first.services[2], &second.services[2]));
-        assert_eq!(second.services[1]["endpoints"][0]["address"], "198.18.0.99");
+        assert_eq!(
+            second.services[1].endpoints[0].address.value.to_string(),
+            "198.18.0.99"
+        );
 
         // A Service gone is gone from the result.
         objects.services.remove(2);
         let third = translator.translate(&objects, &settings, &mut |_| None);
         assert_eq!(third.services.len(), 2);
-        assert_eq!(third.services[1]["name"], "s1");
+        assert_eq!(third.services[1].name.value, "s1");
     }
 }

@@ -1,14 +1,12 @@
-//! Discovered entries joined to the config file's: read into the file's
-//! own types, checked by the file's own validation, so the two sources can
+//! Discovered entries joined to the config file's: of the file's own
+//! types, checked by the file's own validation, so the two sources can
 //! never mean different things; and, between two translations, which
 //! services changed.
 
 use std::{collections::HashSet, sync::Arc};
 
-use serde_json::Value;
-
 use super::{DiscoveryError, Entry, MergeProblem, Translated};
-use crate::config::{Config, PeerNode, ServiceSpec, WorkloadSpec};
+use crate::config::{Authorization, Config, PeerNode, ServiceSpec, WorkloadSpec};
 
 /// Adds the discovered services and workloads to `config` (the file's)
 /// and validates the whole. An error names every problem.
@@ -21,28 +19,27 @@ pub fn merge(config: &mut Config, found: &Translated) -> Result<(), DiscoveryErr
 /// there, so the services given are checked against everything they name.
 pub fn merge_parts(
     config: &mut Config,
-    services: &[Arc<Value>],
-    workloads: &[Value],
-    nodes: &[Value],
+    services: &[Arc<ServiceSpec>],
+    workloads: &[WorkloadSpec],
+    nodes: &[PeerNode],
 ) -> Result<(), DiscoveryError> {
-    let services: Vec<ServiceSpec> = read(services.iter().map(|s| &**s), "service")?;
-    let workloads: Vec<WorkloadSpec> = read(workloads, "workload")?;
     // A node the file lists keeps the file's address.
-    let nodes: Vec<PeerNode> = read(nodes, "node")?;
     for n in nodes {
         if !config.nodes.iter().any(|c| c.name.value == n.name.value) {
-            config.nodes.push(n);
+            config.nodes.push(n.clone());
         }
     }
     let health_check = config
         .kubernetes
         .as_ref()
         .and_then(|k| k.health_check.clone());
-    config.services.extend(services.into_iter().map(|mut s| {
+    config.services.reserve(services.len());
+    config.services.extend(services.iter().map(|s| {
+        let mut s = ServiceSpec::clone(s);
         s.health_check = health_check.clone();
         s
     }));
-    config.workloads.extend(workloads);
+    config.workloads.extend(workloads.iter().cloned());
     config
         .validate()
         .map_err(|problems| DiscoveryError::Invalid {
@@ -55,36 +52,6 @@ pub fn merge_parts(
                 })
                 .collect(),
         })
-}
-
-/// The same types and field rules as the file, read straight from the
-/// JSON values (locations are unknown: the objects have no lines).
-fn read<'v, T: serde::de::DeserializeOwned>(
-    values: impl IntoIterator<Item = &'v Value>,
-    kind: &'static str,
-) -> Result<Vec<T>, DiscoveryError> {
-    values
-        .into_iter()
-        .map(|v| {
-            T::deserialize(v).map_err(|error| DiscoveryError::Unreadable {
-                entry: Entry {
-                    kind,
-                    name: name_of(kind, v),
-                },
-                error,
-            })
-        })
-        .collect()
-}
-
-/// A discovered entry's name as its JSON says it: `namespace/name` for a
-/// service (a workload's name has its namespace already), else its name.
-fn name_of(kind: &str, value: &Value) -> String {
-    let name = value["name"].as_str().unwrap_or("?");
-    match value["namespace"].as_str() {
-        Some(ns) if kind == "service" => format!("{ns}/{name}"),
-        _ => name.to_owned(),
-    }
 }
 
 /// The entry a validation field (`services[3].address`) is in, if it is
@@ -108,7 +75,7 @@ fn entry_of(config: &Config, field: &str) -> Option<Entry> {
 /// between two translations: `changed` to build anew, `removed` to drop.
 #[derive(Debug, Default)]
 pub struct ServiceChanges {
-    pub changed: Vec<Arc<Value>>,
+    pub changed: Vec<Arc<ServiceSpec>>,
     pub removed: Vec<(String, String)>,
 }
 
@@ -117,19 +84,27 @@ pub struct ServiceChanges {
 /// again). None when the workloads or the nodes changed too, which takes
 /// a whole rebuild.
 pub fn service_changes(before: &Translated, after: &Translated) -> Option<ServiceChanges> {
-    if before.workloads != after.workloads || before.nodes != after.nodes {
+    let same_workloads = before.workloads.len() == after.workloads.len()
+        && before
+            .workloads
+            .iter()
+            .zip(&after.workloads)
+            .all(|(a, b)| same_workload(a, b));
+    let same_nodes = before.nodes.len() == after.nodes.len()
+        && before
+            .nodes
+            .iter()
+            .zip(&after.nodes)
+            .all(|(a, b)| a.name == b.name && a.address == b.address);
+    if !same_workloads || !same_nodes {
         return None;
     }
     // By pointer: no key is built for the thousands that stayed.
-    let ptrs =
-        |t: &Translated| -> HashSet<*const Value> { t.services.iter().map(Arc::as_ptr).collect() };
-    let (old, new) = (ptrs(before), ptrs(after));
-    let key = |v: &Value| {
-        (
-            v["namespace"].as_str().unwrap_or_default().to_owned(),
-            v["name"].as_str().unwrap_or_default().to_owned(),
-        )
+    let ptrs = |t: &Translated| -> HashSet<*const ServiceSpec> {
+        t.services.iter().map(Arc::as_ptr).collect()
     };
+    let (old, new) = (ptrs(before), ptrs(after));
+    let key = |s: &ServiceSpec| (s.namespace.clone(), s.name.value.clone());
     let mut changes = ServiceChanges::default();
     for v in &after.services {
         if !old.contains(&Arc::as_ptr(v)) {
@@ -148,11 +123,41 @@ pub fn service_changes(before: &Translated, after: &Translated) -> Option<Servic
     Some(changes)
 }
 
+/// Whether two discovered workloads say the same. Every field is named,
+/// so that one added to [`WorkloadSpec`] cannot be missed here.
+fn same_workload(a: &WorkloadSpec, b: &WorkloadSpec) -> bool {
+    let WorkloadSpec {
+        name,
+        namespace,
+        service_account,
+        cgroup,
+        authorization,
+        netns,
+    } = a;
+    let same_authorization = match (authorization, &b.authorization) {
+        (None, None) => true,
+        (Some(x), Some(y)) => {
+            let Authorization {
+                default,
+                allow,
+                deny,
+            } = x;
+            *default == y.default && *allow == y.allow && *deny == y.deny
+        }
+        _ => false,
+    };
+    *name == b.name
+        && *namespace == b.namespace
+        && *service_account == b.service_account
+        && *cgroup == b.cgroup
+        && *netns == b.netns
+        && same_authorization
+}
+
 #[cfg(test)]
 mod tests {
-    use serde_json::json;
-
     use super::*;
+    use crate::config::{Decision, EndpointSpec, Mode};
 
     const FILE: &str = "\
 node:
@@ -167,14 +172,15 @@ services:
         port: 9001
 ";
 
-    fn service(name: &str, address: &str) -> Arc<Value> {
-        Arc::new(json!({
-            "name": name,
-            "namespace": "shop",
-            "address": address,
-            "port": 8080,
-            "endpoints": [{ "address": "198.18.0.1", "port": 80 }],
-        }))
+    fn service(name: &str, address: &str) -> Arc<ServiceSpec> {
+        Arc::new(ServiceSpec::new(
+            name.into(),
+            "shop".into(),
+            address.parse().unwrap(),
+            8080,
+            Mode::default(),
+            vec![EndpointSpec::new("198.18.0.1".parse().unwrap(), 80)],
+        ))
     }
 
     #[test]
@@ -203,17 +209,50 @@ services:
         );
     }
 
+    fn workload(name: &str) -> WorkloadSpec {
+        WorkloadSpec::new(
+            name.into(),
+            "shop".into(),
+            "default".into(),
+            format!("kubepods/{name}"),
+            "/proc/1/ns/net".into(),
+        )
+    }
+
+    /// Services told apart by pointer; any change to a workload or a node
+    /// takes a whole rebuild.
     #[test]
-    fn an_entry_that_does_not_read_is_named() {
-        let mut config = Config::parse(FILE, "t.yaml").unwrap();
-        let mut bad = (*service("checkout", "10.96.0.20")).clone();
-        bad["port"] = json!("eighty");
-        let err = merge_parts(&mut config, &[Arc::new(bad)], &[], &[]).unwrap_err();
-        assert!(
-            err.to_string()
-                .starts_with("cannot read a discovered service shop/checkout: "),
-            "{err}"
-        );
-        assert!(matches!(err, DiscoveryError::Unreadable { .. }), "{err:?}");
+    fn only_services_changed_is_told_from_a_workload_or_node_change() {
+        let kept = service("checkout", "10.96.0.10");
+        let before = Translated {
+            services: vec![kept.clone(), service("cart", "10.96.0.11")],
+            workloads: vec![workload("shop/a")],
+            nodes: vec![PeerNode::new(
+                "node-b".into(),
+                "198.18.99.2".parse().unwrap(),
+            )],
+            ..Translated::default()
+        };
+        let after = |workloads, nodes| Translated {
+            services: vec![kept.clone(), service("cart", "10.96.0.12")],
+            workloads,
+            nodes,
+            ..Translated::default()
+        };
+        let same = after(before.workloads.clone(), before.nodes.clone());
+        let changes = service_changes(&before, &same).expect("only services changed");
+        let changed: Vec<&str> = changes
+            .changed
+            .iter()
+            .map(|s| s.name.value.as_str())
+            .collect();
+        assert_eq!(changed, ["cart"]);
+        assert!(changes.removed.is_empty(), "{:?}", changes.removed);
+
+        let mut allowed = workload("shop/a");
+        allowed.authorization = Some(Authorization::new(Decision::Allow, [], []));
+        assert!(service_changes(&before, &after(vec![allowed], before.nodes.clone())).is_none());
+        let moved = PeerNode::new("node-b".into(), "198.18.99.3".parse().unwrap());
+        assert!(service_changes(&before, &after(before.workloads.clone(), vec![moved])).is_none());
     }
 }

@@ -11,7 +11,7 @@
 //! ([`incremental::Translator`]), and when nothing but services changed the
 //! daemon builds just those ([`service_changes`]): at 10,000 services and
 //! 100,000 endpoints one changed EndpointSlice reaches the kernel's map in
-//! about 16 ms (`cargo bench --bench catalog`).
+//! about 13 ms (`cargo bench --bench catalog`).
 //!
 //! The identity a pod on another node must present is its service account.
 //! Rather than watch every pod of the cluster from every node, the agent

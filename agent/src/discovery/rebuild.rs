@@ -20,7 +20,6 @@ use k8s_openapi::api::{
 };
 use kube::{Api, Client, runtime::watcher};
 use log::{info, warn};
-use serde_json::Value;
 use tokio::sync::{Notify, watch};
 
 use super::{
@@ -31,7 +30,10 @@ use super::{
     reflect::{Reflected, reflect},
     translate::{Settings, slice_service},
 };
-use crate::{config::KubeMode, drain::DrainWatch};
+use crate::{
+    config::{Authorization, KubeMode, PeerNode},
+    drain::DrainWatch,
+};
 
 /// Coalesces a burst of watch events into one catalog update. Short: a
 /// change that touches a few services is applied in a few milliseconds
@@ -180,7 +182,7 @@ impl Rebuild {
             .translate(&objects, &settings, &mut |uid| locator.find(uid));
         translated.nodes = peers
             .iter()
-            .map(|(name, address)| serde_json::json!({ "name": name, "address": address }))
+            .map(|(name, address)| PeerNode::new(name.clone(), *address))
             .collect();
         for item in &translated.skipped {
             if self.reported.insert(item.clone()) {
@@ -206,7 +208,7 @@ impl Rebuild {
         &mut self,
         pods: &[Arc<Pod>],
         agents: &[(String, IpAddr)],
-    ) -> HashMap<(String, String), Value> {
+    ) -> HashMap<(String, String), Authorization> {
         let all: Vec<SluicePolicy> = self
             .watched
             .policies
@@ -270,7 +272,7 @@ mod tests {
     use super::*;
 
     fn slice(service: &str, endpoints: &[(&str, &str)]) -> Arc<EndpointSlice> {
-        let endpoints: Vec<Value> = endpoints
+        let endpoints: Vec<serde_json::Value> = endpoints
             .iter()
             .map(|(node, address)| serde_json::json!({ "addresses": [address], "nodeName": node }))
             .collect();

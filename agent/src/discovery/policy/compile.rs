@@ -1,5 +1,5 @@
 //! The valid policies applied to pods: one `authorization` block per
-//! selected pod, in the config file's shape; and each policy's last
+//! selected pod, of the config file's own type; and each policy's last
 //! accepted version, kept in force while a later one is refused.
 
 use std::{
@@ -8,19 +8,17 @@ use std::{
 };
 
 use k8s_openapi::api::core::v1::Pod;
-use serde_json::{Value, json};
 
 use super::{PolicyProblem, PolicySpec, SluicePolicy};
-use crate::config::Decision;
+use crate::config::{Authorization, Decision};
 
 /// The policies turned into what the config file would say.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default)]
 pub struct Compiled {
-    /// For each selected pod, as (namespace, pod name), an `authorization`
-    /// block in the config file's shape: `{"default": "allow"|"deny",
-    /// "allow": [...], "deny": [...]}`, patterns sorted and deduplicated. A
-    /// pod no valid policy selects is absent.
-    pub by_pod: HashMap<(String, String), Value>,
+    /// For each selected pod, as (namespace, pod name), its
+    /// `authorization`, patterns sorted and deduplicated. A pod no valid
+    /// policy selects is absent.
+    pub by_pod: HashMap<(String, String), Authorization>,
     /// Every problem of every refused policy, ordered by policy, then
     /// field. A refused policy applies to no pod; the others are unaffected.
     /// A policy's first problem is the one its condition reports.
@@ -77,13 +75,9 @@ pub fn compile<P: Borrow<Pod>>(
             allow.extend(spec.allow.iter().cloned());
             deny.extend(spec.deny.iter().cloned());
         }
-        let default = match default {
-            Decision::Allow => "allow",
-            Decision::Deny => "deny",
-        };
         by_pod.insert(
             (namespace.clone(), name.clone()),
-            json!({ "default": default, "allow": allow, "deny": deny }),
+            Authorization::new(default, allow, deny),
         );
     }
     Compiled { by_pod, problems }
@@ -136,8 +130,8 @@ mod tests {
 
     use super::*;
     use crate::{
-        config::{Authorization, Config},
-        discovery::policy::tests::{TD, key, pod, policy},
+        config::{Config, WorkloadSpec},
+        discovery::policy::tests::{TD, key, pod, policy, rules},
     };
 
     #[test]
@@ -171,12 +165,12 @@ mod tests {
             [&key("shop", "both")]
         );
         assert_eq!(
-            compiled.by_pod[&key("shop", "both")],
-            json!({
-                "default": "deny",
-                "allow": ["spiffe://cluster.local/ns/shop/sa/frontend"],
-                "deny": [],
-            })
+            rules(&compiled.by_pod[&key("shop", "both")]),
+            (
+                Decision::Deny,
+                vec!["spiffe://cluster.local/ns/shop/sa/frontend"],
+                vec![],
+            )
         );
     }
 
@@ -197,7 +191,7 @@ mod tests {
         let compiled = compile(&policies, &pods, TD);
         assert!(compiled.problems.is_empty(), "{:?}", compiled.problems);
         assert_eq!(compiled.by_pod.len(), 2);
-        assert_eq!(compiled.by_pod[&key("shop", "b")]["default"], "allow");
+        assert_eq!(compiled.by_pod[&key("shop", "b")].default, Decision::Allow);
     }
 
     #[test]
@@ -232,18 +226,21 @@ mod tests {
         let compiled = compile(&policies, &pods, TD);
         assert!(compiled.problems.is_empty(), "{:?}", compiled.problems);
         assert_eq!(
-            compiled.by_pod[&key("shop", "checkout-1")],
-            json!({
-                "default": "deny",
-                "allow": [
+            rules(&compiled.by_pod[&key("shop", "checkout-1")]),
+            (
+                Decision::Deny,
+                vec![
                     "spiffe://cluster.local/ns/shop/*",
                     "spiffe://cluster.local/ns/web/sa/frontend",
                 ],
-                "deny": ["spiffe://cluster.local/ns/shop/sa/batch"],
-            })
+                vec!["spiffe://cluster.local/ns/shop/sa/batch"],
+            )
         );
         // Only the open policy selects the cart.
-        assert_eq!(compiled.by_pod[&key("shop", "cart-1")]["default"], "allow");
+        assert_eq!(
+            compiled.by_pod[&key("shop", "cart-1")].default,
+            Decision::Allow
+        );
     }
 
     #[test]
@@ -289,17 +286,17 @@ mod tests {
         assert_eq!(compiled.problems[0].generation, Some(3));
         // The broken policy's deny default is not in force; the good one is.
         assert_eq!(
-            compiled.by_pod[&key("shop", "checkout-1")],
-            json!({
-                "default": "allow",
-                "allow": [],
-                "deny": ["spiffe://cluster.local/ns/shop/sa/batch"],
-            })
+            rules(&compiled.by_pod[&key("shop", "checkout-1")]),
+            (
+                Decision::Allow,
+                vec![],
+                vec!["spiffe://cluster.local/ns/shop/sa/batch"],
+            )
         );
     }
 
     /// What [`compile`] gives is an `authorization` the config file's own
-    /// types read and its validation accepts.
+    /// validation accepts.
     #[test]
     fn the_authorization_reads_and_validates_as_the_config_files() {
         let policies = [policy(
@@ -313,23 +310,23 @@ mod tests {
         )];
         let compiled = compile(&policies, &[pod("shop", "checkout-1", json!({}))], TD);
         let authorization = &compiled.by_pod[&key("shop", "checkout-1")];
-        let parsed: Authorization = serde::Deserialize::deserialize(authorization).unwrap();
-        assert_eq!(parsed.default, Decision::Deny);
-        assert_eq!(parsed.allow.len(), 2);
+        assert_eq!(authorization.default, Decision::Deny);
+        assert_eq!(authorization.allow.len(), 2);
 
         let mut config = Config::parse(
             "node:\n  name: n1\nmesh:\n  trust_domain: cluster.local\n",
             "test",
         )
         .unwrap();
-        let workload = json!({
-            "name": "checkout-1",
-            "namespace": "shop",
-            "authorization": authorization,
-        });
-        config
-            .workloads
-            .push(serde::Deserialize::deserialize(&workload).unwrap());
+        let mut workload = WorkloadSpec::new(
+            "checkout-1".into(),
+            "shop".into(),
+            "default".into(),
+            "checkout-1".into(),
+            "/proc/1/ns/net".into(),
+        );
+        workload.authorization = Some(authorization.clone());
+        config.workloads.push(workload);
         assert_eq!(config.validate(), Ok(()));
     }
 }

@@ -2,13 +2,12 @@
 //! family: ready ones only; those on this node tied to their workload,
 //! those on other nodes to the identity their agent must present.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{collections::HashMap, net::IpAddr, sync::Arc};
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use serde_json::{Value, json};
 
 use super::{SERVICE_ACCOUNT_ANNOTATION, Settings};
-use crate::config::Mode;
+use crate::config::{EndpointSpec, Mode, PodRef};
 
 /// The endpoints of `port_name` in `slices` of `address_type` (`IPv4`,
 /// `IPv6`). An endpoint that mode mtls could not reach or verify is
@@ -24,12 +23,17 @@ pub(super) fn endpoints_for(
     workloads: &HashMap<(String, String), String>,
     key: &str,
     skipped: &mut Vec<(String, String)>,
-) -> Vec<Value> {
-    let mut endpoints = Vec::new();
-    for slice in slices.unwrap_or_default() {
-        if slice.address_type != address_type {
-            continue;
-        }
+) -> Vec<EndpointSpec> {
+    let slices: Vec<&EndpointSlice> = slices
+        .unwrap_or_default()
+        .iter()
+        .map(|s| &***s)
+        .filter(|s| s.address_type == address_type)
+        .collect();
+    // Kept for as long as the Service does not change, at 10,000s of
+    // services: room for no more than there are.
+    let mut endpoints = Vec::with_capacity(slices.iter().map(|s| s.endpoints.len()).sum());
+    for slice in slices {
         let Some(port) = slice
             .ports
             .as_deref()
@@ -40,6 +44,16 @@ pub(super) fn endpoints_for(
         else {
             continue;
         };
+        let Ok(port) = u16::try_from(port) else {
+            skipped.push((
+                format!(
+                    "{key} endpointslice {}",
+                    slice.metadata.name.as_deref().unwrap_or("?")
+                ),
+                format!("port {port} is not a port number; its endpoints are left out"),
+            ));
+            continue;
+        };
         for ep in &slice.endpoints {
             // The API's rule: an unknown readiness counts as ready.
             if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
@@ -48,15 +62,18 @@ pub(super) fn endpoints_for(
             let Some(address) = ep.addresses.first() else {
                 continue;
             };
+            let Ok(ip) = address.parse::<IpAddr>() else {
+                skipped.push((
+                    format!("{key} endpoint {address}"),
+                    "not an IP address; left out".into(),
+                ));
+                continue;
+            };
             let node = ep.node_name.as_deref();
             let local = node.is_none_or(|n| n == settings.node);
-            let mut entry = json!({ "address": address, "port": port });
-            if let Some(n) = node {
-                entry["node"] = json!(n);
-            }
-            if let Some(z) = &ep.zone {
-                entry["zone"] = json!(z);
-            }
+            let mut entry = EndpointSpec::new(ip, port);
+            entry.node = node.map(str::to_owned);
+            entry.zone = ep.zone.clone();
             let pod = ep
                 .target_ref
                 .as_ref()
@@ -64,7 +81,7 @@ pub(super) fn endpoints_for(
                 .and_then(|t| Some((t.namespace.clone()?, t.name.clone()?, t.uid.clone())));
             if local {
                 if let Some(w) = pod.and_then(|(ns, name, _)| workloads.get(&(ns, name))) {
-                    entry["workload"] = json!(w);
+                    entry = entry.served_by(w.clone());
                 }
             } else {
                 if mode == Mode::Mtls {
@@ -94,14 +111,19 @@ pub(super) fn endpoints_for(
                 // The annotation overrides; otherwise the pod's own service
                 // account, read when a connection first goes to it.
                 if let Some(sa) = remote_sa {
-                    entry["service_account"] = json!(sa);
-                } else if let Some((ns, name, uid)) = pod {
-                    entry["pod"] = json!({ "namespace": ns, "name": name, "uid": uid });
+                    entry.service_account = Some(sa.to_owned());
+                } else if let Some((namespace, name, uid)) = pod {
+                    entry.pod = Some(PodRef {
+                        namespace,
+                        name,
+                        uid,
+                    });
                 }
             }
             endpoints.push(entry);
         }
     }
+    endpoints.shrink_to_fit();
     endpoints
 }
 
@@ -123,11 +145,11 @@ mod tests {
             .get_or_insert_default()
             .insert(SERVICE_ACCOUNT_ANNOTATION.into(), "checkout".into());
         let t = run(&objects, &["node-b"]);
-        let eps = t.services[0]["endpoints"].as_array().unwrap();
+        let eps = &t.services[0].endpoints;
         assert_eq!(eps.len(), 4);
-        assert_eq!(eps[2]["node"], "node-b");
-        assert_eq!(eps[2]["service_account"], "checkout");
-        assert!(eps[2].get("workload").is_none());
+        assert_eq!(eps[2].node.as_deref(), Some("node-b"));
+        assert_eq!(eps[2].service_account.as_deref(), Some("checkout"));
+        assert!(eps[2].workload.is_none());
     }
 
     /// Without the annotation, an endpoint on another node names its pod,
@@ -135,15 +157,15 @@ mod tests {
     #[test]
     fn remote_endpoints_name_their_pod_without_the_annotation() {
         let t = run(&objects(), &["node-b"]);
-        let eps = t.services[0]["endpoints"].as_array().unwrap();
+        let eps = &t.services[0].endpoints;
         assert_eq!(eps.len(), 4);
-        assert!(eps[2].get("service_account").is_none());
-        let pod = &eps[2]["pod"];
-        assert_eq!(pod["namespace"], "shop");
-        assert!(pod["name"].as_str().unwrap().starts_with("checkout-"));
-        assert!(pod["uid"].is_string());
+        assert!(eps[2].service_account.is_none());
+        let pod = eps[2].pod.as_ref().unwrap();
+        assert_eq!(pod.namespace, "shop");
+        assert!(pod.name.starts_with("checkout-"));
+        assert!(pod.uid.is_some());
         // Local endpoints are tied to their workload instead.
-        assert!(eps[0].get("pod").is_none());
+        assert!(eps[0].pod.is_none());
         // And it reads as the config's endpoint.
         let base = "node:\n  name: node-a\nkubernetes: {}\nnodes:\n  - name: node-b\n    address: 198.18.99.2\n";
         let mut config = crate::config::Config::parse(base, "t.yaml").unwrap();
@@ -160,8 +182,41 @@ mod tests {
             .get_or_insert_default()
             .ready = Some(false);
         let t = run(&objects, &[]);
-        let eps = t.services[0]["endpoints"].as_array().unwrap();
-        let addrs: Vec<&str> = eps.iter().map(|e| e["address"].as_str().unwrap()).collect();
+        let eps = &t.services[0].endpoints;
+        let addrs: Vec<String> = eps.iter().map(|e| e.address.value.to_string()).collect();
         assert_eq!(addrs, ["198.18.201.2"]);
+    }
+
+    /// What the config's types cannot hold (the API server's validation
+    /// refuses it, but a translation does not rely on that) is left out
+    /// and named, as any endpoint that cannot be meshed.
+    #[test]
+    fn an_endpoint_that_is_no_address_or_port_is_left_out_and_named() {
+        let mut objects = objects();
+        let slice = Arc::make_mut(&mut objects.slices[0]);
+        slice.endpoints[1].addresses = vec!["checkout.shop".into()];
+        let t = run(&objects, &[]);
+        let eps = &t.services[0].endpoints;
+        let addrs: Vec<String> = eps.iter().map(|e| e.address.value.to_string()).collect();
+        assert_eq!(addrs, ["198.18.201.2"]);
+        let (_, why) = t
+            .skipped
+            .iter()
+            .find(|(o, _)| o == "service shop/checkout endpoint checkout.shop")
+            .expect("the endpoint is named");
+        assert!(why.contains("not an IP address"), "{why}");
+
+        let slice = Arc::make_mut(&mut objects.slices[0]);
+        for port in slice.ports.iter_mut().flatten() {
+            port.port = Some(70_000);
+        }
+        let t = run(&objects, &[]);
+        assert!(t.services.is_empty(), "{:?}", t.services);
+        let (_, why) = t
+            .skipped
+            .iter()
+            .find(|(o, _)| o.starts_with("service shop/checkout endpointslice "))
+            .expect("the slice is named");
+        assert!(why.contains("70000 is not a port number"), "{why}");
     }
 }

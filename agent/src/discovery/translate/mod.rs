@@ -1,8 +1,9 @@
 //! Kubernetes objects to the agent's own model: the services and workloads
-//! a config file would list. The result is read into the same types and
-//! goes through the same validation as the file, so the two sources can
-//! never mean different things. Objects that cannot be meshed are skipped with a reason; nothing
-//! else is affected by them.
+//! a config file would list, made as the file's own types
+//! ([`ServiceSpec`], [`WorkloadSpec`], [`PeerNode`]) and put through the
+//! same validation as the file, so the two sources can never mean
+//! different things. Objects that cannot be meshed are skipped with a
+//! reason; nothing else is affected by them.
 //!
 //! Pods become workloads here; Services, each with the endpoints of its
 //! EndpointSlices (`endpoints.rs`), become services in `services.rs`.
@@ -19,9 +20,8 @@ use k8s_openapi::api::{
     core::v1::{Namespace, Pod, Service},
     discovery::v1::EndpointSlice,
 };
-use serde_json::{Value, json};
 
-use crate::config::KubeMode;
+use crate::config::{Authorization, KubeMode, PeerNode, ServiceSpec, WorkloadSpec};
 
 /// The annotation (or label) that sets a namespace's or Service's mode.
 pub const MODE_ANNOTATION: &str = "sluice.io/mode";
@@ -51,21 +51,22 @@ pub struct PodPlace {
     pub netns: std::path::PathBuf,
 }
 
-/// The translation: config-shaped services and workloads, and what was
-/// skipped, keyed by object so that each is reported once.
+/// The translation: the services, workloads and nodes a config file would
+/// list, and what was skipped, keyed by object so that each is reported
+/// once.
 #[derive(Debug, Default)]
 pub struct Translated {
     /// Each shared with the translation before when its Service did not
     /// change ([`super::incremental::Translator`]), so that whoever applies
     /// it can tell what changed by pointer.
-    pub services: Vec<Arc<Value>>,
+    pub services: Vec<Arc<ServiceSpec>>,
     /// The Kubernetes Service (namespace, name) of each entry of
     /// `services`, as [`translate`] makes them (the incremental
     /// translator keeps this per Service instead, and leaves it empty).
     pub sources: Vec<(String, String)>,
-    pub workloads: Vec<Value>,
+    pub workloads: Vec<WorkloadSpec>,
     /// Other nodes' agents, learnt from their pods (`nodes` entries).
-    pub nodes: Vec<Value>,
+    pub nodes: Vec<PeerNode>,
     /// (object, reason).
     pub skipped: Vec<(String, String)>,
 }
@@ -76,9 +77,9 @@ pub struct Settings<'a> {
     /// Nodes whose agents this node knows (the config's `nodes`, and
     /// those whose agent pods discovery sees).
     pub peer_nodes: &'a [&'a str],
-    /// Each pod's `authorization` block from the policies that select it,
-    /// by (namespace, pod name).
-    pub authorizations: &'a HashMap<(String, String), Value>,
+    /// Each pod's `authorization` from the policies that select it, by
+    /// (namespace, pod name).
+    pub authorizations: &'a HashMap<(String, String), Authorization>,
 }
 
 /// Translates `objects`. `locate` finds a pod's cgroup and namespace by
@@ -152,16 +153,17 @@ fn workloads(
             .and_then(|s| s.service_account_name.clone())
             .unwrap_or_else(|| "default".to_owned());
         let workload = format!("{ns}/{name}");
-        let mut entry = json!({
-            "name": workload,
-            "namespace": ns,
-            "service_account": service_account,
-            "cgroup": place.cgroup,
-            "netns": place.netns,
-        });
-        if let Some(authorization) = settings.authorizations.get(&(ns.clone(), name.clone())) {
-            entry["authorization"] = authorization.clone();
-        }
+        let mut entry = WorkloadSpec::new(
+            workload.clone(),
+            ns.clone(),
+            service_account,
+            place.cgroup,
+            place.netns,
+        );
+        entry.authorization = settings
+            .authorizations
+            .get(&(ns.clone(), name.clone()))
+            .cloned();
         out.workloads.push(entry);
         workloads.insert((ns.clone(), name.clone()), workload);
     }
@@ -300,11 +302,7 @@ mod tests {
     #[test]
     fn pods_here_become_workloads_and_services_take_their_mode_from_annotations() {
         let t = run(&objects(), &[]);
-        let names: Vec<&str> = t
-            .workloads
-            .iter()
-            .map(|w| w["name"].as_str().unwrap())
-            .collect();
+        let names: Vec<&str> = t.workloads.iter().map(|w| w.name.value.as_str()).collect();
         assert_eq!(
             names,
             [
@@ -312,21 +310,27 @@ mod tests {
                 "shop/checkout-6b8d9c7f4-9mzrt"
             ]
         );
-        assert_eq!(t.workloads[0]["service_account"], "checkout");
-        assert_eq!(t.workloads[0]["netns"], "/proc/1/ns/net");
+        assert_eq!(t.workloads[0].service_account, "checkout");
+        assert_eq!(
+            t.workloads[0].netns.as_ref().unwrap().value,
+            std::path::Path::new("/proc/1/ns/net")
+        );
 
         // Only checkout has endpoints; its namespace says mtls, so the two
         // endpoints on node-b (whose agent is unknown here) are left out.
         assert_eq!(t.services.len(), 1, "{:?}", t.services);
         let s = &t.services[0];
-        assert_eq!(s["name"], "checkout");
-        assert_eq!(s["mode"], "mtls");
-        assert_eq!(s["address"], "10.96.0.50");
-        assert_eq!(s["port"], 8080);
-        let eps = s["endpoints"].as_array().unwrap();
+        assert_eq!(s.name.value, "checkout");
+        assert_eq!(s.mode, crate::config::Mode::Mtls);
+        assert_eq!(s.address.value.to_string(), "10.96.0.50");
+        assert_eq!(s.port.value, 8080);
+        let eps = &s.endpoints;
         assert_eq!(eps.len(), 2);
-        assert_eq!(eps[0]["workload"], "shop/checkout-6b8d9c7f4-2xkqp");
-        assert_eq!(eps[0]["node"], "node-a");
+        assert_eq!(
+            eps[0].workload.as_ref().unwrap().value,
+            "shop/checkout-6b8d9c7f4-2xkqp"
+        );
+        assert_eq!(eps[0].node.as_deref(), Some("node-a"));
 
         assert_eq!(
             skipped_objects(&t),

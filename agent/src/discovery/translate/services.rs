@@ -4,16 +4,15 @@
 
 use std::{
     collections::{HashMap, HashSet},
+    net::IpAddr,
     sync::Arc,
 };
-
-use serde_json::json;
 
 use super::{
     MODE_ANNOTATION, Objects, SERVICE_ACCOUNT_ANNOTATION, Settings, Translated, annotation,
     endpoints::endpoints_for, service_names, slices_by_service,
 };
-use crate::config::KubeMode;
+use crate::config::{KubeMode, ServiceSpec};
 
 /// Adds the services `objects` hold to `out`, each with its mode from its
 /// own annotation, else its namespace's (`namespace_modes`), else the
@@ -80,16 +79,16 @@ pub(super) fn translate(
         let remote_sa = annotation(&service.metadata, SERVICE_ACCOUNT_ANNOTATION);
         let ports = spec.ports.as_deref().unwrap_or_default();
         for (rank, ip) in cluster_ips.iter().enumerate() {
-            let family = match ip.parse::<std::net::IpAddr>() {
-                Ok(std::net::IpAddr::V4(_)) => "IPv4",
-                Ok(std::net::IpAddr::V6(_)) => "IPv6",
-                Err(_) => {
-                    out.skipped.push((
-                        key.clone(),
-                        format!("cluster IP {ip} is not an IP address; not meshed"),
-                    ));
-                    continue;
-                }
+            let Ok(address) = ip.parse::<IpAddr>() else {
+                out.skipped.push((
+                    key.clone(),
+                    format!("cluster IP {ip} is not an IP address; not meshed"),
+                ));
+                continue;
+            };
+            let family = match address {
+                IpAddr::V4(_) => "IPv4",
+                IpAddr::V6(_) => "IPv6",
             };
             let family_suffix = if rank == 0 {
                 String::new()
@@ -100,6 +99,13 @@ pub(super) fn translate(
                 if port.protocol.as_deref().is_some_and(|p| p != "TCP") {
                     continue;
                 }
+                let Ok(number) = u16::try_from(port.port) else {
+                    out.skipped.push((
+                        key.clone(),
+                        format!("port {}: not a port number; not meshed", port.port),
+                    ));
+                    continue;
+                };
                 let port_name = port.name.as_deref().unwrap_or("");
                 let endpoints = endpoints_for(
                     slices.get(&(ns.as_str(), name.as_str())).map(Vec::as_slice),
@@ -139,14 +145,14 @@ pub(super) fn translate(
                     ));
                     continue;
                 }
-                out.services.push(Arc::new(json!({
-                    "name": entry_name,
-                    "namespace": ns,
-                    "address": ip,
-                    "port": port.port,
-                    "mode": mode.name(),
-                    "endpoints": endpoints,
-                })));
+                out.services.push(Arc::new(ServiceSpec::new(
+                    entry_name,
+                    ns.clone(),
+                    address,
+                    number,
+                    mode,
+                    endpoints,
+                )));
                 out.sources.push((ns.clone(), name.clone()));
             }
         }
@@ -158,11 +164,13 @@ mod tests {
     use std::sync::Arc;
 
     use k8s_openapi::api::discovery::v1::EndpointSlice;
-    use serde_json::Value;
 
-    use crate::discovery::translate::{
-        Objects, SERVICE_NAME_LABEL, Translated,
-        tests::{fixture, objects, run},
+    use crate::{
+        config::{Mode, ServiceSpec},
+        discovery::translate::{
+            Objects, SERVICE_NAME_LABEL, Translated,
+            tests::{fixture, objects, run},
+        },
     };
 
     /// The checkout Service made dual-stack (`families` in order, the first
@@ -194,19 +202,21 @@ mod tests {
         objects
     }
 
-    fn service<'a>(t: &'a Translated, name: &str) -> &'a Value {
+    fn service<'a>(t: &'a Translated, name: &str) -> &'a ServiceSpec {
         t.services
             .iter()
-            .find(|s| s["name"] == name)
+            .find(|s| s.name.value == name)
             .unwrap_or_else(|| panic!("no service {name}: {:?}", t.services))
     }
 
-    fn addresses(s: &Value) -> Vec<&str> {
-        s["endpoints"]
-            .as_array()
-            .unwrap()
+    fn address(s: &ServiceSpec) -> String {
+        s.address.value.to_string()
+    }
+
+    fn addresses(s: &ServiceSpec) -> Vec<String> {
+        s.endpoints
             .iter()
-            .map(|e| e["address"].as_str().unwrap())
+            .map(|e| e.address.value.to_string())
             .collect()
     }
 
@@ -215,24 +225,22 @@ mod tests {
         let t = run(&dual_stack(["IPv4", "IPv6"]), &[]);
         assert_eq!(t.services.len(), 2, "{:?}", t.services);
         let v4 = service(&t, "checkout");
-        assert_eq!(v4["address"], "10.96.0.50");
+        assert_eq!(address(v4), "10.96.0.50");
         assert_eq!(addresses(v4), ["198.18.201.2", "198.18.202.2"]);
         let v6 = service(&t, "checkout-ipv6");
-        assert_eq!(v6["address"], "fd00:96::50");
-        assert_eq!(v6["port"], 8080);
-        assert_eq!(v6["mode"], "mtls");
+        assert_eq!(address(v6), "fd00:96::50");
+        assert_eq!(v6.port.value, 8080);
+        assert_eq!(v6.mode, Mode::Mtls);
         assert_eq!(addresses(v6), ["fd00:18::1", "fd00:18::2"]);
         // The same pods, so the same workloads, whatever the family.
-        assert_eq!(
-            v6["endpoints"][0]["workload"],
-            v4["endpoints"][0]["workload"]
-        );
+        assert!(v4.endpoints[0].workload.is_some());
+        assert_eq!(v6.endpoints[0].workload, v4.endpoints[0].workload);
         assert!(t.skipped.iter().all(|(o, _)| o != "service shop/checkout"));
 
         // IPv6 first: the primary family keeps the name.
         let t = run(&dual_stack(["IPv6", "IPv4"]), &[]);
-        assert_eq!(service(&t, "checkout")["address"], "fd00:96::50");
-        assert_eq!(service(&t, "checkout-ipv4")["address"], "10.96.0.50");
+        assert_eq!(address(service(&t, "checkout")), "fd00:96::50");
+        assert_eq!(address(service(&t, "checkout-ipv4")), "10.96.0.50");
     }
 
     #[test]
@@ -271,8 +279,8 @@ mod tests {
         objects.slices.push(Arc::new(slice));
 
         let t = run(&objects, &[]);
-        assert_eq!(service(&t, "checkout")["address"], "10.96.0.50");
-        assert_eq!(service(&t, "checkout-ipv6")["address"], "10.96.0.51");
+        assert_eq!(address(service(&t, "checkout")), "10.96.0.50");
+        assert_eq!(address(service(&t, "checkout-ipv6")), "10.96.0.51");
         assert_eq!(t.services.len(), 2, "{:?}", t.services);
         let (_, why) = t
             .skipped
@@ -299,7 +307,27 @@ mod tests {
         spec.ip_families = Some(vec!["IPv6".into()]);
         let t = run(&objects, &[]);
         assert_eq!(t.services.len(), 1, "{:?}", t.services);
-        assert_eq!(t.services[0]["name"], "checkout");
+        assert_eq!(t.services[0].name.value, "checkout");
         assert_eq!(addresses(&t.services[0]), ["fd00:18::1", "fd00:18::2"]);
+    }
+
+    #[test]
+    fn a_service_port_that_is_no_port_number_is_skipped_and_named() {
+        let mut objects = objects();
+        let spec = Arc::make_mut(&mut objects.services[0])
+            .spec
+            .as_mut()
+            .unwrap();
+        for port in spec.ports.iter_mut().flatten() {
+            port.port = 70_000;
+        }
+        let t = run(&objects, &[]);
+        assert!(t.services.is_empty(), "{:?}", t.services);
+        let (_, why) = t
+            .skipped
+            .iter()
+            .find(|(o, _)| o == "service shop/checkout")
+            .expect("the service is named");
+        assert!(why.contains("port 70000: not a port number"), "{why}");
     }
 }
