@@ -242,14 +242,14 @@ fn the_shipped_manifests_expose_only_metrics_off_loopback() {
     let cfg = BadConfig::new(config_text);
     let config = sluice::config::Config::load(&cfg.path)
         .unwrap_or_else(|e| panic!("configmap.yaml sluice.yaml: {e}"));
-    let admin = config.agent.admin.value;
+    let admin = config.agent.admin.get();
     assert!(admin.ip().is_loopback(), "agent.admin is {admin}");
     let metrics = config
         .agent
         .metrics
         .as_ref()
         .expect("configmap.yaml sets agent.metrics")
-        .value;
+        .get();
     let exposed: Vec<&str> = config
         .listeners()
         .iter()

@@ -291,7 +291,7 @@ fn report_watch_to_map() {
         stage(3);
         let named: Vec<(&str, &str)> = specs
             .iter()
-            .map(|s| (s.namespace.as_str(), s.name.value.as_str()))
+            .map(|s| (s.namespace.as_str(), s.name.as_str()))
             .chain(
                 changes
                     .removed

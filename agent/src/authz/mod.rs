@@ -4,6 +4,7 @@
 use std::fmt;
 
 use crate::{
+    config::Spanned,
     config::{Authorization, Decision},
     tls::Identity,
 };
@@ -78,10 +79,10 @@ impl fmt::Display for Verdict {
 impl Policy {
     /// Compiles a validated policy; `owner` says whose it is.
     pub fn new(owner: String, a: &Authorization) -> Policy {
-        let compile = |rules: &[serde_saphyr::Spanned<String>]| {
+        let compile = |rules: &[Spanned<String>]| {
             rules
                 .iter()
-                .filter_map(|r| Pattern::parse(&r.value).map(|p| (r.value.clone(), p)))
+                .filter_map(|r| Pattern::parse(r).map(|p| (r.get().clone(), p)))
                 .collect()
         };
         Policy {

@@ -23,36 +23,32 @@ impl ServicePolicy {
         ServicePolicy {
             outlier: OutlierSettings {
                 consecutive_failures: od.consecutive_failures,
-                base_ejection: ms(od.base_ejection_time.value.0),
-                max_ejection: ms(od.max_ejection_time.value.0),
-                max_ejection_percent: od.max_ejection_percent.value,
-                half_open_max: od.half_open_max_connections.value,
+                base_ejection: ms(od.base_ejection_time.0),
+                max_ejection: ms(od.max_ejection_time.0),
+                max_ejection_percent: *od.max_ejection_percent.get(),
+                half_open_max: *od.half_open_max_connections.get(),
             },
             thresholds: Thresholds {
-                max_connections: cb.max_connections.value,
-                max_pending_connects: cb.max_pending_connects.value,
-                max_retries: cb.max_retries.value,
+                max_connections: *cb.max_connections.get(),
+                max_pending_connects: *cb.max_pending_connects.get(),
+                max_retries: *cb.max_retries.get(),
             },
             budget: BudgetSettings {
-                percent: s.retries.budget_percent.value,
+                percent: *s.retries.budget_percent.get(),
                 min_per_second: s.retries.min_retries_per_second,
             },
-            max_connect_attempts: s.retries.max_connect_attempts.value,
+            max_connect_attempts: *s.retries.max_connect_attempts.get(),
             connect_timeout: s
                 .timeouts
                 .connect
                 .as_ref()
-                .map_or(default_connect_timeout, |d| d.value.0),
+                .map_or(default_connect_timeout, |d| d.0),
             idle_timeout: s
                 .timeouts
                 .idle
                 .as_ref()
-                .map_or(DEFAULT_IDLE_TIMEOUT, |d| d.value.0),
-            max_connection_duration: s
-                .timeouts
-                .max_connection_duration
-                .as_ref()
-                .map(|d| d.value.0),
+                .map_or(DEFAULT_IDLE_TIMEOUT, |d| d.0),
+            max_connection_duration: s.timeouts.max_connection_duration.as_ref().map(|d| d.0),
             panic: s.panic,
             locality: s.load_balancer.locality,
             health_check: s.health_check.clone(),
@@ -105,15 +101,15 @@ struct BuildContext<'a> {
 impl<'a> BuildContext<'a> {
     fn new(config: &'a Config, workloads: &'a [Arc<Workload>]) -> BuildContext<'a> {
         BuildContext {
-            node: &config.node.name.value,
+            node: config.node.name.get(),
             node_zone: config.node.zone.as_deref(),
-            trust_domain: &config.mesh.trust_domain.value,
+            trust_domain: config.mesh.trust_domain.get(),
             peers: config
                 .nodes
                 .iter()
                 .map(|n| {
                     (
-                        n.name.value.as_str(),
+                        n.name.as_str(),
                         SocketAddr::new(n.address, config.agent.inbound_port),
                     )
                 })
@@ -128,12 +124,12 @@ impl<'a> BuildContext<'a> {
     fn service(&self, s: &ServiceSpec, id: u32, old: Option<&Arc<Service>>) -> Service {
         let (node, node_zone, td) = (self.node, self.node_zone, self.trust_domain);
         let workload_named = |name: &str| self.workloads.iter().find(|w| w.name == name);
-        let vip = SocketAddr::new(s.address.value, s.port.value);
+        let vip = SocketAddr::new(*s.address, *s.port);
         let endpoints: Vec<Endpoint> = s
             .endpoints
             .iter()
             .map(|e| {
-                let addr = SocketAddr::new(e.address.value, e.port.value);
+                let addr = SocketAddr::new(*e.address, *e.port);
                 let on_node = e.node.as_deref().unwrap_or(node);
                 let zone = e.zone.clone().or_else(|| {
                     (on_node == node)
@@ -150,7 +146,7 @@ impl<'a> BuildContext<'a> {
                 let old_endpoint = old.and_then(|o| o.endpoints.iter().find(|oe| oe.addr == addr));
                 let state = old_endpoint.map_or_else(Default::default, |oe| oe.state.clone());
                 let local = on_node == node;
-                let workload = e.workload.as_ref().map(|w| w.value.clone());
+                let workload = e.workload.as_ref().map(|w| w.get().clone());
                 let identity = match (&workload, &e.service_account) {
                     (Some(w), _) if local => workload_named(w).map(|w| w.identity.clone()),
                     (_, Some(sa)) => Some(Identity::new(td, &s.namespace, sa)),
@@ -168,7 +164,7 @@ impl<'a> BuildContext<'a> {
                 };
                 Endpoint {
                     addr,
-                    weight: e.weight.value,
+                    weight: *e.weight.get(),
                     node: on_node.to_owned(),
                     zone,
                     workload,
@@ -186,10 +182,10 @@ impl<'a> BuildContext<'a> {
         let lb = &s.load_balancer;
         Service {
             id,
-            name: s.name.value.clone(),
+            name: s.name.get().clone(),
             namespace: s.namespace.clone(),
             vip,
-            balancer: Balancer::new(lb.policy.value, lb.ewma, lb.hash_key, &weights, &names),
+            balancer: Balancer::new(*lb.policy.get(), lb.ewma, lb.hash_key, &weights, &names),
             endpoints,
             policy: ServicePolicy::from_spec(s, self.connect_timeout),
             state: old.map_or_else(Default::default, |o| o.state.clone()),
@@ -197,10 +193,10 @@ impl<'a> BuildContext<'a> {
             on_agent_down: s
                 .on_agent_down
                 .as_ref()
-                .map_or(OnAgentDown::default_for(s.mode), |o| o.value),
+                .map_or(OnAgentDown::default_for(s.mode), |o| *o.get()),
             authz: s.authorization.as_ref().map(|a| {
                 Arc::new(Policy::new(
-                    format!("service {}/{}", s.namespace, s.name.value),
+                    format!("service {}/{}", s.namespace, s.name.get()),
                     a,
                 ))
             }),
@@ -218,14 +214,14 @@ impl Catalog {
         placements: &[Placement],
         previous: Option<&Catalog>,
     ) -> Catalog {
-        let td = &config.mesh.trust_domain.value;
+        let td = config.mesh.trust_domain.get();
         let workloads: Vec<Arc<Workload>> = config
             .workloads
             .iter()
             .zip(placements)
             .map(|(w, place)| {
                 Arc::new(Workload {
-                    name: w.name.value.clone(),
+                    name: w.name.get().clone(),
                     namespace: w.namespace.clone(),
                     service_account: w.service_account.clone(),
                     cgroup: place.cgroup.clone(),
@@ -234,7 +230,7 @@ impl Catalog {
                     identity: Identity::new(td, &w.namespace, &w.service_account),
                     policy: w.authorization.as_ref().map(|a| {
                         Arc::new(Policy::new(
-                            format!("workload {}", workload_name(&w.namespace, &w.name.value)),
+                            format!("workload {}", workload_name(&w.namespace, w.name.get())),
                             a,
                         ))
                     }),
@@ -248,12 +244,12 @@ impl Catalog {
             .iter()
             .enumerate()
             .map(|(i, s)| {
-                let old = old_services.get(&(s.namespace.as_str(), s.name.value.as_str()));
+                let old = old_services.get(&(s.namespace.as_str(), s.name.as_str()));
                 let service = ctx.service(s, i as u32 + 1, old.copied());
                 (service.vip, Arc::new(service))
             })
             .collect();
-        Catalog::assemble(config.node.name.value.clone(), services, workloads)
+        Catalog::assemble(config.node.name.get().clone(), services, workloads)
     }
 
     /// The running catalog with `specs` built anew (new services, or ones
@@ -282,11 +278,11 @@ impl Catalog {
             forget(ns, name, &mut services);
         }
         for s in specs {
-            forget(&s.namespace, &s.name.value, &mut services);
+            forget(&s.namespace, s.name.get(), &mut services);
         }
         for s in specs {
             let old = by_name
-                .get(&(s.namespace.as_str(), s.name.value.as_str()))
+                .get(&(s.namespace.as_str(), s.name.as_str()))
                 .copied();
             let id = old.map_or_else(
                 || {

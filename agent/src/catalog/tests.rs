@@ -228,7 +228,7 @@ fn with_services_rebuilds_the_named_services_and_leaves_the_rest_as_they_are() {
     let changed: Vec<&ServiceSpec> = next
         .services
         .iter()
-        .filter(|s| s.name.value != "shop")
+        .filter(|s| s.name.get() != "shop")
         .collect();
     let removed = [("default".to_owned(), "ledger".to_owned())];
     let second = first.with_services(&next, &changed, &removed);
@@ -265,7 +265,7 @@ fn with_services_rebuilds_the_named_services_and_leaves_the_rest_as_they_are() {
     let pay_spec: Vec<&ServiceSpec> = moved
         .services
         .iter()
-        .filter(|s| s.name.value == "pay")
+        .filter(|s| s.name.get() == "pay")
         .collect();
     let third = second.with_services(&moved, &pay_spec, &[]);
     assert!(third.service(addr("10.96.0.1:80")).is_none());
@@ -283,7 +283,7 @@ fn kernel_delta_writes_the_changed_services_and_drops_the_addresses_left() {
     let changed: Vec<&ServiceSpec> = next
         .services
         .iter()
-        .filter(|s| s.name.value != "shop")
+        .filter(|s| s.name.get() != "shop")
         .collect();
     let removed = [("default".to_owned(), "ledger".to_owned())];
     let second = first.with_services(&next, &changed, &removed);

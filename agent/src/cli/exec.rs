@@ -11,11 +11,7 @@ use crate::{config::Config, redirect::cgroup};
 /// and replaces it with `command`. Returns only on failure.
 pub fn exec(config: &Config, workload: &str, command: &[String]) -> anyhow::Result<Outcome> {
     let Some(spec) = config.workload(workload) else {
-        let known: Vec<&str> = config
-            .workloads
-            .iter()
-            .map(|w| w.name.value.as_str())
-            .collect();
+        let known: Vec<&str> = config.workloads.iter().map(|w| w.name.as_str()).collect();
         eprintln!(
             "{}: no workload named `{workload}` (defined: {})",
             config.source.display(),
@@ -30,7 +26,7 @@ pub fn exec(config: &Config, workload: &str, command: &[String]) -> anyhow::Resu
     let mount = cgroup::cgroup2_mount()
         .ok_or_else(|| anyhow!("no cgroup v2 hierarchy is mounted (none in /proc/mounts)"))?;
     let path = mount
-        .join(&config.node.cgroup_root.value)
+        .join(config.node.cgroup_root.get())
         .join(spec.cgroup());
     cgroup::create_all(&path)?;
     cgroup::enter(&path, std::process::id())?;

@@ -134,8 +134,8 @@ impl Ask {
     fn admin(&self) -> std::net::SocketAddr {
         self.admin.unwrap_or_else(|| {
             Config::load(&self.config)
-                .map(|c| c.agent.admin.value)
-                .unwrap_or_else(|_| crate::config::AgentConfig::default().admin.value)
+                .map(|c| *c.agent.admin)
+                .unwrap_or_else(|_| *crate::config::AgentConfig::default().admin)
         })
     }
 }
@@ -204,7 +204,7 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 return Ok(Outcome::Invalid);
             };
             if let Some(name) = &node_name {
-                config.node.name.value.clone_from(name);
+                config.node.name.get_mut().clone_from(name);
             }
             daemon::run(
                 config,
@@ -234,7 +234,8 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
                     println!(
                         "note: service {}/{} is mode: kernel: its connections carry no identity, \
                          so they are neither encrypted nor authorized",
-                        s.namespace, s.name.value
+                        s.namespace,
+                        s.name.get()
                     );
                 }
                 Outcome::Success
@@ -258,10 +259,10 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 return Ok(Outcome::Invalid);
             };
             let dir = crate::tls::local_ca::ca_dir(&config.agent.state_dir);
-            let cert = crate::tls::local_ca::init(&dir, &config.mesh.trust_domain.value)?;
+            let cert = crate::tls::local_ca::init(&dir, config.mesh.trust_domain.get())?;
             println!(
                 "wrote a new CA for trust domain {}: {} (key beside it, mode 0600)",
-                config.mesh.trust_domain.value,
+                config.mesh.trust_domain.get(),
                 cert.display()
             );
             Ok(Outcome::Success)
@@ -330,7 +331,7 @@ fn trace(config: &Config, seconds: u64) -> anyhow::Result<Outcome> {
     }
     eprintln!("tracing redirect decisions for {seconds}s (Ctrl-C to stop)");
     let result = crate::admin::client::stream_lines(
-        config.agent.admin.value,
+        *config.agent.admin.get(),
         &format!("/debug/trace?seconds={seconds}"),
         || INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed),
         |line| println!("{line}"),

@@ -7,8 +7,8 @@ use std::{
     time::Duration,
 };
 
+use super::Spanned;
 use serde::Deserialize;
-use serde_saphyr::Spanned;
 
 use super::{HumanDuration, unspanned};
 

@@ -6,8 +6,8 @@ use std::{
     net::IpAddr,
 };
 
+use super::Spanned;
 use serde::Deserialize;
-use serde_saphyr::Spanned;
 
 use super::{Problem, ServiceSpec, unspanned, validate::push};
 

@@ -3,8 +3,8 @@
 
 use std::{net::IpAddr, path::PathBuf, time::Duration};
 
+use super::Spanned;
 use serde::Deserialize;
-use serde_saphyr::Spanned;
 
 use super::{Config, HumanDuration, Problem, unspanned};
 

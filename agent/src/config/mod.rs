@@ -26,13 +26,13 @@ pub mod mesh;
 mod node;
 pub mod policy;
 mod service;
+mod spanned;
 mod validate;
 mod workload;
 
 use std::path::PathBuf;
 
 use serde::Deserialize;
-use serde_saphyr::Spanned;
 
 pub use agent::AgentConfig;
 pub use audit::{AuditConfig, AuditOutput};
@@ -48,6 +48,7 @@ pub use policy::{
     Panic, Policy, Retries, Timeouts,
 };
 pub use service::ServiceSpec;
+pub use spanned::Spanned;
 pub use workload::WorkloadSpec;
 
 /// Largest sum of endpoint weights weighted_round_robin accepts: its cycle
@@ -96,11 +97,7 @@ impl Config {
 
 /// A value the file did not set: its location is unknown.
 fn unspanned<T>(value: T) -> Spanned<T> {
-    Spanned::new(
-        value,
-        serde_saphyr::Location::UNKNOWN,
-        serde_saphyr::Location::UNKNOWN,
-    )
+    Spanned::unlocated(value)
 }
 
 #[cfg(test)]

@@ -2,8 +2,8 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
+use super::Spanned;
 use serde::Deserialize;
-use serde_saphyr::Spanned;
 
 use super::unspanned;
 

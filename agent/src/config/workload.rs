@@ -3,8 +3,8 @@
 
 use std::{collections::HashMap, path::PathBuf};
 
+use super::Spanned;
 use serde::Deserialize;
-use serde_saphyr::Spanned;
 
 use super::{
     Authorization, Problem, unspanned,

@@ -125,14 +125,14 @@ pub fn run(config: Config, options: Options) -> Result<(), AgentError> {
     let cgroup_mount = preflight::check(&config.agent.pin_dir)?;
     let mut config = config;
     if config.kubernetes.is_some()
-        && let Some(root) = kubelet_root(&cgroup_mount, &config.node.cgroup_root.value)
+        && let Some(root) = kubelet_root(&cgroup_mount, config.node.cgroup_root.get())
     {
         info!(
             "node.cgroup_root: {} does not exist here, {root} does: the kubelet's cgroup root \
              under the other cgroup driver; using it",
-            config.node.cgroup_root.value
+            config.node.cgroup_root.get()
         );
-        config.node.cgroup_root.value.clone_from(&root);
+        config.node.cgroup_root.get_mut().clone_from(&root);
         overrides.cgroup_root = Some(root);
     }
     crate::netns::remember_home().map_err(AgentError::Cgroup)?;
@@ -160,7 +160,7 @@ async fn serve(
     cgroup_mount: PathBuf,
     options: Options,
 ) -> Result<(), AgentError> {
-    let root = cgroup_mount.join(&config.node.cgroup_root.value);
+    let root = cgroup_mount.join(config.node.cgroup_root.get());
     let handover = Handover::prepare(&config.agent.state_dir, &config.agent.pin_dir)?;
     let inherited = handover.take_over(options.upgrade).await?;
     let mut created = Vec::new();
@@ -300,10 +300,10 @@ async fn run_attached(
     info!(
         "sluice agent ready: node {}, {services} services, {workloads} workloads, outbound {}, \
          inbound mTLS {} (trust domain {})",
-        config.node.name.value,
+        config.node.name.get(),
         config.agent.outbound,
         config.inbound_address(),
-        config.mesh.trust_domain.value
+        config.mesh.trust_domain.get()
     );
 
     let mut live = Live {

@@ -43,10 +43,10 @@ pub(super) struct StartOverrides {
 impl StartOverrides {
     pub fn apply(&self, config: &mut Config) {
         if let Some(name) = &self.node_name {
-            config.node.name.value.clone_from(name);
+            config.node.name.get_mut().clone_from(name);
         }
         if let Some(root) = &self.cgroup_root {
-            config.node.cgroup_root.value.clone_from(root);
+            config.node.cgroup_root.get_mut().clone_from(root);
         }
     }
 }
@@ -81,14 +81,14 @@ pub(super) fn place_workload(
     let netns = match &w.netns {
         Some(ns) => {
             let known = previous
-                .and_then(|c| c.workloads().iter().find(|o| o.name == w.name.value))
+                .and_then(|c| c.workloads().iter().find(|o| o.name == *w.name))
                 .filter(|o| o.cgroup_id == id)
                 .and_then(|o| o.netns.clone())
-                .filter(|n| n.path() == ns.value);
+                .filter(|n| n.path() == ns.get());
             match known {
                 Some(n) => Some(n),
-                None => Some(Arc::new(Netns::open(&ns.value).map_err(|e| {
-                    io::Error::new(e.kind(), format!("workload `{}`: {e}", w.name.value))
+                None => Some(Arc::new(Netns::open(ns.get()).map_err(|e| {
+                    io::Error::new(e.kind(), format!("workload `{}`: {e}", w.name.get()))
                 })?)),
             }
         }
@@ -134,15 +134,15 @@ mod tests {
         let text = "node:\n  name: from-file\n  cgroup_root: kubepods.slice\n";
         let mut config = Config::parse(text, "t.yaml").unwrap();
         StartOverrides::default().apply(&mut config);
-        assert_eq!(config.node.name.value, "from-file");
-        assert_eq!(config.node.cgroup_root.value, "kubepods.slice");
+        assert_eq!(config.node.name.get(), "from-file");
+        assert_eq!(config.node.cgroup_root.get(), "kubepods.slice");
         let overrides = StartOverrides {
             node_name: Some("node-7".into()),
             cgroup_root: Some("kubepods".into()),
         };
         overrides.apply(&mut config);
-        assert_eq!(config.node.name.value, "node-7");
-        assert_eq!(config.node.cgroup_root.value, "kubepods");
+        assert_eq!(config.node.name.get(), "node-7");
+        assert_eq!(config.node.cgroup_root.get(), "kubepods");
         assert_eq!(
             config.node.address,
             Config::parse(text, "t.yaml").unwrap().node.address

@@ -289,18 +289,18 @@ impl Live<'_> {
             .chain(
                 specs
                     .iter()
-                    .map(|s| (s.namespace.as_str(), s.name.value.as_str())),
+                    .map(|s| (s.namespace.as_str(), s.name.as_str())),
             )
             .collect();
         for s in &specs {
-            let vip = SocketAddr::new(s.address.value, s.port.value);
+            let vip = SocketAddr::new(*s.address, *s.port);
             if let Some(other) = running.service(vip)
                 && !leaving.contains(&(other.namespace.as_str(), other.name.as_str()))
             {
                 return Err(format!(
                     "service {}/{}: {vip} is the address of service {}",
                     s.namespace,
-                    s.name.value,
+                    s.name.get(),
                     other.qualified_name()
                 ));
             }
@@ -341,18 +341,18 @@ impl Live<'_> {
         let discovered: HashSet<String> = self
             .discovered
             .as_ref()
-            .map(|d| d.workloads.iter().map(|w| w.name.value.clone()).collect())
+            .map(|d| d.workloads.iter().map(|w| w.name.get().clone()).collect())
             .unwrap_or_default();
         let mut placements = Vec::with_capacity(config.workloads.len());
         let mut left_out = HashSet::new();
         for w in &config.workloads {
             match place_workload(w, self.root, self.created, Some(&previous)) {
                 Ok(p) => placements.push(p),
-                Err(e) if discovered.contains(&w.name.value) => {
+                Err(e) if discovered.contains(w.name.get()) => {
                     if self.unplaced.insert(e.to_string()) {
                         warn!("kubernetes: {e}; the pod is left out until it can be placed");
                     }
-                    left_out.insert(w.name.value.clone());
+                    left_out.insert(w.name.get().clone());
                 }
                 Err(e) => return Err(e),
             }
@@ -360,12 +360,12 @@ impl Live<'_> {
         if !left_out.is_empty() {
             config
                 .workloads
-                .retain(|w| !left_out.contains(&w.name.value));
+                .retain(|w| !left_out.contains(w.name.get()));
             for s in &mut config.services {
                 s.endpoints.retain(|e| {
                     e.workload
                         .as_ref()
-                        .is_none_or(|w| !left_out.contains(&w.value))
+                        .is_none_or(|w| !left_out.contains(w.get()))
                 });
             }
         }
@@ -407,10 +407,10 @@ impl Live<'_> {
         }
         if trigger == Trigger::File
             && (new.agent != self.config.agent
-                || new.node.name.value != self.config.node.name.value
-                || new.node.cgroup_root.value != self.config.node.cgroup_root.value
+                || new.node.name.get() != self.config.node.name.get()
+                || new.node.cgroup_root.get() != self.config.node.cgroup_root.get()
                 || new.node.address != self.config.node.address
-                || new.mesh.trust_domain.value != self.config.mesh.trust_domain.value
+                || new.mesh.trust_domain.get() != self.config.mesh.trust_domain.get()
                 || new.mesh.certificates != self.config.mesh.certificates
                 || !same_discovery(new.kubernetes.as_ref(), self.config.kubernetes.as_ref()))
         {

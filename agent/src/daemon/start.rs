@@ -65,7 +65,7 @@ pub(super) fn prepare_kernel(
         agent_mark: config.agent.mark,
         log: config.agent.ebpf_log,
         sockmap: bypass.is_some(),
-        cgroup_root_level: Path::new(&config.node.cgroup_root.value)
+        cgroup_root_level: Path::new(config.node.cgroup_root.get())
             .components()
             .filter(|c| matches!(c, std::path::Component::Normal(_)))
             .count() as u32,
@@ -161,11 +161,11 @@ pub(super) async fn start_discovery(
         return Ok(None);
     };
     let node = discovery::NodeView {
-        name: config.node.name.value.clone(),
+        name: config.node.name.get().clone(),
         cgroup_root: root.to_owned(),
         pod_cgroups: k.pod_cgroups.clone(),
-        peer_nodes: config.nodes.iter().map(|n| n.name.value.clone()).collect(),
-        trust_domain: config.mesh.trust_domain.value.clone(),
+        peer_nodes: config.nodes.iter().map(|n| n.name.get().clone()).collect(),
+        trust_domain: config.mesh.trust_domain.get().clone(),
     };
     discovery::start(k, node, watch.clone())
         .await
@@ -185,16 +185,16 @@ pub(super) fn start_admin(
 ) -> Result<Arc<AdminState>, AgentError> {
     let config = start.config;
     let admin = Arc::new(state);
-    let mut surfaces = vec![(config.agent.admin.value, Surface::Admin)];
+    let mut surfaces = vec![(config.agent.admin.get(), Surface::Admin)];
     if let Some(metrics) = &config.agent.metrics {
-        surfaces.push((metrics.value, Surface::Metrics));
+        surfaces.push((metrics.get(), Surface::Metrics));
     }
     for (addr, surface) in surfaces {
         let error = |e| match surface {
             Surface::Admin => AgentError::Admin(e),
             Surface::Metrics => AgentError::Metrics(e),
         };
-        let (listener, _) = crate::connect::listen(addr, 128, start.inherited).map_err(error)?;
+        let (listener, _) = crate::connect::listen(*addr, 128, start.inherited).map_err(error)?;
         offered.add_fixed(dup(std::os::fd::AsFd::as_fd(&listener)).map_err(error)?);
         tokio::spawn(admin::serve(
             listener,
@@ -209,15 +209,15 @@ pub(super) fn start_admin(
 pub(super) fn static_info(start: &Start<'_>) -> StaticInfo {
     let config = start.config;
     StaticInfo {
-        node: config.node.name.value.clone(),
+        node: config.node.name.get().clone(),
         config: config.source.display().to_string(),
         cgroup: start.root.display().to_string(),
         pin_dir: config.agent.pin_dir.display().to_string(),
         outbound: config.agent.outbound.to_string(),
         inbound: config.inbound_address().to_string(),
-        admin: config.agent.admin.value.to_string(),
-        metrics: config.agent.metrics.as_ref().map(|m| m.value.to_string()),
-        trust_domain: config.mesh.trust_domain.value.clone(),
+        admin: config.agent.admin.to_string(),
+        metrics: config.agent.metrics.as_ref().map(|m| m.to_string()),
+        trust_domain: config.mesh.trust_domain.get().clone(),
     }
 }
 

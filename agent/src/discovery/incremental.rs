@@ -66,7 +66,7 @@ impl Translator {
             format!("{:?}", settings.default_mode).hash(&mut h);
             settings.peer_nodes.hash(&mut h);
             for w in &out.workloads {
-                w.name.value.hash(&mut h);
+                w.name.hash(&mut h);
             }
             h.finish()
         };
@@ -171,7 +171,7 @@ impl Translator {
                 continue;
             };
             for entry in &cached.entries {
-                let name = (entry.namespace.as_str(), entry.name.value.as_str());
+                let name = (entry.namespace.as_str(), entry.name.as_str());
                 if !given.insert(name) {
                     out.skipped.push((
                         format!("service {}/{}", cached.name.0, cached.name.1),
@@ -271,7 +271,7 @@ mod tests {
         assert!(!Arc::ptr_eq(&first.services[1], &second.services[1]));
         assert!(Arc::ptr_eq(&first.services[2], &second.services[2]));
         assert_eq!(
-            second.services[1].endpoints[0].address.value.to_string(),
+            second.services[1].endpoints[0].address.to_string(),
             "198.18.0.99"
         );
 
@@ -279,6 +279,6 @@ mod tests {
         objects.services.remove(2);
         let third = translator.translate(&objects, &settings, &mut |_| None);
         assert_eq!(third.services.len(), 2);
-        assert_eq!(third.services[1].name.value, "s1");
+        assert_eq!(third.services[1].name.get(), "s1");
     }
 }

@@ -25,7 +25,7 @@ pub fn merge_parts(
 ) -> Result<(), DiscoveryError> {
     // A node the file lists keeps the file's address.
     for n in nodes {
-        if !config.nodes.iter().any(|c| c.name.value == n.name.value) {
+        if !config.nodes.iter().any(|c| c.name.get() == n.name.get()) {
             config.nodes.push(n.clone());
         }
     }
@@ -62,10 +62,10 @@ fn entry_of(config: &Config, field: &str) -> Option<Entry> {
     let (kind, name) = match list {
         "services" => {
             let s = config.services.get(index)?;
-            ("service", format!("{}/{}", s.namespace, s.name.value))
+            ("service", format!("{}/{}", s.namespace, s.name.get()))
         }
-        "workloads" => ("workload", config.workloads.get(index)?.name.value.clone()),
-        "nodes" => ("node", config.nodes.get(index)?.name.value.clone()),
+        "workloads" => ("workload", config.workloads.get(index)?.name.get().clone()),
+        "nodes" => ("node", config.nodes.get(index)?.name.get().clone()),
         _ => return None,
     };
     Some(Entry { kind, name })
@@ -104,7 +104,7 @@ pub fn service_changes(before: &Translated, after: &Translated) -> Option<Servic
         t.services.iter().map(Arc::as_ptr).collect()
     };
     let (old, new) = (ptrs(before), ptrs(after));
-    let key = |s: &ServiceSpec| (s.namespace.clone(), s.name.value.clone());
+    let key = |s: &ServiceSpec| (s.namespace.clone(), s.name.get().clone());
     let mut changes = ServiceChanges::default();
     for v in &after.services {
         if !old.contains(&Arc::as_ptr(v)) {
@@ -241,11 +241,7 @@ services:
         };
         let same = after(before.workloads.clone(), before.nodes.clone());
         let changes = service_changes(&before, &same).expect("only services changed");
-        let changed: Vec<&str> = changes
-            .changed
-            .iter()
-            .map(|s| s.name.value.as_str())
-            .collect();
+        let changed: Vec<&str> = changes.changed.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(changed, ["cart"]);
         assert!(changes.removed.is_empty(), "{:?}", changes.removed);
 

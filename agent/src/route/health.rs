@@ -47,15 +47,15 @@ impl Drop for HealthCheckers {
 
 /// The same check, whatever line of a file it came from.
 fn same_settings(a: &HealthCheck, b: &HealthCheck) -> bool {
-    a.interval.value == b.interval.value
-        && a.timeout.value == b.timeout.value
-        && a.healthy_threshold.value == b.healthy_threshold.value
-        && a.unhealthy_threshold.value == b.unhealthy_threshold.value
+    a.interval.get() == b.interval.get()
+        && a.timeout.get() == b.timeout.get()
+        && a.healthy_threshold.get() == b.healthy_threshold.get()
+        && a.unhealthy_threshold.get() == b.unhealthy_threshold.get()
         && a.jitter == b.jitter
         && match (&a.http, &b.http) {
             (None, None) => true,
             (Some(x), Some(y)) => {
-                x.path.value == y.path.value && x.expected_status.value == y.expected_status.value
+                x.path.get() == y.path.get() && x.expected_status.get() == y.expected_status.get()
             }
             _ => false,
         }
@@ -167,10 +167,10 @@ fn jittered(base: Duration, jitter: Duration) -> Duration {
 
 impl Check {
     async fn run(self, mut drain: DrainWatch) {
-        let interval = self.settings.interval.value.0;
+        let interval = self.settings.interval.0;
         let jitter = self.settings.jitter.0;
-        let healthy_after = self.settings.healthy_threshold.value;
-        let unhealthy_after = self.settings.unhealthy_threshold.value;
+        let healthy_after = self.settings.healthy_threshold.get();
+        let unhealthy_after = self.settings.unhealthy_threshold.get();
         let (mut successes, mut failures) = (0u32, 0u32);
         // Start at a random point of the first interval, so checkers
         // started together do not fire together.
@@ -184,7 +184,7 @@ impl Check {
             if self.probe().await {
                 successes = successes.saturating_add(1);
                 failures = 0;
-                if successes >= healthy_after
+                if successes >= *healthy_after
                     && !self.state.is_healthy()
                     && self.state.set_healthy(true)
                 {
@@ -196,7 +196,7 @@ impl Check {
             } else {
                 failures = failures.saturating_add(1);
                 successes = 0;
-                if failures >= unhealthy_after
+                if failures >= *unhealthy_after
                     && self.state.is_healthy()
                     && self.state.set_healthy(false)
                 {
@@ -210,7 +210,7 @@ impl Check {
     }
 
     async fn probe(&self) -> bool {
-        let timeout = self.settings.timeout.value.0;
+        let timeout = self.settings.timeout.0;
         let attempt = async {
             let mut stream = crate::connect::connect_marked(
                 self.addr,
@@ -224,7 +224,8 @@ impl Check {
             };
             let request = format!(
                 "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: sluice-health-check\r\nConnection: close\r\n\r\n",
-                http.path.value, self.addr
+                http.path.get(),
+                self.addr
             );
             stream.write_all(request.as_bytes()).await?;
             // The status line is all we need: "HTTP/1.1 200 OK".
@@ -241,7 +242,7 @@ impl Check {
                 .ok()
                 .and_then(|s| s.split_whitespace().nth(1))
                 .and_then(|code| code.parse::<u16>().ok());
-            Ok(status == Some(http.expected_status.value))
+            Ok(status == Some(*http.expected_status.get()))
         };
         matches!(tokio::time::timeout(timeout, attempt).await, Ok(Ok(true)))
     }

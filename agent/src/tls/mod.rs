@@ -84,12 +84,12 @@ impl TlsContext {
         identities: &[Identity],
     ) -> Result<Arc<TlsContext>, TlsSetupError> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let store = Arc::new(CertStore::new(&mesh.trust_domain.value, &provider));
+        let store = Arc::new(CertStore::new(mesh.trust_domain.get(), &provider));
         let source = match &mesh.certificates {
             CertificateSource::LocalCa { lifetime } => {
                 let dir = local_ca::ca_dir(state_dir);
                 if !dir.join("ca.pem").exists() {
-                    let path = local_ca::init(&dir, &mesh.trust_domain.value)?;
+                    let path = local_ca::init(&dir, mesh.trust_domain.get())?;
                     info!(
                         "no local CA in {}; made one ({}). Nodes that talk to each other must \
                          share it: copy it, or run `sluice ca init` once and distribute",

@@ -40,16 +40,8 @@ pub(super) fn pod(namespace: &str, name: &str, labels: Value) -> Pod {
 pub(super) fn rules(authorization: &Authorization) -> (Decision, Vec<&str>, Vec<&str>) {
     (
         authorization.default,
-        authorization
-            .allow
-            .iter()
-            .map(|p| p.value.as_str())
-            .collect(),
-        authorization
-            .deny
-            .iter()
-            .map(|p| p.value.as_str())
-            .collect(),
+        authorization.allow.iter().map(|p| p.as_str()).collect(),
+        authorization.deny.iter().map(|p| p.as_str()).collect(),
     )
 }
 

@@ -183,7 +183,7 @@ mod tests {
             .ready = Some(false);
         let t = run(&objects, &[]);
         let eps = &t.services[0].endpoints;
-        let addrs: Vec<String> = eps.iter().map(|e| e.address.value.to_string()).collect();
+        let addrs: Vec<String> = eps.iter().map(|e| e.address.to_string()).collect();
         assert_eq!(addrs, ["198.18.201.2"]);
     }
 
@@ -197,7 +197,7 @@ mod tests {
         slice.endpoints[1].addresses = vec!["checkout.shop".into()];
         let t = run(&objects, &[]);
         let eps = &t.services[0].endpoints;
-        let addrs: Vec<String> = eps.iter().map(|e| e.address.value.to_string()).collect();
+        let addrs: Vec<String> = eps.iter().map(|e| e.address.to_string()).collect();
         assert_eq!(addrs, ["198.18.201.2"]);
         let (_, why) = t
             .skipped

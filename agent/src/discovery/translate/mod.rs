@@ -302,7 +302,7 @@ mod tests {
     #[test]
     fn pods_here_become_workloads_and_services_take_their_mode_from_annotations() {
         let t = run(&objects(), &[]);
-        let names: Vec<&str> = t.workloads.iter().map(|w| w.name.value.as_str()).collect();
+        let names: Vec<&str> = t.workloads.iter().map(|w| w.name.as_str()).collect();
         assert_eq!(
             names,
             [
@@ -312,7 +312,7 @@ mod tests {
         );
         assert_eq!(t.workloads[0].service_account, "checkout");
         assert_eq!(
-            t.workloads[0].netns.as_ref().unwrap().value,
+            t.workloads[0].netns.as_ref().unwrap().get(),
             std::path::Path::new("/proc/1/ns/net")
         );
 
@@ -320,14 +320,14 @@ mod tests {
         // endpoints on node-b (whose agent is unknown here) are left out.
         assert_eq!(t.services.len(), 1, "{:?}", t.services);
         let s = &t.services[0];
-        assert_eq!(s.name.value, "checkout");
+        assert_eq!(s.name.get(), "checkout");
         assert_eq!(s.mode, crate::config::Mode::Mtls);
-        assert_eq!(s.address.value.to_string(), "10.96.0.50");
-        assert_eq!(s.port.value, 8080);
+        assert_eq!(s.address.to_string(), "10.96.0.50");
+        assert_eq!(*s.port, 8080);
         let eps = &s.endpoints;
         assert_eq!(eps.len(), 2);
         assert_eq!(
-            eps[0].workload.as_ref().unwrap().value,
+            eps[0].workload.as_ref().unwrap().get(),
             "shop/checkout-6b8d9c7f4-2xkqp"
         );
         assert_eq!(eps[0].node.as_deref(), Some("node-a"));

@@ -205,19 +205,16 @@ mod tests {
     fn service<'a>(t: &'a Translated, name: &str) -> &'a ServiceSpec {
         t.services
             .iter()
-            .find(|s| s.name.value == name)
+            .find(|s| s.name.get() == name)
             .unwrap_or_else(|| panic!("no service {name}: {:?}", t.services))
     }
 
     fn address(s: &ServiceSpec) -> String {
-        s.address.value.to_string()
+        s.address.to_string()
     }
 
     fn addresses(s: &ServiceSpec) -> Vec<String> {
-        s.endpoints
-            .iter()
-            .map(|e| e.address.value.to_string())
-            .collect()
+        s.endpoints.iter().map(|e| e.address.to_string()).collect()
     }
 
     #[test]
@@ -229,7 +226,7 @@ mod tests {
         assert_eq!(addresses(v4), ["198.18.201.2", "198.18.202.2"]);
         let v6 = service(&t, "checkout-ipv6");
         assert_eq!(address(v6), "fd00:96::50");
-        assert_eq!(v6.port.value, 8080);
+        assert_eq!(*v6.port, 8080);
         assert_eq!(v6.mode, Mode::Mtls);
         assert_eq!(addresses(v6), ["fd00:18::1", "fd00:18::2"]);
         // The same pods, so the same workloads, whatever the family.
@@ -253,10 +250,10 @@ mod tests {
         let v6 = config
             .services
             .iter()
-            .find(|s| s.name.value == "checkout-ipv6")
+            .find(|s| s.name.get() == "checkout-ipv6")
             .unwrap();
-        assert!(v6.address.value.is_ipv6());
-        assert!(v6.endpoints.iter().all(|e| e.address.value.is_ipv6()));
+        assert!(v6.address.get().is_ipv6());
+        assert!(v6.endpoints.iter().all(|e| e.address.get().is_ipv6()));
     }
 
     #[test]
@@ -307,7 +304,7 @@ mod tests {
         spec.ip_families = Some(vec!["IPv6".into()]);
         let t = run(&objects, &[]);
         assert_eq!(t.services.len(), 1, "{:?}", t.services);
-        assert_eq!(t.services[0].name.value, "checkout");
+        assert_eq!(t.services[0].name.get(), "checkout");
         assert_eq!(addresses(&t.services[0]), ["fd00:18::1", "fd00:18::2"]);
     }
 
