@@ -372,66 +372,97 @@ impl Live<'_> {
         Ok(placements)
     }
 
-    /// Loads the file again and applies it, or keeps the running config.
+    /// Loads the file again (or takes a discovery update), builds the next
+    /// catalog and puts it in force; on any refusal the running catalog
+    /// stays.
     fn reload(&mut self, path: &Path, trigger: Trigger) {
-        let refuse = |this: &Self, why: &str| match trigger {
+        let built = self
+            .next_config(path, trigger)
+            .and_then(|mut next| self.build_catalog(&mut next).map(|c| (next, c)));
+        let (next, catalog) = match built {
+            Ok(built) => built,
+            Err(why) => {
+                return match trigger {
+                    Trigger::File => {
+                        self.inputs.metrics.reload(false);
+                        error!("config reload refused; the running config stays in force:\n{why}");
+                    }
+                    Trigger::Kubernetes => error!(
+                        "kubernetes: the discovered catalog was refused; the running catalog \
+                         stays in force: {why}"
+                    ),
+                };
+            }
+        };
+        let (services, workloads) = (catalog.services().count(), next.workloads.len());
+        self.put_in_force(catalog);
+        match trigger {
             Trigger::File => {
-                this.inputs.metrics.reload(false);
-                error!("config reload refused; the running config stays in force:\n{why}");
+                self.inputs.metrics.reload(true);
+                info!("config reloaded: {services} services, {workloads} workloads");
             }
-            Trigger::Kubernetes => error!(
-                "kubernetes: the discovered catalog was refused; the running catalog stays in force: {why}"
-            ),
-        };
-        let loaded = match trigger {
-            Trigger::File => std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read {}: {e}", path.display()))
-                .and_then(|text| {
-                    let config = Config::from_text(&text, path).map_err(|e| e.to_string())?;
-                    self.file_text = text;
-                    Ok(config)
-                }),
             Trigger::Kubernetes => {
-                Config::from_text(&self.file_text, path).map_err(|e| e.to_string())
+                self.inputs.metrics.catalog_update(true);
+                debug!("kubernetes: catalog updated: {services} services, {workloads} workloads");
+            }
+        }
+    }
+
+    /// The config to build from: the file (read again when it changed),
+    /// the start's overrides, and what discovery found.
+    fn next_config(&mut self, path: &Path, trigger: Trigger) -> Result<Config, String> {
+        let mut next = match trigger {
+            Trigger::File => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                let config = Config::from_text(&text, path).map_err(|e| e.to_string())?;
+                self.file_text = text;
+                config
+            }
+            Trigger::Kubernetes => {
+                Config::from_text(&self.file_text, path).map_err(|e| e.to_string())?
             }
         };
-        let mut new = match loaded {
-            Ok(new) => new,
-            Err(e) => return refuse(self, &e),
-        };
-        self.overrides.apply(&mut new);
-        if let Some(found) = &self.discovered
-            && let Err(e) = discovery::merge(&mut new, found)
-        {
-            return refuse(self, &e.to_string());
+        self.overrides.apply(&mut next);
+        if let Some(found) = &self.discovered {
+            discovery::merge(&mut next, found).map_err(|e| e.to_string())?;
         }
-        if trigger == Trigger::File
-            && (new.agent != self.config.agent
-                || new.node.name.get() != self.config.node.name.get()
-                || new.node.cgroup_root.get() != self.config.node.cgroup_root.get()
-                || new.node.address != self.config.node.address
-                || new.mesh.trust_domain.get() != self.config.mesh.trust_domain.get()
-                || new.mesh.certificates != self.config.mesh.certificates
-                || !same_discovery(new.kubernetes.as_ref(), self.config.kubernetes.as_ref()))
-        {
+        if trigger == Trigger::File && self.needs_restart(&next) {
             warn!(
                 "config reload: changes under `agent`, `node` (name, cgroup_root, address), \
                  `mesh` (trust_domain, certificates) and `kubernetes` (but its health_check) \
                  apply at the next restart; the rest applies now"
             );
         }
-        let cgroups = match self.place_workloads(&mut new) {
-            Ok(c) => c,
-            Err(e) => return refuse(self, &e.to_string()),
-        };
-        let catalog = Catalog::from_config(&new, &cgroups, Some(&self.inputs.catalog.load()));
-        if let Err(e) = self
-            .redirect
+        Ok(next)
+    }
+
+    /// Whether `next` changes what only a restart applies.
+    fn needs_restart(&self, next: &Config) -> bool {
+        let running = self.config;
+        next.agent != running.agent
+            || next.node.name.get() != running.node.name.get()
+            || next.node.cgroup_root.get() != running.node.cgroup_root.get()
+            || next.node.address != running.node.address
+            || next.mesh.trust_domain.get() != running.mesh.trust_domain.get()
+            || next.mesh.certificates != running.mesh.certificates
+            || !same_discovery(next.kubernetes.as_ref(), running.kubernetes.as_ref())
+    }
+
+    /// Places `next`'s workloads, builds its catalog over the running one's
+    /// state and writes its services to the kernel.
+    fn build_catalog(&mut self, next: &mut Config) -> Result<Catalog, String> {
+        let placements = self.place_workloads(next).map_err(|e| e.to_string())?;
+        let catalog = Catalog::from_config(next, &placements, Some(&self.inputs.catalog.load()));
+        self.redirect
             .sync_services(&kernel_entries(&catalog, now_ms()))
-        {
-            return refuse(self, &e.to_string());
-        }
-        let services = catalog.services().count();
+            .map_err(|e| e.to_string())?;
+        Ok(catalog)
+    }
+
+    /// Swaps `catalog` in, with what hangs off it: certificates for its
+    /// identities, health checks, pod and capture listeners.
+    fn put_in_force(&mut self, catalog: Catalog) {
         let identities = identities_of(&catalog);
         self.inputs.tls.set_identities(&identities);
         if let Err(e) = self.inputs.tls.refresh(&identities, false) {
@@ -454,21 +485,5 @@ impl Live<'_> {
         self.sync_captures();
         self.applied_discovery = self.discovered.clone();
         self.applied_file_text.clone_from(&self.file_text);
-        match trigger {
-            Trigger::File => {
-                self.inputs.metrics.reload(true);
-                info!(
-                    "config reloaded: {services} services, {} workloads",
-                    new.workloads.len()
-                );
-            }
-            Trigger::Kubernetes => {
-                self.inputs.metrics.catalog_update(true);
-                debug!(
-                    "kubernetes: catalog updated: {services} services, {} workloads",
-                    new.workloads.len()
-                );
-            }
-        }
     }
 }
