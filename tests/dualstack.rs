@@ -11,8 +11,8 @@ use std::{
     collections::HashMap,
     io::{BufRead, BufReader, Write},
     net::{IpAddr, SocketAddr, TcpStream},
-    path::{Path, PathBuf},
-    process::{Child, Stdio},
+    path::Path,
+    process::Stdio,
     time::Duration,
 };
 
@@ -312,10 +312,11 @@ fn an_ipv6_socket_reaches_the_agent_at_ipv6_loopback_or_else_v4_mapped() {
          ip -n {a} -6 addr add fd00:5e::1/64 dev {a_if} nodad && \
          ip -n {b} -6 addr add fd00:5e::2/64 dev $(ip -n {b} -o link show type veth | \
          cut -d: -f2 | cut -d@ -f1 | tr -d \" \") nodad",
-        a = pair.a.name,
-        b = pair.b.name,
+        a = pair.a.name(),
+        b = pair.b.name(),
         a_if = pair.a_if
-    ));
+    ))
+    .unwrap();
     let remote = Backend::start_in("r6", "[fd00:5e::2]:0".parse().unwrap(), &pair.b);
     let config = AgentConfig::new(&[ServiceDef::new(
         "proxied6",
@@ -405,7 +406,7 @@ fn an_ipv6_socket_with_the_agents_mark_is_still_redirected() {
 
 /// Received bytes of the loopback device in `netns`.
 fn loopback_bytes(netns: &Netns) -> u64 {
-    let out = output(&format!("ip -n {} -s -j link show lo", netns.name));
+    let out = netns.ip(&["-s", "-j", "link", "show", "lo"]).unwrap();
     let v: Value = serde_json::from_str(&out).expect("ip -j");
     v[0]["stats64"]["rx"]["bytes"].as_u64().expect("rx bytes")
 }
@@ -465,10 +466,14 @@ fn the_sockmap_bypass_carries_an_ipv6_clients_bytes() {
         "ip -n {} -6 addr add fd00:5d::1/64 dev {} nodad && \
          ip -n {} -6 addr add fd00:5d::2/64 dev $(ip -n {} -o link show type veth | \
          cut -d: -f2 | cut -d@ -f1 | tr -d ' ') nodad",
-        pair.a.name, pair.a_if, pair.b.name, pair.b.name
-    ));
-    let echo6 = SocketAddr::new("fd00:5d::2".parse().unwrap(), free_port());
-    let echo4 = SocketAddr::new(pair.b_addr, free_port());
+        pair.a.name(),
+        pair.a_if,
+        pair.b.name(),
+        pair.b.name()
+    ))
+    .unwrap();
+    let echo6 = SocketAddr::new("fd00:5d::2".parse().unwrap(), free_port().unwrap());
+    let echo4 = SocketAddr::new(pair.b_addr, free_port().unwrap());
     let servers = [eof_echo_once(&pair.b, echo6), eof_echo_once(&pair.b, echo4)];
     let services = [
         ServiceDef::new("blob6", "[2001:db8:77::70]:8080", &[echo6]).with("    mode: plaintext\n"),
@@ -508,9 +513,10 @@ struct DualPod {
     ip6: IpAddr,
     /// The app container's cgroup, relative to the node's cgroup root.
     app: String,
-    /// The pod's cgroup, absolute.
-    cgroup: PathBuf,
-    holder: Child,
+    /// The pod's cgroup, killed and removed with the pod: the pause
+    /// process lives on when its holder is killed.
+    _cgroup: CgroupTree,
+    _holder: ChildGuard,
     _backend: Backend,
 }
 
@@ -531,35 +537,11 @@ impl DualPod {
     }
 }
 
-impl Drop for DualPod {
-    fn drop(&mut self) {
-        let _ = self.holder.kill();
-        let _ = self.holder.wait();
-        // The holder's own children (the pause process) live on: kill
-        // everything in the pod's cgroups, or they cannot be removed.
-        kill_cgroup_tree(&self.cgroup);
-    }
-}
-
-/// Runs `cmd`, panicking with its output if it fails; returns stdout.
-fn output(cmd: &str) -> String {
-    let out = std::process::Command::new("sh")
-        .args(["-c", cmd])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// Gives pod `i` of `node` the IPv6 address `fd00:5c:<prefix>::2/64` on
 /// its veth (the node's end `::1`), routed both ways; returns it.
 fn add_ipv6(node: &Node, i: usize, prefix: u16) -> IpAddr {
     let (pod, ip4) = &node.pods[i];
-    let pod_if = output(&format!("ip -n {} -o link show type veth", pod.name));
+    let pod_if = pod.ip(&["-o", "link", "show", "type", "veth"]).unwrap();
     let pod_if = pod_if
         .split(": ")
         .nth(1)
@@ -568,15 +550,16 @@ fn add_ipv6(node: &Node, i: usize, prefix: u16) -> IpAddr {
         .next()
         .unwrap();
     let gw4 = ip4.to_string().rsplit_once('.').unwrap().0.to_owned() + ".1";
-    let node_if = output(&format!("ip -n {} -o addr show to {gw4}", node.node.name));
+    let node_if = node.node.ip(&["-o", "addr", "show", "to", &gw4]).unwrap();
     let node_if = node_if.split_whitespace().nth(1).unwrap();
-    let (n, p) = (&node.node.name, &pod.name);
+    let (n, p) = (node.node.name(), pod.name());
     // nodad: usable at once, no duplicate address detection to wait out.
     sh(&format!(
         "ip -n {n} -6 addr add fd00:5c:{prefix:x}::1/64 dev {node_if} nodad && \
          ip -n {p} -6 addr add fd00:5c:{prefix:x}::2/64 dev {pod_if} nodad && \
          ip -n {p} -6 route add default via fd00:5c:{prefix:x}::1"
-    ));
+    ))
+    .unwrap();
     format!("fd00:5c:{prefix:x}::2").parse().unwrap()
 }
 
@@ -618,23 +601,22 @@ fn dual_slice(pods: &[DualPod], family: &str) -> Value {
 fn dual_stack_nodes_balance_an_ipv6_cluster_ip_and_cross_nodes_over_mtls() {
     let (a_node, b_node) = (Node::new(2), Node::new(2));
     let tag = std::process::id() % 100_000;
-    let (a_if, b_if) = (format!("dsa{tag}"), format!("dsb{tag}"));
+    let (a_if, b_if) = ("dsa", "dsb");
     let (a_addr, b_addr) = ("198.18.251.1", "198.18.251.2");
-    let (a, b) = (&a_node.node.name, &b_node.node.name);
+    netns::veth(&a_node.node, a_if, &b_node.node, b_if).unwrap();
+    let (a, b) = (a_node.node.name(), b_node.node.name());
     sh(&format!(
-        "ip link add {a_if} type veth peer name {b_if} && \
-         ip link set {a_if} netns {a} && ip link set {b_if} netns {b} && \
-         ip -n {a} addr add {a_addr}/24 dev {a_if} && ip -n {b} addr add {b_addr}/24 dev {b_if} && \
+        "ip -n {a} addr add {a_addr}/24 dev {a_if} && ip -n {b} addr add {b_addr}/24 dev {b_if} && \
          ip -n {a} -6 addr add fd00:5c:ff::1/64 dev {a_if} nodad && \
          ip -n {b} -6 addr add fd00:5c:ff::2/64 dev {b_if} nodad && \
-         ip -n {a} link set {a_if} up && ip -n {b} link set {b_if} up && \
          ip netns exec {a} sysctl -qw net.ipv6.conf.all.forwarding=1 && \
          ip netns exec {b} sysctl -qw net.ipv6.conf.all.forwarding=1"
-    ));
+    ))
+    .unwrap();
     // A's agent dials B's from A's pods' addresses: B routes back to them.
     for (_, ip) in &a_node.pods {
         let subnet = ip.to_string().rsplit_once('.').unwrap().0.to_owned() + ".0/24";
-        sh(&format!("ip -n {b} route add {subnet} via {a_addr}"));
+        sh(&format!("ip -n {b} route add {subnet} via {a_addr}")).unwrap();
     }
     let mut ip6 = Vec::new();
     for (node, first, other, via) in [
@@ -646,7 +628,8 @@ fn dual_stack_nodes_balance_an_ipv6_cluster_ip_and_cross_nodes_over_mtls() {
             ip6.push(add_ipv6(node, i, prefix));
             sh(&format!(
                 "ip -n {other} -6 route add fd00:5c:{prefix:x}::/64 via {via}"
-            ));
+            ))
+            .unwrap();
         }
     }
 
@@ -683,7 +666,7 @@ fn dual_stack_nodes_balance_an_ipv6_cluster_ip_and_cross_nodes_over_mtls() {
                 "import time; time.sleep(120)",
             )
             .stdout(Stdio::null())
-            .spawn()
+            .spawn_guarded()
             .unwrap();
             let name = format!("checkout-{}{i}", &node_name[5..]);
             let backend = Backend::start_in(&name, "[::]:8080".parse().unwrap(), netns);
@@ -694,8 +677,8 @@ fn dual_stack_nodes_balance_an_ipv6_cluster_ip_and_cross_nodes_over_mtls() {
                 ip4: *ip4,
                 ip6: ip6[n * 2 + i],
                 app: layout.container(&pod_cgroup, 1),
-                cgroup: cfg.cgroup_root_path().join(&pod_cgroup),
-                holder,
+                _cgroup: CgroupTree::adopt(cfg.cgroup_root_path().join(&pod_cgroup)),
+                _holder: holder,
                 _backend: backend,
             });
         }
@@ -871,8 +854,4 @@ fn dual_stack_nodes_balance_an_ipv6_cluster_ip_and_cross_nodes_over_mtls() {
     let before = agent_b.stat(Stat::CaptureRefused);
     assert_eq!(a_node.node.run(plain), "refused: connection refused");
     assert!(agent_b.stat(Stat::CaptureRefused) > before);
-    drop(pods);
-    for cfg in [&a_cfg, &b_cfg] {
-        remove_cgroup_tree(&cfg.cgroup_root_path().join(layout.kubepods()));
-    }
 }

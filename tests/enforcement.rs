@@ -24,23 +24,18 @@ const POD_PORT: u16 = 8080;
 /// that is not meshed) and a strict workload in its own namespace (vault);
 /// node A with callers `checkout` and `batch`. B's ledger denies batch.
 struct Cluster {
-    b_node: Node,
-    a: Netns,
+    // Field order is drop order: the agents, then what they use.
+    agent_a: Agent,
+    agent_b: Agent,
+    configs: (AgentConfig, AgentConfig),
+    _state: TempDir,
+    _backends: Vec<Backend>,
+    audit: PathBuf,
     a_addr: IpAddr,
     b_addr: IpAddr,
     vault_port: u16,
-    agent_a: Agent,
-    agent_b: Agent,
-    audit: PathBuf,
-    state: PathBuf,
-    _backends: Vec<Backend>,
-    configs: (AgentConfig, AgentConfig),
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.state);
-    }
+    a: Netns,
+    b_node: Node,
 }
 
 fn workload(name: &str, sa: &str, extra: &str) -> String {
@@ -64,26 +59,21 @@ fn cluster() -> Cluster {
     static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let b_node = Node::new(3);
-    let id = format!("{}{n}", std::process::id() % 100_000);
     let subnet = (std::process::id() as usize * 7 + n * 13) % 250 + 1;
-    let a = Netns {
-        name: format!("sea{id}"),
-    };
+    let a = Netns::create(&unique("node-a")).unwrap();
     let (a_addr, b_addr): (IpAddr, IpAddr) = (
         format!("198.19.{subnet}.1").parse().unwrap(),
         format!("198.19.{subnet}.2").parse().unwrap(),
     );
-    let (a_if, b_if) = (format!("vea{id}"), format!("veb{id}"));
-    let nb = &b_node.node.name;
-    sh(&format!(
-        "ip netns add {an} && ip -n {an} link set lo up && \
-         ip link add {a_if} type veth peer name {b_if} && \
-         ip link set {a_if} netns {an} && ip link set {b_if} netns {nb} && \
-         ip -n {an} addr add {a_addr}/24 dev {a_if} && ip -n {nb} addr add {b_addr}/24 dev {b_if} && \
-         ip -n {an} link set {a_if} up && ip -n {nb} link set {b_if} up && \
-         ip -n {an} route add 198.18.0.0/16 via {b_addr}",
-        an = a.name
-    ));
+    netns::veth(&a, "vea", &b_node.node, "veb").unwrap();
+    a.ip(&["addr", "add", &format!("{a_addr}/24"), "dev", "vea"])
+        .unwrap();
+    b_node
+        .node
+        .ip(&["addr", "add", &format!("{b_addr}/24"), "dev", "veb"])
+        .unwrap();
+    a.ip(&["route", "add", "198.18.0.0/16", "via", &b_addr.to_string()])
+        .unwrap();
     let (p0, p0_ip) = &b_node.pods[0];
     let (p1, p1_ip) = &b_node.pods[1];
     let backends = vec![
@@ -96,8 +86,8 @@ fn cluster() -> Cluster {
         ),
     ];
     let vault_port = backends[2].addr.port();
-    let state = std::env::temp_dir().join(unique("enforce-state"));
-    let inbound_port = free_port();
+    let state = TempDir::create("enforce-state").unwrap();
+    let inbound_port = free_port().unwrap();
     let mesh = "mesh:\n  inbound_handshake_timeout: 1s\n";
     let b_cfg = AgentConfig::custom(|c| {
         format!(
@@ -105,7 +95,7 @@ fn cluster() -> Cluster {
              audit:\n  output: {audit}\nnodes:\n  - name: node-a\n    address: {a_addr}\n\
              workloads:\n{ledger}{legacy}{vault}{checkout}{batch}services:\n{s1}{s2}{s3}",
             root = c.cgroup_root,
-            agent = c.agent_block(&state, inbound_port),
+            agent = c.agent_block(state.path(), inbound_port),
             audit = c.dir.join("audit.jsonl").display(),
             ledger = workload(
                 "ledger",
@@ -149,7 +139,7 @@ fn cluster() -> Cluster {
             "node:\n  name: node-a\n  address: {a_addr}\n  cgroup_root: {root}\n{agent}{mesh}\
              nodes:\n  - name: node-b\n    address: {b_addr}\nworkloads:\n{checkout}{batch}services:\n{s1}{s3}",
             root = c.cgroup_root,
-            agent = c.agent_block(&state, inbound_port),
+            agent = c.agent_block(state.path(), inbound_port),
             checkout = workload("checkout", "checkout", ""),
             batch = workload("batch", "batch", ""),
             s1 = service(
@@ -178,17 +168,17 @@ fn cluster() -> Cluster {
     let agent_a = Agent::start_in_netns(&a_cfg, &a);
     let audit = b_cfg.dir.join("audit.jsonl");
     Cluster {
-        b_node,
-        a,
+        agent_a,
+        agent_b,
+        configs: (a_cfg, b_cfg),
+        _state: state,
+        _backends: backends,
+        audit,
         a_addr,
         b_addr,
         vault_port,
-        agent_a,
-        agent_b,
-        audit,
-        state,
-        _backends: backends,
-        configs: (a_cfg, b_cfg),
+        a,
+        b_node,
     }
 }
 

@@ -101,7 +101,9 @@ fn the_application_sees_the_virtual_address_as_its_peer() {
 fn an_endpoint_ejected_in_userspace_leaves_the_kernels_table() {
     let vip: SocketAddr = "127.77.6.30:8080".parse().unwrap();
     let good = [Backend::start("g1"), Backend::start("g2")];
-    let refusing: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let refusing: SocketAddr = format!("127.0.0.1:{}", free_port().unwrap())
+        .parse()
+        .unwrap();
     let addrs = [good[0].addr, refusing, good[1].addr];
     let service = ServiceDef::new("ledger", &vip.to_string(), &addrs).with(
         "    mode: kernel\n    outlier_detection:\n      consecutive_failures: 2\n      \
@@ -184,7 +186,7 @@ fn killed_agent_fail_open_goes_around_it_fail_closed_refuses_both_recover() {
     let stream = agent
         .client_command(&calls_script(kernel_vip, 3000).replace("done", "sleep 0.001; done"))
         .stdout(std::process::Stdio::piped())
-        .spawn()
+        .spawn_guarded()
         .expect("start the stream");
     std::thread::sleep(Duration::from_millis(500));
     agent.kill();
@@ -282,13 +284,13 @@ fn an_upgrade_under_load_refuses_nothing_and_the_old_agent_drains_and_exits() {
             port = vip.port()
         ))
         .stdout(std::process::Stdio::piped())
-        .spawn()
+        .spawn_guarded()
         .expect("start the held connection");
     // New connections all through the handover.
     let stream = old
         .client_command(&calls_script(vip, 1500).replace("done", "sleep 0.002; done"))
         .stdout(std::process::Stdio::piped())
-        .spawn()
+        .spawn_guarded()
         .expect("start the stream");
     std::thread::sleep(Duration::from_millis(500));
 
@@ -494,11 +496,8 @@ fn eof_echo_server(netns: &Netns, addr: SocketAddr, conns: usize) -> std::thread
 
 /// Received bytes of the loopback device in `netns`.
 fn loopback_bytes(netns: &Netns) -> u64 {
-    let out = std::process::Command::new("ip")
-        .args(["-n", &netns.name, "-s", "-j", "link", "show", "lo"])
-        .output()
-        .expect("ip link");
-    let v: Value = serde_json::from_slice(&out.stdout).expect("ip -j");
+    let out = netns.ip(&["-s", "-j", "link", "show", "lo"]).unwrap();
+    let v: Value = serde_json::from_str(&out).expect("ip -j");
     v[0]["stats64"]["rx"]["bytes"].as_u64().expect("rx bytes")
 }
 
@@ -537,7 +536,7 @@ print(\"intact\" if bytes(got) == data else \"corrupt %d\" % len(got))
 fn sockmap_bypass_skips_loopback_and_keeps_bytes_intact_both_ways() {
     let pair = NodePair::new();
     let vip: SocketAddr = "127.77.6.70:8080".parse().unwrap();
-    let echo: SocketAddr = SocketAddr::new(pair.b_addr, free_port());
+    let echo: SocketAddr = SocketAddr::new(pair.b_addr, free_port().unwrap());
     // Node B holds the endpoint, so the agent-to-endpoint leg crosses the
     // veth and node A's loopback carries only the workload-to-agent leg.
     let server = eof_echo_server(&pair.b, echo, 3);

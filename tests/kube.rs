@@ -7,12 +7,7 @@
 
 mod support;
 
-use std::{
-    net::SocketAddr,
-    path::PathBuf,
-    process::{Child, Stdio},
-    time::Duration,
-};
+use std::{net::SocketAddr, path::PathBuf, process::Stdio, time::Duration};
 
 use serde_json::{Value, json};
 use sluice::admin::client;
@@ -87,18 +82,18 @@ struct Pod {
     node: String,
     uid: String,
     ip: std::net::IpAddr,
-    /// The pod's cgroup, absolute.
-    cgroup: PathBuf,
+    /// The pod's cgroup, killed and removed with the pod.
+    cgroup: CgroupTree,
     /// The app container's cgroup, relative to the node's cgroup root.
     app: String,
     /// The pod's cgroup relative to the node's cgroup root, and its layout.
     pod_cgroup: String,
     layout: Layout,
-    holder: Child,
+    _holder: ChildGuard,
     /// None while stopped.
     backend: Option<Backend>,
     /// The pod's network namespace (the node owns and removes it).
-    netns: String,
+    netns: PathBuf,
 }
 
 impl Pod {
@@ -110,10 +105,8 @@ impl Pod {
     /// A new backend on the pod's address (the caller keeps it running).
     fn new_backend(&self) -> Backend {
         let addr = SocketAddr::new(self.ip, 8080);
-        let netns = std::mem::ManuallyDrop::new(Netns {
-            name: self.netns.clone(),
-        });
-        Backend::start_in(&self.name, addr, &netns)
+        let name = self.name.clone();
+        netns::run_in(self.netns.clone(), move || Backend::start_on(&name, addr))
     }
 
     /// A new container cgroup of this pod (another container, or one
@@ -132,14 +125,6 @@ impl Pod {
             },
             "status": { "phase": "Running", "podIP": self.ip.to_string(), "podIPs": [{ "ip": self.ip.to_string() }] }
         })
-    }
-}
-
-impl Drop for Pod {
-    fn drop(&mut self) {
-        let _ = self.holder.kill();
-        let _ = self.holder.wait();
-        kill_cgroup_tree(&self.cgroup);
     }
 }
 
@@ -175,7 +160,7 @@ fn start_pod(
         "import time; time.sleep(120)",
     )
     .stdout(Stdio::null())
-    .spawn()
+    .spawn_guarded()
     .unwrap();
     let backend = Some(Backend::start_in(name, SocketAddr::new(*ip, 8080), netns));
     Pod {
@@ -183,13 +168,13 @@ fn start_pod(
         node: node_name.to_owned(),
         uid,
         ip: *ip,
-        cgroup: config.cgroup_root_path().join(&pod),
+        cgroup: CgroupTree::adopt(config.cgroup_root_path().join(&pod)),
         app: layout.container(&pod, 1),
         pod_cgroup: pod,
         layout,
-        holder,
+        _holder: holder,
         backend,
-        netns: netns.name.clone(),
+        netns: netns.path(),
     }
 }
 
@@ -292,14 +277,6 @@ fn calls_in(
         );
         let out = in_pod(config, netns, container, &script).output().unwrap();
         lines(&out)
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        self.pods.clear();
-        remove_cgroup_tree(&self.config.cgroup_root_path().join("kubepods"));
-        remove_cgroup_tree(&self.config.cgroup_root_path().join("kubepods.slice"));
     }
 }
 
@@ -452,7 +429,7 @@ fn pods_and_services_from_the_api_server_carry_calls_and_follow_changes() {
         ),
     )
     .stdout(Stdio::piped())
-    .spawn()
+    .spawn_guarded()
     .unwrap();
     std::thread::sleep(Duration::from_millis(500));
     c.api.delete_object(Resource::Pods, "shop", &c.pods[1].name);
@@ -478,7 +455,7 @@ fn pods_and_services_from_the_api_server_carry_calls_and_follow_changes() {
 
 #[test]
 fn an_unreachable_api_server_leaves_the_agent_up_and_not_ready() {
-    let port = free_port();
+    let port = free_port().unwrap();
     let config = AgentConfig::custom(|c| {
         format!(
             "node:\n  name: {NODE}\n  cgroup_root: {}\n{}workloads: []\nservices: []\n\
@@ -587,7 +564,7 @@ fn call_once(config: &AgentConfig, netns: &Netns, container: &str, vip: SocketAd
 /// A connection held open from a pod: each line written to it is sent,
 /// and the reply read back.
 struct OpenConnection {
-    child: Child,
+    child: ChildGuard,
     replies: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
 }
 
@@ -606,7 +583,7 @@ impl OpenConnection {
         let mut child = in_pod(config, netns, container, &script)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .spawn()
+            .spawn_guarded()
             .unwrap();
         let out = child.stdout.take().unwrap();
         OpenConnection {
@@ -626,13 +603,6 @@ impl OpenConnection {
             return String::new();
         }
         self.replies.next().and_then(Result::ok).unwrap_or_default()
-    }
-}
-
-impl Drop for OpenConnection {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -764,26 +734,26 @@ fn a_policy_object_denies_and_allows_without_touching_open_connections() {
 fn two_nodes_four_pods_cross_node_calls_go_over_mtls() {
     let (a_node, b_node) = (Node::new(2), Node::new(2));
     // The nodes' own link, and routes back to A's pods for B's replies.
-    let tag = std::process::id() % 100_000;
-    let (a_if, b_if) = (format!("lna{tag}"), format!("lnb{tag}"));
     let (a_addr, b_addr) = ("198.18.250.1", "198.18.250.2");
-    sh(&format!(
-        "ip link add {a_if} type veth peer name {b_if} && \
-         ip link set {a_if} netns {a} && ip link set {b_if} netns {b} && \
-         ip -n {a} addr add {a_addr}/24 dev {a_if} && ip -n {b} addr add {b_addr}/24 dev {b_if} && \
-         ip -n {a} link set {a_if} up && ip -n {b} link set {b_if} up",
-        a = a_node.node.name,
-        b = b_node.node.name
-    ));
+    netns::veth(&a_node.node, "lna", &b_node.node, "lnb").unwrap();
+    a_node
+        .node
+        .ip(&["addr", "add", &format!("{a_addr}/24"), "dev", "lna"])
+        .unwrap();
+    b_node
+        .node
+        .ip(&["addr", "add", &format!("{b_addr}/24"), "dev", "lnb"])
+        .unwrap();
     for (_, ip) in &a_node.pods {
         let octets = match ip {
             std::net::IpAddr::V4(v4) => v4.octets(),
             _ => unreachable!(),
         };
-        sh(&format!(
-            "ip -n {} route add 198.18.{}.0/24 via {a_addr}",
-            b_node.node.name, octets[2]
-        ));
+        let subnet = format!("198.18.{}.0/24", octets[2]);
+        b_node
+            .node
+            .ip(&["route", "add", &subnet, "via", a_addr])
+            .unwrap();
     }
 
     let api = a_node
@@ -915,7 +885,7 @@ fn two_nodes_four_pods_cross_node_calls_go_over_mtls() {
                 )
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
-                .spawn()
+                .spawn_guarded()
                 .unwrap()
             })
             .collect();
@@ -1034,7 +1004,7 @@ fn a_thousand_endpoint_slice_updates_a_second_lose_no_call_and_no_verdict() {
         ),
     )
     .stdout(Stdio::piped())
-    .spawn()
+    .spawn_guarded()
     .unwrap();
 
     // The churn: 10,000 updates, one a millisecond, on their own thread.
@@ -1188,8 +1158,8 @@ fn a_pod_whose_namespace_cannot_be_opened_is_left_out_alone() {
     // A process in pod 2's own cgroup whose main thread has exited while
     // another runs on: the kernel lists it, and its /proc/PID/ns/net is
     // gone. The locator finds it first.
-    let procs = c.pods[2].cgroup.join("cgroup.procs");
-    let mut broken = std::process::Command::new("python3")
+    let procs = c.pods[2].cgroup.path().join("cgroup.procs");
+    let broken = std::process::Command::new("python3")
         .arg("-c")
         .arg(format!(
             "import ctypes, os, threading, time\n\
@@ -1198,7 +1168,7 @@ fn a_pod_whose_namespace_cannot_be_opened_is_left_out_alone() {
              ctypes.CDLL(None).pthread_exit(None)\n",
             procs.display()
         ))
-        .spawn()
+        .spawn_guarded()
         .unwrap();
     let pid = broken.id().to_string();
     assert!(
@@ -1231,6 +1201,4 @@ fn a_pod_whose_namespace_cannot_be_opened_is_left_out_alone() {
         "{}",
         agent.log()
     );
-    let _ = broken.kill();
-    let _ = broken.wait();
 }

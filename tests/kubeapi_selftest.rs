@@ -14,7 +14,7 @@ use std::{
 
 use serde_json::{Value, json};
 use support::kubeapi::{FakeApiServer, Resource, fixture};
-use support::{unique, wait_until};
+use support::{TempDir, wait_until};
 
 const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
 
@@ -566,10 +566,10 @@ fn discovery_answers_connection_close_is_honoured_and_the_kubeconfig_points_here
         "the server closes after answering"
     );
 
-    let path = std::env::temp_dir().join(unique("kubeconfig"));
+    let dir = TempDir::create("kubeconfig").unwrap();
+    let path = dir.join("kubeconfig");
     api.write_kubeconfig(&path);
     let text = std::fs::read_to_string(&path).unwrap();
-    let _ = std::fs::remove_file(&path);
     assert!(
         text.contains(&format!("    server: {}\n", api.url())),
         "{text}"

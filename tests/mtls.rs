@@ -7,7 +7,7 @@ mod support;
 
 use std::{
     net::SocketAddr,
-    path::{Path, PathBuf},
+    path::Path,
     process::Stdio,
     sync::Arc,
     time::{Duration, SystemTime},
@@ -28,14 +28,15 @@ const VIP: &str = "127.77.3.10:8080";
 const PLAIN_VIP: &str = "127.77.3.11:8080";
 
 struct Mesh {
-    pair: NodePair,
+    // Field order is drop order: the agents, then what they use.
     a: Agent,
     b: Agent,
+    _configs: (AgentConfig, AgentConfig),
+    state: TempDir,
     ledger: Backend,
     plain: Backend,
-    state: PathBuf,
     inbound_port: u16,
-    _configs: (AgentConfig, AgentConfig),
+    pair: NodePair,
 }
 
 fn workload(name: &str, sa: &str) -> String {
@@ -48,8 +49,8 @@ fn mesh(lifetime: &str) -> Mesh {
     let pair = NodePair::new();
     let ledger = Backend::start_in("ledger", "127.0.0.1:0".parse().unwrap(), &pair.b);
     let plain = Backend::start_in("plain", SocketAddr::new(pair.b_addr, 0), &pair.b);
-    let state = std::env::temp_dir().join(unique("mesh-state"));
-    let inbound_port = free_port();
+    let state = TempDir::create("mesh-state").unwrap();
+    let inbound_port = free_port().unwrap();
     let mesh_block = format!(
         "mesh:\n  inbound_handshake_timeout: 1s\n  certificates:\n    local_ca:\n      lifetime: {lifetime}\n"
     );
@@ -80,7 +81,7 @@ fn mesh(lifetime: &str) -> Mesh {
              address: {}\nworkloads:\n{}{}{}",
             pair.a_addr,
             c.cgroup_root,
-            c.agent_block(&state, inbound_port),
+            c.agent_block(state.path(), inbound_port),
             pair.b_addr,
             workload("client", "checkout"),
             workload("batch", "batch"),
@@ -94,7 +95,7 @@ fn mesh(lifetime: &str) -> Mesh {
              - spiffe://cluster.local/ns/payments/sa/checkout\n{}",
             pair.b_addr,
             c.cgroup_root,
-            c.agent_block(&state, inbound_port),
+            c.agent_block(state.path(), inbound_port),
             pair.a_addr,
             workload("ledger", "ledger"),
             services(true)
@@ -105,20 +106,14 @@ fn mesh(lifetime: &str) -> Mesh {
     let a = Agent::start_in_netns(&a_cfg, &pair.a);
     let b = Agent::start_in_netns(&b_cfg, &pair.b);
     Mesh {
-        pair,
         a,
         b,
+        _configs: (a_cfg, b_cfg),
+        state,
         ledger,
         plain,
-        state,
         inbound_port,
-        _configs: (a_cfg, b_cfg),
-    }
-}
-
-impl Drop for Mesh {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.state);
+        pair,
     }
 }
 
@@ -391,7 +386,7 @@ fn bad_peers_are_refused_for_the_right_reason_while_a_good_connection_carries_on
     let good =
         m.a.client_command(&script)
             .stdout(Stdio::piped())
-            .spawn()
+            .spawn_guarded()
             .unwrap();
     assert!(wait_until(Duration::from_secs(10), || m.ledger.accepted() == 1));
 
@@ -625,7 +620,7 @@ fn a_flood_of_unauthenticated_handshakes_is_bounded_and_costs_nothing_after() {
     let stream =
         m.a.client_command(&stream_script)
             .stdout(Stdio::piped())
-            .spawn()
+            .spawn_guarded()
             .unwrap();
     // The stream's connection is up before the flood starts (it comes from
     // node A's address too, like the flood).

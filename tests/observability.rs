@@ -7,7 +7,7 @@ mod support;
 use std::{
     io::{BufRead, BufReader, ErrorKind, Read, Write},
     net::{SocketAddr, TcpStream},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -32,7 +32,7 @@ fn admin(config: &AgentConfig) -> SocketAddr {
 /// A config with a metrics listener (`agent.metrics`) on a port of its
 /// own; returns its address too.
 fn with_metrics(services: &[ServiceDef]) -> (AgentConfig, SocketAddr) {
-    let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let metrics = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
     let config = AgentConfig::with_agent_extra(services, &format!("  metrics: {metrics}\n"));
     (config, metrics)
 }
@@ -116,13 +116,13 @@ fn percent_encode(s: &str) -> String {
 }
 
 struct Prometheus {
-    child: Child,
+    _child: ChildGuard,
     addr: SocketAddr,
 }
 
 impl Prometheus {
     fn start(dir: &std::path::Path, target: SocketAddr) -> Prometheus {
-        let port = free_port();
+        let port = free_port().unwrap();
         let config = dir.join("prometheus.yml");
         std::fs::write(
             &config,
@@ -141,10 +141,10 @@ impl Prometheus {
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
-            .spawn()
+            .spawn_guarded()
             .expect("prometheus is installed by `cargo xtask setup`");
         Prometheus {
-            child,
+            _child: child,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
         }
     }
@@ -162,13 +162,6 @@ impl Prometheus {
             return None;
         }
         result[0]["value"][1].as_str()?.parse().ok()
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -248,7 +241,7 @@ fn cli_commands_report_live_connections_ejections_and_refusals() {
     let holder = agent
         .client_command(&script)
         .stdout(Stdio::piped())
-        .spawn()
+        .spawn_guarded()
         .unwrap();
     assert!(wait_until(Duration::from_secs(10), || b1.accepted()
         + b2.as_ref().unwrap().accepted()
@@ -407,7 +400,7 @@ fn trace_follows_redirect_decisions_live() {
         .arg(&config.path)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
-        .spawn()
+        .spawn_guarded()
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));
     lines(&agent.run_as_client(&calls_script(vip(), 2)));

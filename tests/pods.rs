@@ -93,7 +93,7 @@ fn workloads_view(agent: &Agent) -> Value {
 fn pods_get_their_own_listener_and_source_address_and_never_share_records() {
     let node = Node::new(2);
     let backends: Vec<SocketAddr> = (0..2)
-        .map(|_| SocketAddr::new(node.service_addr, free_port()))
+        .map(|_| SocketAddr::new(node.service_addr, free_port().unwrap()))
         .collect();
     source_echo(&node.node, "a", backends[0]);
     source_echo(&node.node, "b", backends[1]);
@@ -150,7 +150,7 @@ fn pods_get_their_own_listener_and_source_address_and_never_share_records() {
                 )
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
-                .spawn()
+                .spawn_guarded()
                 .unwrap()
             })
             .collect();
@@ -169,7 +169,7 @@ fn pods_get_their_own_listener_and_source_address_and_never_share_records() {
 #[test]
 fn a_pod_that_leaves_drains_its_open_connection_and_takes_no_new_ones() {
     let node = Node::new(1);
-    let backend = SocketAddr::new(node.service_addr, free_port());
+    let backend = SocketAddr::new(node.service_addr, free_port().unwrap());
     source_echo(&node.node, "a", backend);
     let config = AgentConfig::custom(|c| render(c, &node, &[0], &[backend]));
     let agent = Agent::start_in_netns(&config, &node.node);
@@ -194,7 +194,7 @@ fn a_pod_that_leaves_drains_its_open_connection_and_takes_no_new_ones() {
         ),
     )
     .stdout(Stdio::piped())
-    .spawn()
+    .spawn_guarded()
     .unwrap();
     thread::sleep(Duration::from_millis(500));
 

@@ -142,7 +142,7 @@ fn sigterm_drains_open_connections_then_detaches() {
     let client = agent
         .client_command(&script)
         .stdout(Stdio::piped())
-        .spawn()
+        .spawn_guarded()
         .unwrap();
     assert!(wait_until(Duration::from_secs(10), || backend.accepted() == 1));
 
@@ -170,7 +170,9 @@ fn sigterm_drains_open_connections_then_detaches() {
 #[test]
 fn a_refusing_endpoint_resets_the_client_and_is_logged() {
     let healthy = Backend::start("healthy");
-    let refusing: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let refusing: SocketAddr = format!("127.0.0.1:{}", free_port().unwrap())
+        .parse()
+        .unwrap();
     let config = AgentConfig::new(&[
         ServiceDef::new("broken", VIP, &[refusing]),
         ServiceDef::new("payments", "127.77.0.11:8080", &[healthy.addr]),
@@ -380,7 +382,7 @@ fn during_the_drain_a_new_connect_is_refused_at_once() {
     let open = agent
         .client_command(&open_script)
         .stdout(Stdio::piped())
-        .spawn()
+        .spawn_guarded()
         .unwrap();
     assert!(wait_until(Duration::from_secs(10), || backend.accepted() == 1));
 

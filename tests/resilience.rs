@@ -64,7 +64,7 @@ fn a_dead_backend_is_ejected_then_taken_back() {
     let mut client = agent
         .client_command(&script)
         .stdout(Stdio::piped())
-        .spawn()
+        .spawn_guarded()
         .unwrap();
     let restored = agent.wait_for_log(&format!("endpoint {b2_addr} passed its half-open probe"));
     let back_after = ejected_at.elapsed();
@@ -185,7 +185,7 @@ fn reload_applies_without_dropping_connections() {
     let client = agent
         .client_command(&script)
         .stdout(Stdio::piped())
-        .spawn()
+        .spawn_guarded()
         .unwrap();
     assert!(wait_until(Duration::from_secs(10), || old.accepted() == 1));
 

@@ -1,14 +1,15 @@
 //! Helpers that let each integration test read as its scenario: real
 //! backends on loopback, a real agent process with its own cgroup root and
 //! pin directory, workloads run through `sluice exec`. Everything a test
-//! creates is removed when its helpers drop, even if the test fails.
+//! creates is removed when its helpers drop, even if the test fails: the
+//! guards are the test kit's (`sluice-testkit`), and `cargo xtask test`
+//! fails if a run leaves anything behind.
 #![allow(dead_code)] // each test binary uses a different subset
 
 use std::{
     ffi::CString,
     io::{BufRead, BufReader, Write},
     net::{SocketAddr, TcpListener, TcpStream},
-    os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Output, Stdio},
     sync::{
@@ -16,10 +17,22 @@ use std::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use sluice::redirect::{self, cgroup};
+use sluice::redirect;
+#[allow(unused_imports)] // each test binary uses a different subset
+pub use sluice_testkit::{
+    cgroup::{self, CgroupTree},
+    names::unique,
+    netns::{self, Netns},
+    pins::PinDir,
+    port::free_port,
+    process::{ChildGuard, SpawnGuarded},
+    shell::sh,
+    tempdir::TempDir,
+    wait::wait_until,
+};
 
 pub mod install;
 pub mod kubeapi;
@@ -28,50 +41,6 @@ pub mod pods;
 /// The agent binary under test.
 pub fn sluice_bin() -> &'static str {
     env!("CARGO_BIN_EXE_sluice")
-}
-
-/// A name unique to this test run, for cgroups, pins and files.
-pub fn unique(tag: &str) -> String {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    format!(
-        "sluice-test-{}-{}-{tag}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-/// A port on 127.0.0.1 that is free now and that the kernel will not hand
-/// out on its own. Ports from `bind(:0)` come from the ephemeral range, and
-/// the many client connections that tests open in parallel take their
-/// source ports from the same range, so such a port can be gone by the time
-/// the agent binds it. Ports below the ephemeral range are only ever taken
-/// by someone binding them explicitly.
-pub fn free_port() -> u16 {
-    const FIRST: u32 = 20_000;
-    const SPAN: u32 = 12_000; // stays under 32768, the ephemeral range's floor
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    // Spread test processes apart so two runs at once rarely probe the same ports.
-    let start = (std::process::id() * 397) % SPAN;
-    for _ in 0..SPAN {
-        let step = NEXT.fetch_add(1, Ordering::Relaxed) as u32;
-        let port = (FIRST + (start + step) % SPAN) as u16;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port in {FIRST}..{}", FIRST + SPAN);
-}
-
-/// Polls `f` every 10 ms until it is true or `timeout` passes.
-pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let until = Instant::now() + timeout;
-    while Instant::now() < until {
-        if f() {
-            return true;
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
-    f()
 }
 
 /// A line-echo TCP server: for each line it receives it answers
@@ -183,7 +152,9 @@ impl ServiceDef {
 }
 
 /// Writes a config for one test: its own cgroup root, pin dir and
-/// outbound port, one workload called `client`.
+/// outbound port, one workload called `client`. On drop, whatever still
+/// runs in its cgroup tree is killed and the tree, the pins and the files
+/// are removed.
 pub struct AgentConfig {
     pub dir: PathBuf,
     pub path: PathBuf,
@@ -194,6 +165,11 @@ pub struct AgentConfig {
     pub admin_port: u16,
     pub capture_port: u16,
     agent_extra: String,
+    // Dropped in this order: the processes go before the pins, and the
+    // files they may have open last.
+    cgroup: CgroupTree,
+    pins: PinDir,
+    files: TempDir,
 }
 
 impl AgentConfig {
@@ -203,19 +179,24 @@ impl AgentConfig {
 
     /// `agent_extra`: more lines for the `agent:` block (indented 2).
     pub fn with_agent_extra(services: &[ServiceDef], agent_extra: &str) -> AgentConfig {
-        let name = unique("cfg");
-        let dir = std::env::temp_dir().join(&name);
-        std::fs::create_dir_all(&dir).unwrap();
+        let files = TempDir::create("cfg").unwrap();
+        // One name for the files, the cgroup root and the pins.
+        let name = files.name().to_owned();
+        let cgroup = CgroupTree::adopt(cgroup::mount().unwrap().join(&name));
+        let pins = PinDir::named(&name);
         let config = AgentConfig {
-            path: dir.join("sluice.yaml"),
-            dir,
-            pin_dir: PathBuf::from("/sys/fs/bpf").join(&name),
+            path: files.join("sluice.yaml"),
+            dir: files.path().to_owned(),
+            pin_dir: pins.path().to_owned(),
             cgroup_root: name,
-            outbound_port: free_port(),
-            inbound_port: free_port(),
-            admin_port: free_port(),
-            capture_port: free_port(),
+            outbound_port: free_port().unwrap(),
+            inbound_port: free_port().unwrap(),
+            admin_port: free_port().unwrap(),
+            capture_port: free_port().unwrap(),
             agent_extra: agent_extra.to_owned(),
+            cgroup,
+            pins,
+            files,
         };
         config.rewrite(services);
         config
@@ -275,26 +256,7 @@ impl AgentConfig {
 
     /// Absolute path of the node's cgroup root.
     pub fn cgroup_root_path(&self) -> PathBuf {
-        cgroup::cgroup2_mount()
-            .expect("cgroup v2 is mounted")
-            .join(&self.cgroup_root)
-    }
-}
-
-impl Drop for AgentConfig {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-        // Leftovers only exist if a test failed midway; never leave them.
-        if let Ok(entries) = std::fs::read_dir(&self.pin_dir) {
-            for e in entries.flatten() {
-                if e.file_name().to_string_lossy().starts_with("link_") {
-                    let _ = std::fs::remove_file(e.path());
-                }
-            }
-        }
-        redirect::remove_pins(&self.pin_dir);
-        // Deepest first: pods' container cgroups sit several levels down.
-        pods::remove_cgroup_tree(&self.cgroup_root_path());
+        self.cgroup.path().to_owned()
     }
 }
 
@@ -359,27 +321,10 @@ impl Agent {
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         if let Some(ns) = netns {
-            ns.enter_on_exec(&mut cmd);
+            ns.enter_on_exec(&mut cmd).unwrap();
         }
         if let Some(cg) = cgroup {
-            let procs = CString::new(cg.join("cgroup.procs").to_str().unwrap()).unwrap();
-            // SAFETY: only async-signal-safe calls (open, write, close) on
-            // memory prepared before fork.
-            unsafe {
-                cmd.pre_exec(move || {
-                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-                    if fd < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
-                    libc::close(fd);
-                    if ok {
-                        Ok(())
-                    } else {
-                        Err(std::io::Error::last_os_error())
-                    }
-                });
-            }
+            cgroup::enter_on_exec(&mut cmd, cg);
         }
         let mut child = cmd.spawn().expect("spawn sluice agent");
         let log = Arc::new(Mutex::new(String::new()));
@@ -441,7 +386,7 @@ impl Agent {
     pub fn sluice(&self, args: &[&str]) -> Output {
         let mut cmd = Command::new(sluice_bin());
         if let Some(path) = &self.netns {
-            enter_netns_on_exec(&mut cmd, path);
+            netns::enter_on_exec(&mut cmd, path).unwrap();
         }
         cmd.args(args)
             .env("SLUICE_CONFIG", &self.config_path)
@@ -488,7 +433,7 @@ impl Agent {
     pub fn workload_command(&self, workload: &str, script: &str) -> Command {
         let mut cmd = Command::new(sluice_bin());
         if let Some(path) = &self.netns {
-            enter_netns_on_exec(&mut cmd, path);
+            netns::enter_on_exec(&mut cmd, path).unwrap();
         }
         cmd.args(["exec", "--config"])
             .arg(&self.config_path)
@@ -591,26 +536,6 @@ pub fn answered_by(replies: &[String]) -> Vec<&str> {
         .collect()
 }
 
-/// Makes `cmd`'s child enter the network namespace at `path` before exec.
-/// Only the network namespace changes: /sys (and with it cgroupfs and
-/// bpffs) stays as it is, unlike with `ip netns exec`.
-fn enter_netns_on_exec(cmd: &mut Command, path: &Path) {
-    let file = std::fs::File::open(path).expect("open netns");
-    // SAFETY: setns(2) is async-signal-safe; the fd stays open because the
-    // closure owns the file.
-    unsafe {
-        cmd.pre_exec(move || {
-            use std::os::fd::AsRawFd;
-            if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) == 0 {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            }
-        });
-    }
-}
-
-/// Runs a shell command, panicking with its output if it fails.
 /// Sum of the samples in a Prometheus exposition whose line starts with
 /// `prefix` (a metric name, optionally with the start of its labels).
 pub fn metric(exposition: &str, prefix: &str) -> f64 {
@@ -619,61 +544,6 @@ pub fn metric(exposition: &str, prefix: &str) -> f64 {
         .filter(|l| l.starts_with(prefix))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
-}
-
-pub fn sh(cmd: &str) {
-    let out = Command::new("sh").args(["-c", cmd]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "`{cmd}` failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A network namespace standing for a node, removed on drop.
-pub struct Netns {
-    pub name: String,
-}
-
-impl Netns {
-    pub fn path(&self) -> PathBuf {
-        PathBuf::from("/var/run/netns").join(&self.name)
-    }
-
-    /// Makes `cmd`'s child run inside this namespace.
-    pub fn enter_on_exec(&self, cmd: &mut Command) {
-        enter_netns_on_exec(cmd, &self.path());
-    }
-
-    /// Runs `f` on a new thread that has entered this namespace; sockets it
-    /// creates live there.
-    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        self.spawn(f).join().expect("thread in netns panicked")
-    }
-
-    /// Like [`Self::run`], in the background.
-    pub fn spawn<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> thread::JoinHandle<T> {
-        let path = self.path();
-        thread::spawn(move || {
-            use std::os::fd::AsRawFd;
-            let file = std::fs::File::open(&path).expect("open netns");
-            // SAFETY: setns(2) on this thread only.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
 }
 
 /// Two nodes in their own network namespaces, joined by a veth pair:
@@ -691,27 +561,19 @@ impl NodePair {
     pub fn new() -> NodePair {
         static NEXT: AtomicUsize = AtomicUsize::new(1);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let tag = format!("{}{n}", std::process::id() % 100_000);
-        let (a, b) = (format!("sla{tag}"), format!("slb{tag}"));
-        let (a_if, b_if) = (format!("va{tag}"), format!("vb{tag}"));
         let subnet = (std::process::id() as usize * 7 + n) % 250 + 1;
-        let a_addr = format!("198.18.{subnet}.1");
-        let b_addr = format!("198.18.{subnet}.2");
-        sh(&format!("ip netns add {a} && ip netns add {b}"));
         let pair = NodePair {
-            a: Netns { name: a.clone() },
-            b: Netns { name: b.clone() },
-            a_addr: a_addr.parse().unwrap(),
-            b_addr: b_addr.parse().unwrap(),
-            a_if: a_if.clone(),
+            a: Netns::create(&unique("node-a")).unwrap(),
+            b: Netns::create(&unique("node-b")).unwrap(),
+            a_addr: format!("198.18.{subnet}.1").parse().unwrap(),
+            b_addr: format!("198.18.{subnet}.2").parse().unwrap(),
+            a_if: "va".to_owned(),
         };
-        sh(&format!(
-            "ip link add {a_if} type veth peer name {b_if} && \
-             ip link set {a_if} netns {a} && ip link set {b_if} netns {b} && \
-             ip -n {a} addr add {a_addr}/24 dev {a_if} && ip -n {b} addr add {b_addr}/24 dev {b_if} && \
-             ip -n {a} link set {a_if} up && ip -n {b} link set {b_if} up && \
-             ip -n {a} link set lo up && ip -n {b} link set lo up"
-        ));
+        netns::veth(&pair.a, "va", &pair.b, "vb").unwrap();
+        let a_addr = format!("{}/24", pair.a_addr);
+        let b_addr = format!("{}/24", pair.b_addr);
+        pair.a.ip(&["addr", "add", &a_addr, "dev", "va"]).unwrap();
+        pair.b.ip(&["addr", "add", &b_addr, "dev", "vb"]).unwrap();
         pair
     }
 }

@@ -12,6 +12,7 @@ use std::process::Command;
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
+use sluice_testkit::{leftovers, names};
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "Sluice developer tasks")]
@@ -26,8 +27,9 @@ enum Task {
     Setup,
     /// Setup, then build the release binary (target/release/sluice).
     Build,
-    /// Setup, then fmt check, clippy -D warnings, every test (as root), and
-    /// each fuzz target for SLUICE_FUZZ_SECONDS (60) seconds.
+    /// Setup, then fmt check, clippy -D warnings, every test (as root; none
+    /// may leave a cgroup, namespace, pin or process behind), and each fuzz
+    /// target for SLUICE_FUZZ_SECONDS (60) seconds.
     Test,
     /// Setup, build, and run the agent on config/sluice.yaml with three
     /// payment backends and a meshed client.
@@ -149,13 +151,32 @@ fn test() -> anyhow::Result<()> {
     if !setup::is_root() {
         bail!("the tests attach eBPF programs and create cgroups: run `cargo xtask test` as root");
     }
-    let totals = run_tests(cargo().args([
-        "test",
-        "--workspace",
-        "--exclude",
-        "sluice-ebpf",
-        "--all-targets",
-    ]))?;
+    // The tests name everything they make after this run, and every
+    // process they start inherits the name: whatever is left is theirs.
+    let test_run = format!("x{}", std::process::id());
+    let tests = run_tests(
+        cargo()
+            .args([
+                "test",
+                "--workspace",
+                "--exclude",
+                "sluice-ebpf",
+                "--all-targets",
+            ])
+            .env(names::RUN_VAR, &test_run),
+    );
+    let left = leftovers::find(&test_run);
+    for thing in &left {
+        println!("left behind by the tests: {thing}");
+    }
+    let totals = tests?;
+    if !left.is_empty() {
+        bail!(
+            "the tests left {} things behind (listed above): each test must remove what it makes, \
+             also when it fails",
+            left.len()
+        );
+    }
     // The Kubernetes install: schema-valid manifests, an agent config the
     // agent accepts.
     run(Command::new("bash").arg("config/kubernetes/validate.sh"))?;
