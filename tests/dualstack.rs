@@ -112,7 +112,7 @@ fn an_ipv6_virtual_address_is_proxied_over_two_ipv6_backends() {
     let vip: SocketAddr = VIP6.parse().unwrap();
     let backends = [backend6("v6a"), backend6("v6b")];
     let addrs = [backends[0].addr, backends[1].addr];
-    let config = AgentConfig::new(&[ServiceDef::new("ledger6", VIP6, &addrs)]);
+    let config = AgentConfig::new(&[service("ledger6", VIP6, &addrs)]);
     let agent = Agent::start(&config);
 
     let script = calls_from("AF_INET6", &vip.ip().to_string(), vip.port(), 10);
@@ -140,8 +140,7 @@ fn an_ipv6_virtual_address_is_balanced_by_the_kernel_over_two_ipv6_backends() {
     let vip: SocketAddr = VIP6.parse().unwrap();
     let backends = [backend6("k6a"), backend6("k6b")];
     let addrs = [backends[0].addr, backends[1].addr];
-    let service = ServiceDef::new("ledger6", VIP6, &addrs).with("    mode: kernel\n");
-    let config = AgentConfig::new(&[service]);
+    let config = AgentConfig::new(&[service("ledger6", VIP6, &addrs).mode(Mode::Kernel)]);
     let agent = Agent::start(&config);
 
     // One CPU: the kernel walks the table with a cursor per CPU, so the
@@ -171,17 +170,17 @@ fn an_ipv6_socket_dialling_a_v4_mapped_virtual_address_is_redirected() {
     let backends = [Backend::start("p1"), Backend::start("p2")];
     let kbackends = [Backend::start("k1"), Backend::start("k2")];
     let config = AgentConfig::new(&[
-        ServiceDef::new(
+        service(
             "payments",
             &proxied.to_string(),
             &[backends[0].addr, backends[1].addr],
         ),
-        ServiceDef::new(
+        service(
             "ledger",
             &kernel.to_string(),
             &[kbackends[0].addr, kbackends[1].addr],
         )
-        .with("    mode: kernel\n"),
+        .mode(Mode::Kernel),
     ]);
     let agent = Agent::start(&config);
 
@@ -223,9 +222,10 @@ fn with_the_agent_killed_ipv6_fails_open_or_closed_as_configured() {
     let (open_vip, closed_vip) = ("[2001:db8:77::40]:8080", "[2001:db8:77::41]:8080");
     let (open, closed) = (backend6("open6"), backend6("closed6"));
     let config = AgentConfig::new(&[
-        ServiceDef::new("catalog6", open_vip, &[open.addr])
-            .with("    mode: plaintext\n    on_agent_down: fail_open\n"),
-        ServiceDef::new("payments6", closed_vip, &[closed.addr]),
+        service("catalog6", open_vip, &[open.addr])
+            .mode(Mode::Plaintext)
+            .on_agent_down(OnAgentDown::FailOpen),
+        service("payments6", closed_vip, &[closed.addr]),
     ]);
     let mut agent = Agent::start(&config);
     agent.kill();
@@ -279,8 +279,8 @@ fn an_ipv6_socket_reaches_the_agent_at_ipv6_loopback_or_else_v4_mapped() {
     let kvip: SocketAddr = "[2001:db8:77::51]:8080".parse().unwrap();
     let (p, k) = (backend6("p6"), backend6("k6"));
     let config = AgentConfig::new(&[
-        ServiceDef::new("proxied6", &vip.to_string(), &[p.addr]),
-        ServiceDef::new("kernel6", &kvip.to_string(), &[k.addr]).with("    mode: kernel\n"),
+        service("proxied6", &vip.to_string(), &[p.addr]),
+        service("kernel6", &kvip.to_string(), &[k.addr]).mode(Mode::Kernel),
     ]);
     let agent = Agent::start(&config);
     let replies = lines(&agent.run_as_client(&v6only_and_not(vip)));
@@ -318,11 +318,7 @@ fn an_ipv6_socket_reaches_the_agent_at_ipv6_loopback_or_else_v4_mapped() {
     ))
     .unwrap();
     let remote = Backend::start_in("r6", "[fd00:5e::2]:0".parse().unwrap(), &pair.b);
-    let config = AgentConfig::new(&[ServiceDef::new(
-        "proxied6",
-        &vip.to_string(),
-        &[remote.addr],
-    )]);
+    let config = AgentConfig::new(&[service("proxied6", &vip.to_string(), &[remote.addr])]);
     let agent = Agent::start_in_netns(&config, &pair.a);
     let replies = lines(&agent.run_as_client(&v6only_and_not(vip)));
     assert_eq!(
@@ -346,7 +342,7 @@ fn an_ipv6_socket_reaches_the_agent_at_ipv6_loopback_or_else_v4_mapped() {
 fn an_upgrade_hands_over_the_ipv6_outbound_listener() {
     let vip: SocketAddr = "[2001:db8:77::60]:8080".parse().unwrap();
     let b = backend6("u6");
-    let config = AgentConfig::new(&[ServiceDef::new("up6", &vip.to_string(), &[b.addr])]);
+    let config = AgentConfig::new(&[service("up6", &vip.to_string(), &[b.addr])]);
     let mut old = Agent::start(&config);
     let mut new = Agent::start(&config);
     assert!(old.wait(Duration::from_secs(20)).success(), "{}", old.log());
@@ -373,14 +369,8 @@ fn an_upgrade_hands_over_the_ipv6_outbound_listener() {
 #[test]
 fn an_ipv6_socket_with_the_agents_mark_is_still_redirected() {
     let b = backend6("meshed6");
-    let services = [ServiceDef::new("payments6", VIP6, &[b.addr])];
-    let config = AgentConfig::new(&services);
-    let audit = config.dir.join("audit.jsonl");
-    config.write_raw(&format!(
-        "{}audit:\n  output: {}\n",
-        config.render(&services),
-        audit.display()
-    ));
+    let config = AgentConfig::audited(&[service("payments6", VIP6, &[b.addr])]);
+    let audit = config.audit_path();
     let agent = Agent::start(&config);
     let mark = "s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, 0x51ce)";
     let script = calls_with("AF_INET6", mark, "2001:db8:77::10", 8080, 1);
@@ -476,10 +466,14 @@ fn the_sockmap_bypass_carries_an_ipv6_clients_bytes() {
     let echo4 = SocketAddr::new(pair.b_addr, free_port().unwrap());
     let servers = [eof_echo_once(&pair.b, echo6), eof_echo_once(&pair.b, echo4)];
     let services = [
-        ServiceDef::new("blob6", "[2001:db8:77::70]:8080", &[echo6]).with("    mode: plaintext\n"),
-        ServiceDef::new("blob4", "127.77.6.71:8080", &[echo4]).with("    mode: plaintext\n"),
+        service("blob6", "[2001:db8:77::70]:8080", &[echo6]).mode(Mode::Plaintext),
+        service("blob4", "127.77.6.71:8080", &[echo4]).mode(Mode::Plaintext),
     ];
-    let config = AgentConfig::with_agent_extra(&services, "  sockmap: true\n");
+    let config = AgentConfig::with(|c| {
+        let mut config = c.base(&services);
+        config.agent.sockmap = Some(true);
+        config
+    });
     let mut agent = Agent::start_in_netns(&config, &pair.a);
 
     for (i, ip) in ["2001:db8:77::70", "::ffff:127.77.6.71"].iter().enumerate() {
@@ -637,8 +631,8 @@ fn dual_stack_nodes_balance_an_ipv6_cluster_ip_and_cross_nodes_over_mtls() {
         .node
         .run(|| FakeApiServer::start_on("0.0.0.0:0".parse().unwrap()));
     let ca = test_ca();
-    let a_cfg = AgentConfig::custom(|_| String::new());
-    let b_cfg = AgentConfig::custom(|_| String::new());
+    let a_cfg = AgentConfig::new(&[]);
+    let b_cfg = AgentConfig::new(&[]);
     for (cfg, account) in [(&a_cfg, "checkout"), (&b_cfg, "checkout-b")] {
         let certs = cfg.dir.join("certs");
         write_workload_certs(&certs, &ca, "cluster.local", &[("shop", account)]);

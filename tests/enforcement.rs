@@ -38,21 +38,19 @@ struct Cluster {
     b_node: Node,
 }
 
-fn workload(name: &str, sa: &str, extra: &str) -> String {
-    format!("  - name: {name}\n    namespace: payments\n    service_account: {sa}\n{extra}")
-}
-
-fn service(name: &str, vip: &str, mode: &str, endpoint: &str) -> String {
-    let vip: SocketAddr = vip.parse().unwrap();
-    // Health checks every 100 ms: they must reach a strict pod of this node
-    // (from inside it) and leave another node's endpoints to their agent.
-    format!(
-        "  - name: {name}\n    namespace: payments\n    mode: {mode}\n    address: {}\n    port: {}\n    \
-         health_check:\n      interval: 100ms\n      timeout: 300ms\n      unhealthy_threshold: 2\n    \
-         endpoints:\n      - {endpoint}\n",
-        vip.ip(),
-        vip.port()
-    )
+/// Service `payments/name` at `vip` in `mode` over `endpoint`. Health
+/// checks every 100 ms: they must reach a strict pod of this node (from
+/// inside it) and leave another node's endpoints to their agent.
+fn checked_service(name: &str, vip: &str, mode: Mode, endpoint: Endpoint) -> Service {
+    service(name, vip, &[])
+        .mode(mode)
+        .health_check(HealthCheck {
+            interval: Some(Duration::from_millis(100)),
+            timeout: Some(Duration::from_millis(300)),
+            unhealthy_threshold: Some(2),
+            ..HealthCheck::default()
+        })
+        .endpoints(vec![endpoint])
 }
 
 fn cluster() -> Cluster {
@@ -88,85 +86,81 @@ fn cluster() -> Cluster {
     let vault_port = backends[2].addr.port();
     let state = TempDir::create("enforce-state").unwrap();
     let inbound_port = free_port().unwrap();
-    let mesh = "mesh:\n  inbound_handshake_timeout: 1s\n";
-    let b_cfg = AgentConfig::custom(|c| {
-        format!(
-            "node:\n  name: node-b\n  address: {b_addr}\n  cgroup_root: {root}\n{agent}{mesh}\
-             audit:\n  output: {audit}\nnodes:\n  - name: node-a\n    address: {a_addr}\n\
-             workloads:\n{ledger}{legacy}{vault}{checkout}{batch}services:\n{s1}{s2}{s3}",
-            root = c.cgroup_root,
-            agent = c.agent_block(state.path(), inbound_port),
-            audit = c.dir.join("audit.jsonl").display(),
-            ledger = workload(
-                "ledger",
-                "ledger",
-                &format!(
-                    "    netns: {}\n    authorization:\n      default: allow\n      deny:\n        \
-                     - spiffe://cluster.local/ns/payments/sa/batch\n",
-                    p0.path().display()
-                )
-            ),
-            legacy = workload(
-                "legacy",
-                "legacy",
-                &format!("    netns: {}\n", p1.path().display())
-            ),
-            vault = workload("vault", "vault", ""),
-            checkout = workload("checkout-b", "checkout", ""),
-            batch = workload("batch-b", "batch", ""),
-            s1 = service(
+    let workload = |name: &str, sa: &str| Workload::new(name, "payments", sa);
+    let ledger = SocketAddr::new(*p0_ip, POD_PORT);
+    let vault = SocketAddr::new(b_addr, vault_port);
+    let b_cfg = AgentConfig::with(|c| Config {
+        audit: Some(Audit {
+            output: c.audit_path(),
+        }),
+        workloads: vec![
+            workload("ledger", "ledger")
+                .netns(p0.path())
+                .authorization(Authorization {
+                    default: Decision::Allow,
+                    allow: vec![],
+                    deny: vec!["spiffe://cluster.local/ns/payments/sa/batch".to_owned()],
+                }),
+            workload("legacy", "legacy").netns(p1.path()),
+            workload("vault", "vault"),
+            workload("checkout-b", "checkout"),
+            workload("batch-b", "batch"),
+        ],
+        services: vec![
+            checked_service(
                 "ledger",
                 LEDGER_VIP,
-                "mtls",
-                &format!("address: {p0_ip}\n        port: {POD_PORT}\n        workload: ledger")
+                Mode::Mtls,
+                Endpoint::new(ledger).workload("ledger"),
             ),
-            s2 = service(
+            checked_service(
                 "legacy",
                 "127.77.5.11:8080",
-                "permissive",
-                &format!("address: {p1_ip}\n        port: {POD_PORT}\n        workload: legacy")
+                Mode::Permissive,
+                Endpoint::new(SocketAddr::new(*p1_ip, POD_PORT)).workload("legacy"),
             ),
-            s3 = service(
+            checked_service(
                 "vault",
                 VAULT_VIP,
-                "mtls",
-                &format!("address: {b_addr}\n        port: {vault_port}\n        workload: vault")
+                Mode::Mtls,
+                Endpoint::new(vault).workload("vault"),
             ),
+        ],
+        ..c.mesh_node(
+            ("node-b", b_addr),
+            state.path(),
+            inbound_port,
+            ("node-a", a_addr),
         )
     });
-    let a_cfg = AgentConfig::custom(|c| {
-        format!(
-            "node:\n  name: node-a\n  address: {a_addr}\n  cgroup_root: {root}\n{agent}{mesh}\
-             nodes:\n  - name: node-b\n    address: {b_addr}\nworkloads:\n{checkout}{batch}services:\n{s1}{s3}",
-            root = c.cgroup_root,
-            agent = c.agent_block(state.path(), inbound_port),
-            checkout = workload("checkout", "checkout", ""),
-            batch = workload("batch", "batch", ""),
-            s1 = service(
+    let a_cfg = AgentConfig::with(|c| Config {
+        workloads: vec![workload("checkout", "checkout"), workload("batch", "batch")],
+        services: vec![
+            checked_service(
                 "ledger",
                 LEDGER_VIP,
-                "mtls",
-                &format!(
-                    "address: {p0_ip}\n        port: {POD_PORT}\n        node: node-b\n        \
-                     service_account: ledger"
-                )
+                Mode::Mtls,
+                Endpoint::new(ledger).remote("node-b", Some("ledger")),
             ),
-            s3 = service(
+            checked_service(
                 "vault",
                 VAULT_VIP,
-                "mtls",
-                &format!(
-                    "address: {b_addr}\n        port: {vault_port}\n        node: node-b\n        \
-                     service_account: vault"
-                )
+                Mode::Mtls,
+                Endpoint::new(vault).remote("node-b", Some("vault")),
             ),
+        ],
+        ..c.mesh_node(
+            ("node-a", a_addr),
+            state.path(),
+            inbound_port,
+            ("node-b", b_addr),
         )
     });
     // One CA for both nodes.
     a_cfg.ca_init();
     let agent_b = Agent::start_in_netns(&b_cfg, &b_node.node);
     let agent_a = Agent::start_in_netns(&a_cfg, &a);
-    let audit = b_cfg.dir.join("audit.jsonl");
+    let audit = b_cfg.audit_path();
     Cluster {
         agent_a,
         agent_b,

@@ -45,9 +45,10 @@ fn kernel_mode_keeps_weights_with_no_agent_running() {
         Backend::start("w3"),
     ];
     let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
-    let service = ServiceDef::new("ledger", &vip.to_string(), &addrs)
+    let service = service("ledger", &vip.to_string(), &addrs)
         .weights(&[1, 2, 3])
-        .with("    mode: kernel\n    load_balancer:\n      policy: weighted_round_robin\n");
+        .mode(Mode::Kernel)
+        .load_balancer(LbPolicy::WeightedRoundRobin);
     let config = AgentConfig::new(&[service]);
     let mut agent = Agent::start(&config);
     // The agent wrote the table; now it goes away as a crash would, and
@@ -79,8 +80,7 @@ fn kernel_mode_keeps_weights_with_no_agent_running() {
 fn the_application_sees_the_virtual_address_as_its_peer() {
     let vip: SocketAddr = "127.77.6.20:8080".parse().unwrap();
     let backend = Backend::start("p1");
-    let service =
-        ServiceDef::new("ledger", &vip.to_string(), &[backend.addr]).with("    mode: kernel\n");
+    let service = service("ledger", &vip.to_string(), &[backend.addr]).mode(Mode::Kernel);
     let config = AgentConfig::new(&[service]);
     let agent = Agent::start(&config);
 
@@ -105,10 +105,14 @@ fn an_endpoint_ejected_in_userspace_leaves_the_kernels_table() {
         .parse()
         .unwrap();
     let addrs = [good[0].addr, refusing, good[1].addr];
-    let service = ServiceDef::new("ledger", &vip.to_string(), &addrs).with(
-        "    mode: kernel\n    outlier_detection:\n      consecutive_failures: 2\n      \
-         base_ejection_time: 60s\n      max_ejection_percent: 50\n",
-    );
+    let service = service("ledger", &vip.to_string(), &addrs)
+        .mode(Mode::Kernel)
+        .outlier_detection(OutlierDetection {
+            consecutive_failures: Some(2),
+            base_ejection_time: Some(Duration::from_secs(60)),
+            max_ejection_percent: Some(50),
+            ..OutlierDetection::default()
+        });
     let config = AgentConfig::new(&[service]);
     let agent = Agent::start(&config);
 
@@ -171,12 +175,12 @@ fn killed_agent_fail_open_goes_around_it_fail_closed_refuses_both_recover() {
     let closed_backend = Backend::start("closed");
     let kernel_backend = Backend::start("kernel");
     let services = [
-        ServiceDef::new("catalog", &open_vip.to_string(), &[open_backend.addr])
-            .with("    mode: plaintext\n    on_agent_down: fail_open\n"),
+        service("catalog", &open_vip.to_string(), &[open_backend.addr])
+            .mode(Mode::Plaintext)
+            .on_agent_down(OnAgentDown::FailOpen),
         // mtls: fails closed by default.
-        ServiceDef::new("payments", &closed_vip.to_string(), &[closed_backend.addr]),
-        ServiceDef::new("ledger", &kernel_vip.to_string(), &[kernel_backend.addr])
-            .with("    mode: kernel\n"),
+        service("payments", &closed_vip.to_string(), &[closed_backend.addr]),
+        service("ledger", &kernel_vip.to_string(), &[kernel_backend.addr]).mode(Mode::Kernel),
     ];
     let config = AgentConfig::new(&services);
     let mut agent = Agent::start(&config);
@@ -219,7 +223,7 @@ fn killed_agent_fail_open_goes_around_it_fail_closed_refuses_both_recover() {
 fn pins_of_an_incompatible_layout_are_replaced_cleanly() {
     let vip: SocketAddr = "127.77.6.50:8080".parse().unwrap();
     let backend = Backend::start("l1");
-    let config = AgentConfig::new(&[ServiceDef::new("ledger", &vip.to_string(), &[backend.addr])]);
+    let config = AgentConfig::new(&[service("ledger", &vip.to_string(), &[backend.addr])]);
     let mut old = Agent::start(&config);
     old.kill();
     // Make the pins look like an older agent's.
@@ -269,7 +273,7 @@ fn an_upgrade_under_load_refuses_nothing_and_the_old_agent_drains_and_exits() {
     let vip: SocketAddr = "127.77.6.60:8080".parse().unwrap();
     let backends = [Backend::start("u1"), Backend::start("u2")];
     let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
-    let config = AgentConfig::new(&[ServiceDef::new("payments", &vip.to_string(), &addrs)]);
+    let config = AgentConfig::new(&[service("payments", &vip.to_string(), &addrs)]);
     // As the DaemonSet runs it: after the handover the old agent waits for
     // the SIGTERM that deletes its pod, rather than exit and be restarted.
     let mut old = Agent::start_with_args(&config, &["--stay-after-handover"]);
@@ -388,7 +392,7 @@ fn a_process_that_is_not_the_agent_gets_no_socket_and_a_real_upgrade_still_works
     let vip: SocketAddr = "127.77.6.61:8080".parse().unwrap();
     let backends = [Backend::start("r1")];
     let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
-    let config = AgentConfig::new(&[ServiceDef::new("payments", &vip.to_string(), &addrs)]);
+    let config = AgentConfig::new(&[service("payments", &vip.to_string(), &addrs)]);
     let mut old = Agent::start(&config);
     let path = handover_socket(&config);
     assert_eq!(mode(path.parent().unwrap()), 0o700);
@@ -430,7 +434,7 @@ fn a_stale_or_squatted_handover_socket_never_blocks_a_start() {
     let vip: SocketAddr = "127.77.6.62:8080".parse().unwrap();
     let backends = [Backend::start("q1")];
     let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
-    let config = AgentConfig::new(&[ServiceDef::new("payments", &vip.to_string(), &addrs)]);
+    let config = AgentConfig::new(&[service("payments", &vip.to_string(), &addrs)]);
     let path = handover_socket(&config);
     let run = path.parent().unwrap();
     // A directory others may enter, with a killed agent's socket file in
@@ -540,10 +544,13 @@ fn sockmap_bypass_skips_loopback_and_keeps_bytes_intact_both_ways() {
     // Node B holds the endpoint, so the agent-to-endpoint leg crosses the
     // veth and node A's loopback carries only the workload-to-agent leg.
     let server = eof_echo_server(&pair.b, echo, 3);
-    let service =
-        || ServiceDef::new("blob", &vip.to_string(), &[echo]).with("    mode: plaintext\n");
+    let service = || service("blob", &vip.to_string(), &[echo]).mode(Mode::Plaintext);
 
-    let bypassed = AgentConfig::with_agent_extra(&[service()], "  sockmap: true\n");
+    let bypassed = AgentConfig::with(|c| {
+        let mut config = c.base(&[service()]);
+        config.agent.sockmap = Some(true);
+        config
+    });
     let mut agent = Agent::start_in_netns(&bypassed, &pair.a);
     // The workload waits until the agent has its socket: both directions
     // skip the stack.

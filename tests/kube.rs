@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use sluice::admin::client;
 use support::{
     install::{agents_slice, shipped_config},
-    kubeapi::{FakeApiServer, Resource},
+    kubeapi::{FakeApiServer, Resource, write_kubeconfig},
     pods::*,
     *,
 };
@@ -188,23 +188,27 @@ struct Cluster {
 
 impl Cluster {
     fn new(pods: usize, layout: Layout) -> Cluster {
-        Self::with_kubernetes(pods, layout, "")
+        Self::with_health_check(pods, layout, None)
     }
 
-    /// `extra`: more lines for the `kubernetes:` block (indented 2).
-    fn with_kubernetes(pods: usize, layout: Layout, extra: &str) -> Cluster {
+    /// With `health_check` for the discovered services.
+    fn with_health_check(
+        pods: usize,
+        layout: Layout,
+        health_check: Option<HealthCheck>,
+    ) -> Cluster {
         let node = Node::new(pods);
         let api = node.node.run(FakeApiServer::start);
-        let config = AgentConfig::custom(|c| {
-            format!(
-                "node:\n  name: {NODE}\n  cgroup_root: {}\n{}workloads: []\nservices: []\n\
-                 kubernetes:\n  kubeconfig: {}\n  pod_cgroups: {}\n{extra}audit:\n  output: {}\n",
-                c.cgroup_root,
-                c.agent_block(&c.dir.join("state"), c.inbound_port),
-                c.dir.join("kubeconfig").display(),
-                layout.kubepods(),
-                c.dir.join("audit.jsonl").display()
-            )
+        let config = AgentConfig::with(|c| {
+            let mut config = discovering(c);
+            if let Some(kubernetes) = &mut config.kubernetes {
+                kubernetes.pod_cgroups = Some(layout.kubepods().to_owned());
+                kubernetes.health_check = health_check;
+            }
+            config.audit = Some(Audit {
+                output: c.audit_path(),
+            });
+            config
         });
         api.write_kubeconfig(&config.dir.join("kubeconfig"));
         let kubepods = config.cgroup_root_path().join(layout.kubepods());
@@ -453,27 +457,26 @@ fn pods_and_services_from_the_api_server_carry_calls_and_follow_changes() {
     );
 }
 
+/// Node `n1` discovering everything from the API server its kubeconfig
+/// (`kubeconfig` in the config's directory) names.
+fn discovering(c: &AgentConfig) -> Config {
+    let mut config = Config::new(NODE, &c.cgroup_root);
+    config.agent = c.agent(&c.dir.join("state"), c.inbound_port);
+    config.kubernetes = Some(config::Kubernetes {
+        kubeconfig: Some(c.dir.join("kubeconfig")),
+        ..config::Kubernetes::default()
+    });
+    config
+}
+
 #[test]
 fn an_unreachable_api_server_leaves_the_agent_up_and_not_ready() {
     let port = free_port().unwrap();
-    let config = AgentConfig::custom(|c| {
-        format!(
-            "node:\n  name: {NODE}\n  cgroup_root: {}\n{}workloads: []\nservices: []\n\
-             kubernetes:\n  kubeconfig: {}\n",
-            c.cgroup_root,
-            c.agent_block(&c.dir.join("state"), c.inbound_port),
-            c.dir.join("kubeconfig").display()
-        )
-    });
-    std::fs::write(
-        config.dir.join("kubeconfig"),
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: gone\n  cluster:\n    server: http://127.0.0.1:{port}\n\
-             users:\n- name: u\n  user:\n    token: t\ncontexts:\n- name: c\n  context:\n    cluster: gone\n    user: u\n\
-             current-context: c\n"
-        ),
-    )
-    .unwrap();
+    let config = AgentConfig::with(discovering);
+    write_kubeconfig(
+        &config.dir.join("kubeconfig"),
+        &format!("http://127.0.0.1:{port}"),
+    );
     let agent = Agent::start(&config);
     let admin = SocketAddr::from(([127, 0, 0, 1], config.admin_port));
     let (code, body) = client::get(admin, "/readyz").unwrap();
@@ -501,15 +504,7 @@ fn an_unreachable_api_server_leaves_the_agent_up_and_not_ready() {
 fn a_missing_rbac_right_is_named() {
     let api = FakeApiServer::start();
     api.deny(Resource::Services, "list");
-    let config = AgentConfig::custom(|c| {
-        format!(
-            "node:\n  name: {NODE}\n  cgroup_root: {}\n{}workloads: []\nservices: []\n\
-             kubernetes:\n  kubeconfig: {}\n",
-            c.cgroup_root,
-            c.agent_block(&c.dir.join("state"), c.inbound_port),
-            c.dir.join("kubeconfig").display()
-        )
-    });
+    let config = AgentConfig::with(discovering);
     api.write_kubeconfig(&config.dir.join("kubeconfig"));
     let agent = Agent::start(&config);
     assert!(
@@ -762,8 +757,8 @@ fn two_nodes_four_pods_cross_node_calls_go_over_mtls() {
     // Each node holds the keys of its own pods' service accounts only: A's
     // pods run as `checkout`, B's as `checkout-b`.
     let ca = test_ca();
-    let a_cfg = AgentConfig::custom(|_| String::new());
-    let b_cfg = AgentConfig::custom(|_| String::new());
+    let a_cfg = AgentConfig::new(&[]);
+    let b_cfg = AgentConfig::new(&[]);
     for (cfg, account) in [(&a_cfg, "checkout"), (&b_cfg, "checkout-b")] {
         let certs = cfg.dir.join("certs");
         write_workload_certs(&certs, &ca, "cluster.local", &[("shop", account)]);
@@ -948,9 +943,14 @@ fn verdicts(c: &Cluster) -> std::collections::HashMap<String, bool> {
 /// check kept running and counting through every catalog change.
 #[test]
 fn a_thousand_endpoint_slice_updates_a_second_lose_no_call_and_no_verdict() {
-    let health = "  health_check:\n    interval: 200ms\n    timeout: 150ms\n    \
-                  healthy_threshold: 2\n    unhealthy_threshold: 2\n    jitter: 20ms\n";
-    let mut c = Cluster::with_kubernetes(4, Layout::SystemdContainerd, health);
+    let health = HealthCheck {
+        interval: Some(Duration::from_millis(200)),
+        timeout: Some(Duration::from_millis(150)),
+        healthy_threshold: Some(2),
+        unhealthy_threshold: Some(2),
+        jitter: Some(Duration::from_millis(20)),
+    };
+    let mut c = Cluster::with_health_check(4, Layout::SystemdContainerd, Some(health));
     c.api
         .set_object(Resource::Namespaces, namespace("shop", "mtls"));
     c.api.set_object(Resource::Services, service());

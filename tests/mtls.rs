@@ -26,6 +26,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const MARKER: &str = "PAYMENT-MARKER-7f3a";
 const VIP: &str = "127.77.3.10:8080";
 const PLAIN_VIP: &str = "127.77.3.11:8080";
+const HOUR: Duration = Duration::from_secs(3600);
 
 struct Mesh {
     // Field order is drop order: the agents, then what they use.
@@ -39,67 +40,56 @@ struct Mesh {
     pair: NodePair,
 }
 
-fn workload(name: &str, sa: &str) -> String {
-    format!("  - name: {name}\n    namespace: payments\n    service_account: {sa}\n")
-}
-
 /// Node A runs callers `client` (payments/checkout) and `batch`
 /// (payments/batch); node B runs `ledger`, which only checkout may call.
-fn mesh(lifetime: &str) -> Mesh {
+/// Certificates live `lifetime`.
+fn mesh(lifetime: Duration) -> Mesh {
     let pair = NodePair::new();
     let ledger = Backend::start_in("ledger", "127.0.0.1:0".parse().unwrap(), &pair.b);
     let plain = Backend::start_in("plain", SocketAddr::new(pair.b_addr, 0), &pair.b);
     let state = TempDir::create("mesh-state").unwrap();
     let inbound_port = free_port().unwrap();
-    let mesh_block = format!(
-        "mesh:\n  inbound_handshake_timeout: 1s\n  certificates:\n    local_ca:\n      lifetime: {lifetime}\n"
-    );
-    let services = |local: bool| {
-        let ledger_endpoint = if local {
-            format!(
-                "      - address: 127.0.0.1\n        port: {}\n        workload: ledger\n",
-                ledger.addr.port()
-            )
-        } else {
-            format!(
-                "      - address: 127.0.0.1\n        port: {}\n        node: node-b\n        service_account: ledger\n",
-                ledger.addr.port()
-            )
-        };
-        format!(
-            "services:\n  - name: ledger\n    namespace: payments\n    address: 127.77.3.10\n    port: 8080\n    \
-             endpoints:\n{ledger_endpoint}  - name: ledger-plain\n    namespace: payments\n    mode: plaintext\n    \
-             address: 127.77.3.11\n    port: 8080\n    endpoints:\n      - address: {}\n        port: {}\n        \
-             node: node-b\n",
-            plain.addr.ip(),
-            plain.addr.port()
-        )
+    let services = |ledger_endpoint: Endpoint| {
+        vec![
+            service("ledger", VIP, &[]).endpoints(vec![ledger_endpoint]),
+            service("ledger-plain", PLAIN_VIP, &[])
+                .mode(Mode::Plaintext)
+                .endpoints(vec![Endpoint::new(plain.addr).remote("node-b", None)]),
+        ]
     };
-    let a_cfg = AgentConfig::custom(|c| {
-        format!(
-            "node:\n  name: node-a\n  address: {}\n  cgroup_root: {}\n{}{mesh_block}nodes:\n  - name: node-b\n    \
-             address: {}\nworkloads:\n{}{}{}",
-            pair.a_addr,
-            c.cgroup_root,
-            c.agent_block(state.path(), inbound_port),
-            pair.b_addr,
-            workload("client", "checkout"),
-            workload("batch", "batch"),
-            services(false)
-        )
+    let node = |c: &AgentConfig, name: &str, address, peer: &str, peer_address| {
+        let mut config = c.mesh_node(
+            (name, address),
+            state.path(),
+            inbound_port,
+            (peer, peer_address),
+        );
+        if let Some(mesh) = &mut config.mesh {
+            mesh.certificates = Some(config::Certificates {
+                local_ca: config::LocalCa { lifetime },
+            });
+        }
+        config
+    };
+    let ledger_addr = SocketAddr::from(([127, 0, 0, 1], ledger.addr.port()));
+    let a_cfg = AgentConfig::with(|c| Config {
+        workloads: vec![
+            Workload::new("client", "payments", "checkout"),
+            Workload::new("batch", "payments", "batch"),
+        ],
+        services: services(Endpoint::new(ledger_addr).remote("node-b", Some("ledger"))),
+        ..node(c, "node-a", pair.a_addr, "node-b", pair.b_addr)
     });
-    let b_cfg = AgentConfig::custom(|c| {
-        format!(
-            "node:\n  name: node-b\n  address: {}\n  cgroup_root: {}\n{}{mesh_block}nodes:\n  - name: node-a\n    \
-             address: {}\nworkloads:\n{}    authorization:\n      default: deny\n      allow:\n        \
-             - spiffe://cluster.local/ns/payments/sa/checkout\n{}",
-            pair.b_addr,
-            c.cgroup_root,
-            c.agent_block(state.path(), inbound_port),
-            pair.a_addr,
-            workload("ledger", "ledger"),
-            services(true)
-        )
+    let b_cfg = AgentConfig::with(|c| Config {
+        workloads: vec![Workload::new("ledger", "payments", "ledger").authorization(
+            Authorization {
+                default: Decision::Deny,
+                allow: vec!["spiffe://cluster.local/ns/payments/sa/checkout".to_owned()],
+                deny: vec![],
+            },
+        )],
+        services: services(Endpoint::new(ledger_addr).workload("ledger")),
+        ..node(c, "node-b", pair.b_addr, "node-a", pair.a_addr)
     });
     // One CA for both nodes, as an operator would distribute it.
     a_cfg.ca_init();
@@ -131,7 +121,7 @@ fn call_script(vip: &str, n: usize, text: &str) -> String {
 
 #[test]
 fn a_cross_node_call_goes_over_mtls_with_no_plaintext_on_the_wire() {
-    let m = mesh("1h");
+    let m = mesh(HOUR);
     let capture = Capture::start(&m.pair.a, &m.pair.a_if);
     let secure = lines(&m.a.run_as_client(&call_script(VIP, 3, MARKER)));
     let wire = capture.finish();
@@ -159,7 +149,7 @@ fn a_cross_node_call_goes_over_mtls_with_no_plaintext_on_the_wire() {
 
 #[test]
 fn authorization_lets_checkout_in_and_keeps_batch_out() {
-    let m = mesh("1h");
+    let m = mesh(HOUR);
     let allowed = lines(&m.a.run_as_client(&call_script(VIP, 1, "charge")));
     assert_eq!(allowed, ["ledger charge 1"]);
     let denied = lines(
@@ -192,7 +182,7 @@ fn authorization_lets_checkout_in_and_keeps_batch_out() {
 /// has.)
 #[test]
 fn calls_carry_on_while_certificates_rotate() {
-    let m = mesh("4s");
+    let m = mesh(Duration::from_secs(4));
     let script = format!(
         "end=$((SECONDS + 45)); while [ $SECONDS -lt $end ]; do {}; sleep 0.2; done",
         call_script(VIP, 1, "tick")
@@ -372,7 +362,7 @@ fn preamble(target: &str) -> Vec<u8> {
 
 #[test]
 fn bad_peers_are_refused_for_the_right_reason_while_a_good_connection_carries_on() {
-    let m = mesh("1h");
+    let m = mesh(HOUR);
     let ca = m.state.join("ca");
     let listener = SocketAddr::new(m.pair.b_addr, m.inbound_port);
 
@@ -486,7 +476,7 @@ fn bad_peers_are_refused_for_the_right_reason_while_a_good_connection_carries_on
 /// since must be refused like a fresh handshake with that certificate.
 #[test]
 fn a_resumed_session_is_refused_once_its_certificate_has_expired() {
-    let m = mesh("1h");
+    let m = mesh(HOUR);
     let ca = m.state.join("ca");
     let listener = SocketAddr::new(m.pair.b_addr, m.inbound_port);
     let now = SystemTime::now();
@@ -583,7 +573,7 @@ print(int(t[len(t) // 2] * 1e6), int(t[len(t) * 99 // 100] * 1e6))'"
 /// log stays at a line per reason, and the memory comes back.
 #[test]
 fn a_flood_of_unauthenticated_handshakes_is_bounded_and_costs_nothing_after() {
-    let m = mesh("1h");
+    let m = mesh(HOUR);
     let listener = SocketAddr::new(m.pair.b_addr, m.inbound_port);
     // Warm up both paths, then take the baseline.
     assert_eq!(

@@ -31,9 +31,13 @@ fn admin(config: &AgentConfig) -> SocketAddr {
 
 /// A config with a metrics listener (`agent.metrics`) on a port of its
 /// own; returns its address too.
-fn with_metrics(services: &[ServiceDef]) -> (AgentConfig, SocketAddr) {
+fn with_metrics(services: &[Service]) -> (AgentConfig, SocketAddr) {
     let metrics = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
-    let config = AgentConfig::with_agent_extra(services, &format!("  metrics: {metrics}\n"));
+    let config = AgentConfig::with(|c| {
+        let mut config = c.base(services);
+        config.agent.metrics = Some(metrics);
+        config
+    });
     (config, metrics)
 }
 
@@ -124,14 +128,15 @@ impl Prometheus {
     fn start(dir: &std::path::Path, target: SocketAddr) -> Prometheus {
         let port = free_port().unwrap();
         let config = dir.join("prometheus.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: sluice\n    \
-                 static_configs:\n      - targets: ['{target}']\n"
-            ),
-        )
-        .unwrap();
+        // JSON, which is YAML.
+        let scrape = serde_json::json!({
+            "global": { "scrape_interval": "1s" },
+            "scrape_configs": [{
+                "job_name": "sluice",
+                "static_configs": [{ "targets": [target.to_string()] }]
+            }]
+        });
+        std::fs::write(&config, scrape.to_string()).unwrap();
         let child = Command::new("prometheus")
             .arg(format!("--config.file={}", config.display()))
             .arg(format!(
@@ -169,7 +174,7 @@ impl Prometheus {
 fn prometheus_scrapes_the_calls_and_promtool_accepts_the_exposition() {
     let b1 = Backend::start("b1");
     let b2 = Backend::start("b2");
-    let (config, metrics) = with_metrics(&[ServiceDef::new("payments", VIP, &[b1.addr, b2.addr])]);
+    let (config, metrics) = with_metrics(&[service("payments", VIP, &[b1.addr, b2.addr])]);
     let agent = Agent::start(&config);
     let replies = lines(&agent.run_as_client(&calls_script(vip(), 7)));
     assert_eq!(replies.len(), 7);
@@ -224,9 +229,12 @@ fn cli_commands_report_live_connections_ejections_and_refusals() {
     let b1 = Backend::start("b1");
     let mut b2 = Some(Backend::start("b2"));
     let b2_addr = b2.as_ref().unwrap().addr;
-    let config = AgentConfig::new(&[ServiceDef::new("payments", VIP, &[b1.addr, b2_addr]).with(
-        "    outlier_detection:\n      consecutive_failures: 1\n      base_ejection_time: 60s\n",
-    )]);
+    let config = AgentConfig::new(&[service("payments", VIP, &[b1.addr, b2_addr])
+        .outlier_detection(OutlierDetection {
+            consecutive_failures: Some(1),
+            base_ejection_time: Some(Duration::from_secs(60)),
+            ..OutlierDetection::default()
+        })]);
     let mut agent = Agent::start(&config);
 
     // A live connection.
@@ -325,7 +333,7 @@ fn cli_commands_report_live_connections_ejections_and_refusals() {
 #[test]
 fn maps_are_readable_with_the_agent_stopped() {
     let b1 = Backend::start("b1");
-    let config = AgentConfig::new(&[ServiceDef::new("payments", VIP, &[b1.addr])]);
+    let config = AgentConfig::new(&[service("payments", VIP, &[b1.addr])]);
     let mut agent = Agent::start(&config);
     lines(&agent.run_as_client(&calls_script(vip(), 3)));
     agent.kill();
@@ -361,7 +369,7 @@ fn the_dashboard_only_queries_exported_metrics() {
     assert!(queries.len() >= 8);
 
     let b1 = Backend::start("b1");
-    let config = AgentConfig::new(&[ServiceDef::new("payments", VIP, &[b1.addr])]);
+    let config = AgentConfig::new(&[service("payments", VIP, &[b1.addr])]);
     let agent = Agent::start(&config);
     lines(&agent.run_as_client(&calls_script(vip(), 1)));
     let (_, exposition) = client::get(admin(&config), "/metrics").unwrap();
@@ -393,7 +401,7 @@ fn the_dashboard_only_queries_exported_metrics() {
 #[test]
 fn trace_follows_redirect_decisions_live() {
     let b1 = Backend::start("b1");
-    let config = AgentConfig::new(&[ServiceDef::new("payments", VIP, &[b1.addr])]);
+    let config = AgentConfig::new(&[service("payments", VIP, &[b1.addr])]);
     let agent = Agent::start(&config);
     let tracer = Command::new(sluice_bin())
         .args(["trace", "--seconds", "3", "--config"])
@@ -422,7 +430,7 @@ fn trace_follows_redirect_decisions_live() {
 #[test]
 fn the_metrics_listener_serves_metrics_and_probes_and_no_debug_view() {
     let b1 = Backend::start("b1");
-    let (config, metrics) = with_metrics(&[ServiceDef::new("payments", VIP, &[b1.addr])]);
+    let (config, metrics) = with_metrics(&[service("payments", VIP, &[b1.addr])]);
     let mut agent = Agent::start(&config);
     lines(&agent.run_as_client(&calls_script(vip(), 2)));
 
@@ -472,7 +480,7 @@ fn the_metrics_listener_serves_metrics_and_probes_and_no_debug_view() {
 #[test]
 fn trace_streams_are_bounded_and_freed_when_they_end() {
     let b1 = Backend::start("b1");
-    let config = AgentConfig::new(&[ServiceDef::new("payments", VIP, &[b1.addr])]);
+    let config = AgentConfig::new(&[service("payments", VIP, &[b1.addr])]);
     let agent = Agent::start(&config);
     let admin = admin(&config);
     // As `sluice trace` does: the programs' events on.

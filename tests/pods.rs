@@ -41,32 +41,25 @@ fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
-fn render(config: &AgentConfig, node: &Node, pods: &[usize], backends: &[SocketAddr]) -> String {
-    let mut yaml = format!(
-        "node:\n  name: n1\n  cgroup_root: {}\n{}workloads:{}\n",
-        config.cgroup_root,
-        config.agent_block(&config.dir.join("state"), config.inbound_port),
-        if pods.is_empty() { " []" } else { "" }
-    );
-    for &i in pods {
-        yaml.push_str(&format!(
-            "  - name: pod-{i}\n    namespace: shop\n    service_account: sa-{i}\n    \
-             netns: {}\n    cgroup: {}\n",
-            node.pods[i].0.path().display(),
-            pod_cgroup(i)
-        ));
-    }
-    for (i, b) in backends.iter().enumerate() {
-        yaml.push_str(&format!(
-            "{}  - name: svc-{i}\n    namespace: shop\n    address: 127.77.8.{}\n    port: 8080\n    \
-             endpoints:\n      - address: {}\n        port: {}\n",
-            if i == 0 { "services:\n" } else { "" },
-            10 + i,
-            b.ip(),
-            b.port()
-        ));
-    }
-    yaml
+/// Node `n1` with pods `pods` as workloads, and service `svc-<i>` at
+/// [`vip`]`(i)` over backend `i`.
+fn render(config: &AgentConfig, node: &Node, pods: &[usize], backends: &[SocketAddr]) -> Config {
+    let mut c = Config::new("n1", &config.cgroup_root);
+    c.agent = config.agent(&config.dir.join("state"), config.inbound_port);
+    c.workloads = pods
+        .iter()
+        .map(|&i| {
+            Workload::new(&format!("pod-{i}"), "shop", &format!("sa-{i}"))
+                .netns(node.pods[i].0.path())
+                .cgroup(&pod_cgroup(i))
+        })
+        .collect();
+    c.services = backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| Service::new(&format!("svc-{i}"), "shop", vip(i), &[*b]))
+        .collect();
+    c
 }
 
 /// Pod `i`'s cgroup, as the kubelet's cgroupfs driver names it.
@@ -97,7 +90,7 @@ fn pods_get_their_own_listener_and_source_address_and_never_share_records() {
         .collect();
     source_echo(&node.node, "a", backends[0]);
     source_echo(&node.node, "b", backends[1]);
-    let config = AgentConfig::custom(|c| render(c, &node, &[0], &backends));
+    let config = AgentConfig::with(|c| render(c, &node, &[0], &backends));
     let agent = Agent::start_in_netns(&config, &node.node);
 
     // Pod 0 alone: its call leaves from its own address.
@@ -114,7 +107,7 @@ fn pods_get_their_own_listener_and_source_address_and_never_share_records() {
     assert_eq!(reply, format!("a from {} hi", node.pods[0].1));
 
     // Pod 1 arrives: its listener opens with the reload.
-    config.write_raw(&render(&config, &node, &[0, 1], &backends));
+    config.write(&render(&config, &node, &[0, 1], &backends));
     assert!(
         agent.wait_for_log(&format!("open in {}", node.pods[1].0.path().display())),
         "{}",
@@ -171,7 +164,7 @@ fn a_pod_that_leaves_drains_its_open_connection_and_takes_no_new_ones() {
     let node = Node::new(1);
     let backend = SocketAddr::new(node.service_addr, free_port().unwrap());
     source_echo(&node.node, "a", backend);
-    let config = AgentConfig::custom(|c| render(c, &node, &[0], &[backend]));
+    let config = AgentConfig::with(|c| render(c, &node, &[0], &[backend]));
     let agent = Agent::start_in_netns(&config, &node.node);
     let pod = &node.pods[0].0;
 
@@ -198,7 +191,7 @@ fn a_pod_that_leaves_drains_its_open_connection_and_takes_no_new_ones() {
     .unwrap();
     thread::sleep(Duration::from_millis(500));
 
-    config.write_raw(&render(&config, &node, &[], &[backend]));
+    config.write(&render(&config, &node, &[], &[backend]));
     assert!(
         agent.wait_for_log("closed the outbound listener in"),
         "{}",

@@ -26,7 +26,7 @@ fn calls_to_the_virtual_address_are_round_robined_over_three_backends() {
         Backend::start("b3"),
     ];
     let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
-    let config = AgentConfig::new(&[ServiceDef::new("payments", VIP, &addrs)]);
+    let config = AgentConfig::new(&[service("payments", VIP, &addrs)]);
     let agent = Agent::start(&config);
 
     let replies = lines(&agent.run_as_client(&calls_script(VIP.parse().unwrap(), 300)));
@@ -61,7 +61,7 @@ fn calls_to_the_virtual_address_are_round_robined_over_three_backends() {
 fn connections_to_other_destinations_go_straight_through() {
     let meshed = Backend::start("meshed");
     let direct = Backend::start("direct");
-    let config = AgentConfig::new(&[ServiceDef::new("payments", VIP, &[meshed.addr])]);
+    let config = AgentConfig::new(&[service("payments", VIP, &[meshed.addr])]);
     let agent = Agent::start(&config);
 
     let replies = lines(&agent.run_as_client(&calls_script(direct.addr, 3)));
@@ -80,7 +80,7 @@ fn connections_to_other_destinations_go_straight_through() {
 fn the_agents_own_upstream_connections_are_not_redirected() {
     let backend = Backend::start("b1");
     let vip = backend.addr.to_string();
-    let config = AgentConfig::new(&[ServiceDef::new("loop", &vip, &[backend.addr])]);
+    let config = AgentConfig::new(&[service("loop", &vip, &[backend.addr])]);
     let agent_cgroup = config.cgroup_root_path().join("agent");
     fs::create_dir_all(&agent_cgroup).unwrap();
     let agent = Agent::start_in_cgroup(&config, &agent_cgroup);
@@ -101,7 +101,7 @@ fn the_agents_own_upstream_connections_are_not_redirected() {
 fn record_maps_are_empty_after_10000_connections() {
     let backends = [Backend::start("b1"), Backend::start("b2")];
     let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
-    let config = AgentConfig::new(&[ServiceDef::new("payments", VIP, &addrs)]);
+    let config = AgentConfig::new(&[service("payments", VIP, &addrs)]);
     let agent = Agent::start(&config);
 
     let replies = lines(&agent.run_as_client(&calls_script(VIP.parse().unwrap(), 10_000)));
@@ -120,11 +120,7 @@ fn record_maps_are_empty_after_10000_connections() {
 fn sigterm_drains_open_connections_then_detaches() {
     let backend = Backend::start("meshed");
     let real = Backend::start("real");
-    let config = AgentConfig::new(&[ServiceDef::new(
-        "payments",
-        &real.addr.to_string(),
-        &[backend.addr],
-    )]);
+    let config = AgentConfig::new(&[service("payments", &real.addr.to_string(), &[backend.addr])]);
     let mut agent = Agent::start(&config);
     let go = config.dir.join("go");
     let after_exit = config.dir.join("after-exit");
@@ -174,8 +170,8 @@ fn a_refusing_endpoint_resets_the_client_and_is_logged() {
         .parse()
         .unwrap();
     let config = AgentConfig::new(&[
-        ServiceDef::new("broken", VIP, &[refusing]),
-        ServiceDef::new("payments", "127.77.0.11:8080", &[healthy.addr]),
+        service("broken", VIP, &[refusing]),
+        service("payments", "127.77.0.11:8080", &[healthy.addr]),
     ]);
     let agent = Agent::start(&config);
 
@@ -226,7 +222,7 @@ fn an_endpoint_that_never_answers_times_out() {
     let fillers: Vec<TcpStream> = (0..4)
         .filter_map(|_| TcpStream::connect_timeout(&silent_addr, Duration::from_millis(100)).ok())
         .collect();
-    let config = AgentConfig::new(&[ServiceDef::new("slow", VIP, &[silent_addr])]);
+    let config = AgentConfig::new(&[service("slow", VIP, &[silent_addr])]);
     let agent = Agent::start(&config);
 
     let started = Instant::now();
@@ -252,7 +248,7 @@ fn an_endpoint_that_never_answers_times_out() {
 fn a_new_agent_takes_over_from_a_crashed_one() {
     let meshed = Backend::start("meshed");
     let direct = Backend::start("direct");
-    let config = AgentConfig::new(&[ServiceDef::new("payments", VIP, &[meshed.addr])]);
+    let config = AgentConfig::new(&[service("payments", VIP, &[meshed.addr])]);
     let mut first = Agent::start(&config);
     first.kill();
     assert!(config.pin_dir.join("link_connect4").exists());
@@ -289,7 +285,7 @@ fn a_new_agent_takes_over_from_a_crashed_one() {
 fn ebpf_log_events_switch_on_and_off_at_run_time() {
     const EVENT: &str = "connect4: redirect";
     let backend = Backend::start("b1");
-    let config = AgentConfig::new(&[ServiceDef::new("payments", VIP, &[backend.addr])]);
+    let config = AgentConfig::new(&[service("payments", VIP, &[backend.addr])]);
     let agent = Agent::start(&config);
     let vip: SocketAddr = VIP.parse().unwrap();
 
@@ -314,14 +310,8 @@ fn ebpf_log_events_switch_on_and_off_at_run_time() {
 #[test]
 fn a_workload_that_sets_the_agents_mark_is_still_redirected() {
     let backend = Backend::start("meshed");
-    let services = [ServiceDef::new("payments", VIP, &[backend.addr])];
-    let config = AgentConfig::new(&services);
-    let audit = config.dir.join("audit.jsonl");
-    config.write_raw(&format!(
-        "{}audit:\n  output: {}\n",
-        config.render(&services),
-        audit.display()
-    ));
+    let config = AgentConfig::audited(&[service("payments", VIP, &[backend.addr])]);
+    let audit = config.audit_path();
     let agent = Agent::start(&config);
     let vip: std::net::SocketAddr = VIP.parse().unwrap();
     let script = format!(
@@ -367,7 +357,7 @@ print(s.makefile().readline().strip())'",
 #[test]
 fn during_the_drain_a_new_connect_is_refused_at_once() {
     let backend = Backend::start("meshed");
-    let config = AgentConfig::new(&[ServiceDef::new("payments", VIP, &[backend.addr])]);
+    let config = AgentConfig::new(&[service("payments", VIP, &[backend.addr])]);
     let mut agent = Agent::start(&config);
     let vip: std::net::SocketAddr = VIP.parse().unwrap();
     let go = config.dir.join("go");

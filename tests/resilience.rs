@@ -28,11 +28,13 @@ fn a_dead_backend_is_ejected_then_taken_back() {
     let mut b2 = Some(Backend::start("b2"));
     let b2_addr = b2.as_ref().unwrap().addr;
     let b3 = Backend::start("b3");
-    let config = AgentConfig::new(&[ServiceDef::new("payments", VIP, &[b1.addr, b2_addr, b3.addr])
-        .with(
-            "    outlier_detection:\n      consecutive_failures: 2\n      base_ejection_time: 2s\n      \
-             max_ejection_time: 10s\n",
-        )]);
+    let config = AgentConfig::new(&[service("payments", VIP, &[b1.addr, b2_addr, b3.addr])
+        .outlier_detection(OutlierDetection {
+            consecutive_failures: Some(2),
+            base_ejection_time: Some(Duration::from_secs(2)),
+            max_ejection_time: Some(Duration::from_secs(10)),
+            ..OutlierDetection::default()
+        })]);
     let agent = Agent::start(&config);
 
     let before = lines(&agent.run_as_client(&calls_script(vip(), 30)));
@@ -91,10 +93,16 @@ fn over_max_connections_new_calls_fail_fast() {
     let backend = Backend::start("b1");
     let other = Backend::start("other");
     let config = AgentConfig::new(&[
-        ServiceDef::new("payments", VIP, &[backend.addr]).with(
-            "    circuit_breakers:\n      max_connections: 2\n    timeouts:\n      connect: 5s\n",
-        ),
-        ServiceDef::new("ledger", "127.77.1.11:8080", &[other.addr]),
+        service("payments", VIP, &[backend.addr])
+            .circuit_breakers(CircuitBreakers {
+                max_connections: Some(2),
+                ..CircuitBreakers::default()
+            })
+            .timeouts(Timeouts {
+                connect: Some(Duration::from_secs(5)),
+                ..Timeouts::default()
+            }),
+        service("ledger", "127.77.1.11:8080", &[other.addr]),
     ]);
     let agent = Agent::start(&config);
 
@@ -141,9 +149,12 @@ fn over_max_connections_new_calls_fail_fast() {
 #[test]
 fn a_backend_that_never_answers_is_cut_by_the_idle_timeout() {
     let silent = SilentBackend::start();
-    let config =
-        AgentConfig::new(&[ServiceDef::new("payments", VIP, &[silent.addr])
-            .with("    timeouts:\n      idle: 500ms\n")]);
+    let config = AgentConfig::new(
+        &[service("payments", VIP, &[silent.addr]).timeouts(Timeouts {
+            idle: Some(Duration::from_millis(500)),
+            ..Timeouts::default()
+        })],
+    );
     let agent = Agent::start(&config);
 
     let script = format!(
@@ -170,7 +181,7 @@ fn a_backend_that_never_answers_is_cut_by_the_idle_timeout() {
 fn reload_applies_without_dropping_connections() {
     let old = Backend::start("old");
     let new = Backend::start("new");
-    let config = AgentConfig::new(&[ServiceDef::new("payments", VIP, &[old.addr])]);
+    let config = AgentConfig::new(&[service("payments", VIP, &[old.addr])]);
     let agent = Agent::start(&config);
     let go = config.dir.join("go");
     let script = format!(
@@ -191,7 +202,7 @@ fn reload_applies_without_dropping_connections() {
 
     config.write_raw("node: [this is not a config\n");
     assert!(agent.wait_for_log("config reload refused"));
-    config.rewrite(&[ServiceDef::new("payments", VIP, &[new.addr])]);
+    config.rewrite(&[service("payments", VIP, &[new.addr])]);
     assert!(agent.wait_for_log("config reloaded: 1 services"));
     std::fs::write(&go, "").unwrap();
 

@@ -8,12 +8,16 @@
 //! - [`leftovers`]: what a run left behind; `cargo xtask test` fails on it.
 //! - [`shell`], [`port`], [`wait`]: running `ip` and friends, a port to
 //!   listen on, waiting on a condition instead of sleeping.
+//! - [`config`]: the agent's config file as typed builders, written as
+//!   JSON (which is YAML); [`metrics`]: a Prometheus exposition, parsed.
 //!
 //! It does not depend on the `sluice` crate: xtask builds it on a fresh
 //! machine, before the eBPF toolchain that `sluice` needs exists.
 
 pub mod cgroup;
+pub mod config;
 pub mod leftovers;
+pub mod metrics;
 pub mod names;
 pub mod netns;
 pub mod pins;

@@ -9,7 +9,7 @@
 use std::{
     ffi::CString,
     io::{BufRead, BufReader, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Output, Stdio},
     sync::{
@@ -24,6 +24,10 @@ use sluice::redirect;
 #[allow(unused_imports)] // each test binary uses a different subset
 pub use sluice_testkit::{
     cgroup::{self, CgroupTree},
+    config::{
+        self, Audit, Authorization, CircuitBreakers, Config, Decision, Endpoint, HealthCheck,
+        LbPolicy, Mode, OnAgentDown, OutlierDetection, PeerNode, Service, Timeouts, Workload,
+    },
     names::unique,
     netns::{self, Netns},
     pins::PinDir,
@@ -112,49 +116,14 @@ impl Drop for Backend {
     }
 }
 
-/// A meshed service for [`AgentConfig`].
-pub struct ServiceDef {
-    pub name: String,
-    pub vip: SocketAddr,
-    pub endpoints: Vec<SocketAddr>,
-    /// More YAML for the service, e.g. policy blocks, indented as a
-    /// service's fields (4 spaces).
-    pub extra: String,
-    /// Endpoint weights, in endpoint order (empty: the default, 1).
-    pub weights: Vec<u32>,
+/// The meshed service `payments/<name>` at `vip` over these endpoints.
+pub fn service(name: &str, vip: &str, endpoints: &[SocketAddr]) -> Service {
+    Service::new(name, "payments", vip.parse().expect("vip"), endpoints)
 }
 
-impl ServiceDef {
-    pub fn new(name: &str, vip: &str, endpoints: &[SocketAddr]) -> ServiceDef {
-        ServiceDef {
-            name: name.to_owned(),
-            vip: vip.parse().expect("vip"),
-            endpoints: endpoints.to_vec(),
-            extra: String::new(),
-            weights: Vec::new(),
-        }
-    }
-
-    /// Gives the endpoints these weights, in order.
-    pub fn weights(mut self, weights: &[u32]) -> ServiceDef {
-        self.weights = weights.to_vec();
-        self
-    }
-
-    /// Adds YAML lines to the service (write them indented by 4 spaces).
-    pub fn with(mut self, yaml: &str) -> ServiceDef {
-        self.extra.push_str(yaml);
-        if !self.extra.ends_with('\n') {
-            self.extra.push('\n');
-        }
-        self
-    }
-}
-
-/// Writes a config for one test: its own cgroup root, pin dir and
-/// outbound port, one workload called `client`. On drop, whatever still
-/// runs in its cgroup tree is killed and the tree, the pins and the files
-/// are removed.
+/// The files and names of one test's node: its own cgroup root, pin dir
+/// and ports. On drop, whatever still runs in its cgroup tree is killed and
+/// the tree, the pins and the files are removed.
 pub struct AgentConfig {
     pub dir: PathBuf,
     pub path: PathBuf,
@@ -164,7 +133,6 @@ pub struct AgentConfig {
     pub inbound_port: u16,
     pub admin_port: u16,
     pub capture_port: u16,
-    agent_extra: String,
     // Dropped in this order: the processes go before the pins, and the
     // files they may have open last.
     cgroup: CgroupTree,
@@ -173,12 +141,13 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
-    pub fn new(services: &[ServiceDef]) -> AgentConfig {
-        Self::with_agent_extra(services, "")
+    /// [`Self::base`] with these services, written.
+    pub fn new(services: &[Service]) -> AgentConfig {
+        Self::with(|c| c.base(services))
     }
 
-    /// `agent_extra`: more lines for the `agent:` block (indented 2).
-    pub fn with_agent_extra(services: &[ServiceDef], agent_extra: &str) -> AgentConfig {
+    /// The config `build` makes from this node's names and ports, written.
+    pub fn with(build: impl FnOnce(&AgentConfig) -> Config) -> AgentConfig {
         let files = TempDir::create("cfg").unwrap();
         // One name for the files, the cgroup root and the pins.
         let name = files.name().to_owned();
@@ -193,70 +162,127 @@ impl AgentConfig {
             inbound_port: free_port().unwrap(),
             admin_port: free_port().unwrap(),
             capture_port: free_port().unwrap(),
-            agent_extra: agent_extra.to_owned(),
             cgroup,
             pins,
             files,
         };
-        config.rewrite(services);
+        config.write(&build(&config));
         config
     }
 
-    /// Replaces the file with these services (same agent and node), in one
-    /// rename so a watching agent never reads half a file.
-    pub fn rewrite(&self, services: &[ServiceDef]) {
-        self.write_raw(&self.render(services));
+    /// Node `test` with one workload, `client` (payments/client), and
+    /// these services; the agent on this node's ports, giving up on a
+    /// connect after 300 ms.
+    pub fn base(&self, services: &[Service]) -> Config {
+        let mut config = Config::new("test", &self.cgroup_root);
+        config.agent = config::Agent {
+            connect_timeout: Some(Duration::from_millis(300)),
+            drain_timeout: Some(Duration::from_secs(10)),
+            capture: Some(SocketAddr::from(([127, 0, 0, 1], self.capture_port))),
+            ..self.agent(&self.dir.join("state"), self.inbound_port)
+        };
+        config.workloads = vec![Workload::new("client", "payments", "client")];
+        config.services = services.to_vec();
+        config
     }
 
-    /// Replaces the file with `text`, atomically.
+    /// This node's agent: its outbound, admin and pins, `state_dir` and
+    /// `inbound_port` (nodes of one mesh share both), connects given up
+    /// after 1 s, a drain of 5 s at the most.
+    pub fn agent(&self, state_dir: &Path, inbound_port: u16) -> config::Agent {
+        config::Agent {
+            outbound: Some(SocketAddr::from(([127, 0, 0, 1], self.outbound_port))),
+            pin_dir: Some(self.pin_dir.clone()),
+            connect_timeout: Some(Duration::from_secs(1)),
+            drain_timeout: Some(Duration::from_secs(5)),
+            inbound_port: Some(inbound_port),
+            state_dir: Some(state_dir.to_owned()),
+            admin: Some(self.admin()),
+            ..config::Agent::default()
+        }
+    }
+
+    /// [`Self::base`] with these services and the audit trail in
+    /// [`Self::audit_path`].
+    pub fn audited(services: &[Service]) -> AgentConfig {
+        Self::with(|c| Config {
+            audit: Some(Audit {
+                output: c.audit_path(),
+            }),
+            ..c.base(services)
+        })
+    }
+
+    /// Where [`Self::audited`] writes the audit trail.
+    pub fn audit_path(&self) -> PathBuf {
+        self.dir.join("audit.jsonl")
+    }
+
+    /// Node `name` at `address` in a two-node mesh with `peer`: the agent
+    /// as [`Self::agent`] makes it, inbound handshakes given 1 s.
+    pub fn mesh_node(
+        &self,
+        (name, address): (&str, IpAddr),
+        state_dir: &Path,
+        inbound_port: u16,
+        (peer, peer_address): (&str, IpAddr),
+    ) -> Config {
+        let mut config = Config::new(name, &self.cgroup_root);
+        config.node.address = Some(address);
+        config.agent = self.agent(state_dir, inbound_port);
+        config.mesh = Some(config::Mesh {
+            inbound_handshake_timeout: Some(Duration::from_secs(1)),
+            certificates: None,
+        });
+        config.nodes = vec![PeerNode {
+            name: peer.to_owned(),
+            address: peer_address,
+        }];
+        config
+    }
+
+    /// The agent's admin API.
+    pub fn admin(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.admin_port))
+    }
+
+    /// Replaces the file with `config`, in one rename so a watching agent
+    /// never reads half a file.
+    pub fn write(&self, config: &Config) {
+        config.write(&self.path).unwrap();
+    }
+
+    /// Replaces the file with [`Self::base`] with these services.
+    pub fn rewrite(&self, services: &[Service]) {
+        self.write(&self.base(services));
+    }
+
+    /// Replaces the file with `text` (a broken file, a shipped one),
+    /// atomically.
     pub fn write_raw(&self, text: &str) {
         let tmp = self.dir.join("sluice.yaml.new");
         std::fs::write(&tmp, text).unwrap();
         std::fs::rename(&tmp, &self.path).unwrap();
     }
 
-    /// The YAML for these services.
-    pub fn render(&self, services: &[ServiceDef]) -> String {
-        let mut yaml = format!(
-            "node:\n  name: test\n  cgroup_root: {name}\nagent:\n  outbound: 127.0.0.1:{port}\n  \
-             pin_dir: {pins}\n  connect_timeout: 300ms\n  drain_timeout: 10s\n  inbound_port: {inbound}\n  \
-             state_dir: {state}\n  admin: 127.0.0.1:{admin}\n  capture: 127.0.0.1:{capture}\n{extra}\
-             workloads:\n  - name: client\n    namespace: payments\n    service_account: client\nservices:{empty}\n",
-            name = self.cgroup_root,
-            port = self.outbound_port,
-            pins = self.pin_dir.display(),
-            inbound = self.inbound_port,
-            admin = self.admin_port,
-            capture = self.capture_port,
-            state = self.dir.join("state").display(),
-            extra = self.agent_extra,
-            empty = if services.is_empty() { " []" } else { "" }
-        );
-        for s in services {
-            yaml.push_str(&format!(
-                "  - name: {}\n    namespace: payments\n    address: {}\n    port: {}\n    endpoints:\n",
-                s.name,
-                s.vip.ip(),
-                s.vip.port()
-            ));
-            for (i, e) in s.endpoints.iter().enumerate() {
-                yaml.push_str(&format!(
-                    "      - address: {}\n        port: {}\n",
-                    e.ip(),
-                    e.port()
-                ));
-                if let Some(w) = s.weights.get(i) {
-                    yaml.push_str(&format!("        weight: {w}\n"));
-                }
-            }
-            yaml.push_str(&s.extra);
-        }
-        yaml
-    }
-
     /// Absolute path of the node's cgroup root.
     pub fn cgroup_root_path(&self) -> PathBuf {
         self.cgroup.path().to_owned()
+    }
+
+    /// `sluice ca init` for this config: a CA in its state directory, which
+    /// other nodes sharing that directory then trust too.
+    pub fn ca_init(&self) {
+        let out = Command::new(sluice_bin())
+            .args(["ca", "init", "--config"])
+            .arg(&self.path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
@@ -575,44 +601,6 @@ impl NodePair {
         pair.a.ip(&["addr", "add", &a_addr, "dev", "va"]).unwrap();
         pair.b.ip(&["addr", "add", &b_addr, "dev", "vb"]).unwrap();
         pair
-    }
-}
-
-impl AgentConfig {
-    /// A config whose text `build` writes, given this config's unique
-    /// names and ports (cgroup root, pin dir, outbound and inbound ports).
-    pub fn custom(build: impl FnOnce(&AgentConfig) -> String) -> AgentConfig {
-        let config = AgentConfig::new(&[]);
-        let text = build(&config);
-        config.write_raw(&text);
-        config
-    }
-
-    /// `sluice ca init` for this config: a CA in its state directory, which
-    /// other nodes sharing that directory then trust too.
-    pub fn ca_init(&self) {
-        let out = Command::new(sluice_bin())
-            .args(["ca", "init", "--config"])
-            .arg(&self.path)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    /// The `agent` block with this config's unique values.
-    pub fn agent_block(&self, state_dir: &Path, inbound_port: u16) -> String {
-        format!(
-            "agent:\n  outbound: 127.0.0.1:{}\n  pin_dir: {}\n  connect_timeout: 1s\n  \
-             drain_timeout: 5s\n  inbound_port: {inbound_port}\n  state_dir: {}\n  admin: 127.0.0.1:{}\n",
-            self.outbound_port,
-            self.pin_dir.display(),
-            state_dir.display(),
-            self.admin_port
-        )
     }
 }
 

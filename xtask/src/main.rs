@@ -25,7 +25,8 @@ struct Cli {
 enum Task {
     /// Install what the eBPF build and the tests need; mount bpffs.
     Setup,
-    /// Setup, then build the release binary (target/release/sluice).
+    /// Setup, then build the release binary (target/release/sluice, or
+    /// under CARGO_TARGET_DIR).
     Build,
     /// Setup, then fmt check, clippy -D warnings, every test (as root; none
     /// may leave a cgroup, namespace, pin or process behind), and each fuzz
@@ -88,6 +89,15 @@ pub fn workspace_root() -> std::path::PathBuf {
         .to_owned()
 }
 
+/// Cargo's target directory: `CARGO_TARGET_DIR` when set (relative to the
+/// workspace root), else `target/` in the workspace root.
+pub fn target_dir() -> std::path::PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => workspace_root().join(dir),
+        None => workspace_root().join("target"),
+    }
+}
+
 /// Runs a command in the workspace root, echoing it; fails on non-zero exit.
 pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
     cmd.current_dir(workspace_root());
@@ -142,7 +152,7 @@ fn test() -> anyhow::Result<()> {
         "-Z",
         "build-std=core",
         "--target-dir",
-        "target/ebpf-clippy",
+        &target_dir().join("ebpf-clippy").to_string_lossy(),
         "--",
         "-D",
         "warnings",
