@@ -8,20 +8,15 @@
 mod support;
 
 use std::{
-    collections::HashMap,
-    io::{BufRead, BufReader, Write},
-    net::{IpAddr, SocketAddr, TcpStream},
-    path::Path,
-    process::Stdio,
+    net::{IpAddr, SocketAddr},
     time::Duration,
 };
 
 use serde_json::{Value, json};
-use sluice::admin::client;
 use sluice_maps::Stat;
 use support::{
-    install::{agents_slice, shipped_config},
-    kubeapi::{FakeApiServer, Resource},
+    install::{ShippedNodes, agents_slice},
+    kubeapi::Resource,
     pods::*,
     *,
 };
@@ -82,14 +77,6 @@ fn peers_and_backends(replies: &[String]) -> Vec<(String, String)> {
             (peer, backend)
         })
         .collect()
-}
-
-fn counts(of: impl Iterator<Item = String>) -> HashMap<String, usize> {
-    let mut counts = HashMap::new();
-    for x in of {
-        *counts.entry(x).or_default() += 1;
-    }
-    counts
 }
 
 /// Calls to `vip` from IPv6 sockets alternate over `backends` and every
@@ -381,24 +368,9 @@ fn an_ipv6_socket_with_the_agents_mark_is_still_redirected() {
     assert_eq!(agent.stat(Stat::MarkSpoofed), 1);
     assert_eq!(agent.stat(Stat::Redirected), 1);
     assert_eq!(agent.stat(Stat::AgentSocket), 0);
-    let mut attempt = Value::Null;
-    assert!(wait_until(Duration::from_secs(5), || {
-        attempt = std::fs::read_to_string(&audit)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .find(|l| l["reason"] == "mark_spoofed")
-            .unwrap_or_default();
-        !attempt.is_null()
-    }));
+    let attempts = audit_lines(&audit, "mark_spoofed", 1);
+    let attempt = attempts.first().expect("the attempt is audited");
     assert_eq!(attempt["destination"]["address"], VIP6);
-}
-
-/// Received bytes of the loopback device in `netns`.
-fn loopback_bytes(netns: &Netns) -> u64 {
-    let out = netns.ip(&["-s", "-j", "link", "show", "lo"]).unwrap();
-    let v: Value = serde_json::from_str(&out).expect("ip -j");
-    v[0]["stats64"]["rx"]["bytes"].as_u64().expect("rx bytes")
 }
 
 /// A client that sends 4 MiB to `ip`:8080 from an IPv6 socket (after the
@@ -430,19 +402,6 @@ print(\"intact\" if bytes(got) == data else \"corrupt %d\" % len(got))
     )
 }
 
-/// An echo server for one connection in `netns`: reads to EOF, sends it
-/// all back, closes.
-fn eof_echo_once(netns: &Netns, addr: SocketAddr) -> std::thread::JoinHandle<()> {
-    let listener = netns.run(move || std::net::TcpListener::bind(addr).unwrap());
-    std::thread::spawn(move || {
-        use std::io::Read;
-        let (mut s, _) = listener.accept().unwrap();
-        let mut all = Vec::new();
-        s.read_to_end(&mut all).unwrap();
-        s.write_all(&all).unwrap();
-    })
-}
-
 /// With the sockmap bypass on, an IPv6 client's connection to the agent
 /// skips the loopback stack as an IPv4 client's does, both ways it can
 /// reach the agent: at `[::1]` (dialling an IPv6 service) and at the
@@ -464,7 +423,7 @@ fn the_sockmap_bypass_carries_an_ipv6_clients_bytes() {
     .unwrap();
     let echo6 = SocketAddr::new("fd00:5d::2".parse().unwrap(), free_port().unwrap());
     let echo4 = SocketAddr::new(pair.b_addr, free_port().unwrap());
-    let servers = [eof_echo_once(&pair.b, echo6), eof_echo_once(&pair.b, echo4)];
+    let servers = [eof_echo(&pair.b, echo6, 1), eof_echo(&pair.b, echo4, 1)];
     let services = [
         service("blob6", "[2001:db8:77::70]:8080", &[echo6]).mode(Mode::Plaintext),
         service("blob4", "127.77.6.71:8080", &[echo4]).mode(Mode::Plaintext),
@@ -627,24 +586,12 @@ fn dual_stack_nodes_balance_an_ipv6_cluster_ip_and_cross_nodes_over_mtls() {
         }
     }
 
-    let api = a_node
-        .node
-        .run(|| FakeApiServer::start_on("0.0.0.0:0".parse().unwrap()));
-    let ca = test_ca();
-    let a_cfg = AgentConfig::new(&[]);
-    let b_cfg = AgentConfig::new(&[]);
-    for (cfg, account) in [(&a_cfg, "checkout"), (&b_cfg, "checkout-b")] {
-        let certs = cfg.dir.join("certs");
-        write_workload_certs(&certs, &ca, "cluster.local", &[("shop", account)]);
-        cfg.write_raw(&shipped_config(cfg, &certs));
-    }
-    let (a_kube, b_kube) = (a_cfg.dir.join("kubeconfig"), b_cfg.dir.join("kubeconfig"));
-    api.write_kubeconfig_via(&a_kube, &format!("http://127.0.0.1:{}", api.port()));
-    api.write_kubeconfig_via(&b_kube, &format!("http://{a_addr}:{}", api.port()));
+    let nodes = ShippedNodes::new(&a_node.node, a_addr, ["checkout", "checkout-b"]);
+    let (api, a_cfg, b_cfg) = (&nodes.api, &nodes.a, &nodes.b);
 
     let layout = Layout::Cgroupfs;
     let mut pods = Vec::new();
-    for (n, (cfg, node, node_name)) in [(&a_cfg, &a_node, "node-a"), (&b_cfg, &b_node, "node-b")]
+    for (n, (cfg, node, node_name)) in [(a_cfg, &a_node, "node-a"), (b_cfg, &b_node, "node-b")]
         .into_iter()
         .enumerate()
     {
@@ -653,15 +600,7 @@ fn dual_stack_nodes_balance_an_ipv6_cluster_ip_and_cross_nodes_over_mtls() {
             let uid = format!("d5a1ce00-0000-4000-8000-{:08x}{n}{i:03}", tag);
             let pod_cgroup = layout.pod(Qos::Burstable, &uid);
             let (netns, ip4) = &node.pods[i];
-            let holder = in_pod(
-                cfg,
-                netns,
-                &layout.container(&pod_cgroup, 0),
-                "import time; time.sleep(120)",
-            )
-            .stdout(Stdio::null())
-            .spawn_guarded()
-            .unwrap();
+            let holder = pause(cfg, netns, &layout.container(&pod_cgroup, 0));
             let name = format!("checkout-{}{i}", &node_name[5..]);
             let backend = Backend::start_in(&name, "[::]:8080".parse().unwrap(), netns);
             pods.push(DualPod {
@@ -715,18 +654,8 @@ fn dual_stack_nodes_balance_an_ipv6_cluster_ip_and_cross_nodes_over_mtls() {
         agents_slice(&[("node-a", a_addr), ("node-b", b_addr)]),
     );
 
-    let start = |cfg: &AgentConfig, node: &Node, name: &str, kubeconfig: &Path| {
-        Agent::start_in_netns_with_env(
-            cfg,
-            &node.node,
-            &[
-                ("SLUICE_NODE_NAME", name),
-                ("KUBECONFIG", kubeconfig.to_str().unwrap()),
-            ],
-        )
-    };
-    let agent_a = start(&a_cfg, &a_node, "node-a", &a_kube);
-    let agent_b = start(&b_cfg, &b_node, "node-b", &b_kube);
+    let agent_a = nodes.start("node-a", &a_node.node);
+    let agent_b = nodes.start("node-b", &b_node.node);
     let services = |agent: &Agent| -> Vec<String> {
         let out = agent.sluice(&["services", "-o", "json"]);
         serde_json::from_slice::<Value>(&out.stdout)
@@ -759,7 +688,7 @@ fn dual_stack_nodes_balance_an_ipv6_cluster_ip_and_cross_nodes_over_mtls() {
          \x20   print(\"[%s]:%d\" % peer[:2], s.makefile().readline().split()[0])\n\
          \x20   s.close()\n"
     );
-    let out = in_pod(&a_cfg, &a_node.pods[0].0, &pods[0].app, &script)
+    let out = in_pod(a_cfg, &a_node.pods[0].0, &pods[0].app, &script)
         .output()
         .unwrap();
     let replies = lines(&out);
@@ -781,20 +710,15 @@ fn dual_stack_nodes_balance_an_ipv6_cluster_ip_and_cross_nodes_over_mtls() {
         agent_b.log()
     );
     // The calls to node B went over mutual TLS and arrived at its agent.
-    let admin: SocketAddr = "127.0.0.1:15020".parse().unwrap();
-    let (_, exposition) = a_node
-        .node
-        .run(move || client::get(admin, "/metrics").unwrap());
-    let mtls: f64 = exposition
-        .lines()
-        .filter(|l| {
-            l.starts_with("sluice_tcp_connections_opened_total{")
-                && l.contains("connection_security_policy=\"mutual_tls\"")
-                && l.contains("destination_service=\"checkout-ipv6\"")
-        })
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-        .sum();
-    assert!(mtls >= 2.0, "{exposition}");
+    let metrics = agent_a.metrics();
+    let mtls = metrics.sum(
+        "sluice_tcp_connections_opened_total",
+        &[
+            ("connection_security_policy", "mutual_tls"),
+            ("destination_service", "checkout-ipv6"),
+        ],
+    );
+    assert!(mtls >= 2.0, "{metrics:?}");
     let status = agent_b.sluice(&["status", "-o", "json"]);
     let status: Value = serde_json::from_slice(&status.stdout).unwrap();
     assert!(status["inbound_accepted"].as_u64() >= Some(2), "{status}");
@@ -803,26 +727,8 @@ fn dual_stack_nodes_balance_an_ipv6_cluster_ip_and_cross_nodes_over_mtls() {
     // straight to pod b0's address: steered to node B's IPv6 capture
     // listener in b0 and refused there (counted, as IPv4 is).
     let target = SocketAddr::new(pods[2].ip6, 8080);
-    let plain = move || {
-        let mut stream = match TcpStream::connect_timeout(&target, Duration::from_secs(3)) {
-            Ok(s) => s,
-            Err(e) => return format!("refused: {}", e.kind()),
-        };
-        stream
-            .set_read_timeout(Some(Duration::from_secs(3)))
-            .unwrap();
-        if writeln!(stream, "plain").is_err() {
-            return "reset".into();
-        }
-        let mut line = String::new();
-        match BufReader::new(stream).read_line(&mut line) {
-            Ok(0) => "closed".into(),
-            Ok(_) => line.trim().to_owned(),
-            Err(e) => format!("reset: {}", e.kind()),
-        }
-    };
     let captured = agent_b.stat(Stat::Captured);
-    let got = a_node.node.run(plain);
+    let got = plain_call(&a_node.node, target);
     // The agent accepts and resets: the reset may even beat connect()'s
     // return.
     assert!(
@@ -830,22 +736,20 @@ fn dual_stack_nodes_balance_an_ipv6_cluster_ip_and_cross_nodes_over_mtls() {
         "{got}"
     );
     assert_eq!(agent_b.stat(Stat::Captured), captured + 1);
-    let (_, exposition) = b_node
-        .node
-        .run(move || client::get(admin, "/metrics").unwrap());
+    let metrics = agent_b.metrics();
     assert_eq!(
-        metric(
-            &exposition,
-            "sluice_inbound_refusals_total{reason=\"plaintext\"}"
-        ),
+        metrics.sum("sluice_inbound_refusals_total", &[("reason", "plaintext")]),
         1.0,
-        "{exposition}"
+        "{metrics:?}"
     );
 
     // With node B's agent gone, the hook refuses it by itself.
     let mut agent_b = agent_b;
     agent_b.kill();
     let before = agent_b.stat(Stat::CaptureRefused);
-    assert_eq!(a_node.node.run(plain), "refused: connection refused");
+    assert_eq!(
+        plain_call(&a_node.node, target),
+        "refused: connection refused"
+    );
     assert!(agent_b.stat(Stat::CaptureRefused) > before);
 }

@@ -7,13 +7,11 @@
 mod support;
 
 use std::{
-    io::{BufRead, BufReader, Write},
-    net::{IpAddr, SocketAddr, TcpStream},
-    path::{Path, PathBuf},
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
     time::Duration,
 };
 
-use sluice::admin::client;
 use support::{pods::Node, *};
 
 const LEDGER_VIP: &str = "127.77.5.10:8080";
@@ -27,7 +25,7 @@ struct Cluster {
     // Field order is drop order: the agents, then what they use.
     agent_a: Agent,
     agent_b: Agent,
-    configs: (AgentConfig, AgentConfig),
+    _configs: (AgentConfig, AgentConfig),
     _state: TempDir,
     _backends: Vec<Backend>,
     audit: PathBuf,
@@ -164,7 +162,7 @@ fn cluster() -> Cluster {
     Cluster {
         agent_a,
         agent_b,
-        configs: (a_cfg, b_cfg),
+        _configs: (a_cfg, b_cfg),
         _state: state,
         _backends: backends,
         audit,
@@ -174,29 +172,6 @@ fn cluster() -> Cluster {
         a,
         b_node,
     }
-}
-
-/// What a plaintext caller in `netns` (outside every workload cgroup)
-/// gets from `addr`: the reply line, or how it failed.
-fn plain_call(netns: &Netns, addr: SocketAddr) -> String {
-    netns.run(move || {
-        let mut stream = match TcpStream::connect_timeout(&addr, Duration::from_secs(3)) {
-            Ok(s) => s,
-            Err(e) => return format!("refused: {e}"),
-        };
-        stream
-            .set_read_timeout(Some(Duration::from_secs(3)))
-            .unwrap();
-        if writeln!(stream, "plain").is_err() {
-            return "reset".into();
-        }
-        let mut line = String::new();
-        match BufReader::new(stream).read_line(&mut line) {
-            Ok(0) => "closed".into(),
-            Ok(_) => line.trim().to_owned(),
-            Err(e) => format!("reset: {e}"),
-        }
-    })
 }
 
 /// One call through the mesh as `workload` of `agent`.
@@ -209,33 +184,12 @@ fn mesh_call(agent: &Agent, workload: &str, vip: &str) -> Vec<String> {
     )
 }
 
-fn scrape(netns: &Netns, config: &AgentConfig) -> String {
-    let admin = SocketAddr::from(([127, 0, 0, 1], config.admin_port));
-    netns.run(move || client::get(admin, "/metrics").unwrap().1)
-}
-
-/// The audit file's lines with `reason`, once there are `n` of them.
-fn audit_lines(path: &Path, reason: &str, n: usize) -> Vec<serde_json::Value> {
-    let mut found = Vec::new();
-    wait_until(Duration::from_secs(10), || {
-        found = std::fs::read_to_string(path)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v["reason"] == reason)
-            .collect();
-        found.len() >= n
-    });
-    found
-}
-
 #[test]
 fn plaintext_to_a_strict_workload_is_refused_from_everywhere_and_the_mesh_still_works() {
     let c = cluster();
     let ledger = SocketAddr::new(c.b_node.pods[0].1, POD_PORT);
     let legacy = SocketAddr::new(c.b_node.pods[1].1, POD_PORT);
     let vault = SocketAddr::new(c.b_addr, c.vault_port);
-    let (_, b_cfg) = &c.configs;
 
     // Through the mesh: mTLS from node A, to a pod and to a workload in
     // node B's own namespace.
@@ -294,24 +248,18 @@ fn plaintext_to_a_strict_workload_is_refused_from_everywhere_and_the_mesh_still_
     // The permissive pod takes plaintext, counted.
     assert_eq!(plain_call(&c.a, legacy), "legacy plain");
 
-    let exposition = scrape(&c.b_node.node, b_cfg);
+    let metrics = c.agent_b.metrics();
     assert_eq!(
-        metric(
-            &exposition,
-            "sluice_inbound_refusals_total{reason=\"plaintext\"}"
-        ),
+        metrics.sum("sluice_inbound_refusals_total", &[("reason", "plaintext")]),
         attempts.len() as f64,
-        "{exposition}"
+        "{metrics:?}"
     );
     assert_eq!(
-        metric(&exposition, "sluice_inbound_plaintext_passed_total"),
+        metrics.sum("sluice_inbound_plaintext_passed_total", &[]),
         1.0
     );
     assert_eq!(
-        metric(
-            &exposition,
-            "sluice_audit_events_total{outcome=\"dropped\"}"
-        ),
+        metrics.sum("sluice_audit_events_total", &[("outcome", "dropped")]),
         0.0
     );
 
@@ -350,15 +298,11 @@ fn health_checks_reach_a_strict_pod_from_inside_and_never_go_around_the_mesh() {
     assert_eq!(healthy(&c.agent_a, "payments/ledger"), [true]);
     assert_eq!(healthy(&c.agent_a, "payments/vault"), [true]);
     // Nothing was refused by the capture hook: no probe went around it.
-    let (_, b_cfg) = &c.configs;
-    let exposition = scrape(&c.b_node.node, b_cfg);
+    let metrics = c.agent_b.metrics();
     assert_eq!(
-        metric(
-            &exposition,
-            "sluice_inbound_refusals_total{reason=\"plaintext\"}"
-        ),
+        metrics.sum("sluice_inbound_refusals_total", &[("reason", "plaintext")]),
         0.0,
-        "{exposition}"
+        "{metrics:?}"
     );
 }
 

@@ -5,7 +5,7 @@
 
 mod support;
 
-use std::{collections::HashMap, net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use serde_json::Value;
 use sluice::admin::client;
@@ -14,14 +14,6 @@ use support::*;
 
 fn admin(config: &AgentConfig) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], config.admin_port))
-}
-
-fn counts<'a>(who: &[&'a str]) -> HashMap<&'a str, usize> {
-    let mut counts = HashMap::new();
-    for w in who {
-        *counts.entry(*w).or_default() += 1;
-    }
-    counts
 }
 
 /// `/debug/endpoints` entry of the endpoint at `addr`.
@@ -58,7 +50,7 @@ fn kernel_mode_keeps_weights_with_no_agent_running() {
     const CALLS: usize = 10_000;
     let replies = lines(&agent.run_as_client(&calls_script(vip, CALLS)));
     assert_eq!(replies.len(), CALLS);
-    let by = counts(&answered_by(&replies));
+    let by = counts(answered_by(&replies));
     assert_eq!(by.get("FAILED"), None, "{by:?}");
     for (name, weight) in [("w1", 1.0), ("w2", 2.0), ("w3", 3.0)] {
         let share = *by.get(name).unwrap_or(&0) as f64 / CALLS as f64;
@@ -133,7 +125,7 @@ fn an_endpoint_ejected_in_userspace_leaves_the_kernels_table() {
     let before = agent.stat(Stat::KernelBalanced);
     std::thread::sleep(Duration::from_millis(300));
     let after = lines(&agent.run_as_client(&calls_script(vip, 200)));
-    let by = counts(&answered_by(&after));
+    let by = counts(answered_by(&after));
     assert_eq!(by.get("FAILED"), None, "{by:?}");
     // Each CPU keeps its own place in the table, so a client moving
     // between CPUs may see a slot twice: about half each, not exactly.
@@ -148,16 +140,10 @@ fn an_endpoint_ejected_in_userspace_leaves_the_kernels_table() {
     // Outcomes reach the metrics, labelled as kernel mode (successes are
     // read at the agent's next periodic look, within 100 ms).
     let kernel_opened = || {
-        let (_, exposition) = client::get(admin(&config), "/metrics").unwrap();
-        exposition
-            .lines()
-            .find(|l| {
-                l.starts_with("sluice_tcp_connections_opened_total{")
-                    && l.contains("mode=\"kernel\"")
-                    && l.contains("source_workload=\"client\"")
-            })
-            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .unwrap_or(0.0)
+        agent.metrics().sum(
+            "sluice_tcp_connections_opened_total",
+            &[("mode", "kernel"), ("source_workload", "client")],
+        )
     };
     assert!(
         wait_until(Duration::from_secs(3), || kernel_opened() >= 200.0),
@@ -214,7 +200,7 @@ fn killed_agent_fail_open_goes_around_it_fail_closed_refuses_both_recover() {
     let out = stream.wait_with_output().expect("stream ends");
     let replies = lines(&out);
     assert_eq!(replies.len(), 3000);
-    let by = counts(&answered_by(&replies));
+    let by = counts(answered_by(&replies));
     assert_eq!(by.get("kernel"), Some(&3000), "{by:?}");
     agent.sigterm();
 }
@@ -313,7 +299,7 @@ fn an_upgrade_under_load_refuses_nothing_and_the_old_agent_drains_and_exits() {
 
     let replies = lines(&stream.wait_with_output().expect("stream ends"));
     assert_eq!(replies.len(), 1500);
-    let by = counts(&answered_by(&replies));
+    let by = counts(answered_by(&replies));
     assert_eq!(by.get("FAILED"), None, "{by:?}");
     let held = lines(&held.wait_with_output().expect("held connection ends"));
     assert!(
@@ -339,11 +325,7 @@ fn an_upgrade_under_load_refuses_nothing_and_the_old_agent_drains_and_exits() {
     );
 
     // `--upgrade` with nothing to upgrade is an error, not a cold start.
-    let out = std::process::Command::new(sluice_bin())
-        .args(["agent", "--upgrade", "--config"])
-        .arg(&config.path)
-        .output()
-        .unwrap();
+    let out = config.run(&["agent", "--upgrade"]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("no running agent answers"), "{stderr}");
@@ -358,13 +340,10 @@ fn handover_socket(config: &AgentConfig) -> std::path::PathBuf {
 /// `sluice_handover_refusals_total` for `reason`, as the agent's admin API
 /// shows it.
 fn handover_refusals(config: &AgentConfig, reason: &str) -> f64 {
-    let (_, exposition) = client::get(admin(config), "/metrics").expect("admin API");
-    let series = format!("sluice_handover_refusals_total{{reason=\"{reason}\"}} ");
-    exposition
-        .lines()
-        .find_map(|l| l.strip_prefix(series.as_str()))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {series} in {exposition}"))
+    let metrics = scrape(config.admin());
+    metrics
+        .get("sluice_handover_refusals_total", &[("reason", reason)])
+        .unwrap_or_else(|| panic!("no refusals for {reason} in {metrics:?}"))
 }
 
 fn mode(path: &std::path::Path) -> u32 {
@@ -455,11 +434,7 @@ fn a_stale_or_squatted_handover_socket_never_blocks_a_start() {
     // A live listener that is not an agent. `--upgrade`, which needs a
     // running agent, refuses to start and names the path.
     let squatter = UnixListener::bind(&path).unwrap();
-    let out = std::process::Command::new(sluice_bin())
-        .args(["agent", "--upgrade", "--config"])
-        .arg(&config.path)
-        .output()
-        .unwrap();
+    let out = config.run(&["agent", "--upgrade"]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(&path.display().to_string()), "{stderr}");
@@ -481,28 +456,6 @@ fn a_stale_or_squatted_handover_socket_never_blocks_a_start() {
     successor.sigterm();
     assert!(successor.wait(Duration::from_secs(15)).success());
     drop(squatter);
-}
-
-/// An echo server for one connection at a time: reads to EOF, sends it all
-/// back, closes. Serves `conns` connections on a thread in `netns`.
-fn eof_echo_server(netns: &Netns, addr: SocketAddr, conns: usize) -> std::thread::JoinHandle<()> {
-    let listener = netns.run(move || std::net::TcpListener::bind(addr).expect("bind echo"));
-    std::thread::spawn(move || {
-        use std::io::{Read, Write};
-        for _ in 0..conns {
-            let (mut s, _) = listener.accept().expect("accept");
-            let mut all = Vec::new();
-            s.read_to_end(&mut all).expect("read to EOF");
-            s.write_all(&all).expect("echo");
-        }
-    })
-}
-
-/// Received bytes of the loopback device in `netns`.
-fn loopback_bytes(netns: &Netns) -> u64 {
-    let out = netns.ip(&["-s", "-j", "link", "show", "lo"]).unwrap();
-    let v: Value = serde_json::from_str(&out).expect("ip -j");
-    v[0]["stats64"]["rx"]["bytes"].as_u64().expect("rx bytes")
 }
 
 /// A workload that sends 4 MiB (after `delay` seconds), half-closes, reads
@@ -543,7 +496,7 @@ fn sockmap_bypass_skips_loopback_and_keeps_bytes_intact_both_ways() {
     let echo: SocketAddr = SocketAddr::new(pair.b_addr, free_port().unwrap());
     // Node B holds the endpoint, so the agent-to-endpoint leg crosses the
     // veth and node A's loopback carries only the workload-to-agent leg.
-    let server = eof_echo_server(&pair.b, echo, 3);
+    let server = eof_echo(&pair.b, echo, 3);
     let service = || service("blob", &vip.to_string(), &[echo]).mode(Mode::Plaintext);
 
     let bypassed = AgentConfig::with(|c| {

@@ -12,7 +12,7 @@ use std::{net::SocketAddr, path::PathBuf, process::Stdio, time::Duration};
 use serde_json::{Value, json};
 use sluice::admin::client;
 use support::{
-    install::{agents_slice, shipped_config},
+    install::{ShippedNodes, agents_slice},
     kubeapi::{FakeApiServer, Resource, write_kubeconfig},
     pods::*,
     *,
@@ -153,15 +153,7 @@ fn start_pod(
     };
     let pod = layout.pod(qos, &uid);
     let (netns, ip) = &node.pods[i];
-    let holder = in_pod(
-        config,
-        netns,
-        &layout.container(&pod, 0),
-        "import time; time.sleep(120)",
-    )
-    .stdout(Stdio::null())
-    .spawn_guarded()
-    .unwrap();
+    let holder = pause(config, netns, &layout.container(&pod, 0));
     let backend = Some(Backend::start_in(name, SocketAddr::new(*ip, 8080), netns));
     Pod {
         name: name.to_owned(),
@@ -646,13 +638,8 @@ fn a_policy_object_denies_and_allows_without_touching_open_connections() {
         "{}",
         agent.log()
     );
-    let audit = c.config.dir.join("audit.jsonl");
-    let denied: Vec<Value> = std::fs::read_to_string(&audit)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v["reason"] == "denied")
-        .collect();
+    let audit = c.config.audit_path();
+    let denied = audit_lines(&audit, "denied", 1);
     assert!(!denied.is_empty(), "no denial in {}", audit.display());
     for line in &denied {
         assert_eq!(line["source"]["identity"], caller, "{line}");
@@ -751,27 +738,15 @@ fn two_nodes_four_pods_cross_node_calls_go_over_mtls() {
             .unwrap();
     }
 
-    let api = a_node
-        .node
-        .run(|| FakeApiServer::start_on("0.0.0.0:0".parse().unwrap()));
     // Each node holds the keys of its own pods' service accounts only: A's
     // pods run as `checkout`, B's as `checkout-b`.
-    let ca = test_ca();
-    let a_cfg = AgentConfig::new(&[]);
-    let b_cfg = AgentConfig::new(&[]);
-    for (cfg, account) in [(&a_cfg, "checkout"), (&b_cfg, "checkout-b")] {
-        let certs = cfg.dir.join("certs");
-        write_workload_certs(&certs, &ca, "cluster.local", &[("shop", account)]);
-        cfg.write_raw(&shipped_config(cfg, &certs));
-    }
-    let (a_kube, b_kube) = (a_cfg.dir.join("kubeconfig"), b_cfg.dir.join("kubeconfig"));
-    api.write_kubeconfig_via(&a_kube, &format!("http://127.0.0.1:{}", api.port()));
-    api.write_kubeconfig_via(&b_kube, &format!("http://{a_addr}:{}", api.port()));
+    let nodes = ShippedNodes::new(&a_node.node, a_addr, ["checkout", "checkout-b"]);
+    let (api, a_cfg, b_cfg) = (&nodes.api, &nodes.a, &nodes.b);
 
     let mut pods = Vec::new();
     for (cfg, node, node_name, tag, layout) in [
-        (&a_cfg, &a_node, "node-a", "a", Layout::Cgroupfs),
-        (&b_cfg, &b_node, "node-b", "b", Layout::SystemdCrio),
+        (a_cfg, &a_node, "node-a", "a", Layout::Cgroupfs),
+        (b_cfg, &b_node, "node-b", "b", Layout::SystemdCrio),
     ] {
         std::fs::create_dir_all(cfg.cgroup_root_path().join(layout.kubepods())).unwrap();
         for i in 0..2 {
@@ -807,18 +782,8 @@ fn two_nodes_four_pods_cross_node_calls_go_over_mtls() {
         agents_slice(&[("node-a", a_addr), ("node-b", b_addr)]),
     );
 
-    let start = |cfg: &AgentConfig, node: &Node, name: &str, kubeconfig: &std::path::Path| {
-        Agent::start_in_netns_with_env(
-            cfg,
-            &node.node,
-            &[
-                ("SLUICE_NODE_NAME", name),
-                ("KUBECONFIG", kubeconfig.to_str().unwrap()),
-            ],
-        )
-    };
-    let a = start(&a_cfg, &a_node, "node-a", &a_kube);
-    let b = start(&b_cfg, &b_node, "node-b", &b_kube);
+    let a = nodes.start("node-a", &a_node.node);
+    let b = nodes.start("node-b", &b_node.node);
     for agent in [&a, &b] {
         assert!(agent.wait_for_log("kubernetes: synced"), "{}", agent.log());
         assert!(
@@ -835,7 +800,7 @@ fn two_nodes_four_pods_cross_node_calls_go_over_mtls() {
     // names systemd's.
     assert!(a.log().contains("does not exist here"), "{}", a.log());
 
-    let replies = calls_from(&a_cfg, &a_node.pods[0].0, &pods[0], vip, 8);
+    let replies = calls_from(a_cfg, &a_node.pods[0].0, &pods[0], vip, 8);
     let mut who = replies.clone();
     who.sort();
     who.dedup();
@@ -863,7 +828,7 @@ fn two_nodes_four_pods_cross_node_calls_go_over_mtls() {
         let children: Vec<_> = (0..2)
             .map(|i| {
                 in_pod(
-                    &a_cfg,
+                    a_cfg,
                     &a_node.pods[i].0,
                     &pods[i].new_container(3),
                     &format!(
@@ -893,7 +858,7 @@ fn two_nodes_four_pods_cross_node_calls_go_over_mtls() {
     // A restarted container (the kubelet gives it a new cgroup below the
     // same pod) keeps the pod's identity: its calls reach B's pods too,
     // which only mTLS with that identity can.
-    let restarted = calls_in(&a_cfg, &a_node.pods[0].0, &pods[0].new_container(4), vip, 8);
+    let restarted = calls_in(a_cfg, &a_node.pods[0].0, &pods[0].new_container(4), vip, 8);
     assert!(
         restarted.iter().all(|r| r.starts_with("checkout-"))
             && restarted.iter().any(|r| r.starts_with("checkout-b")),
@@ -902,19 +867,12 @@ fn two_nodes_four_pods_cross_node_calls_go_over_mtls() {
 
     // Node A counted its calls to B's pods as mutual TLS; node B's inbound
     // listener accepted them from A's pod identity.
-    let admin: SocketAddr = "127.0.0.1:15020".parse().unwrap();
-    let (_, exposition) = a_node
-        .node
-        .run(move || client::get(admin, "/metrics").unwrap());
-    let mtls_opened: f64 = exposition
-        .lines()
-        .filter(|l| {
-            l.starts_with("sluice_tcp_connections_opened_total{")
-                && l.contains("connection_security_policy=\"mutual_tls\"")
-        })
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-        .sum();
-    assert!(mtls_opened >= 2.0, "{exposition}");
+    let metrics = a.metrics();
+    let mtls_opened = metrics.sum(
+        "sluice_tcp_connections_opened_total",
+        &[("connection_security_policy", "mutual_tls")],
+    );
+    assert!(mtls_opened >= 2.0, "{metrics:?}");
     let status = b.sluice(&["status", "-o", "json"]);
     let status: Value = serde_json::from_slice(&status.stdout).unwrap();
     assert!(status["inbound_accepted"].as_u64() >= Some(2), "{status}");
@@ -1068,12 +1026,9 @@ fn a_thousand_endpoint_slice_updates_a_second_lose_no_call_and_no_verdict() {
     );
     assert!(open.ask("after the churn").starts_with("checkout-"));
     // The changes were applied service by service, not as whole catalogs.
-    let exposition = c.admin("/metrics");
-    let by_service = metric(
-        &exposition,
-        "sluice_catalog_updates_total{kind=\"services\"}",
-    );
-    let whole = metric(&exposition, "sluice_catalog_updates_total{kind=\"whole\"}");
+    let metrics = agent.metrics();
+    let by_service = metrics.sum("sluice_catalog_updates_total", &[("kind", "services")]);
+    let whole = metrics.sum("sluice_catalog_updates_total", &[("kind", "whole")]);
     assert!(
         by_service >= 50.0 && whole <= 5.0,
         "{by_service} by service, {whole} whole"
@@ -1108,10 +1063,9 @@ fn a_broken_config_file_does_not_stop_discovery() {
     assert!(wait_until(Duration::from_secs(5), || c.calls(0, 1) == ["checkout-1"]));
 
     let refused = || {
-        metric(
-            &c.admin("/metrics"),
-            "sluice_config_reloads_total{result=\"failure\"}",
-        )
+        agent
+            .metrics()
+            .sum("sluice_config_reloads_total", &[("result", "failure")])
     };
     let good = std::fs::read_to_string(&c.config.path).unwrap();
     c.config.write_raw("node: [this is not a node\n");

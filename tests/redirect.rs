@@ -330,16 +330,8 @@ print(s.makefile().readline().strip())'",
     assert_eq!(replies, ["meshed spoofed"]);
     assert_eq!(agent.stat(Stat::MarkSpoofed), 1);
     // The attempt is in the audit trail, with who made it.
-    let mut attempt = serde_json::Value::Null;
-    assert!(wait_until(Duration::from_secs(5), || {
-        attempt = fs::read_to_string(&audit)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .find(|l| l["reason"] == "mark_spoofed")
-            .unwrap_or_default();
-        !attempt.is_null()
-    }));
+    let attempts = audit_lines(&audit, "mark_spoofed", 1);
+    let attempt = attempts.first().expect("the attempt is audited");
     assert_eq!(attempt["event"], "bypass_attempt");
     assert_eq!(attempt["decision"], "redirect");
     assert_eq!(

@@ -7,6 +7,7 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 use std::{
+    collections::HashMap,
     ffi::CString,
     io::{BufRead, BufReader, Write},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream},
@@ -20,7 +21,7 @@ use std::{
     time::Duration,
 };
 
-use sluice::redirect;
+use sluice::admin::client;
 #[allow(unused_imports)] // each test binary uses a different subset
 pub use sluice_testkit::{
     cgroup::{self, CgroupTree},
@@ -28,6 +29,7 @@ pub use sluice_testkit::{
         self, Audit, Authorization, CircuitBreakers, Config, Decision, Endpoint, HealthCheck,
         LbPolicy, Mode, OnAgentDown, OutlierDetection, PeerNode, Service, Timeouts, Workload,
     },
+    metrics::Exposition,
     names::unique,
     netns::{self, Netns},
     pins::PinDir,
@@ -270,14 +272,20 @@ impl AgentConfig {
         self.cgroup.path().to_owned()
     }
 
+    /// Runs `sluice ARGS --config FILE` to its end.
+    pub fn run(&self, args: &[&str]) -> Output {
+        Command::new(sluice_bin())
+            .args(args)
+            .arg("--config")
+            .arg(&self.path)
+            .output()
+            .expect("run sluice")
+    }
+
     /// `sluice ca init` for this config: a CA in its state directory, which
     /// other nodes sharing that directory then trust too.
     pub fn ca_init(&self) {
-        let out = Command::new(sluice_bin())
-            .args(["ca", "init", "--config"])
-            .arg(&self.path)
-            .output()
-            .unwrap();
+        let out = self.run(&["ca", "init"]);
         assert!(
             out.status.success(),
             "{}",
@@ -291,9 +299,10 @@ pub struct Agent {
     child: Child,
     log: Arc<Mutex<String>>,
     pub config_path: PathBuf,
-    pub pin_dir: PathBuf,
     /// The node's network namespace, when the agent runs in one.
     netns: Option<PathBuf>,
+    /// Its admin API, as its config file says (inside `netns`).
+    admin: SocketAddr,
 }
 
 impl Agent {
@@ -372,8 +381,8 @@ impl Agent {
             child,
             log,
             config_path: config.path.clone(),
-            pin_dir: config.pin_dir.clone(),
             netns: netns.map(|n| n.path()),
+            admin: admin_of(&config.path),
         };
         let started = wait_until(Duration::from_secs(20), || {
             ready.load(Ordering::SeqCst) || agent.child.try_wait().ok().flatten().is_some()
@@ -470,17 +479,71 @@ impl Agent {
         cmd
     }
 
-    /// (records by cookie, records by peer) in the pinned maps.
-    pub fn record_counts(&self) -> (usize, usize) {
-        redirect::pinned_record_counts(&self.pin_dir).expect("read pinned record maps")
+    /// `sluice maps`: the pinned maps as an operator reads them, with the
+    /// agent running or not.
+    fn maps(&self) -> serde_json::Value {
+        let out = self.sluice(&["maps", "-o", "json"]);
+        assert!(
+            out.status.success(),
+            "sluice maps: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("sluice maps prints JSON")
     }
 
-    /// The programs' counters.
-    pub fn stat(&self, stat: sluice_maps::Stat) -> u64 {
-        redirect::ProgramStats::from_pin(&self.pin_dir)
-            .expect("open pinned stats")
-            .total(stat)
+    /// (records by cookie, records by peer) in the pinned maps.
+    pub fn record_counts(&self) -> (u64, u64) {
+        let records = &self.maps()["records"];
+        let count = |name: &str| records[name].as_u64().expect("a record count");
+        (count("orig_by_cookie"), count("orig_by_peer"))
     }
+
+    /// The programs' counter `stat`, summed over CPUs.
+    pub fn stat(&self, stat: sluice_maps::Stat) -> u64 {
+        self.maps()["counters"][stat.name()]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no counter {} in sluice maps", stat.name()))
+    }
+
+    /// GETs `path` from the agent's admin API (from inside its namespace):
+    /// the status and the body.
+    pub fn admin_get(&self, path: &str) -> (u16, String) {
+        let (admin, path) = (self.admin, path.to_owned());
+        let get = move || client::get(admin, &path).expect("the admin API answers");
+        match &self.netns {
+            Some(netns) => netns::run_in(netns.clone(), get),
+            None => get(),
+        }
+    }
+
+    /// The agent's metrics, from its admin API.
+    pub fn metrics(&self) -> Exposition {
+        let admin = self.admin;
+        match &self.netns {
+            Some(netns) => netns::run_in(netns.clone(), move || scrape(admin)),
+            None => scrape(admin),
+        }
+    }
+}
+
+/// The metrics of the agent whose admin API (or metrics listener) is at
+/// `addr`.
+pub fn scrape(addr: SocketAddr) -> Exposition {
+    let (status, body) = client::get(addr, "/metrics").expect("the agent answers");
+    assert_eq!(status, 200, "{body}");
+    Exposition::parse(&body)
+}
+
+/// The admin API address the config file at `path` gives the agent
+/// (`agent.admin`, 127.0.0.1:15020 when it names none).
+fn admin_of(path: &Path) -> SocketAddr {
+    let text = std::fs::read_to_string(path).expect("the agent's config");
+    let config: serde_json::Value = serde_saphyr::from_str(&text).expect("a YAML config");
+    config["agent"]["admin"]
+        .as_str()
+        .unwrap_or("127.0.0.1:15020")
+        .parse()
+        .expect("agent.admin is an address")
 }
 
 impl Drop for Agent {
@@ -560,16 +623,6 @@ pub fn answered_by(replies: &[String]) -> Vec<&str> {
         .iter()
         .map(|r| r.split_whitespace().next().unwrap_or(""))
         .collect()
-}
-
-/// Sum of the samples in a Prometheus exposition whose line starts with
-/// `prefix` (a metric name, optionally with the start of its labels).
-pub fn metric(exposition: &str, prefix: &str) -> f64 {
-    exposition
-        .lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// Two nodes in their own network namespaces, joined by a veth pair:
@@ -686,6 +739,78 @@ impl Backend {
         let name = name.to_owned();
         netns.run(move || Backend::start_on(&name, addr))
     }
+}
+
+/// An echo server for one connection at a time: reads to EOF, sends it all
+/// back, closes. Serves `conns` connections on a thread, listening on
+/// `addr` in `netns`.
+pub fn eof_echo(netns: &Netns, addr: SocketAddr, conns: usize) -> thread::JoinHandle<()> {
+    let listener = netns.run(move || TcpListener::bind(addr).expect("bind echo"));
+    thread::spawn(move || {
+        use std::io::Read;
+        for _ in 0..conns {
+            let (mut s, _) = listener.accept().expect("accept");
+            let mut all = Vec::new();
+            s.read_to_end(&mut all).expect("read to EOF");
+            s.write_all(&all).expect("echo");
+        }
+    })
+}
+
+/// What a plaintext caller in `netns` (outside every workload cgroup) gets
+/// from `addr` for a line: the reply line, `closed`, or how it failed
+/// (`refused: <error kind>`, `reset[: <error kind>]`).
+pub fn plain_call(netns: &Netns, addr: SocketAddr) -> String {
+    netns.run(move || {
+        let mut stream = match TcpStream::connect_timeout(&addr, Duration::from_secs(3)) {
+            Ok(s) => s,
+            Err(e) => return format!("refused: {}", e.kind()),
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        if writeln!(stream, "plain").is_err() {
+            return "reset".into();
+        }
+        let mut line = String::new();
+        match BufReader::new(stream).read_line(&mut line) {
+            Ok(0) => "closed".into(),
+            Ok(_) => line.trim().to_owned(),
+            Err(e) => format!("reset: {}", e.kind()),
+        }
+    })
+}
+
+/// Received bytes of the loopback device in `netns`.
+pub fn loopback_bytes(netns: &Netns) -> u64 {
+    let out = netns.ip(&["-s", "-j", "link", "show", "lo"]).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&out).expect("ip -j");
+    v[0]["stats64"]["rx"]["bytes"].as_u64().expect("rx bytes")
+}
+
+/// How often each item occurs.
+pub fn counts<T: std::hash::Hash + Eq>(items: impl IntoIterator<Item = T>) -> HashMap<T, usize> {
+    let mut counts = HashMap::new();
+    for item in items {
+        *counts.entry(item).or_default() += 1;
+    }
+    counts
+}
+
+/// The lines of the audit trail at `path` with `reason`, once there are
+/// `n` of them (or what there is after 10 s).
+pub fn audit_lines(path: &Path, reason: &str, n: usize) -> Vec<serde_json::Value> {
+    let mut found = Vec::new();
+    wait_until(Duration::from_secs(10), || {
+        found = std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["reason"] == reason)
+            .collect();
+        found.len() >= n
+    });
+    found
 }
 
 /// Writes what a node-level certificate issuer (SPIRE's agent, cert-manager)

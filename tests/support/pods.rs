@@ -9,7 +9,7 @@ use std::{
     thread,
 };
 
-use super::{AgentConfig, Netns, cgroup, netns, unique};
+use super::{AgentConfig, ChildGuard, Netns, SpawnGuarded, cgroup, netns, unique};
 
 /// A node namespace with pods attached, removed on drop (Netns drops).
 pub struct Node {
@@ -91,6 +91,15 @@ pub fn in_pod(config: &AgentConfig, pod: &Netns, container: &str, script: &str) 
     cgroup::enter_on_exec(&mut cmd, &dir);
     pod.enter_on_exec(&mut cmd).unwrap();
     cmd
+}
+
+/// A pod's pause process: it sleeps in the container cgroup `container`
+/// inside the pod namespace `pod`, holding both for the pod's life.
+pub fn pause(config: &AgentConfig, pod: &Netns, container: &str) -> ChildGuard {
+    in_pod(config, pod, container, "import time; time.sleep(120)")
+        .stdout(std::process::Stdio::null())
+        .spawn_guarded()
+        .unwrap()
 }
 
 /// How the kubelet and the container runtime name a pod's cgroups. Every
