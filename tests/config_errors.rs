@@ -1,11 +1,9 @@
 //! Bad config files: `sluice config check` and `sluice agent` both refuse
 //! them with file:line and the field, exit non-zero, and touch nothing.
 
-mod support;
-
 use std::{path::PathBuf, process::Command};
 
-use support::*;
+use crate::support::*;
 
 const BASE: &str = "\
 node:

@@ -5,21 +5,19 @@
 //! v4-mapped form of an IPv4 virtual address is treated as an IPv4 socket
 //! dialling it, and `getpeername()` shows the address the client dialled.
 
-mod support;
-
 use std::{
     net::{IpAddr, SocketAddr},
     time::Duration,
 };
 
-use serde_json::{Value, json};
-use sluice_maps::Stat;
-use support::{
+use crate::support::{
     install::{ShippedNodes, agents_slice},
     kubeapi::Resource,
     pods::*,
     *,
 };
+use serde_json::{Value, json};
+use sluice_maps::Stat;
 
 /// IPv6 virtual address in the documentation prefix: never routed here, so
 /// a call that the hook missed fails instead of leaving the machine.

@@ -4,15 +4,13 @@
 //! through the mesh, whoever dials it; one policy decides whatever the
 //! path; a workload cannot borrow the agent's mark.
 
-mod support;
-
 use std::{
     net::{IpAddr, SocketAddr},
     path::PathBuf,
     time::Duration,
 };
 
-use support::{pods::Node, *};
+use crate::support::{pods::Node, *};
 
 const LEDGER_VIP: &str = "127.77.5.10:8080";
 const VAULT_VIP: &str = "127.77.5.12:8080";

@@ -3,14 +3,12 @@
 //! outcomes fed back to outlier detection, and proxy-mode services failing
 //! open or closed while the agent is killed.
 
-mod support;
-
 use std::{net::SocketAddr, time::Duration};
 
+use crate::support::*;
 use serde_json::Value;
 use sluice::admin::client;
 use sluice_maps::Stat;
-use support::*;
 
 fn admin(config: &AgentConfig) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], config.admin_port))

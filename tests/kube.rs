@@ -5,18 +5,16 @@
 //! namespace on a veth pair plus a cgroup named after its uid, as the
 //! kubelet names them, with a process inside.
 
-mod support;
-
 use std::{net::SocketAddr, path::PathBuf, process::Stdio, time::Duration};
 
-use serde_json::{Value, json};
-use sluice::admin::client;
-use support::{
+use crate::support::{
     install::{ShippedNodes, agents_slice},
     kubeapi::{FakeApiServer, Resource, write_kubeconfig},
     pods::*,
     *,
 };
+use serde_json::{Value, json};
+use sluice::admin::client;
 
 const NODE: &str = "n1";
 const CLUSTER_IP: &str = "127.77.12.10";

@@ -4,17 +4,15 @@
 //! A plain HTTP/1.1 client reads it here, so that no client library can
 //! paper over a mistake in the fake.
 
-mod support;
-
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::TcpStream,
     time::{Duration, Instant},
 };
 
+use crate::support::kubeapi::{FakeApiServer, Resource, fixture};
+use crate::support::{TempDir, wait_until};
 use serde_json::{Value, json};
-use support::kubeapi::{FakeApiServer, Resource, fixture};
-use support::{TempDir, wait_until};
 
 const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
 

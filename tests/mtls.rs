@@ -3,8 +3,6 @@
 //! workload on node B and callers on node A. The certificates, the inbound
 //! listener and the redirect are the real ones.
 
-mod support;
-
 use std::{
     net::SocketAddr,
     path::Path,
@@ -13,6 +11,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use crate::support::*;
 use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, Issuer, KeyPair, SanType};
 use rustls::{
     ClientConfig, DigitallySignedStruct, SignatureScheme,
@@ -20,7 +19,6 @@ use rustls::{
     sign::CertifiedKey,
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const MARKER: &str = "PAYMENT-MARKER-7f3a";

@@ -2,8 +2,6 @@
 //! A real Prometheus (Debian's package) scrapes it; promtool checks the
 //! exposition; the Grafana dashboard only queries metrics that exist.
 
-mod support;
-
 use std::{
     io::{BufRead, BufReader, ErrorKind, Read, Write},
     net::{SocketAddr, TcpStream},
@@ -15,9 +13,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::support::*;
 use serde_json::Value;
 use sluice::admin::client;
-use support::*;
 
 const VIP: &str = "127.77.4.10:8080";
 

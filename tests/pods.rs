@@ -4,8 +4,6 @@
 //! agent opens its outbound listener inside each pod's namespace, opens the
 //! pod's upstream sockets there, and keys records by namespace cookie.
 
-mod support;
-
 use std::{
     net::SocketAddr,
     process::{Output, Stdio},
@@ -13,8 +11,8 @@ use std::{
     time::Duration,
 };
 
+use crate::support::{pods::*, *};
 use serde_json::Value;
-use support::{pods::*, *};
 
 /// A call from source port `port` (0: any) that prints the reply.
 fn call(vip: SocketAddr, port: u16, text: &str) -> String {

@@ -1,11 +1,9 @@
 //! The agent refuses to start, with one sentence saying why and how to fix
 //! it, when the machine cannot run it, and leaves nothing behind.
 
-mod support;
-
 use std::{os::unix::process::CommandExt, process::Command};
 
-use support::*;
+use crate::support::*;
 
 fn run_agent(config: &AgentConfig, as_nobody: bool) -> (i32, String) {
     let mut cmd = Command::new(sluice_bin());

@@ -1,8 +1,6 @@
 //! End to end, as root: real eBPF programs on a real cgroup, a real agent
 //! process, clients run inside the workload cgroup, real TCP backends.
 
-mod support;
-
 use std::{
     fs,
     net::{SocketAddr, TcpListener, TcpStream},
@@ -11,8 +9,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::support::*;
 use sluice_maps::Stat;
-use support::*;
 
 /// A virtual address inside 127/8: if a test ever ran without its hook the
 /// call would fail on this machine instead of leaving it.

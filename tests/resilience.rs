@@ -2,15 +2,13 @@
 //! held connections that reach a threshold, a backend that never answers,
 //! config reloads under traffic. The agent and redirect are the real ones.
 
-mod support;
-
 use std::{
     net::SocketAddr,
     process::Stdio,
     time::{Duration, Instant},
 };
 
-use support::*;
+use crate::support::*;
 
 const VIP: &str = "127.77.1.10:8080";
 
