@@ -6,25 +6,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use crate::support::*;
-use serde_json::Value;
-use sluice::admin::client;
 use sluice_maps::Stat;
-
-fn admin(config: &AgentConfig) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], config.admin_port))
-}
-
-/// `/debug/endpoints` entry of the endpoint at `addr`.
-fn endpoint_view(config: &AgentConfig, addr: SocketAddr) -> Value {
-    let (_, body) = client::get(admin(config), "/debug/endpoints").expect("admin API");
-    let all: Value = serde_json::from_str(&body).expect("JSON");
-    all.as_array()
-        .expect("array")
-        .iter()
-        .find(|e| e["address"] == addr.to_string())
-        .cloned()
-        .unwrap_or_else(|| panic!("{addr} not in {body}"))
-}
 
 #[test]
 fn kernel_mode_keeps_weights_with_no_agent_running() {
@@ -112,10 +94,10 @@ fn an_endpoint_ejected_in_userspace_leaves_the_kernels_table() {
     assert!(first.iter().any(|r| r == "FAILED"), "{first:?}");
     assert!(
         wait_until(Duration::from_secs(5), || {
-            endpoint_view(&config, refusing)["breaker"] == "open"
+            agent.endpoint(refusing)["breaker"] == "open"
         }),
         "never ejected: {}",
-        endpoint_view(&config, refusing)
+        agent.endpoint(refusing)
     );
     assert!(agent.stat(Stat::KernelConnectFailed) >= 2);
 

@@ -14,7 +14,6 @@ use crate::support::{
     *,
 };
 use serde_json::{Value, json};
-use sluice::admin::client;
 
 const NODE: &str = "n1";
 const CLUSTER_IP: &str = "127.77.12.10";
@@ -214,15 +213,6 @@ impl Cluster {
         }
     }
 
-    /// The body of the agent's admin API at `path`, read in the node.
-    fn admin(&self, path: &'static str) -> String {
-        let admin = SocketAddr::from(([127, 0, 0, 1], self.config.admin_port));
-        self.node
-            .node
-            .run(move || client::get(admin, path).unwrap())
-            .1
-    }
-
     /// `n` calls from pod `from` to the service, one connection each.
     fn calls(&self, from: usize, n: usize) -> Vec<String> {
         calls_from(
@@ -274,14 +264,6 @@ fn calls_in(
     }
 }
 
-fn workloads(agent: &Agent) -> Vec<Value> {
-    let out = agent.sluice(&["workloads", "-o", "json"]);
-    serde_json::from_slice::<Value>(&out.stdout)
-        .ok()
-        .and_then(|v| v.as_array().cloned())
-        .unwrap_or_default()
-}
-
 fn count(requests: &[String], needle: &str) -> usize {
     requests.iter().filter(|r| r.contains(needle)).count()
 }
@@ -297,11 +279,16 @@ fn pods_and_services_from_the_api_server_carry_calls_and_follow_changes() {
         .set_object(Resource::EndpointSlices, slice(&c.pods, &[(0, true)]));
     c.api.set_object(Resource::Pods, c.pods[0].object());
     let agent = Agent::start_in_netns(&c.config, &c.node.node);
-    assert!(agent.wait_for_log("kubernetes: synced"), "{}", agent.log());
     assert!(
-        wait_until(Duration::from_secs(5), || workloads(&agent).len() == 1),
+        agent.wait_ready(),
+        "{:?}\n{}",
+        agent.not_ready(),
+        agent.log()
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || agent.workloads().len() == 1),
         "{:?}",
-        workloads(&agent)
+        agent.workloads()
     );
     assert_eq!(c.calls(0, 2), ["checkout-0"; 2]);
 
@@ -314,13 +301,13 @@ fn pods_and_services_from_the_api_server_carry_calls_and_follow_changes() {
     );
     assert!(
         wait_until(Duration::from_secs(5), || {
-            let w = workloads(&agent);
+            let w = agent.workloads();
             w.len() == 2 && w.iter().all(|w| w["listener"] == "open")
         }),
         "{:?}",
-        workloads(&agent)
+        agent.workloads()
     );
-    let w = workloads(&agent);
+    let w = agent.workloads();
     assert_eq!(
         w[0]["identity"],
         "spiffe://cluster.local/ns/shop/sa/checkout"
@@ -430,9 +417,9 @@ fn pods_and_services_from_the_api_server_carry_calls_and_follow_changes() {
     c.api
         .set_object(Resource::EndpointSlices, slice(&c.pods, &[(0, true)]));
     assert!(
-        wait_until(Duration::from_secs(5), || workloads(&agent).len() == 1),
+        wait_until(Duration::from_secs(5), || agent.workloads().len() == 1),
         "{:?}",
-        workloads(&agent)
+        agent.workloads()
     );
     assert!(
         agent
@@ -468,12 +455,11 @@ fn an_unreachable_api_server_leaves_the_agent_up_and_not_ready() {
         &format!("http://127.0.0.1:{port}"),
     );
     let agent = Agent::start(&config);
-    let admin = SocketAddr::from(([127, 0, 0, 1], config.admin_port));
-    let (code, body) = client::get(admin, "/readyz").unwrap();
-    assert_eq!(code, 503, "{body}");
+    let why = agent.not_ready().expect("not ready");
     assert!(
-        body.contains("kubernetes: services, endpoints and pods not listed yet"),
-        "{body}"
+        why.iter()
+            .any(|r| r == "kubernetes: services, endpoints and pods not listed yet"),
+        "{why:?}"
     );
     // Retries go on with backoff; each resource says so once.
     std::thread::sleep(Duration::from_secs(3));
@@ -610,14 +596,19 @@ fn a_policy_object_denies_and_allows_without_touching_open_connections() {
     ledger["metadata"]["labels"]["tier"] = json!("ledger");
     c.api.set_object(Resource::Pods, ledger);
     let agent = Agent::start_in_netns(&c.config, &c.node.node);
-    assert!(agent.wait_for_log("kubernetes: synced"), "{}", agent.log());
+    assert!(
+        agent.wait_ready(),
+        "{:?}\n{}",
+        agent.not_ready(),
+        agent.log()
+    );
     assert!(
         wait_until(Duration::from_secs(5), || {
-            let w = workloads(&agent);
+            let w = agent.workloads();
             w.len() == 2 && w.iter().all(|w| w["listener"] == "open")
         }),
         "{:?}",
-        workloads(&agent)
+        agent.workloads()
     );
     let (netns, app) = (&c.node.pods[0].0, &c.pods[0].app);
     let mut open = OpenConnection::open(&c.config, netns, app, service_vip());
@@ -783,20 +774,33 @@ fn two_nodes_four_pods_cross_node_calls_go_over_mtls() {
     let a = nodes.start("node-a", &a_node.node);
     let b = nodes.start("node-b", &b_node.node);
     for agent in [&a, &b] {
-        assert!(agent.wait_for_log("kubernetes: synced"), "{}", agent.log());
+        assert!(
+            agent.wait_ready(),
+            "{:?}\n{}",
+            agent.not_ready(),
+            agent.log()
+        );
         assert!(
             wait_until(Duration::from_secs(5), || {
-                let w = workloads(agent);
+                let w = agent.workloads();
                 w.len() == 2 && w.iter().all(|w| w["listener"] == "open")
             }),
             "{:?}\n{}",
-            workloads(agent),
+            agent.workloads(),
             agent.log()
         );
     }
     // Node A's agent found the cgroupfs root although the shipped config
-    // names systemd's.
-    assert!(a.log().contains("does not exist here"), "{}", a.log());
+    // names systemd's, and attached its programs there.
+    let status = a.view("/debug/status");
+    let kubepods = a_cfg.cgroup_root_path().join("kubepods");
+    for program in status["programs"].as_array().expect("programs") {
+        assert_eq!(
+            program["cgroup"],
+            kubepods.display().to_string(),
+            "{status}"
+        );
+    }
 
     let replies = calls_from(a_cfg, &a_node.pods[0].0, &pods[0], vip, 8);
     let mut who = replies.clone();
@@ -878,9 +882,9 @@ fn two_nodes_four_pods_cross_node_calls_go_over_mtls() {
 
 /// The health verdicts of the Service's endpoints as the agent holds them,
 /// by backend name.
-fn verdicts(c: &Cluster) -> std::collections::HashMap<String, bool> {
+fn verdicts(c: &Cluster, agent: &Agent) -> std::collections::HashMap<String, bool> {
     let endpoints: Vec<Value> =
-        serde_json::from_str(&c.admin("/debug/endpoints")).unwrap_or_default();
+        serde_json::from_value(agent.view("/debug/endpoints")).unwrap_or_default();
     c.pods
         .iter()
         .filter_map(|p| {
@@ -920,14 +924,19 @@ fn a_thousand_endpoint_slice_updates_a_second_lose_no_call_and_no_verdict() {
     // Pod 2's backend is down from the start.
     c.pods[2].stop_backend();
     let agent = Agent::start_in_netns(&c.config, &c.node.node);
-    assert!(agent.wait_for_log("kubernetes: synced"), "{}", agent.log());
+    assert!(
+        agent.wait_ready(),
+        "{:?}\n{}",
+        agent.not_ready(),
+        agent.log()
+    );
     assert!(
         wait_until(Duration::from_secs(10), || {
-            let v = verdicts(&c);
+            let v = verdicts(&c, &agent);
             v.get("checkout-1") == Some(&true) && v.get("checkout-2") == Some(&false)
         }),
         "{:?}\n{}",
-        verdicts(&c),
+        verdicts(&c, &agent),
         agent.log()
     );
 
@@ -992,7 +1001,7 @@ fn a_thousand_endpoint_slice_updates_a_second_lose_no_call_and_no_verdict() {
             let mut back_at = None;
             let mut healthy_at = None;
             while !writer.is_finished() {
-                let v = verdicts(&c);
+                let v = verdicts(&c, &agent);
                 assert_eq!(v.get("checkout-1"), Some(&true), "{v:?}");
                 looks += 1;
                 if back_at.is_none() && started.elapsed() >= Duration::from_secs(3) {
@@ -1057,7 +1066,12 @@ fn a_broken_config_file_does_not_stop_discovery() {
         c.api.set_object(Resource::Pods, p.object());
     }
     let agent = Agent::start_in_netns(&c.config, &c.node.node);
-    assert!(agent.wait_for_log("kubernetes: synced"), "{}", agent.log());
+    assert!(
+        agent.wait_ready(),
+        "{:?}\n{}",
+        agent.not_ready(),
+        agent.log()
+    );
     assert!(wait_until(Duration::from_secs(5), || c.calls(0, 1) == ["checkout-1"]));
 
     let refused = || {
@@ -1133,10 +1147,16 @@ fn a_pod_whose_namespace_cannot_be_opened_is_left_out_alone() {
     );
 
     let agent = Agent::start_in_netns(&c.config, &c.node.node);
-    assert!(agent.wait_for_log("kubernetes: synced"), "{}", agent.log());
+    assert!(
+        agent.wait_ready(),
+        "{:?}\n{}",
+        agent.not_ready(),
+        agent.log()
+    );
     assert!(
         wait_until(Duration::from_secs(5), || {
-            let mut names: Vec<String> = workloads(&agent)
+            let mut names: Vec<String> = agent
+                .workloads()
                 .iter()
                 .filter_map(|w| w["name"].as_str().map(str::to_owned))
                 .collect();
@@ -1144,7 +1164,7 @@ fn a_pod_whose_namespace_cannot_be_opened_is_left_out_alone() {
             names == ["shop/checkout-0", "shop/checkout-1"]
         }),
         "{:?}\n{}",
-        workloads(&agent),
+        agent.workloads(),
         agent.log()
     );
     assert!(

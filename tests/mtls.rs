@@ -30,7 +30,7 @@ struct Mesh {
     // Field order is drop order: the agents, then what they use.
     a: Agent,
     b: Agent,
-    _configs: (AgentConfig, AgentConfig),
+    configs: (AgentConfig, AgentConfig),
     state: TempDir,
     ledger: Backend,
     plain: Backend,
@@ -42,6 +42,12 @@ struct Mesh {
 /// (payments/batch); node B runs `ledger`, which only checkout may call.
 /// Certificates live `lifetime`.
 fn mesh(lifetime: Duration) -> Mesh {
+    mesh_audited(lifetime, false)
+}
+
+/// [`mesh`], with node B's audit trail in its config's `audit.jsonl` when
+/// `audit`.
+fn mesh_audited(lifetime: Duration, audit: bool) -> Mesh {
     let pair = NodePair::new();
     let ledger = Backend::start_in("ledger", "127.0.0.1:0".parse().unwrap(), &pair.b);
     let plain = Backend::start_in("plain", SocketAddr::new(pair.b_addr, 0), &pair.b);
@@ -87,6 +93,9 @@ fn mesh(lifetime: Duration) -> Mesh {
             },
         )],
         services: services(Endpoint::new(ledger_addr).workload("ledger")),
+        audit: audit.then(|| Audit {
+            output: c.audit_path(),
+        }),
         ..node(c, "node-b", pair.b_addr, "node-a", pair.a_addr)
     });
     // One CA for both nodes, as an operator would distribute it.
@@ -96,7 +105,7 @@ fn mesh(lifetime: Duration) -> Mesh {
     Mesh {
         a,
         b,
-        _configs: (a_cfg, b_cfg),
+        configs: (a_cfg, b_cfg),
         state,
         ledger,
         plain,
@@ -147,7 +156,7 @@ fn a_cross_node_call_goes_over_mtls_with_no_plaintext_on_the_wire() {
 
 #[test]
 fn authorization_lets_checkout_in_and_keeps_batch_out() {
-    let m = mesh(HOUR);
+    let m = mesh_audited(HOUR, true);
     let allowed = lines(&m.a.run_as_client(&call_script(VIP, 1, "charge")));
     assert_eq!(allowed, ["ledger charge 1"]);
     let denied = lines(
@@ -161,13 +170,28 @@ fn authorization_lets_checkout_in_and_keeps_batch_out() {
         1,
         "no byte of the denied call reached ledger"
     );
-    let refusal = format!(
-        "(spiffe://cluster.local/ns/payments/sa/batch): refused: denied: 127.0.0.1:{} \
-         (workload payments/ledger) denied by workload payments/ledger default deny",
-        m.ledger.addr.port()
+    // Node B's audit trail: one denial, naming the caller, the target and
+    // the rule.
+    let denials = audit_lines(&m.configs.1.audit_path(), "denied", 1);
+    assert_eq!(denials.len(), 1, "{denials:?}");
+    let denial = &denials[0];
+    assert_eq!(
+        denial["source"]["identity"], "spiffe://cluster.local/ns/payments/sa/batch",
+        "{denial}"
     );
-    assert!(m.b.wait_for_log(&refusal), "{}", m.b.log());
-    assert_eq!(m.b.log().matches("refused: denied").count(), 1);
+    assert_eq!(
+        denial["destination"]["address"],
+        format!("127.0.0.1:{}", m.ledger.addr.port()),
+        "{denial}"
+    );
+    assert_eq!(
+        denial["destination"]["workload"], "payments/ledger",
+        "{denial}"
+    );
+    assert_eq!(
+        denial["rule"], "workload payments/ledger default deny",
+        "{denial}"
+    );
     // The denial counter, as `sluice status` on node B reports it.
     let out = m.b.sluice(&["status", "-o", "json"]);
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

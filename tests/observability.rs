@@ -23,10 +23,6 @@ fn vip() -> SocketAddr {
     VIP.parse().unwrap()
 }
 
-fn admin(config: &AgentConfig) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], config.admin_port))
-}
-
 /// A config with a metrics listener (`agent.metrics`) on a port of its
 /// own; returns its address too.
 fn with_metrics(services: &[Service]) -> (AgentConfig, SocketAddr) {
@@ -288,7 +284,9 @@ fn cli_commands_report_live_connections_ejections_and_refusals() {
     // A refused peer on the inbound port.
     let mut plain = std::net::TcpStream::connect(("127.0.0.1", config.inbound_port)).unwrap();
     std::io::Write::write_all(&mut plain, b"hello\n").unwrap();
-    assert!(agent.wait_for_log("refused: not_tls"));
+    assert!(wait_until(Duration::from_secs(5), || {
+        agent.view("/debug/status")["inbound_refused"]["not_tls"] == 1
+    }));
     let (code, status) = cli_json(&agent, &["status"]);
     assert_eq!(code, 0);
     assert_eq!(status["ready"], true);
@@ -312,8 +310,8 @@ fn cli_commands_report_live_connections_ejections_and_refusals() {
 
     // Stopping: not ready, honestly, while it drains.
     agent.sigterm();
-    assert!(agent.wait_for_log("stopping"));
-    let (code, body) = client::get(admin(&config), "/readyz").unwrap();
+    assert!(wait_until(Duration::from_secs(5), || agent.stopping()));
+    let (code, body) = client::get(config.admin(), "/readyz").unwrap();
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("stopping"));
     let out = agent.sluice(&["status"]);
@@ -456,9 +454,9 @@ fn the_metrics_listener_serves_metrics_and_probes_and_no_debug_view() {
         "/debug/endpoints",
         "/metrics",
     ] {
-        assert_eq!(client::get(admin(&config), path).unwrap().0, 200, "{path}");
+        assert_eq!(client::get(config.admin(), path).unwrap().0, 200, "{path}");
     }
-    let (_, status) = client::get(admin(&config), "/debug/status").unwrap();
+    let (_, status) = client::get(config.admin(), "/debug/status").unwrap();
     let status: Value = serde_json::from_str(&status).unwrap();
     assert_eq!(status["listeners"]["metrics"], metrics.to_string());
 
@@ -476,7 +474,7 @@ fn trace_streams_are_bounded_and_freed_when_they_end() {
     let b1 = Backend::start("b1");
     let config = AgentConfig::new(&[service("payments", VIP, &[b1.addr])]);
     let agent = Agent::start(&config);
-    let admin = admin(&config);
+    let admin = config.admin();
     // As `sluice trace` does: the programs' events on.
     let on = agent.sluice(&["ebpf-log", "on"]);
     assert!(

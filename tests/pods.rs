@@ -75,11 +75,6 @@ fn vip(i: usize) -> SocketAddr {
     format!("127.77.8.{}:8080", 10 + i).parse().unwrap()
 }
 
-fn workloads_view(agent: &Agent) -> Value {
-    let out = agent.sluice(&["workloads", "-o", "json"]);
-    serde_json::from_slice(&out.stdout).expect("workloads JSON")
-}
-
 #[test]
 fn pods_get_their_own_listener_and_source_address_and_never_share_records() {
     let node = Node::new(2);
@@ -106,19 +101,21 @@ fn pods_get_their_own_listener_and_source_address_and_never_share_records() {
 
     // Pod 1 arrives: its listener opens with the reload.
     config.write(&render(&config, &node, &[0, 1], &backends));
+    let listening = |w: &Value| w["name"] == "pod-1" && w["listener"] == "open";
     assert!(
-        agent.wait_for_log(&format!("open in {}", node.pods[1].0.path().display())),
-        "{}",
-        agent.log()
+        wait_until(Duration::from_secs(5), || agent
+            .workloads()
+            .iter()
+            .any(listening)),
+        "{:?}",
+        agent.workloads()
     );
-    let view = workloads_view(&agent);
+    let view = agent.workloads();
     for (i, (pod, _)) in node.pods.iter().enumerate() {
         let w = view
-            .as_array()
-            .unwrap()
             .iter()
             .find(|w| w["name"] == format!("pod-{i}"))
-            .unwrap_or_else(|| panic!("pod-{i} not in {view}"));
+            .unwrap_or_else(|| panic!("pod-{i} not in {view:?}"));
         assert_eq!(w["netns"], pod.path().display().to_string());
         assert_eq!(w["listener"], "open", "{w}");
         assert_eq!(
@@ -191,9 +188,9 @@ fn a_pod_that_leaves_drains_its_open_connection_and_takes_no_new_ones() {
 
     config.write(&render(&config, &node, &[], &[backend]));
     assert!(
-        agent.wait_for_log("closed the outbound listener in"),
-        "{}",
-        agent.log()
+        wait_until(Duration::from_secs(5), || agent.workloads().is_empty()),
+        "{:?}",
+        agent.workloads()
     );
     let reply = stdout(&held.wait_with_output().unwrap());
     let from = node.pods[0].1;

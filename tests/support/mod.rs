@@ -506,14 +506,70 @@ impl Agent {
     }
 
     /// GETs `path` from the agent's admin API (from inside its namespace):
-    /// the status and the body.
-    pub fn admin_get(&self, path: &str) -> (u16, String) {
+    /// the status and the body, or None when nothing answers.
+    pub fn admin_get(&self, path: &str) -> Option<(u16, String)> {
         let (admin, path) = (self.admin, path.to_owned());
-        let get = move || client::get(admin, &path).expect("the admin API answers");
+        let get = move || client::get(admin, &path).ok();
         match &self.netns {
             Some(netns) => netns::run_in(netns.clone(), get),
             None => get(),
         }
+    }
+
+    /// The admin API's JSON view at `path` (`/debug/status`, ...).
+    pub fn view(&self, path: &str) -> serde_json::Value {
+        let (status, body) = self
+            .admin_get(path)
+            .unwrap_or_else(|| panic!("the admin API does not answer {path}"));
+        assert_eq!(status, 200, "{path}: {body}");
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
+    }
+
+    /// The `/debug/endpoints` entry of the endpoint at `addr`.
+    pub fn endpoint(&self, addr: SocketAddr) -> serde_json::Value {
+        let all = self.view("/debug/endpoints");
+        all.as_array()
+            .and_then(|all| all.iter().find(|e| e["address"] == addr.to_string()))
+            .cloned()
+            .unwrap_or_else(|| panic!("{addr} not in {all}"))
+    }
+
+    /// The workloads, as `/debug/workloads` (`sluice workloads`) shows them.
+    pub fn workloads(&self) -> Vec<serde_json::Value> {
+        self.view("/debug/workloads")
+            .as_array()
+            .cloned()
+            .expect("a list of workloads")
+    }
+
+    /// `/readyz`: None while it answers 200, else the reasons it gives.
+    pub fn not_ready(&self) -> Option<Vec<String>> {
+        let Some((status, body)) = self.admin_get("/readyz") else {
+            return Some(vec!["the admin API does not answer".to_owned()]);
+        };
+        if status == 200 {
+            return None;
+        }
+        let reasons = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|b| b["reasons"].as_array().cloned())
+            .map(|r| {
+                r.iter()
+                    .filter_map(|r| r.as_str().map(str::to_owned))
+                    .collect()
+            });
+        Some(reasons.unwrap_or_else(|| vec![body]))
+    }
+
+    /// Waits (up to 10 s) until `/readyz` answers 200; says whether it did.
+    pub fn wait_ready(&self) -> bool {
+        wait_until(Duration::from_secs(10), || self.not_ready().is_none())
+    }
+
+    /// Whether the agent says it is stopping (draining after SIGTERM).
+    pub fn stopping(&self) -> bool {
+        self.not_ready()
+            .is_some_and(|why| why.iter().any(|r| r.starts_with("stopping")))
     }
 
     /// The agent's metrics, from its admin API.
