@@ -28,40 +28,13 @@ fn backend6(name: &str) -> Backend {
     Backend::start_on(name, "[::1]:0".parse().unwrap())
 }
 
-/// Python (bash's /dev/tcp cannot choose the socket family) making `n`
-/// calls to `ip`:`port` from sockets of `family` (`AF_INET` or `AF_INET6`),
-/// one connection each; prints `<peer as getpeername shows it> <reply>`,
-/// or `FAILED <errno name>`.
-fn calls_from(family: &str, ip: &str, port: u16, n: usize) -> String {
-    calls_with(family, "", ip, port, n)
-}
-
-/// [`calls_from`] with `setup` (Python, on socket `s`) run before connect.
-fn calls_with(family: &str, setup: &str, ip: &str, port: u16, n: usize) -> String {
-    format!(
-        "python3 -c '
-import errno, socket
-for i in range({n}):
-    s = socket.socket(socket.{family}, socket.SOCK_STREAM)
-    {setup}
-    s.settimeout(5)
-    try:
-        s.connect((\"{ip}\", {port}))
-    except OSError as e:
-        print(\"FAILED\", errno.errorcode.get(e.errno, e))
-        continue
-    peer = s.getpeername()
-    s.sendall(b\"call %d\\n\" % (i + 1))
-    reply = s.makefile().readline().strip()
-    print(\"%s:%d %s\" % (peer[0], peer[1], reply))
-    s.close()
-'"
-    )
-}
-
-/// `script` pinned to CPU 0.
-fn on_one_cpu(script: &str) -> String {
-    format!("taskset -c 0 {script}")
+/// `n` calls to `ip`:`port`, one connection each, from a socket of the
+/// address's family (IPv6 for a v4-mapped address too); each line is
+/// `<peer as getpeername shows it> <reply>`, or `FAILED <error kind>`.
+fn calls_from(ip: &str, port: u16, n: usize) -> Calls {
+    Calls::new(SocketAddr::new(ip.parse().unwrap(), port), n)
+        .show_peer()
+        .show_error()
 }
 
 /// (peer shown, backend name) of each reply line.
@@ -100,8 +73,7 @@ fn an_ipv6_virtual_address_is_proxied_over_two_ipv6_backends() {
     let config = AgentConfig::new(&[service("ledger6", VIP6, &addrs)]);
     let agent = Agent::start(&config);
 
-    let script = calls_from("AF_INET6", &vip.ip().to_string(), vip.port(), 10);
-    let replies = lines(&agent.run_as_client(&script));
+    let replies = agent.run_client("client", calls_from(&vip.ip().to_string(), vip.port(), 10));
 
     assert_balanced_and_shown(
         &replies,
@@ -130,13 +102,8 @@ fn an_ipv6_virtual_address_is_balanced_by_the_kernel_over_two_ipv6_backends() {
 
     // One CPU: the kernel walks the table with a cursor per CPU, so the
     // order is exact only on one.
-    let script = on_one_cpu(&calls_from(
-        "AF_INET6",
-        &vip.ip().to_string(),
-        vip.port(),
-        10,
-    ));
-    let replies = lines(&agent.run_as_client(&script));
+    let calls = calls_from(&vip.ip().to_string(), vip.port(), 10).on_cpu(0);
+    let replies = agent.run_client("client", calls);
 
     assert_balanced_and_shown(
         &replies,
@@ -171,8 +138,7 @@ fn an_ipv6_socket_dialling_a_v4_mapped_virtual_address_is_redirected() {
 
     // The IPv4 service's key serves the v4-mapped form: connect6 decides as
     // connect4 would, and the client sees the address as it wrote it.
-    let script = calls_from("AF_INET6", "::ffff:127.77.8.10", 8080, 4);
-    let replies = lines(&agent.run_as_client(&script));
+    let replies = agent.run_client("client", calls_from("::ffff:127.77.8.10", 8080, 4));
     assert_balanced_and_shown(
         &replies,
         "::ffff:127.77.8.10:8080",
@@ -181,8 +147,8 @@ fn an_ipv6_socket_dialling_a_v4_mapped_virtual_address_is_redirected() {
     );
     assert_eq!(agent.stat(Stat::Redirected), 4);
 
-    let script = on_one_cpu(&calls_from("AF_INET6", "::ffff:127.77.8.11", 8080, 4));
-    let replies = lines(&agent.run_as_client(&script));
+    let calls = calls_from("::ffff:127.77.8.11", 8080, 4).on_cpu(0);
+    let replies = agent.run_client("client", calls);
     assert_balanced_and_shown(
         &replies,
         "::ffff:127.77.8.11:8080",
@@ -193,8 +159,7 @@ fn an_ipv6_socket_dialling_a_v4_mapped_virtual_address_is_redirected() {
 
     // And an IPv4 socket sees the virtual address too (proxy mode), not
     // the agent's listener.
-    let script = calls_from("AF_INET", "127.77.8.10", 8080, 2);
-    let replies = lines(&agent.run_as_client(&script));
+    let replies = agent.run_client("client", calls_from("127.77.8.10", 8080, 2));
     assert_balanced_and_shown(&replies, "127.77.8.10:8080", &[], 2);
     assert_eq!(agent.stat(Stat::Redirected), 6);
 }
@@ -215,10 +180,10 @@ fn with_the_agent_killed_ipv6_fails_open_or_closed_as_configured() {
     let mut agent = Agent::start(&config);
     agent.kill();
 
-    let replies = lines(&agent.run_as_client(&calls_from("AF_INET6", "2001:db8:77::40", 8080, 6)));
+    let replies = agent.run_client("client", calls_from("2001:db8:77::40", 8080, 6));
     assert_balanced_and_shown(&replies, "2001:db8:77::40:8080", &[&open], 6);
     assert!(agent.stat(Stat::FailOpen) >= 6);
-    let replies = lines(&agent.run_as_client(&calls_from("AF_INET6", "2001:db8:77::41", 8080, 3)));
+    let replies = agent.run_client("client", calls_from("2001:db8:77::41", 8080, 3));
     assert!(
         replies.iter().all(|r| r.starts_with("FAILED")),
         "{replies:?}"
@@ -357,10 +322,9 @@ fn an_ipv6_socket_with_the_agents_mark_is_still_redirected() {
     let config = AgentConfig::audited(&[service("payments6", VIP6, &[b.addr])]);
     let audit = config.audit_path();
     let agent = Agent::start(&config);
-    let mark = "s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, 0x51ce)";
-    let script = calls_with("AF_INET6", mark, "2001:db8:77::10", 8080, 1);
+    let calls = calls_from("2001:db8:77::10", 8080, 1).mark(0x51ce);
 
-    let replies = lines(&agent.run_as_client(&script));
+    let replies = agent.run_client("client", calls);
 
     assert_eq!(replies, ["2001:db8:77::10:8080 meshed6 call 1"]);
     assert_eq!(agent.stat(Stat::MarkSpoofed), 1);
@@ -675,26 +639,18 @@ fn dual_stack_nodes_balance_an_ipv6_cluster_ip_and_cross_nodes_over_mtls() {
     }
 
     // Eight calls from pod a0 to the IPv6 cluster IP, from IPv6 sockets.
-    let script = format!(
-        "import socket\n\
-         for i in range(8):\n\
-         \x20   s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)\n\
-         \x20   s.settimeout(5)\n\
-         \x20   s.connect((\"{vip6}\", 8080))\n\
-         \x20   peer = s.getpeername()\n\
-         \x20   s.sendall(b\"call\\n\")\n\
-         \x20   print(\"[%s]:%d\" % peer[:2], s.makefile().readline().split()[0])\n\
-         \x20   s.close()\n"
+    let replies = run_in_pod(
+        a_cfg,
+        &a_node.pods[0].0,
+        &pods[0].app,
+        calls_from(vip6, 8080, 8),
     );
-    let out = in_pod(a_cfg, &a_node.pods[0].0, &pods[0].app, &script)
-        .output()
-        .unwrap();
-    let replies = lines(&out);
     let mut who: Vec<&str> = replies
         .iter()
         .map(|r| {
-            let (peer, backend) = r.split_once(' ').unwrap();
-            assert_eq!(peer, format!("[{vip6}]:8080"), "{replies:?}");
+            let mut words = r.split_whitespace();
+            let (peer, backend) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+            assert_eq!(peer, format!("{vip6}:8080"), "{replies:?}");
             backend
         })
         .collect();

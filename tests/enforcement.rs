@@ -174,12 +174,7 @@ fn cluster() -> Cluster {
 
 /// One call through the mesh as `workload` of `agent`.
 fn mesh_call(agent: &Agent, workload: &str, vip: &str) -> Vec<String> {
-    lines(
-        &agent
-            .workload_command(workload, &calls_script(vip.parse().unwrap(), 1))
-            .output()
-            .unwrap(),
-    )
+    agent.run_client(workload, Calls::new(vip.parse().unwrap(), 1))
 }
 
 #[test]

@@ -28,7 +28,7 @@ fn kernel_mode_keeps_weights_with_no_agent_running() {
     agent.kill();
 
     const CALLS: usize = 10_000;
-    let replies = lines(&agent.run_as_client(&calls_script(vip, CALLS)));
+    let replies = agent.calls(vip, CALLS);
     assert_eq!(replies.len(), CALLS);
     let by = counts(answered_by(&replies));
     assert_eq!(by.get("FAILED"), None, "{by:?}");
@@ -56,15 +56,8 @@ fn the_application_sees_the_virtual_address_as_its_peer() {
     let config = AgentConfig::new(&[service]);
     let agent = Agent::start(&config);
 
-    let script = format!(
-        "python3 -c 'import socket; s = socket.create_connection((\"{ip}\", {port})); \
-         print(\"%s:%d\" % s.getpeername()); s.sendall(b\"hello\\n\"); \
-         print(s.makefile().readline().strip())'",
-        ip = vip.ip(),
-        port = vip.port()
-    );
-    let out = lines(&agent.run_as_client(&script));
-    assert_eq!(out, [vip.to_string(), "p1 hello".to_owned()]);
+    let out = agent.run_client("client", Calls::new(vip, 1).text("hello").show_peer());
+    assert_eq!(out, [format!("{vip} p1 hello 1")]);
     assert_eq!(backend.accepted(), 1);
     assert_eq!(agent.stat(Stat::KernelBalanced), 1);
 }
@@ -90,7 +83,7 @@ fn an_endpoint_ejected_in_userspace_leaves_the_kernels_table() {
 
     // Round robin over three: the refusing endpoint gets every third
     // connect until its failures, reported by sock_ops, eject it.
-    let first = lines(&agent.run_as_client(&calls_script(vip, 12)));
+    let first = agent.calls(vip, 12);
     assert!(first.iter().any(|r| r == "FAILED"), "{first:?}");
     assert!(
         wait_until(Duration::from_secs(5), || {
@@ -104,7 +97,7 @@ fn an_endpoint_ejected_in_userspace_leaves_the_kernels_table() {
     // The next table no longer holds it: no failure at all.
     let before = agent.stat(Stat::KernelBalanced);
     std::thread::sleep(Duration::from_millis(300));
-    let after = lines(&agent.run_as_client(&calls_script(vip, 200)));
+    let after = agent.calls(vip, 200);
     let by = counts(answered_by(&after));
     assert_eq!(by.get("FAILED"), None, "{by:?}");
     // Each CPU keeps its own place in the table, so a client moving
@@ -154,24 +147,29 @@ fn killed_agent_fail_open_goes_around_it_fail_closed_refuses_both_recover() {
     // A steady stream to the kernel-mode service across the crash and the
     // restart: not one call may fail.
     let stream = agent
-        .client_command(&calls_script(kernel_vip, 3000).replace("done", "sleep 0.001; done"))
+        .client(
+            "client",
+            Calls::new(kernel_vip, 3000).pause(Duration::from_millis(1)),
+        )
         .stdout(std::process::Stdio::piped())
         .spawn_guarded()
         .expect("start the stream");
-    std::thread::sleep(Duration::from_millis(500));
+    assert!(wait_until(Duration::from_secs(10), || kernel_backend
+        .accepted()
+        >= 100));
     agent.kill();
 
-    let open = lines(&agent.run_as_client(&calls_script(open_vip, 20)));
+    let open = agent.calls(open_vip, 20);
     assert!(open.iter().all(|r| r.starts_with("open ")), "{open:?}");
-    let closed = lines(&agent.run_as_client(&calls_script(closed_vip, 5)));
+    let closed = agent.calls(closed_vip, 5);
     assert!(closed.iter().all(|r| r == "FAILED"), "{closed:?}");
     assert_eq!(closed_backend.accepted(), 0);
     assert!(agent.stat(Stat::FailOpen) >= 20);
 
     let agent = Agent::start(&config);
-    let open = lines(&agent.run_as_client(&calls_script(open_vip, 5)));
+    let open = agent.calls(open_vip, 5);
     assert!(open.iter().all(|r| r.starts_with("open ")), "{open:?}");
-    let closed = lines(&agent.run_as_client(&calls_script(closed_vip, 5)));
+    let closed = agent.calls(closed_vip, 5);
     assert!(
         closed.iter().all(|r| r.starts_with("closed ")),
         "{closed:?}"
@@ -210,7 +208,7 @@ fn pins_of_an_incompatible_layout_are_replaced_cleanly() {
         log.contains(&format!("layout {}", sluice_maps::LAYOUT_VERSION - 1)),
         "{log}"
     );
-    let replies = lines(&agent.run_as_client(&calls_script(vip, 3)));
+    let replies = agent.calls(vip, 3);
     assert!(replies.iter().all(|r| r.starts_with("l1 ")), "{replies:?}");
     // Only the new agent's programs are attached: each call was redirected
     // once, by the new connect4.
@@ -246,26 +244,32 @@ fn an_upgrade_under_load_refuses_nothing_and_the_old_agent_drains_and_exits() {
 
     // One connection opened through the old agent that is still talking
     // when the new one takes over.
-    let held = old
-        .client_command(&format!(
-            "exec 3<>/dev/tcp/{ip}/{port}; echo one >&3; read -r a <&3; sleep 3; \
-             echo two >&3; read -r b <&3; echo \"$a|$b\"",
-            ip = vip.ip(),
-            port = vip.port()
-        ))
-        .stdout(std::process::Stdio::piped())
-        .spawn_guarded()
-        .expect("start the held connection");
+    let mut held = old.hold("client", vip);
+    let one = held.ask("one");
     // New connections all through the handover.
     let stream = old
-        .client_command(&calls_script(vip, 1500).replace("done", "sleep 0.002; done"))
+        .client(
+            "client",
+            Calls::new(vip, 1500).pause(Duration::from_millis(2)),
+        )
         .stdout(std::process::Stdio::piped())
         .spawn_guarded()
         .expect("start the stream");
-    std::thread::sleep(Duration::from_millis(500));
+    let accepted = || backends.iter().map(Backend::accepted).sum::<usize>();
+    assert!(wait_until(Duration::from_secs(10), || accepted() >= 100));
 
     let new = Agent::start(&config);
     assert!(new.log().contains("took over"), "{}", new.log());
+    // The held connection talks on through the old agent, then ends.
+    let two = held.ask("two");
+    held.close();
+    assert!(
+        one.starts_with('u')
+            && one.ends_with(" one")
+            && two.starts_with('u')
+            && two.ends_with(" two"),
+        "{one}|{two}"
+    );
     assert!(
         old.wait_for_log("staying, holding nothing, until SIGTERM"),
         "{}",
@@ -281,21 +285,16 @@ fn an_upgrade_under_load_refuses_nothing_and_the_old_agent_drains_and_exits() {
     assert_eq!(replies.len(), 1500);
     let by = counts(answered_by(&replies));
     assert_eq!(by.get("FAILED"), None, "{by:?}");
-    let held = lines(&held.wait_with_output().expect("held connection ends"));
-    assert!(
-        held.len() == 1 && held[0].contains("one|") && held[0].contains("two"),
-        "{held:?}"
-    );
 
     // The new agent serves on its own, and cleans up when it stops.
-    let after = lines(&new.run_as_client(&calls_script(vip, 4)));
+    let after = new.calls(vip, 4);
     assert!(after.iter().all(|r| r.starts_with('u')), "{after:?}");
     // A second upgrade: the path leads to the new agent's socket now.
     let mut new = new;
     let mut newest = Agent::start(&config);
     assert!(newest.log().contains("took over"), "{}", newest.log());
     assert!(new.wait(Duration::from_secs(20)).success());
-    let after = lines(&newest.run_as_client(&calls_script(vip, 2)));
+    let after = newest.calls(vip, 2);
     assert!(after.iter().all(|r| r.starts_with('u')), "{after:?}");
     newest.sigterm();
     assert!(newest.wait(Duration::from_secs(15)).success());
@@ -371,14 +370,14 @@ fn a_process_that_is_not_the_agent_gets_no_socket_and_a_real_upgrade_still_works
         "the refusal was not counted"
     );
     // The agent neither handed over nor began to drain: it serves on.
-    let replies = lines(&old.run_as_client(&calls_script(vip, 3)));
+    let replies = old.calls(vip, 3);
     assert!(replies.iter().all(|r| r.starts_with("r1 ")), "{replies:?}");
     assert!(old.is_running());
 
     // A real successor still takes over; the old agent drains and exits.
     let mut new = Agent::start(&config);
     assert!(old.wait(Duration::from_secs(20)).success(), "{}", old.log());
-    let replies = lines(&new.run_as_client(&calls_script(vip, 3)));
+    let replies = new.calls(vip, 3);
     assert!(replies.iter().all(|r| r.starts_with("r1 ")), "{replies:?}");
     // The admin port answers from the new process: its count starts at 0.
     assert_eq!(handover_refusals(&config, "other_program"), 0.0);
@@ -405,7 +404,7 @@ fn a_stale_or_squatted_handover_socket_never_blocks_a_start() {
 
     let mut agent = Agent::start(&config);
     assert_eq!(mode(run), 0o700, "the run directory was not tightened");
-    let replies = lines(&agent.run_as_client(&calls_script(vip, 3)));
+    let replies = agent.calls(vip, 3);
     assert!(replies.iter().all(|r| r.starts_with("q1 ")), "{replies:?}");
     agent.sigterm();
     assert!(agent.wait(Duration::from_secs(15)).success());
@@ -423,7 +422,7 @@ fn a_stale_or_squatted_handover_socket_never_blocks_a_start() {
     // Without it the agent starts and serves, and the path leads to it:
     // a successor takes over from it.
     let mut agent = Agent::start(&config);
-    let replies = lines(&agent.run_as_client(&calls_script(vip, 3)));
+    let replies = agent.calls(vip, 3);
     assert!(replies.iter().all(|r| r.starts_with("q1 ")), "{replies:?}");
     let mut successor = Agent::start(&config);
     assert!(
@@ -431,7 +430,7 @@ fn a_stale_or_squatted_handover_socket_never_blocks_a_start() {
         "{}",
         agent.log()
     );
-    let replies = lines(&successor.run_as_client(&calls_script(vip, 3)));
+    let replies = successor.calls(vip, 3);
     assert!(replies.iter().all(|r| r.starts_with("q1 ")), "{replies:?}");
     successor.sigterm();
     assert!(successor.wait(Duration::from_secs(15)).success());

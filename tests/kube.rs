@@ -245,23 +245,11 @@ fn calls_in(
     vip: SocketAddr,
     n: usize,
 ) -> Vec<String> {
-    {
-        let script = format!(
-            "import socket\n\
-             for i in range({n}):\n\
-             \x20   try:\n\
-             \x20       s = socket.create_connection((\"{ip}\", {port}), timeout=5)\n\
-             \x20       s.sendall(b\"call\\n\")\n\
-             \x20       print(s.makefile().readline().split()[0])\n\
-             \x20       s.close()\n\
-             \x20   except OSError as e:\n\
-             \x20       print(\"FAILED\", e)\n",
-            ip = vip.ip(),
-            port = vip.port()
-        );
-        let out = in_pod(config, netns, container, &script).output().unwrap();
-        lines(&out)
-    }
+    let replies = run_in_pod(config, netns, container, Calls::new(vip, n));
+    answered_by(&replies)
+        .into_iter()
+        .map(str::to_owned)
+        .collect()
 }
 
 fn count(requests: &[String], needle: &str) -> usize {
@@ -392,27 +380,13 @@ fn pods_and_services_from_the_api_server_carry_calls_and_follow_changes() {
 
     // A pod deleted while one of its connections is open: the connection
     // drains, the workload and its listener go.
-    let held = in_pod(
+    let mut held = hold_in_pod(
         &c.config,
         &c.node.pods[1].0,
         &c.pods[1].new_container(2),
-        &format!(
-            "import socket, time\n\
-             s = socket.create_connection((\"{ip}\", {port}))\n\
-             f = s.makefile()\n\
-             s.sendall(b\"one\\n\")\n\
-             a = f.readline().split()[0]\n\
-             time.sleep(2)\n\
-             s.sendall(b\"two\\n\")\n\
-             print(a + \"|\" + f.readline().split()[0])\n",
-            ip = service_vip().ip(),
-            port = service_vip().port()
-        ),
-    )
-    .stdout(Stdio::piped())
-    .spawn_guarded()
-    .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+        service_vip(),
+    );
+    let one = held.ask("one");
     c.api.delete_object(Resource::Pods, "shop", &c.pods[1].name);
     c.api
         .set_object(Resource::EndpointSlices, slice(&c.pods, &[(0, true)]));
@@ -426,11 +400,10 @@ fn pods_and_services_from_the_api_server_carry_calls_and_follow_changes() {
             .log()
             .contains("closed the outbound listener in /proc/")
     );
-    let held = lines(&held.wait_with_output().unwrap());
-    assert_eq!(held.len(), 1, "{held:?}");
+    let two = held.ask("two");
     assert!(
-        held[0].contains('|') && !held[0].contains("FAILED"),
-        "{held:?}"
+        one.starts_with("checkout-") && two.starts_with("checkout-"),
+        "{one}|{two}"
     );
 }
 
@@ -516,64 +489,9 @@ fn ledger_policy(generation: i64, default: &str, deny: &[&str]) -> Value {
 /// One call from `container` of the pod in `netns`: the backend's name,
 /// or REFUSED when the connection ends without an answer.
 fn call_once(config: &AgentConfig, netns: &Netns, container: &str, vip: SocketAddr) -> String {
-    let script = format!(
-        "import socket\n\
-         try:\n\
-         \x20   s = socket.create_connection((\"{ip}\", {port}), timeout=5)\n\
-         \x20   s.sendall(b\"call\\n\")\n\
-         \x20   reply = s.makefile().readline().split()\n\
-         \x20   print(reply[0] if reply else \"REFUSED\")\n\
-         except OSError:\n\
-         \x20   print(\"REFUSED\")\n",
-        ip = vip.ip(),
-        port = vip.port()
-    );
-    let out = in_pod(config, netns, container, &script).output().unwrap();
-    lines(&out).join(" ")
-}
-
-/// A connection held open from a pod: each line written to it is sent,
-/// and the reply read back.
-struct OpenConnection {
-    child: ChildGuard,
-    replies: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
-}
-
-impl OpenConnection {
-    fn open(config: &AgentConfig, netns: &Netns, container: &str, vip: SocketAddr) -> Self {
-        let script = format!(
-            "import socket, sys\n\
-             s = socket.create_connection((\"{ip}\", {port}), timeout=10)\n\
-             f = s.makefile()\n\
-             for line in sys.stdin:\n\
-             \x20   s.sendall(line.encode())\n\
-             \x20   print(f.readline().strip(), flush=True)\n",
-            ip = vip.ip(),
-            port = vip.port()
-        );
-        let mut child = in_pod(config, netns, container, &script)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn_guarded()
-            .unwrap();
-        let out = child.stdout.take().unwrap();
-        OpenConnection {
-            child,
-            replies: std::io::BufRead::lines(std::io::BufReader::new(out)),
-        }
-    }
-
-    /// Sends `line`; the reply (empty if the connection is gone).
-    fn ask(&mut self, line: &str) -> String {
-        use std::io::Write;
-        let stdin = self.child.stdin.as_mut().unwrap();
-        if writeln!(stdin, "{line}")
-            .and_then(|()| stdin.flush())
-            .is_err()
-        {
-            return String::new();
-        }
-        self.replies.next().and_then(Result::ok).unwrap_or_default()
+    match calls_in(config, netns, container, vip, 1).as_slice() {
+        [failed] if failed == "FAILED" => "REFUSED".to_owned(),
+        replies => replies.join(" "),
     }
 }
 
@@ -611,7 +529,7 @@ fn a_policy_object_denies_and_allows_without_touching_open_connections() {
         agent.workloads()
     );
     let (netns, app) = (&c.node.pods[0].0, &c.pods[0].app);
-    let mut open = OpenConnection::open(&c.config, netns, app, service_vip());
+    let mut open = hold_in_pod(&c.config, netns, app, service_vip());
     assert!(open.ask("before").starts_with("checkout-1"));
 
     let caller = "spiffe://cluster.local/ns/shop/sa/checkout";
@@ -829,21 +747,12 @@ fn two_nodes_four_pods_cross_node_calls_go_over_mtls() {
     for _ in 0..5 {
         let children: Vec<_> = (0..2)
             .map(|i| {
-                in_pod(
+                let same_port = Calls::new(vip, 1).text("same-port").bind_port(41000);
+                in_pod_client(
                     a_cfg,
                     &a_node.pods[i].0,
                     &pods[i].new_container(3),
-                    &format!(
-                        "import socket\n\
-                         s = socket.socket()\n\
-                         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
-                         s.bind((\"127.0.0.1\", 41000))\n\
-                         s.connect((\"{}\", {}))\n\
-                         s.sendall(b\"same-port\\n\")\n\
-                         print(s.makefile().readline().strip())\n",
-                        vip.ip(),
-                        vip.port()
-                    ),
+                    &same_port.into(),
                 )
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
@@ -853,7 +762,7 @@ fn two_nodes_four_pods_cross_node_calls_go_over_mtls() {
             .collect();
         for child in children {
             let out = lines(&child.wait_with_output().unwrap());
-            assert!(out.len() == 1 && out[0].ends_with("same-port"), "{out:?}");
+            assert!(out.len() == 1 && out[0].ends_with("same-port 1"), "{out:?}");
         }
     }
 
@@ -941,36 +850,16 @@ fn a_thousand_endpoint_slice_updates_a_second_lose_no_call_and_no_verdict() {
     );
 
     let (netns, app) = (&c.node.pods[0].0, c.pods[0].app.clone());
-    let mut open = OpenConnection::open(&c.config, netns, &app, service_vip());
+    let mut open = hold_in_pod(&c.config, netns, &app, service_vip());
     assert!(open.ask("first").starts_with("checkout-"));
-    let load = in_pod(
-        &c.config,
-        netns,
-        &app,
-        &format!(
-            "import socket, time\n\
-             end = time.time() + 12\n\
-             ok = failed = 0\n\
-             while time.time() < end:\n\
-             \x20   try:\n\
-             \x20       s = socket.create_connection((\"{ip}\", {port}), timeout=5)\n\
-             \x20       s.sendall(b\"call\\n\")\n\
-             \x20       if s.makefile().readline().startswith(\"checkout-\"):\n\
-             \x20           ok += 1\n\
-             \x20       else:\n\
-             \x20           failed += 1\n\
-             \x20       s.close()\n\
-             \x20   except OSError:\n\
-             \x20       failed += 1\n\
-             \x20   time.sleep(0.05)\n\
-             print(ok, failed)\n",
-            ip = service_vip().ip(),
-            port = service_vip().port()
-        ),
-    )
-    .stdout(Stdio::piped())
-    .spawn_guarded()
-    .unwrap();
+    // Calls every 50 ms for 12 s, across the churn.
+    let calls = Calls::new(service_vip(), 1000)
+        .pause(Duration::from_millis(50))
+        .lasting(Duration::from_secs(12));
+    let load = in_pod_client(&c.config, netns, &app, &calls.into())
+        .stdout(Stdio::piped())
+        .spawn_guarded()
+        .unwrap();
 
     // The churn: 10,000 updates, one a millisecond, on their own thread.
     let started = std::time::Instant::now();
@@ -1040,13 +929,13 @@ fn a_thousand_endpoint_slice_updates_a_second_lose_no_call_and_no_verdict() {
         by_service >= 50.0 && whole <= 5.0,
         "{by_service} by service, {whole} whole"
     );
-    let out = load.wait_with_output().unwrap();
-    let counts = lines(&out);
-    let (ok, failed): (u32, u32) = match counts.first().map(|l| l.split_once(' ')) {
-        Some(Some((a, b))) => (a.parse().unwrap(), b.parse().unwrap()),
-        _ => panic!("load output: {counts:?}"),
-    };
-    assert_eq!(failed, 0, "{ok} calls passed, {failed} failed");
+    let replies = lines(&load.wait_with_output().unwrap());
+    let ok = replies
+        .iter()
+        .filter(|r| r.starts_with("checkout-"))
+        .count();
+    let failed = replies.len() - ok;
+    assert_eq!(failed, 0, "{ok} calls passed, {failed} failed: {replies:?}");
     assert!(ok >= 100, "{ok} calls");
     eprintln!("{ok} calls, none failed; 10,000 slice updates in {took:?}");
 }

@@ -6,7 +6,6 @@
 use std::{
     net::SocketAddr,
     path::Path,
-    process::Stdio,
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -114,23 +113,16 @@ fn mesh_audited(lifetime: Duration, audit: bool) -> Mesh {
     }
 }
 
-fn call_script(vip: &str, n: usize, text: &str) -> String {
-    let addr: SocketAddr = vip.parse().unwrap();
-    format!(
-        "for i in $(seq 1 {n}); do \
-           if exec 3<>/dev/tcp/{ip}/{port}; then echo \"{text} $i\" >&3; \
-             if read -r reply <&3; then echo \"$reply\"; else echo FAILED; fi; exec 3>&-; \
-           else echo FAILED; fi; done",
-        ip = addr.ip(),
-        port = addr.port()
-    )
+/// `n` calls to `vip`, one connection each, sending `<text> <i>`.
+fn calls(vip: &str, n: usize, text: &str) -> Calls {
+    Calls::new(vip.parse().unwrap(), n).text(text)
 }
 
 #[test]
 fn a_cross_node_call_goes_over_mtls_with_no_plaintext_on_the_wire() {
     let m = mesh(HOUR);
     let capture = Capture::start(&m.pair.a, &m.pair.a_if);
-    let secure = lines(&m.a.run_as_client(&call_script(VIP, 3, MARKER)));
+    let secure = m.a.run_client("client", calls(VIP, 3, MARKER));
     let wire = capture.finish();
     assert_eq!(
         secure,
@@ -147,7 +139,7 @@ fn a_cross_node_call_goes_over_mtls_with_no_plaintext_on_the_wire() {
 
     // Control: the same capture does see a plaintext service's payload.
     let capture = Capture::start(&m.pair.a, &m.pair.a_if);
-    let plain = lines(&m.a.run_as_client(&call_script(PLAIN_VIP, 1, MARKER)));
+    let plain = m.a.run_client("client", calls(PLAIN_VIP, 1, MARKER));
     let wire = capture.finish();
     assert_eq!(plain, [format!("plain {MARKER} 1")]);
     assert_eq!(m.plain.accepted(), 1);
@@ -157,13 +149,9 @@ fn a_cross_node_call_goes_over_mtls_with_no_plaintext_on_the_wire() {
 #[test]
 fn authorization_lets_checkout_in_and_keeps_batch_out() {
     let m = mesh_audited(HOUR, true);
-    let allowed = lines(&m.a.run_as_client(&call_script(VIP, 1, "charge")));
+    let allowed = m.a.run_client("client", calls(VIP, 1, "charge"));
     assert_eq!(allowed, ["ledger charge 1"]);
-    let denied = lines(
-        &m.a.workload_command("batch", &call_script(VIP, 1, "charge"))
-            .output()
-            .unwrap(),
-    );
+    let denied = m.a.run_client("batch", calls(VIP, 1, "charge"));
     assert_eq!(denied, ["FAILED"]);
     assert_eq!(
         m.ledger.accepted(),
@@ -205,13 +193,14 @@ fn authorization_lets_checkout_in_and_keeps_batch_out() {
 #[test]
 fn calls_carry_on_while_certificates_rotate() {
     let m = mesh(Duration::from_secs(4));
-    let script = format!(
-        "end=$((SECONDS + 45)); while [ $SECONDS -lt $end ]; do {}; sleep 0.2; done",
-        call_script(VIP, 1, "tick")
-    );
-    let replies = lines(&m.a.run_as_client(&script));
+    let ticks = calls(VIP, 1000, "tick")
+        .pause(Duration::from_millis(200))
+        .lasting(Duration::from_secs(45));
+    let replies = m.a.run_client("client", ticks);
     assert!(replies.len() > 100, "{} calls", replies.len());
-    assert!(replies.iter().all(|r| r == "ledger tick 1"), "{replies:?}");
+    for (i, reply) in replies.iter().enumerate() {
+        assert_eq!(*reply, format!("ledger tick {}", i + 1), "{replies:?}");
+    }
     for (node, agent) in [("a", &m.a), ("b", &m.b)] {
         let renewals = agent.log().matches("renewed the certificate").count();
         assert!(renewals >= 10, "node {node} renewed {renewals} times");
@@ -389,18 +378,8 @@ fn bad_peers_are_refused_for_the_right_reason_while_a_good_connection_carries_on
     let listener = SocketAddr::new(m.pair.b_addr, m.inbound_port);
 
     // A good, long-lived connection from node A through the mesh.
-    let go = m.state.join("go");
-    let script = format!(
-        "exec 7<>/dev/tcp/127.77.3.10/8080 || exit 1; echo before >&7; read -r r <&7; echo \"$r\"; \
-         while [ ! -e {} ]; do sleep 0.02; done; echo after >&7; read -r r <&7; echo \"$r\"",
-        go.display()
-    );
-    let good =
-        m.a.client_command(&script)
-            .stdout(Stdio::piped())
-            .spawn_guarded()
-            .unwrap();
-    assert!(wait_until(Duration::from_secs(10), || m.ledger.accepted() == 1));
+    let mut good = m.a.hold("client", VIP.parse().unwrap());
+    assert_eq!(good.ask("before"), "ledger before");
 
     let now = SystemTime::now();
     let hour = Duration::from_secs(3600);
@@ -484,12 +463,8 @@ fn bad_peers_are_refused_for_the_right_reason_while_a_good_connection_carries_on
 
     // The good connection was never disturbed, and a valid peer still gets
     // through with the same certificate authority.
-    std::fs::write(&go, "").unwrap();
-    assert_eq!(
-        lines(&good.wait_with_output().unwrap()),
-        ["ledger before", "ledger after"]
-    );
-    let ok = lines(&m.a.run_as_client(&call_script(VIP, 1, "fine")));
+    assert_eq!(good.ask("after"), "ledger after");
+    let ok = m.a.run_client("client", calls(VIP, 1, "fine"));
     assert_eq!(ok, ["ledger fine 1"]);
 }
 
@@ -598,10 +573,7 @@ fn a_flood_of_unauthenticated_handshakes_is_bounded_and_costs_nothing_after() {
     let m = mesh(HOUR);
     let listener = SocketAddr::new(m.pair.b_addr, m.inbound_port);
     // Warm up both paths, then take the baseline.
-    assert_eq!(
-        lines(&m.a.run_as_client(&call_script(VIP, 20, "warm"))).len(),
-        20
-    );
+    assert_eq!(m.a.run_client("client", calls(VIP, 20, "warm")).len(), 20);
     let quiet = outbound_latency(&m, 500);
     let before = rss_kib(m.b.pid());
 
@@ -622,21 +594,10 @@ fn a_flood_of_unauthenticated_handshakes_is_bounded_and_costs_nothing_after() {
         conn.write_tls(&mut bytes).unwrap();
         bytes
     };
-    let go = m.state.join("stream-go");
-    let stream_script = format!(
-        "exec 7<>/dev/tcp/127.77.3.10/8080 || exit 1; \
-         while [ ! -e {} ]; do sleep 0.01; done; \
-         for i in $(seq 1 300); do echo \"s $i\" >&7; read -r r <&7; echo \"$r\"; done",
-        go.display()
-    );
-    let stream =
-        m.a.client_command(&stream_script)
-            .stdout(Stdio::piped())
-            .spawn_guarded()
-            .unwrap();
     // The stream's connection is up before the flood starts (it comes from
     // node A's address too, like the flood).
     let accepted = m.ledger.accepted();
+    let mut stream = m.a.hold("client", VIP.parse().unwrap());
     assert!(wait_until(Duration::from_secs(10), || m.ledger.accepted()
         == accepted + 1));
     let (in_flight, flooding) = std::sync::mpsc::channel();
@@ -654,10 +615,16 @@ fn a_flood_of_unauthenticated_handshakes_is_bounded_and_costs_nothing_after() {
         conns.len()
     });
     flooding.recv().unwrap();
-    std::fs::write(&go, "").unwrap();
+    // During the flood: 300 lines on the stream, and the latency of node B's
+    // own outbound path.
+    let stream = std::thread::spawn(move || {
+        (1..=300)
+            .map(|i| stream.ask(&format!("s {i}")))
+            .collect::<Vec<String>>()
+    });
     let loaded = outbound_latency(&m, 500);
     assert_eq!(flood.join().unwrap(), 500);
-    let replies = lines(&stream.wait_with_output().unwrap());
+    let replies = stream.join().unwrap();
     let expected: Vec<String> = (1..=300).map(|i| format!("ledger s {i}")).collect();
     assert_eq!(replies, expected, "the meshed stream lost or changed bytes");
 

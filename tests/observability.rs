@@ -170,7 +170,7 @@ fn prometheus_scrapes_the_calls_and_promtool_accepts_the_exposition() {
     let b2 = Backend::start("b2");
     let (config, metrics) = with_metrics(&[service("payments", VIP, &[b1.addr, b2.addr])]);
     let agent = Agent::start(&config);
-    let replies = lines(&agent.run_as_client(&calls_script(vip(), 7)));
+    let replies = agent.calls(vip(), 7);
     assert_eq!(replies.len(), 7);
 
     // As shipped: Prometheus scrapes the metrics listener, not the admin API.
@@ -232,22 +232,9 @@ fn cli_commands_report_live_connections_ejections_and_refusals() {
     let mut agent = Agent::start(&config);
 
     // A live connection.
-    let go = config.dir.join("go");
-    let script = format!(
-        "exec 7<>/dev/tcp/{}/{} || exit 1; echo live >&7; read -r r <&7; echo \"$r\"; \
-         while [ ! -e {} ]; do sleep 0.02; done",
-        vip().ip(),
-        vip().port(),
-        go.display()
-    );
-    let holder = agent
-        .client_command(&script)
-        .stdout(Stdio::piped())
-        .spawn_guarded()
-        .unwrap();
-    assert!(wait_until(Duration::from_secs(10), || b1.accepted()
-        + b2.as_ref().unwrap().accepted()
-        == 1));
+    let mut holder = agent.hold("client", vip());
+    assert!(holder.ask("live").ends_with(" live"));
+    assert_eq!(b1.accepted() + b2.as_ref().unwrap().accepted(), 1);
     assert!(wait_until(Duration::from_secs(5), || {
         let (_, conns) = cli_json(&agent, &["conns"]);
         conns
@@ -264,7 +251,7 @@ fn cli_commands_report_live_connections_ejections_and_refusals() {
     // An ejected endpoint.
     drop(b2.take());
     std::thread::sleep(Duration::from_millis(50));
-    lines(&agent.run_as_client(&calls_script(vip(), 4)));
+    agent.calls(vip(), 4);
     let (_, endpoints) = cli_json(&agent, &["endpoints", "payments"]);
     let b2_row = endpoints
         .as_array()
@@ -316,8 +303,7 @@ fn cli_commands_report_live_connections_ejections_and_refusals() {
     assert!(body.contains("stopping"));
     let out = agent.sluice(&["status"]);
     assert_eq!(out.status.code(), Some(4), "status exits 4 while not ready");
-    std::fs::write(&go, "").unwrap();
-    holder.wait_with_output().unwrap();
+    holder.close();
     assert!(agent.wait(Duration::from_secs(10)).success());
 
     // Gone: the CLI says so, with exit code 3.
@@ -331,7 +317,7 @@ fn maps_are_readable_with_the_agent_stopped() {
     let b1 = Backend::start("b1");
     let config = AgentConfig::new(&[service("payments", VIP, &[b1.addr])]);
     let mut agent = Agent::start(&config);
-    lines(&agent.run_as_client(&calls_script(vip(), 3)));
+    agent.calls(vip(), 3);
     agent.kill();
     let (code, maps) = cli_json(&agent, &["maps"]);
     assert_eq!(code, 0);
@@ -367,7 +353,7 @@ fn the_dashboard_only_queries_exported_metrics() {
     let b1 = Backend::start("b1");
     let config = AgentConfig::new(&[service("payments", VIP, &[b1.addr])]);
     let agent = Agent::start(&config);
-    lines(&agent.run_as_client(&calls_script(vip(), 1)));
+    agent.calls(vip(), 1);
     let metrics = agent.metrics();
     let exported = metrics.names();
     for q in &queries {
@@ -403,7 +389,7 @@ fn trace_follows_redirect_decisions_live() {
         .spawn_guarded()
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    lines(&agent.run_as_client(&calls_script(vip(), 2)));
+    agent.calls(vip(), 2);
     let out = tracer.wait_with_output().unwrap();
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
@@ -411,7 +397,7 @@ fn trace_follows_redirect_decisions_live() {
     assert_eq!(text.matches("sock_ops: established").count(), 2, "{text}");
     // Off again: a call now leaves no event in the agent's log.
     let before = agent.log().matches("connect4: redirect").count();
-    lines(&agent.run_as_client(&calls_script(vip(), 1)));
+    agent.calls(vip(), 1);
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(agent.log().matches("connect4: redirect").count(), before);
 }
@@ -424,7 +410,7 @@ fn the_metrics_listener_serves_metrics_and_probes_and_no_debug_view() {
     let b1 = Backend::start("b1");
     let (config, metrics) = with_metrics(&[service("payments", VIP, &[b1.addr])]);
     let mut agent = Agent::start(&config);
-    lines(&agent.run_as_client(&calls_script(vip(), 2)));
+    agent.calls(vip(), 2);
 
     let (status, body) = client::get(metrics, "/metrics").unwrap();
     assert_eq!(status, 200);
@@ -497,7 +483,7 @@ fn trace_streams_are_bounded_and_freed_when_they_end() {
     assert_eq!(open_traces(admin), Some(4));
 
     // The first four still stream: a call's decision reaches every one.
-    lines(&agent.run_as_client(&calls_script(vip(), 1)));
+    agent.calls(vip(), 1);
     for (i, stream) in streams.iter_mut().enumerate() {
         assert!(
             trace_shows(stream, "connect4: redirect"),

@@ -4,40 +4,10 @@
 //! agent opens its outbound listener inside each pod's namespace, opens the
 //! pod's upstream sockets there, and keys records by namespace cookie.
 
-use std::{
-    net::SocketAddr,
-    process::{Output, Stdio},
-    thread,
-    time::Duration,
-};
+use std::{net::SocketAddr, process::Stdio, time::Duration};
 
 use crate::support::{pods::*, *};
 use serde_json::Value;
-
-/// A call from source port `port` (0: any) that prints the reply.
-fn call(vip: SocketAddr, port: u16, text: &str) -> String {
-    format!(
-        "import socket\n\
-         s = socket.socket()\n\
-         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
-         s.bind((\"127.0.0.1\", {port}))\n\
-         s.connect((\"{ip}\", {vport}))\n\
-         s.sendall(b\"{text}\\n\")\n\
-         print(s.makefile().readline().strip())\n",
-        ip = vip.ip(),
-        vport = vip.port()
-    )
-}
-
-fn stdout(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
 
 /// Node `n1` with pods `pods` as workloads, and service `svc-<i>` at
 /// [`vip`]`(i)` over backend `i`.
@@ -87,17 +57,13 @@ fn pods_get_their_own_listener_and_source_address_and_never_share_records() {
     let agent = Agent::start_in_netns(&config, &node.node);
 
     // Pod 0 alone: its call leaves from its own address.
-    let reply = stdout(
-        &in_pod(
-            &config,
-            &node.pods[0].0,
-            &container(0),
-            &call(vip(0), 0, "hi"),
-        )
-        .output()
-        .unwrap(),
+    let reply = run_in_pod(
+        &config,
+        &node.pods[0].0,
+        &container(0),
+        Calls::new(vip(0), 1).text("hi"),
     );
-    assert_eq!(reply, format!("a from {} hi", node.pods[0].1));
+    assert_eq!(reply, [format!("a from {} hi 1", node.pods[0].1)]);
 
     // Pod 1 arrives: its listener opens with the reload.
     config.write(&render(&config, &node, &[0, 1], &backends));
@@ -130,24 +96,20 @@ fn pods_get_their_own_listener_and_source_address_and_never_share_records() {
     for round in 0..10 {
         let children: Vec<_> = (0..2)
             .map(|i| {
-                in_pod(
-                    &config,
-                    &node.pods[i].0,
-                    &container(i),
-                    &call(vip(i), 41000, "same-port"),
-                )
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn_guarded()
-                .unwrap()
+                let same_port = Calls::new(vip(i), 1).text("same-port").bind_port(41000);
+                in_pod_client(&config, &node.pods[i].0, &container(i), &same_port.into())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn_guarded()
+                    .unwrap()
             })
             .collect();
         for (i, child) in children.into_iter().enumerate() {
-            let reply = stdout(&child.wait_with_output().unwrap());
+            let reply = lines(&child.wait_with_output().unwrap());
             let name = ["a", "b"][i];
             assert_eq!(
                 reply,
-                format!("{name} from {} same-port", node.pods[i].1),
+                [format!("{name} from {} same-port 1", node.pods[i].1)],
                 "round {round}, pod {i}"
             );
         }
@@ -164,27 +126,9 @@ fn a_pod_that_leaves_drains_its_open_connection_and_takes_no_new_ones() {
     let pod = &node.pods[0].0;
 
     // A connection that is open when the pod leaves the catalog.
-    let held = in_pod(
-        &config,
-        pod,
-        &container(0),
-        &format!(
-            "import socket, time\n\
-             s = socket.create_connection((\"{ip}\", {port}))\n\
-             f = s.makefile()\n\
-             s.sendall(b\"one\\n\")\n\
-             a = f.readline().strip()\n\
-             time.sleep(2)\n\
-             s.sendall(b\"two\\n\")\n\
-             print(a + \"|\" + f.readline().strip())\n",
-            ip = vip(0).ip(),
-            port = vip(0).port()
-        ),
-    )
-    .stdout(Stdio::piped())
-    .spawn_guarded()
-    .unwrap();
-    thread::sleep(Duration::from_millis(500));
+    let mut held = hold_in_pod(&config, pod, &container(0), vip(0));
+    let from = node.pods[0].1;
+    assert_eq!(held.ask("one"), format!("a from {from} one"));
 
     config.write(&render(&config, &node, &[], &[backend]));
     assert!(
@@ -192,18 +136,13 @@ fn a_pod_that_leaves_drains_its_open_connection_and_takes_no_new_ones() {
         "{:?}",
         agent.workloads()
     );
-    let reply = stdout(&held.wait_with_output().unwrap());
-    let from = node.pods[0].1;
-    assert_eq!(reply, format!("a from {from} one|a from {from} two"));
+    assert_eq!(held.ask("two"), format!("a from {from} two"));
+    held.close();
 
     // New connects from the pod find no listener: refused at once.
-    let out = in_pod(&config, pod, &container(0), &call(vip(0), 0, "late"))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("ConnectionRefusedError"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let late = Calls::new(vip(0), 1).text("late").show_error();
+    assert_eq!(
+        run_in_pod(&config, pod, &container(0), late),
+        ["FAILED ConnectionRefused"]
     );
 }

@@ -35,7 +35,7 @@ fn a_dead_backend_is_ejected_then_taken_back() {
         })]);
     let agent = Agent::start(&config);
 
-    let before = lines(&agent.run_as_client(&calls_script(vip(), 30)));
+    let before = agent.calls(vip(), 30);
     assert_eq!(
         answered_by(&before).iter().filter(|b| **b == "b2").count(),
         10
@@ -43,7 +43,7 @@ fn a_dead_backend_is_ejected_then_taken_back() {
 
     drop(b2.take());
     std::thread::sleep(Duration::from_millis(50));
-    let during = lines(&agent.run_as_client(&calls_script(vip(), 60)));
+    let during = agent.calls(vip(), 60);
     assert!(!during.iter().any(|r| r == "FAILED"), "{during:?}");
     assert!(!answered_by(&during).contains(&"b2"));
     // Ejected once, for the base ejection time (2 s)...
@@ -63,12 +63,11 @@ fn a_dead_backend_is_ejected_then_taken_back() {
 
     let _b2 = Backend::start_on("b2", b2_addr);
     // Calls every 100 ms until b2 answers again.
-    let script = format!(
-        "for i in $(seq 1 80); do {}; sleep 0.1; done",
-        calls_script(vip(), 1)
-    );
     let mut client = agent
-        .client_command(&script)
+        .client(
+            "client",
+            Calls::new(vip(), 80).pause(Duration::from_millis(100)),
+        )
         .stdout(Stdio::piped())
         .spawn_guarded()
         .unwrap();
@@ -113,34 +112,23 @@ fn over_max_connections_new_calls_fail_fast() {
     ]);
     let agent = Agent::start(&config);
 
-    // Held connections use fds 7 and 8: calls_script uses fd 3.
-    let script = format!(
-        "exec 7<>/dev/tcp/{ip}/{port}; echo held-1 >&7; read -r a <&7; echo \"$a\"; \
-         exec 8<>/dev/tcp/{ip}/{port}; echo held-2 >&8; read -r b <&8; echo \"$b\"; \
-         start=$(date +%s%N); \
-         if exec 5<>/dev/tcp/{ip}/{port}; then echo third >&5; \
-           if read -r c <&5; then echo \"$c\"; else echo FAILED; fi; else echo FAILED; fi; \
-         echo \"elapsed_ms $(( ($(date +%s%N) - start) / 1000000 ))\"; \
-         {other}; \
-         echo again-1 >&7; read -r a <&7; echo \"$a\"; \
-         echo again-2 >&8; read -r b <&8; echo \"$b\"",
-        ip = vip().ip(),
-        port = vip().port(),
-        other = calls_script("127.77.1.11:8080".parse().unwrap(), 1),
-    );
-    let replies = lines(&agent.run_as_client(&script));
-    assert_eq!(replies[0], "b1 held-1");
-    assert_eq!(replies[1], "b1 held-2");
-    assert_eq!(replies[2], "FAILED", "{replies:?}");
-    let elapsed: u64 = replies[3]
+    let (mut held_1, mut held_2) = (agent.hold("client", vip()), agent.hold("client", vip()));
+    assert_eq!(held_1.ask("held-1"), "b1 held-1");
+    assert_eq!(held_2.ask("held-2"), "b1 held-2");
+    let third = agent.run_client("client", Calls::new(vip(), 1).text("third").timed());
+    assert_eq!(third[0], "FAILED", "{third:?}");
+    let elapsed: u64 = third[1]
         .strip_prefix("elapsed_ms ")
         .unwrap()
         .parse()
         .unwrap();
     assert!(elapsed < 500, "failed after {elapsed} ms; not fast");
-    assert_eq!(replies[4], "other call 1");
-    assert_eq!(replies[5], "b1 again-1", "{replies:?}");
-    assert_eq!(replies[6], "b1 again-2");
+    assert_eq!(
+        agent.calls("127.77.1.11:8080".parse().unwrap(), 1),
+        ["other call 1"]
+    );
+    assert_eq!(held_1.ask("again-1"), "b1 again-1");
+    assert_eq!(held_2.ask("again-2"), "b1 again-2");
     assert_eq!(
         backend.accepted(),
         2,
@@ -198,22 +186,8 @@ fn reload_applies_without_dropping_connections() {
     let new = Backend::start("new");
     let config = AgentConfig::new(&[service("payments", VIP, &[old.addr])]);
     let agent = Agent::start(&config);
-    let go = config.dir.join("go");
-    let script = format!(
-        "exec 3<>/dev/tcp/{ip}/{port} || exit 1; echo first >&3; read -r r <&3; echo \"$r\"; \
-         while [ ! -e {go} ]; do sleep 0.02; done; \
-         echo second >&3; read -r r <&3; echo \"$r\"; {more}",
-        ip = vip().ip(),
-        port = vip().port(),
-        go = go.display(),
-        more = calls_script(vip(), 2),
-    );
-    let client = agent
-        .client_command(&script)
-        .stdout(Stdio::piped())
-        .spawn_guarded()
-        .unwrap();
-    assert!(wait_until(Duration::from_secs(10), || old.accepted() == 1));
+    let mut held = agent.hold("client", vip());
+    assert_eq!(held.ask("first"), "old first");
 
     let reloads = |result: &str| {
         agent
@@ -244,12 +218,7 @@ fn reload_applies_without_dropping_connections() {
         now.len() == 1 && now[0]["address"] == new.addr.to_string(),
         "{now:?}"
     );
-    std::fs::write(&go, "").unwrap();
-
-    let replies = lines(&client.wait_with_output().unwrap());
-    assert_eq!(
-        replies,
-        ["old first", "old second", "new call 1", "new call 2"]
-    );
+    assert_eq!(held.ask("second"), "old second");
+    assert_eq!(agent.calls(vip(), 2), ["new call 1", "new call 2"]);
     assert_eq!(old.accepted(), 1);
 }

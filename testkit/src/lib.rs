@@ -10,11 +10,14 @@
 //!   listen on, waiting on a condition instead of sleeping.
 //! - [`config`]: the agent's config file as typed builders, written as
 //!   JSON (which is YAML); [`metrics`]: a Prometheus exposition, parsed.
+//! - [`client`]: the test client, a process that makes calls from inside a
+//!   workload's cgroup as an application would.
 //!
 //! It does not depend on the `sluice` crate: xtask builds it on a fresh
 //! machine, before the eBPF toolchain that `sluice` needs exists.
 
 pub mod cgroup;
+pub mod client;
 pub mod config;
 pub mod leftovers;
 pub mod metrics;

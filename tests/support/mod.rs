@@ -21,10 +21,11 @@ use std::{
     time::Duration,
 };
 
-use sluice::admin::client;
+use sluice::admin::client as admin_client;
 #[allow(unused_imports)] // each test binary uses a different subset
 pub use sluice_testkit::{
     cgroup::{self, CgroupTree},
+    client::{Calls, Client},
     config::{
         self, Audit, Authorization, CircuitBreakers, Config, Decision, Endpoint, HealthCheck,
         LbPolicy, Mode, OnAgentDown, OutlierDetection, PeerNode, Service, Timeouts, Workload,
@@ -40,9 +41,12 @@ pub use sluice_testkit::{
     wait::wait_until,
 };
 
+pub mod client;
 pub mod install;
 pub mod kubeapi;
 pub mod pods;
+
+pub use client::Held;
 
 /// The agent binary under test.
 pub fn sluice_bin() -> &'static str {
@@ -491,6 +495,42 @@ impl Agent {
         serde_json::from_slice(&out.stdout).expect("sluice maps prints JSON")
     }
 
+    /// `client` run as workload `workload` through `sluice exec` (in the
+    /// agent's namespace if it has one), for 60 s at the most.
+    pub fn client(&self, workload: &str, client: impl Into<Client>) -> Command {
+        let mut cmd = Command::new(sluice_bin());
+        if let Some(path) = &self.netns {
+            netns::enter_on_exec(&mut cmd, path).unwrap();
+        }
+        cmd.args(["exec", "--config"])
+            .arg(&self.config_path)
+            .args(["--workload", workload, "--"])
+            .args(client::argv(&client.into(), 60))
+            .env(sluice_testkit::client::CLIENT_VAR, "1");
+        cmd
+    }
+
+    /// The lines `client` prints, run as workload `workload`.
+    pub fn run_client(&self, workload: &str, client: impl Into<Client>) -> Vec<String> {
+        lines(
+            &self
+                .client(workload, client)
+                .output()
+                .expect("run sluice exec"),
+        )
+    }
+
+    /// `n` calls to `to` as workload `client`, one connection each: each
+    /// reply line, or `FAILED`.
+    pub fn calls(&self, to: SocketAddr, n: usize) -> Vec<String> {
+        self.run_client("client", Calls::new(to, n))
+    }
+
+    /// A connection to `to` held open by workload `workload`.
+    pub fn hold(&self, workload: &str, to: SocketAddr) -> Held {
+        Held::start(self.client(workload, Client::Hold { to }))
+    }
+
     /// (records by cookie, records by peer) in the pinned maps.
     pub fn record_counts(&self) -> (u64, u64) {
         let records = &self.maps()["records"];
@@ -509,7 +549,7 @@ impl Agent {
     /// the status and the body, or None when nothing answers.
     pub fn admin_get(&self, path: &str) -> Option<(u16, String)> {
         let (admin, path) = (self.admin, path.to_owned());
-        let get = move || client::get(admin, &path).ok();
+        let get = move || admin_client::get(admin, &path).ok();
         match &self.netns {
             Some(netns) => netns::run_in(netns.clone(), get),
             None => get(),
@@ -585,7 +625,7 @@ impl Agent {
 /// The metrics of the agent whose admin API (or metrics listener) is at
 /// `addr`.
 pub fn scrape(addr: SocketAddr) -> Exposition {
-    let (status, body) = client::get(addr, "/metrics").expect("the agent answers");
+    let (status, body) = admin_client::get(addr, "/metrics").expect("the agent answers");
     assert_eq!(status, 200, "{body}");
     Exposition::parse(&body)
 }
@@ -609,22 +649,6 @@ impl Drop for Agent {
             let _ = self.child.wait();
         }
     }
-}
-
-/// A bash snippet that makes `n` calls to `addr`, one connection each,
-/// printing each reply line (or `FAILED` when a call gets no reply).
-pub fn calls_script(addr: SocketAddr, n: usize) -> String {
-    format!(
-        "for i in $(seq 1 {n}); do \
-           if exec 3<>/dev/tcp/{ip}/{port}; then \
-             echo \"call $i\" >&3; \
-             if read -r reply <&3; then echo \"$reply\"; else echo FAILED; fi; \
-             exec 3>&-; \
-           else echo FAILED; fi; \
-         done",
-        ip = addr.ip(),
-        port = addr.port()
-    )
 }
 
 /// Stdout of a finished command as lines; panics with stderr on failure.

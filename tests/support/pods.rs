@@ -9,7 +9,7 @@ use std::{
     thread,
 };
 
-use super::{AgentConfig, ChildGuard, Netns, SpawnGuarded, cgroup, netns, unique};
+use super::{AgentConfig, ChildGuard, Client, Held, Netns, SpawnGuarded, cgroup, netns, unique};
 
 /// A node namespace with pods attached, removed on drop (Netns drops).
 pub struct Node {
@@ -84,10 +84,45 @@ pub fn source_echo(node: &Netns, name: &'static str, addr: SocketAddr) {
 /// missing: a container's, as the kubelet would) inside the pod namespace
 /// `pod`, for 30 s at the most.
 pub fn in_pod(config: &AgentConfig, pod: &Netns, container: &str, script: &str) -> Command {
-    let dir = config.cgroup_root_path().join(container);
-    std::fs::create_dir_all(&dir).unwrap();
     let mut cmd = Command::new("timeout");
     cmd.args(["--signal=KILL", "30", "python3", "-c", script]);
+    placed(cmd, config, pod, container)
+}
+
+/// Runs `client` as a process of cgroup `container` inside the pod
+/// namespace `pod`, for 30 s at the most.
+pub fn in_pod_client(
+    config: &AgentConfig,
+    pod: &Netns,
+    container: &str,
+    client: &Client,
+) -> Command {
+    placed(super::client::command(client, 30), config, pod, container)
+}
+
+/// The lines `client` prints, run in cgroup `container` of pod `pod`.
+pub fn run_in_pod(
+    config: &AgentConfig,
+    pod: &Netns,
+    container: &str,
+    client: impl Into<Client>,
+) -> Vec<String> {
+    let out = in_pod_client(config, pod, container, &client.into())
+        .output()
+        .expect("run the client");
+    super::lines(&out)
+}
+
+/// A connection to `to` held open from cgroup `container` of pod `pod`.
+pub fn hold_in_pod(config: &AgentConfig, pod: &Netns, container: &str, to: SocketAddr) -> Held {
+    Held::start(in_pod_client(config, pod, container, &Client::Hold { to }))
+}
+
+/// `cmd`, made to start in container cgroup `container` (made if missing:
+/// a container's, as the kubelet would) inside the pod namespace `pod`.
+fn placed(mut cmd: Command, config: &AgentConfig, pod: &Netns, container: &str) -> Command {
+    let dir = config.cgroup_root_path().join(container);
+    std::fs::create_dir_all(&dir).unwrap();
     cgroup::enter_on_exec(&mut cmd, &dir);
     pod.enter_on_exec(&mut cmd).unwrap();
     cmd
@@ -96,7 +131,9 @@ pub fn in_pod(config: &AgentConfig, pod: &Netns, container: &str, script: &str) 
 /// A pod's pause process: it sleeps in the container cgroup `container`
 /// inside the pod namespace `pod`, holding both for the pod's life.
 pub fn pause(config: &AgentConfig, pod: &Netns, container: &str) -> ChildGuard {
-    in_pod(config, pod, container, "import time; time.sleep(120)")
+    let mut sleep = Command::new("timeout");
+    sleep.args(["--signal=KILL", "30", "sleep", "120"]);
+    placed(sleep, config, pod, container)
         .stdout(std::process::Stdio::null())
         .spawn_guarded()
         .unwrap()
