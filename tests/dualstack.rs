@@ -335,35 +335,6 @@ fn an_ipv6_socket_with_the_agents_mark_is_still_redirected() {
     assert_eq!(attempt["destination"]["address"], VIP6);
 }
 
-/// A client that sends 4 MiB to `ip`:8080 from an IPv6 socket (after the
-/// agent has its socket), half-closes, reads the echo to EOF and says
-/// whether it came back intact. It waits for readability with poll, as
-/// event-driven clients do (README, "Sockmap bypass").
-fn send_and_compare6(ip: &str) -> String {
-    format!(
-        "python3 -c '
-import os, select, socket, time
-data = os.urandom(4 << 20)
-s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-s.connect((\"{ip}\", 8080))
-time.sleep(0.3)
-s.sendall(data)
-s.shutdown(socket.SHUT_WR)
-got = bytearray()
-while True:
-    select.select([s], [], [], 10)
-    try:
-        b = s.recv(1 << 16)
-    except BlockingIOError:
-        continue
-    if not b:
-        break
-    got += b
-print(\"intact\" if bytes(got) == data else \"corrupt %d\" % len(got))
-'"
-    )
-}
-
 /// With the sockmap bypass on, an IPv6 client's connection to the agent
 /// skips the loopback stack as an IPv4 client's does, both ways it can
 /// reach the agent: at `[::1]` (dialling an IPv6 service) and at the
@@ -399,7 +370,14 @@ fn the_sockmap_bypass_carries_an_ipv6_clients_bytes() {
 
     for (i, ip) in ["2001:db8:77::70", "::ffff:127.77.6.71"].iter().enumerate() {
         let before = loopback_bytes(&pair.a);
-        let out = lines(&agent.run_as_client(&send_and_compare6(ip)));
+        // 4 MiB each way, sent once the agent has its socket, from an IPv6
+        // socket (the address is one).
+        let blob = Client::Blob {
+            to: SocketAddr::new(ip.parse().unwrap(), 8080),
+            bytes: 4 << 20,
+            delay: Duration::from_millis(300),
+        };
+        let out = agent.run_client("client", blob);
         let over_lo = loopback_bytes(&pair.a) - before;
         assert_eq!(out, ["intact"], "{ip}");
         assert_eq!(agent.stat(Stat::BypassSocket), i as u64 + 1, "{ip}");
@@ -629,7 +607,7 @@ fn dual_stack_nodes_balance_an_ipv6_cluster_ip_and_cross_nodes_over_mtls() {
             .collect()
     };
     for agent in [&agent_a, &agent_b] {
-        assert!(agent.wait_for_log("kubernetes: synced"), "{}", agent.log());
+        agent.assert_ready();
         assert!(
             wait_until(Duration::from_secs(10), || services(agent).len() == 2),
             "{:?}\n{}",
@@ -645,19 +623,12 @@ fn dual_stack_nodes_balance_an_ipv6_cluster_ip_and_cross_nodes_over_mtls() {
         &pods[0].app,
         calls_from(vip6, 8080, 8),
     );
-    let mut who: Vec<&str> = replies
-        .iter()
-        .map(|r| {
-            let mut words = r.split_whitespace();
-            let (peer, backend) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
-            assert_eq!(peer, format!("{vip6}:8080"), "{replies:?}");
-            backend
-        })
-        .collect();
-    who.sort();
-    who.dedup();
+    let got = peers_and_backends(&replies);
+    for (peer, _) in &got {
+        assert_eq!(*peer, format!("{vip6}:8080"), "{replies:?}");
+    }
     assert_eq!(
-        who,
+        distinct(got.iter().map(|(_, backend)| backend.as_str())),
         ["checkout-a0", "checkout-a1", "checkout-b0", "checkout-b1"],
         "{replies:?}\nA:\n{}\nB:\n{}",
         agent_a.log(),

@@ -437,35 +437,14 @@ fn a_stale_or_squatted_handover_socket_never_blocks_a_start() {
     drop(squatter);
 }
 
-/// A workload that sends 4 MiB (after `delay` seconds), half-closes, reads
-/// the echo to EOF and says whether it came back intact. It waits for
-/// readability with poll, as event-driven clients do: a blocking recv() on
-/// a socket in a sockmap can return EAGAIN when a wake-up finds no data
-/// (see README, "Sockmap bypass").
-fn send_and_compare(vip: SocketAddr, delay: f64) -> String {
-    format!(
-        "python3 -c '
-import os, select, socket, time
-data = os.urandom(4 << 20)
-s = socket.create_connection((\"{ip}\", {port}))
-time.sleep({delay})
-s.sendall(data)
-s.shutdown(socket.SHUT_WR)
-got = bytearray()
-while True:
-    select.select([s], [], [], 10)
-    try:
-        b = s.recv(1 << 16)
-    except BlockingIOError:
-        continue
-    if not b:
-        break
-    got += b
-print(\"intact\" if bytes(got) == data else \"corrupt %d\" % len(got))
-'",
-        ip = vip.ip(),
-        port = vip.port()
-    )
+/// A workload that sends 4 MiB (after `delay`), half-closes, reads the
+/// echo to EOF and says whether it came back intact.
+fn send_and_compare(vip: SocketAddr, delay: Duration) -> Client {
+    Client::Blob {
+        to: vip,
+        bytes: 4 << 20,
+        delay,
+    }
 }
 
 #[test]
@@ -487,7 +466,7 @@ fn sockmap_bypass_skips_loopback_and_keeps_bytes_intact_both_ways() {
     // The workload waits until the agent has its socket: both directions
     // skip the stack.
     let before = loopback_bytes(&pair.a);
-    let out = lines(&agent.run_as_client(&send_and_compare(vip, 0.3)));
+    let out = agent.run_client("client", send_and_compare(vip, Duration::from_millis(300)));
     let bypass_lo = loopback_bytes(&pair.a) - before;
     assert_eq!(out, ["intact"]);
     assert!(agent.stat(Stat::BypassSocket) >= 1);
@@ -498,7 +477,7 @@ fn sockmap_bypass_skips_loopback_and_keeps_bytes_intact_both_ways() {
     );
     // A workload that sends at once may beat the agent's accept: its bytes
     // then keep TCP for that connection, and must still arrive in order.
-    let out = lines(&agent.run_as_client(&send_and_compare(vip, 0.0)));
+    let out = agent.run_client("client", send_and_compare(vip, Duration::ZERO));
     assert_eq!(out, ["intact"]);
     agent.sigterm();
     agent.wait(Duration::from_secs(15));
@@ -507,7 +486,7 @@ fn sockmap_bypass_skips_loopback_and_keeps_bytes_intact_both_ways() {
     let plain = AgentConfig::new(&[service()]);
     let agent = Agent::start_in_netns(&plain, &pair.a);
     let before = loopback_bytes(&pair.a);
-    let out = lines(&agent.run_as_client(&send_and_compare(vip, 0.3)));
+    let out = agent.run_client("client", send_and_compare(vip, Duration::from_millis(300)));
     let plain_lo = loopback_bytes(&pair.a) - before;
     assert_eq!(out, ["intact"]);
     assert!(plain_lo > 8 << 20, "only {plain_lo} bytes over loopback");

@@ -213,6 +213,38 @@ impl Cluster {
         }
     }
 
+    /// Namespace `shop` meshed in `mode`, the `checkout` Service and its
+    /// slice with these (pod index, ready) endpoints, on the API server.
+    fn publish(&self, mode: &str, endpoints: &[(usize, bool)]) {
+        self.api
+            .set_object(Resource::Namespaces, namespace("shop", mode));
+        self.api.set_object(Resource::Services, service());
+        self.set_endpoints(endpoints);
+    }
+
+    /// Sets the `checkout` slice to these (pod index, ready) endpoints.
+    fn set_endpoints(&self, endpoints: &[(usize, bool)]) {
+        self.api
+            .set_object(Resource::EndpointSlices, slice(&self.pods, endpoints));
+    }
+
+    /// Waits up to `timeout` until `n` calls from pod 0 are answered as
+    /// `expected` says; panics with `agent`'s log if they are not.
+    fn await_calls(
+        &self,
+        agent: &Agent,
+        n: usize,
+        timeout: Duration,
+        expected: impl Fn(&[String]) -> bool,
+    ) {
+        assert!(
+            wait_until(timeout, || expected(&self.calls(0, n))),
+            "{:?}\n{}",
+            self.calls(0, n),
+            agent.log()
+        );
+    }
+
     /// `n` calls from pod `from` to the service, one connection each.
     fn calls(&self, from: usize, n: usize) -> Vec<String> {
         calls_from(
@@ -252,6 +284,20 @@ fn calls_in(
         .collect()
 }
 
+/// Waits (up to 5 s) until the agent has `n` workloads, each with its
+/// listener open in its pod; panics if it does not.
+fn assert_listening(agent: &Agent, n: usize) {
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            let w = agent.workloads();
+            w.len() == n && w.iter().all(|w| w["listener"] == "open")
+        }),
+        "{:?}\n{}",
+        agent.workloads(),
+        agent.log()
+    );
+}
+
 fn count(requests: &[String], needle: &str) -> usize {
     requests.iter().filter(|r| r.contains(needle)).count()
 }
@@ -259,20 +305,11 @@ fn count(requests: &[String], needle: &str) -> usize {
 #[test]
 fn pods_and_services_from_the_api_server_carry_calls_and_follow_changes() {
     let c = Cluster::new(2, Layout::SystemdContainerd);
-    c.api
-        .set_object(Resource::Namespaces, namespace("shop", "plaintext"));
-    c.api.set_object(Resource::Services, service());
     // One pod at first.
-    c.api
-        .set_object(Resource::EndpointSlices, slice(&c.pods, &[(0, true)]));
+    c.publish("plaintext", &[(0, true)]);
     c.api.set_object(Resource::Pods, c.pods[0].object());
     let agent = Agent::start_in_netns(&c.config, &c.node.node);
-    assert!(
-        agent.wait_ready(),
-        "{:?}\n{}",
-        agent.not_ready(),
-        agent.log()
-    );
+    agent.assert_ready();
     assert!(
         wait_until(Duration::from_secs(5), || agent.workloads().len() == 1),
         "{:?}",
@@ -283,18 +320,8 @@ fn pods_and_services_from_the_api_server_carry_calls_and_follow_changes() {
     // A pod added: it becomes a workload with its own listener, and an
     // endpoint of the Service.
     c.api.set_object(Resource::Pods, c.pods[1].object());
-    c.api.set_object(
-        Resource::EndpointSlices,
-        slice(&c.pods, &[(0, true), (1, true)]),
-    );
-    assert!(
-        wait_until(Duration::from_secs(5), || {
-            let w = agent.workloads();
-            w.len() == 2 && w.iter().all(|w| w["listener"] == "open")
-        }),
-        "{:?}",
-        agent.workloads()
-    );
+    c.set_endpoints(&[(0, true), (1, true)]);
+    assert_listening(&agent, 2);
     let w = agent.workloads();
     assert_eq!(
         w[0]["identity"],
@@ -309,14 +336,9 @@ fn pods_and_services_from_the_api_server_carry_calls_and_follow_changes() {
 
     // A pod calls the Service's cluster IP: balanced over both pods. (The
     // pod and its endpoint may arrive in two updates: wait for both.)
-    assert!(
-        wait_until(Duration::from_secs(5), || c
-            .calls(0, 2)
-            .iter()
-            .any(|r| r == "checkout-1")),
-        "{}",
-        agent.log()
-    );
+    c.await_calls(&agent, 2, Duration::from_secs(5), |who| {
+        who.iter().any(|r| r == "checkout-1")
+    });
     let replies = c.calls(0, 4);
     let mut who = replies.clone();
     who.sort();
@@ -327,18 +349,10 @@ fn pods_and_services_from_the_api_server_carry_calls_and_follow_changes() {
     );
 
     // An endpoint marked not ready takes no new calls.
-    c.api.set_object(
-        Resource::EndpointSlices,
-        slice(&c.pods, &[(0, true), (1, false)]),
-    );
-    assert!(
-        wait_until(Duration::from_secs(5), || c
-            .calls(0, 4)
-            .iter()
-            .all(|r| r == "checkout-0")),
-        "{}",
-        agent.log()
-    );
+    c.set_endpoints(&[(0, true), (1, false)]);
+    c.await_calls(&agent, 4, Duration::from_secs(5), |who| {
+        who.iter().all(|r| r == "checkout-0")
+    });
 
     // A cut watch stream, then a 410 Gone: the catalog stays, the agent
     // watches again and lists again.
@@ -365,18 +379,10 @@ fn pods_and_services_from_the_api_server_carry_calls_and_follow_changes() {
         c.api.requests()
     );
     // ...and still follows changes after it.
-    c.api.set_object(
-        Resource::EndpointSlices,
-        slice(&c.pods, &[(0, true), (1, true)]),
-    );
-    assert!(
-        wait_until(Duration::from_secs(10), || c
-            .calls(0, 4)
-            .iter()
-            .any(|r| r == "checkout-1")),
-        "{}",
-        agent.log()
-    );
+    c.set_endpoints(&[(0, true), (1, true)]);
+    c.await_calls(&agent, 4, Duration::from_secs(10), |who| {
+        who.iter().any(|r| r == "checkout-1")
+    });
 
     // A pod deleted while one of its connections is open: the connection
     // drains, the workload and its listener go.
@@ -388,8 +394,7 @@ fn pods_and_services_from_the_api_server_carry_calls_and_follow_changes() {
     );
     let one = held.ask("one");
     c.api.delete_object(Resource::Pods, "shop", &c.pods[1].name);
-    c.api
-        .set_object(Resource::EndpointSlices, slice(&c.pods, &[(0, true)]));
+    c.set_endpoints(&[(0, true)]);
     assert!(
         wait_until(Duration::from_secs(5), || agent.workloads().len() == 1),
         "{:?}",
@@ -503,31 +508,15 @@ fn call_once(config: &AgentConfig, netns: &Netns, container: &str, vip: SocketAd
 #[test]
 fn a_policy_object_denies_and_allows_without_touching_open_connections() {
     let c = Cluster::new(2, Layout::SystemdContainerd);
-    c.api
-        .set_object(Resource::Namespaces, namespace("shop", "mtls"));
-    c.api.set_object(Resource::Services, service());
     // Pod 0 calls; the Service's one endpoint is pod 1, the ledger.
-    c.api
-        .set_object(Resource::EndpointSlices, slice(&c.pods, &[(1, true)]));
+    c.publish("mtls", &[(1, true)]);
     c.api.set_object(Resource::Pods, c.pods[0].object());
     let mut ledger = c.pods[1].object();
     ledger["metadata"]["labels"]["tier"] = json!("ledger");
     c.api.set_object(Resource::Pods, ledger);
     let agent = Agent::start_in_netns(&c.config, &c.node.node);
-    assert!(
-        agent.wait_ready(),
-        "{:?}\n{}",
-        agent.not_ready(),
-        agent.log()
-    );
-    assert!(
-        wait_until(Duration::from_secs(5), || {
-            let w = agent.workloads();
-            w.len() == 2 && w.iter().all(|w| w["listener"] == "open")
-        }),
-        "{:?}",
-        agent.workloads()
-    );
+    agent.assert_ready();
+    assert_listening(&agent, 2);
     let (netns, app) = (&c.node.pods[0].0, &c.pods[0].app);
     let mut open = hold_in_pod(&c.config, netns, app, service_vip());
     assert!(open.ask("before").starts_with("checkout-1"));
@@ -692,21 +681,8 @@ fn two_nodes_four_pods_cross_node_calls_go_over_mtls() {
     let a = nodes.start("node-a", &a_node.node);
     let b = nodes.start("node-b", &b_node.node);
     for agent in [&a, &b] {
-        assert!(
-            agent.wait_ready(),
-            "{:?}\n{}",
-            agent.not_ready(),
-            agent.log()
-        );
-        assert!(
-            wait_until(Duration::from_secs(5), || {
-                let w = agent.workloads();
-                w.len() == 2 && w.iter().all(|w| w["listener"] == "open")
-            }),
-            "{:?}\n{}",
-            agent.workloads(),
-            agent.log()
-        );
+        agent.assert_ready();
+        assert_listening(agent, 2);
     }
     // Node A's agent found the cgroupfs root although the shipped config
     // names systemd's, and attached its programs there.
@@ -721,11 +697,8 @@ fn two_nodes_four_pods_cross_node_calls_go_over_mtls() {
     }
 
     let replies = calls_from(a_cfg, &a_node.pods[0].0, &pods[0], vip, 8);
-    let mut who = replies.clone();
-    who.sort();
-    who.dedup();
     assert_eq!(
-        who,
+        distinct(&replies),
         ["checkout-a0", "checkout-a1", "checkout-b0", "checkout-b1"],
         "{replies:?}\nA:\n{}\nB:\n{}",
         a.log(),
@@ -820,25 +793,14 @@ fn a_thousand_endpoint_slice_updates_a_second_lose_no_call_and_no_verdict() {
         jitter: Some(Duration::from_millis(20)),
     };
     let mut c = Cluster::with_health_check(4, Layout::SystemdContainerd, Some(health));
-    c.api
-        .set_object(Resource::Namespaces, namespace("shop", "mtls"));
-    c.api.set_object(Resource::Services, service());
-    c.api.set_object(
-        Resource::EndpointSlices,
-        slice(&c.pods, &[(1, true), (2, true), (3, true)]),
-    );
+    c.publish("mtls", &[(1, true), (2, true), (3, true)]);
     for p in &c.pods {
         c.api.set_object(Resource::Pods, p.object());
     }
     // Pod 2's backend is down from the start.
     c.pods[2].stop_backend();
     let agent = Agent::start_in_netns(&c.config, &c.node.node);
-    assert!(
-        agent.wait_ready(),
-        "{:?}\n{}",
-        agent.not_ready(),
-        agent.log()
-    );
+    agent.assert_ready();
     assert!(
         wait_until(Duration::from_secs(10), || {
             let v = verdicts(&c, &agent);
@@ -946,22 +908,15 @@ fn a_thousand_endpoint_slice_updates_a_second_lose_no_call_and_no_verdict() {
 #[test]
 fn a_broken_config_file_does_not_stop_discovery() {
     let c = Cluster::new(3, Layout::Cgroupfs);
-    c.api
-        .set_object(Resource::Namespaces, namespace("shop", "plaintext"));
-    c.api.set_object(Resource::Services, service());
-    c.api
-        .set_object(Resource::EndpointSlices, slice(&c.pods, &[(1, true)]));
+    c.publish("plaintext", &[(1, true)]);
     for p in &c.pods {
         c.api.set_object(Resource::Pods, p.object());
     }
     let agent = Agent::start_in_netns(&c.config, &c.node.node);
-    assert!(
-        agent.wait_ready(),
-        "{:?}\n{}",
-        agent.not_ready(),
-        agent.log()
-    );
-    assert!(wait_until(Duration::from_secs(5), || c.calls(0, 1) == ["checkout-1"]));
+    agent.assert_ready();
+    c.await_calls(&agent, 1, Duration::from_secs(5), |who| {
+        who == ["checkout-1"]
+    });
 
     let refused = || {
         agent
@@ -976,20 +931,10 @@ fn a_broken_config_file_does_not_stop_discovery() {
         agent.log()
     );
     // A new endpoint while the file is broken.
-    c.api.set_object(
-        Resource::EndpointSlices,
-        slice(&c.pods, &[(1, true), (2, true)]),
-    );
-    assert!(
-        wait_until(Duration::from_secs(5), || {
-            let mut who = c.calls(0, 6);
-            who.sort();
-            who.dedup();
-            who == ["checkout-1", "checkout-2"]
-        }),
-        "{}",
-        agent.log()
-    );
+    c.set_endpoints(&[(1, true), (2, true)]);
+    c.await_calls(&agent, 6, Duration::from_secs(5), |who| {
+        distinct(who) == ["checkout-1", "checkout-2"]
+    });
     c.config.write_raw(&good);
 }
 
@@ -1000,13 +945,7 @@ fn a_broken_config_file_does_not_stop_discovery() {
 #[test]
 fn a_pod_whose_namespace_cannot_be_opened_is_left_out_alone() {
     let c = Cluster::new(3, Layout::Cgroupfs);
-    c.api
-        .set_object(Resource::Namespaces, namespace("shop", "plaintext"));
-    c.api.set_object(Resource::Services, service());
-    c.api.set_object(
-        Resource::EndpointSlices,
-        slice(&c.pods, &[(1, true), (2, true)]),
-    );
+    c.publish("plaintext", &[(1, true), (2, true)]);
     for p in &c.pods {
         c.api.set_object(Resource::Pods, p.object());
     }
@@ -1036,12 +975,7 @@ fn a_pod_whose_namespace_cannot_be_opened_is_left_out_alone() {
     );
 
     let agent = Agent::start_in_netns(&c.config, &c.node.node);
-    assert!(
-        agent.wait_ready(),
-        "{:?}\n{}",
-        agent.not_ready(),
-        agent.log()
-    );
+    agent.assert_ready();
     assert!(
         wait_until(Duration::from_secs(5), || {
             let mut names: Vec<String> = agent
@@ -1056,10 +990,7 @@ fn a_pod_whose_namespace_cannot_be_opened_is_left_out_alone() {
         agent.workloads(),
         agent.log()
     );
-    assert!(
-        wait_until(Duration::from_secs(5), || c.calls(0, 4)
-            == ["checkout-1"; 4]),
-        "{}",
-        agent.log()
-    );
+    c.await_calls(&agent, 4, Duration::from_secs(5), |who| {
+        who == ["checkout-1"; 4]
+    });
 }

@@ -26,6 +26,16 @@ pub enum Client {
     /// One connection to `to`, held open: each line read from stdin is
     /// sent, and the reply printed, until stdin ends.
     Hold { to: SocketAddr },
+    /// One connection to `to` of an echo server that answers at the end of
+    /// its input: after `delay`, `bytes` random bytes are sent and the
+    /// sending side shut; the echo is read to its end, waiting for
+    /// readability with poll(2) as event-driven clients do. Prints `intact`,
+    /// or `corrupt <bytes received>`.
+    Blob {
+        to: SocketAddr,
+        bytes: usize,
+        delay: Duration,
+    },
 }
 
 /// Calls, one connection each.
@@ -142,6 +152,12 @@ impl Client {
     pub fn args(&self) -> Vec<String> {
         match self {
             Client::Hold { to } => vec!["hold".into(), to.to_string()],
+            Client::Blob { to, bytes, delay } => vec![
+                "blob".into(),
+                to.to_string(),
+                bytes.to_string(),
+                delay.as_millis().to_string(),
+            ],
             Client::Calls(c) => {
                 let mut args = vec![
                     "calls".into(),
@@ -184,6 +200,11 @@ impl Client {
         let addr = |s: &String| s.parse::<SocketAddr>().map_err(|_| bad());
         match args {
             [mode, to] if mode == "hold" => Ok(Client::Hold { to: addr(to)? }),
+            [mode, to, bytes, delay_ms] if mode == "blob" => Ok(Client::Blob {
+                to: addr(to)?,
+                bytes: bytes.parse().map_err(|_| bad())?,
+                delay: Duration::from_millis(delay_ms.parse().map_err(|_| bad())?),
+            }),
             [mode, to, count, text, options @ ..] if mode == "calls" => {
                 let mut calls = Calls::new(addr(to)?, count.parse().map_err(|_| bad())?);
                 calls.text = text.clone();
@@ -229,6 +250,7 @@ pub fn run(args: &[String]) -> i32 {
     let result = match client {
         Client::Calls(calls) => run_calls(&calls, &mut out),
         Client::Hold { to } => hold(to, &mut out),
+        Client::Blob { to, bytes, delay } => blob(to, bytes, delay, &mut out),
     };
     match result {
         Ok(()) => 0,
@@ -407,6 +429,58 @@ fn hold(to: SocketAddr, out: &mut impl Write) -> io::Result<()> {
     Ok(())
 }
 
+fn blob(to: SocketAddr, bytes: usize, delay: Duration, out: &mut impl Write) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let data = noise(bytes);
+    let mut stream = TcpStream::connect(to)?;
+    std::thread::sleep(delay);
+    stream.write_all(&data)?;
+    stream.shutdown(std::net::Shutdown::Write)?;
+    let mut got = Vec::with_capacity(bytes);
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let mut poll = libc::pollfd {
+            fd: stream.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll(2) on one pollfd we own.
+        unsafe { libc::poll(&mut poll, 1, 10_000) };
+        // A wake-up may find no data on a socket in a sockmap: a blocking
+        // read then says so (EAGAIN) rather than wait (README, "Sockmap
+        // bypass").
+        match std::io::Read::read(&mut stream, &mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if got == data {
+        writeln!(out, "intact")
+    } else {
+        writeln!(out, "corrupt {}", got.len())
+    }
+}
+
+/// `n` bytes that do not repeat in any short period (xorshift64, seeded
+/// from the clock and the process), so that a lost or reordered chunk shows.
+fn noise(n: usize) -> Vec<u8> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let mut x = now ^ (u64::from(std::process::id()) << 32) | 1;
+    let mut data = Vec::with_capacity(n + 8);
+    while data.len() < n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        data.extend_from_slice(&x.to_le_bytes());
+    }
+    data.truncate(n);
+    data
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -428,6 +502,11 @@ mod tests {
             Client::Calls(Calls::new("127.0.0.1:9".parse().unwrap(), 1)),
             Client::Hold {
                 to: "127.0.0.1:9".parse().unwrap(),
+            },
+            Client::Blob {
+                to: "[::ffff:127.0.0.1]:9".parse().unwrap(),
+                bytes: 4 << 20,
+                delay: Duration::from_millis(300),
             },
         ] {
             assert_eq!(Client::parse(&client.args()), Ok(client));

@@ -470,16 +470,24 @@ impl Agent {
     /// `sluice exec` of `script` as workload `workload`, in the agent's
     /// network namespace if it has one.
     pub fn workload_command(&self, workload: &str, script: &str) -> Command {
+        let mut cmd = self.exec(workload);
+        // Bounds every client run, so a broken redirect fails the test
+        // instead of hanging it.
+        cmd.args(["timeout", "--signal=KILL", "60", "bash", "-c", script]);
+        cmd
+    }
+
+    /// `sluice exec ... --workload WORKLOAD --`, in the agent's network
+    /// namespace if it has one: the command to run as that workload
+    /// follows.
+    fn exec(&self, workload: &str) -> Command {
         let mut cmd = Command::new(sluice_bin());
         if let Some(path) = &self.netns {
             netns::enter_on_exec(&mut cmd, path).unwrap();
         }
         cmd.args(["exec", "--config"])
             .arg(&self.config_path)
-            .args(["--workload", workload, "--"])
-            // Bounds every client run, so a broken redirect fails the test
-            // instead of hanging it.
-            .args(["timeout", "--signal=KILL", "60", "bash", "-c", script]);
+            .args(["--workload", workload, "--"]);
         cmd
     }
 
@@ -498,14 +506,8 @@ impl Agent {
     /// `client` run as workload `workload` through `sluice exec` (in the
     /// agent's namespace if it has one), for 60 s at the most.
     pub fn client(&self, workload: &str, client: impl Into<Client>) -> Command {
-        let mut cmd = Command::new(sluice_bin());
-        if let Some(path) = &self.netns {
-            netns::enter_on_exec(&mut cmd, path).unwrap();
-        }
-        cmd.args(["exec", "--config"])
-            .arg(&self.config_path)
-            .args(["--workload", workload, "--"])
-            .args(client::argv(&client.into(), 60))
+        let mut cmd = self.exec(workload);
+        cmd.args(client::argv(&client.into(), 60))
             .env(sluice_testkit::client::CLIENT_VAR, "1");
         cmd
     }
@@ -601,9 +603,16 @@ impl Agent {
         Some(reasons.unwrap_or_else(|| vec![body]))
     }
 
-    /// Waits (up to 10 s) until `/readyz` answers 200; says whether it did.
-    pub fn wait_ready(&self) -> bool {
-        wait_until(Duration::from_secs(10), || self.not_ready().is_none())
+    /// Waits (up to 10 s) until `/readyz` answers 200 (with Kubernetes:
+    /// once discovery has listed everything); panics with the reasons it
+    /// gives and the log if it does not.
+    pub fn assert_ready(&self) {
+        assert!(
+            wait_until(Duration::from_secs(10), || self.not_ready().is_none()),
+            "not ready: {:?}\n{}",
+            self.not_ready(),
+            self.log()
+        );
     }
 
     /// Whether the agent says it is stopping (draining after SIGTERM).
@@ -866,6 +875,14 @@ pub fn loopback_bytes(netns: &Netns) -> u64 {
     let out = netns.ip(&["-s", "-j", "link", "show", "lo"]).unwrap();
     let v: serde_json::Value = serde_json::from_str(&out).expect("ip -j");
     v[0]["stats64"]["rx"]["bytes"].as_u64().expect("rx bytes")
+}
+
+/// The distinct items, sorted.
+pub fn distinct<T: Ord>(items: impl IntoIterator<Item = T>) -> Vec<T> {
+    let mut items: Vec<T> = items.into_iter().collect();
+    items.sort();
+    items.dedup();
+    items
 }
 
 /// How often each item occurs.
