@@ -491,15 +491,6 @@ fn ledger_policy(generation: i64, default: &str, deny: &[&str]) -> Value {
     })
 }
 
-/// One call from `container` of the pod in `netns`: the backend's name,
-/// or REFUSED when the connection ends without an answer.
-fn call_once(config: &AgentConfig, netns: &Netns, container: &str, vip: SocketAddr) -> String {
-    match calls_in(config, netns, container, vip, 1).as_slice() {
-        [failed] if failed == "FAILED" => "REFUSED".to_owned(),
-        replies => replies.join(" "),
-    }
-}
-
 /// A SluicePolicy denies a caller: new calls are refused and audited with
 /// both identities, while a connection opened before keeps flowing. The
 /// policy edited to allow lets the next call through, the same connection
@@ -524,16 +515,8 @@ fn a_policy_object_denies_and_allows_without_touching_open_connections() {
     let caller = "spiffe://cluster.local/ns/shop/sa/checkout";
     c.api
         .set_object(Resource::Policies, ledger_policy(1, "allow", &[caller]));
-    assert!(
-        wait_until(Duration::from_secs(10), || call_once(
-            &c.config,
-            netns,
-            app,
-            service_vip()
-        ) == "REFUSED"),
-        "{}",
-        agent.log()
-    );
+    // A new call from pod 0 is refused.
+    c.await_calls(&agent, 1, Duration::from_secs(10), |who| who == ["FAILED"]);
     let audit = c.config.audit_path();
     let denied = audit_lines(&audit, "denied", 1);
     assert!(!denied.is_empty(), "no denial in {}", audit.display());
@@ -566,17 +549,9 @@ fn a_policy_object_denies_and_allows_without_touching_open_connections() {
     // same one.
     c.api
         .set_object(Resource::Policies, ledger_policy(2, "allow", &[]));
-    assert!(
-        wait_until(Duration::from_secs(10), || call_once(
-            &c.config,
-            netns,
-            app,
-            service_vip()
-        )
-        .starts_with("checkout-1")),
-        "{}",
-        agent.log()
-    );
+    c.await_calls(&agent, 1, Duration::from_secs(10), |who| {
+        who == ["checkout-1"]
+    });
     assert!(open.ask("after").starts_with("checkout-1"));
 
     // Edited into an invalid one: refused, with the field named; the last
@@ -597,7 +572,7 @@ fn a_policy_object_denies_and_allows_without_touching_open_connections() {
         message.contains("last accepted version stays in force"),
         "{message}"
     );
-    assert!(call_once(&c.config, netns, app, service_vip()).starts_with("checkout-1"));
+    assert_eq!(c.calls(0, 1), ["checkout-1"]);
     assert!(open.ask("still").starts_with("checkout-1"));
 }
 
