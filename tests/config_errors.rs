@@ -1,11 +1,9 @@
 //! Bad config files: `sluice config check` and `sluice agent` both refuse
 //! them with file:line and the field, exit non-zero, and touch nothing.
 
-mod support;
-
 use std::{path::PathBuf, process::Command};
 
-use support::*;
+use crate::support::*;
 
 const BASE: &str = "\
 node:
@@ -22,17 +20,16 @@ services:
 ";
 
 struct BadConfig {
-    dir: PathBuf,
     path: PathBuf,
+    _dir: TempDir,
 }
 
 impl BadConfig {
     fn new(text: &str) -> BadConfig {
-        let dir = std::env::temp_dir().join(unique("badcfg"));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = TempDir::create("badcfg").unwrap();
         let path = dir.join("sluice.yaml");
         std::fs::write(&path, text).unwrap();
-        BadConfig { dir, path }
+        BadConfig { path, _dir: dir }
     }
 
     /// Runs `sluice ARGS... <file>`; returns (exit code, stderr).
@@ -56,12 +53,6 @@ impl BadConfig {
         assert_eq!(code, 2, "agent: {agent}");
         assert_eq!(check, agent);
         check
-    }
-}
-
-impl Drop for BadConfig {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

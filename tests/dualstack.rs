@@ -5,26 +5,19 @@
 //! v4-mapped form of an IPv4 virtual address is treated as an IPv4 socket
 //! dialling it, and `getpeername()` shows the address the client dialled.
 
-mod support;
-
 use std::{
-    collections::HashMap,
-    io::{BufRead, BufReader, Write},
-    net::{IpAddr, SocketAddr, TcpStream},
-    path::{Path, PathBuf},
-    process::{Child, Stdio},
+    net::{IpAddr, SocketAddr},
     time::Duration,
 };
 
-use serde_json::{Value, json};
-use sluice::admin::client;
-use sluice_maps::Stat;
-use support::{
-    install::{agents_slice, shipped_config},
-    kubeapi::{FakeApiServer, Resource},
+use crate::support::{
+    install::{ShippedNodes, agents_slice},
+    kubeapi::Resource,
     pods::*,
     *,
 };
+use serde_json::{Value, json};
+use sluice_maps::Stat;
 
 /// IPv6 virtual address in the documentation prefix: never routed here, so
 /// a call that the hook missed fails instead of leaving the machine.
@@ -35,40 +28,13 @@ fn backend6(name: &str) -> Backend {
     Backend::start_on(name, "[::1]:0".parse().unwrap())
 }
 
-/// Python (bash's /dev/tcp cannot choose the socket family) making `n`
-/// calls to `ip`:`port` from sockets of `family` (`AF_INET` or `AF_INET6`),
-/// one connection each; prints `<peer as getpeername shows it> <reply>`,
-/// or `FAILED <errno name>`.
-fn calls_from(family: &str, ip: &str, port: u16, n: usize) -> String {
-    calls_with(family, "", ip, port, n)
-}
-
-/// [`calls_from`] with `setup` (Python, on socket `s`) run before connect.
-fn calls_with(family: &str, setup: &str, ip: &str, port: u16, n: usize) -> String {
-    format!(
-        "python3 -c '
-import errno, socket
-for i in range({n}):
-    s = socket.socket(socket.{family}, socket.SOCK_STREAM)
-    {setup}
-    s.settimeout(5)
-    try:
-        s.connect((\"{ip}\", {port}))
-    except OSError as e:
-        print(\"FAILED\", errno.errorcode.get(e.errno, e))
-        continue
-    peer = s.getpeername()
-    s.sendall(b\"call %d\\n\" % (i + 1))
-    reply = s.makefile().readline().strip()
-    print(\"%s:%d %s\" % (peer[0], peer[1], reply))
-    s.close()
-'"
-    )
-}
-
-/// `script` pinned to CPU 0.
-fn on_one_cpu(script: &str) -> String {
-    format!("taskset -c 0 {script}")
+/// `n` calls to `ip`:`port`, one connection each, from a socket of the
+/// address's family (IPv6 for a v4-mapped address too); each line is
+/// `<peer as getpeername shows it> <reply>`, or `FAILED <error kind>`.
+fn calls_from(ip: &str, port: u16, n: usize) -> Calls {
+    Calls::new(SocketAddr::new(ip.parse().unwrap(), port), n)
+        .show_peer()
+        .show_error()
 }
 
 /// (peer shown, backend name) of each reply line.
@@ -82,14 +48,6 @@ fn peers_and_backends(replies: &[String]) -> Vec<(String, String)> {
             (peer, backend)
         })
         .collect()
-}
-
-fn counts(of: impl Iterator<Item = String>) -> HashMap<String, usize> {
-    let mut counts = HashMap::new();
-    for x in of {
-        *counts.entry(x).or_default() += 1;
-    }
-    counts
 }
 
 /// Calls to `vip` from IPv6 sockets alternate over `backends` and every
@@ -112,11 +70,10 @@ fn an_ipv6_virtual_address_is_proxied_over_two_ipv6_backends() {
     let vip: SocketAddr = VIP6.parse().unwrap();
     let backends = [backend6("v6a"), backend6("v6b")];
     let addrs = [backends[0].addr, backends[1].addr];
-    let config = AgentConfig::new(&[ServiceDef::new("ledger6", VIP6, &addrs)]);
+    let config = AgentConfig::new(&[service("ledger6", VIP6, &addrs)]);
     let agent = Agent::start(&config);
 
-    let script = calls_from("AF_INET6", &vip.ip().to_string(), vip.port(), 10);
-    let replies = lines(&agent.run_as_client(&script));
+    let replies = agent.run_client("client", calls_from(&vip.ip().to_string(), vip.port(), 10));
 
     assert_balanced_and_shown(
         &replies,
@@ -140,19 +97,13 @@ fn an_ipv6_virtual_address_is_balanced_by_the_kernel_over_two_ipv6_backends() {
     let vip: SocketAddr = VIP6.parse().unwrap();
     let backends = [backend6("k6a"), backend6("k6b")];
     let addrs = [backends[0].addr, backends[1].addr];
-    let service = ServiceDef::new("ledger6", VIP6, &addrs).with("    mode: kernel\n");
-    let config = AgentConfig::new(&[service]);
+    let config = AgentConfig::new(&[service("ledger6", VIP6, &addrs).mode(Mode::Kernel)]);
     let agent = Agent::start(&config);
 
     // One CPU: the kernel walks the table with a cursor per CPU, so the
     // order is exact only on one.
-    let script = on_one_cpu(&calls_from(
-        "AF_INET6",
-        &vip.ip().to_string(),
-        vip.port(),
-        10,
-    ));
-    let replies = lines(&agent.run_as_client(&script));
+    let calls = calls_from(&vip.ip().to_string(), vip.port(), 10).on_cpu(0);
+    let replies = agent.run_client("client", calls);
 
     assert_balanced_and_shown(
         &replies,
@@ -171,24 +122,23 @@ fn an_ipv6_socket_dialling_a_v4_mapped_virtual_address_is_redirected() {
     let backends = [Backend::start("p1"), Backend::start("p2")];
     let kbackends = [Backend::start("k1"), Backend::start("k2")];
     let config = AgentConfig::new(&[
-        ServiceDef::new(
+        service(
             "payments",
             &proxied.to_string(),
             &[backends[0].addr, backends[1].addr],
         ),
-        ServiceDef::new(
+        service(
             "ledger",
             &kernel.to_string(),
             &[kbackends[0].addr, kbackends[1].addr],
         )
-        .with("    mode: kernel\n"),
+        .mode(Mode::Kernel),
     ]);
     let agent = Agent::start(&config);
 
     // The IPv4 service's key serves the v4-mapped form: connect6 decides as
     // connect4 would, and the client sees the address as it wrote it.
-    let script = calls_from("AF_INET6", "::ffff:127.77.8.10", 8080, 4);
-    let replies = lines(&agent.run_as_client(&script));
+    let replies = agent.run_client("client", calls_from("::ffff:127.77.8.10", 8080, 4));
     assert_balanced_and_shown(
         &replies,
         "::ffff:127.77.8.10:8080",
@@ -197,8 +147,8 @@ fn an_ipv6_socket_dialling_a_v4_mapped_virtual_address_is_redirected() {
     );
     assert_eq!(agent.stat(Stat::Redirected), 4);
 
-    let script = on_one_cpu(&calls_from("AF_INET6", "::ffff:127.77.8.11", 8080, 4));
-    let replies = lines(&agent.run_as_client(&script));
+    let calls = calls_from("::ffff:127.77.8.11", 8080, 4).on_cpu(0);
+    let replies = agent.run_client("client", calls);
     assert_balanced_and_shown(
         &replies,
         "::ffff:127.77.8.11:8080",
@@ -209,8 +159,7 @@ fn an_ipv6_socket_dialling_a_v4_mapped_virtual_address_is_redirected() {
 
     // And an IPv4 socket sees the virtual address too (proxy mode), not
     // the agent's listener.
-    let script = calls_from("AF_INET", "127.77.8.10", 8080, 2);
-    let replies = lines(&agent.run_as_client(&script));
+    let replies = agent.run_client("client", calls_from("127.77.8.10", 8080, 2));
     assert_balanced_and_shown(&replies, "127.77.8.10:8080", &[], 2);
     assert_eq!(agent.stat(Stat::Redirected), 6);
 }
@@ -223,17 +172,18 @@ fn with_the_agent_killed_ipv6_fails_open_or_closed_as_configured() {
     let (open_vip, closed_vip) = ("[2001:db8:77::40]:8080", "[2001:db8:77::41]:8080");
     let (open, closed) = (backend6("open6"), backend6("closed6"));
     let config = AgentConfig::new(&[
-        ServiceDef::new("catalog6", open_vip, &[open.addr])
-            .with("    mode: plaintext\n    on_agent_down: fail_open\n"),
-        ServiceDef::new("payments6", closed_vip, &[closed.addr]),
+        service("catalog6", open_vip, &[open.addr])
+            .mode(Mode::Plaintext)
+            .on_agent_down(OnAgentDown::FailOpen),
+        service("payments6", closed_vip, &[closed.addr]),
     ]);
     let mut agent = Agent::start(&config);
     agent.kill();
 
-    let replies = lines(&agent.run_as_client(&calls_from("AF_INET6", "2001:db8:77::40", 8080, 6)));
+    let replies = agent.run_client("client", calls_from("2001:db8:77::40", 8080, 6));
     assert_balanced_and_shown(&replies, "2001:db8:77::40:8080", &[&open], 6);
     assert!(agent.stat(Stat::FailOpen) >= 6);
-    let replies = lines(&agent.run_as_client(&calls_from("AF_INET6", "2001:db8:77::41", 8080, 3)));
+    let replies = agent.run_client("client", calls_from("2001:db8:77::41", 8080, 3));
     assert!(
         replies.iter().all(|r| r.starts_with("FAILED")),
         "{replies:?}"
@@ -279,8 +229,8 @@ fn an_ipv6_socket_reaches_the_agent_at_ipv6_loopback_or_else_v4_mapped() {
     let kvip: SocketAddr = "[2001:db8:77::51]:8080".parse().unwrap();
     let (p, k) = (backend6("p6"), backend6("k6"));
     let config = AgentConfig::new(&[
-        ServiceDef::new("proxied6", &vip.to_string(), &[p.addr]),
-        ServiceDef::new("kernel6", &kvip.to_string(), &[k.addr]).with("    mode: kernel\n"),
+        service("proxied6", &vip.to_string(), &[p.addr]),
+        service("kernel6", &kvip.to_string(), &[k.addr]).mode(Mode::Kernel),
     ]);
     let agent = Agent::start(&config);
     let replies = lines(&agent.run_as_client(&v6only_and_not(vip)));
@@ -312,16 +262,13 @@ fn an_ipv6_socket_reaches_the_agent_at_ipv6_loopback_or_else_v4_mapped() {
          ip -n {a} -6 addr add fd00:5e::1/64 dev {a_if} nodad && \
          ip -n {b} -6 addr add fd00:5e::2/64 dev $(ip -n {b} -o link show type veth | \
          cut -d: -f2 | cut -d@ -f1 | tr -d \" \") nodad",
-        a = pair.a.name,
-        b = pair.b.name,
+        a = pair.a.name(),
+        b = pair.b.name(),
         a_if = pair.a_if
-    ));
+    ))
+    .unwrap();
     let remote = Backend::start_in("r6", "[fd00:5e::2]:0".parse().unwrap(), &pair.b);
-    let config = AgentConfig::new(&[ServiceDef::new(
-        "proxied6",
-        &vip.to_string(),
-        &[remote.addr],
-    )]);
+    let config = AgentConfig::new(&[service("proxied6", &vip.to_string(), &[remote.addr])]);
     let agent = Agent::start_in_netns(&config, &pair.a);
     let replies = lines(&agent.run_as_client(&v6only_and_not(vip)));
     assert_eq!(
@@ -345,7 +292,7 @@ fn an_ipv6_socket_reaches_the_agent_at_ipv6_loopback_or_else_v4_mapped() {
 fn an_upgrade_hands_over_the_ipv6_outbound_listener() {
     let vip: SocketAddr = "[2001:db8:77::60]:8080".parse().unwrap();
     let b = backend6("u6");
-    let config = AgentConfig::new(&[ServiceDef::new("up6", &vip.to_string(), &[b.addr])]);
+    let config = AgentConfig::new(&[service("up6", &vip.to_string(), &[b.addr])]);
     let mut old = Agent::start(&config);
     let mut new = Agent::start(&config);
     assert!(old.wait(Duration::from_secs(20)).success(), "{}", old.log());
@@ -372,84 +319,20 @@ fn an_upgrade_hands_over_the_ipv6_outbound_listener() {
 #[test]
 fn an_ipv6_socket_with_the_agents_mark_is_still_redirected() {
     let b = backend6("meshed6");
-    let services = [ServiceDef::new("payments6", VIP6, &[b.addr])];
-    let config = AgentConfig::new(&services);
-    let audit = config.dir.join("audit.jsonl");
-    config.write_raw(&format!(
-        "{}audit:\n  output: {}\n",
-        config.render(&services),
-        audit.display()
-    ));
+    let config = AgentConfig::audited(&[service("payments6", VIP6, &[b.addr])]);
+    let audit = config.audit_path();
     let agent = Agent::start(&config);
-    let mark = "s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, 0x51ce)";
-    let script = calls_with("AF_INET6", mark, "2001:db8:77::10", 8080, 1);
+    let calls = calls_from("2001:db8:77::10", 8080, 1).mark(0x51ce);
 
-    let replies = lines(&agent.run_as_client(&script));
+    let replies = agent.run_client("client", calls);
 
     assert_eq!(replies, ["2001:db8:77::10:8080 meshed6 call 1"]);
     assert_eq!(agent.stat(Stat::MarkSpoofed), 1);
     assert_eq!(agent.stat(Stat::Redirected), 1);
     assert_eq!(agent.stat(Stat::AgentSocket), 0);
-    let mut attempt = Value::Null;
-    assert!(wait_until(Duration::from_secs(5), || {
-        attempt = std::fs::read_to_string(&audit)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .find(|l| l["reason"] == "mark_spoofed")
-            .unwrap_or_default();
-        !attempt.is_null()
-    }));
+    let attempts = audit_lines(&audit, "mark_spoofed", 1);
+    let attempt = attempts.first().expect("the attempt is audited");
     assert_eq!(attempt["destination"]["address"], VIP6);
-}
-
-/// Received bytes of the loopback device in `netns`.
-fn loopback_bytes(netns: &Netns) -> u64 {
-    let out = output(&format!("ip -n {} -s -j link show lo", netns.name));
-    let v: Value = serde_json::from_str(&out).expect("ip -j");
-    v[0]["stats64"]["rx"]["bytes"].as_u64().expect("rx bytes")
-}
-
-/// A client that sends 4 MiB to `ip`:8080 from an IPv6 socket (after the
-/// agent has its socket), half-closes, reads the echo to EOF and says
-/// whether it came back intact. It waits for readability with poll, as
-/// event-driven clients do (README, "Sockmap bypass").
-fn send_and_compare6(ip: &str) -> String {
-    format!(
-        "python3 -c '
-import os, select, socket, time
-data = os.urandom(4 << 20)
-s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-s.connect((\"{ip}\", 8080))
-time.sleep(0.3)
-s.sendall(data)
-s.shutdown(socket.SHUT_WR)
-got = bytearray()
-while True:
-    select.select([s], [], [], 10)
-    try:
-        b = s.recv(1 << 16)
-    except BlockingIOError:
-        continue
-    if not b:
-        break
-    got += b
-print(\"intact\" if bytes(got) == data else \"corrupt %d\" % len(got))
-'"
-    )
-}
-
-/// An echo server for one connection in `netns`: reads to EOF, sends it
-/// all back, closes.
-fn eof_echo_once(netns: &Netns, addr: SocketAddr) -> std::thread::JoinHandle<()> {
-    let listener = netns.run(move || std::net::TcpListener::bind(addr).unwrap());
-    std::thread::spawn(move || {
-        use std::io::Read;
-        let (mut s, _) = listener.accept().unwrap();
-        let mut all = Vec::new();
-        s.read_to_end(&mut all).unwrap();
-        s.write_all(&all).unwrap();
-    })
 }
 
 /// With the sockmap bypass on, an IPv6 client's connection to the agent
@@ -465,21 +348,36 @@ fn the_sockmap_bypass_carries_an_ipv6_clients_bytes() {
         "ip -n {} -6 addr add fd00:5d::1/64 dev {} nodad && \
          ip -n {} -6 addr add fd00:5d::2/64 dev $(ip -n {} -o link show type veth | \
          cut -d: -f2 | cut -d@ -f1 | tr -d ' ') nodad",
-        pair.a.name, pair.a_if, pair.b.name, pair.b.name
-    ));
-    let echo6 = SocketAddr::new("fd00:5d::2".parse().unwrap(), free_port());
-    let echo4 = SocketAddr::new(pair.b_addr, free_port());
-    let servers = [eof_echo_once(&pair.b, echo6), eof_echo_once(&pair.b, echo4)];
+        pair.a.name(),
+        pair.a_if,
+        pair.b.name(),
+        pair.b.name()
+    ))
+    .unwrap();
+    let echo6 = SocketAddr::new("fd00:5d::2".parse().unwrap(), free_port().unwrap());
+    let echo4 = SocketAddr::new(pair.b_addr, free_port().unwrap());
+    let servers = [eof_echo(&pair.b, echo6, 1), eof_echo(&pair.b, echo4, 1)];
     let services = [
-        ServiceDef::new("blob6", "[2001:db8:77::70]:8080", &[echo6]).with("    mode: plaintext\n"),
-        ServiceDef::new("blob4", "127.77.6.71:8080", &[echo4]).with("    mode: plaintext\n"),
+        service("blob6", "[2001:db8:77::70]:8080", &[echo6]).mode(Mode::Plaintext),
+        service("blob4", "127.77.6.71:8080", &[echo4]).mode(Mode::Plaintext),
     ];
-    let config = AgentConfig::with_agent_extra(&services, "  sockmap: true\n");
+    let config = AgentConfig::with(|c| {
+        let mut config = c.base(&services);
+        config.agent.sockmap = Some(true);
+        config
+    });
     let mut agent = Agent::start_in_netns(&config, &pair.a);
 
     for (i, ip) in ["2001:db8:77::70", "::ffff:127.77.6.71"].iter().enumerate() {
         let before = loopback_bytes(&pair.a);
-        let out = lines(&agent.run_as_client(&send_and_compare6(ip)));
+        // 4 MiB each way, sent once the agent has its socket, from an IPv6
+        // socket (the address is one).
+        let blob = Client::Blob {
+            to: SocketAddr::new(ip.parse().unwrap(), 8080),
+            bytes: 4 << 20,
+            delay: Duration::from_millis(300),
+        };
+        let out = agent.run_client("client", blob);
         let over_lo = loopback_bytes(&pair.a) - before;
         assert_eq!(out, ["intact"], "{ip}");
         assert_eq!(agent.stat(Stat::BypassSocket), i as u64 + 1, "{ip}");
@@ -508,9 +406,10 @@ struct DualPod {
     ip6: IpAddr,
     /// The app container's cgroup, relative to the node's cgroup root.
     app: String,
-    /// The pod's cgroup, absolute.
-    cgroup: PathBuf,
-    holder: Child,
+    /// The pod's cgroup, killed and removed with the pod: the pause
+    /// process lives on when its holder is killed.
+    _cgroup: CgroupTree,
+    _holder: ChildGuard,
     _backend: Backend,
 }
 
@@ -531,35 +430,11 @@ impl DualPod {
     }
 }
 
-impl Drop for DualPod {
-    fn drop(&mut self) {
-        let _ = self.holder.kill();
-        let _ = self.holder.wait();
-        // The holder's own children (the pause process) live on: kill
-        // everything in the pod's cgroups, or they cannot be removed.
-        kill_cgroup_tree(&self.cgroup);
-    }
-}
-
-/// Runs `cmd`, panicking with its output if it fails; returns stdout.
-fn output(cmd: &str) -> String {
-    let out = std::process::Command::new("sh")
-        .args(["-c", cmd])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// Gives pod `i` of `node` the IPv6 address `fd00:5c:<prefix>::2/64` on
 /// its veth (the node's end `::1`), routed both ways; returns it.
 fn add_ipv6(node: &Node, i: usize, prefix: u16) -> IpAddr {
     let (pod, ip4) = &node.pods[i];
-    let pod_if = output(&format!("ip -n {} -o link show type veth", pod.name));
+    let pod_if = pod.ip(&["-o", "link", "show", "type", "veth"]).unwrap();
     let pod_if = pod_if
         .split(": ")
         .nth(1)
@@ -568,15 +443,16 @@ fn add_ipv6(node: &Node, i: usize, prefix: u16) -> IpAddr {
         .next()
         .unwrap();
     let gw4 = ip4.to_string().rsplit_once('.').unwrap().0.to_owned() + ".1";
-    let node_if = output(&format!("ip -n {} -o addr show to {gw4}", node.node.name));
+    let node_if = node.node.ip(&["-o", "addr", "show", "to", &gw4]).unwrap();
     let node_if = node_if.split_whitespace().nth(1).unwrap();
-    let (n, p) = (&node.node.name, &pod.name);
+    let (n, p) = (node.node.name(), pod.name());
     // nodad: usable at once, no duplicate address detection to wait out.
     sh(&format!(
         "ip -n {n} -6 addr add fd00:5c:{prefix:x}::1/64 dev {node_if} nodad && \
          ip -n {p} -6 addr add fd00:5c:{prefix:x}::2/64 dev {pod_if} nodad && \
          ip -n {p} -6 route add default via fd00:5c:{prefix:x}::1"
-    ));
+    ))
+    .unwrap();
     format!("fd00:5c:{prefix:x}::2").parse().unwrap()
 }
 
@@ -618,23 +494,22 @@ fn dual_slice(pods: &[DualPod], family: &str) -> Value {
 fn dual_stack_nodes_balance_an_ipv6_cluster_ip_and_cross_nodes_over_mtls() {
     let (a_node, b_node) = (Node::new(2), Node::new(2));
     let tag = std::process::id() % 100_000;
-    let (a_if, b_if) = (format!("dsa{tag}"), format!("dsb{tag}"));
+    let (a_if, b_if) = ("dsa", "dsb");
     let (a_addr, b_addr) = ("198.18.251.1", "198.18.251.2");
-    let (a, b) = (&a_node.node.name, &b_node.node.name);
+    netns::veth(&a_node.node, a_if, &b_node.node, b_if).unwrap();
+    let (a, b) = (a_node.node.name(), b_node.node.name());
     sh(&format!(
-        "ip link add {a_if} type veth peer name {b_if} && \
-         ip link set {a_if} netns {a} && ip link set {b_if} netns {b} && \
-         ip -n {a} addr add {a_addr}/24 dev {a_if} && ip -n {b} addr add {b_addr}/24 dev {b_if} && \
+        "ip -n {a} addr add {a_addr}/24 dev {a_if} && ip -n {b} addr add {b_addr}/24 dev {b_if} && \
          ip -n {a} -6 addr add fd00:5c:ff::1/64 dev {a_if} nodad && \
          ip -n {b} -6 addr add fd00:5c:ff::2/64 dev {b_if} nodad && \
-         ip -n {a} link set {a_if} up && ip -n {b} link set {b_if} up && \
          ip netns exec {a} sysctl -qw net.ipv6.conf.all.forwarding=1 && \
          ip netns exec {b} sysctl -qw net.ipv6.conf.all.forwarding=1"
-    ));
+    ))
+    .unwrap();
     // A's agent dials B's from A's pods' addresses: B routes back to them.
     for (_, ip) in &a_node.pods {
         let subnet = ip.to_string().rsplit_once('.').unwrap().0.to_owned() + ".0/24";
-        sh(&format!("ip -n {b} route add {subnet} via {a_addr}"));
+        sh(&format!("ip -n {b} route add {subnet} via {a_addr}")).unwrap();
     }
     let mut ip6 = Vec::new();
     for (node, first, other, via) in [
@@ -646,28 +521,17 @@ fn dual_stack_nodes_balance_an_ipv6_cluster_ip_and_cross_nodes_over_mtls() {
             ip6.push(add_ipv6(node, i, prefix));
             sh(&format!(
                 "ip -n {other} -6 route add fd00:5c:{prefix:x}::/64 via {via}"
-            ));
+            ))
+            .unwrap();
         }
     }
 
-    let api = a_node
-        .node
-        .run(|| FakeApiServer::start_on("0.0.0.0:0".parse().unwrap()));
-    let ca = test_ca();
-    let a_cfg = AgentConfig::custom(|_| String::new());
-    let b_cfg = AgentConfig::custom(|_| String::new());
-    for (cfg, account) in [(&a_cfg, "checkout"), (&b_cfg, "checkout-b")] {
-        let certs = cfg.dir.join("certs");
-        write_workload_certs(&certs, &ca, "cluster.local", &[("shop", account)]);
-        cfg.write_raw(&shipped_config(cfg, &certs));
-    }
-    let (a_kube, b_kube) = (a_cfg.dir.join("kubeconfig"), b_cfg.dir.join("kubeconfig"));
-    api.write_kubeconfig_via(&a_kube, &format!("http://127.0.0.1:{}", api.port()));
-    api.write_kubeconfig_via(&b_kube, &format!("http://{a_addr}:{}", api.port()));
+    let nodes = ShippedNodes::new(&a_node.node, a_addr, ["checkout", "checkout-b"]);
+    let (api, a_cfg, b_cfg) = (&nodes.api, &nodes.a, &nodes.b);
 
     let layout = Layout::Cgroupfs;
     let mut pods = Vec::new();
-    for (n, (cfg, node, node_name)) in [(&a_cfg, &a_node, "node-a"), (&b_cfg, &b_node, "node-b")]
+    for (n, (cfg, node, node_name)) in [(a_cfg, &a_node, "node-a"), (b_cfg, &b_node, "node-b")]
         .into_iter()
         .enumerate()
     {
@@ -676,15 +540,7 @@ fn dual_stack_nodes_balance_an_ipv6_cluster_ip_and_cross_nodes_over_mtls() {
             let uid = format!("d5a1ce00-0000-4000-8000-{:08x}{n}{i:03}", tag);
             let pod_cgroup = layout.pod(Qos::Burstable, &uid);
             let (netns, ip4) = &node.pods[i];
-            let holder = in_pod(
-                cfg,
-                netns,
-                &layout.container(&pod_cgroup, 0),
-                "import time; time.sleep(120)",
-            )
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
+            let holder = pause(cfg, netns, &layout.container(&pod_cgroup, 0));
             let name = format!("checkout-{}{i}", &node_name[5..]);
             let backend = Backend::start_in(&name, "[::]:8080".parse().unwrap(), netns);
             pods.push(DualPod {
@@ -694,8 +550,8 @@ fn dual_stack_nodes_balance_an_ipv6_cluster_ip_and_cross_nodes_over_mtls() {
                 ip4: *ip4,
                 ip6: ip6[n * 2 + i],
                 app: layout.container(&pod_cgroup, 1),
-                cgroup: cfg.cgroup_root_path().join(&pod_cgroup),
-                holder,
+                _cgroup: CgroupTree::adopt(cfg.cgroup_root_path().join(&pod_cgroup)),
+                _holder: holder,
                 _backend: backend,
             });
         }
@@ -738,18 +594,8 @@ fn dual_stack_nodes_balance_an_ipv6_cluster_ip_and_cross_nodes_over_mtls() {
         agents_slice(&[("node-a", a_addr), ("node-b", b_addr)]),
     );
 
-    let start = |cfg: &AgentConfig, node: &Node, name: &str, kubeconfig: &Path| {
-        Agent::start_in_netns_with_env(
-            cfg,
-            &node.node,
-            &[
-                ("SLUICE_NODE_NAME", name),
-                ("KUBECONFIG", kubeconfig.to_str().unwrap()),
-            ],
-        )
-    };
-    let agent_a = start(&a_cfg, &a_node, "node-a", &a_kube);
-    let agent_b = start(&b_cfg, &b_node, "node-b", &b_kube);
+    let agent_a = nodes.start("node-a", &a_node.node);
+    let agent_b = nodes.start("node-b", &b_node.node);
     let services = |agent: &Agent| -> Vec<String> {
         let out = agent.sluice(&["services", "-o", "json"]);
         serde_json::from_slice::<Value>(&out.stdout)
@@ -761,7 +607,7 @@ fn dual_stack_nodes_balance_an_ipv6_cluster_ip_and_cross_nodes_over_mtls() {
             .collect()
     };
     for agent in [&agent_a, &agent_b] {
-        assert!(agent.wait_for_log("kubernetes: synced"), "{}", agent.log());
+        agent.assert_ready();
         assert!(
             wait_until(Duration::from_secs(10), || services(agent).len() == 2),
             "{:?}\n{}",
@@ -771,53 +617,33 @@ fn dual_stack_nodes_balance_an_ipv6_cluster_ip_and_cross_nodes_over_mtls() {
     }
 
     // Eight calls from pod a0 to the IPv6 cluster IP, from IPv6 sockets.
-    let script = format!(
-        "import socket\n\
-         for i in range(8):\n\
-         \x20   s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)\n\
-         \x20   s.settimeout(5)\n\
-         \x20   s.connect((\"{vip6}\", 8080))\n\
-         \x20   peer = s.getpeername()\n\
-         \x20   s.sendall(b\"call\\n\")\n\
-         \x20   print(\"[%s]:%d\" % peer[:2], s.makefile().readline().split()[0])\n\
-         \x20   s.close()\n"
+    let replies = run_in_pod(
+        a_cfg,
+        &a_node.pods[0].0,
+        &pods[0].app,
+        calls_from(vip6, 8080, 8),
     );
-    let out = in_pod(&a_cfg, &a_node.pods[0].0, &pods[0].app, &script)
-        .output()
-        .unwrap();
-    let replies = lines(&out);
-    let mut who: Vec<&str> = replies
-        .iter()
-        .map(|r| {
-            let (peer, backend) = r.split_once(' ').unwrap();
-            assert_eq!(peer, format!("[{vip6}]:8080"), "{replies:?}");
-            backend
-        })
-        .collect();
-    who.sort();
-    who.dedup();
+    let got = peers_and_backends(&replies);
+    for (peer, _) in &got {
+        assert_eq!(*peer, format!("{vip6}:8080"), "{replies:?}");
+    }
     assert_eq!(
-        who,
+        distinct(got.iter().map(|(_, backend)| backend.as_str())),
         ["checkout-a0", "checkout-a1", "checkout-b0", "checkout-b1"],
         "{replies:?}\nA:\n{}\nB:\n{}",
         agent_a.log(),
         agent_b.log()
     );
     // The calls to node B went over mutual TLS and arrived at its agent.
-    let admin: SocketAddr = "127.0.0.1:15020".parse().unwrap();
-    let (_, exposition) = a_node
-        .node
-        .run(move || client::get(admin, "/metrics").unwrap());
-    let mtls: f64 = exposition
-        .lines()
-        .filter(|l| {
-            l.starts_with("sluice_tcp_connections_opened_total{")
-                && l.contains("connection_security_policy=\"mutual_tls\"")
-                && l.contains("destination_service=\"checkout-ipv6\"")
-        })
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-        .sum();
-    assert!(mtls >= 2.0, "{exposition}");
+    let metrics = agent_a.metrics();
+    let mtls = metrics.sum(
+        "sluice_tcp_connections_opened_total",
+        &[
+            ("connection_security_policy", "mutual_tls"),
+            ("destination_service", "checkout-ipv6"),
+        ],
+    );
+    assert!(mtls >= 2.0, "{metrics:?}");
     let status = agent_b.sluice(&["status", "-o", "json"]);
     let status: Value = serde_json::from_slice(&status.stdout).unwrap();
     assert!(status["inbound_accepted"].as_u64() >= Some(2), "{status}");
@@ -826,26 +652,8 @@ fn dual_stack_nodes_balance_an_ipv6_cluster_ip_and_cross_nodes_over_mtls() {
     // straight to pod b0's address: steered to node B's IPv6 capture
     // listener in b0 and refused there (counted, as IPv4 is).
     let target = SocketAddr::new(pods[2].ip6, 8080);
-    let plain = move || {
-        let mut stream = match TcpStream::connect_timeout(&target, Duration::from_secs(3)) {
-            Ok(s) => s,
-            Err(e) => return format!("refused: {}", e.kind()),
-        };
-        stream
-            .set_read_timeout(Some(Duration::from_secs(3)))
-            .unwrap();
-        if writeln!(stream, "plain").is_err() {
-            return "reset".into();
-        }
-        let mut line = String::new();
-        match BufReader::new(stream).read_line(&mut line) {
-            Ok(0) => "closed".into(),
-            Ok(_) => line.trim().to_owned(),
-            Err(e) => format!("reset: {}", e.kind()),
-        }
-    };
     let captured = agent_b.stat(Stat::Captured);
-    let got = a_node.node.run(plain);
+    let got = plain_call(&a_node.node, target);
     // The agent accepts and resets: the reset may even beat connect()'s
     // return.
     assert!(
@@ -853,26 +661,20 @@ fn dual_stack_nodes_balance_an_ipv6_cluster_ip_and_cross_nodes_over_mtls() {
         "{got}"
     );
     assert_eq!(agent_b.stat(Stat::Captured), captured + 1);
-    let (_, exposition) = b_node
-        .node
-        .run(move || client::get(admin, "/metrics").unwrap());
+    let metrics = agent_b.metrics();
     assert_eq!(
-        metric(
-            &exposition,
-            "sluice_inbound_refusals_total{reason=\"plaintext\"}"
-        ),
+        metrics.sum("sluice_inbound_refusals_total", &[("reason", "plaintext")]),
         1.0,
-        "{exposition}"
+        "{metrics:?}"
     );
 
     // With node B's agent gone, the hook refuses it by itself.
     let mut agent_b = agent_b;
     agent_b.kill();
     let before = agent_b.stat(Stat::CaptureRefused);
-    assert_eq!(a_node.node.run(plain), "refused: connection refused");
+    assert_eq!(
+        plain_call(&a_node.node, target),
+        "refused: connection refused"
+    );
     assert!(agent_b.stat(Stat::CaptureRefused) > before);
-    drop(pods);
-    for cfg in [&a_cfg, &b_cfg] {
-        remove_cgroup_tree(&cfg.cgroup_root_path().join(layout.kubepods()));
-    }
 }

@@ -4,17 +4,13 @@
 //! through the mesh, whoever dials it; one policy decides whatever the
 //! path; a workload cannot borrow the agent's mark.
 
-mod support;
-
 use std::{
-    io::{BufRead, BufReader, Write},
-    net::{IpAddr, SocketAddr, TcpStream},
-    path::{Path, PathBuf},
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
     time::Duration,
 };
 
-use sluice::admin::client;
-use support::{pods::Node, *};
+use crate::support::{pods::Node, *};
 
 const LEDGER_VIP: &str = "127.77.5.10:8080";
 const VAULT_VIP: &str = "127.77.5.12:8080";
@@ -24,66 +20,54 @@ const POD_PORT: u16 = 8080;
 /// that is not meshed) and a strict workload in its own namespace (vault);
 /// node A with callers `checkout` and `batch`. B's ledger denies batch.
 struct Cluster {
-    b_node: Node,
-    a: Netns,
+    // Field order is drop order: the agents, then what they use.
+    agent_a: Agent,
+    agent_b: Agent,
+    _configs: (AgentConfig, AgentConfig),
+    _state: TempDir,
+    _backends: Vec<Backend>,
+    audit: PathBuf,
     a_addr: IpAddr,
     b_addr: IpAddr,
     vault_port: u16,
-    agent_a: Agent,
-    agent_b: Agent,
-    audit: PathBuf,
-    state: PathBuf,
-    _backends: Vec<Backend>,
-    configs: (AgentConfig, AgentConfig),
+    a: Netns,
+    b_node: Node,
 }
 
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.state);
-    }
-}
-
-fn workload(name: &str, sa: &str, extra: &str) -> String {
-    format!("  - name: {name}\n    namespace: payments\n    service_account: {sa}\n{extra}")
-}
-
-fn service(name: &str, vip: &str, mode: &str, endpoint: &str) -> String {
-    let vip: SocketAddr = vip.parse().unwrap();
-    // Health checks every 100 ms: they must reach a strict pod of this node
-    // (from inside it) and leave another node's endpoints to their agent.
-    format!(
-        "  - name: {name}\n    namespace: payments\n    mode: {mode}\n    address: {}\n    port: {}\n    \
-         health_check:\n      interval: 100ms\n      timeout: 300ms\n      unhealthy_threshold: 2\n    \
-         endpoints:\n      - {endpoint}\n",
-        vip.ip(),
-        vip.port()
-    )
+/// Service `payments/name` at `vip` in `mode` over `endpoint`. Health
+/// checks every 100 ms: they must reach a strict pod of this node (from
+/// inside it) and leave another node's endpoints to their agent.
+fn checked_service(name: &str, vip: &str, mode: Mode, endpoint: Endpoint) -> Service {
+    service(name, vip, &[])
+        .mode(mode)
+        .health_check(HealthCheck {
+            interval: Some(Duration::from_millis(100)),
+            timeout: Some(Duration::from_millis(300)),
+            unhealthy_threshold: Some(2),
+            ..HealthCheck::default()
+        })
+        .endpoints(vec![endpoint])
 }
 
 fn cluster() -> Cluster {
     static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let b_node = Node::new(3);
-    let id = format!("{}{n}", std::process::id() % 100_000);
     let subnet = (std::process::id() as usize * 7 + n * 13) % 250 + 1;
-    let a = Netns {
-        name: format!("sea{id}"),
-    };
+    let a = Netns::create(&unique("node-a")).unwrap();
     let (a_addr, b_addr): (IpAddr, IpAddr) = (
         format!("198.19.{subnet}.1").parse().unwrap(),
         format!("198.19.{subnet}.2").parse().unwrap(),
     );
-    let (a_if, b_if) = (format!("vea{id}"), format!("veb{id}"));
-    let nb = &b_node.node.name;
-    sh(&format!(
-        "ip netns add {an} && ip -n {an} link set lo up && \
-         ip link add {a_if} type veth peer name {b_if} && \
-         ip link set {a_if} netns {an} && ip link set {b_if} netns {nb} && \
-         ip -n {an} addr add {a_addr}/24 dev {a_if} && ip -n {nb} addr add {b_addr}/24 dev {b_if} && \
-         ip -n {an} link set {a_if} up && ip -n {nb} link set {b_if} up && \
-         ip -n {an} route add 198.18.0.0/16 via {b_addr}",
-        an = a.name
-    ));
+    netns::veth(&a, "vea", &b_node.node, "veb").unwrap();
+    a.ip(&["addr", "add", &format!("{a_addr}/24"), "dev", "vea"])
+        .unwrap();
+    b_node
+        .node
+        .ip(&["addr", "add", &format!("{b_addr}/24"), "dev", "veb"])
+        .unwrap();
+    a.ip(&["route", "add", "198.18.0.0/16", "via", &b_addr.to_string()])
+        .unwrap();
     let (p0, p0_ip) = &b_node.pods[0];
     let (p1, p1_ip) = &b_node.pods[1];
     let backends = vec![
@@ -96,153 +80,101 @@ fn cluster() -> Cluster {
         ),
     ];
     let vault_port = backends[2].addr.port();
-    let state = std::env::temp_dir().join(unique("enforce-state"));
-    let inbound_port = free_port();
-    let mesh = "mesh:\n  inbound_handshake_timeout: 1s\n";
-    let b_cfg = AgentConfig::custom(|c| {
-        format!(
-            "node:\n  name: node-b\n  address: {b_addr}\n  cgroup_root: {root}\n{agent}{mesh}\
-             audit:\n  output: {audit}\nnodes:\n  - name: node-a\n    address: {a_addr}\n\
-             workloads:\n{ledger}{legacy}{vault}{checkout}{batch}services:\n{s1}{s2}{s3}",
-            root = c.cgroup_root,
-            agent = c.agent_block(&state, inbound_port),
-            audit = c.dir.join("audit.jsonl").display(),
-            ledger = workload(
-                "ledger",
-                "ledger",
-                &format!(
-                    "    netns: {}\n    authorization:\n      default: allow\n      deny:\n        \
-                     - spiffe://cluster.local/ns/payments/sa/batch\n",
-                    p0.path().display()
-                )
-            ),
-            legacy = workload(
-                "legacy",
-                "legacy",
-                &format!("    netns: {}\n", p1.path().display())
-            ),
-            vault = workload("vault", "vault", ""),
-            checkout = workload("checkout-b", "checkout", ""),
-            batch = workload("batch-b", "batch", ""),
-            s1 = service(
+    let state = TempDir::create("enforce-state").unwrap();
+    let inbound_port = free_port().unwrap();
+    let workload = |name: &str, sa: &str| Workload::new(name, "payments", sa);
+    let ledger = SocketAddr::new(*p0_ip, POD_PORT);
+    let vault = SocketAddr::new(b_addr, vault_port);
+    let b_cfg = AgentConfig::with(|c| Config {
+        audit: Some(Audit {
+            output: c.audit_path(),
+        }),
+        workloads: vec![
+            workload("ledger", "ledger")
+                .netns(p0.path())
+                .authorization(Authorization {
+                    default: Decision::Allow,
+                    allow: vec![],
+                    deny: vec!["spiffe://cluster.local/ns/payments/sa/batch".to_owned()],
+                }),
+            workload("legacy", "legacy").netns(p1.path()),
+            workload("vault", "vault"),
+            workload("checkout-b", "checkout"),
+            workload("batch-b", "batch"),
+        ],
+        services: vec![
+            checked_service(
                 "ledger",
                 LEDGER_VIP,
-                "mtls",
-                &format!("address: {p0_ip}\n        port: {POD_PORT}\n        workload: ledger")
+                Mode::Mtls,
+                Endpoint::new(ledger).workload("ledger"),
             ),
-            s2 = service(
+            checked_service(
                 "legacy",
                 "127.77.5.11:8080",
-                "permissive",
-                &format!("address: {p1_ip}\n        port: {POD_PORT}\n        workload: legacy")
+                Mode::Permissive,
+                Endpoint::new(SocketAddr::new(*p1_ip, POD_PORT)).workload("legacy"),
             ),
-            s3 = service(
+            checked_service(
                 "vault",
                 VAULT_VIP,
-                "mtls",
-                &format!("address: {b_addr}\n        port: {vault_port}\n        workload: vault")
+                Mode::Mtls,
+                Endpoint::new(vault).workload("vault"),
             ),
+        ],
+        ..c.mesh_node(
+            ("node-b", b_addr),
+            state.path(),
+            inbound_port,
+            ("node-a", a_addr),
         )
     });
-    let a_cfg = AgentConfig::custom(|c| {
-        format!(
-            "node:\n  name: node-a\n  address: {a_addr}\n  cgroup_root: {root}\n{agent}{mesh}\
-             nodes:\n  - name: node-b\n    address: {b_addr}\nworkloads:\n{checkout}{batch}services:\n{s1}{s3}",
-            root = c.cgroup_root,
-            agent = c.agent_block(&state, inbound_port),
-            checkout = workload("checkout", "checkout", ""),
-            batch = workload("batch", "batch", ""),
-            s1 = service(
+    let a_cfg = AgentConfig::with(|c| Config {
+        workloads: vec![workload("checkout", "checkout"), workload("batch", "batch")],
+        services: vec![
+            checked_service(
                 "ledger",
                 LEDGER_VIP,
-                "mtls",
-                &format!(
-                    "address: {p0_ip}\n        port: {POD_PORT}\n        node: node-b\n        \
-                     service_account: ledger"
-                )
+                Mode::Mtls,
+                Endpoint::new(ledger).remote("node-b", Some("ledger")),
             ),
-            s3 = service(
+            checked_service(
                 "vault",
                 VAULT_VIP,
-                "mtls",
-                &format!(
-                    "address: {b_addr}\n        port: {vault_port}\n        node: node-b\n        \
-                     service_account: vault"
-                )
+                Mode::Mtls,
+                Endpoint::new(vault).remote("node-b", Some("vault")),
             ),
+        ],
+        ..c.mesh_node(
+            ("node-a", a_addr),
+            state.path(),
+            inbound_port,
+            ("node-b", b_addr),
         )
     });
     // One CA for both nodes.
     a_cfg.ca_init();
     let agent_b = Agent::start_in_netns(&b_cfg, &b_node.node);
     let agent_a = Agent::start_in_netns(&a_cfg, &a);
-    let audit = b_cfg.dir.join("audit.jsonl");
+    let audit = b_cfg.audit_path();
     Cluster {
-        b_node,
-        a,
+        agent_a,
+        agent_b,
+        _configs: (a_cfg, b_cfg),
+        _state: state,
+        _backends: backends,
+        audit,
         a_addr,
         b_addr,
         vault_port,
-        agent_a,
-        agent_b,
-        audit,
-        state,
-        _backends: backends,
-        configs: (a_cfg, b_cfg),
+        a,
+        b_node,
     }
-}
-
-/// What a plaintext caller in `netns` (outside every workload cgroup)
-/// gets from `addr`: the reply line, or how it failed.
-fn plain_call(netns: &Netns, addr: SocketAddr) -> String {
-    netns.run(move || {
-        let mut stream = match TcpStream::connect_timeout(&addr, Duration::from_secs(3)) {
-            Ok(s) => s,
-            Err(e) => return format!("refused: {e}"),
-        };
-        stream
-            .set_read_timeout(Some(Duration::from_secs(3)))
-            .unwrap();
-        if writeln!(stream, "plain").is_err() {
-            return "reset".into();
-        }
-        let mut line = String::new();
-        match BufReader::new(stream).read_line(&mut line) {
-            Ok(0) => "closed".into(),
-            Ok(_) => line.trim().to_owned(),
-            Err(e) => format!("reset: {e}"),
-        }
-    })
 }
 
 /// One call through the mesh as `workload` of `agent`.
 fn mesh_call(agent: &Agent, workload: &str, vip: &str) -> Vec<String> {
-    lines(
-        &agent
-            .workload_command(workload, &calls_script(vip.parse().unwrap(), 1))
-            .output()
-            .unwrap(),
-    )
-}
-
-fn scrape(netns: &Netns, config: &AgentConfig) -> String {
-    let admin = SocketAddr::from(([127, 0, 0, 1], config.admin_port));
-    netns.run(move || client::get(admin, "/metrics").unwrap().1)
-}
-
-/// The audit file's lines with `reason`, once there are `n` of them.
-fn audit_lines(path: &Path, reason: &str, n: usize) -> Vec<serde_json::Value> {
-    let mut found = Vec::new();
-    wait_until(Duration::from_secs(10), || {
-        found = std::fs::read_to_string(path)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v["reason"] == reason)
-            .collect();
-        found.len() >= n
-    });
-    found
+    agent.run_client(workload, Calls::new(vip.parse().unwrap(), 1))
 }
 
 #[test]
@@ -251,7 +183,6 @@ fn plaintext_to_a_strict_workload_is_refused_from_everywhere_and_the_mesh_still_
     let ledger = SocketAddr::new(c.b_node.pods[0].1, POD_PORT);
     let legacy = SocketAddr::new(c.b_node.pods[1].1, POD_PORT);
     let vault = SocketAddr::new(c.b_addr, c.vault_port);
-    let (_, b_cfg) = &c.configs;
 
     // Through the mesh: mTLS from node A, to a pod and to a workload in
     // node B's own namespace.
@@ -310,24 +241,18 @@ fn plaintext_to_a_strict_workload_is_refused_from_everywhere_and_the_mesh_still_
     // The permissive pod takes plaintext, counted.
     assert_eq!(plain_call(&c.a, legacy), "legacy plain");
 
-    let exposition = scrape(&c.b_node.node, b_cfg);
+    let metrics = c.agent_b.metrics();
     assert_eq!(
-        metric(
-            &exposition,
-            "sluice_inbound_refusals_total{reason=\"plaintext\"}"
-        ),
+        metrics.sum("sluice_inbound_refusals_total", &[("reason", "plaintext")]),
         attempts.len() as f64,
-        "{exposition}"
+        "{metrics:?}"
     );
     assert_eq!(
-        metric(&exposition, "sluice_inbound_plaintext_passed_total"),
+        metrics.sum("sluice_inbound_plaintext_passed_total", &[]),
         1.0
     );
     assert_eq!(
-        metric(
-            &exposition,
-            "sluice_audit_events_total{outcome=\"dropped\"}"
-        ),
+        metrics.sum("sluice_audit_events_total", &[("outcome", "dropped")]),
         0.0
     );
 
@@ -366,15 +291,11 @@ fn health_checks_reach_a_strict_pod_from_inside_and_never_go_around_the_mesh() {
     assert_eq!(healthy(&c.agent_a, "payments/ledger"), [true]);
     assert_eq!(healthy(&c.agent_a, "payments/vault"), [true]);
     // Nothing was refused by the capture hook: no probe went around it.
-    let (_, b_cfg) = &c.configs;
-    let exposition = scrape(&c.b_node.node, b_cfg);
+    let metrics = c.agent_b.metrics();
     assert_eq!(
-        metric(
-            &exposition,
-            "sluice_inbound_refusals_total{reason=\"plaintext\"}"
-        ),
+        metrics.sum("sluice_inbound_refusals_total", &[("reason", "plaintext")]),
         0.0,
-        "{exposition}"
+        "{metrics:?}"
     );
 }
 

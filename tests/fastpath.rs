@@ -3,38 +3,10 @@
 //! outcomes fed back to outlier detection, and proxy-mode services failing
 //! open or closed while the agent is killed.
 
-mod support;
+use std::{net::SocketAddr, time::Duration};
 
-use std::{collections::HashMap, net::SocketAddr, time::Duration};
-
-use serde_json::Value;
-use sluice::admin::client;
+use crate::support::*;
 use sluice_maps::Stat;
-use support::*;
-
-fn admin(config: &AgentConfig) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], config.admin_port))
-}
-
-fn counts<'a>(who: &[&'a str]) -> HashMap<&'a str, usize> {
-    let mut counts = HashMap::new();
-    for w in who {
-        *counts.entry(*w).or_default() += 1;
-    }
-    counts
-}
-
-/// `/debug/endpoints` entry of the endpoint at `addr`.
-fn endpoint_view(config: &AgentConfig, addr: SocketAddr) -> Value {
-    let (_, body) = client::get(admin(config), "/debug/endpoints").expect("admin API");
-    let all: Value = serde_json::from_str(&body).expect("JSON");
-    all.as_array()
-        .expect("array")
-        .iter()
-        .find(|e| e["address"] == addr.to_string())
-        .cloned()
-        .unwrap_or_else(|| panic!("{addr} not in {body}"))
-}
 
 #[test]
 fn kernel_mode_keeps_weights_with_no_agent_running() {
@@ -45,9 +17,10 @@ fn kernel_mode_keeps_weights_with_no_agent_running() {
         Backend::start("w3"),
     ];
     let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
-    let service = ServiceDef::new("ledger", &vip.to_string(), &addrs)
+    let service = service("ledger", &vip.to_string(), &addrs)
         .weights(&[1, 2, 3])
-        .with("    mode: kernel\n    load_balancer:\n      policy: weighted_round_robin\n");
+        .mode(Mode::Kernel)
+        .load_balancer(LbPolicy::WeightedRoundRobin);
     let config = AgentConfig::new(&[service]);
     let mut agent = Agent::start(&config);
     // The agent wrote the table; now it goes away as a crash would, and
@@ -55,9 +28,9 @@ fn kernel_mode_keeps_weights_with_no_agent_running() {
     agent.kill();
 
     const CALLS: usize = 10_000;
-    let replies = lines(&agent.run_as_client(&calls_script(vip, CALLS)));
+    let replies = agent.calls(vip, CALLS);
     assert_eq!(replies.len(), CALLS);
-    let by = counts(&answered_by(&replies));
+    let by = counts(answered_by(&replies));
     assert_eq!(by.get("FAILED"), None, "{by:?}");
     for (name, weight) in [("w1", 1.0), ("w2", 2.0), ("w3", 3.0)] {
         let share = *by.get(name).unwrap_or(&0) as f64 / CALLS as f64;
@@ -79,20 +52,12 @@ fn kernel_mode_keeps_weights_with_no_agent_running() {
 fn the_application_sees_the_virtual_address_as_its_peer() {
     let vip: SocketAddr = "127.77.6.20:8080".parse().unwrap();
     let backend = Backend::start("p1");
-    let service =
-        ServiceDef::new("ledger", &vip.to_string(), &[backend.addr]).with("    mode: kernel\n");
+    let service = service("ledger", &vip.to_string(), &[backend.addr]).mode(Mode::Kernel);
     let config = AgentConfig::new(&[service]);
     let agent = Agent::start(&config);
 
-    let script = format!(
-        "python3 -c 'import socket; s = socket.create_connection((\"{ip}\", {port})); \
-         print(\"%s:%d\" % s.getpeername()); s.sendall(b\"hello\\n\"); \
-         print(s.makefile().readline().strip())'",
-        ip = vip.ip(),
-        port = vip.port()
-    );
-    let out = lines(&agent.run_as_client(&script));
-    assert_eq!(out, [vip.to_string(), "p1 hello".to_owned()]);
+    let out = agent.run_client("client", Calls::new(vip, 1).text("hello").show_peer());
+    assert_eq!(out, [format!("{vip} p1 hello 1")]);
     assert_eq!(backend.accepted(), 1);
     assert_eq!(agent.stat(Stat::KernelBalanced), 1);
 }
@@ -101,33 +66,39 @@ fn the_application_sees_the_virtual_address_as_its_peer() {
 fn an_endpoint_ejected_in_userspace_leaves_the_kernels_table() {
     let vip: SocketAddr = "127.77.6.30:8080".parse().unwrap();
     let good = [Backend::start("g1"), Backend::start("g2")];
-    let refusing: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let refusing: SocketAddr = format!("127.0.0.1:{}", free_port().unwrap())
+        .parse()
+        .unwrap();
     let addrs = [good[0].addr, refusing, good[1].addr];
-    let service = ServiceDef::new("ledger", &vip.to_string(), &addrs).with(
-        "    mode: kernel\n    outlier_detection:\n      consecutive_failures: 2\n      \
-         base_ejection_time: 60s\n      max_ejection_percent: 50\n",
-    );
+    let service = service("ledger", &vip.to_string(), &addrs)
+        .mode(Mode::Kernel)
+        .outlier_detection(OutlierDetection {
+            consecutive_failures: Some(2),
+            base_ejection_time: Some(Duration::from_secs(60)),
+            max_ejection_percent: Some(50),
+            ..OutlierDetection::default()
+        });
     let config = AgentConfig::new(&[service]);
     let agent = Agent::start(&config);
 
     // Round robin over three: the refusing endpoint gets every third
     // connect until its failures, reported by sock_ops, eject it.
-    let first = lines(&agent.run_as_client(&calls_script(vip, 12)));
+    let first = agent.calls(vip, 12);
     assert!(first.iter().any(|r| r == "FAILED"), "{first:?}");
     assert!(
         wait_until(Duration::from_secs(5), || {
-            endpoint_view(&config, refusing)["breaker"] == "open"
+            agent.endpoint(refusing)["breaker"] == "open"
         }),
         "never ejected: {}",
-        endpoint_view(&config, refusing)
+        agent.endpoint(refusing)
     );
     assert!(agent.stat(Stat::KernelConnectFailed) >= 2);
 
     // The next table no longer holds it: no failure at all.
     let before = agent.stat(Stat::KernelBalanced);
     std::thread::sleep(Duration::from_millis(300));
-    let after = lines(&agent.run_as_client(&calls_script(vip, 200)));
-    let by = counts(&answered_by(&after));
+    let after = agent.calls(vip, 200);
+    let by = counts(answered_by(&after));
     assert_eq!(by.get("FAILED"), None, "{by:?}");
     // Each CPU keeps its own place in the table, so a client moving
     // between CPUs may see a slot twice: about half each, not exactly.
@@ -142,16 +113,10 @@ fn an_endpoint_ejected_in_userspace_leaves_the_kernels_table() {
     // Outcomes reach the metrics, labelled as kernel mode (successes are
     // read at the agent's next periodic look, within 100 ms).
     let kernel_opened = || {
-        let (_, exposition) = client::get(admin(&config), "/metrics").unwrap();
-        exposition
-            .lines()
-            .find(|l| {
-                l.starts_with("sluice_tcp_connections_opened_total{")
-                    && l.contains("mode=\"kernel\"")
-                    && l.contains("source_workload=\"client\"")
-            })
-            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .unwrap_or(0.0)
+        agent.metrics().sum(
+            "sluice_tcp_connections_opened_total",
+            &[("mode", "kernel"), ("source_workload", "client")],
+        )
     };
     assert!(
         wait_until(Duration::from_secs(3), || kernel_opened() >= 200.0),
@@ -169,12 +134,12 @@ fn killed_agent_fail_open_goes_around_it_fail_closed_refuses_both_recover() {
     let closed_backend = Backend::start("closed");
     let kernel_backend = Backend::start("kernel");
     let services = [
-        ServiceDef::new("catalog", &open_vip.to_string(), &[open_backend.addr])
-            .with("    mode: plaintext\n    on_agent_down: fail_open\n"),
+        service("catalog", &open_vip.to_string(), &[open_backend.addr])
+            .mode(Mode::Plaintext)
+            .on_agent_down(OnAgentDown::FailOpen),
         // mtls: fails closed by default.
-        ServiceDef::new("payments", &closed_vip.to_string(), &[closed_backend.addr]),
-        ServiceDef::new("ledger", &kernel_vip.to_string(), &[kernel_backend.addr])
-            .with("    mode: kernel\n"),
+        service("payments", &closed_vip.to_string(), &[closed_backend.addr]),
+        service("ledger", &kernel_vip.to_string(), &[kernel_backend.addr]).mode(Mode::Kernel),
     ];
     let config = AgentConfig::new(&services);
     let mut agent = Agent::start(&config);
@@ -182,24 +147,29 @@ fn killed_agent_fail_open_goes_around_it_fail_closed_refuses_both_recover() {
     // A steady stream to the kernel-mode service across the crash and the
     // restart: not one call may fail.
     let stream = agent
-        .client_command(&calls_script(kernel_vip, 3000).replace("done", "sleep 0.001; done"))
+        .client(
+            "client",
+            Calls::new(kernel_vip, 3000).pause(Duration::from_millis(1)),
+        )
         .stdout(std::process::Stdio::piped())
-        .spawn()
+        .spawn_guarded()
         .expect("start the stream");
-    std::thread::sleep(Duration::from_millis(500));
+    assert!(wait_until(Duration::from_secs(10), || kernel_backend
+        .accepted()
+        >= 100));
     agent.kill();
 
-    let open = lines(&agent.run_as_client(&calls_script(open_vip, 20)));
+    let open = agent.calls(open_vip, 20);
     assert!(open.iter().all(|r| r.starts_with("open ")), "{open:?}");
-    let closed = lines(&agent.run_as_client(&calls_script(closed_vip, 5)));
+    let closed = agent.calls(closed_vip, 5);
     assert!(closed.iter().all(|r| r == "FAILED"), "{closed:?}");
     assert_eq!(closed_backend.accepted(), 0);
     assert!(agent.stat(Stat::FailOpen) >= 20);
 
     let agent = Agent::start(&config);
-    let open = lines(&agent.run_as_client(&calls_script(open_vip, 5)));
+    let open = agent.calls(open_vip, 5);
     assert!(open.iter().all(|r| r.starts_with("open ")), "{open:?}");
-    let closed = lines(&agent.run_as_client(&calls_script(closed_vip, 5)));
+    let closed = agent.calls(closed_vip, 5);
     assert!(
         closed.iter().all(|r| r.starts_with("closed ")),
         "{closed:?}"
@@ -208,7 +178,7 @@ fn killed_agent_fail_open_goes_around_it_fail_closed_refuses_both_recover() {
     let out = stream.wait_with_output().expect("stream ends");
     let replies = lines(&out);
     assert_eq!(replies.len(), 3000);
-    let by = counts(&answered_by(&replies));
+    let by = counts(answered_by(&replies));
     assert_eq!(by.get("kernel"), Some(&3000), "{by:?}");
     agent.sigterm();
 }
@@ -217,7 +187,7 @@ fn killed_agent_fail_open_goes_around_it_fail_closed_refuses_both_recover() {
 fn pins_of_an_incompatible_layout_are_replaced_cleanly() {
     let vip: SocketAddr = "127.77.6.50:8080".parse().unwrap();
     let backend = Backend::start("l1");
-    let config = AgentConfig::new(&[ServiceDef::new("ledger", &vip.to_string(), &[backend.addr])]);
+    let config = AgentConfig::new(&[service("ledger", &vip.to_string(), &[backend.addr])]);
     let mut old = Agent::start(&config);
     old.kill();
     // Make the pins look like an older agent's.
@@ -238,7 +208,7 @@ fn pins_of_an_incompatible_layout_are_replaced_cleanly() {
         log.contains(&format!("layout {}", sluice_maps::LAYOUT_VERSION - 1)),
         "{log}"
     );
-    let replies = lines(&agent.run_as_client(&calls_script(vip, 3)));
+    let replies = agent.calls(vip, 3);
     assert!(replies.iter().all(|r| r.starts_with("l1 ")), "{replies:?}");
     // Only the new agent's programs are attached: each call was redirected
     // once, by the new connect4.
@@ -267,33 +237,39 @@ fn an_upgrade_under_load_refuses_nothing_and_the_old_agent_drains_and_exits() {
     let vip: SocketAddr = "127.77.6.60:8080".parse().unwrap();
     let backends = [Backend::start("u1"), Backend::start("u2")];
     let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
-    let config = AgentConfig::new(&[ServiceDef::new("payments", &vip.to_string(), &addrs)]);
+    let config = AgentConfig::new(&[service("payments", &vip.to_string(), &addrs)]);
     // As the DaemonSet runs it: after the handover the old agent waits for
     // the SIGTERM that deletes its pod, rather than exit and be restarted.
     let mut old = Agent::start_with_args(&config, &["--stay-after-handover"]);
 
     // One connection opened through the old agent that is still talking
     // when the new one takes over.
-    let held = old
-        .client_command(&format!(
-            "exec 3<>/dev/tcp/{ip}/{port}; echo one >&3; read -r a <&3; sleep 3; \
-             echo two >&3; read -r b <&3; echo \"$a|$b\"",
-            ip = vip.ip(),
-            port = vip.port()
-        ))
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("start the held connection");
+    let mut held = old.hold("client", vip);
+    let one = held.ask("one");
     // New connections all through the handover.
     let stream = old
-        .client_command(&calls_script(vip, 1500).replace("done", "sleep 0.002; done"))
+        .client(
+            "client",
+            Calls::new(vip, 1500).pause(Duration::from_millis(2)),
+        )
         .stdout(std::process::Stdio::piped())
-        .spawn()
+        .spawn_guarded()
         .expect("start the stream");
-    std::thread::sleep(Duration::from_millis(500));
+    let accepted = || backends.iter().map(Backend::accepted).sum::<usize>();
+    assert!(wait_until(Duration::from_secs(10), || accepted() >= 100));
 
     let new = Agent::start(&config);
     assert!(new.log().contains("took over"), "{}", new.log());
+    // The held connection talks on through the old agent, then ends.
+    let two = held.ask("two");
+    held.close();
+    assert!(
+        one.starts_with('u')
+            && one.ends_with(" one")
+            && two.starts_with('u')
+            && two.ends_with(" two"),
+        "{one}|{two}"
+    );
     assert!(
         old.wait_for_log("staying, holding nothing, until SIGTERM"),
         "{}",
@@ -307,23 +283,18 @@ fn an_upgrade_under_load_refuses_nothing_and_the_old_agent_drains_and_exits() {
 
     let replies = lines(&stream.wait_with_output().expect("stream ends"));
     assert_eq!(replies.len(), 1500);
-    let by = counts(&answered_by(&replies));
+    let by = counts(answered_by(&replies));
     assert_eq!(by.get("FAILED"), None, "{by:?}");
-    let held = lines(&held.wait_with_output().expect("held connection ends"));
-    assert!(
-        held.len() == 1 && held[0].contains("one|") && held[0].contains("two"),
-        "{held:?}"
-    );
 
     // The new agent serves on its own, and cleans up when it stops.
-    let after = lines(&new.run_as_client(&calls_script(vip, 4)));
+    let after = new.calls(vip, 4);
     assert!(after.iter().all(|r| r.starts_with('u')), "{after:?}");
     // A second upgrade: the path leads to the new agent's socket now.
     let mut new = new;
     let mut newest = Agent::start(&config);
     assert!(newest.log().contains("took over"), "{}", newest.log());
     assert!(new.wait(Duration::from_secs(20)).success());
-    let after = lines(&newest.run_as_client(&calls_script(vip, 2)));
+    let after = newest.calls(vip, 2);
     assert!(after.iter().all(|r| r.starts_with('u')), "{after:?}");
     newest.sigterm();
     assert!(newest.wait(Duration::from_secs(15)).success());
@@ -333,11 +304,7 @@ fn an_upgrade_under_load_refuses_nothing_and_the_old_agent_drains_and_exits() {
     );
 
     // `--upgrade` with nothing to upgrade is an error, not a cold start.
-    let out = std::process::Command::new(sluice_bin())
-        .args(["agent", "--upgrade", "--config"])
-        .arg(&config.path)
-        .output()
-        .unwrap();
+    let out = config.run(&["agent", "--upgrade"]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("no running agent answers"), "{stderr}");
@@ -352,13 +319,10 @@ fn handover_socket(config: &AgentConfig) -> std::path::PathBuf {
 /// `sluice_handover_refusals_total` for `reason`, as the agent's admin API
 /// shows it.
 fn handover_refusals(config: &AgentConfig, reason: &str) -> f64 {
-    let (_, exposition) = client::get(admin(config), "/metrics").expect("admin API");
-    let series = format!("sluice_handover_refusals_total{{reason=\"{reason}\"}} ");
-    exposition
-        .lines()
-        .find_map(|l| l.strip_prefix(series.as_str()))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {series} in {exposition}"))
+    let metrics = scrape(config.admin());
+    metrics
+        .get("sluice_handover_refusals_total", &[("reason", reason)])
+        .unwrap_or_else(|| panic!("no refusals for {reason} in {metrics:?}"))
 }
 
 fn mode(path: &std::path::Path) -> u32 {
@@ -386,7 +350,7 @@ fn a_process_that_is_not_the_agent_gets_no_socket_and_a_real_upgrade_still_works
     let vip: SocketAddr = "127.77.6.61:8080".parse().unwrap();
     let backends = [Backend::start("r1")];
     let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
-    let config = AgentConfig::new(&[ServiceDef::new("payments", &vip.to_string(), &addrs)]);
+    let config = AgentConfig::new(&[service("payments", &vip.to_string(), &addrs)]);
     let mut old = Agent::start(&config);
     let path = handover_socket(&config);
     assert_eq!(mode(path.parent().unwrap()), 0o700);
@@ -406,14 +370,14 @@ fn a_process_that_is_not_the_agent_gets_no_socket_and_a_real_upgrade_still_works
         "the refusal was not counted"
     );
     // The agent neither handed over nor began to drain: it serves on.
-    let replies = lines(&old.run_as_client(&calls_script(vip, 3)));
+    let replies = old.calls(vip, 3);
     assert!(replies.iter().all(|r| r.starts_with("r1 ")), "{replies:?}");
     assert!(old.is_running());
 
     // A real successor still takes over; the old agent drains and exits.
     let mut new = Agent::start(&config);
     assert!(old.wait(Duration::from_secs(20)).success(), "{}", old.log());
-    let replies = lines(&new.run_as_client(&calls_script(vip, 3)));
+    let replies = new.calls(vip, 3);
     assert!(replies.iter().all(|r| r.starts_with("r1 ")), "{replies:?}");
     // The admin port answers from the new process: its count starts at 0.
     assert_eq!(handover_refusals(&config, "other_program"), 0.0);
@@ -428,7 +392,7 @@ fn a_stale_or_squatted_handover_socket_never_blocks_a_start() {
     let vip: SocketAddr = "127.77.6.62:8080".parse().unwrap();
     let backends = [Backend::start("q1")];
     let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
-    let config = AgentConfig::new(&[ServiceDef::new("payments", &vip.to_string(), &addrs)]);
+    let config = AgentConfig::new(&[service("payments", &vip.to_string(), &addrs)]);
     let path = handover_socket(&config);
     let run = path.parent().unwrap();
     // A directory others may enter, with a killed agent's socket file in
@@ -440,7 +404,7 @@ fn a_stale_or_squatted_handover_socket_never_blocks_a_start() {
 
     let mut agent = Agent::start(&config);
     assert_eq!(mode(run), 0o700, "the run directory was not tightened");
-    let replies = lines(&agent.run_as_client(&calls_script(vip, 3)));
+    let replies = agent.calls(vip, 3);
     assert!(replies.iter().all(|r| r.starts_with("q1 ")), "{replies:?}");
     agent.sigterm();
     assert!(agent.wait(Duration::from_secs(15)).success());
@@ -449,11 +413,7 @@ fn a_stale_or_squatted_handover_socket_never_blocks_a_start() {
     // A live listener that is not an agent. `--upgrade`, which needs a
     // running agent, refuses to start and names the path.
     let squatter = UnixListener::bind(&path).unwrap();
-    let out = std::process::Command::new(sluice_bin())
-        .args(["agent", "--upgrade", "--config"])
-        .arg(&config.path)
-        .output()
-        .unwrap();
+    let out = config.run(&["agent", "--upgrade"]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(&path.display().to_string()), "{stderr}");
@@ -462,7 +422,7 @@ fn a_stale_or_squatted_handover_socket_never_blocks_a_start() {
     // Without it the agent starts and serves, and the path leads to it:
     // a successor takes over from it.
     let mut agent = Agent::start(&config);
-    let replies = lines(&agent.run_as_client(&calls_script(vip, 3)));
+    let replies = agent.calls(vip, 3);
     assert!(replies.iter().all(|r| r.starts_with("q1 ")), "{replies:?}");
     let mut successor = Agent::start(&config);
     assert!(
@@ -470,86 +430,43 @@ fn a_stale_or_squatted_handover_socket_never_blocks_a_start() {
         "{}",
         agent.log()
     );
-    let replies = lines(&successor.run_as_client(&calls_script(vip, 3)));
+    let replies = successor.calls(vip, 3);
     assert!(replies.iter().all(|r| r.starts_with("q1 ")), "{replies:?}");
     successor.sigterm();
     assert!(successor.wait(Duration::from_secs(15)).success());
     drop(squatter);
 }
 
-/// An echo server for one connection at a time: reads to EOF, sends it all
-/// back, closes. Serves `conns` connections on a thread in `netns`.
-fn eof_echo_server(netns: &Netns, addr: SocketAddr, conns: usize) -> std::thread::JoinHandle<()> {
-    let listener = netns.run(move || std::net::TcpListener::bind(addr).expect("bind echo"));
-    std::thread::spawn(move || {
-        use std::io::{Read, Write};
-        for _ in 0..conns {
-            let (mut s, _) = listener.accept().expect("accept");
-            let mut all = Vec::new();
-            s.read_to_end(&mut all).expect("read to EOF");
-            s.write_all(&all).expect("echo");
-        }
-    })
-}
-
-/// Received bytes of the loopback device in `netns`.
-fn loopback_bytes(netns: &Netns) -> u64 {
-    let out = std::process::Command::new("ip")
-        .args(["-n", &netns.name, "-s", "-j", "link", "show", "lo"])
-        .output()
-        .expect("ip link");
-    let v: Value = serde_json::from_slice(&out.stdout).expect("ip -j");
-    v[0]["stats64"]["rx"]["bytes"].as_u64().expect("rx bytes")
-}
-
-/// A workload that sends 4 MiB (after `delay` seconds), half-closes, reads
-/// the echo to EOF and says whether it came back intact. It waits for
-/// readability with poll, as event-driven clients do: a blocking recv() on
-/// a socket in a sockmap can return EAGAIN when a wake-up finds no data
-/// (see README, "Sockmap bypass").
-fn send_and_compare(vip: SocketAddr, delay: f64) -> String {
-    format!(
-        "python3 -c '
-import os, select, socket, time
-data = os.urandom(4 << 20)
-s = socket.create_connection((\"{ip}\", {port}))
-time.sleep({delay})
-s.sendall(data)
-s.shutdown(socket.SHUT_WR)
-got = bytearray()
-while True:
-    select.select([s], [], [], 10)
-    try:
-        b = s.recv(1 << 16)
-    except BlockingIOError:
-        continue
-    if not b:
-        break
-    got += b
-print(\"intact\" if bytes(got) == data else \"corrupt %d\" % len(got))
-'",
-        ip = vip.ip(),
-        port = vip.port()
-    )
+/// A workload that sends 4 MiB (after `delay`), half-closes, reads the
+/// echo to EOF and says whether it came back intact.
+fn send_and_compare(vip: SocketAddr, delay: Duration) -> Client {
+    Client::Blob {
+        to: vip,
+        bytes: 4 << 20,
+        delay,
+    }
 }
 
 #[test]
 fn sockmap_bypass_skips_loopback_and_keeps_bytes_intact_both_ways() {
     let pair = NodePair::new();
     let vip: SocketAddr = "127.77.6.70:8080".parse().unwrap();
-    let echo: SocketAddr = SocketAddr::new(pair.b_addr, free_port());
+    let echo: SocketAddr = SocketAddr::new(pair.b_addr, free_port().unwrap());
     // Node B holds the endpoint, so the agent-to-endpoint leg crosses the
     // veth and node A's loopback carries only the workload-to-agent leg.
-    let server = eof_echo_server(&pair.b, echo, 3);
-    let service =
-        || ServiceDef::new("blob", &vip.to_string(), &[echo]).with("    mode: plaintext\n");
+    let server = eof_echo(&pair.b, echo, 3);
+    let service = || service("blob", &vip.to_string(), &[echo]).mode(Mode::Plaintext);
 
-    let bypassed = AgentConfig::with_agent_extra(&[service()], "  sockmap: true\n");
+    let bypassed = AgentConfig::with(|c| {
+        let mut config = c.base(&[service()]);
+        config.agent.sockmap = Some(true);
+        config
+    });
     let mut agent = Agent::start_in_netns(&bypassed, &pair.a);
     // The workload waits until the agent has its socket: both directions
     // skip the stack.
     let before = loopback_bytes(&pair.a);
-    let out = lines(&agent.run_as_client(&send_and_compare(vip, 0.3)));
+    let out = agent.run_client("client", send_and_compare(vip, Duration::from_millis(300)));
     let bypass_lo = loopback_bytes(&pair.a) - before;
     assert_eq!(out, ["intact"]);
     assert!(agent.stat(Stat::BypassSocket) >= 1);
@@ -560,7 +477,7 @@ fn sockmap_bypass_skips_loopback_and_keeps_bytes_intact_both_ways() {
     );
     // A workload that sends at once may beat the agent's accept: its bytes
     // then keep TCP for that connection, and must still arrive in order.
-    let out = lines(&agent.run_as_client(&send_and_compare(vip, 0.0)));
+    let out = agent.run_client("client", send_and_compare(vip, Duration::ZERO));
     assert_eq!(out, ["intact"]);
     agent.sigterm();
     agent.wait(Duration::from_secs(15));
@@ -569,7 +486,7 @@ fn sockmap_bypass_skips_loopback_and_keeps_bytes_intact_both_ways() {
     let plain = AgentConfig::new(&[service()]);
     let agent = Agent::start_in_netns(&plain, &pair.a);
     let before = loopback_bytes(&pair.a);
-    let out = lines(&agent.run_as_client(&send_and_compare(vip, 0.3)));
+    let out = agent.run_client("client", send_and_compare(vip, Duration::from_millis(300)));
     let plain_lo = loopback_bytes(&pair.a) - before;
     assert_eq!(out, ["intact"]);
     assert!(plain_lo > 8 << 20, "only {plain_lo} bytes over loopback");

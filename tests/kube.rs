@@ -5,23 +5,15 @@
 //! namespace on a veth pair plus a cgroup named after its uid, as the
 //! kubelet names them, with a process inside.
 
-mod support;
+use std::{net::SocketAddr, path::PathBuf, process::Stdio, time::Duration};
 
-use std::{
-    net::SocketAddr,
-    path::PathBuf,
-    process::{Child, Stdio},
-    time::Duration,
-};
-
-use serde_json::{Value, json};
-use sluice::admin::client;
-use support::{
-    install::{agents_slice, shipped_config},
-    kubeapi::{FakeApiServer, Resource},
+use crate::support::{
+    install::{ShippedNodes, agents_slice},
+    kubeapi::{FakeApiServer, Resource, write_kubeconfig},
     pods::*,
     *,
 };
+use serde_json::{Value, json};
 
 const NODE: &str = "n1";
 const CLUSTER_IP: &str = "127.77.12.10";
@@ -87,18 +79,18 @@ struct Pod {
     node: String,
     uid: String,
     ip: std::net::IpAddr,
-    /// The pod's cgroup, absolute.
-    cgroup: PathBuf,
+    /// The pod's cgroup, killed and removed with the pod.
+    cgroup: CgroupTree,
     /// The app container's cgroup, relative to the node's cgroup root.
     app: String,
     /// The pod's cgroup relative to the node's cgroup root, and its layout.
     pod_cgroup: String,
     layout: Layout,
-    holder: Child,
+    _holder: ChildGuard,
     /// None while stopped.
     backend: Option<Backend>,
     /// The pod's network namespace (the node owns and removes it).
-    netns: String,
+    netns: PathBuf,
 }
 
 impl Pod {
@@ -110,10 +102,8 @@ impl Pod {
     /// A new backend on the pod's address (the caller keeps it running).
     fn new_backend(&self) -> Backend {
         let addr = SocketAddr::new(self.ip, 8080);
-        let netns = std::mem::ManuallyDrop::new(Netns {
-            name: self.netns.clone(),
-        });
-        Backend::start_in(&self.name, addr, &netns)
+        let name = self.name.clone();
+        netns::run_in(self.netns.clone(), move || Backend::start_on(&name, addr))
     }
 
     /// A new container cgroup of this pod (another container, or one
@@ -132,14 +122,6 @@ impl Pod {
             },
             "status": { "phase": "Running", "podIP": self.ip.to_string(), "podIPs": [{ "ip": self.ip.to_string() }] }
         })
-    }
-}
-
-impl Drop for Pod {
-    fn drop(&mut self) {
-        let _ = self.holder.kill();
-        let _ = self.holder.wait();
-        kill_cgroup_tree(&self.cgroup);
     }
 }
 
@@ -168,28 +150,20 @@ fn start_pod(
     };
     let pod = layout.pod(qos, &uid);
     let (netns, ip) = &node.pods[i];
-    let holder = in_pod(
-        config,
-        netns,
-        &layout.container(&pod, 0),
-        "import time; time.sleep(120)",
-    )
-    .stdout(Stdio::null())
-    .spawn()
-    .unwrap();
+    let holder = pause(config, netns, &layout.container(&pod, 0));
     let backend = Some(Backend::start_in(name, SocketAddr::new(*ip, 8080), netns));
     Pod {
         name: name.to_owned(),
         node: node_name.to_owned(),
         uid,
         ip: *ip,
-        cgroup: config.cgroup_root_path().join(&pod),
+        cgroup: CgroupTree::adopt(config.cgroup_root_path().join(&pod)),
         app: layout.container(&pod, 1),
         pod_cgroup: pod,
         layout,
-        holder,
+        _holder: holder,
         backend,
-        netns: netns.name.clone(),
+        netns: netns.path(),
     }
 }
 
@@ -203,23 +177,27 @@ struct Cluster {
 
 impl Cluster {
     fn new(pods: usize, layout: Layout) -> Cluster {
-        Self::with_kubernetes(pods, layout, "")
+        Self::with_health_check(pods, layout, None)
     }
 
-    /// `extra`: more lines for the `kubernetes:` block (indented 2).
-    fn with_kubernetes(pods: usize, layout: Layout, extra: &str) -> Cluster {
+    /// With `health_check` for the discovered services.
+    fn with_health_check(
+        pods: usize,
+        layout: Layout,
+        health_check: Option<HealthCheck>,
+    ) -> Cluster {
         let node = Node::new(pods);
         let api = node.node.run(FakeApiServer::start);
-        let config = AgentConfig::custom(|c| {
-            format!(
-                "node:\n  name: {NODE}\n  cgroup_root: {}\n{}workloads: []\nservices: []\n\
-                 kubernetes:\n  kubeconfig: {}\n  pod_cgroups: {}\n{extra}audit:\n  output: {}\n",
-                c.cgroup_root,
-                c.agent_block(&c.dir.join("state"), c.inbound_port),
-                c.dir.join("kubeconfig").display(),
-                layout.kubepods(),
-                c.dir.join("audit.jsonl").display()
-            )
+        let config = AgentConfig::with(|c| {
+            let mut config = discovering(c);
+            if let Some(kubernetes) = &mut config.kubernetes {
+                kubernetes.pod_cgroups = Some(layout.kubepods().to_owned());
+                kubernetes.health_check = health_check;
+            }
+            config.audit = Some(Audit {
+                output: c.audit_path(),
+            });
+            config
         });
         api.write_kubeconfig(&config.dir.join("kubeconfig"));
         let kubepods = config.cgroup_root_path().join(layout.kubepods());
@@ -235,13 +213,36 @@ impl Cluster {
         }
     }
 
-    /// The body of the agent's admin API at `path`, read in the node.
-    fn admin(&self, path: &'static str) -> String {
-        let admin = SocketAddr::from(([127, 0, 0, 1], self.config.admin_port));
-        self.node
-            .node
-            .run(move || client::get(admin, path).unwrap())
-            .1
+    /// Namespace `shop` meshed in `mode`, the `checkout` Service and its
+    /// slice with these (pod index, ready) endpoints, on the API server.
+    fn publish(&self, mode: &str, endpoints: &[(usize, bool)]) {
+        self.api
+            .set_object(Resource::Namespaces, namespace("shop", mode));
+        self.api.set_object(Resource::Services, service());
+        self.set_endpoints(endpoints);
+    }
+
+    /// Sets the `checkout` slice to these (pod index, ready) endpoints.
+    fn set_endpoints(&self, endpoints: &[(usize, bool)]) {
+        self.api
+            .set_object(Resource::EndpointSlices, slice(&self.pods, endpoints));
+    }
+
+    /// Waits up to `timeout` until `n` calls from pod 0 are answered as
+    /// `expected` says; panics with `agent`'s log if they are not.
+    fn await_calls(
+        &self,
+        agent: &Agent,
+        n: usize,
+        timeout: Duration,
+        expected: impl Fn(&[String]) -> bool,
+    ) {
+        assert!(
+            wait_until(timeout, || expected(&self.calls(0, n))),
+            "{:?}\n{}",
+            self.calls(0, n),
+            agent.log()
+        );
     }
 
     /// `n` calls from pod `from` to the service, one connection each.
@@ -276,39 +277,25 @@ fn calls_in(
     vip: SocketAddr,
     n: usize,
 ) -> Vec<String> {
-    {
-        let script = format!(
-            "import socket\n\
-             for i in range({n}):\n\
-             \x20   try:\n\
-             \x20       s = socket.create_connection((\"{ip}\", {port}), timeout=5)\n\
-             \x20       s.sendall(b\"call\\n\")\n\
-             \x20       print(s.makefile().readline().split()[0])\n\
-             \x20       s.close()\n\
-             \x20   except OSError as e:\n\
-             \x20       print(\"FAILED\", e)\n",
-            ip = vip.ip(),
-            port = vip.port()
-        );
-        let out = in_pod(config, netns, container, &script).output().unwrap();
-        lines(&out)
-    }
+    let replies = run_in_pod(config, netns, container, Calls::new(vip, n));
+    answered_by(&replies)
+        .into_iter()
+        .map(str::to_owned)
+        .collect()
 }
 
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        self.pods.clear();
-        remove_cgroup_tree(&self.config.cgroup_root_path().join("kubepods"));
-        remove_cgroup_tree(&self.config.cgroup_root_path().join("kubepods.slice"));
-    }
-}
-
-fn workloads(agent: &Agent) -> Vec<Value> {
-    let out = agent.sluice(&["workloads", "-o", "json"]);
-    serde_json::from_slice::<Value>(&out.stdout)
-        .ok()
-        .and_then(|v| v.as_array().cloned())
-        .unwrap_or_default()
+/// Waits (up to 5 s) until the agent has `n` workloads, each with its
+/// listener open in its pod; panics if it does not.
+fn assert_listening(agent: &Agent, n: usize) {
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            let w = agent.workloads();
+            w.len() == n && w.iter().all(|w| w["listener"] == "open")
+        }),
+        "{:?}\n{}",
+        agent.workloads(),
+        agent.log()
+    );
 }
 
 fn count(requests: &[String], needle: &str) -> usize {
@@ -318,38 +305,24 @@ fn count(requests: &[String], needle: &str) -> usize {
 #[test]
 fn pods_and_services_from_the_api_server_carry_calls_and_follow_changes() {
     let c = Cluster::new(2, Layout::SystemdContainerd);
-    c.api
-        .set_object(Resource::Namespaces, namespace("shop", "plaintext"));
-    c.api.set_object(Resource::Services, service());
     // One pod at first.
-    c.api
-        .set_object(Resource::EndpointSlices, slice(&c.pods, &[(0, true)]));
+    c.publish("plaintext", &[(0, true)]);
     c.api.set_object(Resource::Pods, c.pods[0].object());
     let agent = Agent::start_in_netns(&c.config, &c.node.node);
-    assert!(agent.wait_for_log("kubernetes: synced"), "{}", agent.log());
+    agent.assert_ready();
     assert!(
-        wait_until(Duration::from_secs(5), || workloads(&agent).len() == 1),
+        wait_until(Duration::from_secs(5), || agent.workloads().len() == 1),
         "{:?}",
-        workloads(&agent)
+        agent.workloads()
     );
     assert_eq!(c.calls(0, 2), ["checkout-0"; 2]);
 
     // A pod added: it becomes a workload with its own listener, and an
     // endpoint of the Service.
     c.api.set_object(Resource::Pods, c.pods[1].object());
-    c.api.set_object(
-        Resource::EndpointSlices,
-        slice(&c.pods, &[(0, true), (1, true)]),
-    );
-    assert!(
-        wait_until(Duration::from_secs(5), || {
-            let w = workloads(&agent);
-            w.len() == 2 && w.iter().all(|w| w["listener"] == "open")
-        }),
-        "{:?}",
-        workloads(&agent)
-    );
-    let w = workloads(&agent);
+    c.set_endpoints(&[(0, true), (1, true)]);
+    assert_listening(&agent, 2);
+    let w = agent.workloads();
     assert_eq!(
         w[0]["identity"],
         "spiffe://cluster.local/ns/shop/sa/checkout"
@@ -363,14 +336,9 @@ fn pods_and_services_from_the_api_server_carry_calls_and_follow_changes() {
 
     // A pod calls the Service's cluster IP: balanced over both pods. (The
     // pod and its endpoint may arrive in two updates: wait for both.)
-    assert!(
-        wait_until(Duration::from_secs(5), || c
-            .calls(0, 2)
-            .iter()
-            .any(|r| r == "checkout-1")),
-        "{}",
-        agent.log()
-    );
+    c.await_calls(&agent, 2, Duration::from_secs(5), |who| {
+        who.iter().any(|r| r == "checkout-1")
+    });
     let replies = c.calls(0, 4);
     let mut who = replies.clone();
     who.sort();
@@ -381,18 +349,10 @@ fn pods_and_services_from_the_api_server_carry_calls_and_follow_changes() {
     );
 
     // An endpoint marked not ready takes no new calls.
-    c.api.set_object(
-        Resource::EndpointSlices,
-        slice(&c.pods, &[(0, true), (1, false)]),
-    );
-    assert!(
-        wait_until(Duration::from_secs(5), || c
-            .calls(0, 4)
-            .iter()
-            .all(|r| r == "checkout-0")),
-        "{}",
-        agent.log()
-    );
+    c.set_endpoints(&[(0, true), (1, false)]);
+    c.await_calls(&agent, 4, Duration::from_secs(5), |who| {
+        who.iter().all(|r| r == "checkout-0")
+    });
 
     // A cut watch stream, then a 410 Gone: the catalog stays, the agent
     // watches again and lists again.
@@ -419,91 +379,65 @@ fn pods_and_services_from_the_api_server_carry_calls_and_follow_changes() {
         c.api.requests()
     );
     // ...and still follows changes after it.
-    c.api.set_object(
-        Resource::EndpointSlices,
-        slice(&c.pods, &[(0, true), (1, true)]),
-    );
-    assert!(
-        wait_until(Duration::from_secs(10), || c
-            .calls(0, 4)
-            .iter()
-            .any(|r| r == "checkout-1")),
-        "{}",
-        agent.log()
-    );
+    c.set_endpoints(&[(0, true), (1, true)]);
+    c.await_calls(&agent, 4, Duration::from_secs(10), |who| {
+        who.iter().any(|r| r == "checkout-1")
+    });
 
     // A pod deleted while one of its connections is open: the connection
     // drains, the workload and its listener go.
-    let held = in_pod(
+    let mut held = hold_in_pod(
         &c.config,
         &c.node.pods[1].0,
         &c.pods[1].new_container(2),
-        &format!(
-            "import socket, time\n\
-             s = socket.create_connection((\"{ip}\", {port}))\n\
-             f = s.makefile()\n\
-             s.sendall(b\"one\\n\")\n\
-             a = f.readline().split()[0]\n\
-             time.sleep(2)\n\
-             s.sendall(b\"two\\n\")\n\
-             print(a + \"|\" + f.readline().split()[0])\n",
-            ip = service_vip().ip(),
-            port = service_vip().port()
-        ),
-    )
-    .stdout(Stdio::piped())
-    .spawn()
-    .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+        service_vip(),
+    );
+    let one = held.ask("one");
     c.api.delete_object(Resource::Pods, "shop", &c.pods[1].name);
-    c.api
-        .set_object(Resource::EndpointSlices, slice(&c.pods, &[(0, true)]));
+    c.set_endpoints(&[(0, true)]);
     assert!(
-        wait_until(Duration::from_secs(5), || workloads(&agent).len() == 1),
+        wait_until(Duration::from_secs(5), || agent.workloads().len() == 1),
         "{:?}",
-        workloads(&agent)
+        agent.workloads()
     );
     assert!(
         agent
             .log()
             .contains("closed the outbound listener in /proc/")
     );
-    let held = lines(&held.wait_with_output().unwrap());
-    assert_eq!(held.len(), 1, "{held:?}");
+    let two = held.ask("two");
     assert!(
-        held[0].contains('|') && !held[0].contains("FAILED"),
-        "{held:?}"
+        one.starts_with("checkout-") && two.starts_with("checkout-"),
+        "{one}|{two}"
     );
+}
+
+/// Node `n1` discovering everything from the API server its kubeconfig
+/// (`kubeconfig` in the config's directory) names.
+fn discovering(c: &AgentConfig) -> Config {
+    let mut config = Config::new(NODE, &c.cgroup_root);
+    config.agent = c.agent(&c.dir.join("state"), c.inbound_port);
+    config.kubernetes = Some(config::Kubernetes {
+        kubeconfig: Some(c.dir.join("kubeconfig")),
+        ..config::Kubernetes::default()
+    });
+    config
 }
 
 #[test]
 fn an_unreachable_api_server_leaves_the_agent_up_and_not_ready() {
-    let port = free_port();
-    let config = AgentConfig::custom(|c| {
-        format!(
-            "node:\n  name: {NODE}\n  cgroup_root: {}\n{}workloads: []\nservices: []\n\
-             kubernetes:\n  kubeconfig: {}\n",
-            c.cgroup_root,
-            c.agent_block(&c.dir.join("state"), c.inbound_port),
-            c.dir.join("kubeconfig").display()
-        )
-    });
-    std::fs::write(
-        config.dir.join("kubeconfig"),
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: gone\n  cluster:\n    server: http://127.0.0.1:{port}\n\
-             users:\n- name: u\n  user:\n    token: t\ncontexts:\n- name: c\n  context:\n    cluster: gone\n    user: u\n\
-             current-context: c\n"
-        ),
-    )
-    .unwrap();
+    let port = free_port().unwrap();
+    let config = AgentConfig::with(discovering);
+    write_kubeconfig(
+        &config.dir.join("kubeconfig"),
+        &format!("http://127.0.0.1:{port}"),
+    );
     let agent = Agent::start(&config);
-    let admin = SocketAddr::from(([127, 0, 0, 1], config.admin_port));
-    let (code, body) = client::get(admin, "/readyz").unwrap();
-    assert_eq!(code, 503, "{body}");
+    let why = agent.not_ready().expect("not ready");
     assert!(
-        body.contains("kubernetes: services, endpoints and pods not listed yet"),
-        "{body}"
+        why.iter()
+            .any(|r| r == "kubernetes: services, endpoints and pods not listed yet"),
+        "{why:?}"
     );
     // Retries go on with backoff; each resource says so once.
     std::thread::sleep(Duration::from_secs(3));
@@ -524,15 +458,7 @@ fn an_unreachable_api_server_leaves_the_agent_up_and_not_ready() {
 fn a_missing_rbac_right_is_named() {
     let api = FakeApiServer::start();
     api.deny(Resource::Services, "list");
-    let config = AgentConfig::custom(|c| {
-        format!(
-            "node:\n  name: {NODE}\n  cgroup_root: {}\n{}workloads: []\nservices: []\n\
-             kubernetes:\n  kubeconfig: {}\n",
-            c.cgroup_root,
-            c.agent_block(&c.dir.join("state"), c.inbound_port),
-            c.dir.join("kubeconfig").display()
-        )
-    });
+    let config = AgentConfig::with(discovering);
     api.write_kubeconfig(&config.dir.join("kubeconfig"));
     let agent = Agent::start(&config);
     assert!(
@@ -565,77 +491,6 @@ fn ledger_policy(generation: i64, default: &str, deny: &[&str]) -> Value {
     })
 }
 
-/// One call from `container` of the pod in `netns`: the backend's name,
-/// or REFUSED when the connection ends without an answer.
-fn call_once(config: &AgentConfig, netns: &Netns, container: &str, vip: SocketAddr) -> String {
-    let script = format!(
-        "import socket\n\
-         try:\n\
-         \x20   s = socket.create_connection((\"{ip}\", {port}), timeout=5)\n\
-         \x20   s.sendall(b\"call\\n\")\n\
-         \x20   reply = s.makefile().readline().split()\n\
-         \x20   print(reply[0] if reply else \"REFUSED\")\n\
-         except OSError:\n\
-         \x20   print(\"REFUSED\")\n",
-        ip = vip.ip(),
-        port = vip.port()
-    );
-    let out = in_pod(config, netns, container, &script).output().unwrap();
-    lines(&out).join(" ")
-}
-
-/// A connection held open from a pod: each line written to it is sent,
-/// and the reply read back.
-struct OpenConnection {
-    child: Child,
-    replies: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
-}
-
-impl OpenConnection {
-    fn open(config: &AgentConfig, netns: &Netns, container: &str, vip: SocketAddr) -> Self {
-        let script = format!(
-            "import socket, sys\n\
-             s = socket.create_connection((\"{ip}\", {port}), timeout=10)\n\
-             f = s.makefile()\n\
-             for line in sys.stdin:\n\
-             \x20   s.sendall(line.encode())\n\
-             \x20   print(f.readline().strip(), flush=True)\n",
-            ip = vip.ip(),
-            port = vip.port()
-        );
-        let mut child = in_pod(config, netns, container, &script)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let out = child.stdout.take().unwrap();
-        OpenConnection {
-            child,
-            replies: std::io::BufRead::lines(std::io::BufReader::new(out)),
-        }
-    }
-
-    /// Sends `line`; the reply (empty if the connection is gone).
-    fn ask(&mut self, line: &str) -> String {
-        use std::io::Write;
-        let stdin = self.child.stdin.as_mut().unwrap();
-        if writeln!(stdin, "{line}")
-            .and_then(|()| stdin.flush())
-            .is_err()
-        {
-            return String::new();
-        }
-        self.replies.next().and_then(Result::ok).unwrap_or_default()
-    }
-}
-
-impl Drop for OpenConnection {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// A SluicePolicy denies a caller: new calls are refused and audited with
 /// both identities, while a connection opened before keeps flowing. The
 /// policy edited to allow lets the next call through, the same connection
@@ -644,50 +499,26 @@ impl Drop for OpenConnection {
 #[test]
 fn a_policy_object_denies_and_allows_without_touching_open_connections() {
     let c = Cluster::new(2, Layout::SystemdContainerd);
-    c.api
-        .set_object(Resource::Namespaces, namespace("shop", "mtls"));
-    c.api.set_object(Resource::Services, service());
     // Pod 0 calls; the Service's one endpoint is pod 1, the ledger.
-    c.api
-        .set_object(Resource::EndpointSlices, slice(&c.pods, &[(1, true)]));
+    c.publish("mtls", &[(1, true)]);
     c.api.set_object(Resource::Pods, c.pods[0].object());
     let mut ledger = c.pods[1].object();
     ledger["metadata"]["labels"]["tier"] = json!("ledger");
     c.api.set_object(Resource::Pods, ledger);
     let agent = Agent::start_in_netns(&c.config, &c.node.node);
-    assert!(agent.wait_for_log("kubernetes: synced"), "{}", agent.log());
-    assert!(
-        wait_until(Duration::from_secs(5), || {
-            let w = workloads(&agent);
-            w.len() == 2 && w.iter().all(|w| w["listener"] == "open")
-        }),
-        "{:?}",
-        workloads(&agent)
-    );
+    agent.assert_ready();
+    assert_listening(&agent, 2);
     let (netns, app) = (&c.node.pods[0].0, &c.pods[0].app);
-    let mut open = OpenConnection::open(&c.config, netns, app, service_vip());
+    let mut open = hold_in_pod(&c.config, netns, app, service_vip());
     assert!(open.ask("before").starts_with("checkout-1"));
 
     let caller = "spiffe://cluster.local/ns/shop/sa/checkout";
     c.api
         .set_object(Resource::Policies, ledger_policy(1, "allow", &[caller]));
-    assert!(
-        wait_until(Duration::from_secs(10), || call_once(
-            &c.config,
-            netns,
-            app,
-            service_vip()
-        ) == "REFUSED"),
-        "{}",
-        agent.log()
-    );
-    let audit = c.config.dir.join("audit.jsonl");
-    let denied: Vec<Value> = std::fs::read_to_string(&audit)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v["reason"] == "denied")
-        .collect();
+    // A new call from pod 0 is refused.
+    c.await_calls(&agent, 1, Duration::from_secs(10), |who| who == ["FAILED"]);
+    let audit = c.config.audit_path();
+    let denied = audit_lines(&audit, "denied", 1);
     assert!(!denied.is_empty(), "no denial in {}", audit.display());
     for line in &denied {
         assert_eq!(line["source"]["identity"], caller, "{line}");
@@ -718,17 +549,9 @@ fn a_policy_object_denies_and_allows_without_touching_open_connections() {
     // same one.
     c.api
         .set_object(Resource::Policies, ledger_policy(2, "allow", &[]));
-    assert!(
-        wait_until(Duration::from_secs(10), || call_once(
-            &c.config,
-            netns,
-            app,
-            service_vip()
-        )
-        .starts_with("checkout-1")),
-        "{}",
-        agent.log()
-    );
+    c.await_calls(&agent, 1, Duration::from_secs(10), |who| {
+        who == ["checkout-1"]
+    });
     assert!(open.ask("after").starts_with("checkout-1"));
 
     // Edited into an invalid one: refused, with the field named; the last
@@ -749,7 +572,7 @@ fn a_policy_object_denies_and_allows_without_touching_open_connections() {
         message.contains("last accepted version stays in force"),
         "{message}"
     );
-    assert!(call_once(&c.config, netns, app, service_vip()).starts_with("checkout-1"));
+    assert_eq!(c.calls(0, 1), ["checkout-1"]);
     assert!(open.ask("still").starts_with("checkout-1"));
 }
 
@@ -764,49 +587,37 @@ fn a_policy_object_denies_and_allows_without_touching_open_connections() {
 fn two_nodes_four_pods_cross_node_calls_go_over_mtls() {
     let (a_node, b_node) = (Node::new(2), Node::new(2));
     // The nodes' own link, and routes back to A's pods for B's replies.
-    let tag = std::process::id() % 100_000;
-    let (a_if, b_if) = (format!("lna{tag}"), format!("lnb{tag}"));
     let (a_addr, b_addr) = ("198.18.250.1", "198.18.250.2");
-    sh(&format!(
-        "ip link add {a_if} type veth peer name {b_if} && \
-         ip link set {a_if} netns {a} && ip link set {b_if} netns {b} && \
-         ip -n {a} addr add {a_addr}/24 dev {a_if} && ip -n {b} addr add {b_addr}/24 dev {b_if} && \
-         ip -n {a} link set {a_if} up && ip -n {b} link set {b_if} up",
-        a = a_node.node.name,
-        b = b_node.node.name
-    ));
+    netns::veth(&a_node.node, "lna", &b_node.node, "lnb").unwrap();
+    a_node
+        .node
+        .ip(&["addr", "add", &format!("{a_addr}/24"), "dev", "lna"])
+        .unwrap();
+    b_node
+        .node
+        .ip(&["addr", "add", &format!("{b_addr}/24"), "dev", "lnb"])
+        .unwrap();
     for (_, ip) in &a_node.pods {
         let octets = match ip {
             std::net::IpAddr::V4(v4) => v4.octets(),
             _ => unreachable!(),
         };
-        sh(&format!(
-            "ip -n {} route add 198.18.{}.0/24 via {a_addr}",
-            b_node.node.name, octets[2]
-        ));
+        let subnet = format!("198.18.{}.0/24", octets[2]);
+        b_node
+            .node
+            .ip(&["route", "add", &subnet, "via", a_addr])
+            .unwrap();
     }
 
-    let api = a_node
-        .node
-        .run(|| FakeApiServer::start_on("0.0.0.0:0".parse().unwrap()));
     // Each node holds the keys of its own pods' service accounts only: A's
     // pods run as `checkout`, B's as `checkout-b`.
-    let ca = test_ca();
-    let a_cfg = AgentConfig::custom(|_| String::new());
-    let b_cfg = AgentConfig::custom(|_| String::new());
-    for (cfg, account) in [(&a_cfg, "checkout"), (&b_cfg, "checkout-b")] {
-        let certs = cfg.dir.join("certs");
-        write_workload_certs(&certs, &ca, "cluster.local", &[("shop", account)]);
-        cfg.write_raw(&shipped_config(cfg, &certs));
-    }
-    let (a_kube, b_kube) = (a_cfg.dir.join("kubeconfig"), b_cfg.dir.join("kubeconfig"));
-    api.write_kubeconfig_via(&a_kube, &format!("http://127.0.0.1:{}", api.port()));
-    api.write_kubeconfig_via(&b_kube, &format!("http://{a_addr}:{}", api.port()));
+    let nodes = ShippedNodes::new(&a_node.node, a_addr, ["checkout", "checkout-b"]);
+    let (api, a_cfg, b_cfg) = (&nodes.api, &nodes.a, &nodes.b);
 
     let mut pods = Vec::new();
     for (cfg, node, node_name, tag, layout) in [
-        (&a_cfg, &a_node, "node-a", "a", Layout::Cgroupfs),
-        (&b_cfg, &b_node, "node-b", "b", Layout::SystemdCrio),
+        (a_cfg, &a_node, "node-a", "a", Layout::Cgroupfs),
+        (b_cfg, &b_node, "node-b", "b", Layout::SystemdCrio),
     ] {
         std::fs::create_dir_all(cfg.cgroup_root_path().join(layout.kubepods())).unwrap();
         for i in 0..2 {
@@ -842,40 +653,27 @@ fn two_nodes_four_pods_cross_node_calls_go_over_mtls() {
         agents_slice(&[("node-a", a_addr), ("node-b", b_addr)]),
     );
 
-    let start = |cfg: &AgentConfig, node: &Node, name: &str, kubeconfig: &std::path::Path| {
-        Agent::start_in_netns_with_env(
-            cfg,
-            &node.node,
-            &[
-                ("SLUICE_NODE_NAME", name),
-                ("KUBECONFIG", kubeconfig.to_str().unwrap()),
-            ],
-        )
-    };
-    let a = start(&a_cfg, &a_node, "node-a", &a_kube);
-    let b = start(&b_cfg, &b_node, "node-b", &b_kube);
+    let a = nodes.start("node-a", &a_node.node);
+    let b = nodes.start("node-b", &b_node.node);
     for agent in [&a, &b] {
-        assert!(agent.wait_for_log("kubernetes: synced"), "{}", agent.log());
-        assert!(
-            wait_until(Duration::from_secs(5), || {
-                let w = workloads(agent);
-                w.len() == 2 && w.iter().all(|w| w["listener"] == "open")
-            }),
-            "{:?}\n{}",
-            workloads(agent),
-            agent.log()
-        );
+        agent.assert_ready();
+        assert_listening(agent, 2);
     }
     // Node A's agent found the cgroupfs root although the shipped config
-    // names systemd's.
-    assert!(a.log().contains("does not exist here"), "{}", a.log());
+    // names systemd's, and attached its programs there.
+    let status = a.view("/debug/status");
+    let kubepods = a_cfg.cgroup_root_path().join("kubepods");
+    for program in status["programs"].as_array().expect("programs") {
+        assert_eq!(
+            program["cgroup"],
+            kubepods.display().to_string(),
+            "{status}"
+        );
+    }
 
-    let replies = calls_from(&a_cfg, &a_node.pods[0].0, &pods[0], vip, 8);
-    let mut who = replies.clone();
-    who.sort();
-    who.dedup();
+    let replies = calls_from(a_cfg, &a_node.pods[0].0, &pods[0], vip, 8);
     assert_eq!(
-        who,
+        distinct(&replies),
         ["checkout-a0", "checkout-a1", "checkout-b0", "checkout-b1"],
         "{replies:?}\nA:\n{}\nB:\n{}",
         a.log(),
@@ -897,38 +695,29 @@ fn two_nodes_four_pods_cross_node_calls_go_over_mtls() {
     for _ in 0..5 {
         let children: Vec<_> = (0..2)
             .map(|i| {
-                in_pod(
-                    &a_cfg,
+                let same_port = Calls::new(vip, 1).text("same-port").bind_port(41000);
+                in_pod_client(
+                    a_cfg,
                     &a_node.pods[i].0,
                     &pods[i].new_container(3),
-                    &format!(
-                        "import socket\n\
-                         s = socket.socket()\n\
-                         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
-                         s.bind((\"127.0.0.1\", 41000))\n\
-                         s.connect((\"{}\", {}))\n\
-                         s.sendall(b\"same-port\\n\")\n\
-                         print(s.makefile().readline().strip())\n",
-                        vip.ip(),
-                        vip.port()
-                    ),
+                    &same_port.into(),
                 )
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
-                .spawn()
+                .spawn_guarded()
                 .unwrap()
             })
             .collect();
         for child in children {
             let out = lines(&child.wait_with_output().unwrap());
-            assert!(out.len() == 1 && out[0].ends_with("same-port"), "{out:?}");
+            assert!(out.len() == 1 && out[0].ends_with("same-port 1"), "{out:?}");
         }
     }
 
     // A restarted container (the kubelet gives it a new cgroup below the
     // same pod) keeps the pod's identity: its calls reach B's pods too,
     // which only mTLS with that identity can.
-    let restarted = calls_in(&a_cfg, &a_node.pods[0].0, &pods[0].new_container(4), vip, 8);
+    let restarted = calls_in(a_cfg, &a_node.pods[0].0, &pods[0].new_container(4), vip, 8);
     assert!(
         restarted.iter().all(|r| r.starts_with("checkout-"))
             && restarted.iter().any(|r| r.starts_with("checkout-b")),
@@ -937,19 +726,12 @@ fn two_nodes_four_pods_cross_node_calls_go_over_mtls() {
 
     // Node A counted its calls to B's pods as mutual TLS; node B's inbound
     // listener accepted them from A's pod identity.
-    let admin: SocketAddr = "127.0.0.1:15020".parse().unwrap();
-    let (_, exposition) = a_node
-        .node
-        .run(move || client::get(admin, "/metrics").unwrap());
-    let mtls_opened: f64 = exposition
-        .lines()
-        .filter(|l| {
-            l.starts_with("sluice_tcp_connections_opened_total{")
-                && l.contains("connection_security_policy=\"mutual_tls\"")
-        })
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-        .sum();
-    assert!(mtls_opened >= 2.0, "{exposition}");
+    let metrics = a.metrics();
+    let mtls_opened = metrics.sum(
+        "sluice_tcp_connections_opened_total",
+        &[("connection_security_policy", "mutual_tls")],
+    );
+    assert!(mtls_opened >= 2.0, "{metrics:?}");
     let status = b.sluice(&["status", "-o", "json"]);
     let status: Value = serde_json::from_slice(&status.stdout).unwrap();
     assert!(status["inbound_accepted"].as_u64() >= Some(2), "{status}");
@@ -957,9 +739,9 @@ fn two_nodes_four_pods_cross_node_calls_go_over_mtls() {
 
 /// The health verdicts of the Service's endpoints as the agent holds them,
 /// by backend name.
-fn verdicts(c: &Cluster) -> std::collections::HashMap<String, bool> {
+fn verdicts(c: &Cluster, agent: &Agent) -> std::collections::HashMap<String, bool> {
     let endpoints: Vec<Value> =
-        serde_json::from_str(&c.admin("/debug/endpoints")).unwrap_or_default();
+        serde_json::from_value(agent.view("/debug/endpoints")).unwrap_or_default();
     c.pods
         .iter()
         .filter_map(|p| {
@@ -978,64 +760,43 @@ fn verdicts(c: &Cluster) -> std::collections::HashMap<String, bool> {
 /// check kept running and counting through every catalog change.
 #[test]
 fn a_thousand_endpoint_slice_updates_a_second_lose_no_call_and_no_verdict() {
-    let health = "  health_check:\n    interval: 200ms\n    timeout: 150ms\n    \
-                  healthy_threshold: 2\n    unhealthy_threshold: 2\n    jitter: 20ms\n";
-    let mut c = Cluster::with_kubernetes(4, Layout::SystemdContainerd, health);
-    c.api
-        .set_object(Resource::Namespaces, namespace("shop", "mtls"));
-    c.api.set_object(Resource::Services, service());
-    c.api.set_object(
-        Resource::EndpointSlices,
-        slice(&c.pods, &[(1, true), (2, true), (3, true)]),
-    );
+    let health = HealthCheck {
+        interval: Some(Duration::from_millis(200)),
+        timeout: Some(Duration::from_millis(150)),
+        healthy_threshold: Some(2),
+        unhealthy_threshold: Some(2),
+        jitter: Some(Duration::from_millis(20)),
+    };
+    let mut c = Cluster::with_health_check(4, Layout::SystemdContainerd, Some(health));
+    c.publish("mtls", &[(1, true), (2, true), (3, true)]);
     for p in &c.pods {
         c.api.set_object(Resource::Pods, p.object());
     }
     // Pod 2's backend is down from the start.
     c.pods[2].stop_backend();
     let agent = Agent::start_in_netns(&c.config, &c.node.node);
-    assert!(agent.wait_for_log("kubernetes: synced"), "{}", agent.log());
+    agent.assert_ready();
     assert!(
         wait_until(Duration::from_secs(10), || {
-            let v = verdicts(&c);
+            let v = verdicts(&c, &agent);
             v.get("checkout-1") == Some(&true) && v.get("checkout-2") == Some(&false)
         }),
         "{:?}\n{}",
-        verdicts(&c),
+        verdicts(&c, &agent),
         agent.log()
     );
 
     let (netns, app) = (&c.node.pods[0].0, c.pods[0].app.clone());
-    let mut open = OpenConnection::open(&c.config, netns, &app, service_vip());
+    let mut open = hold_in_pod(&c.config, netns, &app, service_vip());
     assert!(open.ask("first").starts_with("checkout-"));
-    let load = in_pod(
-        &c.config,
-        netns,
-        &app,
-        &format!(
-            "import socket, time\n\
-             end = time.time() + 12\n\
-             ok = failed = 0\n\
-             while time.time() < end:\n\
-             \x20   try:\n\
-             \x20       s = socket.create_connection((\"{ip}\", {port}), timeout=5)\n\
-             \x20       s.sendall(b\"call\\n\")\n\
-             \x20       if s.makefile().readline().startswith(\"checkout-\"):\n\
-             \x20           ok += 1\n\
-             \x20       else:\n\
-             \x20           failed += 1\n\
-             \x20       s.close()\n\
-             \x20   except OSError:\n\
-             \x20       failed += 1\n\
-             \x20   time.sleep(0.05)\n\
-             print(ok, failed)\n",
-            ip = service_vip().ip(),
-            port = service_vip().port()
-        ),
-    )
-    .stdout(Stdio::piped())
-    .spawn()
-    .unwrap();
+    // Calls every 50 ms for 12 s, across the churn.
+    let calls = Calls::new(service_vip(), 1000)
+        .pause(Duration::from_millis(50))
+        .lasting(Duration::from_secs(12));
+    let load = in_pod_client(&c.config, netns, &app, &calls.into())
+        .stdout(Stdio::piped())
+        .spawn_guarded()
+        .unwrap();
 
     // The churn: 10,000 updates, one a millisecond, on their own thread.
     let started = std::time::Instant::now();
@@ -1066,7 +827,7 @@ fn a_thousand_endpoint_slice_updates_a_second_lose_no_call_and_no_verdict() {
             let mut back_at = None;
             let mut healthy_at = None;
             while !writer.is_finished() {
-                let v = verdicts(&c);
+                let v = verdicts(&c, &agent);
                 assert_eq!(v.get("checkout-1"), Some(&true), "{v:?}");
                 looks += 1;
                 if back_at.is_none() && started.elapsed() >= Duration::from_secs(3) {
@@ -1098,23 +859,20 @@ fn a_thousand_endpoint_slice_updates_a_second_lose_no_call_and_no_verdict() {
     );
     assert!(open.ask("after the churn").starts_with("checkout-"));
     // The changes were applied service by service, not as whole catalogs.
-    let exposition = c.admin("/metrics");
-    let by_service = metric(
-        &exposition,
-        "sluice_catalog_updates_total{kind=\"services\"}",
-    );
-    let whole = metric(&exposition, "sluice_catalog_updates_total{kind=\"whole\"}");
+    let metrics = agent.metrics();
+    let by_service = metrics.sum("sluice_catalog_updates_total", &[("kind", "services")]);
+    let whole = metrics.sum("sluice_catalog_updates_total", &[("kind", "whole")]);
     assert!(
         by_service >= 50.0 && whole <= 5.0,
         "{by_service} by service, {whole} whole"
     );
-    let out = load.wait_with_output().unwrap();
-    let counts = lines(&out);
-    let (ok, failed): (u32, u32) = match counts.first().map(|l| l.split_once(' ')) {
-        Some(Some((a, b))) => (a.parse().unwrap(), b.parse().unwrap()),
-        _ => panic!("load output: {counts:?}"),
-    };
-    assert_eq!(failed, 0, "{ok} calls passed, {failed} failed");
+    let replies = lines(&load.wait_with_output().unwrap());
+    let ok = replies
+        .iter()
+        .filter(|r| r.starts_with("checkout-"))
+        .count();
+    let failed = replies.len() - ok;
+    assert_eq!(failed, 0, "{ok} calls passed, {failed} failed: {replies:?}");
     assert!(ok >= 100, "{ok} calls");
     eprintln!("{ok} calls, none failed; 10,000 slice updates in {took:?}");
 }
@@ -1125,23 +883,20 @@ fn a_thousand_endpoint_slice_updates_a_second_lose_no_call_and_no_verdict() {
 #[test]
 fn a_broken_config_file_does_not_stop_discovery() {
     let c = Cluster::new(3, Layout::Cgroupfs);
-    c.api
-        .set_object(Resource::Namespaces, namespace("shop", "plaintext"));
-    c.api.set_object(Resource::Services, service());
-    c.api
-        .set_object(Resource::EndpointSlices, slice(&c.pods, &[(1, true)]));
+    c.publish("plaintext", &[(1, true)]);
     for p in &c.pods {
         c.api.set_object(Resource::Pods, p.object());
     }
     let agent = Agent::start_in_netns(&c.config, &c.node.node);
-    assert!(agent.wait_for_log("kubernetes: synced"), "{}", agent.log());
-    assert!(wait_until(Duration::from_secs(5), || c.calls(0, 1) == ["checkout-1"]));
+    agent.assert_ready();
+    c.await_calls(&agent, 1, Duration::from_secs(5), |who| {
+        who == ["checkout-1"]
+    });
 
     let refused = || {
-        metric(
-            &c.admin("/metrics"),
-            "sluice_config_reloads_total{result=\"failure\"}",
-        )
+        agent
+            .metrics()
+            .sum("sluice_config_reloads_total", &[("result", "failure")])
     };
     let good = std::fs::read_to_string(&c.config.path).unwrap();
     c.config.write_raw("node: [this is not a node\n");
@@ -1151,20 +906,10 @@ fn a_broken_config_file_does_not_stop_discovery() {
         agent.log()
     );
     // A new endpoint while the file is broken.
-    c.api.set_object(
-        Resource::EndpointSlices,
-        slice(&c.pods, &[(1, true), (2, true)]),
-    );
-    assert!(
-        wait_until(Duration::from_secs(5), || {
-            let mut who = c.calls(0, 6);
-            who.sort();
-            who.dedup();
-            who == ["checkout-1", "checkout-2"]
-        }),
-        "{}",
-        agent.log()
-    );
+    c.set_endpoints(&[(1, true), (2, true)]);
+    c.await_calls(&agent, 6, Duration::from_secs(5), |who| {
+        distinct(who) == ["checkout-1", "checkout-2"]
+    });
     c.config.write_raw(&good);
 }
 
@@ -1175,21 +920,15 @@ fn a_broken_config_file_does_not_stop_discovery() {
 #[test]
 fn a_pod_whose_namespace_cannot_be_opened_is_left_out_alone() {
     let c = Cluster::new(3, Layout::Cgroupfs);
-    c.api
-        .set_object(Resource::Namespaces, namespace("shop", "plaintext"));
-    c.api.set_object(Resource::Services, service());
-    c.api.set_object(
-        Resource::EndpointSlices,
-        slice(&c.pods, &[(1, true), (2, true)]),
-    );
+    c.publish("plaintext", &[(1, true), (2, true)]);
     for p in &c.pods {
         c.api.set_object(Resource::Pods, p.object());
     }
     // A process in pod 2's own cgroup whose main thread has exited while
     // another runs on: the kernel lists it, and its /proc/PID/ns/net is
     // gone. The locator finds it first.
-    let procs = c.pods[2].cgroup.join("cgroup.procs");
-    let mut broken = std::process::Command::new("python3")
+    let procs = c.pods[2].cgroup.path().join("cgroup.procs");
+    let broken = std::process::Command::new("python3")
         .arg("-c")
         .arg(format!(
             "import ctypes, os, threading, time\n\
@@ -1198,7 +937,7 @@ fn a_pod_whose_namespace_cannot_be_opened_is_left_out_alone() {
              ctypes.CDLL(None).pthread_exit(None)\n",
             procs.display()
         ))
-        .spawn()
+        .spawn_guarded()
         .unwrap();
     let pid = broken.id().to_string();
     assert!(
@@ -1211,10 +950,11 @@ fn a_pod_whose_namespace_cannot_be_opened_is_left_out_alone() {
     );
 
     let agent = Agent::start_in_netns(&c.config, &c.node.node);
-    assert!(agent.wait_for_log("kubernetes: synced"), "{}", agent.log());
+    agent.assert_ready();
     assert!(
         wait_until(Duration::from_secs(5), || {
-            let mut names: Vec<String> = workloads(&agent)
+            let mut names: Vec<String> = agent
+                .workloads()
                 .iter()
                 .filter_map(|w| w["name"].as_str().map(str::to_owned))
                 .collect();
@@ -1222,15 +962,10 @@ fn a_pod_whose_namespace_cannot_be_opened_is_left_out_alone() {
             names == ["shop/checkout-0", "shop/checkout-1"]
         }),
         "{:?}\n{}",
-        workloads(&agent),
+        agent.workloads(),
         agent.log()
     );
-    assert!(
-        wait_until(Duration::from_secs(5), || c.calls(0, 4)
-            == ["checkout-1"; 4]),
-        "{}",
-        agent.log()
-    );
-    let _ = broken.kill();
-    let _ = broken.wait();
+    c.await_calls(&agent, 4, Duration::from_secs(5), |who| {
+        who == ["checkout-1"; 4]
+    });
 }

@@ -4,17 +4,15 @@
 //! A plain HTTP/1.1 client reads it here, so that no client library can
 //! paper over a mistake in the fake.
 
-mod support;
-
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::TcpStream,
     time::{Duration, Instant},
 };
 
+use crate::support::kubeapi::{FakeApiServer, Resource, fixture};
+use crate::support::{TempDir, wait_until};
 use serde_json::{Value, json};
-use support::kubeapi::{FakeApiServer, Resource, fixture};
-use support::{unique, wait_until};
 
 const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
 
@@ -566,15 +564,17 @@ fn discovery_answers_connection_close_is_honoured_and_the_kubeconfig_points_here
         "the server closes after answering"
     );
 
-    let path = std::env::temp_dir().join(unique("kubeconfig"));
+    let dir = TempDir::create("kubeconfig").unwrap();
+    let path = dir.join("kubeconfig");
     api.write_kubeconfig(&path);
     let text = std::fs::read_to_string(&path).unwrap();
-    let _ = std::fs::remove_file(&path);
-    assert!(
-        text.contains(&format!("    server: {}\n", api.url())),
-        "{text}"
-    );
-    assert!(text.contains("current-context: fake\n"), "{text}");
+    let kubeconfig: Value = serde_saphyr::from_str(&text).unwrap();
+    assert_eq!(kubeconfig["current-context"], "fake", "{text}");
+    let fake = kubeconfig["clusters"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["name"] == "fake"))
+        .unwrap_or_else(|| panic!("no cluster `fake` in {text}"));
+    assert_eq!(fake["cluster"]["server"], api.url(), "{text}");
 }
 
 #[test]

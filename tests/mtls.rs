@@ -3,16 +3,14 @@
 //! workload on node B and callers on node A. The certificates, the inbound
 //! listener and the redirect are the real ones.
 
-mod support;
-
 use std::{
     net::SocketAddr,
-    path::{Path, PathBuf},
-    process::Stdio,
+    path::Path,
     sync::Arc,
     time::{Duration, SystemTime},
 };
 
+use crate::support::*;
 use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, Issuer, KeyPair, SanType};
 use rustls::{
     ClientConfig, DigitallySignedStruct, SignatureScheme,
@@ -20,125 +18,111 @@ use rustls::{
     sign::CertifiedKey,
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const MARKER: &str = "PAYMENT-MARKER-7f3a";
 const VIP: &str = "127.77.3.10:8080";
 const PLAIN_VIP: &str = "127.77.3.11:8080";
+const HOUR: Duration = Duration::from_secs(3600);
 
 struct Mesh {
-    pair: NodePair,
+    // Field order is drop order: the agents, then what they use.
     a: Agent,
     b: Agent,
+    configs: (AgentConfig, AgentConfig),
+    state: TempDir,
     ledger: Backend,
     plain: Backend,
-    state: PathBuf,
     inbound_port: u16,
-    _configs: (AgentConfig, AgentConfig),
-}
-
-fn workload(name: &str, sa: &str) -> String {
-    format!("  - name: {name}\n    namespace: payments\n    service_account: {sa}\n")
+    pair: NodePair,
 }
 
 /// Node A runs callers `client` (payments/checkout) and `batch`
 /// (payments/batch); node B runs `ledger`, which only checkout may call.
-fn mesh(lifetime: &str) -> Mesh {
+/// Certificates live `lifetime`.
+fn mesh(lifetime: Duration) -> Mesh {
+    mesh_audited(lifetime, false)
+}
+
+/// [`mesh`], with node B's audit trail in its config's `audit.jsonl` when
+/// `audit`.
+fn mesh_audited(lifetime: Duration, audit: bool) -> Mesh {
     let pair = NodePair::new();
     let ledger = Backend::start_in("ledger", "127.0.0.1:0".parse().unwrap(), &pair.b);
     let plain = Backend::start_in("plain", SocketAddr::new(pair.b_addr, 0), &pair.b);
-    let state = std::env::temp_dir().join(unique("mesh-state"));
-    let inbound_port = free_port();
-    let mesh_block = format!(
-        "mesh:\n  inbound_handshake_timeout: 1s\n  certificates:\n    local_ca:\n      lifetime: {lifetime}\n"
-    );
-    let services = |local: bool| {
-        let ledger_endpoint = if local {
-            format!(
-                "      - address: 127.0.0.1\n        port: {}\n        workload: ledger\n",
-                ledger.addr.port()
-            )
-        } else {
-            format!(
-                "      - address: 127.0.0.1\n        port: {}\n        node: node-b\n        service_account: ledger\n",
-                ledger.addr.port()
-            )
-        };
-        format!(
-            "services:\n  - name: ledger\n    namespace: payments\n    address: 127.77.3.10\n    port: 8080\n    \
-             endpoints:\n{ledger_endpoint}  - name: ledger-plain\n    namespace: payments\n    mode: plaintext\n    \
-             address: 127.77.3.11\n    port: 8080\n    endpoints:\n      - address: {}\n        port: {}\n        \
-             node: node-b\n",
-            plain.addr.ip(),
-            plain.addr.port()
-        )
+    let state = TempDir::create("mesh-state").unwrap();
+    let inbound_port = free_port().unwrap();
+    let services = |ledger_endpoint: Endpoint| {
+        vec![
+            service("ledger", VIP, &[]).endpoints(vec![ledger_endpoint]),
+            service("ledger-plain", PLAIN_VIP, &[])
+                .mode(Mode::Plaintext)
+                .endpoints(vec![Endpoint::new(plain.addr).remote("node-b", None)]),
+        ]
     };
-    let a_cfg = AgentConfig::custom(|c| {
-        format!(
-            "node:\n  name: node-a\n  address: {}\n  cgroup_root: {}\n{}{mesh_block}nodes:\n  - name: node-b\n    \
-             address: {}\nworkloads:\n{}{}{}",
-            pair.a_addr,
-            c.cgroup_root,
-            c.agent_block(&state, inbound_port),
-            pair.b_addr,
-            workload("client", "checkout"),
-            workload("batch", "batch"),
-            services(false)
-        )
+    let node = |c: &AgentConfig, name: &str, address, peer: &str, peer_address| {
+        let mut config = c.mesh_node(
+            (name, address),
+            state.path(),
+            inbound_port,
+            (peer, peer_address),
+        );
+        if let Some(mesh) = &mut config.mesh {
+            mesh.certificates = Some(config::Certificates {
+                local_ca: config::LocalCa { lifetime },
+            });
+        }
+        config
+    };
+    let ledger_addr = SocketAddr::from(([127, 0, 0, 1], ledger.addr.port()));
+    let a_cfg = AgentConfig::with(|c| Config {
+        workloads: vec![
+            Workload::new("client", "payments", "checkout"),
+            Workload::new("batch", "payments", "batch"),
+        ],
+        services: services(Endpoint::new(ledger_addr).remote("node-b", Some("ledger"))),
+        ..node(c, "node-a", pair.a_addr, "node-b", pair.b_addr)
     });
-    let b_cfg = AgentConfig::custom(|c| {
-        format!(
-            "node:\n  name: node-b\n  address: {}\n  cgroup_root: {}\n{}{mesh_block}nodes:\n  - name: node-a\n    \
-             address: {}\nworkloads:\n{}    authorization:\n      default: deny\n      allow:\n        \
-             - spiffe://cluster.local/ns/payments/sa/checkout\n{}",
-            pair.b_addr,
-            c.cgroup_root,
-            c.agent_block(&state, inbound_port),
-            pair.a_addr,
-            workload("ledger", "ledger"),
-            services(true)
-        )
+    let b_cfg = AgentConfig::with(|c| Config {
+        workloads: vec![Workload::new("ledger", "payments", "ledger").authorization(
+            Authorization {
+                default: Decision::Deny,
+                allow: vec!["spiffe://cluster.local/ns/payments/sa/checkout".to_owned()],
+                deny: vec![],
+            },
+        )],
+        services: services(Endpoint::new(ledger_addr).workload("ledger")),
+        audit: audit.then(|| Audit {
+            output: c.audit_path(),
+        }),
+        ..node(c, "node-b", pair.b_addr, "node-a", pair.a_addr)
     });
     // One CA for both nodes, as an operator would distribute it.
     a_cfg.ca_init();
     let a = Agent::start_in_netns(&a_cfg, &pair.a);
     let b = Agent::start_in_netns(&b_cfg, &pair.b);
     Mesh {
-        pair,
         a,
         b,
+        configs: (a_cfg, b_cfg),
+        state,
         ledger,
         plain,
-        state,
         inbound_port,
-        _configs: (a_cfg, b_cfg),
+        pair,
     }
 }
 
-impl Drop for Mesh {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.state);
-    }
-}
-
-fn call_script(vip: &str, n: usize, text: &str) -> String {
-    let addr: SocketAddr = vip.parse().unwrap();
-    format!(
-        "for i in $(seq 1 {n}); do \
-           if exec 3<>/dev/tcp/{ip}/{port}; then echo \"{text} $i\" >&3; \
-             if read -r reply <&3; then echo \"$reply\"; else echo FAILED; fi; exec 3>&-; \
-           else echo FAILED; fi; done",
-        ip = addr.ip(),
-        port = addr.port()
-    )
+/// `n` calls to `vip`, one connection each, sending `<text> <i>`.
+fn calls(vip: &str, n: usize, text: &str) -> Calls {
+    Calls::new(vip.parse().unwrap(), n).text(text)
 }
 
 #[test]
 fn a_cross_node_call_goes_over_mtls_with_no_plaintext_on_the_wire() {
-    let m = mesh("1h");
+    let m = mesh(HOUR);
     let capture = Capture::start(&m.pair.a, &m.pair.a_if);
-    let secure = lines(&m.a.run_as_client(&call_script(VIP, 3, MARKER)));
+    let secure = m.a.run_client("client", calls(VIP, 3, MARKER));
     let wire = capture.finish();
     assert_eq!(
         secure,
@@ -155,7 +139,7 @@ fn a_cross_node_call_goes_over_mtls_with_no_plaintext_on_the_wire() {
 
     // Control: the same capture does see a plaintext service's payload.
     let capture = Capture::start(&m.pair.a, &m.pair.a_if);
-    let plain = lines(&m.a.run_as_client(&call_script(PLAIN_VIP, 1, MARKER)));
+    let plain = m.a.run_client("client", calls(PLAIN_VIP, 1, MARKER));
     let wire = capture.finish();
     assert_eq!(plain, [format!("plain {MARKER} 1")]);
     assert_eq!(m.plain.accepted(), 1);
@@ -164,27 +148,38 @@ fn a_cross_node_call_goes_over_mtls_with_no_plaintext_on_the_wire() {
 
 #[test]
 fn authorization_lets_checkout_in_and_keeps_batch_out() {
-    let m = mesh("1h");
-    let allowed = lines(&m.a.run_as_client(&call_script(VIP, 1, "charge")));
+    let m = mesh_audited(HOUR, true);
+    let allowed = m.a.run_client("client", calls(VIP, 1, "charge"));
     assert_eq!(allowed, ["ledger charge 1"]);
-    let denied = lines(
-        &m.a.workload_command("batch", &call_script(VIP, 1, "charge"))
-            .output()
-            .unwrap(),
-    );
+    let denied = m.a.run_client("batch", calls(VIP, 1, "charge"));
     assert_eq!(denied, ["FAILED"]);
     assert_eq!(
         m.ledger.accepted(),
         1,
         "no byte of the denied call reached ledger"
     );
-    let refusal = format!(
-        "(spiffe://cluster.local/ns/payments/sa/batch): refused: denied: 127.0.0.1:{} \
-         (workload payments/ledger) denied by workload payments/ledger default deny",
-        m.ledger.addr.port()
+    // Node B's audit trail: one denial, naming the caller, the target and
+    // the rule.
+    let denials = audit_lines(&m.configs.1.audit_path(), "denied", 1);
+    assert_eq!(denials.len(), 1, "{denials:?}");
+    let denial = &denials[0];
+    assert_eq!(
+        denial["source"]["identity"], "spiffe://cluster.local/ns/payments/sa/batch",
+        "{denial}"
     );
-    assert!(m.b.wait_for_log(&refusal), "{}", m.b.log());
-    assert_eq!(m.b.log().matches("refused: denied").count(), 1);
+    assert_eq!(
+        denial["destination"]["address"],
+        format!("127.0.0.1:{}", m.ledger.addr.port()),
+        "{denial}"
+    );
+    assert_eq!(
+        denial["destination"]["workload"], "payments/ledger",
+        "{denial}"
+    );
+    assert_eq!(
+        denial["rule"], "workload payments/ledger default deny",
+        "{denial}"
+    );
     // The denial counter, as `sluice status` on node B reports it.
     let out = m.b.sluice(&["status", "-o", "json"]);
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -197,14 +192,15 @@ fn authorization_lets_checkout_in_and_keeps_batch_out() {
 /// has.)
 #[test]
 fn calls_carry_on_while_certificates_rotate() {
-    let m = mesh("4s");
-    let script = format!(
-        "end=$((SECONDS + 45)); while [ $SECONDS -lt $end ]; do {}; sleep 0.2; done",
-        call_script(VIP, 1, "tick")
-    );
-    let replies = lines(&m.a.run_as_client(&script));
+    let m = mesh(Duration::from_secs(4));
+    let ticks = calls(VIP, 1000, "tick")
+        .pause(Duration::from_millis(200))
+        .lasting(Duration::from_secs(45));
+    let replies = m.a.run_client("client", ticks);
     assert!(replies.len() > 100, "{} calls", replies.len());
-    assert!(replies.iter().all(|r| r == "ledger tick 1"), "{replies:?}");
+    for (i, reply) in replies.iter().enumerate() {
+        assert_eq!(*reply, format!("ledger tick {}", i + 1), "{replies:?}");
+    }
     for (node, agent) in [("a", &m.a), ("b", &m.b)] {
         let renewals = agent.log().matches("renewed the certificate").count();
         assert!(renewals >= 10, "node {node} renewed {renewals} times");
@@ -377,23 +373,13 @@ fn preamble(target: &str) -> Vec<u8> {
 
 #[test]
 fn bad_peers_are_refused_for_the_right_reason_while_a_good_connection_carries_on() {
-    let m = mesh("1h");
+    let m = mesh(HOUR);
     let ca = m.state.join("ca");
     let listener = SocketAddr::new(m.pair.b_addr, m.inbound_port);
 
     // A good, long-lived connection from node A through the mesh.
-    let go = m.state.join("go");
-    let script = format!(
-        "exec 7<>/dev/tcp/127.77.3.10/8080 || exit 1; echo before >&7; read -r r <&7; echo \"$r\"; \
-         while [ ! -e {} ]; do sleep 0.02; done; echo after >&7; read -r r <&7; echo \"$r\"",
-        go.display()
-    );
-    let good =
-        m.a.client_command(&script)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-    assert!(wait_until(Duration::from_secs(10), || m.ledger.accepted() == 1));
+    let mut good = m.a.hold("client", VIP.parse().unwrap());
+    assert_eq!(good.ask("before"), "ledger before");
 
     let now = SystemTime::now();
     let hour = Duration::from_secs(3600);
@@ -477,12 +463,8 @@ fn bad_peers_are_refused_for_the_right_reason_while_a_good_connection_carries_on
 
     // The good connection was never disturbed, and a valid peer still gets
     // through with the same certificate authority.
-    std::fs::write(&go, "").unwrap();
-    assert_eq!(
-        lines(&good.wait_with_output().unwrap()),
-        ["ledger before", "ledger after"]
-    );
-    let ok = lines(&m.a.run_as_client(&call_script(VIP, 1, "fine")));
+    assert_eq!(good.ask("after"), "ledger after");
+    let ok = m.a.run_client("client", calls(VIP, 1, "fine"));
     assert_eq!(ok, ["ledger fine 1"]);
 }
 
@@ -491,7 +473,7 @@ fn bad_peers_are_refused_for_the_right_reason_while_a_good_connection_carries_on
 /// since must be refused like a fresh handshake with that certificate.
 #[test]
 fn a_resumed_session_is_refused_once_its_certificate_has_expired() {
-    let m = mesh("1h");
+    let m = mesh(HOUR);
     let ca = m.state.join("ca");
     let listener = SocketAddr::new(m.pair.b_addr, m.inbound_port);
     let now = SystemTime::now();
@@ -588,13 +570,10 @@ print(int(t[len(t) // 2] * 1e6), int(t[len(t) * 99 // 100] * 1e6))'"
 /// log stays at a line per reason, and the memory comes back.
 #[test]
 fn a_flood_of_unauthenticated_handshakes_is_bounded_and_costs_nothing_after() {
-    let m = mesh("1h");
+    let m = mesh(HOUR);
     let listener = SocketAddr::new(m.pair.b_addr, m.inbound_port);
     // Warm up both paths, then take the baseline.
-    assert_eq!(
-        lines(&m.a.run_as_client(&call_script(VIP, 20, "warm"))).len(),
-        20
-    );
+    assert_eq!(m.a.run_client("client", calls(VIP, 20, "warm")).len(), 20);
     let quiet = outbound_latency(&m, 500);
     let before = rss_kib(m.b.pid());
 
@@ -615,21 +594,10 @@ fn a_flood_of_unauthenticated_handshakes_is_bounded_and_costs_nothing_after() {
         conn.write_tls(&mut bytes).unwrap();
         bytes
     };
-    let go = m.state.join("stream-go");
-    let stream_script = format!(
-        "exec 7<>/dev/tcp/127.77.3.10/8080 || exit 1; \
-         while [ ! -e {} ]; do sleep 0.01; done; \
-         for i in $(seq 1 300); do echo \"s $i\" >&7; read -r r <&7; echo \"$r\"; done",
-        go.display()
-    );
-    let stream =
-        m.a.client_command(&stream_script)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
     // The stream's connection is up before the flood starts (it comes from
     // node A's address too, like the flood).
     let accepted = m.ledger.accepted();
+    let mut stream = m.a.hold("client", VIP.parse().unwrap());
     assert!(wait_until(Duration::from_secs(10), || m.ledger.accepted()
         == accepted + 1));
     let (in_flight, flooding) = std::sync::mpsc::channel();
@@ -647,10 +615,16 @@ fn a_flood_of_unauthenticated_handshakes_is_bounded_and_costs_nothing_after() {
         conns.len()
     });
     flooding.recv().unwrap();
-    std::fs::write(&go, "").unwrap();
+    // During the flood: 300 lines on the stream, and the latency of node B's
+    // own outbound path.
+    let stream = std::thread::spawn(move || {
+        (1..=300)
+            .map(|i| stream.ask(&format!("s {i}")))
+            .collect::<Vec<String>>()
+    });
     let loaded = outbound_latency(&m, 500);
     assert_eq!(flood.join().unwrap(), 500);
-    let replies = lines(&stream.wait_with_output().unwrap());
+    let replies = stream.join().unwrap();
     let expected: Vec<String> = (1..=300).map(|i| format!("ledger s {i}")).collect();
     assert_eq!(replies, expected, "the meshed stream lost or changed bytes");
 

@@ -2,12 +2,10 @@
 //! A real Prometheus (Debian's package) scrapes it; promtool checks the
 //! exposition; the Grafana dashboard only queries metrics that exist.
 
-mod support;
-
 use std::{
     io::{BufRead, BufReader, ErrorKind, Read, Write},
     net::{SocketAddr, TcpStream},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -15,9 +13,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::support::*;
 use serde_json::Value;
 use sluice::admin::client;
-use support::*;
 
 const VIP: &str = "127.77.4.10:8080";
 
@@ -25,15 +23,15 @@ fn vip() -> SocketAddr {
     VIP.parse().unwrap()
 }
 
-fn admin(config: &AgentConfig) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], config.admin_port))
-}
-
 /// A config with a metrics listener (`agent.metrics`) on a port of its
 /// own; returns its address too.
-fn with_metrics(services: &[ServiceDef]) -> (AgentConfig, SocketAddr) {
-    let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let config = AgentConfig::with_agent_extra(services, &format!("  metrics: {metrics}\n"));
+fn with_metrics(services: &[Service]) -> (AgentConfig, SocketAddr) {
+    let metrics = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
+    let config = AgentConfig::with(|c| {
+        let mut config = c.base(services);
+        config.agent.metrics = Some(metrics);
+        config
+    });
     (config, metrics)
 }
 
@@ -116,22 +114,23 @@ fn percent_encode(s: &str) -> String {
 }
 
 struct Prometheus {
-    child: Child,
+    _child: ChildGuard,
     addr: SocketAddr,
 }
 
 impl Prometheus {
     fn start(dir: &std::path::Path, target: SocketAddr) -> Prometheus {
-        let port = free_port();
+        let port = free_port().unwrap();
         let config = dir.join("prometheus.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: sluice\n    \
-                 static_configs:\n      - targets: ['{target}']\n"
-            ),
-        )
-        .unwrap();
+        // JSON, which is YAML.
+        let scrape = serde_json::json!({
+            "global": { "scrape_interval": "1s" },
+            "scrape_configs": [{
+                "job_name": "sluice",
+                "static_configs": [{ "targets": [target.to_string()] }]
+            }]
+        });
+        std::fs::write(&config, scrape.to_string()).unwrap();
         let child = Command::new("prometheus")
             .arg(format!("--config.file={}", config.display()))
             .arg(format!(
@@ -141,10 +140,10 @@ impl Prometheus {
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
-            .spawn()
+            .spawn_guarded()
             .expect("prometheus is installed by `cargo xtask setup`");
         Prometheus {
-            child,
+            _child: child,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
         }
     }
@@ -165,20 +164,13 @@ impl Prometheus {
     }
 }
 
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn prometheus_scrapes_the_calls_and_promtool_accepts_the_exposition() {
     let b1 = Backend::start("b1");
     let b2 = Backend::start("b2");
-    let (config, metrics) = with_metrics(&[ServiceDef::new("payments", VIP, &[b1.addr, b2.addr])]);
+    let (config, metrics) = with_metrics(&[service("payments", VIP, &[b1.addr, b2.addr])]);
     let agent = Agent::start(&config);
-    let replies = lines(&agent.run_as_client(&calls_script(vip(), 7)));
+    let replies = agent.calls(vip(), 7);
     assert_eq!(replies.len(), 7);
 
     // As shipped: Prometheus scrapes the metrics listener, not the admin API.
@@ -231,28 +223,18 @@ fn cli_commands_report_live_connections_ejections_and_refusals() {
     let b1 = Backend::start("b1");
     let mut b2 = Some(Backend::start("b2"));
     let b2_addr = b2.as_ref().unwrap().addr;
-    let config = AgentConfig::new(&[ServiceDef::new("payments", VIP, &[b1.addr, b2_addr]).with(
-        "    outlier_detection:\n      consecutive_failures: 1\n      base_ejection_time: 60s\n",
-    )]);
+    let config = AgentConfig::new(&[service("payments", VIP, &[b1.addr, b2_addr])
+        .outlier_detection(OutlierDetection {
+            consecutive_failures: Some(1),
+            base_ejection_time: Some(Duration::from_secs(60)),
+            ..OutlierDetection::default()
+        })]);
     let mut agent = Agent::start(&config);
 
     // A live connection.
-    let go = config.dir.join("go");
-    let script = format!(
-        "exec 7<>/dev/tcp/{}/{} || exit 1; echo live >&7; read -r r <&7; echo \"$r\"; \
-         while [ ! -e {} ]; do sleep 0.02; done",
-        vip().ip(),
-        vip().port(),
-        go.display()
-    );
-    let holder = agent
-        .client_command(&script)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    assert!(wait_until(Duration::from_secs(10), || b1.accepted()
-        + b2.as_ref().unwrap().accepted()
-        == 1));
+    let mut holder = agent.hold("client", vip());
+    assert!(holder.ask("live").ends_with(" live"));
+    assert_eq!(b1.accepted() + b2.as_ref().unwrap().accepted(), 1);
     assert!(wait_until(Duration::from_secs(5), || {
         let (_, conns) = cli_json(&agent, &["conns"]);
         conns
@@ -269,7 +251,7 @@ fn cli_commands_report_live_connections_ejections_and_refusals() {
     // An ejected endpoint.
     drop(b2.take());
     std::thread::sleep(Duration::from_millis(50));
-    lines(&agent.run_as_client(&calls_script(vip(), 4)));
+    agent.calls(vip(), 4);
     let (_, endpoints) = cli_json(&agent, &["endpoints", "payments"]);
     let b2_row = endpoints
         .as_array()
@@ -289,7 +271,9 @@ fn cli_commands_report_live_connections_ejections_and_refusals() {
     // A refused peer on the inbound port.
     let mut plain = std::net::TcpStream::connect(("127.0.0.1", config.inbound_port)).unwrap();
     std::io::Write::write_all(&mut plain, b"hello\n").unwrap();
-    assert!(agent.wait_for_log("refused: not_tls"));
+    assert!(wait_until(Duration::from_secs(5), || {
+        agent.view("/debug/status")["inbound_refused"]["not_tls"] == 1
+    }));
     let (code, status) = cli_json(&agent, &["status"]);
     assert_eq!(code, 0);
     assert_eq!(status["ready"], true);
@@ -313,14 +297,13 @@ fn cli_commands_report_live_connections_ejections_and_refusals() {
 
     // Stopping: not ready, honestly, while it drains.
     agent.sigterm();
-    assert!(agent.wait_for_log("stopping"));
-    let (code, body) = client::get(admin(&config), "/readyz").unwrap();
+    assert!(wait_until(Duration::from_secs(5), || agent.stopping()));
+    let (code, body) = client::get(config.admin(), "/readyz").unwrap();
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("stopping"));
     let out = agent.sluice(&["status"]);
     assert_eq!(out.status.code(), Some(4), "status exits 4 while not ready");
-    std::fs::write(&go, "").unwrap();
-    holder.wait_with_output().unwrap();
+    holder.close();
     assert!(agent.wait(Duration::from_secs(10)).success());
 
     // Gone: the CLI says so, with exit code 3.
@@ -332,9 +315,9 @@ fn cli_commands_report_live_connections_ejections_and_refusals() {
 #[test]
 fn maps_are_readable_with_the_agent_stopped() {
     let b1 = Backend::start("b1");
-    let config = AgentConfig::new(&[ServiceDef::new("payments", VIP, &[b1.addr])]);
+    let config = AgentConfig::new(&[service("payments", VIP, &[b1.addr])]);
     let mut agent = Agent::start(&config);
-    lines(&agent.run_as_client(&calls_script(vip(), 3)));
+    agent.calls(vip(), 3);
     agent.kill();
     let (code, maps) = cli_json(&agent, &["maps"]);
     assert_eq!(code, 0);
@@ -368,15 +351,11 @@ fn the_dashboard_only_queries_exported_metrics() {
     assert!(queries.len() >= 8);
 
     let b1 = Backend::start("b1");
-    let config = AgentConfig::new(&[ServiceDef::new("payments", VIP, &[b1.addr])]);
+    let config = AgentConfig::new(&[service("payments", VIP, &[b1.addr])]);
     let agent = Agent::start(&config);
-    lines(&agent.run_as_client(&calls_script(vip(), 1)));
-    let (_, exposition) = client::get(admin(&config), "/metrics").unwrap();
-    let exported: std::collections::HashSet<&str> = exposition
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .map(|l| l.split(['{', ' ']).next().unwrap())
-        .collect();
+    agent.calls(vip(), 1);
+    let metrics = agent.metrics();
+    let exported = metrics.names();
     for q in &queries {
         let names = q
             .match_indices("sluice_")
@@ -400,17 +379,17 @@ fn the_dashboard_only_queries_exported_metrics() {
 #[test]
 fn trace_follows_redirect_decisions_live() {
     let b1 = Backend::start("b1");
-    let config = AgentConfig::new(&[ServiceDef::new("payments", VIP, &[b1.addr])]);
+    let config = AgentConfig::new(&[service("payments", VIP, &[b1.addr])]);
     let agent = Agent::start(&config);
     let tracer = Command::new(sluice_bin())
         .args(["trace", "--seconds", "3", "--config"])
         .arg(&config.path)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
-        .spawn()
+        .spawn_guarded()
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    lines(&agent.run_as_client(&calls_script(vip(), 2)));
+    agent.calls(vip(), 2);
     let out = tracer.wait_with_output().unwrap();
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
@@ -418,7 +397,7 @@ fn trace_follows_redirect_decisions_live() {
     assert_eq!(text.matches("sock_ops: established").count(), 2, "{text}");
     // Off again: a call now leaves no event in the agent's log.
     let before = agent.log().matches("connect4: redirect").count();
-    lines(&agent.run_as_client(&calls_script(vip(), 1)));
+    agent.calls(vip(), 1);
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(agent.log().matches("connect4: redirect").count(), before);
 }
@@ -429,9 +408,9 @@ fn trace_follows_redirect_decisions_live() {
 #[test]
 fn the_metrics_listener_serves_metrics_and_probes_and_no_debug_view() {
     let b1 = Backend::start("b1");
-    let (config, metrics) = with_metrics(&[ServiceDef::new("payments", VIP, &[b1.addr])]);
+    let (config, metrics) = with_metrics(&[service("payments", VIP, &[b1.addr])]);
     let mut agent = Agent::start(&config);
-    lines(&agent.run_as_client(&calls_script(vip(), 2)));
+    agent.calls(vip(), 2);
 
     let (status, body) = client::get(metrics, "/metrics").unwrap();
     assert_eq!(status, 200);
@@ -461,9 +440,9 @@ fn the_metrics_listener_serves_metrics_and_probes_and_no_debug_view() {
         "/debug/endpoints",
         "/metrics",
     ] {
-        assert_eq!(client::get(admin(&config), path).unwrap().0, 200, "{path}");
+        assert_eq!(client::get(config.admin(), path).unwrap().0, 200, "{path}");
     }
-    let (_, status) = client::get(admin(&config), "/debug/status").unwrap();
+    let (_, status) = client::get(config.admin(), "/debug/status").unwrap();
     let status: Value = serde_json::from_str(&status).unwrap();
     assert_eq!(status["listeners"]["metrics"], metrics.to_string());
 
@@ -479,9 +458,9 @@ fn the_metrics_listener_serves_metrics_and_probes_and_no_debug_view() {
 #[test]
 fn trace_streams_are_bounded_and_freed_when_they_end() {
     let b1 = Backend::start("b1");
-    let config = AgentConfig::new(&[ServiceDef::new("payments", VIP, &[b1.addr])]);
+    let config = AgentConfig::new(&[service("payments", VIP, &[b1.addr])]);
     let agent = Agent::start(&config);
-    let admin = admin(&config);
+    let admin = config.admin();
     // As `sluice trace` does: the programs' events on.
     let on = agent.sluice(&["ebpf-log", "on"]);
     assert!(
@@ -504,7 +483,7 @@ fn trace_streams_are_bounded_and_freed_when_they_end() {
     assert_eq!(open_traces(admin), Some(4));
 
     // The first four still stream: a call's decision reaches every one.
-    lines(&agent.run_as_client(&calls_script(vip(), 1)));
+    agent.calls(vip(), 1);
     for (i, stream) in streams.iter_mut().enumerate() {
         assert!(
             trace_shows(stream, "connect4: redirect"),

@@ -4,69 +4,30 @@
 //! agent opens its outbound listener inside each pod's namespace, opens the
 //! pod's upstream sockets there, and keys records by namespace cookie.
 
-mod support;
+use std::{net::SocketAddr, process::Stdio, time::Duration};
 
-use std::{
-    net::SocketAddr,
-    process::{Output, Stdio},
-    thread,
-    time::Duration,
-};
-
+use crate::support::{pods::*, *};
 use serde_json::Value;
-use support::{pods::*, *};
 
-/// A call from source port `port` (0: any) that prints the reply.
-fn call(vip: SocketAddr, port: u16, text: &str) -> String {
-    format!(
-        "import socket\n\
-         s = socket.socket()\n\
-         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
-         s.bind((\"127.0.0.1\", {port}))\n\
-         s.connect((\"{ip}\", {vport}))\n\
-         s.sendall(b\"{text}\\n\")\n\
-         print(s.makefile().readline().strip())\n",
-        ip = vip.ip(),
-        vport = vip.port()
-    )
-}
-
-fn stdout(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-fn render(config: &AgentConfig, node: &Node, pods: &[usize], backends: &[SocketAddr]) -> String {
-    let mut yaml = format!(
-        "node:\n  name: n1\n  cgroup_root: {}\n{}workloads:{}\n",
-        config.cgroup_root,
-        config.agent_block(&config.dir.join("state"), config.inbound_port),
-        if pods.is_empty() { " []" } else { "" }
-    );
-    for &i in pods {
-        yaml.push_str(&format!(
-            "  - name: pod-{i}\n    namespace: shop\n    service_account: sa-{i}\n    \
-             netns: {}\n    cgroup: {}\n",
-            node.pods[i].0.path().display(),
-            pod_cgroup(i)
-        ));
-    }
-    for (i, b) in backends.iter().enumerate() {
-        yaml.push_str(&format!(
-            "{}  - name: svc-{i}\n    namespace: shop\n    address: 127.77.8.{}\n    port: 8080\n    \
-             endpoints:\n      - address: {}\n        port: {}\n",
-            if i == 0 { "services:\n" } else { "" },
-            10 + i,
-            b.ip(),
-            b.port()
-        ));
-    }
-    yaml
+/// Node `n1` with pods `pods` as workloads, and service `svc-<i>` at
+/// [`vip`]`(i)` over backend `i`.
+fn render(config: &AgentConfig, node: &Node, pods: &[usize], backends: &[SocketAddr]) -> Config {
+    let mut c = Config::new("n1", &config.cgroup_root);
+    c.agent = config.agent(&config.dir.join("state"), config.inbound_port);
+    c.workloads = pods
+        .iter()
+        .map(|&i| {
+            Workload::new(&format!("pod-{i}"), "shop", &format!("sa-{i}"))
+                .netns(node.pods[i].0.path())
+                .cgroup(&pod_cgroup(i))
+        })
+        .collect();
+    c.services = backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| Service::new(&format!("svc-{i}"), "shop", vip(i), &[*b]))
+        .collect();
+    c
 }
 
 /// Pod `i`'s cgroup, as the kubelet's cgroupfs driver names it.
@@ -84,50 +45,43 @@ fn vip(i: usize) -> SocketAddr {
     format!("127.77.8.{}:8080", 10 + i).parse().unwrap()
 }
 
-fn workloads_view(agent: &Agent) -> Value {
-    let out = agent.sluice(&["workloads", "-o", "json"]);
-    serde_json::from_slice(&out.stdout).expect("workloads JSON")
-}
-
 #[test]
 fn pods_get_their_own_listener_and_source_address_and_never_share_records() {
     let node = Node::new(2);
     let backends: Vec<SocketAddr> = (0..2)
-        .map(|_| SocketAddr::new(node.service_addr, free_port()))
+        .map(|_| SocketAddr::new(node.service_addr, free_port().unwrap()))
         .collect();
     source_echo(&node.node, "a", backends[0]);
     source_echo(&node.node, "b", backends[1]);
-    let config = AgentConfig::custom(|c| render(c, &node, &[0], &backends));
+    let config = AgentConfig::with(|c| render(c, &node, &[0], &backends));
     let agent = Agent::start_in_netns(&config, &node.node);
 
     // Pod 0 alone: its call leaves from its own address.
-    let reply = stdout(
-        &in_pod(
-            &config,
-            &node.pods[0].0,
-            &container(0),
-            &call(vip(0), 0, "hi"),
-        )
-        .output()
-        .unwrap(),
+    let reply = run_in_pod(
+        &config,
+        &node.pods[0].0,
+        &container(0),
+        Calls::new(vip(0), 1).text("hi"),
     );
-    assert_eq!(reply, format!("a from {} hi", node.pods[0].1));
+    assert_eq!(reply, [format!("a from {} hi 1", node.pods[0].1)]);
 
     // Pod 1 arrives: its listener opens with the reload.
-    config.write_raw(&render(&config, &node, &[0, 1], &backends));
+    config.write(&render(&config, &node, &[0, 1], &backends));
+    let listening = |w: &Value| w["name"] == "pod-1" && w["listener"] == "open";
     assert!(
-        agent.wait_for_log(&format!("open in {}", node.pods[1].0.path().display())),
-        "{}",
-        agent.log()
+        wait_until(Duration::from_secs(5), || agent
+            .workloads()
+            .iter()
+            .any(listening)),
+        "{:?}",
+        agent.workloads()
     );
-    let view = workloads_view(&agent);
+    let view = agent.workloads();
     for (i, (pod, _)) in node.pods.iter().enumerate() {
         let w = view
-            .as_array()
-            .unwrap()
             .iter()
             .find(|w| w["name"] == format!("pod-{i}"))
-            .unwrap_or_else(|| panic!("pod-{i} not in {view}"));
+            .unwrap_or_else(|| panic!("pod-{i} not in {view:?}"));
         assert_eq!(w["netns"], pod.path().display().to_string());
         assert_eq!(w["listener"], "open", "{w}");
         assert_eq!(
@@ -142,24 +96,20 @@ fn pods_get_their_own_listener_and_source_address_and_never_share_records() {
     for round in 0..10 {
         let children: Vec<_> = (0..2)
             .map(|i| {
-                in_pod(
-                    &config,
-                    &node.pods[i].0,
-                    &container(i),
-                    &call(vip(i), 41000, "same-port"),
-                )
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
+                let same_port = Calls::new(vip(i), 1).text("same-port").bind_port(41000);
+                in_pod_client(&config, &node.pods[i].0, &container(i), &same_port.into())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn_guarded()
+                    .unwrap()
             })
             .collect();
         for (i, child) in children.into_iter().enumerate() {
-            let reply = stdout(&child.wait_with_output().unwrap());
+            let reply = lines(&child.wait_with_output().unwrap());
             let name = ["a", "b"][i];
             assert_eq!(
                 reply,
-                format!("{name} from {} same-port", node.pods[i].1),
+                [format!("{name} from {} same-port 1", node.pods[i].1)],
                 "round {round}, pod {i}"
             );
         }
@@ -169,53 +119,30 @@ fn pods_get_their_own_listener_and_source_address_and_never_share_records() {
 #[test]
 fn a_pod_that_leaves_drains_its_open_connection_and_takes_no_new_ones() {
     let node = Node::new(1);
-    let backend = SocketAddr::new(node.service_addr, free_port());
+    let backend = SocketAddr::new(node.service_addr, free_port().unwrap());
     source_echo(&node.node, "a", backend);
-    let config = AgentConfig::custom(|c| render(c, &node, &[0], &[backend]));
+    let config = AgentConfig::with(|c| render(c, &node, &[0], &[backend]));
     let agent = Agent::start_in_netns(&config, &node.node);
     let pod = &node.pods[0].0;
 
     // A connection that is open when the pod leaves the catalog.
-    let held = in_pod(
-        &config,
-        pod,
-        &container(0),
-        &format!(
-            "import socket, time\n\
-             s = socket.create_connection((\"{ip}\", {port}))\n\
-             f = s.makefile()\n\
-             s.sendall(b\"one\\n\")\n\
-             a = f.readline().strip()\n\
-             time.sleep(2)\n\
-             s.sendall(b\"two\\n\")\n\
-             print(a + \"|\" + f.readline().strip())\n",
-            ip = vip(0).ip(),
-            port = vip(0).port()
-        ),
-    )
-    .stdout(Stdio::piped())
-    .spawn()
-    .unwrap();
-    thread::sleep(Duration::from_millis(500));
-
-    config.write_raw(&render(&config, &node, &[], &[backend]));
-    assert!(
-        agent.wait_for_log("closed the outbound listener in"),
-        "{}",
-        agent.log()
-    );
-    let reply = stdout(&held.wait_with_output().unwrap());
+    let mut held = hold_in_pod(&config, pod, &container(0), vip(0));
     let from = node.pods[0].1;
-    assert_eq!(reply, format!("a from {from} one|a from {from} two"));
+    assert_eq!(held.ask("one"), format!("a from {from} one"));
+
+    config.write(&render(&config, &node, &[], &[backend]));
+    assert!(
+        wait_until(Duration::from_secs(5), || agent.workloads().is_empty()),
+        "{:?}",
+        agent.workloads()
+    );
+    assert_eq!(held.ask("two"), format!("a from {from} two"));
+    held.close();
 
     // New connects from the pod find no listener: refused at once.
-    let out = in_pod(&config, pod, &container(0), &call(vip(0), 0, "late"))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("ConnectionRefusedError"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let late = Calls::new(vip(0), 1).text("late").show_error();
+    assert_eq!(
+        run_in_pod(&config, pod, &container(0), late),
+        ["FAILED ConnectionRefused"]
     );
 }

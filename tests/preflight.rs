@@ -1,11 +1,9 @@
 //! The agent refuses to start, with one sentence saying why and how to fix
 //! it, when the machine cannot run it, and leaves nothing behind.
 
-mod support;
-
 use std::{os::unix::process::CommandExt, process::Command};
 
-use support::*;
+use crate::support::*;
 
 fn run_agent(config: &AgentConfig, as_nobody: bool) -> (i32, String) {
     let mut cmd = Command::new(sluice_bin());
@@ -48,16 +46,10 @@ fn without_root_the_agent_names_the_missing_capabilities() {
 #[test]
 fn a_pin_dir_outside_bpffs_is_refused() {
     let mut config = AgentConfig::new(&[]);
-    let text = std::fs::read_to_string(&config.path).unwrap();
     let not_bpffs = config.dir.join("pins");
-    std::fs::write(
-        &config.path,
-        text.replace(
-            &format!("pin_dir: {}", config.pin_dir.display()),
-            &format!("pin_dir: {}", not_bpffs.display()),
-        ),
-    )
-    .unwrap();
+    let mut text = config.base(&[]);
+    text.agent.pin_dir = Some(not_bpffs.clone());
+    config.write(&text);
     config.pin_dir = not_bpffs.clone();
     let (code, err) = run_agent(&config, false);
     assert_eq!(code, 1, "{err}");

@@ -1,8 +1,6 @@
 //! End to end, as root: real eBPF programs on a real cgroup, a real agent
 //! process, clients run inside the workload cgroup, real TCP backends.
 
-mod support;
-
 use std::{
     fs,
     net::{SocketAddr, TcpListener, TcpStream},
@@ -11,8 +9,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::support::*;
 use sluice_maps::Stat;
-use support::*;
 
 /// A virtual address inside 127/8: if a test ever ran without its hook the
 /// call would fail on this machine instead of leaving it.
@@ -26,10 +24,10 @@ fn calls_to_the_virtual_address_are_round_robined_over_three_backends() {
         Backend::start("b3"),
     ];
     let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
-    let config = AgentConfig::new(&[ServiceDef::new("payments", VIP, &addrs)]);
+    let config = AgentConfig::new(&[service("payments", VIP, &addrs)]);
     let agent = Agent::start(&config);
 
-    let replies = lines(&agent.run_as_client(&calls_script(VIP.parse().unwrap(), 300)));
+    let replies = agent.calls(VIP.parse().unwrap(), 300);
 
     assert_eq!(replies.len(), 300);
     let answered_by: Vec<&str> = replies
@@ -61,10 +59,10 @@ fn calls_to_the_virtual_address_are_round_robined_over_three_backends() {
 fn connections_to_other_destinations_go_straight_through() {
     let meshed = Backend::start("meshed");
     let direct = Backend::start("direct");
-    let config = AgentConfig::new(&[ServiceDef::new("payments", VIP, &[meshed.addr])]);
+    let config = AgentConfig::new(&[service("payments", VIP, &[meshed.addr])]);
     let agent = Agent::start(&config);
 
-    let replies = lines(&agent.run_as_client(&calls_script(direct.addr, 3)));
+    let replies = agent.calls(direct.addr, 3);
 
     assert_eq!(replies, ["direct call 1", "direct call 2", "direct call 3"]);
     assert_eq!(direct.accepted(), 3);
@@ -80,12 +78,12 @@ fn connections_to_other_destinations_go_straight_through() {
 fn the_agents_own_upstream_connections_are_not_redirected() {
     let backend = Backend::start("b1");
     let vip = backend.addr.to_string();
-    let config = AgentConfig::new(&[ServiceDef::new("loop", &vip, &[backend.addr])]);
+    let config = AgentConfig::new(&[service("loop", &vip, &[backend.addr])]);
     let agent_cgroup = config.cgroup_root_path().join("agent");
     fs::create_dir_all(&agent_cgroup).unwrap();
     let agent = Agent::start_in_cgroup(&config, &agent_cgroup);
 
-    let replies = lines(&agent.run_as_client(&calls_script(backend.addr, 2)));
+    let replies = agent.calls(backend.addr, 2);
 
     assert_eq!(replies, ["b1 call 1", "b1 call 2"]);
     assert_eq!(backend.accepted(), 2);
@@ -101,10 +99,10 @@ fn the_agents_own_upstream_connections_are_not_redirected() {
 fn record_maps_are_empty_after_10000_connections() {
     let backends = [Backend::start("b1"), Backend::start("b2")];
     let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
-    let config = AgentConfig::new(&[ServiceDef::new("payments", VIP, &addrs)]);
+    let config = AgentConfig::new(&[service("payments", VIP, &addrs)]);
     let agent = Agent::start(&config);
 
-    let replies = lines(&agent.run_as_client(&calls_script(VIP.parse().unwrap(), 10_000)));
+    let replies = agent.calls(VIP.parse().unwrap(), 10_000);
 
     assert_eq!(replies.len(), 10_000);
     assert!(!replies.iter().any(|r| r == "FAILED"));
@@ -120,11 +118,7 @@ fn record_maps_are_empty_after_10000_connections() {
 fn sigterm_drains_open_connections_then_detaches() {
     let backend = Backend::start("meshed");
     let real = Backend::start("real");
-    let config = AgentConfig::new(&[ServiceDef::new(
-        "payments",
-        &real.addr.to_string(),
-        &[backend.addr],
-    )]);
+    let config = AgentConfig::new(&[service("payments", &real.addr.to_string(), &[backend.addr])]);
     let mut agent = Agent::start(&config);
     let go = config.dir.join("go");
     let after_exit = config.dir.join("after-exit");
@@ -142,12 +136,12 @@ fn sigterm_drains_open_connections_then_detaches() {
     let client = agent
         .client_command(&script)
         .stdout(Stdio::piped())
-        .spawn()
+        .spawn_guarded()
         .unwrap();
     assert!(wait_until(Duration::from_secs(10), || backend.accepted() == 1));
 
     agent.sigterm();
-    assert!(agent.wait_for_log("stopping"));
+    assert!(wait_until(Duration::from_secs(5), || agent.stopping()));
     std::thread::sleep(Duration::from_millis(300));
     assert!(
         agent.is_running(),
@@ -170,22 +164,24 @@ fn sigterm_drains_open_connections_then_detaches() {
 #[test]
 fn a_refusing_endpoint_resets_the_client_and_is_logged() {
     let healthy = Backend::start("healthy");
-    let refusing: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let refusing: SocketAddr = format!("127.0.0.1:{}", free_port().unwrap())
+        .parse()
+        .unwrap();
     let config = AgentConfig::new(&[
-        ServiceDef::new("broken", VIP, &[refusing]),
-        ServiceDef::new("payments", "127.77.0.11:8080", &[healthy.addr]),
+        service("broken", VIP, &[refusing]),
+        service("payments", "127.77.0.11:8080", &[healthy.addr]),
     ]);
     let agent = Agent::start(&config);
 
     // A long-lived connection to the healthy service spans the failure.
-    let script = format!(
-        "exec 4<>/dev/tcp/127.77.0.11/8080 || exit 1; echo before >&4; read -r r <&4; echo \"$r\"; \
-         {broken}; \
-         echo after >&4; read -r r <&4; echo \"$r\"",
-        broken = calls_script(VIP.parse().unwrap(), 1)
-    );
     let started = Instant::now();
-    let replies = lines(&agent.run_as_client(&script));
+    let mut held = agent.hold("client", "127.77.0.11:8080".parse().unwrap());
+    let replies = [
+        vec![held.ask("before")],
+        agent.calls(VIP.parse().unwrap(), 1),
+        vec![held.ask("after")],
+    ]
+    .concat();
     assert_eq!(
         replies,
         ["healthy before", "FAILED", "healthy after"],
@@ -224,11 +220,11 @@ fn an_endpoint_that_never_answers_times_out() {
     let fillers: Vec<TcpStream> = (0..4)
         .filter_map(|_| TcpStream::connect_timeout(&silent_addr, Duration::from_millis(100)).ok())
         .collect();
-    let config = AgentConfig::new(&[ServiceDef::new("slow", VIP, &[silent_addr])]);
+    let config = AgentConfig::new(&[service("slow", VIP, &[silent_addr])]);
     let agent = Agent::start(&config);
 
     let started = Instant::now();
-    let replies = lines(&agent.run_as_client(&calls_script(VIP.parse().unwrap(), 1)));
+    let replies = agent.calls(VIP.parse().unwrap(), 1);
     let took = started.elapsed();
 
     assert_eq!(replies, ["FAILED"]);
@@ -250,20 +246,13 @@ fn an_endpoint_that_never_answers_times_out() {
 fn a_new_agent_takes_over_from_a_crashed_one() {
     let meshed = Backend::start("meshed");
     let direct = Backend::start("direct");
-    let config = AgentConfig::new(&[ServiceDef::new("payments", VIP, &[meshed.addr])]);
+    let config = AgentConfig::new(&[service("payments", VIP, &[meshed.addr])]);
     let mut first = Agent::start(&config);
     first.kill();
     assert!(config.pin_dir.join("link_connect4").exists());
 
-    let while_down = format!(
-        "{}; {}",
-        calls_script(direct.addr, 1),
-        calls_script(VIP.parse().unwrap(), 1)
-    );
-    assert_eq!(
-        lines(&first.run_as_client(&while_down)),
-        ["direct call 1", "FAILED"]
-    );
+    assert_eq!(first.calls(direct.addr, 1), ["direct call 1"]);
+    assert_eq!(first.calls(VIP.parse().unwrap(), 1), ["FAILED"]);
 
     let second = Agent::start(&config);
     assert!(
@@ -274,7 +263,7 @@ fn a_new_agent_takes_over_from_a_crashed_one() {
     let not_meshed_before = second.stat(Stat::NotMeshed);
     let redirected_before = second.stat(Stat::Redirected);
     assert_eq!(
-        lines(&second.run_as_client(&calls_script(VIP.parse().unwrap(), 2))),
+        second.calls(VIP.parse().unwrap(), 2),
         ["meshed call 1", "meshed call 2"]
     );
     // A second, stale connect4 would see the rewritten address and count it
@@ -287,21 +276,21 @@ fn a_new_agent_takes_over_from_a_crashed_one() {
 fn ebpf_log_events_switch_on_and_off_at_run_time() {
     const EVENT: &str = "connect4: redirect";
     let backend = Backend::start("b1");
-    let config = AgentConfig::new(&[ServiceDef::new("payments", VIP, &[backend.addr])]);
+    let config = AgentConfig::new(&[service("payments", VIP, &[backend.addr])]);
     let agent = Agent::start(&config);
     let vip: SocketAddr = VIP.parse().unwrap();
 
-    lines(&agent.run_as_client(&calls_script(vip, 1)));
+    agent.calls(vip, 1);
     std::thread::sleep(Duration::from_millis(200));
     assert!(!agent.log().contains(EVENT), "off by default");
 
     assert!(agent.sluice(&["ebpf-log", "on"]).status.success());
-    lines(&agent.run_as_client(&calls_script(vip, 1)));
+    agent.calls(vip, 1);
     assert!(agent.wait_for_log(EVENT), "{}", agent.log());
 
     assert!(agent.sluice(&["ebpf-log", "off"]).status.success());
     let events = agent.log().matches(EVENT).count();
-    lines(&agent.run_as_client(&calls_script(vip, 1)));
+    agent.calls(vip, 1);
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(agent.log().matches(EVENT).count(), events);
 }
@@ -312,42 +301,20 @@ fn ebpf_log_events_switch_on_and_off_at_run_time() {
 #[test]
 fn a_workload_that_sets_the_agents_mark_is_still_redirected() {
     let backend = Backend::start("meshed");
-    let services = [ServiceDef::new("payments", VIP, &[backend.addr])];
-    let config = AgentConfig::new(&services);
-    let audit = config.dir.join("audit.jsonl");
-    config.write_raw(&format!(
-        "{}audit:\n  output: {}\n",
-        config.render(&services),
-        audit.display()
-    ));
+    let config = AgentConfig::audited(&[service("payments", VIP, &[backend.addr])]);
+    let audit = config.audit_path();
     let agent = Agent::start(&config);
-    let vip: std::net::SocketAddr = VIP.parse().unwrap();
-    let script = format!(
-        "python3 -c 'import socket\n\
-s = socket.socket()\n\
-s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, 0x51ce)\n\
-s.connect((\"{ip}\", {port}))\n\
-s.sendall(b\"spoofed\\n\")\n\
-print(s.makefile().readline().strip())'",
-        ip = vip.ip(),
-        port = vip.port()
-    );
+    let spoofed = Calls::new(VIP.parse().unwrap(), 1)
+        .text("spoofed")
+        .mark(0x51ce);
 
-    let replies = lines(&agent.run_as_client(&script));
+    let replies = agent.run_client("client", spoofed);
 
-    assert_eq!(replies, ["meshed spoofed"]);
+    assert_eq!(replies, ["meshed spoofed 1"]);
     assert_eq!(agent.stat(Stat::MarkSpoofed), 1);
     // The attempt is in the audit trail, with who made it.
-    let mut attempt = serde_json::Value::Null;
-    assert!(wait_until(Duration::from_secs(5), || {
-        attempt = fs::read_to_string(&audit)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .find(|l| l["reason"] == "mark_spoofed")
-            .unwrap_or_default();
-        !attempt.is_null()
-    }));
+    let attempts = audit_lines(&audit, "mark_spoofed", 1);
+    let attempt = attempts.first().expect("the attempt is audited");
     assert_eq!(attempt["event"], "bypass_attempt");
     assert_eq!(attempt["decision"], "redirect");
     assert_eq!(
@@ -365,51 +332,25 @@ print(s.makefile().readline().strip())'",
 #[test]
 fn during_the_drain_a_new_connect_is_refused_at_once() {
     let backend = Backend::start("meshed");
-    let config = AgentConfig::new(&[ServiceDef::new("payments", VIP, &[backend.addr])]);
+    let config = AgentConfig::new(&[service("payments", VIP, &[backend.addr])]);
     let mut agent = Agent::start(&config);
     let vip: std::net::SocketAddr = VIP.parse().unwrap();
-    let go = config.dir.join("go");
-    let open_script = format!(
-        "exec 3<>/dev/tcp/{ip}/{port} || exit 1; echo first >&3; read -r reply <&3; echo \"$reply\"; \
-         while [ ! -e {go} ]; do sleep 0.02; done; \
-         echo second >&3; read -r reply <&3; echo \"$reply\"",
-        ip = vip.ip(),
-        port = vip.port(),
-        go = go.display(),
-    );
-    let open = agent
-        .client_command(&open_script)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    assert!(wait_until(Duration::from_secs(10), || backend.accepted() == 1));
+    let mut open = agent.hold("client", vip);
+    assert_eq!(open.ask("first"), "meshed first");
 
     agent.sigterm();
     // Stopping: the admin API says so until the end.
-    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], config.admin_port));
-    assert!(wait_until(Duration::from_secs(10), || {
-        sluice::admin::client::get(admin, "/readyz").is_ok_and(|(status, _)| status == 503)
-    }));
-    let probe = format!(
-        "python3 -c 'import socket, time\n\
-t = time.monotonic()\n\
-s = socket.socket()\n\
-s.settimeout(5)\n\
-try:\n    s.connect((\"{ip}\", {port})); s.sendall(b\"x\\n\"); r = \"answered \" + repr(s.recv(100))\n\
-except OSError as e:\n    r = type(e).__name__\n\
-print(r, int((time.monotonic() - t) * 1000))'",
-        ip = vip.ip(),
-        port = vip.port()
-    );
-    let out = lines(&agent.run_as_client(&probe));
-    let (outcome, millis) = out[0].split_once(' ').unwrap();
-    assert_eq!(outcome, "ConnectionRefusedError", "{out:?}");
-    let millis: u64 = millis.parse().unwrap();
+    assert!(wait_until(Duration::from_secs(10), || agent.stopping()));
+    let probe = agent.run_client("client", Calls::new(vip, 1).show_error().timed());
+    assert_eq!(probe[0], "FAILED ConnectionRefused", "{probe:?}");
+    let millis: u64 = probe[1]
+        .strip_prefix("elapsed_ms ")
+        .and_then(|ms| ms.parse().ok())
+        .unwrap_or_else(|| panic!("{probe:?}"));
     assert!(millis < 100, "refused after {millis} ms");
     assert!(agent.is_running(), "the open connection is still draining");
 
-    std::fs::write(&go, "").unwrap();
-    let out = open.wait_with_output().unwrap();
-    assert_eq!(lines(&out), ["meshed first", "meshed second"]);
+    assert_eq!(open.ask("second"), "meshed second");
+    open.close();
     assert!(agent.wait(Duration::from_secs(10)).success());
 }

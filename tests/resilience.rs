@@ -2,15 +2,13 @@
 //! held connections that reach a threshold, a backend that never answers,
 //! config reloads under traffic. The agent and redirect are the real ones.
 
-mod support;
-
 use std::{
     net::SocketAddr,
     process::Stdio,
     time::{Duration, Instant},
 };
 
-use support::*;
+use crate::support::*;
 
 const VIP: &str = "127.77.1.10:8080";
 
@@ -28,14 +26,16 @@ fn a_dead_backend_is_ejected_then_taken_back() {
     let mut b2 = Some(Backend::start("b2"));
     let b2_addr = b2.as_ref().unwrap().addr;
     let b3 = Backend::start("b3");
-    let config = AgentConfig::new(&[ServiceDef::new("payments", VIP, &[b1.addr, b2_addr, b3.addr])
-        .with(
-            "    outlier_detection:\n      consecutive_failures: 2\n      base_ejection_time: 2s\n      \
-             max_ejection_time: 10s\n",
-        )]);
+    let config = AgentConfig::new(&[service("payments", VIP, &[b1.addr, b2_addr, b3.addr])
+        .outlier_detection(OutlierDetection {
+            consecutive_failures: Some(2),
+            base_ejection_time: Some(Duration::from_secs(2)),
+            max_ejection_time: Some(Duration::from_secs(10)),
+            ..OutlierDetection::default()
+        })]);
     let agent = Agent::start(&config);
 
-    let before = lines(&agent.run_as_client(&calls_script(vip(), 30)));
+    let before = agent.calls(vip(), 30);
     assert_eq!(
         answered_by(&before).iter().filter(|b| **b == "b2").count(),
         10
@@ -43,30 +43,38 @@ fn a_dead_backend_is_ejected_then_taken_back() {
 
     drop(b2.take());
     std::thread::sleep(Duration::from_millis(50));
-    let during = lines(&agent.run_as_client(&calls_script(vip(), 60)));
+    let during = agent.calls(vip(), 60);
     assert!(!during.iter().any(|r| r == "FAILED"), "{during:?}");
     assert!(!answered_by(&during).contains(&"b2"));
-    let ejected = format!("endpoint {b2_addr} ejected for 2000ms after 2 consecutive failures");
-    assert!(agent.wait_for_log(&ejected), "{}", agent.log());
+    // Ejected once, for the base ejection time (2 s)...
+    let b2_view = agent.endpoint(b2_addr);
     let ejected_at = Instant::now();
-    let failed_connects = agent
-        .log()
-        .matches(&format!("endpoint {b2_addr}: connect failed"))
-        .count();
-    assert_eq!(failed_connects, 2, "ejected after exactly two failures");
+    assert_eq!(b2_view["breaker"], "open", "{b2_view}");
+    assert_eq!(b2_view["ejections"], 1, "{b2_view}");
+    let ejected_for = b2_view["ejected_for_seconds"].as_f64().unwrap_or(0.0);
+    assert!(ejected_for > 0.0 && ejected_for <= 2.0, "{b2_view}");
+    // ...after exactly two failed connects, each retried on another
+    // endpoint (no call failed).
+    let retries = agent.metrics().sum(
+        "sluice_connect_retries_total",
+        &[("destination_service", "payments")],
+    );
+    assert_eq!(retries, 2.0, "ejected after exactly two failures");
 
     let _b2 = Backend::start_on("b2", b2_addr);
     // Calls every 100 ms until b2 answers again.
-    let script = format!(
-        "for i in $(seq 1 80); do {}; sleep 0.1; done",
-        calls_script(vip(), 1)
-    );
     let mut client = agent
-        .client_command(&script)
+        .client(
+            "client",
+            Calls::new(vip(), 80).pause(Duration::from_millis(100)),
+        )
         .stdout(Stdio::piped())
-        .spawn()
+        .spawn_guarded()
         .unwrap();
-    let restored = agent.wait_for_log(&format!("endpoint {b2_addr} passed its half-open probe"));
+    // Trusted again once its half-open probe passes.
+    let restored = wait_until(Duration::from_secs(5), || {
+        agent.endpoint(b2_addr)["breaker"] == "closed"
+    });
     let back_after = ejected_at.elapsed();
     let _ = client.kill();
     let out = client.wait_with_output().unwrap();
@@ -74,7 +82,7 @@ fn a_dead_backend_is_ejected_then_taken_back() {
         .lines()
         .map(str::to_owned)
         .collect();
-    assert!(restored, "{}", agent.log());
+    assert!(restored, "{}", agent.endpoint(b2_addr));
     assert!(
         back_after < Duration::from_millis(3500),
         "taken back after {back_after:?} (ejection time 2s)"
@@ -91,49 +99,52 @@ fn over_max_connections_new_calls_fail_fast() {
     let backend = Backend::start("b1");
     let other = Backend::start("other");
     let config = AgentConfig::new(&[
-        ServiceDef::new("payments", VIP, &[backend.addr]).with(
-            "    circuit_breakers:\n      max_connections: 2\n    timeouts:\n      connect: 5s\n",
-        ),
-        ServiceDef::new("ledger", "127.77.1.11:8080", &[other.addr]),
+        service("payments", VIP, &[backend.addr])
+            .circuit_breakers(CircuitBreakers {
+                max_connections: Some(2),
+                ..CircuitBreakers::default()
+            })
+            .timeouts(Timeouts {
+                connect: Some(Duration::from_secs(5)),
+                ..Timeouts::default()
+            }),
+        service("ledger", "127.77.1.11:8080", &[other.addr]),
     ]);
     let agent = Agent::start(&config);
 
-    // Held connections use fds 7 and 8: calls_script uses fd 3.
-    let script = format!(
-        "exec 7<>/dev/tcp/{ip}/{port}; echo held-1 >&7; read -r a <&7; echo \"$a\"; \
-         exec 8<>/dev/tcp/{ip}/{port}; echo held-2 >&8; read -r b <&8; echo \"$b\"; \
-         start=$(date +%s%N); \
-         if exec 5<>/dev/tcp/{ip}/{port}; then echo third >&5; \
-           if read -r c <&5; then echo \"$c\"; else echo FAILED; fi; else echo FAILED; fi; \
-         echo \"elapsed_ms $(( ($(date +%s%N) - start) / 1000000 ))\"; \
-         {other}; \
-         echo again-1 >&7; read -r a <&7; echo \"$a\"; \
-         echo again-2 >&8; read -r b <&8; echo \"$b\"",
-        ip = vip().ip(),
-        port = vip().port(),
-        other = calls_script("127.77.1.11:8080".parse().unwrap(), 1),
-    );
-    let replies = lines(&agent.run_as_client(&script));
-    assert_eq!(replies[0], "b1 held-1");
-    assert_eq!(replies[1], "b1 held-2");
-    assert_eq!(replies[2], "FAILED", "{replies:?}");
-    let elapsed: u64 = replies[3]
+    let (mut held_1, mut held_2) = (agent.hold("client", vip()), agent.hold("client", vip()));
+    assert_eq!(held_1.ask("held-1"), "b1 held-1");
+    assert_eq!(held_2.ask("held-2"), "b1 held-2");
+    let third = agent.run_client("client", Calls::new(vip(), 1).text("third").timed());
+    assert_eq!(third[0], "FAILED", "{third:?}");
+    let elapsed: u64 = third[1]
         .strip_prefix("elapsed_ms ")
         .unwrap()
         .parse()
         .unwrap();
     assert!(elapsed < 500, "failed after {elapsed} ms; not fast");
-    assert_eq!(replies[4], "other call 1");
-    assert_eq!(replies[5], "b1 again-1", "{replies:?}");
-    assert_eq!(replies[6], "b1 again-2");
+    assert_eq!(
+        agent.calls("127.77.1.11:8080".parse().unwrap(), 1),
+        ["other call 1"]
+    );
+    assert_eq!(held_1.ask("again-1"), "b1 again-1");
+    assert_eq!(held_2.ask("again-2"), "b1 again-2");
     assert_eq!(
         backend.accepted(),
         2,
         "the third call never reached the backend"
     );
-    assert!(agent.wait_for_log(
-        "service payments/payments: max_connections reached; failing new connections fast"
-    ));
+    let fast_failures = || {
+        agent.metrics().sum(
+            "sluice_circuit_breaker_fast_failures_total",
+            &[
+                ("destination_service", "payments"),
+                ("reason", "max_connections"),
+            ],
+        )
+    };
+    assert!(wait_until(Duration::from_secs(5), || fast_failures() >= 1.0));
+    assert_eq!(fast_failures(), 1.0, "the third call alone failed fast");
 }
 
 /// A backend that accepts and never answers: the idle timeout (500 ms here)
@@ -141,9 +152,12 @@ fn over_max_connections_new_calls_fail_fast() {
 #[test]
 fn a_backend_that_never_answers_is_cut_by_the_idle_timeout() {
     let silent = SilentBackend::start();
-    let config =
-        AgentConfig::new(&[ServiceDef::new("payments", VIP, &[silent.addr])
-            .with("    timeouts:\n      idle: 500ms\n")]);
+    let config = AgentConfig::new(
+        &[service("payments", VIP, &[silent.addr]).timeouts(Timeouts {
+            idle: Some(Duration::from_millis(500)),
+            ..Timeouts::default()
+        })],
+    );
     let agent = Agent::start(&config);
 
     let script = format!(
@@ -170,35 +184,41 @@ fn a_backend_that_never_answers_is_cut_by_the_idle_timeout() {
 fn reload_applies_without_dropping_connections() {
     let old = Backend::start("old");
     let new = Backend::start("new");
-    let config = AgentConfig::new(&[ServiceDef::new("payments", VIP, &[old.addr])]);
+    let config = AgentConfig::new(&[service("payments", VIP, &[old.addr])]);
     let agent = Agent::start(&config);
-    let go = config.dir.join("go");
-    let script = format!(
-        "exec 3<>/dev/tcp/{ip}/{port} || exit 1; echo first >&3; read -r r <&3; echo \"$r\"; \
-         while [ ! -e {go} ]; do sleep 0.02; done; \
-         echo second >&3; read -r r <&3; echo \"$r\"; {more}",
-        ip = vip().ip(),
-        port = vip().port(),
-        go = go.display(),
-        more = calls_script(vip(), 2),
-    );
-    let client = agent
-        .client_command(&script)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    assert!(wait_until(Duration::from_secs(10), || old.accepted() == 1));
+    let mut held = agent.hold("client", vip());
+    assert_eq!(held.ask("first"), "old first");
 
+    let reloads = |result: &str| {
+        agent
+            .metrics()
+            .sum("sluice_config_reloads_total", &[("result", result)])
+    };
+    let endpoints = || -> Vec<serde_json::Value> {
+        let view = agent.view("/debug/endpoints");
+        view.as_array().cloned().unwrap_or_default()
+    };
+    let reloaded = reloads("success");
     config.write_raw("node: [this is not a config\n");
-    assert!(agent.wait_for_log("config reload refused"));
-    config.rewrite(&[ServiceDef::new("payments", VIP, &[new.addr])]);
-    assert!(agent.wait_for_log("config reloaded: 1 services"));
-    std::fs::write(&go, "").unwrap();
-
-    let replies = lines(&client.wait_with_output().unwrap());
+    assert!(wait_until(Duration::from_secs(5), || reloads("failure") == 1.0));
     assert_eq!(
-        replies,
-        ["old first", "old second", "new call 1", "new call 2"]
+        reloads("success"),
+        reloaded,
+        "the broken file was not applied"
     );
+    config.rewrite(&[service("payments", VIP, &[new.addr])]);
+    assert!(
+        wait_until(Duration::from_secs(5), || reloads("success")
+            == reloaded + 1.0),
+        "{}",
+        agent.log()
+    );
+    let now = endpoints();
+    assert!(
+        now.len() == 1 && now[0]["address"] == new.addr.to_string(),
+        "{now:?}"
+    );
+    assert_eq!(held.ask("second"), "old second");
+    assert_eq!(agent.calls(vip(), 2), ["new call 1", "new call 2"]);
     assert_eq!(old.accepted(), 1);
 }

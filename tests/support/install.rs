@@ -4,7 +4,7 @@
 
 use serde_json::{Value, json};
 
-use super::AgentConfig;
+use super::{Agent, AgentConfig, Netns, kubeapi::FakeApiServer, test_ca, write_workload_certs};
 
 /// The agent config that config/kubernetes/configmap.yaml ships, for one
 /// simulated node. The simulated nodes of a test share one machine, so what
@@ -75,4 +75,55 @@ pub fn agents_slice(agents: &[(&str, &str)]) -> Value {
         "ports": [{ "name": "mtls", "port": 15008, "protocol": "TCP" }],
         "endpoints": endpoints
     })
+}
+
+/// Nodes `node-a` and `node-b` of one cluster, each on the shipped config:
+/// one fake API server in node A's namespace (node B reaches it at A's
+/// address), and for each node its config, a kubeconfig, and the
+/// certificates of its pods' service account in namespace `shop`, from one
+/// CA.
+pub struct ShippedNodes {
+    pub api: FakeApiServer,
+    pub a: AgentConfig,
+    pub b: AgentConfig,
+}
+
+impl ShippedNodes {
+    /// `a_netns` and `a_addr`: node A's namespace and address; `accounts`:
+    /// the service accounts of A's and B's pods.
+    pub fn new(a_netns: &Netns, a_addr: &str, accounts: [&str; 2]) -> ShippedNodes {
+        let api = a_netns.run(|| FakeApiServer::start_on("0.0.0.0:0".parse().unwrap()));
+        let ca = test_ca();
+        let (a, b) = (AgentConfig::new(&[]), AgentConfig::new(&[]));
+        let urls = [
+            format!("http://127.0.0.1:{}", api.port()),
+            format!("http://{a_addr}:{}", api.port()),
+        ];
+        for ((cfg, account), url) in [&a, &b].into_iter().zip(accounts).zip(urls) {
+            let certs = cfg.dir.join("certs");
+            write_workload_certs(&certs, &ca, "cluster.local", &[("shop", account)]);
+            cfg.write_raw(&shipped_config(cfg, &certs));
+            api.write_kubeconfig_via(&cfg.dir.join("kubeconfig"), &url);
+        }
+        ShippedNodes { api, a, b }
+    }
+
+    /// Starts the agent of `name` (`node-a` or `node-b`) in `netns`, with
+    /// the environment the DaemonSet gives it.
+    pub fn start(&self, name: &str, netns: &Netns) -> Agent {
+        let config = match name {
+            "node-a" => &self.a,
+            "node-b" => &self.b,
+            _ => panic!("no node {name}"),
+        };
+        let kubeconfig = config.dir.join("kubeconfig");
+        Agent::start_in_netns_with_env(
+            config,
+            netns,
+            &[
+                ("SLUICE_NODE_NAME", name),
+                ("KUBECONFIG", kubeconfig.to_str().unwrap()),
+            ],
+        )
+    }
 }

@@ -265,15 +265,7 @@ impl FakeApiServer {
     /// Like [`Self::write_kubeconfig`], reaching the server at `url` (its
     /// address as seen from another network namespace).
     pub fn write_kubeconfig_via(&self, path: &Path, url: &str) {
-        let text = format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\n\
-             users:\n- name: sluice\n  user:\n    token: fake-sluice-token\n\
-             contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: sluice\n\
-             current-context: fake\npreferences: {{}}\n",
-            url
-        );
-        std::fs::write(path, text)
-            .unwrap_or_else(|e| panic!("write kubeconfig {}: {e}", path.display()));
+        write_kubeconfig(path, url);
     }
 
     /// Every request so far, as `METHOD TARGET` with the query as sent.
@@ -1350,4 +1342,20 @@ fn key_of(resource: Resource, obj: &Value) -> String {
     } else {
         name.to_owned()
     }
+}
+
+/// Writes a kubeconfig whose only context points at `url` with a static
+/// bearer token (as JSON, which is YAML).
+pub fn write_kubeconfig(path: &Path, url: &str) {
+    let kubeconfig = json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{ "name": "fake", "cluster": { "server": url } }],
+        "users": [{ "name": "sluice", "user": { "token": "fake-sluice-token" } }],
+        "contexts": [{ "name": "fake", "context": { "cluster": "fake", "user": "sluice" } }],
+        "current-context": "fake",
+        "preferences": {}
+    });
+    std::fs::write(path, kubeconfig.to_string())
+        .unwrap_or_else(|e| panic!("write kubeconfig {}: {e}", path.display()));
 }

@@ -1,14 +1,16 @@
 //! Helpers that let each integration test read as its scenario: real
 //! backends on loopback, a real agent process with its own cgroup root and
 //! pin directory, workloads run through `sluice exec`. Everything a test
-//! creates is removed when its helpers drop, even if the test fails.
+//! creates is removed when its helpers drop, even if the test fails: the
+//! guards are the test kit's (`sluice-testkit`), and `cargo xtask test`
+//! fails if a run leaves anything behind.
 #![allow(dead_code)] // each test binary uses a different subset
 
 use std::{
+    collections::HashMap,
     ffi::CString,
     io::{BufRead, BufReader, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
-    os::unix::process::CommandExt,
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Output, Stdio},
     sync::{
@@ -16,62 +18,39 @@ use std::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use sluice::redirect::{self, cgroup};
+use sluice::admin::client as admin_client;
+#[allow(unused_imports)] // each test binary uses a different subset
+pub use sluice_testkit::{
+    cgroup::{self, CgroupTree},
+    client::{Calls, Client},
+    config::{
+        self, Audit, Authorization, CircuitBreakers, Config, Decision, Endpoint, HealthCheck,
+        LbPolicy, Mode, OnAgentDown, OutlierDetection, PeerNode, Service, Timeouts, Workload,
+    },
+    metrics::Exposition,
+    names::unique,
+    netns::{self, Netns},
+    pins::PinDir,
+    port::free_port,
+    process::{ChildGuard, SpawnGuarded},
+    shell::sh,
+    tempdir::TempDir,
+    wait::wait_until,
+};
 
+pub mod client;
 pub mod install;
 pub mod kubeapi;
 pub mod pods;
 
+pub use client::Held;
+
 /// The agent binary under test.
 pub fn sluice_bin() -> &'static str {
     env!("CARGO_BIN_EXE_sluice")
-}
-
-/// A name unique to this test run, for cgroups, pins and files.
-pub fn unique(tag: &str) -> String {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    format!(
-        "sluice-test-{}-{}-{tag}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-/// A port on 127.0.0.1 that is free now and that the kernel will not hand
-/// out on its own. Ports from `bind(:0)` come from the ephemeral range, and
-/// the many client connections that tests open in parallel take their
-/// source ports from the same range, so such a port can be gone by the time
-/// the agent binds it. Ports below the ephemeral range are only ever taken
-/// by someone binding them explicitly.
-pub fn free_port() -> u16 {
-    const FIRST: u32 = 20_000;
-    const SPAN: u32 = 12_000; // stays under 32768, the ephemeral range's floor
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    // Spread test processes apart so two runs at once rarely probe the same ports.
-    let start = (std::process::id() * 397) % SPAN;
-    for _ in 0..SPAN {
-        let step = NEXT.fetch_add(1, Ordering::Relaxed) as u32;
-        let port = (FIRST + (start + step) % SPAN) as u16;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port in {FIRST}..{}", FIRST + SPAN);
-}
-
-/// Polls `f` every 10 ms until it is true or `timeout` passes.
-pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let until = Instant::now() + timeout;
-    while Instant::now() < until {
-        if f() {
-            return true;
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
-    f()
 }
 
 /// A line-echo TCP server: for each line it receives it answers
@@ -143,47 +122,14 @@ impl Drop for Backend {
     }
 }
 
-/// A meshed service for [`AgentConfig`].
-pub struct ServiceDef {
-    pub name: String,
-    pub vip: SocketAddr,
-    pub endpoints: Vec<SocketAddr>,
-    /// More YAML for the service, e.g. policy blocks, indented as a
-    /// service's fields (4 spaces).
-    pub extra: String,
-    /// Endpoint weights, in endpoint order (empty: the default, 1).
-    pub weights: Vec<u32>,
+/// The meshed service `payments/<name>` at `vip` over these endpoints.
+pub fn service(name: &str, vip: &str, endpoints: &[SocketAddr]) -> Service {
+    Service::new(name, "payments", vip.parse().expect("vip"), endpoints)
 }
 
-impl ServiceDef {
-    pub fn new(name: &str, vip: &str, endpoints: &[SocketAddr]) -> ServiceDef {
-        ServiceDef {
-            name: name.to_owned(),
-            vip: vip.parse().expect("vip"),
-            endpoints: endpoints.to_vec(),
-            extra: String::new(),
-            weights: Vec::new(),
-        }
-    }
-
-    /// Gives the endpoints these weights, in order.
-    pub fn weights(mut self, weights: &[u32]) -> ServiceDef {
-        self.weights = weights.to_vec();
-        self
-    }
-
-    /// Adds YAML lines to the service (write them indented by 4 spaces).
-    pub fn with(mut self, yaml: &str) -> ServiceDef {
-        self.extra.push_str(yaml);
-        if !self.extra.ends_with('\n') {
-            self.extra.push('\n');
-        }
-        self
-    }
-}
-
-/// Writes a config for one test: its own cgroup root, pin dir and
-/// outbound port, one workload called `client`.
+/// The files and names of one test's node: its own cgroup root, pin dir
+/// and ports. On drop, whatever still runs in its cgroup tree is killed and
+/// the tree, the pins and the files are removed.
 pub struct AgentConfig {
     pub dir: PathBuf,
     pub path: PathBuf,
@@ -193,108 +139,162 @@ pub struct AgentConfig {
     pub inbound_port: u16,
     pub admin_port: u16,
     pub capture_port: u16,
-    agent_extra: String,
+    // Dropped in this order: the processes go before the pins, and the
+    // files they may have open last.
+    cgroup: CgroupTree,
+    pins: PinDir,
+    files: TempDir,
 }
 
 impl AgentConfig {
-    pub fn new(services: &[ServiceDef]) -> AgentConfig {
-        Self::with_agent_extra(services, "")
+    /// [`Self::base`] with these services, written.
+    pub fn new(services: &[Service]) -> AgentConfig {
+        Self::with(|c| c.base(services))
     }
 
-    /// `agent_extra`: more lines for the `agent:` block (indented 2).
-    pub fn with_agent_extra(services: &[ServiceDef], agent_extra: &str) -> AgentConfig {
-        let name = unique("cfg");
-        let dir = std::env::temp_dir().join(&name);
-        std::fs::create_dir_all(&dir).unwrap();
+    /// The config `build` makes from this node's names and ports, written.
+    pub fn with(build: impl FnOnce(&AgentConfig) -> Config) -> AgentConfig {
+        let files = TempDir::create("cfg").unwrap();
+        // One name for the files, the cgroup root and the pins.
+        let name = files.name().to_owned();
+        let cgroup = CgroupTree::adopt(cgroup::mount().unwrap().join(&name));
+        let pins = PinDir::named(&name);
         let config = AgentConfig {
-            path: dir.join("sluice.yaml"),
-            dir,
-            pin_dir: PathBuf::from("/sys/fs/bpf").join(&name),
+            path: files.join("sluice.yaml"),
+            dir: files.path().to_owned(),
+            pin_dir: pins.path().to_owned(),
             cgroup_root: name,
-            outbound_port: free_port(),
-            inbound_port: free_port(),
-            admin_port: free_port(),
-            capture_port: free_port(),
-            agent_extra: agent_extra.to_owned(),
+            outbound_port: free_port().unwrap(),
+            inbound_port: free_port().unwrap(),
+            admin_port: free_port().unwrap(),
+            capture_port: free_port().unwrap(),
+            cgroup,
+            pins,
+            files,
         };
-        config.rewrite(services);
+        config.write(&build(&config));
         config
     }
 
-    /// Replaces the file with these services (same agent and node), in one
-    /// rename so a watching agent never reads half a file.
-    pub fn rewrite(&self, services: &[ServiceDef]) {
-        self.write_raw(&self.render(services));
+    /// Node `test` with one workload, `client` (payments/client), and
+    /// these services; the agent on this node's ports, giving up on a
+    /// connect after 300 ms.
+    pub fn base(&self, services: &[Service]) -> Config {
+        let mut config = Config::new("test", &self.cgroup_root);
+        config.agent = config::Agent {
+            connect_timeout: Some(Duration::from_millis(300)),
+            drain_timeout: Some(Duration::from_secs(10)),
+            capture: Some(SocketAddr::from(([127, 0, 0, 1], self.capture_port))),
+            ..self.agent(&self.dir.join("state"), self.inbound_port)
+        };
+        config.workloads = vec![Workload::new("client", "payments", "client")];
+        config.services = services.to_vec();
+        config
     }
 
-    /// Replaces the file with `text`, atomically.
+    /// This node's agent: its outbound, admin and pins, `state_dir` and
+    /// `inbound_port` (nodes of one mesh share both), connects given up
+    /// after 1 s, a drain of 5 s at the most.
+    pub fn agent(&self, state_dir: &Path, inbound_port: u16) -> config::Agent {
+        config::Agent {
+            outbound: Some(SocketAddr::from(([127, 0, 0, 1], self.outbound_port))),
+            pin_dir: Some(self.pin_dir.clone()),
+            connect_timeout: Some(Duration::from_secs(1)),
+            drain_timeout: Some(Duration::from_secs(5)),
+            inbound_port: Some(inbound_port),
+            state_dir: Some(state_dir.to_owned()),
+            admin: Some(self.admin()),
+            ..config::Agent::default()
+        }
+    }
+
+    /// [`Self::base`] with these services and the audit trail in
+    /// [`Self::audit_path`].
+    pub fn audited(services: &[Service]) -> AgentConfig {
+        Self::with(|c| Config {
+            audit: Some(Audit {
+                output: c.audit_path(),
+            }),
+            ..c.base(services)
+        })
+    }
+
+    /// Where [`Self::audited`] writes the audit trail.
+    pub fn audit_path(&self) -> PathBuf {
+        self.dir.join("audit.jsonl")
+    }
+
+    /// Node `name` at `address` in a two-node mesh with `peer`: the agent
+    /// as [`Self::agent`] makes it, inbound handshakes given 1 s.
+    pub fn mesh_node(
+        &self,
+        (name, address): (&str, IpAddr),
+        state_dir: &Path,
+        inbound_port: u16,
+        (peer, peer_address): (&str, IpAddr),
+    ) -> Config {
+        let mut config = Config::new(name, &self.cgroup_root);
+        config.node.address = Some(address);
+        config.agent = self.agent(state_dir, inbound_port);
+        config.mesh = Some(config::Mesh {
+            inbound_handshake_timeout: Some(Duration::from_secs(1)),
+            certificates: None,
+        });
+        config.nodes = vec![PeerNode {
+            name: peer.to_owned(),
+            address: peer_address,
+        }];
+        config
+    }
+
+    /// The agent's admin API.
+    pub fn admin(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.admin_port))
+    }
+
+    /// Replaces the file with `config`, in one rename so a watching agent
+    /// never reads half a file.
+    pub fn write(&self, config: &Config) {
+        config.write(&self.path).unwrap();
+    }
+
+    /// Replaces the file with [`Self::base`] with these services.
+    pub fn rewrite(&self, services: &[Service]) {
+        self.write(&self.base(services));
+    }
+
+    /// Replaces the file with `text` (a broken file, a shipped one),
+    /// atomically.
     pub fn write_raw(&self, text: &str) {
         let tmp = self.dir.join("sluice.yaml.new");
         std::fs::write(&tmp, text).unwrap();
         std::fs::rename(&tmp, &self.path).unwrap();
     }
 
-    /// The YAML for these services.
-    pub fn render(&self, services: &[ServiceDef]) -> String {
-        let mut yaml = format!(
-            "node:\n  name: test\n  cgroup_root: {name}\nagent:\n  outbound: 127.0.0.1:{port}\n  \
-             pin_dir: {pins}\n  connect_timeout: 300ms\n  drain_timeout: 10s\n  inbound_port: {inbound}\n  \
-             state_dir: {state}\n  admin: 127.0.0.1:{admin}\n  capture: 127.0.0.1:{capture}\n{extra}\
-             workloads:\n  - name: client\n    namespace: payments\n    service_account: client\nservices:{empty}\n",
-            name = self.cgroup_root,
-            port = self.outbound_port,
-            pins = self.pin_dir.display(),
-            inbound = self.inbound_port,
-            admin = self.admin_port,
-            capture = self.capture_port,
-            state = self.dir.join("state").display(),
-            extra = self.agent_extra,
-            empty = if services.is_empty() { " []" } else { "" }
-        );
-        for s in services {
-            yaml.push_str(&format!(
-                "  - name: {}\n    namespace: payments\n    address: {}\n    port: {}\n    endpoints:\n",
-                s.name,
-                s.vip.ip(),
-                s.vip.port()
-            ));
-            for (i, e) in s.endpoints.iter().enumerate() {
-                yaml.push_str(&format!(
-                    "      - address: {}\n        port: {}\n",
-                    e.ip(),
-                    e.port()
-                ));
-                if let Some(w) = s.weights.get(i) {
-                    yaml.push_str(&format!("        weight: {w}\n"));
-                }
-            }
-            yaml.push_str(&s.extra);
-        }
-        yaml
-    }
-
     /// Absolute path of the node's cgroup root.
     pub fn cgroup_root_path(&self) -> PathBuf {
-        cgroup::cgroup2_mount()
-            .expect("cgroup v2 is mounted")
-            .join(&self.cgroup_root)
+        self.cgroup.path().to_owned()
     }
-}
 
-impl Drop for AgentConfig {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-        // Leftovers only exist if a test failed midway; never leave them.
-        if let Ok(entries) = std::fs::read_dir(&self.pin_dir) {
-            for e in entries.flatten() {
-                if e.file_name().to_string_lossy().starts_with("link_") {
-                    let _ = std::fs::remove_file(e.path());
-                }
-            }
-        }
-        redirect::remove_pins(&self.pin_dir);
-        // Deepest first: pods' container cgroups sit several levels down.
-        pods::remove_cgroup_tree(&self.cgroup_root_path());
+    /// Runs `sluice ARGS --config FILE` to its end.
+    pub fn run(&self, args: &[&str]) -> Output {
+        Command::new(sluice_bin())
+            .args(args)
+            .arg("--config")
+            .arg(&self.path)
+            .output()
+            .expect("run sluice")
+    }
+
+    /// `sluice ca init` for this config: a CA in its state directory, which
+    /// other nodes sharing that directory then trust too.
+    pub fn ca_init(&self) {
+        let out = self.run(&["ca", "init"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
@@ -303,9 +303,10 @@ pub struct Agent {
     child: Child,
     log: Arc<Mutex<String>>,
     pub config_path: PathBuf,
-    pub pin_dir: PathBuf,
     /// The node's network namespace, when the agent runs in one.
     netns: Option<PathBuf>,
+    /// Its admin API, as its config file says (inside `netns`).
+    admin: SocketAddr,
 }
 
 impl Agent {
@@ -359,27 +360,10 @@ impl Agent {
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         if let Some(ns) = netns {
-            ns.enter_on_exec(&mut cmd);
+            ns.enter_on_exec(&mut cmd).unwrap();
         }
         if let Some(cg) = cgroup {
-            let procs = CString::new(cg.join("cgroup.procs").to_str().unwrap()).unwrap();
-            // SAFETY: only async-signal-safe calls (open, write, close) on
-            // memory prepared before fork.
-            unsafe {
-                cmd.pre_exec(move || {
-                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-                    if fd < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
-                    libc::close(fd);
-                    if ok {
-                        Ok(())
-                    } else {
-                        Err(std::io::Error::last_os_error())
-                    }
-                });
-            }
+            cgroup::enter_on_exec(&mut cmd, cg);
         }
         let mut child = cmd.spawn().expect("spawn sluice agent");
         let log = Arc::new(Mutex::new(String::new()));
@@ -401,8 +385,8 @@ impl Agent {
             child,
             log,
             config_path: config.path.clone(),
-            pin_dir: config.pin_dir.clone(),
             netns: netns.map(|n| n.path()),
+            admin: admin_of(&config.path),
         };
         let started = wait_until(Duration::from_secs(20), || {
             ready.load(Ordering::SeqCst) || agent.child.try_wait().ok().flatten().is_some()
@@ -441,7 +425,7 @@ impl Agent {
     pub fn sluice(&self, args: &[&str]) -> Output {
         let mut cmd = Command::new(sluice_bin());
         if let Some(path) = &self.netns {
-            enter_netns_on_exec(&mut cmd, path);
+            netns::enter_on_exec(&mut cmd, path).unwrap();
         }
         cmd.args(args)
             .env("SLUICE_CONFIG", &self.config_path)
@@ -486,30 +470,185 @@ impl Agent {
     /// `sluice exec` of `script` as workload `workload`, in the agent's
     /// network namespace if it has one.
     pub fn workload_command(&self, workload: &str, script: &str) -> Command {
-        let mut cmd = Command::new(sluice_bin());
-        if let Some(path) = &self.netns {
-            enter_netns_on_exec(&mut cmd, path);
-        }
-        cmd.args(["exec", "--config"])
-            .arg(&self.config_path)
-            .args(["--workload", workload, "--"])
-            // Bounds every client run, so a broken redirect fails the test
-            // instead of hanging it.
-            .args(["timeout", "--signal=KILL", "60", "bash", "-c", script]);
+        let mut cmd = self.exec(workload);
+        // Bounds every client run, so a broken redirect fails the test
+        // instead of hanging it.
+        cmd.args(["timeout", "--signal=KILL", "60", "bash", "-c", script]);
         cmd
     }
 
-    /// (records by cookie, records by peer) in the pinned maps.
-    pub fn record_counts(&self) -> (usize, usize) {
-        redirect::pinned_record_counts(&self.pin_dir).expect("read pinned record maps")
+    /// `sluice exec ... --workload WORKLOAD --`, in the agent's network
+    /// namespace if it has one: the command to run as that workload
+    /// follows.
+    fn exec(&self, workload: &str) -> Command {
+        let mut cmd = Command::new(sluice_bin());
+        if let Some(path) = &self.netns {
+            netns::enter_on_exec(&mut cmd, path).unwrap();
+        }
+        cmd.args(["exec", "--config"])
+            .arg(&self.config_path)
+            .args(["--workload", workload, "--"]);
+        cmd
     }
 
-    /// The programs' counters.
-    pub fn stat(&self, stat: sluice_maps::Stat) -> u64 {
-        redirect::ProgramStats::from_pin(&self.pin_dir)
-            .expect("open pinned stats")
-            .total(stat)
+    /// `sluice maps`: the pinned maps as an operator reads them, with the
+    /// agent running or not.
+    fn maps(&self) -> serde_json::Value {
+        let out = self.sluice(&["maps", "-o", "json"]);
+        assert!(
+            out.status.success(),
+            "sluice maps: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("sluice maps prints JSON")
     }
+
+    /// `client` run as workload `workload` through `sluice exec` (in the
+    /// agent's namespace if it has one), for 60 s at the most.
+    pub fn client(&self, workload: &str, client: impl Into<Client>) -> Command {
+        let mut cmd = self.exec(workload);
+        cmd.args(client::argv(&client.into(), 60))
+            .env(sluice_testkit::client::CLIENT_VAR, "1");
+        cmd
+    }
+
+    /// The lines `client` prints, run as workload `workload`.
+    pub fn run_client(&self, workload: &str, client: impl Into<Client>) -> Vec<String> {
+        lines(
+            &self
+                .client(workload, client)
+                .output()
+                .expect("run sluice exec"),
+        )
+    }
+
+    /// `n` calls to `to` as workload `client`, one connection each: each
+    /// reply line, or `FAILED`.
+    pub fn calls(&self, to: SocketAddr, n: usize) -> Vec<String> {
+        self.run_client("client", Calls::new(to, n))
+    }
+
+    /// A connection to `to` held open by workload `workload`.
+    pub fn hold(&self, workload: &str, to: SocketAddr) -> Held {
+        Held::start(self.client(workload, Client::Hold { to }))
+    }
+
+    /// (records by cookie, records by peer) in the pinned maps.
+    pub fn record_counts(&self) -> (u64, u64) {
+        let records = &self.maps()["records"];
+        let count = |name: &str| records[name].as_u64().expect("a record count");
+        (count("orig_by_cookie"), count("orig_by_peer"))
+    }
+
+    /// The programs' counter `stat`, summed over CPUs.
+    pub fn stat(&self, stat: sluice_maps::Stat) -> u64 {
+        self.maps()["counters"][stat.name()]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no counter {} in sluice maps", stat.name()))
+    }
+
+    /// GETs `path` from the agent's admin API (from inside its namespace):
+    /// the status and the body, or None when nothing answers.
+    pub fn admin_get(&self, path: &str) -> Option<(u16, String)> {
+        let (admin, path) = (self.admin, path.to_owned());
+        let get = move || admin_client::get(admin, &path).ok();
+        match &self.netns {
+            Some(netns) => netns::run_in(netns.clone(), get),
+            None => get(),
+        }
+    }
+
+    /// The admin API's JSON view at `path` (`/debug/status`, ...).
+    pub fn view(&self, path: &str) -> serde_json::Value {
+        let (status, body) = self
+            .admin_get(path)
+            .unwrap_or_else(|| panic!("the admin API does not answer {path}"));
+        assert_eq!(status, 200, "{path}: {body}");
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
+    }
+
+    /// The `/debug/endpoints` entry of the endpoint at `addr`.
+    pub fn endpoint(&self, addr: SocketAddr) -> serde_json::Value {
+        let all = self.view("/debug/endpoints");
+        all.as_array()
+            .and_then(|all| all.iter().find(|e| e["address"] == addr.to_string()))
+            .cloned()
+            .unwrap_or_else(|| panic!("{addr} not in {all}"))
+    }
+
+    /// The workloads, as `/debug/workloads` (`sluice workloads`) shows them.
+    pub fn workloads(&self) -> Vec<serde_json::Value> {
+        self.view("/debug/workloads")
+            .as_array()
+            .cloned()
+            .expect("a list of workloads")
+    }
+
+    /// `/readyz`: None while it answers 200, else the reasons it gives.
+    pub fn not_ready(&self) -> Option<Vec<String>> {
+        let Some((status, body)) = self.admin_get("/readyz") else {
+            return Some(vec!["the admin API does not answer".to_owned()]);
+        };
+        if status == 200 {
+            return None;
+        }
+        let reasons = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|b| b["reasons"].as_array().cloned())
+            .map(|r| {
+                r.iter()
+                    .filter_map(|r| r.as_str().map(str::to_owned))
+                    .collect()
+            });
+        Some(reasons.unwrap_or_else(|| vec![body]))
+    }
+
+    /// Waits (up to 10 s) until `/readyz` answers 200 (with Kubernetes:
+    /// once discovery has listed everything); panics with the reasons it
+    /// gives and the log if it does not.
+    pub fn assert_ready(&self) {
+        assert!(
+            wait_until(Duration::from_secs(10), || self.not_ready().is_none()),
+            "not ready: {:?}\n{}",
+            self.not_ready(),
+            self.log()
+        );
+    }
+
+    /// Whether the agent says it is stopping (draining after SIGTERM).
+    pub fn stopping(&self) -> bool {
+        self.not_ready()
+            .is_some_and(|why| why.iter().any(|r| r.starts_with("stopping")))
+    }
+
+    /// The agent's metrics, from its admin API.
+    pub fn metrics(&self) -> Exposition {
+        let admin = self.admin;
+        match &self.netns {
+            Some(netns) => netns::run_in(netns.clone(), move || scrape(admin)),
+            None => scrape(admin),
+        }
+    }
+}
+
+/// The metrics of the agent whose admin API (or metrics listener) is at
+/// `addr`.
+pub fn scrape(addr: SocketAddr) -> Exposition {
+    let (status, body) = admin_client::get(addr, "/metrics").expect("the agent answers");
+    assert_eq!(status, 200, "{body}");
+    Exposition::parse(&body)
+}
+
+/// The admin API address the config file at `path` gives the agent
+/// (`agent.admin`, 127.0.0.1:15020 when it names none).
+fn admin_of(path: &Path) -> SocketAddr {
+    let text = std::fs::read_to_string(path).expect("the agent's config");
+    let config: serde_json::Value = serde_saphyr::from_str(&text).expect("a YAML config");
+    config["agent"]["admin"]
+        .as_str()
+        .unwrap_or("127.0.0.1:15020")
+        .parse()
+        .expect("agent.admin is an address")
 }
 
 impl Drop for Agent {
@@ -519,22 +658,6 @@ impl Drop for Agent {
             let _ = self.child.wait();
         }
     }
-}
-
-/// A bash snippet that makes `n` calls to `addr`, one connection each,
-/// printing each reply line (or `FAILED` when a call gets no reply).
-pub fn calls_script(addr: SocketAddr, n: usize) -> String {
-    format!(
-        "for i in $(seq 1 {n}); do \
-           if exec 3<>/dev/tcp/{ip}/{port}; then \
-             echo \"call $i\" >&3; \
-             if read -r reply <&3; then echo \"$reply\"; else echo FAILED; fi; \
-             exec 3>&-; \
-           else echo FAILED; fi; \
-         done",
-        ip = addr.ip(),
-        port = addr.port()
-    )
 }
 
 /// Stdout of a finished command as lines; panics with stderr on failure.
@@ -591,91 +714,6 @@ pub fn answered_by(replies: &[String]) -> Vec<&str> {
         .collect()
 }
 
-/// Makes `cmd`'s child enter the network namespace at `path` before exec.
-/// Only the network namespace changes: /sys (and with it cgroupfs and
-/// bpffs) stays as it is, unlike with `ip netns exec`.
-fn enter_netns_on_exec(cmd: &mut Command, path: &Path) {
-    let file = std::fs::File::open(path).expect("open netns");
-    // SAFETY: setns(2) is async-signal-safe; the fd stays open because the
-    // closure owns the file.
-    unsafe {
-        cmd.pre_exec(move || {
-            use std::os::fd::AsRawFd;
-            if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) == 0 {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            }
-        });
-    }
-}
-
-/// Runs a shell command, panicking with its output if it fails.
-/// Sum of the samples in a Prometheus exposition whose line starts with
-/// `prefix` (a metric name, optionally with the start of its labels).
-pub fn metric(exposition: &str, prefix: &str) -> f64 {
-    exposition
-        .lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-pub fn sh(cmd: &str) {
-    let out = Command::new("sh").args(["-c", cmd]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "`{cmd}` failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A network namespace standing for a node, removed on drop.
-pub struct Netns {
-    pub name: String,
-}
-
-impl Netns {
-    pub fn path(&self) -> PathBuf {
-        PathBuf::from("/var/run/netns").join(&self.name)
-    }
-
-    /// Makes `cmd`'s child run inside this namespace.
-    pub fn enter_on_exec(&self, cmd: &mut Command) {
-        enter_netns_on_exec(cmd, &self.path());
-    }
-
-    /// Runs `f` on a new thread that has entered this namespace; sockets it
-    /// creates live there.
-    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        self.spawn(f).join().expect("thread in netns panicked")
-    }
-
-    /// Like [`Self::run`], in the background.
-    pub fn spawn<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> thread::JoinHandle<T> {
-        let path = self.path();
-        thread::spawn(move || {
-            use std::os::fd::AsRawFd;
-            let file = std::fs::File::open(&path).expect("open netns");
-            // SAFETY: setns(2) on this thread only.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
 /// Two nodes in their own network namespaces, joined by a veth pair:
 /// `a` at 198.18.N.1 on interface `a_if`, `b` at 198.18.N.2 (198.18.0.0/15
 /// is the range set aside for benchmarks, and only these namespaces use it).
@@ -691,66 +729,20 @@ impl NodePair {
     pub fn new() -> NodePair {
         static NEXT: AtomicUsize = AtomicUsize::new(1);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let tag = format!("{}{n}", std::process::id() % 100_000);
-        let (a, b) = (format!("sla{tag}"), format!("slb{tag}"));
-        let (a_if, b_if) = (format!("va{tag}"), format!("vb{tag}"));
         let subnet = (std::process::id() as usize * 7 + n) % 250 + 1;
-        let a_addr = format!("198.18.{subnet}.1");
-        let b_addr = format!("198.18.{subnet}.2");
-        sh(&format!("ip netns add {a} && ip netns add {b}"));
         let pair = NodePair {
-            a: Netns { name: a.clone() },
-            b: Netns { name: b.clone() },
-            a_addr: a_addr.parse().unwrap(),
-            b_addr: b_addr.parse().unwrap(),
-            a_if: a_if.clone(),
+            a: Netns::create(&unique("node-a")).unwrap(),
+            b: Netns::create(&unique("node-b")).unwrap(),
+            a_addr: format!("198.18.{subnet}.1").parse().unwrap(),
+            b_addr: format!("198.18.{subnet}.2").parse().unwrap(),
+            a_if: "va".to_owned(),
         };
-        sh(&format!(
-            "ip link add {a_if} type veth peer name {b_if} && \
-             ip link set {a_if} netns {a} && ip link set {b_if} netns {b} && \
-             ip -n {a} addr add {a_addr}/24 dev {a_if} && ip -n {b} addr add {b_addr}/24 dev {b_if} && \
-             ip -n {a} link set {a_if} up && ip -n {b} link set {b_if} up && \
-             ip -n {a} link set lo up && ip -n {b} link set lo up"
-        ));
+        netns::veth(&pair.a, "va", &pair.b, "vb").unwrap();
+        let a_addr = format!("{}/24", pair.a_addr);
+        let b_addr = format!("{}/24", pair.b_addr);
+        pair.a.ip(&["addr", "add", &a_addr, "dev", "va"]).unwrap();
+        pair.b.ip(&["addr", "add", &b_addr, "dev", "vb"]).unwrap();
         pair
-    }
-}
-
-impl AgentConfig {
-    /// A config whose text `build` writes, given this config's unique
-    /// names and ports (cgroup root, pin dir, outbound and inbound ports).
-    pub fn custom(build: impl FnOnce(&AgentConfig) -> String) -> AgentConfig {
-        let config = AgentConfig::new(&[]);
-        let text = build(&config);
-        config.write_raw(&text);
-        config
-    }
-
-    /// `sluice ca init` for this config: a CA in its state directory, which
-    /// other nodes sharing that directory then trust too.
-    pub fn ca_init(&self) {
-        let out = Command::new(sluice_bin())
-            .args(["ca", "init", "--config"])
-            .arg(&self.path)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    /// The `agent` block with this config's unique values.
-    pub fn agent_block(&self, state_dir: &Path, inbound_port: u16) -> String {
-        format!(
-            "agent:\n  outbound: 127.0.0.1:{}\n  pin_dir: {}\n  connect_timeout: 1s\n  \
-             drain_timeout: 5s\n  inbound_port: {inbound_port}\n  state_dir: {}\n  admin: 127.0.0.1:{}\n",
-            self.outbound_port,
-            self.pin_dir.display(),
-            state_dir.display(),
-            self.admin_port
-        )
     }
 }
 
@@ -836,6 +828,86 @@ impl Backend {
         let name = name.to_owned();
         netns.run(move || Backend::start_on(&name, addr))
     }
+}
+
+/// An echo server for one connection at a time: reads to EOF, sends it all
+/// back, closes. Serves `conns` connections on a thread, listening on
+/// `addr` in `netns`.
+pub fn eof_echo(netns: &Netns, addr: SocketAddr, conns: usize) -> thread::JoinHandle<()> {
+    let listener = netns.run(move || TcpListener::bind(addr).expect("bind echo"));
+    thread::spawn(move || {
+        use std::io::Read;
+        for _ in 0..conns {
+            let (mut s, _) = listener.accept().expect("accept");
+            let mut all = Vec::new();
+            s.read_to_end(&mut all).expect("read to EOF");
+            s.write_all(&all).expect("echo");
+        }
+    })
+}
+
+/// What a plaintext caller in `netns` (outside every workload cgroup) gets
+/// from `addr` for a line: the reply line, `closed`, or how it failed
+/// (`refused: <error kind>`, `reset[: <error kind>]`).
+pub fn plain_call(netns: &Netns, addr: SocketAddr) -> String {
+    netns.run(move || {
+        let mut stream = match TcpStream::connect_timeout(&addr, Duration::from_secs(3)) {
+            Ok(s) => s,
+            Err(e) => return format!("refused: {}", e.kind()),
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        if writeln!(stream, "plain").is_err() {
+            return "reset".into();
+        }
+        let mut line = String::new();
+        match BufReader::new(stream).read_line(&mut line) {
+            Ok(0) => "closed".into(),
+            Ok(_) => line.trim().to_owned(),
+            Err(e) => format!("reset: {}", e.kind()),
+        }
+    })
+}
+
+/// Received bytes of the loopback device in `netns`.
+pub fn loopback_bytes(netns: &Netns) -> u64 {
+    let out = netns.ip(&["-s", "-j", "link", "show", "lo"]).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&out).expect("ip -j");
+    v[0]["stats64"]["rx"]["bytes"].as_u64().expect("rx bytes")
+}
+
+/// The distinct items, sorted.
+pub fn distinct<T: Ord>(items: impl IntoIterator<Item = T>) -> Vec<T> {
+    let mut items: Vec<T> = items.into_iter().collect();
+    items.sort();
+    items.dedup();
+    items
+}
+
+/// How often each item occurs.
+pub fn counts<T: std::hash::Hash + Eq>(items: impl IntoIterator<Item = T>) -> HashMap<T, usize> {
+    let mut counts = HashMap::new();
+    for item in items {
+        *counts.entry(item).or_default() += 1;
+    }
+    counts
+}
+
+/// The lines of the audit trail at `path` with `reason`, once there are
+/// `n` of them (or what there is after 10 s).
+pub fn audit_lines(path: &Path, reason: &str, n: usize) -> Vec<serde_json::Value> {
+    let mut found = Vec::new();
+    wait_until(Duration::from_secs(10), || {
+        found = std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["reason"] == reason)
+            .collect();
+        found.len() >= n
+    });
+    found
 }
 
 /// Writes what a node-level certificate issuer (SPIRE's agent, cert-manager)

@@ -9,7 +9,7 @@ use std::{
     thread,
 };
 
-use super::{AgentConfig, Netns, sh};
+use super::{AgentConfig, ChildGuard, Client, Held, Netns, SpawnGuarded, cgroup, netns, unique};
 
 /// A node namespace with pods attached, removed on drop (Netns drops).
 pub struct Node {
@@ -24,40 +24,31 @@ impl Node {
     pub fn new(pods: usize) -> Node {
         static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let tag = format!("{}{n}", std::process::id() % 100_000);
-        let node = Netns {
-            name: format!("spn{tag}"),
-        };
+        let node = Netns::create(&unique("node")).unwrap();
         // The node forwards between its pods, as a node's CNI does.
-        sh(&format!(
-            "ip netns add {0} && ip -n {0} link set lo up && \
-             ip netns exec {0} sysctl -qw net.ipv4.ip_forward=1",
-            node.name
-        ));
+        super::sh(&format!(
+            "ip netns exec {} sysctl -qw net.ipv4.ip_forward=1",
+            node.name()
+        ))
+        .unwrap();
         let base = 10 + (std::process::id() as usize * 7 + n * 4) % 200;
         let service_addr: IpAddr = format!("198.18.{base}.1").parse().unwrap();
-        sh(&format!(
-            "ip -n {} addr add {service_addr}/32 dev lo",
-            node.name
-        ));
+        let service_net = format!("{service_addr}/32");
+        node.ip(&["addr", "add", &service_net, "dev", "lo"])
+            .unwrap();
         let mut list = Vec::new();
         for i in 0..pods {
-            let pod = Netns {
-                name: format!("spp{tag}{i}"),
-            };
+            let pod = Netns::create(&unique(&format!("pod{i}"))).unwrap();
             let subnet = base + 1 + i;
-            let (n_if, p_if) = (format!("vn{tag}{i}"), format!("vp{tag}{i}"));
+            let n_if = format!("vn{i}");
             let (n_addr, p_addr) = (format!("198.18.{subnet}.1"), format!("198.18.{subnet}.2"));
-            sh(&format!(
-                "ip netns add {p} && ip -n {p} link set lo up && \
-                 ip link add {n_if} type veth peer name {p_if} && \
-                 ip link set {n_if} netns {n} && ip link set {p_if} netns {p} && \
-                 ip -n {n} addr add {n_addr}/24 dev {n_if} && ip -n {p} addr add {p_addr}/24 dev {p_if} && \
-                 ip -n {n} link set {n_if} up && ip -n {p} link set {p_if} up && \
-                 ip -n {p} route add default via {n_addr}",
-                n = node.name,
-                p = pod.name
-            ));
+            netns::veth(&node, &n_if, &pod, "eth0").unwrap();
+            node.ip(&["addr", "add", &format!("{n_addr}/24"), "dev", &n_if])
+                .unwrap();
+            pod.ip(&["addr", "add", &format!("{p_addr}/24"), "dev", "eth0"])
+                .unwrap();
+            pod.ip(&["route", "add", "default", "via", &n_addr])
+                .unwrap();
             list.push((pod, p_addr.parse().unwrap()));
         }
         Node {
@@ -89,19 +80,63 @@ pub fn source_echo(node: &Netns, name: &'static str, addr: SocketAddr) {
     });
 }
 
-/// Runs python `script` as a process of cgroup `cgroup` (made if missing:
-/// a container's, as the kubelet would) inside the pod namespace `pod`.
-pub fn in_pod(config: &AgentConfig, pod: &Netns, cgroup: &str, script: &str) -> Command {
-    let dir = config.cgroup_root_path().join(cgroup);
-    std::fs::create_dir_all(&dir).unwrap();
-    let procs = dir.join("cgroup.procs");
+/// Runs python `script` as a process of cgroup `container` (made if
+/// missing: a container's, as the kubelet would) inside the pod namespace
+/// `pod`, for 30 s at the most.
+pub fn in_pod(config: &AgentConfig, pod: &Netns, container: &str, script: &str) -> Command {
     let mut cmd = Command::new("timeout");
-    cmd.args(["--signal=KILL", "30", "bash", "-c"]).arg(format!(
-        "echo $$ > {} && exec python3 -c '{script}'",
-        procs.display()
-    ));
-    pod.enter_on_exec(&mut cmd);
+    cmd.args(["--signal=KILL", "30", "python3", "-c", script]);
+    placed(cmd, config, pod, container)
+}
+
+/// Runs `client` as a process of cgroup `container` inside the pod
+/// namespace `pod`, for 30 s at the most.
+pub fn in_pod_client(
+    config: &AgentConfig,
+    pod: &Netns,
+    container: &str,
+    client: &Client,
+) -> Command {
+    placed(super::client::command(client, 30), config, pod, container)
+}
+
+/// The lines `client` prints, run in cgroup `container` of pod `pod`.
+pub fn run_in_pod(
+    config: &AgentConfig,
+    pod: &Netns,
+    container: &str,
+    client: impl Into<Client>,
+) -> Vec<String> {
+    let out = in_pod_client(config, pod, container, &client.into())
+        .output()
+        .expect("run the client");
+    super::lines(&out)
+}
+
+/// A connection to `to` held open from cgroup `container` of pod `pod`.
+pub fn hold_in_pod(config: &AgentConfig, pod: &Netns, container: &str, to: SocketAddr) -> Held {
+    Held::start(in_pod_client(config, pod, container, &Client::Hold { to }))
+}
+
+/// `cmd`, made to start in container cgroup `container` (made if missing:
+/// a container's, as the kubelet would) inside the pod namespace `pod`.
+fn placed(mut cmd: Command, config: &AgentConfig, pod: &Netns, container: &str) -> Command {
+    let dir = config.cgroup_root_path().join(container);
+    std::fs::create_dir_all(&dir).unwrap();
+    cgroup::enter_on_exec(&mut cmd, &dir);
+    pod.enter_on_exec(&mut cmd).unwrap();
     cmd
+}
+
+/// A pod's pause process: it sleeps in the container cgroup `container`
+/// inside the pod namespace `pod`, holding both for the pod's life.
+pub fn pause(config: &AgentConfig, pod: &Netns, container: &str) -> ChildGuard {
+    let mut sleep = Command::new("timeout");
+    sleep.args(["--signal=KILL", "30", "sleep", "120"]);
+    placed(sleep, config, pod, container)
+        .stdout(std::process::Stdio::null())
+        .spawn_guarded()
+        .unwrap()
 }
 
 /// How the kubelet and the container runtime name a pod's cgroups. Every
@@ -170,29 +205,4 @@ impl Layout {
             Layout::SystemdCrio => format!("{pod}/crio-{id}.scope"),
         }
     }
-}
-
-/// Removes a cgroup directory and every cgroup below it, deepest first
-/// (cgroupfs refuses to remove a cgroup with children or processes).
-pub fn remove_cgroup_tree(dir: &std::path::Path) {
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                remove_cgroup_tree(&e.path());
-            }
-        }
-    }
-    let _ = std::fs::remove_dir(dir);
-}
-
-/// Kills every process in a cgroup and the cgroups below it (a pod's
-/// holder leaves its own children behind when killed), waits until none is
-/// left, and removes the tree.
-pub fn kill_cgroup_tree(dir: &std::path::Path) {
-    let _ = std::fs::write(dir.join("cgroup.kill"), "1");
-    super::wait_until(std::time::Duration::from_secs(5), || {
-        std::fs::read_to_string(dir.join("cgroup.events"))
-            .map_or(true, |e| e.contains("populated 0"))
-    });
-    remove_cgroup_tree(dir);
 }

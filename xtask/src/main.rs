@@ -12,6 +12,7 @@ use std::process::Command;
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
+use sluice_testkit::{leftovers, names};
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "Sluice developer tasks")]
@@ -24,10 +25,12 @@ struct Cli {
 enum Task {
     /// Install what the eBPF build and the tests need; mount bpffs.
     Setup,
-    /// Setup, then build the release binary (target/release/sluice).
+    /// Setup, then build the release binary (target/release/sluice, or
+    /// under CARGO_TARGET_DIR).
     Build,
-    /// Setup, then fmt check, clippy -D warnings, every test (as root), and
-    /// each fuzz target for SLUICE_FUZZ_SECONDS (60) seconds.
+    /// Setup, then fmt check, clippy -D warnings, every test (as root; none
+    /// may leave a cgroup, namespace, pin or process behind), and each fuzz
+    /// target for SLUICE_FUZZ_SECONDS (60) seconds.
     Test,
     /// Setup, build, and run the agent on config/sluice.yaml with three
     /// payment backends and a meshed client.
@@ -86,6 +89,15 @@ pub fn workspace_root() -> std::path::PathBuf {
         .to_owned()
 }
 
+/// Cargo's target directory: `CARGO_TARGET_DIR` when set (relative to the
+/// workspace root), else `target/` in the workspace root.
+pub fn target_dir() -> std::path::PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => workspace_root().join(dir),
+        None => workspace_root().join("target"),
+    }
+}
+
 /// Runs a command in the workspace root, echoing it; fails on non-zero exit.
 pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
     cmd.current_dir(workspace_root());
@@ -140,7 +152,7 @@ fn test() -> anyhow::Result<()> {
         "-Z",
         "build-std=core",
         "--target-dir",
-        "target/ebpf-clippy",
+        &target_dir().join("ebpf-clippy").to_string_lossy(),
         "--",
         "-D",
         "warnings",
@@ -149,13 +161,32 @@ fn test() -> anyhow::Result<()> {
     if !setup::is_root() {
         bail!("the tests attach eBPF programs and create cgroups: run `cargo xtask test` as root");
     }
-    let totals = run_tests(cargo().args([
-        "test",
-        "--workspace",
-        "--exclude",
-        "sluice-ebpf",
-        "--all-targets",
-    ]))?;
+    // The tests name everything they make after this run, and every
+    // process they start inherits the name: whatever is left is theirs.
+    let test_run = format!("x{}", std::process::id());
+    let tests = run_tests(
+        cargo()
+            .args([
+                "test",
+                "--workspace",
+                "--exclude",
+                "sluice-ebpf",
+                "--all-targets",
+            ])
+            .env(names::RUN_VAR, &test_run),
+    );
+    let left = leftovers::find(&test_run);
+    for thing in &left {
+        println!("left behind by the tests: {thing}");
+    }
+    let totals = tests?;
+    if !left.is_empty() {
+        bail!(
+            "the tests left {} things behind (listed above): each test must remove what it makes, \
+             also when it fails",
+            left.len()
+        );
+    }
     // The Kubernetes install: schema-valid manifests, an agent config the
     // agent accepts.
     run(Command::new("bash").arg("config/kubernetes/validate.sh"))?;

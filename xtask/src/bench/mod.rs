@@ -13,8 +13,7 @@ mod report;
 
 use std::{
     io::{BufRead, BufReader, Write},
-    net::SocketAddr,
-    os::unix::process::CommandExt,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::Duration,
@@ -22,6 +21,11 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
+use sluice_testkit::{
+    config::{CircuitBreakers, Config, Endpoint, Mode, PeerNode, Service, Workload},
+    netns::{self, Netns},
+    port::free_port,
+};
 
 pub use loadgen::LoadArgs;
 
@@ -39,7 +43,7 @@ pub fn loadgen_main(args: LoadArgs) -> anyhow::Result<()> {
     loadgen::run(args)
 }
 
-use crate::{run as run_cmd, workspace_root};
+use crate::run as run_cmd;
 
 /// `cargo xtask bench` options.
 #[derive(Debug, clap::Args)]
@@ -269,51 +273,6 @@ fn install_peers() -> anyhow::Result<()> {
     crate::setup::ensure_packages(&["haproxy", "nginx-core", "libnginx-mod-stream"]).map(|_| ())
 }
 
-fn sh(cmd: &str) -> anyhow::Result<()> {
-    let out = Command::new("sh").args(["-c", cmd]).output()?;
-    if !out.status.success() {
-        bail!("`{cmd}` failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(())
-}
-
-/// Enters the network namespace `name` in the child before exec.
-fn in_netns(cmd: &mut Command, name: &str) -> anyhow::Result<()> {
-    let file = std::fs::File::open(format!("/var/run/netns/{name}"))?;
-    // SAFETY: setns(2) is async-signal-safe; the closure owns the fd.
-    unsafe {
-        cmd.pre_exec(move || {
-            use std::os::fd::AsRawFd;
-            if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) == 0 {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            }
-        });
-    }
-    Ok(())
-}
-
-/// Runs `f` on a thread that entered netns `name`.
-fn in_netns_thread<T: Send + 'static>(
-    name: &str,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> anyhow::Result<T> {
-    let path = format!("/var/run/netns/{name}");
-    std::thread::spawn(move || {
-        use std::os::fd::AsRawFd;
-        let file = std::fs::File::open(&path).expect("open netns");
-        // SAFETY: setns(2) on this thread only.
-        assert_eq!(
-            unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
-            0
-        );
-        f()
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("thread in netns panicked"))
-}
-
 /// The echo backend: reads 1 KiB, writes it back, on each connection.
 fn start_backend(listener: std::net::TcpListener) -> anyhow::Result<SocketAddr> {
     let addr = listener.local_addr()?;
@@ -345,13 +304,8 @@ fn start_backend(listener: std::net::TcpListener) -> anyhow::Result<SocketAddr> 
     Ok(addr)
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-/// Everything the run started; dropped in reverse order.
+/// Everything the run started; the processes stop before the namespaces
+/// they run in go.
 struct Rig {
     dir: PathBuf,
     sluice: PathBuf,
@@ -361,22 +315,14 @@ struct Rig {
     sluice_config: PathBuf,
     sockmap_config: PathBuf,
     mtls_config: PathBuf,
-    netns: [String; 2],
     _procs: Vec<Proc>,
-}
-
-impl Drop for Rig {
-    fn drop(&mut self) {
-        for ns in &self.netns {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-    }
+    netns: [Netns; 2],
 }
 
 fn start_agent(
     sluice: &Path,
     config: &Path,
-    netns: Option<&str>,
+    netns: Option<&Netns>,
     name: &str,
 ) -> anyhow::Result<Proc> {
     let mut cmd = Command::new("taskset");
@@ -388,7 +334,7 @@ fn start_agent(
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     if let Some(ns) = netns {
-        in_netns(&mut cmd, ns)?;
+        ns.enter_on_exec(&mut cmd)?;
     }
     let mut child = cmd.spawn().with_context(|| format!("start {name}"))?;
     let stderr = child.stderr.take().expect("piped");
@@ -406,7 +352,7 @@ fn start_agent(
     Ok(proc)
 }
 
-fn wait_ready(sluice: &Path, config: &Path, netns: Option<&str>) -> anyhow::Result<()> {
+fn wait_ready(sluice: &Path, config: &Path, netns: Option<&Netns>) -> anyhow::Result<()> {
     for _ in 0..200 {
         let mut cmd = Command::new(sluice);
         cmd.args(["status", "--config"])
@@ -414,7 +360,7 @@ fn wait_ready(sluice: &Path, config: &Path, netns: Option<&str>) -> anyhow::Resu
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         if let Some(ns) = netns {
-            in_netns(&mut cmd, ns)?;
+            ns.enter_on_exec(&mut cmd)?;
         }
         if cmd.status()?.success() {
             return Ok(());
@@ -424,11 +370,11 @@ fn wait_ready(sluice: &Path, config: &Path, netns: Option<&str>) -> anyhow::Resu
     bail!("the agent on {} did not become ready", config.display())
 }
 
-fn setup(root: &Path, s: &Settings) -> anyhow::Result<Rig> {
+fn setup(s: &Settings) -> anyhow::Result<Rig> {
     let _ = s;
-    let dir = root.join("target/bench");
+    let dir = crate::target_dir().join("bench");
     std::fs::create_dir_all(&dir)?;
-    let sluice = root.join("target/release/sluice");
+    let sluice = crate::target_dir().join("release/sluice");
     let mut procs = Vec::new();
 
     // Backend for the single-node paths, in this process (CPU 1).
@@ -437,29 +383,26 @@ fn setup(root: &Path, s: &Settings) -> anyhow::Result<Rig> {
     // Sluice, one node.
     let state = dir.join("state");
     let sluice_config = dir.join("sluice.yaml");
-    let outbound = free_port()?;
-    let admin = free_port()?;
-    let inbound = free_port()?;
-    let common = |name: &str, outbound: u16, admin: u16, inbound: u16| {
-        format!(
-            "agent:\n  outbound: 127.0.0.1:{outbound}\n  admin: 127.0.0.1:{admin}\n  inbound_port: {inbound}\n  \
-             pin_dir: /sys/fs/bpf/sluice-bench-{name}\n  state_dir: {}\n  worker_threads: 1\n  drain_timeout: 2s\n",
-            state.display()
-        )
+    let echo = |vip: &str, endpoint: Endpoint| -> anyhow::Result<Service> {
+        let breakers = CircuitBreakers {
+            max_connections: Some(100_000),
+            max_pending_connects: Some(100_000),
+        };
+        Ok(Service::new("echo", "bench", vip.parse()?, &[])
+            .circuit_breakers(breakers)
+            .endpoints(vec![endpoint]))
     };
-    let breakers = "    circuit_breakers:\n      max_connections: 100000\n      max_pending_connects: 100000\n";
-    std::fs::write(
-        &sluice_config,
-        format!(
-            "node:\n  name: bench\n  cgroup_root: sluice-bench\n{}workloads:\n  - name: bench\n    namespace: bench\n    \
-             service_account: client\nservices:\n  - name: echo\n    namespace: bench\n    address: 127.77.9.10\n    \
-             port: 8080\n{breakers}    endpoints:\n      - address: 127.0.0.1\n        port: {port}\n  \
-             - name: echo-kernel\n    namespace: bench\n    address: 127.77.9.12\n    port: 8080\n    \
-             mode: kernel\n    endpoints:\n      - address: 127.0.0.1\n        port: {port}\n",
-            common("one", outbound, admin, inbound),
-            port = backend.port()
-        ),
-    )?;
+    let local_echo = Endpoint::new(backend);
+    let mut one = node("bench", "sluice-bench", "one", &state)?;
+    one.services = vec![
+        echo("127.77.9.10:8080", local_echo.clone())?,
+        Service {
+            name: "echo-kernel".into(),
+            ..echo("127.77.9.12:8080", local_echo.clone())?
+        }
+        .mode(Mode::Kernel),
+    ];
+    one.write(&sluice_config)?;
     if !state.join("ca/ca.pem").exists() {
         run_cmd(
             Command::new(&sluice)
@@ -474,17 +417,10 @@ fn setup(root: &Path, s: &Settings) -> anyhow::Result<Rig> {
     // Sluice proxy mode again, with the sockmap bypass: its own agent,
     // cgroup root and pins, the same backend.
     let sockmap_config = dir.join("sluice-sockmap.yaml");
-    std::fs::write(
-        &sockmap_config,
-        format!(
-            "node:\n  name: bench\n  cgroup_root: sluice-bench-sockmap\n{}  sockmap: true\nworkloads:\n  \
-             - name: bench\n    namespace: bench\n    service_account: client\nservices:\n  - name: echo\n    \
-             namespace: bench\n    address: 127.77.9.13\n    port: 8080\n{breakers}    endpoints:\n      \
-             - address: 127.0.0.1\n        port: {}\n",
-            common("sockmap", free_port()?, free_port()?, free_port()?),
-            backend.port()
-        ),
-    )?;
+    let mut sockmap = node("bench", "sluice-bench-sockmap", "sockmap", &state)?;
+    sockmap.agent.sockmap = Some(true);
+    sockmap.services = vec![echo("127.77.9.13:8080", local_echo)?];
+    sockmap.write(&sockmap_config)?;
     procs.push(start_agent(
         &sluice,
         &sockmap_config,
@@ -495,60 +431,47 @@ fn setup(root: &Path, s: &Settings) -> anyhow::Result<Rig> {
     let sockmap_pid = procs.last().map(Proc::pid).unwrap_or(0);
 
     // Sluice with mTLS: two nodes in network namespaces joined by veth.
-    let tag = std::process::id() % 100_000;
-    let netns = [format!("sba{tag}"), format!("sbb{tag}")];
-    let (a_addr, b_addr) = ("198.19.77.1", "198.19.77.2");
-    sh(&format!(
-        "ip netns add {a} && ip netns add {b} && ip link add vba{tag} type veth peer name vbb{tag} && \
-         ip link set vba{tag} netns {a} && ip link set vbb{tag} netns {b} && \
-         ip -n {a} addr add {a_addr}/24 dev vba{tag} && ip -n {b} addr add {b_addr}/24 dev vbb{tag} && \
-         ip -n {a} link set vba{tag} up && ip -n {b} link set vbb{tag} up && \
-         ip -n {a} link set lo up && ip -n {b} link set lo up",
-        a = netns[0],
-        b = netns[1]
-    ))?;
-    let backend_b = in_netns_thread(&netns[1], || {
+    let tag = std::process::id();
+    let netns = [
+        Netns::create(&format!("sluice-bench-a-{tag}"))?,
+        Netns::create(&format!("sluice-bench-b-{tag}"))?,
+    ];
+    let (a_addr, b_addr): (IpAddr, IpAddr) = ("198.19.77.1".parse()?, "198.19.77.2".parse()?);
+    netns::veth(&netns[0], "vba", &netns[1], "vbb")?;
+    netns[0].ip(&["addr", "add", &format!("{a_addr}/24"), "dev", "vba"])?;
+    netns[1].ip(&["addr", "add", &format!("{b_addr}/24"), "dev", "vbb"])?;
+    let backend_b = netns[1].run(|| {
         std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| start_backend(l).map_err(std::io::Error::other))
-    })??;
+    })?;
     let mtls_config = dir.join("sluice-mtls-a.yaml");
     let mtls_config_b = dir.join("sluice-mtls-b.yaml");
     let mesh_inbound = free_port()?;
-    let service = |local: bool| {
-        let endpoint = if local {
-            format!(
-                "      - address: 127.0.0.1\n        port: {}\n        workload: echo\n",
-                backend_b.port()
-            )
-        } else {
-            format!(
-                "      - address: 127.0.0.1\n        port: {}\n        node: b\n        service_account: echo\n",
-                backend_b.port()
-            )
-        };
-        format!(
-            "services:\n  - name: echo\n    namespace: bench\n    address: 127.77.9.11\n    port: 8080\n{breakers}    \
-             endpoints:\n{endpoint}"
-        )
-    };
-    std::fs::write(
-        &mtls_config,
-        format!(
-            "node:\n  name: a\n  address: {a_addr}\n  cgroup_root: sluice-bench-a\n{}nodes:\n  - name: b\n    address: {b_addr}\n\
-             workloads:\n  - name: bench\n    namespace: bench\n    service_account: client\n{}",
-            common("a", free_port()?, free_port()?, mesh_inbound),
-            service(false)
-        ),
-    )?;
-    std::fs::write(
-        &mtls_config_b,
-        format!(
-            "node:\n  name: b\n  address: {b_addr}\n  cgroup_root: sluice-bench-b\n{}nodes:\n  - name: a\n    address: {a_addr}\n\
-             workloads:\n  - name: echo\n    namespace: bench\n    service_account: echo\n{}",
-            common("b", free_port()?, free_port()?, mesh_inbound),
-            service(true)
-        ),
-    )?;
+    let mut a = node("a", "sluice-bench-a", "a", &state)?;
+    a.node.address = Some(a_addr);
+    a.agent.inbound_port = Some(mesh_inbound);
+    a.nodes = vec![PeerNode {
+        name: "b".into(),
+        address: b_addr,
+    }];
+    a.services = vec![echo(
+        "127.77.9.11:8080",
+        Endpoint::new(backend_b).remote("b", Some("echo")),
+    )?];
+    a.write(&mtls_config)?;
+    let mut b = node("b", "sluice-bench-b", "b", &state)?;
+    b.node.address = Some(b_addr);
+    b.agent.inbound_port = Some(mesh_inbound);
+    b.nodes = vec![PeerNode {
+        name: "a".into(),
+        address: a_addr,
+    }];
+    b.workloads = vec![Workload::new("echo", "bench", "echo")];
+    b.services = vec![echo(
+        "127.77.9.11:8080",
+        Endpoint::new(backend_b).workload("echo"),
+    )?];
+    b.write(&mtls_config_b)?;
     procs.push(start_agent(
         &sluice,
         &mtls_config,
@@ -649,9 +572,25 @@ fn setup(root: &Path, s: &Settings) -> anyhow::Result<Rig> {
         sluice_config,
         sockmap_config,
         mtls_config,
-        netns,
         _procs: procs,
+        netns,
     })
+}
+
+/// A bench node's config: one workload `bench` (bench/client), its agent on
+/// free ports with its own pins `sluice-bench-<pins>`, one worker thread, a
+/// 2 s drain.
+fn node(name: &str, cgroup_root: &str, pins: &str, state: &Path) -> anyhow::Result<Config> {
+    let mut config = Config::new(name, cgroup_root);
+    config.agent.outbound = Some(SocketAddr::from(([127, 0, 0, 1], free_port()?)));
+    config.agent.admin = Some(SocketAddr::from(([127, 0, 0, 1], free_port()?)));
+    config.agent.inbound_port = Some(free_port()?);
+    config.agent.pin_dir = Some(PathBuf::from(format!("/sys/fs/bpf/sluice-bench-{pins}")));
+    config.agent.state_dir = Some(state.to_owned());
+    config.agent.worker_threads = Some(1);
+    config.agent.drain_timeout = Some(Duration::from_secs(2));
+    config.workloads = vec![Workload::new("bench", "bench", "client")];
+    Ok(config)
 }
 
 impl Rig {
@@ -689,7 +628,7 @@ impl Rig {
                     .arg(config)
                     .arg("--");
                 if path == Route::SluiceMtls {
-                    in_netns(&mut cmd, &self.netns[0])?;
+                    self.netns[0].enter_on_exec(&mut cmd)?;
                 }
             }
             _ => {}
@@ -762,7 +701,6 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     install_peers()?;
     let s = Settings::new(args.quick);
-    let root = workspace_root();
     let haltpoll = HaltPoll::set();
     println!(
         "== bench ({}): {}",
@@ -770,7 +708,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         haltpoll.note()
     );
     pin_self_to_cpu(1);
-    let rig = setup(&root, &s)?;
+    let rig = setup(&s)?;
 
     let mut results: Vec<(Route, &'static str, Value)> = Vec::new();
     let workloads: [(&'static str, Vec<String>); 3] = [

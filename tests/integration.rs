@@ -1,0 +1,20 @@
+//! Every integration test, as root, in one binary: each file below is the
+//! scenarios of one concern, `support` their helpers. One binary builds
+//! and links once where a binary per file linked the agent's library and
+//! the helpers a dozen times. Run one concern with its module name as the
+//! filter: `cargo test --test integration mtls::`.
+
+mod support;
+
+mod config_errors;
+mod dualstack;
+mod enforcement;
+mod fastpath;
+mod kube;
+mod kubeapi_selftest;
+mod mtls;
+mod observability;
+mod pods;
+mod preflight;
+mod redirect;
+mod resilience;
