@@ -73,7 +73,7 @@ pub fn run() -> anyhow::Result<()> {
     }
     let started = Instant::now();
     let cli = Cli {
-        sluice: target_dir()?.join("release/sluice"),
+        sluice: crate::target_dir().join("release/sluice"),
         config: workspace_root().join(CONFIG),
     };
 
@@ -253,16 +253,6 @@ fn what_the_agent_says(killed: &Backend, cli: &Cli) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-/// Where cargo put the release binary: `$CARGO_TARGET_DIR` (relative to
-/// where cargo was run, as cargo reads it), else the workspace's `target/`.
-fn target_dir() -> anyhow::Result<PathBuf> {
-    match std::env::var_os("CARGO_TARGET_DIR") {
-        Some(dir) => std::path::absolute(&dir)
-            .with_context(|| format!("CARGO_TARGET_DIR {}", Path::new(&dir).display())),
-        None => Ok(workspace_root().join("target")),
-    }
 }
 
 /// A payment backend: answers each line with its name and address.
@@ -776,7 +766,9 @@ fn check_nothing_left() -> anyhow::Result<()> {
     if Path::new(PIN_DIR).exists() {
         left.push(format!("pins in {PIN_DIR}"));
     }
-    if let Some(cgroup) = cgroup2_mount().map(|m| m.join(CGROUP_ROOT))
+    if let Some(cgroup) = sluice_testkit::cgroup::mount()
+        .ok()
+        .map(|m| m.join(CGROUP_ROOT))
         && cgroup.exists()
     {
         left.push(format!("cgroup {}", cgroup.display()));
@@ -785,13 +777,4 @@ fn check_nothing_left() -> anyhow::Result<()> {
         bail!("the agent left {} behind", left.join(" and "));
     }
     Ok(())
-}
-
-fn cgroup2_mount() -> Option<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
-    mounts.lines().find_map(|l| {
-        let mut f = l.split_whitespace();
-        let (_dev, at, fstype) = (f.next()?, f.next()?, f.next()?);
-        (fstype == "cgroup2").then(|| PathBuf::from(at))
-    })
 }
