@@ -12,7 +12,7 @@ use std::{
 };
 
 use libfuzzer_sys::fuzz_target;
-use sluice::proxy::preamble;
+use sluice::carry::preamble;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(target) = now(preamble::read(&mut &data[..])) {
