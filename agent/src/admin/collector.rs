@@ -60,6 +60,9 @@ struct MapLabel {
     map: &'static str,
 }
 
+/// A series without labels.
+type NoLabels = Vec<(&'static str, &'static str)>;
+
 /// Reads, at scrape time, what the agent counts elsewhere.
 pub struct StateCollector {
     pub catalog: Arc<ArcSwap<Catalog>>,
@@ -231,6 +234,12 @@ impl StateCollector {
                 (ProgramLabel { outcome: "queued" }, self.audit.queued()),
                 (ProgramLabel { outcome: "dropped" }, self.audit.dropped()),
             ],
+        )?;
+        counter(
+            encoder,
+            "sluice_certificate_renewals",
+            "Workload certificates replaced by a renewed one (local CA) or a new file",
+            [(NoLabels::new(), self.tls.store.renewals())],
         )?;
         let unix = |t: SystemTime| {
             t.duration_since(SystemTime::UNIX_EPOCH)

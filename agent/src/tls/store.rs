@@ -34,6 +34,8 @@ pub struct CertStore {
     /// Read by the verifiers (verify.rs) at each handshake.
     pub(super) bundle: ArcSwap<Bundle>,
     pub(super) algorithms: WebPkiSupportedAlgorithms,
+    /// Certificates replaced by a renewal (not the first of an identity).
+    renewals: std::sync::atomic::AtomicU64,
 }
 
 impl fmt::Debug for CertStore {
@@ -53,6 +55,7 @@ impl CertStore {
             certs: ArcSwap::from_pointee(HashMap::new()),
             bundle: ArcSwap::from_pointee(Bundle::default()),
             algorithms: provider.signature_verification_algorithms,
+            renewals: Default::default(),
         }
     }
 
@@ -62,11 +65,22 @@ impl CertStore {
 
     /// Installs (or replaces) the certificate of `id`.
     pub fn install(&self, id: Identity, cert: IssuedCert) {
+        let renewal = self.certs.load().contains_key(&id);
         self.certs.rcu(|current| {
             let mut next = HashMap::clone(current);
             next.insert(id.clone(), cert.clone());
             next
         });
+        if renewal {
+            self.renewals
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Certificates replaced by a newer one for the same identity, since
+    /// the start.
+    pub fn renewals(&self) -> u64 {
+        self.renewals.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Drops identities not in `keep` (workloads that left).
