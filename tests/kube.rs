@@ -691,11 +691,16 @@ fn two_nodes_four_pods_cross_node_calls_go_over_mtls() {
         assert_eq!(reads, 1, "{get}: {:?}", api.requests());
     }
     // A's two pods dial from the same loopback address and port at once:
-    // records are keyed by namespace, so neither takes the other's.
-    for _ in 0..5 {
+    // records are keyed by namespace, so neither takes the other's. Each
+    // round takes a port of its own: the last round's connection from the
+    // same port to the same listener may still be in TIME_WAIT.
+    for round in 0..5 {
         let children: Vec<_> = (0..2)
             .map(|i| {
-                let same_port = Calls::new(vip, 1).text("same-port").bind_port(41000);
+                let same_port = Calls::new(vip, 1)
+                    .text("same-port")
+                    .bind_port(41000 + round)
+                    .show_error();
                 in_pod_client(
                     a_cfg,
                     &a_node.pods[i].0,
