@@ -288,21 +288,21 @@ fn conns(state: &AdminState) -> Vec<ConnRow> {
         .snapshot()
         .iter()
         .map(|c| {
-            let (name, namespace) = c.caller.names();
-            (c, name.to_owned(), namespace.to_owned())
-        })
-        .map(|(c, source_workload, source_namespace)| ConnRow {
-            id: c.id,
-            source_workload,
-            source_namespace,
-            destination_service: c.callee.name(),
-            endpoint: c.endpoint.to_string(),
-            security: c.security.to_owned(),
-            age_seconds: now
-                .duration_since(c.started)
-                .map_or(0.0, |d| d.as_secs_f64()),
-            bytes_sent: c.bytes.totals().0,
-            bytes_received: c.bytes.totals().1,
+            let (source_workload, source_namespace) = c.caller.names();
+            let (bytes_sent, bytes_received) = c.bytes.totals();
+            ConnRow {
+                id: c.id,
+                source_workload: source_workload.to_owned(),
+                source_namespace: source_namespace.to_owned(),
+                destination_service: c.callee.name(),
+                endpoint: c.endpoint.to_string(),
+                security: c.security.to_owned(),
+                age_seconds: now
+                    .duration_since(c.started)
+                    .map_or(0.0, |d| d.as_secs_f64()),
+                bytes_sent,
+                bytes_received,
+            }
         })
         .collect()
 }

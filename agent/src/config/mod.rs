@@ -97,7 +97,10 @@ impl Config {
 
 /// A value the file did not set: its location is unknown.
 fn unspanned<T>(value: T) -> Spanned<T> {
-    Spanned::unlocated(value)
+    Spanned {
+        value,
+        referenced: serde_saphyr::Location::UNKNOWN,
+    }
 }
 
 #[cfg(test)]

@@ -20,14 +20,6 @@ pub struct Spanned<T> {
 }
 
 impl<T> Spanned<T> {
-    /// A value no file gave (a default, or a discovered object).
-    pub(in crate::config) fn unlocated(value: T) -> Spanned<T> {
-        Spanned {
-            value,
-            referenced: Location::UNKNOWN,
-        }
-    }
-
     /// The value (the same as dereferencing).
     pub fn get(&self) -> &T {
         &self.value
@@ -36,11 +28,6 @@ impl<T> Spanned<T> {
     /// The value, to change in place.
     pub fn get_mut(&mut self) -> &mut T {
         &mut self.value
-    }
-
-    /// The value, taken out.
-    pub fn into_inner(self) -> T {
-        self.value
     }
 }
 

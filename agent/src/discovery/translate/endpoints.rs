@@ -131,19 +131,11 @@ pub(super) fn endpoints_for(
 mod tests {
     use std::sync::Arc;
 
-    use crate::discovery::translate::{
-        SERVICE_ACCOUNT_ANNOTATION,
-        tests::{objects, run},
-    };
+    use crate::discovery::translate::tests::{objects, objects_with_service_account, run};
 
     #[test]
     fn remote_endpoints_join_when_their_agent_and_identity_are_known() {
-        let mut objects = objects();
-        Arc::make_mut(&mut objects.services[0])
-            .metadata
-            .annotations
-            .get_or_insert_default()
-            .insert(SERVICE_ACCOUNT_ANNOTATION.into(), "checkout".into());
+        let objects = objects_with_service_account();
         let t = run(&objects, &["node-b"]);
         let eps = &t.services[0].endpoints;
         assert_eq!(eps.len(), 4);

@@ -275,6 +275,18 @@ mod tests {
         }
     }
 
+    /// [`objects`] with the checkout Service naming its pods' service
+    /// account, so that endpoints on other nodes can be verified.
+    pub(super) fn objects_with_service_account() -> Objects {
+        let mut objects = objects();
+        Arc::make_mut(&mut objects.services[0])
+            .metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(SERVICE_ACCOUNT_ANNOTATION.into(), "checkout".into());
+        objects
+    }
+
     /// Translates for node-a, where every pod is found, knowing the
     /// agents of `peers`.
     pub(super) fn run(objects: &Objects, peers: &[&str]) -> Translated {
@@ -354,12 +366,7 @@ mod tests {
     fn the_translation_is_a_valid_config() {
         let base = "node:\n  name: node-a\nnodes:\n  - name: node-b\n    address: 198.18.99.2\n";
         let mut config = crate::config::Config::parse(base, "t.yaml").unwrap();
-        let mut objects = objects();
-        Arc::make_mut(&mut objects.services[0])
-            .metadata
-            .annotations
-            .get_or_insert_default()
-            .insert(SERVICE_ACCOUNT_ANNOTATION.into(), "checkout".into());
+        let objects = objects_with_service_account();
         let t = run(&objects, &["node-b"]);
         crate::discovery::merge(&mut config, &t).unwrap();
         assert_eq!(config.services.len(), 1);
