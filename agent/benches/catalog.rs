@@ -26,7 +26,7 @@ use k8s_openapi::{
 };
 use sluice::{
     catalog::Catalog,
-    config::{Config, KubeMode},
+    config::{Config, Entries, KubeMode},
     discovery::{
         self, Objects,
         translate::{Settings, translate},
@@ -149,9 +149,10 @@ fn update(objects: &Objects) -> Catalog {
         authorizations: &authorizations,
     };
     let translated = translate(objects, &settings, &mut |_| None);
-    let mut config = Config::parse("node:\n  name: node-0\n", "bench.yaml").unwrap();
-    discovery::merge(&mut config, &translated).expect("the discovered catalog validates");
-    Catalog::from_config(&config, &[], None)
+    let config = Config::parse("node:\n  name: node-0\n", "bench.yaml").unwrap();
+    let entries = discovery::entries(&config, &translated);
+    discovery::check(&entries).expect("the discovered catalog validates");
+    Catalog::build(&entries, &[], None)
 }
 
 fn catalog_update(c: &mut Criterion) {
@@ -211,8 +212,8 @@ fn report_map_sync(catalog: &Catalog) {
 
 /// Watch event to kernel map, as the daemon goes through it for one
 /// EndpointSlice that changed: the translation (only the changed Service
-/// again), the difference from what is in force, the merge and validation
-/// of the changed services against the file, workloads and nodes, the
+/// again), the difference from what is in force, the check of the
+/// changed services beside the file's entries, workloads and nodes, the
 /// catalog with just those built anew, and the SERVICES map brought in
 /// line. The 5 ms settle that coalesces a burst of events comes on top.
 /// p50 and p99 over 100 changes, each to a different slice (one endpoint's
@@ -248,9 +249,10 @@ fn report_watch_to_map() {
         "memory: the translation kept between events (each Service's entries): {:.1} MiB",
         (LIVE.load(Ordering::Relaxed) - before) as f64 / (1 << 20) as f64
     );
-    let mut config = Config::parse(base, "bench.yaml").unwrap();
-    discovery::merge(&mut config, &applied).expect("the discovered catalog validates");
-    let mut running = Catalog::from_config(&config, &[], None);
+    let config = Config::parse(base, "bench.yaml").unwrap();
+    let entries = discovery::entries(&config, &applied);
+    discovery::check(&entries).expect("the discovered catalog validates");
+    let mut running = Catalog::build(&entries, &[], None);
     redirect
         .sync_services(&sluice::redirect::entries::kernel_entries(
             &running,
@@ -258,7 +260,7 @@ fn report_watch_to_map() {
         ))
         .expect("map sync");
     let mut took = Vec::new();
-    // Per stage: translate, difference, merge, catalog, map.
+    // Per stage: translate, difference, check, catalog, map.
     let mut stages: [Vec<std::time::Duration>; 5] = Default::default();
     for i in 0..100 {
         let slice = Arc::make_mut(&mut objects.slices[i * 97 % SERVICES]);
@@ -276,18 +278,11 @@ fn report_watch_to_map() {
         stage(0);
         let changes = discovery::service_changes(&applied, &found).expect("only services changed");
         stage(1);
-        let mut config = Config::parse(base, "bench.yaml").unwrap();
-        let from_file = config.services.len();
-        discovery::merge_parts(
-            &mut config,
-            &changes.changed,
-            &found.workloads,
-            &found.nodes,
-        )
-        .expect("the changed services validate");
+        let changed = Entries::with(&config, &changes.changed, &found.workloads, &found.nodes);
+        discovery::check(&changed).expect("the changed services validate");
         stage(2);
-        let specs: Vec<_> = config.services[from_file..].iter().collect();
-        let catalog = running.with_services(&config, &specs, &changes.removed);
+        let specs = changed.second_services();
+        let catalog = running.with_services(&changed, &changes.removed);
         stage(3);
         let named: Vec<(&str, &str)> = specs
             .iter()
@@ -326,7 +321,7 @@ fn report_watch_to_map() {
     };
     let [t, d, m, c, k] = &mut stages;
     println!(
-        "  median per stage: translate {:.1} ms, difference {:.1} ms, merge {:.1} ms, \
+        "  median per stage: translate {:.1} ms, difference {:.1} ms, check {:.1} ms, \
          catalog {:.1} ms, map {:.1} ms",
         median(t),
         median(d),

@@ -1,12 +1,15 @@
-//! Building a catalog: from a whole validated config (carrying live state
-//! over from the previous catalog for what is still there), or by
-//! rebuilding only the services a watch event changed.
+//! Building a catalog: from the whole validated entries of both sources
+//! (carrying live state over from the previous catalog for what is still
+//! there), or by rebuilding only the services a watch event changed.
 
 use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use crate::{
     authz::Policy,
-    config::{Config, OnAgentDown, ServiceSpec, policy::DEFAULT_IDLE_TIMEOUT},
+    config::{
+        Config, Entries, HealthCheck, OnAgentDown, Origin, ServiceSpec,
+        policy::DEFAULT_IDLE_TIMEOUT,
+    },
     lb::Balancer,
     resilience::{BudgetSettings, OutlierSettings, Thresholds},
     telemetry::MetricsCache,
@@ -16,7 +19,11 @@ use crate::{
 use super::*;
 
 impl ServicePolicy {
-    fn from_spec(s: &ServiceSpec, default_connect_timeout: Duration) -> ServicePolicy {
+    fn from_spec(
+        s: &ServiceSpec,
+        health_check: Option<&HealthCheck>,
+        default_connect_timeout: Duration,
+    ) -> ServicePolicy {
         let od = &s.outlier_detection;
         let cb = &s.circuit_breakers;
         let ms = |d: Duration| d.as_millis() as u64;
@@ -51,7 +58,7 @@ impl ServicePolicy {
             max_connection_duration: s.timeouts.max_connection_duration.as_ref().map(|d| d.0),
             panic: s.panic,
             locality: s.load_balancer.locality,
-            health_check: s.health_check.clone(),
+            health_check: health_check.cloned(),
         }
     }
 }
@@ -99,13 +106,14 @@ struct BuildContext<'a> {
 }
 
 impl<'a> BuildContext<'a> {
-    fn new(config: &'a Config, workloads: &'a [Arc<Workload>]) -> BuildContext<'a> {
+    fn new(entries: &Entries<'a>, workloads: &'a [Arc<Workload>]) -> BuildContext<'a> {
+        let config = entries.file;
         BuildContext {
             node: config.node.name.get(),
             node_zone: config.node.zone.as_deref(),
             trust_domain: config.mesh.trust_domain.get(),
-            peers: config
-                .nodes
+            peers: entries
+                .nodes()
                 .iter()
                 .map(|n| {
                     (
@@ -121,13 +129,26 @@ impl<'a> BuildContext<'a> {
 
     /// One service, with the state of `old` (the same service in the
     /// running catalog) carried over for it and its endpoints still there.
-    fn service(&self, s: &ServiceSpec, id: u32, old: Option<&Arc<Service>>) -> Service {
+    /// An endpoint served by a workload the catalog does not have (a pod
+    /// that could not be placed) is left out.
+    fn service(
+        &self,
+        s: &ServiceSpec,
+        health_check: Option<&HealthCheck>,
+        id: u32,
+        old: Option<&Arc<Service>>,
+    ) -> Service {
         let (node, node_zone, td) = (self.node, self.node_zone, self.trust_domain);
         let workload_named = |name: &str| self.workloads.iter().find(|w| w.name == name);
         let vip = SocketAddr::new(*s.address, *s.port);
         let endpoints: Vec<Endpoint> = s
             .endpoints
             .iter()
+            .filter(|e| {
+                e.workload
+                    .as_ref()
+                    .is_none_or(|w| workload_named(w).is_some())
+            })
             .map(|e| {
                 let addr = SocketAddr::new(*e.address, *e.port);
                 let on_node = e.node.as_deref().unwrap_or(node);
@@ -187,7 +208,7 @@ impl<'a> BuildContext<'a> {
             vip,
             balancer: Balancer::new(*lb.policy.get(), lb.ewma, lb.hash_key, &weights, &names),
             endpoints,
-            policy: ServicePolicy::from_spec(s, self.connect_timeout),
+            policy: ServicePolicy::from_spec(s, health_check, self.connect_timeout),
             state: old.map_or_else(Default::default, |o| o.state.clone()),
             mode: s.mode,
             on_agent_down: s
@@ -206,17 +227,29 @@ impl<'a> BuildContext<'a> {
 }
 
 impl Catalog {
-    /// Builds the catalog from a validated config. `placements` gives each
-    /// workload's cgroup and namespace, in config order. State is carried
-    /// over from `previous` for services and endpoints still present.
+    /// Builds the catalog from a validated config file alone (the start,
+    /// and tests): [`Catalog::build`] over its entries.
     pub fn from_config(
         config: &Config,
         placements: &[Placement],
         previous: Option<&Catalog>,
     ) -> Catalog {
+        Catalog::build(&Entries::file(config), placements, previous)
+    }
+
+    /// Builds the catalog from validated entries (the file's, and
+    /// discovery's beside them). `placements` gives each workload's cgroup
+    /// and namespace, in the entries' order. State is carried over from
+    /// `previous` for services and endpoints still present.
+    pub fn build(
+        entries: &Entries,
+        placements: &[Placement],
+        previous: Option<&Catalog>,
+    ) -> Catalog {
+        let config = entries.file;
         let td = config.mesh.trust_domain.get();
-        let workloads: Vec<Arc<Workload>> = config
-            .workloads
+        let workloads: Vec<Arc<Workload>> = entries
+            .workloads()
             .iter()
             .zip(placements)
             .map(|(w, place)| {
@@ -237,35 +270,33 @@ impl Catalog {
                 })
             })
             .collect();
-        let ctx = BuildContext::new(config, &workloads);
+        let ctx = BuildContext::new(entries, &workloads);
         let old_services = previous.map(Catalog::services_by_name).unwrap_or_default();
-        let services = config
-            .services
+        let services = entries
+            .services()
             .iter()
             .enumerate()
             .map(|(i, s)| {
                 let old = old_services.get(&(s.namespace.as_str(), s.name.as_str()));
-                let service = ctx.service(s, i as u32 + 1, old.copied());
+                let health_check = entries.health_check(entries.service_origin(i), s);
+                let service = ctx.service(s, health_check, i as u32 + 1, old.copied());
                 (service.vip, Arc::new(service))
             })
             .collect();
         Catalog::assemble(config.node.name.get().clone(), services, workloads)
     }
 
-    /// The running catalog with `specs` built anew (new services, or ones
-    /// replacing the service of the same namespace and name) and `removed`
-    /// dropped; every other service is the very same as here, state and
-    /// all, and so are the workloads. `config` gives the node and mesh
-    /// settings and must have validated `specs` (with this catalog's
-    /// workloads). What a watch event changes is applied this way, without
-    /// building the thousands of services it did not touch.
-    pub fn with_services(
-        &self,
-        config: &Config,
-        specs: &[&ServiceSpec],
-        removed: &[(String, String)],
-    ) -> Catalog {
-        let ctx = BuildContext::new(config, &self.workloads);
+    /// The running catalog with the second source's services of `changed`
+    /// built anew (new services, or ones replacing the service of the same
+    /// namespace and name) and `removed` dropped; every other service is
+    /// the very same as here, state and all, and so are the workloads.
+    /// `changed` gives the node and mesh settings too, and must have been
+    /// validated (with this catalog's workloads). What a watch event
+    /// changes is applied this way, without building the thousands of
+    /// services it did not touch.
+    pub fn with_services(&self, changed: &Entries, removed: &[(String, String)]) -> Catalog {
+        let specs = changed.second_services();
+        let ctx = BuildContext::new(changed, &self.workloads);
         let by_name = self.services_by_name();
         let mut services = self.services.clone();
         let mut next_id = self.services.values().map(|s| s.id).max().unwrap_or(0) + 1;
@@ -291,7 +322,8 @@ impl Catalog {
                 },
                 |o| o.id,
             );
-            let service = ctx.service(s, id, old);
+            let health_check = changed.health_check(Origin::Second, s);
+            let service = ctx.service(s, health_check, id, old);
             services.insert(service.vip, Arc::new(service));
         }
         Catalog::assemble(self.node.clone(), services, self.workloads.clone())

@@ -11,7 +11,7 @@ use sluice_maps::{SERVICE_FAIL_OPEN, SERVICE_KERNEL, ServiceKey, key_addr};
 
 use crate::{
     clock::Millis,
-    config::{Config, ServiceSpec},
+    config::{Config, EndpointSpec, Entries, ServiceSpec, WorkloadSpec},
     redirect::entries::{KernelEntry, kernel_delta, kernel_entries, kernel_tables},
     resilience::{Outcome, Phase},
     route::report_kernel,
@@ -32,6 +32,17 @@ fn config(yaml: &str) -> Config {
     let config = Config::parse(&text, "catalog-test.yaml").unwrap();
     config.validate().unwrap();
     config
+}
+
+/// The services of `config` that `pick` takes, as a second source (a
+/// watch event) would give them.
+fn discovered(config: &Config, pick: impl Fn(&ServiceSpec) -> bool) -> Vec<Arc<ServiceSpec>> {
+    config
+        .services
+        .iter()
+        .filter(|s| pick(s))
+        .map(|s| Arc::new(s.clone()))
+        .collect()
 }
 
 /// pay (kernel-balanced, weighted, ejects at the first failure), ledger
@@ -225,13 +236,9 @@ fn with_services_rebuilds_the_named_services_and_leaves_the_rest_as_they_are() {
     let pay = service(&first, "10.96.0.1:80");
     eject(&pay, "10.0.0.1:8080");
     let next = config(GENERATION_2);
-    let changed: Vec<&ServiceSpec> = next
-        .services
-        .iter()
-        .filter(|s| s.name.get() != "shop")
-        .collect();
+    let changed = discovered(&next, |s| s.name.get() != "shop");
     let removed = [("default".to_owned(), "ledger".to_owned())];
-    let second = first.with_services(&next, &changed, &removed);
+    let second = first.with_services(&Entries::with(&next, &changed, &[], &[]), &removed);
 
     // Untouched: the very same service.
     assert!(Arc::ptr_eq(
@@ -262,12 +269,8 @@ fn with_services_rebuilds_the_named_services_and_leaves_the_rest_as_they_are() {
     // The same service moved to another address: the old one is free,
     // and the number and state go along.
     let moved = config(&GENERATION_2.replace("10.96.0.1", "10.96.0.9"));
-    let pay_spec: Vec<&ServiceSpec> = moved
-        .services
-        .iter()
-        .filter(|s| s.name.get() == "pay")
-        .collect();
-    let third = second.with_services(&moved, &pay_spec, &[]);
+    let pay_spec = discovered(&moved, |s| s.name.get() == "pay");
+    let third = second.with_services(&Entries::with(&moved, &pay_spec, &[], &[]), &[]);
     assert!(third.service(addr("10.96.0.1:80")).is_none());
     let pay3 = service(&third, "10.96.0.9:80");
     assert_eq!(pay3.id, pay.id);
@@ -280,13 +283,9 @@ fn kernel_delta_writes_the_changed_services_and_drops_the_addresses_left() {
     let first = Catalog::from_config(&config(GENERATION_1), &[], None);
     eject(&service(&first, "10.96.0.1:80"), "10.0.0.1:8080");
     let next = config(&GENERATION_2.replace("10.96.0.1", "10.96.0.9"));
-    let changed: Vec<&ServiceSpec> = next
-        .services
-        .iter()
-        .filter(|s| s.name.get() != "shop")
-        .collect();
+    let changed = discovered(&next, |s| s.name.get() != "shop");
     let removed = [("default".to_owned(), "ledger".to_owned())];
-    let second = first.with_services(&next, &changed, &removed);
+    let second = first.with_services(&Entries::with(&next, &changed, &[], &[]), &removed);
     let named = [
         ("default", "pay"),
         ("default", "cart"),
@@ -352,4 +351,58 @@ fn only_services_the_kernel_balances_or_passes_on_have_a_table() {
         let s = catalog.services().find(|s| s.id == entry.id).unwrap();
         assert_eq!(entry.key, key(&s.vip.to_string()));
     }
+}
+
+/// A discovered pod that could not be placed is left out of the entries;
+/// the catalog then keeps none of its endpoints (a connection must not be
+/// sent to a pod the agent cannot place), and every other endpoint stays.
+#[test]
+fn endpoints_of_a_pod_left_out_are_not_in_the_catalog() {
+    let file = config(
+        "
+        node:
+          name: n1
+        ",
+    );
+    let pod = |name: &str| {
+        WorkloadSpec::new(
+            name.into(),
+            "shop".into(),
+            "default".into(),
+            format!("kubepods/{name}"),
+            "/proc/1/ns/net".into(),
+        )
+    };
+    let spec = ServiceSpec::new(
+        "checkout".into(),
+        "shop".into(),
+        "10.96.0.7".parse().unwrap(),
+        80,
+        crate::config::Mode::default(),
+        vec![
+            EndpointSpec::new("10.0.0.1".parse().unwrap(), 8080).served_by("shop/placed".into()),
+            EndpointSpec::new("10.0.0.2".parse().unwrap(), 8080).served_by("shop/gone".into()),
+            EndpointSpec::new("10.0.0.3".parse().unwrap(), 8080),
+        ],
+    );
+    let services = [Arc::new(spec)];
+    let workloads = [pod("shop/placed"), pod("shop/gone")];
+    let mut entries = Entries::with(&file, &services, &workloads, &[]);
+    entries.validate().unwrap();
+    entries.retain_second_workloads(|w| w.name.get() != "shop/gone");
+    let placed = Placement {
+        cgroup: "/sys/fs/cgroup/kubepods/placed".into(),
+        cgroup_id: 7,
+        netns: None,
+    };
+    let catalog = Catalog::build(&entries, &[placed], None);
+    let checkout = service(&catalog, "10.96.0.7:80");
+    let left: Vec<String> = checkout
+        .endpoints
+        .iter()
+        .map(|e| e.addr.to_string())
+        .collect();
+    assert_eq!(left, ["10.0.0.1:8080", "10.0.0.3:8080"]);
+    assert_eq!(catalog.workloads().len(), 1);
+    assert_eq!(catalog.workloads()[0].name, "shop/placed");
 }

@@ -6,7 +6,7 @@ use std::{net::IpAddr, path::PathBuf, time::Duration};
 use super::Spanned;
 use serde::Deserialize;
 
-use super::{Config, HumanDuration, Problem, unspanned};
+use super::{Entries, HumanDuration, Problem, unspanned};
 
 /// `mesh` block.
 #[derive(Debug, Clone, Deserialize)]
@@ -244,7 +244,8 @@ fn check_authorization(
 }
 
 /// Checks the mesh settings, peer nodes, modes and policies.
-pub(super) fn validate(problems: &mut Vec<Problem>, config: &Config) {
+pub(super) fn validate(problems: &mut Vec<Problem>, entries: &Entries) {
+    let config = entries.file;
     let td = &config.mesh.trust_domain;
     if !is_trust_domain(&td.value) {
         problems.push(Problem {
@@ -274,7 +275,7 @@ pub(super) fn validate(problems: &mut Vec<Problem>, config: &Config) {
     }
 
     let mut names = std::collections::HashSet::new();
-    for (i, n) in config.nodes.iter().enumerate() {
+    for (i, n) in entries.nodes().iter().enumerate() {
         if n.name.value == config.node.name.value || !names.insert(n.name.value.as_str()) {
             problems.push(Problem {
                 line: n.name.referenced.line(),
@@ -284,7 +285,7 @@ pub(super) fn validate(problems: &mut Vec<Problem>, config: &Config) {
         }
     }
 
-    for (i, w) in config.workloads.iter().enumerate() {
+    for (i, w) in entries.workloads().iter().enumerate() {
         for (field, value) in [
             ("namespace", &w.namespace),
             ("service_account", &w.service_account),
@@ -304,7 +305,7 @@ pub(super) fn validate(problems: &mut Vec<Problem>, config: &Config) {
         }
     }
 
-    for (i, s) in config.services.iter().enumerate() {
+    for (i, s) in entries.services().iter().enumerate() {
         let at = format!("services[{i}]");
         if config.kubernetes.is_none() {
             for (j, e) in s.endpoints.iter().enumerate() {
@@ -331,7 +332,7 @@ pub(super) fn validate(problems: &mut Vec<Problem>, config: &Config) {
                 continue;
             };
             let line = e.address.referenced.line();
-            if !config.nodes.iter().any(|n| n.name.value == node) {
+            if !entries.nodes().iter().any(|n| n.name.value == node) {
                 problems.push(Problem {
                     line,
                     field: format!("{at}.endpoints[{j}].node"),

@@ -12,12 +12,15 @@
 //! `services` and their `endpoints`, [`mesh`], `kubernetes`, `audit`, and
 //! [`policy`] (a service's traffic policy). Each checks its own section;
 //! `validate.rs` runs them in file order, `load.rs` reads and parses the
-//! file, `error.rs` says what went wrong.
+//! file, `error.rs` says what went wrong. A second source of services and
+//! workloads (Kubernetes) is read beside the file's through [`Entries`],
+//! and checked by the same rules.
 
 mod agent;
 mod audit;
 mod duration;
 mod endpoint;
+mod entries;
 mod error;
 mod kubernetes;
 mod listeners;
@@ -38,6 +41,7 @@ pub use agent::AgentConfig;
 pub use audit::{AuditConfig, AuditOutput};
 pub use duration::HumanDuration;
 pub use endpoint::{EndpointSpec, PodRef};
+pub use entries::{Entries, Origin};
 pub use error::{ConfigError, Problem, Problems};
 pub use kubernetes::{KubeMode, KubernetesConfig};
 pub use listeners::Listener;

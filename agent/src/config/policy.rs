@@ -267,6 +267,41 @@ fn at_least_one(problems: &mut Vec<Problem>, at: &str, v: &Spanned<u32>) {
     }
 }
 
+/// Checks a `health_check` block; `at` is its field path.
+pub(super) fn validate_health_check(problems: &mut Vec<Problem>, at: &str, hc: &HealthCheck) {
+    nonzero_duration(problems, &format!("{at}.interval"), &hc.interval);
+    nonzero_duration(problems, &format!("{at}.timeout"), &hc.timeout);
+    at_least_one(
+        problems,
+        &format!("{at}.healthy_threshold"),
+        &hc.healthy_threshold,
+    );
+    at_least_one(
+        problems,
+        &format!("{at}.unhealthy_threshold"),
+        &hc.unhealthy_threshold,
+    );
+    if let Some(http) = &hc.http {
+        if !http.path.value.starts_with('/') || http.path.value.contains(char::is_whitespace) {
+            problems.push(Problem {
+                line: http.path.referenced.line(),
+                field: format!("{at}.http.path"),
+                message: format!(
+                    "`{}` must start with / and contain no spaces",
+                    http.path.value
+                ),
+            });
+        }
+        if !(100..=599).contains(&http.expected_status.value) {
+            problems.push(Problem {
+                line: http.expected_status.referenced.line(),
+                field: format!("{at}.http.expected_status"),
+                message: format!("{} is not an HTTP status", http.expected_status.value),
+            });
+        }
+    }
+}
+
 /// Checks one service's policy blocks; `at` is the service's field path.
 pub(super) fn validate(problems: &mut Vec<Problem>, at: &str, service: &ServiceSpec) {
     let line = service.name.referenced.line();
@@ -320,38 +355,7 @@ pub(super) fn validate(problems: &mut Vec<Problem>, at: &str, service: &ServiceS
     }
 
     if let Some(hc) = hc {
-        let at = format!("{at}.health_check");
-        nonzero_duration(problems, &format!("{at}.interval"), &hc.interval);
-        nonzero_duration(problems, &format!("{at}.timeout"), &hc.timeout);
-        at_least_one(
-            problems,
-            &format!("{at}.healthy_threshold"),
-            &hc.healthy_threshold,
-        );
-        at_least_one(
-            problems,
-            &format!("{at}.unhealthy_threshold"),
-            &hc.unhealthy_threshold,
-        );
-        if let Some(http) = &hc.http {
-            if !http.path.value.starts_with('/') || http.path.value.contains(char::is_whitespace) {
-                problems.push(Problem {
-                    line: http.path.referenced.line(),
-                    field: format!("{at}.http.path"),
-                    message: format!(
-                        "`{}` must start with / and contain no spaces",
-                        http.path.value
-                    ),
-                });
-            }
-            if !(100..=599).contains(&http.expected_status.value) {
-                problems.push(Problem {
-                    line: http.expected_status.referenced.line(),
-                    field: format!("{at}.http.expected_status"),
-                    message: format!("{} is not an HTTP status", http.expected_status.value),
-                });
-            }
-        }
+        validate_health_check(problems, &format!("{at}.health_check"), hc);
     }
 
     let od_at = format!("{at}.outlier_detection");

@@ -10,7 +10,7 @@ use super::Spanned;
 use serde::Deserialize;
 
 use super::{
-    Authorization, CircuitBreakers, Config, EndpointSpec, HealthCheck, LoadBalancer, Mode,
+    Authorization, CircuitBreakers, EndpointSpec, Entries, HealthCheck, LoadBalancer, Mode,
     OnAgentDown, OutlierDetection, Panic, Policy, Problem, Retries, Timeouts, endpoint, policy,
     unspanned, validate::push, workload::default_namespace,
 };
@@ -90,12 +90,13 @@ impl ServiceSpec {
 /// dialled (`endpoint::validate`) and name workloads of `workload_names`.
 pub(super) fn validate(
     problems: &mut Vec<Problem>,
-    config: &Config,
+    entries: &Entries,
     workload_names: &HashMap<&str, usize>,
 ) {
+    let config = entries.file;
     let mut vips: HashMap<(IpAddr, u16), usize> = HashMap::new();
     let mut names: HashSet<(&str, &str)> = HashSet::new();
-    for (i, s) in config.services.iter().enumerate() {
+    for (i, s) in entries.services().iter().enumerate() {
         let at = format!("services[{i}]");
         if s.name.value.is_empty() {
             push(
@@ -173,7 +174,9 @@ pub(super) fn validate(
                 format!("{at}.address"),
                 format!(
                     "{}:{} is already the address of services[{first}] (`{}`)",
-                    vip.0, vip.1, config.services[first].name.value
+                    vip.0,
+                    vip.1,
+                    entries.services()[first].name.value
                 ),
             );
         }

@@ -3,83 +3,99 @@
 //! ...); [`Config::validate`] runs them all, in file order, and returns
 //! every problem at once.
 
-use super::{Config, Problem, mesh, service, workload};
+use super::{Config, Entries, Problem, mesh, policy, service, workload};
 
 impl Config {
     /// Checks what serde cannot: references, uniqueness, ranges. Returns
     /// every problem, not just the first.
     pub fn validate(&self) -> Result<(), Vec<Problem>> {
-        let mut problems = Vec::new();
+        Entries::file(self).validate()
+    }
+}
 
-        if self.node.name.value.is_empty() {
-            push(
-                &mut problems,
-                self.node.name.referenced.line(),
-                "node.name".into(),
-                "must not be empty".into(),
-            );
-        }
-        if let Err(why) = check_cgroup_path(&self.node.cgroup_root.value) {
-            push(
-                &mut problems,
-                self.node.cgroup_root.referenced.line(),
-                "node.cgroup_root".into(),
-                why,
-            );
-        }
-        if self.agent.outbound.port() == 0 {
-            push(
-                &mut problems,
-                0,
-                "agent.outbound".into(),
-                "port must not be 0".into(),
-            );
-        }
-        if !self.agent.capture.ip().is_loopback() || self.agent.capture.port() == 0 {
-            push(
-                &mut problems,
-                0,
-                "agent.capture".into(),
-                "must be a loopback address with a port: it is opened inside each captured \
-                 namespace, where only the capture hook may reach it"
-                    .into(),
-            );
-        }
-        if self.audit.queue == 0 {
-            push(
-                &mut problems,
-                0,
-                "audit.queue".into(),
-                "must be at least 1".into(),
-            );
-        }
-        if self.agent.mark == 0 {
-            push(
-                &mut problems,
-                0,
-                "agent.mark".into(),
-                "must not be 0: unmarked sockets would count as the agent's".into(),
-            );
-        }
-        if self.agent.worker_threads == 0 {
-            push(
-                &mut problems,
-                0,
-                "agent.worker_threads".into(),
-                "must be at least 1".into(),
-            );
-        }
-        self.check_listeners(&mut problems);
-        let workload_names = workload::validate(&mut problems, &self.workloads);
-        service::validate(&mut problems, self, &workload_names);
-        mesh::validate(&mut problems, self);
+/// Every rule, over the file's settings and both sources' entries.
+pub(super) fn all(entries: &Entries) -> Result<(), Vec<Problem>> {
+    let mut problems = Vec::new();
+    settings(&mut problems, entries.file);
+    let workload_names = workload::validate(&mut problems, entries.workloads());
+    service::validate(&mut problems, entries, &workload_names);
+    mesh::validate(&mut problems, entries);
 
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            problems.sort_by_key(|p| p.line);
-            Err(problems)
-        }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        problems.sort_by_key(|p| p.line);
+        Err(problems)
+    }
+}
+
+/// The file's own settings: node, agent, audit, listeners, discovery.
+fn settings(problems: &mut Vec<Problem>, config: &Config) {
+    if config.node.name.value.is_empty() {
+        push(
+            problems,
+            config.node.name.referenced.line(),
+            "node.name".into(),
+            "must not be empty".into(),
+        );
+    }
+    if let Err(why) = check_cgroup_path(&config.node.cgroup_root.value) {
+        push(
+            problems,
+            config.node.cgroup_root.referenced.line(),
+            "node.cgroup_root".into(),
+            why,
+        );
+    }
+    if config.agent.outbound.port() == 0 {
+        push(
+            problems,
+            0,
+            "agent.outbound".into(),
+            "port must not be 0".into(),
+        );
+    }
+    if !config.agent.capture.ip().is_loopback() || config.agent.capture.port() == 0 {
+        push(
+            problems,
+            0,
+            "agent.capture".into(),
+            "must be a loopback address with a port: it is opened inside each captured \
+             namespace, where only the capture hook may reach it"
+                .into(),
+        );
+    }
+    if config.audit.queue == 0 {
+        push(
+            problems,
+            0,
+            "audit.queue".into(),
+            "must be at least 1".into(),
+        );
+    }
+    if config.agent.mark == 0 {
+        push(
+            problems,
+            0,
+            "agent.mark".into(),
+            "must not be 0: unmarked sockets would count as the agent's".into(),
+        );
+    }
+    if config.agent.worker_threads == 0 {
+        push(
+            problems,
+            0,
+            "agent.worker_threads".into(),
+            "must be at least 1".into(),
+        );
+    }
+    config.check_listeners(problems);
+    if let Some(hc) = config
+        .kubernetes
+        .as_ref()
+        .and_then(|k| k.health_check.as_ref())
+    {
+        policy::validate_health_check(problems, "kubernetes.health_check", hc);
     }
 }
 

@@ -72,7 +72,7 @@ fn default_service_account() -> String {
 /// for the endpoints that name one.
 pub(super) fn validate<'a>(
     problems: &mut Vec<Problem>,
-    workloads: &'a [WorkloadSpec],
+    workloads: &[&'a WorkloadSpec],
 ) -> HashMap<&'a str, usize> {
     let mut workload_names: HashMap<&str, usize> = HashMap::new();
     let mut cgroups: HashMap<&str, usize> = HashMap::new();

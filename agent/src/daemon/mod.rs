@@ -326,9 +326,10 @@ async fn run_attached(
         discovery: discovery.map(|d| d.updates),
         discovered: None,
         unplaced: HashSet::new(),
-        file_text: std::fs::read_to_string(&config.source).unwrap_or_default(),
+        file: None,
+        file_generation: 0,
         applied_discovery: None,
-        applied_file_text: String::new(),
+        applied_file_generation: 0,
     };
     let exit = live.serve_until_stopped(handed_over).await;
     // After a handover the path is the successor's; it is left alone.

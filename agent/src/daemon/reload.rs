@@ -27,7 +27,7 @@ use super::{
 use crate::{
     catalog::{Catalog, Placement},
     clock::now_ms,
-    config::{Config, KubernetesConfig, ServiceSpec},
+    config::{Config, Entries, KubernetesConfig, Origin},
     discovery,
     drain::DrainWatch,
     handover::{Inherited, Offered},
@@ -81,12 +81,16 @@ pub(super) struct Live<'a> {
     pub(super) discovered: Option<Arc<discovery::Translated>>,
     /// Pods that could not be placed, each reported once.
     pub(super) unplaced: HashSet<String>,
-    /// The config file as last read (and found valid on its own).
-    pub(super) file_text: String,
-    /// The discovery update and file text the running catalog was built
-    /// from, which the next update is compared with.
+    /// The config file as last read (and found valid on its own), with
+    /// the start's overrides; none while the start's is the last read.
+    pub(super) file: Option<Arc<Config>>,
+    /// Counts the files read: which one the running catalog was built
+    /// from is told by it.
+    pub(super) file_generation: u64,
+    /// The discovery update and file generation the running catalog was
+    /// built from, which the next update is compared with.
     pub(super) applied_discovery: Option<Arc<discovery::Translated>>,
-    pub(super) applied_file_text: String,
+    pub(super) applied_file_generation: u64,
 }
 
 type DiscoveryUpdates = tokio::sync::watch::Receiver<Option<Arc<discovery::Translated>>>;
@@ -197,7 +201,7 @@ impl Live<'_> {
                 }
                 Some(found) = discovery_changed(&mut discovered) => {
                     self.discovered = Some(found);
-                    if !self.apply_service_changes(&path) {
+                    if !self.apply_service_changes() {
                         self.reload(&path, Trigger::Kubernetes);
                     }
                 }
@@ -230,18 +234,18 @@ impl Live<'_> {
     /// node or file change since the running catalog was built) by
     /// building just those services into the running catalog
     /// ([`Catalog::with_services`]). False when it takes a whole rebuild.
-    fn apply_service_changes(&mut self, path: &Path) -> bool {
+    fn apply_service_changes(&mut self) -> bool {
         let (Some(applied), Some(found)) = (&self.applied_discovery, &self.discovered) else {
             return false;
         };
-        if self.applied_file_text != self.file_text {
+        if self.applied_file_generation != self.file_generation {
             return false;
         }
         let Some(changes) = discovery::service_changes(applied, found) else {
             return false;
         };
         let found = found.clone();
-        match self.build_service_changes(path, &found, &changes) {
+        match self.build_service_changes(&found, &changes) {
             Ok(()) => {
                 self.inputs.metrics.catalog_update(false);
                 debug!(
@@ -262,24 +266,17 @@ impl Live<'_> {
 
     fn build_service_changes(
         &mut self,
-        path: &Path,
         found: &discovery::Translated,
         changes: &discovery::ServiceChanges,
     ) -> Result<(), String> {
         // The file's services, the workloads and the nodes, with only the
         // changed services: enough to validate those against everything
         // they name.
-        let mut config = Config::from_text(&self.file_text, path).map_err(|e| e.to_string())?;
-        self.overrides.apply(&mut config);
-        let from_file = config.services.len();
-        discovery::merge_parts(
-            &mut config,
-            &changes.changed,
-            &found.workloads,
-            &found.nodes,
-        )
-        .map_err(|e| e.to_string())?;
-        let specs: Vec<&ServiceSpec> = config.services[from_file..].iter().collect();
+        let file = self.file.clone();
+        let file = file.as_deref().unwrap_or(self.config);
+        let changed = Entries::with(file, &changes.changed, &found.workloads, &found.nodes);
+        discovery::check(&changed).map_err(|e| e.to_string())?;
+        let specs = changed.second_services();
         // An address held by a running service that stays is not free.
         let running = self.inputs.catalog.load();
         let leaving: HashSet<(&str, &str)> = changes
@@ -292,7 +289,7 @@ impl Live<'_> {
                     .map(|s| (s.namespace.as_str(), s.name.as_str())),
             )
             .collect();
-        for s in &specs {
+        for s in specs {
             let vip = SocketAddr::new(*s.address, *s.port);
             if let Some(other) = running.service(vip)
                 && !leaving.contains(&(other.namespace.as_str(), other.name.as_str()))
@@ -305,7 +302,7 @@ impl Live<'_> {
                 ));
             }
         }
-        let catalog = running.with_services(&config, &specs, &changes.removed);
+        let catalog = running.with_services(&changed, &changes.removed);
         let named: Vec<(&str, &str)> = leaving.iter().copied().collect();
         let (write, drop) = kernel_delta(&running, &catalog, &named, now_ms());
         self.redirect
@@ -332,23 +329,19 @@ impl Live<'_> {
         }
     }
 
-    /// Places every workload of `config`. A discovered pod that cannot be
+    /// Places every workload of `entries`. A discovered pod that cannot be
     /// placed (its namespace gone between the API server's word and ours)
-    /// is left out with its endpoints, and named once; a workload of the
-    /// file that cannot be placed refuses the whole config.
-    fn place_workloads(&mut self, config: &mut Config) -> io::Result<Vec<Placement>> {
+    /// is left out of `entries` (its endpoints with it: the catalog keeps
+    /// no endpoint of a workload it does not have), and named once; a
+    /// workload of the file that cannot be placed refuses the whole config.
+    fn place_workloads(&mut self, entries: &mut Entries) -> io::Result<Vec<Placement>> {
         let previous = self.inputs.catalog.load();
-        let discovered: HashSet<String> = self
-            .discovered
-            .as_ref()
-            .map(|d| d.workloads.iter().map(|w| w.name.get().clone()).collect())
-            .unwrap_or_default();
-        let mut placements = Vec::with_capacity(config.workloads.len());
+        let mut placements = Vec::with_capacity(entries.workloads().len());
         let mut left_out = HashSet::new();
-        for w in &config.workloads {
+        for (i, w) in entries.workloads().iter().enumerate() {
             match place_workload(w, self.root, self.created, Some(&previous)) {
                 Ok(p) => placements.push(p),
-                Err(e) if discovered.contains(w.name.get()) => {
+                Err(e) if entries.workload_origin(i) == Origin::Second => {
                     if self.unplaced.insert(e.to_string()) {
                         warn!("kubernetes: {e}; the pod is left out until it can be placed");
                     }
@@ -358,16 +351,7 @@ impl Live<'_> {
             }
         }
         if !left_out.is_empty() {
-            config
-                .workloads
-                .retain(|w| !left_out.contains(w.name.get()));
-            for s in &mut config.services {
-                s.endpoints.retain(|e| {
-                    e.workload
-                        .as_ref()
-                        .is_none_or(|w| !left_out.contains(w.get()))
-                });
-            }
+            entries.retain_second_workloads(|w| !left_out.contains(w.name.get()));
         }
         Ok(placements)
     }
@@ -377,9 +361,9 @@ impl Live<'_> {
     /// stays.
     fn reload(&mut self, path: &Path, trigger: Trigger) {
         let built = self
-            .next_config(path, trigger)
-            .and_then(|mut next| self.build_catalog(&mut next).map(|c| (next, c)));
-        let (next, catalog) = match built {
+            .next_file(path, trigger)
+            .and_then(|file| self.build_catalog(&file));
+        let catalog = match built {
             Ok(built) => built,
             Err(why) => {
                 return match trigger {
@@ -394,7 +378,7 @@ impl Live<'_> {
                 };
             }
         };
-        let (services, workloads) = (catalog.services().count(), next.workloads.len());
+        let (services, workloads) = (catalog.services().count(), catalog.workloads().len());
         self.put_in_force(catalog);
         match trigger {
             Trigger::File => {
@@ -408,25 +392,21 @@ impl Live<'_> {
         }
     }
 
-    /// The config to build from: the file (read again when it changed),
-    /// the start's overrides, and what discovery found.
-    fn next_config(&mut self, path: &Path, trigger: Trigger) -> Result<Config, String> {
-        let mut next = match trigger {
-            Trigger::File => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-                let config = Config::from_text(&text, path).map_err(|e| e.to_string())?;
-                self.file_text = text;
-                config
-            }
-            Trigger::Kubernetes => {
-                Config::from_text(&self.file_text, path).map_err(|e| e.to_string())?
-            }
-        };
-        self.overrides.apply(&mut next);
-        if let Some(found) = &self.discovered {
-            discovery::merge(&mut next, found).map_err(|e| e.to_string())?;
+    /// The config file to build from, with the start's overrides: read
+    /// again when it changed, else the last one read.
+    fn next_file(&mut self, path: &Path, trigger: Trigger) -> Result<Arc<Config>, String> {
+        if trigger == Trigger::Kubernetes
+            && let Some(file) = &self.file
+        {
+            return Ok(file.clone());
         }
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let mut next = Config::from_text(&text, path).map_err(|e| e.to_string())?;
+        self.overrides.apply(&mut next);
+        let next = Arc::new(next);
+        self.file = Some(next.clone());
+        self.file_generation += 1;
         if trigger == Trigger::File && self.needs_restart(&next) {
             warn!(
                 "config reload: changes under `agent`, `node` (name, cgroup_root, address), \
@@ -449,11 +429,20 @@ impl Live<'_> {
             || !same_discovery(next.kubernetes.as_ref(), running.kubernetes.as_ref())
     }
 
-    /// Places `next`'s workloads, builds its catalog over the running one's
-    /// state and writes its services to the kernel.
-    fn build_catalog(&mut self, next: &mut Config) -> Result<Catalog, String> {
-        let placements = self.place_workloads(next).map_err(|e| e.to_string())?;
-        let catalog = Catalog::from_config(next, &placements, Some(&self.inputs.catalog.load()));
+    /// Checks the file's entries with discovery's beside them, places
+    /// their workloads, builds their catalog over the running one's state
+    /// and writes its services to the kernel.
+    fn build_catalog(&mut self, file: &Config) -> Result<Catalog, String> {
+        let found = self.discovered.clone();
+        let mut entries = match &found {
+            Some(found) => discovery::entries(file, found),
+            None => Entries::file(file),
+        };
+        discovery::check(&entries).map_err(|e| e.to_string())?;
+        let placements = self
+            .place_workloads(&mut entries)
+            .map_err(|e| e.to_string())?;
+        let catalog = Catalog::build(&entries, &placements, Some(&self.inputs.catalog.load()));
         self.redirect
             .sync_services(&kernel_entries(&catalog, now_ms()))
             .map_err(|e| e.to_string())?;
@@ -484,6 +473,6 @@ impl Live<'_> {
         );
         self.sync_captures();
         self.applied_discovery = self.discovered.clone();
-        self.applied_file_text.clone_from(&self.file_text);
+        self.applied_file_generation = self.file_generation;
     }
 }

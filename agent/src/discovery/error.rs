@@ -32,13 +32,13 @@ pub enum DiscoveryError {
     /// `kubernetes.agent_service` is not `namespace/name`.
     #[error("kubernetes.agent_service: `{0}` is not namespace/name")]
     AgentService(String),
-    /// The config file with the discovered entries does not validate:
-    /// every problem, in file order.
+    /// The config file's entries with the discovered ones beside them do
+    /// not validate: every problem, in file order.
     #[error("{}", join(problems))]
-    Invalid { problems: Vec<MergeProblem> },
+    Invalid { problems: Vec<EntryProblem> },
 }
 
-/// An entry of the merged config as a message names it: `service
+/// A discovered entry as a message names it: `service
 /// shop/checkout`, `workload shop/checkout-7d4f9`, `node node-b`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
@@ -55,20 +55,21 @@ impl fmt::Display for Entry {
     }
 }
 
-/// One problem of the merged config: the field, what is wrong, and the
-/// entry the field belongs to.
+/// One problem of the two sources together: the field, what is wrong,
+/// and the discovered entry the field belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MergeProblem {
-    /// The entry of `services`, `workloads` or `nodes` the field is in;
-    /// none for the file's own sections.
+pub struct EntryProblem {
+    /// The discovered entry of `services`, `workloads` or `nodes` the
+    /// field is in; none for the file's own.
     pub entry: Option<Entry>,
-    /// Dotted path in the merged config, e.g. `services[3].address`.
+    /// Dotted path in the joined lists, e.g. `services[3].address` (the
+    /// discovered ones follow the file's).
     pub field: String,
     /// What is wrong, as validation says it.
     pub message: String,
 }
 
-impl fmt::Display for MergeProblem {
+impl fmt::Display for EntryProblem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if let Some(entry) = &self.entry {
             write!(f, "{entry}: ")?;
@@ -78,10 +79,10 @@ impl fmt::Display for MergeProblem {
 }
 
 /// The problems on one line, as a refusal is logged.
-fn join(problems: &[MergeProblem]) -> String {
+fn join(problems: &[EntryProblem]) -> String {
     problems
         .iter()
-        .map(MergeProblem::to_string)
+        .map(EntryProblem::to_string)
         .collect::<Vec<_>>()
         .join("; ")
 }

@@ -20,8 +20,8 @@
 //!
 //! Here: what is watched and written, and the start. The watch plumbing is
 //! in `reflect.rs`, the rebuild loop in `rebuild.rs`, the translation in
-//! [`translate`] (and [`incremental`]), the join with the config file in
-//! `merge.rs`, SluicePolicies in [`policy`], finding pods on this machine
+//! [`translate`] (and [`incremental`]), the check beside the config
+//! file's entries in `sources.rs`, SluicePolicies in [`policy`], finding pods on this machine
 //! in [`locate`], reading other nodes' pods in `lookup.rs`, and what
 //! callers handle going wrong ([`DiscoveryError`]) in `error.rs`.
 
@@ -29,10 +29,10 @@ mod error;
 pub mod incremental;
 pub mod locate;
 mod lookup;
-mod merge;
 pub mod policy;
 mod rebuild;
 mod reflect;
+mod sources;
 pub mod translate;
 
 use std::{
@@ -43,10 +43,10 @@ use std::{
 use kube::Client;
 use tokio::sync::{Notify, watch};
 
-pub use error::{DiscoveryError, Entry, MergeProblem};
+pub use error::{DiscoveryError, Entry, EntryProblem};
 pub use lookup::{PodLookup, PodLookupError};
-pub use merge::{ServiceChanges, merge, merge_parts, service_changes};
 use rebuild::{Rebuild, Watched};
+pub use sources::{ServiceChanges, check, entries, service_changes};
 pub use translate::{Objects, Translated};
 
 use crate::{config::KubernetesConfig, drain::DrainWatch};

@@ -160,9 +160,10 @@ mod tests {
         assert!(eps[0].pod.is_none());
         // And it reads as the config's endpoint.
         let base = "node:\n  name: node-a\nkubernetes: {}\nnodes:\n  - name: node-b\n    address: 198.18.99.2\n";
-        let mut config = crate::config::Config::parse(base, "t.yaml").unwrap();
-        crate::discovery::merge(&mut config, &t).unwrap();
-        let remote = &config.services[0].endpoints[2];
+        let config = crate::config::Config::parse(base, "t.yaml").unwrap();
+        let entries = crate::discovery::entries(&config, &t);
+        crate::discovery::check(&entries).unwrap();
+        let remote = &entries.services()[0].endpoints[2];
         assert_eq!(remote.pod.as_ref().unwrap().namespace, "shop");
     }
 

@@ -365,12 +365,13 @@ mod tests {
     #[test]
     fn the_translation_is_a_valid_config() {
         let base = "node:\n  name: node-a\nnodes:\n  - name: node-b\n    address: 198.18.99.2\n";
-        let mut config = crate::config::Config::parse(base, "t.yaml").unwrap();
+        let config = crate::config::Config::parse(base, "t.yaml").unwrap();
         let objects = objects_with_service_account();
         let t = run(&objects, &["node-b"]);
-        crate::discovery::merge(&mut config, &t).unwrap();
-        assert_eq!(config.services.len(), 1);
-        assert_eq!(config.workloads.len(), 2);
-        assert_eq!(config.services[0].endpoints.len(), 4);
+        let entries = crate::discovery::entries(&config, &t);
+        crate::discovery::check(&entries).unwrap();
+        assert_eq!(entries.services().len(), 1);
+        assert_eq!(entries.workloads().len(), 2);
+        assert_eq!(entries.services()[0].endpoints.len(), 4);
     }
 }

@@ -243,12 +243,13 @@ mod tests {
     #[test]
     fn a_dual_stack_translation_is_a_valid_config() {
         let base = "node:\n  name: node-a\n";
-        let mut config = crate::config::Config::parse(base, "t.yaml").unwrap();
+        let config = crate::config::Config::parse(base, "t.yaml").unwrap();
         let t = run(&dual_stack(["IPv4", "IPv6"]), &[]);
-        crate::discovery::merge(&mut config, &t).unwrap();
-        assert_eq!(config.services.len(), 2);
-        let v6 = config
-            .services
+        let entries = crate::discovery::entries(&config, &t);
+        crate::discovery::check(&entries).unwrap();
+        assert_eq!(entries.services().len(), 2);
+        let v6 = entries
+            .services()
             .iter()
             .find(|s| s.name.get() == "checkout-ipv6")
             .unwrap();
@@ -289,8 +290,8 @@ mod tests {
             "{why}"
         );
         let base = "node:\n  name: node-a\n";
-        let mut config = crate::config::Config::parse(base, "t.yaml").unwrap();
-        crate::discovery::merge(&mut config, &t).unwrap();
+        let config = crate::config::Config::parse(base, "t.yaml").unwrap();
+        crate::discovery::check(&crate::discovery::entries(&config, &t)).unwrap();
     }
 
     #[test]

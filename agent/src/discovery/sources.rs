@@ -1,52 +1,28 @@
-//! Discovered entries joined to the config file's: of the file's own
-//! types, checked by the file's own validation, so the two sources can
-//! never mean different things; and, between two translations, which
+//! Discovered entries beside the config file's: of the file's own types,
+//! checked by the file's own rules through [`Entries`], so the two sources
+//! can never mean different things; and, between two translations, which
 //! services changed.
 
 use std::{collections::HashSet, sync::Arc};
 
-use super::{DiscoveryError, Entry, MergeProblem, Translated};
-use crate::config::{Authorization, Config, PeerNode, ServiceSpec, WorkloadSpec};
+use super::{DiscoveryError, Entry, EntryProblem, Translated};
+use crate::config::{Authorization, Config, Entries, Origin, ServiceSpec, WorkloadSpec};
 
-/// Adds the discovered services and workloads to `config` (the file's)
-/// and validates the whole. An error names every problem.
-pub fn merge(config: &mut Config, found: &Translated) -> Result<(), DiscoveryError> {
-    merge_parts(config, &found.services, &found.workloads, &found.nodes)
+/// The file's entries with all that discovery found beside them.
+pub fn entries<'a>(file: &'a Config, found: &'a Translated) -> Entries<'a> {
+    Entries::with(file, &found.services, &found.workloads, &found.nodes)
 }
 
-/// Like [`merge`], with only some of the discovered services (those a
-/// watch event changed): the file's, the workloads and the nodes are all
-/// there, so the services given are checked against everything they name.
-pub fn merge_parts(
-    config: &mut Config,
-    services: &[Arc<ServiceSpec>],
-    workloads: &[WorkloadSpec],
-    nodes: &[PeerNode],
-) -> Result<(), DiscoveryError> {
-    // A node the file lists keeps the file's address.
-    for n in nodes {
-        if !config.nodes.iter().any(|c| c.name.get() == n.name.get()) {
-            config.nodes.push(n.clone());
-        }
-    }
-    let health_check = config
-        .kubernetes
-        .as_ref()
-        .and_then(|k| k.health_check.clone());
-    config.services.reserve(services.len());
-    config.services.extend(services.iter().map(|s| {
-        let mut s = ServiceSpec::clone(s);
-        s.health_check = health_check.clone();
-        s
-    }));
-    config.workloads.extend(workloads.iter().cloned());
-    config
+/// Validates both sources together. An error names every problem, and the
+/// discovered entry each is in.
+pub fn check(entries: &Entries) -> Result<(), DiscoveryError> {
+    entries
         .validate()
         .map_err(|problems| DiscoveryError::Invalid {
             problems: problems
                 .into_iter()
-                .map(|p| MergeProblem {
-                    entry: entry_of(config, &p.field),
+                .map(|p| EntryProblem {
+                    entry: entry_of(entries, &p.field),
                     field: p.field,
                     message: p.message,
                 })
@@ -54,18 +30,21 @@ pub fn merge_parts(
         })
 }
 
-/// The entry a validation field (`services[3].address`) is in, if it is
-/// in one of the lists discovery adds to.
-fn entry_of(config: &Config, field: &str) -> Option<Entry> {
+/// The discovered entry a validation field (`services[3].address`) is in,
+/// if it is in one.
+fn entry_of(entries: &Entries, field: &str) -> Option<Entry> {
     let (list, rest) = field.split_once('[')?;
     let index: usize = rest.split_once(']')?.0.parse().ok()?;
     let (kind, name) = match list {
-        "services" => {
-            let s = config.services.get(index)?;
+        "services" if entries.service_origin(index) == Origin::Second => {
+            let s = entries.services().get(index)?;
             ("service", format!("{}/{}", s.namespace, s.name.get()))
         }
-        "workloads" => ("workload", config.workloads.get(index)?.name.get().clone()),
-        "nodes" => ("node", config.nodes.get(index)?.name.get().clone()),
+        "workloads" if entries.workload_origin(index) == Origin::Second => (
+            "workload",
+            entries.workloads().get(index)?.name.get().clone(),
+        ),
+        "nodes" => ("node", entries.nodes().get(index)?.name.get().clone()),
         _ => return None,
     };
     Some(Entry { kind, name })
@@ -157,7 +136,7 @@ fn same_workload(a: &WorkloadSpec, b: &WorkloadSpec) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Decision, EndpointSpec, Mode};
+    use crate::config::{Decision, EndpointSpec, Mode, PeerNode};
 
     const FILE: &str = "\
 node:
@@ -185,12 +164,12 @@ services:
 
     #[test]
     fn a_refusal_names_the_discovered_service_and_the_one_it_collides_with() {
-        let mut config = Config::parse(FILE, "t.yaml").unwrap();
+        let config = Config::parse(FILE, "t.yaml").unwrap();
         let services = [
             service("checkout", "10.96.0.10"),
             service("cart", "10.96.0.11"),
         ];
-        let err = merge_parts(&mut config, &services, &[], &[]).unwrap_err();
+        let err = check(&Entries::with(&config, &services, &[], &[])).unwrap_err();
         let DiscoveryError::Invalid { problems } = &err else {
             panic!("{err:?}");
         };
