@@ -1,0 +1,402 @@
+//! Moving bytes between the client and the upstream until both sides have
+//! closed, with idle and lifetime limits, telling a reset from a close.
+
+use std::{
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::TcpStream,
+};
+
+use crate::{
+    clock::now_ms,
+    telemetry::{ByteCounters, CloseReason},
+};
+
+/// A direction's buffer starts at this size and doubles each time a read
+/// fills it, up to [`MAX_BUFFER`]. On plain TCP it is only held while
+/// bytes flow: an idle connection holds none.
+const INITIAL_BUFFER: usize = 1024;
+const MAX_BUFFER: usize = 16 * 1024;
+
+/// How a proxied connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyEnd {
+    /// Both sides closed (FIN each way).
+    Closed,
+    /// The upstream reset the connection (counts against the endpoint).
+    UpstreamReset,
+    /// The client reset or an I/O error on the client side.
+    ClientError,
+    /// No byte either way for the idle timeout.
+    Idle,
+    /// The connection outlived max_connection_duration.
+    MaxDuration,
+}
+
+impl CopyEnd {
+    /// Stable name for the audit trail.
+    pub fn name(self) -> &'static str {
+        match self {
+            CopyEnd::Closed => "closed",
+            CopyEnd::UpstreamReset => "upstream_reset",
+            CopyEnd::ClientError => "client_error",
+            CopyEnd::Idle => "idle_timeout",
+            CopyEnd::MaxDuration => "max_duration",
+        }
+    }
+}
+
+impl From<CopyEnd> for CloseReason {
+    fn from(end: CopyEnd) -> CloseReason {
+        match end {
+            CopyEnd::Closed => CloseReason::Closed,
+            CopyEnd::UpstreamReset => CloseReason::UpstreamReset,
+            CopyEnd::ClientError => CloseReason::ClientError,
+            CopyEnd::Idle => CloseReason::IdleTimeout,
+            CopyEnd::MaxDuration => CloseReason::MaxDuration,
+        }
+    }
+}
+
+/// The reading end of one direction: fills a buffer it may allocate
+/// lazily and release while the connection is quiet.
+pub trait ReadSide: Send {
+    /// Whether [`one_way`] may drop the buffer after a short read (the
+    /// reader waits for data without one).
+    const RELEASE_WHEN_DRAINED: bool;
+
+    /// Reads what is available into `buf` (resized to `size` if empty).
+    /// An implementation may leave `buf` empty while it waits, so an idle
+    /// connection holds no buffer.
+    fn read_some<'a>(
+        &'a mut self,
+        buf: &'a mut Vec<u8>,
+        size: usize,
+    ) -> impl Future<Output = std::io::Result<usize>> + Send + 'a;
+}
+
+impl ReadSide for tokio::net::tcp::ReadHalf<'_> {
+    const RELEASE_WHEN_DRAINED: bool = true;
+
+    async fn read_some(&mut self, buf: &mut Vec<u8>, size: usize) -> std::io::Result<usize> {
+        if !buf.is_empty() {
+            // Kept after a full read: more may be waiting. Look once; if
+            // not, give the buffer back before waiting.
+            match self.try_read(buf) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => *buf = Vec::new(),
+                Err(e) => return Err(e),
+            }
+        }
+        // Wait for data without holding a buffer.
+        self.readable().await?;
+        buf.resize(size, 0);
+        // tokio's read treats a short read as drained and then waits for
+        // the next event without another syscall.
+        self.read(buf).await
+    }
+}
+
+/// Any other reader (TLS) keeps its buffer: rustls holds buffers of its
+/// own anyway.
+pub struct Buffered<R>(R);
+
+impl<R: AsyncRead + Unpin + Send> ReadSide for Buffered<R> {
+    const RELEASE_WHEN_DRAINED: bool = false;
+
+    async fn read_some(&mut self, buf: &mut Vec<u8>, size: usize) -> std::io::Result<usize> {
+        if buf.is_empty() {
+            buf.resize(size, 0);
+        }
+        self.0.read(buf).await
+    }
+}
+
+/// A byte stream the proxy can split into halves and reset.
+pub trait Duplex {
+    /// Read and write halves borrowed from the stream.
+    fn halves(&mut self) -> (impl ReadSide + '_, impl AsyncWrite + Unpin + Send + '_);
+    /// Makes the next close a reset (RST) rather than a FIN.
+    fn reset_on_close(&self);
+}
+
+impl Duplex for TcpStream {
+    fn halves(&mut self) -> (impl ReadSide + '_, impl AsyncWrite + Unpin + Send + '_) {
+        // Borrowed halves: no lock between the two directions.
+        self.split()
+    }
+
+    fn reset_on_close(&self) {
+        let _ = self.set_zero_linger();
+    }
+}
+
+impl Duplex for tokio_rustls::client::TlsStream<TcpStream> {
+    fn halves(&mut self) -> (impl ReadSide + '_, impl AsyncWrite + Unpin + Send + '_) {
+        let (r, w) = tokio::io::split(self);
+        (Buffered(r), w)
+    }
+
+    fn reset_on_close(&self) {
+        let _ = self.get_ref().0.set_zero_linger();
+    }
+}
+
+impl Duplex for tokio_rustls::server::TlsStream<TcpStream> {
+    fn halves(&mut self) -> (impl ReadSide + '_, impl AsyncWrite + Unpin + Send + '_) {
+        let (r, w) = tokio::io::split(self);
+        (Buffered(r), w)
+    }
+
+    fn reset_on_close(&self) {
+        let _ = self.get_ref().0.set_zero_linger();
+    }
+}
+
+/// Where one direction stood when its copy was suspended: bytes read from
+/// one side and not yet written to the other, and whether the reading side
+/// had closed (its FIN already passed on). A copy resumed from it, in this
+/// process or the next agent's, writes the bytes first and goes on.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WayState {
+    pub pending: Vec<u8>,
+    pub finished: bool,
+}
+
+/// Both directions of a suspended copy: client to upstream, and back.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Suspended {
+    pub up: WayState,
+    pub down: WayState,
+}
+
+/// How a copy stopped: ended, or suspended to be carried on elsewhere.
+#[derive(Debug)]
+pub enum Carried {
+    Ended(CopyEnd),
+    Suspended(Suspended),
+}
+
+/// The limits a copy runs under.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// No byte either way for this long ends the connection.
+    pub idle: Duration,
+    /// The connection's remaining lifetime, if it has a limit.
+    pub lifetime: Option<Duration>,
+}
+
+/// Copies both ways; a FIN from one side is passed on as a FIN
+/// (half-close). Connections ended by a reset, an idle or lifetime limit
+/// are reset on both sides.
+pub async fn proxy<C: Duplex, U: Duplex>(
+    client: &mut C,
+    upstream: &mut U,
+    idle: Duration,
+    max_duration: Option<Duration>,
+    bytes: &ByteCounters,
+) -> CopyEnd {
+    let limits = Limits {
+        idle,
+        lifetime: max_duration,
+    };
+    match carry(client, upstream, limits, bytes, Suspended::default(), None).await {
+        Carried::Ended(end) => end,
+        Carried::Suspended(_) => unreachable!("a copy without a move signal is never suspended"),
+    }
+}
+
+/// [`proxy`], starting from where a suspended copy stood (`from`), and
+/// suspending when `moving` fires: both directions stop where nothing is
+/// half done (a read not started, or a write of which the bytes left are
+/// returned), so no byte is lost or sent twice. A `moving` whose sender
+/// went away without a word never fires.
+pub async fn carry<C: Duplex, U: Duplex>(
+    client: &mut C,
+    upstream: &mut U,
+    limits: Limits,
+    bytes: &ByteCounters,
+    from: Suspended,
+    moving: Option<&mut tokio::sync::oneshot::Receiver<()>>,
+) -> Carried {
+    let up_sent = &bytes.sent;
+    let down_sent = &bytes.received;
+    let mut up = Way::from(from.up);
+    let mut down = Way::from(from.down);
+    let stopped = {
+        let (cr, cw) = client.halves();
+        let (ur, uw) = upstream.halves();
+        let both = async {
+            // The first error ends both directions.
+            let result = tokio::try_join!(
+                async {
+                    one_way(cr, uw, up_sent, &mut up)
+                        .await
+                        .map_err(|e| (true, e))
+                },
+                async {
+                    one_way(ur, cw, down_sent, &mut down)
+                        .await
+                        .map_err(|e| (false, e))
+                },
+            );
+            match result {
+                Ok(_) => CopyEnd::Closed,
+                // Writing to or reading from the upstream failed: it reset.
+                Err((true, Side::Write)) | Err((false, Side::Read)) => CopyEnd::UpstreamReset,
+                Err(_) => CopyEnd::ClientError,
+            }
+        };
+        let moved = async {
+            if let Some(rx) = moving
+                && rx.await.is_ok()
+            {
+                return;
+            }
+            std::future::pending::<()>().await
+        };
+        let deadline = limits.lifetime.map(|d| now_ms() + d.as_millis() as u64);
+        tokio::select! {
+            biased;
+            () = moved => None,
+            end = both => Some(end),
+            end = watchdog(bytes, limits.idle, deadline) => Some(end),
+        }
+    };
+    let Some(end) = stopped else {
+        return Carried::Suspended(Suspended {
+            up: up.into_state(),
+            down: down.into_state(),
+        });
+    };
+    if end != CopyEnd::Closed {
+        client.reset_on_close();
+        upstream.reset_on_close();
+    }
+    Carried::Ended(end)
+}
+
+/// One direction's progress, kept outside its future: a suspension drops
+/// the future, and every read or write it completed is recorded here.
+#[derive(Debug, Default)]
+struct Way {
+    buf: Vec<u8>,
+    /// `buf[start..end]` was read and not yet written.
+    start: usize,
+    end: usize,
+    /// EOF was read and passed on.
+    finished: bool,
+}
+
+impl From<WayState> for Way {
+    fn from(state: WayState) -> Way {
+        let end = state.pending.len();
+        Way {
+            buf: state.pending,
+            start: 0,
+            end,
+            finished: state.finished,
+        }
+    }
+}
+
+impl Way {
+    fn into_state(mut self) -> WayState {
+        self.buf.truncate(self.end);
+        self.buf.drain(..self.start);
+        WayState {
+            pending: self.buf,
+            finished: self.finished,
+        }
+    }
+}
+
+/// Which end of a one-way copy failed.
+enum Side {
+    Read,
+    Write,
+}
+
+async fn one_way<R: ReadSide>(
+    mut from: R,
+    mut to: impl AsyncWrite + Unpin,
+    sent: &AtomicU64,
+    way: &mut Way,
+) -> Result<(), Side> {
+    let mut size = INITIAL_BUFFER;
+    // Whether the last read left the socket drained.
+    let mut drained = false;
+    while !way.finished {
+        // Write by parts, each recorded: a suspension between two parts
+        // leaves exactly the bytes not yet written.
+        while way.start < way.end {
+            let n = to
+                .write(&way.buf[way.start..way.end])
+                .await
+                .map_err(|_| Side::Write)?;
+            if n == 0 {
+                return Err(Side::Write);
+            }
+            way.start += n;
+            sent.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        if R::RELEASE_WHEN_DRAINED && drained {
+            // Let the buffer go while the connection is quiet.
+            way.buf = Vec::new();
+        } else if way.buf.len() < size {
+            way.buf.resize(size, 0);
+        }
+        let n = from
+            .read_some(&mut way.buf, size)
+            .await
+            .map_err(|_| Side::Read)?;
+        if n == way.buf.len() && size < MAX_BUFFER {
+            // A full read: more is probably waiting; read bigger next time.
+            size *= 2;
+        }
+        drained = n < way.buf.len();
+        (way.start, way.end) = (0, n);
+        if n == 0 {
+            // Pass the half-close on; the other direction goes on.
+            let _ = to.shutdown().await;
+            way.finished = true;
+        }
+    }
+    Ok(())
+}
+
+/// How many looks per idle period the watchdog takes: a connection idle
+/// for `idle` is cut within `idle * (1 + 1/IDLE_CHECKS)`.
+const IDLE_CHECKS: u64 = 4;
+
+/// Resolves once no byte moved for the idle time, or at `deadline` (in
+/// [`now_ms`] terms). It compares the byte counters the copy keeps anyway,
+/// so the data path reads no clock; one timer serves both limits, to keep
+/// idle connections small.
+async fn watchdog(bytes: &ByteCounters, idle: Duration, deadline: Option<u64>) -> CopyEnd {
+    let idle_ms = (idle.as_millis() as u64).max(1);
+    let step = (idle_ms / IDLE_CHECKS).max(1);
+    let moved = || bytes.sent.load(Ordering::Relaxed) + bytes.received.load(Ordering::Relaxed);
+    let (mut last, mut quiet_since) = (moved(), now_ms());
+    loop {
+        let now = now_ms();
+        if deadline.is_some_and(|d| now >= d) {
+            return CopyEnd::MaxDuration;
+        }
+        let current = moved();
+        if current != last {
+            (last, quiet_since) = (current, now);
+        } else if now.saturating_sub(quiet_since) >= idle_ms {
+            return CopyEnd::Idle;
+        }
+        let next = deadline.map_or(now + step, |d| d.min(now + step));
+        tokio::time::sleep(Duration::from_millis(next.saturating_sub(now).max(1))).await;
+    }
+}
+
+#[cfg(test)]
+mod tests;
