@@ -13,6 +13,7 @@
 //! leaving programs, pins and cgroups to its successor.
 
 mod captures;
+mod moving;
 mod placement;
 mod pods;
 mod reload;
@@ -51,8 +52,8 @@ use crate::{
     discovery::DiscoveryError,
     drain::{self, DrainTrigger},
     fastpath,
-    handover::{Handover, HandoverError, Inherited, Offered},
-    proxy::OutboundContext,
+    handover::{Handover, HandoverError, Inherited, Offered, Successor},
+    proxy::{OutboundContext, ProxyInputs},
     redirect::{
         Redirect, RedirectError, cgroup,
         preflight::{self, PreflightError},
@@ -293,8 +294,11 @@ async fn run_attached(
         kernel.cookie_records,
         watch.clone(),
     ));
-    // From here on this agent serves; the one it replaces may stop.
-    start.inherited.ready();
+    // From here on this agent serves; the one it replaces may stop, and
+    // sends its open connections here.
+    if let Some(predecessor) = start.inherited.ready() {
+        moving::receive(predecessor, inputs.clone(), watch.clone());
+    }
     let (socket_file, handed_over) =
         offer_to_successor(start.handover, &offered, &inputs.metrics, &watch);
     info!(
@@ -330,6 +334,7 @@ async fn run_attached(
         file_generation: 0,
         applied_discovery: None,
         applied_file_generation: 0,
+        successor: None,
     };
     let exit = live.serve_until_stopped(handed_over).await;
     // After a handover the path is the successor's; it is left alone.
@@ -347,6 +352,8 @@ async fn run_attached(
         captures: live.captures,
         data_plane,
         deadline: config.agent.drain_timeout,
+        successor: live.successor,
+        inputs: live.inputs,
     };
     stopping.drain().await;
     Ok(exit)
@@ -362,6 +369,9 @@ struct Stopping {
     captures: CaptureSet,
     data_plane: DataPlane,
     deadline: crate::config::HumanDuration,
+    /// Where the open connections go, after a handover.
+    successor: Option<Successor>,
+    inputs: Arc<ProxyInputs>,
 }
 
 impl Stopping {
@@ -370,11 +380,19 @@ impl Stopping {
             // The successor answers on the same admin and metrics sockets.
             self.admin_trigger.start();
         }
-        info!(
-            "stopping: no new connections; draining {} open (up to {})",
-            self.trigger.active(),
-            self.deadline
-        );
+        match &self.successor {
+            Some(_) => info!(
+                "upgrade: no new connections; handing {} open ones over (those that cannot \
+                 move drain, up to {})",
+                self.trigger.active(),
+                self.deadline
+            ),
+            None => info!(
+                "stopping: no new connections; draining {} open (up to {})",
+                self.trigger.active(),
+                self.deadline
+            ),
+        }
         // A stop refuses new connects at once; an upgrade leaves the
         // sockets listening for the successor.
         let refuse = self.exit == Exit::Stopped;
@@ -391,8 +409,24 @@ impl Stopping {
                 error!("{name} listener task failed: {e}");
             }
         }
+        // Each movable connection suspends and is sent on; its handler
+        // ends, so the wait below ends once all have moved.
+        let moving = self.successor.and_then(|successor| {
+            let outbox = self.inputs.connections.take_outbox()?;
+            self.inputs.connections.start_moving();
+            let (finish, finished) = tokio::sync::oneshot::channel();
+            let task = tokio::spawn(moving::send(successor, outbox, finished));
+            Some((finish, task))
+        });
         let deadline = self.deadline.0;
         let left = drain::wait_idle_all(listeners(), deadline).await;
+        if let Some((finish, task)) = moving {
+            let _ = finish.send(());
+            match task.await {
+                Ok(sent) => info!("upgrade: {sent} open connections handed over"),
+                Err(e) => error!("upgrade: sending the open connections failed: {e}"),
+            }
+        }
         self.admin_trigger.start();
         if left > 0 {
             warn!("drain deadline passed with {left} connections open; closing them");

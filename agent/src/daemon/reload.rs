@@ -30,7 +30,7 @@ use crate::{
     config::{Config, Entries, KubernetesConfig, Origin},
     discovery,
     drain::DrainWatch,
-    handover::{Inherited, Offered},
+    handover::{Inherited, Offered, Successor},
     proxy::{OutboundContext, ProxyInputs},
     redirect::{
         Redirect,
@@ -91,6 +91,9 @@ pub(super) struct Live<'a> {
     /// built from, which the next update is compared with.
     pub(super) applied_discovery: Option<Arc<discovery::Translated>>,
     pub(super) applied_file_generation: u64,
+    /// The agent that took over, once one did: the open connections go
+    /// there.
+    pub(super) successor: Option<Successor>,
 }
 
 type DiscoveryUpdates = tokio::sync::watch::Receiver<Option<Arc<discovery::Translated>>>;
@@ -150,7 +153,7 @@ impl Live<'_> {
     /// successor has taken over.
     pub async fn serve_until_stopped(
         &mut self,
-        mut handed_over: tokio::sync::oneshot::Receiver<()>,
+        mut handed_over: tokio::sync::oneshot::Receiver<Successor>,
     ) -> Exit {
         let (Ok(mut term), Ok(mut hup)) = (
             signal(SignalKind::terminate()),
@@ -184,8 +187,9 @@ impl Live<'_> {
                     info!("SIGINT received");
                     return Exit::Stopped;
                 }
-                Ok(()) = &mut handed_over => {
-                    info!("upgrade: the new agent is serving; draining");
+                Ok(successor) = &mut handed_over => {
+                    info!("upgrade: the new agent is serving; handing the open connections over");
+                    self.successor = Some(successor);
                     return Exit::HandedOver;
                 }
                 _ = hup.recv() => {

@@ -231,7 +231,7 @@ pub(super) fn offer_to_successor(
     watch: &DrainWatch,
 ) -> (
     Option<handover::SocketFile>,
-    tokio::sync::oneshot::Receiver<()>,
+    tokio::sync::oneshot::Receiver<handover::Successor>,
 ) {
     let (handed_over_tx, handed_over) = tokio::sync::oneshot::channel();
     let file = match handover.listen() {

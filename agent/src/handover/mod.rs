@@ -22,9 +22,13 @@
 //!    `READY`, and puts its own handover socket at the path: bound under a
 //!    temporary name and renamed over the old one, so the path never
 //!    leads nowhere and no retry waits for the old agent to let go.
-//! 4. The old agent stops accepting, drains its open connections, and
-//!    exits without detaching anything, removing any pin or touching the
-//!    socket file: they are the new agent's now.
+//! 4. The old agent stops accepting, suspends its open connections where
+//!    no byte is half moved and sends them on the same stream (sockets and
+//!    what each copy had in hand, see [`crate::proxy::moved`]), then `DONE`;
+//!    the new agent carries them on. Connections that cannot move (mTLS,
+//!    for now) are drained as before. The old agent then exits without
+//!    detaching anything, removing any pin or touching the socket file:
+//!    they are the new agent's now.
 //!
 //! Both processes accept from the same sockets for a moment, and each
 //! connection is accepted by exactly one of them, so the kernel's accept
@@ -41,11 +45,13 @@
 //! By concern: `file` is the socket file and its private directory,
 //! `peer` who is at the other end and whether to trust it, `wire` the
 //! messages and the descriptors they carry, `take_over` the starting
-//! agent's side and `offer` the running agent's.
+//! agent's side and `offer` the running agent's, `successor` step 4 from
+//! each.
 
 mod file;
 mod offer;
 mod peer;
+mod successor;
 mod take_over;
 mod wire;
 
@@ -57,6 +63,7 @@ use std::{
 pub use file::{Listening, SocketFile};
 pub use offer::{Offered, offer};
 pub use peer::Refusal;
+pub use successor::{Batch, MAX_BATCH, Predecessor, Successor};
 pub use take_over::Inherited;
 
 use file::{MAX_SOCKET_PATH, make_private_dir, socket_file, temp_path};

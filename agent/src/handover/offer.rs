@@ -14,6 +14,7 @@ use tokio::sync::oneshot;
 use super::{
     file::Listening,
     peer::{Peer, Refusal, judge},
+    successor::Successor,
     wire,
 };
 use crate::{drain::DrainWatch, telemetry::Metrics};
@@ -64,12 +65,13 @@ impl Offered {
 
 /// The running agent's side: offers `sockets` to a successor that passes
 /// the checks, on `listening`. Resolves `handed_over` once a successor
-/// said `READY`. Refused peers are counted in `metrics`.
+/// said `READY`, with the stream its open connections go on. Refused peers
+/// are counted in `metrics`.
 pub async fn offer(
     listening: Listening,
     sockets: Offered,
     metrics: Arc<Metrics>,
-    handed_over: oneshot::Sender<()>,
+    handed_over: oneshot::Sender<Successor>,
     mut drain: DrainWatch,
 ) {
     let Listening { listener, file, me } = listening;
@@ -113,11 +115,23 @@ pub async fn offer(
             "upgrade: a new agent, {peer}, took the listening sockets; waiting for it to be ready"
         );
         if wire::ready(&mut stream, READY_WITHIN).await {
-            let _ = handed_over.send(());
+            match blocking(stream) {
+                Ok(stream) => {
+                    let _ = handed_over.send(Successor(stream));
+                }
+                Err(e) => warn!("upgrade: the stream to the new agent: {e}; still serving"),
+            }
             return;
         }
         warn!("upgrade: the new agent went away before it was ready; still serving");
     }
+}
+
+/// The stream as step 4 uses it: blocking, on a thread of its own.
+fn blocking(stream: tokio::net::UnixStream) -> std::io::Result<std::os::unix::net::UnixStream> {
+    let stream = stream.into_std()?;
+    stream.set_nonblocking(false)?;
+    Ok(stream)
 }
 
 #[cfg(test)]
@@ -195,7 +209,7 @@ mod tests {
         path: PathBuf,
         offered: Offered,
         metrics: Arc<Metrics>,
-        handed_over: oneshot::Receiver<()>,
+        handed_over: oneshot::Receiver<Successor>,
         _drain: crate::drain::DrainTrigger,
     }
 

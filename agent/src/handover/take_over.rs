@@ -14,6 +14,7 @@ use log::{info, warn};
 use super::{
     Handover, HandoverError,
     peer::{Peer, Refusal, judge},
+    successor::Predecessor,
     wire,
 };
 
@@ -196,9 +197,10 @@ impl Inherited {
         Some(sockets.swap_remove(i).2)
     }
 
-    /// Tells the previous agent to stop accepting and drain. The sockets it
-    /// sent that no listener took are closed here.
-    pub fn ready(&self) {
+    /// Tells the previous agent to stop accepting and send its open
+    /// connections, which come on the returned stream. The sockets it sent
+    /// that no listener took are closed here.
+    pub fn ready(&self) -> Option<Predecessor> {
         let unused: Vec<SocketAddr> = self
             .sockets
             .lock()
@@ -209,10 +211,15 @@ impl Inherited {
         if !unused.is_empty() {
             warn!("inherited listening sockets no longer configured, closed: {unused:?}");
         }
-        if let Some(mut stream) = self.stream.lock().expect("handover lock").take() {
-            match wire::say_ready(&mut stream) {
-                Ok(()) => info!("upgrade: serving; the previous agent drains and exits"),
-                Err(e) => warn!("upgrade: cannot tell the previous agent to drain: {e}"),
+        let mut stream = self.stream.lock().expect("handover lock").take()?;
+        match wire::say_ready(&mut stream) {
+            Ok(()) => {
+                info!("upgrade: serving; the previous agent hands its connections over and exits");
+                Some(Predecessor(stream))
+            }
+            Err(e) => {
+                warn!("upgrade: cannot tell the previous agent to hand over: {e}");
+                None
             }
         }
     }
@@ -297,9 +304,9 @@ mod tests {
             sockets: Mutex::default(),
             stream: Mutex::new(Some(ours)),
         };
-        inherited.ready();
+        assert!(inherited.ready().is_some());
         assert!(!inherited.is_upgrade(), "the stream is spent");
-        inherited.ready();
+        assert!(inherited.ready().is_none());
         let mut said = Vec::new();
         io::Read::read_to_end(&mut theirs, &mut said).unwrap();
         assert_eq!(said, b"READY\n");

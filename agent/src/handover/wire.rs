@@ -3,10 +3,13 @@
 //!
 //! 1. successor: `HELLO`;
 //! 2. running agent: `SOCKETS`, carrying every listening socket;
-//! 3. successor, once it serves on them: `READY`.
+//! 3. successor, once it serves on them: `READY`;
+//! 4. running agent: its open connections, in batches (a fixed header
+//!    carrying the descriptors, then the records), then `DONE`.
 //!
-//! Anything else, or a stream closed between the steps, ends the exchange
-//! and each side goes on as if it had not begun.
+//! Anything else, or a stream closed between steps 1 and 3, ends the
+//! exchange and each side goes on as if it had not begun. A stream closed
+//! in step 4 ends it there: what was sent is the successor's.
 
 use std::{
     io::{self, Write},
@@ -23,6 +26,15 @@ use tokio::io::AsyncReadExt;
 const HELLO: &[u8] = b"sluice-handover/1 HELLO\n";
 const SOCKETS: &[u8] = b"SOCKETS\n";
 const READY: &[u8] = b"READY\n";
+/// Step 4's header: a tag, then the descriptor count and the length of
+/// the records that follow, both u32 little-endian.
+const BATCH_HEADER: usize = 16;
+const MOVED_TAG: &[u8; 8] = b"MOVED\0\0\0";
+const DONE_TAG: &[u8; 8] = b"DONE\0\0\0\0";
+/// Largest records of one batch: a bound on what a confused or hostile
+/// peer can make the successor allocate.
+const MAX_RECORDS: usize = 64 << 20;
+
 /// Most listening sockets one handover carries: outbound, inbound, admin,
 /// metrics, and one outbound listener per pod on the node. The kernel
 /// passes no more in one message (SCM_MAX_FD).
@@ -76,6 +88,78 @@ pub(super) async fn ready(stream: &mut tokio::net::UnixStream, within: Duration)
 /// The successor's side of step 3.
 pub(super) fn say_ready(stream: &mut UnixStream) -> io::Result<()> {
     stream.write_all(READY)
+}
+
+/// Step 4, one batch: `fds` (at most [`MAX_FDS`]) and `records`, on a
+/// blocking stream.
+pub(super) fn send_batch(
+    stream: &mut UnixStream,
+    fds: &[RawFd],
+    records: &[u8],
+) -> io::Result<()> {
+    let header = batch_header(MOVED_TAG, fds.len(), records.len())?;
+    send_fds(stream, &header, fds)?;
+    stream.write_all(records)
+}
+
+/// Step 4's end.
+pub(super) fn send_done(stream: &mut UnixStream) -> io::Result<()> {
+    stream.write_all(&batch_header(DONE_TAG, 0, 0)?)
+}
+
+fn batch_header(tag: &[u8; 8], fds: usize, records: usize) -> io::Result<[u8; BATCH_HEADER]> {
+    if records > MAX_RECORDS {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{records} bytes of records are more than a batch carries ({MAX_RECORDS})"),
+        ));
+    }
+    let mut header = [0u8; BATCH_HEADER];
+    header[..8].copy_from_slice(tag);
+    header[8..12].copy_from_slice(&(fds as u32).to_le_bytes());
+    header[12..].copy_from_slice(&(records as u32).to_le_bytes());
+    Ok(header)
+}
+
+/// The successor's side of step 4: the next batch (descriptors and
+/// records), or none after `DONE`. A batch whose descriptors do not match
+/// its header is an error (and its descriptors are closed).
+pub(super) fn receive_batch(stream: &mut UnixStream) -> io::Result<Option<(Vec<OwnedFd>, Vec<u8>)>> {
+    let mut header = [0u8; BATCH_HEADER];
+    let (n, fds) = recv_fds(stream, &mut header)?;
+    if n == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the previous agent closed the stream before DONE",
+        ));
+    }
+    // The header is sent in one message; a short read is only possible
+    // if it was cut, and the rest follows.
+    std::io::Read::read_exact(stream, &mut header[n..])?;
+    let count = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes")) as usize;
+    let len = u32::from_le_bytes(header[12..].try_into().expect("4 bytes")) as usize;
+    match &header[..8] {
+        tag if tag == DONE_TAG => Ok(None),
+        tag if tag == MOVED_TAG => {
+            if fds.len() != count || len > MAX_RECORDS {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "a batch says {count} descriptors and {len} bytes, and carries {} \
+                         descriptors",
+                        fds.len()
+                    ),
+                ));
+            }
+            let mut records = vec![0u8; len];
+            std::io::Read::read_exact(stream, &mut records)?;
+            Ok(Some((fds, records)))
+        }
+        other => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("not a batch: {:?}", String::from_utf8_lossy(other)),
+        )),
+    }
 }
 
 /// Sends `data` with `fds` attached, all in one message; more than

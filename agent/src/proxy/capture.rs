@@ -17,11 +17,12 @@ use super::{
     ProxyInputs,
     connections::{Callee, Caller},
     lifecycle::{ConnectionLife, Opening},
+    moved::{MovedKind, MovedRecord, NotResumed, carry_or_move},
 };
 use crate::{
     accept::accept_until_drained,
     audit::{Denial, Party},
-    carry::copy::proxy,
+    carry::copy::{Limits, Suspended},
     catalog::capture::InboundMode,
     config::policy::DEFAULT_IDLE_TIMEOUT,
     connect::{BoundListener, connect_marked},
@@ -111,7 +112,7 @@ async fn handle(
         let _ = stream.set_zero_linger();
         return;
     }
-    let mut upstream = match connect_marked(
+    let upstream = match connect_marked(
         local,
         ctx.mark,
         ctx.connect_timeout,
@@ -140,17 +141,63 @@ async fn handle(
             upstream: local,
             security: "plaintext",
             accepted: tokio::time::Instant::now(),
+            movable: true,
         },
         None,
     );
-    let mut client = stream;
-    let end = proxy(
-        &mut client,
-        &mut upstream,
-        DEFAULT_IDLE_TIMEOUT,
+    let kind = MovedKind::Captured {
+        workload: workload.name.clone(),
+    };
+    let from = Suspended::default();
+    let limits = Limits {
+        idle: DEFAULT_IDLE_TIMEOUT,
+        lifetime: None,
+    };
+    carry_or_move(&ctx, stream, upstream, life, limits, from, kind).await;
+}
+
+/// Carries on a captured connection the previous agent moved here, to the
+/// same workload.
+pub(super) async fn resume(
+    inputs: &Arc<ProxyInputs>,
+    client: TcpStream,
+    upstream: TcpStream,
+    workload: &str,
+    record: &MovedRecord,
+    _guard: ConnectionGuard,
+) -> Result<(), (NotResumed, (TcpStream, TcpStream))> {
+    let found = inputs
+        .catalog
+        .load()
+        .workloads()
+        .iter()
+        .find(|w| w.name == workload)
+        .cloned();
+    let Some(target) = found else {
+        let why = NotResumed::NoWorkload(workload.to_owned());
+        return Err((why, (client, upstream)));
+    };
+    inputs.metrics.handover_connection("received");
+    let life = ConnectionLife::adopt(
+        &inputs.connections,
+        &inputs.audit,
+        Opening {
+            caller: Caller::Outside,
+            callee: Callee::Workload(target),
+            client: record.client,
+            upstream: record.upstream,
+            security: "plaintext",
+            accepted: record.accepted(),
+            movable: true,
+        },
         None,
-        life.bytes(),
-    )
-    .await;
-    life.close(end.into());
+        (record.sent, record.received),
+    );
+    let limits = Limits {
+        idle: DEFAULT_IDLE_TIMEOUT,
+        lifetime: None,
+    };
+    let (from, kind) = (record.copy.clone(), record.kind.clone());
+    carry_or_move(inputs, client, upstream, life, limits, from, kind).await;
+    Ok(())
 }

@@ -1,4 +1,5 @@
-//! Live connections, for `sluice conns` and the admin API. Sharded so that
+//! Live connections, for `sluice conns` and the admin API, and the way out
+//! for those that move to the next agent in an upgrade. Sharded so that
 //! registering a connection never contends on one lock.
 
 use std::{
@@ -11,6 +12,9 @@ use std::{
     time::SystemTime,
 };
 
+use tokio::sync::{mpsc, oneshot};
+
+use super::moved::Moved;
 use crate::{
     catalog::{Service, Workload},
     telemetry::ByteCounters,
@@ -132,10 +136,36 @@ impl Callee {
 }
 
 /// Every live connection.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Connections {
-    shards: [Mutex<HashMap<u64, Arc<LiveConnection>>>; SHARDS],
+    shards: [Mutex<HashMap<u64, Entry>>; SHARDS],
     next: AtomicU64,
+    /// Set once connections move to the next agent: one listed after it
+    /// is told at once.
+    moving: std::sync::atomic::AtomicBool,
+    /// Suspended connections on their way to the next agent.
+    outbox: mpsc::UnboundedSender<Moved>,
+    taken: Mutex<Option<mpsc::UnboundedReceiver<Moved>>>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    connection: Arc<LiveConnection>,
+    /// Tells a connection that can move to stop where it stands.
+    mover: Option<oneshot::Sender<()>>,
+}
+
+impl Default for Connections {
+    fn default() -> Connections {
+        let (outbox, taken) = mpsc::unbounded_channel();
+        Connections {
+            shards: Default::default(),
+            next: AtomicU64::new(0),
+            moving: Default::default(),
+            outbox,
+            taken: Mutex::new(Some(taken)),
+        }
+    }
 }
 
 /// Keeps a connection listed until dropped.
@@ -143,6 +173,9 @@ pub struct Connections {
 pub struct Listed<'a> {
     registry: &'a Connections,
     pub connection: Arc<LiveConnection>,
+    /// Fires when the connection is to move to the next agent (a
+    /// connection listed as movable only).
+    pub moving: Option<oneshot::Receiver<()>>,
 }
 
 impl Drop for Listed<'_> {
@@ -155,17 +188,62 @@ impl Drop for Listed<'_> {
 }
 
 impl Connections {
-    /// Lists a connection; `make` receives its id.
-    pub fn add(&self, make: impl FnOnce(u64) -> LiveConnection) -> Listed<'_> {
+    /// Lists a connection; `make` receives its id. A `movable` one gets a
+    /// signal that fires when connections move to the next agent.
+    pub fn add(&self, make: impl FnOnce(u64) -> LiveConnection, movable: bool) -> Listed<'_> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let connection = Arc::new(make(id));
+        let (mut mover, moving) = match movable {
+            true => {
+                let (tx, rx) = oneshot::channel();
+                (Some(tx), Some(rx))
+            }
+            false => (None, None),
+        };
         if let Ok(mut shard) = self.shards[id as usize % SHARDS].lock() {
-            shard.insert(id, connection.clone());
+            // Under the shard's lock, which start_moving takes after it
+            // sets the flag: either it finds this entry, or this sees it.
+            if self.moving.load(Ordering::SeqCst)
+                && let Some(tx) = mover.take()
+            {
+                let _ = tx.send(());
+            }
+            let connection = connection.clone();
+            shard.insert(id, Entry { connection, mover });
         }
         Listed {
             registry: self,
             connection,
+            moving,
         }
+    }
+
+    /// Tells every movable connection, listed now or later, to stop where
+    /// it stands and move to the next agent (by [`Self::move_out`]).
+    pub fn start_moving(&self) {
+        self.moving.store(true, Ordering::SeqCst);
+        for shard in &self.shards {
+            if let Ok(mut shard) = shard.lock() {
+                for entry in shard.values_mut() {
+                    if let Some(tx) = entry.mover.take() {
+                        let _ = tx.send(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Hands a suspended connection to whoever sends them to the next
+    /// agent.
+    pub fn move_out(&self, moved: Moved) {
+        // The receiver lives as long as the agent; a send cannot fail
+        // before the process ends.
+        let _ = self.outbox.send(moved);
+    }
+
+    /// The suspended connections, for the one who sends them on (once).
+    pub fn take_outbox(&self) -> Option<mpsc::UnboundedReceiver<Moved>> {
+        self.taken.lock().ok()?.take()
     }
 
     /// A copy of the list, oldest first.
@@ -174,9 +252,11 @@ impl Connections {
             .shards
             .iter()
             .filter_map(|s| {
-                s.lock()
-                    .ok()
-                    .map(|s| s.values().cloned().collect::<Vec<_>>())
+                s.lock().ok().map(|s| {
+                    s.values()
+                        .map(|e| e.connection.clone())
+                        .collect::<Vec<_>>()
+                })
             })
             .flatten()
             .collect();
@@ -214,12 +294,48 @@ mod tests {
             started: SystemTime::now(),
             bytes: ByteCounters::default(),
         };
-        let a = registry.add(make);
-        let b = registry.add(make);
+        let a = registry.add(make, false);
+        let b = registry.add(make, true);
         assert_eq!(registry.snapshot().len(), 2);
         drop(a);
         let left = registry.snapshot();
         assert_eq!(left.len(), 1);
         assert_eq!(left[0].id, b.connection.id);
+    }
+
+    #[test]
+    fn movable_connections_are_told_to_move_whether_listed_before_or_after() {
+        let registry = Connections::default();
+        let make = |id| LiveConnection {
+            id,
+            caller: Caller::Outside,
+            callee: Callee::Workload(Arc::new(crate::catalog::Workload {
+                name: "w".into(),
+                namespace: "ns".into(),
+                service_account: "sa".into(),
+                cgroup: "/sys/fs/cgroup/w".into(),
+                cgroup_id: 1,
+                identity: Identity::new("td", "ns", "sa"),
+                policy: None,
+                netns: None,
+            })),
+            client: "127.0.0.1:40000".parse().unwrap(),
+            endpoint: "127.0.0.1:1".parse().unwrap(),
+            security: "plaintext",
+            started: SystemTime::now(),
+            bytes: ByteCounters::default(),
+        };
+        let mut before = registry.add(make, true);
+        let fixed = registry.add(make, false);
+        assert!(fixed.moving.is_none());
+        let waiting = before.moving.as_mut().unwrap();
+        assert!(waiting.try_recv().is_err(), "not yet");
+        registry.start_moving();
+        assert_eq!(before.moving.as_mut().unwrap().try_recv(), Ok(()));
+        let mut after = registry.add(make, true);
+        assert_eq!(after.moving.as_mut().unwrap().try_recv(), Ok(()));
+        assert_eq!(registry.snapshot().len(), 3);
+        assert!(registry.take_outbox().is_some());
+        assert!(registry.take_outbox().is_none(), "taken once");
     }
 }

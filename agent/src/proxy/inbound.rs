@@ -264,6 +264,8 @@ async fn handle(
             upstream: target,
             security: "mutual_tls",
             accepted: tokio::time::Instant::now(),
+            // Until the TLS session can travel with its socket.
+            movable: false,
         },
         None,
     );

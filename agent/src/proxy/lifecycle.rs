@@ -3,11 +3,18 @@
 //! (`sluice conns`), counted in metrics, and written to the audit trail
 //! when it ends. Outbound and inbound handlers both open one and close it
 //! with a reason; everything that must happen at the end happens in its
-//! drop, so an early return or a cancelled task cannot skip the books.
+//! drop, so an early return or a cancelled task cannot skip the books. A
+//! connection that moves to the next agent in an upgrade ends here as
+//! `handed_over` (no audit line: it has not closed) and is adopted there
+//! with its totals so far; each agent's metrics count the bytes it carried.
 
-use std::{net::SocketAddr, sync::Arc, time::SystemTime};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering},
+    time::SystemTime,
+};
 
-use tokio::time::Instant;
+use tokio::{sync::oneshot, time::Instant};
 
 use super::connections::{Callee, Caller, Connections, Listed, LiveConnection};
 use crate::{
@@ -27,6 +34,9 @@ pub struct Opening {
     pub security: &'static str,
     /// When the agent took the connection (metrics time it from here).
     pub accepted: Instant,
+    /// Whether the connection can move to the next agent in an upgrade
+    /// (its copy can be suspended and resumed there).
+    pub movable: bool,
 }
 
 /// A live proxied connection; see the module comment.
@@ -36,6 +46,8 @@ pub struct ConnectionLife<'a> {
     metrics: Option<Arc<ConnectionMetrics>>,
     accepted: Instant,
     end: Option<CloseReason>,
+    /// Bytes (sent, received) counted by the agent it was adopted from.
+    carried_in: (u64, u64),
 }
 
 impl<'a> ConnectionLife<'a> {
@@ -51,25 +63,57 @@ impl<'a> ConnectionLife<'a> {
         if let Some(m) = &metrics {
             m.opened.inc();
             m.connect.observe(opening.accepted.elapsed().as_secs_f64());
+        }
+        ConnectionLife::list(registry, audit, opening, metrics, (0, 0))
+    }
+
+    /// Lists a connection the previous agent carried until an upgrade:
+    /// not counted as opened again, its totals so far (`carried_in`: sent,
+    /// received) kept for the registry and the audit trail.
+    pub fn adopt(
+        registry: &'a Connections,
+        audit: &'a Audit,
+        opening: Opening,
+        metrics: Option<Arc<ConnectionMetrics>>,
+        carried_in: (u64, u64),
+    ) -> ConnectionLife<'a> {
+        ConnectionLife::list(registry, audit, opening, metrics, carried_in)
+    }
+
+    fn list(
+        registry: &'a Connections,
+        audit: &'a Audit,
+        opening: Opening,
+        metrics: Option<Arc<ConnectionMetrics>>,
+        carried_in: (u64, u64),
+    ) -> ConnectionLife<'a> {
+        if let Some(m) = &metrics {
             m.active.inc();
         }
         let accepted = opening.accepted;
-        let listed = registry.add(|id| LiveConnection {
-            id,
-            caller: opening.caller,
-            callee: opening.callee,
-            client: opening.client,
-            endpoint: opening.upstream,
-            security: opening.security,
-            started: SystemTime::now(),
-            bytes: ByteCounters::default(),
-        });
+        let bytes = ByteCounters::default();
+        bytes.sent.store(carried_in.0, Ordering::Relaxed);
+        bytes.received.store(carried_in.1, Ordering::Relaxed);
+        let listed = registry.add(
+            |id| LiveConnection {
+                id,
+                caller: opening.caller,
+                callee: opening.callee,
+                client: opening.client,
+                endpoint: opening.upstream,
+                security: opening.security,
+                started: SystemTime::now() - accepted.elapsed(),
+                bytes,
+            },
+            opening.movable,
+        );
         ConnectionLife {
             audit,
             listed,
             metrics,
             accepted,
             end: None,
+            carried_in,
         }
     }
 
@@ -78,9 +122,25 @@ impl<'a> ConnectionLife<'a> {
         &self.listed.connection.bytes
     }
 
+    /// The counters, and the signal to move (for a movable connection),
+    /// as the copy takes them.
+    pub fn copy_parts(&mut self) -> (&ByteCounters, Option<&mut oneshot::Receiver<()>>) {
+        (&self.listed.connection.bytes, self.listed.moving.as_mut())
+    }
+
+    /// How long ago the agent (or the one before it) took the connection.
+    pub fn age(&self) -> std::time::Duration {
+        self.accepted.elapsed()
+    }
+
     /// Ends the connection with `reason`.
     pub fn close(mut self, reason: CloseReason) {
         self.end = Some(reason);
+    }
+
+    /// Ends the connection here: it moved to the next agent.
+    pub fn hand_over(self) {
+        self.close(CloseReason::HandedOver);
     }
 }
 
@@ -92,14 +152,14 @@ impl Drop for ConnectionLife<'_> {
         let connection = &self.listed.connection;
         let (sent, received) = connection.bytes.totals();
         if let Some(m) = &self.metrics {
-            m.sent.inc_by(sent);
-            m.received.inc_by(received);
+            m.sent.inc_by(sent.saturating_sub(self.carried_in.0));
+            m.received.inc_by(received.saturating_sub(self.carried_in.1));
             m.duration.observe(self.accepted.elapsed().as_secs_f64());
             m.active.dec();
             m.closed(reason).inc();
         }
         let audit = self.audit;
-        if audit.wants_connections() {
+        if audit.wants_connections() && reason != CloseReason::HandedOver {
             let source_workload = connection.caller.workload_name();
             let (destination, service) = connection.callee.audited();
             audit.closed(&Closed {
@@ -178,6 +238,7 @@ mod tests {
             upstream: "127.0.0.1:8080".parse().unwrap(),
             security: "plaintext",
             accepted: Instant::now(),
+            movable: true,
         }
     }
 

@@ -10,7 +10,8 @@
 //!
 //! Each connected one lives as a [`lifecycle::ConnectionLife`]: listed in
 //! [`Connections`] for `sluice conns`, counted in metrics, audited at its
-//! close.
+//! close. In an upgrade the plaintext ones move, open, to the next agent
+//! ([`moved`]).
 
 use std::{sync::Arc, time::Duration};
 
@@ -27,6 +28,7 @@ pub mod capture;
 pub mod connections;
 pub mod inbound;
 pub mod lifecycle;
+pub mod moved;
 pub mod outbound;
 mod upstream;
 

@@ -2,7 +2,7 @@
 //! One listener per workload network namespace; in the local default that
 //! is the host's namespace only.
 
-use std::{io, net::SocketAddr, sync::Arc};
+use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
 use log::{debug, info, warn};
 use tokio::net::TcpStream;
@@ -11,11 +11,13 @@ use super::{
     ProxyInputs,
     connections::{Callee, Caller},
     lifecycle::{ConnectionLife, Opening},
+    moved::{MovedKind, MovedRecord, NotResumed, carry_or_move},
     upstream::{Upstream, connect_upstream, fail_fast},
 };
 use crate::{
     accept::accept_until_drained,
-    carry::copy::{CopyEnd, proxy},
+    carry::copy::{CopyEnd, Limits, Suspended, proxy},
+    catalog::{Service, ServicePolicy},
     clock::now_ms,
     connect::BoundListener,
     discovery::PodLookup,
@@ -190,6 +192,7 @@ async fn handle(
     }
     let endpoint = &service.endpoints[chosen.index];
     let _in_flight = endpoint.state.open_connection();
+    let movable = matches!(upstream, Upstream::Plain(_));
     let life = ConnectionLife::open(
         &ctx.inputs.connections,
         &ctx.inputs.audit,
@@ -201,12 +204,9 @@ async fn handle(
             },
             client: peer,
             upstream: endpoint.addr,
-            security: if matches!(upstream, Upstream::Tls(_)) {
-                "mutual_tls"
-            } else {
-                "plaintext"
-            },
+            security: if movable { "plaintext" } else { "mutual_tls" },
             accepted: started,
+            movable,
         },
         Some(service.connection_metrics(
             &ctx.inputs.metrics,
@@ -214,29 +214,144 @@ async fn handle(
             Some(chosen.index),
         )),
     );
-    let mut client = client;
     let _ = client.set_nodelay(true);
-    let (idle, lifetime) = (policy.idle_timeout, policy.max_connection_duration);
-    let bytes = life.bytes();
+    let limits = limits_after(policy, life.age());
     let end = match upstream {
-        Upstream::Plain(mut up) => proxy(&mut client, &mut up, idle, lifetime, bytes).await,
-        Upstream::Tls(mut up) => proxy(&mut client, &mut *up, idle, lifetime, bytes).await,
+        Upstream::Plain(up) => {
+            let kind = MovedKind::Outbound {
+                vip: service.vip,
+                namespace: service.namespace.clone(),
+                service: service.name.clone(),
+                caller: source.as_ref().map(|w| w.name.clone()),
+            };
+            let from = Suspended::default();
+            match carry_or_move(&ctx.inputs, client, up, life, limits, from, kind).await {
+                Some(end) => end,
+                None => return,
+            }
+        }
+        Upstream::Tls(mut up) => {
+            let mut client = client;
+            let end = proxy(&mut client, &mut *up, limits.idle, limits.lifetime, life.bytes()).await;
+            life.close(end.into());
+            end
+        }
     };
-    life.close(end.into());
+    after_copy(&service, chosen, end);
+}
+
+/// The copy's limits for a connection `age` old: its lifetime is what
+/// is left of `max_connection_duration`.
+fn limits_after(policy: &ServicePolicy, age: Duration) -> Limits {
+    Limits {
+        idle: policy.idle_timeout,
+        lifetime: policy
+            .max_connection_duration
+            .map(|d| d.saturating_sub(age)),
+    }
+}
+
+/// What the end of a copy tells the endpoint's outlier detection.
+fn after_copy(service: &Service, chosen: Chosen, end: CopyEnd) {
     match end {
         CopyEnd::UpstreamReset => {
             let normal = Chosen {
                 admission: Admission::Normal,
                 ..chosen
             };
-            route::report(&service, normal, Outcome::Reset, now_ms());
+            route::report(service, normal, Outcome::Reset, now_ms());
         }
         CopyEnd::Idle => debug!(
             "service {}: endpoint {}: idle for {:?}; closed",
             service.qualified_name(),
-            endpoint.addr,
-            policy.idle_timeout
+            service.endpoints[chosen.index].addr,
+            service.policy.idle_timeout
         ),
         CopyEnd::Closed | CopyEnd::ClientError | CopyEnd::MaxDuration => {}
     }
+}
+
+/// Carries on a connection the previous agent moved here: the same
+/// service and endpoint, its slots taken again (never refused: it is
+/// already open), its copy resumed from where it stood.
+pub(super) async fn resume(
+    inputs: &Arc<ProxyInputs>,
+    client: TcpStream,
+    upstream: TcpStream,
+    record: &MovedRecord,
+    _guard: ConnectionGuard,
+) -> Result<(), (NotResumed, (TcpStream, TcpStream))> {
+    let MovedKind::Outbound {
+        vip,
+        namespace,
+        service: name,
+        caller,
+    } = &record.kind
+    else {
+        unreachable!("resume is called for outbound records only");
+    };
+    let found = {
+        let catalog = inputs.catalog.load();
+        catalog
+            .service(*vip)
+            .filter(|s| s.namespace == *namespace && s.name == *name)
+            .cloned()
+            .map(|service| {
+                let source = caller.as_ref().and_then(|c| {
+                    catalog.workloads().iter().find(|w| w.name == *c).cloned()
+                });
+                (service, source)
+            })
+    };
+    let Some((service, source)) = found else {
+        let why = NotResumed::NoService {
+            vip: *vip,
+            namespace: namespace.clone(),
+            service: name.clone(),
+        };
+        return Err((why, (client, upstream)));
+    };
+    let Some(index) = service
+        .endpoints
+        .iter()
+        .position(|e| e.addr == record.upstream)
+    else {
+        let why = NotResumed::NoEndpoint {
+            service: service.qualified_name(),
+            endpoint: record.upstream,
+        };
+        return Err((why, (client, upstream)));
+    };
+    let _connection_slot = service.state.adopt_connection();
+    let endpoint = &service.endpoints[index];
+    let _in_flight = endpoint.state.open_connection();
+    inputs.metrics.handover_connection("received");
+    let life = ConnectionLife::adopt(
+        &inputs.connections,
+        &inputs.audit,
+        Opening {
+            caller: Caller::Workload(source.clone()),
+            callee: Callee::Service {
+                service: service.clone(),
+                endpoint: index,
+            },
+            client: record.client,
+            upstream: endpoint.addr,
+            security: "plaintext",
+            accepted: record.accepted(),
+            movable: true,
+        },
+        Some(service.connection_metrics(&inputs.metrics, source.as_deref(), Some(index))),
+        (record.sent, record.received),
+    );
+    let limits = limits_after(&service.policy, life.age());
+    let (from, kind) = (record.copy.clone(), record.kind.clone());
+    if let Some(end) = carry_or_move(inputs, client, upstream, life, limits, from, kind).await {
+        let chosen = Chosen {
+            index,
+            admission: Admission::Normal,
+        };
+        after_copy(&service, chosen, end);
+    }
+    Ok(())
 }

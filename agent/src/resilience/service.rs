@@ -141,6 +141,13 @@ impl ServiceState {
         take(&self.connections, t.max_connections)
     }
 
+    /// A slot for a connection that is already open (moved here from the
+    /// previous agent): counted like the others, never refused.
+    pub fn adopt_connection(&self) -> Slot<'_> {
+        self.connections.fetch_add(1, Ordering::AcqRel);
+        Slot(&self.connections)
+    }
+
     /// A slot under max_pending_connects, for one connect attempt.
     pub fn start_connect(&self, t: &Thresholds, now: Millis) -> Option<Slot<'_>> {
         let slot = take(&self.pending, t.max_pending_connects)?;

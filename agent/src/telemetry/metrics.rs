@@ -82,10 +82,12 @@ pub enum CloseReason {
     NoEndpoint,
     /// Authorization refused the caller (an endpoint on this node).
     Denied,
+    /// Moved, open, to the next agent in an upgrade (it goes on there).
+    HandedOver,
 }
 
 impl CloseReason {
-    const ALL: [CloseReason; 9] = [
+    const ALL: [CloseReason; 10] = [
         CloseReason::Closed,
         CloseReason::UpstreamReset,
         CloseReason::ClientError,
@@ -95,6 +97,7 @@ impl CloseReason {
         CloseReason::Overflow,
         CloseReason::NoEndpoint,
         CloseReason::Denied,
+        CloseReason::HandedOver,
     ];
 
     pub fn name(self) -> &'static str {
@@ -108,6 +111,7 @@ impl CloseReason {
             CloseReason::Overflow => "overflow",
             CloseReason::NoEndpoint => "no_endpoint",
             CloseReason::Denied => "denied",
+            CloseReason::HandedOver => "handed_over",
         }
     }
 }
@@ -133,6 +137,7 @@ pub struct Metrics {
     reloads: Family<ResultLabels, Counter>,
     catalog_updates: Family<UpdateLabels, Counter>,
     handover_refusals: Family<ReasonLabel, Counter>,
+    handover_connections: Family<ResultLabels, Counter>,
 }
 
 /// The handles one kind of connection (source workload, endpoint) needs.
@@ -179,6 +184,15 @@ impl Metrics {
         let reloads = Family::default();
         let catalog_updates = Family::default();
         let handover_refusals = Family::<ReasonLabel, Counter>::default();
+        let handover_connections = Family::<ResultLabels, Counter>::default();
+        for result in ["sent", "received", "dropped"] {
+            let _ = handover_connections.get_or_create(&ResultLabels { result });
+        }
+        registry.register(
+            "sluice_handover_connections",
+            "Open connections moved in an upgrade: sent to the next agent, received from the previous one, or received and dropped (their service or workload gone here)",
+            handover_connections.clone(),
+        );
         // Every reason from the start, at 0: an alert can watch the rate
         // before the first refusal.
         registry.register(
@@ -253,6 +267,7 @@ impl Metrics {
             reloads,
             catalog_updates,
             handover_refusals,
+            handover_connections,
         })
     }
 
@@ -299,6 +314,14 @@ impl Metrics {
                     .get_or_create(&ReasonLabel { reason }),
             );
         }
+    }
+
+    /// Counts an open connection moved in an upgrade: `sent`,
+    /// `received` or `dropped`.
+    pub fn handover_connection(&self, result: &'static str) {
+        self.handover_connections
+            .get_or_create(&ResultLabels { result })
+            .inc();
     }
 
     /// Counts a peer refused on the handover socket, by reason.

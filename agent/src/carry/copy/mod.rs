@@ -306,10 +306,15 @@ impl From<WayState> for Way {
 
 impl Way {
     fn into_state(mut self) -> WayState {
-        self.buf.truncate(self.end);
-        self.buf.drain(..self.start);
+        let pending = if self.start < self.end {
+            self.buf.truncate(self.end);
+            self.buf.drain(..self.start);
+            self.buf
+        } else {
+            Vec::new()
+        };
         WayState {
-            pending: self.buf,
+            pending,
             finished: self.finished,
         }
     }
@@ -344,6 +349,8 @@ async fn one_way<R: ReadSide>(
             way.start += n;
             sent.fetch_add(n as u64, Ordering::Relaxed);
         }
+        // All written: nothing in hand, whatever becomes of the buffer.
+        (way.start, way.end) = (0, 0);
         if R::RELEASE_WHEN_DRAINED && drained {
             // Let the buffer go while the connection is quiet.
             way.buf = Vec::new();

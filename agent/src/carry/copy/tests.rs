@@ -377,3 +377,51 @@ async fn a_dropped_move_signal_does_not_suspend() {
         "{carried:?}"
     );
 }
+
+/// A quiet connection (its buffers given back after a drained read)
+/// suspends with nothing in hand and goes on after a resume.
+#[tokio::test]
+async fn a_quiet_connection_suspends_with_nothing_in_hand_and_goes_on() {
+    let (mut client_app, mut client) = tcp().await;
+    let (mut upstream, mut upstream_app) = tcp().await;
+    let bytes = ByteCounters::default();
+    let limits = Limits {
+        idle: IDLE,
+        lifetime: None,
+    };
+    let (tx, mut rx) = tokio::sync::oneshot::channel();
+    let first = async {
+        client_app.write_all(b"hello").await.unwrap();
+        let mut got = [0u8; 5];
+        upstream_app.read_exact(&mut got).await.unwrap();
+        upstream_app.write_all(b"hi").await.unwrap();
+        let mut back = [0u8; 2];
+        client_app.read_exact(&mut back).await.unwrap();
+        tx.send(()).unwrap();
+        (got, back)
+    };
+    let (carried, (got, back)) = tokio::join!(
+        carry(&mut client, &mut upstream, limits, &bytes, Suspended::default(), Some(&mut rx)),
+        first
+    );
+    assert_eq!((&got, &back), (b"hello", b"hi"));
+    let Carried::Suspended(state) = carried else {
+        panic!("{carried:?}");
+    };
+    assert_eq!(state, Suspended::default(), "nothing in hand, nothing closed");
+    let second = async {
+        client_app.write_all(b"again").await.unwrap();
+        client_app.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        upstream_app.read_to_end(&mut got).await.unwrap();
+        upstream_app.shutdown().await.unwrap();
+        got
+    };
+    let (carried, got) = tokio::join!(
+        carry(&mut client, &mut upstream, limits, &bytes, state, None),
+        second
+    );
+    assert_eq!(got, b"again");
+    assert!(matches!(carried, Carried::Ended(CopyEnd::Closed)), "{carried:?}");
+    assert_eq!(bytes.sent.load(Ordering::Relaxed), 10);
+}
