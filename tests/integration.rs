@@ -18,3 +18,4 @@ mod pods;
 mod preflight;
 mod redirect;
 mod resilience;
+mod upgrade;

@@ -36,6 +36,37 @@ pub enum Client {
         bytes: usize,
         delay: Duration,
     },
+    /// One connection to a line-echo server, `count` requests in turn
+    /// (`req <i>`, a pause after each), each reply checked to be the
+    /// echo of its own request. Prints `ok <count>`, or `FAILED at <i>:`
+    /// and what came instead.
+    Converse {
+        to: SocketAddr,
+        count: usize,
+        pause: Duration,
+    },
+    /// One connection to a stream server ([`stream_tail`]): `bytes` of
+    /// [`pattern`] sent a KiB at a time with `pace` between, read back as
+    /// they echo; then the sending side shut (a half-close), and the
+    /// server's tail of `tail` bytes read to the end. Prints `intact
+    /// <bytes received>`, or `corrupt at <offset> of <bytes received>`.
+    Stream {
+        to: SocketAddr,
+        bytes: usize,
+        tail: usize,
+        pace: Duration,
+    },
+}
+
+/// `len` bytes no window of which repeats within 251 bytes, so that a
+/// lost, doubled or reordered chunk shows; `seed` tells two streams apart.
+pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8 ^ seed).collect()
+}
+
+/// What a stream server sends after the client's half-close.
+pub fn stream_tail(len: usize) -> Vec<u8> {
+    pattern(len, 0x5a)
 }
 
 /// Calls, one connection each.
@@ -152,6 +183,24 @@ impl Client {
     pub fn args(&self) -> Vec<String> {
         match self {
             Client::Hold { to } => vec!["hold".into(), to.to_string()],
+            Client::Converse { to, count, pause } => vec![
+                "converse".into(),
+                to.to_string(),
+                count.to_string(),
+                pause.as_micros().to_string(),
+            ],
+            Client::Stream {
+                to,
+                bytes,
+                tail,
+                pace,
+            } => vec![
+                "stream".into(),
+                to.to_string(),
+                bytes.to_string(),
+                tail.to_string(),
+                pace.as_micros().to_string(),
+            ],
             Client::Blob { to, bytes, delay } => vec![
                 "blob".into(),
                 to.to_string(),
@@ -200,6 +249,17 @@ impl Client {
         let addr = |s: &String| s.parse::<SocketAddr>().map_err(|_| bad());
         match args {
             [mode, to] if mode == "hold" => Ok(Client::Hold { to: addr(to)? }),
+            [mode, to, count, pause_us] if mode == "converse" => Ok(Client::Converse {
+                to: addr(to)?,
+                count: count.parse().map_err(|_| bad())?,
+                pause: Duration::from_micros(pause_us.parse().map_err(|_| bad())?),
+            }),
+            [mode, to, bytes, tail, pace_us] if mode == "stream" => Ok(Client::Stream {
+                to: addr(to)?,
+                bytes: bytes.parse().map_err(|_| bad())?,
+                tail: tail.parse().map_err(|_| bad())?,
+                pace: Duration::from_micros(pace_us.parse().map_err(|_| bad())?),
+            }),
             [mode, to, bytes, delay_ms] if mode == "blob" => Ok(Client::Blob {
                 to: addr(to)?,
                 bytes: bytes.parse().map_err(|_| bad())?,
@@ -251,6 +311,13 @@ pub fn run(args: &[String]) -> i32 {
         Client::Calls(calls) => run_calls(&calls, &mut out),
         Client::Hold { to } => hold(to, &mut out),
         Client::Blob { to, bytes, delay } => blob(to, bytes, delay, &mut out),
+        Client::Converse { to, count, pause } => converse(to, count, pause, &mut out),
+        Client::Stream {
+            to,
+            bytes,
+            tail,
+            pace,
+        } => stream(to, bytes, tail, pace, &mut out),
     };
     match result {
         Ok(()) => 0,
@@ -463,6 +530,73 @@ fn blob(to: SocketAddr, bytes: usize, delay: Duration, out: &mut impl Write) -> 
     }
 }
 
+fn converse(to: SocketAddr, count: usize, pause: Duration, out: &mut impl Write) -> io::Result<()> {
+    let stream = TcpStream::connect(to)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut replies = BufReader::new(&stream);
+    for i in 1..=count {
+        let request = format!("req {i}");
+        let mut reply = String::new();
+        let answered = (&stream)
+            .write_all(format!("{request}\n").as_bytes())
+            .and_then(|()| replies.read_line(&mut reply));
+        match answered {
+            Ok(n) if n > 0 && reply.trim_end().ends_with(&format!(" {request}")) => {}
+            Ok(0) => return writeln!(out, "FAILED at {i}: the connection closed"),
+            Ok(_) => return writeln!(out, "FAILED at {i}: {:?}", reply.trim_end()),
+            Err(e) => return writeln!(out, "FAILED at {i}: {e}"),
+        }
+        std::thread::sleep(pause);
+    }
+    writeln!(out, "ok {count}")
+}
+
+fn stream(
+    to: SocketAddr,
+    bytes: usize,
+    tail: usize,
+    pace: Duration,
+    out: &mut impl Write,
+) -> io::Result<()> {
+    let data = pattern(bytes, 0x33);
+    let mut expected = data.clone();
+    expected.extend_from_slice(&stream_tail(tail));
+    let stream = TcpStream::connect(to)?;
+    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let mut reader = stream.try_clone()?;
+    let receiving = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            match std::io::Read::read(&mut reader, &mut buf) {
+                Ok(0) => return Ok(got),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => return Err((e, got.len())),
+            }
+        }
+    });
+    let mut writer = &stream;
+    for chunk in data.chunks(1024) {
+        writer.write_all(chunk)?;
+        std::thread::sleep(pace);
+    }
+    stream.shutdown(std::net::Shutdown::Write)?;
+    let got = match receiving.join().expect("the receiving thread") {
+        Ok(got) => got,
+        Err((e, n)) => return writeln!(out, "FAILED after {n} bytes: {e}"),
+    };
+    match got.iter().zip(&expected).position(|(a, b)| a != b) {
+        None if got.len() == expected.len() => writeln!(out, "intact {}", got.len()),
+        None => writeln!(
+            out,
+            "corrupt at {} of {}",
+            got.len().min(expected.len()),
+            got.len()
+        ),
+        Some(at) => writeln!(out, "corrupt at {at} of {}", got.len()),
+    }
+}
+
 /// `n` bytes that do not repeat in any short period (xorshift64, seeded
 /// from the clock and the process), so that a lost or reordered chunk shows.
 fn noise(n: usize) -> Vec<u8> {
@@ -507,6 +641,17 @@ mod tests {
                 to: "[::ffff:127.0.0.1]:9".parse().unwrap(),
                 bytes: 4 << 20,
                 delay: Duration::from_millis(300),
+            },
+            Client::Converse {
+                to: "127.0.0.1:9".parse().unwrap(),
+                count: 500,
+                pause: Duration::from_millis(5),
+            },
+            Client::Stream {
+                to: "127.0.0.1:9".parse().unwrap(),
+                bytes: 1 << 20,
+                tail: 4096,
+                pace: Duration::from_micros(1500),
             },
         ] {
             assert_eq!(Client::parse(&client.args()), Ok(client));

@@ -122,6 +122,78 @@ impl Drop for Backend {
     }
 }
 
+/// A server for [`Client::Stream`]: echoes what it reads as it reads it;
+/// after the client's half-close, sends the tail
+/// ([`sluice_testkit::client::stream_tail`]) a KiB at a time with `pace`
+/// between, then closes. Counts the half-closes it saw.
+pub struct StreamServer {
+    pub addr: SocketAddr,
+    half_closed: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl StreamServer {
+    pub fn start(tail: usize, pace: Duration) -> StreamServer {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind stream server");
+        let addr = listener.local_addr().unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let half_closed = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (h, s) = (half_closed.clone(), stop.clone());
+        thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        let h = h.clone();
+                        thread::spawn(move || stream_back(stream, tail, pace, &h));
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(2)),
+                }
+            }
+        });
+        StreamServer {
+            addr,
+            half_closed,
+            stop,
+        }
+    }
+
+    /// Connections whose client has half-closed.
+    pub fn half_closed(&self) -> usize {
+        self.half_closed.load(Ordering::SeqCst)
+    }
+}
+
+fn stream_back(mut stream: TcpStream, tail: usize, pace: Duration, half_closed: &AtomicUsize) {
+    use std::io::Read;
+    stream.set_nonblocking(false).unwrap();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if stream.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            Err(_) => return,
+        }
+    }
+    half_closed.fetch_add(1, Ordering::SeqCst);
+    for chunk in sluice_testkit::client::stream_tail(tail).chunks(1024) {
+        if stream.write_all(chunk).is_err() {
+            return;
+        }
+        thread::sleep(pace);
+    }
+}
+
+impl Drop for StreamServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
 /// The meshed service `payments/<name>` at `vip` over these endpoints.
 pub fn service(name: &str, vip: &str, endpoints: &[SocketAddr]) -> Service {
     Service::new(name, "payments", vip.parse().expect("vip"), endpoints)

@@ -69,8 +69,9 @@ mod tests {
         let (mut successor, mut predecessor) = (Successor(old), Predecessor(new));
         let sender = std::thread::spawn(move || {
             for round in 0..3u8 {
-                let pairs: Vec<(UnixStream, UnixStream)> =
-                    (0..MAX_BATCH).map(|_| UnixStream::pair().unwrap()).collect();
+                let pairs: Vec<(UnixStream, UnixStream)> = (0..MAX_BATCH)
+                    .map(|_| UnixStream::pair().unwrap())
+                    .collect();
                 let mut batch = Batch {
                     records: vec![round; 100_000 * usize::from(round)],
                     ..Batch::default()

@@ -92,11 +92,7 @@ pub(super) fn say_ready(stream: &mut UnixStream) -> io::Result<()> {
 
 /// Step 4, one batch: `fds` (at most [`MAX_FDS`]) and `records`, on a
 /// blocking stream.
-pub(super) fn send_batch(
-    stream: &mut UnixStream,
-    fds: &[RawFd],
-    records: &[u8],
-) -> io::Result<()> {
+pub(super) fn send_batch(stream: &mut UnixStream, fds: &[RawFd], records: &[u8]) -> io::Result<()> {
     let header = batch_header(MOVED_TAG, fds.len(), records.len())?;
     send_fds(stream, &header, fds)?;
     stream.write_all(records)
@@ -124,7 +120,9 @@ fn batch_header(tag: &[u8; 8], fds: usize, records: usize) -> io::Result<[u8; BA
 /// The successor's side of step 4: the next batch (descriptors and
 /// records), or none after `DONE`. A batch whose descriptors do not match
 /// its header is an error (and its descriptors are closed).
-pub(super) fn receive_batch(stream: &mut UnixStream) -> io::Result<Option<(Vec<OwnedFd>, Vec<u8>)>> {
+pub(super) fn receive_batch(
+    stream: &mut UnixStream,
+) -> io::Result<Option<(Vec<OwnedFd>, Vec<u8>)>> {
     let mut header = [0u8; BATCH_HEADER];
     let (n, fds) = recv_fds(stream, &mut header)?;
     if n == 0 {

@@ -252,11 +252,9 @@ impl Connections {
             .shards
             .iter()
             .filter_map(|s| {
-                s.lock().ok().map(|s| {
-                    s.values()
-                        .map(|e| e.connection.clone())
-                        .collect::<Vec<_>>()
-                })
+                s.lock()
+                    .ok()
+                    .map(|s| s.values().map(|e| e.connection.clone()).collect::<Vec<_>>())
             })
             .flatten()
             .collect();

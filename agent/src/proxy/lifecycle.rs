@@ -153,7 +153,8 @@ impl Drop for ConnectionLife<'_> {
         let (sent, received) = connection.bytes.totals();
         if let Some(m) = &self.metrics {
             m.sent.inc_by(sent.saturating_sub(self.carried_in.0));
-            m.received.inc_by(received.saturating_sub(self.carried_in.1));
+            m.received
+                .inc_by(received.saturating_sub(self.carried_in.1));
             m.duration.observe(self.accepted.elapsed().as_secs_f64());
             m.active.dec();
             m.closed(reason).inc();

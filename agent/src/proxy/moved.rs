@@ -72,11 +72,7 @@ impl MovedRecord {
     /// When the connection was accepted, on this process's clock.
     pub fn accepted(&self) -> tokio::time::Instant {
         let age = Duration::from_millis(self.age_ms);
-        tokio::time::Instant::from_std(
-            Instant::now()
-                .checked_sub(age)
-                .unwrap_or_else(Instant::now),
-        )
+        tokio::time::Instant::from_std(Instant::now().checked_sub(age).unwrap_or_else(Instant::now))
     }
 }
 
@@ -127,7 +123,10 @@ pub enum NotResumed {
         service: String,
     },
     #[error("service {service}: endpoint {endpoint} is not in this agent's catalog")]
-    NoEndpoint { service: String, endpoint: SocketAddr },
+    NoEndpoint {
+        service: String,
+        endpoint: SocketAddr,
+    },
     #[error("workload {0} is not in this agent's catalog")]
     NoWorkload(String),
     #[error("its sockets: {0}")]
@@ -184,8 +183,12 @@ pub async fn carry_or_move(
     let (sent, received) = life.bytes().totals();
     let record = MovedRecord {
         kind,
-        client: client.peer_addr().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
-        upstream: upstream.peer_addr().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
+        client: client
+            .peer_addr()
+            .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
+        upstream: upstream
+            .peer_addr()
+            .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
         copy,
         sent,
         received,

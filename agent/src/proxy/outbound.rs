@@ -232,7 +232,14 @@ async fn handle(
         }
         Upstream::Tls(mut up) => {
             let mut client = client;
-            let end = proxy(&mut client, &mut *up, limits.idle, limits.lifetime, life.bytes()).await;
+            let end = proxy(
+                &mut client,
+                &mut *up,
+                limits.idle,
+                limits.lifetime,
+                life.bytes(),
+            )
+            .await;
             life.close(end.into());
             end
         }
@@ -297,9 +304,9 @@ pub(super) async fn resume(
             .filter(|s| s.namespace == *namespace && s.name == *name)
             .cloned()
             .map(|service| {
-                let source = caller.as_ref().and_then(|c| {
-                    catalog.workloads().iter().find(|w| w.name == *c).cloned()
-                });
+                let source = caller
+                    .as_ref()
+                    .and_then(|c| catalog.workloads().iter().find(|w| w.name == *c).cloned());
                 (service, source)
             })
     };

@@ -401,14 +401,25 @@ async fn a_quiet_connection_suspends_with_nothing_in_hand_and_goes_on() {
         (got, back)
     };
     let (carried, (got, back)) = tokio::join!(
-        carry(&mut client, &mut upstream, limits, &bytes, Suspended::default(), Some(&mut rx)),
+        carry(
+            &mut client,
+            &mut upstream,
+            limits,
+            &bytes,
+            Suspended::default(),
+            Some(&mut rx)
+        ),
         first
     );
     assert_eq!((&got, &back), (b"hello", b"hi"));
     let Carried::Suspended(state) = carried else {
         panic!("{carried:?}");
     };
-    assert_eq!(state, Suspended::default(), "nothing in hand, nothing closed");
+    assert_eq!(
+        state,
+        Suspended::default(),
+        "nothing in hand, nothing closed"
+    );
     let second = async {
         client_app.write_all(b"again").await.unwrap();
         client_app.shutdown().await.unwrap();
@@ -422,6 +433,9 @@ async fn a_quiet_connection_suspends_with_nothing_in_hand_and_goes_on() {
         second
     );
     assert_eq!(got, b"again");
-    assert!(matches!(carried, Carried::Ended(CopyEnd::Closed)), "{carried:?}");
+    assert!(
+        matches!(carried, Carried::Ended(CopyEnd::Closed)),
+        "{carried:?}"
+    );
     assert_eq!(bytes.sent.load(Ordering::Relaxed), 10);
 }

@@ -1,0 +1,135 @@
+//! Upgrades with connections open: the old agent suspends each one where
+//! no byte is half moved and hands it, sockets and bytes in hand, to the
+//! new agent, which carries it on; the old agent exits within moments, not
+//! at a drain deadline. Measured on what the clients receive and on the
+//! agents' metrics.
+
+use std::{
+    net::SocketAddr,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use sluice_testkit::{client::Client, process::SpawnGuarded, wait::wait_until};
+
+use crate::support::*;
+
+/// How long an old agent may take to exit after its successor is ready.
+const EXIT_WITHIN: Duration = Duration::from_secs(2);
+
+/// The connections the agent `agent` took over in the upgrade that
+/// started it.
+fn received(agent: &Agent) -> f64 {
+    agent.metrics().sum(
+        "sluice_handover_connections_total",
+        &[("result", "received")],
+    )
+}
+
+/// Waits for `old` to exit, at most [`EXIT_WITHIN`] after `since`.
+fn exits_soon(old: &mut Agent, since: Instant) {
+    let left = EXIT_WITHIN.saturating_sub(since.elapsed());
+    let status = old.wait(left.max(Duration::from_millis(1)));
+    assert!(status.success(), "old agent: {status}\n{}", old.log());
+}
+
+#[test]
+fn a_streaming_connection_survives_two_upgrades_with_a_half_close_between() {
+    let vip: SocketAddr = "127.77.7.10:8080".parse().unwrap();
+    // About 2 s of sending, then 2 s of the server's tail after the
+    // client's half-close: one upgrade in each.
+    let (bytes, tail, pace) = (1 << 20, 512 << 10, Duration::from_millis(2));
+    let server = StreamServer::start(tail, Duration::from_millis(4));
+    let config = AgentConfig::new(&[service("stream", &vip.to_string(), &[server.addr])]);
+    let mut first = Agent::start(&config);
+    let client = first
+        .client(
+            "client",
+            Client::Stream {
+                to: vip,
+                bytes,
+                tail,
+                pace,
+            },
+        )
+        .stdout(Stdio::piped())
+        .spawn_guarded()
+        .expect("start the client");
+    assert!(wait_until(Duration::from_secs(10), || {
+        first.metrics().sum("sluice_tcp_connections_active", &[]) >= 1.0
+    }));
+
+    let mut second = Agent::start(&config);
+    exits_soon(&mut first, Instant::now());
+    assert_eq!(received(&second), 1.0);
+    assert_eq!(
+        server.half_closed(),
+        0,
+        "the half-close comes between the upgrades"
+    );
+
+    assert!(wait_until(Duration::from_secs(20), || server.half_closed() == 1));
+    let third = Agent::start(&config);
+    exits_soon(&mut second, Instant::now());
+    assert_eq!(received(&third), 1.0);
+
+    let out = client.wait_with_output().expect("the client ends");
+    assert_eq!(
+        lines(&out),
+        [format!("intact {}", bytes + tail)],
+        "every byte, once, in order"
+    );
+    // The connection closed normally in the agent that carried it last.
+    let closed = third.metrics().sum(
+        "sluice_tcp_connections_closed_total",
+        &[("reason", "closed")],
+    );
+    assert_eq!(closed, 1.0);
+    third.sigterm();
+    let mut third = third;
+    assert!(third.wait(Duration::from_secs(15)).success());
+}
+
+#[test]
+fn persistent_clients_see_no_error_and_no_lost_or_doubled_answer_across_an_upgrade() {
+    let vip: SocketAddr = "127.77.7.11:5432".parse().unwrap();
+    let backends = [Backend::start("l1"), Backend::start("l2")];
+    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    let config = AgentConfig::new(&[service("ledger", &vip.to_string(), &addrs)]);
+    let mut old = Agent::start(&config);
+    // Eight persistent clients, as a connection pool holds them: each
+    // request waits for its answer, which must echo it.
+    let count = 1500;
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            old.client(
+                "client",
+                Client::Converse {
+                    to: vip,
+                    count,
+                    pause: Duration::from_millis(2),
+                },
+            )
+            .stdout(Stdio::piped())
+            .spawn_guarded()
+            .expect("start a client")
+        })
+        .collect();
+    assert!(wait_until(Duration::from_secs(10), || {
+        old.metrics().sum("sluice_tcp_connections_active", &[]) >= 8.0
+    }));
+    let new = Agent::start(&config);
+    exits_soon(&mut old, Instant::now());
+    assert_eq!(received(&new), 8.0);
+    for client in clients {
+        let out = client.wait_with_output().expect("a client ends");
+        assert_eq!(lines(&out), [format!("ok {count}")]);
+    }
+    assert_eq!(
+        new.metrics().sum(
+            "sluice_handover_connections_total",
+            &[("result", "dropped")]
+        ),
+        0.0
+    );
+}
