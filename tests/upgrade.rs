@@ -1,8 +1,9 @@
 //! Upgrades with connections open: the old agent suspends each one where
 //! no byte is half moved and hands it, sockets and bytes in hand, to the
 //! new agent, which carries it on; the old agent exits within moments, not
-//! at a drain deadline. Measured on what the clients receive and on the
-//! agents' metrics.
+//! at a drain deadline. And the other way an agent goes: killed, its
+//! connects take `on_agent_down` at once. Measured on what the clients
+//! receive and on the agents' metrics.
 
 use std::{
     net::SocketAddr,
@@ -131,5 +132,60 @@ fn persistent_clients_see_no_error_and_no_lost_or_doubled_answer_across_an_upgra
             &[("result", "dropped")]
         ),
         0.0
+    );
+}
+
+/// A SIGKILL under a steady stream of new connects to a fail_open
+/// service: every connect made after the kill goes around the agent, none
+/// is sent to the killed agent's lingering listener to be reset. (A call
+/// already through the agent when it dies fails with it: that is the
+/// crash, not the window.)
+#[test]
+fn connects_after_a_kill_go_around_the_agent_and_none_is_reset() {
+    let vip: SocketAddr = "127.77.7.12:8080".parse().unwrap();
+    let backend = Backend::start("open");
+    let config = AgentConfig::new(&[service("catalog", &vip.to_string(), &[backend.addr])
+        .mode(Mode::Plaintext)
+        .on_agent_down(OnAgentDown::FailOpen)]);
+    let mut agent = Agent::start(&config);
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            agent
+                .client(
+                    "client",
+                    Calls::new(vip, 1_000_000)
+                        .lasting(Duration::from_secs(3))
+                        .stamped()
+                        .show_error(),
+                )
+                .stdout(Stdio::piped())
+                .spawn_guarded()
+                .expect("start a client")
+        })
+        .collect();
+    assert!(wait_until(Duration::from_secs(10), || backend.accepted() >= 400));
+    // SAFETY: kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(agent.pid() as i32, libc::SIGKILL) }, 0);
+    let killed_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros();
+    agent.kill();
+    let (mut after, mut failed_after) = (0, Vec::new());
+    for client in clients {
+        for line in lines(&client.wait_with_output().expect("a client ends")) {
+            let (began, reply) = line.split_once(' ').expect("a stamped line");
+            if began.parse::<u128>().expect("a stamp") > killed_at {
+                after += 1;
+                if !reply.starts_with("open ") {
+                    failed_after.push(line.clone());
+                }
+            }
+        }
+    }
+    assert!(after >= 100, "only {after} calls after the kill");
+    assert!(
+        failed_after.is_empty(),
+        "reset in the kill window: {failed_after:?}"
     );
 }

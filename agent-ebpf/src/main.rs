@@ -39,20 +39,22 @@ use aya_ebpf::{
         bpf_sock_tuple,
     },
     helpers::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
-        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_sk_lookup_tcp, bpf_sk_release,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
+        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_sk_lookup_tcp,
+        bpf_sk_release,
     },
-    macros::{cgroup_sock_addr, map, sk_lookup, sk_msg, sock_ops},
+    macros::{cgroup_sock_addr, map, sk_lookup, sk_msg, sock_ops, tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash, SockMap},
-    programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext},
+    programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext, TracePointContext},
 };
 use aya_log_ebpf::info;
 use sluice_maps::{
-    Backend, BackendKey, CALLER_LEVELS, CAPTURE_SLOTS, CAPTURE_STRICT, CaptureKey, CaptureValue,
-    EVENT_CONNECT_FAILED, EVENT_ESTABLISHED, EVENT_MARK_SPOOFED, EVENT_RTO, KERNEL_EVENTS_BYTES,
-    KernelConn, KernelEvent, MAX_AGENT_CGROUPS, MAX_BACKEND_SLOTS, MAX_BYPASS_SOCKETS,
-    MAX_CAPTURES, MAX_DIALLED, MAX_KERNEL_CONNS, MAX_PENDING_RECORDS, MAX_SERVICES, OriginalDst,
-    PeerKey, SERVICE_FAIL_OPEN, SERVICE_KERNEL, SETTINGS_LOG, SETTINGS_SOCKMAP, STAT_COUNT,
+    AgentLife, Backend, BackendKey, CALLER_LEVELS, CAPTURE_SLOTS, CAPTURE_STRICT, CaptureKey,
+    CaptureValue, EVENT_CONNECT_FAILED, EVENT_ESTABLISHED, EVENT_MARK_SPOOFED, EVENT_RTO,
+    KERNEL_EVENTS_BYTES, KernelConn, KernelEvent, MAX_AGENT_CGROUPS, MAX_BACKEND_SLOTS,
+    MAX_BYPASS_SOCKETS, MAX_CAPTURES, MAX_DIALLED, MAX_KERNEL_CONNS, MAX_PENDING_RECORDS,
+    MAX_SERVICES, OriginalDst, PeerKey, SERVICE_FAIL_OPEN, SERVICE_KERNEL, SETTINGS_LOG,
+    SETTINGS_SOCKMAP, SIGNAL_GENERATE_PID_OFFSET, SIGNAL_GENERATE_SIG_OFFSET, STAT_COUNT,
     ServiceKey, ServiceValue, Settings, SockKey, Stat, capture_slot_v6, is_v4_mapped, v4_mapped,
 };
 
@@ -121,6 +123,9 @@ static AGENT_CGROUPS: LruHashMap<u64, u32> = LruHashMap::pinned(MAX_AGENT_CGROUP
 
 #[map]
 static CAPTURE: HashMap<CaptureKey, CaptureValue> = HashMap::pinned(MAX_CAPTURES, 0);
+
+#[map]
+static AGENT_LIFE: Array<AgentLife> = Array::pinned(1, 0);
 
 #[map]
 static CAPTURE_LISTENERS: SockMap = SockMap::pinned(CAPTURE_SLOTS, 0);
@@ -268,7 +273,15 @@ fn decide(
     if service.flags & SERVICE_KERNEL != 0 {
         return balance_in_kernel(ctx, dialled, &service, settings, v6);
     }
-    if service.flags & SERVICE_FAIL_OPEN != 0 && !agent_listening(ctx, settings) {
+    // A killed agent's listener lingers until the kernel has torn the
+    // process down; a connect sent there would be reset. Each service
+    // takes its on_agent_down path instead: fail_closed is refused now.
+    let killed = agent_killed();
+    let fail_open = service.flags & SERVICE_FAIL_OPEN != 0;
+    if killed && !fail_open {
+        return Verdict::Refuse;
+    }
+    if fail_open && (killed || !agent_listening(ctx, settings)) {
         count(Stat::FailOpen);
         if service.slots == 0 {
             // No table: the original destination, as the application asked.
@@ -351,6 +364,53 @@ fn report_spoofed_mark(dialled: &ServiceKey, settings: &Settings) {
     {
         count(Stat::EventLost);
     }
+}
+
+/// Whether the serving agent has been killed (or is exiting), though its
+/// sockets may still exist.
+#[inline(always)]
+fn agent_killed() -> bool {
+    AGENT_LIFE.get(0).is_some_and(|life| life.killed != 0)
+}
+
+/// Marks the serving agent killed when `tgid` is its process.
+#[inline(always)]
+fn mark_killed(tgid: u32) {
+    if let Some(life) = AGENT_LIFE.get_ptr_mut(0) {
+        // SAFETY: a valid slot of the array; a racing write sets the same.
+        unsafe {
+            if tgid != 0 && (*life).tgid == tgid {
+                (*life).killed = 1;
+            }
+        }
+    }
+}
+
+/// `signal/signal_generate`: a SIGKILL generated for the serving agent
+/// (kill -9, the OOM killer, a runtime stopping its container) closes the
+/// kill window the moment it is sent. `pid` is the target task's; a kill
+/// of the process targets its main thread, whose pid is the process id.
+#[tracepoint]
+pub fn sluice_agent_signal(ctx: TracePointContext) -> u32 {
+    const SIGKILL: i32 = 9;
+    let sig = unsafe { ctx.read_at::<i32>(SIGNAL_GENERATE_SIG_OFFSET) }.unwrap_or(0);
+    if sig == SIGKILL {
+        let pid = unsafe { ctx.read_at::<i32>(SIGNAL_GENERATE_PID_OFFSET) }.unwrap_or(0);
+        mark_killed(pid as u32);
+    }
+    0
+}
+
+/// `sched/sched_process_exit`: the serving agent's main thread is exiting
+/// (any other way to die), before its files are closed.
+#[tracepoint]
+pub fn sluice_agent_exit(_ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    if tgid == tid {
+        mark_killed(tgid);
+    }
+    0
 }
 
 /// Whether the agent's outbound listener exists in the caller's network

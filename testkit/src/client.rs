@@ -95,6 +95,8 @@ pub struct Calls {
     pub show_error: bool,
     /// Run on this CPU alone.
     pub cpu: Option<usize>,
+    /// Print `<unix microseconds> <reply>`: when the call's connect began.
+    pub stamped: bool,
 }
 
 impl Calls {
@@ -112,6 +114,7 @@ impl Calls {
             timed: false,
             show_error: false,
             cpu: None,
+            stamped: false,
         }
     }
 }
@@ -150,6 +153,13 @@ impl Calls {
     /// Says how each failed call failed.
     pub fn show_error(mut self) -> Calls {
         self.show_error = true;
+        self
+    }
+
+    /// Prints when each call's connect began, in microseconds since the
+    /// Unix epoch, before its reply.
+    pub fn stamped(mut self) -> Calls {
+        self.stamped = true;
         self
     }
 
@@ -238,6 +248,9 @@ impl Client {
                 if let Some(cpu) = c.cpu {
                     args.push(format!("--cpu={cpu}"));
                 }
+                if c.stamped {
+                    args.push("--stamped".into());
+                }
                 args
             }
         }
@@ -285,6 +298,7 @@ impl Client {
                         "--timed" => calls.timed = true,
                         "--show-error" => calls.show_error = true,
                         "--cpu" => calls.cpu = Some(value.parse().map_err(|_| bad())?),
+                        "--stamped" => calls.stamped = true,
                         _ => return Err(bad()),
                     }
                 }
@@ -338,6 +352,9 @@ fn run_calls(calls: &Calls, out: &mut impl Write) -> io::Result<()> {
             break;
         }
         let started = std::time::Instant::now();
+        let began = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros());
         let line = match call(calls, &format!("{} {i}\n", calls.text)) {
             Ok((peer, reply)) if calls.show_peer => {
                 format!("{}:{} {reply}", peer.ip(), peer.port())
@@ -346,7 +363,11 @@ fn run_calls(calls: &Calls, out: &mut impl Write) -> io::Result<()> {
             Err(e) if calls.show_error => format!("FAILED {:?}", e.kind()),
             Err(_) => "FAILED".to_owned(),
         };
-        writeln!(out, "{line}")?;
+        if calls.stamped {
+            writeln!(out, "{began} {line}")?;
+        } else {
+            writeln!(out, "{line}")?;
+        }
         if calls.timed {
             writeln!(out, "elapsed_ms {}", started.elapsed().as_millis())?;
         }
@@ -631,6 +652,7 @@ mod tests {
         calls.timed = true;
         calls.show_error = true;
         calls.cpu = Some(0);
+        calls.stamped = true;
         for client in [
             Client::Calls(calls),
             Client::Calls(Calls::new("127.0.0.1:9".parse().unwrap(), 1)),

@@ -75,6 +75,10 @@ pub const LAYOUT: &str = "LAYOUT";
 /// opened from one of these cgroups, so a workload that sets the mark
 /// itself is redirected like any other.
 pub const AGENT_CGROUPS: &str = "AGENT_CGROUPS";
+/// Name of the one-slot array of [`AgentLife`]: which agent process serves
+/// the node now, and whether it has been killed. Written by the agent when
+/// it starts serving; `killed` set by the tracepoint programs.
+pub const AGENT_LIFE: &str = "AGENT_LIFE";
 /// Name of the map of captured inbound destinations: [`CaptureKey`] ->
 /// [`CaptureValue`]. Written by the agent from its catalog (one entry per
 /// meshed workload address), read by `sluice_capture` (sk_lookup).
@@ -88,7 +92,7 @@ pub const CAPTURE: &str = "CAPTURE";
 /// is gone.
 pub const CAPTURE_LISTENERS: &str = "CAPTURE_LISTENERS";
 /// Every pinned map, for cleanup and for the layout check.
-pub const PINNED_MAPS: [&str; 16] = [
+pub const PINNED_MAPS: [&str; 17] = [
     SERVICES,
     ORIG_BY_COOKIE,
     ORIG_BY_PEER,
@@ -105,6 +109,7 @@ pub const PINNED_MAPS: [&str; 16] = [
     CAPTURE,
     CAPTURE_LISTENERS,
     DIALLED,
+    AGENT_LIFE,
 ];
 
 /// Version of the maps' layout. Bump it whenever a map's type, size or the
@@ -353,6 +358,30 @@ pub struct Settings {
     pub cgroup_root_level: u32,
 }
 
+/// The agent process that serves the node ([`AGENT_LIFE`]).
+///
+/// Between a SIGKILL and the moment the kernel has closed the killed
+/// process's sockets (a few to a hundred milliseconds), its outbound
+/// listener still exists: a connect sent there would be reset. The
+/// tracepoint programs set `killed` the moment a SIGKILL is generated for
+/// `tgid` (or its main thread exits), and the connect hook then treats the
+/// agent as down.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AgentLife {
+    /// Thread group id (the process id) of the serving agent; 0: none yet.
+    pub tgid: u32,
+    /// 1 once that process has been killed or is exiting.
+    pub killed: u32,
+}
+
+/// Offsets in the `signal/signal_generate` tracepoint's record that the
+/// programs read (see its `format` file in tracefs): the signal, and the
+/// target task's pid. The agent checks them against the running kernel's
+/// before it attaches.
+pub const SIGNAL_GENERATE_SIG_OFFSET: usize = 8;
+pub const SIGNAL_GENERATE_PID_OFFSET: usize = 36;
+
 /// [`Settings::flags`] bit: emit aya-log events from the programs.
 pub const SETTINGS_LOG: u32 = 1;
 /// [`Settings::flags`] bit: put redirected sockets into [`SOCKETS`] so that
@@ -526,6 +555,7 @@ mod pod {
     unsafe impl aya::Pod for KernelConn {}
     unsafe impl aya::Pod for KernelEvent {}
     unsafe impl aya::Pod for SockKey {}
+    unsafe impl aya::Pod for AgentLife {}
     unsafe impl aya::Pod for CaptureKey {}
     unsafe impl aya::Pod for CaptureValue {}
 }

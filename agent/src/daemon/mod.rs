@@ -295,7 +295,12 @@ async fn run_attached(
         watch.clone(),
     ));
     // From here on this agent serves; the one it replaces may stop, and
-    // sends its open connections here.
+    // sends its open connections here. Not before: were this agent killed
+    // during an upgrade, the connect hook would treat the one still
+    // serving as down.
+    if let Err(e) = redirect.serve_as_this_process() {
+        warn!("cannot tell the connect hook which agent serves: {e}");
+    }
     if let Some(predecessor) = start.inherited.ready() {
         moving::receive(predecessor, inputs.clone(), watch.clone());
     }

@@ -21,6 +21,7 @@ pub mod capture;
 pub mod cgroup;
 pub mod entries;
 mod error;
+pub mod liveness;
 mod pinned;
 pub mod preflight;
 pub mod records;
@@ -117,6 +118,7 @@ pub struct Redirect {
     /// The cgroups whose marked sockets the connect hook lets through.
     agent_cgroups: HashMap<MapData, u64, u32>,
     capture: capture::CaptureMaps,
+    liveness: liveness::Liveness,
 }
 
 impl Redirect {
@@ -199,6 +201,7 @@ impl Redirect {
         let capture = capture::CaptureMaps::take(&mut ebpf, pin_dir, capture_available)?;
         let agent_cgroups = HashMap::try_from(take_map(&mut ebpf, sluice_maps::AGENT_CGROUPS)?)
             .map_err(map_err(sluice_maps::AGENT_CGROUPS))?;
+        let liveness = liveness::Liveness::attach(&mut ebpf)?;
         let bypass = match bypass::Bypass::load(&mut ebpf, BYPASS_PROGRAM) {
             Ok(b) => Some(b),
             Err(e) => {
@@ -217,7 +220,19 @@ impl Redirect {
             retired,
             agent_cgroups,
             capture,
+            liveness,
         })
+    }
+
+    /// Makes this process the agent the connect hook serves through, from
+    /// now on: the kill window is watched for it.
+    pub fn serve_as_this_process(&mut self) -> Result<(), RedirectError> {
+        self.liveness.serve_as(std::process::id())
+    }
+
+    /// Whether a kill of this agent is seen the moment it is sent.
+    pub fn kill_watched(&self) -> bool {
+        self.liveness.watched
     }
 
     /// Lets the marked sockets of processes in cgroup `id` (this agent's)
