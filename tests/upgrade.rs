@@ -189,3 +189,28 @@ fn connects_after_a_kill_go_around_the_agent_and_none_is_reset() {
         "reset in the kill window: {failed_after:?}"
     );
 }
+
+/// The cgroups the first agent made outlive its upgrade and its
+/// successor's crash, and the agent that finally stops removes them.
+#[test]
+fn the_last_agent_removes_the_cgroups_every_generation_made() {
+    let vip: SocketAddr = "127.77.7.13:8080".parse().unwrap();
+    let backend = Backend::start("b");
+    let config = AgentConfig::new(&[service("cg", &vip.to_string(), &[backend.addr])]);
+    let root = config.cgroup_root_path();
+    let mut first = Agent::start(&config);
+    assert!(root.exists(), "the first agent makes the cgroup root");
+    let mut second = Agent::start(&config);
+    exits_soon(&mut first, Instant::now());
+    assert!(
+        root.exists(),
+        "an upgrade leaves the cgroups to the successor"
+    );
+    second.kill();
+    let third = Agent::start(&config);
+    assert!(third.calls(vip, 2).iter().all(|r| r.starts_with("b ")));
+    third.sigterm();
+    let mut third = third;
+    assert!(third.wait(Duration::from_secs(15)).success());
+    assert!(!root.exists(), "cgroups left behind: {}", root.display());
+}

@@ -55,7 +55,8 @@ use crate::{
     handover::{Handover, HandoverError, Inherited, Offered, Successor},
     proxy::{OutboundContext, ProxyInputs},
     redirect::{
-        Redirect, RedirectError, cgroup,
+        Redirect, RedirectError,
+        cgroup::{self, CreatedCgroups},
         preflight::{self, PreflightError},
     },
     route::health::HealthCheckers,
@@ -164,7 +165,9 @@ async fn serve(
     let root = cgroup_mount.join(config.node.cgroup_root.get());
     let handover = Handover::prepare(&config.agent.state_dir, &config.agent.pin_dir)?;
     let inherited = handover.take_over(options.upgrade).await?;
-    let mut created = Vec::new();
+    // Whatever earlier agents of this node made and left is this one's to
+    // remove at its stop.
+    let mut created = CreatedCgroups::open(handover.cgroups_record(), &cgroup_mount);
     let start = Start {
         config: &config,
         overrides,
@@ -173,11 +176,17 @@ async fn serve(
         handover: &handover,
     };
     let result = start_and_wait(start, &mut created).await;
-    if !matches!(result, Ok(Exit::HandedOver)) {
-        for (dir, e) in cgroup::remove_created(&created) {
-            warn!("cgroup {} left in place: {e}", dir.display());
-        }
-    } else if options.stay_after_handover {
+    let left = match &result {
+        Ok(Exit::HandedOver) => Vec::new(),
+        Ok(Exit::Stopped) => created.remove_all(),
+        // A start that failed: an agent it meant to replace may still run
+        // in the others.
+        Err(_) => created.remove_made_here(),
+    };
+    for (dir, e) in left {
+        warn!("cgroup {} left in place: {e}", dir.display());
+    }
+    if matches!(result, Ok(Exit::HandedOver)) && options.stay_after_handover {
         info!("handed over and drained; staying, holding nothing, until SIGTERM");
         wait_for_stop_signal().await;
     }
@@ -193,9 +202,12 @@ struct Start<'a> {
     handover: &'a Handover,
 }
 
-async fn start_and_wait(start: Start<'_>, created: &mut Vec<PathBuf>) -> Result<Exit, AgentError> {
+async fn start_and_wait(
+    start: Start<'_>,
+    created: &mut CreatedCgroups,
+) -> Result<Exit, AgentError> {
     let (config, root) = (start.config, start.root);
-    created.extend(cgroup::create_all(root).map_err(AgentError::Cgroup)?);
+    created.add(cgroup::create_all(root).map_err(AgentError::Cgroup)?);
     let placements = workload_placements(config, root, created).map_err(AgentError::Cgroup)?;
     let catalog = Catalog::from_config(config, &placements, None);
 
@@ -217,7 +229,7 @@ async fn run_attached(
     start: Start<'_>,
     catalog: Catalog,
     redirect: &mut Redirect,
-    created: &mut Vec<PathBuf>,
+    created: &mut CreatedCgroups,
 ) -> Result<Exit, AgentError> {
     let config = start.config;
     let (trigger, watch) = drain::channel();

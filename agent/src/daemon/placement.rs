@@ -2,17 +2,13 @@
 //! and network namespaces, and the node settings the start fixed for the
 //! agent's whole run.
 
-use std::{
-    io,
-    path::{Path, PathBuf},
-    sync::Arc,
-};
+use std::{io, path::Path, sync::Arc};
 
 use crate::{
     catalog::{Catalog, Placement},
     config::{Config, WorkloadSpec},
     netns::Netns,
-    redirect::cgroup,
+    redirect::cgroup::{self, CreatedCgroups},
 };
 
 /// The kubelet puts pods below `kubepods.slice` with the systemd cgroup
@@ -57,7 +53,7 @@ impl StartOverrides {
 pub(super) fn workload_placements(
     config: &Config,
     root: &Path,
-    created: &mut Vec<PathBuf>,
+    created: &mut CreatedCgroups,
 ) -> io::Result<Vec<Placement>> {
     config
         .workloads
@@ -72,11 +68,11 @@ pub(super) fn workload_placements(
 pub(super) fn place_workload(
     w: &WorkloadSpec,
     root: &Path,
-    created: &mut Vec<PathBuf>,
+    created: &mut CreatedCgroups,
     previous: Option<&Catalog>,
 ) -> io::Result<Placement> {
     let path = root.join(w.cgroup());
-    created.extend(cgroup::create_all(&path)?);
+    created.add(cgroup::create_all(&path)?);
     let id = cgroup::cgroup_id(&path)?;
     let netns = match &w.netns {
         Some(ns) => {

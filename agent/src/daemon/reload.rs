@@ -9,7 +9,7 @@ use std::{
     collections::HashSet,
     io,
     net::SocketAddr,
-    path::{Path, PathBuf},
+    path::Path,
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -34,6 +34,7 @@ use crate::{
     proxy::{OutboundContext, ProxyInputs},
     redirect::{
         Redirect,
+        cgroup::CreatedCgroups,
         entries::{kernel_delta, kernel_entries, kernel_tables},
     },
     route::health::HealthCheckers,
@@ -60,7 +61,7 @@ pub(super) struct Live<'a> {
     pub(super) root: &'a Path,
     pub(super) checkers: HealthCheckers,
     pub(super) redirect: &'a mut Redirect,
-    pub(super) created: &'a mut Vec<PathBuf>,
+    pub(super) created: &'a mut CreatedCgroups,
     pub(super) drain: DrainWatch,
     pub(super) identities: Arc<ArcSwap<Vec<Identity>>>,
     /// Notified when a kernel-balanced connect failed.

@@ -145,6 +145,13 @@ impl Handover {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Where this node's agents record the cgroups they made, so that the
+    /// last one removes them whichever made them: beside the socket, in
+    /// the directory only the agent's user may enter.
+    pub fn cgroups_record(&self) -> PathBuf {
+        self.path.with_extension("cgroups")
+    }
 }
 
 /// What the tests of every part of the handover share: a scratch state

@@ -73,11 +73,149 @@ pub fn create_all(path: &Path) -> io::Result<Vec<PathBuf>> {
 /// Removes cgroups that [`create_all`] made, innermost first. A cgroup that
 /// still holds processes stays (rmdir fails with EBUSY) and is reported.
 pub fn remove_created(created: &[PathBuf]) -> Vec<(PathBuf, io::Error)> {
-    created
-        .iter()
-        .rev()
-        .filter_map(|dir| std::fs::remove_dir(dir).err().map(|e| (dir.clone(), e)))
+    let mut innermost_first: Vec<&PathBuf> = created.iter().collect();
+    innermost_first.sort_by_key(|dir| std::cmp::Reverse(dir.components().count()));
+    innermost_first
+        .into_iter()
+        .filter_map(|dir| match std::fs::remove_dir(dir) {
+            Ok(()) => None,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => Some((dir.clone(), e)),
+        })
         .collect()
+}
+
+/// The cgroups this node's agents made, of every generation: kept in a
+/// file that each agent reads at its start and writes when it makes one,
+/// so that the agent that finally stops (SIGTERM) removes them all, even
+/// those an agent it replaced, or one that crashed, made. Only paths below
+/// `within` (the hooked cgroup root) are ever taken from the file.
+#[derive(Debug)]
+pub struct CreatedCgroups {
+    file: Option<PathBuf>,
+    within: PathBuf,
+    dirs: Vec<PathBuf>,
+    /// Those this process made.
+    made_here: Vec<PathBuf>,
+}
+
+impl CreatedCgroups {
+    /// What earlier agents recorded in `file`, below `within`.
+    pub fn open(file: PathBuf, within: &Path) -> CreatedCgroups {
+        let recorded = std::fs::read_to_string(&file).unwrap_or_default();
+        let dirs = recorded
+            .lines()
+            .map(PathBuf::from)
+            .filter(|p| is_below(p, within))
+            .collect();
+        CreatedCgroups {
+            file: Some(file),
+            within: within.to_owned(),
+            dirs,
+            made_here: Vec::new(),
+        }
+    }
+
+    /// A record in memory only (tests, tools).
+    pub fn in_memory(within: &Path) -> CreatedCgroups {
+        CreatedCgroups {
+            file: None,
+            within: within.to_owned(),
+            dirs: Vec::new(),
+            made_here: Vec::new(),
+        }
+    }
+
+    /// Records `made` (as [`create_all`] returns them) and writes the
+    /// record when it grew.
+    pub fn add(&mut self, made: Vec<PathBuf>) {
+        if made.is_empty() {
+            return;
+        }
+        // What another agent of the node recorded meanwhile (the one this
+        // replaces, during an upgrade) is kept.
+        if let Some(file) = &self.file {
+            let recorded = CreatedCgroups::open(file.clone(), &self.within).dirs;
+            for dir in recorded {
+                if !self.dirs.contains(&dir) {
+                    self.dirs.push(dir);
+                }
+            }
+        }
+        let before = self.dirs.len();
+        for dir in made {
+            if is_below(&dir, &self.within) && !self.dirs.contains(&dir) {
+                self.made_here.push(dir.clone());
+                self.dirs.push(dir);
+            }
+        }
+        if self.dirs.len() != before || self.file.is_some() {
+            self.save();
+        }
+    }
+
+    /// The cgroups recorded.
+    pub fn dirs(&self) -> &[PathBuf] {
+        &self.dirs
+    }
+
+    /// Removes every recorded cgroup (innermost first); those that cannot
+    /// go (processes still in them) stay recorded for the next agent, and
+    /// are returned with why.
+    pub fn remove_all(&mut self) -> Vec<(PathBuf, io::Error)> {
+        let left = remove_created(&self.dirs);
+        self.dirs = left.iter().map(|(dir, _)| dir.clone()).collect();
+        self.save();
+        left
+    }
+
+    /// Removes only what this process made (a start that failed: the agent
+    /// it meant to replace still runs in the rest).
+    pub fn remove_made_here(&mut self) -> Vec<(PathBuf, io::Error)> {
+        let left = remove_created(&self.made_here);
+        let gone: Vec<PathBuf> = self
+            .made_here
+            .drain(..)
+            .filter(|d| !left.iter().any(|(l, _)| l == d))
+            .collect();
+        self.dirs.retain(|d| !gone.contains(d));
+        self.save();
+        left
+    }
+
+    fn save(&self) {
+        let Some(file) = &self.file else { return };
+        let result = if self.dirs.is_empty() {
+            match std::fs::remove_file(file) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            }
+        } else {
+            let text: String = self
+                .dirs
+                .iter()
+                .map(|d| format!("{}\n", d.display()))
+                .collect();
+            let temp = file.with_extension("cgroups.new");
+            std::fs::write(&temp, text).and_then(|()| std::fs::rename(&temp, file))
+        };
+        if let Err(e) = result {
+            log::warn!(
+                "cannot record the cgroups made in {}: {e}; a later agent may leave them",
+                file.display()
+            );
+        }
+    }
+}
+
+/// Whether `path` is absolute, strictly below `within`, and has no `..`.
+fn is_below(path: &Path, within: &Path) -> bool {
+    path.is_absolute()
+        && path != within
+        && path.starts_with(within)
+        && path
+            .components()
+            .all(|c| !matches!(c, std::path::Component::ParentDir))
 }
 
 /// Moves process `pid` (0: the caller) into the cgroup at `path`.
@@ -153,6 +291,47 @@ mod tests {
         assert!(remove_created(&created).is_empty());
         assert!(!base.join("a").exists());
         std::fs::remove_dir(&base).unwrap();
+    }
+
+    /// A second agent finds what the first made, and removes it with its
+    /// own; what is not below the root is never taken from the record.
+    #[test]
+    fn the_last_agent_removes_what_every_agent_made() {
+        let base = std::env::temp_dir().join(format!("sluice-cg-rec-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let within = base.join("mount");
+        std::fs::create_dir_all(&within).unwrap();
+        let record = base.join("record.cgroups");
+
+        let mut first = CreatedCgroups::open(record.clone(), &within);
+        first.add(create_all(&within.join("pods/a")).unwrap());
+        drop(first);
+        // Someone wrote a path outside the root into the record.
+        let mut text = std::fs::read_to_string(&record).unwrap();
+        text.push_str(&format!(
+            "{}\n{}/../escape\n",
+            base.display(),
+            within.display()
+        ));
+        std::fs::write(&record, text).unwrap();
+
+        let mut second = CreatedCgroups::open(record.clone(), &within);
+        assert_eq!(second.dirs(), [within.join("pods"), within.join("pods/a")]);
+        second.add(create_all(&within.join("pods/b")).unwrap());
+        // A failed start takes back only its own.
+        let mut failed = CreatedCgroups::open(record.clone(), &within);
+        failed.add(create_all(&within.join("other")).unwrap());
+        assert!(failed.remove_made_here().is_empty());
+        assert!(!within.join("other").exists());
+        assert!(within.join("pods/a").exists());
+
+        let mut last = CreatedCgroups::open(record.clone(), &within);
+        assert_eq!(last.dirs().len(), 3, "{:?}", last.dirs());
+        assert!(last.remove_all().is_empty());
+        assert!(!within.join("pods").exists());
+        assert!(!record.exists(), "an empty record is removed");
+        assert!(base.exists(), "nothing outside the root was touched");
+        std::fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]
