@@ -214,3 +214,41 @@ fn the_last_agent_removes_the_cgroups_every_generation_made() {
     assert!(third.wait(Duration::from_secs(15)).success());
     assert!(!root.exists(), "cgroups left behind: {}", root.display());
 }
+
+/// An endpoint the old agent ejected is still ejected in the new one, for
+/// what was left of its ejection, and takes no call there.
+#[test]
+fn an_ejected_endpoint_stays_ejected_across_an_upgrade() {
+    let vip: SocketAddr = "127.77.7.14:8080".parse().unwrap();
+    let alive = Backend::start("alive");
+    let mut dead = Some(Backend::start("dead"));
+    let dead_addr = dead.as_ref().unwrap().addr;
+    let config =
+        AgentConfig::new(&[
+            service("ejecting", &vip.to_string(), &[alive.addr, dead_addr]).outlier_detection(
+                OutlierDetection {
+                    consecutive_failures: Some(1),
+                    base_ejection_time: Some(Duration::from_secs(60)),
+                    ..OutlierDetection::default()
+                },
+            ),
+        ]);
+    let mut old = Agent::start(&config);
+    drop(dead.take());
+    let calls = old.calls(vip, 10);
+    assert!(calls.iter().all(|r| r.starts_with("alive ")), "{calls:?}");
+    assert_eq!(old.endpoint(dead_addr)["breaker"], "open");
+
+    let new = Agent::start(&config);
+    exits_soon(&mut old, Instant::now());
+    // Before any call through the new agent.
+    let view = new.endpoint(dead_addr);
+    assert_eq!(view["breaker"], "open", "{view}");
+    assert_eq!(view["ejections"], 1, "{view}");
+    let left = view["ejected_for_seconds"].as_f64().unwrap_or(0.0);
+    assert!(left > 50.0 && left <= 60.0, "{view}");
+    // The dead endpoint is not tried (no failed connect to retry).
+    let _dead_again = Backend::start_on("dead", dead_addr);
+    let calls = new.calls(vip, 10);
+    assert!(calls.iter().all(|r| r.starts_with("alive ")), "{calls:?}");
+}

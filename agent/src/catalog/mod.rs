@@ -10,6 +10,7 @@
 mod build;
 pub mod capture;
 mod labels;
+pub mod state;
 
 use std::{collections::HashMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 

@@ -10,7 +10,7 @@ use super::*;
 use sluice_maps::{SERVICE_FAIL_OPEN, SERVICE_KERNEL, ServiceKey, key_addr};
 
 use crate::{
-    clock::Millis,
+    clock::{Millis, now_ms},
     config::{Config, EndpointSpec, Entries, ServiceSpec, WorkloadSpec},
     redirect::entries::{KernelEntry, kernel_delta, kernel_entries, kernel_tables},
     resilience::{Outcome, Phase},
@@ -405,4 +405,23 @@ fn endpoints_of_a_pod_left_out_are_not_in_the_catalog() {
     assert_eq!(left, ["10.0.0.1:8080", "10.0.0.3:8080"]);
     assert_eq!(catalog.workloads().len(), 1);
     assert_eq!(catalog.workloads()[0].name, "shop/placed");
+}
+
+/// An ejection travels to the next agent's catalog by service and
+/// address; endpoints with nothing to say do not travel.
+#[test]
+fn endpoint_states_carry_over_to_another_catalog() {
+    let old = Catalog::from_config(&config(GENERATION_1), &[], None);
+    eject(&service(&old, "10.96.0.1:80"), "10.0.0.1:8080");
+    let states = old.endpoint_states(now_ms());
+    assert_eq!(states.services.len(), 1, "{states:?}");
+    assert_eq!(states.services[0].endpoints.len(), 1);
+    let json = serde_json::to_vec(&states).unwrap();
+    let states: state::EndpointStates = serde_json::from_slice(&json).unwrap();
+
+    let new = Catalog::from_config(&config(GENERATION_1), &[], None);
+    assert_eq!(new.restore_endpoint_states(&states, now_ms()), 1);
+    let pay = service(&new, "10.96.0.1:80");
+    assert_eq!(endpoint(&pay, "10.0.0.1:8080").state.phase(), Phase::Open);
+    assert_eq!(endpoint(&pay, "10.0.0.2:8080").state.phase(), Phase::Closed);
 }

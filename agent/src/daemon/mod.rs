@@ -47,7 +47,8 @@ use start::{
 
 use crate::{
     admin::AdminState,
-    catalog::Catalog,
+    catalog::{Catalog, state::EndpointStates},
+    clock::now_ms,
     config::Config,
     discovery::DiscoveryError,
     drain::{self, DrainTrigger},
@@ -210,10 +211,19 @@ async fn start_and_wait(
     created.add(cgroup::create_all(root).map_err(AgentError::Cgroup)?);
     let placements = workload_placements(config, root, created).map_err(AgentError::Cgroup)?;
     let catalog = Catalog::from_config(config, &placements, None);
+    let carried = start.inherited.take_state().and_then(|bytes| {
+        serde_json::from_slice::<EndpointStates>(&bytes)
+            .map_err(|e| warn!("upgrade: the previous agent's endpoint state does not read: {e}"))
+            .ok()
+    });
+    if let Some(states) = &carried {
+        let restored = catalog.restore_endpoint_states(states, now_ms());
+        info!("upgrade: the state of {restored} endpoints carried over");
+    }
 
     let mut redirect = Redirect::load(&config.agent.pin_dir)?;
     let upgrade = start.inherited.is_upgrade();
-    let result = run_attached(start, catalog, &mut redirect, created).await;
+    let result = run_attached(start, catalog, carried, &mut redirect, created).await;
     match result {
         Ok(Exit::Stopped) => redirect.detach(),
         // The successor owns programs and pins now.
@@ -228,6 +238,7 @@ async fn start_and_wait(
 async fn run_attached(
     start: Start<'_>,
     catalog: Catalog,
+    carried: Option<EndpointStates>,
     redirect: &mut Redirect,
     created: &mut CreatedCgroups,
 ) -> Result<Exit, AgentError> {
@@ -316,8 +327,7 @@ async fn run_attached(
     if let Some(predecessor) = start.inherited.ready() {
         moving::receive(predecessor, inputs.clone(), watch.clone());
     }
-    let (socket_file, handed_over) =
-        offer_to_successor(start.handover, &offered, &inputs.metrics, &watch);
+    let (socket_file, handed_over) = offer_to_successor(start.handover, &offered, &inputs, &watch);
     info!(
         "sluice agent ready: node {}, {services} services, {workloads} workloads, outbound {}, \
          inbound mTLS {} (trust domain {})",
@@ -352,6 +362,9 @@ async fn run_attached(
         applied_discovery: None,
         applied_file_generation: 0,
         successor: None,
+        // Discovered services come later: their endpoints take on what
+        // the previous agent knew when the first discovered catalog does.
+        carried: carried.filter(|_| config.kubernetes.is_some()),
     };
     let exit = live.serve_until_stopped(handed_over).await;
     // After a handover the path is the successor's; it is left alone.

@@ -25,7 +25,7 @@ use super::{
     pods::PodListeners,
 };
 use crate::{
-    catalog::{Catalog, Placement},
+    catalog::{Catalog, Placement, state::EndpointStates},
     clock::now_ms,
     config::{Config, Entries, KubernetesConfig, Origin},
     discovery,
@@ -95,6 +95,9 @@ pub(super) struct Live<'a> {
     /// The agent that took over, once one did: the open connections go
     /// there.
     pub(super) successor: Option<Successor>,
+    /// The previous agent's endpoint state, for the first catalog built
+    /// with Kubernetes' services.
+    pub(super) carried: Option<EndpointStates>,
 }
 
 type DiscoveryUpdates = tokio::sync::watch::Receiver<Option<Arc<discovery::Translated>>>;
@@ -463,6 +466,12 @@ impl Live<'_> {
             error!("certificates for the new workloads: {e}");
         }
         self.identities.store(Arc::new(identities));
+        if self.discovered.is_some()
+            && let Some(states) = self.carried.take()
+        {
+            let restored = catalog.restore_endpoint_states(&states, now_ms());
+            info!("upgrade: the state of {restored} discovered endpoints carried over");
+        }
         // New checkers first, so that no endpoint goes unwatched.
         // Checks of new endpoints start before the catalog that has them is
         // in force; those of unchanged endpoints keep running.

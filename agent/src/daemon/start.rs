@@ -227,20 +227,28 @@ pub(super) fn static_info(start: &Start<'_>) -> StaticInfo {
 pub(super) fn offer_to_successor(
     handover: &Handover,
     offered: &Offered,
-    metrics: &Arc<Metrics>,
+    inputs: &Arc<ProxyInputs>,
     watch: &DrainWatch,
 ) -> (
     Option<handover::SocketFile>,
     tokio::sync::oneshot::Receiver<handover::Successor>,
 ) {
     let (handed_over_tx, handed_over) = tokio::sync::oneshot::channel();
+    // What the endpoints learnt, read from the catalog in force when a
+    // successor asks.
+    let catalog = inputs.catalog.clone();
+    let state: handover::StateSnapshot = Arc::new(move || {
+        let states = catalog.load().endpoint_states(now_ms());
+        serde_json::to_vec(&states).expect("endpoint states serialize")
+    });
     let file = match handover.listen() {
         Ok(listening) => {
             let file = listening.file();
             tokio::spawn(handover::offer(
                 listening,
                 offered.clone(),
-                metrics.clone(),
+                state,
+                inputs.metrics.clone(),
                 handed_over_tx,
                 watch.clone(),
             ));

@@ -61,7 +61,7 @@ use std::{
 };
 
 pub use file::{Listening, SocketFile};
-pub use offer::{Offered, offer};
+pub use offer::{Offered, StateSnapshot, offer};
 pub use peer::Refusal;
 pub use successor::{Batch, MAX_BATCH, Predecessor, Successor};
 pub use take_over::Inherited;

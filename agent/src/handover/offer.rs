@@ -63,13 +63,18 @@ impl Offered {
     }
 }
 
-/// The running agent's side: offers `sockets` to a successor that passes
-/// the checks, on `listening`. Resolves `handed_over` once a successor
-/// said `READY`, with the stream its open connections go on. Refused peers
-/// are counted in `metrics`.
+/// What the running agent knows of its endpoints (breakers, outlier
+/// detection, health), serialized for the successor.
+pub type StateSnapshot = Arc<dyn Fn() -> Vec<u8> + Send + Sync>;
+
+/// The running agent's side: offers `sockets` and `state` to a successor
+/// that passes the checks, on `listening`. Resolves `handed_over` once a
+/// successor said `READY`, with the stream its open connections go on.
+/// Refused peers are counted in `metrics`.
 pub async fn offer(
     listening: Listening,
     sockets: Offered,
+    state: StateSnapshot,
     metrics: Arc<Metrics>,
     handed_over: oneshot::Sender<Successor>,
     mut drain: DrainWatch,
@@ -103,12 +108,18 @@ pub async fn offer(
             refuse(&peer, why);
             continue;
         }
-        if !wire::asked(&mut stream, HELLO_WITHIN).await {
+        let Some(version) = wire::asked(&mut stream, HELLO_WITHIN).await else {
             refuse(&peer, Refusal::NoHello);
             continue;
-        }
+        };
         if let Err(e) = wire::send_sockets(&stream, &sockets.raw()) {
             warn!("upgrade: cannot hand the listening sockets over: {e}");
+            continue;
+        }
+        if version == wire::Version::V2
+            && let Err(e) = wire::send_state(&mut stream, &state()).await
+        {
+            warn!("upgrade: cannot hand the endpoints' state over: {e}");
             continue;
         }
         info!(
@@ -117,7 +128,8 @@ pub async fn offer(
         if wire::ready(&mut stream, READY_WITHIN).await {
             match blocking(stream) {
                 Ok(stream) => {
-                    let _ = handed_over.send(Successor(stream));
+                    let moves = version == wire::Version::V2;
+                    let _ = handed_over.send(Successor { stream, moves });
                 }
                 Err(e) => warn!("upgrade: the stream to the new agent: {e}; still serving"),
             }
@@ -161,7 +173,10 @@ mod tests {
             stream
                 .set_read_timeout(Some(Duration::from_secs(10)))
                 .unwrap();
-            let got = wire::ask(&mut stream);
+            let got = wire::ask(&mut stream, wire::Version::V2).map(|(fds, state)| {
+                assert!(state.is_some(), "version 2 carries the state");
+                fds
+            });
             (stream, got)
         })
         .await
@@ -226,6 +241,7 @@ mod tests {
         tokio::spawn(offer(
             listening,
             offered.clone(),
+            Arc::new(|| b"{}".to_vec()),
             metrics.clone(),
             handed_over_tx,
             watch,
@@ -278,6 +294,7 @@ mod tests {
         tokio::spawn(offer(
             listening,
             offered,
+            Arc::new(|| b"{\"endpoints\":1}".to_vec()),
             Metrics::new(None),
             handed_over_tx,
             watch,
@@ -305,7 +322,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_agent_that_does_not_say_hello_is_refused_and_the_next_one_served() {
         let mut running = run("hello", as_this_binary);
-        let heard = say(&running.path, b"sluice-handover/2 HELLO\n").await;
+        let heard = say(&running.path, b"sluice-handover/3 HELLO\n").await;
         assert!(heard.is_empty(), "nothing for another version: {heard:?}");
         let (_, got) = ask(&running.path).await;
         assert_eq!(got.unwrap().len(), 1);

@@ -28,18 +28,28 @@ pub struct Batch {
 
 /// The running agent's end of the stream to the agent that took over.
 #[derive(Debug)]
-pub struct Successor(pub(super) UnixStream);
+pub struct Successor {
+    pub(super) stream: UnixStream,
+    /// Whether it takes open connections (a successor of an older version
+    /// takes the sockets only: the connections drain here).
+    pub(super) moves: bool,
+}
 
 impl Successor {
+    /// Whether the open connections can go to it.
+    pub fn takes_connections(&self) -> bool {
+        self.moves
+    }
+
     /// Sends one batch of at most [`MAX_BATCH`] connections. Blocking.
     pub fn send(&mut self, batch: &Batch) -> io::Result<()> {
         let fds: Vec<RawFd> = batch.fds.iter().map(|fd| fd.as_raw_fd()).collect();
-        wire::send_batch(&mut self.0, &fds, &batch.records)
+        wire::send_batch(&mut self.stream, &fds, &batch.records)
     }
 
     /// Says that no connection follows. Blocking.
     pub fn done(mut self) -> io::Result<()> {
-        wire::send_done(&mut self.0)
+        wire::send_done(&mut self.stream)
     }
 }
 
@@ -66,7 +76,11 @@ mod tests {
     #[test]
     fn batches_arrive_in_order_with_their_descriptors_then_done() {
         let (old, new) = UnixStream::pair().unwrap();
-        let (mut successor, mut predecessor) = (Successor(old), Predecessor(new));
+        let mut successor = Successor {
+            stream: old,
+            moves: true,
+        };
+        let mut predecessor = Predecessor(new);
         let sender = std::thread::spawn(move || {
             for round in 0..3u8 {
                 let pairs: Vec<(UnixStream, UnixStream)> = (0..MAX_BATCH)

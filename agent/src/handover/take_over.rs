@@ -15,7 +15,7 @@ use super::{
     Handover, HandoverError,
     peer::{Peer, Refusal, judge},
     successor::Predecessor,
-    wire,
+    wire::{self, Version},
 };
 
 /// How long a starting agent waits for the listener at the path to take
@@ -30,6 +30,26 @@ impl Handover {
     /// file is removed), or an error with `upgrade`, which requires an
     /// agent.
     pub async fn take_over(&self, upgrade: bool) -> Result<Inherited, HandoverError> {
+        match self.take_over_in(upgrade, Version::V2).await {
+            // An agent of the version before closes the stream on this
+            // version's question: ask again in its words.
+            Err(HandoverError::NoHandover { source, .. })
+                if source.kind() == io::ErrorKind::UnexpectedEof =>
+            {
+                info!(
+                    "upgrade: the running agent speaks the handover of version 1; its open connections drain there"
+                );
+                self.take_over_in(upgrade, Version::V1).await
+            }
+            other => other,
+        }
+    }
+
+    async fn take_over_in(
+        &self,
+        upgrade: bool,
+        version: Version,
+    ) -> Result<Inherited, HandoverError> {
         let path = &self.path;
         let stream =
             match tokio::time::timeout(CONNECT_WITHIN, tokio::net::UnixStream::connect(path)).await
@@ -76,7 +96,7 @@ impl Handover {
         };
         let stream = stream.into_std().map_err(no_handover)?;
         stream.set_nonblocking(false).map_err(no_handover)?;
-        receive(stream).map_err(no_handover)
+        receive(stream, version).map_err(no_handover)
     }
 
     /// Without `upgrade`: removes what was found at the path, and the agent
@@ -135,9 +155,9 @@ enum Found {
 
 /// The rest of a successor's side, once the peer passed [`judge`]: asks
 /// and receives the listening sockets.
-fn receive(mut stream: UnixStream) -> io::Result<Inherited> {
+fn receive(mut stream: UnixStream, version: Version) -> io::Result<Inherited> {
     stream.set_read_timeout(Some(ANSWER_WITHIN))?;
-    let fds = wire::ask(&mut stream)?;
+    let (fds, state) = wire::ask(&mut stream, version)?;
     let mut sockets = Vec::with_capacity(fds.len());
     for fd in fds {
         let std_listener = std::net::TcpListener::from(fd);
@@ -153,6 +173,7 @@ fn receive(mut stream: UnixStream) -> io::Result<Inherited> {
     Ok(Inherited {
         sockets: Mutex::new(sockets),
         stream: Mutex::new(Some(stream)),
+        state: Mutex::new(state),
     })
 }
 
@@ -164,6 +185,8 @@ pub struct Inherited {
     sockets: Mutex<Vec<(SocketAddr, u64, OwnedFd)>>,
     /// The stream to the old agent; `READY` goes there.
     stream: Mutex<Option<UnixStream>>,
+    /// What the old agent knew of its endpoints, serialized.
+    state: Mutex<Option<Vec<u8>>>,
 }
 
 impl Inherited {
@@ -179,7 +202,14 @@ impl Inherited {
         Inherited {
             sockets: Mutex::new(sockets),
             stream: Mutex::new(None),
+            state: Mutex::new(None),
         }
+    }
+
+    /// The previous agent's endpoint state, once (none from an agent of
+    /// version 1, or without an upgrade).
+    pub fn take_state(&self) -> Option<Vec<u8>> {
+        self.state.lock().expect("handover lock").take()
     }
 
     /// Whether a previous agent handed its sockets over.
@@ -286,6 +316,7 @@ mod tests {
         let inherited = Inherited {
             sockets: Mutex::new(vec![(addr, netns, OwnedFd::from(tcp))]),
             stream: Mutex::new(Some(ours)),
+            state: Mutex::default(),
         };
         assert!(inherited.is_upgrade());
         assert!(inherited.take(addr, netns + 1).is_none(), "another netns");
@@ -303,6 +334,7 @@ mod tests {
         let inherited = Inherited {
             sockets: Mutex::default(),
             stream: Mutex::new(Some(ours)),
+            state: Mutex::default(),
         };
         assert!(inherited.ready().is_some());
         assert!(!inherited.is_upgrade(), "the stream is spent");

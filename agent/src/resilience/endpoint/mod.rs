@@ -10,6 +10,9 @@ use std::sync::{
 
 use crate::clock::Millis;
 
+mod snapshot;
+pub use snapshot::EndpointSnapshot;
+
 /// Where an endpoint stands in outlier detection (Hystrix/resilience4j
 /// vocabulary).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,8 +1,11 @@
 //! What the two agents say on the handover stream, and how descriptors
 //! ride along (SCM_RIGHTS):
 //!
-//! 1. successor: `HELLO`;
-//! 2. running agent: `SOCKETS`, carrying every listening socket;
+//! 1. successor: `HELLO` (version 2; an agent of version 1 is asked again
+//!    in its own words, and then steps 2's state and 4 are left out);
+//! 2. running agent: `SOCKETS`, carrying every listening socket, then
+//!    `STATE`: what its endpoints' breakers, outlier detection and health
+//!    checks know;
 //! 3. successor, once it serves on them: `READY`;
 //! 4. running agent: its open connections, in batches (a fixed header
 //!    carrying the descriptors, then the records), then `DONE`.
@@ -23,13 +26,34 @@ use std::{
 
 use tokio::io::AsyncReadExt;
 
-const HELLO: &[u8] = b"sluice-handover/1 HELLO\n";
+/// What each version says first; of one length.
+const HELLO_V1: &[u8] = b"sluice-handover/1 HELLO\n";
+const HELLO_V2: &[u8] = b"sluice-handover/2 HELLO\n";
+
+/// The handover protocol a successor speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    /// Sockets only: open connections drain in the old agent.
+    V1,
+    /// Sockets, endpoint state, and the open connections.
+    V2,
+}
+
+impl Version {
+    fn hello(self) -> &'static [u8] {
+        match self {
+            Version::V1 => HELLO_V1,
+            Version::V2 => HELLO_V2,
+        }
+    }
+}
 const SOCKETS: &[u8] = b"SOCKETS\n";
 const READY: &[u8] = b"READY\n";
 /// Step 4's header: a tag, then the descriptor count and the length of
 /// the records that follow, both u32 little-endian.
 const BATCH_HEADER: usize = 16;
 const MOVED_TAG: &[u8; 8] = b"MOVED\0\0\0";
+const STATE_TAG: &[u8; 8] = b"STATE\0\0\0";
 const DONE_TAG: &[u8; 8] = b"DONE\0\0\0\0";
 /// Largest records of one batch: a bound on what a confused or hostile
 /// peer can make the successor allocate.
@@ -41,9 +65,22 @@ const MAX_RECORDS: usize = 64 << 20;
 pub(super) const MAX_FDS: usize = 253;
 
 /// The successor's side of steps 1 and 2, on a blocking stream whose read
-/// timeout bounds the wait: asks, and returns the sockets received.
-pub(super) fn ask(stream: &mut UnixStream) -> io::Result<Vec<OwnedFd>> {
-    stream.write_all(HELLO)?;
+/// timeout bounds the wait: asks, and returns the sockets received, and
+/// (version 2) the running agent's state.
+pub(super) fn ask(
+    stream: &mut UnixStream,
+    version: Version,
+) -> io::Result<(Vec<OwnedFd>, Option<Vec<u8>>)> {
+    let fds = ask_sockets(stream, version)?;
+    let state = match version {
+        Version::V1 => None,
+        Version::V2 => Some(receive_state(stream)?),
+    };
+    Ok((fds, state))
+}
+
+fn ask_sockets(stream: &mut UnixStream, version: Version) -> io::Result<Vec<OwnedFd>> {
+    stream.write_all(version.hello())?;
     let mut buf = [0u8; 64];
     let (n, fds) = recv_fds(stream, &mut buf)?;
     if n == 0 {
@@ -64,12 +101,49 @@ pub(super) fn ask(stream: &mut UnixStream) -> io::Result<Vec<OwnedFd>> {
     Ok(fds)
 }
 
-/// The running agent's side of step 1: whether the peer asked for a
-/// handover, word for word, within `within`.
-pub(super) async fn asked(stream: &mut tokio::net::UnixStream, within: Duration) -> bool {
-    let mut hello = [0u8; HELLO.len()];
+/// The running agent's side of step 1: the version of the handover the
+/// peer asked for, word for word, within `within`; none for anything else.
+pub(super) async fn asked(
+    stream: &mut tokio::net::UnixStream,
+    within: Duration,
+) -> Option<Version> {
+    let mut hello = [0u8; HELLO_V2.len()];
     let read = tokio::time::timeout(within, stream.read_exact(&mut hello)).await;
-    read.is_ok_and(|r| r.is_ok()) && hello == HELLO
+    if !read.is_ok_and(|r| r.is_ok()) {
+        return None;
+    }
+    [Version::V2, Version::V1]
+        .into_iter()
+        .find(|v| hello == v.hello())
+}
+
+/// The running agent's state, after the sockets (version 2).
+pub(super) async fn send_state(
+    stream: &mut tokio::net::UnixStream,
+    state: &[u8],
+) -> io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let header = batch_header(STATE_TAG, 0, state.len())?;
+    stream.write_all(&header).await?;
+    stream.write_all(state).await
+}
+
+fn receive_state(stream: &mut UnixStream) -> io::Result<Vec<u8>> {
+    let mut header = [0u8; BATCH_HEADER];
+    std::io::Read::read_exact(stream, &mut header)?;
+    let len = u32::from_le_bytes(header[12..].try_into().expect("4 bytes")) as usize;
+    if &header[..8] != STATE_TAG || len > MAX_RECORDS {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "not the running agent's state: {:?}",
+                String::from_utf8_lossy(&header[..8])
+            ),
+        ));
+    }
+    let mut state = vec![0u8; len];
+    std::io::Read::read_exact(stream, &mut state)?;
+    Ok(state)
 }
 
 /// The running agent's side of step 2.
@@ -240,201 +314,4 @@ fn recv_fds(stream: &impl AsRawFd, buf: &mut [u8]) -> io::Result<(usize, Vec<Own
 }
 
 #[cfg(test)]
-mod tests {
-    use std::io::{PipeReader, PipeWriter, Read};
-
-    use super::*;
-
-    /// What arrives at `b` of one message, at most 64 bytes.
-    fn receive(b: &UnixStream) -> (Vec<u8>, Vec<OwnedFd>) {
-        let mut buf = [0u8; 64];
-        let (n, fds) = recv_fds(b, &mut buf).unwrap();
-        (buf[..n].to_vec(), fds)
-    }
-
-    /// Writes `byte` through a received descriptor of a pipe's write end.
-    fn write_through(fd: OwnedFd, byte: u8) {
-        PipeWriter::from(fd).write_all(&[byte]).unwrap();
-    }
-
-    fn read_byte(reader: &mut PipeReader) -> u8 {
-        let mut byte = [0u8; 1];
-        reader.read_exact(&mut byte).unwrap();
-        byte[0]
-    }
-
-    #[test]
-    fn a_message_arrives_whole_with_each_descriptor_working() {
-        let (a, b) = UnixStream::pair().unwrap();
-        let mut pipes: Vec<(PipeReader, PipeWriter)> =
-            (0..5).map(|_| std::io::pipe().unwrap()).collect();
-        let raw: Vec<RawFd> = pipes.iter().map(|(_, w)| w.as_raw_fd()).collect();
-        send_fds(&a, SOCKETS, &raw).unwrap();
-        let (data, fds) = receive(&b);
-        assert_eq!(data, SOCKETS);
-        assert_eq!(fds.len(), 5);
-        // In the order sent: each received descriptor is its pipe's
-        // write end, and a new one (not the number sent).
-        for (i, fd) in fds.into_iter().enumerate() {
-            assert!(!raw.contains(&fd.as_raw_fd()));
-            write_through(fd, b'a' + i as u8);
-        }
-        for (i, (reader, _)) in pipes.iter_mut().enumerate() {
-            assert_eq!(read_byte(reader), b'a' + i as u8, "pipe {i}");
-        }
-    }
-
-    #[test]
-    fn as_many_descriptors_as_a_handover_carries_arrive_and_one_more_is_refused() {
-        let (a, b) = UnixStream::pair().unwrap();
-        let (mut reader, writer) = std::io::pipe().unwrap();
-        // The same pipe MAX_FDS times: as many descriptors, few files.
-        let raw = vec![writer.as_raw_fd(); MAX_FDS];
-        send_fds(&a, SOCKETS, &raw).unwrap();
-        let (data, fds) = receive(&b);
-        assert_eq!(data, SOCKETS);
-        assert_eq!(fds.len(), MAX_FDS);
-        for fd in fds {
-            write_through(fd, b'x');
-        }
-        let mut all = vec![0u8; MAX_FDS];
-        reader.read_exact(&mut all).unwrap();
-        assert!(all.iter().all(|b| *b == b'x'));
-
-        let too_many = vec![writer.as_raw_fd(); MAX_FDS + 1];
-        let e = send_fds(&a, SOCKETS, &too_many).unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
-        assert!(e.to_string().contains(&format!("({MAX_FDS})")), "{e}");
-        // Nothing went out.
-        b.set_nonblocking(true).unwrap();
-        let e = recv_fds(&b, &mut [0u8; 64]).unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
-    }
-
-    #[test]
-    fn a_message_without_descriptors_arrives_and_is_no_handover() {
-        let (a, b) = UnixStream::pair().unwrap();
-        send_fds(&a, SOCKETS, &[]).unwrap();
-        let (data, fds) = receive(&b);
-        assert_eq!(data, SOCKETS);
-        assert!(fds.is_empty());
-
-        // A successor asking gets that answer refused.
-        let (mut successor, agent) = UnixStream::pair().unwrap();
-        send_sockets(&agent, &[]).unwrap();
-        let e = ask(&mut successor).unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
-        assert!(e.to_string().contains("without sockets"), "{e}");
-    }
-
-    #[test]
-    fn a_successor_asks_and_gets_the_sockets() {
-        let (mut successor, agent) = UnixStream::pair().unwrap();
-        let (mut reader, writer) = std::io::pipe().unwrap();
-        send_sockets(&agent, &[writer.as_raw_fd()]).unwrap();
-        let fds = ask(&mut successor).unwrap();
-        assert_eq!(fds.len(), 1);
-        write_through(fds.into_iter().next().unwrap(), b'k');
-        assert_eq!(read_byte(&mut reader), b'k');
-        // What the successor said first.
-        let mut agent = agent;
-        let mut hello = vec![0u8; HELLO.len()];
-        agent.read_exact(&mut hello).unwrap();
-        assert_eq!(hello, HELLO);
-    }
-
-    #[test]
-    fn a_running_agent_that_closes_or_answers_otherwise_hands_nothing_over() {
-        // It reads the question and goes away.
-        let (mut successor, mut agent) = UnixStream::pair().unwrap();
-        std::thread::scope(|s| {
-            s.spawn(move || {
-                let mut hello = vec![0u8; HELLO.len()];
-                agent.read_exact(&mut hello).unwrap();
-            });
-            let e = ask(&mut successor).unwrap_err();
-            assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}");
-        });
-
-        // Something that is not a handover answers.
-        let (mut successor, mut agent) = UnixStream::pair().unwrap();
-        agent.write_all(b"HTTP/1.1 400 Bad Request\r\n").unwrap();
-        let e = ask(&mut successor).unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
-        assert!(e.to_string().contains("HTTP/1.1 400"), "{e}");
-
-        // Nobody is there any more when it asks.
-        let (mut successor, agent) = UnixStream::pair().unwrap();
-        drop(agent);
-        let e = ask(&mut successor).unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::BrokenPipe, "{e}");
-    }
-
-    #[test]
-    fn sockets_for_a_successor_that_went_away_are_an_error_not_a_signal() {
-        let (successor, agent) = UnixStream::pair().unwrap();
-        drop(successor);
-        let (_reader, writer) = std::io::pipe().unwrap();
-        let e = send_sockets(&agent, &[writer.as_raw_fd()]).unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::BrokenPipe, "{e}");
-    }
-
-    /// A pair of async streams: the peer (as a blocking std stream) and
-    /// the running agent's end.
-    fn async_pair() -> (UnixStream, tokio::net::UnixStream) {
-        let (peer, agent) = UnixStream::pair().unwrap();
-        agent.set_nonblocking(true).unwrap();
-        (peer, tokio::net::UnixStream::from_std(agent).unwrap())
-    }
-
-    const WITHIN: Duration = Duration::from_secs(5);
-
-    #[tokio::test(start_paused = true)]
-    async fn only_the_whole_hello_is_a_question() {
-        let (mut peer, mut agent) = async_pair();
-        peer.write_all(HELLO).unwrap();
-        assert!(asked(&mut agent, WITHIN).await);
-
-        let (mut peer, mut agent) = async_pair();
-        peer.write_all(b"sluice-handover/2 HELLO\n").unwrap();
-        assert!(!asked(&mut agent, WITHIN).await, "another version");
-
-        // Cut short by a close: no wait for the time limit.
-        let (mut peer, mut agent) = async_pair();
-        peer.write_all(&HELLO[..10]).unwrap();
-        drop(peer);
-        let started = tokio::time::Instant::now();
-        assert!(!asked(&mut agent, WITHIN).await, "closed after a part");
-        assert_eq!(started.elapsed(), Duration::ZERO);
-
-        // Cut short and silent: until the time limit.
-        let (mut peer, mut agent) = async_pair();
-        peer.write_all(&HELLO[..10]).unwrap();
-        let started = tokio::time::Instant::now();
-        assert!(!asked(&mut agent, WITHIN).await, "silent after a part");
-        assert_eq!(started.elapsed(), WITHIN);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn only_the_whole_ready_lets_the_running_agent_go() {
-        let (mut peer, mut agent) = async_pair();
-        say_ready(&mut peer).unwrap();
-        assert!(ready(&mut agent, WITHIN).await);
-
-        let (mut peer, mut agent) = async_pair();
-        peer.write_all(b"READX\n").unwrap();
-        assert!(!ready(&mut agent, WITHIN).await, "garbled");
-
-        let (mut peer, mut agent) = async_pair();
-        peer.write_all(b"REA").unwrap();
-        drop(peer);
-        let started = tokio::time::Instant::now();
-        assert!(!ready(&mut agent, WITHIN).await, "closed after a part");
-        assert_eq!(started.elapsed(), Duration::ZERO);
-
-        let (_peer, mut agent) = async_pair();
-        let started = tokio::time::Instant::now();
-        assert!(!ready(&mut agent, WITHIN).await, "silent");
-        assert_eq!(started.elapsed(), WITHIN);
-    }
-}
+mod tests;
