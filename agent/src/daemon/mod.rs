@@ -441,7 +441,8 @@ impl Stopping {
         }
         // Each movable connection suspends and is sent on; its handler
         // ends, so the wait below ends once all have moved.
-        let moving = self.successor.and_then(|successor| {
+        // (A successor of the version before takes the sockets only.)
+        let moving = self.successor.filter(Successor::takes_connections).and_then(|successor| {
             let outbox = self.inputs.connections.take_outbox()?;
             self.inputs.connections.start_moving();
             let (finish, finished) = tokio::sync::oneshot::channel();
