@@ -27,6 +27,8 @@ mod handshake;
 mod keys;
 mod record;
 mod state;
+#[cfg(test)]
+mod tests;
 
 use std::{
     future::poll_fn,

@@ -131,6 +131,12 @@ impl Rx {
         }
     }
 
+    /// Bytes of buffer held (for tests of what an idle session costs).
+    #[cfg(test)]
+    pub(super) fn capacity(&self) -> usize {
+        self.buf.capacity() + self.handshake.capacity()
+    }
+
     /// Opens the next whole record, if one has arrived and the reader took
     /// all earlier plaintext. True if a record was consumed. A KeyUpdate
     /// asking for ours sets `answer`; a close_notify sets `closed`.
