@@ -319,3 +319,31 @@ async fn an_idle_session_holds_no_record_buffer() {
     assert_eq!(ours.rx.capacity(), 0, "receive buffer given back");
     assert_eq!(ours.tx.out.capacity(), 0, "send buffer given back");
 }
+
+/// What the copy loop's `Duplex` and `ReadSide` need of the halves: both at
+/// once, `Send`, and a `read_some` whose future is `Send`.
+#[tokio::test]
+async fn the_halves_fit_the_copy_loop() {
+    fn send<T: Send>(_: &T) {}
+    fn unpin<T: Unpin>(_: &T) {}
+    let pki = pki();
+    let (mut ours, mut theirs) = our_client(&pki).await;
+    send(&ours);
+    let (mut r, mut w) = ours.halves();
+    send(&r);
+    send(&w);
+    unpin(&w);
+    theirs.write_all(b"ping").await.unwrap();
+    theirs.flush().await.unwrap();
+    let mut buf = Vec::new();
+    let read = r.read_some(&mut buf, 1024);
+    send(&read);
+    assert_eq!(read.await.unwrap(), 4);
+    assert_eq!(&buf[..4], b"ping");
+    assert_eq!(buf.len(), 1024, "sized as asked");
+    w.write_all(b"pong").await.unwrap();
+    w.flush().await.unwrap();
+    let mut got = [0u8; 4];
+    theirs.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"pong");
+}

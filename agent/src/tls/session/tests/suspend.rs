@@ -223,3 +223,46 @@ async fn the_state_shows_no_secret_and_a_damaged_one_is_refused() {
     let e = TlsSession::resume(sock, state).err().expect("refused");
     assert!(e.to_string().contains("secret of 16 bytes"), "{e}");
 }
+
+/// Both ends ours (two agents, both upgraded): each suspended and resumed
+/// while the other streams, and every byte arrives once, in order.
+#[tokio::test]
+async fn two_sessions_of_ours_talk_across_suspends_of_both() {
+    let pki = pki();
+    let (c, s) = tcp().await;
+    let (client, server) = tokio::join!(
+        TlsSession::client(pki.client.clone(), name(), c),
+        TlsSession::server(pki.server.clone(), s)
+    );
+    let (mut client, mut server) = (client.unwrap(), server.unwrap());
+    let (up, down) = (pattern(300_000, 0x81), pattern(300_000, 0x82));
+    let (mut at_server, mut at_client) = (Vec::new(), Vec::new());
+    for part in 0..3 {
+        let range = part * 100_000..(part + 1) * 100_000;
+        let client_side = async {
+            let mut got = vec![0u8; 100_000];
+            client.write_all(&up[range.clone()]).await.unwrap();
+            client.flush().await.unwrap();
+            client.read_exact(&mut got).await.unwrap();
+            got
+        };
+        let server_side = async {
+            let mut got = vec![0u8; 100_000];
+            server.write_all(&down[range.clone()]).await.unwrap();
+            server.flush().await.unwrap();
+            server.read_exact(&mut got).await.unwrap();
+            got
+        };
+        let (c, s) = tokio::join!(client_side, server_side);
+        at_client.extend(c);
+        at_server.extend(s);
+        client = suspend_and_resume(client).await.0;
+        server = suspend_and_resume(server).await.0;
+        // The next part also crosses a KeyUpdate each way.
+        client.refresh_traffic_keys();
+    }
+    assert_same(&at_server, &up, "client to server");
+    assert_same(&at_client, &down, "server to client");
+    client.shutdown().await.unwrap();
+    assert_eq!(read_all(&mut server).await.unwrap(), b"");
+}
