@@ -47,8 +47,8 @@ pub(super) struct Rx {
     /// A post-handshake message split across records, so far.
     pub(super) handshake: Vec<u8>,
     /// rustls's half of the session, kept by a client that did the
-    /// handshake in this process: it stores the server's session tickets,
-    /// so that the next connection resumes.
+    /// handshake in this process until the server's first data: it stores
+    /// the server's session tickets, so that the next connection resumes.
     pub(super) tickets: Option<Box<KernelConnection<ClientConnectionData>>>,
     pub(super) role: Role,
     updates_in_a_row: u32,
@@ -181,6 +181,9 @@ impl Rx {
             ContentType::ApplicationData => {
                 self.updates_in_a_row = 0;
                 self.plain = content;
+                // Servers send their tickets right after the handshake,
+                // before any data: rustls's half has served its purpose.
+                self.tickets = None;
             }
             ContentType::Alert => self.alert(content)?,
             ContentType::Handshake => self.handshake(content, answer)?,

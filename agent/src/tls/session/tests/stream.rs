@@ -199,6 +199,7 @@ async fn a_second_connection_of_our_client_resumes() {
         theirs.write_all(b"x").await.unwrap();
         theirs.shutdown().await.unwrap();
         assert_eq!(read_all(&mut ours).await.unwrap(), b"x");
+        assert!(ours.rx.tickets.is_none(), "ticket store let go after data");
         kinds.push((ours.handshake_kind(), theirs.get_ref().1.handshake_kind()));
     }
     use rustls::HandshakeKind::{Full, Resumed};
