@@ -84,6 +84,9 @@ impl AsyncRead for TlsReadHalf<'_> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
         ready!(this.poll_fill(cx))?;
         let plain = this.rx.plaintext();
         let n = plain.len().min(buf.remaining());

@@ -173,9 +173,13 @@ async fn drive<C: Unbuffered>(conn: &mut C, tcp: &mut TcpStream) -> io::Result<D
                 }
                 Next::Process
             }
-            Ok(ConnectionState::PeerClosed | ConnectionState::Closed) => {
+            Ok(ConnectionState::PeerClosed) => {
                 peer_closed = true;
                 Next::Process
+            }
+            Ok(ConnectionState::Closed) => {
+                peer_closed = true;
+                Next::Done
             }
             // A server that sends before the client's Finished (half-RTT
             // data) may write here while still handshaking: read on.

@@ -221,7 +221,8 @@ impl TlsSession {
     /// not yet written, then gives back the socket and the state to resume
     /// from. The halves must be dropped first (the borrow makes sure).
     /// An error means the pending bytes could not be written: the
-    /// connection is lost.
+    /// connection is lost. The state holds the traffic secrets: see
+    /// [`SessionState`] on where it may go (never to disk or a log).
     pub async fn suspend(mut self) -> io::Result<(TcpStream, SessionState)> {
         poll_fn(|cx| self.halves().1.poll_drain(cx)).await?;
         let TlsSession {
