@@ -8,6 +8,7 @@
 
 pub mod identity;
 pub mod local_ca;
+pub mod session;
 pub mod store;
 pub mod verify;
 
