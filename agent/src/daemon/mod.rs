@@ -442,13 +442,16 @@ impl Stopping {
         // Each movable connection suspends and is sent on; its handler
         // ends, so the wait below ends once all have moved.
         // (A successor of the version before takes the sockets only.)
-        let moving = self.successor.filter(Successor::takes_connections).and_then(|successor| {
-            let outbox = self.inputs.connections.take_outbox()?;
-            self.inputs.connections.start_moving();
-            let (finish, finished) = tokio::sync::oneshot::channel();
-            let task = tokio::spawn(moving::send(successor, outbox, finished));
-            Some((finish, task))
-        });
+        let moving = self
+            .successor
+            .filter(Successor::takes_connections)
+            .and_then(|successor| {
+                let outbox = self.inputs.connections.take_outbox()?;
+                self.inputs.connections.start_moving();
+                let (finish, finished) = tokio::sync::oneshot::channel();
+                let task = tokio::spawn(moving::send(successor, outbox, finished));
+                Some((finish, task))
+            });
         let deadline = self.deadline.0;
         let left = drain::wait_idle_all(listeners(), deadline).await;
         if let Some((finish, task)) = moving {

@@ -11,7 +11,6 @@ use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 use log::debug;
 use rustls::{CertificateError, Error as TlsError};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::{TlsAcceptor, server::TlsStream};
 
 use super::{
     ProxyInputs,
@@ -35,7 +34,7 @@ use crate::{
     drain::{ConnectionGuard, DrainWatch},
     handover::Inherited,
     telemetry::Refusal,
-    tls::{Identity, RootOutOfDomain, identity_of},
+    tls::{Identity, RootOutOfDomain, identity_of, session::TlsSession},
 };
 
 /// Why a failed TLS handshake failed, as counted and logged.
@@ -122,7 +121,7 @@ impl InboundListener {
 
     /// Accepts until the drain starts.
     pub async fn serve(self, ctx: Arc<InboundContext>, mut drain: DrainWatch) {
-        let acceptor = TlsAcceptor::from(ctx.inputs.tls.server_config());
+        let config = ctx.inputs.tls.server_config();
         accept_until_drained(&self.listener, &mut drain, "inbound", |tcp, peer, guard| {
             let admitted = match ctx.limits.admit(peer.ip()) {
                 Ok(admitted) => admitted,
@@ -141,8 +140,8 @@ impl InboundListener {
                 }
             };
             let ctx = ctx.clone();
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move { handle(ctx, acceptor, tcp, peer, guard, admitted).await });
+            let config = config.clone();
+            tokio::spawn(async move { handle(ctx, config, tcp, peer, guard, admitted).await });
         })
         .await;
     }
@@ -201,7 +200,7 @@ fn refuse_at(
 
 async fn handle(
     ctx: Arc<InboundContext>,
-    acceptor: TlsAcceptor,
+    config: Arc<rustls::ServerConfig>,
     tcp: TcpStream,
     peer: SocketAddr,
     _guard: ConnectionGuard,
@@ -222,7 +221,7 @@ async fn handle(
         return;
     }
     let left = ctx.handshake_timeout.saturating_sub(started.elapsed());
-    let handshake = tokio::time::timeout(left, acceptor.accept(tcp)).await;
+    let handshake = tokio::time::timeout(left, TlsSession::server(config, tcp)).await;
     admitted.handshake_done();
     let mut tls = match handshake {
         Ok(Ok(tls)) => tls,
@@ -327,8 +326,8 @@ fn refused(caller: Option<&Identity>, why: Refusal, detail: impl std::fmt::Displ
 /// certificate still valid, a SPIFFE identity of this trust domain, a
 /// preamble in time naming a workload endpoint of this node served by the
 /// identity asked for, authorization, and the workload reachable.
-async fn admit(ctx: &InboundContext, tls: &mut TlsStream<TcpStream>) -> Result<Admission, Refused> {
-    let (_, conn) = tls.get_ref();
+async fn admit(ctx: &InboundContext, tls: &mut TlsSession) -> Result<Admission, Refused> {
+    let conn = &*tls;
     let trust_domain = ctx.inputs.tls.store.trust_domain();
     let asked_for = conn
         .server_name()

@@ -23,7 +23,7 @@ use crate::{
     resilience::{Outcome, Overflow, RetryDenied},
     route::{self, Chosen, NoEndpoint, Tried},
     telemetry::CloseReason,
-    tls::Identity,
+    tls::{Identity, session::TlsSession},
 };
 
 /// The identity of the pod behind an endpoint on another node, read from
@@ -55,7 +55,7 @@ async fn learn_identity<'a>(
 /// An upstream connection: direct, or over mTLS to the peer node's agent.
 pub(super) enum Upstream {
     Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    Tls(Box<TlsSession>),
 }
 
 /// Why a dial failed.
@@ -285,9 +285,7 @@ async fn dial(
     };
     let attempt = async {
         let tcp = connect_marked(peer, ctx.inputs.mark, timeout, source.netns.as_deref()).await?;
-        let mut stream = tokio_rustls::TlsConnector::from(config)
-            .connect(name, tcp)
-            .await?;
+        let mut stream = TlsSession::client(config, name.to_owned(), tcp).await?;
         preamble::write(&mut stream, endpoint.addr).await?;
         Ok::<_, io::Error>(Upstream::Tls(Box::new(stream)))
     };

@@ -14,6 +14,7 @@ use tokio::{
 use crate::{
     clock::now_ms,
     telemetry::{ByteCounters, CloseReason},
+    tls::session::{TlsReadHalf, TlsSession},
 };
 
 /// A direction's buffer starts at this size and doubles each time a read
@@ -135,25 +136,22 @@ impl Duplex for TcpStream {
     }
 }
 
-impl Duplex for tokio_rustls::client::TlsStream<TcpStream> {
-    fn halves(&mut self) -> (impl ReadSide + '_, impl AsyncWrite + Unpin + Send + '_) {
-        let (r, w) = tokio::io::split(self);
-        (Buffered(r), w)
-    }
+impl ReadSide for TlsReadHalf<'_> {
+    // The session holds no record buffer while it waits either.
+    const RELEASE_WHEN_DRAINED: bool = true;
 
-    fn reset_on_close(&self) {
-        let _ = self.get_ref().0.set_zero_linger();
+    async fn read_some(&mut self, buf: &mut Vec<u8>, size: usize) -> std::io::Result<usize> {
+        TlsReadHalf::read_some(self, buf, size).await
     }
 }
 
-impl Duplex for tokio_rustls::server::TlsStream<TcpStream> {
+impl Duplex for TlsSession {
     fn halves(&mut self) -> (impl ReadSide + '_, impl AsyncWrite + Unpin + Send + '_) {
-        let (r, w) = tokio::io::split(self);
-        (Buffered(r), w)
+        TlsSession::halves(self)
     }
 
     fn reset_on_close(&self) {
-        let _ = self.get_ref().0.set_zero_linger();
+        let _ = self.get_ref().set_zero_linger();
     }
 }
 
@@ -349,6 +347,9 @@ async fn one_way<R: ReadSide>(
             way.start += n;
             sent.fetch_add(n as u64, Ordering::Relaxed);
         }
+        // A TLS writer may hold a sealed record the socket had no room
+        // for; on TCP this is nothing.
+        to.flush().await.map_err(|_| Side::Write)?;
         // All written: nothing in hand, whatever becomes of the buffer.
         (way.start, way.end) = (0, 0);
         if R::RELEASE_WHEN_DRAINED && drained {

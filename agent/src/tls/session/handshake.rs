@@ -72,13 +72,45 @@ pub(super) async fn server(
     config.key_log = log.clone();
     config.enable_secret_extraction = true;
     config.max_early_data_size = 0;
+    // rustls's unbuffered server shows no SNI; its certificate resolver
+    // sees every ClientHello, resumed or not.
+    let sni = Arc::new(SniCapture {
+        inner: config.cert_resolver.clone(),
+        seen: std::sync::Mutex::new(None),
+    });
+    config.cert_resolver = sni.clone();
     let mut conn = UnbufferedServerConnection::new(Arc::new(config)).map_err(tls_error)?;
     let done = drive(&mut *conn, &mut tcp).await?;
-    let (suite, peer) = negotiated(&conn)?;
+    let (suite, mut peer) = negotiated(&conn)?;
+    peer.server_name = sni.seen.lock().ok().and_then(|mut s| s.take());
     // A server has no use for rustls's half: it receives no tickets.
     let (secrets, _kernel) = conn.dangerous_into_kernel_connection().map_err(tls_error)?;
     let (tx, rx) = log.take(Role::Server)?;
     hand_over(tcp, Role::Server, suite, peer, done, (tx, rx), secrets)
+}
+
+/// A server's certificate resolver that notes the name the client asked
+/// for before asking the real one.
+#[derive(Debug)]
+struct SniCapture {
+    inner: Arc<dyn rustls::server::ResolvesServerCert>,
+    seen: std::sync::Mutex<Option<String>>,
+}
+
+impl rustls::server::ResolvesServerCert for SniCapture {
+    fn resolve(
+        &self,
+        client_hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        if let Ok(mut seen) = self.seen.lock() {
+            *seen = client_hello.server_name().map(str::to_owned);
+        }
+        self.inner.resolve(client_hello)
+    }
+
+    fn only_raw_public_keys(&self) -> bool {
+        self.inner.only_raw_public_keys()
+    }
 }
 
 /// rustls's errors travel as tokio-rustls's do, so callers that look for a
@@ -152,7 +184,8 @@ async fn drive<C: Unbuffered>(conn: &mut C, tcp: &mut TcpStream) -> io::Result<D
         let UnbufferedStatus { mut discard, state } = conn.process(&mut incoming);
         let next = match state {
             Err(e) => {
-                send_alert(conn, tcp).await;
+                incoming.drain(..discard);
+                send_alert(conn, tcp, &mut incoming).await;
                 return Err(tls_error(e));
             }
             Ok(ConnectionState::EncodeTlsData(mut encoder)) => {
@@ -241,12 +274,15 @@ fn encode<D>(encoder: &mut EncodeTlsData<'_, D>, outgoing: &mut Vec<u8>) -> io::
 
 /// After a handshake error, sends the alert rustls queued, if any, so the
 /// peer learns why (best effort: the error is what counts).
-async fn send_alert<C: Unbuffered>(conn: &mut C, tcp: &mut TcpStream) {
+async fn send_alert<C: Unbuffered>(conn: &mut C, tcp: &mut TcpStream, incoming: &mut [u8]) {
     let mut outgoing = Vec::new();
-    while let Ok(ConnectionState::EncodeTlsData(mut encoder)) = conn.process(&mut []).state {
-        if encode(&mut encoder, &mut outgoing).is_err() {
-            break;
-        }
+    // rustls queued one fatal alert; asking once gives it. rustls's
+    // deframer keeps ranges into the buffer it last saw, so it must see
+    // the same bytes (less what it discarded), never another buffer; and
+    // asking again would read the bad bytes again and send a second
+    // alert, which rustls forbids.
+    if let Ok(ConnectionState::EncodeTlsData(mut encoder)) = conn.process(incoming).state {
+        let _ = encode(&mut encoder, &mut outgoing);
     }
     if !outgoing.is_empty() {
         let _ = tcp.write_all(&outgoing).await;
@@ -267,6 +303,7 @@ fn negotiated<D>(conn: &UnbufferedConnectionCommon<D>) -> io::Result<(Suite, Pee
     let peer = Peer {
         certificates: conn.peer_certificates().map(<[_]>::to_vec),
         handshake_kind: conn.handshake_kind(),
+        server_name: None,
     };
     Ok((suite, peer))
 }

@@ -122,6 +122,9 @@ struct Peer {
     certificates: Option<Vec<CertificateDer<'static>>>,
     /// None after a resume.
     handshake_kind: Option<HandshakeKind>,
+    /// The name a client asked for (SNI), on the server's side; None
+    /// after a resume.
+    server_name: Option<String>,
 }
 
 /// A TLS 1.3 session over a TCP stream: rustls's handshake, our records.
@@ -196,6 +199,10 @@ impl TlsSession {
 
     /// Whether the handshake was full or resumed; None for a resumed
     /// (suspended) session, whose handshake another process did.
+    pub fn server_name(&self) -> Option<&str> {
+        self.peer.server_name.as_deref()
+    }
+
     pub fn handshake_kind(&self) -> Option<HandshakeKind> {
         self.peer.handshake_kind
     }
@@ -308,6 +315,7 @@ impl TlsSession {
                     .collect()
             }),
             handshake_kind: None,
+            server_name: None,
         };
         Ok(TlsSession::new(tcp, receiving, sending, peer, answer_due))
     }
