@@ -18,6 +18,7 @@ use rustls::{
     sign::CertifiedKey,
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use sluice_testkit::{process::SpawnGuarded, wait::wait_until};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const MARKER: &str = "PAYMENT-MARKER-7f3a";
@@ -32,6 +33,8 @@ struct Mesh {
     configs: (AgentConfig, AgentConfig),
     state: TempDir,
     ledger: Backend,
+    /// Serves the ledger endpoint instead of `ledger`, when asked for.
+    stream: Option<StreamServer>,
     plain: Backend,
     inbound_port: u16,
     pair: NodePair,
@@ -47,8 +50,15 @@ fn mesh(lifetime: Duration) -> Mesh {
 /// [`mesh`], with node B's audit trail in its config's `audit.jsonl` when
 /// `audit`.
 fn mesh_audited(lifetime: Duration, audit: bool) -> Mesh {
+    mesh_with(lifetime, audit, None)
+}
+
+/// The mesh, its ledger endpoint served by a [`StreamServer`] sending a
+/// tail of `tail` bytes at `pace` when `stream` says so.
+fn mesh_with(lifetime: Duration, audit: bool, stream: Option<(usize, Duration)>) -> Mesh {
     let pair = NodePair::new();
     let ledger = Backend::start_in("ledger", "127.0.0.1:0".parse().unwrap(), &pair.b);
+    let stream = stream.map(|(tail, pace)| pair.b.run(move || StreamServer::start(tail, pace)));
     let plain = Backend::start_in("plain", SocketAddr::new(pair.b_addr, 0), &pair.b);
     let state = TempDir::create("mesh-state").unwrap();
     let inbound_port = free_port().unwrap();
@@ -74,7 +84,10 @@ fn mesh_audited(lifetime: Duration, audit: bool) -> Mesh {
         }
         config
     };
-    let ledger_addr = SocketAddr::from(([127, 0, 0, 1], ledger.addr.port()));
+    let ledger_port = stream
+        .as_ref()
+        .map_or(ledger.addr.port(), |s| s.addr.port());
+    let ledger_addr = SocketAddr::from(([127, 0, 0, 1], ledger_port));
     let a_cfg = AgentConfig::with(|c| Config {
         workloads: vec![
             Workload::new("client", "payments", "checkout"),
@@ -107,6 +120,7 @@ fn mesh_audited(lifetime: Duration, audit: bool) -> Mesh {
         configs: (a_cfg, b_cfg),
         state,
         ledger,
+        stream,
         plain,
         inbound_port,
         pair,
@@ -658,4 +672,77 @@ fn a_flood_of_unauthenticated_handshakes_is_bounded_and_costs_nothing_after() {
         settled,
         "RSS {after} KiB after the flood, {before} KiB before"
     );
+}
+
+/// An mTLS connection across two nodes, streaming both ways, lives through
+/// two upgrades of each node's agent (its TLS session moving with it each
+/// time), with the client's half-close between the rounds: every byte
+/// arrives once and in order, and each old agent exits within 2 s.
+#[test]
+fn an_mtls_stream_across_nodes_survives_upgrades_of_both_agents() {
+    let (bytes, tail, pace) = (1 << 20, 512 << 10, Duration::from_millis(3));
+    let mut m = mesh_with(HOUR, false, Some((tail, Duration::from_millis(6))));
+    let client =
+        m.a.client(
+            "client",
+            sluice_testkit::client::Client::Stream {
+                to: VIP.parse().unwrap(),
+                bytes,
+                tail,
+                pace,
+            },
+        )
+        .stdout(std::process::Stdio::piped())
+        .spawn_guarded()
+        .expect("start the client");
+    let active = |agent: &Agent| agent.metrics().sum("sluice_tcp_connections_active", &[]);
+    assert!(wait_until(Duration::from_secs(10), || active(&m.a) >= 1.0));
+    let stream = m.stream.take().expect("a stream server");
+    let received = |agent: &Agent| {
+        agent.metrics().sum(
+            "sluice_handover_connections_total",
+            &[("result", "received")],
+        )
+    };
+    for round in 0..2 {
+        if round == 1 {
+            // The second round comes after the client's half-close.
+            assert!(wait_until(Duration::from_secs(20), || stream.half_closed() == 1));
+        } else {
+            assert_eq!(
+                stream.half_closed(),
+                0,
+                "the half-close comes between the rounds"
+            );
+        }
+        let a = Agent::start_in_netns(&m.configs.0, &m.pair.a);
+        let mut old_a = std::mem::replace(&mut m.a, a);
+        let status = old_a.wait(Duration::from_secs(2));
+        assert!(
+            status.success(),
+            "node a's old agent: {status}\n{}",
+            old_a.log()
+        );
+        assert_eq!(
+            received(&m.a),
+            1.0,
+            "round {round}: node a took the connection"
+        );
+        let b = Agent::start_in_netns(&m.configs.1, &m.pair.b);
+        let mut old_b = std::mem::replace(&mut m.b, b);
+        let status = old_b.wait(Duration::from_secs(2));
+        assert!(
+            status.success(),
+            "node b's old agent: {status}\n{}",
+            old_b.log()
+        );
+        assert_eq!(
+            received(&m.b),
+            1.0,
+            "round {round}: node b took the connection"
+        );
+    }
+    let out = client.wait_with_output().expect("the client ends");
+    assert_eq!(lines(&out), [format!("intact {}", bytes + tail)]);
+    drop(stream);
 }

@@ -17,7 +17,7 @@ use super::{
     ProxyInputs,
     connections::{Callee, Caller},
     lifecycle::{ConnectionLife, Opening},
-    moved::{MovedKind, MovedRecord, NotResumed, carry_or_move},
+    moved::{MovedKind, MovedRecord, NotCarried, NotResumed, carry_or_move},
 };
 use crate::{
     accept::accept_until_drained,
@@ -165,7 +165,7 @@ pub(super) async fn resume(
     workload: &str,
     record: &MovedRecord,
     _guard: ConnectionGuard,
-) -> Result<(), (NotResumed, (TcpStream, TcpStream))> {
+) -> Result<(), NotCarried> {
     let found = inputs
         .catalog
         .load()
@@ -175,7 +175,7 @@ pub(super) async fn resume(
         .cloned();
     let Some(target) = found else {
         let why = NotResumed::NoWorkload(workload.to_owned());
-        return Err((why, (client, upstream)));
+        return Err((why, Some((client, upstream))));
     };
     inputs.metrics.handover_connection("received");
     let life = ConnectionLife::adopt(

@@ -128,6 +128,12 @@ impl<'a> ConnectionLife<'a> {
         (&self.listed.connection.bytes, self.listed.moving.as_mut())
     }
 
+    /// The client's address and the endpoint's, as listed.
+    pub fn addresses(&self) -> (SocketAddr, SocketAddr) {
+        let c = &self.listed.connection;
+        (c.client, c.endpoint)
+    }
+
     /// How long ago the agent (or the one before it) took the connection.
     pub fn age(&self) -> std::time::Duration {
         self.accepted.elapsed()

@@ -6,6 +6,7 @@
 //! the bytes in hand. Neither end of the connection sees a thing.
 
 use std::{
+    io,
     net::SocketAddr,
     os::fd::OwnedFd,
     sync::Arc,
@@ -16,11 +17,14 @@ use log::warn;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
 
-use super::{ProxyInputs, capture, lifecycle::ConnectionLife, outbound};
+use super::{
+    ProxyInputs, capture, inbound, lifecycle::ConnectionLife, outbound, upstream::Upstream,
+};
 use crate::{
-    carry::copy::{Carried, CopyEnd, Limits, Suspended, carry},
+    carry::copy::{Carried, CopyEnd, Duplex, Limits, Suspended, carry},
     drain::ConnectionGuard,
     handover::Batch,
+    tls::session::{SessionState, TlsSession},
 };
 
 /// A suspended connection with its sockets.
@@ -36,14 +40,21 @@ pub struct Moved {
 /// What the next agent needs to carry a connection on: who and what it
 /// is, where the copy stood, what was counted. Plain data; it crosses the
 /// handover stream as JSON.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct MovedRecord {
     pub kind: MovedKind,
     /// The client's end of the accepted connection.
     pub client: SocketAddr,
-    /// The address the agent connected to.
+    /// The endpoint (through a peer agent for a mesh connection).
     pub upstream: SocketAddr,
     pub copy: Suspended,
+    /// The TLS session of the accepted connection (an inbound one from a
+    /// peer agent), or of the one the agent opened (to a peer agent). It
+    /// holds the session's secrets: it travels only on the handover
+    /// stream, which only this node's agent can reach, and is never
+    /// logged.
+    pub client_tls: Option<SessionState>,
+    pub upstream_tls: Option<SessionState>,
     /// Bytes carried so far, client to upstream and back.
     pub sent: u64,
     pub received: u64,
@@ -66,6 +77,34 @@ pub enum MovedKind {
     },
     /// A connection from outside the mesh to a captured workload.
     Captured { workload: String },
+    /// A peer agent's mTLS connection to a workload endpoint of this node.
+    Inbound {
+        /// The caller's SPIFFE ID, as its certificate proved it.
+        caller: String,
+        workload: String,
+        target: SocketAddr,
+    },
+}
+
+/// One end of a proxied connection, as it leaves for the next agent: its
+/// socket, and its TLS session's state if it has one.
+pub trait Movable: Duplex + Sized {
+    fn into_moving(self) -> impl Future<Output = io::Result<(TcpStream, Option<SessionState>)>>;
+}
+
+impl Movable for TcpStream {
+    async fn into_moving(self) -> io::Result<(TcpStream, Option<SessionState>)> {
+        Ok((self, None))
+    }
+}
+
+impl Movable for TlsSession {
+    async fn into_moving(self) -> io::Result<(TcpStream, Option<SessionState>)> {
+        // Writes what was sealed and not yet written: no record is left
+        // half sent.
+        let (tcp, state) = self.suspend().await?;
+        Ok((tcp, Some(state)))
+    }
 }
 
 impl MovedRecord {
@@ -131,7 +170,15 @@ pub enum NotResumed {
     NoWorkload(String),
     #[error("its sockets: {0}")]
     Socket(std::io::Error),
+    #[error("its TLS session: {0}")]
+    Tls(std::io::Error),
+    #[error("its record does not match its kind (TLS on the wrong side)")]
+    Mismatched,
 }
+
+/// What a handler that cannot carry a moved connection on hands back: why,
+/// and the sockets to reset when it still has them as plain streams.
+pub type NotCarried = (NotResumed, Option<(TcpStream, TcpStream)>);
 
 /// Carries a moved connection on until it ends (or moves again), counted
 /// by `guard`. One that cannot be carried on is reset on both sides, so
@@ -147,26 +194,41 @@ pub async fn resume(inputs: Arc<ProxyInputs>, moved: Moved, guard: ConnectionGua
         Ok(pair) => pair,
         Err(e) => return not_resumed(&inputs, &record, NotResumed::Socket(e), None),
     };
-    let result = match &record.kind {
-        MovedKind::Outbound { .. } => {
+    let mut record = record;
+    let tls = (record.client_tls.take(), record.upstream_tls.take());
+    let result = match (&record.kind, tls) {
+        (MovedKind::Outbound { .. }, (None, upstream_tls)) => {
+            let upstream = match upstream_tls {
+                None => Upstream::Plain(upstream),
+                Some(state) => match TlsSession::resume(upstream, state) {
+                    Ok(session) => Upstream::Tls(Box::new(session)),
+                    Err(e) => return not_resumed(&inputs, &record, NotResumed::Tls(e), None),
+                },
+            };
             outbound::resume(&inputs, client, upstream, &record, guard).await
         }
-        MovedKind::Captured { workload } => {
+        (MovedKind::Captured { workload }, (None, None)) => {
             capture::resume(&inputs, client, upstream, workload, &record, guard).await
         }
+        (MovedKind::Inbound { .. }, (Some(state), None)) => match TlsSession::resume(client, state)
+        {
+            Ok(session) => inbound::resume(&inputs, session, upstream, &record, guard).await,
+            Err(e) => Err((NotResumed::Tls(e), None)),
+        },
+        _ => Err((NotResumed::Mismatched, None)),
     };
     if let Err((why, streams)) = result {
-        not_resumed(&inputs, &record, why, Some(streams));
+        not_resumed(&inputs, &record, why, streams);
     }
 }
 
 /// Copies until the connection ends, and returns how; or, when the agent
 /// hands its connections over, suspends the copy and sends the connection
 /// on (`kind` says what it is), and returns nothing.
-pub async fn carry_or_move(
+pub async fn carry_or_move<C: Movable, U: Movable>(
     inputs: &ProxyInputs,
-    mut client: TcpStream,
-    mut upstream: TcpStream,
+    mut client: C,
+    mut upstream: U,
     mut life: ConnectionLife<'_>,
     limits: Limits,
     from: Suspended,
@@ -181,15 +243,29 @@ pub async fn carry_or_move(
         Carried::Suspended(copy) => copy,
     };
     let (sent, received) = life.bytes().totals();
+    let (client, upstream) = match (client.into_moving().await, upstream.into_moving().await) {
+        (Ok(client), Ok(upstream)) => (client, upstream),
+        (client, upstream) => {
+            warn!(
+                "upgrade: a connection cannot leave its TLS session in a state to move: {:?} {:?}; closed",
+                client.err(),
+                upstream.err()
+            );
+            life.close(crate::telemetry::CloseReason::ClientError);
+            return None;
+        }
+    };
+    let ((client, client_tls), (upstream, upstream_tls)) = (client, upstream);
+    // The addresses as listed: the endpoint's, not the peer agent's a
+    // mesh connection goes through.
+    let (client_addr, endpoint) = life.addresses();
     let record = MovedRecord {
         kind,
-        client: client
-            .peer_addr()
-            .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
-        upstream: upstream
-            .peer_addr()
-            .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
+        client: client_addr,
+        upstream: endpoint,
         copy,
+        client_tls,
+        upstream_tls,
         sent,
         received,
         age_ms: life.age().as_millis() as u64,
@@ -258,6 +334,8 @@ mod tests {
             },
             client: "127.0.0.1:40000".parse().unwrap(),
             upstream: "127.0.0.1:9001".parse().unwrap(),
+            client_tls: None,
+            upstream_tls: None,
             copy: Suspended {
                 up: WayState {
                     pending: b"half a request".to_vec(),
@@ -273,7 +351,10 @@ mod tests {
             age_ms: 4200,
         };
         let json = serde_json::to_string(&record).unwrap();
-        assert_eq!(serde_json::from_str::<MovedRecord>(&json).unwrap(), record);
+        let back: MovedRecord = serde_json::from_str(&json).unwrap();
+        assert_eq!(serde_json::to_string(&back).unwrap(), json);
+        assert_eq!(back.kind, record.kind);
+        assert_eq!(back.copy, record.copy);
         let accepted = record.accepted();
         let age = accepted.elapsed();
         assert!(age >= Duration::from_millis(4200), "{age:?}");

@@ -11,12 +11,12 @@ use super::{
     ProxyInputs,
     connections::{Callee, Caller},
     lifecycle::{ConnectionLife, Opening},
-    moved::{MovedKind, MovedRecord, NotResumed, carry_or_move},
+    moved::{MovedKind, MovedRecord, NotCarried, NotResumed, carry_or_move},
     upstream::{Upstream, connect_upstream, fail_fast},
 };
 use crate::{
     accept::accept_until_drained,
-    carry::copy::{CopyEnd, Limits, Suspended, proxy},
+    carry::copy::{CopyEnd, Limits, Suspended},
     catalog::{Service, ServicePolicy},
     clock::now_ms,
     connect::BoundListener,
@@ -192,7 +192,7 @@ async fn handle(
     }
     let endpoint = &service.endpoints[chosen.index];
     let _in_flight = endpoint.state.open_connection();
-    let movable = matches!(upstream, Upstream::Plain(_));
+    let security = security_of(&upstream);
     let life = ConnectionLife::open(
         &ctx.inputs.connections,
         &ctx.inputs.audit,
@@ -204,9 +204,9 @@ async fn handle(
             },
             client: peer,
             upstream: endpoint.addr,
-            security: if movable { "plaintext" } else { "mutual_tls" },
+            security,
             accepted: started,
-            movable,
+            movable: true,
         },
         Some(service.connection_metrics(
             &ctx.inputs.metrics,
@@ -216,35 +216,40 @@ async fn handle(
     );
     let _ = client.set_nodelay(true);
     let limits = limits_after(policy, life.age());
-    let end = match upstream {
-        Upstream::Plain(up) => {
-            let kind = MovedKind::Outbound {
-                vip: service.vip,
-                namespace: service.namespace.clone(),
-                service: service.name.clone(),
-                caller: source.as_ref().map(|w| w.name.clone()),
-            };
-            let from = Suspended::default();
-            match carry_or_move(&ctx.inputs, client, up, life, limits, from, kind).await {
-                Some(end) => end,
-                None => return,
-            }
-        }
-        Upstream::Tls(mut up) => {
-            let mut client = client;
-            let end = proxy(
-                &mut client,
-                &mut *up,
-                limits.idle,
-                limits.lifetime,
-                life.bytes(),
-            )
-            .await;
-            life.close(end.into());
-            end
-        }
+    let kind = MovedKind::Outbound {
+        vip: service.vip,
+        namespace: service.namespace.clone(),
+        service: service.name.clone(),
+        caller: source.as_ref().map(|w| w.name.clone()),
     };
-    after_copy(&service, chosen, end);
+    let from = Suspended::default();
+    if let Some(end) = carry_upstream(&ctx.inputs, client, upstream, life, limits, from, kind).await
+    {
+        after_copy(&service, chosen, end);
+    }
+}
+
+fn security_of(upstream: &Upstream) -> &'static str {
+    match upstream {
+        Upstream::Plain(_) => "plaintext",
+        Upstream::Tls(_) => "mutual_tls",
+    }
+}
+
+/// [`carry_or_move`] over whichever kind of upstream it is.
+async fn carry_upstream(
+    inputs: &ProxyInputs,
+    client: TcpStream,
+    upstream: Upstream,
+    life: ConnectionLife<'_>,
+    limits: Limits,
+    from: Suspended,
+    kind: MovedKind,
+) -> Option<CopyEnd> {
+    match upstream {
+        Upstream::Plain(up) => carry_or_move(inputs, client, up, life, limits, from, kind).await,
+        Upstream::Tls(up) => carry_or_move(inputs, client, *up, life, limits, from, kind).await,
+    }
 }
 
 /// The copy's limits for a connection `age` old: its lifetime is what
@@ -284,10 +289,10 @@ fn after_copy(service: &Service, chosen: Chosen, end: CopyEnd) {
 pub(super) async fn resume(
     inputs: &Arc<ProxyInputs>,
     client: TcpStream,
-    upstream: TcpStream,
+    upstream: Upstream,
     record: &MovedRecord,
     _guard: ConnectionGuard,
-) -> Result<(), (NotResumed, (TcpStream, TcpStream))> {
+) -> Result<(), NotCarried> {
     let MovedKind::Outbound {
         vip,
         namespace,
@@ -316,7 +321,7 @@ pub(super) async fn resume(
             namespace: namespace.clone(),
             service: name.clone(),
         };
-        return Err((why, (client, upstream)));
+        return Err((why, None));
     };
     let Some(index) = service
         .endpoints
@@ -327,7 +332,7 @@ pub(super) async fn resume(
             service: service.qualified_name(),
             endpoint: record.upstream,
         };
-        return Err((why, (client, upstream)));
+        return Err((why, None));
     };
     let _connection_slot = service.state.adopt_connection();
     let endpoint = &service.endpoints[index];
@@ -344,7 +349,7 @@ pub(super) async fn resume(
             },
             client: record.client,
             upstream: endpoint.addr,
-            security: "plaintext",
+            security: security_of(&upstream),
             accepted: record.accepted(),
             movable: true,
         },
@@ -353,7 +358,7 @@ pub(super) async fn resume(
     );
     let limits = limits_after(&service.policy, life.age());
     let (from, kind) = (record.copy.clone(), record.kind.clone());
-    if let Some(end) = carry_or_move(inputs, client, upstream, life, limits, from, kind).await {
+    if let Some(end) = carry_upstream(inputs, client, upstream, life, limits, from, kind).await {
         let chosen = Chosen {
             index,
             admission: Admission::Normal,

@@ -16,6 +16,7 @@ use super::{
     ProxyInputs,
     connections::{Callee, Caller},
     lifecycle::{ConnectionLife, Opening},
+    moved::{MovedKind, MovedRecord, NotCarried, NotResumed, carry_or_move},
 };
 use crate::{
     accept::{
@@ -25,7 +26,7 @@ use crate::{
     audit::{Denial, Party},
     authz,
     carry::{
-        copy::{Duplex, proxy},
+        copy::{Duplex, Limits, Suspended},
         preamble::{self, PreambleError},
     },
     catalog::LocalTarget,
@@ -235,7 +236,7 @@ async fn handle(
         caller,
         local,
         target,
-        mut upstream,
+        upstream,
     } = match admit(&ctx, &mut tls).await {
         Ok(admission) => admission,
         Err(refused) => {
@@ -253,6 +254,11 @@ async fn handle(
         }
     };
     ctx.inputs.inbound_stats.count_accepted();
+    let kind = MovedKind::Inbound {
+        caller: caller.to_string(),
+        workload: local.workload.name.clone(),
+        target,
+    };
     let life = ConnectionLife::open(
         &ctx.inputs.connections,
         &ctx.inputs.audit,
@@ -263,21 +269,71 @@ async fn handle(
             upstream: target,
             security: "mutual_tls",
             accepted: tokio::time::Instant::now(),
-            // Until the TLS session can travel with its socket.
-            movable: false,
+            movable: true,
         },
         None,
     );
-    let end = proxy(
-        &mut tls,
-        &mut upstream,
-        DEFAULT_IDLE_TIMEOUT,
-        None,
-        life.bytes(),
-    )
-    .await;
+    let from = Suspended::default();
+    let end = carry_or_move(&ctx.inputs, tls, upstream, life, LIMITS, from, kind).await;
     debug!("inbound {peer} -> {target}: {end:?}");
-    life.close(end.into());
+}
+
+/// The limits of an inbound connection: the calling agent applies the
+/// service's.
+const LIMITS: Limits = Limits {
+    idle: DEFAULT_IDLE_TIMEOUT,
+    lifetime: None,
+};
+
+/// Carries on a peer agent's connection the previous agent moved here, to
+/// the same workload endpoint, its TLS session resumed. It was admitted
+/// then; a policy changed since applies to its next connection, as it
+/// would have in the old agent.
+pub(super) async fn resume(
+    inputs: &Arc<ProxyInputs>,
+    tls: TlsSession,
+    upstream: TcpStream,
+    record: &MovedRecord,
+    _guard: ConnectionGuard,
+) -> Result<(), NotCarried> {
+    let MovedKind::Inbound {
+        caller,
+        workload,
+        target,
+    } = &record.kind
+    else {
+        unreachable!("resume is called for inbound records only");
+    };
+    let found = inputs
+        .catalog
+        .load()
+        .local_target(*target)
+        .filter(|t| t.workload.name == *workload)
+        .map(|t| t.workload.clone());
+    let (Some(workload), Ok(caller)) = (found, Identity::parse(caller)) else {
+        let _ = tls.get_ref().set_zero_linger();
+        let _ = upstream.set_zero_linger();
+        return Err((NotResumed::NoWorkload(workload.clone()), None));
+    };
+    inputs.metrics.handover_connection("received");
+    let life = ConnectionLife::adopt(
+        &inputs.connections,
+        &inputs.audit,
+        Opening {
+            caller: Caller::Peer(caller),
+            callee: Callee::Workload(workload),
+            client: record.client,
+            upstream: *target,
+            security: "mutual_tls",
+            accepted: record.accepted(),
+            movable: true,
+        },
+        None,
+        (record.sent, record.received),
+    );
+    let (from, kind) = (record.copy.clone(), record.kind.clone());
+    carry_or_move(inputs, tls, upstream, life, LIMITS, from, kind).await;
+    Ok(())
 }
 
 /// What passed every check after the handshake: who calls, which local
@@ -418,61 +474,4 @@ async fn admit(ctx: &InboundContext, tls: &mut TlsSession) -> Result<Admission, 
 }
 
 #[cfg(test)]
-mod tests {
-    use rustls::{InvalidMessage, PeerIncompatible};
-
-    use super::*;
-
-    /// Each refusal reason is an operator's first clue: the kernel of
-    /// rustls's error must land on the reason that names it.
-    #[test]
-    fn handshake_failures_are_counted_under_the_reason_that_names_them() {
-        let cases = [
-            (
-                TlsError::InvalidMessage(InvalidMessage::InvalidContentType),
-                Refusal::NotTls,
-            ),
-            (
-                TlsError::NoCertificatesPresented,
-                Refusal::NoClientCertificate,
-            ),
-            (
-                TlsError::InvalidCertificate(CertificateError::UnknownIssuer),
-                Refusal::UnknownCa,
-            ),
-            (
-                TlsError::InvalidCertificate(CertificateError::Expired),
-                Refusal::CertificateExpired,
-            ),
-            (
-                TlsError::InvalidCertificate(CertificateError::NotValidYet),
-                Refusal::CertificateNotYetValid,
-            ),
-            (
-                TlsError::InvalidCertificate(CertificateError::BadSignature),
-                Refusal::BadCertificate,
-            ),
-            (
-                TlsError::PeerIncompatible(PeerIncompatible::Tls13RequiredForQuic),
-                Refusal::Incompatible,
-            ),
-            (
-                TlsError::General("no server certificate for that name".into()),
-                Refusal::UnknownServerIdentity,
-            ),
-            (TlsError::HandshakeNotComplete, Refusal::TlsError),
-        ];
-        for (error, expected) in cases {
-            assert_eq!(refusal_of_tls(&error), expected, "{error:?}");
-            let wrapped = io::Error::new(io::ErrorKind::InvalidData, error);
-            assert_eq!(refusal_of_handshake(&wrapped), expected);
-        }
-        let closed = io::Error::new(io::ErrorKind::UnexpectedEof, "eof");
-        assert_eq!(
-            refusal_of_handshake(&closed),
-            Refusal::ClosedDuringHandshake
-        );
-        let other = io::Error::other("not a TLS error");
-        assert_eq!(refusal_of_handshake(&other), Refusal::TlsError);
-    }
-}
+mod tests;
