@@ -195,7 +195,15 @@ fn test() -> anyhow::Result<()> {
     fuzz::run(fuzz::FuzzArgs::from_env()?)?;
     // The benchmark harness as a smoke test: every path must carry traffic.
     build_release()?;
-    bench::run(bench::BenchArgs { quick: true })?;
+    bench::run(bench::BenchArgs {
+        quick: true,
+        upgrade: false,
+    })?;
+    // And the upgrade measurement, at a tenth of its connections.
+    bench::run(bench::BenchArgs {
+        quick: true,
+        upgrade: true,
+    })?;
     // Last line: the totals, for whoever reads the end of the log.
     println!("{totals}");
     Ok(())

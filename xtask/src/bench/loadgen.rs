@@ -36,6 +36,11 @@ pub enum Workload {
     /// Open `conns` connections, one exchange each, then hold them idle
     /// until stdin closes.
     Idle,
+    /// Open `conns` connections, say so on stdout, then keep one exchange
+    /// every `interval_ms` going on each for `seconds`: the longest an
+    /// exchange took is the longest pause a connection saw (an upgrade in
+    /// the middle shows there). Errors are counted, not retried.
+    Pauses,
 }
 
 /// Arguments of `xtask loadgen`.
@@ -52,6 +57,9 @@ pub struct LoadArgs {
     pub rate: u64,
     #[arg(long, default_value_t = 5.0)]
     pub seconds: f64,
+    /// Between two exchanges on one connection (pauses workload).
+    #[arg(long, default_value_t = 100)]
+    pub interval_ms: u64,
 }
 
 async fn exchange(s: &mut TcpStream, buf: &mut [u8; MESSAGE]) -> std::io::Result<()> {
@@ -91,6 +99,7 @@ pub fn run(args: LoadArgs) -> anyhow::Result<()> {
         Workload::Throughput => rt.block_on(throughput(&args))?,
         Workload::Churn => rt.block_on(churn(&args))?,
         Workload::Idle => rt.block_on(idle(&args))?,
+        Workload::Pauses => rt.block_on(pauses(&args))?,
     };
     println!("{result}");
     Ok(())
@@ -308,4 +317,65 @@ async fn idle(args: &LoadArgs) -> anyhow::Result<serde_json::Value> {
     })
     .await?;
     Ok(json!({ "held": held.len(), "done": true }))
+}
+
+async fn pauses(args: &LoadArgs) -> anyhow::Result<serde_json::Value> {
+    // One exchange as each opens, as a pool warms its connections: each
+    // is through to the backend before the next.
+    let mut conns = Vec::with_capacity(args.conns);
+    let mut buf = [7u8; MESSAGE];
+    for i in 0..args.conns {
+        let mut s = connect(args.target)
+            .await
+            .with_context(|| format!("connection {i}"))?;
+        exchange(&mut s, &mut buf)
+            .await
+            .with_context(|| format!("connection {i}'s first exchange"))?;
+        conns.push(s);
+    }
+    println!("{}", json!({ "connected": conns.len() }));
+    std::io::stdout().flush()?;
+    let end = Instant::now() + Duration::from_secs_f64(args.seconds);
+    let interval = Duration::from_millis(args.interval_ms);
+    let spread = interval / args.conns.max(1) as u32;
+    let mut tasks = Vec::new();
+    for (i, mut s) in conns.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            // Spread over the interval, so the exchanges do not bunch.
+            tokio::time::sleep(spread * i as u32).await;
+            let mut buf = [7u8; MESSAGE];
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+            let mut errors = 0u64;
+            while Instant::now() < end {
+                let started = Instant::now();
+                match exchange(&mut s, &mut buf).await {
+                    Ok(()) => {
+                        let us = started.elapsed().as_micros() as u64;
+                        let _ = hist.record(us.max(1));
+                    }
+                    Err(e) => {
+                        errors += 1;
+                        eprintln!("pauses: connection {i}: {e} after {} exchanges", hist.len());
+                        break;
+                    }
+                }
+                tokio::time::sleep(interval).await;
+            }
+            (hist, errors)
+        }));
+    }
+    let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut errors = 0;
+    for t in tasks {
+        let (h, e) = t.await?;
+        all.add(&h)?;
+        errors += e;
+    }
+    Ok(json!({
+        "exchanges": all.len(),
+        "errors": errors,
+        "p50_us": all.value_at_quantile(0.5),
+        "p99_us": all.value_at_quantile(0.99),
+        "max_us": all.max(),
+    }))
 }

@@ -10,6 +10,7 @@
 
 mod loadgen;
 mod report;
+mod upgrade;
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -52,6 +53,10 @@ pub struct BenchArgs {
     /// path carried traffic, not how fast).
     #[arg(long)]
     pub quick: bool,
+    /// Instead of the comparison: an agent upgrade under open connections
+    /// (how long the handover takes, the largest pause a connection sees).
+    #[arg(long)]
+    pub upgrade: bool,
 }
 
 /// One path under test.
@@ -698,6 +703,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
         bail!("the bench needs two CPUs: one for the proxy, one for load and backend");
+    }
+    if args.upgrade {
+        let haltpoll = HaltPoll::set();
+        println!("== bench (upgrade): {}", haltpoll.note());
+        pin_self_to_cpu(1);
+        return upgrade::run(args.quick);
     }
     install_peers()?;
     let s = Settings::new(args.quick);
