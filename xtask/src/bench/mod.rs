@@ -701,7 +701,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             "the bench attaches eBPF programs, makes network namespaces and pins CPUs: run it as root"
         );
     }
-    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+    // Online CPUs, not this process's affinity: an earlier run in the same
+    // process pinned it to one.
+    // SAFETY: sysconf(3) reads a system constant.
+    if unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) } < 2 {
         bail!("the bench needs two CPUs: one for the proxy, one for load and backend");
     }
     if args.upgrade {
