@@ -17,7 +17,7 @@ use super::{
     ProxyInputs,
     connections::{Callee, Caller},
     lifecycle::{ConnectionLife, Opening},
-    moved::{MovedKind, MovedRecord, NotCarried, NotResumed, carry_or_move},
+    moved::{MovedRecord, NotCarried, NotResumed, carry_or_move},
 };
 use crate::{
     accept::accept_until_drained,
@@ -145,15 +145,12 @@ async fn handle(
         },
         None,
     );
-    let kind = MovedKind::Captured {
-        workload: workload.name.clone(),
-    };
     let from = Suspended::default();
     let limits = Limits {
         idle: DEFAULT_IDLE_TIMEOUT,
         lifetime: None,
     };
-    carry_or_move(&ctx, stream, upstream, life, limits, from, kind).await;
+    carry_or_move(&ctx, stream, upstream, life, limits, from).await;
 }
 
 /// Carries on a captured connection the previous agent moved here, to the
@@ -197,7 +194,6 @@ pub(super) async fn resume(
         idle: DEFAULT_IDLE_TIMEOUT,
         lifetime: None,
     };
-    let (from, kind) = (record.copy.clone(), record.kind.clone());
-    carry_or_move(inputs, client, upstream, life, limits, from, kind).await;
+    carry_or_move(inputs, client, upstream, life, limits, record.copy.clone()).await;
     Ok(())
 }

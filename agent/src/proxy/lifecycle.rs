@@ -128,6 +128,11 @@ impl<'a> ConnectionLife<'a> {
         (&self.listed.connection.bytes, self.listed.moving.as_mut())
     }
 
+    /// The connection as listed.
+    pub fn connection(&self) -> &LiveConnection {
+        &self.listed.connection
+    }
+
     /// The client's address and the endpoint's, as listed.
     pub fn addresses(&self) -> (SocketAddr, SocketAddr) {
         let c = &self.listed.connection;

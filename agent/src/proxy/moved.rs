@@ -18,7 +18,12 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
 
 use super::{
-    ProxyInputs, capture, inbound, lifecycle::ConnectionLife, outbound, upstream::Upstream,
+    ProxyInputs, capture,
+    connections::{Callee, Caller, LiveConnection},
+    inbound,
+    lifecycle::ConnectionLife,
+    outbound,
+    upstream::Upstream,
 };
 use crate::{
     carry::copy::{Carried, CopyEnd, Duplex, Limits, Suspended, carry},
@@ -212,7 +217,11 @@ pub async fn resume(inputs: Arc<ProxyInputs>, moved: Moved, guard: ConnectionGua
         }
         (MovedKind::Inbound { .. }, (Some(state), None)) => match TlsSession::resume(client, state)
         {
-            Ok(session) => inbound::resume(&inputs, session, upstream, &record, guard).await,
+            // Boxed: it holds a TLS session, and every resumed
+            // connection's task would otherwise be sized for one.
+            Ok(session) => {
+                Box::pin(inbound::resume(&inputs, session, upstream, &record, guard)).await
+            }
             Err(e) => Err((NotResumed::Tls(e), None)),
         },
         _ => Err((NotResumed::Mismatched, None)),
@@ -224,7 +233,7 @@ pub async fn resume(inputs: Arc<ProxyInputs>, moved: Moved, guard: ConnectionGua
 
 /// Copies until the connection ends, and returns how; or, when the agent
 /// hands its connections over, suspends the copy and sends the connection
-/// on (`kind` says what it is), and returns nothing.
+/// on, and returns nothing.
 pub async fn carry_or_move<C: Movable, U: Movable>(
     inputs: &ProxyInputs,
     mut client: C,
@@ -232,17 +241,34 @@ pub async fn carry_or_move<C: Movable, U: Movable>(
     mut life: ConnectionLife<'_>,
     limits: Limits,
     from: Suspended,
-    kind: MovedKind,
 ) -> Option<CopyEnd> {
     let (bytes, moving) = life.copy_parts();
-    let copy = match carry(&mut client, &mut upstream, limits, bytes, from, moving).await {
+    match carry(&mut client, &mut upstream, limits, bytes, from, moving).await {
         Carried::Ended(end) => {
             life.close(end.into());
-            return Some(end);
+            Some(end)
         }
-        Carried::Suspended(copy) => copy,
-    };
+        Carried::Suspended(copy) => {
+            // Boxed: it runs once, at a handover, and every connection's
+            // task would otherwise carry its space.
+            Box::pin(send_on(inputs, client, upstream, life, copy)).await;
+            None
+        }
+    }
+}
+
+/// Takes a suspended connection's ends off this agent (a TLS session
+/// first writes what it had sealed) and hands them, with their record, to
+/// whoever sends them to the next agent.
+async fn send_on<C: Movable, U: Movable>(
+    inputs: &ProxyInputs,
+    client: C,
+    upstream: U,
+    life: ConnectionLife<'_>,
+    copy: Suspended,
+) {
     let (sent, received) = life.bytes().totals();
+    let kind = kind_of(life.connection());
     let (client, upstream) = match (client.into_moving().await, upstream.into_moving().await) {
         (Ok(client), Ok(upstream)) => (client, upstream),
         (client, upstream) => {
@@ -252,7 +278,7 @@ pub async fn carry_or_move<C: Movable, U: Movable>(
                 upstream.err()
             );
             life.close(crate::telemetry::CloseReason::ClientError);
-            return None;
+            return;
         }
     };
     let ((client, client_tls), (upstream, upstream_tls)) = (client, upstream);
@@ -292,7 +318,33 @@ pub async fn carry_or_move<C: Movable, U: Movable>(
             );
         }
     }
-    None
+}
+
+/// What a listed connection is, as the next agent finds it again.
+fn kind_of(c: &LiveConnection) -> MovedKind {
+    match (&c.caller, &c.callee) {
+        (Caller::Workload(caller), Callee::Service { service, .. }) => MovedKind::Outbound {
+            vip: service.vip,
+            namespace: service.namespace.clone(),
+            service: service.name.clone(),
+            caller: caller.as_ref().map(|w| w.name.clone()),
+        },
+        (Caller::Peer(caller), Callee::Workload(w)) => MovedKind::Inbound {
+            caller: caller.to_string(),
+            workload: w.name.clone(),
+            target: c.endpoint,
+        },
+        (_, Callee::Workload(w)) => MovedKind::Captured {
+            workload: w.name.clone(),
+        },
+        // No handler lists a service callee for any other caller.
+        (_, Callee::Service { service, .. }) => MovedKind::Outbound {
+            vip: service.vip,
+            namespace: service.namespace.clone(),
+            service: service.name.clone(),
+            caller: None,
+        },
+    }
 }
 
 fn stream(fd: OwnedFd) -> std::io::Result<TcpStream> {

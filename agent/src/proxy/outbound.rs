@@ -216,15 +216,18 @@ async fn handle(
     );
     let _ = client.set_nodelay(true);
     let limits = limits_after(policy, life.age());
-    let kind = MovedKind::Outbound {
-        vip: service.vip,
-        namespace: service.namespace.clone(),
-        service: service.name.clone(),
-        caller: source.as_ref().map(|w| w.name.clone()),
-    };
     let from = Suspended::default();
-    if let Some(end) = carry_upstream(&ctx.inputs, client, upstream, life, limits, from, kind).await
-    {
+    // Matched here rather than in a helper: each async layer keeps its own
+    // copy of what it passes on, and this future is every connection's.
+    let end = match upstream {
+        Upstream::Plain(up) => carry_or_move(&ctx.inputs, client, up, life, limits, from).await,
+        // Boxed: a TLS session's copy is a larger future, and every
+        // plaintext connection's task would otherwise be sized for it.
+        Upstream::Tls(up) => {
+            Box::pin(carry_or_move(&ctx.inputs, client, *up, life, limits, from)).await
+        }
+    };
+    if let Some(end) = end {
         after_copy(&service, chosen, end);
     }
 }
@@ -233,22 +236,6 @@ fn security_of(upstream: &Upstream) -> &'static str {
     match upstream {
         Upstream::Plain(_) => "plaintext",
         Upstream::Tls(_) => "mutual_tls",
-    }
-}
-
-/// [`carry_or_move`] over whichever kind of upstream it is.
-async fn carry_upstream(
-    inputs: &ProxyInputs,
-    client: TcpStream,
-    upstream: Upstream,
-    life: ConnectionLife<'_>,
-    limits: Limits,
-    from: Suspended,
-    kind: MovedKind,
-) -> Option<CopyEnd> {
-    match upstream {
-        Upstream::Plain(up) => carry_or_move(inputs, client, up, life, limits, from, kind).await,
-        Upstream::Tls(up) => carry_or_move(inputs, client, *up, life, limits, from, kind).await,
     }
 }
 
@@ -357,8 +344,13 @@ pub(super) async fn resume(
         (record.sent, record.received),
     );
     let limits = limits_after(&service.policy, life.age());
-    let (from, kind) = (record.copy.clone(), record.kind.clone());
-    if let Some(end) = carry_upstream(inputs, client, upstream, life, limits, from, kind).await {
+    let from = record.copy.clone();
+    // As in `handle`: matched here, the TLS copy boxed.
+    let end = match upstream {
+        Upstream::Plain(up) => carry_or_move(inputs, client, up, life, limits, from).await,
+        Upstream::Tls(up) => Box::pin(carry_or_move(inputs, client, *up, life, limits, from)).await,
+    };
+    if let Some(end) = end {
         let chosen = Chosen {
             index,
             admission: Admission::Normal,

@@ -254,11 +254,6 @@ async fn handle(
         }
     };
     ctx.inputs.inbound_stats.count_accepted();
-    let kind = MovedKind::Inbound {
-        caller: caller.to_string(),
-        workload: local.workload.name.clone(),
-        target,
-    };
     let life = ConnectionLife::open(
         &ctx.inputs.connections,
         &ctx.inputs.audit,
@@ -274,7 +269,7 @@ async fn handle(
         None,
     );
     let from = Suspended::default();
-    let end = carry_or_move(&ctx.inputs, tls, upstream, life, LIMITS, from, kind).await;
+    let end = carry_or_move(&ctx.inputs, tls, upstream, life, LIMITS, from).await;
     debug!("inbound {peer} -> {target}: {end:?}");
 }
 
@@ -331,8 +326,7 @@ pub(super) async fn resume(
         None,
         (record.sent, record.received),
     );
-    let (from, kind) = (record.copy.clone(), record.kind.clone());
-    carry_or_move(inputs, tls, upstream, life, LIMITS, from, kind).await;
+    carry_or_move(inputs, tls, upstream, life, LIMITS, record.copy.clone()).await;
     Ok(())
 }
 
