@@ -5,6 +5,7 @@
 //! connections, the copy loop carrying a stream, and an HTTP/2 client
 //! that is not ours (Python's h2).
 
+mod interop;
 mod pool;
 
 use std::{
