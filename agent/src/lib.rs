@@ -48,6 +48,7 @@ pub mod resilience;
 pub mod route;
 pub mod telemetry;
 pub mod tls;
+pub mod tunnel;
 
 #[cfg(test)]
 mod layout;

@@ -1,0 +1,141 @@
+//! The calling agent's end of a tunnel connection: the HTTP/2 handshake,
+//! a task that drives the connection, and CONNECT streams opened on it.
+
+use std::{
+    future::poll_fn,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    task::{Context, Poll, Waker},
+};
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use http::{HeaderMap, Method, Request, StatusCode, Version, uri::Authority};
+use log::debug;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::{TunnelConfig, TunnelError, TunnelStream, keepalive};
+
+/// One tunnel connection to a peer agent. Clones share the connection;
+/// it closes (GOAWAY, then the transport) once every clone and every
+/// stream opened on it is gone.
+#[derive(Clone)]
+pub struct TunnelClient {
+    send: SendRequest<Bytes>,
+    /// Set by the driver task when the connection has ended.
+    ended: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for TunnelClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TunnelClient")
+            .field("ended", &self.ended.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl TunnelClient {
+    /// Speaks HTTP/2 as a client over `io` (the connection preface and
+    /// SETTINGS), then drives the connection on a task of the current
+    /// runtime until it ends, the peer stops answering PINGs, or no clone
+    /// and no stream is left.
+    pub async fn handshake<T>(io: T, config: &TunnelConfig) -> Result<TunnelClient, TunnelError>
+    where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (send, mut connection) = h2::client::Builder::new()
+            .initial_window_size(config.stream_window)
+            .initial_connection_window_size(config.connection_window)
+            .max_frame_size(config.max_frame_size)
+            .max_send_buffer_size(config.max_send_buffer)
+            .max_header_list_size(config.max_header_list_size)
+            // Until the peer's SETTINGS come, assume it takes what we
+            // would take ourselves.
+            .initial_max_send_streams(config.max_concurrent_streams as usize)
+            .enable_push(false)
+            .handshake::<_, Bytes>(io)
+            .await
+            .map_err(TunnelError::Handshake)?;
+        let ended = Arc::new(AtomicBool::new(false));
+        let pings = connection.ping_pong();
+        let alive = config.keepalive;
+        let ended_by_driver = ended.clone();
+        tokio::spawn(async move {
+            let watch = async {
+                match (pings, alive) {
+                    (Some(pings), Some(alive)) => keepalive(pings, alive).await,
+                    _ => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                result = connection => {
+                    if let Err(e) = result {
+                        debug!("tunnel connection ended: {e}");
+                    }
+                }
+                () = watch => debug!("tunnel peer stopped answering PINGs; closing"),
+            }
+            // Dropping the connection fails the streams still open on it.
+            ended_by_driver.store(true, Ordering::Release);
+        });
+        Ok(TunnelClient { send, ended })
+    }
+
+    /// Whether a new stream may be opened: the connection has not ended
+    /// and no GOAWAY came.
+    pub fn is_usable(&self) -> bool {
+        if self.ended.load(Ordering::Acquire) {
+            return false;
+        }
+        // A fresh clone has no stream pending open, so this only looks at
+        // the connection's state (an error or GOAWAY makes it Err).
+        let mut send = self.send.clone();
+        let mut cx = Context::from_waker(Waker::noop());
+        matches!(send.poll_ready(&mut cx), Poll::Ready(Ok(())))
+    }
+
+    /// The streams the peer lets us have open at once: its
+    /// SETTINGS_MAX_CONCURRENT_STREAMS as last received (our own limit
+    /// until its first SETTINGS came).
+    pub fn peer_max_streams(&self) -> usize {
+        self.send.current_max_send_streams()
+    }
+
+    /// Opens a CONNECT stream to `target` with `headers` (HBONE's
+    /// `baggage`, `forwarded`, `traceparent`), and waits for the answer:
+    /// the stream on 200, [`TunnelError::Refused`] with any other status.
+    /// Bound the wait with the connect timeout.
+    pub async fn open(
+        &self,
+        target: SocketAddr,
+        headers: HeaderMap,
+    ) -> Result<TunnelStream, TunnelError> {
+        let mut send = self.send.clone();
+        poll_fn(|cx| send.poll_ready(cx))
+            .await
+            .map_err(TunnelError::Unavailable)?;
+        let authority =
+            Authority::try_from(target.to_string()).expect("an ip:port is a valid authority");
+        let mut request = Request::new(());
+        *request.method_mut() = Method::CONNECT;
+        *request.uri_mut() = authority.into();
+        *request.version_mut() = Version::HTTP_2;
+        *request.headers_mut() = headers;
+        let failed = |source| TunnelError::Stream { target, source };
+        let (response, stream) = send.send_request(request, false).map_err(failed)?;
+        let response = response.await.map_err(failed)?;
+        if response.status() != StatusCode::OK {
+            // The stream ends here: the peer closed its side with the
+            // answer, and dropping ours cancels the rest.
+            return Err(TunnelError::Refused {
+                target,
+                status: response.status(),
+            });
+        }
+        Ok(TunnelStream::new(stream, response.into_body()))
+    }
+}

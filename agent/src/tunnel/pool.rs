@@ -1,0 +1,276 @@
+//! Tunnel connections shared by the application connections of one key
+//! (in the agent: source identity, destination node, destination
+//! identity), so that many connections cost one handshake.
+//!
+//! Each connection takes at most `max_streams_per_connection` streams, and
+//! never more than the peer's SETTINGS_MAX_CONCURRENT_STREAMS as last
+//! received: a full connection is never waited on (HTTP/2 would queue the
+//! stream behind the others, as istio/ztunnel#864 found); another is
+//! dialled. Dials of one key happen one at a time, so a burst of connects
+//! to a new peer makes one connection, not one each; a dial that fails
+//! fails the connects that waited for it instead of each trying again.
+//! A connection that got GOAWAY or ended takes no new stream and leaves
+//! the pool; its open streams finish (GOAWAY) or fail (ended). One idle
+//! for `idle_timeout` is closed by [`Pool::sweep`].
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    hash::Hash,
+    io,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use http::HeaderMap;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    time::Instant,
+};
+
+use super::{TunnelClient, TunnelConfig, TunnelError, TunnelStream};
+
+/// Makes the transport of a new tunnel connection for a key: in the agent,
+/// a marked TCP connect to the peer node and a TLS handshake presenting
+/// the key's source identity. The caller bounds its time.
+pub trait Dial<K>: Send + Sync {
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+
+    fn dial(&self, key: &K) -> impl Future<Output = io::Result<Self::Io>> + Send;
+}
+
+/// How a pool sizes and keeps its connections.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// Streams one connection takes before another is dialled (the peer's
+    /// own limit is respected below this).
+    pub max_streams_per_connection: usize,
+    /// A connection without a stream for this long is closed.
+    pub idle_timeout: Duration,
+    pub tunnel: TunnelConfig,
+}
+
+impl Default for PoolConfig {
+    fn default() -> PoolConfig {
+        PoolConfig {
+            max_streams_per_connection: 100,
+            idle_timeout: Duration::from_secs(60),
+            tunnel: TunnelConfig::default(),
+        }
+    }
+}
+
+/// One pooled connection and how many streams it carries.
+#[derive(Debug)]
+struct Pooled {
+    client: TunnelClient,
+    streams: AtomicUsize,
+    /// When its last stream ended (or it was made).
+    idle_since: Mutex<Instant>,
+}
+
+/// A stream's place on a pooled connection, given back when the stream is
+/// dropped.
+#[derive(Debug)]
+pub(super) struct Slot(Arc<Pooled>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if self.0.streams.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *lock(&self.0.idle_since) = Instant::now();
+        }
+    }
+}
+
+/// The connections of one key.
+#[derive(Debug, Default)]
+struct Peer {
+    connections: Mutex<Vec<Arc<Pooled>>>,
+    /// Held while a connection is dialled: one dial at a time per key.
+    dialing: tokio::sync::Mutex<()>,
+    /// When the last dial failed, and why.
+    failed: Mutex<Option<(Instant, String)>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Nothing panics while holding these locks; a poisoned one still
+    // holds consistent data.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Tunnel connections per key `K`, made by `D`.
+pub struct Pool<K, D> {
+    peers: Mutex<HashMap<K, Arc<Peer>>>,
+    dial: D,
+    config: PoolConfig,
+}
+
+impl<K, D> Pool<K, D>
+where
+    K: Hash + Eq + Clone + Send + Sync,
+    D: Dial<K>,
+{
+    pub fn new(dial: D, config: PoolConfig) -> Pool<K, D> {
+        Pool {
+            peers: Mutex::new(HashMap::new()),
+            dial,
+            config,
+        }
+    }
+
+    /// A CONNECT stream to `target` on a connection of `key`: an open one
+    /// with room, else a new one. A stream the peer cannot have acted on
+    /// (GOAWAY raced it, or REFUSED_STREAM) is tried once more on another
+    /// connection; a refusal with a status is returned as it is.
+    pub async fn connect(
+        &self,
+        key: &K,
+        target: SocketAddr,
+        headers: HeaderMap,
+    ) -> Result<TunnelStream, TunnelError> {
+        let peer = self.peer(key);
+        let mut avoid = None;
+        loop {
+            let slot = match self.checkout(&peer, avoid.as_ref()) {
+                Some(slot) => slot,
+                None => self.dial_new(key, &peer, avoid.as_ref()).await?,
+            };
+            let client = slot.0.client.clone();
+            match client.open(target, headers.clone()).await {
+                Ok(stream) => return Ok(stream.with_slot(slot)),
+                Err(e) if e.is_retryable() && avoid.is_none() => avoid = Some(slot.0.clone()),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn peer(&self, key: &K) -> Arc<Peer> {
+        let mut peers = lock(&self.peers);
+        match peers.get(key) {
+            Some(peer) => peer.clone(),
+            None => {
+                let peer = Arc::new(Peer::default());
+                peers.insert(key.clone(), peer.clone());
+                peer
+            }
+        }
+    }
+
+    /// The streams a connection may carry now.
+    fn room(&self, pooled: &Pooled) -> usize {
+        self.config
+            .max_streams_per_connection
+            .min(pooled.client.peer_max_streams())
+    }
+
+    /// A slot on the first usable connection with room (filling the
+    /// oldest first, so that spare ones go idle and close), dropping the
+    /// unusable ones.
+    fn checkout(&self, peer: &Peer, avoid: Option<&Arc<Pooled>>) -> Option<Slot> {
+        let mut connections = lock(&peer.connections);
+        connections.retain(|c| c.client.is_usable());
+        let pooled = connections.iter().find(|c| {
+            avoid.is_none_or(|a| !Arc::ptr_eq(a, c))
+                && c.streams.load(Ordering::Acquire) < self.room(c)
+        })?;
+        // Slots are only taken under this lock, so the room just seen is
+        // still there (a stream ending meanwhile only adds to it).
+        pooled.streams.fetch_add(1, Ordering::AcqRel);
+        Some(Slot(pooled.clone()))
+    }
+
+    /// Dials a connection for `key` and takes its first slot, unless one
+    /// made while this waited for the key's dial already has room.
+    async fn dial_new(
+        &self,
+        key: &K,
+        peer: &Peer,
+        avoid: Option<&Arc<Pooled>>,
+    ) -> Result<Slot, TunnelError> {
+        let asked = Instant::now();
+        let _dialing = peer.dialing.lock().await;
+        if let Some(slot) = self.checkout(peer, avoid) {
+            return Ok(slot);
+        }
+        if let Some((at, why)) = &*lock(&peer.failed)
+            && *at >= asked
+        {
+            return Err(TunnelError::Dial(io::Error::other(format!(
+                "the dial this connect waited for failed: {why}"
+            ))));
+        }
+        let made = async {
+            let io = self.dial.dial(key).await.map_err(TunnelError::Dial)?;
+            TunnelClient::handshake(io, &self.config.tunnel).await
+        };
+        let client = match made.await {
+            Ok(client) => client,
+            Err(e) => {
+                *lock(&peer.failed) = Some((Instant::now(), e.to_string()));
+                return Err(e);
+            }
+        };
+        let pooled = Arc::new(Pooled {
+            client,
+            streams: AtomicUsize::new(1),
+            idle_since: Mutex::new(Instant::now()),
+        });
+        lock(&peer.connections).push(pooled.clone());
+        Ok(Slot(pooled))
+    }
+
+    /// Closes the connections idle for `idle_timeout` and forgets the ones
+    /// that can take no stream; returns how many left the pool. Run it
+    /// every fraction of the idle timeout.
+    pub fn sweep(&self) -> usize {
+        let now = Instant::now();
+        let idle_timeout = self.config.idle_timeout;
+        let mut left = 0;
+        lock(&self.peers).retain(|_, peer| {
+            let mut connections = lock(&peer.connections);
+            connections.retain(|c| {
+                let idle = c.streams.load(Ordering::Acquire) == 0
+                    && now.saturating_duration_since(*lock(&c.idle_since)) >= idle_timeout;
+                // Dropping the last handle to an idle connection closes it.
+                let keep = !idle && c.client.is_usable();
+                left += usize::from(!keep);
+                keep
+            });
+            // A key in use (a connect holds it) stays.
+            !connections.is_empty() || Arc::strong_count(peer) > 1
+        });
+        left
+    }
+
+    /// Sweeps every quarter of the idle timeout until `stop` resolves.
+    pub async fn sweep_until(&self, stop: impl Future<Output = ()>) {
+        let every = (self.config.idle_timeout / 4).max(Duration::from_millis(10));
+        let sweeping = async {
+            loop {
+                tokio::time::sleep(every).await;
+                self.sweep();
+            }
+        };
+        tokio::select! {
+            () = stop => {}
+            () = sweeping => {}
+        }
+    }
+
+    /// (connections, streams) the pool holds for `key`.
+    pub fn usage(&self, key: &K) -> (usize, usize) {
+        let Some(peer) = lock(&self.peers).get(key).cloned() else {
+            return (0, 0);
+        };
+        let connections = lock(&peer.connections);
+        let streams = connections
+            .iter()
+            .map(|c| c.streams.load(Ordering::Acquire))
+            .sum();
+        (connections.len(), streams)
+    }
+}

@@ -1,0 +1,162 @@
+//! The called agent's end of a tunnel connection: CONNECT streams handed
+//! to a handler that accepts or refuses each.
+
+use std::{future::Future, net::SocketAddr};
+
+use bytes::Bytes;
+use h2::{RecvStream, server::SendResponse};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use log::debug;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::{TunnelConfig, TunnelError, TunnelStream, keepalive};
+
+/// A CONNECT the peer asked for, not yet answered. [`Incoming::accept`]
+/// answers 200 and gives the stream; [`Incoming::refuse`] answers with a
+/// status and ends it. Dropped unanswered, it answers 503.
+#[derive(Debug)]
+pub struct Incoming {
+    target: SocketAddr,
+    headers: HeaderMap,
+    pending: Option<(RecvStream, SendResponse<Bytes>)>,
+}
+
+impl Incoming {
+    /// The `ip:port` of the CONNECT's `:authority`.
+    pub fn target(&self) -> SocketAddr {
+        self.target
+    }
+
+    /// The request's headers (HBONE's `baggage`, `forwarded`, `traceparent`).
+    pub fn headers(&self) -> &HeaderMap {
+        &self.headers
+    }
+
+    /// Answers 200: from here bytes flow both ways. Connect to the target
+    /// first, so a 200 means the target was reached.
+    pub fn accept(mut self) -> Result<TunnelStream, TunnelError> {
+        let (recv, mut respond) = self.pending.take().expect("answered once, by value");
+        let send = respond
+            .send_response(status_only(StatusCode::OK), false)
+            .map_err(|source| TunnelError::Stream {
+                target: self.target,
+                source,
+            })?;
+        Ok(TunnelStream::new(send, recv))
+    }
+
+    /// Answers `status` (an error status: 400, 401, 403, 503, ...) and
+    /// ends the stream; the connection and its other streams go on.
+    pub fn refuse(mut self, status: StatusCode) {
+        debug_assert!(!status.is_success(), "a refusal with {status}");
+        if let Some((_, mut respond)) = self.pending.take() {
+            let _ = respond.send_response(status_only(status), true);
+        }
+    }
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        if let Some((_, mut respond)) = self.pending.take() {
+            let _ = respond.send_response(status_only(StatusCode::SERVICE_UNAVAILABLE), true);
+        }
+    }
+}
+
+fn status_only(status: StatusCode) -> Response<()> {
+    let mut response = Response::new(());
+    *response.status_mut() = status;
+    response
+}
+
+/// The target of a well-formed tunnel request, or the status refusing it:
+/// only CONNECT (405 otherwise) to an `ip:port` (400 otherwise: no names,
+/// the caller resolved them).
+fn target_of(request: &Request<RecvStream>) -> Result<SocketAddr, StatusCode> {
+    if request.method() != Method::CONNECT {
+        return Err(StatusCode::METHOD_NOT_ALLOWED);
+    }
+    request
+        .uri()
+        .authority()
+        .and_then(|a| a.as_str().parse().ok())
+        .ok_or(StatusCode::BAD_REQUEST)
+}
+
+/// Serves one tunnel connection over `io` (after its TLS handshake): each
+/// well-formed CONNECT goes to `handler` on a task of its own, malformed
+/// ones are refused here. When `shutdown` resolves, a GOAWAY tells the
+/// peer to open new streams elsewhere; the streams already open go on,
+/// and this returns once they are done (or the connection fails).
+pub async fn serve<T, H, F>(
+    io: T,
+    config: &TunnelConfig,
+    handler: H,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), TunnelError>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+    H: Fn(Incoming) -> F,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let mut connection = h2::server::Builder::new()
+        .initial_window_size(config.stream_window)
+        .initial_connection_window_size(config.connection_window)
+        .max_frame_size(config.max_frame_size)
+        .max_send_buffer_size(config.max_send_buffer)
+        .max_header_list_size(config.max_header_list_size)
+        .max_concurrent_streams(config.max_concurrent_streams)
+        .handshake::<_, Bytes>(io)
+        .await
+        .map_err(TunnelError::Handshake)?;
+    let alive = config.keepalive;
+    let pings = connection.ping_pong();
+    let watch = async move {
+        match (pings, alive) {
+            (Some(pings), Some(alive)) => keepalive(pings, alive).await,
+            _ => std::future::pending().await,
+        }
+    };
+    tokio::pin!(watch, shutdown);
+    let mut going_away = false;
+    loop {
+        let next = tokio::select! {
+            biased;
+            next = connection.accept() => next,
+            () = &mut shutdown, if !going_away => {
+                // Streams that crossed the GOAWAY are still accepted.
+                connection.graceful_shutdown();
+                going_away = true;
+                continue;
+            }
+            () = &mut watch => {
+                let timeout = alive.map(|a| a.timeout).unwrap_or_default();
+                return Err(TunnelError::KeepaliveTimeout(timeout));
+            }
+        };
+        let (request, mut respond) = match next {
+            None => return Ok(()),
+            Some(Ok(stream)) => stream,
+            Some(Err(e)) => return Err(TunnelError::Connection(e)),
+        };
+        let target = match target_of(&request) {
+            Ok(target) => target,
+            Err(status) => {
+                debug!(
+                    "tunnel request {} {}: {status}",
+                    request.method(),
+                    request.uri()
+                );
+                let _ = respond.send_response(status_only(status), true);
+                continue;
+            }
+        };
+        let (parts, recv) = request.into_parts();
+        let incoming = Incoming {
+            target,
+            headers: parts.headers,
+            pending: Some((recv, respond)),
+        };
+        tokio::spawn(handler(incoming));
+    }
+}
