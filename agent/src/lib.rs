@@ -10,14 +10,17 @@
 //!  routed      route/      choose an endpoint: eligible set, locality, panic,
 //!     |                    balancing (lb/), health checks; authz/ for callers
 //!  connected   connect/    the one socket maker (marks, pod namespaces, handover)
-//!  carried     carry/      copy both ways, the mTLS preamble; tls/ for streams
+//!  carried     carry/      copy both ways (and suspend it for a handover), the
+//!                          mTLS preamble; tls/ for streams (session/: the
+//!                          record layer that moves); tunnel/ HTTP/2 CONNECT
 //!  observed    telemetry/  metrics families, counters; audit/; admin/ views
 //!
 //!  state       catalog/    services, endpoints, workloads: one immutable snapshot
 //!              resilience/ per-endpoint and per-service breaker state; clock
 //!  sources     config/     the file; discovery/ Kubernetes
 //!  running     daemon/     composes the above and runs until SIGTERM; drain,
-//!                          handover (upgrades); cli/ the `sluice` command
+//!                          handover (upgrades: sockets, state, open
+//!                          connections); cli/ the `sluice` command
 //! ```
 //!
 //! Imports point down this picture (the data plane reads the catalog, the
