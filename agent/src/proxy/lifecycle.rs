@@ -64,23 +64,14 @@ impl<'a> ConnectionLife<'a> {
             m.opened.inc();
             m.connect.observe(opening.accepted.elapsed().as_secs_f64());
         }
-        ConnectionLife::list(registry, audit, opening, metrics, (0, 0))
+        ConnectionLife::adopt(registry, audit, opening, metrics, (0, 0))
     }
 
     /// Lists a connection the previous agent carried until an upgrade:
     /// not counted as opened again, its totals so far (`carried_in`: sent,
-    /// received) kept for the registry and the audit trail.
+    /// received) kept for the registry and the audit trail. (A new one is
+    /// listed the same way, with nothing carried in.)
     pub fn adopt(
-        registry: &'a Connections,
-        audit: &'a Audit,
-        opening: Opening,
-        metrics: Option<Arc<ConnectionMetrics>>,
-        carried_in: (u64, u64),
-    ) -> ConnectionLife<'a> {
-        ConnectionLife::list(registry, audit, opening, metrics, carried_in)
-    }
-
-    fn list(
         registry: &'a Connections,
         audit: &'a Audit,
         opening: Opening,

@@ -92,7 +92,7 @@ pub fn remove_created(created: &[PathBuf]) -> Vec<(PathBuf, io::Error)> {
 /// `within` (the hooked cgroup root) are ever taken from the file.
 #[derive(Debug)]
 pub struct CreatedCgroups {
-    file: Option<PathBuf>,
+    file: PathBuf,
     within: PathBuf,
     dirs: Vec<PathBuf>,
     /// Those this process made.
@@ -109,49 +109,34 @@ impl CreatedCgroups {
             .filter(|p| is_below(p, within))
             .collect();
         CreatedCgroups {
-            file: Some(file),
+            file,
             within: within.to_owned(),
             dirs,
             made_here: Vec::new(),
         }
     }
 
-    /// A record in memory only (tests, tools).
-    pub fn in_memory(within: &Path) -> CreatedCgroups {
-        CreatedCgroups {
-            file: None,
-            within: within.to_owned(),
-            dirs: Vec::new(),
-            made_here: Vec::new(),
-        }
-    }
-
-    /// Records `made` (as [`create_all`] returns them) and writes the
-    /// record when it grew.
+    /// Records `made` (as [`create_all`] returns them), with what other
+    /// agents recorded meanwhile, and writes the record.
     pub fn add(&mut self, made: Vec<PathBuf>) {
         if made.is_empty() {
             return;
         }
         // What another agent of the node recorded meanwhile (the one this
         // replaces, during an upgrade) is kept.
-        if let Some(file) = &self.file {
-            let recorded = CreatedCgroups::open(file.clone(), &self.within).dirs;
-            for dir in recorded {
-                if !self.dirs.contains(&dir) {
-                    self.dirs.push(dir);
-                }
+        let recorded = CreatedCgroups::open(self.file.clone(), &self.within).dirs;
+        for dir in recorded {
+            if !self.dirs.contains(&dir) {
+                self.dirs.push(dir);
             }
         }
-        let before = self.dirs.len();
         for dir in made {
             if is_below(&dir, &self.within) && !self.dirs.contains(&dir) {
                 self.made_here.push(dir.clone());
                 self.dirs.push(dir);
             }
         }
-        if self.dirs.len() != before || self.file.is_some() {
-            self.save();
-        }
+        self.save();
     }
 
     /// The cgroups recorded.
@@ -184,7 +169,7 @@ impl CreatedCgroups {
     }
 
     fn save(&self) {
-        let Some(file) = &self.file else { return };
+        let file = &self.file;
         let result = if self.dirs.is_empty() {
             match std::fs::remove_file(file) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),

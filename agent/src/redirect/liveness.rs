@@ -34,8 +34,6 @@ const TRACEPOINTS: [(&str, &str, &str); 2] = [
 /// Which agent process serves the node, as the connect hook sees it.
 pub struct Liveness {
     life: Array<MapData, AgentLife>,
-    /// Whether the tracepoints are attached (the window is closed).
-    pub watched: bool,
 }
 
 impl Liveness {
@@ -44,18 +42,14 @@ impl Liveness {
     /// this process can be killed).
     pub(super) fn attach(ebpf: &mut Ebpf) -> Result<Liveness, RedirectError> {
         let life = Array::try_from(take_map(ebpf, AGENT_LIFE)?).map_err(map_err(AGENT_LIFE))?;
-        let watched = match watch(ebpf) {
-            Ok(()) => true,
-            Err(why) => {
-                warn!(
-                    "a killed agent's connects are not told apart from a live one's ({why}): \
-                     connects made while a killed agent is torn down are reset instead of \
-                     taking on_agent_down"
-                );
-                false
-            }
-        };
-        Ok(Liveness { life, watched })
+        if let Err(why) = watch(ebpf) {
+            warn!(
+                "a killed agent's connects are not told apart from a live one's ({why}): \
+                 connects made while a killed agent is torn down are reset instead of \
+                 taking on_agent_down"
+            );
+        }
+        Ok(Liveness { life })
     }
 
     /// Makes process `tgid` (this one) the serving agent, not killed.
@@ -63,11 +57,6 @@ impl Liveness {
         self.life
             .set(0, AgentLife { tgid, killed: 0 }, 0)
             .map_err(map_err(AGENT_LIFE))
-    }
-
-    /// What the map says now.
-    pub fn read(&self) -> Option<AgentLife> {
-        self.life.get(&0, 0).ok()
     }
 }
 

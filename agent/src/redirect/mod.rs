@@ -230,11 +230,6 @@ impl Redirect {
         self.liveness.serve_as(std::process::id())
     }
 
-    /// Whether a kill of this agent is seen the moment it is sent.
-    pub fn kill_watched(&self) -> bool {
-        self.liveness.watched
-    }
-
     /// Lets the marked sockets of processes in cgroup `id` (this agent's)
     /// through the connect hook.
     pub fn register_agent(&mut self, id: u64) -> Result<(), RedirectError> {
