@@ -63,94 +63,101 @@ impl CaptureListener {
             "capture",
             |stream, peer, guard| {
                 let ctx = ctx.clone();
-                tokio::spawn(async move { handle(ctx, stream, peer, guard).await });
+                tokio::spawn(handle(ctx, stream, peer, guard));
             },
         )
         .await;
     }
 }
 
-async fn handle(
+// Not an `async fn`, as the outbound listener's handler.
+#[expect(clippy::manual_async_fn, reason = "see above")]
+fn handle(
     ctx: Arc<ProxyInputs>,
     stream: TcpStream,
     peer: SocketAddr,
-    _guard: ConnectionGuard,
-) {
-    let Ok(local) = stream.local_addr() else {
-        return;
-    };
-    let Some(target) = ctx.catalog.load().capture_for(local).cloned() else {
-        // The workload left between the connect and the accept.
-        let _ = stream.set_zero_linger();
-        return;
-    };
-    let workload = &target.workload;
-    let name = workload.qualified_name();
-    let destination = Party {
-        identity: Some(&workload.identity),
-        address: Some(local),
-        workload: Some(&name),
-    };
-    let source = Party {
-        identity: None,
-        address: Some(peer),
-        workload: None,
-    };
-    if target.mode == InboundMode::Strict {
-        ctx.inbound_stats.count_refusal(Refusal::Plaintext);
-        ctx.audit.deny(&Denial {
-            reason: Refusal::Plaintext.name(),
-            source,
-            destination,
-            service: None,
-            rule: Some("strict: only the mesh (mutual TLS) may reach this workload"),
-            detail: None,
-        });
-        ctx.refusals.warn(Refusal::Plaintext.name(), || {
-            format!("captured {peer} -> {local} ({name}): refused: plaintext to a strict workload")
-        });
-        let _ = stream.set_zero_linger();
-        return;
-    }
-    let upstream = match connect_marked(
-        local,
-        ctx.mark,
-        ctx.connect_timeout,
-        workload.netns.as_deref(),
-    )
-    .await
-    {
-        Ok(upstream) => upstream,
-        Err(e) => {
-            ctx.inbound_stats.count_refusal(Refusal::TargetUnreachable);
-            ctx.refusals.warn(Refusal::TargetUnreachable.name(), || {
-                format!("captured {peer} -> {local} ({name}): workload unreachable: {e}")
+    guard: ConnectionGuard,
+) -> impl Future<Output = ()> {
+    async move {
+        let _guard = guard;
+        let Ok(local) = stream.local_addr() else {
+            return;
+        };
+        let Some(target) = ctx.catalog.load().capture_for(local).cloned() else {
+            // The workload left between the connect and the accept.
+            let _ = stream.set_zero_linger();
+            return;
+        };
+        let workload = &target.workload;
+        let name = workload.qualified_name();
+        let destination = Party {
+            identity: Some(&workload.identity),
+            address: Some(local),
+            workload: Some(&name),
+        };
+        let source = Party {
+            identity: None,
+            address: Some(peer),
+            workload: None,
+        };
+        if target.mode == InboundMode::Strict {
+            ctx.inbound_stats.count_refusal(Refusal::Plaintext);
+            ctx.audit.deny(&Denial {
+                reason: Refusal::Plaintext.name(),
+                source,
+                destination,
+                service: None,
+                rule: Some("strict: only the mesh (mutual TLS) may reach this workload"),
+                detail: None,
+            });
+            ctx.refusals.warn(Refusal::Plaintext.name(), || {
+                format!(
+                    "captured {peer} -> {local} ({name}): refused: plaintext to a strict workload"
+                )
             });
             let _ = stream.set_zero_linger();
             return;
         }
-    };
-    ctx.inbound_stats.count_plaintext_passed();
-    let life = ConnectionLife::open(
-        &ctx.connections,
-        &ctx.audit,
-        Opening {
-            caller: Caller::Outside,
-            callee: Callee::Workload(workload.clone()),
-            client: peer,
-            upstream: local,
-            security: "plaintext",
-            accepted: tokio::time::Instant::now(),
-            movable: true,
-        },
-        None,
-    );
-    let from = Suspended::default();
-    let limits = Limits {
-        idle: DEFAULT_IDLE_TIMEOUT,
-        lifetime: None,
-    };
-    carry_or_move(&ctx, stream, upstream, life, limits, from).await;
+        let upstream = match connect_marked(
+            local,
+            ctx.mark,
+            ctx.connect_timeout,
+            workload.netns.as_deref(),
+        )
+        .await
+        {
+            Ok(upstream) => upstream,
+            Err(e) => {
+                ctx.inbound_stats.count_refusal(Refusal::TargetUnreachable);
+                ctx.refusals.warn(Refusal::TargetUnreachable.name(), || {
+                    format!("captured {peer} -> {local} ({name}): workload unreachable: {e}")
+                });
+                let _ = stream.set_zero_linger();
+                return;
+            }
+        };
+        ctx.inbound_stats.count_plaintext_passed();
+        let life = ConnectionLife::open(
+            &ctx.connections,
+            &ctx.audit,
+            Opening {
+                caller: Caller::Outside,
+                callee: Callee::Workload(workload.clone()),
+                client: peer,
+                upstream: local,
+                security: "plaintext",
+                accepted: tokio::time::Instant::now(),
+                movable: true,
+            },
+            None,
+        );
+        let from = Suspended::default();
+        let limits = Limits {
+            idle: DEFAULT_IDLE_TIMEOUT,
+            lifetime: None,
+        };
+        carry_or_move(&ctx, stream, upstream, life, limits, from).await;
+    }
 }
 
 /// Carries on a captured connection the previous agent moved here, to the

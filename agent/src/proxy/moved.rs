@@ -26,7 +26,7 @@ use super::{
     upstream::Upstream,
 };
 use crate::{
-    carry::copy::{Carried, CopyEnd, Duplex, Limits, Suspended, carry},
+    carry::copy::{Carried, CopyEnd, Duplex, Limits, Progress, Suspended},
     drain::ConnectionGuard,
     handover::Batch,
     tls::session::{SessionState, TlsSession},
@@ -234,25 +234,34 @@ pub async fn resume(inputs: Arc<ProxyInputs>, moved: Moved, guard: ConnectionGua
 /// Copies until the connection ends, and returns how; or, when the agent
 /// hands its connections over, suspends the copy and sends the connection
 /// on, and returns nothing.
-pub async fn carry_or_move<C: Movable, U: Movable>(
-    inputs: &ProxyInputs,
+// Not an `async fn`: that would keep a second copy of every argument in
+// the future, and this future is every connection's.
+pub fn carry_or_move<'a, C: Movable + 'a, U: Movable + 'a>(
+    inputs: &'a ProxyInputs,
     mut client: C,
     mut upstream: U,
-    mut life: ConnectionLife<'_>,
+    mut life: ConnectionLife<'a>,
     limits: Limits,
     from: Suspended,
-) -> Option<CopyEnd> {
-    let (bytes, moving) = life.copy_parts();
-    match carry(&mut client, &mut upstream, limits, bytes, from, moving).await {
-        Carried::Ended(end) => {
-            life.close(end.into());
-            Some(end)
-        }
-        Carried::Suspended(copy) => {
-            // Boxed: it runs once, at a handover, and every connection's
-            // task would otherwise carry its space.
-            Box::pin(send_on(inputs, client, upstream, life, copy)).await;
-            None
+) -> impl Future<Output = Option<CopyEnd>> + 'a {
+    let mut progress = Progress::from(from);
+    async move {
+        let (bytes, moving) = life.copy_parts();
+        let carried = progress
+            .carry(&mut client, &mut upstream, &limits, bytes, moving)
+            .await;
+        match carried {
+            Carried::Ended(end) => {
+                life.close(end.into());
+                Some(end)
+            }
+            Carried::Suspended => {
+                let copy = progress.into_suspended();
+                // Boxed: it runs once, at a handover, and every
+                // connection's task would otherwise carry its space.
+                Box::pin(send_on(inputs, client, upstream, life, copy)).await;
+                None
+            }
         }
     }
 }

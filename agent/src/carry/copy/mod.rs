@@ -83,22 +83,31 @@ pub trait ReadSide: Send {
 impl ReadSide for tokio::net::tcp::ReadHalf<'_> {
     const RELEASE_WHEN_DRAINED: bool = true;
 
-    async fn read_some(&mut self, buf: &mut Vec<u8>, size: usize) -> std::io::Result<usize> {
-        if !buf.is_empty() {
-            // Kept after a full read: more may be waiting. Look once; if
-            // not, give the buffer back before waiting.
-            match self.try_read(buf) {
-                Ok(n) => return Ok(n),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => *buf = Vec::new(),
-                Err(e) => return Err(e),
+    // A poll function rather than `readable().await`: it waits on the
+    // socket's own read waker, so the future holds no waiter of its own
+    // (every connection's copy has two of these).
+    fn read_some<'a>(
+        &'a mut self,
+        buf: &'a mut Vec<u8>,
+        size: usize,
+    ) -> impl Future<Output = std::io::Result<usize>> + Send + 'a {
+        let this: &'a Self = self;
+        let socket: &'a TcpStream = this.as_ref();
+        std::future::poll_fn(move |cx| {
+            loop {
+                if buf.is_empty() {
+                    // Wait for data without holding a buffer.
+                    std::task::ready!(socket.poll_read_ready(cx))?;
+                    buf.resize(size, 0);
+                }
+                // A buffer kept after a full read looks once: more may be
+                // waiting. If not, it is given back before waiting.
+                match socket.try_read(buf) {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => *buf = Vec::new(),
+                    done => return std::task::Poll::Ready(done),
+                }
             }
-        }
-        // Wait for data without holding a buffer.
-        self.readable().await?;
-        buf.resize(size, 0);
-        // tokio's read treats a short read as drained and then waits for
-        // the next event without another syscall.
-        self.read(buf).await
+        })
     }
 }
 
@@ -172,11 +181,12 @@ pub struct Suspended {
     pub down: WayState,
 }
 
-/// How a copy stopped: ended, or suspended to be carried on elsewhere.
-#[derive(Debug)]
+/// How a copy stopped: ended, or suspended where nothing was half done
+/// (its [`Progress`] says where it stood).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Carried {
     Ended(CopyEnd),
-    Suspended(Suspended),
+    Suspended,
 }
 
 /// The limits a copy runs under.
@@ -202,84 +212,115 @@ pub async fn proxy<C: Duplex, U: Duplex>(
         idle,
         lifetime: max_duration,
     };
-    match carry(client, upstream, limits, bytes, Suspended::default(), None).await {
+    let mut progress = Progress::default();
+    match progress.carry(client, upstream, &limits, bytes, None).await {
         Carried::Ended(end) => end,
-        Carried::Suspended(_) => unreachable!("a copy without a move signal is never suspended"),
+        Carried::Suspended => unreachable!("a copy without a move signal is never suspended"),
     }
 }
 
-/// [`proxy`], starting from where a suspended copy stood (`from`), and
-/// suspending when `moving` fires: both directions stop where nothing is
-/// half done (a read not started, or a write of which the bytes left are
-/// returned), so no byte is lost or sent twice. A `moving` whose sender
-/// went away without a word never fires.
-pub async fn carry<C: Duplex, U: Duplex>(
-    client: &mut C,
-    upstream: &mut U,
-    limits: Limits,
-    bytes: &ByteCounters,
-    from: Suspended,
-    moving: Option<&mut tokio::sync::oneshot::Receiver<()>>,
-) -> Carried {
-    let up_sent = &bytes.sent;
-    let down_sent = &bytes.received;
-    let mut up = Way::from(from.up);
-    let mut down = Way::from(from.down);
-    let stopped = {
-        let (cr, cw) = client.halves();
-        let (ur, uw) = upstream.halves();
-        let both = async {
-            // The first error ends both directions.
-            let result = tokio::try_join!(
-                async {
-                    one_way(cr, uw, up_sent, &mut up)
-                        .await
-                        .map_err(|e| (true, e))
-                },
-                async {
-                    one_way(ur, cw, down_sent, &mut down)
-                        .await
-                        .map_err(|e| (false, e))
-                },
-            );
-            match result {
-                Ok(_) => CopyEnd::Closed,
-                // Writing to or reading from the upstream failed: it reset.
-                Err((true, Side::Write)) | Err((false, Side::Read)) => CopyEnd::UpstreamReset,
-                Err(_) => CopyEnd::ClientError,
-            }
-        };
-        let moved = async {
-            if let Some(rx) = moving
-                && rx.await.is_ok()
-            {
-                return;
-            }
-            std::future::pending::<()>().await
-        };
-        let deadline = limits.lifetime.map(|d| now_ms() + d.as_millis() as u64);
-        tokio::select! {
-            biased;
-            () = moved => None,
-            end = both => Some(end),
-            end = watchdog(bytes, limits.idle, deadline) => Some(end),
+/// Where a copy stands, both ways. It lives outside the copy's future: a
+/// suspension drops the future, and every read or write that completed is
+/// recorded here.
+#[derive(Debug, Default)]
+pub struct Progress {
+    up: Way,
+    down: Way,
+}
+
+impl From<Suspended> for Progress {
+    fn from(from: Suspended) -> Progress {
+        Progress {
+            up: Way::from(from.up),
+            down: Way::from(from.down),
         }
-    };
-    let Some(end) = stopped else {
-        return Carried::Suspended(Suspended {
-            up: up.into_state(),
-            down: down.into_state(),
-        });
-    };
-    if end != CopyEnd::Closed {
-        client.reset_on_close();
-        upstream.reset_on_close();
     }
-    Carried::Ended(end)
 }
 
-/// One direction's progress, kept outside its future: a suspension drops
-/// the future, and every read or write it completed is recorded here.
+impl Progress {
+    /// [`proxy`], starting from where this progress stands, and
+    /// suspending when `moving` fires: both directions stop where nothing
+    /// is half done (a read not started, or a write of which the bytes
+    /// left stay here), so no byte is lost or sent twice. A `moving` whose
+    /// sender went away without a word never fires.
+    // Not an `async fn`: that would keep a second copy of every argument
+    // in the future (rustc does not share their space), and this future is
+    // every connection's.
+    #[expect(clippy::manual_async_fn, reason = "see above")]
+    pub fn carry<'a, C: Duplex, U: Duplex>(
+        &'a mut self,
+        client: &'a mut C,
+        upstream: &'a mut U,
+        limits: &'a Limits,
+        bytes: &'a ByteCounters,
+        moving: Option<&'a mut tokio::sync::oneshot::Receiver<()>>,
+    ) -> impl Future<Output = Carried> + 'a {
+        async move {
+            let stopped = {
+                let (cr, cw) = client.halves();
+                let (ur, uw) = upstream.halves();
+                let (up, down) = (&mut self.up, &mut self.down);
+                let both = async {
+                    // The first error ends both directions.
+                    let result = tokio::try_join!(
+                        async {
+                            one_way(cr, uw, &bytes.sent, up)
+                                .await
+                                .map_err(|e| (true, e))
+                        },
+                        async {
+                            one_way(ur, cw, &bytes.received, down)
+                                .await
+                                .map_err(|e| (false, e))
+                        },
+                    );
+                    match result {
+                        Ok(_) => CopyEnd::Closed,
+                        // Writing to or reading from the upstream failed:
+                        // it reset.
+                        Err((true, Side::Write)) | Err((false, Side::Read)) => {
+                            CopyEnd::UpstreamReset
+                        }
+                        Err(_) => CopyEnd::ClientError,
+                    }
+                };
+                let moved = async {
+                    if let Some(rx) = moving
+                        && rx.await.is_ok()
+                    {
+                        return;
+                    }
+                    std::future::pending::<()>().await
+                };
+                let deadline = limits.lifetime.map(|d| now_ms() + d.as_millis() as u64);
+                tokio::select! {
+                    biased;
+                    () = moved => None,
+                    end = both => Some(end),
+                    end = watchdog(bytes, limits.idle, deadline) => Some(end),
+                }
+            };
+            let Some(end) = stopped else {
+                return Carried::Suspended;
+            };
+            if end != CopyEnd::Closed {
+                client.reset_on_close();
+                upstream.reset_on_close();
+            }
+            Carried::Ended(end)
+        }
+    }
+
+    /// Where a suspended copy stood, to carry it on from.
+    pub fn into_suspended(self) -> Suspended {
+        Suspended {
+            up: self.up.into_state(),
+            down: self.down.into_state(),
+        }
+    }
+}
+
+/// One direction's progress.
 #[derive(Debug, Default)]
 struct Way {
     buf: Vec<u8>,
@@ -324,57 +365,61 @@ enum Side {
     Write,
 }
 
-async fn one_way<R: ReadSide>(
+// Not an `async fn`, as [`Progress::carry`].
+#[expect(clippy::manual_async_fn, reason = "see above")]
+fn one_way<'a, R: ReadSide + 'a>(
     mut from: R,
-    mut to: impl AsyncWrite + Unpin,
-    sent: &AtomicU64,
-    way: &mut Way,
-) -> Result<(), Side> {
-    let mut size = INITIAL_BUFFER;
-    // Whether the last read left the socket drained.
-    let mut drained = false;
-    while !way.finished {
-        // Write by parts, each recorded: a suspension between two parts
-        // leaves exactly the bytes not yet written.
-        while way.start < way.end {
-            let n = to
-                .write(&way.buf[way.start..way.end])
-                .await
-                .map_err(|_| Side::Write)?;
-            if n == 0 {
-                return Err(Side::Write);
+    mut to: impl AsyncWrite + Unpin + 'a,
+    sent: &'a AtomicU64,
+    way: &'a mut Way,
+) -> impl Future<Output = Result<(), Side>> + 'a {
+    async move {
+        let mut size = INITIAL_BUFFER;
+        // Whether the last read left the socket drained.
+        let mut drained = false;
+        while !way.finished {
+            // Write by parts, each recorded: a suspension between two parts
+            // leaves exactly the bytes not yet written.
+            while way.start < way.end {
+                let n = to
+                    .write(&way.buf[way.start..way.end])
+                    .await
+                    .map_err(|_| Side::Write)?;
+                if n == 0 {
+                    return Err(Side::Write);
+                }
+                way.start += n;
+                sent.fetch_add(n as u64, Ordering::Relaxed);
             }
-            way.start += n;
-            sent.fetch_add(n as u64, Ordering::Relaxed);
+            // A TLS writer may hold a sealed record the socket had no room
+            // for; on TCP this is nothing.
+            to.flush().await.map_err(|_| Side::Write)?;
+            // All written: nothing in hand, whatever becomes of the buffer.
+            (way.start, way.end) = (0, 0);
+            if R::RELEASE_WHEN_DRAINED && drained {
+                // Let the buffer go while the connection is quiet.
+                way.buf = Vec::new();
+            } else if way.buf.len() < size {
+                way.buf.resize(size, 0);
+            }
+            let n = from
+                .read_some(&mut way.buf, size)
+                .await
+                .map_err(|_| Side::Read)?;
+            if n == way.buf.len() && size < MAX_BUFFER {
+                // A full read: more is probably waiting; read bigger next time.
+                size *= 2;
+            }
+            drained = n < way.buf.len();
+            (way.start, way.end) = (0, n);
+            if n == 0 {
+                // Pass the half-close on; the other direction goes on.
+                let _ = to.shutdown().await;
+                way.finished = true;
+            }
         }
-        // A TLS writer may hold a sealed record the socket had no room
-        // for; on TCP this is nothing.
-        to.flush().await.map_err(|_| Side::Write)?;
-        // All written: nothing in hand, whatever becomes of the buffer.
-        (way.start, way.end) = (0, 0);
-        if R::RELEASE_WHEN_DRAINED && drained {
-            // Let the buffer go while the connection is quiet.
-            way.buf = Vec::new();
-        } else if way.buf.len() < size {
-            way.buf.resize(size, 0);
-        }
-        let n = from
-            .read_some(&mut way.buf, size)
-            .await
-            .map_err(|_| Side::Read)?;
-        if n == way.buf.len() && size < MAX_BUFFER {
-            // A full read: more is probably waiting; read bigger next time.
-            size *= 2;
-        }
-        drained = n < way.buf.len();
-        (way.start, way.end) = (0, n);
-        if n == 0 {
-            // Pass the half-close on; the other direction goes on.
-            let _ = to.shutdown().await;
-            way.finished = true;
-        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// How many looks per idle period the watchdog takes: a connection idle
@@ -385,24 +430,32 @@ const IDLE_CHECKS: u64 = 4;
 /// [`now_ms`] terms). It compares the byte counters the copy keeps anyway,
 /// so the data path reads no clock; one timer serves both limits, to keep
 /// idle connections small.
-async fn watchdog(bytes: &ByteCounters, idle: Duration, deadline: Option<u64>) -> CopyEnd {
-    let idle_ms = (idle.as_millis() as u64).max(1);
-    let step = (idle_ms / IDLE_CHECKS).max(1);
-    let moved = || bytes.sent.load(Ordering::Relaxed) + bytes.received.load(Ordering::Relaxed);
-    let (mut last, mut quiet_since) = (moved(), now_ms());
-    loop {
-        let now = now_ms();
-        if deadline.is_some_and(|d| now >= d) {
-            return CopyEnd::MaxDuration;
+// Not an `async fn`, as [`Progress::carry`].
+#[expect(clippy::manual_async_fn, reason = "see above")]
+fn watchdog(
+    bytes: &ByteCounters,
+    idle: Duration,
+    deadline: Option<u64>,
+) -> impl Future<Output = CopyEnd> + '_ {
+    async move {
+        let idle_ms = (idle.as_millis() as u64).max(1);
+        let step = (idle_ms / IDLE_CHECKS).max(1);
+        let moved = || bytes.sent.load(Ordering::Relaxed) + bytes.received.load(Ordering::Relaxed);
+        let (mut last, mut quiet_since) = (moved(), now_ms());
+        loop {
+            let now = now_ms();
+            if deadline.is_some_and(|d| now >= d) {
+                return CopyEnd::MaxDuration;
+            }
+            let current = moved();
+            if current != last {
+                (last, quiet_since) = (current, now);
+            } else if now.saturating_sub(quiet_since) >= idle_ms {
+                return CopyEnd::Idle;
+            }
+            let next = deadline.map_or(now + step, |d| d.min(now + step));
+            tokio::time::sleep(Duration::from_millis(next.saturating_sub(now).max(1))).await;
         }
-        let current = moved();
-        if current != last {
-            (last, quiet_since) = (current, now);
-        } else if now.saturating_sub(quiet_since) >= idle_ms {
-            return CopyEnd::Idle;
-        }
-        let next = deadline.map_or(now + step, |d| d.min(now + step));
-        tokio::time::sleep(Duration::from_millis(next.saturating_sub(now).max(1))).await;
     }
 }
 

@@ -302,19 +302,15 @@ async fn a_suspended_copy_resumes_where_it_stopped_with_no_byte_lost_or_doubled(
             std::thread::sleep(Duration::from_millis(2));
             let _ = tx.send(());
         });
-        let carried = carry(
-            &mut client,
-            &mut upstream,
-            limits,
-            &bytes,
-            state,
-            Some(&mut rx),
-        )
-        .await;
+        let mut progress = Progress::from(state);
+        let carried = progress
+            .carry(&mut client, &mut upstream, &limits, &bytes, Some(&mut rx))
+            .await;
         trigger.join().unwrap();
         match carried {
             Carried::Ended(end) => break end,
-            Carried::Suspended(s) => {
+            Carried::Suspended => {
+                let s = progress.into_suspended();
                 suspensions += 1;
                 with_pending += usize::from(!s.down.pending.is_empty() || !s.up.pending.is_empty());
                 after_fin += usize::from(s.up.finished);
@@ -360,15 +356,9 @@ async fn a_dropped_move_signal_does_not_suspend() {
         upstream_app.shutdown().await.unwrap();
         got
     };
+    let mut progress = Progress::default();
     let (carried, got) = tokio::join!(
-        carry(
-            &mut client,
-            &mut upstream,
-            limits,
-            &bytes,
-            Suspended::default(),
-            Some(&mut rx)
-        ),
+        progress.carry(&mut client, &mut upstream, &limits, &bytes, Some(&mut rx)),
         apps
     );
     assert_eq!(&got, b"ping");
@@ -400,21 +390,14 @@ async fn a_quiet_connection_suspends_with_nothing_in_hand_and_goes_on() {
         tx.send(()).unwrap();
         (got, back)
     };
+    let mut progress = Progress::default();
     let (carried, (got, back)) = tokio::join!(
-        carry(
-            &mut client,
-            &mut upstream,
-            limits,
-            &bytes,
-            Suspended::default(),
-            Some(&mut rx)
-        ),
+        progress.carry(&mut client, &mut upstream, &limits, &bytes, Some(&mut rx)),
         first
     );
     assert_eq!((&got, &back), (b"hello", b"hi"));
-    let Carried::Suspended(state) = carried else {
-        panic!("{carried:?}");
-    };
+    assert_eq!(carried, Carried::Suspended);
+    let state = progress.into_suspended();
     assert_eq!(
         state,
         Suspended::default(),
@@ -428,8 +411,9 @@ async fn a_quiet_connection_suspends_with_nothing_in_hand_and_goes_on() {
         upstream_app.shutdown().await.unwrap();
         got
     };
+    let mut progress = Progress::from(state);
     let (carried, got) = tokio::join!(
-        carry(&mut client, &mut upstream, limits, &bytes, state, None),
+        progress.carry(&mut client, &mut upstream, &limits, &bytes, None),
         second
     );
     assert_eq!(got, b"again");

@@ -142,7 +142,7 @@ impl InboundListener {
             };
             let ctx = ctx.clone();
             let config = config.clone();
-            tokio::spawn(async move { handle(ctx, config, tcp, peer, guard, admitted).await });
+            tokio::spawn(handle(ctx, config, tcp, peer, guard, admitted));
         })
         .await;
     }
