@@ -18,4 +18,5 @@ mod pods;
 mod preflight;
 mod redirect;
 mod resilience;
+mod tunnels;
 mod upgrade;

@@ -22,22 +22,22 @@ use sluice_testkit::{process::SpawnGuarded, wait::wait_until};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const MARKER: &str = "PAYMENT-MARKER-7f3a";
-const VIP: &str = "127.77.3.10:8080";
+pub(crate) const VIP: &str = "127.77.3.10:8080";
 const PLAIN_VIP: &str = "127.77.3.11:8080";
-const HOUR: Duration = Duration::from_secs(3600);
+pub(crate) const HOUR: Duration = Duration::from_secs(3600);
 
-struct Mesh {
+pub(crate) struct Mesh {
     // Field order is drop order: the agents, then what they use.
-    a: Agent,
-    b: Agent,
-    configs: (AgentConfig, AgentConfig),
-    state: TempDir,
-    ledger: Backend,
+    pub(crate) a: Agent,
+    pub(crate) b: Agent,
+    pub(crate) configs: (AgentConfig, AgentConfig),
+    pub(crate) state: TempDir,
+    pub(crate) ledger: Backend,
     /// Serves the ledger endpoint instead of `ledger`, when asked for.
-    stream: Option<StreamServer>,
+    pub(crate) stream: Option<StreamServer>,
     plain: Backend,
-    inbound_port: u16,
-    pair: NodePair,
+    pub(crate) inbound_port: u16,
+    pub(crate) pair: NodePair,
 }
 
 /// Node A runs callers `client` (payments/checkout) and `batch`
@@ -50,12 +50,18 @@ fn mesh(lifetime: Duration) -> Mesh {
 /// [`mesh`], with node B's audit trail in its config's `audit.jsonl` when
 /// `audit`.
 fn mesh_audited(lifetime: Duration, audit: bool) -> Mesh {
-    mesh_with(lifetime, audit, None)
+    mesh_with(lifetime, audit, None, None)
 }
 
 /// The mesh, its ledger endpoint served by a [`StreamServer`] sending a
-/// tail of `tail` bytes at `pace` when `stream` says so.
-fn mesh_with(lifetime: Duration, audit: bool, stream: Option<(usize, Duration)>) -> Mesh {
+/// tail of `tail` bytes at `pace` when `stream` says so, its connections
+/// between the nodes in pooled tunnels configured so when `tunnels`.
+pub(crate) fn mesh_with(
+    lifetime: Duration,
+    audit: bool,
+    stream: Option<(usize, Duration)>,
+    tunnels: Option<config::Tunnels>,
+) -> Mesh {
     let pair = NodePair::new();
     let ledger = Backend::start_in("ledger", "127.0.0.1:0".parse().unwrap(), &pair.b);
     let stream = stream.map(|(tail, pace)| pair.b.run(move || StreamServer::start(tail, pace)));
@@ -81,6 +87,7 @@ fn mesh_with(lifetime: Duration, audit: bool, stream: Option<(usize, Duration)>)
             mesh.certificates = Some(config::Certificates {
                 local_ca: config::LocalCa { lifetime },
             });
+            mesh.tunnels = tunnels.clone();
         }
         config
     };
@@ -128,7 +135,7 @@ fn mesh_with(lifetime: Duration, audit: bool, stream: Option<(usize, Duration)>)
 }
 
 /// `n` calls to `vip`, one connection each, sending `<text> <i>`.
-fn calls(vip: &str, n: usize, text: &str) -> Calls {
+pub(crate) fn calls(vip: &str, n: usize, text: &str) -> Calls {
     Calls::new(vip.parse().unwrap(), n).text(text)
 }
 
@@ -278,12 +285,31 @@ impl rustls::client::ResolvesClientCert for Fixed {
 
 /// A client certificate for `uri`, valid from `from` to `to`, signed by the
 /// CA in `ca_dir` (or by a fresh, untrusted CA when `ca_dir` is None).
-fn client_cert(
+pub(crate) fn client_cert(
     ca_dir: Option<&Path>,
     uri: &str,
     from: SystemTime,
     to: SystemTime,
 ) -> Arc<CertifiedKey> {
+    let (cert, key) = issue(ca_dir, uri, from, to);
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    let signing = provider
+        .key_provider
+        .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+            key.serialize_der(),
+        )))
+        .unwrap();
+    Arc::new(CertifiedKey::new(vec![cert.der().clone()], signing))
+}
+
+/// A certificate for `uri` valid `from` `to`, from the CA in `ca_dir` (or
+/// a CA of its own), and its key.
+pub(crate) fn issue(
+    ca_dir: Option<&Path>,
+    uri: &str,
+    from: SystemTime,
+    to: SystemTime,
+) -> (rcgen::Certificate, KeyPair) {
     let issuer = match ca_dir {
         Some(dir) => {
             let key = KeyPair::from_pem(&std::fs::read_to_string(dir.join("ca-key.pem")).unwrap())
@@ -310,15 +336,7 @@ fn client_cert(
     };
     p.not_before = at(from);
     p.not_after = at(to);
-    let cert = p.signed_by(&key, &issuer).unwrap();
-    let provider = rustls::crypto::aws_lc_rs::default_provider();
-    let signing = provider
-        .key_provider
-        .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
-            key.serialize_der(),
-        )))
-        .unwrap();
-    Arc::new(CertifiedKey::new(vec![cert.der().clone()], signing))
+    (p.signed_by(&key, &issuer).unwrap(), key)
 }
 
 fn tls_config(cert: Arc<CertifiedKey>) -> Arc<ClientConfig> {
@@ -681,7 +699,7 @@ fn a_flood_of_unauthenticated_handshakes_is_bounded_and_costs_nothing_after() {
 #[test]
 fn an_mtls_stream_across_nodes_survives_upgrades_of_both_agents() {
     let (bytes, tail, pace) = (1 << 20, 512 << 10, Duration::from_millis(3));
-    let mut m = mesh_with(HOUR, false, Some((tail, Duration::from_millis(6))));
+    let mut m = mesh_with(HOUR, false, Some((tail, Duration::from_millis(6))), None);
     let client =
         m.a.client(
             "client",

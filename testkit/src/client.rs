@@ -56,6 +56,10 @@ pub enum Client {
         tail: usize,
         pace: Duration,
     },
+    /// One connection to an echo server: a KiB sent, the first of its echo
+    /// read, then the connection reset (RST, not FIN). Prints `reset`, or
+    /// `FAILED:` and why.
+    Reset { to: SocketAddr },
 }
 
 /// `len` bytes no window of which repeats within 251 bytes, so that a
@@ -193,6 +197,7 @@ impl Client {
     pub fn args(&self) -> Vec<String> {
         match self {
             Client::Hold { to } => vec!["hold".into(), to.to_string()],
+            Client::Reset { to } => vec!["reset".into(), to.to_string()],
             Client::Converse { to, count, pause } => vec![
                 "converse".into(),
                 to.to_string(),
@@ -262,6 +267,7 @@ impl Client {
         let addr = |s: &String| s.parse::<SocketAddr>().map_err(|_| bad());
         match args {
             [mode, to] if mode == "hold" => Ok(Client::Hold { to: addr(to)? }),
+            [mode, to] if mode == "reset" => Ok(Client::Reset { to: addr(to)? }),
             [mode, to, count, pause_us] if mode == "converse" => Ok(Client::Converse {
                 to: addr(to)?,
                 count: count.parse().map_err(|_| bad())?,
@@ -324,6 +330,7 @@ pub fn run(args: &[String]) -> i32 {
     let result = match client {
         Client::Calls(calls) => run_calls(&calls, &mut out),
         Client::Hold { to } => hold(to, &mut out),
+        Client::Reset { to } => reset(to, &mut out),
         Client::Blob { to, bytes, delay } => blob(to, bytes, delay, &mut out),
         Client::Converse { to, count, pause } => converse(to, count, pause, &mut out),
         Client::Stream {
@@ -549,6 +556,40 @@ fn blob(to: SocketAddr, bytes: usize, delay: Duration, out: &mut impl Write) -> 
     } else {
         writeln!(out, "corrupt {}", got.len())
     }
+}
+
+fn reset(to: SocketAddr, out: &mut impl Write) -> io::Result<()> {
+    use std::io::Read;
+    let mut stream = TcpStream::connect(to)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(&pattern(1024, 7))?;
+    let mut first = [0u8; 1];
+    match stream.read(&mut first) {
+        Ok(1) => {}
+        Ok(_) => return writeln!(out, "FAILED: the connection closed"),
+        Err(e) => return writeln!(out, "FAILED: {e}"),
+    }
+    // A zero linger makes the close an RST.
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: the descriptor is the open socket's, and the option value is
+    // a linger struct of the size given.
+    let set = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&stream),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if set != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    drop(stream);
+    writeln!(out, "reset")
 }
 
 fn converse(to: SocketAddr, count: usize, pause: Duration, out: &mut impl Write) -> io::Result<()> {

@@ -109,6 +109,21 @@ pub struct Mesh {
     pub inbound_handshake_timeout: Option<Duration>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub certificates: Option<Certificates>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tunnels: Option<Tunnels>,
+}
+
+/// `mesh.tunnels`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Tunnels {
+    pub enabled: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_streams_per_connection: Option<usize>,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "optional_duration"
+    )]
+    pub idle_timeout: Option<Duration>,
 }
 
 /// `mesh.certificates`: the local CA's lifetime is all the tests change.

@@ -311,6 +311,7 @@ impl AgentConfig {
         config.mesh = Some(config::Mesh {
             inbound_handshake_timeout: Some(Duration::from_secs(1)),
             certificates: None,
+            tunnels: None,
         });
         config.nodes = vec![PeerNode {
             name: peer.to_owned(),

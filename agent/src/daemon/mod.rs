@@ -42,7 +42,7 @@ use pods::PodListeners;
 use reload::{Live, identities_of};
 use start::{
     DataPlane, bind_listeners, build_inputs, offer_to_successor, prepare_kernel, serve_data_plane,
-    start_admin, start_discovery, static_info,
+    start_admin, start_discovery, start_tunnels, static_info,
 };
 
 use crate::{
@@ -259,11 +259,13 @@ async fn run_attached(
     ));
     let inputs = build_inputs(config, catalog, tls, &kernel)?;
     let discovery = start_discovery(config, start.root, &watch).await?;
+    let (handshakes, tunnels) = start_tunnels(config, &inputs, &watch)?;
     let outbound_ctx = Arc::new(OutboundContext {
         inputs: inputs.clone(),
         records: kernel.records.clone(),
         bypass: kernel.bypass.clone(),
         pods: discovery.as_ref().map(|d| d.pods.clone()),
+        tunnels,
     });
     let mut pods = PodListeners::new(SocketAddr::V4(config.agent.outbound));
     pods.sync(
@@ -302,7 +304,14 @@ async fn run_attached(
 
     redirect.attach(start.root)?;
     admin.attached.store(true, Ordering::Release);
-    let data_plane = serve_data_plane(config, listeners, &inputs, &outbound_ctx, &watch)?;
+    let data_plane = serve_data_plane(
+        config,
+        listeners,
+        &inputs,
+        &outbound_ctx,
+        handshakes,
+        &watch,
+    )?;
     let tables_changed = Arc::new(tokio::sync::Notify::new());
     tokio::spawn(fastpath::pump_kernel_events(
         kernel.events,

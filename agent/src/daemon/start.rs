@@ -23,10 +23,12 @@ use crate::{
     proxy::{
         Connections, OutboundContext, OutboundListener, ProxyInputs,
         inbound::{InboundContext, InboundListener},
+        tunnels::Tunnels,
     },
     redirect::{ProgramSettings, RecordMaps, Redirect, entries::kernel_entries},
     telemetry::{InboundStats, LogLimiter, Metrics, TraceLog},
     tls::TlsContext,
+    tunnel::{PoolConfig, TunnelConfig},
 };
 
 /// The kernel side once loaded and configured, before the programs are
@@ -270,15 +272,17 @@ pub(super) fn serve_data_plane(
     listeners: Listeners,
     inputs: &Arc<ProxyInputs>,
     outbound: &Arc<OutboundContext>,
+    (inbound_runtime, stop_inbound_runtime): Handshakes,
     watch: &DrainWatch,
 ) -> Result<DataPlane, AgentError> {
     let inbound_limits = InboundLimits::new(config.mesh.inbound_limits);
-    let (inbound_runtime, stop_inbound_runtime) =
-        upkeep::start_inbound_runtime().map_err(AgentError::Runtime)?;
     let inbound_ctx = Arc::new(InboundContext {
         inputs: inputs.clone(),
         handshake_timeout: config.mesh.inbound_handshake_timeout.0,
         limits: inbound_limits.clone(),
+        tunnel: TunnelConfig::default(),
+        data: tokio::runtime::Handle::current(),
+        drain: watch.clone(),
     });
     let mut servers = vec![(
         "outbound",
@@ -305,6 +309,41 @@ pub(super) fn serve_data_plane(
         _inbound_runtime: stop_inbound_runtime,
     })
 }
+
+/// The runtime where handshakes run, inbound and of outbound tunnels,
+/// apart from the data-plane workers that copy bytes; and the pooled
+/// tunnels to peer agents when `mesh.tunnels.enabled`, idle connections
+/// swept until the drain.
+pub(super) fn start_tunnels(
+    config: &Config,
+    inputs: &Arc<ProxyInputs>,
+    watch: &DrainWatch,
+) -> Result<(Handshakes, Option<Arc<Tunnels>>), AgentError> {
+    let handshakes = upkeep::start_inbound_runtime().map_err(AgentError::Runtime)?;
+    let settings = config.mesh.tunnels;
+    if !settings.enabled {
+        return Ok((handshakes, None));
+    }
+    let pool = PoolConfig {
+        max_streams_per_connection: settings.max_streams_per_connection,
+        idle_timeout: settings.idle_timeout.0,
+        tunnel: TunnelConfig::default(),
+    };
+    let tunnels = Arc::new(Tunnels::new(
+        inputs.tls.clone(),
+        inputs.metrics.clone(),
+        inputs.mark,
+        inputs.connect_timeout,
+        Some(handshakes.0.clone()),
+        pool,
+    ));
+    let (sweeping, mut drain) = (tunnels.clone(), watch.clone());
+    tokio::spawn(async move { sweeping.sweep_until(drain.draining()).await });
+    Ok((handshakes, Some(tunnels)))
+}
+
+/// The handshake runtime's handle, and what keeps it running.
+pub(super) type Handshakes = (tokio::runtime::Handle, tokio::sync::oneshot::Sender<()>);
 
 /// The node listeners' accept loops, and the inbound runtime, which runs
 /// until this is dropped: after the drain, so its connections finish.

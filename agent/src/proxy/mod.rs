@@ -30,6 +30,7 @@ pub mod inbound;
 pub mod lifecycle;
 pub mod moved;
 pub mod outbound;
+pub mod tunnels;
 mod upstream;
 
 pub use connections::{Connections, LiveConnection};

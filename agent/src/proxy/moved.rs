@@ -30,6 +30,7 @@ use crate::{
     drain::ConnectionGuard,
     handover::Batch,
     tls::session::{SessionState, TlsSession},
+    tunnel::TunnelStream,
 };
 
 /// A suspended connection with its sockets.
@@ -109,6 +110,17 @@ impl Movable for TlsSession {
         // half sent.
         let (tcp, state) = self.suspend().await?;
         Ok((tcp, Some(state)))
+    }
+}
+
+impl Movable for TunnelStream {
+    async fn into_moving(self) -> io::Result<(TcpStream, Option<SessionState>)> {
+        // Its HTTP/2 connection's state is not ours to hand over, so a
+        // tunnelled connection is listed as not movable and finishes in
+        // the agent that carries it; this is never reached.
+        Err(io::Error::other(
+            "a stream of a tunnel connection cannot move to another agent",
+        ))
     }
 }
 

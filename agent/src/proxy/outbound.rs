@@ -12,12 +12,13 @@ use super::{
     connections::{Callee, Caller},
     lifecycle::{ConnectionLife, Opening},
     moved::{MovedKind, MovedRecord, NotCarried, NotResumed, carry_or_move},
+    tunnels::Tunnels,
     upstream::{Upstream, connect_upstream, fail_fast},
 };
 use crate::{
     accept::accept_until_drained,
     carry::copy::{CopyEnd, Limits, Suspended},
-    catalog::{Service, ServicePolicy},
+    catalog::{Service, ServicePolicy, Workload},
     clock::now_ms,
     connect::BoundListener,
     discovery::PodLookup,
@@ -41,6 +42,8 @@ pub struct OutboundContext {
     pub bypass: Option<Bypass>,
     /// Reads the service account of a pod on another node (Kubernetes).
     pub pods: Option<Arc<PodLookup>>,
+    /// Pooled tunnels to peer agents, when `mesh.tunnels.enabled`.
+    pub tunnels: Option<Arc<Tunnels>>,
 }
 
 /// A bound outbound listener in one network namespace.
@@ -108,7 +111,7 @@ impl OutboundListener {
                     debug!("{peer}: no sockmap bypass for this connection: {e}");
                 }
                 let ctx = ctx.clone();
-                tokio::spawn(async move { handle(ctx, client, peer, netns, guard).await });
+                tokio::spawn(handle(ctx, client, peer, netns, guard));
             },
         )
         .await;
@@ -122,120 +125,148 @@ fn reset(stream: TcpStream) {
     let _ = stream.set_zero_linger();
 }
 
-async fn handle(
+// Not an `async fn`: that would keep a second copy of every argument in
+// the future (rustc does not share their space), and this future is every
+// connection's.
+#[expect(clippy::manual_async_fn, reason = "see above")]
+fn handle(
     ctx: Arc<OutboundContext>,
     client: TcpStream,
     peer: SocketAddr,
     netns: u64,
-    _guard: ConnectionGuard,
-) {
+    guard: ConnectionGuard,
+) -> impl Future<Output = ()> {
+    async move {
+        let _guard = guard;
+        let Some((service, source)) = caller_and_service(&ctx, peer, netns) else {
+            return reset(client);
+        };
+        let policy = &service.policy;
+        let started = tokio::time::Instant::now();
+        let Some(_connection_slot) = service.state.open_connection(&policy.thresholds) else {
+            fail_fast(&service, Overflow::MaxConnections);
+            refused(&ctx, &service, source.as_deref(), CloseReason::Overflow);
+            return reset(client);
+        };
+        let pick = PickContext {
+            source_workload: source.as_deref().map(|w| w.name.as_str()),
+            source_addr: peer.ip(),
+        };
+        // Boxed: the connect phase (TLS included) is the largest state of
+        // this future, and an idle connection should not carry its space.
+        let connecting = Box::pin(connect_upstream(&ctx, &service, &pick, source.as_deref()));
+        let (upstream, chosen) = match connecting.await {
+            Ok(connected) => connected,
+            Err(reason) => {
+                refused(&ctx, &service, source.as_deref(), reason);
+                return reset(client);
+            }
+        };
+        if service.state.note_served() {
+            info!(
+                "service {}: below its thresholds again; serving new connections",
+                service.qualified_name()
+            );
+        }
+        let endpoint = &service.endpoints[chosen.index];
+        let _in_flight = endpoint.state.open_connection();
+        let life = ConnectionLife::open(
+            &ctx.inputs.connections,
+            &ctx.inputs.audit,
+            Opening {
+                caller: Caller::Workload(source.clone()),
+                callee: Callee::Service {
+                    service: service.clone(),
+                    endpoint: chosen.index,
+                },
+                client: peer,
+                upstream: endpoint.addr,
+                security: security_of(&upstream),
+                accepted: started,
+                // A tunnelled stream's HTTP/2 connection cannot move: it
+                // finishes in this agent.
+                movable: !matches!(upstream, Upstream::Tunnel(_)),
+            },
+            Some(service.connection_metrics(
+                &ctx.inputs.metrics,
+                source.as_deref(),
+                Some(chosen.index),
+            )),
+        );
+        let _ = client.set_nodelay(true);
+        let limits = limits_after(policy, life.age());
+        let from = Suspended::default();
+        // Matched here rather than in a helper: each async layer keeps its
+        // own copy of what it passes on, and this future is every
+        // connection's. The TLS and tunnel copies are boxed: larger
+        // futures, and every plaintext connection's task would otherwise
+        // be sized for them.
+        let end = match upstream {
+            Upstream::Plain(up) => carry_or_move(&ctx.inputs, client, up, life, limits, from).await,
+            Upstream::Tls(up) => {
+                Box::pin(carry_or_move(&ctx.inputs, client, *up, life, limits, from)).await
+            }
+            Upstream::Tunnel(up) => {
+                Box::pin(carry_or_move(&ctx.inputs, client, *up, life, limits, from)).await
+            }
+        };
+        if let Some(end) = end {
+            after_copy(&service, chosen, end);
+        }
+    }
+}
+
+/// The service a redirected connection dialled and the workload that
+/// dialled it, from the connect hook's record; None (after saying why)
+/// when either cannot be found, and the connection is to be reset.
+fn caller_and_service(
+    ctx: &OutboundContext,
+    peer: SocketAddr,
+    netns: u64,
+) -> Option<(Arc<Service>, Option<Arc<Workload>>)> {
     let record = match ctx.records.take(netns, peer) {
         Ok(Some(record)) => record,
         Ok(None) => {
             debug!("{peer}: connected to the outbound listener without a redirect; closing");
-            return reset(client);
+            return None;
         }
         Err(e) => {
             warn!("{peer}: cannot read the redirect record: {e}; closing");
-            return reset(client);
+            return None;
         }
     };
-    let (service, source) = {
-        let catalog = ctx.inputs.catalog.load();
-        let Some(service) = catalog.service(record.original_dst).cloned() else {
-            warn!(
-                "{peer}: dialled {}, which is no longer a meshed service; closing",
-                record.original_dst
-            );
-            return reset(client);
-        };
-        // Release the snapshot now: a long connection must not pin an old
-        // catalog.
-        (
-            service,
-            catalog
-                .workload_of_caller(record.cgroup_id, &record.ancestors)
-                .cloned(),
-        )
-    };
-    let policy = &service.policy;
-    let started = tokio::time::Instant::now();
-    let refused = |reason: CloseReason| {
-        let m = service.connection_metrics(&ctx.inputs.metrics, source.as_deref(), None);
-        m.opened.inc();
-        m.closed(reason).inc();
-    };
-    let Some(_connection_slot) = service.state.open_connection(&policy.thresholds) else {
-        fail_fast(&service, Overflow::MaxConnections);
-        refused(CloseReason::Overflow);
-        return reset(client);
-    };
-    let pick = PickContext {
-        source_workload: source.as_deref().map(|w| w.name.as_str()),
-        source_addr: peer.ip(),
-    };
-    // Boxed: the connect phase (TLS included) is the largest state of this
-    // future, and an idle connection should not carry its space.
-    let connecting = Box::pin(connect_upstream(&ctx, &service, &pick, source.as_deref()));
-    let (upstream, chosen) = match connecting.await {
-        Ok(connected) => connected,
-        Err(reason) => {
-            refused(reason);
-            return reset(client);
-        }
-    };
-    if service.state.note_served() {
-        info!(
-            "service {}: below its thresholds again; serving new connections",
-            service.qualified_name()
+    let catalog = ctx.inputs.catalog.load();
+    let Some(service) = catalog.service(record.original_dst).cloned() else {
+        warn!(
+            "{peer}: dialled {}, which is no longer a meshed service; closing",
+            record.original_dst
         );
-    }
-    let endpoint = &service.endpoints[chosen.index];
-    let _in_flight = endpoint.state.open_connection();
-    let security = security_of(&upstream);
-    let life = ConnectionLife::open(
-        &ctx.inputs.connections,
-        &ctx.inputs.audit,
-        Opening {
-            caller: Caller::Workload(source.clone()),
-            callee: Callee::Service {
-                service: service.clone(),
-                endpoint: chosen.index,
-            },
-            client: peer,
-            upstream: endpoint.addr,
-            security,
-            accepted: started,
-            movable: true,
-        },
-        Some(service.connection_metrics(
-            &ctx.inputs.metrics,
-            source.as_deref(),
-            Some(chosen.index),
-        )),
-    );
-    let _ = client.set_nodelay(true);
-    let limits = limits_after(policy, life.age());
-    let from = Suspended::default();
-    // Matched here rather than in a helper: each async layer keeps its own
-    // copy of what it passes on, and this future is every connection's.
-    let end = match upstream {
-        Upstream::Plain(up) => carry_or_move(&ctx.inputs, client, up, life, limits, from).await,
-        // Boxed: a TLS session's copy is a larger future, and every
-        // plaintext connection's task would otherwise be sized for it.
-        Upstream::Tls(up) => {
-            Box::pin(carry_or_move(&ctx.inputs, client, *up, life, limits, from)).await
-        }
+        return None;
     };
-    if let Some(end) = end {
-        after_copy(&service, chosen, end);
-    }
+    // The snapshot is released on return: a long connection must not pin
+    // an old catalog.
+    let source = catalog
+        .workload_of_caller(record.cgroup_id, &record.ancestors)
+        .cloned();
+    Some((service, source))
+}
+
+/// Counts a connection refused before it reached an endpoint.
+fn refused(
+    ctx: &OutboundContext,
+    service: &Service,
+    source: Option<&Workload>,
+    reason: CloseReason,
+) {
+    let m = service.connection_metrics(&ctx.inputs.metrics, source, None);
+    m.opened.inc();
+    m.closed(reason).inc();
 }
 
 fn security_of(upstream: &Upstream) -> &'static str {
     match upstream {
         Upstream::Plain(_) => "plaintext",
-        Upstream::Tls(_) => "mutual_tls",
+        Upstream::Tls(_) | Upstream::Tunnel(_) => "mutual_tls",
     }
 }
 
@@ -349,6 +380,7 @@ pub(super) async fn resume(
     let end = match upstream {
         Upstream::Plain(up) => carry_or_move(inputs, client, up, life, limits, from).await,
         Upstream::Tls(up) => Box::pin(carry_or_move(inputs, client, *up, life, limits, from)).await,
+        Upstream::Tunnel(_) => unreachable!("a tunnelled connection is never moved"),
     };
     if let Some(end) = end {
         let chosen = Chosen {

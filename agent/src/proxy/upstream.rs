@@ -9,7 +9,10 @@ use std::{io, time::Duration};
 use log::warn;
 use tokio::net::TcpStream;
 
-use super::outbound::OutboundContext;
+use super::{
+    outbound::OutboundContext,
+    tunnels::{TunnelKey, Tunnels},
+};
 use crate::{
     audit::{Denial, Party},
     authz,
@@ -24,6 +27,7 @@ use crate::{
     route::{self, Chosen, NoEndpoint, Tried},
     telemetry::CloseReason,
     tls::{Identity, session::TlsSession},
+    tunnel::{TunnelError, TunnelStream},
 };
 
 /// The identity of the pod behind an endpoint on another node, read from
@@ -56,6 +60,8 @@ async fn learn_identity<'a>(
 pub(super) enum Upstream {
     Plain(TcpStream),
     Tls(Box<TlsSession>),
+    /// A stream of a pooled tunnel connection to the peer node's agent.
+    Tunnel(Box<TunnelStream>),
 }
 
 /// Why a dial failed.
@@ -143,7 +149,7 @@ pub(super) async fn connect_upstream(
             return Err(CloseReason::Overflow);
         };
         let started = tokio::time::Instant::now();
-        match dial(ctx, service, endpoint, source).await {
+        match dial(ctx, service, endpoint, source, pick.source_addr).await {
             Ok(upstream) => {
                 let micros = started.elapsed().as_micros() as u64;
                 route::report(service, chosen, Outcome::Connected { micros }, now_ms());
@@ -231,6 +237,7 @@ async fn dial(
     service: &Service,
     endpoint: &Endpoint,
     source: Option<&Workload>,
+    caller: std::net::IpAddr,
 ) -> Result<Upstream, DialError> {
     let timeout = service.policy.connect_timeout;
     let meshable = !endpoint.local && service.mode != Mode::Plaintext;
@@ -275,6 +282,15 @@ async fn dial(
     let Some(source) = source else {
         return Err(DialError::Caller(NoMeshPath::NoCallerIdentity));
     };
+    if let Some(tunnels) = &ctx.tunnels {
+        let key = TunnelKey {
+            source: source.identity.clone(),
+            netns: source.netns.clone(),
+            node: peer,
+            dest: dest.clone(),
+        };
+        return tunnel(tunnels, &key, endpoint.addr, caller, timeout).await;
+    }
     let Some(config) = tls.client_config(&source.identity) else {
         return Err(DialError::Caller(NoMeshPath::NoCertificate(
             source.identity.clone(),
@@ -295,6 +311,34 @@ async fn dial(
             io::ErrorKind::TimedOut,
             format!(
                 "no mTLS connection to {peer} within {}ms",
+                timeout.as_millis()
+            ),
+        ))),
+    }
+}
+
+/// A stream to `target` over a pooled tunnel connection. The peer agent's
+/// 401 is a policy refusal (it audited it), not the endpoint's failure.
+async fn tunnel(
+    tunnels: &Tunnels,
+    key: &TunnelKey,
+    target: std::net::SocketAddr,
+    caller: std::net::IpAddr,
+    timeout: Duration,
+) -> Result<Upstream, DialError> {
+    match tokio::time::timeout(timeout, tunnels.connect(key, target, caller)).await {
+        Ok(Ok(stream)) => Ok(Upstream::Tunnel(Box::new(stream))),
+        Ok(Err(TunnelError::Refused { status, .. }))
+            if status == http::StatusCode::UNAUTHORIZED =>
+        {
+            Err(DialError::Denied)
+        }
+        Ok(Err(e)) => Err(DialError::Endpoint(io::Error::other(e))),
+        Err(_) => Err(DialError::Endpoint(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "no tunnel stream to {target} through {} within {}ms",
+                key.node,
                 timeout.as_millis()
             ),
         ))),

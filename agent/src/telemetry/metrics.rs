@@ -10,6 +10,8 @@
 
 use std::{collections::HashMap, sync::Arc};
 
+use super::TunnelMetrics;
+
 use arc_swap::ArcSwap;
 use prometheus_client::{
     collector::Collector,
@@ -138,6 +140,7 @@ pub struct Metrics {
     catalog_updates: Family<UpdateLabels, Counter>,
     handover_refusals: Family<ReasonLabel, Counter>,
     handover_connections: Family<ResultLabels, Counter>,
+    pub tunnels: TunnelMetrics,
 }
 
 /// The handles one kind of connection (source workload, endpoint) needs.
@@ -252,6 +255,8 @@ impl Metrics {
             })
             .set(1);
         registry.register("sluice_build_info", "Build of the running agent", build);
+        let tunnels = TunnelMetrics::default();
+        tunnels.register(&mut registry);
         if let Some(c) = collector {
             registry.register_collector(c);
         }
@@ -268,6 +273,7 @@ impl Metrics {
             catalog_updates,
             handover_refusals,
             handover_connections,
+            tunnels,
         })
     }
 

@@ -7,8 +7,10 @@ pub mod log_limit;
 pub mod metrics;
 pub mod stats;
 pub mod trace;
+pub mod tunnels;
 
 pub use log_limit::LogLimiter;
 pub use metrics::{CloseReason, ConnectionMetrics, Metrics, MetricsCache};
 pub use stats::{ByteCounters, InboundStats, Refusal};
 pub use trace::TraceLog;
+pub use tunnels::TunnelMetrics;

@@ -117,6 +117,9 @@ impl TlsContext {
             .map_err(|e| TlsSetupError::Config(e.to_string()))?
             .with_client_cert_verifier(Arc::new(verify::CallerVerifier(store.clone())))
             .with_cert_resolver(Arc::new(store::ServerCerts(store.clone())));
+        // A peer that asks for HTTP/2 gets a tunnel connection; one that
+        // asks for nothing, a connection per application connection.
+        server.alpn_protocols = vec![b"h2".to_vec()];
         // Stateless resumption: a reconnecting peer skips the full handshake.
         server.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()
             .map_err(|e| TlsSetupError::Config(e.to_string()))?;
@@ -142,6 +145,15 @@ impl TlsContext {
     /// identity. Its session cache makes reconnects resume.
     pub fn client_config(&self, source: &Identity) -> Option<Arc<ClientConfig>> {
         self.clients.load().get(source).cloned()
+    }
+
+    /// [`Self::client_config`] for a tunnel connection: it asks for HTTP/2
+    /// by ALPN. It shares the per-connection configuration's session
+    /// cache, so a pool reconnect resumes.
+    pub fn tunnel_client_config(&self, source: &Identity) -> Option<Arc<ClientConfig>> {
+        let mut config = ClientConfig::clone(&*self.client_config(source)?);
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Some(Arc::new(config))
     }
 
     /// Makes client configurations for exactly these local identities

@@ -18,9 +18,8 @@
 //!   each (and never more than the peer's SETTINGS_MAX_CONCURRENT_STREAMS),
 //!   a new connection when all are full, none that got GOAWAY or closed.
 //!
-//! What is not here yet (see issue 16): TLS and identities (the caller's
-//! dialler and handler bring them), HBONE's `baggage`/`forwarded`/
-//! `traceparent` values, metrics.
+//! TLS and identities are the caller's: the agent's dialler and inbound
+//! handler are in `proxy::tunnels` and `proxy::inbound::tunnel`.
 
 mod client;
 mod pool;
@@ -29,9 +28,16 @@ mod stream;
 #[cfg(test)]
 mod tests;
 
-use std::{io, net::SocketAddr, time::Duration};
+use std::{
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use h2::{Ping, PingPong, Reason};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 pub use client::TunnelClient;
 pub use pool::{Dial, Pool, PoolConfig};
@@ -132,6 +138,59 @@ impl TunnelError {
             }
             _ => false,
         }
+    }
+}
+
+/// A tunnel connection's transport with something that lives exactly as
+/// long as it (in the agent: the count of open tunnel connections).
+pub struct Guarded<T, G> {
+    io: T,
+    _guard: G,
+}
+
+impl<T, G> Guarded<T, G> {
+    pub fn new(io: T, guard: G) -> Guarded<T, G> {
+        Guarded { io, _guard: guard }
+    }
+}
+
+impl<T: AsyncRead + Unpin, G: Unpin> AsyncRead for Guarded<T, G> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin, G: Unpin> AsyncWrite for Guarded<T, G> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

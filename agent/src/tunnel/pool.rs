@@ -40,6 +40,15 @@ use super::{TunnelClient, TunnelConfig, TunnelError, TunnelStream};
 pub trait Dial<K>: Send + Sync {
     type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
 
+    /// Which credentials the connections of `key` are made with now (in
+    /// the agent: when the source identity's certificate was installed).
+    /// A pooled connection made under another takes no new stream; its
+    /// open streams finish on it. Rotation so drains the old connections
+    /// without failing a stream.
+    fn generation(&self, _key: &K) -> u64 {
+        0
+    }
+
     fn dial(&self, key: &K) -> impl Future<Output = io::Result<Self::Io>> + Send;
 }
 
@@ -68,6 +77,8 @@ impl Default for PoolConfig {
 #[derive(Debug)]
 struct Pooled {
     client: TunnelClient,
+    /// [`Dial::generation`] when it was dialled.
+    generation: u64,
     streams: AtomicUsize,
     /// When its last stream ended (or it was made).
     idle_since: Mutex<Instant>,
@@ -135,9 +146,13 @@ where
         let peer = self.peer(key);
         let mut avoid = None;
         loop {
-            let slot = match self.checkout(&peer, avoid.as_ref()) {
+            let generation = self.dial.generation(key);
+            let slot = match self.checkout(&peer, generation, avoid.as_ref()) {
                 Some(slot) => slot,
-                None => self.dial_new(key, &peer, avoid.as_ref()).await?,
+                None => {
+                    self.dial_new(key, &peer, generation, avoid.as_ref())
+                        .await?
+                }
             };
             let client = slot.0.client.clone();
             match client.open(target, headers.clone()).await {
@@ -169,10 +184,10 @@ where
 
     /// A slot on the first usable connection with room (filling the
     /// oldest first, so that spare ones go idle and close), dropping the
-    /// unusable ones.
-    fn checkout(&self, peer: &Peer, avoid: Option<&Arc<Pooled>>) -> Option<Slot> {
+    /// unusable ones and those of another generation.
+    fn checkout(&self, peer: &Peer, generation: u64, avoid: Option<&Arc<Pooled>>) -> Option<Slot> {
         let mut connections = lock(&peer.connections);
-        connections.retain(|c| c.client.is_usable());
+        connections.retain(|c| c.generation == generation && c.client.is_usable());
         let pooled = connections.iter().find(|c| {
             avoid.is_none_or(|a| !Arc::ptr_eq(a, c))
                 && c.streams.load(Ordering::Acquire) < self.room(c)
@@ -189,11 +204,12 @@ where
         &self,
         key: &K,
         peer: &Peer,
+        generation: u64,
         avoid: Option<&Arc<Pooled>>,
     ) -> Result<Slot, TunnelError> {
         let asked = Instant::now();
         let _dialing = peer.dialing.lock().await;
-        if let Some(slot) = self.checkout(peer, avoid) {
+        if let Some(slot) = self.checkout(peer, generation, avoid) {
             return Ok(slot);
         }
         if let Some((at, why)) = &*lock(&peer.failed)
@@ -216,6 +232,7 @@ where
         };
         let pooled = Arc::new(Pooled {
             client,
+            generation,
             streams: AtomicUsize::new(1),
             idle_since: Mutex::new(Instant::now()),
         });

@@ -84,20 +84,19 @@ fn target_of(request: &Request<RecvStream>) -> Result<SocketAddr, StatusCode> {
 }
 
 /// Serves one tunnel connection over `io` (after its TLS handshake): each
-/// well-formed CONNECT goes to `handler` on a task of its own, malformed
-/// ones are refused here. When `shutdown` resolves, a GOAWAY tells the
+/// well-formed CONNECT goes to `handler`, which must not block (it spawns
+/// the stream's work where it belongs); malformed ones are refused here. When `shutdown` resolves, a GOAWAY tells the
 /// peer to open new streams elsewhere; the streams already open go on,
 /// and this returns once they are done (or the connection fails).
-pub async fn serve<T, H, F>(
+pub async fn serve<T, H>(
     io: T,
     config: &TunnelConfig,
-    handler: H,
+    mut handler: H,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), TunnelError>
 where
     T: AsyncRead + AsyncWrite + Unpin,
-    H: Fn(Incoming) -> F,
-    F: Future<Output = ()> + Send + 'static,
+    H: FnMut(Incoming),
 {
     let mut connection = h2::server::Builder::new()
         .initial_window_size(config.stream_window)
@@ -157,6 +156,6 @@ where
             headers: parts.headers,
             pending: Some((recv, respond)),
         };
-        tokio::spawn(handler(incoming));
+        handler(incoming);
     }
 }

@@ -9,12 +9,13 @@
 //! gets one worker on CPU 0; the load generator and the backend share CPU 1.
 
 mod loadgen;
+mod mesh;
 mod report;
 mod upgrade;
 
 use std::{
     io::{BufRead, BufReader, Write},
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::Duration,
@@ -23,8 +24,8 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
 use sluice_testkit::{
-    config::{CircuitBreakers, Config, Endpoint, Mode, PeerNode, Service, Workload},
-    netns::{self, Netns},
+    config::{CircuitBreakers, Config, Endpoint, Mode, Service, Workload},
+    netns::Netns,
     port::free_port,
 };
 
@@ -69,17 +70,20 @@ pub enum Route {
     /// Proxy mode with the sockmap bypass on the workload-agent leg.
     SluiceSockmap,
     SluiceMtls,
+    /// mTLS between the nodes in pooled HTTP/2 tunnels.
+    SluiceTunnel,
     Haproxy,
     Nginx,
 }
 
 impl Route {
-    const ALL: [Route; 7] = [
+    const ALL: [Route; 8] = [
         Route::Direct,
         Route::Sluice,
         Route::SluiceKernel,
         Route::SluiceSockmap,
         Route::SluiceMtls,
+        Route::SluiceTunnel,
         Route::Haproxy,
         Route::Nginx,
     ];
@@ -91,6 +95,7 @@ impl Route {
             Route::SluiceKernel => "sluice-kernel",
             Route::SluiceSockmap => "sluice-sockmap",
             Route::SluiceMtls => "sluice-mtls",
+            Route::SluiceTunnel => "sluice-tunnel",
             Route::Haproxy => "haproxy",
             Route::Nginx => "nginx",
         }
@@ -319,9 +324,10 @@ struct Rig {
     pids: Vec<(Route, Vec<u32>)>,
     sluice_config: PathBuf,
     sockmap_config: PathBuf,
-    mtls_config: PathBuf,
     _procs: Vec<Proc>,
-    netns: [Netns; 2],
+    // After the processes: their namespaces.
+    mtls: mesh::MeshPair,
+    tunnel: mesh::MeshPair,
 }
 
 fn start_agent(
@@ -388,15 +394,7 @@ fn setup(s: &Settings) -> anyhow::Result<Rig> {
     // Sluice, one node.
     let state = dir.join("state");
     let sluice_config = dir.join("sluice.yaml");
-    let echo = |vip: &str, endpoint: Endpoint| -> anyhow::Result<Service> {
-        let breakers = CircuitBreakers {
-            max_connections: Some(100_000),
-            max_pending_connects: Some(100_000),
-        };
-        Ok(Service::new("echo", "bench", vip.parse()?, &[])
-            .circuit_breakers(breakers)
-            .endpoints(vec![endpoint]))
-    };
+    let echo = echo_service;
     let local_echo = Endpoint::new(backend);
     let mut one = node("bench", "sluice-bench", "one", &state)?;
     one.services = vec![
@@ -435,64 +433,24 @@ fn setup(s: &Settings) -> anyhow::Result<Rig> {
     wait_ready(&sluice, &sockmap_config, None)?;
     let sockmap_pid = procs.last().map(Proc::pid).unwrap_or(0);
 
-    // Sluice with mTLS: two nodes in network namespaces joined by veth.
-    let tag = std::process::id();
-    let netns = [
-        Netns::create(&format!("sluice-bench-a-{tag}"))?,
-        Netns::create(&format!("sluice-bench-b-{tag}"))?,
-    ];
-    let (a_addr, b_addr): (IpAddr, IpAddr) = ("198.19.77.1".parse()?, "198.19.77.2".parse()?);
-    netns::veth(&netns[0], "vba", &netns[1], "vbb")?;
-    netns[0].ip(&["addr", "add", &format!("{a_addr}/24"), "dev", "vba"])?;
-    netns[1].ip(&["addr", "add", &format!("{b_addr}/24"), "dev", "vbb"])?;
-    let backend_b = netns[1].run(|| {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| start_backend(l).map_err(std::io::Error::other))
-    })?;
-    let mtls_config = dir.join("sluice-mtls-a.yaml");
-    let mtls_config_b = dir.join("sluice-mtls-b.yaml");
-    let mesh_inbound = free_port()?;
-    let mut a = node("a", "sluice-bench-a", "a", &state)?;
-    a.node.address = Some(a_addr);
-    a.agent.inbound_port = Some(mesh_inbound);
-    a.nodes = vec![PeerNode {
-        name: "b".into(),
-        address: b_addr,
-    }];
-    a.services = vec![echo(
-        "127.77.9.11:8080",
-        Endpoint::new(backend_b).remote("b", Some("echo")),
-    )?];
-    a.write(&mtls_config)?;
-    let mut b = node("b", "sluice-bench-b", "b", &state)?;
-    b.node.address = Some(b_addr);
-    b.agent.inbound_port = Some(mesh_inbound);
-    b.nodes = vec![PeerNode {
-        name: "a".into(),
-        address: a_addr,
-    }];
-    b.workloads = vec![Workload::new("echo", "bench", "echo")];
-    b.services = vec![echo(
-        "127.77.9.11:8080",
-        Endpoint::new(backend_b).workload("echo"),
-    )?];
-    b.write(&mtls_config_b)?;
-    procs.push(start_agent(
+    // Sluice with mTLS: two nodes in network namespaces joined by veth;
+    // again with tunnels.
+    let mtls = mesh::start(
+        &dir,
         &sluice,
-        &mtls_config,
-        Some(&netns[0]),
-        "sluice node a",
-    )?);
-    let a_pid = procs.last().map(Proc::pid).unwrap_or(0);
-    procs.push(start_agent(
+        &state,
+        ("mtls", 77, "127.77.9.11:8080"),
+        false,
+        &mut procs,
+    )?;
+    let tunnel = mesh::start(
+        &dir,
         &sluice,
-        &mtls_config_b,
-        Some(&netns[1]),
-        "sluice node b",
-    )?);
-    let b_pid = procs.last().map(Proc::pid).unwrap_or(0);
-    wait_ready(&sluice, &mtls_config, Some(&netns[0]))?;
-    wait_ready(&sluice, &mtls_config_b, Some(&netns[1]))?;
+        &state,
+        ("tun", 78, "127.77.9.14:8080"),
+        true,
+        &mut procs,
+    )?;
 
     // HAProxy, TCP mode, one thread.
     let haproxy_port = free_port()?;
@@ -557,6 +515,7 @@ fn setup(s: &Settings) -> anyhow::Result<Rig> {
             (Route::SluiceKernel, "127.77.9.12:8080".parse()?),
             (Route::SluiceSockmap, "127.77.9.13:8080".parse()?),
             (Route::SluiceMtls, "127.77.9.11:8080".parse()?),
+            (Route::SluiceTunnel, "127.77.9.14:8080".parse()?),
             (
                 Route::Haproxy,
                 SocketAddr::from(([127, 0, 0, 1], haproxy_port)),
@@ -570,16 +529,29 @@ fn setup(s: &Settings) -> anyhow::Result<Rig> {
             // the outcome events it reads.
             (Route::SluiceKernel, vec![]),
             (Route::SluiceSockmap, vec![sockmap_pid]),
-            (Route::SluiceMtls, vec![a_pid, b_pid]),
+            (Route::SluiceMtls, mtls.pids.clone()),
+            (Route::SluiceTunnel, tunnel.pids.clone()),
             (Route::Haproxy, vec![haproxy_pid]),
             (Route::Nginx, vec![nginx_pid]),
         ],
         sluice_config,
         sockmap_config,
-        mtls_config,
         _procs: procs,
-        netns,
+        mtls,
+        tunnel,
     })
+}
+
+/// The bench's echo service at `vip` with one endpoint, its breakers out
+/// of the way.
+fn echo_service(vip: &str, endpoint: Endpoint) -> anyhow::Result<Service> {
+    let breakers = CircuitBreakers {
+        max_connections: Some(100_000),
+        max_pending_connects: Some(100_000),
+    };
+    Ok(Service::new("echo", "bench", vip.parse()?, &[])
+        .circuit_breakers(breakers)
+        .endpoints(vec![endpoint]))
 }
 
 /// A bench node's config: one workload `bench` (bench/client), its agent on
@@ -622,18 +594,27 @@ impl Rig {
         let mut cmd = Command::new("taskset");
         cmd.args(["-c", "1"]);
         match path {
-            Route::Sluice | Route::SluiceKernel | Route::SluiceSockmap | Route::SluiceMtls => {
-                let config = match path {
-                    Route::SluiceMtls => &self.mtls_config,
-                    Route::SluiceSockmap => &self.sockmap_config,
+            Route::Sluice
+            | Route::SluiceKernel
+            | Route::SluiceSockmap
+            | Route::SluiceMtls
+            | Route::SluiceTunnel => {
+                let pair = match path {
+                    Route::SluiceMtls => Some(&self.mtls),
+                    Route::SluiceTunnel => Some(&self.tunnel),
+                    _ => None,
+                };
+                let config = match (path, pair) {
+                    (_, Some(pair)) => &pair.config,
+                    (Route::SluiceSockmap, _) => &self.sockmap_config,
                     _ => &self.sluice_config,
                 };
                 cmd.arg(&self.sluice)
                     .args(["exec", "--workload", "bench", "--config"])
                     .arg(config)
                     .arg("--");
-                if path == Route::SluiceMtls {
-                    self.netns[0].enter_on_exec(&mut cmd)?;
+                if let Some(pair) = pair {
+                    pair.netns[0].enter_on_exec(&mut cmd)?;
                 }
             }
             _ => {}

@@ -9,14 +9,16 @@
 use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
 use log::debug;
-use rustls::{CertificateError, Error as TlsError};
 use tokio::net::{TcpListener, TcpStream};
+
+use refusals::{refusal_of_handshake, refusal_of_tls};
 
 use super::{
     ProxyInputs,
     connections::{Callee, Caller},
     lifecycle::{ConnectionLife, Opening},
     moved::{MovedKind, MovedRecord, NotCarried, NotResumed, carry_or_move},
+    tunnels::ALPN_H2,
 };
 use crate::{
     accept::{
@@ -35,46 +37,9 @@ use crate::{
     drain::{ConnectionGuard, DrainWatch},
     handover::Inherited,
     telemetry::Refusal,
-    tls::{Identity, RootOutOfDomain, identity_of, session::TlsSession},
+    tls::{Identity, identity_of, session::TlsSession},
+    tunnel::TunnelConfig,
 };
-
-/// Why a failed TLS handshake failed, as counted and logged.
-fn refusal_of_handshake(e: &io::Error) -> Refusal {
-    if e.kind() == io::ErrorKind::UnexpectedEof {
-        return Refusal::ClosedDuringHandshake;
-    }
-    match e.get_ref().and_then(|i| i.downcast_ref::<TlsError>()) {
-        Some(tls) => refusal_of_tls(tls),
-        None => Refusal::TlsError,
-    }
-}
-
-fn refusal_of_tls(tls: &TlsError) -> Refusal {
-    match tls {
-        TlsError::InvalidMessage(_)
-        | TlsError::InappropriateMessage { .. }
-        | TlsError::InappropriateHandshakeMessage { .. } => Refusal::NotTls,
-        TlsError::NoCertificatesPresented => Refusal::NoClientCertificate,
-        TlsError::InvalidCertificate(CertificateError::UnknownIssuer) => Refusal::UnknownCa,
-        TlsError::InvalidCertificate(
-            CertificateError::Expired | CertificateError::ExpiredContext { .. },
-        ) => Refusal::CertificateExpired,
-        TlsError::InvalidCertificate(
-            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. },
-        ) => Refusal::CertificateNotYetValid,
-        TlsError::InvalidCertificate(CertificateError::Other(other))
-            if other.0.downcast_ref::<RootOutOfDomain>().is_some() =>
-        {
-            Refusal::WrongTrustDomain
-        }
-        TlsError::InvalidCertificate(_) => Refusal::BadCertificate,
-        TlsError::PeerIncompatible(_) => Refusal::Incompatible,
-        TlsError::General(m) if m.contains("no server certificate") => {
-            Refusal::UnknownServerIdentity
-        }
-        _ => Refusal::TlsError,
-    }
-}
 
 /// What every inbound connection needs.
 pub struct InboundContext {
@@ -82,6 +47,13 @@ pub struct InboundContext {
     /// Deadline for the handshake, and again for the preamble.
     pub handshake_timeout: Duration,
     pub limits: Arc<InboundLimits>,
+    /// Tunnel connections' HTTP/2 settings.
+    pub tunnel: TunnelConfig,
+    /// Where the bytes of tunnelled streams are copied: the data-plane
+    /// runtime, not this one's handshakes.
+    pub data: tokio::runtime::Handle,
+    /// Tunnel connections send GOAWAY when it starts.
+    pub drain: DrainWatch,
 }
 
 /// The bound inbound listener.
@@ -232,6 +204,21 @@ async fn handle(
             return refuse(&ctx, peer, None, Refusal::HandshakeTimeout, &limit);
         }
     };
+    if tls.alpn_protocol() == Some(ALPN_H2) {
+        return match caller_of(&ctx, &tls) {
+            Ok((caller, asked_for)) => tunnel::serve(ctx, tls, peer, caller, asked_for).await,
+            Err(refused) => {
+                tls.reset_on_close();
+                refuse(
+                    &ctx,
+                    peer,
+                    refused.caller.as_ref(),
+                    refused.why,
+                    &refused.detail,
+                )
+            }
+        };
+    }
     let Admission {
         caller,
         local,
@@ -372,12 +359,44 @@ fn refused(caller: Option<&Identity>, why: Refusal, detail: impl std::fmt::Displ
     }
 }
 
-/// The checks after the handshake, in order: a resumed session's
-/// certificate still valid, a SPIFFE identity of this trust domain, a
-/// preamble in time naming a workload endpoint of this node served by the
-/// identity asked for, authorization, and the workload reachable.
+/// The checks after the handshake, in order: who calls ([`caller_of`]), a
+/// preamble in time naming the workload endpoint, and [`admit_target`].
 async fn admit(ctx: &InboundContext, tls: &mut TlsSession) -> Result<Admission, Refused> {
-    let conn = &*tls;
+    let (caller, asked_for) = caller_of(ctx, tls)?;
+    let target = match tokio::time::timeout(ctx.handshake_timeout, preamble::read(tls)).await {
+        Ok(Ok(target)) => target,
+        Ok(Err(e)) => {
+            let why = match e {
+                PreambleError::Oversized(_) => Refusal::PreambleOversized,
+                _ => Refusal::PreambleMalformed,
+            };
+            return Err(refused(Some(&caller), why, e));
+        }
+        Err(_) => {
+            let limit = format!("no preamble within {:?}", ctx.handshake_timeout);
+            return Err(refused(Some(&caller), Refusal::PreambleTimeout, limit));
+        }
+    };
+    let (local, upstream) = admit_target(ctx, &caller, asked_for.as_ref(), target).await?;
+    Ok(Admission {
+        caller,
+        local,
+        target,
+        upstream,
+    })
+}
+
+/// Who calls, once per connection: a resumed session's certificate still
+/// valid, a SPIFFE identity of this trust domain. With it, the identity
+/// the caller asked for (SNI), if it names one of this domain.
+#[expect(
+    clippy::result_large_err,
+    reason = "a refusal is the cold path; admit and admit_target return it as it is"
+)]
+fn caller_of(
+    ctx: &InboundContext,
+    conn: &TlsSession,
+) -> Result<(Identity, Option<Identity>), Refused> {
     let trust_domain = ctx.inputs.tls.store.trust_domain();
     let asked_for = conn
         .server_name()
@@ -409,37 +428,36 @@ async fn admit(ctx: &InboundContext, tls: &mut TlsSession) -> Result<Admission, 
             format!("trust domain is not {trust_domain}"),
         ));
     }
-    let target = match tokio::time::timeout(ctx.handshake_timeout, preamble::read(tls)).await {
-        Ok(Ok(target)) => target,
-        Ok(Err(e)) => {
-            let why = match e {
-                PreambleError::Oversized(_) => Refusal::PreambleOversized,
-                _ => Refusal::PreambleMalformed,
-            };
-            return Err(refused(Some(&caller), why, e));
-        }
-        Err(_) => {
-            let limit = format!("no preamble within {:?}", ctx.handshake_timeout);
-            return Err(refused(Some(&caller), Refusal::PreambleTimeout, limit));
-        }
-    };
+    Ok((caller, asked_for))
+}
+
+/// The checks for one application connection (a connection's preamble, or
+/// a tunnel's stream), in order: `target` is a workload endpoint of this
+/// node served by the identity the caller asked for, authorization admits
+/// the caller, and the workload is reachable.
+async fn admit_target(
+    ctx: &InboundContext,
+    caller: &Identity,
+    asked_for: Option<&Identity>,
+    target: SocketAddr,
+) -> Result<(Arc<LocalTarget>, TcpStream), Refused> {
     let Some(local) = ctx.inputs.catalog.load().local_target(target).cloned() else {
         let detail = format!("{target} is not a workload endpoint on this node");
-        return Err(refused(Some(&caller), Refusal::UnknownTarget, detail));
+        return Err(refused(Some(caller), Refusal::UnknownTarget, detail));
     };
-    if asked_for.as_ref() != Some(&local.workload.identity) {
+    if asked_for != Some(&local.workload.identity) {
         let detail = format!(
             "{target} is served by {}, not by the identity asked for",
             local.workload.identity
         );
-        return Err(refused(Some(&caller), Refusal::IdentityMismatch, detail));
+        return Err(refused(Some(caller), Refusal::IdentityMismatch, detail));
     }
-    let verdict = authz::evaluate(&local.policies, &caller);
+    let verdict = authz::evaluate(&local.policies, caller);
     if !verdict.allowed {
         let workload = local.workload.qualified_name();
         let detail = format!("{target} (workload {workload}) {verdict}");
         return Err(Refused {
-            caller: Some(caller),
+            caller: Some(caller.clone()),
             target: Some(DeniedTarget {
                 identity: local.workload.identity.clone(),
                 addr: target,
@@ -457,15 +475,13 @@ async fn admit(ctx: &InboundContext, tls: &mut TlsSession) -> Result<Admission, 
     let upstream =
         match connect_marked(target, ctx.inputs.mark, ctx.inputs.connect_timeout, netns).await {
             Ok(upstream) => upstream,
-            Err(e) => return Err(refused(Some(&caller), Refusal::TargetUnreachable, e)),
+            Err(e) => return Err(refused(Some(caller), Refusal::TargetUnreachable, e)),
         };
-    Ok(Admission {
-        caller,
-        local,
-        target,
-        upstream,
-    })
+    Ok((local, upstream))
 }
+
+mod refusals;
+mod tunnel;
 
 #[cfg(test)]
 mod tests;

@@ -1,6 +1,6 @@
 //! How inbound handshake failures are named and counted.
 
-use rustls::{InvalidMessage, PeerIncompatible};
+use rustls::{CertificateError, Error as TlsError, InvalidMessage, PeerIncompatible};
 
 use super::*;
 

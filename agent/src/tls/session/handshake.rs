@@ -304,6 +304,7 @@ fn negotiated<D>(conn: &UnbufferedConnectionCommon<D>) -> io::Result<(Suite, Pee
         certificates: conn.peer_certificates().map(<[_]>::to_vec),
         handshake_kind: conn.handshake_kind(),
         server_name: None,
+        alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
     };
     Ok((suite, peer))
 }

@@ -125,6 +125,8 @@ struct Peer {
     /// The name a client asked for (SNI), on the server's side; None
     /// after a resume.
     server_name: Option<String>,
+    /// The application protocol agreed (ALPN); None after a resume.
+    alpn: Option<Vec<u8>>,
 }
 
 /// A TLS 1.3 session over a TCP stream: rustls's handshake, our records.
@@ -205,6 +207,11 @@ impl TlsSession {
 
     pub fn handshake_kind(&self) -> Option<HandshakeKind> {
         self.peer.handshake_kind
+    }
+
+    /// The application protocol the handshake agreed on (ALPN), if any.
+    pub fn alpn_protocol(&self) -> Option<&[u8]> {
+        self.peer.alpn.as_deref()
     }
 
     /// Which end of the handshake this session was.
@@ -316,6 +323,7 @@ impl TlsSession {
             }),
             handshake_kind: None,
             server_name: None,
+            alpn: None,
         };
         Ok(TlsSession::new(tcp, receiving, sending, peer, answer_due))
     }

@@ -96,7 +96,9 @@ impl Server {
                 let born = *generations.borrow_and_update();
                 tokio::spawn(async move {
                     let handled = events.clone();
-                    let handler = move |incoming| handle(incoming, handled.clone());
+                    let handler = move |incoming| {
+                        tokio::spawn(handle(incoming, handled.clone()));
+                    };
                     let shutdown = async move {
                         let _ = generations.wait_for(|g| *g > born).await;
                     };

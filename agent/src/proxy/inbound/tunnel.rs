@@ -1,0 +1,153 @@
+//! Tunnel connections on the inbound port: a peer agent that asked for
+//! HTTP/2 by ALPN carries many application connections as CONNECT streams
+//! (HBONE). Who calls is checked once per connection, from its client
+//! certificate, before any stream is read. Each stream is then checked on
+//! its own, as a connection's preamble is, before any byte reaches the
+//! workload, and refused with a status that names why:
+//!
+//! - 400: the target is not a workload endpoint of this node, or is not
+//!   served by the identity the caller asked for (SNI);
+//! - 401: authorization refuses the caller (audited);
+//! - 503: the workload cannot be reached.
+//!
+//! A refusal ends that stream only; the connection and its other streams
+//! go on. The stream's bytes are copied on the data-plane runtime; this
+//! runtime keeps the handshakes and the connection's framing.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use http::StatusCode;
+use log::debug;
+
+use super::{InboundContext, LIMITS, Refused, admit_target, refuse_at};
+use crate::{
+    carry::copy::Suspended,
+    proxy::{
+        connections::{Callee, Caller},
+        lifecycle::{ConnectionLife, Opening},
+        moved::carry_or_move,
+    },
+    telemetry::{Refusal, tunnels::TunnelMetrics},
+    tls::{Identity, session::TlsSession},
+    tunnel::{self, Incoming},
+};
+
+/// Who is on the other end of one tunnel connection.
+struct Tunnel {
+    ctx: Arc<InboundContext>,
+    /// The peer agent's address.
+    peer: SocketAddr,
+    caller: Identity,
+    /// The identity it asked for by SNI.
+    asked_for: Option<Identity>,
+}
+
+/// Serves one tunnel connection until the peer closes it, or the drain
+/// has sent GOAWAY and its streams are done.
+pub(super) async fn serve(
+    ctx: Arc<InboundContext>,
+    tls: TlsSession,
+    peer: SocketAddr,
+    caller: Identity,
+    asked_for: Option<Identity>,
+) {
+    let resumed = tls.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    let _open = (ctx.inputs.metrics.tunnels).connection(TunnelMetrics::SERVER, resumed);
+    let mut drain = ctx.drain.clone();
+    let shutdown = async move { drain.draining().await };
+    let config = ctx.tunnel.clone();
+    let tunnel = Arc::new(Tunnel {
+        ctx,
+        peer,
+        caller,
+        asked_for,
+    });
+    let on_stream = |incoming: Incoming| {
+        let tunnel = tunnel.clone();
+        let data = tunnel.ctx.data.clone();
+        data.spawn(stream(tunnel, incoming));
+    };
+    if let Err(e) = tunnel::serve(tls, &config, on_stream, shutdown).await {
+        // The streams it carried have failed with it, each counted as its
+        // connection's end; the connection itself is no refusal.
+        debug!("inbound tunnel from {peer}: {e}");
+    }
+}
+
+/// The HTTP status a refused stream is answered with.
+fn status_of(why: Refusal) -> StatusCode {
+    match why {
+        Refusal::Denied => StatusCode::UNAUTHORIZED,
+        Refusal::TargetUnreachable => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::BAD_REQUEST,
+    }
+}
+
+/// One application connection: checked, answered, carried.
+async fn stream(tunnel: Arc<Tunnel>, incoming: Incoming) {
+    let ctx = &tunnel.ctx;
+    let _guard = ctx.drain.track();
+    let target = incoming.target();
+    let admitted = admit_target(ctx, &tunnel.caller, tunnel.asked_for.as_ref(), target).await;
+    let (local, upstream) = match admitted {
+        Ok(admitted) => admitted,
+        Err(refused) => {
+            incoming.refuse(status_of(refused.why));
+            return refuse_stream(&tunnel, refused);
+        }
+    };
+    let Ok(stream) = incoming.accept() else {
+        // The peer reset the stream or the connection went away meanwhile.
+        let _ = upstream.set_zero_linger();
+        return;
+    };
+    ctx.inputs
+        .metrics
+        .tunnels
+        .streams_opened
+        .get_or_create(&TunnelMetrics::SERVER)
+        .inc();
+    ctx.inputs.inbound_stats.count_accepted();
+    let life = ConnectionLife::open(
+        &ctx.inputs.connections,
+        &ctx.inputs.audit,
+        Opening {
+            caller: Caller::Peer(tunnel.caller.clone()),
+            callee: Callee::Workload(local.workload.clone()),
+            client: tunnel.peer,
+            upstream: target,
+            security: "mutual_tls",
+            accepted: tokio::time::Instant::now(),
+            // A stream lives inside the tunnel connection, whose HTTP/2
+            // state cannot move: it finishes in this agent.
+            movable: false,
+        },
+        None,
+    );
+    let _ = upstream.set_nodelay(true);
+    let id = stream.id();
+    let end = carry_or_move(
+        &ctx.inputs,
+        stream,
+        upstream,
+        life,
+        LIMITS,
+        Suspended::default(),
+    )
+    .await;
+    debug!(
+        "inbound tunnel {} stream {id} -> {target}: {end:?}",
+        tunnel.peer
+    );
+}
+
+fn refuse_stream(tunnel: &Tunnel, refused: Refused) {
+    refuse_at(
+        &tunnel.ctx,
+        tunnel.peer,
+        refused.caller.as_ref(),
+        refused.target.as_ref().map(|t| t.as_party()),
+        refused.why,
+        &refused.detail,
+    );
+}

@@ -1,0 +1,391 @@
+//! Pooled tunnels between two nodes (`mesh.tunnels.enabled`), as root: the
+//! two-node mesh of `mtls`, its application connections carried as HTTP/2
+//! CONNECT streams inside shared mTLS connections.
+
+use std::{io::Write, time::Duration};
+
+use crate::{
+    mtls::{HOUR, Mesh, VIP, calls, issue, mesh_with},
+    support::*,
+};
+use sluice_testkit::{client::Client, process::SpawnGuarded, wait::wait_until};
+
+/// Tunnel connections `agent` made (`client`) or took (`server`): one TLS
+/// handshake each.
+fn tunnels_opened(agent: &Agent, side: &str) -> f64 {
+    agent
+        .metrics()
+        .sum("sluice_tunnel_connections_opened_total", &[("side", side)])
+}
+
+fn streams_opened(agent: &Agent, side: &str) -> f64 {
+    agent
+        .metrics()
+        .sum("sluice_tunnel_streams_opened_total", &[("side", side)])
+}
+
+fn tunnelled(stream: Option<(usize, Duration)>) -> Mesh {
+    mesh_with(HOUR, true, stream, Some(tunnels_on()))
+}
+
+fn tunnels_on() -> config::Tunnels {
+    config::Tunnels {
+        enabled: true,
+        ..Default::default()
+    }
+}
+
+fn handshakes(agent: &Agent, side: &str, kind: &str) -> f64 {
+    agent.metrics().sum(
+        "sluice_tunnel_connections_opened_total",
+        &[("side", side), ("handshake", kind)],
+    )
+}
+
+fn tunnels_open(agent: &Agent, side: &str) -> f64 {
+    agent
+        .metrics()
+        .sum("sluice_tunnel_connections", &[("side", side)])
+}
+
+#[test]
+fn many_connections_share_one_tunnel_and_each_identity_has_its_own() {
+    let m = tunnelled(None);
+    let answers = m.a.run_client("client", calls(VIP, 40, "charge"));
+    let expected: Vec<String> = (1..=40).map(|i| format!("ledger charge {i}")).collect();
+    assert_eq!(answers, expected);
+    assert_eq!(m.ledger.accepted(), 40);
+    assert_eq!(tunnels_opened(&m.a, "client"), 1.0, "one handshake for 40");
+    assert_eq!(tunnels_opened(&m.b, "server"), 1.0);
+    assert_eq!(streams_opened(&m.a, "client"), 40.0);
+    assert_eq!(streams_opened(&m.b, "server"), 40.0);
+
+    // Another identity gets a connection of its own (its certificate),
+    // and ledger's policy refuses its stream, audited on node B.
+    let denied = m.a.run_client("batch", calls(VIP, 1, "charge"));
+    assert_eq!(denied, ["FAILED"]);
+    assert_eq!(tunnels_opened(&m.a, "client"), 2.0);
+    assert_eq!(tunnels_opened(&m.b, "server"), 2.0);
+    assert_eq!(m.ledger.accepted(), 40, "no byte of the denied stream");
+    let denials = audit_lines(&m.configs.1.audit_path(), "denied", 1);
+    assert_eq!(denials.len(), 1, "{denials:?}");
+    assert_eq!(
+        denials[0]["source"]["identity"],
+        "spiffe://cluster.local/ns/payments/sa/batch"
+    );
+    assert_eq!(denials[0]["rule"], "workload payments/ledger default deny");
+
+    // checkout's connection is still the one it had.
+    let again = m.a.run_client("client", calls(VIP, 1, "again"));
+    assert_eq!(again, ["ledger again 1"]);
+    assert_eq!(tunnels_opened(&m.a, "client"), 2.0);
+}
+
+/// A stream whose client resets it ends alone: a stream beside it on the
+/// same tunnel connection carries on to the end of its half-close.
+#[test]
+fn a_reset_and_a_half_close_are_per_stream() {
+    let (bytes, tail) = (256 << 10, 128 << 10);
+    let m = tunnelled(Some((tail, Duration::from_millis(2))));
+    let stream = m.stream.as_ref().expect("a stream server");
+    let long =
+        m.a.client(
+            "client",
+            Client::Stream {
+                to: VIP.parse().unwrap(),
+                bytes,
+                tail,
+                pace: Duration::from_millis(4),
+            },
+        )
+        .stdout(std::process::Stdio::piped())
+        .spawn_guarded()
+        .expect("start the client");
+    assert!(wait_until(Duration::from_secs(10), || streams_opened(
+        &m.b, "server"
+    ) >= 1.0));
+    // Five connections that the client resets after its first reply.
+    for _ in 0..5 {
+        let out = m.a.run_client(
+            "client",
+            Client::Reset {
+                to: VIP.parse().unwrap(),
+            },
+        );
+        assert_eq!(out, ["reset"]);
+    }
+    let out = long.wait_with_output().expect("the client ends");
+    assert_eq!(lines(&out), [format!("intact {}", bytes + tail)]);
+    assert_eq!(stream.half_closed(), 1);
+    assert_eq!(tunnels_opened(&m.a, "client"), 1.0, "all on one connection");
+    assert_eq!(streams_opened(&m.b, "server"), 6.0);
+}
+
+#[test]
+fn a_killed_peer_fails_its_streams_at_once_and_the_next_connect_uses_a_new_tunnel() {
+    let (bytes, tail) = (4 << 20, 0);
+    let mut m = tunnelled(Some((tail, Duration::from_millis(1))));
+    let long =
+        m.a.client(
+            "client",
+            Client::Stream {
+                to: VIP.parse().unwrap(),
+                bytes,
+                tail,
+                pace: Duration::from_millis(5),
+            },
+        )
+        .stdout(std::process::Stdio::piped())
+        .spawn_guarded()
+        .expect("start the client");
+    assert!(wait_until(Duration::from_secs(10), || streams_opened(
+        &m.b, "server"
+    ) >= 1.0));
+    m.b.kill();
+    // At once: well before the 20 s a PING would take to find the peer
+    // silent. The client's connection is reset (an error) or ends short.
+    let mut long = long;
+    assert!(
+        wait_until(Duration::from_secs(10), || long
+            .try_wait()
+            .ok()
+            .flatten()
+            .is_some()),
+        "the client's stream did not fail when the peer agent died"
+    );
+    let out = long.wait_with_output().expect("the client ends");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success() || said.starts_with("corrupt"),
+        "the stream failed: {said:?} ({})",
+        out.status
+    );
+    m.b = Agent::start_in_netns(&m.configs.1, &m.pair.b);
+    // The stream server echoes the calls' lines as they are.
+    let answers = m.a.run_client("client", calls(VIP, 3, "after"));
+    assert_eq!(answers, ["after 1", "after 2", "after 3"]);
+    assert_eq!(tunnels_opened(&m.a, "client"), 2.0, "a new connection");
+}
+
+#[test]
+fn a_peer_upgrade_under_a_stream_of_connects_refuses_none() {
+    let mut m = tunnelled(None);
+    let ticks =
+        m.a.client(
+            "client",
+            calls(VIP, 400, "tick").pause(Duration::from_millis(5)),
+        )
+        .stdout(std::process::Stdio::piped())
+        .spawn_guarded()
+        .expect("start the client");
+    assert!(wait_until(Duration::from_secs(10), || streams_opened(
+        &m.a, "client"
+    ) >= 20.0));
+    let b = Agent::start_in_netns(&m.configs.1, &m.pair.b);
+    let mut old = std::mem::replace(&mut m.b, b);
+    let status = old.wait(Duration::from_secs(10));
+    assert!(
+        status.success(),
+        "node b's old agent: {status}\n{}",
+        old.log()
+    );
+    let out = ticks.wait_with_output().expect("the client ends");
+    let answers = lines(&out);
+    assert_eq!(answers.len(), 400);
+    let failed: Vec<_> = answers
+        .iter()
+        .filter(|a| !a.starts_with("ledger tick"))
+        .collect();
+    assert!(failed.is_empty(), "{failed:?}");
+    assert!(
+        streams_opened(&m.b, "server") >= 1.0,
+        "the new agent took streams"
+    );
+    assert_eq!(
+        tunnels_opened(&m.a, "client"),
+        2.0,
+        "after the old agent's GOAWAY, new streams went to a new connection"
+    );
+}
+
+/// Python's `h2` (not the agent's HTTP/2) with the standard library's TLS
+/// opens CONNECT streams on the inbound port: one to ledger (200, and
+/// ledger's echo), one to an address that is no workload here (400).
+#[test]
+fn an_independent_http2_client_speaks_to_the_inbound_port() {
+    let m = tunnelled(None);
+    let now = std::time::SystemTime::now();
+    let (cert, key) = client_cert_pem(
+        &m.state.join("ca"),
+        "spiffe://cluster.local/ns/payments/sa/checkout",
+        now - HOUR,
+        now + HOUR,
+    );
+    let dir = TempDir::create("h2-client").unwrap();
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_path, cert).unwrap();
+    std::fs::write(&key_path, key).unwrap();
+    let script = dir.join("client.py");
+    std::fs::File::create(&script)
+        .and_then(|mut f| f.write_all(H2_CLIENT.as_bytes()))
+        .unwrap();
+    let ledger = format!("127.0.0.1:{}", m.ledger.addr.port());
+    let mut cmd = std::process::Command::new("python3");
+    cmd.arg(&script)
+        .arg(m.pair.b_addr.to_string())
+        .arg(m.inbound_port.to_string())
+        .arg(&cert_path)
+        .arg(&key_path)
+        .arg(&ledger)
+        .arg("127.0.0.1:9");
+    m.pair.a.enter_on_exec(&mut cmd).unwrap();
+    let out = cmd.output().expect("run python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        lines(&out),
+        [
+            format!("{ledger} 200 ledger hello"),
+            "127.0.0.1:9 400".to_owned()
+        ]
+    );
+    assert_eq!(m.ledger.accepted(), 1);
+}
+
+/// A certificate and key (PEM) for `uri`, from the CA in `ca_dir`.
+fn client_cert_pem(
+    ca_dir: &std::path::Path,
+    uri: &str,
+    from: std::time::SystemTime,
+    to: std::time::SystemTime,
+) -> (String, String) {
+    let (cert, key) = issue(Some(ca_dir), uri, from, to);
+    (cert.pem(), key.serialize_pem())
+}
+
+const H2_CLIENT: &str = r#"
+import socket, ssl, sys
+import h2.config, h2.connection, h2.events
+
+host, port, cert, key = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+targets = sys.argv[5:]
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+ctx.load_cert_chain(cert, key)
+ctx.set_alpn_protocols(["h2"])
+sock = ctx.wrap_socket(socket.create_connection((host, port), timeout=10),
+                       server_hostname="ledger.payments.sluice")
+assert sock.selected_alpn_protocol() == "h2", sock.selected_alpn_protocol()
+conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+conn.initiate_connection()
+sock.sendall(conn.data_to_send())
+
+def until(want):
+    while True:
+        for event in conn.receive_data(sock.recv(65536)):
+            if isinstance(event, h2.events.DataReceived):
+                conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            got = want(event)
+            if got is not None:
+                sock.sendall(conn.data_to_send())
+                return got
+        sock.sendall(conn.data_to_send())
+
+for target in targets:
+    sid = conn.get_next_available_stream_id()
+    conn.send_headers(sid, [(":method", "CONNECT"), (":authority", target)])
+    sock.sendall(conn.data_to_send())
+    status = until(lambda e: dict(e.headers)[b":status"].decode()
+                   if isinstance(e, h2.events.ResponseReceived) and e.stream_id == sid else None)
+    if status != "200":
+        print(target, status)
+        continue
+    conn.send_data(sid, b"hello\n", end_stream=True)
+    sock.sendall(conn.data_to_send())
+    line = until(lambda e: e.data.decode().strip()
+                 if isinstance(e, h2.events.DataReceived) and e.stream_id == sid and e.data else None)
+    print(target, status, line)
+    sys.stdout.flush()
+"#;
+
+/// A pool connection idle for its timeout closes; the next one resumes
+/// the TLS session of the first (one full handshake for the two).
+#[test]
+fn an_idle_tunnel_closes_and_the_next_one_resumes_its_session() {
+    let idle = config::Tunnels {
+        idle_timeout: Some(Duration::from_secs(1)),
+        ..tunnels_on()
+    };
+    let m = mesh_with(HOUR, false, None, Some(idle));
+    assert_eq!(
+        m.a.run_client("client", calls(VIP, 1, "one")),
+        ["ledger one 1"]
+    );
+    assert_eq!(tunnels_open(&m.a, "client"), 1.0);
+    assert!(
+        wait_until(Duration::from_secs(10), || tunnels_open(&m.a, "client")
+            == 0.0
+            && tunnels_open(&m.b, "server") == 0.0),
+        "the idle tunnel connection closed on both sides"
+    );
+    assert_eq!(
+        m.a.run_client("client", calls(VIP, 1, "two")),
+        ["ledger two 1"]
+    );
+    assert_eq!(handshakes(&m.a, "client", "full"), 1.0);
+    assert_eq!(handshakes(&m.a, "client", "resumed"), 1.0);
+    assert_eq!(handshakes(&m.b, "server", "resumed"), 1.0);
+}
+
+/// Certificates that live 4 s are renewed every 2 s on both nodes: each
+/// renewal retires the pool connections made with the old certificate, a
+/// stream open across the renewals finishes intact on its connection, and
+/// no connect fails.
+#[test]
+fn certificate_rotation_retires_tunnels_without_failing_a_stream() {
+    let (bytes, tail) = (1 << 20, 64 << 10);
+    let m = mesh_with(
+        Duration::from_secs(4),
+        false,
+        Some((tail, Duration::from_millis(1))),
+        Some(tunnels_on()),
+    );
+    let long =
+        m.a.client(
+            "client",
+            Client::Stream {
+                to: VIP.parse().unwrap(),
+                bytes,
+                tail,
+                pace: Duration::from_millis(6),
+            },
+        )
+        .stdout(std::process::Stdio::piped())
+        .spawn_guarded()
+        .expect("start the client");
+    let ticks =
+        m.a.client(
+            "client",
+            calls(VIP, 600, "tick").pause(Duration::from_millis(10)),
+        )
+        .stdout(std::process::Stdio::piped())
+        .spawn_guarded()
+        .expect("start the calls");
+    let out = ticks.wait_with_output().expect("the calls end");
+    let answers = lines(&out);
+    assert_eq!(answers.len(), 600);
+    let failed: Vec<_> = answers.iter().filter(|a| !a.starts_with("tick")).collect();
+    assert!(failed.is_empty(), "{failed:?}");
+    let out = long.wait_with_output().expect("the stream ends");
+    assert_eq!(lines(&out), [format!("intact {}", bytes + tail)]);
+    assert!(
+        tunnels_opened(&m.a, "client") >= 3.0,
+        "renewals made new pool connections: {}",
+        tunnels_opened(&m.a, "client")
+    );
+}
