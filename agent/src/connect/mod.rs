@@ -18,6 +18,20 @@ use crate::{
     netns::{Netns, netns_cookie},
 };
 
+/// Keeps at most `bytes` unsent in the socket's send queue: a connection
+/// that many streams share (a tunnel) then queues a bulk stream's data in
+/// HTTP/2, where a small stream's frame can overtake it, instead of
+/// megabytes deep in the kernel. Sent bytes in flight are not limited.
+pub fn limit_unsent(stream: &TcpStream, bytes: u32) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    setsockopt_u32(
+        stream.as_raw_fd(),
+        libc::IPPROTO_TCP,
+        libc::TCP_NOTSENT_LOWAT,
+        bytes,
+    )
+}
+
 fn setsockopt_u32(fd: RawFd, level: libc::c_int, name: libc::c_int, value: u32) -> io::Result<()> {
     // SAFETY: passes a pointer to a live u32 and its size.
     let rc = unsafe {

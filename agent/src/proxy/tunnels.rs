@@ -24,7 +24,7 @@ use http::{HeaderMap, HeaderValue};
 use rustls_pki_types::ServerName;
 
 use crate::{
-    connect::connect_marked,
+    connect::{connect_marked, limit_unsent},
     netns::Netns,
     telemetry::{
         Metrics,
@@ -75,6 +75,10 @@ impl Hash for TunnelKey {
 /// The ALPN protocol id of a tunnel connection (HTTP/2).
 pub const ALPN_H2: &[u8] = b"h2";
 
+/// Unsent bytes a tunnel connection's socket may queue (both ends): see
+/// [`limit_unsent`]. Measured with the bench's head-of-line row.
+pub const UNSENT_LIMIT: u32 = 32 * 1024;
+
 /// Dials tunnel connections: a marked TCP connect from the caller's
 /// namespace and a TLS handshake presenting the source identity.
 pub struct MeshDial {
@@ -117,6 +121,7 @@ impl Dial<TunnelKey> for MeshDial {
         let netns = key.netns.clone();
         let handshake = async move {
             let tcp = connect_marked(node, mark, timeout, netns.as_deref()).await?;
+            limit_unsent(&tcp, UNSENT_LIMIT)?;
             let session = TlsSession::client(config, name, tcp).await?;
             if session.alpn_protocol() != Some(ALPN_H2) {
                 return Err(io::Error::other(format!(
@@ -138,10 +143,12 @@ impl Dial<TunnelKey> for MeshDial {
             }
         };
         let session = match &self.handshakes {
+            // Its data phase then runs here, with the streams it carries.
             Some(runtime) => runtime
                 .spawn(handshake)
                 .await
-                .map_err(|e| io::Error::other(format!("the handshake task failed: {e}")))??,
+                .map_err(|e| io::Error::other(format!("the handshake task failed: {e}")))??
+                .rebind(&tokio::runtime::Handle::current())?,
             None => handshake.await?,
         };
         let resumed = session.handshake_kind() == Some(rustls::HandshakeKind::Resumed);

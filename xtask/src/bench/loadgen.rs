@@ -41,6 +41,10 @@ pub enum Workload {
     /// exchange took is the longest pause a connection saw (an upgrade in
     /// the middle shows there). Errors are counted, not retried.
     Pauses,
+    /// `conns` connections each sending `rate` chunks of 64 KiB a second
+    /// and reading the echo as it comes, for `seconds`: a bulk transfer
+    /// beside which the latency workload shows head-of-line blocking.
+    Bulk,
 }
 
 /// Arguments of `xtask loadgen`.
@@ -52,7 +56,8 @@ pub struct LoadArgs {
     pub workload: Workload,
     #[arg(long, default_value_t = 8)]
     pub conns: usize,
-    /// Requests per second over all connections (latency workload).
+    /// Requests per second over all connections (latency workload); 64
+    /// KiB chunks per second per connection (bulk workload).
     #[arg(long, default_value_t = 1000)]
     pub rate: u64,
     #[arg(long, default_value_t = 5.0)]
@@ -100,6 +105,7 @@ pub fn run(args: LoadArgs) -> anyhow::Result<()> {
         Workload::Churn => rt.block_on(churn(&args))?,
         Workload::Idle => rt.block_on(idle(&args))?,
         Workload::Pauses => rt.block_on(pauses(&args))?,
+        Workload::Bulk => rt.block_on(bulk(&args))?,
     };
     println!("{result}");
     Ok(())
@@ -235,6 +241,46 @@ fn latency(args: &LoadArgs) -> anyhow::Result<serde_json::Value> {
         "max_us": hist.max(),
         "quantiles": quantiles,
     }))
+}
+
+async fn bulk(args: &LoadArgs) -> anyhow::Result<serde_json::Value> {
+    let end = Instant::now() + Duration::from_secs_f64(args.seconds);
+    let mut tasks = Vec::new();
+    for _ in 0..args.conns {
+        let (target, rate) = (args.target, args.rate);
+        tasks.push(tokio::spawn(async move {
+            let s = connect(target).await?;
+            let (mut r, mut w) = s.into_split();
+            let writer = tokio::spawn(async move {
+                let chunk = vec![7u8; 64 * MESSAGE];
+                let mut pace = tokio::time::interval(Duration::from_secs(1) / rate.max(1) as u32);
+                while Instant::now() < end {
+                    pace.tick().await;
+                    w.write_all(&chunk).await?;
+                }
+                w.shutdown().await?;
+                Ok::<(), std::io::Error>(())
+            });
+            let mut buf = vec![0u8; 64 * MESSAGE];
+            let mut echoed = 0u64;
+            loop {
+                match tokio::time::timeout(Duration::from_secs(5), r.read(&mut buf)).await {
+                    Ok(Ok(0)) | Err(_) => break,
+                    Ok(Ok(n)) => echoed += n as u64,
+                    Ok(Err(e)) => return Err(e),
+                }
+            }
+            writer.await.map_err(std::io::Error::other)??;
+            Ok::<u64, std::io::Error>(echoed)
+        }));
+    }
+    let started = Instant::now();
+    let mut total = 0;
+    for t in tasks {
+        total += t.await?.context("bulk connection")?;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    Ok(json!({ "bytes": total, "mb_per_s": total as f64 / secs / 1e6 }))
 }
 
 async fn throughput(args: &LoadArgs) -> anyhow::Result<serde_json::Value> {

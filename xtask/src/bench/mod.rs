@@ -636,6 +636,59 @@ impl Rig {
             .with_context(|| format!("loadgen said {text}"))
     }
 
+    /// Head-of-line blocking: one latency connection's p99 alone, then
+    /// beside a bulk transfer of 800 x 64 KiB a second (52 MB/s, well
+    /// within what every path carries) from the same workload: on
+    /// `SluiceTunnel`, in the same pool connection.
+    fn head_of_line(&self, path: Route, s: &Settings) -> anyhow::Result<Value> {
+        let latency = |seconds: f64| {
+            vec![
+                "--target".to_owned(),
+                self.target(path).to_string(),
+                "--workload".into(),
+                "latency".into(),
+                "--conns".into(),
+                "1".into(),
+                "--rate".into(),
+                "500".into(),
+                "--seconds".into(),
+                seconds.to_string(),
+            ]
+        };
+        let alone = self.measure(path, latency(s.latency_seconds))?;
+        let bulk_args = vec![
+            "--target".to_owned(),
+            self.target(path).to_string(),
+            "--workload".into(),
+            "bulk".into(),
+            "--conns".into(),
+            "1".into(),
+            "--rate".into(),
+            "800".into(),
+            "--seconds".into(),
+            (s.latency_seconds + 1.0).to_string(),
+        ];
+        let bulk = self
+            .loadgen(path, &bulk_args)?
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("start the bulk transfer")?;
+        std::thread::sleep(Duration::from_millis(300));
+        let beside = self.measure(path, latency(s.latency_seconds))?;
+        let out = bulk.wait_with_output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let bulk: Value =
+            serde_json::from_str(text.lines().last().unwrap_or("")).unwrap_or_default();
+        Ok(json!({
+            "alone_p99_us": alone["p99_us"],
+            "beside_bulk_p99_us": beside["p99_us"],
+            "alone_p50_us": alone["p50_us"],
+            "beside_bulk_p50_us": beside["p50_us"],
+            "errors": beside["errors"],
+            "bulk_mb_per_s": bulk["mb_per_s"],
+        }))
+    }
+
     /// Resident memory per idle connection, in bytes, for a proxy path.
     fn memory(&self, path: Route, conns: usize) -> anyhow::Result<Value> {
         let pids = self.pids(path).to_vec();
@@ -777,6 +830,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             report::brief("memory", &v)
         );
         results.push((path, "memory", v));
+    }
+    for path in [Route::SluiceMtls, Route::SluiceTunnel] {
+        let v = rig.head_of_line(path, &s)?;
+        println!(
+            "   {:<10} {:<20} {}",
+            "hol",
+            path.name(),
+            report::brief("hol", &v)
+        );
+        results.push((path, "hol", v));
     }
     let summary = report::write(&rig.dir, &results, args.quick, &haltpoll.note())?;
     println!("\n{summary}");

@@ -16,6 +16,12 @@ pub fn brief(workload: &str, v: &Value) -> String {
             v["p50_us"], v["p99_us"], v["p999_us"], v["requests"], v["errors"]
         ),
         "throughput" => format!("{:.0} req/s", v["rps"].as_f64().unwrap_or(0.0)),
+        "hol" => format!(
+            "latency p99 {}us alone, {}us beside a bulk transfer of {:.0} MB/s",
+            v["alone_p99_us"],
+            v["beside_bulk_p99_us"],
+            v["bulk_mb_per_s"].as_f64().unwrap_or(0.0)
+        ),
         "churn" => format!("{:.0} conn/s", v["cps"].as_f64().unwrap_or(0.0)),
         "memory" => format!(
             "{:.0} B per idle connection ({} connections)",
@@ -189,6 +195,51 @@ pub fn write(
         ),
         ratio(cpu_per_request(results, sm), cpu_per_request(results, b)),
     )?;
+    let (m, t) = (Route::SluiceMtls, Route::SluiceTunnel);
+    let added =
+        |p: Route| med(results, p, "latency", "p99_us") - med(results, d, "latency", "p99_us");
+    let memory = med(results, t, "memory", "bytes_per_connection");
+    writeln!(
+        md,
+        "mTLS in tunnels against the plain proxy path (targets: churn 0.8, throughput 0.9, p99 added 1.5 at most, memory 4 KiB): churn {}, throughput {}, p99 added {}, memory {} B; per-connection mTLS: churn {}, throughput {}, p99 added {}.",
+        ratio(
+            med(results, t, "churn", "cps"),
+            med(results, b, "churn", "cps")
+        ),
+        ratio(
+            med(results, t, "throughput", "rps"),
+            med(results, b, "throughput", "rps")
+        ),
+        ratio(added(t), added(b)),
+        if memory.is_nan() {
+            "-".to_owned()
+        } else {
+            format!("{memory:.0}")
+        },
+        ratio(
+            med(results, m, "churn", "cps"),
+            med(results, b, "churn", "cps")
+        ),
+        ratio(
+            med(results, m, "throughput", "rps"),
+            med(results, b, "throughput", "rps")
+        ),
+        ratio(added(m), added(b)),
+    )?;
+    for p in [m, t] {
+        if let Some((_, _, v)) = results.iter().find(|(q, w, _)| *q == p && *w == "hol") {
+            writeln!(
+                md,
+                "Head-of-line on {} (target for tunnels: p99 beside bulk within 2x of alone): {}; {}x.",
+                p.name(),
+                brief("hol", v),
+                ratio(
+                    v["beside_bulk_p99_us"].as_f64().unwrap_or(f64::NAN),
+                    v["alone_p99_us"].as_f64().unwrap_or(f64::NAN)
+                ),
+            )?;
+        }
+    }
     writeln!(
         md,
         "\nLatency is open-loop at a fixed rate and counted from when each request was due (coordinated-omission corrected). \
@@ -216,7 +267,7 @@ pub fn write(
 fn svg(results: &[(Route, &str, Value)]) -> String {
     let (w, h, left, right, top, bottom) = (900.0, 520.0, 80.0, 170.0, 40.0, 60.0);
     let colors = [
-        "#444444", "#1f77b4", "#9467bd", "#17becf", "#2ca02c", "#d62728", "#ff7f0e",
+        "#444444", "#1f77b4", "#9467bd", "#17becf", "#2ca02c", "#8c564b", "#d62728", "#ff7f0e",
     ];
     // x: "nines" of the quantile, 0 (p0) .. 4 (p99.99); y: log10 of µs.
     let nines = |q: f64| (-(1.0 - q).max(1e-4).log10()).min(4.0);

@@ -18,7 +18,7 @@ use super::{
     connections::{Callee, Caller},
     lifecycle::{ConnectionLife, Opening},
     moved::{MovedKind, MovedRecord, NotCarried, NotResumed, carry_or_move},
-    tunnels::ALPN_H2,
+    tunnels::{ALPN_H2, UNSENT_LIMIT},
 };
 use crate::{
     accept::{
@@ -176,7 +176,7 @@ async fn handle(
     config: Arc<rustls::ServerConfig>,
     tcp: TcpStream,
     peer: SocketAddr,
-    _guard: ConnectionGuard,
+    guard: ConnectionGuard,
     mut admitted: Admitted,
 ) {
     let _ = tcp.set_nodelay(true);
@@ -205,19 +205,27 @@ async fn handle(
         }
     };
     if tls.alpn_protocol() == Some(ALPN_H2) {
-        return match caller_of(&ctx, &tls) {
-            Ok((caller, asked_for)) => tunnel::serve(ctx, tls, peer, caller, asked_for).await,
+        let (caller, asked_for) = match caller_of(&ctx, &tls) {
+            Ok(caller) => caller,
             Err(refused) => {
                 tls.reset_on_close();
-                refuse(
-                    &ctx,
-                    peer,
-                    refused.caller.as_ref(),
-                    refused.why,
-                    &refused.detail,
-                )
+                let (caller, why) = (refused.caller.as_ref(), refused.why);
+                return refuse(&ctx, peer, caller, why, &refused.detail);
             }
         };
+        // The tunnel's framing and records run with its streams' copies
+        // on the data-plane runtime; this one keeps the handshakes.
+        let _ = connect::limit_unsent(tls.get_ref(), UNSENT_LIMIT);
+        let tls = match tls.rebind(&ctx.data) {
+            Ok(tls) => tls,
+            Err(e) => return debug!("inbound tunnel from {peer}: {e}"),
+        };
+        let data = ctx.data.clone();
+        data.spawn(async move {
+            let _held = (guard, admitted);
+            tunnel::serve(ctx, tls, peer, caller, asked_for).await
+        });
+        return;
     }
     let Admission {
         caller,

@@ -149,6 +149,33 @@ impl AsyncWrite for TlsWriteHalf<'_> {
         }
     }
 
+    /// All the parts in one record (up to a record's worth): an HTTP/2
+    /// frame's header and payload cost one record and one write, not two.
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        parts: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        ready!(this.poll_drain(cx))?;
+        if this.tx.closed {
+            return Poll::Ready(Err(SessionError::WriteAfterClose.into()));
+        }
+        if parts.iter().all(|p| p.is_empty()) {
+            return Poll::Ready(Ok(0));
+        }
+        let answer = this.answer.swap(false, Ordering::Relaxed);
+        let n = this.tx.push_data_vectored(parts, answer);
+        match this.poll_drain(cx) {
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            _ => Poll::Ready(Ok(n)),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.get_mut().poll_drain(cx)
     }

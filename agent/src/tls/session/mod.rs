@@ -231,6 +231,28 @@ impl TlsSession {
         self.tx.refresh = true;
     }
 
+    /// The same session with its socket registered with `runtime`'s
+    /// reactor: a handshake made on one runtime, the data phase carried on
+    /// another. Nothing of the session changes.
+    pub fn rebind(self, runtime: &tokio::runtime::Handle) -> io::Result<TlsSession> {
+        let TlsSession {
+            tcp,
+            rx,
+            tx,
+            answer,
+            peer,
+        } = self;
+        let std = tcp.into_std()?;
+        let _inside = runtime.enter();
+        Ok(TlsSession {
+            tcp: TcpStream::from_std(std)?,
+            rx,
+            tx,
+            answer,
+            peer,
+        })
+    }
+
     /// Stops the data phase at a clean point: writes what was sealed but
     /// not yet written, then gives back the socket and the state to resume
     /// from. The halves must be dropped first (the borrow makes sure).
@@ -348,6 +370,19 @@ impl AsyncWrite for TlsSession {
     ) -> Poll<io::Result<usize>> {
         let (_, mut write) = self.get_mut().halves();
         Pin::new(&mut write).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        parts: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let (_, mut write) = self.get_mut().halves();
+        Pin::new(&mut write).poll_write_vectored(cx, parts)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

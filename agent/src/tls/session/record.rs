@@ -337,6 +337,25 @@ impl Tx {
         n
     }
 
+    /// [`Self::push_data`] for data in parts (an HTTP/2 frame's header
+    /// and payload): one record of as much of them as fits.
+    pub(super) fn push_data_vectored(
+        &mut self,
+        parts: &[std::io::IoSlice<'_>],
+        answer: bool,
+    ) -> usize {
+        if answer || self.refresh || self.keys.seq >= self.update_at {
+            self.push_key_update();
+        }
+        let n = parts
+            .iter()
+            .map(|p| p.len())
+            .sum::<usize>()
+            .min(MAX_PLAINTEXT);
+        self.push_parts(ContentType::ApplicationData, parts, n);
+        n
+    }
+
     /// Seals a close_notify alert; nothing is sent after it.
     pub(super) fn push_close_notify(&mut self) {
         self.push(
@@ -358,7 +377,12 @@ impl Tx {
     }
 
     fn push(&mut self, typ: ContentType, content: &[u8]) {
-        let body = content.len() + 1 + self.keys.tag_len();
+        self.push_parts(typ, &[std::io::IoSlice::new(content)], content.len());
+    }
+
+    /// Seals the first `content_len` bytes of `parts` as one record.
+    fn push_parts(&mut self, typ: ContentType, parts: &[std::io::IoSlice<'_>], content_len: usize) {
+        let body = content_len + 1 + self.keys.tag_len();
         let len = (body as u16).to_be_bytes();
         let header = [
             u8::from(ContentType::ApplicationData),
@@ -370,7 +394,12 @@ impl Tx {
         let at = self.out.len();
         self.out.reserve_exact(HEADER + body);
         self.out.extend_from_slice(&header);
-        self.out.extend_from_slice(content);
+        let mut left = content_len;
+        for part in parts {
+            let n = part.len().min(left);
+            self.out.extend_from_slice(&part[..n]);
+            left -= n;
+        }
         self.out.push(u8::from(typ));
         self.out.resize(at + HEADER + body, 0);
         self.keys.seal(&header, &mut self.out[at + HEADER..]);

@@ -348,3 +348,41 @@ async fn the_halves_fit_the_copy_loop() {
     theirs.read_exact(&mut got).await.unwrap();
     assert_eq!(&got, b"pong");
 }
+
+/// Vectored writes seal their parts into one record (HTTP/2 writes a
+/// frame's header and payload as two parts): a tokio-rustls peer reads the
+/// parts in order, and a write larger than a record takes a record's
+/// worth and leaves the rest to the next.
+#[tokio::test]
+async fn vectored_writes_seal_their_parts_into_one_record() {
+    let pki = pki();
+    let (mut ours, mut theirs) = our_client(&pki).await;
+    let (head, body, big) = (pattern(9, 1), pattern(1000, 2), pattern(40_000, 3));
+    let mut want = Vec::new();
+    let written = {
+        let (_, mut w) = ours.halves();
+        assert!(w.is_write_vectored());
+        let n = w
+            .write_vectored(&[io::IoSlice::new(&head), io::IoSlice::new(&body)])
+            .await
+            .unwrap();
+        want.extend_from_slice(&head);
+        want.extend_from_slice(&body);
+        let mut total = 0;
+        while total < big.len() {
+            let parts = [io::IoSlice::new(&head), io::IoSlice::new(&big[total..])];
+            let m = w.write_vectored(&parts).await.unwrap();
+            assert!(m <= 16 * 1024, "one record at most: {m}");
+            // The head goes first in each record; count what of `big` went.
+            want.extend_from_slice(&head[..m.min(head.len())]);
+            let from_big = m.saturating_sub(head.len());
+            want.extend_from_slice(&big[total..total + from_big]);
+            total += from_big;
+        }
+        w.shutdown().await.unwrap();
+        n
+    };
+    assert_eq!(written, head.len() + body.len());
+    let got = read_all(&mut theirs).await.unwrap();
+    assert_same(&got, &want, "what the peer read");
+}
