@@ -255,6 +255,64 @@ fn an_independent_http2_client_speaks_to_the_inbound_port() {
     assert_eq!(m.ledger.accepted(), 1);
 }
 
+/// Bad tunnel peers, each with a valid certificate, against the inbound
+/// port while a good stream carries on: one that sends no HTTP/2 preface,
+/// one that sends a GET instead of a CONNECT, one that opens 150 streams
+/// where 100 are allowed (the rest are refused by the protocol, without
+/// disturbing the others). Each is counted under its reason.
+#[test]
+fn bad_tunnel_peers_are_refused_and_a_good_stream_carries_on() {
+    let m = tunnelled(None);
+    let now = std::time::SystemTime::now();
+    let (cert, key) = client_cert_pem(
+        &m.state.join("ca"),
+        "spiffe://cluster.local/ns/payments/sa/checkout",
+        now - HOUR,
+        now + HOUR,
+    );
+    let dir = TempDir::create("h2-abuse").unwrap();
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_path, cert).unwrap();
+    std::fs::write(&key_path, key).unwrap();
+    let script = dir.join("abuse.py");
+    std::fs::write(&script, H2_ABUSE).unwrap();
+    let ledger = format!("127.0.0.1:{}", m.ledger.addr.port());
+    let mut cmd = std::process::Command::new("python3");
+    cmd.arg(&script)
+        .arg(m.pair.b_addr.to_string())
+        .arg(m.inbound_port.to_string())
+        .arg(&cert_path)
+        .arg(&key_path)
+        .arg(&ledger);
+    m.pair.a.enter_on_exec(&mut cmd).unwrap();
+    let out = cmd.output().expect("run python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = lines(&out);
+    assert_eq!(
+        said,
+        [
+            "good stream: ledger before",
+            "get: 405",
+            "flood: 100 answered 200, 50 refused",
+            "good stream: ledger after",
+        ],
+        "{said:?}"
+    );
+    let refused = |reason: &str| {
+        m.b.metrics()
+            .sum("sluice_inbound_refusals_total", &[("reason", reason)])
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || refused("tunnel_protocol") == 2.0),
+        "the preface-less peer and the GET: {}",
+        refused("tunnel_protocol")
+    );
+}
+
 /// A certificate and key (PEM) for `uri`, from the CA in `ca_dir`.
 fn client_cert_pem(
     ca_dir: &std::path::Path,
@@ -389,3 +447,98 @@ fn certificate_rotation_retires_tunnels_without_failing_a_stream() {
         tunnels_opened(&m.a, "client")
     );
 }
+
+const H2_ABUSE: &str = r#"
+import socket, ssl, sys
+import h2.config, h2.connection, h2.errors, h2.events, h2.settings
+
+host, port, cert, key, ledger = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+ctx.load_cert_chain(cert, key)
+ctx.set_alpn_protocols(["h2"])
+
+def tls():
+    return ctx.wrap_socket(socket.create_connection((host, port), timeout=10),
+                           server_hostname="ledger.payments.sluice")
+
+class Peer:
+    def __init__(self):
+        self.sock = tls()
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.conn.initiate_connection()
+        self.flush()
+    def flush(self):
+        self.sock.sendall(self.conn.data_to_send())
+    def events(self):
+        data = self.sock.recv(65536)
+        if not data:
+            raise EOFError("closed")
+        events = self.conn.receive_data(data)
+        for e in events:
+            if isinstance(e, h2.events.DataReceived):
+                self.conn.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
+        self.flush()
+        return events
+    def connect(self, target, method="CONNECT"):
+        sid = self.conn.get_next_available_stream_id()
+        headers = [(":method", method), (":authority", target)]
+        if method != "CONNECT":
+            headers += [(":scheme", "https"), (":path", "/")]
+        self.conn.send_headers(sid, headers)
+        return sid
+    def status(self, sid):
+        while True:
+            for e in self.events():
+                if isinstance(e, h2.events.ResponseReceived) and e.stream_id == sid:
+                    return dict(e.headers)[b":status"].decode()
+    def line(self, sid, text):
+        self.conn.send_data(sid, text.encode() + b"\n")
+        self.flush()
+        while True:
+            for e in self.events():
+                if isinstance(e, h2.events.DataReceived) and e.stream_id == sid and e.data:
+                    return e.data.decode().strip()
+
+good = Peer()
+sid = good.connect(ledger)
+good.flush()
+assert good.status(sid) == "200"
+print("good stream:", good.line(sid, "before"))
+
+# No HTTP/2 preface: bytes that are not one, after ALPN h2.
+bad = tls()
+bad.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+try:
+    while bad.recv(4096):
+        pass
+except (ConnectionError, ssl.SSLError, socket.timeout):
+    pass
+
+# A GET instead of a CONNECT.
+get = Peer()
+gid = get.connect("127.0.0.1:1", method="GET")
+get.flush()
+print("get:", get.status(gid))
+
+# 150 CONNECTs sent before the server's SETTINGS are read: the library
+# does not know the limit yet, the server does.
+flood = Peer()
+sids = [flood.connect(ledger) for _ in range(150)]
+flood.flush()
+answered, refused, left = 0, 0, set(sids)
+while left:
+    for e in flood.events():
+        if isinstance(e, h2.events.ResponseReceived) and e.stream_id in left:
+            answered += 1
+            left.discard(e.stream_id)
+        elif isinstance(e, h2.events.StreamReset) and e.stream_id in left:
+            refused += int(e.error_code == h2.errors.ErrorCodes.REFUSED_STREAM)
+            left.discard(e.stream_id)
+print(f"flood: {answered} answered 200, {refused} refused")
+
+print("good stream:", good.line(sid, "after"))
+sys.stdout.flush()
+"#;

@@ -67,10 +67,14 @@ pub enum Refusal {
     /// Over a bound of `mesh.inbound_limits`: reset before any handshake
     /// (a connection bound at once, a handshake bound after a wait).
     Overloaded,
+    /// A tunnel connection (ALPN h2) that did not speak HTTP/2 as it
+    /// should: no connection preface, a protocol error, a flood of resets,
+    /// or a request that is no CONNECT to an address.
+    TunnelProtocol,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 22] = [
+    pub const ALL: [Refusal; 23] = [
         Refusal::NotTls,
         Refusal::ClosedDuringHandshake,
         Refusal::HandshakeTimeout,
@@ -93,6 +97,7 @@ impl Refusal {
         Refusal::TlsError,
         Refusal::Plaintext,
         Refusal::Overloaded,
+        Refusal::TunnelProtocol,
     ];
 
     /// Stable name for logs and metrics.
@@ -120,6 +125,7 @@ impl Refusal {
             Refusal::TlsError => "tls_error",
             Refusal::Plaintext => "plaintext",
             Refusal::Overloaded => "overloaded",
+            Refusal::TunnelProtocol => "tunnel_protocol",
         }
     }
 }

@@ -125,6 +125,17 @@ pub enum TunnelError {
 }
 
 impl TunnelError {
+    /// Whether the peer broke HTTP/2 (no connection preface, a frame out
+    /// of place, a flood our side cut off), as opposed to going away.
+    pub fn is_protocol_violation(&self) -> bool {
+        match self {
+            TunnelError::Handshake(e) | TunnelError::Connection(e) => {
+                !e.is_io() && !e.is_remote() && (e.is_go_away() || e.reason().is_some())
+            }
+            _ => false,
+        }
+    }
+
     /// Whether the peer cannot have acted on the CONNECT, so another
     /// connection may try it: the connection was going away or closed
     /// before the stream was taken, or the peer refused the stream as

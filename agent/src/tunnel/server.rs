@@ -6,7 +6,6 @@ use std::{future::Future, net::SocketAddr};
 use bytes::Bytes;
 use h2::{RecvStream, server::SendResponse};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
-use log::debug;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{TunnelConfig, TunnelError, TunnelStream, keepalive};
@@ -85,18 +84,21 @@ fn target_of(request: &Request<RecvStream>) -> Result<SocketAddr, StatusCode> {
 
 /// Serves one tunnel connection over `io` (after its TLS handshake): each
 /// well-formed CONNECT goes to `handler`, which must not block (it spawns
-/// the stream's work where it belongs); malformed ones are refused here. When `shutdown` resolves, a GOAWAY tells the
+/// the stream's work where it belongs); malformed ones are refused here,
+/// and `malformed` hears what each was. When `shutdown` resolves, a GOAWAY tells the
 /// peer to open new streams elsewhere; the streams already open go on,
 /// and this returns once they are done (or the connection fails).
-pub async fn serve<T, H>(
+pub async fn serve<T, H, M>(
     io: T,
     config: &TunnelConfig,
     mut handler: H,
+    mut malformed: M,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), TunnelError>
 where
     T: AsyncRead + AsyncWrite + Unpin,
     H: FnMut(Incoming),
+    M: FnMut(String),
 {
     let mut connection = h2::server::Builder::new()
         .initial_window_size(config.stream_window)
@@ -141,11 +143,11 @@ where
         let target = match target_of(&request) {
             Ok(target) => target,
             Err(status) => {
-                debug!(
-                    "tunnel request {} {}: {status}",
+                malformed(format!(
+                    "{} {} answered {status}",
                     request.method(),
                     request.uri()
-                );
+                ));
                 let _ = respond.send_response(status_only(status), true);
                 continue;
             }

@@ -67,10 +67,32 @@ pub(super) async fn serve(
         let data = tunnel.ctx.data.clone();
         data.spawn(stream(tunnel, incoming));
     };
-    if let Err(e) = tunnel::serve(tls, &config, on_stream, shutdown).await {
-        // The streams it carried have failed with it, each counted as its
-        // connection's end; the connection itself is no refusal.
-        debug!("inbound tunnel from {peer}: {e}");
+    let malformed = |what: String| {
+        let refused = Refused {
+            caller: Some(tunnel.caller.clone()),
+            target: None,
+            why: Refusal::TunnelProtocol,
+            detail: what,
+        };
+        refuse_stream(&tunnel, refused);
+    };
+    let served = tunnel::serve(tls, &config, on_stream, malformed, shutdown).await;
+    match served {
+        Ok(()) => {}
+        // The peer is no HTTP/2 client, or broke the protocol (a flood of
+        // resets, pings or settings is one): refused with its reason.
+        Err(e) if e.is_protocol_violation() => {
+            let refused = Refused {
+                caller: Some(tunnel.caller.clone()),
+                target: None,
+                why: Refusal::TunnelProtocol,
+                detail: e.to_string(),
+            };
+            refuse_stream(&tunnel, refused);
+        }
+        // It went away or stopped answering: the streams it carried have
+        // failed with it, each counted as its connection's end.
+        Err(e) => debug!("inbound tunnel from {peer}: {e}"),
     }
 }
 

@@ -102,7 +102,11 @@ impl Server {
                     let shutdown = async move {
                         let _ = generations.wait_for(|g| *g > born).await;
                     };
-                    let result = serve(tcp, &config, handler, shutdown).await;
+                    let refused = events.clone();
+                    let malformed = move |what: String| {
+                        let _ = refused.send(format!("malformed: {what}"));
+                    };
+                    let result = serve(tcp, &config, handler, malformed, shutdown).await;
                     let _ = events.send(format!("connection ended: {result:?}"));
                 });
             }
