@@ -18,6 +18,14 @@ use crate::{
     netns::{Netns, netns_cookie},
 };
 
+/// `stream` registered with `runtime`'s reactor instead of the current
+/// one: a connection set up on one runtime, carried on another.
+pub fn rebind(stream: TcpStream, runtime: &tokio::runtime::Handle) -> io::Result<TcpStream> {
+    let std = stream.into_std()?;
+    let _inside = runtime.enter();
+    TcpStream::from_std(std)
+}
+
 /// Keeps at most `bytes` unsent in the socket's send queue: a connection
 /// that many streams share (a tunnel) then queues a bulk stream's data in
 /// HTTP/2, where a small stream's frame can overtake it, instead of

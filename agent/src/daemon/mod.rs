@@ -252,11 +252,8 @@ async fn run_attached(
     let checkers = HealthCheckers::start(&catalog, config.agent.mark, &watch);
     let identities = Arc::new(ArcSwap::from_pointee(identities_of(&catalog)));
     let tls = TlsContext::new(&config.mesh, &config.agent.state_dir, &identities.load())?;
-    tokio::spawn(tls::keep_fresh(
-        tls.clone(),
-        identities.clone(),
-        watch.clone(),
-    ));
+    let keeping = tls::keep_fresh(tls.clone(), identities.clone(), watch.clone());
+    tokio::spawn(keeping);
     let inputs = build_inputs(config, catalog, tls, &kernel)?;
     let discovery = start_discovery(config, start.root, &watch).await?;
     let (handshakes, tunnels) = start_tunnels(config, &inputs, &watch)?;
@@ -266,6 +263,7 @@ async fn run_attached(
         bypass: kernel.bypass.clone(),
         pods: discovery.as_ref().map(|d| d.pods.clone()),
         tunnels,
+        handshakes: Some(handshakes.0.clone()),
     });
     let mut pods = PodListeners::new(SocketAddr::V4(config.agent.outbound));
     pods.sync(

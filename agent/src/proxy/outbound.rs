@@ -44,6 +44,9 @@ pub struct OutboundContext {
     pub pods: Option<Arc<PodLookup>>,
     /// Pooled tunnels to peer agents, when `mesh.tunnels.enabled`.
     pub tunnels: Option<Arc<Tunnels>>,
+    /// Where mTLS handshakes run, apart from the data-plane workers; None
+    /// runs them where the connection is.
+    pub handshakes: Option<tokio::runtime::Handle>,
 }
 
 /// A bound outbound listener in one network namespace.

@@ -299,22 +299,37 @@ async fn dial(
     let Ok(name) = rustls_pki_types::ServerName::try_from(dest.server_name()) else {
         return Err(DialError::Caller(NoMeshPath::BadServerName(dest.clone())));
     };
-    let attempt = async {
-        let tcp = connect_marked(peer, ctx.inputs.mark, timeout, source.netns.as_deref()).await?;
-        let mut stream = TlsSession::client(config, name.to_owned(), tcp).await?;
-        preamble::write(&mut stream, endpoint.addr).await?;
-        Ok::<_, io::Error>(Upstream::Tls(Box::new(stream)))
+    let (mark, netns, target) = (ctx.inputs.mark, source.netns.clone(), endpoint.addr);
+    let name = name.to_owned();
+    let attempt = async move {
+        let tcp = connect_marked(peer, mark, timeout, netns.as_deref()).await?;
+        let mut stream = TlsSession::client(config, name, tcp).await?;
+        preamble::write(&mut stream, target).await?;
+        Ok::<_, io::Error>(stream)
     };
-    match tokio::time::timeout(timeout, attempt).await {
-        Ok(result) => result.map_err(DialError::Endpoint),
-        Err(_) => Err(DialError::Endpoint(io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!(
-                "no mTLS connection to {peer} within {}ms",
-                timeout.as_millis()
-            ),
-        ))),
-    }
+    let attempt = async move {
+        tokio::time::timeout(timeout, attempt).await.map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "no mTLS connection to {peer} within {}ms",
+                    timeout.as_millis()
+                ),
+            )
+        })?
+    };
+    let session = match &ctx.handshakes {
+        // The handshake on the handshake runtime; the data phase here.
+        Some(runtime) => runtime
+            .spawn(attempt)
+            .await
+            .map_err(io::Error::other)
+            .and_then(|made| made?.rebind(&tokio::runtime::Handle::current())),
+        None => attempt.await,
+    };
+    session
+        .map(|s| Upstream::Tls(Box::new(s)))
+        .map_err(DialError::Endpoint)
 }
 
 /// A stream to `target` over a pooled tunnel connection. The peer agent's

@@ -20,7 +20,7 @@ use std::{
     io,
     net::SocketAddr,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, RwLock,
         atomic::{AtomicUsize, Ordering},
     },
     time::Duration,
@@ -115,7 +115,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Tunnel connections per key `K`, made by `D`.
 pub struct Pool<K, D> {
-    peers: Mutex<HashMap<K, Arc<Peer>>>,
+    /// Read by every connect, written only when a key is new or swept: a
+    /// read lock, so connects do not wait on one another.
+    peers: RwLock<HashMap<K, Arc<Peer>>>,
     dial: D,
     config: PoolConfig,
 }
@@ -127,7 +129,7 @@ where
 {
     pub fn new(dial: D, config: PoolConfig) -> Pool<K, D> {
         Pool {
-            peers: Mutex::new(HashMap::new()),
+            peers: RwLock::new(HashMap::new()),
             dial,
             config,
         }
@@ -164,7 +166,16 @@ where
     }
 
     fn peer(&self, key: &K) -> Arc<Peer> {
-        let mut peers = lock(&self.peers);
+        let known = self
+            .peers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .cloned();
+        if let Some(peer) = known {
+            return peer;
+        }
+        let mut peers = self.peers.write().unwrap_or_else(|p| p.into_inner());
         match peers.get(key) {
             Some(peer) => peer.clone(),
             None => {
@@ -247,7 +258,8 @@ where
         let now = Instant::now();
         let idle_timeout = self.config.idle_timeout;
         let mut left = 0;
-        lock(&self.peers).retain(|_, peer| {
+        let mut peers = self.peers.write().unwrap_or_else(|p| p.into_inner());
+        peers.retain(|_, peer| {
             let mut connections = lock(&peer.connections);
             connections.retain(|c| {
                 let idle = c.streams.load(Ordering::Acquire) == 0
@@ -280,7 +292,13 @@ where
 
     /// (connections, streams) the pool holds for `key`.
     pub fn usage(&self, key: &K) -> (usize, usize) {
-        let Some(peer) = lock(&self.peers).get(key).cloned() else {
+        let peer = self
+            .peers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .cloned();
+        let Some(peer) = peer else {
             return (0, 0);
         };
         let connections = lock(&peer.connections);

@@ -129,6 +129,12 @@ impl TunnelReadHalf<'_> {
         let n = self.unread.len().min(out.len());
         out[..n].copy_from_slice(&self.unread[..n]);
         self.unread.advance(n);
+        if self.unread.is_empty() {
+            // An empty slice still holds the whole buffer HTTP/2 read the
+            // frame into (shared with other frames): let it go, or every
+            // quiet stream keeps kilobytes alive.
+            *self.unread = Bytes::new();
+        }
         // Fails only once the stream is reset, which the next read tells.
         let _ = self.recv.flow_control().release_capacity(n);
         n

@@ -25,13 +25,14 @@ pub(super) struct MeshPair {
 }
 
 /// Starts the pair `name` on subnet 198.19.`subnet`.0/24 with the service
-/// `vip`, its connections between the nodes in tunnels when `tunnels`.
+/// `vip`, its connections between the nodes in tunnels of so many streams
+/// each when `tunnels` says.
 pub(super) fn start(
     dir: &Path,
     sluice: &Path,
     state: &Path,
     (name, subnet, vip): (&str, u8, &str),
-    tunnels: bool,
+    tunnels: Option<usize>,
     procs: &mut Vec<Proc>,
 ) -> anyhow::Result<MeshPair> {
     let tag = std::process::id();
@@ -66,9 +67,10 @@ pub(super) fn start(
             name: peer.into(),
             address: peer_addr,
         }];
-        if tunnels {
+        if let Some(streams) = tunnels {
             c.mesh.get_or_insert_with(Default::default).tunnels = Some(Tunnels {
                 enabled: true,
+                max_streams_per_connection: Some(streams),
                 ..Default::default()
             });
         }

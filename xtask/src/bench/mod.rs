@@ -72,6 +72,9 @@ pub enum Route {
     SluiceMtls,
     /// mTLS between the nodes in pooled HTTP/2 tunnels.
     SluiceTunnel,
+    /// The same with one stream per pool connection: measured for memory
+    /// only, to give a pool connection's cost.
+    SluiceTunnelOne,
     Haproxy,
     Nginx,
 }
@@ -96,6 +99,7 @@ impl Route {
             Route::SluiceSockmap => "sluice-sockmap",
             Route::SluiceMtls => "sluice-mtls",
             Route::SluiceTunnel => "sluice-tunnel",
+            Route::SluiceTunnelOne => "sluice-tunnel-1",
             Route::Haproxy => "haproxy",
             Route::Nginx => "nginx",
         }
@@ -328,6 +332,7 @@ struct Rig {
     // After the processes: their namespaces.
     mtls: mesh::MeshPair,
     tunnel: mesh::MeshPair,
+    tunnel_one: mesh::MeshPair,
 }
 
 fn start_agent(
@@ -440,7 +445,7 @@ fn setup(s: &Settings) -> anyhow::Result<Rig> {
         &sluice,
         &state,
         ("mtls", 77, "127.77.9.11:8080"),
-        false,
+        None,
         &mut procs,
     )?;
     let tunnel = mesh::start(
@@ -448,7 +453,15 @@ fn setup(s: &Settings) -> anyhow::Result<Rig> {
         &sluice,
         &state,
         ("tun", 78, "127.77.9.14:8080"),
-        true,
+        Some(100),
+        &mut procs,
+    )?;
+    let tunnel_one = mesh::start(
+        &dir,
+        &sluice,
+        &state,
+        ("tun1", 79, "127.77.9.15:8080"),
+        Some(1),
         &mut procs,
     )?;
 
@@ -516,6 +529,7 @@ fn setup(s: &Settings) -> anyhow::Result<Rig> {
             (Route::SluiceSockmap, "127.77.9.13:8080".parse()?),
             (Route::SluiceMtls, "127.77.9.11:8080".parse()?),
             (Route::SluiceTunnel, "127.77.9.14:8080".parse()?),
+            (Route::SluiceTunnelOne, "127.77.9.15:8080".parse()?),
             (
                 Route::Haproxy,
                 SocketAddr::from(([127, 0, 0, 1], haproxy_port)),
@@ -531,6 +545,7 @@ fn setup(s: &Settings) -> anyhow::Result<Rig> {
             (Route::SluiceSockmap, vec![sockmap_pid]),
             (Route::SluiceMtls, mtls.pids.clone()),
             (Route::SluiceTunnel, tunnel.pids.clone()),
+            (Route::SluiceTunnelOne, tunnel_one.pids.clone()),
             (Route::Haproxy, vec![haproxy_pid]),
             (Route::Nginx, vec![nginx_pid]),
         ],
@@ -539,6 +554,7 @@ fn setup(s: &Settings) -> anyhow::Result<Rig> {
         _procs: procs,
         mtls,
         tunnel,
+        tunnel_one,
     })
 }
 
@@ -598,10 +614,12 @@ impl Rig {
             | Route::SluiceKernel
             | Route::SluiceSockmap
             | Route::SluiceMtls
-            | Route::SluiceTunnel => {
+            | Route::SluiceTunnel
+            | Route::SluiceTunnelOne => {
                 let pair = match path {
                     Route::SluiceMtls => Some(&self.mtls),
                     Route::SluiceTunnel => Some(&self.tunnel),
+                    Route::SluiceTunnelOne => Some(&self.tunnel_one),
                     _ => None,
                 };
                 let config = match (path, pair) {
@@ -821,6 +839,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     for path in Route::ALL
         .into_iter()
         .filter(|p| !matches!(p, Route::Direct | Route::SluiceKernel))
+        .chain([Route::SluiceTunnelOne])
     {
         let v = rig.memory(path, s.idle_conns)?;
         println!(

@@ -226,6 +226,19 @@ pub fn write(
         ),
         ratio(added(m), added(b)),
     )?;
+    let one = med(
+        results,
+        Route::SluiceTunnelOne,
+        "memory",
+        "bytes_per_connection",
+    );
+    if !one.is_nan() && !memory.is_nan() {
+        writeln!(
+            md,
+            "A pool connection (both ends) costs about {:.0} B: memory per idle connection with one stream per pool connection ({one:.0} B) less that with 100 ({memory:.0} B), times 100/99.",
+            (one - memory) * 100.0 / 99.0
+        )?;
+    }
     for p in [m, t] {
         if let Some((_, _, v)) = results.iter().find(|(q, w, _)| *q == p && *w == "hol") {
             writeln!(

@@ -11,7 +11,8 @@ use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 use log::debug;
 use tokio::net::{TcpListener, TcpStream};
 
-use refusals::{refusal_of_handshake, refusal_of_tls};
+use admit::{Admission, Refused, admit, admit_target, caller_of};
+use refusals::refusal_of_handshake;
 
 use super::{
     ProxyInputs,
@@ -26,18 +27,13 @@ use crate::{
         limits::{Admitted, InboundLimits},
     },
     audit::{Denial, Party},
-    authz,
-    carry::{
-        copy::{Duplex, Limits, Suspended},
-        preamble::{self, PreambleError},
-    },
-    catalog::LocalTarget,
+    carry::copy::{Duplex, Limits, Suspended},
     config::policy::DEFAULT_IDLE_TIMEOUT,
-    connect::{self, connect_marked},
+    connect,
     drain::{ConnectionGuard, DrainWatch},
     handover::Inherited,
     telemetry::Refusal,
-    tls::{Identity, identity_of, session::TlsSession},
+    tls::{Identity, session::TlsSession},
     tunnel::TunnelConfig,
 };
 
@@ -249,23 +245,36 @@ async fn handle(
         }
     };
     ctx.inputs.inbound_stats.count_accepted();
-    let life = ConnectionLife::open(
-        &ctx.inputs.connections,
-        &ctx.inputs.audit,
-        Opening {
-            caller: Caller::Peer(caller),
-            callee: Callee::Workload(local.workload.clone()),
-            client: peer,
-            upstream: target,
-            security: "mutual_tls",
-            accepted: tokio::time::Instant::now(),
-            movable: true,
-        },
-        None,
-    );
-    let from = Suspended::default();
-    let end = carry_or_move(&ctx.inputs, tls, upstream, life, LIMITS, from).await;
-    debug!("inbound {peer} -> {target}: {end:?}");
+    // The copy runs on the data-plane runtime with every other
+    // connection's; this runtime keeps the handshakes.
+    let moved = tls
+        .rebind(&ctx.data)
+        .and_then(|tls| Ok((tls, connect::rebind(upstream, &ctx.data)?)));
+    let (tls, upstream) = match moved {
+        Ok(both) => both,
+        Err(e) => return debug!("inbound {peer}: {e}"),
+    };
+    let data = ctx.data.clone();
+    data.spawn(async move {
+        let _held = (guard, admitted);
+        let life = ConnectionLife::open(
+            &ctx.inputs.connections,
+            &ctx.inputs.audit,
+            Opening {
+                caller: Caller::Peer(caller),
+                callee: Callee::Workload(local.workload.clone()),
+                client: peer,
+                upstream: target,
+                security: "mutual_tls",
+                accepted: tokio::time::Instant::now(),
+                movable: true,
+            },
+            None,
+        );
+        let from = Suspended::default();
+        let end = carry_or_move(&ctx.inputs, tls, upstream, life, LIMITS, from).await;
+        debug!("inbound {peer} -> {target}: {end:?}");
+    });
 }
 
 /// The limits of an inbound connection: the calling agent applies the
@@ -325,169 +334,7 @@ pub(super) async fn resume(
     Ok(())
 }
 
-/// What passed every check after the handshake: who calls, which local
-/// workload endpoint it asked for, and the connection to it.
-struct Admission {
-    caller: Identity,
-    local: Arc<LocalTarget>,
-    target: SocketAddr,
-    upstream: TcpStream,
-}
-
-/// A refusal after the handshake: who asked (once known), for what (once
-/// known), why.
-struct Refused {
-    caller: Option<Identity>,
-    target: Option<DeniedTarget>,
-    why: Refusal,
-    detail: String,
-}
-
-/// The local workload endpoint a refused caller asked for, and the
-/// authorization rule that refused it.
-struct DeniedTarget {
-    identity: Identity,
-    addr: SocketAddr,
-    workload: String,
-    rule: String,
-}
-
-impl DeniedTarget {
-    fn as_party(&self) -> (&Identity, SocketAddr, &str, Option<&str>) {
-        (&self.identity, self.addr, &self.workload, Some(&self.rule))
-    }
-}
-
-fn refused(caller: Option<&Identity>, why: Refusal, detail: impl std::fmt::Display) -> Refused {
-    Refused {
-        caller: caller.cloned(),
-        target: None,
-        why,
-        detail: detail.to_string(),
-    }
-}
-
-/// The checks after the handshake, in order: who calls ([`caller_of`]), a
-/// preamble in time naming the workload endpoint, and [`admit_target`].
-async fn admit(ctx: &InboundContext, tls: &mut TlsSession) -> Result<Admission, Refused> {
-    let (caller, asked_for) = caller_of(ctx, tls)?;
-    let target = match tokio::time::timeout(ctx.handshake_timeout, preamble::read(tls)).await {
-        Ok(Ok(target)) => target,
-        Ok(Err(e)) => {
-            let why = match e {
-                PreambleError::Oversized(_) => Refusal::PreambleOversized,
-                _ => Refusal::PreambleMalformed,
-            };
-            return Err(refused(Some(&caller), why, e));
-        }
-        Err(_) => {
-            let limit = format!("no preamble within {:?}", ctx.handshake_timeout);
-            return Err(refused(Some(&caller), Refusal::PreambleTimeout, limit));
-        }
-    };
-    let (local, upstream) = admit_target(ctx, &caller, asked_for.as_ref(), target).await?;
-    Ok(Admission {
-        caller,
-        local,
-        target,
-        upstream,
-    })
-}
-
-/// Who calls, once per connection: a resumed session's certificate still
-/// valid, a SPIFFE identity of this trust domain. With it, the identity
-/// the caller asked for (SNI), if it names one of this domain.
-#[expect(
-    clippy::result_large_err,
-    reason = "a refusal is the cold path; admit and admit_target return it as it is"
-)]
-fn caller_of(
-    ctx: &InboundContext,
-    conn: &TlsSession,
-) -> Result<(Identity, Option<Identity>), Refused> {
-    let trust_domain = ctx.inputs.tls.store.trust_domain();
-    let asked_for = conn
-        .server_name()
-        .and_then(|n| Identity::from_server_name(n, trust_domain));
-    if conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
-        && let Err(e) = ctx.inputs.tls.store.verify_caller(
-            conn.peer_certificates().unwrap_or_default(),
-            rustls_pki_types::UnixTime::now(),
-        )
-    {
-        return Err(refused(
-            None,
-            refusal_of_tls(&e),
-            format!("resumed session: {e}"),
-        ));
-    }
-    let caller = match conn.peer_certificates().and_then(|c| c.first()) {
-        Some(leaf) => identity_of(leaf),
-        None => Err(crate::tls::IdentityError::NoUri),
-    };
-    let caller = match caller {
-        Ok(caller) => caller,
-        Err(e) => return Err(refused(None, Refusal::NoIdentity, e)),
-    };
-    if caller.trust_domain != trust_domain {
-        return Err(refused(
-            Some(&caller),
-            Refusal::WrongTrustDomain,
-            format!("trust domain is not {trust_domain}"),
-        ));
-    }
-    Ok((caller, asked_for))
-}
-
-/// The checks for one application connection (a connection's preamble, or
-/// a tunnel's stream), in order: `target` is a workload endpoint of this
-/// node served by the identity the caller asked for, authorization admits
-/// the caller, and the workload is reachable.
-async fn admit_target(
-    ctx: &InboundContext,
-    caller: &Identity,
-    asked_for: Option<&Identity>,
-    target: SocketAddr,
-) -> Result<(Arc<LocalTarget>, TcpStream), Refused> {
-    let Some(local) = ctx.inputs.catalog.load().local_target(target).cloned() else {
-        let detail = format!("{target} is not a workload endpoint on this node");
-        return Err(refused(Some(caller), Refusal::UnknownTarget, detail));
-    };
-    if asked_for != Some(&local.workload.identity) {
-        let detail = format!(
-            "{target} is served by {}, not by the identity asked for",
-            local.workload.identity
-        );
-        return Err(refused(Some(caller), Refusal::IdentityMismatch, detail));
-    }
-    let verdict = authz::evaluate(&local.policies, caller);
-    if !verdict.allowed {
-        let workload = local.workload.qualified_name();
-        let detail = format!("{target} (workload {workload}) {verdict}");
-        return Err(Refused {
-            caller: Some(caller.clone()),
-            target: Some(DeniedTarget {
-                identity: local.workload.identity.clone(),
-                addr: target,
-                workload,
-                rule: verdict.rule.to_string(),
-            }),
-            why: Refusal::Denied,
-            detail,
-        });
-    }
-    // From inside the workload's own namespace, over its loopback: the
-    // capture hook lets that through, and nothing else of the agent's
-    // reaches a captured workload.
-    let netns = local.workload.netns.as_deref();
-    let upstream =
-        match connect_marked(target, ctx.inputs.mark, ctx.inputs.connect_timeout, netns).await {
-            Ok(upstream) => upstream,
-            Err(e) => return Err(refused(Some(caller), Refusal::TargetUnreachable, e)),
-        };
-    Ok((local, upstream))
-}
-
+mod admit;
 mod refusals;
 mod tunnel;
 

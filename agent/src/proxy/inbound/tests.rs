@@ -2,7 +2,7 @@
 
 use rustls::{CertificateError, Error as TlsError, InvalidMessage, PeerIncompatible};
 
-use super::*;
+use super::{refusals::refusal_of_tls, *};
 
 /// Each refusal reason is an operator's first clue: the kernel of
 /// rustls's error must land on the reason that names it.

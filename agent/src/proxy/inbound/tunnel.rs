@@ -65,7 +65,7 @@ pub(super) async fn serve(
     let on_stream = |incoming: Incoming| {
         let tunnel = tunnel.clone();
         let data = tunnel.ctx.data.clone();
-        data.spawn(stream(tunnel, incoming));
+        data.spawn(stream(tunnel, Box::new(incoming)));
     };
     let malformed = |what: String| {
         let refused = Refused {
@@ -105,62 +105,72 @@ fn status_of(why: Refusal) -> StatusCode {
     }
 }
 
-/// One application connection: checked, answered, carried.
-async fn stream(tunnel: Arc<Tunnel>, incoming: Incoming) {
-    let ctx = &tunnel.ctx;
-    let _guard = ctx.drain.track();
-    let target = incoming.target();
-    let admitted = admit_target(ctx, &tunnel.caller, tunnel.asked_for.as_ref(), target).await;
-    let (local, upstream) = match admitted {
-        Ok(admitted) => admitted,
-        Err(refused) => {
-            incoming.refuse(status_of(refused.why));
-            return refuse_stream(&tunnel, refused);
-        }
-    };
-    let Ok(stream) = incoming.accept() else {
-        // The peer reset the stream or the connection went away meanwhile.
-        let _ = upstream.set_zero_linger();
-        return;
-    };
-    ctx.inputs
-        .metrics
-        .tunnels
-        .streams_opened
-        .get_or_create(&TunnelMetrics::SERVER)
-        .inc();
-    ctx.inputs.inbound_stats.count_accepted();
-    let life = ConnectionLife::open(
-        &ctx.inputs.connections,
-        &ctx.inputs.audit,
-        Opening {
-            caller: Caller::Peer(tunnel.caller.clone()),
-            callee: Callee::Workload(local.workload.clone()),
-            client: tunnel.peer,
-            upstream: target,
-            security: "mutual_tls",
-            accepted: tokio::time::Instant::now(),
-            // A stream lives inside the tunnel connection, whose HTTP/2
-            // state cannot move: it finishes in this agent.
-            movable: false,
-        },
-        None,
-    );
-    let _ = upstream.set_nodelay(true);
-    let id = stream.id();
-    let end = carry_or_move(
-        &ctx.inputs,
-        stream,
-        upstream,
-        life,
-        LIMITS,
-        Suspended::default(),
-    )
-    .await;
-    debug!(
-        "inbound tunnel {} stream {id} -> {target}: {end:?}",
-        tunnel.peer
-    );
+/// One application connection: checked, answered, carried. The request
+/// comes boxed, so that its headers leave with it once it is answered.
+// Not an `async fn`: that would keep a second copy of every argument in
+// the future (rustc does not share their space), and this future is every
+// tunnelled connection's.
+#[expect(clippy::manual_async_fn, reason = "see above")]
+fn stream(tunnel: Arc<Tunnel>, incoming: Box<Incoming>) -> impl Future<Output = ()> {
+    async move {
+        let ctx = &tunnel.ctx;
+        let _guard = ctx.drain.track();
+        let target = incoming.target();
+        // Boxed: the checks and the connect to the workload are the largest
+        // state of this task, and a quiet stream should not carry their space.
+        let asked_for = tunnel.asked_for.as_ref();
+        let admitted = Box::pin(admit_target(ctx, &tunnel.caller, asked_for, target)).await;
+        let (local, upstream) = match admitted {
+            Ok(admitted) => admitted,
+            Err(refused) => {
+                incoming.refuse(status_of(refused.why));
+                return refuse_stream(&tunnel, refused);
+            }
+        };
+        let Ok(stream) = incoming.accept() else {
+            // The peer reset the stream or the connection went away meanwhile.
+            let _ = upstream.set_zero_linger();
+            return;
+        };
+        ctx.inputs
+            .metrics
+            .tunnels
+            .streams_opened
+            .get_or_create(&TunnelMetrics::SERVER)
+            .inc();
+        ctx.inputs.inbound_stats.count_accepted();
+        let life = ConnectionLife::open(
+            &ctx.inputs.connections,
+            &ctx.inputs.audit,
+            Opening {
+                caller: Caller::Peer(tunnel.caller.clone()),
+                callee: Callee::Workload(local.workload.clone()),
+                client: tunnel.peer,
+                upstream: target,
+                security: "mutual_tls",
+                accepted: tokio::time::Instant::now(),
+                // A stream lives inside the tunnel connection, whose HTTP/2
+                // state cannot move: it finishes in this agent.
+                movable: false,
+            },
+            None,
+        );
+        let _ = upstream.set_nodelay(true);
+        let id = stream.id();
+        let end = carry_or_move(
+            &ctx.inputs,
+            stream,
+            upstream,
+            life,
+            LIMITS,
+            Suspended::default(),
+        )
+        .await;
+        debug!(
+            "inbound tunnel {} stream {id} -> {target}: {end:?}",
+            tunnel.peer
+        );
+    }
 }
 
 fn refuse_stream(tunnel: &Tunnel, refused: Refused) {

@@ -242,10 +242,8 @@ impl TlsSession {
             answer,
             peer,
         } = self;
-        let std = tcp.into_std()?;
-        let _inside = runtime.enter();
         Ok(TlsSession {
-            tcp: TcpStream::from_std(std)?,
+            tcp: crate::connect::rebind(tcp, runtime)?,
             rx,
             tx,
             answer,
