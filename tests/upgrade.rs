@@ -252,3 +252,52 @@ fn an_ejected_endpoint_stays_ejected_across_an_upgrade() {
     let calls = new.calls(vip, 10);
     assert!(calls.iter().all(|r| r.starts_with("alive ")), "{calls:?}");
 }
+
+/// A connection the new agent cannot carry on (its service is gone from
+/// the config the new agent starts with) is reset on both sides and
+/// counted as dropped; the old agent still exits at once.
+#[test]
+fn a_moved_connection_whose_service_is_gone_is_reset_and_counted() {
+    let vip: SocketAddr = "127.77.7.13:5432".parse().unwrap();
+    let other: SocketAddr = "127.77.7.14:5432".parse().unwrap();
+    let backend = Backend::start("gone");
+    let config = AgentConfig::new(&[service("ledger", &vip.to_string(), &[backend.addr])]);
+    let mut old = Agent::start(&config);
+    let client = old
+        .client(
+            "client",
+            Client::Converse {
+                to: vip,
+                count: 2000,
+                pause: Duration::from_millis(5),
+            },
+        )
+        .stdout(Stdio::piped())
+        .spawn_guarded()
+        .expect("start a client");
+    assert!(wait_until(Duration::from_secs(10), || {
+        old.metrics().sum("sluice_tcp_connections_active", &[]) >= 1.0
+    }));
+    // The old agent reloads this too; its open connection carries on.
+    config.rewrite(&[service("audit", &other.to_string(), &[backend.addr])]);
+    assert!(wait_until(Duration::from_secs(10), || {
+        old.view("/debug/services").to_string().contains("audit")
+    }));
+    let new = Agent::start(&config);
+    exits_soon(&mut old, Instant::now());
+    let dropped = || {
+        new.metrics().sum(
+            "sluice_handover_connections_total",
+            &[("result", "dropped")],
+        )
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || dropped() == 1.0),
+        "dropped: {}",
+        dropped()
+    );
+    assert_eq!(received(&new), 0.0);
+    let out = client.wait_with_output().expect("the client ends");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.starts_with("FAILED at"), "{said}");
+}
