@@ -418,6 +418,7 @@ mod tests {
                     pending: Vec::new(),
                     finished: true,
                 },
+                quiet_ms: 1500,
             },
             sent: 1234,
             received: 99,

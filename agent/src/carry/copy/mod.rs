@@ -179,6 +179,10 @@ pub struct WayState {
 pub struct Suspended {
     pub up: WayState,
     pub down: WayState,
+    /// How long no byte had moved, so the idle limit goes on counting
+    /// where it stood (absent from an older agent's record: 0).
+    #[serde(default)]
+    pub quiet_ms: u64,
 }
 
 /// How a copy stopped: ended, or suspended where nothing was half done
@@ -226,6 +230,11 @@ pub async fn proxy<C: Duplex, U: Duplex>(
 pub struct Progress {
     up: Way,
     down: Way,
+    /// Quiet time carried in from a suspension, for the copy to start from.
+    carried_quiet_ms: u64,
+    /// When a byte last moved, as the watchdog knows it; None until the
+    /// copy starts.
+    quiet: Option<Quiet>,
 }
 
 impl From<Suspended> for Progress {
@@ -233,6 +242,8 @@ impl From<Suspended> for Progress {
         Progress {
             up: Way::from(from.up),
             down: Way::from(from.down),
+            carried_quiet_ms: from.quiet_ms,
+            quiet: None,
         }
     }
 }
@@ -260,6 +271,11 @@ impl Progress {
                 let (cr, cw) = client.halves();
                 let (ur, uw) = upstream.halves();
                 let (up, down) = (&mut self.up, &mut self.down);
+                let carried = self.carried_quiet_ms;
+                let quiet = self.quiet.get_or_insert_with(|| Quiet {
+                    since: now_ms().saturating_sub(carried),
+                    seen: bytes_moved(bytes),
+                });
                 let both = async {
                     // The first error ends both directions.
                     let result = tokio::try_join!(
@@ -297,10 +313,19 @@ impl Progress {
                     biased;
                     () = moved => None,
                     end = both => Some(end),
-                    end = watchdog(bytes, limits.idle, deadline) => Some(end),
+                    end = watchdog(bytes, limits.idle, deadline, quiet) => Some(end),
                 }
             };
             let Some(end) = stopped else {
+                // Bytes that moved since the watchdog's last look count.
+                if let Some(quiet) = &mut self.quiet
+                    && bytes_moved(bytes) != quiet.seen
+                {
+                    *quiet = Quiet {
+                        since: now_ms(),
+                        seen: bytes_moved(bytes),
+                    };
+                }
                 return Carried::Suspended;
             };
             if end != CopyEnd::Closed {
@@ -316,6 +341,9 @@ impl Progress {
         Suspended {
             up: self.up.into_state(),
             down: self.down.into_state(),
+            quiet_ms: self.quiet.map_or(self.carried_quiet_ms, |quiet| {
+                now_ms().saturating_sub(quiet.since)
+            }),
         }
     }
 }
@@ -422,42 +450,11 @@ fn one_way<'a, R: ReadSide + 'a>(
     }
 }
 
-/// How many looks per idle period the watchdog takes: a connection idle
-/// for `idle` is cut within `idle * (1 + 1/IDLE_CHECKS)`.
-const IDLE_CHECKS: u64 = 4;
+mod watchdog;
 
-/// Resolves once no byte moved for the idle time, or at `deadline` (in
-/// [`now_ms`] terms). It compares the byte counters the copy keeps anyway,
-/// so the data path reads no clock; one timer serves both limits, to keep
-/// idle connections small.
-// Not an `async fn`, as [`Progress::carry`].
-#[expect(clippy::manual_async_fn, reason = "see above")]
-fn watchdog(
-    bytes: &ByteCounters,
-    idle: Duration,
-    deadline: Option<u64>,
-) -> impl Future<Output = CopyEnd> + '_ {
-    async move {
-        let idle_ms = (idle.as_millis() as u64).max(1);
-        let step = (idle_ms / IDLE_CHECKS).max(1);
-        let moved = || bytes.sent.load(Ordering::Relaxed) + bytes.received.load(Ordering::Relaxed);
-        let (mut last, mut quiet_since) = (moved(), now_ms());
-        loop {
-            let now = now_ms();
-            if deadline.is_some_and(|d| now >= d) {
-                return CopyEnd::MaxDuration;
-            }
-            let current = moved();
-            if current != last {
-                (last, quiet_since) = (current, now);
-            } else if now.saturating_sub(quiet_since) >= idle_ms {
-                return CopyEnd::Idle;
-            }
-            let next = deadline.map_or(now + step, |d| d.min(now + step));
-            tokio::time::sleep(Duration::from_millis(next.saturating_sub(now).max(1))).await;
-        }
-    }
-}
+#[cfg(test)]
+use watchdog::IDLE_CHECKS;
+use watchdog::{Quiet, bytes_moved, watchdog};
 
 #[cfg(test)]
 mod tests;

@@ -398,9 +398,10 @@ async fn a_quiet_connection_suspends_with_nothing_in_hand_and_goes_on() {
     assert_eq!((&got, &back), (b"hello", b"hi"));
     assert_eq!(carried, Carried::Suspended);
     let state = progress.into_suspended();
+    let nothing = WayState::default();
     assert_eq!(
-        state,
-        Suspended::default(),
+        (&state.up, &state.down),
+        (&nothing, &nothing),
         "nothing in hand, nothing closed"
     );
     let second = async {
@@ -422,4 +423,52 @@ async fn a_quiet_connection_suspends_with_nothing_in_hand_and_goes_on() {
         "{carried:?}"
     );
     assert_eq!(bytes.sent.load(Ordering::Relaxed), 10);
+}
+
+/// The idle limit counts the quiet before a suspension: a connection quiet
+/// for 6 s of a 10 s limit when it moves is cut within the remaining 4 s
+/// (give or take the watchdog's step, by which it may know the quiet late,
+/// never early) after it goes on, not a whole idle period later.
+#[tokio::test(start_paused = true)]
+async fn the_idle_limit_counts_the_quiet_before_a_suspension() {
+    let (mut client_app, mut client) = duplex();
+    let (mut upstream_app, mut upstream) = duplex();
+    let bytes = ByteCounters::default();
+    let limits = Limits {
+        idle: IDLE,
+        lifetime: None,
+    };
+    let step = IDLE / IDLE_CHECKS as u32;
+    let (tx, mut rx) = tokio::sync::oneshot::channel();
+    let first = async {
+        client_app.write_all(b"x").await.unwrap();
+        let mut x = [0u8; 1];
+        upstream_app.read_exact(&mut x).await.unwrap();
+        sleep(Duration::from_secs(6)).await;
+        tx.send(()).unwrap();
+    };
+    let mut progress = Progress::default();
+    let (carried, ()) = tokio::join!(
+        progress.carry(&mut client, &mut upstream, &limits, &bytes, Some(&mut rx)),
+        first
+    );
+    assert_eq!(carried, Carried::Suspended);
+    let state = progress.into_suspended();
+    let quiet = Duration::from_millis(state.quiet_ms);
+    assert!(
+        quiet <= Duration::from_secs(6) && quiet >= Duration::from_secs(6) - step,
+        "quiet for {quiet:?}"
+    );
+    let resumed = Instant::now();
+    let mut progress = Progress::from(state);
+    let carried = progress
+        .carry(&mut client, &mut upstream, &limits, &bytes, None)
+        .await;
+    assert_eq!(carried, Carried::Ended(CopyEnd::Idle));
+    let after = resumed.elapsed();
+    assert!(
+        after >= IDLE - quiet && after <= IDLE - quiet + step,
+        "cut {after:?} after the resume, {quiet:?} quiet before it"
+    );
+    drop((client_app, upstream_app));
 }
