@@ -6,6 +6,7 @@
 //! that is not ours (Python's h2).
 
 mod interop;
+mod keepalive;
 mod pool;
 
 use std::{
