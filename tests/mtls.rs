@@ -134,6 +134,28 @@ pub(crate) fn mesh_with(
     }
 }
 
+/// A [`Client::Stream`](sluice_testkit::client::Client::Stream) from the
+/// client workload to the ledger service: `bytes` sent at `pace` a KiB,
+/// then the stream server's `tail` read; prints `intact <n>` or what went
+/// wrong.
+pub(crate) fn stream_client(
+    m: &Mesh,
+    bytes: usize,
+    tail: usize,
+    pace: Duration,
+) -> sluice_testkit::process::ChildGuard {
+    let stream = sluice_testkit::client::Client::Stream {
+        to: VIP.parse().unwrap(),
+        bytes,
+        tail,
+        pace,
+    };
+    m.a.client("client", stream)
+        .stdout(std::process::Stdio::piped())
+        .spawn_guarded()
+        .expect("start the client")
+}
+
 /// `n` calls to `vip`, one connection each, sending `<text> <i>`.
 pub(crate) fn calls(vip: &str, n: usize, text: &str) -> Calls {
     Calls::new(vip.parse().unwrap(), n).text(text)
@@ -700,19 +722,7 @@ fn a_flood_of_unauthenticated_handshakes_is_bounded_and_costs_nothing_after() {
 fn an_mtls_stream_across_nodes_survives_upgrades_of_both_agents() {
     let (bytes, tail, pace) = (1 << 20, 512 << 10, Duration::from_millis(3));
     let mut m = mesh_with(HOUR, false, Some((tail, Duration::from_millis(6))), None);
-    let client =
-        m.a.client(
-            "client",
-            sluice_testkit::client::Client::Stream {
-                to: VIP.parse().unwrap(),
-                bytes,
-                tail,
-                pace,
-            },
-        )
-        .stdout(std::process::Stdio::piped())
-        .spawn_guarded()
-        .expect("start the client");
+    let client = stream_client(&m, bytes, tail, pace);
     let active = |agent: &Agent| agent.metrics().sum("sluice_tcp_connections_active", &[]);
     assert!(wait_until(Duration::from_secs(10), || active(&m.a) >= 1.0));
     let stream = m.stream.take().expect("a stream server");

@@ -2,10 +2,10 @@
 //! two-node mesh of `mtls`, its application connections carried as HTTP/2
 //! CONNECT streams inside shared mTLS connections.
 
-use std::{io::Write, time::Duration};
+use std::time::Duration;
 
 use crate::{
-    mtls::{HOUR, Mesh, VIP, calls, issue, mesh_with},
+    mtls::{HOUR, Mesh, VIP, calls, issue, mesh_with, stream_client},
     support::*,
 };
 use sluice_testkit::{client::Client, process::SpawnGuarded, wait::wait_until};
@@ -88,19 +88,7 @@ fn a_reset_and_a_half_close_are_per_stream() {
     let (bytes, tail) = (256 << 10, 128 << 10);
     let m = tunnelled(Some((tail, Duration::from_millis(2))));
     let stream = m.stream.as_ref().expect("a stream server");
-    let long =
-        m.a.client(
-            "client",
-            Client::Stream {
-                to: VIP.parse().unwrap(),
-                bytes,
-                tail,
-                pace: Duration::from_millis(4),
-            },
-        )
-        .stdout(std::process::Stdio::piped())
-        .spawn_guarded()
-        .expect("start the client");
+    let long = stream_client(&m, bytes, tail, Duration::from_millis(4));
     assert!(wait_until(Duration::from_secs(10), || streams_opened(
         &m.b, "server"
     ) >= 1.0));
@@ -125,19 +113,7 @@ fn a_reset_and_a_half_close_are_per_stream() {
 fn a_killed_peer_fails_its_streams_at_once_and_the_next_connect_uses_a_new_tunnel() {
     let (bytes, tail) = (4 << 20, 0);
     let mut m = tunnelled(Some((tail, Duration::from_millis(1))));
-    let long =
-        m.a.client(
-            "client",
-            Client::Stream {
-                to: VIP.parse().unwrap(),
-                bytes,
-                tail,
-                pace: Duration::from_millis(5),
-            },
-        )
-        .stdout(std::process::Stdio::piped())
-        .spawn_guarded()
-        .expect("start the client");
+    let long = stream_client(&m, bytes, tail, Duration::from_millis(5));
     assert!(wait_until(Duration::from_secs(10), || streams_opened(
         &m.b, "server"
     ) >= 1.0));
@@ -214,37 +190,8 @@ fn a_peer_upgrade_under_a_stream_of_connects_refuses_none() {
 #[test]
 fn an_independent_http2_client_speaks_to_the_inbound_port() {
     let m = tunnelled(None);
-    let now = std::time::SystemTime::now();
-    let (cert, key) = client_cert_pem(
-        &m.state.join("ca"),
-        "spiffe://cluster.local/ns/payments/sa/checkout",
-        now - HOUR,
-        now + HOUR,
-    );
-    let dir = TempDir::create("h2-client").unwrap();
-    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
-    std::fs::write(&cert_path, cert).unwrap();
-    std::fs::write(&key_path, key).unwrap();
-    let script = dir.join("client.py");
-    std::fs::File::create(&script)
-        .and_then(|mut f| f.write_all(H2_CLIENT.as_bytes()))
-        .unwrap();
     let ledger = format!("127.0.0.1:{}", m.ledger.addr.port());
-    let mut cmd = std::process::Command::new("python3");
-    cmd.arg(&script)
-        .arg(m.pair.b_addr.to_string())
-        .arg(m.inbound_port.to_string())
-        .arg(&cert_path)
-        .arg(&key_path)
-        .arg(&ledger)
-        .arg("127.0.0.1:9");
-    m.pair.a.enter_on_exec(&mut cmd).unwrap();
-    let out = cmd.output().expect("run python3");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = python_h2(&m, H2_CLIENT, &[&ledger, "127.0.0.1:9"]);
     assert_eq!(
         lines(&out),
         [
@@ -263,34 +210,8 @@ fn an_independent_http2_client_speaks_to_the_inbound_port() {
 #[test]
 fn bad_tunnel_peers_are_refused_and_a_good_stream_carries_on() {
     let m = tunnelled(None);
-    let now = std::time::SystemTime::now();
-    let (cert, key) = client_cert_pem(
-        &m.state.join("ca"),
-        "spiffe://cluster.local/ns/payments/sa/checkout",
-        now - HOUR,
-        now + HOUR,
-    );
-    let dir = TempDir::create("h2-abuse").unwrap();
-    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
-    std::fs::write(&cert_path, cert).unwrap();
-    std::fs::write(&key_path, key).unwrap();
-    let script = dir.join("abuse.py");
-    std::fs::write(&script, H2_ABUSE).unwrap();
     let ledger = format!("127.0.0.1:{}", m.ledger.addr.port());
-    let mut cmd = std::process::Command::new("python3");
-    cmd.arg(&script)
-        .arg(m.pair.b_addr.to_string())
-        .arg(m.inbound_port.to_string())
-        .arg(&cert_path)
-        .arg(&key_path)
-        .arg(&ledger);
-    m.pair.a.enter_on_exec(&mut cmd).unwrap();
-    let out = cmd.output().expect("run python3");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = python_h2(&m, H2_ABUSE, &[&ledger]);
     let said = lines(&out);
     assert_eq!(
         said,
@@ -313,15 +234,38 @@ fn bad_tunnel_peers_are_refused_and_a_good_stream_carries_on() {
     );
 }
 
-/// A certificate and key (PEM) for `uri`, from the CA in `ca_dir`.
-fn client_cert_pem(
-    ca_dir: &std::path::Path,
-    uri: &str,
-    from: std::time::SystemTime,
-    to: std::time::SystemTime,
-) -> (String, String) {
-    let (cert, key) = issue(Some(ca_dir), uri, from, to);
-    (cert.pem(), key.serialize_pem())
+/// Runs `script` with Python's `h2` in node A's namespace against node B's
+/// inbound port, as checkout (a certificate from the mesh's CA): its
+/// arguments are B's address and port, the certificate and key files, then
+/// `args`. Panics with its stderr if it fails.
+fn python_h2(m: &Mesh, script: &str, args: &[&str]) -> std::process::Output {
+    let now = std::time::SystemTime::now();
+    let uri = "spiffe://cluster.local/ns/payments/sa/checkout";
+    let (cert, key) = issue(Some(&m.state.join("ca")), uri, now - HOUR, now + HOUR);
+    let dir = TempDir::create("h2-python").unwrap();
+    let (cert_path, key_path, script_path) = (
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+        dir.join("peer.py"),
+    );
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    std::fs::write(&script_path, script).unwrap();
+    let mut cmd = std::process::Command::new("python3");
+    cmd.arg(&script_path)
+        .arg(m.pair.b_addr.to_string())
+        .arg(m.inbound_port.to_string())
+        .arg(&cert_path)
+        .arg(&key_path)
+        .args(args);
+    m.pair.a.enter_on_exec(&mut cmd).unwrap();
+    let out = cmd.output().expect("run python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
 }
 
 const H2_CLIENT: &str = r#"
@@ -413,19 +357,7 @@ fn certificate_rotation_retires_tunnels_without_failing_a_stream() {
         Some((tail, Duration::from_millis(1))),
         Some(tunnels_on()),
     );
-    let long =
-        m.a.client(
-            "client",
-            Client::Stream {
-                to: VIP.parse().unwrap(),
-                bytes,
-                tail,
-                pace: Duration::from_millis(6),
-            },
-        )
-        .stdout(std::process::Stdio::piped())
-        .spawn_guarded()
-        .expect("start the client");
+    let long = stream_client(&m, bytes, tail, Duration::from_millis(6));
     let ticks =
         m.a.client(
             "client",

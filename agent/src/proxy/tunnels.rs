@@ -23,12 +23,13 @@ use std::{
 use http::{HeaderMap, HeaderValue};
 use rustls_pki_types::ServerName;
 
+use super::upstream::handshake_apart;
 use crate::{
     connect::{connect_marked, limit_unsent},
     netns::Netns,
     telemetry::{
         Metrics,
-        tunnels::{OpenTunnel, TunnelMetrics},
+        tunnels::{OpenTunnel, Side},
     },
     tls::{Identity, TlsContext, session::TlsSession},
     tunnel::{Dial, Guarded, Pool, PoolConfig, TunnelError, TunnelStream},
@@ -130,32 +131,10 @@ impl Dial<TunnelKey> for MeshDial {
             }
             Ok(session)
         };
-        let handshake = async move {
-            match tokio::time::timeout(timeout, handshake).await {
-                Ok(done) => done,
-                Err(_) => Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!(
-                        "no tunnel connection to {node} within {}ms",
-                        timeout.as_millis()
-                    ),
-                )),
-            }
-        };
-        let session = match &self.handshakes {
-            // Its data phase then runs here, with the streams it carries.
-            Some(runtime) => runtime
-                .spawn(handshake)
-                .await
-                .map_err(|e| io::Error::other(format!("the handshake task failed: {e}")))??
-                .rebind(&tokio::runtime::Handle::current())?,
-            None => handshake.await?,
-        };
+        let what = format!("tunnel connection to {node}");
+        let session = handshake_apart(self.handshakes.as_ref(), timeout, what, handshake).await?;
         let resumed = session.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
-        let open = self
-            .metrics
-            .tunnels
-            .connection(TunnelMetrics::CLIENT, resumed);
+        let open = self.metrics.tunnels.connection(Side::Client, resumed);
         Ok(Guarded::new(session, open))
     }
 }
@@ -201,11 +180,7 @@ impl Tunnels {
             headers.insert(http::header::FORWARDED, forwarded);
         }
         let stream = self.pool.connect(key, target, headers).await?;
-        self.metrics
-            .tunnels
-            .streams_opened
-            .get_or_create(&TunnelMetrics::CLIENT)
-            .inc();
+        self.metrics.tunnels.stream_opened(Side::Client);
         Ok(stream)
     }
 

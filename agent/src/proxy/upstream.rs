@@ -305,31 +305,43 @@ async fn dial(
         let tcp = connect_marked(peer, mark, timeout, netns.as_deref()).await?;
         let mut stream = TlsSession::client(config, name, tcp).await?;
         preamble::write(&mut stream, target).await?;
-        Ok::<_, io::Error>(stream)
+        Ok(stream)
     };
-    let attempt = async move {
-        tokio::time::timeout(timeout, attempt).await.map_err(|_| {
-            io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!(
-                    "no mTLS connection to {peer} within {}ms",
-                    timeout.as_millis()
-                ),
-            )
-        })?
-    };
-    let session = match &ctx.handshakes {
-        // The handshake on the handshake runtime; the data phase here.
-        Some(runtime) => runtime
-            .spawn(attempt)
-            .await
-            .map_err(io::Error::other)
-            .and_then(|made| made?.rebind(&tokio::runtime::Handle::current())),
-        None => attempt.await,
-    };
-    session
+    let what = format!("an mTLS connection to {peer}");
+    handshake_apart(ctx.handshakes.as_ref(), timeout, what, attempt)
+        .await
         .map(|s| Upstream::Tls(Box::new(s)))
         .map_err(DialError::Endpoint)
+}
+
+/// Runs `handshake` (a connect and a TLS handshake) within `timeout` on
+/// `runtime`, apart from the data-plane workers, and gives its session
+/// back registered here, where its data phase runs; with no runtime, here.
+/// `what` names the connection in a timeout's error.
+pub(super) async fn handshake_apart(
+    runtime: Option<&tokio::runtime::Handle>,
+    timeout: Duration,
+    what: String,
+    handshake: impl Future<Output = io::Result<TlsSession>> + Send + 'static,
+) -> io::Result<TlsSession> {
+    let bounded = async move {
+        tokio::time::timeout(timeout, handshake)
+            .await
+            .map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no {what} within {}ms", timeout.as_millis()),
+                )
+            })?
+    };
+    match runtime {
+        Some(runtime) => runtime
+            .spawn(bounded)
+            .await
+            .map_err(|e| io::Error::other(format!("the handshake task failed: {e}")))??
+            .rebind(&tokio::runtime::Handle::current()),
+        None => bounded.await,
+    }
 }
 
 /// A stream to `target` over a pooled tunnel connection. The peer agent's

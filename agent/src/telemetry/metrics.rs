@@ -255,8 +255,7 @@ impl Metrics {
             })
             .set(1);
         registry.register("sluice_build_info", "Build of the running agent", build);
-        let tunnels = TunnelMetrics::default();
-        tunnels.register(&mut registry);
+        let tunnels = TunnelMetrics::new(&mut registry);
         if let Some(c) = collector {
             registry.register_collector(c);
         }

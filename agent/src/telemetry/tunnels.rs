@@ -6,75 +6,108 @@ use prometheus_client::{
     registry::Registry,
 };
 
-/// The pooled tunnels between agents, for each side (`client`: this agent
-/// opens them for its workloads; `server`: peers open them to this one).
-#[derive(Debug, Clone, Default)]
+/// Which end of a tunnel connection this agent is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// This agent opened it for its workloads.
+    Client,
+    /// A peer agent opened it to this one.
+    Server,
+}
+
+impl Side {
+    const ALL: [Side; 2] = [Side::Client, Side::Server];
+
+    fn label(self) -> SideLabel {
+        SideLabel {
+            side: match self {
+                Side::Client => "client",
+                Side::Server => "server",
+            },
+        }
+    }
+}
+
+/// The pooled tunnels between agents, for each side.
+#[derive(Debug)]
 pub struct TunnelMetrics {
     /// Tunnel connections made: one TLS handshake each, full or resumed.
-    pub connections_opened: Family<HandshakeLabels, Counter>,
-    pub connections_open: Family<SideLabel, Gauge>,
-    /// Application connections carried as streams.
-    pub streams_opened: Family<SideLabel, Counter>,
+    connections_opened: Family<HandshakeLabels, Counter>,
+    connections_open: Family<SideLabel, Gauge>,
+    /// Application connections carried as streams, by [`Side`]: handles
+    /// kept, so that counting a stream takes no lock of the family.
+    streams_opened: [Counter; 2],
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct SideLabel {
-    pub side: &'static str,
+struct SideLabel {
+    side: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct HandshakeLabels {
-    pub side: &'static str,
+struct HandshakeLabels {
+    side: &'static str,
     /// `full` or `resumed` (a TLS 1.3 ticket from an earlier connection).
-    pub handshake: &'static str,
+    handshake: &'static str,
 }
 
 impl TunnelMetrics {
-    pub const CLIENT: SideLabel = SideLabel { side: "client" };
-    pub const SERVER: SideLabel = SideLabel { side: "server" };
-
-    pub(super) fn register(&self, registry: &mut Registry) {
-        for side in [Self::CLIENT, Self::SERVER] {
+    /// The families, every label at 0, registered in `registry`.
+    pub(super) fn new(registry: &mut Registry) -> TunnelMetrics {
+        let connections_opened = Family::<HandshakeLabels, Counter>::default();
+        let connections_open = Family::<SideLabel, Gauge>::default();
+        let streams = Family::<SideLabel, Counter>::default();
+        for side in Side::ALL {
             for handshake in ["full", "resumed"] {
                 let labels = HandshakeLabels {
-                    side: side.side,
+                    side: side.label().side,
                     handshake,
                 };
-                drop(self.connections_opened.get_or_create(&labels));
+                drop(connections_opened.get_or_create(&labels));
             }
-            drop(self.connections_open.get_or_create(&side));
-            drop(self.streams_opened.get_or_create(&side));
+            drop(connections_open.get_or_create(&side.label()));
         }
+        let streams_opened = Side::ALL.map(|side| streams.get_or_create(&side.label()).clone());
         registry.register(
             "sluice_tunnel_connections_opened",
             "Tunnel connections between agents made, by side and TLS handshake (full or resumed)",
-            self.connections_opened.clone(),
+            connections_opened.clone(),
         );
         registry.register(
             "sluice_tunnel_connections",
             "Tunnel connections between agents open now, by side",
-            self.connections_open.clone(),
+            connections_open.clone(),
         );
         registry.register(
             "sluice_tunnel_streams_opened",
             "Application connections carried as streams of a tunnel connection, by side",
-            self.streams_opened.clone(),
+            streams,
         );
+        TunnelMetrics {
+            connections_opened,
+            connections_open,
+            streams_opened,
+        }
     }
 
     /// Counts a tunnel connection made; the gauge goes down when the
     /// returned guard is dropped.
-    pub fn connection(&self, side: SideLabel, resumed: bool) -> OpenTunnel {
+    pub fn connection(&self, side: Side, resumed: bool) -> OpenTunnel {
         let handshake = if resumed { "resumed" } else { "full" };
         self.connections_opened
             .get_or_create(&HandshakeLabels {
-                side: side.side,
+                side: side.label().side,
                 handshake,
             })
             .inc();
-        let open = self.connections_open.get_or_create(&side).clone();
+        let open = self.connections_open.get_or_create(&side.label()).clone();
         open.inc();
         OpenTunnel(open)
+    }
+
+    /// Counts an application connection carried as a stream.
+    pub fn stream_opened(&self, side: Side) {
+        self.streams_opened[side as usize].inc();
     }
 }
 

@@ -107,10 +107,18 @@ struct Peer {
     failed: Mutex<Option<(Instant, String)>>,
 }
 
+// Nothing panics while holding these locks; a poisoned one still holds
+// consistent data.
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Nothing panics while holding these locks; a poisoned one still
-    // holds consistent data.
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Tunnel connections per key `K`, made by `D`.
@@ -166,16 +174,10 @@ where
     }
 
     fn peer(&self, key: &K) -> Arc<Peer> {
-        let known = self
-            .peers
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(key)
-            .cloned();
-        if let Some(peer) = known {
+        if let Some(peer) = read(&self.peers).get(key).cloned() {
             return peer;
         }
-        let mut peers = self.peers.write().unwrap_or_else(|p| p.into_inner());
+        let mut peers = write(&self.peers);
         match peers.get(key) {
             Some(peer) => peer.clone(),
             None => {
@@ -258,8 +260,7 @@ where
         let now = Instant::now();
         let idle_timeout = self.config.idle_timeout;
         let mut left = 0;
-        let mut peers = self.peers.write().unwrap_or_else(|p| p.into_inner());
-        peers.retain(|_, peer| {
+        write(&self.peers).retain(|_, peer| {
             let mut connections = lock(&peer.connections);
             connections.retain(|c| {
                 let idle = c.streams.load(Ordering::Acquire) == 0
@@ -292,13 +293,7 @@ where
 
     /// (connections, streams) the pool holds for `key`.
     pub fn usage(&self, key: &K) -> (usize, usize) {
-        let peer = self
-            .peers
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(key)
-            .cloned();
-        let Some(peer) = peer else {
+        let Some(peer) = read(&self.peers).get(key).cloned() else {
             return (0, 0);
         };
         let connections = lock(&peer.connections);

@@ -27,7 +27,7 @@ use crate::{
         lifecycle::{ConnectionLife, Opening},
         moved::carry_or_move,
     },
-    telemetry::{Refusal, tunnels::TunnelMetrics},
+    telemetry::{Refusal, tunnels::Side},
     tls::{Identity, session::TlsSession},
     tunnel::{self, Incoming},
 };
@@ -52,7 +52,7 @@ pub(super) async fn serve(
     asked_for: Option<Identity>,
 ) {
     let resumed = tls.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
-    let _open = (ctx.inputs.metrics.tunnels).connection(TunnelMetrics::SERVER, resumed);
+    let _open = (ctx.inputs.metrics.tunnels).connection(Side::Server, resumed);
     let mut drain = ctx.drain.clone();
     let shutdown = async move { drain.draining().await };
     let config = ctx.tunnel.clone();
@@ -67,29 +67,17 @@ pub(super) async fn serve(
         let data = tunnel.ctx.data.clone();
         data.spawn(stream(tunnel, Box::new(incoming)));
     };
-    let malformed = |what: String| {
-        let refused = Refused {
-            caller: Some(tunnel.caller.clone()),
-            target: None,
-            why: Refusal::TunnelProtocol,
-            detail: what,
-        };
-        refuse_stream(&tunnel, refused);
+    let broke_protocol = |detail: &dyn std::fmt::Display| {
+        let why = Refusal::TunnelProtocol;
+        refuse_at(&tunnel.ctx, peer, Some(&tunnel.caller), None, why, detail);
     };
+    let malformed = |what: String| broke_protocol(&what);
     let served = tunnel::serve(tls, &config, on_stream, malformed, shutdown).await;
     match served {
         Ok(()) => {}
         // The peer is no HTTP/2 client, or broke the protocol (a flood of
         // resets, pings or settings is one): refused with its reason.
-        Err(e) if e.is_protocol_violation() => {
-            let refused = Refused {
-                caller: Some(tunnel.caller.clone()),
-                target: None,
-                why: Refusal::TunnelProtocol,
-                detail: e.to_string(),
-            };
-            refuse_stream(&tunnel, refused);
-        }
+        Err(e) if e.is_protocol_violation() => broke_protocol(&e),
         // It went away or stopped answering: the streams it carried have
         // failed with it, each counted as its connection's end.
         Err(e) => debug!("inbound tunnel from {peer}: {e}"),
@@ -132,12 +120,7 @@ fn stream(tunnel: Arc<Tunnel>, incoming: Box<Incoming>) -> impl Future<Output = 
             let _ = upstream.set_zero_linger();
             return;
         };
-        ctx.inputs
-            .metrics
-            .tunnels
-            .streams_opened
-            .get_or_create(&TunnelMetrics::SERVER)
-            .inc();
+        ctx.inputs.metrics.tunnels.stream_opened(Side::Server);
         ctx.inputs.inbound_stats.count_accepted();
         let life = ConnectionLife::open(
             &ctx.inputs.connections,
