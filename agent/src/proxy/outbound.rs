@@ -201,11 +201,13 @@ fn handle(
         let from = Suspended::default();
         // Matched here rather than in a helper: each async layer keeps its
         // own copy of what it passes on, and this future is every
-        // connection's. The TLS and tunnel copies are boxed: larger
-        // futures, and every plaintext connection's task would otherwise
-        // be sized for them.
+        // connection's. Every copy is boxed, the plaintext one too: held
+        // in this future, its space would sit unused beside the box of a
+        // TLS or tunnel copy (a tunnelled connection paid both).
         let end = match upstream {
-            Upstream::Plain(up) => carry_or_move(&ctx.inputs, client, up, life, limits, from).await,
+            Upstream::Plain(up) => {
+                Box::pin(carry_or_move(&ctx.inputs, client, up, life, limits, from)).await
+            }
             Upstream::Tls(up) => {
                 Box::pin(carry_or_move(&ctx.inputs, client, *up, life, limits, from)).await
             }
@@ -379,9 +381,11 @@ pub(super) async fn resume(
     );
     let limits = limits_after(&service.policy, life.age());
     let from = record.copy.clone();
-    // As in `handle`: matched here, the TLS copy boxed.
+    // As in `handle`: matched here, every copy boxed.
     let end = match upstream {
-        Upstream::Plain(up) => carry_or_move(inputs, client, up, life, limits, from).await,
+        Upstream::Plain(up) => {
+            Box::pin(carry_or_move(inputs, client, up, life, limits, from)).await
+        }
         Upstream::Tls(up) => Box::pin(carry_or_move(inputs, client, *up, life, limits, from)).await,
         Upstream::Tunnel(_) => unreachable!("a tunnelled connection is never moved"),
     };

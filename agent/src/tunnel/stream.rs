@@ -147,7 +147,16 @@ impl ReadSide for TunnelReadHalf<'_> {
     const RELEASE_WHEN_DRAINED: bool = true;
 
     async fn read_some(&mut self, buf: &mut Vec<u8>, size: usize) -> io::Result<usize> {
-        poll_fn(|cx| self.poll_fill(cx)).await?;
+        poll_fn(|cx| {
+            let filled = self.poll_fill(cx);
+            if filled.is_pending() {
+                // The copy keeps its buffer after a full read; a quiet
+                // stream must not hold it while nothing comes.
+                *buf = Vec::new();
+            }
+            filled
+        })
+        .await?;
         if self.unread.is_empty() {
             return Ok(0);
         }

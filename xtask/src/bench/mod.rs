@@ -710,7 +710,7 @@ impl Rig {
     /// Resident memory per idle connection, in bytes, for a proxy path.
     fn memory(&self, path: Route, conns: usize) -> anyhow::Result<Value> {
         let pids = self.pids(path).to_vec();
-        let before: u64 = pids.iter().map(|p| rss_kib(*p)).sum();
+        let before: Vec<u64> = pids.iter().map(|p| rss_kib(*p)).collect();
         let args = vec![
             "--target".into(),
             self.target(path).to_string(),
@@ -731,17 +731,26 @@ impl Rig {
             bail!("idle loadgen on {}: {first}", path.name());
         }
         std::thread::sleep(Duration::from_millis(500));
-        let after: u64 = pids.iter().map(|p| rss_kib(*p)).sum();
+        let after: Vec<u64> = pids.iter().map(|p| rss_kib(*p)).collect();
         if let Some(mut stdin) = child.stdin.take() {
             let _ = stdin.write_all(b"\n");
         }
         let _ = child.wait();
         std::thread::sleep(Duration::from_millis(500));
+        // Each agent's own growth too: a two-node path's target is per
+        // agent, and one agent may hold more than the other.
+        let per_agent: Vec<f64> = before
+            .iter()
+            .zip(&after)
+            .map(|(b, a)| (a.saturating_sub(*b) * 1024) as f64 / conns as f64)
+            .collect();
         Ok(json!({
             "connections": conns,
-            "rss_before_kib": before,
-            "rss_after_kib": after,
-            "bytes_per_connection": (after.saturating_sub(before) * 1024) as f64 / conns as f64,
+            "rss_before_kib": before.iter().sum::<u64>(),
+            "rss_after_kib": after.iter().sum::<u64>(),
+            "bytes_per_connection": per_agent.iter().sum::<f64>(),
+            "bytes_per_connection_per_agent": per_agent,
+            "largest_agent_bytes_per_connection": per_agent.iter().copied().fold(0.0, f64::max),
         }))
     }
 }

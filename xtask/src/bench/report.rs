@@ -23,12 +23,34 @@ pub fn brief(workload: &str, v: &Value) -> String {
             v["bulk_mb_per_s"].as_f64().unwrap_or(0.0)
         ),
         "churn" => format!("{:.0} conn/s", v["cps"].as_f64().unwrap_or(0.0)),
-        "memory" => format!(
-            "{:.0} B per idle connection ({} connections)",
-            v["bytes_per_connection"].as_f64().unwrap_or(0.0),
-            v["connections"]
-        ),
+        "memory" => {
+            let per_agent: Vec<String> = v["bytes_per_connection_per_agent"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|b| format!("{:.0}", b.as_f64().unwrap_or(0.0)))
+                .collect();
+            format!(
+                "{:.0} B per idle connection ({} connections){}",
+                v["bytes_per_connection"].as_f64().unwrap_or(0.0),
+                v["connections"],
+                if per_agent.len() > 1 {
+                    format!("; each agent: {} B", per_agent.join(" B, "))
+                } else {
+                    String::new()
+                }
+            )
+        }
         _ => v.to_string(),
+    }
+}
+
+/// Whole bytes, or "-" when not measured.
+fn bytes(b: f64) -> String {
+    if b.is_nan() {
+        "-".to_owned()
+    } else {
+        format!("{b:.0}")
     }
 }
 
@@ -199,9 +221,10 @@ pub fn write(
     let added =
         |p: Route| med(results, p, "latency", "p99_us") - med(results, d, "latency", "p99_us");
     let memory = med(results, t, "memory", "bytes_per_connection");
+    let largest = med(results, t, "memory", "largest_agent_bytes_per_connection");
     writeln!(
         md,
-        "mTLS in tunnels against the plain proxy path (targets: churn 0.8, throughput 0.9, p99 added 1.5 at most, memory 4 KiB): churn {}, throughput {}, p99 added {}, memory {} B; per-connection mTLS: churn {}, throughput {}, p99 added {}.",
+        "mTLS in tunnels against the plain proxy path (targets: churn 0.8, throughput 0.9, p99 added 1.5 at most, memory 4 KiB in each agent): churn {}, throughput {}, p99 added {}, memory {} B in the larger agent ({} B both); per-connection mTLS: churn {}, throughput {}, p99 added {}.",
         ratio(
             med(results, t, "churn", "cps"),
             med(results, b, "churn", "cps")
@@ -211,11 +234,8 @@ pub fn write(
             med(results, b, "throughput", "rps")
         ),
         ratio(added(t), added(b)),
-        if memory.is_nan() {
-            "-".to_owned()
-        } else {
-            format!("{memory:.0}")
-        },
+        bytes(largest),
+        bytes(memory),
         ratio(
             med(results, m, "churn", "cps"),
             med(results, b, "churn", "cps")

@@ -106,13 +106,16 @@ fn stream(tunnel: Arc<Tunnel>, incoming: Box<Incoming>) -> impl Future<Output = 
         let target = incoming.target();
         // Boxed: the checks and the connect to the workload are the largest
         // state of this task, and a quiet stream should not carry their space.
-        let asked_for = tunnel.asked_for.as_ref();
-        let admitted = Box::pin(admit_target(ctx, &tunnel.caller, asked_for, target)).await;
-        let (local, upstream) = match admitted {
-            Ok(admitted) => admitted,
-            Err(refused) => {
-                incoming.refuse(status_of(refused.why));
-                return refuse_stream(&tunnel, refused);
+        // The outcome is matched in a block of its own: its space is then
+        // free for the copy's, not kept beside it for the stream's life.
+        let (local, upstream) = {
+            let asked_for = tunnel.asked_for.as_ref();
+            match Box::pin(admit_target(ctx, &tunnel.caller, asked_for, target)).await {
+                Ok(admitted) => admitted,
+                Err(refused) => {
+                    incoming.refuse(status_of(refused.why));
+                    return refuse_stream(&tunnel, refused);
+                }
             }
         };
         let Ok(stream) = incoming.accept() else {

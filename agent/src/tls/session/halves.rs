@@ -62,7 +62,16 @@ impl TlsReadHalf<'_> {
     /// released as `RELEASE_WHEN_DRAINED = true` expects (nothing is held
     /// while waiting). 0 is EOF: the peer's close_notify.
     pub async fn read_some(&mut self, buf: &mut Vec<u8>, size: usize) -> io::Result<usize> {
-        poll_fn(|cx| self.poll_fill(cx)).await?;
+        poll_fn(|cx| {
+            let filled = self.poll_fill(cx);
+            if filled.is_pending() {
+                // The copy keeps its buffer after a full read; an idle
+                // connection must not hold it while nothing comes.
+                *buf = Vec::new();
+            }
+            filled
+        })
+        .await?;
         let plain = self.rx.plaintext();
         if plain.is_empty() {
             return Ok(0);

@@ -287,6 +287,31 @@ async fn many_streams_share_one_connection_byte_for_byte() {
     );
 }
 
+/// The copy loop keeps its buffer after a full read and waits in
+/// `read_some` with it: a quiet stream gives it back while waiting, and
+/// reads into a new one when bytes come.
+#[tokio::test]
+async fn a_quiet_stream_holds_no_copy_buffer() {
+    use crate::carry::copy::ReadSide;
+    let server = Server::start(config()).await;
+    let client = client(&server, &config()).await;
+    let mut stream = client
+        .open(target(1, ECHO), HeaderMap::new())
+        .await
+        .unwrap();
+    let (mut reader, mut writer) = stream.split();
+    let mut kept = vec![0u8; 2048];
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    {
+        let mut read = std::pin::pin!(reader.read_some(&mut kept, 2048));
+        assert!(read.as_mut().poll(&mut cx).is_pending());
+    }
+    assert_eq!(kept.capacity(), 0, "the copy's buffer given back");
+    writer.write_all(b"ping").await.unwrap();
+    let n = reader.read_some(&mut kept, 2048).await.unwrap();
+    assert_eq!(&kept[..n], b"ping");
+}
+
 #[tokio::test]
 async fn a_half_close_from_the_server_leaves_the_client_sending() {
     let mut server = Server::start(config()).await;

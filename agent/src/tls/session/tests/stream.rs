@@ -319,6 +319,15 @@ async fn an_idle_session_holds_no_record_buffer() {
     );
     assert_eq!(ours.rx.capacity(), 0, "receive buffer given back");
     assert_eq!(ours.tx.out.capacity(), 0, "send buffer given back");
+    // The copy loop keeps its buffer after a full read and calls
+    // `read_some` with it: that buffer is given back while waiting too.
+    let mut kept = vec![0u8; 2048];
+    let (mut reader, _writer) = ours.halves();
+    {
+        let mut read = std::pin::pin!(reader.read_some(&mut kept, 2048));
+        assert!(read.as_mut().poll(&mut cx).is_pending());
+    }
+    assert_eq!(kept.capacity(), 0, "the copy's buffer given back");
 }
 
 /// What the copy loop's `Duplex` and `ReadSide` need of the halves: both at
