@@ -17,7 +17,7 @@ use http::{HeaderMap, Method, Request, StatusCode, Version, uri::Authority};
 use log::debug;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{TunnelConfig, TunnelError, TunnelStream, keepalive};
+use super::{TunnelConfig, TunnelError, TunnelStream, coalesce::Coalesce, keepalive};
 
 /// One tunnel connection to a peer agent. Clones share the connection;
 /// it closes (GOAWAY, then the transport) once every clone and every
@@ -56,7 +56,7 @@ impl TunnelClient {
             // would take ourselves.
             .initial_max_send_streams(config.max_concurrent_streams as usize)
             .enable_push(false)
-            .handshake::<_, Bytes>(io)
+            .handshake::<_, Bytes>(Coalesce::new(io))
             .await
             .map_err(TunnelError::Handshake)?;
         let ended = Arc::new(AtomicBool::new(false));

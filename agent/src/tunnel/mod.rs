@@ -22,6 +22,7 @@
 //! handler are in `proxy::tunnels` and `proxy::inbound::tunnel`.
 
 mod client;
+mod coalesce;
 mod pool;
 mod server;
 mod stream;

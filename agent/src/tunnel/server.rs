@@ -8,7 +8,7 @@ use h2::{RecvStream, server::SendResponse};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{TunnelConfig, TunnelError, TunnelStream, keepalive};
+use super::{TunnelConfig, TunnelError, TunnelStream, coalesce::Coalesce, keepalive};
 
 /// A CONNECT the peer asked for, not yet answered. [`Incoming::accept`]
 /// answers 200 and gives the stream; [`Incoming::refuse`] answers with a
@@ -107,7 +107,7 @@ where
         .max_send_buffer_size(config.max_send_buffer)
         .max_header_list_size(config.max_header_list_size)
         .max_concurrent_streams(config.max_concurrent_streams)
-        .handshake::<_, Bytes>(io)
+        .handshake::<_, Bytes>(Coalesce::new(io))
         .await
         .map_err(TunnelError::Handshake)?;
     let alive = config.keepalive;
