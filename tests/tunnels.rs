@@ -206,7 +206,8 @@ fn an_independent_http2_client_speaks_to_the_inbound_port() {
 /// port while a good stream carries on: one that sends no HTTP/2 preface,
 /// one that sends a GET instead of a CONNECT, one that opens 150 streams
 /// where 100 are allowed (the rest are refused by the protocol, without
-/// disturbing the others). Each is counted under its reason.
+/// disturbing the others), one whose header block is over 16 KiB (431).
+/// Each refusal is counted under its reason: 2 + 50 + 1.
 #[test]
 fn bad_tunnel_peers_are_refused_and_a_good_stream_carries_on() {
     let m = tunnelled(None);
@@ -219,6 +220,7 @@ fn bad_tunnel_peers_are_refused_and_a_good_stream_carries_on() {
             "good stream: ledger before",
             "get: 405",
             "flood: 100 answered 200, 50 refused",
+            "big header block: 431",
             "good stream: ledger after",
         ],
         "{said:?}"
@@ -228,8 +230,9 @@ fn bad_tunnel_peers_are_refused_and_a_good_stream_carries_on() {
             .sum("sluice_inbound_refusals_total", &[("reason", reason)])
     };
     assert!(
-        wait_until(Duration::from_secs(5), || refused("tunnel_protocol") == 2.0),
-        "the preface-less peer and the GET: {}",
+        wait_until(Duration::from_secs(5), || refused("tunnel_protocol")
+            == 53.0),
+        "the preface-less peer, the GET, 50 streams over the limit, the big header block: {}",
         refused("tunnel_protocol")
     );
 }
@@ -470,6 +473,13 @@ while left:
             refused += int(e.error_code == h2.errors.ErrorCodes.REFUSED_STREAM)
             left.discard(e.stream_id)
 print(f"flood: {answered} answered 200, {refused} refused")
+
+# A header block over the 16 KiB the agent takes (in CONTINUATION frames).
+big = Peer()
+bid = big.conn.get_next_available_stream_id()
+big.conn.send_headers(bid, [(":method", "CONNECT"), (":authority", ledger), ("x-filler", "a" * 20000)])
+big.flush()
+print("big header block:", big.status(bid))
 
 print("good stream:", good.line(sid, "after"))
 sys.stdout.flush()

@@ -21,10 +21,17 @@
 use std::{
     io,
     pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     task::{Context, Poll, ready},
 };
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    sync::Notify,
+};
 
 /// The most held back: a whole TLS record's plaintext.
 pub(super) const BATCH: usize = 16 * 1024;
@@ -39,6 +46,93 @@ pub struct Coalesce<T> {
     passed: usize,
     /// Whether this flush already let the tasks woken before it run.
     yielded: bool,
+    /// On a server: the frames written, watched for streams h2 refused.
+    watch: Option<(FrameScan, Arc<RefusedStreams>)>,
+}
+
+/// Streams the HTTP/2 library refused by itself (RST_STREAM with
+/// REFUSED_STREAM: a peer over our SETTINGS_MAX_CONCURRENT_STREAMS). h2
+/// never hands them on, so they are counted from the frames it writes.
+#[derive(Debug, Default)]
+pub struct RefusedStreams {
+    count: AtomicU64,
+    seen: Notify,
+}
+
+impl RefusedStreams {
+    /// How many were refused since the last call.
+    pub fn take(&self) -> u64 {
+        self.count.swap(0, Ordering::Relaxed)
+    }
+
+    /// Resolves once one was refused (at once if one was since the last
+    /// wait).
+    pub async fn refused(&self) {
+        self.seen.notified().await;
+    }
+}
+
+/// Follows a stream of HTTP/2 frames as written, frame by frame, however
+/// the writes cut it.
+#[derive(Debug, Default)]
+struct FrameScan {
+    /// The current frame's header and, for a RST_STREAM, its error code.
+    head: [u8; 13],
+    have: usize,
+    /// Payload bytes of the current frame still to pass over.
+    skip: usize,
+}
+
+const FRAME_HEADER: usize = 9;
+const RST_STREAM: u8 = 0x3;
+const REFUSED_STREAM: u32 = 0x7;
+
+impl FrameScan {
+    /// The RST_STREAM(REFUSED_STREAM) frames that `bytes` completes.
+    fn refusals_in(&mut self, mut bytes: &[u8]) -> u64 {
+        let mut refused = 0;
+        while !bytes.is_empty() {
+            if self.skip > 0 {
+                let n = self.skip.min(bytes.len());
+                self.skip -= n;
+                bytes = &bytes[n..];
+                continue;
+            }
+            let len = |head: &[u8; 13]| {
+                usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2])
+            };
+            // A RST_STREAM's 4-byte code is read with its header.
+            let want = if self.have >= FRAME_HEADER
+                && self.head[3] == RST_STREAM
+                && len(&self.head) == 4
+            {
+                FRAME_HEADER + 4
+            } else {
+                FRAME_HEADER
+            };
+            let n = (want - self.have).min(bytes.len());
+            self.head[self.have..self.have + n].copy_from_slice(&bytes[..n]);
+            self.have += n;
+            bytes = &bytes[n..];
+            if self.have < want {
+                continue;
+            }
+            let payload = len(&self.head);
+            if want == FRAME_HEADER && self.head[3] == RST_STREAM && payload == 4 {
+                continue;
+            }
+            if want > FRAME_HEADER {
+                let code =
+                    u32::from_be_bytes([self.head[9], self.head[10], self.head[11], self.head[12]]);
+                refused += u64::from(code == REFUSED_STREAM);
+                self.skip = payload - 4;
+            } else {
+                self.skip = payload;
+            }
+            self.have = 0;
+        }
+        refused
+    }
 }
 
 impl<T> Coalesce<T> {
@@ -48,6 +142,15 @@ impl<T> Coalesce<T> {
             held: Vec::new(),
             passed: 0,
             yielded: false,
+            watch: None,
+        }
+    }
+
+    /// A server's writer: it also counts the streams h2 refuses.
+    pub fn watching(inner: T, refused: Arc<RefusedStreams>) -> Coalesce<T> {
+        Coalesce {
+            watch: Some((FrameScan::default(), refused)),
+            ..Coalesce::new(inner)
         }
     }
 }
@@ -93,6 +196,13 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
         }
         let n = buf.len().min(BATCH - this.held.len());
         this.held.extend_from_slice(&buf[..n]);
+        if let Some((scan, refused)) = &mut this.watch {
+            let seen = scan.refusals_in(&buf[..n]);
+            if seen > 0 {
+                refused.count.fetch_add(seen, Ordering::Relaxed);
+                refused.seen.notify_one();
+            }
+        }
         Poll::Ready(Ok(n))
     }
 
@@ -174,5 +284,31 @@ mod tests {
         w.shutdown().await.unwrap();
         let sizes: Vec<usize> = writes.0.lock().unwrap()[1..].iter().map(Vec::len).collect();
         assert_eq!(sizes, vec![BATCH, BATCH, 10]);
+    }
+
+    fn frame(kind: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len() as u32;
+        let mut f = len.to_be_bytes()[1..].to_vec();
+        f.extend([kind, 0]);
+        f.extend(stream.to_be_bytes());
+        f.extend(payload);
+        f
+    }
+
+    #[test]
+    fn refused_streams_are_seen_however_the_writes_cut_the_frames() {
+        let code = |c: u32| c.to_be_bytes().to_vec();
+        let mut frames = Vec::new();
+        frames.extend(frame(0x4, 0, &[0; 6])); // SETTINGS
+        frames.extend(frame(RST_STREAM, 101, &code(REFUSED_STREAM)));
+        frames.extend(frame(0x0, 3, &[RST_STREAM; 40])); // DATA that looks like one
+        frames.extend(frame(RST_STREAM, 5, &code(0x8))); // CANCEL: not a refusal
+        frames.extend(frame(RST_STREAM, 103, &code(REFUSED_STREAM)));
+        for cut in [1, 2, 5, 9, 13, frames.len()] {
+            let mut scan = FrameScan::default();
+            let seen: u64 = frames.chunks(cut).map(|c| scan.refusals_in(c)).sum();
+            assert_eq!(seen, 2, "writes of {cut} bytes");
+            assert_eq!((scan.have, scan.skip), (0, 0), "ends between frames");
+        }
     }
 }

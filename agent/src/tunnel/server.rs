@@ -1,14 +1,18 @@
 //! The called agent's end of a tunnel connection: CONNECT streams handed
 //! to a handler that accepts or refuses each.
 
-use std::{future::Future, net::SocketAddr};
+use std::{future::Future, net::SocketAddr, sync::Arc};
 
 use bytes::Bytes;
 use h2::{RecvStream, server::SendResponse};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{TunnelConfig, TunnelError, TunnelStream, coalesce::Coalesce, keepalive};
+use super::{
+    TunnelConfig, TunnelError, TunnelStream,
+    coalesce::{Coalesce, RefusedStreams},
+    keepalive,
+};
 
 /// A CONNECT the peer asked for, not yet answered. [`Incoming::accept`]
 /// answers 200 and gives the stream; [`Incoming::refuse`] answers with a
@@ -70,10 +74,22 @@ fn status_only(status: StatusCode) -> Response<()> {
 
 /// The target of a well-formed tunnel request, or the status refusing it:
 /// only CONNECT (405 otherwise) to an `ip:port` (400 otherwise: no names,
-/// the caller resolved them).
-fn target_of(request: &Request<RecvStream>) -> Result<SocketAddr, StatusCode> {
+/// the caller resolved them), with a header list of at most `max_headers`
+/// bytes as RFC 9113 counts them (431 otherwise).
+fn target_of(request: &Request<RecvStream>, max_headers: u32) -> Result<SocketAddr, StatusCode> {
     if request.method() != Method::CONNECT {
         return Err(StatusCode::METHOD_NOT_ALLOWED);
+    }
+    let field = |name: usize, value: usize| name + value + 32;
+    let size: usize = request
+        .headers()
+        .iter()
+        .map(|(name, value)| field(name.as_str().len(), value.len()))
+        .sum::<usize>()
+        + field(":method".len(), "CONNECT".len())
+        + field(":authority".len(), request.uri().to_string().len());
+    if size > max_headers as usize {
+        return Err(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
     }
     request
         .uri()
@@ -100,14 +116,17 @@ where
     H: FnMut(Incoming),
     M: FnMut(String),
 {
+    let refused = Arc::new(RefusedStreams::default());
     let mut connection = h2::server::Builder::new()
         .initial_window_size(config.stream_window)
         .initial_connection_window_size(config.connection_window)
         .max_frame_size(config.max_frame_size)
         .max_send_buffer_size(config.max_send_buffer)
-        .max_header_list_size(config.max_header_list_size)
+        // Twice ours: a larger block reaches our own check, which answers
+        // 431 and counts it; h2 would answer it alone, uncounted.
+        .max_header_list_size(config.max_header_list_size.saturating_mul(2))
         .max_concurrent_streams(config.max_concurrent_streams)
-        .handshake::<_, Bytes>(Coalesce::new(io))
+        .handshake::<_, Bytes>(Coalesce::watching(io, refused.clone()))
         .await
         .map_err(TunnelError::Handshake)?;
     let alive = config.keepalive;
@@ -134,13 +153,22 @@ where
                 let timeout = alive.map(|a| a.timeout).unwrap_or_default();
                 return Err(TunnelError::KeepaliveTimeout(timeout));
             }
+            () = refused.refused() => {
+                for _ in 0..refused.take() {
+                    malformed(format!(
+                        "a stream over the limit of {} at once, refused (REFUSED_STREAM)",
+                        config.max_concurrent_streams
+                    ));
+                }
+                continue;
+            }
         };
         let (request, mut respond) = match next {
             None => return Ok(()),
             Some(Ok(stream)) => stream,
             Some(Err(e)) => return Err(TunnelError::Connection(e)),
         };
-        let target = match target_of(&request) {
+        let target = match target_of(&request, config.max_header_list_size) {
             Ok(target) => target,
             Err(status) => {
                 malformed(format!(
