@@ -829,10 +829,17 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             for path in Route::ALL {
                 let mut a = vec!["--target".to_owned(), rig.target(path).to_string()];
                 a.extend(wargs.iter().cloned());
-                let cpu_before: f64 = rig.pids(path).iter().map(|p| cpu_seconds(*p)).sum();
+                let cpu_before: Vec<f64> = rig.pids(path).iter().map(|p| cpu_seconds(*p)).collect();
                 let mut v = rig.measure(path, a)?;
-                let cpu = rig.pids(path).iter().map(|p| cpu_seconds(*p)).sum::<f64>() - cpu_before;
-                v["proxy_cpu_seconds"] = json!(cpu);
+                // Each agent's own, too: on a two-node path, what one node pays.
+                let cpu: Vec<f64> = rig
+                    .pids(path)
+                    .iter()
+                    .zip(&cpu_before)
+                    .map(|(p, before)| cpu_seconds(*p) - before)
+                    .collect();
+                v["proxy_cpu_seconds"] = json!(cpu.iter().sum::<f64>());
+                v["proxy_cpu_seconds_per_agent"] = json!(cpu);
                 println!(
                     "   {name:<10} round {} {:<12} {}",
                     round + 1,

@@ -87,6 +87,30 @@ fn cpu_per_request(results: &[(Route, &str, Value)], path: Route) -> f64 {
     )
 }
 
+/// The median CPU per request of each of a path's agents (one figure per
+/// node on a two-node path).
+fn cpu_per_request_per_agent(results: &[(Route, &str, Value)], path: Route) -> Vec<f64> {
+    let runs: Vec<(f64, Vec<f64>)> = results
+        .iter()
+        .filter(|(p, w, _)| *p == path && *w == "throughput")
+        .filter_map(|(_, _, v)| {
+            let reqs = v["requests"].as_f64()?.max(1.0);
+            let each = v["proxy_cpu_seconds_per_agent"].as_array()?;
+            Some((reqs, each.iter().filter_map(Value::as_f64).collect()))
+        })
+        .collect();
+    let agents = runs.iter().map(|(_, each)| each.len()).max().unwrap_or(0);
+    (0..agents)
+        .map(|i| {
+            median(
+                runs.iter()
+                    .filter_map(|(reqs, each)| Some(each.get(i)? * 1e6 / reqs))
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
 fn fmt(x: f64, decimals: usize) -> String {
     if x.is_nan() {
         "-".to_owned()
@@ -245,6 +269,20 @@ pub fn write(
             med(results, b, "throughput", "rps")
         ),
         ratio(added(m), added(b)),
+    )?;
+    let per_node = |p: Route| {
+        let each: Vec<String> = cpu_per_request_per_agent(results, p)
+            .iter()
+            .map(|us| fmt(*us, 1))
+            .collect();
+        each.join(" and ")
+    };
+    writeln!(
+        md,
+        "CPU per request on each node (calling, called), keep-alive workload: tunnels {} us, per-connection mTLS {} us; the plain proxy path's one agent {} us.",
+        per_node(t),
+        per_node(m),
+        fmt(cpu_per_request(results, b), 1),
     )?;
     let one = med(
         results,
