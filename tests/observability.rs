@@ -424,6 +424,7 @@ fn the_metrics_listener_serves_metrics_and_probes_and_no_debug_view() {
     for path in [
         "/debug/conns",
         "/debug/workloads",
+        "/debug/tunnels",
         "/debug/endpoints",
         "/debug/status",
         "/debug/trace?seconds=1",

@@ -79,6 +79,43 @@ fn many_connections_share_one_tunnel_and_each_identity_has_its_own() {
     let again = m.a.run_client("client", calls(VIP, 1, "again"));
     assert_eq!(again, ["ledger again 1"]);
     assert_eq!(tunnels_opened(&m.a, "client"), 2.0);
+
+    // `sluice tunnels` shows the two pools, one connection each, to B.
+    let node_b = format!("{}:{}", m.pair.b_addr, m.inbound_port);
+    let pools = m.a.view("/debug/tunnels");
+    let pools = pools.as_array().expect("a list of pools");
+    let sources: Vec<&str> = pools
+        .iter()
+        .map(|p| p["source"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        sources,
+        [
+            "spiffe://cluster.local/ns/payments/sa/batch",
+            "spiffe://cluster.local/ns/payments/sa/checkout"
+        ],
+        "{pools:?}"
+    );
+    for pool in pools {
+        assert_eq!(pool["node"], node_b.as_str(), "{pool}");
+        assert_eq!(
+            pool["destination"],
+            "spiffe://cluster.local/ns/payments/sa/ledger"
+        );
+        assert_eq!(
+            (&pool["connections"], &pool["closing"]),
+            (&1.into(), &0.into()),
+            "{pool}"
+        );
+        assert_eq!(pool["last_dial_failure"], serde_json::Value::Null, "{pool}");
+    }
+    let table = lines(&m.a.sluice(&["tunnels"]));
+    assert!(table[0].starts_with("NODE"), "{table:?}");
+    assert_eq!(table.len(), 3, "a header and two pools: {table:?}");
+    assert!(
+        table[2].contains("sa/checkout") && table[2].contains(&node_b),
+        "{table:?}"
+    );
 }
 
 /// A stream whose client resets it ends alone: a stream beside it on the
@@ -136,6 +173,11 @@ fn a_killed_peer_fails_its_streams_at_once_and_the_next_connect_uses_a_new_tunne
         "the stream failed: {said:?} ({})",
         out.status
     );
+    // Meanwhile a connect finds no agent: the pool says why.
+    assert_eq!(m.a.run_client("client", calls(VIP, 1, "down")), ["FAILED"]);
+    let pools = m.a.view("/debug/tunnels");
+    let failure = pools[0]["last_dial_failure"].as_str().unwrap_or_default();
+    assert!(failure.contains("refused"), "{pools}");
     m.b = Agent::start_in_netns(&m.configs.1, &m.pair.b);
     // The stream server echoes the calls' lines as they are.
     let answers = m.a.run_client("client", calls(VIP, 3, "after"));

@@ -130,6 +130,8 @@ pub struct AdminState {
     pub pod_listeners: Arc<std::sync::Mutex<Vec<std::path::PathBuf>>>,
     /// With Kubernetes discovery: every watched resource was listed once.
     pub discovery_synced: Option<Arc<AtomicBool>>,
+    /// The outbound tunnel pools, with `mesh.tunnels.enabled`.
+    pub tunnels: Option<Arc<crate::proxy::tunnels::Tunnels>>,
 }
 
 impl AdminState {

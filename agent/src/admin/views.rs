@@ -153,6 +153,26 @@ pub struct WorkloadRow {
     pub listener: String,
 }
 
+/// `/debug/tunnels`: one row an outbound tunnel pool (empty with tunnels
+/// off).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TunnelRow {
+    /// The identity whose certificate the pool's connections present.
+    pub source: String,
+    /// The pod (network namespace) they leave from; None: the node's.
+    pub netns: Option<String>,
+    /// The peer node agent's inbound address.
+    pub node: String,
+    pub destination: String,
+    pub connections: usize,
+    /// Connections that take no new stream (GOAWAY or closed).
+    pub closing: usize,
+    pub streams: usize,
+    /// The last failed dial of this pool, and how long ago.
+    pub last_dial_failure: Option<String>,
+    pub last_dial_failure_seconds_ago: Option<u64>,
+}
+
 /// The JSON of the view at `path`, or None when there is no such view.
 pub fn render(state: &AdminState, path: &str) -> Option<String> {
     let catalog = state.inputs.catalog.load();
@@ -165,10 +185,44 @@ pub fn render(state: &AdminState, path: &str) -> Option<String> {
         "/debug/certs" => serde_json::to_string(&certs(state)),
         "/debug/inbound" => serde_json::to_string(&inbound(state)),
         "/debug/workloads" => serde_json::to_string(&workloads(state, &catalog)),
+        "/debug/tunnels" => serde_json::to_string(&tunnels(state)),
         _ => return None,
     };
     // Plain data with string keys: serialization cannot fail.
     Some(json.expect("a view serializes"))
+}
+
+fn tunnels(state: &AdminState) -> Vec<TunnelRow> {
+    let Some(tunnels) = &state.tunnels else {
+        return Vec::new();
+    };
+    let mut rows: Vec<TunnelRow> = tunnels
+        .snapshot()
+        .into_iter()
+        .map(|(key, usage)| TunnelRow {
+            source: key.source.to_string(),
+            netns: key.netns.as_ref().map(|n| n.path().display().to_string()),
+            node: key.node.to_string(),
+            destination: key.dest.to_string(),
+            connections: usage.connections,
+            closing: usage.closing,
+            streams: usage.streams,
+            last_dial_failure_seconds_ago: usage
+                .last_failure
+                .as_ref()
+                .map(|(ago, _)| ago.as_secs()),
+            last_dial_failure: usage.last_failure.map(|(_, why)| why),
+        })
+        .collect();
+    rows.sort_by(|a, b| {
+        (&a.node, &a.source, &a.destination, &a.netns).cmp(&(
+            &b.node,
+            &b.source,
+            &b.destination,
+            &b.netns,
+        ))
+    });
+    rows
 }
 
 fn sorted_services(catalog: &Catalog) -> Vec<&std::sync::Arc<crate::catalog::Service>> {

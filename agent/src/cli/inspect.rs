@@ -78,6 +78,35 @@ fn or_dash(v: Option<impl ToString>) -> String {
     v.map_or_else(|| "-".to_owned(), |v| v.to_string())
 }
 
+impl Row for views::TunnelRow {
+    const PATH: &'static str = "/debug/tunnels";
+    const HEADERS: &'static [&'static str] = &[
+        "NODE",
+        "SOURCE",
+        "DESTINATION",
+        "POD NETNS",
+        "CONNECTIONS",
+        "CLOSING",
+        "STREAMS",
+        "LAST DIAL FAILURE",
+    ];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.node.clone(),
+            self.source.clone(),
+            self.destination.clone(),
+            self.netns.clone().unwrap_or_else(|| "-".to_owned()),
+            self.connections.to_string(),
+            self.closing.to_string(),
+            self.streams.to_string(),
+            match (&self.last_dial_failure, self.last_dial_failure_seconds_ago) {
+                (Some(why), Some(ago)) => format!("{ago}s ago: {why}"),
+                _ => "-".to_owned(),
+            },
+        ]
+    }
+}
+
 impl Row for views::ServiceRow {
     const PATH: &'static str = "/debug/services";
     const HEADERS: &'static [&'static str] = &[
@@ -264,6 +293,7 @@ pub enum View {
     Breakers,
     Certs,
     Workloads,
+    Tunnels,
 }
 
 /// Prints a list view, optionally only the rows whose `service` is
@@ -281,6 +311,7 @@ pub fn list(
         View::Breakers => list_rows::<views::BreakerRow>(admin, filter, output),
         View::Certs => list_rows::<views::CertRow>(admin, filter, output),
         View::Workloads => list_rows::<views::WorkloadRow>(admin, filter, output),
+        View::Tunnels => list_rows::<views::TunnelRow>(admin, filter, output),
     }
 }
 

@@ -94,6 +94,9 @@ pub enum Command {
     Certs(Ask),
     /// Workloads this agent meshes, with their identities.
     Workloads(Ask),
+    /// Tunnel pools to peer agents (`mesh.tunnels.enabled`): connections,
+    /// streams, connections closing, the last failed dial.
+    Tunnels(Ask),
     /// Follow the redirect decisions of the eBPF programs live (switches
     /// their log events on for the duration).
     Trace {
@@ -284,6 +287,7 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Breakers(a) => ask(inspect::list(a.admin(), View::Breakers, None, a.output)),
         Command::Certs(a) => ask(inspect::list(a.admin(), View::Certs, None, a.output)),
         Command::Workloads(a) => ask(inspect::list(a.admin(), View::Workloads, None, a.output)),
+        Command::Tunnels(a) => ask(inspect::list(a.admin(), View::Tunnels, None, a.output)),
         Command::Trace { config, seconds } => {
             let Some(config) = load_or_report(&config) else {
                 return Ok(Outcome::Invalid);

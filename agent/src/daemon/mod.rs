@@ -295,6 +295,7 @@ async fn run_attached(
             trace_streams: Default::default(),
             pod_listeners: pods.listening.clone(),
             discovery_synced: discovery.as_ref().map(|d| d.synced.clone()),
+            tunnels: outbound_ctx.tunnels.clone(),
         },
         &offered,
         &admin_watch,

@@ -32,7 +32,7 @@ use crate::{
         tunnels::{OpenTunnel, Side},
     },
     tls::{Identity, TlsContext, session::TlsSession},
-    tunnel::{Dial, Guarded, Pool, PoolConfig, TunnelError, TunnelStream},
+    tunnel::{Dial, Guarded, PeerUsage, Pool, PoolConfig, TunnelError, TunnelStream},
 };
 
 /// What one pool of tunnel connections is for.
@@ -187,6 +187,11 @@ impl Tunnels {
     /// Closes idle pool connections until `stop` resolves.
     pub async fn sweep_until(&self, stop: impl Future<Output = ()>) {
         self.pool.sweep_until(stop).await
+    }
+
+    /// Every pool and what it holds, for the admin view.
+    pub fn snapshot(&self) -> Vec<(TunnelKey, PeerUsage)> {
+        self.pool.snapshot()
     }
 
     /// (connections, streams) open to `key`.

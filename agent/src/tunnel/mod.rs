@@ -41,7 +41,7 @@ use h2::{Ping, PingPong, Reason};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 pub use client::TunnelClient;
-pub use pool::{Dial, Pool, PoolConfig};
+pub use pool::{Dial, PeerUsage, Pool, PoolConfig};
 pub use server::{Incoming, serve};
 pub use stream::{TunnelReadHalf, TunnelStream, TunnelWriteHalf};
 

@@ -73,6 +73,18 @@ impl Default for PoolConfig {
     }
 }
 
+/// What a pool holds for one key, as the admin view shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerUsage {
+    pub connections: usize,
+    /// Of those, the ones that take no new stream (the peer's GOAWAY, or
+    /// closed): their open streams finish on them.
+    pub closing: usize,
+    pub streams: usize,
+    /// The key's last failed dial: how long ago, and why.
+    pub last_failure: Option<(Duration, String)>,
+}
+
 /// One pooled connection and how many streams it carries.
 #[derive(Debug)]
 struct Pooled {
@@ -105,6 +117,23 @@ struct Peer {
     dialing: tokio::sync::Mutex<()>,
     /// When the last dial failed, and why.
     failed: Mutex<Option<(Instant, String)>>,
+}
+
+impl Peer {
+    fn usage(&self, now: Instant) -> PeerUsage {
+        let connections = lock(&self.connections);
+        PeerUsage {
+            connections: connections.len(),
+            closing: connections.iter().filter(|c| !c.client.is_usable()).count(),
+            streams: connections
+                .iter()
+                .map(|c| c.streams.load(Ordering::Acquire))
+                .sum(),
+            last_failure: lock(&self.failed)
+                .as_ref()
+                .map(|(at, why)| (now.saturating_duration_since(*at), why.clone())),
+        }
+    }
 }
 
 // Nothing panics while holding these locks; a poisoned one still holds
@@ -296,11 +325,16 @@ where
         let Some(peer) = read(&self.peers).get(key).cloned() else {
             return (0, 0);
         };
-        let connections = lock(&peer.connections);
-        let streams = connections
+        let usage = peer.usage(Instant::now());
+        (usage.connections, usage.streams)
+    }
+
+    /// Every key's usage.
+    pub fn snapshot(&self) -> Vec<(K, PeerUsage)> {
+        let now = Instant::now();
+        read(&self.peers)
             .iter()
-            .map(|c| c.streams.load(Ordering::Acquire))
-            .sum();
-        (connections.len(), streams)
+            .map(|(key, peer)| (key.clone(), peer.usage(now)))
+            .collect()
     }
 }
