@@ -11,8 +11,9 @@
 //! - 503: the workload cannot be reached.
 //!
 //! A refusal ends that stream only; the connection and its other streams
-//! go on. The stream's bytes are copied on the data-plane runtime; this
-//! runtime keeps the handshakes and the connection's framing.
+//! go on. The TLS handshake runs on the inbound runtime; the connection's
+//! framing and its streams' copies run on the data-plane runtime, where
+//! the connection is moved once its caller is known.
 
 use std::{net::SocketAddr, sync::Arc};
 
