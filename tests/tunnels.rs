@@ -116,6 +116,17 @@ fn many_connections_share_one_tunnel_and_each_identity_has_its_own() {
         table[2].contains("sa/checkout") && table[2].contains(&node_b),
         "{table:?}"
     );
+    // And `sluice status` sums them up on each side.
+    assert_eq!(m.a.view("/debug/status")["tunnels"]["pools"], 2);
+    assert_eq!(m.a.view("/debug/status")["tunnels"]["connections"], 2);
+    assert_eq!(m.b.view("/debug/status")["tunnels"]["from_peers"], 2);
+    let status = lines(&m.a.sluice(&["status"]));
+    assert!(
+        status
+            .iter()
+            .any(|l| l.starts_with("tunnels") && l.contains("2 pools to peers, 2 connections")),
+        "{status:?}"
+    );
 }
 
 /// A stream whose client resets it ends alone: a stream beside it on the

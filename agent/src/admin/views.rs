@@ -12,7 +12,7 @@ use crate::{
     clock::now_ms,
     resilience::{Overflow, Phase},
     route::eligible_endpoints,
-    telemetry::Refusal,
+    telemetry::{Refusal, tunnels::Side},
 };
 
 /// `/debug/status`: the agent at a glance.
@@ -36,6 +36,22 @@ pub struct Status {
     pub inbound_refused: BTreeMap<String, u64>,
     /// The programs' decision counters, by name.
     pub redirects: BTreeMap<String, u64>,
+    /// Tunnels at a glance (`sluice tunnels` for each pool); None: off
+    /// (or an agent from before tunnels).
+    #[serde(default)]
+    pub tunnels: Option<TunnelTotals>,
+}
+
+/// This agent's tunnels, summed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TunnelTotals {
+    /// Outbound pools (one per source identity, pod, peer node and
+    /// destination identity), their connections and open streams.
+    pub pools: usize,
+    pub connections: usize,
+    pub streams: usize,
+    /// Tunnel connections peer agents hold to this one.
+    pub from_peers: i64,
 }
 
 /// One cgroup program the agent attaches.
@@ -286,6 +302,15 @@ fn status(state: &AdminState, catalog: &Catalog) -> Status {
             .iter()
             .map(|(s, n)| (s.name().to_owned(), *n))
             .collect(),
+        tunnels: state.tunnels.as_ref().map(|tunnels| {
+            let pools = tunnels.snapshot();
+            TunnelTotals {
+                pools: pools.len(),
+                connections: pools.iter().map(|(_, u)| u.connections).sum(),
+                streams: pools.iter().map(|(_, u)| u.streams).sum(),
+                from_peers: state.inputs.metrics.tunnels.open(Side::Server),
+            }
+        }),
     }
 }
 

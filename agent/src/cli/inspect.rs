@@ -397,4 +397,11 @@ fn print_status(s: &views::Status) {
         .map(|(k, v)| format!("{k} {v}"))
         .collect();
     println!("redirects    {}", redirects.join(", "));
+    match &s.tunnels {
+        Some(t) => println!(
+            "tunnels      {} pools to peers, {} connections, {} streams; {} connections from peers",
+            t.pools, t.connections, t.streams, t.from_peers
+        ),
+        None => println!("tunnels      off"),
+    }
 }

@@ -105,6 +105,11 @@ impl TunnelMetrics {
         OpenTunnel(open)
     }
 
+    /// Tunnel connections open now on `side`.
+    pub fn open(&self, side: Side) -> i64 {
+        self.connections_open.get_or_create(&side.label()).get()
+    }
+
     /// Counts an application connection carried as a stream.
     pub fn stream_opened(&self, side: Side) {
         self.streams_opened[side as usize].inc();
