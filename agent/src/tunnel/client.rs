@@ -17,7 +17,12 @@ use http::{HeaderMap, Method, Request, StatusCode, Version, uri::Authority};
 use log::debug;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{TunnelConfig, TunnelError, TunnelStream, coalesce::Coalesce, keepalive};
+use super::{
+    TunnelConfig, TunnelError, TunnelStream,
+    coalesce::Coalesce,
+    control::{CONTROL_HEADER, ControlStream, control_authority},
+    keepalive,
+};
 
 /// One tunnel connection to a peer agent. Clones share the connection;
 /// it closes (GOAWAY, then the transport) once every clone and every
@@ -103,6 +108,18 @@ impl TunnelClient {
     /// until its first SETTINGS came).
     pub fn peer_max_streams(&self) -> usize {
         self.send.current_max_send_streams()
+    }
+
+    /// Opens the control stream (see `control`): None when the peer does
+    /// not speak it (it refused the CONNECT).
+    pub async fn open_control(&self) -> Result<Option<ControlStream>, TunnelError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTROL_HEADER, http::HeaderValue::from_static("1"));
+        match self.open(control_authority(), headers).await {
+            Ok(stream) => Ok(Some(ControlStream::new(stream))),
+            Err(TunnelError::Refused { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Opens a CONNECT stream to `target` with `headers` (HBONE's

@@ -23,6 +23,7 @@
 
 mod client;
 mod coalesce;
+pub mod control;
 mod pool;
 mod server;
 mod stream;
@@ -43,7 +44,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 pub use client::TunnelClient;
 pub use pool::{Dial, PeerUsage, Pool, PoolConfig};
 pub use server::{Incoming, serve};
-pub use stream::{TunnelReadHalf, TunnelStream, TunnelWriteHalf};
+pub use stream::{Quiesce, TunnelReadHalf, TunnelStream, TunnelWriteHalf};
 
 /// The port HBONE listens on (Sluice's inbound port by default).
 pub const HBONE_PORT: u16 = 15008;

@@ -35,6 +35,13 @@ impl Incoming {
         &self.headers
     }
 
+    /// Whether this is a peer agent's control stream (see `control`),
+    /// not an application connection.
+    pub fn is_control(&self) -> bool {
+        self.target == super::control::control_authority()
+            && self.headers.contains_key(super::control::CONTROL_HEADER)
+    }
+
     /// Answers 200: from here bytes flow both ways. Connect to the target
     /// first, so a 200 means the target was reached.
     pub fn accept(mut self) -> Result<TunnelStream, TunnelError> {

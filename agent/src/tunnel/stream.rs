@@ -72,6 +72,26 @@ impl TunnelStream {
         self.send.stream_id().as_u32()
     }
 
+    /// Stops the stream where both ends hold every byte the other sent,
+    /// for a move (see `control`): END_STREAM and a read to the peer's
+    /// END_STREAM, in `order`. Returns the bytes read meanwhile. Bounded
+    /// by the stream's window, which the peer cannot exceed.
+    pub async fn quiesce(&mut self, order: Quiesce) -> io::Result<Vec<u8>> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut rest = Vec::new();
+        match order {
+            Quiesce::Answering => {
+                self.shutdown().await?;
+                self.read_to_end(&mut rest).await?;
+            }
+            Quiesce::Asking => {
+                self.read_to_end(&mut rest).await?;
+                self.shutdown().await?;
+            }
+        }
+        Ok(rest)
+    }
+
     /// The reading and the writing half, usable at once.
     pub fn split(&mut self) -> (TunnelReadHalf<'_>, TunnelWriteHalf<'_>) {
         let TunnelStream {
@@ -94,6 +114,18 @@ impl Drop for TunnelStream {
             self.send.send_reset(Reason::CONNECT_ERROR);
         }
     }
+}
+
+/// Which end of a pause a [`TunnelStream::quiesce`] is. The asking end
+/// sent `pause` and ends only after the answering end did: so the peer
+/// never sees its END_STREAM before the pause, which would read as the
+/// application's half-close.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quiesce {
+    /// Got `pause`: END_STREAM at once, then read to the asker's.
+    Answering,
+    /// Sent `pause`: read to the answerer's END_STREAM, then send one.
+    Asking,
 }
 
 /// The reading half of a [`TunnelStream`].

@@ -7,6 +7,7 @@
 
 mod interop;
 mod keepalive;
+mod moves;
 mod pool;
 
 use std::{
