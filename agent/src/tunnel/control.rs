@@ -1,6 +1,7 @@
 //! The control stream of a tunnel connection, between two Sluice agents:
-//! the first step towards moving tunnelled connections in an upgrade (see
-//! `../notes` in the closing notes; not wired into the agent yet).
+//! the tunnel layer's part of moving tunnelled connections in an upgrade.
+//! Not wired into the agent yet: the agent still lets a tunnelled
+//! connection finish in the old process, and keeps tunnels off by default.
 //!
 //! A pool connection's client opens one CONNECT to the reserved authority
 //! [`CONTROL_AUTHORITY`] with the header [`CONTROL_HEADER`]; a peer that
