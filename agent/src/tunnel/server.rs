@@ -94,7 +94,10 @@ fn target_of(request: &Request<RecvStream>, max_headers: u32) -> Result<SocketAd
         .map(|(name, value)| field(name.as_str().len(), value.len()))
         .sum::<usize>()
         + field(":method".len(), "CONNECT".len())
-        + field(":authority".len(), request.uri().to_string().len());
+        + field(
+            ":authority".len(),
+            request.uri().authority().map_or(0, |a| a.as_str().len()),
+        );
     if size > max_headers as usize {
         return Err(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
     }
