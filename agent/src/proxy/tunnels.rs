@@ -193,9 +193,4 @@ impl Tunnels {
     pub fn snapshot(&self) -> Vec<(TunnelKey, PeerUsage)> {
         self.pool.snapshot()
     }
-
-    /// (connections, streams) open to `key`.
-    pub fn usage(&self, key: &TunnelKey) -> (usize, usize) {
-        self.pool.usage(key)
-    }
 }

@@ -88,6 +88,17 @@ const RST_STREAM: u8 = 0x3;
 const REFUSED_STREAM: u32 = 0x7;
 
 impl FrameScan {
+    /// The current frame's payload length (its header is complete).
+    fn payload_len(&self) -> usize {
+        usize::from(self.head[0]) << 16 | usize::from(self.head[1]) << 8 | usize::from(self.head[2])
+    }
+
+    /// Whether the header read so far is a RST_STREAM's, whose 4-byte
+    /// code is read with it.
+    fn code_follows(&self) -> bool {
+        self.have >= FRAME_HEADER && self.head[3] == RST_STREAM && self.payload_len() == 4
+    }
+
     /// The RST_STREAM(REFUSED_STREAM) frames that `bytes` completes.
     fn refusals_in(&mut self, mut bytes: &[u8]) -> u64 {
         let mut refused = 0;
@@ -98,14 +109,7 @@ impl FrameScan {
                 bytes = &bytes[n..];
                 continue;
             }
-            let len = |head: &[u8; 13]| {
-                usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2])
-            };
-            // A RST_STREAM's 4-byte code is read with its header.
-            let want = if self.have >= FRAME_HEADER
-                && self.head[3] == RST_STREAM
-                && len(&self.head) == 4
-            {
+            let want = if self.code_follows() {
                 FRAME_HEADER + 4
             } else {
                 FRAME_HEADER
@@ -117,10 +121,10 @@ impl FrameScan {
             if self.have < want {
                 continue;
             }
-            let payload = len(&self.head);
-            if want == FRAME_HEADER && self.head[3] == RST_STREAM && payload == 4 {
+            if want == FRAME_HEADER && self.code_follows() {
                 continue;
             }
+            let payload = self.payload_len();
             if want > FRAME_HEADER {
                 let code =
                     u32::from_be_bytes([self.head[9], self.head[10], self.head[11], self.head[12]]);

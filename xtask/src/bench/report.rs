@@ -45,15 +45,6 @@ pub fn brief(workload: &str, v: &Value) -> String {
     }
 }
 
-/// Whole bytes, or "-" when not measured.
-fn bytes(b: f64) -> String {
-    if b.is_nan() {
-        "-".to_owned()
-    } else {
-        format!("{b:.0}")
-    }
-}
-
 fn median(mut xs: Vec<f64>) -> f64 {
     if xs.is_empty() {
         return f64::NAN;
@@ -258,8 +249,8 @@ pub fn write(
             med(results, b, "throughput", "rps")
         ),
         ratio(added(t), added(b)),
-        bytes(largest),
-        bytes(memory),
+        fmt(largest, 0),
+        fmt(memory, 0),
         ratio(
             med(results, m, "churn", "cps"),
             med(results, b, "churn", "cps")
