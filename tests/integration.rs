@@ -18,5 +18,6 @@ mod pods;
 mod preflight;
 mod redirect;
 mod resilience;
+mod tunnel_moves;
 mod tunnels;
 mod upgrade;

@@ -18,13 +18,13 @@ fn tunnels_opened(agent: &Agent, side: &str) -> f64 {
         .sum("sluice_tunnel_connections_opened_total", &[("side", side)])
 }
 
-fn streams_opened(agent: &Agent, side: &str) -> f64 {
+pub(crate) fn streams_opened(agent: &Agent, side: &str) -> f64 {
     agent
         .metrics()
         .sum("sluice_tunnel_streams_opened_total", &[("side", side)])
 }
 
-fn tunnelled(stream: Option<(usize, Duration)>) -> Mesh {
+pub(crate) fn tunnelled(stream: Option<(usize, Duration)>) -> Mesh {
     mesh_with(HOUR, true, stream, Some(tunnels_on()))
 }
 
@@ -294,7 +294,7 @@ fn bad_tunnel_peers_are_refused_and_a_good_stream_carries_on() {
 /// inbound port, as checkout (a certificate from the mesh's CA): its
 /// arguments are B's address and port, the certificate and key files, then
 /// `args`. Panics with its stderr if it fails.
-fn python_h2(m: &Mesh, script: &str, args: &[&str]) -> std::process::Output {
+pub(crate) fn python_h2(m: &Mesh, script: &str, args: &[&str]) -> std::process::Output {
     let now = std::time::SystemTime::now();
     let uri = "spiffe://cluster.local/ns/payments/sa/checkout";
     let (cert, key) = issue(Some(&m.state.join("ca")), uri, now - HOUR, now + HOUR);
@@ -324,7 +324,7 @@ fn python_h2(m: &Mesh, script: &str, args: &[&str]) -> std::process::Output {
     out
 }
 
-const H2_CLIENT: &str = r#"
+pub(crate) const H2_CLIENT: &str = r#"
 import socket, ssl, sys
 import h2.config, h2.connection, h2.events
 
@@ -355,8 +355,13 @@ def until(want):
         sock.sendall(conn.data_to_send())
 
 for target in targets:
+    # `ip:port+token` asks to take up a paused connection with the token.
+    target, _, token = target.partition("+")
+    headers = [(":method", "CONNECT"), (":authority", target)]
+    if token:
+        headers.append(("sluice-resume", token))
     sid = conn.get_next_available_stream_id()
-    conn.send_headers(sid, [(":method", "CONNECT"), (":authority", target)])
+    conn.send_headers(sid, headers)
     sock.sendall(conn.data_to_send())
     status = until(lambda e: dict(e.headers)[b":status"].decode()
                    if isinstance(e, h2.events.ResponseReceived) and e.stream_id == sid else None)

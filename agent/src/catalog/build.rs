@@ -127,6 +127,14 @@ impl<'a> BuildContext<'a> {
         }
     }
 
+    /// The peer agents' addresses by node name, for the catalog to keep.
+    fn owned_peers(&self) -> HashMap<String, SocketAddr> {
+        let peers = self.peers.iter();
+        peers
+            .map(|(name, addr)| (name.to_string(), *addr))
+            .collect()
+    }
+
     /// One service, with the state of `old` (the same service in the
     /// running catalog) carried over for it and its endpoints still there.
     /// An endpoint served by a workload the catalog does not have (a pod
@@ -283,7 +291,8 @@ impl Catalog {
                 (service.vip, Arc::new(service))
             })
             .collect();
-        Catalog::assemble(config.node.name.get().clone(), services, workloads)
+        let peers = ctx.owned_peers();
+        Catalog::assemble(config.node.name.get().clone(), peers, services, workloads)
     }
 
     /// The running catalog with the second source's services of `changed`
@@ -326,7 +335,8 @@ impl Catalog {
             let service = ctx.service(s, health_check, id, old);
             services.insert(service.vip, Arc::new(service));
         }
-        Catalog::assemble(self.node.clone(), services, self.workloads.clone())
+        let peers = ctx.owned_peers();
+        Catalog::assemble(self.node.clone(), peers, services, self.workloads.clone())
     }
 
     /// The services by (namespace, name).
@@ -340,6 +350,7 @@ impl Catalog {
     /// The indexes over services and workloads.
     fn assemble(
         node: String,
+        peers: HashMap<String, SocketAddr>,
         services: HashMap<SocketAddr, Arc<Service>>,
         workloads: Vec<Arc<Workload>>,
     ) -> Catalog {
@@ -354,6 +365,7 @@ impl Catalog {
             .collect();
         Catalog {
             node,
+            peers,
             services,
             workloads_by_cgroup,
             workloads,

@@ -33,6 +33,8 @@ pub const TIER_ANYWHERE: u8 = 2;
 pub struct Catalog {
     /// This node's name.
     pub node: String,
+    /// Peer agents' inbound addresses, by their node's name.
+    peers: HashMap<String, SocketAddr>,
     services: HashMap<SocketAddr, Arc<Service>>,
     workloads_by_cgroup: HashMap<u64, Arc<Workload>>,
     workloads: Vec<Arc<Workload>>,
@@ -219,6 +221,12 @@ impl Catalog {
             .get(&workload.cgroup_id)
             .copied()
             .unwrap_or(capture::InboundMode::Open)
+    }
+
+    /// The inbound address of the agent on node `name`, when it is a
+    /// known peer.
+    pub fn peer_agent(&self, name: &str) -> Option<SocketAddr> {
+        self.peers.get(name).copied()
     }
 
     /// The local endpoint a peer agent may ask for at `addr`.

@@ -150,6 +150,8 @@ pub(super) fn build_inputs(
         refusals: Arc::new(LogLimiter::default()),
         mark: config.agent.mark,
         connect_timeout: config.agent.connect_timeout.0,
+        tunnels: Default::default(),
+        parked: Default::default(),
     }))
 }
 
@@ -328,6 +330,7 @@ pub(super) fn start_tunnels(
         max_streams_per_connection: settings.max_streams_per_connection,
         idle_timeout: settings.idle_timeout.0,
         tunnel: TunnelConfig::default(),
+        node: Some(config.node.name.get().clone()),
     };
     let tunnels = Arc::new(Tunnels::new(
         inputs.tls.clone(),
@@ -337,6 +340,7 @@ pub(super) fn start_tunnels(
         Some(handshakes.0.clone()),
         pool,
     ));
+    let _ = inputs.tunnels.set(tunnels.clone());
     let (sweeping, mut drain) = (tunnels.clone(), watch.clone());
     tokio::spawn(async move { sweeping.sweep_until(drain.draining()).await });
     Ok((handshakes, Some(tunnels)))

@@ -156,7 +156,7 @@ fn handle(
             idle: DEFAULT_IDLE_TIMEOUT,
             lifetime: None,
         };
-        carry_or_move(&ctx, stream, upstream, life, limits, from).await;
+        carry_or_move(&ctx, stream, upstream, life, limits, from, None).await;
     }
 }
 
@@ -201,6 +201,15 @@ pub(super) async fn resume(
         idle: DEFAULT_IDLE_TIMEOUT,
         lifetime: None,
     };
-    carry_or_move(inputs, client, upstream, life, limits, record.copy.clone()).await;
+    carry_or_move(
+        inputs,
+        client,
+        upstream,
+        life,
+        limits,
+        record.copy.clone(),
+        None,
+    )
+    .await;
     Ok(())
 }

@@ -140,6 +140,12 @@ impl<'a> ConnectionLife<'a> {
         self.end = Some(reason);
     }
 
+    /// The connection finishes in this agent after all (its tunnel's peer
+    /// agent cannot pause it): it is told to move no more.
+    pub fn stay(&mut self) {
+        self.listed.moving = None;
+    }
+
     /// Ends the connection here: it moved to the next agent.
     pub fn hand_over(self) {
         self.close(CloseReason::HandedOver);

@@ -30,6 +30,7 @@ pub mod inbound;
 pub mod lifecycle;
 pub mod moved;
 pub mod outbound;
+pub mod paused;
 pub mod tunnels;
 mod upstream;
 
@@ -51,4 +52,10 @@ pub struct ProxyInputs {
     /// The mark on every socket the agent makes, which the hooks let pass.
     pub mark: u32,
     pub connect_timeout: Duration,
+    /// The outbound tunnel pools, when `mesh.tunnels.enabled` (set once,
+    /// at the start; a moved tunnelled connection is opened again on them).
+    pub tunnels: std::sync::OnceLock<Arc<tunnels::Tunnels>>,
+    /// Tunnelled connections a peer agent paused for its upgrade, waiting
+    /// for its successor.
+    pub parked: paused::Parked,
 }

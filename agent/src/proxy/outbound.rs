@@ -12,6 +12,7 @@ use super::{
     connections::{Callee, Caller},
     lifecycle::{ConnectionLife, Opening},
     moved::{MovedKind, MovedRecord, NotCarried, NotResumed, carry_or_move},
+    paused::{PeerAgent, rejoin},
     tunnels::Tunnels,
     upstream::{Upstream, connect_upstream, fail_fast},
 };
@@ -186,9 +187,9 @@ fn handle(
                 upstream: endpoint.addr,
                 security: security_of(&upstream),
                 accepted: started,
-                // A tunnelled stream's HTTP/2 connection cannot move: it
-                // finishes in this agent.
-                movable: !matches!(upstream, Upstream::Tunnel(_)),
+                // A tunnelled one moves if its peer agent can pause the
+                // stream when the time comes; otherwise it stays.
+                movable: true,
             },
             Some(service.connection_metrics(
                 &ctx.inputs.metrics,
@@ -206,13 +207,16 @@ fn handle(
         // TLS or tunnel copy (a tunnelled connection paid both).
         let end = match upstream {
             Upstream::Plain(up) => {
-                Box::pin(carry_or_move(&ctx.inputs, client, up, life, limits, from)).await
+                let carry = carry_or_move(&ctx.inputs, client, up, life, limits, from, None);
+                Box::pin(carry).await
             }
             Upstream::Tls(up) => {
-                Box::pin(carry_or_move(&ctx.inputs, client, *up, life, limits, from)).await
+                let carry = carry_or_move(&ctx.inputs, client, *up, life, limits, from, None);
+                Box::pin(carry).await
             }
-            Upstream::Tunnel(up) => {
-                Box::pin(carry_or_move(&ctx.inputs, client, *up, life, limits, from)).await
+            Upstream::Tunnel(up, end) => {
+                let carry = carry_or_move(&ctx.inputs, client, *up, life, limits, from, Some(end));
+                Box::pin(carry).await
             }
         };
         if let Some(end) = end {
@@ -271,7 +275,7 @@ fn refused(
 fn security_of(upstream: &Upstream) -> &'static str {
     match upstream {
         Upstream::Plain(_) => "plaintext",
-        Upstream::Tls(_) | Upstream::Tunnel(_) => "mutual_tls",
+        Upstream::Tls(_) | Upstream::Tunnel(..) => "mutual_tls",
     }
 }
 
@@ -312,7 +316,7 @@ fn after_copy(service: &Service, chosen: Chosen, end: CopyEnd) {
 pub(super) async fn resume(
     inputs: &Arc<ProxyInputs>,
     client: TcpStream,
-    upstream: Upstream,
+    upstream: Option<Upstream>,
     record: &MovedRecord,
     _guard: ConnectionGuard,
 ) -> Result<(), NotCarried> {
@@ -357,6 +361,24 @@ pub(super) async fn resume(
         };
         return Err((why, None));
     };
+    let upstream = match (upstream, &record.tunnel) {
+        (Some(upstream), _) => upstream,
+        (None, Some(tunnel)) => {
+            // The caller's connections leave from its pod's namespace.
+            let netns = source.as_ref().and_then(|w| w.netns.clone());
+            let PeerAgent::Addr(node) = tunnel.peer else {
+                return Err((NotResumed::Mismatched, None));
+            };
+            match Box::pin(rejoin(inputs, tunnel, node, netns)).await {
+                Ok((stream, end)) => Upstream::Tunnel(Box::new(stream), end),
+                Err(why) => {
+                    let _ = client.set_zero_linger();
+                    return Err((why, None));
+                }
+            }
+        }
+        (None, None) => return Err((NotResumed::Mismatched, None)),
+    };
     let _connection_slot = service.state.adopt_connection();
     let endpoint = &service.endpoints[index];
     let _in_flight = endpoint.state.open_connection();
@@ -384,10 +406,23 @@ pub(super) async fn resume(
     // As in `handle`: matched here, every copy boxed.
     let end = match upstream {
         Upstream::Plain(up) => {
-            Box::pin(carry_or_move(inputs, client, up, life, limits, from)).await
+            Box::pin(carry_or_move(inputs, client, up, life, limits, from, None)).await
         }
-        Upstream::Tls(up) => Box::pin(carry_or_move(inputs, client, *up, life, limits, from)).await,
-        Upstream::Tunnel(_) => unreachable!("a tunnelled connection is never moved"),
+        Upstream::Tls(up) => {
+            Box::pin(carry_or_move(inputs, client, *up, life, limits, from, None)).await
+        }
+        Upstream::Tunnel(up, end) => {
+            Box::pin(carry_or_move(
+                inputs,
+                client,
+                *up,
+                life,
+                limits,
+                from,
+                Some(end),
+            ))
+            .await
+        }
     };
     if let Some(end) = end {
         let chosen = Chosen {

@@ -32,7 +32,10 @@ use crate::{
         tunnels::{OpenTunnel, Side},
     },
     tls::{Identity, TlsContext, session::TlsSession},
-    tunnel::{Dial, Guarded, PeerUsage, Pool, PoolConfig, TunnelError, TunnelStream},
+    tunnel::{
+        Dial, Guarded, PeerUsage, Pool, PoolConfig, TunnelError, TunnelStream,
+        control::{RESUME_HEADER, Token},
+    },
 };
 
 /// What one pool of tunnel connections is for.
@@ -179,6 +182,23 @@ impl Tunnels {
         if let Ok(forwarded) = HeaderValue::try_from(format!("for=\"{caller}\"")) {
             headers.insert(http::header::FORWARDED, forwarded);
         }
+        let stream = self.pool.connect(key, target, headers).await?;
+        self.metrics.tunnels.stream_opened(Side::Client);
+        Ok(stream)
+    }
+
+    /// A stream that takes up a connection the peer agent keeps paused
+    /// under `token` (this agent's predecessor paused it): to `target`,
+    /// on a connection of `key` (the same identities as before).
+    pub async fn rejoin(
+        &self,
+        key: &TunnelKey,
+        target: SocketAddr,
+        token: Token,
+    ) -> Result<TunnelStream, TunnelError> {
+        let mut headers = HeaderMap::new();
+        let token = HeaderValue::try_from(token.to_hex()).expect("hex is a header value");
+        headers.insert(RESUME_HEADER, token);
         let stream = self.pool.connect(key, target, headers).await?;
         self.metrics.tunnels.stream_opened(Side::Client);
         Ok(stream)

@@ -11,6 +11,7 @@ use tokio::net::TcpStream;
 
 use super::{
     outbound::OutboundContext,
+    paused::TunnelEnd,
     tunnels::{TunnelKey, Tunnels},
 };
 use crate::{
@@ -60,8 +61,9 @@ async fn learn_identity<'a>(
 pub(super) enum Upstream {
     Plain(TcpStream),
     Tls(Box<TlsSession>),
-    /// A stream of a pooled tunnel connection to the peer node's agent.
-    Tunnel(Box<TunnelStream>),
+    /// A stream of a pooled tunnel connection to the peer node's agent,
+    /// and who is at either end of it (for a move).
+    Tunnel(Box<TunnelStream>, Box<TunnelEnd>),
 }
 
 /// Why a dial failed.
@@ -354,7 +356,15 @@ async fn tunnel(
     timeout: Duration,
 ) -> Result<Upstream, DialError> {
     match tokio::time::timeout(timeout, tunnels.connect(key, target, caller)).await {
-        Ok(Ok(stream)) => Ok(Upstream::Tunnel(Box::new(stream))),
+        Ok(Ok(stream)) => {
+            let end = TunnelEnd {
+                local: key.source.clone(),
+                remote: key.dest.clone(),
+                peer: Some(key.node),
+                target,
+            };
+            Ok(Upstream::Tunnel(Box::new(stream), Box::new(end)))
+        }
         Ok(Err(TunnelError::Refused { status, .. }))
             if status == http::StatusCode::UNAUTHORIZED =>
         {

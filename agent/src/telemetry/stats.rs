@@ -71,10 +71,14 @@ pub enum Refusal {
     /// should: no connection preface, a protocol error, a flood of resets,
     /// or a request that is no CONNECT to an address.
     TunnelProtocol,
+    /// A stream that would take up a tunnelled connection paused for an
+    /// upgrade, with a token that is unknown or expired, or from another
+    /// identity than the paused connection's (answered 410).
+    ResumeRefused,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 23] = [
+    pub const ALL: [Refusal; 24] = [
         Refusal::NotTls,
         Refusal::ClosedDuringHandshake,
         Refusal::HandshakeTimeout,
@@ -98,6 +102,7 @@ impl Refusal {
         Refusal::Plaintext,
         Refusal::Overloaded,
         Refusal::TunnelProtocol,
+        Refusal::ResumeRefused,
     ];
 
     /// Stable name for logs and metrics.
@@ -126,6 +131,7 @@ impl Refusal {
             Refusal::Plaintext => "plaintext",
             Refusal::Overloaded => "overloaded",
             Refusal::TunnelProtocol => "tunnel_protocol",
+            Refusal::ResumeRefused => "resume_refused",
         }
     }
 }

@@ -18,7 +18,7 @@ use log::debug;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{
-    TunnelConfig, TunnelError, TunnelStream,
+    Moves, TunnelConfig, TunnelError, TunnelStream,
     coalesce::Coalesce,
     control::{CONTROL_HEADER, ControlStream, control_authority},
     keepalive,
@@ -32,6 +32,8 @@ pub struct TunnelClient {
     send: SendRequest<Bytes>,
     /// Set by the driver task when the connection has ended.
     ended: Arc<AtomicBool>,
+    /// Its streams, for the peer's pauses (see `moves`).
+    moves: Arc<Moves>,
 }
 
 impl std::fmt::Debug for TunnelClient {
@@ -87,7 +89,11 @@ impl TunnelClient {
             // Dropping the connection fails the streams still open on it.
             ended_by_driver.store(true, Ordering::Release);
         });
-        Ok(TunnelClient { send, ended })
+        Ok(TunnelClient {
+            send,
+            ended,
+            moves: Arc::default(),
+        })
     }
 
     /// Whether a new stream may be opened: the connection has not ended
@@ -110,15 +116,41 @@ impl TunnelClient {
         self.send.current_max_send_streams()
     }
 
-    /// Opens the control stream (see `control`): None when the peer does
-    /// not speak it (it refused the CONNECT).
-    pub async fn open_control(&self) -> Result<Option<ControlStream>, TunnelError> {
+    /// Opens the control stream (see `control`), naming this agent's
+    /// `node`: None when the peer does not speak it (it refused the
+    /// CONNECT).
+    pub async fn open_control(&self, node: &str) -> Result<Option<ControlStream>, TunnelError> {
         let mut headers = HeaderMap::new();
-        headers.insert(CONTROL_HEADER, http::HeaderValue::from_static("1"));
-        match self.open(control_authority(), headers).await {
+        let name = http::HeaderValue::try_from(node).map_err(|_| {
+            TunnelError::Dial(std::io::Error::other(format!(
+                "the node name {node:?} is no header value"
+            )))
+        })?;
+        headers.insert(CONTROL_HEADER, name);
+        match self.open_unlisted(control_authority(), headers).await {
             Ok(stream) => Ok(Some(ControlStream::new(stream))),
             Err(TunnelError::Refused { .. }) => Ok(None),
             Err(e) => Err(e),
+        }
+    }
+
+    /// Opens the control stream and speaks it, so that this connection's
+    /// streams can be paused for a move, until the peer closes it or
+    /// `stop` resolves (the pool let the connection go: the control
+    /// stream must not keep it open).
+    pub async fn control(self, node: String, stop: impl Future<Output = ()>) {
+        let moves = self.moves.clone();
+        tokio::pin!(stop);
+        let opened = tokio::select! {
+            opened = self.open_control(&node) => opened,
+            () = &mut stop => return,
+        };
+        // The control stream alone must not hold the connection open.
+        drop(self);
+        match opened {
+            Ok(Some(control)) => moves.start(control, None, stop).await,
+            Ok(None) => debug!("the peer agent does not speak moves: its streams stay"),
+            Err(e) => debug!("no control stream: {e}"),
         }
     }
 
@@ -127,6 +159,16 @@ impl TunnelClient {
     /// the stream on 200, [`TunnelError::Refused`] with any other status.
     /// Bound the wait with the connect timeout.
     pub async fn open(
+        &self,
+        target: SocketAddr,
+        headers: HeaderMap,
+    ) -> Result<TunnelStream, TunnelError> {
+        let stream = self.open_unlisted(target, headers).await?;
+        Ok(stream.with_moves(&self.moves))
+    }
+
+    /// [`TunnelClient::open`], without listing the stream as pausable.
+    async fn open_unlisted(
         &self,
         target: SocketAddr,
         headers: HeaderMap,

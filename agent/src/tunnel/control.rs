@@ -1,10 +1,10 @@
 //! The control stream of a tunnel connection, between two Sluice agents:
-//! the tunnel layer's part of moving tunnelled connections in an upgrade.
-//! Not wired into the agent yet: the agent still lets a tunnelled
-//! connection finish in the old process, and keeps tunnels off by default.
+//! the tunnel layer's part of moving tunnelled connections in an upgrade
+//! (the agent's part is in `proxy::moved`).
 //!
 //! A pool connection's client opens one CONNECT to the reserved authority
-//! [`CONTROL_AUTHORITY`] with the header [`CONTROL_HEADER`]; a peer that
+//! [`control_authority`] with the header [`CONTROL_HEADER`] (its value
+//! names the calling agent's node, where a successor finds it); a peer that
 //! answers 200 speaks moves, one that refuses it (ztunnel, an older agent)
 //! does not, and its streams finish where they are. Either end then writes
 //! one message a line:
@@ -24,7 +24,7 @@ use std::{fmt, net::SocketAddr};
 
 use super::TunnelStream;
 
-/// Marks the control CONNECT (value `1`).
+/// Marks the control CONNECT; its value is the calling agent's node name.
 pub const CONTROL_HEADER: &str = "sluice-control";
 /// Carries the token on the successor's CONNECT.
 pub const RESUME_HEADER: &str = "sluice-resume";
@@ -53,6 +53,13 @@ impl fmt::Debug for Token {
 }
 
 impl Token {
+    /// A fresh token from the system's random source.
+    pub fn random() -> Token {
+        let mut bytes = [0u8; 16];
+        aws_lc_rs::rand::fill(&mut bytes).expect("the system's random source works");
+        Token(bytes)
+    }
+
     pub fn to_hex(self) -> String {
         self.0.iter().map(|b| format!("{b:02x}")).collect()
     }
@@ -68,6 +75,11 @@ impl Token {
         Some(Token(out))
     }
 }
+
+/// A `sluice-resume` header that is not a token.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("a {RESUME_HEADER} header that is no token (32 hex digits)")]
+pub struct BadToken;
 
 /// A control line that is not one.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]

@@ -24,6 +24,7 @@
 mod client;
 mod coalesce;
 pub mod control;
+mod moves;
 mod pool;
 mod server;
 mod stream;
@@ -42,6 +43,7 @@ use h2::{Ping, PingPong, Reason};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 pub use client::TunnelClient;
+pub use moves::Moves;
 pub use pool::{Dial, PeerUsage, Pool, PoolConfig};
 pub use server::{Incoming, serve};
 pub use stream::{Quiesce, TunnelReadHalf, TunnelStream, TunnelWriteHalf};

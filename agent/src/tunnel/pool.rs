@@ -61,6 +61,10 @@ pub struct PoolConfig {
     /// A connection without a stream for this long is closed.
     pub idle_timeout: Duration,
     pub tunnel: TunnelConfig,
+    /// This agent's node, named on each connection's control stream so
+    /// that its streams can be paused for a move (see `control`); None
+    /// opens no control stream.
+    pub node: Option<String>,
 }
 
 impl Default for PoolConfig {
@@ -69,6 +73,7 @@ impl Default for PoolConfig {
             max_streams_per_connection: 100,
             idle_timeout: Duration::from_secs(60),
             tunnel: TunnelConfig::default(),
+            node: None,
         }
     }
 }
@@ -94,6 +99,9 @@ struct Pooled {
     streams: AtomicUsize,
     /// When its last stream ended (or it was made).
     idle_since: Mutex<Instant>,
+    /// Dropped with the connection: ends its control stream, which would
+    /// otherwise hold it open.
+    _control: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 /// A stream's place on a pooled connection, given back when the stream is
@@ -272,11 +280,20 @@ where
                 return Err(e);
             }
         };
+        let control = self.config.node.clone().map(|node| {
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let stopped = async move {
+                let _ = stopped.await;
+            };
+            tokio::spawn(client.clone().control(node, stopped));
+            stop
+        });
         let pooled = Arc::new(Pooled {
             client,
             generation,
             streams: AtomicUsize::new(1),
             idle_since: Mutex::new(Instant::now()),
+            _control: control,
         });
         lock(&peer.connections).push(pooled.clone());
         Ok(Slot(pooled))

@@ -9,8 +9,9 @@ use http::{HeaderMap, Method, Request, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{
-    TunnelConfig, TunnelError, TunnelStream,
+    Moves, TunnelConfig, TunnelError, TunnelStream,
     coalesce::{Coalesce, RefusedStreams},
+    control::{BadToken, CONTROL_HEADER, ControlStream, RESUME_HEADER, Token, control_authority},
     keepalive,
 };
 
@@ -22,6 +23,8 @@ pub struct Incoming {
     target: SocketAddr,
     headers: HeaderMap,
     pending: Option<(RecvStream, SendResponse<Bytes>)>,
+    /// The connection's pausable streams, which an accepted one joins.
+    moves: Arc<Moves>,
 }
 
 impl Incoming {
@@ -37,14 +40,34 @@ impl Incoming {
 
     /// Whether this is a peer agent's control stream (see `control`),
     /// not an application connection.
-    pub fn is_control(&self) -> bool {
-        self.target == super::control::control_authority()
-            && self.headers.contains_key(super::control::CONTROL_HEADER)
+    fn is_control(&self) -> bool {
+        self.target == control_authority() && self.headers.contains_key(CONTROL_HEADER)
+    }
+
+    /// The token of a stream that takes up a paused one (a moved
+    /// connection's successor), if the request carries one; Err when the
+    /// header is there but is no token.
+    pub fn resume_token(&self) -> Result<Option<Token>, BadToken> {
+        match self.headers.get(RESUME_HEADER) {
+            None => Ok(None),
+            Some(value) => value
+                .to_str()
+                .ok()
+                .and_then(Token::from_hex)
+                .map(Some)
+                .ok_or(BadToken),
+        }
     }
 
     /// Answers 200: from here bytes flow both ways. Connect to the target
     /// first, so a 200 means the target was reached.
-    pub fn accept(mut self) -> Result<TunnelStream, TunnelError> {
+    pub fn accept(self) -> Result<TunnelStream, TunnelError> {
+        let moves = self.moves.clone();
+        Ok(self.accept_unlisted()?.with_moves(&moves))
+    }
+
+    /// [`Incoming::accept`], without listing the stream as pausable.
+    fn accept_unlisted(mut self) -> Result<TunnelStream, TunnelError> {
         let (recv, mut respond) = self.pending.take().expect("answered once, by value");
         let send = respond
             .send_response(status_only(StatusCode::OK), false)
@@ -148,6 +171,7 @@ where
         }
     };
     tokio::pin!(watch, shutdown);
+    let moves = Arc::new(Moves::default());
     let mut going_away = false;
     loop {
         let next = tokio::select! {
@@ -156,6 +180,9 @@ where
             () = &mut shutdown, if !going_away => {
                 // Streams that crossed the GOAWAY are still accepted.
                 connection.graceful_shutdown();
+                // The control stream ends with the last stream, or the
+                // connection could never close.
+                moves.go_away();
                 going_away = true;
                 continue;
             }
@@ -195,7 +222,34 @@ where
             target,
             headers: parts.headers,
             pending: Some((recv, respond)),
+            moves: moves.clone(),
         };
+        if incoming.is_control() {
+            control(incoming, &moves);
+            continue;
+        }
         handler(incoming);
     }
+}
+
+/// Answers a peer agent's control stream and speaks it on a task of its
+/// own. The node it names must read as a node name; the agent looks it up
+/// among the nodes it knows before it ever dials it.
+fn control(incoming: Incoming, moves: &Arc<Moves>) {
+    let node = incoming
+        .headers
+        .get(CONTROL_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|n| !n.is_empty() && n.len() <= 253)
+        .map(str::to_owned);
+    let Some(node) = node else {
+        incoming.refuse(StatusCode::BAD_REQUEST);
+        return;
+    };
+    let Ok(stream) = incoming.accept_unlisted() else {
+        return;
+    };
+    let moves = moves.clone();
+    let control = ControlStream::new(stream);
+    tokio::spawn(moves.start(control, Some(node), std::future::pending()));
 }

@@ -13,15 +13,26 @@ use std::{
     future::poll_fn,
     io,
     pin::Pin,
-    sync::atomic::{AtomicBool, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     task::{Context, Poll, ready},
 };
 
 use bytes::{Buf, Bytes};
 use h2::{Reason, RecvStream, SendStream};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    sync::oneshot,
+};
 
-use super::{io_error, pool::Slot};
+use super::{
+    control::{Message, Token},
+    io_error,
+    moves::{Listed, Moves},
+    pool::Slot,
+};
 use crate::carry::copy::{Duplex, ReadSide};
 
 /// A CONNECT stream, either end. Dropping it before both directions have
@@ -38,6 +49,8 @@ pub struct TunnelStream {
     reset: AtomicBool,
     /// The stream's place in its pool connection, given back on drop.
     _slot: Option<Slot>,
+    /// Its place among the connection's pausable streams (see `moves`).
+    listed: Option<Listed>,
 }
 
 impl std::fmt::Debug for TunnelStream {
@@ -59,7 +72,14 @@ impl TunnelStream {
             finished: false,
             reset: AtomicBool::new(false),
             _slot: None,
+            listed: None,
         }
+    }
+
+    /// Lists the stream among its connection's pausable ones.
+    pub(super) fn with_moves(mut self, moves: &Arc<Moves>) -> TunnelStream {
+        self.listed = Some(moves.list(self.id()));
+        self
     }
 
     pub(super) fn with_slot(mut self, slot: Slot) -> TunnelStream {
@@ -70,6 +90,46 @@ impl TunnelStream {
     /// The HTTP/2 stream id (for logs).
     pub fn id(&self) -> u32 {
         self.send.stream_id().as_u32()
+    }
+
+    /// Where the peer's `pause` of this stream arrives (once: the first
+    /// call takes it). None for a stream of a connection without moves.
+    pub fn take_pause(&mut self) -> Option<oneshot::Receiver<Token>> {
+        self.listed.as_mut()?.paused.take()
+    }
+
+    /// Whether this stream can be paused from this end now: the peer
+    /// speaks moves, and its control stream is open.
+    pub fn can_pause(&self) -> bool {
+        self.listed
+            .as_ref()
+            .is_some_and(|l| l.moves().speaks_moves())
+    }
+
+    /// The peer agent's node, as its control stream named it (on the
+    /// called end).
+    pub fn peer_node(&self) -> Option<String> {
+        let listed = self.listed.as_ref()?;
+        listed.moves().peer_node().map(str::to_owned)
+    }
+
+    /// Pauses the stream from this end, for a move: asks the peer on the
+    /// control stream, then quiesces as the asking end. Returns the token
+    /// the peer keeps its side under, and the bytes read meanwhile.
+    pub async fn pause(&mut self) -> io::Result<(Token, Vec<u8>)> {
+        let token = Token::random();
+        let stream = self.id();
+        let asked = self
+            .listed
+            .as_ref()
+            .is_some_and(|l| l.moves().send(Message::Pause { stream, token }));
+        if !asked {
+            return Err(io::Error::other(
+                "the peer agent's control stream is not open: the stream cannot pause",
+            ));
+        }
+        let read = self.quiesce(Quiesce::Asking).await?;
+        Ok((token, read))
     }
 
     /// Stops the stream where both ends hold every byte the other sent,

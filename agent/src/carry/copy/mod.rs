@@ -217,7 +217,11 @@ pub async fn proxy<C: Duplex, U: Duplex>(
         lifetime: max_duration,
     };
     let mut progress = Progress::default();
-    match progress.carry(client, upstream, &limits, bytes, None).await {
+    let never = std::future::pending();
+    match progress
+        .carry(client, upstream, &limits, bytes, never)
+        .await
+    {
         Carried::Ended(end) => end,
         Carried::Suspended => unreachable!("a copy without a move signal is never suspended"),
     }
@@ -250,10 +254,9 @@ impl From<Suspended> for Progress {
 
 impl Progress {
     /// [`proxy`], starting from where this progress stands, and
-    /// suspending when `moving` fires: both directions stop where nothing
-    /// is half done (a read not started, or a write of which the bytes
-    /// left stay here), so no byte is lost or sent twice. A `moving` whose
-    /// sender went away without a word never fires.
+    /// suspending when `moving` resolves: both directions stop where
+    /// nothing is half done (a read not started, or a write of which the
+    /// bytes left stay here), so no byte is lost or sent twice.
     // Not an `async fn`: that would keep a second copy of every argument
     // in the future (rustc does not share their space), and this future is
     // every connection's.
@@ -264,7 +267,7 @@ impl Progress {
         upstream: &'a mut U,
         limits: &'a Limits,
         bytes: &'a ByteCounters,
-        moving: Option<&'a mut tokio::sync::oneshot::Receiver<()>>,
+        moving: impl Future<Output = ()> + Send + 'a,
     ) -> impl Future<Output = Carried> + 'a {
         async move {
             let stopped = {
@@ -300,18 +303,10 @@ impl Progress {
                         Err(_) => CopyEnd::ClientError,
                     }
                 };
-                let moved = async {
-                    if let Some(rx) = moving
-                        && rx.await.is_ok()
-                    {
-                        return;
-                    }
-                    std::future::pending::<()>().await
-                };
                 let deadline = limits.lifetime.map(|d| now_ms() + d.as_millis() as u64);
                 tokio::select! {
                     biased;
-                    () = moved => None,
+                    () = moving => None,
                     end = both => Some(end),
                     end = watchdog(bytes, limits.idle, deadline, quiet) => Some(end),
                 }
@@ -334,6 +329,16 @@ impl Progress {
             }
             Carried::Ended(end)
         }
+    }
+
+    /// Bytes a paused tunnel stream gave after the copy stopped, to be
+    /// written first when it goes on: read from the client (`up`) or from
+    /// the upstream.
+    pub fn add_read(&mut self, up: bool, bytes: &[u8]) {
+        let way = if up { &mut self.up } else { &mut self.down };
+        way.buf.truncate(way.end);
+        way.buf.extend_from_slice(bytes);
+        way.end = way.buf.len();
     }
 
     /// Where a suspended copy stood, to carry it on from.

@@ -304,7 +304,7 @@ async fn a_suspended_copy_resumes_where_it_stopped_with_no_byte_lost_or_doubled(
         });
         let mut progress = Progress::from(state);
         let carried = progress
-            .carry(&mut client, &mut upstream, &limits, &bytes, Some(&mut rx))
+            .carry(&mut client, &mut upstream, &limits, &bytes, told(&mut rx))
             .await;
         trigger.join().unwrap();
         match carried {
@@ -358,7 +358,7 @@ async fn a_dropped_move_signal_does_not_suspend() {
     };
     let mut progress = Progress::default();
     let (carried, got) = tokio::join!(
-        progress.carry(&mut client, &mut upstream, &limits, &bytes, Some(&mut rx)),
+        progress.carry(&mut client, &mut upstream, &limits, &bytes, told(&mut rx)),
         apps
     );
     assert_eq!(&got, b"ping");
@@ -392,7 +392,7 @@ async fn a_quiet_connection_suspends_with_nothing_in_hand_and_goes_on() {
     };
     let mut progress = Progress::default();
     let (carried, (got, back)) = tokio::join!(
-        progress.carry(&mut client, &mut upstream, &limits, &bytes, Some(&mut rx)),
+        progress.carry(&mut client, &mut upstream, &limits, &bytes, told(&mut rx)),
         first
     );
     assert_eq!((&got, &back), (b"hello", b"hi"));
@@ -414,7 +414,13 @@ async fn a_quiet_connection_suspends_with_nothing_in_hand_and_goes_on() {
     };
     let mut progress = Progress::from(state);
     let (carried, got) = tokio::join!(
-        progress.carry(&mut client, &mut upstream, &limits, &bytes, None),
+        progress.carry(
+            &mut client,
+            &mut upstream,
+            &limits,
+            &bytes,
+            std::future::pending()
+        ),
         second
     );
     assert_eq!(got, b"again");
@@ -449,7 +455,7 @@ async fn the_idle_limit_counts_the_quiet_before_a_suspension() {
     };
     let mut progress = Progress::default();
     let (carried, ()) = tokio::join!(
-        progress.carry(&mut client, &mut upstream, &limits, &bytes, Some(&mut rx)),
+        progress.carry(&mut client, &mut upstream, &limits, &bytes, told(&mut rx)),
         first
     );
     assert_eq!(carried, Carried::Suspended);
@@ -462,7 +468,13 @@ async fn the_idle_limit_counts_the_quiet_before_a_suspension() {
     let resumed = Instant::now();
     let mut progress = Progress::from(state);
     let carried = progress
-        .carry(&mut client, &mut upstream, &limits, &bytes, None)
+        .carry(
+            &mut client,
+            &mut upstream,
+            &limits,
+            &bytes,
+            std::future::pending(),
+        )
         .await;
     assert_eq!(carried, Carried::Ended(CopyEnd::Idle));
     let after = resumed.elapsed();
@@ -471,4 +483,12 @@ async fn the_idle_limit_counts_the_quiet_before_a_suspension() {
         "cut {after:?} after the resume, {quiet:?} quiet before it"
     );
     drop((client_app, upstream_app));
+}
+
+/// Resolves when `rx` is told to move; never if its sender goes away.
+async fn told(rx: &mut tokio::sync::oneshot::Receiver<()>) {
+    if rx.await.is_ok() {
+        return;
+    }
+    std::future::pending().await
 }

@@ -18,7 +18,8 @@ use super::{
     ProxyInputs,
     connections::{Callee, Caller},
     lifecycle::{ConnectionLife, Opening},
-    moved::{MovedKind, MovedRecord, NotCarried, NotResumed, carry_or_move},
+    moved::{Movable, MovedKind, MovedRecord, NotCarried, NotResumed, carry_or_move},
+    paused::TunnelEnd,
     tunnels::{ALPN_H2, UNSENT_LIMIT},
 };
 use crate::{
@@ -272,7 +273,7 @@ async fn handle(
             None,
         );
         let from = Suspended::default();
-        let end = carry_or_move(&ctx.inputs, tls, upstream, life, LIMITS, from).await;
+        let end = carry_or_move(&ctx.inputs, tls, upstream, life, LIMITS, from, None).await;
         debug!("inbound {peer} -> {target}: {end:?}");
     });
 }
@@ -285,15 +286,17 @@ const LIMITS: Limits = Limits {
 };
 
 /// Carries on a peer agent's connection the previous agent moved here, to
-/// the same workload endpoint, its TLS session resumed. It was admitted
-/// then; a policy changed since applies to its next connection, as it
-/// would have in the old agent.
-pub(super) async fn resume(
+/// the same workload endpoint: over its TLS session resumed, or over a
+/// tunnel stream that took up the paused one (`tunnel`, its parties). It
+/// was admitted then; a policy changed since applies to its next
+/// connection, as it would have in the old agent.
+pub(super) async fn resume<C: Movable>(
     inputs: &Arc<ProxyInputs>,
-    tls: TlsSession,
+    client: C,
     upstream: TcpStream,
     record: &MovedRecord,
     _guard: ConnectionGuard,
+    tunnel: Option<Box<TunnelEnd>>,
 ) -> Result<(), NotCarried> {
     let MovedKind::Inbound {
         caller,
@@ -310,7 +313,7 @@ pub(super) async fn resume(
         .filter(|t| t.workload.name == *workload)
         .map(|t| t.workload.clone());
     let (Some(workload), Ok(caller)) = (found, Identity::parse(caller)) else {
-        let _ = tls.get_ref().set_zero_linger();
+        client.reset_on_close();
         let _ = upstream.set_zero_linger();
         return Err((NotResumed::NoWorkload(workload.clone()), None));
     };
@@ -330,7 +333,8 @@ pub(super) async fn resume(
         None,
         (record.sent, record.received),
     );
-    carry_or_move(inputs, tls, upstream, life, LIMITS, record.copy.clone()).await;
+    let from = record.copy.clone();
+    carry_or_move(inputs, client, upstream, life, LIMITS, from, tunnel).await;
     Ok(())
 }
 

@@ -27,10 +27,11 @@ use crate::{
         connections::{Callee, Caller},
         lifecycle::{ConnectionLife, Opening},
         moved::carry_or_move,
+        paused::TunnelEnd,
     },
     telemetry::{Refusal, tunnels::Side},
     tls::{Identity, session::TlsSession},
-    tunnel::{self, Incoming},
+    tunnel::{self, Incoming, control::Token},
 };
 
 /// Who is on the other end of one tunnel connection.
@@ -105,6 +106,15 @@ fn stream(tunnel: Arc<Tunnel>, incoming: Box<Incoming>) -> impl Future<Output = 
         let ctx = &tunnel.ctx;
         let _guard = ctx.drain.track();
         let target = incoming.target();
+        match incoming.resume_token() {
+            Ok(None) => {}
+            Ok(Some(token)) => return take_up(&tunnel, *incoming, token),
+            Err(bad) => {
+                incoming.refuse(StatusCode::BAD_REQUEST);
+                let why = Refusal::TunnelProtocol;
+                return refuse_at(ctx, tunnel.peer, Some(&tunnel.caller), None, why, &bad);
+            }
+        }
         // Boxed: the checks and the connect to the workload are the largest
         // state of this task, and a quiet stream should not carry their space.
         // The outcome is matched in a block of its own: its space is then
@@ -136,27 +146,62 @@ fn stream(tunnel: Arc<Tunnel>, incoming: Box<Incoming>) -> impl Future<Output = 
                 upstream: target,
                 security: "mutual_tls",
                 accepted: tokio::time::Instant::now(),
-                // A stream lives inside the tunnel connection, whose HTTP/2
-                // state cannot move: it finishes in this agent.
-                movable: false,
+                // It moves if the calling agent can pause the stream when
+                // the time comes; otherwise it stays.
+                movable: true,
             },
             None,
         );
         let _ = upstream.set_nodelay(true);
         let id = stream.id();
+        // The parties, for a move: the workload's identity is the one the
+        // caller asked for (admission checked it serves that one).
+        let parties = Box::new(TunnelEnd {
+            local: local.workload.identity.clone(),
+            remote: tunnel.caller.clone(),
+            peer: None,
+            target,
+        });
+        let from = Suspended::default();
         let end = carry_or_move(
             &ctx.inputs,
             stream,
             upstream,
             life,
             LIMITS,
-            Suspended::default(),
-        )
-        .await;
+            from,
+            Some(parties),
+        );
+        let end = end.await;
         debug!(
             "inbound tunnel {} stream {id} -> {target}: {end:?}",
             tunnel.peer
         );
+    }
+}
+
+/// A stream that takes up a connection paused here for the calling
+/// agent's upgrade: its successor, presenting the same identity and
+/// asking for the same one, with the pause's token. Anything else is
+/// answered 410 and counted; the paused connection waits on for the
+/// right stream.
+fn take_up(tunnel: &Tunnel, incoming: Incoming, token: Token) {
+    let (caller, asked_for) = (&tunnel.caller, tunnel.asked_for.as_ref());
+    let parked = &tunnel.ctx.inputs.parked;
+    match parked.claim(&token, caller, asked_for, incoming.target()) {
+        Ok(waiting) => {
+            let Ok(stream) = incoming.accept() else {
+                return;
+            };
+            // A paused connection that gave up meanwhile drops the
+            // stream: the successor sees it reset.
+            let _ = waiting.send(stream);
+        }
+        Err(why) => {
+            incoming.refuse(StatusCode::GONE);
+            let refusal = Refusal::ResumeRefused;
+            refuse_at(&tunnel.ctx, tunnel.peer, Some(caller), None, refusal, &why);
+        }
     }
 }
 

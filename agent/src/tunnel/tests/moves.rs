@@ -1,23 +1,22 @@
-//! The pause of a moving stream (`control`): both ends stop a stream that
-//! carries bytes both ways, and each ends up with every byte the other
-//! sent, none twice, even when the peer acts on the pause late (an asking
-//! end that sent END_STREAM at once would fail this: the peer would read
-//! it as the application's half-close).
+//! The pause of a moving stream (`control`, `moves`): one end asks on the
+//! connection's control stream, both stop a stream that carries bytes
+//! both ways, and each ends up with every byte the other sent, none
+//! twice, even when the peer acts on the pause late (an asking end that
+//! sent END_STREAM at once would fail this: the peer would read it as the
+//! application's half-close).
 
-use std::{collections::HashMap, future::Future, sync::Mutex};
-
-use tokio::sync::oneshot;
+use std::future::Future;
 
 use super::*;
-use crate::tunnel::control::{ControlStream, Message, Token};
 
 /// Writes a counting pattern and reads whatever comes, both at once, until
-/// `pause` resolves; then quiesces as `order` says. Returns what it sent
-/// and everything it received.
+/// `pause` resolves; then pauses the stream itself (None: the asking
+/// end) or answers the peer's pause. Returns what it sent and everything
+/// it received.
 async fn flow_until(
     stream: &mut TunnelStream,
     pause: impl Future<Output = ()>,
-    order: Quiesce,
+    order: Option<Quiesce>,
     seed: u8,
 ) -> (Vec<u8>, Vec<u8>) {
     let (mut sent, mut received) = (Vec::new(), Vec::new());
@@ -39,7 +38,11 @@ async fn flow_until(
             n = writer.write(&chunk) => sent.extend_from_slice(&chunk[..n.expect("write")]),
         }
     }
-    received.extend(stream.quiesce(order).await.expect("quiesce"));
+    let rest = match order {
+        Some(order) => stream.quiesce(order).await.expect("quiesce"),
+        None => stream.pause().await.expect("pause").1,
+    };
+    received.extend(rest);
     (sent, received)
 }
 
@@ -50,34 +53,20 @@ async fn a_paused_stream_ends_with_every_byte_on_both_sides() {
     let (report, mut reported) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         let (tcp, _) = listener.accept().await.unwrap();
-        // Stream id -> its pause, as an agent keeps them per connection.
-        let pauses: Arc<Mutex<HashMap<u32, oneshot::Sender<Token>>>> = Default::default();
         let on_stream = |incoming: Incoming| {
-            let pauses = pauses.clone();
-            if incoming.is_control() {
-                let mut control = ControlStream::new(incoming.accept().unwrap());
-                tokio::spawn(async move {
-                    while let Ok(Some(Message::Pause { stream, token })) = control.next().await {
-                        // A busy agent acts on the pause late: the asking
-                        // end must not end its side first.
-                        tokio::time::sleep(Duration::from_millis(30)).await;
-                        if let Some(pause) = pauses.lock().unwrap().remove(&stream) {
-                            let _ = pause.send(token);
-                        }
-                    }
-                });
-                return;
-            }
             let mut stream = incoming.accept().unwrap();
-            let (pause, paused) = oneshot::channel();
-            pauses.lock().unwrap().insert(stream.id(), pause);
+            let paused = stream.take_pause().expect("a stream can be paused");
             let report = report.clone();
             tokio::spawn(async move {
                 let asked = async {
-                    let _ = paused.await;
+                    paused.await.expect("the peer's pause");
+                    // A busy agent acts on the pause late: the asking end
+                    // must not end its side first.
+                    tokio::time::sleep(Duration::from_millis(30)).await;
                 };
-                let seen = flow_until(&mut stream, asked, Quiesce::Answering, 100).await;
-                report.send(seen).unwrap();
+                let node = stream.peer_node();
+                let seen = flow_until(&mut stream, asked, Some(Quiesce::Answering), 100).await;
+                report.send((seen, node)).unwrap();
             });
         };
         serve(tcp, &config(), on_stream, |_| {}, std::future::pending())
@@ -88,28 +77,30 @@ async fn a_paused_stream_ends_with_every_byte_on_both_sides() {
     let client = TunnelClient::handshake(TcpStream::connect(addr).await.unwrap(), &config())
         .await
         .unwrap();
-    let mut control = client
-        .open_control()
-        .await
-        .unwrap()
-        .expect("the peer speaks moves");
+    tokio::spawn(
+        client
+            .clone()
+            .control("node-a".into(), std::future::pending()),
+    );
     let mut stream = client.open(target(1, 1), HeaderMap::new()).await.unwrap();
-    let id = stream.id();
-    // Bytes flow both ways for a while; then this end asks for the pause
-    // (its successor would take the stream up under the token).
-    let token = Token([7; 16]);
-    let ask = async {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        control
-            .send(Message::Pause { stream: id, token })
-            .await
-            .unwrap();
-    };
-    let (sent, received) = flow_until(&mut stream, ask, Quiesce::Asking, 1).await;
-    let (peer_sent, peer_received) = timeout(Duration::from_secs(10), reported.recv())
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !stream.can_pause() {
+        assert!(Instant::now() < deadline, "the control stream opened");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Bytes flow both ways for a while; then this end pauses the stream
+    // (its successor would take it up under the token).
+    let ask = tokio::time::sleep(Duration::from_millis(100));
+    let (sent, received) = flow_until(&mut stream, ask, None, 1).await;
+    let ((peer_sent, peer_received), node) = timeout(Duration::from_secs(10), reported.recv())
         .await
         .expect("the server's side ended")
         .unwrap();
+    assert_eq!(
+        node.as_deref(),
+        Some("node-a"),
+        "the control stream named its node"
+    );
     assert!(
         sent.len() > 50_000 && peer_sent.len() > 50_000,
         "bytes flowed both ways: {} and {}",
@@ -130,16 +121,19 @@ async fn a_paused_stream_ends_with_every_byte_on_both_sides() {
     );
 }
 
-/// A peer that does not speak moves (ztunnel: it answers a CONNECT to
-/// 0.0.0.0:0 with a refusal) has no control stream; its streams stay.
+/// Without a control stream (a peer that does not speak moves, as
+/// ztunnel), a stream cannot be paused: the agent lets it finish where it
+/// is.
 #[tokio::test]
-async fn a_peer_without_moves_has_no_control_stream() {
+async fn without_a_control_stream_a_stream_cannot_pause() {
     let server = Server::start(config()).await;
     let client = client(&server, &config()).await;
-    assert!(client.open_control().await.unwrap().is_none());
     let mut stream = client
         .open(target(1, ECHO), HeaderMap::new())
         .await
         .unwrap();
+    assert!(!stream.can_pause());
+    let e = stream.pause().await.unwrap_err();
+    assert!(e.to_string().contains("control stream is not open"), "{e}");
     round_trip(&mut stream, b"still here").await;
 }

@@ -4,9 +4,13 @@
 //! a [`MovedRecord`] to the handover stream; the new agent finds the same
 //! service, endpoint or workload in its own catalog and carries on from
 //! the bytes in hand. Neither end of the connection sees a thing.
+//!
+//! - `ends`: what each kind of end does as it leaves ([`Movable`]);
+//! - `carry`: the copy that stops for a move, and sends the connection on;
+//! - a tunnelled connection's stream is paused with its peer agent and
+//!   taken up again by the successor (`proxy::paused`).
 
 use std::{
-    io,
     net::SocketAddr,
     os::fd::OwnedFd,
     sync::Arc,
@@ -18,28 +22,32 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
 
 use super::{
-    ProxyInputs, capture,
-    connections::{Callee, Caller, LiveConnection},
-    inbound,
-    lifecycle::ConnectionLife,
-    outbound,
+    ProxyInputs, capture, inbound, outbound,
+    paused::{TunnelRecord, rejoin_inbound},
     upstream::Upstream,
 };
 use crate::{
-    carry::copy::{Carried, CopyEnd, Duplex, Limits, Progress, Suspended},
+    carry::copy::Suspended,
     drain::ConnectionGuard,
     handover::Batch,
     tls::session::{SessionState, TlsSession},
-    tunnel::TunnelStream,
 };
 
-/// A suspended connection with its sockets.
+mod carry;
+mod ends;
+
+pub use carry::carry_or_move;
+pub use ends::{Leaving, Movable};
+
+/// A suspended connection with its sockets: both, but for a tunnelled
+/// one, whose tunnel end the successor opens again ([`MovedRecord::tunnel`]).
 #[derive(Debug)]
 pub struct Moved {
-    /// The accepted connection (the workload's, or the outside client's).
-    pub client: OwnedFd,
-    /// The connection the agent opened.
-    pub upstream: OwnedFd,
+    /// The accepted connection (the workload's, or the outside client's);
+    /// None when it came through a tunnel.
+    pub client: Option<OwnedFd>,
+    /// The connection the agent opened; None when it is a tunnel stream.
+    pub upstream: Option<OwnedFd>,
     pub record: MovedRecord,
 }
 
@@ -66,6 +74,10 @@ pub struct MovedRecord {
     pub received: u64,
     /// How long ago the connection was accepted.
     pub age_ms: u64,
+    /// A tunnelled connection's paused stream: the upstream of an outbound
+    /// connection, the client of an inbound one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel: Option<TunnelRecord>,
 }
 
 /// Which handler carried the connection, and what it needs to find again.
@@ -92,38 +104,6 @@ pub enum MovedKind {
     },
 }
 
-/// One end of a proxied connection, as it leaves for the next agent: its
-/// socket, and its TLS session's state if it has one.
-pub trait Movable: Duplex + Sized {
-    fn into_moving(self) -> impl Future<Output = io::Result<(TcpStream, Option<SessionState>)>>;
-}
-
-impl Movable for TcpStream {
-    async fn into_moving(self) -> io::Result<(TcpStream, Option<SessionState>)> {
-        Ok((self, None))
-    }
-}
-
-impl Movable for TlsSession {
-    async fn into_moving(self) -> io::Result<(TcpStream, Option<SessionState>)> {
-        // Writes what was sealed and not yet written: no record is left
-        // half sent.
-        let (tcp, state) = self.suspend().await?;
-        Ok((tcp, Some(state)))
-    }
-}
-
-impl Movable for TunnelStream {
-    async fn into_moving(self) -> io::Result<(TcpStream, Option<SessionState>)> {
-        // Its HTTP/2 connection's state is not ours to hand over, so a
-        // tunnelled connection is listed as not movable and finishes in
-        // the agent that carries it; this is never reached.
-        Err(io::Error::other(
-            "a stream of a tunnel connection cannot move to another agent",
-        ))
-    }
-}
-
 impl MovedRecord {
     /// When the connection was accepted, on this process's clock.
     pub fn accepted(&self) -> tokio::time::Instant {
@@ -138,8 +118,8 @@ pub fn pack(moved: Vec<Moved>) -> Batch {
     let mut batch = Batch::default();
     let mut records = Vec::with_capacity(moved.len());
     for m in moved {
-        batch.fds.push(m.client);
-        batch.fds.push(m.upstream);
+        batch.fds.extend(m.client);
+        batch.fds.extend(m.upstream);
         records.push(m.record);
     }
     batch.records = serde_json::to_vec(&records).expect("records serialize");
@@ -151,9 +131,13 @@ pub fn pack(moved: Vec<Moved>) -> Batch {
 pub fn unpack(batch: Batch) -> Result<Vec<Moved>, String> {
     let records: Vec<MovedRecord> = serde_json::from_slice(&batch.records)
         .map_err(|e| format!("the records of a batch do not read: {e}"))?;
-    if batch.fds.len() != 2 * records.len() {
+    let expected: usize = records
+        .iter()
+        .map(|r| r.sockets().0 as usize + r.sockets().1 as usize)
+        .sum();
+    if batch.fds.len() != expected {
         return Err(format!(
-            "a batch of {} records carries {} descriptors, not two each",
+            "a batch of {} records carries {} descriptors, not {expected}",
             records.len(),
             batch.fds.len()
         ));
@@ -161,12 +145,27 @@ pub fn unpack(batch: Batch) -> Result<Vec<Moved>, String> {
     let mut fds = batch.fds.into_iter();
     Ok(records
         .into_iter()
-        .map(|record| Moved {
-            client: fds.next().expect("counted"),
-            upstream: fds.next().expect("counted"),
-            record,
+        .map(|record| {
+            let (client, upstream) = record.sockets();
+            Moved {
+                client: client.then(|| fds.next().expect("counted")),
+                upstream: upstream.then(|| fds.next().expect("counted")),
+                record,
+            }
         })
         .collect())
+}
+
+impl MovedRecord {
+    /// Which sockets it comes with (client, upstream): a tunnelled
+    /// connection's tunnel end comes as its record only.
+    fn sockets(&self) -> (bool, bool) {
+        match (&self.tunnel, &self.kind) {
+            (None, _) => (true, true),
+            (Some(_), MovedKind::Inbound { .. }) => (false, true),
+            (Some(_), _) => (true, false),
+        }
+    }
 }
 
 /// Why a moved connection could not be carried on here.
@@ -189,8 +188,10 @@ pub enum NotResumed {
     Socket(std::io::Error),
     #[error("its TLS session: {0}")]
     Tls(std::io::Error),
-    #[error("its record does not match its kind (TLS on the wrong side)")]
+    #[error("its record does not match its kind (TLS or a tunnel on the wrong side)")]
     Mismatched,
+    #[error("its tunnel stream cannot be taken up again: {0}")]
+    Tunnel(String),
 }
 
 /// What a handler that cannot carry a moved connection on hands back: why,
@@ -206,165 +207,61 @@ pub async fn resume(inputs: Arc<ProxyInputs>, moved: Moved, guard: ConnectionGua
         upstream,
         record,
     } = moved;
-    let sockets = stream(client).and_then(|c| Ok((c, stream(upstream)?)));
+    let sockets = client
+        .map(stream)
+        .transpose()
+        .and_then(|c| Ok((c, upstream.map(stream).transpose()?)));
     let (client, upstream) = match sockets {
         Ok(pair) => pair,
         Err(e) => return not_resumed(&inputs, &record, NotResumed::Socket(e), None),
     };
     let mut record = record;
     let tls = (record.client_tls.take(), record.upstream_tls.take());
-    let result = match (&record.kind, tls) {
-        (MovedKind::Outbound { .. }, (None, upstream_tls)) => {
-            let upstream = match upstream_tls {
-                None => Upstream::Plain(upstream),
-                Some(state) => match TlsSession::resume(upstream, state) {
-                    Ok(session) => Upstream::Tls(Box::new(session)),
+    let result = match (&record.kind, tls, client, upstream) {
+        (MovedKind::Outbound { .. }, (None, upstream_tls), Some(client), upstream) => {
+            let upstream = match (upstream, upstream_tls, &record.tunnel) {
+                (Some(up), None, None) => Some(Upstream::Plain(up)),
+                (Some(up), Some(state), None) => match TlsSession::resume(up, state) {
+                    Ok(session) => Some(Upstream::Tls(Box::new(session))),
                     Err(e) => return not_resumed(&inputs, &record, NotResumed::Tls(e), None),
                 },
+                // Opened again over a tunnel once the caller is found.
+                (None, None, Some(_)) => None,
+                _ => return not_resumed(&inputs, &record, NotResumed::Mismatched, None),
             };
             outbound::resume(&inputs, client, upstream, &record, guard).await
         }
-        (MovedKind::Captured { workload }, (None, None)) => {
+        (MovedKind::Captured { workload }, (None, None), Some(client), Some(upstream)) => {
             capture::resume(&inputs, client, upstream, workload, &record, guard).await
         }
-        (MovedKind::Inbound { .. }, (Some(state), None)) => match TlsSession::resume(client, state)
-        {
-            // Boxed: it holds a TLS session, and every resumed
-            // connection's task would otherwise be sized for one.
-            Ok(session) => {
-                Box::pin(inbound::resume(&inputs, session, upstream, &record, guard)).await
+        (MovedKind::Inbound { .. }, (Some(state), None), Some(client), Some(upstream)) => {
+            match TlsSession::resume(client, state) {
+                // Boxed: it holds a TLS session, and every resumed
+                // connection's task would otherwise be sized for one.
+                Ok(session) => {
+                    let resumed = inbound::resume(&inputs, session, upstream, &record, guard, None);
+                    Box::pin(resumed).await
+                }
+                Err(e) => Err((NotResumed::Tls(e), None)),
             }
-            Err(e) => Err((NotResumed::Tls(e), None)),
-        },
+        }
+        (MovedKind::Inbound { .. }, (None, None), None, Some(upstream)) => {
+            match Box::pin(rejoin_inbound(&inputs, &record)).await {
+                Ok((client, end)) => {
+                    let resumed =
+                        inbound::resume(&inputs, client, upstream, &record, guard, Some(end));
+                    Box::pin(resumed).await
+                }
+                Err(why) => {
+                    let _ = upstream.set_zero_linger();
+                    Err((why, None))
+                }
+            }
+        }
         _ => Err((NotResumed::Mismatched, None)),
     };
     if let Err((why, streams)) = result {
         not_resumed(&inputs, &record, why, streams);
-    }
-}
-
-/// Copies until the connection ends, and returns how; or, when the agent
-/// hands its connections over, suspends the copy and sends the connection
-/// on, and returns nothing.
-// Not an `async fn`: that would keep a second copy of every argument in
-// the future, and this future is every connection's.
-pub fn carry_or_move<'a, C: Movable + 'a, U: Movable + 'a>(
-    inputs: &'a ProxyInputs,
-    mut client: C,
-    mut upstream: U,
-    mut life: ConnectionLife<'a>,
-    limits: Limits,
-    from: Suspended,
-) -> impl Future<Output = Option<CopyEnd>> + 'a {
-    let mut progress = Progress::from(from);
-    async move {
-        let (bytes, moving) = life.copy_parts();
-        let carried = progress
-            .carry(&mut client, &mut upstream, &limits, bytes, moving)
-            .await;
-        match carried {
-            Carried::Ended(end) => {
-                life.close(end.into());
-                Some(end)
-            }
-            Carried::Suspended => {
-                let copy = progress.into_suspended();
-                // Boxed: it runs once, at a handover, and every
-                // connection's task would otherwise carry its space.
-                Box::pin(send_on(inputs, client, upstream, life, copy)).await;
-                None
-            }
-        }
-    }
-}
-
-/// Takes a suspended connection's ends off this agent (a TLS session
-/// first writes what it had sealed) and hands them, with their record, to
-/// whoever sends them to the next agent.
-async fn send_on<C: Movable, U: Movable>(
-    inputs: &ProxyInputs,
-    client: C,
-    upstream: U,
-    life: ConnectionLife<'_>,
-    copy: Suspended,
-) {
-    let (sent, received) = life.bytes().totals();
-    let kind = kind_of(life.connection());
-    let (client, upstream) = match (client.into_moving().await, upstream.into_moving().await) {
-        (Ok(client), Ok(upstream)) => (client, upstream),
-        (client, upstream) => {
-            warn!(
-                "upgrade: a connection cannot leave its TLS session in a state to move: {:?} {:?}; closed",
-                client.err(),
-                upstream.err()
-            );
-            life.close(crate::telemetry::CloseReason::ClientError);
-            return;
-        }
-    };
-    let ((client, client_tls), (upstream, upstream_tls)) = (client, upstream);
-    // The addresses as listed: the endpoint's, not the peer agent's a
-    // mesh connection goes through.
-    let (client_addr, endpoint) = life.addresses();
-    let record = MovedRecord {
-        kind,
-        client: client_addr,
-        upstream: endpoint,
-        copy,
-        client_tls,
-        upstream_tls,
-        sent,
-        received,
-        age_ms: life.age().as_millis() as u64,
-    };
-    life.hand_over();
-    match (client.into_std(), upstream.into_std()) {
-        (Ok(client), Ok(upstream)) => {
-            inputs.metrics.handover_connection("sent");
-            inputs.connections.move_out(Moved {
-                client: client.into(),
-                upstream: upstream.into(),
-                record,
-            });
-        }
-        (client, upstream) => {
-            // Cannot happen for a stream the runtime registered; if it
-            // does, both ends learn at once.
-            warn!(
-                "upgrade: cannot take the connection {} -> {} off the runtime: {:?} {:?}; closed",
-                record.client,
-                record.upstream,
-                client.err(),
-                upstream.err()
-            );
-        }
-    }
-}
-
-/// What a listed connection is, as the next agent finds it again.
-fn kind_of(c: &LiveConnection) -> MovedKind {
-    match (&c.caller, &c.callee) {
-        (Caller::Workload(caller), Callee::Service { service, .. }) => MovedKind::Outbound {
-            vip: service.vip,
-            namespace: service.namespace.clone(),
-            service: service.name.clone(),
-            caller: caller.as_ref().map(|w| w.name.clone()),
-        },
-        (Caller::Peer(caller), Callee::Workload(w)) => MovedKind::Inbound {
-            caller: caller.to_string(),
-            workload: w.name.clone(),
-            target: c.endpoint,
-        },
-        (_, Callee::Workload(w)) => MovedKind::Captured {
-            workload: w.name.clone(),
-        },
-        // No handler lists a service callee for any other caller.
-        (_, Callee::Service { service, .. }) => MovedKind::Outbound {
-            vip: service.vip,
-            namespace: service.namespace.clone(),
-            service: service.name.clone(),
-            caller: None,
-        },
     }
 }
 
@@ -423,6 +320,7 @@ mod tests {
             sent: 1234,
             received: 99,
             age_ms: 4200,
+            tunnel: None,
         };
         let json = serde_json::to_string(&record).unwrap();
         let back: MovedRecord = serde_json::from_str(&json).unwrap();

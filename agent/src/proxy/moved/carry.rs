@@ -1,0 +1,268 @@
+//! The copy of a connection that can move: it stops where nothing is half
+//! done when the agent hands over (or when the peer agent of a tunnelled
+//! one pauses it), and a stopped one is sent on.
+
+use std::{os::fd::OwnedFd, pin::Pin, task::Poll};
+
+use log::warn;
+use tokio::{net::TcpStream, sync::oneshot};
+
+use super::{Leaving, Movable, Moved, MovedKind, MovedRecord};
+use crate::{
+    carry::copy::{Carried, CopyEnd, Limits, Progress, Suspended},
+    proxy::{
+        ProxyInputs,
+        connections::{Callee, Caller, LiveConnection},
+        lifecycle::ConnectionLife,
+        paused::{self, PeerAgent, TunnelEnd, TunnelRecord},
+    },
+    tunnel::control::Token,
+};
+
+/// Copies until the connection ends, and returns how; or, when the agent
+/// hands its connections over, suspends the copy and sends the connection
+/// on, and returns nothing. A tunnelled connection (`tunnel`, its tunnel
+/// end's parties) also stops when the peer agent pauses its stream for
+/// its own upgrade, waits here for the peer's successor, and goes on.
+// Not an `async fn`: that would keep a second copy of every argument in
+// the future, and this future is every connection's.
+pub fn carry_or_move<'a, C: Movable + 'a, U: Movable + 'a>(
+    inputs: &'a ProxyInputs,
+    mut client: C,
+    mut upstream: U,
+    mut life: ConnectionLife<'a>,
+    limits: Limits,
+    from: Suspended,
+    tunnel: Option<Box<TunnelEnd>>,
+) -> impl Future<Output = Option<CopyEnd>> + 'a {
+    let mut progress = Progress::from(from);
+    async move {
+        let mut paused = client.take_pause().or_else(|| upstream.take_pause());
+        loop {
+            let mut stop = Stop::default();
+            let carried = {
+                let (bytes, moving) = life.copy_parts();
+                let stopped = stop.on(moving, paused.as_mut());
+                progress
+                    .carry(&mut client, &mut upstream, &limits, bytes, stopped)
+                    .await
+            };
+            if let Carried::Ended(end) = carried {
+                life.close(end.into());
+                return Some(end);
+            }
+            if stop.moving_gone {
+                life.stay();
+            }
+            if stop.pause_gone {
+                paused = None;
+            }
+            if let Some(token) = stop.paused {
+                let answered = paused::answer(
+                    inputs,
+                    &mut client,
+                    &mut upstream,
+                    &mut progress,
+                    token,
+                    tunnel.as_deref(),
+                );
+                match Box::pin(answered).await {
+                    Ok(next) => paused = next,
+                    Err(()) => {
+                        client.reset_on_close();
+                        upstream.reset_on_close();
+                        life.close(crate::telemetry::CloseReason::ClientError);
+                        return Some(CopyEnd::ClientError);
+                    }
+                }
+                continue;
+            }
+            if !(client.can_move() && upstream.can_move()) {
+                // Its peer agent cannot pause the tunnel stream: it
+                // finishes in this agent.
+                life.stay();
+                continue;
+            }
+            let copy = progress.into_suspended();
+            // Boxed: it runs once, at a handover, and every connection's
+            // task would otherwise carry its space.
+            Box::pin(send_on(inputs, client, upstream, life, copy, tunnel)).await;
+            return None;
+        }
+    }
+}
+
+/// What stopped a copy: the agent's handover, or the peer agent's pause
+/// (and whether either's sender went away without a word).
+#[derive(Default)]
+struct Stop {
+    paused: Option<Token>,
+    moving_gone: bool,
+    pause_gone: bool,
+}
+
+impl Stop {
+    /// Resolves when `moving` or `paused` fires, noting which. A signal
+    /// whose sender went away never fires, and is noted so that it is not
+    /// waited on again.
+    fn on<'a>(
+        &'a mut self,
+        mut moving: Option<&'a mut oneshot::Receiver<()>>,
+        mut paused: Option<&'a mut oneshot::Receiver<Token>>,
+    ) -> impl Future<Output = ()> + Send + 'a {
+        std::future::poll_fn(move |cx| {
+            if let Some(rx) = moving.as_deref_mut()
+                && let Poll::Ready(told) = Pin::new(rx).poll(cx)
+            {
+                moving = None;
+                match told {
+                    Ok(()) => return Poll::Ready(()),
+                    Err(_) => self.moving_gone = true,
+                }
+            }
+            if let Some(rx) = paused.as_deref_mut()
+                && let Poll::Ready(token) = Pin::new(rx).poll(cx)
+            {
+                paused = None;
+                match token {
+                    Ok(token) => {
+                        self.paused = Some(token);
+                        return Poll::Ready(());
+                    }
+                    Err(_) => self.pause_gone = true,
+                }
+            }
+            Poll::Pending
+        })
+    }
+}
+
+/// Takes a suspended connection's ends off this agent (a TLS session
+/// first writes what it had sealed; a tunnel stream is paused with its
+/// peer agent) and hands them, with their record, to whoever sends them
+/// to the next agent.
+async fn send_on<C: Movable, U: Movable>(
+    inputs: &ProxyInputs,
+    client: C,
+    upstream: U,
+    life: ConnectionLife<'_>,
+    mut copy: Suspended,
+    tunnel: Option<Box<TunnelEnd>>,
+) {
+    let (sent, received) = life.bytes().totals();
+    let kind = kind_of(life.connection());
+    let (client, upstream) = match (client.into_moving().await, upstream.into_moving().await) {
+        (Ok(client), Ok(upstream)) => (client, upstream),
+        (client, upstream) => {
+            warn!(
+                "upgrade: a connection cannot leave its TLS session or tunnel stream in a state \
+                 to move: {:?} {:?}; closed",
+                client.err(),
+                upstream.err()
+            );
+            life.close(crate::telemetry::CloseReason::ClientError);
+            return;
+        }
+    };
+    let mut paused = None;
+    let mut socket = |end: Leaving, up: bool, copy: &mut Suspended| match end {
+        Leaving::Socket(tcp, tls) => Some((tcp, tls)),
+        Leaving::Tunnel {
+            token,
+            read,
+            peer_node,
+        } => {
+            let way = if up { &mut copy.up } else { &mut copy.down };
+            way.pending.extend_from_slice(&read);
+            paused = Some((token, peer_node));
+            None
+        }
+    };
+    let client = socket(client, true, &mut copy);
+    let upstream = socket(upstream, false, &mut copy);
+    let tunnel = match (paused, tunnel) {
+        (None, _) => None,
+        (Some((token, peer_node)), Some(end)) => {
+            let peer = match (end.peer, peer_node) {
+                (Some(addr), _) => PeerAgent::Addr(addr),
+                (None, Some(node)) => PeerAgent::Node(node),
+                (None, None) => PeerAgent::Node(String::new()),
+            };
+            Some(TunnelRecord {
+                token: token.to_hex(),
+                local: end.local.to_string(),
+                remote: end.remote.to_string(),
+                peer,
+                target: end.target,
+            })
+        }
+        (Some(_), None) => unreachable!("a tunnel stream's handler gives its parties"),
+    };
+    let (client, client_tls) = client.map_or((None, None), |(s, t)| (Some(s), t));
+    let (upstream, upstream_tls) = upstream.map_or((None, None), |(s, t)| (Some(s), t));
+    // The addresses as listed: the endpoint's, not the peer agent's a
+    // mesh connection goes through.
+    let (client_addr, endpoint) = life.addresses();
+    let record = MovedRecord {
+        kind,
+        client: client_addr,
+        upstream: endpoint,
+        copy,
+        client_tls,
+        upstream_tls,
+        sent,
+        received,
+        age_ms: life.age().as_millis() as u64,
+        tunnel,
+    };
+    life.hand_over();
+    let fd = |s: Option<TcpStream>| s.map(|s| s.into_std().map(OwnedFd::from)).transpose();
+    match (fd(client), fd(upstream)) {
+        (Ok(client), Ok(upstream)) => {
+            inputs.metrics.handover_connection("sent");
+            inputs.connections.move_out(Moved {
+                client,
+                upstream,
+                record,
+            });
+        }
+        (client, upstream) => {
+            // Cannot happen for a stream the runtime registered; if it
+            // does, both ends learn at once.
+            warn!(
+                "upgrade: cannot take the connection {} -> {} off the runtime: {:?} {:?}; closed",
+                record.client,
+                record.upstream,
+                client.err(),
+                upstream.err()
+            );
+        }
+    }
+}
+
+/// What a listed connection is, as the next agent finds it again.
+fn kind_of(c: &LiveConnection) -> MovedKind {
+    match (&c.caller, &c.callee) {
+        (Caller::Workload(caller), Callee::Service { service, .. }) => MovedKind::Outbound {
+            vip: service.vip,
+            namespace: service.namespace.clone(),
+            service: service.name.clone(),
+            caller: caller.as_ref().map(|w| w.name.clone()),
+        },
+        (Caller::Peer(caller), Callee::Workload(w)) => MovedKind::Inbound {
+            caller: caller.to_string(),
+            workload: w.name.clone(),
+            target: c.endpoint,
+        },
+        (_, Callee::Workload(w)) => MovedKind::Captured {
+            workload: w.name.clone(),
+        },
+        // No handler lists a service callee for any other caller.
+        (_, Callee::Service { service, .. }) => MovedKind::Outbound {
+            vip: service.vip,
+            namespace: service.namespace.clone(),
+            service: service.name.clone(),
+            caller: None,
+        },
+    }
+}

@@ -1,0 +1,316 @@
+//! Tunnelled connections across an upgrade of the agent at either end.
+//!
+//! The agent that leaves asks its peer, on the tunnel connection's control
+//! stream, to pause the connection's stream (`tunnel::control`); both stop
+//! their copies where nothing is half moved and end the stream, each
+//! holding every byte the other sent. The leaving agent hands its local
+//! socket, those bytes and a [`TunnelRecord`] to its successor, as any
+//! moved connection. The peer keeps its side (its task, its local socket,
+//! its bytes) here, under the pause's token, for [`PARK_TIMEOUT`]: the
+//! successor dials the peer presenting the same identity, asks for the
+//! same one, and opens a stream carrying the token; the peer's copy goes
+//! on over that stream. The applications at both ends see nothing.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use log::warn;
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use super::{
+    ProxyInputs,
+    moved::{Movable, MovedRecord, NotResumed},
+    tunnels::TunnelKey,
+};
+use crate::{
+    carry::copy::Progress,
+    netns::Netns,
+    tls::Identity,
+    tunnel::{TunnelStream, control::Token},
+};
+
+/// How long a paused connection waits for the other agent's successor.
+pub const PARK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where the agent at the other end of a tunnel stream is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerAgent {
+    /// Its inbound address (we dialled it).
+    Addr(SocketAddr),
+    /// Its node, as its control stream named it (it dialled us); a
+    /// successor dials it only if it is a node it knows.
+    Node(String),
+}
+
+/// What a tunnelled connection's stream joins: enough for a successor to
+/// dial the same peer with the same identities, and for a paused side to
+/// know its successor.
+#[derive(Debug, Clone)]
+pub struct TunnelEnd {
+    /// This end's identity: the certificate a successor presents.
+    pub local: Identity,
+    /// The other end's: what a successor asks for, and what a stream that
+    /// takes up a paused one must present.
+    pub remote: Identity,
+    /// The other end's agent, when we dialled it (the called end learns
+    /// it from the control stream at the move).
+    pub peer: Option<SocketAddr>,
+    /// The CONNECT's target: the endpoint on the called end's node.
+    pub target: SocketAddr,
+}
+
+/// A moved tunnelled connection, as its record carries it: how the
+/// successor takes it up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TunnelRecord {
+    /// The pause's token, in hex. It is a capability: the record travels
+    /// only on the handover stream, and is never logged.
+    pub token: String,
+    pub local: String,
+    pub remote: String,
+    pub peer: PeerAgent,
+    pub target: SocketAddr,
+}
+
+impl std::fmt::Display for TunnelRecord {
+    // Without the token.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} -> {} ({}) through {:?}",
+            self.local, self.remote, self.target, self.peer
+        )
+    }
+}
+
+/// Who may take up a paused connection.
+struct Waiting {
+    caller: Identity,
+    asked_for: Identity,
+    target: SocketAddr,
+    take_up: oneshot::Sender<TunnelStream>,
+}
+
+/// Paused connections by token.
+#[derive(Default)]
+pub struct Parked {
+    // Taken only at a peer's upgrade, never per connection.
+    lot: Mutex<HashMap<Token, Waiting>>,
+}
+
+/// Why a stream cannot take up a paused connection.
+#[derive(Debug, thiserror::Error)]
+pub enum NotTakenUp {
+    #[error("no paused connection has this token (unknown, taken, or expired)")]
+    Unknown,
+    /// The paused connection's parties, which the stream's are not.
+    #[error("the paused connection is {0}; this stream is not")]
+    Mismatch(String),
+}
+
+impl Parked {
+    fn lot(&self) -> std::sync::MutexGuard<'_, HashMap<Token, Waiting>> {
+        self.lot.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn park(&self, token: Token, end: &TunnelEnd) -> oneshot::Receiver<TunnelStream> {
+        let (take_up, taken) = oneshot::channel();
+        let waiting = Waiting {
+            caller: end.remote.clone(),
+            asked_for: end.local.clone(),
+            target: end.target,
+            take_up,
+        };
+        self.lot().insert(token, waiting);
+        taken
+    }
+
+    fn forget(&self, token: &Token) {
+        self.lot().remove(token);
+    }
+
+    /// The paused connection of `token`, for a stream from `caller` that
+    /// asked for `asked_for` and names `target`. A stream that does not
+    /// match leaves the connection parked for the right one.
+    pub fn claim(
+        &self,
+        token: &Token,
+        caller: &Identity,
+        asked_for: Option<&Identity>,
+        target: SocketAddr,
+    ) -> Result<oneshot::Sender<TunnelStream>, NotTakenUp> {
+        let mut lot = self.lot();
+        let waiting = lot.get(token).ok_or(NotTakenUp::Unknown)?;
+        if waiting.caller != *caller
+            || asked_for != Some(&waiting.asked_for)
+            || waiting.target != target
+        {
+            return Err(NotTakenUp::Mismatch(format!(
+                "{}'s to {} at {}",
+                waiting.caller, waiting.asked_for, waiting.target
+            )));
+        }
+        Ok(lot.remove(token).expect("looked up above").take_up)
+    }
+}
+
+/// The peer agent paused this connection's tunnel stream under `token`:
+/// stops it where both ends hold every byte (the bytes read meanwhile
+/// join the copy's), keeps the rest of the connection here, and waits for
+/// the peer's successor to take it up. Returns where the next pause
+/// arrives; Err when the connection cannot go on (it is reset).
+pub(super) async fn answer<C: Movable, U: Movable>(
+    inputs: &ProxyInputs,
+    client: &mut C,
+    upstream: &mut U,
+    progress: &mut Progress,
+    token: Token,
+    end: Option<&TunnelEnd>,
+) -> Result<Option<oneshot::Receiver<Token>>, ()> {
+    let Some(end) = end else {
+        warn!("upgrade: a peer agent paused a tunnel stream this agent cannot take up again");
+        return Err(());
+    };
+    let (up, down) = (client.answer_pause().await, upstream.answer_pause().await);
+    let (Ok(up), Ok(down)) = (up, down) else {
+        warn!(
+            "upgrade: the tunnel stream to {} failed while the peer agent paused it",
+            end.target
+        );
+        return Err(());
+    };
+    progress.add_read(true, &up);
+    progress.add_read(false, &down);
+    let successor = inputs.parked.park(token, end);
+    let taken = tokio::time::timeout(PARK_TIMEOUT, successor).await;
+    let Ok(Ok(mut stream)) = taken else {
+        inputs.parked.forget(&token);
+        inputs.metrics.handover_connection("dropped");
+        warn!(
+            "upgrade: the peer agent's successor did not take up the connection {} -> {} ({}) \
+             within {PARK_TIMEOUT:?}; reset",
+            end.remote, end.local, end.target
+        );
+        return Err(());
+    };
+    let pause = stream.take_pause();
+    let stream = client.take_up(stream).err();
+    if let Some(stream) = stream
+        && upstream.take_up(stream).is_err()
+    {
+        unreachable!("a paused connection has a tunnel stream at one end");
+    }
+    inputs.metrics.handover_connection("taken_up");
+    Ok(pause)
+}
+
+/// The tunnel stream an inbound connection goes on over: the successor
+/// dials the calling agent's node (one this agent knows), presenting the
+/// workload's identity and asking for the caller's, with the token.
+pub(super) async fn rejoin_inbound(
+    inputs: &ProxyInputs,
+    record: &MovedRecord,
+) -> Result<(TunnelStream, Box<TunnelEnd>), NotResumed> {
+    let tunnel = record.tunnel.as_ref().expect("matched as tunnelled");
+    let node = match &tunnel.peer {
+        PeerAgent::Addr(addr) => Some(*addr),
+        PeerAgent::Node(name) => inputs.catalog.load().peer_agent(name),
+    };
+    let Some(node) = node else {
+        return Err(NotResumed::Tunnel(format!(
+            "the calling agent's node {:?} is not a known peer",
+            tunnel.peer
+        )));
+    };
+    rejoin(inputs, tunnel, node, None).await
+}
+
+/// Opens the stream that takes up a paused tunnel stream: to the same peer
+/// agent, with the same identities, carrying the token.
+pub(super) async fn rejoin(
+    inputs: &ProxyInputs,
+    tunnel: &TunnelRecord,
+    node: SocketAddr,
+    netns: Option<Arc<Netns>>,
+) -> Result<(TunnelStream, Box<TunnelEnd>), NotResumed> {
+    let failed = |why: String| NotResumed::Tunnel(why);
+    let (Ok(local), Ok(remote)) = (
+        Identity::parse(&tunnel.local),
+        Identity::parse(&tunnel.remote),
+    ) else {
+        return Err(failed("its identities do not read".into()));
+    };
+    let Some(token) = Token::from_hex(&tunnel.token) else {
+        return Err(failed("its token does not read".into()));
+    };
+    let Some(tunnels) = inputs.tunnels.get() else {
+        return Err(failed("tunnels are off in this agent".into()));
+    };
+    let key = TunnelKey {
+        source: local.clone(),
+        netns,
+        node,
+        dest: remote.clone(),
+    };
+    let rejoined = tunnels.rejoin(&key, tunnel.target, token);
+    let stream = match tokio::time::timeout(inputs.connect_timeout, rejoined).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return Err(failed(e.to_string())),
+        Err(_) => return Err(failed(format!("no answer from {node} in time"))),
+    };
+    let end = TunnelEnd {
+        local,
+        remote,
+        peer: Some(node),
+        target: tunnel.target,
+    };
+    Ok((stream, Box::new(end)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_paused_connections_parties_take_it_up_and_only_once() {
+        let id = |sa: &str| Identity::new("cluster.local", "payments", sa);
+        let parked = Parked::default();
+        let target: SocketAddr = "127.0.0.1:9001".parse().unwrap();
+        let end = TunnelEnd {
+            local: id("ledger"),
+            remote: id("checkout"),
+            peer: None,
+            target,
+        };
+        let token = Token([9; 16]);
+        let _waiting = parked.park(token, &end);
+        let (checkout, ledger) = (id("checkout"), id("ledger"));
+        let other: SocketAddr = "127.0.0.1:9002".parse().unwrap();
+        for (caller, asked_for, to) in [
+            (id("batch"), Some(&ledger), target),
+            (checkout.clone(), Some(&checkout), target),
+            (checkout.clone(), None, target),
+            (checkout.clone(), Some(&ledger), other),
+        ] {
+            let refused = parked.claim(&token, &caller, asked_for, to).err();
+            assert!(
+                matches!(refused, Some(NotTakenUp::Mismatch(_))),
+                "{caller} asking for {asked_for:?} at {to}: {refused:?}"
+            );
+        }
+        let guessed = parked.claim(&Token([8; 16]), &checkout, Some(&ledger), target);
+        assert!(matches!(guessed, Err(NotTakenUp::Unknown)));
+        assert!(
+            parked
+                .claim(&token, &checkout, Some(&ledger), target)
+                .is_ok()
+        );
+        let again = parked.claim(&token, &checkout, Some(&ledger), target);
+        assert!(matches!(again, Err(NotTakenUp::Unknown)), "taken once");
+    }
+}

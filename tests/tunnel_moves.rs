@@ -1,0 +1,96 @@
+//! Tunnelled connections across upgrades (`mesh.tunnels`), as root: the
+//! agent that leaves pauses each stream with its peer agent, which keeps
+//! its side until the successor takes it up with a new stream carrying
+//! the pause's token. Measured on what the client receives, and on both
+//! agents' handover counters.
+
+use std::time::Duration;
+
+use sluice_testkit::wait::wait_until;
+
+use crate::{
+    mtls::{Mesh, stream_client},
+    support::*,
+    tunnels::{H2_CLIENT, python_h2, streams_opened, tunnelled},
+};
+
+/// Connections `agent` counted under `result` in an upgrade: `received`
+/// from its predecessor, `taken_up` from a peer agent's successor.
+fn handed(agent: &Agent, result: &str) -> f64 {
+    agent
+        .metrics()
+        .sum("sluice_handover_connections_total", &[("result", result)])
+}
+
+/// Starts node A's (`a`) or node B's next agent and waits for the old one
+/// to exit.
+fn upgrade(m: &mut Mesh, a: bool) {
+    let (config, netns) = match a {
+        true => (&m.configs.0, &m.pair.a),
+        false => (&m.configs.1, &m.pair.b),
+    };
+    let next = Agent::start_in_netns(config, netns);
+    let old = if a { &mut m.a } else { &mut m.b };
+    let mut old = std::mem::replace(old, next);
+    let status = old.wait(Duration::from_secs(10));
+    assert!(status.success(), "the old agent: {status}\n{}", old.log());
+}
+
+/// One connection from node A's client to node B's stream server, in a
+/// tunnel: node A's agent is upgraded while it sends, then node B's. It
+/// arrives whole, once, in order, both ways, and each side's successor or
+/// peer says what it did.
+#[test]
+fn a_tunnelled_connection_survives_an_upgrade_of_either_agent() {
+    let (bytes, tail) = (24 << 20, 256 << 10);
+    let mut m = tunnelled(Some((tail, Duration::from_millis(4))));
+    // Fast enough that bytes are in flight both ways at each pause.
+    let long = stream_client(&m, bytes, tail, Duration::from_micros(200));
+    assert!(wait_until(Duration::from_secs(10), || streams_opened(
+        &m.b, "server"
+    ) >= 1.0));
+
+    upgrade(&mut m, true);
+    assert_eq!(handed(&m.a, "received"), 1.0, "node A's successor took it");
+    assert_eq!(handed(&m.b, "taken_up"), 1.0, "node B kept its side");
+
+    upgrade(&mut m, false);
+    assert_eq!(handed(&m.b, "received"), 1.0, "node B's successor took it");
+    assert_eq!(handed(&m.a, "taken_up"), 1.0, "node A kept its side");
+
+    let out = long.wait_with_output().expect("the client ends");
+    assert_eq!(
+        lines(&out),
+        [format!("intact {}", bytes + tail)],
+        "every byte, once, in order"
+    );
+    let stream = m.stream.as_ref().expect("a stream server");
+    assert_eq!(stream.half_closed(), 1, "the client's half-close arrived");
+}
+
+/// A stream that names a token no paused connection has (a guess, a
+/// replay, one that expired) is answered 410 and counted; one whose token
+/// is no token, 400. The connection's other streams go on.
+#[test]
+fn a_stream_with_an_unknown_token_takes_nothing_up() {
+    let m = tunnelled(None);
+    let ledger = format!("127.0.0.1:{}", m.ledger.addr.port());
+    let unknown = format!("{ledger}+{}", "5a".repeat(16));
+    let bad = format!("{ledger}+not-a-token");
+    let out = python_h2(&m, H2_CLIENT, &[&unknown, &bad, &ledger]);
+    assert_eq!(
+        lines(&out),
+        [
+            format!("{ledger} 410"),
+            format!("{ledger} 400"),
+            format!("{ledger} 200 ledger hello"),
+        ]
+    );
+    let refused = |reason: &str| {
+        m.b.metrics()
+            .sum("sluice_inbound_refusals_total", &[("reason", reason)])
+    };
+    assert_eq!(refused("resume_refused"), 1.0);
+    assert_eq!(refused("tunnel_protocol"), 1.0);
+    assert_eq!(m.ledger.accepted(), 1, "only the plain stream reached it");
+}
