@@ -18,6 +18,7 @@ mod placement;
 mod pods;
 mod reload;
 mod start;
+mod stopping;
 mod upkeep;
 
 use std::{
@@ -32,7 +33,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use log::{error, info, warn};
+use log::{info, warn};
 use tokio::signal::unix::{SignalKind, signal};
 
 pub use captures::CaptureError;
@@ -41,9 +42,10 @@ use placement::{StartOverrides, kubelet_root, workload_placements};
 use pods::PodListeners;
 use reload::{Live, identities_of};
 use start::{
-    DataPlane, bind_listeners, build_inputs, offer_to_successor, prepare_kernel, serve_data_plane,
+    bind_listeners, build_inputs, offer_to_successor, prepare_kernel, serve_data_plane,
     start_admin, start_discovery, start_tunnels, static_info,
 };
+use stopping::Stopping;
 
 use crate::{
     admin::AdminState,
@@ -51,10 +53,9 @@ use crate::{
     clock::now_ms,
     config::Config,
     discovery::DiscoveryError,
-    drain::{self, DrainTrigger},
-    fastpath,
-    handover::{Handover, HandoverError, Inherited, Offered, Successor},
-    proxy::{OutboundContext, ProxyInputs},
+    drain, fastpath,
+    handover::{Handover, HandoverError, Inherited, Offered},
+    proxy::OutboundContext,
     redirect::{
         Redirect, RedirectError,
         cgroup::{self, CreatedCgroups},
@@ -395,89 +396,6 @@ async fn run_attached(
     };
     stopping.drain().await;
     Ok(exit)
-}
-
-/// The end of a run: stop accepting, drain what is open, then let the
-/// admin API go.
-struct Stopping {
-    exit: Exit,
-    trigger: DrainTrigger,
-    admin_trigger: DrainTrigger,
-    pods: PodListeners,
-    captures: CaptureSet,
-    data_plane: DataPlane,
-    deadline: crate::config::HumanDuration,
-    /// Where the open connections go, after a handover.
-    successor: Option<Successor>,
-    inputs: Arc<ProxyInputs>,
-}
-
-impl Stopping {
-    async fn drain(self) {
-        if self.exit == Exit::HandedOver {
-            // The successor answers on the same admin and metrics sockets.
-            self.admin_trigger.start();
-        }
-        match &self.successor {
-            Some(_) => info!(
-                "upgrade: no new connections; handing {} open ones over (those that cannot \
-                 move drain, up to {})",
-                self.trigger.active(),
-                self.deadline
-            ),
-            None => info!(
-                "stopping: no new connections; draining {} open (up to {})",
-                self.trigger.active(),
-                self.deadline
-            ),
-        }
-        // A stop refuses new connects at once; an upgrade leaves the
-        // sockets listening for the successor.
-        let refuse = self.exit == Exit::Stopped;
-        let listeners = || {
-            std::iter::once(&self.trigger)
-                .chain(self.pods.triggers())
-                .chain(self.captures.triggers())
-        };
-        for trigger in listeners() {
-            trigger.stop(refuse);
-        }
-        for (name, task) in self.data_plane.servers {
-            if let Err(e) = task.await {
-                error!("{name} listener task failed: {e}");
-            }
-        }
-        // Each movable connection suspends and is sent on; its handler
-        // ends, so the wait below ends once all have moved.
-        // (A successor of the version before takes the sockets only.)
-        let moving = self
-            .successor
-            .filter(Successor::takes_connections)
-            .and_then(|successor| {
-                let outbox = self.inputs.connections.take_outbox()?;
-                self.inputs.connections.start_moving();
-                let (finish, finished) = tokio::sync::oneshot::channel();
-                let task = tokio::spawn(moving::send(successor, outbox, finished));
-                Some((finish, task))
-            });
-        let deadline = self.deadline.0;
-        let left = drain::wait_idle_all(listeners(), deadline).await;
-        if let Some((finish, task)) = moving {
-            let _ = finish.send(());
-            match task.await {
-                Ok(sent) => info!("upgrade: {sent} open connections handed over"),
-                Err(e) => error!("upgrade: sending the open connections failed: {e}"),
-            }
-        }
-        self.admin_trigger.start();
-        if left > 0 {
-            warn!("drain deadline passed with {left} connections open; closing them");
-        } else if self.exit == Exit::HandedOver {
-            info!("drained; the new agent has taken over");
-        } else {
-            info!("drained; detaching");
-        }
-    }
 }
 
 /// Waits for SIGTERM or SIGINT.

@@ -209,6 +209,12 @@ impl Tunnels {
         self.pool.sweep_until(stop).await
     }
 
+    /// Lets every pool connection go and waits, at most `within`, for
+    /// each to write its last frames; how many did not in time.
+    pub async fn close(&self, within: Duration) -> usize {
+        self.pool.close(within).await
+    }
+
     /// Every pool and what it holds, for the admin view.
     pub fn snapshot(&self) -> Vec<(TunnelKey, PeerUsage)> {
         self.pool.snapshot()

@@ -96,6 +96,11 @@ impl TunnelClient {
         })
     }
 
+    /// Lets this handle go; the flag says when the connection has ended.
+    pub fn into_ended(self) -> Arc<AtomicBool> {
+        self.ended.clone()
+    }
+
     /// Whether a new stream may be opened: the connection has not ended
     /// and no GOAWAY came.
     pub fn is_usable(&self) -> bool {

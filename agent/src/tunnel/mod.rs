@@ -46,7 +46,7 @@ pub use client::TunnelClient;
 pub use moves::Moves;
 pub use pool::{Dial, PeerUsage, Pool, PoolConfig};
 pub use server::{Incoming, serve};
-pub use stream::{Quiesce, TunnelReadHalf, TunnelStream, TunnelWriteHalf};
+pub use stream::{MAX_PAUSED_BYTES, Quiesce, TunnelReadHalf, TunnelStream, TunnelWriteHalf};
 
 /// The port HBONE listens on (Sluice's inbound port by default).
 pub const HBONE_PORT: u16 = 15008;
@@ -78,6 +78,9 @@ pub struct TunnelConfig {
     pub keepalive: Option<Keepalive>,
 }
 
+/// The stream window a tunnel connection grants by default.
+pub const STREAM_WINDOW: u32 = 1024 * 1024;
+
 /// How often to PING a quiet peer, and how long to wait for the answer.
 #[derive(Debug, Clone, Copy)]
 pub struct Keepalive {
@@ -88,7 +91,7 @@ pub struct Keepalive {
 impl Default for TunnelConfig {
     fn default() -> TunnelConfig {
         TunnelConfig {
-            stream_window: 1024 * 1024,
+            stream_window: STREAM_WINDOW,
             connection_window: 16 * 1024 * 1024,
             max_frame_size: 16 * 1024,
             max_send_buffer: 256 * 1024,

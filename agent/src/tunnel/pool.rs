@@ -337,6 +337,27 @@ where
         }
     }
 
+    /// Lets every connection go, and waits (at most `within`) until each
+    /// has ended: its last frames (a paused stream's END_STREAM) written
+    /// and GOAWAY sent. For the end of the process, which would otherwise
+    /// cut them off. Returns how many had not ended in time.
+    pub async fn close(&self, within: Duration) -> usize {
+        let clients: Vec<TunnelClient> = write(&self.peers)
+            .drain()
+            .flat_map(|(_, peer)| std::mem::take(&mut *lock(&peer.connections)))
+            .map(|pooled| pooled.client.clone())
+            .collect();
+        let ended: Vec<_> = clients.into_iter().map(TunnelClient::into_ended).collect();
+        let deadline = Instant::now() + within;
+        loop {
+            let open = ended.iter().filter(|e| !e.load(Ordering::Acquire)).count();
+            if open == 0 || Instant::now() >= deadline {
+                return open;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// (connections, streams) the pool holds for `key`.
     pub fn usage(&self, key: &K) -> (usize, usize) {
         let Some(peer) = read(&self.peers).get(key).cloned() else {

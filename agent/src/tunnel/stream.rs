@@ -35,6 +35,11 @@ use super::{
 };
 use crate::carry::copy::{Duplex, ReadSide};
 
+/// The most a paused stream reads after its copy stopped: a stream's
+/// window (SETTINGS_INITIAL_WINDOW_SIZE), all a stopped peer can have had
+/// in flight.
+pub const MAX_PAUSED_BYTES: usize = super::STREAM_WINDOW as usize;
+
 /// A CONNECT stream, either end. Dropping it before both directions have
 /// ended cancels the stream (RST_STREAM CANCEL), or resets it with
 /// CONNECT_ERROR after [`Duplex::reset_on_close`].
@@ -134,22 +139,41 @@ impl TunnelStream {
 
     /// Stops the stream where both ends hold every byte the other sent,
     /// for a move (see `control`): END_STREAM and a read to the peer's
-    /// END_STREAM, in `order`. Returns the bytes read meanwhile. Bounded
-    /// by the stream's window, which the peer cannot exceed.
+    /// END_STREAM, in `order`. Returns the bytes read meanwhile: no more
+    /// than the stream's window, as none of it is given back.
     pub async fn quiesce(&mut self, order: Quiesce) -> io::Result<Vec<u8>> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::io::AsyncWriteExt;
         let mut rest = Vec::new();
         match order {
             Quiesce::Answering => {
                 self.shutdown().await?;
-                self.read_to_end(&mut rest).await?;
+                self.read_to_end_within(&mut rest).await?;
             }
             Quiesce::Asking => {
-                self.read_to_end(&mut rest).await?;
+                self.read_to_end_within(&mut rest).await?;
                 self.shutdown().await?;
             }
         }
         Ok(rest)
+    }
+
+    /// Reads to the peer's END_STREAM without giving window back, so the
+    /// peer (whose copy may act on the pause late, still sending) can send
+    /// no more than the window; HTTP/2 fails a peer that sends past it.
+    /// The stream's end gives the window back to the connection. The
+    /// bound [`MAX_PAUSED_BYTES`] is checked here too.
+    async fn read_to_end_within(&mut self, rest: &mut Vec<u8>) -> io::Result<()> {
+        rest.extend_from_slice(&std::mem::take(&mut self.unread));
+        while let Some(chunk) = poll_fn(|cx| self.recv.poll_data(cx)).await {
+            let chunk = chunk.map_err(io_error)?;
+            if rest.len() + chunk.len() > MAX_PAUSED_BYTES {
+                return Err(io::Error::other(format!(
+                    "the peer sent over {MAX_PAUSED_BYTES} bytes on a paused stream"
+                )));
+            }
+            rest.extend_from_slice(&chunk);
+        }
+        Ok(())
     }
 
     /// The reading and the writing half, usable at once.

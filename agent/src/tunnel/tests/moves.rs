@@ -137,3 +137,51 @@ async fn without_a_control_stream_a_stream_cannot_pause() {
     assert!(e.to_string().contains("control stream is not open"), "{e}");
     round_trip(&mut stream, b"still here").await;
 }
+
+/// A paused stream gives no window back: a peer that sends on and on
+/// after the pause stalls at one window, and what it sent arrives whole.
+#[tokio::test]
+async fn a_paused_stream_takes_no_more_than_a_window() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (report, mut reported) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let on_stream = |incoming: Incoming| {
+            let mut stream = incoming.accept().unwrap();
+            let report = report.clone();
+            tokio::spawn(async move {
+                let answered = stream.quiesce(Quiesce::Answering).await;
+                report.send(answered.unwrap()).unwrap();
+            });
+        };
+        serve(tcp, &config(), on_stream, |_| {}, std::future::pending())
+            .await
+            .unwrap();
+    });
+    let client = TunnelClient::handshake(TcpStream::connect(addr).await.unwrap(), &config())
+        .await
+        .unwrap();
+    let mut stream = client.open(target(1, 1), HeaderMap::new()).await.unwrap();
+    let chunk = pattern(16 * 1024, 3);
+    let mut sent = Vec::new();
+    // Bounded: four windows' worth, or until the writes stall.
+    for _ in 0..(4 * MAX_PAUSED_BYTES / chunk.len()) {
+        let write = timeout(Duration::from_millis(300), stream.write(&chunk)).await;
+        match write {
+            Ok(n) => sent.extend_from_slice(&chunk[..n.unwrap()]),
+            Err(_) => break,
+        }
+    }
+    assert_eq!(
+        sent.len(),
+        MAX_PAUSED_BYTES,
+        "the writes stalled at one window"
+    );
+    stream.shutdown().await.unwrap();
+    let received = timeout(Duration::from_secs(10), reported.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(received == sent, "{} of {}", received.len(), sent.len());
+}
