@@ -87,7 +87,8 @@ pub(crate) fn mesh_with(
             mesh.certificates = Some(config::Certificates {
                 local_ca: config::LocalCa { lifetime },
             });
-            mesh.tunnels = tunnels.clone();
+            // The per-connection transport unless a test asks for tunnels.
+            mesh.tunnels = Some(tunnels.clone().unwrap_or_default());
         }
         config
     };

@@ -34,9 +34,11 @@ pub struct MeshConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TunnelsConfig {
+    /// On (the default): application connections to other nodes are
+    /// streams of pooled mTLS connections, and move to the next agent in
+    /// an upgrade of either end (with a peer agent that speaks moves).
     /// Off: one mTLS connection per application connection, which moves
-    /// to the next agent in an upgrade. On: tunnelled connections finish
-    /// in the agent that carries them (up to `agent.drain_timeout`).
+    /// as well.
     pub enabled: bool,
     /// Streams one pool connection carries before another is made (and
     /// never more than the peer agent allows).
@@ -48,7 +50,7 @@ pub struct TunnelsConfig {
 impl Default for TunnelsConfig {
     fn default() -> Self {
         TunnelsConfig {
-            enabled: false,
+            enabled: true,
             max_streams_per_connection: 100,
             idle_timeout: HumanDuration(Duration::from_secs(60)),
         }

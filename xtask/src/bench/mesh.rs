@@ -67,13 +67,13 @@ pub(super) fn start(
             name: peer.into(),
             address: peer_addr,
         }];
-        if let Some(streams) = tunnels {
-            c.mesh.get_or_insert_with(Default::default).tunnels = Some(Tunnels {
-                enabled: true,
-                max_streams_per_connection: Some(streams),
-                ..Default::default()
-            });
-        }
+        // Said either way: the per-connection row must not follow the
+        // agent's default.
+        c.mesh.get_or_insert_with(Default::default).tunnels = Some(Tunnels {
+            enabled: tunnels.is_some(),
+            max_streams_per_connection: tunnels,
+            ..Default::default()
+        });
         nodes.push(c);
     }
     let (mut a, mut b) = (nodes.remove(0), nodes.remove(0));
