@@ -101,7 +101,7 @@ struct Pooled {
     idle_since: Mutex<Instant>,
     /// Dropped with the connection: ends its control stream, which would
     /// otherwise hold it open.
-    _control: Option<tokio::sync::oneshot::Sender<()>>,
+    control: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 /// A stream's place on a pooled connection, given back when the stream is
@@ -225,11 +225,12 @@ where
         }
     }
 
-    /// The streams a connection may carry now.
+    /// The streams a connection may carry now: the control stream, when
+    /// there is one, counts against the peer's limit too.
     fn room(&self, pooled: &Pooled) -> usize {
-        self.config
-            .max_streams_per_connection
-            .min(pooled.client.peer_max_streams())
+        let control = usize::from(pooled.control.is_some());
+        let peer = pooled.client.peer_max_streams().saturating_sub(control);
+        self.config.max_streams_per_connection.min(peer)
     }
 
     /// A slot on the first usable connection with room (filling the
@@ -293,7 +294,7 @@ where
             generation,
             streams: AtomicUsize::new(1),
             idle_since: Mutex::new(Instant::now()),
-            _control: control,
+            control,
         });
         lock(&peer.connections).push(pooled.clone());
         Ok(Slot(pooled))

@@ -87,6 +87,38 @@ async fn the_pool_respects_the_peers_stream_limit() {
     }
 }
 
+/// With a control stream (a pool that names its node), the control
+/// stream counts against the peer's limit: a connection takes one data
+/// stream fewer, and none is refused.
+#[tokio::test]
+async fn the_control_stream_counts_against_the_peers_limit() {
+    let mut server = Server::start(TunnelConfig {
+        max_concurrent_streams: 3,
+        ..config()
+    })
+    .await;
+    let config = PoolConfig {
+        tunnel: config(),
+        node: Some("node-a".into()),
+        ..PoolConfig::default()
+    };
+    let pool = Pool::new(TcpDial(server.addr), config);
+    let mut open = Vec::new();
+    for i in 1..=4 {
+        let connect = pool.connect(&KEY, target(i, ECHO), HeaderMap::new());
+        let mut stream = timeout(Duration::from_secs(10), connect)
+            .await
+            .expect("a stream within 10 s")
+            .unwrap();
+        round_trip(&mut stream, b"x").await;
+        open.push(stream);
+    }
+    assert_eq!(pool.usage(&KEY), (2, 4), "two data streams a connection");
+    while let Ok(event) = server.events.try_recv() {
+        assert!(!event.contains("REFUSED_STREAM"), "{event}");
+    }
+}
+
 #[tokio::test]
 async fn the_pool_leaves_a_connection_after_goaway() {
     let mut server = Server::start(config()).await;
