@@ -4,12 +4,12 @@
 //! the pause's token. Measured on what the client receives, and on both
 //! agents' handover counters.
 
-use std::time::Duration;
+use std::{process::Stdio, time::Duration};
 
-use sluice_testkit::wait::wait_until;
+use sluice_testkit::{client::Client, process::SpawnGuarded, wait::wait_until};
 
 use crate::{
-    mtls::{Mesh, stream_client},
+    mtls::{Mesh, VIP, stream_client},
     support::*,
     tunnels::{H2_CLIENT, python_h2, streams_opened, tunnelled},
 };
@@ -66,6 +66,47 @@ fn a_tunnelled_connection_survives_an_upgrade_of_either_agent() {
     );
     let stream = m.stream.as_ref().expect("a stream server");
     assert_eq!(stream.half_closed(), 1, "the client's half-close arrived");
+}
+
+/// Twenty persistent request/response clients (a connection pool's, on one
+/// pool connection) through an upgrade of node A's agent and then node
+/// B's: every request answered once, in order, none lost; every
+/// connection moved and taken up, none dropped.
+#[test]
+fn persistent_tunnelled_clients_see_no_error_across_upgrades_of_both_agents() {
+    let mut m = tunnelled(None);
+    // About 10 s of requests: both upgrades happen while they flow.
+    let (clients, count) = (20, 3000);
+    let running: Vec<_> = (0..clients)
+        .map(|_| {
+            let converse = Client::Converse {
+                to: VIP.parse().unwrap(),
+                count,
+                pause: Duration::from_millis(3),
+            };
+            m.a.client("client", converse)
+                .stdout(Stdio::piped())
+                .spawn_guarded()
+                .expect("start a client")
+        })
+        .collect();
+    assert!(wait_until(Duration::from_secs(10), || streams_opened(
+        &m.b, "server"
+    ) >= clients as f64));
+    upgrade(&mut m, true);
+    upgrade(&mut m, false);
+    for client in running {
+        let out = client.wait_with_output().expect("a client ends");
+        assert_eq!(lines(&out), [format!("ok {count}")]);
+    }
+    // Node A's agent now took them over from its predecessor, then
+    // up from node B's; node B's took them over from its predecessor.
+    assert_eq!(handed(&m.a, "received"), clients as f64);
+    assert_eq!(handed(&m.a, "taken_up"), clients as f64);
+    assert_eq!(handed(&m.b, "received"), clients as f64);
+    for agent in [&m.a, &m.b] {
+        assert_eq!(handed(agent, "dropped"), 0.0);
+    }
 }
 
 /// A stream that names a token no paused connection has (a guess, a
