@@ -47,21 +47,74 @@ pub enum PeerAgent {
     Node(String),
 }
 
+/// Who is at either end of a tunnel connection, shared by all its
+/// streams (a stream pays a pointer, not two identities).
+#[derive(Debug, Clone)]
+pub enum Parties {
+    /// We dialled: the pool's key (source and destination identity, the
+    /// peer agent's address).
+    Dialled(Arc<TunnelKey>),
+    /// The peer dialled us: (our identity, as it asked for it by SNI; its
+    /// identity, as its certificate proved it). The peer agent's address
+    /// is learnt from its control stream at a move.
+    Called(Arc<(Identity, Identity)>),
+}
+
 /// What a tunnelled connection's stream joins: enough for a successor to
 /// dial the same peer with the same identities, and for a paused side to
 /// know its successor.
 #[derive(Debug, Clone)]
 pub struct TunnelEnd {
-    /// This end's identity: the certificate a successor presents.
-    pub local: Identity,
-    /// The other end's: what a successor asks for, and what a stream that
-    /// takes up a paused one must present.
-    pub remote: Identity,
-    /// The other end's agent, when we dialled it (the called end learns
-    /// it from the control stream at the move).
-    pub peer: Option<SocketAddr>,
+    pub parties: Parties,
     /// The CONNECT's target: the endpoint on the called end's node.
     pub target: SocketAddr,
+}
+
+impl TunnelEnd {
+    /// This end's identity: the certificate a successor presents.
+    pub fn local(&self) -> &Identity {
+        match &self.parties {
+            Parties::Dialled(key) => &key.source,
+            Parties::Called(ids) => &ids.0,
+        }
+    }
+
+    /// The other end's: what a successor asks for, and what a stream that
+    /// takes up a paused one must present.
+    pub fn remote(&self) -> &Identity {
+        match &self.parties {
+            Parties::Dialled(key) => &key.dest,
+            Parties::Called(ids) => &ids.1,
+        }
+    }
+
+    /// The other end's agent, when we dialled it.
+    pub fn peer(&self) -> Option<SocketAddr> {
+        match &self.parties {
+            Parties::Dialled(key) => Some(key.node),
+            Parties::Called(_) => None,
+        }
+    }
+}
+
+/// A tunnelled connection's part in moves, boxed beside its copy (a
+/// connection without a tunnel pays a pointer): its parties, where the
+/// peer's pause arrives, and the pause's token once it came.
+#[derive(Debug)]
+pub struct TunnelSide {
+    pub end: TunnelEnd,
+    pub(super) paused: Option<oneshot::Receiver<Token>>,
+    pub(super) token: Option<Token>,
+}
+
+impl TunnelSide {
+    pub fn new(end: TunnelEnd) -> Box<TunnelSide> {
+        Box::new(TunnelSide {
+            end,
+            paused: None,
+            token: None,
+        })
+    }
 }
 
 /// A moved tunnelled connection, as its record carries it: how the
@@ -121,8 +174,8 @@ impl Parked {
     fn park(&self, token: Token, end: &TunnelEnd) -> oneshot::Receiver<TunnelStream> {
         let (take_up, taken) = oneshot::channel();
         let waiting = Waiting {
-            caller: end.remote.clone(),
-            asked_for: end.local.clone(),
+            caller: end.remote().clone(),
+            asked_for: end.local().clone(),
             target: end.target,
             take_up,
         };
@@ -170,12 +223,8 @@ pub(super) async fn answer<C: Movable, U: Movable>(
     upstream: &mut U,
     progress: &mut Progress,
     token: Token,
-    end: Option<&TunnelEnd>,
+    end: &TunnelEnd,
 ) -> Result<Option<oneshot::Receiver<Token>>, ()> {
-    let Some(end) = end else {
-        warn!("upgrade: a peer agent paused a tunnel stream this agent cannot take up again");
-        return Err(());
-    };
     let (up, down) = (client.answer_pause().await, upstream.answer_pause().await);
     let (Ok(up), Ok(down)) = (up, down) else {
         warn!(
@@ -194,7 +243,9 @@ pub(super) async fn answer<C: Movable, U: Movable>(
         warn!(
             "upgrade: the peer agent's successor did not take up the connection {} -> {} ({}) \
              within {PARK_TIMEOUT:?}; reset",
-            end.remote, end.local, end.target
+            end.remote(),
+            end.local(),
+            end.target
         );
         return Err(());
     };
@@ -215,7 +266,7 @@ pub(super) async fn answer<C: Movable, U: Movable>(
 pub(super) async fn rejoin_inbound(
     inputs: &ProxyInputs,
     record: &MovedRecord,
-) -> Result<(TunnelStream, Box<TunnelEnd>), NotResumed> {
+) -> Result<(TunnelStream, Box<TunnelSide>), NotResumed> {
     let tunnel = record.tunnel.as_ref().expect("matched as tunnelled");
     let node = match &tunnel.peer {
         PeerAgent::Addr(addr) => Some(*addr),
@@ -237,7 +288,7 @@ pub(super) async fn rejoin(
     tunnel: &TunnelRecord,
     node: SocketAddr,
     netns: Option<Arc<Netns>>,
-) -> Result<(TunnelStream, Box<TunnelEnd>), NotResumed> {
+) -> Result<(TunnelStream, Box<TunnelSide>), NotResumed> {
     let failed = |why: String| NotResumed::Tunnel(why);
     let (Ok(local), Ok(remote)) = (
         Identity::parse(&tunnel.local),
@@ -252,24 +303,22 @@ pub(super) async fn rejoin(
         return Err(failed("tunnels are off in this agent".into()));
     };
     let key = TunnelKey {
-        source: local.clone(),
+        source: local,
         netns,
         node,
-        dest: remote.clone(),
+        dest: remote,
     };
     let rejoined = tunnels.rejoin(&key, tunnel.target, token);
-    let stream = match tokio::time::timeout(inputs.connect_timeout, rejoined).await {
-        Ok(Ok(stream)) => stream,
+    let (stream, key) = match tokio::time::timeout(inputs.connect_timeout, rejoined).await {
+        Ok(Ok(opened)) => opened,
         Ok(Err(e)) => return Err(failed(e.to_string())),
         Err(_) => return Err(failed(format!("no answer from {node} in time"))),
     };
     let end = TunnelEnd {
-        local,
-        remote,
-        peer: Some(node),
+        parties: Parties::Dialled(key),
         target: tunnel.target,
     };
-    Ok((stream, Box::new(end)))
+    Ok((stream, TunnelSide::new(end)))
 }
 
 #[cfg(test)]
@@ -282,9 +331,7 @@ mod tests {
         let parked = Parked::default();
         let target: SocketAddr = "127.0.0.1:9001".parse().unwrap();
         let end = TunnelEnd {
-            local: id("ledger"),
-            remote: id("checkout"),
-            peer: None,
+            parties: Parties::Called(Arc::new((id("ledger"), id("checkout")))),
             target,
         };
         let token = Token([9; 16]);

@@ -171,20 +171,21 @@ impl Tunnels {
     }
 
     /// A stream to `target` (a workload endpoint on the key's node),
-    /// carrying HBONE's `forwarded` header with the caller's address.
+    /// carrying HBONE's `forwarded` header with the caller's address; and
+    /// the key as the pool keeps it (one copy shared by its streams).
     pub async fn connect(
         &self,
         key: &TunnelKey,
         target: SocketAddr,
         caller: std::net::IpAddr,
-    ) -> Result<TunnelStream, TunnelError> {
+    ) -> Result<(TunnelStream, Arc<TunnelKey>), TunnelError> {
         let mut headers = HeaderMap::new();
         if let Ok(forwarded) = HeaderValue::try_from(format!("for=\"{caller}\"")) {
             headers.insert(http::header::FORWARDED, forwarded);
         }
-        let stream = self.pool.connect(key, target, headers).await?;
+        let opened = self.pool.connect_keyed(key, target, headers).await?;
         self.metrics.tunnels.stream_opened(Side::Client);
-        Ok(stream)
+        Ok(opened)
     }
 
     /// A stream that takes up a connection the peer agent keeps paused
@@ -195,13 +196,13 @@ impl Tunnels {
         key: &TunnelKey,
         target: SocketAddr,
         token: Token,
-    ) -> Result<TunnelStream, TunnelError> {
+    ) -> Result<(TunnelStream, Arc<TunnelKey>), TunnelError> {
         let mut headers = HeaderMap::new();
         let token = HeaderValue::try_from(token.to_hex()).expect("hex is a header value");
         headers.insert(RESUME_HEADER, token);
-        let stream = self.pool.connect(key, target, headers).await?;
+        let opened = self.pool.connect_keyed(key, target, headers).await?;
         self.metrics.tunnels.stream_opened(Side::Client);
-        Ok(stream)
+        Ok(opened)
     }
 
     /// Closes idle pool connections until `stop` resolves.

@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 
 use super::{
     outbound::OutboundContext,
-    paused::TunnelEnd,
+    paused::{Parties, TunnelEnd, TunnelSide},
     tunnels::{TunnelKey, Tunnels},
 };
 use crate::{
@@ -63,7 +63,7 @@ pub(super) enum Upstream {
     Tls(Box<TlsSession>),
     /// A stream of a pooled tunnel connection to the peer node's agent,
     /// and who is at either end of it (for a move).
-    Tunnel(Box<TunnelStream>, Box<TunnelEnd>),
+    Tunnel(Box<TunnelStream>, Box<TunnelSide>),
 }
 
 /// Why a dial failed.
@@ -356,14 +356,12 @@ async fn tunnel(
     timeout: Duration,
 ) -> Result<Upstream, DialError> {
     match tokio::time::timeout(timeout, tunnels.connect(key, target, caller)).await {
-        Ok(Ok(stream)) => {
+        Ok(Ok((stream, key))) => {
             let end = TunnelEnd {
-                local: key.source.clone(),
-                remote: key.dest.clone(),
-                peer: Some(key.node),
+                parties: Parties::Dialled(key),
                 target,
             };
-            Ok(Upstream::Tunnel(Box::new(stream), Box::new(end)))
+            Ok(Upstream::Tunnel(Box::new(stream), TunnelSide::new(end)))
         }
         Ok(Err(TunnelError::Refused { status, .. }))
             if status == http::StatusCode::UNAUTHORIZED =>

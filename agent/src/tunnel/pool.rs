@@ -118,8 +118,10 @@ impl Drop for Slot {
 }
 
 /// The connections of one key.
-#[derive(Debug, Default)]
-struct Peer {
+#[derive(Debug)]
+struct Peer<K> {
+    /// The key, shared with the streams' holders.
+    key: Arc<K>,
     connections: Mutex<Vec<Arc<Pooled>>>,
     /// Held while a connection is dialled: one dial at a time per key.
     dialing: tokio::sync::Mutex<()>,
@@ -127,7 +129,16 @@ struct Peer {
     failed: Mutex<Option<(Instant, String)>>,
 }
 
-impl Peer {
+impl<K> Peer<K> {
+    fn new(key: K) -> Peer<K> {
+        Peer {
+            key: Arc::new(key),
+            connections: Mutex::default(),
+            dialing: tokio::sync::Mutex::default(),
+            failed: Mutex::default(),
+        }
+    }
+
     fn usage(&self, now: Instant) -> PeerUsage {
         let connections = lock(&self.connections);
         PeerUsage {
@@ -162,7 +173,7 @@ fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 pub struct Pool<K, D> {
     /// Read by every connect, written only when a key is new or swept: a
     /// read lock, so connects do not wait on one another.
-    peers: RwLock<HashMap<K, Arc<Peer>>>,
+    peers: RwLock<HashMap<K, Arc<Peer<K>>>>,
     dial: D,
     config: PoolConfig,
 }
@@ -190,6 +201,18 @@ where
         target: SocketAddr,
         headers: HeaderMap,
     ) -> Result<TunnelStream, TunnelError> {
+        let (stream, _) = self.connect_keyed(key, target, headers).await?;
+        Ok(stream)
+    }
+
+    /// [`Pool::connect`], and the key as the pool keeps it: one shared
+    /// copy for every stream of the key.
+    pub async fn connect_keyed(
+        &self,
+        key: &K,
+        target: SocketAddr,
+        headers: HeaderMap,
+    ) -> Result<(TunnelStream, Arc<K>), TunnelError> {
         let peer = self.peer(key);
         let mut avoid = None;
         loop {
@@ -203,14 +226,14 @@ where
             };
             let client = slot.0.client.clone();
             match client.open(target, headers.clone()).await {
-                Ok(stream) => return Ok(stream.with_slot(slot)),
+                Ok(stream) => return Ok((stream.with_slot(slot), peer.key.clone())),
                 Err(e) if e.is_retryable() && avoid.is_none() => avoid = Some(slot.0.clone()),
                 Err(e) => return Err(e),
             }
         }
     }
 
-    fn peer(&self, key: &K) -> Arc<Peer> {
+    fn peer(&self, key: &K) -> Arc<Peer<K>> {
         if let Some(peer) = read(&self.peers).get(key).cloned() {
             return peer;
         }
@@ -218,7 +241,7 @@ where
         match peers.get(key) {
             Some(peer) => peer.clone(),
             None => {
-                let peer = Arc::new(Peer::default());
+                let peer = Arc::new(Peer::new(key.clone()));
                 peers.insert(key.clone(), peer.clone());
                 peer
             }
@@ -236,7 +259,12 @@ where
     /// A slot on the first usable connection with room (filling the
     /// oldest first, so that spare ones go idle and close), dropping the
     /// unusable ones and those of another generation.
-    fn checkout(&self, peer: &Peer, generation: u64, avoid: Option<&Arc<Pooled>>) -> Option<Slot> {
+    fn checkout(
+        &self,
+        peer: &Peer<K>,
+        generation: u64,
+        avoid: Option<&Arc<Pooled>>,
+    ) -> Option<Slot> {
         let mut connections = lock(&peer.connections);
         connections.retain(|c| c.generation == generation && c.client.is_usable());
         let pooled = connections.iter().find(|c| {
@@ -254,7 +282,7 @@ where
     async fn dial_new(
         &self,
         key: &K,
-        peer: &Peer,
+        peer: &Peer<K>,
         generation: u64,
         avoid: Option<&Arc<Pooled>>,
     ) -> Result<Slot, TunnelError> {

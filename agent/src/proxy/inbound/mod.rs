@@ -19,7 +19,7 @@ use super::{
     connections::{Callee, Caller},
     lifecycle::{ConnectionLife, Opening},
     moved::{Movable, MovedKind, MovedRecord, NotCarried, NotResumed, carry_or_move},
-    paused::TunnelEnd,
+    paused::TunnelSide,
     tunnels::{ALPN_H2, UNSENT_LIMIT},
 };
 use crate::{
@@ -296,7 +296,7 @@ pub(super) async fn resume<C: Movable>(
     upstream: TcpStream,
     record: &MovedRecord,
     _guard: ConnectionGuard,
-    tunnel: Option<Box<TunnelEnd>>,
+    tunnel: Option<Box<TunnelSide>>,
 ) -> Result<(), NotCarried> {
     let MovedKind::Inbound {
         caller,

@@ -27,7 +27,7 @@ use crate::{
         connections::{Callee, Caller},
         lifecycle::{ConnectionLife, Opening},
         moved::carry_or_move,
-        paused::TunnelEnd,
+        paused::{Parties, TunnelEnd, TunnelSide},
     },
     telemetry::{Refusal, tunnels::Side},
     tls::{Identity, session::TlsSession},
@@ -42,6 +42,9 @@ struct Tunnel {
     caller: Identity,
     /// The identity it asked for by SNI.
     asked_for: Option<Identity>,
+    /// Both, for its streams' moves (one allocation per connection, not
+    /// per stream); None without SNI: its streams then stay in this agent.
+    parties: Option<Arc<(Identity, Identity)>>,
 }
 
 /// Serves one tunnel connection until the peer closes it, or the drain
@@ -58,11 +61,13 @@ pub(super) async fn serve(
     let mut drain = ctx.drain.clone();
     let shutdown = async move { drain.draining().await };
     let config = ctx.tunnel.clone();
+    let parties = (asked_for.clone()).map(|local| Arc::new((local, caller.clone())));
     let tunnel = Arc::new(Tunnel {
         ctx,
         peer,
         caller,
         asked_for,
+        parties,
     });
     let on_stream = |incoming: Incoming| {
         let tunnel = tunnel.clone();
@@ -156,22 +161,14 @@ fn stream(tunnel: Arc<Tunnel>, incoming: Box<Incoming>) -> impl Future<Output = 
         let id = stream.id();
         // The parties, for a move: the workload's identity is the one the
         // caller asked for (admission checked it serves that one).
-        let parties = Box::new(TunnelEnd {
-            local: local.workload.identity.clone(),
-            remote: tunnel.caller.clone(),
-            peer: None,
-            target,
+        let side = tunnel.parties.clone().map(|parties| {
+            TunnelSide::new(TunnelEnd {
+                parties: Parties::Called(parties),
+                target,
+            })
         });
         let from = Suspended::default();
-        let end = carry_or_move(
-            &ctx.inputs,
-            stream,
-            upstream,
-            life,
-            LIMITS,
-            from,
-            Some(parties),
-        );
+        let end = carry_or_move(&ctx.inputs, stream, upstream, life, LIMITS, from, side);
         let end = end.await;
         debug!(
             "inbound tunnel {} stream {id} -> {target}: {end:?}",

@@ -14,14 +14,13 @@ use crate::{
         ProxyInputs,
         connections::{Callee, Caller, LiveConnection},
         lifecycle::ConnectionLife,
-        paused::{self, PeerAgent, TunnelEnd, TunnelRecord},
+        paused::{self, PeerAgent, TunnelRecord, TunnelSide},
     },
-    tunnel::control::Token,
 };
 
 /// Copies until the connection ends, and returns how; or, when the agent
 /// hands its connections over, suspends the copy and sends the connection
-/// on, and returns nothing. A tunnelled connection (`tunnel`, its tunnel
+/// on, and returns nothing. A tunnelled connection (`tunnel`: its tunnel
 /// end's parties) also stops when the peer agent pauses its stream for
 /// its own upgrade, waits here for the peer's successor, and goes on.
 // Not an `async fn`: that would keep a second copy of every argument in
@@ -33,16 +32,18 @@ pub fn carry_or_move<'a, C: Movable + 'a, U: Movable + 'a>(
     mut life: ConnectionLife<'a>,
     limits: Limits,
     from: Suspended,
-    tunnel: Option<Box<TunnelEnd>>,
+    mut tunnel: Option<Box<TunnelSide>>,
 ) -> impl Future<Output = Option<CopyEnd>> + 'a {
     let mut progress = Progress::from(from);
     async move {
-        let mut paused = client.take_pause().or_else(|| upstream.take_pause());
+        if let Some(side) = &mut tunnel {
+            side.paused = client.take_pause().or_else(|| upstream.take_pause());
+        }
         loop {
             let mut stop = Stop::default();
             let carried = {
                 let (bytes, moving) = life.copy_parts();
-                let stopped = stop.on(moving, paused.as_mut());
+                let stopped = stop.on(moving, tunnel.as_deref_mut());
                 progress
                     .carry(&mut client, &mut upstream, &limits, bytes, stopped)
                     .await
@@ -54,20 +55,19 @@ pub fn carry_or_move<'a, C: Movable + 'a, U: Movable + 'a>(
             if stop.moving_gone {
                 life.stay();
             }
-            if stop.pause_gone {
-                paused = None;
-            }
-            if let Some(token) = stop.paused {
+            if let Some(side) = &mut tunnel
+                && let Some(token) = side.token.take()
+            {
                 let answered = paused::answer(
                     inputs,
                     &mut client,
                     &mut upstream,
                     &mut progress,
                     token,
-                    tunnel.as_deref(),
+                    &side.end,
                 );
                 match Box::pin(answered).await {
-                    Ok(next) => paused = next,
+                    Ok(next) => side.paused = next,
                     Err(()) => {
                         client.reset_on_close();
                         upstream.reset_on_close();
@@ -77,9 +77,12 @@ pub fn carry_or_move<'a, C: Movable + 'a, U: Movable + 'a>(
                 }
                 continue;
             }
-            if !(client.can_move() && upstream.can_move()) {
-                // Its peer agent cannot pause the tunnel stream: it
-                // finishes in this agent.
+            let tunnelled = client.is_tunnel() || upstream.is_tunnel();
+            let movable = client.can_move() && upstream.can_move();
+            if !movable || (tunnelled && tunnel.is_none()) {
+                // Its peer agent cannot pause the tunnel stream (or
+                // nobody knows whom a successor would dial): it finishes
+                // in this agent.
                 life.stay();
                 continue;
             }
@@ -92,23 +95,22 @@ pub fn carry_or_move<'a, C: Movable + 'a, U: Movable + 'a>(
     }
 }
 
-/// What stopped a copy: the agent's handover, or the peer agent's pause
-/// (and whether either's sender went away without a word).
+/// Whether the agent's move signal went away without a word (then it is
+/// not waited on again). A peer's pause leaves its token in the
+/// [`TunnelSide`].
 #[derive(Default)]
 struct Stop {
-    paused: Option<Token>,
     moving_gone: bool,
-    pause_gone: bool,
 }
 
 impl Stop {
-    /// Resolves when `moving` or `paused` fires, noting which. A signal
-    /// whose sender went away never fires, and is noted so that it is not
-    /// waited on again.
+    /// Resolves when `moving` fires, or the peer agent's pause of the
+    /// tunnel stream comes (its token kept in `side`). A signal whose
+    /// sender went away never fires, and is dropped.
     fn on<'a>(
         &'a mut self,
         mut moving: Option<&'a mut oneshot::Receiver<()>>,
-        mut paused: Option<&'a mut oneshot::Receiver<Token>>,
+        mut side: Option<&'a mut TunnelSide>,
     ) -> impl Future<Output = ()> + Send + 'a {
         std::future::poll_fn(move |cx| {
             if let Some(rx) = moving.as_deref_mut()
@@ -120,16 +122,14 @@ impl Stop {
                     Err(_) => self.moving_gone = true,
                 }
             }
-            if let Some(rx) = paused.as_deref_mut()
+            if let Some(side) = side.as_deref_mut()
+                && let Some(rx) = side.paused.as_mut()
                 && let Poll::Ready(token) = Pin::new(rx).poll(cx)
             {
-                paused = None;
-                match token {
-                    Ok(token) => {
-                        self.paused = Some(token);
-                        return Poll::Ready(());
-                    }
-                    Err(_) => self.pause_gone = true,
+                side.paused = None;
+                if let Ok(token) = token {
+                    side.token = Some(token);
+                    return Poll::Ready(());
                 }
             }
             Poll::Pending
@@ -147,7 +147,7 @@ async fn send_on<C: Movable, U: Movable>(
     upstream: U,
     life: ConnectionLife<'_>,
     mut copy: Suspended,
-    tunnel: Option<Box<TunnelEnd>>,
+    tunnel: Option<Box<TunnelSide>>,
 ) {
     let (sent, received) = life.bytes().totals();
     let kind = kind_of(life.connection());
@@ -182,16 +182,17 @@ async fn send_on<C: Movable, U: Movable>(
     let upstream = socket(upstream, false, &mut copy);
     let tunnel = match (paused, tunnel) {
         (None, _) => None,
-        (Some((token, peer_node)), Some(end)) => {
-            let peer = match (end.peer, peer_node) {
+        (Some((token, peer_node)), Some(side)) => {
+            let end = &side.end;
+            let peer = match (end.peer(), peer_node) {
                 (Some(addr), _) => PeerAgent::Addr(addr),
                 (None, Some(node)) => PeerAgent::Node(node),
                 (None, None) => PeerAgent::Node(String::new()),
             };
             Some(TunnelRecord {
                 token: token.to_hex(),
-                local: end.local.to_string(),
-                remote: end.remote.to_string(),
+                local: end.local().to_string(),
+                remote: end.remote().to_string(),
                 peer,
                 target: end.target,
             })

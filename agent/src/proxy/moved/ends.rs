@@ -22,6 +22,12 @@ pub trait Movable: Duplex + Sized {
         true
     }
 
+    /// Whether it is a tunnel stream (it leaves by a pause, and needs its
+    /// connection's parties for that).
+    fn is_tunnel(&self) -> bool {
+        false
+    }
+
     /// Where the peer agent's pause of this end arrives (a tunnel
     /// stream's; a socket has none).
     fn take_pause(&mut self) -> Option<oneshot::Receiver<Token>> {
@@ -85,6 +91,10 @@ impl Movable for TunnelStream {
 
     fn can_move(&self) -> bool {
         self.can_pause()
+    }
+
+    fn is_tunnel(&self) -> bool {
+        true
     }
 
     fn take_pause(&mut self) -> Option<oneshot::Receiver<Token>> {
