@@ -107,6 +107,8 @@ fn many_connections_share_one_tunnel_and_each_identity_has_its_own() {
             (&1.into(), &0.into()),
             "{pool}"
         );
+        // Its peer speaks moves: the control stream is open.
+        assert_eq!(pool["movable"], 1, "{pool}");
         assert_eq!(pool["last_dial_failure"], serde_json::Value::Null, "{pool}");
     }
     let table = lines(&m.a.sluice(&["tunnels"]));

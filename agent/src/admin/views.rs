@@ -183,6 +183,9 @@ pub struct TunnelRow {
     pub connections: usize,
     /// Connections that take no new stream (GOAWAY or closed).
     pub closing: usize,
+    /// Connections whose peer agent speaks moves (their streams move in an
+    /// upgrade of either end; the others' finish in the old agent).
+    pub movable: usize,
     pub streams: usize,
     /// The last failed dial of this pool, and how long ago.
     pub last_dial_failure: Option<String>,
@@ -222,6 +225,7 @@ fn tunnels(state: &AdminState) -> Vec<TunnelRow> {
             destination: key.dest.to_string(),
             connections: usage.connections,
             closing: usage.closing,
+            movable: usage.movable,
             streams: usage.streams,
             last_dial_failure_seconds_ago: usage
                 .last_failure

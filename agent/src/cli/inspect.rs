@@ -87,6 +87,7 @@ impl Row for views::TunnelRow {
         "POD NETNS",
         "CONNECTIONS",
         "CLOSING",
+        "MOVABLE",
         "STREAMS",
         "LAST DIAL FAILURE",
     ];
@@ -98,6 +99,7 @@ impl Row for views::TunnelRow {
             self.netns.clone().unwrap_or_else(|| "-".to_owned()),
             self.connections.to_string(),
             self.closing.to_string(),
+            self.movable.to_string(),
             self.streams.to_string(),
             match (&self.last_dial_failure, self.last_dial_failure_seconds_ago) {
                 (Some(why), Some(ago)) => format!("{ago}s ago: {why}"),

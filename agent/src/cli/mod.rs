@@ -95,7 +95,8 @@ pub enum Command {
     /// Workloads this agent meshes, with their identities.
     Workloads(Ask),
     /// Tunnel pools to peer agents (`mesh.tunnels.enabled`): connections,
-    /// streams, connections closing, the last failed dial.
+    /// streams, connections closing, connections whose streams can move,
+    /// the last failed dial.
     Tunnels(Ask),
     /// Follow the redirect decisions of the eBPF programs live (switches
     /// their log events on for the duration).

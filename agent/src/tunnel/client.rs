@@ -96,6 +96,11 @@ impl TunnelClient {
         })
     }
 
+    /// Whether the peer speaks moves: the control stream is open.
+    pub fn speaks_moves(&self) -> bool {
+        self.moves.speaks_moves()
+    }
+
     /// Lets this handle go; the flag says when the connection has ended.
     pub fn into_ended(self) -> Arc<AtomicBool> {
         self.ended.clone()

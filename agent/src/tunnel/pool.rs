@@ -85,6 +85,9 @@ pub struct PeerUsage {
     /// Of those, the ones that take no new stream (the peer's GOAWAY, or
     /// closed): their open streams finish on them.
     pub closing: usize,
+    /// Of those, the ones whose peer agent speaks moves (their control
+    /// stream is open): their streams move in an upgrade of either end.
+    pub movable: usize,
     pub streams: usize,
     /// The key's last failed dial: how long ago, and why.
     pub last_failure: Option<(Duration, String)>,
@@ -144,6 +147,10 @@ impl<K> Peer<K> {
         PeerUsage {
             connections: connections.len(),
             closing: connections.iter().filter(|c| !c.client.is_usable()).count(),
+            movable: connections
+                .iter()
+                .filter(|c| c.client.speaks_moves())
+                .count(),
             streams: connections
                 .iter()
                 .map(|c| c.streams.load(Ordering::Acquire))

@@ -18,6 +18,7 @@ use std::{
         atomic::{AtomicBool, Ordering},
     },
     task::{Context, Poll, ready},
+    time::Duration,
 };
 
 use bytes::{Buf, Bytes};
@@ -39,6 +40,9 @@ use crate::carry::copy::{Duplex, ReadSide};
 /// window (SETTINGS_INITIAL_WINDOW_SIZE), all a stopped peer can have had
 /// in flight.
 pub const MAX_PAUSED_BYTES: usize = super::STREAM_WINDOW as usize;
+
+/// How long the asking end of a pause waits for the peer's end of it.
+pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A CONNECT stream, either end. Dropping it before both directions have
 /// ended cancels the stream (RST_STREAM CANCEL), or resets it with
@@ -120,8 +124,15 @@ impl TunnelStream {
 
     /// Pauses the stream from this end, for a move: asks the peer on the
     /// control stream, then quiesces as the asking end. Returns the token
-    /// the peer keeps its side under, and the bytes read meanwhile.
+    /// the peer keeps its side under, and the bytes read meanwhile. A peer
+    /// that does not end its side within [`PAUSE_TIMEOUT`] (hung, or
+    /// pausing the same stream itself: both ends upgraded at the same
+    /// moment) fails the pause, and the stream is reset.
     pub async fn pause(&mut self) -> io::Result<(Token, Vec<u8>)> {
+        self.pause_within(PAUSE_TIMEOUT).await
+    }
+
+    pub(super) async fn pause_within(&mut self, within: Duration) -> io::Result<(Token, Vec<u8>)> {
         let token = Token::random();
         let stream = self.id();
         let asked = self
@@ -133,8 +144,18 @@ impl TunnelStream {
                 "the peer agent's control stream is not open: the stream cannot pause",
             ));
         }
-        let read = self.quiesce(Quiesce::Asking).await?;
-        Ok((token, read))
+        match tokio::time::timeout(within, self.quiesce(Quiesce::Asking)).await {
+            Ok(read) => Ok((token, read?)),
+            Err(_) => {
+                self.reset.store(true, Ordering::Relaxed);
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "the peer agent did not end its side of a paused stream within {within:?}"
+                    ),
+                ))
+            }
+        }
     }
 
     /// Stops the stream where both ends hold every byte the other sent,

@@ -46,37 +46,41 @@ async fn flow_until(
     (sent, received)
 }
 
-#[tokio::test]
-async fn a_paused_stream_ends_with_every_byte_on_both_sides() {
+/// A client on one tunnel connection to a server that hands each stream
+/// to `on_stream`.
+async fn one_connection(on_stream: impl FnMut(Incoming) + Send + 'static) -> TunnelClient {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let (report, mut reported) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         let (tcp, _) = listener.accept().await.unwrap();
-        let on_stream = |incoming: Incoming| {
-            let mut stream = incoming.accept().unwrap();
-            let paused = stream.take_pause().expect("a stream can be paused");
-            let report = report.clone();
-            tokio::spawn(async move {
-                let asked = async {
-                    paused.await.expect("the peer's pause");
-                    // A busy agent acts on the pause late: the asking end
-                    // must not end its side first.
-                    tokio::time::sleep(Duration::from_millis(30)).await;
-                };
-                let node = stream.peer_node();
-                let seen = flow_until(&mut stream, asked, Some(Quiesce::Answering), 100).await;
-                report.send((seen, node)).unwrap();
-            });
-        };
         serve(tcp, &config(), on_stream, |_| {}, std::future::pending())
             .await
             .unwrap();
     });
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    TunnelClient::handshake(tcp, &config()).await.unwrap()
+}
 
-    let client = TunnelClient::handshake(TcpStream::connect(addr).await.unwrap(), &config())
-        .await
-        .unwrap();
+#[tokio::test]
+async fn a_paused_stream_ends_with_every_byte_on_both_sides() {
+    let (report, mut reported) = mpsc::unbounded_channel();
+    let on_stream = move |incoming: Incoming| {
+        let mut stream = incoming.accept().unwrap();
+        let paused = stream.take_pause().expect("a stream can be paused");
+        let report = report.clone();
+        tokio::spawn(async move {
+            let asked = async {
+                paused.await.expect("the peer's pause");
+                // A busy agent acts on the pause late: the asking end
+                // must not end its side first.
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            };
+            let node = stream.peer_node();
+            let seen = flow_until(&mut stream, asked, Some(Quiesce::Answering), 100).await;
+            report.send((seen, node)).unwrap();
+        });
+    };
+    let client = one_connection(on_stream).await;
     tokio::spawn(
         client
             .clone()
@@ -142,26 +146,16 @@ async fn without_a_control_stream_a_stream_cannot_pause() {
 /// after the pause stalls at one window, and what it sent arrives whole.
 #[tokio::test]
 async fn a_paused_stream_takes_no_more_than_a_window() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let (report, mut reported) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let (tcp, _) = listener.accept().await.unwrap();
-        let on_stream = |incoming: Incoming| {
-            let mut stream = incoming.accept().unwrap();
-            let report = report.clone();
-            tokio::spawn(async move {
-                let answered = stream.quiesce(Quiesce::Answering).await;
-                report.send(answered.unwrap()).unwrap();
-            });
-        };
-        serve(tcp, &config(), on_stream, |_| {}, std::future::pending())
-            .await
-            .unwrap();
-    });
-    let client = TunnelClient::handshake(TcpStream::connect(addr).await.unwrap(), &config())
-        .await
-        .unwrap();
+    let on_stream = move |incoming: Incoming| {
+        let mut stream = incoming.accept().unwrap();
+        let report = report.clone();
+        tokio::spawn(async move {
+            let answered = stream.quiesce(Quiesce::Answering).await;
+            report.send(answered.unwrap()).unwrap();
+        });
+    };
+    let client = one_connection(on_stream).await;
     let mut stream = client.open(target(1, 1), HeaderMap::new()).await.unwrap();
     let chunk = pattern(16 * 1024, 3);
     let mut sent = Vec::new();
@@ -184,4 +178,44 @@ async fn a_paused_stream_takes_no_more_than_a_window() {
         .unwrap()
         .unwrap();
     assert!(received == sent, "{} of {}", received.len(), sent.len());
+}
+
+/// Both ends pause the same stream at once (both agents upgraded at the
+/// same moment): neither waits forever for the other; both fail the pause
+/// within the bound, and the stream is reset.
+#[tokio::test]
+async fn two_ends_pausing_one_stream_both_give_up_in_bounded_time() {
+    let (report, mut reported) = mpsc::unbounded_channel();
+    let on_stream = move |incoming: Incoming| {
+        let mut stream = incoming.accept().unwrap();
+        let report = report.clone();
+        tokio::spawn(async move {
+            let paused = stream.pause_within(Duration::from_millis(300)).await;
+            report.send(paused.map(|_| ())).unwrap();
+        });
+    };
+    let client = one_connection(on_stream).await;
+    tokio::spawn(
+        client
+            .clone()
+            .control("node-a".into(), std::future::pending()),
+    );
+    let mut stream = client.open(target(1, 1), HeaderMap::new()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !stream.can_pause() {
+        assert!(Instant::now() < deadline, "the control stream opened");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let started = Instant::now();
+    let ours = stream.pause_within(Duration::from_millis(300)).await;
+    let theirs = timeout(Duration::from_secs(5), reported.recv())
+        .await
+        .expect("the server's pause ended")
+        .unwrap();
+    assert!(ours.is_err() && theirs.is_err(), "{ours:?} {theirs:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
 }
