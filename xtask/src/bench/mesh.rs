@@ -18,6 +18,8 @@ use super::{Proc, echo_service, node, start_agent, start_backend, wait_ready};
 pub(super) struct MeshPair {
     /// Node A's config (the client's side).
     pub config: PathBuf,
+    /// Node B's.
+    pub config_b: PathBuf,
     /// Both agents: memory and CPU count for the path.
     pub pids: Vec<u32>,
     /// A and B; the processes in them stop first (they are in `procs`).
@@ -99,6 +101,7 @@ pub(super) fn start(
     wait_ready(sluice, &config_b, Some(&netns[1]))?;
     Ok(MeshPair {
         config: config_a,
+        config_b,
         pids,
         netns,
     })

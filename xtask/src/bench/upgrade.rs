@@ -19,7 +19,9 @@ use anyhow::{Context as _, bail};
 use serde_json::Value;
 use sluice_testkit::config::{CircuitBreakers, Endpoint, Service};
 
-use super::{Proc, node, start_backend, wait_ready};
+use sluice_testkit::netns::Netns;
+
+use super::{Proc, mesh, node, start_agent, start_backend, wait_ready};
 
 /// One agent, its log lines as they arrive (with when).
 struct Logged {
@@ -87,16 +89,21 @@ impl Logged {
 type Lines = std::io::Lines<BufReader<std::process::ChildStdout>>;
 
 /// The pauses load through the agent: `conns` connections, one exchange
-/// each every 100 ms for `seconds`, started once all are connected.
+/// each every 100 ms for `seconds`, started once all are connected; from
+/// `netns` when the agent's node is one.
 fn start_load(
     sluice: &Path,
-    config: &Path,
+    (config, netns): (&Path, Option<&Netns>),
     vip: &str,
     conns: usize,
     seconds: u32,
 ) -> anyhow::Result<(std::process::Child, Lines)> {
     let me = std::env::current_exe()?;
-    let mut load = Command::new("taskset")
+    let mut load = Command::new("taskset");
+    if let Some(ns) = netns {
+        ns.enter_on_exec(&mut load)?;
+    }
+    let mut load = load
         .args(["-c", "1"])
         .arg(sluice)
         .args(["exec", "--workload", "bench", "--config"])
@@ -175,9 +182,9 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
 
     // The same load without an upgrade first: what pauses this machine
     // gives anyway.
-    let (mut baseline, mut out) = start_load(&sluice, &config_path, vip, conns, 3)?;
+    let (mut baseline, mut out) = start_load(&sluice, (&config_path, None), vip, conns, 3)?;
     let baseline_result = result_of(&mut baseline, &mut out)?;
-    let (mut load, mut out) = start_load(&sluice, &config_path, vip, conns, 6)?;
+    let (mut load, mut out) = start_load(&sluice, (&config_path, None), vip, conns, 6)?;
     // A second of steady exchanges before the upgrade.
     std::thread::sleep(Duration::from_secs(1));
     let new = start_logged(&sluice, &config_path, "new agent")?;
@@ -218,6 +225,72 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     drop(new.proc);
     if errors != 0 {
         bail!("{errors} connections failed across the upgrade");
+    }
+    tunnelled(quick, &sluice)
+}
+
+/// The same load between two nodes in tunnels (`mesh.tunnels`): node A's
+/// agent is upgraded, then node B's, each while the exchanges go on. Every
+/// connection's stream is paused with the peer agent and taken up by the
+/// successor. Measured: how long each old agent takes to exit after its
+/// successor starts, and the largest pause; no connection may fail.
+fn tunnelled(quick: bool, sluice: &Path) -> anyhow::Result<()> {
+    let conns = if quick { 100 } else { 1000 };
+    let dir = crate::target_dir().join("bench-upgrade-tunnel");
+    std::fs::create_dir_all(&dir)?;
+    let vip = "127.77.9.31:8080";
+    let mut procs = Vec::new();
+    let pair = mesh::start(
+        &dir,
+        sluice,
+        &dir.join("state"),
+        ("upt", 41, vip),
+        Some(100),
+        &mut procs,
+    )?;
+    let configs = [&pair.config, &pair.config_b];
+    let load_from = (pair.config.as_path(), Some(&pair.netns[0]));
+    let (mut baseline, mut out) = start_load(sluice, load_from, vip, conns, 3)?;
+    let baseline_result = result_of(&mut baseline, &mut out)?;
+    let (mut load, mut out) = start_load(sluice, load_from, vip, conns, 8)?;
+    let mut exits = Vec::new();
+    for (i, node) in ["A (calling)", "B (called)"].into_iter().enumerate() {
+        std::thread::sleep(Duration::from_secs(1));
+        let started = Instant::now();
+        let name = format!("node {node}'s new agent");
+        let next = start_agent(sluice, configs[i], Some(&pair.netns[i]), &name)?;
+        let old = &mut procs[i];
+        let until = started + Duration::from_secs(30);
+        while old.child.try_wait()?.is_none() {
+            if Instant::now() > until {
+                bail!("node {node}'s old agent did not exit within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        exits.push((node, started.elapsed()));
+        procs[i] = next;
+    }
+    let result = result_of(&mut load, &mut out)?;
+    let errors = result["errors"].as_u64().unwrap_or(u64::MAX);
+    println!("== upgrades of both agents under {conns} open connections in tunnels");
+    for (node, took) in exits {
+        println!(
+            "   node {node}: new agent started -> old agent exited: {}",
+            ms(took)
+        );
+    }
+    for (what, r) in [
+        ("without an upgrade", &baseline_result),
+        ("across both upgrades", &result),
+    ] {
+        println!(
+            "   {what}: exchanges {}, errors {}; p50 {} us, p99 {} us, largest pause {} us",
+            r["exchanges"], r["errors"], r["p50_us"], r["p99_us"], r["max_us"]
+        );
+    }
+    drop(procs);
+    if errors != 0 {
+        bail!("{errors} tunnelled connections failed across the upgrades");
     }
     Ok(())
 }
