@@ -353,3 +353,35 @@ fn kernel_mode_carries_no_identity_and_cannot_be_authorized() {
     );
     assert!(message.contains("no identity"), "{message}");
 }
+
+/// What the request path does not take yet is refused where it is
+/// declared: HTTP/2 and gRPC, and HTTP to endpoints on other nodes over
+/// mTLS. An unknown protocol names its line too.
+#[test]
+fn a_protocol_the_agent_cannot_serve_yet_is_refused_with_its_line() {
+    let declared = |protocol: &str| {
+        BASE.replace(
+            "    port: 8080\n",
+            &format!("    port: 8080\n    protocol: {protocol}\n"),
+        )
+    };
+    let err = BadConfig::new(&declared("grpc")).refused();
+    assert!(
+        err.contains(":9: services[0].protocol: http2 and grpc are not built yet"),
+        "{err}"
+    );
+    let remote = declared("http").replace(
+        "        port: 9001\n",
+        "        port: 9001\n        node: node-b\n        service_account: ledger\n",
+    ) + "nodes:\n  - name: node-b\n    address: 10.0.0.2\n";
+    let err = BadConfig::new(&remote).refused();
+    assert!(
+        err.contains("services[0].protocol: http requests to endpoints on other nodes over mTLS"),
+        "{err}"
+    );
+    let err = BadConfig::new(&declared("smtp")).refused();
+    assert!(err.contains(":9:"), "{err}");
+    // HTTP to endpoints this agent reaches directly is taken.
+    let (code, out) = BadConfig::new(&declared("http")).run(&["config", "check"]);
+    assert_eq!(code, 0, "{out}");
+}

@@ -12,6 +12,7 @@ mod enforcement;
 mod fastpath;
 mod kube;
 mod kubeapi_selftest;
+mod l7;
 mod mtls;
 mod observability;
 mod pods;

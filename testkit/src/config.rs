@@ -220,6 +220,9 @@ pub struct Service {
     pub port: u16,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mode: Option<Mode>,
+    /// `tcp`, `http`, ...: what the service speaks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub on_agent_down: Option<OnAgentDown>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -245,6 +248,7 @@ impl Service {
             address: vip.ip(),
             port: vip.port(),
             mode: None,
+            protocol: None,
             on_agent_down: None,
             load_balancer: None,
             health_check: None,
@@ -262,6 +266,11 @@ impl Service {
 
     pub fn mode(mut self, mode: Mode) -> Service {
         self.mode = Some(mode);
+        self
+    }
+
+    pub fn protocol(mut self, protocol: &str) -> Service {
+        self.protocol = Some(protocol.to_owned());
         self
     }
 

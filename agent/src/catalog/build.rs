@@ -219,6 +219,7 @@ impl<'a> BuildContext<'a> {
             policy: ServicePolicy::from_spec(s, health_check, self.connect_timeout),
             state: old.map_or_else(Default::default, |o| o.state.clone()),
             mode: s.mode,
+            protocol: s.protocol(),
             on_agent_down: s
                 .on_agent_down
                 .as_ref()

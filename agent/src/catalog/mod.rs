@@ -16,7 +16,7 @@ use std::{collections::HashMap, net::SocketAddr, path::PathBuf, sync::Arc, time:
 
 use crate::{
     authz::Policy,
-    config::{HealthCheck, Mode, OnAgentDown, Panic, PodRef},
+    config::{HealthCheck, Mode, OnAgentDown, Panic, PodRef, Protocol},
     lb::Balancer,
     netns::Netns,
     resilience::{BudgetSettings, EndpointState, OutlierSettings, ServiceState, Thresholds},
@@ -106,6 +106,8 @@ pub struct Service {
     pub policy: ServicePolicy,
     pub state: Arc<ServiceState>,
     pub mode: Mode,
+    /// What it speaks: its connections or its requests are balanced.
+    pub protocol: Protocol,
     /// What connects do while the agent is down (proxy modes only).
     pub on_agent_down: OnAgentDown,
     /// Who may reach this service's endpoints on this node (`authorization`).

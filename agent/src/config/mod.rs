@@ -51,7 +51,7 @@ pub use policy::{
     CircuitBreakers, HashKey, HealthCheck, HttpCheck, LoadBalancer, OnAgentDown, OutlierDetection,
     Panic, Policy, Retries, Timeouts,
 };
-pub use service::ServiceSpec;
+pub use service::{Protocol, ServiceSpec};
 pub use spanned::Spanned;
 pub use workload::WorkloadSpec;
 

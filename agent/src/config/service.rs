@@ -44,6 +44,10 @@ pub struct ServiceSpec {
     /// How cross-node connections are protected.
     #[serde(default)]
     pub mode: Mode,
+    /// What the service speaks, as declared (never sniffed): `tcp`
+    /// connections are balanced one by one, `http` (HTTP/1.1) requests.
+    #[serde(default)]
+    pub protocol: Option<Spanned<Protocol>>,
     /// What connects do while the agent is down; by default fail_closed for
     /// mtls and permissive, fail_open for plaintext.
     #[serde(default)]
@@ -78,10 +82,32 @@ impl ServiceSpec {
             timeouts: Timeouts::default(),
             panic: Panic::default(),
             mode,
+            protocol: None,
             on_agent_down: None,
             authorization: None,
         }
     }
+
+    /// The declared protocol (`tcp` when none is).
+    pub fn protocol(&self) -> Protocol {
+        self.protocol.as_ref().map_or(Protocol::Tcp, |p| p.value)
+    }
+}
+
+/// What a service speaks (issue 17). Declared per service, never sniffed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    /// Bytes: each connection is balanced once, at its connect.
+    #[default]
+    Tcp,
+    /// HTTP/1.1: each request is balanced on its own, and a 5xx answer
+    /// counts against its endpoint.
+    Http,
+    /// HTTP/2 with prior knowledge (h2c); not built yet.
+    Http2,
+    /// gRPC over HTTP/2; not built yet.
+    Grpc,
 }
 
 /// Each service: a name unique in its namespace, a virtual address and
@@ -154,6 +180,7 @@ pub(super) fn validate(
         if s.mode == Mode::Kernel {
             check_kernel_mode(problems, &at, s);
         }
+        check_protocol(problems, &at, s, config.node.name.get());
         let vip = (s.address.value, s.port.value);
         // The outbound listener, or its IPv6 twin on [::1].
         if vip.1 == config.agent.outbound.port()
@@ -191,6 +218,39 @@ pub(super) fn validate(
         policy::validate(problems, &at, s);
         endpoint::validate(problems, &at, s, workload_names);
     }
+}
+
+/// What the request path takes so far: HTTP/1.1 to endpoints the agent
+/// reaches directly (on this node, or a plaintext service's anywhere).
+/// HTTP/2, gRPC and HTTP over the mTLS tunnels come next (issue 17).
+fn check_protocol(problems: &mut Vec<Problem>, at: &str, s: &ServiceSpec, node: &str) {
+    let Some(protocol) = &s.protocol else {
+        return;
+    };
+    let line = protocol.referenced.line();
+    let field = format!("{at}.protocol");
+    let message = match protocol.value {
+        Protocol::Tcp => return,
+        Protocol::Http2 | Protocol::Grpc => {
+            "http2 and grpc are not built yet; declare tcp (the default) or http".to_owned()
+        }
+        Protocol::Http if s.mode == Mode::Kernel => {
+            "mode: kernel has no proxy to see requests; http needs another mode".to_owned()
+        }
+        Protocol::Http => {
+            let remote = s
+                .endpoints
+                .iter()
+                .any(|e| e.node.as_deref().is_some_and(|n| n != node));
+            if !remote || s.mode == Mode::Plaintext {
+                return;
+            }
+            "http requests to endpoints on other nodes over mTLS are not built yet; \
+             use mode: plaintext, or tcp"
+                .to_owned()
+        }
+    };
+    push(problems, line, field, message);
 }
 
 /// What the kernel cannot do for a `mode: kernel` service: it balances by

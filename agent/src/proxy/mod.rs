@@ -27,6 +27,7 @@ use crate::{
 pub mod capture;
 pub mod connections;
 pub mod inbound;
+mod l7;
 pub mod lifecycle;
 pub mod moved;
 pub mod outbound;

@@ -10,6 +10,7 @@ use tokio::net::TcpStream;
 use super::{
     ProxyInputs,
     connections::{Callee, Caller},
+    l7,
     lifecycle::{ConnectionLife, Opening},
     moved::{MovedKind, MovedRecord, NotCarried, NotResumed, carry_or_move},
     paused::{PeerAgent, rejoin},
@@ -21,6 +22,7 @@ use crate::{
     carry::copy::{CopyEnd, Limits, Suspended},
     catalog::{Service, ServicePolicy, Workload},
     clock::now_ms,
+    config::Protocol,
     connect::BoundListener,
     discovery::PodLookup,
     drain::{ConnectionGuard, DrainWatch},
@@ -152,6 +154,13 @@ fn handle(
             refused(&ctx, &service, source.as_deref(), CloseReason::Overflow);
             return reset(client);
         };
+        if service.protocol == Protocol::Http {
+            // Balanced per request. Boxed: most services are TCP, and
+            // their connections should not carry this path's space.
+            let _ = client.set_nodelay(true);
+            let served = l7::serve(ctx.clone(), client, service.clone(), source, peer);
+            return Box::pin(served).await;
+        }
         let pick = PickContext {
             source_workload: source.as_deref().map(|w| w.name.as_str()),
             source_addr: peer.ip(),

@@ -67,7 +67,7 @@ pub(super) enum Upstream {
 }
 
 /// Why a dial failed.
-enum DialError {
+pub(super) enum DialError {
     /// The endpoint failed: counts against it, and may be retried.
     Endpoint(io::Error),
     /// Nothing the endpoint did: this caller cannot take that path.
@@ -79,7 +79,7 @@ enum DialError {
 /// Why a caller cannot reach a remote endpoint over mTLS; nothing the
 /// endpoint did, so it does not count against it.
 #[derive(Debug, thiserror::Error)]
-enum NoMeshPath {
+pub(super) enum NoMeshPath {
     #[error("no mTLS path to node {node} (agent or identity unknown); refusing to send plaintext")]
     NoPeer { node: String },
     #[error("the caller is in no known workload cgroup, so it has no identity to present")]
@@ -234,7 +234,7 @@ fn admit_same_node(
 /// Connects to `endpoint`: directly when it is on this node (or the
 /// service is plaintext), otherwise over mutual TLS to its node's agent,
 /// presenting the caller's identity and expecting the endpoint's.
-async fn dial(
+pub(super) async fn dial(
     ctx: &OutboundContext,
     service: &Service,
     endpoint: &Endpoint,
