@@ -139,3 +139,33 @@ fn a_backend_answering_503_is_ejected_and_the_rest_see_none() {
     assert!(said.starts_with("503=3 "), "{said}");
     assert_eq!(backends[0].requests() + backends[1].requests(), 297);
 }
+
+/// Bytes that are no HTTP, sent to an HTTP service, get a 400 at once and
+/// the connection closes; nothing reaches a backend.
+#[test]
+fn bytes_that_are_no_http_get_a_400() {
+    let vip: SocketAddr = "127.77.8.12:8080".parse().unwrap();
+    let backend = HttpBackend::start("b1", 200);
+    let config =
+        AgentConfig::new(&[service("pay", &vip.to_string(), &[backend.addr]).protocol("http")]);
+    let agent = Agent::start(&config);
+    let script = format!(
+        "python3 - <<'PY'
+import socket
+s = socket.create_connection(('{}', {}), timeout=5)
+s.sendall(b'\\x16\\x03\\x01 not a request\\r\\n\\r\\n')
+print(s.recv(200).split(b'\\r\\n')[0].decode())
+print('closed' if s.recv(200) == b'' else 'open')
+PY",
+        vip.ip(),
+        vip.port()
+    );
+    let out = agent.client_command(&script).output().expect("run python3");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        lines(&out),
+        ["HTTP/1.1 400 Bad Request", "closed"],
+        "{said}"
+    );
+    assert_eq!(backend.requests(), 0);
+}

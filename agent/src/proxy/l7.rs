@@ -24,7 +24,7 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::{body::Incoming, client::conn::http1::SendRequest, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use log::debug;
 use tokio::{net::TcpStream, time::Instant};
 
@@ -39,6 +39,10 @@ use crate::{
     resilience::Outcome,
     route::{self, Tried},
 };
+
+/// A request's head must arrive within this, or its connection is closed
+/// (a client that sends nothing, or bytes that never make a request).
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A response: the endpoint's, streamed through, or one of the agent's.
 type Body = Either<Incoming, Full<Bytes>>;
@@ -81,6 +85,8 @@ pub(super) async fn serve(
         }
     });
     let served = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
         .serve_connection(TokioIo::new(client), requests)
         .await;
     if let Err(e) = served {
