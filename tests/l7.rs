@@ -108,6 +108,7 @@ fn one_keep_alive_connection_spreads_its_requests_over_three_backends() {
         .load_balancer(LbPolicy::RoundRobin)]);
     let agent = Agent::start(&config);
     assert_eq!(gets(&agent, vip, 300), "b1=100 b2=100 b3=100");
+    assert_eq!(requests(&agent, "2xx"), 300.0);
     for backend in &backends {
         let share = backend.requests() as f64 / 300.0;
         assert!((0.30..=0.37).contains(&share), "{share}");
@@ -138,6 +139,19 @@ fn a_backend_answering_503_is_ejected_and_the_rest_see_none() {
     assert_eq!(backends[2].requests(), 3, "{said}");
     assert!(said.starts_with("503=3 "), "{said}");
     assert_eq!(backends[0].requests() + backends[1].requests(), 297);
+    assert_eq!(requests(&agent, "5xx"), 3.0);
+    assert_eq!(requests(&agent, "2xx"), 297.0);
+}
+
+/// Requests the agent counted for service `pay`, by response code class.
+fn requests(agent: &Agent, class: &str) -> f64 {
+    agent.metrics().sum(
+        "sluice_requests_total",
+        &[
+            ("destination_service", "pay"),
+            ("response_code_class", class),
+        ],
+    )
 }
 
 /// Bytes that are no HTTP, sent to an HTTP service, get a 400 at once and

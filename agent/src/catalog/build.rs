@@ -231,6 +231,7 @@ impl<'a> BuildContext<'a> {
                 ))
             }),
             metrics: MetricsCache::default(),
+            requests: Default::default(),
         }
     }
 }

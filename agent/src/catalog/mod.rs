@@ -114,6 +114,8 @@ pub struct Service {
     pub authz: Option<Arc<Policy>>,
     /// Metric handles of this service's connections, resolved on first use.
     pub metrics: MetricsCache,
+    /// Those of its requests (`protocol: http`), resolved on first use.
+    pub requests: std::sync::OnceLock<crate::telemetry::requests::RequestCounters>,
 }
 
 /// One instance of a service.

@@ -105,6 +105,29 @@ async fn forward(
     upstreams: &Upstreams,
     request: Request<Incoming>,
 ) -> Response<Body> {
+    let counters = service.requests.get_or_init(|| {
+        let metrics = &ctx.inputs.metrics.requests;
+        metrics.service(&service.namespace, &service.name)
+    });
+    let started = Instant::now();
+    let response = route_request(ctx, service, source, peer, upstreams, request).await;
+    let status = match &response.body() {
+        Either::Left(_) => Some(response.status().as_u16()),
+        Either::Right(_) => None,
+    };
+    counters.answered(status, started.elapsed().as_secs_f64());
+    response
+}
+
+/// [`forward`] without the counting.
+async fn route_request(
+    ctx: &OutboundContext,
+    service: &Service,
+    source: Option<&Workload>,
+    peer: SocketAddr,
+    upstreams: &Upstreams,
+    request: Request<Incoming>,
+) -> Response<Body> {
     let pick = PickContext {
         source_workload: source.map(|w| w.name.as_str()),
         source_addr: peer.ip(),

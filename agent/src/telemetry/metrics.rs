@@ -10,7 +10,7 @@
 
 use std::{collections::HashMap, sync::Arc};
 
-use super::TunnelMetrics;
+use super::{TunnelMetrics, requests::RequestMetrics};
 
 use arc_swap::ArcSwap;
 use prometheus_client::{
@@ -141,6 +141,7 @@ pub struct Metrics {
     handover_refusals: Family<ReasonLabel, Counter>,
     handover_connections: Family<ResultLabels, Counter>,
     pub tunnels: TunnelMetrics,
+    pub requests: RequestMetrics,
 }
 
 /// The handles one kind of connection (source workload, endpoint) needs.
@@ -188,12 +189,12 @@ impl Metrics {
         let catalog_updates = Family::default();
         let handover_refusals = Family::<ReasonLabel, Counter>::default();
         let handover_connections = Family::<ResultLabels, Counter>::default();
-        for result in ["sent", "received", "dropped"] {
+        for result in ["sent", "received", "dropped", "taken_up"] {
             let _ = handover_connections.get_or_create(&ResultLabels { result });
         }
         registry.register(
             "sluice_handover_connections",
-            "Open connections moved in an upgrade: sent to the next agent, received from the previous one, or received and dropped (their service or workload gone here)",
+            "Open connections moved in an upgrade: sent to the next agent, received from the previous one, received and dropped (their service or workload gone here, or a paused tunnel stream not taken up in time), or taken up here (a tunnelled connection kept paused while its peer agent was upgraded)",
             handover_connections.clone(),
         );
         // Every reason from the start, at 0: an alert can watch the rate
@@ -256,6 +257,7 @@ impl Metrics {
             .set(1);
         registry.register("sluice_build_info", "Build of the running agent", build);
         let tunnels = TunnelMetrics::new(&mut registry);
+        let requests = RequestMetrics::new(&mut registry);
         if let Some(c) = collector {
             registry.register_collector(c);
         }
@@ -273,6 +275,7 @@ impl Metrics {
             handover_refusals,
             handover_connections,
             tunnels,
+            requests,
         })
     }
 

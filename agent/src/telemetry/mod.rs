@@ -5,6 +5,7 @@
 
 pub mod log_limit;
 pub mod metrics;
+pub mod requests;
 pub mod stats;
 pub mod trace;
 pub mod tunnels;

@@ -1,0 +1,99 @@
+//! Metrics of requests (services that declare `protocol: http`), in
+//! Istio's vocabulary: `sluice_requests_total` by destination service and
+//! response code class, and `sluice_request_duration_seconds`. Each
+//! service resolves its handles once ([`RequestCounters`]); a request then
+//! only adds to them, with no lock and no allocation.
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    registry::Registry,
+};
+
+/// The classes a response code is counted under; `error` is a request
+/// that got no response from an endpoint (the agent answered it).
+const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "error"];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    destination_service: String,
+    destination_service_namespace: String,
+    response_code_class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabels {
+    destination_service: String,
+    destination_service_namespace: String,
+}
+
+/// The request families.
+#[derive(Debug)]
+pub struct RequestMetrics {
+    requests: Family<RequestLabels, Counter>,
+    duration: Family<ServiceLabels, Histogram>,
+}
+
+/// One service's handles.
+#[derive(Debug)]
+pub struct RequestCounters {
+    by_class: [Counter; CLASSES.len()],
+    duration: Histogram,
+}
+
+impl RequestCounters {
+    /// Counts a request answered `status` (None: no endpoint answered)
+    /// after `seconds`.
+    pub fn answered(&self, status: Option<u16>, seconds: f64) {
+        let class = match status {
+            Some(code @ 100..=599) => usize::from(code / 100 - 1),
+            _ => CLASSES.len() - 1,
+        };
+        self.by_class[class].inc();
+        self.duration.observe(seconds);
+    }
+}
+
+fn latency_buckets() -> Histogram {
+    Histogram::new([
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        5.0, 10.0,
+    ])
+}
+
+impl RequestMetrics {
+    pub(super) fn new(registry: &mut Registry) -> RequestMetrics {
+        let requests = Family::<RequestLabels, Counter>::default();
+        let duration = Family::<ServiceLabels, Histogram>::new_with_constructor(
+            latency_buckets as fn() -> Histogram,
+        );
+        registry.register(
+            "sluice_requests",
+            "Requests to services that declare protocol http, by destination service and response code class (error: no endpoint answered; the agent did)",
+            requests.clone(),
+        );
+        registry.register(
+            "sluice_request_duration_seconds",
+            "Time from a request's head to its response's head, by destination service",
+            duration.clone(),
+        );
+        RequestMetrics { requests, duration }
+    }
+
+    /// The handles of service `namespace/name`, every class at 0.
+    pub fn service(&self, namespace: &str, name: &str) -> RequestCounters {
+        let labels = |class| RequestLabels {
+            destination_service: name.to_owned(),
+            destination_service_namespace: namespace.to_owned(),
+            response_code_class: class,
+        };
+        let service = ServiceLabels {
+            destination_service: name.to_owned(),
+            destination_service_namespace: namespace.to_owned(),
+        };
+        RequestCounters {
+            by_class: CLASSES.map(|class| self.requests.get_or_create(&labels(class)).clone()),
+            duration: self.duration.get_or_create(&service).clone(),
+        }
+    }
+}
