@@ -225,8 +225,13 @@ pub(super) async fn answer<C: Movable, U: Movable>(
     token: Token,
     end: &TunnelEnd,
 ) -> Result<Option<oneshot::Receiver<Token>>, ()> {
+    // Parked before the stream is quiesced: the successor's stream comes
+    // on another connection, and may arrive before the paused stream's
+    // last frames do. It waits in the lot until they have.
+    let successor = inputs.parked.park(token, end);
     let (up, down) = (client.answer_pause().await, upstream.answer_pause().await);
     let (Ok(up), Ok(down)) = (up, down) else {
+        inputs.parked.forget(&token);
         warn!(
             "upgrade: the tunnel stream to {} failed while the peer agent paused it",
             end.target
@@ -235,7 +240,6 @@ pub(super) async fn answer<C: Movable, U: Movable>(
     };
     progress.add_read(true, &up);
     progress.add_read(false, &down);
-    let successor = inputs.parked.park(token, end);
     let taken = tokio::time::timeout(PARK_TIMEOUT, successor).await;
     let Ok(Ok(mut stream)) = taken else {
         inputs.parked.forget(&token);
