@@ -87,6 +87,15 @@ pub(super) fn start(
     b.services = vec![echo_service(vip, Endpoint::new(backend).workload("echo"))?];
     a.write(&config_a)?;
     b.write(&config_b)?;
+    // One CA for both nodes, made before either agent starts: two agents
+    // making it at once would race on its key file.
+    if !state.join("ca/ca.pem").exists() {
+        crate::run(
+            std::process::Command::new(sluice)
+                .args(["ca", "init", "--config"])
+                .arg(&config_a),
+        )?;
+    }
     let mut pids = Vec::new();
     for (config, ns, label) in [(&config_a, &netns[0], "a"), (&config_b, &netns[1], "b")] {
         procs.push(start_agent(
