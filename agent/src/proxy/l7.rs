@@ -80,8 +80,19 @@ pub(super) async fn serve(
         let (ctx, service) = (ctx.clone(), service.clone());
         let (source, upstreams) = (source.clone(), upstreams.clone());
         async move {
+            let started = Instant::now();
             let answer = forward(&ctx, &service, source.as_deref(), peer, &upstreams, request);
-            Ok::<_, Infallible>(answer.await)
+            let response = answer.await;
+            let counters = service.requests.get_or_init(|| {
+                let metrics = &ctx.inputs.metrics.requests;
+                metrics.service(&service.namespace, &service.name)
+            });
+            let status = match response.body() {
+                Either::Left(_) => Some(response.status().as_u16()),
+                Either::Right(_) => None,
+            };
+            counters.answered(status, started.elapsed().as_secs_f64());
+            Ok::<_, Infallible>(response)
         }
     });
     let served = hyper::server::conn::http1::Builder::new()
@@ -98,29 +109,6 @@ pub(super) async fn serve(
 /// the next request), the answer streamed back and fed to the endpoint's
 /// outlier detection (a 5xx is a failure).
 async fn forward(
-    ctx: &OutboundContext,
-    service: &Service,
-    source: Option<&Workload>,
-    peer: SocketAddr,
-    upstreams: &Upstreams,
-    request: Request<Incoming>,
-) -> Response<Body> {
-    let counters = service.requests.get_or_init(|| {
-        let metrics = &ctx.inputs.metrics.requests;
-        metrics.service(&service.namespace, &service.name)
-    });
-    let started = Instant::now();
-    let response = route_request(ctx, service, source, peer, upstreams, request).await;
-    let status = match &response.body() {
-        Either::Left(_) => Some(response.status().as_u16()),
-        Either::Right(_) => None,
-    };
-    counters.answered(status, started.elapsed().as_secs_f64());
-    response
-}
-
-/// [`forward`] without the counting.
-async fn route_request(
     ctx: &OutboundContext,
     service: &Service,
     source: Option<&Workload>,

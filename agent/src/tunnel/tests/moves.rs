@@ -61,6 +61,23 @@ async fn one_connection(on_stream: impl FnMut(Incoming) + Send + 'static) -> Tun
     TunnelClient::handshake(tcp, &config()).await.unwrap()
 }
 
+/// A stream on `client` once the connection's control stream is open
+/// (naming node-a), so that it can be paused.
+async fn pausable_stream(client: &TunnelClient) -> TunnelStream {
+    tokio::spawn(
+        client
+            .clone()
+            .control("node-a".into(), std::future::pending()),
+    );
+    let stream = client.open(target(1, 1), HeaderMap::new()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !stream.can_pause() {
+        assert!(Instant::now() < deadline, "the control stream opened");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stream
+}
+
 #[tokio::test]
 async fn a_paused_stream_ends_with_every_byte_on_both_sides() {
     let (report, mut reported) = mpsc::unbounded_channel();
@@ -81,17 +98,7 @@ async fn a_paused_stream_ends_with_every_byte_on_both_sides() {
         });
     };
     let client = one_connection(on_stream).await;
-    tokio::spawn(
-        client
-            .clone()
-            .control("node-a".into(), std::future::pending()),
-    );
-    let mut stream = client.open(target(1, 1), HeaderMap::new()).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !stream.can_pause() {
-        assert!(Instant::now() < deadline, "the control stream opened");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let mut stream = pausable_stream(&client).await;
     // Bytes flow both ways for a while; then this end pauses the stream
     // (its successor would take it up under the token).
     let ask = tokio::time::sleep(Duration::from_millis(100));
@@ -195,17 +202,7 @@ async fn two_ends_pausing_one_stream_both_give_up_in_bounded_time() {
         });
     };
     let client = one_connection(on_stream).await;
-    tokio::spawn(
-        client
-            .clone()
-            .control("node-a".into(), std::future::pending()),
-    );
-    let mut stream = client.open(target(1, 1), HeaderMap::new()).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !stream.can_pause() {
-        assert!(Instant::now() < deadline, "the control stream opened");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let mut stream = pausable_stream(&client).await;
     let started = Instant::now();
     let ours = stream.pause_within(Duration::from_millis(300)).await;
     let theirs = timeout(Duration::from_secs(5), reported.recv())
