@@ -355,8 +355,9 @@ fn kernel_mode_carries_no_identity_and_cannot_be_authorized() {
 }
 
 /// What the request path does not take yet is refused where it is
-/// declared: HTTP/2 and gRPC, and HTTP to endpoints on other nodes over
-/// mTLS. An unknown protocol names its line too.
+/// declared: requests to endpoints on other nodes over mTLS. An unknown
+/// protocol names its line too, and so do a `requests` block on a TCP
+/// service and settings out of range.
 #[test]
 fn a_protocol_the_agent_cannot_serve_yet_is_refused_with_its_line() {
     let declared = |protocol: &str| {
@@ -365,22 +366,45 @@ fn a_protocol_the_agent_cannot_serve_yet_is_refused_with_its_line() {
             &format!("    port: 8080\n    protocol: {protocol}\n"),
         )
     };
-    let err = BadConfig::new(&declared("grpc")).refused();
-    assert!(
-        err.contains(":9: services[0].protocol: http2 and grpc are not built yet"),
-        "{err}"
-    );
-    let remote = declared("http").replace(
-        "        port: 9001\n",
-        "        port: 9001\n        node: node-b\n        service_account: ledger\n",
-    ) + "nodes:\n  - name: node-b\n    address: 10.0.0.2\n";
-    let err = BadConfig::new(&remote).refused();
-    assert!(
-        err.contains("services[0].protocol: http requests to endpoints on other nodes over mTLS"),
-        "{err}"
-    );
+    for protocol in ["http", "grpc"] {
+        let remote = declared(protocol).replace(
+            "        port: 9001\n",
+            "        port: 9001\n        node: node-b\n        service_account: ledger\n",
+        ) + "nodes:\n  - name: node-b\n    address: 10.0.0.2\n";
+        let err = BadConfig::new(&remote).refused();
+        assert!(
+            err.contains("services[0].protocol: requests to endpoints on other nodes over mTLS"),
+            "{err}"
+        );
+    }
     let err = BadConfig::new(&declared("smtp")).refused();
     assert!(err.contains(":9:"), "{err}");
+    let on_tcp = BASE.replace(
+        "    port: 8080\n",
+        "    port: 8080\n    requests:\n      timeout: 2s\n",
+    );
+    let err = BadConfig::new(&on_tcp).refused();
+    assert!(
+        err.contains(":10: services[0].requests: only requests have these settings"),
+        "{err}"
+    );
+    let out_of_range = declared("http").replace(
+        "    protocol: http\n",
+        "    protocol: http\n    requests:\n      max_attempts: 9\n      \
+         idempotency_header: \"bad header\"\n      timeout: 0s\n",
+    );
+    let err = BadConfig::new(&out_of_range).refused();
+    for expected in [
+        ":11: services[0].requests.max_attempts: 9 is not between 1 and 5",
+        ":12: services[0].requests.idempotency_header: `bad header` is not an HTTP header name",
+        ":13: services[0].requests.timeout: must be longer than 0",
+    ] {
+        assert!(err.contains(expected), "{expected}: {err}");
+    }
+    for protocol in ["http2", "grpc"] {
+        let (code, out) = BadConfig::new(&declared(protocol)).run(&["config", "check"]);
+        assert_eq!(code, 0, "{protocol}: {out}");
+    }
     // HTTP to endpoints this agent reaches directly is taken.
     let (code, out) = BadConfig::new(&declared("http")).run(&["config", "check"]);
     assert_eq!(code, 0, "{out}");

@@ -10,6 +10,7 @@ mod config_errors;
 mod dualstack;
 mod enforcement;
 mod fastpath;
+mod grpc;
 mod kube;
 mod kubeapi_selftest;
 mod l7;

@@ -1,89 +1,131 @@
 //! Requests, not just connections (`protocol: http`), as root: a workload
 //! on one keep-alive HTTP/1.1 connection (Python's `http.client`) to a
 //! service of three real HTTP backends, through the agent's redirect.
-//! Each request is balanced on its own, and a backend that answers 503 is
-//! ejected by its consecutive failures.
+//! Each request is balanced on its own; a backend that answers 503 is
+//! ejected by its consecutive failures, and only requests that cannot
+//! double a payment are sent again; a backend that never answers meets the
+//! route's timeout.
 
 use std::{
-    io::{BufRead, BufReader, Write},
+    io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpListener},
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
 use crate::support::*;
 
-/// An HTTP/1.1 server: every request answered `status` with its name as
-/// the body, the connection kept open; counts the requests it got.
+/// What a test backend does with each request.
+#[derive(Clone, Copy)]
+enum Answer {
+    /// Answers this status, its name as the body, and keeps the
+    /// connection open.
+    Status(u16),
+    /// Reads the request and never answers.
+    Never,
+}
+
+/// An HTTP/1.1 server that logs every request it gets (`METHOD path` and
+/// the idempotency key, if any) before it answers.
 struct HttpBackend {
     addr: SocketAddr,
-    requests: Arc<AtomicUsize>,
+    arrivals: Arc<Mutex<Vec<String>>>,
 }
 
 impl HttpBackend {
-    fn start(name: &'static str, status: u16) -> HttpBackend {
+    fn start(name: &'static str, answer: Answer) -> HttpBackend {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().unwrap();
-        let requests = Arc::new(AtomicUsize::new(0));
-        let counted = requests.clone();
+        let arrivals = Arc::new(Mutex::new(Vec::new()));
+        let log = arrivals.clone();
         std::thread::spawn(move || {
             for conn in listener.incoming().map_while(Result::ok) {
-                let counted = counted.clone();
-                std::thread::spawn(move || {
-                    let mut writer = conn.try_clone().unwrap();
-                    let mut reader = BufReader::new(conn);
-                    loop {
-                        // A request line, headers, an empty line (GETs: no body).
-                        let mut head = String::new();
-                        loop {
-                            let mut line = String::new();
-                            match reader.read_line(&mut line) {
-                                Ok(0) | Err(_) => return,
-                                Ok(_) if line == "\r\n" => break,
-                                Ok(_) => head.push_str(&line),
-                            }
-                        }
-                        counted.fetch_add(1, Ordering::SeqCst);
-                        let body = format!("{name}\n");
-                        let answer = format!(
-                            "HTTP/1.1 {status} X\r\nContent-Length: {}\r\n\r\n{body}",
-                            body.len()
-                        );
-                        if writer.write_all(answer.as_bytes()).is_err() {
-                            return;
-                        }
-                    }
-                });
+                let log = log.clone();
+                std::thread::spawn(move || serve(conn, name, answer, &log));
             }
         });
-        HttpBackend { addr, requests }
+        HttpBackend { addr, arrivals }
     }
 
     fn requests(&self) -> usize {
-        self.requests.load(Ordering::SeqCst)
+        self.arrivals.lock().unwrap().len()
+    }
+
+    fn arrivals(&self) -> Vec<String> {
+        self.arrivals.lock().unwrap().clone()
     }
 }
 
-/// `n` GETs on one keep-alive connection to `vip`, as the client workload;
-/// prints how many answers came from each backend (or with each status).
-fn gets(agent: &Agent, vip: SocketAddr, n: usize) -> String {
+/// One backend connection: requests (a head and a Content-Length body),
+/// each logged, then answered.
+fn serve(conn: std::net::TcpStream, name: &str, answer: Answer, log: &Mutex<Vec<String>>) {
+    let mut writer = conn.try_clone().unwrap();
+    let mut reader = BufReader::new(conn);
+    loop {
+        let mut first = String::new();
+        let (mut length, mut key) = (0, String::new());
+        loop {
+            let mut line = String::new();
+            match reader.read_line(&mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) if line == "\r\n" => break,
+                Ok(_) if first.is_empty() => first = line,
+                Ok(_) => {
+                    let lower = line.to_ascii_lowercase();
+                    if let Some(v) = lower.strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap();
+                    }
+                    if let Some(v) = lower.strip_prefix("idempotency-key:") {
+                        key = format!(" key={}", v.trim());
+                    }
+                }
+            }
+        }
+        let mut body = vec![0; length];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        let mut words = first.split_whitespace();
+        let (method, path) = (words.next().unwrap(), words.next().unwrap());
+        log.lock().unwrap().push(format!("{method} {path}{key}"));
+        let Answer::Status(status) = answer else {
+            // Holds the connection without a word until the client goes.
+            let _ = reader.read(&mut [0; 1]);
+            return;
+        };
+        let body = format!("{name}\n");
+        let answer = format!(
+            "HTTP/1.1 {status} X\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        if writer.write_all(answer.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+/// `n` requests `METHOD /pay/<i>` on one keep-alive connection to `vip`,
+/// as the client workload, with an `Idempotency-Key: k<i>` header when
+/// `keyed`; prints how many answers came from each backend (or with each
+/// status).
+fn send(agent: &Agent, vip: SocketAddr, method: &str, n: usize, keyed: bool) -> String {
     let script = format!(
         "python3 - <<'PY'
 import collections, http.client
 c = http.client.HTTPConnection('{}', {}, timeout=10)
 seen = collections.Counter()
 for i in range({n}):
-    c.request('GET', '/pay/%d' % i)
+    headers = {{'Idempotency-Key': 'k%d' % i}} if {keyed} else {{}}
+    body = b'amount=100' if '{method}' == 'POST' else None
+    c.request('{method}', '/pay/%d' % i, body=body, headers=headers)
     r = c.getresponse()
     body = r.read().decode().strip()
     seen[body if r.status == 200 else str(r.status)] += 1
 print(' '.join('%s=%d' % kv for kv in sorted(seen.items())))
 PY",
         vip.ip(),
-        vip.port()
+        vip.port(),
+        keyed = if keyed { "True" } else { "False" },
     );
     let out = agent.client_command(&script).output().expect("run python3");
     assert!(
@@ -94,14 +136,14 @@ PY",
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+fn gets(agent: &Agent, vip: SocketAddr, n: usize) -> String {
+    send(agent, vip, "GET", n, false)
+}
+
 #[test]
 fn one_keep_alive_connection_spreads_its_requests_over_three_backends() {
     let vip: SocketAddr = "127.77.8.10:8080".parse().unwrap();
-    let backends = [
-        HttpBackend::start("b1", 200),
-        HttpBackend::start("b2", 200),
-        HttpBackend::start("b3", 200),
-    ];
+    let backends = ["b1", "b2", "b3"].map(|name| HttpBackend::start(name, Answer::Status(200)));
     let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
     let config = AgentConfig::new(&[service("pay", &vip.to_string(), &addrs)
         .protocol("http")
@@ -115,32 +157,107 @@ fn one_keep_alive_connection_spreads_its_requests_over_three_backends() {
     }
 }
 
-#[test]
-fn a_backend_answering_503_is_ejected_and_the_rest_see_none() {
-    let vip: SocketAddr = "127.77.8.11:8080".parse().unwrap();
+/// Three backends, the third answering 503 to everything; ejected after
+/// `consecutive_failures`.
+fn with_a_failing_backend(
+    vip: SocketAddr,
+    consecutive_failures: u32,
+) -> (AgentConfig, Agent, [HttpBackend; 3]) {
     let backends = [
-        HttpBackend::start("b1", 200),
-        HttpBackend::start("b2", 200),
-        HttpBackend::start("bad", 503),
+        HttpBackend::start("b1", Answer::Status(200)),
+        HttpBackend::start("b2", Answer::Status(200)),
+        HttpBackend::start("bad", Answer::Status(503)),
     ];
     let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
     let config = AgentConfig::new(&[service("pay", &vip.to_string(), &addrs)
         .protocol("http")
         .load_balancer(LbPolicy::RoundRobin)
         .outlier_detection(OutlierDetection {
-            consecutive_failures: Some(3),
+            consecutive_failures: Some(consecutive_failures),
             base_ejection_time: Some(Duration::from_secs(60)),
             ..Default::default()
         })]);
     let agent = Agent::start(&config);
+    (config, agent, backends)
+}
+
+#[test]
+fn a_backend_answering_503_is_ejected_and_gets_see_none() {
+    let vip: SocketAddr = "127.77.8.11:8080".parse().unwrap();
+    let (_config, agent, backends) = with_a_failing_backend(vip, 3);
     let said = gets(&agent, vip, 300);
-    // Its first three answers pass through (GETs are not retried yet);
+    // Its first three answers are retried elsewhere (GET is idempotent);
     // then it is ejected and gets nothing more.
+    assert!(!said.contains("503"), "{said}");
     assert_eq!(backends[2].requests(), 3, "{said}");
-    assert!(said.starts_with("503=3 "), "{said}");
-    assert_eq!(backends[0].requests() + backends[1].requests(), 297);
-    assert_eq!(requests(&agent, "5xx"), 3.0);
-    assert_eq!(requests(&agent, "2xx"), 297.0);
+    assert_eq!(backends[0].requests() + backends[1].requests(), 300);
+    assert_eq!(requests(&agent, "2xx"), 300.0);
+    assert_eq!(requests(&agent, "5xx"), 0.0);
+    assert_eq!(retries(&agent), 3.0);
+}
+
+/// A POST without an idempotency key may charge twice if sent twice: its
+/// 503 goes back to the caller. With a key it is retried elsewhere. No
+/// POST arrives twice but a keyed one, once at the failing backend.
+#[test]
+fn posts_are_retried_only_with_an_idempotency_key() {
+    let vip: SocketAddr = "127.77.8.13:8080".parse().unwrap();
+    // Never ejected here: every third POST meets the failing backend.
+    let (_config, agent, backends) = with_a_failing_backend(vip, 1000);
+    let said = send(&agent, vip, "POST", 30, false);
+    assert_eq!(said, "503=10 b1=10 b2=10");
+    let said = send(&agent, vip, "POST", 30, true);
+    assert!(!said.contains("503"), "{said}");
+    let mut all: Vec<String> = backends.iter().flat_map(HttpBackend::arrivals).collect();
+    let failed = backends[2].arrivals();
+    let keyed_failed = failed.iter().filter(|a| a.contains("key=")).count();
+    assert_eq!(failed.len() - keyed_failed, 10, "{failed:?}");
+    // Round robin moves on with each retry too, so more than a third of
+    // the keyed POSTs meet the failing backend first; each was retried.
+    assert!(keyed_failed >= 10, "{failed:?}");
+    all.sort();
+    for pair in all.windows(2) {
+        if pair[0] == pair[1] {
+            assert!(
+                pair[0].contains("key="),
+                "an unkeyed POST arrived twice: {}",
+                pair[0]
+            );
+            assert!(failed.contains(&pair[0]), "{} arrived twice", pair[0]);
+        }
+    }
+    assert_eq!(requests(&agent, "5xx"), 10.0);
+    assert_eq!(retries(&agent), keyed_failed as f64);
+}
+
+/// A backend that never answers: the request gets 504 at the route's
+/// timeout, and the backend's silence counts against it.
+#[test]
+fn a_backend_that_never_answers_times_out_at_the_route_timeout() {
+    let vip: SocketAddr = "127.77.8.14:8080".parse().unwrap();
+    let backend = HttpBackend::start("mute", Answer::Never);
+    let config = AgentConfig::new(&[service("pay", &vip.to_string(), &[backend.addr])
+        .protocol("http")
+        .requests(Requests {
+            timeout: Some(Duration::from_millis(300)),
+            ..Default::default()
+        })]);
+    let agent = Agent::start(&config);
+    let started = std::time::Instant::now();
+    let said = send(&agent, vip, "POST", 1, false);
+    let took = started.elapsed();
+    assert_eq!(said, "504=1");
+    assert_eq!(backend.requests(), 1);
+    assert!(took >= Duration::from_millis(300), "{took:?}");
+    assert_eq!(requests(&agent, "error"), 1.0);
+}
+
+/// Retries the agent made for service `pay`.
+fn retries(agent: &Agent) -> f64 {
+    agent.metrics().sum(
+        "sluice_connect_retries_total",
+        &[("destination_service", "pay")],
+    )
 }
 
 /// Requests the agent counted for service `pay`, by response code class.
@@ -159,7 +276,7 @@ fn requests(agent: &Agent, class: &str) -> f64 {
 #[test]
 fn bytes_that_are_no_http_get_a_400() {
     let vip: SocketAddr = "127.77.8.12:8080".parse().unwrap();
-    let backend = HttpBackend::start("b1", 200);
+    let backend = HttpBackend::start("b1", Answer::Status(200));
     let config =
         AgentConfig::new(&[service("pay", &vip.to_string(), &[backend.addr]).protocol("http")]);
     let agent = Agent::start(&config);

@@ -47,6 +47,7 @@ pub mod lb;
 pub mod netns;
 pub mod proxy;
 pub mod redirect;
+pub mod request;
 pub mod resilience;
 pub mod route;
 pub mod telemetry;

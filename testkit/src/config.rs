@@ -235,6 +235,8 @@ pub struct Service {
     pub circuit_breakers: Option<CircuitBreakers>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timeouts: Option<Timeouts>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requests: Option<Requests>,
     pub endpoints: Vec<Endpoint>,
 }
 
@@ -255,6 +257,7 @@ impl Service {
             outlier_detection: None,
             circuit_breakers: None,
             timeouts: None,
+            requests: None,
             endpoints: endpoints.iter().map(|&a| Endpoint::new(a)).collect(),
         }
     }
@@ -301,6 +304,11 @@ impl Service {
 
     pub fn timeouts(mut self, timeouts: Timeouts) -> Service {
         self.timeouts = Some(timeouts);
+        self
+    }
+
+    pub fn requests(mut self, requests: Requests) -> Service {
+        self.requests = Some(requests);
         self
     }
 
@@ -418,6 +426,23 @@ pub struct Timeouts {
         serialize_with = "optional_duration"
     )]
     pub idle: Option<Duration>,
+}
+
+/// `requests` (request services: http, http2, grpc).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Requests {
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "optional_duration"
+    )]
+    pub timeout: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idempotency_header: Option<String>,
+    /// gRPC status names (`unavailable`, ...).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub grpc_retry_on: Vec<String>,
 }
 
 /// An entry of a service's `endpoints`.

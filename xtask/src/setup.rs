@@ -11,7 +11,7 @@ use crate::run as run_cmd;
 /// tests use: iproute2 (network namespaces as nodes), prometheus (a real
 /// server scrapes the agent; promtool checks the exposition), python3 (a
 /// client that calls getpeername).
-const APT_PACKAGES: [&str; 9] = [
+const APT_PACKAGES: [&str; 10] = [
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
@@ -23,6 +23,9 @@ const APT_PACKAGES: [&str; 9] = [
     // An HTTP/2 implementation that is not the agent's, for the tunnel's
     // interoperability test.
     "python3-h2",
+    // Real gRPC clients and servers (the C core) for the request path's
+    // tests.
+    "python3-grpcio",
 ];
 const BPF_LINKER_VERSION: &str = "0.13";
 /// The fuzz targets (fuzz/) are built and run by cargo-fuzz.

@@ -177,7 +177,7 @@ fn encode_services(
     counter(
         encoder,
         "sluice_connect_retries",
-        "Connect retries made",
+        "Retries made: of connects, and of requests to http, http2 and grpc services",
         services
             .iter()
             .map(|s| (service_only(s), s.state.retries_total())),

@@ -4,13 +4,16 @@
 
 use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
+use http::HeaderName;
+
 use crate::{
     authz::Policy,
     config::{
-        Config, Entries, HealthCheck, OnAgentDown, Origin, ServiceSpec,
+        Config, Entries, HealthCheck, OnAgentDown, Origin, Protocol, Requests, ServiceSpec,
         policy::DEFAULT_IDLE_TIMEOUT,
     },
     lb::Balancer,
+    request::{Pools, RequestPolicy},
     resilience::{BudgetSettings, OutlierSettings, Thresholds},
     telemetry::MetricsCache,
     tls::Identity,
@@ -59,7 +62,27 @@ impl ServicePolicy {
             panic: s.panic,
             locality: s.load_balancer.locality,
             health_check: health_check.cloned(),
+            requests: s
+                .requests
+                .as_ref()
+                .map(|r| request_policy(r))
+                .unwrap_or_default(),
         }
+    }
+}
+
+/// A `requests` block as the request path reads it.
+fn request_policy(r: &Requests) -> RequestPolicy {
+    RequestPolicy {
+        timeout: r.timeout.as_ref().map(|d| d.0),
+        max_attempts: *r.max_attempts.get(),
+        idempotency_header: HeaderName::from_bytes(r.idempotency_header.as_bytes())
+            .expect("validated"),
+        max_replay_bytes: u64::from(*r.max_replay_bytes.get()),
+        grpc_retry_on: r
+            .grpc_retry_on
+            .iter()
+            .fold(0, |bits, c| bits | 1 << *c as u32),
     }
 }
 
@@ -206,6 +229,7 @@ impl<'a> BuildContext<'a> {
                 }
             })
             .collect();
+        let endpoint_count = endpoints.len();
         let weights: Vec<u32> = endpoints.iter().map(|e| e.weight).collect();
         let names: Vec<String> = endpoints.iter().map(|e| e.addr.to_string()).collect();
         let lb = &s.load_balancer;
@@ -232,6 +256,10 @@ impl<'a> BuildContext<'a> {
             }),
             metrics: MetricsCache::default(),
             requests: Default::default(),
+            pools: match s.protocol() {
+                Protocol::Tcp => Pools::default(),
+                _ => Pools::new(endpoint_count),
+            },
         }
     }
 }

@@ -116,6 +116,8 @@ pub struct Service {
     pub metrics: MetricsCache,
     /// Those of its requests (`protocol: http`), resolved on first use.
     pub requests: std::sync::OnceLock<crate::telemetry::requests::RequestCounters>,
+    /// The connections its requests share, per endpoint (none for tcp).
+    pub pools: crate::request::Pools,
 }
 
 /// One instance of a service.
@@ -153,6 +155,8 @@ pub struct ServicePolicy {
     pub panic: Panic,
     pub locality: bool,
     pub health_check: Option<HealthCheck>,
+    /// Request timeouts and retries (request services only).
+    pub requests: crate::request::RequestPolicy,
 }
 
 /// A local workload: a cgroup whose processes the agent meshes.

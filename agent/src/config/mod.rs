@@ -28,6 +28,7 @@ mod load;
 pub mod mesh;
 mod node;
 pub mod policy;
+pub mod requests;
 mod service;
 mod spanned;
 mod validate;
@@ -51,6 +52,7 @@ pub use policy::{
     CircuitBreakers, HashKey, HealthCheck, HttpCheck, LoadBalancer, OnAgentDown, OutlierDetection,
     Panic, Policy, Retries, Timeouts,
 };
+pub use requests::{GrpcCode, Requests};
 pub use service::{Protocol, ServiceSpec};
 pub use spanned::Spanned;
 pub use workload::WorkloadSpec;

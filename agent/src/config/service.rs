@@ -11,8 +11,8 @@ use serde::Deserialize;
 
 use super::{
     Authorization, CircuitBreakers, EndpointSpec, Entries, HealthCheck, LoadBalancer, Mode,
-    OnAgentDown, OutlierDetection, Panic, Policy, Problem, Retries, Timeouts, endpoint, policy,
-    unspanned, validate::push, workload::default_namespace,
+    OnAgentDown, OutlierDetection, Panic, Policy, Problem, Requests, Retries, Timeouts, endpoint,
+    policy, requests, unspanned, validate::push, workload::default_namespace,
 };
 
 /// A meshed service.
@@ -48,6 +48,9 @@ pub struct ServiceSpec {
     /// connections are balanced one by one, `http` (HTTP/1.1) requests.
     #[serde(default)]
     pub protocol: Option<Spanned<Protocol>>,
+    /// Timeouts and retries of requests (http, http2 and grpc only).
+    #[serde(default)]
+    pub requests: Option<Spanned<Requests>>,
     /// What connects do while the agent is down; by default fail_closed for
     /// mtls and permissive, fail_open for plaintext.
     #[serde(default)]
@@ -83,9 +86,15 @@ impl ServiceSpec {
             panic: Panic::default(),
             mode,
             protocol: None,
+            requests: None,
             on_agent_down: None,
             authorization: None,
         }
+    }
+
+    /// Declares what a service found elsewhere (Kubernetes) speaks.
+    pub fn declare_protocol(&mut self, protocol: Protocol) {
+        self.protocol = Some(unspanned(protocol));
     }
 
     /// The declared protocol (`tcp` when none is).
@@ -104,9 +113,11 @@ pub enum Protocol {
     /// HTTP/1.1: each request is balanced on its own, and a 5xx answer
     /// counts against its endpoint.
     Http,
-    /// HTTP/2 with prior knowledge (h2c); not built yet.
+    /// HTTP/2 with prior knowledge (h2c): each request (stream) is
+    /// balanced on its own.
     Http2,
-    /// gRPC over HTTP/2; not built yet.
+    /// gRPC over HTTP/2: as http2, and a call's `grpc-status` counts
+    /// (UNAVAILABLE, INTERNAL and others are failures of the endpoint).
     Grpc,
 }
 
@@ -181,6 +192,9 @@ pub(super) fn validate(
             check_kernel_mode(problems, &at, s);
         }
         check_protocol(problems, &at, s, config.node.name.get());
+        if let Some(r) = &s.requests {
+            requests::validate(problems, &at, r, s.protocol() != Protocol::Tcp);
+        }
         let vip = (s.address.value, s.port.value);
         // The outbound listener, or its IPv6 twin on [::1].
         if vip.1 == config.agent.outbound.port()
@@ -220,37 +234,31 @@ pub(super) fn validate(
     }
 }
 
-/// What the request path takes so far: HTTP/1.1 to endpoints the agent
-/// reaches directly (on this node, or a plaintext service's anywhere).
-/// HTTP/2, gRPC and HTTP over the mTLS tunnels come next (issue 17).
+/// What the request path takes so far: HTTP/1.1, HTTP/2 (h2c) and gRPC to
+/// endpoints the agent reaches directly (on this node, or a plaintext
+/// service's anywhere). Requests over the mTLS tunnels come next (issue 17).
 fn check_protocol(problems: &mut Vec<Problem>, at: &str, s: &ServiceSpec, node: &str) {
     let Some(protocol) = &s.protocol else {
         return;
     };
+    if protocol.value == Protocol::Tcp {
+        return;
+    }
     let line = protocol.referenced.line();
     let field = format!("{at}.protocol");
-    let message = match protocol.value {
-        Protocol::Tcp => return,
-        Protocol::Http2 | Protocol::Grpc => {
-            "http2 and grpc are not built yet; declare tcp (the default) or http".to_owned()
-        }
-        Protocol::Http if s.mode == Mode::Kernel => {
-            "mode: kernel has no proxy to see requests; http needs another mode".to_owned()
-        }
-        Protocol::Http => {
-            let remote = s
-                .endpoints
-                .iter()
-                .any(|e| e.node.as_deref().is_some_and(|n| n != node));
-            if !remote || s.mode == Mode::Plaintext {
-                return;
-            }
-            "http requests to endpoints on other nodes over mTLS are not built yet; \
+    let remote = s
+        .endpoints
+        .iter()
+        .any(|e| e.node.as_deref().is_some_and(|n| n != node));
+    let message = match s.mode {
+        Mode::Kernel => "mode: kernel has no proxy to see requests; requests need another mode",
+        Mode::Mtls | Mode::Permissive if remote => {
+            "requests to endpoints on other nodes over mTLS are not built yet; \
              use mode: plaintext, or tcp"
-                .to_owned()
         }
+        _ => return,
     };
-    push(problems, line, field, message);
+    push(problems, line, field, message.to_owned());
 }
 
 /// What the kernel cannot do for a `mode: kernel` service: it balances by

@@ -154,7 +154,7 @@ fn handle(
             refused(&ctx, &service, source.as_deref(), CloseReason::Overflow);
             return reset(client);
         };
-        if service.protocol == Protocol::Http {
+        if service.protocol != Protocol::Tcp {
             // Balanced per request. Boxed: most services are TCP, and
             // their connections should not carry this path's space.
             let _ = client.set_nodelay(true);

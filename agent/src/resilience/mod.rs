@@ -7,6 +7,7 @@ pub mod endpoint;
 pub mod service;
 
 pub use endpoint::{
-    Admission, EndpointSnapshot, EndpointState, Outcome, OutlierSettings, Phase, Transition,
+    Admission, EndpointSnapshot, EndpointState, InFlight, Outcome, OutlierSettings, Phase,
+    Transition,
 };
 pub use service::{BudgetSettings, Overflow, RetryDenied, ServiceState, Slot, Thresholds};

@@ -155,6 +155,12 @@ impl ServiceState {
         Some(slot)
     }
 
+    /// Counts one request's first attempt, so that the retry budget is a
+    /// share of requests as it is of connects.
+    pub fn note_request(&self, now: Millis) {
+        self.attempts.add(now);
+    }
+
     /// Permission for one connect retry: under max_retries and within the
     /// budget (`percent` of recent attempts plus `min_per_second`).
     pub fn start_retry(

@@ -12,7 +12,7 @@ use super::{
     MODE_ANNOTATION, Objects, SERVICE_ACCOUNT_ANNOTATION, Settings, Translated, annotation,
     endpoints::endpoints_for, service_names, slices_by_service,
 };
-use crate::config::{KubeMode, ServiceSpec};
+use crate::config::{KubeMode, Mode, Protocol, ServiceSpec};
 
 /// Adds the services `objects` hold to `out`, each with its mode from its
 /// own annotation, else its namespace's (`namespace_modes`), else the
@@ -145,17 +145,41 @@ pub(super) fn translate(
                     ));
                     continue;
                 }
-                out.services.push(Arc::new(ServiceSpec::new(
-                    entry_name,
-                    ns.clone(),
-                    address,
-                    number,
-                    mode,
-                    endpoints,
-                )));
+                let mut spec =
+                    ServiceSpec::new(entry_name, ns.clone(), address, number, mode, endpoints);
+                if let Some(protocol) =
+                    app_protocol(port.app_protocol.as_deref(), &spec, settings.node)
+                {
+                    spec.declare_protocol(protocol);
+                }
+                out.services.push(Arc::new(spec));
                 out.sources.push((ns.clone(), name.clone()));
             }
         }
+    }
+}
+
+/// The protocol a Service port's `appProtocol` declares, where the agent
+/// can serve it: `http`, `kubernetes.io/h2c` (HTTP/2 with prior
+/// knowledge) and `grpc`. Requests to endpoints on other nodes over mTLS
+/// are not built yet (they would ride the tunnels), so such a service stays
+/// `tcp`, balanced per connection, rather than being refused; so does any
+/// other value (`kubernetes.io/ws`, a vendor's name).
+fn app_protocol(declared: Option<&str>, spec: &ServiceSpec, node: &str) -> Option<Protocol> {
+    let protocol = match declared? {
+        "http" => Protocol::Http,
+        "kubernetes.io/h2c" => Protocol::Http2,
+        "grpc" => Protocol::Grpc,
+        _ => return None,
+    };
+    let remote = spec
+        .endpoints
+        .iter()
+        .any(|e| e.node.as_deref().is_some_and(|n| n != node));
+    match spec.mode {
+        Mode::Kernel => None,
+        Mode::Mtls | Mode::Permissive if remote => None,
+        _ => Some(protocol),
     }
 }
 
@@ -166,7 +190,7 @@ mod tests {
     use k8s_openapi::api::discovery::v1::EndpointSlice;
 
     use crate::{
-        config::{Mode, ServiceSpec},
+        config::{Mode, Protocol, ServiceSpec},
         discovery::translate::{
             Objects, SERVICE_NAME_LABEL, Translated,
             tests::{fixture, objects, run},
@@ -327,5 +351,37 @@ mod tests {
             .find(|(o, _)| o == "service shop/checkout")
             .expect("the service is named");
         assert!(why.contains("port 70000: not a port number"), "{why}");
+    }
+
+    /// A port's `appProtocol` declares what its service speaks where the
+    /// request path can serve it; over mTLS to other nodes (not built
+    /// yet) the service stays tcp instead of being refused.
+    #[test]
+    fn app_protocol_declares_the_protocol_where_requests_can_be_served() {
+        let with = |app_protocol: &str, mode: Option<&str>, peers: &[&str]| {
+            let mut objects = objects();
+            let checkout = Arc::make_mut(&mut objects.services[0]);
+            if let Some(mode) = mode {
+                checkout
+                    .metadata
+                    .annotations
+                    .get_or_insert_default()
+                    .insert(super::MODE_ANNOTATION.into(), mode.into());
+            }
+            let spec = checkout.spec.as_mut().unwrap();
+            for port in spec.ports.iter_mut().flatten() {
+                port.app_protocol = Some(app_protocol.into());
+            }
+            service(&run(&objects, peers), "checkout").protocol()
+        };
+        let plain = Some("plaintext");
+        assert_eq!(with("grpc", plain, &[]), Protocol::Grpc);
+        assert_eq!(with("kubernetes.io/h2c", plain, &[]), Protocol::Http2);
+        assert_eq!(with("http", plain, &[]), Protocol::Http);
+        assert_eq!(with("kubernetes.io/ws", plain, &[]), Protocol::Tcp);
+        // Only this node's endpoints (node-b's agent is unknown)...
+        assert_eq!(with("grpc", None, &[]), Protocol::Grpc);
+        // ...or some on node-b too, over mTLS to its agent.
+        assert_eq!(with("grpc", None, &["node-b"]), Protocol::Tcp);
     }
 }

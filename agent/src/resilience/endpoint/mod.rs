@@ -4,7 +4,7 @@
 //! transitions take this endpoint's own small lock, never a shared one.
 
 use std::sync::{
-    Mutex,
+    Arc, Mutex,
     atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering},
 };
 
@@ -190,10 +190,11 @@ impl EndpointState {
         }
     }
 
-    /// Counts one open connection until the returned guard drops.
-    pub fn open_connection(&self) -> InFlight<'_> {
+    /// Counts one open connection (or request) until the returned guard
+    /// drops; the guard may outlive the catalog (a response body).
+    pub fn open_connection(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(self)
+        InFlight(self.clone())
     }
 
     /// Whether the endpoint could take a connection now, without taking
@@ -351,9 +352,9 @@ impl EndpointState {
 
 /// One open connection to an endpoint; counted until dropped.
 #[derive(Debug)]
-pub struct InFlight<'a>(&'a EndpointState);
+pub struct InFlight(Arc<EndpointState>);
 
-impl Drop for InFlight<'_> {
+impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
@@ -471,7 +472,7 @@ mod tests {
 
     #[test]
     fn ewma_follows_latency_and_weighs_load() {
-        let e = EndpointState::default();
+        let e = Arc::new(EndpointState::default());
         let s = settings();
         e.report(
             Admission::Normal,

@@ -1,0 +1,125 @@
+//! A request service's `requests` block (issue 17): how long a request may
+//! wait for its answer, and which requests may be sent again. Meaningful
+//! only for `protocol: http`, `http2` or `grpc`; a service is one route
+//! (every path and method of it shares these settings).
+
+use serde::Deserialize;
+
+use super::{HumanDuration, Problem, Spanned, unspanned};
+
+/// Most attempts one request may make (its first included).
+pub const MAX_REQUEST_ATTEMPTS: u32 = 5;
+/// Largest request body kept for a replay.
+pub const MAX_REPLAY_BYTES: u32 = 16 << 20;
+
+/// `requests` block.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Requests {
+    /// From the request to its answer's head, across every attempt. A
+    /// gRPC caller's shorter `grpc-timeout` wins. None: no limit but the
+    /// caller's.
+    pub timeout: Option<Spanned<HumanDuration>>,
+    /// Attempts per request, the first included. A retry goes to another
+    /// endpoint and only when it cannot double an effect (see
+    /// `idempotency_header`); every retry is within the service's retry
+    /// budget (`retries.budget_percent`).
+    pub max_attempts: Spanned<u32>,
+    /// A request with this header may be retried whatever its method (the
+    /// caller vouches that the server deduplicates it). Without it only
+    /// GET, HEAD, OPTIONS, PUT and DELETE are.
+    pub idempotency_header: Spanned<String>,
+    /// A body longer than this (or of unknown length) is streamed through
+    /// and its request is never retried.
+    pub max_replay_bytes: Spanned<u32>,
+    /// gRPC statuses after which a call is retried (a gRPC call is a POST:
+    /// it is retried only on the statuses declared here, or when it never
+    /// left the agent).
+    pub grpc_retry_on: Vec<GrpcCode>,
+}
+
+impl Default for Requests {
+    fn default() -> Self {
+        Requests {
+            timeout: None,
+            max_attempts: unspanned(2),
+            idempotency_header: unspanned("Idempotency-Key".to_owned()),
+            max_replay_bytes: unspanned(64 << 10),
+            grpc_retry_on: Vec::new(),
+        }
+    }
+}
+
+/// gRPC status codes a route may declare retryable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GrpcCode {
+    Cancelled = 1,
+    Unknown = 2,
+    DeadlineExceeded = 4,
+    ResourceExhausted = 8,
+    Aborted = 10,
+    Internal = 13,
+    Unavailable = 14,
+}
+
+/// Checks a service's `requests` block; `at` is the service's field path,
+/// `is_http` whether its protocol has requests at all.
+pub(super) fn validate(
+    problems: &mut Vec<Problem>,
+    at: &str,
+    r: &Spanned<Requests>,
+    is_http: bool,
+) {
+    let at = format!("{at}.requests");
+    // On a TCP service the block would be silently ignored.
+    if !is_http {
+        problems.push(Problem {
+            line: r.referenced.line(),
+            field: at.clone(),
+            message: "only requests have these settings: declare protocol http, http2 or grpc"
+                .into(),
+        });
+    }
+    let mut push = |line: u64, field: &str, message: String| {
+        problems.push(Problem {
+            line,
+            field: format!("{at}.{field}"),
+            message,
+        })
+    };
+    let attempts = &r.max_attempts;
+    if !(1..=MAX_REQUEST_ATTEMPTS).contains(&attempts.value) {
+        push(
+            attempts.referenced.line(),
+            "max_attempts",
+            format!(
+                "{} is not between 1 and {MAX_REQUEST_ATTEMPTS}",
+                attempts.value
+            ),
+        );
+    }
+    let header = &r.idempotency_header;
+    if http::HeaderName::from_bytes(header.value.as_bytes()).is_err() {
+        push(
+            header.referenced.line(),
+            "idempotency_header",
+            format!("`{}` is not an HTTP header name", header.value),
+        );
+    }
+    let replay = &r.max_replay_bytes;
+    if replay.value > MAX_REPLAY_BYTES {
+        push(
+            replay.referenced.line(),
+            "max_replay_bytes",
+            format!("{} is over the limit of {MAX_REPLAY_BYTES}", replay.value),
+        );
+    }
+    if let Some(timeout) = r.timeout.as_ref().filter(|t| t.value.0.is_zero()) {
+        push(
+            timeout.referenced.line(),
+            "timeout",
+            "must be longer than 0".into(),
+        );
+    }
+}

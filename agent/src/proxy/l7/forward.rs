@@ -1,0 +1,328 @@
+//! One request's way to an endpoint and back: an endpoint chosen for it, a
+//! pooled connection to it, the answer, and, when the answer (or its
+//! absence) says the endpoint failed, perhaps another attempt elsewhere.
+//!
+//! A request is sent again only when that cannot double an effect: its
+//! method is idempotent or it carries the idempotency header (HTTP), or
+//! its gRPC status is one its route declared retryable; its body was read
+//! whole (within `max_replay_bytes`); no byte of an answer went back to the
+//! caller (an answer is held until it is passed through); the service's
+//! retry budget allows it. A request that never left the agent (no
+//! connection, or a pooled connection that had closed) is always retried.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, header::CONTENT_TYPE};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use tokio::time::{Instant, sleep, timeout_at};
+
+use super::watched::{Verdict, Watched, grpc_failure};
+use crate::{
+    catalog::{Endpoint, Service, Workload},
+    clock::now_ms,
+    config::Protocol,
+    lb::PickContext,
+    proxy::{
+        outbound::OutboundContext,
+        upstream::{DialError, Upstream, dial},
+    },
+    request::{
+        Pushback, Sender, UpBody,
+        pool::handshake,
+        rules::{
+            GRPC_DEADLINE_EXCEEDED, GRPC_MESSAGE, GRPC_STATUS, GRPC_TIMEOUT, GRPC_UNAVAILABLE,
+            grpc_status, grpc_timeout, grpc_timeout_value, pushback,
+        },
+    },
+    resilience::Outcome,
+    route::{self, Tried},
+};
+
+/// Longest wait a `Retry-After` or gRPC pushback may ask before a retry;
+/// an answer asking more goes back to the caller as it is.
+const MAX_PUSHBACK: Duration = Duration::from_secs(1);
+
+/// How often a request may find a pooled connection closed under it
+/// before it is refused (each time it never left the agent).
+const MAX_STALE: u32 = 3;
+
+/// A response: the endpoint's, streamed through, or one of the agent's.
+pub(super) type Answer = Response<Either<Watched, Full<Bytes>>>;
+
+/// Who asks, for what.
+pub(super) struct Call<'a> {
+    pub ctx: &'a OutboundContext,
+    pub service: &'a Arc<Service>,
+    pub source: Option<&'a Workload>,
+    pub peer: SocketAddr,
+}
+
+/// Why no connection to an endpoint was made.
+enum NoConnection {
+    /// The endpoint failed (counts against it).
+    Endpoint(&'static str),
+    /// Authorization at the endpoint's workload refused the caller.
+    Denied,
+    /// No plain path: the agent cannot carry requests there yet.
+    NoPath,
+    /// The request's deadline passed.
+    TimedOut,
+}
+
+pub(super) async fn forward(call: &Call<'_>, request: Request<Incoming>) -> Answer {
+    let service = call.service;
+    let policy = &service.policy.requests;
+    let grpc = service.protocol == Protocol::Grpc;
+    let http2 = service.protocol != Protocol::Http;
+    let started = Instant::now();
+    let (parts, body) = request.into_parts();
+    let asked = grpc.then(|| grpc_timeout(&parts.headers)).flatten();
+    let limit = match (policy.timeout, asked) {
+        (Some(route), Some(caller)) => Some(route.min(caller)),
+        (route, caller) => route.or(caller),
+    };
+    let deadline = limit.map(|limit| started + limit);
+    let resendable = policy.max_attempts > 1
+        && match grpc {
+            true => policy.grpc_retry_on != 0,
+            false => policy.may_resend(&parts.method, &parts.headers),
+        };
+    let mut payload = match resendable {
+        true => match UpBody::read(body, policy.max_replay_bytes).await {
+            Ok(whole) => Some(whole),
+            Err(_) => return answer(grpc, StatusCode::BAD_REQUEST, "the request body broke off"),
+        },
+        false => Some(UpBody::streamed(body)),
+    };
+    let resendable = resendable && payload.as_ref().is_some_and(UpBody::is_whole);
+    let timed_out = || {
+        let limit = limit.unwrap_or_default();
+        answer(
+            grpc,
+            StatusCode::GATEWAY_TIMEOUT,
+            &format!("no answer within {} ms", limit.as_millis()),
+        )
+    };
+    let pick = PickContext {
+        source_workload: call.source.map(|w| w.name.as_str()),
+        source_addr: call.peer.ip(),
+    };
+    service.state.note_request(now_ms());
+    // Endpoints a request reached (or failed to connect to): a retry goes
+    // elsewhere. One whose pooled connection had closed is not among them.
+    let mut tried = Tried::default();
+    let (mut attempts, mut stale) = (0, 0);
+    let mut retry_slot = None;
+    let mut may_retry = |attempts: u32| {
+        let (state, p) = (&service.state, &service.policy);
+        attempts < policy.max_attempts
+            && match state.start_retry(&p.thresholds, &p.budget, now_ms()) {
+                Ok(slot) => {
+                    retry_slot = Some(slot);
+                    true
+                }
+                Err(_) => false,
+            }
+    };
+    loop {
+        attempts += 1;
+        let Ok(chosen) = route::choose(service, &pick, &tried, now_ms()) else {
+            let why = "no endpoint of the service is eligible";
+            return answer(grpc, StatusCode::SERVICE_UNAVAILABLE, why);
+        };
+        let endpoint = &service.endpoints[chosen.index];
+        let pool = service.pools.endpoint(chosen.index);
+        let (mut sender, fresh) = match pool.take(http2) {
+            Some(sender) => (sender, false),
+            None => match connect(call, endpoint, http2, deadline).await {
+                Ok(sender) => (sender, true),
+                Err(no) => {
+                    let why = match no {
+                        NoConnection::Endpoint(why) => why,
+                        NoConnection::TimedOut => {
+                            route::report(service, chosen, Outcome::ConnectFailed, now_ms());
+                            return timed_out();
+                        }
+                        NoConnection::Denied => {
+                            endpoint.state.cancel(chosen.admission);
+                            let why = "authorization refused the caller";
+                            return answer(grpc, StatusCode::FORBIDDEN, why);
+                        }
+                        NoConnection::NoPath => {
+                            endpoint.state.cancel(chosen.admission);
+                            let why = "no plain path to the endpoint";
+                            return answer(grpc, StatusCode::BAD_GATEWAY, why);
+                        }
+                    };
+                    // Nothing was sent: another endpoint may have it.
+                    route::report(service, chosen, Outcome::ConnectFailed, now_ms());
+                    tried.add(chosen.index);
+                    if may_retry(attempts) {
+                        continue;
+                    }
+                    return answer(grpc, StatusCode::BAD_GATEWAY, why);
+                }
+            },
+        };
+        let body = match payload.as_ref().and_then(UpBody::replay) {
+            Some(copy) => copy,
+            None => payload
+                .take()
+                .expect("a streamed body is sent at most once"),
+        };
+        let mut request = Request::new(body);
+        *request.method_mut() = parts.method.clone();
+        *request.uri_mut() = parts.uri.clone();
+        *request.version_mut() = parts.version;
+        *request.headers_mut() = parts.headers.clone();
+        if let (true, Some(deadline)) = (grpc, deadline) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            request
+                .headers_mut()
+                .insert(GRPC_TIMEOUT, grpc_timeout_value(left));
+        }
+        let in_flight = endpoint.state.open_connection();
+        let sent = Instant::now();
+        let sending = sender.send(request);
+        let result = match deadline {
+            Some(deadline) => match timeout_at(deadline, sending).await {
+                Ok(result) => result,
+                Err(_) => {
+                    route::report(service, chosen, Outcome::Reset, now_ms());
+                    return timed_out();
+                }
+            },
+            None => sending.await,
+        };
+        let response = match result {
+            Ok(response) => response,
+            Err(mut e) => {
+                if let Some(unsent) = e.take_message() {
+                    // A pooled connection that had closed: not the
+                    // endpoint's failure, and the request is whole.
+                    endpoint.state.cancel(chosen.admission);
+                    payload.get_or_insert(unsent.into_body());
+                    stale += 1;
+                    if stale <= MAX_STALE {
+                        attempts -= 1;
+                        continue;
+                    }
+                }
+                route::report(service, chosen, Outcome::Reset, now_ms());
+                tried.add(chosen.index);
+                if resendable && payload.is_some() && may_retry(attempts) {
+                    continue;
+                }
+                let why = "the endpoint failed the request";
+                return answer(grpc, StatusCode::BAD_GATEWAY, why);
+            }
+        };
+        tried.add(chosen.index);
+        if fresh || matches!(sender, Sender::Http1(_)) {
+            pool.keep(sender);
+        }
+        let status = response.status();
+        let grpc_head = grpc.then(|| grpc_status(response.headers())).flatten();
+        let failed = status.is_server_error() || grpc_head.is_some_and(grpc_failure);
+        let retry_on = match grpc {
+            true => grpc_head.is_some_and(|s| policy.grpc_retryable(s)),
+            false => matches!(status.as_u16(), 502..=504),
+        };
+        let wait = match pushback(response.headers(), grpc) {
+            Pushback::None => Some(Duration::ZERO),
+            Pushback::After(wait) if wait <= MAX_PUSHBACK => Some(wait),
+            _ => None,
+        };
+        let in_time = |wait: Duration| deadline.is_none_or(|d| Instant::now() + wait < d);
+        if let Some(wait) = wait.filter(|&w| in_time(w))
+            && retry_on
+            && resendable
+            && may_retry(attempts)
+        {
+            let outcome = match failed {
+                true => Outcome::Reset,
+                false => Outcome::Connected {
+                    micros: sent.elapsed().as_micros() as u64,
+                },
+            };
+            route::report(service, chosen, outcome, now_ms());
+            drop((response, in_flight));
+            sleep(wait).await;
+            continue;
+        }
+        let verdict = Verdict {
+            service: service.clone(),
+            chosen,
+            micros: sent.elapsed().as_micros() as u64,
+            failed,
+            grpc,
+            _in_flight: in_flight,
+        };
+        return response.map(|body| Either::Left(Watched::new(body, verdict)));
+    }
+}
+
+/// A new connection to `endpoint` that speaks the service's HTTP.
+async fn connect(
+    call: &Call<'_>,
+    endpoint: &Endpoint,
+    http2: bool,
+    deadline: Option<Instant>,
+) -> Result<Sender, NoConnection> {
+    let opening = async {
+        let dialled = dial(
+            call.ctx,
+            call.service,
+            endpoint,
+            call.source,
+            call.peer.ip(),
+        );
+        match Box::pin(dialled).await {
+            Ok(Upstream::Plain(tcp)) => {
+                let _ = tcp.set_nodelay(true);
+                handshake(tcp, http2)
+                    .await
+                    .map_err(|_| NoConnection::Endpoint("the endpoint spoke no HTTP"))
+            }
+            Ok(_) | Err(DialError::Caller(_)) => Err(NoConnection::NoPath),
+            Err(DialError::Denied) => Err(NoConnection::Denied),
+            Err(DialError::Endpoint(_)) => {
+                Err(NoConnection::Endpoint("cannot connect to the endpoint"))
+            }
+        }
+    };
+    match deadline {
+        Some(deadline) => timeout_at(deadline, opening)
+            .await
+            .unwrap_or(Err(NoConnection::TimedOut)),
+        None => opening.await,
+    }
+}
+
+/// The agent's own answer, with why: an HTTP status and a body, or for
+/// gRPC a trailers-only answer whose status says the same.
+pub(super) fn answer(grpc: bool, status: StatusCode, why: &str) -> Answer {
+    let mut response = Response::new(Either::Right(Full::new(match grpc {
+        true => Bytes::new(),
+        false => Bytes::from(format!("sluice: {why}\n")),
+    })));
+    if !grpc {
+        *response.status_mut() = status;
+        return response;
+    }
+    let code = match status {
+        StatusCode::GATEWAY_TIMEOUT => GRPC_DEADLINE_EXCEEDED,
+        StatusCode::FORBIDDEN => 7,
+        StatusCode::BAD_REQUEST => 13,
+        _ => GRPC_UNAVAILABLE,
+    };
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    headers.insert(GRPC_STATUS, HeaderValue::from(code));
+    if let Ok(message) = HeaderValue::from_str(&format!("sluice: {why}")) {
+        headers.insert(GRPC_MESSAGE, message);
+    }
+    response
+}

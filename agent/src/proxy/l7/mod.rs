@@ -1,0 +1,93 @@
+//! Requests, not just connections (issue 17): a workload's connection to
+//! a service that declares `protocol: http`, `http2` or `grpc` is served
+//! here as HTTP/1.1 or HTTP/2 (prior knowledge), and each request (each
+//! stream, each gRPC call) goes to an endpoint chosen for it by the
+//! service's balancer and outlier detection, on the caller's side with no
+//! extra hop. A keep-alive client, or a gRPC client on one HTTP/2
+//! connection, is so spread over the endpoints, and an endpoint that
+//! answers 5xx (gRPC: UNAVAILABLE, INTERNAL) counts it as a failure.
+//! [`forward`] is one request's way, with its timeout and retries;
+//! [`watched`] tells the endpoint how its answer ended; the connections to
+//! endpoints are shared per service ([`crate::request::pool`]).
+//!
+//! What is not built yet: rate limits, fallbacks, requests over the mTLS
+//! tunnels between nodes (config check refuses those services). An HTTP
+//! connection is not listed in `sluice conns` and does not move in an
+//! upgrade: it finishes in the old agent within `agent.drain_timeout`.
+
+mod forward;
+mod watched;
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+
+use http_body_util::Either;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use log::debug;
+use tokio::{net::TcpStream, time::Instant};
+
+use self::forward::{Call, forward};
+use super::outbound::OutboundContext;
+use crate::{
+    catalog::{Service, Workload},
+    config::Protocol,
+};
+
+/// A request's head must arrive within this, or its connection is closed
+/// (a client that sends nothing, or bytes that never make a request).
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves `client` (a workload's connection to `service`) as HTTP/1.1 or
+/// HTTP/2 until it closes.
+pub(super) async fn serve(
+    ctx: Arc<OutboundContext>,
+    client: TcpStream,
+    service: Arc<Service>,
+    source: Option<Arc<Workload>>,
+    peer: SocketAddr,
+) {
+    let name = service.qualified_name();
+    let http1 = service.protocol == Protocol::Http;
+    let requests = service_fn(move |request| {
+        let (ctx, service, source) = (ctx.clone(), service.clone(), source.clone());
+        async move {
+            let started = Instant::now();
+            let call = Call {
+                ctx: &ctx,
+                service: &service,
+                source: source.as_deref(),
+                peer,
+            };
+            let response = forward(&call, request).await;
+            let counters = service.requests.get_or_init(|| {
+                let metrics = &ctx.inputs.metrics.requests;
+                metrics.service(&service.namespace, &service.name)
+            });
+            let status = match response.body() {
+                Either::Left(_) => Some(response.status().as_u16()),
+                Either::Right(_) => None,
+            };
+            counters.answered(status, started.elapsed().as_secs_f64());
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let io = TokioIo::new(client);
+    let served = match http1 {
+        true => {
+            hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(io, requests)
+                .await
+        }
+        false => {
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .serve_connection(io, requests)
+                .await
+        }
+    };
+    if let Err(e) = served {
+        debug!("{peer}: HTTP connection to {name}: {e}");
+    }
+}

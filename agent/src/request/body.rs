@@ -1,0 +1,118 @@
+//! A request body on its way to an endpoint. One that fits the replay
+//! bound is read whole first, so that a retry can send it again; a longer
+//! one (or one of unknown length that turns out longer) is sent as the
+//! part already read followed by the rest, streamed, and only once.
+
+use std::{
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use bytes::{Bytes, BytesMut};
+use http::HeaderMap;
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+
+/// What was read of a body, and what is left to stream.
+#[derive(Debug, Default)]
+pub struct UpBody {
+    data: Option<Bytes>,
+    trailers: Option<HeaderMap>,
+    rest: Option<Incoming>,
+}
+
+impl UpBody {
+    /// Reads `body` whole when it is at most `max` bytes; otherwise what
+    /// was read goes first and the rest streams.
+    pub async fn read(mut body: Incoming, max: u64) -> Result<UpBody, hyper::Error> {
+        if body.is_end_stream() {
+            return Ok(UpBody::default());
+        }
+        if body.size_hint().lower() > max {
+            return Ok(UpBody::streamed(body));
+        }
+        let mut data = BytesMut::new();
+        let mut trailers = None;
+        while let Some(frame) = body.frame().await {
+            match frame?.into_data() {
+                Ok(chunk) => {
+                    data.extend_from_slice(&chunk);
+                    if data.len() as u64 > max {
+                        return Ok(UpBody {
+                            data: Some(data.freeze()),
+                            trailers: None,
+                            rest: Some(body),
+                        });
+                    }
+                }
+                Err(frame) => trailers = frame.into_trailers().ok(),
+            }
+        }
+        Ok(UpBody {
+            data: Some(data.freeze()),
+            trailers,
+            rest: None,
+        })
+    }
+
+    /// `body` as it comes, sent once.
+    pub fn streamed(body: Incoming) -> UpBody {
+        UpBody {
+            rest: Some(body),
+            ..UpBody::default()
+        }
+    }
+
+    /// A copy to send again, when the body was read whole.
+    pub fn replay(&self) -> Option<UpBody> {
+        self.rest.is_none().then(|| UpBody {
+            data: self.data.clone(),
+            trailers: self.trailers.clone(),
+            rest: None,
+        })
+    }
+
+    /// Whether the whole body is in hand.
+    pub fn is_whole(&self) -> bool {
+        self.rest.is_none()
+    }
+}
+
+impl Body for UpBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        if let Some(data) = this.data.take().filter(|d| !d.is_empty()) {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        if let Some(rest) = &mut this.rest {
+            return Pin::new(rest).poll_frame(cx);
+        }
+        Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.as_ref().is_none_or(Bytes::is_empty)
+            && self.trailers.is_none()
+            && self.rest.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let read = self.data.as_ref().map_or(0, |d| d.len() as u64);
+        let rest = self
+            .rest
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint);
+        let mut hint = SizeHint::new();
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper + read);
+        }
+        hint.set_lower(rest.lower() + read);
+        hint
+    }
+}

@@ -1,0 +1,12 @@
+//! What the agent knows of requests, apart from any one connection: which
+//! may be sent twice and when ([`rules`]), and the connections to each
+//! endpoint that requests share ([`pool`]). The proxy's request path
+//! (`proxy/l7/`) puts them to work.
+
+pub mod body;
+pub mod pool;
+pub mod rules;
+
+pub use body::UpBody;
+pub use pool::{EndpointPool, Pools, Sender};
+pub use rules::{Pushback, RequestPolicy};

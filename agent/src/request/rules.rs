@@ -1,0 +1,198 @@
+//! The rules a request is held to: whether it may be sent again (RFC 9110's
+//! idempotent methods, an idempotency key, a gRPC status the route
+//! declared retryable), how long it may wait (`grpc-timeout`), and how long
+//! a server asked it to wait (`Retry-After`, `grpc-retry-pushback-ms`).
+
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
+
+/// A request service's settings, from its `requests` block.
+#[derive(Debug, Clone)]
+pub struct RequestPolicy {
+    pub timeout: Option<Duration>,
+    pub max_attempts: u32,
+    pub idempotency_header: HeaderName,
+    pub max_replay_bytes: u64,
+    /// Bit `n` set: gRPC status `n` is retryable.
+    pub grpc_retry_on: u32,
+}
+
+impl Default for RequestPolicy {
+    fn default() -> Self {
+        RequestPolicy {
+            timeout: None,
+            max_attempts: 2,
+            idempotency_header: HeaderName::from_static("idempotency-key"),
+            max_replay_bytes: 64 << 10,
+            grpc_retry_on: 0,
+        }
+    }
+}
+
+impl RequestPolicy {
+    /// Whether a request may be sent again after it reached an endpoint:
+    /// its method cannot double an effect, or its caller vouches with an
+    /// idempotency key. A gRPC call (a POST) is judged by its status
+    /// instead ([`Self::grpc_retryable`]).
+    pub fn may_resend(&self, method: &Method, headers: &HeaderMap) -> bool {
+        is_idempotent(method) || headers.contains_key(&self.idempotency_header)
+    }
+
+    pub fn grpc_retryable(&self, status: u16) -> bool {
+        status < 32 && self.grpc_retry_on & (1 << status) != 0
+    }
+}
+
+/// RFC 9110 section 9.2.2's idempotent methods (TRACE aside: a mesh has
+/// no reason to resend it).
+pub fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
+    )
+}
+
+pub const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+pub const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+const GRPC_PUSHBACK: HeaderName = HeaderName::from_static("grpc-retry-pushback-ms");
+
+/// gRPC's DEADLINE_EXCEEDED.
+pub const GRPC_DEADLINE_EXCEEDED: u16 = 4;
+/// gRPC's UNAVAILABLE.
+pub const GRPC_UNAVAILABLE: u16 = 14;
+
+/// A call's `grpc-timeout` (gRPC over HTTP/2: up to 8 digits and a unit);
+/// None when absent or malformed (a malformed one is ignored, as gRPC
+/// servers do).
+pub fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(GRPC_TIMEOUT)?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// `left` as a `grpc-timeout` value, in whole milliseconds rounded up (the
+/// endpoint's deadline is the caller's, less what was spent here).
+pub fn grpc_timeout_value(left: Duration) -> HeaderValue {
+    let ms = left.as_micros().div_ceil(1000).min(99_999_999);
+    HeaderValue::from_str(&format!("{ms}m")).expect("digits and a unit")
+}
+
+/// A gRPC status in `headers` (a trailers-only answer, or trailers).
+pub fn grpc_status(headers: &HeaderMap) -> Option<u16> {
+    headers.get(GRPC_STATUS)?.to_str().ok()?.parse().ok()
+}
+
+/// What an answer asked of a retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushback {
+    /// Nothing: retry at once.
+    None,
+    /// Not before this long.
+    After(Duration),
+    /// Not at all (gRPC's negative or malformed pushback; an HTTP date,
+    /// which cannot be read without trusting the server's clock).
+    Never,
+}
+
+/// The wait an answer asked for: `Retry-After` in seconds for HTTP,
+/// `grpc-retry-pushback-ms` for gRPC.
+pub fn pushback(headers: &HeaderMap, grpc: bool) -> Pushback {
+    let (name, unit) = match grpc {
+        true => (GRPC_PUSHBACK, Duration::from_millis(1)),
+        false => (http::header::RETRY_AFTER, Duration::from_secs(1)),
+    };
+    let Some(value) = headers.get(name) else {
+        return Pushback::None;
+    };
+    match value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<u32>().ok())
+    {
+        Some(0) => Pushback::None,
+        Some(n) => Pushback::After(unit * n),
+        None => Pushback::Never,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(k, v)| (HeaderName::from_static(k), HeaderValue::from_static(v)))
+            .collect()
+    }
+
+    #[test]
+    fn only_idempotent_methods_or_keyed_requests_may_be_resent() {
+        let policy = RequestPolicy::default();
+        let none = HeaderMap::new();
+        for method in [Method::GET, Method::HEAD, Method::PUT, Method::DELETE] {
+            assert!(policy.may_resend(&method, &none), "{method}");
+        }
+        for method in [Method::POST, Method::PATCH, Method::CONNECT] {
+            assert!(!policy.may_resend(&method, &none), "{method}");
+        }
+        let keyed = headers(&[("idempotency-key", "pay-42")]);
+        assert!(policy.may_resend(&Method::POST, &keyed));
+    }
+
+    #[test]
+    fn grpc_timeouts_are_read_in_every_unit_and_written_in_milliseconds() {
+        let read = |v: &'static str| grpc_timeout(&headers(&[("grpc-timeout", v)]));
+        assert_eq!(read("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(read("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(read("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(read("100u"), Some(Duration::from_micros(100)));
+        assert_eq!(read("123456789S"), None, "nine digits");
+        assert_eq!(read("S"), None);
+        assert_eq!(read("10x"), None);
+        assert_eq!(read("-1S"), None);
+        assert_eq!(grpc_timeout_value(Duration::from_micros(1500)), "2m");
+        assert_eq!(grpc_timeout_value(Duration::from_secs(3)), "3000m");
+    }
+
+    #[test]
+    fn pushback_is_read_as_asked_and_refused_when_unreadable() {
+        let h = headers(&[("retry-after", "2")]);
+        assert_eq!(pushback(&h, false), Pushback::After(Duration::from_secs(2)));
+        let date = headers(&[("retry-after", "Wed, 21 Oct 2026 07:28:00 GMT")]);
+        assert_eq!(pushback(&date, false), Pushback::Never);
+        let g = headers(&[("grpc-retry-pushback-ms", "150")]);
+        assert_eq!(
+            pushback(&g, true),
+            Pushback::After(Duration::from_millis(150))
+        );
+        let negative = headers(&[("grpc-retry-pushback-ms", "-1")]);
+        assert_eq!(pushback(&negative, true), Pushback::Never);
+        assert_eq!(pushback(&HeaderMap::new(), true), Pushback::None);
+    }
+
+    #[test]
+    fn grpc_statuses_are_retryable_only_when_declared() {
+        let policy = RequestPolicy {
+            grpc_retry_on: 1 << GRPC_UNAVAILABLE,
+            ..RequestPolicy::default()
+        };
+        assert!(policy.grpc_retryable(GRPC_UNAVAILABLE));
+        assert!(!policy.grpc_retryable(13));
+        assert!(!policy.grpc_retryable(99));
+    }
+}

@@ -1,0 +1,229 @@
+//! gRPC through the agent (`protocol: grpc`), as root: real gRPC servers
+//! and clients (Debian's python3-grpcio, the C core's HTTP/2), the client
+//! a workload behind the agent's redirect. Each call is balanced on its
+//! own though the client keeps one HTTP/2 connection; an endpoint that
+//! answers UNAVAILABLE is ejected, and the calls it failed are retried
+//! where the route declares that status retryable; a call's deadline
+//! (`grpc-timeout`) shorter than the route's timeout wins.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use crate::support::*;
+
+/// Debian's Python, which python3-grpcio and python3-h2 are for.
+const PYTHON: &str = "/usr/bin/python3";
+
+/// gRPC servers, one per `name:mode` (mode `ok`: answers its name;
+/// `unavailable`: fails every call with UNAVAILABLE), each on a port of
+/// its own; prints the ports once serving.
+const SERVERS: &str = r#"
+import sys, grpc
+from concurrent import futures
+ports = []
+for spec in sys.argv[1:]:
+    name, mode = spec.split(':')
+    def charge(request, context, name=name, mode=mode):
+        if mode == 'unavailable':
+            context.abort(grpc.StatusCode.UNAVAILABLE, 'down for maintenance')
+        return name.encode()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    handlers = {'Charge': grpc.unary_unary_rpc_method_handler(charge)}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler('pay.Pay', handlers),))
+    ports.append(server.add_insecure_port('127.0.0.1:0'))
+    server.start()
+    globals().setdefault('servers', []).append(server)
+print(' '.join(map(str, ports)), flush=True)
+sys.stdin.read()
+"#;
+
+/// gRPC servers in one Python process, killed with the guard.
+struct Servers {
+    addrs: Vec<SocketAddr>,
+    _process: ChildGuard,
+}
+
+impl Servers {
+    fn start(specs: &[&str]) -> Servers {
+        let mut process = Command::new(PYTHON)
+            .args(["-c", SERVERS])
+            .args(specs)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn_guarded()
+            .expect("start the gRPC servers (python3-grpcio)");
+        let mut line = String::new();
+        let stdout = process.stdout.take().unwrap();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        let addrs: Vec<SocketAddr> = line
+            .split_whitespace()
+            .map(|port| format!("127.0.0.1:{port}").parse().unwrap())
+            .collect();
+        assert_eq!(addrs.len(), specs.len(), "the servers said: {line:?}");
+        Servers {
+            addrs,
+            _process: process,
+        }
+    }
+}
+
+/// `n` unary calls on one channel (one HTTP/2 connection) to `vip`, as
+/// the client workload; prints how many answers came from each server, or
+/// ended with each status.
+fn calls(agent: &Agent, vip: SocketAddr, n: usize) -> String {
+    let script = format!(
+        "{PYTHON} - <<'PY'
+import collections, grpc
+channel = grpc.insecure_channel('{vip}')
+charge = channel.unary_unary('/pay.Pay/Charge')
+seen = collections.Counter()
+for i in range({n}):
+    try:
+        seen[charge(b'amount=100', timeout=10).decode()] += 1
+    except grpc.RpcError as e:
+        seen[e.code().name] += 1
+print(' '.join('%s=%d' % kv for kv in sorted(seen.items())))
+PY"
+    );
+    let out = agent.client_command(&script).output().expect("run python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// `name=count` pairs as printed by [`calls`].
+fn count(said: &str, name: &str) -> usize {
+    said.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+#[test]
+fn one_grpc_connection_spreads_its_calls_over_three_backends() {
+    let vip: SocketAddr = "127.77.9.10:8080".parse().unwrap();
+    let servers = Servers::start(&["g1:ok", "g2:ok", "g3:ok"]);
+    // The default balancer (least_request: two choices by in-flight).
+    let config =
+        AgentConfig::new(&[service("pay", &vip.to_string(), &servers.addrs).protocol("grpc")]);
+    let agent = Agent::start(&config);
+    let said = calls(&agent, vip, 3000);
+    for name in ["g1", "g2", "g3"] {
+        let share = count(&said, name) as f64 / 3000.0;
+        assert!((0.30..=0.37).contains(&share), "{name}: {share} ({said})");
+    }
+    assert_eq!(requests(&agent, "2xx"), 3000.0);
+}
+
+#[test]
+fn an_unavailable_backend_is_ejected_and_its_calls_retried_where_declared() {
+    let vip: SocketAddr = "127.77.9.11:8080".parse().unwrap();
+    let servers = Servers::start(&["g1:ok", "g2:ok", "bad:unavailable"]);
+    let config = AgentConfig::new(&[service("pay", &vip.to_string(), &servers.addrs)
+        .protocol("grpc")
+        .load_balancer(LbPolicy::RoundRobin)
+        .outlier_detection(OutlierDetection {
+            consecutive_failures: Some(3),
+            base_ejection_time: Some(Duration::from_secs(60)),
+            ..Default::default()
+        })
+        .requests(Requests {
+            grpc_retry_on: vec!["unavailable".into()],
+            ..Default::default()
+        })]);
+    let agent = Agent::start(&config);
+    let said = calls(&agent, vip, 300);
+    assert_eq!(count(&said, "g1") + count(&said, "g2"), 300, "{said}");
+    assert_eq!(retries(&agent), 3.0);
+    let ejections = agent.metrics().sum(
+        "sluice_endpoint_ejections_total",
+        &[("destination_service", "pay")],
+    );
+    assert_eq!(ejections, 1.0);
+}
+
+/// A call's `grpc-timeout` shorter than the route's timeout is its
+/// deadline; a longer one yields to the route's. Sent with Python's h2 to
+/// an endpoint that takes connections and never says a word (a gRPC
+/// server would answer DEADLINE_EXCEEDED itself, from the deadline the
+/// agent passes on), so the status read is the agent's.
+#[test]
+fn the_shorter_of_the_call_deadline_and_the_route_timeout_wins() {
+    let vip: SocketAddr = "127.77.9.12:8080".parse().unwrap();
+    let mute = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mute_addr = mute.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let held: Vec<_> = mute.incoming().map_while(Result::ok).collect();
+        drop(held);
+    });
+    let config = AgentConfig::new(&[service("pay", &vip.to_string(), &[mute_addr])
+        .protocol("grpc")
+        .requests(Requests {
+            timeout: Some(Duration::from_millis(800)),
+            ..Default::default()
+        })]);
+    let agent = Agent::start(&config);
+    let script = format!(
+        "{PYTHON} - <<'PY'
+import socket, h2.connection, h2.events
+s = socket.create_connection(('{}', {}), timeout=10)
+c = h2.connection.H2Connection()
+c.initiate_connection()
+for stream, deadline in ((1, '200m'), (3, '20S')):
+    c.send_headers(stream, [(':method', 'POST'), (':scheme', 'http'),
+        (':authority', '{vip}'), (':path', '/pay.Pay/Charge'),
+        ('content-type', 'application/grpc'), ('te', 'trailers'),
+        ('grpc-timeout', deadline)])
+    c.send_data(stream, b'\\x00\\x00\\x00\\x00\\x01x', end_stream=True)
+    s.sendall(c.data_to_send())
+    seen, done = {{}}, False
+    while not done:
+        for event in c.receive_data(s.recv(65536)):
+            if isinstance(event, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
+                seen.update((k.decode(), v.decode()) for k, v in event.headers)
+            done = done or isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset))
+        s.sendall(c.data_to_send())
+    print(seen.get('grpc-status'), seen.get('grpc-message'))
+PY",
+        vip.ip(),
+        vip.port()
+    );
+    let out = agent.client_command(&script).output().expect("run python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        lines(&out),
+        [
+            "4 sluice: no answer within 200 ms",
+            "4 sluice: no answer within 800 ms"
+        ]
+    );
+}
+
+/// Retries the agent made for service `pay`.
+fn retries(agent: &Agent) -> f64 {
+    agent.metrics().sum(
+        "sluice_connect_retries_total",
+        &[("destination_service", "pay")],
+    )
+}
+
+/// Calls the agent counted for service `pay`, by response code class.
+fn requests(agent: &Agent, class: &str) -> f64 {
+    agent.metrics().sum(
+        "sluice_requests_total",
+        &[
+            ("destination_service", "pay"),
+            ("response_code_class", class),
+        ],
+    )
+}
