@@ -198,11 +198,19 @@ fn test() -> anyhow::Result<()> {
     bench::run(bench::BenchArgs {
         quick: true,
         upgrade: false,
+        http: false,
     })?;
     // And the upgrade measurement, at a tenth of its connections.
     bench::run(bench::BenchArgs {
         quick: true,
         upgrade: true,
+        http: false,
+    })?;
+    // And the request rows, every path carrying requests.
+    bench::run(bench::BenchArgs {
+        quick: true,
+        upgrade: false,
+        http: true,
     })?;
     // Last line: the totals, for whoever reads the end of the log.
     println!("{totals}");

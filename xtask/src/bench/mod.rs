@@ -8,6 +8,7 @@
 //! network-namespace nodes, HAProxy (TCP mode), nginx (stream). Every proxy
 //! gets one worker on CPU 0; the load generator and the backend share CPU 1.
 
+mod http;
 mod loadgen;
 mod mesh;
 mod report;
@@ -58,6 +59,11 @@ pub struct BenchArgs {
     /// (how long the handover takes, the largest pause a connection sees).
     #[arg(long)]
     pub upgrade: bool,
+    /// Instead of the comparison: requests (HTTP/1.1 and HTTP/2) through
+    /// Sluice's request and connection paths, HAProxy's HTTP mode and
+    /// nginx as an HTTP proxy.
+    #[arg(long)]
+    pub http: bool,
 }
 
 /// One path under test.
@@ -773,6 +779,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         println!("== bench (upgrade): {}", haltpoll.note());
         pin_self_to_cpu(1);
         return upgrade::run(args.quick);
+    }
+    if args.http {
+        let haltpoll = HaltPoll::set();
+        println!("== bench (http): {}", haltpoll.note());
+        pin_self_to_cpu(1);
+        return http::run(&crate::target_dir().join("release/sluice"), args.quick);
     }
     install_peers()?;
     let s = Settings::new(args.quick);
