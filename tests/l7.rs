@@ -252,6 +252,95 @@ fn a_backend_that_never_answers_times_out_at_the_route_timeout() {
     assert_eq!(requests(&agent, "error"), 1.0);
 }
 
+/// A rate limit of 100 requests a second per caller identity, at the
+/// workload the requests reach: a caller sending 300 a second gets about
+/// 200 a second refused, each with a Retry-After; another caller, at the
+/// same time, none.
+#[test]
+fn a_rate_limit_per_caller_refuses_the_excess_with_retry_after() {
+    let vip: SocketAddr = "127.77.8.15:8080".parse().unwrap();
+    let backend = HttpBackend::start("ledger", Answer::Status(200));
+    let config = AgentConfig::with(|c| {
+        let mut config = c.base(&[service("pay", &vip.to_string(), &[backend.addr])
+            .protocol("http")
+            .endpoints(vec![Endpoint::new(backend.addr).workload("ledger")])]);
+        config
+            .workloads
+            .push(Workload::new("batch", "payments", "batch"));
+        config
+            .workloads
+            .push(
+                Workload::new("ledger", "payments", "ledger").rate_limit(RateLimit {
+                    requests_per_second: 100,
+                    burst: 10,
+                    per_source: true,
+                }),
+            );
+        config
+    });
+    let agent = Agent::start(&config);
+    // `rate` requests a second for 3 s on one connection; prints the
+    // answers by status, whether every 429 said when to come back, and
+    // the seconds it took.
+    let paced = |rate: u32| {
+        format!(
+            "python3 - <<'PY'
+import collections, http.client, time
+c = http.client.HTTPConnection('{}', {}, timeout=10)
+seen, told, start = collections.Counter(), True, time.monotonic()
+for i in range({n}):
+    time.sleep(max(0, start + i / {rate} - time.monotonic()))
+    c.request('GET', '/balance')
+    r = c.getresponse()
+    r.read()
+    seen[r.status] += 1
+    told = told and (r.status != 429 or int(r.getheader('Retry-After', '0')) >= 1)
+print(seen[200], seen[429], told, round(time.monotonic() - start, 2))
+PY",
+            vip.ip(),
+            vip.port(),
+            n = rate * 3,
+        )
+    };
+    let checkout = agent
+        .client_command(&paced(300))
+        .stdout(std::process::Stdio::piped())
+        .spawn_guarded()
+        .unwrap();
+    let batch = agent
+        .workload_command("batch", &paced(30))
+        .stdout(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let checkout = checkout.wait_with_output().unwrap();
+    let said = |out: &std::process::Output| {
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let f: Vec<String> = text.split_whitespace().map(str::to_owned).collect();
+        assert_eq!(
+            f.len(),
+            4,
+            "{text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let n = |i: usize| f[i].parse::<f64>().unwrap();
+        (n(0), n(1), f[2] == "True", n(3))
+    };
+    let (_, refused, told, seconds) = said(&checkout);
+    let per_second = refused / seconds;
+    assert!(
+        (150.0..=250.0).contains(&per_second),
+        "{refused} in {seconds} s"
+    );
+    assert!(told, "a 429 without Retry-After");
+    let (passed, refused_batch, _, _) = said(&batch);
+    assert_eq!((passed, refused_batch), (90.0, 0.0));
+    let counted = agent.metrics().sum(
+        "sluice_rate_limited_requests_total",
+        &[("destination_workload", "ledger")],
+    );
+    assert_eq!(counted, refused);
+}
+
 /// Retries the agent made for service `pay`.
 fn retries(agent: &Agent) -> f64 {
     agent.metrics().sum(

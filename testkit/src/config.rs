@@ -160,6 +160,16 @@ pub struct Workload {
     pub netns: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub authorization: Option<Authorization>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// A workload's `rate_limit`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RateLimit {
+    pub requests_per_second: u32,
+    pub burst: u32,
+    pub per_source: bool,
 }
 
 impl Workload {
@@ -188,6 +198,12 @@ impl Workload {
     /// Who may reach it.
     pub fn authorization(mut self, authorization: Authorization) -> Workload {
         self.authorization = Some(authorization);
+        self
+    }
+
+    /// Requests it takes per second.
+    pub fn rate_limit(mut self, rate_limit: RateLimit) -> Workload {
+        self.rate_limit = Some(rate_limit);
         self
     }
 }

@@ -14,7 +14,7 @@ use crate::{
     },
     lb::Balancer,
     request::{Pools, RequestPolicy},
-    resilience::{BudgetSettings, OutlierSettings, Thresholds},
+    resilience::{BudgetSettings, OutlierSettings, RateLimiter, Thresholds},
     telemetry::MetricsCache,
     tls::Identity,
 };
@@ -299,6 +299,16 @@ impl Catalog {
                     cgroup_id: place.cgroup_id,
                     netns: place.netns.clone(),
                     identity: Identity::new(td, &w.namespace, &w.service_account),
+                    rate_limit: w.rate_limit.as_ref().map(|r| {
+                        Box::new(WorkloadLimit {
+                            limiter: RateLimiter::new(
+                                *r.requests_per_second.get(),
+                                r.burst(),
+                                r.per_source,
+                            ),
+                            refused: Default::default(),
+                        })
+                    }),
                     policy: w.authorization.as_ref().map(|a| {
                         Arc::new(Policy::new(
                             format!("workload {}", workload_name(&w.namespace, w.name.get())),

@@ -174,6 +174,17 @@ pub struct Workload {
     pub policy: Option<Arc<Policy>>,
     /// Its own network namespace (a pod); none: the agent's.
     pub netns: Option<Arc<Netns>>,
+    /// Its `rate_limit`, with the count of requests it refused.
+    pub rate_limit: Option<Box<WorkloadLimit>>,
+}
+
+/// A workload's rate limit. Its buckets start full again when the catalog
+/// is rebuilt (a reload, a change in Kubernetes).
+#[derive(Debug)]
+pub struct WorkloadLimit {
+    pub limiter: crate::resilience::RateLimiter,
+    /// Resolved on first use.
+    pub refused: std::sync::OnceLock<prometheus_client::metrics::counter::Counter>,
 }
 
 /// Where a configured workload lives on this node, found by the daemon.

@@ -52,7 +52,7 @@ pub use policy::{
     CircuitBreakers, HashKey, HealthCheck, HttpCheck, LoadBalancer, OnAgentDown, OutlierDetection,
     Panic, Policy, Retries, Timeouts,
 };
-pub use requests::{GrpcCode, Requests};
+pub use requests::{GrpcCode, RateLimit, Requests};
 pub use service::{Protocol, ServiceSpec};
 pub use spanned::Spanned;
 pub use workload::WorkloadSpec;

@@ -50,6 +50,45 @@ impl Default for Requests {
     }
 }
 
+/// A workload's `rate_limit`: requests to it on this node, through the
+/// request path of `http`, `http2` and `grpc` services.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    pub requests_per_second: Spanned<u32>,
+    /// Requests that may pass at once (a full bucket); defaults to one
+    /// second's worth.
+    #[serde(default)]
+    pub burst: Option<Spanned<u32>>,
+    /// A bucket per caller identity rather than one for all callers.
+    #[serde(default)]
+    pub per_source: bool,
+}
+
+impl RateLimit {
+    pub fn burst(&self) -> u32 {
+        self.burst
+            .as_ref()
+            .map_or(*self.requests_per_second.get(), |b| *b.get())
+    }
+}
+
+/// Checks a workload's `rate_limit`; `at` is the workload's field path.
+pub(super) fn validate_rate_limit(problems: &mut Vec<Problem>, at: &str, r: &RateLimit) {
+    for (field, value) in [
+        ("requests_per_second", Some(&r.requests_per_second)),
+        ("burst", r.burst.as_ref()),
+    ] {
+        if let Some(v) = value.filter(|v| v.value == 0) {
+            problems.push(Problem {
+                line: v.referenced.line(),
+                field: format!("{at}.rate_limit.{field}"),
+                message: "must be at least 1".into(),
+            });
+        }
+    }
+}
+
 /// gRPC status codes a route may declare retryable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -7,7 +7,9 @@ use super::Spanned;
 use serde::Deserialize;
 
 use super::{
-    Authorization, Problem, unspanned,
+    Authorization, Problem, RateLimit,
+    requests::validate_rate_limit,
+    unspanned,
     validate::{check_cgroup_path, push},
 };
 
@@ -30,6 +32,9 @@ pub struct WorkloadSpec {
     /// /var/run/netns/NAME; none: the agent's namespace.
     #[serde(default)]
     pub netns: Option<Spanned<PathBuf>>,
+    /// Requests to this workload allowed per second (request services).
+    #[serde(default)]
+    pub rate_limit: Option<RateLimit>,
 }
 
 impl WorkloadSpec {
@@ -50,6 +55,7 @@ impl WorkloadSpec {
             cgroup: Some(unspanned(cgroup)),
             authorization: None,
             netns: Some(unspanned(netns)),
+            rate_limit: None,
         }
     }
 
@@ -109,6 +115,9 @@ pub(super) fn validate<'a>(
                     ns.value.display()
                 ),
             );
+        }
+        if let Some(limit) = &w.rate_limit {
+            validate_rate_limit(problems, &format!("workloads[{i}]"), limit);
         }
         let cg_line = w.cgroup.as_ref().map_or(line, |c| c.referenced.line());
         if let Err(why) = check_cgroup_path(w.cgroup()) {

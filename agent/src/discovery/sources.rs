@@ -112,6 +112,7 @@ fn same_workload(a: &WorkloadSpec, b: &WorkloadSpec) -> bool {
         cgroup,
         authorization,
         netns,
+        rate_limit,
     } = a;
     let same_authorization = match (authorization, &b.authorization) {
         (None, None) => true,
@@ -130,6 +131,7 @@ fn same_workload(a: &WorkloadSpec, b: &WorkloadSpec) -> bool {
         && *service_account == b.service_account
         && *cgroup == b.cgroup
         && *netns == b.netns
+        && *rate_limit == b.rate_limit
         && same_authorization
 }
 

@@ -316,6 +316,7 @@ mod tests {
                 identity: Identity::new("td", "ns", "sa"),
                 policy: None,
                 netns: None,
+                rate_limit: None,
             })),
             client: "127.0.0.1:40000".parse().unwrap(),
             endpoint: "127.0.0.1:1".parse().unwrap(),

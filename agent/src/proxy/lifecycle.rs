@@ -242,6 +242,7 @@ mod tests {
                 },
                 policy: None,
                 netns: None,
+                rate_limit: None,
             })),
             client: "10.0.0.1:40000".parse().unwrap(),
             upstream: "127.0.0.1:8080".parse().unwrap(),

@@ -4,10 +4,12 @@
 //! reads them to choose, metrics and the CLI to show them.
 
 pub mod endpoint;
+pub mod rate;
 pub mod service;
 
 pub use endpoint::{
     Admission, EndpointSnapshot, EndpointState, InFlight, Outcome, OutlierSettings, Phase,
     Transition,
 };
+pub use rate::RateLimiter;
 pub use service::{BudgetSettings, Overflow, RetryDenied, ServiceState, Slot, Thresholds};

@@ -27,11 +27,18 @@ struct ServiceLabels {
     destination_service_namespace: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkloadLabels {
+    destination_workload: String,
+    destination_workload_namespace: String,
+}
+
 /// The request families.
 #[derive(Debug)]
 pub struct RequestMetrics {
     requests: Family<RequestLabels, Counter>,
     duration: Family<ServiceLabels, Histogram>,
+    rate_limited: Family<WorkloadLabels, Counter>,
 }
 
 /// One service's handles.
@@ -77,7 +84,26 @@ impl RequestMetrics {
             "Time from a request's head to its response's head, by destination service",
             duration.clone(),
         );
-        RequestMetrics { requests, duration }
+        let rate_limited = Family::<WorkloadLabels, Counter>::default();
+        registry.register(
+            "sluice_rate_limited_requests",
+            "Requests refused by a workload's rate_limit (429, or gRPC RESOURCE_EXHAUSTED), by destination workload",
+            rate_limited.clone(),
+        );
+        RequestMetrics {
+            requests,
+            duration,
+            rate_limited,
+        }
+    }
+
+    /// The count of requests workload `namespace/name`'s rate limit refused.
+    pub fn rate_limited(&self, namespace: &str, name: &str) -> Counter {
+        let labels = WorkloadLabels {
+            destination_workload: name.to_owned(),
+            destination_workload_namespace: namespace.to_owned(),
+        };
+        self.rate_limited.get_or_create(&labels).clone()
     }
 
     /// The handles of service `namespace/name`, every class at 0.

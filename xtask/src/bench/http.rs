@@ -7,7 +7,8 @@
 //! the main bench.
 //!
 //! For each path: latency of one connection's back-to-back requests (p50,
-//! p99; added = over the floor's), requests a second on 64 connections
+//! p99 from h2load's per-request log; added = over the floor's), requests
+//! a second on 64 connections (wrk)
 //! (HTTP/2: 8 connections of 10 streams) and the proxy's CPU per request
 //! then, and how the requests of one keep-alive connection spread over the
 //! three backends (each answers its name; a wrk script counts them).
@@ -240,7 +241,7 @@ impl Run<'_> {
     }
 
     fn h1(&self, way: &Way) -> anyhow::Result<Value> {
-        let alone = self.wrk(way, 1, self.seconds, &[])?;
+        let (p50, p99) = self.one_connection(way, false)?;
         let cpu_before = way.pid.map(cpu_seconds);
         let loaded = self.wrk(way, 64, self.seconds, &[])?;
         let cpu = way.pid.zip(cpu_before).map(|(p, b)| cpu_seconds(p) - b);
@@ -250,8 +251,8 @@ impl Run<'_> {
         let spread = self.wrk(way, 1, 1.0, &spread_args)?;
         let requests = wrk_requests(&loaded)?;
         Ok(json!({
-            "p50_us": wrk_percentile(&alone, "50%")?,
-            "p99_us": wrk_percentile(&alone, "99%")?,
+            "p50_us": p50,
+            "p99_us": p99,
             "req_s": wrk_rate(&loaded)?,
             "cpu_us_per_req": cpu.map(|c| c * 1e6 / requests.max(1.0)),
             "spread": spread
@@ -261,21 +262,28 @@ impl Run<'_> {
         }))
     }
 
-    fn h2(&self, way: &Way) -> anyhow::Result<Value> {
-        let target = format!("http://{}/", way.h2.expect("an HTTP/2 path"));
-        let log = self.dir.join(format!("h2load-{}.log", way.name));
-        let n = (self.seconds * 2_000.0) as usize;
-        self.client(
-            way,
-            "h2load",
-            &[
-                format!("-n{n}"),
-                "-c1".into(),
-                "-m1".into(),
-                format!("--log-file={}", log.display()),
-                target.clone(),
-            ],
-        )?;
+    /// p50 and p99 of one connection's back-to-back requests, from
+    /// h2load's log of each request (`--h1`: HTTP/1.1 keep-alive). wrk's
+    /// own percentiles are not used: on one connection they showed
+    /// millisecond tails on every proxy that h2load's log does not.
+    fn one_connection(&self, way: &Way, http2: bool) -> anyhow::Result<(f64, f64)> {
+        let addr = match http2 {
+            true => way.h2.expect("an HTTP/2 path"),
+            false => way.h1,
+        };
+        let log = self.dir.join(format!("h2load-{}-{http2}.log", way.name));
+        let n = (self.seconds * 4_000.0) as usize;
+        let mut args = vec![
+            format!("-n{n}"),
+            "-c1".into(),
+            "-m1".into(),
+            format!("--log-file={}", log.display()),
+        ];
+        if !http2 {
+            args.push("--h1".into());
+        }
+        args.push(format!("http://{addr}/"));
+        self.client(way, "h2load", &args)?;
         let mut micros: Vec<f64> = std::fs::read_to_string(&log)?
             .lines()
             .filter_map(|l| l.split('\t').nth(2)?.trim().parse().ok())
@@ -285,6 +293,12 @@ impl Run<'_> {
             bail!("h2load on {} logged no request", way.name);
         }
         let at = |q: f64| micros[((micros.len() - 1) as f64 * q) as usize];
+        Ok((at(0.50), at(0.99)))
+    }
+
+    fn h2(&self, way: &Way) -> anyhow::Result<Value> {
+        let target = format!("http://{}/", way.h2.expect("an HTTP/2 path"));
+        let (p50, p99) = self.one_connection(way, true)?;
         let cpu_before = way.pid.map(cpu_seconds);
         let loaded = self.client(
             way,
@@ -299,8 +313,8 @@ impl Run<'_> {
         let cpu = way.pid.zip(cpu_before).map(|(p, b)| cpu_seconds(p) - b);
         let (rate, done) = h2load_rate(&loaded)?;
         Ok(json!({
-            "p50_us": at(0.50),
-            "p99_us": at(0.99),
+            "p50_us": p50,
+            "p99_us": p99,
             "req_s": rate,
             "cpu_us_per_req": cpu.map(|c| c * 1e6 / done.max(1.0)),
         }))
@@ -397,30 +411,6 @@ fn haproxy(dir: &Path, port_h1: u16, port_h2: u16, h1: &[u16], h2: &[u16]) -> an
     Ok(Proc {
         child,
         name: "haproxy-http".into(),
-    })
-}
-
-/// A wrk latency percentile line (`99%  1.23ms`) in microseconds.
-fn wrk_percentile(out: &str, which: &str) -> anyhow::Result<f64> {
-    let value = out
-        .lines()
-        .find_map(|l| l.trim().strip_prefix(which))
-        .with_context(|| format!("no {which} in wrk's output: {out}"))?;
-    duration_us(value.trim())
-}
-
-fn duration_us(v: &str) -> anyhow::Result<f64> {
-    let split = v
-        .find(|c: char| c.is_ascii_alphabetic())
-        .with_context(|| format!("no unit in {v}"))?;
-    let (n, unit) = v.split_at(split);
-    let n: f64 = n.parse()?;
-    Ok(match unit {
-        "us" => n,
-        "ms" => n * 1e3,
-        "s" => n * 1e6,
-        "m" => n * 60e6,
-        _ => bail!("unknown unit in {v}"),
     })
 }
 

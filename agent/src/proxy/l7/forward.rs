@@ -133,6 +133,10 @@ pub(super) async fn forward(call: &Call<'_>, request: Request<Incoming>) -> Answ
             return answer(grpc, StatusCode::SERVICE_UNAVAILABLE, why);
         };
         let endpoint = &service.endpoints[chosen.index];
+        if let Some(wait) = rate_limited(call, endpoint) {
+            endpoint.state.cancel(chosen.admission);
+            return too_many(grpc, wait);
+        }
         let pool = service.pools.endpoint(chosen.index);
         let (mut sender, fresh) = match pool.take(http2) {
             Some(sender) => (sender, false),
@@ -264,6 +268,45 @@ pub(super) async fn forward(call: &Call<'_>, request: Request<Incoming>) -> Answ
     }
 }
 
+/// How long the caller should wait when `endpoint` is a workload on this
+/// node whose rate limit refuses it; None when it may go on.
+fn rate_limited(call: &Call<'_>, endpoint: &Endpoint) -> Option<Duration> {
+    if !endpoint.local {
+        return None;
+    }
+    let catalog = call.ctx.inputs.catalog.load();
+    let workload = &catalog.local_target(endpoint.addr)?.workload;
+    let limit = workload.rate_limit.as_ref()?;
+    let caller = call.source.map(|w| &w.identity);
+    let wait = limit.limiter.admit(caller).err()?;
+    limit
+        .refused
+        .get_or_init(|| {
+            let metrics = &call.ctx.inputs.metrics.requests;
+            metrics.rate_limited(&workload.namespace, &workload.name)
+        })
+        .inc();
+    Some(wait)
+}
+
+/// A rate limit's answer: 429 with `Retry-After` in whole seconds (at
+/// least 1), or gRPC RESOURCE_EXHAUSTED with `grpc-retry-pushback-ms`.
+fn too_many(grpc: bool, wait: Duration) -> Answer {
+    let mut response = answer(
+        grpc,
+        StatusCode::TOO_MANY_REQUESTS,
+        "the workload's rate limit is reached",
+    );
+    let (name, value) = match grpc {
+        true => ("grpc-retry-pushback-ms", wait.as_millis().max(1) as u64),
+        false => ("retry-after", wait.as_secs_f64().ceil().max(1.0) as u64),
+    };
+    response
+        .headers_mut()
+        .insert(name, HeaderValue::from(value));
+    response
+}
+
 /// A new connection to `endpoint` that speaks the service's HTTP.
 async fn connect(
     call: &Call<'_>,
@@ -314,6 +357,7 @@ pub(super) fn answer(grpc: bool, status: StatusCode, why: &str) -> Answer {
     }
     let code = match status {
         StatusCode::GATEWAY_TIMEOUT => GRPC_DEADLINE_EXCEEDED,
+        StatusCode::TOO_MANY_REQUESTS => 8,
         StatusCode::FORBIDDEN => 7,
         StatusCode::BAD_REQUEST => 13,
         _ => GRPC_UNAVAILABLE,
