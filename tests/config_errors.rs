@@ -405,6 +405,35 @@ fn a_protocol_the_agent_cannot_serve_yet_is_refused_with_its_line() {
         let (code, out) = BadConfig::new(&declared(protocol)).run(&["config", "check"]);
         assert_eq!(code, 0, "{protocol}: {out}");
     }
+    // A fallback names a service that exists and speaks the same, or is a
+    // fixed answer; not both, not neither.
+    let fallback = |block: &str| {
+        declared("http").replace(
+            "    protocol: http\n",
+            &format!("    protocol: http\n    requests:\n      fallback:\n{block}"),
+        )
+    };
+    for (block, expected) in [
+        (
+            "        service: backup\n",
+            ":12: services[0].requests.fallback.service: no service default/backup",
+        ),
+        (
+            "        service: payments\n",
+            ":12: services[0].requests.fallback.service: a service cannot fall back to itself",
+        ),
+        (
+            "        service: x\n        status: 503\n",
+            ":12: services[0].requests.fallback: give one of `service`",
+        ),
+        (
+            "        status: 999\n",
+            ":12: services[0].requests.fallback.status: 999 is not an HTTP status",
+        ),
+    ] {
+        let err = BadConfig::new(&fallback(block)).refused();
+        assert!(err.contains(expected), "{expected}: {err}");
+    }
     // HTTP to endpoints this agent reaches directly is taken.
     let (code, out) = BadConfig::new(&declared("http")).run(&["config", "check"]);
     assert_eq!(code, 0, "{out}");

@@ -9,7 +9,10 @@
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpListener},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU16, Ordering},
+    },
     time::Duration,
 };
 
@@ -21,6 +24,8 @@ enum Answer {
     /// Answers this status, its name as the body, and keeps the
     /// connection open.
     Status(u16),
+    /// Answers the status this holds now.
+    Switch(&'static AtomicU16),
     /// Reads the request and never answers.
     Never,
 }
@@ -88,10 +93,14 @@ fn serve(conn: std::net::TcpStream, name: &str, answer: Answer, log: &Mutex<Vec<
         let mut words = first.split_whitespace();
         let (method, path) = (words.next().unwrap(), words.next().unwrap());
         log.lock().unwrap().push(format!("{method} {path}{key}"));
-        let Answer::Status(status) = answer else {
-            // Holds the connection without a word until the client goes.
-            let _ = reader.read(&mut [0; 1]);
-            return;
+        let status = match answer {
+            Answer::Status(status) => status,
+            Answer::Switch(now) => now.load(Ordering::SeqCst),
+            Answer::Never => {
+                // Holds the connection without a word until the client goes.
+                let _ = reader.read(&mut [0; 1]);
+                return;
+            }
         };
         let body = format!("{name}\n");
         let answer = format!(
@@ -339,6 +348,72 @@ PY",
         &[("destination_workload", "ledger")],
     );
     assert_eq!(counted, refused);
+}
+
+/// While every endpoint of a service is ejected its fallback answers:
+/// another service (a secondary processor), or a fixed answer; once an
+/// endpoint is back, it answers again.
+#[test]
+fn the_fallback_answers_while_every_endpoint_is_ejected() {
+    let (vip, backup_vip, fixed_vip): (SocketAddr, SocketAddr, SocketAddr) = (
+        "127.77.8.16:8080".parse().unwrap(),
+        "127.77.8.17:8080".parse().unwrap(),
+        "127.77.8.18:8080".parse().unwrap(),
+    );
+    let status: &'static AtomicU16 = Box::leak(Box::new(AtomicU16::new(503)));
+    let main = HttpBackend::start("main", Answer::Switch(status));
+    let backup = HttpBackend::start("backup", Answer::Status(200));
+    let down = HttpBackend::start("down", Answer::Status(503));
+    let ejecting = || OutlierDetection {
+        consecutive_failures: Some(1),
+        base_ejection_time: Some(Duration::from_millis(500)),
+        max_ejection_percent: Some(100),
+        ..Default::default()
+    };
+    let falling_back = |fallback| Requests {
+        fallback: Some(fallback),
+        ..Default::default()
+    };
+    let config = AgentConfig::new(&[
+        service("pay", &vip.to_string(), &[main.addr])
+            .protocol("http")
+            .outlier_detection(ejecting())
+            .requests(falling_back(Fallback {
+                service: Some("pay-backup".into()),
+                ..Default::default()
+            })),
+        service("pay-backup", &backup_vip.to_string(), &[backup.addr]).protocol("http"),
+        service("pay-fixed", &fixed_vip.to_string(), &[down.addr])
+            .protocol("http")
+            .outlier_detection(ejecting())
+            .requests(falling_back(Fallback {
+                status: Some(202),
+                body: Some("queued for the batch processor\n".into()),
+                ..Default::default()
+            })),
+    ]);
+    let agent = Agent::start(&config);
+    // The first answer ejects the only endpoint (nothing else to retry
+    // on: its 503 goes back); the backup answers the rest.
+    assert_eq!(gets(&agent, vip, 10), "503=1 backup=9");
+    assert_eq!(send(&agent, fixed_vip, "POST", 10, false), "202=9 503=1");
+    status.store(200, Ordering::SeqCst);
+    // Back once its ejection ends and a probe succeeds.
+    let back = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        gets(&agent, vip, 1) == "main=1"
+    });
+    assert!(back, "the fallback kept answering");
+    assert_eq!(gets(&agent, vip, 10), "main=10");
+    let fallbacks = |name| {
+        agent.metrics().sum(
+            "sluice_fallback_requests_total",
+            &[("destination_service", name)],
+        )
+    };
+    assert!(fallbacks("pay") >= 9.0, "{}", fallbacks("pay"));
+    assert_eq!(fallbacks("pay-fixed"), 9.0);
+    assert_eq!(backup.requests() as f64, fallbacks("pay"));
 }
 
 /// Retries the agent made for service `pay`.

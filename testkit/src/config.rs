@@ -459,6 +459,19 @@ pub struct Requests {
     /// gRPC status names (`unavailable`, ...).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub grpc_retry_on: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<Fallback>,
+}
+
+/// `requests.fallback`: another service, or a fixed answer.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Fallback {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
 }
 
 /// An entry of a service's `endpoints`.

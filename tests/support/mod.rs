@@ -27,9 +27,9 @@ pub use sluice_testkit::{
     cgroup::{self, CgroupTree},
     client::{Calls, Client},
     config::{
-        self, Audit, Authorization, CircuitBreakers, Config, Decision, Endpoint, HealthCheck,
-        LbPolicy, Mode, OnAgentDown, OutlierDetection, PeerNode, RateLimit, Requests, Service,
-        Timeouts, Workload,
+        self, Audit, Authorization, CircuitBreakers, Config, Decision, Endpoint, Fallback,
+        HealthCheck, LbPolicy, Mode, OnAgentDown, OutlierDetection, PeerNode, RateLimit, Requests,
+        Service, Timeouts, Workload,
     },
     metrics::Exposition,
     names::unique,

@@ -184,6 +184,14 @@ fn encode_services(
     )?;
     counter(
         encoder,
+        "sluice_fallback_requests",
+        "Requests a service's fallback answered because no endpoint was eligible",
+        services
+            .iter()
+            .map(|s| (service_only(s), s.state.fallbacks_total())),
+    )?;
+    counter(
+        encoder,
         "sluice_retry_budget_exhausted",
         "Retries not made because the retry budget was spent",
         services

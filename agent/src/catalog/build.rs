@@ -4,16 +4,17 @@
 
 use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
-use http::HeaderName;
+use bytes::Bytes;
+use http::{HeaderName, StatusCode};
 
 use crate::{
     authz::Policy,
     config::{
         Config, Entries, HealthCheck, OnAgentDown, Origin, Protocol, Requests, ServiceSpec,
-        policy::DEFAULT_IDLE_TIMEOUT,
+        fallback_of, policy::DEFAULT_IDLE_TIMEOUT,
     },
     lb::Balancer,
-    request::{Pools, RequestPolicy},
+    request::{FallbackTo, Pools, RequestPolicy},
     resilience::{BudgetSettings, OutlierSettings, RateLimiter, Thresholds},
     telemetry::MetricsCache,
     tls::Identity,
@@ -65,14 +66,30 @@ impl ServicePolicy {
             requests: s
                 .requests
                 .as_ref()
-                .map(|r| request_policy(r))
+                .map(|r| request_policy(s, r))
                 .unwrap_or_default(),
         }
     }
 }
 
-/// A `requests` block as the request path reads it.
-fn request_policy(r: &Requests) -> RequestPolicy {
+/// A `requests` block of service `s` as the request path reads it.
+fn request_policy(s: &ServiceSpec, r: &Requests) -> RequestPolicy {
+    let fallback = r.fallback.as_ref().map(|f| match (&f.service, &f.status) {
+        (Some(named), _) => {
+            let (namespace, name) = fallback_of(s, named);
+            FallbackTo::Service {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+            }
+        }
+        (None, status) => FallbackTo::Answer {
+            status: status
+                .as_ref()
+                .and_then(|s| StatusCode::from_u16(*s.get()).ok())
+                .unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+            body: Bytes::from(f.body.clone()),
+        },
+    });
     RequestPolicy {
         timeout: r.timeout.as_ref().map(|d| d.0),
         max_attempts: *r.max_attempts.get(),
@@ -83,6 +100,7 @@ fn request_policy(r: &Requests) -> RequestPolicy {
             .grpc_retry_on
             .iter()
             .fold(0, |bits, c| bits | 1 << *c as u32),
+        fallback,
     }
 }
 

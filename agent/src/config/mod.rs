@@ -52,8 +52,8 @@ pub use policy::{
     CircuitBreakers, HashKey, HealthCheck, HttpCheck, LoadBalancer, OnAgentDown, OutlierDetection,
     Panic, Policy, Retries, Timeouts,
 };
-pub use requests::{GrpcCode, RateLimit, Requests};
-pub use service::{Protocol, ServiceSpec};
+pub use requests::{Fallback, GrpcCode, RateLimit, Requests};
+pub use service::{Protocol, ServiceSpec, fallback_of};
 pub use spanned::Spanned;
 pub use workload::WorkloadSpec;
 

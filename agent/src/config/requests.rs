@@ -36,6 +36,23 @@ pub struct Requests {
     /// it is retried only on the statuses declared here, or when it never
     /// left the agent).
     pub grpc_retry_on: Vec<GrpcCode>,
+    /// What answers while no endpoint is eligible (all ejected or
+    /// unhealthy): another service, or a fixed answer.
+    pub fallback: Option<Spanned<Fallback>>,
+}
+
+/// `requests.fallback`: one of `service` or `status`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fallback {
+    /// Another request service of the same protocol: `namespace/name`, or
+    /// `name` in the service's own namespace.
+    pub service: Option<Spanned<String>>,
+    /// A fixed answer's status (gRPC: mapped to a gRPC status).
+    pub status: Option<Spanned<u16>>,
+    /// Its body (HTTP only).
+    #[serde(default)]
+    pub body: String,
 }
 
 impl Default for Requests {
@@ -46,6 +63,7 @@ impl Default for Requests {
             idempotency_header: unspanned("Idempotency-Key".to_owned()),
             max_replay_bytes: unspanned(64 << 10),
             grpc_retry_on: Vec::new(),
+            fallback: None,
         }
     }
 }
@@ -153,6 +171,23 @@ pub(super) fn validate(
             "max_replay_bytes",
             format!("{} is over the limit of {MAX_REPLAY_BYTES}", replay.value),
         );
+    }
+    if let Some(fallback) = &r.fallback {
+        let line = fallback.referenced.line();
+        match (&fallback.service, &fallback.status) {
+            (Some(_), None) => {}
+            (None, Some(status)) if (100..=599).contains(&status.value) => {}
+            (None, Some(status)) => push(
+                status.referenced.line(),
+                "fallback.status",
+                format!("{} is not an HTTP status", status.value),
+            ),
+            _ => push(
+                line,
+                "fallback",
+                "give one of `service` (another service) or `status` (a fixed answer)".into(),
+            ),
+        }
     }
     if let Some(timeout) = r.timeout.as_ref().filter(|t| t.value.0.is_zero()) {
         push(

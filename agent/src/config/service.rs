@@ -232,6 +232,48 @@ pub(super) fn validate(
         policy::validate(problems, &at, s);
         endpoint::validate(problems, &at, s, workload_names);
     }
+    check_fallbacks(problems, entries.services());
+}
+
+/// The service a `requests.fallback.service` names, from service `s`:
+/// `namespace/name`, or `name` in `s`'s namespace.
+pub fn fallback_of<'a>(s: &'a ServiceSpec, named: &'a str) -> (&'a str, &'a str) {
+    named.split_once('/').unwrap_or((&s.namespace, named))
+}
+
+/// A fallback service exists, is another service, and speaks the same
+/// protocol (its answers go back on the caller's connection as they are).
+fn check_fallbacks(problems: &mut Vec<Problem>, services: &[&ServiceSpec]) {
+    for (i, s) in services.iter().enumerate() {
+        let Some(named) = s
+            .requests
+            .as_ref()
+            .and_then(|r| r.fallback.as_ref())
+            .and_then(|f| f.service.as_ref())
+        else {
+            continue;
+        };
+        let (ns, name) = fallback_of(s, &named.value);
+        let target = services
+            .iter()
+            .find(|t| t.namespace == ns && t.name.value == name);
+        let message = match target {
+            None => format!("no service {ns}/{name}"),
+            Some(t) if std::ptr::eq(*t, *s) => "a service cannot fall back to itself".into(),
+            Some(t) if t.protocol() != s.protocol() => format!(
+                "{ns}/{name} speaks {:?}, this service {:?}: a fallback must speak the same",
+                t.protocol(),
+                s.protocol()
+            ),
+            Some(_) => continue,
+        };
+        push(
+            problems,
+            named.referenced.line(),
+            format!("services[{i}].requests.fallback.service"),
+            message,
+        );
+    }
 }
 
 /// What the request path takes so far: HTTP/1.1, HTTP/2 (h2c) and gRPC to

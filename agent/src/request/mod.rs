@@ -9,4 +9,4 @@ pub mod rules;
 
 pub use body::UpBody;
 pub use pool::{EndpointPool, Pools, Sender};
-pub use rules::{Pushback, RequestPolicy};
+pub use rules::{FallbackTo, Pushback, RequestPolicy};

@@ -16,6 +16,29 @@ pub struct RequestPolicy {
     pub max_replay_bytes: u64,
     /// Bit `n` set: gRPC status `n` is retryable.
     pub grpc_retry_on: u32,
+    /// What answers while no endpoint is eligible.
+    pub fallback: Option<FallbackTo>,
+}
+
+/// A request service's fallback.
+#[derive(Debug, Clone)]
+pub enum FallbackTo {
+    /// Another service of the same protocol.
+    Service { namespace: String, name: String },
+    /// A fixed answer.
+    Answer {
+        status: http::StatusCode,
+        body: bytes::Bytes,
+    },
+}
+
+impl std::fmt::Display for FallbackTo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FallbackTo::Service { namespace, name } => write!(f, "service {namespace}/{name}"),
+            FallbackTo::Answer { status, .. } => write!(f, "a fixed {} answer", status.as_u16()),
+        }
+    }
 }
 
 impl Default for RequestPolicy {
@@ -26,6 +49,7 @@ impl Default for RequestPolicy {
             idempotency_header: HeaderName::from_static("idempotency-key"),
             max_replay_bytes: 64 << 10,
             grpc_retry_on: 0,
+            fallback: None,
         }
     }
 }

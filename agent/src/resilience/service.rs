@@ -111,6 +111,8 @@ pub struct ServiceState {
     retried: Window,
     overflowing: AtomicBool,
     panicking: AtomicBool,
+    falling_back: AtomicBool,
+    fallbacks_total: AtomicU64,
     fast_failures: [AtomicU64; 4],
     retries_total: AtomicU64,
     budget_exhausted: AtomicU64,
@@ -192,6 +194,24 @@ impl ServiceState {
     /// episode.
     pub fn note_served(&self) -> bool {
         self.overflowing.load(Ordering::Relaxed) && self.overflowing.swap(false, Ordering::AcqRel)
+    }
+
+    /// Counts a request its fallback answered. Returns true when this
+    /// starts an episode (log it once).
+    pub fn start_fallback(&self) -> bool {
+        self.fallbacks_total.fetch_add(1, Ordering::Relaxed);
+        !self.falling_back.swap(true, Ordering::AcqRel)
+    }
+
+    /// An endpoint was eligible again: returns true when this ends a
+    /// fallback episode.
+    pub fn end_fallback(&self) -> bool {
+        self.falling_back.load(Ordering::Relaxed) && self.falling_back.swap(false, Ordering::AcqRel)
+    }
+
+    /// Requests answered by the fallback so far.
+    pub fn fallbacks_total(&self) -> u64 {
+        self.fallbacks_total.load(Ordering::Relaxed)
     }
 
     /// Records whether the last pick had to ignore eligibility; returns

@@ -13,9 +13,10 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response, StatusCode, header::CONTENT_TYPE};
+use http::{HeaderValue, Request, Response, StatusCode, header::CONTENT_TYPE, request::Parts};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
+use log::{info, warn};
 use tokio::time::{Instant, sleep, timeout_at};
 
 use super::watched::{Verdict, Watched, grpc_failure};
@@ -29,7 +30,7 @@ use crate::{
         upstream::{DialError, Upstream, dial},
     },
     request::{
-        Pushback, Sender, UpBody,
+        FallbackTo, Pushback, Sender, UpBody,
         pool::handshake,
         rules::{
             GRPC_DEADLINE_EXCEEDED, GRPC_MESSAGE, GRPC_STATUS, GRPC_TIMEOUT, GRPC_UNAVAILABLE,
@@ -71,11 +72,23 @@ enum NoConnection {
     TimedOut,
 }
 
+/// A request on its way: what it is, and what it may still do.
+struct Outgoing {
+    parts: Parts,
+    /// None once a streamed body has been sent.
+    payload: Option<UpBody>,
+    /// Whether it may be sent again after reaching an endpoint.
+    resendable: bool,
+    /// Its time limit (the route's or the caller's, the shorter) and when
+    /// that is up.
+    limit: Option<Duration>,
+    deadline: Option<Instant>,
+}
+
 pub(super) async fn forward(call: &Call<'_>, request: Request<Incoming>) -> Answer {
     let service = call.service;
     let policy = &service.policy.requests;
     let grpc = service.protocol == Protocol::Grpc;
-    let http2 = service.protocol != Protocol::Http;
     let started = Instant::now();
     let (parts, body) = request.into_parts();
     let asked = grpc.then(|| grpc_timeout(&parts.headers)).flatten();
@@ -83,20 +96,92 @@ pub(super) async fn forward(call: &Call<'_>, request: Request<Incoming>) -> Answ
         (Some(route), Some(caller)) => Some(route.min(caller)),
         (route, caller) => route.or(caller),
     };
-    let deadline = limit.map(|limit| started + limit);
     let resendable = policy.max_attempts > 1
         && match grpc {
             true => policy.grpc_retry_on != 0,
             false => policy.may_resend(&parts.method, &parts.headers),
         };
-    let mut payload = match resendable {
+    let payload = match resendable {
         true => match UpBody::read(body, policy.max_replay_bytes).await {
-            Ok(whole) => Some(whole),
+            Ok(whole) => whole,
             Err(_) => return answer(grpc, StatusCode::BAD_REQUEST, "the request body broke off"),
         },
-        false => Some(UpBody::streamed(body)),
+        false => UpBody::streamed(body),
     };
-    let resendable = resendable && payload.as_ref().is_some_and(UpBody::is_whole);
+    let outgoing = Outgoing {
+        parts,
+        resendable: resendable && payload.is_whole(),
+        payload: Some(payload),
+        limit,
+        deadline: limit.map(|limit| started + limit),
+    };
+    send(call, outgoing, true).await
+}
+
+/// Whether no endpoint of `service` could take a request now (all ejected
+/// or unhealthy): then its fallback answers, if it has one, rather than
+/// the panic policy.
+fn nothing_eligible(service: &Service) -> bool {
+    let (now, outlier) = (now_ms(), &service.policy.outlier);
+    !service
+        .endpoints
+        .iter()
+        .any(|e| e.state.is_eligible(now, outlier))
+}
+
+/// The service's fallback answers `outgoing`: another service (whose own
+/// fallback is not followed), or a fixed answer. Counted; logged once per
+/// episode.
+async fn fall_back(call: &Call<'_>, fallback: &FallbackTo, outgoing: Outgoing) -> Answer {
+    let service = call.service;
+    let grpc = service.protocol == Protocol::Grpc;
+    if service.state.start_fallback() {
+        warn!(
+            "service {}: no endpoint is eligible; its fallback answers ({fallback})",
+            service.qualified_name()
+        );
+    }
+    match fallback {
+        FallbackTo::Answer { status, body } => fixed(grpc, *status, body),
+        FallbackTo::Service { namespace, name } => {
+            let catalog = call.ctx.inputs.catalog.load();
+            let found = catalog
+                .services()
+                .find(|s| s.namespace == *namespace && s.name == *name)
+                .cloned();
+            let Some(target) = found else {
+                let why = "no endpoint is eligible, and the fallback service is gone";
+                return answer(grpc, StatusCode::SERVICE_UNAVAILABLE, why);
+            };
+            let call = Call {
+                service: &target,
+                ..*call
+            };
+            Box::pin(send(&call, outgoing, false)).await
+        }
+    }
+}
+
+/// `outgoing` to an endpoint of the call's service, attempt after attempt;
+/// or, when `may_fall_back` and no endpoint is eligible, to its fallback.
+async fn send(call: &Call<'_>, mut outgoing: Outgoing, may_fall_back: bool) -> Answer {
+    let service = call.service;
+    let policy = &service.policy.requests;
+    let grpc = service.protocol == Protocol::Grpc;
+    let http2 = service.protocol != Protocol::Http;
+    if let Some(fallback) = policy.fallback.as_ref().filter(|_| may_fall_back) {
+        if nothing_eligible(service) {
+            return fall_back(call, fallback, outgoing).await;
+        }
+        if service.state.end_fallback() {
+            info!(
+                "service {}: endpoints eligible again; its fallback no longer answers",
+                service.qualified_name()
+            );
+        }
+    }
+    let (parts, payload) = (&mut outgoing.parts, &mut outgoing.payload);
+    let (resendable, limit, deadline) = (outgoing.resendable, outgoing.limit, outgoing.deadline);
     let timed_out = || {
         let limit = limit.unwrap_or_default();
         answer(
@@ -115,9 +200,12 @@ pub(super) async fn forward(call: &Call<'_>, request: Request<Incoming>) -> Answ
     let mut tried = Tried::default();
     let (mut attempts, mut stale) = (0, 0);
     let mut retry_slot = None;
-    let mut may_retry = |attempts: u32| {
+    // A retry needs an endpoint not yet tried, or it would drop an answer
+    // for nothing.
+    let mut may_retry = |attempts: u32, tried: &Tried| {
         let (state, p) = (&service.state, &service.policy);
         attempts < policy.max_attempts
+            && (0..service.endpoints.len()).any(|i| !tried.contains(i))
             && match state.start_retry(&p.thresholds, &p.budget, now_ms()) {
                 Ok(slot) => {
                     retry_slot = Some(slot);
@@ -163,7 +251,7 @@ pub(super) async fn forward(call: &Call<'_>, request: Request<Incoming>) -> Answ
                     // Nothing was sent: another endpoint may have it.
                     route::report(service, chosen, Outcome::ConnectFailed, now_ms());
                     tried.add(chosen.index);
-                    if may_retry(attempts) {
+                    if may_retry(attempts, &tried) {
                         continue;
                     }
                     return answer(grpc, StatusCode::BAD_GATEWAY, why);
@@ -207,7 +295,9 @@ pub(super) async fn forward(call: &Call<'_>, request: Request<Incoming>) -> Answ
                     // A pooled connection that had closed: not the
                     // endpoint's failure, and the request is whole.
                     endpoint.state.cancel(chosen.admission);
-                    payload.get_or_insert(unsent.into_body());
+                    let (back, body) = unsent.into_parts();
+                    *parts = back;
+                    payload.get_or_insert(body);
                     stale += 1;
                     if stale <= MAX_STALE {
                         attempts -= 1;
@@ -216,7 +306,7 @@ pub(super) async fn forward(call: &Call<'_>, request: Request<Incoming>) -> Answ
                 }
                 route::report(service, chosen, Outcome::Reset, now_ms());
                 tried.add(chosen.index);
-                if resendable && payload.is_some() && may_retry(attempts) {
+                if resendable && payload.is_some() && may_retry(attempts, &tried) {
                     continue;
                 }
                 let why = "the endpoint failed the request";
@@ -243,7 +333,7 @@ pub(super) async fn forward(call: &Call<'_>, request: Request<Incoming>) -> Answ
         if let Some(wait) = wait.filter(|&w| in_time(w))
             && retry_on
             && resendable
-            && may_retry(attempts)
+            && may_retry(attempts, &tried)
         {
             let outcome = match failed {
                 true => Outcome::Reset,
@@ -342,6 +432,17 @@ async fn connect(
             .unwrap_or(Err(NoConnection::TimedOut)),
         None => opening.await,
     }
+}
+
+/// A fallback's fixed answer: `status` and `body` as configured, or for
+/// gRPC a trailers-only answer whose status says the same and whose
+/// message is the body.
+fn fixed(grpc: bool, status: StatusCode, body: &Bytes) -> Answer {
+    let mut response = answer(grpc, status, &String::from_utf8_lossy(body));
+    if !grpc {
+        *response.body_mut() = Either::Right(Full::new(body.clone()));
+    }
+    response
 }
 
 /// The agent's own answer, with why: an HTTP status and a body, or for
