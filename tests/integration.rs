@@ -14,6 +14,7 @@ mod grpc;
 mod kube;
 mod kubeapi_selftest;
 mod l7;
+mod l7_abuse;
 mod mtls;
 mod observability;
 mod pods;

@@ -20,7 +20,7 @@ use crate::support::*;
 
 /// What a test backend does with each request.
 #[derive(Clone, Copy)]
-enum Answer {
+pub(crate) enum Answer {
     /// Answers this status, its name as the body, and keeps the
     /// connection open.
     Status(u16),
@@ -32,13 +32,13 @@ enum Answer {
 
 /// An HTTP/1.1 server that logs every request it gets (`METHOD path` and
 /// the idempotency key, if any) before it answers.
-struct HttpBackend {
-    addr: SocketAddr,
+pub(crate) struct HttpBackend {
+    pub(crate) addr: SocketAddr,
     arrivals: Arc<Mutex<Vec<String>>>,
 }
 
 impl HttpBackend {
-    fn start(name: &'static str, answer: Answer) -> HttpBackend {
+    pub(crate) fn start(name: &'static str, answer: Answer) -> HttpBackend {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().unwrap();
         let arrivals = Arc::new(Mutex::new(Vec::new()));
@@ -56,7 +56,7 @@ impl HttpBackend {
         self.arrivals.lock().unwrap().len()
     }
 
-    fn arrivals(&self) -> Vec<String> {
+    pub(crate) fn arrivals(&self) -> Vec<String> {
         self.arrivals.lock().unwrap().clone()
     }
 }
@@ -68,7 +68,7 @@ fn serve(conn: std::net::TcpStream, name: &str, answer: Answer, log: &Mutex<Vec<
     let mut reader = BufReader::new(conn);
     loop {
         let mut first = String::new();
-        let (mut length, mut key) = (0, String::new());
+        let (mut length, mut key, mut chunked) = (0, String::new(), false);
         loop {
             let mut line = String::new();
             match reader.read_line(&mut line) {
@@ -83,11 +83,12 @@ fn serve(conn: std::net::TcpStream, name: &str, answer: Answer, log: &Mutex<Vec<
                     if let Some(v) = lower.strip_prefix("idempotency-key:") {
                         key = format!(" key={}", v.trim());
                     }
+                    chunked |= lower.starts_with("transfer-encoding:") && lower.contains("chunked");
                 }
             }
         }
         let mut body = vec![0; length];
-        if reader.read_exact(&mut body).is_err() {
+        if reader.read_exact(&mut body).is_err() || (chunked && !skip_chunks(&mut reader)) {
             return;
         }
         let mut words = first.split_whitespace();
@@ -109,6 +110,35 @@ fn serve(conn: std::net::TcpStream, name: &str, answer: Answer, log: &Mutex<Vec<
         );
         if writer.write_all(answer.as_bytes()).is_err() {
             return;
+        }
+    }
+}
+
+/// Reads a chunked body to its end (trailers included); false if the
+/// connection broke or the chunking was bad.
+fn skip_chunks(reader: &mut impl BufRead) -> bool {
+    loop {
+        let mut size = String::new();
+        if reader.read_line(&mut size).is_err() {
+            return false;
+        }
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            return false;
+        };
+        if n == 0 {
+            // Trailers, then an empty line.
+            loop {
+                let mut line = String::new();
+                match reader.read_line(&mut line) {
+                    Ok(0) | Err(_) => return false,
+                    Ok(_) if line == "\r\n" => return true,
+                    Ok(_) => {}
+                }
+            }
+        }
+        let mut chunk = vec![0; n + 2];
+        if reader.read_exact(&mut chunk).is_err() {
+            return false;
         }
     }
 }

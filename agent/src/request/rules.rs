@@ -87,6 +87,45 @@ pub const GRPC_DEADLINE_EXCEEDED: u16 = 4;
 /// gRPC's UNAVAILABLE.
 pub const GRPC_UNAVAILABLE: u16 = 14;
 
+/// Removes what concerns one hop only (RFC 9110 section 7.6.1): the
+/// connection's own headers and those it names. Each side of the agent
+/// frames its messages itself, so a caller's `Transfer-Encoding`,
+/// `Connection: close` or `Upgrade` does not reach the endpoint, nor the
+/// endpoint's the caller.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    use http::header::{CONNECTION, PROXY_AUTHENTICATE, TE, TRANSFER_ENCODING, UPGRADE};
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    // `TE: trailers` is the one value HTTP/2 allows, and gRPC servers
+    // insist on it (it says the caller reads trailers).
+    let trailers = headers
+        .get(TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    for name in [
+        CONNECTION,
+        TE,
+        TRANSFER_ENCODING,
+        UPGRADE,
+        PROXY_AUTHENTICATE,
+    ] {
+        headers.remove(name);
+    }
+    if trailers {
+        headers.insert(TE, HeaderValue::from_static("trailers"));
+    }
+    for name in ["keep-alive", "proxy-connection"] {
+        headers.remove(name);
+    }
+}
+
 /// A call's `grpc-timeout` (gRPC over HTTP/2: up to 8 digits and a unit);
 /// None when absent or malformed (a malformed one is ignored, as gRPC
 /// servers do).
@@ -207,6 +246,27 @@ mod tests {
         let negative = headers(&[("grpc-retry-pushback-ms", "-1")]);
         assert_eq!(pushback(&negative, true), Pushback::Never);
         assert_eq!(pushback(&HeaderMap::new(), true), Pushback::None);
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_stay_on_their_hop() {
+        let mut h = headers(&[
+            ("connection", "close, x-hop"),
+            ("x-hop", "1"),
+            ("transfer-encoding", "chunked"),
+            ("keep-alive", "timeout=5"),
+            ("upgrade", "h2c"),
+            ("te", "gzip"),
+            ("idempotency-key", "pay-42"),
+            ("content-length", "10"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        left.sort();
+        assert_eq!(left, ["content-length", "idempotency-key"]);
+        let mut grpc = headers(&[("te", "trailers")]);
+        strip_hop_by_hop(&mut grpc);
+        assert_eq!(grpc.get("te").unwrap(), "trailers", "gRPC needs it");
     }
 
     #[test]

@@ -33,9 +33,47 @@ struct WorkloadLabels {
     destination_workload_namespace: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    reason: &'static str,
+}
+
+/// Why a workload's connection to a request service was closed before its
+/// requests were done (the agent's HTTP server refused it).
+#[derive(Debug, Clone, Copy)]
+pub enum ConnectionRefusal {
+    /// Bytes that are no HTTP, or framing that could be read two ways
+    /// (conflicting lengths, a bad chunk, a transfer coding not ending in
+    /// chunked): 400 and a close.
+    Malformed,
+    /// A head over the limits: 431 and a close.
+    TooLarge,
+    /// No complete request head within 10 s.
+    HeaderTimeout,
+    /// An HTTP/2 peer that broke the protocol or abused it (a reset flood,
+    /// a header block over the limit, frames out of place): GOAWAY.
+    Http2Protocol,
+    /// An HTTP/2 peer that sent PINGs or SETTINGS faster than any client
+    /// needs: the connection is cut.
+    Http2Flood,
+}
+
+impl ConnectionRefusal {
+    fn label(self) -> &'static str {
+        match self {
+            ConnectionRefusal::Malformed => "malformed",
+            ConnectionRefusal::TooLarge => "too_large",
+            ConnectionRefusal::HeaderTimeout => "header_timeout",
+            ConnectionRefusal::Http2Protocol => "http2_protocol",
+            ConnectionRefusal::Http2Flood => "http2_flood",
+        }
+    }
+}
+
 /// The request families.
 #[derive(Debug)]
 pub struct RequestMetrics {
+    refusals: Family<RefusalLabels, Counter>,
     requests: Family<RequestLabels, Counter>,
     duration: Family<ServiceLabels, Histogram>,
     rate_limited: Family<WorkloadLabels, Counter>,
@@ -90,11 +128,26 @@ impl RequestMetrics {
             "Requests refused by a workload's rate_limit (429, or gRPC RESOURCE_EXHAUSTED), by destination workload",
             rate_limited.clone(),
         );
+        let refusals = Family::<RefusalLabels, Counter>::default();
+        registry.register(
+            "sluice_request_connection_refusals",
+            "Workload connections to request services the agent's HTTP server closed, by reason (malformed, too_large, header_timeout, http2_protocol, http2_flood)",
+            refusals.clone(),
+        );
         RequestMetrics {
+            refusals,
             requests,
             duration,
             rate_limited,
         }
+    }
+
+    /// Counts a connection the HTTP server refused.
+    pub fn refused(&self, why: ConnectionRefusal) {
+        let labels = RefusalLabels {
+            reason: why.label(),
+        };
+        self.refusals.get_or_create(&labels).inc();
     }
 
     /// The count of requests workload `namespace/name`'s rate limit refused.

@@ -34,7 +34,7 @@ use crate::{
         pool::handshake,
         rules::{
             GRPC_DEADLINE_EXCEEDED, GRPC_MESSAGE, GRPC_STATUS, GRPC_TIMEOUT, GRPC_UNAVAILABLE,
-            grpc_status, grpc_timeout, grpc_timeout_value, pushback,
+            grpc_status, grpc_timeout, grpc_timeout_value, pushback, strip_hop_by_hop,
         },
     },
     resilience::Outcome,
@@ -46,7 +46,8 @@ use crate::{
 const MAX_PUSHBACK: Duration = Duration::from_secs(1);
 
 /// How often a request may find a pooled connection closed under it
-/// before it is refused (each time it never left the agent).
+/// before it is refused (each time it never left the agent, or could be
+/// sent again).
 const MAX_STALE: u32 = 3;
 
 /// A response: the endpoint's, streamed through, or one of the agent's.
@@ -90,7 +91,8 @@ pub(super) async fn forward(call: &Call<'_>, request: Request<Incoming>) -> Answ
     let policy = &service.policy.requests;
     let grpc = service.protocol == Protocol::Grpc;
     let started = Instant::now();
-    let (parts, body) = request.into_parts();
+    let (mut parts, body) = request.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
     let asked = grpc.then(|| grpc_timeout(&parts.headers)).flatten();
     let limit = match (policy.timeout, asked) {
         (Some(route), Some(caller)) => Some(route.min(caller)),
@@ -288,7 +290,7 @@ async fn send(call: &Call<'_>, mut outgoing: Outgoing, may_fall_back: bool) -> A
             },
             None => sending.await,
         };
-        let response = match result {
+        let mut response = match result {
             Ok(response) => response,
             Err(mut e) => {
                 if let Some(unsent) = e.take_message() {
@@ -303,6 +305,19 @@ async fn send(call: &Call<'_>, mut outgoing: Outgoing, may_fall_back: bool) -> A
                         attempts -= 1;
                         continue;
                     }
+                } else if !fresh
+                    && resendable
+                    && stale < MAX_STALE
+                    && e.error().is_incomplete_message()
+                {
+                    // A kept connection the endpoint closed as the request
+                    // went out (an idle keep-alive ending): no answer came,
+                    // and the request may be sent again, so it goes again
+                    // on a new connection, to the same endpoint if chosen.
+                    endpoint.state.cancel(chosen.admission);
+                    stale += 1;
+                    attempts -= 1;
+                    continue;
                 }
                 route::report(service, chosen, Outcome::Reset, now_ms());
                 tried.add(chosen.index);
@@ -346,6 +361,7 @@ async fn send(call: &Call<'_>, mut outgoing: Outgoing, may_fall_back: bool) -> A
             sleep(wait).await;
             continue;
         }
+        strip_hop_by_hop(response.headers_mut());
         let verdict = Verdict {
             service: service.clone(),
             chosen,

@@ -15,6 +15,7 @@
 //! connection is not listed in `sluice conns` and does not move in an
 //! upgrade: it finishes in the old agent within `agent.drain_timeout`.
 
+mod flood;
 mod forward;
 mod watched;
 
@@ -26,11 +27,15 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use log::debug;
 use tokio::{net::TcpStream, time::Instant};
 
-use self::forward::{Call, forward};
+use self::{
+    flood::{FloodGuard, Flooded},
+    forward::{Call, forward},
+};
 use super::outbound::OutboundContext;
 use crate::{
     catalog::{Service, Workload},
     config::Protocol,
+    telemetry::requests::ConnectionRefusal,
 };
 
 /// A request's head must arrive within this, or its connection is closed
@@ -48,6 +53,7 @@ pub(super) async fn serve(
 ) {
     let name = service.qualified_name();
     let http1 = service.protocol == Protocol::Http;
+    let metrics = ctx.clone();
     let requests = service_fn(move |request| {
         let (ctx, service, source) = (ctx.clone(), service.clone(), source.clone());
         async move {
@@ -71,23 +77,51 @@ pub(super) async fn serve(
             Ok::<_, Infallible>(response)
         }
     });
-    let io = TokioIo::new(client);
     let served = match http1 {
         true => {
             hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(io, requests)
+                .serve_connection(TokioIo::new(client), requests)
                 .await
         }
         false => {
             hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
-                .serve_connection(io, requests)
+                .serve_connection(TokioIo::new(FloodGuard::new(client)), requests)
                 .await
         }
     };
     if let Err(e) = served {
         debug!("{peer}: HTTP connection to {name}: {e}");
+        if let Some(why) = refusal(&e) {
+            metrics.inputs.metrics.requests.refused(why);
+        }
     }
+}
+
+/// Why the HTTP server closed a connection, when it refused it (rather
+/// than the client going away).
+fn refusal(e: &hyper::Error) -> Option<ConnectionRefusal> {
+    use std::error::Error as _;
+    if e.is_parse_too_large() {
+        return Some(ConnectionRefusal::TooLarge);
+    }
+    if e.is_parse() || e.is_parse_status() {
+        return Some(ConnectionRefusal::Malformed);
+    }
+    if e.is_timeout() {
+        return Some(ConnectionRefusal::HeaderTimeout);
+    }
+    let source = e.source()?;
+    let flooded = source
+        .downcast_ref::<std::io::Error>()
+        .and_then(|io| io.get_ref())
+        .is_some_and(|inner| inner.is::<Flooded>());
+    if flooded {
+        return Some(ConnectionRefusal::Http2Flood);
+    }
+    let h2 = source.downcast_ref::<h2::Error>()?;
+    // Sent by this side: the peer broke the protocol or abused it.
+    (h2.is_go_away() && !h2.is_remote()).then_some(ConnectionRefusal::Http2Protocol)
 }
