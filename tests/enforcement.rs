@@ -88,6 +88,7 @@ fn cluster() -> Cluster {
     let b_cfg = AgentConfig::with(|c| Config {
         audit: Some(Audit {
             output: c.audit_path(),
+            requests: false,
         }),
         workloads: vec![
             workload("ledger", "ledger")

@@ -196,6 +196,7 @@ impl Cluster {
             }
             config.audit = Some(Audit {
                 output: c.audit_path(),
+                requests: false,
             });
             config
         });

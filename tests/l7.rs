@@ -289,6 +289,7 @@ fn a_backend_that_never_answers_times_out_at_the_route_timeout() {
     assert_eq!(backend.requests(), 1);
     assert!(took >= Duration::from_millis(300), "{took:?}");
     assert_eq!(requests(&agent, "error"), 1.0);
+    assert_eq!(flagged(&agent, "UT"), 1.0);
 }
 
 /// A rate limit of 100 requests a second per caller identity, at the
@@ -378,6 +379,7 @@ PY",
         &[("destination_workload", "ledger")],
     );
     assert_eq!(counted, refused);
+    assert_eq!(flagged(&agent, "RL"), refused);
 }
 
 /// While every endpoint of a service is ejected its fallback answers:
@@ -444,6 +446,82 @@ fn the_fallback_answers_while_every_endpoint_is_ejected() {
     assert!(fallbacks("pay") >= 9.0, "{}", fallbacks("pay"));
     assert_eq!(fallbacks("pay-fixed"), 9.0);
     assert_eq!(backup.requests() as f64, fallbacks("pay"));
+}
+
+/// With `audit.requests`, each request is one JSON line of the audit
+/// trail: who asked what, the answer, how long, how many retries, and
+/// what the agent did about it.
+#[test]
+fn the_access_log_has_a_line_per_request() {
+    let vip: SocketAddr = "127.77.8.19:8080".parse().unwrap();
+    let backends = [
+        HttpBackend::start("b1", Answer::Status(200)),
+        HttpBackend::start("bad", Answer::Status(503)),
+    ];
+    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    let config = AgentConfig::with(|c| Config {
+        audit: Some(Audit {
+            output: c.audit_path(),
+            requests: true,
+        }),
+        ..c.base(&[service("pay", &vip.to_string(), &addrs)
+            .protocol("http")
+            .load_balancer(LbPolicy::RoundRobin)
+            .outlier_detection(OutlierDetection {
+                consecutive_failures: Some(1000),
+                ..Default::default()
+            })])
+    });
+    let agent = Agent::start(&config);
+    // Round robin: the first keyed POST meets b1, the second the failing
+    // backend and is retried on b1; the unkeyed one meets the failing
+    // backend and its 503 goes back.
+    assert_eq!(send(&agent, vip, "POST", 2, true), "b1=2");
+    assert_eq!(send(&agent, vip, "POST", 1, false), "503=1");
+    let path = config.audit_path();
+    let read = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .filter(|v: &serde_json::Value| v["event"] == "request")
+            .collect()
+    };
+    assert!(wait_until(Duration::from_secs(5), || read().len() == 3));
+    let lines = read();
+    let field = |i: usize, f: &str| lines[i][f].clone();
+    for (i, (path, status, retries)) in [("/pay/0", 200, 0), ("/pay/1", 200, 1), ("/pay/0", 503, 0)]
+        .into_iter()
+        .enumerate()
+    {
+        assert_eq!(field(i, "method"), "POST", "{:?}", lines[i]);
+        assert_eq!(field(i, "path"), path, "{:?}", lines[i]);
+        assert_eq!(field(i, "status"), status, "{:?}", lines[i]);
+        assert_eq!(field(i, "retries"), retries, "{:?}", lines[i]);
+        assert_eq!(field(i, "response_flags"), "-", "{:?}", lines[i]);
+        assert_eq!(field(i, "service"), "payments/pay", "{:?}", lines[i]);
+        assert_eq!(
+            lines[i]["source"]["identity"], "spiffe://cluster.local/ns/payments/sa/client",
+            "{:?}",
+            lines[i]
+        );
+    }
+    assert_eq!(
+        lines[1]["destination"]["address"],
+        backends[0].addr.to_string()
+    );
+    assert_eq!(
+        lines[2]["destination"]["address"],
+        backends[1].addr.to_string()
+    );
+}
+
+/// Requests the agent flagged `flag` for service `pay`.
+fn flagged(agent: &Agent, flag: &str) -> f64 {
+    agent.metrics().sum(
+        "sluice_request_flags_total",
+        &[("destination_service", "pay"), ("response_flags", flag)],
+    )
 }
 
 /// Retries the agent made for service `pay`.

@@ -115,6 +115,7 @@ pub(crate) fn mesh_with(
         services: services(Endpoint::new(ledger_addr).workload("ledger")),
         audit: audit.then(|| Audit {
             output: c.audit_path(),
+            requests: false,
         }),
         ..node(c, "node-b", pair.b_addr, "node-a", pair.a_addr)
     });

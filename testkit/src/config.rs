@@ -531,6 +531,9 @@ pub struct Kubernetes {
 #[derive(Debug, Clone, Serialize)]
 pub struct Audit {
     pub output: PathBuf,
+    /// An access-log line per request (`audit.requests`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub requests: bool,
 }
 
 /// A duration as the config writes it: whole milliseconds with their unit.

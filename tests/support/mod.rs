@@ -287,6 +287,7 @@ impl AgentConfig {
         Self::with(|c| Config {
             audit: Some(Audit {
                 output: c.audit_path(),
+                requests: false,
             }),
             ..c.base(services)
         })

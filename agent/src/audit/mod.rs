@@ -30,6 +30,7 @@ use crate::{
 pub struct Audit {
     tx: Option<SyncSender<String>>,
     connections: bool,
+    requests: bool,
     queued: AtomicU64,
     dropped: AtomicU64,
 }
@@ -57,6 +58,27 @@ pub struct Party<'a> {
     pub address: Option<SocketAddr>,
     /// A local workload, `namespace/name`.
     pub workload: Option<&'a str>,
+}
+
+/// A request served through the request path, as its answer's head went
+/// back.
+#[derive(Debug, Serialize)]
+pub struct Served<'a> {
+    pub source: Party<'a>,
+    /// The endpoint that answered (or was tried last).
+    pub destination: Party<'a>,
+    pub service: &'a str,
+    pub method: &'a str,
+    pub authority: &'a str,
+    pub path: &'a str,
+    /// The answer's status (the agent's own when it answered).
+    pub status: u16,
+    /// gRPC: the status of a trailers-only answer (in trailers otherwise,
+    /// after this line).
+    pub grpc_status: Option<u16>,
+    pub duration_ms: f64,
+    pub retries: u32,
+    pub response_flags: &'a str,
 }
 
 /// A connection that ended.
@@ -122,6 +144,7 @@ impl Audit {
         Ok(Arc::new(Audit {
             tx: Some(tx),
             connections: config.connections,
+            requests: config.requests,
             queued: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
         }))
@@ -132,6 +155,7 @@ impl Audit {
         Arc::new(Audit {
             tx: None,
             connections: false,
+            requests: false,
             queued: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
         })
@@ -157,6 +181,18 @@ impl Audit {
     pub fn closed(&self, closed: &Closed<'_>) {
         if self.connections {
             self.send("connection", "allow", closed);
+        }
+    }
+
+    /// Whether requests are recorded (`audit.requests`).
+    pub fn wants_requests(&self) -> bool {
+        self.requests && self.tx.is_some()
+    }
+
+    /// Records a request, when `audit.requests` is on.
+    pub fn served(&self, served: &Served<'_>) {
+        if self.requests {
+            self.send("request", "allow", served);
         }
     }
 
@@ -220,6 +256,7 @@ mod tests {
         AuditConfig {
             output: Output::File(path.to_owned()),
             connections: true,
+            requests: false,
             queue,
         }
     }
@@ -284,6 +321,7 @@ mod tests {
         let audit = Audit {
             tx: Some(tx),
             connections: false,
+            requests: false,
             queued: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
         };

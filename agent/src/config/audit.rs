@@ -13,6 +13,9 @@ pub struct AuditConfig {
     /// Also one line per closed connection (identities, bytes, duration,
     /// close reason), not only per denial.
     pub connections: bool,
+    /// Also one line per request to a request service (an access log):
+    /// identities, method, authority, path, status, duration, retries.
+    pub requests: bool,
     /// Lines waiting for the writer; beyond it lines are dropped and
     /// counted rather than slowing the data path.
     pub queue: usize,
@@ -23,6 +26,7 @@ impl Default for AuditConfig {
         AuditConfig {
             output: AuditOutput::Stdout,
             connections: false,
+            requests: false,
             queue: 8192,
         }
     }

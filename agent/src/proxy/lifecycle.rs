@@ -267,6 +267,7 @@ mod tests {
         let audit = Audit::start(&AuditConfig {
             output: AuditOutput::File(path.clone()),
             connections: true,
+            requests: false,
             queue: 16,
         })
         .unwrap();

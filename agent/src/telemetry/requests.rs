@@ -22,6 +22,13 @@ struct RequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FlagLabels {
+    destination_service: String,
+    destination_service_namespace: String,
+    response_flags: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ServiceLabels {
     destination_service: String,
     destination_service_namespace: String,
@@ -74,15 +81,73 @@ impl ConnectionRefusal {
 #[derive(Debug)]
 pub struct RequestMetrics {
     refusals: Family<RefusalLabels, Counter>,
+    flags: Family<FlagLabels, Counter>,
     requests: Family<RequestLabels, Counter>,
     duration: Family<ServiceLabels, Histogram>,
     rate_limited: Family<WorkloadLabels, Counter>,
+}
+
+/// What the agent did about a request that did not simply get its
+/// endpoint's answer, in Envoy's and Istio's letters (`response_flags`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ResponseFlag {
+    /// The endpoint's answer, as it came.
+    None,
+    /// No healthy upstream: no endpoint was eligible.
+    NoHealthyUpstream,
+    /// Upstream connection failure: none could be made.
+    UpstreamConnectionFailure,
+    /// Upstream request timeout: no answer within the deadline.
+    UpstreamTimeout,
+    /// Upstream connection termination: it broke before an answer.
+    UpstreamTermination,
+    /// Rate limited by the destination workload's `rate_limit`.
+    RateLimited,
+    /// Unauthorized: the destination workload's authorization refused.
+    Unauthorized,
+    /// Answered by the service's fallback (Sluice's own letters).
+    Fallback,
+}
+
+impl ResponseFlag {
+    const ALL: [ResponseFlag; 8] = [
+        ResponseFlag::None,
+        ResponseFlag::NoHealthyUpstream,
+        ResponseFlag::UpstreamConnectionFailure,
+        ResponseFlag::UpstreamTimeout,
+        ResponseFlag::UpstreamTermination,
+        ResponseFlag::RateLimited,
+        ResponseFlag::Unauthorized,
+        ResponseFlag::Fallback,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResponseFlag::None => "-",
+            ResponseFlag::NoHealthyUpstream => "UH",
+            ResponseFlag::UpstreamConnectionFailure => "UF",
+            ResponseFlag::UpstreamTimeout => "UT",
+            ResponseFlag::UpstreamTermination => "UC",
+            ResponseFlag::RateLimited => "RL",
+            ResponseFlag::Unauthorized => "UAEX",
+            ResponseFlag::Fallback => "FB",
+        }
+    }
+
+    pub fn from_u8(n: u8) -> ResponseFlag {
+        ResponseFlag::ALL
+            .get(usize::from(n))
+            .copied()
+            .unwrap_or(ResponseFlag::None)
+    }
 }
 
 /// One service's handles.
 #[derive(Debug)]
 pub struct RequestCounters {
     by_class: [Counter; CLASSES.len()],
+    by_flag: [Counter; ResponseFlag::ALL.len()],
     duration: Histogram,
 }
 
@@ -96,6 +161,13 @@ impl RequestCounters {
         };
         self.by_class[class].inc();
         self.duration.observe(seconds);
+    }
+
+    /// Counts a request the agent did something about.
+    pub fn flagged(&self, flag: ResponseFlag) {
+        if flag != ResponseFlag::None {
+            self.by_flag[flag as usize].inc();
+        }
     }
 }
 
@@ -128,6 +200,12 @@ impl RequestMetrics {
             "Requests refused by a workload's rate_limit (429, or gRPC RESOURCE_EXHAUSTED), by destination workload",
             rate_limited.clone(),
         );
+        let flags = Family::<FlagLabels, Counter>::default();
+        registry.register(
+            "sluice_request_flags",
+            "Requests the agent answered or handled itself, by destination service and response_flags (UH no eligible endpoint, UF connect failure, UT timeout, UC connection broke, RL rate limited, UAEX unauthorized, FB fallback)",
+            flags.clone(),
+        );
         let refusals = Family::<RefusalLabels, Counter>::default();
         registry.register(
             "sluice_request_connection_refusals",
@@ -136,6 +214,7 @@ impl RequestMetrics {
         );
         RequestMetrics {
             refusals,
+            flags,
             requests,
             duration,
             rate_limited,
@@ -170,8 +249,14 @@ impl RequestMetrics {
             destination_service: name.to_owned(),
             destination_service_namespace: namespace.to_owned(),
         };
+        let flag = |f: ResponseFlag| FlagLabels {
+            destination_service: name.to_owned(),
+            destination_service_namespace: namespace.to_owned(),
+            response_flags: f.as_str(),
+        };
         RequestCounters {
             by_class: CLASSES.map(|class| self.requests.get_or_create(&labels(class)).clone()),
+            by_flag: ResponseFlag::ALL.map(|f| self.flags.get_or_create(&flag(f)).clone()),
             duration: self.duration.get_or_create(&service).clone(),
         }
     }

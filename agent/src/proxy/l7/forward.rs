@@ -10,16 +10,26 @@
 //! retry budget allows it. A request that never left the agent (no
 //! connection, or a pooled connection that had closed) is always retried.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU8, AtomicU32, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response, StatusCode, header::CONTENT_TYPE, request::Parts};
+use http::{Request, Response, StatusCode, request::Parts};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use log::{info, warn};
 use tokio::time::{Instant, sleep, timeout_at};
 
-use super::watched::{Verdict, Watched, grpc_failure};
+use super::{
+    answers::{answer, fixed, rate_limited, too_many},
+    watched::{Verdict, Watched, grpc_failure},
+};
 use crate::{
     catalog::{Endpoint, Service, Workload},
     clock::now_ms,
@@ -33,12 +43,12 @@ use crate::{
         FallbackTo, Pushback, Sender, UpBody,
         pool::handshake,
         rules::{
-            GRPC_DEADLINE_EXCEEDED, GRPC_MESSAGE, GRPC_STATUS, GRPC_TIMEOUT, GRPC_UNAVAILABLE,
-            grpc_status, grpc_timeout, grpc_timeout_value, pushback, strip_hop_by_hop,
+            GRPC_TIMEOUT, grpc_status, grpc_timeout, grpc_timeout_value, pushback, strip_hop_by_hop,
         },
     },
     resilience::Outcome,
     route::{self, Tried},
+    telemetry::requests::ResponseFlag,
 };
 
 /// Longest wait a `Retry-After` or gRPC pushback may ask before a retry;
@@ -59,6 +69,35 @@ pub(super) struct Call<'a> {
     pub service: &'a Arc<Service>,
     pub source: Option<&'a Workload>,
     pub peer: SocketAddr,
+    pub note: &'a Note,
+}
+
+/// What became of a request, for its access-log line and its count.
+#[derive(Debug, Default)]
+pub(super) struct Note {
+    retries: AtomicU32,
+    flag: AtomicU8,
+    /// The endpoint of the last attempt, as its index plus one (0: none).
+    endpoint: AtomicUsize,
+}
+
+impl Note {
+    fn flag(&self, flag: ResponseFlag) {
+        self.flag.store(flag as u8, Ordering::Relaxed);
+    }
+
+    pub(super) fn flagged(&self) -> ResponseFlag {
+        ResponseFlag::from_u8(self.flag.load(Ordering::Relaxed))
+    }
+
+    pub(super) fn retries(&self) -> u32 {
+        self.retries.load(Ordering::Relaxed)
+    }
+
+    /// The index of the endpoint that answered (or was tried last).
+    pub(super) fn endpoint(&self) -> Option<usize> {
+        self.endpoint.load(Ordering::Relaxed).checked_sub(1)
+    }
 }
 
 /// Why no connection to an endpoint was made.
@@ -144,13 +183,17 @@ async fn fall_back(call: &Call<'_>, fallback: &FallbackTo, outgoing: Outgoing) -
         );
     }
     match fallback {
-        FallbackTo::Answer { status, body } => fixed(grpc, *status, body),
+        FallbackTo::Answer { status, body } => {
+            call.note.flag(ResponseFlag::Fallback);
+            fixed(grpc, *status, body)
+        }
         FallbackTo::Service { namespace, name } => {
             let catalog = call.ctx.inputs.catalog.load();
             let found = catalog
                 .services()
                 .find(|s| s.namespace == *namespace && s.name == *name)
                 .cloned();
+            call.note.flag(ResponseFlag::Fallback);
             let Some(target) = found else {
                 let why = "no endpoint is eligible, and the fallback service is gone";
                 return answer(grpc, StatusCode::SERVICE_UNAVAILABLE, why);
@@ -211,6 +254,7 @@ async fn send(call: &Call<'_>, mut outgoing: Outgoing, may_fall_back: bool) -> A
             && match state.start_retry(&p.thresholds, &p.budget, now_ms()) {
                 Ok(slot) => {
                     retry_slot = Some(slot);
+                    call.note.retries.fetch_add(1, Ordering::Relaxed);
                     true
                 }
                 Err(_) => false,
@@ -219,11 +263,16 @@ async fn send(call: &Call<'_>, mut outgoing: Outgoing, may_fall_back: bool) -> A
     loop {
         attempts += 1;
         let Ok(chosen) = route::choose(service, &pick, &tried, now_ms()) else {
+            call.note.flag(ResponseFlag::NoHealthyUpstream);
             let why = "no endpoint of the service is eligible";
             return answer(grpc, StatusCode::SERVICE_UNAVAILABLE, why);
         };
         let endpoint = &service.endpoints[chosen.index];
+        call.note
+            .endpoint
+            .store(chosen.index + 1, Ordering::Relaxed);
         if let Some(wait) = rate_limited(call, endpoint) {
+            call.note.flag(ResponseFlag::RateLimited);
             endpoint.state.cancel(chosen.admission);
             return too_many(grpc, wait);
         }
@@ -236,15 +285,18 @@ async fn send(call: &Call<'_>, mut outgoing: Outgoing, may_fall_back: bool) -> A
                     let why = match no {
                         NoConnection::Endpoint(why) => why,
                         NoConnection::TimedOut => {
+                            call.note.flag(ResponseFlag::UpstreamTimeout);
                             route::report(service, chosen, Outcome::ConnectFailed, now_ms());
                             return timed_out();
                         }
                         NoConnection::Denied => {
+                            call.note.flag(ResponseFlag::Unauthorized);
                             endpoint.state.cancel(chosen.admission);
                             let why = "authorization refused the caller";
                             return answer(grpc, StatusCode::FORBIDDEN, why);
                         }
                         NoConnection::NoPath => {
+                            call.note.flag(ResponseFlag::UpstreamConnectionFailure);
                             endpoint.state.cancel(chosen.admission);
                             let why = "no plain path to the endpoint";
                             return answer(grpc, StatusCode::BAD_GATEWAY, why);
@@ -256,6 +308,7 @@ async fn send(call: &Call<'_>, mut outgoing: Outgoing, may_fall_back: bool) -> A
                     if may_retry(attempts, &tried) {
                         continue;
                     }
+                    call.note.flag(ResponseFlag::UpstreamConnectionFailure);
                     return answer(grpc, StatusCode::BAD_GATEWAY, why);
                 }
             },
@@ -284,6 +337,7 @@ async fn send(call: &Call<'_>, mut outgoing: Outgoing, may_fall_back: bool) -> A
             Some(deadline) => match timeout_at(deadline, sending).await {
                 Ok(result) => result,
                 Err(_) => {
+                    call.note.flag(ResponseFlag::UpstreamTimeout);
                     route::report(service, chosen, Outcome::Reset, now_ms());
                     return timed_out();
                 }
@@ -324,6 +378,7 @@ async fn send(call: &Call<'_>, mut outgoing: Outgoing, may_fall_back: bool) -> A
                 if resendable && payload.is_some() && may_retry(attempts, &tried) {
                     continue;
                 }
+                call.note.flag(ResponseFlag::UpstreamTermination);
                 let why = "the endpoint failed the request";
                 return answer(grpc, StatusCode::BAD_GATEWAY, why);
             }
@@ -374,45 +429,6 @@ async fn send(call: &Call<'_>, mut outgoing: Outgoing, may_fall_back: bool) -> A
     }
 }
 
-/// How long the caller should wait when `endpoint` is a workload on this
-/// node whose rate limit refuses it; None when it may go on.
-fn rate_limited(call: &Call<'_>, endpoint: &Endpoint) -> Option<Duration> {
-    if !endpoint.local {
-        return None;
-    }
-    let catalog = call.ctx.inputs.catalog.load();
-    let workload = &catalog.local_target(endpoint.addr)?.workload;
-    let limit = workload.rate_limit.as_ref()?;
-    let caller = call.source.map(|w| &w.identity);
-    let wait = limit.limiter.admit(caller).err()?;
-    limit
-        .refused
-        .get_or_init(|| {
-            let metrics = &call.ctx.inputs.metrics.requests;
-            metrics.rate_limited(&workload.namespace, &workload.name)
-        })
-        .inc();
-    Some(wait)
-}
-
-/// A rate limit's answer: 429 with `Retry-After` in whole seconds (at
-/// least 1), or gRPC RESOURCE_EXHAUSTED with `grpc-retry-pushback-ms`.
-fn too_many(grpc: bool, wait: Duration) -> Answer {
-    let mut response = answer(
-        grpc,
-        StatusCode::TOO_MANY_REQUESTS,
-        "the workload's rate limit is reached",
-    );
-    let (name, value) = match grpc {
-        true => ("grpc-retry-pushback-ms", wait.as_millis().max(1) as u64),
-        false => ("retry-after", wait.as_secs_f64().ceil().max(1.0) as u64),
-    };
-    response
-        .headers_mut()
-        .insert(name, HeaderValue::from(value));
-    response
-}
-
 /// A new connection to `endpoint` that speaks the service's HTTP.
 async fn connect(
     call: &Call<'_>,
@@ -448,42 +464,4 @@ async fn connect(
             .unwrap_or(Err(NoConnection::TimedOut)),
         None => opening.await,
     }
-}
-
-/// A fallback's fixed answer: `status` and `body` as configured, or for
-/// gRPC a trailers-only answer whose status says the same and whose
-/// message is the body.
-fn fixed(grpc: bool, status: StatusCode, body: &Bytes) -> Answer {
-    let mut response = answer(grpc, status, &String::from_utf8_lossy(body));
-    if !grpc {
-        *response.body_mut() = Either::Right(Full::new(body.clone()));
-    }
-    response
-}
-
-/// The agent's own answer, with why: an HTTP status and a body, or for
-/// gRPC a trailers-only answer whose status says the same.
-pub(super) fn answer(grpc: bool, status: StatusCode, why: &str) -> Answer {
-    let mut response = Response::new(Either::Right(Full::new(match grpc {
-        true => Bytes::new(),
-        false => Bytes::from(format!("sluice: {why}\n")),
-    })));
-    if !grpc {
-        *response.status_mut() = status;
-        return response;
-    }
-    let code = match status {
-        StatusCode::GATEWAY_TIMEOUT => GRPC_DEADLINE_EXCEEDED,
-        StatusCode::TOO_MANY_REQUESTS => 8,
-        StatusCode::FORBIDDEN => 7,
-        StatusCode::BAD_REQUEST => 13,
-        _ => GRPC_UNAVAILABLE,
-    };
-    let headers = response.headers_mut();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-    headers.insert(GRPC_STATUS, HeaderValue::from(code));
-    if let Ok(message) = HeaderValue::from_str(&format!("sluice: {why}")) {
-        headers.insert(GRPC_MESSAGE, message);
-    }
-    response
 }

@@ -15,26 +15,30 @@
 //! connection is not listed in `sluice conns` and does not move in an
 //! upgrade: it finishes in the old agent within `agent.drain_timeout`.
 
+mod answers;
 mod flood;
 mod forward;
 mod watched;
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
+use http::{Request, header::HOST};
 use http_body_util::Either;
-use hyper::service::service_fn;
+use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use log::debug;
 use tokio::{net::TcpStream, time::Instant};
 
 use self::{
     flood::{FloodGuard, Flooded},
-    forward::{Call, forward},
+    forward::{Answer, Call, Note, forward},
 };
 use super::outbound::OutboundContext;
 use crate::{
+    audit::{Party, Served},
     catalog::{Service, Workload},
     config::Protocol,
+    request::rules::grpc_status,
     telemetry::requests::ConnectionRefusal,
 };
 
@@ -54,15 +58,23 @@ pub(super) async fn serve(
     let name = service.qualified_name();
     let http1 = service.protocol == Protocol::Http;
     let metrics = ctx.clone();
-    let requests = service_fn(move |request| {
+    let requests = service_fn(move |request: Request<Incoming>| {
         let (ctx, service, source) = (ctx.clone(), service.clone(), source.clone());
         async move {
             let started = Instant::now();
+            let note = Note::default();
+            // What the access log says of the request, taken before it goes.
+            let asked = ctx
+                .inputs
+                .audit
+                .wants_requests()
+                .then(|| Asked::of(&request));
             let call = Call {
                 ctx: &ctx,
                 service: &service,
                 source: source.as_deref(),
                 peer,
+                note: &note,
             };
             let response = forward(&call, request).await;
             let counters = service.requests.get_or_init(|| {
@@ -73,7 +85,12 @@ pub(super) async fn serve(
                 Either::Left(_) => Some(response.status().as_u16()),
                 Either::Right(_) => None,
             };
-            counters.answered(status, started.elapsed().as_secs_f64());
+            let took = started.elapsed();
+            counters.answered(status, took.as_secs_f64());
+            counters.flagged(note.flagged());
+            if let Some(asked) = asked {
+                log_request(&call, &asked, &response, took);
+            }
             Ok::<_, Infallible>(response)
         }
     });
@@ -98,6 +115,62 @@ pub(super) async fn serve(
             metrics.inputs.metrics.requests.refused(why);
         }
     }
+}
+
+/// A request's line of the access log: what was asked.
+struct Asked {
+    method: http::Method,
+    authority: String,
+    path: String,
+}
+
+impl Asked {
+    fn of(request: &Request<Incoming>) -> Asked {
+        let authority = request
+            .uri()
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| request.headers().get(HOST).and_then(|h| h.to_str().ok()))
+            .unwrap_or("");
+        Asked {
+            method: request.method().clone(),
+            authority: authority.to_owned(),
+            path: request.uri().path().to_owned(),
+        }
+    }
+}
+
+/// One line of the access log (`audit.requests`), through the audit
+/// trail's bounded writer.
+fn log_request(call: &Call<'_>, asked: &Asked, response: &Answer, took: std::time::Duration) {
+    let service = call.service;
+    let endpoint = call.note.endpoint().map(|i| &service.endpoints[i]);
+    let name = service.qualified_name();
+    let source_workload = call.source.map(|w| w.qualified_name());
+    let grpc_status = (service.protocol == Protocol::Grpc)
+        .then(|| grpc_status(response.headers()))
+        .flatten();
+    call.ctx.inputs.audit.served(&Served {
+        source: Party {
+            identity: call.source.map(|w| &w.identity),
+            address: Some(call.peer),
+            workload: source_workload.as_deref(),
+        },
+        destination: Party {
+            identity: endpoint.and_then(|e| e.identity.as_ref()),
+            address: endpoint.map(|e| e.addr),
+            workload: None,
+        },
+        service: &name,
+        method: asked.method.as_str(),
+        authority: &asked.authority,
+        path: &asked.path,
+        status: response.status().as_u16(),
+        grpc_status,
+        duration_ms: took.as_secs_f64() * 1e3,
+        retries: call.note.retries(),
+        response_flags: call.note.flagged().as_str(),
+    });
 }
 
 /// Why the HTTP server closed a connection, when it refused it (rather
