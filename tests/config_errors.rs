@@ -366,17 +366,22 @@ fn a_protocol_the_agent_cannot_serve_yet_is_refused_with_its_line() {
             &format!("    port: 8080\n    protocol: {protocol}\n"),
         )
     };
-    for protocol in ["http", "grpc"] {
-        let remote = declared(protocol).replace(
-            "        port: 9001\n",
-            "        port: 9001\n        node: node-b\n        service_account: ledger\n",
-        ) + "nodes:\n  - name: node-b\n    address: 10.0.0.2\n";
-        let err = BadConfig::new(&remote).refused();
-        assert!(
-            err.contains("services[0].protocol: requests to endpoints on other nodes over mTLS"),
-            "{err}"
-        );
-    }
+    let kernel = declared("grpc").replace(
+        "    protocol: grpc\n",
+        "    protocol: grpc\n    mode: kernel\n",
+    );
+    let err = BadConfig::new(&kernel).refused();
+    assert!(
+        err.contains(":9: services[0].protocol: mode: kernel has no proxy to see requests"),
+        "{err}"
+    );
+    // Requests to another node's endpoints ride the tunnels.
+    let remote = declared("http").replace(
+        "        port: 9001\n",
+        "        port: 9001\n        node: node-b\n        service_account: ledger\n",
+    ) + "nodes:\n  - name: node-b\n    address: 10.0.0.2\n";
+    let (code, out) = BadConfig::new(&remote).run(&["config", "check"]);
+    assert_eq!(code, 0, "{out}");
     let err = BadConfig::new(&declared("smtp")).refused();
     assert!(err.contains(":9:"), "{err}");
     let on_tcp = BASE.replace(

@@ -15,6 +15,7 @@ mod kube;
 mod kubeapi_selftest;
 mod l7;
 mod l7_abuse;
+mod l7_mesh;
 mod mtls;
 mod observability;
 mod pods;

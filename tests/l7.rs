@@ -52,7 +52,7 @@ impl HttpBackend {
         HttpBackend { addr, arrivals }
     }
 
-    fn requests(&self) -> usize {
+    pub(crate) fn requests(&self) -> usize {
         self.arrivals.lock().unwrap().len()
     }
 
@@ -147,7 +147,7 @@ fn skip_chunks(reader: &mut impl BufRead) -> bool {
 /// as the client workload, with an `Idempotency-Key: k<i>` header when
 /// `keyed`; prints how many answers came from each backend (or with each
 /// status).
-fn send(agent: &Agent, vip: SocketAddr, method: &str, n: usize, keyed: bool) -> String {
+pub(crate) fn send(agent: &Agent, vip: SocketAddr, method: &str, n: usize, keyed: bool) -> String {
     let script = format!(
         "python3 - <<'PY'
 import collections, http.client

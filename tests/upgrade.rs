@@ -301,3 +301,72 @@ fn a_moved_connection_whose_service_is_gone_is_reset_and_counted() {
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(said.starts_with("FAILED at"), "{said}");
 }
+
+/// HTTP connections (a `protocol: http` service) cannot move: when the
+/// old agent drains it ends each one gracefully (the request in hand is
+/// answered, with `Connection: close`), and the clients' next requests
+/// open connections to the new agent. The old agent exits at once, not at
+/// its drain deadline. Each client resends a GET once if its kept
+/// connection was closed as the request went out, as HTTP clients do.
+#[test]
+fn http_connections_end_gracefully_in_an_upgrade_and_their_clients_go_on() {
+    let vip: SocketAddr = "127.77.7.15:8080".parse().unwrap();
+    let backends = [
+        crate::l7::HttpBackend::start("h1", crate::l7::Answer::Status(200)),
+        crate::l7::HttpBackend::start("h2", crate::l7::Answer::Status(200)),
+    ];
+    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    let config = AgentConfig::new(&[service("pay", &vip.to_string(), &addrs).protocol("http")]);
+    let mut old = Agent::start(&config);
+    let script = format!(
+        "python3 - <<'PY'
+import http.client, time
+c = http.client.HTTPConnection('{}', {}, timeout=10)
+ok = resent = 0
+for i in range(600):
+    for attempt in (1, 2):
+        try:
+            c.request('GET', '/balance/%d' % i)
+            r = c.getresponse()
+            r.read()
+            ok += r.status == 200
+            break
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+            c.close()
+            resent += 1
+    time.sleep(0.005)
+print('ok', ok, 'resent', resent)
+PY",
+        vip.ip(),
+        vip.port()
+    );
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            old.client_command(&script)
+                .stdout(Stdio::piped())
+                .spawn_guarded()
+                .expect("start a client")
+        })
+        .collect();
+    let served = |agent: &Agent| {
+        agent.metrics().sum(
+            "sluice_requests_total",
+            &[
+                ("destination_service", "pay"),
+                ("response_code_class", "2xx"),
+            ],
+        )
+    };
+    assert!(wait_until(Duration::from_secs(10), || served(&old) >= 100.0));
+    let new = Agent::start(&config);
+    exits_soon(&mut old, Instant::now());
+    for client in clients {
+        let out = client.wait_with_output().expect("a client ends");
+        let said = String::from_utf8_lossy(&out.stdout);
+        let f: Vec<&str> = said.split_whitespace().collect();
+        assert_eq!(f[..2], ["ok", "600"], "{said}");
+        // At most the one request each connection had out as it closed.
+        assert!(f[3].parse::<u32>().unwrap() <= 1, "{said}");
+    }
+    assert!(served(&new) > 0.0, "the new agent served none");
+}

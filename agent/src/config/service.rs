@@ -191,7 +191,7 @@ pub(super) fn validate(
         if s.mode == Mode::Kernel {
             check_kernel_mode(problems, &at, s);
         }
-        check_protocol(problems, &at, s, config.node.name.get());
+        check_protocol(problems, &at, s);
         if let Some(r) = &s.requests {
             requests::validate(problems, &at, r, s.protocol() != Protocol::Tcp);
         }
@@ -276,31 +276,19 @@ fn check_fallbacks(problems: &mut Vec<Problem>, services: &[&ServiceSpec]) {
     }
 }
 
-/// What the request path takes so far: HTTP/1.1, HTTP/2 (h2c) and gRPC to
-/// endpoints the agent reaches directly (on this node, or a plaintext
-/// service's anywhere). Requests over the mTLS tunnels come next (issue 17).
-fn check_protocol(problems: &mut Vec<Problem>, at: &str, s: &ServiceSpec, node: &str) {
+/// Requests need the proxy: `mode: kernel` has none.
+fn check_protocol(problems: &mut Vec<Problem>, at: &str, s: &ServiceSpec) {
     let Some(protocol) = &s.protocol else {
         return;
     };
-    if protocol.value == Protocol::Tcp {
-        return;
+    if protocol.value != Protocol::Tcp && s.mode == Mode::Kernel {
+        push(
+            problems,
+            protocol.referenced.line(),
+            format!("{at}.protocol"),
+            "mode: kernel has no proxy to see requests; requests need another mode".to_owned(),
+        );
     }
-    let line = protocol.referenced.line();
-    let field = format!("{at}.protocol");
-    let remote = s
-        .endpoints
-        .iter()
-        .any(|e| e.node.as_deref().is_some_and(|n| n != node));
-    let message = match s.mode {
-        Mode::Kernel => "mode: kernel has no proxy to see requests; requests need another mode",
-        Mode::Mtls | Mode::Permissive if remote => {
-            "requests to endpoints on other nodes over mTLS are not built yet; \
-             use mode: plaintext, or tcp"
-        }
-        _ => return,
-    };
-    push(problems, line, field, message.to_owned());
 }
 
 /// What the kernel cannot do for a `mode: kernel` service: it balances by

@@ -265,6 +265,7 @@ async fn run_attached(
         pods: discovery.as_ref().map(|d| d.pods.clone()),
         tunnels,
         handshakes: Some(handshakes.0.clone()),
+        drain: watch.clone(),
     });
     let mut pods = PodListeners::new(SocketAddr::V4(config.agent.outbound));
     pods.sync(

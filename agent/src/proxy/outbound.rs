@@ -50,6 +50,9 @@ pub struct OutboundContext {
     /// Where mTLS handshakes run, apart from the data-plane workers; None
     /// runs them where the connection is.
     pub handshakes: Option<tokio::runtime::Handle>,
+    /// The agent's drain: HTTP connections (request services) end
+    /// gracefully when it starts, as they cannot move to a successor.
+    pub drain: DrainWatch,
 }
 
 /// A bound outbound listener in one network namespace.

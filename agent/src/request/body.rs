@@ -72,6 +72,31 @@ impl UpBody {
         })
     }
 
+    /// Reads what is left of a body nobody will send, up to `max` bytes
+    /// and for at most a second, so that an HTTP/1.1 connection whose
+    /// request the agent answered itself stays open for the next one (a
+    /// body left unread closes it). Returns whether the body was read to
+    /// its end.
+    pub async fn discard(self, max: u64) -> bool {
+        let Some(mut rest) = self.rest else {
+            return true;
+        };
+        let reading = async {
+            let mut read = 0;
+            while let Some(frame) = rest.frame().await {
+                let Ok(frame) = frame else { return false };
+                read += frame.data_ref().map_or(0, |d| d.len() as u64);
+                if read > max {
+                    return false;
+                }
+            }
+            true
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(1), reading)
+            .await
+            .unwrap_or(false)
+    }
+
     /// Whether the whole body is in hand.
     pub fn is_whole(&self) -> bool {
         self.rest.is_none()

@@ -16,7 +16,7 @@ use hyper::{
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use log::debug;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::UpBody;
 
@@ -117,10 +117,15 @@ impl std::fmt::Debug for Pools {
     }
 }
 
-/// Opens an HTTP/1.1 or HTTP/2 (prior knowledge) connection over `tcp`,
-/// driven on a task of its own until it closes.
-pub async fn handshake(tcp: TcpStream, http2: bool) -> hyper::Result<Sender> {
-    let io = TokioIo::new(tcp);
+/// Opens an HTTP/1.1 or HTTP/2 (prior knowledge) connection over `io` (a
+/// TCP connection to the endpoint, or a stream to it through the mTLS
+/// tunnel to its node's agent), driven on a task of its own until it
+/// closes.
+pub async fn handshake<T>(io: T, http2: bool) -> hyper::Result<Sender>
+where
+    T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let io = TokioIo::new(io);
     if http2 {
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())

@@ -147,9 +147,7 @@ pub(super) fn translate(
                 }
                 let mut spec =
                     ServiceSpec::new(entry_name, ns.clone(), address, number, mode, endpoints);
-                if let Some(protocol) =
-                    app_protocol(port.app_protocol.as_deref(), &spec, settings.node)
-                {
+                if let Some(protocol) = app_protocol(port.app_protocol.as_deref(), &spec) {
                     spec.declare_protocol(protocol);
                 }
                 out.services.push(Arc::new(spec));
@@ -159,28 +157,18 @@ pub(super) fn translate(
     }
 }
 
-/// The protocol a Service port's `appProtocol` declares, where the agent
-/// can serve it: `http`, `kubernetes.io/h2c` (HTTP/2 with prior
-/// knowledge) and `grpc`. Requests to endpoints on other nodes over mTLS
-/// are not built yet (they would ride the tunnels), so such a service stays
-/// `tcp`, balanced per connection, rather than being refused; so does any
-/// other value (`kubernetes.io/ws`, a vendor's name).
-fn app_protocol(declared: Option<&str>, spec: &ServiceSpec, node: &str) -> Option<Protocol> {
+/// The protocol a Service port's `appProtocol` declares: `http`,
+/// `kubernetes.io/h2c` (HTTP/2 with prior knowledge) and `grpc`. Any other
+/// value (`kubernetes.io/ws`, a vendor's name) leaves the service `tcp`,
+/// balanced per connection, and so does `mode: kernel` (no proxy).
+fn app_protocol(declared: Option<&str>, spec: &ServiceSpec) -> Option<Protocol> {
     let protocol = match declared? {
         "http" => Protocol::Http,
         "kubernetes.io/h2c" => Protocol::Http2,
         "grpc" => Protocol::Grpc,
         _ => return None,
     };
-    let remote = spec
-        .endpoints
-        .iter()
-        .any(|e| e.node.as_deref().is_some_and(|n| n != node));
-    match spec.mode {
-        Mode::Kernel => None,
-        Mode::Mtls | Mode::Permissive if remote => None,
-        _ => Some(protocol),
-    }
+    (spec.mode != Mode::Kernel).then_some(protocol)
 }
 
 #[cfg(test)]
@@ -353,9 +341,8 @@ mod tests {
         assert!(why.contains("port 70000: not a port number"), "{why}");
     }
 
-    /// A port's `appProtocol` declares what its service speaks where the
-    /// request path can serve it; over mTLS to other nodes (not built
-    /// yet) the service stays tcp instead of being refused.
+    /// A port's `appProtocol` declares what its service speaks; a value
+    /// the agent does not know leaves it tcp.
     #[test]
     fn app_protocol_declares_the_protocol_where_requests_can_be_served() {
         let with = |app_protocol: &str, mode: Option<&str>, peers: &[&str]| {
@@ -379,9 +366,7 @@ mod tests {
         assert_eq!(with("kubernetes.io/h2c", plain, &[]), Protocol::Http2);
         assert_eq!(with("http", plain, &[]), Protocol::Http);
         assert_eq!(with("kubernetes.io/ws", plain, &[]), Protocol::Tcp);
-        // Only this node's endpoints (node-b's agent is unknown)...
-        assert_eq!(with("grpc", None, &[]), Protocol::Grpc);
-        // ...or some on node-b too, over mTLS to its agent.
-        assert_eq!(with("grpc", None, &["node-b"]), Protocol::Tcp);
+        // Requests to node-b ride the tunnel to its agent.
+        assert_eq!(with("grpc", None, &["node-b"]), Protocol::Grpc);
     }
 }

@@ -149,14 +149,20 @@ pub(super) async fn forward(call: &Call<'_>, request: Request<Incoming>) -> Answ
         },
         false => UpBody::streamed(body),
     };
-    let outgoing = Outgoing {
+    let mut outgoing = Outgoing {
         parts,
         resendable: resendable && payload.is_whole(),
         payload: Some(payload),
         limit,
         deadline: limit.map(|limit| started + limit),
     };
-    send(call, outgoing, true).await
+    let answer = send(call, &mut outgoing, true).await;
+    // A body that went nowhere (the agent answered): read it off, within
+    // the replay bound, so that the caller's connection stays usable.
+    if let Some(unsent) = outgoing.payload.take() {
+        unsent.discard(policy.max_replay_bytes).await;
+    }
+    answer
 }
 
 /// Whether no endpoint of `service` could take a request now (all ejected
@@ -173,7 +179,7 @@ fn nothing_eligible(service: &Service) -> bool {
 /// The service's fallback answers `outgoing`: another service (whose own
 /// fallback is not followed), or a fixed answer. Counted; logged once per
 /// episode.
-async fn fall_back(call: &Call<'_>, fallback: &FallbackTo, outgoing: Outgoing) -> Answer {
+async fn fall_back(call: &Call<'_>, fallback: &FallbackTo, outgoing: &mut Outgoing) -> Answer {
     let service = call.service;
     let grpc = service.protocol == Protocol::Grpc;
     if service.state.start_fallback() {
@@ -209,7 +215,7 @@ async fn fall_back(call: &Call<'_>, fallback: &FallbackTo, outgoing: Outgoing) -
 
 /// `outgoing` to an endpoint of the call's service, attempt after attempt;
 /// or, when `may_fall_back` and no endpoint is eligible, to its fallback.
-async fn send(call: &Call<'_>, mut outgoing: Outgoing, may_fall_back: bool) -> Answer {
+async fn send(call: &Call<'_>, outgoing: &mut Outgoing, may_fall_back: bool) -> Answer {
     let service = call.service;
     let policy = &service.policy.requests;
     let grpc = service.protocol == Protocol::Grpc;
@@ -445,13 +451,25 @@ async fn connect(
             call.peer.ip(),
         );
         match Box::pin(dialled).await {
-            Ok(Upstream::Plain(tcp)) => {
-                let _ = tcp.set_nodelay(true);
-                handshake(tcp, http2)
-                    .await
-                    .map_err(|_| NoConnection::Endpoint("the endpoint spoke no HTTP"))
+            Ok(upstream) => {
+                let spoken = match upstream {
+                    Upstream::Plain(tcp) => {
+                        let _ = tcp.set_nodelay(true);
+                        handshake(tcp, http2).await
+                    }
+                    // Another node's endpoint: a stream through the mTLS
+                    // tunnel to its agent (which authorizes it), or a TLS
+                    // connection of its own when tunnels are off. The
+                    // stream does not move in an upgrade (`TunnelSide` is
+                    // for carried connections); a request on it when the
+                    // peer agent pauses it fails and, if it may, is sent
+                    // again on a new one.
+                    Upstream::Tunnel(stream, _) => handshake(*stream, http2).await,
+                    Upstream::Tls(session) => handshake(*session, http2).await,
+                };
+                spoken.map_err(|_| NoConnection::Endpoint("the endpoint spoke no HTTP"))
             }
-            Ok(_) | Err(DialError::Caller(_)) => Err(NoConnection::NoPath),
+            Err(DialError::Caller(_)) => Err(NoConnection::NoPath),
             Err(DialError::Denied) => Err(NoConnection::Denied),
             Err(DialError::Endpoint(_)) => {
                 Err(NoConnection::Endpoint("cannot connect to the endpoint"))

@@ -10,10 +10,11 @@
 //! [`watched`] tells the endpoint how its answer ended; the connections to
 //! endpoints are shared per service ([`crate::request::pool`]).
 //!
-//! What is not built yet: rate limits, fallbacks, requests over the mTLS
-//! tunnels between nodes (config check refuses those services). An HTTP
-//! connection is not listed in `sluice conns` and does not move in an
-//! upgrade: it finishes in the old agent within `agent.drain_timeout`.
+//! An HTTP connection does not move in an upgrade: when the agent drains
+//! it ends gracefully (HTTP/1.1 after the request in hand, HTTP/2 with
+//! GOAWAY), and its client's next request goes to the successor. Not yet:
+//! a destination workload's rate limit sees only its own node's requests
+//! (requests from other nodes arrive as tunnelled connections).
 
 mod answers;
 mod flood;
@@ -57,6 +58,7 @@ pub(super) async fn serve(
 ) {
     let name = service.qualified_name();
     let http1 = service.protocol == Protocol::Http;
+    let mut drain = ctx.drain.clone();
     let metrics = ctx.clone();
     let requests = service_fn(move |request: Request<Incoming>| {
         let (ctx, service, source) = (ctx.clone(), service.clone(), source.clone());
@@ -94,19 +96,37 @@ pub(super) async fn serve(
             Ok::<_, Infallible>(response)
         }
     });
+    // When the agent drains (an upgrade, a stop), the connection ends
+    // gracefully: HTTP/1.1 after the request in hand, its answer saying
+    // `Connection: close`; HTTP/2 with GOAWAY, its open streams answered.
+    // The client opens its next connection to the successor.
     let served = match http1 {
         true => {
-            hyper::server::conn::http1::Builder::new()
+            let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(client), requests)
-                .await
+                .serve_connection(TokioIo::new(client), requests);
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                served = connection.as_mut() => served,
+                () = drain.draining() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            }
         }
         false => {
-            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
-                .serve_connection(TokioIo::new(FloodGuard::new(client)), requests)
-                .await
+                .serve_connection(TokioIo::new(FloodGuard::new(client)), requests);
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                served = connection.as_mut() => served,
+                () = drain.draining() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            }
         }
     };
     if let Err(e) = served {
