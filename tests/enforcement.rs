@@ -97,6 +97,7 @@ fn cluster() -> Cluster {
                     default: Decision::Allow,
                     allow: vec![],
                     deny: vec!["spiffe://cluster.local/ns/payments/sa/batch".to_owned()],
+                    requests: vec![],
                 }),
             workload("legacy", "legacy").netns(p1.path()),
             workload("vault", "vault"),

@@ -448,6 +448,151 @@ fn the_fallback_answers_while_every_endpoint_is_ejected() {
     assert_eq!(backup.requests() as f64, fallbacks("pay"));
 }
 
+/// A connection to an endpoint belongs to the caller it was made for:
+/// requests of a caller the endpoint's workload refuses never ride a
+/// connection another caller opened.
+#[test]
+fn pooled_connections_are_never_shared_across_caller_identities() {
+    let vip: SocketAddr = "127.77.8.20:8080".parse().unwrap();
+    let backend = HttpBackend::start("ledger", Answer::Status(200));
+    let config = AgentConfig::with(|c| {
+        let mut config = c.base(&[service("pay", &vip.to_string(), &[])
+            .protocol("http")
+            .endpoints(vec![Endpoint::new(backend.addr).workload("ledger")])]);
+        config
+            .workloads
+            .push(Workload::new("batch", "payments", "batch"));
+        config
+            .workloads
+            .push(
+                Workload::new("ledger", "payments", "ledger").authorization(Authorization {
+                    default: Decision::Deny,
+                    allow: vec!["spiffe://cluster.local/ns/payments/sa/client".into()],
+                    deny: vec![],
+                    requests: vec![],
+                }),
+            );
+        config
+    });
+    let agent = Agent::start(&config);
+    assert_eq!(send(&agent, vip, "GET", 3, false), "ledger=3");
+    // batch asks while client's connection to ledger sits idle in the pool.
+    let script = format!(
+        "python3 - <<'PY'
+import http.client
+c = http.client.HTTPConnection('{}', {}, timeout=10)
+for i in range(3):
+    c.request('GET', '/balance')
+    r = c.getresponse()
+    r.read()
+    print(r.status)
+PY",
+        vip.ip(),
+        vip.port()
+    );
+    let out = agent.workload_command("batch", &script).output().unwrap();
+    assert_eq!(lines(&out), ["403", "403", "403"]);
+    assert_eq!(backend.requests(), 3, "none of batch's requests arrived");
+    assert_eq!(send(&agent, vip, "GET", 2, false), "ledger=2");
+}
+
+/// An authorization's `requests` rules decide single requests by caller,
+/// method and path at the destination workload (here on this node): 403
+/// with the rule, audited as a denial; the caller's other requests go on
+/// on the same connection.
+#[test]
+fn request_rules_deny_by_method_and_path() {
+    let vip: SocketAddr = "127.77.8.21:8080".parse().unwrap();
+    let backend = HttpBackend::start("ledger", Answer::Status(200));
+    let rule = |from: &[&str], methods: &[&str], paths: &[&str], decision| RequestRule {
+        from: from.iter().map(|s| s.to_string()).collect(),
+        methods: methods.iter().map(|s| s.to_string()).collect(),
+        paths: paths.iter().map(|s| s.to_string()).collect(),
+        decision,
+    };
+    let batch = "spiffe://cluster.local/ns/payments/sa/batch";
+    let config = AgentConfig::with(|c| {
+        let mut config = c.base(&[service("pay", &vip.to_string(), &[])
+            .protocol("http")
+            .endpoints(vec![Endpoint::new(backend.addr).workload("ledger")])]);
+        config.audit = Some(Audit {
+            output: c.audit_path(),
+            requests: false,
+        });
+        config
+            .workloads
+            .push(Workload::new("batch", "payments", "batch"));
+        config
+            .workloads
+            .push(
+                Workload::new("ledger", "payments", "ledger").authorization(Authorization {
+                    default: Decision::Allow,
+                    allow: vec![],
+                    deny: vec![],
+                    requests: vec![
+                        rule(&[batch], &["POST"], &[], Decision::Deny),
+                        rule(&[], &[], &["/admin/*"], Decision::Deny),
+                    ],
+                }),
+            );
+        config
+    });
+    let agent = Agent::start(&config);
+    let asks = |workload: &str, asks: &[(&str, &str)]| {
+        let asks: Vec<String> = asks
+            .iter()
+            .map(|(m, p)| format!("('{m}', '{p}')"))
+            .collect();
+        let script = format!(
+            "python3 - <<'PY'
+import http.client
+c = http.client.HTTPConnection('{}', {}, timeout=10)
+for method, path in [{}]:
+    c.request(method, path, body=b'x' if method == 'POST' else None)
+    r = c.getresponse()
+    r.read()
+    print(method, path, r.status)
+PY",
+            vip.ip(),
+            vip.port(),
+            asks.join(", ")
+        );
+        lines(&agent.workload_command(workload, &script).output().unwrap())
+    };
+    assert_eq!(
+        asks(
+            "client",
+            &[
+                ("POST", "/pay"),
+                ("GET", "/admin/keys"),
+                ("GET", "/balance")
+            ]
+        ),
+        ["POST /pay 200", "GET /admin/keys 403", "GET /balance 200"]
+    );
+    assert_eq!(
+        asks("batch", &[("POST", "/pay"), ("GET", "/balance")]),
+        ["POST /pay 403", "GET /balance 200"]
+    );
+    assert_eq!(backend.requests(), 3);
+    let denials = audit_lines(&config.audit_path(), "denied", 2);
+    let said: Vec<(&str, &str)> = denials
+        .iter()
+        .map(|d| (d["rule"].as_str().unwrap(), d["detail"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        said,
+        [
+            (
+                "workload payments/ledger requests[1]",
+                "request GET /admin/keys"
+            ),
+            ("workload payments/ledger requests[0]", "request POST /pay"),
+        ]
+    );
+    assert_eq!(flagged(&agent, "UAEX"), 2.0);
+}
+
 /// With `audit.requests`, each request is one JSON line of the audit
 /// trail: who asked what, the answer, how long, how many retries, and
 /// what the agent did about it.

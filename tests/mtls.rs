@@ -110,6 +110,7 @@ pub(crate) fn mesh_with(
                 default: Decision::Deny,
                 allow: vec!["spiffe://cluster.local/ns/payments/sa/checkout".to_owned()],
                 deny: vec![],
+                requests: vec![],
             },
         )],
         services: services(Endpoint::new(ledger_addr).workload("ledger")),

@@ -216,6 +216,21 @@ pub struct Authorization {
     pub allow: Vec<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub deny: Vec<String>,
+    /// Rules on requests (request services).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub requests: Vec<RequestRule>,
+}
+
+/// One of an authorization's `requests` rules.
+#[derive(Debug, Clone, Serialize)]
+pub struct RequestRule {
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub from: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+    pub decision: Decision,
 }
 
 /// What a policy decides.

@@ -28,8 +28,8 @@ pub use sluice_testkit::{
     client::{Calls, Client},
     config::{
         self, Audit, Authorization, CircuitBreakers, Config, Decision, Endpoint, Fallback,
-        HealthCheck, LbPolicy, Mode, OnAgentDown, OutlierDetection, PeerNode, RateLimit, Requests,
-        Service, Timeouts, Workload,
+        HealthCheck, LbPolicy, Mode, OnAgentDown, OutlierDetection, PeerNode, RateLimit,
+        RequestRule, Requests, Service, Timeouts, Workload,
     },
     metrics::Exposition,
     names::unique,

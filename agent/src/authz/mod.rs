@@ -55,6 +55,51 @@ pub struct Policy {
     default: Decision,
     allow: Vec<(String, Pattern)>,
     deny: Vec<(String, Pattern)>,
+    requests: Vec<RequestRule>,
+}
+
+/// A compiled `requests` rule.
+#[derive(Debug, Clone)]
+struct RequestRule {
+    from: Vec<Pattern>,
+    methods: Vec<http::Method>,
+    /// Exact paths, and prefixes (a rule's path ending in `*`).
+    paths: Vec<(String, bool)>,
+    allow: bool,
+}
+
+impl RequestRule {
+    fn compile(rule: &crate::config::requests::RequestRule) -> RequestRule {
+        RequestRule {
+            from: rule.from.iter().filter_map(|p| Pattern::parse(p)).collect(),
+            methods: rule
+                .methods
+                .iter()
+                .filter_map(|m| http::Method::from_bytes(m.as_bytes()).ok())
+                .collect(),
+            paths: rule
+                .paths
+                .iter()
+                .map(|p| match p.strip_suffix('*') {
+                    Some(prefix) => (prefix.to_owned(), true),
+                    None => (p.get().clone(), false),
+                })
+                .collect(),
+            allow: rule.decision == Decision::Allow,
+        }
+    }
+
+    fn matches(&self, caller: Option<&Identity>, method: &http::Method, path: &str) -> bool {
+        let from =
+            self.from.is_empty() || caller.is_some_and(|c| self.from.iter().any(|p| p.matches(c)));
+        let method = self.methods.is_empty() || self.methods.contains(method);
+        let path = self.paths.is_empty()
+            || self.paths.iter().any(|(p, prefix)| match prefix {
+                true => path.starts_with(p.as_str()),
+                false => path == p,
+            });
+        from && method && path
+    }
 }
 
 /// A decision and the rule that made it.
@@ -90,7 +135,27 @@ impl Policy {
             default: a.default,
             allow: compile(&a.allow),
             deny: compile(&a.deny),
+            requests: a.requests.iter().map(RequestRule::compile).collect(),
         }
+    }
+
+    /// The first `requests` rule that matches this request decides it;
+    /// None when none does (the connection-level decision stands).
+    pub fn evaluate_request(
+        &self,
+        caller: Option<&Identity>,
+        method: &http::Method,
+        path: &str,
+    ) -> Option<Verdict> {
+        let (i, rule) = self
+            .requests
+            .iter()
+            .enumerate()
+            .find(|(_, r)| r.matches(caller, method, path))?;
+        Some(Verdict {
+            allowed: rule.allow,
+            rule: format!("{} requests[{i}]", self.owner),
+        })
     }
 
     /// Deny rules first, then allow rules, then the default.
@@ -151,9 +216,59 @@ pub fn evaluate(policies: &[std::sync::Arc<Policy>], caller: &Identity) -> Verdi
     })
 }
 
+/// A request as the destination's policies see it: each that has a
+/// matching `requests` rule must allow it. None: no rule spoke.
+pub fn evaluate_request(
+    policies: &[std::sync::Arc<Policy>],
+    caller: Option<&Identity>,
+    method: &http::Method,
+    path: &str,
+) -> Option<Verdict> {
+    let mut last = None;
+    for p in policies {
+        if let Some(v) = p.evaluate_request(caller, method, path) {
+            if !v.allowed {
+                return Some(v);
+            }
+            last = Some(v);
+        }
+    }
+    last
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_rules_match_caller_method_and_path_and_the_first_decides() {
+        let p = policy(
+            "default: allow\nrequests:\n  - from: [spiffe://td/ns/payments/sa/batch]\n    \
+             methods: [POST]\n    decision: deny\n  - paths: [/admin/*]\n    decision: deny\n  \
+             - paths: [/balance]\n    methods: [GET]\n    decision: allow\n",
+        );
+        let batch = Identity::new("td", "payments", "batch");
+        let checkout = Identity::new("td", "payments", "checkout");
+        let decide = |who: &Identity, m: http::Method, path: &str| {
+            p.evaluate_request(Some(who), &m, path)
+                .map(|v| (v.allowed, v.rule))
+        };
+        let rule = |i: usize| format!("workload payments/ledger requests[{i}]");
+        assert_eq!(
+            decide(&batch, http::Method::POST, "/pay"),
+            Some((false, rule(0)))
+        );
+        assert_eq!(decide(&checkout, http::Method::POST, "/pay"), None);
+        assert_eq!(
+            decide(&checkout, http::Method::GET, "/admin/keys"),
+            Some((false, rule(1)))
+        );
+        assert_eq!(decide(&checkout, http::Method::GET, "/adminx"), None);
+        assert_eq!(
+            decide(&batch, http::Method::GET, "/balance"),
+            Some((true, rule(2)))
+        );
+    }
 
     fn policy(yaml: &str) -> Policy {
         let a: Authorization = serde_saphyr::from_str(yaml).unwrap();

@@ -185,6 +185,11 @@ pub struct Authorization {
     pub allow: Vec<Spanned<String>>,
     #[serde(default)]
     pub deny: Vec<Spanned<String>>,
+    /// Rules on requests (services with protocol http, http2 or grpc):
+    /// the first that matches a request decides it; none: the caller's
+    /// connection-level decision stands.
+    #[serde(default)]
+    pub requests: Vec<super::requests::RequestRule>,
 }
 
 impl Authorization {
@@ -198,6 +203,7 @@ impl Authorization {
             default,
             allow: allow.into_iter().map(unspanned).collect(),
             deny: deny.into_iter().map(unspanned).collect(),
+            requests: Vec::new(),
         }
     }
 }
@@ -274,6 +280,8 @@ fn check_authorization(
             }
         }
     }
+    let at = format!("{at}.authorization");
+    super::requests::validate_request_rules(problems, &at, &authz.requests, trust_domain);
 }
 
 /// Checks the mesh settings, peer nodes, modes and policies.

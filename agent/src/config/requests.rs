@@ -107,6 +107,74 @@ pub(super) fn validate_rate_limit(problems: &mut Vec<Problem>, at: &str, r: &Rat
     }
 }
 
+/// One of an `authorization`'s `requests` rules: which requests of which
+/// callers it decides. Every field left out matches anything.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestRule {
+    /// Caller patterns, as in `allow` and `deny`.
+    #[serde(default)]
+    pub from: Vec<Spanned<String>>,
+    /// Methods, upper case (`GET`, `POST`).
+    #[serde(default)]
+    pub methods: Vec<Spanned<String>>,
+    /// Paths: exact (`/balance`), or a prefix ending in `*` (`/admin/*`).
+    #[serde(default)]
+    pub paths: Vec<Spanned<String>>,
+    pub decision: super::Decision,
+}
+
+/// Checks an `authorization.requests` list; `at` is the authorization's
+/// field path.
+pub(super) fn validate_request_rules(
+    problems: &mut Vec<Problem>,
+    at: &str,
+    rules: &[RequestRule],
+    trust_domain: &str,
+) {
+    for (k, rule) in rules.iter().enumerate() {
+        let at = format!("{at}.requests[{k}]");
+        let mut push = |v: &Spanned<String>, field: &str, i: usize, message: String| {
+            problems.push(Problem {
+                line: v.referenced.line(),
+                field: format!("{at}.{field}[{i}]"),
+                message,
+            })
+        };
+        for (i, from) in rule.from.iter().enumerate() {
+            if let Err(message) = super::mesh::check_pattern(&from.value, trust_domain) {
+                push(from, "from", i, message);
+            }
+        }
+        for (i, method) in rule.methods.iter().enumerate() {
+            let token =
+                !method.value.is_empty() && method.value.bytes().all(|b| b.is_ascii_uppercase());
+            if !token {
+                push(
+                    method,
+                    "methods",
+                    i,
+                    format!("`{}` is not an upper-case method", method.value),
+                );
+            }
+        }
+        for (i, path) in rule.paths.iter().enumerate() {
+            let star = path.value.find('*');
+            if !path.value.starts_with('/') || star.is_some_and(|s| s + 1 != path.value.len()) {
+                push(
+                    path,
+                    "paths",
+                    i,
+                    format!(
+                        "`{}` is not a path (from /, with * only at its end)",
+                        path.value
+                    ),
+                );
+            }
+        }
+    }
+}
+
 /// gRPC status codes a route may declare retryable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]

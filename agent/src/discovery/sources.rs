@@ -121,8 +121,9 @@ fn same_workload(a: &WorkloadSpec, b: &WorkloadSpec) -> bool {
                 default,
                 allow,
                 deny,
+                requests,
             } = x;
-            *default == y.default && *allow == y.allow && *deny == y.deny
+            *default == y.default && *allow == y.allow && *deny == y.deny && *requests == y.requests
         }
         _ => false,
     };

@@ -4,6 +4,11 @@
 //! connection (every request a stream of it, until it closes or goes
 //! away; then the next request opens another).
 //!
+//! A connection belongs to the caller identity it was made for: the
+//! endpoint's node agent authorized that identity (a tunnel stream), or
+//! this agent admitted it (an endpoint on this node), so another caller's
+//! requests never ride it.
+//!
 //! Each endpoint has its own locks, held only to take or give back a
 //! connection: requests to different endpoints never wait on each other.
 
@@ -19,9 +24,15 @@ use log::debug;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::UpBody;
+use crate::tls::Identity;
 
-/// Most idle HTTP/1.1 connections kept per endpoint; more are closed.
+/// Most idle HTTP/1.1 connections kept per endpoint, and HTTP/2
+/// connections (one per caller identity); more are closed.
 const MAX_IDLE_PER_ENDPOINT: usize = 64;
+
+/// Whose requests a connection carries: the caller's identity (None: a
+/// caller the agent knows no identity for).
+type Owner = Option<Identity>;
 
 /// A connection that can take a request.
 pub enum Sender {
@@ -47,53 +58,52 @@ impl Sender {
 /// One endpoint's connections.
 #[derive(Default)]
 pub struct EndpointPool {
-    idle: Mutex<Vec<http1::SendRequest<UpBody>>>,
-    shared: Mutex<Option<http2::SendRequest<UpBody>>>,
+    idle: Mutex<Vec<(Owner, http1::SendRequest<UpBody>)>>,
+    shared: Mutex<Vec<(Owner, http2::SendRequest<UpBody>)>>,
 }
 
 impl EndpointPool {
-    /// A connection ready for a request, if one is open: an idle HTTP/1.1
-    /// one, or the shared HTTP/2 one.
-    pub fn take(&self, http2: bool) -> Option<Sender> {
+    /// A connection of `owner`'s ready for a request, if one is open: an
+    /// idle HTTP/1.1 one, or the shared HTTP/2 one.
+    pub fn take(&self, http2: bool, owner: Option<&Identity>) -> Option<Sender> {
         if http2 {
-            let shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+            let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+            shared.retain(|(_, s)| !s.is_closed());
             return shared
-                .as_ref()
-                .filter(|s| s.is_ready())
-                .map(|s| Sender::Http2(s.clone()));
+                .iter()
+                .find(|(o, s)| o.as_ref() == owner && s.is_ready())
+                .map(|(_, s)| Sender::Http2(s.clone()));
         }
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         // A connection still carrying a response body stays for later;
         // one the endpoint closed goes.
-        idle.retain(|s| !s.is_closed());
-        let ready = idle.iter().rposition(|s| s.is_ready())?;
-        Some(Sender::Http1(idle.swap_remove(ready)))
+        idle.retain(|(_, s)| !s.is_closed());
+        let ready = idle
+            .iter()
+            .rposition(|(o, s)| o.as_ref() == owner && s.is_ready())?;
+        Some(Sender::Http1(idle.swap_remove(ready).1))
     }
 
     /// Keeps `sender` for the next request: an HTTP/1.1 connection once
     /// its answer is in (it takes the next request when its body is
     /// read), a new HTTP/2 connection in place of one that closed.
-    pub fn keep(&self, sender: Sender) {
+    pub fn keep(&self, sender: Sender, owner: Option<&Identity>) {
         match sender {
             Sender::Http1(s) => {
                 let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
                 if idle.len() < MAX_IDLE_PER_ENDPOINT {
-                    idle.push(s);
+                    idle.push((owner.cloned(), s));
                 }
             }
             Sender::Http2(s) => {
                 let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
-                *shared = Some(s);
+                shared.retain(|(o, _)| o.as_ref() != owner);
+                if shared.len() >= MAX_IDLE_PER_ENDPOINT {
+                    shared.remove(0);
+                }
+                shared.push((owner.cloned(), s));
             }
         }
-    }
-
-    /// Idle HTTP/1.1 connections and whether an HTTP/2 one is open (for
-    /// the admin views and tests).
-    pub fn open(&self) -> (usize, bool) {
-        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).len();
-        let shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
-        (idle, shared.as_ref().is_some_and(|s| !s.is_closed()))
     }
 }
 

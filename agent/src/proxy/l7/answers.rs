@@ -1,30 +1,69 @@
 //! The agent's own answers on the request path: why it answered instead
 //! of an endpoint, as an HTTP status and body, or for gRPC as a
-//! trailers-only answer whose status says the same; and the rate limit of
-//! a destination workload on this node, which answers 429.
+//! trailers-only answer whose status says the same; and what a destination
+//! workload on this node says of a request before it is sent (its
+//! authorization's request rules: 403; its rate limit: 429).
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderValue, Response, StatusCode, header::CONTENT_TYPE};
+use http::{HeaderValue, Response, StatusCode, header::CONTENT_TYPE, request::Parts};
 use http_body_util::{Either, Full};
 
 use super::forward::{Answer, Call};
 use crate::{
+    audit::{Denial, Party},
+    authz,
     catalog::Endpoint,
     request::rules::{GRPC_DEADLINE_EXCEEDED, GRPC_MESSAGE, GRPC_STATUS, GRPC_UNAVAILABLE},
+    telemetry::requests::ResponseFlag,
 };
 
-/// How long the caller should wait when `endpoint` is a workload on this
-/// node whose rate limit refuses it; None when it may go on.
-pub(super) fn rate_limited(call: &Call<'_>, endpoint: &Endpoint) -> Option<Duration> {
+/// The destination's answer instead of `endpoint`'s, when the endpoint is
+/// a workload on this node whose policies' request rules deny the request
+/// (audited as a denial) or whose rate limit refuses it; None: send it.
+pub(super) fn destination_refuses(
+    call: &Call<'_>,
+    endpoint: &Endpoint,
+    parts: &Parts,
+    grpc: bool,
+) -> Option<Answer> {
     if !endpoint.local {
         return None;
     }
     let catalog = call.ctx.inputs.catalog.load();
-    let workload = &catalog.local_target(endpoint.addr)?.workload;
-    let limit = workload.rate_limit.as_ref()?;
+    let target = catalog.local_target(endpoint.addr)?;
+    let workload = &target.workload;
     let caller = call.source.map(|w| &w.identity);
+    let (method, path) = (&parts.method, parts.uri.path());
+    let verdict = authz::evaluate_request(&target.policies, caller, method, path);
+    if let Some(denied) = verdict.filter(|v| !v.allowed) {
+        call.note.flag(ResponseFlag::Unauthorized);
+        let (source, service) = (
+            call.source.map(|w| w.qualified_name()),
+            call.service.qualified_name(),
+        );
+        let destination = workload.qualified_name();
+        call.ctx.inputs.audit.deny(&Denial {
+            reason: "denied",
+            source: Party {
+                identity: caller,
+                address: Some(call.peer),
+                workload: source.as_deref(),
+            },
+            destination: Party {
+                identity: Some(&workload.identity),
+                address: Some(endpoint.addr),
+                workload: Some(&destination),
+            },
+            service: Some(&service),
+            rule: Some(&denied.rule),
+            detail: Some(&format!("request {method} {path}")),
+        });
+        let why = format!("authorization refused the request ({})", denied.rule);
+        return Some(answer(grpc, StatusCode::FORBIDDEN, &why));
+    }
+    let limit = workload.rate_limit.as_ref()?;
     let wait = limit.limiter.admit(caller).err()?;
     limit
         .refused
@@ -33,12 +72,13 @@ pub(super) fn rate_limited(call: &Call<'_>, endpoint: &Endpoint) -> Option<Durat
             metrics.rate_limited(&workload.namespace, &workload.name)
         })
         .inc();
-    Some(wait)
+    call.note.flag(ResponseFlag::RateLimited);
+    Some(too_many(grpc, wait))
 }
 
 /// A rate limit's answer: 429 with `Retry-After` in whole seconds (at
 /// least 1), or gRPC RESOURCE_EXHAUSTED with `grpc-retry-pushback-ms`.
-pub(super) fn too_many(grpc: bool, wait: Duration) -> Answer {
+fn too_many(grpc: bool, wait: Duration) -> Answer {
     let mut response = answer(
         grpc,
         StatusCode::TOO_MANY_REQUESTS,

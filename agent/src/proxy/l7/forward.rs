@@ -27,7 +27,7 @@ use log::{info, warn};
 use tokio::time::{Instant, sleep, timeout_at};
 
 use super::{
-    answers::{answer, fixed, rate_limited, too_many},
+    answers::{answer, destination_refuses, fixed},
     watched::{Verdict, Watched, grpc_failure},
 };
 use crate::{
@@ -82,7 +82,7 @@ pub(super) struct Note {
 }
 
 impl Note {
-    fn flag(&self, flag: ResponseFlag) {
+    pub(super) fn flag(&self, flag: ResponseFlag) {
         self.flag.store(flag as u8, Ordering::Relaxed);
     }
 
@@ -277,13 +277,13 @@ async fn send(call: &Call<'_>, outgoing: &mut Outgoing, may_fall_back: bool) -> 
         call.note
             .endpoint
             .store(chosen.index + 1, Ordering::Relaxed);
-        if let Some(wait) = rate_limited(call, endpoint) {
-            call.note.flag(ResponseFlag::RateLimited);
+        if let Some(refused) = destination_refuses(call, endpoint, parts, grpc) {
             endpoint.state.cancel(chosen.admission);
-            return too_many(grpc, wait);
+            return refused;
         }
         let pool = service.pools.endpoint(chosen.index);
-        let (mut sender, fresh) = match pool.take(http2) {
+        let owner = call.source.map(|w| &w.identity);
+        let (mut sender, fresh) = match pool.take(http2, owner) {
             Some(sender) => (sender, false),
             None => match connect(call, endpoint, http2, deadline).await {
                 Ok(sender) => (sender, true),
@@ -391,7 +391,7 @@ async fn send(call: &Call<'_>, outgoing: &mut Outgoing, may_fall_back: bool) -> 
         };
         tried.add(chosen.index);
         if fresh || matches!(sender, Sender::Http1(_)) {
-            pool.keep(sender);
+            pool.keep(sender, owner);
         }
         let status = response.status();
         let grpc_head = grpc.then(|| grpc_status(response.headers())).flatten();
