@@ -8,7 +8,8 @@
 //! answers 5xx (gRPC: UNAVAILABLE, INTERNAL) counts it as a failure.
 //! [`forward`] is one request's way, with its timeout and retries;
 //! [`watched`] tells the endpoint how its answer ended; the connections to
-//! endpoints are shared per service ([`crate::request::pool`]).
+//! endpoints are shared per service and caller identity
+//! ([`crate::request::pool`]).
 //!
 //! An HTTP connection does not move in an upgrade: when the agent drains
 //! it ends gracefully (HTTP/1.1 after the request in hand, HTTP/2 with
