@@ -119,6 +119,7 @@ fn one_grpc_connection_spreads_its_calls_over_three_backends() {
         assert!((0.30..=0.37).contains(&share), "{name}: {share} ({said})");
     }
     assert_eq!(requests(&agent, "2xx"), 3000.0);
+    assert_eq!(grpc_statuses(&agent, "0"), 3000.0);
 }
 
 #[test]
@@ -207,6 +208,18 @@ PY",
             "4 sluice: no answer within 800 ms"
         ]
     );
+    assert_eq!(grpc_statuses(&agent, "4"), 2.0);
+}
+
+/// Calls the agent counted for service `pay` with gRPC status `status`.
+fn grpc_statuses(agent: &Agent, status: &str) -> f64 {
+    agent.metrics().sum(
+        "sluice_grpc_requests_total",
+        &[
+            ("destination_service", "pay"),
+            ("grpc_response_status", status),
+        ],
+    )
 }
 
 /// Retries the agent made for service `pay`.

@@ -290,6 +290,13 @@ fn a_backend_that_never_answers_times_out_at_the_route_timeout() {
     assert!(took >= Duration::from_millis(300), "{took:?}");
     assert_eq!(requests(&agent, "error"), 1.0);
     assert_eq!(flagged(&agent, "UT"), 1.0);
+    let codes = |code| {
+        agent.metrics().sum(
+            "sluice_requests_total",
+            &[("destination_service", "pay"), ("response_code", code)],
+        )
+    };
+    assert_eq!(codes("504"), 1.0, "the agent's answer, by its code");
 }
 
 /// A rate limit of 100 requests a second per caller identity, at the

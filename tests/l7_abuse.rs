@@ -312,3 +312,40 @@ fn an_http2_abuse_corpus_is_refused_and_a_good_stream_loses_nothing() {
     };
     println!("refused {}", refused("http2_protocol"));
 }
+
+/// A request body kept for a replay must arrive within the request's time
+/// limit: a caller that stops sending mid-body gets 408 then, and holds
+/// nothing longer.
+#[test]
+fn a_body_that_stalls_gets_408_at_the_time_limit() {
+    let vip: SocketAddr = "127.77.8.32:8080".parse().unwrap();
+    let backend = crate::l7::HttpBackend::start("b1", crate::l7::Answer::Status(200));
+    let config =
+        AgentConfig::new(&[
+            backend_service(vip, "http", backend.addr).requests(Requests {
+                timeout: Some(Duration::from_millis(300)),
+                ..Default::default()
+            }),
+        ]);
+    let agent = Agent::start(&config);
+    let script = format!(
+        "python3 - <<'PY'
+import socket, time
+s = socket.create_connection(('{}', {}), timeout=10)
+s.sendall(b'POST /pay HTTP/1.1\\r\\nHost: pay\\r\\nIdempotency-Key: k1\\r\\nContent-Length: 100\\r\\n\\r\\n0123456789')
+start = time.monotonic()
+print(s.recv(200).split(b'\\r\\n')[0].decode())
+print('in time' if time.monotonic() - start < 5 else 'late')
+PY",
+        vip.ip(),
+        vip.port()
+    );
+    let out = agent.client_command(&script).output().unwrap();
+    assert_eq!(
+        lines(&out),
+        ["HTTP/1.1 408 Request Timeout", "in time"],
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(backend.requests(), 0);
+}

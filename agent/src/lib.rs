@@ -12,7 +12,9 @@
 //!  connected   connect/    the one socket maker (marks, pod namespaces, handover)
 //!  carried     carry/      copy both ways (and suspend it for a handover), the
 //!                          mTLS preamble; tls/ for streams (session/: the
-//!                          record layer that moves); tunnel/ HTTP/2 CONNECT
+//!                          record layer that moves); tunnel/ HTTP/2 CONNECT;
+//!                          or, for request services, proxy/l7 with request/
+//!                          (retry rules, replay bodies, upstream pools)
 //!  observed    telemetry/  metrics families, counters; audit/; admin/ views
 //!
 //!  state       catalog/    services, endpoints, workloads: one immutable snapshot

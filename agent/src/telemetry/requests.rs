@@ -1,8 +1,12 @@
-//! Metrics of requests (services that declare `protocol: http`), in
-//! Istio's vocabulary: `sluice_requests_total` by destination service and
-//! response code class, and `sluice_request_duration_seconds`. Each
-//! service resolves its handles once ([`RequestCounters`]); a request then
-//! only adds to them, with no lock and no allocation.
+//! Metrics of requests (services that declare `protocol: http`, `http2`
+//! or `grpc`), in Istio's vocabulary: `sluice_requests_total` by
+//! destination service, response code and its class, `sluice_grpc_requests_total`
+//! by `grpc_response_status`, `sluice_request_flags_total` and
+//! `sluice_request_duration_seconds`. Each service resolves its handles
+//! once ([`RequestCounters`]), a response code's on its first use; a
+//! request then only adds to them, with no lock and no allocation.
+
+use std::sync::OnceLock;
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -19,7 +23,21 @@ struct RequestLabels {
     destination_service: String,
     destination_service_namespace: String,
     response_code_class: &'static str,
+    /// The status the caller got (the agent's own when it answered).
+    response_code: u16,
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GrpcLabels {
+    destination_service: String,
+    destination_service_namespace: String,
+    grpc_response_status: u16,
+}
+
+/// Response codes counted one by one; others count as 0.
+const CODES: std::ops::RangeInclusive<u16> = 100..=599;
+/// gRPC's status codes.
+const GRPC_STATUSES: u16 = 17;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct FlagLabels {
@@ -83,6 +101,7 @@ pub struct RequestMetrics {
     refusals: Family<RefusalLabels, Counter>,
     flags: Family<FlagLabels, Counter>,
     requests: Family<RequestLabels, Counter>,
+    grpc: Family<GrpcLabels, Counter>,
     duration: Family<ServiceLabels, Histogram>,
     rate_limited: Family<WorkloadLabels, Counter>,
 }
@@ -146,21 +165,46 @@ impl ResponseFlag {
 /// One service's handles.
 #[derive(Debug)]
 pub struct RequestCounters {
-    by_class: [Counter; CLASSES.len()],
+    family: Family<RequestLabels, Counter>,
+    service: (String, String),
+    /// By response code and whether an endpoint answered, resolved on
+    /// first use.
+    by_code: Box<[[OnceLock<Counter>; 2]]>,
     by_flag: [Counter; ResponseFlag::ALL.len()],
+    /// gRPC services only.
+    by_grpc: Vec<Counter>,
     duration: Histogram,
 }
 
 impl RequestCounters {
-    /// Counts a request answered `status` (None: no endpoint answered)
-    /// after `seconds`.
-    pub fn answered(&self, status: Option<u16>, seconds: f64) {
-        let class = match status {
-            Some(code @ 100..=599) => usize::from(code / 100 - 1),
-            _ => CLASSES.len() - 1,
+    /// Counts a request answered `code` after `seconds`, by its endpoint
+    /// or (`by_endpoint` false) by the agent itself (class `error`).
+    pub fn answered(&self, code: u16, by_endpoint: bool, seconds: f64) {
+        let code = if CODES.contains(&code) { code } else { 0 };
+        let slot = usize::from(code.saturating_sub(*CODES.start()));
+        let class = match (by_endpoint, code) {
+            (true, 100..=599) => CLASSES[usize::from(code / 100 - 1)],
+            _ => CLASSES[CLASSES.len() - 1],
         };
-        self.by_class[class].inc();
+        let counter = self.by_code[slot][usize::from(by_endpoint)].get_or_init(|| {
+            let (name, namespace) = &self.service;
+            let labels = RequestLabels {
+                destination_service: name.clone(),
+                destination_service_namespace: namespace.clone(),
+                response_code_class: class,
+                response_code: code,
+            };
+            self.family.get_or_create(&labels).clone()
+        });
+        counter.inc();
         self.duration.observe(seconds);
+    }
+
+    /// Counts a gRPC call that ended with `status`.
+    pub fn grpc(&self, status: u16) {
+        if let Some(counter) = self.by_grpc.get(usize::from(status)) {
+            counter.inc();
+        }
     }
 
     /// Counts a request the agent did something about.
@@ -186,7 +230,7 @@ impl RequestMetrics {
         );
         registry.register(
             "sluice_requests",
-            "Requests to services that declare protocol http, by destination service and response code class (error: no endpoint answered; the agent did)",
+            "Requests to services that declare protocol http, http2 or grpc, by destination service, response code and its class (error: no endpoint answered; the agent did, with response_code the status it sent)",
             requests.clone(),
         );
         registry.register(
@@ -199,6 +243,12 @@ impl RequestMetrics {
             "sluice_rate_limited_requests",
             "Requests refused by a workload's rate_limit (429, or gRPC RESOURCE_EXHAUSTED), by destination workload",
             rate_limited.clone(),
+        );
+        let grpc = Family::<GrpcLabels, Counter>::default();
+        registry.register(
+            "sluice_grpc_requests",
+            "gRPC calls by destination service and grpc_response_status (from a trailers-only answer, or the trailers)",
+            grpc.clone(),
         );
         let flags = Family::<FlagLabels, Counter>::default();
         registry.register(
@@ -215,6 +265,7 @@ impl RequestMetrics {
         RequestMetrics {
             refusals,
             flags,
+            grpc,
             requests,
             duration,
             rate_limited,
@@ -238,13 +289,9 @@ impl RequestMetrics {
         self.rate_limited.get_or_create(&labels).clone()
     }
 
-    /// The handles of service `namespace/name`, every class at 0.
-    pub fn service(&self, namespace: &str, name: &str) -> RequestCounters {
-        let labels = |class| RequestLabels {
-            destination_service: name.to_owned(),
-            destination_service_namespace: namespace.to_owned(),
-            response_code_class: class,
-        };
+    /// The handles of service `namespace/name` (of a gRPC service when
+    /// `grpc`).
+    pub fn service(&self, namespace: &str, name: &str, grpc: bool) -> RequestCounters {
         let service = ServiceLabels {
             destination_service: name.to_owned(),
             destination_service_namespace: namespace.to_owned(),
@@ -254,9 +301,23 @@ impl RequestMetrics {
             destination_service_namespace: namespace.to_owned(),
             response_flags: f.as_str(),
         };
+        let status = |s: u16| GrpcLabels {
+            destination_service: name.to_owned(),
+            destination_service_namespace: namespace.to_owned(),
+            grpc_response_status: s,
+        };
+        let codes = usize::from(CODES.end() - CODES.start()) + 1;
         RequestCounters {
-            by_class: CLASSES.map(|class| self.requests.get_or_create(&labels(class)).clone()),
+            family: self.requests.clone(),
+            service: (name.to_owned(), namespace.to_owned()),
+            by_code: (0..codes).map(|_| Default::default()).collect(),
             by_flag: ResponseFlag::ALL.map(|f| self.flags.get_or_create(&flag(f)).clone()),
+            by_grpc: match grpc {
+                true => (0..GRPC_STATUSES)
+                    .map(|s| self.grpc.get_or_create(&status(s)).clone())
+                    .collect(),
+                false => Vec::new(),
+            },
             duration: self.duration.get_or_create(&service).clone(),
         }
     }

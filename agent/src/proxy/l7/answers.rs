@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header::CONTENT_TYPE, request::Parts};
 use http_body_util::{Either, Full};
 
-use super::forward::{Answer, Call};
+use super::{call::Call, forward::Answer};
 use crate::{
     audit::{Denial, Party},
     authz,

@@ -10,14 +10,7 @@
 //! retry budget allows it. A request that never left the agent (no
 //! connection, or a pooled connection that had closed) is always retried.
 
-use std::{
-    net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicU8, AtomicU32, AtomicUsize, Ordering},
-    },
-    time::Duration,
-};
+use std::{sync::atomic::Ordering, time::Duration};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, request::Parts};
@@ -28,17 +21,15 @@ use tokio::time::{Instant, sleep, timeout_at};
 
 use super::{
     answers::{answer, destination_refuses, fixed},
+    call::Call,
     watched::{Verdict, Watched, grpc_failure},
 };
 use crate::{
-    catalog::{Endpoint, Service, Workload},
+    catalog::{Endpoint, Service},
     clock::now_ms,
     config::Protocol,
     lb::PickContext,
-    proxy::{
-        outbound::OutboundContext,
-        upstream::{DialError, Upstream, dial},
-    },
+    proxy::upstream::{DialError, Upstream, dial},
     request::{
         FallbackTo, Pushback, Sender, UpBody,
         pool::handshake,
@@ -55,6 +46,10 @@ use crate::{
 /// an answer asking more goes back to the caller as it is.
 const MAX_PUSHBACK: Duration = Duration::from_secs(1);
 
+/// How long a request body kept for replay (at most `max_replay_bytes`)
+/// may take to arrive when the request has no time limit of its own.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How often a request may find a pooled connection closed under it
 /// before it is refused (each time it never left the agent, or could be
 /// sent again).
@@ -62,43 +57,6 @@ const MAX_STALE: u32 = 3;
 
 /// A response: the endpoint's, streamed through, or one of the agent's.
 pub(super) type Answer = Response<Either<Watched, Full<Bytes>>>;
-
-/// Who asks, for what.
-pub(super) struct Call<'a> {
-    pub ctx: &'a OutboundContext,
-    pub service: &'a Arc<Service>,
-    pub source: Option<&'a Workload>,
-    pub peer: SocketAddr,
-    pub note: &'a Note,
-}
-
-/// What became of a request, for its access-log line and its count.
-#[derive(Debug, Default)]
-pub(super) struct Note {
-    retries: AtomicU32,
-    flag: AtomicU8,
-    /// The endpoint of the last attempt, as its index plus one (0: none).
-    endpoint: AtomicUsize,
-}
-
-impl Note {
-    pub(super) fn flag(&self, flag: ResponseFlag) {
-        self.flag.store(flag as u8, Ordering::Relaxed);
-    }
-
-    pub(super) fn flagged(&self) -> ResponseFlag {
-        ResponseFlag::from_u8(self.flag.load(Ordering::Relaxed))
-    }
-
-    pub(super) fn retries(&self) -> u32 {
-        self.retries.load(Ordering::Relaxed)
-    }
-
-    /// The index of the endpoint that answered (or was tried last).
-    pub(super) fn endpoint(&self) -> Option<usize> {
-        self.endpoint.load(Ordering::Relaxed).checked_sub(1)
-    }
-}
 
 /// Why no connection to an endpoint was made.
 enum NoConnection {
@@ -142,11 +100,24 @@ pub(super) async fn forward(call: &Call<'_>, request: Request<Incoming>) -> Answ
             true => policy.grpc_retry_on != 0,
             false => policy.may_resend(&parts.method, &parts.headers),
         };
+    // A body read for replay comes within the request's time limit (or
+    // BODY_READ_TIMEOUT): a caller that stops sending mid-body does not
+    // hold the request forever.
     let payload = match resendable {
-        true => match UpBody::read(body, policy.max_replay_bytes).await {
-            Ok(whole) => whole,
-            Err(_) => return answer(grpc, StatusCode::BAD_REQUEST, "the request body broke off"),
-        },
+        true => {
+            let reading = UpBody::read(body, policy.max_replay_bytes);
+            let within = limit.unwrap_or(BODY_READ_TIMEOUT);
+            match tokio::time::timeout(within, reading).await {
+                Ok(Ok(whole)) => whole,
+                Ok(Err(_)) => {
+                    return answer(grpc, StatusCode::BAD_REQUEST, "the request body broke off");
+                }
+                Err(_) => {
+                    let why = "the request body did not arrive in time";
+                    return answer(grpc, StatusCode::REQUEST_TIMEOUT, why);
+                }
+            }
+        }
         false => UpBody::streamed(body),
     };
     let mut outgoing = Outgoing {

@@ -18,6 +18,7 @@
 //! (requests from other nodes arrive as tunnelled connections).
 
 mod answers;
+mod call;
 mod flood;
 mod forward;
 mod watched;
@@ -32,8 +33,9 @@ use log::debug;
 use tokio::{net::TcpStream, time::Instant};
 
 use self::{
+    call::{Call, Note},
     flood::{FloodGuard, Flooded},
-    forward::{Answer, Call, Note, forward},
+    forward::{Answer, forward},
 };
 use super::outbound::OutboundContext;
 use crate::{
@@ -82,14 +84,17 @@ pub(super) async fn serve(
             let response = forward(&call, request).await;
             let counters = service.requests.get_or_init(|| {
                 let metrics = &ctx.inputs.metrics.requests;
-                metrics.service(&service.namespace, &service.name)
+                let grpc = service.protocol == Protocol::Grpc;
+                metrics.service(&service.namespace, &service.name, grpc)
             });
-            let status = match response.body() {
-                Either::Left(_) => Some(response.status().as_u16()),
-                Either::Right(_) => None,
-            };
+            let by_endpoint = matches!(response.body(), Either::Left(_));
             let took = started.elapsed();
-            counters.answered(status, took.as_secs_f64());
+            counters.answered(response.status().as_u16(), by_endpoint, took.as_secs_f64());
+            // A trailers-only answer (the agent's gRPC answers are): its
+            // status is in the head; otherwise the trailers bring it.
+            if let Some(status) = grpc_status(response.headers()) {
+                counters.grpc(status);
+            }
             counters.flagged(note.flagged());
             if let Some(asked) = asked {
                 log_request(&call, &asked, &response, took);

@@ -87,8 +87,14 @@ impl Body for Watched {
         match &frame {
             Some(Ok(frame)) => {
                 if let Some(trailers) = frame.trailers_ref() {
-                    let grpc = this.verdict.as_ref().is_some_and(|v| v.grpc);
-                    this.end(grpc && grpc_status(trailers).is_some_and(grpc_failure));
+                    let grpc = this.verdict.as_ref().filter(|v| v.grpc);
+                    let status = grpc.and_then(|_| grpc_status(trailers));
+                    if let (Some(verdict), Some(status)) = (grpc, status)
+                        && let Some(counters) = verdict.service.requests.get()
+                    {
+                        counters.grpc(status);
+                    }
+                    this.end(status.is_some_and(grpc_failure));
                 }
             }
             Some(Err(_)) => this.end(true),
