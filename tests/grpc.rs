@@ -42,13 +42,13 @@ sys.stdin.read()
 "#;
 
 /// gRPC servers in one Python process, killed with the guard.
-struct Servers {
-    addrs: Vec<SocketAddr>,
+pub(crate) struct Servers {
+    pub(crate) addrs: Vec<SocketAddr>,
     _process: ChildGuard,
 }
 
 impl Servers {
-    fn start(specs: &[&str]) -> Servers {
+    pub(crate) fn start(specs: &[&str]) -> Servers {
         let mut process = Command::new(PYTHON)
             .args(["-c", SERVERS])
             .args(specs)
@@ -74,7 +74,7 @@ impl Servers {
 /// `n` unary calls on one channel (one HTTP/2 connection) to `vip`, as
 /// the client workload; prints how many answers came from each server, or
 /// ended with each status.
-fn calls(agent: &Agent, vip: SocketAddr, n: usize) -> String {
+pub(crate) fn calls(agent: &Agent, vip: SocketAddr, n: usize) -> String {
     let script = format!(
         "{PYTHON} - <<'PY'
 import collections, grpc

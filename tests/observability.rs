@@ -350,10 +350,18 @@ fn the_dashboard_only_queries_exported_metrics() {
     }
     assert!(queries.len() >= 8);
 
+    // A TCP service and a gRPC one, each called once, so that every
+    // family has a series.
     let b1 = Backend::start("b1");
-    let config = AgentConfig::new(&[service("payments", VIP, &[b1.addr])]);
+    let grpc = crate::grpc::Servers::start(&["g1:ok"]);
+    let grpc_vip: std::net::SocketAddr = "127.77.8.50:8080".parse().unwrap();
+    let config = AgentConfig::new(&[
+        service("payments", VIP, &[b1.addr]),
+        service("pay-grpc", &grpc_vip.to_string(), &grpc.addrs).protocol("grpc"),
+    ]);
     let agent = Agent::start(&config);
     agent.calls(vip(), 1);
+    assert_eq!(crate::grpc::calls(&agent, grpc_vip, 1), "g1=1");
     let metrics = agent.metrics();
     let exported = metrics.names();
     for q in &queries {
