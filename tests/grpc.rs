@@ -13,7 +13,10 @@ use std::{
     time::Duration,
 };
 
-use crate::support::*;
+use crate::{
+    l7::{requests, retries},
+    support::*,
+};
 
 /// Debian's Python, which python3-grpcio and python3-h2 are for.
 const PYTHON: &str = "/usr/bin/python3";
@@ -218,25 +221,6 @@ fn grpc_statuses(agent: &Agent, status: &str) -> f64 {
         &[
             ("destination_service", "pay"),
             ("grpc_response_status", status),
-        ],
-    )
-}
-
-/// Retries the agent made for service `pay`.
-fn retries(agent: &Agent) -> f64 {
-    agent.metrics().sum(
-        "sluice_connect_retries_total",
-        &[("destination_service", "pay")],
-    )
-}
-
-/// Calls the agent counted for service `pay`, by response code class.
-fn requests(agent: &Agent, class: &str) -> f64 {
-    agent.metrics().sum(
-        "sluice_requests_total",
-        &[
-            ("destination_service", "pay"),
-            ("response_code_class", class),
         ],
     )
 }

@@ -308,22 +308,16 @@ fn a_rate_limit_per_caller_refuses_the_excess_with_retry_after() {
     let vip: SocketAddr = "127.77.8.15:8080".parse().unwrap();
     let backend = HttpBackend::start("ledger", Answer::Status(200));
     let config = AgentConfig::with(|c| {
-        let mut config = c.base(&[service("pay", &vip.to_string(), &[backend.addr])
-            .protocol("http")
-            .endpoints(vec![Endpoint::new(backend.addr).workload("ledger")])]);
-        config
-            .workloads
-            .push(Workload::new("batch", "payments", "batch"));
-        config
-            .workloads
-            .push(
-                Workload::new("ledger", "payments", "ledger").rate_limit(RateLimit {
-                    requests_per_second: 100,
-                    burst: 10,
-                    per_source: true,
-                }),
-            );
-        config
+        to_ledger(
+            c,
+            vip,
+            &backend,
+            Workload::new("ledger", "payments", "ledger").rate_limit(RateLimit {
+                requests_per_second: 100,
+                burst: 10,
+                per_source: true,
+            }),
+        )
     });
     let agent = Agent::start(&config);
     // `rate` requests a second for 3 s on one connection; prints the
@@ -463,23 +457,17 @@ fn pooled_connections_are_never_shared_across_caller_identities() {
     let vip: SocketAddr = "127.77.8.20:8080".parse().unwrap();
     let backend = HttpBackend::start("ledger", Answer::Status(200));
     let config = AgentConfig::with(|c| {
-        let mut config = c.base(&[service("pay", &vip.to_string(), &[])
-            .protocol("http")
-            .endpoints(vec![Endpoint::new(backend.addr).workload("ledger")])]);
-        config
-            .workloads
-            .push(Workload::new("batch", "payments", "batch"));
-        config
-            .workloads
-            .push(
-                Workload::new("ledger", "payments", "ledger").authorization(Authorization {
-                    default: Decision::Deny,
-                    allow: vec!["spiffe://cluster.local/ns/payments/sa/client".into()],
-                    deny: vec![],
-                    requests: vec![],
-                }),
-            );
-        config
+        to_ledger(
+            c,
+            vip,
+            &backend,
+            Workload::new("ledger", "payments", "ledger").authorization(Authorization {
+                default: Decision::Deny,
+                allow: vec!["spiffe://cluster.local/ns/payments/sa/client".into()],
+                deny: vec![],
+                requests: vec![],
+            }),
+        )
     });
     let agent = Agent::start(&config);
     assert_eq!(send(&agent, vip, "GET", 3, false), "ledger=3");
@@ -519,30 +507,22 @@ fn request_rules_deny_by_method_and_path() {
     };
     let batch = "spiffe://cluster.local/ns/payments/sa/batch";
     let config = AgentConfig::with(|c| {
-        let mut config = c.base(&[service("pay", &vip.to_string(), &[])
-            .protocol("http")
-            .endpoints(vec![Endpoint::new(backend.addr).workload("ledger")])]);
-        config.audit = Some(Audit {
-            output: c.audit_path(),
-            requests: false,
+        let ledger = Workload::new("ledger", "payments", "ledger").authorization(Authorization {
+            default: Decision::Allow,
+            allow: vec![],
+            deny: vec![],
+            requests: vec![
+                rule(&[batch], &["POST"], &[], Decision::Deny),
+                rule(&[], &[], &["/admin/*"], Decision::Deny),
+            ],
         });
-        config
-            .workloads
-            .push(Workload::new("batch", "payments", "batch"));
-        config
-            .workloads
-            .push(
-                Workload::new("ledger", "payments", "ledger").authorization(Authorization {
-                    default: Decision::Allow,
-                    allow: vec![],
-                    deny: vec![],
-                    requests: vec![
-                        rule(&[batch], &["POST"], &[], Decision::Deny),
-                        rule(&[], &[], &["/admin/*"], Decision::Deny),
-                    ],
-                }),
-            );
-        config
+        Config {
+            audit: Some(Audit {
+                output: c.audit_path(),
+                requests: false,
+            }),
+            ..to_ledger(c, vip, &backend, ledger)
+        }
     });
     let agent = Agent::start(&config);
     let asks = |workload: &str, asks: &[(&str, &str)]| {
@@ -668,6 +648,19 @@ fn the_access_log_has_a_line_per_request() {
     );
 }
 
+/// The base config with HTTP service `pay` at `vip`, whose one endpoint
+/// (`backend`) is workload `ledger` on this node, and a second caller
+/// workload, `batch` (payments/batch), beside `client`.
+fn to_ledger(c: &AgentConfig, vip: SocketAddr, backend: &HttpBackend, ledger: Workload) -> Config {
+    let mut config = c.base(&[service("pay", &vip.to_string(), &[])
+        .protocol("http")
+        .endpoints(vec![Endpoint::new(backend.addr).workload("ledger")])]);
+    config
+        .workloads
+        .extend([Workload::new("batch", "payments", "batch"), ledger]);
+    config
+}
+
 /// Requests the agent flagged `flag` for service `pay`.
 fn flagged(agent: &Agent, flag: &str) -> f64 {
     agent.metrics().sum(
@@ -677,7 +670,7 @@ fn flagged(agent: &Agent, flag: &str) -> f64 {
 }
 
 /// Retries the agent made for service `pay`.
-fn retries(agent: &Agent) -> f64 {
+pub(crate) fn retries(agent: &Agent) -> f64 {
     agent.metrics().sum(
         "sluice_connect_retries_total",
         &[("destination_service", "pay")],
@@ -685,7 +678,7 @@ fn retries(agent: &Agent) -> f64 {
 }
 
 /// Requests the agent counted for service `pay`, by response code class.
-fn requests(agent: &Agent, class: &str) -> f64 {
+pub(crate) fn requests(agent: &Agent, class: &str) -> f64 {
     agent.metrics().sum(
         "sluice_requests_total",
         &[

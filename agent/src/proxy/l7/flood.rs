@@ -8,6 +8,10 @@
 use std::{
     io,
     pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     task::{Context, Poll, ready},
 };
 
@@ -26,7 +30,8 @@ const PING: u8 = 0x6;
 const SETTINGS: u8 = 0x4;
 const ACK: u8 = 0x1;
 
-/// Why the guard ended a connection (found in the I/O error's source).
+/// Why the guard ended a connection: the I/O error h2 sees (which keeps
+/// only its message, so the guard also raises [`FloodGuard::tripped`]).
 #[derive(Debug, thiserror::Error)]
 #[error("HTTP/2 control frames (PING, SETTINGS) beyond {CONTROL_PER_SECOND} a second")]
 pub(super) struct Flooded;
@@ -38,6 +43,8 @@ pub(super) struct FloodGuard<T> {
     header: [u8; 9],
     have: usize,
     control: RateLimiter,
+    /// Raised when the guard ends the connection.
+    tripped: Arc<AtomicBool>,
 }
 
 impl<T> FloodGuard<T> {
@@ -48,7 +55,14 @@ impl<T> FloodGuard<T> {
             header: [0; 9],
             have: 0,
             control: RateLimiter::new(CONTROL_PER_SECOND, CONTROL_BURST, false),
+            tripped: Arc::default(),
         }
+    }
+
+    /// Whether the guard ended the connection, readable after the guard
+    /// went into the HTTP/2 server.
+    pub(super) fn tripped(&self) -> Arc<AtomicBool> {
+        self.tripped.clone()
     }
 
     /// Follows the frames through `bytes`; false once a flood is seen.
@@ -92,6 +106,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for FloodGuard<T> {
         ready!(Pin::new(&mut self.io).poll_read(cx, buf))?;
         let this = &mut *self;
         if !this.watch(&buf.filled()[before..]) {
+            this.tripped.store(true, Ordering::Relaxed);
             return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, Flooded)));
         }
         Poll::Ready(Ok(()))

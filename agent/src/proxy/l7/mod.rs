@@ -23,7 +23,7 @@ mod flood;
 mod forward;
 mod watched;
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{convert::Infallible, net::SocketAddr, pin::Pin, sync::Arc};
 
 use http::{Request, header::HOST};
 use http_body_util::Either;
@@ -34,7 +34,7 @@ use tokio::{net::TcpStream, time::Instant};
 
 use self::{
     call::{Call, Note},
-    flood::{FloodGuard, Flooded},
+    flood::FloodGuard,
     forward::{Answer, forward},
 };
 use super::outbound::OutboundContext;
@@ -42,6 +42,7 @@ use crate::{
     audit::{Party, Served},
     catalog::{Service, Workload},
     config::Protocol,
+    drain::DrainWatch,
     request::rules::grpc_status,
     telemetry::requests::ConnectionRefusal,
 };
@@ -82,9 +83,9 @@ pub(super) async fn serve(
                 note: &note,
             };
             let response = forward(&call, request).await;
+            let grpc = service.protocol == Protocol::Grpc;
             let counters = service.requests.get_or_init(|| {
                 let metrics = &ctx.inputs.metrics.requests;
-                let grpc = service.protocol == Protocol::Grpc;
                 metrics.service(&service.namespace, &service.name, grpc)
             });
             let by_endpoint = matches!(response.body(), Either::Left(_));
@@ -92,7 +93,7 @@ pub(super) async fn serve(
             counters.answered(response.status().as_u16(), by_endpoint, took.as_secs_f64());
             // A trailers-only answer (the agent's gRPC answers are): its
             // status is in the head; otherwise the trailers bring it.
-            if let Some(status) = grpc_status(response.headers()) {
+            if let Some(status) = grpc.then(|| grpc_status(response.headers())).flatten() {
                 counters.grpc(status);
             }
             counters.flagged(note.flagged());
@@ -106,39 +107,51 @@ pub(super) async fn serve(
     // gracefully: HTTP/1.1 after the request in hand, its answer saying
     // `Connection: close`; HTTP/2 with GOAWAY, its open streams answered.
     // The client opens its next connection to the successor.
+    let mut flooded = None;
     let served = match http1 {
         true => {
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(client), requests);
-            let mut connection = std::pin::pin!(connection);
-            tokio::select! {
-                served = connection.as_mut() => served,
-                () = drain.draining() => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
-                }
-            }
+            let connection = std::pin::pin!(connection);
+            ending_on_drain(connection, &mut drain, |c| c.graceful_shutdown()).await
         }
         false => {
+            let guard = FloodGuard::new(client);
+            flooded = Some(guard.tripped());
             let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
-                .serve_connection(TokioIo::new(FloodGuard::new(client)), requests);
-            let mut connection = std::pin::pin!(connection);
-            tokio::select! {
-                served = connection.as_mut() => served,
-                () = drain.draining() => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
-                }
-            }
+                .serve_connection(TokioIo::new(guard), requests);
+            let connection = std::pin::pin!(connection);
+            ending_on_drain(connection, &mut drain, |c| c.graceful_shutdown()).await
         }
     };
     if let Err(e) = served {
         debug!("{peer}: HTTP connection to {name}: {e}");
-        if let Some(why) = refusal(&e) {
+        let flooded = flooded.is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed));
+        let why = match flooded {
+            true => Some(ConnectionRefusal::Http2Flood),
+            false => refusal(&e),
+        };
+        if let Some(why) = why {
             metrics.inputs.metrics.requests.refused(why);
+        }
+    }
+}
+
+/// Serves `connection` to its end; when the agent drains first, asks it
+/// to end gracefully (`shutdown`) and serves it to that end.
+async fn ending_on_drain<F: Future>(
+    mut connection: Pin<&mut F>,
+    drain: &mut DrainWatch,
+    shutdown: impl FnOnce(Pin<&mut F>),
+) -> F::Output {
+    tokio::select! {
+        served = connection.as_mut() => served,
+        () = drain.draining() => {
+            shutdown(connection.as_mut());
+            connection.await
         }
     }
 }
@@ -212,15 +225,7 @@ fn refusal(e: &hyper::Error) -> Option<ConnectionRefusal> {
     if e.is_timeout() {
         return Some(ConnectionRefusal::HeaderTimeout);
     }
-    let source = e.source()?;
-    let flooded = source
-        .downcast_ref::<std::io::Error>()
-        .and_then(|io| io.get_ref())
-        .is_some_and(|inner| inner.is::<Flooded>());
-    if flooded {
-        return Some(ConnectionRefusal::Http2Flood);
-    }
-    let h2 = source.downcast_ref::<h2::Error>()?;
+    let h2 = e.source()?.downcast_ref::<h2::Error>()?;
     // Sent by this side: the peer broke the protocol or abused it.
     (h2.is_go_away() && !h2.is_remote()).then_some(ConnectionRefusal::Http2Protocol)
 }
