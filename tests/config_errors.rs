@@ -396,13 +396,17 @@ fn a_protocol_the_agent_cannot_serve_yet_is_refused_with_its_line() {
     let out_of_range = declared("http").replace(
         "    protocol: http\n",
         "    protocol: http\n    requests:\n      max_attempts: 9\n      \
-         idempotency_header: \"bad header\"\n      timeout: 0s\n",
+         idempotency_header: \"bad header\"\n      timeout: 0s\n      \
+         max_requests_per_connection: 0\n    circuit_breakers:\n      \
+         max_pending_requests: 0\n",
     );
     let err = BadConfig::new(&out_of_range).refused();
     for expected in [
         ":11: services[0].requests.max_attempts: 9 is not between 1 and 5",
         ":12: services[0].requests.idempotency_header: `bad header` is not an HTTP header name",
         ":13: services[0].requests.timeout: must be longer than 0",
+        ":14: services[0].requests.max_requests_per_connection: must be at least 1",
+        ":16: services[0].circuit_breakers.max_pending_requests: must be at least 1",
     ] {
         assert!(err.contains(expected), "{expected}: {err}");
     }

@@ -11,7 +11,7 @@ use std::{
     net::{SocketAddr, TcpListener},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU16, Ordering},
+        atomic::{AtomicU16, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -28,6 +28,9 @@ pub(crate) enum Answer {
     Switch(&'static AtomicU16),
     /// Reads the request and never answers.
     Never,
+    /// Answers 200 with a head promising 100 bytes, sends 10, then resets
+    /// the connection.
+    ResetMidBody,
 }
 
 /// An HTTP/1.1 server that logs every request it gets (`METHOD path` and
@@ -35,6 +38,7 @@ pub(crate) enum Answer {
 pub(crate) struct HttpBackend {
     pub(crate) addr: SocketAddr,
     arrivals: Arc<Mutex<Vec<String>>>,
+    connections: Arc<AtomicUsize>,
 }
 
 impl HttpBackend {
@@ -42,14 +46,25 @@ impl HttpBackend {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().unwrap();
         let arrivals = Arc::new(Mutex::new(Vec::new()));
-        let log = arrivals.clone();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (log, accepted) = (arrivals.clone(), connections.clone());
         std::thread::spawn(move || {
             for conn in listener.incoming().map_while(Result::ok) {
+                accepted.fetch_add(1, Ordering::SeqCst);
                 let log = log.clone();
                 std::thread::spawn(move || serve(conn, name, answer, &log));
             }
         });
-        HttpBackend { addr, arrivals }
+        HttpBackend {
+            addr,
+            arrivals,
+            connections,
+        }
+    }
+
+    /// Connections it accepted.
+    pub(crate) fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
     }
 
     pub(crate) fn requests(&self) -> usize {
@@ -100,6 +115,13 @@ fn serve(conn: std::net::TcpStream, name: &str, answer: Answer, log: &Mutex<Vec<
             Answer::Never => {
                 // Holds the connection without a word until the client goes.
                 let _ = reader.read(&mut [0; 1]);
+                return;
+            }
+            Answer::ResetMidBody => {
+                let head = "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789";
+                let _ = writer.write_all(head.as_bytes());
+                std::thread::sleep(Duration::from_millis(50));
+                let _ = sluice_testkit::client::zero_linger(&writer);
                 return;
             }
         };
@@ -320,12 +342,40 @@ fn a_rate_limit_per_caller_refuses_the_excess_with_retry_after() {
         )
     });
     let agent = Agent::start(&config);
-    // `rate` requests a second for 3 s on one connection; prints the
-    // answers by status, whether every 429 said when to come back, and
-    // the seconds it took.
-    let paced = |rate: u32| {
-        format!(
-            "python3 - <<'PY'
+    let checkout = agent
+        .client_command(&paced_gets(vip, 300))
+        .stdout(std::process::Stdio::piped())
+        .spawn_guarded()
+        .unwrap();
+    let batch = agent
+        .workload_command("batch", &paced_gets(vip, 30))
+        .stdout(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let checkout = checkout.wait_with_output().unwrap();
+    let (_, refused, told, seconds) = paced_result(&checkout);
+    let per_second = refused / seconds;
+    assert!(
+        (150.0..=250.0).contains(&per_second),
+        "{refused} in {seconds} s"
+    );
+    assert!(told, "a 429 without Retry-After");
+    let (passed, refused_batch, _, _) = paced_result(&batch);
+    assert_eq!((passed, refused_batch), (90.0, 0.0));
+    let counted = agent.metrics().sum(
+        "sluice_rate_limited_requests_total",
+        &[("destination_workload", "ledger")],
+    );
+    assert_eq!(counted, refused);
+    assert_eq!(flagged(&agent, "RL"), refused);
+}
+
+/// `GET /balance` at `rate` a second for 3 s on one connection to `vip`;
+/// prints the answers by status (200, 429), whether every 429 said when to
+/// come back, and the seconds it took.
+pub(crate) fn paced_gets(vip: SocketAddr, rate: u32) -> String {
+    format!(
+        "python3 - <<'PY'
 import collections, http.client, time
 c = http.client.HTTPConnection('{}', {}, timeout=10)
 seen, told, start = collections.Counter(), True, time.monotonic()
@@ -338,49 +388,24 @@ for i in range({n}):
     told = told and (r.status != 429 or int(r.getheader('Retry-After', '0')) >= 1)
 print(seen[200], seen[429], told, round(time.monotonic() - start, 2))
 PY",
-            vip.ip(),
-            vip.port(),
-            n = rate * 3,
-        )
-    };
-    let checkout = agent
-        .client_command(&paced(300))
-        .stdout(std::process::Stdio::piped())
-        .spawn_guarded()
-        .unwrap();
-    let batch = agent
-        .workload_command("batch", &paced(30))
-        .stdout(std::process::Stdio::piped())
-        .output()
-        .unwrap();
-    let checkout = checkout.wait_with_output().unwrap();
-    let said = |out: &std::process::Output| {
-        let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        let f: Vec<String> = text.split_whitespace().map(str::to_owned).collect();
-        assert_eq!(
-            f.len(),
-            4,
-            "{text} {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let n = |i: usize| f[i].parse::<f64>().unwrap();
-        (n(0), n(1), f[2] == "True", n(3))
-    };
-    let (_, refused, told, seconds) = said(&checkout);
-    let per_second = refused / seconds;
-    assert!(
-        (150.0..=250.0).contains(&per_second),
-        "{refused} in {seconds} s"
+        vip.ip(),
+        vip.port(),
+        n = rate * 3,
+    )
+}
+
+/// What [`paced_gets`] printed: (200s, 429s, every 429 said when, seconds).
+pub(crate) fn paced_result(out: &std::process::Output) -> (f64, f64, bool, f64) {
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let f: Vec<&str> = text.split_whitespace().collect();
+    assert_eq!(
+        f.len(),
+        4,
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
     );
-    assert!(told, "a 429 without Retry-After");
-    let (passed, refused_batch, _, _) = said(&batch);
-    assert_eq!((passed, refused_batch), (90.0, 0.0));
-    let counted = agent.metrics().sum(
-        "sluice_rate_limited_requests_total",
-        &[("destination_workload", "ledger")],
-    );
-    assert_eq!(counted, refused);
-    assert_eq!(flagged(&agent, "RL"), refused);
+    let n = |i: usize| f[i].parse::<f64>().unwrap();
+    (n(0), n(1), f[2] == "True", n(3))
 }
 
 /// While every endpoint of a service is ejected its fallback answers:
@@ -686,6 +711,149 @@ pub(crate) fn requests(agent: &Agent, class: &str) -> f64 {
             ("response_code_class", class),
         ],
     )
+}
+
+/// A backend that resets mid-response, after its head and some of its
+/// body went to the caller: the caller sees the body break off, and the
+/// request (a GET, which could be retried) is not sent again, as bytes of
+/// the answer are out; the endpoint counts a failure.
+#[test]
+fn a_backend_reset_mid_response_reaches_the_client_and_is_not_retried() {
+    let vip: SocketAddr = "127.77.8.24:8080".parse().unwrap();
+    let breaking = HttpBackend::start("breaking", Answer::ResetMidBody);
+    let healthy = HttpBackend::start("healthy", Answer::Status(200));
+    let config = AgentConfig::new(&[service("pay", &vip.to_string(), &[])
+        .protocol("http")
+        .load_balancer(LbPolicy::RoundRobin)
+        .endpoints(vec![
+            Endpoint::new(breaking.addr),
+            Endpoint::new(healthy.addr),
+        ])
+        .outlier_detection(OutlierDetection {
+            consecutive_failures: Some(2),
+            base_ejection_time: Some(Duration::from_secs(60)),
+            ..Default::default()
+        })]);
+    let agent = Agent::start(&config);
+    let script = format!(
+        "python3 - <<'PY'
+import http.client
+for i in range(4):
+    c = http.client.HTTPConnection('{}', {}, timeout=10)
+    c.request('GET', '/pay/%d' % i)
+    r = c.getresponse()
+    try:
+        print(r.status, r.read().decode().strip())
+    except http.client.IncompleteRead as e:
+        print(r.status, 'broke off after', len(e.partial))
+    c.close()
+PY",
+        vip.ip(),
+        vip.port()
+    );
+    let said = lines(&agent.client_command(&script).output().unwrap());
+    assert_eq!(
+        said,
+        [
+            "200 broke off after 10",
+            "200 healthy",
+            "200 broke off after 10",
+            "200 healthy"
+        ]
+    );
+    assert_eq!(breaking.arrivals(), ["GET /pay/0", "GET /pay/2"]);
+    assert_eq!(healthy.arrivals(), ["GET /pay/1", "GET /pay/3"]);
+    assert_eq!(retries(&agent), 0.0);
+    // Both broken answers counted against it: ejected after the second.
+    let ejected = || agent.endpoint(breaking.addr)["ejections"] == 1;
+    assert!(
+        wait_until(Duration::from_secs(5), ejected),
+        "{}",
+        agent.endpoint(breaking.addr)
+    );
+}
+
+/// `requests.max_requests_per_connection`: a connection to an endpoint
+/// carries at most that many requests; the next request opens another.
+#[test]
+fn a_connection_to_an_endpoint_carries_at_most_max_requests_per_connection() {
+    let vip: SocketAddr = "127.77.8.22:8080".parse().unwrap();
+    let backend = HttpBackend::start("b1", Answer::Status(200));
+    let config = AgentConfig::new(&[service("pay", &vip.to_string(), &[backend.addr])
+        .protocol("http")
+        .requests(Requests {
+            max_requests_per_connection: Some(10),
+            ..Requests::default()
+        })]);
+    let agent = Agent::start(&config);
+    assert_eq!(gets(&agent, vip, 30), "b1=30");
+    assert_eq!(backend.connections(), 3);
+}
+
+/// `circuit_breakers.max_pending_requests`: while two requests wait on an
+/// endpoint that does not answer, a third is answered 503 at once (flag
+/// UO) and counted as a fast failure; the two end at the route's timeout
+/// and their slots are free again.
+#[test]
+fn requests_over_max_pending_requests_fail_fast() {
+    let vip: SocketAddr = "127.77.8.23:8080".parse().unwrap();
+    let backend = HttpBackend::start("stuck", Answer::Never);
+    let config = AgentConfig::new(&[service("pay", &vip.to_string(), &[backend.addr])
+        .protocol("http")
+        .circuit_breakers(CircuitBreakers {
+            max_pending_requests: Some(2),
+            ..CircuitBreakers::default()
+        })
+        .requests(Requests {
+            timeout: Some(Duration::from_secs(4)),
+            max_attempts: Some(1),
+            ..Requests::default()
+        })]);
+    let agent = Agent::start(&config);
+    let pending = || {
+        let rows = agent.view("/debug/breakers");
+        let row = rows
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["service"] == "payments/pay");
+        row.map_or(-1, |r| r["pending_requests"].as_i64().unwrap())
+    };
+    let waiting = agent
+        .client_command(&format!(
+            "python3 - <<'PY'
+import http.client, threading
+def get():
+    c = http.client.HTTPConnection('{}', {}, timeout=30)
+    c.request('GET', '/slow')
+    print(c.getresponse().status, flush=True)
+ts = [threading.Thread(target=get) for _ in range(2)]
+[t.start() for t in ts]
+[t.join() for t in ts]
+PY",
+            vip.ip(),
+            vip.port()
+        ))
+        .stdout(std::process::Stdio::piped())
+        .spawn_guarded()
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || pending() == 2),
+        "pending requests: {}",
+        pending()
+    );
+    assert_eq!(send(&agent, vip, "GET", 1, false), "503=1");
+    assert_eq!(flagged(&agent, "UO"), 1.0);
+    let fast = agent.metrics().sum(
+        "sluice_circuit_breaker_fast_failures_total",
+        &[
+            ("destination_service", "pay"),
+            ("reason", "max_pending_requests"),
+        ],
+    );
+    assert_eq!(fast, 1.0);
+    assert_eq!(lines(&waiting.wait_with_output().unwrap()), ["504", "504"]);
+    assert_eq!(pending(), 0);
 }
 
 /// Bytes that are no HTTP, sent to an HTTP service, get a 400 at once and

@@ -558,6 +558,29 @@ fn blob(to: SocketAddr, bytes: usize, delay: Duration, out: &mut impl Write) -> 
     }
 }
 
+/// Makes `stream`'s close an RST (a zero linger).
+pub fn zero_linger(stream: &TcpStream) -> io::Result<()> {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: the descriptor is the open socket's, and the option value is
+    // a linger struct of the size given.
+    let set = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(stream),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    match set {
+        0 => Ok(()),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
 fn reset(to: SocketAddr, out: &mut impl Write) -> io::Result<()> {
     use std::io::Read;
     let mut stream = TcpStream::connect(to)?;
@@ -569,25 +592,7 @@ fn reset(to: SocketAddr, out: &mut impl Write) -> io::Result<()> {
         Ok(_) => return writeln!(out, "FAILED: the connection closed"),
         Err(e) => return writeln!(out, "FAILED: {e}"),
     }
-    // A zero linger makes the close an RST.
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: the descriptor is the open socket's, and the option value is
-    // a linger struct of the size given.
-    let set = unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(&stream),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    if set != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    zero_linger(&stream)?;
     drop(stream);
     writeln!(out, "reset")
 }

@@ -442,6 +442,8 @@ pub struct CircuitBreakers {
     pub max_connections: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_pending_connects: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_pending_requests: Option<u32>,
 }
 
 /// `timeouts`.
@@ -471,6 +473,8 @@ pub struct Requests {
     pub max_attempts: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub idempotency_header: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_requests_per_connection: Option<u32>,
     /// gRPC status names (`unavailable`, ...).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub grpc_retry_on: Vec<String>,

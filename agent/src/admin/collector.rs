@@ -160,7 +160,7 @@ fn encode_services(
     counter(
         encoder,
         "sluice_circuit_breaker_fast_failures",
-        "New connections failed fast over a circuit-breaker threshold, by threshold",
+        "New connections (request services: requests) failed fast over a circuit-breaker threshold, by threshold",
         services.iter().flat_map(|s| {
             Overflow::ALL.into_iter().map(move |why| {
                 (

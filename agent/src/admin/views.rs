@@ -132,6 +132,11 @@ pub struct BreakerRow {
     pub max_connections: u32,
     pub pending_connects: u32,
     pub max_pending_connects: u32,
+    /// Request services: requests waiting for their answers.
+    #[serde(default)]
+    pub pending_requests: u32,
+    #[serde(default)]
+    pub max_pending_requests: u32,
     pub max_retries: u32,
     pub retries: u64,
     pub retry_budget_exhausted: u64,
@@ -405,6 +410,8 @@ fn breakers(catalog: &Catalog) -> Vec<BreakerRow> {
                 max_connections: t.max_connections,
                 pending_connects: s.state.pending_connects(),
                 max_pending_connects: t.max_pending_connects,
+                pending_requests: s.state.pending_requests(),
+                max_pending_requests: t.max_pending_requests,
                 max_retries: t.max_retries,
                 retries: s.state.retries_total(),
                 retry_budget_exhausted: s.state.budget_exhausted(),

@@ -141,6 +141,11 @@ impl Policy {
 
     /// The first `requests` rule that matches this request decides it;
     /// None when none does (the connection-level decision stands).
+    /// Whether it decides single requests (`requests` rules).
+    pub fn has_request_rules(&self) -> bool {
+        !self.requests.is_empty()
+    }
+
     pub fn evaluate_request(
         &self,
         caller: Option<&Identity>,

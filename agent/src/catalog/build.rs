@@ -43,6 +43,7 @@ impl ServicePolicy {
                 max_connections: *cb.max_connections.get(),
                 max_pending_connects: *cb.max_pending_connects.get(),
                 max_retries: *cb.max_retries.get(),
+                max_pending_requests: *cb.max_pending_requests.get(),
             },
             budget: BudgetSettings {
                 percent: *s.retries.budget_percent.get(),
@@ -96,6 +97,7 @@ fn request_policy(s: &ServiceSpec, r: &Requests) -> RequestPolicy {
         idempotency_header: HeaderName::from_bytes(r.idempotency_header.as_bytes())
             .expect("validated"),
         max_replay_bytes: u64::from(*r.max_replay_bytes.get()),
+        max_requests_per_connection: r.max_requests_per_connection.as_ref().map(|p| *p.get()),
         grpc_retry_on: r
             .grpc_retry_on
             .iter()
@@ -124,9 +126,13 @@ fn local_targets(
                 addr: e.addr,
                 workload: w.clone(),
                 policies: w.policy.iter().cloned().collect(),
+                protocol: Protocol::Tcp,
             });
             if let Some(p) = &s.authz {
                 target.policies.push(p.clone());
+            }
+            if s.protocol != Protocol::Tcp {
+                target.protocol = s.protocol;
             }
         }
     }

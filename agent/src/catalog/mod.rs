@@ -56,6 +56,20 @@ pub struct LocalTarget {
     /// Every policy that applies: the workload's and those of the services
     /// the endpoint belongs to. All must allow.
     pub policies: Vec<Arc<Policy>>,
+    /// The HTTP its services declare for it (`tcp` when none does).
+    pub protocol: Protocol,
+}
+
+impl LocalTarget {
+    /// Whether a request to it must be checked on its own before it
+    /// reaches the workload: it speaks HTTP, and its workload has a rate
+    /// limit or its policies have request rules. Requests from other
+    /// nodes are then served by this node's agent request by request.
+    pub fn checks_requests(&self) -> bool {
+        self.protocol != Protocol::Tcp
+            && (self.workload.rate_limit.is_some()
+                || self.policies.iter().any(|p| p.has_request_rules()))
+    }
 }
 
 /// The identity of a pod on another node, read from the API server the

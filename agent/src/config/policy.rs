@@ -154,6 +154,10 @@ pub struct CircuitBreakers {
     pub max_pending_connects: Spanned<u32>,
     /// Connect retries in progress.
     pub max_retries: Spanned<u32>,
+    /// Requests of a request service (`protocol` http, http2, grpc)
+    /// waiting for their answers' heads, every attempt included; more
+    /// are answered 503 at once (response flag UO).
+    pub max_pending_requests: Spanned<u32>,
 }
 
 impl Default for CircuitBreakers {
@@ -162,6 +166,7 @@ impl Default for CircuitBreakers {
             max_connections: unspanned(1024),
             max_pending_connects: unspanned(1024),
             max_retries: unspanned(3),
+            max_pending_requests: unspanned(1024),
         }
     }
 }
@@ -397,6 +402,11 @@ pub(super) fn validate(problems: &mut Vec<Problem>, at: &str, service: &ServiceS
         problems,
         &format!("{cb_at}.max_pending_connects"),
         &cb.max_pending_connects,
+    );
+    at_least_one(
+        problems,
+        &format!("{cb_at}.max_pending_requests"),
+        &cb.max_pending_requests,
     );
 
     at_least_one(

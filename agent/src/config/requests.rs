@@ -32,6 +32,10 @@ pub struct Requests {
     /// A body longer than this (or of unknown length) is streamed through
     /// and its request is never retried.
     pub max_replay_bytes: Spanned<u32>,
+    /// Requests one connection to an endpoint carries before it is closed
+    /// (HTTP/1.1: after its last answer; HTTP/2: no new stream, the open
+    /// ones finish) and the next request opens another. None: no limit.
+    pub max_requests_per_connection: Option<Spanned<u32>>,
     /// gRPC statuses after which a call is retried (a gRPC call is a POST:
     /// it is retried only on the statuses declared here, or when it never
     /// left the agent).
@@ -62,6 +66,7 @@ impl Default for Requests {
             max_attempts: unspanned(2),
             idempotency_header: unspanned("Idempotency-Key".to_owned()),
             max_replay_bytes: unspanned(64 << 10),
+            max_requests_per_connection: None,
             grpc_retry_on: Vec::new(),
             fallback: None,
         }
@@ -238,6 +243,17 @@ pub(super) fn validate(
             replay.referenced.line(),
             "max_replay_bytes",
             format!("{} is over the limit of {MAX_REPLAY_BYTES}", replay.value),
+        );
+    }
+    if let Some(per) = r
+        .max_requests_per_connection
+        .as_ref()
+        .filter(|p| p.value == 0)
+    {
+        push(
+            per.referenced.line(),
+            "max_requests_per_connection",
+            "must be at least 1".into(),
         );
     }
     if let Some(fallback) = &r.fallback {

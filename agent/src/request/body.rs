@@ -12,6 +12,7 @@ use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use prometheus_client::metrics::histogram::Histogram;
 
 /// What was read of a body, and what is left to stream.
 #[derive(Debug, Default)]
@@ -19,6 +20,9 @@ pub struct UpBody {
     data: Option<Bytes>,
     trailers: Option<HeaderMap>,
     rest: Option<Incoming>,
+    /// Where its size goes when it has streamed to its end, and the bytes
+    /// so far.
+    meter: Option<(Histogram, u64)>,
 }
 
 impl UpBody {
@@ -42,6 +46,7 @@ impl UpBody {
                             data: Some(data.freeze()),
                             trailers: None,
                             rest: Some(body),
+                            meter: None,
                         });
                     }
                 }
@@ -52,6 +57,7 @@ impl UpBody {
             data: Some(data.freeze()),
             trailers,
             rest: None,
+            meter: None,
         })
     }
 
@@ -69,7 +75,18 @@ impl UpBody {
             data: self.data.clone(),
             trailers: self.trailers.clone(),
             rest: None,
+            meter: None,
         })
+    }
+
+    /// Its size goes to `sizes`: now when it is whole, else when it has
+    /// streamed to its end (it is sent once, so counted once).
+    pub fn measure(&mut self, sizes: &Histogram) {
+        let read = self.data.as_ref().map_or(0, |d| d.len() as u64);
+        match self.rest {
+            None => sizes.observe(read as f64),
+            Some(_) => self.meter = Some((sizes.clone(), 0)),
+        }
     }
 
     /// Reads what is left of a body nobody will send, up to `max` bytes
@@ -113,10 +130,25 @@ impl Body for UpBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
         if let Some(data) = this.data.take().filter(|d| !d.is_empty()) {
+            if let Some((_, passed)) = &mut this.meter {
+                *passed += data.len() as u64;
+            }
             return Poll::Ready(Some(Ok(Frame::data(data))));
         }
         if let Some(rest) = &mut this.rest {
-            return Pin::new(rest).poll_frame(cx);
+            let frame = std::task::ready!(Pin::new(rest).poll_frame(cx));
+            match (&frame, &mut this.meter) {
+                (Some(Ok(frame)), Some((_, passed))) if frame.is_data() => {
+                    *passed += frame.data_ref().map_or(0, |d| d.len() as u64);
+                }
+                (Some(Ok(_)) | None, Some(_)) => {
+                    if let Some((sizes, passed)) = this.meter.take() {
+                        sizes.observe(passed as f64);
+                    }
+                }
+                _ => {}
+            }
+            return Poll::Ready(frame);
         }
         Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))))
     }

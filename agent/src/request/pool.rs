@@ -9,6 +9,10 @@
 //! this agent admitted it (an endpoint on this node), so another caller's
 //! requests never ride it.
 //!
+//! A connection carries at most the service's `max_requests_per_connection`
+//! requests: an HTTP/1.1 one is then not kept, an HTTP/2 one takes no new
+//! stream (its open ones finish); the next request opens another.
+//!
 //! Each endpoint has its own locks, held only to take or give back a
 //! connection: requests to different endpoints never wait on each other.
 
@@ -34,9 +38,10 @@ const MAX_IDLE_PER_ENDPOINT: usize = 64;
 /// caller the agent knows no identity for).
 type Owner = Option<Identity>;
 
-/// A connection that can take a request.
+/// A connection that can take a request: HTTP/1.1 with the requests it
+/// has carried (the one it is taken for included), or HTTP/2.
 pub enum Sender {
-    Http1(http1::SendRequest<UpBody>),
+    Http1(http1::SendRequest<UpBody>, u32),
     Http2(http2::SendRequest<UpBody>),
 }
 
@@ -49,59 +54,89 @@ impl Sender {
         request: Request<UpBody>,
     ) -> Result<Response<Incoming>, TrySendError<Request<UpBody>>> {
         match self {
-            Sender::Http1(s) => s.try_send_request(request).await,
+            Sender::Http1(s, _) => s.try_send_request(request).await,
             Sender::Http2(s) => s.try_send_request(request).await,
         }
     }
 }
 
+/// A pooled connection: whose it is, and the requests it has carried.
+struct Pooled<S> {
+    owner: Owner,
+    sender: S,
+    carried: u32,
+}
+
 /// One endpoint's connections.
 #[derive(Default)]
 pub struct EndpointPool {
-    idle: Mutex<Vec<(Owner, http1::SendRequest<UpBody>)>>,
-    shared: Mutex<Vec<(Owner, http2::SendRequest<UpBody>)>>,
+    idle: Mutex<Vec<Pooled<http1::SendRequest<UpBody>>>>,
+    shared: Mutex<Vec<Pooled<http2::SendRequest<UpBody>>>>,
 }
 
 impl EndpointPool {
     /// A connection of `owner`'s ready for a request, if one is open: an
-    /// idle HTTP/1.1 one, or the shared HTTP/2 one.
-    pub fn take(&self, http2: bool, owner: Option<&Identity>) -> Option<Sender> {
+    /// idle HTTP/1.1 one, or the shared HTTP/2 one. `most` is the
+    /// service's `max_requests_per_connection`.
+    pub fn take(&self, http2: bool, owner: Option<&Identity>, most: Option<u32>) -> Option<Sender> {
         if http2 {
             let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
-            shared.retain(|(_, s)| !s.is_closed());
-            return shared
+            shared.retain(|p| !p.sender.is_closed());
+            let at = shared
                 .iter()
-                .find(|(o, s)| o.as_ref() == owner && s.is_ready())
-                .map(|(_, s)| Sender::Http2(s.clone()));
+                .position(|p| p.owner.as_ref() == owner && p.sender.is_ready())?;
+            let pooled = &mut shared[at];
+            pooled.carried += 1;
+            let sender = pooled.sender.clone();
+            // Its last request: no other takes it (its streams finish,
+            // and it closes when the last one has).
+            if most.is_some_and(|most| pooled.carried >= most) {
+                shared.swap_remove(at);
+            }
+            return Some(Sender::Http2(sender));
         }
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         // A connection still carrying a response body stays for later;
         // one the endpoint closed goes.
-        idle.retain(|(_, s)| !s.is_closed());
+        idle.retain(|p| !p.sender.is_closed());
         let ready = idle
             .iter()
-            .rposition(|(o, s)| o.as_ref() == owner && s.is_ready())?;
-        Some(Sender::Http1(idle.swap_remove(ready).1))
+            .rposition(|p| p.owner.as_ref() == owner && p.sender.is_ready())?;
+        let pooled = idle.swap_remove(ready);
+        Some(Sender::Http1(pooled.sender, pooled.carried + 1))
     }
 
     /// Keeps `sender` for the next request: an HTTP/1.1 connection once
     /// its answer is in (it takes the next request when its body is
-    /// read), a new HTTP/2 connection in place of one that closed.
-    pub fn keep(&self, sender: Sender, owner: Option<&Identity>) {
+    /// read) unless it has carried `most` requests, a new HTTP/2
+    /// connection in place of one that closed.
+    pub fn keep(&self, sender: Sender, owner: Option<&Identity>, most: Option<u32>) {
         match sender {
-            Sender::Http1(s) => {
+            Sender::Http1(_, carried) if most.is_some_and(|most| carried >= most) => {}
+            Sender::Http1(sender, carried) => {
                 let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
                 if idle.len() < MAX_IDLE_PER_ENDPOINT {
-                    idle.push((owner.cloned(), s));
+                    let owner = owner.cloned();
+                    idle.push(Pooled {
+                        owner,
+                        sender,
+                        carried,
+                    });
                 }
             }
-            Sender::Http2(s) => {
+            Sender::Http2(_) if most == Some(1) => {}
+            Sender::Http2(sender) => {
                 let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
-                shared.retain(|(o, _)| o.as_ref() != owner);
+                shared.retain(|p| p.owner.as_ref() != owner);
                 if shared.len() >= MAX_IDLE_PER_ENDPOINT {
                     shared.remove(0);
                 }
-                shared.push((owner.cloned(), s));
+                let owner = owner.cloned();
+                shared.push(Pooled {
+                    owner,
+                    sender,
+                    carried: 1,
+                });
             }
         }
     }
@@ -154,5 +189,5 @@ where
             debug!("an HTTP/1.1 upstream connection ended: {e}");
         }
     });
-    Ok(Sender::Http1(sender))
+    Ok(Sender::Http1(sender, 1))
 }

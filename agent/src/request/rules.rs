@@ -14,6 +14,8 @@ pub struct RequestPolicy {
     pub max_attempts: u32,
     pub idempotency_header: HeaderName,
     pub max_replay_bytes: u64,
+    /// Requests per connection to an endpoint; None: no limit.
+    pub max_requests_per_connection: Option<u32>,
     /// Bit `n` set: gRPC status `n` is retryable.
     pub grpc_retry_on: u32,
     /// What answers while no endpoint is eligible.
@@ -48,6 +50,7 @@ impl Default for RequestPolicy {
             max_attempts: 2,
             idempotency_header: HeaderName::from_static("idempotency-key"),
             max_replay_bytes: 64 << 10,
+            max_requests_per_connection: None,
             grpc_retry_on: 0,
             fallback: None,
         }

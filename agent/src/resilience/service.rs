@@ -13,14 +13,17 @@ pub enum Overflow {
     MaxRetries,
     /// No endpoint was eligible and the panic policy is fail_closed.
     NoEligibleEndpoint,
+    /// A request service's requests waiting for their answers.
+    MaxPendingRequests,
 }
 
 impl Overflow {
-    pub const ALL: [Overflow; 4] = [
+    pub const ALL: [Overflow; 5] = [
         Overflow::MaxConnections,
         Overflow::MaxPendingConnects,
         Overflow::MaxRetries,
         Overflow::NoEligibleEndpoint,
+        Overflow::MaxPendingRequests,
     ];
 
     /// Stable name for logs and metrics.
@@ -30,6 +33,7 @@ impl Overflow {
             Overflow::MaxPendingConnects => "max_pending_connects",
             Overflow::MaxRetries => "max_retries",
             Overflow::NoEligibleEndpoint => "no_eligible_endpoint",
+            Overflow::MaxPendingRequests => "max_pending_requests",
         }
     }
 }
@@ -40,6 +44,7 @@ pub struct Thresholds {
     pub max_connections: u32,
     pub max_pending_connects: u32,
     pub max_retries: u32,
+    pub max_pending_requests: u32,
 }
 
 impl Default for Thresholds {
@@ -48,6 +53,7 @@ impl Default for Thresholds {
             max_connections: 1024,
             max_pending_connects: 1024,
             max_retries: 3,
+            max_pending_requests: 1024,
         }
     }
 }
@@ -106,6 +112,7 @@ impl Window {
 pub struct ServiceState {
     connections: AtomicU32,
     pending: AtomicU32,
+    pending_requests: AtomicU32,
     retries: AtomicU32,
     attempts: Window,
     retried: Window,
@@ -113,7 +120,7 @@ pub struct ServiceState {
     panicking: AtomicBool,
     falling_back: AtomicBool,
     fallbacks_total: AtomicU64,
-    fast_failures: [AtomicU64; 4],
+    fast_failures: [AtomicU64; 5],
     retries_total: AtomicU64,
     budget_exhausted: AtomicU64,
 }
@@ -155,6 +162,12 @@ impl ServiceState {
         let slot = take(&self.pending, t.max_pending_connects)?;
         self.attempts.add(now);
         Some(slot)
+    }
+
+    /// A slot under max_pending_requests, held by one request from its
+    /// arrival until its answer's head (every attempt included).
+    pub fn start_request(&self, t: &Thresholds) -> Option<Slot<'_>> {
+        take(&self.pending_requests, t.max_pending_requests)
     }
 
     /// Counts one request's first attempt, so that the retry budget is a
@@ -235,6 +248,11 @@ impl ServiceState {
         self.pending.load(Ordering::Relaxed)
     }
 
+    /// Requests waiting for their answers now.
+    pub fn pending_requests(&self) -> u32 {
+        self.pending_requests.load(Ordering::Relaxed)
+    }
+
     /// Fast failures so far, by reason.
     pub fn fast_failures(&self, why: Overflow) -> u64 {
         self.fast_failures[why as usize].load(Ordering::Relaxed)
@@ -267,6 +285,7 @@ mod tests {
             max_connections: 2,
             max_pending_connects: 1,
             max_retries: 1,
+            max_pending_requests: 1,
         };
         let a = s.open_connection(&t).unwrap();
         let _b = s.open_connection(&t).unwrap();
@@ -277,6 +296,11 @@ mod tests {
         assert!(s.start_connect(&t, 0).is_none());
         drop(p);
         assert_eq!(s.pending_connects(), 0);
+        let r = s.start_request(&t).unwrap();
+        assert!(s.start_request(&t).is_none());
+        assert_eq!(s.pending_requests(), 1);
+        drop(r);
+        assert!(s.start_request(&t).is_some());
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! Metrics of requests (services that declare `protocol: http`, `http2`
 //! or `grpc`), in Istio's vocabulary: `sluice_requests_total` by
 //! destination service, response code and its class, `sluice_grpc_requests_total`
-//! by `grpc_response_status`, `sluice_request_flags_total` and
-//! `sluice_request_duration_seconds`. Each service resolves its handles
+//! by `grpc_response_status`, `sluice_request_flags_total`,
+//! `sluice_request_duration_seconds` and the sizes of request and response
+//! bodies (`sluice_request_bytes`, `sluice_response_bytes`). Each service resolves its handles
 //! once ([`RequestCounters`]), a response code's on its first use; a
 //! request then only adds to them, with no lock and no allocation.
 
@@ -103,6 +104,8 @@ pub struct RequestMetrics {
     requests: Family<RequestLabels, Counter>,
     grpc: Family<GrpcLabels, Counter>,
     duration: Family<ServiceLabels, Histogram>,
+    request_bytes: Family<ServiceLabels, Histogram>,
+    response_bytes: Family<ServiceLabels, Histogram>,
     rate_limited: Family<WorkloadLabels, Counter>,
 }
 
@@ -127,10 +130,13 @@ pub enum ResponseFlag {
     Unauthorized,
     /// Answered by the service's fallback (Sluice's own letters).
     Fallback,
+    /// Upstream overflow: a circuit breaker failed it fast
+    /// (`max_pending_requests`).
+    UpstreamOverflow,
 }
 
 impl ResponseFlag {
-    const ALL: [ResponseFlag; 8] = [
+    const ALL: [ResponseFlag; 9] = [
         ResponseFlag::None,
         ResponseFlag::NoHealthyUpstream,
         ResponseFlag::UpstreamConnectionFailure,
@@ -139,6 +145,7 @@ impl ResponseFlag {
         ResponseFlag::RateLimited,
         ResponseFlag::Unauthorized,
         ResponseFlag::Fallback,
+        ResponseFlag::UpstreamOverflow,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -151,6 +158,7 @@ impl ResponseFlag {
             ResponseFlag::RateLimited => "RL",
             ResponseFlag::Unauthorized => "UAEX",
             ResponseFlag::Fallback => "FB",
+            ResponseFlag::UpstreamOverflow => "UO",
         }
     }
 
@@ -174,6 +182,9 @@ pub struct RequestCounters {
     /// gRPC services only.
     by_grpc: Vec<Counter>,
     duration: Histogram,
+    /// Body sizes, in bytes.
+    pub request_bytes: Histogram,
+    pub response_bytes: Histogram,
 }
 
 impl RequestCounters {
@@ -215,6 +226,13 @@ impl RequestCounters {
     }
 }
 
+/// 64 B to 16 MiB, by fours.
+fn size_buckets() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        64.0, 4.0, 10,
+    ))
+}
+
 fn latency_buckets() -> Histogram {
     Histogram::new([
         0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -238,6 +256,22 @@ impl RequestMetrics {
             "Time from a request's head to its response's head, by destination service",
             duration.clone(),
         );
+        let sizes = || {
+            Family::<ServiceLabels, Histogram>::new_with_constructor(
+                size_buckets as fn() -> Histogram,
+            )
+        };
+        let (request_bytes, response_bytes) = (sizes(), sizes());
+        registry.register(
+            "sluice_request_bytes",
+            "Sizes of request bodies as they came from the caller, in bytes, by destination service",
+            request_bytes.clone(),
+        );
+        registry.register(
+            "sluice_response_bytes",
+            "Sizes of response bodies as they went back to the caller (the endpoint's or the agent's own), in bytes, by destination service",
+            response_bytes.clone(),
+        );
         let rate_limited = Family::<WorkloadLabels, Counter>::default();
         registry.register(
             "sluice_rate_limited_requests",
@@ -253,7 +287,7 @@ impl RequestMetrics {
         let flags = Family::<FlagLabels, Counter>::default();
         registry.register(
             "sluice_request_flags",
-            "Requests the agent answered or handled itself, by destination service and response_flags (UH no eligible endpoint, UF connect failure, UT timeout, UC connection broke, RL rate limited, UAEX unauthorized, FB fallback)",
+            "Requests the agent answered or handled itself, by destination service and response_flags (UH no eligible endpoint, UF connect failure, UT timeout, UC connection broke, RL rate limited, UAEX unauthorized, FB fallback, UO a circuit breaker's max_pending_requests)",
             flags.clone(),
         );
         let refusals = Family::<RefusalLabels, Counter>::default();
@@ -268,6 +302,8 @@ impl RequestMetrics {
             grpc,
             requests,
             duration,
+            request_bytes,
+            response_bytes,
             rate_limited,
         }
     }
@@ -319,6 +355,8 @@ impl RequestMetrics {
                 false => Vec::new(),
             },
             duration: self.duration.get_or_create(&service).clone(),
+            request_bytes: self.request_bytes.get_or_create(&service).clone(),
+            response_bytes: self.response_bytes.get_or_create(&service).clone(),
         }
     }
 }

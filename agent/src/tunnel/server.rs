@@ -66,8 +66,9 @@ impl Incoming {
         Ok(self.accept_unlisted()?.with_moves(&moves))
     }
 
-    /// [`Incoming::accept`], without listing the stream as pausable.
-    fn accept_unlisted(mut self) -> Result<TunnelStream, TunnelError> {
+    /// [`Incoming::accept`], without listing the stream as pausable: it
+    /// stays in this agent (one served request by request).
+    pub fn accept_unlisted(mut self) -> Result<TunnelStream, TunnelError> {
         let (recv, mut respond) = self.pending.take().expect("answered once, by value");
         let send = respond
             .send_response(status_only(StatusCode::OK), false)

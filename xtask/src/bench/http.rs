@@ -102,6 +102,7 @@ pub fn run(sluice: &Path, quick: bool) -> anyhow::Result<()> {
         let breakers = CircuitBreakers {
             max_connections: Some(100_000),
             max_pending_connects: Some(100_000),
+            max_pending_requests: Some(100_000),
         };
         Ok(Service::new(name, "bench", vip.parse()?, &[])
             .circuit_breakers(breakers)

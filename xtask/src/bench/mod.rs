@@ -570,6 +570,7 @@ fn echo_service(vip: &str, endpoint: Endpoint) -> anyhow::Result<Service> {
     let breakers = CircuitBreakers {
         max_connections: Some(100_000),
         max_pending_connects: Some(100_000),
+        ..CircuitBreakers::default()
     };
     Ok(Service::new("echo", "bench", vip.parse()?, &[])
         .circuit_breakers(breakers)

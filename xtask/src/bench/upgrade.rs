@@ -172,6 +172,7 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
             .circuit_breakers(CircuitBreakers {
                 max_connections: Some(100_000),
                 max_pending_connects: Some(100_000),
+                ..CircuitBreakers::default()
             })
             .endpoints(vec![Endpoint::new(backend)]),
     ];

@@ -9,7 +9,10 @@
 use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
 use log::debug;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::{TcpListener, TcpStream},
+};
 
 use admit::{Admission, Refused, admit, admit_target, caller_of};
 use refusals::refusal_of_handshake;
@@ -17,6 +20,7 @@ use refusals::refusal_of_handshake;
 use super::{
     ProxyInputs,
     connections::{Callee, Caller},
+    l7,
     lifecycle::{ConnectionLife, Opening},
     moved::{Movable, MovedKind, MovedRecord, NotCarried, NotResumed, carry_or_move},
     paused::TunnelSide,
@@ -29,11 +33,12 @@ use crate::{
     },
     audit::{Denial, Party},
     carry::copy::{Duplex, Limits, Suspended},
+    catalog::LocalTarget,
     config::policy::DEFAULT_IDLE_TIMEOUT,
     connect,
     drain::{ConnectionGuard, DrainWatch},
     handover::Inherited,
-    telemetry::Refusal,
+    telemetry::{CloseReason, Refusal},
     tls::{Identity, session::TlsSession},
     tunnel::TunnelConfig,
 };
@@ -248,6 +253,22 @@ async fn handle(
     ctx.inputs.inbound_stats.count_accepted();
     // The copy runs on the data-plane runtime with every other
     // connection's; this runtime keeps the handshakes.
+    if local.checks_requests() {
+        let tls = match tls.rebind(&ctx.data) {
+            Ok(tls) => tls,
+            Err(e) => return debug!("inbound {peer}: {e}"),
+        };
+        let upstream = match connect::rebind(upstream, &ctx.data) {
+            Ok(upstream) => upstream,
+            Err(e) => return debug!("inbound {peer}: {e}"),
+        };
+        let data = ctx.data.clone();
+        data.spawn(async move {
+            let _held = (guard, admitted);
+            serve_requests(&ctx, tls, upstream, local, caller, peer).await
+        });
+        return;
+    }
     let moved = tls
         .rebind(&ctx.data)
         .and_then(|tls| Ok((tls, connect::rebind(upstream, &ctx.data)?)));
@@ -276,6 +297,45 @@ async fn handle(
         let end = carry_or_move(&ctx.inputs, tls, upstream, life, LIMITS, from, None).await;
         debug!("inbound {peer} -> {target}: {end:?}");
     });
+}
+
+/// Serves an admitted application connection (a tunnel stream, or an
+/// mTLS connection of its own) to `local`, whose workload decides single
+/// requests, request by request ([`l7::inbound`]). Listed and audited as
+/// a connection; it stays in this agent.
+pub(super) async fn serve_requests<C>(
+    ctx: &Arc<InboundContext>,
+    client: C,
+    upstream: TcpStream,
+    local: Arc<LocalTarget>,
+    caller: Identity,
+    peer: SocketAddr,
+) where
+    C: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let _ = upstream.set_nodelay(true);
+    let life = ConnectionLife::open(
+        &ctx.inputs.connections,
+        &ctx.inputs.audit,
+        Opening {
+            caller: Caller::Peer(caller.clone()),
+            callee: Callee::Workload(local.workload.clone()),
+            client: peer,
+            upstream: local.addr,
+            security: "mutual_tls",
+            accepted: tokio::time::Instant::now(),
+            movable: false,
+        },
+        None,
+    );
+    let arrival = l7::inbound::Arrival {
+        inputs: ctx.inputs.clone(),
+        target: local,
+        caller,
+        peer,
+    };
+    l7::inbound::serve(arrival, client, upstream, ctx.drain.clone()).await;
+    life.close(CloseReason::Closed);
 }
 
 /// The limits of an inbound connection: the calling agent applies the

@@ -20,7 +20,7 @@ use std::{net::SocketAddr, sync::Arc};
 use http::StatusCode;
 use log::debug;
 
-use super::{InboundContext, LIMITS, Refused, admit_target, refuse_at};
+use super::{InboundContext, LIMITS, Refused, admit_target, refuse_at, serve_requests};
 use crate::{
     carry::copy::Suspended,
     proxy::{
@@ -134,6 +134,16 @@ fn stream(tunnel: Arc<Tunnel>, incoming: Box<Incoming>) -> impl Future<Output = 
                 }
             }
         };
+        if local.checks_requests() {
+            let Ok(stream) = incoming.accept_unlisted() else {
+                let _ = upstream.set_zero_linger();
+                return;
+            };
+            ctx.inputs.metrics.tunnels.stream_opened(Side::Server);
+            ctx.inputs.inbound_stats.count_accepted();
+            let caller = tunnel.caller.clone();
+            return serve_requests(ctx, stream, upstream, local, caller, tunnel.peer).await;
+        }
         let Ok(stream) = incoming.accept() else {
             // The peer reset the stream or the connection went away meanwhile.
             let _ = upstream.set_zero_linger();

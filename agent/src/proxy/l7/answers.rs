@@ -4,7 +4,7 @@
 //! workload on this node says of a request before it is sent (its
 //! authorization's request rules: 403; its rate limit: 429).
 
-use std::time::Duration;
+use std::{net::SocketAddr, time::Duration};
 
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header::CONTENT_TYPE, request::Parts};
@@ -14,14 +14,20 @@ use super::{call::Call, forward::Answer};
 use crate::{
     audit::{Denial, Party},
     authz,
-    catalog::Endpoint,
+    catalog::{Endpoint, LocalTarget, Service, Workload},
+    proxy::ProxyInputs,
     request::rules::{GRPC_DEADLINE_EXCEEDED, GRPC_MESSAGE, GRPC_STATUS, GRPC_UNAVAILABLE},
     telemetry::requests::ResponseFlag,
+    tls::Identity,
 };
 
+/// An answer of the agent's, or a body of type `B` from elsewhere.
+pub(in crate::proxy) type Reply<B> = Response<Either<B, Full<Bytes>>>;
+
 /// The destination's answer instead of `endpoint`'s, when the endpoint is
-/// a workload on this node whose policies' request rules deny the request
-/// (audited as a denial) or whose rate limit refuses it; None: send it.
+/// a workload on this node that refuses the request ([`workload_refuses`]);
+/// None: send it. An endpoint on another node is that node agent's to
+/// check, as the request arrives there.
 pub(super) fn destination_refuses(
     call: &Call<'_>,
     endpoint: &Endpoint,
@@ -33,52 +39,82 @@ pub(super) fn destination_refuses(
     }
     let catalog = call.ctx.inputs.catalog.load();
     let target = catalog.local_target(endpoint.addr)?;
+    let asking = Asking {
+        identity: call.source.map(|w| &w.identity),
+        address: call.peer,
+        workload: call.source,
+        service: Some(call.service),
+    };
+    let (flag, refused) = workload_refuses(&call.ctx.inputs, target, &asking, parts, grpc)?;
+    call.note.flag(flag);
+    Some(refused)
+}
+
+/// Who asks a workload on this node for a request.
+pub(in crate::proxy) struct Asking<'a> {
+    pub identity: Option<&'a Identity>,
+    pub address: SocketAddr,
+    /// The caller's workload, when it is on this node.
+    pub workload: Option<&'a Workload>,
+    /// The service it asked for, when known.
+    pub service: Option<&'a Service>,
+}
+
+/// What a workload on this node (`target`) says of a request before it
+/// reaches it: its policies' request rules deny it (403, audited as a
+/// denial) or its rate limit refuses it (429, counted); None: it may have
+/// it. Asked by the request path for an endpoint on this node, and by the
+/// inbound side for each request from another node.
+pub(in crate::proxy) fn workload_refuses<B>(
+    inputs: &ProxyInputs,
+    target: &LocalTarget,
+    asking: &Asking<'_>,
+    parts: &Parts,
+    grpc: bool,
+) -> Option<(ResponseFlag, Reply<B>)> {
     let workload = &target.workload;
-    let caller = call.source.map(|w| &w.identity);
+    let caller = asking.identity;
     let (method, path) = (&parts.method, parts.uri.path());
     let verdict = authz::evaluate_request(&target.policies, caller, method, path);
     if let Some(denied) = verdict.filter(|v| !v.allowed) {
-        call.note.flag(ResponseFlag::Unauthorized);
-        let (source, service) = (
-            call.source.map(|w| w.qualified_name()),
-            call.service.qualified_name(),
-        );
+        let source = asking.workload.map(|w| w.qualified_name());
+        let service = asking.service.map(|s| s.qualified_name());
         let destination = workload.qualified_name();
-        call.ctx.inputs.audit.deny(&Denial {
+        inputs.audit.deny(&Denial {
             reason: "denied",
             source: Party {
                 identity: caller,
-                address: Some(call.peer),
+                address: Some(asking.address),
                 workload: source.as_deref(),
             },
             destination: Party {
                 identity: Some(&workload.identity),
-                address: Some(endpoint.addr),
+                address: Some(target.addr),
                 workload: Some(&destination),
             },
-            service: Some(&service),
+            service: service.as_deref(),
             rule: Some(&denied.rule),
             detail: Some(&format!("request {method} {path}")),
         });
         let why = format!("authorization refused the request ({})", denied.rule);
-        return Some(answer(grpc, StatusCode::FORBIDDEN, &why));
+        let refused = answer(grpc, StatusCode::FORBIDDEN, &why);
+        return Some((ResponseFlag::Unauthorized, refused));
     }
     let limit = workload.rate_limit.as_ref()?;
     let wait = limit.limiter.admit(caller).err()?;
     limit
         .refused
         .get_or_init(|| {
-            let metrics = &call.ctx.inputs.metrics.requests;
+            let metrics = &inputs.metrics.requests;
             metrics.rate_limited(&workload.namespace, &workload.name)
         })
         .inc();
-    call.note.flag(ResponseFlag::RateLimited);
-    Some(too_many(grpc, wait))
+    Some((ResponseFlag::RateLimited, too_many(grpc, wait)))
 }
 
 /// A rate limit's answer: 429 with `Retry-After` in whole seconds (at
 /// least 1), or gRPC RESOURCE_EXHAUSTED with `grpc-retry-pushback-ms`.
-fn too_many(grpc: bool, wait: Duration) -> Answer {
+fn too_many<B>(grpc: bool, wait: Duration) -> Reply<B> {
     let mut response = answer(
         grpc,
         StatusCode::TOO_MANY_REQUESTS,
@@ -97,7 +133,7 @@ fn too_many(grpc: bool, wait: Duration) -> Answer {
 /// A fallback's fixed answer: `status` and `body` as configured, or for
 /// gRPC a trailers-only answer whose status says the same and whose
 /// message is the body.
-pub(super) fn fixed(grpc: bool, status: StatusCode, body: &Bytes) -> Answer {
+pub(super) fn fixed<B>(grpc: bool, status: StatusCode, body: &Bytes) -> Reply<B> {
     let mut response = answer(grpc, status, &String::from_utf8_lossy(body));
     if !grpc {
         *response.body_mut() = Either::Right(Full::new(body.clone()));
@@ -107,7 +143,7 @@ pub(super) fn fixed(grpc: bool, status: StatusCode, body: &Bytes) -> Answer {
 
 /// The agent's own answer, with why: an HTTP status and a body, or for
 /// gRPC a trailers-only answer whose status says the same.
-pub(super) fn answer(grpc: bool, status: StatusCode, why: &str) -> Answer {
+pub(in crate::proxy) fn answer<B>(grpc: bool, status: StatusCode, why: &str) -> Reply<B> {
     let mut response = Response::new(Either::Right(Full::new(match grpc {
         true => Bytes::new(),
         false => Bytes::from(format!("sluice: {why}\n")),

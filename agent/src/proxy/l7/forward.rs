@@ -29,7 +29,7 @@ use crate::{
     clock::now_ms,
     config::Protocol,
     lb::PickContext,
-    proxy::upstream::{DialError, Upstream, dial},
+    proxy::upstream::{DialError, Upstream, dial, fail_fast},
     request::{
         FallbackTo, Pushback, Sender, UpBody,
         pool::handshake,
@@ -37,7 +37,7 @@ use crate::{
             GRPC_TIMEOUT, grpc_status, grpc_timeout, grpc_timeout_value, pushback, strip_hop_by_hop,
         },
     },
-    resilience::Outcome,
+    resilience::{Outcome, Overflow},
     route::{self, Tried},
     telemetry::requests::ResponseFlag,
 };
@@ -87,6 +87,20 @@ pub(super) async fn forward(call: &Call<'_>, request: Request<Incoming>) -> Answ
     let service = call.service;
     let policy = &service.policy.requests;
     let grpc = service.protocol == Protocol::Grpc;
+    // A request waits for its answer within `max_pending_requests`: when
+    // endpoints stall, further requests fail fast instead of piling up.
+    let Some(_pending) = service.state.start_request(&service.policy.thresholds) else {
+        fail_fast(service, Overflow::MaxPendingRequests);
+        call.note.flag(ResponseFlag::UpstreamOverflow);
+        let why = "the service's max_pending_requests is reached";
+        return answer(grpc, StatusCode::SERVICE_UNAVAILABLE, why);
+    };
+    if service.state.note_served() {
+        info!(
+            "service {}: below its thresholds again; serving new requests",
+            service.qualified_name()
+        );
+    }
     let started = Instant::now();
     let (mut parts, body) = request.into_parts();
     strip_hop_by_hop(&mut parts.headers);
@@ -103,7 +117,7 @@ pub(super) async fn forward(call: &Call<'_>, request: Request<Incoming>) -> Answ
     // A body read for replay comes within the request's time limit (or
     // BODY_READ_TIMEOUT): a caller that stops sending mid-body does not
     // hold the request forever.
-    let payload = match resendable {
+    let mut payload = match resendable {
         true => {
             let reading = UpBody::read(body, policy.max_replay_bytes);
             let within = limit.unwrap_or(BODY_READ_TIMEOUT);
@@ -120,6 +134,7 @@ pub(super) async fn forward(call: &Call<'_>, request: Request<Incoming>) -> Answ
         }
         false => UpBody::streamed(body),
     };
+    payload.measure(&super::counters(call.ctx, service).request_bytes);
     let mut outgoing = Outgoing {
         parts,
         resendable: resendable && payload.is_whole(),
@@ -254,7 +269,8 @@ async fn send(call: &Call<'_>, outgoing: &mut Outgoing, may_fall_back: bool) -> 
         }
         let pool = service.pools.endpoint(chosen.index);
         let owner = call.source.map(|w| &w.identity);
-        let (mut sender, fresh) = match pool.take(http2, owner) {
+        let most = policy.max_requests_per_connection;
+        let (mut sender, fresh) = match pool.take(http2, owner, most) {
             Some(sender) => (sender, false),
             None => match connect(call, endpoint, http2, deadline).await {
                 Ok(sender) => (sender, true),
@@ -361,8 +377,8 @@ async fn send(call: &Call<'_>, outgoing: &mut Outgoing, may_fall_back: bool) -> 
             }
         };
         tried.add(chosen.index);
-        if fresh || matches!(sender, Sender::Http1(_)) {
-            pool.keep(sender, owner);
+        if fresh || matches!(sender, Sender::Http1(..)) {
+            pool.keep(sender, owner, most);
         }
         let status = response.status();
         let grpc_head = grpc.then(|| grpc_status(response.headers())).flatten();

@@ -11,23 +11,29 @@
 //! endpoints are shared per service and caller identity
 //! ([`crate::request::pool`]).
 //!
+//! A workload's rate limit and request rules are checked by the agent of
+//! its node: here for a caller on this node, in [`inbound`] for requests
+//! from other nodes.
+//!
 //! An HTTP connection does not move in an upgrade: when the agent drains
 //! it ends gracefully (HTTP/1.1 after the request in hand, HTTP/2 with
-//! GOAWAY), and its client's next request goes to the successor. Not yet:
-//! a destination workload's rate limit sees only its own node's requests
-//! (requests from other nodes arrive as tunnelled connections).
+//! GOAWAY), and its client's next request goes to the successor.
 
 mod answers;
 mod call;
 mod flood;
 mod forward;
+pub(super) mod inbound;
 mod watched;
 
 use std::{convert::Infallible, net::SocketAddr, pin::Pin, sync::Arc};
 
 use http::{Request, header::HOST};
 use http_body_util::Either;
-use hyper::{body::Incoming, service::service_fn};
+use hyper::{
+    body::{Body as _, Incoming},
+    service::service_fn,
+};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use log::debug;
 use tokio::{net::TcpStream, time::Instant};
@@ -44,7 +50,7 @@ use crate::{
     config::Protocol,
     drain::DrainWatch,
     request::rules::grpc_status,
-    telemetry::requests::ConnectionRefusal,
+    telemetry::requests::{ConnectionRefusal, RequestCounters},
 };
 
 /// A request's head must arrive within this, or its connection is closed
@@ -84,11 +90,16 @@ pub(super) async fn serve(
             };
             let response = forward(&call, request).await;
             let grpc = service.protocol == Protocol::Grpc;
-            let counters = service.requests.get_or_init(|| {
-                let metrics = &ctx.inputs.metrics.requests;
-                metrics.service(&service.namespace, &service.name, grpc)
-            });
-            let by_endpoint = matches!(response.body(), Either::Left(_));
+            let counters = counters(&ctx, &service);
+            // The endpoint's body is measured as it passes (`Watched`).
+            let by_endpoint = match response.body() {
+                Either::Left(_) => true,
+                Either::Right(own) => {
+                    let size = own.size_hint().exact().unwrap_or(0);
+                    counters.response_bytes.observe(size as f64);
+                    false
+                }
+            };
             let took = started.elapsed();
             counters.answered(response.status().as_u16(), by_endpoint, took.as_secs_f64());
             // A trailers-only answer (the agent's gRPC answers are): its
@@ -138,6 +149,15 @@ pub(super) async fn serve(
             metrics.inputs.metrics.requests.refused(why);
         }
     }
+}
+
+/// The request metrics of `service`, resolved on its first request.
+fn counters<'a>(ctx: &OutboundContext, service: &'a Service) -> &'a RequestCounters {
+    service.requests.get_or_init(|| {
+        let metrics = &ctx.inputs.metrics.requests;
+        let grpc = service.protocol == Protocol::Grpc;
+        metrics.service(&service.namespace, &service.name, grpc)
+    })
 }
 
 /// Serves `connection` to its end; when the agent drains first, asks it

@@ -57,6 +57,8 @@ impl Verdict {
 pub(super) struct Watched {
     inner: Incoming,
     verdict: Option<Verdict>,
+    /// Body bytes passed so far.
+    passed: u64,
 }
 
 impl Watched {
@@ -64,11 +66,15 @@ impl Watched {
         Watched {
             inner,
             verdict: Some(verdict),
+            passed: 0,
         }
     }
 
     fn end(&mut self, failed: bool) {
         if let Some(verdict) = self.verdict.take() {
+            if let Some(counters) = verdict.service.requests.get() {
+                counters.response_bytes.observe(self.passed as f64);
+            }
             verdict.tell(failed);
         }
     }
@@ -86,6 +92,7 @@ impl Body for Watched {
         let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
         match &frame {
             Some(Ok(frame)) => {
+                this.passed += frame.data_ref().map_or(0, |d| d.len() as u64);
                 if let Some(trailers) = frame.trailers_ref() {
                     let grpc = this.verdict.as_ref().filter(|v| v.grpc);
                     let status = grpc.and_then(|_| grpc_status(trailers));
