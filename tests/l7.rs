@@ -33,8 +33,8 @@ pub(crate) enum Answer {
     ResetMidBody,
 }
 
-/// An HTTP/1.1 server that logs every request it gets (`METHOD path` and
-/// the idempotency key, if any) before it answers.
+/// An HTTP/1.1 server that logs every request it gets (`METHOD path`, the
+/// idempotency key and the `traceparent`, if any) before it answers.
 pub(crate) struct HttpBackend {
     pub(crate) addr: SocketAddr,
     arrivals: Arc<Mutex<Vec<String>>>,
@@ -84,6 +84,7 @@ fn serve(conn: std::net::TcpStream, name: &str, answer: Answer, log: &Mutex<Vec<
     loop {
         let mut first = String::new();
         let (mut length, mut key, mut chunked) = (0, String::new(), false);
+        let mut traceparent = String::new();
         loop {
             let mut line = String::new();
             match reader.read_line(&mut line) {
@@ -98,6 +99,9 @@ fn serve(conn: std::net::TcpStream, name: &str, answer: Answer, log: &Mutex<Vec<
                     if let Some(v) = lower.strip_prefix("idempotency-key:") {
                         key = format!(" key={}", v.trim());
                     }
+                    if let Some(v) = lower.strip_prefix("traceparent:") {
+                        traceparent = format!(" tp={}", v.trim());
+                    }
                     chunked |= lower.starts_with("transfer-encoding:") && lower.contains("chunked");
                 }
             }
@@ -108,7 +112,9 @@ fn serve(conn: std::net::TcpStream, name: &str, answer: Answer, log: &Mutex<Vec<
         }
         let mut words = first.split_whitespace();
         let (method, path) = (words.next().unwrap(), words.next().unwrap());
-        log.lock().unwrap().push(format!("{method} {path}{key}"));
+        log.lock()
+            .unwrap()
+            .push(format!("{method} {path}{key}{traceparent}"));
         let status = match answer {
             Answer::Status(status) => status,
             Answer::Switch(now) => now.load(Ordering::SeqCst),
@@ -635,17 +641,7 @@ fn the_access_log_has_a_line_per_request() {
     // backend and its 503 goes back.
     assert_eq!(send(&agent, vip, "POST", 2, true), "b1=2");
     assert_eq!(send(&agent, vip, "POST", 1, false), "503=1");
-    let path = config.audit_path();
-    let read = || -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&path)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .filter(|v: &serde_json::Value| v["event"] == "request")
-            .collect()
-    };
-    assert!(wait_until(Duration::from_secs(5), || read().len() == 3));
-    let lines = read();
+    let lines = access_log(&config, 3);
     let field = |i: usize, f: &str| lines[i][f].clone();
     for (i, (path, status, retries)) in [("/pay/0", 200, 0), ("/pay/1", 200, 1), ("/pay/0", 503, 0)]
         .into_iter()
@@ -671,6 +667,92 @@ fn the_access_log_has_a_line_per_request() {
         lines[2]["destination"]["address"],
         backends[1].addr.to_string()
     );
+}
+
+/// The first `n` lines of `config`'s access log, once there are `n`.
+fn access_log(config: &AgentConfig, n: usize) -> Vec<serde_json::Value> {
+    let read = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(config.audit_path())
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .filter(|v: &serde_json::Value| v["event"] == "request")
+            .collect()
+    };
+    assert!(wait_until(Duration::from_secs(5), || read().len() >= n));
+    read().into_iter().take(n).collect()
+}
+
+/// W3C Trace Context. With the access log off, a request's `traceparent`
+/// reaches the endpoint untouched. With it on, the agent is a hop of the
+/// trace: the endpoint gets the caller's trace with the agent's span as
+/// its parent, the request's access-log line records the trace, the
+/// agent's span and the caller's, and a request that came without a
+/// `traceparent` starts a trace.
+#[test]
+fn traceparent_passes_through_and_with_the_access_log_the_agent_is_a_hop() {
+    const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    const CALLER_SPAN: &str = "00f067aa0ba902b7";
+    let caller = format!("00-{TRACE}-{CALLER_SPAN}-01");
+    let two_gets = |vip: SocketAddr| {
+        format!(
+            "python3 - <<'PY'
+import http.client
+c = http.client.HTTPConnection('{}', {}, timeout=10)
+for headers in [{{'traceparent': '{caller}'}}, {{}}]:
+    c.request('GET', '/trace', headers=headers)
+    r = c.getresponse()
+    r.read()
+    print(r.status)
+PY",
+            vip.ip(),
+            vip.port()
+        )
+    };
+    let pay = |vip: SocketAddr, backend: &HttpBackend| {
+        service("pay", &vip.to_string(), &[backend.addr]).protocol("http")
+    };
+
+    let vip: SocketAddr = "127.77.8.25:8080".parse().unwrap();
+    let backend = HttpBackend::start("b1", Answer::Status(200));
+    let config = AgentConfig::new(&[pay(vip, &backend)]);
+    let agent = Agent::start(&config);
+    let out = agent.client_command(&two_gets(vip)).output().unwrap();
+    assert_eq!(lines(&out), ["200", "200"]);
+    assert_eq!(
+        backend.arrivals(),
+        [format!("GET /trace tp={caller}"), "GET /trace".to_owned()]
+    );
+    drop(agent);
+
+    let vip: SocketAddr = "127.77.8.26:8080".parse().unwrap();
+    let backend = HttpBackend::start("b1", Answer::Status(200));
+    let config = AgentConfig::with(|c| Config {
+        audit: Some(Audit {
+            output: c.audit_path(),
+            requests: true,
+        }),
+        ..c.base(&[pay(vip, &backend)])
+    });
+    let agent = Agent::start(&config);
+    let out = agent.client_command(&two_gets(vip)).output().unwrap();
+    assert_eq!(lines(&out), ["200", "200"]);
+    let logged = access_log(&config, 2);
+    let arrivals = backend.arrivals();
+    // The caller's trace, continued under the agent's span.
+    let (continued, started) = (&logged[0], &logged[1]);
+    assert_eq!(continued["trace_id"], TRACE, "{continued}");
+    assert_eq!(continued["parent_span_id"], CALLER_SPAN, "{continued}");
+    let span = continued["span_id"].as_str().unwrap();
+    assert_ne!(span, CALLER_SPAN);
+    assert_eq!(arrivals[0], format!("GET /trace tp=00-{TRACE}-{span}-01"));
+    // A trace the agent started: sampled, with no parent.
+    let trace = started["trace_id"].as_str().unwrap();
+    let span = started["span_id"].as_str().unwrap();
+    assert_eq!((trace.len(), span.len()), (32, 16), "{started}");
+    assert_ne!(trace, TRACE);
+    assert_eq!(started["parent_span_id"], serde_json::Value::Null);
+    assert_eq!(arrivals[1], format!("GET /trace tp=00-{trace}-{span}-01"));
 }
 
 /// The base config with HTTP service `pay` at `vip`, whose one endpoint

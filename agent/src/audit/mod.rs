@@ -79,6 +79,12 @@ pub struct Served<'a> {
     pub duration_ms: f64,
     pub retries: u32,
     pub response_flags: &'a str,
+    /// The request's hop of its W3C trace: the trace, the agent's span
+    /// (the endpoint's parent), and the caller's span (None: the agent
+    /// started the trace). Lower-case hex, as in `traceparent`.
+    pub trace_id: String,
+    pub span_id: String,
+    pub parent_span_id: Option<String>,
 }
 
 /// A connection that ended.

@@ -49,7 +49,7 @@ use crate::{
     catalog::{Service, Workload},
     config::Protocol,
     drain::DrainWatch,
-    request::rules::grpc_status,
+    request::{rules::grpc_status, trace::Hop},
     telemetry::requests::{ConnectionRefusal, RequestCounters},
 };
 
@@ -70,7 +70,7 @@ pub(super) async fn serve(
     let http1 = service.protocol == Protocol::Http;
     let mut drain = ctx.drain.clone();
     let metrics = ctx.clone();
-    let requests = service_fn(move |request: Request<Incoming>| {
+    let requests = service_fn(move |mut request: Request<Incoming>| {
         let (ctx, service, source) = (ctx.clone(), service.clone(), source.clone());
         async move {
             let started = Instant::now();
@@ -80,7 +80,7 @@ pub(super) async fn serve(
                 .inputs
                 .audit
                 .wants_requests()
-                .then(|| Asked::of(&request));
+                .then(|| Asked::of(&mut request));
             let call = Call {
                 ctx: &ctx,
                 service: &service,
@@ -176,15 +176,20 @@ async fn ending_on_drain<F: Future>(
     }
 }
 
-/// A request's line of the access log: what was asked.
+/// A request's line of the access log: what was asked, and its hop of
+/// the trace.
 struct Asked {
     method: http::Method,
     authority: String,
     path: String,
+    hop: Hop,
 }
 
 impl Asked {
-    fn of(request: &Request<Incoming>) -> Asked {
+    /// What `request` asks; its `traceparent` is set to name the agent's
+    /// span.
+    fn of(request: &mut Request<Incoming>) -> Asked {
+        let hop = Hop::start(request.headers_mut());
         let authority = request
             .uri()
             .authority()
@@ -195,6 +200,7 @@ impl Asked {
             method: request.method().clone(),
             authority: authority.to_owned(),
             path: request.uri().path().to_owned(),
+            hop,
         }
     }
 }
@@ -229,6 +235,9 @@ fn log_request(call: &Call<'_>, asked: &Asked, response: &Answer, took: std::tim
         duration_ms: took.as_secs_f64() * 1e3,
         retries: call.note.retries(),
         response_flags: call.note.flagged().as_str(),
+        trace_id: format!("{:032x}", asked.hop.trace_id),
+        span_id: format!("{:016x}", asked.hop.span_id),
+        parent_span_id: asked.hop.parent_span_id.map(|p| format!("{p:016x}")),
     });
 }
 
