@@ -855,6 +855,63 @@ PY",
     );
 }
 
+/// A workload's HTTP connection to a request service is listed by
+/// `sluice conns` while it is open (the service, the address dialled, its
+/// bytes each way), and leaves the list when it closes.
+#[test]
+fn an_http_connection_is_listed_with_its_bytes_while_open() {
+    let vip: SocketAddr = "127.77.8.27:8080".parse().unwrap();
+    let backend = HttpBackend::start("b1", Answer::Status(200));
+    let config =
+        AgentConfig::new(&[service("pay", &vip.to_string(), &[backend.addr]).protocol("http")]);
+    let agent = Agent::start(&config);
+    // Three requests, then the connection stays open until stdin closes.
+    let mut held = agent
+        .client_command(&format!(
+            // `-c`, not a here-document: stdin is the test's pipe.
+            "python3 -c '
+import http.client, os
+c = http.client.HTTPConnection(\"{}\", {}, timeout=10)
+for i in range(3):
+    c.request(\"GET\", \"/pay/%d\" % i)
+    c.getresponse().read()
+os.read(0, 1)
+'",
+            vip.ip(),
+            vip.port()
+        ))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn_guarded()
+        .unwrap();
+    let listed = || {
+        let rows = agent.view("/debug/conns");
+        rows.as_array().unwrap().clone()
+    };
+    let answered = |rows: &[serde_json::Value]| {
+        rows.len() == 1 && rows[0]["bytes_received"].as_u64().unwrap_or(0) >= 3 * 40
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || answered(&listed())),
+        "{:?}",
+        listed()
+    );
+    let row = &listed()[0];
+    assert_eq!(row["destination_service"], "payments/pay", "{row}");
+    assert_eq!(row["endpoint"], vip.to_string(), "{row}");
+    assert_eq!(row["security"], "per_request", "{row}");
+    assert_eq!(row["source_workload"], "client", "{row}");
+    assert!(row["bytes_sent"].as_u64().unwrap() >= 3 * 30, "{row}");
+    drop(held.stdin.take());
+    assert!(held.wait().unwrap().success());
+    assert!(
+        wait_until(Duration::from_secs(5), || listed().is_empty()),
+        "{:?}",
+        listed()
+    );
+    assert_eq!(backend.requests(), 3);
+}
+
 /// `requests.max_requests_per_connection`: a connection to an endpoint
 /// carries at most that many requests; the next request opens another.
 #[test]

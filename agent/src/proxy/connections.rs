@@ -64,6 +64,9 @@ pub enum Callee {
     },
     /// A workload on this node (inbound).
     Workload(Arc<Workload>),
+    /// A request service (outbound): each request of the connection goes
+    /// to an endpoint of its own.
+    Requests(Arc<Service>),
 }
 
 /// The far end of a connection as the audit trail names it.
@@ -106,7 +109,7 @@ impl Callee {
     /// service, or of the local workload.
     pub fn name(&self) -> String {
         match self {
-            Callee::Service { service, .. } => service.qualified_name(),
+            Callee::Service { service, .. } | Callee::Requests(service) => service.qualified_name(),
             Callee::Workload(w) => w.qualified_name(),
         }
     }
@@ -130,6 +133,14 @@ impl Callee {
                     workload: Some(w.qualified_name()),
                 },
                 None,
+            ),
+            // Its requests' endpoints are in the access log.
+            Callee::Requests(service) => (
+                AuditedCallee {
+                    identity: None,
+                    workload: None,
+                },
+                Some(service.qualified_name()),
             ),
         }
     }

@@ -311,7 +311,7 @@ pub(super) async fn serve_requests<C>(
     caller: Identity,
     peer: SocketAddr,
 ) where
-    C: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    C: AsyncRead + AsyncWrite + Send + Unpin,
 {
     let _ = upstream.set_nodelay(true);
     let life = ConnectionLife::open(
@@ -334,6 +334,7 @@ pub(super) async fn serve_requests<C>(
         caller,
         peer,
     };
+    let client = l7::Counted::new(client, life.bytes());
     l7::inbound::serve(arrival, client, upstream, ctx.drain.clone()).await;
     life.close(CloseReason::Closed);
 }

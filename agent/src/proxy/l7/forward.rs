@@ -272,7 +272,10 @@ async fn send(call: &Call<'_>, outgoing: &mut Outgoing, may_fall_back: bool) -> 
         let most = policy.max_requests_per_connection;
         let (mut sender, fresh) = match pool.take(http2, owner, most) {
             Some(sender) => (sender, false),
-            None => match connect(call, endpoint, http2, deadline).await {
+            // Boxed: a new connection is the rare case and its future the
+            // largest part of a request's, which hyper moves (HTTP/2 spawns
+            // it) for every request.
+            None => match Box::pin(connect(call, endpoint, http2, deadline)).await {
                 Ok(sender) => (sender, true),
                 Err(no) => {
                     let why = match no {

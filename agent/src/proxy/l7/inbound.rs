@@ -88,7 +88,7 @@ pub(in crate::proxy) async fn serve<C>(
     upstream: TcpStream,
     mut drain: DrainWatch,
 ) where
-    C: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    C: AsyncRead + AsyncWrite + Send + Unpin,
 {
     let Arrival {
         inputs,

@@ -21,6 +21,7 @@
 
 mod answers;
 mod call;
+mod counted;
 mod flood;
 mod forward;
 pub(super) mod inbound;
@@ -38,19 +39,27 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use log::debug;
 use tokio::{net::TcpStream, time::Instant};
 
+pub(super) use self::counted::Counted;
 use self::{
     call::{Call, Note},
     flood::FloodGuard,
     forward::{Answer, forward},
 };
-use super::outbound::OutboundContext;
+use super::{
+    connections::{Callee, Caller},
+    lifecycle::{ConnectionLife, Opening},
+    outbound::OutboundContext,
+};
 use crate::{
     audit::{Party, Served},
     catalog::{Service, Workload},
     config::Protocol,
     drain::DrainWatch,
     request::{rules::grpc_status, trace::Hop},
-    telemetry::requests::{ConnectionRefusal, RequestCounters},
+    telemetry::{
+        CloseReason,
+        requests::{ConnectionRefusal, RequestCounters},
+    },
 };
 
 /// A request's head must arrive within this, or its connection is closed
@@ -70,6 +79,23 @@ pub(super) async fn serve(
     let http1 = service.protocol == Protocol::Http;
     let mut drain = ctx.drain.clone();
     let metrics = ctx.clone();
+    // Listed for `sluice conns` (its bytes, not its endpoints: each of its
+    // requests has its own) and audited at its close.
+    let life = ConnectionLife::open(
+        &metrics.inputs.connections,
+        &metrics.inputs.audit,
+        Opening {
+            caller: Caller::Workload(source.clone()),
+            callee: Callee::Requests(service.clone()),
+            client: peer,
+            upstream: service.vip,
+            security: "per_request",
+            accepted: Instant::now(),
+            movable: false,
+        },
+        None,
+    );
+    let client = Counted::new(client, life.bytes());
     let requests = service_fn(move |mut request: Request<Incoming>| {
         let (ctx, service, source) = (ctx.clone(), service.clone(), source.clone());
         async move {
@@ -138,17 +164,19 @@ pub(super) async fn serve(
             ending_on_drain(connection, &mut drain, |c| c.graceful_shutdown()).await
         }
     };
-    if let Err(e) = served {
-        debug!("{peer}: HTTP connection to {name}: {e}");
-        let flooded = flooded.is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed));
-        let why = match flooded {
-            true => Some(ConnectionRefusal::Http2Flood),
-            false => refusal(&e),
-        };
-        if let Some(why) = why {
-            metrics.inputs.metrics.requests.refused(why);
-        }
+    let Err(e) = served else {
+        return life.close(CloseReason::Closed);
+    };
+    debug!("{peer}: HTTP connection to {name}: {e}");
+    let flooded = flooded.is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed));
+    let why = match flooded {
+        true => Some(ConnectionRefusal::Http2Flood),
+        false => refusal(&e),
+    };
+    if let Some(why) = why {
+        metrics.inputs.metrics.requests.refused(why);
     }
+    life.close(CloseReason::ClientError);
 }
 
 /// The request metrics of `service`, resolved on its first request.

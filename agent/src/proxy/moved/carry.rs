@@ -258,8 +258,9 @@ fn kind_of(c: &LiveConnection) -> MovedKind {
         (_, Callee::Workload(w)) => MovedKind::Captured {
             workload: w.name.clone(),
         },
-        // No handler lists a service callee for any other caller.
-        (_, Callee::Service { service, .. }) => MovedKind::Outbound {
+        // No handler lists a service callee for any other caller, and a
+        // request service's connection never moves.
+        (_, Callee::Service { service, .. } | Callee::Requests(service)) => MovedKind::Outbound {
             vip: service.vip,
             namespace: service.namespace.clone(),
             service: service.name.clone(),
