@@ -315,20 +315,9 @@ async fn send(call: &Call<'_>, outgoing: &mut Outgoing, may_fall_back: bool) -> 
                 .take()
                 .expect("a streamed body is sent at most once"),
         };
-        let mut request = Request::new(body);
-        *request.method_mut() = parts.method.clone();
-        *request.uri_mut() = parts.uri.clone();
-        *request.version_mut() = parts.version;
-        *request.headers_mut() = parts.headers.clone();
-        if let (true, Some(deadline)) = (grpc, deadline) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            request
-                .headers_mut()
-                .insert(GRPC_TIMEOUT, grpc_timeout_value(left));
-        }
         let in_flight = endpoint.state.open_connection();
         let sent = Instant::now();
-        let sending = sender.send(request);
+        let sending = sender.send(attempt(parts, body, grpc.then_some(deadline).flatten()));
         let result = match deadline {
             Some(deadline) => match timeout_at(deadline, sending).await {
                 Ok(result) => result,
@@ -423,6 +412,25 @@ async fn send(call: &Call<'_>, outgoing: &mut Outgoing, may_fall_back: bool) -> 
         };
         return response.map(|body| Either::Left(Watched::new(body, verdict)));
     }
+}
+
+/// One attempt's request: `parts` (kept for another attempt) with `body`,
+/// and for gRPC what is left of the `deadline` as its `grpc-timeout`. Not
+/// built in `send`: a local there would keep its space in every request's
+/// future.
+fn attempt(parts: &Parts, body: UpBody, deadline: Option<Instant>) -> Request<UpBody> {
+    let mut request = Request::new(body);
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = parts.uri.clone();
+    *request.version_mut() = parts.version;
+    *request.headers_mut() = parts.headers.clone();
+    if let Some(deadline) = deadline {
+        let left = deadline.saturating_duration_since(Instant::now());
+        request
+            .headers_mut()
+            .insert(GRPC_TIMEOUT, grpc_timeout_value(left));
+    }
+    request
 }
 
 /// A new connection to `endpoint` that speaks the service's HTTP.

@@ -114,7 +114,9 @@ pub(super) async fn serve(
                 peer,
                 note: &note,
             };
-            let response = forward(&call, request).await;
+            // Boxed: hyper moves this future once or twice for every
+            // request (HTTP/2 spawns it); the request's way is most of it.
+            let response = Box::pin(forward(&call, request)).await;
             let grpc = service.protocol == Protocol::Grpc;
             let counters = counters(&ctx, &service);
             // The endpoint's body is measured as it passes (`Watched`).
