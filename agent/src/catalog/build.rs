@@ -324,13 +324,22 @@ impl Catalog {
                     netns: place.netns.clone(),
                     identity: Identity::new(td, &w.namespace, &w.service_account),
                     rate_limit: w.rate_limit.as_ref().map(|r| {
-                        Box::new(WorkloadLimit {
-                            limiter: RateLimiter::new(
-                                *r.requests_per_second.get(),
-                                r.burst(),
-                                r.per_source,
-                            ),
-                            refused: Default::default(),
+                        let settings = (*r.requests_per_second.get(), r.burst(), r.per_source);
+                        let kept = previous
+                            .and_then(|p| {
+                                p.workloads()
+                                    .iter()
+                                    .find(|o| o.name == *w.name.get() && o.namespace == w.namespace)
+                            })
+                            .and_then(|o| o.rate_limit.clone())
+                            .filter(|l| l.settings == settings);
+                        kept.unwrap_or_else(|| {
+                            let (per_second, burst, per_source) = settings;
+                            Arc::new(WorkloadLimit {
+                                settings,
+                                limiter: RateLimiter::new(per_second, burst, per_source),
+                                refused: Default::default(),
+                            })
                         })
                     }),
                     policy: w.authorization.as_ref().map(|a| {

@@ -188,14 +188,19 @@ pub struct Workload {
     pub policy: Option<Arc<Policy>>,
     /// Its own network namespace (a pod); none: the agent's.
     pub netns: Option<Arc<Netns>>,
-    /// Its `rate_limit`, with the count of requests it refused.
-    pub rate_limit: Option<Box<WorkloadLimit>>,
+    /// Its `rate_limit`, with the count of requests it refused. Shared
+    /// with the catalog before while the limit is the same, so that a
+    /// rebuild (a reload, a pod coming or going) does not refill its
+    /// buckets.
+    pub rate_limit: Option<Arc<WorkloadLimit>>,
 }
 
 /// A workload's rate limit. Its buckets start full again when the catalog
 /// is rebuilt (a reload, a change in Kubernetes).
 #[derive(Debug)]
 pub struct WorkloadLimit {
+    /// requests_per_second, burst, per_source: what it was made from.
+    pub settings: (u32, u32, bool),
     pub limiter: crate::resilience::RateLimiter,
     /// Resolved on first use.
     pub refused: std::sync::OnceLock<prometheus_client::metrics::counter::Counter>,

@@ -425,3 +425,43 @@ fn endpoint_states_carry_over_to_another_catalog() {
     assert_eq!(endpoint(&pay, "10.0.0.1:8080").state.phase(), Phase::Open);
     assert_eq!(endpoint(&pay, "10.0.0.2:8080").state.phase(), Phase::Closed);
 }
+
+/// A workload's rate limit lives on through a rebuild while its settings
+/// stay (a reload, or a pod coming or going, does not refill its buckets)
+/// and starts afresh when they change.
+#[test]
+fn a_rate_limits_buckets_outlive_a_rebuild_while_its_settings_stay() {
+    let with_limit = |per_second: u32| {
+        config(&format!(
+            "
+            node:
+              name: n1
+            workloads:
+              - name: ledger
+                namespace: payments
+                service_account: ledger
+                rate_limit:
+                  requests_per_second: {per_second}
+                  burst: 2
+            "
+        ))
+    };
+    let placed = [Placement {
+        cgroup: PathBuf::from("/sys/fs/cgroup/ledger"),
+        cgroup_id: 7,
+        netns: None,
+    }];
+    let limit = |catalog: &Catalog| catalog.workloads()[0].rate_limit.clone().unwrap();
+    let first = Catalog::from_config(&with_limit(1), &placed, None);
+    let spent = limit(&first);
+    assert!(spent.limiter.admit(None).is_ok() && spent.limiter.admit(None).is_ok());
+    assert!(spent.limiter.admit(None).is_err(), "the burst is spent");
+
+    let second = Catalog::from_config(&with_limit(1), &placed, Some(&first));
+    assert!(Arc::ptr_eq(&spent, &limit(&second)));
+    assert!(limit(&second).limiter.admit(None).is_err(), "still spent");
+
+    let changed = Catalog::from_config(&with_limit(5), &placed, Some(&second));
+    assert!(!Arc::ptr_eq(&spent, &limit(&changed)));
+    assert!(limit(&changed).limiter.admit(None).is_ok(), "a new limit");
+}

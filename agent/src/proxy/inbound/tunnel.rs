@@ -142,7 +142,10 @@ fn stream(tunnel: Arc<Tunnel>, incoming: Box<Incoming>) -> impl Future<Output = 
             ctx.inputs.metrics.tunnels.stream_opened(Side::Server);
             ctx.inputs.inbound_stats.count_accepted();
             let caller = tunnel.caller.clone();
-            return serve_requests(ctx, stream, upstream, local, caller, tunnel.peer).await;
+            // Boxed: this future is every tunnelled connection's, and only
+            // a few are served request by request.
+            let serving = serve_requests(ctx, stream, upstream, local, caller, tunnel.peer);
+            return Box::pin(serving).await;
         }
         let Ok(stream) = incoming.accept() else {
             // The peer reset the stream or the connection went away meanwhile.
