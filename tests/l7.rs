@@ -348,6 +348,21 @@ fn a_rate_limit_per_caller_refuses_the_excess_with_retry_after() {
         )
     });
     let agent = Agent::start(&config);
+    let (_, refused, _) = two_callers_against_a_limit(&agent, vip);
+    let counted = agent.metrics().sum(
+        "sluice_rate_limited_requests_total",
+        &[("destination_workload", "ledger")],
+    );
+    assert_eq!(counted, refused);
+    assert_eq!(flagged(&agent, "RL"), refused);
+}
+
+/// Against a rate limit of 100 requests a second per caller at `vip`'s
+/// workload: `client` sends 300 a second and `batch` 30, for 3 s each, at
+/// once, through `agent`. Asserts that about 200 a second of client's are
+/// refused, each 429 with a Retry-After, and none of batch's. Returns
+/// client's passed and refused requests, and batch's passed ones.
+pub(crate) fn two_callers_against_a_limit(agent: &Agent, vip: SocketAddr) -> (f64, f64, f64) {
     let checkout = agent
         .client_command(&paced_gets(vip, 300))
         .stdout(std::process::Stdio::piped())
@@ -359,27 +374,22 @@ fn a_rate_limit_per_caller_refuses_the_excess_with_retry_after() {
         .output()
         .unwrap();
     let checkout = checkout.wait_with_output().unwrap();
-    let (_, refused, told, seconds) = paced_result(&checkout);
+    let (passed, refused, told, seconds) = paced_result(&checkout);
     let per_second = refused / seconds;
     assert!(
         (150.0..=250.0).contains(&per_second),
         "{refused} in {seconds} s"
     );
     assert!(told, "a 429 without Retry-After");
-    let (passed, refused_batch, _, _) = paced_result(&batch);
-    assert_eq!((passed, refused_batch), (90.0, 0.0));
-    let counted = agent.metrics().sum(
-        "sluice_rate_limited_requests_total",
-        &[("destination_workload", "ledger")],
-    );
-    assert_eq!(counted, refused);
-    assert_eq!(flagged(&agent, "RL"), refused);
+    let (batch_passed, batch_refused, _, _) = paced_result(&batch);
+    assert_eq!((batch_passed, batch_refused), (90.0, 0.0));
+    (passed, refused, batch_passed)
 }
 
 /// `GET /balance` at `rate` a second for 3 s on one connection to `vip`;
 /// prints the answers by status (200, 429), whether every 429 said when to
 /// come back, and the seconds it took.
-pub(crate) fn paced_gets(vip: SocketAddr, rate: u32) -> String {
+fn paced_gets(vip: SocketAddr, rate: u32) -> String {
     format!(
         "python3 - <<'PY'
 import collections, http.client, time
@@ -401,7 +411,7 @@ PY",
 }
 
 /// What [`paced_gets`] printed: (200s, 429s, every 429 said when, seconds).
-pub(crate) fn paced_result(out: &std::process::Output) -> (f64, f64, bool, f64) {
+fn paced_result(out: &std::process::Output) -> (f64, f64, bool, f64) {
     let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     let f: Vec<&str> = text.split_whitespace().collect();
     assert_eq!(

@@ -9,7 +9,7 @@
 use std::net::SocketAddr;
 
 use crate::{
-    l7::{Answer, HttpBackend, paced_gets, paced_result, send},
+    l7::{Answer, HttpBackend, send, two_callers_against_a_limit},
     support::*,
 };
 
@@ -173,26 +173,7 @@ PY",
         "spiffe://cluster.local/ns/payments/sa/checkout"
     );
 
-    let checkout = a
-        .client_command(&paced_gets(vip, 300))
-        .stdout(std::process::Stdio::piped())
-        .spawn_guarded()
-        .unwrap();
-    let batch = a
-        .workload_command("batch", &paced_gets(vip, 30))
-        .stdout(std::process::Stdio::piped())
-        .output()
-        .unwrap();
-    let checkout = checkout.wait_with_output().unwrap();
-    let (passed, refused, told, seconds) = paced_result(&checkout);
-    let per_second = refused / seconds;
-    assert!(
-        (150.0..=250.0).contains(&per_second),
-        "{refused} in {seconds} s"
-    );
-    assert!(told, "a 429 without Retry-After");
-    let (batch_passed, batch_refused, _, _) = paced_result(&batch);
-    assert_eq!((batch_passed, batch_refused), (90.0, 0.0));
+    let (passed, refused, batch_passed) = two_callers_against_a_limit(&a, vip);
     let counted = b.metrics().sum(
         "sluice_rate_limited_requests_total",
         &[("destination_workload", "ledger")],

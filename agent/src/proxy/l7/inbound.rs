@@ -24,7 +24,6 @@ use hyper::{
     client::conn::{http1, http2},
     service::service_fn,
 };
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use log::debug;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
@@ -32,10 +31,8 @@ use tokio::{
 };
 
 use super::{
-    HEADER_READ_TIMEOUT,
     answers::{Asking, Reply, answer, workload_refuses},
-    ending_on_drain,
-    flood::FloodGuard,
+    serve_http,
 };
 use crate::{
     catalog::LocalTarget,
@@ -86,7 +83,7 @@ pub(in crate::proxy) async fn serve<C>(
     arrival: Arrival,
     client: C,
     upstream: TcpStream,
-    mut drain: DrainWatch,
+    drain: DrainWatch,
 ) where
     C: AsyncRead + AsyncWrite + Send + Unpin,
 {
@@ -129,23 +126,7 @@ pub(in crate::proxy) async fn serve<C>(
             })
         }
     });
-    let served = match http2 {
-        false => {
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(client), requests);
-            let connection = std::pin::pin!(connection);
-            ending_on_drain(connection, &mut drain, |c| c.graceful_shutdown()).await
-        }
-        true => {
-            let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .serve_connection(TokioIo::new(FloodGuard::new(client)), requests);
-            let connection = std::pin::pin!(connection);
-            ending_on_drain(connection, &mut drain, |c| c.graceful_shutdown()).await
-        }
-    };
+    let (served, _flooded) = serve_http(client, !http2, requests, drain).await;
     if let Err(e) = served {
         debug!("inbound requests from {peer}: {e}");
     }

@@ -32,12 +32,17 @@ use std::{convert::Infallible, net::SocketAddr, pin::Pin, sync::Arc};
 use http::{Request, header::HOST};
 use http_body_util::Either;
 use hyper::{
-    body::{Body as _, Incoming},
-    service::service_fn,
+    body::{Body, Incoming},
+    rt::bounds::Http2ServerConnExec,
+    service::{HttpService, service_fn},
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use log::debug;
-use tokio::{net::TcpStream, time::Instant};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+    time::Instant,
+};
 
 pub(super) use self::counted::Counted;
 use self::{
@@ -77,7 +82,7 @@ pub(super) async fn serve(
 ) {
     let name = service.qualified_name();
     let http1 = service.protocol == Protocol::Http;
-    let mut drain = ctx.drain.clone();
+    let drain = ctx.drain.clone();
     let metrics = ctx.clone();
     // Listed for `sluice conns` (its bytes, not its endpoints: each of its
     // requests has its own) and audited at its close.
@@ -142,35 +147,11 @@ pub(super) async fn serve(
             Ok::<_, Infallible>(response)
         }
     });
-    // When the agent drains (an upgrade, a stop), the connection ends
-    // gracefully: HTTP/1.1 after the request in hand, its answer saying
-    // `Connection: close`; HTTP/2 with GOAWAY, its open streams answered.
-    // The client opens its next connection to the successor.
-    let mut flooded = None;
-    let served = match http1 {
-        true => {
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(client), requests);
-            let connection = std::pin::pin!(connection);
-            ending_on_drain(connection, &mut drain, |c| c.graceful_shutdown()).await
-        }
-        false => {
-            let guard = FloodGuard::new(client);
-            flooded = Some(guard.tripped());
-            let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .serve_connection(TokioIo::new(guard), requests);
-            let connection = std::pin::pin!(connection);
-            ending_on_drain(connection, &mut drain, |c| c.graceful_shutdown()).await
-        }
-    };
+    let (served, flooded) = serve_http(client, http1, requests, drain).await;
     let Err(e) = served else {
         return life.close(CloseReason::Closed);
     };
     debug!("{peer}: HTTP connection to {name}: {e}");
-    let flooded = flooded.is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed));
     let why = match flooded {
         true => Some(ConnectionRefusal::Http2Flood),
         false => refusal(&e),
@@ -188,6 +169,46 @@ fn counters<'a>(ctx: &OutboundContext, service: &'a Service) -> &'a RequestCount
         let grpc = service.protocol == Protocol::Grpc;
         metrics.service(&service.namespace, &service.name, grpc)
     })
+}
+
+/// Serves `client` as HTTP/1.1 or HTTP/2 (prior knowledge, its control
+/// frames watched by a [`FloodGuard`]) with `requests` until it closes.
+/// When the agent drains (an upgrade, a stop), the connection ends
+/// gracefully: HTTP/1.1 after the request in hand, its answer saying
+/// `Connection: close`; HTTP/2 with GOAWAY, its open streams answered. The
+/// client opens its next connection to the successor. Returns how it
+/// ended, and whether the flood guard cut it.
+async fn serve_http<I, S, B>(
+    client: I,
+    http1: bool,
+    requests: S,
+    mut drain: DrainWatch,
+) -> (hyper::Result<()>, bool)
+where
+    I: AsyncRead + AsyncWrite + Send + Unpin,
+    S: HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    TokioExecutor: Http2ServerConnExec<S::Future, B>,
+{
+    if http1 {
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .serve_connection(TokioIo::new(client), requests);
+        let connection = std::pin::pin!(connection);
+        let served = ending_on_drain(connection, &mut drain, |c| c.graceful_shutdown()).await;
+        return (served, false);
+    }
+    let guard = FloodGuard::new(client);
+    let flooded = guard.tripped();
+    let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .serve_connection(TokioIo::new(guard), requests);
+    let connection = std::pin::pin!(connection);
+    let served = ending_on_drain(connection, &mut drain, |c| c.graceful_shutdown()).await;
+    (served, flooded.load(std::sync::atomic::Ordering::Relaxed))
 }
 
 /// Serves `connection` to its end; when the agent drains first, asks it
