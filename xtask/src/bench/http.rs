@@ -273,6 +273,12 @@ impl Run<'_> {
             false => way.h1,
         };
         let log = self.dir.join(format!("h2load-{}-{http2}.log", way.name));
+        // h2load appends to its log: a log left by an earlier round (or
+        // run) would be read again as this round's requests.
+        match std::fs::remove_file(&log) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+            _ => {}
+        }
         let n = (self.seconds * 4_000.0) as usize;
         let mut args = vec![
             format!("-n{n}"),
