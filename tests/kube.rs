@@ -7,11 +7,14 @@
 
 use std::{net::SocketAddr, path::PathBuf, process::Stdio, time::Duration};
 
-use crate::support::{
-    install::{ShippedNodes, agents_slice},
-    kubeapi::{FakeApiServer, Resource, write_kubeconfig},
-    pods::*,
-    *,
+use crate::{
+    l7::{Answer, HttpBackend, paced_gets_python, two_callers_at_once},
+    support::{
+        install::{ShippedNodes, agents_slice},
+        kubeapi::{FakeApiServer, Resource, write_kubeconfig},
+        pods::*,
+        *,
+    },
 };
 use serde_json::{Value, json};
 
@@ -575,6 +578,109 @@ fn a_policy_object_denies_and_allows_without_touching_open_connections() {
     );
     assert_eq!(c.calls(0, 1), ["checkout-1"]);
     assert!(open.ask("still").starts_with("checkout-1"));
+}
+
+/// A SluicePolicy's request rules and rate limit hold for discovered pods,
+/// as the file's do for its workloads: the Service's port declares
+/// `appProtocol: http`; the policy selecting the ledger pod refuses
+/// `POST /admin/*` with 403 (audited with the policy's rule) and gives each
+/// caller identity 100 requests a second: the checkout pod sending 300 a
+/// second gets about 200 a second of 429s, while the batch pod (another
+/// service account), sending at the same time, gets none.
+#[test]
+fn a_policys_request_rules_and_rate_limit_hold_for_discovered_pods() {
+    let mut c = Cluster::new(3, Layout::SystemdCrio);
+    // Pod 1 is the ledger and answers HTTP; pods 0 and 2 call it.
+    let mut http = service();
+    http["spec"]["ports"][0]["appProtocol"] = json!("http");
+    c.api
+        .set_object(Resource::Namespaces, namespace("shop", "mtls"));
+    c.api.set_object(Resource::Services, http);
+    c.set_endpoints(&[(1, true)]);
+    c.api.set_object(Resource::Pods, c.pods[0].object());
+    let mut ledger = c.pods[1].object();
+    ledger["metadata"]["labels"]["tier"] = json!("ledger");
+    c.api.set_object(Resource::Pods, ledger);
+    let mut batch = c.pods[2].object();
+    batch["spec"]["serviceAccountName"] = json!("batch");
+    c.api.set_object(Resource::Pods, batch);
+    c.pods[1].stop_backend();
+    let addr = SocketAddr::new(c.pods[1].ip, 8080);
+    let backend = netns::run_in(c.pods[1].netns.clone(), move || {
+        HttpBackend::start_on("ledger", Answer::Status(200), addr)
+    });
+    c.api.set_object(
+        Resource::Policies,
+        json!({
+            "kind": "SluicePolicy", "apiVersion": "sluice.io/v1alpha1",
+            "metadata": {
+                "name": "ledger-requests", "namespace": "shop", "uid": "policy-ledger-requests",
+                "generation": 1
+            },
+            "spec": {
+                "selector": { "matchLabels": { "tier": "ledger" } },
+                "default": "allow",
+                "requests": [{ "methods": ["POST"], "paths": ["/admin/*"], "decision": "deny" }],
+                "rateLimit": { "requestsPerSecond": 100, "burst": 10, "perSource": true }
+            }
+        }),
+    );
+    let agent = Agent::start_in_netns(&c.config, &c.node.node);
+    agent.assert_ready();
+    assert_listening(&agent, 3);
+
+    // The rule: a POST to /admin/ is refused at once by the policy.
+    let post = format!(
+        "import http.client\nc = http.client.HTTPConnection('{}', {}, timeout=5)\n\
+         c.request('POST', '/admin/keys', body=b'')\nprint(c.getresponse().status)",
+        service_vip().ip(),
+        service_vip().port()
+    );
+    let (netns, app) = (&c.node.pods[0].0, &c.pods[0].app);
+    let status = || {
+        let out = in_pod(&c.config, netns, app, &post).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || status() == "403"),
+        "{}\n{}",
+        status(),
+        agent.log()
+    );
+    let denied = audit_lines(&c.config.audit_path(), "denied", 1);
+    assert!(
+        denied.iter().any(|l| l["rule"]
+            .as_str()
+            .is_some_and(|r| r == "sluicepolicy shop/ledger-requests requests[0]")),
+        "{denied:?}"
+    );
+    assert!(
+        backend.arrivals().iter().all(|a| !a.starts_with("POST")),
+        "{:?}",
+        backend.arrivals()
+    );
+
+    // The rate limit, per caller identity.
+    let (batch_netns, batch_app) = (&c.node.pods[2].0, &c.pods[2].app);
+    let (_, refused, _) = two_callers_at_once(
+        in_pod(
+            &c.config,
+            netns,
+            app,
+            &paced_gets_python(service_vip(), 300),
+        ),
+        in_pod(
+            &c.config,
+            batch_netns,
+            batch_app,
+            &paced_gets_python(service_vip(), 30),
+        ),
+    );
+    let counted = agent.metrics().sum(
+        "sluice_rate_limited_requests_total",
+        &[("destination_workload", "shop/checkout-1")],
+    );
+    assert_eq!(counted, refused);
 }
 
 /// Two nodes, two pods each, one API server, and one config for both: the

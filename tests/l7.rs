@@ -43,7 +43,23 @@ pub(crate) struct HttpBackend {
 
 impl HttpBackend {
     pub(crate) fn start(name: &'static str, answer: Answer) -> HttpBackend {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        Self::start_on(name, answer, "127.0.0.1:0".parse().unwrap())
+    }
+
+    /// On `addr` (in the calling thread's network namespace). A backend
+    /// stopped there a moment ago may still hold it: waits up to 1 s.
+    pub(crate) fn start_on(name: &'static str, answer: Answer, addr: SocketAddr) -> HttpBackend {
+        let mut bound = TcpListener::bind(addr);
+        for _ in 0..100 {
+            match &bound {
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                    bound = TcpListener::bind(addr);
+                }
+                _ => break,
+            }
+        }
+        let listener = bound.unwrap_or_else(|e| panic!("bind {addr}: {e}"));
         let addr = listener.local_addr().unwrap();
         let arrivals = Arc::new(Mutex::new(Vec::new()));
         let connections = Arc::new(AtomicUsize::new(0));
@@ -363,16 +379,24 @@ fn a_rate_limit_per_caller_refuses_the_excess_with_retry_after() {
 /// refused, each 429 with a Retry-After, and none of batch's. Returns
 /// client's passed and refused requests, and batch's passed ones.
 pub(crate) fn two_callers_against_a_limit(agent: &Agent, vip: SocketAddr) -> (f64, f64, f64) {
-    let checkout = agent
-        .client_command(&paced_gets(vip, 300))
+    two_callers_at_once(
+        agent.client_command(&paced_gets(vip, 300)),
+        agent.workload_command("batch", &paced_gets(vip, 30)),
+    )
+}
+
+/// `checkout` (paced GETs at 300 a second) and `batch` (at 30), run at
+/// once against a limit of 100 a second per caller: asserts and returns
+/// as [`two_callers_against_a_limit`].
+pub(crate) fn two_callers_at_once(
+    mut checkout: std::process::Command,
+    mut batch: std::process::Command,
+) -> (f64, f64, f64) {
+    let checkout = checkout
         .stdout(std::process::Stdio::piped())
         .spawn_guarded()
         .unwrap();
-    let batch = agent
-        .workload_command("batch", &paced_gets(vip, 30))
-        .stdout(std::process::Stdio::piped())
-        .output()
-        .unwrap();
+    let batch = batch.stdout(std::process::Stdio::piped()).output().unwrap();
     let checkout = checkout.wait_with_output().unwrap();
     let (passed, refused, told, seconds) = paced_result(&checkout);
     let per_second = refused / seconds;
@@ -386,13 +410,17 @@ pub(crate) fn two_callers_against_a_limit(agent: &Agent, vip: SocketAddr) -> (f6
     (passed, refused, batch_passed)
 }
 
+/// [`paced_gets_python`] as a bash script.
+fn paced_gets(vip: SocketAddr, rate: u32) -> String {
+    format!("python3 - <<'PY'\n{}\nPY", paced_gets_python(vip, rate))
+}
+
 /// `GET /balance` at `rate` a second for 3 s on one connection to `vip`;
 /// prints the answers by status (200, 429), whether every 429 said when to
 /// come back, and the seconds it took.
-fn paced_gets(vip: SocketAddr, rate: u32) -> String {
+pub(crate) fn paced_gets_python(vip: SocketAddr, rate: u32) -> String {
     format!(
-        "python3 - <<'PY'
-import collections, http.client, time
+        "import collections, http.client, time
 c = http.client.HTTPConnection('{}', {}, timeout=10)
 seen, told, start = collections.Counter(), True, time.monotonic()
 for i in range({n}):
@@ -402,8 +430,7 @@ for i in range({n}):
     r.read()
     seen[r.status] += 1
     told = told and (r.status != 429 or int(r.getheader('Retry-After', '0')) >= 1)
-print(seen[200], seen[429], told, round(time.monotonic() - start, 2))
-PY",
+print(seen[200], seen[429], told, round(time.monotonic() - start, 2))",
         vip.ip(),
         vip.port(),
         n = rate * 3,

@@ -141,12 +141,12 @@ fn objects() -> Objects {
 
 /// One update: objects to the catalog the data plane reads.
 fn update(objects: &Objects) -> Catalog {
-    let authorizations = std::collections::HashMap::new();
+    let policies = sluice::discovery::policy::Compiled::default();
     let settings = Settings {
         node: "node-0",
         default_mode: KubeMode::Off,
         peer_nodes: &[],
-        authorizations: &authorizations,
+        policies: &policies,
     };
     let translated = translate(objects, &settings, &mut |_| None);
     let config = Config::parse("node:\n  name: node-0\n", "bench.yaml").unwrap();
@@ -234,12 +234,12 @@ fn report_watch_to_map() {
     for (i, service) in objects.services.iter_mut().enumerate() {
         Arc::make_mut(service).metadata.resource_version = Some(format!("s{i}"));
     }
-    let authorizations = std::collections::HashMap::new();
+    let policies = sluice::discovery::policy::Compiled::default();
     let settings = Settings {
         node: "node-0",
         default_mode: KubeMode::Off,
         peer_nodes: &[],
-        authorizations: &authorizations,
+        policies: &policies,
     };
     let base = "node:\n  name: node-0\n";
     let before = LIVE.load(Ordering::Relaxed);

@@ -231,8 +231,9 @@ def errors(obj):
     if obj.get("apiVersion") != api_version or obj.get("kind") != spec["names"]["kind"]:
         found.append(f"not a {spec['names']['kind']} of {api_version}")
     for e in sorted(validator.iter_errors(obj), key=lambda e: list(map(str, e.absolute_path))):
-        # The regex itself would bury the value it refused.
-        message = f"{e.instance!r} is not an identity pattern" if e.validator == "pattern" else e.message
+        # The regex itself would bury the value it refused; the field
+        # says which kind of value was wanted.
+        message = f"{e.instance!r} does not match the field's pattern" if e.validator == "pattern" else e.message
         found.append(f"{'.'.join(map(str, e.absolute_path)) or '(object)'}: {message}")
     return found
 

@@ -55,7 +55,9 @@ pub struct Policy {
     default: Decision,
     allow: Vec<(String, Pattern)>,
     deny: Vec<(String, Pattern)>,
-    requests: Vec<RequestRule>,
+    /// Groups of `requests` rules, each with the name its verdicts give
+    /// (a SluicePolicy's, or the owner's): each group decides on its own.
+    requests: Vec<(String, Vec<RequestRule>)>,
 }
 
 /// A compiled `requests` rule.
@@ -130,37 +132,58 @@ impl Policy {
                 .filter_map(|r| Pattern::parse(r).map(|p| (r.get().clone(), p)))
                 .collect()
         };
+        let mut rules = a.requests.iter().map(RequestRule::compile);
+        let requests = match a.request_sources.is_empty() {
+            true => vec![(owner.clone(), rules.collect())],
+            false => a
+                .request_sources
+                .iter()
+                .map(|(name, n)| (name.clone(), rules.by_ref().take(*n).collect()))
+                .collect(),
+        };
         Policy {
             owner,
             default: a.default,
             allow: compile(&a.allow),
             deny: compile(&a.deny),
-            requests: a.requests.iter().map(RequestRule::compile).collect(),
+            requests,
         }
     }
 
-    /// The first `requests` rule that matches this request decides it;
-    /// None when none does (the connection-level decision stands).
     /// Whether it decides single requests (`requests` rules).
     pub fn has_request_rules(&self) -> bool {
-        !self.requests.is_empty()
+        self.requests.iter().any(|(_, rules)| !rules.is_empty())
     }
 
+    /// In each group of `requests` rules, the first rule that matches
+    /// this request decides it; a group's denial wins over another's
+    /// allowance. None when no rule matches (the connection-level
+    /// decision stands).
     pub fn evaluate_request(
         &self,
         caller: Option<&Identity>,
         method: &http::Method,
         path: &str,
     ) -> Option<Verdict> {
-        let (i, rule) = self
-            .requests
-            .iter()
-            .enumerate()
-            .find(|(_, r)| r.matches(caller, method, path))?;
-        Some(Verdict {
-            allowed: rule.allow,
-            rule: format!("{} requests[{i}]", self.owner),
-        })
+        let mut allowed = None;
+        for (name, rules) in &self.requests {
+            let Some((i, rule)) = rules
+                .iter()
+                .enumerate()
+                .find(|(_, r)| r.matches(caller, method, path))
+            else {
+                continue;
+            };
+            let verdict = Verdict {
+                allowed: rule.allow,
+                rule: format!("{name} requests[{i}]"),
+            };
+            if !verdict.allowed {
+                return Some(verdict);
+            }
+            allowed.get_or_insert(verdict);
+        }
+        allowed
     }
 
     /// Deny rules first, then allow rules, then the default.

@@ -190,6 +190,14 @@ pub struct Authorization {
     /// connection-level decision stands.
     #[serde(default)]
     pub requests: Vec<super::requests::RequestRule>,
+    /// Whose `requests` rules these are when several policies were joined
+    /// (the SluicePolicies selecting one pod): each policy's name and its
+    /// number of rules, in order. Each policy's rules decide on their own
+    /// (the first of its rules that matches), and every policy whose rule
+    /// matched must allow. Empty: all the rules are one policy's, the
+    /// owner's.
+    #[serde(skip)]
+    pub request_sources: Vec<(String, usize)>,
 }
 
 impl Authorization {
@@ -204,6 +212,7 @@ impl Authorization {
             allow: allow.into_iter().map(unspanned).collect(),
             deny: deny.into_iter().map(unspanned).collect(),
             requests: Vec::new(),
+            request_sources: Vec::new(),
         }
     }
 }

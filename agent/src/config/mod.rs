@@ -102,7 +102,7 @@ impl Config {
 }
 
 /// A value the file did not set: its location is unknown.
-fn unspanned<T>(value: T) -> Spanned<T> {
+pub(crate) fn unspanned<T>(value: T) -> Spanned<T> {
     Spanned {
         value,
         referenced: serde_saphyr::Location::UNKNOWN,

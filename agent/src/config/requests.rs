@@ -131,7 +131,7 @@ pub struct RequestRule {
 
 /// Checks an `authorization.requests` list; `at` is the authorization's
 /// field path.
-pub(super) fn validate_request_rules(
+pub(crate) fn validate_request_rules(
     problems: &mut Vec<Problem>,
     at: &str,
     rules: &[RequestRule],

@@ -247,12 +247,12 @@ mod tests {
                 .collect(),
             ..Objects::default()
         };
-        let none = HashMap::new();
+        let none = crate::discovery::policy::Compiled::default();
         let settings = Settings {
             node: "node-a",
             default_mode: KubeMode::Off,
             peer_nodes: &[],
-            authorizations: &none,
+            policies: &none,
         };
         let mut translator = Translator::default();
         let first = translator.translate(&objects, &settings, &mut |_| None);

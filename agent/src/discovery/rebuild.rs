@@ -5,7 +5,7 @@
 //! to the daemon.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     net::IpAddr,
     sync::{
         Arc,
@@ -31,7 +31,7 @@ use super::{
     translate::{Settings, slice_service},
 };
 use crate::{
-    config::{Authorization, KubeMode, PeerNode},
+    config::{KubeMode, PeerNode},
     drain::DrainWatch,
 };
 
@@ -157,7 +157,7 @@ impl Rebuild {
             namespaces: w.namespaces.snapshot(),
         };
         let agents = agent_nodes(&objects.slices, &self.agent_service);
-        let authorizations = self.policies(&objects.pods, &agents);
+        let policies = self.policies(&objects.pods, &agents);
         let node = &self.node;
         let peers: Vec<&(String, IpAddr)> = agents
             .iter()
@@ -173,7 +173,7 @@ impl Rebuild {
             node: &node.name,
             default_mode: self.default_mode,
             peer_nodes: &peer_names,
-            authorizations: &authorizations,
+            policies: &policies,
         };
         let locator = &mut self.locator;
         locator.forget_missing(&objects.pods);
@@ -201,14 +201,10 @@ impl Rebuild {
         translated
     }
 
-    /// The `authorization` of each pod of this node that policies in
-    /// force select. Each refused policy is warned about once, and its
+    /// The `authorization` and `rate_limit` of each pod of this node that
+    /// policies in force select. Each refused policy is warned about once, and its
     /// verdict written to its status (by one agent: `agents`).
-    fn policies(
-        &mut self,
-        pods: &[Arc<Pod>],
-        agents: &[(String, IpAddr)],
-    ) -> HashMap<(String, String), Authorization> {
+    fn policies(&mut self, pods: &[Arc<Pod>], agents: &[(String, IpAddr)]) -> policy::Compiled {
         let all: Vec<SluicePolicy> = self
             .watched
             .policies
@@ -219,7 +215,7 @@ impl Rebuild {
         let td = &self.node.trust_domain;
         let refused = policy::compile(&all, pods, td).problems;
         let in_force = self.accepted.in_force(&all, td);
-        let authorizations = policy::compile(&in_force, pods, td).by_pod;
+        let compiled = policy::compile(&in_force, pods, td);
         for p in &refused {
             let item = (
                 format!("sluicepolicy {}", p.policy),
@@ -232,7 +228,7 @@ impl Rebuild {
         if writes_policy_status(agents, &self.node.name) {
             self.statuses.write(&all, &refused, &self.accepted);
         }
-        authorizations
+        compiled
     }
 }
 

@@ -122,8 +122,13 @@ fn same_workload(a: &WorkloadSpec, b: &WorkloadSpec) -> bool {
                 allow,
                 deny,
                 requests,
+                request_sources,
             } = x;
-            *default == y.default && *allow == y.allow && *deny == y.deny && *requests == y.requests
+            *default == y.default
+                && *allow == y.allow
+                && *deny == y.deny
+                && *requests == y.requests
+                && *request_sources == y.request_sources
         }
         _ => false,
     };

@@ -10,7 +10,7 @@ use std::{
 use k8s_openapi::api::core::v1::Pod;
 
 use super::{PolicyProblem, PolicySpec, SluicePolicy};
-use crate::config::{Authorization, Decision};
+use crate::config::{Authorization, Decision, requests::RateLimit};
 
 /// The policies turned into what the config file would say.
 #[derive(Debug, Clone, Default)]
@@ -19,6 +19,9 @@ pub struct Compiled {
     /// `authorization`, patterns sorted and deduplicated. A pod no valid
     /// policy selects is absent.
     pub by_pod: HashMap<(String, String), Authorization>,
+    /// For each selected pod with a rate limit, as (namespace, pod name),
+    /// the strictest of its policies' `rateLimit`s.
+    pub rate_limits: HashMap<(String, String), RateLimit>,
     /// Every problem of every refused policy, ordered by policy, then
     /// field. A refused policy applies to no pod; the others are unaffected.
     /// A policy's first problem is the one its condition reports.
@@ -28,7 +31,11 @@ pub struct Compiled {
 /// Applies the policies to the pods. A policy selects the pods of its own
 /// namespace whose labels contain all of its `matchLabels`. Several
 /// policies on one pod combine: allow and deny patterns are unions, and the
-/// default is deny if any of them says deny (fail closed). Patterns must be
+/// default is deny if any of them says deny (fail closed); each policy's
+/// `requests` rules decide on their own, in the pod's one authorization,
+/// and every policy whose rule matches a request must allow it; the
+/// `rateLimit` with the fewest requests a second applies (then the
+/// smallest burst, then the first policy by namespace/name). Patterns must be
 /// of `trust_domain` (the config's `mesh.trust_domain`), as in the file:
 /// one of another domain could never match.
 pub fn compile<P: Borrow<Pod>>(
@@ -38,49 +45,68 @@ pub fn compile<P: Borrow<Pod>>(
 ) -> Compiled {
     let mut ordered: Vec<&SluicePolicy> = policies.iter().collect();
     ordered.sort_by_cached_key(|p| p.key());
-    let mut valid: Vec<(&str, PolicySpec)> = Vec::new();
+    let mut valid: Vec<(&str, String, PolicySpec)> = Vec::new();
     let mut problems = Vec::new();
     for policy in ordered {
         match policy.parse(trust_domain) {
             Ok(spec) => {
                 let namespace = policy.metadata.namespace.as_deref().unwrap_or_default();
-                valid.push((namespace, spec));
+                valid.push((namespace, policy.key(), spec));
             }
             Err(found) => problems.extend(found),
         }
     }
 
     let mut by_pod = HashMap::new();
+    let mut rate_limits = HashMap::new();
     for pod in pods {
         let pod: &Pod = pod.borrow();
         let (Some(namespace), Some(name)) = (&pod.metadata.namespace, &pod.metadata.name) else {
             continue;
         };
         let labels = pod.metadata.labels.as_ref();
-        let mut selecting = valid
+        let selecting: Vec<(&String, &PolicySpec)> = valid
             .iter()
-            .filter(|(ns, spec)| ns == namespace && spec.selects(labels))
-            .map(|(_, spec)| spec)
-            .peekable();
-        if selecting.peek().is_none() {
+            .filter(|(ns, _, spec)| ns == namespace && spec.selects(labels))
+            .map(|(_, key, spec)| (key, spec))
+            .collect();
+        if selecting.is_empty() {
             continue;
         }
         let mut default = Decision::Allow;
         let mut allow = BTreeSet::new();
         let mut deny = BTreeSet::new();
-        for spec in selecting {
+        let mut requests = Vec::new();
+        let mut request_sources = Vec::new();
+        for (key, spec) in &selecting {
             if spec.default == Decision::Deny {
                 default = Decision::Deny;
             }
             allow.extend(spec.allow.iter().cloned());
             deny.extend(spec.deny.iter().cloned());
+            if !spec.requests.is_empty() {
+                requests.extend(spec.requests.iter().cloned());
+                request_sources.push((format!("sluicepolicy {key}"), spec.requests.len()));
+            }
         }
-        by_pod.insert(
-            (namespace.clone(), name.clone()),
-            Authorization::new(default, allow, deny),
-        );
+        let pod_key = (namespace.clone(), name.clone());
+        let strictest = selecting
+            .iter()
+            .filter_map(|(_, spec)| spec.rate_limit.as_ref())
+            .min_by_key(|r| (*r.requests_per_second.get(), r.burst()));
+        if let Some(limit) = strictest {
+            rate_limits.insert(pod_key.clone(), limit.clone());
+        }
+        let mut authorization = Authorization::new(default, allow, deny);
+        authorization.requests = requests;
+        authorization.request_sources = request_sources;
+        by_pod.insert(pod_key, authorization);
     }
-    Compiled { by_pod, problems }
+    Compiled {
+        by_pod,
+        rate_limits,
+        problems,
+    }
 }
 
 /// Each policy's last version that passed every check, by uid: a policy
@@ -295,6 +321,81 @@ mod tests {
         );
     }
 
+    /// Each policy's request rules stay a group of their own in the pod's
+    /// authorization, so that one policy's denial wins over another's
+    /// allowance whatever their order; the strictest rate limit applies.
+    #[test]
+    fn request_rules_stay_per_policy_and_the_strictest_rate_limit_applies() {
+        let policies = [
+            policy(
+                "shop",
+                "a-admin",
+                json!({
+                    "default": "allow",
+                    "requests": [
+                        { "paths": ["/admin/health"], "decision": "allow" },
+                        { "paths": ["/admin/*"], "decision": "deny" },
+                    ],
+                    "rateLimit": { "requestsPerSecond": 200, "perSource": true },
+                }),
+            ),
+            policy(
+                "shop",
+                "b-no-posts",
+                json!({
+                    "default": "allow",
+                    "requests": [{ "methods": ["POST"], "decision": "deny" }],
+                    "rateLimit": { "requestsPerSecond": 100, "burst": 5 },
+                }),
+            ),
+            policy(
+                "shop",
+                "c-loose",
+                json!({
+                    "default": "allow",
+                    "rateLimit": { "requestsPerSecond": 100, "burst": 50 },
+                }),
+            ),
+        ];
+        let compiled = compile(&policies, &[pod("shop", "ledger-1", json!({}))], TD);
+        assert!(compiled.problems.is_empty(), "{:?}", compiled.problems);
+        let ledger = key("shop", "ledger-1");
+        let limit = &compiled.rate_limits[&ledger];
+        assert_eq!(
+            (
+                *limit.requests_per_second.get(),
+                limit.burst(),
+                limit.per_source
+            ),
+            (100, 5, false)
+        );
+        let policy =
+            crate::authz::Policy::new("workload shop/ledger-1".into(), &compiled.by_pod[&ledger]);
+        let caller = crate::tls::Identity::new(TD, "shop", "checkout");
+        let decide = |method: http::Method, path: &str| {
+            policy
+                .evaluate_request(Some(&caller), &method, path)
+                .map(|v| (v.allowed, v.rule))
+        };
+        let by = |name: &str, i: usize| format!("sluicepolicy shop/{name} requests[{i}]");
+        assert_eq!(
+            decide(http::Method::GET, "/admin/health"),
+            Some((true, by("a-admin", 0)))
+        );
+        assert_eq!(
+            decide(http::Method::POST, "/admin/health"),
+            Some((false, by("b-no-posts", 0)))
+        );
+        assert_eq!(
+            decide(http::Method::GET, "/admin/keys"),
+            Some((false, by("a-admin", 1)))
+        );
+        assert_eq!(decide(http::Method::GET, "/balance"), None);
+        // A pod that no policy with a rate limit selects has none.
+        let open = compile(&policies[..0], &[pod("shop", "ledger-1", json!({}))], TD);
+        assert!(open.rate_limits.is_empty());
+    }
+
     /// What [`compile`] gives is an `authorization` the config file's own
     /// validation accepts.
     #[test]
@@ -306,6 +407,8 @@ mod tests {
                 "default": "deny",
                 "allow": ["spiffe://cluster.local/ns/shop/sa/frontend", "spiffe://cluster.local/*"],
                 "deny": ["spiffe://cluster.local/ns/shop/*"],
+                "requests": [{ "methods": ["GET"], "paths": ["/balance"], "decision": "allow" }],
+                "rateLimit": { "requestsPerSecond": 50 },
             }),
         )];
         let compiled = compile(&policies, &[pod("shop", "checkout-1", json!({}))], TD);
@@ -326,6 +429,11 @@ mod tests {
             "/proc/1/ns/net".into(),
         );
         workload.authorization = Some(authorization.clone());
+        workload.rate_limit = compiled
+            .rate_limits
+            .get(&key("shop", "checkout-1"))
+            .cloned();
+        assert!(workload.rate_limit.is_some());
         config.workloads.push(workload);
         assert_eq!(config.validate(), Ok(()));
     }

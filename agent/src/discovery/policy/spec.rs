@@ -6,7 +6,16 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde_json::Value;
 
 use super::{MAX_PATTERNS, SluicePolicy};
-use crate::config::{Decision, mesh::check_pattern};
+use crate::config::{
+    Decision,
+    mesh::check_pattern,
+    requests::{RateLimit, RequestRule, validate_request_rules},
+    unspanned,
+};
+
+/// At most this many `requests` rules in one policy (the CRD's
+/// `maxItems`).
+pub const MAX_REQUEST_RULES: usize = 64;
 
 impl SluicePolicy {
     /// Checks the spec: every problem, each naming its field (`spec.allow[2]`).
@@ -39,6 +48,8 @@ impl SluicePolicy {
             default: Decision::Deny,
             allow: BTreeSet::new(),
             deny: BTreeSet::new(),
+            requests: Vec::new(),
+            rate_limit: None,
         };
         for (key, value) in spec {
             // A null is what the API server prunes: the same as absent.
@@ -63,13 +74,23 @@ impl SluicePolicy {
                     };
                     parse_patterns(key, value, trust_domain, into, &mut problem);
                 }
+                "requests" => parsed.requests = parse_request_rules(value, &mut problem),
+                "rateLimit" => parsed.rate_limit = parse_rate_limit(value, &mut problem),
                 _ => problem(
                     format!("spec.{key}"),
-                    "unknown field: a SluicePolicy spec has selector, default, allow and deny"
+                    "unknown field: a SluicePolicy spec has selector, default, allow, deny, \
+                     requests and rateLimit"
                         .into(),
                 ),
             }
         }
+        // The file's own checks of methods, paths and caller patterns.
+        let mut found = Vec::new();
+        validate_request_rules(&mut found, "spec", &parsed.requests, trust_domain);
+        for p in found {
+            problem(p.field, p.message);
+        }
+        problems.sort_by(|a, b| a.field.cmp(&b.field));
         if problems.is_empty() {
             Ok(parsed)
         } else {
@@ -172,6 +193,177 @@ fn parse_patterns(
     }
 }
 
+/// A `requests` list: each rule's fields read as the config file's
+/// `authorization.requests` (their values are checked by the file's own
+/// validation afterwards).
+fn parse_request_rules(
+    value: &Value,
+    problem: &mut impl FnMut(String, String),
+) -> Vec<RequestRule> {
+    let Some(items) = value.as_array() else {
+        problem(
+            "spec.requests".into(),
+            format!("must be a list of rules, not {}", type_name(value)),
+        );
+        return Vec::new();
+    };
+    if items.len() > MAX_REQUEST_RULES {
+        problem(
+            "spec.requests".into(),
+            format!("has {} rules; at most {MAX_REQUEST_RULES}", items.len()),
+        );
+        return Vec::new();
+    }
+    let mut rules = Vec::new();
+    for (k, item) in items.iter().enumerate() {
+        let at = format!("spec.requests[{k}]");
+        let mut rule = RequestRule {
+            from: Vec::new(),
+            methods: Vec::new(),
+            paths: Vec::new(),
+            decision: Decision::Deny,
+        };
+        let Some(fields) = item.as_object() else {
+            problem(
+                at,
+                format!(
+                    "must be a map (from, methods, paths, decision), not {}",
+                    type_name(item)
+                ),
+            );
+            // Kept in its place, so that the checks after name the
+            // others by their own index.
+            rules.push(rule);
+            continue;
+        };
+        for (key, value) in fields {
+            if value.is_null() {
+                continue;
+            }
+            let field = format!("{at}.{key}");
+            match key.as_str() {
+                "from" => rule.from = strings(&field, value, problem),
+                "methods" => rule.methods = strings(&field, value, problem),
+                "paths" => rule.paths = strings(&field, value, problem),
+                "decision" => match value.as_str() {
+                    Some("allow") => rule.decision = Decision::Allow,
+                    Some("deny") => rule.decision = Decision::Deny,
+                    _ => problem(field, format!("{value} is neither allow nor deny")),
+                },
+                _ => problem(
+                    field,
+                    "unknown field: a rule has from, methods, paths and decision".into(),
+                ),
+            }
+        }
+        if fields.get("decision").is_none_or(Value::is_null) {
+            problem(
+                format!("{at}.decision"),
+                "missing: a rule says allow or deny".into(),
+            );
+        }
+        rules.push(rule);
+    }
+    rules
+}
+
+/// A list of strings (methods, paths, patterns), each unchecked.
+fn strings(
+    field: &str,
+    value: &Value,
+    problem: &mut impl FnMut(String, String),
+) -> Vec<crate::config::Spanned<String>> {
+    let Some(items) = value.as_array() else {
+        problem(
+            field.to_owned(),
+            format!("must be a list of strings, not {}", type_name(value)),
+        );
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        match item.as_str() {
+            Some(s) => out.push(unspanned(s.to_owned())),
+            None => problem(
+                format!("{field}[{i}]"),
+                format!("must be a string, not {}", type_name(item)),
+            ),
+        }
+    }
+    out
+}
+
+/// `rateLimit`: the file's workload `rate_limit`, in the API's case.
+/// None when it is not all valid.
+fn parse_rate_limit(value: &Value, problem: &mut impl FnMut(String, String)) -> Option<RateLimit> {
+    let Some(fields) = value.as_object() else {
+        problem(
+            "spec.rateLimit".into(),
+            format!(
+                "must be a map (requestsPerSecond, burst, perSource), not {}",
+                type_name(value)
+            ),
+        );
+        return None;
+    };
+    let mut valid = true;
+    let (mut per_second, mut burst, mut per_source) = (None, None, false);
+    for (key, value) in fields {
+        if value.is_null() {
+            continue;
+        }
+        let field = format!("spec.rateLimit.{key}");
+        match key.as_str() {
+            "requestsPerSecond" | "burst" => {
+                let n = value
+                    .as_u64()
+                    .filter(|n| *n >= 1)
+                    .and_then(|n| u32::try_from(n).ok());
+                let Some(n) = n else {
+                    problem(
+                        field,
+                        format!("{value} is not a whole number from 1 to {}", u32::MAX),
+                    );
+                    valid = false;
+                    continue;
+                };
+                match key == "burst" {
+                    true => burst = Some(unspanned(n)),
+                    false => per_second = Some(unspanned(n)),
+                }
+            }
+            "perSource" => match value.as_bool() {
+                Some(b) => per_source = b,
+                None => {
+                    problem(
+                        field,
+                        format!("must be true or false, not {}", type_name(value)),
+                    );
+                    valid = false;
+                }
+            },
+            _ => {
+                problem(
+                    field,
+                    "unknown field: a rateLimit has requestsPerSecond, burst and perSource".into(),
+                );
+                valid = false;
+            }
+        }
+    }
+    if fields.get("requestsPerSecond").is_none_or(Value::is_null) {
+        problem(
+            "spec.rateLimit.requestsPerSecond".into(),
+            "missing: the requests a second the selected pods take".into(),
+        );
+    }
+    Some(RateLimit {
+        requests_per_second: per_second.filter(|_| valid)?,
+        burst,
+        per_source,
+    })
+}
+
 /// How a JSON value's type reads in a message.
 fn type_name(value: &Value) -> &'static str {
     match value {
@@ -185,7 +377,7 @@ fn type_name(value: &Value) -> &'static str {
 }
 
 /// A policy whose spec passed every check.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PolicySpec {
     /// A pod of the policy's namespace is selected when its labels contain
     /// all of these; empty selects every pod of the namespace.
@@ -196,6 +388,10 @@ pub struct PolicySpec {
     pub allow: BTreeSet<String>,
     /// Checked patterns, sorted, without duplicates; they win over `allow`.
     pub deny: BTreeSet<String>,
+    /// Rules on requests, checked as the file's `authorization.requests`.
+    pub requests: Vec<RequestRule>,
+    /// The selected pods' rate limit, as the file's workload `rate_limit`.
+    pub rate_limit: Option<RateLimit>,
 }
 
 impl PolicySpec {
@@ -240,5 +436,39 @@ mod tests {
         let compiled = compile::<Pod>(&policies, &[], TD);
         let fields: Vec<&str> = compiled.problems.iter().map(|p| p.field.as_str()).collect();
         assert_eq!(fields, ["spec", "spec.selector.matchLabel"]);
+    }
+
+    #[test]
+    fn request_rules_and_rate_limits_name_each_bad_field() {
+        let policies = [policy(
+            "shop",
+            "bad",
+            json!({
+                "requests": [
+                    { "methods": ["GET"] },
+                    { "paths": ["admin"], "decision": "deny", "hosts": ["x"] },
+                    "deny",
+                ],
+                "rateLimit": { "requestsPerSecond": 0.5, "burst": 0, "perSource": "yes" },
+            }),
+        )];
+        let compiled = compile::<Pod>(&policies, &[], TD);
+        let fields: Vec<&str> = compiled.problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.rateLimit.burst",
+                "spec.rateLimit.perSource",
+                "spec.rateLimit.requestsPerSecond",
+                "spec.requests[0].decision",
+                "spec.requests[1].hosts",
+                "spec.requests[1].paths[0]",
+                "spec.requests[2]",
+            ]
+        );
+        let no_rate = [policy("shop", "r", json!({ "rateLimit": { "burst": 3 } }))];
+        let problems = compile::<Pod>(&no_rate, &[], TD).problems;
+        assert_eq!(problems[0].field, "spec.rateLimit.requestsPerSecond");
+        assert!(problems[0].message.starts_with("missing"), "{problems:?}");
     }
 }

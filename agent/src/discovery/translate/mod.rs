@@ -21,7 +21,8 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 
-use crate::config::{Authorization, KubeMode, PeerNode, ServiceSpec, WorkloadSpec};
+use super::policy::Compiled;
+use crate::config::{KubeMode, PeerNode, ServiceSpec, WorkloadSpec};
 
 /// The annotation (or label) that sets a namespace's or Service's mode.
 pub const MODE_ANNOTATION: &str = "sluice.io/mode";
@@ -77,9 +78,9 @@ pub struct Settings<'a> {
     /// Nodes whose agents this node knows (the config's `nodes`, and
     /// those whose agent pods discovery sees).
     pub peer_nodes: &'a [&'a str],
-    /// Each pod's `authorization` from the policies that select it, by
-    /// (namespace, pod name).
-    pub authorizations: &'a HashMap<(String, String), Authorization>,
+    /// Each pod's `authorization` and `rate_limit` from the policies that
+    /// select it.
+    pub policies: &'a Compiled,
 }
 
 /// Translates `objects`. `locate` finds a pod's cgroup and namespace by
@@ -160,10 +161,9 @@ fn workloads(
             place.cgroup,
             place.netns,
         );
-        entry.authorization = settings
-            .authorizations
-            .get(&(ns.clone(), name.clone()))
-            .cloned();
+        let pod = (ns.clone(), name.clone());
+        entry.authorization = settings.policies.by_pod.get(&pod).cloned();
+        entry.rate_limit = settings.policies.rate_limits.get(&pod).cloned();
         out.workloads.push(entry);
         workloads.insert((ns.clone(), name.clone()), workload);
     }
@@ -290,12 +290,12 @@ mod tests {
     /// Translates for node-a, where every pod is found, knowing the
     /// agents of `peers`.
     pub(super) fn run(objects: &Objects, peers: &[&str]) -> Translated {
-        let none = HashMap::new();
+        let none = Compiled::default();
         let settings = Settings {
             node: "node-a",
             default_mode: KubeMode::Off,
             peer_nodes: peers,
-            authorizations: &none,
+            policies: &none,
         };
         translate(objects, &settings, &mut |uid| {
             Some(PodPlace {
