@@ -6,11 +6,12 @@
 //! authorizes each stream as it does a connection's, and, where the
 //! endpoint's workload has a rate limit or request rules, each request.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, time::Duration};
 
 use crate::{
     l7::{Answer, HttpBackend, send, two_callers_against_a_limit},
     support::*,
+    tunnels::{H2_CLIENT, python_h2_peer},
 };
 
 const VIP: &str = "127.77.8.40:8080";
@@ -183,5 +184,28 @@ PY",
         backend.requests() as f64,
         1.0 + passed + batch_passed,
         "a refused request reached the workload"
+    );
+
+    // A peer with a valid certificate whose stream to the ledger carries
+    // no HTTP: B answers 400 on that stream and counts the refusal.
+    let refused = |reason: &str| {
+        b.metrics().sum(
+            "sluice_request_connection_refusals_total",
+            &[("reason", reason)],
+        )
+    };
+    assert_eq!(refused("malformed"), 0.0);
+    let target = backend.addr.to_string();
+    let out = python_h2_peer((&pair, state.path(), inbound_port), H2_CLIENT, &[&target]);
+    let said = lines(&out);
+    assert_eq!(
+        said.first(),
+        Some(&format!("{target} 200 HTTP/1.1 400 Bad Request")),
+        "{said:?}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || refused("malformed") == 1.0),
+        "{}",
+        refused("malformed")
     );
 }

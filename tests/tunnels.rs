@@ -297,9 +297,19 @@ fn bad_tunnel_peers_are_refused_and_a_good_stream_carries_on() {
 /// arguments are B's address and port, the certificate and key files, then
 /// `args`. Panics with its stderr if it fails.
 pub(crate) fn python_h2(m: &Mesh, script: &str, args: &[&str]) -> std::process::Output {
+    python_h2_peer((&m.pair, m.state.path(), m.inbound_port), script, args)
+}
+
+/// [`python_h2`] for any pair of nodes: `pair`, the state directory whose
+/// CA issues the certificate, and node B's inbound port.
+pub(crate) fn python_h2_peer(
+    (pair, state, inbound_port): (&NodePair, &std::path::Path, u16),
+    script: &str,
+    args: &[&str],
+) -> std::process::Output {
     let now = std::time::SystemTime::now();
     let uri = "spiffe://cluster.local/ns/payments/sa/checkout";
-    let (cert, key) = issue(Some(&m.state.join("ca")), uri, now - HOUR, now + HOUR);
+    let (cert, key) = issue(Some(&state.join("ca")), uri, now - HOUR, now + HOUR);
     let dir = TempDir::create("h2-python").unwrap();
     let (cert_path, key_path, script_path) = (
         dir.join("cert.pem"),
@@ -313,12 +323,12 @@ pub(crate) fn python_h2(m: &Mesh, script: &str, args: &[&str]) -> std::process::
     // installs python3-h2); the `python3` on PATH may be another.
     let mut cmd = std::process::Command::new("/usr/bin/python3");
     cmd.arg(&script_path)
-        .arg(m.pair.b_addr.to_string())
-        .arg(m.inbound_port.to_string())
+        .arg(pair.b_addr.to_string())
+        .arg(inbound_port.to_string())
         .arg(&cert_path)
         .arg(&key_path)
         .args(args);
-    m.pair.a.enter_on_exec(&mut cmd).unwrap();
+    pair.a.enter_on_exec(&mut cmd).unwrap();
     let out = cmd.output().expect("run python3");
     assert!(
         out.status.success(),

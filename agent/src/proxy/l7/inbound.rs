@@ -101,6 +101,7 @@ pub(in crate::proxy) async fn serve<C>(
         Err(e) => return debug!("inbound requests from {peer} to {}: {e}", target.addr),
     };
     let shared = Arc::new((inputs, target, caller, to_workload));
+    let metrics = shared.clone();
     let requests = service_fn(move |request: Request<Incoming>| {
         let shared = shared.clone();
         async move {
@@ -126,8 +127,8 @@ pub(in crate::proxy) async fn serve<C>(
             })
         }
     });
-    let (served, _flooded) = serve_http(client, !http2, requests, drain).await;
-    if let Err(e) = served {
+    let metrics = &metrics.0.metrics.requests;
+    if let Err(e) = serve_http(client, !http2, requests, drain, metrics).await {
         debug!("inbound requests from {peer}: {e}");
     }
 }

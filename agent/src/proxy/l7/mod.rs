@@ -63,7 +63,7 @@ use crate::{
     request::{rules::grpc_status, trace::Hop},
     telemetry::{
         CloseReason,
-        requests::{ConnectionRefusal, RequestCounters},
+        requests::{ConnectionRefusal, RequestCounters, RequestMetrics},
     },
 };
 
@@ -147,18 +147,17 @@ pub(super) async fn serve(
             Ok::<_, Infallible>(response)
         }
     });
-    let (served, flooded) = serve_http(client, http1, requests, drain).await;
-    let Err(e) = served else {
+    let served = serve_http(
+        client,
+        http1,
+        requests,
+        drain,
+        &metrics.inputs.metrics.requests,
+    );
+    let Err(e) = served.await else {
         return life.close(CloseReason::Closed);
     };
     debug!("{peer}: HTTP connection to {name}: {e}");
-    let why = match flooded {
-        true => Some(ConnectionRefusal::Http2Flood),
-        false => refusal(&e),
-    };
-    if let Some(why) = why {
-        metrics.inputs.metrics.requests.refused(why);
-    }
     life.close(CloseReason::ClientError);
 }
 
@@ -176,14 +175,16 @@ fn counters<'a>(ctx: &OutboundContext, service: &'a Service) -> &'a RequestCount
 /// When the agent drains (an upgrade, a stop), the connection ends
 /// gracefully: HTTP/1.1 after the request in hand, its answer saying
 /// `Connection: close`; HTTP/2 with GOAWAY, its open streams answered. The
-/// client opens its next connection to the successor. Returns how it
-/// ended, and whether the flood guard cut it.
+/// client opens its next connection to the successor. A connection cut
+/// for what the client sent (malformed, too large, too slow, a flood) is
+/// counted in `metrics` by why. Returns how it ended.
 async fn serve_http<I, S, B>(
     client: I,
     http1: bool,
     requests: S,
     mut drain: DrainWatch,
-) -> (hyper::Result<()>, bool)
+    metrics: &RequestMetrics,
+) -> hyper::Result<()>
 where
     I: AsyncRead + AsyncWrite + Send + Unpin,
     S: HttpService<Incoming, ResBody = B>,
@@ -199,7 +200,10 @@ where
             .serve_connection(TokioIo::new(client), requests);
         let connection = std::pin::pin!(connection);
         let served = ending_on_drain(connection, &mut drain, |c| c.graceful_shutdown()).await;
-        return (served, false);
+        if let Some(why) = served.as_ref().err().and_then(refusal) {
+            metrics.refused(why);
+        }
+        return served;
     }
     let guard = FloodGuard::new(client);
     let flooded = guard.tripped();
@@ -208,7 +212,14 @@ where
         .serve_connection(TokioIo::new(guard), requests);
     let connection = std::pin::pin!(connection);
     let served = ending_on_drain(connection, &mut drain, |c| c.graceful_shutdown()).await;
-    (served, flooded.load(std::sync::atomic::Ordering::Relaxed))
+    let why = match flooded.load(std::sync::atomic::Ordering::Relaxed) {
+        true => Some(ConnectionRefusal::Http2Flood),
+        false => served.as_ref().err().and_then(refusal),
+    };
+    if let Some(why) = why {
+        metrics.refused(why);
+    }
+    served
 }
 
 /// Serves `connection` to its end; when the agent drains first, asks it
