@@ -31,6 +31,8 @@ pub(crate) enum Answer {
     /// Answers 200 with a head promising 100 bytes, sends 10, then resets
     /// the connection.
     ResetMidBody,
+    /// Answers 200 this many milliseconds after the request arrived.
+    Slow(u64),
 }
 
 /// An HTTP/1.1 server that logs every request it gets (`METHOD path`, the
@@ -134,6 +136,10 @@ fn serve(conn: std::net::TcpStream, name: &str, answer: Answer, log: &Mutex<Vec<
         let status = match answer {
             Answer::Status(status) => status,
             Answer::Switch(now) => now.load(Ordering::SeqCst),
+            Answer::Slow(ms) => {
+                std::thread::sleep(Duration::from_millis(ms));
+                200
+            }
             Answer::Never => {
                 // Holds the connection without a word until the client goes.
                 let _ = reader.read(&mut [0; 1]);

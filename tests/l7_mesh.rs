@@ -23,47 +23,13 @@ fn requests_to_another_node_ride_the_tunnel_and_spread() {
         pair.b.run(|| HttpBackend::start("r1", Answer::Status(200))),
         pair.b.run(|| HttpBackend::start("r2", Answer::Status(200))),
     ];
-    let state = TempDir::create("l7-mesh").unwrap();
-    let inbound_port = free_port().unwrap();
-    let endpoints = |remote: bool| -> Vec<Endpoint> {
-        backends
-            .iter()
-            .map(|b| match remote {
-                true => Endpoint::new(b.addr).remote("node-b", Some("ledger")),
-                false => Endpoint::new(b.addr).workload("ledger"),
-            })
-            .collect()
-    };
-    let pay = |remote: bool| {
-        service("pay", VIP, &[])
-            .protocol("http")
-            .load_balancer(LbPolicy::RoundRobin)
-            .endpoints(endpoints(remote))
-    };
-    let a_cfg = AgentConfig::with(|c| Config {
-        workloads: vec![Workload::new("client", "payments", "checkout")],
-        services: vec![pay(true)],
-        ..c.mesh_node(
-            ("node-a", pair.a_addr),
-            state.path(),
-            inbound_port,
-            ("node-b", pair.b_addr),
-        )
-    });
-    let b_cfg = AgentConfig::with(|c| Config {
-        workloads: vec![Workload::new("ledger", "payments", "ledger")],
-        services: vec![pay(false)],
-        ..c.mesh_node(
-            ("node-b", pair.b_addr),
-            state.path(),
-            inbound_port,
-            ("node-a", pair.a_addr),
-        )
-    });
-    a_cfg.ca_init();
-    let a = Agent::start_in_netns(&a_cfg, &pair.a);
-    let _b = Agent::start_in_netns(&b_cfg, &pair.b);
     let vip: SocketAddr = VIP.parse().unwrap();
+    let addrs = [backends[0].addr, backends[1].addr];
+    let client = Workload::new("client", "payments", "checkout");
+    let ledger = Workload::new("ledger", "payments", "ledger");
+    let nodes = HttpNodes::new(&pair, (vip, &addrs), vec![client], ledger, false);
+    let a = Agent::start_in_netns(&nodes.a_cfg, &pair.a);
+    let _b = Agent::start_in_netns(&nodes.b_cfg, &pair.b);
     assert_eq!(send(&a, vip, "GET", 100, false), "r1=50 r2=50");
     // One tunnel connection; a stream per upstream HTTP connection (one
     // per endpoint: the requests came one at a time).
@@ -85,31 +51,7 @@ fn rate_limits_and_request_rules_hold_for_callers_on_other_nodes() {
     let backend = pair
         .b
         .run(|| HttpBackend::start("ledger", Answer::Status(200)));
-    let state = TempDir::create("l7-mesh-limits").unwrap();
-    let inbound_port = free_port().unwrap();
     let vip: SocketAddr = "127.77.8.41:8080".parse().unwrap();
-    let pay = |remote: bool| {
-        let endpoint = match remote {
-            true => Endpoint::new(backend.addr).remote("node-b", Some("ledger")),
-            false => Endpoint::new(backend.addr).workload("ledger"),
-        };
-        service("pay", &vip.to_string(), &[])
-            .protocol("http")
-            .endpoints(vec![endpoint])
-    };
-    let a_cfg = AgentConfig::with(|c| Config {
-        workloads: vec![
-            Workload::new("client", "payments", "checkout"),
-            Workload::new("batch", "payments", "batch"),
-        ],
-        services: vec![pay(true)],
-        ..c.mesh_node(
-            ("node-a", pair.a_addr),
-            state.path(),
-            inbound_port,
-            ("node-b", pair.b_addr),
-        )
-    });
     let ledger = Workload::new("ledger", "payments", "ledger")
         .rate_limit(RateLimit {
             requests_per_second: 100,
@@ -127,23 +69,14 @@ fn rate_limits_and_request_rules_hold_for_callers_on_other_nodes() {
                 decision: Decision::Deny,
             }],
         });
-    let b_cfg = AgentConfig::with(|c| Config {
-        workloads: vec![ledger],
-        services: vec![pay(false)],
-        audit: Some(Audit {
-            output: c.audit_path(),
-            requests: false,
-        }),
-        ..c.mesh_node(
-            ("node-b", pair.b_addr),
-            state.path(),
-            inbound_port,
-            ("node-a", pair.a_addr),
-        )
-    });
-    a_cfg.ca_init();
-    let a = Agent::start_in_netns(&a_cfg, &pair.a);
-    let b = Agent::start_in_netns(&b_cfg, &pair.b);
+    let callers = vec![
+        Workload::new("client", "payments", "checkout"),
+        Workload::new("batch", "payments", "batch"),
+    ];
+    let nodes = HttpNodes::new(&pair, (vip, &[backend.addr]), callers, ledger, true);
+    let (a_cfg, b_cfg) = (&nodes.a_cfg, &nodes.b_cfg);
+    let a = Agent::start_in_netns(a_cfg, &pair.a);
+    let b = Agent::start_in_netns(b_cfg, &pair.b);
     let script = format!(
         "python3 - <<'PY'
 import http.client
@@ -196,7 +129,11 @@ PY",
     };
     assert_eq!(refused("malformed"), 0.0);
     let target = backend.addr.to_string();
-    let out = python_h2_peer((&pair, state.path(), inbound_port), H2_CLIENT, &[&target]);
+    let out = python_h2_peer(
+        (&pair, nodes.state.path(), nodes.inbound_port),
+        H2_CLIENT,
+        &[&target],
+    );
     let said = lines(&out);
     assert_eq!(
         said.first(),
@@ -208,4 +145,121 @@ PY",
         "{}",
         refused("malformed")
     );
+}
+
+/// Requests in flight when the endpoint's node agent is upgraded are
+/// answered: a keep-alive connection of POSTs without an idempotency key
+/// (never sent twice), each taking 20 ms at the endpoint, while node B's
+/// agent is replaced. Every POST is answered 200 and reaches the endpoint
+/// once. (Node B's old agent does not pause a stream that carries
+/// requests; node A stops sending requests on it once B says it is going
+/// away, and the requests after go over a new tunnel to B's successor.)
+#[test]
+fn posts_in_flight_across_an_upgrade_of_the_endpoints_agent_are_answered() {
+    let pair = NodePair::new();
+    let backend = pair
+        .b
+        .run(|| HttpBackend::start("ledger", Answer::Slow(20)));
+    let vip: SocketAddr = "127.77.8.42:8080".parse().unwrap();
+    let client = Workload::new("client", "payments", "checkout");
+    let ledger = Workload::new("ledger", "payments", "ledger");
+    let nodes = HttpNodes::new(&pair, (vip, &[backend.addr]), vec![client], ledger, false);
+    let a = Agent::start_in_netns(&nodes.a_cfg, &pair.a);
+    let mut b = Agent::start_in_netns(&nodes.b_cfg, &pair.b);
+    let posts = 200;
+    let script = format!(
+        "python3 - <<'PY'
+import collections, http.client
+c = http.client.HTTPConnection('{}', {}, timeout=30)
+seen = collections.Counter()
+for i in range({posts}):
+    c.request('POST', '/pay', body=b'x' * 64)
+    r = c.getresponse()
+    r.read()
+    seen[r.status] += 1
+print(dict(seen))
+PY",
+        vip.ip(),
+        vip.port()
+    );
+    let client = a
+        .client_command(&script)
+        .stdout(std::process::Stdio::piped())
+        .spawn_guarded()
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(10), || backend.requests() >= 30));
+    let next = Agent::start_in_netns(&nodes.b_cfg, &pair.b);
+    let status = b.wait(Duration::from_secs(15));
+    assert!(status.success(), "the old agent: {status}\n{}", b.log());
+    let out = client.wait_with_output().unwrap();
+    assert_eq!(lines(&out), [format!("{{200: {posts}}}")], "{}", a.log());
+    assert_eq!(backend.requests(), posts, "{:?}", backend.arrivals());
+    drop(next);
+}
+
+/// Node A's and node B's configs: the HTTP service `pay` at `vip` whose
+/// endpoints, `backends`, are the workload `ledger` on node B; `callers`
+/// on node A; node B audited when `audit` says.
+struct HttpNodes {
+    a_cfg: AgentConfig,
+    b_cfg: AgentConfig,
+    state: TempDir,
+    inbound_port: u16,
+}
+
+impl HttpNodes {
+    fn new(
+        pair: &NodePair,
+        (vip, backends): (SocketAddr, &[SocketAddr]),
+        callers: Vec<Workload>,
+        ledger: Workload,
+        audit: bool,
+    ) -> HttpNodes {
+        let state = TempDir::create("l7-mesh").unwrap();
+        let inbound_port = free_port().unwrap();
+        let pay = |remote: bool| {
+            let endpoints = backends
+                .iter()
+                .map(|&b| match remote {
+                    true => Endpoint::new(b).remote("node-b", Some("ledger")),
+                    false => Endpoint::new(b).workload("ledger"),
+                })
+                .collect();
+            service("pay", &vip.to_string(), &[])
+                .protocol("http")
+                .load_balancer(LbPolicy::RoundRobin)
+                .endpoints(endpoints)
+        };
+        let a_cfg = AgentConfig::with(|c| Config {
+            workloads: callers,
+            services: vec![pay(true)],
+            ..c.mesh_node(
+                ("node-a", pair.a_addr),
+                state.path(),
+                inbound_port,
+                ("node-b", pair.b_addr),
+            )
+        });
+        let b_cfg = AgentConfig::with(|c| Config {
+            workloads: vec![ledger],
+            services: vec![pay(false)],
+            audit: audit.then(|| Audit {
+                output: c.audit_path(),
+                requests: false,
+            }),
+            ..c.mesh_node(
+                ("node-b", pair.b_addr),
+                state.path(),
+                inbound_port,
+                ("node-a", pair.a_addr),
+            )
+        });
+        a_cfg.ca_init();
+        HttpNodes {
+            a_cfg,
+            b_cfg,
+            state,
+            inbound_port,
+        }
+    }
 }

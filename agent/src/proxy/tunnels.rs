@@ -34,7 +34,7 @@ use crate::{
     tls::{Identity, TlsContext, session::TlsSession},
     tunnel::{
         Dial, Guarded, PeerUsage, Pool, PoolConfig, TunnelError, TunnelStream,
-        control::{RESUME_HEADER, Token},
+        control::{RESUME_HEADER, STAYS_HEADER, Token},
     },
 };
 
@@ -178,10 +178,14 @@ impl Tunnels {
         key: &TunnelKey,
         target: SocketAddr,
         caller: std::net::IpAddr,
+        carries: Carries,
     ) -> Result<(TunnelStream, Arc<TunnelKey>), TunnelError> {
         let mut headers = HeaderMap::new();
         if let Ok(forwarded) = HeaderValue::try_from(format!("for=\"{caller}\"")) {
             headers.insert(http::header::FORWARDED, forwarded);
+        }
+        if carries == Carries::Requests {
+            headers.insert(STAYS_HEADER, HeaderValue::from_static("1"));
         }
         let opened = self.pool.connect_keyed(key, target, headers).await?;
         self.metrics.tunnels.stream_opened(Side::Client);
@@ -220,4 +224,18 @@ impl Tunnels {
     pub fn snapshot(&self) -> Vec<(TunnelKey, PeerUsage)> {
         self.pool.snapshot()
     }
+}
+
+/// What a tunnel stream carries, which decides what becomes of it when
+/// the peer agent is upgraded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Carries {
+    /// A workload's connection, byte for byte: the peer pauses it and its
+    /// successor takes it up.
+    Connection,
+    /// This agent's requests (an upstream HTTP connection of the request
+    /// path): it stays in the peer agent that accepted it, and this agent
+    /// stops sending requests on it once that peer goes away (its GOAWAY);
+    /// the requests in flight are answered there.
+    Requests,
 }

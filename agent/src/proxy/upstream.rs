@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 use super::{
     outbound::OutboundContext,
     paused::{Parties, TunnelEnd, TunnelSide},
-    tunnels::{TunnelKey, Tunnels},
+    tunnels::{Carries, TunnelKey, Tunnels},
 };
 use crate::{
     audit::{Denial, Party},
@@ -151,7 +151,8 @@ pub(super) async fn connect_upstream(
             return Err(CloseReason::Overflow);
         };
         let started = tokio::time::Instant::now();
-        match dial(ctx, service, endpoint, source, pick.source_addr).await {
+        let carries = Carries::Connection;
+        match dial(ctx, service, endpoint, source, pick.source_addr, carries).await {
             Ok(upstream) => {
                 let micros = started.elapsed().as_micros() as u64;
                 route::report(service, chosen, Outcome::Connected { micros }, now_ms());
@@ -233,13 +234,15 @@ fn admit_same_node(
 
 /// Connects to `endpoint`: directly when it is on this node (or the
 /// service is plaintext), otherwise over mutual TLS to its node's agent,
-/// presenting the caller's identity and expecting the endpoint's.
+/// presenting the caller's identity and expecting the endpoint's; a
+/// tunnel stream is told what it `carries`.
 pub(super) async fn dial(
     ctx: &OutboundContext,
     service: &Service,
     endpoint: &Endpoint,
     source: Option<&Workload>,
     caller: std::net::IpAddr,
+    carries: Carries,
 ) -> Result<Upstream, DialError> {
     let timeout = service.policy.connect_timeout;
     let meshable = !endpoint.local && service.mode != Mode::Plaintext;
@@ -291,7 +294,7 @@ pub(super) async fn dial(
             node: peer,
             dest: dest.clone(),
         };
-        return tunnel(tunnels, &key, endpoint.addr, caller, timeout).await;
+        return tunnel(tunnels, &key, endpoint.addr, (caller, carries), timeout).await;
     }
     let Some(config) = tls.client_config(&source.identity) else {
         return Err(DialError::Caller(NoMeshPath::NoCertificate(
@@ -352,10 +355,10 @@ async fn tunnel(
     tunnels: &Tunnels,
     key: &TunnelKey,
     target: std::net::SocketAddr,
-    caller: std::net::IpAddr,
+    (caller, carries): (std::net::IpAddr, Carries),
     timeout: Duration,
 ) -> Result<Upstream, DialError> {
-    match tokio::time::timeout(timeout, tunnels.connect(key, target, caller)).await {
+    match tokio::time::timeout(timeout, tunnels.connect(key, target, caller, carries)).await {
         Ok(Ok((stream, key))) => {
             let end = TunnelEnd {
                 parties: Parties::Dialled(key),

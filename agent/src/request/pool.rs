@@ -13,6 +13,12 @@
 //! requests: an HTTP/1.1 one is then not kept, an HTTP/2 one takes no new
 //! stream (its open ones finish); the next request opens another.
 //!
+//! A connection that rides a tunnel stream (an endpoint on another node)
+//! takes no new request once its tunnel connection takes no new stream
+//! (the peer agent sent GOAWAY: it is being upgraded, or stops): it is
+//! let go when next looked at, its requests in flight answered where they
+//! are, and the next request opens a connection over a new tunnel.
+//!
 //! Each endpoint has its own locks, held only to take or give back a
 //! connection: requests to different endpoints never wait on each other.
 
@@ -28,7 +34,7 @@ use log::debug;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::UpBody;
-use crate::tls::Identity;
+use crate::{tls::Identity, tunnel::TunnelClient};
 
 /// Most idle HTTP/1.1 connections kept per endpoint, and HTTP/2
 /// connections (one per caller identity); more are closed.
@@ -39,13 +45,32 @@ const MAX_IDLE_PER_ENDPOINT: usize = 64;
 type Owner = Option<Identity>;
 
 /// A connection that can take a request: HTTP/1.1 with the requests it
-/// has carried (the one it is taken for included), or HTTP/2.
+/// has carried (the one it is taken for included), or HTTP/2; each with
+/// the tunnel connection it rides, if any.
 pub enum Sender {
-    Http1(http1::SendRequest<UpBody>, u32),
-    Http2(http2::SendRequest<UpBody>),
+    Http1(http1::SendRequest<UpBody>, u32, Via),
+    Http2(http2::SendRequest<UpBody>, Via),
+}
+
+/// The tunnel connection an HTTP connection rides (None: a TCP or TLS
+/// connection of its own).
+pub type Via = Option<TunnelClient>;
+
+/// Whether a connection over `via` may take new requests: its tunnel
+/// connection still takes new streams.
+fn usable(via: &Via) -> bool {
+    via.as_ref().is_none_or(TunnelClient::is_usable)
 }
 
 impl Sender {
+    /// The same connection, known to ride `via`.
+    pub fn via(self, via: Via) -> Sender {
+        match self {
+            Sender::Http1(s, carried, _) => Sender::Http1(s, carried, via),
+            Sender::Http2(s, _) => Sender::Http2(s, via),
+        }
+    }
+
     /// Sends `request`; when the connection could not take it, the error
     /// gives it back (nothing reached the endpoint, so it may go
     /// elsewhere).
@@ -54,8 +79,8 @@ impl Sender {
         request: Request<UpBody>,
     ) -> Result<Response<Incoming>, TrySendError<Request<UpBody>>> {
         match self {
-            Sender::Http1(s, _) => s.try_send_request(request).await,
-            Sender::Http2(s) => s.try_send_request(request).await,
+            Sender::Http1(s, ..) => s.try_send_request(request).await,
+            Sender::Http2(s, _) => s.try_send_request(request).await,
         }
     }
 }
@@ -65,6 +90,7 @@ struct Pooled<S> {
     owner: Owner,
     sender: S,
     carried: u32,
+    via: Via,
 }
 
 /// One endpoint's connections.
@@ -81,39 +107,42 @@ impl EndpointPool {
     pub fn take(&self, http2: bool, owner: Option<&Identity>, most: Option<u32>) -> Option<Sender> {
         if http2 {
             let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
-            shared.retain(|p| !p.sender.is_closed());
+            shared.retain(|p| !p.sender.is_closed() && usable(&p.via));
             let at = shared
                 .iter()
                 .position(|p| p.owner.as_ref() == owner && p.sender.is_ready())?;
             let pooled = &mut shared[at];
             pooled.carried += 1;
-            let sender = pooled.sender.clone();
+            let sender = Sender::Http2(pooled.sender.clone(), pooled.via.clone());
             // Its last request: no other takes it (its streams finish,
             // and it closes when the last one has).
             if most.is_some_and(|most| pooled.carried >= most) {
                 shared.swap_remove(at);
             }
-            return Some(Sender::Http2(sender));
+            return Some(sender);
         }
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         // A connection still carrying a response body stays for later;
-        // one the endpoint closed goes.
-        idle.retain(|p| !p.sender.is_closed());
+        // one the endpoint closed goes, and so does one whose tunnel
+        // connection is going away.
+        idle.retain(|p| !p.sender.is_closed() && usable(&p.via));
         let ready = idle
             .iter()
             .rposition(|p| p.owner.as_ref() == owner && p.sender.is_ready())?;
         let pooled = idle.swap_remove(ready);
-        Some(Sender::Http1(pooled.sender, pooled.carried + 1))
+        Some(Sender::Http1(pooled.sender, pooled.carried + 1, pooled.via))
     }
 
     /// Keeps `sender` for the next request: an HTTP/1.1 connection once
     /// its answer is in (it takes the next request when its body is
     /// read) unless it has carried `most` requests, a new HTTP/2
-    /// connection in place of one that closed.
+    /// connection in place of one that closed; neither when its tunnel
+    /// connection is going away.
     pub fn keep(&self, sender: Sender, owner: Option<&Identity>, most: Option<u32>) {
         match sender {
-            Sender::Http1(_, carried) if most.is_some_and(|most| carried >= most) => {}
-            Sender::Http1(sender, carried) => {
+            Sender::Http1(_, _, via) | Sender::Http2(_, via) if !usable(&via) => {}
+            Sender::Http1(_, carried, _) if most.is_some_and(|most| carried >= most) => {}
+            Sender::Http1(sender, carried, via) => {
                 let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
                 if idle.len() < MAX_IDLE_PER_ENDPOINT {
                     let owner = owner.cloned();
@@ -121,11 +150,12 @@ impl EndpointPool {
                         owner,
                         sender,
                         carried,
+                        via,
                     });
                 }
             }
-            Sender::Http2(_) if most == Some(1) => {}
-            Sender::Http2(sender) => {
+            Sender::Http2(..) if most == Some(1) => {}
+            Sender::Http2(sender, via) => {
                 let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
                 shared.retain(|p| p.owner.as_ref() != owner);
                 if shared.len() >= MAX_IDLE_PER_ENDPOINT {
@@ -136,6 +166,7 @@ impl EndpointPool {
                     owner,
                     sender,
                     carried: 1,
+                    via,
                 });
             }
         }
@@ -181,7 +212,7 @@ where
                 debug!("an HTTP/2 upstream connection ended: {e}");
             }
         });
-        return Ok(Sender::Http2(sender));
+        return Ok(Sender::Http2(sender, None));
     }
     let (sender, connection) = http1::handshake(io).await?;
     tokio::spawn(async move {
@@ -189,5 +220,5 @@ where
             debug!("an HTTP/1.1 upstream connection ended: {e}");
         }
     });
-    Ok(Sender::Http1(sender, 1))
+    Ok(Sender::Http1(sender, 1, None))
 }

@@ -28,6 +28,11 @@ use super::TunnelStream;
 pub const CONTROL_HEADER: &str = "sluice-control";
 /// Carries the token on the successor's CONNECT.
 pub const RESUME_HEADER: &str = "sluice-resume";
+/// On a CONNECT whose calling end will not take part in a move (it carries
+/// the calling agent's own requests, not a workload's connection): the
+/// called agent does not pause it when it leaves, and lets it end where it
+/// is; the calling agent stops using it once the connection goes away.
+pub const STAYS_HEADER: &str = "sluice-stays";
 
 /// The authority of the control CONNECT: no workload is ever there.
 pub fn control_authority() -> SocketAddr {

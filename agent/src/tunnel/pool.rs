@@ -112,6 +112,12 @@ struct Pooled {
 #[derive(Debug)]
 pub(super) struct Slot(Arc<Pooled>);
 
+impl Slot {
+    pub(super) fn client(&self) -> TunnelClient {
+        self.0.client.clone()
+    }
+}
+
 impl Drop for Slot {
     fn drop(&mut self) {
         if self.0.streams.fetch_sub(1, Ordering::AcqRel) == 1 {

@@ -11,7 +11,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::{
     Moves, TunnelConfig, TunnelError, TunnelStream,
     coalesce::{Coalesce, RefusedStreams},
-    control::{BadToken, CONTROL_HEADER, ControlStream, RESUME_HEADER, Token, control_authority},
+    control::{
+        BadToken, CONTROL_HEADER, ControlStream, RESUME_HEADER, STAYS_HEADER, Token,
+        control_authority,
+    },
     keepalive,
 };
 
@@ -36,6 +39,12 @@ impl Incoming {
     /// The request's headers (HBONE's `baggage`, `forwarded`, `traceparent`).
     pub fn headers(&self) -> &HeaderMap {
         &self.headers
+    }
+
+    /// Whether the calling end asks that the stream stay where it is in
+    /// an upgrade (see [`STAYS_HEADER`]).
+    pub fn stays(&self) -> bool {
+        self.headers.contains_key(STAYS_HEADER)
     }
 
     /// Whether this is a peer agent's control stream (see `control`),

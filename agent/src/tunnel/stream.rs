@@ -57,7 +57,7 @@ pub struct TunnelStream {
     /// Drop resets with CONNECT_ERROR (the peer resets its TCP side).
     reset: AtomicBool,
     /// The stream's place in its pool connection, given back on drop.
-    _slot: Option<Slot>,
+    slot: Option<Slot>,
     /// Its place among the connection's pausable streams (see `moves`).
     listed: Option<Listed>,
 }
@@ -80,7 +80,7 @@ impl TunnelStream {
             unread: Bytes::new(),
             finished: false,
             reset: AtomicBool::new(false),
-            _slot: None,
+            slot: None,
             listed: None,
         }
     }
@@ -92,8 +92,14 @@ impl TunnelStream {
     }
 
     pub(super) fn with_slot(mut self, slot: Slot) -> TunnelStream {
-        self._slot = Some(slot);
+        self.slot = Some(slot);
         self
+    }
+
+    /// The pool connection the stream rides (None on the called end), to
+    /// ask later whether it still takes new streams.
+    pub fn connection(&self) -> Option<super::TunnelClient> {
+        self.slot.as_ref().map(Slot::client)
     }
 
     /// The HTTP/2 stream id (for logs).

@@ -147,7 +147,14 @@ fn stream(tunnel: Arc<Tunnel>, incoming: Box<Incoming>) -> impl Future<Output = 
             let serving = serve_requests(ctx, stream, upstream, local, caller, tunnel.peer);
             return Box::pin(serving).await;
         }
-        let Ok(stream) = incoming.accept() else {
+        // A stream of the calling agent's own requests stays in this agent
+        // when it leaves: the caller retires it (see `request::pool`).
+        let stays = incoming.stays();
+        let accepted = match stays {
+            true => incoming.accept_unlisted(),
+            false => incoming.accept(),
+        };
+        let Ok(stream) = accepted else {
             // The peer reset the stream or the connection went away meanwhile.
             let _ = upstream.set_zero_linger();
             return;
@@ -166,7 +173,7 @@ fn stream(tunnel: Arc<Tunnel>, incoming: Box<Incoming>) -> impl Future<Output = 
                 accepted: tokio::time::Instant::now(),
                 // It moves if the calling agent can pause the stream when
                 // the time comes; otherwise it stays.
-                movable: true,
+                movable: !stays,
             },
             None,
         );
@@ -174,7 +181,7 @@ fn stream(tunnel: Arc<Tunnel>, incoming: Box<Incoming>) -> impl Future<Output = 
         let id = stream.id();
         // The parties, for a move: the workload's identity is the one the
         // caller asked for (admission checked it serves that one).
-        let side = tunnel.parties.clone().map(|parties| {
+        let side = tunnel.parties.clone().filter(|_| !stays).map(|parties| {
             TunnelSide::new(TunnelEnd {
                 parties: Parties::Called(parties),
                 target,

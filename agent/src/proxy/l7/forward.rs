@@ -29,7 +29,10 @@ use crate::{
     clock::now_ms,
     config::Protocol,
     lb::PickContext,
-    proxy::upstream::{DialError, Upstream, dial, fail_fast},
+    proxy::{
+        tunnels::Carries,
+        upstream::{DialError, Upstream, dial, fail_fast},
+    },
     request::{
         FallbackTo, Pushback, Sender, UpBody,
         pool::handshake,
@@ -447,6 +450,7 @@ async fn connect(
             endpoint,
             call.source,
             call.peer.ip(),
+            Carries::Requests,
         );
         match Box::pin(dialled).await {
             Ok(upstream) => {
@@ -458,11 +462,13 @@ async fn connect(
                     // Another node's endpoint: a stream through the mTLS
                     // tunnel to its agent (which authorizes it), or a TLS
                     // connection of its own when tunnels are off. The
-                    // stream does not move in an upgrade (`TunnelSide` is
-                    // for carried connections); a request on it when the
-                    // peer agent pauses it fails and, if it may, is sent
-                    // again on a new one.
-                    Upstream::Tunnel(stream, _) => handshake(*stream, http2).await,
+                    // stream does not move in an upgrade of the peer agent
+                    // (`Carries::Requests`): the connection is retired from
+                    // the pool when the tunnel connection goes away.
+                    Upstream::Tunnel(stream, _) => {
+                        let via = stream.connection();
+                        handshake(*stream, http2).await.map(|s| s.via(via))
+                    }
                     Upstream::Tls(session) => handshake(*session, http2).await,
                 };
                 spoken.map_err(|_| NoConnection::Endpoint("the endpoint spoke no HTTP"))
