@@ -681,6 +681,33 @@ fn a_policys_request_rules_and_rate_limit_hold_for_discovered_pods() {
         &[("destination_workload", "shop/checkout-1")],
     );
     assert_eq!(counted, refused);
+    // What the operator sees: the pod's limit, what it refused, its rules.
+    let ledger = agent
+        .workloads()
+        .into_iter()
+        .find(|w| w["name"] == "shop/checkout-1")
+        .expect("the ledger pod is a workload");
+    let limit = &ledger["rate_limit"];
+    assert_eq!(
+        (
+            &limit["requests_per_second"],
+            &limit["burst"],
+            &limit["per_source"]
+        ),
+        (&json!(100), &json!(10), &json!(true)),
+        "{ledger}"
+    );
+    assert_eq!(limit["refused"].as_f64(), Some(refused), "{ledger}");
+    assert_eq!(ledger["request_rules"], 1, "{ledger}");
+    let table = String::from_utf8_lossy(&agent.sluice(&["workloads"]).stdout).into_owned();
+    let line = table
+        .lines()
+        .find(|l| l.contains("shop/checkout-1"))
+        .unwrap_or_default();
+    assert!(
+        line.contains("100/s burst 10 per caller") && line.contains(&format!(" {refused} ")),
+        "{table}"
+    );
 }
 
 /// Two nodes, two pods each, one API server, and one config for both: the

@@ -6,6 +6,10 @@ use std::{collections::BTreeMap, sync::atomic::Ordering, time::SystemTime};
 
 use serde::{Deserialize, Serialize};
 
+mod workloads;
+
+use self::workloads::workloads;
+pub use self::workloads::{RateLimitView, WorkloadRow};
 use super::{AdminState, MAX_TRACE_STREAMS, Surface};
 use crate::{
     catalog::Catalog,
@@ -159,19 +163,6 @@ pub struct CertRow {
 pub struct Inbound {
     pub accepted: u64,
     pub refused: BTreeMap<String, u64>,
-}
-
-/// `/debug/workloads`: one row a workload on this node.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct WorkloadRow {
-    pub name: String,
-    pub namespace: String,
-    pub identity: String,
-    pub cgroup: String,
-    pub netns: Option<String>,
-    /// `agent` (the node's listener), `open` (one in its namespace) or
-    /// `none`.
-    pub listener: String,
 }
 
 /// `/debug/tunnels`: one row an outbound tunnel pool (empty with tunnels
@@ -449,30 +440,4 @@ fn inbound(state: &AdminState) -> Inbound {
         accepted: state.inputs.inbound_stats.accepted(),
         refused: refusals(state),
     }
-}
-
-fn workloads(state: &AdminState, catalog: &Catalog) -> Vec<WorkloadRow> {
-    let listening = |path: &std::path::Path| {
-        state
-            .pod_listeners
-            .lock()
-            .is_ok_and(|open| open.iter().any(|p| p == path))
-    };
-    catalog
-        .workloads()
-        .iter()
-        .map(|w| WorkloadRow {
-            name: w.name.clone(),
-            namespace: w.namespace.clone(),
-            identity: w.identity.to_string(),
-            cgroup: w.cgroup.display().to_string(),
-            netns: w.netns.as_ref().map(|n| n.path().display().to_string()),
-            listener: match &w.netns {
-                None => "agent",
-                Some(n) if listening(n.path()) => "open",
-                Some(_) => "none",
-            }
-            .to_owned(),
-        })
-        .collect()
 }

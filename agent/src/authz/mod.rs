@@ -152,7 +152,12 @@ impl Policy {
 
     /// Whether it decides single requests (`requests` rules).
     pub fn has_request_rules(&self) -> bool {
-        self.requests.iter().any(|(_, rules)| !rules.is_empty())
+        self.request_rules() > 0
+    }
+
+    /// How many `requests` rules it has, all groups together.
+    pub fn request_rules(&self) -> usize {
+        self.requests.iter().map(|(_, rules)| rules.len()).sum()
     }
 
     /// In each group of `requests` rules, the first rule that matches

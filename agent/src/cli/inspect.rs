@@ -244,8 +244,12 @@ impl Row for views::WorkloadRow {
         "CGROUP",
         "NETNS",
         "LISTENER",
+        "RATE LIMIT",
+        "RATE LIMITED",
+        "REQUEST RULES",
     ];
     fn cells(&self) -> Vec<String> {
+        let limit = self.rate_limit.as_ref();
         vec![
             self.namespace.clone(),
             self.name.clone(),
@@ -253,6 +257,12 @@ impl Row for views::WorkloadRow {
             self.cgroup.clone(),
             or_dash(self.netns.as_ref()),
             self.listener.clone(),
+            or_dash(limit.map(|l| {
+                let each = if l.per_source { " per caller" } else { "" };
+                format!("{}/s burst {}{each}", l.requests_per_second, l.burst)
+            })),
+            or_dash(limit.map(|l| l.refused)),
+            self.request_rules.to_string(),
         ]
     }
 }
