@@ -22,10 +22,11 @@ use crate::{
 const PYTHON: &str = "/usr/bin/python3";
 
 /// gRPC servers, one per `name:mode` (mode `ok`: answers its name;
-/// `unavailable`: fails every call with UNAVAILABLE), each on a port of
-/// its own; prints the ports once serving.
+/// `unavailable`: fails every call with UNAVAILABLE; `peer`: answers,
+/// after 300 ms, the address of the connection the call came on), each on
+/// a port of its own; prints the ports once serving.
 const SERVERS: &str = r#"
-import sys, grpc
+import sys, time, grpc
 from concurrent import futures
 ports = []
 for spec in sys.argv[1:]:
@@ -33,8 +34,11 @@ for spec in sys.argv[1:]:
     def charge(request, context, name=name, mode=mode):
         if mode == 'unavailable':
             context.abort(grpc.StatusCode.UNAVAILABLE, 'down for maintenance')
+        if mode == 'peer':
+            time.sleep(0.3)
+            return context.peer().encode()
         return name.encode()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=256))
     handlers = {'Charge': grpc.unary_unary_rpc_method_handler(charge)}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler('pay.Pay', handlers),))
     ports.append(server.add_insecure_port('127.0.0.1:0'))
@@ -92,13 +96,65 @@ for i in range({n}):
 print(' '.join('%s=%d' % kv for kv in sorted(seen.items())))
 PY"
     );
-    let out = agent.client_command(&script).output().expect("run python3");
+    client_says(agent, &script)
+}
+
+/// What `script` prints, run as the client workload; panics with its
+/// stderr if it fails.
+fn client_says(agent: &Agent, script: &str) -> String {
+    let out = agent.client_command(script).output().expect("run python3");
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// `n` unary calls at once on one channel (one HTTP/2 connection) to
+/// `vip`, as the client workload, after one call alone (the agent's
+/// connection to the endpoint is open); how many answers each answer got.
+fn calls_at_once(
+    agent: &Agent,
+    vip: SocketAddr,
+    n: usize,
+) -> std::collections::BTreeMap<String, usize> {
+    let script = format!(
+        "{PYTHON} - <<'PY'
+import collections, grpc
+channel = grpc.insecure_channel('{vip}')
+charge = channel.unary_unary('/pay.Pay/Charge')
+charge(b'first', timeout=10)
+calls = [charge.future(b'amount=100', timeout=20) for i in range({n})]
+seen = collections.Counter(c.result().decode() for c in calls)
+print(' '.join('%s=%d' % kv for kv in sorted(seen.items())))
+PY"
+    );
+    client_says(agent, &script)
+        .split_whitespace()
+        .filter_map(|kv| kv.rsplit_once('='))
+        .map(|(k, v)| (k.to_owned(), v.parse().unwrap()))
+        .collect()
+}
+
+/// More calls in flight at once than an HTTP/2 connection to an endpoint
+/// carries (100): the agent opens another connection to the endpoint
+/// rather than queue them on one; with fewer, one connection carries all.
+/// (The endpoint answers each call with the address of the connection it
+/// came on.)
+#[test]
+fn calls_beyond_a_connections_streams_open_another_connection() {
+    let vip: SocketAddr = "127.77.9.13:8080".parse().unwrap();
+    let servers = Servers::start(&["g1:peer"]);
+    let config =
+        AgentConfig::new(&[service("pay", &vip.to_string(), &servers.addrs).protocol("grpc")]);
+    let agent = Agent::start(&config);
+    let few = calls_at_once(&agent, vip, 40);
+    assert_eq!(few.len(), 1, "one connection for 40 calls: {few:?}");
+    assert_eq!(few.values().sum::<usize>(), 40);
+    let many = calls_at_once(&agent, vip, 150);
+    assert!(many.len() >= 2, "150 calls on one connection: {many:?}");
+    assert_eq!(many.values().sum::<usize>(), 150);
 }
 
 /// `name=count` pairs as printed by [`calls`].

@@ -1,13 +1,21 @@
 //! The connections a service's requests share, per endpoint: HTTP/1.1
 //! keep-alive connections (one request at a time each, the idle ones kept
-//! for the next request of any client) and one multiplexed HTTP/2
-//! connection (every request a stream of it, until it closes or goes
-//! away; then the next request opens another).
+//! for the next request of any client) and multiplexed HTTP/2
+//! connections (every request a stream of one, shared from the moment it
+//! opens until it closes or goes away; then the next request opens
+//! another).
 //!
 //! A connection belongs to the caller identity it was made for: the
 //! endpoint's node agent authorized that identity (a tunnel stream), or
 //! this agent admitted it (an endpoint on this node), so another caller's
 //! requests never ride it.
+//!
+//! An HTTP/2 connection carries at most [`MAX_STREAMS_PER_CONNECTION`]
+//! requests at once: with that many in flight on each connection of the
+//! caller's, the next request opens another connection (rather than wait
+//! in line for a stream), one at a time: the requests that come while it
+//! opens go over the least loaded one meanwhile. A connection left without
+//! a stream goes once another has room to spare.
 //!
 //! A connection carries at most the service's `max_requests_per_connection`
 //! requests: an HTTP/1.1 one is then not kept, an HTTP/2 one takes no new
@@ -22,7 +30,13 @@
 //! Each endpoint has its own locks, held only to take or give back a
 //! connection: requests to different endpoints never wait on each other.
 
-use std::sync::Mutex;
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use http::{Request, Response};
 use hyper::{
@@ -37,8 +51,14 @@ use super::UpBody;
 use crate::{tls::Identity, tunnel::TunnelClient};
 
 /// Most idle HTTP/1.1 connections kept per endpoint, and HTTP/2
-/// connections (one per caller identity); more are closed.
+/// connections; more are closed.
 const MAX_IDLE_PER_ENDPOINT: usize = 64;
+
+/// Requests an HTTP/2 connection carries at once before the next one
+/// opens another connection: the least a server should allow (RFC 9113,
+/// 6.5.2, SETTINGS_MAX_CONCURRENT_STREAMS), so that no request waits in
+/// line for a stream of a server that allows that many.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 100;
 
 /// Whose requests a connection carries: the caller's identity (None: a
 /// caller the agent knows no identity for).
@@ -49,7 +69,25 @@ type Owner = Option<Identity>;
 /// the tunnel connection it rides, if any.
 pub enum Sender {
     Http1(http1::SendRequest<UpBody>, u32, Via),
-    Http2(http2::SendRequest<UpBody>, Via),
+    Http2(http2::SendRequest<UpBody>, Via, Option<StreamSlot>),
+}
+
+/// A request's place among the requests an HTTP/2 connection carries at
+/// once: taken with the connection, given back when dropped (with the
+/// request's response, see [`Sender::stream_slot`]).
+pub struct StreamSlot(Arc<AtomicU32>);
+
+impl StreamSlot {
+    fn take(streams: &Arc<AtomicU32>) -> StreamSlot {
+        streams.fetch_add(1, Ordering::AcqRel);
+        StreamSlot(streams.clone())
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// The tunnel connection an HTTP connection rides (None: a TCP or TLS
@@ -67,7 +105,16 @@ impl Sender {
     pub fn via(self, via: Via) -> Sender {
         match self {
             Sender::Http1(s, carried, _) => Sender::Http1(s, carried, via),
-            Sender::Http2(s, _) => Sender::Http2(s, via),
+            Sender::Http2(s, _, slot) => Sender::Http2(s, via, slot),
+        }
+    }
+
+    /// The request's stream slot (HTTP/2), to keep until its response
+    /// has ended.
+    pub fn stream_slot(&mut self) -> Option<StreamSlot> {
+        match self {
+            Sender::Http1(..) => None,
+            Sender::Http2(_, _, slot) => slot.take(),
         }
     }
 
@@ -80,44 +127,93 @@ impl Sender {
     ) -> Result<Response<Incoming>, TrySendError<Request<UpBody>>> {
         match self {
             Sender::Http1(s, ..) => s.try_send_request(request).await,
-            Sender::Http2(s, _) => s.try_send_request(request).await,
+            Sender::Http2(s, ..) => s.try_send_request(request).await,
         }
     }
 }
 
-/// A pooled connection: whose it is, and the requests it has carried.
+/// A pooled connection: whose it is, the requests it has carried, and
+/// (HTTP/2) those it carries now.
 struct Pooled<S> {
     owner: Owner,
     sender: S,
     carried: u32,
     via: Via,
+    streams: Arc<AtomicU32>,
 }
 
 /// One endpoint's connections.
 #[derive(Default)]
 pub struct EndpointPool {
     idle: Mutex<Vec<Pooled<http1::SendRequest<UpBody>>>>,
-    shared: Mutex<Vec<Pooled<http2::SendRequest<UpBody>>>>,
+    shared: Mutex<Shared>,
 }
+
+/// An endpoint's HTTP/2 connections, and the callers one is being opened
+/// for (since when: one that failed is forgotten after [`OPENING`]).
+#[derive(Default)]
+struct Shared {
+    conns: Vec<Pooled<http2::SendRequest<UpBody>>>,
+    opening: Vec<(Owner, Instant)>,
+}
+
+/// How long a connection being opened keeps other requests off opening
+/// their own.
+const OPENING: Duration = Duration::from_secs(1);
 
 impl EndpointPool {
     /// A connection of `owner`'s ready for a request, if one is open: an
-    /// idle HTTP/1.1 one, or the shared HTTP/2 one. `most` is the
-    /// service's `max_requests_per_connection`.
+    /// idle HTTP/1.1 one, or a shared HTTP/2 one with a stream to spare.
+    /// `most` is the service's `max_requests_per_connection`.
     pub fn take(&self, http2: bool, owner: Option<&Identity>, most: Option<u32>) -> Option<Sender> {
         if http2 {
             let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
-            shared.retain(|p| !p.sender.is_closed() && usable(&p.via));
-            let at = shared
+            let Shared { conns, opening } = &mut *shared;
+            conns.retain(|p| !p.sender.is_closed() && usable(&p.via));
+            type Conn = Pooled<http2::SendRequest<UpBody>>;
+            let mine = |p: &Conn| p.owner.as_ref() == owner && p.sender.is_ready();
+            let streams = |p: &Conn| p.streams.load(Ordering::Acquire);
+            let room = |p: &Conn| mine(p) && streams(p) < MAX_STREAMS_PER_CONNECTION;
+            let at = match conns.iter().position(room) {
+                Some(at) => at,
+                None => {
+                    let now = Instant::now();
+                    opening.retain(|(_, since)| now.duration_since(*since) < OPENING);
+                    let least = (0..conns.len())
+                        .filter(|&i| mine(&conns[i]))
+                        .min_by_key(|&i| streams(&conns[i]));
+                    match least {
+                        // One is being opened: this request waits in
+                        // line on a full one rather than open another.
+                        Some(at) if opening.iter().any(|(o, _)| o.as_ref() == owner) => at,
+                        // The caller opens one (`keep` says it is open).
+                        _ => {
+                            opening.push((owner.cloned(), now));
+                            return None;
+                        }
+                    }
+                }
+            };
+            // Load gone down: another of the caller's connections with no
+            // stream goes (its peer would keep it open for nothing).
+            if streams(&conns[at]) < MAX_STREAMS_PER_CONNECTION / 2 {
+                let first = Arc::as_ptr(&conns[at].streams);
+                conns.retain(|p| {
+                    Arc::as_ptr(&p.streams) == first || p.owner.as_ref() != owner || streams(p) > 0
+                });
+            }
+            let at = conns
                 .iter()
-                .position(|p| p.owner.as_ref() == owner && p.sender.is_ready())?;
-            let pooled = &mut shared[at];
+                .position(|p| Arc::ptr_eq(&p.streams, &conns[at].streams))
+                .expect("the chosen connection stays");
+            let pooled = &mut conns[at];
             pooled.carried += 1;
-            let sender = Sender::Http2(pooled.sender.clone(), pooled.via.clone());
+            let slot = StreamSlot::take(&pooled.streams);
+            let sender = Sender::Http2(pooled.sender.clone(), pooled.via.clone(), Some(slot));
             // Its last request: no other takes it (its streams finish,
             // and it closes when the last one has).
             if most.is_some_and(|most| pooled.carried >= most) {
-                shared.swap_remove(at);
+                conns.swap_remove(at);
             }
             return Some(sender);
         }
@@ -135,13 +231,18 @@ impl EndpointPool {
 
     /// Keeps `sender` for the next request: an HTTP/1.1 connection once
     /// its answer is in (it takes the next request when its body is
-    /// read) unless it has carried `most` requests, a new HTTP/2
-    /// connection in place of one that closed; neither when its tunnel
-    /// connection is going away.
-    pub fn keep(&self, sender: Sender, owner: Option<&Identity>, most: Option<u32>) {
+    /// read) unless it has carried `most` requests or its tunnel
+    /// connection is going away. Gives back the request's stream slot
+    /// (HTTP/2), to keep until its response has ended.
+    pub fn keep(
+        &self,
+        sender: Sender,
+        owner: Option<&Identity>,
+        most: Option<u32>,
+    ) -> Option<StreamSlot> {
         match sender {
-            Sender::Http1(_, _, via) | Sender::Http2(_, via) if !usable(&via) => {}
-            Sender::Http1(_, carried, _) if most.is_some_and(|most| carried >= most) => {}
+            Sender::Http1(_, _, via) if !usable(&via) => None,
+            Sender::Http1(_, carried, _) if most.is_some_and(|most| carried >= most) => None,
             Sender::Http1(sender, carried, via) => {
                 let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
                 if idle.len() < MAX_IDLE_PER_ENDPOINT {
@@ -151,25 +252,45 @@ impl EndpointPool {
                         sender,
                         carried,
                         via,
+                        streams: Arc::default(),
                     });
                 }
+                None
             }
-            Sender::Http2(..) if most == Some(1) => {}
-            Sender::Http2(sender, via) => {
-                let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
-                shared.retain(|p| p.owner.as_ref() != owner);
-                if shared.len() >= MAX_IDLE_PER_ENDPOINT {
-                    shared.remove(0);
-                }
-                let owner = owner.cloned();
-                shared.push(Pooled {
-                    owner,
-                    sender,
-                    carried: 1,
-                    via,
-                });
-            }
+            // Shared as soon as it opened (`share`).
+            Sender::Http2(_, _, slot) => slot,
         }
+    }
+
+    /// Shares a new HTTP/2 connection of `owner`'s with the requests that
+    /// come after (before its first request is answered: it takes streams
+    /// at once), beside the caller's others; not one for a single request
+    /// (`most`) or whose tunnel connection is going away.
+    pub fn share(&self, sender: &Sender, owner: Option<&Identity>, most: Option<u32>) {
+        let Sender::Http2(sender, via, slot) = sender else {
+            return;
+        };
+        let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        let Shared { conns, opening } = &mut *shared;
+        if let Some(at) = opening.iter().position(|(o, _)| o.as_ref() == owner) {
+            opening.swap_remove(at);
+        }
+        if most == Some(1) || !usable(via) {
+            return;
+        }
+        conns.retain(|p| !p.sender.is_closed());
+        if conns.len() >= MAX_IDLE_PER_ENDPOINT {
+            conns.remove(0);
+        }
+        conns.push(Pooled {
+            owner: owner.cloned(),
+            sender: sender.clone(),
+            carried: 1,
+            via: via.clone(),
+            // Counts the request it was opened for while that one still
+            // holds its slot.
+            streams: slot.as_ref().map_or_else(Arc::default, |s| s.0.clone()),
+        });
     }
 }
 
@@ -212,7 +333,8 @@ where
                 debug!("an HTTP/2 upstream connection ended: {e}");
             }
         });
-        return Ok(Sender::Http2(sender, None));
+        let slot = StreamSlot::take(&Arc::default());
+        return Ok(Sender::Http2(sender, None, Some(slot)));
     }
     let (sender, connection) = http1::handshake(io).await?;
     tokio::spawn(async move {

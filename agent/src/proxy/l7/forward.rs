@@ -279,7 +279,10 @@ async fn send(call: &Call<'_>, outgoing: &mut Outgoing, may_fall_back: bool) -> 
             // largest part of a request's, which hyper moves (HTTP/2 spawns
             // it) for every request.
             None => match Box::pin(connect(call, endpoint, http2, deadline)).await {
-                Ok(sender) => (sender, true),
+                Ok(sender) => {
+                    pool.share(&sender, owner, most);
+                    (sender, true)
+                }
                 Err(no) => {
                     let why = match no {
                         NoConnection::Endpoint(why) => why,
@@ -372,9 +375,10 @@ async fn send(call: &Call<'_>, outgoing: &mut Outgoing, may_fall_back: bool) -> 
             }
         };
         tried.add(chosen.index);
-        if fresh || matches!(sender, Sender::Http1(..)) {
-            pool.keep(sender, owner, most);
-        }
+        let stream = match fresh || matches!(sender, Sender::Http1(..)) {
+            true => pool.keep(sender, owner, most),
+            false => sender.stream_slot(),
+        };
         let status = response.status();
         let grpc_head = grpc.then(|| grpc_status(response.headers())).flatten();
         let failed = status.is_server_error() || grpc_head.is_some_and(grpc_failure);
@@ -400,7 +404,7 @@ async fn send(call: &Call<'_>, outgoing: &mut Outgoing, may_fall_back: bool) -> 
                 },
             };
             route::report(service, chosen, outcome, now_ms());
-            drop((response, in_flight));
+            drop((response, in_flight, stream));
             sleep(wait).await;
             continue;
         }
@@ -412,6 +416,7 @@ async fn send(call: &Call<'_>, outgoing: &mut Outgoing, may_fall_back: bool) -> 
             failed,
             grpc,
             _in_flight: in_flight,
+            _stream: stream,
         };
         return response.map(|body| Either::Left(Watched::new(body, verdict)));
     }

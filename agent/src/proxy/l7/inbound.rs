@@ -97,7 +97,7 @@ pub(in crate::proxy) async fn serve<C>(
     let (http2, grpc) = (protocol != Protocol::Http, protocol == Protocol::Grpc);
     let to_workload = match handshake(upstream, http2).await {
         Ok(Sender::Http1(sender, ..)) => ToWorkload::Http1(tokio::sync::Mutex::new(sender)),
-        Ok(Sender::Http2(sender, _)) => ToWorkload::Http2(sender),
+        Ok(Sender::Http2(sender, ..)) => ToWorkload::Http2(sender),
         Err(e) => return debug!("inbound requests from {peer} to {}: {e}", target.addr),
     };
     let shared = Arc::new((inputs, target, caller, to_workload));

@@ -17,7 +17,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use crate::{
     catalog::Service,
     clock::now_ms,
-    request::rules::grpc_status,
+    request::{pool::StreamSlot, rules::grpc_status},
     resilience::{InFlight, Outcome},
     route::{self, Chosen},
 };
@@ -39,6 +39,8 @@ pub(super) struct Verdict {
     pub failed: bool,
     pub grpc: bool,
     pub _in_flight: InFlight,
+    /// Its place on a shared HTTP/2 connection, given back with it.
+    pub _stream: Option<StreamSlot>,
 }
 
 impl Verdict {
