@@ -68,6 +68,47 @@ fn a_tunnelled_connection_survives_an_upgrade_of_either_agent() {
     assert_eq!(stream.half_closed(), 1, "the client's half-close arrived");
 }
 
+/// One connection from node A's client to node B's stream server, in a
+/// tunnel, while both agents are upgraded at the same moment: whichever
+/// pauses first, or both at once (then the calling end's pause stands and
+/// the called end's successor keeps its side), or one leaving while it
+/// keeps the other's side, the connection arrives whole, once, in order,
+/// both ways, and neither agent drops it.
+#[test]
+fn a_tunnelled_connection_survives_both_agents_upgraded_at_once() {
+    let (bytes, tail) = (24 << 20, 256 << 10);
+    let mut m = tunnelled(Some((tail, Duration::from_millis(4))));
+    let long = stream_client(&m, bytes, tail, Duration::from_micros(200));
+    assert!(wait_until(Duration::from_secs(10), || streams_opened(
+        &m.b, "server"
+    ) >= 1.0));
+
+    let (next_a, next_b) = std::thread::scope(|s| {
+        let a = s.spawn(|| Agent::start_in_netns(&m.configs.0, &m.pair.a));
+        let b = s.spawn(|| Agent::start_in_netns(&m.configs.1, &m.pair.b));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    let mut old_a = std::mem::replace(&mut m.a, next_a);
+    let mut old_b = std::mem::replace(&mut m.b, next_b);
+    for old in [&mut old_a, &mut old_b] {
+        let status = old.wait(Duration::from_secs(20));
+        assert!(status.success(), "an old agent: {status}\n{}", old.log());
+    }
+
+    let out = long.wait_with_output().expect("the client ends");
+    assert_eq!(
+        lines(&out),
+        [format!("intact {}", bytes + tail)],
+        "every byte, once, in order\n{}\n{}",
+        m.a.log(),
+        m.b.log()
+    );
+    for agent in [&m.a, &m.b] {
+        assert_eq!(handed(agent, "received"), 1.0, "{}", agent.log());
+        assert_eq!(handed(agent, "dropped"), 0.0, "{}", agent.log());
+    }
+}
+
 /// Twenty persistent request/response clients (a connection pool's, on one
 /// pool connection) through an upgrade of node A's agent and then node
 /// B's: every request answered once, in order, none lost; every

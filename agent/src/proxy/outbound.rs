@@ -378,8 +378,11 @@ pub(super) async fn resume(
         (None, Some(tunnel)) => {
             // The caller's connections leave from its pod's namespace.
             let netns = source.as_ref().and_then(|w| w.netns.clone());
-            let PeerAgent::Addr(node) = tunnel.peer else {
-                return Err((NotResumed::Mismatched, None));
+            // A parked side dials nobody: the peer's successor comes.
+            let node = match tunnel.peer {
+                PeerAgent::Addr(node) => node,
+                _ if tunnel.park => SocketAddr::from(([0, 0, 0, 0], 0)),
+                _ => return Err((NotResumed::Mismatched, None)),
             };
             match Box::pin(rejoin(inputs, tunnel, node, netns)).await {
                 Ok((stream, end)) => Upstream::Tunnel(Box::new(stream), end),

@@ -10,6 +10,14 @@
 //! successor dials the peer presenting the same identity, asks for the
 //! same one, and opens a stream carrying the token; the peer's copy goes
 //! on over that stream. The applications at both ends see nothing.
+//!
+//! Both agents may leave at once. When both pause one stream at the same
+//! moment, the calling end's pause stands (`TunnelStream::pause`) and the
+//! called end's side is kept; a kept side whose own agent leaves before
+//! the peer's successor came goes to this agent's successor with a record
+//! that says so (`TunnelRecord::park`), and is kept there under the same
+//! token. A stream that names a token not kept yet waits for it a moment
+//! ([`CLAIM_WAIT`]).
 
 use std::{
     collections::HashMap,
@@ -128,6 +136,12 @@ pub struct TunnelRecord {
     pub remote: String,
     pub peer: PeerAgent,
     pub target: SocketAddr,
+    /// The other way round: both agents left at once and the peer's pause
+    /// stood, so the successor keeps this side under the peer's `token`
+    /// for the peer's successor, rather than dial with it. Left out when
+    /// false, so a record reads the same to an agent that knows no parks.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub park: bool,
 }
 
 impl std::fmt::Display for TunnelRecord {
@@ -154,7 +168,14 @@ struct Waiting {
 pub struct Parked {
     // Taken only at a peer's upgrade, never per connection.
     lot: Mutex<HashMap<Token, Waiting>>,
+    /// A connection was parked (for a stream that came first).
+    arrived: tokio::sync::Notify,
 }
+
+/// How long a stream with a token waits for its paused connection to be
+/// parked: when both agents leave at once, the peer's successor can ask
+/// before this agent's successor has the connection from its predecessor.
+pub const CLAIM_WAIT: Duration = Duration::from_secs(2);
 
 /// Why a stream cannot take up a paused connection.
 #[derive(Debug, thiserror::Error)]
@@ -180,6 +201,7 @@ impl Parked {
             take_up,
         };
         self.lot().insert(token, waiting);
+        self.arrived.notify_waiters();
         taken
     }
 
@@ -210,21 +232,55 @@ impl Parked {
         }
         Ok(lot.remove(token).expect("looked up above").take_up)
     }
+
+    /// [`Parked::claim`], waiting up to [`CLAIM_WAIT`] for a token that is
+    /// not parked yet.
+    pub async fn claim_soon(
+        &self,
+        token: &Token,
+        caller: &Identity,
+        asked_for: Option<&Identity>,
+        target: SocketAddr,
+    ) -> Result<oneshot::Sender<TunnelStream>, NotTakenUp> {
+        let deadline = tokio::time::Instant::now() + CLAIM_WAIT;
+        loop {
+            let arrived = self.arrived.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            match self.claim(token, caller, asked_for, target) {
+                Err(NotTakenUp::Unknown) => {
+                    if tokio::time::timeout_at(deadline, arrived).await.is_err() {
+                        return Err(NotTakenUp::Unknown);
+                    }
+                }
+                claimed => return claimed,
+            }
+        }
+    }
+}
+
+/// How a paused side's wait ended.
+pub(super) enum Answered {
+    /// The peer's successor took it up; where the next pause arrives.
+    TakenUp(Option<oneshot::Receiver<Token>>),
+    /// This agent leaves (`moving` fired) before it did: the side goes to
+    /// this agent's successor, to wait there under the same token.
+    Leaving,
 }
 
 /// The peer agent paused this connection's tunnel stream under `token`:
 /// stops it where both ends hold every byte (the bytes read meanwhile
 /// join the copy's), keeps the rest of the connection here, and waits for
-/// the peer's successor to take it up. Returns where the next pause
-/// arrives; Err when the connection cannot go on (it is reset).
+/// the peer's successor to take it up, or for this agent to leave
+/// (`moving`). Err when the connection cannot go on (it is reset).
 pub(super) async fn answer<C: Movable, U: Movable>(
     inputs: &ProxyInputs,
-    client: &mut C,
-    upstream: &mut U,
+    (client, upstream): (&mut C, &mut U),
     progress: &mut Progress,
     token: Token,
     end: &TunnelEnd,
-) -> Result<Option<oneshot::Receiver<Token>>, ()> {
+    moving: Option<&mut oneshot::Receiver<()>>,
+) -> Result<Answered, ()> {
     // Parked before the stream is quiesced: the successor's stream comes
     // on another connection, and may arrive before the paused stream's
     // last frames do. It waits in the lot until they have.
@@ -240,7 +296,23 @@ pub(super) async fn answer<C: Movable, U: Movable>(
     };
     progress.add_read(true, &up);
     progress.add_read(false, &down);
-    let taken = tokio::time::timeout(PARK_TIMEOUT, successor).await;
+    // A move signal whose sender went away never fires.
+    let leaving = async {
+        let told = match moving {
+            Some(moving) => moving.await.is_ok(),
+            None => false,
+        };
+        if !told {
+            std::future::pending::<()>().await;
+        }
+    };
+    let taken = tokio::select! {
+        taken = tokio::time::timeout(PARK_TIMEOUT, successor) => taken,
+        () = leaving => {
+            inputs.parked.forget(&token);
+            return Ok(Answered::Leaving);
+        }
+    };
     let Ok(Ok(mut stream)) = taken else {
         inputs.parked.forget(&token);
         inputs.metrics.handover_connection("dropped");
@@ -261,7 +333,46 @@ pub(super) async fn answer<C: Movable, U: Movable>(
         unreachable!("a paused connection has a tunnel stream at one end");
     }
     inputs.metrics.handover_connection("taken_up");
-    Ok(pause)
+    Ok(Answered::TakenUp(pause))
+}
+
+/// Keeps a connection whose side the previous agent held paused for the
+/// peer agent's successor (both agents left at once, or this one left
+/// while it waited), under the peer's token, here: the stream that takes
+/// it up, once the peer's successor opens it.
+async fn wait_parked(
+    inputs: &ProxyInputs,
+    tunnel: &TunnelRecord,
+) -> Result<(TunnelStream, Box<TunnelSide>), NotResumed> {
+    let failed = |why: String| NotResumed::Tunnel(why);
+    let (Ok(local), Ok(remote)) = (
+        Identity::parse(&tunnel.local),
+        Identity::parse(&tunnel.remote),
+    ) else {
+        return Err(failed("its identities do not read".into()));
+    };
+    let Some(token) = Token::from_hex(&tunnel.token) else {
+        return Err(failed("its token does not read".into()));
+    };
+    // The peer's successor dialled this side's node: from here on this
+    // agent is the called end.
+    let end = TunnelEnd {
+        parties: Parties::Called(Arc::new((local, remote))),
+        target: tunnel.target,
+    };
+    let successor = inputs.parked.park(token, &end);
+    match tokio::time::timeout(PARK_TIMEOUT, successor).await {
+        Ok(Ok(stream)) => {
+            inputs.metrics.handover_connection("taken_up");
+            Ok((stream, TunnelSide::new(end)))
+        }
+        _ => {
+            inputs.parked.forget(&token);
+            Err(failed(format!(
+                "the peer agent's successor did not take it up within {PARK_TIMEOUT:?}"
+            )))
+        }
+    }
 }
 
 /// The tunnel stream an inbound connection goes on over: the successor
@@ -272,6 +383,9 @@ pub(super) async fn rejoin_inbound(
     record: &MovedRecord,
 ) -> Result<(TunnelStream, Box<TunnelSide>), NotResumed> {
     let tunnel = record.tunnel.as_ref().expect("matched as tunnelled");
+    if tunnel.park {
+        return wait_parked(inputs, tunnel).await;
+    }
     let node = match &tunnel.peer {
         PeerAgent::Addr(addr) => Some(*addr),
         PeerAgent::Node(name) => inputs.catalog.load().peer_agent(name),
@@ -293,6 +407,9 @@ pub(super) async fn rejoin(
     node: SocketAddr,
     netns: Option<Arc<Netns>>,
 ) -> Result<(TunnelStream, Box<TunnelSide>), NotResumed> {
+    if tunnel.park {
+        return wait_parked(inputs, tunnel).await;
+    }
     let failed = |why: String| NotResumed::Tunnel(why);
     let (Ok(local), Ok(remote)) = (
         Identity::parse(&tunnel.local),

@@ -205,6 +205,6 @@ impl TunnelClient {
                 status: response.status(),
             });
         }
-        Ok(TunnelStream::new(stream, response.into_body()))
+        Ok(TunnelStream::new(stream, response.into_body(), true))
     }
 }

@@ -46,7 +46,9 @@ pub use client::TunnelClient;
 pub use moves::Moves;
 pub use pool::{Dial, PeerUsage, Pool, PoolConfig};
 pub use server::{Incoming, serve};
-pub use stream::{MAX_PAUSED_BYTES, Quiesce, TunnelReadHalf, TunnelStream, TunnelWriteHalf};
+pub use stream::{
+    MAX_PAUSED_BYTES, Paused, Quiesce, TunnelReadHalf, TunnelStream, TunnelWriteHalf,
+};
 
 /// The port HBONE listens on (Sluice's inbound port by default).
 pub const HBONE_PORT: u16 = 15008;

@@ -85,7 +85,7 @@ impl Incoming {
                 target: self.target,
                 source,
             })?;
-        Ok(TunnelStream::new(send, recv))
+        Ok(TunnelStream::new(send, recv, false))
     }
 
     /// Answers `status` (an error status: 400, 401, 403, 503, ...) and

@@ -29,12 +29,16 @@ use tokio::{
 };
 
 use super::{
-    control::{Message, Token},
+    control::Token,
     io_error,
     moves::{Listed, Moves},
     pool::Slot,
 };
 use crate::carry::copy::{Duplex, ReadSide};
+
+mod pause;
+
+pub use pause::{Paused, Quiesce};
 
 /// The most a paused stream reads after its copy stopped: a stream's
 /// window (SETTINGS_INITIAL_WINDOW_SIZE), all a stopped peer can have had
@@ -56,6 +60,9 @@ pub struct TunnelStream {
     finished: bool,
     /// Drop resets with CONNECT_ERROR (the peer resets its TCP side).
     reset: AtomicBool,
+    /// This end opened the stream (the CONNECT's caller): when both ends
+    /// pause it at once, its pause stands.
+    calling: bool,
     /// The stream's place in its pool connection, given back on drop.
     slot: Option<Slot>,
     /// Its place among the connection's pausable streams (see `moves`).
@@ -73,13 +80,14 @@ impl std::fmt::Debug for TunnelStream {
 }
 
 impl TunnelStream {
-    pub(super) fn new(send: SendStream<Bytes>, recv: RecvStream) -> TunnelStream {
+    pub(super) fn new(send: SendStream<Bytes>, recv: RecvStream, calling: bool) -> TunnelStream {
         TunnelStream {
             send,
             recv,
             unread: Bytes::new(),
             finished: false,
             reset: AtomicBool::new(false),
+            calling,
             slot: None,
             listed: None,
         }
@@ -113,6 +121,15 @@ impl TunnelStream {
         self.listed.as_mut()?.paused.take()
     }
 
+    /// Gives back where the peer's pause arrives (taken with
+    /// [`TunnelStream::take_pause`]), for [`TunnelStream::pause`] to hear
+    /// a pause of the peer's that comes as this end pauses too.
+    pub fn give_back_pause(&mut self, paused: oneshot::Receiver<Token>) {
+        if let Some(listed) = self.listed.as_mut() {
+            listed.paused = Some(paused);
+        }
+    }
+
     /// Whether this stream can be paused from this end now: the peer
     /// speaks moves, and its control stream is open.
     pub fn can_pause(&self) -> bool {
@@ -126,81 +143,6 @@ impl TunnelStream {
     pub fn peer_node(&self) -> Option<String> {
         let listed = self.listed.as_ref()?;
         listed.moves().peer_node().map(str::to_owned)
-    }
-
-    /// Pauses the stream from this end, for a move: asks the peer on the
-    /// control stream, then quiesces as the asking end. Returns the token
-    /// the peer keeps its side under, and the bytes read meanwhile. A peer
-    /// that does not end its side within [`PAUSE_TIMEOUT`] (hung, or
-    /// pausing the same stream itself: both ends upgraded at the same
-    /// moment) fails the pause, and the stream is reset.
-    pub async fn pause(&mut self) -> io::Result<(Token, Vec<u8>)> {
-        self.pause_within(PAUSE_TIMEOUT).await
-    }
-
-    pub(super) async fn pause_within(&mut self, within: Duration) -> io::Result<(Token, Vec<u8>)> {
-        let token = Token::random();
-        let stream = self.id();
-        let asked = self
-            .listed
-            .as_ref()
-            .is_some_and(|l| l.moves().send(Message::Pause { stream, token }));
-        if !asked {
-            return Err(io::Error::other(
-                "the peer agent's control stream is not open: the stream cannot pause",
-            ));
-        }
-        match tokio::time::timeout(within, self.quiesce(Quiesce::Asking)).await {
-            Ok(read) => Ok((token, read?)),
-            Err(_) => {
-                self.reset.store(true, Ordering::Relaxed);
-                Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!(
-                        "the peer agent did not end its side of a paused stream within {within:?}"
-                    ),
-                ))
-            }
-        }
-    }
-
-    /// Stops the stream where both ends hold every byte the other sent,
-    /// for a move (see `control`): END_STREAM and a read to the peer's
-    /// END_STREAM, in `order`. Returns the bytes read meanwhile: no more
-    /// than the stream's window, as none of it is given back.
-    pub async fn quiesce(&mut self, order: Quiesce) -> io::Result<Vec<u8>> {
-        use tokio::io::AsyncWriteExt;
-        let mut rest = Vec::new();
-        match order {
-            Quiesce::Answering => {
-                self.shutdown().await?;
-                self.read_to_end_within(&mut rest).await?;
-            }
-            Quiesce::Asking => {
-                self.read_to_end_within(&mut rest).await?;
-                self.shutdown().await?;
-            }
-        }
-        Ok(rest)
-    }
-
-    /// Reads to the peer's END_STREAM without giving window back, so the
-    /// peer (whose copy may act on the pause late, still sending) can send
-    /// no more than the window; HTTP/2 fails a peer that sends past it.
-    /// The stream's end gives the window back to the connection. The
-    /// bound [`MAX_PAUSED_BYTES`] is checked here too.
-    async fn read_to_end_within(&mut self, rest: &mut Vec<u8>) -> io::Result<()> {
-        rest.extend_from_slice(&std::mem::take(&mut self.unread));
-        while let Some(chunk) = poll_fn(|cx| self.recv.poll_data(cx)).await {
-            let chunk = chunk.map_err(io_error)?;
-            if rest.len() + chunk.len() > MAX_PAUSED_BYTES {
-                return Err(io::Error::other(format!(
-                    "the peer sent over {MAX_PAUSED_BYTES} bytes on a paused stream"
-                )));
-            }
-            rest.extend_from_slice(&chunk);
-        }
-        Ok(())
     }
 
     /// The reading and the writing half, usable at once.
@@ -225,18 +167,6 @@ impl Drop for TunnelStream {
             self.send.send_reset(Reason::CONNECT_ERROR);
         }
     }
-}
-
-/// Which end of a pause a [`TunnelStream::quiesce`] is. The asking end
-/// sent `pause` and ends only after the answering end did: so the peer
-/// never sees its END_STREAM before the pause, which would read as the
-/// application's half-close.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Quiesce {
-    /// Got `pause`: END_STREAM at once, then read to the asker's.
-    Answering,
-    /// Sent `pause`: read to the answerer's END_STREAM, then send one.
-    Asking,
 }
 
 /// The reading half of a [`TunnelStream`].

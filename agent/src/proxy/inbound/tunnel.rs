@@ -113,7 +113,8 @@ fn stream(tunnel: Arc<Tunnel>, incoming: Box<Incoming>) -> impl Future<Output = 
         let target = incoming.target();
         match incoming.resume_token() {
             Ok(None) => {}
-            Ok(Some(token)) => return take_up(&tunnel, *incoming, token),
+            // Boxed: a rare stream's wait, kept off every stream's future.
+            Ok(Some(token)) => return Box::pin(take_up(&tunnel, *incoming, token)).await,
             Err(bad) => {
                 incoming.refuse(StatusCode::BAD_REQUEST);
                 let why = Refusal::TunnelProtocol;
@@ -202,10 +203,11 @@ fn stream(tunnel: Arc<Tunnel>, incoming: Box<Incoming>) -> impl Future<Output = 
 /// asking for the same one, with the pause's token. Anything else is
 /// answered 410 and counted; the paused connection waits on for the
 /// right stream.
-fn take_up(tunnel: &Tunnel, incoming: Incoming, token: Token) {
+async fn take_up(tunnel: &Tunnel, incoming: Incoming, token: Token) {
     let (caller, asked_for) = (&tunnel.caller, tunnel.asked_for.as_ref());
     let parked = &tunnel.ctx.inputs.parked;
-    match parked.claim(&token, caller, asked_for, incoming.target()) {
+    let claimed = parked.claim_soon(&token, caller, asked_for, incoming.target());
+    match claimed.await {
         Ok(waiting) => {
             let Ok(stream) = incoming.accept() else {
                 return;

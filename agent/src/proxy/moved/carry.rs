@@ -14,8 +14,9 @@ use crate::{
         ProxyInputs,
         connections::{Callee, Caller, LiveConnection},
         lifecycle::ConnectionLife,
-        paused::{self, PeerAgent, TunnelRecord, TunnelSide},
+        paused::{self, Answered, PeerAgent, TunnelRecord, TunnelSide},
     },
+    tunnel::control::Token,
 };
 
 /// Copies until the connection ends, and returns how; or, when the agent
@@ -58,16 +59,31 @@ pub fn carry_or_move<'a, C: Movable + 'a, U: Movable + 'a>(
             if let Some(side) = &mut tunnel
                 && let Some(token) = side.token.take()
             {
+                let (_, moving) = life.copy_parts();
                 let answered = paused::answer(
                     inputs,
-                    &mut client,
-                    &mut upstream,
+                    (&mut client, &mut upstream),
                     &mut progress,
                     token,
                     &side.end,
+                    moving,
                 );
                 match Box::pin(answered).await {
-                    Ok(next) => side.paused = next,
+                    Ok(Answered::TakenUp(next)) => {
+                        side.paused = next;
+                        continue;
+                    }
+                    Ok(Answered::Leaving) => {
+                        // This agent leaves while the side waits for the
+                        // peer's successor: its own successor keeps it.
+                        let copy = progress.into_suspended();
+                        let parked = Some(token);
+                        Box::pin(send_on(
+                            inputs, client, upstream, life, copy, tunnel, parked,
+                        ))
+                        .await;
+                        return None;
+                    }
                     Err(()) => {
                         client.reset_on_close();
                         upstream.reset_on_close();
@@ -75,7 +91,6 @@ pub fn carry_or_move<'a, C: Movable + 'a, U: Movable + 'a>(
                         return Some(CopyEnd::ClientError);
                     }
                 }
-                continue;
             }
             let tunnelled = client.is_tunnel() || upstream.is_tunnel();
             let movable = client.can_move() && upstream.can_move();
@@ -89,7 +104,7 @@ pub fn carry_or_move<'a, C: Movable + 'a, U: Movable + 'a>(
             let copy = progress.into_suspended();
             // Boxed: it runs once, at a handover, and every connection's
             // task would otherwise carry its space.
-            Box::pin(send_on(inputs, client, upstream, life, copy, tunnel)).await;
+            Box::pin(send_on(inputs, client, upstream, life, copy, tunnel, None)).await;
             return None;
         }
     }
@@ -139,19 +154,30 @@ impl Stop {
 
 /// Takes a suspended connection's ends off this agent (a TLS session
 /// first writes what it had sealed; a tunnel stream is paused with its
-/// peer agent) and hands them, with their record, to whoever sends them
-/// to the next agent.
+/// peer agent, unless it already was: `parked`, the token its side waits
+/// under for the peer's successor) and hands them, with their record, to
+/// whoever sends them to the next agent.
 async fn send_on<C: Movable, U: Movable>(
     inputs: &ProxyInputs,
-    client: C,
-    upstream: U,
+    mut client: C,
+    mut upstream: U,
     life: ConnectionLife<'_>,
     mut copy: Suspended,
-    tunnel: Option<Box<TunnelSide>>,
+    mut tunnel: Option<Box<TunnelSide>>,
+    parked: Option<Token>,
 ) {
     let (sent, received) = life.bytes().totals();
     let kind = kind_of(life.connection());
-    let (client, upstream) = match (client.into_moving().await, upstream.into_moving().await) {
+    // The peer may pause the stream as this end does (both agents leave
+    // at once): the pause hears it.
+    if let Some(paused) = tunnel.as_mut().and_then(|side| side.paused.take()) {
+        match client.is_tunnel() {
+            true => client.give_back_pause(paused),
+            false => upstream.give_back_pause(paused),
+        }
+    }
+    let (client, upstream) = (leave(client, parked), leave(upstream, parked));
+    let (client, upstream) = match (client.await, upstream.await) {
         (Ok(client), Ok(upstream)) => (client, upstream),
         (client, upstream) => {
             warn!(
@@ -171,10 +197,11 @@ async fn send_on<C: Movable, U: Movable>(
             token,
             read,
             peer_node,
+            park,
         } => {
             let way = if up { &mut copy.up } else { &mut copy.down };
             way.pending.extend_from_slice(&read);
-            paused = Some((token, peer_node));
+            paused = Some((token, peer_node, park));
             None
         }
     };
@@ -182,7 +209,7 @@ async fn send_on<C: Movable, U: Movable>(
     let upstream = socket(upstream, false, &mut copy);
     let tunnel = match (paused, tunnel) {
         (None, _) => None,
-        (Some((token, peer_node)), Some(side)) => {
+        (Some((token, peer_node, park)), Some(side)) => {
             let end = &side.end;
             let peer = match (end.peer(), peer_node) {
                 (Some(addr), _) => PeerAgent::Addr(addr),
@@ -195,6 +222,7 @@ async fn send_on<C: Movable, U: Movable>(
                 remote: end.remote().to_string(),
                 peer,
                 target: end.target,
+                park,
             })
         }
         (Some(_), None) => unreachable!("a tunnel stream's handler gives its parties"),
@@ -238,6 +266,20 @@ async fn send_on<C: Movable, U: Movable>(
                 upstream.err()
             );
         }
+    }
+}
+
+/// `end` as it leaves: paused with the peer agent, or, when it already
+/// was and waits under the peer's token (`parked`), as it is.
+async fn leave<E: Movable>(end: E, parked: Option<Token>) -> std::io::Result<Leaving> {
+    match parked {
+        Some(token) if end.is_tunnel() => Ok(Leaving::Tunnel {
+            token,
+            read: Vec::new(),
+            peer_node: end.peer_node(),
+            park: true,
+        }),
+        _ => end.into_moving().await,
     }
 }
 

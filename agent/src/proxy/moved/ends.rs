@@ -34,6 +34,15 @@ pub trait Movable: Duplex + Sized {
         None
     }
 
+    /// Gives back what [`Movable::take_pause`] took, as the end leaves.
+    fn give_back_pause(&mut self, _paused: oneshot::Receiver<Token>) {}
+
+    /// The peer agent's node, as its control stream named it (a tunnel
+    /// stream's called end).
+    fn peer_node(&self) -> Option<String> {
+        None
+    }
+
     /// Answers the peer agent's pause of this end; the bytes read
     /// meanwhile (a socket has nothing to answer).
     fn answer_pause(&mut self) -> impl Future<Output = io::Result<Vec<u8>>> {
@@ -55,11 +64,15 @@ pub trait Movable: Duplex + Sized {
 pub enum Leaving {
     Socket(TcpStream, Option<SessionState>),
     /// A paused tunnel stream: its peer keeps the connection under
-    /// `token`; `read` came from it after the copy stopped.
+    /// `token`; `read` came from it after the copy stopped. With `park`,
+    /// the other way round: the peer agent left at the same moment, and
+    /// this side is to be kept under the peer's `token` for its
+    /// successor.
     Tunnel {
         token: Token,
         read: Vec<u8>,
         peer_node: Option<String>,
+        park: bool,
     },
 }
 
@@ -80,12 +93,13 @@ impl Movable for TlsSession {
 
 impl Movable for TunnelStream {
     async fn into_moving(mut self) -> io::Result<Leaving> {
-        let peer_node = self.peer_node();
-        let (token, read) = self.pause().await?;
+        let peer_node = TunnelStream::peer_node(&self);
+        let paused = self.pause().await?;
         Ok(Leaving::Tunnel {
-            token,
-            read,
+            token: paused.token,
+            read: paused.read,
             peer_node,
+            park: paused.park,
         })
     }
 
@@ -99,6 +113,14 @@ impl Movable for TunnelStream {
 
     fn take_pause(&mut self) -> Option<oneshot::Receiver<Token>> {
         TunnelStream::take_pause(self)
+    }
+
+    fn give_back_pause(&mut self, paused: oneshot::Receiver<Token>) {
+        TunnelStream::give_back_pause(self, paused);
+    }
+
+    fn peer_node(&self) -> Option<String> {
+        TunnelStream::peer_node(self)
     }
 
     fn answer_pause(&mut self) -> impl Future<Output = io::Result<Vec<u8>>> {
