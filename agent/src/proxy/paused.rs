@@ -265,7 +265,7 @@ pub(super) enum Answered {
     TakenUp(Option<oneshot::Receiver<Token>>),
     /// This agent leaves (`moving` fired) before it did: the side goes to
     /// this agent's successor, to wait there under the same token.
-    Leaving,
+    Leaving(Token),
 }
 
 /// The peer agent paused this connection's tunnel stream under `token`:
@@ -310,7 +310,7 @@ pub(super) async fn answer<C: Movable, U: Movable>(
         taken = tokio::time::timeout(PARK_TIMEOUT, successor) => taken,
         () = leaving => {
             inputs.parked.forget(&token);
-            return Ok(Answered::Leaving);
+            return Ok(Answered::Leaving(token));
         }
     };
     let Ok(Ok(mut stream)) = taken else {

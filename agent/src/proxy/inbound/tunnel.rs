@@ -114,7 +114,10 @@ fn stream(tunnel: Arc<Tunnel>, incoming: Box<Incoming>) -> impl Future<Output = 
         match incoming.resume_token() {
             Ok(None) => {}
             // Boxed: a rare stream's wait, kept off every stream's future.
-            Ok(Some(token)) => return Box::pin(take_up(&tunnel, *incoming, token)).await,
+            Ok(Some(token)) => {
+                let taking = Box::pin(take_up(&tunnel, *incoming, token));
+                return taking.await;
+            }
             Err(bad) => {
                 incoming.refuse(StatusCode::BAD_REQUEST);
                 let why = Refusal::TunnelProtocol;

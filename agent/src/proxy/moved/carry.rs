@@ -40,71 +40,79 @@ pub fn carry_or_move<'a, C: Movable + 'a, U: Movable + 'a>(
         if let Some(side) = &mut tunnel {
             side.paused = client.take_pause().or_else(|| upstream.take_pause());
         }
-        loop {
-            let mut stop = Stop::default();
-            let carried = {
+        'carry: loop {
+            // In a block of their own: what the copy's wait holds is not
+            // kept beside the later waits of the iteration.
+            let (carried, moving_gone) = {
+                let mut stop = Stop::default();
                 let (bytes, moving) = life.copy_parts();
                 let stopped = stop.on(moving, tunnel.as_deref_mut());
-                progress
+                let carried = progress
                     .carry(&mut client, &mut upstream, &limits, bytes, stopped)
-                    .await
+                    .await;
+                (carried, stop.moving_gone)
             };
             if let Carried::Ended(end) = carried {
                 life.close(end.into());
                 return Some(end);
             }
-            if stop.moving_gone {
+            if moving_gone {
                 life.stay();
             }
-            if let Some(side) = &mut tunnel
-                && let Some(token) = side.token.take()
-            {
-                let (_, moving) = life.copy_parts();
-                let answered = paused::answer(
-                    inputs,
-                    (&mut client, &mut upstream),
-                    &mut progress,
-                    token,
-                    &side.end,
-                    moving,
-                );
-                match Box::pin(answered).await {
-                    Ok(Answered::TakenUp(next)) => {
-                        side.paused = next;
-                        continue;
-                    }
-                    Ok(Answered::Leaving) => {
-                        // This agent leaves while the side waits for the
-                        // peer's successor: its own successor keeps it.
-                        let copy = progress.into_suspended();
-                        let parked = Some(token);
-                        Box::pin(send_on(
-                            inputs, client, upstream, life, copy, tunnel, parked,
-                        ))
-                        .await;
-                        return None;
-                    }
-                    Err(()) => {
-                        client.reset_on_close();
-                        upstream.reset_on_close();
-                        life.close(crate::telemetry::CloseReason::ClientError);
-                        return Some(CopyEnd::ClientError);
+            // The peer agent paused the stream: its side waits here for
+            // the peer's successor, or goes with this agent if it leaves
+            // first (`parked`, the token it waits under).
+            // Nothing but the boxed wait is kept over it: every local kept
+            // there would take space in every connection's task.
+            let token = tunnel.as_deref_mut().and_then(|side| side.token.take());
+            let parked = match token {
+                None => None,
+                Some(token) => {
+                    let side = tunnel.as_deref().expect("a pause comes to a tunnel's side");
+                    let (_, moving) = life.copy_parts();
+                    let answered = Box::pin(paused::answer(
+                        inputs,
+                        (&mut client, &mut upstream),
+                        &mut progress,
+                        token,
+                        &side.end,
+                        moving,
+                    ));
+                    match answered.await {
+                        Ok(Answered::TakenUp(next)) => {
+                            if let Some(side) = tunnel.as_deref_mut() {
+                                side.paused = next;
+                            }
+                            continue 'carry;
+                        }
+                        Ok(Answered::Leaving(token)) => Some(token),
+                        Err(()) => {
+                            client.reset_on_close();
+                            upstream.reset_on_close();
+                            life.close(crate::telemetry::CloseReason::ClientError);
+                            return Some(CopyEnd::ClientError);
+                        }
                     }
                 }
-            }
-            let tunnelled = client.is_tunnel() || upstream.is_tunnel();
-            let movable = client.can_move() && upstream.can_move();
-            if !movable || (tunnelled && tunnel.is_none()) {
-                // Its peer agent cannot pause the tunnel stream (or
-                // nobody knows whom a successor would dial): it finishes
-                // in this agent.
-                life.stay();
-                continue;
+            };
+            if parked.is_none() {
+                let tunnelled = client.is_tunnel() || upstream.is_tunnel();
+                let movable = client.can_move() && upstream.can_move();
+                if !movable || (tunnelled && tunnel.is_none()) {
+                    // Its peer agent cannot pause the tunnel stream (or
+                    // nobody knows whom a successor would dial): it
+                    // finishes in this agent.
+                    life.stay();
+                    continue;
+                }
             }
             let copy = progress.into_suspended();
             // Boxed: it runs once, at a handover, and every connection's
             // task would otherwise carry its space.
-            Box::pin(send_on(inputs, client, upstream, life, copy, tunnel, None)).await;
+            let leaving = Box::pin(send_on(
+                inputs, client, upstream, life, copy, tunnel, parked,
+            ));
+            leaving.await;
             return None;
         }
     }
