@@ -23,8 +23,9 @@ const PYTHON: &str = "/usr/bin/python3";
 
 /// gRPC servers, one per `name:mode` (mode `ok`: answers its name;
 /// `unavailable`: fails every call with UNAVAILABLE; `peer`: answers,
-/// after 300 ms, the address of the connection the call came on), each on
-/// a port of its own; prints the ports once serving.
+/// after 300 ms, the address of the connection the call came on; `slow`:
+/// answers its name after 20 ms), each on a port of its own; prints the
+/// ports once serving.
 const SERVERS: &str = r#"
 import sys, time, grpc
 from concurrent import futures
@@ -37,6 +38,8 @@ for spec in sys.argv[1:]:
         if mode == 'peer':
             time.sleep(0.3)
             return context.peer().encode()
+        if mode == 'slow':
+            time.sleep(0.02)
         return name.encode()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=256))
     handlers = {'Charge': grpc.unary_unary_rpc_method_handler(charge)}
@@ -56,7 +59,16 @@ pub(crate) struct Servers {
 
 impl Servers {
     pub(crate) fn start(specs: &[&str]) -> Servers {
-        let mut process = Command::new(PYTHON)
+        Self::start_in(specs, None)
+    }
+
+    /// In the network namespace `netns` (a node's), or the test's.
+    pub(crate) fn start_in(specs: &[&str], netns: Option<&Netns>) -> Servers {
+        let mut command = Command::new(PYTHON);
+        if let Some(netns) = netns {
+            netns.enter_on_exec(&mut command).unwrap();
+        }
+        let mut process = command
             .args(["-c", SERVERS])
             .args(specs)
             .stdin(Stdio::piped())
@@ -82,6 +94,14 @@ impl Servers {
 /// the client workload; prints how many answers came from each server, or
 /// ended with each status.
 pub(crate) fn calls(agent: &Agent, vip: SocketAddr, n: usize) -> String {
+    calls_started(agent, vip, n)
+        .wait_with_output()
+        .map(|out| said(&out))
+        .expect("run python3")
+}
+
+/// [`calls`], started: the running client, to wait for with [`said`].
+pub(crate) fn calls_started(agent: &Agent, vip: SocketAddr, n: usize) -> ChildGuard {
     let script = format!(
         "{PYTHON} - <<'PY'
 import collections, grpc
@@ -96,19 +116,28 @@ for i in range({n}):
 print(' '.join('%s=%d' % kv for kv in sorted(seen.items())))
 PY"
     );
-    client_says(agent, &script)
+    agent
+        .client_command(&script)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn_guarded()
+        .expect("run python3")
 }
 
-/// What `script` prints, run as the client workload; panics with its
-/// stderr if it fails.
-fn client_says(agent: &Agent, script: &str) -> String {
-    let out = agent.client_command(script).output().expect("run python3");
+/// What a client printed; panics with its stderr if it failed.
+pub(crate) fn said(out: &std::process::Output) -> String {
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// What `script` prints, run as the client workload; panics with its
+/// stderr if it fails.
+fn client_says(agent: &Agent, script: &str) -> String {
+    said(&agent.client_command(script).output().expect("run python3"))
 }
 
 /// `n` unary calls at once on one channel (one HTTP/2 connection) to

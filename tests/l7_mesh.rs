@@ -9,6 +9,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use crate::{
+    grpc::{Servers, calls_started, said},
     l7::{Answer, HttpBackend, send, two_callers_against_a_limit},
     support::*,
     tunnels::{H2_CLIENT, python_h2_peer},
@@ -197,7 +198,45 @@ PY",
     drop(next);
 }
 
-/// Node A's and node B's configs: the HTTP service `pay` at `vip` whose
+/// gRPC calls in flight when the endpoint's node agent is upgraded are
+/// answered: one channel's calls (HTTP/2 streams of one upstream
+/// connection, over the tunnel), each taking 20 ms at the endpoint, while
+/// node B's agent is replaced. Every call ends OK (a gRPC call is never
+/// sent twice here: no status is declared retryable).
+#[test]
+fn grpc_calls_in_flight_across_an_upgrade_of_the_endpoints_agent_end_ok() {
+    let pair = NodePair::new();
+    let servers = Servers::start_in(&["g1:slow"], Some(&pair.b));
+    let vip: SocketAddr = "127.77.8.43:8080".parse().unwrap();
+    let client = Workload::new("client", "payments", "checkout");
+    let ledger = Workload::new("ledger", "payments", "ledger");
+    let nodes = HttpNodes::speaking(
+        "grpc",
+        &pair,
+        (vip, &servers.addrs),
+        vec![client],
+        ledger,
+        false,
+    );
+    let a = Agent::start_in_netns(&nodes.a_cfg, &pair.a);
+    let mut b = Agent::start_in_netns(&nodes.b_cfg, &pair.b);
+    let n = 200;
+    let running = calls_started(&a, vip, n);
+    let answered = || {
+        a.metrics()
+            .sum("sluice_requests_total", &[("destination_service", "pay")])
+    };
+    assert!(wait_until(Duration::from_secs(10), || answered() >= 30.0));
+    let next = Agent::start_in_netns(&nodes.b_cfg, &pair.b);
+    let status = b.wait(Duration::from_secs(15));
+    assert!(status.success(), "the old agent: {status}\n{}", b.log());
+    let out = running.wait_with_output().unwrap();
+    assert_eq!(said(&out), format!("g1={n}"), "{}", a.log());
+    drop(next);
+}
+
+/// Node A's and node B's configs: the HTTP service `pay` at `vip`
+/// (`protocol: http`, or what [`HttpNodes::speaking`] says) whose
 /// endpoints, `backends`, are the workload `ledger` on node B; `callers`
 /// on node A; node B audited when `audit` says.
 struct HttpNodes {
@@ -215,6 +254,17 @@ impl HttpNodes {
         ledger: Workload,
         audit: bool,
     ) -> HttpNodes {
+        Self::speaking("http", pair, (vip, backends), callers, ledger, audit)
+    }
+
+    fn speaking(
+        protocol: &str,
+        pair: &NodePair,
+        (vip, backends): (SocketAddr, &[SocketAddr]),
+        callers: Vec<Workload>,
+        ledger: Workload,
+        audit: bool,
+    ) -> HttpNodes {
         let state = TempDir::create("l7-mesh").unwrap();
         let inbound_port = free_port().unwrap();
         let pay = |remote: bool| {
@@ -226,7 +276,7 @@ impl HttpNodes {
                 })
                 .collect();
             service("pay", &vip.to_string(), &[])
-                .protocol("http")
+                .protocol(protocol)
                 .load_balancer(LbPolicy::RoundRobin)
                 .endpoints(endpoints)
         };
