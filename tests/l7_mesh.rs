@@ -166,7 +166,7 @@ fn posts_in_flight_across_an_upgrade_of_the_endpoints_agent_are_answered() {
     let ledger = Workload::new("ledger", "payments", "ledger");
     let nodes = HttpNodes::new(&pair, (vip, &[backend.addr]), vec![client], ledger, false);
     let a = Agent::start_in_netns(&nodes.a_cfg, &pair.a);
-    let mut b = Agent::start_in_netns(&nodes.b_cfg, &pair.b);
+    let b = Agent::start_in_netns(&nodes.b_cfg, &pair.b);
     let posts = 200;
     let script = format!(
         "python3 - <<'PY'
@@ -189,9 +189,7 @@ PY",
         .spawn_guarded()
         .unwrap();
     assert!(wait_until(Duration::from_secs(10), || backend.requests() >= 30));
-    let next = Agent::start_in_netns(&nodes.b_cfg, &pair.b);
-    let status = b.wait(Duration::from_secs(15));
-    assert!(status.success(), "the old agent: {status}\n{}", b.log());
+    let next = nodes.upgrade_b(&pair, b);
     let out = client.wait_with_output().unwrap();
     assert_eq!(lines(&out), [format!("{{200: {posts}}}")], "{}", a.log());
     assert_eq!(backend.requests(), posts, "{:?}", backend.arrivals());
@@ -219,7 +217,7 @@ fn grpc_calls_in_flight_across_an_upgrade_of_the_endpoints_agent_end_ok() {
         false,
     );
     let a = Agent::start_in_netns(&nodes.a_cfg, &pair.a);
-    let mut b = Agent::start_in_netns(&nodes.b_cfg, &pair.b);
+    let b = Agent::start_in_netns(&nodes.b_cfg, &pair.b);
     let n = 200;
     let running = calls_started(&a, vip, n);
     let answered = || {
@@ -227,9 +225,7 @@ fn grpc_calls_in_flight_across_an_upgrade_of_the_endpoints_agent_end_ok() {
             .sum("sluice_requests_total", &[("destination_service", "pay")])
     };
     assert!(wait_until(Duration::from_secs(10), || answered() >= 30.0));
-    let next = Agent::start_in_netns(&nodes.b_cfg, &pair.b);
-    let status = b.wait(Duration::from_secs(15));
-    assert!(status.success(), "the old agent: {status}\n{}", b.log());
+    let next = nodes.upgrade_b(&pair, b);
     let out = running.wait_with_output().unwrap();
     assert_eq!(said(&out), format!("g1={n}"), "{}", a.log());
     drop(next);
@@ -311,5 +307,13 @@ impl HttpNodes {
             state,
             inbound_port,
         }
+    }
+
+    /// Starts node B's next agent (an upgrade) and waits for `old` to exit.
+    fn upgrade_b(&self, pair: &NodePair, mut old: Agent) -> Agent {
+        let next = Agent::start_in_netns(&self.b_cfg, &pair.b);
+        let status = old.wait(Duration::from_secs(15));
+        assert!(status.success(), "the old agent: {status}\n{}", old.log());
+        next
     }
 }

@@ -22,6 +22,33 @@ fn handed(agent: &Agent, result: &str) -> f64 {
         .sum("sluice_handover_connections_total", &[("result", result)])
 }
 
+/// What [`one_long_connection`] sends, and the stream server's tail.
+const LONG: (usize, usize) = (24 << 20, 256 << 10);
+
+/// A tunnelled mesh and one connection through it from node A's client to
+/// node B's stream server, open, bytes in flight both ways (fast enough
+/// that some are at each pause).
+fn one_long_connection() -> (Mesh, ChildGuard) {
+    let (bytes, tail) = LONG;
+    let m = tunnelled(Some((tail, Duration::from_millis(4))));
+    let long = stream_client(&m, bytes, tail, Duration::from_micros(200));
+    assert!(wait_until(Duration::from_secs(10), || streams_opened(
+        &m.b, "server"
+    ) >= 1.0));
+    (m, long)
+}
+
+/// The long connection's client saw every byte, once, in order, both ways.
+fn assert_intact(long: ChildGuard, context: &str) {
+    let out = long.wait_with_output().expect("the client ends");
+    let (bytes, tail) = LONG;
+    assert_eq!(
+        lines(&out),
+        [format!("intact {}", bytes + tail)],
+        "every byte, once, in order\n{context}"
+    );
+}
+
 /// Starts node A's (`a`) or node B's next agent and waits for the old one
 /// to exit.
 fn upgrade(m: &mut Mesh, a: bool) {
@@ -42,13 +69,7 @@ fn upgrade(m: &mut Mesh, a: bool) {
 /// peer says what it did.
 #[test]
 fn a_tunnelled_connection_survives_an_upgrade_of_either_agent() {
-    let (bytes, tail) = (24 << 20, 256 << 10);
-    let mut m = tunnelled(Some((tail, Duration::from_millis(4))));
-    // Fast enough that bytes are in flight both ways at each pause.
-    let long = stream_client(&m, bytes, tail, Duration::from_micros(200));
-    assert!(wait_until(Duration::from_secs(10), || streams_opened(
-        &m.b, "server"
-    ) >= 1.0));
+    let (mut m, long) = one_long_connection();
 
     upgrade(&mut m, true);
     assert_eq!(handed(&m.a, "received"), 1.0, "node A's successor took it");
@@ -58,12 +79,7 @@ fn a_tunnelled_connection_survives_an_upgrade_of_either_agent() {
     assert_eq!(handed(&m.b, "received"), 1.0, "node B's successor took it");
     assert_eq!(handed(&m.a, "taken_up"), 1.0, "node A kept its side");
 
-    let out = long.wait_with_output().expect("the client ends");
-    assert_eq!(
-        lines(&out),
-        [format!("intact {}", bytes + tail)],
-        "every byte, once, in order"
-    );
+    assert_intact(long, "");
     let stream = m.stream.as_ref().expect("a stream server");
     assert_eq!(stream.half_closed(), 1, "the client's half-close arrived");
 }
@@ -76,12 +92,7 @@ fn a_tunnelled_connection_survives_an_upgrade_of_either_agent() {
 /// both ways, and neither agent drops it.
 #[test]
 fn a_tunnelled_connection_survives_both_agents_upgraded_at_once() {
-    let (bytes, tail) = (24 << 20, 256 << 10);
-    let mut m = tunnelled(Some((tail, Duration::from_millis(4))));
-    let long = stream_client(&m, bytes, tail, Duration::from_micros(200));
-    assert!(wait_until(Duration::from_secs(10), || streams_opened(
-        &m.b, "server"
-    ) >= 1.0));
+    let (mut m, long) = one_long_connection();
 
     let (next_a, next_b) = std::thread::scope(|s| {
         let a = s.spawn(|| Agent::start_in_netns(&m.configs.0, &m.pair.a));
@@ -95,14 +106,7 @@ fn a_tunnelled_connection_survives_both_agents_upgraded_at_once() {
         assert!(status.success(), "an old agent: {status}\n{}", old.log());
     }
 
-    let out = long.wait_with_output().expect("the client ends");
-    assert_eq!(
-        lines(&out),
-        [format!("intact {}", bytes + tail)],
-        "every byte, once, in order\n{}\n{}",
-        m.a.log(),
-        m.b.log()
-    );
+    assert_intact(long, &format!("{}\n{}", m.a.log(), m.b.log()));
     for agent in [&m.a, &m.b] {
         assert_eq!(handed(agent, "received"), 1.0, "{}", agent.log());
         assert_eq!(handed(agent, "dropped"), 0.0, "{}", agent.log());

@@ -13,7 +13,7 @@ use super::{
     l7,
     lifecycle::{ConnectionLife, Opening},
     moved::{MovedKind, MovedRecord, NotCarried, NotResumed, carry_or_move},
-    paused::{PeerAgent, rejoin},
+    paused::rejoin_outbound,
     tunnels::Tunnels,
     upstream::{Upstream, connect_upstream, fail_fast},
 };
@@ -378,13 +378,7 @@ pub(super) async fn resume(
         (None, Some(tunnel)) => {
             // The caller's connections leave from its pod's namespace.
             let netns = source.as_ref().and_then(|w| w.netns.clone());
-            // A parked side dials nobody: the peer's successor comes.
-            let node = match tunnel.peer {
-                PeerAgent::Addr(node) => node,
-                _ if tunnel.park => SocketAddr::from(([0, 0, 0, 0], 0)),
-                _ => return Err((NotResumed::Mismatched, None)),
-            };
-            match Box::pin(rejoin(inputs, tunnel, node, netns)).await {
+            match Box::pin(rejoin_outbound(inputs, tunnel, netns)).await {
                 Ok((stream, end)) => Upstream::Tunnel(Box::new(stream), end),
                 Err(why) => {
                     let _ = client.set_zero_linger();

@@ -344,16 +344,7 @@ async fn wait_parked(
     inputs: &ProxyInputs,
     tunnel: &TunnelRecord,
 ) -> Result<(TunnelStream, Box<TunnelSide>), NotResumed> {
-    let failed = |why: String| NotResumed::Tunnel(why);
-    let (Ok(local), Ok(remote)) = (
-        Identity::parse(&tunnel.local),
-        Identity::parse(&tunnel.remote),
-    ) else {
-        return Err(failed("its identities do not read".into()));
-    };
-    let Some(token) = Token::from_hex(&tunnel.token) else {
-        return Err(failed("its token does not read".into()));
-    };
+    let (local, remote, token) = read(tunnel)?;
     // The peer's successor dialled this side's node: from here on this
     // agent is the called end.
     let end = TunnelEnd {
@@ -368,10 +359,38 @@ async fn wait_parked(
         }
         _ => {
             inputs.parked.forget(&token);
-            Err(failed(format!(
+            Err(NotResumed::Tunnel(format!(
                 "the peer agent's successor did not take it up within {PARK_TIMEOUT:?}"
             )))
         }
+    }
+}
+
+/// A record's identities (this end's, the other's) and token.
+fn read(tunnel: &TunnelRecord) -> Result<(Identity, Identity, Token), NotResumed> {
+    let failed = |why: &str| NotResumed::Tunnel(why.to_owned());
+    let (Ok(local), Ok(remote)) = (
+        Identity::parse(&tunnel.local),
+        Identity::parse(&tunnel.remote),
+    ) else {
+        return Err(failed("its identities do not read"));
+    };
+    let token = Token::from_hex(&tunnel.token).ok_or_else(|| failed("its token does not read"))?;
+    Ok((local, remote, token))
+}
+
+/// The tunnel stream an outbound connection goes on over: the successor
+/// dials the peer agent it was dialled to, from the caller's namespace
+/// (`netns`); or, for a side kept for the peer's successor, waits for it.
+pub(super) async fn rejoin_outbound(
+    inputs: &ProxyInputs,
+    tunnel: &TunnelRecord,
+    netns: Option<Arc<Netns>>,
+) -> Result<(TunnelStream, Box<TunnelSide>), NotResumed> {
+    match tunnel.peer {
+        _ if tunnel.park => wait_parked(inputs, tunnel).await,
+        PeerAgent::Addr(node) => rejoin(inputs, tunnel, node, netns).await,
+        PeerAgent::Node(_) => Err(NotResumed::Mismatched),
     }
 }
 
@@ -401,25 +420,14 @@ pub(super) async fn rejoin_inbound(
 
 /// Opens the stream that takes up a paused tunnel stream: to the same peer
 /// agent, with the same identities, carrying the token.
-pub(super) async fn rejoin(
+async fn rejoin(
     inputs: &ProxyInputs,
     tunnel: &TunnelRecord,
     node: SocketAddr,
     netns: Option<Arc<Netns>>,
 ) -> Result<(TunnelStream, Box<TunnelSide>), NotResumed> {
-    if tunnel.park {
-        return wait_parked(inputs, tunnel).await;
-    }
     let failed = |why: String| NotResumed::Tunnel(why);
-    let (Ok(local), Ok(remote)) = (
-        Identity::parse(&tunnel.local),
-        Identity::parse(&tunnel.remote),
-    ) else {
-        return Err(failed("its identities do not read".into()));
-    };
-    let Some(token) = Token::from_hex(&tunnel.token) else {
-        return Err(failed("its token does not read".into()));
-    };
+    let (local, remote, token) = read(tunnel)?;
     let Some(tunnels) = inputs.tunnels.get() else {
         return Err(failed("tunnels are off in this agent".into()));
     };

@@ -91,13 +91,14 @@ impl Drop for StreamSlot {
 }
 
 /// The tunnel connection an HTTP connection rides (None: a TCP or TLS
-/// connection of its own).
-pub type Via = Option<TunnelClient>;
+/// connection of its own). Behind an `Arc`: each request taken from the
+/// pool carries it, and cloning the client itself takes h2's lock.
+pub type Via = Option<Arc<TunnelClient>>;
 
 /// Whether a connection over `via` may take new requests: its tunnel
 /// connection still takes new streams.
 fn usable(via: &Via) -> bool {
-    via.as_ref().is_none_or(TunnelClient::is_usable)
+    via.as_deref().is_none_or(TunnelClient::is_usable)
 }
 
 impl Sender {
@@ -169,7 +170,10 @@ impl EndpointPool {
         if http2 {
             let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
             let Shared { conns, opening } = &mut *shared;
-            conns.retain(|p| !p.sender.is_closed() && usable(&p.via));
+            // Only the caller's own are asked about their tunnel
+            // connection: the question takes h2's locks.
+            conns
+                .retain(|p| !p.sender.is_closed() && (p.owner.as_ref() != owner || usable(&p.via)));
             type Conn = Pooled<http2::SendRequest<UpBody>>;
             let mine = |p: &Conn| p.owner.as_ref() == owner && p.sender.is_ready();
             let streams = |p: &Conn| p.streams.load(Ordering::Acquire);
@@ -219,14 +223,19 @@ impl EndpointPool {
         }
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         // A connection still carrying a response body stays for later;
-        // one the endpoint closed goes, and so does one whose tunnel
-        // connection is going away.
-        idle.retain(|p| !p.sender.is_closed() && usable(&p.via));
-        let ready = idle
-            .iter()
-            .rposition(|p| p.owner.as_ref() == owner && p.sender.is_ready())?;
-        let pooled = idle.swap_remove(ready);
-        Some(Sender::Http1(pooled.sender, pooled.carried + 1, pooled.via))
+        // one the endpoint closed goes.
+        idle.retain(|p| !p.sender.is_closed());
+        loop {
+            let ready = idle
+                .iter()
+                .rposition(|p| p.owner.as_ref() == owner && p.sender.is_ready())?;
+            let pooled = idle.swap_remove(ready);
+            // So does one whose tunnel connection is going away; asked of
+            // the one taken only, as the question takes h2's locks.
+            if usable(&pooled.via) {
+                return Some(Sender::Http1(pooled.sender, pooled.carried + 1, pooled.via));
+            }
+        }
     }
 
     /// Keeps `sender` for the next request: an HTTP/1.1 connection once

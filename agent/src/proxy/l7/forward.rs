@@ -471,7 +471,7 @@ async fn connect(
                     // (`Carries::Requests`): the connection is retired from
                     // the pool when the tunnel connection goes away.
                     Upstream::Tunnel(stream, _) => {
-                        let via = stream.connection();
+                        let via = stream.connection().map(std::sync::Arc::new);
                         handshake(*stream, http2).await.map(|s| s.via(via))
                     }
                     Upstream::Tls(session) => handshake(*session, http2).await,
