@@ -431,7 +431,9 @@ impl Agent {
             .arg(&config.path)
             .args(extra)
             .envs(env.iter().copied())
-            .env("RUST_LOG", "info")
+            // A flaky test's agents can say more: SLUICE_TEST_AGENT_LOG
+            // takes RUST_LOG's form.
+            .env("RUST_LOG", agent_log_filter())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         if let Some(ns) = netns {
@@ -1031,4 +1033,10 @@ pub fn test_ca() -> (rcgen::Certificate, rcgen::KeyPair) {
     ];
     let cert = params.self_signed(&key).unwrap();
     (cert, key)
+}
+
+/// The agents' log filter: `info`, unless `SLUICE_TEST_AGENT_LOG` says
+/// otherwise.
+fn agent_log_filter() -> String {
+    std::env::var("SLUICE_TEST_AGENT_LOG").unwrap_or_else(|_| "info".into())
 }

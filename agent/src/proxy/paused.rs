@@ -19,14 +19,9 @@
 //! token. A stream that names a token not kept yet waits for it a moment
 //! ([`CLAIM_WAIT`]).
 
-use std::{
-    collections::HashMap,
-    net::SocketAddr,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use log::warn;
+use log::{debug, warn};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
@@ -42,8 +37,15 @@ use crate::{
     tunnel::{TunnelStream, control::Token},
 };
 
+mod parked;
+
+pub use parked::{CLAIM_WAIT, NotTakenUp, Parked};
+
 /// How long a paused connection waits for the other agent's successor.
 pub const PARK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Between two tries to take up a paused connection.
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
 
 /// Where the agent at the other end of a tunnel stream is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -155,114 +157,13 @@ impl std::fmt::Display for TunnelRecord {
     }
 }
 
-/// Who may take up a paused connection.
-struct Waiting {
-    caller: Identity,
-    asked_for: Identity,
-    target: SocketAddr,
-    take_up: oneshot::Sender<TunnelStream>,
-}
-
-/// Paused connections by token.
-#[derive(Default)]
-pub struct Parked {
-    // Taken only at a peer's upgrade, never per connection.
-    lot: Mutex<HashMap<Token, Waiting>>,
-    /// A connection was parked (for a stream that came first).
-    arrived: tokio::sync::Notify,
-}
-
-/// How long a stream with a token waits for its paused connection to be
-/// parked: when both agents leave at once, the peer's successor can ask
-/// before this agent's successor has the connection from its predecessor.
-pub const CLAIM_WAIT: Duration = Duration::from_secs(2);
-
-/// Why a stream cannot take up a paused connection.
-#[derive(Debug, thiserror::Error)]
-pub enum NotTakenUp {
-    #[error("no paused connection has this token (unknown, taken, or expired)")]
-    Unknown,
-    /// The paused connection's parties, which the stream's are not.
-    #[error("the paused connection is {0}; this stream is not")]
-    Mismatch(String),
-}
-
-impl Parked {
-    fn lot(&self) -> std::sync::MutexGuard<'_, HashMap<Token, Waiting>> {
-        self.lot.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn park(&self, token: Token, end: &TunnelEnd) -> oneshot::Receiver<TunnelStream> {
-        let (take_up, taken) = oneshot::channel();
-        let waiting = Waiting {
-            caller: end.remote().clone(),
-            asked_for: end.local().clone(),
-            target: end.target,
-            take_up,
-        };
-        self.lot().insert(token, waiting);
-        self.arrived.notify_waiters();
-        taken
-    }
-
-    fn forget(&self, token: &Token) {
-        self.lot().remove(token);
-    }
-
-    /// The paused connection of `token`, for a stream from `caller` that
-    /// asked for `asked_for` and names `target`. A stream that does not
-    /// match leaves the connection parked for the right one.
-    pub fn claim(
-        &self,
-        token: &Token,
-        caller: &Identity,
-        asked_for: Option<&Identity>,
-        target: SocketAddr,
-    ) -> Result<oneshot::Sender<TunnelStream>, NotTakenUp> {
-        let mut lot = self.lot();
-        let waiting = lot.get(token).ok_or(NotTakenUp::Unknown)?;
-        if waiting.caller != *caller
-            || asked_for != Some(&waiting.asked_for)
-            || waiting.target != target
-        {
-            return Err(NotTakenUp::Mismatch(format!(
-                "{}'s to {} at {}",
-                waiting.caller, waiting.asked_for, waiting.target
-            )));
-        }
-        Ok(lot.remove(token).expect("looked up above").take_up)
-    }
-
-    /// [`Parked::claim`], waiting up to [`CLAIM_WAIT`] for a token that is
-    /// not parked yet.
-    pub async fn claim_soon(
-        &self,
-        token: &Token,
-        caller: &Identity,
-        asked_for: Option<&Identity>,
-        target: SocketAddr,
-    ) -> Result<oneshot::Sender<TunnelStream>, NotTakenUp> {
-        let deadline = tokio::time::Instant::now() + CLAIM_WAIT;
-        loop {
-            let arrived = self.arrived.notified();
-            tokio::pin!(arrived);
-            arrived.as_mut().enable();
-            match self.claim(token, caller, asked_for, target) {
-                Err(NotTakenUp::Unknown) => {
-                    if tokio::time::timeout_at(deadline, arrived).await.is_err() {
-                        return Err(NotTakenUp::Unknown);
-                    }
-                }
-                claimed => return claimed,
-            }
-        }
-    }
-}
-
 /// How a paused side's wait ended.
 pub(super) enum Answered {
     /// The peer's successor took it up; where the next pause arrives.
     TakenUp(Option<oneshot::Receiver<Token>>),
+    /// It did, as this agent began to leave (`moving` fired, and is
+    /// spent): the connection moves at once, on the new stream.
+    TakenUpLeaving(Option<oneshot::Receiver<Token>>),
     /// This agent leaves (`moving` fired) before it did: the side goes to
     /// this agent's successor, to wait there under the same token.
     Leaving(Token),
@@ -306,15 +207,26 @@ pub(super) async fn answer<C: Movable, U: Movable>(
             std::future::pending::<()>().await;
         }
     };
+    tokio::pin!(successor);
+    let mut leaves = false;
     let taken = tokio::select! {
-        taken = tokio::time::timeout(PARK_TIMEOUT, successor) => taken,
+        // A stream that claimed the connection wins over a leave that
+        // came at the same time.
+        biased;
+        taken = &mut successor => taken.ok(),
         () = leaving => {
-            inputs.parked.forget(&token);
-            return Ok(Answered::Leaving(token));
+            if inputs.parked.unpark(&token) {
+                return Ok(Answered::Leaving(token));
+            }
+            leaves = true;
+            successor.await.ok()
+        }
+        () = tokio::time::sleep(PARK_TIMEOUT) => {
+            let claimed = !inputs.parked.unpark(&token);
+            if claimed { successor.await.ok() } else { None }
         }
     };
-    let Ok(Ok(mut stream)) = taken else {
-        inputs.parked.forget(&token);
+    let Some(mut stream) = taken else {
         inputs.metrics.handover_connection("dropped");
         warn!(
             "upgrade: the peer agent's successor did not take up the connection {} -> {} ({}) \
@@ -333,7 +245,10 @@ pub(super) async fn answer<C: Movable, U: Movable>(
         unreachable!("a paused connection has a tunnel stream at one end");
     }
     inputs.metrics.handover_connection("taken_up");
-    Ok(Answered::TakenUp(pause))
+    match leaves {
+        true => Ok(Answered::TakenUpLeaving(pause)),
+        false => Ok(Answered::TakenUp(pause)),
+    }
 }
 
 /// Keeps a connection whose side the previous agent held paused for the
@@ -351,19 +266,19 @@ async fn wait_parked(
         parties: Parties::Called(Arc::new((local, remote))),
         target: tunnel.target,
     };
-    let successor = inputs.parked.park(token, &end);
-    match tokio::time::timeout(PARK_TIMEOUT, successor).await {
-        Ok(Ok(stream)) => {
-            inputs.metrics.handover_connection("taken_up");
-            Ok((stream, TunnelSide::new(end)))
-        }
-        _ => {
-            inputs.parked.forget(&token);
-            Err(NotResumed::Tunnel(format!(
-                "the peer agent's successor did not take it up within {PARK_TIMEOUT:?}"
-            )))
-        }
-    }
+    let mut successor = inputs.parked.park(token, &end);
+    let taken = match tokio::time::timeout(PARK_TIMEOUT, &mut successor).await {
+        Ok(taken) => taken.ok(),
+        Err(_) if inputs.parked.unpark(&token) => None,
+        Err(_) => successor.await.ok(),
+    };
+    let Some(stream) = taken else {
+        return Err(NotResumed::Tunnel(format!(
+            "the peer agent's successor did not take it up within {PARK_TIMEOUT:?}"
+        )));
+    };
+    inputs.metrics.handover_connection("taken_up");
+    Ok((stream, TunnelSide::new(end)))
 }
 
 /// A record's identities (this end's, the other's) and token.
@@ -380,18 +295,19 @@ fn read(tunnel: &TunnelRecord) -> Result<(Identity, Identity, Token), NotResumed
 }
 
 /// The tunnel stream an outbound connection goes on over: the successor
-/// dials the peer agent it was dialled to, from the caller's namespace
-/// (`netns`); or, for a side kept for the peer's successor, waits for it.
+/// dials the peer agent, from the caller's namespace (`netns`); or, for a
+/// side kept for the peer's successor, waits for it. The peer is named by
+/// its node when a side kept here was taken up by a stream it dialled.
 pub(super) async fn rejoin_outbound(
     inputs: &ProxyInputs,
     tunnel: &TunnelRecord,
     netns: Option<Arc<Netns>>,
 ) -> Result<(TunnelStream, Box<TunnelSide>), NotResumed> {
-    match tunnel.peer {
-        _ if tunnel.park => wait_parked(inputs, tunnel).await,
-        PeerAgent::Addr(node) => rejoin(inputs, tunnel, node, netns).await,
-        PeerAgent::Node(_) => Err(NotResumed::Mismatched),
+    if tunnel.park {
+        return wait_parked(inputs, tunnel).await;
     }
+    let node = peer_address(inputs, &tunnel.peer)?;
+    rejoin(inputs, tunnel, node, netns).await
 }
 
 /// The tunnel stream an inbound connection goes on over: the successor
@@ -405,21 +321,27 @@ pub(super) async fn rejoin_inbound(
     if tunnel.park {
         return wait_parked(inputs, tunnel).await;
     }
-    let node = match &tunnel.peer {
-        PeerAgent::Addr(addr) => Some(*addr),
-        PeerAgent::Node(name) => inputs.catalog.load().peer_agent(name),
-    };
-    let Some(node) = node else {
-        return Err(NotResumed::Tunnel(format!(
-            "the calling agent's node {:?} is not a known peer",
-            tunnel.peer
-        )));
-    };
+    let node = peer_address(inputs, &tunnel.peer)?;
     rejoin(inputs, tunnel, node, None).await
 }
 
+/// Where the peer agent's inbound port is: as the record has it, or its
+/// node's, as the catalog knows it.
+fn peer_address(inputs: &ProxyInputs, peer: &PeerAgent) -> Result<SocketAddr, NotResumed> {
+    let node = match peer {
+        PeerAgent::Addr(addr) => Some(*addr),
+        PeerAgent::Node(name) => inputs.catalog.load().peer_agent(name),
+    };
+    node.ok_or_else(|| NotResumed::Tunnel(format!("the peer agent's node {peer:?} is not known")))
+}
+
 /// Opens the stream that takes up a paused tunnel stream: to the same peer
-/// agent, with the same identities, carrying the token.
+/// agent, with the same identities, carrying the token. Tried again, on
+/// another connection, until [`PARK_TIMEOUT`]: when both agents leave at
+/// once, the first try can reach the peer's predecessor (it still accepts
+/// while it hands over), which no longer keeps the connection and answers
+/// 410 once [`CLAIM_WAIT`] is over; its GOAWAY sends the next try to the
+/// successor, which does.
 async fn rejoin(
     inputs: &ProxyInputs,
     tunnel: &TunnelRecord,
@@ -437,56 +359,25 @@ async fn rejoin(
         node,
         dest: remote,
     };
-    let rejoined = tunnels.rejoin(&key, tunnel.target, token);
-    let (stream, key) = match tokio::time::timeout(inputs.connect_timeout, rejoined).await {
-        Ok(Ok(opened)) => opened,
-        Ok(Err(e)) => return Err(failed(e.to_string())),
-        Err(_) => return Err(failed(format!("no answer from {node} in time"))),
+    // An answer can take a connect and the peer's wait for the token.
+    let attempt = inputs.connect_timeout + CLAIM_WAIT + RETRY_PAUSE;
+    let deadline = tokio::time::Instant::now() + PARK_TIMEOUT;
+    let (stream, key) = loop {
+        let rejoined = tunnels.rejoin(&key, tunnel.target, token);
+        let why = match tokio::time::timeout(attempt, rejoined).await {
+            Ok(Ok(opened)) => break opened,
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer from {node} in {attempt:?}"),
+        };
+        if tokio::time::Instant::now() + RETRY_PAUSE + attempt > deadline {
+            return Err(failed(why));
+        }
+        debug!("upgrade: taking up a paused connection at {node}: {why}; trying again");
+        tokio::time::sleep(RETRY_PAUSE).await;
     };
     let end = TunnelEnd {
         parties: Parties::Dialled(key),
         target: tunnel.target,
     };
     Ok((stream, TunnelSide::new(end)))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_the_paused_connections_parties_take_it_up_and_only_once() {
-        let id = |sa: &str| Identity::new("cluster.local", "payments", sa);
-        let parked = Parked::default();
-        let target: SocketAddr = "127.0.0.1:9001".parse().unwrap();
-        let end = TunnelEnd {
-            parties: Parties::Called(Arc::new((id("ledger"), id("checkout")))),
-            target,
-        };
-        let token = Token([9; 16]);
-        let _waiting = parked.park(token, &end);
-        let (checkout, ledger) = (id("checkout"), id("ledger"));
-        let other: SocketAddr = "127.0.0.1:9002".parse().unwrap();
-        for (caller, asked_for, to) in [
-            (id("batch"), Some(&ledger), target),
-            (checkout.clone(), Some(&checkout), target),
-            (checkout.clone(), None, target),
-            (checkout.clone(), Some(&ledger), other),
-        ] {
-            let refused = parked.claim(&token, &caller, asked_for, to).err();
-            assert!(
-                matches!(refused, Some(NotTakenUp::Mismatch(_))),
-                "{caller} asking for {asked_for:?} at {to}: {refused:?}"
-            );
-        }
-        let guessed = parked.claim(&Token([8; 16]), &checkout, Some(&ledger), target);
-        assert!(matches!(guessed, Err(NotTakenUp::Unknown)));
-        assert!(
-            parked
-                .claim(&token, &checkout, Some(&ledger), target)
-                .is_ok()
-        );
-        let again = parked.claim(&token, &checkout, Some(&ledger), target);
-        assert!(matches!(again, Err(NotTakenUp::Unknown)), "taken once");
-    }
 }

@@ -27,7 +27,7 @@ use crate::{
         connections::{Callee, Caller},
         lifecycle::{ConnectionLife, Opening},
         moved::carry_or_move,
-        paused::{Parties, TunnelEnd, TunnelSide},
+        paused::{NotTakenUp, Parties, TunnelEnd, TunnelSide},
     },
     telemetry::{Refusal, tunnels::Side},
     tls::{Identity, session::TlsSession},
@@ -205,12 +205,20 @@ fn stream(tunnel: Arc<Tunnel>, incoming: Box<Incoming>) -> impl Future<Output = 
 /// agent's upgrade: its successor, presenting the same identity and
 /// asking for the same one, with the pause's token. Anything else is
 /// answered 410 and counted; the paused connection waits on for the
-/// right stream.
+/// right stream. An agent that is leaving answers a token it does not
+/// keep 503 at once: what it kept goes to its successor, which the
+/// stream's next try (on a new connection, after this one's GOAWAY)
+/// reaches.
 async fn take_up(tunnel: &Tunnel, incoming: Incoming, token: Token) {
     let (caller, asked_for) = (&tunnel.caller, tunnel.asked_for.as_ref());
     let parked = &tunnel.ctx.inputs.parked;
-    let claimed = parked.claim_soon(&token, caller, asked_for, incoming.target());
-    match claimed.await {
+    let target = incoming.target();
+    let leaving = tunnel.ctx.drain.is_draining();
+    let claimed = match leaving {
+        true => parked.claim(&token, caller, asked_for, target),
+        false => parked.claim_soon(&token, caller, asked_for, target).await,
+    };
+    match claimed {
         Ok(waiting) => {
             let Ok(stream) = incoming.accept() else {
                 return;
@@ -220,7 +228,11 @@ async fn take_up(tunnel: &Tunnel, incoming: Incoming, token: Token) {
             let _ = waiting.send(stream);
         }
         Err(why) => {
-            incoming.refuse(StatusCode::GONE);
+            let status = match (leaving, &why) {
+                (true, NotTakenUp::Unknown) => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::GONE,
+            };
+            incoming.refuse(status);
             let refusal = Refusal::ResumeRefused;
             refuse_at(&tunnel.ctx, tunnel.peer, Some(caller), None, refusal, &why);
         }

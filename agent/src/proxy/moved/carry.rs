@@ -85,6 +85,12 @@ pub fn carry_or_move<'a, C: Movable + 'a, U: Movable + 'a>(
                             }
                             continue 'carry;
                         }
+                        Ok(Answered::TakenUpLeaving(next)) => {
+                            if let Some(side) = tunnel.as_deref_mut() {
+                                side.paused = next;
+                            }
+                            None
+                        }
                         Ok(Answered::Leaving(token)) => Some(token),
                         Err(()) => {
                             client.reset_on_close();
