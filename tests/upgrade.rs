@@ -139,7 +139,9 @@ fn persistent_clients_see_no_error_and_no_lost_or_doubled_answer_across_an_upgra
 /// service: every connect made after the kill goes around the agent, none
 /// is sent to the killed agent's lingering listener to be reset. (A call
 /// already through the agent when it dies fails with it: that is the
-/// crash, not the window.)
+/// crash, not the window.) The agent killed is an upgrade's successor,
+/// which let its predecessor's watch of the kill window go (the pinned
+/// tracepoint links) and keeps its own.
 #[test]
 fn connects_after_a_kill_go_around_the_agent_and_none_is_reset() {
     let vip: SocketAddr = "127.77.7.12:8080".parse().unwrap();
@@ -147,7 +149,9 @@ fn connects_after_a_kill_go_around_the_agent_and_none_is_reset() {
     let config = AgentConfig::new(&[service("catalog", &vip.to_string(), &[backend.addr])
         .mode(Mode::Plaintext)
         .on_agent_down(OnAgentDown::FailOpen)]);
+    let mut first = Agent::start(&config);
     let mut agent = Agent::start(&config);
+    exits_soon(&mut first, Instant::now());
     let clients: Vec<_> = (0..4)
         .map(|_| {
             agent

@@ -11,13 +11,21 @@
 //! /sys/kernel/tracing (in the agent's own mount namespace, under a
 //! container). Without them the agent still runs, and the window stays
 //! open: a warning says so.
+//!
+//! Their links are pinned (`tracepoint_<program>_<link id>` in the pin
+//! directory) and the agent keeps no descriptor of them: taking a program
+//! off a tracepoint waits for an RCU-tasks grace period, seconds on a busy
+//! node, and a process that closed the last descriptor at its exit would
+//! wait that long to end. An unlinked pin is released by the kernel in the
+//! background instead. So each agent pins its own, then unpins those of
+//! earlier agents (whose processes hold nothing); a stop unpins all.
 
 use std::path::Path;
 
 use aya::{
     Ebpf,
     maps::{Array, MapData},
-    programs::TracePoint,
+    programs::{TracePoint, links::FdLink},
 };
 use log::warn;
 use sluice_maps::{AGENT_LIFE, AgentLife, SIGNAL_GENERATE_PID_OFFSET, SIGNAL_GENERATE_SIG_OFFSET};
@@ -37,12 +45,11 @@ pub struct Liveness {
 }
 
 impl Liveness {
-    /// Takes the map and attaches the tracepoints, which stay attached as
-    /// long as `ebpf` lives (they are not pinned: they matter only while
-    /// this process can be killed).
-    pub(super) fn attach(ebpf: &mut Ebpf) -> Result<Liveness, RedirectError> {
+    /// Takes the map and attaches the tracepoints, pinned in `pin_dir`;
+    /// those earlier agents pinned there are let go.
+    pub(super) fn attach(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<Liveness, RedirectError> {
         let life = Array::try_from(take_map(ebpf, AGENT_LIFE)?).map_err(map_err(AGENT_LIFE))?;
-        if let Err(why) = watch(ebpf) {
+        if let Err(why) = watch(ebpf, pin_dir) {
             warn!(
                 "a killed agent's connects are not told apart from a live one's ({why}): \
                  connects made while a killed agent is torn down are reset instead of \
@@ -60,9 +67,10 @@ impl Liveness {
     }
 }
 
-fn watch(ebpf: &mut Ebpf) -> Result<(), String> {
+fn watch(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<(), String> {
     mount_tracefs()?;
     check_signal_format()?;
+    let mut ours = Vec::new();
     for (name, category, tracepoint) in TRACEPOINTS {
         let program: &mut TracePoint = ebpf
             .program_mut(name)
@@ -70,11 +78,64 @@ fn watch(ebpf: &mut Ebpf) -> Result<(), String> {
             .try_into()
             .map_err(|e| format!("{name}: {e}"))?;
         program.load().map_err(|e| format!("{name}: {e}"))?;
-        program
-            .attach(category, tracepoint)
-            .map_err(|e| format!("{name} on {category}/{tracepoint}: {e}"))?;
+        let attach = |program: &mut TracePoint| {
+            program
+                .attach(category, tracepoint)
+                .map_err(|e| format!("{name} on {category}/{tracepoint}: {e}"))
+        };
+        let link = attach(program)?;
+        let pinned = program
+            .take_link(link)
+            .map_err(|e| e.to_string())
+            .and_then(|link| FdLink::try_from(link).map_err(|e| e.to_string()))
+            .and_then(|link| {
+                // The kernel's id for the link: unique, where a pid is not
+                // (every agent may be pid 1 in its container).
+                let id = link.info().map_err(|e| e.to_string())?.id();
+                let file = format!("{PIN_PREFIX}{name}_{id}");
+                let path = pin_dir.join(&file);
+                let pinned = link
+                    .pin(&path)
+                    .map_err(|e| format!("{}: {e}", path.display()));
+                ours.push(file);
+                pinned
+            });
+        match pinned {
+            // The pin holds the link; this process, nothing.
+            Ok(pinned) => drop(pinned),
+            // A kernel without links for tracepoints: attached as before,
+            // detached when this process ends.
+            Err(why) => {
+                warn!(
+                    "{name} stays attached only while this agent runs: it cannot be pinned ({why})"
+                );
+                attach(program)?;
+            }
+        }
     }
+    unpin_tracepoints(pin_dir, &ours);
     Ok(())
+}
+
+/// How the pinned tracepoint links' names begin.
+const PIN_PREFIX: &str = "tracepoint_";
+
+/// Unpins the tracepoint links pinned in `pin_dir`, but those named in
+/// `keep`.
+pub(super) fn unpin_tracepoints(pin_dir: &Path, keep: &[String]) {
+    let Ok(entries) = std::fs::read_dir(pin_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if !name.starts_with(PIN_PREFIX) || keep.iter().any(|k| *k == name) {
+            continue;
+        }
+        if let Err(e) = std::fs::remove_file(entry.path()) {
+            warn!("cannot unpin {}: {e}", entry.path().display());
+        }
+    }
 }
 
 /// Mounts tracefs at [`TRACEFS`] unless it (or the debugfs path) is there.

@@ -201,7 +201,7 @@ impl Redirect {
         let capture = capture::CaptureMaps::take(&mut ebpf, pin_dir, capture_available)?;
         let agent_cgroups = HashMap::try_from(take_map(&mut ebpf, sluice_maps::AGENT_CGROUPS)?)
             .map_err(map_err(sluice_maps::AGENT_CGROUPS))?;
-        let liveness = liveness::Liveness::attach(&mut ebpf)?;
+        let liveness = liveness::Liveness::attach(&mut ebpf, pin_dir)?;
         let bypass = match bypass::Bypass::load(&mut ebpf, BYPASS_PROGRAM) {
             Ok(b) => Some(b),
             Err(e) => {

@@ -78,6 +78,7 @@ pub(super) fn replace_old_link(path: &Path) {
 /// Removes the map pins and the directory. Maps stay alive while a program
 /// or another process still holds them.
 pub fn remove_pins(pin_dir: &Path) {
+    super::liveness::unpin_tracepoints(pin_dir, &[]);
     for name in PINNED_MAPS {
         let path = pin_dir.join(name);
         if let Err(e) = std::fs::remove_file(&path)
