@@ -24,10 +24,28 @@ fn main() -> anyhow::Result<()> {
         root_dir: root_dir.as_str(),
         ..Default::default()
     };
-    aya_build::build_ebpf([ebpf], aya_build::Toolchain::default()).map_err(|e| {
+    // The object is the same whichever profile builds the agent (clippy,
+    // tests, release, fuzzing): aya-build makes it under OUT_DIR, where
+    // each profile would build it and `core` for the bpf target anew
+    // (half a minute each); so it builds in one directory they share, and
+    // the object is copied to this profile's OUT_DIR.
+    let out_dir = std::env::var_os("OUT_DIR").ok_or_else(|| anyhow!("OUT_DIR is not set"))?;
+    let shared = metadata.target_directory.join("ebpf");
+    std::fs::create_dir_all(&shared).with_context(|| format!("cannot create {shared}"))?;
+    // SAFETY: the build script has no other thread that reads the
+    // environment.
+    unsafe { std::env::set_var("OUT_DIR", &shared) };
+    let built = aya_build::build_ebpf([ebpf], aya_build::Toolchain::default());
+    // SAFETY: as above.
+    unsafe { std::env::set_var("OUT_DIR", &out_dir) };
+    built.map_err(|e| {
         anyhow!(
             "building the eBPF programs failed: {e:#}\n\
              (run `cargo xtask setup` to install the nightly rust-src and bpf-linker they need)"
         )
-    })
+    })?;
+    let object = shared.join(EBPF_PACKAGE);
+    let copy = std::path::Path::new(&out_dir).join(EBPF_PACKAGE);
+    std::fs::copy(&object, &copy).with_context(|| format!("cannot copy {object}"))?;
+    Ok(())
 }

@@ -193,25 +193,21 @@ fn test() -> anyhow::Result<()> {
     // What the agent parses from outside (config, preamble, certificates)
     // under libFuzzer, a bounded time per target.
     fuzz::run(fuzz::FuzzArgs::from_env()?)?;
-    // The benchmark harness as a smoke test: every path must carry traffic.
-    build_release()?;
-    bench::run(bench::BenchArgs {
+    // The benchmark harness as a smoke test: every path must carry
+    // traffic. With the agent the tests ran (`cargo xtask bench` measures
+    // the release build).
+    let binary = Some(target_dir().join("debug/sluice"));
+    let smoke = |upgrade, http| bench::BenchArgs {
         quick: true,
-        upgrade: false,
-        http: false,
-    })?;
+        upgrade,
+        http,
+        binary: binary.clone(),
+    };
+    bench::run(smoke(false, false))?;
     // And the upgrade measurement, at a tenth of its connections.
-    bench::run(bench::BenchArgs {
-        quick: true,
-        upgrade: true,
-        http: false,
-    })?;
+    bench::run(smoke(true, false))?;
     // And the request rows, every path carrying requests.
-    bench::run(bench::BenchArgs {
-        quick: true,
-        upgrade: false,
-        http: true,
-    })?;
+    bench::run(smoke(false, true))?;
     // Last line: the totals, for whoever reads the end of the log.
     println!("{totals}");
     Ok(())

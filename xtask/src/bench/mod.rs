@@ -64,6 +64,18 @@ pub struct BenchArgs {
     /// nginx as an HTTP proxy.
     #[arg(long)]
     pub http: bool,
+    /// The agent binary under test; the release build when not set. The
+    /// test command's smoke runs take the tests' build: its figures mean
+    /// nothing either way, and a release build of its own would take CI
+    /// four minutes.
+    #[arg(skip)]
+    pub binary: Option<PathBuf>,
+}
+
+impl BenchArgs {
+    fn sluice(&self) -> PathBuf {
+        (self.binary.clone()).unwrap_or_else(|| crate::target_dir().join("release/sluice"))
+    }
 }
 
 /// One path under test.
@@ -392,11 +404,9 @@ fn wait_ready(sluice: &Path, config: &Path, netns: Option<&Netns>) -> anyhow::Re
     bail!("the agent on {} did not become ready", config.display())
 }
 
-fn setup(s: &Settings) -> anyhow::Result<Rig> {
-    let _ = s;
+fn setup(sluice: &Path) -> anyhow::Result<Rig> {
     let dir = crate::target_dir().join("bench");
     std::fs::create_dir_all(&dir)?;
-    let sluice = crate::target_dir().join("release/sluice");
     let mut procs = Vec::new();
 
     // Backend for the single-node paths, in this process (CPU 1).
@@ -419,13 +429,13 @@ fn setup(s: &Settings) -> anyhow::Result<Rig> {
     one.write(&sluice_config)?;
     if !state.join("ca/ca.pem").exists() {
         run_cmd(
-            Command::new(&sluice)
+            Command::new(sluice)
                 .args(["ca", "init", "--config"])
                 .arg(&sluice_config),
         )?;
     }
-    procs.push(start_agent(&sluice, &sluice_config, None, "sluice")?);
-    wait_ready(&sluice, &sluice_config, None)?;
+    procs.push(start_agent(sluice, &sluice_config, None, "sluice")?);
+    wait_ready(sluice, &sluice_config, None)?;
     let sluice_pid = procs.last().map(Proc::pid).unwrap_or(0);
 
     // Sluice proxy mode again, with the sockmap bypass: its own agent,
@@ -436,19 +446,19 @@ fn setup(s: &Settings) -> anyhow::Result<Rig> {
     sockmap.services = vec![echo("127.77.9.13:8080", local_echo)?];
     sockmap.write(&sockmap_config)?;
     procs.push(start_agent(
-        &sluice,
+        sluice,
         &sockmap_config,
         None,
         "sluice-sockmap",
     )?);
-    wait_ready(&sluice, &sockmap_config, None)?;
+    wait_ready(sluice, &sockmap_config, None)?;
     let sockmap_pid = procs.last().map(Proc::pid).unwrap_or(0);
 
     // Sluice with mTLS: two nodes in network namespaces joined by veth;
     // again with tunnels.
     let mtls = mesh::start(
         &dir,
-        &sluice,
+        sluice,
         &state,
         ("mtls", 77, "127.77.9.11:8080"),
         None,
@@ -456,7 +466,7 @@ fn setup(s: &Settings) -> anyhow::Result<Rig> {
     )?;
     let tunnel = mesh::start(
         &dir,
-        &sluice,
+        sluice,
         &state,
         ("tun", 78, "127.77.9.14:8080"),
         Some(100),
@@ -464,7 +474,7 @@ fn setup(s: &Settings) -> anyhow::Result<Rig> {
     )?;
     let tunnel_one = mesh::start(
         &dir,
-        &sluice,
+        sluice,
         &state,
         ("tun1", 79, "127.77.9.15:8080"),
         Some(1),
@@ -527,7 +537,7 @@ fn setup(s: &Settings) -> anyhow::Result<Rig> {
 
     Ok(Rig {
         dir,
-        sluice,
+        sluice: sluice.to_path_buf(),
         targets: vec![
             (Route::Direct, backend),
             (Route::Sluice, "127.77.9.10:8080".parse()?),
@@ -779,13 +789,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         let haltpoll = HaltPoll::set();
         println!("== bench (upgrade): {}", haltpoll.note());
         pin_self_to_cpu(1);
-        return upgrade::run(args.quick);
+        return upgrade::run(&args.sluice(), args.quick);
     }
     if args.http {
         let haltpoll = HaltPoll::set();
         println!("== bench (http): {}", haltpoll.note());
         pin_self_to_cpu(1);
-        return http::run(&crate::target_dir().join("release/sluice"), args.quick);
+        return http::run(&args.sluice(), args.quick);
     }
     install_peers()?;
     let s = Settings::new(args.quick);
@@ -796,7 +806,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         haltpoll.note()
     );
     pin_self_to_cpu(1);
-    let rig = setup(&s)?;
+    let rig = setup(&args.sluice())?;
 
     let mut results: Vec<(Route, &'static str, Value)> = Vec::new();
     let workloads: [(&'static str, Vec<String>); 3] = [

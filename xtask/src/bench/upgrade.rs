@@ -153,11 +153,10 @@ fn ms(d: Duration) -> String {
 }
 
 /// Runs the measurement and prints it.
-pub fn run(quick: bool) -> anyhow::Result<()> {
+pub fn run(sluice: &Path, quick: bool) -> anyhow::Result<()> {
     let conns = if quick { 100 } else { 1000 };
     let dir = crate::target_dir().join("bench-upgrade");
     std::fs::create_dir_all(&dir)?;
-    let sluice = crate::target_dir().join("release/sluice");
     let backend = start_backend(std::net::TcpListener::bind("127.0.0.1:0")?)?;
     let vip = "127.77.9.30:8080";
     let config_path = dir.join("sluice.yaml");
@@ -178,17 +177,17 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     ];
     config.agent.drain_timeout = Some(Duration::from_secs(30));
     config.write(&config_path)?;
-    let mut old = start_logged(&sluice, &config_path, "old agent")?;
-    wait_ready(&sluice, &config_path, None)?;
+    let mut old = start_logged(sluice, &config_path, "old agent")?;
+    wait_ready(sluice, &config_path, None)?;
 
     // The same load without an upgrade first: what pauses this machine
     // gives anyway.
-    let (mut baseline, mut out) = start_load(&sluice, (&config_path, None), vip, conns, 3)?;
+    let (mut baseline, mut out) = start_load(sluice, (&config_path, None), vip, conns, 3)?;
     let baseline_result = result_of(&mut baseline, &mut out)?;
-    let (mut load, mut out) = start_load(&sluice, (&config_path, None), vip, conns, 6)?;
+    let (mut load, mut out) = start_load(sluice, (&config_path, None), vip, conns, 6)?;
     // A second of steady exchanges before the upgrade.
     std::thread::sleep(Duration::from_secs(1));
-    let new = start_logged(&sluice, &config_path, "new agent")?;
+    let new = start_logged(sluice, &config_path, "new agent")?;
     let (started, _) =
         old.wait_for("handing the open connections over", Duration::from_secs(20))?;
     let (sent, line) = old.wait_for("open connections handed over", Duration::from_secs(30))?;
@@ -227,7 +226,7 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     if errors != 0 {
         bail!("{errors} connections failed across the upgrade");
     }
-    tunnelled(quick, &sluice)
+    tunnelled(quick, sluice)
 }
 
 /// The same load between two nodes in tunnels (`mesh.tunnels`): node A's
