@@ -141,8 +141,7 @@ fn client_says(agent: &Agent, script: &str) -> String {
 }
 
 /// `n` unary calls at once on one channel (one HTTP/2 connection) to
-/// `vip`, as the client workload, after one call alone (the agent's
-/// connection to the endpoint is open); how many answers each answer got.
+/// `vip`, as the client workload; how many calls each answer got.
 fn calls_at_once(
     agent: &Agent,
     vip: SocketAddr,
@@ -153,7 +152,6 @@ fn calls_at_once(
 import collections, grpc
 channel = grpc.insecure_channel('{vip}')
 charge = channel.unary_unary('/pay.Pay/Charge')
-charge(b'first', timeout=10)
 calls = [charge.future(b'amount=100', timeout=20) for i in range({n})]
 seen = collections.Counter(c.result().decode() for c in calls)
 print(' '.join('%s=%d' % kv for kv in sorted(seen.items())))
@@ -168,9 +166,10 @@ PY"
 
 /// More calls in flight at once than an HTTP/2 connection to an endpoint
 /// carries (100): the agent opens another connection to the endpoint
-/// rather than queue them on one; with fewer, one connection carries all.
-/// (The endpoint answers each call with the address of the connection it
-/// came on.)
+/// rather than queue them on one; with fewer, one connection carries all,
+/// from the first calls on (those that come while the caller's first
+/// connection opens wait for it rather than each open one). (The endpoint
+/// answers each call with the address of the connection it came on.)
 #[test]
 fn calls_beyond_a_connections_streams_open_another_connection() {
     let vip: SocketAddr = "127.77.9.13:8080".parse().unwrap();

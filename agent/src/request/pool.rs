@@ -15,7 +15,9 @@
 //! caller's, the next request opens another connection (rather than wait
 //! in line for a stream), one at a time: the requests that come while it
 //! opens go over the least loaded one meanwhile. A connection left without
-//! a stream goes once another has room to spare.
+//! a stream goes once another has room to spare. The requests that come
+//! while the caller's first connection to the endpoint opens wait for it
+//! (at most [`OPENING`]) instead of each opening its own.
 //!
 //! A connection carries at most the service's `max_requests_per_connection`
 //! requests: an HTTP/1.1 one is then not kept, an HTTP/2 one takes no new
@@ -31,6 +33,7 @@
 //! connection: requests to different endpoints never wait on each other.
 
 use std::{
+    pin::Pin,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU32, Ordering},
@@ -45,7 +48,10 @@ use hyper::{
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use log::debug;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    sync::{Notify, futures::Notified},
+};
 
 use super::UpBody;
 use crate::{tls::Identity, tunnel::TunnelClient};
@@ -148,6 +154,19 @@ struct Pooled<S> {
 pub struct EndpointPool {
     idle: Mutex<Vec<Pooled<http1::SendRequest<UpBody>>>>,
     shared: Mutex<Shared>,
+    /// An HTTP/2 connection being opened was shared, or failed.
+    opened: Notify,
+}
+
+/// Why no open connection was taken: what the request does instead.
+enum NotTaken<'a> {
+    /// It opens one, then [`EndpointPool::share`]s it, or says it could
+    /// not ([`EndpointPool::not_opened`]).
+    Open,
+    /// Another request of the caller's opens the caller's first HTTP/2
+    /// connection to the endpoint: it waits for that one (at most
+    /// [`OPENING`]), then asks again.
+    Wait(Pin<Box<Notified<'a>>>),
 }
 
 /// An endpoint's HTTP/2 connections, and the callers one is being opened
@@ -166,7 +185,12 @@ impl EndpointPool {
     /// A connection of `owner`'s ready for a request, if one is open: an
     /// idle HTTP/1.1 one, or a shared HTTP/2 one with a stream to spare.
     /// `most` is the service's `max_requests_per_connection`.
-    pub fn take(&self, http2: bool, owner: Option<&Identity>, most: Option<u32>) -> Option<Sender> {
+    fn take(
+        &self,
+        http2: bool,
+        owner: Option<&Identity>,
+        most: Option<u32>,
+    ) -> Result<Sender, NotTaken<'_>> {
         if http2 {
             let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
             let Shared { conns, opening } = &mut *shared;
@@ -186,14 +210,23 @@ impl EndpointPool {
                     let least = (0..conns.len())
                         .filter(|&i| mine(&conns[i]))
                         .min_by_key(|&i| streams(&conns[i]));
-                    match least {
+                    let being_opened = opening.iter().any(|(o, _)| o.as_ref() == owner);
+                    match (least, being_opened) {
                         // One is being opened: this request waits in
-                        // line on a full one rather than open another.
-                        Some(at) if opening.iter().any(|(o, _)| o.as_ref() == owner) => at,
-                        // The caller opens one (`keep` says it is open).
+                        // line on a full one rather than open another,
+                        (Some(at), true) => at,
+                        // or, with none open, for that one.
+                        (None, true) => {
+                            // Enabled under the lock: the share that
+                            // wakes it takes the lock first.
+                            let mut opened = Box::pin(self.opened.notified());
+                            opened.as_mut().enable();
+                            return Err(NotTaken::Wait(opened));
+                        }
+                        // The caller opens one (`share` says it is open).
                         _ => {
                             opening.push((owner.cloned(), now));
-                            return None;
+                            return Err(NotTaken::Open);
                         }
                     }
                 }
@@ -219,7 +252,7 @@ impl EndpointPool {
             if most.is_some_and(|most| pooled.carried >= most) {
                 conns.swap_remove(at);
             }
-            return Some(sender);
+            return Ok(sender);
         }
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         // A connection still carrying a response body stays for later;
@@ -228,12 +261,13 @@ impl EndpointPool {
         loop {
             let ready = idle
                 .iter()
-                .rposition(|p| p.owner.as_ref() == owner && p.sender.is_ready())?;
+                .rposition(|p| p.owner.as_ref() == owner && p.sender.is_ready())
+                .ok_or(NotTaken::Open)?;
             let pooled = idle.swap_remove(ready);
             // So does one whose tunnel connection is going away; asked of
             // the one taken only, as the question takes h2's locks.
             if usable(&pooled.via) {
-                return Some(Sender::Http1(pooled.sender, pooled.carried + 1, pooled.via));
+                return Ok(Sender::Http1(pooled.sender, pooled.carried + 1, pooled.via));
             }
         }
     }
@@ -284,6 +318,8 @@ impl EndpointPool {
         if let Some(at) = opening.iter().position(|(o, _)| o.as_ref() == owner) {
             opening.swap_remove(at);
         }
+        // Those waiting for it take it, or open their own.
+        self.opened.notify_waiters();
         if most == Some(1) || !usable(via) {
             return;
         }
@@ -300,6 +336,43 @@ impl EndpointPool {
             // holds its slot.
             streams: slot.as_ref().map_or_else(Arc::default, |s| s.0.clone()),
         });
+    }
+}
+
+impl EndpointPool {
+    /// [`EndpointPool::take`], waiting meanwhile for the caller's first
+    /// connection that another request opens, until it is shared or
+    /// fails (at most [`OPENING`], or until `deadline`). None: the
+    /// request opens one, then [`EndpointPool::share`]s it, or says it
+    /// could not ([`EndpointPool::not_opened`]).
+    pub async fn take_or_wait(
+        &self,
+        http2: bool,
+        owner: Option<&Identity>,
+        most: Option<u32>,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Option<Sender> {
+        loop {
+            match self.take(http2, owner, most) {
+                Ok(sender) => return Some(sender),
+                Err(NotTaken::Open) => return None,
+                Err(NotTaken::Wait(opened)) => {
+                    let until = tokio::time::Instant::now() + OPENING;
+                    let until = deadline.map_or(until, |d| d.min(until));
+                    let _ = tokio::time::timeout_at(until, opened).await;
+                }
+            }
+        }
+    }
+
+    /// The HTTP/2 connection of `owner`'s that a request opened (told
+    /// [`NotTaken::Open`]) did not open: the next request opens one.
+    pub fn not_opened(&self, owner: Option<&Identity>) {
+        let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(at) = shared.opening.iter().position(|(o, _)| o.as_ref() == owner) {
+            shared.opening.swap_remove(at);
+            self.opened.notify_waiters();
+        }
     }
 }
 

@@ -273,7 +273,7 @@ async fn send(call: &Call<'_>, outgoing: &mut Outgoing, may_fall_back: bool) -> 
         let pool = service.pools.endpoint(chosen.index);
         let owner = call.source.map(|w| &w.identity);
         let most = policy.max_requests_per_connection;
-        let (mut sender, fresh) = match pool.take(http2, owner, most) {
+        let (mut sender, fresh) = match pool.take_or_wait(http2, owner, most, deadline).await {
             Some(sender) => (sender, false),
             // Boxed: a new connection is the rare case and its future the
             // largest part of a request's, which hyper moves (HTTP/2 spawns
@@ -284,6 +284,9 @@ async fn send(call: &Call<'_>, outgoing: &mut Outgoing, may_fall_back: bool) -> 
                     (sender, true)
                 }
                 Err(no) => {
+                    if http2 {
+                        pool.not_opened(owner);
+                    }
                     let why = match no {
                         NoConnection::Endpoint(why) => why,
                         NoConnection::TimedOut => {
