@@ -152,6 +152,14 @@ fn connects_after_a_kill_go_around_the_agent_and_none_is_reset() {
     let mut first = Agent::start(&config);
     let mut agent = Agent::start(&config);
     exits_soon(&mut first, Instant::now());
+    let watches = std::fs::read_dir(&config.pin_dir)
+        .unwrap()
+        .filter(|e| {
+            let name = e.as_ref().unwrap().file_name();
+            name.to_string_lossy().starts_with("tracepoint_")
+        })
+        .count();
+    assert_eq!(watches, 2, "the successor's two tracepoint links alone");
     let clients: Vec<_> = (0..4)
         .map(|_| {
             agent
