@@ -23,9 +23,10 @@ const PYTHON: &str = "/usr/bin/python3";
 
 /// gRPC servers, one per `name:mode` (mode `ok`: answers its name;
 /// `unavailable`: fails every call with UNAVAILABLE; `peer`: answers,
-/// after 300 ms, the address of the connection the call came on; `slow`:
-/// answers its name after 20 ms), each on a port of its own; prints the
-/// ports once serving.
+/// after 300 ms, the address of the connection the call came on, and
+/// `peer10` so while it allows 10 streams at once per connection
+/// (SETTINGS_MAX_CONCURRENT_STREAMS); `slow`: answers its name after 20
+/// ms), each on a port of its own; prints the ports once serving.
 const SERVERS: &str = r#"
 import sys, time, grpc
 from concurrent import futures
@@ -35,13 +36,14 @@ for spec in sys.argv[1:]:
     def charge(request, context, name=name, mode=mode):
         if mode == 'unavailable':
             context.abort(grpc.StatusCode.UNAVAILABLE, 'down for maintenance')
-        if mode == 'peer':
+        if mode.startswith('peer'):
             time.sleep(0.3)
             return context.peer().encode()
         if mode == 'slow':
             time.sleep(0.02)
         return name.encode()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=256))
+    options = [('grpc.max_concurrent_streams', 10)] if mode == 'peer10' else []
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=256), options=options)
     handlers = {'Charge': grpc.unary_unary_rpc_method_handler(charge)}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler('pay.Pay', handlers),))
     ports.append(server.add_insecure_port('127.0.0.1:0'))
@@ -183,6 +185,22 @@ fn calls_beyond_a_connections_streams_open_another_connection() {
     let many = calls_at_once(&agent, vip, 150);
     assert!(many.len() >= 2, "150 calls on one connection: {many:?}");
     assert_eq!(many.values().sum::<usize>(), 150);
+}
+
+/// An endpoint that allows fewer streams at once than the agent's own
+/// cap (its first SETTINGS frame says 10): 40 calls at once open more
+/// than one connection to it, where they would all ride one to an
+/// endpoint that allows 100.
+#[test]
+fn an_endpoints_own_stream_limit_opens_another_connection_sooner() {
+    let vip: SocketAddr = "127.77.9.14:8080".parse().unwrap();
+    let servers = Servers::start(&["g1:peer10"]);
+    let config =
+        AgentConfig::new(&[service("pay", &vip.to_string(), &servers.addrs).protocol("grpc")]);
+    let agent = Agent::start(&config);
+    let calls = calls_at_once(&agent, vip, 40);
+    assert!(calls.len() >= 2, "40 calls on one connection: {calls:?}");
+    assert_eq!(calls.values().sum::<usize>(), 40);
 }
 
 /// `name=count` pairs as printed by [`calls`].

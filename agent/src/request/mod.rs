@@ -5,6 +5,7 @@
 //! (`proxy/l7/`) puts them to work.
 
 pub mod body;
+mod peer_settings;
 pub mod pool;
 pub mod rules;
 pub mod trace;

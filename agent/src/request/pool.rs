@@ -11,7 +11,7 @@
 //! requests never ride it.
 //!
 //! An HTTP/2 connection carries at most [`MAX_STREAMS_PER_CONNECTION`]
-//! requests at once: with that many in flight on each connection of the
+//! requests at once, or fewer if the endpoint's SETTINGS say so: with that many in flight on each connection of the
 //! caller's, the next request opens another connection (rather than wait
 //! in line for a stream), one at a time: the requests that come while it
 //! opens go over the least loaded one meanwhile. A connection left without
@@ -53,7 +53,7 @@ use tokio::{
     sync::{Notify, futures::Notified},
 };
 
-use super::UpBody;
+use super::{UpBody, peer_settings::PeerSettings};
 use crate::{tls::Identity, tunnel::TunnelClient};
 
 /// Most idle HTTP/1.1 connections kept per endpoint, and HTTP/2
@@ -78,21 +78,55 @@ pub enum Sender {
     Http2(http2::SendRequest<UpBody>, Via, Option<StreamSlot>),
 }
 
+/// An HTTP/2 connection's requests in flight, and how many it may carry
+/// at once: [`MAX_STREAMS_PER_CONNECTION`], or fewer when the endpoint's
+/// SETTINGS_MAX_CONCURRENT_STREAMS says so ([`PeerSettings`]).
+#[derive(Debug)]
+pub struct Streams {
+    open: AtomicU32,
+    limit: AtomicU32,
+}
+
+impl Default for Streams {
+    fn default() -> Streams {
+        Streams {
+            open: AtomicU32::new(0),
+            limit: AtomicU32::new(MAX_STREAMS_PER_CONNECTION),
+        }
+    }
+}
+
+impl Streams {
+    /// The endpoint allows at most `most` at once (at least one is kept:
+    /// a connection that takes none would be opened for nothing).
+    pub fn limit_to(&self, most: u32) {
+        self.limit.fetch_min(most.max(1), Ordering::AcqRel);
+    }
+
+    fn open(&self) -> u32 {
+        self.open.load(Ordering::Acquire)
+    }
+
+    pub(super) fn limit(&self) -> u32 {
+        self.limit.load(Ordering::Acquire)
+    }
+}
+
 /// A request's place among the requests an HTTP/2 connection carries at
 /// once: taken with the connection, given back when dropped (with the
 /// request's response, see [`Sender::stream_slot`]).
-pub struct StreamSlot(Arc<AtomicU32>);
+pub struct StreamSlot(Arc<Streams>);
 
 impl StreamSlot {
-    fn take(streams: &Arc<AtomicU32>) -> StreamSlot {
-        streams.fetch_add(1, Ordering::AcqRel);
+    fn take(streams: &Arc<Streams>) -> StreamSlot {
+        streams.open.fetch_add(1, Ordering::AcqRel);
         StreamSlot(streams.clone())
     }
 }
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -146,7 +180,7 @@ struct Pooled<S> {
     sender: S,
     carried: u32,
     via: Via,
-    streams: Arc<AtomicU32>,
+    streams: Arc<Streams>,
 }
 
 /// One endpoint's connections.
@@ -200,8 +234,8 @@ impl EndpointPool {
                 .retain(|p| !p.sender.is_closed() && (p.owner.as_ref() != owner || usable(&p.via)));
             type Conn = Pooled<http2::SendRequest<UpBody>>;
             let mine = |p: &Conn| p.owner.as_ref() == owner && p.sender.is_ready();
-            let streams = |p: &Conn| p.streams.load(Ordering::Acquire);
-            let room = |p: &Conn| mine(p) && streams(p) < MAX_STREAMS_PER_CONNECTION;
+            let streams = |p: &Conn| p.streams.open();
+            let room = |p: &Conn| mine(p) && streams(p) < p.streams.limit();
             let at = match conns.iter().position(room) {
                 Some(at) => at,
                 None => {
@@ -233,7 +267,7 @@ impl EndpointPool {
             };
             // Load gone down: another of the caller's connections with no
             // stream goes (its peer would keep it open for nothing).
-            if streams(&conns[at]) < MAX_STREAMS_PER_CONNECTION / 2 {
+            if streams(&conns[at]) < conns[at].streams.limit() / 2 {
                 let first = Arc::as_ptr(&conns[at].streams);
                 conns.retain(|p| {
                     Arc::as_ptr(&p.streams) == first || p.owner.as_ref() != owner || streams(p) > 0
@@ -404,8 +438,9 @@ pub async fn handshake<T>(io: T, http2: bool) -> hyper::Result<Sender>
 where
     T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let io = TokioIo::new(io);
     if http2 {
+        let streams = Arc::new(Streams::default());
+        let io = TokioIo::new(PeerSettings::new(io, streams.clone()));
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .handshake(io)
@@ -415,10 +450,10 @@ where
                 debug!("an HTTP/2 upstream connection ended: {e}");
             }
         });
-        let slot = StreamSlot::take(&Arc::default());
+        let slot = StreamSlot::take(&streams);
         return Ok(Sender::Http2(sender, None, Some(slot)));
     }
-    let (sender, connection) = http1::handshake(io).await?;
+    let (sender, connection) = http1::handshake(TokioIo::new(io)).await?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             debug!("an HTTP/1.1 upstream connection ended: {e}");
