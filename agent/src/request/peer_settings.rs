@@ -12,7 +12,10 @@ use std::{
     task::{Context, Poll},
 };
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    sync::oneshot,
+};
 
 use super::pool::Streams;
 
@@ -34,14 +37,30 @@ pub struct PeerSettings<T> {
     /// The first frame's bytes so far; None once it has been read (or is
     /// not one this looks at).
     first: Option<Vec<u8>>,
+    /// Told once it has.
+    read: Option<oneshot::Sender<()>>,
 }
 
 impl<T> PeerSettings<T> {
-    pub fn new(io: T, streams: Arc<Streams>) -> PeerSettings<T> {
-        PeerSettings {
+    /// `io`, and what says when its first frame has been read: hyper's
+    /// handshake does not wait for the server's SETTINGS, and the
+    /// requests that waited for the connection would all take it before
+    /// its limit is known.
+    pub fn new(io: T, streams: Arc<Streams>) -> (PeerSettings<T>, oneshot::Receiver<()>) {
+        let (read, first_read) = oneshot::channel();
+        let watched = PeerSettings {
             io,
             streams,
             first: Some(Vec::new()),
+            read: Some(read),
+        };
+        (watched, first_read)
+    }
+
+    fn done(&mut self) {
+        self.first = None;
+        if let Some(read) = self.read.take() {
+            let _ = read.send(());
         }
     }
 
@@ -57,8 +76,7 @@ impl<T> PeerSettings<T> {
         let length =
             usize::from(first[0]) << 16 | usize::from(first[1]) << 8 | usize::from(first[2]);
         if first[3] != SETTINGS || length > MOST {
-            self.first = None;
-            return;
+            return self.done();
         }
         if first.len() < HEADER + length {
             return;
@@ -67,7 +85,7 @@ impl<T> PeerSettings<T> {
         if let Some(most) = stream_limit(payload) {
             self.streams.limit_to(most);
         }
-        self.first = None;
+        self.done();
     }
 }
 
@@ -89,9 +107,16 @@ impl<T: AsyncRead + Unpin> AsyncRead for PeerSettings<T> {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let read = Pin::new(&mut self.io).poll_read(cx, buf);
-        if self.first.is_some() && matches!(read, Poll::Ready(Ok(()))) {
-            let this = &mut *self;
-            this.look(&buf.filled()[before..]);
+        if self.first.is_some() {
+            match &read {
+                Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                    let this = &mut *self;
+                    this.look(&buf.filled()[before..]);
+                }
+                // It ended or failed first.
+                Poll::Ready(_) => self.done(),
+                Poll::Pending => {}
+            }
         }
         read
     }
@@ -154,13 +179,18 @@ mod tests {
     async fn limit_after(bytes: &[u8], chunk: usize) -> u32 {
         let (ours, mut theirs) = tokio::io::duplex(1024);
         let streams = Arc::new(Streams::default());
-        let mut watched = PeerSettings::new(ours, streams.clone());
+        let (mut watched, mut first_read) = PeerSettings::new(ours, streams.clone());
         for piece in bytes.chunks(chunk) {
             theirs.write_all(piece).await.unwrap();
             let mut got = vec![0; piece.len()];
             watched.read_exact(&mut got).await.unwrap();
             assert_eq!(got, piece, "the bytes pass unchanged");
         }
+        assert_eq!(
+            first_read.try_recv(),
+            Ok(()),
+            "told once the first frame is in"
+        );
         streams.limit()
     }
 

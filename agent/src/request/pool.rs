@@ -211,6 +211,10 @@ struct Shared {
     opening: Vec<(Owner, Instant)>,
 }
 
+/// How long a new HTTP/2 connection waits for the endpoint's SETTINGS
+/// (its stream limit) before it takes requests regardless.
+const SETTINGS_WAIT: Duration = Duration::from_millis(500);
+
 /// How long a connection being opened keeps other requests off opening
 /// their own.
 const OPENING: Duration = Duration::from_secs(1);
@@ -440,16 +444,19 @@ where
 {
     if http2 {
         let streams = Arc::new(Streams::default());
-        let io = TokioIo::new(PeerSettings::new(io, streams.clone()));
+        let (io, first_read) = PeerSettings::new(io, streams.clone());
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
-            .handshake(io)
+            .handshake(TokioIo::new(io))
             .await?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 debug!("an HTTP/2 upstream connection ended: {e}");
             }
         });
+        // The endpoint's stream limit, before the connection is shared:
+        // its SETTINGS come one round trip after the connect.
+        let _ = tokio::time::timeout(SETTINGS_WAIT, first_read).await;
         let slot = StreamSlot::take(&streams);
         return Ok(Sender::Http2(sender, None, Some(slot)));
     }
