@@ -185,10 +185,10 @@ pub(super) async fn answer<C: Movable, U: Movable>(
     // Parked before the stream is quiesced: the successor's stream comes
     // on another connection, and may arrive before the paused stream's
     // last frames do. It waits in the lot until they have.
-    let successor = inputs.parked.park(token, end);
+    let mut successor = inputs.parked.park(token, end);
     let (up, down) = (client.answer_pause().await, upstream.answer_pause().await);
     let (Ok(up), Ok(down)) = (up, down) else {
-        inputs.parked.forget(&token);
+        inputs.parked.unpark(&token);
         warn!(
             "upgrade: the tunnel stream to {} failed while the peer agent paused it",
             end.target
@@ -207,7 +207,6 @@ pub(super) async fn answer<C: Movable, U: Movable>(
             std::future::pending::<()>().await;
         }
     };
-    tokio::pin!(successor);
     let mut leaves = false;
     let taken = tokio::select! {
         // A stream that claimed the connection wins over a leave that
@@ -219,11 +218,10 @@ pub(super) async fn answer<C: Movable, U: Movable>(
                 return Ok(Answered::Leaving(token));
             }
             leaves = true;
-            successor.await.ok()
+            (&mut successor).await.ok()
         }
         () = tokio::time::sleep(PARK_TIMEOUT) => {
-            let claimed = !inputs.parked.unpark(&token);
-            if claimed { successor.await.ok() } else { None }
+            inputs.parked.give_up(&token, &mut successor).await
         }
     };
     let Some(mut stream) = taken else {
@@ -269,8 +267,7 @@ async fn wait_parked(
     let mut successor = inputs.parked.park(token, &end);
     let taken = match tokio::time::timeout(PARK_TIMEOUT, &mut successor).await {
         Ok(taken) => taken.ok(),
-        Err(_) if inputs.parked.unpark(&token) => None,
-        Err(_) => successor.await.ok(),
+        Err(_) => inputs.parked.give_up(&token, &mut successor).await,
     };
     let Some(stream) = taken else {
         return Err(NotResumed::Tunnel(format!(

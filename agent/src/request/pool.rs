@@ -211,6 +211,15 @@ struct Shared {
     opening: Vec<(Owner, Instant)>,
 }
 
+impl Shared {
+    /// `owner`'s connection being opened is open, or failed: whether one
+    /// was being opened.
+    fn done_opening(&mut self, owner: Option<&Identity>) -> bool {
+        let at = self.opening.iter().position(|(o, _)| o.as_ref() == owner);
+        at.map(|at| self.opening.swap_remove(at)).is_some()
+    }
+}
+
 /// How long a new HTTP/2 connection waits for the endpoint's SETTINGS
 /// (its stream limit) before it takes requests regardless.
 const SETTINGS_WAIT: Duration = Duration::from_millis(500);
@@ -352,12 +361,10 @@ impl EndpointPool {
             return;
         };
         let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
-        let Shared { conns, opening } = &mut *shared;
-        if let Some(at) = opening.iter().position(|(o, _)| o.as_ref() == owner) {
-            opening.swap_remove(at);
-        }
+        shared.done_opening(owner);
         // Those waiting for it take it, or open their own.
         self.opened.notify_waiters();
+        let conns = &mut shared.conns;
         if most == Some(1) || !usable(via) {
             return;
         }
@@ -397,7 +404,9 @@ impl EndpointPool {
                 Err(NotTaken::Wait(opened)) => {
                     let until = tokio::time::Instant::now() + OPENING;
                     let until = deadline.map_or(until, |d| d.min(until));
-                    let _ = tokio::time::timeout_at(until, opened).await;
+                    // Boxed: a rare wait, whose timer would otherwise
+                    // take space in every request's future.
+                    let _ = Box::pin(tokio::time::timeout_at(until, opened)).await;
                 }
             }
         }
@@ -407,8 +416,7 @@ impl EndpointPool {
     /// [`NotTaken::Open`]) did not open: the next request opens one.
     pub fn not_opened(&self, owner: Option<&Identity>) {
         let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(at) = shared.opening.iter().position(|(o, _)| o.as_ref() == owner) {
-            shared.opening.swap_remove(at);
+        if shared.done_opening(owner) {
             self.opened.notify_waiters();
         }
     }

@@ -61,15 +61,25 @@ impl Parked {
         taken
     }
 
-    pub(super) fn forget(&self, token: &Token) {
-        self.lot().remove(token);
-    }
-
     /// Takes `token`'s connection out of the lot; false when a stream has
     /// claimed it already, whose take-up is then on its way and must be
     /// awaited (dropping it would reset a stream already answered 200).
     pub(super) fn unpark(&self, token: &Token) -> bool {
         self.lot().remove(token).is_some()
+    }
+
+    /// Stops waiting for `token`'s stream (`successor`, as
+    /// [`Parked::park`] gave it): none if the connection was still
+    /// parked; else the stream a claim already took it up with.
+    pub(super) async fn give_up(
+        &self,
+        token: &Token,
+        successor: &mut oneshot::Receiver<TunnelStream>,
+    ) -> Option<TunnelStream> {
+        match self.unpark(token) {
+            true => None,
+            false => successor.await.ok(),
+        }
     }
 
     /// The paused connection of `token`, for a stream from `caller` that
