@@ -201,6 +201,7 @@ fn test() -> anyhow::Result<()> {
         quick: true,
         upgrade,
         http,
+        only: Vec::new(),
         binary: binary.clone(),
     };
     bench::run(smoke(false, false))?;

@@ -64,6 +64,11 @@ pub struct BenchArgs {
     /// nginx as an HTTP proxy.
     #[arg(long)]
     pub http: bool,
+    /// Only these paths of the comparison (comma-separated names as in
+    /// the report, e.g. `sluice,sluice-tunnel`): for working on one path.
+    /// The report then lacks the others' rows and ratios.
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
     /// The agent binary under test; the release build when not set. The
     /// test command's smoke runs take the tests' build: its figures mean
     /// nothing either way, and a release build of its own would take CI
@@ -108,6 +113,30 @@ impl Route {
         Route::Haproxy,
         Route::Nginx,
     ];
+
+    /// The paths `only` names, all of them when it names none.
+    fn chosen(only: &[String]) -> anyhow::Result<Vec<Route>> {
+        for name in only {
+            if !Route::ALL
+                .iter()
+                .chain([&Route::SluiceTunnelOne])
+                .any(|r| r.name() == name)
+            {
+                bail!("--only: no path is called {name:?}");
+            }
+        }
+        Ok(Route::ALL
+            .into_iter()
+            .chain([Route::SluiceTunnelOne])
+            .filter(|r| {
+                if only.is_empty() {
+                    *r != Route::SluiceTunnelOne
+                } else {
+                    only.iter().any(|n| n == r.name())
+                }
+            })
+            .collect())
+    }
 
     fn name(self) -> &'static str {
         match self {
@@ -806,6 +835,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         haltpoll.note()
     );
     pin_self_to_cpu(1);
+    let chosen = Route::chosen(&args.only)?;
     let rig = setup(&args.sluice())?;
 
     let mut results: Vec<(Route, &'static str, Value)> = Vec::new();
@@ -849,7 +879,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     for (name, wargs) in &workloads {
         for round in 0..s.rounds {
             // Interleaved: every path once per round, in turn.
-            for path in Route::ALL {
+            for path in chosen
+                .iter()
+                .copied()
+                .filter(|p| *p != Route::SluiceTunnelOne)
+            {
                 let mut a = vec!["--target".to_owned(), rig.target(path).to_string()];
                 a.extend(wargs.iter().cloned());
                 let cpu_before: Vec<f64> = rig.pids(path).iter().map(|p| cpu_seconds(*p)).collect();
@@ -875,7 +909,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     // Before the memory step: its 9,800 connections leave the agents
     // busy closing them for a while.
-    for path in [Route::SluiceMtls, Route::SluiceTunnel] {
+    for path in [Route::SluiceMtls, Route::SluiceTunnel]
+        .into_iter()
+        .filter(|p| chosen.contains(p))
+    {
         let v = rig.head_of_line(path, &s)?;
         println!(
             "   {:<10} {:<20} {}",
@@ -887,10 +924,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     // Memory per idle connection of the proxy processes; the kernel path
     // has no proxy process.
-    for path in Route::ALL
-        .into_iter()
+    let memory_too = args.only.is_empty().then_some(Route::SluiceTunnelOne);
+    for path in chosen
+        .iter()
+        .copied()
+        .chain(memory_too)
         .filter(|p| !matches!(p, Route::Direct | Route::SluiceKernel))
-        .chain([Route::SluiceTunnelOne])
     {
         let v = rig.memory(path, s.idle_conns)?;
         println!(
