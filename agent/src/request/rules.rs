@@ -90,42 +90,70 @@ pub const GRPC_DEADLINE_EXCEEDED: u16 = 4;
 /// gRPC's UNAVAILABLE.
 pub const GRPC_UNAVAILABLE: u16 = 14;
 
+/// The fields that concern one hop only (RFC 9110 section 7.6.1), `te`
+/// second: its one HTTP/2 value, `trailers`, stays.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    http::header::CONNECTION,
+    http::header::TE,
+    http::header::TRANSFER_ENCODING,
+    http::header::UPGRADE,
+    http::header::PROXY_AUTHENTICATE,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+];
+
 /// Removes what concerns one hop only (RFC 9110 section 7.6.1): the
 /// connection's own headers and those it names. Each side of the agent
 /// frames its messages itself, so a caller's `Transfer-Encoding`,
 /// `Connection: close` or `Upgrade` does not reach the endpoint, nor the
 /// endpoint's the caller.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    use http::header::{CONNECTION, PROXY_AUTHENTICATE, TE, TRANSFER_ENCODING, UPGRADE};
-    let named: Vec<HeaderName> = headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
+    use http::header::{CONNECTION, TE};
+    // Twice per request: one pass over the names finds those present
+    // (most messages carry none, or only `Connection: keep-alive`), where
+    // a removal of each would hash every name.
+    let mut present = 0u8;
+    for (name, value) in headers.iter() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name)
+            // `TE: trailers` is the one value HTTP/2 allows, and gRPC
+            // servers insist on it (it says the caller reads trailers).
+            && !(name == TE && value.as_bytes().eq_ignore_ascii_case(b"trailers"))
+        {
+            present |= 1 << i;
+        }
     }
-    // `TE: trailers` is the one value HTTP/2 allows, and gRPC servers
-    // insist on it (it says the caller reads trailers).
+    if present == 0 {
+        return;
+    }
+    if present & 1 != 0 {
+        // Those the list removes anyway (but `te`, which a `Connection`
+        // naming it removes whole) are not looked up twice.
+        let named: Vec<HeaderName> = headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|name| {
+                name.eq_ignore_ascii_case(TE.as_str())
+                    || !HOP_BY_HOP.iter().any(|h| h.as_str().eq_ignore_ascii_case(name))
+            })
+            .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
     let trailers = headers
         .get(TE)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    for name in [
-        CONNECTION,
-        TE,
-        TRANSFER_ENCODING,
-        UPGRADE,
-        PROXY_AUTHENTICATE,
-    ] {
-        headers.remove(name);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
-    if trailers {
+    if trailers && !headers.contains_key(TE) {
         headers.insert(TE, HeaderValue::from_static("trailers"));
-    }
-    for name in ["keep-alive", "proxy-connection"] {
-        headers.remove(name);
     }
 }
 
@@ -270,6 +298,16 @@ mod tests {
         let mut grpc = headers(&[("te", "trailers")]);
         strip_hop_by_hop(&mut grpc);
         assert_eq!(grpc.get("te").unwrap(), "trailers", "gRPC needs it");
+        let mut two = headers(&[("te", "trailers"), ("te", "gzip")]);
+        strip_hop_by_hop(&mut two);
+        let te: Vec<_> = two.get_all("te").iter().collect();
+        assert_eq!(te, ["trailers"], "only trailers is kept");
+        let mut named = headers(&[("connection", "te"), ("te", "trailers")]);
+        strip_hop_by_hop(&mut named);
+        assert!(named.is_empty(), "a te that Connection names goes whole");
+        let mut plain = headers(&[("connection", "keep-alive"), ("keep-alive", "timeout=5")]);
+        strip_hop_by_hop(&mut plain);
+        assert!(plain.is_empty());
     }
 
     #[test]
