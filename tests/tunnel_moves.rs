@@ -11,7 +11,7 @@ use sluice_testkit::{client::Client, process::SpawnGuarded, wait::wait_until};
 use crate::{
     mtls::{Mesh, VIP, stream_client},
     support::*,
-    tunnels::{H2_CLIENT, python_h2, streams_opened, tunnelled},
+    tunnels::{H2_CLIENT, python_h2, streams_opened, tunnelled, tunnels_open},
 };
 
 /// Connections `agent` counted under `result` in an upgrade: `received`
@@ -205,3 +205,97 @@ fn a_stream_with_an_unknown_token_takes_nothing_up() {
     assert_eq!(refused("tunnel_protocol"), 1.0);
     assert_eq!(m.ledger.accepted(), 1, "only the plain stream reached it");
 }
+
+/// An agent that is leaving answers a stream whose token it does not keep
+/// 503 at once, not 410 after the wait for a pause still on its way: what
+/// it kept went to its successor, which the stream's next try (on a new
+/// connection, after this one's GOAWAY) reaches. Node B's agent is
+/// stopped under an open tunnel connection; the stream crosses its
+/// GOAWAY.
+#[test]
+fn a_leaving_agent_answers_a_token_it_does_not_keep_503() {
+    let mut m = tunnelled(None);
+    let ledger = format!("127.0.0.1:{}", m.ledger.addr.port());
+    let unknown = format!("{ledger}+{}", "5a".repeat(16));
+    let out = std::thread::scope(|s| {
+        let peer = s.spawn(|| python_h2(&m, H2_ACROSS_GOAWAY, &[&unknown]));
+        assert!(
+            wait_until(Duration::from_secs(10), || tunnels_open(&m.b, "server")
+                >= 1.0),
+            "the peer's connection is open\n{}",
+            m.b.log()
+        );
+        m.b.sigterm();
+        peer.join().expect("the peer ends")
+    });
+    assert_eq!(lines(&out), [format!("{ledger} 503")], "{}", m.b.log());
+    let status = m.b.wait(Duration::from_secs(10));
+    assert!(status.success(), "node B's agent: {status}\n{}", m.b.log());
+    assert_eq!(m.ledger.accepted(), 0, "nothing reached the workload");
+}
+
+/// Opens a tunnel connection, waits for the agent's GOAWAY, sends one
+/// take-up stream (`ip:port+token`) and prints its status. h2 never sees
+/// a GOAWAY (it would open no stream after one, nor take a PING): they
+/// are taken out of what it is handed.
+const H2_ACROSS_GOAWAY: &str = r#"
+import socket, ssl, sys
+import h2.config, h2.connection, h2.events
+
+host, port, cert, key, target = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+ctx.load_cert_chain(cert, key)
+ctx.set_alpn_protocols(["h2"])
+sock = ctx.wrap_socket(socket.create_connection((host, port), timeout=20),
+                       server_hostname="ledger.payments.sluice")
+conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, validate_outbound_headers=False))
+conn.initiate_connection()
+sock.sendall(conn.data_to_send())
+
+pending = b""
+def frames():
+    """Reads whole frames: (type, bytes)."""
+    global pending
+    while True:
+        while len(pending) < 9 or len(pending) < 9 + int.from_bytes(pending[:3], "big"):
+            got = sock.recv(65536)
+            assert got, "the agent closed the connection"
+            pending += got
+        end = 9 + int.from_bytes(pending[:3], "big")
+        frame, pending = pending[:end], pending[end:]
+        yield frame[3], frame
+
+def hand(frame):
+    events = conn.receive_data(frame)
+    sock.sendall(conn.data_to_send())
+    return events
+
+incoming = frames()
+held = []
+# Until the agent's GOAWAY: the connection is open, and the agent leaving.
+for kind, frame in incoming:
+    if kind == 7:
+        break
+    held.append(frame)
+target, _, token = target.partition("+")
+sid = conn.get_next_available_stream_id()
+conn.send_headers(sid, [(":method", "CONNECT"), (":authority", target), ("sluice-resume", token)])
+sock.sendall(conn.data_to_send())
+status = None
+for frame in held:
+    hand(frame)
+for kind, frame in incoming:
+    if kind == 7:
+        continue
+    for event in hand(frame):
+        if isinstance(event, h2.events.ResponseReceived) and event.stream_id == sid:
+            status = dict(event.headers)[b":status"].decode()
+    if status is not None:
+        break
+print(target, status)
+sys.stdout.flush()
+sock.close()
+"#;

@@ -42,7 +42,7 @@ fn handshakes(agent: &Agent, side: &str, kind: &str) -> f64 {
     )
 }
 
-fn tunnels_open(agent: &Agent, side: &str) -> f64 {
+pub(crate) fn tunnels_open(agent: &Agent, side: &str) -> f64 {
     agent
         .metrics()
         .sum("sluice_tunnel_connections", &[("side", side)])

@@ -136,7 +136,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             .map(str::trim)
             .filter(|name| {
                 name.eq_ignore_ascii_case(TE.as_str())
-                    || !HOP_BY_HOP.iter().any(|h| h.as_str().eq_ignore_ascii_case(name))
+                    || !HOP_BY_HOP
+                        .iter()
+                        .any(|h| h.as_str().eq_ignore_ascii_case(name))
             })
             .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
             .collect();
