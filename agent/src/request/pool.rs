@@ -194,8 +194,7 @@ pub struct EndpointPool {
 
 /// Why no open connection was taken: what the request does instead.
 enum NotTaken<'a> {
-    /// It opens one, then [`EndpointPool::share`]s it, or says it could
-    /// not ([`EndpointPool::not_opened`]).
+    /// It opens one (see [`Opening`]).
     Open,
     /// Another request of the caller's opens the caller's first HTTP/2
     /// connection to the endpoint: it waits for that one (at most
@@ -356,7 +355,7 @@ impl EndpointPool {
     /// come after (before its first request is answered: it takes streams
     /// at once), beside the caller's others; not one for a single request
     /// (`most`) or whose tunnel connection is going away.
-    pub fn share(&self, sender: &Sender, owner: Option<&Identity>, most: Option<u32>) {
+    fn share(&self, sender: &Sender, owner: Option<&Identity>, most: Option<u32>) {
         let Sender::Http2(sender, via, slot) = sender else {
             return;
         };
@@ -381,44 +380,6 @@ impl EndpointPool {
             // holds its slot.
             streams: slot.as_ref().map_or_else(Arc::default, |s| s.0.clone()),
         });
-    }
-}
-
-impl EndpointPool {
-    /// [`EndpointPool::take`], waiting meanwhile for the caller's first
-    /// connection that another request opens, until it is shared or
-    /// fails (at most [`OPENING`], or until `deadline`). None: the
-    /// request opens one, then [`EndpointPool::share`]s it, or says it
-    /// could not ([`EndpointPool::not_opened`]).
-    pub async fn take_or_wait(
-        &self,
-        http2: bool,
-        owner: Option<&Identity>,
-        most: Option<u32>,
-        deadline: Option<tokio::time::Instant>,
-    ) -> Option<Sender> {
-        loop {
-            match self.take(http2, owner, most) {
-                Ok(sender) => return Some(sender),
-                Err(NotTaken::Open) => return None,
-                Err(NotTaken::Wait(opened)) => {
-                    let until = tokio::time::Instant::now() + OPENING;
-                    let until = deadline.map_or(until, |d| d.min(until));
-                    // Boxed: a rare wait, whose timer would otherwise
-                    // take space in every request's future.
-                    let _ = Box::pin(tokio::time::timeout_at(until, opened)).await;
-                }
-            }
-        }
-    }
-
-    /// The HTTP/2 connection of `owner`'s that a request opened (told
-    /// [`NotTaken::Open`]) did not open: the next request opens one.
-    pub fn not_opened(&self, owner: Option<&Identity>) {
-        let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
-        if shared.done_opening(owner) {
-            self.opened.notify_waiters();
-        }
     }
 }
 
@@ -476,3 +437,9 @@ where
     });
     Ok(Sender::Http1(sender, 1, None))
 }
+
+mod opening;
+#[cfg(test)]
+mod tests;
+
+pub use opening::Opening;

@@ -274,19 +274,18 @@ async fn send(call: &Call<'_>, outgoing: &mut Outgoing, may_fall_back: bool) -> 
         let owner = call.source.map(|w| &w.identity);
         let most = policy.max_requests_per_connection;
         let (mut sender, fresh) = match pool.take_or_wait(http2, owner, most, deadline).await {
-            Some(sender) => (sender, false),
+            Ok(sender) => (sender, false),
             // Boxed: a new connection is the rare case and its future the
             // largest part of a request's, which hyper moves (HTTP/2 spawns
             // it) for every request.
-            None => match Box::pin(connect(call, endpoint, http2, deadline)).await {
+            Err(opening) => match Box::pin(connect(call, endpoint, http2, deadline)).await {
                 Ok(sender) => {
-                    pool.share(&sender, owner, most);
+                    opening.share(&sender, most);
                     (sender, true)
                 }
                 Err(no) => {
-                    if http2 {
-                        pool.not_opened(owner);
-                    }
+                    // The caller's requests waiting for it go on now.
+                    drop(opening);
                     let why = match no {
                         NoConnection::Endpoint(why) => why,
                         NoConnection::TimedOut => {
