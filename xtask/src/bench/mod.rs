@@ -389,8 +389,14 @@ fn start_agent(
     name: &str,
 ) -> anyhow::Result<Proc> {
     let mut cmd = Command::new("taskset");
-    cmd.args(["-c", "0"])
-        .arg(sluice)
+    cmd.args(["-c", "0"]);
+    // For profiling the agents where the bench runs them, e.g.
+    // `valgrind --tool=callgrind`: a command (split at spaces) they run
+    // under. The figures then measure the profiler.
+    if let Ok(prefix) = std::env::var("SLUICE_BENCH_AGENT_UNDER") {
+        cmd.args(prefix.split_whitespace());
+    }
+    cmd.arg(sluice)
         .args(["agent", "--config"])
         .arg(config)
         .env("RUST_LOG", "warn")
@@ -416,7 +422,12 @@ fn start_agent(
 }
 
 fn wait_ready(sluice: &Path, config: &Path, netns: Option<&Netns>) -> anyhow::Result<()> {
-    for _ in 0..200 {
+    // An agent under a profiler (SLUICE_BENCH_AGENT_UNDER) starts slower.
+    let tries = match std::env::var_os("SLUICE_BENCH_AGENT_UNDER") {
+        Some(_) => 2_000,
+        None => 200,
+    };
+    for _ in 0..tries {
         let mut cmd = Command::new(sluice);
         cmd.args(["status", "--config"])
             .arg(config)
