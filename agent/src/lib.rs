@@ -77,6 +77,7 @@ pub mod accept;
 pub mod admin;
 pub mod audit;
 pub mod authz;
+pub mod buffers;
 pub mod carry;
 pub mod catalog;
 pub mod cli;

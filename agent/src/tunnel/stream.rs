@@ -34,7 +34,10 @@ use super::{
     moves::{Listed, Moves},
     pool::Slot,
 };
-use crate::carry::copy::{Duplex, ReadSide};
+use crate::{
+    buffers,
+    carry::copy::{Duplex, ReadSide},
+};
 
 mod pause;
 
@@ -225,7 +228,7 @@ impl ReadSide for TunnelReadHalf<'_> {
             if filled.is_pending() {
                 // The copy keeps its buffer after a full read; a quiet
                 // stream must not hold it while nothing comes.
-                *buf = Vec::new();
+                buffers::give_back(buf);
             }
             filled
         })
@@ -234,7 +237,7 @@ impl ReadSide for TunnelReadHalf<'_> {
             return Ok(0);
         }
         if buf.is_empty() {
-            buf.resize(size.max(1), 0);
+            *buf = buffers::take(size.max(1));
         }
         Ok(self.take(buf))
     }

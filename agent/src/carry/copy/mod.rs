@@ -12,6 +12,7 @@ use tokio::{
 };
 
 use crate::{
+    buffers,
     clock::now_ms,
     telemetry::{ByteCounters, CloseReason},
     tls::session::{TlsReadHalf, TlsSession},
@@ -20,8 +21,8 @@ use crate::{
 /// A direction's buffer starts at this size and doubles each time a read
 /// fills it, up to [`MAX_BUFFER`]. On plain TCP it is only held while
 /// bytes flow: an idle connection holds none.
-const INITIAL_BUFFER: usize = 1024;
-const MAX_BUFFER: usize = 16 * 1024;
+const INITIAL_BUFFER: usize = buffers::SMALLEST;
+const MAX_BUFFER: usize = buffers::LARGEST;
 
 /// How a proxied connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,12 +99,12 @@ impl ReadSide for tokio::net::tcp::ReadHalf<'_> {
                 if buf.is_empty() {
                     // Wait for data without holding a buffer.
                     std::task::ready!(socket.poll_read_ready(cx))?;
-                    buf.resize(size, 0);
+                    *buf = buffers::take(size);
                 }
                 // A buffer kept after a full read looks once: more may be
                 // waiting. If not, it is given back before waiting.
                 match socket.try_read(buf) {
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => *buf = Vec::new(),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => buffers::give_back(buf),
                     done => return std::task::Poll::Ready(done),
                 }
             }
@@ -120,7 +121,7 @@ impl<R: AsyncRead + Unpin + Send> ReadSide for Buffered<R> {
 
     async fn read_some(&mut self, buf: &mut Vec<u8>, size: usize) -> std::io::Result<usize> {
         if buf.is_empty() {
-            buf.resize(size, 0);
+            *buf = buffers::take(size);
         }
         self.0.read(buf).await
     }
@@ -364,6 +365,13 @@ struct Way {
     finished: bool,
 }
 
+impl Drop for Way {
+    /// A connection's last buffers serve the next connections.
+    fn drop(&mut self) {
+        buffers::give_back(&mut self.buf);
+    }
+}
+
 impl From<WayState> for Way {
     fn from(state: WayState) -> Way {
         let end = state.pending.len();
@@ -379,9 +387,10 @@ impl From<WayState> for Way {
 impl Way {
     fn into_state(mut self) -> WayState {
         let pending = if self.start < self.end {
-            self.buf.truncate(self.end);
-            self.buf.drain(..self.start);
-            self.buf
+            let mut buf = std::mem::take(&mut self.buf);
+            buf.truncate(self.end);
+            buf.drain(..self.start);
+            buf
         } else {
             Vec::new()
         };
@@ -431,9 +440,11 @@ fn one_way<'a, R: ReadSide + 'a>(
             (way.start, way.end) = (0, 0);
             if R::RELEASE_WHEN_DRAINED && drained {
                 // Let the buffer go while the connection is quiet.
-                way.buf = Vec::new();
+                buffers::give_back(&mut way.buf);
             } else if way.buf.len() < size {
-                way.buf.resize(size, 0);
+                // Nothing in it is pending: a bigger one replaces it.
+                buffers::give_back(&mut way.buf);
+                way.buf = buffers::take(size);
             }
             let n = from
                 .read_some(&mut way.buf, size)

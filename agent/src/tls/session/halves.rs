@@ -19,6 +19,7 @@ use super::{
     SessionError,
     record::{Rx, Tx},
 };
+use crate::buffers;
 
 /// The reading half: decrypts records as the reader asks for bytes.
 ///
@@ -67,7 +68,7 @@ impl TlsReadHalf<'_> {
             if filled.is_pending() {
                 // The copy keeps its buffer after a full read; an idle
                 // connection must not hold it while nothing comes.
-                *buf = Vec::new();
+                buffers::give_back(buf);
             }
             filled
         })
@@ -77,7 +78,7 @@ impl TlsReadHalf<'_> {
             return Ok(0);
         }
         if buf.is_empty() {
-            buf.resize(size.max(1), 0);
+            *buf = buffers::take(size.max(1));
         }
         let n = plain.len().min(buf.len());
         buf[..n].copy_from_slice(&plain[..n]);
