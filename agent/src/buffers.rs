@@ -36,7 +36,7 @@ fn kept(size: usize) -> Option<usize> {
 
 /// A buffer of `size` bytes, its contents unspecified.
 pub fn take(size: usize) -> Vec<u8> {
-    let spare = kept(size).and_then(|at| SPARE.with(|s| s.borrow_mut()[at].pop()));
+    let spare = kept(size).and_then(|at| SPARE.try_with(|s| s.borrow_mut()[at].pop()).ok()?);
     spare.unwrap_or_else(|| vec![0; size])
 }
 
@@ -46,7 +46,9 @@ pub fn give(buf: Vec<u8>) {
     let Some(at) = kept(buf.len()).filter(|_| buf.capacity() == buf.len()) else {
         return;
     };
-    SPARE.with(|s| {
+    // A buffer dropped as its thread exits (its thread-local store gone
+    // already) is freed.
+    let _ = SPARE.try_with(|s| {
         let mut spare = s.borrow_mut();
         if (spare[at].len() + 1) * buf.len() <= KEPT_PER_SIZE {
             spare[at].push(buf);
