@@ -1,9 +1,10 @@
-//! The stream limit an HTTP/2 endpoint sets, read off its connection: the
-//! first frame a server sends is its SETTINGS (RFC 9113, 3.4), and its
-//! SETTINGS_MAX_CONCURRENT_STREAMS is how many requests one connection to
-//! it may carry at once. hyper keeps the peer's settings to itself, so the
-//! bytes are looked at as they pass, until that frame has (a later change
-//! of the setting is not followed); after it, a read costs one branch.
+//! The stream limit an HTTP/2 endpoint sets, read off its connection: a
+//! server's SETTINGS_MAX_CONCURRENT_STREAMS is how many requests one
+//! connection to it may carry at once, its first frame is a SETTINGS
+//! (RFC 9113, 3.4), and it may send others later. hyper keeps the peer's
+//! settings to itself, so the frames are looked at as their bytes pass:
+//! a read costs a look at each frame header in it, and a SETTINGS frame's
+//! payload is read.
 
 use std::{
     io,
@@ -19,26 +20,37 @@ use tokio::{
 
 use super::pool::Streams;
 
-/// SETTINGS, the frame type (RFC 9113, 6.5).
+/// SETTINGS, the frame type (RFC 9113, 6.5), and its ACK flag.
 const SETTINGS: u8 = 0x4;
+const ACK: u8 = 0x1;
 /// SETTINGS_MAX_CONCURRENT_STREAMS, the setting's identifier.
 const MAX_CONCURRENT_STREAMS: u16 = 0x3;
 /// A frame's header: length (24 bits), type, flags, stream (32 bits).
 const HEADER: usize = 9;
-/// A server's first SETTINGS frame longer than this is not read (its
-/// settings are six bytes each; RFC 9113 defines six of them).
+/// A SETTINGS frame longer than this is not read (settings are six bytes
+/// each; RFC 9113 defines six of them): what a peer can make this hold.
 const MOST: usize = 16 * 6;
 
-/// An endpoint's connection whose first frame's stream limit, when it
-/// sets one, limits its `streams`.
+/// An endpoint's connection whose SETTINGS frames' stream limit, when
+/// they set one, limits its `streams`.
 pub struct PeerSettings<T> {
     io: T,
     streams: Arc<Streams>,
-    /// The first frame's bytes so far; None once it has been read (or is
-    /// not one this looks at).
-    first: Option<Vec<u8>>,
-    /// Told once it has.
+    frames: Frames,
+    /// Told once the first frame has been read.
     read: Option<oneshot::Sender<()>>,
+}
+
+/// Where the bytes read so far stand among the frames.
+#[derive(Default)]
+struct Frames {
+    /// The header being read, and how much of it is in.
+    head: [u8; HEADER],
+    have: usize,
+    /// Payload bytes of the current frame still to come.
+    left: usize,
+    /// The current frame's payload when it is a SETTINGS being read.
+    settings: Option<Vec<u8>>,
 }
 
 impl<T> PeerSettings<T> {
@@ -51,41 +63,65 @@ impl<T> PeerSettings<T> {
         let watched = PeerSettings {
             io,
             streams,
-            first: Some(Vec::new()),
+            frames: Frames::default(),
             read: Some(read),
         };
         (watched, first_read)
     }
 
-    fn done(&mut self) {
-        self.first = None;
+    /// The first frame has been read (or the connection ended first).
+    fn first_read(&mut self) {
         if let Some(read) = self.read.take() {
             let _ = read.send(());
         }
     }
 
-    /// Takes in `bytes` just read, while the first frame is not whole.
-    fn look(&mut self, bytes: &[u8]) {
-        let Some(first) = self.first.as_mut() else {
-            return;
-        };
-        first.extend_from_slice(bytes);
-        if first.len() < HEADER {
-            return;
+    /// Takes in `bytes` just read.
+    fn look(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            let frames = &mut self.frames;
+            if frames.left > 0 {
+                let n = frames.left.min(bytes.len());
+                if let Some(payload) = frames.settings.as_mut() {
+                    payload.extend_from_slice(&bytes[..n]);
+                }
+                frames.left -= n;
+                bytes = &bytes[n..];
+                if frames.left == 0 {
+                    self.frame_read();
+                }
+                continue;
+            }
+            let n = (HEADER - frames.have).min(bytes.len());
+            frames.head[frames.have..frames.have + n].copy_from_slice(&bytes[..n]);
+            frames.have += n;
+            bytes = &bytes[n..];
+            if frames.have < HEADER {
+                return;
+            }
+            frames.have = 0;
+            let head = &frames.head;
+            let length =
+                usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+            if head[3] == SETTINGS && head[4] & ACK == 0 && length <= MOST {
+                frames.settings = Some(Vec::with_capacity(length));
+            }
+            frames.left = length;
+            if length == 0 {
+                self.frame_read();
+            }
         }
-        let length =
-            usize::from(first[0]) << 16 | usize::from(first[1]) << 8 | usize::from(first[2]);
-        if first[3] != SETTINGS || length > MOST {
-            return self.done();
+    }
+
+    /// A frame has been read whole: a SETTINGS frame's stream limit, if
+    /// it sets one, is the connection's from now on.
+    fn frame_read(&mut self) {
+        if let Some(payload) = self.frames.settings.take()
+            && let Some(most) = stream_limit(&payload)
+        {
+            self.streams.set_limit(most);
         }
-        if first.len() < HEADER + length {
-            return;
-        }
-        let payload = &first[HEADER..HEADER + length];
-        if let Some(most) = stream_limit(payload) {
-            self.streams.limit_to(most);
-        }
-        self.done();
+        self.first_read();
     }
 }
 
@@ -107,16 +143,14 @@ impl<T: AsyncRead + Unpin> AsyncRead for PeerSettings<T> {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let read = Pin::new(&mut self.io).poll_read(cx, buf);
-        if self.first.is_some() {
-            match &read {
-                Poll::Ready(Ok(())) if buf.filled().len() > before => {
-                    let this = &mut *self;
-                    this.look(&buf.filled()[before..]);
-                }
-                // It ended or failed first.
-                Poll::Ready(_) => self.done(),
-                Poll::Pending => {}
+        match &read {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                let this = &mut *self;
+                this.look(&buf.filled()[before..]);
             }
+            // It ended or failed.
+            Poll::Ready(_) => self.first_read(),
+            Poll::Pending => {}
         }
         read
     }
@@ -131,13 +165,17 @@ mod tests {
     use super::*;
 
     fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
+        frame_with(kind, 0, payload)
+    }
+
+    fn frame_with(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
         let n = payload.len();
         let mut f = vec![
             (n >> 16) as u8,
             (n >> 8) as u8,
             n as u8,
             kind,
-            0,
+            flags,
             0,
             0,
             0,
@@ -178,15 +216,38 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn only_a_lower_limit_in_the_first_frame_counts() {
+    async fn the_limit_is_at_least_one_and_at_most_ours() {
         let higher = frame(SETTINGS, &[0, 3, 0, 0, 1, 0]);
         assert_eq!(limit_after(&higher, 5).await, 100, "ours is the most");
         let none = frame(SETTINGS, &[0, 4, 0, 1, 0, 0]);
         assert_eq!(limit_after(&none, 5).await, 100, "no limit set");
         let zero = frame(SETTINGS, &[0, 3, 0, 0, 0, 0]);
         assert_eq!(limit_after(&zero, 5).await, 1, "at least one");
-        let mut later = frame(0x8, &[0, 0, 1, 0]);
-        later.extend(frame(SETTINGS, &[0, 3, 0, 0, 0, 5]));
-        assert_eq!(limit_after(&later, 5).await, 100, "not the first frame");
+    }
+
+    /// A server may change its limit at any time: each SETTINGS frame's
+    /// counts, lower or higher, and nothing else's (an ACK, a DATA
+    /// frame's payload that looks like one).
+    #[tokio::test]
+    async fn a_later_settings_frame_changes_the_limit() {
+        let first = frame(SETTINGS, &[0, 3, 0, 0, 0, 10]);
+        let mut bytes = first.clone();
+        bytes.extend(frame(0x8, &[0, 0, 1, 0]));
+        bytes.extend(frame(SETTINGS, &[0, 3, 0, 0, 0, 5]));
+        for chunk in [1, 7, 9, 20, bytes.len()] {
+            assert_eq!(
+                limit_after(&bytes, chunk).await,
+                5,
+                "lowered, {chunk} at a time"
+            );
+        }
+        let mut raised = first.clone();
+        raised.extend(frame(SETTINGS, &[0, 3, 0, 0, 0, 50]));
+        assert_eq!(limit_after(&raised, 4).await, 50, "raised");
+        let mut ack = first.clone();
+        ack.extend(frame_with(SETTINGS, ACK, &[]));
+        // A DATA frame whose payload is a SETTINGS frame's bytes.
+        ack.extend(frame(0x0, &frame(SETTINGS, &[0, 3, 0, 0, 0, 2])));
+        assert_eq!(limit_after(&ack, 3).await, 10, "only SETTINGS frames count");
     }
 }

@@ -97,10 +97,12 @@ impl Default for Streams {
 }
 
 impl Streams {
-    /// The endpoint allows at most `most` at once (at least one is kept:
-    /// a connection that takes none would be opened for nothing).
-    pub fn limit_to(&self, most: u32) {
-        self.limit.fetch_min(most.max(1), Ordering::AcqRel);
+    /// The endpoint allows at most `most` at once, from now on (at least
+    /// one is kept: a connection that takes none would be opened for
+    /// nothing; at most [`MAX_STREAMS_PER_CONNECTION`]).
+    pub fn set_limit(&self, most: u32) {
+        let most = most.clamp(1, MAX_STREAMS_PER_CONNECTION);
+        self.limit.store(most, Ordering::Release);
     }
 
     fn open(&self) -> u32 {
