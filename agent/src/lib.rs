@@ -88,6 +88,7 @@ pub mod daemon;
 pub mod discovery;
 pub mod drain;
 pub mod fastpath;
+pub mod h2frames;
 pub mod handover;
 pub mod lb;
 pub mod netns;

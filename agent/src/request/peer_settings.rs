@@ -8,6 +8,7 @@
 
 use std::{
     io,
+    ops::ControlFlow,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
@@ -19,14 +20,10 @@ use tokio::{
 };
 
 use super::pool::Streams;
+use crate::h2frames::{ACK, Frames, SETTINGS, Seen};
 
-/// SETTINGS, the frame type (RFC 9113, 6.5), and its ACK flag.
-const SETTINGS: u8 = 0x4;
-const ACK: u8 = 0x1;
 /// SETTINGS_MAX_CONCURRENT_STREAMS, the setting's identifier.
 const MAX_CONCURRENT_STREAMS: u16 = 0x3;
-/// A frame's header: length (24 bits), type, flags, stream (32 bits).
-const HEADER: usize = 9;
 /// A SETTINGS frame longer than this is not read (settings are six bytes
 /// each; RFC 9113 defines six of them): what a peer can make this hold.
 const MOST: usize = 16 * 6;
@@ -37,20 +34,10 @@ pub struct PeerSettings<T> {
     io: T,
     streams: Arc<Streams>,
     frames: Frames,
-    /// Told once the first frame has been read.
-    read: Option<oneshot::Sender<()>>,
-}
-
-/// Where the bytes read so far stand among the frames.
-#[derive(Default)]
-struct Frames {
-    /// The header being read, and how much of it is in.
-    head: [u8; HEADER],
-    have: usize,
-    /// Payload bytes of the current frame still to come.
-    left: usize,
     /// The current frame's payload when it is a SETTINGS being read.
     settings: Option<Vec<u8>>,
+    /// Told once the first frame has been read.
+    read: Option<oneshot::Sender<()>>,
 }
 
 impl<T> PeerSettings<T> {
@@ -64,6 +51,7 @@ impl<T> PeerSettings<T> {
             io,
             streams,
             frames: Frames::default(),
+            settings: None,
             read: Some(read),
         };
         (watched, first_read)
@@ -76,52 +64,38 @@ impl<T> PeerSettings<T> {
         }
     }
 
-    /// Takes in `bytes` just read.
-    fn look(&mut self, mut bytes: &[u8]) {
-        while !bytes.is_empty() {
-            let frames = &mut self.frames;
-            if frames.left > 0 {
-                let n = frames.left.min(bytes.len());
-                if let Some(payload) = frames.settings.as_mut() {
-                    payload.extend_from_slice(&bytes[..n]);
+    /// Takes in `bytes` just read: a SETTINGS frame's stream limit, if it
+    /// sets one, is the connection's from the frame's end on.
+    fn look(&mut self, bytes: &[u8]) {
+        let PeerSettings {
+            streams,
+            frames,
+            settings,
+            read,
+            ..
+        } = self;
+        let _ = frames.walk(bytes, |seen| {
+            match seen {
+                Seen::Header(h) if h.kind == SETTINGS && h.flags & ACK == 0 && h.len <= MOST => {
+                    *settings = Some(Vec::with_capacity(h.len));
                 }
-                frames.left -= n;
-                bytes = &bytes[n..];
-                if frames.left == 0 {
-                    self.frame_read();
+                Seen::Payload(_, part) => {
+                    if let Some(payload) = settings.as_mut() {
+                        payload.extend_from_slice(part);
+                    }
                 }
-                continue;
+                Seen::End(_) => {
+                    if let Some(most) = settings.take().and_then(|p| stream_limit(&p)) {
+                        streams.set_limit(most);
+                    }
+                    if let Some(read) = read.take() {
+                        let _ = read.send(());
+                    }
+                }
+                Seen::Header(_) => {}
             }
-            let n = (HEADER - frames.have).min(bytes.len());
-            frames.head[frames.have..frames.have + n].copy_from_slice(&bytes[..n]);
-            frames.have += n;
-            bytes = &bytes[n..];
-            if frames.have < HEADER {
-                return;
-            }
-            frames.have = 0;
-            let head = &frames.head;
-            let length =
-                usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
-            if head[3] == SETTINGS && head[4] & ACK == 0 && length <= MOST {
-                frames.settings = Some(Vec::with_capacity(length));
-            }
-            frames.left = length;
-            if length == 0 {
-                self.frame_read();
-            }
-        }
-    }
-
-    /// A frame has been read whole: a SETTINGS frame's stream limit, if
-    /// it sets one, is the connection's from now on.
-    fn frame_read(&mut self) {
-        if let Some(payload) = self.frames.settings.take()
-            && let Some(most) = stream_limit(&payload)
-        {
-            self.streams.set_limit(most);
-        }
-        self.first_read();
+            ControlFlow::Continue(())
+        });
     }
 }
 

@@ -20,6 +20,7 @@
 
 use std::{
     io,
+    ops::ControlFlow,
     pin::Pin,
     sync::{
         Arc,
@@ -32,6 +33,8 @@ use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     sync::Notify,
 };
+
+use crate::h2frames::{Frames, Header, RST_STREAM, Seen};
 
 /// The most held back: a whole TLS record's plaintext.
 pub(super) const BATCH: usize = 16 * 1024;
@@ -72,69 +75,38 @@ impl RefusedStreams {
     }
 }
 
-/// Follows a stream of HTTP/2 frames as written, frame by frame, however
-/// the writes cut it.
+/// The RST_STREAM(REFUSED_STREAM) frames in a stream of HTTP/2 frames as
+/// written, however the writes cut it.
 #[derive(Debug, Default)]
 struct FrameScan {
-    /// The current frame's header and, for a RST_STREAM, its error code.
-    head: [u8; 13],
+    frames: Frames,
+    /// A RST_STREAM's error code, and how much of it is in.
+    code: [u8; 4],
     have: usize,
-    /// Payload bytes of the current frame still to pass over.
-    skip: usize,
 }
 
-const FRAME_HEADER: usize = 9;
-const RST_STREAM: u8 = 0x3;
 const REFUSED_STREAM: u32 = 0x7;
 
 impl FrameScan {
-    /// The current frame's payload length (its header is complete).
-    fn payload_len(&self) -> usize {
-        usize::from(self.head[0]) << 16 | usize::from(self.head[1]) << 8 | usize::from(self.head[2])
-    }
-
-    /// Whether the header read so far is a RST_STREAM's, whose 4-byte
-    /// code is read with it.
-    fn code_follows(&self) -> bool {
-        self.have >= FRAME_HEADER && self.head[3] == RST_STREAM && self.payload_len() == 4
-    }
-
     /// The RST_STREAM(REFUSED_STREAM) frames that `bytes` completes.
-    fn refusals_in(&mut self, mut bytes: &[u8]) -> u64 {
+    fn refusals_in(&mut self, bytes: &[u8]) -> u64 {
         let mut refused = 0;
-        while !bytes.is_empty() {
-            if self.skip > 0 {
-                let n = self.skip.min(bytes.len());
-                self.skip -= n;
-                bytes = &bytes[n..];
-                continue;
+        let (code, have) = (&mut self.code, &mut self.have);
+        let reset = |h: Header| h.kind == RST_STREAM && h.len == 4;
+        let _ = self.frames.walk(bytes, |seen| {
+            match seen {
+                Seen::Payload(h, part) if reset(h) => {
+                    code[*have..*have + part.len()].copy_from_slice(part);
+                    *have += part.len();
+                }
+                Seen::End(h) if reset(h) => {
+                    refused += u64::from(u32::from_be_bytes(*code) == REFUSED_STREAM);
+                    *have = 0;
+                }
+                _ => {}
             }
-            let want = if self.code_follows() {
-                FRAME_HEADER + 4
-            } else {
-                FRAME_HEADER
-            };
-            let n = (want - self.have).min(bytes.len());
-            self.head[self.have..self.have + n].copy_from_slice(&bytes[..n]);
-            self.have += n;
-            bytes = &bytes[n..];
-            if self.have < want {
-                continue;
-            }
-            if want == FRAME_HEADER && self.code_follows() {
-                continue;
-            }
-            let payload = self.payload_len();
-            if want > FRAME_HEADER {
-                let code =
-                    u32::from_be_bytes([self.head[9], self.head[10], self.head[11], self.head[12]]);
-                refused += u64::from(code == REFUSED_STREAM);
-                self.skip = payload - 4;
-            } else {
-                self.skip = payload;
-            }
-            self.have = 0;
-        }
+            ControlFlow::Continue(())
+        });
         refused
     }
 }
@@ -312,7 +284,8 @@ mod tests {
             let mut scan = FrameScan::default();
             let seen: u64 = frames.chunks(cut).map(|c| scan.refusals_in(c)).sum();
             assert_eq!(seen, 2, "writes of {cut} bytes");
-            assert_eq!((scan.have, scan.skip), (0, 0), "ends between frames");
+            let between = scan.frames.between_frames();
+            assert_eq!((scan.have, between), (0, true), "ends between frames");
         }
     }
 }

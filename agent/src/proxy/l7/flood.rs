@@ -7,6 +7,7 @@
 
 use std::{
     io,
+    ops::ControlFlow,
     pin::Pin,
     sync::{
         Arc,
@@ -17,7 +18,10 @@ use std::{
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::resilience::RateLimiter;
+use crate::{
+    h2frames::{ACK, Frames, PING, SETTINGS, Seen},
+    resilience::RateLimiter,
+};
 
 /// What a client may send: this many PING and SETTINGS frames at once,
 /// then this many a second.
@@ -26,9 +30,6 @@ const CONTROL_PER_SECOND: u32 = 100;
 
 /// The client connection preface, before the first frame.
 const PREFACE_LEN: usize = 24;
-const PING: u8 = 0x6;
-const SETTINGS: u8 = 0x4;
-const ACK: u8 = 0x1;
 
 /// Why the guard ended a connection: the I/O error h2 sees (which keeps
 /// only its message, so the guard also raises [`FloodGuard::tripped`]).
@@ -38,10 +39,7 @@ pub(super) struct Flooded;
 
 pub(super) struct FloodGuard<T> {
     io: T,
-    /// Bytes still to pass before the next frame header.
-    skip: usize,
-    header: [u8; 9],
-    have: usize,
+    frames: Frames,
     control: RateLimiter,
     /// Raised when the guard ends the connection.
     tripped: Arc<AtomicBool>,
@@ -51,9 +49,7 @@ impl<T> FloodGuard<T> {
     pub(super) fn new(io: T) -> FloodGuard<T> {
         FloodGuard {
             io,
-            skip: PREFACE_LEN,
-            header: [0; 9],
-            have: 0,
+            frames: Frames::after(PREFACE_LEN),
             control: RateLimiter::new(CONTROL_PER_SECOND, CONTROL_BURST, false),
             tripped: Arc::default(),
         }
@@ -66,33 +62,19 @@ impl<T> FloodGuard<T> {
     }
 
     /// Follows the frames through `bytes`; false once a flood is seen.
-    fn watch(&mut self, mut bytes: &[u8]) -> bool {
-        while !bytes.is_empty() {
-            if self.skip > 0 {
-                let n = self.skip.min(bytes.len());
-                self.skip -= n;
-                bytes = &bytes[n..];
-                continue;
-            }
-            let n = (9 - self.have).min(bytes.len());
-            self.header[self.have..self.have + n].copy_from_slice(&bytes[..n]);
-            self.have += n;
-            bytes = &bytes[n..];
-            if self.have < 9 {
-                break;
-            }
-            self.have = 0;
-            let h = &self.header;
-            self.skip = usize::from(h[0]) << 16 | usize::from(h[1]) << 8 | usize::from(h[2]);
-            let (kind, flags) = (h[3], h[4]);
-            if matches!(kind, PING | SETTINGS)
-                && flags & ACK == 0
-                && self.control.admit(None).is_err()
+    fn watch(&mut self, bytes: &[u8]) -> bool {
+        let control = &mut self.control;
+        let walked = self.frames.walk(bytes, |seen| match seen {
+            Seen::Header(h)
+                if matches!(h.kind, PING | SETTINGS)
+                    && h.flags & ACK == 0
+                    && control.admit(None).is_err() =>
             {
-                return false;
+                ControlFlow::Break(())
             }
-        }
-        true
+            _ => ControlFlow::Continue(()),
+        });
+        walked.is_continue()
     }
 }
 
