@@ -239,18 +239,10 @@ fn a_leaving_agent_answers_a_token_it_does_not_keep_503() {
 /// a GOAWAY (it would open no stream after one, nor take a PING): they
 /// are taken out of what it is handed.
 const H2_ACROSS_GOAWAY: &str = r#"
-import socket, ssl, sys
 import h2.config, h2.connection, h2.events
 
-host, port, cert, key, target = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
-ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-ctx.check_hostname = False
-ctx.verify_mode = ssl.CERT_NONE
-ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-ctx.load_cert_chain(cert, key)
-ctx.set_alpn_protocols(["h2"])
-sock = ctx.wrap_socket(socket.create_connection((host, port), timeout=20),
-                       server_hostname="ledger.payments.sluice")
+target = args[0]
+sock = tls(20)
 conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, validate_outbound_headers=False))
 conn.initiate_connection()
 sock.sendall(conn.data_to_send())

@@ -318,7 +318,7 @@ pub(crate) fn python_h2_peer(
     );
     std::fs::write(&cert_path, cert.pem()).unwrap();
     std::fs::write(&key_path, key.serialize_pem()).unwrap();
-    std::fs::write(&script_path, script).unwrap();
+    std::fs::write(&script_path, format!("{H2_PEER_PRELUDE}{script}")).unwrap();
     // Debian's Python, which has Debian's h2 (`cargo xtask setup`
     // installs python3-h2); the `python3` on PATH may be another.
     let mut cmd = std::process::Command::new("/usr/bin/python3");
@@ -338,20 +338,32 @@ pub(crate) fn python_h2_peer(
     out
 }
 
-pub(crate) const H2_CLIENT: &str = r#"
+/// What every script [`python_h2_peer`] runs begins with: its arguments
+/// (node B's address and inbound port, the certificate and key, then
+/// `args`), and `tls(timeout)`, a TLS 1.3 connection to node B's inbound
+/// port with the certificate, offering h2.
+const H2_PEER_PRELUDE: &str = r#"
 import socket, ssl, sys
-import h2.config, h2.connection, h2.events
 
 host, port, cert, key = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-targets = sys.argv[5:]
+args = sys.argv[5:]
 ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
 ctx.check_hostname = False
 ctx.verify_mode = ssl.CERT_NONE
 ctx.minimum_version = ssl.TLSVersion.TLSv1_3
 ctx.load_cert_chain(cert, key)
 ctx.set_alpn_protocols(["h2"])
-sock = ctx.wrap_socket(socket.create_connection((host, port), timeout=10),
-                       server_hostname="ledger.payments.sluice")
+
+def tls(timeout=10):
+    return ctx.wrap_socket(socket.create_connection((host, port), timeout=timeout),
+                           server_hostname="ledger.payments.sluice")
+"#;
+
+pub(crate) const H2_CLIENT: &str = r#"
+import h2.config, h2.connection, h2.events
+
+targets = args
+sock = tls()
 assert sock.selected_alpn_protocol() == "h2", sock.selected_alpn_protocol()
 conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, validate_outbound_headers=False))
 conn.initiate_connection()
@@ -456,20 +468,9 @@ fn certificate_rotation_retires_tunnels_without_failing_a_stream() {
 }
 
 const H2_ABUSE: &str = r#"
-import socket, ssl, sys
 import h2.config, h2.connection, h2.errors, h2.events, h2.settings
 
-host, port, cert, key, ledger = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
-ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-ctx.check_hostname = False
-ctx.verify_mode = ssl.CERT_NONE
-ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-ctx.load_cert_chain(cert, key)
-ctx.set_alpn_protocols(["h2"])
-
-def tls():
-    return ctx.wrap_socket(socket.create_connection((host, port), timeout=10),
-                           server_hostname="ledger.payments.sluice")
+ledger = args[0]
 
 class Peer:
     def __init__(self):
