@@ -6,7 +6,7 @@
 use std::{
     io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::{Child, Command, Stdio},
     time::Instant,
 };
 
@@ -63,12 +63,85 @@ fn cargo_fuzz(subcommand: &str) -> Command {
 }
 
 pub fn run(args: FuzzArgs) -> anyhow::Result<()> {
+    // One build for every target, so the time bound below is all fuzzing.
+    run_cmd(&mut cargo_fuzz("build"))?;
+    run_built(args)
+}
+
+/// The fuzz build running at the lowest CPU priority beside whatever comes
+/// next: `cargo xtask test`'s test run leaves about half of two cores idle
+/// (it waits on sockets and timers), and the fuzz build, the largest step
+/// after the test build, takes that half instead of minutes of its own.
+/// Its output goes to a log, printed when it fails. Dropped unfinished (a
+/// step before it failed), it stops the build.
+pub struct BackgroundBuild {
+    child: Option<Child>,
+    log: PathBuf,
+    started: Instant,
+}
+
+impl BackgroundBuild {
+    pub fn start() -> anyhow::Result<BackgroundBuild> {
+        let log = crate::target_dir().join("fuzz-build.log");
+        std::fs::create_dir_all(crate::target_dir())?;
+        let out =
+            std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
+        let build = cargo_fuzz("build");
+        let mut cmd = Command::new("nice");
+        cmd.args(["-n", "19"])
+            .arg(build.get_program())
+            .args(build.get_args())
+            .current_dir(workspace_root())
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out);
+        println!(
+            "==> in the background, at the lowest priority: {} (log: {})",
+            display(&cmd),
+            log.display()
+        );
+        let child = cmd.spawn().context("cannot start the fuzz build")?;
+        Ok(BackgroundBuild {
+            child: Some(child),
+            log,
+            started: Instant::now(),
+        })
+    }
+
+    /// Waits for the build; its error ends with the log's last lines.
+    pub fn finish(mut self) -> anyhow::Result<()> {
+        let mut child = self.child.take().expect("finished once");
+        let status = child.wait().context("wait for the fuzz build")?;
+        let seconds = self.started.elapsed().as_secs();
+        if !status.success() {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+            bail!(
+                "the fuzz build failed ({status}) after {seconds} s; the end of {}:\n{tail}",
+                self.log.display()
+            );
+        }
+        println!("fuzz build: done, {seconds} s after it started");
+        Ok(())
+    }
+}
+
+impl Drop for BackgroundBuild {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs the targets of a finished fuzz build.
+pub fn run_built(args: FuzzArgs) -> anyhow::Result<()> {
     let targets: Vec<&str> = match &args.target {
         Some(t) => vec![t.as_str()],
         None => TARGETS.to_vec(),
     };
-    // One build for every target, so the time bound below is all fuzzing.
-    run_cmd(&mut cargo_fuzz("build"))?;
     // The targets run side by side: each still gets its full time, and
     // CI's two cores finish all three in the time of one.
     let results: Vec<anyhow::Result<String>> = std::thread::scope(|scope| {

@@ -164,17 +164,22 @@ fn test() -> anyhow::Result<()> {
     // The tests name everything they make after this run, and every
     // process they start inherits the name: whatever is left is theirs.
     let test_run = format!("x{}", std::process::id());
-    let tests = run_tests(
-        cargo()
-            .args([
-                "test",
-                "--workspace",
-                "--exclude",
-                "sluice-ebpf",
-                "--all-targets",
-            ])
-            .env(names::RUN_VAR, &test_run),
-    );
+    let test_cmd = || {
+        let mut cmd = cargo();
+        cmd.args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "sluice-ebpf",
+            "--all-targets",
+        ]);
+        cmd
+    };
+    // The test build first, with both cores; the fuzz build then takes
+    // what the test run and the smoke benches leave idle.
+    run(test_cmd().arg("--no-run"))?;
+    let fuzz_build = fuzz::BackgroundBuild::start()?;
+    let tests = run_tests(test_cmd().env(names::RUN_VAR, &test_run));
     let left = leftovers::find(&test_run);
     for thing in &left {
         println!("left behind by the tests: {thing}");
@@ -190,9 +195,6 @@ fn test() -> anyhow::Result<()> {
     // The Kubernetes install: schema-valid manifests, an agent config the
     // agent accepts.
     run(Command::new("bash").arg("config/kubernetes/validate.sh"))?;
-    // What the agent parses from outside (config, preamble, certificates)
-    // under libFuzzer, a bounded time per target.
-    fuzz::run(fuzz::FuzzArgs::from_env()?)?;
     // The benchmark harness as a smoke test: every path must carry
     // traffic. With the agent the tests ran (`cargo xtask bench` measures
     // the release build).
@@ -209,6 +211,10 @@ fn test() -> anyhow::Result<()> {
     bench::run(smoke(true, false))?;
     // And the request rows, every path carrying requests.
     bench::run(smoke(false, true))?;
+    // What the agent parses from outside (config, preamble, certificates)
+    // under libFuzzer, a bounded time per target.
+    fuzz_build.finish()?;
+    fuzz::run_built(fuzz::FuzzArgs::from_env()?)?;
     // Last line: the totals, for whoever reads the end of the log.
     println!("{totals}");
     Ok(())
