@@ -148,6 +148,83 @@ PY",
     );
 }
 
+/// An idle keep-alive connection is not closed at the request head's
+/// timeout (10 s): a workload's connection to node A's agent, and node A's
+/// pooled connection over the tunnel to node B's agent (which serves it
+/// request by request: the ledger has request rules), both outlive 12 s
+/// without a request, so a POST without an idempotency key (never sent
+/// again) after that pause is answered, over the same connections. A head
+/// that never ends is cut 10 s after its first byte, and counted.
+#[test]
+fn idle_keep_alive_connections_outlive_the_head_timeout_on_both_agents() {
+    let pair = NodePair::new();
+    let backend = pair
+        .b
+        .run(|| HttpBackend::start("ledger", Answer::Status(200)));
+    let vip: SocketAddr = "127.77.8.44:8080".parse().unwrap();
+    let client = Workload::new("client", "payments", "checkout");
+    let ledger = Workload::new("ledger", "payments", "ledger").authorization(Authorization {
+        default: Decision::Allow,
+        allow: vec![],
+        deny: vec![],
+        requests: vec![RequestRule {
+            from: vec![],
+            methods: vec![],
+            paths: vec!["/admin/*".into()],
+            decision: Decision::Deny,
+        }],
+    });
+    let nodes = HttpNodes::new(&pair, (vip, &[backend.addr]), vec![client], ledger, false);
+    let a = Agent::start_in_netns(&nodes.a_cfg, &pair.a);
+    let _b = Agent::start_in_netns(&nodes.b_cfg, &pair.b);
+    let script = format!(
+        "python3 - <<'PY'
+import http.client, socket, time
+c = http.client.HTTPConnection('{ip}', {port}, timeout=30)
+def post():
+    c.request('POST', '/pay', body=b'x' * 64)
+    r = c.getresponse()
+    r.read()
+    return r.status
+print('first', post())
+slow = socket.create_connection(('{ip}', {port}))
+slow.sendall(b'GET /pay HTTP/1.1\\r\\nHo')
+time.sleep(12)
+slow.settimeout(20)
+print('unfinished head', slow.recv(100))
+print('after 12 s', post())
+PY",
+        ip = vip.ip(),
+        port = vip.port()
+    );
+    let out = a.client_command(&script).output().unwrap();
+    assert_eq!(
+        lines(&out),
+        ["first 200", "unfinished head b''", "after 12 s 200"],
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(backend.requests(), 2, "{:?}", backend.arrivals());
+    let metric = |name: &str| a.metrics().sum(name, &[("side", "client")]);
+    assert_eq!(
+        metric("sluice_tunnel_streams_opened_total"),
+        1.0,
+        "node A's pooled connection to node B's agent did not last"
+    );
+    assert_eq!(backend.connections(), 1);
+    let refused = || {
+        a.metrics().sum(
+            "sluice_request_connection_refusals_total",
+            &[("reason", "header_timeout")],
+        )
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || refused() == 1.0),
+        "{}",
+        refused()
+    );
+}
+
 /// Requests in flight when the endpoint's node agent is upgraded are
 /// answered: a keep-alive connection of POSTs without an idempotency key
 /// (never sent twice), each taking 20 ms at the endpoint, while node B's

@@ -32,6 +32,7 @@ use tokio::{
 
 use super::{
     answers::{Asking, Reply, answer, workload_refuses},
+    between::{Answered, Between, INBOUND_IDLE},
     serve_http,
 };
 use crate::{
@@ -102,8 +103,11 @@ pub(in crate::proxy) async fn serve<C>(
     };
     let shared = Arc::new((inputs, target, caller, to_workload));
     let metrics = shared.clone();
+    let between = Between::new(INBOUND_IDLE);
+    let watch = between.clone();
     let requests = service_fn(move |request: Request<Incoming>| {
         let shared = shared.clone();
+        let in_flight = between.request();
         async move {
             let (inputs, target, caller, to_workload) = &*shared;
             let (parts, body) = request.into_parts();
@@ -113,22 +117,27 @@ pub(in crate::proxy) async fn serve<C>(
                 workload: None,
                 service: None,
             };
-            if let Some((_, refused)) = workload_refuses(inputs, target, &asking, &parts, grpc) {
-                return Ok::<Reply<Incoming>, Infallible>(refused);
-            }
-            let request = Request::from_parts(parts, UpBody::streamed(body));
-            Ok(match to_workload.send(request).await {
-                Ok(response) => response.map(http_body_util::Either::Left),
-                Err(e) => {
-                    debug!("inbound request from {peer} to {}: {e}", target.addr);
-                    let why = "the workload failed the request";
-                    answer(grpc, StatusCode::BAD_GATEWAY, why)
-                }
-            })
+            let reply: Reply<Incoming> =
+                match workload_refuses(inputs, target, &asking, &parts, grpc) {
+                    Some((_, refused)) => refused,
+                    None => {
+                        let request = Request::from_parts(parts, UpBody::streamed(body));
+                        match to_workload.send(request).await {
+                            Ok(response) => response.map(http_body_util::Either::Left),
+                            Err(e) => {
+                                debug!("inbound request from {peer} to {}: {e}", target.addr);
+                                let why = "the workload failed the request";
+                                answer(grpc, StatusCode::BAD_GATEWAY, why)
+                            }
+                        }
+                    }
+                };
+            Ok::<_, Infallible>(reply.map(|body| Answered::new(body, in_flight)))
         }
     });
     let metrics = &metrics.0.metrics.requests;
-    if let Err(e) = serve_http(client, !http2, requests, drain, metrics).await {
+    let watching = (drain, &watch);
+    if let Err(e) = serve_http(client, !http2, requests, watching, metrics).await {
         debug!("inbound requests from {peer}: {e}");
     }
 }

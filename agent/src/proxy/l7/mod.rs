@@ -20,6 +20,7 @@
 //! GOAWAY), and its client's next request goes to the successor.
 
 mod answers;
+mod between;
 mod call;
 mod counted;
 mod flood;
@@ -46,6 +47,7 @@ use tokio::{
 
 pub(super) use self::counted::Counted;
 use self::{
+    between::{Answered, Between, Expired, Heads},
     call::{Call, Note},
     flood::FloodGuard,
     forward::{Answer, forward},
@@ -66,10 +68,6 @@ use crate::{
         requests::{ConnectionRefusal, RequestCounters, RequestMetrics},
     },
 };
-
-/// A request's head must arrive within this, or its connection is closed
-/// (a client that sends nothing, or bytes that never make a request).
-const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Serves `client` (a workload's connection to `service`) as HTTP/1.1 or
 /// HTTP/2 until it closes.
@@ -101,8 +99,11 @@ pub(super) async fn serve(
         None,
     );
     let client = Counted::new(client, life.bytes());
+    let between = Between::new(service.policy.idle_timeout);
+    let watch = between.clone();
     let requests = service_fn(move |mut request: Request<Incoming>| {
         let (ctx, service, source) = (ctx.clone(), service.clone(), source.clone());
+        let in_flight = between.request();
         async move {
             let started = Instant::now();
             let note = Note::default();
@@ -144,14 +145,14 @@ pub(super) async fn serve(
             if let Some(asked) = asked {
                 log_request(&call, &asked, &response, took);
             }
-            Ok::<_, Infallible>(response)
+            Ok::<_, Infallible>(response.map(|body| Answered::new(body, in_flight)))
         }
     });
     let served = serve_http(
         client,
         http1,
         requests,
-        drain,
+        (drain, &watch),
         &metrics.inputs.metrics.requests,
     );
     let Err(e) = served.await else {
@@ -170,21 +171,46 @@ fn counters<'a>(ctx: &OutboundContext, service: &'a Service) -> &'a RequestCount
     })
 }
 
+/// How an HTTP connection to the agent ended, when not by its client's
+/// close or the agent's drain.
+#[derive(Debug)]
+enum Ended {
+    Http(hyper::Error),
+    /// A request head took over [`between::HEAD_TIMEOUT`].
+    HeadTimeout,
+}
+
+impl std::fmt::Display for Ended {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ended::Http(e) => e.fmt(f),
+            Ended::HeadTimeout => write!(
+                f,
+                "no whole request head within {} s of its first byte",
+                between::HEAD_TIMEOUT.as_secs()
+            ),
+        }
+    }
+}
+
 /// Serves `client` as HTTP/1.1 or HTTP/2 (prior knowledge, its control
 /// frames watched by a [`FloodGuard`]) with `requests` until it closes.
 /// When the agent drains (an upgrade, a stop), the connection ends
 /// gracefully: HTTP/1.1 after the request in hand, its answer saying
 /// `Connection: close`; HTTP/2 with GOAWAY, its open streams answered. The
-/// client opens its next connection to the successor. A connection cut
-/// for what the client sent (malformed, too large, too slow, a flood) is
-/// counted in `metrics` by why. Returns how it ended.
+/// client opens its next connection to the successor. An HTTP/1.1
+/// connection also ends gracefully after its idle limit without a request,
+/// and is cut when a request head takes too long ([`Between`], whose
+/// requests `requests` reports). A connection cut for what the client sent
+/// (malformed, too large, too slow, a flood) is counted in `metrics` by
+/// why. Returns how it ended.
 async fn serve_http<I, S, B>(
     client: I,
     http1: bool,
     requests: S,
-    mut drain: DrainWatch,
+    (mut drain, between): (DrainWatch, &Arc<Between>),
     metrics: &RequestMetrics,
-) -> hyper::Result<()>
+) -> Result<(), Ended>
 where
     I: AsyncRead + AsyncWrite + Send + Unpin,
     S: HttpService<Incoming, ResBody = B>,
@@ -194,12 +220,34 @@ where
     TokioExecutor: Http2ServerConnExec<S::Future, B>,
 {
     if http1 {
+        // No timer: hyper's header read timeout would also be an idle
+        // limit (see `between`).
+        let client = Heads::new(client, between.clone());
         let connection = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .header_read_timeout(None)
             .serve_connection(TokioIo::new(client), requests);
-        let connection = std::pin::pin!(connection);
-        let served = ending_on_drain(connection, &mut drain, |c| c.graceful_shutdown()).await;
+        let mut connection = std::pin::pin!(connection);
+        let mut draining = false;
+        let served = loop {
+            tokio::select! {
+                served = connection.as_mut() => break served.map_err(Ended::Http),
+                () = drain.draining(), if !draining => {
+                    draining = true;
+                    connection.as_mut().graceful_shutdown();
+                }
+                expired = between.expired(), if !draining => match expired {
+                    // Between requests: hyper closes it at once.
+                    Expired::Idle => {
+                        draining = true;
+                        connection.as_mut().graceful_shutdown();
+                    }
+                    Expired::Head => {
+                        metrics.refused(ConnectionRefusal::HeaderTimeout);
+                        return Err(Ended::HeadTimeout);
+                    }
+                },
+            }
+        };
         if let Some(why) = served.as_ref().err().and_then(refusal) {
             metrics.refused(why);
         }
@@ -211,7 +259,9 @@ where
         .timer(TokioTimer::new())
         .serve_connection(TokioIo::new(guard), requests);
     let connection = std::pin::pin!(connection);
-    let served = ending_on_drain(connection, &mut drain, |c| c.graceful_shutdown()).await;
+    let served = ending_on_drain(connection, &mut drain, |c| c.graceful_shutdown())
+        .await
+        .map_err(Ended::Http);
     let why = match flooded.load(std::sync::atomic::Ordering::Relaxed) {
         true => Some(ConnectionRefusal::Http2Flood),
         false => served.as_ref().err().and_then(refusal),
@@ -305,16 +355,16 @@ fn log_request(call: &Call<'_>, asked: &Asked, response: &Answer, took: std::tim
 
 /// Why the HTTP server closed a connection, when it refused it (rather
 /// than the client going away).
-fn refusal(e: &hyper::Error) -> Option<ConnectionRefusal> {
+fn refusal(e: &Ended) -> Option<ConnectionRefusal> {
+    let Ended::Http(e) = e else {
+        return Some(ConnectionRefusal::HeaderTimeout);
+    };
     use std::error::Error as _;
     if e.is_parse_too_large() {
         return Some(ConnectionRefusal::TooLarge);
     }
     if e.is_parse() || e.is_parse_status() {
         return Some(ConnectionRefusal::Malformed);
-    }
-    if e.is_timeout() {
-        return Some(ConnectionRefusal::HeaderTimeout);
     }
     let h2 = e.source()?.downcast_ref::<h2::Error>()?;
     // Sent by this side: the peer broke the protocol or abused it.
