@@ -33,6 +33,15 @@ pub(crate) enum Answer {
     ResetMidBody,
     /// Answers 200 this many milliseconds after the request arrived.
     Slow(u64),
+    /// Answers 200 saying `Keep-Alive: timeout=1`, and closes a
+    /// connection that has no next request within this many milliseconds
+    /// (as Node.js servers do, after 5 s).
+    IdleClose(u64),
+    /// Says `Keep-Alive: timeout=1` too, but drops a request that comes
+    /// on a connection quiet for longer than this many milliseconds
+    /// without a word: what a client sees when its request crosses the
+    /// server's close.
+    CrossedClose(u64),
 }
 
 /// An HTTP/1.1 server that logs every request it gets (`METHOD path`, the
@@ -99,7 +108,12 @@ impl HttpBackend {
 fn serve(conn: std::net::TcpStream, name: &str, answer: Answer, log: &Mutex<Vec<String>>) {
     let mut writer = conn.try_clone().unwrap();
     let mut reader = BufReader::new(conn);
+    let mut answered = std::time::Instant::now();
     loop {
+        if let Answer::IdleClose(ms) = answer {
+            let idle = Some(Duration::from_millis(ms));
+            reader.get_ref().set_read_timeout(idle).unwrap();
+        }
         let mut first = String::new();
         let (mut length, mut key, mut chunked) = (0, String::new(), false);
         let mut traceparent = String::new();
@@ -108,7 +122,14 @@ fn serve(conn: std::net::TcpStream, name: &str, answer: Answer, log: &Mutex<Vec<
             match reader.read_line(&mut line) {
                 Ok(0) | Err(_) => return,
                 Ok(_) if line == "\r\n" => break,
-                Ok(_) if first.is_empty() => first = line,
+                Ok(_) if first.is_empty() => {
+                    if let Answer::CrossedClose(ms) = answer
+                        && answered.elapsed() > Duration::from_millis(ms)
+                    {
+                        return;
+                    }
+                    first = line
+                }
                 Ok(_) => {
                     let lower = line.to_ascii_lowercase();
                     if let Some(v) = lower.strip_prefix("content-length:") {
@@ -139,6 +160,18 @@ fn serve(conn: std::net::TcpStream, name: &str, answer: Answer, log: &Mutex<Vec<
             Answer::Slow(ms) => {
                 std::thread::sleep(Duration::from_millis(ms));
                 200
+            }
+            Answer::IdleClose(_) | Answer::CrossedClose(_) => {
+                let body = format!("{name}\n");
+                let answer = format!(
+                    "HTTP/1.1 200 X\r\nKeep-Alive: timeout=1\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                if writer.write_all(answer.as_bytes()).is_err() {
+                    return;
+                }
+                answered = std::time::Instant::now();
+                continue;
             }
             Answer::Never => {
                 // Holds the connection without a word until the client goes.
@@ -901,6 +934,43 @@ PY",
 /// A workload's HTTP connection to a request service is listed by
 /// `sluice conns` while it is open (the service, the address dialled, its
 /// bytes each way), and leaves the list when it closes.
+/// An endpoint that says how long it keeps a quiet connection
+/// (`Keep-Alive: timeout=1`): the agent sends no request on a kept
+/// connection past that, so a POST without an idempotency key 1.2 s after
+/// the one before goes on a new connection and is answered. (The endpoint
+/// here drops a request that comes later on an old connection, as a
+/// request crossing the server's close is lost: before, that POST got
+/// 502.)
+#[test]
+fn a_kept_connection_is_not_used_past_the_endpoints_keep_alive_timeout() {
+    let vip: SocketAddr = "127.77.8.28:8080".parse().unwrap();
+    let backend = HttpBackend::start("ledger", Answer::CrossedClose(1000));
+    let config = AgentConfig::with(|c| {
+        let ledger = Workload::new("ledger", "payments", "ledger");
+        to_ledger(c, vip, &backend, ledger)
+    });
+    let agent = Agent::start(&config);
+    let script = format!(
+        "python3 - <<'PY'
+import http.client, time
+c = http.client.HTTPConnection('{}', {}, timeout=30)
+for i in range(2):
+    if i:
+        time.sleep(1.2)
+    c.request('POST', '/pay', body=b'x' * 64)
+    r = c.getresponse()
+    r.read()
+    print(r.status)
+PY",
+        vip.ip(),
+        vip.port()
+    );
+    let out = agent.client_command(&script).output().unwrap();
+    assert_eq!(lines(&out), ["200", "200"], "{}", agent.log());
+    assert_eq!(backend.requests(), 2, "{:?}", backend.arrivals());
+    assert_eq!(backend.connections(), 2);
+}
+
 #[test]
 fn an_http_connection_is_listed_with_its_bytes_while_open() {
     let vip: SocketAddr = "127.77.8.27:8080".parse().unwrap();

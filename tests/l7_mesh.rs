@@ -163,17 +163,7 @@ fn idle_keep_alive_connections_outlive_the_head_timeout_on_both_agents() {
         .run(|| HttpBackend::start("ledger", Answer::Status(200)));
     let vip: SocketAddr = "127.77.8.44:8080".parse().unwrap();
     let client = Workload::new("client", "payments", "checkout");
-    let ledger = Workload::new("ledger", "payments", "ledger").authorization(Authorization {
-        default: Decision::Allow,
-        allow: vec![],
-        deny: vec![],
-        requests: vec![RequestRule {
-            from: vec![],
-            methods: vec![],
-            paths: vec!["/admin/*".into()],
-            decision: Decision::Deny,
-        }],
-    });
+    let ledger = Workload::new("ledger", "payments", "ledger").authorization(admin_denied());
     let nodes = HttpNodes::new(&pair, (vip, &[backend.addr]), vec![client], ledger, false);
     let a = Agent::start_in_netns(&nodes.a_cfg, &pair.a);
     let _b = Agent::start_in_netns(&nodes.b_cfg, &pair.b);
@@ -223,6 +213,68 @@ PY",
         "{}",
         refused()
     );
+}
+
+/// An endpoint that closes idle keep-alive connections (as Node.js
+/// servers do after 5 s; here 1 s, saying `Keep-Alive: timeout=1`) behind
+/// node B's agent, which serves node A's stream to it request by request
+/// (the ledger has request rules): POSTs without an idempotency key (never
+/// sent again) 1.5 s apart on one keep-alive connection are all answered,
+/// each reaching the endpoint once.
+#[test]
+fn posts_to_an_endpoint_that_closes_idle_connections_are_answered() {
+    let pair = NodePair::new();
+    let backend = pair
+        .b
+        .run(|| HttpBackend::start("ledger", Answer::IdleClose(1000)));
+    let vip: SocketAddr = "127.77.8.45:8080".parse().unwrap();
+    let client = Workload::new("client", "payments", "checkout");
+    let ledger = Workload::new("ledger", "payments", "ledger").authorization(admin_denied());
+    let nodes = HttpNodes::new(&pair, (vip, &[backend.addr]), vec![client], ledger, false);
+    let a = Agent::start_in_netns(&nodes.a_cfg, &pair.a);
+    let _b = Agent::start_in_netns(&nodes.b_cfg, &pair.b);
+    let script = format!(
+        "python3 - <<'PY'
+import http.client, time
+c = http.client.HTTPConnection('{}', {}, timeout=30)
+for i in range(3):
+    if i:
+        time.sleep(1.5)
+    c.request('POST', '/pay', body=b'x' * 64)
+    r = c.getresponse()
+    r.read()
+    print(r.status)
+PY",
+        vip.ip(),
+        vip.port()
+    );
+    let out = a.client_command(&script).output().unwrap();
+    assert_eq!(
+        lines(&out),
+        ["200", "200", "200"],
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(backend.requests(), 3, "{:?}", backend.arrivals());
+    // Node B's agent connected again for each: the endpoint had closed
+    // (or was about to close) the connection before.
+    assert_eq!(backend.connections(), 3);
+}
+
+/// Request rules that deny `/admin/*` to everyone: enough for node B's
+/// agent to serve a stream to the workload request by request.
+fn admin_denied() -> Authorization {
+    Authorization {
+        default: Decision::Allow,
+        allow: vec![],
+        deny: vec![],
+        requests: vec![RequestRule {
+            from: vec![],
+            methods: vec![],
+            paths: vec!["/admin/*".into()],
+            decision: Decision::Deny,
+        }],
+    }
 }
 
 /// Requests in flight when the endpoint's node agent is upgraded are

@@ -183,6 +183,9 @@ struct Pooled<S> {
     carried: u32,
     via: Via,
     streams: Arc<Streams>,
+    /// When the endpoint's `Keep-Alive: timeout` is nearly up: past it,
+    /// the connection takes no request (HTTP/1.1).
+    until: Option<tokio::time::Instant>,
 }
 
 /// One endpoint's connections.
@@ -304,8 +307,9 @@ impl EndpointPool {
         }
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         // A connection still carrying a response body stays for later;
-        // one the endpoint closed goes.
-        idle.retain(|p| !p.sender.is_closed());
+        // one the endpoint closed, or is about to close, goes.
+        let now = tokio::time::Instant::now();
+        idle.retain(|p| !p.sender.is_closed() && p.until.is_none_or(|until| now < until));
         loop {
             let ready = idle
                 .iter()
@@ -322,14 +326,19 @@ impl EndpointPool {
 
     /// Keeps `sender` for the next request: an HTTP/1.1 connection once
     /// its answer is in (it takes the next request when its body is
-    /// read) unless it has carried `most` requests or its tunnel
-    /// connection is going away. Gives back the request's stream slot
-    /// (HTTP/2), to keep until its response has ended.
+    /// read, for at most `fresh_for` from now when the answer said how
+    /// long the endpoint keeps it: [`keep_alive_for`]) unless it has
+    /// carried `most` requests or its tunnel connection is going away.
+    /// Gives back the request's stream slot (HTTP/2), to keep until its
+    /// response has ended.
+    ///
+    /// [`keep_alive_for`]: super::rules::keep_alive_for
     pub fn keep(
         &self,
         sender: Sender,
         owner: Option<&Identity>,
         most: Option<u32>,
+        fresh_for: Option<Duration>,
     ) -> Option<StreamSlot> {
         match sender {
             Sender::Http1(_, _, via) if !usable(&via) => None,
@@ -344,6 +353,7 @@ impl EndpointPool {
                         carried,
                         via,
                         streams: Arc::default(),
+                        until: fresh_for.map(|f| tokio::time::Instant::now() + f),
                     });
                 }
                 None
@@ -381,6 +391,7 @@ impl EndpointPool {
             // Counts the request it was opened for while that one still
             // holds its slot.
             streams: slot.as_ref().map_or_else(Arc::default, |s| s.0.clone()),
+            until: None,
         });
     }
 }

@@ -225,6 +225,22 @@ pub fn pushback(headers: &HeaderMap, grpc: bool) -> Pushback {
     }
 }
 
+/// How long an endpoint's connection may still be used after an answer
+/// whose `Keep-Alive: timeout=N` says the endpoint closes it N seconds
+/// quiet (Node.js says 5): a little less, so that no request goes out as
+/// it closes (one that did could not be sent again if it were a POST).
+/// None without the hint.
+pub fn keep_alive_for(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(HeaderName::from_static("keep-alive"))?;
+    let seconds = value.to_str().ok()?.split(',').find_map(|param| {
+        let (name, n) = param.split_once('=')?;
+        let n = n.trim().trim_matches('"');
+        (name.trim().eq_ignore_ascii_case("timeout")).then(|| n.parse::<u32>().ok())?
+    })?;
+    let hinted = Duration::from_secs(seconds.into());
+    Some(hinted - (hinted / 4).min(Duration::from_secs(1)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -321,5 +337,17 @@ mod tests {
         assert!(policy.grpc_retryable(GRPC_UNAVAILABLE));
         assert!(!policy.grpc_retryable(13));
         assert!(!policy.grpc_retryable(99));
+    }
+
+    #[test]
+    fn a_keep_alive_timeout_is_used_a_little_less_than_it_says() {
+        let for_ = |v: &'static str| keep_alive_for(&headers(&[("keep-alive", v)]));
+        assert_eq!(for_("timeout=5"), Some(Duration::from_secs(4)));
+        assert_eq!(for_("max=100, Timeout=60"), Some(Duration::from_secs(59)));
+        assert_eq!(for_("timeout=\"2\""), Some(Duration::from_millis(1500)));
+        assert_eq!(for_("timeout=0"), Some(Duration::ZERO));
+        assert_eq!(for_("max=100"), None);
+        assert_eq!(for_("timeout=soon"), None);
+        assert_eq!(keep_alive_for(&headers(&[])), None);
     }
 }

@@ -37,7 +37,8 @@ use crate::{
         FallbackTo, Pushback, Sender, UpBody,
         pool::handshake,
         rules::{
-            GRPC_TIMEOUT, grpc_status, grpc_timeout, grpc_timeout_value, pushback, strip_hop_by_hop,
+            GRPC_TIMEOUT, grpc_status, grpc_timeout, grpc_timeout_value, keep_alive_for, pushback,
+            strip_hop_by_hop,
         },
     },
     resilience::{Outcome, Overflow},
@@ -378,7 +379,7 @@ async fn send(call: &Call<'_>, outgoing: &mut Outgoing, may_fall_back: bool) -> 
         };
         tried.add(chosen.index);
         let stream = match fresh || matches!(sender, Sender::Http1(..)) {
-            true => pool.keep(sender, owner, most),
+            true => pool.keep(sender, owner, most, keep_alive_for(response.headers())),
             false => sender.stream_slot(),
         };
         let status = response.status();
