@@ -308,8 +308,11 @@ impl EndpointPool {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         // A connection still carrying a response body stays for later;
         // one the endpoint closed, or is about to close, goes.
-        let now = tokio::time::Instant::now();
-        idle.retain(|p| !p.sender.is_closed() && p.until.is_none_or(|until| now < until));
+        idle.retain(|p| {
+            !p.sender.is_closed()
+                && p.until
+                    .is_none_or(|until| tokio::time::Instant::now() < until)
+        });
         loop {
             let ready = idle
                 .iter()

@@ -90,6 +90,9 @@ pub const GRPC_DEADLINE_EXCEEDED: u16 = 4;
 /// gRPC's UNAVAILABLE.
 pub const GRPC_UNAVAILABLE: u16 = 14;
 
+/// HTTP/1.1's `Keep-Alive` (hop-by-hop; its `timeout` read on the way).
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+
 /// The fields that concern one hop only (RFC 9110 section 7.6.1), `te`
 /// second: its one HTTP/2 value, `trailers`, stays.
 const HOP_BY_HOP: [HeaderName; 7] = [
@@ -98,7 +101,7 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     http::header::TRANSFER_ENCODING,
     http::header::UPGRADE,
     http::header::PROXY_AUTHENTICATE,
-    HeaderName::from_static("keep-alive"),
+    KEEP_ALIVE,
     HeaderName::from_static("proxy-connection"),
 ];
 
@@ -231,7 +234,7 @@ pub fn pushback(headers: &HeaderMap, grpc: bool) -> Pushback {
 /// it closes (one that did could not be sent again if it were a POST).
 /// None without the hint.
 pub fn keep_alive_for(headers: &HeaderMap) -> Option<Duration> {
-    let value = headers.get(HeaderName::from_static("keep-alive"))?;
+    let value = headers.get(KEEP_ALIVE)?;
     let seconds = value.to_str().ok()?.split(',').find_map(|param| {
         let (name, n) = param.split_once('=')?;
         let n = n.trim().trim_matches('"');
