@@ -90,9 +90,6 @@ pub const GRPC_DEADLINE_EXCEEDED: u16 = 4;
 /// gRPC's UNAVAILABLE.
 pub const GRPC_UNAVAILABLE: u16 = 14;
 
-/// HTTP/1.1's `Keep-Alive` (hop-by-hop; its `timeout` read on the way).
-const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-
 /// The fields that concern one hop only (RFC 9110 section 7.6.1), `te`
 /// second: its one HTTP/2 value, `trailers`, stays.
 const HOP_BY_HOP: [HeaderName; 7] = [
@@ -101,7 +98,7 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     http::header::TRANSFER_ENCODING,
     http::header::UPGRADE,
     http::header::PROXY_AUTHENTICATE,
-    KEEP_ALIVE,
+    HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
 ];
 
@@ -109,8 +106,9 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 /// connection's own headers and those it names. Each side of the agent
 /// frames its messages itself, so a caller's `Transfer-Encoding`,
 /// `Connection: close` or `Upgrade` does not reach the endpoint, nor the
-/// endpoint's the caller.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+/// endpoint's the caller. Returns how long the connection may still be
+/// used when a `Keep-Alive` said ([`keep_alive_for`]), read before it goes.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) -> Option<Duration> {
     use http::header::{CONNECTION, TE};
     // Twice per request: one pass over the names finds those present
     // (most messages carry none, or only `Connection: keep-alive`), where
@@ -126,8 +124,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         }
     }
     if present == 0 {
-        return;
+        return None;
     }
+    // `keep-alive`'s place in HOP_BY_HOP.
+    let keep_alive = (present & (1 << 5) != 0)
+        .then(|| keep_alive_for(headers))
+        .flatten();
     if present & 1 != 0 {
         // Those the list removes anyway (but `te`, which a `Connection`
         // naming it removes whole) are not looked up twice.
@@ -160,6 +162,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if trailers && !headers.contains_key(TE) {
         headers.insert(TE, HeaderValue::from_static("trailers"));
     }
+    keep_alive
 }
 
 /// A call's `grpc-timeout` (gRPC over HTTP/2: up to 8 digits and a unit);
@@ -234,7 +237,7 @@ pub fn pushback(headers: &HeaderMap, grpc: bool) -> Pushback {
 /// it closes (one that did could not be sent again if it were a POST).
 /// None without the hint.
 pub fn keep_alive_for(headers: &HeaderMap) -> Option<Duration> {
-    let value = headers.get(KEEP_ALIVE)?;
+    let value = headers.get(&HOP_BY_HOP[5])?;
     let seconds = value.to_str().ok()?.split(',').find_map(|param| {
         let (name, n) = param.split_once('=')?;
         let n = n.trim().trim_matches('"');
@@ -352,5 +355,10 @@ mod tests {
         assert_eq!(for_("max=100"), None);
         assert_eq!(for_("timeout=soon"), None);
         assert_eq!(keep_alive_for(&headers(&[])), None);
+        // Read as it is stripped.
+        let mut answer = headers(&[("connection", "keep-alive"), ("keep-alive", "timeout=5")]);
+        assert_eq!(strip_hop_by_hop(&mut answer), Some(Duration::from_secs(4)));
+        assert!(answer.is_empty(), "{answer:?}");
+        assert_eq!(strip_hop_by_hop(&mut headers(&[("x-a", "1")])), None);
     }
 }

@@ -37,8 +37,7 @@ use crate::{
         FallbackTo, Pushback, Sender, UpBody,
         pool::handshake,
         rules::{
-            GRPC_TIMEOUT, grpc_status, grpc_timeout, grpc_timeout_value, keep_alive_for, pushback,
-            strip_hop_by_hop,
+            GRPC_TIMEOUT, grpc_status, grpc_timeout, grpc_timeout_value, pushback, strip_hop_by_hop,
         },
     },
     resilience::{Outcome, Overflow},
@@ -378,8 +377,9 @@ async fn send(call: &Call<'_>, outgoing: &mut Outgoing, may_fall_back: bool) -> 
             }
         };
         tried.add(chosen.index);
+        let fresh_for = strip_hop_by_hop(response.headers_mut());
         let stream = match fresh || matches!(sender, Sender::Http1(..)) {
-            true => pool.keep(sender, owner, most, keep_alive_for(response.headers())),
+            true => pool.keep(sender, owner, most, fresh_for),
             false => sender.stream_slot(),
         };
         let status = response.status();
@@ -411,7 +411,6 @@ async fn send(call: &Call<'_>, outgoing: &mut Outgoing, may_fall_back: bool) -> 
             sleep(wait).await;
             continue;
         }
-        strip_hop_by_hop(response.headers_mut());
         let verdict = Verdict {
             service: service.clone(),
             chosen,
