@@ -161,18 +161,7 @@ fn serve(conn: std::net::TcpStream, name: &str, answer: Answer, log: &Mutex<Vec<
                 std::thread::sleep(Duration::from_millis(ms));
                 200
             }
-            Answer::IdleClose(_) | Answer::CrossedClose(_) => {
-                let body = format!("{name}\n");
-                let answer = format!(
-                    "HTTP/1.1 200 X\r\nKeep-Alive: timeout=1\r\nContent-Length: {}\r\n\r\n{body}",
-                    body.len()
-                );
-                if writer.write_all(answer.as_bytes()).is_err() {
-                    return;
-                }
-                answered = std::time::Instant::now();
-                continue;
-            }
+            Answer::IdleClose(_) | Answer::CrossedClose(_) => 200,
             Answer::Never => {
                 // Holds the connection without a word until the client goes.
                 let _ = reader.read(&mut [0; 1]);
@@ -186,14 +175,19 @@ fn serve(conn: std::net::TcpStream, name: &str, answer: Answer, log: &Mutex<Vec<
                 return;
             }
         };
+        let keep_alive = match answer {
+            Answer::IdleClose(_) | Answer::CrossedClose(_) => "Keep-Alive: timeout=1\r\n",
+            _ => "",
+        };
         let body = format!("{name}\n");
         let answer = format!(
-            "HTTP/1.1 {status} X\r\nContent-Length: {}\r\n\r\n{body}",
+            "HTTP/1.1 {status} X\r\n{keep_alive}Content-Length: {}\r\n\r\n{body}",
             body.len()
         );
         if writer.write_all(answer.as_bytes()).is_err() {
             return;
         }
+        answered = std::time::Instant::now();
     }
 }
 
@@ -256,6 +250,34 @@ PY",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// `n` POSTs without an idempotency key, `apart` seconds apart, on one
+/// keep-alive connection to `vip` from the client workload: each answer's
+/// status.
+pub(crate) fn posts_apart(agent: &Agent, vip: SocketAddr, n: usize, apart: f64) -> Vec<String> {
+    let script = format!(
+        "python3 - <<'PY'
+import http.client, time
+c = http.client.HTTPConnection('{}', {}, timeout=30)
+for i in range({n}):
+    if i:
+        time.sleep({apart})
+    c.request('POST', '/pay', body=b'x' * 64)
+    r = c.getresponse()
+    r.read()
+    print(r.status)
+PY",
+        vip.ip(),
+        vip.port()
+    );
+    let out = agent.client_command(&script).output().expect("run python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    lines(&out)
 }
 
 fn gets(agent: &Agent, vip: SocketAddr, n: usize) -> String {
@@ -950,23 +972,12 @@ fn a_kept_connection_is_not_used_past_the_endpoints_keep_alive_timeout() {
         to_ledger(c, vip, &backend, ledger)
     });
     let agent = Agent::start(&config);
-    let script = format!(
-        "python3 - <<'PY'
-import http.client, time
-c = http.client.HTTPConnection('{}', {}, timeout=30)
-for i in range(2):
-    if i:
-        time.sleep(1.2)
-    c.request('POST', '/pay', body=b'x' * 64)
-    r = c.getresponse()
-    r.read()
-    print(r.status)
-PY",
-        vip.ip(),
-        vip.port()
+    assert_eq!(
+        posts_apart(&agent, vip, 2, 1.2),
+        ["200", "200"],
+        "{}",
+        agent.log()
     );
-    let out = agent.client_command(&script).output().unwrap();
-    assert_eq!(lines(&out), ["200", "200"], "{}", agent.log());
     assert_eq!(backend.requests(), 2, "{:?}", backend.arrivals());
     assert_eq!(backend.connections(), 2);
 }

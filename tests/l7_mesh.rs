@@ -10,7 +10,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use crate::{
     grpc::{Servers, calls_started, said},
-    l7::{Answer, HttpBackend, send, two_callers_against_a_limit},
+    l7::{Answer, HttpBackend, posts_apart, send, two_callers_against_a_limit},
     support::*,
     tunnels::{H2_CLIENT, python_h2_peer},
 };
@@ -158,13 +158,8 @@ PY",
 #[test]
 fn idle_keep_alive_connections_outlive_the_head_timeout_on_both_agents() {
     let pair = NodePair::new();
-    let backend = pair
-        .b
-        .run(|| HttpBackend::start("ledger", Answer::Status(200)));
     let vip: SocketAddr = "127.77.8.44:8080".parse().unwrap();
-    let client = Workload::new("client", "payments", "checkout");
-    let ledger = Workload::new("ledger", "payments", "ledger").authorization(admin_denied());
-    let nodes = HttpNodes::new(&pair, (vip, &[backend.addr]), vec![client], ledger, false);
+    let (backend, nodes) = checked_ledger(&pair, Answer::Status(200), vip);
     let a = Agent::start_in_netns(&nodes.a_cfg, &pair.a);
     let _b = Agent::start_in_netns(&nodes.b_cfg, &pair.b);
     let script = format!(
@@ -224,36 +219,15 @@ PY",
 #[test]
 fn posts_to_an_endpoint_that_closes_idle_connections_are_answered() {
     let pair = NodePair::new();
-    let backend = pair
-        .b
-        .run(|| HttpBackend::start("ledger", Answer::IdleClose(1000)));
     let vip: SocketAddr = "127.77.8.45:8080".parse().unwrap();
-    let client = Workload::new("client", "payments", "checkout");
-    let ledger = Workload::new("ledger", "payments", "ledger").authorization(admin_denied());
-    let nodes = HttpNodes::new(&pair, (vip, &[backend.addr]), vec![client], ledger, false);
+    let (backend, nodes) = checked_ledger(&pair, Answer::IdleClose(1000), vip);
     let a = Agent::start_in_netns(&nodes.a_cfg, &pair.a);
     let _b = Agent::start_in_netns(&nodes.b_cfg, &pair.b);
-    let script = format!(
-        "python3 - <<'PY'
-import http.client, time
-c = http.client.HTTPConnection('{}', {}, timeout=30)
-for i in range(3):
-    if i:
-        time.sleep(1.5)
-    c.request('POST', '/pay', body=b'x' * 64)
-    r = c.getresponse()
-    r.read()
-    print(r.status)
-PY",
-        vip.ip(),
-        vip.port()
-    );
-    let out = a.client_command(&script).output().unwrap();
     assert_eq!(
-        lines(&out),
+        posts_apart(&a, vip, 3, 1.5),
         ["200", "200", "200"],
         "{}",
-        String::from_utf8_lossy(&out.stderr)
+        a.log()
     );
     assert_eq!(backend.requests(), 3, "{:?}", backend.arrivals());
     // Node B's agent connected again for each: the endpoint had closed
@@ -261,10 +235,14 @@ PY",
     assert_eq!(backend.connections(), 3);
 }
 
-/// Request rules that deny `/admin/*` to everyone: enough for node B's
-/// agent to serve a stream to the workload request by request.
-fn admin_denied() -> Authorization {
-    Authorization {
+/// A backend answering `answer` on node B, the `ledger` workload with
+/// request rules that deny `/admin/*` to everyone (enough for node B's
+/// agent to serve a stream to it request by request), and the client on
+/// node A calling it at `vip`.
+fn checked_ledger(pair: &NodePair, answer: Answer, vip: SocketAddr) -> (HttpBackend, HttpNodes) {
+    let backend = pair.b.run(move || HttpBackend::start("ledger", answer));
+    let client = Workload::new("client", "payments", "checkout");
+    let ledger = Workload::new("ledger", "payments", "ledger").authorization(Authorization {
         default: Decision::Allow,
         allow: vec![],
         deny: vec![],
@@ -274,7 +252,9 @@ fn admin_denied() -> Authorization {
             paths: vec!["/admin/*".into()],
             decision: Decision::Deny,
         }],
-    }
+    });
+    let nodes = HttpNodes::new(pair, (vip, &[backend.addr]), vec![client], ledger, false);
+    (backend, nodes)
 }
 
 /// Requests in flight when the endpoint's node agent is upgraded are

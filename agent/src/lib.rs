@@ -73,6 +73,19 @@ macro_rules! write_through {
     };
 }
 
+/// Reads into `buf` from `io`; on success, the bytes this read added
+/// (none at the end of the stream). For the wrappers that watch what they
+/// read; their writes pass through (`write_through!`).
+pub(crate) fn poll_read_added<'b, T: tokio::io::AsyncRead + Unpin>(
+    io: &mut T,
+    cx: &mut std::task::Context<'_>,
+    buf: &'b mut tokio::io::ReadBuf<'_>,
+) -> std::task::Poll<std::io::Result<&'b [u8]>> {
+    let before = buf.filled().len();
+    std::task::ready!(std::pin::Pin::new(io).poll_read(cx, buf))?;
+    std::task::Poll::Ready(Ok(&buf.filled()[before..]))
+}
+
 pub mod accept;
 pub mod admin;
 pub mod audit;

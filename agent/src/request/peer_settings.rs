@@ -115,18 +115,17 @@ impl<T: AsyncRead + Unpin> AsyncRead for PeerSettings<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let read = Pin::new(&mut self.io).poll_read(cx, buf);
-        match &read {
-            Poll::Ready(Ok(())) if buf.filled().len() > before => {
-                let this = &mut *self;
-                this.look(&buf.filled()[before..]);
-            }
+        let this = &mut *self;
+        match crate::poll_read_added(&mut this.io, cx, buf) {
+            Poll::Ready(Ok(added)) if !added.is_empty() => this.look(added),
             // It ended or failed.
-            Poll::Ready(_) => self.first_read(),
-            Poll::Pending => {}
+            Poll::Ready(read) => {
+                this.first_read();
+                return Poll::Ready(read.map(|_| ()));
+            }
+            Poll::Pending => return Poll::Pending,
         }
-        read
+        Poll::Ready(Ok(()))
     }
 }
 

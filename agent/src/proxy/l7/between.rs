@@ -187,9 +187,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Heads<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        ready!(Pin::new(&mut self.io).poll_read(cx, buf))?;
-        if buf.filled().len() > before {
+        if !ready!(crate::poll_read_added(&mut self.io, cx, buf))?.is_empty() {
             self.between.read();
         }
         Poll::Ready(Ok(()))

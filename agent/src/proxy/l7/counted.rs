@@ -31,10 +31,8 @@ impl<T: AsyncRead + Unpin> AsyncRead for Counted<'_, T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        ready!(Pin::new(&mut self.io).poll_read(cx, buf))?;
-        let read = (buf.filled().len() - before) as u64;
-        self.bytes.sent.fetch_add(read, Ordering::Relaxed);
+        let read = ready!(crate::poll_read_added(&mut self.io, cx, buf))?.len();
+        self.bytes.sent.fetch_add(read as u64, Ordering::Relaxed);
         Poll::Ready(Ok(()))
     }
 }

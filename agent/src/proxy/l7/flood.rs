@@ -84,10 +84,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for FloodGuard<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        ready!(Pin::new(&mut self.io).poll_read(cx, buf))?;
         let this = &mut *self;
-        if !this.watch(&buf.filled()[before..]) {
+        let added = ready!(crate::poll_read_added(&mut this.io, cx, buf))?;
+        if !this.watch(added) {
             this.tripped.store(true, Ordering::Relaxed);
             return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, Flooded)));
         }
