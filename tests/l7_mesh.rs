@@ -59,17 +59,7 @@ fn rate_limits_and_request_rules_hold_for_callers_on_other_nodes() {
             burst: 10,
             per_source: true,
         })
-        .authorization(Authorization {
-            default: Decision::Allow,
-            allow: vec![],
-            deny: vec![],
-            requests: vec![RequestRule {
-                from: vec![],
-                methods: vec![],
-                paths: vec!["/admin/*".into()],
-                decision: Decision::Deny,
-            }],
-        });
+        .authorization(admin_denied());
     let callers = vec![
         Workload::new("client", "payments", "checkout"),
         Workload::new("batch", "payments", "batch"),
@@ -235,14 +225,10 @@ fn posts_to_an_endpoint_that_closes_idle_connections_are_answered() {
     assert_eq!(backend.connections(), 3);
 }
 
-/// A backend answering `answer` on node B, the `ledger` workload with
-/// request rules that deny `/admin/*` to everyone (enough for node B's
-/// agent to serve a stream to it request by request), and the client on
-/// node A calling it at `vip`.
-fn checked_ledger(pair: &NodePair, answer: Answer, vip: SocketAddr) -> (HttpBackend, HttpNodes) {
-    let backend = pair.b.run(move || HttpBackend::start("ledger", answer));
-    let client = Workload::new("client", "payments", "checkout");
-    let ledger = Workload::new("ledger", "payments", "ledger").authorization(Authorization {
+/// Request rules that deny `/admin/*` to everyone: enough for node B's
+/// agent to serve a stream to the workload request by request.
+fn admin_denied() -> Authorization {
+    Authorization {
         default: Decision::Allow,
         allow: vec![],
         deny: vec![],
@@ -252,7 +238,17 @@ fn checked_ledger(pair: &NodePair, answer: Answer, vip: SocketAddr) -> (HttpBack
             paths: vec!["/admin/*".into()],
             decision: Decision::Deny,
         }],
-    });
+    }
+}
+
+/// A backend answering `answer` on node B, the `ledger` workload with
+/// request rules that deny `/admin/*` to everyone (enough for node B's
+/// agent to serve a stream to it request by request), and the client on
+/// node A calling it at `vip`.
+fn checked_ledger(pair: &NodePair, answer: Answer, vip: SocketAddr) -> (HttpBackend, HttpNodes) {
+    let backend = pair.b.run(move || HttpBackend::start("ledger", answer));
+    let client = Workload::new("client", "payments", "checkout");
+    let ledger = Workload::new("ledger", "payments", "ledger").authorization(admin_denied());
     let nodes = HttpNodes::new(pair, (vip, &[backend.addr]), vec![client], ledger, false);
     (backend, nodes)
 }
