@@ -319,6 +319,97 @@ fn an_http2_abuse_corpus_is_refused_and_a_good_stream_loses_nothing() {
 }
 
 /// Connections to request services the agent refused, by `reason`.
+/// A workload's connection with no request for its service's idle limit
+/// (`timeouts.idle`, 1 s here) ends gracefully between requests: HTTP/1.1
+/// closed after its last answer, HTTP/2 with GOAWAY (NO_ERROR). Neither
+/// is counted as a refusal.
+#[test]
+fn quiet_connections_end_gracefully_at_the_idle_limit() {
+    let (h1, h2) = (
+        "127.77.8.33:8080".parse::<SocketAddr>().unwrap(),
+        "127.77.8.34:8080".parse::<SocketAddr>().unwrap(),
+    );
+    let backend = crate::l7::HttpBackend::start("b1", crate::l7::Answer::Status(200));
+    let (h2_backend, _) = h2c_backend();
+    let idle = Timeouts {
+        idle: Some(Duration::from_secs(1)),
+        ..Timeouts::default()
+    };
+    let config = AgentConfig::new(&[
+        service("pay-h1", &h1.to_string(), &[backend.addr])
+            .protocol("http")
+            .timeouts(idle.clone()),
+        service("pay-h2", &h2.to_string(), &[h2_backend])
+            .protocol("http2")
+            .timeouts(idle),
+    ]);
+    let agent = Agent::start(&config);
+    let script = format!(
+        "/usr/bin/python3 - <<'PY'
+import socket, time
+import h2.config, h2.connection, h2.events
+s = socket.create_connection(('{h1_ip}', {h1_port}), timeout=10)
+s.sendall(b'GET / HTTP/1.1\\r\\nHost: pay\\r\\n\\r\\n')
+print('http/1.1', s.recv(100).split(b' ')[1].decode())
+start = time.monotonic()
+while s.recv(100):
+    pass
+print('http/1.1 closed', 0.9 < time.monotonic() - start < 9)
+s = socket.create_connection(('{h2_ip}', {h2_port}), timeout=10)
+c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+c.initiate_connection()
+c.send_headers(1, [(':method', 'GET'), (':scheme', 'http'), (':authority', 'pay'), (':path', '/')], end_stream=True)
+s.sendall(c.data_to_send())
+# Frame by frame: hyper's graceful GOAWAY is followed by a PING that
+# h2 refuses once the connection is terminated.
+start, said, pending = None, None, b''
+while said is None:
+    data = s.recv(65536)
+    if not data:
+        said = 'closed without goaway'
+    pending += data
+    while said is None and len(pending) >= 9:
+        size = int.from_bytes(pending[:3], 'big') + 9
+        if len(pending) < size:
+            break
+        frame, pending = pending[:size], pending[size:]
+        for event in c.receive_data(frame):
+            if isinstance(event, h2.events.StreamEnded):
+                start = time.monotonic()
+                print('http/2 answered')
+            if isinstance(event, h2.events.ConnectionTerminated):
+                said = 'goaway %d' % event.error_code
+    if said is None:
+        s.sendall(c.data_to_send())
+print('http/2', said, start is not None and 0.9 < time.monotonic() - start < 9)
+PY",
+        h1_ip = h1.ip(),
+        h1_port = h1.port(),
+        h2_ip = h2.ip(),
+        h2_port = h2.port(),
+    );
+    let out = agent.client_command(&script).output().unwrap();
+    assert_eq!(
+        lines(&out),
+        [
+            "http/1.1 200",
+            "http/1.1 closed True",
+            "http/2 answered",
+            "http/2 goaway 0 True"
+        ],
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for reason in [
+        "malformed",
+        "header_timeout",
+        "http2_protocol",
+        "http2_flood",
+    ] {
+        assert_eq!(refused(&agent, reason), 0.0, "{reason}");
+    }
+}
+
 fn refused(agent: &Agent, reason: &str) -> f64 {
     agent.metrics().sum(
         "sluice_request_connection_refusals_total",

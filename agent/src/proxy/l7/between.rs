@@ -89,15 +89,18 @@ impl Between {
     /// Resolves when the connection has had no request for its idle limit,
     /// or a head has taken over [`HEAD_TIMEOUT`]; never while a request is
     /// in flight. It looks at least every [`HEAD_TIMEOUT`] (a head that
-    /// begins wakes nothing, so that reads cost no wake-up) and, once it
-    /// sees a head, wakes when that head's time is up.
+    /// begins, or a request that ends, wakes nothing, so that requests
+    /// cost no wake-up) and, once it sees a head, wakes when that head's
+    /// time is up: a quiet connection ends at most `min(idle, 10 s)` late.
     pub(super) async fn expired(&self) -> Expired {
         let head_ms = HEAD_TIMEOUT.as_millis() as Millis;
         let idle_ms = self.idle.as_millis() as Millis;
         loop {
             let now = now_ms();
             let wait_ms = if self.in_flight.load(Ordering::Acquire) > 0 {
-                head_ms
+                // Its end wakes nothing either: look again within the
+                // idle limit, so that one quiet from then is seen in time.
+                head_ms.min(idle_ms)
             } else {
                 match self.head_began.load(Ordering::Acquire) {
                     0 => {
@@ -229,6 +232,27 @@ mod tests {
         assert!(
             took >= HEAD_TIMEOUT && took <= HEAD_TIMEOUT + Duration::from_millis(5),
             "closed {took:?} after the head began"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_short_idle_limit_is_kept_after_a_request_the_watch_first_saw_in_flight() {
+        let idle = Duration::from_secs(1);
+        let between = Between::new(idle);
+        let in_flight = between.request();
+        let watching = tokio::spawn({
+            let between = between.clone();
+            async move { between.expired().await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(in_flight);
+        let ended = tokio::time::Instant::now();
+        let why = tokio::time::timeout(Duration::from_secs(5), watching).await;
+        assert_eq!(why.ok().and_then(Result::ok), Some(Expired::Idle));
+        let late = ended.elapsed();
+        assert!(
+            late >= idle && late <= idle * 2,
+            "ended {late:?} after the request"
         );
     }
 

@@ -226,28 +226,9 @@ where
         let connection = hyper::server::conn::http1::Builder::new()
             .header_read_timeout(None)
             .serve_connection(TokioIo::new(client), requests);
-        let mut connection = std::pin::pin!(connection);
-        let mut draining = false;
-        let served = loop {
-            tokio::select! {
-                served = connection.as_mut() => break served.map_err(Ended::Http),
-                () = drain.draining(), if !draining => {
-                    draining = true;
-                    connection.as_mut().graceful_shutdown();
-                }
-                expired = between.expired(), if !draining => match expired {
-                    // Between requests: hyper closes it at once.
-                    Expired::Idle => {
-                        draining = true;
-                        connection.as_mut().graceful_shutdown();
-                    }
-                    Expired::Head => {
-                        metrics.refused(ConnectionRefusal::HeaderTimeout);
-                        return Err(Ended::HeadTimeout);
-                    }
-                },
-            }
-        };
+        let connection = std::pin::pin!(connection);
+        let served =
+            serve_between(connection, &mut drain, between, |c| c.graceful_shutdown()).await;
         if let Some(why) = served.as_ref().err().and_then(refusal) {
             metrics.refused(why);
         }
@@ -259,9 +240,9 @@ where
         .timer(TokioTimer::new())
         .serve_connection(TokioIo::new(guard), requests);
     let connection = std::pin::pin!(connection);
-    let served = ending_on_drain(connection, &mut drain, |c| c.graceful_shutdown())
-        .await
-        .map_err(Ended::Http);
+    // Only HTTP/1.1's reads are watched for heads: this one ends only
+    // gracefully, at the idle limit (GOAWAY) or the drain.
+    let served = serve_between(connection, &mut drain, between, |c| c.graceful_shutdown()).await;
     let why = match flooded.load(std::sync::atomic::Ordering::Relaxed) {
         true => Some(ConnectionRefusal::Http2Flood),
         false => served.as_ref().err().and_then(refusal),
@@ -272,18 +253,32 @@ where
     served
 }
 
-/// Serves `connection` to its end; when the agent drains first, asks it
-/// to end gracefully (`shutdown`) and serves it to that end.
-async fn ending_on_drain<F: Future>(
+/// Serves `connection` to its end. When the agent drains, or the
+/// connection has had no request for its idle limit, it is asked to end
+/// gracefully (`shutdown`: between requests HTTP/1.1 closes at once,
+/// HTTP/2 says GOAWAY) and served to that end; a request head that takes
+/// too long ([`Between`]) cuts it.
+async fn serve_between<F: Future<Output = hyper::Result<()>>>(
     mut connection: Pin<&mut F>,
     drain: &mut DrainWatch,
-    shutdown: impl FnOnce(Pin<&mut F>),
-) -> F::Output {
-    tokio::select! {
-        served = connection.as_mut() => served,
-        () = drain.draining() => {
-            shutdown(connection.as_mut());
-            connection.await
+    between: &Between,
+    shutdown: impl Fn(Pin<&mut F>),
+) -> Result<(), Ended> {
+    let mut ending = false;
+    loop {
+        tokio::select! {
+            served = connection.as_mut() => return served.map_err(Ended::Http),
+            () = drain.draining(), if !ending => {
+                ending = true;
+                shutdown(connection.as_mut());
+            }
+            expired = between.expired(), if !ending => match expired {
+                Expired::Idle => {
+                    ending = true;
+                    shutdown(connection.as_mut());
+                }
+                Expired::Head => return Err(Ended::HeadTimeout),
+            },
         }
     }
 }
