@@ -1086,13 +1086,16 @@ fn requests_over_max_pending_requests_fail_fast() {
         .client_command(&format!(
             "python3 - <<'PY'
 import http.client, threading
+statuses = []
 def get():
     c = http.client.HTTPConnection('{}', {}, timeout=30)
     c.request('GET', '/slow')
-    print(c.getresponse().status, flush=True)
+    statuses.append(c.getresponse().status)
 ts = [threading.Thread(target=get) for _ in range(2)]
 [t.start() for t in ts]
 [t.join() for t in ts]
+# Printed after both: two threads printing at once interleave.
+print('\\n'.join(map(str, statuses)))
 PY",
             vip.ip(),
             vip.port()
