@@ -222,3 +222,75 @@ fn reload_applies_without_dropping_connections() {
     assert_eq!(agent.calls(vip(), 2), ["new call 1", "new call 2"]);
     assert_eq!(old.accepted(), 1);
 }
+
+/// A reload that changes what the agent builds once at its start (the
+/// tunnels' idle timeout, the inbound handshake deadline) applies the rest
+/// of the file at once, and names the fields that wait for a restart in
+/// `sluice status` and in `sluice_config_restart_pending`; a file that
+/// takes them back clears them.
+#[test]
+fn a_reload_names_the_changes_that_wait_for_a_restart() {
+    let old = Backend::start("old");
+    let new = Backend::start("new");
+    let config = AgentConfig::new(&[service("payments", VIP, &[old.addr])]);
+    let agent = Agent::start(&config);
+    let reloads = || {
+        agent
+            .metrics()
+            .sum("sluice_config_reloads_total", &[("result", "success")])
+    };
+    let pending = |field: &str| {
+        agent
+            .metrics()
+            .get("sluice_config_restart_pending", &[("field", field)])
+    };
+    let status = || agent.view("/debug/status")["restart_pending"].clone();
+    assert_eq!(
+        pending("mesh.tunnels"),
+        Some(0.0),
+        "every field is listed from the start"
+    );
+    assert_eq!(status(), serde_json::json!([]));
+
+    let mut changed = config.base(&[service("payments", VIP, &[new.addr])]);
+    changed.mesh = Some(config::Mesh {
+        inbound_handshake_timeout: Some(Duration::from_secs(3)),
+        certificates: None,
+        tunnels: Some(config::Tunnels {
+            enabled: true,
+            idle_timeout: Some(Duration::from_secs(5)),
+            ..config::Tunnels::default()
+        }),
+    });
+    let before = reloads();
+    config.write(&changed);
+    assert!(
+        wait_until(Duration::from_secs(5), || reloads() == before + 1.0),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(
+        agent.calls(vip(), 1),
+        ["new call 1"],
+        "the rest applies now"
+    );
+    assert_eq!(pending("mesh.tunnels"), Some(1.0));
+    assert_eq!(pending("mesh.inbound_handshake_timeout"), Some(1.0));
+    assert_eq!(pending("agent"), Some(0.0));
+    assert_eq!(
+        status(),
+        serde_json::json!(["mesh.inbound_handshake_timeout", "mesh.tunnels"])
+    );
+    let shown = agent.sluice(&["status"]);
+    assert!(
+        String::from_utf8_lossy(&shown.stdout).contains(
+            "restart      needed: the file in force changed mesh.inbound_handshake_timeout, mesh.tunnels"
+        ),
+        "{shown:?}"
+    );
+
+    config.rewrite(&[service("payments", VIP, &[new.addr])]);
+    assert!(wait_until(Duration::from_secs(5), || reloads() == before + 2.0));
+    assert_eq!(pending("mesh.tunnels"), Some(0.0));
+    assert_eq!(status(), serde_json::json!([]));
+}

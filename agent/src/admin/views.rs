@@ -44,6 +44,10 @@ pub struct Status {
     /// (or an agent from before tunnels).
     #[serde(default)]
     pub tunnels: Option<TunnelTotals>,
+    /// Fields the config file in force changed that apply only at the
+    /// next restart (`config/REFERENCE.md`, "Reloads").
+    #[serde(default)]
+    pub restart_pending: Vec<String>,
 }
 
 /// This agent's tunnels, summed.
@@ -311,6 +315,13 @@ fn status(state: &AdminState, catalog: &Catalog) -> Status {
                 from_peers: state.inputs.metrics.tunnels.open(Side::Server),
             }
         }),
+        restart_pending: state
+            .inputs
+            .metrics
+            .restart_pending()
+            .into_iter()
+            .map(str::to_owned)
+            .collect(),
     }
 }
 

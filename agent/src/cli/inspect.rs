@@ -376,6 +376,12 @@ fn print_status(s: &views::Status) {
     println!("ready        {}{reasons}", yes_no(s.ready));
     println!("uptime       {}s", s.uptime_seconds);
     println!("config       {}", s.config);
+    if !s.restart_pending.is_empty() {
+        println!(
+            "restart      needed: the file in force changed {} (a reload does not apply them)",
+            s.restart_pending.join(", ")
+        );
+    }
     for p in &s.programs {
         println!(
             "program      {} ({}) on {}: {}",

@@ -29,6 +29,7 @@ pub mod mesh;
 mod node;
 pub mod policy;
 pub mod requests;
+mod restart;
 mod service;
 mod spanned;
 mod validate;
@@ -53,6 +54,7 @@ pub use policy::{
     Panic, Policy, Retries, Timeouts,
 };
 pub use requests::{Fallback, GrpcCode, RateLimit, Requests};
+pub use restart::RESTART_ONLY;
 pub use service::{Protocol, ServiceSpec, fallback_of};
 pub use spanned::Spanned;
 pub use workload::WorkloadSpec;

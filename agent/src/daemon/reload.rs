@@ -27,7 +27,7 @@ use super::{
 use crate::{
     catalog::{Catalog, Placement, state::EndpointStates},
     clock::now_ms,
-    config::{Config, Entries, KubernetesConfig, Origin},
+    config::{Config, Entries, Origin},
     discovery,
     drain::DrainWatch,
     handover::{Inherited, Offered, Successor},
@@ -54,8 +54,8 @@ const AGENT_REREGISTER: Duration = Duration::from_secs(5);
 
 /// What changes while the agent runs: the catalog and what hangs off it.
 pub(super) struct Live<'a> {
-    /// The config the agent started with; `agent` and `node` changes need
-    /// a restart and are compared against it.
+    /// The config the agent started with; changes that need a restart
+    /// (`config::RESTART_ONLY`) are compared against it.
     pub(super) config: &'a Config,
     pub(super) overrides: StartOverrides,
     pub(super) root: &'a Path,
@@ -122,18 +122,6 @@ async fn discovery_changed(
         return std::future::pending().await;
     }
     rx.borrow_and_update().clone()
-}
-
-/// The same discovery settings, but for `health_check`, which a reload
-/// applies at once.
-fn same_discovery(a: Option<&KubernetesConfig>, b: Option<&KubernetesConfig>) -> bool {
-    let strip = |k: Option<&KubernetesConfig>| {
-        k.cloned().map(|mut k| {
-            k.health_check = None;
-            k
-        })
-    };
-    strip(a) == strip(b)
 }
 
 /// The identities of this node's workloads.
@@ -392,6 +380,7 @@ impl Live<'_> {
             Trigger::File => {
                 self.inputs.metrics.reload(true);
                 info!("config reloaded: {services} services, {workloads} workloads");
+                self.note_restart_only_changes();
             }
             Trigger::Kubernetes => {
                 self.inputs.metrics.catalog_update(true);
@@ -415,26 +404,22 @@ impl Live<'_> {
         let next = Arc::new(next);
         self.file = Some(next.clone());
         self.file_generation += 1;
-        if trigger == Trigger::File && self.needs_restart(&next) {
-            warn!(
-                "config reload: changes under `agent`, `node` (name, cgroup_root, address), \
-                 `mesh` (trust_domain, certificates) and `kubernetes` (but its health_check) \
-                 apply at the next restart; the rest applies now"
-            );
-        }
         Ok(next)
     }
 
-    /// Whether `next` changes what only a restart applies.
-    fn needs_restart(&self, next: &Config) -> bool {
-        let running = self.config;
-        next.agent != running.agent
-            || next.node.name.get() != running.node.name.get()
-            || next.node.cgroup_root.get() != running.node.cgroup_root.get()
-            || next.node.address != running.node.address
-            || next.mesh.trust_domain.get() != running.mesh.trust_domain.get()
-            || next.mesh.certificates != running.mesh.certificates
-            || !same_discovery(next.kubernetes.as_ref(), running.kubernetes.as_ref())
+    /// Says which changes of the file now in force wait for a restart:
+    /// logged, and kept in `sluice_config_restart_pending` (which `sluice
+    /// status` reads) until a later file takes them back.
+    fn note_restart_only_changes(&self) {
+        let Some(file) = &self.file else { return };
+        let pending = self.config.restart_only_changes(file);
+        if !pending.is_empty() {
+            warn!(
+                "config reload: changes to {} apply at the next restart; the rest applies now",
+                pending.join(", ")
+            );
+        }
+        self.inputs.metrics.set_restart_pending(&pending);
     }
 
     /// Checks the file's entries with discovery's beside them, places

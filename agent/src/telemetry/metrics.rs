@@ -137,6 +137,7 @@ pub struct Metrics {
     connect: HistogramFamily<ServiceLabels>,
     active: Family<ServiceLabels, Gauge>,
     reloads: Family<ResultLabels, Counter>,
+    restart_pending: Family<FieldLabel, Gauge>,
     catalog_updates: Family<UpdateLabels, Counter>,
     handover_refusals: Family<ReasonLabel, Counter>,
     handover_connections: Family<ResultLabels, Counter>,
@@ -186,6 +187,10 @@ impl Metrics {
             Family::new_with_constructor(time_buckets as fn() -> Histogram);
         let active = Family::default();
         let reloads = Family::default();
+        let restart_pending = Family::<FieldLabel, Gauge>::default();
+        for field in crate::config::RESTART_ONLY {
+            drop(restart_pending.get_or_create(&FieldLabel { field }));
+        }
         let catalog_updates = Family::default();
         let handover_refusals = Family::<ReasonLabel, Counter>::default();
         let handover_connections = Family::<ResultLabels, Counter>::default();
@@ -240,6 +245,11 @@ impl Metrics {
             reloads.clone(),
         );
         registry.register(
+            "sluice_config_restart_pending",
+            "1 for each field the config file in force changed that only a restart applies (every field is listed, at 0 when the running agent has it)",
+            restart_pending.clone(),
+        );
+        registry.register(
             "sluice_catalog_updates",
             "Catalogs put in force after a Kubernetes change, by how they were built",
             catalog_updates.clone(),
@@ -271,6 +281,7 @@ impl Metrics {
             connect,
             active,
             reloads,
+            restart_pending,
             catalog_updates,
             handover_refusals,
             handover_connections,
@@ -301,6 +312,29 @@ impl Metrics {
                 result: if ok { "success" } else { "failure" },
             })
             .inc();
+    }
+
+    /// Marks the fields in `pending` as waiting for a restart, and the
+    /// others as in force.
+    pub fn set_restart_pending(&self, pending: &[&'static str]) {
+        for field in crate::config::RESTART_ONLY {
+            self.restart_pending
+                .get_or_create(&FieldLabel { field })
+                .set(i64::from(pending.contains(&field)));
+        }
+    }
+
+    /// The fields a reload changed that wait for a restart.
+    pub fn restart_pending(&self) -> Vec<&'static str> {
+        crate::config::RESTART_ONLY
+            .into_iter()
+            .filter(|&field| {
+                self.restart_pending
+                    .get_or_create(&FieldLabel { field })
+                    .get()
+                    != 0
+            })
+            .collect()
     }
 
     /// Counts a catalog built after a Kubernetes change: `whole`, or only
@@ -424,6 +458,11 @@ mod tests {
              # HELP b Gauge.\n# TYPE b gauge\nb 1\n"
         );
     }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FieldLabel {
+    pub field: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
