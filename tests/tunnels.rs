@@ -257,6 +257,64 @@ fn an_independent_http2_client_speaks_to_the_inbound_port() {
     assert_eq!(m.ledger.accepted(), 1);
 }
 
+/// With `mesh.tunnels.stream_window` at 256 KiB, the inbound port grants
+/// that window (Python's `h2` reads it from the SETTINGS and keeps to it),
+/// and 200 KiB sent at once on one stream, with no window given back yet,
+/// reach the workload and come back; at the default 64 KiB Python's `h2`
+/// would refuse to send them. Node A's tunnels carry calls as before.
+#[test]
+fn a_configured_stream_window_is_granted_on_the_inbound_port() {
+    let m = mesh_with(
+        HOUR,
+        true,
+        None,
+        Some(config::Tunnels {
+            stream_window: Some(256 * 1024),
+            ..tunnels_on()
+        }),
+    );
+    let ledger = format!("127.0.0.1:{}", m.ledger.addr.port());
+    let out = python_h2(&m, H2_WIDE_WINDOW, &[&ledger]);
+    assert_eq!(
+        lines(&out),
+        ["granted 262144", "stream 262144", "echoed 200"]
+    );
+    let answers = m.a.run_client("client", calls(VIP, 2, "wide"));
+    assert_eq!(answers, ["ledger wide 1", "ledger wide 2"]);
+    assert_eq!(streams_opened(&m.a, "client"), 2.0);
+}
+
+/// Reads the SETTINGS' stream window, opens a CONNECT to `args[0]`, sends
+/// 200 lines of 1 KiB at once and counts the echoed lines.
+const H2_WIDE_WINDOW: &str = r#"
+import h2.config, h2.connection, h2.events
+
+sock = tls()
+conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, validate_outbound_headers=False))
+conn.initiate_connection()
+sock.sendall(conn.data_to_send())
+sid, status, echoed, ended = None, None, b"", False
+while not ended:
+    for event in conn.receive_data(sock.recv(65536)):
+        if isinstance(event, h2.events.RemoteSettingsChanged) and sid is None:
+            print("granted", conn.remote_settings.initial_window_size)
+            sid = conn.get_next_available_stream_id()
+            conn.send_headers(sid, [(":method", "CONNECT"), (":authority", args[0])])
+        elif isinstance(event, h2.events.ResponseReceived):
+            assert dict(event.headers)[b":status"] == b"200", event.headers
+            print("stream", conn.local_flow_control_window(sid))
+            data = (b"x" * 1023 + b"\n") * 200
+            for at in range(0, len(data), 16384):
+                conn.send_data(sid, data[at:at + 16384], end_stream=at + 16384 >= len(data))
+        elif isinstance(event, h2.events.DataReceived):
+            conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            echoed += event.data
+        elif isinstance(event, h2.events.StreamEnded):
+            ended = True
+    sock.sendall(conn.data_to_send())
+print("echoed", sum(1 for l in echoed.split(b"\n") if l.startswith(b"ledger x")))
+"#;
+
 /// Bad tunnel peers, each with a valid certificate, against the inbound
 /// port while a good stream carries on: one that sends no HTTP/2 preface,
 /// one that sends a GET instead of a CONNECT, one that opens 150 streams

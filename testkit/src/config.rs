@@ -124,6 +124,8 @@ pub struct Tunnels {
         serialize_with = "optional_duration"
     )]
     pub idle_timeout: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream_window: Option<u32>,
 }
 
 /// `mesh.certificates`: the local CA's lifetime is all the tests change.

@@ -24,37 +24,7 @@ pub struct MeshConfig {
     /// Bounds on handshakes and connections on the inbound port.
     pub inbound_limits: InboundLimitsConfig,
     /// Pooled HTTP/2 tunnels between agents.
-    pub tunnels: TunnelsConfig,
-}
-
-/// `mesh.tunnels`: application connections to other nodes as HTTP/2
-/// CONNECT streams inside a few pooled mTLS connections per (source
-/// identity, pod, peer node, destination identity), instead of one mTLS
-/// connection each.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TunnelsConfig {
-    /// On (the default): application connections to other nodes are
-    /// streams of pooled mTLS connections, and move to the next agent in
-    /// an upgrade of either end (with a peer agent that speaks moves).
-    /// Off: one mTLS connection per application connection, which moves
-    /// as well.
-    pub enabled: bool,
-    /// Streams one pool connection carries before another is made (and
-    /// never more than the peer agent allows).
-    pub max_streams_per_connection: usize,
-    /// A pool connection without a stream for this long is closed.
-    pub idle_timeout: HumanDuration,
-}
-
-impl Default for TunnelsConfig {
-    fn default() -> Self {
-        TunnelsConfig {
-            enabled: true,
-            max_streams_per_connection: 100,
-            idle_timeout: HumanDuration(Duration::from_secs(60)),
-        }
-    }
+    pub tunnels: super::tunnels::TunnelsConfig,
 }
 
 /// What peers may hold on the inbound port. Over a connection bound a
@@ -93,7 +63,7 @@ impl Default for MeshConfig {
             allow_tls12: false,
             inbound_handshake_timeout: HumanDuration(Duration::from_secs(5)),
             inbound_limits: InboundLimitsConfig::default(),
-            tunnels: TunnelsConfig::default(),
+            tunnels: super::tunnels::TunnelsConfig::default(),
         }
     }
 }
@@ -316,24 +286,7 @@ pub(super) fn validate(problems: &mut Vec<Problem>, entries: &Entries) {
             message: "must be at least 2s (certificates are renewed at half-life)".into(),
         });
     }
-    let tunnels = &config.mesh.tunnels;
-    if !(1..=1000).contains(&tunnels.max_streams_per_connection) {
-        problems.push(Problem {
-            line: 0,
-            field: "mesh.tunnels.max_streams_per_connection".into(),
-            message: format!(
-                "{} is not between 1 and 1000",
-                tunnels.max_streams_per_connection
-            ),
-        });
-    }
-    if tunnels.idle_timeout.0.is_zero() {
-        problems.push(Problem {
-            line: 0,
-            field: "mesh.tunnels.idle_timeout".into(),
-            message: "must be longer than 0".into(),
-        });
-    }
+    super::tunnels::check(&config.mesh.tunnels, problems);
     if config.mesh.inbound_handshake_timeout.0.is_zero() {
         problems.push(Problem {
             line: 0,

@@ -32,6 +32,7 @@ pub mod requests;
 mod restart;
 mod service;
 mod spanned;
+pub mod tunnels;
 mod validate;
 mod workload;
 

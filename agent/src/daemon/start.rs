@@ -282,7 +282,7 @@ pub(super) fn serve_data_plane(
         inputs: inputs.clone(),
         handshake_timeout: config.mesh.inbound_handshake_timeout.0,
         limits: inbound_limits.clone(),
-        tunnel: TunnelConfig::default(),
+        tunnel: TunnelConfig::from(&config.mesh.tunnels),
         data: tokio::runtime::Handle::current(),
         drain: watch.clone(),
     });
@@ -329,7 +329,7 @@ pub(super) fn start_tunnels(
     let pool = PoolConfig {
         max_streams_per_connection: settings.max_streams_per_connection,
         idle_timeout: settings.idle_timeout.0,
-        tunnel: TunnelConfig::default(),
+        tunnel: TunnelConfig::from(&settings),
         node: Some(config.node.name.get().clone()),
     };
     let tunnels = Arc::new(Tunnels::new(

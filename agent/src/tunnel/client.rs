@@ -34,6 +34,8 @@ pub struct TunnelClient {
     ended: Arc<AtomicBool>,
     /// Its streams, for the peer's pauses (see `moves`).
     moves: Arc<Moves>,
+    /// The stream window this end grants.
+    window: u32,
 }
 
 impl std::fmt::Debug for TunnelClient {
@@ -93,6 +95,7 @@ impl TunnelClient {
             send,
             ended,
             moves: Arc::default(),
+            window: config.stream_window,
         })
     }
 
@@ -205,6 +208,11 @@ impl TunnelClient {
                 status: response.status(),
             });
         }
-        Ok(TunnelStream::new(stream, response.into_body(), true))
+        Ok(TunnelStream::new(
+            stream,
+            response.into_body(),
+            true,
+            self.window,
+        ))
     }
 }

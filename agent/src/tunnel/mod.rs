@@ -46,9 +46,7 @@ pub use client::TunnelClient;
 pub use moves::Moves;
 pub use pool::{Dial, PeerUsage, Pool, PoolConfig};
 pub use server::{Incoming, serve};
-pub use stream::{
-    MAX_PAUSED_BYTES, Paused, Quiesce, TunnelReadHalf, TunnelStream, TunnelWriteHalf,
-};
+pub use stream::{Paused, Quiesce, TunnelReadHalf, TunnelStream, TunnelWriteHalf};
 
 /// The port HBONE listens on (Sluice's inbound port by default).
 pub const HBONE_PORT: u16 = 15008;
@@ -79,15 +77,7 @@ pub struct TunnelConfig {
     pub keepalive: Option<Keepalive>,
 }
 
-/// The stream window a tunnel connection grants by default. It bounds
-/// what one bulk stream can have queued in the connection's TCP path
-/// (both sockets' queues and the peer's buffers), where no other stream's
-/// frame can overtake it: at 1 MiB the bench's bulk stream kept up to
-/// 330 KB queued there and a latency stream beside it waited behind it
-/// (head-of-line row 3.42x, against 2.18x at 64 KiB). The price is one
-/// stream's throughput, at most a window per round trip: 64 KiB is
-/// about 650 MB/s at a 100 us round trip inside a data centre.
-pub const STREAM_WINDOW: u32 = 64 * 1024;
+pub use crate::config::tunnels::STREAM_WINDOW;
 
 /// How often to PING a quiet peer, and how long to wait for the answer.
 #[derive(Debug, Clone, Copy)]
@@ -109,6 +99,16 @@ impl Default for TunnelConfig {
                 interval: Duration::from_secs(10),
                 timeout: Duration::from_secs(20),
             }),
+        }
+    }
+}
+
+/// The settings `mesh.tunnels` gives, the rest the defaults.
+impl From<&crate::config::tunnels::TunnelsConfig> for TunnelConfig {
+    fn from(settings: &crate::config::tunnels::TunnelsConfig) -> TunnelConfig {
+        TunnelConfig {
+            stream_window: settings.stream_window,
+            ..TunnelConfig::default()
         }
     }
 }

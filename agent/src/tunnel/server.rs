@@ -28,6 +28,8 @@ pub struct Incoming {
     pending: Option<(RecvStream, SendResponse<Bytes>)>,
     /// The connection's pausable streams, which an accepted one joins.
     moves: Arc<Moves>,
+    /// The stream window this end grants.
+    window: u32,
 }
 
 impl Incoming {
@@ -85,7 +87,7 @@ impl Incoming {
                 target: self.target,
                 source,
             })?;
-        Ok(TunnelStream::new(send, recv, false))
+        Ok(TunnelStream::new(send, recv, false, self.window))
     }
 
     /// Answers `status` (an error status: 400, 401, 403, 503, ...) and
@@ -233,6 +235,7 @@ where
             headers: parts.headers,
             pending: Some((recv, respond)),
             moves: moves.clone(),
+            window: config.stream_window,
         };
         if incoming.is_control() {
             control(incoming, &moves);

@@ -43,11 +43,6 @@ mod pause;
 
 pub use pause::{Paused, Quiesce};
 
-/// The most a paused stream reads after its copy stopped: a stream's
-/// window (SETTINGS_INITIAL_WINDOW_SIZE), all a stopped peer can have had
-/// in flight.
-pub const MAX_PAUSED_BYTES: usize = super::STREAM_WINDOW as usize;
-
 /// How long the asking end of a pause waits for the peer's end of it.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -70,6 +65,12 @@ pub struct TunnelStream {
     slot: Option<Slot>,
     /// Its place among the connection's pausable streams (see `moves`).
     listed: Option<Listed>,
+    /// The window this end grants the peer on each stream of the
+    /// connection (SETTINGS_INITIAL_WINDOW_SIZE): all a stopped peer can
+    /// have in flight, so the most a paused stream reads after its copy
+    /// stopped. (A u32 beside the flags: the stream's size stays 120
+    /// bytes, part of every tunnelled connection's idle cost.)
+    window: u32,
 }
 
 impl std::fmt::Debug for TunnelStream {
@@ -83,7 +84,12 @@ impl std::fmt::Debug for TunnelStream {
 }
 
 impl TunnelStream {
-    pub(super) fn new(send: SendStream<Bytes>, recv: RecvStream, calling: bool) -> TunnelStream {
+    pub(super) fn new(
+        send: SendStream<Bytes>,
+        recv: RecvStream,
+        calling: bool,
+        window: u32,
+    ) -> TunnelStream {
         TunnelStream {
             send,
             recv,
@@ -93,6 +99,7 @@ impl TunnelStream {
             calling,
             slot: None,
             listed: None,
+            window,
         }
     }
 

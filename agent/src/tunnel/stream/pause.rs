@@ -5,7 +5,7 @@ use std::{future::poll_fn, io, sync::atomic::Ordering, time::Duration};
 
 use tokio::sync::oneshot;
 
-use super::{MAX_PAUSED_BYTES, PAUSE_TIMEOUT, TunnelStream};
+use super::{PAUSE_TIMEOUT, TunnelStream};
 use crate::tunnel::{
     control::{Message, Token},
     io_error,
@@ -130,15 +130,16 @@ impl TunnelStream {
     /// Reads to the peer's END_STREAM without giving window back, so the
     /// peer (whose copy may act on the pause late, still sending) can send
     /// no more than the window; HTTP/2 fails a peer that sends past it.
-    /// The stream's end gives the window back to the connection. The
-    /// bound [`MAX_PAUSED_BYTES`] is checked here too.
+    /// The stream's end gives the window back to the connection. That
+    /// bound (the stream window this end granted) is checked here too.
     async fn read_to_end_within(&mut self, rest: &mut Vec<u8>) -> io::Result<()> {
         rest.extend_from_slice(&std::mem::take(&mut self.unread));
         while let Some(chunk) = poll_fn(|cx| self.recv.poll_data(cx)).await {
             let chunk = chunk.map_err(io_error)?;
-            if rest.len() + chunk.len() > MAX_PAUSED_BYTES {
+            if rest.len() + chunk.len() > self.window as usize {
                 return Err(io::Error::other(format!(
-                    "the peer sent over {MAX_PAUSED_BYTES} bytes on a paused stream"
+                    "the peer sent over {} bytes (the stream window) on a paused stream",
+                    self.window
                 )));
             }
             rest.extend_from_slice(&chunk);

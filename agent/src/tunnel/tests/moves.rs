@@ -49,16 +49,25 @@ async fn flow_until(
 /// A client on one tunnel connection to a server that hands each stream
 /// to `on_stream`.
 async fn one_connection(on_stream: impl FnMut(Incoming) + Send + 'static) -> TunnelClient {
+    one_connection_with(config(), on_stream).await
+}
+
+/// [`one_connection`], both ends with `config`.
+async fn one_connection_with(
+    config: TunnelConfig,
+    on_stream: impl FnMut(Incoming) + Send + 'static,
+) -> TunnelClient {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let served = config.clone();
     tokio::spawn(async move {
         let (tcp, _) = listener.accept().await.unwrap();
-        serve(tcp, &config(), on_stream, |_| {}, std::future::pending())
+        serve(tcp, &served, on_stream, |_| {}, std::future::pending())
             .await
             .unwrap();
     });
     let tcp = TcpStream::connect(addr).await.unwrap();
-    TunnelClient::handshake(tcp, &config()).await.unwrap()
+    TunnelClient::handshake(tcp, &config).await.unwrap()
 }
 
 /// A stream on `client` once the connection's control stream is open
@@ -153,6 +162,23 @@ async fn without_a_control_stream_a_stream_cannot_pause() {
 /// after the pause stalls at one window, and what it sent arrives whole.
 #[tokio::test]
 async fn a_paused_stream_takes_no_more_than_a_window() {
+    paused_stream_takes_one_window(config()).await;
+}
+
+/// The same with a configured window four times the default
+/// (`mesh.tunnels.stream_window`): the pause takes all of it, where a
+/// bound fixed at the default would refuse the peer's bytes.
+#[tokio::test]
+async fn a_paused_stream_takes_a_configured_window_whole() {
+    paused_stream_takes_one_window(TunnelConfig {
+        stream_window: 4 * STREAM_WINDOW,
+        ..config()
+    })
+    .await;
+}
+
+async fn paused_stream_takes_one_window(config: TunnelConfig) {
+    let window = config.stream_window as usize;
     let (report, mut reported) = mpsc::unbounded_channel();
     let on_stream = move |incoming: Incoming| {
         let mut stream = incoming.accept().unwrap();
@@ -162,23 +188,19 @@ async fn a_paused_stream_takes_no_more_than_a_window() {
             report.send(answered.unwrap()).unwrap();
         });
     };
-    let client = one_connection(on_stream).await;
+    let client = one_connection_with(config, on_stream).await;
     let mut stream = client.open(target(1, 1), HeaderMap::new()).await.unwrap();
     let chunk = pattern(16 * 1024, 3);
     let mut sent = Vec::new();
     // Bounded: four windows' worth, or until the writes stall.
-    for _ in 0..(4 * MAX_PAUSED_BYTES / chunk.len()) {
+    for _ in 0..(4 * window / chunk.len()) {
         let write = timeout(Duration::from_millis(300), stream.write(&chunk)).await;
         match write {
             Ok(n) => sent.extend_from_slice(&chunk[..n.unwrap()]),
             Err(_) => break,
         }
     }
-    assert_eq!(
-        sent.len(),
-        MAX_PAUSED_BYTES,
-        "the writes stalled at one window"
-    );
+    assert_eq!(sent.len(), window, "the writes stalled at one window");
     stream.shutdown().await.unwrap();
     let received = timeout(Duration::from_secs(10), reported.recv())
         .await
