@@ -70,6 +70,9 @@ fn main() -> anyhow::Result<()> {
         Task::Bench(args) => {
             setup::run()?;
             build_release()?;
+            if cfg!(debug_assertions) && !args.quick {
+                return bench::in_release_build();
+            }
             bench::run(args)
         }
         Task::Fuzz(args) => {

@@ -280,9 +280,19 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        // A child that leads a process group of its own (an agent under a
+        // profiler) is signalled with its group: the profiler and the agent
+        // it runs. Killing the profiler alone would leave the agent behind.
+        let pid = self.child.id() as i32;
+        // SAFETY: getpgid(2) on our own child.
+        let target = if unsafe { libc::getpgid(pid) } == pid {
+            -pid
+        } else {
+            pid
+        };
         // SIGTERM first: the agent detaches its programs and removes pins.
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        // SAFETY: kill(2) on our own child (or its group).
+        unsafe { libc::kill(target, libc::SIGTERM) };
         for _ in 0..100 {
             if self.child.try_wait().ok().flatten().is_some() {
                 return;
@@ -290,7 +300,8 @@ impl Drop for Proc {
             std::thread::sleep(Duration::from_millis(50));
         }
         eprintln!("   {} did not stop; killing it", self.name);
-        let _ = self.child.kill();
+        // SAFETY: as above.
+        unsafe { libc::kill(target, libc::SIGKILL) };
         let _ = self.child.wait();
     }
 }
@@ -406,6 +417,8 @@ fn start_agent(
     // under. The figures then measure the profiler.
     if let Ok(prefix) = std::env::var("SLUICE_BENCH_AGENT_UNDER") {
         cmd.args(prefix.split_whitespace());
+        // Stopped with its profiler (see `Proc`'s drop).
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     }
     cmd.arg(sluice)
         .args(["agent", "--config"])
@@ -822,6 +835,21 @@ impl Rig {
             "largest_agent_bytes_per_connection": per_agent.iter().copied().fold(0.0, f64::max),
         }))
     }
+}
+
+/// Runs this bench again from a release build of xtask, with the same
+/// arguments: the load generator and the echo backend are xtask, and a
+/// debug build of them (what `cargo xtask` runs) would bound every path's
+/// throughput and add to every latency. The smoke runs (`--quick`) keep
+/// the debug build: their figures mean nothing.
+pub fn in_release_build() -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt as _;
+    crate::run(crate::cargo().args(["build", "--release", "--package", "xtask"]))?;
+    let release = crate::target_dir().join("release/xtask");
+    let err = Command::new(&release)
+        .args(std::env::args_os().skip(1))
+        .exec();
+    Err(anyhow::Error::new(err).context(format!("run {}", release.display())))
 }
 
 /// Runs the whole comparison and writes the report.
