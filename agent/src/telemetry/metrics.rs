@@ -186,7 +186,12 @@ impl Metrics {
         let connect: HistogramFamily<ServiceLabels> =
             Family::new_with_constructor(time_buckets as fn() -> Histogram);
         let active = Family::default();
-        let reloads = Family::default();
+        // Both results from the start, at 0: a failed reload shows as a
+        // rise, and a dashboard has a series before the first one.
+        let reloads = Family::<ResultLabels, Counter>::default();
+        for result in ["success", "failure"] {
+            drop(reloads.get_or_create(&ResultLabels { result }));
+        }
         let restart_pending = Family::<FieldLabel, Gauge>::default();
         for field in crate::config::RESTART_ONLY {
             drop(restart_pending.get_or_create(&FieldLabel { field }));
