@@ -19,6 +19,7 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::atomic::{AtomicI32, Ordering as AtomicOrdering},
     time::Duration,
 };
 
@@ -207,7 +208,51 @@ struct HaltPoll {
 
 static HALTPOLL_OLD: std::sync::OnceLock<std::ffi::CString> = std::sync::OnceLock::new();
 
+/// The agents this run started and has not stopped (a pid, or minus a
+/// process group's id), for an interrupted run to stop: each attaches
+/// programs to a bench cgroup that the next run uses, so one left behind
+/// would take the next run's connections.
+static RUNNING_AGENTS: [AtomicI32; 64] = [const { AtomicI32::new(0) }; 64];
+
+fn remember_agent(target: i32) {
+    for slot in &RUNNING_AGENTS {
+        if slot
+            .compare_exchange(0, target, AtomicOrdering::AcqRel, AtomicOrdering::Relaxed)
+            .is_ok()
+        {
+            return;
+        }
+    }
+}
+
+fn forget_agent(target: i32) {
+    for slot in &RUNNING_AGENTS {
+        let _ = slot.compare_exchange(target, 0, AtomicOrdering::AcqRel, AtomicOrdering::Relaxed);
+    }
+}
+
+/// Where to signal a child: its process group when it leads one of its
+/// own (an agent under a profiler: the profiler and the agent it runs;
+/// killing the profiler alone would leave the agent behind), else itself.
+fn signal_target(pid: u32) -> i32 {
+    let pid = pid as i32;
+    // SAFETY: getpgid(2) on our own child.
+    if unsafe { libc::getpgid(pid) } == pid {
+        -pid
+    } else {
+        pid
+    }
+}
+
 extern "C" fn restore_haltpoll_and_exit(_: libc::c_int) {
+    for slot in &RUNNING_AGENTS {
+        let target = slot.load(AtomicOrdering::Acquire);
+        if target != 0 {
+            // SAFETY: kill(2) is async-signal-safe; SIGTERM lets the agent
+            // detach its programs and remove its pins.
+            unsafe { libc::kill(target, libc::SIGTERM) };
+        }
+    }
     if let Some(old) = HALTPOLL_OLD.get() {
         // SAFETY: open/write/close/_exit are async-signal-safe; the strings
         // were prepared before the handler was installed.
@@ -280,16 +325,8 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        // A child that leads a process group of its own (an agent under a
-        // profiler) is signalled with its group: the profiler and the agent
-        // it runs. Killing the profiler alone would leave the agent behind.
-        let pid = self.child.id() as i32;
-        // SAFETY: getpgid(2) on our own child.
-        let target = if unsafe { libc::getpgid(pid) } == pid {
-            -pid
-        } else {
-            pid
-        };
+        let target = signal_target(self.child.id());
+        forget_agent(target);
         // SIGTERM first: the agent detaches its programs and removes pins.
         // SAFETY: kill(2) on our own child (or its group).
         unsafe { libc::kill(target, libc::SIGTERM) };
@@ -430,6 +467,7 @@ fn start_agent(
         ns.enter_on_exec(&mut cmd)?;
     }
     let mut child = cmd.spawn().with_context(|| format!("start {name}"))?;
+    remember_agent(signal_target(child.id()));
     let stderr = child.stderr.take().expect("piped");
     let proc = Proc {
         child,
