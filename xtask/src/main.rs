@@ -68,8 +68,12 @@ fn main() -> anyhow::Result<()> {
             demo::run()
         }
         Task::Bench(args) => {
-            setup::run()?;
-            build_release()?;
+            // The release build a full run runs itself again from finds
+            // the setup done and the agent built.
+            if !bench::is_release_rerun() {
+                setup::run()?;
+                build_release()?;
+            }
             if cfg!(debug_assertions) && !args.quick {
                 return bench::in_release_build();
             }

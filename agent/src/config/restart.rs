@@ -30,27 +30,48 @@ impl Config {
     /// config (the one the agent started with), in that order. Values
     /// are compared, not where they stand in the file.
     pub fn restart_only_changes(&self, next: &Config) -> Vec<&'static str> {
-        let (a, b) = (self, next);
-        let changed = [
-            a.agent != b.agent,
-            a.node.name.get() != b.node.name.get(),
-            a.node.cgroup_root.get() != b.node.cgroup_root.get(),
-            a.node.address != b.node.address,
-            a.mesh.trust_domain.get() != b.mesh.trust_domain.get(),
-            a.mesh.certificates != b.mesh.certificates,
-            a.mesh.allow_tls12 != b.mesh.allow_tls12,
-            a.mesh.inbound_handshake_timeout != b.mesh.inbound_handshake_timeout,
-            a.mesh.inbound_limits != b.mesh.inbound_limits,
-            a.mesh.tunnels != b.mesh.tunnels,
-            !same_discovery(a.kubernetes.as_ref(), b.kubernetes.as_ref()),
-            a.audit != b.audit,
-        ];
-        RESTART_ONLY
+        compared(self, next)
             .into_iter()
-            .zip(changed)
             .filter_map(|(field, changed)| changed.then_some(field))
             .collect()
     }
+}
+
+/// Each field of [`RESTART_ONLY`] beside whether `b` changes it from `a`,
+/// named where it is compared so that a name cannot drift from its test.
+fn compared(a: &Config, b: &Config) -> [(&'static str, bool); RESTART_ONLY.len()] {
+    [
+        ("agent", a.agent != b.agent),
+        ("node.name", a.node.name.get() != b.node.name.get()),
+        (
+            "node.cgroup_root",
+            a.node.cgroup_root.get() != b.node.cgroup_root.get(),
+        ),
+        ("node.address", a.node.address != b.node.address),
+        (
+            "mesh.trust_domain",
+            a.mesh.trust_domain.get() != b.mesh.trust_domain.get(),
+        ),
+        (
+            "mesh.certificates",
+            a.mesh.certificates != b.mesh.certificates,
+        ),
+        ("mesh.allow_tls12", a.mesh.allow_tls12 != b.mesh.allow_tls12),
+        (
+            "mesh.inbound_handshake_timeout",
+            a.mesh.inbound_handshake_timeout != b.mesh.inbound_handshake_timeout,
+        ),
+        (
+            "mesh.inbound_limits",
+            a.mesh.inbound_limits != b.mesh.inbound_limits,
+        ),
+        ("mesh.tunnels", a.mesh.tunnels != b.mesh.tunnels),
+        (
+            "kubernetes",
+            !same_discovery(a.kubernetes.as_ref(), b.kubernetes.as_ref()),
+        ),
+        ("audit", a.audit != b.audit),
+    ]
 }
 
 /// The same discovery settings, but for `health_check`, which a reload
@@ -102,6 +123,14 @@ mod tests {
                 "{tail}"
             );
         }
+    }
+
+    /// The names compared are the names the metric declares, in order.
+    #[test]
+    fn every_declared_field_is_compared_under_its_name() {
+        let c = parse("");
+        let names: Vec<&str> = super::compared(&c, &c).iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, super::RESTART_ONLY);
     }
 
     /// A field that only moved in the file is no change.

@@ -875,6 +875,15 @@ impl Rig {
     }
 }
 
+/// Set in the environment of the release build's run, which the debug
+/// build's set up and built for.
+const RELEASE_RERUN: &str = "SLUICE_BENCH_RELEASE_RERUN";
+
+/// Whether this is the release build's run of [`in_release_build`].
+pub fn is_release_rerun() -> bool {
+    std::env::var_os(RELEASE_RERUN).is_some()
+}
+
 /// Runs this bench again from a release build of xtask, with the same
 /// arguments: the load generator and the echo backend are xtask, and a
 /// debug build of them (what `cargo xtask` runs) would bound every path's
@@ -886,6 +895,7 @@ pub fn in_release_build() -> anyhow::Result<()> {
     let release = crate::target_dir().join("release/xtask");
     let err = Command::new(&release)
         .args(std::env::args_os().skip(1))
+        .env(RELEASE_RERUN, "1")
         .exec();
     Err(anyhow::Error::new(err).context(format!("run {}", release.display())))
 }
