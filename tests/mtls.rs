@@ -192,6 +192,48 @@ fn a_cross_node_call_goes_over_mtls_with_no_plaintext_on_the_wire() {
     assert!(contains(&wire, MARKER.as_bytes()), "the capture works");
 }
 
+/// A new `agent.inbound_port` in node A's file waits for a restart, as
+/// status says: node B still listens on the old one, and A keeps dialing
+/// it. (A reload used to build A's peers from the new port at once, which
+/// cut every call between nodes until both had restarted.)
+#[test]
+fn a_reloaded_inbound_port_waits_for_the_restart_as_status_says() {
+    let m = mesh(HOUR);
+    assert_eq!(
+        m.a.run_client("client", calls(VIP, 1, "before")),
+        ["ledger before 1"]
+    );
+    let reloads = || {
+        m.a.metrics()
+            .sum("sluice_config_reloads_total", &[("result", "success")])
+    };
+    let before = reloads();
+    let path = &m.configs.0.path;
+    let text = std::fs::read_to_string(path).unwrap();
+    let old = format!("\"inbound_port\": {}", m.inbound_port);
+    assert!(text.contains(&old), "{text}");
+    let moved = free_port().unwrap();
+    m.configs
+        .0
+        .write_raw(&text.replace(&old, &format!("\"inbound_port\": {moved}")));
+    assert!(
+        wait_until(Duration::from_secs(5), || reloads() == before + 1.0),
+        "{}",
+        m.a.log()
+    );
+    assert_eq!(
+        m.a.view("/debug/status")["restart_pending"],
+        serde_json::json!(["agent"])
+    );
+    assert_eq!(
+        m.a.run_client("client", calls(VIP, 3, "after")),
+        (1..=3)
+            .map(|i| format!("ledger after {i}"))
+            .collect::<Vec<_>>(),
+        "node A still dials node B's running port"
+    );
+}
+
 #[test]
 fn authorization_lets_checkout_in_and_keeps_batch_out() {
     let m = mesh_audited(HOUR, true);

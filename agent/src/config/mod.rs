@@ -65,7 +65,7 @@ pub use workload::WorkloadSpec;
 pub const MAX_WEIGHT_SUM: u64 = 1 << 20;
 
 /// The whole configuration file.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// This machine.

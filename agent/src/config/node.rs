@@ -8,7 +8,7 @@ use serde::Deserialize;
 use super::unspanned;
 
 /// This node and where its workloads live.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
     /// Node name; endpoints name the node they run on.

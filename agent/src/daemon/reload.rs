@@ -422,10 +422,12 @@ impl Live<'_> {
         self.inputs.metrics.set_restart_pending(&pending);
     }
 
-    /// Checks the file's entries with discovery's beside them, places
-    /// their workloads, builds their catalog over the running one's state
-    /// and writes its services to the kernel.
+    /// Checks the file's entries (its restart-only fields as running)
+    /// with discovery's beside them, places their workloads, builds their
+    /// catalog over the running one's state and writes its services to the
+    /// kernel.
     fn build_catalog(&mut self, file: &Config) -> Result<Catalog, String> {
+        let file = &file.keeping_restart_only_of(self.config);
         let found = self.discovered.clone();
         let mut entries = match &found {
             Some(found) => discovery::entries(file, found),
