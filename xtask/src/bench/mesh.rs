@@ -4,6 +4,7 @@
 use std::{
     net::IpAddr,
     path::{Path, PathBuf},
+    process::Command,
 };
 
 use sluice_testkit::{
@@ -24,6 +25,33 @@ pub(super) struct MeshPair {
     pub pids: Vec<u32>,
     /// A and B; the processes in them stop first (they are in `procs`).
     pub netns: [Netns; 2],
+}
+
+/// Deletes the node namespaces of earlier runs that were killed (their
+/// names end in the pid of a run that is gone): a signal handler cannot
+/// run `ip netns del`. A running bench's namespaces are left alone.
+pub(super) fn remove_stale_namespaces() {
+    let Ok(names) = std::fs::read_dir(netns::NETNS_DIR) else {
+        return;
+    };
+    for name in names
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+    {
+        let Some(pid) = name
+            .strip_prefix("sluice-bench-")
+            .and_then(|rest| rest.rsplit('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            println!("== removing network namespace {name}, left by an interrupted run");
+            if let Err(e) = crate::run(Command::new("ip").args(["netns", "del", &name])) {
+                println!("   {e:#}");
+            }
+        }
+    }
 }
 
 /// Starts the pair `name` on subnet 198.19.`subnet`.0/24 with the service

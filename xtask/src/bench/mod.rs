@@ -935,6 +935,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
     pin_self_to_cpu(1);
     let chosen = Route::chosen(&args.only)?;
+    mesh::remove_stale_namespaces();
     let rig = setup(&args.sluice())?;
 
     let mut results: Vec<(Route, &'static str, Value)> = Vec::new();
