@@ -254,6 +254,86 @@ fn an_unavailable_backend_is_ejected_and_its_calls_retried_where_declared() {
     assert_eq!(ejections, 1.0);
 }
 
+/// An HTTP/2 endpoint that takes each call whole and then resets its
+/// connection without a word of answer; counts the calls.
+struct Breaker {
+    addr: SocketAddr,
+    calls: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Breaker {
+    fn start() -> Breaker {
+        use std::{io::Read, io::Write, sync::atomic::Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let calls = std::sync::Arc::<std::sync::atomic::AtomicUsize>::default();
+        let counted = calls.clone();
+        std::thread::spawn(move || {
+            for mut conn in listener.incoming().map_while(Result::ok) {
+                let counted = counted.clone();
+                std::thread::spawn(move || {
+                    // An empty SETTINGS frame, as a server's first word.
+                    let _ = conn.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+                    let (mut seen, mut buf) = (Vec::new(), [0u8; 4096]);
+                    while let Ok(n @ 1..) = conn.read(&mut buf) {
+                        seen.extend_from_slice(&buf[..n]);
+                        if seen.windows(10).any(|w| w == b"amount=100") {
+                            counted.fetch_add(1, Ordering::SeqCst);
+                            let _ = sluice_testkit::client::zero_linger(&conn);
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Breaker { addr, calls }
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// A call whose connection breaks after it went out may have reached the
+/// application (a payment made): it is sent again only where the route
+/// declares UNAVAILABLE retryable (what a gRPC client sees of a broken
+/// connection), not because it declares some other status.
+#[test]
+fn a_call_whose_connection_breaks_is_resent_only_where_unavailable_is_retryable() {
+    let servers = Servers::start(&["g1:ok"]);
+    let breaker = Breaker::start();
+    for (vip, retry_on, resent) in [
+        ("127.77.9.15:8080", "resource_exhausted", false),
+        ("127.77.9.16:8080", "unavailable", true),
+    ] {
+        let vip: SocketAddr = vip.parse().unwrap();
+        let endpoints = [breaker.addr, servers.addrs[0]];
+        let config = AgentConfig::new(&[service("pay", &vip.to_string(), &endpoints)
+            .protocol("grpc")
+            .load_balancer(LbPolicy::RoundRobin)
+            .requests(Requests {
+                grpc_retry_on: vec![retry_on.into()],
+                ..Default::default()
+            })]);
+        let agent = Agent::start(&config);
+        let before = breaker.calls();
+        let said = calls(&agent, vip, 6);
+        let broken = breaker.calls() - before;
+        assert!(broken >= 1, "no call reached the breaker: {said}");
+        match resent {
+            true => {
+                assert_eq!(count(&said, "g1"), 6, "{retry_on}: {said}");
+                assert_eq!(retries(&agent), broken as f64, "{retry_on}");
+            }
+            false => {
+                assert_eq!(count(&said, "UNAVAILABLE"), broken, "{retry_on}: {said}");
+                assert_eq!(count(&said, "g1"), 6 - broken, "{retry_on}: {said}");
+                assert_eq!(retries(&agent), 0.0, "{retry_on}");
+            }
+        }
+    }
+}
+
 /// A call's `grpc-timeout` shorter than the route's timeout is its
 /// deadline; a longer one yields to the route's. Sent with Python's h2 to
 /// an endpoint that takes connections and never says a word (a gRPC

@@ -37,7 +37,8 @@ use crate::{
         FallbackTo, Pushback, Sender, UpBody,
         pool::handshake,
         rules::{
-            GRPC_TIMEOUT, grpc_status, grpc_timeout, grpc_timeout_value, pushback, strip_hop_by_hop,
+            GRPC_TIMEOUT, GRPC_UNAVAILABLE, grpc_status, grpc_timeout, grpc_timeout_value,
+            pushback, strip_hop_by_hop,
         },
     },
     resilience::{Outcome, Overflow},
@@ -222,6 +223,12 @@ async fn send(call: &Call<'_>, outgoing: &mut Outgoing, may_fall_back: bool) -> 
     }
     let (parts, payload) = (&mut outgoing.parts, &mut outgoing.payload);
     let (resendable, limit, deadline) = (outgoing.resendable, outgoing.limit, outgoing.deadline);
+    // A connection that broke after the request went out may have carried
+    // it to the application: HTTP sends it again only when that cannot
+    // double an effect (`resendable`); a gRPC call takes the break as the
+    // UNAVAILABLE its client would see, and goes again only where that
+    // status is declared retryable.
+    let resend_unanswered = resendable && (!grpc || policy.grpc_retryable(GRPC_UNAVAILABLE));
     let timed_out = || {
         let limit = limit.unwrap_or_default();
         answer(
@@ -353,7 +360,7 @@ async fn send(call: &Call<'_>, outgoing: &mut Outgoing, may_fall_back: bool) -> 
                         continue;
                     }
                 } else if !fresh
-                    && resendable
+                    && resend_unanswered
                     && stale < MAX_STALE
                     && e.error().is_incomplete_message()
                 {
@@ -368,7 +375,7 @@ async fn send(call: &Call<'_>, outgoing: &mut Outgoing, may_fall_back: bool) -> 
                 }
                 route::report(service, chosen, Outcome::Reset, now_ms());
                 tried.add(chosen.index);
-                if resendable && payload.is_some() && may_retry(attempts, &tried) {
+                if resend_unanswered && payload.is_some() && may_retry(attempts, &tried) {
                     continue;
                 }
                 call.note.flag(ResponseFlag::UpstreamTermination);
