@@ -91,6 +91,41 @@ fn a_dead_backend_is_ejected_then_taken_back() {
     assert!(!replies.iter().any(|r| r == "FAILED"), "{replies:?}");
 }
 
+/// A backend that takes every connection and resets it once the call is
+/// in: each connect succeeds, and it is ejected after the configured two
+/// resets all the same; the calls after go to the good backend. (A call
+/// whose bytes went out cannot be retried at L4: those two fail.)
+#[test]
+fn a_backend_that_resets_every_connection_is_ejected() {
+    let good = Backend::start("b1");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let resetter = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().map_while(Result::ok) {
+            let mut first = [0u8; 1];
+            let _ = std::io::Read::read(&mut &conn, &mut first);
+            let _ = sluice_testkit::client::zero_linger(&conn);
+        }
+    });
+    let config = AgentConfig::new(&[service("payments", VIP, &[good.addr, resetter])
+        .load_balancer(LbPolicy::RoundRobin)
+        .outlier_detection(OutlierDetection {
+            consecutive_failures: Some(2),
+            base_ejection_time: Some(Duration::from_secs(60)),
+            ..OutlierDetection::default()
+        })]);
+    let agent = Agent::start(&config);
+    let replies = agent.calls(vip(), 20);
+    let failed = replies.iter().filter(|r| *r == "FAILED").count();
+    assert_eq!(failed, 2, "{replies:?}");
+    let by_good = answered_by(&replies).iter().filter(|b| **b == "b1").count();
+    assert_eq!(by_good, 18, "{replies:?}");
+    let view = agent.endpoint(resetter);
+    assert_eq!(view["breaker"], "open", "{view}");
+    assert_eq!(view["ejections"], 1, "{view}");
+    assert_eq!(agent.endpoint(good.addr)["breaker"], "closed");
+}
+
 /// With max_connections reached, a new call is reset at once (the connect
 /// timeout is 5 s) and counted; the held connections and other services
 /// carry on.

@@ -312,13 +312,23 @@ fn after_copy(service: &Service, chosen: Chosen, end: CopyEnd) {
             };
             route::report(service, normal, Outcome::Reset, now_ms());
         }
-        CopyEnd::Idle => debug!(
-            "service {}: endpoint {}: idle for {:?}; closed",
-            service.qualified_name(),
-            service.endpoints[chosen.index].addr,
-            service.policy.idle_timeout
-        ),
-        CopyEnd::Closed | CopyEnd::ClientError | CopyEnd::MaxDuration => {}
+        CopyEnd::Idle | CopyEnd::Closed | CopyEnd::MaxDuration => {
+            if end == CopyEnd::Idle {
+                debug!(
+                    "service {}: endpoint {}: idle for {:?}; closed",
+                    service.qualified_name(),
+                    service.endpoints[chosen.index].addr,
+                    service.policy.idle_timeout
+                );
+            }
+            let normal = Chosen {
+                admission: Admission::Normal,
+                ..chosen
+            };
+            route::report(service, normal, Outcome::Closed, now_ms());
+        }
+        // The client's side failed: nothing learnt of the endpoint.
+        CopyEnd::ClientError => {}
     }
 }
 

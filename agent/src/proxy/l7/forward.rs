@@ -22,20 +22,17 @@ use tokio::time::{Instant, sleep, timeout_at};
 use super::{
     answers::{answer, destination_refuses, fixed},
     call::Call,
+    connect::{NoConnection, connect},
     watched::{Verdict, Watched, grpc_failure},
 };
 use crate::{
-    catalog::{Endpoint, Service},
+    catalog::Service,
     clock::now_ms,
     config::Protocol,
     lb::PickContext,
-    proxy::{
-        tunnels::Carries,
-        upstream::{DialError, Upstream, dial, fail_fast},
-    },
+    proxy::upstream::fail_fast,
     request::{
         FallbackTo, Pushback, Sender, UpBody,
-        pool::handshake,
         rules::{
             GRPC_TIMEOUT, GRPC_UNAVAILABLE, grpc_status, grpc_timeout, grpc_timeout_value,
             pushback, strip_hop_by_hop,
@@ -61,18 +58,6 @@ const MAX_STALE: u32 = 3;
 
 /// A response: the endpoint's, streamed through, or one of the agent's.
 pub(super) type Answer = Response<Either<Watched, Full<Bytes>>>;
-
-/// Why no connection to an endpoint was made.
-enum NoConnection {
-    /// The endpoint failed (counts against it).
-    Endpoint(&'static str),
-    /// Authorization at the endpoint's workload refused the caller.
-    Denied,
-    /// No plain path: the agent cannot carry requests there yet.
-    NoPath,
-    /// The request's deadline passed.
-    TimedOut,
-}
 
 /// A request on its way: what it is, and what it may still do.
 struct Outgoing {
@@ -409,7 +394,7 @@ async fn send(call: &Call<'_>, outgoing: &mut Outgoing, may_fall_back: bool) -> 
         {
             let outcome = match failed {
                 true => Outcome::Reset,
-                false => Outcome::Connected {
+                false => Outcome::Answered {
                     micros: sent.elapsed().as_micros() as u64,
                 },
             };
@@ -448,56 +433,4 @@ fn attempt(parts: &Parts, body: UpBody, deadline: Option<Instant>) -> Request<Up
             .insert(GRPC_TIMEOUT, grpc_timeout_value(left));
     }
     request
-}
-
-/// A new connection to `endpoint` that speaks the service's HTTP.
-async fn connect(
-    call: &Call<'_>,
-    endpoint: &Endpoint,
-    http2: bool,
-    deadline: Option<Instant>,
-) -> Result<Sender, NoConnection> {
-    let opening = async {
-        let dialled = dial(
-            call.ctx,
-            call.service,
-            endpoint,
-            call.source,
-            call.peer.ip(),
-            Carries::Requests,
-        );
-        match Box::pin(dialled).await {
-            Ok(upstream) => {
-                let spoken = match upstream {
-                    Upstream::Plain(tcp) => {
-                        let _ = tcp.set_nodelay(true);
-                        handshake(tcp, http2).await
-                    }
-                    // Another node's endpoint: a stream through the mTLS
-                    // tunnel to its agent (which authorizes it), or a TLS
-                    // connection of its own when tunnels are off. The
-                    // stream does not move in an upgrade of the peer agent
-                    // (`Carries::Requests`): the connection is retired from
-                    // the pool when the tunnel connection goes away.
-                    Upstream::Tunnel(stream, _) => {
-                        let via = stream.connection().map(std::sync::Arc::new);
-                        handshake(*stream, http2).await.map(|s| s.via(via))
-                    }
-                    Upstream::Tls(session) => handshake(*session, http2).await,
-                };
-                spoken.map_err(|_| NoConnection::Endpoint("the endpoint spoke no HTTP"))
-            }
-            Err(DialError::Caller(_)) => Err(NoConnection::NoPath),
-            Err(DialError::Denied) => Err(NoConnection::Denied),
-            Err(DialError::Endpoint(_)) => {
-                Err(NoConnection::Endpoint("cannot connect to the endpoint"))
-            }
-        }
-    };
-    match deadline {
-        Some(deadline) => timeout_at(deadline, opening)
-            .await
-            .unwrap_or(Err(NoConnection::TimedOut)),
-        None => opening.await,
-    }
 }

@@ -22,6 +22,7 @@
 mod answers;
 mod between;
 mod call;
+mod connect;
 mod counted;
 mod flood;
 mod forward;

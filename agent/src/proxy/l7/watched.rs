@@ -47,7 +47,7 @@ impl Verdict {
     fn tell(self, failed: bool) {
         let outcome = match self.failed || failed {
             true => Outcome::Reset,
-            false => Outcome::Connected {
+            false => Outcome::Answered {
                 micros: self.micros,
             },
         };

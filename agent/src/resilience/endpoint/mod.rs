@@ -81,13 +81,26 @@ pub enum Admission {
 /// What happened to a connection, as far as the endpoint's health goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
-    /// Connected, in this many microseconds.
+    /// Connected, in this many microseconds; how the connection ends is
+    /// still to come, so this ends a run of connect failures only: an
+    /// endpoint that takes every connection and resets it is still
+    /// counted.
     Connected { micros: u64 },
+    /// A request was answered, not with a failure, in this many
+    /// microseconds (the request path): ends any run of failures.
+    Answered { micros: u64 },
+    /// A connection ended without the endpoint resetting it: ends any run
+    /// of failures.
+    Closed,
     /// The connect was refused or timed out.
     ConnectFailed,
-    /// The endpoint reset an established connection.
+    /// The endpoint reset an established connection (or failed a request).
     Reset,
 }
+
+/// Marks, in `consecutive_failures`, a run that holds a reset: a later
+/// connect that succeeds does not end it.
+pub(super) const RESET_IN_RUN: u32 = 1 << 31;
 
 /// What [`EndpointState::report`] changed, for logging and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -263,9 +276,24 @@ impl EndpointState {
     ) -> Transition {
         let probe = admission == Admission::Probe;
         match outcome {
-            Outcome::Connected { micros } => {
-                self.record_latency(micros);
+            Outcome::Closed => {
                 self.consecutive_failures.store(0, Ordering::Release);
+                Transition::None
+            }
+            Outcome::Connected { micros } | Outcome::Answered { micros } => {
+                self.record_latency(micros);
+                match outcome {
+                    Outcome::Answered { .. } => {
+                        self.consecutive_failures.store(0, Ordering::Release);
+                    }
+                    _ => {
+                        let _ = self.consecutive_failures.fetch_update(
+                            Ordering::AcqRel,
+                            Ordering::Acquire,
+                            |run| (run & RESET_IN_RUN == 0).then_some(0),
+                        );
+                    }
+                }
                 if probe {
                     let _t = self.lock();
                     self.release_probe();
@@ -289,7 +317,21 @@ impl EndpointState {
                 if settings.consecutive_failures == 0 {
                     return Transition::None;
                 }
-                let failures = self.consecutive_failures.fetch_add(1, Ordering::AcqRel) + 1;
+                let mark = match outcome {
+                    Outcome::Reset => RESET_IN_RUN,
+                    _ => 0,
+                };
+                let run = self
+                    .consecutive_failures
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |run| {
+                        Some(
+                            ((run & !RESET_IN_RUN) + 1).min(RESET_IN_RUN - 1)
+                                | (run & RESET_IN_RUN)
+                                | mark,
+                        )
+                    })
+                    .unwrap_or_default();
+                let failures = (run & !RESET_IN_RUN) + 1;
                 if failures < settings.consecutive_failures || self.phase() != Phase::Closed {
                     return Transition::None;
                 }
@@ -361,137 +403,4 @@ impl Drop for InFlight {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn settings() -> OutlierSettings {
-        OutlierSettings {
-            consecutive_failures: 3,
-            base_ejection: 1_000,
-            max_ejection: 2_500,
-            max_ejection_percent: 100,
-            half_open_max: 1,
-        }
-    }
-
-    fn fail(e: &EndpointState, now: Millis) -> Transition {
-        let s = settings();
-        let a = e.admit(now, &s).expect("admitted");
-        e.report(a, Outcome::ConnectFailed, now, &s, || true)
-    }
-
-    #[test]
-    fn closed_open_half_open_closed() {
-        let s = settings();
-        let e = EndpointState::default();
-        assert_eq!(fail(&e, 0), Transition::None);
-        assert_eq!(fail(&e, 0), Transition::None);
-        assert_eq!(fail(&e, 0), Transition::Ejected { for_ms: 1_000 });
-        assert_eq!(e.phase(), Phase::Open);
-        assert!(!e.is_eligible(999, &s));
-        assert_eq!(e.admit(999, &s), None);
-
-        // Ejection over: one probe at a time.
-        assert!(e.is_eligible(1_000, &s));
-        assert_eq!(e.admit(1_000, &s), Some(Admission::Probe));
-        assert_eq!(e.phase(), Phase::HalfOpen);
-        assert!(!e.is_eligible(1_000, &s));
-        assert_eq!(e.admit(1_000, &s), None, "only one probe slot");
-        let t = e.report(
-            Admission::Probe,
-            Outcome::Connected { micros: 50 },
-            1_001,
-            &s,
-            || true,
-        );
-        assert_eq!(t, Transition::Restored);
-        assert_eq!(e.phase(), Phase::Closed);
-        assert_eq!(e.admit(1_002, &s), Some(Admission::Normal));
-    }
-
-    #[test]
-    fn failed_probe_reopens_for_longer_up_to_the_cap() {
-        let s = settings();
-        let e = EndpointState::default();
-        for _ in 0..3 {
-            fail(&e, 0);
-        }
-        assert_eq!(e.ejected_until(), 1_000);
-        let a = e.admit(1_000, &s).unwrap();
-        assert_eq!(
-            e.report(a, Outcome::ConnectFailed, 1_000, &s, || true),
-            Transition::Ejected { for_ms: 2_000 }
-        );
-        let a = e.admit(3_000, &s).unwrap();
-        assert_eq!(
-            e.report(a, Outcome::Reset, 3_000, &s, || true),
-            Transition::Ejected { for_ms: 2_500 },
-            "capped at max_ejection"
-        );
-        assert_eq!(e.ejections(), 3);
-    }
-
-    #[test]
-    fn success_resets_the_failure_count() {
-        let s = settings();
-        let e = EndpointState::default();
-        fail(&e, 0);
-        fail(&e, 0);
-        let a = e.admit(0, &s).unwrap();
-        e.report(a, Outcome::Connected { micros: 10 }, 0, &s, || true);
-        assert_eq!(fail(&e, 0), Transition::None);
-        assert_eq!(e.phase(), Phase::Closed);
-    }
-
-    #[test]
-    fn ejection_refused_keeps_the_endpoint_closed() {
-        let s = settings();
-        let e = EndpointState::default();
-        for _ in 0..2 {
-            fail(&e, 0);
-        }
-        let a = e.admit(0, &s).unwrap();
-        assert_eq!(
-            e.report(a, Outcome::ConnectFailed, 0, &s, || false),
-            Transition::EjectionRefused
-        );
-        assert_eq!(e.phase(), Phase::Closed);
-    }
-
-    #[test]
-    fn unhealthy_endpoints_are_never_admitted() {
-        let s = settings();
-        let e = EndpointState::default();
-        assert!(e.set_healthy(false));
-        assert!(!e.is_eligible(0, &s));
-        assert_eq!(e.admit(0, &s), None);
-        assert!(e.set_healthy(true));
-        assert!(!e.set_healthy(true));
-        assert!(e.is_eligible(0, &s));
-    }
-
-    #[test]
-    fn ewma_follows_latency_and_weighs_load() {
-        let e = Arc::new(EndpointState::default());
-        let s = settings();
-        e.report(
-            Admission::Normal,
-            Outcome::Connected { micros: 100 },
-            0,
-            &s,
-            || true,
-        );
-        assert_eq!(e.ewma_connect_us(), 100);
-        e.report(
-            Admission::Normal,
-            Outcome::Connected { micros: 200 },
-            0,
-            &s,
-            || true,
-        );
-        assert_eq!(e.ewma_connect_us(), 130);
-        let _c = e.open_connection();
-        assert_eq!(e.load(false), 2);
-        assert_eq!(e.load(true), 260);
-    }
-}
+mod tests;

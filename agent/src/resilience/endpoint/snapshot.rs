@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 
 use serde::{Deserialize, Serialize};
 
-use super::{EndpointState, Phase};
+use super::{EndpointState, Phase, RESET_IN_RUN};
 use crate::clock::Millis;
 
 /// What an endpoint's state says, in plain data.
@@ -20,6 +20,10 @@ pub struct EndpointSnapshot {
     pub ejected_for_ms: u64,
     pub probes: u32,
     pub consecutive_failures: u32,
+    /// The run of failures holds a reset (a successful connect does not
+    /// end it). Absent from an older agent's snapshot.
+    #[serde(default)]
+    pub reset_in_run: bool,
     pub ejections: u32,
     /// How long ago it was last trusted again, if ever.
     pub closed_ms_ago: Option<u64>,
@@ -45,6 +49,7 @@ impl EndpointState {
     /// This state at `now`.
     pub fn snapshot(&self, now: Millis) -> EndpointSnapshot {
         let closed_since = self.closed_since.load(Ordering::Acquire);
+        let run = self.consecutive_failures.load(Ordering::Acquire);
         EndpointSnapshot {
             phase: self.phase.load(Ordering::Acquire),
             ejected_for_ms: self
@@ -52,7 +57,8 @@ impl EndpointState {
                 .load(Ordering::Acquire)
                 .saturating_sub(now),
             probes: self.probes.load(Ordering::Acquire),
-            consecutive_failures: self.consecutive_failures.load(Ordering::Acquire),
+            consecutive_failures: run & !RESET_IN_RUN,
+            reset_in_run: run & RESET_IN_RUN != 0,
             ejections: self.ejections.load(Ordering::Acquire),
             closed_ms_ago: (closed_since != 0).then(|| now.saturating_sub(closed_since)),
             healthy: self.is_healthy(),
@@ -72,8 +78,15 @@ impl EndpointState {
         self.ejected_until
             .store(now + snapshot.ejected_for_ms, Ordering::Release);
         self.probes.store(snapshot.probes, Ordering::Release);
-        self.consecutive_failures
-            .store(snapshot.consecutive_failures, Ordering::Release);
+        let mark = if snapshot.reset_in_run {
+            RESET_IN_RUN
+        } else {
+            0
+        };
+        self.consecutive_failures.store(
+            snapshot.consecutive_failures.min(RESET_IN_RUN - 1) | mark,
+            Ordering::Release,
+        );
         self.ejections.store(snapshot.ejections, Ordering::Release);
         let closed_since = snapshot
             .closed_ms_ago
@@ -128,5 +141,34 @@ mod tests {
         assert!(!new.is_eligible(500 + 19_999, &s), "still ejected");
         assert_eq!(new.snapshot(500), snapshot);
         assert!(EndpointState::default().snapshot(7).is_fresh());
+    }
+
+    /// A run of failures that holds a reset carries over as one: in the
+    /// next agent a successful connect does not end it and one more reset
+    /// ejects. An older agent's snapshot, without the mark, still reads.
+    #[test]
+    fn a_run_with_a_reset_carries_over_whole() {
+        let old = EndpointState::default();
+        let s = settings();
+        let admitted = old.admit(1_000, &s).expect("admitted");
+        old.report(admitted, Outcome::Reset, 1_000, &s, || true);
+        let snapshot = old.snapshot(1_000);
+        assert_eq!(
+            (snapshot.consecutive_failures, snapshot.reset_in_run),
+            (1, true)
+        );
+        let json = serde_json::to_string(&snapshot).unwrap();
+        let new = EndpointState::default();
+        new.restore(&serde_json::from_str(&json).unwrap(), 10);
+        for outcome in [Outcome::Connected { micros: 30 }, Outcome::Reset] {
+            let admitted = new.admit(10, &s).expect("admitted");
+            new.report(admitted, outcome, 10, &s, || true);
+        }
+        assert_eq!(new.phase(), Phase::Open);
+
+        let older = json.replace(",\"reset_in_run\":true", "");
+        assert_ne!(older, json);
+        let read: EndpointSnapshot = serde_json::from_str(&older).unwrap();
+        assert_eq!((read.consecutive_failures, read.reset_in_run), (1, false));
     }
 }
