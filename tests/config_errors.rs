@@ -447,3 +447,53 @@ fn a_protocol_the_agent_cannot_serve_yet_is_refused_with_its_line() {
     let (code, out) = BadConfig::new(&declared("http")).run(&["config", "check"]);
     assert_eq!(code, 0, "{out}");
 }
+
+/// An mtls service's endpoint on another node is never quietly reached in
+/// plaintext: a node that is not under `nodes` (its agent cannot be
+/// dialled), or an endpoint without the service account to verify, is
+/// refused, naming the line and the field.
+#[test]
+fn an_mtls_endpoint_that_would_be_downgraded_is_refused() {
+    let remote = "    mode: mtls\n    endpoints:\n      - address: 10.9.0.7\n        \
+                  port: 9001\n        node: far\n";
+    let base = BASE.replace(
+        "    endpoints:\n      - address: 127.0.0.1\n        port: 9001\n",
+        remote,
+    );
+    assert_ne!(base, BASE);
+    let path = |cfg: &BadConfig| cfg.path.display().to_string();
+
+    let unlisted = BadConfig::new(&base);
+    let err = unlisted.refused();
+    assert!(
+        err.contains(&format!(
+            "{}:11: services[0].endpoints[0].node: node `far` is not under `nodes`",
+            path(&unlisted)
+        )),
+        "{err}"
+    );
+    assert!(err.contains("would be downgraded"), "{err}");
+
+    let listed = BadConfig::new(&format!(
+        "{base}nodes:\n  - name: far\n    address: 10.9.0.2\n"
+    ));
+    let err = listed.refused();
+    assert_eq!(
+        err.trim(),
+        format!(
+            "{}:11: services[0].endpoints[0].service_account: an endpoint on node `far` of an \
+             mtls service needs the service account it runs as, to verify the peer's identity",
+            path(&listed)
+        )
+    );
+
+    let whole = BadConfig::new(&format!(
+        "{}nodes:\n  - name: far\n    address: 10.9.0.2\n",
+        base.replace(
+            "node: far\n",
+            "node: far\n        service_account: ledger\n"
+        )
+    ));
+    let (code, out) = whole.run(&["config", "check"]);
+    assert_eq!(code, 0, "{out}");
+}

@@ -263,6 +263,49 @@ fn reload_applies_without_dropping_connections() {
 /// of the file at once, and names the fields that wait for a restart in
 /// `sluice status` and in `sluice_config_restart_pending`; a file that
 /// takes them back clears them.
+/// SIGHUP reloads the file even when its modification time says nothing
+/// changed (a file put in place with its old time, as some config
+/// managers and `cp -p` do), which the poll alone would miss.
+#[test]
+fn sighup_reloads_a_file_the_poll_would_miss() {
+    let old = Backend::start("old");
+    let new = Backend::start("new");
+    let config = AgentConfig::new(&[service("payments", VIP, &[old.addr])]);
+    let agent = Agent::start(&config);
+    assert_eq!(agent.calls(vip(), 1), ["old call 1"]);
+    let reloads = || {
+        agent
+            .metrics()
+            .sum("sluice_config_reloads_total", &[("result", "success")])
+    };
+    let before = reloads();
+    // The new file, given the old one's time before it takes its place.
+    let time = std::fs::metadata(&config.path).unwrap().modified().unwrap();
+    let staged = config.dir.join("staged.yaml");
+    config
+        .base(&[service("payments", VIP, &[new.addr])])
+        .write(&staged)
+        .unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&staged)
+        .and_then(|f| f.set_modified(time))
+        .unwrap();
+    std::fs::rename(&staged, &config.path).unwrap();
+    assert_eq!(
+        std::fs::metadata(&config.path).unwrap().modified().unwrap(),
+        time
+    );
+    // SAFETY: kill(2) on the agent this test started.
+    assert_eq!(unsafe { libc::kill(agent.pid() as i32, libc::SIGHUP) }, 0);
+    assert!(
+        wait_until(Duration::from_secs(5), || reloads() == before + 1.0),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(agent.calls(vip(), 1), ["new call 1"]);
+}
+
 #[test]
 fn a_reload_names_the_changes_that_wait_for_a_restart() {
     let old = Backend::start("old");
