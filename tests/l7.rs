@@ -369,6 +369,65 @@ fn posts_are_retried_only_with_an_idempotency_key() {
     assert_eq!(retries(&agent), keyed_failed as f64);
 }
 
+/// A body longer than `max_replay_bytes` is streamed through and the
+/// request is never sent again, though it carries an idempotency key: the
+/// agent kept no whole copy to send. One within the bound is retried.
+#[test]
+fn a_body_over_the_replay_bound_is_streamed_and_never_retried() {
+    let vip: SocketAddr = "127.77.8.19:8080".parse().unwrap();
+    let good = HttpBackend::start("b1", Answer::Status(200));
+    let bad = HttpBackend::start("bad", Answer::Status(503));
+    let config = AgentConfig::new(&[service("pay", &vip.to_string(), &[good.addr, bad.addr])
+        .protocol("http")
+        .load_balancer(LbPolicy::RoundRobin)
+        .outlier_detection(OutlierDetection {
+            consecutive_failures: Some(1000),
+            ..Default::default()
+        })
+        .requests(Requests {
+            max_replay_bytes: Some(1024),
+            ..Default::default()
+        })]);
+    let agent = Agent::start(&config);
+    // Keyed PUTs of `size` bytes: each answer's status, and the body
+    // length the backend said it read.
+    let puts = |size: usize, tag: &str| {
+        let script = format!(
+            "python3 - <<'PY'
+import collections, http.client
+c = http.client.HTTPConnection('{}', {}, timeout=10)
+seen = collections.Counter()
+for i in range(10):
+    c.request('PUT', '/{tag}/%d' % i, body=b'x' * {size},
+              headers={{'Idempotency-Key': '{tag}%d' % i}})
+    r = c.getresponse()
+    r.read()
+    seen[r.status] += 1
+print(' '.join('%s=%d' % kv for kv in sorted(seen.items())))
+PY",
+            vip.ip(),
+            vip.port()
+        );
+        lines(&agent.client_command(&script).output().expect("run python3")).join(" ")
+    };
+    assert_eq!(puts(4096, "big"), "200=5 503=5");
+    assert_eq!(retries(&agent), 0.0);
+    assert_eq!(puts(512, "small"), "200=10");
+    assert!(retries(&agent) >= 5.0, "{}", retries(&agent));
+    let big_at_bad: Vec<String> = bad
+        .arrivals()
+        .into_iter()
+        .filter(|a| a.contains("/big/"))
+        .collect();
+    assert_eq!(big_at_bad.len(), 5, "{big_at_bad:?}");
+    let big_at_good = good
+        .arrivals()
+        .iter()
+        .filter(|a| a.contains("/big/"))
+        .count();
+    assert_eq!(big_at_good, 5, "no big PUT arrived twice");
+}
+
 /// A backend that never answers: the request gets 504 at the route's
 /// timeout, and the backend's silence counts against it.
 #[test]

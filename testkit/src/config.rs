@@ -477,6 +477,8 @@ pub struct Requests {
     pub idempotency_header: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_requests_per_connection: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_replay_bytes: Option<u32>,
     /// gRPC status names (`unavailable`, ...).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub grpc_retry_on: Vec<String>,
