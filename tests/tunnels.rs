@@ -74,6 +74,16 @@ fn many_connections_share_one_tunnel_and_each_identity_has_its_own() {
         "spiffe://cluster.local/ns/payments/sa/batch"
     );
     assert_eq!(denials[0]["rule"], "workload payments/ledger default deny");
+    // A refusal is the caller's, not the endpoint's failure: more denials
+    // than `consecutive_failures` (5) do not eject ledger for everyone.
+    let denied = m.a.run_client("batch", calls(VIP, 6, "charge"));
+    assert_eq!(denied, ["FAILED"; 6]);
+    let ledger = m.a.endpoint(m.ledger.addr);
+    assert_eq!(
+        (&ledger["breaker"], &ledger["ejections"]),
+        (&"closed".into(), &0.into()),
+        "{ledger}"
+    );
 
     // checkout's connection is still the one it had.
     let again = m.a.run_client("client", calls(VIP, 1, "again"));
