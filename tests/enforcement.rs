@@ -23,7 +23,7 @@ struct Cluster {
     // Field order is drop order: the agents, then what they use.
     agent_a: Agent,
     agent_b: Agent,
-    _configs: (AgentConfig, AgentConfig),
+    configs: (AgentConfig, AgentConfig),
     _state: TempDir,
     _backends: Vec<Backend>,
     audit: PathBuf,
@@ -162,7 +162,7 @@ fn cluster() -> Cluster {
     Cluster {
         agent_a,
         agent_b,
-        _configs: (a_cfg, b_cfg),
+        configs: (a_cfg, b_cfg),
         _state: state,
         _backends: backends,
         audit,
@@ -342,4 +342,49 @@ fn one_policy_denies_a_caller_from_another_node_and_from_the_same_node() {
         1,
         "{denied:?}"
     );
+}
+
+/// A process on node B below the agent's cgroup root but in no workload's
+/// cgroup has no identity: the strict ledger refuses it, and so does
+/// legacy only if it has a policy (it has none, and is permissive, so the
+/// stray caller gets through there). The refusal is counted and audited.
+#[test]
+fn a_caller_in_no_workload_is_refused_by_a_strict_workload() {
+    let c = cluster();
+    let stray = c.configs.1.cgroup_root_path().join("stray");
+    std::fs::create_dir(&stray).unwrap();
+    let call = |vip: &str| {
+        let mut cmd = std::process::Command::new("python3");
+        netns::enter_on_exec(&mut cmd, &c.b_node.node.path()).unwrap();
+        cgroup::enter_on_exec(&mut cmd, &stray);
+        let (host, port) = vip.split_once(':').unwrap();
+        let script = format!(
+            "import socket\n\
+             try:\n\
+             \x20   s = socket.create_connection(('{host}', {port}), timeout=5)\n\
+             \x20   s.sendall(b'stray 1\\n')\n\
+             \x20   print(s.makefile().readline().strip() or 'FAILED')\n\
+             except OSError:\n\
+             \x20   print('FAILED')\n"
+        );
+        lines(&cmd.args(["-c", &script]).output().expect("run python3"))
+    };
+    let denied = || {
+        c.agent_b.metrics().sum(
+            "sluice_tcp_connections_closed_total",
+            &[("destination_service", "ledger"), ("reason", "denied")],
+        )
+    };
+    assert_eq!(denied(), 0.0);
+    assert_eq!(call(LEDGER_VIP), ["FAILED"]);
+    assert_eq!(denied(), 1.0);
+    assert_eq!(call("127.77.5.11:8080"), ["legacy stray 1"]);
+    let audited = audit_lines(&c.audit, "denied", 1);
+    assert_eq!(audited.len(), 1, "{audited:?}");
+    assert_eq!(
+        audited[0]["rule"], "the caller is in no known workload, so it has no identity",
+        "{}",
+        audited[0]
+    );
+    assert_eq!(audited[0]["detail"], "same node", "{}", audited[0]);
 }
