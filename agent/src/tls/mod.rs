@@ -445,4 +445,69 @@ mod tests {
         assert_eq!(now.key.cert[0].as_ref(), cert2.der().as_ref());
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    /// A CA rotation with the files source: a root added to the trust
+    /// bundle file is trusted after the next refresh, a broken bundle
+    /// leaves the last good one in force, and a root taken out is no
+    /// longer trusted.
+    #[test]
+    fn trust_bundle_roots_are_reloaded_while_running() {
+        let dir = std::env::temp_dir().join(format!("sluice-roots-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let ca = |name: &str| {
+            local_ca::init(&dir.join(name), "td").unwrap();
+            local_ca::LocalCa::load(&dir.join(name), provider.clone()).unwrap()
+        };
+        let (old, new) = (ca("old"), ca("new"));
+        let caller = Identity::new("td", "payments", "checkout");
+        let chain = |ca: &local_ca::LocalCa| {
+            let issued = ca.issue(&caller, Duration::from_secs(3600)).unwrap();
+            issued.key.cert.clone()
+        };
+        let (by_old, by_new) = (chain(&old), chain(&new));
+        let pem = |names: &[&str]| {
+            names
+                .iter()
+                .map(|name| std::fs::read_to_string(dir.join(name).join("ca.pem")).unwrap())
+                .collect::<String>()
+        };
+        let bundle = dir.join("bundle.pem");
+        std::fs::write(&bundle, pem(&["old"])).unwrap();
+        std::fs::create_dir_all(dir.join("certs")).unwrap();
+        let text = format!(
+            "node:\n  name: n\nmesh:\n  trust_domain: td\n  certificates:\n    files:\n      dir: {}\n      \
+             trust_bundle: {}\n",
+            dir.join("certs").display(),
+            bundle.display()
+        );
+        let config = Config::parse(&text, "t.yaml").unwrap();
+        let ctx = TlsContext::new(&config.mesh, &dir, &[]).unwrap();
+        let now = rustls_pki_types::UnixTime::now();
+        let verify =
+            |chain: &[CertificateDer<'static>]| ctx.store.verify_caller(chain, now).is_ok();
+        assert!(verify(&by_old));
+        assert!(!verify(&by_new));
+
+        std::fs::write(&bundle, pem(&["old", "new"])).unwrap();
+        ctx.refresh(&[], false).unwrap();
+        assert!(
+            verify(&by_old) && verify(&by_new),
+            "both roots during the rotation"
+        );
+
+        std::fs::write(&bundle, "-----BEGIN CERTIFICATE-----\nnot base64\n").unwrap();
+        // Logged, not fatal: the agent runs on with what it had.
+        ctx.refresh(&[], false).unwrap();
+        assert!(
+            verify(&by_old) && verify(&by_new),
+            "the last good bundle stays"
+        );
+
+        std::fs::write(&bundle, pem(&["new"])).unwrap();
+        ctx.refresh(&[], false).unwrap();
+        assert!(!verify(&by_old), "the old root is gone");
+        assert!(verify(&by_new));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

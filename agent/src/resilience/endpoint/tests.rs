@@ -192,3 +192,26 @@ fn ewma_follows_latency_and_weighs_load() {
     assert_eq!(e.load(false), 2);
     assert_eq!(e.load(true), 260);
 }
+
+/// The multiplier of the ejection time starts afresh once the endpoint has
+/// been trusted for `max_ejection` (2.5 s here) without an ejection; a
+/// relapse sooner is ejected for longer.
+#[test]
+fn a_long_trusted_spell_starts_the_ejection_multiplier_afresh() {
+    let s = settings();
+    let e = EndpointState::default();
+    let restore = |now: Millis| {
+        let probe = e.admit(now, &s).expect("a probe slot");
+        assert_eq!(probe, Admission::Probe);
+        let t = e.report(probe, Outcome::Connected { micros: 5 }, now, &s, || true);
+        assert_eq!(t, Transition::Restored);
+    };
+    let eject_at = |now: Millis| (0..3).map(|_| fail(&e, now)).last().unwrap();
+    assert_eq!(eject_at(0), Transition::Ejected { for_ms: 1_000 });
+    restore(1_000);
+    // Back after 1 s of trust: twice as long.
+    assert_eq!(eject_at(2_000), Transition::Ejected { for_ms: 2_000 });
+    restore(4_000);
+    // Back after 2.5 s of trust: the base time again.
+    assert_eq!(eject_at(6_500), Transition::Ejected { for_ms: 1_000 });
+}
