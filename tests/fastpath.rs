@@ -62,6 +62,77 @@ fn the_application_sees_the_virtual_address_as_its_peer() {
     assert_eq!(agent.stat(Stat::KernelBalanced), 1);
 }
 
+/// Every endpoint of a kernel-mode service ejected: with `panic:
+/// fail_closed` the hook's table is emptied and a connect is refused with
+/// EPERM by the hook itself; with `route_to_all` it still goes to an
+/// endpoint (here one that refuses: ECONNREFUSED).
+#[test]
+fn with_every_endpoint_ejected_fail_closed_refuses_in_the_hook() {
+    let closed = || -> SocketAddr {
+        format!("127.0.0.1:{}", free_port().unwrap())
+            .parse()
+            .unwrap()
+    };
+    let (shut, all) = ("127.77.6.40:8080", "127.77.6.41:8080");
+    let ejecting = |name: &str, vip: &str, panic: &str| {
+        service(name, vip, &[closed(), closed()])
+            .mode(Mode::Kernel)
+            .panic(panic)
+            .outlier_detection(OutlierDetection {
+                consecutive_failures: Some(1),
+                base_ejection_time: Some(Duration::from_secs(60)),
+                max_ejection_percent: Some(100),
+                ..OutlierDetection::default()
+            })
+    };
+    let config = AgentConfig::new(&[
+        ejecting("shut", shut, "fail_closed"),
+        ejecting("all", all, "route_to_all"),
+    ]);
+    let agent = Agent::start(&config);
+    // The errno name of one connect to `vip`, as the client workload.
+    let connect = |vip: &str| {
+        let (host, port) = vip.split_once(':').unwrap();
+        let script = format!(
+            "python3 -c \"
+import errno, socket
+try:
+    socket.create_connection(('{host}', {port}), timeout=5)
+    print('connected')
+except OSError as e:
+    print(errno.errorcode.get(e.errno, e.errno))
+\""
+        );
+        lines(&agent.client_command(&script).output().expect("run python3")).join(" ")
+    };
+    let ejected = |name: &str| {
+        agent
+            .view("/debug/endpoints")
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["service"] == format!("payments/{name}") && e["breaker"] == "open")
+            .count()
+    };
+    for (name, vip) in [("shut", shut), ("all", all)] {
+        assert!(
+            wait_until(Duration::from_secs(10), || {
+                connect(vip);
+                ejected(name) == 2
+            }),
+            "{name}: {}",
+            agent.view("/debug/endpoints")
+        );
+    }
+    // The agent writes the next table within 100 ms of an ejection.
+    assert!(
+        wait_until(Duration::from_secs(3), || connect(shut) == "EPERM"),
+        "{}",
+        connect(shut)
+    );
+    assert_eq!(connect(all), "ECONNREFUSED");
+}
+
 #[test]
 fn an_endpoint_ejected_in_userspace_leaves_the_kernels_table() {
     let vip: SocketAddr = "127.77.6.30:8080".parse().unwrap();

@@ -37,6 +37,8 @@ pub(crate) enum Answer {
     /// connection that has no next request within this many milliseconds
     /// (as Node.js servers do, after 5 s).
     IdleClose(u64),
+    /// Answers this status with `Retry-After:` this value.
+    RetryAfter(u16, &'static str),
     /// Says `Keep-Alive: timeout=1` too, but drops a request that comes
     /// on a connection quiet for longer than this many milliseconds
     /// without a word: what a client sees when its request crosses the
@@ -155,7 +157,7 @@ fn serve(conn: std::net::TcpStream, name: &str, answer: Answer, log: &Mutex<Vec<
             .unwrap()
             .push(format!("{method} {path}{key}{traceparent}"));
         let status = match answer {
-            Answer::Status(status) => status,
+            Answer::Status(status) | Answer::RetryAfter(status, _) => status,
             Answer::Switch(now) => now.load(Ordering::SeqCst),
             Answer::Slow(ms) => {
                 std::thread::sleep(Duration::from_millis(ms));
@@ -176,8 +178,9 @@ fn serve(conn: std::net::TcpStream, name: &str, answer: Answer, log: &Mutex<Vec<
             }
         };
         let keep_alive = match answer {
-            Answer::IdleClose(_) | Answer::CrossedClose(_) => "Keep-Alive: timeout=1\r\n",
-            _ => "",
+            Answer::IdleClose(_) | Answer::CrossedClose(_) => "Keep-Alive: timeout=1\r\n".into(),
+            Answer::RetryAfter(_, after) => format!("Retry-After: {after}\r\n"),
+            _ => String::new(),
         };
         let body = format!("{name}\n");
         let answer = format!(
@@ -367,6 +370,88 @@ fn posts_are_retried_only_with_an_idempotency_key() {
     }
     assert_eq!(requests(&agent, "5xx"), 10.0);
     assert_eq!(retries(&agent), keyed_failed as f64);
+}
+
+/// What a retry waits for: a 503 asking for a wait of at most 1 s is
+/// retried after it, elsewhere; one asking for longer goes back to the
+/// caller with its `Retry-After`, as does a 500 (an application's answer,
+/// not a gateway's). Each service: the failing backend and a good one,
+/// round robin, two GETs.
+#[test]
+fn retry_after_is_waited_for_up_to_a_second_and_a_500_goes_back() {
+    let good = HttpBackend::start("b1", Answer::Status(200));
+    let cases = [
+        ("127.77.8.20:8080", "soon", Answer::RetryAfter(503, "1")),
+        ("127.77.8.21:8080", "late", Answer::RetryAfter(503, "5")),
+        ("127.77.8.22:8080", "app", Answer::Status(500)),
+    ];
+    let bad: Vec<HttpBackend> = cases
+        .iter()
+        .map(|(_, _, answer)| HttpBackend::start("bad", *answer))
+        .collect();
+    let services: Vec<Service> = cases
+        .iter()
+        .zip(&bad)
+        .map(|((vip, name, _), bad)| {
+            service(name, vip, &[bad.addr, good.addr])
+                .protocol("http")
+                .load_balancer(LbPolicy::RoundRobin)
+                .outlier_detection(OutlierDetection {
+                    consecutive_failures: Some(1000),
+                    ..Default::default()
+                })
+        })
+        .collect();
+    let config = AgentConfig::new(&services);
+    let agent = Agent::start(&config);
+    // Two GETs on one connection: each status with its Retry-After, and
+    // the seconds both took.
+    let gets = |vip: &str| {
+        let (host, port) = vip.split_once(':').unwrap();
+        let script = format!(
+            "python3 - <<'PY'
+import http.client, time
+c = http.client.HTTPConnection('{host}', {port}, timeout=10)
+said, start = [], time.monotonic()
+for i in range(2):
+    c.request('GET', '/pay/%d' % i)
+    r = c.getresponse()
+    r.read()
+    said.append('%d/%s' % (r.status, r.getheader('Retry-After')))
+print(' '.join(said), '%.2f' % (time.monotonic() - start))
+PY"
+        );
+        lines(&agent.client_command(&script).output().expect("run python3")).join(" ")
+    };
+    let retries = |name: &str| {
+        agent.metrics().sum(
+            "sluice_connect_retries_total",
+            &[("destination_service", name)],
+        )
+    };
+    // (the answers, sorted; the seconds taken)
+    let answers = |said: &str| {
+        let mut words: Vec<String> = said.split_whitespace().map(str::to_owned).collect();
+        let took: f64 = words.pop().unwrap().parse().unwrap();
+        words.sort();
+        (words.join(" "), took)
+    };
+    let (said, took) = answers(&gets(cases[0].0));
+    assert_eq!(said, "200/None 200/None");
+    // Round robin moves on with each retry, so both GETs may meet the
+    // failing backend first: a wait of 1 s for each that did.
+    let waited = bad[0].requests();
+    assert!(waited >= 1);
+    assert_eq!(retries("soon"), waited as f64);
+    assert!(took >= 0.95 * waited as f64, "{waited} waits in {took} s");
+
+    assert_eq!(answers(&gets(cases[1].0)).0, "200/None 503/5");
+    assert_eq!(retries("late"), 0.0);
+    assert_eq!(answers(&gets(cases[2].0)).0, "200/None 500/None");
+    assert_eq!(retries("app"), 0.0);
+    for b in &bad[1..] {
+        assert_eq!(b.requests(), 1, "not sent again");
+    }
 }
 
 /// A body longer than `max_replay_bytes` is streamed through and the

@@ -258,6 +258,9 @@ pub struct Service {
     pub protocol: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub on_agent_down: Option<OnAgentDown>,
+    /// `route_to_all` or `fail_closed`: when no endpoint is eligible.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub panic: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub load_balancer: Option<LoadBalancer>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -285,6 +288,7 @@ impl Service {
             mode: None,
             protocol: None,
             on_agent_down: None,
+            panic: None,
             load_balancer: None,
             health_check: None,
             outlier_detection: None,
@@ -302,6 +306,11 @@ impl Service {
 
     pub fn mode(mut self, mode: Mode) -> Service {
         self.mode = Some(mode);
+        self
+    }
+
+    pub fn panic(mut self, panic: &str) -> Service {
+        self.panic = Some(panic.to_owned());
         self
     }
 
