@@ -277,23 +277,12 @@ impl EndpointState {
         let probe = admission == Admission::Probe;
         match outcome {
             Outcome::Closed => {
-                self.consecutive_failures.store(0, Ordering::Release);
+                self.end_run(false);
                 Transition::None
             }
             Outcome::Connected { micros } | Outcome::Answered { micros } => {
                 self.record_latency(micros);
-                match outcome {
-                    Outcome::Answered { .. } => {
-                        self.consecutive_failures.store(0, Ordering::Release);
-                    }
-                    _ => {
-                        let _ = self.consecutive_failures.fetch_update(
-                            Ordering::AcqRel,
-                            Ordering::Acquire,
-                            |run| (run & RESET_IN_RUN == 0).then_some(0),
-                        );
-                    }
-                }
+                self.end_run(matches!(outcome, Outcome::Connected { .. }));
                 if probe {
                     let _t = self.lock();
                     self.release_probe();
@@ -344,6 +333,27 @@ impl EndpointState {
                 }
                 self.eject(now, settings)
             }
+        }
+    }
+
+    /// Ends the run of failures after a success; `connect_only` (a connect
+    /// that succeeded) leaves a run that holds a reset. Read first: on the
+    /// common path, with no run, nothing is written to the shared line.
+    fn end_run(&self, connect_only: bool) {
+        let run = self.consecutive_failures.load(Ordering::Acquire);
+        match (run, connect_only) {
+            (0, _) => {}
+            (_, false) => self.consecutive_failures.store(0, Ordering::Release),
+            // Not over a reset counted meanwhile.
+            (run, true) if run & RESET_IN_RUN == 0 => {
+                let _ = self.consecutive_failures.compare_exchange(
+                    run,
+                    0,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
+            }
+            (_, true) => {}
         }
     }
 
