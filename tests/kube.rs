@@ -1032,11 +1032,7 @@ fn a_broken_config_file_does_not_stop_discovery() {
         who == ["checkout-1"]
     });
 
-    let refused = || {
-        agent
-            .metrics()
-            .sum("sluice_config_reloads_total", &[("result", "failure")])
-    };
+    let refused = || agent.reloads("failure");
     let good = std::fs::read_to_string(&c.config.path).unwrap();
     c.config.write_raw("node: [this is not a node\n");
     assert!(

@@ -203,10 +203,7 @@ fn a_reloaded_inbound_port_waits_for_the_restart_as_status_says() {
         m.a.run_client("client", calls(VIP, 1, "before")),
         ["ledger before 1"]
     );
-    let reloads = || {
-        m.a.metrics()
-            .sum("sluice_config_reloads_total", &[("result", "success")])
-    };
+    let reloads = || m.a.reloads("success");
     let before = reloads();
     let path = &m.configs.0.path;
     let text = std::fs::read_to_string(path).unwrap();

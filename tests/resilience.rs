@@ -224,11 +224,7 @@ fn reload_applies_without_dropping_connections() {
     let mut held = agent.hold("client", vip());
     assert_eq!(held.ask("first"), "old first");
 
-    let reloads = |result: &str| {
-        agent
-            .metrics()
-            .sum("sluice_config_reloads_total", &[("result", result)])
-    };
+    let reloads = |result: &str| agent.reloads(result);
     let endpoints = || -> Vec<serde_json::Value> {
         let view = agent.view("/debug/endpoints");
         view.as_array().cloned().unwrap_or_default()
@@ -273,11 +269,7 @@ fn sighup_reloads_a_file_the_poll_would_miss() {
     let config = AgentConfig::new(&[service("payments", VIP, &[old.addr])]);
     let agent = Agent::start(&config);
     assert_eq!(agent.calls(vip(), 1), ["old call 1"]);
-    let reloads = || {
-        agent
-            .metrics()
-            .sum("sluice_config_reloads_total", &[("result", "success")])
-    };
+    let reloads = || agent.reloads("success");
     let before = reloads();
     // The new file, given the old one's time before it takes its place.
     let time = std::fs::metadata(&config.path).unwrap().modified().unwrap();
@@ -312,11 +304,7 @@ fn a_reload_names_the_changes_that_wait_for_a_restart() {
     let new = Backend::start("new");
     let config = AgentConfig::new(&[service("payments", VIP, &[old.addr])]);
     let agent = Agent::start(&config);
-    let reloads = || {
-        agent
-            .metrics()
-            .sum("sluice_config_reloads_total", &[("result", "success")])
-    };
+    let reloads = || agent.reloads("success");
     let pending = |field: &str| {
         agent
             .metrics()

@@ -698,6 +698,13 @@ impl Agent {
             .is_some_and(|why| why.iter().any(|r| r.starts_with("stopping")))
     }
 
+    /// Config reloads the agent counted with `result` (`success`,
+    /// `failure`).
+    pub fn reloads(&self, result: &str) -> f64 {
+        self.metrics()
+            .sum("sluice_config_reloads_total", &[("result", result)])
+    }
+
     /// The agent's metrics, from its admin API.
     pub fn metrics(&self) -> Exposition {
         let admin = self.admin;

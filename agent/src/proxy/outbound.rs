@@ -304,14 +304,8 @@ fn limits_after(policy: &ServicePolicy, age: Duration) -> Limits {
 
 /// What the end of a copy tells the endpoint's outlier detection.
 fn after_copy(service: &Service, chosen: Chosen, end: CopyEnd) {
-    match end {
-        CopyEnd::UpstreamReset => {
-            let normal = Chosen {
-                admission: Admission::Normal,
-                ..chosen
-            };
-            route::report(service, normal, Outcome::Reset, now_ms());
-        }
+    let outcome = match end {
+        CopyEnd::UpstreamReset => Outcome::Reset,
         CopyEnd::Idle | CopyEnd::Closed | CopyEnd::MaxDuration => {
             if end == CopyEnd::Idle {
                 debug!(
@@ -321,15 +315,16 @@ fn after_copy(service: &Service, chosen: Chosen, end: CopyEnd) {
                     service.policy.idle_timeout
                 );
             }
-            let normal = Chosen {
-                admission: Admission::Normal,
-                ..chosen
-            };
-            route::report(service, normal, Outcome::Closed, now_ms());
+            Outcome::Closed
         }
         // The client's side failed: nothing learnt of the endpoint.
-        CopyEnd::ClientError => {}
-    }
+        CopyEnd::ClientError => return,
+    };
+    let normal = Chosen {
+        admission: Admission::Normal,
+        ..chosen
+    };
+    route::report(service, normal, outcome, now_ms());
 }
 
 /// Carries on a connection the previous agent moved here: the same
